@@ -1,0 +1,233 @@
+"""Engine configuration: frozen dataclasses, validated on construction.
+
+`ModelArch` is read from a Hugging Face `config.json`; everything else is chosen by
+the user (CLI flags, the Ray actor's options, or code).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+SUPPORTED_ARCHITECTURES = (
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+)
+EngineMode = Literal["unified", "semi-pd"]
+ENGINE_MODES: tuple[str, ...] = ("unified", "semi-pd")
+ATTENTION_BACKENDS: tuple[str, ...] = ("torch", "flashinfer")
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+
+class ConfigError(ValueError):
+    """A configuration or checkpoint problem the user must fix (CLI exit code 2)."""
+
+
+@dataclass(frozen=True)
+class ModelArch:
+    """The shape of a decoder-only transformer, as its checkpoint describes it."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool  # q/k/v projections carry a bias (Qwen2)
+    qk_norm: bool  # RMSNorm on q and k per head (Qwen3)
+    rope_scaling: dict[str, Any] | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    bos_token_id: int | None = None
+    checkpoint_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.architecture not in SUPPORTED_ARCHITECTURES:
+            raise ConfigError(
+                f"unknown architecture {self.architecture!r}; supported: "
+                + ", ".join(SUPPORTED_ARCHITECTURES)
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"num_attention_heads ({self.num_heads}) is not a multiple of "
+                f"num_key_value_heads ({self.num_kv_heads})"
+            )
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict[str, Any]) -> ModelArch:
+        archs = cfg.get("architectures") or []
+        if not archs:
+            raise ConfigError("config.json has no 'architectures' entry")
+        arch = archs[0]
+        heads = cfg["num_attention_heads"]
+        eos = cfg.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        rope_scaling = cfg.get("rope_scaling") or None
+        rope_theta = cfg.get("rope_theta")
+        if rope_theta is None and isinstance(cfg.get("rope_parameters"), dict):
+            rope_theta = cfg["rope_parameters"].get("rope_theta")
+            if cfg["rope_parameters"].get("rope_type", "default") != "default":
+                rope_scaling = rope_scaling or dict(cfg["rope_parameters"])
+        return cls(
+            architecture=arch,
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            num_layers=cfg["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=float(rope_theta if rope_theta is not None else 10000.0),
+            max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            attention_bias=arch == "Qwen2ForCausalLM" or bool(cfg.get("attention_bias", False)),
+            qk_norm=arch == "Qwen3ForCausalLM",
+            rope_scaling=rope_scaling,
+            eos_token_ids=eos_ids,
+            bos_token_id=cfg.get("bos_token_id"),
+            checkpoint_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32"),
+        )
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path) -> ModelArch:
+        path = Path(model_dir) / "config.json"
+        if not path.is_file():
+            raise ConfigError(f"{model_dir}: no config.json (expected a Hugging Face checkpoint directory)")
+        try:
+            cfg = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from e
+        try:
+            return cls.from_hf_config(cfg)
+        except KeyError as e:
+            raise ConfigError(f"{path}: missing field {e.args[0]!r}") from e
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """The paged KV pool: `num_pages` pages of `page_size` tokens for all layers.
+
+    When `num_pages` is None the engine sizes the pool from `memory_fraction` of the
+    free device memory after the weights are loaded (on CPU: `cpu_kv_bytes`).
+    """
+
+    page_size: int = 16
+    num_pages: int | None = None
+    memory_fraction: float = 0.85
+    cpu_kv_bytes: int = 256 << 20
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        if self.page_size < 1 or self.page_size & (self.page_size - 1):
+            raise ConfigError(f"page_size must be a power of two, got {self.page_size}")
+        if self.num_pages is not None and self.num_pages < 2:
+            raise ConfigError(f"num_pages must be at least 2, got {self.num_pages}")
+        if not 0.0 < self.memory_fraction <= 0.98:
+            raise ConfigError(f"memory_fraction must be in (0, 0.98], got {self.memory_fraction}")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Batch limits of the prefill and decode schedulers.
+
+    `max_prefill_tokens` is the token budget of one prefill iteration (the chunk size
+    of chunked prefill); `max_decode_seqs` bounds the decode batch.
+    """
+
+    max_prefill_tokens: int = 4096
+    max_decode_seqs: int = 256
+    max_model_len: int | None = None
+    decode_reserve_pages: int = 0  # pages prefill admission leaves free for decode growth
+
+    def __post_init__(self) -> None:
+        if self.max_prefill_tokens < 1:
+            raise ConfigError(f"max_prefill_tokens must be >= 1, got {self.max_prefill_tokens}")
+        if self.max_decode_seqs < 1:
+            raise ConfigError(f"max_decode_seqs must be >= 1, got {self.max_decode_seqs}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ConfigError(f"max_model_len must be >= 2, got {self.max_model_len}")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything one engine (one GPU, or the CPU) needs to start.
+
+    `mode`: `unified` runs one loop that piggybacks decodes on chunked prefill;
+    `semi-pd` runs a prefill worker and a decode worker concurrently, each on its own
+    SM partition (on CPU: its own thread), over one KV pool.
+    `prefill_sms`: SMs given to prefill at start in semi-pd mode (None: about half).
+    """
+
+    model: str
+    dtype: str = "auto"
+    device: str = "auto"
+    mode: str = "unified"
+    attention_backend: str = "auto"
+    seed: int = 0
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    prefill_sms: int | None = None
+    cuda_graphs: bool = True
+
+    def __post_init__(self) -> None:
+        if self.mode not in ENGINE_MODES:
+            raise ConfigError(f"mode must be one of {ENGINE_MODES}, got {self.mode!r}")
+        if self.attention_backend not in ("auto", *ATTENTION_BACKENDS):
+            raise ConfigError(
+                f"attention_backend must be one of {('auto', *ATTENTION_BACKENDS)}, got {self.attention_backend!r}"
+            )
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if not Path(self.model).is_dir():
+            raise ConfigError(f"model directory not found: {self.model}")
+
+    @property
+    def resolved_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    @property
+    def resolved_backend(self) -> str:
+        if self.attention_backend != "auto":
+            return self.attention_backend
+        return "flashinfer" if self.resolved_device.type == "cuda" else "torch"
+
+    def torch_dtype(self, arch: ModelArch) -> torch.dtype:
+        """`auto`: bf16 on GPU, the checkpoint's dtype (fp32 if unknown) on CPU."""
+        if self.dtype != "auto":
+            return DTYPES[self.dtype]
+        if self.resolved_device.type == "cuda":
+            return torch.bfloat16
+        return DTYPES.get(arch.checkpoint_dtype, torch.float32)
+
+    def max_model_len(self, arch: ModelArch) -> int:
+        return self.scheduler.max_model_len or arch.max_position_embeddings

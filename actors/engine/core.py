@@ -1,0 +1,230 @@
+"""EngineCore: one device's engine. Token ids in, `TokenDelta`s out, no Ray/Redis/gRPC.
+
+Builds the model, the KV pool with its allocator, the prefill and decode schedulers,
+the SM partitioner, one model runner per worker, and the workers for the chosen mode.
+Outputs go to the `emit` callback from worker threads; text, stop strings and
+streaming live in the front end (`actors.engine.frontend`).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from actors.config import ConfigError, EngineConfig, ModelArch
+from actors.engine.partitioner import Partitioner, make_partitioner
+from actors.engine.workers import DecodeWorker, Emit, PrefillWorker, UnifiedWorker, Wakeup, Worker
+from actors.kv.allocator import BlockAllocator
+from actors.kv.manager import KVManager, pages_for
+from actors.kv.pool import KVPool
+from actors.models.loader import build_model
+from actors.request import FinishReason, Request, SamplingParams, TokenDelta
+from actors.runner.model_runner import ModelRunner
+from actors.runner.sampler import Sampler
+from actors.scheduler.decode import DecodeScheduler
+from actors.scheduler.prefill import PrefillScheduler, fcfs
+
+log = logging.getLogger(__name__)
+
+
+class PromptTooLongError(ValueError):
+    """The prompt (plus max_tokens) exceeds the context; message in vLLM's wording."""
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot for load balancing, metrics and the SLO controller."""
+
+    num_waiting: int
+    num_prefilling: int
+    num_decoding: int
+    waiting_prefill_tokens: int
+    decode_context_tokens: int
+    kv_usage: float
+    num_pages: int
+    prefix_hit_rate: float
+    prefill_sms: int
+    total_sms: int
+    num_switches: int
+    seconds_since_progress: float
+    iterations: dict[str, int]
+    busy_seconds: dict[str, float]
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig, emit: Emit, order: Any = fcfs) -> None:
+        self.config = config
+        self.arch = ModelArch.from_dir(config.model)
+        self.device = config.resolved_device
+        self.dtype = config.torch_dtype(self.arch)
+        self.max_model_len = config.max_model_len(self.arch)
+        if self.max_model_len > self.arch.max_position_embeddings:
+            raise ConfigError(
+                f"max_model_len {self.max_model_len} exceeds the model's max_position_embeddings "
+                f"{self.arch.max_position_embeddings}"
+            )
+        self._emit = emit
+        self.model = build_model(self.arch, self.dtype, self.device, self.max_model_len, model_dir=config.model)
+        page_size = config.cache.page_size
+        self.pool = KVPool(self.arch, self._num_pages(), page_size, self.dtype, self.device)
+        self.allocator = BlockAllocator(self.pool.num_pages, config.cache.enable_prefix_caching)
+        kv = KVManager(self.allocator, page_size)
+        sched = config.scheduler
+        self.prefill = PrefillScheduler(kv, sched.max_prefill_tokens, sched.decode_reserve_pages, order)
+        self.decode = DecodeScheduler(kv, sched.max_decode_seqs)
+        self.partitioner: Partitioner = make_partitioner(self.device, config.mode, config.prefill_sms)
+        self.workers = self._make_workers()
+        self._requests: dict[str, Request] = {}
+        self._lock = threading.Lock()
+        self._started = False
+
+    # -- construction ------------------------------------------------------------
+
+    def _num_pages(self) -> int:
+        cache = self.config.cache
+        if cache.num_pages is not None:
+            return cache.num_pages
+        per_page = KVPool.bytes_per_page(self.arch, cache.page_size, self.dtype)
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            a = self.arch
+            activations = self.config.scheduler.max_prefill_tokens * (4 * a.intermediate_size + 8 * a.hidden_size) * 4
+            budget = free - (1.0 - cache.memory_fraction) * total - activations - (1 << 30)
+        else:
+            budget = cache.cpu_kv_bytes
+        pages = int(budget // per_page)
+        if pages < 2:
+            raise ConfigError(f"not enough memory for a KV cache ({budget / 2**30:.2f} GiB left after the weights)")
+        return pages
+
+    def _make_runner(self, attention_name: str) -> ModelRunner:
+        from actors.attention import make_backend
+
+        backend = make_backend(attention_name, self.pool, self.arch)
+        return ModelRunner(self.model, self.pool, backend, Sampler(self.device, self.config.seed))
+
+    def _make_workers(self) -> list[Worker]:
+        backend = self.config.resolved_backend
+        if self.config.mode == "unified":
+            wake = Wakeup()
+            wakeups = {"unified": wake, "prefill": wake, "decode": wake}
+            return [UnifiedWorker(self.prefill, self.decode, self._make_runner(backend), self.partitioner,
+                                  self._emit_and_forget, wakeups)]
+        wakeups = {"prefill": Wakeup(), "decode": Wakeup()}
+        return [
+            PrefillWorker(self.prefill, self.decode, self._make_runner(backend), self.partitioner, self._emit_and_forget, wakeups),
+            DecodeWorker(self.prefill, self.decode, self._make_runner(backend), self.partitioner, self._emit_and_forget, wakeups),
+        ]
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def start(self) -> None:
+        if not self._started:
+            self._started = True
+            for w in self.workers:
+                w.start()
+
+    def shutdown(self) -> None:
+        for w in self.workers:
+            w.stop()
+        self._started = False
+
+    # -- requests ----------------------------------------------------------------
+
+    def validate(self, num_prompt_tokens: int, params: SamplingParams) -> None:
+        """Raise PromptTooLongError / ValueError if the request cannot be served."""
+        if num_prompt_tokens == 0:
+            raise ValueError("the prompt is empty")
+        if num_prompt_tokens + params.max_tokens > self.max_model_len:
+            raise PromptTooLongError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
+                f"{num_prompt_tokens + params.max_tokens} tokens ({num_prompt_tokens} in the messages, "
+                f"{params.max_tokens} in the completion). Please reduce the length of the messages or completion."
+            )
+        if pages_for(num_prompt_tokens + 1, self.pool.page_size) > self.pool.num_pages:
+            raise PromptTooLongError(
+                f"This model's maximum context length is {self.max_model_len} tokens, but the KV cache holds only "
+                f"{self.pool.num_pages * self.pool.page_size} tokens, fewer than the {num_prompt_tokens} in the messages."
+            )
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        priority: int = 0,
+        deadline: float | None = None,
+    ) -> None:
+        """Queue a request; raises ValueError (and queues nothing) if it is invalid."""
+        self.validate(len(prompt_token_ids), params)
+        if any(t < 0 or t >= self.arch.vocab_size for t in prompt_token_ids):
+            raise ValueError(f"prompt token ids must be in [0, {self.arch.vocab_size})")
+        gen = None
+        if params.seed is not None:
+            gen = torch.Generator(device=self.device).manual_seed(params.seed)
+        req = Request(
+            request_id=request_id,
+            token_ids=list(prompt_token_ids),
+            num_prompt_tokens=len(prompt_token_ids),
+            params=params,
+            eos_token_ids=self.arch.eos_token_ids,
+            max_model_len=self.max_model_len,
+            priority=priority,
+            deadline=deadline,
+            generator=gen,
+        )
+        with self._lock:
+            if request_id in self._requests:
+                raise ValueError(f"request id {request_id!r} is already in use")
+            self._requests[request_id] = req
+        self.prefill.add(req)
+        for w in self.workers:
+            w.wakeups["prefill"].set()
+
+    def abort(self, request_id: str, reason: FinishReason = FinishReason.ABORT) -> bool:
+        """Stop a request at its owner's next iteration boundary; its pages are freed then."""
+        with self._lock:
+            req = self._requests.get(request_id)
+        if req is None or req.finished:
+            return False
+        req.abort(reason)
+        for w in self.workers:
+            w.wakeups[w.name].set()
+        return True
+
+    def _emit_and_forget(self, deltas: list[TokenDelta]) -> None:
+        with self._lock:
+            for d in deltas:
+                if d.finished:
+                    self._requests.pop(d.request_id, None)
+        self._emit(deltas)
+
+    @property
+    def num_unfinished(self) -> int:
+        with self._lock:
+            return sum(1 for r in self._requests.values() if not r.finished)
+
+    def stats(self) -> EngineStats:
+        a = self.allocator
+        now = time.monotonic()
+        return EngineStats(
+            num_waiting=self.prefill.num_waiting,
+            num_prefilling=len(self.prefill.running),
+            num_decoding=self.decode.num_running,
+            waiting_prefill_tokens=self.prefill.waiting_tokens(),
+            decode_context_tokens=self.decode.context_tokens(),
+            kv_usage=a.usage,
+            num_pages=a.num_blocks,
+            prefix_hit_rate=a.prefix_hits / a.prefix_queries if a.prefix_queries else 0.0,
+            prefill_sms=self.partitioner.current,
+            total_sms=self.partitioner.total_sms,
+            num_switches=len(self.partitioner.switches),
+            seconds_since_progress=min(now - w.last_progress for w in self.workers),
+            iterations={w.name: w.iterations for w in self.workers},
+            busy_seconds={w.name: w.busy_seconds for w in self.workers},
+        )

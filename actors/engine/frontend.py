@@ -1,0 +1,369 @@
+"""Front ends of one engine: text in and out, stop strings, streaming.
+
+`LLM` is the offline (blocking) API, `AsyncLLM` the asyncio one used by the Ray actor.
+Both put `EngineCore` behind a tokenizer and an `OutputStream` per request that turns
+token deltas into text deltas (incremental detokenization, stop strings with the
+text held back that might start one). When a stop string matches, the request is
+aborted in the core so its pages come back at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import queue
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from actors.config import ConfigError, EngineConfig
+from actors.engine.core import EngineCore
+from actors.request import FinishReason, SamplingParams, TokenDelta
+from actors.runner.sampler import TokenLogprobs
+
+Prompt = str | Sequence[int]
+
+
+class Tokenizer:
+    """The checkpoint's tokenizer (tokenizer.json / tokenizer_config.json) and chat template."""
+
+    def __init__(self, model_dir: str | Path) -> None:
+        from transformers import AutoTokenizer
+
+        d = Path(model_dir)
+        if not (d / "tokenizer.json").is_file() and not (d / "tokenizer_config.json").is_file():
+            raise ConfigError(f"{model_dir}: no tokenizer.json or tokenizer_config.json")
+        self.hf = AutoTokenizer.from_pretrained(str(d))
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.hf.encode(text, add_special_tokens=True))
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def chat_prompt(self, messages: list[dict[str, Any]]) -> str:
+        if not messages:
+            raise ValueError("messages must not be empty")
+        if not getattr(self.hf, "chat_template", None):
+            raise ValueError("this model has no chat template")
+        return self.hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.hf)
+
+
+@dataclass(frozen=True)
+class StreamChunk:
+    """New output of one request: text and token ids since the last chunk."""
+
+    request_id: str
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: str | None = None
+    logprobs: tuple[TokenLogprobs, ...] = ()
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+    num_cached_tokens: int = 0
+    error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class CompletionOutput:
+    """The whole result of one request (offline API)."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    num_cached_tokens: int = 0
+    error: str | None = None
+
+    def add(self, chunk: StreamChunk) -> None:
+        self.token_ids.extend(chunk.token_ids)
+        self.text += chunk.text
+        self.logprobs.extend(chunk.logprobs)
+        self.finish_reason = chunk.finish_reason or self.finish_reason
+        self.num_cached_tokens = chunk.num_cached_tokens or self.num_cached_tokens
+        self.error = chunk.error or self.error
+
+
+class OutputStream:
+    """Token deltas -> text deltas for one request; finds stop strings."""
+
+    def __init__(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams, tokenizer: Tokenizer) -> None:
+        self.request_id = request_id
+        self.params = params
+        self.tokenizer = tokenizer
+        self.num_prompt_tokens = len(prompt_ids)
+        self.ids: list[int] = []
+        self._prefix_offset = 0
+        self._read_offset = 0
+        self.text = ""  # decoded so far (stop string cut applied)
+        self._emitted = 0  # chars of `text` already sent
+        self._holdback = max((len(s) for s in params.stop), default=1) - 1
+        self.done = False
+        self.metrics = RequestTimes(arrival=time.monotonic())
+
+    def _decode_new(self) -> str:
+        skip = self.params.skip_special_tokens
+        before = self.tokenizer.decode(self.ids[self._prefix_offset : self._read_offset], skip)
+        after = self.tokenizer.decode(self.ids[self._prefix_offset :], skip)
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self._prefix_offset, self._read_offset = self._read_offset, len(self.ids)
+            return after[len(before) :]
+        return ""
+
+    def _flush_partial(self) -> str:
+        skip = self.params.skip_special_tokens
+        before = self.tokenizer.decode(self.ids[self._prefix_offset : self._read_offset], skip)
+        after = self.tokenizer.decode(self.ids[self._prefix_offset :], skip)
+        self._prefix_offset = self._read_offset = len(self.ids)
+        return after[len(before) :]
+
+    def process(self, delta: TokenDelta) -> tuple[StreamChunk, bool]:
+        """Returns the chunk to send and whether a stop string ended the request here."""
+        assert not self.done
+        now = time.monotonic()
+        if delta.new_token_ids:
+            self.metrics.token_times.append(now)
+        self.ids.extend(delta.new_token_ids)
+        new_text = self._decode_new()
+        if delta.finished:
+            new_text += self._flush_partial()
+        start = max(0, len(self.text) - self._holdback)
+        self.text += new_text
+        finish = delta.finish_reason.value if delta.finish_reason else None
+        stopped = False
+        if self.params.stop and new_text:
+            cut = _find_stop(self.text, self.params.stop, start, self.params.include_stop_str_in_output)
+            if cut is not None:
+                self.text = self.text[:cut]
+                finish, stopped = FinishReason.STOP.value, True
+        end = len(self.text) if finish else max(self._emitted, len(self.text) - self._holdback)
+        out_text = self.text[self._emitted : end]
+        self._emitted = end
+        self.done = finish is not None
+        if self.done:
+            self.metrics.finish = now
+        chunk = StreamChunk(
+            request_id=self.request_id,
+            text=out_text,
+            token_ids=tuple(delta.new_token_ids),
+            finish_reason=finish,
+            logprobs=tuple(delta.logprobs),
+            num_prompt_tokens=self.num_prompt_tokens,
+            num_output_tokens=len(self.ids),
+            num_cached_tokens=delta.num_cached_tokens,
+            error=delta.error,
+        )
+        return chunk, stopped
+
+
+def _find_stop(text: str, stops: Sequence[str], start: int, include: bool) -> int | None:
+    """Where to cut `text` for the earliest stop string found at or after `start`."""
+    hits = [(i, len(s)) for s in stops if (i := text.find(s, start)) != -1]
+    if not hits:
+        return None
+    i, n = min(hits)
+    return i + n if include else i
+
+
+@dataclass
+class RequestTimes:
+    """Monotonic timestamps of one request, for TTFT / TPOT / E2E latency."""
+
+    arrival: float
+    token_times: list[float] = field(default_factory=list)
+    finish: float | None = None
+
+    @property
+    def ttft(self) -> float | None:
+        return self.token_times[0] - self.arrival if self.token_times else None
+
+    @property
+    def tpot(self) -> float | None:
+        if len(self.token_times) < 2:
+            return None
+        return (self.token_times[-1] - self.token_times[0]) / (len(self.token_times) - 1)
+
+
+class _Frontend:
+    """Shared set-up: engine core, tokenizer, request ids, prompt handling."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.tokenizer = Tokenizer(config.model)
+        self.core = EngineCore(config, emit=self._route)
+        self._counter = itertools.count()
+
+    def _route(self, deltas: list[TokenDelta]) -> None:
+        raise NotImplementedError
+
+    def prompt_ids(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt)
+        ids = list(prompt)
+        if not all(isinstance(t, int) for t in ids):
+            raise ValueError("a token-id prompt must be a list of integers")
+        return ids
+
+    def new_request_id(self) -> str:
+        return f"req-{next(self._counter)}-{uuid.uuid4().hex[:8]}"
+
+    def start(self) -> None:
+        self.core.start()
+
+    def shutdown(self) -> None:
+        self.core.shutdown()
+
+
+class LLM(_Frontend):
+    """Offline API: `LLM(model_dir).generate(prompts, params)`; also `stream` and `chat`.
+
+    Keyword arguments are `EngineConfig` fields (mode, dtype, device, cache, ...).
+    """
+
+    def __init__(self, model: str | Path, **kwargs: Any) -> None:
+        self._sinks: dict[str, queue.Queue[TokenDelta]] = {}
+        self._sinks_lock = threading.Lock()
+        super().__init__(EngineConfig(model=str(model), **kwargs))
+        self.start()
+
+    def _route(self, deltas: list[TokenDelta]) -> None:
+        with self._sinks_lock:
+            for d in deltas:
+                sink = self._sinks.get(d.request_id)
+                if sink is not None:
+                    sink.put(d)
+
+    def _submit(self, prompt: Prompt, params: SamplingParams) -> OutputStream:
+        ids = self.prompt_ids(prompt)
+        rid = self.new_request_id()
+        stream = OutputStream(rid, ids, params, self.tokenizer)
+        with self._sinks_lock:
+            self._sinks[rid] = queue.Queue()
+        try:
+            self.core.add_request(rid, ids, params)
+        except Exception:
+            with self._sinks_lock:
+                del self._sinks[rid]
+            raise
+        return stream
+
+    def _chunks(self, stream: OutputStream) -> Iterator[StreamChunk]:
+        sink = self._sinks[stream.request_id]
+        try:
+            while not stream.done:
+                chunk, stopped = stream.process(sink.get())
+                if stopped:
+                    self.core.abort(stream.request_id, FinishReason.STOP)
+                yield chunk
+        finally:
+            if not stream.done:
+                self.core.abort(stream.request_id)
+            with self._sinks_lock:
+                self._sinks.pop(stream.request_id, None)
+
+    def generate(
+        self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams] | None = None
+    ) -> list[CompletionOutput]:
+        """Run all prompts together; returns one output per prompt, in order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        params_list = _broadcast(params, len(prompts))
+        streams = [self._submit(p, sp) for p, sp in zip(prompts, params_list)]
+        outputs = []
+        for s in streams:
+            out = CompletionOutput(s.request_id, [])
+            for chunk in self._chunks(s):
+                out.add(chunk)
+            outputs.append(out)
+        for s, o, p in zip(streams, outputs, prompts):
+            o.prompt_token_ids = self.prompt_ids(p)
+        return outputs
+
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[StreamChunk]:
+        """Yield text deltas of one request as they come."""
+        return self._chunks(self._submit(prompt, params or SamplingParams()))
+
+    def chat(self, messages: list[dict[str, Any]], params: SamplingParams | None = None) -> CompletionOutput:
+        return self.generate([self.tokenizer.chat_prompt(messages)], params)[0]
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+
+def _broadcast(params: SamplingParams | Sequence[SamplingParams] | None, n: int) -> list[SamplingParams]:
+    if params is None:
+        return [SamplingParams()] * n
+    if isinstance(params, SamplingParams):
+        return [params] * n
+    if len(params) != n:
+        raise ValueError(f"got {len(params)} sampling params for {n} prompts")
+    return list(params)
+
+
+class AsyncLLM(_Frontend):
+    """asyncio API: `async for chunk in llm.generate(prompt, params)`; cancelling aborts."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self._sinks: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[TokenDelta]]] = {}
+        self._sinks_lock = threading.Lock()
+        super().__init__(config)
+
+    def _route(self, deltas: list[TokenDelta]) -> None:
+        with self._sinks_lock:
+            for d in deltas:
+                entry = self._sinks.get(d.request_id)
+                if entry is not None:
+                    loop, q = entry
+                    loop.call_soon_threadsafe(q.put_nowait, d)
+
+    async def generate(
+        self,
+        prompt: Prompt,
+        params: SamplingParams,
+        request_id: str | None = None,
+        priority: int = 0,
+        deadline: float | None = None,
+    ) -> AsyncIterator[StreamChunk]:
+        ids = self.prompt_ids(prompt)
+        rid = request_id or self.new_request_id()
+        stream = OutputStream(rid, ids, params, self.tokenizer)
+        q: asyncio.Queue[TokenDelta] = asyncio.Queue()
+        with self._sinks_lock:
+            if rid in self._sinks:
+                raise ValueError(f"request id {rid!r} is already in use")
+            self._sinks[rid] = (asyncio.get_running_loop(), q)
+        try:
+            self.core.add_request(rid, ids, params, priority=priority, deadline=deadline)
+            while not stream.done:
+                chunk, stopped = stream.process(await q.get())
+                if stopped:
+                    self.core.abort(rid, FinishReason.STOP)
+                yield chunk
+        finally:
+            if not stream.done:
+                self.core.abort(rid)
+            with self._sinks_lock:
+                self._sinks.pop(rid, None)
+
+    def abort(self, request_id: str) -> bool:
+        return self.core.abort(request_id)
+
+
+__all__ = ["LLM", "AsyncLLM", "CompletionOutput", "StreamChunk", "Tokenizer", "SamplingParams"]

@@ -1,0 +1,147 @@
+"""SM partitioner: every prefill/decode split pre-created, switched between iterations.
+
+`GreenContextPartitioner` (CUDA) splits the GPU's SMs with green contexts through
+cuda-python: for each split, a group of `prefill_sms` SMs for prefill and the
+remainder for decode, each exposed as a torch stream whose kernels stay on its SMs.
+`CpuPartitioner` has the same interface over a nominal SM count and no streams, so
+the controller and its tests run anywhere.
+
+`switch(n)` only records the wish; each worker calls `streams_for(phase)` at its
+next iteration boundary and runs on what it gets. `version` increments per switch.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+Phase = Literal["prefill", "decode"]
+SM_GRANULE = 8  # Hopper partitions come in multiples of 8 SMs
+
+
+def split_choices(total_sms: int, granule: int = SM_GRANULE, min_sms: int = SM_GRANULE) -> tuple[int, ...]:
+    """Prefill SM counts such that both phases get at least `min_sms`, in `granule` steps."""
+    return tuple(n for n in range(min_sms, total_sms - min_sms + 1, granule) if total_sms - n >= min_sms)
+
+
+@dataclass(frozen=True)
+class SwitchRecord:
+    time: float
+    from_sms: int
+    to_sms: int
+    reason: str
+
+
+class Partitioner:
+    """Common state: the split set, the current choice and the switch log."""
+
+    def __init__(self, total_sms: int, splits: tuple[int, ...], initial: int | None) -> None:
+        if not splits:
+            raise ValueError(f"no SM split possible on {total_sms} SMs")
+        self.total_sms = total_sms
+        self.splits = splits
+        want = total_sms // 2 if initial is None else initial
+        self.current = min(splits, key=lambda n: (abs(n - want), n))
+        self.version = 0
+        self.switches: list[SwitchRecord] = []
+        self._lock = threading.Lock()
+
+    def nearest(self, prefill_sms: int) -> int:
+        return min(self.splits, key=lambda n: (abs(n - prefill_sms), n))
+
+    def switch(self, prefill_sms: int, reason: str = "") -> bool:
+        """Ask for a split (rounded to the nearest available). True if it changed."""
+        target = self.nearest(prefill_sms)
+        with self._lock:
+            if target == self.current:
+                return False
+            self.switches.append(SwitchRecord(time.time(), self.current, target, reason))
+            self.current = target
+            self.version += 1
+            return True
+
+    @property
+    def prefill_fraction(self) -> float:
+        return self.current / self.total_sms
+
+    def sms_for(self, phase: Phase) -> int:
+        return self.current if phase == "prefill" else self.total_sms - self.current
+
+    def stream_for(self, phase: Phase) -> torch.cuda.Stream | None:
+        """The stream a worker of `phase` runs its next iteration on (None: default)."""
+        return None
+
+
+class CpuPartitioner(Partitioner):
+    """No SMs to split: same bookkeeping, no streams."""
+
+    def __init__(self, total_sms: int = 128, initial: int | None = None) -> None:
+        super().__init__(total_sms, split_choices(total_sms), initial)
+
+
+class WholeGpuPartitioner(Partitioner):
+    """Unified mode on a GPU: one side stream over all SMs (no split to switch)."""
+
+    def __init__(self, device: torch.device) -> None:
+        total = torch.cuda.get_device_properties(device).multi_processor_count
+        super().__init__(total, (total,), total)
+        self._stream = torch.cuda.Stream(device)
+
+    def stream_for(self, phase: Phase) -> torch.cuda.Stream | None:
+        return self._stream
+
+
+class GreenContextPartitioner(Partitioner):
+    """Green-context SM partitions for every split, created once at start (3-5 ms each)."""
+
+    def __init__(self, device: torch.device, initial: int | None = None, splits: tuple[int, ...] | None = None) -> None:
+        total = torch.cuda.get_device_properties(device).multi_processor_count
+        super().__init__(total, splits or split_choices(total), initial)
+        self._device_index = device.index if device.index is not None else torch.cuda.current_device()
+        self._keepalive: list[Any] = []
+        self._streams: dict[int, tuple[torch.cuda.ExternalStream, torch.cuda.ExternalStream]] = {}
+        self.actual_sms: dict[int, tuple[int, int]] = {}
+        for n in self.splits:
+            self._streams[n] = self._make_split(n)
+
+    def _make_split(self, prefill_sms: int) -> tuple[torch.cuda.ExternalStream, torch.cuda.ExternalStream]:
+        from cuda.bindings import driver as cu
+
+        torch.cuda.init()
+        _, dev = _check(cu.cuDeviceGet(self._device_index))
+        _, full = _check(cu.cuDeviceGetDevResource(dev, cu.CUdevResourceType.CU_DEV_RESOURCE_TYPE_SM))
+        _, groups, _, remainder = _check(cu.cuDevSmResourceSplitByCount(1, full, 0, prefill_sms))
+        pair = []
+        for res in (groups[0], remainder):
+            _, desc = _check(cu.cuDevResourceGenerateDesc([res], 1))
+            _, gctx = _check(cu.cuGreenCtxCreate(desc, dev, cu.CUgreenCtxCreate_flags.CU_GREEN_CTX_DEFAULT_STREAM))
+            _, stream = _check(cu.cuGreenCtxStreamCreate(gctx, cu.CUstream_flags.CU_STREAM_NON_BLOCKING, 0))
+            self._keepalive.extend([gctx, stream, desc])
+            pair.append(torch.cuda.ExternalStream(int(stream), device=torch.device("cuda", self._device_index)))
+        self.actual_sms[prefill_sms] = (groups[0].sm.smCount, remainder.sm.smCount)
+        return pair[0], pair[1]
+
+    def stream_for(self, phase: Phase) -> torch.cuda.Stream | None:
+        prefill, decode = self._streams[self.current]
+        return prefill if phase == "prefill" else decode
+
+
+def _check(result: tuple[Any, ...]) -> tuple[Any, ...]:
+    from cuda.bindings import driver as cu
+
+    err = result[0]
+    if err != cu.CUresult.CUDA_SUCCESS:
+        raise RuntimeError(f"CUDA driver call failed: {err}")
+    return result
+
+
+def make_partitioner(device: torch.device, mode: str, prefill_sms: int | None) -> Partitioner:
+    if device.type != "cuda":
+        return CpuPartitioner(initial=prefill_sms)
+    if mode == "unified":
+        return WholeGpuPartitioner(device)
+    return GreenContextPartitioner(device, initial=prefill_sms)

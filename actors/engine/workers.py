@@ -1,0 +1,230 @@
+"""Workers: the engine loops. Each iteration is schedule -> execute -> account.
+
+`PrefillWorker` and `DecodeWorker` run concurrently in semi-PD mode, each in its own
+thread on its own SM partition's stream; `UnifiedWorker` runs both phases in one
+batch (decodes piggybacked on a chunked prefill) on the whole device.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from actors.engine.partitioner import Partitioner, Phase
+from actors.request import FinishReason, Request, TokenDelta
+from actors.runner.model_runner import ModelRunner
+from actors.runner.sampler import SampleResult
+from actors.scheduler.decode import DecodeScheduler
+from actors.scheduler.plan import BatchPlan, SeqChunk
+from actors.scheduler.prefill import PrefillScheduler
+
+log = logging.getLogger(__name__)
+Emit = Callable[[list[TokenDelta]], None]
+
+
+class Wakeup:
+    """A level-triggered signal: `set` from any thread, `wait` clears it."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def set(self) -> None:
+        self._event.set()
+
+    def wait(self, timeout: float) -> None:
+        self._event.wait(timeout)
+        self._event.clear()
+
+
+class Worker:
+    """Shared loop and accounting; subclasses plan and run one iteration in `step`."""
+
+    phase: Phase
+    name: str
+
+    def __init__(
+        self,
+        prefill: PrefillScheduler,
+        decode: DecodeScheduler,
+        runner: ModelRunner,
+        partitioner: Partitioner,
+        emit: Emit,
+        wakeups: dict[str, Wakeup],
+    ) -> None:
+        self.prefill = prefill
+        self.decode = decode
+        self.runner = runner
+        self.partitioner = partitioner
+        self.emit = emit
+        self.wakeups = wakeups
+        self.stop_event = threading.Event()
+        self.thread: threading.Thread | None = None
+        self.iterations = 0
+        self.last_progress = time.monotonic()
+        self.busy_seconds = 0.0
+        self.switch_stalls: list[float] = []  # seconds from a switch request to adopting it
+        self._version = -1
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._loop, name=f"semipd-{self.name}", daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.wakeups[self.name].set()
+        if self.thread is not None:
+            self.thread.join(timeout=30)
+
+    def _loop(self) -> None:
+        while not self.stop_event.is_set():
+            self._adopt_split()
+            t0 = time.monotonic()
+            try:
+                worked = self.step()
+            except Exception:  # keep serving: the failing batch was already failed in step()
+                log.exception("%s iteration failed", self.name)
+                worked = True
+            now = time.monotonic()
+            self.last_progress = now
+            if worked:
+                self.iterations += 1
+                self.busy_seconds += now - t0
+            else:
+                self.wakeups[self.name].wait(0.05)
+
+    def _adopt_split(self) -> None:
+        """At an iteration boundary: move to the stream of the current split."""
+        if self.partitioner.version == self._version:
+            return
+        self._version = self.partitioner.version
+        self.runner.set_stream(self.partitioner.stream_for(self.phase))
+        if self.partitioner.switches:
+            self.switch_stalls.append(max(0.0, time.time() - self.partitioner.switches[-1].time))
+
+    def step(self) -> bool:
+        """Run one iteration; False when there was nothing to do."""
+        raise NotImplementedError
+
+    # -- shared accounting -------------------------------------------------------
+
+    def _run(self, plan: BatchPlan, sample_reqs: list[Request], d_reqs: list[Request],
+             p_reqs: list[Request]) -> SampleResult | None:
+        """Execute `plan`; if it fails, fail its requests (decode- and prefill-owned) and go on."""
+        try:
+            return self.runner.execute(plan, sample_reqs)
+        except Exception as e:
+            log.exception("forward pass failed; failing its %d requests", len(d_reqs) + len(p_reqs))
+            for r in d_reqs:
+                self.decode.remove(r)
+            for r in p_reqs:
+                self.prefill.drop(r)
+            failed = d_reqs + p_reqs
+            for r in failed:
+                r.finish_reason = FinishReason.ERROR
+            self.emit([TokenDelta(r.request_id, (), FinishReason.ERROR, error=f"engine error: {e}") for r in failed])
+            return None
+
+    def _emit_aborted(self, reqs: list[Request]) -> None:
+        for r in reqs:
+            r.finish_reason = r.abort_requested or FinishReason.ABORT
+        if reqs:
+            self.emit([TokenDelta(r.request_id, (), r.finish_reason, num_prompt_tokens=r.num_prompt_tokens) for r in reqs])
+
+    def _accept_tokens(self, reqs: list[Request], result: SampleResult, from_prefill: list[bool]) -> None:
+        """Append sampled tokens; finish requests that end, hand new ones to decode."""
+        deltas = []
+        handed = False
+        for req, tok, lp, fresh in zip(reqs, result.token_ids, result.logprobs, from_prefill):
+            reason = req.append_token(tok) or req.abort_requested
+            if reason is not None:
+                if fresh:
+                    self.prefill.drop(req)
+                else:
+                    self.decode.remove(req)
+                req.finish_reason = reason
+            elif fresh:
+                self.decode.add(req)
+                handed = True
+            deltas.append(TokenDelta(
+                req.request_id, (tok,), reason, (lp,) if lp is not None else (),
+                num_prompt_tokens=req.num_prompt_tokens, num_cached_tokens=req.num_cached_tokens,
+            ))
+        if handed:
+            self.wakeups["decode"].set()
+        self.emit(deltas)
+
+    def _requeue(self, preempted: list[Request]) -> None:
+        for r in preempted:
+            self.prefill.add(r)
+        if preempted:
+            self.wakeups["prefill"].set()
+
+
+def _sampled(chunks: list[SeqChunk], reqs: list[Request]) -> list[Request]:
+    return [r for c, r in zip(chunks, reqs) if c.sample]
+
+
+class PrefillWorker(Worker):
+    phase: Phase = "prefill"
+    name = "prefill"
+
+    def step(self) -> bool:
+        self._emit_aborted(self.prefill.take_aborted())
+        chunks, reqs = self.prefill.schedule()
+        if not chunks:
+            return False
+        sample_reqs = _sampled(chunks, reqs)
+        result = self._run(BatchPlan(prefills=tuple(chunks)), sample_reqs, [], reqs)
+        if result is None:
+            return True
+        for c, r in zip(chunks, reqs):
+            self.prefill.finish_chunk(r, c.num_tokens)
+        self._accept_tokens(sample_reqs, result, [True] * len(sample_reqs))
+        return True
+
+
+class DecodeWorker(Worker):
+    phase: Phase = "decode"
+    name = "decode"
+
+    def step(self) -> bool:
+        self._emit_aborted(self.decode.take_aborted())
+        chunks, reqs, preempted = self.decode.schedule()
+        self._requeue(preempted)
+        if not chunks:
+            return bool(preempted)
+        result = self._run(BatchPlan(decodes=tuple(chunks)), reqs, reqs, [])
+        if result is None:
+            return True
+        for r in reqs:
+            self.decode.finish_step(r)
+        self._accept_tokens(reqs, result, [False] * len(reqs))
+        return True
+
+
+class UnifiedWorker(Worker):
+    """One batch per iteration: every running decode plus prefill chunks in the leftover budget."""
+
+    phase: Phase = "prefill"
+    name = "unified"
+
+    def step(self) -> bool:
+        self._emit_aborted(self.prefill.take_aborted() + self.decode.take_aborted())
+        d_chunks, d_reqs, preempted = self.decode.schedule()
+        self._requeue(preempted)
+        p_chunks, p_reqs = self.prefill.schedule(self.prefill.max_tokens - len(d_chunks))
+        if not d_chunks and not p_chunks:
+            return bool(preempted)
+        p_sample = _sampled(p_chunks, p_reqs)
+        plan = BatchPlan(decodes=tuple(d_chunks), prefills=tuple(p_chunks))
+        result = self._run(plan, d_reqs + p_sample, d_reqs, p_reqs)
+        if result is None:
+            return True
+        for r in d_reqs:
+            self.decode.finish_step(r)
+        for c, r in zip(p_chunks, p_reqs):
+            self.prefill.finish_chunk(r, c.num_tokens)
+        self._accept_tokens(d_reqs + p_sample, result, [False] * len(d_reqs) + [True] * len(p_sample))
+        return True

@@ -1,0 +1,160 @@
+"""The one owner of KV pages: a refcounted block allocator with prefix caching.
+
+Requests hold block ids; only this allocator hands them out and takes them back. Full
+pages are keyed by a hash chain (`page_hashes`) so a later request with the same
+prefix reuses them. A page whose last holder freed it stays cached ("evictable")
+until its space is needed. Every public method takes one lock, so the prefill and
+the decode worker may call it at the same time.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict, deque
+from collections.abc import Iterable, Sequence
+
+_ROOT_HASH = 0x5E1D
+
+
+def page_hashes(token_ids: Sequence[int], page_size: int, known: Sequence[int] = ()) -> list[int]:
+    """Hash chain over the full pages of `token_ids`: h[i] = hash(h[i-1], page i).
+
+    `known` is a prefix of the chain already computed; it is extended, not recomputed.
+    """
+    hashes = list(known)
+    parent = hashes[-1] if hashes else _ROOT_HASH
+    for start in range(len(hashes) * page_size, len(token_ids) - page_size + 1, page_size):
+        parent = hash((parent, tuple(token_ids[start : start + page_size])))
+        hashes.append(parent)
+    return hashes
+
+
+class BlockAllocator:
+    """Allocates fixed-size KV pages by id; all-or-nothing, refcounted, thread-safe."""
+
+    def __init__(self, num_blocks: int, enable_prefix_caching: bool = True) -> None:
+        if num_blocks < 1:
+            raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
+        self.num_blocks = num_blocks
+        self.enable_prefix_caching = enable_prefix_caching
+        self._lock = threading.Lock()
+        self._refcount = [0] * num_blocks
+        self._free: deque[int] = deque(range(num_blocks))  # refcount 0, no hash
+        self._evictable: OrderedDict[int, None] = OrderedDict()  # refcount 0, hashed, LRU first
+        self._hash_to_block: dict[int, int] = {}
+        self._block_to_hash: dict[int, int] = {}
+        self.prefix_queries = 0
+        self.prefix_hits = 0
+
+    @property
+    def num_free(self) -> int:
+        """Pages that `allocate` can hand out now (free plus evictable cached)."""
+        return len(self._free) + len(self._evictable)
+
+    @property
+    def usage(self) -> float:
+        """Fraction of pages held by requests, in [0, 1]."""
+        return 1.0 - self.num_free / self.num_blocks
+
+    def allocate(self, n: int) -> list[int] | None:
+        """`n` fresh pages with refcount 1, or None (and nothing taken) if too few are free."""
+        with self._lock:
+            if n > len(self._free) + len(self._evictable):
+                return None
+            blocks = []
+            for _ in range(n):
+                if self._free:
+                    b = self._free.popleft()
+                else:
+                    b, _ = self._evictable.popitem(last=False)
+                    del self._hash_to_block[self._block_to_hash.pop(b)]
+                self._refcount[b] = 1
+                blocks.append(b)
+            return blocks
+
+    def share(self, blocks: Iterable[int]) -> None:
+        """Add one holder to each of `blocks` (which must be held already)."""
+        with self._lock:
+            for b in blocks:
+                assert self._refcount[b] > 0, f"share of unheld block {b}"
+                self._refcount[b] += 1
+
+    def free(self, blocks: Iterable[int]) -> None:
+        """Drop one holder from each of `blocks`; pages nobody holds become reusable.
+
+        Pages are released in reverse so that, among cached pages, a chain's tail is
+        evicted before its head (the head is the likelier prefix hit).
+        """
+        with self._lock:
+            for b in reversed(list(blocks)):
+                assert self._refcount[b] > 0, f"double free of block {b}"
+                self._refcount[b] -= 1
+                if self._refcount[b] == 0:
+                    if b in self._block_to_hash:
+                        self._evictable[b] = None
+                    else:
+                        self._free.append(b)
+
+    def match_prefix(self, hashes: Sequence[int]) -> list[int]:
+        """Take a hold on the longest run of cached pages matching `hashes` from the start."""
+        if not self.enable_prefix_caching:
+            return []
+        with self._lock:
+            self.prefix_queries += len(hashes)
+            hit = []
+            for h in hashes:
+                b = self._hash_to_block.get(h)
+                if b is None:
+                    break
+                hit.append(b)
+            for b in hit:
+                if self._refcount[b] == 0:
+                    del self._evictable[b]
+                self._refcount[b] += 1
+            self.prefix_hits += len(hit)
+            return hit
+
+    def cache(self, block: int, h: int) -> None:
+        """Publish a held, fully written page under hash `h` for later prefix hits.
+
+        If another page already carries `h` (two requests computed the same prefix at
+        once), this one stays private.
+        """
+        if not self.enable_prefix_caching:
+            return
+        with self._lock:
+            assert self._refcount[block] > 0, f"cache of unheld block {block}"
+            if h in self._hash_to_block or block in self._block_to_hash:
+                return
+            self._hash_to_block[h] = block
+            self._block_to_hash[block] = h
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached page nobody holds (they become plain free pages)."""
+        with self._lock:
+            for b in self._evictable:
+                del self._hash_to_block[self._block_to_hash.pop(b)]
+                self._free.append(b)
+            self._evictable.clear()
+
+    def refcount(self, block: int) -> int:
+        return self._refcount[block]
+
+    def check_integrity(self) -> None:
+        """Assert the allocator's invariants; cheap enough to run after every test step."""
+        with self._lock:
+            free, evictable = set(self._free), set(self._evictable)
+            assert len(free) == len(self._free), "a block is twice on the free list"
+            assert not free & evictable, "a block is both free and evictable"
+            for b in range(self.num_blocks):
+                rc = self._refcount[b]
+                assert rc >= 0, f"block {b} has refcount {rc}"
+                in_pool = b in free or b in evictable
+                assert in_pool == (rc == 0), f"block {b}: refcount {rc} but free={b in free} evictable={b in evictable}"
+                if b in evictable:
+                    assert b in self._block_to_hash, f"evictable block {b} has no hash"
+                if b in free:
+                    assert b not in self._block_to_hash, f"free block {b} still carries a hash"
+            assert len(self._hash_to_block) == len(self._block_to_hash)
+            for h, b in self._hash_to_block.items():
+                assert self._block_to_hash[b] == h, f"hash maps of block {b} disagree"

@@ -1,0 +1,77 @@
+"""Page bookkeeping of requests on top of the block allocator.
+
+The schedulers call these to give a request pages (prefix hits first), to publish its
+computed full pages to the prefix cache, and to take everything back.
+"""
+
+from __future__ import annotations
+
+from actors.kv.allocator import BlockAllocator, page_hashes
+from actors.request import Request
+
+
+def pages_for(num_tokens: int, page_size: int) -> int:
+    return -(-num_tokens // page_size)
+
+
+class KVManager:
+    """Maps requests to pages of one pool; safe to call from both workers at once."""
+
+    def __init__(self, allocator: BlockAllocator, page_size: int) -> None:
+        self.allocator = allocator
+        self.page_size = page_size
+
+    @property
+    def num_free_pages(self) -> int:
+        return self.allocator.num_free
+
+    def match_prefix(self, req: Request) -> None:
+        """On admission: reuse cached pages of the request's prefix, advancing its counter.
+
+        At least one token is always left to compute, so the last prompt position
+        produces logits.
+        """
+        assert not req.block_ids and req.num_computed_tokens == 0
+        if not self.allocator.enable_prefix_caching:
+            return
+        req.page_hashes = page_hashes(req.token_ids, self.page_size, req.page_hashes)
+        max_pages = (req.num_tokens - 1) // self.page_size
+        hit = self.allocator.match_prefix(req.page_hashes[:max_pages])
+        req.block_ids = hit
+        req.num_computed_tokens = len(hit) * self.page_size
+        req.num_published_pages = len(hit)
+
+    def grow(self, req: Request, num_tokens: int) -> int:
+        """Give `req` pages for up to `num_tokens` more uncomputed tokens.
+
+        Returns how many of them now fit (possibly fewer, or 0 when no page is free).
+        """
+        have = len(req.block_ids) * self.page_size - req.num_computed_tokens
+        if num_tokens <= have:
+            return num_tokens
+        want = pages_for(num_tokens - have, self.page_size)
+        take = min(want, self.allocator.num_free)
+        new = self.allocator.allocate(take) if take else None
+        if new is None:
+            return min(have, num_tokens)
+        req.block_ids.extend(new)
+        return min(have + take * self.page_size, num_tokens)
+
+    def publish(self, req: Request) -> None:
+        """Offer the request's computed full pages to the prefix cache."""
+        if not self.allocator.enable_prefix_caching:
+            return
+        full = req.num_computed_tokens // self.page_size
+        if full <= req.num_published_pages:
+            return
+        req.page_hashes = page_hashes(req.token_ids[: full * self.page_size], self.page_size, req.page_hashes[:full])
+        for i in range(req.num_published_pages, full):
+            self.allocator.cache(req.block_ids[i], req.page_hashes[i])
+        req.num_published_pages = full
+
+    def release(self, req: Request) -> None:
+        """Take back all of the request's pages and reset its counter (finish or preempt)."""
+        self.allocator.free(req.block_ids)
+        req.block_ids = []
+        req.num_computed_tokens = 0
+        req.num_published_pages = 0

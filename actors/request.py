@@ -1,0 +1,187 @@
+"""Request state and sampling parameters.
+
+A request's progress is counters, not phases: `num_computed_tokens` of
+`len(token_ids)` (prompt followed by the generated tokens). While more than one token
+is uncomputed it needs prefill (chunks of any size); with exactly one uncomputed token
+(the last sampled) it needs a decode step. Preemption resets the counter to 0, and the
+request is recomputed by prefill, generated tokens included.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class SamplingParamsError(ValueError):
+    """An invalid sampling parameter; the message names it (HTTP 400, CLI exit 2)."""
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"  # EOS, a stop token id or a stop string
+    LENGTH = "length"  # max_tokens or the context length
+    ABORT = "abort"  # the client went away or asked to stop
+    ERROR = "error"  # the engine failed this request
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick each next token and when to stop (vLLM/OpenAI semantics).
+
+    temperature 0 means greedy. top_k 0 (or -1) and top_p 1 disable those filters.
+    `logprobs`: None for none, n >= 0 for the chosen token's logprob plus the top n.
+    """
+
+    max_tokens: int = 16
+    min_tokens: int = 0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        if self.top_k == -1:
+            object.__setattr__(self, "top_k", 0)
+        self._check(self.max_tokens >= 1, "max_tokens", "must be at least 1")
+        self._check(0 <= self.min_tokens <= self.max_tokens, "min_tokens", "must be in [0, max_tokens]")
+        self._check(_finite(self.temperature) and 0.0 <= self.temperature <= 2.0, "temperature", "must be in [0, 2]")
+        self._check(_finite(self.top_p) and 0.0 < self.top_p <= 1.0, "top_p", "must be in (0, 1]")
+        self._check(self.top_k >= 0, "top_k", "must be -1, 0 (disabled) or positive")
+        self._check(_finite(self.min_p) and 0.0 <= self.min_p <= 1.0, "min_p", "must be in [0, 1]")
+        self._check(_finite(self.repetition_penalty) and self.repetition_penalty > 0, "repetition_penalty", "must be > 0")
+        self._check(_finite(self.presence_penalty) and -2.0 <= self.presence_penalty <= 2.0, "presence_penalty", "must be in [-2, 2]")
+        self._check(_finite(self.frequency_penalty) and -2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty", "must be in [-2, 2]")
+        self._check(self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs", "must be in [0, 20]")
+        self._check(all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings")
+        self._check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids", "must be non-negative integers")
+
+    @staticmethod
+    def _check(ok: bool, name: str, rule: str) -> None:
+        if not ok:
+            raise SamplingParamsError(f"{name} {rule}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def needs_penalties(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+
+def _finite(x: float) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+@dataclass(eq=False)
+class Request:
+    """One generation, shared by the schedulers; mutated only by the worker that owns it.
+
+    Ownership moves prefill -> decode on handoff and decode -> prefill on preemption.
+    Other threads only call `abort()`; the owner frees the pages at its next boundary.
+    """
+
+    request_id: str
+    token_ids: list[int]  # prompt, then generated tokens
+    num_prompt_tokens: int
+    params: SamplingParams
+    eos_token_ids: tuple[int, ...] = ()
+    max_model_len: int = 1 << 30
+    arrival_time: float = field(default_factory=time.monotonic)
+    priority: int = 0
+    deadline: float | None = None  # time.monotonic() by which the first token is due
+    num_computed_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens served by the prefix cache at admission
+    block_ids: list[int] = field(default_factory=list)
+    page_hashes: list[int] = field(default_factory=list)
+    num_published_pages: int = 0  # leading pages handed to the prefix cache
+    num_preemptions: int = 0
+    first_token_time: float | None = None
+    finish_reason: FinishReason | None = None
+    generator: Any = None  # torch.Generator for seeded sampling
+    _abort_reason: FinishReason | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_uncomputed(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def in_prefill(self) -> bool:
+        return self.num_uncomputed > 1
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def abort(self, reason: FinishReason = FinishReason.ABORT) -> None:
+        """Ask the owning worker to stop this request at its next iteration boundary."""
+        with self._lock:
+            if self._abort_reason is None:
+                self._abort_reason = reason
+
+    @property
+    def abort_requested(self) -> FinishReason | None:
+        return self._abort_reason
+
+    def append_token(self, token_id: int) -> FinishReason | None:
+        """Record a sampled token; return why the request ends with it, if it does."""
+        self.token_ids.append(token_id)
+        n_out = self.num_output_tokens
+        if n_out == 1:
+            self.first_token_time = time.monotonic()
+        if n_out >= self.params.min_tokens:
+            if not self.params.ignore_eos and token_id in self.eos_token_ids:
+                return FinishReason.STOP
+            if token_id in self.params.stop_token_ids:
+                return FinishReason.STOP
+        if n_out >= self.params.max_tokens or len(self.token_ids) >= self.max_model_len:
+            return FinishReason.LENGTH
+        return None
+
+
+@dataclass(frozen=True)
+class TokenDelta:
+    """What one engine iteration produced for one request (the core's only output)."""
+
+    request_id: str
+    new_token_ids: tuple[int, ...]
+    finish_reason: FinishReason | None = None
+    logprobs: tuple[Any, ...] = ()  # one `TokenLogprobs` per new token when asked
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+    error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None

@@ -1,0 +1,82 @@
+"""Turns a plan into tensors, runs the model and samples.
+
+One runner per worker: the weights and the KV pool are shared, the attention
+backend (with its workspace) and the stream are the worker's own.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+
+from actors.attention.base import AttentionBackend, BatchLayout
+from actors.kv.pool import KVPool
+from actors.models.llama import CausalLM
+from actors.request import Request
+from actors.runner.sampler import Sampler, SampleResult
+from actors.scheduler.plan import BatchPlan
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: CausalLM,
+        pool: KVPool,
+        attention: AttentionBackend,
+        sampler: Sampler,
+        stream: torch.cuda.Stream | None = None,
+    ) -> None:
+        self.model = model
+        self.pool = pool
+        self.attention = attention
+        self.sampler = sampler
+        self.stream = stream
+        self.device = pool.kv.device
+
+    def set_stream(self, stream: torch.cuda.Stream | None) -> None:
+        """Run later iterations on `stream` (an SM partition's); called between iterations."""
+        self.stream = stream
+
+    @torch.inference_mode()
+    def execute(self, plan: BatchPlan, sample_reqs: list[Request]) -> SampleResult:
+        """Run one iteration; `sample_reqs` are the requests of the plan's `sample` chunks, in order."""
+        ctx = torch.cuda.stream(self.stream) if self.stream is not None else nullcontext()
+        with ctx:
+            input_ids, positions, layout, logits_idx = self.prepare(plan)
+            hidden = self.model(input_ids, positions, self.attention.plan(layout))
+            if not sample_reqs:
+                return SampleResult([], [])
+            logits = self.model.compute_logits(hidden[logits_idx])
+            return self.sampler(logits, sample_reqs)
+
+    def prepare(self, plan: BatchPlan) -> tuple[torch.Tensor, torch.Tensor, BatchLayout, torch.Tensor]:
+        """Flat input ids and positions [T], the attention layout, and the rows to sample."""
+        ps = self.pool.page_size
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        sample_rows: list[int] = []
+        for c in plan.chunks:
+            ids.extend(c.token_ids)
+            positions = range(c.start, c.context_len)
+            pos.extend(positions)
+            slots.extend(c.block_ids[p // ps] * ps + p % ps for p in positions)
+            if c.sample:
+                sample_rows.append(len(ids) - 1)
+        dev = self.device
+        layout = BatchLayout(
+            num_decodes=len(plan.decodes),
+            query_lens=tuple(c.num_tokens for c in plan.chunks),
+            context_lens=tuple(c.context_len for c in plan.chunks),
+            block_tables=tuple(c.block_ids for c in plan.chunks),
+            slot_mapping=_to_device(slots, dev),
+        )
+        return _to_device(ids, dev), _to_device(pos, dev), layout, _to_device(sample_rows, dev)
+
+
+def _to_device(values: list[int], device: torch.device) -> torch.Tensor:
+    t = torch.tensor(values, dtype=torch.long)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t

@@ -1,0 +1,132 @@
+"""Token sampling for a batch of requests with mixed parameters, on the logits' device.
+
+Order (as vLLM): logprobs of the raw distribution; penalties; min_tokens masking;
+then greedy rows take the argmax, the others temperature, top-k, top-p and min-p,
+and draw with an exponential race (argmax p/q, q ~ Exp(1)), from the request's own
+generator when it has a seed, so a seeded request's tokens do not depend on its batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from actors.request import Request
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """Logprob of the chosen token and the `top` most likely ones (id, logprob)."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]
+
+
+@dataclass(frozen=True)
+class SampleResult:
+    token_ids: list[int]
+    logprobs: list[TokenLogprobs | None]
+
+
+class Sampler:
+    def __init__(self, device: torch.device, seed: int = 0) -> None:
+        self.device = device
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+
+    def __call__(self, logits: torch.Tensor, reqs: list[Request]) -> SampleResult:
+        """logits [N, V] fp32, one row per request -> one token per request."""
+        n = len(reqs)
+        assert logits.shape[0] == n
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if any(r.params.logprobs is not None for r in reqs) else None
+        if any(r.params.needs_penalties for r in reqs):
+            logits = self._apply_penalties(logits.clone(), reqs)
+        logits = self._mask_early_stops(logits, reqs)
+        if all(r.params.greedy for r in reqs):
+            chosen = logits.argmax(dim=-1)
+        else:
+            chosen = self._sample(logits, reqs)
+        ids = chosen.tolist()
+        return SampleResult(ids, _gather_logprobs(raw_logprobs, ids, reqs))
+
+    def _apply_penalties(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
+        vocab = logits.shape[1]
+        for i, r in enumerate(reqs):
+            p = r.params
+            if not p.needs_penalties:
+                continue
+            if p.repetition_penalty != 1.0:
+                seen = torch.tensor(sorted(set(r.token_ids)), dtype=torch.long, device=logits.device)
+                seen = seen[seen < vocab]
+                row = logits[i, seen]
+                logits[i, seen] = torch.where(row > 0, row / p.repetition_penalty, row * p.repetition_penalty)
+            if p.presence_penalty or p.frequency_penalty:
+                out = torch.tensor(r.output_token_ids, dtype=torch.long, device=logits.device)
+                out = out[out < vocab]
+                counts = torch.bincount(out, minlength=vocab).to(logits.dtype)
+                logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
+        return logits
+
+    @staticmethod
+    def _mask_early_stops(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
+        rows = [(i, r) for i, r in enumerate(reqs) if r.num_output_tokens < r.params.min_tokens]
+        if not rows:
+            return logits
+        logits = logits.clone()
+        for i, r in rows:
+            banned = [t for t in (*r.eos_token_ids, *r.params.stop_token_ids) if t < logits.shape[1]]
+            logits[i, banned] = float("-inf")
+        return logits
+
+    def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
+        dev = logits.device
+        greedy = torch.tensor([r.params.greedy for r in reqs], device=dev)
+        temp = torch.tensor([r.params.temperature or 1.0 for r in reqs], device=dev, dtype=logits.dtype)
+        argmax = logits.argmax(dim=-1)
+        logits = logits / temp[:, None]
+        logits = _top_k_top_p(logits, reqs)
+        probs = torch.softmax(logits, dim=-1)
+        min_p = torch.tensor([r.params.min_p for r in reqs], device=dev, dtype=probs.dtype)
+        if bool((min_p > 0).any()):
+            probs = probs.masked_fill(probs < min_p[:, None] * probs.max(dim=-1, keepdim=True).values, 0.0)
+        q = torch.empty_like(probs)
+        for i, r in enumerate(reqs):
+            q[i].exponential_(generator=r.generator if r.generator is not None else self.generator)
+        drawn = (probs / q).argmax(dim=-1)
+        return torch.where(greedy, argmax, drawn)
+
+
+def _top_k_top_p(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
+    vocab = logits.shape[1]
+    top_k = [r.params.top_k if 0 < r.params.top_k < vocab else vocab for r in reqs]
+    top_p = [r.params.top_p for r in reqs]
+    if all(k == vocab for k in top_k) and all(p >= 1.0 for p in top_p):
+        return logits
+    dev = logits.device
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    ranks = torch.arange(vocab, device=dev)[None, :]
+    drop = ranks >= torch.tensor(top_k, device=dev)[:, None]
+    probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs
+    drop |= mass_before >= torch.tensor(top_p, device=dev, dtype=probs.dtype)[:, None]
+    drop[:, 0] = False
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+
+
+def _gather_logprobs(raw: torch.Tensor | None, ids: list[int], reqs: list[Request]) -> list[TokenLogprobs | None]:
+    if raw is None:
+        return [None] * len(reqs)
+    want = [r.params.logprobs for r in reqs]
+    k = max(w for w in want if w is not None)
+    top_vals, top_ids = raw.topk(k, dim=-1) if k else (raw[:, :0], raw[:, :0].long())
+    chosen = raw.gather(1, torch.tensor(ids, device=raw.device)[:, None]).squeeze(1).tolist()
+    top_vals, top_ids = top_vals.tolist(), top_ids.tolist()
+    out: list[TokenLogprobs | None] = []
+    for i, w in enumerate(want):
+        if w is None:
+            out.append(None)
+        else:
+            out.append(TokenLogprobs(ids[i], chosen[i], tuple(zip(top_ids[i][:w], top_vals[i][:w]))))
+    return out

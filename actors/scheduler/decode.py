@@ -1,0 +1,88 @@
+"""Decode scheduler: continuous batching of one token per running request."""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+
+from actors.kv.manager import KVManager
+from actors.request import Request
+from actors.scheduler.plan import SeqChunk, chunk_of
+
+
+class DecodeScheduler:
+    """Owns requests from their first token to their last.
+
+    Prefill hands requests over through `add` (thread-safe; the page table moves with
+    the request, no KV is copied). When a step needs a page and none is free, the
+    youngest running request is preempted: its pages are released and it is returned
+    to the caller, who gives it back to prefill for recomputation.
+    """
+
+    def __init__(self, kv: KVManager, max_seqs: int) -> None:
+        self.kv = kv
+        self.max_seqs = max_seqs
+        self._inbox: deque[Request] = deque()
+        self._inbox_lock = threading.Lock()
+        self.running: list[Request] = []
+
+    def add(self, req: Request) -> None:
+        assert not req.in_prefill and req.num_uncomputed == 1
+        with self._inbox_lock:
+            self._inbox.append(req)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running) + len(self._inbox)
+
+    def has_work(self) -> bool:
+        return bool(self.running or self._inbox)
+
+    def context_tokens(self) -> int:
+        return sum(r.num_tokens for r in self.running)
+
+    def take_aborted(self) -> list[Request]:
+        self._admit_inbox()
+        gone = [r for r in self.running if r.abort_requested]
+        for r in gone:
+            self.running.remove(r)
+            self.kv.release(r)
+        return gone
+
+    def _admit_inbox(self) -> None:
+        with self._inbox_lock:
+            while self._inbox and len(self.running) < self.max_seqs:
+                self.running.append(self._inbox.popleft())
+
+    def schedule(self) -> tuple[list[SeqChunk], list[Request], list[Request]]:
+        """Plan one decode step. Returns (chunks, their requests, preempted requests)."""
+        self._admit_inbox()
+        preempted: list[Request] = []
+        scheduled: list[Request] = []
+        queue = list(self.running)
+        while queue:
+            req = queue.pop(0)
+            while self.kv.grow(req, 1) == 0:
+                victim = queue.pop() if queue else req
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is req:
+                    break
+            else:
+                scheduled.append(req)
+        chunks = [chunk_of(r.request_id, r.token_ids, r.num_computed_tokens, 1, r.block_ids) for r in scheduled]
+        return chunks, scheduled, preempted
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self.kv.release(req)
+        req.num_preemptions += 1
+
+    def finish_step(self, req: Request) -> None:
+        req.num_computed_tokens += 1
+        self.kv.publish(req)
+
+    def remove(self, req: Request) -> None:
+        """Drop a finished request and release its pages."""
+        self.running.remove(req)
+        self.kv.release(req)

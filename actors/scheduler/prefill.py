@@ -1,0 +1,138 @@
+"""Prefill scheduler: admits waiting requests and plans chunks within a token budget."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+from actors.kv.manager import KVManager, pages_for
+from actors.request import Request
+from actors.scheduler.plan import SeqChunk, chunk_of
+
+OrderKey = Callable[[Request], object]
+
+
+def fcfs(req: Request) -> object:
+    """First come, first served (with priority: lower value first)."""
+    return (req.priority, req.arrival_time)
+
+
+class PrefillScheduler:
+    """Owns requests from arrival until their prompt (and any recomputed output) is in KV.
+
+    `running` holds admitted requests with pages and a partial prefill; they go first,
+    so a chunked prompt finishes before new ones start. `waiting` is admitted in
+    `order` (FCFS by default; the SLO policy plugs in an earliest-deadline key).
+    """
+
+    def __init__(
+        self,
+        kv: KVManager,
+        max_tokens: int,
+        decode_reserve_pages: int = 0,
+        order: OrderKey = fcfs,
+    ) -> None:
+        self.kv = kv
+        self.max_tokens = max_tokens
+        self.decode_reserve_pages = decode_reserve_pages
+        self.order = order
+        self._lock = threading.Lock()
+        self._waiting: list[Request] = []
+        self.running: list[Request] = []
+
+    def add(self, req: Request) -> None:
+        """Queue a new or preempted request (thread-safe)."""
+        with self._lock:
+            self._waiting.append(req)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    def waiting_tokens(self) -> int:
+        """Prompt tokens not yet computed, over waiting and running requests."""
+        with self._lock:
+            reqs = self._waiting + self.running
+        return sum(r.num_uncomputed for r in reqs)
+
+    def has_work(self) -> bool:
+        return bool(self._waiting or self.running)
+
+    def take_aborted(self) -> list[Request]:
+        """Remove requests whose abort was asked; pages of running ones are released."""
+        with self._lock:
+            gone = [r for r in self._waiting if r.abort_requested]
+            self._waiting = [r for r in self._waiting if not r.abort_requested]
+        for r in [r for r in self.running if r.abort_requested]:
+            self.running.remove(r)
+            self.kv.release(r)
+            gone.append(r)
+        return gone
+
+    def schedule(self, budget: int | None = None) -> tuple[list[SeqChunk], list[Request]]:
+        """Plan this iteration's prefill chunks; `budget` tokens at most (default: max_tokens)."""
+        budget = self.max_tokens if budget is None else budget
+        chunks: list[SeqChunk] = []
+        reqs: list[Request] = []
+        for req in list(self.running):
+            if budget <= 0:
+                break
+            n = self.kv.grow(req, min(budget, req.num_uncomputed))
+            if n == 0:
+                continue
+            chunks.append(chunk_of(req.request_id, req.token_ids, req.num_computed_tokens, n, req.block_ids))
+            reqs.append(req)
+            budget -= n
+        if not chunks and len(self.running) > 1:
+            self._preempt_youngest_running()
+        while budget > 0:
+            req = self._admit_next()
+            if req is None:
+                break
+            n = self.kv.grow(req, min(budget, req.num_uncomputed))
+            assert n > 0, "admission checked free pages"
+            chunks.append(chunk_of(req.request_id, req.token_ids, req.num_computed_tokens, n, req.block_ids))
+            reqs.append(req)
+            budget -= n
+        return chunks, reqs
+
+    def _admit_next(self) -> Request | None:
+        """Move the first waiting request (in `order`) to running if a page is free for it."""
+        with self._lock:
+            if not self._waiting:
+                return None
+            self._waiting.sort(key=self.order)
+            req = self._waiting[0]
+            if req.abort_requested:
+                return None
+            self.kv.match_prefix(req)
+            need = pages_for(req.num_computed_tokens + 1, self.kv.page_size) - len(req.block_ids)
+            if self.kv.num_free_pages - need < self.decode_reserve_pages:
+                self.kv.release(req)
+                return None
+            self._waiting.pop(0)
+        if req.num_preemptions == 0:
+            req.num_cached_tokens = req.num_computed_tokens
+        self.running.append(req)
+        return req
+
+    def _preempt_youngest_running(self) -> None:
+        """Break a standoff between partial prefills that all wait for pages."""
+        victim = max(self.running, key=lambda r: r.arrival_time)
+        self.running.remove(victim)
+        self.kv.release(victim)
+        victim.num_preemptions += 1
+        self.add(victim)
+
+    def drop(self, req: Request) -> None:
+        """Release a request this scheduler owns (finished or failed)."""
+        if req in self.running:
+            self.running.remove(req)
+        self.kv.release(req)
+
+    def finish_chunk(self, req: Request, num_tokens: int) -> None:
+        """Account for a computed chunk; a request with no prefill left leaves `running`."""
+        req.num_computed_tokens += num_tokens
+        self.kv.publish(req)
+        if not req.in_prefill and req in self.running:
+            self.running.remove(req)
