@@ -1,0 +1,110 @@
+"""The interface the front ends (OpenAI HTTP, gRPC, CLI) use to reach engines.
+
+`Router` (cluster.router) implements it over the GPU actors of a Ray cluster;
+`LocalEngineClient` implements it over one in-process `AsyncLLM` (no Ray), for
+`semipd serve --local`, and for front-end tests that need a real engine but no cluster.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+from actors.config import EngineConfig
+from actors.engine.frontend import AsyncLLM, StreamChunk
+from actors.request import SamplingParams
+
+
+class NoCapacityError(RuntimeError):
+    """No engine can take the request now (all draining, dead, or admission refused)."""
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """One request as the front ends hand it over: token ids already made from text/chat."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    priority: int = 0
+    ttft_slo_ms: float | None = None
+    tpot_slo_ms: float | None = None
+    session_id: str | None = None
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str  # served model name (the `model` field of OpenAI requests)
+    model_dir: str
+    architecture: str
+    max_model_len: int
+    vocab_size: int
+    mode: str
+
+
+@dataclass(frozen=True)
+class EngineLoad:
+    """One engine's load as the router and the controller see it."""
+
+    engine_id: str
+    node_id: str = ""
+    healthy: bool = True
+    draining: bool = False
+    in_flight: int = 0
+    stats: dict[str, Any] = field(default_factory=dict)  # EngineStats fields
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class EngineClient(Protocol):
+    def model_info(self) -> ModelInfo: ...
+
+    def generate(self, request: GenerateRequest) -> AsyncIterator[StreamChunk]:
+        """Stream chunks; the last has `finish_reason`. Closing the iterator early aborts."""
+        ...
+
+    async def abort(self, request_id: str) -> bool: ...
+
+    async def loads(self) -> list[EngineLoad]: ...
+
+
+class LocalEngineClient:
+    """An `EngineClient` over one in-process engine."""
+
+    def __init__(self, config: EngineConfig, served_name: str | None = None) -> None:
+        self.llm = AsyncLLM(config)
+        self.llm.start()
+        core = self.llm.core
+        self._info = ModelInfo(
+            name=served_name or config.model.rstrip("/").split("/")[-1],
+            model_dir=config.model,
+            architecture=core.arch.architecture,
+            max_model_len=core.max_model_len,
+            vocab_size=core.arch.vocab_size,
+            mode=config.mode,
+        )
+        self.draining = False
+
+    def model_info(self) -> ModelInfo:
+        return self._info
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[StreamChunk]:
+        if self.draining:
+            raise NoCapacityError("the server is draining")
+        async for chunk in self.llm.generate(
+            request.prompt_token_ids, request.params, request_id=request.request_id, priority=request.priority
+        ):
+            yield chunk
+
+    async def abort(self, request_id: str) -> bool:
+        return self.llm.abort(request_id)
+
+    async def loads(self) -> list[EngineLoad]:
+        stats = self.llm.core.stats()
+        return [EngineLoad("local", healthy=stats.seconds_since_progress < 30, draining=self.draining,
+                           in_flight=self.llm.core.num_unfinished, stats=asdict(stats))]
+
+    def shutdown(self) -> None:
+        self.llm.shutdown()
