@@ -1,0 +1,89 @@
+"""The contract between engines, the SLO controller and split policies (plain data)."""
+
+from __future__ import annotations
+
+import math
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class SLOTargets:
+    """Latency targets: time to first token and time per output token, at `attainment`."""
+
+    ttft_ms: float = 1000.0
+    tpot_ms: float = 50.0
+    attainment: float = 0.9
+
+    def __post_init__(self) -> None:
+        if self.ttft_ms <= 0 or self.tpot_ms <= 0:
+            raise ValueError("SLO targets must be positive")
+        if not 0.0 < self.attainment <= 1.0:
+            raise ValueError(f"attainment must be in (0, 1], got {self.attainment}")
+
+
+@dataclass(frozen=True)
+class EngineView:
+    """What a policy knows of one engine: its split, its queues, recent latencies.
+
+    `ttft_ms` / `tpot_ms` are recent samples (a window the publisher chose), oldest first.
+    """
+
+    engine_id: str
+    prefill_sms: int
+    total_sms: int
+    splits: tuple[int, ...]
+    waiting_prefill_tokens: int = 0
+    num_decoding: int = 0
+    decode_context_tokens: int = 0
+    ttft_ms: tuple[float, ...] = ()
+    tpot_ms: tuple[float, ...] = ()
+    time: float = 0.0
+
+
+@dataclass(frozen=True)
+class SplitDecision:
+    prefill_sms: int
+    reason: str
+    predicted: dict[str, float] = field(default_factory=dict)
+
+
+class SplitPolicy(Protocol):
+    def decide(self, view: EngineView, targets: SLOTargets) -> SplitDecision:
+        """The split `view`'s engine should run next (may equal the current one)."""
+        ...
+
+
+def percentile(samples: tuple[float, ...] | list[float], q: float) -> float:
+    """Nearest-rank percentile, q in [0, 100]; NaN for no samples."""
+    if not samples:
+        return float("nan")
+    ordered = sorted(samples)
+    rank = math.ceil(q / 100 * len(ordered))
+    return ordered[min(len(ordered), max(rank, 1)) - 1]
+
+
+class ReactivePolicy:
+    """semi-PD paper's rule: compare P90 TTFT/TPOT with the targets, move one step.
+
+    TTFT over target (relatively worse than TPOT) -> one split step more to prefill;
+    TPOT over target -> one step more to decode; both fine -> stay.
+    """
+
+    def __init__(self, step: int = 1) -> None:
+        self.step = step
+
+    def decide(self, view: EngineView, targets: SLOTargets) -> SplitDecision:
+        ttft = percentile(view.ttft_ms, 90)
+        tpot = percentile(view.tpot_ms, 90)
+        ttft_ratio = ttft / targets.ttft_ms if ttft == ttft else 0.0
+        tpot_ratio = tpot / targets.tpot_ms if tpot == tpot else 0.0
+        i = view.splits.index(view.prefill_sms) if view.prefill_sms in view.splits else len(view.splits) // 2
+        if ttft_ratio > 1.0 and ttft_ratio >= tpot_ratio:
+            i, why = min(len(view.splits) - 1, i + self.step), f"P90 TTFT {ttft:.0f} ms over {targets.ttft_ms:.0f}"
+        elif tpot_ratio > 1.0:
+            i, why = max(0, i - self.step), f"P90 TPOT {tpot:.1f} ms over {targets.tpot_ms:.1f}"
+        else:
+            why = "within SLO"
+        return SplitDecision(view.splits[i], why, {"p90_ttft_ms": ttft, "p90_tpot_ms": tpot})
