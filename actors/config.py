@@ -22,6 +22,7 @@ SUPPORTED_ARCHITECTURES = (
 EngineMode = Literal["unified", "semi-pd"]
 ENGINE_MODES: tuple[str, ...] = ("unified", "semi-pd")
 ATTENTION_BACKENDS: tuple[str, ...] = ("torch", "flashinfer")
+PREFILL_ORDERS: tuple[str, ...] = ("fcfs", "edf")
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -177,6 +178,40 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class SLOConfig:
+    """Latency targets and the engine-side SLO features (actors.slo).
+
+    `order`: prefill admission order, `fcfs` or `edf` (earliest deadline first: a
+    request's own deadline, else arrival + `ttft_ms`; waiting `aging_s` or more, default
+    2 x `ttft_ms`, promotes it). `admission`: predict each new request's TTFT and,
+    past `admission_slack` x its target, `reject` it (AdmissionRejected, HTTP 429) or
+    `queue` it at the lowest priority. `latency_profile`: JSON file of latency models,
+    loaded (or profiled at start and saved) when admission is on.
+    """
+
+    ttft_ms: float = 1000.0
+    tpot_ms: float = 50.0
+    order: str = "fcfs"
+    aging_s: float | None = None
+    admission: bool = False
+    admission_slack: float = 1.0
+    admission_action: str = "reject"
+    latency_profile: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.ttft_ms <= 0 or self.tpot_ms <= 0:
+            raise ConfigError(f"SLO targets must be positive, got ttft_ms={self.ttft_ms} tpot_ms={self.tpot_ms}")
+        if self.order not in PREFILL_ORDERS:
+            raise ConfigError(f"order must be one of {PREFILL_ORDERS}, got {self.order!r}")
+        if self.aging_s is not None and self.aging_s <= 0:
+            raise ConfigError(f"aging_s must be positive, got {self.aging_s}")
+        if self.admission_slack <= 0:
+            raise ConfigError(f"admission_slack must be positive, got {self.admission_slack}")
+        if self.admission_action not in ("reject", "queue"):
+            raise ConfigError(f"admission_action must be 'reject' or 'queue', got {self.admission_action!r}")
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     """Everything one engine (one GPU, or the CPU) needs to start.
 
@@ -196,6 +231,8 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     prefill_sms: int | None = None
     cuda_graphs: bool = True
+    load_format: str = "auto"  # "dummy": random weights drawn on the device, no checkpoint read
+    slo: SLOConfig = field(default_factory=SLOConfig)
 
     def __post_init__(self) -> None:
         if self.mode not in ENGINE_MODES:
@@ -206,6 +243,8 @@ class EngineConfig:
             )
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.load_format not in ("auto", "dummy"):
+            raise ConfigError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
         if not Path(self.model).is_dir():
             raise ConfigError(f"model directory not found: {self.model}")
 

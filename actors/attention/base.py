@@ -53,10 +53,15 @@ class AttentionBackend(ABC):
         """Return the per-layer attention function for this batch."""
 
 
-def write_kv(pool: KVPool, layer_id: int, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    """Store k/v [T, Hkv, D] into their slots of layer `layer_id`."""
+def split_slots(slot_mapping: torch.Tensor, page_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pool slots [T] -> (page ids, offsets in page), computed once per batch."""
+    return slot_mapping // page_size, slot_mapping % page_size
+
+
+def write_kv(pool: KVPool, layer_id: int, slots: tuple[torch.Tensor, torch.Tensor], k: torch.Tensor,
+             v: torch.Tensor) -> None:
+    """Store k/v [T, Hkv, D] into their (page, offset) slots of layer `layer_id`."""
     cache = pool.layer(layer_id)
-    pages = slot_mapping // pool.page_size
-    offsets = slot_mapping % pool.page_size
+    pages, offsets = slots
     cache[pages, 0, offsets] = k
     cache[pages, 1, offsets] = v

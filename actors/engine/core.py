@@ -12,7 +12,6 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -27,7 +26,9 @@ from actors.request import FinishReason, Request, SamplingParams, TokenDelta
 from actors.runner.model_runner import ModelRunner
 from actors.runner.sampler import Sampler
 from actors.scheduler.decode import DecodeScheduler
-from actors.scheduler.prefill import PrefillScheduler, fcfs
+from actors.scheduler.prefill import OrderKey, PrefillScheduler
+from actors.slo.admission import EngineAdmission
+from actors.slo.ordering import make_order
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +55,12 @@ class EngineStats:
     seconds_since_progress: float
     iterations: dict[str, int]
     busy_seconds: dict[str, float]
+    num_switch_stalls: int = 0  # SM splits adopted by the workers (Worker.adopt_seconds) ...
+    switch_stall_seconds: float = 0.0  # ... and the total time the adoptions took
 
 
 class EngineCore:
-    def __init__(self, config: EngineConfig, emit: Emit, order: Any = fcfs) -> None:
+    def __init__(self, config: EngineConfig, emit: Emit, order: OrderKey | None = None) -> None:
         self.config = config
         self.arch = ModelArch.from_dir(config.model)
         self.device = config.resolved_device
@@ -69,12 +72,16 @@ class EngineCore:
                 f"{self.arch.max_position_embeddings}"
             )
         self._emit = emit
-        self.model = build_model(self.arch, self.dtype, self.device, self.max_model_len, model_dir=config.model)
+        weights_dir = None if config.load_format == "dummy" else config.model
+        self.model = build_model(self.arch, self.dtype, self.device, self.max_model_len, weights_dir, config.seed,
+                                 ops=config.resolved_backend)
         page_size = config.cache.page_size
         self.pool = KVPool(self.arch, self._num_pages(), page_size, self.dtype, self.device)
         self.allocator = BlockAllocator(self.pool.num_pages, config.cache.enable_prefix_caching)
         kv = KVManager(self.allocator, page_size)
         sched = config.scheduler
+        if order is None:  # prefill order from config.slo: fcfs or edf
+            order = make_order(config.slo.order, config.slo.ttft_ms, config.slo.aging_s)
         self.prefill = PrefillScheduler(kv, sched.max_prefill_tokens, sched.decode_reserve_pages, order)
         self.decode = DecodeScheduler(kv, sched.max_decode_seqs)
         self.partitioner: Partitioner = make_partitioner(self.device, config.mode, config.prefill_sms)
@@ -82,6 +89,7 @@ class EngineCore:
         self._requests: dict[str, Request] = {}
         self._lock = threading.Lock()
         self._started = False
+        self.admission = EngineAdmission.for_engine(self) if config.slo.admission else None  # profiles if needed
 
     # -- construction ------------------------------------------------------------
 
@@ -93,32 +101,42 @@ class EngineCore:
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
             a = self.arch
-            activations = self.config.scheduler.max_prefill_tokens * (4 * a.intermediate_size + 8 * a.hidden_size) * 4
+            elem = torch.tensor([], dtype=self.dtype).element_size()
+            activations = self.config.scheduler.max_prefill_tokens * (4 * a.intermediate_size + 8 * a.hidden_size) * elem
             budget = free - (1.0 - cache.memory_fraction) * total - activations - (1 << 30)
         else:
             budget = cache.cpu_kv_bytes
-        pages = int(budget // per_page)
+        pages = int(budget // per_page) - 1  # one page stays scratch
         if pages < 2:
             raise ConfigError(f"not enough memory for a KV cache ({budget / 2**30:.2f} GiB left after the weights)")
         return pages
 
-    def _make_runner(self, attention_name: str) -> ModelRunner:
+    def _make_runner(self, decodes: bool) -> ModelRunner:
+        """A runner with its own attention workspace; with CUDA graphs if it runs decodes on a GPU."""
         from actors.attention import make_backend
 
-        backend = make_backend(attention_name, self.pool, self.arch)
-        return ModelRunner(self.model, self.pool, backend, Sampler(self.device, self.config.seed))
+        backend = make_backend(self.config.resolved_backend, self.pool, self.arch)
+        graphs = None
+        if decodes and self.config.cuda_graphs and backend.name == "flashinfer":
+            from actors.runner.cuda_graphs import DecodeGraphs
+
+            max_pages = pages_for(self.max_model_len, self.pool.page_size)
+            graphs = DecodeGraphs(self.model, backend, self.pool, self.config.scheduler.max_decode_seqs, max_pages)
+            for stream in self.partitioner.all_streams("decode"):
+                graphs.capture_all(stream)
+            torch.cuda.synchronize(self.device)
+        return ModelRunner(self.model, self.pool, backend, Sampler(self.device, self.config.seed), graphs=graphs)
 
     def _make_workers(self) -> list[Worker]:
-        backend = self.config.resolved_backend
+        emit, parts = self._emit_and_forget, self.partitioner
         if self.config.mode == "unified":
             wake = Wakeup()
             wakeups = {"unified": wake, "prefill": wake, "decode": wake}
-            return [UnifiedWorker(self.prefill, self.decode, self._make_runner(backend), self.partitioner,
-                                  self._emit_and_forget, wakeups)]
+            return [UnifiedWorker(self.prefill, self.decode, self._make_runner(True), parts, emit, wakeups)]
         wakeups = {"prefill": Wakeup(), "decode": Wakeup()}
         return [
-            PrefillWorker(self.prefill, self.decode, self._make_runner(backend), self.partitioner, self._emit_and_forget, wakeups),
-            DecodeWorker(self.prefill, self.decode, self._make_runner(backend), self.partitioner, self._emit_and_forget, wakeups),
+            PrefillWorker(self.prefill, self.decode, self._make_runner(False), parts, emit, wakeups),
+            DecodeWorker(self.prefill, self.decode, self._make_runner(True), parts, emit, wakeups),
         ]
 
     # -- lifecycle ---------------------------------------------------------------
@@ -146,10 +164,12 @@ class EngineCore:
                 f"{num_prompt_tokens + params.max_tokens} tokens ({num_prompt_tokens} in the messages, "
                 f"{params.max_tokens} in the completion). Please reduce the length of the messages or completion."
             )
-        if pages_for(num_prompt_tokens + 1, self.pool.page_size) > self.pool.num_pages:
+        kv_tokens = num_prompt_tokens + params.max_tokens - 1  # the last token is sampled, never cached
+        if pages_for(kv_tokens, self.pool.page_size) > self.pool.num_pages:
             raise PromptTooLongError(
                 f"This model's maximum context length is {self.max_model_len} tokens, but the KV cache holds only "
-                f"{self.pool.num_pages * self.pool.page_size} tokens, fewer than the {num_prompt_tokens} in the messages."
+                f"{self.pool.num_pages * self.pool.page_size} tokens, fewer than the {kv_tokens} this request needs "
+                f"({num_prompt_tokens} in the messages, {params.max_tokens} in the completion)."
             )
 
     def add_request(
@@ -160,10 +180,13 @@ class EngineCore:
         priority: int = 0,
         deadline: float | None = None,
     ) -> None:
-        """Queue a request; raises ValueError (and queues nothing) if it is invalid."""
+        """Queue a request; raises ValueError (and queues nothing) if it is invalid,
+        AdmissionRejected (a ValueError) if admission control refuses it."""
         self.validate(len(prompt_token_ids), params)
         if any(t < 0 or t >= self.arch.vocab_size for t in prompt_token_ids):
             raise ValueError(f"prompt token ids must be in [0, {self.arch.vocab_size})")
+        if self.admission is not None:
+            priority = self.admission.admit(len(prompt_token_ids), priority, deadline)
         gen = None
         if params.seed is not None:
             gen = torch.Generator(device=self.device).manual_seed(params.seed)
@@ -205,6 +228,11 @@ class EngineCore:
         self._emit(deltas)
 
     @property
+    def num_preemptions(self) -> int:
+        """Requests preempted so far (their pages released for recomputation), both phases."""
+        return self.prefill.num_preemptions + self.decode.num_preemptions
+
+    @property
     def num_unfinished(self) -> int:
         with self._lock:
             return sum(1 for r in self._requests.values() if not r.finished)
@@ -227,4 +255,6 @@ class EngineCore:
             seconds_since_progress=min(now - w.last_progress for w in self.workers),
             iterations={w.name: w.iterations for w in self.workers},
             busy_seconds={w.name: w.busy_seconds for w in self.workers},
+            num_switch_stalls=sum(len(w.adopt_seconds) for w in self.workers),
+            switch_stall_seconds=sum(sum(w.adopt_seconds) for w in self.workers),
         )

@@ -106,7 +106,8 @@ class OutputStream:
         self.params = params
         self.tokenizer = tokenizer
         self.num_prompt_tokens = len(prompt_ids)
-        self.ids: list[int] = []
+        self.ids: list[int] = []  # the output tokens whose text is shown
+        self.num_output_tokens = 0
         self._prefix_offset = 0
         self._read_offset = 0
         self.text = ""  # decoded so far (stop string cut applied)
@@ -135,9 +136,13 @@ class OutputStream:
         """Returns the chunk to send and whether a stop string ended the request here."""
         assert not self.done
         now = time.monotonic()
-        if delta.new_token_ids:
+        new_ids = delta.new_token_ids
+        if new_ids:
             self.metrics.token_times.append(now)
-        self.ids.extend(delta.new_token_ids)
+        self.num_output_tokens += len(new_ids)
+        if delta.finish_reason == FinishReason.STOP and new_ids and not self.params.include_stop_str_in_output:
+            new_ids = new_ids[:-1]  # the EOS or stop token that ended the request: its text is not shown
+        self.ids.extend(new_ids)
         new_text = self._decode_new()
         if delta.finished:
             new_text += self._flush_partial()
@@ -145,7 +150,7 @@ class OutputStream:
         self.text += new_text
         finish = delta.finish_reason.value if delta.finish_reason else None
         stopped = False
-        if self.params.stop and new_text:
+        if self.params.stop and new_text and self.num_output_tokens > self.params.min_tokens:
             cut = _find_stop(self.text, self.params.stop, start, self.params.include_stop_str_in_output)
             if cut is not None:
                 self.text = self.text[:cut]
@@ -163,7 +168,7 @@ class OutputStream:
             finish_reason=finish,
             logprobs=tuple(delta.logprobs),
             num_prompt_tokens=self.num_prompt_tokens,
-            num_output_tokens=len(self.ids),
+            num_output_tokens=self.num_output_tokens,
             num_cached_tokens=delta.num_cached_tokens,
             error=delta.error,
         )
@@ -261,6 +266,11 @@ class LLM(_Frontend):
             raise
         return stream
 
+    def _cancel(self, stream: OutputStream) -> None:
+        self.core.abort(stream.request_id)
+        with self._sinks_lock:
+            self._sinks.pop(stream.request_id, None)
+
     def _chunks(self, stream: OutputStream) -> Iterator[StreamChunk]:
         sink = self._sinks[stream.request_id]
         try:
@@ -282,7 +292,14 @@ class LLM(_Frontend):
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
         params_list = _broadcast(params, len(prompts))
-        streams = [self._submit(p, sp) for p, sp in zip(prompts, params_list)]
+        streams: list[OutputStream] = []
+        try:
+            for p, sp in zip(prompts, params_list):
+                streams.append(self._submit(p, sp))
+        except Exception:  # one invalid prompt: none of the batch runs
+            for s in streams:
+                self._cancel(s)
+            raise
         outputs = []
         for s in streams:
             out = CompletionOutput(s.request_id, [])

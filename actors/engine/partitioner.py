@@ -23,9 +23,14 @@ Phase = Literal["prefill", "decode"]
 SM_GRANULE = 8  # Hopper partitions come in multiples of 8 SMs
 
 
-def split_choices(total_sms: int, granule: int = SM_GRANULE, min_sms: int = SM_GRANULE) -> tuple[int, ...]:
-    """Prefill SM counts such that both phases get at least `min_sms`, in `granule` steps."""
-    return tuple(n for n in range(min_sms, total_sms - min_sms + 1, granule) if total_sms - n >= min_sms)
+# Fewer SMs than this on either side and cuBLAS kernels fail to launch there (seen on an
+# H100: a 120/12 split ran no fp16/bf16 GEMM on its 12-SM side; 112/20 ran them all).
+MIN_PARTITION_SMS = 16
+
+
+def split_choices(total_sms: int, granule: int = SM_GRANULE, min_sms: int = MIN_PARTITION_SMS) -> tuple[int, ...]:
+    """Prefill SM counts (multiples of `granule`) that leave both phases at least `min_sms`."""
+    return tuple(n for n in range(granule, total_sms, granule) if n >= min_sms and total_sms - n >= min_sms)
 
 
 @dataclass(frozen=True)
@@ -75,6 +80,10 @@ class Partitioner:
         """The stream a worker of `phase` runs its next iteration on (None: default)."""
         return None
 
+    def all_streams(self, phase: Phase) -> list[torch.cuda.Stream]:
+        """Every stream `phase` may run on, over all splits (for CUDA-graph capture)."""
+        return []
+
 
 class CpuPartitioner(Partitioner):
     """No SMs to split: same bookkeeping, no streams."""
@@ -94,6 +103,9 @@ class WholeGpuPartitioner(Partitioner):
     def stream_for(self, phase: Phase) -> torch.cuda.Stream | None:
         return self._stream
 
+    def all_streams(self, phase: Phase) -> list[torch.cuda.Stream]:
+        return [self._stream]
+
 
 class GreenContextPartitioner(Partitioner):
     """Green-context SM partitions for every split, created once at start (3-5 ms each)."""
@@ -103,10 +115,13 @@ class GreenContextPartitioner(Partitioner):
         super().__init__(total, splits or split_choices(total), initial)
         self._device_index = device.index if device.index is not None else torch.cuda.current_device()
         self._keepalive: list[Any] = []
+        self._green: dict[tuple[int, str], Any] = {}  # (prefill_sms, phase) -> CUgreenCtx
         self._streams: dict[int, tuple[torch.cuda.ExternalStream, torch.cuda.ExternalStream]] = {}
         self.actual_sms: dict[int, tuple[int, int]] = {}
         for n in self.splits:
             self._streams[n] = self._make_split(n)
+            for stream in self._streams[n]:
+                _probe_gemm(stream)
 
     def _make_split(self, prefill_sms: int) -> tuple[torch.cuda.ExternalStream, torch.cuda.ExternalStream]:
         from cuda.bindings import driver as cu
@@ -116,9 +131,10 @@ class GreenContextPartitioner(Partitioner):
         _, full = _check(cu.cuDeviceGetDevResource(dev, cu.CUdevResourceType.CU_DEV_RESOURCE_TYPE_SM))
         _, groups, _, remainder = _check(cu.cuDevSmResourceSplitByCount(1, full, 0, prefill_sms))
         pair = []
-        for res in (groups[0], remainder):
+        for phase, res in (("prefill", groups[0]), ("decode", remainder)):
             _, desc = _check(cu.cuDevResourceGenerateDesc([res], 1))
             _, gctx = _check(cu.cuGreenCtxCreate(desc, dev, cu.CUgreenCtxCreate_flags.CU_GREEN_CTX_DEFAULT_STREAM))
+            self._green[(prefill_sms, phase)] = gctx
             _, stream = _check(cu.cuGreenCtxStreamCreate(gctx, cu.CUstream_flags.CU_STREAM_NON_BLOCKING, 0))
             self._keepalive.extend([gctx, stream, desc])
             pair.append(torch.cuda.ExternalStream(int(stream), device=torch.device("cuda", self._device_index)))
@@ -128,6 +144,18 @@ class GreenContextPartitioner(Partitioner):
     def stream_for(self, phase: Phase) -> torch.cuda.Stream | None:
         prefill, decode = self._streams[self.current]
         return prefill if phase == "prefill" else decode
+
+    def all_streams(self, phase: Phase) -> list[torch.cuda.Stream]:
+        return [pair[0] if phase == "prefill" else pair[1] for pair in self._streams.values()]
+
+
+def _probe_gemm(stream: torch.cuda.Stream) -> None:
+    """Fail at start, not mid-serving, if cuBLAS cannot run on a partition."""
+    a = torch.ones(64, 256, dtype=torch.bfloat16, device=torch.device("cuda", stream.device_index))
+    with torch.cuda.stream(stream):
+        b = a @ a.T
+    stream.synchronize()
+    assert float(b[0, 0]) == 256.0, "GEMM on a green-context stream gave a wrong result"
 
 
 def _check(result: tuple[Any, ...]) -> tuple[Any, ...]:

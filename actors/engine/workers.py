@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 
 from actors.engine.partitioner import Partitioner, Phase
@@ -64,7 +65,8 @@ class Worker:
         self.iterations = 0
         self.last_progress = time.monotonic()
         self.busy_seconds = 0.0
-        self.switch_stalls: list[float] = []  # seconds from a switch request to adopting it
+        self.adopt_seconds: list[float] = []  # time spent adopting each new SM split
+        self.iteration_log: deque[tuple[float, float, int]] = deque(maxlen=4096)  # (start, seconds, split version)
         self._version = -1
 
     def start(self) -> None:
@@ -91,6 +93,7 @@ class Worker:
             if worked:
                 self.iterations += 1
                 self.busy_seconds += now - t0
+                self.iteration_log.append((t0, now - t0, self._version))
             else:
                 self.wakeups[self.name].wait(0.05)
 
@@ -98,10 +101,10 @@ class Worker:
         """At an iteration boundary: move to the stream of the current split."""
         if self.partitioner.version == self._version:
             return
+        t0 = time.perf_counter()
         self._version = self.partitioner.version
         self.runner.set_stream(self.partitioner.stream_for(self.phase))
-        if self.partitioner.switches:
-            self.switch_stalls.append(max(0.0, time.time() - self.partitioner.switches[-1].time))
+        self.adopt_seconds.append(time.perf_counter() - t0)
 
     def step(self) -> bool:
         """Run one iteration; False when there was nothing to do."""

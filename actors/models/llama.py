@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from actors.config import ConfigError, ModelArch
+from actors.models.ops import TorchOps
 
 
 class AttentionFn(Protocol):
@@ -26,16 +27,18 @@ class AttentionFn(Protocol):
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
+    def __init__(self, dim: int, eps: float, ops: TorchOps) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.ops = ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        return self.ops.rms_norm(x, self.weight, self.eps)
+
+    def add(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual); may reuse x and residual's storage."""
+        return self.ops.add_rms_norm(x, residual, self.weight, self.eps)
 
 
 def rope_inv_freq(arch: ModelArch) -> torch.Tensor:
@@ -64,29 +67,22 @@ def rope_inv_freq(arch: ModelArch) -> torch.Tensor:
 
 
 class Rotary(nn.Module):
-    """Rotate-half RoPE with a cos/sin table over all positions."""
+    """RoPE over all positions: `cos_sin` [P, D] fp32 holds cat(cos, sin) of the D/2 frequencies."""
 
-    def __init__(self, arch: ModelArch, max_positions: int) -> None:
+    def __init__(self, arch: ModelArch, max_positions: int, ops: TorchOps) -> None:
         super().__init__()
         self.arch = arch
         self.max_positions = max_positions
+        self.ops = ops
         self.register_buffer("cos_sin", torch.empty(0), persistent=False)
 
     def build(self, device: torch.device) -> None:
         inv_freq = rope_inv_freq(self.arch).to(device)
         freqs = torch.arange(self.max_positions, device=device, dtype=torch.float32)[:, None] * inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        self.cos_sin = torch.stack((emb.cos(), emb.sin()))  # [2, P, D] fp32
+        self.cos_sin = torch.cat((freqs.cos(), freqs.sin()), dim=-1)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cos = self.cos_sin[0, positions].unsqueeze(1).to(q.dtype)  # [T, 1, D]
-        sin = self.cos_sin[1, positions].unsqueeze(1).to(q.dtype)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+        return self.ops.rotary(positions, q, k, self.cos_sin)
 
 
 class Attention(nn.Module):
@@ -98,8 +94,8 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(arch.hidden_size, arch.q_size + 2 * arch.kv_size, bias=arch.attention_bias)
         self.o_proj = nn.Linear(arch.q_size, arch.hidden_size, bias=False)
         if arch.qk_norm:
-            self.q_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps)
-            self.k_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps)
+            self.q_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps, rotary.ops)
+            self.k_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps, rotary.ops)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, attn: AttentionFn) -> torch.Tensor:
         a = self.arch
@@ -115,54 +111,63 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, arch: ModelArch) -> None:
+    def __init__(self, arch: ModelArch, ops: TorchOps) -> None:
         super().__init__()
         self.gate_up_proj = nn.Linear(arch.hidden_size, 2 * arch.intermediate_size, bias=False)
         self.down_proj = nn.Linear(arch.intermediate_size, arch.hidden_size, bias=False)
+        self.ops = ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
     def __init__(self, arch: ModelArch, layer_id: int, rotary: Rotary) -> None:
         super().__init__()
+        ops = rotary.ops
         self.self_attn = Attention(arch, layer_id, rotary)
-        self.mlp = MLP(arch)
-        self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.mlp = MLP(arch, ops)
+        self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, ops)
+        self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, ops)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, attn: AttentionFn) -> torch.Tensor:
-        x = x + self.self_attn(positions, self.input_layernorm(x), attn)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None, attn: AttentionFn
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pre-norm block with the residual carried separately: returns (mlp output, residual)."""
+        if residual is None:
+            residual, h = x, self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm.add(x, residual)
+        h = self.self_attn(positions, h, attn)
+        h, residual = self.post_attention_layernorm.add(h, residual)
+        return self.mlp(h), residual
 
 
 class Backbone(nn.Module):
-    def __init__(self, arch: ModelArch, max_positions: int) -> None:
+    def __init__(self, arch: ModelArch, max_positions: int, ops: TorchOps) -> None:
         super().__init__()
-        self.rotary = Rotary(arch, max_positions)
+        self.rotary = Rotary(arch, max_positions, ops)
         self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(arch, i, self.rotary) for i in range(arch.num_layers))
-        self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, ops)
 
 
 class CausalLM(nn.Module):
     """Module names follow Hugging Face's, so checkpoints load by name (plus fusing)."""
 
-    def __init__(self, arch: ModelArch, max_positions: int) -> None:
+    def __init__(self, arch: ModelArch, max_positions: int, ops: TorchOps | None = None) -> None:
         super().__init__()
         self.arch = arch
-        self.model = Backbone(arch, max_positions)
+        self.model = Backbone(arch, max_positions, ops or TorchOps())
         if not arch.tie_word_embeddings:
             self.lm_head = nn.Linear(arch.hidden_size, arch.vocab_size, bias=False)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionFn) -> torch.Tensor:
         """input_ids, positions [T] -> final hidden states [T, H]."""
         x = self.model.embed_tokens(input_ids)
+        residual = None
         for layer in self.model.layers:
-            x = layer(positions, x, attn)
-        return self.model.norm(x)
+            x, residual = layer(positions, x, residual, attn)
+        return self.model.norm.add(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, H] -> logits [N, V] in fp32."""

@@ -10,6 +10,7 @@ import torch
 
 from actors.config import ConfigError, ModelArch
 from actors.models.llama import CausalLM
+from actors.models.ops import make_ops
 
 
 def checkpoint_files(model_dir: str | Path) -> list[Path]:
@@ -45,14 +46,16 @@ def build_model(
     max_positions: int,
     model_dir: str | Path | None = None,
     dummy_seed: int | None = None,
+    ops: str = "torch",
 ) -> CausalLM:
     """Instantiate on `device` in `dtype` without a random init, then fill the weights.
 
     With `model_dir` the checkpoint's tensors are loaded; with `dummy_seed` instead,
     random weights are drawn on the device (for speed runs that need no checkpoint).
+    `ops`: the elementwise kernels, `torch` (reference) or `flashinfer` (fused, GPU).
     """
     with torch.device("meta"):
-        model = CausalLM(arch, max_positions)
+        model = CausalLM(arch, max_positions, make_ops(ops))
     model = model.to(dtype).to_empty(device=device)
     if model_dir is not None:
         model.load_weights(iter_checkpoint(model_dir, device))

@@ -22,8 +22,9 @@ CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-_TINY = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, vocab_size=512, max_position_embeddings=2048, rms_norm_eps=1e-6)
+# head_dim 128 like the real models, so the GPU tests exercise the same flashinfer kernels
+_TINY = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=128, vocab_size=512, max_position_embeddings=2048, rms_norm_eps=1e-6)
 
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny-llama": dict(
@@ -37,7 +38,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         tie_word_embeddings=True, use_sliding_window=False, hidden_act="silu",
     ),
     "tiny-qwen3": dict(
-        _TINY, architectures=["Qwen3ForCausalLM"], model_type="qwen3", rope_theta=1000000.0, head_dim=64,
+        _TINY, architectures=["Qwen3ForCausalLM"], model_type="qwen3", rope_theta=1000000.0,
         tie_word_embeddings=False, attention_bias=False, use_sliding_window=False, hidden_act="silu",
     ),
     "llama3-8b": dict(
@@ -146,8 +147,12 @@ def random_weights(cfg: dict[str, Any], seed: int, device: str = "cpu") -> Itera
 
 
 def make_model(preset: str, out_dir: str | Path, seed: int = 0, device: str = "cpu",
-               dtype: str = "auto", shard_bytes: int = 4 << 30) -> Path:
-    """Write a random-weight checkpoint of `preset` into `out_dir` and return its path."""
+               dtype: str = "auto", shard_bytes: int = 4 << 30, weights: bool = True) -> Path:
+    """Write a random-weight checkpoint of `preset` into `out_dir` and return its path.
+
+    With `weights=False` only config and tokenizer are written (engines then run with
+    `load_format="dummy"`, as speed benchmarks do).
+    """
     cfg = hf_config(preset, dtype)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -156,6 +161,8 @@ def make_model(preset: str, out_dir: str | Path, seed: int = 0, device: str = "c
         json.dumps({"bos_token_id": cfg["bos_token_id"], "eos_token_id": cfg["eos_token_id"]}, indent=2) + "\n"
     )
     write_tokenizer(out, cfg["vocab_size"])
+    if not weights:
+        return out
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name, t in random_weights(cfg, seed, device):

@@ -7,6 +7,7 @@ backend (with its workspace) and the stream are the worker's own.
 from __future__ import annotations
 
 from contextlib import nullcontext
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -15,6 +16,9 @@ from actors.kv.pool import KVPool
 from actors.models.llama import CausalLM
 from actors.request import Request
 from actors.runner.sampler import Sampler, SampleResult
+
+if TYPE_CHECKING:
+    from actors.runner.cuda_graphs import DecodeGraphs
 from actors.scheduler.plan import BatchPlan
 
 
@@ -26,12 +30,14 @@ class ModelRunner:
         attention: AttentionBackend,
         sampler: Sampler,
         stream: torch.cuda.Stream | None = None,
+        graphs: DecodeGraphs | None = None,
     ) -> None:
         self.model = model
         self.pool = pool
         self.attention = attention
         self.sampler = sampler
         self.stream = stream
+        self.graphs = graphs
         self.device = pool.kv.device
 
     def set_stream(self, stream: torch.cuda.Stream | None) -> None:
@@ -43,12 +49,22 @@ class ModelRunner:
         """Run one iteration; `sample_reqs` are the requests of the plan's `sample` chunks, in order."""
         ctx = torch.cuda.stream(self.stream) if self.stream is not None else nullcontext()
         with ctx:
-            input_ids, positions, layout, logits_idx = self.prepare(plan)
-            hidden = self.model(input_ids, positions, self.attention.plan(layout))
+            if self._use_graph(plan):
+                hidden = self.graphs.run(plan.decodes, self.stream)  # type: ignore[union-attr, arg-type]
+            else:
+                input_ids, positions, layout, logits_idx = self.prepare(plan)
+                hidden = self.model(input_ids, positions, self.attention.plan(layout))[logits_idx]
             if not sample_reqs:
                 return SampleResult([], [])
-            logits = self.model.compute_logits(hidden[logits_idx])
-            return self.sampler(logits, sample_reqs)
+            return self.sampler(self.model.compute_logits(hidden), sample_reqs)
+
+    def _use_graph(self, plan: BatchPlan) -> bool:
+        return (
+            self.graphs is not None
+            and self.stream is not None
+            and not plan.prefills
+            and len(plan.decodes) <= self.graphs.max_batch
+        )
 
     def prepare(self, plan: BatchPlan) -> tuple[torch.Tensor, torch.Tensor, BatchLayout, torch.Tensor]:
         """Flat input ids and positions [T], the attention layout, and the rows to sample."""

@@ -25,6 +25,7 @@ class DecodeScheduler:
         self._inbox: deque[Request] = deque()
         self._inbox_lock = threading.Lock()
         self.running: list[Request] = []
+        self.num_preemptions = 0
 
     def add(self, req: Request) -> None:
         assert not req.in_prefill and req.num_uncomputed == 1
@@ -77,6 +78,7 @@ class DecodeScheduler:
         self.running.remove(req)
         self.kv.release(req)
         req.num_preemptions += 1
+        self.num_preemptions += 1
 
     def finish_step(self, req: Request) -> None:
         req.num_computed_tokens += 1

@@ -39,6 +39,7 @@ class PrefillScheduler:
         self._lock = threading.Lock()
         self._waiting: list[Request] = []
         self.running: list[Request] = []
+        self.num_preemptions = 0
 
     def add(self, req: Request) -> None:
         """Queue a new or preempted request (thread-safe)."""
@@ -72,6 +73,26 @@ class PrefillScheduler:
     def schedule(self, budget: int | None = None) -> tuple[list[SeqChunk], list[Request]]:
         """Plan this iteration's prefill chunks; `budget` tokens at most (default: max_tokens)."""
         budget = self.max_tokens if budget is None else budget
+        if budget <= 0:
+            return [], []
+        chunks, reqs, budget = self._continue_running(budget)
+        while not chunks and len(self.running) > 1:
+            self._preempt_youngest_running()
+            chunks, reqs, budget = self._continue_running(budget)
+        while budget > 0:
+            req = self._admit_next()
+            if req is None:
+                break
+            n = self.kv.grow(req, min(budget, req.num_uncomputed))
+            if n == 0:  # the decode worker took the page admission counted on; retry next iteration
+                break
+            chunks.append(chunk_of(req.request_id, req.token_ids, req.num_computed_tokens, n, req.block_ids))
+            reqs.append(req)
+            budget -= n
+        return chunks, reqs
+
+    def _continue_running(self, budget: int) -> tuple[list[SeqChunk], list[Request], int]:
+        """Next chunks of the partial prefills, oldest first, within `budget`; and the budget left."""
         chunks: list[SeqChunk] = []
         reqs: list[Request] = []
         for req in list(self.running):
@@ -83,18 +104,7 @@ class PrefillScheduler:
             chunks.append(chunk_of(req.request_id, req.token_ids, req.num_computed_tokens, n, req.block_ids))
             reqs.append(req)
             budget -= n
-        if not chunks and len(self.running) > 1:
-            self._preempt_youngest_running()
-        while budget > 0:
-            req = self._admit_next()
-            if req is None:
-                break
-            n = self.kv.grow(req, min(budget, req.num_uncomputed))
-            assert n > 0, "admission checked free pages"
-            chunks.append(chunk_of(req.request_id, req.token_ids, req.num_computed_tokens, n, req.block_ids))
-            reqs.append(req)
-            budget -= n
-        return chunks, reqs
+        return chunks, reqs, budget
 
     def _admit_next(self) -> Request | None:
         """Move the first waiting request (in `order`) to running if a page is free for it."""
@@ -117,11 +127,12 @@ class PrefillScheduler:
         return req
 
     def _preempt_youngest_running(self) -> None:
-        """Break a standoff between partial prefills that all wait for pages."""
+        """Break a standoff between partial prefills that all wait for pages (the older ones then go on)."""
         victim = max(self.running, key=lambda r: r.arrival_time)
         self.running.remove(victim)
         self.kv.release(victim)
         victim.num_preemptions += 1
+        self.num_preemptions += 1
         self.add(victim)
 
     def drop(self, req: Request) -> None:
@@ -131,8 +142,12 @@ class PrefillScheduler:
         self.kv.release(req)
 
     def finish_chunk(self, req: Request, num_tokens: int) -> None:
-        """Account for a computed chunk; a request with no prefill left leaves `running`."""
+        """Account for a computed chunk; a request whose tokens are all computed leaves `running`.
+
+        A chunk that stops one token short of the end sampled nothing: the request stays,
+        and its last token is computed (and sampled from) in a later chunk.
+        """
         req.num_computed_tokens += num_tokens
         self.kv.publish(req)
-        if not req.in_prefill and req in self.running:
+        if req.num_uncomputed == 0 and req in self.running:
             self.running.remove(req)

@@ -28,6 +28,8 @@ class EngineView:
     """What a policy knows of one engine: its split, its queues, recent latencies.
 
     `ttft_ms` / `tpot_ms` are recent samples (a window the publisher chose), oldest first.
+    `num_prefill_requests` counts requests waiting for or in prefill (0: unknown; the
+    model policy then assumes prompts of a typical length).
     """
 
     engine_id: str
@@ -40,6 +42,7 @@ class EngineView:
     ttft_ms: tuple[float, ...] = ()
     tpot_ms: tuple[float, ...] = ()
     time: float = 0.0
+    num_prefill_requests: int = 0
 
 
 @dataclass(frozen=True)

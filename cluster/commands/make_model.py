@@ -14,10 +14,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu", help="where to draw the random weights (cpu, cuda)")
+    p.add_argument("--no-weights", action="store_true",
+                   help="write config and tokenizer only (for load_format=dummy speed runs)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    out = make_model(args.preset, args.out, seed=args.seed, device=args.device, dtype=args.dtype)
+    out = make_model(args.preset, args.out, seed=args.seed, device=args.device, dtype=args.dtype,
+                     weights=not args.no_weights)
     print(f"wrote {args.preset} checkpoint to {out}")
     return 0

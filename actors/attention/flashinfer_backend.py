@@ -1,0 +1,129 @@
+"""flashinfer paged attention (GPU): a prefill and a decode wrapper per worker.
+
+A batch's decode sequences (one query token each) go through
+`BatchDecodeWithPagedKVCacheWrapper`, its prefill chunks (with any cached context)
+through `BatchPrefillWithPagedKVCacheWrapper` (causal). New k/v are written straight
+into the pool pages by slot. `GraphDecodeAttention` is the decode path with fixed
+buffers for one CUDA-graph batch size.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from actors.attention.base import AttentionBackend, BatchLayout, split_slots, write_kv
+from actors.config import ModelArch
+from actors.kv.pool import KVPool
+from actors.models.llama import AttentionFn
+
+WORKSPACE_BYTES = 256 << 20
+
+
+def _paged_indices(block_tables: tuple[tuple[int, ...], ...], context_lens: tuple[int, ...], page_size: int
+                   ) -> tuple[list[int], list[int], list[int]]:
+    """CSR page table (indptr, indices) and last-page fill per sequence."""
+    indptr, indices, last = [0], [], []
+    for table, ctx in zip(block_tables, context_lens):
+        n = -(-ctx // page_size)
+        indices.extend(table[:n])
+        indptr.append(len(indices))
+        last.append(ctx - (n - 1) * page_size)
+    return indptr, indices, last
+
+
+class FlashInferAttention(AttentionBackend):
+    name = "flashinfer"
+
+    def __init__(self, pool: KVPool, arch: ModelArch) -> None:
+        super().__init__(pool)
+        import flashinfer
+
+        self.arch = arch
+        self.device = pool.kv.device
+        self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
+        self._prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD")
+        self._decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self.workspace, "NHD", use_tensor_cores=True)
+        self.dtype = pool.kv.dtype
+
+    def _i32(self, values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.int32).pin_memory().to(self.device, non_blocking=True)
+
+    def _plan_decode(self, wrapper: object, layout: BatchLayout, lo: int, hi: int) -> None:
+        indptr, indices, last = _paged_indices(layout.block_tables[lo:hi], layout.context_lens[lo:hi],
+                                               self.pool.page_size)
+        a = self.arch
+        wrapper.plan(  # type: ignore[attr-defined]
+            self._i32(indptr), self._i32(indices), self._i32(last), a.num_heads, a.num_kv_heads, a.head_dim,
+            self.pool.page_size, q_data_type=self.dtype, kv_data_type=self.dtype,
+        )
+
+    def _plan_prefill(self, layout: BatchLayout, lo: int) -> None:
+        qlens = layout.query_lens[lo:]
+        qo_indptr = [0]
+        for n in qlens:
+            qo_indptr.append(qo_indptr[-1] + n)
+        indptr, indices, last = _paged_indices(layout.block_tables[lo:], layout.context_lens[lo:], self.pool.page_size)
+        a = self.arch
+        self._prefill.plan(
+            self._i32(qo_indptr), self._i32(indptr), self._i32(indices), self._i32(last),
+            a.num_heads, a.num_kv_heads, a.head_dim, self.pool.page_size, causal=True,
+            q_data_type=self.dtype, kv_data_type=self.dtype,
+        )
+
+    def plan(self, layout: BatchLayout) -> AttentionFn:
+        nd, n = layout.num_decodes, layout.num_seqs
+        if nd:
+            self._plan_decode(self._decode, layout, 0, nd)
+        if nd < n:
+            self._plan_prefill(layout, nd)
+        pool, decode, prefill = self.pool, self._decode, self._prefill
+        slots = split_slots(layout.slot_mapping, pool.page_size)
+
+        def attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int) -> torch.Tensor:
+            write_kv(pool, layer_id, slots, k, v)
+            cache = pool.layer(layer_id)
+            if nd == n:
+                return decode.run(q, cache)
+            if nd == 0:
+                return prefill.run(q, cache)
+            return torch.cat((decode.run(q[:nd], cache), prefill.run(q[nd:], cache)))
+
+        return attn
+
+    def graph_decoder(self, batch_size: int, max_pages_per_seq: int) -> GraphDecodeAttention:
+        return GraphDecodeAttention(self, batch_size, max_pages_per_seq)
+
+
+class GraphDecodeAttention:
+    """Decode attention for exactly `batch_size` sequences with fixed device buffers.
+
+    `plan(layout)` refreshes the buffers in place (before each replay); the captured
+    graph calls the instance as the model's `attn`.
+    """
+
+    def __init__(self, backend: FlashInferAttention, batch_size: int, max_pages_per_seq: int) -> None:
+        import flashinfer
+
+        dev = backend.device
+        self.backend = backend
+        self.batch_size = batch_size
+        self.slot_pages = torch.zeros(batch_size, dtype=torch.long, device=dev)
+        self.slot_offsets = torch.zeros(batch_size, dtype=torch.long, device=dev)
+        self._wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+            backend.workspace, "NHD", use_cuda_graph=True, use_tensor_cores=True,
+            paged_kv_indptr_buffer=torch.zeros(batch_size + 1, dtype=torch.int32, device=dev),
+            paged_kv_indices_buffer=torch.zeros(batch_size * max_pages_per_seq, dtype=torch.int32, device=dev),
+            paged_kv_last_page_len_buffer=torch.zeros(batch_size, dtype=torch.int32, device=dev),
+        )
+
+    def plan(self, layout: BatchLayout) -> None:
+        assert layout.num_seqs == self.batch_size == layout.num_decodes
+        pages, offsets = split_slots(layout.slot_mapping, self.backend.pool.page_size)
+        self.slot_pages.copy_(pages, non_blocking=True)
+        self.slot_offsets.copy_(offsets, non_blocking=True)
+        self.backend._plan_decode(self._wrapper, layout, 0, self.batch_size)
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int) -> torch.Tensor:
+        pool = self.backend.pool
+        write_kv(pool, layer_id, (self.slot_pages, self.slot_offsets), k, v)
+        return self._wrapper.run(q, pool.layer(layer_id))

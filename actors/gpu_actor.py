@@ -1,0 +1,265 @@
+"""EngineActor: one GPU's engine (an `AsyncLLM`) as an async Ray actor.
+
+A plain class, wrapped with `ray.remote` where it is used (`engine_actor_cls(...)`), so
+it also runs in-process for tests. The engine underneath knows nothing of Ray; this
+module imports Ray only lazily (node id, the remote wrapper).
+
+Methods (all async on the actor's event loop):
+- `generate(request)`: a streaming generator of `StreamChunk`s (call it with
+  `.options(num_returns="streaming")`); raises `NoCapacityError` while draining.
+- `abort(request_id)`, `load() -> EngineLoad`, `apply_split(prefill_sms, reason)`,
+  `drain(timeout_s)`, `resume()`, `ready()` / `info()`, `ping()`, `shutdown()`.
+
+The actor keeps a window of recent TTFT / TPOT samples (measured here, from the call
+to the last token) and, when given a `PublisherConfig`, publishes its view to Redis
+and applies the desired splits the SLO controller writes there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from collections import Counter, deque
+from collections.abc import AsyncIterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from actors.config import EngineConfig
+from actors.engine.frontend import AsyncLLM, StreamChunk
+from cluster.engine_client import EngineLoad, GenerateRequest, NoCapacityError
+from cluster.redis_store import EnginePublisher, PublisherConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LatencySample:
+    """One finished request: wall time it finished, TTFT and TPOT (None: one token only)."""
+
+    time: float
+    ttft_ms: float
+    tpot_ms: float | None
+
+
+class SampleWindow:
+    """The last `max_samples` latency samples no older than `max_age_s`."""
+
+    def __init__(self, max_samples: int = 512, max_age_s: float = 120.0) -> None:
+        if max_samples < 1 or max_age_s <= 0:
+            raise ValueError("need max_samples >= 1 and max_age_s > 0")
+        self.max_age_s = max_age_s
+        self._samples: deque[LatencySample] = deque(maxlen=max_samples)
+
+    def add(self, sample: LatencySample) -> None:
+        self._samples.append(sample)
+
+    def samples(self, since: float = 0.0, now: float | None = None) -> list[LatencySample]:
+        """Samples that finished after `since` and are within the age limit, oldest first."""
+        oldest = max(since, (now if now is not None else time.time()) - self.max_age_s)
+        return [s for s in self._samples if s.time > oldest]
+
+    def series(self, since: float = 0.0) -> tuple[list[float], list[float]]:
+        """(TTFT ms, TPOT ms) lists of the samples after `since`."""
+        picked = self.samples(since)
+        return [s.ttft_ms for s in picked], [s.tpot_ms for s in picked if s.tpot_ms is not None]
+
+
+def _node_id() -> str:
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return str(ray.get_runtime_context().get_node_id())
+    except Exception:  # not in a Ray worker
+        pass
+    return socket.gethostname()
+
+
+class EngineActor:
+    """One engine behind Ray: streaming generation, load, SM split, drain."""
+
+    def __init__(self, engine_id: str, config: EngineConfig, publisher: PublisherConfig | None = None,
+                 window_samples: int = 512, window_s: float = 120.0, stall_after_s: float = 30.0) -> None:
+        self.engine_id = engine_id
+        self.config = config
+        self.stall_after_s = stall_after_s
+        self.llm = AsyncLLM(config)
+        self.llm.start()
+        self.window = SampleWindow(window_samples, window_s)
+        self.node_id = _node_id()
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._draining = False
+        self._closed = False
+        self._prefilled_tokens = 0
+        self._requests_total = 0
+        self._finished: Counter[str] = Counter()  # finish reason -> requests
+        self._publisher = (
+            EnginePublisher(publisher, engine_id, self.view, self._apply_from_controller) if publisher else None
+        )
+        self._publisher_task: asyncio.Task[None] | None = None
+        try:  # inside the Ray actor __init__ runs on its event loop: start publishing now
+            asyncio.get_running_loop()
+            self._start_background()
+        except RuntimeError:  # in-process use: ready() starts it
+            pass
+
+    def _start_background(self) -> None:
+        if self._publisher is not None and self._publisher_task is None:
+            self._publisher_task = asyncio.get_running_loop().create_task(self._publisher.run())
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    async def ready(self) -> dict[str, Any]:
+        """Start background work (Redis publisher) if not yet; returns `info()`."""
+        self._start_background()
+        return self.info()
+
+    def info(self) -> dict[str, Any]:
+        core = self.llm.core
+        return dict(
+            engine_id=self.engine_id, node_id=self.node_id, model_dir=self.config.model,
+            architecture=core.arch.architecture, max_model_len=core.max_model_len,
+            vocab_size=core.arch.vocab_size, mode=self.config.mode,
+            total_sms=core.partitioner.total_sms, splits=list(core.partitioner.splits),
+        )
+
+    async def ping(self) -> str:
+        return self.engine_id
+
+    async def drain(self, timeout_s: float = 30.0) -> int:
+        """Stop accepting requests, wait up to `timeout_s` for in-flight ones; returns how many remain."""
+        self._draining = True
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout=timeout_s)
+        except asyncio.TimeoutError:
+            log.warning("%s: drain deadline passed with %d requests in flight", self.engine_id, self._in_flight)
+        return self._in_flight
+
+    async def resume(self) -> None:
+        """Accept requests again after `drain()`."""
+        self._draining = False
+
+    async def shutdown(self) -> None:
+        """Stop publishing and stop the engine's workers."""
+        self._draining = True
+        self._closed = True
+        if self._publisher is not None:
+            self._publisher.stop()
+        if self._publisher_task is not None:
+            self._publisher_task.cancel()
+        self.llm.shutdown()
+
+    # -- requests -----------------------------------------------------------------------
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[StreamChunk]:
+        """Stream `request`'s chunks; the last has `finish_reason`."""
+        if self._draining:
+            raise NoCapacityError(f"engine {self.engine_id} is draining")
+        self._in_flight += 1
+        self._requests_total += 1
+        self._idle.clear()
+        start = time.monotonic()
+        first: float | None = None
+        last: float | None = None
+        finish: str | None = None
+        num_tokens = 0
+        cached = 0
+        try:
+            async for chunk in self.llm.generate(request.prompt_token_ids, request.params,
+                                                 request_id=request.request_id, priority=request.priority):
+                if chunk.token_ids:
+                    last = time.monotonic()
+                    if first is None:
+                        first = last
+                        cached = chunk.num_cached_tokens
+                        self._prefilled_tokens += max(0, len(request.prompt_token_ids) - cached)
+                num_tokens = chunk.num_output_tokens
+                finish = chunk.finish_reason
+                yield chunk
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
+            self._finished[finish or "abort"] += 1
+            if first is not None and last is not None and finish in ("stop", "length"):
+                tpot = (last - first) / (num_tokens - 1) * 1000 if num_tokens > 1 else None
+                self.window.add(LatencySample(time.time(), (first - start) * 1000, tpot))
+
+    async def abort(self, request_id: str) -> bool:
+        return self.llm.abort(request_id)
+
+    # -- split ----------------------------------------------------------------------------
+
+    async def apply_split(self, prefill_sms: int, reason: str = "manual") -> dict[str, Any]:
+        """Switch to the split nearest `prefill_sms` (adopted at the next iteration boundary)."""
+        changed = self.llm.core.partitioner.switch(prefill_sms, reason)
+        return dict(changed=changed, prefill_sms=self.llm.core.partitioner.current)
+
+    def _apply_from_controller(self, prefill_sms: int, reason: str) -> bool:
+        changed = self.llm.core.partitioner.switch(prefill_sms, reason)
+        if changed:
+            log.info("%s: split -> %d prefill SMs (%s)", self.engine_id, prefill_sms, reason)
+        return changed
+
+    # -- load -------------------------------------------------------------------------------
+
+    def _stats(self) -> dict[str, Any]:
+        core = self.llm.core
+        stats = asdict(core.stats())
+        part = core.partitioner
+        busy = stats["busy_seconds"].get("prefill", stats["busy_seconds"].get("unified", 0.0))
+        ttft, tpot = self.window.series()
+        stats.update(
+            mode=self.config.mode,
+            splits=list(part.splits),
+            prefill_tokens_per_s=self._prefilled_tokens / busy if busy > 0 and self._prefilled_tokens else 0.0,
+            requests_total=self._requests_total,
+            finish_reasons=dict(self._finished),
+            ttft_ms=ttft,
+            tpot_ms=tpot,
+            switches=[asdict(s) for s in part.switches[-10:]],
+            redis=self._publisher.state.to_dict() if self._publisher else None,
+            metrics={
+                "vllm:num_requests_running": stats["num_prefilling"] + stats["num_decoding"],
+                "vllm:num_requests_waiting": stats["num_waiting"],
+                "vllm:kv_cache_usage_perc": stats["kv_usage"],
+                "semipd:prefill_sm_fraction": part.prefill_fraction,
+                "semipd:prefill_sms": part.current,
+                "semipd:repartitions_total": len(part.switches),
+                "semipd:prefill_queue_tokens": stats["waiting_prefill_tokens"],
+                "semipd:decode_running": stats["num_decoding"],
+            },
+            time=time.time(),
+        )
+        return stats
+
+    def _healthy(self, stats: dict[str, Any]) -> bool:
+        return not self._closed and stats["seconds_since_progress"] < self.stall_after_s
+
+    async def load(self) -> EngineLoad:
+        """Stats, in-flight count and the latency window, for the router and `semipd status`."""
+        stats = self._stats()
+        return EngineLoad(self.engine_id, node_id=self.node_id, healthy=self._healthy(stats),
+                          draining=self._draining, in_flight=self._in_flight, stats=stats)
+
+    def view(self) -> dict[str, Any]:
+        """What the Redis publisher writes: the load plus the samples since the last switch."""
+        stats = self._stats()
+        switches = self.llm.core.partitioner.switches
+        ttft, tpot = self.window.series(since=switches[-1].time if switches else 0.0)
+        return dict(engine_id=self.engine_id, node_id=self.node_id, time=stats["time"],
+                    healthy=self._healthy(stats), draining=self._draining, in_flight=self._in_flight,
+                    stats=stats, ttft_ms=ttft, tpot_ms=tpot)
+
+
+def engine_actor_cls(num_gpus: float = 0, num_cpus: float = 0, resources: dict[str, float] | None = None,
+                     max_concurrency: int = 1000) -> Any:
+    """`EngineActor` as a Ray actor class with these resources (imports Ray)."""
+    import ray
+
+    return ray.remote(num_gpus=num_gpus, num_cpus=num_cpus, resources=resources or None,
+                      max_concurrency=max_concurrency)(EngineActor)

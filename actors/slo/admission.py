@@ -1,0 +1,149 @@
+"""Admission control: refuse (or de-prioritize) a request that cannot meet its TTFT target.
+
+From the latency model and the engine's queue, the TTFT of a new request is predicted
+as the time to prefill the queued tokens plus its own prompt at the current prefill
+split (slowed by contention when decode runs). If that exceeds `slack` times its
+target (its deadline, or the deployment's TTFT target), the request is
+
+- `reject`: refused with `AdmissionRejected` (a ValueError; HTTP maps it to 429,
+  gRPC to RESOURCE_EXHAUSTED), so the client can retry elsewhere or later, instead
+  of every queued request missing its target;
+- `queue`: accepted at the lowest priority class (`QUEUE_PRIORITY`), served after the
+  requests that can still meet their targets.
+
+Off by default (`SLOConfig.admission`). The prediction is conservative: it counts every
+queued token as ahead of the new request and no prefix-cache hit for it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+from actors.slo.latency_model import LatencyModel
+
+if TYPE_CHECKING:
+    from actors.engine.core import EngineCore
+
+AdmissionAction = Literal["reject", "queue"]
+ADMISSION_ACTIONS: tuple[str, ...] = ("reject", "queue")
+QUEUE_PRIORITY = 1 << 20  # priority given to requests queued past their target (lower value goes first)
+
+
+class AdmissionRejected(ValueError):
+    """The request would miss its TTFT target under the current load (HTTP 429)."""
+
+    def __init__(self, message: str, predicted_ttft_ms: float, target_ms: float) -> None:
+        super().__init__(message)
+        self.predicted_ttft_ms = predicted_ttft_ms
+        self.target_ms = target_ms
+
+
+@dataclass(frozen=True)
+class AdmissionConfig:
+    """ttft_ms: target of requests without a deadline; slack: admit while predicted
+    TTFT <= slack * target; chunk_tokens: prefill tokens per iteration."""
+
+    ttft_ms: float = 1000.0
+    slack: float = 1.0
+    action: AdmissionAction = "reject"
+    chunk_tokens: int = 4096
+
+    def __post_init__(self) -> None:
+        if self.ttft_ms <= 0 or self.slack <= 0:
+            raise ValueError("ttft_ms and slack must be positive")
+        if self.action not in ADMISSION_ACTIONS:
+            raise ValueError(f"action must be one of {ADMISSION_ACTIONS}, got {self.action!r}")
+        if self.chunk_tokens < 1:
+            raise ValueError(f"chunk_tokens must be >= 1, got {self.chunk_tokens}")
+
+
+@dataclass(frozen=True)
+class QueueSnapshot:
+    """The engine's load as admission sees it."""
+
+    waiting_prefill_tokens: int
+    num_prefill_requests: int
+    num_decoding: int
+    prefill_sms: int
+
+
+class AdmissionController:
+    """Predicts a new request's TTFT and admits, de-prioritizes or rejects it (pure)."""
+
+    def __init__(self, model: LatencyModel, config: AdmissionConfig | None = None) -> None:
+        self.model = model
+        self.config = config or AdmissionConfig()
+
+    def predict_ttft_ms(self, prompt_tokens: int, queue: QueueSnapshot) -> float:
+        """Queued prefill tokens plus this prompt, at the current prefill split."""
+        return self.model.prefill_queue_ms(
+            queue.waiting_prefill_tokens + prompt_tokens, queue.num_prefill_requests + 1, queue.prefill_sms,
+            concurrent=queue.num_decoding > 0, chunk_tokens=self.config.chunk_tokens,
+        )
+
+    def target_ms(self, deadline: float | None, now: float) -> float:
+        """Milliseconds left: to the request's deadline (monotonic s), else the deployment's target."""
+        return (deadline - now) * 1000.0 if deadline is not None else self.config.ttft_ms
+
+    def check(self, prompt_tokens: int, queue: QueueSnapshot, target_ms: float) -> float:
+        """The predicted TTFT; raises `AdmissionRejected` when it exceeds slack * target."""
+        predicted = self.predict_ttft_ms(prompt_tokens, queue)
+        limit = self.config.slack * target_ms
+        if predicted > limit:
+            raise AdmissionRejected(
+                f"request rejected by admission control: predicted time to first token {predicted:.0f} ms exceeds "
+                f"its {target_ms:.0f} ms target (slack x{self.config.slack:g}) with {queue.waiting_prefill_tokens} "
+                f"prompt tokens queued ahead of its {prompt_tokens}; retry later or on another replica",
+                predicted, target_ms,
+            )
+        return predicted
+
+    def admit(self, prompt_tokens: int, queue: QueueSnapshot, priority: int = 0, deadline: float | None = None,
+              now: float | None = None) -> int:
+        """The priority to queue the request with; raises `AdmissionRejected` in reject mode."""
+        target = self.target_ms(deadline, time.monotonic() if now is None else now)
+        try:
+            self.check(prompt_tokens, queue, target)
+        except AdmissionRejected:
+            if self.config.action == "reject":
+                raise
+            return max(priority, QUEUE_PRIORITY)
+        return priority
+
+
+class EngineAdmission:
+    """An `AdmissionController` bound to one engine's queues (what `EngineCore` calls)."""
+
+    def __init__(self, core: EngineCore, controller: AdmissionController) -> None:
+        self.core = core
+        self.controller = controller
+
+    @classmethod
+    def for_engine(cls, core: EngineCore) -> EngineAdmission:
+        """Load the engine's latency model from `SLOConfig.latency_profile`, or profile it now
+        (before the workers start) and save it there."""
+        from actors.slo.latency_model import load_or_profile
+        from actors.slo.profiler import ProfileConfig, engine_profile_key, profile_engine
+
+        slo = core.config.slo
+        quick = core.device.type != "cuda"
+        model = load_or_profile(slo.latency_profile, engine_profile_key(core),
+                                lambda: profile_engine(core, ProfileConfig.quick() if quick else None))
+        cfg = AdmissionConfig(ttft_ms=slo.ttft_ms, slack=slo.admission_slack, action=slo.admission_action,  # type: ignore[arg-type]
+                              chunk_tokens=core.config.scheduler.max_prefill_tokens)
+        return cls(core, AdmissionController(model, cfg))
+
+    def snapshot(self) -> QueueSnapshot:
+        core = self.core
+        return QueueSnapshot(
+            waiting_prefill_tokens=core.prefill.waiting_tokens(),
+            num_prefill_requests=core.prefill.num_waiting + len(core.prefill.running),
+            num_decoding=core.decode.num_running,
+            prefill_sms=core.partitioner.current,
+        )
+
+    def admit(self, prompt_tokens: int, priority: int = 0, deadline: float | None = None) -> int:
+        """The priority to queue with; raises `AdmissionRejected` when rejecting."""
+        return self.controller.admit(prompt_tokens, self.snapshot(), priority, deadline)

@@ -1,0 +1,248 @@
+"""Split policies: `ModelPolicy` (latency model + observed correction + hysteresis + dwell)
+and the paper's `ReactivePolicy`, built by name with `make_policy`.
+
+`ModelPolicy.decide` predicts, for every available split of an engine:
+- TTFT of a request arriving now: the time to drain the queued prefill tokens plus one
+  typical prompt at that split's prefill speed (slowed by contention while decode runs);
+- TPOT: one decode step of the current batch and context on the remaining SMs
+  (slowed by contention while prefill has work).
+Both are multiplied by a correction from observed latencies: (observed / predicted at
+the current split) ** `observed_weight`, clamped, when enough samples are in the view.
+Each split scores its normalized min slack, min(1 - TTFT / target, 1 - TPOT / target);
+the best split wins only if its score beats the current split's by more than
+`margin` (hysteresis) and at least `dwell_s` passed since this engine's split last
+changed (so at most 60 / dwell_s + 1 switches in any minute). The policy sees changes
+in the views: one it proposed counts from its proposal, any other from when it is
+first seen; a proposal the caller does not apply is simply made again next time.
+
+A policy instance may serve many engines (the controller calls it per GPU); its
+state is kept per `engine_id`. Time comes from `view.time` (seconds on any clock the
+caller keeps consistent; when 0, the policy reads `time.monotonic()`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from actors.slo.latency_model import LatencyModel
+from actors.slo.types import EngineView, ReactivePolicy, SLOTargets, SplitDecision, SplitPolicy, percentile
+
+POLICIES: tuple[str, ...] = ("reactive", "model")
+
+
+@dataclass(frozen=True)
+class ModelPolicyConfig:
+    """Knobs of `ModelPolicy`.
+
+    margin: gain in normalized min slack a new split must bring (hysteresis band).
+    dwell_s: minimum seconds between two switches of one engine.
+    observed_weight: 0 ignores observed latencies, 1 trusts their ratio to the model fully.
+    min_observed: samples needed before observed latencies count (warm-up filter).
+    max_correction: the observed/predicted ratio is clamped to [1/x, x].
+    chunk_tokens: prefill tokens per iteration (the engine's max_prefill_tokens).
+    typical_prompt_tokens: prompt length assumed for a new arrival and for a queue
+        whose request count is unknown.
+    typical_context_tokens: context per sequence assumed when nothing decodes.
+    max_step: at most this many split steps per decision (0: jump to the best).
+    """
+
+    margin: float = 0.1
+    dwell_s: float = 10.0
+    observed_weight: float = 0.5
+    min_observed: int = 8
+    max_correction: float = 4.0
+    chunk_tokens: int = 4096
+    typical_prompt_tokens: int = 512
+    typical_context_tokens: int = 1024
+    max_step: int = 0
+
+    def __post_init__(self) -> None:
+        if self.margin < 0 or self.dwell_s < 0:
+            raise ValueError("margin and dwell_s must be >= 0")
+        if not 0.0 <= self.observed_weight <= 1.0:
+            raise ValueError(f"observed_weight must be in [0, 1], got {self.observed_weight}")
+        if self.max_correction < 1.0:
+            raise ValueError(f"max_correction must be >= 1, got {self.max_correction}")
+        if min(self.chunk_tokens, self.typical_prompt_tokens, self.typical_context_tokens) < 1:
+            raise ValueError("chunk_tokens and the typical lengths must be >= 1")
+        if self.min_observed < 1 or self.max_step < 0:
+            raise ValueError("min_observed must be >= 1 and max_step >= 0")
+
+
+@dataclass(frozen=True)
+class SplitPrediction:
+    """Predicted latencies of one split (corrections applied) and its normalized slack."""
+
+    prefill_sms: int
+    ttft_ms: float
+    tpot_ms: float
+    slack: float
+
+
+@dataclass
+class _EngineState:
+    """What the policy remembers of one engine: the split it last saw, when that split
+    last changed, and the switch it last proposed (which the caller may not apply)."""
+
+    seen_sms: int | None = None
+    last_change: float | None = None
+    proposed: tuple[int, float] | None = None  # (prefill SMs, time)
+    change_times: deque[float] = field(default_factory=lambda: deque(maxlen=256))
+
+    def observe(self, sms: int, now: float) -> None:
+        """Note the engine's current split; a change counts from when it was proposed
+        (if this policy proposed it) or from now (the caller switched on its own)."""
+        if self.seen_sms is not None and sms != self.seen_sms:
+            when = self.proposed[1] if self.proposed is not None and self.proposed[0] == sms else now
+            self.last_change = when
+            self.change_times.append(when)
+            self.proposed = None
+        self.seen_sms = sms
+
+
+def min_slack(ttft_ms: float, tpot_ms: float, targets: SLOTargets) -> float:
+    """min(1 - TTFT / target, 1 - TPOT / target): 1 is idle, 0 on target, < 0 missing."""
+    return min(1.0 - ttft_ms / targets.ttft_ms, 1.0 - tpot_ms / targets.tpot_ms)
+
+
+def predict_raw(model: LatencyModel, view: EngineView, prefill_sms: int, cfg: ModelPolicyConfig) -> tuple[float, float]:
+    """Uncorrected (TTFT ms, TPOT ms) of `view`'s load under `prefill_sms` prefill SMs."""
+    scale = model.total_sms / max(1, view.total_sms)  # a view of another SM count maps onto the model's
+    p_sms = max(1, round(prefill_sms * scale))
+    d_sms = max(1, model.total_sms - p_sms)
+    queued = max(0, view.waiting_prefill_tokens)
+    n_queued = view.num_prefill_requests or math.ceil(queued / cfg.typical_prompt_tokens)
+    ttft = model.prefill_queue_ms(queued + cfg.typical_prompt_tokens, n_queued + 1, p_sms,
+                                  concurrent=view.num_decoding > 0, chunk_tokens=cfg.chunk_tokens)
+    batch = max(1, view.num_decoding)
+    context = view.decode_context_tokens if view.num_decoding > 0 else cfg.typical_context_tokens
+    tpot = model.decode_step_ms(batch, max(1, context), d_sms, concurrent=queued > 0)
+    return ttft, tpot
+
+
+def observed_correction(observed: tuple[float, ...], predicted: float, q: float, cfg: ModelPolicyConfig) -> float:
+    """(P_q of observed / predicted) ** weight, clamped; 1.0 with too few samples."""
+    if len(observed) < cfg.min_observed or predicted <= 0 or cfg.observed_weight == 0:
+        return 1.0
+    ratio = percentile(observed, q) / predicted
+    ratio = min(cfg.max_correction, max(1.0 / cfg.max_correction, ratio))
+    return ratio**cfg.observed_weight
+
+
+class ModelPolicy:
+    """Model-based split choice; see the module docstring. Implements `SplitPolicy`.
+
+    `model` is one `LatencyModel`, or a mapping engine_id -> model (with an optional
+    "*" entry as the default) when engines run on different devices.
+    """
+
+    def __init__(self, model: LatencyModel | Mapping[str, LatencyModel], config: ModelPolicyConfig | None = None) -> None:
+        self.models: Mapping[str, LatencyModel] = {"*": model} if isinstance(model, LatencyModel) else dict(model)
+        self.config = config or ModelPolicyConfig()
+        self._states: dict[str, _EngineState] = {}
+
+    def model_for(self, engine_id: str) -> LatencyModel:
+        m = self.models.get(engine_id) or self.models.get("*")
+        if m is None:
+            raise KeyError(f"no latency model for engine {engine_id!r}")
+        return m
+
+    def predict(self, view: EngineView, targets: SLOTargets) -> tuple[list[SplitPrediction], dict[str, float]]:
+        """Corrected predictions for every split of `view`, and the correction details."""
+        cfg, model = self.config, self.model_for(view.engine_id)
+        current = _nearest(view.splits, view.prefill_sms)
+        raw = {s: predict_raw(model, view, s, cfg) for s in view.splits}
+        q = 100.0 * targets.attainment
+        c_ttft = observed_correction(view.ttft_ms, raw[current][0], q, cfg)
+        c_tpot = observed_correction(view.tpot_ms, raw[current][1], q, cfg)
+        preds = [SplitPrediction(s, t * c_ttft, p * c_tpot, min_slack(t * c_ttft, p * c_tpot, targets))
+                 for s, (t, p) in raw.items()]
+        info = {"ttft_correction": c_ttft, "tpot_correction": c_tpot}
+        if view.ttft_ms:
+            info["observed_ttft_ms"] = percentile(view.ttft_ms, q)
+        if view.tpot_ms:
+            info["observed_tpot_ms"] = percentile(view.tpot_ms, q)
+        return preds, info
+
+    def decide(self, view: EngineView, targets: SLOTargets) -> SplitDecision:
+        if not view.splits:
+            raise ValueError(f"engine {view.engine_id!r} reports no splits")
+        cfg = self.config
+        now = view.time if view.time > 0 else time.monotonic()
+        state = self._states.setdefault(view.engine_id, _EngineState())
+        current = _nearest(view.splits, view.prefill_sms)
+        state.observe(current, now)
+        preds, info = self.predict(view, targets)
+        by_sms = {p.prefill_sms: p for p in preds}
+        cur = by_sms[current]
+        best = self._best(view.splits, current, preds)
+        gain = best.slack - cur.slack
+        recent = sum(1 for t in state.change_times if now - t < 60.0)
+        predicted = {
+            **info,
+            "ttft_ms": cur.ttft_ms, "tpot_ms": cur.tpot_ms, "slack": cur.slack,
+            "best_sms": float(best.prefill_sms), "best_ttft_ms": best.ttft_ms, "best_tpot_ms": best.tpot_ms,
+            "best_slack": best.slack, "gain": gain, "switches_last_minute": float(recent),
+        }
+        at = f"{_describe(cur, targets)} at {current}"
+        if best.prefill_sms == current:
+            return SplitDecision(current, f"hold: best split; {at}", predicted)
+        if gain <= cfg.margin:
+            return SplitDecision(current, f"hold: within hysteresis band (gain {gain:+.2f} <= {cfg.margin:.2f} "
+                                          f"for {best.prefill_sms}); {at}", predicted)
+        last = state.last_change
+        if last is not None and now - last < cfg.dwell_s:
+            wait = cfg.dwell_s - (now - last)
+            return SplitDecision(current, f"hold: dwell ({wait:.1f} s left) before {best.prefill_sms}; {at}", predicted)
+        state.proposed = (best.prefill_sms, now)
+        predicted.update(ttft_ms=best.ttft_ms, tpot_ms=best.tpot_ms, slack=best.slack)
+        side = "prefill" if best.prefill_sms > current else "decode"
+        why = (f"switch {current}->{best.prefill_sms} (more SMs to {side}): {at}; "
+               f"{_describe(best, targets)} at {best.prefill_sms} (gain {gain:+.2f} > {cfg.margin:.2f})")
+        return SplitDecision(best.prefill_sms, why, predicted)
+
+    def _best(self, splits: tuple[int, ...], current: int, preds: list[SplitPrediction]) -> SplitPrediction:
+        """Highest slack within `max_step` steps; ties go to the split nearest the current one."""
+        i = splits.index(current)
+        step = self.config.max_step or len(splits)
+        allowed = [p for j, p in enumerate(preds) if abs(j - i) <= step]
+        return max(allowed, key=lambda p: (round(p.slack, 9), -abs(p.prefill_sms - current)))
+
+
+def _nearest(splits: tuple[int, ...], sms: int) -> int:
+    return min(splits, key=lambda n: (abs(n - sms), n))
+
+
+def _describe(p: SplitPrediction, targets: SLOTargets) -> str:
+    return (f"TTFT {p.ttft_ms:.0f}/{targets.ttft_ms:.0f} ms, TPOT {p.tpot_ms:.1f}/{targets.tpot_ms:.1f} ms, "
+            f"slack {p.slack:+.2f}")
+
+
+def make_policy(name: str, model: LatencyModel | Mapping[str, LatencyModel] | None = None,
+                config: ModelPolicyConfig | None = None, step: int = 1) -> SplitPolicy:
+    """`reactive`: the semi-PD paper's P90 rule moving `step` splits at a time (no model);
+    `model`: `ModelPolicy` over `model` with `config`.
+    """
+    if name == "reactive":
+        return ReactivePolicy(step=step)
+    if name == "model":
+        if model is None:
+            raise ValueError("the model policy needs a latency model (see actors.slo.latency_model.load_or_profile)")
+        return ModelPolicy(model, config)
+    raise ValueError(f"unknown split policy {name!r}; choose from {', '.join(POLICIES)}")
+
+
+def view_from_stats(engine_id: str, stats: Any, splits: tuple[int, ...], ttft_ms: tuple[float, ...] = (),
+                    tpot_ms: tuple[float, ...] = (), now: float = 0.0) -> EngineView:
+    """An `EngineView` from an `EngineStats` snapshot (and latency samples the caller keeps)."""
+    return EngineView(
+        engine_id=engine_id, prefill_sms=stats.prefill_sms, total_sms=stats.total_sms, splits=tuple(splits),
+        waiting_prefill_tokens=stats.waiting_prefill_tokens, num_decoding=stats.num_decoding,
+        decode_context_tokens=stats.decode_context_tokens, ttft_ms=tuple(ttft_ms), tpot_ms=tuple(tpot_ms),
+        time=now, num_prefill_requests=stats.num_waiting + stats.num_prefilling,
+    )

@@ -1,0 +1,341 @@
+"""In-process GPU benchmarks of one engine (issue 3): roofline, prefill, switch stall, offline job.
+
+Every figure is measured here, next to the ceilings measured on the same device in the
+same run (device-to-device copy bandwidth, bf16 matmul rate). `run_engine_bench`
+returns a plain dict and `write_markdown` records it in docs/perf/ with device, date,
+commit and command.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from actors.config import CacheConfig, EngineConfig, SchedulerConfig
+from actors.engine.core import EngineCore
+from actors.kv.manager import pages_for
+from actors.request import Request, SamplingParams
+from actors.scheduler.plan import BatchPlan, SeqChunk
+from cluster.bench.offline_job import JOB, offline_prompts
+
+
+@dataclass(frozen=True)
+class Ceilings:
+    copy_bytes_per_s: float  # bytes read + written per second, device-to-device copy
+    matmul_flops_per_s: float  # bf16 8192^3
+
+
+def _cuda_time(fn: Callable[[], object], reps: int, warmup: int = 3) -> float:
+    """Median seconds of `fn` timed with CUDA events."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+def measure_ceilings(device: torch.device) -> Ceilings:
+    n = 1 << 30  # 2 GiB of bf16 per buffer
+    src = torch.randn(n, dtype=torch.bfloat16, device=device)
+    dst = torch.empty_like(src)
+    t_copy = _cuda_time(lambda: dst.copy_(src), reps=10)
+    del src, dst
+    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device=device)
+    b = torch.randn(8192, 8192, dtype=torch.bfloat16, device=device)
+    t_mm = _cuda_time(lambda: a @ b, reps=20)
+    del a, b
+    torch.cuda.empty_cache()
+    return Ceilings(copy_bytes_per_s=2 * 2 * n / t_copy, matmul_flops_per_s=2 * 8192**3 / t_mm)
+
+
+def _weight_bytes_read(core: EngineCore) -> int:
+    """Bytes of weights one decode step must read (the embedding table only by row)."""
+    total = 0
+    for name, p in core.model.named_parameters():
+        if name == "model.embed_tokens.weight" and not core.arch.tie_word_embeddings:
+            continue
+        total += p.numel() * p.element_size()
+    return total
+
+
+def _kv_bytes_per_token(core: EngineCore) -> int:
+    a = core.arch
+    return a.num_layers * 2 * a.num_kv_heads * a.head_dim * core.pool.kv.element_size()
+
+
+def _dummy_requests(n: int) -> list[Request]:
+    params = SamplingParams(max_tokens=1 << 20, temperature=0.0, ignore_eos=True)
+    return [Request(f"bench-{i}", [1], 1, params) for i in range(n)]
+
+
+def _decode_plan(core: EngineCore, batch: int, ctx: int) -> tuple[BatchPlan, list[list[int]]]:
+    ps = core.pool.page_size
+    chunks, held = [], []
+    for i in range(batch):
+        blocks = core.allocator.allocate(pages_for(ctx + 1, ps))
+        assert blocks is not None, "KV pool too small for the decode benchmark"
+        held.append(blocks)
+        chunks.append(SeqChunk(f"bench-{i}", (7,), ctx, tuple(blocks), True))
+    return BatchPlan(decodes=tuple(chunks)), held
+
+
+def bench_decode(core: EngineCore, ceilings: Ceilings, batches: tuple[int, ...], contexts: tuple[int, ...],
+                 reps: int = 30) -> list[dict[str, Any]]:
+    """Decode step time (graph replay + sampling + host sync) against the memory roofline."""
+    runner = core.workers[-1].runner
+    runner.set_stream(core.partitioner.stream_for("decode"))
+    rows = []
+    for ctx in contexts:
+        for bs in batches:
+            plan, held = _decode_plan(core, bs, ctx)
+            reqs = _dummy_requests(bs)
+            for _ in range(3):
+                runner.execute(plan, reqs)
+            times = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                runner.execute(plan, reqs)
+                times.append(time.perf_counter() - t0)
+            for blocks in held:
+                core.allocator.free(blocks)
+            step = statistics.median(times)
+            nbytes = _weight_bytes_read(core) + bs * (ctx + 1) * _kv_bytes_per_token(core)
+            roofline = nbytes / ceilings.copy_bytes_per_s
+            rows.append(dict(batch=bs, context=ctx, step_ms=step * 1e3, roofline_ms=roofline * 1e3,
+                             ratio=step / roofline, tokens_per_s=bs / step))
+    return rows
+
+
+def bench_prefill(core: EngineCore, ceilings: Ceilings, shapes: tuple[tuple[int, int], ...], reps: int = 5
+                  ) -> list[dict[str, Any]]:
+    """Prefill of `n` requests x `length` tokens in one batch, against the matmul peak."""
+    runner = core.workers[0].runner
+    runner.set_stream(core.partitioner.stream_for("prefill"))
+    a = core.arch
+    params = sum(p.numel() for n, p in core.model.named_parameters() if n != "model.embed_tokens.weight")
+    rows = []
+    for n, length in shapes:
+        ps = core.pool.page_size
+        chunks, held = [], []
+        for i in range(n):
+            blocks = core.allocator.allocate(pages_for(length, ps))
+            assert blocks is not None
+            held.append(blocks)
+            tokens = tuple(random.randrange(a.vocab_size) for _ in range(length))
+            chunks.append(SeqChunk(f"p{i}", tokens, 0, tuple(blocks), True))
+        plan = BatchPlan(prefills=tuple(chunks))
+        reqs = _dummy_requests(n)
+        runner.execute(plan, reqs)
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            runner.execute(plan, reqs)
+            times.append(time.perf_counter() - t0)
+        for blocks in held:
+            core.allocator.free(blocks)
+        t = statistics.median(times)
+        tokens = n * length
+        attn_flops = n * 2 * a.num_layers * a.num_heads * a.head_dim * length * length  # causal QK^T + PV
+        flops = 2 * params * tokens + attn_flops
+        rows.append(dict(requests=n, length=length, tokens=tokens, ms=t * 1e3, tokens_per_s=tokens / t,
+                         tflops=flops / t / 1e12, pct_of_matmul_peak=100 * flops / t / ceilings.matmul_flops_per_s))
+    return rows
+
+
+def bench_switch_stall(core: EngineCore, switches: int = 20) -> dict[str, Any]:
+    """Run a decode-heavy load in semi-pd mode and switch splits; report what each worker lost.
+
+    `adopt_us`: time a worker spends adopting a new split at its iteration boundary;
+    `first_iter_extra_ms`: how much longer its first iteration on the new split took than
+    its median iteration.
+    """
+    from actors.engine.frontend import AsyncLLM  # noqa: F401  (engine already built)
+
+    splits = [s for s in core.partitioner.splits if 32 <= s <= core.partitioner.total_sms - 32] or list(core.partitioner.splits)
+    params = SamplingParams(max_tokens=4000, temperature=0.0, ignore_eos=True)
+    for i in range(64):
+        core.add_request(f"sw-{i}", [random.randrange(1000) for _ in range(512)], params)
+    core.start()
+    deadline = time.monotonic() + 60
+    while core.decode.num_running < 64 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    for i in range(switches):
+        time.sleep(0.1)
+        core.partitioner.switch(splits[i % len(splits)], reason="bench")
+    time.sleep(0.2)
+    for i in range(64):
+        core.abort(f"sw-{i}")
+    out = {}
+    for w in core.workers:
+        out[w.name] = dict(
+            adoptions=len(w.adopt_seconds),
+            adopt_us_median=1e6 * statistics.median(w.adopt_seconds) if w.adopt_seconds else None,
+            adopt_us_max=1e6 * max(w.adopt_seconds) if w.adopt_seconds else None,
+            first_iter_extra_ms=_first_iteration_extra(list(w.iteration_log)) * 1e3,
+        )
+    return out
+
+
+def _first_iteration_extra(log: list[tuple[float, float, int]]) -> float:
+    """Median over switches of (first iteration after a switch) - (median iteration)."""
+    if len(log) < 3:
+        return float("nan")
+    median = statistics.median(d for _, d, _ in log)
+    firsts = [d for (_, d, v), (_, _, pv) in zip(log[1:], log[:-1]) if v != pv]
+    return statistics.median(firsts) - median if firsts else float("nan")
+
+
+def bench_offline(model_dir: str, mode: str, prefill_sms: list[int | None], **engine_kwargs: Any
+                  ) -> list[dict[str, Any]]:
+    """The offline job (`JOB`): greedy, ignore_eos, all requests submitted at once."""
+    from actors.engine.frontend import LLM
+
+    llm = LLM(model_dir, mode=mode, load_format="dummy", **engine_kwargs)
+    prompts = offline_prompts(llm.core.arch.vocab_size)
+    params = SamplingParams(max_tokens=JOB.output_tokens, temperature=0.0, ignore_eos=True)
+    llm.generate(prompts[:8], params)  # warm-up
+    rows = []
+    for sms in prefill_sms:
+        if sms is not None:
+            llm.core.partitioner.switch(sms, reason="offline bench")
+        llm.core.allocator.reset_prefix_cache()
+        t0 = time.perf_counter()
+        outs = llm.generate(prompts, params)
+        dt = time.perf_counter() - t0
+        generated = sum(len(o.token_ids) for o in outs)
+        rows.append(dict(mode=mode, prefill_sms=llm.core.partitioner.current, seconds=dt,
+                         output_tokens=generated, output_tokens_per_s=generated / dt,
+                         total_tokens_per_s=(generated + sum(map(len, prompts))) / dt))
+    llm.shutdown()
+    return rows
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def git_commit() -> str:
+    """The commit benchmarked: $SEMIPD_COMMIT (set where the tree travels without .git), else git's HEAD."""
+    if os.environ.get("SEMIPD_COMMIT"):
+        return os.environ["SEMIPD_COMMIT"]
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def make_core(model_dir: str, mode: str, **kwargs: Any) -> EngineCore:
+    config = EngineConfig(model=model_dir, mode=mode, load_format="dummy", **kwargs)
+    return EngineCore(config, emit=lambda deltas: None)
+
+
+def _free_memory() -> None:
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def _kernel_parts(model_dir: str, parts: set[str], ceil: Ceilings, result: dict[str, Any],
+                  checkpoint: Callable[[dict[str, Any]], None]) -> None:
+    core = make_core(model_dir, "unified", scheduler=SchedulerConfig(max_prefill_tokens=65536, max_decode_seqs=128))
+    if "decode" in parts:
+        result["decode"] = bench_decode(core, ceil, (1, 8, 32, 64, 128), (512, 2048))
+        checkpoint(result)
+    if "prefill" in parts:
+        shapes = ((1, 512), (1, 2048), (1, 4096), (1, 8192), (4, 2048), (4, 4096), (8, 4096), (8, 8192))
+        result["prefill"] = bench_prefill(core, ceil, shapes)
+        checkpoint(result)
+    core.shutdown()
+
+
+def _switch_part(model_dir: str, result: dict[str, Any]) -> None:
+    core = make_core(model_dir, "semi-pd", scheduler=SchedulerConfig(max_decode_seqs=128))
+    result["switch"] = bench_switch_stall(core)
+    core.shutdown()
+
+
+def run_engine_bench(model_dir: str, parts: set[str], vllm_json: str | None = None,
+                     checkpoint: Callable[[dict[str, Any]], None] = lambda r: None) -> dict[str, Any]:
+    """Run the chosen parts; `checkpoint(result)` is called after each, so a failure keeps the rest.
+
+    Each part builds its own engine inside a function, so its memory is free for the next.
+    """
+    device = torch.device("cuda")
+    result: dict[str, Any] = dict(device=device_name(), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                                  commit=git_commit(), command=" ".join(["semipd bench", *sys.argv[1:]]),
+                                  model=json.loads((Path(model_dir) / "config.json").read_text())["architectures"][0])
+    ceil = measure_ceilings(device)
+    result["ceilings"] = dict(copy_TBps=ceil.copy_bytes_per_s / 1e12, matmul_TFLOPs=ceil.matmul_flops_per_s / 1e12)
+    if parts & {"decode", "prefill"}:
+        _kernel_parts(model_dir, parts, ceil, result, checkpoint)
+        _free_memory()
+    if "switch" in parts:
+        _switch_part(model_dir, result)
+        checkpoint(result)
+        _free_memory()
+    if "offline" in parts:
+        rows = bench_offline(model_dir, "unified", [None], scheduler=SchedulerConfig(max_prefill_tokens=8192))
+        _free_memory()
+        rows += bench_offline(model_dir, "semi-pd", [96, 80, 64], scheduler=SchedulerConfig(max_prefill_tokens=8192))
+        result["offline"] = rows
+    if vllm_json and Path(vllm_json).is_file():
+        result["vllm"] = json.loads(Path(vllm_json).read_text())
+    return result
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """Markdown tables of every figure in `result`."""
+    lines = [f"# Engine benchmark: {result['model']} on {result['device']}", "",
+             f"- date: {result['date']}", f"- commit: {result['commit']}", f"- command: `{result['command']}`",
+             f"- measured ceilings: copy {result['ceilings']['copy_TBps']:.2f} TB/s (read+write), "
+             f"bf16 matmul {result['ceilings']['matmul_TFLOPs']:.0f} TFLOP/s", ""]
+    if "decode" in result:
+        lines += ["## Decode step (whole GPU, CUDA graphs, incl. sampling and host sync)", "",
+                  "| batch | context | step ms | roofline ms | ratio | tok/s |", "|---|---|---|---|---|---|"]
+        lines += [f"| {r['batch']} | {r['context']} | {r['step_ms']:.2f} | {r['roofline_ms']:.2f} | "
+                  f"{r['ratio']:.2f}x | {r['tokens_per_s']:.0f} |" for r in result["decode"]]
+        lines.append("")
+    if "prefill" in result:
+        lines += ["## Prefill (whole GPU)", "", "| requests | length | ms | tok/s | TFLOP/s | % of matmul peak |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {r['requests']} | {r['length']} | {r['ms']:.1f} | {r['tokens_per_s']:.0f} | {r['tflops']:.0f} | "
+                  f"{r['pct_of_matmul_peak']:.0f}% |" for r in result["prefill"]]
+        lines.append("")
+    if "switch" in result:
+        lines += ["## SM split switch stall (semi-pd, 64 decoding requests)", "",
+                  "| worker | switches adopted | adopt median us | adopt max us | first iteration extra ms |",
+                  "|---|---|---|---|---|"]
+        for name, r in result["switch"].items():
+            lines.append(f"| {name} | {r['adoptions']} | {r['adopt_us_median'] or 0:.1f} | {r['adopt_us_max'] or 0:.1f} | "
+                         f"{r['first_iter_extra_ms']:.3f} |")
+        lines.append("")
+    if "offline" in result or "vllm" in result:
+        lines += ["## Offline job (256 requests, 128-1024 prompt tokens, 128 output tokens, ignore_eos)", "",
+                  "| engine | mode | prefill SMs | seconds | output tok/s | total tok/s |", "|---|---|---|---|---|---|"]
+        for r in result.get("offline", []):
+            lines.append(f"| semipd | {r['mode']} | {r['prefill_sms']} | {r['seconds']:.2f} | "
+                         f"{r['output_tokens_per_s']:.0f} | {r['total_tokens_per_s']:.0f} |")
+        v = result.get("vllm")
+        if v:
+            lines.append(f"| vLLM {v.get('version', '')} | default | - | {v['seconds']:.2f} | "
+                         f"{v['output_tokens_per_s']:.0f} | {v['total_tokens_per_s']:.0f} |")
+        lines.append("")
+    return "\n".join(lines)
