@@ -52,6 +52,7 @@ class SamplingParams:
     logprobs: int | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    detokenize: bool = True  # False: token ids only (no text, no stop strings)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -71,6 +72,7 @@ class SamplingParams:
         self._check(_finite(self.frequency_penalty) and -2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty", "must be in [-2, 2]")
         self._check(self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs", "must be in [0, 20]")
         self._check(all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings")
+        self._check(self.detokenize or not self.stop, "stop", "needs detokenize=True")
         self._check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids", "must be non-negative integers")
 
     @staticmethod

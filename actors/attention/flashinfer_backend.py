@@ -42,7 +42,10 @@ class FlashInferAttention(AttentionBackend):
         self.device = pool.kv.device
         self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
         self._prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD")
-        self._decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self.workspace, "NHD", use_tensor_cores=True)
+        # as vLLM: tensor-core decode only pays for query groups larger than 4
+        self.decode_tensor_cores = arch.num_heads // arch.num_kv_heads > 4
+        self._decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+            self.workspace, "NHD", use_tensor_cores=self.decode_tensor_cores)
         self.dtype = pool.kv.dtype
 
     def _i32(self, values: list[int]) -> torch.Tensor:
@@ -110,7 +113,7 @@ class GraphDecodeAttention:
         self.slot_pages = torch.zeros(batch_size, dtype=torch.long, device=dev)
         self.slot_offsets = torch.zeros(batch_size, dtype=torch.long, device=dev)
         self._wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-            backend.workspace, "NHD", use_cuda_graph=True, use_tensor_cores=True,
+            backend.workspace, "NHD", use_cuda_graph=True, use_tensor_cores=backend.decode_tensor_cores,
             paged_kv_indptr_buffer=torch.zeros(batch_size + 1, dtype=torch.int32, device=dev),
             paged_kv_indices_buffer=torch.zeros(batch_size * max_pages_per_seq, dtype=torch.int32, device=dev),
             paged_kv_last_page_len_buffer=torch.zeros(batch_size, dtype=torch.int32, device=dev),

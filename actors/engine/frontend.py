@@ -143,9 +143,11 @@ class OutputStream:
         if delta.finish_reason == FinishReason.STOP and new_ids and not self.params.include_stop_str_in_output:
             new_ids = new_ids[:-1]  # the EOS or stop token that ended the request: its text is not shown
         self.ids.extend(new_ids)
-        new_text = self._decode_new()
-        if delta.finished:
-            new_text += self._flush_partial()
+        new_text = ""
+        if self.params.detokenize:
+            new_text = self._decode_new()
+            if delta.finished:
+                new_text += self._flush_partial()
         start = max(0, len(self.text) - self._holdback)
         self.text += new_text
         finish = delta.finish_reason.value if delta.finish_reason else None

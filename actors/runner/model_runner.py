@@ -9,6 +9,7 @@ from __future__ import annotations
 from contextlib import nullcontext
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from actors.attention.base import AttentionBackend, BatchLayout
@@ -69,30 +70,25 @@ class ModelRunner:
     def prepare(self, plan: BatchPlan) -> tuple[torch.Tensor, torch.Tensor, BatchLayout, torch.Tensor]:
         """Flat input ids and positions [T], the attention layout, and the rows to sample."""
         ps = self.pool.page_size
-        ids: list[int] = []
-        pos: list[int] = []
-        slots: list[int] = []
-        sample_rows: list[int] = []
-        for c in plan.chunks:
-            ids.extend(c.token_ids)
-            positions = range(c.start, c.context_len)
-            pos.extend(positions)
-            slots.extend(c.block_ids[p // ps] * ps + p % ps for p in positions)
-            if c.sample:
-                sample_rows.append(len(ids) - 1)
-        dev = self.device
+        chunks = plan.chunks
+        positions = np.concatenate([np.arange(c.start, c.context_len) for c in chunks])
+        pages = np.concatenate([np.asarray(c.block_ids)[np.arange(c.start, c.context_len) // ps] for c in chunks])
+        ids = np.fromiter((t for c in chunks for t in c.token_ids), dtype=np.int64, count=len(positions))
+        ends = np.cumsum([c.num_tokens for c in chunks]) - 1
+        sample_rows = ends[np.array([c.sample for c in chunks], dtype=bool)]
         layout = BatchLayout(
             num_decodes=len(plan.decodes),
-            query_lens=tuple(c.num_tokens for c in plan.chunks),
-            context_lens=tuple(c.context_len for c in plan.chunks),
-            block_tables=tuple(c.block_ids for c in plan.chunks),
-            slot_mapping=_to_device(slots, dev),
+            query_lens=tuple(c.num_tokens for c in chunks),
+            context_lens=tuple(c.context_len for c in chunks),
+            block_tables=tuple(c.block_ids for c in chunks),
+            slot_mapping=_to_device(pages * ps + positions % ps, self.device),
         )
-        return _to_device(ids, dev), _to_device(pos, dev), layout, _to_device(sample_rows, dev)
+        dev = self.device
+        return _to_device(ids, dev), _to_device(positions, dev), layout, _to_device(sample_rows, dev)
 
 
-def _to_device(values: list[int], device: torch.device) -> torch.Tensor:
-    t = torch.tensor(values, dtype=torch.long)
+def _to_device(values: np.ndarray, device: torch.device) -> torch.Tensor:
+    t = torch.from_numpy(np.ascontiguousarray(values, dtype=np.int64))
     if device.type == "cuda":
         return t.pin_memory().to(device, non_blocking=True)
     return t

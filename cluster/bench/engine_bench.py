@@ -210,7 +210,7 @@ def bench_offline(model_dir: str, mode: str, prefill_sms: list[int | None], **en
 
     llm = LLM(model_dir, mode=mode, load_format="dummy", **engine_kwargs)
     prompts = offline_prompts(llm.core.arch.vocab_size)
-    params = SamplingParams(max_tokens=JOB.output_tokens, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=JOB.output_tokens, temperature=0.0, ignore_eos=True, detokenize=False)
     llm.generate(prompts[:8], params)  # warm-up
     rows = []
     for sms in prefill_sms:
@@ -222,6 +222,7 @@ def bench_offline(model_dir: str, mode: str, prefill_sms: list[int | None], **en
         dt = time.perf_counter() - t0
         generated = sum(len(o.token_ids) for o in outs)
         rows.append(dict(mode=mode, prefill_sms=llm.core.partitioner.current, seconds=dt,
+                         max_prefill_tokens=llm.config.scheduler.max_prefill_tokens,
                          output_tokens=generated, output_tokens_per_s=generated / dt,
                          total_tokens_per_s=(generated + sum(map(len, prompts))) / dt))
     llm.shutdown()
@@ -292,8 +293,10 @@ def run_engine_bench(model_dir: str, parts: set[str], vllm_json: str | None = No
         checkpoint(result)
         _free_memory()
     if "offline" in parts:
-        rows = bench_offline(model_dir, "unified", [None], scheduler=SchedulerConfig(max_prefill_tokens=8192))
-        _free_memory()
+        rows = []
+        for budget in (8192, 16384):
+            rows += bench_offline(model_dir, "unified", [None], scheduler=SchedulerConfig(max_prefill_tokens=budget))
+            _free_memory()
         rows += bench_offline(model_dir, "semi-pd", [96, 80, 64], scheduler=SchedulerConfig(max_prefill_tokens=8192))
         result["offline"] = rows
     if vllm_json and Path(vllm_json).is_file():
@@ -329,13 +332,15 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append("")
     if "offline" in result or "vllm" in result:
         lines += ["## Offline job (256 requests, 128-1024 prompt tokens, 128 output tokens, ignore_eos)", "",
-                  "| engine | mode | prefill SMs | seconds | output tok/s | total tok/s |", "|---|---|---|---|---|---|"]
+                  "| engine | mode | prefill SMs | token budget | seconds | output tok/s | total tok/s |",
+                  "|---|---|---|---|---|---|---|"]
         for r in result.get("offline", []):
-            lines.append(f"| semipd | {r['mode']} | {r['prefill_sms']} | {r['seconds']:.2f} | "
+            lines.append(f"| semipd | {r['mode']} | {r['prefill_sms']} | {r.get('max_prefill_tokens', '')} | "
+                         f"{r['seconds']:.2f} | "
                          f"{r['output_tokens_per_s']:.0f} | {r['total_tokens_per_s']:.0f} |")
         v = result.get("vllm")
         if v:
-            lines.append(f"| vLLM {v.get('version', '')} | default | - | {v['seconds']:.2f} | "
+            lines.append(f"| vLLM {v.get('version', '')} | default | - | default | {v['seconds']:.2f} | "
                          f"{v['output_tokens_per_s']:.0f} | {v['total_tokens_per_s']:.0f} |")
         lines.append("")
     return "\n".join(lines)
