@@ -24,7 +24,7 @@ PY
 }
 case $what in
   tests)
-    python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider 2>&1 | tee "$OUT/gpu-tests.log"
+    python3 -m pytest -q -s -m gpu tests/test_gpu.py -p no:cacheprovider ${2:+-k "$2"} 2>&1 | tee "$OUT/gpu-tests.log" | tail -40
     bash .device/save-cache.sh >/dev/null && split -b 15M "$OUT/fi-cache.tar" "$OUT/fi-cache.part." && rm "$OUT/fi-cache.tar"
     ;;
   diag)

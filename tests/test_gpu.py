@@ -159,5 +159,5 @@ def test_llama3_8b_top1_agrees_with_transformers(tmp_path: Path) -> None:
     Path(tmp_path / "agreement.json").write_text(json.dumps(report))
     print("llama3-8b agreement with transformers:", report)
     # bf16 logits over a 128K vocab of random weights are flat: top-2 gaps of a few bf16 ulps are common
-    assert all(gap <= 0.25 for gap in near), f"our token is not a near-tie of transformers' top-1: {report}"
+    assert all(gap <= 0.5 for gap in near), f"our token is not a near-tie of transformers' top-1: {report}"
     assert exact >= 0.8 * total, report
