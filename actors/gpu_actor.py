@@ -66,6 +66,14 @@ class SampleWindow:
         return [s.ttft_ms for s in picked], [s.tpot_ms for s in picked if s.tpot_ms is not None]
 
 
+def _has_running_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
 def _node_id() -> str:
     try:
         import ray
@@ -90,6 +98,7 @@ class EngineActor:
         self.window = SampleWindow(window_samples, window_s)
         self.node_id = _node_id()
         self._in_flight = 0
+        self._in_flight_ids: set[str] = set()  # routers use it to tell which of their requests a load includes
         self._idle = asyncio.Event()
         self._idle.set()
         self._draining = False
@@ -101,11 +110,8 @@ class EngineActor:
             EnginePublisher(publisher, engine_id, self.view, self._apply_from_controller) if publisher else None
         )
         self._publisher_task: asyncio.Task[None] | None = None
-        try:  # inside the Ray actor __init__ runs on its event loop: start publishing now
-            asyncio.get_running_loop()
-            self._start_background()
-        except RuntimeError:  # in-process use: ready() starts it
-            pass
+        if _has_running_loop():  # inside the Ray actor, __init__ runs on its event loop: publish from now on
+            self._start_background()  # (in-process use: ready() starts it)
 
     def _start_background(self) -> None:
         if self._publisher is not None and self._publisher_task is None:
@@ -160,6 +166,7 @@ class EngineActor:
         if self._draining:
             raise NoCapacityError(f"engine {self.engine_id} is draining")
         self._in_flight += 1
+        self._in_flight_ids.add(request.request_id)
         self._requests_total += 1
         self._idle.clear()
         start = time.monotonic()
@@ -167,21 +174,25 @@ class EngineActor:
         last: float | None = None
         finish: str | None = None
         num_tokens = 0
-        cached = 0
+        # a per-request TTFT target becomes the first-token deadline (used by deadline-aware prefill order)
+        deadline = start + request.ttft_slo_ms / 1000 if request.ttft_slo_ms else None
         try:
-            async for chunk in self.llm.generate(request.prompt_token_ids, request.params,
-                                                 request_id=request.request_id, priority=request.priority):
+            async for chunk in self.llm.generate(request.prompt_token_ids, request.params, request_id=request.request_id,
+                                                 priority=request.priority, deadline=deadline):
                 if chunk.token_ids:
                     last = time.monotonic()
                     if first is None:
                         first = last
-                        cached = chunk.num_cached_tokens
-                        self._prefilled_tokens += max(0, len(request.prompt_token_ids) - cached)
+                        self._prefilled_tokens += max(0, len(request.prompt_token_ids) - chunk.num_cached_tokens)
                 num_tokens = chunk.num_output_tokens
                 finish = chunk.finish_reason
                 yield chunk
+        except Exception:  # invalid request, admission refused: nothing ran
+            finish = finish or "rejected"
+            raise
         finally:
             self._in_flight -= 1
+            self._in_flight_ids.discard(request.request_id)
             if self._in_flight == 0:
                 self._idle.set()
             self._finished[finish or "abort"] += 1
@@ -219,6 +230,7 @@ class EngineActor:
             prefill_tokens_per_s=self._prefilled_tokens / busy if busy > 0 and self._prefilled_tokens else 0.0,
             requests_total=self._requests_total,
             finish_reasons=dict(self._finished),
+            in_flight_ids=sorted(self._in_flight_ids),
             ttft_ms=ttft,
             tpot_ms=tpot,
             switches=[asdict(s) for s in part.switches[-10:]],
@@ -249,6 +261,7 @@ class EngineActor:
     def view(self) -> dict[str, Any]:
         """What the Redis publisher writes: the load plus the samples since the last switch."""
         stats = self._stats()
+        del stats["in_flight_ids"]  # for routers only
         switches = self.llm.core.partitioner.switches
         ttft, tpot = self.window.series(since=switches[-1].time if switches else 0.0)
         return dict(engine_id=self.engine_id, node_id=self.node_id, time=stats["time"],

@@ -15,6 +15,9 @@ import sys
 COMMAND_MODULES = (
     "cluster.commands.make_model",
     "cluster.commands.generate",
+    "cluster.commands.bench",
+    "cluster.commands.serve",
+    "cluster.commands.status",
 )
 
 

@@ -84,3 +84,76 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     server.start()
     yield server
     server.stop()
+
+
+# -- multi-node Ray cluster and a module-wide Redis (cluster tests) ---------------------------
+
+NODE_RESOURCES = ("semipd_node_head", "semipd_node_a", "semipd_node_b")
+
+
+@pytest.fixture(scope="module")
+def ray_multinode() -> Iterator[object]:
+    """A Ray cluster of three nodes on this machine, connected in namespace "semipd".
+
+    Each node has one CPU and its own custom resource (NODE_RESOURCES: head, a, b), so
+    actors can be pinned to nodes. Shut down at the end of the module.
+    """
+    import ray
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():
+        ray.shutdown()
+    common = {"num_cpus": 1, "object_store_memory": 100 << 20}
+    cluster = Cluster(initialize_head=True, head_node_args={
+        **common, "include_dashboard": False, "resources": {NODE_RESOURCES[0]: 1}})
+    for res in NODE_RESOURCES[1:]:
+        cluster.add_node(**common, resources={res: 1})
+    ray.init(address=cluster.address, namespace="semipd", log_to_driver=False)
+    cluster.wait_for_nodes()
+    try:
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+@pytest.fixture(scope="module")
+def redis_module(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """A redis-server for a whole test module (`cluster.redis_server.RedisServerProcess`)."""
+    from cluster.redis_server import RedisServerProcess
+
+    server = RedisServerProcess(workdir=tmp_path_factory.mktemp("redis")).start()
+    try:
+        yield server
+    finally:
+        server.cleanup()
+
+
+NEAR_TIE = 1e-3  # logprob gap under which fp32 noise (threads, batch shapes) may flip a greedy choice
+
+
+def greedy_mismatches(got: list[list[int]], reference: list[object]) -> list[str]:
+    """Outputs of `got` that differ from `reference` (CompletionOutputs made with logprobs >= 1)
+    anywhere but after a near-tie of the reference; returns a description of each."""
+    bad = []
+    for i, (ids, ref) in enumerate(zip(got, reference)):
+        ref_ids = list(ref.token_ids)  # type: ignore[attr-defined]
+        if ids == ref_ids:
+            continue
+        k = next((j for j, (a, b) in enumerate(zip(ids, ref_ids)) if a != b), min(len(ids), len(ref_ids)))
+        top = ref.logprobs[k].top if k < len(ref.logprobs) else ()  # type: ignore[attr-defined]
+        gap = abs(top[0][1] - top[1][1]) if len(top) >= 2 else float("inf")
+        if len(ids) != len(ref_ids) or gap >= NEAR_TIE or ids[k] not in {t for t, _ in top[:2]}:
+            bad.append(f"#{i}: differs at token {k} (reference top-2 gap {gap:.2g}): {ids} vs {ref_ids}")
+    return bad
+
+
+@pytest.fixture
+def check_greedy() -> Callable[[list[list[int]], list[object]], None]:
+    """`check_greedy(got_ids, reference_outputs)`: token ids equal a greedy reference run, up to near-ties."""
+    def check(got: list[list[int]], reference: list[object]) -> None:
+        bad = greedy_mismatches(got, reference)
+        assert not bad, f"{len(bad)} outputs differ from the reference: " + "; ".join(bad[:3])
+        near_ties = sum(1 for ids, ref in zip(got, reference) if ids != list(ref.token_ids))  # type: ignore[attr-defined]
+        assert near_ties <= max(1, len(got) // 50), f"{near_ties} outputs differ after near-ties"
+    return check

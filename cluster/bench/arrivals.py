@@ -1,0 +1,65 @@
+"""Request arrival times: Poisson at a rate, or gamma with burstiness (vLLM semantics).
+
+Inter-arrival gaps are gamma(shape=burstiness, scale=1/(rate*burstiness)): mean 1/rate,
+coefficient of variation 1/sqrt(burstiness). burstiness 1 is a Poisson process; below 1
+is burstier, above 1 more regular. An infinite rate sends everything at time 0.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+
+class ArrivalError(ValueError):
+    """An invalid arrival setting (CLI exit 2)."""
+
+
+@dataclass(frozen=True)
+class ArrivalConfig:
+    """`rate` in requests/s (math.inf: all at once), `burstiness` > 0, and the seed."""
+
+    rate: float
+    burstiness: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if math.isnan(self.rate) or self.rate <= 0:
+            raise ArrivalError(f"request rate must be positive (or inf), got {self.rate}")
+        if not (math.isfinite(self.burstiness) and self.burstiness > 0):
+            raise ArrivalError(f"burstiness must be a positive number, got {self.burstiness}")
+
+
+def arrival_offsets(config: ArrivalConfig, n: int) -> np.ndarray:
+    """Seconds after the start at which each of `n` requests is sent; the first at 0."""
+    if n < 0:
+        raise ArrivalError(f"number of requests must be non-negative, got {n}")
+    if math.isinf(config.rate) or n == 0:
+        return np.zeros(n)
+    rng = np.random.default_rng([config.seed, 2])
+    theta = 1.0 / (config.rate * config.burstiness)
+    gaps = rng.gamma(shape=config.burstiness, scale=theta, size=n - 1)
+    return np.concatenate([[0.0], np.cumsum(gaps)])
+
+
+def parse_rates(text: str) -> tuple[float, ...]:
+    """'1,2,4,8' or 'inf' -> request rates, each positive (a sweep runs them in order)."""
+    rates: list[float] = []
+    for item in (s.strip() for s in text.split(",")):
+        if not item:
+            continue
+        try:
+            rate = float(item)
+        except ValueError:
+            raise ArrivalError(f"request rate {item!r} is not a number") from None
+        if math.isnan(rate) or rate <= 0:
+            raise ArrivalError(f"request rate must be positive (or inf), got {item}")
+        rates.append(rate)
+    if not rates:
+        raise ArrivalError("give at least one request rate")
+    return tuple(rates)
+
+
+__all__ = ["ArrivalConfig", "ArrivalError", "arrival_offsets", "parse_rates"]

@@ -1,0 +1,319 @@
+"""Streaming OpenAI requests timed per chunk, plus the server's side channels.
+
+`send_request` posts one streaming `/v1/completions` or `/v1/chat/completions` request
+(`stream_options.include_usage`, `ignore_eos`, `max_tokens`) and records TTFT, every
+inter-chunk gap (ITL) and the end-to-end latency with `time.perf_counter`. The output
+token count comes from the usage of the last chunk, else the number of chunks. Every
+failure (HTTP status, bad stream, disconnect, per-request timeout) ends in a record with
+`success=False` and an `error`; nothing raises and nothing hangs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import httpx
+
+from cluster.bench.workloads import BenchRequest
+
+ENDPOINTS = ("/v1/completions", "/v1/chat/completions")
+
+
+class ServerError(RuntimeError):
+    """The server could not be reached or answered a side request badly."""
+
+
+@dataclass(frozen=True)
+class EndpointConfig:
+    """Where and how to send requests.
+
+    `base_url` is the server root (no /v1). `timeout_s` bounds each whole request.
+    `extra_body` is merged into every request body (e.g. {"top_k": 1}).
+    """
+
+    base_url: str
+    model: str
+    endpoint: str = "/v1/completions"
+    api_key: str | None = None
+    ignore_eos: bool = True
+    temperature: float = 0.0
+    timeout_s: float = 600.0
+    extra_body: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.base_url.startswith(("http://", "https://")):
+            raise ValueError(f"base URL must start with http:// or https://, got {self.base_url!r}")
+        object.__setattr__(self, "base_url", self.base_url.rstrip("/"))
+        if self.endpoint not in ENDPOINTS:
+            raise ValueError(f"endpoint must be one of {', '.join(ENDPOINTS)}, got {self.endpoint!r}")
+        if not self.model:
+            raise ValueError("model name must not be empty")
+        if not (math.isfinite(self.timeout_s) and self.timeout_s > 0):
+            raise ValueError(f"request timeout must be positive, got {self.timeout_s}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+
+    @property
+    def url(self) -> str:
+        return self.base_url + self.endpoint
+
+    @property
+    def is_chat(self) -> bool:
+        return self.endpoint == "/v1/chat/completions"
+
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+
+def build_payload(config: EndpointConfig, request: BenchRequest) -> dict[str, Any]:
+    """The JSON body of one streaming request."""
+    body: dict[str, Any] = {
+        "model": config.model,
+        "max_tokens": request.output_len,
+        "temperature": config.temperature,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "ignore_eos": config.ignore_eos,
+    }
+    if config.is_chat:
+        body["messages"] = [{"role": "user", "content": request.prompt}]
+    else:
+        body["prompt"] = request.prompt
+    body.update(config.extra_body)
+    return body
+
+
+@dataclass
+class RequestRecord:
+    """What happened to one request. Times in seconds; `start_s`/`end_s` from the run's start."""
+
+    index: int
+    profile: str
+    prompt_len: int  # intended (exact with a tokenizer)
+    max_tokens: int
+    scheduled_s: float = 0.0
+    start_s: float = 0.0
+    end_s: float = 0.0
+    success: bool = False
+    error: str | None = None
+    http_status: int | None = None
+    prompt_tokens: int | None = None  # from the server's usage
+    output_tokens: int = 0
+    num_chunks: int = 0
+    ttft_s: float | None = None
+    itl_s: list[float] = field(default_factory=list)
+    e2el_s: float | None = None
+    finish_reason: str | None = None
+
+    @property
+    def input_tokens(self) -> int:
+        """Prompt tokens as the server counted them, else as intended."""
+        return self.prompt_tokens if self.prompt_tokens is not None else self.prompt_len
+
+    @property
+    def tpot_s(self) -> float | None:
+        """(e2el - ttft) / (output_tokens - 1), for requests with more than one token."""
+        if not self.success or self.ttft_s is None or self.e2el_s is None or self.output_tokens < 2:
+            return None
+        return (self.e2el_s - self.ttft_s) / (self.output_tokens - 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RequestRecord:
+        names = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+DONE = object()
+
+
+def parse_sse_line(line: str) -> Any:
+    """One SSE line -> the decoded JSON event, DONE for `[DONE]`, None for anything else."""
+    line = line.strip()
+    if not line.startswith("data:"):
+        return None
+    data = line[5:].strip()
+    if data == "[DONE]":
+        return DONE
+    if not data:
+        return None
+    return json.loads(data)
+
+
+class StreamTimer:
+    """Feeds on decoded events with their arrival time; keeps TTFT, ITL, usage, finish."""
+
+    def __init__(self, record: RequestRecord, start: float, is_chat: bool) -> None:
+        self.record = record
+        self.start = start
+        self.is_chat = is_chat
+        self.last: float | None = None
+        self.done = False
+
+    def _is_output(self, choice: dict[str, Any]) -> bool:
+        if not self.is_chat:
+            return True
+        delta = choice.get("delta") or {}
+        has_text = bool(delta.get("content") or delta.get("reasoning_content"))
+        # the role preamble some servers send before any token is not output
+        return has_text or not ("role" in delta and not choice.get("finish_reason"))
+
+    def feed(self, event: dict[str, Any], now: float) -> None:
+        if "error" in event and not event.get("choices"):
+            err = event["error"]
+            raise ServerError(err.get("message", str(err)) if isinstance(err, dict) else str(err))
+        usage = event.get("usage")
+        if usage:
+            if usage.get("prompt_tokens") is not None:
+                self.record.prompt_tokens = int(usage["prompt_tokens"])
+            if usage.get("completion_tokens") is not None:
+                self.record.output_tokens = int(usage["completion_tokens"])
+        choices = event.get("choices") or []
+        if not choices:
+            return
+        choice = choices[0]
+        if choice.get("finish_reason"):
+            self.record.finish_reason = choice["finish_reason"]
+        if not self._is_output(choice):
+            return
+        if self.last is None:
+            self.record.ttft_s = now - self.start
+        else:
+            self.record.itl_s.append(now - self.last)
+        self.last = now
+        self.record.num_chunks += 1
+
+
+async def _error_message(response: httpx.Response) -> str:
+    body = (await response.aread())[:2000].decode("utf-8", "replace")
+    try:
+        err = json.loads(body).get("error")
+        message = err.get("message") if isinstance(err, dict) else err
+    except (ValueError, AttributeError):
+        message = None
+    return f"HTTP {response.status_code}: {message or body.strip() or response.reason_phrase}"
+
+
+async def _stream(client: httpx.AsyncClient, config: EndpointConfig, request: BenchRequest, record: RequestRecord,
+                  t0: float) -> None:
+    start = time.perf_counter()
+    record.start_s = start - t0
+    timer = StreamTimer(record, start, config.is_chat)
+    async with client.stream("POST", config.url, json=build_payload(config, request), headers=config.headers()) as resp:
+        record.http_status = resp.status_code
+        if resp.status_code != 200:
+            raise ServerError(await _error_message(resp))
+        async for line in resp.aiter_lines():
+            event = parse_sse_line(line)
+            if event is DONE:
+                timer.done = True
+                break
+            if isinstance(event, dict):
+                timer.feed(event, time.perf_counter())
+    end = time.perf_counter()
+    record.end_s = end - t0
+    if not timer.done and record.finish_reason is None:
+        raise ServerError("the stream ended before [DONE]")
+    if record.num_chunks == 0:
+        raise ServerError("the server returned no output")
+    if record.output_tokens == 0:
+        record.output_tokens = record.num_chunks
+    record.e2el_s = end - start
+    record.success = True
+
+
+async def send_request(client: httpx.AsyncClient, config: EndpointConfig, request: BenchRequest,
+                       t0: float, scheduled_s: float = 0.0) -> RequestRecord:
+    """Send one request and time it; never raises for server or network failures."""
+    record = RequestRecord(request.index, request.profile, request.prompt_len, request.output_len, scheduled_s)
+    try:
+        async with asyncio.timeout(config.timeout_s):
+            await _stream(client, config, request, record, t0)
+    except TimeoutError:
+        record.error = f"timed out after {config.timeout_s:g} s"
+    except (httpx.HTTPError, ServerError, ValueError, KeyError, TypeError, AttributeError) as e:
+        record.error = f"{type(e).__name__}: {e}" if not isinstance(e, ServerError) else str(e)
+    if not record.success:
+        record.end_s = time.perf_counter() - t0
+    return record
+
+
+# ------------------------------------------------------------ side requests
+
+
+async def fetch_models(client: httpx.AsyncClient, base_url: str, headers: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """The server's `/v1/models` list; ServerError when it cannot be read."""
+    try:
+        resp = await client.get(base_url.rstrip("/") + "/v1/models", headers=headers or {})
+        resp.raise_for_status()
+        data = resp.json().get("data")
+    except (httpx.HTTPError, ValueError, AttributeError) as e:
+        raise ServerError(f"cannot list models at {base_url}/v1/models: {e}") from e
+    if not isinstance(data, list) or not data:
+        raise ServerError(f"{base_url}/v1/models lists no model")
+    return data
+
+
+async def count_tokens(client: httpx.AsyncClient, base_url: str, model: str, text: str,
+                       headers: dict[str, str] | None = None) -> int | None:
+    """Token count of `text` from the server's `/tokenize` (vLLM's), or None if unavailable."""
+    try:
+        resp = await client.post(base_url.rstrip("/") + "/tokenize", json={"model": model, "prompt": text},
+                                 headers=headers or {})
+        if resp.status_code != 200:
+            return None
+        data = resp.json()
+        if "count" in data:
+            return int(data["count"])
+        return len(data["tokens"])
+    except (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def parse_prometheus(text: str, prefixes: tuple[str, ...]) -> dict[str, float]:
+    """Samples of the Prometheus text format whose names start with one of `prefixes`."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#") or not line.startswith(prefixes):
+            continue
+        if "}" in line:
+            series, _, rest = line.rpartition("}")
+            series += "}"
+        else:
+            series, _, rest = line.partition(" ")
+        fields = rest.split()
+        if not fields:
+            continue
+        try:
+            value = float(fields[0])
+        except ValueError:
+            continue
+        if math.isfinite(value):  # keep the JSON strict
+            out[series.strip()] = value
+    return out
+
+
+async def fetch_server_metrics(client: httpx.AsyncClient, base_url: str,
+                               prefixes: tuple[str, ...] = ("semipd:",)) -> dict[str, float] | None:
+    """The server's `/metrics` samples under `prefixes`, or None when it has no such page."""
+    try:
+        resp = await client.get(base_url.rstrip("/") + "/metrics")
+    except httpx.HTTPError:
+        return None
+    if resp.status_code != 200:
+        return None
+    return parse_prometheus(resp.text, prefixes)
+
+
+__all__ = [
+    "DONE", "ENDPOINTS", "EndpointConfig", "RequestRecord", "ServerError", "StreamTimer", "build_payload",
+    "count_tokens", "fetch_models", "fetch_server_metrics", "parse_prometheus", "parse_sse_line", "send_request",
+]

@@ -1,0 +1,292 @@
+"""Results of a benchmark run: the printed block (vLLM's), the JSON file, and plots.
+
+`BenchResult` is one run at one request rate. Its JSON carries vLLM's flat keys at the
+top level (completed, request_throughput, mean_ttft_ms, p99_ttft_ms, ...) so existing
+scripts read it, plus the config, the goodput SLOs, the per-request records, server-side
+metrics and a label; `BenchResult.from_json` rebuilds it (aggregates recomputed from the
+records). `plot_results` draws SLO attainment and P90 TTFT/TPOT against request rate,
+one line per label.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cluster.bench.client import RequestRecord
+from cluster.bench.metrics import METRIC_LABELS, METRICS, BenchMetrics, SLOs, compute_metrics, percentile_key
+
+SCHEMA = "semipd-bench-serve/1"
+WIDTH = 50
+
+
+@dataclass
+class BenchResult:
+    """One run at one request rate."""
+
+    label: str
+    date: str
+    request_rate: float
+    burstiness: float
+    max_concurrency: int | None
+    slos: SLOs
+    percentile_metrics: tuple[str, ...]
+    metric_percentiles: tuple[float, ...]
+    records: list[RequestRecord]
+    metrics: BenchMetrics
+    config: dict[str, Any] = field(default_factory=dict)
+    server_metrics: dict[str, Any] | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "schema": SCHEMA,
+            "label": self.label,
+            "date": self.date,
+            "request_rate": _num(self.request_rate),
+            "burstiness": self.burstiness,
+            "max_concurrency": self.max_concurrency,
+            "goodput": self.slos.as_dict(),
+            "percentile_metrics": list(self.percentile_metrics),
+            "metric_percentiles": list(self.metric_percentiles),
+            **self.metrics.to_flat(),
+            "by_profile": profile_breakdown(self),
+            "config": _jsonable(self.config),
+            "metadata": dict(self.metadata),
+            "server_metrics": self.server_metrics,
+            "requests": [r.to_dict() for r in self.records],
+        }
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> BenchResult:
+        """Rebuild a result written by `to_json` (ValueError when it is not one)."""
+        if data.get("schema") != SCHEMA:
+            raise ValueError(f"not a semipd bench serve result (schema {data.get('schema')!r})")
+        records = [RequestRecord.from_dict(r) for r in data["requests"]]
+        slos = SLOs.from_dict(data.get("goodput"))
+        percentiles = tuple(float(p) for p in data["metric_percentiles"])
+        return cls(
+            label=data.get("label", ""),
+            date=data.get("date", ""),
+            request_rate=float(data["request_rate"]),
+            burstiness=float(data.get("burstiness", 1.0)),
+            max_concurrency=data.get("max_concurrency"),
+            slos=slos,
+            percentile_metrics=tuple(data["percentile_metrics"]),
+            metric_percentiles=percentiles,
+            records=records,
+            metrics=compute_metrics(records, float(data["duration"]), slos, percentiles),
+            config=data.get("config", {}),
+            server_metrics=data.get("server_metrics"),
+            metadata=data.get("metadata", {}),
+        )
+
+
+def _num(x: float) -> float | str:
+    return "inf" if isinstance(x, float) and math.isinf(x) else x
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, float):
+        return _num(obj)
+    return obj
+
+
+def write_result(result: BenchResult, path: Path) -> Path:
+    """Write the result JSON (parents created)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result.to_json(), indent=1))
+    return path
+
+
+def load_result(path: str | Path) -> BenchResult:
+    """Read a result JSON written by `write_result`."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"result file not found: {p}")
+    try:
+        data = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{p}: not JSON: {e}") from None
+    try:
+        return BenchResult.from_json(data)
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{p}: malformed result ({e})") from None
+
+
+# ---------------------------------------------------------------- text
+
+
+def _line(name: str, value: float | int | None, fmt: str = ".2f") -> str:
+    text = "None" if value is None else format(value, fmt)
+    return "{:<40} {:<10}".format(name, text)
+
+
+def format_preamble(request_rate: float, burstiness: float, max_concurrency: int | None) -> str:
+    """The lines vLLM prints before sending: rate, burstiness, concurrency."""
+    kind = "Poisson process" if burstiness == 1.0 else "Gamma distribution"
+    return "\n".join([
+        f"Traffic request rate: {request_rate}",
+        f"Burstiness factor: {burstiness} ({kind})",
+        f"Maximum request concurrency: {max_concurrency}",
+    ])
+
+
+def format_result_block(result: BenchResult) -> str:
+    """The `vllm bench serve` result block, line for line, plus SLO attainment."""
+    m = result.metrics
+    lines = ["{s:{c}^{n}}".format(s=" Serving Benchmark Result ", n=WIDTH, c="=")]
+    lines.append(_line("Successful requests:", m.completed, "d"))
+    lines.append(_line("Failed requests:", m.failed, "d"))
+    if result.max_concurrency is not None:
+        lines.append(_line("Maximum request concurrency:", result.max_concurrency, "d"))
+    if not math.isinf(result.request_rate):
+        lines.append(_line("Request rate configured (RPS):", result.request_rate))
+    lines.append(_line("Benchmark duration (s):", m.duration_s))
+    lines.append(_line("Total input tokens:", m.total_input, "d"))
+    lines.append(_line("Total generated tokens:", m.total_output, "d"))
+    lines.append(_line("Request throughput (req/s):", m.request_throughput))
+    if m.request_goodput is not None:
+        lines.append(_line("Request goodput (req/s):", m.request_goodput))
+        lines.append(_line("SLO attainment (%):", m.slo_attainment_pct))
+    lines.append(_line("Output token throughput (tok/s):", m.output_throughput))
+    lines.append(_line("Peak output token throughput (tok/s):", m.peak_output_throughput))
+    lines.append(_line("Peak concurrent requests:", m.peak_concurrency, "d"))
+    lines.append(_line("Total Token throughput (tok/s):", m.total_token_throughput))
+    for name in METRICS:
+        if name not in result.percentile_metrics:
+            continue
+        short, title = METRIC_LABELS[name]
+        dist = m.distributions[name]
+        lines.append("{s:{c}^{n}}".format(s=title, n=WIDTH, c="-"))
+        lines.append(_line(f"Mean {short} (ms):", dist.mean))
+        lines.append(_line(f"Median {short} (ms):", dist.median))
+        for p, v in dist.percentiles:
+            lines.append(_line(f"P{percentile_key(p)} {short} (ms):", v))
+    lines.append("=" * WIDTH)
+    return "\n".join(lines)
+
+
+def profile_breakdown(result: BenchResult) -> dict[str, dict[str, Any]]:
+    """Per workload profile (the phases of `shifting`, the parts of `mixed`): counts,
+    latency summaries and SLO attainment; empty for a single-profile workload."""
+    groups: dict[str, list[RequestRecord]] = {}
+    for r in result.records:
+        groups.setdefault(r.profile, []).append(r)
+    if len(groups) < 2:
+        return {}
+    keep = ("num_requests", "completed", "failed", "slo_attainment_pct")
+    out: dict[str, dict[str, Any]] = {}
+    for name, recs in groups.items():
+        flat = compute_metrics(recs, result.metrics.duration_s, result.slos, result.metric_percentiles).to_flat()
+        out[name] = {k: v for k, v in flat.items()
+                     if k in keep or (k.endswith("_ms") and not k.startswith("std_") and "_itl_" not in k)}
+    return out
+
+
+def format_profile_breakdown(result: BenchResult) -> str:
+    """One line per workload profile when there are several ('' otherwise)."""
+    table = profile_breakdown(result)
+    if not table:
+        return ""
+    p = percentile_key(max(result.metric_percentiles))
+    lines = ["{s:{c}^{n}}".format(s="Per workload profile", n=WIDTH, c="-")]
+    for name, row in table.items():
+        slo = row["slo_attainment_pct"]
+        lines.append(
+            f"{name}: {row['completed']} ok, {row['failed']} failed; mean/P{p} TTFT "
+            f"{row['mean_ttft_ms']:.2f}/{row[f'p{p}_ttft_ms']:.2f} ms; mean/P{p} TPOT "
+            f"{row['mean_tpot_ms']:.2f}/{row[f'p{p}_tpot_ms']:.2f} ms"
+            + ("" if slo is None else f"; SLO attainment {slo:.2f}%")
+        )
+    return "\n".join(lines)
+
+
+def format_failures(records: Sequence[RequestRecord], limit: int = 5) -> str:
+    """The errors of failed requests, grouped by message with numbers ignored ('' when none)."""
+    groups: dict[str, tuple[int, str]] = {}
+    for r in records:
+        if not r.success:
+            message = r.error or "unknown error"
+            key = re.sub(r"\d+(\.\d+)?", "N", message)
+            count, example = groups.get(key, (0, message))
+            groups[key] = (count + 1, example)
+    if not groups:
+        return ""
+    top = sorted(groups.values(), key=lambda g: -g[0])[:limit]
+    return "\n".join(["Errors (count: example message):", *(f"  {n}: {msg[:300]}" for n, msg in top)])
+
+
+# ---------------------------------------------------------------- plot
+
+
+def _x_of(result: BenchResult) -> float:
+    """The configured rate; for an infinite rate, the achieved request throughput."""
+    return result.metrics.request_throughput if math.isinf(result.request_rate) else result.request_rate
+
+
+def plot_results(results: Sequence[BenchResult], out: str | Path, slos: SLOs | None = None,
+                 percentile: float = 90.0) -> Path:
+    """One PNG: SLO attainment (%), P90 TTFT and P90 TPOT (ms) against request rate.
+
+    One line per label (runs with the same label form a sweep). `slos` overrides the
+    targets stored in the results (attainment is recomputed from the records).
+    """
+    from matplotlib.figure import Figure  # no pyplot: no global state, Agg canvas
+
+    if not results:
+        raise ValueError("no results to plot")
+    series: dict[str, list[tuple[float, float | None, float, float]]] = {}
+    for r in results:
+        targets = slos if slos is not None else r.slos
+        m = compute_metrics(r.records, r.metrics.duration_s, targets, (percentile,))
+        point = (_x_of(r), m.slo_attainment_pct, m.distributions["ttft"].percentile(percentile),
+                 m.distributions["tpot"].percentile(percentile))
+        series.setdefault(r.label or "run", []).append(point)
+    fig = Figure(figsize=(15, 4.5), layout="constrained")
+    axes = fig.subplots(1, 3)
+    p = percentile_key(percentile)
+    titles = ("SLO attainment (%)", f"P{p} TTFT (ms)", f"P{p} TPOT (ms)")
+    for ax, title in zip(axes, titles):
+        ax.set_title(title)
+        ax.set_xlabel("request rate (req/s)")
+        ax.grid(True, alpha=0.3)
+    any_slo = False
+    for label, points in series.items():
+        points.sort(key=lambda t: t[0])
+        xs = [t[0] for t in points]
+        att = [t[1] for t in points]
+        if all(a is not None for a in att):
+            any_slo = True
+            axes[0].plot(xs, att, marker="o", label=label)
+        axes[1].plot(xs, [t[2] for t in points], marker="o", label=label)
+        axes[2].plot(xs, [t[3] for t in points], marker="o", label=label)
+    if any_slo:
+        axes[0].set_ylim(0, 105)
+        if slos is not None and slos.active:
+            fig.suptitle("SLOs: " + ", ".join(f"{k} {v:g} ms" for k, v in slos.as_dict().items()))
+    else:
+        axes[0].text(0.5, 0.5, "no SLO given\n(--goodput)", ha="center", va="center", transform=axes[0].transAxes)
+    for ax in axes:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png", dpi=100)
+    return path
+
+
+__all__ = [
+    "BenchResult", "SCHEMA", "format_failures", "format_preamble", "format_profile_breakdown", "format_result_block",
+    "load_result", "plot_results", "profile_breakdown", "write_result",
+]

@@ -1,0 +1,269 @@
+"""`semipd bench serve`: open-loop load against an OpenAI-compatible server.
+
+`run_serve_bench(config)` resolves the model (first of `/v1/models` when not given),
+builds the workload's requests once (exact prompt lengths with `tokenizer`, else
+calibrated through the server's `/tokenize`, else about one token per word), then for
+each request rate of the sweep: reads the server's `/metrics`, sends every request at
+its arrival time (Poisson or gamma; a semaphore for `max_concurrency`), waits for all
+of them (each bounded by the request timeout), reads `/metrics` again, prints vLLM's
+result block and writes the JSON. Every rate replays the same requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, TextIO
+
+import httpx
+import numpy as np
+
+from cluster.bench.arrivals import ArrivalConfig, arrival_offsets
+from cluster.bench.client import (
+    EndpointConfig, RequestRecord, ServerError, count_tokens, fetch_models, fetch_server_metrics, send_request,
+)
+from cluster.bench.metrics import METRICS, SLOs, compute_metrics
+from cluster.bench.report import (
+    BenchResult, format_failures, format_preamble, format_profile_breakdown, format_result_block, write_result,
+)
+from cluster.bench.workloads import (
+    BenchRequest, PromptBuilder, RatioPromptBuilder, TokenizerPromptBuilder, WorkloadConfig, build_requests,
+    random_words,
+)
+
+
+@dataclass(frozen=True)
+class ServeBenchConfig:
+    """Everything one `semipd bench serve` invocation needs (validated on construction).
+
+    `model` None: the first model the server lists. `tokenizer`: a local HF tokenizer
+    directory for exact prompt lengths. `request_rates`: a sweep, run in order (math.inf:
+    all requests at once). Results are written when `save_result`, `result_dir` or
+    `result_filename` is set; `result_filename` may hold `{rate}`.
+    """
+
+    base_url: str = "http://127.0.0.1:8000"
+    model: str | None = None
+    endpoint: str = "/v1/completions"
+    api_key: str | None = None
+    tokenizer: str | None = None
+    workload: WorkloadConfig = field(default_factory=WorkloadConfig)
+    request_rates: tuple[float, ...] = (math.inf,)
+    burstiness: float = 1.0
+    max_concurrency: int | None = None
+    slos: SLOs = field(default_factory=SLOs)
+    percentile_metrics: tuple[str, ...] = METRICS
+    metric_percentiles: tuple[float, ...] = (90.0, 99.0)
+    ignore_eos: bool = True
+    temperature: float = 0.0
+    request_timeout_s: float = 600.0
+    label: str | None = None
+    save_result: bool = False
+    result_dir: str | None = None
+    result_filename: str | None = None
+    server_metric_prefixes: tuple[str, ...] = ("semipd:",)
+    disable_tqdm: bool = False
+    metadata: dict[str, str] = field(default_factory=dict)
+    extra_body: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "request_rates", tuple(float(r) for r in self.request_rates))
+        if not self.request_rates:
+            raise ValueError("give at least one request rate")
+        for rate in self.request_rates:
+            ArrivalConfig(rate, self.burstiness, self.workload.seed)  # validates
+        if self.max_concurrency is not None and self.max_concurrency < 1:
+            raise ValueError(f"max concurrency must be at least 1, got {self.max_concurrency}")
+        bad = [m for m in self.percentile_metrics if m not in METRICS]
+        if bad:
+            raise ValueError(f"unknown percentile metrics {bad}; choose from {', '.join(METRICS)}")
+        if not all(0 < p <= 100 for p in self.metric_percentiles):
+            raise ValueError(f"metric percentiles must be in (0, 100], got {self.metric_percentiles}")
+        if not (math.isfinite(self.request_timeout_s) and self.request_timeout_s > 0):
+            raise ValueError(f"request timeout must be positive, got {self.request_timeout_s}")
+        if self.tokenizer is not None and not Path(self.tokenizer).is_dir():
+            raise FileNotFoundError(f"tokenizer directory not found: {self.tokenizer}")
+        EndpointConfig(self.base_url, self.model or "-", self.endpoint, timeout_s=self.request_timeout_s,
+                       temperature=self.temperature)  # validates URL, endpoint, temperature
+
+    @property
+    def writes_results(self) -> bool:
+        return self.save_result or self.result_dir is not None or self.result_filename is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["api_key"] = "***" if self.api_key else None
+        data["slos"] = self.slos.as_dict()
+        return data
+
+
+# ---------------------------------------------------------------- set-up
+
+
+def _tokenizer_dir(config: ServeBenchConfig, model: str) -> str | None:
+    if config.tokenizer:
+        return config.tokenizer
+    d = Path(model)
+    if d.is_dir() and ((d / "tokenizer.json").is_file() or (d / "tokenizer_config.json").is_file()):
+        return str(d)
+    return None
+
+
+async def make_prompt_builder(client: httpx.AsyncClient, config: ServeBenchConfig, model: str,
+                              out: TextIO) -> PromptBuilder:
+    """Exact with a local tokenizer; else calibrated by the server's /tokenize; else 1 token/word."""
+    tok_dir = _tokenizer_dir(config, model)
+    if tok_dir is not None:
+        return TokenizerPromptBuilder.from_dir(tok_dir)
+    headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
+    words = 400
+    sample = random_words(np.random.default_rng([config.workload.seed, 9]), words)
+    full = await count_tokens(client, config.base_url, model, sample, headers)
+    empty = await count_tokens(client, config.base_url, model, "", headers)
+    if full is None or empty is None or full <= empty:
+        print("note: no --tokenizer and no /tokenize on the server: prompt lengths are approximate "
+              "(1 token per word); input token totals use the server's usage when it reports them", file=out)
+        return RatioPromptBuilder(1.0, 0)
+    return RatioPromptBuilder((full - empty) / words, empty)
+
+
+async def resolve_model(client: httpx.AsyncClient, config: ServeBenchConfig) -> tuple[str, int | None]:
+    """The model name to send, and the server's max_model_len when it says."""
+    headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
+    if config.model is not None:
+        try:
+            cards = await fetch_models(client, config.base_url, headers)
+        except ServerError:  # /v1/models is optional when the model is given
+            return config.model, None
+        card = next((c for c in cards if c.get("id") == config.model), {})
+        return config.model, card.get("max_model_len")
+    cards = await fetch_models(client, config.base_url, headers)
+    return str(cards[0]["id"]), cards[0].get("max_model_len")
+
+
+def result_path(config: ServeBenchConfig, model: str, rate: float, date: str) -> Path:
+    """Where a run's JSON goes (vLLM-like default name; `{rate}` or a suffix in a sweep)."""
+    rate_text = "inf" if math.isinf(rate) else f"{rate:g}"
+    if config.result_filename:
+        name = config.result_filename
+        if "{rate}" in name:
+            name = name.replace("{rate}", rate_text)
+        elif len(config.request_rates) > 1:
+            stem, dot, ext = name.rpartition(".")
+            name = f"{stem}-{rate_text}qps.{ext}" if dot else f"{name}-{rate_text}qps"
+    else:
+        conc = f"-concurrency{config.max_concurrency}" if config.max_concurrency else ""
+        base = model.rstrip("/").split("/")[-1]
+        tag = (config.label or "semipd").replace("/", "_").replace(" ", "_")
+        name = f"{tag}-{config.workload.name}-{rate_text}qps{conc}-{base}-{date}.json"
+    return Path(config.result_dir or ".") / name
+
+
+# ---------------------------------------------------------------- running
+
+
+async def run_rate(client: httpx.AsyncClient, endpoint: EndpointConfig, requests: Sequence[BenchRequest],
+                   offsets: Sequence[float], max_concurrency: int | None, disable_tqdm: bool = False,
+                   desc: str = "") -> tuple[list[RequestRecord], float]:
+    """Send each request at its offset (open loop) and wait for all; (records, duration s)."""
+    from tqdm import tqdm
+
+    sem = asyncio.Semaphore(max_concurrency) if max_concurrency else None
+    bar = tqdm(total=len(requests), disable=disable_tqdm, desc=desc, unit="req")
+    t0 = time.perf_counter()
+
+    async def one(request: BenchRequest, offset: float) -> RequestRecord:
+        if sem is None:
+            record = await send_request(client, endpoint, request, t0, offset)
+        else:
+            async with sem:
+                record = await send_request(client, endpoint, request, t0, offset)
+        bar.update(1)
+        return record
+
+    tasks: list[asyncio.Task[RequestRecord]] = []
+    try:
+        for request, offset in zip(requests, offsets):
+            delay = t0 + float(offset) - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)  # the arrival schedule itself
+            tasks.append(asyncio.create_task(one(request, float(offset))))
+        records = list(await asyncio.gather(*tasks))
+    finally:
+        for t in tasks:
+            t.cancel()
+        bar.close()
+    return records, time.perf_counter() - t0
+
+
+def _delta(before: dict[str, float] | None, after: dict[str, float] | None) -> dict[str, Any] | None:
+    if before is None and after is None:
+        return None
+    before, after = before or {}, after or {}
+    return {"before": before, "after": after,
+            "delta": {k: after[k] - before[k] for k in after if k in before}}
+
+
+async def _run(config: ServeBenchConfig, out: TextIO) -> list[BenchResult]:
+    limits = httpx.Limits(max_connections=config.max_concurrency, max_keepalive_connections=config.max_concurrency)
+    timeout = httpx.Timeout(config.request_timeout_s, connect=min(30.0, config.request_timeout_s), pool=None)
+    async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
+        model, max_model_len = await resolve_model(client, config)
+        builder = await make_prompt_builder(client, config, model, out)
+        wl = config.workload
+        print(f"Building {wl.num_prompts} requests of workload {wl.name} (seed {wl.seed}, "
+              f"{'exact' if builder.exact else 'approximate'} prompt lengths)", file=out)
+        requests = build_requests(wl, builder)
+        if max_model_len:
+            too_long = sum(1 for r in requests if r.prompt_len + r.output_len > int(max_model_len))
+            if too_long:
+                print(f"warning: {too_long} requests exceed the server's max_model_len {max_model_len}", file=out)
+        endpoint = EndpointConfig(config.base_url, model, config.endpoint, config.api_key, config.ignore_eos,
+                                  config.temperature, config.request_timeout_s, dict(config.extra_body))
+        results = []
+        for rate in config.request_rates:
+            results.append(await _run_one_rate(client, config, endpoint, requests, rate, out))
+        return results
+
+
+async def _run_one_rate(client: httpx.AsyncClient, config: ServeBenchConfig, endpoint: EndpointConfig,
+                        requests: Sequence[BenchRequest], rate: float, out: TextIO) -> BenchResult:
+    offsets = arrival_offsets(ArrivalConfig(rate, config.burstiness, config.workload.seed), len(requests))
+    prefixes = config.server_metric_prefixes
+    before = await fetch_server_metrics(client, config.base_url, prefixes) if prefixes else None
+    print(format_preamble(rate, config.burstiness, config.max_concurrency), file=out)
+    date = datetime.now().strftime("%Y%m%d-%H%M%S")
+    records, duration = await run_rate(client, endpoint, requests, offsets, config.max_concurrency,
+                                       config.disable_tqdm, desc=f"rate {rate:g}")
+    after = await fetch_server_metrics(client, config.base_url, prefixes) if prefixes else None
+    metrics = compute_metrics(records, duration, config.slos, config.metric_percentiles)
+    result = BenchResult(
+        label=config.label or endpoint.model, date=date, request_rate=rate, burstiness=config.burstiness,
+        max_concurrency=config.max_concurrency, slos=config.slos, percentile_metrics=config.percentile_metrics,
+        metric_percentiles=config.metric_percentiles, records=records, metrics=metrics,
+        config={**config.to_dict(), "model": endpoint.model}, server_metrics=_delta(before, after),
+        metadata=dict(config.metadata),
+    )
+    print(format_result_block(result), file=out)
+    for extra in (format_profile_breakdown(result), format_failures(records)):
+        if extra:
+            print(extra, file=out)
+    if config.writes_results:
+        path = write_result(result, result_path(config, endpoint.model, rate, date))
+        print(f"Result written to {path}", file=out)
+    out.flush()
+    return result
+
+
+def run_serve_bench(config: ServeBenchConfig, out: TextIO | None = None) -> list[BenchResult]:
+    """Run the benchmark (one result per request rate); prints to `out` (stdout)."""
+    return asyncio.run(_run(config, out or sys.stdout))
+
+
+__all__ = ["ServeBenchConfig", "make_prompt_builder", "result_path", "run_rate", "run_serve_bench"]

@@ -1,0 +1,312 @@
+"""Cluster configuration and start-up: named, detached engine actors and the SLO controller.
+
+`ClusterConfig` is what `semipd serve` and the Ray Serve app's `build_app` agree on; it
+round-trips through a plain dict (`to_dict` / `from_dict`) so it can travel as Serve
+application arguments. `ensure_cluster(cfg)` gets or starts every engine actor
+(`<actor_prefix>-<i>` in `namespace`, `get_if_exists`) and, when a Redis URL is set,
+the controller actor; any process can then build a `Router.connect(...)` over them.
+Needs `ray.init(...)` done by the caller.
+
+Environment variables are read here only (`env_defaults()`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from actors.config import ENGINE_MODES, CacheConfig, ConfigError, EngineConfig, SchedulerConfig
+from actors.slo.types import SLOTargets
+from cluster.controller import ControllerConfig, make_policy
+from cluster.redis_store import PublisherConfig
+from cluster.router import ACTOR_PREFIX, NAMESPACE, RouterPolicy
+
+log = logging.getLogger(__name__)
+
+CONTROLLER_SUFFIX = "controller"
+
+
+def env_defaults() -> dict[str, str]:
+    """Defaults taken from the environment: SEMIPD_REDIS_URL, RAY_ADDRESS."""
+    out = {}
+    if os.environ.get("SEMIPD_REDIS_URL"):
+        out["redis_url"] = os.environ["SEMIPD_REDIS_URL"]
+    if os.environ.get("RAY_ADDRESS"):
+        out["ray_address"] = os.environ["RAY_ADDRESS"]
+    return out
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """Per-engine settings (everything of `EngineConfig` but the model and the mode)."""
+
+    dtype: str = "auto"
+    device: str = "auto"
+    attention_backend: str = "auto"
+    seed: int = 0
+    page_size: int = 16
+    num_pages: int | None = None
+    memory_fraction: float = 0.85
+    cpu_kv_bytes: int = 256 << 20
+    enable_prefix_caching: bool = True
+    max_prefill_tokens: int = 4096
+    max_decode_seqs: int = 256
+    max_model_len: int | None = None
+    prefill_sms: int | None = None
+    cuda_graphs: bool = True
+
+    def __post_init__(self) -> None:
+        # the nested configs validate the values
+        CacheConfig(self.page_size, self.num_pages, self.memory_fraction, self.cpu_kv_bytes, self.enable_prefix_caching)
+        SchedulerConfig(self.max_prefill_tokens, self.max_decode_seqs, self.max_model_len)
+
+    def engine_config(self, model: str, mode: str) -> EngineConfig:
+        return EngineConfig(
+            model=model, dtype=self.dtype, device=self.device, mode=mode, attention_backend=self.attention_backend,
+            seed=self.seed, prefill_sms=self.prefill_sms, cuda_graphs=self.cuda_graphs,
+            cache=CacheConfig(self.page_size, self.num_pages, self.memory_fraction, self.cpu_kv_bytes,
+                              self.enable_prefix_caching),
+            scheduler=SchedulerConfig(self.max_prefill_tokens, self.max_decode_seqs, self.max_model_len),
+        )
+
+
+Resources = tuple[tuple[str, float], ...]
+
+
+def _freeze_resources(items: Sequence[Mapping[str, float] | Resources]) -> tuple[Resources, ...]:
+    out = []
+    for r in items:
+        pairs = tuple(sorted((dict(r) if not isinstance(r, Mapping) else r).items()))
+        for k, v in pairs:
+            if not isinstance(k, str) or not k or float(v) <= 0:
+                raise ConfigError(f"actor resources must be name -> positive amount, got {k!r}: {v!r}")
+        out.append(tuple((k, float(v)) for k, v in pairs))
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """A semipd cluster: the model, its engine actors, Redis, SLO targets, router and controller.
+
+    `actor_resources[i]`: extra Ray custom resources engine i needs (pin actors to nodes);
+    empty means none. `num_gpus_per_actor` None: 1 when the Ray cluster has GPUs, else 0.
+    """
+
+    model: str
+    num_actors: int = 1
+    mode: str = "semi-pd"
+    redis_url: str | None = None
+    slo: SLOTargets = field(default_factory=SLOTargets)
+    policy: str = "reactive"
+    router: RouterPolicy = field(default_factory=RouterPolicy)
+    engine: EngineOptions = field(default_factory=EngineOptions)
+    actor_resources: tuple[Resources, ...] = ()
+    num_gpus_per_actor: float | None = None
+    num_cpus_per_actor: float = 0.0
+    namespace: str = NAMESPACE
+    actor_prefix: str = ACTOR_PREFIX
+    cluster_name: str = "default"
+    served_model_name: str | None = None
+    publish_interval_s: float = 0.5
+    controller_interval_s: float = 0.5
+    lease_s: float = 3.0
+    min_dwell_s: float = 5.0
+    min_samples: int = 8
+    start_controller: bool = True
+    ready_timeout_s: float = 300.0
+    check_model: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "actor_resources", _freeze_resources(self.actor_resources))
+        if self.num_actors < 1:
+            raise ConfigError(f"num_actors must be >= 1, got {self.num_actors}")
+        if self.mode not in ENGINE_MODES:
+            raise ConfigError(f"mode must be one of {ENGINE_MODES}, got {self.mode!r}")
+        if self.actor_resources and len(self.actor_resources) != self.num_actors:
+            raise ConfigError(f"actor_resources has {len(self.actor_resources)} entries for {self.num_actors} actors")
+        if self.num_gpus_per_actor is not None and self.num_gpus_per_actor < 0:
+            raise ConfigError("num_gpus_per_actor must be >= 0")
+        if self.num_cpus_per_actor < 0:
+            raise ConfigError("num_cpus_per_actor must be >= 0")
+        if not self.namespace or not self.actor_prefix or not self.cluster_name:
+            raise ConfigError("namespace, actor_prefix and cluster_name must not be empty")
+        if self.check_model and not (Path(self.model) / "config.json").is_file():
+            raise ConfigError(f"{self.model}: no config.json (expected a Hugging Face checkpoint directory)")
+        try:
+            make_policy(self.policy)
+            if self.redis_url is not None:
+                self.controller_config()
+                self.publisher_config()
+        except (ValueError, ImportError, AttributeError) as e:
+            raise ConfigError(str(e)) from e
+
+    # -- derived ---------------------------------------------------------------------
+
+    def actor_name(self, i: int) -> str:
+        return f"{self.actor_prefix}-{i}"
+
+    @property
+    def actor_names(self) -> list[str]:
+        return [self.actor_name(i) for i in range(self.num_actors)]
+
+    @property
+    def controller_name(self) -> str:
+        return f"{self.actor_prefix}-{CONTROLLER_SUFFIX}"
+
+    def resources_for(self, i: int) -> dict[str, float]:
+        return dict(self.actor_resources[i]) if self.actor_resources else {}
+
+    def engine_config(self) -> EngineConfig:
+        return self.engine.engine_config(self.model, self.mode)
+
+    def publisher_config(self) -> PublisherConfig | None:
+        if self.redis_url is None:
+            return None
+        return PublisherConfig(self.redis_url, self.cluster_name, self.publish_interval_s,
+                               view_ttl_s=max(5.0, 4 * self.publish_interval_s))
+
+    def controller_config(self) -> ControllerConfig:
+        if self.redis_url is None:
+            raise ConfigError("the controller needs a redis_url")
+        return ControllerConfig(self.redis_url, self.cluster_name, self.slo, self.policy,
+                                interval_s=self.controller_interval_s, lease_s=self.lease_s,
+                                min_dwell_s=self.min_dwell_s, min_samples=self.min_samples)
+
+    # -- dict round trip (Serve application arguments) ----------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["actor_resources"] = [dict(r) for r in self.actor_resources]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ClusterConfig:
+        """Inverse of `to_dict`; unknown keys are an error, missing ones take defaults."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ConfigError(f"unknown cluster config keys: {', '.join(sorted(unknown))}")
+        kw = dict(d)
+        if isinstance(kw.get("slo"), Mapping):
+            kw["slo"] = SLOTargets(**kw["slo"])
+        if isinstance(kw.get("router"), Mapping):
+            kw["router"] = RouterPolicy(**kw["router"])
+        if isinstance(kw.get("engine"), Mapping):
+            kw["engine"] = EngineOptions(**kw["engine"])
+        if "actor_resources" in kw:
+            kw["actor_resources"] = tuple(kw["actor_resources"])
+        return cls(**kw)
+
+
+@dataclass
+class ClusterHandles:
+    """What `ensure_cluster` found or started."""
+
+    actors: dict[str, Any]  # actor name -> handle
+    created: list[str]  # names of actors started by this call
+    controller: Any | None = None
+    controller_created: bool = False
+    infos: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def _num_gpus(cfg: ClusterConfig) -> float:
+    import ray
+
+    if cfg.num_gpus_per_actor is not None:
+        return cfg.num_gpus_per_actor
+    return 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+
+
+def _get_actor(name: str, namespace: str) -> Any | None:
+    import ray
+
+    try:
+        return ray.get_actor(name, namespace=namespace)
+    except ValueError:
+        return None
+
+
+def ensure_cluster(cfg: ClusterConfig) -> ClusterHandles:
+    """Get or start the engine actors (and the controller when Redis is set); wait until ready."""
+    import ray
+
+    from actors.gpu_actor import engine_actor_cls
+    from cluster.controller import controller_actor_cls
+
+    if not ray.is_initialized():
+        raise RuntimeError("ensure_cluster needs ray.init(...) first")
+    gpus = _num_gpus(cfg)
+    actors: dict[str, Any] = {}
+    created: list[str] = []
+    for i, name in enumerate(cfg.actor_names):
+        existing = _get_actor(name, cfg.namespace)
+        if existing is not None:
+            actors[name] = existing
+            continue
+        cls = engine_actor_cls(num_gpus=gpus, num_cpus=cfg.num_cpus_per_actor, resources=cfg.resources_for(i))
+        actors[name] = cls.options(name=name, namespace=cfg.namespace, lifetime="detached", get_if_exists=True,
+                                   max_restarts=0).remote(name, cfg.engine_config(), cfg.publisher_config())
+        created.append(name)
+    names = list(actors)
+    infos = ray.get([actors[n].ready.remote() for n in names], timeout=cfg.ready_timeout_s)
+    by_name = dict(zip(names, infos))
+    for n, info in by_name.items():
+        if Path(info["model_dir"]).resolve() != Path(cfg.model).resolve() or info["mode"] != cfg.mode:
+            log.warning("actor %s serves %s (%s), not %s (%s): it was started with another config",
+                        n, info["model_dir"], info["mode"], cfg.model, cfg.mode)
+    log.info("engine actors ready: %s (started %d)", ", ".join(names), len(created))
+    handles = ClusterHandles(actors, created, infos=by_name)
+    if cfg.redis_url is not None and cfg.start_controller:
+        existing = _get_actor(cfg.controller_name, cfg.namespace)
+        if existing is None:
+            existing = controller_actor_cls().options(
+                name=cfg.controller_name, namespace=cfg.namespace, lifetime="detached", get_if_exists=True,
+                max_restarts=-1,
+            ).remote(cfg.controller_config(), autostart=True)
+            handles.controller_created = True
+        ray.get(existing.start.remote(), timeout=cfg.ready_timeout_s)
+        handles.controller = existing
+    return handles
+
+
+def drain_cluster(cfg: ClusterConfig, timeout_s: float = 30.0) -> int:
+    """Drain every engine actor of `cfg` (stop accepting, wait for in-flight); returns what remains."""
+    import ray
+
+    handles = [h for n in cfg.actor_names if (h := _get_actor(n, cfg.namespace)) is not None]
+    refs = [h.drain.remote(timeout_s) for h in handles]
+    remaining = 0
+    for ref in refs:
+        try:
+            remaining += int(ray.get(ref, timeout=timeout_s + 10))
+        except Exception as e:
+            log.warning("drain failed: %s", e)
+    return remaining
+
+
+def teardown_cluster(cfg: ClusterConfig, names: Sequence[str] | None = None, controller: bool = True) -> None:
+    """Stop and kill the engine actors `names` (default: all of `cfg`) and the controller."""
+    import ray
+
+    for name in list(names if names is not None else cfg.actor_names):
+        h = _get_actor(name, cfg.namespace)
+        if h is None:
+            continue
+        try:
+            ray.get(h.shutdown.remote(), timeout=30)
+        except Exception as e:
+            log.warning("shutdown of %s failed: %s", name, e)
+        ray.kill(h, no_restart=True)
+    if controller:
+        h = _get_actor(cfg.controller_name, cfg.namespace)
+        if h is not None:
+            try:
+                ray.get(h.stop.remote(), timeout=10)
+            except Exception as e:
+                log.warning("controller stop failed: %s", e)
+            ray.kill(h, no_restart=True)

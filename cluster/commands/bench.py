@@ -1,0 +1,239 @@
+"""`semipd bench ...`: benchmarks. `bench serve` (load against an OpenAI-compatible server),
+`bench plot` (SLO attainment and P90 TTFT/TPOT against rate for several runs).
+
+Further `bench` subcommands live in their own modules listed in BENCH_MODULES (for
+example `bench engine` in cluster/commands/bench_engine.py); each defines
+`register(bench_subparsers)` (or `register_engine(bench_subparsers)`) like the top-level
+command modules, and is skipped when the module does not exist.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import math
+import os
+import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
+
+if TYPE_CHECKING:
+    from cluster.bench.serve_bench import ServeBenchConfig
+
+T = TypeVar("T")
+
+BENCH_MODULES = ("cluster.commands.bench_engine",)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="benchmarks: serve (HTTP load generator), plot, ...")
+    bench_sub = p.add_subparsers(dest="bench_command", required=True)
+    _register_serve(bench_sub)
+    _register_plot(bench_sub)
+    for name in BENCH_MODULES:
+        if importlib.util.find_spec(name) is not None:
+            module = importlib.import_module(name)
+            hook = getattr(module, "register", None) or getattr(module, "register_engine")
+            hook(bench_sub)
+
+
+# ---------------------------------------------------------------- argument types
+
+
+def _type(parse: Callable[[str], T]) -> Callable[[str], T]:
+    """Wrap a parser raising ValueError so argparse reports it (exit 2)."""
+
+    def convert(text: str) -> T:
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    convert.__name__ = getattr(parse, "__name__", "value")
+    return convert
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError(f"must be at least 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"must be a positive number, got {text}")
+    return value
+
+
+def _ratio(text: str) -> float:
+    value = float(text)
+    if not (0.0 <= value < 1.0):
+        raise ValueError(f"must be in [0, 1), got {text}")
+    return value
+
+
+def _slo_item(text: str) -> str:
+    from cluster.bench.metrics import SLOs
+
+    SLOs.parse([text])
+    return text
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ValueError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
+def _rates(text: str) -> tuple[float, ...]:
+    from cluster.bench.arrivals import parse_rates
+
+    return parse_rates(text)
+
+
+def _phases(text: str) -> tuple[tuple[str, float], ...]:
+    from cluster.bench.workloads import parse_phases
+
+    return parse_phases(text)
+
+
+def _percentiles(text: str) -> tuple[float, ...]:
+    from cluster.bench.metrics import parse_percentiles
+
+    return parse_percentiles(text)
+
+
+def _metric_names(text: str) -> tuple[str, ...]:
+    from cluster.bench.metrics import parse_metric_names
+
+    return parse_metric_names(text)
+
+
+# ---------------------------------------------------------------- serve
+
+
+def _register_serve(sub: argparse._SubParsersAction) -> None:
+    from cluster.bench.client import ENDPOINTS
+    from cluster.bench.workloads import WORKLOAD_NAMES
+
+    p = sub.add_parser(
+        "serve", help="open-loop load against an OpenAI-compatible server (vllm bench serve style)",
+        description="Send a synthetic workload to an OpenAI-compatible server at a request rate (or a sweep) "
+                    "and report TTFT, TPOT, ITL, E2EL, throughput and goodput like `vllm bench serve`.",
+    )
+    g = p.add_argument_group("server")
+    g.add_argument("--base-url", default="http://127.0.0.1:8000", help="server root, without /v1")
+    g.add_argument("--endpoint", default="/v1/completions", choices=ENDPOINTS)
+    g.add_argument("--model", default=None, help="model name to send (default: the first of /v1/models)")
+    g.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"), help="bearer token (default $OPENAI_API_KEY)")
+    g.add_argument("--tokenizer", default=None, metavar="DIR",
+                   help="local HF tokenizer directory, for prompts of exact token length")
+    g.add_argument("--request-timeout", type=_type(_positive_float), default=600.0, metavar="S",
+                   help="seconds before one request counts as failed (default 600)")
+
+    g = p.add_argument_group("workload")
+    g.add_argument("--workload", "--dataset-name", dest="workload", default="sharegpt", choices=WORKLOAD_NAMES)
+    g.add_argument("--num-prompts", type=_type(_positive_int), default=1000)
+    g.add_argument("--phases", type=_type(_phases), default=None, metavar="NAME[:FRAC],...",
+                   help="phases of --workload shifting, in order (default sharegpt:0.5,long-doc:0.5)")
+    g.add_argument("--input-len", "--random-input-len", dest="input_len", type=_type(_positive_int), default=1024,
+                   help="random workload: mean input tokens")
+    g.add_argument("--output-len", "--random-output-len", dest="output_len", type=_type(_positive_int), default=128,
+                   help="random workload: mean output tokens")
+    g.add_argument("--range-ratio", "--random-range-ratio", dest="range_ratio", type=_type(_ratio), default=0.0,
+                   help="random workload: lengths uniform in [len*(1-r), len*(1+r)]")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false",
+                   help="let the model stop at EOS (default: ignore_eos so outputs have the drawn length)")
+    g.add_argument("--temperature", type=float, default=0.0)
+
+    g = p.add_argument_group("traffic")
+    g.add_argument("--request-rate", type=_type(_rates), default=(math.inf,), metavar="RATE[,RATE...]",
+                   help="requests/s (inf: all at once); a comma list runs a sweep, one result per rate")
+    g.add_argument("--burstiness", type=_type(_positive_float), default=1.0,
+                   help="gamma shape of inter-arrival times: 1 Poisson, <1 burstier, >1 more regular")
+    g.add_argument("--max-concurrency", type=_type(_positive_int), default=None)
+
+    g = p.add_argument_group("metrics and results")
+    g.add_argument("--goodput", nargs="+", type=_type(_slo_item), default=None, metavar="KEY:MS",
+                   help="SLOs for goodput, any of ttft:MS tpot:MS e2el:MS")
+    g.add_argument("--percentile-metrics", type=_type(_metric_names), default=("ttft", "tpot", "itl", "e2el"),
+                   help="metrics to report percentiles of (default ttft,tpot,itl,e2el)")
+    g.add_argument("--metric-percentiles", type=_type(_percentiles), default=(90.0, 99.0),
+                   help="percentiles to report (default 90,99)")
+    g.add_argument("--label", default=None, help="name of this run in results and plots (default: the model)")
+    g.add_argument("--save-result", action="store_true", help="write the result JSON (implied by --result-*)")
+    g.add_argument("--result-dir", default=None)
+    g.add_argument("--result-filename", default=None, help="file name; '{rate}' is replaced in a sweep")
+    g.add_argument("--metadata", nargs="*", type=_type(_key_value), default=[], metavar="KEY=VALUE")
+    g.add_argument("--no-server-metrics", dest="server_metrics", action="store_false",
+                   help="do not read the server's /metrics before and after each run")
+    g.add_argument("--disable-tqdm", action="store_true")
+    p.set_defaults(func=run_serve)
+
+
+def serve_config(args: argparse.Namespace) -> ServeBenchConfig:
+    """The ServeBenchConfig of parsed `bench serve` arguments."""
+    from cluster.bench.metrics import SLOs
+    from cluster.bench.serve_bench import ServeBenchConfig
+    from cluster.bench.workloads import DEFAULT_PHASES, WorkloadConfig
+
+    if args.phases is not None and args.workload != "shifting":
+        raise ValueError("--phases applies to --workload shifting only")
+    workload = WorkloadConfig(
+        name=args.workload, num_prompts=args.num_prompts, seed=args.seed, phases=args.phases or DEFAULT_PHASES,
+        input_len=args.input_len, output_len=args.output_len, range_ratio=args.range_ratio,
+    )
+    return ServeBenchConfig(
+        base_url=args.base_url, model=args.model, endpoint=args.endpoint, api_key=args.api_key,
+        tokenizer=args.tokenizer, workload=workload, request_rates=args.request_rate, burstiness=args.burstiness,
+        max_concurrency=args.max_concurrency, slos=SLOs.parse(args.goodput or []),
+        percentile_metrics=args.percentile_metrics, metric_percentiles=args.metric_percentiles,
+        ignore_eos=args.ignore_eos, temperature=args.temperature, request_timeout_s=args.request_timeout,
+        label=args.label, save_result=args.save_result, result_dir=args.result_dir,
+        result_filename=args.result_filename,
+        server_metric_prefixes=("semipd:",) if args.server_metrics else (),
+        disable_tqdm=args.disable_tqdm, metadata=dict(args.metadata),
+    )
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """0 when every run had at least one successful request, 1 otherwise (or when unreachable)."""
+    from cluster.bench.client import ServerError
+    from cluster.bench.serve_bench import run_serve_bench
+
+    config = serve_config(args)
+    try:
+        results = run_serve_bench(config)
+    except ServerError as e:
+        print(f"semipd bench serve: {e}", file=sys.stderr)
+        return 1
+    return 0 if all(r.metrics.completed > 0 for r in results) else 1
+
+
+# ---------------------------------------------------------------- plot
+
+
+def _register_plot(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plot", help="plot SLO attainment and P90 TTFT/TPOT against request rate")
+    p.add_argument("results", nargs="+", metavar="RESULT.json", help="result files of `bench serve` (any labels)")
+    p.add_argument("--out", required=True, metavar="FILE.png")
+    p.add_argument("--goodput", nargs="+", type=_type(_slo_item), default=None, metavar="KEY:MS",
+                   help="SLOs for attainment (default: those stored in each result)")
+    p.add_argument("--percentile", type=_type(_percentiles), default=(90.0,), help="latency percentile (default 90)")
+    p.set_defaults(func=run_plot)
+
+
+def run_plot(args: argparse.Namespace) -> int:
+    from cluster.bench.metrics import SLOs
+    from cluster.bench.report import load_result, plot_results
+
+    results = [load_result(path) for path in args.results]
+    slos = SLOs.parse(args.goodput) if args.goodput else None
+    path = plot_results(results, args.out, slos, percentile=args.percentile[0])
+    print(f"wrote {path}")
+    return 0

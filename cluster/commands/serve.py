@@ -1,0 +1,242 @@
+"""`semipd serve`: a semipd cluster on this machine (or joined to a Ray cluster) and its front ends.
+
+Starts (or joins with --address) Ray, a private redis-server unless --redis is given,
+the engine actors and the SLO controller (`cluster.bootstrap.ensure_cluster`), then the
+OpenAI HTTP API (the Ray Serve app, `cluster.serve_app.build_app`) with the gRPC
+service in its replica; without the Serve app, the gRPC server runs here over a Router.
+`--self-test` sends one request through the HTTP API (or the Router) and prints the
+answer. Ctrl-C / SIGTERM drains (new requests refused, in-flight ones finish within
+--drain-timeout) and shuts everything down that this command started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import logging
+import signal
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="start a local semipd cluster with its HTTP and gRPC front ends")
+    p.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
+    p.add_argument("--num-actors", type=int, default=1, help="engine actors (one GPU each when GPUs exist)")
+    p.add_argument("--redis", metavar="URL", default=None,
+                   help="Redis for the SLO controller (default: $SEMIPD_REDIS_URL, else a private redis-server)")
+    p.add_argument("--mode", default="semi-pd", choices=["semi-pd", "unified"])
+    p.add_argument("--ttft-slo-ms", type=float, default=1000.0)
+    p.add_argument("--tpot-slo-ms", type=float, default=50.0)
+    p.add_argument("--policy", default="reactive", help="split policy name (or module:Class)")
+    p.add_argument("--router-policy", default="least-loaded", choices=["least-loaded", "prefix-affinity"])
+    p.add_argument("--address", default=None, help="join this Ray cluster instead of starting one")
+    p.add_argument("--host", default="127.0.0.1", help="HTTP bind address")
+    p.add_argument("--http-port", type=int, default=8000, help="OpenAI HTTP port (0: no HTTP front end)")
+    p.add_argument("--grpc-port", type=int, default=50051, help="gRPC port (0: no gRPC front end)")
+    p.add_argument("--served-model-name", default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--num-pages", type=int, default=None, help="KV pages per engine (default: from memory)")
+    p.add_argument("--max-prefill-tokens", type=int, default=4096)
+    p.add_argument("--cluster-name", default="default", help="Redis key namespace")
+    p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds in-flight requests get on shutdown")
+    p.add_argument("--self-test", action="store_true", help="send one request once up and print the answer")
+    p.add_argument("--exit-after-self-test", action="store_true", help="shut down after --self-test")
+    p.set_defaults(func=run)
+
+
+def cluster_config(args: argparse.Namespace, redis_url: str | None) -> Any:
+    from actors.slo.types import SLOTargets
+    from cluster.bootstrap import ClusterConfig, EngineOptions
+    from cluster.router import RouterPolicy
+
+    return ClusterConfig(
+        model=args.model, num_actors=args.num_actors, mode=args.mode, redis_url=redis_url,
+        slo=SLOTargets(args.ttft_slo_ms, args.tpot_slo_ms), policy=args.policy,
+        router=RouterPolicy(session_affinity=args.router_policy == "prefix-affinity"),
+        engine=EngineOptions(device=args.device, num_pages=args.num_pages, max_prefill_tokens=args.max_prefill_tokens),
+        cluster_name=args.cluster_name, served_model_name=args.served_model_name,
+    )
+
+
+def serve_app_args(args: argparse.Namespace, redis_url: str | None, grpc_port: int | None) -> dict[str, Any]:
+    """Application arguments for `cluster.serve_app.build_app` (its ServeArgs)."""
+    return dict(model=args.model, served_model_name=args.served_model_name, ttft_slo_ms=args.ttft_slo_ms,
+                tpot_slo_ms=args.tpot_slo_ms, mode=args.mode, router_policy=args.router_policy,
+                num_actors=args.num_actors, redis_url=redis_url, grpc_port=grpc_port or None,
+                max_prefill_tokens=args.max_prefill_tokens, device=args.device)
+
+
+def _optional_module(name: str) -> ModuleType | None:
+    """Import a front-end module written elsewhere; None (logged) if it is not there yet."""
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        if e.name != name:
+            raise
+        log.warning("%s is not available: that front end is off", name)
+        return None
+
+
+@dataclass
+class Started:
+    """What this command started, to be stopped in reverse order."""
+
+    redis: Any = None
+    ray_started: bool = False
+    cluster: Any = None
+    serve: bool = False
+    endpoints: dict[str, str] = field(default_factory=dict)
+
+
+def run(args: argparse.Namespace) -> int:
+    import ray
+
+    from cluster.bootstrap import drain_cluster, ensure_cluster, env_defaults, teardown_cluster
+    from cluster.redis_server import RedisServerProcess
+
+    started = Started()
+    redis_url = args.redis or env_defaults().get("redis_url")
+    cluster_config(args, None)  # flags are checked before anything starts
+    try:
+        if redis_url is None:
+            started.redis = RedisServerProcess().start()
+            redis_url = started.redis.url
+        cfg = cluster_config(args, redis_url)
+        started.endpoints["redis"] = redis_url
+        # "local": a new instance even if another one runs on this machine (ray.init() would join it)
+        ray.init(address=args.address or "local", namespace=cfg.namespace,
+                 include_dashboard=False if not args.address else None)
+        started.ray_started = args.address is None
+        started.endpoints["ray"] = ray.get_runtime_context().gcs_address
+        print(f"starting {cfg.num_actors} engine actor(s) for {cfg.model} ({cfg.mode}) ...", flush=True)
+        started.cluster = ensure_cluster(cfg)
+        for name, info in started.cluster.infos.items():
+            started.endpoints[name] = f"node {info['node_id'][:12]}, {info['mode']}, {info['total_sms']} SMs"
+        app_module = _optional_module("cluster.serve_app") if args.http_port else None
+        grpc_in_app = False
+        if app_module is not None:
+            from ray import serve
+
+            serve.start(http_options={"host": args.host, "port": args.http_port})
+            grpc_in_app = bool(args.grpc_port)
+            app = app_module.build_app(serve_app_args(args, redis_url, args.grpc_port if grpc_in_app else None))
+            serve.run(app, name="semipd", route_prefix="/")
+            started.serve = True
+            started.endpoints["http"] = f"http://{args.host}:{args.http_port}/v1"
+            if grpc_in_app:
+                started.endpoints["grpc"] = f"{args.host}:{args.grpc_port} (in the Serve replica)"
+        return asyncio.run(_serve(args, cfg, started, run_grpc=bool(args.grpc_port) and not grpc_in_app))
+    finally:
+        _shutdown(args, started, drain_cluster, teardown_cluster)
+
+
+async def _serve(args: argparse.Namespace, cfg: Any, started: Started, run_grpc: bool) -> int:
+    from cluster.router import Router
+
+    router = await asyncio.to_thread(Router.connect, cfg.actor_names, cfg.namespace, cfg.router, cfg.actor_prefix,
+                                     cfg.served_model_name)
+    refresher = asyncio.create_task(router.run_refresh_loop())
+    grpc = None
+    if run_grpc:
+        mod = _optional_module("cluster.grpc_server")
+        if mod is not None:
+            from actors.engine.frontend import Tokenizer
+
+            grpc = mod.GrpcServer(router, Tokenizer(cfg.model), port=args.grpc_port, host=args.host)
+            port = await grpc.start()
+            started.endpoints["grpc"] = f"{args.host}:{port}"
+    print("semipd is up:")
+    for what, where in started.endpoints.items():
+        print(f"  {what:18s} {where}")
+    print(f"  status             semipd status --redis {started.endpoints['redis']}", flush=True)
+    rc = 0
+    if args.self_test:
+        rc = await _self_test(args, router, started)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    if not args.exit_after_self_test:
+        print("serving; Ctrl-C to stop", flush=True)
+        await stop.wait()
+    print(f"draining (up to {args.drain_timeout:.0f} s) ...", flush=True)
+    if grpc is not None:
+        await grpc.drain(args.drain_timeout)
+    remaining = await router.drain(args.drain_timeout)
+    if remaining:
+        print(f"{remaining} request(s) still in flight at the drain deadline", flush=True)
+    if grpc is not None:
+        await grpc.stop()
+    refresher.cancel()
+    return rc
+
+
+async def _self_test(args: argparse.Namespace, router: Any, started: Started) -> int:
+    """One greedy request through HTTP when the Serve app is up, else through the Router."""
+    prompt, max_tokens = "Hello", 16
+    t0 = time.monotonic()
+    try:
+        if "http" in started.endpoints:
+            import httpx
+
+            base = f"http://{args.host}:{args.http_port}"
+            async with httpx.AsyncClient(timeout=120) as client:
+                model = (await client.get(f"{base}/v1/models")).json()["data"][0]["id"]
+                r = await client.post(f"{base}/v1/completions", json=dict(
+                    model=model, prompt=prompt, max_tokens=max_tokens, temperature=0))
+                r.raise_for_status()
+                text, via = r.json()["choices"][0]["text"], "HTTP /v1/completions"
+        else:
+            from actors.engine.frontend import Tokenizer
+            from actors.request import SamplingParams
+            from cluster.engine_client import GenerateRequest
+
+            tok = Tokenizer(router.model_info().model_dir)
+            req = GenerateRequest(f"self-test-{uuid.uuid4().hex[:8]}", tok.encode(prompt),
+                                  SamplingParams(max_tokens=max_tokens, temperature=0))
+            ids: list[int] = []
+            async for chunk in router.generate(req):
+                ids.extend(chunk.token_ids)
+                if chunk.error:
+                    raise RuntimeError(chunk.error)
+            text, via = tok.decode(ids), "the Router"
+    except Exception as e:
+        print(f"self-test FAILED: {type(e).__name__}: {e}", flush=True)
+        return 1
+    print(f"self-test via {via} ({time.monotonic() - t0:.2f} s): {prompt!r} -> {text!r}", flush=True)
+    return 0
+
+
+def _shutdown(args: argparse.Namespace, started: Started, drain: Any, teardown: Any) -> None:
+    """Stop what this command started: Serve, the engine actors it created, Ray, Redis."""
+    import ray
+
+    if ray.is_initialized() and started.cluster is not None:
+        cfg = cluster_config(args, started.endpoints.get("redis"))
+        # actors still serving (e.g. after an error before the drain) finish in-flight work first
+        drain(cfg, args.drain_timeout)
+    if started.serve:
+        try:
+            from ray import serve
+
+            serve.shutdown()
+        except Exception as e:
+            log.warning("serve shutdown failed: %s", e)
+    if ray.is_initialized() and started.cluster is not None:
+        names = started.cluster.created if not started.ray_started else None
+        teardown(cluster_config(args, started.endpoints.get("redis")), names=names,
+                 controller=started.cluster.controller_created or started.ray_started)
+    if ray.is_initialized():
+        ray.shutdown()
+    if started.redis is not None:
+        started.redis.cleanup()
+    print("semipd stopped", file=sys.stderr, flush=True)
+

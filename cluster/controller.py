@@ -1,0 +1,267 @@
+"""The SLO controller: one leader per cluster decides every engine's SM split.
+
+Loop (every `interval_s`):
+1. take or renew the Redis lease (`RedisStore.acquire_or_renew`); a follower waits and
+   takes over only when the lease expires;
+2. read all live engine views (engines publish them with an expiry);
+3. ask the split policy for each engine (a `SplitPolicy` picked by name; a policy
+   with `decide_all(views, targets)` sees the whole cluster at once);
+4. filter through `hold_reason` (warm-up: enough samples since the last switch; a
+   minimum dwell time per engine; the last decision applied first), and write the
+   changes to Redis, fenced by the lease, each with a decision record
+   (time, engine, from, to, why, leader).
+
+Engines poll their desired split and switch at an iteration boundary. When Redis is
+away the controller logs, backs off and resumes when it returns; the engines keep
+their last split meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from actors.slo.types import EngineView, ReactivePolicy, SLOTargets, SplitDecision, SplitPolicy
+from cluster.redis_store import REDIS_ERRORS, Backoff, RedisStore
+
+log = logging.getLogger(__name__)
+
+POLICIES: dict[str, Callable[[], SplitPolicy]] = {"reactive": ReactivePolicy}
+
+
+def register_policy(name: str, factory: Callable[[], SplitPolicy]) -> None:
+    """Make a policy available to `make_policy(name)` (and `--policy name`)."""
+    POLICIES[name] = factory
+
+
+def make_policy(name: str) -> SplitPolicy:
+    """A split policy by registered name, or by import path `package.module:Attr`."""
+    if name in POLICIES:
+        return POLICIES[name]()
+    if ":" in name:
+        module, attr = name.split(":", 1)
+        obj = getattr(importlib.import_module(module), attr)
+        policy = obj() if isinstance(obj, type) else obj
+        if not callable(getattr(policy, "decide", None)):
+            raise ValueError(f"{name} has no decide(view, targets) method")
+        return policy
+    raise ValueError(f"unknown split policy {name!r}; known: {', '.join(sorted(POLICIES))} (or module:Class)")
+
+
+@dataclass(frozen=True)
+class ControllerConfig:
+    """Where the controller reads and writes, what it aims for and how cautiously it moves."""
+
+    redis_url: str
+    cluster: str = "default"
+    targets: SLOTargets = field(default_factory=SLOTargets)
+    policy: str = "reactive"
+    interval_s: float = 0.5
+    lease_s: float = 3.0
+    min_dwell_s: float = 5.0
+    min_samples: int = 8
+    apply_timeout_s: float = 10.0
+    max_decisions: int = 500
+    max_backoff_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"redis_url must be a redis:// URL, got {self.redis_url!r}")
+        if self.interval_s <= 0:
+            raise ValueError("interval_s must be positive")
+        if self.lease_s <= 2 * self.interval_s:
+            raise ValueError(f"lease_s ({self.lease_s}) must exceed two intervals ({2 * self.interval_s})")
+        if self.min_dwell_s < 0 or self.min_samples < 0 or self.apply_timeout_s <= 0:
+            raise ValueError("min_dwell_s and min_samples must be >= 0, apply_timeout_s > 0")
+        if self.max_decisions < 1 or self.max_backoff_s < self.interval_s:
+            raise ValueError("max_decisions must be >= 1 and max_backoff_s >= interval_s")
+
+
+def view_from_dict(d: Mapping[str, Any]) -> EngineView:
+    """The policy's view of an engine from what the engine published."""
+    s = d.get("stats", {})
+    return EngineView(
+        engine_id=d["engine_id"], prefill_sms=int(s["prefill_sms"]), total_sms=int(s["total_sms"]),
+        splits=tuple(int(x) for x in s.get("splits", ())) or (int(s["prefill_sms"]),),
+        waiting_prefill_tokens=int(s.get("waiting_prefill_tokens", 0)), num_decoding=int(s.get("num_decoding", 0)),
+        decode_context_tokens=int(s.get("decode_context_tokens", 0)),
+        ttft_ms=tuple(float(x) for x in d.get("ttft_ms", ())), tpot_ms=tuple(float(x) for x in d.get("tpot_ms", ())),
+        time=float(d.get("time", 0.0)),
+        num_prefill_requests=int(s.get("num_waiting", 0)) + int(s.get("num_prefilling", 0)),
+    )
+
+
+def hold_reason(view: EngineView, proposed: int, now: float, last_change: float | None,
+                pending: Mapping[str, Any] | None, cfg: ControllerConfig) -> str | None:
+    """Why the controller should not switch `view`'s engine to `proposed` now (None: switch).
+
+    `last_change`: when this engine's split was last decided; `pending`: the last desired
+    split written for it (None if none).
+    """
+    if proposed == view.prefill_sms:
+        return "no change"
+    if proposed not in view.splits:
+        return f"{proposed} SMs is not an available split"
+    if pending is not None and int(pending["prefill_sms"]) != view.prefill_sms \
+            and now - float(pending.get("time", 0.0)) < cfg.apply_timeout_s:
+        return "waiting for the engine to apply the last decision"
+    if last_change is not None and now - last_change < cfg.min_dwell_s:
+        return f"dwell: last change {now - last_change:.1f} s ago (< {cfg.min_dwell_s:.1f} s)"
+    if len(view.ttft_ms) < cfg.min_samples:
+        return f"warming up: {len(view.ttft_ms)} samples since the last switch (< {cfg.min_samples})"
+    return None
+
+
+def decide_all(policy: SplitPolicy, views: list[EngineView], targets: SLOTargets) -> dict[str, SplitDecision]:
+    """Each engine's decision: the policy's `decide_all` if it has one, else `decide` per engine."""
+    whole = getattr(policy, "decide_all", None)
+    if callable(whole):
+        return dict(whole(views, targets))
+    return {v.engine_id: policy.decide(v, targets) for v in views}
+
+
+def new_leader_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+class Controller:
+    """One SLO controller instance (leader or follower). Plain class; `controller_actor_cls` wraps it."""
+
+    def __init__(self, cfg: ControllerConfig, policy: SplitPolicy | None = None, leader_id: str | None = None,
+                 autostart: bool = False) -> None:
+        """`autostart`: begin the loop now if constructed on a running event loop (the Ray actor,
+        so that a restarted controller actor resumes by itself)."""
+        self.cfg = cfg
+        self.policy = policy or make_policy(cfg.policy)
+        self.id = leader_id or new_leader_id()
+        self.store = RedisStore(cfg.redis_url, cfg.cluster)
+        self.is_leader = False
+        self.redis_ok = False
+        self.errors = 0
+        self.last_error = ""
+        self.ticks = 0
+        self.decisions_written = 0
+        self._last_change: dict[str, float] = {}
+        self._backoff = Backoff(cfg.interval_s, cfg.max_backoff_s)
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        if autostart:
+            try:
+                self._task = asyncio.get_running_loop().create_task(self.run())
+            except RuntimeError:  # no loop here: start() later
+                pass
+
+    async def tick(self) -> list[dict[str, Any]]:
+        """One round: lease, views, decisions. Returns the decision records written."""
+        self.ticks += 1
+        leader = await self.store.acquire_or_renew(self.id, int(self.cfg.lease_s * 1000))
+        if leader != self.is_leader:
+            log.warning("controller %s %s", self.id, "is now the leader" if leader else "lost the lease")
+        self.is_leader = leader
+        if not leader:
+            return []
+        now = time.time()
+        await self.store.set_controller_status(self._status_record(now), int(self.cfg.lease_s * 1000))
+        raw = await self.store.read_views()
+        views = [view_from_dict(d) for d in raw.values() if not d.get("draining")]
+        written = []
+        for eid, decision in sorted(decide_all(self.policy, views, self.cfg.targets).items()):
+            view = next(v for v in views if v.engine_id == eid)
+            pending = await self.store.get_split(eid)
+            last = max(self._last_change.get(eid, 0.0), float(pending["time"]) if pending else 0.0) or None
+            why_not = hold_reason(view, decision.prefill_sms, now, last, pending, self.cfg)
+            if why_not is not None:
+                continue
+            record = self._record(view, decision, now)
+            split = dict(id=record["id"], prefill_sms=decision.prefill_sms, reason=decision.reason,
+                         leader=self.id, time=now)
+            if not await self.store.write_decision(self.id, eid, split, record, self.cfg.max_decisions):
+                log.warning("controller %s: lease lost before writing the decision for %s", self.id, eid)
+                self.is_leader = False
+                break
+            self._last_change[eid] = now
+            self.decisions_written += 1
+            written.append(record)
+            log.info("controller %s: %s %d -> %d SMs (%s)", self.id, eid, view.prefill_sms,
+                     decision.prefill_sms, decision.reason)
+        return written
+
+    def _record(self, view: EngineView, decision: SplitDecision, now: float) -> dict[str, Any]:
+        return dict(id=uuid.uuid4().hex[:12], time=now, engine_id=view.engine_id, leader=self.id,
+                    policy=self.cfg.policy, reason=decision.reason, predicted=dict(decision.predicted),
+                    num_ttft_samples=len(view.ttft_ms), total_sms=view.total_sms,
+                    **{"from": view.prefill_sms, "to": decision.prefill_sms})
+
+    def _status_record(self, now: float) -> dict[str, Any]:
+        return dict(leader=self.id, time=now, policy=self.cfg.policy, targets=asdict(self.cfg.targets),
+                    min_dwell_s=self.cfg.min_dwell_s, interval_s=self.cfg.interval_s)
+
+    async def run(self) -> None:
+        """Tick until stop(); Redis errors are logged and retried with backoff."""
+        while not self._stop.is_set():
+            delay = self.cfg.interval_s
+            try:
+                await self.tick()
+                if not self.redis_ok and self.errors:
+                    log.warning("controller %s: Redis is back", self.id)
+                self.redis_ok = True
+                self._backoff.reset()
+            except asyncio.CancelledError:
+                raise
+            except REDIS_ERRORS as e:
+                if self.redis_ok or self.errors == 0:
+                    log.warning("controller %s: Redis unreachable (%s); retrying", self.id, e)
+                self.redis_ok = self.is_leader = False
+                self.errors += 1
+                self.last_error = f"{type(e).__name__}: {e}"
+                delay = self._backoff.next_delay()
+            except Exception as e:  # a policy bug must not stop the controller
+                log.exception("controller %s: tick failed", self.id)
+                self.errors += 1
+                self.last_error = f"{type(e).__name__}: {e}"
+                delay = self._backoff.next_delay()
+            try:
+                await asyncio.wait_for(self._stop.wait(), timeout=delay)
+            except asyncio.TimeoutError:
+                pass
+
+    async def start(self) -> str:
+        """Run the loop in the background (idempotent); returns this instance's id."""
+        if self._task is None or self._task.done():
+            self._stop.clear()
+            self._task = asyncio.get_running_loop().create_task(self.run())
+        return self.id
+
+    async def stop(self, release: bool = True) -> None:
+        """Stop the loop; with `release`, give up the lease so a follower takes over at once."""
+        self._stop.set()
+        if self._task is not None:
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        if release and self.is_leader:
+            try:
+                await self.store.release(self.id)
+            except REDIS_ERRORS as e:
+                log.warning("controller %s: could not release the lease: %s", self.id, e)
+        self.is_leader = False
+        await self.store.aclose()
+
+    async def status(self) -> dict[str, Any]:
+        return dict(id=self.id, is_leader=self.is_leader, redis_ok=self.redis_ok, errors=self.errors,
+                    last_error=self.last_error, ticks=self.ticks, decisions_written=self.decisions_written,
+                    policy=self.cfg.policy, targets=asdict(self.cfg.targets))
+
+
+def controller_actor_cls(num_cpus: float = 0, resources: dict[str, float] | None = None) -> Any:
+    """`Controller` as a Ray actor class (imports Ray)."""
+    import ray
+
+    return ray.remote(num_cpus=num_cpus, resources=resources or None, max_concurrency=16)(Controller)

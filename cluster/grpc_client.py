@@ -1,0 +1,285 @@
+"""A small Python client of the semipd gRPC API (`proto/semipd/v1/semipd.proto`).
+
+    client = GenerationClient("localhost:50051")
+    for chunk in client.generate("Hello", SamplingParams(max_tokens=16, temperature=0)):
+        print(chunk.text, end="")          # the last chunk has finish_reason and usage
+
+`AsyncGenerationClient` is the asyncio twin. Closing (or breaking out of) a generate
+iterator cancels the call, which aborts the request on the server and frees its pages.
+`generate_once(addr, prompt, params)` is what `semipd generate --grpc ADDR` uses.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+import uuid
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import grpc
+
+from actors.request import SamplingParams
+
+_STUBS: tuple[ModuleType, ModuleType] | None = None
+
+
+def load_stubs() -> tuple[ModuleType, ModuleType]:
+    """(semipd_pb2, semipd_pb2_grpc).
+
+    proto-plus (a dependency of Ray's) also installs a top-level package `proto`; when
+    it shadows ours (a console script run outside the repository root), ours is loaded
+    from this checkout under the name `_semipd_proto` instead.
+    """
+    global _STUBS
+    if _STUBS is None:
+        try:
+            from proto.semipd.v1 import semipd_pb2, semipd_pb2_grpc
+
+            _STUBS = (semipd_pb2, semipd_pb2_grpc)
+        except ModuleNotFoundError:
+            _STUBS = _load_from_checkout()
+    return _STUBS
+
+
+def _load_from_checkout() -> tuple[ModuleType, ModuleType]:
+    alias = "_semipd_proto"
+    if alias not in sys.modules:
+        root = Path(__file__).resolve().parents[1] / "proto"
+        spec = importlib.util.spec_from_file_location(alias, root / "__init__.py",
+                                                      submodule_search_locations=[str(root)])
+        if spec is None or spec.loader is None:
+            raise ModuleNotFoundError(f"cannot load the semipd stubs from {root}")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[alias] = module
+        spec.loader.exec_module(module)
+    return (importlib.import_module(f"{alias}.semipd.v1.semipd_pb2"),
+            importlib.import_module(f"{alias}.semipd.v1.semipd_pb2_grpc"))
+
+
+class GrpcCallError(RuntimeError):
+    """A failed call; `code` is the grpc.StatusCode."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+
+
+class GrpcInvalidArgument(GrpcCallError, ValueError):
+    """INVALID_ARGUMENT: the request's parameters were rejected (the CLI exits 2)."""
+
+
+def _call_error(e: grpc.RpcError) -> GrpcCallError:
+    code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
+    details = (e.details() if hasattr(e, "details") else str(e)) or ""
+    cls = GrpcInvalidArgument if code == grpc.StatusCode.INVALID_ARGUMENT else GrpcCallError
+    return cls(code, details)
+
+
+@dataclass(frozen=True)
+class GenerationChunk:
+    """New output of a request; the last one has `finish_reason` and the usage."""
+
+    request_id: str
+    text: str = ""
+    token_ids: tuple[int, ...] = ()
+    logprobs: tuple[tuple[int, float, tuple[tuple[int, float], ...]], ...] = ()  # (id, logprob, top)
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    error: str | None = None
+
+
+def params_to_proto(params: SamplingParams) -> Any:
+    pb2, _ = load_stubs()
+    msg = pb2.SamplingParams(
+        max_tokens=params.max_tokens, min_tokens=params.min_tokens, temperature=params.temperature,
+        top_p=params.top_p, top_k=params.top_k, min_p=params.min_p, repetition_penalty=params.repetition_penalty,
+        presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
+        stop=list(params.stop), stop_token_ids=list(params.stop_token_ids), ignore_eos=params.ignore_eos,
+        include_stop_str_in_output=params.include_stop_str_in_output,
+        skip_special_tokens=params.skip_special_tokens, detokenize=params.detokenize,
+    )
+    if params.seed is not None:
+        msg.seed = params.seed
+    if params.logprobs is not None:
+        msg.logprobs = params.logprobs
+    return msg
+
+
+def build_request(
+    prompt: str | Sequence[int],
+    params: SamplingParams | Any | None = None,
+    request_id: str | None = None,
+    priority: int = 0,
+    ttft_slo_ms: float | None = None,
+    tpot_slo_ms: float | None = None,
+    session_id: str | None = None,
+) -> Any:
+    """A GenerateRequest message; `params` is a SamplingParams or a proto SamplingParams."""
+    pb2, _ = load_stubs()
+    if params is None:
+        params = SamplingParams()
+    proto_params = params_to_proto(params) if isinstance(params, SamplingParams) else params
+    req = pb2.GenerateRequest(request_id=request_id or uuid.uuid4().hex, params=proto_params, priority=priority,
+                              session_id=session_id or "")
+    if isinstance(prompt, str):
+        req.text = prompt
+    else:
+        req.token_ids.ids.extend(int(t) for t in prompt)
+    if ttft_slo_ms is not None:
+        req.ttft_slo_ms = ttft_slo_ms
+    if tpot_slo_ms is not None:
+        req.tpot_slo_ms = tpot_slo_ms
+    return req
+
+
+def chunk_from_proto(msg: Any) -> GenerationChunk:
+    if msg.WhichOneof("kind") == "complete":
+        c = msg.complete
+        return GenerationChunk(msg.request_id, finish_reason=c.finish_reason, prompt_tokens=c.usage.prompt_tokens,
+                               completion_tokens=c.usage.completion_tokens, cached_tokens=c.usage.cached_tokens,
+                               error=c.error or None)
+    ch = msg.chunk
+    lps = tuple((lp.token_id, lp.logprob, tuple((t.token_id, t.logprob) for t in lp.top)) for lp in ch.logprobs)
+    return GenerationChunk(msg.request_id, text=ch.text, token_ids=tuple(ch.token_ids), logprobs=lps)
+
+
+def _load_dict(load: Any) -> dict[str, Any]:
+    from google.protobuf.json_format import MessageToDict
+
+    return {"engine_id": load.engine_id, "node_id": load.node_id, "healthy": load.healthy,
+            "draining": load.draining, "in_flight": load.in_flight, "stats": MessageToDict(load.stats)}
+
+
+def _info_dict(info: Any) -> dict[str, Any]:
+    return {"name": info.name, "model_dir": info.model_dir, "architecture": info.architecture,
+            "max_model_len": info.max_model_len, "vocab_size": info.vocab_size, "mode": info.mode}
+
+
+class GenerationClient:
+    """Blocking client over one channel; use as a context manager or call close()."""
+
+    def __init__(self, addr: str, timeout: float | None = None) -> None:
+        _, pb2_grpc = load_stubs()
+        self.addr = addr
+        self.timeout = timeout
+        self.channel = grpc.insecure_channel(addr)
+        self.stub = pb2_grpc.GenerationStub(self.channel)
+
+    def generate(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
+                 **kwargs: Any) -> Iterator[GenerationChunk]:
+        """Stream the chunks of one request; closing the iterator cancels (aborts) it."""
+        call = self.stub.Generate(build_request(prompt, params, **kwargs), timeout=self.timeout)
+        try:
+            for msg in call:
+                yield chunk_from_proto(msg)
+        except grpc.RpcError as e:
+            raise _call_error(e) from None
+        finally:
+            call.cancel()  # no-op once the stream completed
+
+    def abort(self, request_id: str) -> bool:
+        pb2, _ = load_stubs()
+        try:
+            return bool(self.stub.Abort(pb2.AbortRequest(request_id=request_id), timeout=self.timeout).found)
+        except grpc.RpcError as e:
+            raise _call_error(e) from None
+
+    def loads(self) -> list[dict[str, Any]]:
+        pb2, _ = load_stubs()
+        try:
+            reply = self.stub.GetLoads(pb2.GetLoadsRequest(), timeout=self.timeout)
+        except grpc.RpcError as e:
+            raise _call_error(e) from None
+        return [_load_dict(l) for l in reply.loads]
+
+    def model_info(self) -> dict[str, Any]:
+        pb2, _ = load_stubs()
+        try:
+            return _info_dict(self.stub.GetModelInfo(pb2.GetModelInfoRequest(), timeout=self.timeout))
+        except grpc.RpcError as e:
+            raise _call_error(e) from None
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> GenerationClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncGenerationClient:
+    """asyncio client (grpc.aio); create and use it on one event loop."""
+
+    def __init__(self, addr: str, timeout: float | None = None) -> None:
+        _, pb2_grpc = load_stubs()
+        self.addr = addr
+        self.timeout = timeout
+        self.channel = grpc.aio.insecure_channel(addr)
+        self.stub = pb2_grpc.GenerationStub(self.channel)
+
+    async def generate(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
+                       **kwargs: Any) -> AsyncIterator[GenerationChunk]:
+        call = self.stub.Generate(build_request(prompt, params, **kwargs), timeout=self.timeout)
+        try:
+            async for msg in call:
+                yield chunk_from_proto(msg)
+        except grpc.RpcError as e:
+            raise _call_error(e) from None
+        finally:
+            call.cancel()
+
+    async def abort(self, request_id: str) -> bool:
+        pb2, _ = load_stubs()
+        try:
+            reply = await self.stub.Abort(pb2.AbortRequest(request_id=request_id), timeout=self.timeout)
+        except grpc.RpcError as e:
+            raise _call_error(e) from None
+        return bool(reply.found)
+
+    async def loads(self) -> list[dict[str, Any]]:
+        pb2, _ = load_stubs()
+        try:
+            reply = await self.stub.GetLoads(pb2.GetLoadsRequest(), timeout=self.timeout)
+        except grpc.RpcError as e:
+            raise _call_error(e) from None
+        return [_load_dict(l) for l in reply.loads]
+
+    async def model_info(self) -> dict[str, Any]:
+        pb2, _ = load_stubs()
+        try:
+            return _info_dict(await self.stub.GetModelInfo(pb2.GetModelInfoRequest(), timeout=self.timeout))
+        except grpc.RpcError as e:
+            raise _call_error(e) from None
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+
+def generate_once(addr: str, prompt: str | Sequence[int], params: SamplingParams | None = None,
+                  timeout: float | None = None) -> dict[str, Any]:
+    """Run one request to the end: {text, token_ids, finish_reason, num_prompt_tokens, ...}.
+
+    Raises GrpcInvalidArgument (a ValueError) for rejected parameters, GrpcCallError else.
+    """
+    text, ids = [], []
+    last: GenerationChunk | None = None
+    with GenerationClient(addr, timeout=timeout) as client:
+        for chunk in client.generate(prompt, params):
+            text.append(chunk.text)
+            ids.extend(chunk.token_ids)
+            last = chunk
+    if last is None or last.finish_reason is None:
+        raise GrpcCallError(grpc.StatusCode.INTERNAL, "the stream ended without a completion message")
+    return {"text": "".join(text), "token_ids": ids, "finish_reason": last.finish_reason,
+            "num_prompt_tokens": last.prompt_tokens, "num_output_tokens": last.completion_tokens,
+            "request_id": last.request_id, "error": last.error}

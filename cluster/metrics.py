@@ -1,0 +1,192 @@
+"""Prometheus metrics of the API servers, under vLLM's names (plus semipd's own).
+
+vLLM's names and their `model_name` label let existing dashboards, llm-d and Ray's
+autoscaling read us unchanged. Two kinds of series:
+
+- request series (histograms and counters) that the API observes as it streams:
+  `vllm:time_to_first_token_seconds`, `vllm:inter_token_latency_seconds`,
+  `vllm:e2e_request_latency_seconds`, `vllm:prompt_tokens_total`,
+  `vllm:generation_tokens_total`, `vllm:request_success_total{finished_reason}`;
+- engine series, read at scrape time from the latest `EngineClient.loads()` snapshot
+  by a custom collector: `vllm:num_requests_running`, `vllm:num_requests_waiting`,
+  `vllm:kv_cache_usage_perc`, and per engine `semipd:prefill_sm_fraction`,
+  `semipd:sm_repartitions_total`, `semipd:sm_switch_stall_seconds`,
+  `semipd:queue_depth{phase}`, `semipd:engine_healthy`.
+
+Every `ServingMetrics` has its own `CollectorRegistry`: nothing touches the global one.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, SummaryMetricFamily
+
+from actors.engine.frontend import StreamChunk
+from cluster.engine_client import EngineLoad
+
+# vLLM's buckets (vllm/v1/metrics/loggers.py), so that dashboards' quantiles line up.
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+               40.0, 80.0)
+E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
+               480.0, 960.0, 1920.0, 7680.0)
+FINISHED_REASONS = ("stop", "length", "abort", "error")
+
+
+class EngineCollector:
+    """Engine gauges from the last `loads()` snapshot (refreshed by the scrape handler)."""
+
+    def __init__(self, model_name: str) -> None:
+        self.model_name = model_name
+        self._loads: list[EngineLoad] = []
+        self._lock = threading.Lock()
+
+    def update(self, loads: Sequence[EngineLoad]) -> None:
+        with self._lock:
+            self._loads = list(loads)
+
+    def describe(self) -> list[Metric]:
+        return []  # the families depend on the snapshot; collected only at scrape time
+
+    def collect(self) -> Iterator[Metric]:
+        with self._lock:
+            loads = list(self._loads)
+        m = [self.model_name]
+        yield _gauge("vllm:num_requests_running", "Requests in model execution batches (prefill or decode).",
+                     ["model_name"], [(m, sum(_stat(l, "num_prefilling") + _stat(l, "num_decoding") for l in loads))])
+        yield _gauge("vllm:num_requests_waiting", "Requests waiting to be scheduled.",
+                     ["model_name"], [(m, sum(_stat(l, "num_waiting") for l in loads))])
+        yield _gauge("vllm:kv_cache_usage_perc", "KV-cache usage, 1 means 100 percent (page-weighted over engines).",
+                     ["model_name"], [(m, _kv_usage(loads))])
+        per_engine = ["model_name", "engine"]
+        yield _gauge("semipd:prefill_sm_fraction", "Fraction of the GPU's SMs given to prefill.", per_engine,
+                     [([*m, l.engine_id], _sm_fraction(l)) for l in loads])
+        yield _gauge("semipd:engine_healthy", "1 when the engine is healthy and not draining.", per_engine,
+                     [([*m, l.engine_id], float(l.healthy and not l.draining)) for l in loads])
+        reparts = CounterMetricFamily("semipd:sm_repartitions", "SM split changes since the engine started.",
+                                      labels=per_engine)
+        for l in loads:
+            reparts.add_metric([*m, l.engine_id], _stat(l, "num_switches"))
+        yield reparts
+        stalls = SummaryMetricFamily("semipd:sm_switch_stall_seconds",
+                                     "Time from an SM split request to the workers adopting it.", labels=per_engine)
+        for l in loads:
+            if "num_switch_stalls" in l.stats:
+                stalls.add_metric([*m, l.engine_id], count_value=_stat(l, "num_switch_stalls"),
+                                  sum_value=_stat(l, "switch_stall_seconds"))
+        yield stalls
+        depth = GaugeMetricFamily("semipd:queue_depth", "Requests queued for or in each phase.",
+                                  labels=[*per_engine, "phase"])
+        for l in loads:
+            depth.add_metric([*m, l.engine_id, "prefill"], _stat(l, "num_waiting") + _stat(l, "num_prefilling"))
+            depth.add_metric([*m, l.engine_id, "decode"], _stat(l, "num_decoding"))
+        yield depth
+
+
+def _gauge(name: str, doc: str, labels: list[str], samples: Iterable[tuple[list[str], float]]) -> GaugeMetricFamily:
+    g = GaugeMetricFamily(name, doc, labels=labels)
+    for values, v in samples:
+        g.add_metric(values, v)
+    return g
+
+
+def _stat(load: EngineLoad, key: str) -> float:
+    v: Any = load.stats.get(key, 0)
+    return float(v) if isinstance(v, (int, float)) else 0.0
+
+
+def _kv_usage(loads: Sequence[EngineLoad]) -> float:
+    pages = sum(_stat(l, "num_pages") for l in loads)
+    if pages <= 0:
+        return 0.0
+    return sum(_stat(l, "kv_usage") * _stat(l, "num_pages") for l in loads) / pages
+
+
+def _sm_fraction(load: EngineLoad) -> float:
+    total = _stat(load, "total_sms")
+    return _stat(load, "prefill_sms") / total if total > 0 else 0.0
+
+
+class ServingMetrics:
+    """All metrics of one API server, in a registry of its own; `render()` for /metrics."""
+
+    def __init__(self, model_name: str) -> None:
+        self.model_name = model_name
+        self.registry = CollectorRegistry(auto_describe=True)
+        labels = ["model_name"]
+        reg = self.registry
+        self.ttft = Histogram("vllm:time_to_first_token_seconds", "Time to first token, from arrival at the API.",
+                              labels, buckets=TTFT_BUCKETS, registry=reg).labels(model_name)
+        self.itl = Histogram("vllm:inter_token_latency_seconds", "Time between consecutive output tokens.",
+                             labels, buckets=ITL_BUCKETS, registry=reg).labels(model_name)
+        self.e2e = Histogram("vllm:e2e_request_latency_seconds", "Request latency from arrival to its last token.",
+                             labels, buckets=E2E_BUCKETS, registry=reg).labels(model_name)
+        self.prompt_tokens = Counter("vllm:prompt_tokens", "Prompt tokens processed.", labels,
+                                     registry=reg).labels(model_name)
+        self.generation_tokens = Counter("vllm:generation_tokens", "Tokens generated.", labels,
+                                         registry=reg).labels(model_name)
+        success = Counter("vllm:request_success", "Finished requests by finish reason.",
+                          ["model_name", "finished_reason"], registry=reg)
+        self.success = {r: success.labels(model_name, r) for r in FINISHED_REASONS}
+        self.engines = EngineCollector(model_name)
+        reg.register(self.engines)
+
+    def update_loads(self, loads: Sequence[EngineLoad]) -> None:
+        self.engines.update(loads)
+
+    def render(self) -> tuple[bytes, str]:
+        """The exposition text and its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+    def track(self, arrival: float | None = None) -> RequestTracker:
+        """A tracker for one engine request that arrived at `arrival` (time.monotonic())."""
+        return RequestTracker(self, time.monotonic() if arrival is None else arrival)
+
+
+class RequestTracker:
+    """Observes one request's chunks: TTFT, inter-token latency, tokens, finish."""
+
+    def __init__(self, metrics: ServingMetrics, arrival: float) -> None:
+        self.metrics = metrics
+        self.arrival = arrival
+        self.last_token_time: float | None = None
+        self.prompt_counted = False
+        self.finished = False
+
+    def on_chunk(self, chunk: StreamChunk) -> None:
+        if self.finished:
+            return
+        now = time.monotonic()
+        m = self.metrics
+        if not self.prompt_counted and chunk.num_prompt_tokens:
+            m.prompt_tokens.inc(chunk.num_prompt_tokens)
+            self.prompt_counted = True
+        n = len(chunk.token_ids)
+        if n:
+            if self.last_token_time is None:
+                m.ttft.observe(now - self.arrival)
+            else:
+                gap = (now - self.last_token_time) / n
+                for _ in range(n):
+                    m.itl.observe(gap)
+            self.last_token_time = now
+            m.generation_tokens.inc(n)
+        if chunk.finish_reason is not None:
+            self.finish(chunk.finish_reason, now)
+
+    def finish(self, reason: str, now: float | None = None) -> None:
+        """Count the request as finished (idempotent); `abort` when the client left."""
+        if self.finished:
+            return
+        self.finished = True
+        now = time.monotonic() if now is None else now
+        self.metrics.e2e.observe(now - self.arrival)
+        counter = self.metrics.success.get(reason)
+        if counter is not None:
+            counter.inc()

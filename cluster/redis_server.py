@@ -1,0 +1,109 @@
+"""Start and stop a private `redis-server` process (for `semipd serve` and for tests).
+
+`RedisServerProcess(port=None).start()` runs redis-server on loopback (a free port when
+none is given), with persistence off, and waits until it answers PING. `stop()` ends
+it; `start()` again brings it back on the same port (tests use this to simulate an
+outage). Nothing happens at import time.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+class RedisServerError(RuntimeError):
+    """redis-server is missing or did not come up."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago on `host`."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def ping(host: str, port: int, timeout: float = 0.2) -> bool:
+    """True if a Redis server answers PING at host:port."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+class RedisServerProcess:
+    """One redis-server child process on `host:port` (no persistence)."""
+
+    def __init__(self, port: int | None = None, host: str = "127.0.0.1", workdir: str | Path | None = None,
+                 executable: str | None = None) -> None:
+        exe = executable or shutil.which("redis-server")
+        if exe is None:
+            raise RedisServerError("redis-server is not installed (Debian: apt-get install redis-server)")
+        self.exe = exe
+        self.host = host
+        self.port = port or free_port(host)
+        self._own_dir = workdir is None
+        self.workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="semipd-redis-"))
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://{self.host}:{self.port}/0"
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def start(self, timeout_s: float = 10.0) -> RedisServerProcess:
+        """Start the server and wait until it answers PING; returns self."""
+        if self.running:
+            return self
+        self.proc = subprocess.Popen(
+            [self.exe, "--port", str(self.port), "--bind", self.host, "--save", "", "--appendonly", "no",
+             "--dir", str(self.workdir)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True,  # a terminal's Ctrl-C reaches the owner, which drains before stopping it
+        )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RedisServerError(f"redis-server exited with code {self.proc.returncode} (port {self.port} taken?)")
+            if ping(self.host, self.port):
+                log.info("redis-server listening on %s", self.url)
+                return self
+            time.sleep(0.05)
+        self.stop()
+        raise RedisServerError(f"redis-server did not answer on port {self.port} within {timeout_s:.0f} s")
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Terminate the server (kill it if it does not exit within `timeout_s`)."""
+        if self.proc is None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=timeout_s)
+        self.proc = None
+
+    def cleanup(self) -> None:
+        """stop() and remove the working directory if this object made it."""
+        self.stop()
+        if self._own_dir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> RedisServerProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.cleanup()

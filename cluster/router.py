@@ -1,0 +1,533 @@
+"""Router: an `EngineClient` over the engine actors of a Ray cluster.
+
+Choice (a pure function, `choose`, testable without Ray): among actors that are alive,
+healthy and not draining, the lowest score, where
+
+    score = predicted TTFT                                  (seconds)
+          + decode_penalty_s * in-flight requests
+          + kv_penalty_s * (KV usage above kv_soft_limit, scaled to 0..1)
+
+    predicted TTFT = (queued prefill tokens + this prompt) / prefill tokens per second
+
+and queued prefill tokens = the actor's last reported `waiting_prefill_tokens` plus
+the prompts this router dispatched to it that the report does not include yet (the
+report lists the requests it counts) and that have not had a first token. Load is counted at dispatch (local counters), so a burst of requests
+spreads out before any report comes back; reports are refreshed every
+`refresh_interval_s`. Ties go to the smallest engine id. With a `session_id`, the
+actor is picked by rendezvous hashing among the eligible ones (stable while the set
+of actors is stable).
+
+Failures: an actor that dies (Ray actor errors) is marked dead and skipped. A request
+that had not received a token yet is retried on another actor (up to `max_retries`);
+one that had gets a final chunk with `finish_reason="error"` and a message naming the
+engine. A stream that stalls longer than `stall_timeout_s` is checked with a ping: an
+actor that does not answer within `ping_timeout_s` is treated as dead. No request
+waits forever on a dead actor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import re
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from actors.engine.frontend import StreamChunk
+from cluster.engine_client import EngineLoad, GenerateRequest, ModelInfo, NoCapacityError
+
+log = logging.getLogger(__name__)
+
+NAMESPACE = "semipd"
+ACTOR_PREFIX = "semipd-engine"
+
+
+class EngineDiedError(NoCapacityError):
+    """The engine serving a request died before it sent a token, and no other engine could take it."""
+
+
+@dataclass(frozen=True)
+class RouterPolicy:
+    """Weights and timings of the router."""
+
+    default_prefill_tokens_per_s: float = 4000.0
+    decode_penalty_s: float = 0.002
+    kv_soft_limit: float = 0.85
+    kv_penalty_s: float = 10.0
+    session_affinity: bool = True
+    refresh_interval_s: float = 0.5
+    load_timeout_s: float = 5.0
+    stall_timeout_s: float = 60.0
+    ping_timeout_s: float = 5.0
+    max_retries: int = 2
+
+    def __post_init__(self) -> None:
+        if self.default_prefill_tokens_per_s <= 0:
+            raise ValueError("default_prefill_tokens_per_s must be positive")
+        if self.decode_penalty_s < 0 or self.kv_penalty_s < 0:
+            raise ValueError("penalties must be >= 0")
+        if not 0.0 <= self.kv_soft_limit < 1.0:
+            raise ValueError("kv_soft_limit must be in [0, 1)")
+        for name in ("refresh_interval_s", "load_timeout_s", "stall_timeout_s", "ping_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+        if self.max_retries < 0:
+            raise ValueError("max_retries must be >= 0")
+
+
+@dataclass(frozen=True)
+class ActorView:
+    """What the scorer knows of one actor (last report + this router's local counters)."""
+
+    engine_id: str
+    alive: bool = True
+    healthy: bool = True
+    draining: bool = False
+    waiting_prefill_tokens: int = 0  # from the last report
+    unacked_prefill_tokens: int = 0  # dispatched since that report, no first token yet
+    prefill_tokens_per_s: float = 0.0  # 0: unknown (policy default)
+    kv_usage: float = 0.0
+    in_flight: int = 0  # last report's in-flight + dispatched since
+
+    @property
+    def eligible(self) -> bool:
+        return self.alive and self.healthy and not self.draining
+
+
+def fallback_rate(views: Sequence[ActorView], policy: RouterPolicy) -> float:
+    """Prefill rate assumed for an engine that has not measured one: the median of the others'
+    (engines of a cluster are alike), else the policy's default."""
+    known = sorted(v.prefill_tokens_per_s for v in views if v.prefill_tokens_per_s > 0)
+    return known[len(known) // 2] if known else policy.default_prefill_tokens_per_s
+
+
+def predicted_ttft_s(view: ActorView, prompt_tokens: int, policy: RouterPolicy, fallback: float | None = None) -> float:
+    rate = view.prefill_tokens_per_s if view.prefill_tokens_per_s > 0 else (
+        fallback or policy.default_prefill_tokens_per_s)
+    return (view.waiting_prefill_tokens + view.unacked_prefill_tokens + prompt_tokens) / rate
+
+
+def score(view: ActorView, prompt_tokens: int, policy: RouterPolicy, fallback: float | None = None) -> float:
+    """Lower is better (seconds-like)."""
+    kv_over = max(0.0, view.kv_usage - policy.kv_soft_limit) / (1.0 - policy.kv_soft_limit)
+    return (predicted_ttft_s(view, prompt_tokens, policy, fallback) + policy.decode_penalty_s * view.in_flight
+            + policy.kv_penalty_s * kv_over)
+
+
+def rendezvous(session_id: str, engine_ids: Iterable[str]) -> str:
+    """Highest-random-weight hashing: the engine a session sticks to."""
+    def weight(eid: str) -> bytes:
+        return hashlib.blake2b(f"{session_id}\0{eid}".encode(), digest_size=8).digest()
+
+    return max(sorted(engine_ids), key=weight)
+
+
+def choose(views: Sequence[ActorView], prompt_tokens: int, policy: RouterPolicy,
+           session_id: str | None = None, exclude: Iterable[str] = ()) -> str:
+    """The engine id to send a request to; raises NoCapacityError if none is eligible."""
+    skip = set(exclude)
+    eligible = [v for v in views if v.eligible and v.engine_id not in skip]
+    if not eligible:
+        states = ", ".join(f"{v.engine_id}: {_state(v)}" for v in sorted(views, key=lambda v: v.engine_id)) or "none"
+        raise NoCapacityError(f"no engine can take the request (engines: {states})")
+    if session_id and policy.session_affinity:
+        return rendezvous(session_id, [v.engine_id for v in eligible])
+    fallback = fallback_rate(views, policy)
+    return min(eligible, key=lambda v: (score(v, prompt_tokens, policy, fallback), v.engine_id)).engine_id
+
+
+def _state(v: ActorView) -> str:
+    if not v.alive:
+        return "dead"
+    if v.draining:
+        return "draining"
+    if not v.healthy:
+        return "unhealthy"
+    return "tried"
+
+
+@dataclass
+class _Dispatch:
+    engine_id: str
+    prompt_tokens: int
+    time: float
+    first_token: bool = False
+
+
+@dataclass
+class _Actor:
+    engine_id: str
+    handle: Any
+    name: str | None = None
+    load: EngineLoad | None = None
+    reported_ids: frozenset[str] = frozenset()  # requests in flight on the actor at its last report
+    alive: bool = True
+    healthy: bool = True
+    draining: bool = False
+    dead_reason: str = ""
+    dispatches: dict[str, _Dispatch] = field(default_factory=dict)
+
+
+class RouterState:
+    """Bookkeeping of dispatched requests and reports per actor; no Ray, no I/O.
+
+    A dispatched request counts in this router's estimate of an actor's load until the
+    actor acknowledges it: by a report that lists it (then the report's own counters
+    include it) or, for its prompt tokens, by its first token.
+    """
+
+    def __init__(self, engine_ids: Sequence[str]) -> None:
+        self.actors: dict[str, _Actor] = {e: _Actor(e, None) for e in engine_ids}
+        self.dispatch_counts: Counter[str] = Counter()
+
+    def dispatch(self, engine_id: str, request_id: str, prompt_tokens: int, now: float) -> None:
+        self.actors[engine_id].dispatches[request_id] = _Dispatch(engine_id, prompt_tokens, now)
+        self.dispatch_counts[engine_id] += 1
+
+    def ack(self, engine_id: str, request_id: str) -> None:
+        """The request's first token arrived: its prompt is no longer queued."""
+        d = self.actors[engine_id].dispatches.get(request_id)
+        if d is not None:
+            d.first_token = True
+
+    def done(self, engine_id: str, request_id: str) -> None:
+        self.actors[engine_id].dispatches.pop(request_id, None)
+
+    def report(self, load: EngineLoad) -> None:
+        """A load report; `stats["in_flight_ids"]` lists the requests it includes."""
+        a = self.actors[load.engine_id]
+        a.load, a.reported_ids = load, frozenset(load.stats.get("in_flight_ids", ()))
+        a.healthy, a.draining = load.healthy, load.draining
+
+    def mark_dead(self, engine_id: str, reason: str) -> None:
+        a = self.actors[engine_id]
+        if a.alive:
+            log.warning("engine %s marked dead: %s", engine_id, reason)
+        a.alive, a.dead_reason = False, reason
+
+    def view(self, engine_id: str) -> ActorView:
+        a = self.actors[engine_id]
+        stats = a.load.stats if a.load else {}
+        unseen = [d for rid, d in a.dispatches.items() if rid not in a.reported_ids]  # not in the report
+        return ActorView(
+            engine_id=engine_id, alive=a.alive, healthy=a.healthy, draining=a.draining,
+            waiting_prefill_tokens=int(stats.get("waiting_prefill_tokens", 0)),
+            unacked_prefill_tokens=sum(d.prompt_tokens for d in unseen if not d.first_token),
+            prefill_tokens_per_s=float(stats.get("prefill_tokens_per_s", 0.0)),
+            kv_usage=float(stats.get("kv_usage", 0.0)),
+            in_flight=(a.load.in_flight if a.load else 0) + len(unseen),
+        )
+
+    def views(self) -> list[ActorView]:
+        return [self.view(e) for e in sorted(self.actors)]
+
+
+_ACTOR_ERRORS: tuple[type[BaseException], ...] = ()
+
+
+def _actor_errors() -> tuple[type[BaseException], ...]:
+    global _ACTOR_ERRORS
+    if not _ACTOR_ERRORS:
+        from ray.exceptions import ObjectLostError, RayActorError, WorkerCrashedError
+
+        _ACTOR_ERRORS = (RayActorError, WorkerCrashedError, ObjectLostError)
+    return _ACTOR_ERRORS
+
+
+def _unwrap(e: BaseException) -> BaseException:
+    """The user-level exception inside a RayTaskError (ValueError, NoCapacityError...), else `e`."""
+    from ray.exceptions import RayTaskError
+
+    if isinstance(e, RayTaskError) and isinstance(e.cause, Exception):
+        return e.cause
+    return e
+
+
+class Router:
+    """`EngineClient` over engine actor handles (see the module docstring)."""
+
+    def __init__(self, handles: dict[str, Any], info: ModelInfo, policy: RouterPolicy | None = None,
+                 names: dict[str, str] | None = None, namespace: str = NAMESPACE) -> None:
+        if not handles:
+            raise ValueError("a Router needs at least one engine actor")
+        self.policy = policy or RouterPolicy()
+        self.namespace = namespace
+        self.state = RouterState(sorted(handles))
+        for eid, h in handles.items():
+            self.state.actors[eid].handle = h
+            self.state.actors[eid].name = (names or {}).get(eid)
+        self._info = info
+        self._last_refresh = 0.0
+        self._refreshing: asyncio.Task[None] | None = None
+        self._refresh_loop: asyncio.AbstractEventLoop | None = None
+        self.draining = False
+
+    # -- construction -------------------------------------------------------------
+
+    @classmethod
+    def connect(cls, names: Sequence[str] | None = None, namespace: str = NAMESPACE,
+                policy: RouterPolicy | None = None, prefix: str = ACTOR_PREFIX,
+                served_name: str | None = None, timeout_s: float = 60.0) -> Router:
+        """A Router over named actors (default: every `<prefix>-<i>` in `namespace`).
+
+        Needs `ray.init(...)` done (any namespace). Waits for the actors to be ready.
+        """
+        import ray
+
+        if names is None:
+            listed = ray.util.list_named_actors(all_namespaces=True)
+            pattern = re.compile(rf"{re.escape(prefix)}-(\d+)")
+            found = [a["name"] for a in listed if a["namespace"] == namespace and pattern.fullmatch(a["name"])]
+            names = sorted(found, key=lambda n: int(n.rsplit("-", 1)[1]))
+            if not names:
+                raise NoCapacityError(f"no engine actors named {prefix}-* in namespace {namespace!r}")
+        handles: dict[str, Any] = {}
+        for n in names:
+            try:
+                handles[n] = ray.get_actor(n, namespace=namespace)
+            except ValueError:
+                log.warning("engine actor %s not found in namespace %s; will look again", n, namespace)
+        refs = {n: h.ready.remote() for n, h in handles.items()}
+        infos: dict[str, dict[str, Any]] = {}
+        deadline = time.monotonic() + timeout_s
+        for n, ref in refs.items():
+            try:
+                infos[n] = ray.get(ref, timeout=max(0.1, deadline - time.monotonic()))
+            except Exception as e:
+                log.warning("engine actor %s is not ready: %s", n, _first_line(e))
+        if not infos:
+            raise NoCapacityError(f"none of the engine actors {', '.join(names)} is ready")
+        by_id = {infos[n]["engine_id"] if n in infos else n: handles.get(n) for n in names}
+        names_by_id = {infos[n]["engine_id"] if n in infos else n: n for n in names}
+        first = next(iter(infos.values()))
+        info = ModelInfo(
+            name=served_name or first["model_dir"].rstrip("/").split("/")[-1], model_dir=first["model_dir"],
+            architecture=first["architecture"], max_model_len=first["max_model_len"],
+            vocab_size=first["vocab_size"], mode=first["mode"],
+        )
+        router = cls(by_id, info, policy, names=names_by_id, namespace=namespace)
+        for n in names:
+            if n not in infos:
+                router.state.mark_dead(names_by_id[n], "not ready at connect")
+        return router
+
+    # -- EngineClient ----------------------------------------------------------------
+
+    def model_info(self) -> ModelInfo:
+        return self._info
+
+    @property
+    def dispatch_counts(self) -> dict[str, int]:
+        """Requests dispatched per engine id since this router started."""
+        return dict(self.state.dispatch_counts)
+
+    def engine_of(self, request_id: str) -> str | None:
+        for a in self.state.actors.values():
+            if request_id in a.dispatches:
+                return a.engine_id
+        return None
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[StreamChunk]:
+        if self.draining:
+            raise NoCapacityError("the router is draining")
+        self._maybe_refresh()
+        tried: list[str] = []
+        while True:
+            engine_id = choose(self.state.views(), len(request.prompt_token_ids), self.policy,
+                               request.session_id, exclude=tried)
+            tried.append(engine_id)
+            sent = 0
+            try:
+                async for chunk in self._stream(engine_id, request):
+                    sent += len(chunk.token_ids)
+                    yield chunk
+                return
+            except NoCapacityError as e:  # the actor refused (draining): try another
+                if isinstance(e, EngineDiedError):
+                    raise
+                self.state.actors[engine_id].draining = True
+                log.info("engine %s refused %s: %s", engine_id, request.request_id, e)
+                if len(tried) > self.policy.max_retries:
+                    raise
+            except _EngineLost as e:
+                if sent:
+                    yield StreamChunk(request.request_id, "", (), finish_reason="error",
+                                      num_prompt_tokens=len(request.prompt_token_ids),
+                                      error=f"engine {engine_id} failed after {sent} tokens: {e.reason}")
+                    return
+                if len(tried) > self.policy.max_retries:
+                    raise EngineDiedError(f"engine {engine_id} failed before the first token of "
+                                          f"{request.request_id}: {e.reason}") from None
+                log.warning("retrying %s on another engine: %s failed (%s)", request.request_id, engine_id, e.reason)
+
+    async def _stream(self, engine_id: str, request: GenerateRequest) -> AsyncIterator[StreamChunk]:
+        """One attempt on one actor; raises _EngineLost if the actor is gone."""
+        actor = self.state.actors[engine_id]
+        self.state.dispatch(engine_id, request.request_id, len(request.prompt_token_ids), time.monotonic())
+        finished = False
+        gen = None
+        try:
+            gen = actor.handle.generate.options(num_returns="streaming").remote(request)
+            while True:
+                ref = await self._next_ref(engine_id, gen)
+                if ref is None:
+                    break
+                chunk: StreamChunk = await ref
+                if chunk.token_ids:
+                    self.state.ack(engine_id, request.request_id)
+                finished = chunk.finished
+                yield chunk
+                if finished:
+                    break
+        except _EngineLost:
+            raise
+        except _actor_errors() as e:
+            self.state.mark_dead(engine_id, f"{type(e).__name__}")
+            raise _EngineLost(f"{type(e).__name__}: {_first_line(e)}") from None
+        except Exception as e:
+            raise _unwrap(e) from None
+        finally:
+            self.state.done(engine_id, request.request_id)
+            if not finished and actor.alive and gen is not None:
+                self._abort_quietly(actor, request.request_id)
+
+    async def _next_ref(self, engine_id: str, gen: Any) -> Any:
+        """The next ObjectRef of a streaming call, None at its end; pings the actor on stalls."""
+        step = asyncio.ensure_future(gen.__anext__())
+        try:
+            while True:
+                done, _ = await asyncio.wait({step}, timeout=self.policy.stall_timeout_s)
+                if done:
+                    try:
+                        return step.result()
+                    except StopAsyncIteration:
+                        return None
+                if not await self._alive(engine_id):
+                    self.state.mark_dead(engine_id, "did not answer a ping while a stream stalled")
+                    raise _EngineLost(f"no output for {self.policy.stall_timeout_s:.0f} s and no answer to a ping")
+        finally:
+            if not step.done():
+                step.cancel()
+
+    async def _alive(self, engine_id: str) -> bool:
+        try:
+            await asyncio.wait_for(self.state.actors[engine_id].handle.ping.remote(), self.policy.ping_timeout_s)
+            return True
+        except Exception:
+            return False
+
+    def _abort_quietly(self, actor: _Actor, request_id: str) -> None:
+        try:
+            actor.handle.abort.remote(request_id)
+        except Exception as e:  # the actor may be gone; nothing to abort then
+            log.debug("abort of %s on %s failed: %s", request_id, actor.engine_id, e)
+
+    async def abort(self, request_id: str) -> bool:
+        engine_id = self.engine_of(request_id)
+        if engine_id is None:
+            return False
+        try:
+            return bool(await self.state.actors[engine_id].handle.abort.remote(request_id))
+        except Exception as e:
+            log.warning("abort of %s on %s failed: %s", request_id, engine_id, e)
+            return False
+
+    async def loads(self) -> list[EngineLoad]:
+        """Fresh loads of every engine (dead ones reported unhealthy)."""
+        await self.refresh()
+        out = []
+        for eid in sorted(self.state.actors):
+            a = self.state.actors[eid]
+            if a.alive and a.load is not None:
+                out.append(replace(a.load, healthy=a.load.healthy and a.healthy))
+            else:
+                out.append(EngineLoad(eid, healthy=False, draining=a.draining,
+                                      stats={"error": a.dead_reason or "no report"}))
+        return out
+
+    # -- reports -------------------------------------------------------------------
+
+    async def refresh(self) -> None:
+        """Ask every live actor for its load now (dead ones are re-looked-up by name)."""
+        await asyncio.gather(*(self._refresh_one(eid) for eid in sorted(self.state.actors)))
+        self._last_refresh = time.monotonic()
+
+    async def _refresh_one(self, engine_id: str) -> None:
+        a = self.state.actors[engine_id]
+        if not a.alive and not self._relookup(a) and not await self._revive(a):
+            return
+        try:
+            load = await asyncio.wait_for(a.handle.load.remote(), self.policy.load_timeout_s)
+        except _actor_errors() as e:
+            self.state.mark_dead(engine_id, type(e).__name__)
+            return
+        except (asyncio.TimeoutError, Exception) as e:
+            log.warning("load of %s failed: %s", engine_id, _first_line(e))
+            a.healthy = False
+            return
+        self.state.report(load)
+
+    def _relookup(self, a: _Actor) -> bool:
+        """A dead named actor may have been started again (ensure_cluster): take the new one."""
+        if a.name is None:
+            return False
+        try:
+            import ray
+
+            handle = ray.get_actor(a.name, namespace=self.namespace)
+        except ValueError:
+            return False
+        if a.handle is not None and handle._actor_id == a.handle._actor_id:
+            return False
+        log.info("engine %s is back (new actor)", a.engine_id)
+        a.handle, a.alive, a.healthy, a.draining, a.dead_reason, a.load = handle, True, True, False, "", None
+        return True
+
+    async def _revive(self, a: _Actor) -> bool:
+        """An actor marked dead after a transient error (ActorUnavailableError) that answers again."""
+        if a.handle is None or not await self._alive(a.engine_id):
+            return False
+        log.info("engine %s answers again", a.engine_id)
+        a.alive, a.healthy, a.dead_reason = True, True, ""
+        return True
+
+    def _maybe_refresh(self) -> None:
+        loop = asyncio.get_running_loop()
+        stale = time.monotonic() - self._last_refresh > self.policy.refresh_interval_s
+        busy = self._refreshing is not None and not self._refreshing.done() and self._refresh_loop is loop
+        if stale and not busy:
+            self._refresh_loop = loop
+            self._refreshing = loop.create_task(self.refresh())
+
+    async def run_refresh_loop(self) -> None:
+        """Refresh loads every `refresh_interval_s` until cancelled (for long-lived servers)."""
+        while True:
+            try:
+                await self.refresh()
+            except Exception:
+                log.exception("load refresh failed")
+            await asyncio.sleep(self.policy.refresh_interval_s)
+
+    # -- shutdown --------------------------------------------------------------------
+
+    async def drain(self, timeout_s: float = 30.0) -> int:
+        """Stop accepting here and on every actor; wait for in-flight work. Returns what remains."""
+        self.draining = True
+        live = [a for a in self.state.actors.values() if a.alive]
+        results = await asyncio.gather(*(a.handle.drain.remote(timeout_s) for a in live), return_exceptions=True)
+        return sum(r for r in results if isinstance(r, int))
+
+
+class _EngineLost(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

@@ -1,0 +1,221 @@
+"""The Ray Serve application: the OpenAI-compatible API (and the gRPC service) of a cluster.
+
+Entry point `cluster.serve_app:build_app` (for `serve run`, `serve deploy`, KubeRay's
+`serveConfigV2`), with application arguments:
+
+    model                 checkpoint directory (required)
+    served_model_name     the name clients send (default: the directory's name)
+    ttft_slo_ms, tpot_slo_ms    SLO targets of the controller
+    mode                  semi-pd | unified
+    prefill_sm_min, prefill_sm_max   bounds of the prefill SM fraction (0..1)
+    router_policy         least-loaded | prefix-affinity, or a dict of RouterPolicy fields
+    num_actors            GPU engine actors
+    redis_url             SLO controller state (default: $SEMIPD_REDIS_URL; none: no controller)
+    api_key_env           name of the environment variable holding the API key (none: no key)
+    grpc_port             serve semipd.v1.Generation on this port from each replica (0/none: off)
+    page_size, max_prefill_tokens, num_pages, device    engine settings
+    controller_policy, cluster_name   SLO controller policy and Redis key namespace
+    local                 true: one in-process engine in the replica, no actors, no router
+    num_replicas, replica_num_cpus, replica_num_gpus   the ingress deployment's size
+
+Each replica builds its `EngineClient` at start: `Router.connect(...)` over the engine
+actors that `ensure_cluster(cfg)` gets or starts (they are detached and shared by all
+replicas), or a `LocalEngineClient` when `local` is set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from actors.config import ConfigError
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+    from ray.serve import Application
+
+    from cluster.bootstrap import ClusterConfig
+    from cluster.engine_client import EngineClient
+    from cluster.grpc_server import GrpcServer
+    from cluster.router import RouterPolicy
+
+log = logging.getLogger(__name__)
+
+DEPLOYMENT_NAME = "semipd-openai"
+ROUTER_POLICIES = ("least-loaded", "prefix-affinity")
+DRAIN_TIMEOUT_S = 30.0
+
+
+class ServeArgs(BaseModel):
+    """The application arguments (strings from `serve run k=v` are coerced)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    served_model_name: str | None = None
+    ttft_slo_ms: float | None = Field(None, gt=0)
+    tpot_slo_ms: float | None = Field(None, gt=0)
+    mode: Literal["semi-pd", "unified"] = "semi-pd"
+    prefill_sm_min: float | None = Field(None, gt=0, lt=1)
+    prefill_sm_max: float | None = Field(None, gt=0, lt=1)
+    router_policy: str | dict[str, Any] = "least-loaded"
+    num_actors: int = Field(1, ge=1)
+    redis_url: str | None = None
+    api_key_env: str | None = None
+    grpc_port: int | None = Field(None, ge=0, le=65535)
+    page_size: int | None = None
+    max_prefill_tokens: int | None = Field(None, ge=1)
+    local: bool = False
+    device: str = "auto"
+    num_pages: int | None = Field(None, ge=2)
+    controller_policy: str | None = None
+    cluster_name: str | None = None
+    num_replicas: int = Field(1, ge=1)
+    replica_num_cpus: float = Field(1.0, ge=0)
+    replica_num_gpus: float = Field(0.0, ge=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> ServeArgs:
+        lo, hi = self.prefill_sm_min, self.prefill_sm_max
+        if lo is not None and hi is not None and lo > hi:
+            raise ValueError(f"prefill_sm_min ({lo}) must not exceed prefill_sm_max ({hi})")
+        if isinstance(self.router_policy, str) and self.router_policy not in ROUTER_POLICIES:
+            raise ValueError(f"router_policy must be one of {ROUTER_POLICIES} or a dict, got {self.router_policy!r}")
+        return self
+
+    @classmethod
+    def parse(cls, args: dict[str, Any]) -> ServeArgs:
+        try:
+            return cls.model_validate(args)
+        except ValidationError as e:
+            raise ConfigError(f"invalid semipd application arguments: {e}") from None
+
+
+def read_env(args: ServeArgs) -> dict[str, str | None]:
+    """The environment this app reads (only here): the API key and the Redis URL default."""
+    from cluster.bootstrap import env_defaults
+
+    api_key = os.environ.get(args.api_key_env) if args.api_key_env else None
+    if args.api_key_env and not api_key:
+        raise ConfigError(f"api_key_env is {args.api_key_env!r} but that variable is empty or unset")
+    return {"api_key": api_key, "redis_url": args.redis_url or env_defaults().get("redis_url")}
+
+
+def router_policy(value: str | dict[str, Any]) -> RouterPolicy:
+    from cluster.router import RouterPolicy
+
+    if isinstance(value, dict):
+        return RouterPolicy(**value)
+    # least-loaded: lowest predicted TTFT; prefix-affinity: same x-session-id -> same engine
+    return RouterPolicy(session_affinity=value == "prefix-affinity")
+
+
+def cluster_config(args: ServeArgs, redis_url: str | None) -> ClusterConfig:
+    """The ClusterConfig the replicas agree on (with `semipd serve`, via cluster.bootstrap)."""
+    from actors.slo.types import SLOTargets
+    from cluster.bootstrap import ClusterConfig, EngineOptions
+
+    slo = {k: v for k, v in (("ttft_ms", args.ttft_slo_ms), ("tpot_ms", args.tpot_slo_ms)) if v is not None}
+    engine = {k: v for k, v in (("page_size", args.page_size), ("max_prefill_tokens", args.max_prefill_tokens),
+                                ("device", args.device), ("num_pages", args.num_pages)) if v is not None}
+    extra = {k: v for k, v in (("policy", args.controller_policy), ("cluster_name", args.cluster_name))
+             if v is not None}
+    if args.prefill_sm_min is not None or args.prefill_sm_max is not None:
+        log.warning("prefill_sm_min/prefill_sm_max are not applied: the cluster config has no SM bounds yet")
+    return ClusterConfig(model=args.model, num_actors=args.num_actors, mode=args.mode, redis_url=redis_url,
+                         slo=SLOTargets(**slo), router=router_policy(args.router_policy),
+                         engine=EngineOptions(**engine), served_model_name=args.served_model_name, **extra)
+
+
+def local_client(args: ServeArgs) -> EngineClient:
+    from actors.config import CacheConfig, EngineConfig, SchedulerConfig
+    from cluster.engine_client import LocalEngineClient
+
+    cache = CacheConfig(page_size=args.page_size or CacheConfig.page_size, num_pages=args.num_pages)
+    sched = SchedulerConfig(max_prefill_tokens=args.max_prefill_tokens) if args.max_prefill_tokens else SchedulerConfig()
+    cfg = EngineConfig(model=args.model, mode=args.mode, device=args.device, cache=cache, scheduler=sched)
+    return LocalEngineClient(cfg, served_name=args.served_model_name)
+
+
+def cluster_client(cfg: ClusterConfig) -> EngineClient:
+    """Get or start the engine actors, then a Router over them (blocking; run it in a thread)."""
+    from cluster.bootstrap import ensure_cluster
+    from cluster.router import Router
+
+    ensure_cluster(cfg)
+    return Router.connect(names=cfg.actor_names, namespace=cfg.namespace, policy=cfg.router,
+                          prefix=cfg.actor_prefix, served_name=cfg.served_model_name, timeout_s=cfg.ready_timeout_s)
+
+
+class OpenAIIngress:
+    """One Serve replica: an EngineClient, the OpenAI app over it, optionally a gRPC server.
+
+    Wrapped by `serve.deployment(serve.ingress()(...))` in `build_app`; Serve calls
+    `__serve_build_asgi_app__` after `__init__` for the app.
+    """
+
+    async def __init__(self, args: dict[str, Any]) -> None:
+        from actors.engine.frontend import Tokenizer
+
+        self.args = ServeArgs.parse(args)
+        env = read_env(self.args)
+        self.api_key = env["api_key"]
+        if self.args.local:
+            self.client = await asyncio.to_thread(local_client, self.args)
+        else:
+            cfg = cluster_config(self.args, env["redis_url"])
+            self.client = await asyncio.to_thread(cluster_client, cfg)
+        self.tokenizer = Tokenizer(self.args.model)
+        self.openai_app: FastAPI | None = None  # not `app`: Serve's wrapper owns that name
+        self.grpc: GrpcServer | None = None
+        if self.args.grpc_port:
+            from cluster.grpc_server import GrpcServer
+
+            self.grpc = GrpcServer(self.client, self.tokenizer, port=self.args.grpc_port)
+            await self.grpc.start()
+
+    async def __serve_build_asgi_app__(self) -> FastAPI:
+        from cluster.openai_api import create_app
+
+        self.openai_app = create_app(self.client, self.tokenizer, api_key=self.api_key,
+                                     echo_request_id=False)  # Serve's proxy echoes it
+        return self.openai_app
+
+    async def check_health(self) -> None:
+        """Serve's replica health check: a local engine that stopped making progress fails it."""
+        if not self.args.local:
+            return  # the engines are separate actors; restarting this replica would not help them
+        loads = await self.client.loads()
+        if not any(l.healthy for l in loads):
+            raise RuntimeError("the local engine makes no progress")
+
+    async def __del__(self) -> None:
+        """Replica shutdown (Serve already drained HTTP): drain gRPC, stop a local engine."""
+        app: FastAPI | None = getattr(self, "openai_app", None)  # None if __init__ failed early
+        if app is not None:
+            app.state.openai.draining = True
+        grpc_server: GrpcServer | None = getattr(self, "grpc", None)
+        if grpc_server is not None:
+            await grpc_server.drain(DRAIN_TIMEOUT_S)
+            await grpc_server.stop()
+        shutdown = getattr(getattr(self, "client", None), "shutdown", None)
+        if getattr(self, "args", None) is not None and self.args.local and shutdown is not None:
+            await asyncio.to_thread(shutdown)
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    """The Serve application (import path `cluster.serve_app:build_app`)."""
+    from ray import serve
+
+    parsed = ServeArgs.parse(args)  # bad arguments fail here, before any replica starts
+    deployment = serve.deployment(
+        name=DEPLOYMENT_NAME,
+        num_replicas=parsed.num_replicas,
+        ray_actor_options={"num_cpus": parsed.replica_num_cpus, "num_gpus": parsed.replica_num_gpus},
+        graceful_shutdown_timeout_s=DRAIN_TIMEOUT_S + 10,
+    )(serve.ingress()(OpenAIIngress))
+    return deployment.bind(parsed.model_dump())

@@ -1,0 +1,1 @@
+"""semipd protocol buffers."""

@@ -1,0 +1,1 @@
+"""semipd.v1: the Generation service (see semipd.proto)."""

@@ -1,0 +1,600 @@
+"""`semipd bench serve` / `bench plot`: workloads, arrivals, metrics, report, client, end to end."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import socket
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from cluster.bench.arrivals import ArrivalConfig, ArrivalError, arrival_offsets, parse_rates
+from cluster.bench.client import (
+    DONE, EndpointConfig, RequestRecord, StreamTimer, build_payload, parse_prometheus, parse_sse_line, send_request,
+)
+from cluster.bench.metrics import SLOs, MetricsError, compute_metrics, parse_metric_names, parse_percentiles
+from cluster.bench.report import BenchResult, format_failures, format_result_block, load_result, plot_results, write_result
+from cluster.bench.serve_bench import ServeBenchConfig, result_path, run_rate
+from cluster.bench.workloads import (
+    PROFILES, BenchRequest, LogNormalLengths, RatioPromptBuilder, TokenizerPromptBuilder, WorkloadConfig,
+    WorkloadError, build_requests, parse_phases, sample_lengths, split_counts,
+)
+from cluster.cli import main as cli_main
+
+# ---------------------------------------------------------------- workloads
+
+
+def _lengths(name: str, n: int = 3000, seed: int = 0, **kw: Any) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    s = sample_lengths(WorkloadConfig(name=name, num_prompts=n, seed=seed, **kw))
+    return np.array([x.input_len for x in s]), np.array([x.output_len for x in s]), [x.profile for x in s]
+
+
+@pytest.mark.parametrize("name, mean_in, mean_out", [
+    ("sharegpt", 496, 97), ("arxiv", 3832, 200), ("long-doc", 5905, 180), ("math", 110, 2500),
+    ("mixed", 0.6 * 496 + 0.4 * 5905, 0.6 * 97 + 0.4 * 180),
+])
+def test_workload_means_match_published_statistics(name: str, mean_in: float, mean_out: float) -> None:
+    ins, outs, _ = _lengths(name)
+    assert ins.mean() == pytest.approx(mean_in, rel=0.06)
+    assert outs.mean() == pytest.approx(mean_out, rel=0.06)
+
+
+@pytest.mark.parametrize("name", list(PROFILES))
+def test_workload_caps_are_respected(name: str) -> None:
+    p = PROFILES[name]
+    ins, outs, _ = _lengths(name, seed=5)
+    assert ins.min() >= p.input.low and ins.max() <= p.input.high
+    assert outs.min() >= 1 and outs.max() <= p.output.high
+    if p.max_total is not None:
+        assert (ins + outs).max() <= p.max_total
+    assert len(set(ins.tolist())) > 100  # a spread, not a constant
+
+
+def test_sharegpt_harness_filter() -> None:
+    ins, outs, _ = _lengths("sharegpt", n=5000, seed=11)
+    assert ins.max() <= 1024 and (ins + outs).max() <= 2048
+    assert np.median(ins) < ins.mean() * 1.1  # right-skewed or flat, never piled at the cap
+    assert (ins == 1024).mean() < 0.01
+
+
+def test_workloads_are_seeded() -> None:
+    a = sample_lengths(WorkloadConfig(name="mixed", num_prompts=200, seed=3))
+    b = sample_lengths(WorkloadConfig(name="mixed", num_prompts=200, seed=3))
+    c = sample_lengths(WorkloadConfig(name="mixed", num_prompts=200, seed=4))
+    assert a == b and a != c
+
+
+def test_mixed_is_shuffled_with_exact_shares() -> None:
+    _, _, profiles = _lengths("mixed", n=1000)
+    assert profiles.count("sharegpt") == 600 and profiles.count("long-doc") == 400
+    assert profiles[:600].count("sharegpt") < 600  # interleaved, not in blocks
+
+
+def test_shifting_changes_mix_mid_run() -> None:
+    ins, _, profiles = _lengths("shifting", n=400)
+    assert profiles[:200] == ["sharegpt"] * 200 and profiles[200:] == ["long-doc"] * 200
+    assert ins[200:].mean() > 5 * ins[:200].mean()
+    _, _, p2 = _lengths("shifting", n=90, phases=parse_phases("math:1,arxiv:2"))
+    assert p2 == ["math"] * 30 + ["arxiv"] * 60
+
+
+def test_random_workload_like_vllm() -> None:
+    ins, outs, _ = _lengths("random", n=2000, input_len=200, output_len=50, range_ratio=0.5)
+    assert ins.min() >= 100 and ins.max() <= 300 and outs.min() >= 25 and outs.max() <= 75
+    assert ins.mean() == pytest.approx(200, rel=0.03) and outs.mean() == pytest.approx(50, rel=0.03)
+    ins, outs, _ = _lengths("random", n=10, input_len=7, output_len=3)
+    assert set(ins.tolist()) == {7} and set(outs.tolist()) == {3}
+
+
+def test_workload_validation() -> None:
+    with pytest.raises(WorkloadError, match="workload must be one of"):
+        WorkloadConfig(name="nope")
+    with pytest.raises(WorkloadError, match="range_ratio"):
+        WorkloadConfig(name="random", range_ratio=1.0)
+    with pytest.raises(WorkloadError, match="phase 'mixed'"):
+        WorkloadConfig(name="shifting", phases=(("mixed", 1.0),))
+    with pytest.raises(WorkloadError, match="fraction"):
+        parse_phases("sharegpt:x")
+    with pytest.raises(WorkloadError, match="not reachable"):
+        LogNormalLengths(mean=990, sigma=0.1, low=1, high=1000)
+    with pytest.raises(WorkloadError, match="inside"):
+        LogNormalLengths(mean=5000, sigma=1.0, low=1, high=1000)
+    assert split_counts([0.6, 0.4], 7) == [4, 3] and sum(split_counts([1, 1, 1], 100)) == 100
+
+
+def _bpe_tokenizer() -> Any:
+    """A real BPE tokenizer with merges, trained in memory on our filler words."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from cluster.bench.workloads import random_words
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<s>"])
+    rng = np.random.default_rng(0)
+    tok.train_from_iterator([random_words(rng, 50) for _ in range(200)], trainer)
+    from tokenizers.processors import TemplateProcessing
+
+    tok.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>")
+
+
+def test_tokenizer_prompts_have_exact_length() -> None:
+    hf = _bpe_tokenizer()
+    builder = TokenizerPromptBuilder(hf, pool_tokens=3000)
+    assert builder.special_tokens == 1
+    rng = np.random.default_rng(0)
+    for n in (2, 3, 17, 256, 5000):
+        text = builder.build(n, rng)
+        assert len(hf.encode(text)) == n  # as the server counts it: BOS included
+    assert builder.build(100, np.random.default_rng(1)) != builder.build(100, np.random.default_rng(2))
+
+
+def test_byte_level_tokenizer_prompts(tiny_llama: Path) -> None:
+    builder = TokenizerPromptBuilder.from_dir(tiny_llama)
+    reqs = build_requests(WorkloadConfig(name="sharegpt", num_prompts=20, seed=2), builder)
+    assert [builder.count(r.prompt) for r in reqs] == [r.prompt_len for r in reqs]
+    with pytest.raises(FileNotFoundError):
+        TokenizerPromptBuilder.from_dir(tiny_llama / "missing")
+
+
+def test_ratio_prompt_builder_word_count() -> None:
+    text = RatioPromptBuilder(tokens_per_word=2.0, special_tokens=1).build(101, np.random.default_rng(0))
+    assert len(text.split()) == 50
+    with pytest.raises(WorkloadError):
+        RatioPromptBuilder(tokens_per_word=0)
+
+
+# ---------------------------------------------------------------- arrivals
+
+
+def _gaps(rate: float, burstiness: float, n: int = 20000, seed: int = 0) -> np.ndarray:
+    return np.diff(arrival_offsets(ArrivalConfig(rate, burstiness, seed), n))
+
+
+def test_poisson_arrivals_mean_rate() -> None:
+    gaps = _gaps(8.0, 1.0)
+    assert 1 / gaps.mean() == pytest.approx(8.0, rel=0.03)
+    assert gaps.std() / gaps.mean() == pytest.approx(1.0, rel=0.05)  # exponential gaps
+
+
+@pytest.mark.parametrize("burstiness", [0.25, 4.0])
+def test_gamma_burstiness_sets_cv(burstiness: float) -> None:
+    gaps = _gaps(5.0, burstiness)
+    assert 1 / gaps.mean() == pytest.approx(5.0, rel=0.04)
+    assert gaps.std() / gaps.mean() == pytest.approx(1 / math.sqrt(burstiness), rel=0.08)
+
+
+def test_arrivals_seeded_and_infinite_rate() -> None:
+    a = arrival_offsets(ArrivalConfig(3.0, 1.0, 7), 50)
+    assert a[0] == 0.0 and np.all(np.diff(a) >= 0)
+    assert np.array_equal(a, arrival_offsets(ArrivalConfig(3.0, 1.0, 7), 50))
+    assert not np.array_equal(a, arrival_offsets(ArrivalConfig(3.0, 1.0, 8), 50))
+    assert np.array_equal(arrival_offsets(ArrivalConfig(math.inf), 5), np.zeros(5))
+
+
+def test_arrival_validation_and_rates() -> None:
+    assert parse_rates("1,2, 4,8") == (1.0, 2.0, 4.0, 8.0)
+    assert parse_rates("inf") == (math.inf,)
+    for bad in ("0", "-1", "x", ",", "nan"):
+        with pytest.raises(ArrivalError):
+            parse_rates(bad)
+    with pytest.raises(ArrivalError):
+        ArrivalConfig(1.0, burstiness=0.0)
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def _rec(i: int, ttft: float | None, e2el: float | None, out: int, itl: list[float] | None = None,
+         ok: bool = True, start: float = 0.0, prompt: int = 10) -> RequestRecord:
+    return RequestRecord(
+        index=i, profile="t", prompt_len=prompt, max_tokens=out, start_s=start,
+        end_s=start + (e2el or 0.5), success=ok, error=None if ok else "HTTP 500: boom",
+        output_tokens=out if ok else 0, ttft_s=ttft, e2el_s=e2el, itl_s=itl or [], num_chunks=out,
+    )
+
+
+@pytest.fixture
+def records() -> list[RequestRecord]:
+    return [
+        _rec(0, 0.100, 1.000, 10, [0.1] * 9, start=0.0),  # tpot 100 ms
+        _rec(1, 0.200, 0.650, 10, [0.05] * 9, start=0.5),  # tpot 50 ms
+        _rec(2, 0.300, 0.300, 1, [], start=0.9),  # one token: no tpot
+        _rec(3, 0.400, 2.400, 21, [0.1] * 20, start=1.5, prompt=30),  # tpot 100 ms
+        _rec(4, None, None, 0, ok=False, start=2.0),
+    ]
+
+
+def test_metric_computation(records: list[RequestRecord]) -> None:
+    m = compute_metrics(records, 4.0, SLOs(), (50, 90, 99))
+    assert (m.completed, m.failed, m.num_requests) == (4, 1, 5)
+    assert m.total_input == 10 + 10 + 10 + 30 and m.total_output == 42
+    assert m.request_throughput == pytest.approx(1.0) and m.output_throughput == pytest.approx(10.5)
+    assert m.total_token_throughput == pytest.approx((60 + 42) / 4)
+    ttft = m.distributions["ttft"]
+    assert ttft.mean == pytest.approx(250) and ttft.median == pytest.approx(250)
+    assert ttft.percentile(90) == pytest.approx(100 + 0.9 * 3 * 100)  # linear interpolation
+    tpot = m.distributions["tpot"]
+    assert tpot.mean == pytest.approx((100 + 50 + 100) / 3) and tpot.percentile(50) == pytest.approx(100)
+    itl = m.distributions["itl"]
+    assert itl.mean == pytest.approx((0.9 + 0.45 + 2.0) / 38 * 1000)
+    assert m.distributions["e2el"].percentile(99) == pytest.approx(np.percentile([1000, 650, 300, 2400], 99))
+    assert m.request_goodput is None and m.slo_attainment_pct is None
+    assert m.peak_concurrency == 3  # requests 0, 1 and 2 overlap in [0.9, 1.0)
+
+
+def test_goodput_on_hand_made_records(records: list[RequestRecord]) -> None:
+    m = compute_metrics(records, 4.0, SLOs.parse(["ttft:250", "tpot:60"]))
+    # request 1 (ttft 200, tpot 50) and request 2 (ttft 300 > 250: miss) -> only request 1
+    assert m.request_goodput == pytest.approx(1 / 4.0) and m.slo_attainment_pct == pytest.approx(20.0)
+    m = compute_metrics(records, 4.0, SLOs.parse(["tpot:60"]))  # one-token output counts as tpot 0
+    assert m.request_goodput == pytest.approx(2 / 4.0)
+    m = compute_metrics(records, 2.0, SLOs.parse(["e2el:1000", "ttft:1000"]))
+    assert m.request_goodput == pytest.approx(3 / 2.0) and m.slo_attainment_pct == pytest.approx(60.0)
+
+
+def test_empty_metrics_read_zero() -> None:
+    m = compute_metrics([_rec(0, None, None, 0, ok=False)], 1.0, SLOs(ttft_ms=100), (99,))
+    assert m.completed == 0 and m.distributions["ttft"].percentile(99) == 0.0 and m.request_goodput == 0.0
+
+
+def test_metric_flag_parsing() -> None:
+    assert SLOs.parse(["ttft:500", "E2EL:2000"]).as_dict() == {"ttft": 500.0, "e2el": 2000.0}
+    for bad in (["foo:1"], ["ttft"], ["ttft:-1"], ["ttft:1", "ttft:2"], ["tpot:x"]):
+        with pytest.raises(MetricsError):
+            SLOs.parse(bad)
+    assert parse_percentiles("90,99.9") == (90.0, 99.9)
+    assert parse_metric_names("ttft,e2el") == ("ttft", "e2el")
+    with pytest.raises(MetricsError):
+        parse_percentiles("0")
+    with pytest.raises(MetricsError):
+        parse_metric_names("ttft,foo")
+
+
+# ---------------------------------------------------------------- report
+
+
+def _result(records: list[RequestRecord], rate: float = 4.0, label: str = "a", slos: SLOs = SLOs(),
+            metrics: tuple[str, ...] = ("ttft", "tpot", "itl", "e2el"), duration: float = 4.0) -> BenchResult:
+    pct = (90.0, 99.0)
+    return BenchResult(label=label, date="20250101-000000", request_rate=rate, burstiness=1.0, max_concurrency=8,
+                       slos=slos, percentile_metrics=metrics, metric_percentiles=pct, records=records,
+                       metrics=compute_metrics(records, duration, slos, pct), config={"request_rates": [rate]},
+                       server_metrics={"delta": {"semipd:sm_repartitions_total": 3.0}}, metadata={"k": "v"})
+
+
+def test_printed_block_has_vllm_lines(records: list[RequestRecord]) -> None:
+    text = format_result_block(_result(records, slos=SLOs(ttft_ms=250)))
+    lines = text.splitlines()
+    assert lines[0] == "============ Serving Benchmark Result ============"
+    assert lines[-1] == "=" * 50
+    for label in ("Successful requests:", "Failed requests:", "Maximum request concurrency:",
+                  "Request rate configured (RPS):", "Benchmark duration (s):", "Total input tokens:",
+                  "Total generated tokens:", "Request throughput (req/s):", "Request goodput (req/s):",
+                  "Output token throughput (tok/s):", "Total Token throughput (tok/s):"):
+        assert any(line.startswith(label) for line in lines), label
+    assert "Successful requests:                     4" in text
+    assert "Total generated tokens:                  42" in text
+    for header in ("---------------Time to First Token----------------",
+                   "-----Time per Output Token (excl. 1st token)------",
+                   "---------------Inter-token Latency----------------",
+                   "----------------End-to-end Latency----------------"):
+        assert header in lines
+    for short in ("TTFT", "TPOT", "ITL", "E2EL"):
+        for stat in ("Mean", "Median", "P90", "P99"):
+            assert any(line.startswith(f"{stat} {short} (ms):") for line in lines)
+    assert "Mean TTFT (ms):                          250.00" in text
+    short = format_result_block(_result(records, rate=math.inf, metrics=("ttft",)))
+    assert "Request goodput" not in short and "Request rate configured" not in short
+    assert "ITL" not in short and "P99 TTFT (ms):" in short
+
+
+def test_per_profile_breakdown(records: list[RequestRecord], tmp_path: Path) -> None:
+    from cluster.bench.report import format_profile_breakdown, profile_breakdown
+
+    assert profile_breakdown(_result(records)) == {}  # one profile: nothing extra
+    for r in records[:2]:
+        r.profile = "sharegpt"
+    for r in records[2:]:
+        r.profile = "long-doc"
+    result = _result(records, slos=SLOs(ttft_ms=250))
+    table = profile_breakdown(result)
+    assert table["sharegpt"]["completed"] == 2 and table["sharegpt"]["slo_attainment_pct"] == 100.0
+    assert table["long-doc"]["failed"] == 1 and table["long-doc"]["slo_attainment_pct"] == 0.0
+    assert table["long-doc"]["mean_ttft_ms"] == pytest.approx(350)
+    text = format_profile_breakdown(result)
+    assert "sharegpt: 2 ok, 0 failed" in text and "long-doc: 2 ok, 1 failed" in text
+    assert load_result(write_result(result, tmp_path / "r.json")).to_json()["by_profile"] == table
+
+
+def test_json_round_trip(tmp_path: Path, records: list[RequestRecord]) -> None:
+    for rate in (2.5, math.inf):
+        result = _result(records, rate=rate, slos=SLOs(ttft_ms=250, tpot_ms=60))
+        path = write_result(result, tmp_path / "sub" / f"r{rate}.json")
+        raw = json.loads(path.read_text())  # strict JSON
+        assert raw["completed"] == 4 and raw["p90_ttft_ms"] == pytest.approx(370)
+        assert raw["goodput"] == {"ttft": 250.0, "tpot": 60.0} and len(raw["requests"]) == 5
+        back = load_result(path)
+        assert back.to_json() == result.to_json()
+        assert back.request_rate == rate and back.records == records and back.label == "a"
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(ValueError, match="not a semipd"):
+        load_result(tmp_path / "bad.json")
+
+
+def test_plot_creates_png(tmp_path: Path, records: list[RequestRecord]) -> None:
+    paths = []
+    for label in ("semi-pd", "unified"):
+        for rate in (1.0, 2.0, 4.0):
+            res = _result(records, rate=rate, label=label, slos=SLOs(ttft_ms=250))
+            paths.append(str(write_result(res, tmp_path / f"{label}-{rate}.json")))
+    out = tmp_path / "plots" / "slo.png"
+    assert cli_main(["bench", "plot", *paths, "--out", str(out), "--goodput", "ttft:300"]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+    direct = plot_results([load_result(paths[0])], tmp_path / "one.png")
+    assert direct.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_result_path_naming() -> None:
+    cfg = ServeBenchConfig(request_rates=(1, 2), result_dir="/r", result_filename="x.json")
+    assert result_path(cfg, "m", 2.0, "d") == Path("/r/x-2qps.json")
+    cfg = ServeBenchConfig(request_rates=(1, math.inf), result_filename="run-{rate}.json")
+    assert result_path(cfg, "m", math.inf, "d") == Path("run-inf.json")
+    cfg = ServeBenchConfig(max_concurrency=4, label="semi pd", workload=WorkloadConfig(name="arxiv"))
+    assert result_path(cfg, "org/model", 8.0, "D").name == "semi_pd-arxiv-8qps-concurrency4-model-D.json"
+
+
+# ---------------------------------------------------------------- client
+
+
+def test_sse_and_stream_timer() -> None:
+    assert parse_sse_line("data: [DONE]") is DONE and parse_sse_line(": ping") is None
+    assert parse_sse_line('data: {"a": 1}') == {"a": 1}
+    rec = RequestRecord(0, "t", 5, 4)
+    timer = StreamTimer(rec, start=10.0, is_chat=True)
+    timer.feed({"choices": [{"delta": {"role": "assistant", "content": ""}}]}, 10.05)  # preamble: no token
+    timer.feed({"choices": [{"delta": {"content": "a"}}]}, 10.2)
+    timer.feed({"choices": [{"delta": {"content": ""}}]}, 10.3)  # partial UTF-8: still a token
+    timer.feed({"choices": [{"delta": {"content": "b"}, "finish_reason": "length"}]}, 10.6)
+    timer.feed({"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 4}}, 10.7)
+    assert rec.ttft_s == pytest.approx(0.2) and rec.itl_s == pytest.approx([0.1, 0.3])
+    assert (rec.num_chunks, rec.output_tokens, rec.prompt_tokens, rec.finish_reason) == (3, 4, 5, "length")
+
+
+def test_payload() -> None:
+    cfg = EndpointConfig("http://h:1/", "m", "/v1/chat/completions", api_key="k", extra_body={"top_k": 1})
+    body = build_payload(cfg, BenchRequest(0, "hi", 2, 7, "t"))
+    assert cfg.url == "http://h:1/v1/chat/completions" and cfg.headers() == {"Authorization": "Bearer k"}
+    assert body["messages"] == [{"role": "user", "content": "hi"}] and body["max_tokens"] == 7
+    assert body["ignore_eos"] is True and body["stream_options"] == {"include_usage": True} and body["top_k"] == 1
+    with pytest.raises(ValueError):
+        EndpointConfig("h:1", "m")
+    with pytest.raises(ValueError):
+        EndpointConfig("http://h", "m", "/v1/embeddings")
+
+
+def test_prometheus_parsing() -> None:
+    text = ('# HELP semipd:x x\nsemipd:sm_repartitions_total{engine="a"} 3.0\nsemipd:up 1\n'
+            'vllm:num_requests_running{model_name="m"} 2\nsemipd:bad{a="b"} nan-ish\nsemipd:g NaN\n')
+    assert parse_prometheus(text, ("semipd:",)) == {'semipd:sm_repartitions_total{engine="a"}': 3.0, "semipd:up": 1.0}
+
+
+def _sse(*events: dict[str, Any], done: bool = True) -> list[bytes]:
+    out = [f"data: {json.dumps(e)}\n\n".encode() for e in events]
+    return out + ([b"data: [DONE]\n\n"] if done else [])
+
+
+def _tok(text: str = "x") -> dict[str, Any]:
+    return {"choices": [{"text": text, "index": 0}]}
+
+
+async def _chunks(parts: list[bytes], fail: Exception | None = None, hang: bool = False) -> AsyncIterator[bytes]:
+    for p in parts:
+        yield p
+    if fail is not None:
+        raise fail
+    if hang:
+        await asyncio.Event().wait()  # a server that never answers again
+
+
+def _mock_client(behaviour: Callable[[dict[str, Any]], httpx.Response]) -> httpx.AsyncClient:
+    async def handler(request: httpx.Request) -> httpx.Response:
+        return behaviour(json.loads(request.content))
+
+    return httpx.AsyncClient(transport=httpx.MockTransport(handler), base_url="http://test")
+
+
+def test_failures_are_counted_and_never_hang() -> None:
+    usage = {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2}}
+
+    def behaviour(body: dict[str, Any]) -> httpx.Response:
+        kind = body["prompt"]
+        if kind == "ok":
+            return httpx.Response(200, content=_chunks(_sse(_tok(), _tok(), usage)))
+        if kind == "error":
+            return httpx.Response(500, json={"error": {"message": "engine exploded", "type": "x"}})
+        if kind == "disconnect":
+            return httpx.Response(200, content=_chunks(_sse(_tok(), done=False), fail=httpx.ReadError("reset")))
+        if kind == "truncated":
+            return httpx.Response(200, content=_chunks(_sse(_tok(), done=False)))
+        if kind == "stream-error":
+            return httpx.Response(200, content=_chunks(_sse({"error": {"message": "overloaded"}})))
+        return httpx.Response(200, content=_chunks(_sse(_tok(), done=False), hang=True))
+
+    kinds = ["ok", "error", "disconnect", "truncated", "stream-error", "hang", "ok"]
+    requests = [BenchRequest(i, k, 3, 2, "t") for i, k in enumerate(kinds)]
+    endpoint = EndpointConfig("http://test", "m", timeout_s=0.5)
+
+    async def go() -> tuple[list[RequestRecord], float]:
+        async with _mock_client(behaviour) as client:
+            return await run_rate(client, endpoint, requests, [0.0] * len(requests), max_concurrency=3,
+                                  disable_tqdm=True)
+
+    records, duration = asyncio.run(go())
+    by_kind = dict(zip(kinds, records))
+    assert [r.success for r in records] == [True, False, False, False, False, False, True]
+    assert by_kind["error"].error == "HTTP 500: engine exploded" and by_kind["error"].http_status == 500
+    assert "ReadError" in (by_kind["disconnect"].error or "")
+    assert by_kind["truncated"].error == "the stream ended before [DONE]"
+    assert by_kind["stream-error"].error == "overloaded"
+    assert by_kind["hang"].error == "timed out after 0.5 s"
+    assert records[0].output_tokens == 2 and records[0].prompt_tokens == 3 and len(records[0].itl_s) == 1
+    assert duration < 5
+    m = compute_metrics(records, duration)
+    assert (m.completed, m.failed) == (2, 5)
+    extra = [RequestRecord(9, "t", 1, 1, error=f"HTTP 400: context is 2048 tokens, you asked {n}") for n in (3000, 4)]
+    summary = format_failures(records + extra, limit=10).splitlines()
+    assert summary[0] == "Errors (count: example message):" and len(summary) == 1 + 6
+    assert "  2: HTTP 400: context is 2048 tokens, you asked 3000" in summary
+
+
+def test_output_tokens_fall_back_to_chunk_count() -> None:
+    def behaviour(body: dict[str, Any]) -> httpx.Response:
+        return httpx.Response(200, content=_chunks(_sse(_tok(), _tok(""), _tok())))
+
+    async def go() -> RequestRecord:
+        async with _mock_client(behaviour) as client:
+            return await send_request(client, EndpointConfig("http://test", "m"), BenchRequest(0, "p", 3, 3, "t"), 0.0)
+
+    rec = asyncio.run(go())
+    assert rec.success and rec.output_tokens == 3 and rec.prompt_tokens is None and rec.input_tokens == 3
+
+
+# ---------------------------------------------------------------- CLI
+
+
+@pytest.mark.parametrize("argv", [
+    ["--request-rate", "0"], ["--request-rate", "1,x"], ["--goodput", "foo:1"], ["--range-ratio", "1.5"],
+    ["--workload", "nope"], ["--num-prompts", "0"], ["--metric-percentiles", "101"], ["--burstiness", "-1"],
+    ["--percentile-metrics", "ttft,nope"], ["--endpoint", "/v1/embeddings"], ["--max-concurrency", "0"],
+])
+def test_bad_flags_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        cli_main(["bench", "serve", *argv])
+    assert e.value.code == 2
+    assert "error" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--phases", "sharegpt,arxiv"], "--phases applies to --workload shifting"),
+    (["--workload", "shifting", "--phases", "nope:1"], "phase 'nope'"),
+    (["--base-url", "localhost:8000"], "base URL"),
+    (["--tokenizer", "/nonexistent/tok"], "tokenizer directory not found"),
+])
+def test_invalid_values_exit_2(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli_main(["bench", "serve", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_unreachable_server_exits_1(capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert cli_main(["bench", "serve", "--base-url", f"http://127.0.0.1:{port}", "--num-prompts", "2",
+                     "--disable-tqdm", "--request-timeout", "5"]) == 1
+    assert "cannot list models" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- end to end against a real server
+
+
+class _Server:
+    """The real OpenAI app over a real in-process semi-PD engine, served by uvicorn in a thread."""
+
+    def __init__(self, model_dir: Path) -> None:
+        import uvicorn
+
+        from actors.config import EngineConfig
+        from cluster.engine_client import LocalEngineClient
+        from cluster.openai_api import create_app
+
+        self.engine = LocalEngineClient(EngineConfig(model=str(model_dir), mode="semi-pd"))
+        app = create_app(self.engine, self.engine.llm.tokenizer)
+        # listening before the thread starts: clients queue in the backlog, no wait for start-up
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(128)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        self.sock.close()
+        self.engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def live_server(tiny_llama: Path) -> Iterator[_Server]:
+    pytest.importorskip("cluster.openai_api", reason="cluster/openai_api.py (the HTTP front end) is not there yet")
+    server = _Server(tiny_llama)
+    yield server
+    server.stop()
+
+
+def test_end_to_end_against_real_server(live_server: _Server, tiny_llama: Path, tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    rc = cli_main([
+        "bench", "serve", "--base-url", live_server.url, "--tokenizer", str(tiny_llama), "--workload", "random",
+        "--input-len", "48", "--output-len", "12", "--range-ratio", "0.5", "--num-prompts", "20",
+        "--request-rate", "40", "--seed", "3", "--goodput", "e2el:60000", "--label", "e2e", "--disable-tqdm",
+        "--result-dir", str(tmp_path), "--result-filename", "run.json", "--metadata", "engine=semi-pd",
+    ])
+    printed = capsys.readouterr().out
+    assert rc == 0
+    assert "============ Serving Benchmark Result ============" in printed
+    assert "Successful requests:                     20" in printed
+    result = load_result(tmp_path / "run.json")
+    recs = result.records
+    assert result.metrics.completed == 20 and result.metrics.failed == 0 and len(recs) == 20
+    assert all(r.http_status == 200 and r.finish_reason == "length" for r in recs)
+    assert [r.prompt_tokens for r in recs] == [r.prompt_len for r in recs]  # exact prompts
+    assert [r.output_tokens for r in recs] == [r.max_tokens for r in recs]  # ignore_eos
+    assert all(24 <= r.prompt_len <= 72 and 6 <= r.max_tokens <= 18 for r in recs)
+    assert result.metrics.total_input == sum(r.prompt_len for r in recs)
+    assert result.metrics.total_output == sum(r.max_tokens for r in recs)
+    assert f"Total generated tokens:                  {result.metrics.total_output}" in printed
+    assert all(r.ttft_s is not None and 0 < r.ttft_s <= r.e2el_s for r in recs)
+    assert all(len(r.itl_s) == r.num_chunks - 1 for r in recs)
+    assert result.metrics.slo_attainment_pct == 100.0
+    assert result.label == "e2e" and result.metadata == {"engine": "semi-pd"} and result.request_rate == 40.0
+    assert result.server_metrics is not None
+    assert any(k.startswith("semipd:sm_repartitions_total") for k in result.server_metrics["delta"])
+    scheduled = [r.scheduled_s for r in recs]
+    assert scheduled == sorted(scheduled) and scheduled[-1] > 0.1  # spread at 40 req/s, not all at once
+
+
+def test_end_to_end_chat_and_rejections(live_server: _Server, tiny_llama: Path, tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    rc = cli_main([
+        "bench", "serve", "--base-url", live_server.url, "--endpoint", "/v1/chat/completions", "--workload",
+        "random", "--input-len", "20", "--output-len", "6", "--num-prompts", "4", "--max-concurrency", "2",
+        "--disable-tqdm", "--result-dir", str(tmp_path), "--request-rate", "inf,50",
+    ])
+    capsys.readouterr()
+    assert rc == 0
+    files = sorted(tmp_path.glob("*.json"))
+    assert len(files) == 2  # one result per rate of the sweep
+    for f in files:
+        res = load_result(f)
+        assert res.metrics.completed == 4 and all(r.output_tokens == 6 for r in res.records)
+        assert res.metrics.peak_concurrency <= 2
+    # longer than the tiny model's context (2048): every request is a counted 400, exit 1
+    rc = cli_main(["bench", "serve", "--base-url", live_server.url, "--workload", "random", "--input-len", "2100",
+                   "--output-len", "4", "--num-prompts", "3", "--disable-tqdm", "--tokenizer", str(tiny_llama)])
+    out = capsys.readouterr().out
+    assert rc == 1
+    assert "Failed requests:                         3" in out and "maximum context length" in out

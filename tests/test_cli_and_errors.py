@@ -1,0 +1,201 @@
+"""`semipd make-model` / `semipd generate`, and how user errors surface (exit code 2, Python exceptions)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from actors.config import CacheConfig, ConfigError
+from actors.engine.core import PromptTooLongError
+from actors.engine.frontend import LLM
+from actors.request import SamplingParams, SamplingParamsError
+from cluster.cli import main
+
+pytestmark = pytest.mark.timeout(120)
+
+CONTEXT_ERROR = "This model's maximum context length is"
+
+
+def semipd(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "cluster.cli", *args], capture_output=True, text=True, timeout=90,
+                          cwd=Path(__file__).resolve().parents[1])
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.01)
+
+
+def broken_copy(src: Path, dst: Path, edit: Callable[[Path], None]) -> Path:
+    shutil.copytree(src, dst)
+    edit(dst)
+    return dst
+
+
+def set_architecture(model_dir: Path) -> None:
+    config = json.loads((model_dir / "config.json").read_text())
+    config["architectures"] = ["GPT2LMHeadModel"]
+    (model_dir / "config.json").write_text(json.dumps(config))
+
+
+def remove(pattern: str) -> Callable[[Path], None]:
+    def edit(model_dir: Path) -> None:
+        for f in model_dir.glob(pattern):
+            f.unlink()
+
+    return edit
+
+
+BROKEN = {  # name: (how to break a checkpoint, words the message must contain)
+    "unknown architecture": (set_architecture, "unknown architecture 'GPT2LMHeadModel'"),
+    "no config.json": (remove("config.json"), "no config.json"),
+    "no safetensors": (remove("*.safetensors"), "no *.safetensors"),
+}
+
+
+@pytest.fixture(scope="module")
+def broken_models(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("broken")
+    return {name: broken_copy(tiny_llama, root / name.replace(" ", "-"), edit) for name, (edit, _) in BROKEN.items()}
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_llama: Path) -> Iterator[LLM]:
+    engine = LLM(tiny_llama)
+    yield engine
+    engine.shutdown()
+
+
+# -- the commands, as a user runs them --------------------------------------------------------
+
+
+def test_make_model_then_generate_json(tmp_path: Path, llm: LLM) -> None:
+    made = semipd("make-model", "--preset", "tiny-qwen2", "--out", str(tmp_path / "m"))
+    assert made.returncode == 0, made.stderr
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {f.name for f in (tmp_path / "m").iterdir()}
+    gen = semipd("generate", "--model", str(tmp_path / "m"), "--prompt", "Hello there", "--max-tokens", "7",
+                 "--ignore-eos", "--json")
+    assert gen.returncode == 0, gen.stderr
+    result = json.loads(gen.stdout)
+    assert result["finish_reason"] == "length"
+    assert len(result["token_ids"]) == 7 and all(isinstance(t, int) for t in result["token_ids"])
+    assert isinstance(result["text"], str) and result["num_prompt_tokens"] == len("Hello there")
+    local = LLM(tmp_path / "m")
+    try:
+        expected = local.generate(["Hello there"], SamplingParams(temperature=0.0, max_tokens=7, ignore_eos=True))[0]
+    finally:
+        local.shutdown()
+    assert (result["token_ids"], result["text"]) == (expected.token_ids, expected.text)
+
+
+def test_broken_checkpoint_exits_2_from_the_shell(broken_models: dict[str, Path]) -> None:
+    proc = semipd("generate", "--model", str(broken_models["unknown architecture"]), "--prompt", "hi", "--json")
+    assert proc.returncode == 2
+    assert "unknown architecture 'GPT2LMHeadModel'" in proc.stderr
+    assert proc.stdout == ""
+
+
+# -- the same errors through main() and through the Python API -----------------------------------
+
+
+@pytest.mark.parametrize("name", BROKEN)
+def test_broken_checkpoint_exit_code_and_message(
+    broken_models: dict[str, Path], capsys: pytest.CaptureFixture[str], name: str
+) -> None:
+    assert main(["generate", "--model", str(broken_models[name]), "--prompt", "hi"]) == 2
+    assert BROKEN[name][1] in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", BROKEN)
+def test_broken_checkpoint_raises_config_error(broken_models: dict[str, Path], name: str) -> None:
+    with pytest.raises(ConfigError, match=BROKEN[name][1].replace("*", r"\*")):
+        LLM(broken_models[name])
+
+
+def test_missing_model_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["generate", "--model", str(tmp_path / "nowhere"), "--prompt", "hi"]) == 2
+    assert "model directory not found" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="model directory not found"):
+        LLM(tmp_path / "nowhere")
+
+
+def test_prompt_longer_than_the_context(tiny_llama: Path, llm: LLM, capsys: pytest.CaptureFixture[str]) -> None:
+    long_prompt = "a" * 2100
+    assert main(["generate", "--model", str(tiny_llama), "--prompt", long_prompt, "--max-tokens", "4"]) == 2
+    assert capsys.readouterr().err.split("error: ", 1)[1].startswith(CONTEXT_ERROR)
+    with pytest.raises(PromptTooLongError) as e:
+        llm.generate([long_prompt], SamplingParams(max_tokens=4))
+    assert str(e.value).startswith(CONTEXT_ERROR + " 2048 tokens")
+    too_much = r"requested 2049 tokens \(5 in the messages, 2044 in the completion\)"
+    with pytest.raises(PromptTooLongError, match=too_much):
+        llm.generate(["short"], SamplingParams(max_tokens=2044))
+
+
+def test_request_larger_than_the_kv_pool_is_refused(tiny_llama: Path) -> None:
+    small = LLM(tiny_llama, cache=CacheConfig(page_size=16, num_pages=4))
+    try:
+        with pytest.raises(PromptTooLongError, match=f"^{CONTEXT_ERROR}.*KV cache holds only 64 tokens"):
+            small.generate([list(range(1, 11))], SamplingParams(max_tokens=100))
+        out = small.generate([list(range(1, 11))], SamplingParams(temperature=0.0, max_tokens=55, ignore_eos=True))[0]
+        assert len(out.token_ids) == 55  # 10 + 54 cached tokens: exactly the pool
+    finally:
+        small.shutdown()
+
+
+INVALID_SAMPLING = [
+    (["--temperature", "-1"], dict(temperature=-1.0), "temperature"),
+    (["--temperature", "2.5"], dict(temperature=2.5), "temperature"),
+    (["--top-p", "0"], dict(top_p=0.0), "top_p"),
+    (["--top-p", "1.5"], dict(top_p=1.5), "top_p"),
+    (["--max-tokens", "0"], dict(max_tokens=0), "max_tokens"),
+]
+
+
+@pytest.mark.parametrize(("flags", "kwargs", "field"), INVALID_SAMPLING)
+def test_invalid_sampling_values(
+    tiny_llama: Path, capsys: pytest.CaptureFixture[str], flags: list[str], kwargs: dict[str, float], field: str
+) -> None:
+    assert main(["generate", "--model", str(tiny_llama), "--prompt", "hi", *flags]) == 2
+    assert f"error: {field} " in capsys.readouterr().err
+    with pytest.raises(SamplingParamsError, match=f"^{field} "):
+        SamplingParams(**kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("kwargs", "field"), [
+    (dict(top_k=-2), "top_k"), (dict(min_p=1.5), "min_p"), (dict(repetition_penalty=0.0), "repetition_penalty"),
+    (dict(presence_penalty=3.0), "presence_penalty"), (dict(frequency_penalty=-3.0), "frequency_penalty"),
+    (dict(logprobs=21), "logprobs"), (dict(min_tokens=20, max_tokens=10), "min_tokens"), (dict(stop=[""]), "stop"),
+    (dict(stop_token_ids=[-1]), "stop_token_ids"), (dict(temperature=float("nan")), "temperature"),
+])
+def test_other_invalid_sampling_values_name_the_field(kwargs: dict[str, object], field: str) -> None:
+    with pytest.raises(SamplingParamsError, match=f"^{field} "):
+        SamplingParams(**kwargs)  # type: ignore[arg-type]
+
+
+def test_invalid_prompts_raise_value_errors(llm: LLM) -> None:
+    with pytest.raises(ValueError, match="empty"):
+        llm.generate([[]], SamplingParams())
+    with pytest.raises(ValueError, match=r"prompt token ids must be in \[0, 512\)"):
+        llm.generate([[1, 512]], SamplingParams())
+    with pytest.raises(ValueError, match="got 1 sampling params for 2 prompts"):
+        llm.generate(["a", "b"], [SamplingParams()])
+
+
+def test_a_failed_batch_runs_none_of_its_prompts(llm: LLM) -> None:
+    ok = SamplingParams(temperature=0.0, max_tokens=1500, ignore_eos=True)
+    with pytest.raises(PromptTooLongError):
+        llm.generate(["fine", "a" * 2100], [ok, SamplingParams()])
+    assert not llm._sinks
+    wait_until(lambda: llm.core.num_unfinished == 0, timeout=5.0)
+    alloc = llm.core.allocator
+    wait_until(lambda: alloc.num_free == alloc.num_blocks, timeout=5.0)
+    assert llm.generate(["fine"], SamplingParams(temperature=0.0, max_tokens=3))[0].finish_reason in ("stop", "length")

@@ -1,0 +1,325 @@
+"""The cluster on one machine: a Ray head and two worker nodes, engine actors pinned to the
+workers, a real redis-server, the controller actor. Plus the EngineActor class in-process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import queue
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from actors.config import CacheConfig
+from actors.engine.frontend import LLM
+from actors.request import SamplingParams
+from actors.slo.types import SLOTargets
+from cluster.bootstrap import ClusterConfig, EngineOptions, ensure_cluster, teardown_cluster
+from cluster.engine_client import GenerateRequest, NoCapacityError
+from cluster.redis_store import RedisStore
+from cluster.redis_server import free_port
+from cluster.router import Router
+
+NODES = ("semipd_node_a", "semipd_node_b")
+
+
+def poll(cond: Callable[[], Any], what: str, timeout_s: float = 30.0, every_s: float = 0.1) -> Any:
+    """Wait until `cond()` is truthy (returns it), failing after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        time.sleep(every_s)
+
+
+def prompts(n: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[256] + [rng.randrange(0, 256) for _ in range(rng.randrange(2, 40))] for _ in range(n)]
+
+
+async def collect(router: Router, req: GenerateRequest) -> tuple[list[int], str | None, str | None]:
+    ids: list[int] = []
+    finish = error = None
+    async for chunk in router.generate(req):
+        ids.extend(chunk.token_ids)
+        finish, error = chunk.finish_reason or finish, chunk.error or error
+    return ids, finish, error
+
+
+# -- EngineActor as a plain class (no Ray) ---------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_engine_actor_in_process(tiny_llama: Path) -> None:
+    from actors.gpu_actor import EngineActor
+
+    cfg = EngineOptions(num_pages=256).engine_config(str(tiny_llama), "semi-pd")
+    actor = EngineActor("local-0", cfg)
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+
+    async def main() -> None:
+        info = await actor.ready()
+        assert info["engine_id"] == "local-0" and info["mode"] == "semi-pd"
+        chunks = [c async for c in actor.generate(GenerateRequest("a", [256, 1, 2, 3], params))]
+        assert chunks[-1].finish_reason == "length" and sum(len(c.token_ids) for c in chunks) == 6
+        load = await actor.load()
+        assert load.in_flight == 0 and load.healthy and not load.draining
+        assert len(load.stats["ttft_ms"]) == 1 and len(load.stats["tpot_ms"]) == 1
+        assert load.stats["prefill_tokens_per_s"] > 0
+        before = load.stats["prefill_sms"]
+        target = next(s for s in info["splits"] if s != before)
+        assert (await actor.apply_split(target, "test"))["changed"]
+        load = await actor.load()
+        assert load.stats["prefill_sms"] == target and load.stats["metrics"]["semipd:prefill_sms"] == target
+        assert load.stats["switches"][-1]["reason"] == "test"
+        # drain: in-flight work finishes, new work is refused
+        slow = actor.generate(GenerateRequest("b", [256, 9, 9], SamplingParams(max_tokens=40, temperature=0,
+                                                                               ignore_eos=True)))
+        assert (await slow.__anext__()).token_ids  # in flight now
+        drained = asyncio.ensure_future(actor.drain(timeout_s=30))
+        assert [c async for c in slow][-1].finish_reason == "length"
+        assert await drained == 0
+        with pytest.raises(NoCapacityError, match="draining"):
+            [c async for c in actor.generate(GenerateRequest("c", [256, 5], params))]
+        assert (await actor.load()).draining
+        await actor.resume()
+        assert [c async for c in actor.generate(GenerateRequest("d", [256, 5], params))][-1].finished
+        await actor.shutdown()
+
+    asyncio.run(main())
+
+
+# -- `semipd serve` end to end (its own local Ray instance; runs before the module's cluster) ----
+
+
+@pytest.mark.timeout(180)
+def test_serve_self_test_then_sigterm_drains_and_stops(tiny_llama: Path) -> None:
+    import httpx
+
+    http, grpc = free_port(), free_port()
+    cmd = [sys.executable, "-m", "cluster.cli", "serve", "--model", str(tiny_llama), "--http-port", str(http),
+           "--grpc-port", str(grpc), "--num-pages", "256", "--self-test", "--drain-timeout", "10"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=Path(__file__).resolve().parents[1])
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout or ()], daemon=True).start()
+    seen: list[str] = []
+
+    def read_until(text: str, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not any(text in line for line in seen):
+            if time.monotonic() > deadline or proc.poll() is not None and lines.empty():
+                pytest.fail(f"no {text!r} from semipd serve; output:\n" + "".join(seen[-60:]))
+            try:
+                seen.append(lines.get(timeout=0.5))
+            except queue.Empty:
+                pass
+
+    try:
+        read_until("serving; Ctrl-C to stop", 150)
+        out = "".join(seen)
+        assert f"http://127.0.0.1:{http}/v1" in out and f"{grpc}" in out and "semipd status --redis" in out
+        assert "self-test via HTTP /v1/completions" in out and "FAILED" not in out
+        models = httpx.get(f"http://127.0.0.1:{http}/v1/models", timeout=10).json()
+        assert models["data"][0]["id"] == tiny_llama.name
+        proc.send_signal(signal.SIGTERM)
+        read_until("semipd stopped", 90)
+        assert proc.wait(timeout=30) == 0
+        assert "draining" in "".join(seen)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+# -- the multi-node cluster ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cluster(ray_multinode: Any, redis_module: Any, tiny_llama: Path) -> Iterator[ClusterConfig]:
+    # a TTFT target no engine meets: the controller keeps giving prefill more SMs
+    cfg = ClusterConfig(
+        model=str(tiny_llama), num_actors=2, mode="semi-pd", redis_url=redis_module.url,
+        slo=SLOTargets(ttft_ms=0.001, tpot_ms=10_000), actor_resources=tuple({n: 1} for n in NODES),
+        engine=EngineOptions(num_pages=1024), cluster_name="test-cluster", publish_interval_s=0.2,
+        controller_interval_s=0.2, lease_s=2.0, min_dwell_s=0.5, min_samples=4, ready_timeout_s=120,
+    )
+    handles = ensure_cluster(cfg)
+    assert sorted(handles.created) == cfg.actor_names and handles.controller is not None
+    try:
+        yield cfg
+    finally:
+        teardown_cluster(cfg)
+
+
+@pytest.mark.timeout(120)
+def test_actors_on_different_nodes(cluster: ClusterConfig) -> None:
+    import ray
+
+    node_of_resource = {r: n["NodeID"] for n in ray.nodes() if n["Alive"] for r in n["Resources"] if r in NODES}
+    handles = ensure_cluster(cluster)  # idempotent: gets the same actors
+    assert handles.created == [] and not handles.controller_created
+    nodes = {name: info["node_id"] for name, info in handles.infos.items()}
+    assert nodes == {cluster.actor_name(i): node_of_resource[NODES[i]] for i in range(2)}
+    assert len(set(nodes.values())) == 2
+
+
+@pytest.mark.timeout(180)
+def test_200_concurrent_requests_correct_and_spread(cluster: ClusterConfig, tiny_llama: Path,
+                                                    check_greedy: Callable[..., None]) -> None:
+    ps = prompts(200, seed=1)
+    params = [SamplingParams(max_tokens=4 + i % 9, temperature=0, ignore_eos=True) for i in range(200)]
+    with LLM(str(tiny_llama), cache=CacheConfig(num_pages=1024)) as llm:
+        expected = llm.generate(ps, [dataclasses.replace(p, logprobs=1) for p in params])
+    router = Router.connect(namespace=cluster.namespace)
+    assert set(router.state.actors) == set(cluster.actor_names)
+
+    async def main() -> tuple[list[Any], list[Any]]:
+        before = {l.engine_id: l.stats["requests_total"] for l in await router.loads()}
+        reqs = [GenerateRequest(f"many-{i}", p, sp) for i, (p, sp) in enumerate(zip(ps, params))]
+        results = await asyncio.wait_for(asyncio.gather(*(collect(router, r) for r in reqs)), timeout=120)
+        after = {l.engine_id: l.stats["requests_total"] for l in await router.loads()}
+        return results, [after[e] - before[e] for e in sorted(after)]
+
+    results, served = asyncio.run(main())
+    assert [r[1] for r in results] == ["length"] * 200 and all(r[2] is None for r in results)
+    check_greedy([r[0] for r in results], expected)  # same tokens as a local run (fp32 near-ties aside)
+    counts = router.dispatch_counts
+    # both engines are equally fast and idle: load counted at dispatch spreads the burst evenly,
+    # and what the router counted is what each engine actually served
+    assert sorted(counts) == cluster.actor_names and sum(counts.values()) == 200
+    assert all(80 <= c <= 120 for c in counts.values()), counts
+    assert served == [counts[e] for e in sorted(counts)]
+
+
+@pytest.mark.timeout(120)
+def test_controller_split_reaches_actor(cluster: ClusterConfig, capsys: pytest.CaptureFixture[str]) -> None:
+    import ray
+
+    router = Router.connect(namespace=cluster.namespace)
+    # some traffic so the engines have TTFT samples (the target is unreachable)
+    async def traffic() -> None:
+        reqs = [GenerateRequest(f"ctl-{i}", p, SamplingParams(max_tokens=4, temperature=0))
+                for i, p in enumerate(prompts(40, seed=2))]
+        await asyncio.gather(*(collect(router, r) for r in reqs))
+
+    async def decisions() -> list[dict[str, Any]]:
+        store = RedisStore(cluster.redis_url or "", cluster.cluster_name)
+        try:
+            return await store.decisions(100)
+        finally:
+            await store.aclose()
+
+    asyncio.run(traffic())
+    found = poll(lambda: [d for d in asyncio.run(decisions()) if d["engine_id"] == cluster.actor_name(0)],
+                 "a controller decision for engine 0")
+    leader = ray.get(ray.get_actor(cluster.controller_name, namespace=cluster.namespace).status.remote())
+    assert leader["is_leader"] and {d["leader"] for d in found} == {leader["id"]}
+    newest = found[0]
+    assert newest["to"] > newest["from"] and "TTFT" in newest["reason"]
+
+    def applied() -> dict[str, Any] | None:
+        """Stats of every engine once each runs the split of its newest decision."""
+        newest: dict[str, dict[str, Any]] = {}
+        for d in asyncio.run(decisions()):  # newest first
+            newest.setdefault(d["engine_id"], d)
+        stats = {l.engine_id: l.stats for l in asyncio.run(router.loads())}
+        ok = set(newest) == set(stats) and all(
+            s["redis"]["last_decision_id"] == newest[e]["id"] and s["prefill_sms"] == newest[e]["to"]
+            for e, s in stats.items())
+        return stats if ok else None
+
+    stats = poll(applied, "both engines to apply their newest decision")
+    for s in stats.values():
+        assert s["metrics"]["semipd:prefill_sms"] == s["prefill_sms"] > 64
+        assert s["num_switches"] >= 1 and leader["id"] in s["switches"][-1]["reason"]
+
+    # `semipd status` shows the engines, their splits and the decisions
+    from cluster.cli import main
+
+    assert main(["status", "--redis", cluster.redis_url or "", "--cluster-name", cluster.cluster_name,
+                 "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [e["engine_id"] for e in report["engines"]] == cluster.actor_names
+    assert report["leader"] == leader["id"] and report["decisions"]
+    assert all(e["prefill_sms"] > 64 and e["total_sms"] == 128 and e["ttft_attainment"] == 0.0
+               for e in report["engines"])
+    assert main(["status", "--redis", cluster.redis_url or "", "--cluster-name", cluster.cluster_name]) == 0
+    table = capsys.readouterr().out
+    assert all(name in table for name in cluster.actor_names) and "last split decisions" in table
+
+
+@pytest.mark.timeout(120)
+def test_errors_and_aborts_pass_through(cluster: ClusterConfig) -> None:
+    from actors.engine.core import PromptTooLongError
+
+    router = Router.connect(namespace=cluster.namespace)
+    long = SamplingParams(max_tokens=1500, temperature=0, ignore_eos=True)
+
+    async def aborted_total() -> int:
+        return sum(l.stats["finish_reasons"].get("abort", 0) for l in await router.loads())
+
+    async def main() -> None:
+        # the engine's own errors arrive as themselves, with their message
+        with pytest.raises(PromptTooLongError, match="^This model's maximum context length is 2048 tokens"):
+            await collect(router, GenerateRequest("too-long", [256] * 100, SamplingParams(max_tokens=2000)))
+        # Router.abort stops a running request: its stream ends with "abort"
+        stream = router.generate(GenerateRequest("to-abort", [256, 7, 7], long))
+        first = await stream.__anext__()
+        assert first.token_ids and router.engine_of("to-abort") in cluster.actor_names
+        assert await router.abort("to-abort")
+        rest = [c async for c in stream]
+        assert rest[-1].finish_reason == "abort" and len(first.token_ids) + sum(len(c.token_ids) for c in rest) < 1500
+        # a client that goes away (closes the stream) aborts its request on the engine
+        before = await aborted_total()
+        stream = router.generate(GenerateRequest("to-close", [256, 8, 8], long))
+        assert (await stream.__anext__()).token_ids
+        await stream.aclose()
+        deadline = time.monotonic() + 20
+        while await aborted_total() == before:
+            assert time.monotonic() < deadline, "closing the stream did not abort the request"
+            await asyncio.sleep(0.1)
+        assert all(l.in_flight == 0 for l in await router.loads())
+
+    asyncio.run(main())
+
+
+@pytest.mark.timeout(120)
+def test_busy_engine_gets_fewer_requests(cluster: ClusterConfig) -> None:
+    """Load another router put on engine 0 shows up in the reports; new requests go mostly elsewhere."""
+    busy_id, idle_id = cluster.actor_names
+    router = Router.connect(namespace=cluster.namespace)
+    other = Router({busy_id: router.state.actors[busy_id].handle}, router.model_info())  # e.g. another replica
+    long = SamplingParams(max_tokens=1000, temperature=0, ignore_eos=True)
+    short = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
+
+    async def main() -> dict[str, int]:
+        streams = [other.generate(GenerateRequest(f"busy-{i}", p, long)) for i, p in enumerate(prompts(20, seed=6))]
+        for s in streams:  # all 20 running on engine 0
+            assert (await s.__anext__()).token_ids
+        await router.refresh()
+        assert router.state.view(busy_id).in_flight == 20 and router.state.view(idle_id).in_flight == 0
+        # short prompts: the in-flight load, not the prompts' own prefill, decides
+        reqs = [GenerateRequest(f"light-{i}", [256, i % 256, 7], short) for i in range(40)]
+        results = await asyncio.wait_for(asyncio.gather(*(collect(router, r) for r in reqs)), timeout=60)
+        assert all(r[1] == "length" for r in results)
+        for s in streams:
+            await s.aclose()  # aborts them
+        return router.dispatch_counts
+
+    counts = asyncio.run(main())
+    # engine 0 starts 20 requests ahead: engine 1 takes the first several alone, then they alternate
+    assert sum(counts.values()) == 40 and counts.get(idle_id, 0) >= counts.get(busy_id, 0) + 6, counts

@@ -1,0 +1,308 @@
+"""Router choice, controller hysteresis and leader lease: pure functions and a real Redis, no Ray."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from actors.slo.types import EngineView, ReactivePolicy, SLOTargets, SplitDecision
+from cluster.bootstrap import ClusterConfig, EngineOptions
+from cluster.controller import Controller, ControllerConfig, hold_reason, make_policy, register_policy, view_from_dict
+from cluster.engine_client import EngineLoad, NoCapacityError
+from cluster.redis_store import Backoff, RedisStore
+from cluster.router import ActorView, RouterPolicy, RouterState, choose, predicted_ttft_s, rendezvous
+
+pytestmark = pytest.mark.timeout(60)
+T = TypeVar("T")
+POLICY = RouterPolicy()
+SPLITS = tuple(range(8, 121, 8))
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coro)
+
+
+# -- router choice ------------------------------------------------------------------------
+
+
+def test_choice_is_deterministic_on_ties() -> None:
+    views = [ActorView("e-b"), ActorView("e-a"), ActorView("e-c")]
+    assert {choose(views, 100, POLICY) for _ in range(5)} == {"e-a"}
+    assert choose(list(reversed(views)), 100, POLICY) == "e-a"
+
+
+def test_choice_prefers_lower_predicted_ttft() -> None:
+    busy = ActorView("e-a", waiting_prefill_tokens=8000, prefill_tokens_per_s=4000)
+    idle = ActorView("e-b", waiting_prefill_tokens=100, prefill_tokens_per_s=4000)
+    assert choose([busy, idle], 100, POLICY) == "e-b"
+    # a faster engine can take more queued work
+    fast = ActorView("e-a", waiting_prefill_tokens=8000, prefill_tokens_per_s=400000)
+    assert predicted_ttft_s(fast, 100, POLICY) < predicted_ttft_s(idle, 100, POLICY)
+    assert choose([fast, idle], 100, POLICY) == "e-a"
+
+
+def test_unmeasured_engine_is_assumed_as_fast_as_the_others() -> None:
+    measured = ActorView("e-a", in_flight=10, prefill_tokens_per_s=100_000)
+    fresh = ActorView("e-b")  # no rate yet: the median of the others, not the (low) default
+    # 1600 tokens at 100k tok/s (16 ms) beat 10 in-flight requests (21 ms); at the default rate they would not
+    fresh_queued = ActorView("e-b", waiting_prefill_tokens=1500)
+    assert choose([measured, fresh_queued], 100, POLICY) == "e-b"
+    assert predicted_ttft_s(fresh, 100, POLICY) == 100 / POLICY.default_prefill_tokens_per_s
+
+
+def test_choice_avoids_full_kv_and_heavy_decode() -> None:
+    full = ActorView("e-a", kv_usage=0.99)
+    empty = ActorView("e-b", kv_usage=0.10, waiting_prefill_tokens=200)
+    assert choose([full, empty], 10, POLICY) == "e-b"
+    decoding = ActorView("e-a", in_flight=200)
+    assert choose([decoding, ActorView("e-b", in_flight=10)], 10, POLICY) == "e-b"
+
+
+def test_choice_skips_draining_dead_and_unhealthy() -> None:
+    views = [ActorView("e-a", draining=True), ActorView("e-b", alive=False), ActorView("e-c", healthy=False),
+             ActorView("e-d", waiting_prefill_tokens=10**6)]
+    assert choose(views, 10, POLICY) == "e-d"
+    with pytest.raises(NoCapacityError, match="e-a: draining.*e-b: dead.*e-c: unhealthy"):
+        choose(views[:3], 10, POLICY)
+    with pytest.raises(NoCapacityError):
+        choose(views, 10, POLICY, exclude=["e-d"])
+
+
+def test_load_is_counted_at_dispatch() -> None:
+    state = RouterState(["e-a", "e-b"])
+    picks = []
+    for i in range(10):
+        eid = choose(state.views(), 500, POLICY)
+        state.dispatch(eid, f"r{i}", 500, now=float(i))
+        picks.append(eid)
+    assert picks == ["e-a", "e-b"] * 5  # no report came back, yet the load spread
+    assert state.view("e-a").unacked_prefill_tokens == 2500
+    assert state.view("e-a").in_flight == 5
+    # a first token acknowledges the prompt: its tokens leave the queue estimate (the request stays in flight)
+    state.ack("e-a", "r0")
+    assert state.view("e-a").unacked_prefill_tokens == 2000 and state.view("e-a").in_flight == 5
+    # a report counts the requests it lists; the others (not arrived yet) are still counted here
+    state.report(EngineLoad("e-a", in_flight=7, stats={"waiting_prefill_tokens": 1234,
+                                                       "in_flight_ids": ["r0", "r2", "r4", "x", "y"]}))
+    v = state.view("e-a")
+    assert (v.waiting_prefill_tokens, v.unacked_prefill_tokens, v.in_flight) == (1234, 1000, 9)
+    state.dispatch("e-a", "r10", 100, now=101.0)
+    assert state.view("e-a").unacked_prefill_tokens == 1100 and state.view("e-a").in_flight == 10
+    state.done("e-a", "r10")
+    assert state.view("e-a").unacked_prefill_tokens == 1000
+    assert state.dispatch_counts == {"e-a": 6, "e-b": 5}
+
+
+def test_report_marks_draining_and_dead() -> None:
+    state = RouterState(["e-a", "e-b"])
+    state.report(EngineLoad("e-a", draining=True))
+    assert choose(state.views(), 10, POLICY) == "e-b"
+    state.mark_dead("e-b", "ActorDiedError")
+    with pytest.raises(NoCapacityError):
+        choose(state.views(), 10, POLICY)
+
+
+def test_session_affinity_is_rendezvous_hashing() -> None:
+    views = [ActorView(f"e-{i}") for i in range(4)]
+    # the same session always lands on the same engine, regardless of load
+    first = {s: choose(views, 10, POLICY, session_id=s) for s in map(str, range(200))}
+    loaded = [ActorView(v.engine_id, waiting_prefill_tokens=10**5 * i) for i, v in enumerate(views)]
+    assert {s: choose(loaded, 10, POLICY, session_id=s) for s in first} == first
+    assert len(set(first.values())) == 4  # sessions spread over all engines
+    # removing one engine moves only the sessions that were on it
+    without = [v for v in views if v.engine_id != "e-2"]
+    moved = {s for s in first if choose(without, 10, POLICY, session_id=s) != first[s]}
+    assert moved == {s for s, e in first.items() if e == "e-2"}
+    assert rendezvous("x", ["e-1", "e-0"]) == rendezvous("x", ["e-0", "e-1"])
+    # affinity off: plain load-based choice
+    assert choose(views, 10, RouterPolicy(session_affinity=False), session_id="7") == "e-0"
+
+
+def test_router_policy_validation() -> None:
+    with pytest.raises(ValueError):
+        RouterPolicy(kv_soft_limit=1.0)
+    with pytest.raises(ValueError):
+        RouterPolicy(stall_timeout_s=0)
+
+
+# -- controller: pure parts --------------------------------------------------------------
+
+
+def _view(prefill: int = 64, n: int = 10, ttft: float = 100.0, tpot: float = 10.0) -> EngineView:
+    return EngineView("e-0", prefill, 128, SPLITS, ttft_ms=(ttft,) * n, tpot_ms=(tpot,) * n)
+
+
+CFG = ControllerConfig("redis://127.0.0.1:1/0", min_dwell_s=5.0, min_samples=8, apply_timeout_s=10.0)
+
+
+def test_hold_reason_hysteresis() -> None:
+    now = 1000.0
+    assert hold_reason(_view(), 72, now, None, None, CFG) is None
+    assert hold_reason(_view(), 64, now, None, None, CFG) == "no change"
+    assert "not an available split" in hold_reason(_view(), 70, now, None, None, CFG)
+    assert "dwell" in hold_reason(_view(), 72, now, now - 2.0, None, CFG)
+    assert hold_reason(_view(), 72, now, now - 6.0, None, CFG) is None
+    assert "warming up" in hold_reason(_view(n=3), 72, now, None, None, CFG)
+    pending = {"prefill_sms": 72, "time": now - 1.0}
+    assert "waiting for the engine" in hold_reason(_view(), 80, now, None, pending, CFG)
+    applied = {"prefill_sms": 64, "time": now - 1.0}
+    assert hold_reason(_view(), 72, now, None, applied, CFG) is None
+    stale = {"prefill_sms": 72, "time": now - 20.0}
+    assert hold_reason(_view(), 80, now, None, stale, CFG) is None
+
+
+def test_policy_registry() -> None:
+    assert isinstance(make_policy("reactive"), ReactivePolicy)
+    assert isinstance(make_policy("actors.slo.types:ReactivePolicy"), ReactivePolicy)
+    with pytest.raises(ValueError, match="unknown split policy"):
+        make_policy("nope")
+
+    class Fixed:
+        def decide(self, view: EngineView, targets: SLOTargets) -> SplitDecision:
+            return SplitDecision(8, "fixed")
+
+    register_policy("test-fixed", Fixed)
+    assert make_policy("test-fixed").decide(_view(), SLOTargets()).prefill_sms == 8
+
+
+def test_view_from_published_dict() -> None:
+    d = {"engine_id": "e-1", "time": 5.0, "ttft_ms": [1, 2], "tpot_ms": [3],
+         "stats": {"prefill_sms": 64, "total_sms": 128, "splits": [8, 64, 120], "waiting_prefill_tokens": 7,
+                   "num_decoding": 2, "decode_context_tokens": 100}}
+    v = view_from_dict(d)
+    assert (v.engine_id, v.prefill_sms, v.splits, v.ttft_ms, v.waiting_prefill_tokens) == ("e-1", 64, (8, 64, 120),
+                                                                                           (1.0, 2.0), 7)
+
+
+def test_configs_validate(tiny_llama: Path) -> None:
+    with pytest.raises(ValueError):
+        ControllerConfig("http://x")
+    with pytest.raises(ValueError):
+        ControllerConfig("redis://x", interval_s=1.0, lease_s=1.5)
+    with pytest.raises(ValueError):
+        ClusterConfig(str(tiny_llama), num_actors=0)
+    with pytest.raises(ValueError):
+        ClusterConfig(str(tiny_llama), num_actors=2, actor_resources=({"a": 1},))
+    with pytest.raises(ValueError):
+        ClusterConfig(str(tiny_llama), policy="nope")
+    with pytest.raises(ValueError):
+        ClusterConfig("/nonexistent")
+    with pytest.raises(ValueError):
+        EngineOptions(page_size=3)
+    cfg = ClusterConfig(str(tiny_llama), num_actors=2, actor_resources=({"a": 1}, {"b": 2}),
+                        redis_url="redis://h:1/0", slo=SLOTargets(200, 20))
+    assert ClusterConfig.from_dict(cfg.to_dict()) == cfg
+    assert cfg.resources_for(1) == {"b": 2.0} and cfg.actor_names == ["semipd-engine-0", "semipd-engine-1"]
+    with pytest.raises(ValueError, match="unknown cluster config keys"):
+        ClusterConfig.from_dict({"model": str(tiny_llama), "bogus": 1})
+
+
+def test_backoff() -> None:
+    b = Backoff(0.5, 3.0)
+    assert [b.next_delay() for _ in range(5)] == [0.5, 1.0, 2.0, 3.0, 3.0]
+    b.reset()
+    assert b.next_delay() == 0.5
+
+
+# -- lease and controller against a real Redis ----------------------------------------------
+
+
+def test_lease_one_holder_and_takeover(redis_server: Any) -> None:
+    async def main() -> None:
+        store = RedisStore(redis_server.url, "lease")
+        assert await store.acquire_or_renew("a", 400)
+        assert not await store.acquire_or_renew("b", 400)
+        assert await store.acquire_or_renew("a", 400)  # renewal by the holder
+        # a non-holder cannot write a decision (fenced)
+        assert not await store.write_decision("b", "e-0", {"prefill_sms": 8}, {"leader": "b"})
+        assert await store.write_decision("a", "e-0", {"prefill_sms": 8}, {"leader": "a"})
+        # b takes over only when a stops renewing and the lease expires
+        deadline = time.monotonic() + 5
+        while not await store.acquire_or_renew("b", 400):
+            assert time.monotonic() < deadline, "lease never expired"
+            await asyncio.sleep(0.05)
+        assert await store.leader() == "b"
+        assert not await store.acquire_or_renew("a", 400)
+        assert not await store.release("a")  # a cannot release b's lease
+        assert await store.release("b")
+        assert await store.leader() is None
+        assert [d["leader"] for d in await store.decisions()] == ["a"]
+        await store.aclose()
+
+    run(main())
+
+
+class _Flip:
+    """Test policy: always one step away from the current split."""
+
+    def decide(self, view: EngineView, targets: SLOTargets) -> SplitDecision:
+        i = view.splits.index(view.prefill_sms)
+        return SplitDecision(view.splits[i + 1] if i + 1 < len(view.splits) else view.splits[i - 1], "flip")
+
+
+def _published(engine_id: str, prefill: int, n: int) -> dict[str, Any]:
+    return {"engine_id": engine_id, "time": time.time(), "ttft_ms": [50.0] * n, "tpot_ms": [5.0] * n,
+            "stats": {"prefill_sms": prefill, "total_sms": 128, "splits": list(SPLITS)}}
+
+
+def test_controller_tick_decides_records_and_respects_dwell(redis_server: Any) -> None:
+    cfg = ControllerConfig(redis_server.url, "tick", min_dwell_s=30.0, min_samples=4, interval_s=0.1, lease_s=1.0)
+
+    async def main() -> None:
+        store = RedisStore(redis_server.url, "tick")
+        await store.publish_view("e-0", _published("e-0", 64, 10), 5000)
+        await store.publish_view("e-1", _published("e-1", 64, 2), 5000)  # warming up
+        ctl = Controller(cfg, _Flip(), leader_id="ctl-1")
+        written = await ctl.tick()
+        assert [(d["engine_id"], d["from"], d["to"], d["leader"]) for d in written] == [("e-0", 64, 72, "ctl-1")]
+        split = await store.get_split("e-0")
+        assert split["prefill_sms"] == 72 and split["leader"] == "ctl-1" and split["id"] == written[0]["id"]
+        assert await store.get_split("e-1") is None
+        # the engine applied it; dwell time holds the next change
+        await store.publish_view("e-0", _published("e-0", 72, 10), 5000)
+        assert await ctl.tick() == []
+        status = await store.controller_status()
+        assert status["leader"] == "ctl-1" and status["policy"] == "reactive"
+        # a second controller is a follower: it decides nothing
+        other = Controller(cfg, _Flip(), leader_id="ctl-2")
+        assert await other.tick() == [] and not other.is_leader
+        assert [d["leader"] for d in await store.decisions()] == ["ctl-1"]
+        await ctl.stop()
+        await other.stop()
+        await store.aclose()
+
+    run(main())
+
+
+def test_controller_survives_redis_outage(redis_server: Any) -> None:
+    cfg = ControllerConfig(redis_server.url, "outage", min_dwell_s=0.0, min_samples=1, interval_s=0.1, lease_s=1.0,
+                           max_backoff_s=0.3)
+
+    async def wait_for(cond: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not cond():
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            await asyncio.sleep(0.05)
+
+    async def main() -> None:
+        ctl = Controller(cfg, _Flip(), leader_id="ctl-x")
+        await ctl.start()
+        await wait_for(lambda: ctl.is_leader, "leadership")
+        redis_server.stop()
+        await wait_for(lambda: ctl.errors > 0 and not ctl.redis_ok, "the outage to be noticed")
+        redis_server.start()
+        await wait_for(lambda: ctl.redis_ok and ctl.is_leader, "recovery")
+        store = RedisStore(redis_server.url, "outage")
+        await store.publish_view("e-0", _published("e-0", 64, 3), 5000)
+        await wait_for(lambda: ctl.decisions_written > 0, "a decision after the outage")
+        assert (await store.get_split("e-0"))["leader"] == "ctl-x"
+        await ctl.stop()
+        assert await store.leader() is None  # released on stop
+        await store.aclose()
+
+    run(main())

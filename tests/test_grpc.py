@@ -1,0 +1,331 @@
+"""The gRPC service against a live server with a real (tiny, CPU) engine.
+
+The gRPC server runs on its own event loop thread, next to the OpenAI HTTP app (uvicorn)
+over the same engine, so that greedy results can be compared between the two.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+import openai
+import pytest
+import uvicorn
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from actors.config import EngineConfig, SchedulerConfig
+from actors.engine.frontend import StreamChunk, Tokenizer
+from actors.request import SamplingParams
+from actors.slo.admission import AdmissionRejected
+from cluster.engine_client import GenerateRequest, LocalEngineClient, NoCapacityError
+from cluster.grpc_client import (
+    AsyncGenerationClient,
+    GenerationClient,
+    GrpcCallError,
+    GrpcInvalidArgument,
+    build_request,
+    generate_once,
+    load_stubs,
+)
+from cluster.grpc_server import SERVICE_NAME, GrpcServer
+from cluster.openai_api import create_app
+
+MAX_MODEL_LEN = 512
+MODEL = "tiny"
+T = TypeVar("T")
+
+
+def wait_until(cond: Callable[[], bool], timeout: float = 15.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.01)
+
+
+class LoopThread:
+    """An asyncio event loop in a daemon thread; `run(coro)` waits for its result."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="grpc-test-loop", daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 30.0) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+
+
+class RecordingClient(LocalEngineClient):
+    """The local engine client, recording how each request's stream ended."""
+
+    def __init__(self, config: EngineConfig, served_name: str) -> None:
+        super().__init__(config, served_name)
+        self.endings: dict[str, str] = {}  # request id -> finish reason, or "closed-early"
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[StreamChunk]:
+        ending = "closed-early"
+        try:
+            async for chunk in super().generate(request):
+                if chunk.finish_reason:
+                    ending = chunk.finish_reason
+                yield chunk
+        finally:
+            self.endings[request.request_id] = ending
+
+
+class Live:
+    def __init__(self, client: RecordingClient, loop: LoopThread, server: GrpcServer, http_url: str) -> None:
+        self.client = client
+        self.loop = loop
+        self.server = server
+        self.addr = f"127.0.0.1:{server.port}"
+        self.oa = openai.OpenAI(base_url=f"{http_url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+    @property
+    def core(self) -> Any:
+        return self.client.llm.core
+
+    def idle(self) -> bool:
+        return self.core.num_unfinished == 0 and self.core.allocator.usage == 0.0
+
+
+@pytest.fixture(scope="module")
+def live(tiny_llama: Path) -> Iterator[Live]:
+    cfg = EngineConfig(model=str(tiny_llama), mode="semi-pd", scheduler=SchedulerConfig(max_model_len=MAX_MODEL_LEN))
+    client = RecordingClient(cfg, served_name=MODEL)
+    tokenizer = Tokenizer(tiny_llama)
+    loop = LoopThread()
+    server = GrpcServer(client, tokenizer, port=0, host="127.0.0.1")
+    http = uvicorn.Server(uvicorn.Config(create_app(client, tokenizer), host="127.0.0.1", port=0,
+                                         log_level="warning", lifespan="off"))
+    http_thread = threading.Thread(target=http.run, daemon=True)
+    try:
+        loop.run(server.start())
+        http_thread.start()
+        wait_until(lambda: http.started, 30, "uvicorn to start")
+        port = http.servers[0].sockets[0].getsockname()[1]
+        yield Live(client, loop, server, f"http://127.0.0.1:{port}")
+    finally:
+        http.should_exit = True
+        http_thread.join(timeout=30)
+        loop.run(server.stop(grace=1.0))
+        loop.close()
+        client.shutdown()
+
+
+def greedy(max_tokens: int) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+
+
+def test_generate_streams_the_same_tokens_as_http(live: Live) -> None:
+    prompt = "The quick brown fox"
+    with GenerationClient(live.addr, timeout=60) as c:
+        chunks = list(c.generate(prompt, greedy(12), request_id="grpc-greedy-1"))
+    final = chunks[-1]
+    assert final.finish_reason == "length" and final.request_id == "grpc-greedy-1"
+    assert all(ch.finish_reason is None for ch in chunks[:-1])
+    ids = [t for ch in chunks for t in ch.token_ids]
+    text = "".join(ch.text for ch in chunks)
+    assert len(ids) == final.completion_tokens == 12
+    http = live.oa.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0, logprobs=0,
+                                      extra_body={"ignore_eos": True})
+    assert text == http.choices[0].text
+    assert http.usage is not None and final.prompt_tokens == http.usage.prompt_tokens
+    tokenizer = Tokenizer(live.core.config.model)
+    assert [tokenizer.decode([t], skip_special_tokens=False) for t in ids] == http.choices[0].logprobs.tokens  # type: ignore[union-attr]
+
+
+def test_generate_token_ids_prompt_logprobs_and_async_client(live: Live) -> None:
+    async def run() -> list[Any]:
+        client = AsyncGenerationClient(live.addr, timeout=60)
+        try:
+            params = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True, logprobs=2)
+            return [c async for c in client.generate([1, 2, 3, 4], params)]
+        finally:
+            await client.close()
+
+    chunks = asyncio.run(run())
+    lps = [lp for c in chunks for lp in c.logprobs]
+    assert len(lps) == 5 and chunks[-1].prompt_tokens == 4
+    assert all(len(top) == 2 and lp <= 0 for _, lp, top in lps)
+    assert [i for i, _, _ in lps] == [t for c in chunks for t in c.token_ids]
+
+
+def test_generate_once_and_cli(live: Live, capsys: pytest.CaptureFixture[str]) -> None:
+    result = generate_once(live.addr, "Hello", greedy(6), timeout=60)
+    assert result["finish_reason"] == "length" and len(result["token_ids"]) == 6
+    assert result["num_prompt_tokens"] > 0
+    from cluster.cli import main
+
+    assert main(["generate", "--grpc", live.addr, "--prompt", "Hello", "--max-tokens", "6", "--ignore-eos",
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["token_ids"] == result["token_ids"] and out["text"] == result["text"]
+    assert main(["generate", "--grpc", live.addr, "--prompt", "Hello", "--temperature", "7"]) == 2
+    assert "temperature must be in [0, 2]" in capsys.readouterr().err
+
+
+def test_cancelled_stream_aborts_and_frees_pages(live: Live) -> None:
+    wait_until(live.idle, what="the engine to go idle")
+    with GenerationClient(live.addr, timeout=60) as c:
+        stream = c.generate("Cancel me", greedy(400), request_id="grpc-cancel-1")
+        first = next(stream)
+        assert first.token_ids
+        assert live.core.num_unfinished == 1 and live.core.allocator.usage > 0
+        stream.close()  # cancels the call
+        wait_until(live.idle, what="the cancelled request's pages to be freed")
+    wait_until(lambda: "grpc-cancel-1" in live.client.endings, what="the server to close the stream")
+    assert live.client.endings["grpc-cancel-1"] == "closed-early"
+
+
+def test_abort_rpc_ends_the_stream(live: Live) -> None:
+    with GenerationClient(live.addr, timeout=60) as c, GenerationClient(live.addr, timeout=60) as other:
+        stream = c.generate("Abort me", greedy(400), request_id="grpc-abort-1")
+        next(stream)
+        assert other.abort("grpc-abort-1") is True
+        final = list(stream)[-1]
+        assert final.finish_reason == "abort"
+        assert other.abort("grpc-abort-1") is False
+    wait_until(live.idle, what="the aborted request's pages to be freed")
+
+
+PB2, _ = load_stubs()
+
+
+@pytest.mark.parametrize("prompt,params,message", [
+    ("Hi", PB2.SamplingParams(temperature=5.0), "temperature must be in [0, 2]"),
+    ("Hi", PB2.SamplingParams(max_tokens=-1), "max_tokens must be at least 1"),
+    ([7] * (MAX_MODEL_LEN + 4), PB2.SamplingParams(max_tokens=4),
+     f"This model's maximum context length is {MAX_MODEL_LEN} tokens. However, you requested "
+     f"{MAX_MODEL_LEN + 8} tokens"),
+    ([1, 2, 10**6], PB2.SamplingParams(max_tokens=2), "token ids must be in"),
+    ("", PB2.SamplingParams(max_tokens=2), "the prompt is empty"),
+], ids=["temperature", "negative-max-tokens", "too-long", "bad-token-id", "empty"])
+def test_invalid_argument(live: Live, prompt: Any, params: Any, message: str) -> None:
+    with GenerationClient(live.addr, timeout=30) as c:
+        with pytest.raises(GrpcInvalidArgument) as e:
+            list(c.generate(prompt, params))
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in e.value.details
+
+
+class RefusingClient:
+    """An EngineClient that refuses every request with `error`."""
+
+    def __init__(self, info: Any, error: Exception) -> None:
+        self.info = info
+        self.error = error
+
+    def model_info(self) -> Any:
+        return self.info
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[StreamChunk]:
+        raise self.error
+        yield  # pragma: no cover  (makes this an async generator)
+
+    async def abort(self, request_id: str) -> bool:
+        return False
+
+    async def loads(self) -> list[Any]:
+        return []
+
+
+@pytest.mark.parametrize("error,code", [
+    (AdmissionRejected("request rejected by admission control", 900.0, 100.0), grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (NoCapacityError("all engines are draining"), grpc.StatusCode.UNAVAILABLE),
+], ids=["admission", "no-capacity"])
+def test_capacity_errors(live: Live, error: Exception, code: grpc.StatusCode) -> None:
+    client = RefusingClient(live.client.model_info(), error)
+    server = GrpcServer(client, Tokenizer(live.core.config.model), port=0, host="127.0.0.1")  # type: ignore[arg-type]
+    port = live.loop.run(server.start())
+    try:
+        with GenerationClient(f"127.0.0.1:{port}", timeout=30) as c:
+            with pytest.raises(GrpcCallError) as e:
+                list(c.generate("Hi", greedy(2)))
+        assert e.value.code == code and str(error) in e.value.details
+        assert server.in_flight == 0
+    finally:
+        live.loop.run(server.stop(grace=1.0))
+
+
+def test_loads_and_model_info(live: Live) -> None:
+    with GenerationClient(live.addr, timeout=30) as c:
+        info = c.model_info()
+        loads = c.loads()
+    assert info["name"] == MODEL and info["max_model_len"] == MAX_MODEL_LEN and info["mode"] == "semi-pd"
+    assert [l["engine_id"] for l in loads] == ["local"]
+    assert loads[0]["healthy"] is True and 0.0 <= loads[0]["stats"]["kv_usage"] <= 1.0
+
+
+def test_health_serving_then_not_serving_on_drain(live: Live) -> None:
+    server = GrpcServer(live.client, Tokenizer(live.core.config.model), port=0, host="127.0.0.1")
+    port = live.loop.run(server.start(ready=False))
+    addr = f"127.0.0.1:{port}"
+    try:
+        with grpc.insecure_channel(addr) as ch:
+            health = health_pb2_grpc.HealthStub(ch)
+            serving = health_pb2.HealthCheckResponse.SERVING
+            for service in ("", SERVICE_NAME):
+                status = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status
+                assert status == health_pb2.HealthCheckResponse.NOT_SERVING  # still loading
+            live.loop.run(server.set_serving(True))
+            assert health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=10).status == serving
+            # a request in flight while draining finishes; new ones are refused
+            with GenerationClient(addr, timeout=60) as c:
+                stream = c.generate("Drain", greedy(30))
+                next(stream)
+                drained = asyncio.run_coroutine_threadsafe(server.drain(timeout=30), live.loop.loop)
+                wait_until(lambda: server.draining, what="the drain to start")
+                status = health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=10).status
+                assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+                with pytest.raises(GrpcCallError) as e:
+                    list(c.generate("Too late", greedy(2)))
+                assert e.value.code == grpc.StatusCode.UNAVAILABLE
+                assert list(stream)[-1].finish_reason == "length"
+                assert drained.result(timeout=30) is True
+    finally:
+        live.loop.run(server.stop(grace=1.0))
+
+
+def test_build_request_round_trip() -> None:
+    req = build_request([1, 2], SamplingParams(max_tokens=3, seed=5, stop=("x",), logprobs=1), request_id="r1",
+                        ttft_slo_ms=200.0, session_id="s")
+    from cluster.grpc_server import params_from_proto
+
+    params = params_from_proto(req.params)
+    assert params == SamplingParams(max_tokens=3, seed=5, stop=("x",), logprobs=1)
+    assert req.WhichOneof("prompt") == "token_ids" and req.HasField("ttft_slo_ms") and not req.HasField("tpot_slo_ms")
+    assert params_from_proto(load_stubs()[0].SamplingParams()) == SamplingParams()
+    assert params_from_proto(build_request("x", SamplingParams(detokenize=False)).params).detokenize is False
+
+
+def test_stubs_load_when_proto_plus_shadows_ours(tmp_path: Path) -> None:
+    """proto-plus (a Ray dependency) is also a top-level `proto`; with it imported first and
+    no editable-install finder to resolve `proto.semipd`, load_stubs() loads ours by path."""
+    code = (
+        "import sys, proto\n"
+        "import cluster.grpc_client as g\n"
+        "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in getattr(f, '__module__', '')]\n"
+        "pb2, stub = g.load_stubs()\n"
+        "print(proto.__file__.endswith('site-packages/proto/__init__.py'), pb2.__name__, "
+        "pb2.GenerateRequest(text='x').text, hasattr(stub, 'GenerationStub'))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "_semipd_proto.semipd.v1.semipd_pb2", "x", "True"]

@@ -1,0 +1,175 @@
+"""/metrics: vLLM's names, request counters and histograms, engine gauges, semipd's own."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import uvicorn
+from prometheus_client.parser import text_string_to_metric_families
+
+from actors.config import EngineConfig, SchedulerConfig
+from actors.engine.frontend import StreamChunk, Tokenizer
+from cluster.engine_client import EngineLoad, LocalEngineClient
+from cluster.metrics import ServingMetrics
+from cluster.openai_api import create_app
+
+MODEL = "tiny"
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def wait_until(cond: Callable[[], bool], timeout: float = 15.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.01)
+
+
+def parse(text: str) -> Samples:
+    return {(s.name, tuple(sorted(s.labels.items()))): float(s.value)
+            for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+def get(samples: Samples, name: str, **labels: str) -> float:
+    return samples[(name, tuple(sorted(labels.items())))]
+
+
+class Live:
+    def __init__(self, client: LocalEngineClient, url: str) -> None:
+        self.client = client
+        self.http = httpx.Client(base_url=url, timeout=60)
+        self.oa = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+    def scrape(self) -> Samples:
+        r = self.http.get("/metrics")
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+        return parse(r.text)
+
+
+@pytest.fixture(scope="module")
+def live(tiny_llama: Path) -> Iterator[Live]:
+    cfg = EngineConfig(model=str(tiny_llama), mode="semi-pd", scheduler=SchedulerConfig(max_model_len=512))
+    client = LocalEngineClient(cfg, served_name=MODEL)
+    server = uvicorn.Server(uvicorn.Config(create_app(client, Tokenizer(tiny_llama)), host="127.0.0.1", port=0,
+                                          log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    try:
+        thread.start()
+        wait_until(lambda: server.started, 30, "uvicorn to start")
+        port = server.servers[0].sockets[0].getsockname()[1]
+        yield Live(client, f"http://127.0.0.1:{port}")
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        client.shutdown()
+
+
+def test_request_counters_and_histograms(live: Live) -> None:
+    before = live.scrape()
+    m = {"model_name": MODEL}
+    a = live.oa.completions.create(model=MODEL, prompt="Count me", max_tokens=5, temperature=0,
+                                   extra_body={"ignore_eos": True})
+    chunks = list(live.oa.completions.create(model=MODEL, prompt="Count me too", max_tokens=7, stream=True,
+                                             stream_options={"include_usage": True},
+                                             extra_body={"ignore_eos": True}))
+    b_usage = chunks[-1].usage
+    c = live.oa.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "and me"}], n=2,
+                                        max_tokens=3, extra_body={"ignore_eos": True})
+    stopped = live.oa.completions.create(model=MODEL, prompt="Stop", max_tokens=5,
+                                         extra_body={"stop_token_ids": list(range(512))})
+    after = live.scrape()
+
+    def delta(name: str, **labels: str) -> float:
+        return get(after, name, **m, **labels) - get(before, name, **m, **labels)
+
+    assert a.usage and b_usage and c.usage and stopped.usage
+    engine_requests = 1 + 1 + 2 + 1
+    assert delta("vllm:request_success_total", finished_reason="length") == 4
+    assert delta("vllm:request_success_total", finished_reason="stop") == 1
+    assert delta("vllm:request_success_total", finished_reason="abort") == 0
+    # the chat's n=2 requests each count their prompt (as vLLM's engine does); usage counts it once
+    prompt_tokens = a.usage.prompt_tokens + b_usage.prompt_tokens + 2 * c.usage.prompt_tokens + stopped.usage.prompt_tokens
+    assert delta("vllm:prompt_tokens_total") == prompt_tokens
+    assert delta("vllm:generation_tokens_total") == 5 + 7 + 6 + 1
+    assert delta("vllm:time_to_first_token_seconds_count") == engine_requests
+    assert delta("vllm:e2e_request_latency_seconds_count") == engine_requests
+    assert delta("vllm:inter_token_latency_seconds_count") == (5 - 1) + (7 - 1) + 2 * (3 - 1) + 0
+    assert delta("vllm:e2e_request_latency_seconds_sum") >= delta("vllm:time_to_first_token_seconds_sum") > 0
+    assert get(after, "vllm:time_to_first_token_seconds_bucket", le="+Inf", **m) == get(
+        after, "vllm:time_to_first_token_seconds_count", **m)
+
+
+def test_engine_gauges_follow_the_engine(live: Live) -> None:
+    stream = iter(live.oa.completions.create(model=MODEL, prompt="Keep running", max_tokens=400, stream=True,
+                                             extra_body={"ignore_eos": True}))
+    next(stream)
+    running = live.scrape()
+    stream.close()  # type: ignore[attr-defined]
+    m = {"model_name": MODEL}
+    assert get(running, "vllm:num_requests_running", **m) == 1
+    assert get(running, "vllm:num_requests_waiting", **m) == 0
+    assert 0 < get(running, "vllm:kv_cache_usage_perc", **m) <= 1
+    engine = {"model_name": MODEL, "engine": "local"}
+    assert get(running, "semipd:queue_depth", phase="decode", **engine) + get(
+        running, "semipd:queue_depth", phase="prefill", **engine) == 1
+    assert 0 <= get(running, "semipd:prefill_sm_fraction", **engine) <= 1
+    assert get(running, "semipd:sm_repartitions_total", **engine) >= 0
+    assert get(running, "semipd:engine_healthy", **engine) == 1
+    assert get(running, "semipd:sm_switch_stall_seconds_count", **engine) >= 0
+
+    def idle() -> bool:
+        s = live.scrape()
+        return get(s, "vllm:num_requests_running", **m) == 0 and get(s, "vllm:kv_cache_usage_perc", **m) == 0
+
+    wait_until(idle, what="the gauges to show the aborted request gone")
+
+
+def _load(engine_id: str, **stats: Any) -> EngineLoad:
+    return EngineLoad(engine_id, stats=stats)
+
+
+def test_engine_collector_aggregates_engines() -> None:
+    metrics = ServingMetrics("m")
+    metrics.update_loads([
+        _load("g0", num_waiting=2, num_prefilling=1, num_decoding=5, kv_usage=0.5, num_pages=100, prefill_sms=64,
+              total_sms=128, num_switches=3, num_switch_stalls=3, switch_stall_seconds=0.006),
+        _load("g1", num_waiting=0, num_prefilling=0, num_decoding=1, kv_usage=0.1, num_pages=300, prefill_sms=32,
+              total_sms=128, num_switches=0),
+    ])
+    s = parse(metrics.render()[0].decode())
+    assert get(s, "vllm:num_requests_running", model_name="m") == 7
+    assert get(s, "vllm:num_requests_waiting", model_name="m") == 2
+    assert get(s, "vllm:kv_cache_usage_perc", model_name="m") == pytest.approx((50 + 30) / 400)
+    assert get(s, "semipd:prefill_sm_fraction", model_name="m", engine="g1") == 0.25
+    assert get(s, "semipd:sm_repartitions_total", model_name="m", engine="g0") == 3
+    assert get(s, "semipd:sm_switch_stall_seconds_count", model_name="m", engine="g0") == 3
+    assert get(s, "semipd:sm_switch_stall_seconds_sum", model_name="m", engine="g0") == pytest.approx(0.006)
+    assert get(s, "semipd:queue_depth", model_name="m", engine="g0", phase="prefill") == 3
+    assert get(s, "semipd:queue_depth", model_name="m", engine="g0", phase="decode") == 5
+    metrics.update_loads([])  # engines gone: per-engine series disappear, totals drop to 0
+    s = parse(metrics.render()[0].decode())
+    assert get(s, "vllm:num_requests_running", model_name="m") == 0
+    assert not any(name.startswith("semipd:queue_depth") for name, _ in s)
+
+
+def test_each_app_has_its_own_registry() -> None:
+    a, b = ServingMetrics("a"), ServingMetrics("b")  # no "Duplicated timeseries" from a shared registry
+    tracker = a.track(arrival=time.monotonic() - 0.5)
+    tracker.on_chunk(StreamChunk("r", "x", (1,), num_prompt_tokens=3))
+    tracker.on_chunk(StreamChunk("r", "y", (2, 3), finish_reason="stop"))
+    tracker.finish("abort")  # already finished: not counted again
+    sa, sb = parse(a.render()[0].decode()), parse(b.render()[0].decode())
+    assert get(sa, "vllm:generation_tokens_total", model_name="a") == 3
+    assert get(sa, "vllm:prompt_tokens_total", model_name="a") == 3
+    assert get(sa, "vllm:inter_token_latency_seconds_count", model_name="a") == 2
+    assert get(sa, "vllm:request_success_total", model_name="a", finished_reason="stop") == 1
+    assert get(sa, "vllm:request_success_total", model_name="a", finished_reason="abort") == 0
+    assert get(sa, "vllm:time_to_first_token_seconds_sum", model_name="a") >= 0.5
+    assert get(sb, "vllm:generation_tokens_total", model_name="b") == 0

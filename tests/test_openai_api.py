@@ -1,0 +1,542 @@
+"""The OpenAI-compatible API against a live server: uvicorn + a real (tiny, CPU) engine.
+
+One engine and one server per module; the official `openai` client where it applies,
+raw HTTP for malformed input. A stub EngineClient covers what a tiny CPU engine cannot
+show (a stalled engine, admission refusal, no capacity). One test goes through Ray Serve.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import uvicorn
+from fastapi import FastAPI
+from prometheus_client.parser import text_string_to_metric_families
+
+from actors.config import EngineConfig, SchedulerConfig
+from actors.engine.frontend import StreamChunk, Tokenizer
+from actors.slo.admission import AdmissionRejected
+from cluster.engine_client import EngineLoad, GenerateRequest, LocalEngineClient, ModelInfo, NoCapacityError
+from cluster.openai_api import create_app
+
+MAX_MODEL_LEN = 512
+MODEL = "tiny"
+LONG = 400  # max_tokens of requests that must still be running when the client leaves
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(cond: Callable[[], bool], timeout: float = 15.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.01)
+
+
+class LiveServer:
+    """A FastAPI app under uvicorn in a background thread, on a free loopback port."""
+
+    def __init__(self, app: FastAPI) -> None:
+        self.port = free_port()
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+                                                    lifespan="off"))
+        self.thread = threading.Thread(target=self.server.run, name="uvicorn-test", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> LiveServer:
+        self.thread.start()
+        wait_until(lambda: self.server.started, 30, "uvicorn to start")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+class Live:
+    def __init__(self, client: LocalEngineClient, server: LiveServer) -> None:
+        self.client = client
+        self.server = server
+        self.url = server.url
+        self.oa = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=60)
+        self.http = httpx.Client(base_url=server.url, timeout=60)
+
+    @property
+    def core(self) -> Any:
+        return self.client.llm.core
+
+    def idle(self) -> bool:
+        return self.core.num_unfinished == 0 and self.core.allocator.usage == 0.0
+
+    def counter(self, name: str, **labels: str) -> float:
+        text = self.http.get("/metrics").text
+        for fam in text_string_to_metric_families(text):
+            for s in fam.samples:
+                if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                    return float(s.value)
+        return 0.0
+
+
+@pytest.fixture(scope="module")
+def live(tiny_llama: Path) -> Iterator[Live]:
+    cfg = EngineConfig(model=str(tiny_llama), mode="semi-pd", scheduler=SchedulerConfig(max_model_len=MAX_MODEL_LEN))
+    client = LocalEngineClient(cfg, served_name=MODEL)
+    app = create_app(client, Tokenizer(tiny_llama))
+    try:
+        with LiveServer(app) as server:
+            yield Live(client, server)
+    finally:
+        client.shutdown()
+
+
+# -- completions and chat ------------------------------------------------------------
+
+
+def test_completion_greedy_with_usage_and_request_id(live: Live) -> None:
+    raw = live.oa.completions.with_raw_response.create(
+        model=MODEL, prompt="Hello world", max_tokens=8, temperature=0, extra_headers={"x-request-id": "req-abc.1"},
+        extra_body={"ignore_eos": True})
+    assert raw.headers["x-request-id"] == "req-abc.1"
+    r = raw.parse()
+    assert r.id == "cmpl-req-abc.1"
+    assert r.model == MODEL and r.object == "text_completion"
+    assert len(r.choices) == 1
+    assert r.choices[0].finish_reason == "length"
+    assert r.choices[0].text
+    prompt_ids = live.http.post("/tokenize", json={"prompt": "Hello world"}).json()["tokens"]
+    assert r.usage is not None
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(prompt_ids), 8)
+    assert r.usage.total_tokens == len(prompt_ids) + 8
+
+
+def test_request_id_generated_when_absent(live: Live) -> None:
+    resp = live.http.get("/v1/models")
+    assert len(resp.headers["x-request-id"]) >= 16
+
+
+def test_completion_stream_equals_non_stream(live: Live) -> None:
+    kw: dict[str, Any] = dict(model=MODEL, prompt="The capital of", max_tokens=12, temperature=0,
+                              extra_body={"ignore_eos": True})
+    full = live.oa.completions.create(**kw)
+    chunks = list(live.oa.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == full.choices[0].text
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == ["length"]
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == 12
+    assert chunks[-1].usage.prompt_tokens == full.usage.prompt_tokens  # type: ignore[union-attr]
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_chat_stream_equals_non_stream(live: Live) -> None:
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
+    full = live.oa.chat.completions.create(model=MODEL, messages=messages, max_completion_tokens=10, temperature=0,
+                                           extra_body={"ignore_eos": True})
+    assert full.object == "chat.completion"
+    assert full.choices[0].message.role == "assistant"
+    assert full.choices[0].finish_reason == "length"
+    assert full.usage is not None and full.usage.completion_tokens == 10
+    template_ids = live.http.post("/tokenize", json={"messages": messages}).json()["tokens"]
+    assert full.usage.prompt_tokens == len(template_ids)
+    stream = live.oa.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0,
+                                             stream=True, stream_options={"include_usage": True},
+                                             extra_body={"ignore_eos": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == full.choices[0].message.content
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 10
+
+
+def test_chat_default_max_tokens_fills_the_context(live: Live) -> None:
+    messages = [{"role": "user", "content": "x" * 20}]
+    n_prompt = live.http.post("/tokenize", json={"messages": messages}).json()["count"]
+    # no max_tokens: as many as fit in the context
+    r = live.oa.chat.completions.create(model=MODEL, messages=messages, temperature=0,
+                                        extra_body={"ignore_eos": True})
+    assert r.choices[0].finish_reason == "length"
+    assert r.usage is not None and r.usage.completion_tokens == MAX_MODEL_LEN - n_prompt
+
+
+def test_n_choices_and_batched_prompts(live: Live) -> None:
+    r = live.oa.completions.create(model=MODEL, prompt=["One", "Two"], n=2, max_tokens=5, seed=7,
+                                   extra_body={"ignore_eos": True})
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    assert all(c.finish_reason == "length" for c in r.choices)
+    assert r.usage is not None and r.usage.completion_tokens == 20
+    chat = live.oa.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hey"}], n=3,
+                                           max_tokens=6, seed=3, stream=True, extra_body={"ignore_eos": True})
+    texts: dict[int, str] = {}
+    finishes: dict[int, str] = {}
+    for c in chat:
+        for ch in c.choices:
+            texts[ch.index] = texts.get(ch.index, "") + (ch.delta.content or "")
+            if ch.finish_reason:
+                finishes[ch.index] = ch.finish_reason
+    assert finishes == {0: "length", 1: "length", 2: "length"}
+    assert len(set(texts.values())) > 1  # choices of one seeded request differ (seed + index, as vLLM)
+
+
+def test_seed_reproducible(live: Live) -> None:
+    kw: dict[str, Any] = dict(model=MODEL, prompt="Once upon a time", max_tokens=16, temperature=1.0,
+                              extra_body={"ignore_eos": True})
+    a = live.oa.completions.create(seed=1234, **kw).choices[0].text
+    b = live.oa.completions.create(seed=1234, **kw).choices[0].text
+    c = live.oa.completions.create(seed=4321, **kw).choices[0].text
+    assert a == b
+    assert a != c
+
+
+def test_stop_string_and_stop_token(live: Live) -> None:
+    kw: dict[str, Any] = dict(model=MODEL, prompt="abc", max_tokens=16, temperature=0)
+    full = live.oa.completions.create(extra_body={"ignore_eos": True}, **kw).choices[0].text
+    assert len(full) >= 8
+    stop = full[4:7]
+    cut = full.find(stop)
+    r = live.oa.completions.create(stop=[stop], extra_body={"ignore_eos": True}, **kw).choices[0]
+    assert r.finish_reason == "stop"
+    assert r.text == full[:cut]
+    # stop_token_ids: with every id a stop token, the first token ends the request
+    r = live.oa.completions.create(extra_body={"ignore_eos": True, "stop_token_ids": list(range(512))}, **kw)
+    assert r.choices[0].finish_reason == "stop"
+    assert r.usage is not None and r.usage.completion_tokens == 1
+
+
+def test_logprobs(live: Live) -> None:
+    r = live.oa.completions.create(model=MODEL, prompt="Hello", max_tokens=6, temperature=0, logprobs=3,
+                                   extra_body={"ignore_eos": True})
+    lp = r.choices[0].logprobs
+    assert lp is not None and lp.token_logprobs is not None and lp.top_logprobs is not None
+    assert len(lp.token_logprobs) == len(lp.top_logprobs) == 6
+    assert all(v <= 0 for v in lp.token_logprobs)
+    for chosen, top in zip(lp.token_logprobs, lp.top_logprobs):
+        assert 3 <= len(top) <= 4
+        assert max(top.values()) == pytest.approx(chosen)  # greedy: the chosen token is the most likely
+    assert "".join(lp.tokens or []) == r.choices[0].text
+    chat = live.oa.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                                           temperature=0, logprobs=True, top_logprobs=2,
+                                           extra_body={"ignore_eos": True})
+    content = chat.choices[0].logprobs.content  # type: ignore[union-attr]
+    assert content is not None and len(content) == 4
+    assert all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in content)
+    streamed = live.oa.completions.create(model=MODEL, prompt="Hello", max_tokens=6, temperature=0, logprobs=3,
+                                          stream=True, extra_body={"ignore_eos": True})
+    tokens = [t for c in streamed if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.tokens or []]
+    assert tokens == lp.tokens
+
+
+def test_models_tokenize_detokenize(live: Live) -> None:
+    models = live.oa.models.list()
+    assert [m.id for m in models.data] == [MODEL]
+    tok = live.http.post("/tokenize", json={"model": MODEL, "prompt": "Hello world"}).json()
+    assert tok["count"] == len(tok["tokens"]) and tok["max_model_len"] == MAX_MODEL_LEN
+    text = live.http.post("/detokenize", json={"model": MODEL, "tokens": tok["tokens"]}).json()["prompt"]
+    assert text == "Hello world"
+    bad = live.http.post("/detokenize", json={"tokens": [10**9]})
+    assert bad.status_code == 400 and "token ids must be in" in bad.json()["error"]["message"]
+
+
+def test_health_ok(live: Live) -> None:
+    assert live.http.get("/health").status_code == 200
+
+
+# -- bad input -----------------------------------------------------------------------
+
+
+def _body(**kw: Any) -> bytes:
+    return json.dumps({"model": MODEL, "prompt": "Hello", "max_tokens": 4, **kw}).encode()
+
+
+BAD_REQUESTS: list[tuple[str, str, bytes, int, str]] = [
+    ("malformed-json", "/v1/completions", b'{"model": "tiny", "prompt": ', 400, "malformed JSON"),
+    ("not-an-object", "/v1/completions", b'[1, 2]', 400, "invalid request"),
+    ("unknown-model", "/v1/completions", _body(model="gpt-17"), 404, "The model `gpt-17` does not exist."),
+    ("negative-max-tokens", "/v1/completions", _body(max_tokens=-3), 400, "max_tokens must be at least 1"),
+    ("absurd-max-tokens", "/v1/completions", _body(max_tokens=10**12), 400,
+     f"This model's maximum context length is {MAX_MODEL_LEN} tokens. However, you requested"),
+    ("temperature-range", "/v1/completions", _body(temperature=5.0), 400, "temperature must be in [0, 2]"),
+    ("temperature-type", "/v1/completions", _body(temperature="hot"), 400, "temperature"),
+    ("top-p-zero", "/v1/completions", _body(top_p=0.0), 400, "top_p must be in (0, 1]"),
+    ("n-zero", "/v1/completions", _body(n=0), 400, "n: Input should be greater than or equal to 1"),
+    ("missing-prompt", "/v1/completions", json.dumps({"model": MODEL}).encode(), 400, "prompt: Field required"),
+    ("prompt-too-long", "/v1/completions", _body(prompt=[5] * (MAX_MODEL_LEN + 10), max_tokens=10), 400,
+     f"This model's maximum context length is {MAX_MODEL_LEN} tokens. However, you requested "
+     f"{MAX_MODEL_LEN + 20} tokens ({MAX_MODEL_LEN + 10} in the messages, 10 in the completion)."),
+    ("bad-token-id", "/v1/completions", _body(prompt=[1, 2, 99999]), 400, "token ids must be in"),
+    ("empty-messages", "/v1/chat/completions", json.dumps({"model": MODEL, "messages": []}).encode(), 400,
+     "messages must not be empty"),
+    ("chat-too-long", "/v1/chat/completions",
+     json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "y" * 3000}]}).encode(), 400,
+     f"This model's maximum context length is {MAX_MODEL_LEN} tokens. However, your request has"),
+    ("top-logprobs-without-logprobs", "/v1/chat/completions",
+     json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "a"}], "top_logprobs": 2}).encode(),
+     400, "`logprobs` must be set to true"),
+    ("invalid-utf8", "/v1/completions", b'{"model": "tiny", "prompt": "\xff\xfe\xfa"}', 400, "not valid UTF-8"),
+    ("body-too-large", "/v1/completions", b'{"prompt": "' + b"a" * (10 * 1000 * 1000) + b'"}', 413,
+     "larger than the limit"),
+]
+
+
+@pytest.mark.parametrize("path,body,status,message", [c[1:] for c in BAD_REQUESTS], ids=[c[0] for c in BAD_REQUESTS])
+def test_bad_request(live: Live, path: str, body: bytes, status: int, message: str) -> None:
+    r = live.http.post(path, content=body, headers={"content-type": "application/json"})
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert message in err["message"]
+    assert err["code"] == status and err["type"]
+    assert set(err) == {"message", "type", "param", "code"}
+
+
+def test_openai_client_sees_vllm_errors(live: Live) -> None:
+    with pytest.raises(openai.BadRequestError) as e:
+        live.oa.completions.create(model=MODEL, prompt=[3] * MAX_MODEL_LEN, max_tokens=1)
+    assert f"This model's maximum context length is {MAX_MODEL_LEN} tokens" in str(e.value)
+    with pytest.raises(openai.NotFoundError):
+        live.oa.chat.completions.create(model="nope", messages=[{"role": "user", "content": "a"}])
+    with pytest.raises(openai.BadRequestError):
+        live.oa.completions.create(model=MODEL, prompt="a", stream=False, stream_options={"include_usage": True})
+
+
+def test_bad_requests_do_not_disturb_a_stream_in_flight(live: Live) -> None:
+    kw: dict[str, Any] = dict(model=MODEL, prompt="Steady stream", max_tokens=60, temperature=0,
+                              extra_body={"ignore_eos": True})
+    reference = live.oa.completions.create(**kw).choices[0].text
+    stream = iter(live.oa.completions.create(stream=True, **kw))
+    first = next(stream)
+    assert live.core.num_unfinished == 1
+    for _, path, body, status, _ in BAD_REQUESTS:
+        assert live.http.post(path, content=body).status_code == status
+    rest = list(stream)
+    chunks = [first, *rest]
+    assert "".join(c.choices[0].text for c in chunks) == reference
+    assert chunks[-1].choices[0].finish_reason == "length"
+    wait_until(live.idle, what="the engine to go idle")
+
+
+# -- disconnects ---------------------------------------------------------------------
+
+
+def _raw_post(port: int, path: str, body: dict[str, Any]) -> socket.socket:
+    data = json.dumps(body).encode()
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+    return sock
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["streaming", "non-streaming"])
+def test_client_disconnect_aborts_and_frees_pages(live: Live, stream: bool) -> None:
+    wait_until(live.idle, what="the engine to go idle")
+    aborted = live.counter("vllm:request_success_total", finished_reason="abort")
+    finished = live.counter("vllm:request_success_total", finished_reason="length")
+    body = {"model": MODEL, "prompt": "Leave early", "max_tokens": LONG, "ignore_eos": True, "stream": stream}
+    sock = _raw_post(live.server.port, "/v1/completions", body)
+    try:
+        if stream:
+            received = b""
+            while b"data: " not in received:
+                part = sock.recv(65536)
+                assert part, f"the server closed the connection: {received!r}"
+                received += part
+            assert received.startswith(b"HTTP/1.1 200"), received
+        wait_until(lambda: live.core.num_unfinished == 1 and live.core.allocator.usage > 0, what="the request to run")
+    finally:
+        sock.close()
+    wait_until(live.idle, what="the aborted request's pages to be freed")
+    wait_until(lambda: live.counter("vllm:request_success_total", finished_reason="abort") == aborted + 1,
+               what="the abort to be counted")
+    assert live.counter("vllm:request_success_total", finished_reason="length") == finished
+
+
+# -- a stub engine: stalls, admission, capacity, API key ------------------------------
+
+
+class StubClient:
+    """An EngineClient whose behaviour the test sets: loads to report, an error to raise."""
+
+    def __init__(self, loads: list[EngineLoad] | None = None, error: Exception | None = None) -> None:
+        self._loads = loads if loads is not None else [EngineLoad("e0", stats={"seconds_since_progress": 0.01})]
+        self.error = error
+        self.requests: list[GenerateRequest] = []
+
+    def model_info(self) -> ModelInfo:
+        return ModelInfo(MODEL, "/models/tiny", "LlamaForCausalLM", MAX_MODEL_LEN, 512, "semi-pd")
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[StreamChunk]:
+        self.requests.append(request)
+        if self.error is not None:
+            raise self.error
+        yield StreamChunk(request.request_id, "ok", (1,), "stop", num_prompt_tokens=len(request.prompt_token_ids),
+                          num_output_tokens=1)
+
+    async def abort(self, request_id: str) -> bool:
+        return False
+
+    async def loads(self) -> list[EngineLoad]:
+        return self._loads
+
+
+def _stub_call(tiny_llama: Path, client: StubClient, method: str, path: str, api_key: str | None = None,
+               **kw: Any) -> httpx.Response:
+    app = create_app(client, Tokenizer(tiny_llama), api_key=api_key, health_stall_s=5.0)  # type: ignore[arg-type]
+
+    async def go() -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://stub") as c:
+            return await c.request(method, path, **kw)
+
+    return asyncio.run(go())
+
+
+def test_health_fails_when_the_engine_makes_no_progress(tiny_llama: Path) -> None:
+    stalled = StubClient([EngineLoad("e0", stats={"seconds_since_progress": 120.0})])
+    r = _stub_call(tiny_llama, stalled, "GET", "/health")
+    assert r.status_code == 503 and "no progress for 120s" in r.json()["error"]["message"]
+    unhealthy = StubClient([EngineLoad("e0", healthy=False), EngineLoad("e1", draining=True)])
+    r = _stub_call(tiny_llama, unhealthy, "GET", "/health")
+    assert r.status_code == 503 and "e0: unhealthy" in r.text and "e1: draining" in r.text
+    one_ok = StubClient([EngineLoad("e0", healthy=False), EngineLoad("e1", stats={"seconds_since_progress": 0.1})])
+    assert _stub_call(tiny_llama, one_ok, "GET", "/health").status_code == 200
+    assert _stub_call(tiny_llama, StubClient([]), "GET", "/health").status_code == 503
+
+
+@pytest.mark.parametrize("error,status", [
+    (AdmissionRejected("request rejected by admission control: predicted TTFT too high", 900.0, 100.0), 429),
+    (NoCapacityError("all engines are draining"), 503),
+], ids=["admission-429", "no-capacity-503"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_capacity_errors(tiny_llama: Path, error: Exception, status: int, stream: bool) -> None:
+    r = _stub_call(tiny_llama, StubClient(error=error), "POST", "/v1/completions",
+                   json={"model": MODEL, "prompt": "hi", "stream": stream})
+    assert r.status_code == status
+    assert r.headers["retry-after"] == "1"
+    assert str(error) in r.json()["error"]["message"]
+
+
+def test_priority_slo_headers_and_session_reach_the_engine(tiny_llama: Path) -> None:
+    client = StubClient()
+    headers = {"x-slo-ttft-ms": "250", "x-slo-tpot-ms": "20.5", "x-session-id": "user-42", "x-request-id": "rq-9"}
+    r = _stub_call(tiny_llama, client, "POST", "/v1/chat/completions", headers=headers,
+                   json={"messages": [{"role": "user", "content": "hi"}], "priority": -3, "max_tokens": 7,
+                         "top_k": 5, "min_p": 0.1, "repetition_penalty": 1.2, "presence_penalty": 0.5,
+                         "frequency_penalty": -0.5, "min_tokens": 2, "seed": 11, "stop": "END"})
+    assert r.status_code == 200 and r.headers["x-request-id"] == "rq-9"
+    req = client.requests[0]
+    assert (req.request_id, req.priority, req.ttft_slo_ms, req.tpot_slo_ms, req.session_id) == (
+        "rq-9", -3, 250.0, 20.5, "user-42")
+    p = req.params
+    assert (p.max_tokens, p.top_k, p.min_p, p.repetition_penalty, p.presence_penalty, p.frequency_penalty,
+            p.min_tokens, p.seed, p.stop) == (7, 5, 0.1, 1.2, 0.5, -0.5, 2, 11, ("END",))
+    bad = _stub_call(tiny_llama, client, "POST", "/v1/completions", headers={"x-slo-ttft-ms": "-1"},
+                     json={"prompt": "hi"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "x-slo-ttft-ms"
+    assert len(client.requests) == 1
+
+
+def test_api_key(tiny_llama: Path) -> None:
+    client = StubClient()
+    assert _stub_call(tiny_llama, client, "GET", "/v1/models", api_key="s3cret").status_code == 401
+    wrong = _stub_call(tiny_llama, client, "GET", "/v1/models", api_key="s3cret",
+                       headers={"authorization": "Bearer nope"})
+    assert wrong.status_code == 401 and wrong.json()["error"]["type"] == "AuthenticationError"
+    ok = _stub_call(tiny_llama, client, "POST", "/v1/completions", api_key="s3cret",
+                    headers={"authorization": "Bearer s3cret"}, json={"prompt": "hi"})
+    assert ok.status_code == 200 and ok.json()["choices"][0]["text"] == "ok"
+    assert _stub_call(tiny_llama, client, "GET", "/health", api_key="s3cret").status_code == 200
+
+
+def test_draining_refuses_new_requests(tiny_llama: Path) -> None:
+    app = create_app(StubClient(), Tokenizer(tiny_llama))  # type: ignore[arg-type]
+    app.state.openai.draining = True
+
+    async def go() -> tuple[httpx.Response, httpx.Response]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://stub") as c:
+            return await c.post("/v1/completions", json={"prompt": "hi"}), await c.get("/health")
+
+    gen, health = asyncio.run(go())
+    assert gen.status_code == 503 and "draining" in gen.json()["error"]["message"]
+    assert health.status_code == 503
+
+
+# -- through Ray Serve ---------------------------------------------------------------
+
+
+SERVE_APPS = ("local", "cluster")
+
+
+@pytest.fixture(scope="module")
+def serve_urls(tiny_llama: Path) -> Iterator[dict[str, str]]:
+    """Two Serve apps on one local Ray instance: `local` (engine in the replica) and
+    `cluster` (a Router over an engine actor that the replica's ensure_cluster starts)."""
+    ray = pytest.importorskip("ray")
+    from ray import serve
+
+    from cluster.serve_app import build_app
+
+    if ray.is_initialized():
+        ray.shutdown()
+    port = free_port()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
+             object_store_memory=100 << 20)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        common = {"model": str(tiny_llama), "mode": "unified", "served_model_name": MODEL, "device": "cpu",
+                  "replica_num_cpus": 0.5}
+        grpc_port = free_port()
+        serve.run(build_app({**common, "local": True, "grpc_port": grpc_port}), name="local", route_prefix="/local",
+                  blocking=False)
+        serve.run(build_app({**common, "num_actors": 1, "router_policy": "prefix-affinity"}), name="cluster",
+                  route_prefix="/cluster")
+        yield {**{name: f"http://127.0.0.1:{port}/{name}" for name in SERVE_APPS}, "grpc": f"127.0.0.1:{grpc_port}"}
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.mark.parametrize("name", SERVE_APPS)
+def test_openai_client_through_ray_serve(serve_urls: dict[str, str], name: str) -> None:
+    url = serve_urls[name]
+    oa = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+    r = oa.completions.create(model=MODEL, prompt="Hello", max_tokens=5, temperature=0,
+                              extra_body={"ignore_eos": True})
+    assert r.choices[0].finish_reason == "length" and r.usage is not None and r.usage.completion_tokens == 5
+    chunks = list(oa.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                             max_tokens=4, temperature=0, stream=True,
+                                             stream_options={"include_usage": True},
+                                             extra_body={"ignore_eos": True}))
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 4
+    with pytest.raises(openai.NotFoundError):
+        oa.completions.create(model="other", prompt="x", max_tokens=2)
+    resp = httpx.post(f"{url}/v1/completions", content=b"{", headers={"x-request-id": "via-serve-1"})
+    assert resp.status_code == 400 and resp.headers["x-request-id"] == "via-serve-1"
+    assert httpx.get(f"{url}/health").status_code == 200
+    assert "vllm:e2e_request_latency_seconds" in httpx.get(f"{url}/metrics").text
+    if name == "cluster":  # the replica started the engine actor and routes to it
+        import ray
+
+        assert ray.get_actor("semipd-engine-0", namespace="semipd") is not None
+    else:  # the replica also serves gRPC over its engine
+        from actors.request import SamplingParams
+        from cluster.grpc_client import generate_once
+
+        out = generate_once(serve_urls["grpc"], "Hello", SamplingParams(max_tokens=5, temperature=0, ignore_eos=True),
+                            timeout=60)
+        assert out["text"] == r.choices[0].text and out["finish_reason"] == "length"

@@ -1,0 +1,377 @@
+"""Prefill and decode schedulers: token budget, batch bound, preemption, abort.
+
+The unit tests drive the schedulers over a real allocator with no model; the engine
+tests build an `EngineCore` without starting its threads and call the workers' `step`
+by hand, so every schedule is deterministic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from actors.config import CacheConfig, EngineConfig, SchedulerConfig
+from actors.engine.core import EngineCore
+from actors.kv.allocator import BlockAllocator
+from actors.kv.manager import KVManager
+from actors.request import FinishReason, Request, SamplingParams, TokenDelta
+from actors.scheduler.decode import DecodeScheduler
+from actors.scheduler.plan import BatchPlan, SeqChunk
+from actors.scheduler.prefill import PrefillScheduler
+
+PAGE = 4
+MAX_TOKENS = 10
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def make_kv(num_pages: int, prefix_caching: bool = True) -> KVManager:
+    return KVManager(BlockAllocator(num_pages, prefix_caching), PAGE)
+
+
+def prompt_request(rid: str, n: int, arrival: float = 0.0) -> Request:
+    return Request(rid, [(i * 5 + len(rid)) % 97 for i in range(n)], n, SamplingParams(), arrival_time=arrival)
+
+
+def decoding_request(kv: KVManager, rid: str, n: int, arrival: float = 0.0) -> Request:
+    """A request that finished prefill: n tokens, all but the last sampled one in KV."""
+    req = prompt_request(rid, n - 1, arrival)
+    req.token_ids.append(1)
+    assert kv.grow(req, n - 1) == n - 1
+    req.num_computed_tokens = n - 1
+    return req
+
+
+def assert_pool_full(kv: KVManager) -> None:
+    kv.allocator.check_integrity()
+    assert kv.num_free_pages == kv.allocator.num_blocks
+
+
+# -- prefill ---------------------------------------------------------------------------
+
+
+def account(sched: PrefillScheduler, chunks: list[SeqChunk], reqs: list[Request]) -> None:
+    """What the worker does after the forward pass; sampled requests leave (as if to decode, and done)."""
+    for c, r in zip(chunks, reqs):
+        sched.finish_chunk(r, c.num_tokens)
+        if c.sample:
+            assert r.num_uncomputed == 0
+            sched.drop(r)
+
+
+def run_prefill(sched: PrefillScheduler, budget: int) -> list[list[SeqChunk]]:
+    """Schedule until every prompt is computed."""
+    iterations = []
+    while sched.has_work():
+        chunks, reqs = sched.schedule()
+        assert chunks, "prefill made no progress with free pages"
+        assert sum(c.num_tokens for c in chunks) <= budget
+        iterations.append(chunks)
+        account(sched, chunks, reqs)
+        assert len(iterations) < 10_000
+    return iterations
+
+
+@settings(max_examples=60, deadline=None)
+@given(lengths=st.lists(st.integers(1, 90), min_size=1, max_size=12), budget=st.integers(1, 70))
+def test_prefill_chunks_fill_the_budget_and_cover_each_prompt(lengths: list[int], budget: int) -> None:
+    kv = make_kv(num_pages=64, prefix_caching=False)
+    sched = PrefillScheduler(kv, max_tokens=budget)
+    reqs = [prompt_request(f"r{i}", n, arrival=i) for i, n in enumerate(lengths)]
+    for r in reqs:
+        sched.add(r)
+    iterations = run_prefill(sched, budget)
+    sizes = [sum(c.num_tokens for c in chunks) for chunks in iterations]
+    assert sum(sizes) == sum(lengths)
+    assert all(s == budget for s in sizes[:-1]), f"budget {budget} not filled: {sizes}"
+    for r in reqs:
+        own = [c for chunks in iterations for c in chunks if c.request_id == r.request_id]
+        assert [c.start for c in own] == [sum(c.num_tokens for c in own[:i]) for i in range(len(own))]
+        assert [c.sample for c in own] == [False] * (len(own) - 1) + [True]
+        assert sum(c.num_tokens for c in own) == len(r.token_ids)
+    assert_pool_full(kv)
+
+
+def test_chunk_ending_one_token_short_still_samples() -> None:
+    """65 tokens under a 64-token budget: the 65th is computed (and sampled) next iteration."""
+    kv = make_kv(num_pages=32)
+    sched = PrefillScheduler(kv, max_tokens=64)
+    sched.add(prompt_request("r", 65))
+    iterations = run_prefill(sched, 64)
+    assert [[(c.start, c.num_tokens, c.sample) for c in chunks] for chunks in iterations] == [
+        [(0, 64, False)], [(64, 1, True)]
+    ]
+
+
+def standoff(prefix_caching: bool) -> tuple[KVManager, PrefillScheduler, Request, Request]:
+    """Two partial prefills, each with 8 of 12 tokens computed in 2 pages: the pool is full."""
+    kv = make_kv(num_pages=4, prefix_caching=prefix_caching)
+    sched = PrefillScheduler(kv, max_tokens=16)
+    old, young = prompt_request("old", 12, arrival=0.0), prompt_request("young", 12, arrival=1.0)
+    for r in (old, young):
+        assert kv.grow(r, 8) == 8
+        sched.finish_chunk(r, 8)
+        sched.running.append(r)
+    assert kv.num_free_pages == 0
+    return kv, sched, old, young
+
+
+@pytest.mark.parametrize("prefix_caching", [True, False])
+def test_partial_prefills_waiting_for_pages_preempt_the_youngest(prefix_caching: bool) -> None:
+    kv, sched, old, young = standoff(prefix_caching)
+    chunks, reqs = sched.schedule()
+    assert young.num_preemptions == 1 and sched.num_preemptions == 1
+    assert (chunks[0].request_id, chunks[0].start, chunks[0].num_tokens) == ("old", 8, 4)
+    account(sched, chunks, reqs)
+    rest = run_prefill(sched, budget=16)
+    assert len(rest) <= 2, f"the standoff did not resolve: {rest}"
+    assert old.num_preemptions == 0
+    assert_pool_full(kv)
+
+
+def test_no_budget_is_no_standoff() -> None:
+    """Unified mode passes what decodes leave of the budget; none left must not preempt prefills."""
+    _, sched, old, young = standoff(prefix_caching=False)
+    assert sched.schedule(budget=0) == ([], [])
+    assert sched.running == [old, young] and sched.num_preemptions == 0
+
+
+def test_admission_that_loses_its_page_to_decode_retries_later() -> None:
+    """Between admission's free-page check and its allocation, the decode thread took the page."""
+
+    class RacingKV(KVManager):
+        stolen: list[int] | None = None
+
+        def grow(self, req: Request, num_tokens: int) -> int:
+            if self.stolen is None:
+                self.stolen = self.allocator.allocate(self.allocator.num_free)
+            return super().grow(req, num_tokens)
+
+    kv = RacingKV(BlockAllocator(4), PAGE)
+    sched = PrefillScheduler(kv, max_tokens=8)
+    sched.add(prompt_request("r", 6))
+    assert sched.schedule() == ([], [])
+    assert kv.stolen is not None
+    kv.allocator.free(kv.stolen)
+    chunks, _ = sched.schedule()
+    assert [(c.request_id, c.num_tokens) for c in chunks] == [("r", 6)]
+
+
+# -- decode ----------------------------------------------------------------------------
+
+
+def test_decode_batch_is_bounded_by_max_decode_seqs() -> None:
+    kv = make_kv(num_pages=64)
+    sched = DecodeScheduler(kv, max_seqs=3)
+    reqs = [decoding_request(kv, f"r{i}", 5 + i, arrival=i) for i in range(7)]
+    for r in reqs:
+        sched.add(r)
+    batches = []
+    while sched.has_work():
+        chunks, scheduled, preempted = sched.schedule()
+        assert not preempted
+        assert len(chunks) <= 3
+        batches.append([c.request_id for c in chunks])
+        for r in scheduled:
+            sched.finish_step(r)
+            r.token_ids.append(2)
+        sched.remove(scheduled[0])  # one request ends per step; a waiting one takes its seat
+    assert batches[0] == ["r0", "r1", "r2"]
+    assert max(len(b) for b in batches) == 3
+    assert sorted(rid for b in batches for rid in b[:1]) == sorted(r.request_id for r in reqs)
+    assert_pool_full(kv)
+
+
+def test_decode_preempts_the_youngest_and_releases_its_pages() -> None:
+    kv = make_kv(num_pages=6)
+    sched = DecodeScheduler(kv, max_seqs=8)
+    reqs = [decoding_request(kv, f"r{i}", 2 * PAGE + 1, arrival=i) for i in range(3)]  # 2 pages each, full
+    for r in reqs:
+        sched.add(r)
+    assert kv.num_free_pages == 0
+    chunks, scheduled, preempted = sched.schedule()
+    assert preempted == [reqs[2]]
+    assert scheduled == reqs[:2]
+    assert reqs[2].block_ids == [] and reqs[2].num_computed_tokens == 0 and reqs[2].num_preemptions == 1
+    assert sched.running == reqs[:2] and sched.num_preemptions == 1
+    assert all(len(r.block_ids) == 3 for r in reqs[:2])
+    kv.allocator.check_integrity()
+
+
+def test_lone_decode_without_a_page_preempts_itself() -> None:
+    kv = make_kv(num_pages=2)
+    sched = DecodeScheduler(kv, max_seqs=8)
+    req = decoding_request(kv, "r", 2 * PAGE + 1)
+    sched.add(req)
+    chunks, scheduled, preempted = sched.schedule()
+    assert (chunks, scheduled, preempted) == ([], [], [req])
+    assert_pool_full(kv)
+
+
+# -- engine: stepped by hand ---------------------------------------------------------------
+
+
+@dataclass
+class SteppedEngine:
+    core: EngineCore
+    deltas: list[TokenDelta] = field(default_factory=list)
+    plans: list[BatchPlan] = field(default_factory=list)
+    preempted: set[str] = field(default_factory=set)
+
+    def add(self, rid: str, prompt: list[int], max_tokens: int = 8) -> None:
+        self.core.add_request(rid, prompt, SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
+
+    def finished(self) -> dict[str, FinishReason]:
+        return {d.request_id: d.finish_reason for d in self.deltas if d.finish_reason is not None}
+
+    def tokens(self, rid: str) -> list[int]:
+        return [t for d in self.deltas if d.request_id == rid for t in d.new_token_ids]
+
+    def step(self) -> None:
+        for worker in self.core.workers:
+            worker.step()
+
+    def run_until(self, done: Callable[[], bool], max_steps: int = 2000) -> None:
+        for _ in range(max_steps):
+            if done():
+                return
+            self.step()
+        raise AssertionError(f"not done after {max_steps} steps")
+
+    def run_to_completion(self, rids: list[str]) -> None:
+        self.run_until(lambda: set(rids) <= set(self.finished()))
+
+    def assert_pool_full(self) -> None:
+        alloc = self.core.allocator
+        alloc.check_integrity()
+        assert alloc.num_free == alloc.num_blocks
+        assert self.core.num_unfinished == 0
+
+
+def stepped_engine(model_dir: Path, mode: str, num_pages: int | None = None, **sched: int) -> SteppedEngine:
+    deltas: list[TokenDelta] = []
+    config = EngineConfig(model=str(model_dir), mode=mode, cache=CacheConfig(page_size=PAGE, num_pages=num_pages),
+                          scheduler=SchedulerConfig(**sched))
+    engine = SteppedEngine(EngineCore(config, emit=deltas.extend), deltas)
+    for worker in engine.core.workers:
+        execute = worker.runner.execute
+
+        def recording(plan: BatchPlan, sample_reqs: list[Request], _execute=execute):  # type: ignore[no-untyped-def]
+            engine.plans.append(plan)
+            return _execute(plan, sample_reqs)
+
+        worker.runner.execute = recording  # type: ignore[method-assign]
+    schedule = engine.core.decode.schedule
+
+    def recording_schedule():  # type: ignore[no-untyped-def]
+        chunks, scheduled, preempted = schedule()
+        engine.preempted.update(r.request_id for r in preempted)
+        return chunks, scheduled, preempted
+
+    engine.core.decode.schedule = recording_schedule  # type: ignore[method-assign]
+    return engine
+
+
+def prompts(n: int, length: Callable[[int], int]) -> dict[str, list[int]]:
+    return {f"r{i}": [(i * 31 + j * 7) % 250 for j in range(length(i))] for i in range(n)}
+
+
+@pytest.fixture(scope="module")
+def unpreempted(tiny_llama: Path) -> dict[str, list[int]]:
+    """Greedy tokens of the preemption workload with a pool big enough for all of it."""
+    engine = stepped_engine(tiny_llama, "unified", max_prefill_tokens=32)
+    for rid, p in PREEMPTION_PROMPTS.items():
+        engine.add(rid, p, max_tokens=PREEMPTION_TOKENS)
+    engine.run_to_completion(list(PREEMPTION_PROMPTS))
+    assert engine.core.num_preemptions == 0
+    return {rid: engine.tokens(rid) for rid in PREEMPTION_PROMPTS}
+
+
+PREEMPTION_PROMPTS = prompts(6, lambda i: 9 + 5 * i)
+PREEMPTION_TOKENS = 20
+
+
+@pytest.mark.parametrize("mode", ["unified", "semi-pd"])
+def test_preempted_requests_finish_with_unpreempted_tokens(
+    tiny_llama: Path, unpreempted: dict[str, list[int]], mode: str
+) -> None:
+    engine = stepped_engine(tiny_llama, mode, num_pages=24, max_prefill_tokens=32)
+    for rid, p in PREEMPTION_PROMPTS.items():
+        engine.add(rid, p, max_tokens=PREEMPTION_TOKENS)
+    engine.run_to_completion(list(PREEMPTION_PROMPTS))
+    assert engine.preempted, "the pool was meant to be too small for all requests at once"
+    assert engine.core.num_preemptions >= len(engine.preempted)
+    assert {rid: engine.tokens(rid) for rid in PREEMPTION_PROMPTS} == unpreempted
+    assert set(engine.finished().values()) == {FinishReason.LENGTH}
+    engine.assert_pool_full()
+
+
+def test_unified_decode_batch_bounded_and_plans_within_budget(tiny_llama: Path) -> None:
+    engine = stepped_engine(tiny_llama, "unified", max_decode_seqs=2, max_prefill_tokens=24)
+    batch = prompts(5, lambda i: 3 + 4 * i)
+    for rid, p in batch.items():
+        engine.add(rid, p, max_tokens=6)
+    engine.run_to_completion(list(batch))
+    assert max(len(p.decodes) for p in engine.plans) == 2
+    assert all(p.num_tokens <= 24 for p in engine.plans)
+    engine.assert_pool_full()
+
+
+# -- abort at any time ---------------------------------------------------------------------
+
+
+def request_state(engine: SteppedEngine, rid: str) -> str:
+    core = engine.core
+    if any(r.request_id == rid for r in core.decode.running):
+        return "decoding"
+    if any(r.request_id == rid for r in core.prefill.running):
+        return "prefilling"
+    return "waiting" if rid not in engine.finished() else "finished"
+
+
+@pytest.mark.parametrize("mode", ["unified", "semi-pd"])
+@pytest.mark.parametrize("state", ["waiting", "prefilling", "decoding"])
+def test_abort_frees_every_page(tiny_llama: Path, mode: str, state: str) -> None:
+    engine = stepped_engine(tiny_llama, mode, max_prefill_tokens=8, max_decode_seqs=4)
+    batch = prompts(4, lambda i: 14)
+    for rid, p in batch.items():
+        engine.add(rid, p, max_tokens=MAX_TOKENS)
+    victim = "r3" if state == "waiting" else "r1"
+    engine.run_until(lambda: request_state(engine, victim) == state)
+    assert engine.core.abort(victim)
+    engine.run_to_completion(list(batch))
+    assert engine.finished()[victim] == FinishReason.ABORT
+    assert all(engine.finished()[rid] == FinishReason.LENGTH for rid in batch if rid != victim)
+    assert len(engine.tokens(victim)) < MAX_TOKENS
+    engine.assert_pool_full()
+
+
+@pytest.fixture(scope="module")
+def shared_engine(tiny_llama: Path) -> Iterator[SteppedEngine]:
+    yield stepped_engine(tiny_llama, "unified", num_pages=24, max_prefill_tokens=16, max_decode_seqs=3)
+
+
+@settings(max_examples=8, deadline=None)
+@given(abort_steps=st.lists(st.integers(0, 12), min_size=3, max_size=3),
+       lengths=st.lists(st.integers(1, 30), min_size=3, max_size=3))
+def test_aborts_at_random_steps_leave_the_pool_whole(
+    shared_engine: SteppedEngine, abort_steps: list[int], lengths: list[int]
+) -> None:
+    engine = shared_engine
+    engine.deltas.clear()
+    rids = [f"x{i}-{len(engine.plans)}" for i in range(len(lengths))]
+    for rid, n in zip(rids, lengths):
+        engine.add(rid, [(7 * j + n) % 200 for j in range(n)], max_tokens=MAX_TOKENS)
+    for step in range(max(abort_steps) + 1):
+        for rid, at in zip(rids, abort_steps):
+            if at == step:
+                engine.core.abort(rid)
+        engine.step()
+    engine.run_to_completion(rids)
+    assert all(len(engine.tokens(rid)) <= MAX_TOKENS for rid in rids)
+    engine.assert_pool_full()

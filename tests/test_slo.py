@@ -1,0 +1,492 @@
+"""SLO controller logic: latency model fit and files, model/reactive policies, EDF order,
+admission control, CPU profiling of the tiny model, and the engine wire-in."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from actors.config import CacheConfig, EngineConfig, SLOConfig
+from actors.engine.core import EngineCore
+from actors.engine.partitioner import split_choices
+from actors.kv.allocator import BlockAllocator
+from actors.kv.manager import KVManager
+from actors.request import Request, SamplingParams
+from actors.scheduler.prefill import PrefillScheduler, fcfs
+from actors.slo.admission import (
+    QUEUE_PRIORITY,
+    AdmissionConfig,
+    AdmissionController,
+    AdmissionRejected,
+    QueueSnapshot,
+)
+from actors.slo.latency_model import (
+    LatencyModel,
+    PhaseModel,
+    Sample,
+    fit,
+    load_model,
+    load_models,
+    load_or_profile,
+    save_models,
+)
+from actors.slo.ordering import EDFOrder, edf_key, make_order
+from actors.slo.policy import ModelPolicy, ModelPolicyConfig, make_policy
+from actors.slo.profiler import ProfileConfig, Profiler, engine_profile_key
+from actors.slo.types import EngineView, ReactivePolicy, SLOTargets
+
+SPLITS = tuple(range(8, 128, 8))  # 8..120 prefill SMs of 132, fixed here (the partitioner may choose fewer)
+TARGETS = SLOTargets(ttft_ms=1000.0, tpot_ms=50.0)
+
+
+def h100_llama8b() -> LatencyModel:
+    """Numbers of the shape DESIGN 3 gives: Llama-3-8B on an H100 (ms, full-GPU base)."""
+    return LatencyModel(
+        device="NVIDIA H100 80GB HBM3", model="LlamaForCausalLM:h4096", total_sms=132, splits=SPLITS,
+        prefill=PhaseModel("compute", (0.03, 9e-7, 1.0), scale=1.0, contention=0.1),
+        decode=PhaseModel("bandwidth", (0.02, 4.4e-5, 5.5), scale=26.6, contention=0.55),
+    )
+
+
+def view(prefill_sms: int = 64, queued: int = 0, requests: int = 0, decoding: int = 0, context: int = 0,
+         ttft: tuple[float, ...] = (), tpot: tuple[float, ...] = (), t: float = 100.0) -> EngineView:
+    return EngineView("gpu0", prefill_sms, 132, SPLITS, waiting_prefill_tokens=queued, num_decoding=decoding,
+                      decode_context_tokens=context, ttft_ms=ttft, tpot_ms=tpot, time=t,
+                      num_prefill_requests=requests)
+
+
+PREFILL_HEAVY = dict(queued=20_000, requests=40, decoding=32, context=32 * 1500)
+DECODE_HEAVY = dict(queued=0, requests=0, decoding=256, context=256 * 2000)
+
+
+# -- latency model ------------------------------------------------------------------------
+
+
+def synthetic_samples(truth: LatencyModel, noise: float = 0.0, seed: int = 0) -> list[Sample]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for sms in (16, 40, 64, 96, 120):
+        dsms = truth.total_sms - sms
+        for conc in (False, True):
+            for tokens in (128, 512, 2048, 4096):
+                for cached in (0, 2048):
+                    ms = truth.prefill_ms(tokens, cached, sms, conc) * (1 + noise * rng.standard_normal())
+                    out.append(Sample.prefill(tokens, cached, sms, ms, conc))
+            for batch in (1, 16, 64, 256):
+                for ctx in (256, 2048):
+                    ms = truth.decode_step_ms(batch, batch * ctx, dsms, conc) * (1 + noise * rng.standard_normal())
+                    out.append(Sample.decode(batch, batch * ctx, dsms, ms, conc))
+    return out
+
+
+def test_fit_recovers_known_parameters() -> None:
+    truth = h100_llama8b()
+    got = fit(synthetic_samples(truth), truth.device, truth.model, 132, SPLITS)
+    for phase in ("prefill", "decode"):
+        want, have = getattr(truth, phase), getattr(got, phase)
+        np.testing.assert_allclose(have.coef, want.coef, rtol=1e-3, atol=1e-9)
+        assert have.scale == pytest.approx(want.scale, rel=1e-3)
+        assert have.contention == pytest.approx(want.contention, rel=1e-3)
+        assert have.fit_error < 1e-6
+    # the decode bandwidth curve saturates early: 32 of 132 SMs give ~0.7x (DESIGN 3)
+    assert 1 / got.decode.slowdown(32, 132) == pytest.approx(0.70, abs=0.02)
+    assert got.prefill.slowdown(66, 132) == pytest.approx(2.0, rel=1e-3)
+
+
+def test_fit_with_noise_stays_close() -> None:
+    truth = h100_llama8b()
+    got = fit(synthetic_samples(truth, noise=0.03, seed=1), truth.device, truth.model, 132, SPLITS)
+    for args in [(512, 0, 64), (4096, 2048, 120), (128, 0, 16)]:
+        assert got.prefill_ms(*args) == pytest.approx(truth.prefill_ms(*args), rel=0.05)
+    for args in [(64, 64 * 1024, 68), (1, 256, 24), (256, 256 * 2048, 116)]:
+        assert got.decode_step_ms(*args) == pytest.approx(truth.decode_step_ms(*args), rel=0.05)
+    assert got.decode.contention == pytest.approx(0.55, abs=0.05)
+
+
+def test_fit_flat_when_sms_do_not_matter() -> None:
+    """A CPU profile: the split changes nothing, so both curves come out flat."""
+    samples = [Sample.prefill(n, 0, sms, 0.01 * n + 0.5) for n in (16, 64, 256) for sms in (8, 120)]
+    samples += [Sample.decode(b, b * 64, 128 - sms, 0.1 * b + 0.4) for b in (1, 4, 16) for sms in (8, 120)]
+    m = fit(samples, "cpu", "tiny", 128, split_choices(128))
+    for sms in (8, 64, 120):
+        assert m.prefill.slowdown(sms, 128) == pytest.approx(1.0, abs=1e-3)
+        assert m.decode.slowdown(sms, 128) == pytest.approx(1.0, abs=1e-3)
+    assert m.prefill.contention == 0.0
+
+
+def test_fit_needs_samples() -> None:
+    with pytest.raises(ValueError, match="at least 3 solo samples"):
+        fit([Sample.prefill(16, 0, 8, 1.0)], "cpu", "tiny", 128, (8,))
+    with pytest.raises(ValueError, match="ms must be positive"):
+        Sample.decode(1, 16, 8, 0.0)
+
+
+def test_prefill_queue_counts_iterations_and_attention() -> None:
+    m = h100_llama8b()
+    one = m.prefill_queue_ms(4096, 1, 132, chunk_tokens=4096)
+    assert one == pytest.approx(m.prefill_ms(4096, 0, 132))
+    # the same tokens as 8 short prompts: less attention work, same single iteration
+    assert m.prefill_queue_ms(4096, 8, 132, chunk_tokens=4096) < one
+    # twice the iterations adds one constant
+    assert m.prefill_queue_ms(4096, 8, 132, chunk_tokens=2048) == pytest.approx(
+        m.prefill_queue_ms(4096, 8, 132, chunk_tokens=4096) + m.prefill.coef[2])
+    assert m.prefill_queue_ms(0, 0, 64) == 0.0
+
+
+def test_json_round_trip_and_keys(tmp_path: Path) -> None:
+    path = tmp_path / "profiles.json"
+    a = h100_llama8b()
+    b = LatencyModel(device="cpu-x86_64-2t", model="tiny", total_sms=128, splits=(8, 64, 120),
+                     prefill=PhaseModel("compute", (0.01, 0.0, 0.7), 0.0), decode=PhaseModel("bandwidth", (0.1, 0.0, 0.5), 0.0),
+                     num_samples=12, meta={"seconds": 0.8})
+    save_models(path, [a])
+    save_models(path, [b])  # adds, keeps a
+    doc = json.loads(path.read_text())
+    assert doc["format"] == "semipd-latency-model" and set(doc["profiles"]) == {a.key, b.key}
+    assert a.key.startswith("NVIDIA H100 80GB HBM3|LlamaForCausalLM:h4096|8,16,")
+    loaded = load_models(path)
+    assert loaded[a.key] == a and loaded[b.key] == b
+    assert load_model(path, "nope") is None
+    assert load_models(tmp_path / "missing.json") == {}
+
+    def must_not_profile() -> LatencyModel:
+        raise AssertionError("profiled although a saved profile exists")
+
+    assert load_or_profile(path, a.key, must_not_profile) == a
+    other = LatencyModel(device="other", model="tiny", total_sms=128, splits=(8, 64, 120), prefill=b.prefill, decode=b.decode)
+    assert load_or_profile(path, other.key, lambda: other) == other
+    assert load_model(path, other.key) == other  # saved
+    path.write_text(json.dumps({"format": "semipd-latency-model", "version": 99, "profiles": {}}))
+    with pytest.raises(ValueError, match="version 99"):
+        load_models(path)
+
+
+# -- model policy -------------------------------------------------------------------------
+
+
+def test_model_policy_moves_to_prefill_when_queue_grows() -> None:
+    policy = ModelPolicy(h100_llama8b())
+    quiet = policy.decide(view(64, decoding=32, context=32 * 1500), TARGETS)
+    assert quiet.prefill_sms == 64 and quiet.reason.startswith("hold")
+    d = ModelPolicy(h100_llama8b()).decide(view(64, **PREFILL_HEAVY), TARGETS)
+    assert d.prefill_sms > 64
+    assert "more SMs to prefill" in d.reason and "switch 64->" in d.reason
+    p = d.predicted
+    assert p["ttft_ms"] < TARGETS.ttft_ms and p["tpot_ms"] < TARGETS.tpot_ms and p["slack"] > 0  # meets both
+    assert p["best_sms"] == d.prefill_sms
+    json.dumps(p)  # the benchmark logs it
+
+
+def test_model_policy_moves_to_decode_when_tpot_at_risk() -> None:
+    d = ModelPolicy(h100_llama8b()).decide(view(104, **DECODE_HEAVY), TARGETS)
+    assert d.prefill_sms < 104 and "more SMs to decode" in d.reason
+    assert d.predicted["tpot_ms"] < TARGETS.tpot_ms
+
+
+def test_model_policy_balances_slack() -> None:
+    """The chosen split is the best min slack over all splits."""
+    policy = ModelPolicy(h100_llama8b(), ModelPolicyConfig(margin=0.0))
+    preds, _ = policy.predict(view(64, **PREFILL_HEAVY), TARGETS)
+    best = max(preds, key=lambda p: p.slack)
+    assert policy.decide(view(64, **PREFILL_HEAVY), TARGETS).prefill_sms == best.prefill_sms
+    # more prefill SMs: faster TTFT, slower TPOT
+    by = {p.prefill_sms: p for p in preds}
+    assert by[120].ttft_ms < by[64].ttft_ms < by[8].ttft_ms
+    assert by[120].tpot_ms > by[64].tpot_ms > by[8].tpot_ms
+
+
+def test_model_policy_stays_inside_hysteresis_band() -> None:
+    v0 = view(64, **PREFILL_HEAVY)
+    preds, _ = ModelPolicy(h100_llama8b()).predict(v0, TARGETS)
+    by = {p.prefill_sms: p for p in preds}
+    best = max(preds, key=lambda p: p.slack).prefill_sms
+    neighbour = best - 8
+    gain = by[best].slack - by[neighbour].slack
+    assert 0 < gain < 0.2
+    v = view(neighbour, **PREFILL_HEAVY)
+    held = ModelPolicy(h100_llama8b(), ModelPolicyConfig(margin=gain + 0.01)).decide(v, TARGETS)
+    assert held.prefill_sms == neighbour and "hysteresis" in held.reason
+    moved = ModelPolicy(h100_llama8b(), ModelPolicyConfig(margin=gain / 2)).decide(v, TARGETS)
+    assert moved.prefill_sms == best
+
+
+def test_model_policy_bounds_switches_under_oscillating_load() -> None:
+    """Load flips between prefill- and decode-heavy every 2 s for 10 minutes."""
+
+    def simulate(cfg: ModelPolicyConfig) -> list[float]:
+        policy, sms, switches = ModelPolicy(h100_llama8b(), cfg), 64, []
+        for i in range(1200):  # a decision every 0.5 s
+            t = 1000.0 + 0.5 * i
+            load = PREFILL_HEAVY if int(t / 2) % 2 == 0 else DECODE_HEAVY
+            d = policy.decide(view(sms, t=t, **load), TARGETS)
+            if d.prefill_sms != sms:
+                switches.append(t)
+                sms = d.prefill_sms
+        return switches
+
+    free = simulate(ModelPolicyConfig(dwell_s=0.0))
+    assert len(free) > 250  # without dwell it follows every flip
+    dwell = 10.0
+    bounded = simulate(ModelPolicyConfig(dwell_s=dwell))
+    assert len(bounded) >= 10  # still adapts
+    worst = max(sum(1 for s in bounded if t <= s < t + 60) for t in bounded)
+    assert worst <= 60 / dwell + 1
+    assert all(b - a >= dwell for a, b in zip(bounded, bounded[1:]))
+
+
+def test_model_policy_state_is_per_engine() -> None:
+    policy = ModelPolicy(h100_llama8b(), ModelPolicyConfig(dwell_s=30.0))
+    assert policy.decide(view(64, t=10.0, **PREFILL_HEAVY), TARGETS).prefill_sms > 64
+    v = EngineView("gpu1", 64, 132, SPLITS, waiting_prefill_tokens=20_000, num_decoding=32,
+                   decode_context_tokens=48_000, time=11.0, num_prefill_requests=40)
+    assert policy.decide(v, TARGETS).prefill_sms > 64  # gpu1 has its own dwell timer
+    d = policy.decide(view(104, t=12.0, **DECODE_HEAVY), TARGETS)
+    assert d.prefill_sms == 104 and "dwell" in d.reason
+
+
+def test_model_policy_dwell_counts_applied_switches() -> None:
+    policy = ModelPolicy(h100_llama8b(), ModelPolicyConfig(dwell_s=30.0))
+    first = policy.decide(view(64, t=10.0, **PREFILL_HEAVY), TARGETS)
+    assert first.prefill_sms > 64
+    again = policy.decide(view(64, t=11.0, **PREFILL_HEAVY), TARGETS)  # the caller did not apply it
+    assert again.prefill_sms == first.prefill_sms and again.reason.startswith("switch")
+    applied = view(first.prefill_sms, t=12.0, **DECODE_HEAVY)  # applied; now decode is at risk
+    held = policy.decide(applied, TARGETS)
+    assert held.prefill_sms == first.prefill_sms and "dwell (29.0 s left)" in held.reason  # counted from the proposal at t=11
+    assert held.predicted["switches_last_minute"] == 1.0
+    later = policy.decide(view(first.prefill_sms, t=41.5, **DECODE_HEAVY), TARGETS)
+    assert later.prefill_sms < first.prefill_sms and "more SMs to decode" in later.reason
+
+
+def test_model_policy_corrects_with_observed_latency() -> None:
+    """The model thinks a small queue is fine; observed TTFTs say otherwise."""
+    small = dict(queued=2_000, requests=4, decoding=32, context=32 * 1500)
+    calm = ModelPolicy(h100_llama8b()).decide(view(48, **small), TARGETS)
+    assert calm.prefill_sms == 48 and calm.predicted["ttft_correction"] == 1.0
+    slow = tuple([2500.0] * 20)
+    d = ModelPolicy(h100_llama8b()).decide(view(48, ttft=slow, **small), TARGETS)
+    assert d.predicted["ttft_correction"] > 1.5
+    assert d.predicted["observed_ttft_ms"] == 2500.0
+    assert d.prefill_sms > 48
+    few = ModelPolicy(h100_llama8b()).decide(view(48, ttft=slow[:3], **small), TARGETS)
+    assert few.predicted["ttft_correction"] == 1.0  # warm-up filter: too few samples
+
+
+def test_model_policy_with_cpu_profile_stays_put() -> None:
+    """Flat curves (CPU): no split is better than another, so nothing moves."""
+    flat = LatencyModel(device="cpu", model="tiny", total_sms=128, splits=split_choices(128),
+                        prefill=PhaseModel("compute", (0.01, 0.0, 0.7), 0.0), decode=PhaseModel("bandwidth", (0.1, 0.0, 0.5), 0.0))
+    v = EngineView("cpu0", 64, 128, split_choices(128), waiting_prefill_tokens=5000, num_decoding=8,
+                   decode_context_tokens=800, time=5.0)
+    d = ModelPolicy(flat).decide(v, TARGETS)
+    assert d.prefill_sms == 64 and d.reason.startswith("hold")
+
+
+def test_make_policy() -> None:
+    assert isinstance(make_policy("reactive", step=2), ReactivePolicy)
+    assert isinstance(make_policy("model", model=h100_llama8b()), ModelPolicy)
+    with pytest.raises(ValueError, match="needs a latency model"):
+        make_policy("model")
+    with pytest.raises(ValueError, match="unknown split policy"):
+        make_policy("magic")
+    with pytest.raises(ValueError):
+        ModelPolicyConfig(observed_weight=2.0)
+
+
+def test_reactive_policy_steps() -> None:
+    over_ttft, ok_ttft = tuple([1500.0] * 10), tuple([100.0] * 10)
+    over_tpot, ok_tpot = tuple([80.0] * 10), tuple([10.0] * 10)
+    p = make_policy("reactive")
+    assert p.decide(view(64, ttft=over_ttft, tpot=ok_tpot), TARGETS).prefill_sms == 72
+    d = p.decide(view(64, ttft=ok_ttft, tpot=over_tpot), TARGETS)
+    assert d.prefill_sms == 56 and "TPOT" in d.reason
+    assert p.decide(view(64, ttft=ok_ttft, tpot=ok_tpot), TARGETS).prefill_sms == 64
+    assert p.decide(view(120, ttft=over_ttft, tpot=ok_tpot), TARGETS).prefill_sms == 120  # clamped at the top
+    # both over: the relatively worse one wins (TTFT 1.5x vs TPOT 1.6x -> decode)
+    assert p.decide(view(64, ttft=over_ttft, tpot=over_tpot), TARGETS).prefill_sms == 56
+    assert make_policy("reactive", step=2).decide(view(64, ttft=over_ttft), TARGETS).prefill_sms == 80
+
+
+# -- prefill order ------------------------------------------------------------------------
+
+
+def req(rid: str, arrival: float, deadline: float | None = None, priority: int = 0, n: int = 20) -> Request:
+    return Request(rid, list(range(1, n + 1)), n, SamplingParams(max_tokens=4), arrival_time=arrival,
+                   deadline=deadline, priority=priority)
+
+
+def test_edf_order_with_priorities_and_aging() -> None:
+    now = [0.25]
+    order = EDFOrder(ttft_ms=1000.0, aging_s=2.0, clock=lambda: now[0])
+    r1, r2, r3 = req("r1", 0.0), req("r2", 0.1, deadline=0.3), req("r3", 0.2)
+    r4 = req("r4", 0.21, priority=-1)
+    ids = lambda rs: [r.request_id for r in sorted(rs, key=order)]  # noqa: E731
+    assert ids([r3, r1, r2]) == ["r2", "r1", "r3"]  # deadlines 0.3 (own), 1.0, 1.2
+    assert ids([r3, r1, r2, r4]) == ["r4", "r2", "r1", "r3"]  # priority class first
+    now[0] = 2.05  # r1 has waited 2.05 s >= aging 2 s: promoted above everything
+    assert ids([r3, r4, r2, r1]) == ["r1", "r4", "r2", "r3"]
+    now[0] = 2.5  # all aged: first come, first served
+    assert ids([r4, r3, r2, r1]) == ["r1", "r2", "r3", "r4"]
+
+
+def test_edf_demotes_missed_deadlines() -> None:
+    r1, r2, r3 = req("r1", 0.0), req("r2", 0.1, deadline=0.3), req("r3", 0.2)
+    keys = lambda demote: [r.request_id for r in sorted([r1, r2, r3], key=lambda r: edf_key(r, 0.5, 1.0, 10.0, demote))]  # noqa: E731
+    assert keys(False) == ["r2", "r1", "r3"]
+    assert keys(True) == ["r1", "r3", "r2"]  # r2 missed: the others can still make theirs
+
+
+def test_edf_order_drives_the_prefill_scheduler() -> None:
+    now = [1.0]
+    sched = PrefillScheduler(KVManager(BlockAllocator(64), 16), max_tokens=20,
+                             order=EDFOrder(ttft_ms=1000.0, clock=lambda: now[0]))
+    sched.add(req("late", 0.0))
+    sched.add(req("urgent", 0.5, deadline=0.6))
+    _, reqs = sched.schedule()
+    assert [r.request_id for r in reqs] == ["urgent"]
+    fifo = PrefillScheduler(KVManager(BlockAllocator(64), 16), max_tokens=20)
+    fifo.add(req("late", 0.0))
+    fifo.add(req("urgent", 0.5, deadline=0.6))
+    assert [r.request_id for r in fifo.schedule()[1]] == ["late"]
+
+
+def test_make_order() -> None:
+    assert make_order("fcfs") is fcfs
+    o = make_order("edf", ttft_ms=500.0)
+    assert isinstance(o, EDFOrder) and o.effective_aging_s == 1.0
+    with pytest.raises(ValueError, match="unknown prefill order"):
+        make_order("lifo")
+
+
+# -- admission ----------------------------------------------------------------------------
+
+
+def queue(tokens: int = 0, requests: int = 0, decoding: int = 16, sms: int = 64) -> QueueSnapshot:
+    return QueueSnapshot(tokens, requests, decoding, sms)
+
+
+def test_admission_rejects_impossible_and_accepts_feasible() -> None:
+    ac = AdmissionController(h100_llama8b(), AdmissionConfig(ttft_ms=1000.0))
+    assert ac.admit(512, queue(), priority=3, now=0.0) == 3
+    assert ac.check(512, queue(), 1000.0) < 100.0
+    with pytest.raises(AdmissionRejected) as err:
+        ac.admit(512, queue(100_000, 200), now=0.0)
+    e = err.value
+    assert isinstance(e, ValueError) and e.predicted_ttft_ms > e.target_ms == 1000.0
+    assert "admission control" in str(e) and "100000 prompt tokens queued" in str(e)
+
+
+def test_admission_uses_deadline_and_slack() -> None:
+    m = h100_llama8b()
+    ac = AdmissionController(m, AdmissionConfig(ttft_ms=1000.0))
+    with pytest.raises(AdmissionRejected):
+        ac.admit(2048, queue(), deadline=10.005, now=10.0)  # 5 ms left
+    assert ac.admit(2048, queue(), deadline=15.0, now=10.0) == 0
+    q = queue(8_000, 16)
+    predicted = ac.check(512, q, 1000.0)
+    assert 500.0 < predicted < 1000.0
+    with pytest.raises(AdmissionRejected):
+        AdmissionController(m, AdmissionConfig(ttft_ms=1000.0, slack=0.5)).admit(512, q, now=0.0)
+    # more prefill SMs: the same queue fits
+    assert AdmissionController(m, AdmissionConfig(ttft_ms=600.0)).check(512, queue(8_000, 16, sms=120), 600.0) < 600.0
+
+
+def test_admission_queue_mode_deprioritizes() -> None:
+    ac = AdmissionController(h100_llama8b(), AdmissionConfig(ttft_ms=1000.0, action="queue"))
+    assert ac.admit(512, queue(100_000, 200), priority=0, now=0.0) == QUEUE_PRIORITY
+    assert ac.admit(512, queue(), priority=0, now=0.0) == 0
+    with pytest.raises(ValueError):
+        AdmissionConfig(action="drop")  # type: ignore[arg-type]
+
+
+# -- CPU profiling and the engine wire-in ---------------------------------------------------
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One intra-op thread while timing: on a small shared CPU box (2 cores, other jobs)
+    OpenMP barrier stalls otherwise make single timings vary 10-50x."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def cpu_engine(tiny_llama: Path) -> EngineCore:
+    cfg = EngineConfig(model=str(tiny_llama), mode="semi-pd", cache=CacheConfig(num_pages=512))
+    return EngineCore(cfg, emit=lambda deltas: None)
+
+
+def test_cpu_profile_predicts_measured_times(cpu_engine: EngineCore, one_thread: None) -> None:
+    core = cpu_engine
+    free, split = core.allocator.num_free, core.partitioner.current
+    t0 = time.perf_counter()
+    model = Profiler.for_engine(core, ProfileConfig.quick()).run()
+    assert time.perf_counter() - t0 < 15.0
+    assert core.allocator.num_free == free and core.partitioner.current == split  # pages and split restored
+    core.allocator.check_integrity()
+    assert model.key == engine_profile_key(core) and model.device.startswith("cpu-")
+    assert model.prefill.fit_error < 0.5 and model.decode.fit_error < 0.5
+    # no SM partitions on CPU: one split is measured and the curves are flat
+    assert model.meta["profiled_splits"] == [split]
+    assert model.prefill.slowdown(8, 128) == 1.0 and model.decode.slowdown(8, 128) == 1.0
+    # held-out points, measured now, predicted within a factor of 3
+    held = Profiler.for_engine(core, ProfileConfig(
+        prefill_tokens=(96,), prefill_cached=(32,), decode_batches=(8,), decode_context=(96,),
+        splits=(64,), repeats=3, contention=False)).measure()
+    assert {s.phase for s in held} == {"prefill", "decode"}
+    for s in held:
+        if s.phase == "prefill":
+            pred = model.prefill_ms(96, 32, s.sms)
+        else:
+            pred = model.decode_step_ms(8, 8 * 96, s.sms)
+        assert 1 / 3 < pred / s.ms < 3, (s, pred)
+
+
+def test_engine_wire_in_order_and_admission(tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                            one_thread: None) -> None:
+    profile = tmp_path / "latency.json"
+    slo = SLOConfig(order="edf", admission=True, ttft_ms=60_000.0, latency_profile=str(profile))
+    cfg = EngineConfig(model=str(tiny_llama), mode="semi-pd", cache=CacheConfig(num_pages=256), slo=slo)
+    core = EngineCore(cfg, emit=lambda deltas: None)
+    assert isinstance(core.prefill.order, EDFOrder) and core.prefill.order.ttft_ms == 60_000.0
+    assert core.admission is not None and engine_profile_key(core) in load_models(profile)
+    params = SamplingParams(max_tokens=4)
+    core.add_request("ok", list(range(1, 65)), params)
+    assert core.prefill.num_waiting == 1
+    with pytest.raises(AdmissionRejected, match="admission control"):
+        core.add_request("late", list(range(1, 65)), params, deadline=time.monotonic() + 1e-6)
+    assert core.prefill.num_waiting == 1  # the rejected request was not queued
+
+    import actors.slo.profiler as profiler
+
+    def no_profiling(*args: object, **kwargs: object) -> LatencyModel:
+        raise AssertionError("profiled although the profile file has this engine's model")
+
+    monkeypatch.setattr(profiler, "profile_engine", no_profiling)
+    again = EngineCore(cfg, emit=lambda deltas: None)
+    assert again.admission is not None
+    assert again.admission.controller.model == load_models(profile)[engine_profile_key(core)]
+    # default config: FCFS, no admission
+    plain = EngineCore(EngineConfig(model=str(tiny_llama), cache=CacheConfig(num_pages=64)), emit=lambda deltas: None)
+    assert plain.prefill.order is fcfs and plain.admission is None
+
+
+def test_slo_config_validation(tiny_llama: Path) -> None:
+    from actors.config import ConfigError
+
+    with pytest.raises(ConfigError, match="order"):
+        SLOConfig(order="random")
+    with pytest.raises(ConfigError, match="admission_action"):
+        SLOConfig(admission_action="drop")
+    with pytest.raises(ConfigError, match="positive"):
+        SLOConfig(ttft_ms=0)
+    assert math.isclose(SLOConfig().ttft_ms, 1000.0)

@@ -1,0 +1,72 @@
+"""`LLM.stream`: chunks that add up to the non-streaming result; leaving early aborts."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from actors.engine.frontend import LLM, StreamChunk
+from actors.request import SamplingParams
+
+pytestmark = pytest.mark.timeout(120)
+
+PROMPT = "Stream me"
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.01)
+
+
+@pytest.fixture(scope="module", params=["unified", "semi-pd"])
+def llm(request: pytest.FixtureRequest, tiny_llama: Path) -> Iterator[LLM]:
+    engine = LLM(tiny_llama, mode=request.param)
+    yield engine
+    engine.shutdown()
+
+
+def collect(chunks: Iterator[StreamChunk]) -> tuple[str, list[int], list[StreamChunk]]:
+    got = list(chunks)
+    return "".join(c.text for c in got), [t for c in got for t in c.token_ids], got
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True),
+    SamplingParams(temperature=0.0, max_tokens=20),
+    SamplingParams(temperature=0.8, seed=11, max_tokens=20, ignore_eos=True, logprobs=2),
+], ids=["greedy", "eos", "seeded"])
+def test_stream_adds_up_to_generate(llm: LLM, params: SamplingParams) -> None:
+    whole = llm.generate([PROMPT], params)[0]
+    text, ids, chunks = collect(llm.stream(PROMPT, params))
+    assert (text, ids) == (whole.text, whole.token_ids)
+    assert [c.finish_reason for c in chunks[:-1]] == [None] * (len(chunks) - 1)
+    assert chunks[-1].finish_reason == whole.finish_reason
+    assert chunks[-1].num_output_tokens == len(ids)
+    assert len(chunks) >= len(ids)  # one chunk per token at least: it streams
+    assert [lp.token_id for c in chunks for lp in c.logprobs] == (ids if params.logprobs is not None else [])
+
+
+def test_stream_with_a_stop_string_adds_up_to_generate(llm: LLM) -> None:
+    reference = llm.generate([PROMPT], SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True))[0]
+    i = next(i for i in range(len(reference.text) // 2, len(reference.text) - 2)
+             if "\ufffd" not in reference.text[i : i + 2])
+    params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True, stop=[reference.text[i : i + 2]])
+    whole = llm.generate([PROMPT], params)[0]
+    text, ids, chunks = collect(llm.stream(PROMPT, params))
+    assert whole.finish_reason == chunks[-1].finish_reason == "stop"
+    assert (text, ids) == (whole.text, whole.token_ids)
+
+
+def test_leaving_a_stream_early_aborts_the_request(llm: LLM) -> None:
+    stream = llm.stream(PROMPT, SamplingParams(temperature=0.0, max_tokens=1500, ignore_eos=True))
+    first = next(stream)
+    assert first.token_ids and first.finish_reason is None
+    stream.close()
+    wait_until(lambda: llm.core.num_unfinished == 0, timeout=5.0)
+    alloc = llm.core.allocator
+    wait_until(lambda: alloc.num_free == alloc.num_blocks, timeout=5.0)
