@@ -252,7 +252,7 @@ class EngineCore:
             prefill_sms=self.partitioner.current,
             total_sms=self.partitioner.total_sms,
             num_switches=len(self.partitioner.switches),
-            seconds_since_progress=min(now - w.last_progress for w in self.workers),
+            seconds_since_progress=max(now - w.last_progress for w in self.workers),  # any hung worker counts
             iterations={w.name: w.iterations for w in self.workers},
             busy_seconds={w.name: w.busy_seconds for w in self.workers},
             num_switch_stalls=sum(len(w.adopt_seconds) for w in self.workers),

@@ -136,9 +136,13 @@ class Worker:
             self.emit([TokenDelta(r.request_id, (), r.finish_reason, num_prompt_tokens=r.num_prompt_tokens) for r in reqs])
 
     def _accept_tokens(self, reqs: list[Request], result: SampleResult, from_prefill: list[bool]) -> None:
-        """Append sampled tokens; finish requests that end, hand new ones to decode."""
+        """Append sampled tokens; finish requests that end, hand new ones to decode.
+
+        Deltas are emitted before the handoff: once decode owns a request it may emit the
+        next token at once, and a request's tokens must reach the front end in order.
+        """
         deltas = []
-        handed = False
+        handoffs = []
         for req, tok, lp, fresh in zip(reqs, result.token_ids, result.logprobs, from_prefill):
             reason = req.append_token(tok) or req.abort_requested
             if reason is not None:
@@ -148,15 +152,16 @@ class Worker:
                     self.decode.remove(req)
                 req.finish_reason = reason
             elif fresh:
-                self.decode.add(req)
-                handed = True
+                handoffs.append(req)
             deltas.append(TokenDelta(
                 req.request_id, (tok,), reason, (lp,) if lp is not None else (),
                 num_prompt_tokens=req.num_prompt_tokens, num_cached_tokens=req.num_cached_tokens,
             ))
-        if handed:
-            self.wakeups["decode"].set()
         self.emit(deltas)
+        for req in handoffs:
+            self.decode.add(req)
+        if handoffs:
+            self.wakeups["decode"].set()
 
     def _requeue(self, preempted: list[Request]) -> None:
         for r in preempted:
