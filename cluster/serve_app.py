@@ -72,6 +72,7 @@ class ServeArgs(BaseModel):
     local: bool = False
     device: str = "auto"
     num_pages: int | None = Field(None, ge=2)
+    load_format: Literal["auto", "dummy"] | None = None
     controller_policy: str | None = None
     cluster_name: str | None = None
     num_replicas: int = Field(1, ge=1)
@@ -121,7 +122,8 @@ def cluster_config(args: ServeArgs, redis_url: str | None) -> ClusterConfig:
 
     slo = {k: v for k, v in (("ttft_ms", args.ttft_slo_ms), ("tpot_ms", args.tpot_slo_ms)) if v is not None}
     engine = {k: v for k, v in (("page_size", args.page_size), ("max_prefill_tokens", args.max_prefill_tokens),
-                                ("device", args.device), ("num_pages", args.num_pages)) if v is not None}
+                                ("device", args.device), ("num_pages", args.num_pages),
+                                ("load_format", args.load_format)) if v is not None}
     extra = {k: v for k, v in (("policy", args.controller_policy), ("cluster_name", args.cluster_name))
              if v is not None}
     if args.prefill_sm_min is not None or args.prefill_sm_max is not None:

@@ -44,6 +44,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--served-model-name", default=None)
     p.add_argument("--device", default="auto")
     p.add_argument("--num-pages", type=int, default=None, help="KV pages per engine (default: from memory)")
+    p.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
+                   help="dummy: random weights drawn on the device (speed runs without a checkpoint)")
     p.add_argument("--max-prefill-tokens", type=int, default=4096)
     p.add_argument("--cluster-name", default="default", help="Redis key namespace")
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds in-flight requests get on shutdown")
@@ -61,7 +63,8 @@ def cluster_config(args: argparse.Namespace, redis_url: str | None) -> Any:
         model=args.model, num_actors=args.num_actors, mode=args.mode, redis_url=redis_url,
         slo=SLOTargets(args.ttft_slo_ms, args.tpot_slo_ms), policy=args.policy,
         router=RouterPolicy(session_affinity=args.router_policy == "prefix-affinity"),
-        engine=EngineOptions(device=args.device, num_pages=args.num_pages, max_prefill_tokens=args.max_prefill_tokens),
+        engine=EngineOptions(device=args.device, num_pages=args.num_pages, max_prefill_tokens=args.max_prefill_tokens,
+                             load_format=args.load_format),
         cluster_name=args.cluster_name, served_model_name=args.served_model_name,
     )
 
@@ -71,7 +74,7 @@ def serve_app_args(args: argparse.Namespace, redis_url: str | None, grpc_port: i
     return dict(model=args.model, served_model_name=args.served_model_name, ttft_slo_ms=args.ttft_slo_ms,
                 tpot_slo_ms=args.tpot_slo_ms, mode=args.mode, router_policy=args.router_policy,
                 num_actors=args.num_actors, redis_url=redis_url, grpc_port=grpc_port or None,
-                max_prefill_tokens=args.max_prefill_tokens, device=args.device)
+                max_prefill_tokens=args.max_prefill_tokens, device=args.device, load_format=args.load_format)
 
 
 def _optional_module(name: str) -> ModuleType | None:
