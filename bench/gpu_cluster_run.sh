@@ -18,7 +18,7 @@ serve=$!
 for _ in $(seq 400); do grep -q "semipd status --redis" "$OUT/serve.log" && break; sleep 1; done
 grep -q "semipd status --redis" "$OUT/serve.log" || { echo "server did not come up"; tail -40 "$OUT/serve.log"; exit 1; }
 redis=$(grep -o 'semipd status --redis [^ ]*' "$OUT/serve.log" | awk '{print $4}')
-python3 -m cluster.cli bench serve --base-url http://127.0.0.1:8000 --workload shifting --num-prompts "${N:-240}" \
+python3 -m cluster.cli bench serve --base-url http://127.0.0.1:8000 --tokenizer $model --workload shifting --num-prompts "${N:-240}" \
   --request-rate "${RATE:-6}" --goodput ttft:${TTFT:-1000} tpot:${TPOT:-50} --label semi-pd-dynamic \
   --result-dir "$OUT" --result-filename serve-shifting.json --disable-tqdm 2>&1 | tee "$OUT/bench.log" | tail -40
 python3 -m cluster.cli status --redis "$redis" --json > "$OUT/status.json" 2>&1

@@ -17,6 +17,7 @@ Entry point `cluster.serve_app:build_app` (for `serve run`, `serve deploy`, Kube
     controller_policy, cluster_name   SLO controller policy and Redis key namespace
     local                 true: one in-process engine in the replica, no actors, no router
     num_replicas, replica_num_cpus, replica_num_gpus   the ingress deployment's size
+    max_ongoing_requests                           concurrent requests per ingress replica
 
 Each replica builds its `EngineClient` at start: `Router.connect(...)` over the engine
 actors that `ensure_cluster(cfg)` gets or starts (they are detached and shared by all
@@ -78,6 +79,8 @@ class ServeArgs(BaseModel):
     num_replicas: int = Field(1, ge=1)
     replica_num_cpus: float = Field(1.0, ge=0)
     replica_num_gpus: float = Field(0.0, ge=0)
+    # Serve's default (5) would queue all but 5 streams per replica in the proxy; admission is the engine's job
+    max_ongoing_requests: int = Field(4096, ge=1)
 
     @model_validator(mode="after")
     def _check(self) -> ServeArgs:
@@ -217,6 +220,7 @@ def build_app(args: dict[str, Any]) -> Application:
     deployment = serve.deployment(
         name=DEPLOYMENT_NAME,
         num_replicas=parsed.num_replicas,
+        max_ongoing_requests=parsed.max_ongoing_requests,
         ray_actor_options={"num_cpus": parsed.replica_num_cpus, "num_gpus": parsed.replica_num_gpus},
         graceful_shutdown_timeout_s=DRAIN_TIMEOUT_S + 10,
     )(serve.ingress()(OpenAIIngress))
