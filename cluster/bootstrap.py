@@ -31,6 +31,15 @@ log = logging.getLogger(__name__)
 CONTROLLER_SUFFIX = "controller"
 
 
+def kernel_env() -> dict[str, str]:
+    """FLASHINFER_* settings of this process (compiled-kernel cache, arch list), for the engine actors.
+
+    Given explicitly to the actors' runtime env: on the GPU machine an engine actor that did not
+    find the kernel cache compiled every kernel again (minutes) before its first token.
+    """
+    return {k: v for k, v in os.environ.items() if k.startswith("FLASHINFER_")}
+
+
 def env_defaults() -> dict[str, str]:
     """Defaults taken from the environment: SEMIPD_REDIS_URL, RAY_ADDRESS."""
     out = {}
@@ -251,7 +260,8 @@ def ensure_cluster(cfg: ClusterConfig) -> ClusterHandles:
             continue
         cls = engine_actor_cls(num_gpus=gpus, num_cpus=cfg.num_cpus_per_actor, resources=cfg.resources_for(i))
         actors[name] = cls.options(name=name, namespace=cfg.namespace, lifetime="detached", get_if_exists=True,
-                                   max_restarts=0).remote(name, cfg.engine_config(), cfg.publisher_config())
+                                   max_restarts=0, runtime_env={"env_vars": kernel_env()},
+                                   ).remote(name, cfg.engine_config(), cfg.publisher_config())
         created.append(name)
     names = list(actors)
     infos = ray.get([actors[n].ready.remote() for n in names], timeout=cfg.ready_timeout_s)

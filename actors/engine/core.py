@@ -26,6 +26,7 @@ from actors.request import FinishReason, Request, SamplingParams, TokenDelta
 from actors.runner.model_runner import ModelRunner
 from actors.runner.sampler import Sampler
 from actors.scheduler.decode import DecodeScheduler
+from actors.scheduler.plan import BatchPlan, SeqChunk
 from actors.scheduler.prefill import OrderKey, PrefillScheduler
 from actors.slo.admission import EngineAdmission
 from actors.slo.ordering import make_order
@@ -86,6 +87,7 @@ class EngineCore:
         self.decode = DecodeScheduler(kv, sched.max_decode_seqs)
         self.partitioner: Partitioner = make_partitioner(self.device, config.mode, config.prefill_sms)
         self.workers = self._make_workers()
+        self._warm_up()
         self._requests: dict[str, Request] = {}
         self._lock = threading.Lock()
         self._started = False
@@ -138,6 +140,24 @@ class EngineCore:
             PrefillWorker(self.prefill, self.decode, self._make_runner(False), parts, emit, wakeups),
             DecodeWorker(self.prefill, self.decode, self._make_runner(True), parts, emit, wakeups),
         ]
+
+    def _warm_up(self) -> None:
+        """One small prefill through each prefill-running worker, so that kernels are loaded
+        (or compiled, if the cache is cold) before the engine reports ready, not on a request."""
+        ps = self.pool.page_size
+        tokens = tuple(range(1, ps + 2))  # one full page and one more token
+        params = SamplingParams(max_tokens=1, temperature=0.0)
+        for w in self.workers:
+            if w.phase != "prefill":
+                continue
+            blocks = self.allocator.allocate(2)
+            assert blocks is not None, "a fresh pool has two free pages"
+            w.runner.set_stream(self.partitioner.stream_for(w.phase))
+            plan = BatchPlan(prefills=(SeqChunk("warm-up", tokens, 0, tuple(blocks), True),))
+            w.runner.execute(plan, [Request("warm-up", list(tokens), len(tokens), params)])
+            self.allocator.free(blocks)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     # -- lifecycle ---------------------------------------------------------------
 

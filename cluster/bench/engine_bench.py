@@ -27,6 +27,7 @@ from actors.config import CacheConfig, EngineConfig, SchedulerConfig
 from actors.engine.core import EngineCore
 from actors.kv.manager import pages_for
 from actors.request import Request, SamplingParams
+from actors.runner.model_runner import ModelRunner
 from actors.scheduler.plan import BatchPlan, SeqChunk
 from cluster.bench.offline_job import JOB, offline_prompts
 
@@ -97,6 +98,18 @@ def _decode_plan(core: EngineCore, batch: int, ctx: int) -> tuple[BatchPlan, lis
     return BatchPlan(decodes=tuple(chunks)), held
 
 
+def _time_step(runner: ModelRunner, plan: BatchPlan, reqs: list[Request], warmup: int, reps: int) -> float:
+    """Median wall seconds of `runner.execute(plan)`: a whole step, sampling and host sync included."""
+    for _ in range(warmup):
+        runner.execute(plan, reqs)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        runner.execute(plan, reqs)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 def bench_decode(core: EngineCore, ceilings: Ceilings, batches: tuple[int, ...], contexts: tuple[int, ...],
                  reps: int = 30) -> list[dict[str, Any]]:
     """Decode step time (graph replay + sampling + host sync) against the memory roofline."""
@@ -106,17 +119,9 @@ def bench_decode(core: EngineCore, ceilings: Ceilings, batches: tuple[int, ...],
     for ctx in contexts:
         for bs in batches:
             plan, held = _decode_plan(core, bs, ctx)
-            reqs = _dummy_requests(bs)
-            for _ in range(3):
-                runner.execute(plan, reqs)
-            times = []
-            for _ in range(reps):
-                t0 = time.perf_counter()
-                runner.execute(plan, reqs)
-                times.append(time.perf_counter() - t0)
+            step = _time_step(runner, plan, _dummy_requests(bs), warmup=3, reps=reps)
             for blocks in held:
                 core.allocator.free(blocks)
-            step = statistics.median(times)
             nbytes = _weight_bytes_read(core) + bs * (ctx + 1) * _kv_bytes_per_token(core)
             roofline = nbytes / ceilings.copy_bytes_per_s
             rows.append(dict(batch=bs, context=ctx, step_ms=step * 1e3, roofline_ms=roofline * 1e3,
@@ -141,17 +146,10 @@ def bench_prefill(core: EngineCore, ceilings: Ceilings, shapes: tuple[tuple[int,
             held.append(blocks)
             tokens = tuple(random.randrange(a.vocab_size) for _ in range(length))
             chunks.append(SeqChunk(f"p{i}", tokens, 0, tuple(blocks), True))
-        plan = BatchPlan(prefills=tuple(chunks))
-        reqs = _dummy_requests(n)
-        runner.execute(plan, reqs)
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            runner.execute(plan, reqs)
-            times.append(time.perf_counter() - t0)
+        t = _time_step(runner, BatchPlan(prefills=tuple(chunks)), _dummy_requests(n), warmup=1,
+                       reps=reps)
         for blocks in held:
             core.allocator.free(blocks)
-        t = statistics.median(times)
         tokens = n * length
         attn_flops = n * 2 * a.num_layers * a.num_heads * a.head_dim * length * length  # causal QK^T + PV
         flops = 2 * params * tokens + attn_flops
