@@ -22,7 +22,7 @@ from typing import Any
 
 from actors.config import ENGINE_MODES, CacheConfig, ConfigError, EngineConfig, SchedulerConfig
 from actors.slo.types import SLOTargets
-from cluster.controller import ControllerConfig, make_policy
+from cluster.controller import ControllerConfig, policy_by_name
 from cluster.redis_store import PublisherConfig
 from cluster.router import ACTOR_PREFIX, NAMESPACE, RouterPolicy
 
@@ -148,7 +148,7 @@ class ClusterConfig:
         if self.check_model and not (Path(self.model) / "config.json").is_file():
             raise ConfigError(f"{self.model}: no config.json (expected a Hugging Face checkpoint directory)")
         try:
-            make_policy(self.policy)
+            policy_by_name(self.policy)
             if self.redis_url is not None:
                 self.controller_config()
                 self.publisher_config()

@@ -29,21 +29,24 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from actors.slo.types import EngineView, ReactivePolicy, SLOTargets, SplitDecision, SplitPolicy
+from actors.slo.policy import make_policy
+from actors.slo.types import EngineView, SLOTargets, SplitDecision, SplitPolicy
 from cluster.redis_store import REDIS_ERRORS, Backoff, RedisStore
 
 log = logging.getLogger(__name__)
 
-POLICIES: dict[str, Callable[[], SplitPolicy]] = {"reactive": ReactivePolicy}
+# built-in names come from actors.slo.policy.make_policy; "model" needs a latency model per engine,
+# which a deployment registers here once its engines have profiles
+POLICIES: dict[str, Callable[[], SplitPolicy]] = {"reactive": lambda: make_policy("reactive")}
 
 
 def register_policy(name: str, factory: Callable[[], SplitPolicy]) -> None:
-    """Make a policy available to `make_policy(name)` (and `--policy name`)."""
+    """Make a policy available to `policy_by_name(name)` (and `--policy name`)."""
     POLICIES[name] = factory
 
 
-def make_policy(name: str) -> SplitPolicy:
-    """A split policy by registered name, or by import path `package.module:Attr`."""
+def policy_by_name(name: str) -> SplitPolicy:
+    """The controller's policy: a registered name, or an import path `package.module:Attr`."""
     if name in POLICIES:
         return POLICIES[name]()
     if ":" in name:
@@ -140,7 +143,7 @@ class Controller:
         """`autostart`: begin the loop now if constructed on a running event loop (the Ray actor,
         so that a restarted controller actor resumes by itself)."""
         self.cfg = cfg
-        self.policy = policy or make_policy(cfg.policy)
+        self.policy = policy or policy_by_name(cfg.policy)
         self.id = leader_id or new_leader_id()
         self.store = RedisStore(cfg.redis_url, cfg.cluster)
         self.is_leader = False

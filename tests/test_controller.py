@@ -12,7 +12,7 @@ import pytest
 
 from actors.slo.types import EngineView, ReactivePolicy, SLOTargets, SplitDecision
 from cluster.bootstrap import ClusterConfig, EngineOptions
-from cluster.controller import Controller, ControllerConfig, hold_reason, make_policy, register_policy, view_from_dict
+from cluster.controller import Controller, ControllerConfig, hold_reason, policy_by_name, register_policy, view_from_dict
 from cluster.engine_client import EngineLoad, NoCapacityError
 from cluster.redis_store import Backoff, RedisStore
 from cluster.router import ActorView, RouterPolicy, RouterState, choose, predicted_ttft_s, rendezvous
@@ -157,17 +157,17 @@ def test_hold_reason_hysteresis() -> None:
 
 
 def test_policy_registry() -> None:
-    assert isinstance(make_policy("reactive"), ReactivePolicy)
-    assert isinstance(make_policy("actors.slo.types:ReactivePolicy"), ReactivePolicy)
+    assert isinstance(policy_by_name("reactive"), ReactivePolicy)
+    assert isinstance(policy_by_name("actors.slo.types:ReactivePolicy"), ReactivePolicy)
     with pytest.raises(ValueError, match="unknown split policy"):
-        make_policy("nope")
+        policy_by_name("nope")
 
     class Fixed:
         def decide(self, view: EngineView, targets: SLOTargets) -> SplitDecision:
             return SplitDecision(8, "fixed")
 
     register_policy("test-fixed", Fixed)
-    assert make_policy("test-fixed").decide(_view(), SLOTargets()).prefill_sms == 8
+    assert policy_by_name("test-fixed").decide(_view(), SLOTargets()).prefill_sms == 8
 
 
 def test_view_from_published_dict() -> None:
