@@ -40,9 +40,14 @@ def kernel_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k.startswith("FLASHINFER_")}
 
 
+API_KEY_ENV = "SEMIPD_API_KEY"
+
+
 def env_defaults() -> dict[str, str]:
-    """Defaults taken from the environment: SEMIPD_REDIS_URL, RAY_ADDRESS."""
+    """Defaults taken from the environment: SEMIPD_REDIS_URL, RAY_ADDRESS, SEMIPD_API_KEY."""
     out = {}
+    if os.environ.get(API_KEY_ENV):
+        out["api_key"] = os.environ[API_KEY_ENV]
     if os.environ.get("SEMIPD_REDIS_URL"):
         out["redis_url"] = os.environ["SEMIPD_REDIS_URL"]
     if os.environ.get("RAY_ADDRESS"):

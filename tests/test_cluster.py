@@ -111,7 +111,8 @@ def test_serve_self_test_then_sigterm_drains_and_stops(tiny_llama: Path) -> None
 
     http, grpc = free_port(), free_port()
     cmd = [sys.executable, "-m", "cluster.cli", "serve", "--model", str(tiny_llama), "--http-port", str(http),
-           "--grpc-port", str(grpc), "--num-pages", "256", "--self-test", "--drain-timeout", "10"]
+           "--grpc-port", str(grpc), "--num-pages", "256", "--self-test", "--drain-timeout", "10",
+           "--api-key", "test-key"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             cwd=Path(__file__).resolve().parents[1])
     lines: queue.Queue[str] = queue.Queue()
@@ -133,7 +134,9 @@ def test_serve_self_test_then_sigterm_drains_and_stops(tiny_llama: Path) -> None
         out = "".join(seen)
         assert f"http://127.0.0.1:{http}/v1" in out and f"{grpc}" in out and "semipd status --redis" in out
         assert "self-test via HTTP /v1/completions" in out and "FAILED" not in out
-        models = httpx.get(f"http://127.0.0.1:{http}/v1/models", timeout=10).json()
+        url = f"http://127.0.0.1:{http}/v1/models"
+        assert httpx.get(url, timeout=10).status_code == 401
+        models = httpx.get(url, headers={"Authorization": "Bearer test-key"}, timeout=10).json()
         assert models["data"][0]["id"] == tiny_llama.name
         proc.send_signal(signal.SIGTERM)
         read_until("semipd stopped", 90)

@@ -42,6 +42,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--http-port", type=int, default=8000, help="OpenAI HTTP port (0: no HTTP front end)")
     p.add_argument("--grpc-port", type=int, default=50051, help="gRPC port (0: no gRPC front end)")
     p.add_argument("--served-model-name", default=None)
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on the HTTP API (default: $SEMIPD_API_KEY; unset: open)")
     p.add_argument("--device", default="auto")
     p.add_argument("--num-pages", type=int, default=None, help="KV pages per engine (default: from memory)")
     p.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
@@ -71,7 +73,10 @@ def cluster_config(args: argparse.Namespace, redis_url: str | None) -> Any:
 
 def serve_app_args(args: argparse.Namespace, redis_url: str | None, grpc_port: int | None) -> dict[str, Any]:
     """Application arguments for `cluster.serve_app.build_app` (its ServeArgs)."""
+    from cluster.bootstrap import API_KEY_ENV
+
     return dict(model=args.model, served_model_name=args.served_model_name, ttft_slo_ms=args.ttft_slo_ms,
+                api_key_env=API_KEY_ENV if args.api_key else None,
                 tpot_slo_ms=args.tpot_slo_ms, mode=args.mode, router_policy=args.router_policy,
                 num_actors=args.num_actors, redis_url=redis_url, grpc_port=grpc_port or None,
                 max_prefill_tokens=args.max_prefill_tokens, device=args.device, load_format=args.load_format)
@@ -102,11 +107,12 @@ class Started:
 def run(args: argparse.Namespace) -> int:
     import ray
 
-    from cluster.bootstrap import drain_cluster, ensure_cluster, env_defaults, teardown_cluster
+    from cluster.bootstrap import API_KEY_ENV, drain_cluster, ensure_cluster, env_defaults, teardown_cluster
     from cluster.redis_server import RedisServerProcess
 
     started = Started()
     redis_url = args.redis or env_defaults().get("redis_url")
+    args.api_key = args.api_key or env_defaults().get("api_key")
     cluster_config(args, None)  # flags are checked before anything starts
     try:
         if redis_url is None:
@@ -115,7 +121,9 @@ def run(args: argparse.Namespace) -> int:
         cfg = cluster_config(args, redis_url)
         started.endpoints["redis"] = redis_url
         # "local": a new instance even if another one runs on this machine (ray.init() would join it)
-        ray.init(address=args.address or "local", namespace=cfg.namespace,
+        # the Serve replicas read the API key from their environment (the job's runtime env)
+        runtime_env = {"env_vars": {API_KEY_ENV: args.api_key}} if args.api_key else None
+        ray.init(address=args.address or "local", namespace=cfg.namespace, runtime_env=runtime_env,
                  include_dashboard=False if not args.address else None)
         started.ray_started = args.address is None
         started.endpoints["ray"] = ray.get_runtime_context().gcs_address
@@ -191,7 +199,8 @@ async def _self_test(args: argparse.Namespace, router: Any, started: Started) ->
             import httpx
 
             base = f"http://{args.host}:{args.http_port}"
-            async with httpx.AsyncClient(timeout=120) as client:
+            headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+            async with httpx.AsyncClient(timeout=120, headers=headers) as client:
                 model = (await client.get(f"{base}/v1/models")).json()["data"][0]["id"]
                 r = await client.post(f"{base}/v1/completions", json=dict(
                     model=model, prompt=prompt, max_tokens=max_tokens, temperature=0))
