@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import socket
-import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,8 @@ from cluster.bench.workloads import (
     WorkloadError, build_requests, parse_phases, sample_lengths, split_counts,
 )
 from cluster.cli import main as cli_main
+
+from support import LiveServer, free_port
 
 # ---------------------------------------------------------------- workloads
 
@@ -498,9 +498,7 @@ def test_invalid_values_exit_2(argv: list[str], message: str, capsys: pytest.Cap
 
 
 def test_unreachable_server_exits_1(capsys: pytest.CaptureFixture[str]) -> None:
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # a port nobody listens on
     assert cli_main(["bench", "serve", "--base-url", f"http://127.0.0.1:{port}", "--num-prompts", "2",
                      "--disable-tqdm", "--request-timeout", "5"]) == 1
     assert "cannot list models" in capsys.readouterr().err
@@ -513,27 +511,17 @@ class _Server:
     """The real OpenAI app over a real in-process semi-PD engine, served by uvicorn in a thread."""
 
     def __init__(self, model_dir: Path) -> None:
-        import uvicorn
-
         from actors.config import EngineConfig
         from cluster.engine_client import LocalEngineClient
         from cluster.openai_api import create_app
 
         self.engine = LocalEngineClient(EngineConfig(model=str(model_dir), mode="semi-pd"))
         app = create_app(self.engine, self.engine.llm.tokenizer)
-        # listening before the thread starts: clients queue in the backlog, no wait for start-up
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(128)
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-        self.thread.start()
+        self.http = LiveServer(app).start()
+        self.url = self.http.url
 
     def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-        self.sock.close()
+        self.http.stop()
         self.engine.shutdown()
 
 

@@ -6,7 +6,6 @@ import json
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -18,6 +17,8 @@ from actors.engine.frontend import LLM
 from actors.request import SamplingParams, SamplingParamsError
 from cluster.cli import main
 
+from support import wait_until
+
 pytestmark = pytest.mark.timeout(120)
 
 CONTEXT_ERROR = "This model's maximum context length is"
@@ -26,13 +27,6 @@ CONTEXT_ERROR = "This model's maximum context length is"
 def semipd(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "cluster.cli", *args], capture_output=True, text=True, timeout=90,
                           cwd=Path(__file__).resolve().parents[1])
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.01)
 
 
 def broken_copy(src: Path, dst: Path, edit: Callable[[Path], None]) -> Path:
@@ -195,7 +189,7 @@ def test_a_failed_batch_runs_none_of_its_prompts(llm: LLM) -> None:
     with pytest.raises(PromptTooLongError):
         llm.generate(["fine", "a" * 2100], [ok, SamplingParams()])
     assert not llm._sinks
-    wait_until(lambda: llm.core.num_unfinished == 0, timeout=5.0)
+    wait_until(lambda: llm.core.num_unfinished == 0, timeout=5.0, what="the core to finish every request")
     alloc = llm.core.allocator
-    wait_until(lambda: alloc.num_free == alloc.num_blocks, timeout=5.0)
+    wait_until(lambda: alloc.num_free == alloc.num_blocks, timeout=5.0, what="every KV block to be free")
     assert llm.generate(["fine"], SamplingParams(temperature=0.0, max_tokens=3))[0].finish_reason in ("stop", "length")

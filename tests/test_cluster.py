@@ -27,22 +27,11 @@ from actors.slo.types import SLOTargets
 from cluster.bootstrap import ClusterConfig, EngineOptions, ensure_cluster, teardown_cluster
 from cluster.engine_client import GenerateRequest, NoCapacityError
 from cluster.redis_store import RedisStore
-from cluster.redis_server import free_port
 from cluster.router import Router
 
+from support import async_wait_until, free_port, wait_until
+
 NODES = ("semipd_node_a", "semipd_node_b")
-
-
-def poll(cond: Callable[[], Any], what: str, timeout_s: float = 30.0, every_s: float = 0.1) -> Any:
-    """Wait until `cond()` is truthy (returns it), failing after `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout_s:.0f} s waiting for {what}")
-        time.sleep(every_s)
 
 
 def prompts(n: int, seed: int) -> list[list[int]]:
@@ -227,8 +216,8 @@ def test_controller_split_reaches_actor(cluster: ClusterConfig, capsys: pytest.C
             await store.aclose()
 
     asyncio.run(traffic())
-    found = poll(lambda: [d for d in asyncio.run(decisions()) if d["engine_id"] == cluster.actor_name(0)],
-                 "a controller decision for engine 0")
+    found = wait_until(lambda: [d for d in asyncio.run(decisions()) if d["engine_id"] == cluster.actor_name(0)],
+                       30.0, "a controller decision for engine 0", interval=0.1)
     leader = ray.get(ray.get_actor(cluster.controller_name, namespace=cluster.namespace).status.remote())
     assert leader["is_leader"] and {d["leader"] for d in found} == {leader["id"]}
     newest = found[0]
@@ -245,7 +234,7 @@ def test_controller_split_reaches_actor(cluster: ClusterConfig, capsys: pytest.C
             for e, s in stats.items())
         return stats if ok else None
 
-    stats = poll(applied, "both engines to apply their newest decision")
+    stats = wait_until(applied, 30.0, "both engines to apply their newest decision", interval=0.1)
     for s in stats.values():
         assert s["metrics"]["semipd:prefill_sms"] == s["prefill_sms"] > 64
         assert s["num_switches"] >= 1 and leader["id"] in s["switches"][-1]["reason"]
@@ -291,10 +280,11 @@ def test_errors_and_aborts_pass_through(cluster: ClusterConfig) -> None:
         stream = router.generate(GenerateRequest("to-close", [256, 8, 8], long))
         assert (await stream.__anext__()).token_ids
         await stream.aclose()
-        deadline = time.monotonic() + 20
-        while await aborted_total() == before:
-            assert time.monotonic() < deadline, "closing the stream did not abort the request"
-            await asyncio.sleep(0.1)
+
+        async def aborted_since() -> bool:
+            return await aborted_total() != before
+
+        await async_wait_until(aborted_since, 20, "closing the stream to abort the request", interval=0.1)
         assert all(l.in_flight == 0 for l in await router.loads())
 
     asyncio.run(main())

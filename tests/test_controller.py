@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -16,6 +16,8 @@ from cluster.controller import Controller, ControllerConfig, hold_reason, policy
 from cluster.engine_client import EngineLoad, NoCapacityError
 from cluster.redis_store import Backoff, RedisStore
 from cluster.router import ActorView, RouterPolicy, RouterState, choose, predicted_ttft_s, rendezvous
+
+from support import async_wait_until
 
 pytestmark = pytest.mark.timeout(60)
 T = TypeVar("T")
@@ -222,10 +224,8 @@ def test_lease_one_holder_and_takeover(redis_server: Any) -> None:
         assert not await store.write_decision("b", "e-0", {"prefill_sms": 8}, {"leader": "b"})
         assert await store.write_decision("a", "e-0", {"prefill_sms": 8}, {"leader": "a"})
         # b takes over only when a stops renewing and the lease expires
-        deadline = time.monotonic() + 5
-        while not await store.acquire_or_renew("b", 400):
-            assert time.monotonic() < deadline, "lease never expired"
-            await asyncio.sleep(0.05)
+        await async_wait_until(lambda: store.acquire_or_renew("b", 400), 5, "a's lease to expire (b takes over)",
+                               interval=0.05)
         assert await store.leader() == "b"
         assert not await store.acquire_or_renew("a", 400)
         assert not await store.release("a")  # a cannot release b's lease
@@ -283,23 +283,18 @@ def test_controller_survives_redis_outage(redis_server: Any) -> None:
     cfg = ControllerConfig(redis_server.url, "outage", min_dwell_s=0.0, min_samples=1, interval_s=0.1, lease_s=1.0,
                            max_backoff_s=0.3)
 
-    async def wait_for(cond: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not cond():
-            assert time.monotonic() < deadline, f"timed out waiting for {what}"
-            await asyncio.sleep(0.05)
-
     async def main() -> None:
         ctl = Controller(cfg, _Flip(), leader_id="ctl-x")
         await ctl.start()
-        await wait_for(lambda: ctl.is_leader, "leadership")
+        await async_wait_until(lambda: ctl.is_leader, 10.0, "leadership", interval=0.05)
         redis_server.stop()
-        await wait_for(lambda: ctl.errors > 0 and not ctl.redis_ok, "the outage to be noticed")
+        await async_wait_until(lambda: ctl.errors > 0 and not ctl.redis_ok, 10.0, "the outage to be noticed",
+                               interval=0.05)
         redis_server.start()
-        await wait_for(lambda: ctl.redis_ok and ctl.is_leader, "recovery")
+        await async_wait_until(lambda: ctl.redis_ok and ctl.is_leader, 10.0, "recovery", interval=0.05)
         store = RedisStore(redis_server.url, "outage")
         await store.publish_view("e-0", _published("e-0", 64, 3), 5000)
-        await wait_for(lambda: ctl.decisions_written > 0, "a decision after the outage")
+        await async_wait_until(lambda: ctl.decisions_written > 0, 10.0, "a decision after the outage", interval=0.05)
         assert (await store.get_split("e-0"))["leader"] == "ctl-x"
         await ctl.stop()
         assert await store.leader() is None  # released on stop

@@ -7,6 +7,7 @@ a policy that always wants a change, so every healthy tick produces a decision.
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -25,7 +26,11 @@ from cluster.engine_client import GenerateRequest
 from cluster.redis_store import RedisStore
 from cluster.router import Router, RouterPolicy
 
+from support import async_wait_until
+
 NODES = ("semipd_node_a", "semipd_node_b")
+# waits on the cluster: up to 30 s, polling every 0.1 s; `cond` may be async
+apoll = functools.partial(async_wait_until, timeout=30.0, interval=0.1)
 
 
 class Flip:
@@ -34,20 +39,6 @@ class Flip:
     def decide(self, view: EngineView, targets: SLOTargets) -> SplitDecision:
         i = view.splits.index(view.prefill_sms)
         return SplitDecision(view.splits[i + 1] if i + 1 < len(view.splits) else view.splits[i - 1], "flip")
-
-
-async def apoll(cond: Callable[[], Any], what: str, timeout_s: float = 30.0) -> Any:
-    """Async: wait until `cond()` (sync or async) is truthy; fail after `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = cond()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout_s:.0f} s waiting for {what}")
-        await asyncio.sleep(0.1)
 
 
 def prompts(n: int, seed: int) -> list[list[int]]:
@@ -113,14 +104,14 @@ def test_redis_outage_serving_continues_and_controller_resumes(cluster: ClusterC
             s = (await _loads(router))[engine0].stats["switches"]
             return [w for w in s if "ctl-outage" in w["reason"] and w["time"] > after]
 
-        await apoll(lambda: switches_by_ctl(0.0), "a controller decision applied before the outage")
+        await apoll(lambda: switches_by_ctl(0.0), what="a controller decision applied before the outage")
         redis_module.stop()
-        await apoll(lambda: not ctl.redis_ok and ctl.errors > 0, "the controller to notice the outage")
+        await apoll(lambda: not ctl.redis_ok and ctl.errors > 0, what="the controller to notice the outage")
 
         async def all_publishers_down() -> bool:
             return all(not l.stats["redis"]["redis_ok"] for l in (await _loads(router)).values())
 
-        await apoll(all_publishers_down, "the engines to notice the outage")
+        await apoll(all_publishers_down, what="the engines to notice the outage")
         splits = {e: l.stats["prefill_sms"] for e, l in (await _loads(router)).items()}
         # serving goes on without Redis, with the same outputs
         reqs = [GenerateRequest(f"outage-{i}", p, params) for i, p in enumerate(ps)]
@@ -133,12 +124,12 @@ def test_redis_outage_serving_continues_and_controller_resumes(cluster: ClusterC
 
         redis_module.start()
         back = time.time()
-        await apoll(lambda: ctl.redis_ok and ctl.is_leader, "the controller to lead again")
-        fresh = await apoll(lambda: switches_by_ctl(back), "a new decision applied after the outage")
+        await apoll(lambda: ctl.redis_ok and ctl.is_leader, what="the controller to lead again")
+        fresh = await apoll(lambda: switches_by_ctl(back), what="a new decision applied after the outage")
         assert fresh[-1]["from_sms"] != fresh[-1]["to_sms"]
         recorded = [d for d in await _decisions(store) if d["time"] >= back]
         assert recorded and {d["leader"] for d in recorded} == {"ctl-outage"}
-        await apoll(lambda: _loads_ok(router), "the engines to publish again")
+        await apoll(lambda: _loads_ok(router), what="the engines to publish again")
         await ctl.stop()
         await store.aclose()
 
@@ -158,23 +149,23 @@ def test_second_controller_only_one_acts(cluster: ClusterConfig, redis_module: A
         first = Controller(cfg, Flip(), leader_id="ctl-first")
         second = Controller(cfg, Flip(), leader_id="ctl-second")
         await first.start()
-        await apoll(lambda: first.is_leader, "the first controller to lead")
+        await apoll(lambda: first.is_leader, what="the first controller to lead")
         await second.start()
         start = time.time()
 
         async def since(t: float) -> list[dict[str, Any]]:
             return [d for d in await _decisions(store) if d["time"] >= t]
 
-        await apoll(lambda: _at_least(since(start), 4), "decisions with two controllers running")
+        await apoll(lambda: _at_least(since(start), 4), what="decisions with two controllers running")
         assert {d["leader"] for d in await since(start)} == {"ctl-first"}
         assert second.ticks > 3 and not second.is_leader and second.decisions_written == 0
         # the leader dies without releasing its lease: the second takes over once it expires
         await first.stop(release=False)
         crashed = time.monotonic()
-        await apoll(lambda: second.is_leader, "the second controller to take over")
+        await apoll(lambda: second.is_leader, what="the second controller to take over")
         assert time.monotonic() - crashed >= cfg.lease_s - 2 * cfg.interval_s - 0.1
         after = time.time()
-        await apoll(lambda: _at_least(since(after), 1), "a decision by the new leader")
+        await apoll(lambda: _at_least(since(after), 1), what="a decision by the new leader")
         leaders = [d["leader"] for d in await since(start)]  # newest first
         assert set(leaders) == {"ctl-first", "ctl-second"}
         cut = leaders.index("ctl-first")
@@ -203,7 +194,7 @@ def test_actor_killed_mid_run(cluster: ClusterConfig) -> None:
         reqs = [GenerateRequest(f"kill-{i}", p, params) for i, p in enumerate(prompts(12, seed=4))]
         progress = {r.request_id: 0 for r in reqs}
         tasks = [asyncio.ensure_future(collect(router, r, progress)) for r in reqs]
-        await apoll(lambda: all(n > 0 for n in progress.values()), "every request to stream")
+        await apoll(lambda: all(n > 0 for n in progress.values()), what="every request to stream")
         on_victim = {r.request_id for r in reqs if router.engine_of(r.request_id) == victim}
         assert 0 < len(on_victim) < len(reqs)
         ray.kill(old_handle, no_restart=True)

@@ -11,16 +11,13 @@ import json
 import os
 import subprocess
 import sys
-import threading
-import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 import openai
 import pytest
-import uvicorn
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from actors.config import EngineConfig, SchedulerConfig
@@ -40,33 +37,10 @@ from cluster.grpc_client import (
 from cluster.grpc_server import SERVICE_NAME, GrpcServer
 from cluster.openai_api import create_app
 
+from support import LiveServer, LoopThread, wait_until
+
 MAX_MODEL_LEN = 512
 MODEL = "tiny"
-T = TypeVar("T")
-
-
-def wait_until(cond: Callable[[], bool], timeout: float = 15.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.01)
-
-
-class LoopThread:
-    """An asyncio event loop in a daemon thread; `run(coro)` waits for its result."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="grpc-test-loop", daemon=True)
-        self.thread.start()
-
-    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 30.0) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=10)
 
 
 class RecordingClient(LocalEngineClient):
@@ -108,20 +82,15 @@ def live(tiny_llama: Path) -> Iterator[Live]:
     cfg = EngineConfig(model=str(tiny_llama), mode="semi-pd", scheduler=SchedulerConfig(max_model_len=MAX_MODEL_LEN))
     client = RecordingClient(cfg, served_name=MODEL)
     tokenizer = Tokenizer(tiny_llama)
-    loop = LoopThread()
+    loop = LoopThread(name="grpc-test-loop")
     server = GrpcServer(client, tokenizer, port=0, host="127.0.0.1")
-    http = uvicorn.Server(uvicorn.Config(create_app(client, tokenizer), host="127.0.0.1", port=0,
-                                         log_level="warning", lifespan="off"))
-    http_thread = threading.Thread(target=http.run, daemon=True)
+    http = LiveServer(create_app(client, tokenizer))
     try:
         loop.run(server.start())
-        http_thread.start()
-        wait_until(lambda: http.started, 30, "uvicorn to start")
-        port = http.servers[0].sockets[0].getsockname()[1]
-        yield Live(client, loop, server, f"http://127.0.0.1:{port}")
+        http.start()
+        yield Live(client, loop, server, http.url)
     finally:
-        http.should_exit = True
-        http_thread.join(timeout=30)
+        http.stop()
         loop.run(server.stop(grace=1.0))
         loop.close()
         client.shutdown()

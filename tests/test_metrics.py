@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
-import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
 from actors.config import EngineConfig, SchedulerConfig
@@ -20,16 +18,10 @@ from cluster.engine_client import EngineLoad, LocalEngineClient
 from cluster.metrics import ServingMetrics
 from cluster.openai_api import create_app
 
+from support import LiveServer, wait_until
+
 MODEL = "tiny"
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
-
-def wait_until(cond: Callable[[], bool], timeout: float = 15.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.01)
 
 
 def parse(text: str) -> Samples:
@@ -57,17 +49,10 @@ class Live:
 def live(tiny_llama: Path) -> Iterator[Live]:
     cfg = EngineConfig(model=str(tiny_llama), mode="semi-pd", scheduler=SchedulerConfig(max_model_len=512))
     client = LocalEngineClient(cfg, served_name=MODEL)
-    server = uvicorn.Server(uvicorn.Config(create_app(client, Tokenizer(tiny_llama)), host="127.0.0.1", port=0,
-                                          log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, daemon=True)
     try:
-        thread.start()
-        wait_until(lambda: server.started, 30, "uvicorn to start")
-        port = server.servers[0].sockets[0].getsockname()[1]
-        yield Live(client, f"http://127.0.0.1:{port}")
+        with LiveServer(create_app(client, Tokenizer(tiny_llama))) as server:
+            yield Live(client, server.url)
     finally:
-        server.should_exit = True
-        thread.join(timeout=30)
         client.shutdown()
 
 

@@ -10,17 +10,13 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-import threading
-import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
-import uvicorn
-from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
 
 from actors.config import EngineConfig, SchedulerConfig
@@ -29,46 +25,11 @@ from actors.slo.admission import AdmissionRejected
 from cluster.engine_client import EngineLoad, GenerateRequest, LocalEngineClient, ModelInfo, NoCapacityError
 from cluster.openai_api import create_app
 
+from support import LiveServer, free_port, wait_until
+
 MAX_MODEL_LEN = 512
 MODEL = "tiny"
 LONG = 400  # max_tokens of requests that must still be running when the client leaves
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_until(cond: Callable[[], bool], timeout: float = 15.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.01)
-
-
-class LiveServer:
-    """A FastAPI app under uvicorn in a background thread, on a free loopback port."""
-
-    def __init__(self, app: FastAPI) -> None:
-        self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                                    lifespan="off"))
-        self.thread = threading.Thread(target=self.server.run, name="uvicorn-test", daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def __enter__(self) -> LiveServer:
-        self.thread.start()
-        wait_until(lambda: self.server.started, 30, "uvicorn to start")
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
 
 
 class Live:

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from dataclasses import replace
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -21,6 +20,8 @@ import torch
 from actors.engine.frontend import LLM, CompletionOutput, OutputStream, StreamChunk, Tokenizer
 from actors.request import FinishReason, Request, SamplingParams, TokenDelta
 from actors.runner.sampler import Sampler
+
+from support import wait_until
 
 EOS = (257, 259)
 
@@ -41,13 +42,6 @@ def draws(logits_row: list[float], params: SamplingParams, n: int = 400) -> set[
     """Tokens drawn over n rows of the same logits (the sampler's own generator)."""
     logits = torch.tensor([logits_row] * n)
     return set(sample(logits, [request(params) for _ in range(n)]))
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.01)
 
 
 def probs_logits(probs: list[float]) -> list[float]:
@@ -331,7 +325,8 @@ def test_engine_stop_string_ends_generation(llm: LLM, reference: CompletionOutpu
     n = len(out.token_ids)
     assert n >= 2 and out.token_ids == reference.token_ids[:n]
     assert stop not in run(llm, PROMPT, greedy(max_tokens=n - 1, ignore_eos=True)).text, "generation ran past the stop"
-    wait_until(lambda: llm.core.num_unfinished == 0)  # the stop string aborted the request in the core
+    wait_until(lambda: llm.core.num_unfinished == 0, timeout=10.0,
+               what="the stop string to abort the request in the core")
     assert llm.core.allocator.num_free == llm.core.allocator.num_blocks
 
 

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -11,16 +10,11 @@ import pytest
 from actors.engine.frontend import LLM, StreamChunk
 from actors.request import SamplingParams
 
+from support import wait_until
+
 pytestmark = pytest.mark.timeout(120)
 
 PROMPT = "Stream me"
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.01)
 
 
 @pytest.fixture(scope="module", params=["unified", "semi-pd"])
@@ -67,6 +61,6 @@ def test_leaving_a_stream_early_aborts_the_request(llm: LLM) -> None:
     first = next(stream)
     assert first.token_ids and first.finish_reason is None
     stream.close()
-    wait_until(lambda: llm.core.num_unfinished == 0, timeout=5.0)
+    wait_until(lambda: llm.core.num_unfinished == 0, timeout=5.0, what="the core to finish every request")
     alloc = llm.core.allocator
-    wait_until(lambda: alloc.num_free == alloc.num_blocks, timeout=5.0)
+    wait_until(lambda: alloc.num_free == alloc.num_blocks, timeout=5.0, what="every KV block to be free")

@@ -1,0 +1,128 @@
+"""Helpers shared by the test modules: polling with a deadline, free ports, an asyncio loop
+in a thread, and a FastAPI app served by uvicorn in a background thread.
+
+Plain functions and classes (no fixtures; shared fixtures live in conftest.py). Test modules
+import them as `from support import ...` (pytest puts tests/ on sys.path).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import socket
+import threading
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+POLL_INTERVAL_S = 0.01
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on `host` that was free a moment ago (bound to port 0, then released)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def _timeout_message(timeout: float, what: str) -> str:
+    return f"timed out after {timeout}s waiting for {what}"
+
+
+def wait_until(cond: Callable[[], T], timeout: float = 15.0, what: str = "condition", *,
+               interval: float = POLL_INTERVAL_S) -> T:
+    """Poll `cond()` every `interval` seconds until it returns something truthy, and return that.
+
+    Raises AssertionError naming `what` once `timeout` seconds have passed without success.
+    `cond` is always called at least once, and once more after the deadline has passed.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(_timeout_message(timeout, what))
+        time.sleep(interval)
+
+
+async def async_wait_until(cond: Callable[[], T | Awaitable[T]], timeout: float = 15.0, what: str = "condition", *,
+                           interval: float = POLL_INTERVAL_S) -> T:
+    """`wait_until` for coroutines: `cond()` may return a value or an awaitable of one; waits
+    with `asyncio.sleep`, so the event loop keeps running between polls."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value  # type: ignore[return-value]
+        if time.monotonic() > deadline:
+            raise AssertionError(_timeout_message(timeout, what))
+        await asyncio.sleep(interval)
+
+
+class LoopThread:
+    """An asyncio event loop running in a daemon thread; `run(coro)` waits for its result."""
+
+    def __init__(self, name: str = "test-loop") -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 30.0) -> T:
+        """Run `coro` on the loop and return its result (raises TimeoutError after `timeout`)."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        """Stop the loop and wait for its thread to end."""
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+
+
+class LiveServer:
+    """An ASGI app (FastAPI) under uvicorn in a background thread, on a free loopback port.
+
+    The listening socket is bound before the thread starts, so `port` and `url` are known at
+    once and the port cannot be taken in between; `start()` then waits (up to `start_timeout`)
+    for uvicorn to report it has started. Use as a context manager, or `start()` / `stop()`.
+    """
+
+    def __init__(self, app: Any, name: str = "uvicorn-test", start_timeout: float = 30.0) -> None:
+        import uvicorn
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(128)  # clients queue in the backlog until uvicorn accepts
+        self.port = int(self.sock.getsockname()[1])
+        self.start_timeout = start_timeout
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, name=name,
+                                       daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> LiveServer:
+        """Start serving; returns once uvicorn has started (AssertionError if it does not)."""
+        self.thread.start()
+        wait_until(lambda: self.server.started or not self.thread.is_alive(), self.start_timeout,
+                   "uvicorn to start")
+        assert self.server.started, "uvicorn exited during start-up"
+        return self
+
+    def stop(self) -> None:
+        """Ask uvicorn to exit, wait for its thread (up to 30 s), and close the socket."""
+        self.server.should_exit = True
+        if self.thread.is_alive():
+            self.thread.join(timeout=30)
+        self.sock.close()
+
+    def __enter__(self) -> LiveServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
