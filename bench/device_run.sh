@@ -27,9 +27,6 @@ case $what in
     python3 -m pytest -q -s -m gpu tests/test_gpu.py -p no:cacheprovider ${2:+-k "$2"} 2>&1 | tee "$OUT/gpu-tests.log" | tail -40
     bash .device/save-cache.sh >/dev/null && split -b 15M "$OUT/fi-cache.tar" "$OUT/fi-cache.part." && rm "$OUT/fi-cache.tar"
     ;;
-  diag)
-    python3 bench/diag_green.py 2>&1 | tee "$OUT/diag.log"
-    ;;
   bench)
     bench_engine engine --model $model --parts "${2:-decode,prefill,switch,offline}" \
       ${VLLM_JSON:+--vllm-json $VLLM_JSON} --out "$OUT/engine.md" 2>&1 | tee "$OUT/bench.log" | tail -60

@@ -105,6 +105,7 @@ class OutputStream:
         self.request_id = request_id
         self.params = params
         self.tokenizer = tokenizer
+        self.prompt_ids = list(prompt_ids)
         self.num_prompt_tokens = len(prompt_ids)
         self.ids: list[int] = []  # the output tokens whose text is shown
         self.num_output_tokens = 0
@@ -304,12 +305,10 @@ class LLM(_Frontend):
             raise
         outputs = []
         for s in streams:
-            out = CompletionOutput(s.request_id, [])
+            out = CompletionOutput(s.request_id, s.prompt_ids)
             for chunk in self._chunks(s):
                 out.add(chunk)
             outputs.append(out)
-        for s, o, p in zip(streams, outputs, prompts):
-            o.prompt_token_ids = self.prompt_ids(p)
         return outputs
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[StreamChunk]:

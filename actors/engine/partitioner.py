@@ -115,7 +115,6 @@ class GreenContextPartitioner(Partitioner):
         super().__init__(total, splits or split_choices(total), initial)
         self._device_index = device.index if device.index is not None else torch.cuda.current_device()
         self._keepalive: list[Any] = []
-        self._green: dict[tuple[int, str], Any] = {}  # (prefill_sms, phase) -> CUgreenCtx
         self._streams: dict[int, tuple[torch.cuda.ExternalStream, torch.cuda.ExternalStream]] = {}
         self.actual_sms: dict[int, tuple[int, int]] = {}
         for n in self.splits:
@@ -131,10 +130,9 @@ class GreenContextPartitioner(Partitioner):
         _, full = _check(cu.cuDeviceGetDevResource(dev, cu.CUdevResourceType.CU_DEV_RESOURCE_TYPE_SM))
         _, groups, _, remainder = _check(cu.cuDevSmResourceSplitByCount(1, full, 0, prefill_sms))
         pair = []
-        for phase, res in (("prefill", groups[0]), ("decode", remainder)):
+        for res in (groups[0], remainder):
             _, desc = _check(cu.cuDevResourceGenerateDesc([res], 1))
             _, gctx = _check(cu.cuGreenCtxCreate(desc, dev, cu.CUgreenCtxCreate_flags.CU_GREEN_CTX_DEFAULT_STREAM))
-            self._green[(prefill_sms, phase)] = gctx
             _, stream = _check(cu.cuGreenCtxStreamCreate(gctx, cu.CUstream_flags.CU_STREAM_NON_BLOCKING, 0))
             self._keepalive.extend([gctx, stream, desc])
             pair.append(torch.cuda.ExternalStream(int(stream), device=torch.device("cuda", self._device_index)))

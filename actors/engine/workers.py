@@ -23,6 +23,7 @@ from actors.scheduler.prefill import PrefillScheduler
 
 log = logging.getLogger(__name__)
 Emit = Callable[[list[TokenDelta]], None]
+Handoff = Callable[[Request], None]  # takes over a request (prefill -> decode, or a preempted one back)
 
 
 class Wakeup:
@@ -53,13 +54,19 @@ class Worker:
         partitioner: Partitioner,
         emit: Emit,
         wakeups: dict[str, Wakeup],
+        handoff: Handoff | None = None,
+        requeue: Handoff | None = None,
     ) -> None:
+        """`handoff` gets each finished prefill (default: `decode.add`), `requeue` each
+        preempted decode (default: `prefill.add`); disaggregated engines inject others."""
         self.prefill = prefill
         self.decode = decode
         self.runner = runner
         self.partitioner = partitioner
         self.emit = emit
         self.wakeups = wakeups
+        self.handoff: Handoff = handoff or decode.add
+        self.requeue: Handoff = requeue or prefill.add
         self.stop_event = threading.Event()
         self.thread: threading.Thread | None = None
         self.iterations = 0
@@ -159,13 +166,13 @@ class Worker:
             ))
         self.emit(deltas)
         for req in handoffs:
-            self.decode.add(req)
+            self.handoff(req)
         if handoffs:
             self.wakeups["decode"].set()
 
     def _requeue(self, preempted: list[Request]) -> None:
         for r in preempted:
-            self.prefill.add(r)
+            self.requeue(r)
         if preempted:
             self.wakeups["prefill"].set()
 
