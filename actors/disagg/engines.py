@@ -1,0 +1,224 @@
+"""Prefill-only and decode-only engines: `EngineCore` with one worker each.
+
+Same model, schedulers, runner and workers as the unified / semi-PD engines (so
+comparisons are fair); only the handoff differs. `PrefillOnlyEngine` runs the
+`PrefillWorker`, whose finished prefills are exported (KV gathered from their pages,
+pages freed, payload sent) instead of being added to a local decode scheduler.
+`DecodeOnlyEngine` runs the `DecodeWorker` plus an importer thread that allocates pages
+in its own pool (queueing payloads while none are free), copies the KV in and hands the
+rebuilt request to its decode scheduler. A request the decode side preempts goes back
+to the prefill engine (`requeue`) for recomputation, as in the unified engine.
+
+Seeded sampling carries the request's generator state across; aborts that arrive while
+a request is in transit are remembered (`abort_or_mark`) and applied on arrival.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import replace
+
+import torch
+
+from actors.config import EngineConfig
+from actors.disagg.state import request_from, state_of
+from actors.disagg.transport import KVPayload, KVTransport, RequestState
+from actors.engine.core import EngineCore
+from actors.engine.workers import DecodeWorker, Emit, PrefillWorker, Wakeup, Worker
+from actors.kv.manager import pages_for
+from actors.request import FinishReason, Request, TokenDelta
+from actors.scheduler.prefill import OrderKey
+
+log = logging.getLogger(__name__)
+
+
+class _MarksAborts(EngineCore):
+    """Abort of a request that may not be here yet: remembered and applied when it arrives."""
+
+    _marks: dict[str, FinishReason]
+
+    def abort_or_mark(self, request_id: str, reason: FinishReason = FinishReason.ABORT) -> bool:
+        """Abort `request_id` if this engine holds it (True); else remember the abort (False)."""
+        with self._lock:
+            req = self._requests.get(request_id)
+            if req is None or req.finished:
+                self._marks[request_id] = reason
+                return False
+            req.abort(reason)
+        for w in self.workers:
+            w.wakeups[w.name].set()
+        return True
+
+    def forget_mark(self, request_id: str) -> None:
+        with self._lock:
+            self._marks.pop(request_id, None)
+
+    def _admit(self, req: Request) -> FinishReason | None:
+        """Register an arriving request, unless an abort for it is pending (then return why)."""
+        with self._lock:
+            reason = self._marks.pop(req.request_id, None) or req.abort_requested
+            if reason is None:
+                self._requests[req.request_id] = req
+        return reason
+
+    def _emit_dropped(self, state: RequestState, reason: FinishReason) -> None:
+        self._emit_and_forget([TokenDelta(state.request_id, (), reason, num_prompt_tokens=state.num_prompt_tokens)])
+
+    def _forget(self, request_id: str) -> None:
+        with self._lock:
+            self._requests.pop(request_id, None)
+
+
+class PrefillOnlyEngine(_MarksAborts):
+    """Runs prefills only; each finished prefill (with its first token) goes to `transport`."""
+
+    def __init__(self, config: EngineConfig, emit: Emit, transport: KVTransport, order: OrderKey | None = None) -> None:
+        self.transport = transport
+        self._marks = {}
+        super().__init__(replace(config, mode="semi-pd"), emit, order)
+
+    def _make_workers(self) -> list[Worker]:
+        wakeups = {"prefill": Wakeup(), "decode": Wakeup()}  # "decode" is set on handoffs; nobody waits on it
+        runner = self._make_runner(False)
+        return [PrefillWorker(self.prefill, self.decode, runner, self.partitioner, self._emit_and_forget, wakeups,
+                              handoff=self._export)]
+
+    def _export(self, req: Request) -> None:
+        """On the prefill worker: send `req`'s state and the KV of its computed tokens, free its pages."""
+        self._forget(req.request_id)  # from here on an abort is the decode side's (or a mark)
+        n = pages_for(req.num_computed_tokens, self.pool.page_size)
+        ids = torch.tensor(req.block_ids[:n], dtype=torch.long, device=self.pool.kv.device)
+        kv = self.pool.kv[:, ids]  # [L, n, 2, page_size, Hkv, D], a copy
+        state = state_of(req)
+        self.transport.send(KVPayload(state, kv))
+        self.prefill.kv.release(req)
+
+    def readmit(self, state: RequestState) -> None:
+        """Take back a request the decode side preempted (no KV): recompute it, then export again."""
+        req = request_from(state, self.device)
+        reason = self._admit(req)
+        if reason is not None:
+            self._emit_dropped(state, reason)
+            return
+        self.prefill.add(req)
+        self.workers[0].wakeups["prefill"].set()
+
+
+class DecodeOnlyEngine(_MarksAborts):
+    """Runs decodes only, of requests imported from `transport` into its own pool."""
+
+    def __init__(self, config: EngineConfig, emit: Emit, transport: KVTransport,
+                 requeue: Callable[[RequestState], None]) -> None:
+        self.transport = transport
+        self._send_back_to = requeue
+        self._marks = {}
+        self._backlog: deque[KVPayload] = deque()  # received, waiting for free pages (FIFO)
+        self._stop_import = threading.Event()
+        self._importer: threading.Thread | None = None
+        self.num_imported = 0
+        super().__init__(replace(config, mode="semi-pd"), emit)
+
+    def _make_workers(self) -> list[Worker]:
+        wakeups = {"prefill": Wakeup(), "decode": Wakeup()}
+        runner = self._make_runner(True)
+        return [DecodeWorker(self.prefill, self.decode, runner, self.partitioner, self._emit_and_forget, wakeups,
+                             requeue=self._send_back)]
+
+    def start(self) -> None:
+        if self._importer is None:
+            self._stop_import.clear()
+            self._importer = threading.Thread(target=self._import_loop, name="semipd-kv-import", daemon=True)
+            self._importer.start()
+        super().start()
+
+    def shutdown(self) -> None:
+        self._stop_import.set()
+        if self._importer is not None:
+            self._importer.join(timeout=30)
+            self._importer = None
+        super().shutdown()
+
+    @property
+    def num_backlogged(self) -> int:
+        """Received payloads still waiting for pages."""
+        return len(self._backlog)
+
+    def _import_loop(self) -> None:
+        while not self._stop_import.is_set():
+            try:
+                self.poll_imports(timeout=0.01 if self._backlog else 0.05)
+            except Exception:  # keep importing; the failed payload was failed in _drain_backlog
+                log.exception("KV import failed")
+
+    def poll_imports(self, timeout: float) -> None:
+        """Receive at most one payload (waiting up to `timeout` s), then import what fits.
+
+        The importer thread calls this in a loop; tests call it directly on an unstarted engine.
+        """
+        payload = self.transport.receive(timeout)
+        if payload is not None:
+            self._backlog.append(payload)
+        self._drain_backlog()
+
+    def _drain_backlog(self) -> None:
+        """Import payloads in order while pages are free; drop those aborted meanwhile."""
+        while self._backlog:
+            payload = self._backlog[0]
+            try:
+                done = self._try_import(payload)
+            except Exception as e:
+                self._backlog.popleft()
+                self._emit_and_forget([TokenDelta(payload.state.request_id, (), FinishReason.ERROR,
+                                                  error=f"KV import failed: {e}")])
+                raise
+            if not done:
+                self._drop_aborted_in_backlog()
+                return
+            self._backlog.popleft()
+
+    def _drop_aborted_in_backlog(self) -> None:
+        keep: deque[KVPayload] = deque()
+        for p in self._backlog:
+            with self._lock:
+                reason = self._marks.pop(p.state.request_id, None) or p.state.abort_reason
+            if reason is None:
+                keep.append(p)
+            else:
+                self._emit_dropped(p.state, reason)
+        self._backlog = keep
+
+    def _try_import(self, payload: KVPayload) -> bool:
+        """Import one payload; False (and nothing changed) when its pages are not free yet."""
+        state = payload.state
+        assert payload.kv is not None, "a payload for decode carries KV"
+        ps = self.pool.page_size
+        assert payload.kv.shape[1] == pages_for(state.num_computed_tokens, ps) and payload.kv.shape[3] == ps
+        with self._lock:
+            reason = self._marks.pop(state.request_id, None) or state.abort_reason
+        if reason is not None:
+            self._emit_dropped(state, reason)
+            return True
+        blocks = self.allocator.allocate(payload.num_pages)
+        if blocks is None:
+            return False
+        ids = torch.tensor(blocks, dtype=torch.long, device=self.pool.kv.device)
+        self.pool.kv[:, ids] = payload.kv.to(self.pool.kv.device, self.pool.kv.dtype)  # [L, n, 2, ps, Hkv, D]
+        req = request_from(state, self.device)
+        req.block_ids = blocks
+        reason = self._admit(req)
+        if reason is not None:
+            self.allocator.free(blocks)
+            self._emit_dropped(state, reason)
+            return True
+        self.num_imported += 1
+        self.decode.add(req)
+        self.workers[0].wakeups["decode"].set()
+        return True
+
+    def _send_back(self, req: Request) -> None:
+        """On the decode worker: a preempted request (pages already released) goes back to prefill."""
+        self._forget(req.request_id)
+        self._send_back_to(state_of(req))

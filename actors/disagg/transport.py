@@ -1,0 +1,103 @@
+"""KV transport between a prefill-only and a decode-only engine.
+
+A `KVPayload` is one request's state plus the KV of its computed tokens, whole pages:
+`kv` is [L, n_pages, 2, page_size, Hkv, D] (the pool's layout with the page axis second).
+`CpuTransport` is an in-process queue of CPU copies; a GPU implementation (NCCL / NVLink
+send/recv of the same tensor) would sit behind the same interface.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+from actors.request import FinishReason, SamplingParams
+
+
+@dataclass(frozen=True)
+class RequestState:
+    """What the receiving engine needs to rebuild a `Request` (no pages, no locks)."""
+
+    request_id: str
+    token_ids: tuple[int, ...]
+    num_prompt_tokens: int
+    params: SamplingParams
+    eos_token_ids: tuple[int, ...]
+    max_model_len: int
+    arrival_time: float
+    priority: int
+    deadline: float | None
+    num_computed_tokens: int
+    num_cached_tokens: int
+    num_preemptions: int
+    first_token_time: float | None
+    generator_state: torch.Tensor | None  # torch.Generator.get_state() (a CPU byte tensor) for seeded sampling
+    abort_reason: FinishReason | None
+
+
+@dataclass(frozen=True)
+class KVPayload:
+    """One request moving prefill -> decode; `kv` is None for a request sent back for recomputation."""
+
+    state: RequestState
+    kv: torch.Tensor | None  # [L, n_pages, 2, page_size, Hkv, D]
+
+    @property
+    def num_pages(self) -> int:
+        return 0 if self.kv is None else int(self.kv.shape[1])
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.kv is None else self.kv.numel() * self.kv.element_size()
+
+
+class KVTransport(ABC):
+    """A one-way channel of `KVPayload`s from the prefill engine to the decode engine."""
+
+    @abstractmethod
+    def send(self, payload: KVPayload) -> None:
+        """Hand off `payload`; the caller may free the source pages as soon as this returns."""
+
+    @abstractmethod
+    def receive(self, timeout: float) -> KVPayload | None:
+        """The next payload, or None if none arrived within `timeout` seconds."""
+
+    @property
+    @abstractmethod
+    def bytes_moved(self) -> int:
+        """KV bytes sent so far."""
+
+
+class CpuTransport(KVTransport):
+    """In-process queue; `send` copies the KV to CPU memory (so the source pages can go)."""
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue[KVPayload] = queue.Queue()
+        self._lock = threading.Lock()
+        self._bytes = 0
+        self.num_sent = 0
+
+    def send(self, payload: KVPayload) -> None:
+        kv = None if payload.kv is None else payload.kv.to("cpu", copy=True)
+        with self._lock:
+            self._bytes += payload.nbytes
+            self.num_sent += 1
+        self._queue.put(KVPayload(payload.state, kv))
+
+    def receive(self, timeout: float) -> KVPayload | None:
+        try:
+            return self._queue.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    @property
+    def bytes_moved(self) -> int:
+        with self._lock:
+            return self._bytes
+
+    def __repr__(self) -> str:
+        return f"CpuTransport(sent={self.num_sent}, bytes={self.bytes_moved})"
