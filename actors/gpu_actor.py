@@ -12,7 +12,10 @@ Methods (all async on the actor's event loop):
 
 The actor keeps a window of recent TTFT / TPOT samples (measured here, from the call
 to the last token) and, when given a `PublisherConfig`, publishes its view to Redis
-and applies the desired splits the SLO controller writes there.
+and applies the desired splits the SLO controller writes there. Given a `ModelSource`
+(the cluster runs the "model" split policy), it gets its latency model at start, before
+its workers run (loaded, or profiled: `actors.slo.profiler.engine_latency_model`), and
+publishes it with its view.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from typing import Any
 
 from actors.config import EngineConfig
 from actors.engine.frontend import AsyncLLM, StreamChunk
+from actors.slo.latency_model import LatencyModel, ModelSource
 from cluster.engine_client import EngineLoad, GenerateRequest, NoCapacityError
 from cluster.redis_store import EnginePublisher, PublisherConfig
 
@@ -89,11 +93,14 @@ class EngineActor:
     """One engine behind Ray: streaming generation, load, SM split, drain."""
 
     def __init__(self, engine_id: str, config: EngineConfig, publisher: PublisherConfig | None = None,
-                 window_samples: int = 512, window_s: float = 120.0, stall_after_s: float = 30.0) -> None:
+                 window_samples: int = 512, window_s: float = 120.0, stall_after_s: float = 30.0,
+                 model_source: ModelSource | None = None) -> None:
+        """`model_source`: get a latency model at start (and publish it, with a publisher)."""
         self.engine_id = engine_id
         self.config = config
         self.stall_after_s = stall_after_s
         self.llm = AsyncLLM(config)
+        self.latency_model = self._latency_model(model_source)
         self.llm.start()
         self.window = SampleWindow(window_samples, window_s)
         self.node_id = _node_id()
@@ -107,11 +114,24 @@ class EngineActor:
         self._requests_total = 0
         self._finished: Counter[str] = Counter()  # finish reason -> requests
         self._publisher = (
-            EnginePublisher(publisher, engine_id, self.view, self._apply_from_controller) if publisher else None
+            EnginePublisher(publisher, engine_id, self.view, self._apply_from_controller,
+                            model=self.latency_model.to_dict() if self.latency_model else None)
+            if publisher else None
         )
         self._publisher_task: asyncio.Task[None] | None = None
         if _has_running_loop():  # inside the Ray actor, __init__ runs on its event loop: publish from now on
             self._start_background()  # (in-process use: ready() starts it)
+
+    def _latency_model(self, source: ModelSource | None) -> LatencyModel | None:
+        """This engine's latency model from `source` (None: none wanted); call before the workers start."""
+        if source is None:
+            return None
+        from actors.slo.profiler import engine_latency_model
+
+        model = engine_latency_model(self.llm.core, source)
+        log.info("%s: latency model %s (%d samples, %s)", self.engine_id, model.key, model.num_samples,
+                 source.path or "not saved")
+        return model
 
     def _start_background(self) -> None:
         if self._publisher is not None and self._publisher_task is None:
@@ -131,6 +151,7 @@ class EngineActor:
             architecture=core.arch.architecture, max_model_len=core.max_model_len,
             vocab_size=core.arch.vocab_size, mode=self.config.mode,
             total_sms=core.partitioner.total_sms, splits=list(core.partitioner.splits),
+            latency_model=self.latency_model.key if self.latency_model else None,
         )
 
     async def ping(self) -> str:

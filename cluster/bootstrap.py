@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from actors.config import ENGINE_MODES, CacheConfig, ConfigError, EngineConfig, SchedulerConfig
+from actors.slo.latency_model import ModelSource
 from actors.slo.types import SLOTargets
-from cluster.controller import ControllerConfig, policy_by_name
+from cluster.controller import ControllerConfig, policy_by_name, policy_needs_models
 from cluster.redis_store import PublisherConfig
 from cluster.router import ACTOR_PREFIX, NAMESPACE, RouterPolicy
 
@@ -110,6 +111,9 @@ class ClusterConfig:
 
     `actor_resources[i]`: extra Ray custom resources engine i needs (pin actors to nodes);
     empty means none. `num_gpus_per_actor` None: 1 when the Ray cluster has GPUs, else 0.
+    With the "model" split policy (and Redis) each engine actor gets its latency model at
+    start and publishes it: loaded from `latency_profile` (a JSON profile file on the
+    actors' nodes) or profiled on `profile_grid` (`quick` or `full`) and saved there.
     """
 
     model: str
@@ -118,6 +122,8 @@ class ClusterConfig:
     redis_url: str | None = None
     slo: SLOTargets = field(default_factory=SLOTargets)
     policy: str = "reactive"
+    latency_profile: str | None = None
+    profile_grid: str = "quick"
     router: RouterPolicy = field(default_factory=RouterPolicy)
     engine: EngineOptions = field(default_factory=EngineOptions)
     actor_resources: tuple[Resources, ...] = ()
@@ -154,6 +160,7 @@ class ClusterConfig:
             raise ConfigError(f"{self.model}: no config.json (expected a Hugging Face checkpoint directory)")
         try:
             policy_by_name(self.policy)
+            ModelSource(self.latency_profile, self.profile_grid)
             if self.redis_url is not None:
                 self.controller_config()
                 self.publisher_config()
@@ -184,6 +191,13 @@ class ClusterConfig:
             return None
         return PublisherConfig(self.redis_url, self.cluster_name, self.publish_interval_s,
                                view_ttl_s=max(5.0, 4 * self.publish_interval_s))
+
+    def model_source(self) -> ModelSource | None:
+        """What the engine actors need to get and publish a latency model (None: they need none,
+        the policy does not use one or there is no Redis to publish it to)."""
+        if self.redis_url is None or not policy_needs_models(self.policy):
+            return None
+        return ModelSource(self.latency_profile, self.profile_grid)
 
     def controller_config(self) -> ControllerConfig:
         if self.redis_url is None:
@@ -266,7 +280,8 @@ def ensure_cluster(cfg: ClusterConfig) -> ClusterHandles:
         cls = engine_actor_cls(num_gpus=gpus, num_cpus=cfg.num_cpus_per_actor, resources=cfg.resources_for(i))
         actors[name] = cls.options(name=name, namespace=cfg.namespace, lifetime="detached", get_if_exists=True,
                                    max_restarts=0, runtime_env={"env_vars": kernel_env()},
-                                   ).remote(name, cfg.engine_config(), cfg.publisher_config())
+                                   ).remote(name, cfg.engine_config(), cfg.publisher_config(),
+                                            model_source=cfg.model_source())
         created.append(name)
     names = list(actors)
     infos = ray.get([actors[n].ready.remote() for n in names], timeout=cfg.ready_timeout_s)

@@ -5,7 +5,10 @@ Loop (every `interval_s`):
    takes over only when the lease expires;
 2. read all live engine views (engines publish them with an expiry);
 3. ask the split policy for each engine (a `SplitPolicy` picked by name; a policy
-   with `decide_all(views, targets)` sees the whole cluster at once);
+   with `decide_all(views, targets)` sees the whole cluster at once). The "model"
+   policy (`ModelPolicy`) decides with the latency model each engine published next to
+   its view (`model:<engine_id>`); an engine without one (not yet published, or
+   unreadable) gets the reactive rule, and the decision's reason says so;
 4. filter through `hold_reason` (warm-up: enough samples since the last switch; a
    minimum dwell time per engine; the last decision applied first), and write the
    changes to Redis, fenced by the lease, each with a decision record
@@ -29,15 +32,20 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from actors.slo.policy import make_policy
+from actors.slo.latency_model import LatencyModel
+from actors.slo.policy import ModelPolicy, make_policy
 from actors.slo.types import EngineView, SLOTargets, SplitDecision, SplitPolicy
 from cluster.redis_store import REDIS_ERRORS, Backoff, RedisStore
 
 log = logging.getLogger(__name__)
 
-# built-in names come from actors.slo.policy.make_policy; "model" needs a latency model per engine,
-# which a deployment registers here once its engines have profiles
-POLICIES: dict[str, Callable[[], SplitPolicy]] = {"reactive": lambda: make_policy("reactive")}
+# built-in names come from actors.slo.policy.make_policy; "model" starts with no latency models:
+# the controller gives it the ones the engines publish (see `models_from_published`)
+POLICIES: dict[str, Callable[[], SplitPolicy]] = {
+    "reactive": lambda: make_policy("reactive"),
+    "model": lambda: make_policy("model", model={}),
+}
+NO_MODEL = "no latency model published"
 
 
 def register_policy(name: str, factory: Callable[[], SplitPolicy]) -> None:
@@ -57,6 +65,11 @@ def policy_by_name(name: str) -> SplitPolicy:
             raise ValueError(f"{name} has no decide(view, targets) method")
         return policy
     raise ValueError(f"unknown split policy {name!r}; known: {', '.join(sorted(POLICIES))} (or module:Class)")
+
+
+def policy_needs_models(name: str) -> bool:
+    """Whether the policy `name` decides with the latency models the engines publish."""
+    return isinstance(policy_by_name(name), ModelPolicy)
 
 
 @dataclass(frozen=True)
@@ -131,6 +144,35 @@ def decide_all(policy: SplitPolicy, views: list[EngineView], targets: SLOTargets
     return {v.engine_id: policy.decide(v, targets) for v in views}
 
 
+def models_from_published(published: Mapping[str, Mapping[str, Any]]) -> tuple[dict[str, LatencyModel], dict[str, str]]:
+    """Latency models by engine id from their published JSON, and why each unreadable one was skipped."""
+    models: dict[str, LatencyModel] = {}
+    bad: dict[str, str] = {}
+    for eid, d in published.items():
+        try:
+            models[eid] = LatencyModel.from_dict(dict(d))
+        except (KeyError, TypeError, ValueError) as e:
+            bad[eid] = f"{type(e).__name__}: {e}"
+    return models, bad
+
+
+def decide_with_models(policy: ModelPolicy, fallback: SplitPolicy, views: list[EngineView], targets: SLOTargets,
+                       unreadable: Mapping[str, str] | None = None) -> dict[str, SplitDecision]:
+    """Each engine's decision: `policy` where it has a model for the engine (its own or a "*"
+    default), else `fallback` with the reason saying why (`unreadable`: engine -> error)."""
+    out: dict[str, SplitDecision] = {}
+    for v in views:
+        if v.engine_id in policy.models or "*" in policy.models:
+            out[v.engine_id] = policy.decide(v, targets)
+            continue
+        d = fallback.decide(v, targets)
+        why = f"latency model unreadable ({unreadable[v.engine_id]})" if unreadable and v.engine_id in unreadable \
+            else NO_MODEL
+        out[v.engine_id] = SplitDecision(d.prefill_sms, f"reactive fallback, {why}: {d.reason}",
+                                         {**d.predicted, "model_fallback": 1.0})
+    return out
+
+
 def new_leader_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
@@ -153,6 +195,10 @@ class Controller:
         self.ticks = 0
         self.decisions_written = 0
         self._last_change: dict[str, float] = {}
+        # the model policy: the models it was built with (e.g. a "*" default) under the published ones
+        self._base_models = dict(self.policy.models) if isinstance(self.policy, ModelPolicy) else {}
+        self._fallback = make_policy("reactive")
+        self.engines_with_model: list[str] = []
         self._backoff = Backoff(cfg.interval_s, cfg.max_backoff_s)
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -176,7 +222,7 @@ class Controller:
         raw = await self.store.read_views()
         views = [view_from_dict(d) for d in raw.values() if not d.get("draining")]
         written = []
-        for eid, decision in sorted(decide_all(self.policy, views, self.cfg.targets).items()):
+        for eid, decision in sorted((await self._decide(views)).items()):
             view = next(v for v in views if v.engine_id == eid)
             pending = await self.store.get_split(eid)
             last = max(self._last_change.get(eid, 0.0), float(pending["time"]) if pending else 0.0) or None
@@ -196,6 +242,18 @@ class Controller:
             log.info("controller %s: %s %d -> %d SMs (%s)", self.id, eid, view.prefill_sms,
                      decision.prefill_sms, decision.reason)
         return written
+
+    async def _decide(self, views: list[EngineView]) -> dict[str, SplitDecision]:
+        """The policy's decisions; the model policy first gets the models the engines published."""
+        if not isinstance(self.policy, ModelPolicy):
+            return decide_all(self.policy, views, self.cfg.targets)
+        published = await self.store.read_models([v.engine_id for v in views])
+        models, bad = models_from_published(published)
+        for eid, err in bad.items():
+            log.warning("controller %s: latency model of %s unreadable (%s); reactive rule for it", self.id, eid, err)
+        self.policy.models = {**self._base_models, **models}
+        self.engines_with_model = sorted(models)
+        return decide_with_models(self.policy, self._fallback, views, self.cfg.targets, bad)
 
     def _record(self, view: EngineView, decision: SplitDecision, now: float) -> dict[str, Any]:
         return dict(id=uuid.uuid4().hex[:12], time=now, engine_id=view.engine_id, leader=self.id,
@@ -260,7 +318,8 @@ class Controller:
     async def status(self) -> dict[str, Any]:
         return dict(id=self.id, is_leader=self.is_leader, redis_ok=self.redis_ok, errors=self.errors,
                     last_error=self.last_error, ticks=self.ticks, decisions_written=self.decisions_written,
-                    policy=self.cfg.policy, targets=asdict(self.cfg.targets))
+                    policy=self.cfg.policy, targets=asdict(self.cfg.targets),
+                    engines_with_model=list(self.engines_with_model))
 
 
 def controller_actor_cls(num_cpus: float = 0, resources: dict[str, float] | None = None) -> Any:

@@ -5,6 +5,8 @@ Key layout (prefix `semipd:<cluster>`):
 - `view:<engine_id>`  JSON of an engine's published view (split, queues, recent TTFT /
   TPOT samples); written by the engine every publish interval with a PX expiry, so an
   engine that stops publishing vanishes.
+- `model:<engine_id>` JSON of the engine's latency model (`LatencyModel.to_dict`), for the
+  "model" split policy; written with its view, with the same expiry, by engines that have one.
 - `split:<engine_id>` JSON of the desired split the leader decided last
   (`id`, `prefill_sms`, `reason`, `leader`, `time`); engines poll it and apply new ones.
 - `decisions`         list of decision records, newest first (trimmed).
@@ -74,6 +76,9 @@ class Keys:
     def view_pattern(self) -> str:
         return f"{self.prefix}:view:*"
 
+    def model(self, engine_id: str) -> str:
+        return f"{self.prefix}:model:{engine_id}"
+
     def split(self, engine_id: str) -> str:
         return f"{self.prefix}:split:{engine_id}"
 
@@ -136,6 +141,24 @@ class RedisStore:
                 d = json.loads(v)
                 out[d["engine_id"]] = d
         return out
+
+    async def publish_view_and_model(self, engine_id: str, view: dict[str, Any], model: dict[str, Any] | None,
+                                     ttl_ms: int) -> None:
+        """Write an engine's view and (when given) its latency model, both expiring after `ttl_ms`."""
+        if model is None:
+            await self.publish_view(engine_id, view, ttl_ms)
+            return
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.set(self.keys.view(engine_id), json.dumps(view), px=ttl_ms)
+            pipe.set(self.keys.model(engine_id), json.dumps(model), px=ttl_ms)
+            await pipe.execute()
+
+    async def read_models(self, engine_ids: list[str]) -> dict[str, dict[str, Any]]:
+        """The latency models (JSON dicts) published by `engine_ids`; engines without one are absent."""
+        if not engine_ids:
+            return {}
+        values = await self.client.mget([self.keys.model(e) for e in engine_ids])
+        return {e: json.loads(v) for e, v in zip(engine_ids, values) if v is not None}
 
     # -- desired splits and decisions ------------------------------------------------
 
@@ -235,14 +258,16 @@ class EnginePublisher:
     """An engine's Redis loop: publish its view, pick up new desired splits.
 
     `snapshot()` returns the view dict; `apply(prefill_sms, reason)` switches the split
-    (the partitioner adopts it at the workers' next iteration boundary). When Redis is
+    (the partitioner adopts it at the workers' next iteration boundary). `model`: the
+    engine's latency model as JSON (`LatencyModel.to_dict`), published with every view. When Redis is
     away the engine keeps its split and keeps serving; the loop logs and retries with
     backoff, and resumes when Redis returns.
     """
 
     def __init__(self, cfg: PublisherConfig, engine_id: str, snapshot: Callable[[], dict[str, Any]],
-                 apply: Callable[[int, str], Any]) -> None:
+                 apply: Callable[[int, str], Any], model: dict[str, Any] | None = None) -> None:
         self.cfg = cfg
+        self.model = model
         self.engine_id = engine_id
         self.snapshot = snapshot
         self.apply = apply
@@ -253,7 +278,8 @@ class EnginePublisher:
 
     async def step(self) -> None:
         """Publish once and apply a new desired split if there is one (raises on Redis errors)."""
-        await self.store.publish_view(self.engine_id, self.snapshot(), int(self.cfg.view_ttl_s * 1000))
+        await self.store.publish_view_and_model(self.engine_id, self.snapshot(), self.model,
+                                                int(self.cfg.view_ttl_s * 1000))
         desired = await self.store.get_split(self.engine_id)
         if desired and desired.get("id") != self.state.last_decision_id:
             self.state.last_decision_id = str(desired.get("id"))

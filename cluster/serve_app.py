@@ -15,6 +15,7 @@ Entry point `cluster.serve_app:build_app` (for `serve run`, `serve deploy`, Kube
     grpc_port             serve semipd.v1.Generation on this port from each replica (0/none: off)
     page_size, max_prefill_tokens, num_pages, device    engine settings
     controller_policy, cluster_name   SLO controller policy and Redis key namespace
+    latency_profile, profile_grid     controller_policy "model": the engines' profile file and grid
     local                 true: one in-process engine in the replica, no actors, no router
     num_replicas, replica_num_cpus, replica_num_gpus   the ingress deployment's size
     max_ongoing_requests                           concurrent requests per ingress replica
@@ -75,6 +76,8 @@ class ServeArgs(BaseModel):
     num_pages: int | None = Field(None, ge=2)
     load_format: Literal["auto", "dummy"] | None = None
     controller_policy: str | None = None
+    latency_profile: str | None = None
+    profile_grid: Literal["quick", "full"] | None = None
     cluster_name: str | None = None
     num_replicas: int = Field(1, ge=1)
     replica_num_cpus: float = Field(1.0, ge=0)
@@ -127,7 +130,8 @@ def cluster_config(args: ServeArgs, redis_url: str | None) -> ClusterConfig:
     engine = {k: v for k, v in (("page_size", args.page_size), ("max_prefill_tokens", args.max_prefill_tokens),
                                 ("device", args.device), ("num_pages", args.num_pages),
                                 ("load_format", args.load_format)) if v is not None}
-    extra = {k: v for k, v in (("policy", args.controller_policy), ("cluster_name", args.cluster_name))
+    extra = {k: v for k, v in (("policy", args.controller_policy), ("cluster_name", args.cluster_name),
+                               ("latency_profile", args.latency_profile), ("profile_grid", args.profile_grid))
              if v is not None}
     if args.prefill_sm_min is not None or args.prefill_sm_max is not None:
         log.warning("prefill_sm_min/prefill_sm_max are not applied: the cluster config has no SM bounds yet")

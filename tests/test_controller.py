@@ -10,9 +10,12 @@ from typing import Any, TypeVar
 
 import pytest
 
+from actors.slo.latency_model import LatencyModel, ModelSource, PhaseModel
+from actors.slo.policy import ModelPolicy
 from actors.slo.types import EngineView, ReactivePolicy, SLOTargets, SplitDecision
 from cluster.bootstrap import ClusterConfig, EngineOptions
-from cluster.controller import Controller, ControllerConfig, hold_reason, policy_by_name, register_policy, view_from_dict
+from cluster.controller import (NO_MODEL, Controller, ControllerConfig, decide_with_models, hold_reason,
+                                models_from_published, policy_by_name, register_policy, view_from_dict)
 from cluster.engine_client import EngineLoad, NoCapacityError
 from cluster.redis_store import Backoff, RedisStore
 from cluster.router import ActorView, RouterPolicy, RouterState, choose, predicted_ttft_s, rendezvous
@@ -170,6 +173,34 @@ def test_policy_registry() -> None:
 
     register_policy("test-fixed", Fixed)
     assert policy_by_name("test-fixed").decide(_view(), SLOTargets()).prefill_sms == 8
+    # "model" starts without models (the controller fills in the published ones), a fresh one per call
+    model_policy = policy_by_name("model")
+    assert isinstance(model_policy, ModelPolicy) and dict(model_policy.models) == {}
+    assert policy_by_name("model") is not model_policy
+
+
+def test_model_policy_flows_to_the_actors(tiny_llama: Path) -> None:
+    """The actors profile and publish only when the cluster's policy uses models and Redis is there."""
+    model = ClusterConfig(str(tiny_llama), redis_url="redis://h:1/0", policy="model", latency_profile="/p.json")
+    assert model.model_source() == ModelSource("/p.json", "quick")
+    assert model.controller_config().policy == "model"
+    assert ClusterConfig.from_dict(model.to_dict()) == model
+    assert ClusterConfig(str(tiny_llama), redis_url="redis://h:1/0").model_source() is None
+    assert ClusterConfig(str(tiny_llama), policy="model").model_source() is None  # no Redis: nothing to publish to
+    with pytest.raises(ValueError, match="grid"):
+        ClusterConfig(str(tiny_llama), policy="model", profile_grid="huge")
+
+    import argparse
+
+    from cluster.commands import serve
+
+    parser = argparse.ArgumentParser()
+    serve.register(parser.add_subparsers())
+    args = parser.parse_args(["serve", "--model", str(tiny_llama), "--policy", "model", "--profile-grid", "full"])
+    cfg = serve.cluster_config(args, "redis://h:1/0")
+    assert cfg.policy == "model" and cfg.model_source() == ModelSource(None, "full")
+    app_args = serve.serve_app_args(args, "redis://h:1/0", None)
+    assert (app_args["controller_policy"], app_args["profile_grid"]) == ("model", "full")
 
 
 def test_view_from_published_dict() -> None:
@@ -301,3 +332,109 @@ def test_controller_survives_redis_outage(redis_server: Any) -> None:
         await store.aclose()
 
     run(main())
+
+
+# -- the model policy over published latency models ------------------------------------------
+
+
+def _latency_model() -> LatencyModel:
+    """A 128-SM device whose prefill scales with its SMs and whose decode saturates early."""
+    return LatencyModel("test-gpu", "test-model", 128, SPLITS,
+                        prefill=PhaseModel("compute", (0.03, 9e-7, 1.0), scale=1.0, contention=0.1),
+                        decode=PhaseModel("bandwidth", (0.02, 4.4e-5, 5.5), scale=26.6, contention=0.55))
+
+
+def _loaded(engine_id: str, prefill: int, n: int = 10) -> dict[str, Any]:
+    """A published view with a long prefill queue and a light decode batch, TTFT over a 100 ms target."""
+    d = _published(engine_id, prefill, n)
+    d["ttft_ms"] = [400.0] * n
+    d["stats"].update(waiting_prefill_tokens=20000, num_waiting=20, num_decoding=4, decode_context_tokens=2000)
+    return d
+
+
+def test_decide_with_models_falls_back_per_engine() -> None:
+    policy = ModelPolicy({"e-0": _latency_model()})
+    targets = SLOTargets(ttft_ms=100.0, tpot_ms=50.0)
+    views = [view_from_dict(_loaded(e, 64)) for e in ("e-0", "e-1", "e-2")]
+    got = decide_with_models(policy, ReactivePolicy(), views, targets, unreadable={"e-2": "KeyError: 'device'"})
+    reactive = ReactivePolicy().decide(views[1], targets)
+    assert got["e-1"].prefill_sms == reactive.prefill_sms == 72
+    assert got["e-1"].reason == f"reactive fallback, {NO_MODEL}: {reactive.reason}"
+    assert got["e-2"].reason.startswith("reactive fallback, latency model unreadable (KeyError")
+    assert "model_fallback" not in got["e-0"].predicted and got["e-0"].predicted["best_sms"] > 64
+    assert got["e-0"].reason.startswith("switch 64->") and got["e-0"].prefill_sms > 72  # jumps, not one step
+    # a "*" default covers every engine
+    star = decide_with_models(ModelPolicy(_latency_model()), ReactivePolicy(), views, targets)
+    assert all(not d.reason.startswith("reactive") for d in star.values())
+
+
+def test_models_from_published_skips_bad_json() -> None:
+    good = _latency_model().to_dict()
+    models, bad = models_from_published({"e-0": good, "e-1": {"device": "x"}, "e-2": {**good, "total_sms": 0}})
+    assert models == {"e-0": _latency_model()}
+    assert sorted(bad) == ["e-1", "e-2"] and "KeyError" in bad["e-1"] and "total_sms" in bad["e-2"]
+
+
+def test_controller_model_policy_reads_published_models(redis_server: Any) -> None:
+    cfg = ControllerConfig(redis_server.url, "model", SLOTargets(ttft_ms=100.0, tpot_ms=50.0), policy="model",
+                           min_dwell_s=0.0, min_samples=4, interval_s=0.1, lease_s=1.0)
+
+    async def main() -> None:
+        store = RedisStore(redis_server.url, "model")
+        await store.publish_view_and_model("e-0", _loaded("e-0", 64), _latency_model().to_dict(), 5000)
+        await store.publish_view_and_model("e-1", _loaded("e-1", 64), None, 5000)  # no model (yet)
+        assert sorted(await store.read_models(["e-0", "e-1"])) == ["e-0"]
+        ctl = Controller(cfg, leader_id="ctl-m")
+        written = {d["engine_id"]: d for d in await ctl.tick()}
+        assert sorted(written) == ["e-0", "e-1"] and ctl.engines_with_model == ["e-0"]
+        by_model, fallback = written["e-0"], written["e-1"]
+        assert by_model["policy"] == "model" and by_model["reason"].startswith("switch 64->")
+        assert by_model["to"] == by_model["predicted"]["best_sms"] > 72 and "slack" in by_model["predicted"]
+        assert fallback["reason"].startswith(f"reactive fallback, {NO_MODEL}: P90 TTFT 400 ms over 100")
+        assert fallback["to"] == 72 and fallback["predicted"]["model_fallback"] == 1.0
+        # once e-1 publishes a model, the model policy decides for it too
+        await store.publish_view_and_model("e-1", _loaded("e-1", 72), _latency_model().to_dict(), 5000)
+        await store.publish_view("e-0", _loaded("e-0", by_model["to"]), 5000)
+        again = {d["engine_id"]: d for d in await ctl.tick()}
+        assert ctl.engines_with_model == ["e-0", "e-1"]
+        assert again["e-1"]["reason"].startswith("switch 72->") and again["e-1"]["to"] == by_model["to"]
+        assert (await ctl.status())["engines_with_model"] == ["e-0", "e-1"]
+        await ctl.stop()
+        await store.aclose()
+
+    run(main())
+
+
+@pytest.mark.timeout(90)
+def test_engine_actor_publishes_its_latency_model(redis_server: Any, tiny_llama: Path, tmp_path: Path) -> None:
+    """An actor of a "model" cluster profiles itself at start (the quick CPU profile), saves the profile,
+    publishes it next to its view; the JSON round-trips and the controller decides with it."""
+    from actors.gpu_actor import EngineActor
+    from actors.slo.latency_model import load_models
+    from cluster.redis_store import PublisherConfig
+
+    profile = tmp_path / "profiles.json"
+    engine = EngineOptions(num_pages=256).engine_config(str(tiny_llama), "semi-pd")
+    publisher = PublisherConfig(redis_server.url, "actor-model", interval_s=0.1, view_ttl_s=2.0)
+    actor = EngineActor("m-0", engine, publisher, model_source=ModelSource(str(profile)))
+    model = actor.latency_model
+    assert model is not None and model.num_samples > 0
+    assert load_models(profile) == {model.key: model}  # saved for the next start
+
+    async def main() -> None:
+        info = await actor.ready()
+        assert info["latency_model"] == model.key
+        store = RedisStore(redis_server.url, "actor-model")
+        published = await async_wait_until(lambda: store.read_models(["m-0"]), 10.0, "the published model",
+                                           interval=0.05)
+        assert LatencyModel.from_dict(published["m-0"]) == model
+        assert 0 < await store.client.pttl(store.keys.model("m-0")) <= 2000  # expires like the view
+        ctl = Controller(ControllerConfig(redis_server.url, "actor-model", policy="model", interval_s=0.1,
+                                          lease_s=1.0), leader_id="ctl-a")
+        await ctl.tick()
+        assert ctl.engines_with_model == ["m-0"] and ctl.policy.models["m-0"] == model  # type: ignore[attr-defined]
+        await ctl.stop()
+        await actor.shutdown()
+        await store.aclose()
+
+    asyncio.run(main())

@@ -18,7 +18,8 @@ in KV costs n * cached + n * (n + 1) / 2. The base terms are full-device times.
   factor while the other one runs (decode ~55% on the H100, DESIGN 3).
 
 Models are saved as JSON keyed by `profile_key(device, model, splits)`; see
-`save_models`, `load_model` and `load_or_profile`.
+`save_models`, `load_model` and `load_or_profile`. `ModelSource` says where an engine
+gets its model at start (a profile file, or profiling it on a grid of a given size).
 """
 
 from __future__ import annotations
@@ -38,6 +39,26 @@ FORMAT = "semipd-latency-model"
 VERSION = 1
 PhaseName = Literal["prefill", "decode"]
 PHASES: tuple[PhaseName, ...] = ("prefill", "decode")
+PROFILE_GRIDS: tuple[str, ...] = ("quick", "full")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where an engine gets its latency model at start (`actors.slo.profiler.engine_latency_model`).
+
+    `path`: JSON profile file to load the engine's profile from, or to save a fresh one to
+    (None: profile at every start, save nothing). `grid`: the profiling grid when profiling
+    is needed, `quick` (a few points, seconds; the CPU profile) or `full` (the profiler's default).
+    """
+
+    path: str | None = None
+    grid: str = "quick"
+
+    def __post_init__(self) -> None:
+        if self.grid not in PROFILE_GRIDS:
+            raise ValueError(f"grid must be one of {PROFILE_GRIDS}, got {self.grid!r}")
+        if self.path is not None and not self.path:
+            raise ValueError("path must be None or a file path")
 _R_GRID = np.linspace(0.0, 1.0, 101)
 
 

@@ -30,7 +30,7 @@ from actors.kv.manager import pages_for
 from actors.request import Request, SamplingParams
 from actors.runner.model_runner import ModelRunner
 from actors.scheduler.plan import BatchPlan, SeqChunk
-from actors.slo.latency_model import LatencyModel, Sample, fit, model_signature, profile_key
+from actors.slo.latency_model import LatencyModel, ModelSource, Sample, fit, load_or_profile, model_signature, profile_key
 
 if TYPE_CHECKING:
     from actors.engine.core import EngineCore
@@ -343,3 +343,14 @@ def engine_profile_key(core: EngineCore) -> str:
     model = model_signature(core.arch, str(core.dtype).removeprefix("torch."))
     return profile_key(device_name(core.device), model, core.partitioner.splits)
 
+
+
+def engine_latency_model(core: EngineCore, source: ModelSource | None = None) -> LatencyModel:
+    """The latency model of an engine that has not started yet: the one its admission control
+    already holds, else `source.path`'s profile for it, else a fresh profile on `source.grid`
+    (saved to `source.path` when set)."""
+    source = source or ModelSource()
+    if core.admission is not None:
+        return core.admission.controller.model
+    grid = ProfileConfig.quick() if source.grid == "quick" else ProfileConfig()
+    return load_or_profile(source.path, engine_profile_key(core), lambda: profile_engine(core, grid))

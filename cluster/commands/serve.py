@@ -35,7 +35,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mode", default="semi-pd", choices=["semi-pd", "unified"])
     p.add_argument("--ttft-slo-ms", type=float, default=1000.0)
     p.add_argument("--tpot-slo-ms", type=float, default=50.0)
-    p.add_argument("--policy", default="reactive", help="split policy name (or module:Class)")
+    p.add_argument("--policy", default="reactive",
+                   help="split policy: reactive, model (latency model per engine), or module:Class")
+    p.add_argument("--latency-profile", metavar="PATH", default=None,
+                   help="--policy model: JSON latency profiles on the engines' nodes (loaded, or profiled and saved)")
+    p.add_argument("--profile-grid", default="quick", choices=["quick", "full"],
+                   help="--policy model: profiling grid when an engine has no saved profile")
     p.add_argument("--router-policy", default="least-loaded", choices=["least-loaded", "prefix-affinity"])
     p.add_argument("--address", default=None, help="join this Ray cluster instead of starting one")
     p.add_argument("--host", default="127.0.0.1", help="HTTP bind address")
@@ -64,6 +69,7 @@ def cluster_config(args: argparse.Namespace, redis_url: str | None) -> Any:
     return ClusterConfig(
         model=args.model, num_actors=args.num_actors, mode=args.mode, redis_url=redis_url,
         slo=SLOTargets(args.ttft_slo_ms, args.tpot_slo_ms), policy=args.policy,
+        latency_profile=args.latency_profile, profile_grid=args.profile_grid,
         router=RouterPolicy(session_affinity=args.router_policy == "prefix-affinity"),
         engine=EngineOptions(device=args.device, num_pages=args.num_pages, max_prefill_tokens=args.max_prefill_tokens,
                              load_format=args.load_format),
@@ -79,7 +85,9 @@ def serve_app_args(args: argparse.Namespace, redis_url: str | None, grpc_port: i
                 api_key_env=API_KEY_ENV if args.api_key else None,
                 tpot_slo_ms=args.tpot_slo_ms, mode=args.mode, router_policy=args.router_policy,
                 num_actors=args.num_actors, redis_url=redis_url, grpc_port=grpc_port or None,
-                max_prefill_tokens=args.max_prefill_tokens, device=args.device, load_format=args.load_format)
+                max_prefill_tokens=args.max_prefill_tokens, device=args.device, load_format=args.load_format,
+                controller_policy=args.policy, latency_profile=args.latency_profile, profile_grid=args.profile_grid,
+                cluster_name=args.cluster_name)
 
 
 def _optional_module(name: str) -> ModuleType | None:
