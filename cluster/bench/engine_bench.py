@@ -29,6 +29,7 @@ from actors.kv.manager import pages_for
 from actors.request import Request, SamplingParams
 from actors.runner.model_runner import ModelRunner
 from actors.scheduler.plan import BatchPlan, SeqChunk
+from actors.slo.profiler import device_name
 from cluster.bench.offline_job import JOB, offline_prompts
 
 
@@ -165,8 +166,6 @@ def bench_switch_stall(core: EngineCore, switches: int = 20) -> dict[str, Any]:
     `first_iter_extra_ms`: how much longer its first iteration on the new split took than
     its median iteration.
     """
-    from actors.engine.frontend import AsyncLLM  # noqa: F401  (engine already built)
-
     splits = [s for s in core.partitioner.splits if 32 <= s <= core.partitioner.total_sms - 32] or list(core.partitioner.splits)
     params = SamplingParams(max_tokens=4000, temperature=0.0, ignore_eos=True)
     for i in range(64):
@@ -227,10 +226,6 @@ def bench_offline(model_dir: str, mode: str, prefill_sms: list[int | None], **en
     return rows
 
 
-def device_name() -> str:
-    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-
-
 def git_commit() -> str:
     """The commit benchmarked: $SEMIPD_COMMIT (set where the tree travels without .git), else git's HEAD."""
     if os.environ.get("SEMIPD_COMMIT"):
@@ -278,7 +273,7 @@ def run_engine_bench(model_dir: str, parts: set[str], vllm_json: str | None = No
     Each part builds its own engine inside a function, so its memory is free for the next.
     """
     device = torch.device("cuda")
-    result: dict[str, Any] = dict(device=device_name(), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    result: dict[str, Any] = dict(device=device_name(device), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                                   commit=git_commit(), command=" ".join(["semipd bench", *sys.argv[1:]]),
                                   model=json.loads((Path(model_dir) / "config.json").read_text())["architectures"][0])
     ceil = measure_ceilings(device)
