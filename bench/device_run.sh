@@ -3,6 +3,8 @@
 #   bash bench/device_run.sh tests            GPU tests; saves flashinfer's compiled kernels to $OUT
 #   bash bench/device_run.sh bench [PARTS]    engine benchmarks -> $OUT/engine.{md,json}
 #   bash bench/device_run.sh vllm             vLLM reference of the offline job (after staging .vllmA)
+#   bash bench/device_run.sh profile [BATCH..] where a decode step's time goes -> $OUT/decode-profile.log
+#   bash bench/device_run.sh startup          semi-PD engine start-up and latency-profile times -> $OUT/startup.log
 # Logs go to $OUT; the last lines printed are a short table.
 set -uo pipefail
 what=${1:-tests}
@@ -31,6 +33,12 @@ case $what in
     bench_engine engine --model $model --parts "${2:-decode,prefill,switch,offline}" \
       ${VLLM_JSON:+--vllm-json $VLLM_JSON} --out "$OUT/engine.md" 2>&1 | tee "$OUT/bench.log" | tail -60
     bash .device/save-cache.sh >/dev/null && split -b 15M "$OUT/fi-cache.tar" "$OUT/fi-cache.part." && rm "$OUT/fi-cache.tar"
+    ;;
+  profile)
+    python3 bench/decode_profile.py $model ${@:2} > "$OUT/decode-profile.log" 2>&1; tail -8 "$OUT/decode-profile.log"
+    ;;
+  startup)
+    python3 bench/startup_probe.py $model 2>&1 | tee "$OUT/startup.log" | grep -E "captured|built|profile in"
     ;;
   vllm)
     source .vllmB/setup-vllm.sh

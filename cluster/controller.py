@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 # built-in names come from actors.slo.policy.make_policy; "model" starts with no latency models:
 # the controller gives it the ones the engines publish (see `models_from_published`)
 POLICIES: dict[str, Callable[[], SplitPolicy]] = {
+    "fixed": lambda: make_policy("fixed"),
     "reactive": lambda: make_policy("reactive"),
     "model": lambda: make_policy("model", model={}),
 }

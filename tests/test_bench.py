@@ -18,7 +18,9 @@ from cluster.bench.client import (
     DONE, EndpointConfig, RequestRecord, StreamTimer, build_payload, parse_prometheus, parse_sse_line, send_request,
 )
 from cluster.bench.metrics import SLOs, MetricsError, compute_metrics, parse_metric_names, parse_percentiles
-from cluster.bench.report import BenchResult, format_failures, format_result_block, load_result, plot_results, write_result
+from cluster.bench.report import (
+    BenchResult, format_failures, format_result_block, load_result, plot_results, sustained_rates, write_result,
+)
 from cluster.bench.serve_bench import ServeBenchConfig, result_path, run_rate
 from cluster.bench.workloads import (
     PROFILES, BenchRequest, LogNormalLengths, RatioPromptBuilder, TokenizerPromptBuilder, WorkloadConfig,
@@ -344,6 +346,32 @@ def test_plot_creates_png(tmp_path: Path, records: list[RequestRecord]) -> None:
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
     direct = plot_results([load_result(paths[0])], tmp_path / "one.png")
     assert direct.read_bytes()[:4] == b"\x89PNG"
+
+
+def _ttft_records(ttfts_ms: list[float]) -> list[RequestRecord]:
+    return [_rec(i, t / 1000, t / 1000 + 0.1, 2, [0.1], start=0.1 * i) for i, t in enumerate(ttfts_ms)]
+
+
+def test_sustained_rate_is_last_passing_rate_and_interpolated_crossing(capsys: pytest.CaptureFixture[str],
+                                                                        tmp_path: Path) -> None:
+    slos = SLOs(ttft_ms=500)
+    sweep = {1.0: [100.0] * 10, 2.0: [100.0] * 9 + [900.0], 4.0: [100.0] * 5 + [900.0] * 5, 8.0: [900.0] * 10}
+    runs = [_result(_ttft_records(t), rate=r, label="dyn", slos=slos) for r, t in sweep.items()]
+    runs.append(_result(_ttft_records([900.0] * 10), rate=1.0, label="never", slos=slos))
+    runs.append(_result(_ttft_records([100.0] * 10), rate=3.0, label="always", slos=slos))
+    dyn, never, always = sustained_rates(runs, attainment_pct=90.0)
+    assert dyn.points == ((1.0, 100.0), (2.0, 90.0), (4.0, 50.0), (8.0, 0.0))
+    assert dyn.last_passing == 2.0 and dyn.crossing == pytest.approx(2.0)
+    assert sustained_rates(runs[:4], attainment_pct=70.0)[0].crossing == pytest.approx(2.0 + 2.0 * 20 / 40)
+    assert never.last_passing is None and never.crossing is None
+    assert always.last_passing == always.crossing == 3.0
+    paths = [str(write_result(r, tmp_path / f"{i}.json")) for i, r in enumerate(runs)]
+    assert cli_main(["bench", "plot", *paths, "--out", str(tmp_path / "p.png"), "--attainment", "70"]) == 0
+    table = capsys.readouterr().out
+    assert "| dyn | 2.00 | 3.00 |" in table and "| never | - | - |" in table
+    with pytest.raises(SystemExit) as e:
+        cli_main(["bench", "plot", *paths, "--out", str(tmp_path / "p.png"), "--attainment", "120"])
+    assert e.value.code == 2
 
 
 def test_result_path_naming() -> None:

@@ -289,6 +289,15 @@ def test_model_policy_with_cpu_profile_stays_put() -> None:
     assert d.prefill_sms == 64 and d.reason.startswith("hold")
 
 
+def test_fixed_policy_never_moves() -> None:
+    """The baseline for split comparisons: the engine's split stays whatever the latencies say."""
+    over_ttft = view(prefill_sms=48, queued=50_000, requests=40, ttft=(9000.0,) * 20, tpot=(10.0,) * 20)
+    over_tpot = view(prefill_sms=96, decoding=200, context=400_000, ttft=(100.0,) * 20, tpot=(400.0,) * 20)
+    assert make_policy("fixed").decide(over_ttft, TARGETS).prefill_sms == 48
+    assert make_policy("fixed").decide(over_tpot, TARGETS).prefill_sms == 96
+    assert ReactivePolicy().decide(over_ttft, TARGETS).prefill_sms > 48  # the same views do move a dynamic policy
+
+
 def test_make_policy() -> None:
     assert isinstance(make_policy("reactive", step=2), ReactivePolicy)
     assert isinstance(make_policy("model", model=h100_llama8b()), ModelPolicy)

@@ -49,8 +49,10 @@ class FlashInferAttention(AttentionBackend):
             self.workspace, "NHD", use_tensor_cores=self.decode_tensor_cores)
         self.dtype = pool.kv.dtype
 
-    def _i32(self, values: list[int]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.int32).pin_memory().to(self.device, non_blocking=True)
+    @staticmethod
+    def _i32(values: list[int]) -> torch.Tensor:
+        """Host (pinned) int32: flashinfer plans from host copies, so device ones would cost a sync each."""
+        return torch.tensor(values, dtype=torch.int32).pin_memory()
 
     def _plan_decode(self, wrapper: object, layout: BatchLayout, lo: int, hi: int) -> None:
         indptr, indices, last = _paged_indices(layout.block_tables[lo:hi], layout.context_lens[lo:hi],
@@ -94,25 +96,28 @@ class FlashInferAttention(AttentionBackend):
 
         return attn
 
-    def graph_decoder(self, batch_size: int, max_pages_per_seq: int) -> GraphDecodeAttention:
-        return GraphDecodeAttention(self, batch_size, max_pages_per_seq)
+    def graph_decoder(self, batch_size: int, max_pages_per_seq: int, slot_pages: torch.Tensor,
+                      slot_offsets: torch.Tensor) -> GraphDecodeAttention:
+        return GraphDecodeAttention(self, batch_size, max_pages_per_seq, slot_pages, slot_offsets)
 
 
 class GraphDecodeAttention:
     """Decode attention for exactly `batch_size` sequences with fixed device buffers.
 
-    `plan(layout)` refreshes the buffers in place (before each replay); the captured
-    graph calls the instance as the model's `attn`.
+    `plan(layout)` refreshes flashinfer's buffers in place (before each replay); the caller
+    owns `slot_pages`/`slot_offsets` [batch_size] (where this step's k/v go) and fills them
+    before replay. The captured graph calls the instance as the model's `attn`.
     """
 
-    def __init__(self, backend: FlashInferAttention, batch_size: int, max_pages_per_seq: int) -> None:
+    def __init__(self, backend: FlashInferAttention, batch_size: int, max_pages_per_seq: int,
+                 slot_pages: torch.Tensor, slot_offsets: torch.Tensor) -> None:
         import flashinfer
 
         dev = backend.device
         self.backend = backend
         self.batch_size = batch_size
-        self.slot_pages = torch.zeros(batch_size, dtype=torch.long, device=dev)
-        self.slot_offsets = torch.zeros(batch_size, dtype=torch.long, device=dev)
+        self.slot_pages = slot_pages
+        self.slot_offsets = slot_offsets
         self._wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
             backend.workspace, "NHD", use_cuda_graph=True, use_tensor_cores=backend.decode_tensor_cores,
             paged_kv_indptr_buffer=torch.zeros(batch_size + 1, dtype=torch.int32, device=dev),
@@ -122,9 +127,6 @@ class GraphDecodeAttention:
 
     def plan(self, layout: BatchLayout) -> None:
         assert layout.num_seqs == self.batch_size == layout.num_decodes
-        pages, offsets = split_slots(layout.slot_mapping, self.backend.pool.page_size)
-        self.slot_pages.copy_(pages, non_blocking=True)
-        self.slot_offsets.copy_(offsets, non_blocking=True)
         self.backend._plan_decode(self._wrapper, layout, 0, self.batch_size)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int) -> torch.Tensor:

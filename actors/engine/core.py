@@ -124,9 +124,11 @@ class EngineCore:
 
             max_pages = pages_for(self.max_model_len, self.pool.page_size)
             graphs = DecodeGraphs(self.model, backend, self.pool, self.config.scheduler.max_decode_seqs, max_pages)
+            t0 = time.perf_counter()
             for stream in self.partitioner.all_streams("decode"):
                 graphs.capture_all(stream)
             torch.cuda.synchronize(self.device)
+            log.info("captured %d decode CUDA graphs in %.1f s", len(graphs.graphs), time.perf_counter() - t0)
         return ModelRunner(self.model, self.pool, backend, Sampler(self.device, self.config.seed), graphs=graphs)
 
     def _make_workers(self) -> list[Worker]:

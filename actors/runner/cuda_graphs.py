@@ -7,6 +7,7 @@ decode stream gets its own set. A batch of n decodes runs in the smallest bucket
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from actors.attention.base import BatchLayout
@@ -24,11 +25,12 @@ class DecodeGraphs:
         self.model = model
         self.pool = pool
         self.buckets = tuple(b for b in BUCKETS if b <= max_batch) or (1,)
-        dev = pool.kv.device
         top = self.buckets[-1]
-        self.input_ids = torch.zeros(top, dtype=torch.long, device=dev)
-        self.positions = torch.zeros(top, dtype=torch.long, device=dev)
-        self.attn = {bs: backend.graph_decoder(bs, max_pages_per_seq) for bs in self.buckets}
+        # rows: input ids, positions, KV slots, their pages, offsets in page; one host->device copy per step
+        self.inputs = torch.zeros(5, top, dtype=torch.long, device=pool.kv.device)
+        self.input_ids, self.positions = self.inputs[0], self.inputs[1]
+        self.attn = {bs: backend.graph_decoder(bs, max_pages_per_seq, self.inputs[3, :bs], self.inputs[4, :bs])
+                     for bs in self.buckets}
         self.mempool = torch.cuda.graph_pool_handle()
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
@@ -39,39 +41,49 @@ class DecodeGraphs:
     def bucket(self, n: int) -> int:
         return next(b for b in self.buckets if b >= n)
 
-    def _padded_layout(self, chunks: tuple[SeqChunk, ...], bs: int) -> tuple[list[int], list[int], BatchLayout]:
-        ps = self.pool.page_size
+    def _stage_inputs(self, chunks: tuple[SeqChunk, ...], bs: int) -> None:
+        """Copy ids, positions and slots of `chunks` (padded to `bs`) into `self.inputs` in one transfer."""
+        ps, n = self.pool.page_size, len(chunks)
+        host = np.zeros((5, bs), dtype=np.int64)
+        host[0, :n] = [c.token_ids[0] for c in chunks]
+        host[1, :n] = [c.start for c in chunks]
+        host[3] = self.pool.scratch_page
+        host[3, :n] = [c.block_ids[c.start // ps] for c in chunks]
+        host[4] = host[1] % ps
+        host[2] = host[3] * ps + host[4]
+        self.inputs[:, :bs].copy_(torch.from_numpy(host).pin_memory(), non_blocking=True)
+
+    def _prepare(self, chunks: tuple[SeqChunk, ...], bs: int) -> GraphDecodeAttention:
+        self._stage_inputs(chunks, bs)
         scratch = self.pool.scratch_page
-        ids = [c.token_ids[0] for c in chunks] + [0] * (bs - len(chunks))
-        pos = [c.start for c in chunks] + [0] * (bs - len(chunks))
-        slots = [c.block_ids[c.start // ps] * ps + c.start % ps for c in chunks] + [scratch * ps] * (bs - len(chunks))
         layout = BatchLayout(
             num_decodes=bs,
             query_lens=(1,) * bs,
             context_lens=tuple(c.context_len for c in chunks) + (1,) * (bs - len(chunks)),
             block_tables=tuple(c.block_ids for c in chunks) + ((scratch,),) * (bs - len(chunks)),
-            slot_mapping=torch.tensor(slots, dtype=torch.long).pin_memory().to(self.pool.kv.device, non_blocking=True),
+            slot_mapping=self.inputs[2, :bs],
         )
-        return ids, pos, layout
-
-    def _prepare(self, chunks: tuple[SeqChunk, ...], bs: int) -> GraphDecodeAttention:
-        ids, pos, layout = self._padded_layout(chunks, bs)
-        dev = self.pool.kv.device
-        self.input_ids[:bs].copy_(torch.tensor(ids).pin_memory().to(dev, non_blocking=True))
-        self.positions[:bs].copy_(torch.tensor(pos).pin_memory().to(dev, non_blocking=True))
         attn = self.attn[bs]
         attn.plan(layout)
         return attn
 
     def capture(self, stream: torch.cuda.Stream, bs: int) -> None:
-        """Record the bucket's graph on `stream` (warming up eagerly there first)."""
+        """Record the bucket's graph on `stream` (warming up eagerly there first).
+
+        Captures with `capture_begin`/`capture_end` rather than `torch.cuda.graph`, whose
+        entry runs `gc.collect()` and empties the allocator cache before every capture; an
+        engine captures one graph per (split, bucket): 182 took 134 s on an H200 that way.
+        """
         with torch.cuda.stream(stream):
             attn = self._prepare((), bs)
             self.model(self.input_ids[:bs], self.positions[:bs], attn)
-        stream.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.mempool, stream=stream, capture_error_mode="thread_local"):
-            out = self.model(self.input_ids[:bs], self.positions[:bs], attn)
+            stream.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            graph.capture_begin(pool=self.mempool, capture_error_mode="thread_local")
+            try:
+                out = self.model(self.input_ids[:bs], self.positions[:bs], attn)
+            finally:
+                graph.capture_end()
         self.graphs[(stream.cuda_stream, bs)] = (graph, out)
 
     def capture_all(self, stream: torch.cuda.Stream) -> None:

@@ -30,9 +30,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from actors.slo.latency_model import LatencyModel
-from actors.slo.types import EngineView, ReactivePolicy, SLOTargets, SplitDecision, SplitPolicy, percentile
+from actors.slo.types import EngineView, FixedPolicy, ReactivePolicy, SLOTargets, SplitDecision, SplitPolicy, percentile
 
-POLICIES: tuple[str, ...] = ("reactive", "model")
+POLICIES: tuple[str, ...] = ("reactive", "model", "fixed")
 
 
 @dataclass(frozen=True)
@@ -226,8 +226,10 @@ def _describe(p: SplitPrediction, targets: SLOTargets) -> str:
 def make_policy(name: str, model: LatencyModel | Mapping[str, LatencyModel] | None = None,
                 config: ModelPolicyConfig | None = None, step: int = 1) -> SplitPolicy:
     """`reactive`: the semi-PD paper's P90 rule moving `step` splits at a time (no model);
-    `model`: `ModelPolicy` over `model` with `config`.
+    `model`: `ModelPolicy` over `model` with `config`; `fixed`: keep the split the engine has.
     """
+    if name == "fixed":
+        return FixedPolicy()
     if name == "reactive":
         return ReactivePolicy(step=step)
     if name == "model":

@@ -67,6 +67,13 @@ def percentile(samples: tuple[float, ...] | list[float], q: float) -> float:
     return ordered[min(len(ordered), max(rank, 1)) - 1]
 
 
+class FixedPolicy:
+    """Never moves the split: the baseline a dynamic policy is measured against."""
+
+    def decide(self, view: EngineView, targets: SLOTargets) -> SplitDecision:
+        return SplitDecision(view.prefill_sms, "fixed split")
+
+
 class ReactivePolicy:
     """semi-PD paper's rule: compare P90 TTFT/TPOT with the targets, move one step.
 

@@ -286,7 +286,63 @@ def plot_results(results: Sequence[BenchResult], out: str | Path, slos: SLOs | N
     return path
 
 
+@dataclass(frozen=True)
+class SustainedRate:
+    """The highest request rate a label's sweep kept within the SLOs at `attainment_pct`.
+
+    `last_passing`: the highest swept rate below which every swept rate passed (None: the
+    lowest already failed); `crossing`: where attainment falls through the target, linearly
+    interpolated between that rate and the next one (== last_passing when no rate failed).
+    """
+
+    label: str
+    attainment_pct: float
+    last_passing: float | None
+    crossing: float | None
+    points: tuple[tuple[float, float], ...]  # (rate, attainment %) in rate order
+
+
+def sustained_rates(results: Sequence[BenchResult], slos: SLOs | None = None, attainment_pct: float = 90.0
+                    ) -> list[SustainedRate]:
+    """Per label, the sustained rate at `attainment_pct` (see `SustainedRate`), in first-seen label order."""
+    series: dict[str, list[tuple[float, float]]] = {}
+    for r in results:
+        targets = slos if slos is not None else r.slos
+        if not targets.active:
+            raise ValueError(f"result {r.label or 'run'!r} at rate {_x_of(r):g} has no SLOs; pass --goodput")
+        m = compute_metrics(r.records, r.metrics.duration_s, targets)
+        series.setdefault(r.label or "run", []).append((_x_of(r), float(m.slo_attainment_pct or 0.0)))
+    out = []
+    for label, points in series.items():
+        points.sort()
+        passing, crossing = None, None
+        for i, (rate, att) in enumerate(points):
+            if att < attainment_pct:
+                if passing is not None:
+                    lo_rate, lo_att = points[i - 1]
+                    crossing = lo_rate + (rate - lo_rate) * (lo_att - attainment_pct) / (lo_att - att)
+                break
+            passing = crossing = rate
+        out.append(SustainedRate(label, attainment_pct, passing, crossing, tuple(points)))
+    return out
+
+
+def format_sustained_rates(rates: Sequence[SustainedRate]) -> str:
+    """A markdown table: label, sustained rate, and attainment at each swept rate."""
+    def num(x: float | None) -> str:
+        return "-" if x is None else f"{x:.2f}"
+
+    pct = f"{rates[0].attainment_pct:g}" if rates else "90"
+    lines = [f"| run | highest passing rate (req/s) | rate at {pct}% (interpolated) | attainment % by rate |",
+             "|---|---|---|---|"]
+    for s in rates:
+        by_rate = ", ".join(f"{rate:g}: {att:.0f}" for rate, att in s.points)
+        lines.append(f"| {s.label} | {num(s.last_passing)} | {num(s.crossing)} | {by_rate} |")
+    return "\n".join(lines)
+
+
 __all__ = [
-    "BenchResult", "SCHEMA", "format_failures", "format_preamble", "format_profile_breakdown", "format_result_block",
-    "load_result", "plot_results", "profile_breakdown", "write_result",
+    "BenchResult", "SCHEMA", "SustainedRate", "format_failures", "format_preamble", "format_profile_breakdown",
+    "format_result_block", "format_sustained_rates", "load_result", "plot_results", "profile_breakdown",
+    "sustained_rates", "write_result",
 ]

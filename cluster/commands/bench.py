@@ -75,6 +75,13 @@ def _ratio(text: str) -> float:
     return value
 
 
+def _attainment(text: str) -> float:
+    value = float(text)
+    if not (0.0 < value <= 100.0):
+        raise ValueError(f"must be a percentage in (0, 100], got {text}")
+    return value
+
+
 def _slo_item(text: str) -> str:
     from cluster.bench.metrics import SLOs
 
@@ -225,15 +232,19 @@ def _register_plot(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--goodput", nargs="+", type=_type(_slo_item), default=None, metavar="KEY:MS",
                    help="SLOs for attainment (default: those stored in each result)")
     p.add_argument("--percentile", type=_type(_percentiles), default=(90.0,), help="latency percentile (default 90)")
+    p.add_argument("--attainment", type=_type(_attainment), default=90.0, metavar="PCT",
+                   help="print each run's highest request rate with at least PCT%% of requests within the SLOs")
     p.set_defaults(func=run_plot)
 
 
 def run_plot(args: argparse.Namespace) -> int:
     from cluster.bench.metrics import SLOs
-    from cluster.bench.report import load_result, plot_results
+    from cluster.bench.report import format_sustained_rates, load_result, plot_results, sustained_rates
 
     results = [load_result(path) for path in args.results]
     slos = SLOs.parse(args.goodput) if args.goodput else None
     path = plot_results(results, args.out, slos, percentile=args.percentile[0])
     print(f"wrote {path}")
+    if slos is not None or all(r.slos.active for r in results):
+        print(format_sustained_rates(sustained_rates(results, slos, args.attainment)))
     return 0

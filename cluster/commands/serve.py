@@ -36,7 +36,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ttft-slo-ms", type=float, default=1000.0)
     p.add_argument("--tpot-slo-ms", type=float, default=50.0)
     p.add_argument("--policy", default="reactive",
-                   help="split policy: reactive, model (latency model per engine), or module:Class")
+                   help="split policy: reactive, model (latency model per engine), fixed (keep --prefill-sms), "
+                        "or module:Class")
+    p.add_argument("--prefill-sms", type=int, default=None,
+                   help="semi-pd: SMs given to prefill at start (default: about half; the nearest split is used)")
     p.add_argument("--latency-profile", metavar="PATH", default=None,
                    help="--policy model: JSON latency profiles on the engines' nodes (loaded, or profiled and saved)")
     p.add_argument("--profile-grid", default="quick", choices=["quick", "full"],
@@ -72,7 +75,7 @@ def cluster_config(args: argparse.Namespace, redis_url: str | None) -> Any:
         latency_profile=args.latency_profile, profile_grid=args.profile_grid,
         router=RouterPolicy(session_affinity=args.router_policy == "prefix-affinity"),
         engine=EngineOptions(device=args.device, num_pages=args.num_pages, max_prefill_tokens=args.max_prefill_tokens,
-                             load_format=args.load_format),
+                             load_format=args.load_format, prefill_sms=args.prefill_sms),
         cluster_name=args.cluster_name, served_model_name=args.served_model_name,
     )
 
@@ -86,6 +89,7 @@ def serve_app_args(args: argparse.Namespace, redis_url: str | None, grpc_port: i
                 tpot_slo_ms=args.tpot_slo_ms, mode=args.mode, router_policy=args.router_policy,
                 num_actors=args.num_actors, redis_url=redis_url, grpc_port=grpc_port or None,
                 max_prefill_tokens=args.max_prefill_tokens, device=args.device, load_format=args.load_format,
+                prefill_sms=args.prefill_sms,
                 controller_policy=args.policy, latency_profile=args.latency_profile, profile_grid=args.profile_grid,
                 cluster_name=args.cluster_name)
 

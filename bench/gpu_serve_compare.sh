@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# On the GPU machine: rate sweeps of `semipd bench serve` against several server configurations, one after
+# the other on the same GPU, with the same requests and SLOs.
+#   bash bench/gpu_serve_compare.sh CONFIG...
+# CONFIG is one of:
+#   semi-pd-dynamic   semi-PD, model-based split policy (profiles at start, or loads /tmp/semipd-profile.json)
+#   semi-pd-reactive  semi-PD, the paper's reactive P90 rule
+#   semi-pd-fixedN    semi-PD, split held at N prefill SMs (e.g. semi-pd-fixed64)
+#   unified           our engine, chunked prefill with piggybacked decodes on the whole GPU
+#   vllm              vLLM's OpenAI server with its defaults (needs .vllmA staged and .vllmB carried)
+# Needs `.device` set up (flashinfer + compiled kernels) and `.devray` (pack.sh ray + redis, built in another
+# folder; see ../shared/device/README.md). Environment: SWEEPS ("workload:rate,rate ..."), WINDOW (seconds of
+# arrivals per rate), TTFT/TPOT (ms), SHIFT_RATE (one shifting-workload run per config at this rate),
+# CONFIG_TIMEOUT (s per config), MODEL (default: the llama3-8b preset, random weights).
+# Results: $OUT/serve/CONFIG-WORKLOAD-RATE.json (+ .log), server logs and split decisions in $OUT.
+# Without a GPU (a CPU check of this script) it runs on what is installed; pass e.g. SERVE_EXTRA="--device cpu".
+set -uo pipefail
+: "${SWEEPS:=sharegpt:12,24,36 arxiv:2,4,6}" "${WINDOW:=12}" "${TTFT:=1000}" "${TPOT:=50}" "${SHIFT_RATE:=}"
+: "${CONFIG_TIMEOUT:=300}" "${SERVE_EXTRA:=}"
+gpu=$(command -v nvidia-smi)
+if [ -n "$gpu" ]; then
+  source .device/setup.sh
+  if [ ! -f /tmp/site/.ray-done ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .devray/wheels/*.whl 2>/dev/null
+    tar -xJf .devray/ray.tar.xz -C /tmp/site
+    for d in .devray/debs/*.deb; do dpkg -x "$d" /tmp/site/root; done
+    touch /tmp/site/.ray-done
+  fi
+fi
+export PYTHONPATH="$PWD:/tmp/site" TOKENIZERS_PARALLELISM=false
+model=${MODEL:-/tmp/models/llama3-8b}
+[ -f $model/config.json ] || python3 -m cluster.cli make-model --preset llama3-8b --out $model --no-weights >/dev/null
+mkdir -p "$OUT/serve"
+
+start_server() {  # config log -> sets $server
+  local common=(--model $model --num-actors 1 --grpc-port 0 --http-port 8000 --served-model-name llama3-8b
+                --ttft-slo-ms "$TTFT" --tpot-slo-ms "$TPOT" $SERVE_EXTRA)
+  [ -n "$gpu" ] && common+=(--load-format dummy)
+  case $1 in
+    semi-pd-dynamic) flags=(--policy model --profile-grid full --latency-profile /tmp/semipd-profile.json) ;;
+    semi-pd-reactive) flags=(--policy reactive) ;;
+    semi-pd-fixed*) flags=(--policy fixed --prefill-sms "${1#semi-pd-fixed}") ;;
+    unified) flags=(--mode unified) ;;
+    vllm)
+      source .vllmB/setup-vllm.sh
+      vllm-python -m vllm.entrypoints.cli.main serve $model --load-format dummy --port 8000 --served-model-name llama3-8b \
+        --dtype bfloat16 --max-model-len 8192 --gpu-memory-utilization 0.85 > "$2" 2>&1 &
+      server=$!; return ;;
+    *) echo "unknown config $1"; return 1 ;;
+  esac
+  python3 -m cluster.cli serve "${common[@]}" "${flags[@]}" > "$2" 2>&1 &
+  server=$!
+}
+
+stop_server() {
+  kill -TERM $server 2>/dev/null
+  for _ in $(seq 60); do kill -0 $server 2>/dev/null || break; sleep 1; done
+  kill -KILL $server 2>/dev/null
+  wait $server 2>/dev/null
+  pkill -KILL -x raylet; pkill -KILL -x gcs_server; pkill -KILL -f "ray::"
+  return 0
+}
+
+bench() {  # config workload rate
+  local n=$(python3 -c "print(max(16, round($3 * $WINDOW)))") name="$1-$2-$3"
+  timeout $(( CONFIG_TIMEOUT / 2 )) python3 -m cluster.cli bench serve --base-url http://127.0.0.1:8000 --model llama3-8b \
+    --tokenizer $model --workload "$2" --request-rate "$3" --num-prompts "$n" --goodput ttft:$TTFT tpot:$TPOT \
+    --label "$1" --request-timeout 120 --result-dir "$OUT/serve" --result-filename "$name.json" --disable-tqdm \
+    > "$OUT/serve/$name.log" 2>&1
+  echo "$name: $(grep -E "Request throughput|SLO attainment|P90 TTFT|P90 TPOT" "$OUT/serve/$name.log" | tr -s ' ' | paste -sd' ')"
+}
+
+run_config() {  # config
+  local t0=$(date +%s) log="$OUT/$1-server.log" up=0
+  start_server "$1" "$log" || return 1
+  for _ in $(seq $CONFIG_TIMEOUT); do
+    curl -sf http://127.0.0.1:8000/v1/models >/dev/null 2>&1 && { up=1; break; }
+    kill -0 $server 2>/dev/null || break
+    sleep 1
+  done
+  if [ $up = 0 ]; then echo "$1: server did not come up"; tail -20 "$log"; stop_server; return 1; fi
+  echo "$1: up after $(( $(date +%s) - t0 )) s"
+  for sweep in $SWEEPS; do
+    local workload=${sweep%%:*} rates=${sweep#*:}
+    for rate in ${rates//,/ }; do
+      [ $(( $(date +%s) - t0 )) -lt $CONFIG_TIMEOUT ] || { echo "$1: out of time, skipping $workload $rate"; continue; }
+      bench "$1" "$workload" "$rate"
+    done
+  done
+  [ -n "$SHIFT_RATE" ] && bench "$1" shifting "$SHIFT_RATE"
+  if [ "$1" != vllm ]; then
+    local redis=$(grep -o 'semipd status --redis [^ ]*' "$log" | awk '{print $4}')
+    python3 -m cluster.cli status --redis "$redis" --decisions 100 > "$OUT/$1-decisions.txt" 2>&1
+  fi
+  stop_server
+  echo "$1: done after $(( $(date +%s) - t0 )) s"
+}
+
+for config in "$@"; do run_config "$config"; done
