@@ -254,7 +254,6 @@ class EngineActor:
             in_flight_ids=sorted(self._in_flight_ids),
             ttft_ms=ttft,
             tpot_ms=tpot,
-            switches=[asdict(s) for s in part.switches[-10:]],
             redis=self._publisher.state.to_dict() if self._publisher else None,
             metrics={
                 "vllm:num_requests_running": stats["num_prefilling"] + stats["num_decoding"],

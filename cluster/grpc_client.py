@@ -11,13 +11,9 @@ iterator cancels the call, which aborts the request on the server and frees its 
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -25,40 +21,12 @@ import grpc
 
 from actors.request import SamplingParams
 
-_STUBS: tuple[ModuleType, ModuleType] | None = None
-
 
 def load_stubs() -> tuple[ModuleType, ModuleType]:
-    """(semipd_pb2, semipd_pb2_grpc).
+    """(semipd_pb2, semipd_pb2_grpc), the generated stubs in the package semipd.v1."""
+    from semipd.v1 import semipd_pb2, semipd_pb2_grpc
 
-    proto-plus (a dependency of Ray's) also installs a top-level package `proto`; when
-    it shadows ours (a console script run outside the repository root), ours is loaded
-    from this checkout under the name `_semipd_proto` instead.
-    """
-    global _STUBS
-    if _STUBS is None:
-        try:
-            from proto.semipd.v1 import semipd_pb2, semipd_pb2_grpc
-
-            _STUBS = (semipd_pb2, semipd_pb2_grpc)
-        except ModuleNotFoundError:
-            _STUBS = _load_from_checkout()
-    return _STUBS
-
-
-def _load_from_checkout() -> tuple[ModuleType, ModuleType]:
-    alias = "_semipd_proto"
-    if alias not in sys.modules:
-        root = Path(__file__).resolve().parents[1] / "proto"
-        spec = importlib.util.spec_from_file_location(alias, root / "__init__.py",
-                                                      submodule_search_locations=[str(root)])
-        if spec is None or spec.loader is None:
-            raise ModuleNotFoundError(f"cannot load the semipd stubs from {root}")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[alias] = module
-        spec.loader.exec_module(module)
-    return (importlib.import_module(f"{alias}.semipd.v1.semipd_pb2"),
-            importlib.import_module(f"{alias}.semipd.v1.semipd_pb2_grpc"))
+    return semipd_pb2, semipd_pb2_grpc
 
 
 class GrpcCallError(RuntimeError):

@@ -3,8 +3,9 @@
 `create_app(client, tokenizer)` returns a FastAPI app with
 `POST /v1/completions`, `POST /v1/chat/completions` (streaming as SSE `data: {...}`
 chunks ending with `data: [DONE]`, or not), `GET /v1/models`, `POST /tokenize`,
-`POST /detokenize`, `GET /health` (503 when no engine makes progress) and
-`GET /metrics` (Prometheus, see `cluster.metrics`).
+`POST /detokenize`, `GET /health` (503 when no engine makes progress),
+`GET /metrics` (Prometheus, see `cluster.metrics`) and `GET /splits` (each engine's
+SM split and its recent changes: time, from, to, reason).
 
 Requests are tokenized and checked here (parameters, model name, context length)
 before anything is dispatched. Errors have OpenAI's body,
@@ -741,6 +742,22 @@ class OpenAIServer:
                 return Response(status_code=200)
         raise APIError(503, "no engine is serving: " + ("; ".join(problems) or "no engines"))
 
+    async def splits(self, request: Request) -> Response:
+        """Each engine's SM split and its recent changes (time, from, to, why): `GET /splits`."""
+        self.check_auth(request)
+        try:
+            loads = await asyncio.wait_for(self.client.loads(), LOADS_TIMEOUT_SECONDS)
+        except Exception as e:
+            raise APIError(503, f"the engines do not answer: {type(e).__name__}: {e}") from None
+        data = []
+        for load in loads:
+            s = load.stats
+            if "prefill_sms" not in s:  # an engine that did not report
+                continue
+            data.append({"engine_id": load.engine_id, "prefill_sms": s["prefill_sms"], "total_sms": s["total_sms"],
+                         "num_switches": s.get("num_switches", 0), "switches": list(s.get("switches", ()))})
+        return JSONResponse({"object": "list", "time": time.time(), "data": data})
+
     async def prometheus(self) -> Response:
         try:
             self.metrics.update_loads(await asyncio.wait_for(self.client.loads(), LOADS_TIMEOUT_SECONDS))
@@ -918,6 +935,7 @@ def create_app(
     for path, handler, methods in routes:
         app.add_api_route(path, handler, methods=methods)
     app.add_api_route("/health", server.health, methods=["GET"])
+    app.add_api_route("/splits", server.splits, methods=["GET"])
     app.add_api_route("/metrics", server.prometheus, methods=["GET"], include_in_schema=False)
     return app
 

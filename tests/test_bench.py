@@ -19,9 +19,10 @@ from cluster.bench.client import (
 )
 from cluster.bench.metrics import SLOs, MetricsError, compute_metrics, parse_metric_names, parse_percentiles
 from cluster.bench.report import (
-    BenchResult, format_failures, format_result_block, load_result, plot_results, sustained_rates, write_result,
+    BenchResult, format_failures, format_result_block, format_split_changes, load_result, plot_results, sustained_rates,
+    write_result,
 )
-from cluster.bench.serve_bench import ServeBenchConfig, result_path, run_rate
+from cluster.bench.serve_bench import ServeBenchConfig, result_path, run_rate, split_changes
 from cluster.bench.workloads import (
     PROFILES, BenchRequest, LogNormalLengths, RatioPromptBuilder, TokenizerPromptBuilder, WorkloadConfig,
     WorkloadError, build_requests, parse_phases, sample_lengths, split_counts,
@@ -589,8 +590,28 @@ def test_end_to_end_against_real_server(live_server: _Server, tiny_llama: Path, 
     assert result.label == "e2e" and result.metadata == {"engine": "semi-pd"} and result.request_rate == 40.0
     assert result.server_metrics is not None
     assert any(k.startswith("semipd:sm_repartitions_total") for k in result.server_metrics["delta"])
+    assert result.split_changes == [] and "SM split changes during the run: 0" in printed  # none was asked for
     scheduled = [r.scheduled_s for r in recs]
     assert scheduled == sorted(scheduled) and scheduled[-1] > 0.1  # spread at 40 req/s, not all at once
+
+
+def test_split_changes_keep_the_run_window_and_count_omitted() -> None:
+    def engine(eid: str, n: int, times: list[float]) -> dict[str, Any]:
+        return {"engine_id": eid, "prefill_sms": 64, "total_sms": 132, "num_switches": n,
+                "switches": [{"time": t, "from_sms": 56, "to_sms": 64, "reason": f"r{t:g}"} for t in times]}
+
+    before = {"data": [engine("e0", 1, [5.0]), engine("e1", 0, [])]}
+    after = {"data": [engine("e0", 3, [5.0, 12.0, 14.5]), engine("e1", 4, [11.0, 19.0]), engine("e2", 1, [13.0])]}
+    got = split_changes(before, after, start=10.0, end=15.0)
+    assert [(c["engine_id"], c.get("time_s"), c.get("reason")) for c in got] == [
+        ("e1", None, None), ("e1", 1.0, "r11"), ("e0", 2.0, "r12"), ("e2", 3.0, "r13"), ("e0", 4.5, "r14.5")]
+    assert got[0]["omitted"] == 2  # e1 changed 4 times since `before`; the server still lists 2 of them
+    assert split_changes(before, None, 0.0, 1.0) is None  # a server without /splits (vLLM)
+    result = _result(_ttft_records([100.0]))
+    result.split_changes = got
+    block = format_split_changes(result)
+    assert block.splitlines()[0] == "SM split changes during the run: 6"
+    assert "t=   4.50s e0: 56 -> 64 prefill SMs (r14.5)" in block
 
 
 def test_end_to_end_chat_and_rejections(live_server: _Server, tiny_llama: Path, tmp_path: Path,

@@ -282,19 +282,20 @@ def test_build_request_round_trip() -> None:
     assert params_from_proto(build_request("x", SamplingParams(detokenize=False)).params).detokenize is False
 
 
-def test_stubs_load_when_proto_plus_shadows_ours(tmp_path: Path) -> None:
-    """proto-plus (a Ray dependency) is also a top-level `proto`; with it imported first and
-    no editable-install finder to resolve `proto.semipd`, load_stubs() loads ours by path."""
+def test_stubs_import_as_semipd_v1_next_to_proto_plus(tmp_path: Path) -> None:
+    """The stubs are the installed package semipd.v1, so they import from anywhere (here a directory
+    outside the checkout), also with proto-plus's top-level `proto` (a Ray dependency) imported first."""
     code = (
-        "import sys, proto\n"
+        "import proto\n"
         "import cluster.grpc_client as g\n"
-        "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in getattr(f, '__module__', '')]\n"
+        "from semipd.v1 import semipd_pb2, semipd_pb2_grpc\n"
         "pb2, stub = g.load_stubs()\n"
         "print(proto.__file__.endswith('site-packages/proto/__init__.py'), pb2.__name__, "
-        "pb2.GenerateRequest(text='x').text, hasattr(stub, 'GenerationStub'))\n"
+        "pb2 is semipd_pb2 and stub is semipd_pb2_grpc, pb2.GenerateRequest(text='x').text, "
+        "hasattr(stub, 'GenerationStub'))\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["True", "_semipd_proto.semipd.v1.semipd_pb2", "x", "True"]
+    assert out.stdout.split() == ["True", "semipd.v1.semipd_pb2", "True", "x", "True"]

@@ -220,6 +220,24 @@ def test_health_ok(live: Live) -> None:
     assert live.http.get("/health").status_code == 200
 
 
+def test_splits_report_each_engine_split_and_its_changes(live: Live) -> None:
+    part = live.core.partitioner
+    [before] = live.http.get("/splits").json()["data"]
+    assert (before["engine_id"], before["prefill_sms"], before["total_sms"]) == ("local", part.current, part.total_sms)
+    start = part.current
+    target = next(n for n in part.splits if n != start)
+    assert part.switch(target, "test: move")
+    try:
+        body = live.http.get("/splits").json()
+        [after] = body["data"]
+        assert after["prefill_sms"] == target and after["num_switches"] == before["num_switches"] + 1
+        last = after["switches"][-1]
+        assert (last["from_sms"], last["to_sms"], last["reason"]) == (start, target, "test: move")
+        assert last["time"] <= body["time"]
+    finally:
+        part.switch(start, "test: back")
+
+
 # -- bad input -----------------------------------------------------------------------
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from actors.config import ConfigError, EngineConfig, ModelArch
-from actors.engine.partitioner import Partitioner, make_partitioner
+from actors.engine.partitioner import Partitioner, SwitchRecord, make_partitioner
 from actors.engine.workers import DecodeWorker, Emit, PrefillWorker, UnifiedWorker, Wakeup, Worker
 from actors.kv.allocator import BlockAllocator
 from actors.kv.manager import KVManager, pages_for
@@ -32,6 +32,7 @@ from actors.slo.admission import EngineAdmission
 from actors.slo.ordering import make_order
 
 log = logging.getLogger(__name__)
+RECENT_SWITCHES = 64  # split changes a stats snapshot carries (the controller changes at most one per dwell)
 
 
 class PromptTooLongError(ValueError):
@@ -58,6 +59,7 @@ class EngineStats:
     busy_seconds: dict[str, float]
     num_switch_stalls: int = 0  # SM splits adopted by the workers (Worker.adopt_seconds) ...
     switch_stall_seconds: float = 0.0  # ... and the total time the adoptions took
+    switches: tuple[SwitchRecord, ...] = ()  # the last RECENT_SWITCHES split changes, oldest first
 
 
 class EngineCore:
@@ -279,4 +281,5 @@ class EngineCore:
             busy_seconds={w.name: w.busy_seconds for w in self.workers},
             num_switch_stalls=sum(len(w.adopt_seconds) for w in self.workers),
             switch_stall_seconds=sum(sum(w.adopt_seconds) for w in self.workers),
+            switches=tuple(self.partitioner.switches[-RECENT_SWITCHES:]),
         )

@@ -313,7 +313,19 @@ async def fetch_server_metrics(client: httpx.AsyncClient, base_url: str,
     return parse_prometheus(resp.text, prefixes)
 
 
+async def fetch_splits(client: httpx.AsyncClient, base_url: str) -> dict[str, Any] | None:
+    """The server's `GET /splits` (semipd: each engine's SM split and recent changes), or None without one."""
+    try:
+        resp = await client.get(base_url.rstrip("/") + "/splits")
+    except httpx.HTTPError:
+        return None
+    if resp.status_code != 200:
+        return None
+    body = resp.json()
+    return body if isinstance(body, dict) and isinstance(body.get("data"), list) else None
+
+
 __all__ = [
     "DONE", "ENDPOINTS", "EndpointConfig", "RequestRecord", "ServerError", "StreamTimer", "build_payload",
-    "count_tokens", "fetch_models", "fetch_server_metrics", "parse_prometheus", "parse_sse_line", "send_request",
+    "count_tokens", "fetch_models", "fetch_server_metrics", "fetch_splits", "parse_prometheus", "parse_sse_line", "send_request",
 ]

@@ -42,6 +42,7 @@ class BenchResult:
     config: dict[str, Any] = field(default_factory=dict)
     server_metrics: dict[str, Any] | None = None
     metadata: dict[str, str] = field(default_factory=dict)
+    split_changes: list[dict[str, Any]] | None = None  # semipd servers: SM split changes during the run
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {
@@ -59,6 +60,7 @@ class BenchResult:
             "config": _jsonable(self.config),
             "metadata": dict(self.metadata),
             "server_metrics": self.server_metrics,
+            "split_changes": self.split_changes,
             "requests": [r.to_dict() for r in self.records],
         }
         return data
@@ -85,6 +87,7 @@ class BenchResult:
             config=data.get("config", {}),
             server_metrics=data.get("server_metrics"),
             metadata=data.get("metadata", {}),
+            split_changes=data.get("split_changes"),
         )
 
 
@@ -209,6 +212,23 @@ def format_profile_breakdown(result: BenchResult) -> str:
             f"{row['mean_tpot_ms']:.2f}/{row[f'p{p}_tpot_ms']:.2f} ms"
             + ("" if slo is None else f"; SLO attainment {slo:.2f}%")
         )
+    return "\n".join(lines)
+
+
+def format_split_changes(result: BenchResult, limit: int = 20) -> str:
+    """The run's SM split changes, one line each (empty for servers without them)."""
+    changes = result.split_changes
+    if changes is None:
+        return ""
+    lines = [f"SM split changes during the run: {sum(c.get('omitted', 1) for c in changes)}"]
+    for c in changes[:limit]:
+        if "omitted" in c:
+            lines.append(f"  {c['engine_id']}: {c['omitted']} more not listed by the server")
+        else:
+            lines.append(f"  t={c['time_s']:7.2f}s {c['engine_id']}: {c['from_sms']} -> {c['to_sms']} prefill SMs"
+                         f" ({c['reason']})")
+    if len(changes) > limit:
+        lines.append(f"  ... {len(changes) - limit} more in the result JSON")
     return "\n".join(lines)
 
 
@@ -343,6 +363,6 @@ def format_sustained_rates(rates: Sequence[SustainedRate]) -> str:
 
 __all__ = [
     "BenchResult", "SCHEMA", "SustainedRate", "format_failures", "format_preamble", "format_profile_breakdown",
-    "format_result_block", "format_sustained_rates", "load_result", "plot_results", "profile_breakdown",
-    "sustained_rates", "write_result",
+    "format_result_block", "format_split_changes", "format_sustained_rates", "load_result", "plot_results",
+    "profile_breakdown", "sustained_rates", "write_result",
 ]

@@ -26,11 +26,13 @@ import numpy as np
 
 from cluster.bench.arrivals import ArrivalConfig, arrival_offsets
 from cluster.bench.client import (
-    EndpointConfig, RequestRecord, ServerError, count_tokens, fetch_models, fetch_server_metrics, send_request,
+    EndpointConfig, RequestRecord, ServerError, count_tokens, fetch_models, fetch_server_metrics, fetch_splits,
+    send_request,
 )
 from cluster.bench.metrics import METRICS, SLOs, compute_metrics
 from cluster.bench.report import (
-    BenchResult, format_failures, format_preamble, format_profile_breakdown, format_result_block, write_result,
+    BenchResult, format_failures, format_preamble, format_profile_breakdown, format_result_block,
+    format_split_changes, write_result,
 )
 from cluster.bench.workloads import (
     BenchRequest, PromptBuilder, RatioPromptBuilder, TokenizerPromptBuilder, WorkloadConfig, build_requests,
@@ -237,21 +239,25 @@ async def _run_one_rate(client: httpx.AsyncClient, config: ServeBenchConfig, end
     offsets = arrival_offsets(ArrivalConfig(rate, config.burstiness, config.workload.seed), len(requests))
     prefixes = config.server_metric_prefixes
     before = await fetch_server_metrics(client, config.base_url, prefixes) if prefixes else None
+    splits_before = await fetch_splits(client, config.base_url) if prefixes else None
     print(format_preamble(rate, config.burstiness, config.max_concurrency), file=out)
     date = datetime.now().strftime("%Y%m%d-%H%M%S")
+    started = time.time()
     records, duration = await run_rate(client, endpoint, requests, offsets, config.max_concurrency,
                                        config.disable_tqdm, desc=f"rate {rate:g}")
+    ended = time.time()
     after = await fetch_server_metrics(client, config.base_url, prefixes) if prefixes else None
+    splits_after = await fetch_splits(client, config.base_url) if prefixes else None
     metrics = compute_metrics(records, duration, config.slos, config.metric_percentiles)
     result = BenchResult(
         label=config.label or endpoint.model, date=date, request_rate=rate, burstiness=config.burstiness,
         max_concurrency=config.max_concurrency, slos=config.slos, percentile_metrics=config.percentile_metrics,
         metric_percentiles=config.metric_percentiles, records=records, metrics=metrics,
         config={**config.to_dict(), "model": endpoint.model}, server_metrics=_delta(before, after),
-        metadata=dict(config.metadata),
+        metadata=dict(config.metadata), split_changes=split_changes(splits_before, splits_after, started, ended),
     )
     print(format_result_block(result), file=out)
-    for extra in (format_profile_breakdown(result), format_failures(records)):
+    for extra in (format_profile_breakdown(result), format_split_changes(result), format_failures(records)):
         if extra:
             print(extra, file=out)
     if config.writes_results:
@@ -261,9 +267,35 @@ async def _run_one_rate(client: httpx.AsyncClient, config: ServeBenchConfig, end
     return result
 
 
+def split_changes(before: dict[str, Any] | None, after: dict[str, Any] | None, start: float, end: float
+                  ) -> list[dict[str, Any]] | None:
+    """The SM split changes a semipd server reported (`GET /splits`) between wall-clock `start` and
+    `end` (the client's clock: run the benchmark where the cluster runs), oldest first; an entry
+    `{"engine_id", "omitted": n}` says n more changes fell out of the server's recent list.
+    None when the server has no `/splits` (vLLM and other OpenAI servers).
+    """
+    if after is None:
+        return None
+    known = {e["engine_id"]: (int(e.get("num_switches", 0)), max((sw["time"] for sw in e.get("switches", [])),
+                                                                 default=-math.inf))
+             for e in (before or {}).get("data", [])}
+    changes: list[dict[str, Any]] = []
+    for engine in after["data"]:
+        eid, switches = engine["engine_id"], engine.get("switches", [])
+        changes.extend({"engine_id": eid, "time_s": round(sw["time"] - start, 3), "from_sms": sw["from_sms"],
+                        "to_sms": sw["to_sms"], "reason": sw["reason"]}
+                       for sw in switches if start <= sw["time"] <= end)
+        if eid in known:
+            count, last_seen = known[eid]
+            missing = int(engine.get("num_switches", 0)) - count - sum(1 for sw in switches if sw["time"] > last_seen)
+            if missing > 0:
+                changes.append({"engine_id": eid, "omitted": missing})
+    return sorted(changes, key=lambda c: c.get("time_s", -1.0))
+
+
 def run_serve_bench(config: ServeBenchConfig, out: TextIO | None = None) -> list[BenchResult]:
     """Run the benchmark (one result per request rate); prints to `out` (stdout)."""
     return asyncio.run(_run(config, out or sys.stdout))
 
 
-__all__ = ["ServeBenchConfig", "make_prompt_builder", "result_path", "run_rate", "run_serve_bench"]
+__all__ = ["ServeBenchConfig", "make_prompt_builder", "result_path", "run_rate", "run_serve_bench", "split_changes"]

@@ -178,7 +178,7 @@ def _register_serve(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--result-filename", default=None, help="file name; '{rate}' is replaced in a sweep")
     g.add_argument("--metadata", nargs="*", type=_type(_key_value), default=[], metavar="KEY=VALUE")
     g.add_argument("--no-server-metrics", dest="server_metrics", action="store_false",
-                   help="do not read the server's /metrics before and after each run")
+                   help="do not read the server's /metrics and /splits (SM split changes) around each run")
     g.add_argument("--disable-tqdm", action="store_true")
     p.set_defaults(func=run_serve)
 

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from . import semipd_pb2 as semipd_dot_v1_dot_semipd__pb2
+from semipd.v1 import semipd_pb2 as semipd_dot_v1_dot_semipd__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__

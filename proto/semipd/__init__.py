@@ -1,1 +1,0 @@
-"""semipd protocol buffers."""

@@ -1,1 +1,0 @@
-"""semipd.v1: the Generation service (see semipd.proto)."""
