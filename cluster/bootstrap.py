@@ -114,6 +114,7 @@ class ClusterConfig:
     With the "model" split policy (and Redis) each engine actor gets its latency model at
     start and publishes it: loaded from `latency_profile` (a JSON profile file on the
     actors' nodes) or profiled on `profile_grid` (`quick` or `full`) and saved there.
+    `prefill_sm_fraction` bounds the prefill share of each engine's SMs the controller may set.
     """
 
     model: str
@@ -138,12 +139,16 @@ class ClusterConfig:
     lease_s: float = 3.0
     min_dwell_s: float = 5.0
     min_samples: int = 8
+    prefill_sm_fraction: tuple[float, float] = (0.0, 1.0)
     start_controller: bool = True
     ready_timeout_s: float = 300.0
     check_model: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "actor_resources", _freeze_resources(self.actor_resources))
+        lo, hi = self.prefill_sm_fraction
+        if not 0.0 <= lo <= hi <= 1.0:
+            raise ConfigError(f"prefill SM fraction bounds must satisfy 0 <= min <= max <= 1, got ({lo}, {hi})")
         if self.num_actors < 1:
             raise ConfigError(f"num_actors must be >= 1, got {self.num_actors}")
         if self.mode not in ENGINE_MODES:
@@ -204,7 +209,8 @@ class ClusterConfig:
             raise ConfigError("the controller needs a redis_url")
         return ControllerConfig(self.redis_url, self.cluster_name, self.slo, self.policy,
                                 interval_s=self.controller_interval_s, lease_s=self.lease_s,
-                                min_dwell_s=self.min_dwell_s, min_samples=self.min_samples)
+                                min_dwell_s=self.min_dwell_s, min_samples=self.min_samples,
+                                prefill_sm_fraction=self.prefill_sm_fraction)
 
     # -- dict round trip (Serve application arguments) ----------------------------------
 
@@ -229,6 +235,8 @@ class ClusterConfig:
             kw["engine"] = EngineOptions(**kw["engine"])
         if "actor_resources" in kw:
             kw["actor_resources"] = tuple(kw["actor_resources"])
+        if "prefill_sm_fraction" in kw:
+            kw["prefill_sm_fraction"] = tuple(kw["prefill_sm_fraction"])
         return cls(**kw)
 
 

@@ -29,7 +29,7 @@ import socket
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from actors.slo.latency_model import LatencyModel
@@ -88,8 +88,12 @@ class ControllerConfig:
     apply_timeout_s: float = 10.0
     max_decisions: int = 500
     max_backoff_s: float = 5.0
+    prefill_sm_fraction: tuple[float, float] = (0.0, 1.0)  # bounds on the prefill share of each engine's SMs
 
     def __post_init__(self) -> None:
+        lo, hi = self.prefill_sm_fraction
+        if not 0.0 <= lo <= hi <= 1.0:
+            raise ValueError(f"prefill_sm_fraction must satisfy 0 <= min <= max <= 1, got ({lo}, {hi})")
         if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError(f"redis_url must be a redis:// URL, got {self.redis_url!r}")
         if self.interval_s <= 0:
@@ -114,6 +118,16 @@ def view_from_dict(d: Mapping[str, Any]) -> EngineView:
         time=float(d.get("time", 0.0)),
         num_prefill_requests=int(s.get("num_waiting", 0)) + int(s.get("num_prefilling", 0)),
     )
+
+
+def bounded_view(view: EngineView, fraction: tuple[float, float]) -> EngineView:
+    """`view` with only the splits whose prefill share lies in `fraction` (the one nearest the bounds
+    when none does), so no policy can choose outside them."""
+    lo, hi = fraction[0] * view.total_sms, fraction[1] * view.total_sms
+    allowed = tuple(n for n in view.splits if lo <= n <= hi)
+    if not allowed:
+        allowed = (min(view.splits, key=lambda n: (max(lo - n, n - hi), n)),)
+    return view if allowed == view.splits else replace(view, splits=allowed)
 
 
 def hold_reason(view: EngineView, proposed: int, now: float, last_change: float | None,
@@ -221,7 +235,8 @@ class Controller:
         now = time.time()
         await self.store.set_controller_status(self._status_record(now), int(self.cfg.lease_s * 1000))
         raw = await self.store.read_views()
-        views = [view_from_dict(d) for d in raw.values() if not d.get("draining")]
+        views = [bounded_view(view_from_dict(d), self.cfg.prefill_sm_fraction)
+                 for d in raw.values() if not d.get("draining")]
         written = []
         for eid, decision in sorted((await self._decide(views)).items()):
             view = next(v for v in views if v.engine_id == eid)

@@ -136,7 +136,7 @@ def cluster_config(args: ServeArgs, redis_url: str | None) -> ClusterConfig:
                                ("latency_profile", args.latency_profile), ("profile_grid", args.profile_grid))
              if v is not None}
     if args.prefill_sm_min is not None or args.prefill_sm_max is not None:
-        log.warning("prefill_sm_min/prefill_sm_max are not applied: the cluster config has no SM bounds yet")
+        extra["prefill_sm_fraction"] = (args.prefill_sm_min or 0.0, args.prefill_sm_max or 1.0)
     return ClusterConfig(model=args.model, num_actors=args.num_actors, mode=args.mode, redis_url=redis_url,
                          slo=SLOTargets(**slo), router=router_policy(args.router_policy),
                          engine=EngineOptions(**engine), served_model_name=args.served_model_name, **extra)

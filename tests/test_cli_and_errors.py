@@ -122,6 +122,18 @@ def test_missing_model_directory(tmp_path: Path, capsys: pytest.CaptureFixture[s
         LLM(tmp_path / "nowhere")
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--prefill-sm-min", "0.7", "--prefill-sm-max", "0.3"], "0 <= min <= max <= 1"),
+    (["--prefill-sm-max", "1.5"], "0 <= min <= max <= 1"),
+    (["--policy", "nonsense"], "unknown split policy"),
+])
+def test_serve_refuses_bad_controller_flags_before_starting(tiny_llama: Path, capsys: pytest.CaptureFixture[str],
+                                                          flags: list[str], message: str) -> None:
+    assert main(["serve", "--model", str(tiny_llama), "--device", "cpu", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("semipd serve: error:") and message in err
+
+
 def test_prompt_longer_than_the_context(tiny_llama: Path, llm: LLM, capsys: pytest.CaptureFixture[str]) -> None:
     long_prompt = "a" * 2100
     assert main(["generate", "--model", str(tiny_llama), "--prompt", long_prompt, "--max-tokens", "4"]) == 2

@@ -14,8 +14,8 @@ from actors.slo.latency_model import LatencyModel, ModelSource, PhaseModel
 from actors.slo.policy import ModelPolicy
 from actors.slo.types import EngineView, ReactivePolicy, SLOTargets, SplitDecision
 from cluster.bootstrap import ClusterConfig, EngineOptions
-from cluster.controller import (NO_MODEL, Controller, ControllerConfig, decide_with_models, hold_reason,
-                                models_from_published, policy_by_name, register_policy, view_from_dict)
+from cluster.controller import (NO_MODEL, Controller, ControllerConfig, bounded_view, decide_with_models,
+                                hold_reason, models_from_published, policy_by_name, register_policy, view_from_dict)
 from cluster.engine_client import EngineLoad, NoCapacityError
 from cluster.redis_store import Backoff, RedisStore
 from cluster.router import ActorView, RouterPolicy, RouterState, choose, predicted_ttft_s, rendezvous
@@ -305,6 +305,35 @@ def test_controller_tick_decides_records_and_respects_dwell(redis_server: Any) -
         assert [d["leader"] for d in await store.decisions()] == ["ctl-1"]
         await ctl.stop()
         await other.stop()
+        await store.aclose()
+
+    run(main())
+
+
+def test_bounded_view_keeps_the_splits_inside_the_prefill_share() -> None:
+    v = _view(prefill=64)  # 128 SMs, splits 8..120
+    assert bounded_view(v, (0.0, 1.0)) is v
+    assert bounded_view(v, (0.25, 0.5)).splits == (32, 40, 48, 56, 64)
+    assert bounded_view(v, (0.51, 0.52)).splits == (64,)  # none inside: the nearest one
+    over_ttft = _view(prefill=64, ttft=5000.0)
+    assert ReactivePolicy().decide(bounded_view(over_ttft, (0.2, 0.5)), SLOTargets()).prefill_sms == 64
+    assert ReactivePolicy().decide(bounded_view(over_ttft, (0.2, 0.6)), SLOTargets()).prefill_sms == 72
+    with pytest.raises(ValueError, match="prefill_sm_fraction"):
+        ControllerConfig("redis://h:1/0", prefill_sm_fraction=(0.6, 0.4))
+
+
+def test_controller_tick_respects_prefill_sm_bounds(redis_server: Any) -> None:
+    """_Flip always moves one split up; with the prefill share capped at half it moves down instead."""
+    cfg = ControllerConfig(redis_server.url, "bounds", min_dwell_s=0.0, min_samples=4, interval_s=0.1, lease_s=1.0,
+                           prefill_sm_fraction=(0.0, 0.5))
+
+    async def main() -> None:
+        store = RedisStore(redis_server.url, "bounds")
+        await store.publish_view("e-0", _published("e-0", 64, 10), 5000)
+        ctl = Controller(cfg, _Flip(), leader_id="ctl-b")
+        written = await ctl.tick()
+        assert [(d["from"], d["to"]) for d in written] == [(64, 56)]
+        await ctl.stop()
         await store.aclose()
 
     run(main())

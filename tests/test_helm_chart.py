@@ -438,12 +438,15 @@ def test_serve_config_names_app_and_args(rendered: Rendered) -> None:
     assert config["http_options"]["port"] == rendered.values["service"]["ports"]["serve"]
 
 
-def test_serve_args_are_accepted_by_the_app(rendered: Rendered) -> None:
+def test_serve_args_are_accepted_by_the_app(rendered: Rendered, tiny_llama: Path) -> None:
     """build_app's own argument model (extra keys forbidden) takes the chart's args."""
     serve_app = pytest.importorskip("cluster.serve_app", reason="cluster/serve_app.py is not in this checkout")
     args = serve_config(rendered.one("RayService"))["applications"][0]["args"]
     parsed = serve_app.ServeArgs.parse(args)
     assert parsed.model == rendered.values["model"]["path"] and parsed.num_actors == rendered.values["semipd"]["numActors"]
+    semipd = rendered.values["semipd"]
+    bounds = serve_app.cluster_config(parsed.model_copy(update={"model": str(tiny_llama)}), None).prefill_sm_fraction
+    assert bounds == (semipd.get("prefillSmMin") or 0.0, semipd.get("prefillSmMax") or 1.0)  # the controller's bounds
 
 
 def test_serve_config_is_valid_for_ray_serve(rendered: Rendered) -> None:

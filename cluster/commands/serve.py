@@ -38,6 +38,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--policy", default="reactive",
                    help="split policy: reactive, model (latency model per engine), fixed (keep --prefill-sms), "
                         "or module:Class")
+    p.add_argument("--prefill-sm-min", type=float, default=0.0, metavar="FRACTION",
+                   help="lowest share of an engine's SMs the controller may give prefill (0..1)")
+    p.add_argument("--prefill-sm-max", type=float, default=1.0, metavar="FRACTION",
+                   help="highest share of an engine's SMs the controller may give prefill (0..1)")
     p.add_argument("--prefill-sms", type=int, default=None,
                    help="semi-pd: SMs given to prefill at start (default: about half; the nearest split is used)")
     p.add_argument("--latency-profile", metavar="PATH", default=None,
@@ -72,6 +76,7 @@ def cluster_config(args: argparse.Namespace, redis_url: str | None) -> Any:
     return ClusterConfig(
         model=args.model, num_actors=args.num_actors, mode=args.mode, redis_url=redis_url,
         slo=SLOTargets(args.ttft_slo_ms, args.tpot_slo_ms), policy=args.policy,
+        prefill_sm_fraction=(args.prefill_sm_min, args.prefill_sm_max),
         latency_profile=args.latency_profile, profile_grid=args.profile_grid,
         router=RouterPolicy(session_affinity=args.router_policy == "prefix-affinity"),
         engine=EngineOptions(device=args.device, num_pages=args.num_pages, max_prefill_tokens=args.max_prefill_tokens,
@@ -89,7 +94,8 @@ def serve_app_args(args: argparse.Namespace, redis_url: str | None, grpc_port: i
                 tpot_slo_ms=args.tpot_slo_ms, mode=args.mode, router_policy=args.router_policy,
                 num_actors=args.num_actors, redis_url=redis_url, grpc_port=grpc_port or None,
                 max_prefill_tokens=args.max_prefill_tokens, device=args.device, load_format=args.load_format,
-                prefill_sms=args.prefill_sms,
+                prefill_sms=args.prefill_sms, prefill_sm_min=args.prefill_sm_min or None,
+                prefill_sm_max=args.prefill_sm_max if args.prefill_sm_max < 1.0 else None,
                 controller_policy=args.policy, latency_profile=args.latency_profile, profile_grid=args.profile_grid,
                 cluster_name=args.cluster_name)
 
