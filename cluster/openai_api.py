@@ -44,7 +44,7 @@ from actors.engine.frontend import StreamChunk, Tokenizer
 from actors.request import SamplingParams, SamplingParamsError
 from actors.runner.sampler import TokenLogprobs
 from actors.slo.admission import AdmissionRejected
-from cluster.engine_client import EngineClient, GenerateRequest, NoCapacityError
+from cluster.engine_client import EngineClient, EngineLoad, GenerateRequest, NoCapacityError
 from cluster.metrics import ServingMetrics
 
 log = logging.getLogger(__name__)
@@ -721,15 +721,19 @@ class OpenAIServer:
         self.check_token_ids(body.tokens, "tokens")
         return JSONResponse({"prompt": self.tokenizer.decode(body.tokens)})
 
+    async def engine_loads(self) -> list[EngineLoad]:
+        """The engines' loads; 503 when they do not answer within LOADS_TIMEOUT_SECONDS."""
+        try:
+            return await asyncio.wait_for(self.client.loads(), LOADS_TIMEOUT_SECONDS)
+        except Exception as e:
+            raise APIError(503, f"the engines do not answer: {type(e).__name__}: {e}") from None
+
     async def health(self) -> Response:
         """200 while some engine is healthy, not draining and making progress; else 503."""
         if self.draining:
             raise APIError(503, "the server is draining")
-        try:
-            loads = await asyncio.wait_for(self.client.loads(), LOADS_TIMEOUT_SECONDS)
-        except Exception as e:
-            raise APIError(503, f"the engines do not answer: {type(e).__name__}: {e}") from None
         problems = []
+        loads = await self.engine_loads()
         for load in loads:
             stalled = float(load.stats.get("seconds_since_progress", 0.0))
             if not load.healthy:
@@ -745,12 +749,8 @@ class OpenAIServer:
     async def splits(self, request: Request) -> Response:
         """Each engine's SM split and its recent changes (time, from, to, why): `GET /splits`."""
         self.check_auth(request)
-        try:
-            loads = await asyncio.wait_for(self.client.loads(), LOADS_TIMEOUT_SECONDS)
-        except Exception as e:
-            raise APIError(503, f"the engines do not answer: {type(e).__name__}: {e}") from None
         data = []
-        for load in loads:
+        for load in await self.engine_loads():
             s = load.stats
             if "prefill_sms" not in s:  # an engine that did not report
                 continue

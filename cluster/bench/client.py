@@ -301,27 +301,26 @@ def parse_prometheus(text: str, prefixes: tuple[str, ...]) -> dict[str, float]:
     return out
 
 
+async def _get_optional(client: httpx.AsyncClient, url: str) -> httpx.Response | None:
+    """GET `url`; None unless it answers 200 (a server without that page, or unreachable)."""
+    try:
+        resp = await client.get(url)
+    except httpx.HTTPError:
+        return None
+    return resp if resp.status_code == 200 else None
+
+
 async def fetch_server_metrics(client: httpx.AsyncClient, base_url: str,
                                prefixes: tuple[str, ...] = ("semipd:",)) -> dict[str, float] | None:
     """The server's `/metrics` samples under `prefixes`, or None when it has no such page."""
-    try:
-        resp = await client.get(base_url.rstrip("/") + "/metrics")
-    except httpx.HTTPError:
-        return None
-    if resp.status_code != 200:
-        return None
-    return parse_prometheus(resp.text, prefixes)
+    resp = await _get_optional(client, base_url.rstrip("/") + "/metrics")
+    return None if resp is None else parse_prometheus(resp.text, prefixes)
 
 
 async def fetch_splits(client: httpx.AsyncClient, base_url: str) -> dict[str, Any] | None:
     """The server's `GET /splits` (semipd: each engine's SM split and recent changes), or None without one."""
-    try:
-        resp = await client.get(base_url.rstrip("/") + "/splits")
-    except httpx.HTTPError:
-        return None
-    if resp.status_code != 200:
-        return None
-    body = resp.json()
+    resp = await _get_optional(client, base_url.rstrip("/") + "/splits")
+    body = None if resp is None else resp.json()
     return body if isinstance(body, dict) and isinstance(body.get("data"), list) else None
 
 
