@@ -174,3 +174,32 @@ def test_prefix_caching_off_matches_hf(reference: Reference, engine_factory: Cal
     llm = engine_factory(reference.model_dir, cache=CacheConfig(page_size=PAGE, enable_prefix_caching=False))
     assert_same_tokens(generate_tokens(llm, reference.prompts[:8]), reference, n=8)
     assert llm.core.allocator.prefix_hits == 0
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_kv_write_puts_k_and_v_in_their_slots(fused: bool) -> None:
+    """One index_put writes both halves; k and v sliced from one QKV output are used in place, not copied."""
+    from actors.attention.base import _kv_pair, kv_rows, write_kv
+    from actors.config import ModelArch
+    from actors.kv.pool import KVPool
+
+    arch = ModelArch.from_hf_config({"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "num_attention_heads": 4,
+                                "num_key_value_heads": 2, "num_hidden_layers": 2, "intermediate_size": 128,
+                                "vocab_size": 100, "head_dim": 16})
+    pool = KVPool(arch, num_pages=6, page_size=4, dtype=torch.float32, device=torch.device("cpu"))
+    slots = torch.tensor([0, 5, 22, 7, 13])  # page * 4 + offset
+    q_size, kv_size = arch.q_size, arch.kv_size
+    qkv = torch.randn(len(slots), q_size + 2 * kv_size)
+    _, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+    k, v = k.view(-1, 2, 16), v.view(-1, 2, 16)
+    if not fused:
+        k = k.clone()
+    pair = _kv_pair(k, v)
+    assert (pair.data_ptr() == k.data_ptr()) is fused and torch.equal(pair, torch.stack((k, v), dim=1))
+    write_kv(pool, 1, kv_rows(slots, pool.page_size), k, v)
+    cache = pool.layer(1)
+    for t, slot in enumerate(slots.tolist()):
+        page, off = divmod(slot, pool.page_size)
+        assert torch.equal(cache[page, 0, off], k[t]) and torch.equal(cache[page, 1, off], v[t])
+    written = sum(int(cache[p, h, o].abs().sum() > 0) for p in range(7) for h in range(2) for o in range(4))
+    assert written == 2 * len(slots) and not pool.layer(0).any()

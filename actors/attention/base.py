@@ -53,15 +53,27 @@ class AttentionBackend(ABC):
         """Return the per-layer attention function for this batch."""
 
 
-def split_slots(slot_mapping: torch.Tensor, page_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pool slots [T] -> (page ids, offsets in page), computed once per batch."""
-    return slot_mapping // page_size, slot_mapping % page_size
+def kv_rows(slot_mapping: torch.Tensor, page_size: int) -> torch.Tensor:
+    """Pool slots [T] -> [T, 2]: the rows of a layer's flattened cache ([pages * 2 * page_size, Hkv, D])
+    that each token's k and v go to; computed once per batch."""
+    k_rows = (slot_mapping // page_size) * (2 * page_size) + slot_mapping % page_size
+    return torch.stack((k_rows, k_rows + page_size), dim=1)
 
 
-def write_kv(pool: KVPool, layer_id: int, slots: tuple[torch.Tensor, torch.Tensor], k: torch.Tensor,
-             v: torch.Tensor) -> None:
-    """Store k/v [T, Hkv, D] into their (page, offset) slots of layer `layer_id`."""
+def write_kv(pool: KVPool, layer_id: int, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Store k/v [T, Hkv, D] into the layer's cache rows `rows` [T, 2] (see `kv_rows`) with one kernel."""
     cache = pool.layer(layer_id)
-    pages, offsets = slots
-    cache[pages, 0, offsets] = k
-    cache[pages, 1, offsets] = v
+    cache.view(-1, *cache.shape[-2:])[rows] = _kv_pair(k, v)
+
+
+def _kv_pair(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """[T, 2, Hkv, D]: a view when v follows k in memory row by row (slices of one fused QKV output), else a copy."""
+    t, heads, dim = k.shape
+    adjacent = (
+        v.shape == k.shape and v.stride() == k.stride() and k.stride()[1:] == (dim, 1)
+        and v.untyped_storage().data_ptr() == k.untyped_storage().data_ptr()
+        and v.storage_offset() == k.storage_offset() + heads * dim
+    )
+    if adjacent:
+        return k.as_strided((t, 2, heads, dim), (k.stride(0), heads * dim, dim, 1))
+    return torch.stack((k, v), dim=1)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from actors.attention.base import AttentionBackend, BatchLayout, split_slots, write_kv
+from actors.attention.base import AttentionBackend, BatchLayout, kv_rows, write_kv
 from actors.config import ModelArch
 from actors.kv.pool import KVPool
 from actors.models.llama import AttentionFn
@@ -83,10 +83,10 @@ class FlashInferAttention(AttentionBackend):
         if nd < n:
             self._plan_prefill(layout, nd)
         pool, decode, prefill = self.pool, self._decode, self._prefill
-        slots = split_slots(layout.slot_mapping, pool.page_size)
+        rows = kv_rows(layout.slot_mapping, pool.page_size)
 
         def attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int) -> torch.Tensor:
-            write_kv(pool, layer_id, slots, k, v)
+            write_kv(pool, layer_id, rows, k, v)
             cache = pool.layer(layer_id)
             if nd == n:
                 return decode.run(q, cache)
@@ -96,28 +96,26 @@ class FlashInferAttention(AttentionBackend):
 
         return attn
 
-    def graph_decoder(self, batch_size: int, max_pages_per_seq: int, slot_pages: torch.Tensor,
-                      slot_offsets: torch.Tensor) -> GraphDecodeAttention:
-        return GraphDecodeAttention(self, batch_size, max_pages_per_seq, slot_pages, slot_offsets)
+    def graph_decoder(self, batch_size: int, max_pages_per_seq: int, rows: torch.Tensor) -> GraphDecodeAttention:
+        return GraphDecodeAttention(self, batch_size, max_pages_per_seq, rows)
 
 
 class GraphDecodeAttention:
     """Decode attention for exactly `batch_size` sequences with fixed device buffers.
 
     `plan(layout)` refreshes flashinfer's buffers in place (before each replay); the caller
-    owns `slot_pages`/`slot_offsets` [batch_size] (where this step's k/v go) and fills them
+    owns `rows` [batch_size, 2] (the cache rows this step's k/v go to, see `kv_rows`) and fills them
     before replay. The captured graph calls the instance as the model's `attn`.
     """
 
     def __init__(self, backend: FlashInferAttention, batch_size: int, max_pages_per_seq: int,
-                 slot_pages: torch.Tensor, slot_offsets: torch.Tensor) -> None:
+                 rows: torch.Tensor) -> None:
         import flashinfer
 
         dev = backend.device
         self.backend = backend
         self.batch_size = batch_size
-        self.slot_pages = slot_pages
-        self.slot_offsets = slot_offsets
+        self.rows = rows
         self._wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
             backend.workspace, "NHD", use_cuda_graph=True, use_tensor_cores=backend.decode_tensor_cores,
             paged_kv_indptr_buffer=torch.zeros(batch_size + 1, dtype=torch.int32, device=dev),
@@ -131,5 +129,5 @@ class GraphDecodeAttention:
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int) -> torch.Tensor:
         pool = self.backend.pool
-        write_kv(pool, layer_id, (self.slot_pages, self.slot_offsets), k, v)
+        write_kv(pool, layer_id, self.rows, k, v)
         return self._wrapper.run(q, pool.layer(layer_id))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from actors.attention.base import AttentionBackend, BatchLayout, split_slots, write_kv
+from actors.attention.base import AttentionBackend, BatchLayout, kv_rows, write_kv
 from actors.models.llama import AttentionFn
 
 
@@ -17,10 +17,10 @@ class TorchAttention(AttentionBackend):
         device = layout.slot_mapping.device
         page_tables = [torch.tensor(t, dtype=torch.long, device=device) for t in layout.block_tables]
         masks = [_causal_mask(q, c, device) for q, c in zip(layout.query_lens, layout.context_lens)]
-        slots = split_slots(layout.slot_mapping, pool.page_size)
+        rows = kv_rows(layout.slot_mapping, pool.page_size)
 
         def attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int) -> torch.Tensor:
-            write_kv(pool, layer_id, slots, k, v)
+            write_kv(pool, layer_id, rows, k, v)
             cache = pool.layer(layer_id)
             out = torch.empty_like(q)
             group = q.shape[1] // k.shape[1]

@@ -26,11 +26,10 @@ class DecodeGraphs:
         self.pool = pool
         self.buckets = tuple(b for b in BUCKETS if b <= max_batch) or (1,)
         top = self.buckets[-1]
-        # rows: input ids, positions, KV slots, their pages, offsets in page; one host->device copy per step
+        # rows: input ids, positions, KV slots, the cache rows of k and of v; one host->device copy per step
         self.inputs = torch.zeros(5, top, dtype=torch.long, device=pool.kv.device)
         self.input_ids, self.positions = self.inputs[0], self.inputs[1]
-        self.attn = {bs: backend.graph_decoder(bs, max_pages_per_seq, self.inputs[3, :bs], self.inputs[4, :bs])
-                     for bs in self.buckets}
+        self.attn = {bs: backend.graph_decoder(bs, max_pages_per_seq, self.inputs[3:5, :bs].T) for bs in self.buckets}
         self.mempool = torch.cuda.graph_pool_handle()
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
@@ -47,10 +46,12 @@ class DecodeGraphs:
         host = np.zeros((5, bs), dtype=np.int64)
         host[0, :n] = [c.token_ids[0] for c in chunks]
         host[1, :n] = [c.start for c in chunks]
-        host[3] = self.pool.scratch_page
-        host[3, :n] = [c.block_ids[c.start // ps] for c in chunks]
-        host[4] = host[1] % ps
-        host[2] = host[3] * ps + host[4]
+        pages = np.full(bs, self.pool.scratch_page, dtype=np.int64)
+        pages[:n] = [c.block_ids[c.start // ps] for c in chunks]
+        offsets = host[1] % ps
+        host[2] = pages * ps + offsets
+        host[3] = pages * (2 * ps) + offsets  # as `kv_rows`
+        host[4] = host[3] + ps
         self.inputs[:, :bs].copy_(torch.from_numpy(host).pin_memory(), non_blocking=True)
 
     def _prepare(self, chunks: tuple[SeqChunk, ...], bs: int) -> GraphDecodeAttention:
