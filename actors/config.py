@@ -219,6 +219,8 @@ class EngineConfig:
     `semi-pd` runs a prefill worker and a decode worker concurrently, each on its own
     SM partition (on CPU: its own thread), over one KV pool.
     `prefill_sms`: SMs given to prefill at start in semi-pd mode (None: about half).
+    `overlap_decode`: the decode worker queues its next step before the current one's
+    tokens reach the host (see `actors.engine.workers.DecodeWorker`).
     """
 
     model: str
@@ -231,6 +233,7 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     prefill_sms: int | None = None
     cuda_graphs: bool = True
+    overlap_decode: bool = True
     load_format: str = "auto"  # "dummy": random weights drawn on the device, no checkpoint read
     slo: SLOConfig = field(default_factory=SLOConfig)
 

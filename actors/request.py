@@ -93,6 +93,9 @@ def _finite(x: float) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
 
+PENDING_TOKEN = -1  # the place of a token whose decode step is still running (overlapped decode)
+
+
 @dataclass(eq=False)
 class Request:
     """One generation, shared by the schedulers; mutated only by the worker that owns it.
@@ -159,7 +162,31 @@ class Request:
     def append_token(self, token_id: int) -> FinishReason | None:
         """Record a sampled token; return why the request ends with it, if it does."""
         self.token_ids.append(token_id)
-        n_out = self.num_output_tokens
+        return self._finish_reason(len(self.token_ids) - 1)
+
+    def append_pending(self) -> int:
+        """Hold the place of the token a launched, not yet finished, step will produce; its index."""
+        self.token_ids.append(PENDING_TOKEN)
+        return len(self.token_ids) - 1
+
+    def resolve_pending(self, index: int, token_id: int) -> FinishReason | None:
+        """Put the token of the place `append_pending` gave; return why the request ends with it, if it does."""
+        assert self.token_ids[index] == PENDING_TOKEN, "resolving a token that is not pending"
+        self.token_ids[index] = token_id
+        return self._finish_reason(index)
+
+    def drop_pending(self) -> None:
+        """Forget trailing pending places (their steps' results are discarded)."""
+        while self.token_ids and self.token_ids[-1] == PENDING_TOKEN:
+            self.token_ids.pop()
+
+    def ends_by_length_at(self, num_tokens: int) -> bool:
+        """Whether the request stops for length once it holds `num_tokens` tokens (known before sampling)."""
+        return num_tokens - self.num_prompt_tokens >= self.params.max_tokens or num_tokens >= self.max_model_len
+
+    def _finish_reason(self, index: int) -> FinishReason | None:
+        token_id = self.token_ids[index]
+        n_out = index + 1 - self.num_prompt_tokens
         if n_out == 1:
             self.first_token_time = time.monotonic()
         if n_out >= self.params.min_tokens:
@@ -167,7 +194,7 @@ class Request:
                 return FinishReason.STOP
             if token_id in self.params.stop_token_ids:
                 return FinishReason.STOP
-        if n_out >= self.params.max_tokens or len(self.token_ids) >= self.max_model_len:
+        if self.ends_by_length_at(index + 1):
             return FinishReason.LENGTH
         return None
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
@@ -20,6 +20,7 @@ from actors.config import CacheConfig, SchedulerConfig
 from actors.engine.frontend import LLM
 from actors.request import SamplingParams
 from actors.scheduler.plan import BatchPlan
+from support import wait_until
 
 PRESETS = ("tiny-llama", "tiny-qwen2", "tiny-qwen3")
 MAX_TOKENS = 12
@@ -99,14 +100,14 @@ class PlanLog:
 def record_plans(llm: LLM) -> PlanLog:
     log = PlanLog()
     for worker in llm.core.workers:
-        execute = worker.runner.execute
+        launch = worker.runner.launch
 
-        def recording(plan: BatchPlan, sample_reqs: list, _execute=execute):  # type: ignore[no-untyped-def]
+        def recording(plan: BatchPlan, sample_reqs: list, carry=None, _launch=launch):  # type: ignore[no-untyped-def]
             with log.lock:
                 log.plans.append(plan)
-            return _execute(plan, sample_reqs)
+            return _launch(plan, sample_reqs, carry)
 
-        worker.runner.execute = recording  # type: ignore[method-assign]
+        worker.runner.launch = recording  # type: ignore[method-assign]
     return log
 
 
@@ -203,3 +204,40 @@ def test_kv_write_puts_k_and_v_in_their_slots(fused: bool) -> None:
         assert torch.equal(cache[page, 0, off], k[t]) and torch.equal(cache[page, 1, off], v[t])
     written = sum(int(cache[p, h, o].abs().sum() > 0) for p in range(7) for h in range(2) for o in range(4))
     assert written == 2 * len(slots) and not pool.layer(0).any()
+
+
+def test_overlapped_decode_matches_one_step_at_a_time(model_factory: Callable[[str], Path],
+                                                      engine_factory: Callable[..., LLM]) -> None:
+    """Queuing each decode step before the previous one's tokens are known changes no token, no
+    finish reason and leaks no page: requests stop early (stop tokens), at varied max_tokens, seeded
+    sampling keeps its draws, and batches with penalties or logprobs fall back to one step at a time."""
+    from actors.request import PENDING_TOKEN
+
+    model = model_factory("tiny-llama")
+    prompts = make_prompts(seed=3)
+    probe = engine_factory(model, mode="semi-pd", overlap_decode=False)
+    free_run = [o.token_ids for o in probe.generate(prompts, SamplingParams(max_tokens=20, temperature=0.0,
+                                                                            ignore_eos=True))]
+
+    def params(i: int) -> SamplingParams:
+        stop = (free_run[i][2 + i % 9],) if i % 3 else ()  # ends early for two thirds of the prompts
+        if i % 4 == 1:
+            return SamplingParams(max_tokens=5 + i % 16, temperature=0.8, top_p=0.9, seed=100 + i, ignore_eos=True,
+                                  stop_token_ids=stop)
+        return SamplingParams(max_tokens=5 + i % 16, temperature=0.0, ignore_eos=True, stop_token_ids=stop)
+
+    plain = [params(i) for i in range(len(prompts))]
+    with_logprobs = [replace(p, logprobs=1) if i == 5 else p for i, p in enumerate(plain)]
+    for batch_params in (plain, with_logprobs):
+        ref = probe.generate(prompts, batch_params)
+        llm = engine_factory(model, mode="semi-pd")
+        got = llm.generate(prompts, batch_params)
+        assert [(o.token_ids, o.finish_reason) for o in got] == [(o.token_ids, o.finish_reason) for o in ref]
+        assert sum(o.finish_reason == "stop" for o in got) >= len(prompts) // 3
+        assert not any(PENDING_TOKEN in o.token_ids for o in got)
+        decode = llm.core.workers[-1]
+        assert decode.overlap and decode.steps_queued_ahead > 0
+        alloc = llm.core.allocator
+        wait_until(lambda: alloc.num_free == alloc.num_blocks, what="every page back (a dropped step frees its pages)")
+        alloc.check_integrity()
+        assert llm.core.decode.num_running == 0

@@ -48,20 +48,25 @@ class FlashInferAttention(AttentionBackend):
         self._decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
             self.workspace, "NHD", use_tensor_cores=self.decode_tensor_cores)
         self.dtype = pool.kv.dtype
+        self._plan_copied: dict[int, torch.cuda.Event] = {}  # wrapper id -> its last plan's copy to the device
 
     @staticmethod
     def _i32(values: list[int]) -> torch.Tensor:
         """Host (pinned) int32: flashinfer plans from host copies, so device ones would cost a sync each."""
         return torch.tensor(values, dtype=torch.int32).pin_memory()
 
+    def _planning(self, wrapper: object) -> _Planning:
+        return _Planning(self._plan_copied, wrapper)
+
     def _plan_decode(self, wrapper: object, layout: BatchLayout, lo: int, hi: int) -> None:
         indptr, indices, last = _paged_indices(layout.block_tables[lo:hi], layout.context_lens[lo:hi],
                                                self.pool.page_size)
         a = self.arch
-        wrapper.plan(  # type: ignore[attr-defined]
-            self._i32(indptr), self._i32(indices), self._i32(last), a.num_heads, a.num_kv_heads, a.head_dim,
-            self.pool.page_size, q_data_type=self.dtype, kv_data_type=self.dtype,
-        )
+        with self._planning(wrapper):
+            wrapper.plan(  # type: ignore[attr-defined]
+                self._i32(indptr), self._i32(indices), self._i32(last), a.num_heads, a.num_kv_heads, a.head_dim,
+                self.pool.page_size, q_data_type=self.dtype, kv_data_type=self.dtype,
+            )
 
     def _plan_prefill(self, layout: BatchLayout, lo: int) -> None:
         qlens = layout.query_lens[lo:]
@@ -70,11 +75,12 @@ class FlashInferAttention(AttentionBackend):
             qo_indptr.append(qo_indptr[-1] + n)
         indptr, indices, last = _paged_indices(layout.block_tables[lo:], layout.context_lens[lo:], self.pool.page_size)
         a = self.arch
-        self._prefill.plan(
-            self._i32(qo_indptr), self._i32(indptr), self._i32(indices), self._i32(last),
-            a.num_heads, a.num_kv_heads, a.head_dim, self.pool.page_size, causal=True,
-            q_data_type=self.dtype, kv_data_type=self.dtype,
-        )
+        with self._planning(self._prefill):
+            self._prefill.plan(
+                self._i32(qo_indptr), self._i32(indptr), self._i32(indices), self._i32(last),
+                a.num_heads, a.num_kv_heads, a.head_dim, self.pool.page_size, causal=True,
+                q_data_type=self.dtype, kv_data_type=self.dtype,
+            )
 
     def plan(self, layout: BatchLayout) -> AttentionFn:
         nd, n = layout.num_decodes, layout.num_seqs
@@ -98,6 +104,27 @@ class FlashInferAttention(AttentionBackend):
 
     def graph_decoder(self, batch_size: int, max_pages_per_seq: int, rows: torch.Tensor) -> GraphDecodeAttention:
         return GraphDecodeAttention(self, batch_size, max_pages_per_seq, rows)
+
+
+class _Planning:
+    """Around one `wrapper.plan()`: flashinfer writes a plan into one pinned host buffer per
+    wrapper and queues its copy to the device; the next plan must not overwrite that buffer
+    before the copy ran. With overlapped decode the next plan comes while the step that uses
+    the previous one is still queued, so wait (on the host) for that copy, which is quick."""
+
+    def __init__(self, copied: dict[int, torch.cuda.Event], wrapper: object) -> None:
+        self.copied = copied
+        self.key = id(wrapper)
+
+    def __enter__(self) -> None:
+        previous = self.copied.get(self.key)
+        if previous is not None:
+            previous.synchronize()
+
+    def __exit__(self, *exc: object) -> None:
+        event = torch.cuda.Event()
+        event.record()
+        self.copied[self.key] = event
 
 
 class GraphDecodeAttention:

@@ -140,10 +140,9 @@ class EngineCore:
             wakeups = {"unified": wake, "prefill": wake, "decode": wake}
             return [UnifiedWorker(self.prefill, self.decode, self._make_runner(True), parts, emit, wakeups)]
         wakeups = {"prefill": Wakeup(), "decode": Wakeup()}
-        return [
-            PrefillWorker(self.prefill, self.decode, self._make_runner(False), parts, emit, wakeups),
-            DecodeWorker(self.prefill, self.decode, self._make_runner(True), parts, emit, wakeups),
-        ]
+        decode = DecodeWorker(self.prefill, self.decode, self._make_runner(True), parts, emit, wakeups)
+        decode.overlap = self.config.overlap_decode
+        return [PrefillWorker(self.prefill, self.decode, self._make_runner(False), parts, emit, wakeups), decode]
 
     def _warm_up(self) -> None:
         """One small prefill through each prefill-running worker, so that kernels are loaded

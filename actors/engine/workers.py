@@ -12,11 +12,12 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from actors.engine.partitioner import Partitioner, Phase
-from actors.request import FinishReason, Request, TokenDelta
-from actors.runner.model_runner import ModelRunner
-from actors.runner.sampler import SampleResult
+from actors.request import PENDING_TOKEN, FinishReason, Request, TokenDelta
+from actors.runner.model_runner import Carry, ModelRunner
+from actors.runner.sampler import Drawn, SampleResult, TokenLogprobs
 from actors.scheduler.decode import DecodeScheduler
 from actors.scheduler.plan import BatchPlan, SeqChunk
 from actors.scheduler.prefill import PrefillScheduler
@@ -126,15 +127,19 @@ class Worker:
             return self.runner.execute(plan, sample_reqs)
         except Exception as e:
             log.exception("forward pass failed; failing its %d requests", len(d_reqs) + len(p_reqs))
-            for r in d_reqs:
-                self.decode.remove(r)
-            for r in p_reqs:
-                self.prefill.drop(r)
-            failed = d_reqs + p_reqs
-            for r in failed:
-                r.finish_reason = FinishReason.ERROR
-            self.emit([TokenDelta(r.request_id, (), FinishReason.ERROR, error=f"engine error: {e}") for r in failed])
+            self._fail(d_reqs, p_reqs, e)
             return None
+
+    def _fail(self, d_reqs: list[Request], p_reqs: list[Request], error: Exception) -> None:
+        """End decode- and prefill-owned requests with an engine error (their pages freed)."""
+        for r in d_reqs:
+            self.decode.remove(r)
+        for r in p_reqs:
+            self.prefill.drop(r)
+        failed = d_reqs + p_reqs
+        for r in failed:
+            r.finish_reason = FinishReason.ERROR
+        self.emit([TokenDelta(r.request_id, (), FinishReason.ERROR, error=f"engine error: {error}") for r in failed])
 
     def _emit_aborted(self, reqs: list[Request]) -> None:
         for r in reqs:
@@ -160,10 +165,7 @@ class Worker:
                 req.finish_reason = reason
             elif fresh:
                 handoffs.append(req)
-            deltas.append(TokenDelta(
-                req.request_id, (tok,), reason, (lp,) if lp is not None else (),
-                num_prompt_tokens=req.num_prompt_tokens, num_cached_tokens=req.num_cached_tokens,
-            ))
+            deltas.append(_token_delta(req, tok, lp, reason))
         self.emit(deltas)
         for req in handoffs:
             self.handoff(req)
@@ -179,6 +181,27 @@ class Worker:
 
 def _sampled(chunks: list[SeqChunk], reqs: list[Request]) -> list[Request]:
     return [r for c, r in zip(chunks, reqs) if c.sample]
+
+
+def _token_delta(req: Request, tok: int, lp: TokenLogprobs | None, reason: FinishReason | None) -> TokenDelta:
+    return TokenDelta(req.request_id, (tok,), reason, (lp,) if lp is not None else (),
+                      num_prompt_tokens=req.num_prompt_tokens, num_cached_tokens=req.num_cached_tokens)
+
+
+def _overlappable(reqs: list[Request]) -> bool:
+    """Whether a decode batch can be sampled before its previous step's tokens reach the host
+    (penalties need those tokens; logprobs are gathered on the host)."""
+    return all(not r.params.needs_penalties and r.params.logprobs is None for r in reqs)
+
+
+@dataclass
+class _Launched:
+    """A decode step queued on the device whose tokens have not reached the host yet."""
+
+    reqs: list[Request]
+    slots: list[int]  # index of each request's pending token in its token_ids
+    drawn: Drawn
+    retired: set[Request] = field(default_factory=set)  # finished before this step ends: results dropped
 
 
 class PrefillWorker(Worker):
@@ -201,15 +224,37 @@ class PrefillWorker(Worker):
 
 
 class DecodeWorker(Worker):
+    """Decodes one token per running request per iteration.
+
+    With `overlap` (the default) the next step is planned and queued while the current
+    one runs: its input ids come from the current step's draw on the device, so the host
+    work of a step (planning, attention plan, emitting tokens) hides behind the GPU.
+    A request that ends at step n was already queued in step n + 1: that result is
+    dropped, and its pages are freed only once step n + 1 has finished. Batches that
+    need penalties or logprobs, and steps that would need a preemption, run one at a time.
+    """
+
     phase: Phase = "decode"
     name = "decode"
+    overlap = True
+    steps_queued_ahead = 0  # steps queued while the previous one was still running
+    _inflight: _Launched | None = None
 
     def step(self) -> bool:
+        if self._inflight is not None:
+            return self._step_ahead()
         self._emit_aborted(self.decode.take_aborted())
         chunks, reqs, preempted = self.decode.schedule()
         self._requeue(preempted)
         if not chunks:
             return bool(preempted)
+        if self.overlap and _overlappable(reqs):
+            try:
+                self._inflight = self._launch(chunks, reqs, None)
+            except Exception as e:
+                log.exception("forward pass failed; failing its %d requests", len(reqs))
+                self._fail(reqs, [], e)
+            return True
         result = self._run(BatchPlan(decodes=tuple(chunks)), reqs, reqs, [])
         if result is None:
             return True
@@ -217,6 +262,79 @@ class DecodeWorker(Worker):
             self.decode.finish_step(r)
         self._accept_tokens(reqs, result, [False] * len(reqs))
         return True
+
+    def _fail_in_flight(self, steps: list[_Launched], error: Exception) -> None:
+        """A queued step failed on the device: end every request of the queued steps."""
+        log.exception("decode step failed; failing its requests")
+        for step in steps[1:]:
+            try:
+                step.drawn.result()
+            except Exception:
+                pass
+        self._inflight = None
+        retired = {r for step in steps for r in step.retired}
+        live = list(dict.fromkeys(r for step in steps for r in step.reqs if r not in retired))
+        for r in retired:
+            self.decode.kv.release(r)
+        self._fail(live, [], error)
+
+    def _launch(self, chunks: list[SeqChunk], reqs: list[Request], carry: Carry | None) -> _Launched:
+        drawn = self.runner.launch(BatchPlan(decodes=tuple(chunks)), reqs, carry)
+        slots = []
+        for r in reqs:
+            self.decode.advance(r)
+            slots.append(r.append_pending())
+        return _Launched(reqs, slots, drawn)
+
+    def _step_ahead(self) -> bool:
+        """A step is running: queue the next one, then take the running one's tokens."""
+        running = self._inflight
+        assert running is not None
+        self._inflight = None
+        ends = {r for r, slot in zip(running.reqs, running.slots)
+                if r.ends_by_length_at(slot + 1) or r.abort_requested or r in running.retired}
+        ahead = self.decode.schedule_ahead(ends)
+        if ahead is not None and ahead[0] and _overlappable(ahead[1]):
+            chunks, reqs = ahead
+            row = {r: i for i, r in enumerate(running.reqs)}
+            src = [row[r] if c.token_ids[0] == PENDING_TOKEN else -1 for c, r in zip(chunks, reqs)]
+            try:
+                self._inflight = self._launch(chunks, reqs, Carry(running.drawn, src))
+                self.steps_queued_ahead += 1
+            except Exception:  # take the running step's tokens first; its requests retry one step at a time
+                self._collect(running)
+                raise
+        self._collect(running)
+        return True
+
+    def _collect(self, launched: _Launched) -> None:
+        """Wait for `launched`, put its tokens in place and emit them; free what has ended."""
+        following = self._inflight
+        try:
+            result = launched.drawn.result()
+        except Exception as e:
+            self._fail_in_flight([launched] + ([following] if following is not None else []), e)
+            return
+        for r in launched.retired:
+            r.drop_pending()
+            self.decode.kv.release(r)
+        deltas = []
+        for req, slot, tok, lp in zip(launched.reqs, launched.slots, result.token_ids, result.logprobs):
+            if req in launched.retired:
+                continue
+            reason = req.resolve_pending(slot, tok) or req.abort_requested
+            if reason is None:
+                self.decode.kv.publish(req)
+            else:
+                req.finish_reason = reason
+                self.decode.retire(req)
+                if following is not None and req in following.reqs:
+                    following.retired.add(req)
+                else:
+                    req.drop_pending()
+                    self.decode.kv.release(req)
+            deltas.append(_token_delta(req, tok, lp, reason))
+        self.emit(deltas)
 
 
 class UnifiedWorker(Worker):

@@ -7,6 +7,8 @@ decode stream gets its own set. A batch of n decodes runs in the smallest bucket
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 
@@ -15,6 +17,9 @@ from actors.attention.flashinfer_backend import FlashInferAttention, GraphDecode
 from actors.kv.pool import KVPool
 from actors.models.llama import CausalLM
 from actors.scheduler.plan import SeqChunk
+
+if TYPE_CHECKING:
+    from actors.runner.model_runner import Carry
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256)
 
@@ -91,13 +96,15 @@ class DecodeGraphs:
         for bs in reversed(self.buckets):
             self.capture(stream, bs)
 
-    def run(self, chunks: tuple[SeqChunk, ...], stream: torch.cuda.Stream) -> torch.Tensor:
+    def run(self, chunks: tuple[SeqChunk, ...], stream: torch.cuda.Stream, carry: Carry | None = None) -> torch.Tensor:
         """Hidden states [n, H] of the decode batch, by graph replay on `stream`."""
         bs = self.bucket(len(chunks))
         key = (stream.cuda_stream, bs)
         if key not in self.graphs:
             self.capture(stream, bs)
         self._prepare(chunks, bs)
+        if carry is not None:
+            carry.apply(self.input_ids)
         graph, out = self.graphs[key]
         graph.replay()
         return out[: len(chunks)]

@@ -16,11 +16,40 @@ from actors.attention.base import AttentionBackend, BatchLayout
 from actors.kv.pool import KVPool
 from actors.models.llama import CausalLM
 from actors.request import Request
-from actors.runner.sampler import Sampler, SampleResult
+from actors.runner.sampler import Drawn, Sampler, SampleResult
 
 if TYPE_CHECKING:
     from actors.runner.cuda_graphs import DecodeGraphs
 from actors.scheduler.plan import BatchPlan
+
+
+class Carry:
+    """Input ids a decode batch takes from the previous step's draw, still on the device.
+
+    Row i of the batch (a decode whose token is `PENDING_TOKEN` in the plan) gets
+    `prev.token_ids[src[i]]`; rows with `src[i] < 0` keep the plan's token.
+    """
+
+    def __init__(self, prev: Drawn, src: list[int]) -> None:
+        self.prev = prev
+        self.src = src
+
+    def follow(self) -> None:
+        """Make the current stream wait for the previous step (it may have run on another split's
+        stream, and this step rewrites the inputs that one read)."""
+        if self.prev.done is not None:
+            stream = torch.cuda.current_stream()
+            stream.wait_event(self.prev.done)
+            self.prev.token_ids.record_stream(stream)
+
+    def apply(self, input_ids: torch.Tensor) -> None:
+        """Patch `input_ids` [>= len(src)] in place, on the current stream (after `follow`)."""
+        n = len(self.src)
+        src = torch.tensor(self.src, dtype=torch.long)
+        if input_ids.device.type == "cuda":
+            src = src.pin_memory().to(input_ids.device, non_blocking=True)
+        taken = self.prev.token_ids[src.clamp(min=0)]
+        input_ids[:n] = torch.where(src >= 0, taken, input_ids[:n])
 
 
 class ModelRunner:
@@ -45,19 +74,30 @@ class ModelRunner:
         """Run later iterations on `stream` (an SM partition's); called between iterations."""
         self.stream = stream
 
-    @torch.inference_mode()
     def execute(self, plan: BatchPlan, sample_reqs: list[Request]) -> SampleResult:
         """Run one iteration; `sample_reqs` are the requests of the plan's `sample` chunks, in order."""
+        return self.launch(plan, sample_reqs).result()
+
+    @torch.inference_mode()
+    def launch(self, plan: BatchPlan, sample_reqs: list[Request], carry: Carry | None = None) -> Drawn:
+        """Queue one iteration on the worker's stream and return its draw without waiting for it.
+
+        `carry` fills decode input ids from the previous step's draw (overlapped decode).
+        """
         ctx = torch.cuda.stream(self.stream) if self.stream is not None else nullcontext()
         with ctx:
+            if carry is not None:
+                carry.follow()
             if self._use_graph(plan):
-                hidden = self.graphs.run(plan.decodes, self.stream)  # type: ignore[union-attr, arg-type]
+                hidden = self.graphs.run(plan.decodes, self.stream, carry)  # type: ignore[union-attr, arg-type]
             else:
                 input_ids, positions, layout, logits_idx = self.prepare(plan)
+                if carry is not None:
+                    carry.apply(input_ids)
                 hidden = self.model(input_ids, positions, self.attention.plan(layout))[logits_idx]
             if not sample_reqs:
-                return SampleResult([], [])
-            return self.sampler(self.model.compute_logits(hidden), sample_reqs)
+                return Drawn.nothing()
+            return self.sampler.draw(self.model.compute_logits(hidden), sample_reqs)
 
     def _use_graph(self, plan: BatchPlan) -> bool:
         return (

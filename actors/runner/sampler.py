@@ -30,6 +30,38 @@ class SampleResult:
     logprobs: list[TokenLogprobs | None]
 
 
+class Drawn:
+    """Tokens drawn on the device, on their way to the host.
+
+    `token_ids` [N] stays on the device (a next decode step can take its inputs from it);
+    on a GPU a copy to pinned host memory is queued behind the draw, so `result()` waits
+    for this step only, not for work queued on the stream after it.
+    """
+
+    def __init__(self, token_ids: torch.Tensor, raw_logprobs: torch.Tensor | None, reqs: list[Request]) -> None:
+        self.token_ids = token_ids
+        self.raw_logprobs = raw_logprobs
+        self.reqs = reqs
+        self.done: torch.cuda.Event | None = None
+        self._host = token_ids
+        if token_ids.device.type == "cuda":
+            self._host = torch.empty(token_ids.shape, dtype=token_ids.dtype, pin_memory=True)
+            self._host.copy_(token_ids, non_blocking=True)
+            self.done = torch.cuda.Event()
+            self.done.record()
+
+    @classmethod
+    def nothing(cls) -> Drawn:
+        """The draw of an iteration that samples no token."""
+        return cls(torch.empty(0, dtype=torch.long), None, [])
+
+    def result(self) -> SampleResult:
+        if self.done is not None:
+            self.done.synchronize()
+        ids = self._host.tolist()
+        return SampleResult(ids, _gather_logprobs(self.raw_logprobs, ids, self.reqs))
+
+
 class Sampler:
     def __init__(self, device: torch.device, seed: int = 0) -> None:
         self.device = device
@@ -37,6 +69,10 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, reqs: list[Request]) -> SampleResult:
         """logits [N, V] fp32, one row per request -> one token per request."""
+        return self.draw(logits, reqs).result()
+
+    def draw(self, logits: torch.Tensor, reqs: list[Request]) -> Drawn:
+        """Queue the sampling of `logits` [N, V] fp32 (one row per request) on the current stream."""
         n = len(reqs)
         assert logits.shape[0] == n
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(r.params.logprobs is not None for r in reqs) else None
@@ -47,8 +83,7 @@ class Sampler:
             chosen = logits.argmax(dim=-1)
         else:
             chosen = self._sample(logits, reqs)
-        ids = chosen.tolist()
-        return SampleResult(ids, _gather_logprobs(raw_logprobs, ids, reqs))
+        return Drawn(chosen, raw_logprobs, reqs)
 
     def _apply_penalties(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
         vocab = logits.shape[1]

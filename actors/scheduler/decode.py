@@ -74,6 +74,28 @@ class DecodeScheduler:
         chunks = [chunk_of(r.request_id, r.token_ids, r.num_computed_tokens, 1, r.block_ids) for r in scheduled]
         return chunks, scheduled, preempted
 
+    def schedule_ahead(self, skip: set[Request]) -> tuple[list[SeqChunk], list[Request]] | None:
+        """Plan the step after one that is still running (overlapped decode), leaving out `skip`.
+
+        Never preempts (the running step may still write the victim's pages): None when a
+        page is missing; the caller then waits for the running step and calls `schedule`.
+        Requests of the running step hold `PENDING_TOKEN` as their last token.
+        """
+        self._admit_inbox()
+        scheduled = [r for r in self.running if r not in skip]
+        if any(self.kv.grow(r, 1) == 0 for r in scheduled):
+            return None
+        chunks = [chunk_of(r.request_id, r.token_ids, r.num_computed_tokens, 1, r.block_ids) for r in scheduled]
+        return chunks, scheduled
+
+    def advance(self, req: Request) -> None:
+        """Count a launched step's token as computed; its page is published once its token is known."""
+        req.num_computed_tokens += 1
+
+    def retire(self, req: Request) -> None:
+        """Stop scheduling a finished request whose pages a running step may still write (free them later)."""
+        self.running.remove(req)
+
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
         self.kv.release(req)
