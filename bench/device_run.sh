@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the GPU machine (device tool), from the repo root, `.device` carried:
 #   bash bench/device_run.sh tests            GPU tests; saves flashinfer's compiled kernels to $OUT
-#   bash bench/device_run.sh bench [PARTS]    engine benchmarks -> $OUT/engine.{md,json}
+#   bash bench/device_run.sh bench [PARTS]    engine benchmarks (decode,decode-loop,prefill,switch,offline) -> $OUT/engine.{md,json}
 #   bash bench/device_run.sh vllm             vLLM reference of the offline job (after staging .vllmA)
 #   bash bench/device_run.sh profile [BATCH..] where a decode step's time goes -> $OUT/decode-profile.log
 #   bash bench/device_run.sh startup          semi-PD engine start-up and latency-profile times -> $OUT/startup.log
@@ -30,7 +30,7 @@ case $what in
     bash .device/save-cache.sh >/dev/null && split -b 15M "$OUT/fi-cache.tar" "$OUT/fi-cache.part." && rm "$OUT/fi-cache.tar"
     ;;
   bench)
-    bench_engine engine --model $model --parts "${2:-decode,prefill,switch,offline}" \
+    bench_engine engine --model $model --parts "${2:-decode,decode-loop,prefill,switch,offline}" \
       ${VLLM_JSON:+--vllm-json $VLLM_JSON} --out "$OUT/engine.md" 2>&1 | tee "$OUT/bench.log" | tail -60
     bash .device/save-cache.sh >/dev/null && split -b 15M "$OUT/fi-cache.tar" "$OUT/fi-cache.part." && rm "$OUT/fi-cache.tar"
     ;;

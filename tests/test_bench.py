@@ -635,3 +635,15 @@ def test_end_to_end_chat_and_rejections(live_server: _Server, tiny_llama: Path, 
     out = capsys.readouterr().out
     assert rc == 1
     assert "Failed requests:                         3" in out and "maximum context length" in out
+
+
+def test_engine_decode_loop_bench_runs_both_ways_on_cpu(tiny_llama: Path) -> None:
+    """The GPU engine benchmark's loop part, on the CPU engine: one row per batch and way, steps measured."""
+    from cluster.bench.engine_bench import bench_decode_loop, format_table
+
+    rows = bench_decode_loop(str(tiny_llama), (1, 3), ctx=24, steps=12)
+    assert [(r["batch"], r["overlap"]) for r in rows] == [(1, False), (3, False), (1, True), (3, True)]
+    assert all(r["iterations"] >= 10 and r["step_ms"] > 0 for r in rows)
+    table = format_table(dict(model="m", device="cpu", date="d", commit="c", command="x",
+                              ceilings=dict(copy_TBps=1.0, matmul_TFLOPs=1.0), decode_loop=rows))
+    assert "| one step at a time ms | overlapped ms |" in table and table.count("\n| 3 | 24 |") == 1

@@ -200,6 +200,38 @@ def _first_iteration_extra(log: list[tuple[float, float, int]]) -> float:
     return statistics.median(firsts) - median if firsts else float("nan")
 
 
+def bench_decode_loop(model_dir: str, batches: tuple[int, ...], ctx: int, steps: int = 64) -> list[dict[str, Any]]:
+    """Decode step time in the engine's own loop, one step at a time and overlapped.
+
+    semi-pd engine, prefill on the smallest split (decode on the rest of the GPU): `batch`
+    requests of `ctx` prompt tokens decode `steps` tokens; the figure is the median time of
+    the decode worker's iterations once every prefill is done (host work included, and
+    hidden behind the GPU when overlapped).
+    """
+    from actors.engine.frontend import LLM
+
+    rows = []
+    params = SamplingParams(max_tokens=steps, temperature=0.0, ignore_eos=True, detokenize=False)
+    for overlap in (False, True):
+        llm = LLM(model_dir, mode="semi-pd", load_format="dummy", prefill_sms=0, overlap_decode=overlap,
+                  scheduler=SchedulerConfig(max_decode_seqs=max(batches)))
+        prefill_worker, decode_worker = llm.core.workers
+        vocab = llm.core.arch.vocab_size
+        for bs in batches:
+            prompts = [[(7 * i + j) % vocab for j in range(ctx)] for i in range(bs)]
+            llm.core.allocator.reset_prefix_cache()
+            prefill_worker.iteration_log.clear()
+            decode_worker.iteration_log.clear()
+            llm.generate(prompts, params)
+            ready = max(start + seconds for start, seconds, _ in prefill_worker.iteration_log)
+            step_s = [seconds for start, seconds, _ in decode_worker.iteration_log if start >= ready]
+            rows.append(dict(batch=bs, context=ctx, overlap=overlap, decode_sms=llm.core.partitioner.sms_for("decode"),
+                             step_ms=statistics.median(step_s) * 1e3, iterations=len(step_s)))
+        llm.shutdown()
+        _free_memory()
+    return rows
+
+
 def bench_offline(model_dir: str, mode: str, prefill_sms: list[int | None], **engine_kwargs: Any
                   ) -> list[dict[str, Any]]:
     """The offline job (`JOB`): greedy, ignore_eos, all requests submitted at once."""
@@ -281,6 +313,9 @@ def run_engine_bench(model_dir: str, parts: set[str], vllm_json: str | None = No
     if parts & {"decode", "prefill"}:
         _kernel_parts(model_dir, parts, ceil, result, checkpoint)
         _free_memory()
+    if "decode-loop" in parts:
+        result["decode_loop"] = bench_decode_loop(model_dir, (1, 8, 32, 64, 128), 512)
+        checkpoint(result)
     if "switch" in parts:
         _switch_part(model_dir, result)
         checkpoint(result)
@@ -308,6 +343,15 @@ def format_table(result: dict[str, Any]) -> str:
                   "| batch | context | step ms | roofline ms | ratio | tok/s |", "|---|---|---|---|---|---|"]
         lines += [f"| {r['batch']} | {r['context']} | {r['step_ms']:.2f} | {r['roofline_ms']:.2f} | "
                   f"{r['ratio']:.2f}x | {r['tokens_per_s']:.0f} |" for r in result["decode"]]
+        lines.append("")
+    if "decode_loop" in result:
+        lines += ["## Decode step in the engine loop (semi-pd decode worker, prefill on the smallest split)", "",
+                  "| batch | context | decode SMs | one step at a time ms | overlapped ms |", "|---|---|---|---|---|"]
+        overlapped = {r["batch"]: r["step_ms"] for r in result["decode_loop"] if r["overlap"]}
+        for r in (r for r in result["decode_loop"] if not r["overlap"]):
+            o = overlapped.get(r["batch"])
+            lines.append(f"| {r['batch']} | {r['context']} | {r['decode_sms']} | {r['step_ms']:.2f} | "
+                         f"{'-' if o is None else f'{o:.2f}'} |")
         lines.append("")
     if "prefill" in result:
         lines += ["## Prefill (whole GPU)", "", "| requests | length | ms | tok/s | TFLOP/s | % of matmul peak |",
