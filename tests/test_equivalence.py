@@ -208,9 +208,10 @@ def test_kv_write_puts_k_and_v_in_their_slots(fused: bool) -> None:
 
 def test_overlapped_decode_matches_one_step_at_a_time(model_factory: Callable[[str], Path],
                                                       engine_factory: Callable[..., LLM]) -> None:
-    """Queuing each decode step before the previous one's tokens are known changes no token, no
-    finish reason and leaks no page: requests stop early (stop tokens), at varied max_tokens, seeded
-    sampling keeps its draws, and batches with penalties or logprobs fall back to one step at a time."""
+    """Queuing each decode step (semi-pd decode worker, unified decode-only steps) before the previous
+    one's tokens are known changes no token, no finish reason and leaks no page: requests stop early
+    (stop tokens), at varied max_tokens, seeded sampling keeps its draws, and batches with penalties
+    or logprobs fall back to one step at a time."""
     from actors.request import PENDING_TOKEN
 
     model = model_factory("tiny-llama")
@@ -228,9 +229,10 @@ def test_overlapped_decode_matches_one_step_at_a_time(model_factory: Callable[[s
 
     plain = [params(i) for i in range(len(prompts))]
     with_logprobs = [replace(p, logprobs=1) if i == 5 else p for i, p in enumerate(plain)]
-    for batch_params in (plain, with_logprobs):
-        ref = probe.generate(prompts, batch_params)
-        llm = engine_factory(model, mode="semi-pd")
+    unified_probe = engine_factory(model, mode="unified", overlap_decode=False)
+    for mode, batch_params in (("semi-pd", plain), ("semi-pd", with_logprobs), ("unified", plain)):
+        ref = (probe if mode == "semi-pd" else unified_probe).generate(prompts, batch_params)
+        llm = engine_factory(model, mode=mode)
         got = llm.generate(prompts, batch_params)
         assert [(o.token_ids, o.finish_reason) for o in got] == [(o.token_ids, o.finish_reason) for o in ref]
         assert sum(o.finish_reason == "stop" for o in got) >= len(prompts) // 3

@@ -138,7 +138,9 @@ class EngineCore:
         if self.config.mode == "unified":
             wake = Wakeup()
             wakeups = {"unified": wake, "prefill": wake, "decode": wake}
-            return [UnifiedWorker(self.prefill, self.decode, self._make_runner(True), parts, emit, wakeups)]
+            unified = UnifiedWorker(self.prefill, self.decode, self._make_runner(True), parts, emit, wakeups)
+            unified.overlap = self.config.overlap_decode
+            return [unified]
         wakeups = {"prefill": Wakeup(), "decode": Wakeup()}
         decode = DecodeWorker(self.prefill, self.decode, self._make_runner(True), parts, emit, wakeups)
         decode.overlap = self.config.overlap_decode

@@ -42,10 +42,22 @@ class Wakeup:
 
 
 class Worker:
-    """Shared loop and accounting; subclasses plan and run one iteration in `step`."""
+    """Shared loop and accounting; subclasses plan and run one iteration in `step`.
+
+    Overlapped decode (`overlap`, for workers that run decode-only steps): the next
+    decode step is planned and queued while the current one runs; its input ids come
+    from the current step's draw on the device, so the host work of a step (planning,
+    attention plan, emitting tokens) hides behind the GPU. A request that ends at step n
+    was already queued in step n + 1: that result is dropped, and its pages are freed
+    only once step n + 1 has finished. Batches that need penalties or logprobs, and
+    steps that would need a preemption, run one at a time.
+    """
 
     phase: Phase
     name: str
+    overlap = False
+    steps_queued_ahead = 0  # decode steps queued while the previous one was still running
+    _inflight: _Launched | None = None
 
     def __init__(
         self,
@@ -172,6 +184,90 @@ class Worker:
         if handoffs:
             self.wakeups["decode"].set()
 
+    def _fail_in_flight(self, steps: list[_Launched], error: Exception) -> None:
+        """A queued step failed on the device: end every request of the queued steps."""
+        log.exception("decode step failed; failing its requests")
+        for step in steps[1:]:
+            try:
+                step.drawn.result()
+            except Exception:
+                pass
+        self._inflight = None
+        retired = {r for step in steps for r in step.retired}
+        live = list(dict.fromkeys(r for step in steps for r in step.reqs if r not in retired))
+        for r in retired:
+            self.decode.kv.release(r)
+        self._fail(live, [], error)
+
+    def _launch(self, chunks: list[SeqChunk], reqs: list[Request], carry: Carry | None) -> _Launched:
+        drawn = self.runner.launch(BatchPlan(decodes=tuple(chunks)), reqs, carry)
+        slots = []
+        for r in reqs:
+            self.decode.advance(r)
+            slots.append(r.append_pending())
+        return _Launched(reqs, slots, drawn)
+
+    def _start_decodes(self, chunks: list[SeqChunk], reqs: list[Request]) -> None:
+        """Queue a decode-only step (nothing running) as the one in flight."""
+        try:
+            self._inflight = self._launch(chunks, reqs, None)
+        except Exception as e:
+            log.exception("forward pass failed; failing its %d requests", len(reqs))
+            self._fail(reqs, [], e)
+
+    def _step_ahead(self, queue_next: bool = True) -> bool:
+        """A step is running: queue the next one (unless not `queue_next`), then take the running one's tokens."""
+        running = self._inflight
+        assert running is not None
+        self._inflight = None
+        if not queue_next:
+            self._collect(running)
+            return True
+        ends = {r for r, slot in zip(running.reqs, running.slots)
+                if r.ends_by_length_at(slot + 1) or r.abort_requested or r in running.retired}
+        ahead = self.decode.schedule_ahead(ends)
+        if ahead is not None and ahead[0] and _overlappable(ahead[1]):
+            chunks, reqs = ahead
+            row = {r: i for i, r in enumerate(running.reqs)}
+            src = [row[r] if c.token_ids[0] == PENDING_TOKEN else -1 for c, r in zip(chunks, reqs)]
+            try:
+                self._inflight = self._launch(chunks, reqs, Carry(running.drawn, src))
+                self.steps_queued_ahead += 1
+            except Exception:  # take the running step's tokens first; its requests retry one step at a time
+                self._collect(running)
+                raise
+        self._collect(running)
+        return True
+
+    def _collect(self, launched: _Launched) -> None:
+        """Wait for `launched`, put its tokens in place and emit them; free what has ended."""
+        following = self._inflight
+        try:
+            result = launched.drawn.result()
+        except Exception as e:
+            self._fail_in_flight([launched] + ([following] if following is not None else []), e)
+            return
+        for r in launched.retired:
+            r.drop_pending()
+            self.decode.kv.release(r)
+        deltas = []
+        for req, slot, tok, lp in zip(launched.reqs, launched.slots, result.token_ids, result.logprobs):
+            if req in launched.retired:
+                continue
+            reason = req.resolve_pending(slot, tok) or req.abort_requested
+            if reason is None:
+                self.decode.kv.publish(req)
+            else:
+                req.finish_reason = reason
+                self.decode.retire(req)
+                if following is not None and req in following.reqs:
+                    following.retired.add(req)
+                else:
+                    req.drop_pending()
+                    self.decode.kv.release(req)
+            deltas.append(_token_delta(req, tok, lp, reason))
+        self.emit(deltas)
+
     def _requeue(self, preempted: list[Request]) -> None:
         for r in preempted:
             self.requeue(r)
@@ -224,21 +320,11 @@ class PrefillWorker(Worker):
 
 
 class DecodeWorker(Worker):
-    """Decodes one token per running request per iteration.
-
-    With `overlap` (the default) the next step is planned and queued while the current
-    one runs: its input ids come from the current step's draw on the device, so the host
-    work of a step (planning, attention plan, emitting tokens) hides behind the GPU.
-    A request that ends at step n was already queued in step n + 1: that result is
-    dropped, and its pages are freed only once step n + 1 has finished. Batches that
-    need penalties or logprobs, and steps that would need a preemption, run one at a time.
-    """
+    """Decodes one token per running request per iteration (overlapped: see `Worker`)."""
 
     phase: Phase = "decode"
     name = "decode"
     overlap = True
-    steps_queued_ahead = 0  # steps queued while the previous one was still running
-    _inflight: _Launched | None = None
 
     def step(self) -> bool:
         if self._inflight is not None:
@@ -249,11 +335,7 @@ class DecodeWorker(Worker):
         if not chunks:
             return bool(preempted)
         if self.overlap and _overlappable(reqs):
-            try:
-                self._inflight = self._launch(chunks, reqs, None)
-            except Exception as e:
-                log.exception("forward pass failed; failing its %d requests", len(reqs))
-                self._fail(reqs, [], e)
+            self._start_decodes(chunks, reqs)
             return True
         result = self._run(BatchPlan(decodes=tuple(chunks)), reqs, reqs, [])
         if result is None:
@@ -263,93 +345,26 @@ class DecodeWorker(Worker):
         self._accept_tokens(reqs, result, [False] * len(reqs))
         return True
 
-    def _fail_in_flight(self, steps: list[_Launched], error: Exception) -> None:
-        """A queued step failed on the device: end every request of the queued steps."""
-        log.exception("decode step failed; failing its requests")
-        for step in steps[1:]:
-            try:
-                step.drawn.result()
-            except Exception:
-                pass
-        self._inflight = None
-        retired = {r for step in steps for r in step.retired}
-        live = list(dict.fromkeys(r for step in steps for r in step.reqs if r not in retired))
-        for r in retired:
-            self.decode.kv.release(r)
-        self._fail(live, [], error)
-
-    def _launch(self, chunks: list[SeqChunk], reqs: list[Request], carry: Carry | None) -> _Launched:
-        drawn = self.runner.launch(BatchPlan(decodes=tuple(chunks)), reqs, carry)
-        slots = []
-        for r in reqs:
-            self.decode.advance(r)
-            slots.append(r.append_pending())
-        return _Launched(reqs, slots, drawn)
-
-    def _step_ahead(self) -> bool:
-        """A step is running: queue the next one, then take the running one's tokens."""
-        running = self._inflight
-        assert running is not None
-        self._inflight = None
-        ends = {r for r, slot in zip(running.reqs, running.slots)
-                if r.ends_by_length_at(slot + 1) or r.abort_requested or r in running.retired}
-        ahead = self.decode.schedule_ahead(ends)
-        if ahead is not None and ahead[0] and _overlappable(ahead[1]):
-            chunks, reqs = ahead
-            row = {r: i for i, r in enumerate(running.reqs)}
-            src = [row[r] if c.token_ids[0] == PENDING_TOKEN else -1 for c, r in zip(chunks, reqs)]
-            try:
-                self._inflight = self._launch(chunks, reqs, Carry(running.drawn, src))
-                self.steps_queued_ahead += 1
-            except Exception:  # take the running step's tokens first; its requests retry one step at a time
-                self._collect(running)
-                raise
-        self._collect(running)
-        return True
-
-    def _collect(self, launched: _Launched) -> None:
-        """Wait for `launched`, put its tokens in place and emit them; free what has ended."""
-        following = self._inflight
-        try:
-            result = launched.drawn.result()
-        except Exception as e:
-            self._fail_in_flight([launched] + ([following] if following is not None else []), e)
-            return
-        for r in launched.retired:
-            r.drop_pending()
-            self.decode.kv.release(r)
-        deltas = []
-        for req, slot, tok, lp in zip(launched.reqs, launched.slots, result.token_ids, result.logprobs):
-            if req in launched.retired:
-                continue
-            reason = req.resolve_pending(slot, tok) or req.abort_requested
-            if reason is None:
-                self.decode.kv.publish(req)
-            else:
-                req.finish_reason = reason
-                self.decode.retire(req)
-                if following is not None and req in following.reqs:
-                    following.retired.add(req)
-                else:
-                    req.drop_pending()
-                    self.decode.kv.release(req)
-            deltas.append(_token_delta(req, tok, lp, reason))
-        self.emit(deltas)
-
 
 class UnifiedWorker(Worker):
     """One batch per iteration: every running decode plus prefill chunks in the leftover budget."""
 
     phase: Phase = "prefill"
     name = "unified"
+    overlap = True
 
     def step(self) -> bool:
+        if self._inflight is not None:  # decode-only steps overlap until prefill work arrives
+            return self._step_ahead(queue_next=not self.prefill.has_work())
         self._emit_aborted(self.prefill.take_aborted() + self.decode.take_aborted())
         d_chunks, d_reqs, preempted = self.decode.schedule()
         self._requeue(preempted)
         p_chunks, p_reqs = self.prefill.schedule(self.prefill.max_tokens - len(d_chunks))
         if not d_chunks and not p_chunks:
             return bool(preempted)
+        if not p_chunks and self.overlap and _overlappable(d_reqs):
+            self._start_decodes(d_chunks, d_reqs)
+            return True
         p_sample = _sampled(p_chunks, p_reqs)
         plan = BatchPlan(decodes=tuple(d_chunks), prefills=tuple(p_chunks))
         result = self._run(plan, d_reqs + p_sample, d_reqs, p_reqs)
