@@ -74,6 +74,7 @@ class EngineOptions:
     max_model_len: int | None = None
     prefill_sms: int | None = None
     cuda_graphs: bool = True
+    overlap_decode: bool = True
     load_format: str = "auto"  # "dummy": random weights, no checkpoint read (speed runs)
 
     def __post_init__(self) -> None:
@@ -85,6 +86,7 @@ class EngineOptions:
         return EngineConfig(
             model=model, dtype=self.dtype, device=self.device, mode=mode, attention_backend=self.attention_backend,
             seed=self.seed, prefill_sms=self.prefill_sms, cuda_graphs=self.cuda_graphs, load_format=self.load_format,
+            overlap_decode=self.overlap_decode,
             cache=CacheConfig(self.page_size, self.num_pages, self.memory_fraction, self.cpu_kv_bytes,
                               self.enable_prefix_caching),
             scheduler=SchedulerConfig(self.max_prefill_tokens, self.max_decode_seqs, self.max_model_len),

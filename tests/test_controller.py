@@ -18,6 +18,8 @@ from cluster.controller import (NO_MODEL, Controller, ControllerConfig, bounded_
                                 hold_reason, models_from_published, policy_by_name, register_policy, view_from_dict)
 from cluster.engine_client import EngineLoad, NoCapacityError
 from cluster.redis_store import Backoff, RedisStore
+from cluster.serve_app import ServeArgs
+from cluster.serve_app import cluster_config as app_cluster_config
 from cluster.router import ActorView, RouterPolicy, RouterState, choose, predicted_ttft_s, rendezvous
 
 from support import async_wait_until
@@ -201,6 +203,15 @@ def test_model_policy_flows_to_the_actors(tiny_llama: Path) -> None:
     assert cfg.policy == "model" and cfg.model_source() == ModelSource(None, "full")
     app_args = serve.serve_app_args(args, "redis://h:1/0", None)
     assert (app_args["controller_policy"], app_args["profile_grid"]) == ("model", "full")
+    assert cfg.engine_config().overlap_decode and cfg.prefill_sm_fraction == (0.0, 1.0)
+    args = parser.parse_args(["serve", "--model", str(tiny_llama), "--policy", "fixed", "--prefill-sms", "48",
+                              "--no-overlap-decode", "--prefill-sm-max", "0.75"])
+    cfg = serve.cluster_config(args, "redis://h:1/0")
+    assert (cfg.policy, cfg.engine_config().prefill_sms, cfg.engine_config().overlap_decode) == ("fixed", 48, False)
+    assert cfg.controller_config().prefill_sm_fraction == (0.0, 0.75)
+    app_cfg = app_cluster_config(ServeArgs(**serve.serve_app_args(args, "redis://h:1/0", None)), "redis://h:1/0")
+    assert (app_cfg.policy, app_cfg.engine.prefill_sms, app_cfg.engine.overlap_decode) == ("fixed", 48, False)
+    assert app_cfg.prefill_sm_fraction == (0.0, 0.75)
 
 
 def test_view_from_published_dict() -> None:

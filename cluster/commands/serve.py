@@ -42,6 +42,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="lowest share of an engine's SMs the controller may give prefill (0..1)")
     p.add_argument("--prefill-sm-max", type=float, default=1.0, metavar="FRACTION",
                    help="highest share of an engine's SMs the controller may give prefill (0..1)")
+    p.add_argument("--no-overlap-decode", dest="overlap_decode", action="store_false",
+                   help="decode one step at a time (by default the next step is queued while the current one runs)")
     p.add_argument("--prefill-sms", type=int, default=None,
                    help="semi-pd: SMs given to prefill at start (default: about half; the nearest split is used)")
     p.add_argument("--latency-profile", metavar="PATH", default=None,
@@ -80,7 +82,8 @@ def cluster_config(args: argparse.Namespace, redis_url: str | None) -> Any:
         latency_profile=args.latency_profile, profile_grid=args.profile_grid,
         router=RouterPolicy(session_affinity=args.router_policy == "prefix-affinity"),
         engine=EngineOptions(device=args.device, num_pages=args.num_pages, max_prefill_tokens=args.max_prefill_tokens,
-                             load_format=args.load_format, prefill_sms=args.prefill_sms),
+                             load_format=args.load_format, prefill_sms=args.prefill_sms,
+                             overlap_decode=args.overlap_decode),
         cluster_name=args.cluster_name, served_model_name=args.served_model_name,
     )
 
@@ -94,7 +97,8 @@ def serve_app_args(args: argparse.Namespace, redis_url: str | None, grpc_port: i
                 tpot_slo_ms=args.tpot_slo_ms, mode=args.mode, router_policy=args.router_policy,
                 num_actors=args.num_actors, redis_url=redis_url, grpc_port=grpc_port or None,
                 max_prefill_tokens=args.max_prefill_tokens, device=args.device, load_format=args.load_format,
-                prefill_sms=args.prefill_sms, prefill_sm_min=args.prefill_sm_min or None,
+                prefill_sms=args.prefill_sms, overlap_decode=args.overlap_decode,
+                prefill_sm_min=args.prefill_sm_min or None,
                 prefill_sm_max=args.prefill_sm_max if args.prefill_sm_max < 1.0 else None,
                 controller_policy=args.policy, latency_profile=args.latency_profile, profile_grid=args.profile_grid,
                 cluster_name=args.cluster_name)
