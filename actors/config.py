@@ -219,6 +219,8 @@ class EngineConfig:
     `semi-pd` runs a prefill worker and a decode worker concurrently, each on its own
     SM partition (on CPU: its own thread), over one KV pool.
     `prefill_sms`: SMs given to prefill at start in semi-pd mode (None: about half).
+    `splits`: the prefill SM counts a semi-pd engine creates partitions (and decode CUDA
+    graphs) for, each rounded to the nearest one the GPU allows (None: all of them).
     `overlap_decode`: the decode worker queues its next step before the current one's
     tokens reach the host (see `actors.engine.workers.DecodeWorker`).
     """
@@ -232,6 +234,7 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     prefill_sms: int | None = None
+    splits: tuple[int, ...] | None = None
     cuda_graphs: bool = True
     overlap_decode: bool = True
     load_format: str = "auto"  # "dummy": random weights drawn on the device, no checkpoint read
@@ -248,6 +251,8 @@ class EngineConfig:
             raise ConfigError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.load_format not in ("auto", "dummy"):
             raise ConfigError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
+        if self.splits is not None and (not self.splits or min(self.splits) < 1):
+            raise ConfigError(f"splits must be positive SM counts, got {self.splits}")
         if not Path(self.model).is_dir():
             raise ConfigError(f"model directory not found: {self.model}")
 

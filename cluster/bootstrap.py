@@ -191,7 +191,10 @@ class ClusterConfig:
         return dict(self.actor_resources[i]) if self.actor_resources else {}
 
     def engine_config(self) -> EngineConfig:
-        return self.engine.engine_config(self.model, self.mode)
+        cfg = self.engine.engine_config(self.model, self.mode)
+        if self.policy == "fixed" and cfg.prefill_sms is not None and cfg.splits is None:
+            cfg = dataclasses.replace(cfg, splits=(cfg.prefill_sms,))  # the split never moves: create only it
+        return cfg
 
     def publisher_config(self) -> PublisherConfig | None:
         if self.redis_url is None:

@@ -208,6 +208,7 @@ def test_model_policy_flows_to_the_actors(tiny_llama: Path) -> None:
                               "--no-overlap-decode", "--prefill-sm-max", "0.75"])
     cfg = serve.cluster_config(args, "redis://h:1/0")
     assert (cfg.policy, cfg.engine_config().prefill_sms, cfg.engine_config().overlap_decode) == ("fixed", 48, False)
+    assert cfg.engine_config().splits == (48,)  # a fixed split: the engine creates only that one
     assert cfg.controller_config().prefill_sm_fraction == (0.0, 0.75)
     app_cfg = app_cluster_config(ServeArgs(**serve.serve_app_args(args, "redis://h:1/0", None)), "redis://h:1/0")
     assert (app_cfg.policy, app_cfg.engine.prefill_sms, app_cfg.engine.overlap_decode) == ("fixed", 48, False)

@@ -499,3 +499,24 @@ def test_slo_config_validation(tiny_llama: Path) -> None:
     with pytest.raises(ConfigError, match="positive"):
         SLOConfig(ttft_ms=0)
     assert math.isclose(SLOConfig().ttft_ms, 1000.0)
+
+
+def test_partitioner_creates_only_the_splits_asked_for(tiny_llama: Path) -> None:
+    """A fixed or bounded deployment pre-creates (and captures graphs for) fewer splits; asks round to allowed ones."""
+    from actors.config import EngineConfig
+    from actors.engine.core import EngineCore
+    from actors.engine.partitioner import CpuPartitioner, restrict_splits
+
+    assert restrict_splits(132, None) == split_choices(132)
+    assert restrict_splits(132, (50, 47, 100)) == (48, 96)  # 100 is as near 96 as 104: the smaller wins
+    part = CpuPartitioner(128, initial=64, splits=(62, 90))
+    assert part.splits == (64, 88) and part.current == 64
+    assert part.switch(120, "out of the set") and part.current == 88  # the nearest created split
+    core = EngineCore(EngineConfig(model=str(tiny_llama), mode="semi-pd", prefill_sms=40, splits=(40,)),
+                      emit=lambda deltas: None)
+    try:
+        assert core.partitioner.splits == (40,) and core.stats().prefill_sms == 40
+    finally:
+        core.shutdown()
+    with pytest.raises(ValueError, match="splits must be positive"):
+        EngineConfig(model=str(tiny_llama), splits=())

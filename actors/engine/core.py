@@ -87,7 +87,7 @@ class EngineCore:
             order = make_order(config.slo.order, config.slo.ttft_ms, config.slo.aging_s)
         self.prefill = PrefillScheduler(kv, sched.max_prefill_tokens, sched.decode_reserve_pages, order)
         self.decode = DecodeScheduler(kv, sched.max_decode_seqs)
-        self.partitioner: Partitioner = make_partitioner(self.device, config.mode, config.prefill_sms)
+        self.partitioner: Partitioner = make_partitioner(self.device, config.mode, config.prefill_sms, config.splits)
         self.workers = self._make_workers()
         self._warm_up()
         self._requests: dict[str, Request] = {}

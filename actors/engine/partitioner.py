@@ -33,6 +33,14 @@ def split_choices(total_sms: int, granule: int = SM_GRANULE, min_sms: int = MIN_
     return tuple(n for n in range(granule, total_sms, granule) if n >= min_sms and total_sms - n >= min_sms)
 
 
+def restrict_splits(total_sms: int, wanted: tuple[int, ...] | None) -> tuple[int, ...]:
+    """The splits to create: `split_choices(total_sms)`, or the ones nearest each of `wanted`."""
+    allowed = split_choices(total_sms)
+    if not wanted or not allowed:
+        return allowed
+    return tuple(sorted({min(allowed, key=lambda n: (abs(n - w), n)) for w in wanted}))
+
+
 @dataclass(frozen=True)
 class SwitchRecord:
     time: float
@@ -88,8 +96,8 @@ class Partitioner:
 class CpuPartitioner(Partitioner):
     """No SMs to split: same bookkeeping, no streams."""
 
-    def __init__(self, total_sms: int = 128, initial: int | None = None) -> None:
-        super().__init__(total_sms, split_choices(total_sms), initial)
+    def __init__(self, total_sms: int = 128, initial: int | None = None, splits: tuple[int, ...] | None = None) -> None:
+        super().__init__(total_sms, restrict_splits(total_sms, splits), initial)
 
 
 class WholeGpuPartitioner(Partitioner):
@@ -108,11 +116,12 @@ class WholeGpuPartitioner(Partitioner):
 
 
 class GreenContextPartitioner(Partitioner):
-    """Green-context SM partitions for every split, created once at start (3-5 ms each)."""
+    """Green-context SM partitions for every split (or those nearest `splits`), created once at start
+    (3-5 ms each; the engine then captures decode CUDA graphs for each)."""
 
     def __init__(self, device: torch.device, initial: int | None = None, splits: tuple[int, ...] | None = None) -> None:
         total = torch.cuda.get_device_properties(device).multi_processor_count
-        super().__init__(total, splits or split_choices(total), initial)
+        super().__init__(total, restrict_splits(total, splits), initial)
         self._device_index = device.index if device.index is not None else torch.cuda.current_device()
         self._keepalive: list[Any] = []
         self._streams: dict[int, tuple[torch.cuda.ExternalStream, torch.cuda.ExternalStream]] = {}
@@ -165,9 +174,10 @@ def _check(result: tuple[Any, ...]) -> tuple[Any, ...]:
     return result
 
 
-def make_partitioner(device: torch.device, mode: str, prefill_sms: int | None) -> Partitioner:
+def make_partitioner(device: torch.device, mode: str, prefill_sms: int | None,
+                     splits: tuple[int, ...] | None = None) -> Partitioner:
     if device.type != "cuda":
-        return CpuPartitioner(initial=prefill_sms)
+        return CpuPartitioner(initial=prefill_sms, splits=splits)
     if mode == "unified":
         return WholeGpuPartitioner(device)
-    return GreenContextPartitioner(device, initial=prefill_sms)
+    return GreenContextPartitioner(device, initial=prefill_sms, splits=splits)
