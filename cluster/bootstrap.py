@@ -23,7 +23,7 @@ from typing import Any
 from actors.config import ENGINE_MODES, CacheConfig, ConfigError, EngineConfig, SchedulerConfig
 from actors.slo.latency_model import ModelSource
 from actors.slo.types import SLOTargets
-from cluster.controller import ControllerConfig, policy_by_name, policy_needs_models
+from cluster.controller import ControllerConfig, check_prefill_sm_fraction, policy_by_name, policy_needs_models
 from cluster.redis_store import PublisherConfig
 from cluster.router import ACTOR_PREFIX, NAMESPACE, RouterPolicy
 
@@ -148,9 +148,6 @@ class ClusterConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "actor_resources", _freeze_resources(self.actor_resources))
-        lo, hi = self.prefill_sm_fraction
-        if not 0.0 <= lo <= hi <= 1.0:
-            raise ConfigError(f"prefill SM fraction bounds must satisfy 0 <= min <= max <= 1, got ({lo}, {hi})")
         if self.num_actors < 1:
             raise ConfigError(f"num_actors must be >= 1, got {self.num_actors}")
         if self.mode not in ENGINE_MODES:
@@ -166,6 +163,7 @@ class ClusterConfig:
         if self.check_model and not (Path(self.model) / "config.json").is_file():
             raise ConfigError(f"{self.model}: no config.json (expected a Hugging Face checkpoint directory)")
         try:
+            check_prefill_sm_fraction(self.prefill_sm_fraction)
             policy_by_name(self.policy)
             ModelSource(self.latency_profile, self.profile_grid)
             if self.redis_url is not None:

@@ -91,9 +91,7 @@ class ControllerConfig:
     prefill_sm_fraction: tuple[float, float] = (0.0, 1.0)  # bounds on the prefill share of each engine's SMs
 
     def __post_init__(self) -> None:
-        lo, hi = self.prefill_sm_fraction
-        if not 0.0 <= lo <= hi <= 1.0:
-            raise ValueError(f"prefill_sm_fraction must satisfy 0 <= min <= max <= 1, got ({lo}, {hi})")
+        check_prefill_sm_fraction(self.prefill_sm_fraction)
         if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError(f"redis_url must be a redis:// URL, got {self.redis_url!r}")
         if self.interval_s <= 0:
@@ -118,6 +116,13 @@ def view_from_dict(d: Mapping[str, Any]) -> EngineView:
         time=float(d.get("time", 0.0)),
         num_prefill_requests=int(s.get("num_waiting", 0)) + int(s.get("num_prefilling", 0)),
     )
+
+
+def check_prefill_sm_fraction(fraction: tuple[float, float]) -> None:
+    """ValueError unless `fraction` is (min, max) with 0 <= min <= max <= 1."""
+    lo, hi = fraction
+    if not 0.0 <= lo <= hi <= 1.0:
+        raise ValueError(f"prefill_sm_fraction must satisfy 0 <= min <= max <= 1, got ({lo}, {hi})")
 
 
 def bounded_view(view: EngineView, fraction: tuple[float, float]) -> EngineView:

@@ -9,6 +9,9 @@ buffers for one CUDA-graph batch size.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 
 from actors.attention.base import AttentionBackend, BatchLayout, kv_rows, write_kv
@@ -55,8 +58,19 @@ class FlashInferAttention(AttentionBackend):
         """Host (pinned) int32: flashinfer plans from host copies, so device ones would cost a sync each."""
         return torch.tensor(values, dtype=torch.int32).pin_memory()
 
-    def _planning(self, wrapper: object) -> _Planning:
-        return _Planning(self._plan_copied, wrapper)
+    @contextmanager
+    def _planning(self, wrapper: object) -> Iterator[None]:
+        """Around one `wrapper.plan()`: flashinfer writes a plan into one pinned host buffer per
+        wrapper and queues its copy to the device; the next plan must not overwrite that buffer
+        before the copy ran. With overlapped decode the next plan comes while the step that uses
+        the previous one is still queued, so wait (on the host) for that copy, which is quick."""
+        previous = self._plan_copied.get(id(wrapper))
+        if previous is not None:
+            previous.synchronize()
+        yield
+        copied = torch.cuda.Event()
+        copied.record()
+        self._plan_copied[id(wrapper)] = copied
 
     def _plan_decode(self, wrapper: object, layout: BatchLayout, lo: int, hi: int) -> None:
         indptr, indices, last = _paged_indices(layout.block_tables[lo:hi], layout.context_lens[lo:hi],
@@ -104,27 +118,6 @@ class FlashInferAttention(AttentionBackend):
 
     def graph_decoder(self, batch_size: int, max_pages_per_seq: int, rows: torch.Tensor) -> GraphDecodeAttention:
         return GraphDecodeAttention(self, batch_size, max_pages_per_seq, rows)
-
-
-class _Planning:
-    """Around one `wrapper.plan()`: flashinfer writes a plan into one pinned host buffer per
-    wrapper and queues its copy to the device; the next plan must not overwrite that buffer
-    before the copy ran. With overlapped decode the next plan comes while the step that uses
-    the previous one is still queued, so wait (on the host) for that copy, which is quick."""
-
-    def __init__(self, copied: dict[int, torch.cuda.Event], wrapper: object) -> None:
-        self.copied = copied
-        self.key = id(wrapper)
-
-    def __enter__(self) -> None:
-        previous = self.copied.get(self.key)
-        if previous is not None:
-            previous.synchronize()
-
-    def __exit__(self, *exc: object) -> None:
-        event = torch.cuda.Event()
-        event.record()
-        self.copied[self.key] = event
 
 
 class GraphDecodeAttention:

@@ -223,8 +223,7 @@ class Worker:
         if not queue_next:
             self._collect(running)
             return True
-        ends = {r for r, slot in zip(running.reqs, running.slots)
-                if r.ends_by_length_at(slot + 1) or r.abort_requested or r in running.retired}
+        ends = {r for r, slot in zip(running.reqs, running.slots) if r.ends_by_length_at(slot + 1) or r.abort_requested}
         ahead = self.decode.schedule_ahead(ends)
         if ahead is not None and ahead[0] and _overlappable(ahead[1]):
             chunks, reqs = ahead
@@ -250,6 +249,7 @@ class Worker:
         for r in launched.retired:
             r.drop_pending()
             self.decode.kv.release(r)
+        still_queued = set(following.reqs) if following is not None else set()
         deltas = []
         for req, slot, tok, lp in zip(launched.reqs, launched.slots, result.token_ids, result.logprobs):
             if req in launched.retired:
@@ -259,12 +259,12 @@ class Worker:
                 self.decode.kv.publish(req)
             else:
                 req.finish_reason = reason
-                self.decode.retire(req)
-                if following is not None and req in following.reqs:
-                    following.retired.add(req)
+                if req in still_queued:
+                    self.decode.retire(req)
+                    following.retired.add(req)  # type: ignore[union-attr]
                 else:
                     req.drop_pending()
-                    self.decode.kv.release(req)
+                    self.decode.remove(req)
             deltas.append(_token_delta(req, tok, lp, reason))
         self.emit(deltas)
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from actors.attention.base import BatchLayout
+from actors.attention.base import BatchLayout, kv_rows
 from actors.attention.flashinfer_backend import FlashInferAttention, GraphDecodeAttention
 from actors.kv.pool import KVPool
 from actors.models.llama import CausalLM
@@ -53,10 +53,8 @@ class DecodeGraphs:
         host[1, :n] = [c.start for c in chunks]
         pages = np.full(bs, self.pool.scratch_page, dtype=np.int64)
         pages[:n] = [c.block_ids[c.start // ps] for c in chunks]
-        offsets = host[1] % ps
-        host[2] = pages * ps + offsets
-        host[3] = pages * (2 * ps) + offsets  # as `kv_rows`
-        host[4] = host[3] + ps
+        host[2] = pages * ps + host[1] % ps
+        host[3:5] = kv_rows(torch.from_numpy(host[2]), ps).T.numpy()
         self.inputs[:, :bs].copy_(torch.from_numpy(host).pin_memory(), non_blocking=True)
 
     def _prepare(self, chunks: tuple[SeqChunk, ...], bs: int) -> GraphDecodeAttention:
