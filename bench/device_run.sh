@@ -5,15 +5,18 @@
 #   bash bench/device_run.sh vllm             vLLM reference of the offline job (after staging .vllmA)
 #   bash bench/device_run.sh profile [BATCH..] where a decode step's time goes -> $OUT/decode-profile.log
 #   bash bench/device_run.sh startup          semi-PD engine start-up and latency-profile times -> $OUT/startup.log
-# Logs go to $OUT; the last lines printed are a short table.
+# Logs go to $OUT; the last lines printed are a short table. `.device`: see bench/device_env.sh.
 set -uo pipefail
 what=${1:-tests}
-source .device/setup.sh
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" TOKENIZERS_PARALLELISM=false
+source bench/device_env.sh
 nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv,noheader
 mkdir -p /tmp/models
 model=/tmp/models/llama3-8b
 [ -f $model/config.json ] || python3 -m cluster.cli make-model --preset llama3-8b --out $model --no-weights >/dev/null
+save_cache() {  # SAVE_CACHE=1: flashinfer's compiled kernels -> $OUT/fi-cache.txz (for .device/)
+  [ "${SAVE_CACHE:-0}" = 1 ] || return 0
+  bash .device/save-cache.sh >/dev/null && xz -T0 "$OUT/fi-cache.tar" && mv "$OUT/fi-cache.tar.xz" "$OUT/fi-cache.txz"
+}
 bench_engine() {
   python3 - "$@" <<'PY'
 import argparse, sys
@@ -27,12 +30,12 @@ PY
 case $what in
   tests)
     python3 -m pytest -q -s -m gpu tests/test_gpu.py -p no:cacheprovider ${2:+-k "$2"} 2>&1 | tee "$OUT/gpu-tests.log" | tail -40
-    bash .device/save-cache.sh >/dev/null && split -b 15M "$OUT/fi-cache.tar" "$OUT/fi-cache.part." && rm "$OUT/fi-cache.tar"
+    save_cache
     ;;
   bench)
     bench_engine engine --model $model --parts "${2:-decode,decode-loop,prefill,switch,offline}" \
       ${VLLM_JSON:+--vllm-json $VLLM_JSON} --out "$OUT/engine.md" 2>&1 | tee "$OUT/bench.log" | tail -60
-    bash .device/save-cache.sh >/dev/null && split -b 15M "$OUT/fi-cache.tar" "$OUT/fi-cache.part." && rm "$OUT/fi-cache.tar"
+    save_cache
     ;;
   profile)
     python3 bench/decode_profile.py $model ${@:2} > "$OUT/decode-profile.log" 2>&1; tail -8 "$OUT/decode-profile.log"

@@ -8,26 +8,17 @@
 #   semi-pd-fixedN    semi-PD, split held at N prefill SMs (e.g. semi-pd-fixed64)
 #   unified           our engine, chunked prefill with piggybacked decodes on the whole GPU
 #   vllm              vLLM's OpenAI server with its defaults (needs .vllmA staged and .vllmB carried)
-# Needs `.device` set up (flashinfer + compiled kernels) and `.devray` (pack.sh ray + redis, built in another
-# folder; see ../shared/device/README.md). Environment: SWEEPS ("workload:rate,rate ..."), WINDOW (seconds of
-# arrivals per rate), TTFT/TPOT (ms), SHIFT_RATE (one shifting-workload run per config at this rate),
-# CONFIG_TIMEOUT (s per config), MODEL (default: the llama3-8b preset, random weights).
+# Needs `.device` (see bench/device_env.sh). Environment: SWEEPS ("workload:rate,rate ..."), WINDOW (seconds of
+# arrivals per rate), TTFT/TPOT (ms), REQUEST_TIMEOUT (s; a request still running then counts as failed),
+# SHIFT_RATE (one shifting-workload run per config at this rate, SHIFT_WINDOW seconds of arrivals),
+# CONFIG_TIMEOUT (s per config: start-up plus sweeps), MODEL (default: the llama3-8b preset, random weights).
 # Results: $OUT/serve/CONFIG-WORKLOAD-RATE.json (+ .log), server logs and split decisions in $OUT.
 # Without a GPU (a CPU check of this script) it runs on what is installed; pass e.g. SERVE_EXTRA="--device cpu".
 set -uo pipefail
-: "${SWEEPS:=sharegpt:12,24,36 arxiv:2,4,6}" "${WINDOW:=12}" "${TTFT:=1000}" "${TPOT:=50}" "${SHIFT_RATE:=}"
-: "${CONFIG_TIMEOUT:=300}" "${SERVE_EXTRA:=}"
+: "${SWEEPS:=sharegpt:15,30,45 arxiv:3,6,9}" "${WINDOW:=10}" "${TTFT:=1000}" "${TPOT:=50}" "${REQUEST_TIMEOUT:=40}"
+: "${SHIFT_RATE:=}" "${SHIFT_WINDOW:=30}" "${CONFIG_TIMEOUT:=300}" "${SERVE_EXTRA:=}"
 gpu=$(command -v nvidia-smi)
-if [ -n "$gpu" ]; then
-  source .device/setup.sh
-  if [ ! -f /tmp/site/.ray-done ]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .devray/wheels/*.whl 2>/dev/null
-    tar -xJf .devray/ray.tar.xz -C /tmp/site
-    for d in .devray/debs/*.deb; do dpkg -x "$d" /tmp/site/root; done
-    touch /tmp/site/.ray-done
-  fi
-fi
-export PYTHONPATH="$PWD:/tmp/site" TOKENIZERS_PARALLELISM=false
+if [ -n "$gpu" ]; then source bench/device_env.sh; else export PYTHONPATH="$PWD" TOKENIZERS_PARALLELISM=false; fi
 model=${MODEL:-/tmp/models/llama3-8b}
 [ -f $model/config.json ] || python3 -m cluster.cli make-model --preset llama3-8b --out $model --no-weights >/dev/null
 mkdir -p "$OUT/serve"
@@ -61,11 +52,11 @@ stop_server() {
   return 0
 }
 
-bench() {  # config workload rate
-  local n=$(python3 -c "print(max(16, round($3 * $WINDOW)))") name="$1-$2-$3"
+bench() {  # config workload rate window
+  local n=$(python3 -c "print(max(16, round($3 * $4)))") name="$1-$2-$3"
   timeout $(( CONFIG_TIMEOUT / 2 )) python3 -m cluster.cli bench serve --base-url http://127.0.0.1:8000 --model llama3-8b \
     --tokenizer $model --workload "$2" --request-rate "$3" --num-prompts "$n" --goodput ttft:$TTFT tpot:$TPOT \
-    --label "$1" --request-timeout 120 --result-dir "$OUT/serve" --result-filename "$name.json" --disable-tqdm \
+    --label "$1" --request-timeout $REQUEST_TIMEOUT --result-dir "$OUT/serve" --result-filename "$name.json" --disable-tqdm \
     > "$OUT/serve/$name.log" 2>&1
   echo "$name: $(grep -E "Request throughput|SLO attainment|P90 TTFT|P90 TPOT" "$OUT/serve/$name.log" | tr -s ' ' | paste -sd' ')"
 }
@@ -84,10 +75,10 @@ run_config() {  # config
     local workload=${sweep%%:*} rates=${sweep#*:}
     for rate in ${rates//,/ }; do
       [ $(( $(date +%s) - t0 )) -lt $CONFIG_TIMEOUT ] || { echo "$1: out of time, skipping $workload $rate"; continue; }
-      bench "$1" "$workload" "$rate"
+      bench "$1" "$workload" "$rate" "$WINDOW"
     done
   done
-  [ -n "$SHIFT_RATE" ] && bench "$1" shifting "$SHIFT_RATE"
+  [ -n "$SHIFT_RATE" ] && bench "$1" shifting "$SHIFT_RATE" "$SHIFT_WINDOW"
   if [ "$1" != vllm ]; then
     local redis=$(grep -o 'semipd status --redis [^ ]*' "$log" | awk '{print $4}')
     python3 -m cluster.cli status --redis "$redis" --decisions 100 > "$OUT/$1-decisions.txt" 2>&1

@@ -213,7 +213,7 @@ def bench_decode_loop(model_dir: str, batches: tuple[int, ...], ctx: int, steps:
     rows = []
     params = SamplingParams(max_tokens=steps, temperature=0.0, ignore_eos=True, detokenize=False)
     for overlap in (False, True):
-        llm = LLM(model_dir, mode="semi-pd", load_format="dummy", prefill_sms=0, overlap_decode=overlap,
+        llm = LLM(model_dir, mode="semi-pd", load_format="dummy", prefill_sms=1, splits=(1,), overlap_decode=overlap,
                   scheduler=SchedulerConfig(max_decode_seqs=max(batches)))
         prefill_worker, decode_worker = llm.core.workers
         vocab = llm.core.arch.vocab_size
@@ -321,11 +321,10 @@ def run_engine_bench(model_dir: str, parts: set[str], vllm_json: str | None = No
         checkpoint(result)
         _free_memory()
     if "offline" in parts:
-        rows = []
-        for budget in (8192, 16384):
-            rows += bench_offline(model_dir, "unified", [None], scheduler=SchedulerConfig(max_prefill_tokens=budget))
-            _free_memory()
-        rows += bench_offline(model_dir, "semi-pd", [96, 80, 64], scheduler=SchedulerConfig(max_prefill_tokens=8192))
+        rows = bench_offline(model_dir, "unified", [None], scheduler=SchedulerConfig(max_prefill_tokens=16384))
+        _free_memory()
+        rows += bench_offline(model_dir, "semi-pd", [80, 64], splits=(64, 80),
+                              scheduler=SchedulerConfig(max_prefill_tokens=8192))
         result["offline"] = rows
     if vllm_json and Path(vllm_json).is_file():
         result["vllm"] = json.loads(Path(vllm_json).read_text())
