@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On the GPU machine (device tool), from the repo root, `.device` carried:
-#   bash bench/device_run.sh tests            GPU tests; saves flashinfer's compiled kernels to $OUT
+#   bash bench/device_run.sh tests [K]        GPU tests (pytest -k K); SAVE_CACHE=1: flashinfer kernels -> $OUT/fi-cache.txz
 #   bash bench/device_run.sh bench [PARTS]    engine benchmarks (decode,decode-loop,prefill,switch,offline) -> $OUT/engine.{md,json}
 #   bash bench/device_run.sh vllm             vLLM reference of the offline job (after staging .vllmA)
 #   bash bench/device_run.sh profile [BATCH..] where a decode step's time goes -> $OUT/decode-profile.log
@@ -17,23 +17,13 @@ save_cache() {  # SAVE_CACHE=1: flashinfer's compiled kernels -> $OUT/fi-cache.t
   [ "${SAVE_CACHE:-0}" = 1 ] || return 0
   bash .device/save-cache.sh >/dev/null && xz -T0 "$OUT/fi-cache.tar" && mv "$OUT/fi-cache.tar.xz" "$OUT/fi-cache.txz"
 }
-bench_engine() {
-  python3 - "$@" <<'PY'
-import argparse, sys
-from cluster.commands import bench_engine
-parser = argparse.ArgumentParser(prog="semipd bench")
-bench_engine.register_engine(parser.add_subparsers(dest="command", required=True))
-args = parser.parse_args(sys.argv[1:])
-sys.exit(args.func(args))
-PY
-}
 case $what in
   tests)
     python3 -m pytest -q -s -m gpu tests/test_gpu.py -p no:cacheprovider ${2:+-k "$2"} 2>&1 | tee "$OUT/gpu-tests.log" | tail -40
     save_cache
     ;;
   bench)
-    bench_engine engine --model $model --parts "${2:-decode,decode-loop,prefill,switch,offline}" \
+    python3 -m cluster.cli bench engine --model $model --parts "${2:-decode,decode-loop,prefill,switch,offline}" \
       ${VLLM_JSON:+--vllm-json $VLLM_JSON} --out "$OUT/engine.md" 2>&1 | tee "$OUT/bench.log" | tail -60
     save_cache
     ;;

@@ -12,7 +12,8 @@
 # arrivals per rate), TTFT/TPOT (ms), REQUEST_TIMEOUT (s; a request still running then counts as failed),
 # SHIFT_RATE (one shifting-workload run per config at this rate, SHIFT_WINDOW seconds of arrivals),
 # CONFIG_TIMEOUT (s per config: start-up plus sweeps), MODEL (default: the llama3-8b preset, random weights).
-# Results: $OUT/serve/CONFIG-WORKLOAD-RATE.json (+ .log), server logs and split decisions in $OUT.
+# Results: CONFIG-WORKLOAD-RATE.json (+ .log), server logs and split decisions, in $OUT/compare.tgz (one file,
+# rewritten after each config: the device tool brings back only a few files).
 # Without a GPU (a CPU check of this script) it runs on what is installed; pass e.g. SERVE_EXTRA="--device cpu".
 set -uo pipefail
 : "${SWEEPS:=sharegpt:15,30,45 arxiv:3,6,9}" "${WINDOW:=10}" "${TTFT:=1000}" "${TPOT:=50}" "${REQUEST_TIMEOUT:=40}"
@@ -21,7 +22,8 @@ gpu=$(command -v nvidia-smi)
 if [ -n "$gpu" ]; then source bench/device_env.sh; else export PYTHONPATH="$PWD" TOKENIZERS_PARALLELISM=false; fi
 model=${MODEL:-/tmp/models/llama3-8b}
 [ -f $model/config.json ] || python3 -m cluster.cli make-model --preset llama3-8b --out $model --no-weights >/dev/null
-mkdir -p "$OUT/serve"
+res=/tmp/compare
+mkdir -p $res
 
 start_server() {  # config log -> sets $server
   local common=(--model $model --num-actors 1 --grpc-port 0 --http-port 8000 --served-model-name llama3-8b
@@ -56,13 +58,13 @@ bench() {  # config workload rate window
   local n=$(python3 -c "print(max(16, round($3 * $4)))") name="$1-$2-$3"
   timeout $(( CONFIG_TIMEOUT / 2 )) python3 -m cluster.cli bench serve --base-url http://127.0.0.1:8000 --model llama3-8b \
     --tokenizer $model --workload "$2" --request-rate "$3" --num-prompts "$n" --goodput ttft:$TTFT tpot:$TPOT \
-    --label "$1" --request-timeout $REQUEST_TIMEOUT --result-dir "$OUT/serve" --result-filename "$name.json" --disable-tqdm \
-    > "$OUT/serve/$name.log" 2>&1
-  echo "$name: $(grep -E "Request throughput|SLO attainment|P90 TTFT|P90 TPOT" "$OUT/serve/$name.log" | tr -s ' ' | paste -sd' ')"
+    --label "$1" --request-timeout $REQUEST_TIMEOUT --result-dir $res --result-filename "$name.json" --disable-tqdm \
+    > "$res/$name.log" 2>&1
+  echo "$name: $(grep -E "Request throughput|SLO attainment|P90 TTFT|P90 TPOT" "$res/$name.log" | tr -s ' ' | paste -sd' ')"
 }
 
 run_config() {  # config
-  local t0=$(date +%s) log="$OUT/$1-server.log" up=0
+  local t0=$(date +%s) log="$res/$1-server.log" up=0
   start_server "$1" "$log" || return 1
   for _ in $(seq $CONFIG_TIMEOUT); do
     curl -sf http://127.0.0.1:8000/v1/models >/dev/null 2>&1 && { up=1; break; }
@@ -81,10 +83,10 @@ run_config() {  # config
   [ -n "$SHIFT_RATE" ] && bench "$1" shifting "$SHIFT_RATE" "$SHIFT_WINDOW"
   if [ "$1" != vllm ]; then
     local redis=$(grep -o 'semipd status --redis [^ ]*' "$log" | awk '{print $4}')
-    python3 -m cluster.cli status --redis "$redis" --decisions 100 > "$OUT/$1-decisions.txt" 2>&1
+    python3 -m cluster.cli status --redis "$redis" --decisions 100 > "$res/$1-decisions.txt" 2>&1
   fi
   stop_server
   echo "$1: done after $(( $(date +%s) - t0 )) s"
 }
 
-for config in "$@"; do run_config "$config"; done
+for config in "$@"; do run_config "$config"; tar -czf "$OUT/compare.tgz" -C $res .; done

@@ -638,10 +638,12 @@ def test_end_to_end_chat_and_rejections(live_server: _Server, tiny_llama: Path, 
 
 
 def test_engine_decode_loop_bench_runs_both_ways_on_cpu(tiny_llama: Path) -> None:
-    """The GPU engine benchmark's loop part, on the CPU engine: one row per batch and way, steps measured."""
-    from cluster.bench.engine_bench import bench_decode_loop, format_table
+    """The GPU engine benchmark's loop part, on the CPU engine and each way in its own process as
+    `run_engine_bench` runs it: one row per batch and way, steps measured."""
+    from cluster.bench.engine_bench import bench_decode_loop, format_table, in_fresh_process
 
-    rows = bench_decode_loop(str(tiny_llama), (1, 3), ctx=24, steps=12)
+    rows = [row for overlap in (False, True)
+            for row in in_fresh_process(bench_decode_loop, str(tiny_llama), overlap, (1, 3), ctx=24, steps=12)]
     assert [(r["batch"], r["overlap"]) for r in rows] == [(1, False), (3, False), (1, True), (3, True)]
     assert all(r["iterations"] >= 10 and r["step_ms"] > 0 for r in rows)
     table = format_table(dict(model="m", device="cpu", date="d", commit="c", command="x",

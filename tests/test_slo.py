@@ -520,3 +520,9 @@ def test_partitioner_creates_only_the_splits_asked_for(tiny_llama: Path) -> None
         core.shutdown()
     with pytest.raises(ValueError, match="splits must be positive"):
         EngineConfig(model=str(tiny_llama), splits=())
+
+
+def test_profile_grid_too_big_for_the_model_is_a_clear_error(cpu_engine: EngineCore) -> None:
+    """The full grid's prefill points mostly exceed the tiny model's 2048-token context: say so before measuring."""
+    with pytest.raises(ValueError, match=r"grid points fit this engine .* --profile-grid quick"):
+        Profiler.for_engine(cpu_engine, ProfileConfig()).run()

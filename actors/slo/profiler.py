@@ -149,6 +149,11 @@ class Profiler:
 
     def run(self) -> LatencyModel:
         """Measure every grid point under each profiled split, then fit."""
+        fitting = {"prefill": len(list(self._prefill_points())), "decode": len(list(self._decode_points()))}
+        if min(fitting.values()) < 3:
+            raise ValueError(f"only {fitting} grid points fit this engine (context {self.max_model_len} tokens, "
+                             f"{self.allocator.num_free} free KV pages); a fit needs 3 per phase: "
+                             "profile on a smaller grid (serve --profile-grid quick)")
         t0 = time.perf_counter()
         samples = self.measure()
         meta = {"profiled_splits": sorted({s.sms for s in samples if s.phase == "prefill"}),

@@ -8,8 +8,8 @@ commit and command.
 
 from __future__ import annotations
 
-import gc
 import json
+import multiprocessing
 import os
 import random
 import statistics
@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -200,8 +201,9 @@ def _first_iteration_extra(log: list[tuple[float, float, int]]) -> float:
     return statistics.median(firsts) - median if firsts else float("nan")
 
 
-def bench_decode_loop(model_dir: str, batches: tuple[int, ...], ctx: int, steps: int = 64) -> list[dict[str, Any]]:
-    """Decode step time in the engine's own loop, one step at a time and overlapped.
+def bench_decode_loop(model_dir: str, overlap: bool, batches: tuple[int, ...], ctx: int, steps: int = 64
+                      ) -> list[dict[str, Any]]:
+    """Decode step time in the engine's own loop, one step at a time (`overlap=False`) or overlapped.
 
     semi-pd engine, prefill on the smallest split (decode on the rest of the GPU): `batch`
     requests of `ctx` prompt tokens decode `steps` tokens; the figure is the median time of
@@ -212,23 +214,21 @@ def bench_decode_loop(model_dir: str, batches: tuple[int, ...], ctx: int, steps:
 
     rows = []
     params = SamplingParams(max_tokens=steps, temperature=0.0, ignore_eos=True, detokenize=False)
-    for overlap in (False, True):
-        llm = LLM(model_dir, mode="semi-pd", load_format="dummy", prefill_sms=1, splits=(1,), overlap_decode=overlap,
-                  scheduler=SchedulerConfig(max_decode_seqs=max(batches)))
-        prefill_worker, decode_worker = llm.core.workers
-        vocab = llm.core.arch.vocab_size
-        for bs in batches:
-            prompts = [[(7 * i + j) % vocab for j in range(ctx)] for i in range(bs)]
-            llm.core.allocator.reset_prefix_cache()
-            prefill_worker.iteration_log.clear()
-            decode_worker.iteration_log.clear()
-            llm.generate(prompts, params)
-            ready = max(start + seconds for start, seconds, _ in prefill_worker.iteration_log)
-            step_s = [seconds for start, seconds, _ in decode_worker.iteration_log if start >= ready]
-            rows.append(dict(batch=bs, context=ctx, overlap=overlap, decode_sms=llm.core.partitioner.sms_for("decode"),
-                             step_ms=statistics.median(step_s) * 1e3, iterations=len(step_s)))
-        llm.shutdown()
-        _free_memory()
+    llm = LLM(model_dir, mode="semi-pd", load_format="dummy", prefill_sms=1, splits=(1,), overlap_decode=overlap,
+              scheduler=SchedulerConfig(max_decode_seqs=max(batches)))
+    prefill_worker, decode_worker = llm.core.workers
+    vocab = llm.core.arch.vocab_size
+    for bs in batches:
+        prompts = [[(7 * i + j) % vocab for j in range(ctx)] for i in range(bs)]
+        llm.core.allocator.reset_prefix_cache()
+        prefill_worker.iteration_log.clear()
+        decode_worker.iteration_log.clear()
+        llm.generate(prompts, params)
+        ready = max(start + seconds for start, seconds, _ in prefill_worker.iteration_log)
+        step_s = [seconds for start, seconds, _ in decode_worker.iteration_log if start >= ready]
+        rows.append(dict(batch=bs, context=ctx, overlap=overlap, decode_sms=llm.core.partitioner.sms_for("decode"),
+                         step_ms=statistics.median(step_s) * 1e3, iterations=len(step_s)))
+    llm.shutdown()
     return rows
 
 
@@ -274,58 +274,66 @@ def make_core(model_dir: str, mode: str, **kwargs: Any) -> EngineCore:
     return EngineCore(config, emit=lambda deltas: None)
 
 
-def _free_memory() -> None:
-    gc.collect()
-    torch.cuda.empty_cache()
+def in_fresh_process(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """`fn(*args, **kwargs)` in a new (spawned) process; its engine and GPU memory end with it.
+
+    One process building engine after engine kept the first one's KV pool on the GPU
+    (H200, 2026-12-02: the next engine found -16 GiB for its cache), so every part runs apart.
+    """
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args, **kwargs).result()
 
 
-def _kernel_parts(model_dir: str, parts: set[str], ceil: Ceilings, result: dict[str, Any],
-                  checkpoint: Callable[[dict[str, Any]], None]) -> None:
+def measure_device() -> tuple[str, Ceilings]:
+    device = torch.device("cuda")
+    return device_name(device), measure_ceilings(device)
+
+
+def kernel_parts(model_dir: str, parts: frozenset[str], ceil: Ceilings) -> dict[str, Any]:
+    """Decode roofline and prefill tables, on one unified (whole-GPU) engine."""
     core = make_core(model_dir, "unified", scheduler=SchedulerConfig(max_prefill_tokens=65536, max_decode_seqs=128))
+    result: dict[str, Any] = {}
     if "decode" in parts:
         result["decode"] = bench_decode(core, ceil, (1, 8, 32, 64, 128), (512, 2048))
-        checkpoint(result)
     if "prefill" in parts:
         shapes = ((1, 512), (1, 2048), (1, 4096), (1, 8192), (4, 2048), (4, 4096), (8, 4096), (8, 8192))
         result["prefill"] = bench_prefill(core, ceil, shapes)
-        checkpoint(result)
     core.shutdown()
+    return result
 
 
-def _switch_part(model_dir: str, result: dict[str, Any]) -> None:
+def switch_part(model_dir: str) -> dict[str, Any]:
     core = make_core(model_dir, "semi-pd", scheduler=SchedulerConfig(max_decode_seqs=128))
-    result["switch"] = bench_switch_stall(core)
+    result = bench_switch_stall(core)
     core.shutdown()
+    return result
 
 
 def run_engine_bench(model_dir: str, parts: set[str], vllm_json: str | None = None,
                      checkpoint: Callable[[dict[str, Any]], None] = lambda r: None) -> dict[str, Any]:
-    """Run the chosen parts; `checkpoint(result)` is called after each, so a failure keeps the rest.
-
-    Each part builds its own engine inside a function, so its memory is free for the next.
-    """
-    device = torch.device("cuda")
-    result: dict[str, Any] = dict(device=device_name(device), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    """Run the chosen parts, each in its own process; `checkpoint(result)` after each keeps what is done."""
+    device, ceil = in_fresh_process(measure_device)
+    result: dict[str, Any] = dict(device=device, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                                   commit=git_commit(), command=" ".join(["semipd bench", *sys.argv[1:]]),
                                   model=json.loads((Path(model_dir) / "config.json").read_text())["architectures"][0])
-    ceil = measure_ceilings(device)
     result["ceilings"] = dict(copy_TBps=ceil.copy_bytes_per_s / 1e12, matmul_TFLOPs=ceil.matmul_flops_per_s / 1e12)
     if parts & {"decode", "prefill"}:
-        _kernel_parts(model_dir, parts, ceil, result, checkpoint)
-        _free_memory()
+        result.update(in_fresh_process(kernel_parts, model_dir, frozenset(parts), ceil))
+        checkpoint(result)
     if "decode-loop" in parts:
-        result["decode_loop"] = bench_decode_loop(model_dir, (1, 8, 32, 64, 128), 512)
-        checkpoint(result)
+        result["decode_loop"] = []
+        for overlap in (False, True):
+            result["decode_loop"] += in_fresh_process(bench_decode_loop, model_dir, overlap, (1, 8, 32, 64, 128), 512)
+            checkpoint(result)
     if "switch" in parts:
-        _switch_part(model_dir, result)
+        result["switch"] = in_fresh_process(switch_part, model_dir)
         checkpoint(result)
-        _free_memory()
     if "offline" in parts:
-        rows = bench_offline(model_dir, "unified", [None], scheduler=SchedulerConfig(max_prefill_tokens=16384))
-        _free_memory()
-        rows += bench_offline(model_dir, "semi-pd", [80, 64], splits=(64, 80),
-                              scheduler=SchedulerConfig(max_prefill_tokens=8192))
-        result["offline"] = rows
+        result["offline"] = in_fresh_process(bench_offline, model_dir, "unified", [None],
+                                             scheduler=SchedulerConfig(max_prefill_tokens=16384))
+        checkpoint(result)
+        result["offline"] += in_fresh_process(bench_offline, model_dir, "semi-pd", [80, 64], splits=(64, 80),
+                                              scheduler=SchedulerConfig(max_prefill_tokens=8192))
     if vllm_json and Path(vllm_json).is_file():
         result["vllm"] = json.loads(Path(vllm_json).read_text())
     return result
