@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import json
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
@@ -63,6 +65,28 @@ def test_flashinfer_matches_torch_backend_in_both_modes(model_factory: Callable[
         got = _run(model, prompts, mode=mode, attention_backend="flashinfer")
         ties = _divergences(reference, got)
         assert len(ties) <= 2, f"{preset} {mode}: {len(ties)} of 20 prompts left the reference at ties: {ties}"
+
+
+@pytest.mark.parametrize("mode", ["unified", "semi-pd"])
+def test_shut_down_engine_gives_back_its_gpu_memory(model_factory: Callable[[str], Path], mode: str) -> None:
+    """After `shutdown()` and the last reference, the KV pool, weights and graphs leave the GPU, so a
+    second engine in the same process can size its cache (the engine benchmark once found -16 GiB)."""
+    gc.collect()
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_allocated()
+    llm = LLM(model_factory("tiny-llama"), mode=mode, cache=CacheConfig(num_pages=8192),
+              scheduler=SchedulerConfig(max_prefill_tokens=256, max_decode_seqs=64))
+    llm.generate(_prompts(8, 512), GREEDY)
+    pool = weakref.ref(llm.core.pool)
+    pool_bytes = llm.core.pool.kv.numel() * llm.core.pool.kv.element_size()
+    assert torch.cuda.memory_allocated() - before >= pool_bytes
+    llm.shutdown()
+    del llm
+    gc.collect()
+    torch.cuda.empty_cache()
+    holders = [type(r).__name__ for r in gc.get_referrers(pool())] if pool() is not None else []
+    assert pool() is None, f"the KV pool outlived its engine, held by {holders}"
+    assert torch.cuda.memory_allocated() - before < pool_bytes // 8
 
 
 def test_green_context_partitions_are_disjoint() -> None:
