@@ -11,13 +11,15 @@
 # Needs `.device` (see bench/device_env.sh). Environment: SWEEPS ("workload:rate,rate ..."), WINDOW (seconds of
 # arrivals per rate), TTFT/TPOT (ms), REQUEST_TIMEOUT (s; a request still running then counts as failed),
 # SHIFT_RATE (one shifting-workload run per config at this rate, SHIFT_WINDOW seconds of arrivals),
-# CONFIG_TIMEOUT (s per config: start-up plus sweeps), MODEL (default: the llama3-8b preset, random weights).
+# CONFIG_TIMEOUT (s per config: start-up plus sweeps), MODEL (default: the llama3-8b preset, random weights),
+# PINS ("64 96": after a semi-pd config's own sweeps, pin its split to each of these with `semipd pin` and sweep
+# again as semi-pd-pinnedN: fixed splits measured on the same server, without another start-up).
 # Results: CONFIG-WORKLOAD-RATE.json (+ .log), server logs and split decisions, in $OUT/compare.tgz (one file,
 # rewritten after each config: the device tool brings back only a few files).
 # Without a GPU (a CPU check of this script) it runs on what is installed; pass e.g. SERVE_EXTRA="--device cpu".
 set -uo pipefail
 : "${SWEEPS:=sharegpt:15,30,45 arxiv:3,6,9}" "${WINDOW:=10}" "${TTFT:=1000}" "${TPOT:=50}" "${REQUEST_TIMEOUT:=40}"
-: "${SHIFT_RATE:=}" "${SHIFT_WINDOW:=30}" "${CONFIG_TIMEOUT:=300}" "${SERVE_EXTRA:=}"
+: "${SHIFT_RATE:=}" "${SHIFT_WINDOW:=30}" "${CONFIG_TIMEOUT:=300}" "${SERVE_EXTRA:=}" "${PINS:=}"
 gpu=$(command -v nvidia-smi)
 if [ -n "$gpu" ]; then source bench/device_env.sh; else export PYTHONPATH="$PWD" TOKENIZERS_PARALLELISM=false; fi
 model=${MODEL:-/tmp/models/llama3-8b}
@@ -63,8 +65,33 @@ bench() {  # config workload rate window
   echo "$name: $(grep -E "Request throughput|SLO attainment|P90 TTFT|P90 TPOT" "$res/$name.log" | tr -s ' ' | paste -sd' ')"
 }
 
+sweeps() {  # label t0: every SWEEPS rate while CONFIG_TIMEOUT s since t0 allow, then the shifting run
+  for sweep in $SWEEPS; do
+    local workload=${sweep%%:*} rates=${sweep#*:}
+    for rate in ${rates//,/ }; do
+      [ $(( $(date +%s) - $2 )) -lt $CONFIG_TIMEOUT ] || { echo "$1: out of time, skipping $workload $rate"; continue; }
+      bench "$1" "$workload" "$rate" "$WINDOW"
+    done
+  done
+  [ -n "$SHIFT_RATE" ] && bench "$1" shifting "$SHIFT_RATE" "$SHIFT_WINDOW"
+  return 0
+}
+
+pin_split() {  # redis prefill_sms: pin every engine and wait (30 s at most) until the engine runs the pinned split
+  python3 -m cluster.cli pin --redis "$1" --prefill-sms "$2" >/dev/null || return 1
+  for _ in $(seq 60); do
+    python3 -m cluster.cli status --redis "$1" --json | python3 -c "
+import json, sys
+s = json.load(sys.stdin); d = s['decisions'][0] if s['decisions'] else {}
+sys.exit(0 if d.get('reason', '').startswith('pinned to $2 ') and s['engines'][0]['prefill_sms'] == d['to'] else 1)" \
+      && return 0
+    sleep 0.5
+  done
+  echo "pin to $2 SMs not applied within 30 s"; return 1
+}
+
 run_config() {  # config
-  local t0=$(date +%s) log="$res/$1-server.log" up=0
+  local t0=$(date +%s) log="$res/$1-server.log" up=0 redis=""
   start_server "$1" "$log" || return 1
   for _ in $(seq $CONFIG_TIMEOUT); do
     curl -sf http://127.0.0.1:8000/v1/models >/dev/null 2>&1 && { up=1; break; }
@@ -73,18 +100,15 @@ run_config() {  # config
   done
   if [ $up = 0 ]; then echo "$1: server did not come up"; tail -20 "$log"; stop_server; return 1; fi
   echo "$1: up after $(( $(date +%s) - t0 )) s"
-  for sweep in $SWEEPS; do
-    local workload=${sweep%%:*} rates=${sweep#*:}
-    for rate in ${rates//,/ }; do
-      [ $(( $(date +%s) - t0 )) -lt $CONFIG_TIMEOUT ] || { echo "$1: out of time, skipping $workload $rate"; continue; }
-      bench "$1" "$workload" "$rate" "$WINDOW"
+  sweeps "$1" "$t0"
+  [ "$1" != vllm ] && redis=$(grep -o 'semipd status --redis [^ ]*' "$log" | awk '{print $4}')
+  if [ "${1#semi-pd}" != "$1" ]; then
+    for n in $PINS; do  # the same server, split pinned: a fixed split without another start-up
+      pin_split "$redis" "$n" && sweeps "semi-pd-pinned$n" "$(date +%s)"
     done
-  done
-  [ -n "$SHIFT_RATE" ] && bench "$1" shifting "$SHIFT_RATE" "$SHIFT_WINDOW"
-  if [ "$1" != vllm ]; then
-    local redis=$(grep -o 'semipd status --redis [^ ]*' "$log" | awk '{print $4}')
-    python3 -m cluster.cli status --redis "$redis" --decisions 100 > "$res/$1-decisions.txt" 2>&1
+    [ -n "$PINS" ] && python3 -m cluster.cli pin --redis "$redis" --clear >/dev/null
   fi
+  [ -n "$redis" ] && python3 -m cluster.cli status --redis "$redis" --decisions 100 > "$res/$1-decisions.txt" 2>&1
   stop_server
   echo "$1: done after $(( $(date +%s) - t0 )) s"
 }

@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "cluster.commands.bench",
     "cluster.commands.serve",
     "cluster.commands.status",
+    "cluster.commands.pin",
 )
 
 

@@ -14,6 +14,9 @@ Loop (every `interval_s`):
    changes to Redis, fenced by the lease, each with a decision record
    (time, engine, from, to, why, leader).
 
+An operator can pin engines to a split (`semipd pin`): a pinned engine gets the split
+nearest its pin, without waiting for dwell or warm-up, until the pin is removed.
+
 Engines poll their desired split and switch at an iteration boundary. When Redis is
 away the controller logs, backs off and resumes when it returns; the engines keep
 their last split meanwhile.
@@ -135,12 +138,23 @@ def bounded_view(view: EngineView, fraction: tuple[float, float]) -> EngineView:
     return view if allowed == view.splits else replace(view, splits=allowed)
 
 
+def pinned_decisions(views: list[EngineView], pins: Mapping[str, int]) -> dict[str, SplitDecision]:
+    """The split of each pinned engine: the available one nearest its pin (its own, else "*")."""
+    out = {}
+    for v in views:
+        pin = pins.get(v.engine_id, pins.get("*"))
+        if pin is not None:
+            split = min(v.splits, key=lambda n: (abs(n - pin), n))
+            out[v.engine_id] = SplitDecision(split, f"pinned to {pin} prefill SMs by the operator")
+    return out
+
+
 def hold_reason(view: EngineView, proposed: int, now: float, last_change: float | None,
-                pending: Mapping[str, Any] | None, cfg: ControllerConfig) -> str | None:
+                pending: Mapping[str, Any] | None, cfg: ControllerConfig, pinned: bool = False) -> str | None:
     """Why the controller should not switch `view`'s engine to `proposed` now (None: switch).
 
     `last_change`: when this engine's split was last decided; `pending`: the last desired
-    split written for it (None if none).
+    split written for it (None if none). A `pinned` engine skips the dwell and warm-up.
     """
     if proposed == view.prefill_sms:
         return "no change"
@@ -149,6 +163,8 @@ def hold_reason(view: EngineView, proposed: int, now: float, last_change: float 
     if pending is not None and int(pending["prefill_sms"]) != view.prefill_sms \
             and now - float(pending.get("time", 0.0)) < cfg.apply_timeout_s:
         return "waiting for the engine to apply the last decision"
+    if pinned:
+        return None
     if last_change is not None and now - last_change < cfg.min_dwell_s:
         return f"dwell: last change {now - last_change:.1f} s ago (< {cfg.min_dwell_s:.1f} s)"
     if len(view.ttft_ms) < cfg.min_samples:
@@ -242,12 +258,14 @@ class Controller:
         raw = await self.store.read_views()
         views = [bounded_view(view_from_dict(d), self.cfg.prefill_sm_fraction)
                  for d in raw.values() if not d.get("draining")]
+        pinned = pinned_decisions(views, await self.store.pins())
+        decisions = {**(await self._decide([v for v in views if v.engine_id not in pinned])), **pinned}
         written = []
-        for eid, decision in sorted((await self._decide(views)).items()):
+        for eid, decision in sorted(decisions.items()):
             view = next(v for v in views if v.engine_id == eid)
             pending = await self.store.get_split(eid)
             last = max(self._last_change.get(eid, 0.0), float(pending["time"]) if pending else 0.0) or None
-            why_not = hold_reason(view, decision.prefill_sms, now, last, pending, self.cfg)
+            why_not = hold_reason(view, decision.prefill_sms, now, last, pending, self.cfg, eid in pinned)
             if why_not is not None:
                 continue
             record = self._record(view, decision, now)
@@ -266,6 +284,8 @@ class Controller:
 
     async def _decide(self, views: list[EngineView]) -> dict[str, SplitDecision]:
         """The policy's decisions; the model policy first gets the models the engines published."""
+        if not views:
+            return {}
         if not isinstance(self.policy, ModelPolicy):
             return decide_all(self.policy, views, self.cfg.targets)
         published = await self.store.read_models([v.engine_id for v in views])

@@ -94,6 +94,10 @@ class Keys:
     def controller(self) -> str:
         return f"{self.prefix}:controller"
 
+    @property
+    def pins(self) -> str:
+        return f"{self.prefix}:pins"
+
 
 class RedisStore:
     """Typed access to the semipd keys of one cluster. Connects lazily, per event loop."""
@@ -177,6 +181,19 @@ class RedisStore:
     async def decisions(self, n: int = 20) -> list[dict[str, Any]]:
         """The last `n` decisions, newest first."""
         return [json.loads(v) for v in await self.client.lrange(self.keys.decisions, 0, n - 1)]
+
+    # -- operator pins ---------------------------------------------------------------
+
+    async def pins(self) -> dict[str, int]:
+        """Prefill SM counts pinned by the operator, by engine id ("*": every engine)."""
+        return {k: int(v) for k, v in (await self.client.hgetall(self.keys.pins)).items()}
+
+    async def set_pin(self, target: str, prefill_sms: int | None) -> None:
+        """Pin `target` (an engine id or "*") to `prefill_sms`; None removes the pin."""
+        if prefill_sms is None:
+            await self.client.hdel(self.keys.pins, target)
+        else:
+            await self.client.hset(self.keys.pins, target, prefill_sms)
 
     # -- leader lease ------------------------------------------------------------------
 

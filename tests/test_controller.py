@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Coroutine
 from pathlib import Path
@@ -349,6 +350,49 @@ def test_controller_tick_respects_prefill_sm_bounds(redis_server: Any) -> None:
         await store.aclose()
 
     run(main())
+
+
+def test_operator_pin_overrides_the_policy_and_its_dwell(redis_server: Any, capsys: pytest.CaptureFixture[str]
+                                                          ) -> None:
+    """`semipd pin`: a pinned engine moves to the split nearest its pin at the next tick, dwell and warm-up
+    notwithstanding, an engine's own pin beats "*", and `--clear` hands it back to the policy."""
+    from cluster.cli import main as cli_main
+
+    cfg = ControllerConfig(redis_server.url, "pin", min_dwell_s=60.0, min_samples=4, interval_s=0.1, lease_s=1.0)
+    pin = ["pin", "--redis", redis_server.url, "--cluster-name", "pin"]
+
+    async def main() -> None:
+        store = RedisStore(redis_server.url, "pin")
+        await store.publish_view("e-0", _published("e-0", 64, 10), 5000)
+        await store.publish_view("e-1", _published("e-1", 64, 1), 5000)  # warming up: the policy would wait
+        ctl = Controller(cfg, _Flip(), leader_id="ctl-p")
+        assert [(d["engine_id"], d["to"]) for d in await ctl.tick()] == [("e-0", 72)]
+        await store.publish_view("e-0", _published("e-0", 72, 10), 5000)
+
+        assert await asyncio.to_thread(cli_main, [*pin, "--prefill-sms", "102"]) == 0
+        assert await asyncio.to_thread(cli_main, [*pin, "--engine", "e-1", "--prefill-sms", "30"]) == 0
+        assert "pins: *=102, e-1=30" in capsys.readouterr().out
+        written = {d["engine_id"]: d for d in await ctl.tick()}  # e-0 inside its 60 s dwell, e-1 warming up
+        assert {e: d["to"] for e, d in written.items()} == {"e-0": 104, "e-1": 32}  # nearest splits (step 8)
+        assert written["e-0"]["reason"] == "pinned to 102 prefill SMs by the operator"
+        await store.publish_view("e-0", _published("e-0", 104, 10), 5000)
+        await store.publish_view("e-1", _published("e-1", 32, 10), 5000)
+        assert await ctl.tick() == []  # pinned where they are: no change, and _Flip is not asked
+        capsys.readouterr()
+        assert await asyncio.to_thread(cli_main, ["status", "--redis", redis_server.url, "--cluster-name", "pin",
+                                                  "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["pins"] == {"*": 102, "e-1": 30}
+
+        assert await asyncio.to_thread(cli_main, [*pin, "--clear"]) == 0
+        assert await asyncio.to_thread(cli_main, [*pin, "--engine", "e-1", "--clear"]) == 0
+        assert await store.pins() == {}
+        assert await ctl.tick() == []  # back to the policy, which waits out the dwell of the pinned moves
+        await ctl.stop()
+        await store.aclose()
+
+    run(main())
+    assert cli_main([*pin, "--prefill-sms", "0"]) == 2
+    assert "--prefill-sms must be a positive SM count" in capsys.readouterr().err
 
 
 def test_controller_survives_redis_outage(redis_server: Any) -> None:

@@ -1,16 +1,18 @@
-"""`LLM.stream`: chunks that add up to the non-streaming result; leaving early aborts."""
+"""`LLM.stream` and `AsyncLLM.generate`: chunks that add up to the non-streaming result; leaving early aborts."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from actors.engine.frontend import LLM, StreamChunk
+from actors.config import EngineConfig
+from actors.engine.frontend import LLM, AsyncLLM, StreamChunk
 from actors.request import SamplingParams
 
-from support import wait_until
+from support import async_wait_until, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -64,3 +66,28 @@ def test_leaving_a_stream_early_aborts_the_request(llm: LLM) -> None:
     wait_until(lambda: llm.core.num_unfinished == 0, timeout=5.0, what="the core to finish every request")
     alloc = llm.core.allocator
     wait_until(lambda: alloc.num_free == alloc.num_blocks, timeout=5.0, what="every KV block to be free")
+
+
+def test_async_stream_coalesces_tokens_a_slow_consumer_has_not_read(llm: LLM, tiny_llama: Path) -> None:
+    """The consumer takes the first chunk, then reads only once every other token waits in its queue:
+    they come as one chunk, and the whole still adds up to `generate`."""
+    params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True, logprobs=1)
+    whole = llm.generate([PROMPT], params)[0]
+    engine = AsyncLLM(EngineConfig(model=str(tiny_llama), mode=llm.config.mode))
+    engine.start()
+
+    async def consume() -> list[StreamChunk]:
+        stream = engine.generate(PROMPT, params)
+        first = await anext(stream)
+        queued = lambda: sum(q.qsize() for _, q in engine._sinks.values())  # noqa: E731
+        await async_wait_until(lambda: queued() == 20 - len(first.token_ids), what="the other tokens to be queued")
+        return [first] + [c async for c in stream]
+
+    try:
+        chunks = asyncio.run(consume())
+    finally:
+        engine.shutdown()
+    assert len(chunks) == 2  # two reads (one chunk per token without coalescing)
+    assert ("".join(c.text for c in chunks), [t for c in chunks for t in c.token_ids]) == (whole.text, whole.token_ids)
+    assert chunks[-1].finish_reason == "length" and chunks[-1].num_output_tokens == 20
+    assert [lp.token_id for c in chunks for lp in c.logprobs] == whole.token_ids

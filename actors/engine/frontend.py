@@ -16,7 +16,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +74,13 @@ class StreamChunk:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    def followed_by(self, later: StreamChunk) -> StreamChunk:
+        """This chunk and the `later` one of the same request as one chunk."""
+        return replace(later, text=self.text + later.text, token_ids=self.token_ids + later.token_ids,
+                       logprobs=self.logprobs + later.logprobs,
+                       num_cached_tokens=later.num_cached_tokens or self.num_cached_tokens,
+                       error=later.error or self.error)
 
 
 @dataclass
@@ -176,6 +183,11 @@ class OutputStream:
             error=delta.error,
         )
         return chunk, stopped
+
+
+def _put_all(items: list[tuple[asyncio.Queue[TokenDelta], TokenDelta]]) -> None:
+    for q, d in items:
+        q.put_nowait(d)
 
 
 def _find_stop(text: str, stops: Sequence[str], start: int, include: bool) -> int | None:
@@ -336,7 +348,11 @@ def _broadcast(params: SamplingParams | Sequence[SamplingParams] | None, n: int)
 
 
 class AsyncLLM(_Frontend):
-    """asyncio API: `async for chunk in llm.generate(prompt, params)`; cancelling aborts."""
+    """asyncio API: `async for chunk in llm.generate(prompt, params)`; cancelling aborts.
+
+    A chunk carries every token that arrived since the consumer last read: one token per
+    chunk while it keeps up, fewer and larger chunks (fewer Ray objects and SSE events) when not.
+    """
 
     def __init__(self, config: EngineConfig) -> None:
         self._sinks: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[TokenDelta]]] = {}
@@ -344,12 +360,16 @@ class AsyncLLM(_Frontend):
         super().__init__(config)
 
     def _route(self, deltas: list[TokenDelta]) -> None:
+        """Hand a step's deltas to their requests' queues: one wake-up per event loop, not per delta."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[TokenDelta], TokenDelta]]] = {}
         with self._sinks_lock:
             for d in deltas:
                 entry = self._sinks.get(d.request_id)
                 if entry is not None:
                     loop, q = entry
-                    loop.call_soon_threadsafe(q.put_nowait, d)
+                    by_loop.setdefault(loop, []).append((q, d))
+        for loop, items in by_loop.items():
+            loop.call_soon_threadsafe(_put_all, items)
 
     async def generate(
         self,
@@ -371,6 +391,9 @@ class AsyncLLM(_Frontend):
             self.core.add_request(rid, ids, params, priority=priority, deadline=deadline)
             while not stream.done:
                 chunk, stopped = stream.process(await q.get())
+                while not (stream.done or q.empty()):  # tokens that came while the consumer was busy: one chunk
+                    more, stopped = stream.process(q.get_nowait())
+                    chunk = chunk.followed_by(more)
                 if stopped:
                     self.core.abort(rid, FinishReason.STOP)
                 yield chunk

@@ -70,7 +70,8 @@ async def _from_redis(url: str, cluster: str, n: int) -> dict[str, Any]:
     try:
         views = await store.read_views()
         return dict(source=url, views=list(views.values()), decisions=await store.decisions(n),
-                    controller=await store.controller_status(), leader=await store.leader())
+                    controller=await store.controller_status(), leader=await store.leader(),
+                    pins=await store.pins())
     finally:
         await store.aclose()
 
@@ -130,6 +131,8 @@ def render(report: Mapping[str, Any], rows: list[dict[str, Any]], targets: SLOTa
         )
     console.print(table)
     console.print(f"leader: {report.get('leader') or 'none'}")
+    if report.get("pins"):
+        console.print("pinned (semipd pin): " + ", ".join(f"{k}={v}" for k, v in sorted(report["pins"].items())))
     dec = Table(title="last split decisions")
     for col in ("time", "engine", "from", "to", "leader", "why"):
         dec.add_column(col)
@@ -155,7 +158,8 @@ def run(args: argparse.Namespace) -> int:
     rows = sorted((engine_row(v, targets) for v in report["views"]), key=lambda r: r["engine_id"])
     if args.json:
         print(json.dumps(dict(engines=rows, decisions=report["decisions"], controller=report.get("controller"),
-                              leader=report.get("leader"), source=report["source"]), default=str))
+                              leader=report.get("leader"), pins=report.get("pins"), source=report["source"]),
+                         default=str))
     else:
         render(report, rows, targets)
     return 0
