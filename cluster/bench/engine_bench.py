@@ -314,7 +314,7 @@ def run_engine_bench(model_dir: str, parts: set[str], vllm_json: str | None = No
     """Run the chosen parts, each in its own process; `checkpoint(result)` after each keeps what is done."""
     device, ceil = in_fresh_process(measure_device)
     result: dict[str, Any] = dict(device=device, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                                  commit=git_commit(), command=" ".join(["semipd bench", *sys.argv[1:]]),
+                                  commit=git_commit(), command=" ".join(["semipd", *sys.argv[1:]]),
                                   model=json.loads((Path(model_dir) / "config.json").read_text())["architectures"][0])
     result["ceilings"] = dict(copy_TBps=ceil.copy_bytes_per_s / 1e12, matmul_TFLOPs=ceil.matmul_flops_per_s / 1e12)
     if parts & {"decode", "prefill"}:
