@@ -375,6 +375,28 @@ def test_sustained_rate_is_last_passing_rate_and_interpolated_crossing(capsys: p
     assert e.value.code == 2
 
 
+def test_results_without_their_records_plot_under_their_own_slos(tmp_path: Path) -> None:
+    """A result JSON with "requests" removed (as kept in docs/perf) loads from its aggregates: it plots and
+    gives its sustained rate under its own SLOs, and says why when asked for other ones."""
+    slos = SLOs(ttft_ms=500)
+    sweep = {1.0: [100.0] * 10, 2.0: [100.0] * 9 + [900.0], 4.0: [100.0] * 5 + [900.0] * 5}
+    paths = []
+    for rate, ttfts in sweep.items():
+        full = _result(_ttft_records(ttfts), rate=rate, label="dyn", slos=slos)
+        raw = full.to_json()
+        del raw["requests"]
+        path = tmp_path / f"dyn-{rate}.json"
+        path.write_text(json.dumps(raw))
+        back = load_result(path)
+        assert back.records == [] and back.metrics == full.metrics
+        paths.append(str(path))
+    (dyn,) = sustained_rates([load_result(p) for p in paths])
+    assert dyn.points == ((1.0, 100.0), (2.0, 90.0), (4.0, 50.0)) and dyn.last_passing == 2.0
+    assert cli_main(["bench", "plot", *paths, "--out", str(tmp_path / "p.png")]) == 0
+    with pytest.raises(ValueError, match="saved without its per-request records"):
+        sustained_rates([load_result(p) for p in paths], slos=SLOs(ttft_ms=300))
+
+
 def test_result_path_naming() -> None:
     cfg = ServeBenchConfig(request_rates=(1, 2), result_dir="/r", result_filename="x.json")
     assert result_path(cfg, "m", 2.0, "d") == Path("/r/x-2qps.json")

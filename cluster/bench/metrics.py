@@ -186,6 +186,26 @@ class BenchMetrics:
                 out[f"p{percentile_key(p)}_{name}_ms"] = v
         return out
 
+    @classmethod
+    def from_flat(cls, data: dict[str, Any], percentiles: Sequence[float]) -> BenchMetrics:
+        """The inverse of `to_flat` (a result saved without its per-request records)."""
+        return cls(
+            num_requests=int(data["num_requests"]), completed=int(data["completed"]), failed=int(data["failed"]),
+            duration_s=float(data["duration"]), total_input=int(data["total_input_tokens"]),
+            total_output=int(data["total_output_tokens"]), request_throughput=float(data["request_throughput"]),
+            output_throughput=float(data["output_throughput"]),
+            total_token_throughput=float(data["total_token_throughput"]),
+            peak_output_throughput=float(data["max_output_tokens_per_s"]),
+            peak_concurrency=int(data["max_concurrent_requests"]), request_goodput=data.get("request_goodput"),
+            slo_attainment_pct=data.get("slo_attainment_pct"),
+            distributions={
+                name: Distribution(float(data[f"mean_{name}_ms"]), float(data[f"median_{name}_ms"]),
+                                   float(data[f"std_{name}_ms"]),
+                                   tuple((float(p), float(data[f"p{percentile_key(p)}_{name}_ms"])) for p in percentiles))
+                for name in METRICS if f"mean_{name}_ms" in data
+            },
+        )
+
 
 def _peak_output_rate(records: Sequence[RequestRecord]) -> float:
     """Most output chunks in any one-second bucket of the run (vLLM's peak throughput)."""

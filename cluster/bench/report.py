@@ -67,12 +67,15 @@ class BenchResult:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> BenchResult:
-        """Rebuild a result written by `to_json` (ValueError when it is not one)."""
+        """Rebuild a result written by `to_json` (ValueError when it is not one). Without its
+        "requests" (records left out to keep a file small) the saved aggregates are used."""
         if data.get("schema") != SCHEMA:
             raise ValueError(f"not a semipd bench serve result (schema {data.get('schema')!r})")
-        records = [RequestRecord.from_dict(r) for r in data["requests"]]
+        records = [RequestRecord.from_dict(r) for r in data.get("requests", ())]
         slos = SLOs.from_dict(data.get("goodput"))
         percentiles = tuple(float(p) for p in data["metric_percentiles"])
+        metrics = (compute_metrics(records, float(data["duration"]), slos, percentiles) if "requests" in data
+                   else BenchMetrics.from_flat(data, percentiles))
         return cls(
             label=data.get("label", ""),
             date=data.get("date", ""),
@@ -83,7 +86,7 @@ class BenchResult:
             percentile_metrics=tuple(data["percentile_metrics"]),
             metric_percentiles=percentiles,
             records=records,
-            metrics=compute_metrics(records, float(data["duration"]), slos, percentiles),
+            metrics=metrics,
             config=data.get("config", {}),
             server_metrics=data.get("server_metrics"),
             metadata=data.get("metadata", {}),
@@ -255,6 +258,18 @@ def _x_of(result: BenchResult) -> float:
     return result.metrics.request_throughput if math.isinf(result.request_rate) else result.request_rate
 
 
+def metrics_under(result: BenchResult, slos: SLOs | None, percentiles: Sequence[float] = (90.0,)) -> BenchMetrics:
+    """`result`'s metrics under `slos` (None: its own) and `percentiles`: recomputed from its records,
+    or its saved aggregates when it has none and they answer the question."""
+    if result.records or result.metrics.num_requests == 0:
+        return compute_metrics(result.records, result.metrics.duration_s, slos or result.slos, percentiles)
+    stored = {p for p, _ in result.metrics.distributions["ttft"].percentiles}
+    if (slos is None or slos == result.slos) and set(percentiles) <= stored:
+        return result.metrics
+    raise ValueError(f"{result.label or 'run'} at {_x_of(result):g} req/s was saved without its per-request records: "
+                     f"only its own SLOs ({result.slos.as_dict() or 'none'}) and percentiles {sorted(stored)} apply")
+
+
 def plot_results(results: Sequence[BenchResult], out: str | Path, slos: SLOs | None = None,
                  percentile: float = 90.0) -> Path:
     """One PNG: SLO attainment (%), P90 TTFT and P90 TPOT (ms) against request rate.
@@ -268,8 +283,7 @@ def plot_results(results: Sequence[BenchResult], out: str | Path, slos: SLOs | N
         raise ValueError("no results to plot")
     series: dict[str, list[tuple[float, float | None, float, float]]] = {}
     for r in results:
-        targets = slos if slos is not None else r.slos
-        m = compute_metrics(r.records, r.metrics.duration_s, targets, (percentile,))
+        m = metrics_under(r, slos, (percentile,))
         point = (_x_of(r), m.slo_attainment_pct, m.distributions["ttft"].percentile(percentile),
                  m.distributions["tpot"].percentile(percentile))
         series.setdefault(r.label or "run", []).append(point)
@@ -330,7 +344,7 @@ def sustained_rates(results: Sequence[BenchResult], slos: SLOs | None = None, at
         targets = slos if slos is not None else r.slos
         if not targets.active:
             raise ValueError(f"result {r.label or 'run'!r} at rate {_x_of(r):g} has no SLOs; pass --goodput")
-        m = compute_metrics(r.records, r.metrics.duration_s, targets)
+        m = metrics_under(r, slos)
         series.setdefault(r.label or "run", []).append((_x_of(r), float(m.slo_attainment_pct or 0.0)))
     out = []
     for label, points in series.items():
