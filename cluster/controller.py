@@ -37,7 +37,7 @@ from typing import Any
 
 from actors.slo.latency_model import LatencyModel
 from actors.slo.policy import ModelPolicy, make_policy
-from actors.slo.types import EngineView, SLOTargets, SplitDecision, SplitPolicy
+from actors.slo.types import EngineView, SLOTargets, SplitDecision, SplitPolicy, nearest_split
 from cluster.redis_store import REDIS_ERRORS, Backoff, RedisStore
 
 log = logging.getLogger(__name__)
@@ -144,8 +144,7 @@ def pinned_decisions(views: list[EngineView], pins: Mapping[str, int]) -> dict[s
     for v in views:
         pin = pins.get(v.engine_id, pins.get("*"))
         if pin is not None:
-            split = min(v.splits, key=lambda n: (abs(n - pin), n))
-            out[v.engine_id] = SplitDecision(split, f"pinned to {pin} prefill SMs by the operator")
+            out[v.engine_id] = SplitDecision(nearest_split(v.splits, pin), f"pinned to {pin} prefill SMs by the operator")
     return out
 
 

@@ -19,6 +19,8 @@ from typing import Any, Literal
 
 import torch
 
+from actors.slo.types import nearest_split
+
 Phase = Literal["prefill", "decode"]
 SM_GRANULE = 8  # Hopper partitions come in multiples of 8 SMs
 
@@ -38,7 +40,7 @@ def restrict_splits(total_sms: int, wanted: tuple[int, ...] | None) -> tuple[int
     allowed = split_choices(total_sms)
     if not wanted or not allowed:
         return allowed
-    return tuple(sorted({min(allowed, key=lambda n: (abs(n - w), n)) for w in wanted}))
+    return tuple(sorted({nearest_split(allowed, w) for w in wanted}))
 
 
 @dataclass(frozen=True)
@@ -58,13 +60,13 @@ class Partitioner:
         self.total_sms = total_sms
         self.splits = splits
         want = total_sms // 2 if initial is None else initial
-        self.current = min(splits, key=lambda n: (abs(n - want), n))
+        self.current = nearest_split(splits, want)
         self.version = 0
         self.switches: list[SwitchRecord] = []
         self._lock = threading.Lock()
 
     def nearest(self, prefill_sms: int) -> int:
-        return min(self.splits, key=lambda n: (abs(n - prefill_sms), n))
+        return nearest_split(self.splits, prefill_sms)
 
     def switch(self, prefill_sms: int, reason: str = "") -> bool:
         """Ask for a split (rounded to the nearest available). True if it changed."""

@@ -30,7 +30,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from actors.slo.latency_model import LatencyModel
-from actors.slo.types import EngineView, FixedPolicy, ReactivePolicy, SLOTargets, SplitDecision, SplitPolicy, percentile
+from actors.slo.types import (
+    EngineView, FixedPolicy, ReactivePolicy, SLOTargets, SplitDecision, SplitPolicy, nearest_split, percentile,
+)
 
 POLICIES: tuple[str, ...] = ("reactive", "model", "fixed")
 
@@ -155,7 +157,7 @@ class ModelPolicy:
     def predict(self, view: EngineView, targets: SLOTargets) -> tuple[list[SplitPrediction], dict[str, float]]:
         """Corrected predictions for every split of `view`, and the correction details."""
         cfg, model = self.config, self.model_for(view.engine_id)
-        current = _nearest(view.splits, view.prefill_sms)
+        current = nearest_split(view.splits, view.prefill_sms)
         raw = {s: predict_raw(model, view, s, cfg) for s in view.splits}
         q = 100.0 * targets.attainment
         c_ttft = observed_correction(view.ttft_ms, raw[current][0], q, cfg)
@@ -175,7 +177,7 @@ class ModelPolicy:
         cfg = self.config
         now = view.time if view.time > 0 else time.monotonic()
         state = self._states.setdefault(view.engine_id, _EngineState())
-        current = _nearest(view.splits, view.prefill_sms)
+        current = nearest_split(view.splits, view.prefill_sms)
         state.observe(current, now)
         preds, info = self.predict(view, targets)
         by_sms = {p.prefill_sms: p for p in preds}
@@ -212,10 +214,6 @@ class ModelPolicy:
         step = self.config.max_step or len(splits)
         allowed = [p for j, p in enumerate(preds) if abs(j - i) <= step]
         return max(allowed, key=lambda p: (round(p.slack, 9), -abs(p.prefill_sms - current)))
-
-
-def _nearest(splits: tuple[int, ...], sms: int) -> int:
-    return min(splits, key=lambda n: (abs(n - sms), n))
 
 
 def _describe(p: SplitPrediction, targets: SLOTargets) -> str:

@@ -58,6 +58,11 @@ class SplitPolicy(Protocol):
         ...
 
 
+def nearest_split(splits: tuple[int, ...], prefill_sms: int) -> int:
+    """The split in `splits` nearest `prefill_sms` prefill SMs (the smaller one on a tie)."""
+    return min(splits, key=lambda n: (abs(n - prefill_sms), n))
+
+
 def percentile(samples: tuple[float, ...] | list[float], q: float) -> float:
     """Nearest-rank percentile, q in [0, 100]; NaN for no samples."""
     if not samples:
