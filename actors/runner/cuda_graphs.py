@@ -75,8 +75,8 @@ class DecodeGraphs:
         """Record the bucket's graph on `stream` (warming up eagerly there first).
 
         Captures with `capture_begin`/`capture_end` rather than `torch.cuda.graph`, whose
-        entry runs `gc.collect()` and empties the allocator cache before every capture; an
-        engine captures one graph per (split, bucket): 182 took 134 s on an H200 that way.
+        entry runs `gc.collect()` and empties the allocator cache before every capture, and
+        an engine captures one graph per (split, bucket).
         """
         with torch.cuda.stream(stream):
             attn = self._prepare((), bs)
