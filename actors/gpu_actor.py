@@ -70,6 +70,29 @@ class SampleWindow:
         return [s.ttft_ms for s in picked], [s.tpot_ms for s in picked if s.tpot_ms is not None]
 
 
+class RateWindow:
+    """Amounts recorded over time (prompt tokens as requests arrive) and their rate over the
+    last `span_s` seconds of `time.monotonic()`."""
+
+    def __init__(self, span_s: float = 10.0) -> None:
+        if span_s <= 0:
+            raise ValueError("span_s must be positive")
+        self.span_s = span_s
+        self._events: deque[tuple[float, int]] = deque()
+        self._total = 0
+
+    def add(self, amount: int, now: float | None = None) -> None:
+        self._events.append((time.monotonic() if now is None else now, amount))
+        self._total += amount
+
+    def rate(self, now: float | None = None) -> float:
+        """Amount per second over the last `span_s` (an engine up for less counts as idle before)."""
+        oldest = (time.monotonic() if now is None else now) - self.span_s
+        while self._events and self._events[0][0] <= oldest:
+            self._total -= self._events.popleft()[1]
+        return self._total / self.span_s
+
+
 def _has_running_loop() -> bool:
     try:
         asyncio.get_running_loop()
@@ -103,6 +126,7 @@ class EngineActor:
         self.latency_model = self._latency_model(model_source)
         self.llm.start()
         self.window = SampleWindow(window_samples, window_s)
+        self.arrivals = RateWindow()  # prompt tokens, for the split policy's view of offered load
         self.node_id = _node_id()
         self._in_flight = 0
         self._in_flight_ids: set[str] = set()  # routers use it to tell which of their requests a load includes
@@ -189,6 +213,7 @@ class EngineActor:
         self._in_flight += 1
         self._in_flight_ids.add(request.request_id)
         self._requests_total += 1
+        self.arrivals.add(len(request.prompt_token_ids))
         self._idle.clear()
         start = time.monotonic()
         first: float | None = None
@@ -249,6 +274,7 @@ class EngineActor:
             mode=self.config.mode,
             splits=list(part.splits),
             prefill_tokens_per_s=self._prefilled_tokens / busy if busy > 0 and self._prefilled_tokens else 0.0,
+            arrival_tokens_per_s=self.arrivals.rate(),
             requests_total=self._requests_total,
             finish_reasons=dict(self._finished),
             in_flight_ids=sorted(self._in_flight_ids),

@@ -38,6 +38,9 @@ start_server() {  # config log -> sets $server
     unified) flags=(--mode unified) ;;
     vllm)
       source .vllmB/setup-vllm.sh
+      # pack-vllm.sh leaves out prometheus_fastapi_instrumentator, which `vllm serve` imports: put its wheel in
+      # .vllmB/extra/ (`pip download --no-deps prometheus-fastapi-instrumentator -d .vllmB/extra`)
+      for whl in .vllmB/extra/*.whl; do [ -f "$whl" ] && python3 -m zipfile -e "$whl" /tmp/vsite; done
       vllm-python -m vllm.entrypoints.cli.main serve $model --load-format dummy --port 8000 --served-model-name llama3-8b \
         --dtype bfloat16 --max-model-len 8192 --gpu-memory-utilization 0.85 > "$2" 2>&1 &
       server=$!; return ;;

@@ -118,6 +118,7 @@ def view_from_dict(d: Mapping[str, Any]) -> EngineView:
         ttft_ms=tuple(float(x) for x in d.get("ttft_ms", ())), tpot_ms=tuple(float(x) for x in d.get("tpot_ms", ())),
         time=float(d.get("time", 0.0)),
         num_prefill_requests=int(s.get("num_waiting", 0)) + int(s.get("num_prefilling", 0)),
+        arrival_tokens_per_s=float(s.get("arrival_tokens_per_s", 0.0)),
     )
 
 

@@ -51,6 +51,20 @@ async def collect(router: Router, req: GenerateRequest) -> tuple[list[int], str 
 # -- EngineActor as a plain class (no Ray) ---------------------------------------------------
 
 
+def test_rate_window_counts_only_its_span() -> None:
+    from actors.gpu_actor import RateWindow
+
+    w = RateWindow(span_s=10.0)
+    assert w.rate(now=0.0) == 0.0
+    w.add(300, now=1.0)
+    w.add(700, now=6.0)
+    assert w.rate(now=6.0) == 100.0
+    assert w.rate(now=11.5) == 70.0  # the first arrival left the window
+    assert w.rate(now=30.0) == 0.0
+    with pytest.raises(ValueError):
+        RateWindow(span_s=0)
+
+
 @pytest.mark.timeout(60)
 def test_engine_actor_in_process(tiny_llama: Path) -> None:
     from actors.gpu_actor import EngineActor
@@ -68,6 +82,7 @@ def test_engine_actor_in_process(tiny_llama: Path) -> None:
         assert load.in_flight == 0 and load.healthy and not load.draining
         assert len(load.stats["ttft_ms"]) == 1 and len(load.stats["tpot_ms"]) == 1
         assert load.stats["prefill_tokens_per_s"] > 0
+        assert load.stats["arrival_tokens_per_s"] == 4 / actor.arrivals.span_s  # one 4-token prompt in the window
         before = load.stats["prefill_sms"]
         target = next(s for s in info["splits"] if s != before)
         assert (await actor.apply_split(target, "test"))["changed"]

@@ -7,6 +7,7 @@ import json
 import math
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +39,7 @@ from actors.slo.latency_model import (
     save_models,
 )
 from actors.slo.ordering import EDFOrder, edf_key, make_order
-from actors.slo.policy import ModelPolicy, ModelPolicyConfig, make_policy
+from actors.slo.policy import ModelPolicy, ModelPolicyConfig, PrefillLoad, make_policy, prefill_load
 from actors.slo.profiler import ProfileConfig, Profiler, engine_profile_key
 from actors.slo.types import EngineView, ReactivePolicy, SLOTargets
 
@@ -200,6 +201,30 @@ def test_model_policy_balances_slack() -> None:
     by = {p.prefill_sms: p for p in preds}
     assert by[120].ttft_ms < by[64].ttft_ms < by[8].ttft_ms
     assert by[120].tpot_ms > by[64].tpot_ms > by[8].tpot_ms
+
+
+def test_model_policy_keeps_prefill_capacity_for_the_arrival_rate() -> None:
+    """An empty queue between bursts must not hand prefill's SMs to decode when prompts keep
+    arriving faster than the smaller split could prefill them (the H200 run swung 16 <-> 112)."""
+    cfg = ModelPolicyConfig(margin=0.0)
+    idle = view(96, decoding=128, context=128 * 1000)
+    assert ModelPolicy(h100_llama8b(), cfg).decide(idle, TARGETS).prefill_sms <= 16  # nothing says load comes
+    for rate in (10_000.0, 20_000.0):
+        loaded = replace(idle, arrival_tokens_per_s=rate)
+        d = ModelPolicy(h100_llama8b(), cfg).decide(loaded, TARGETS)
+        assert prefill_load(h100_llama8b(), rate, d.prefill_sms, True, cfg).utilization < 1.05
+        assert d.predicted["arrival_tokens_per_s"] == rate
+        small = {p.prefill_sms: p for p in ModelPolicy(h100_llama8b(), cfg).predict(loaded, TARGETS)[0]}[16]
+        assert small.ttft_ms > TARGETS.ttft_ms  # the backlog 16 SMs would build over the dwell time
+
+
+def test_prefill_load_grows_with_rate_and_shrinks_with_sms() -> None:
+    m, cfg = h100_llama8b(), ModelPolicyConfig()
+    assert prefill_load(m, 0.0, 64, True, cfg) == PrefillLoad(0.0, 0.0, 0.0)
+    low, high = prefill_load(m, 5_000.0, 64, True, cfg), prefill_load(m, 20_000.0, 64, True, cfg)
+    assert 0 < low.utilization < high.utilization and low.wait_ms < high.wait_ms
+    assert low.backlog_tokens == 0 and high.backlog_tokens > 0  # past capacity the queue grows over dwell_s
+    assert prefill_load(m, 20_000.0, 120, True, cfg).utilization < high.utilization
 
 
 def test_model_policy_stays_inside_hysteresis_band() -> None:

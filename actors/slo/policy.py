@@ -2,8 +2,12 @@
 and the paper's `ReactivePolicy`, built by name with `make_policy`.
 
 `ModelPolicy.decide` predicts, for every available split of an engine:
-- TTFT of a request arriving now: the time to drain the queued prefill tokens plus one
-  typical prompt at that split's prefill speed (slowed by contention while decode runs);
+- TTFT of a request arriving within the next `dwell_s`: the time to drain the queued prefill
+  tokens, the backlog that arrivals beyond the split's prefill capacity add over `dwell_s`,
+  and one typical prompt, at that split's prefill speed (slowed by contention while decode
+  runs), plus the M/D/1 queueing wait at the split's prefill utilization (arrival rate /
+  capacity). Without the arrival term an idle moment makes the smallest prefill split look
+  best, and the next burst swings it back (seen on the H200: 16 <-> 112 every 10 s);
 - TPOT: one decode step of the current batch and context on the remaining SMs
   (slowed by contention while prefill has work).
 Both are multiplied by a correction from observed latencies: (observed / predicted at
@@ -112,6 +116,38 @@ def min_slack(ttft_ms: float, tpot_ms: float, targets: SLOTargets) -> float:
     return min(1.0 - ttft_ms / targets.ttft_ms, 1.0 - tpot_ms / targets.tpot_ms)
 
 
+MAX_UTILIZATION = 0.95  # the queueing wait is evaluated at most at this prefill utilization
+
+
+@dataclass(frozen=True)
+class PrefillLoad:
+    """Prompt arrivals against one split's prefill capacity (see `prefill_load`)."""
+
+    utilization: float  # arrival rate / capacity; > 1: the queue grows
+    backlog_tokens: float  # tokens the queue grows by over the horizon
+    wait_ms: float  # mean queueing wait of a typical prompt
+
+
+def prefill_load(model: LatencyModel, arrival_tokens_per_s: float, p_sms: int, concurrent: bool,
+                 cfg: ModelPolicyConfig) -> PrefillLoad:
+    """Prompt tokens arriving at `arrival_tokens_per_s` on `p_sms` prefill SMs (model SMs).
+
+    Capacity is full `chunk_tokens` iterations of typical prompts. Over the horizon `dwell_s`
+    (a new split is held at least that long) the backlog grows by what exceeds capacity; the
+    wait is M/D/1's rho S / (2 (1 - rho)), S one typical prompt's prefill, rho capped at
+    `MAX_UTILIZATION`.
+    """
+    if arrival_tokens_per_s <= 0:
+        return PrefillLoad(0.0, 0.0, 0.0)
+    chunk, typical = cfg.chunk_tokens, cfg.typical_prompt_tokens
+    chunk_ms = model.prefill_queue_ms(chunk, max(1, round(chunk / typical)), p_sms, concurrent, chunk)
+    capacity = 1000.0 * chunk / chunk_ms  # tokens/s
+    rho = arrival_tokens_per_s / capacity
+    service_ms = model.prefill_queue_ms(typical, 1, p_sms, concurrent, chunk)
+    r = min(rho, MAX_UTILIZATION)
+    return PrefillLoad(rho, max(0.0, arrival_tokens_per_s - capacity) * cfg.dwell_s, service_ms * r / (2 * (1 - r)))
+
+
 def predict_raw(model: LatencyModel, view: EngineView, prefill_sms: int, cfg: ModelPolicyConfig) -> tuple[float, float]:
     """Uncorrected (TTFT ms, TPOT ms) of `view`'s load under `prefill_sms` prefill SMs."""
     scale = model.total_sms / max(1, view.total_sms)  # a view of another SM count maps onto the model's
@@ -119,11 +155,15 @@ def predict_raw(model: LatencyModel, view: EngineView, prefill_sms: int, cfg: Mo
     d_sms = max(1, model.total_sms - p_sms)
     queued = max(0, view.waiting_prefill_tokens)
     n_queued = view.num_prefill_requests or math.ceil(queued / cfg.typical_prompt_tokens)
-    ttft = model.prefill_queue_ms(queued + cfg.typical_prompt_tokens, n_queued + 1, p_sms,
-                                  concurrent=view.num_decoding > 0, chunk_tokens=cfg.chunk_tokens)
+    busy = view.num_decoding > 0
+    load = prefill_load(model, view.arrival_tokens_per_s, p_sms, busy, cfg)
+    n_backlog = math.ceil(load.backlog_tokens / cfg.typical_prompt_tokens)
+    ttft = model.prefill_queue_ms(round(queued + load.backlog_tokens) + cfg.typical_prompt_tokens,
+                                  n_queued + n_backlog + 1, p_sms, concurrent=busy,
+                                  chunk_tokens=cfg.chunk_tokens) + load.wait_ms
     batch = max(1, view.num_decoding)
     context = view.decode_context_tokens if view.num_decoding > 0 else cfg.typical_context_tokens
-    tpot = model.decode_step_ms(batch, max(1, context), d_sms, concurrent=queued > 0)
+    tpot = model.decode_step_ms(batch, max(1, context), d_sms, concurrent=queued > 0 or load.utilization > 0)
     return ttft, tpot
 
 
@@ -164,7 +204,7 @@ class ModelPolicy:
         c_tpot = observed_correction(view.tpot_ms, raw[current][1], q, cfg)
         preds = [SplitPrediction(s, t * c_ttft, p * c_tpot, min_slack(t * c_ttft, p * c_tpot, targets))
                  for s, (t, p) in raw.items()]
-        info = {"ttft_correction": c_ttft, "tpot_correction": c_tpot}
+        info = {"ttft_correction": c_ttft, "tpot_correction": c_tpot, "arrival_tokens_per_s": view.arrival_tokens_per_s}
         if view.ttft_ms:
             info["observed_ttft_ms"] = percentile(view.ttft_ms, q)
         if view.tpot_ms:
@@ -236,13 +276,3 @@ def make_policy(name: str, model: LatencyModel | Mapping[str, LatencyModel] | No
         return ModelPolicy(model, config)
     raise ValueError(f"unknown split policy {name!r}; choose from {', '.join(POLICIES)}")
 
-
-def view_from_stats(engine_id: str, stats: Any, splits: tuple[int, ...], ttft_ms: tuple[float, ...] = (),
-                    tpot_ms: tuple[float, ...] = (), now: float = 0.0) -> EngineView:
-    """An `EngineView` from an `EngineStats` snapshot (and latency samples the caller keeps)."""
-    return EngineView(
-        engine_id=engine_id, prefill_sms=stats.prefill_sms, total_sms=stats.total_sms, splits=tuple(splits),
-        waiting_prefill_tokens=stats.waiting_prefill_tokens, num_decoding=stats.num_decoding,
-        decode_context_tokens=stats.decode_context_tokens, ttft_ms=tuple(ttft_ms), tpot_ms=tuple(tpot_ms),
-        time=now, num_prefill_requests=stats.num_waiting + stats.num_prefilling,
-    )

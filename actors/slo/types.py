@@ -29,7 +29,8 @@ class EngineView:
 
     `ttft_ms` / `tpot_ms` are recent samples (a window the publisher chose), oldest first.
     `num_prefill_requests` counts requests waiting for or in prefill (0: unknown; the
-    model policy then assumes prompts of a typical length).
+    model policy then assumes prompts of a typical length). `arrival_tokens_per_s` is the
+    recent rate at which prompt tokens arrive (0: unknown or idle).
     """
 
     engine_id: str
@@ -43,6 +44,7 @@ class EngineView:
     tpot_ms: tuple[float, ...] = ()
     time: float = 0.0
     num_prefill_requests: int = 0
+    arrival_tokens_per_s: float = 0.0
 
 
 @dataclass(frozen=True)
