@@ -7,7 +7,7 @@ import threading
 from actors.config import ConfigError, EngineConfig
 from actors.disagg.engines import DecodeOnlyEngine, PrefillOnlyEngine
 from actors.disagg.transport import CpuTransport, KVTransport
-from actors.engine.workers import Emit
+from actors.engine.workers import Emit, discard
 from actors.request import FinishReason, SamplingParams, TokenDelta
 
 
@@ -39,8 +39,10 @@ class DisaggPair:
         self.prefill.start()
 
     def shutdown(self) -> None:
+        """Shut both engines down; nothing is emitted afterwards (see `EngineCore.shutdown`)."""
         self.prefill.shutdown()
         self.decode.shutdown()
+        self._emit = discard
 
     def validate(self, num_prompt_tokens: int, params: SamplingParams) -> None:
         """Both pools must hold the request (the decode one holds all of it at the end)."""

@@ -8,6 +8,7 @@ streaming live in the front end (`actors.engine.frontend`).
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -17,12 +18,13 @@ import torch
 
 from actors.config import ConfigError, EngineConfig, ModelArch
 from actors.engine.partitioner import Partitioner, SwitchRecord, make_partitioner
-from actors.engine.workers import DecodeWorker, Emit, PrefillWorker, UnifiedWorker, Wakeup, Worker
+from actors.engine.workers import DecodeWorker, Emit, PrefillWorker, UnifiedWorker, Wakeup, Worker, discard
 from actors.kv.allocator import BlockAllocator
 from actors.kv.manager import KVManager, pages_for
 from actors.kv.pool import KVPool
 from actors.models.loader import build_model
 from actors.request import FinishReason, Request, SamplingParams, TokenDelta
+from actors.runner.cublas import release_workspaces
 from actors.runner.model_runner import ModelRunner
 from actors.runner.sampler import Sampler
 from actors.scheduler.decode import DecodeScheduler
@@ -103,6 +105,8 @@ class EngineCore:
             return cache.num_pages
         per_page = KVPool.bytes_per_page(self.arch, cache.page_size, self.dtype)
         if self.device.type == "cuda":
+            gc.collect()  # an engine dropped without shutdown() sits in reference cycles until collected
+            torch.cuda.empty_cache()
             free, total = torch.cuda.mem_get_info(self.device)
             a = self.arch
             elem = torch.tensor([], dtype=self.dtype).element_size()
@@ -173,9 +177,26 @@ class EngineCore:
                 w.start()
 
     def shutdown(self) -> None:
-        for w in self.workers:
-            w.stop()
+        """Stop the workers, then give back what the engine holds on the device beyond its own
+        objects: its CUDA graphs' pool and the cuBLAS workspaces torch cached for its streams.
+
+        Nothing is emitted afterwards: the references that closed cycles through the engine (its
+        front end's callback, the admission controller, the workers' callbacks) are dropped, so
+        the weights, the KV pool and the attention workspaces go with the last reference to the
+        front end instead of waiting for the cyclic garbage collector.
+        """
+        stopped = [w.stop() for w in self.workers]
         self._started = False
+        if not all(stopped):
+            log.error("a worker did not stop; the engine's CUDA graphs and cuBLAS workspaces stay allocated")
+            return
+        self._emit = discard
+        self.admission = None
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            for w in self.workers:
+                w.runner.release_graphs()
+            release_workspaces()
 
     # -- requests ----------------------------------------------------------------
 

@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import torch
 
+from actors.runner.cublas import release_workspaces
 from actors.slo.types import nearest_split
 
 Phase = Literal["prefill", "decode"]
@@ -132,6 +133,7 @@ class GreenContextPartitioner(Partitioner):
             self._streams[n] = self._make_split(n)
             for stream in self._streams[n]:
                 _probe_gemm(stream)
+        release_workspaces()  # the probes' cuBLAS workspaces, one per stream
 
     def _make_split(self, prefill_sms: int) -> tuple[torch.cuda.ExternalStream, torch.cuda.ExternalStream]:
         from cuda.bindings import driver as cu

@@ -27,6 +27,10 @@ Emit = Callable[[list[TokenDelta]], None]
 Handoff = Callable[[Request], None]  # takes over a request (prefill -> decode, or a preempted one back)
 
 
+def discard(_: object) -> None:
+    """The callback of a stopped worker or a shut-down engine, in place of its engine's or front end's."""
+
+
 class Wakeup:
     """A level-triggered signal: `set` from any thread, `wait` clears it."""
 
@@ -93,11 +97,21 @@ class Worker:
         self.thread = threading.Thread(target=self._loop, name=f"semipd-{self.name}", daemon=True)
         self.thread.start()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 30.0) -> bool:
+        """End the loop after its current iteration; False if the thread is still running after `timeout` s.
+
+        A stopped worker drops its callbacks (bound methods of its engine, which holds the worker:
+        reference cycles), so that the engine goes with its last reference.
+        """
         self.stop_event.set()
         self.wakeups[self.name].set()
         if self.thread is not None:
-            self.thread.join(timeout=30)
+            self.thread.join(timeout)
+            if self.thread.is_alive():
+                return False
+            self.thread = None
+        self.emit = self.handoff = self.requeue = discard
+        return True
 
     def _loop(self) -> None:
         while not self.stop_event.is_set():

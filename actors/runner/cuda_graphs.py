@@ -3,6 +3,7 @@
 A graph replays on the SMs of the green context it was captured in, so each split's
 decode stream gets its own set. A batch of n decodes runs in the smallest bucket
 >= n; padding rows decode token 0 at position 0 into the pool's scratch page.
+All graphs share one memory pool; `release()` destroys them so that it can go.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from actors.attention.base import BatchLayout, kv_rows
 from actors.attention.flashinfer_backend import FlashInferAttention, GraphDecodeAttention
 from actors.kv.pool import KVPool
 from actors.models.llama import CausalLM
+from actors.runner.cublas import graph_workspaces
 from actors.scheduler.plan import SeqChunk
 
 if TYPE_CHECKING:
@@ -76,23 +78,33 @@ class DecodeGraphs:
 
         Captures with `capture_begin`/`capture_end` rather than `torch.cuda.graph`, whose
         entry runs `gc.collect()` and empties the allocator cache before every capture, and
-        an engine captures one graph per (split, bucket).
+        an engine captures one graph per (split, bucket). The captured GEMMs' cuBLAS
+        workspace comes from the graph pool (`graph_workspaces`), so releasing torch's
+        cached workspaces (at any engine's shutdown) cannot pull it from under the graph.
         """
         with torch.cuda.stream(stream):
             attn = self._prepare((), bs)
             self.model(self.input_ids[:bs], self.positions[:bs], attn)
             stream.synchronize()
             graph = torch.cuda.CUDAGraph()
-            graph.capture_begin(pool=self.mempool, capture_error_mode="thread_local")
-            try:
-                out = self.model(self.input_ids[:bs], self.positions[:bs], attn)
-            finally:
-                graph.capture_end()
+            with graph_workspaces():
+                graph.capture_begin(pool=self.mempool, capture_error_mode="thread_local")
+                try:
+                    out = self.model(self.input_ids[:bs], self.positions[:bs], attn)
+                finally:
+                    graph.capture_end()
         self.graphs[(stream.cuda_stream, bs)] = (graph, out)
 
     def capture_all(self, stream: torch.cuda.Stream) -> None:
         for bs in reversed(self.buckets):
             self.capture(stream, bs)
+
+    def release(self) -> None:
+        """Destroy every graph and its output, so that the graph pool's memory can go back to the
+        device; call once nothing replays them any more (a later `run` captures anew)."""
+        for graph, _ in self.graphs.values():
+            graph.reset()
+        self.graphs.clear()
 
     def run(self, chunks: tuple[SeqChunk, ...], stream: torch.cuda.Stream, carry: Carry | None = None) -> torch.Tensor:
         """Hidden states [n, H] of the decode batch, by graph replay on `stream`."""

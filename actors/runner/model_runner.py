@@ -74,6 +74,13 @@ class ModelRunner:
         """Run later iterations on `stream` (an SM partition's); called between iterations."""
         self.stream = stream
 
+    def release_graphs(self) -> None:
+        """Destroy the decode CUDA graphs (their pool goes back to the allocator); later
+        iterations run eagerly. Call once the device has finished every queued iteration."""
+        if self.graphs is not None:
+            self.graphs.release()
+            self.graphs = None
+
     def execute(self, plan: BatchPlan, sample_reqs: list[Request]) -> SampleResult:
         """Run one iteration; `sample_reqs` are the requests of the plan's `sample` chunks, in order."""
         return self.launch(plan, sample_reqs).result()
