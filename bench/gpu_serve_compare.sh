@@ -65,7 +65,7 @@ bench() {  # config workload rate window
     --tokenizer $model --workload "$2" --request-rate "$3" --num-prompts "$n" --goodput ttft:$TTFT tpot:$TPOT \
     --label "$1" --request-timeout $REQUEST_TIMEOUT --result-dir $res --result-filename "$name.json" --disable-tqdm \
     > "$res/$name.log" 2>&1
-  echo "$name: $(grep -E "Request throughput|SLO attainment|P90 TTFT|P90 TPOT" "$res/$name.log" | tr -s ' ' | paste -sd' ')"
+  echo "$name: $(grep -E "Request throughput|SLO attainment|P90 TTFT|P90 TPOT|Worker iterations" "$res/$name.log" | tr -s ' ' | paste -sd' ')"
 }
 
 sweeps() {  # label t0: every SWEEPS rate while CONFIG_TIMEOUT s since t0 allow, then the shifting run

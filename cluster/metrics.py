@@ -81,6 +81,16 @@ class EngineCollector:
                 stalls.add_metric([*m, l.engine_id], count_value=_stat(l, "num_switch_stalls"),
                                   sum_value=_stat(l, "switch_stall_seconds"))
         yield stalls
+        iterations = SummaryMetricFamily(
+            "semipd:worker_iteration_seconds",
+            "Wall time of each worker's iterations (prefill, decode or unified), host work included.",
+            labels=[*per_engine, "worker"])
+        for l in loads:
+            busy = l.stats.get("busy_seconds") or {}
+            for worker, count in (l.stats.get("iterations") or {}).items():
+                iterations.add_metric([*m, l.engine_id, worker], count_value=float(count),
+                                      sum_value=float(busy.get(worker, 0.0)))
+        yield iterations
         depth = GaugeMetricFamily("semipd:queue_depth", "Requests queued for or in each phase.",
                                   labels=[*per_engine, "phase"])
         for l in loads:

@@ -19,8 +19,8 @@ from cluster.bench.client import (
 )
 from cluster.bench.metrics import SLOs, MetricsError, compute_metrics, parse_metric_names, parse_percentiles
 from cluster.bench.report import (
-    BenchResult, format_failures, format_result_block, format_split_changes, load_result, plot_results, sustained_rates,
-    write_result,
+    BenchResult, format_failures, format_result_block, format_split_changes, format_worker_iterations, load_result,
+    plot_results, sustained_rates, worker_iteration_ms, write_result,
 )
 from cluster.bench.serve_bench import ServeBenchConfig, result_path, run_rate, split_changes
 from cluster.bench.workloads import (
@@ -612,9 +612,29 @@ def test_end_to_end_against_real_server(live_server: _Server, tiny_llama: Path, 
     assert result.label == "e2e" and result.metadata == {"engine": "semi-pd"} and result.request_rate == 40.0
     assert result.server_metrics is not None
     assert any(k.startswith("semipd:sm_repartitions_total") for k in result.server_metrics["delta"])
+    iterations = worker_iteration_ms(result)
+    assert {w for _, w in iterations} == {"prefill", "decode"}
+    assert all(count >= 1 and ms > 0 for count, ms in iterations.values())
+    assert iterations[next(k for k in iterations if k[1] == "decode")][0] >= max(r.max_tokens for r in recs) - 1
+    assert "Worker iterations during the run (mean wall time): " in printed
     assert result.split_changes == [] and "SM split changes during the run: 0" in printed  # none was asked for
     scheduled = [r.scheduled_s for r in recs]
     assert scheduled == sorted(scheduled) and scheduled[-1] > 0.1  # spread at 40 req/s, not all at once
+
+
+def test_worker_iterations_from_the_metric_deltas() -> None:
+    result = _result(_ttft_records([100.0]))
+    e = 'engine="g0",model_name="m"'
+    result.server_metrics = {"delta": {
+        f'semipd:worker_iteration_seconds_count{{{e},worker="decode"}}': 400.0,
+        f'semipd:worker_iteration_seconds_sum{{{e},worker="decode"}}': 8.0,
+        f'semipd:worker_iteration_seconds_count{{{e},worker="prefill"}}': 0.0,  # idle during the run: left out
+        f'semipd:worker_iteration_seconds_sum{{{e},worker="prefill"}}': 0.0,
+    }}
+    assert worker_iteration_ms(result) == {("g0", "decode"): (400.0, 20.0)}
+    assert format_worker_iterations(result).endswith("g0 decode: 400 x 20.00 ms")
+    result.server_metrics = None  # vLLM
+    assert worker_iteration_ms(result) == {} and format_worker_iterations(result) == ""
 
 
 def test_split_changes_keep_the_run_window_and_count_omitted() -> None:

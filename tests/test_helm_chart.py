@@ -703,6 +703,8 @@ def test_dashboard_panels_cover_the_metrics() -> None:
     # cluster/metrics.py exports the switch stall as a summary: no buckets, a mean from _sum/_count.
     assert "semipd:sm_switch_stall_seconds_bucket" not in text
     assert re.search(r"rate\(semipd:sm_switch_stall_seconds_sum\{.*\) / .*rate\(semipd:sm_switch_stall_seconds_count\{", text)
+    assert re.search(r"by \([^)]*worker\) \(rate\(semipd:worker_iteration_seconds_sum\{.*\) / "
+                     r".*rate\(semipd:worker_iteration_seconds_count\{", text)
     assert re.search(r"by \([^)]*phase", text), "queue depth must be split by phase"
     for counter in ("vllm:prompt_tokens_total", "vllm:generation_tokens_total", "semipd:sm_repartitions_total"):
         assert re.search(rf"rate\({re.escape(counter)}\{{", text), counter

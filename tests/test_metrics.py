@@ -108,6 +108,7 @@ def test_engine_gauges_follow_the_engine(live: Live) -> None:
     assert get(running, "semipd:sm_repartitions_total", **engine) >= 0
     assert get(running, "semipd:engine_healthy", **engine) == 1
     assert get(running, "semipd:sm_switch_stall_seconds_count", **engine) >= 0
+    assert get(running, "semipd:worker_iteration_seconds_count", worker="decode", **engine) >= 1  # it is decoding
 
     def idle() -> bool:
         s = live.scrape()
@@ -124,7 +125,8 @@ def test_engine_collector_aggregates_engines() -> None:
     metrics = ServingMetrics("m")
     metrics.update_loads([
         _load("g0", num_waiting=2, num_prefilling=1, num_decoding=5, kv_usage=0.5, num_pages=100, prefill_sms=64,
-              total_sms=128, num_switches=3, num_switch_stalls=3, switch_stall_seconds=0.006),
+              total_sms=128, num_switches=3, num_switch_stalls=3, switch_stall_seconds=0.006,
+              iterations={"prefill": 10, "decode": 400}, busy_seconds={"prefill": 1.5, "decode": 2.8}),
         _load("g1", num_waiting=0, num_prefilling=0, num_decoding=1, kv_usage=0.1, num_pages=300, prefill_sms=32,
               total_sms=128, num_switches=0),
     ])
@@ -138,6 +140,10 @@ def test_engine_collector_aggregates_engines() -> None:
     assert get(s, "semipd:sm_switch_stall_seconds_sum", model_name="m", engine="g0") == pytest.approx(0.006)
     assert get(s, "semipd:queue_depth", model_name="m", engine="g0", phase="prefill") == 3
     assert get(s, "semipd:queue_depth", model_name="m", engine="g0", phase="decode") == 5
+    decode = {"model_name": "m", "engine": "g0", "worker": "decode"}
+    assert get(s, "semipd:worker_iteration_seconds_count", **decode) == 400
+    assert get(s, "semipd:worker_iteration_seconds_sum", **decode) == pytest.approx(2.8)
+    assert not any(name.startswith("semipd:worker_iteration") and dict(labels).get("engine") == "g1" for name, labels in s)
     metrics.update_loads([])  # engines gone: per-engine series disappear, totals drop to 0
     s = parse(metrics.render()[0].decode())
     assert get(s, "vllm:num_requests_running", model_name="m") == 0

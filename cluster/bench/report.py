@@ -235,6 +235,29 @@ def format_split_changes(result: BenchResult, limit: int = 20) -> str:
     return "\n".join(lines)
 
 
+def worker_iteration_ms(result: BenchResult) -> dict[tuple[str, str], tuple[float, float]]:
+    """(engine, worker) -> (iterations, mean wall ms per iteration) during the run, from the server's
+    `semipd:worker_iteration_seconds` summary (empty for servers without it)."""
+    delta = (result.server_metrics or {}).get("delta") or {}
+    out: dict[tuple[str, str], tuple[float, float]] = {}
+    for series, count in delta.items():
+        if not series.startswith("semipd:worker_iteration_seconds_count{") or count <= 0:
+            continue
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', series))
+        total = delta.get(series.replace("_count{", "_sum{", 1), 0.0)
+        out[(labels.get("engine", "?"), labels.get("worker", "?"))] = (count, 1e3 * total / count)
+    return out
+
+
+def format_worker_iterations(result: BenchResult) -> str:
+    """One line per engine worker: its iterations during the run and their mean wall time ('' without any)."""
+    rows = worker_iteration_ms(result)
+    if not rows:
+        return ""
+    parts = [f"{engine} {worker}: {count:.0f} x {ms:.2f} ms" for (engine, worker), (count, ms) in sorted(rows.items())]
+    return "Worker iterations during the run (mean wall time): " + "; ".join(parts)
+
+
 def format_failures(records: Sequence[RequestRecord], limit: int = 5) -> str:
     """The errors of failed requests, grouped by message with numbers ignored ('' when none)."""
     groups: dict[str, tuple[int, str]] = {}
@@ -377,6 +400,6 @@ def format_sustained_rates(rates: Sequence[SustainedRate]) -> str:
 
 __all__ = [
     "BenchResult", "SCHEMA", "SustainedRate", "format_failures", "format_preamble", "format_profile_breakdown",
-    "format_result_block", "format_split_changes", "format_sustained_rates", "load_result", "plot_results",
-    "profile_breakdown", "sustained_rates", "write_result",
+    "format_result_block", "format_split_changes", "format_sustained_rates", "format_worker_iterations", "load_result",
+    "plot_results", "profile_breakdown", "sustained_rates", "worker_iteration_ms", "write_result",
 ]
