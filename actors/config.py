@@ -223,6 +223,10 @@ class EngineConfig:
     graphs) for, each rounded to the nearest one the GPU allows (None: all of them).
     `overlap_decode`: the decode worker queues its next step before the current one's
     tokens reach the host (see `actors.engine.workers.DecodeWorker`).
+    `switch_interval_ms`: Python's thread switch interval (`sys.setswitchinterval`) the engine
+    sets for its whole process when it starts. Its workers and the thread that streams tokens
+    share one interpreter lock, and a thread back from a GPU wait may wait this long for it
+    (Python's default: 5 ms). None leaves the interpreter's setting.
     """
 
     model: str
@@ -237,6 +241,7 @@ class EngineConfig:
     splits: tuple[int, ...] | None = None
     cuda_graphs: bool = True
     overlap_decode: bool = True
+    switch_interval_ms: float | None = None
     load_format: str = "auto"  # "dummy": random weights drawn on the device, no checkpoint read
     slo: SLOConfig = field(default_factory=SLOConfig)
 
@@ -251,6 +256,8 @@ class EngineConfig:
             raise ConfigError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.load_format not in ("auto", "dummy"):
             raise ConfigError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
+        if self.switch_interval_ms is not None and not 0 < self.switch_interval_ms <= 1000:
+            raise ConfigError(f"switch_interval_ms must be in (0, 1000], got {self.switch_interval_ms}")
         if self.splits is not None and (not self.splits or min(self.splits) < 1):
             raise ConfigError(f"splits must be positive SM counts, got {self.splits}")
         if not Path(self.model).is_dir():

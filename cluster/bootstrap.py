@@ -75,6 +75,7 @@ class EngineOptions:
     prefill_sms: int | None = None
     cuda_graphs: bool = True
     overlap_decode: bool = True
+    switch_interval_ms: float | None = None
     load_format: str = "auto"  # "dummy": random weights, no checkpoint read (speed runs)
 
     def __post_init__(self) -> None:
@@ -86,7 +87,7 @@ class EngineOptions:
         return EngineConfig(
             model=model, dtype=self.dtype, device=self.device, mode=mode, attention_backend=self.attention_backend,
             seed=self.seed, prefill_sms=self.prefill_sms, cuda_graphs=self.cuda_graphs, load_format=self.load_format,
-            overlap_decode=self.overlap_decode,
+            overlap_decode=self.overlap_decode, switch_interval_ms=self.switch_interval_ms,
             cache=CacheConfig(self.page_size, self.num_pages, self.memory_fraction, self.cpu_kv_bytes,
                               self.enable_prefix_caching),
             scheduler=SchedulerConfig(self.max_prefill_tokens, self.max_decode_seqs, self.max_model_len),
@@ -162,6 +163,8 @@ class ClusterConfig:
             raise ConfigError("namespace, actor_prefix and cluster_name must not be empty")
         if self.check_model and not (Path(self.model) / "config.json").is_file():
             raise ConfigError(f"{self.model}: no config.json (expected a Hugging Face checkpoint directory)")
+        if self.check_model:
+            self.engine_config()  # the engines' own checks, before any actor starts
         try:
             check_prefill_sm_fraction(self.prefill_sm_fraction)
             policy_by_name(self.policy)

@@ -13,7 +13,8 @@ Entry point `cluster.serve_app:build_app` (for `serve run`, `serve deploy`, Kube
     redis_url             SLO controller state (default: $SEMIPD_REDIS_URL; none: no controller)
     api_key_env           name of the environment variable holding the API key (none: no key)
     grpc_port             serve semipd.v1.Generation on this port from each replica (0/none: off)
-    page_size, max_prefill_tokens, num_pages, device, prefill_sms, overlap_decode   engine settings
+    page_size, max_prefill_tokens, num_pages, device, prefill_sms, overlap_decode,
+      switch_interval_ms  engine settings
     controller_policy, cluster_name   SLO controller policy (reactive, model, fixed) and Redis key namespace
     latency_profile, profile_grid     controller_policy "model": the engines' profile file and grid
     local                 true: one in-process engine in the replica, no actors, no router
@@ -76,6 +77,7 @@ class ServeArgs(BaseModel):
     num_pages: int | None = Field(None, ge=2)
     prefill_sms: int | None = Field(None, ge=1)
     overlap_decode: bool | None = None
+    switch_interval_ms: float | None = Field(None, gt=0, le=1000)
     load_format: Literal["auto", "dummy"] | None = None
     controller_policy: str | None = None
     latency_profile: str | None = None
@@ -132,7 +134,8 @@ def cluster_config(args: ServeArgs, redis_url: str | None) -> ClusterConfig:
     engine = {k: v for k, v in (("page_size", args.page_size), ("max_prefill_tokens", args.max_prefill_tokens),
                                 ("device", args.device), ("num_pages", args.num_pages),
                                 ("load_format", args.load_format), ("prefill_sms", args.prefill_sms),
-                                ("overlap_decode", args.overlap_decode))
+                                ("overlap_decode", args.overlap_decode),
+                                ("switch_interval_ms", args.switch_interval_ms))
               if v is not None}
     extra = {k: v for k, v in (("policy", args.controller_policy), ("cluster_name", args.cluster_name),
                                ("latency_profile", args.latency_profile), ("profile_grid", args.profile_grid))

@@ -126,12 +126,25 @@ def test_missing_model_directory(tmp_path: Path, capsys: pytest.CaptureFixture[s
     (["--prefill-sm-min", "0.7", "--prefill-sm-max", "0.3"], "0 <= min <= max <= 1"),
     (["--prefill-sm-max", "1.5"], "0 <= min <= max <= 1"),
     (["--policy", "nonsense"], "unknown split policy"),
+    (["--switch-interval-ms", "0"], "switch_interval_ms must be in (0, 1000]"),
 ])
 def test_serve_refuses_bad_controller_flags_before_starting(tiny_llama: Path, capsys: pytest.CaptureFixture[str],
                                                           flags: list[str], message: str) -> None:
     assert main(["serve", "--model", str(tiny_llama), "--device", "cpu", *flags]) == 2
     err = capsys.readouterr().err
     assert err.startswith("semipd serve: error:") and message in err
+
+
+def test_engine_sets_the_thread_switch_interval_it_is_given(tiny_llama: Path) -> None:
+    default = sys.getswitchinterval()
+    try:
+        with LLM(tiny_llama, device="cpu", switch_interval_ms=0.5) as llm:
+            assert sys.getswitchinterval() == pytest.approx(0.0005)
+            assert llm.generate(["hi"], SamplingParams(max_tokens=2))[0].token_ids
+    finally:
+        sys.setswitchinterval(default)
+    with pytest.raises(ConfigError, match="switch_interval_ms"):
+        LLM(tiny_llama, device="cpu", switch_interval_ms=-1.0)
 
 
 def test_prompt_longer_than_the_context(tiny_llama: Path, llm: LLM, capsys: pytest.CaptureFixture[str]) -> None:

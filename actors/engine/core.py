@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -173,6 +174,8 @@ class EngineCore:
     def start(self) -> None:
         if not self._started:
             self._started = True
+            if self.config.switch_interval_ms is not None:
+                sys.setswitchinterval(self.config.switch_interval_ms / 1000)
             for w in self.workers:
                 w.start()
 
