@@ -124,10 +124,8 @@ class DecodeOnlyEngine(_MarksAborts):
     def _make_workers(self) -> list[Worker]:
         wakeups = {"prefill": Wakeup(), "decode": Wakeup()}
         runner = self._make_runner(True)
-        worker = DecodeWorker(self.prefill, self.decode, runner, self.partitioner, self._emit_and_forget, wakeups,
-                              requeue=self._send_back)
-        worker.overlap = self.config.overlap_decode
-        return [worker]
+        return [DecodeWorker(self.prefill, self.decode, runner, self.partitioner, self._emit_and_forget, wakeups,
+                             requeue=self._send_back, overlap=self.config.overlap_decode)]
 
     def start(self) -> None:
         if self._importer is None:

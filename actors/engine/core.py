@@ -143,12 +143,11 @@ class EngineCore:
         if self.config.mode == "unified":
             wake = Wakeup()
             wakeups = {"unified": wake, "prefill": wake, "decode": wake}
-            unified = UnifiedWorker(self.prefill, self.decode, self._make_runner(True), parts, emit, wakeups)
-            unified.overlap = self.config.overlap_decode
-            return [unified]
+            return [UnifiedWorker(self.prefill, self.decode, self._make_runner(True), parts, emit, wakeups,
+                                  overlap=self.config.overlap_decode)]
         wakeups = {"prefill": Wakeup(), "decode": Wakeup()}
-        decode = DecodeWorker(self.prefill, self.decode, self._make_runner(True), parts, emit, wakeups)
-        decode.overlap = self.config.overlap_decode
+        decode = DecodeWorker(self.prefill, self.decode, self._make_runner(True), parts, emit, wakeups,
+                              overlap=self.config.overlap_decode)
         return [PrefillWorker(self.prefill, self.decode, self._make_runner(False), parts, emit, wakeups), decode]
 
     def _warm_up(self) -> None:

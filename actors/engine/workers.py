@@ -73,9 +73,13 @@ class Worker:
         wakeups: dict[str, Wakeup],
         handoff: Handoff | None = None,
         requeue: Handoff | None = None,
+        overlap: bool | None = None,
     ) -> None:
         """`handoff` gets each finished prefill (default: `decode.add`), `requeue` each
-        preempted decode (default: `prefill.add`); disaggregated engines inject others."""
+        preempted decode (default: `prefill.add`); disaggregated engines inject others.
+        `overlap`: overlapped decode on or off (default: the worker class's `overlap`)."""
+        if overlap is not None:
+            self.overlap = overlap
         self.prefill = prefill
         self.decode = decode
         self.runner = runner
