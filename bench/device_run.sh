@@ -5,6 +5,7 @@
 #   bash bench/device_run.sh vllm             vLLM reference of the offline job (after staging .vllmA)
 #   bash bench/device_run.sh profile [BATCH..] where a decode step's time goes -> $OUT/decode-profile.log
 #   bash bench/device_run.sh startup          semi-PD engine start-up and latency-profile times -> $OUT/startup.log
+#   bash bench/device_run.sh stream-probe     chunks/s one Ray actor streams, and its CPU per chunk -> $OUT/stream-probe.log
 # Logs go to $OUT; the last lines printed are a short table. `.device`: see bench/device_env.sh.
 set -uo pipefail
 what=${1:-tests}
@@ -32,6 +33,9 @@ case $what in
     ;;
   startup)
     python3 bench/startup_probe.py $model 2>&1 | tee "$OUT/startup.log" | grep -E "captured|built|profile in"
+    ;;
+  stream-probe)
+    python3 bench/ray_stream_probe.py 2>&1 | tee "$OUT/stream-probe.log" | grep "^|"
     ;;
   vllm)
     source .vllmB/setup-vllm.sh
