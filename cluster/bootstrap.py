@@ -118,6 +118,7 @@ class ClusterConfig:
     start and publishes it: loaded from `latency_profile` (a JSON profile file on the
     actors' nodes) or profiled on `profile_grid` (`quick` or `full`) and saved there.
     `prefill_sm_fraction` bounds the prefill share of each engine's SMs the controller may set.
+    `stream_interval`: tokens per chunk an engine actor streams (after the first; vLLM's `--stream-interval`).
     """
 
     model: str
@@ -137,6 +138,7 @@ class ClusterConfig:
     actor_prefix: str = ACTOR_PREFIX
     cluster_name: str = "default"
     served_model_name: str | None = None
+    stream_interval: int = 1
     publish_interval_s: float = 0.5
     controller_interval_s: float = 0.5
     lease_s: float = 3.0
@@ -159,6 +161,8 @@ class ClusterConfig:
             raise ConfigError("num_gpus_per_actor must be >= 0")
         if self.num_cpus_per_actor < 0:
             raise ConfigError("num_cpus_per_actor must be >= 0")
+        if self.stream_interval < 1:
+            raise ConfigError(f"stream_interval must be >= 1, got {self.stream_interval}")
         if not self.namespace or not self.actor_prefix or not self.cluster_name:
             raise ConfigError("namespace, actor_prefix and cluster_name must not be empty")
         if self.check_model and not (Path(self.model) / "config.json").is_file():
@@ -295,7 +299,7 @@ def ensure_cluster(cfg: ClusterConfig) -> ClusterHandles:
         actors[name] = cls.options(name=name, namespace=cfg.namespace, lifetime="detached", get_if_exists=True,
                                    max_restarts=0, runtime_env={"env_vars": kernel_env()},
                                    ).remote(name, cfg.engine_config(), cfg.publisher_config(),
-                                            model_source=cfg.model_source())
+                                            model_source=cfg.model_source(), stream_interval=cfg.stream_interval)
         created.append(name)
     names = list(actors)
     infos = ray.get([actors[n].ready.remote() for n in names], timeout=cfg.ready_timeout_s)

@@ -5,6 +5,7 @@ Entry point `cluster.serve_app:build_app` (for `serve run`, `serve deploy`, Kube
 
     model                 checkpoint directory (required)
     served_model_name     the name clients send (default: the directory's name)
+    stream_interval       tokens per streamed chunk after the first, from the engine actors (default 1)
     ttft_slo_ms, tpot_slo_ms    SLO targets of the controller
     mode                  semi-pd | unified
     prefill_sm_min, prefill_sm_max   bounds of the prefill SM fraction (0..1)
@@ -60,6 +61,7 @@ class ServeArgs(BaseModel):
 
     model: str
     served_model_name: str | None = None
+    stream_interval: int = Field(1, ge=1)
     ttft_slo_ms: float | None = Field(None, gt=0)
     tpot_slo_ms: float | None = Field(None, gt=0)
     mode: Literal["semi-pd", "unified"] = "semi-pd"
@@ -144,7 +146,8 @@ def cluster_config(args: ServeArgs, redis_url: str | None) -> ClusterConfig:
         extra["prefill_sm_fraction"] = (args.prefill_sm_min or 0.0, args.prefill_sm_max or 1.0)
     return ClusterConfig(model=args.model, num_actors=args.num_actors, mode=args.mode, redis_url=redis_url,
                          slo=SLOTargets(**slo), router=router_policy(args.router_policy),
-                         engine=EngineOptions(**engine), served_model_name=args.served_model_name, **extra)
+                         engine=EngineOptions(**engine), served_model_name=args.served_model_name,
+                         stream_interval=args.stream_interval, **extra)
 
 
 def local_client(args: ServeArgs) -> EngineClient:

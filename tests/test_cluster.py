@@ -65,6 +65,62 @@ def test_rate_window_counts_only_its_span() -> None:
         RateWindow(span_s=0)
 
 
+def test_coalesced_stream_keeps_first_and_last_chunks_prompt() -> None:
+    from actors.engine.frontend import StreamChunk
+    from actors.gpu_actor import coalesced
+
+    closed = []
+
+    async def source(n: int) -> Any:
+        try:
+            yield StreamChunk("r", "", (), num_prompt_tokens=3)  # no token yet: waits for one
+            for i in range(n):
+                yield StreamChunk("r", f"t{i}", (i,), finish_reason="length" if i == n - 1 else None,
+                                  num_output_tokens=i + 1)
+        finally:
+            closed.append(True)
+
+    async def collect(interval: int, n: int) -> list[StreamChunk]:
+        return [c async for c in coalesced(source(n), interval)]
+
+    chunks = asyncio.run(collect(4, 10))
+    assert [c.token_ids for c in chunks] == [(0,), (1, 2, 3, 4), (5, 6, 7, 8), (9,)]  # first alone, last at once
+    assert chunks[-1].finish_reason == "length" and "".join(c.text for c in chunks) == "".join(f"t{i}" for i in range(10))
+    assert [c.token_ids for c in asyncio.run(collect(1, 3))] == [(0,), (1,), (2,)]
+
+    async def abandon() -> None:
+        stream = coalesced(source(10), 4)
+        assert (await stream.__anext__()).token_ids == (0,)
+        await stream.aclose()
+
+    closed.clear()
+    asyncio.run(abandon())
+    assert closed == [True]  # the engine's stream is closed with it (which aborts the request)
+
+
+@pytest.mark.timeout(60)
+def test_engine_actor_streams_chunks_of_stream_interval_tokens(tiny_llama: Path) -> None:
+    from actors.gpu_actor import EngineActor
+
+    actor = EngineActor("local-1", EngineOptions(num_pages=256).engine_config(str(tiny_llama), "semi-pd"),
+                        stream_interval=4)
+    params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+
+    async def main() -> None:
+        await actor.ready()
+        chunks = [c async for c in actor.generate(GenerateRequest("a", [256, 1, 2, 3], params))]
+        sizes = [len(c.token_ids) for c in chunks]
+        assert sum(sizes) == 10 and sizes[0] == 1 and all(s >= 4 for s in sizes[1:-1])
+        assert chunks[-1].finish_reason == "length" and len(chunks) <= 4
+        load = await actor.load()
+        assert load.in_flight == 0 and len(load.stats["tpot_ms"]) == 1
+        await actor.shutdown()
+
+    asyncio.run(main())
+    with pytest.raises(ValueError, match="stream_interval"):
+        EngineActor("local-2", EngineOptions(num_pages=64).engine_config(str(tiny_llama), "semi-pd"), stream_interval=0)
+
+
 @pytest.mark.timeout(60)
 def test_engine_actor_in_process(tiny_llama: Path) -> None:
     from actors.gpu_actor import EngineActor

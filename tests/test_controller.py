@@ -216,6 +216,10 @@ def test_model_policy_flows_to_the_actors(tiny_llama: Path) -> None:
     assert (app_cfg.policy, app_cfg.engine.prefill_sms, app_cfg.engine.overlap_decode) == ("fixed", 48, False)
     assert app_cfg.prefill_sm_fraction == (0.0, 0.75)
     assert cfg.engine_config().switch_interval_ms == app_cfg.engine.switch_interval_ms == 0.5
+    assert cfg.stream_interval == app_cfg.stream_interval == 1
+    args = parser.parse_args(["serve", "--model", str(tiny_llama), "--stream-interval", "4"])
+    assert serve.cluster_config(args, None).stream_interval == 4
+    assert app_cluster_config(ServeArgs(**serve.serve_app_args(args, None, None)), None).stream_interval == 4
 
 
 def test_view_from_published_dict() -> None:

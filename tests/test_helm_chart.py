@@ -31,6 +31,7 @@ CRD_PATH = Path(__file__).resolve().parents[2] / "shared" / "k8s" / "ray.io_rays
 ARG_KEYS = {  # build_app(args) of cluster/serve_app.py
     "model", "served_model_name", "ttft_slo_ms", "tpot_slo_ms", "mode", "prefill_sm_min", "prefill_sm_max",
     "router_policy", "num_actors", "redis_url", "api_key_env", "grpc_port", "page_size", "max_prefill_tokens",
+    "stream_interval",
 }
 
 
@@ -209,6 +210,7 @@ def expected_args(values: dict[str, Any], fullname: str) -> dict[str, Any]:
         "grpc_port": values["grpc"]["port"] if values["grpc"]["enabled"] else None,
         "page_size": values["semipd"]["pageSize"],
         "max_prefill_tokens": values["semipd"]["maxPrefillTokens"],
+        "stream_interval": values["semipd"]["streamInterval"],
     }
 
 

@@ -95,6 +95,7 @@ applications:
       grpc_port: {{ if .Values.grpc.enabled }}{{ .Values.grpc.port | toJson }}{{ else }}null{{ end }}
       page_size: {{ .Values.semipd.pageSize | toJson }}
       max_prefill_tokens: {{ .Values.semipd.maxPrefillTokens | toJson }}
+      stream_interval: {{ .Values.semipd.streamInterval | toJson }}
 {{- end -}}
 
 {{/* Environment of every Ray container: secrets by reference, then common.containerEnv.
