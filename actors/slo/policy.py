@@ -46,7 +46,8 @@ class ModelPolicyConfig:
     """Knobs of `ModelPolicy`.
 
     margin: gain in normalized min slack a new split must bring (hysteresis band).
-    dwell_s: minimum seconds between two switches of one engine.
+    dwell_s: minimum seconds between two switches of one engine, and so the horizon over which
+        arrivals beyond a split's prefill capacity are predicted to build a backlog.
     observed_weight: 0 ignores observed latencies, 1 trusts their ratio to the model fully.
     min_observed: samples needed before observed latencies count (warm-up filter).
     max_correction: the observed/predicted ratio is clamped to [1/x, x].
