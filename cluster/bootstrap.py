@@ -165,9 +165,9 @@ class ClusterConfig:
             raise ConfigError(f"stream_interval must be >= 1, got {self.stream_interval}")
         if not self.namespace or not self.actor_prefix or not self.cluster_name:
             raise ConfigError("namespace, actor_prefix and cluster_name must not be empty")
-        if self.check_model and not (Path(self.model) / "config.json").is_file():
-            raise ConfigError(f"{self.model}: no config.json (expected a Hugging Face checkpoint directory)")
         if self.check_model:
+            if not (Path(self.model) / "config.json").is_file():
+                raise ConfigError(f"{self.model}: no config.json (expected a Hugging Face checkpoint directory)")
             self.engine_config()  # the engines' own checks, before any actor starts
         try:
             check_prefill_sm_fraction(self.prefill_sm_fraction)

@@ -31,8 +31,8 @@ def graph_workspaces() -> Iterator[None]:
     the graph's pool, which goes with the graph), not a cached one that a later
     `release_workspaces()` would free while the graph still writes to it."""
     with _lock:
-        torch._C._cuda_clearCublasWorkspaces()
+        release_workspaces()
         try:
             yield
         finally:
-            torch._C._cuda_clearCublasWorkspaces()
+            release_workspaces()
