@@ -5,8 +5,12 @@ it also runs in-process for tests. The engine underneath knows nothing of Ray; t
 module imports Ray only lazily (node id, the remote wrapper).
 
 Methods (all async on the actor's event loop):
-- `generate(request)`: a streaming generator of `StreamChunk`s (call it with
-  `.options(num_returns="streaming")`); raises `NoCapacityError` while draining.
+- `outputs(subscriber)`: a streaming generator (call it with `.options(num_returns="streaming")`)
+  of `list[StreamChunk]`: every chunk of the subscriber's requests, batched as they come
+  (about one batch per engine step), so the cost of a Ray item is paid once per step, not
+  once per token of every request.
+- `submit(request, subscriber)`: admit a request whose chunks go to `subscriber`'s outputs;
+  raises `NoCapacityError` while draining, and the engine's own errors for bad requests.
 - `abort(request_id)`, `load() -> EngineLoad`, `apply_split(prefill_sms, reason)`,
   `drain(timeout_s)`, `resume()`, `ready()` / `info()`, `ping()`, `shutdown()`.
 
@@ -93,6 +97,30 @@ class RateWindow:
         return self._total / self.span_s
 
 
+class Subscriber:
+    """The chunks waiting for one subscriber (a router on one event loop) and its unfinished requests."""
+
+    def __init__(self) -> None:
+        self.requests: set[str] = set()
+        self._pending: list[StreamChunk] = []
+        self._ready = asyncio.Event()
+
+    def put(self, chunk: StreamChunk) -> None:
+        self._pending.append(chunk)
+        self._ready.set()
+
+    def wake(self) -> None:
+        """Let a waiting `take` return (at shutdown), possibly with nothing."""
+        self._ready.set()
+
+    async def take(self) -> list[StreamChunk]:
+        """Everything put since the last take; waits for at least one chunk (or a `wake`)."""
+        await self._ready.wait()
+        self._ready.clear()
+        batch, self._pending = self._pending, []
+        return batch
+
+
 async def coalesced(chunks: AsyncGenerator[StreamChunk, None], interval: int) -> AsyncIterator[StreamChunk]:
     """`chunks` of one request merged so that each carries at least `interval` tokens, except the first
     one with tokens (time to first token) and the last (finish reason, error), which go at once.
@@ -161,6 +189,8 @@ class EngineActor:
         self._prefilled_tokens = 0
         self._requests_total = 0
         self._finished: Counter[str] = Counter()  # finish reason -> requests
+        self._subscribers: dict[str, Subscriber] = {}
+        self._tasks: set[asyncio.Task[None]] = set()  # one per request in flight (kept referenced)
         self._publisher = (
             EnginePublisher(publisher, engine_id, self.view, self._apply_from_controller,
                             model=self.latency_model.to_dict() if self.latency_model else None)
@@ -222,6 +252,8 @@ class EngineActor:
         """Stop publishing and stop the engine's workers."""
         self._draining = True
         self._closed = True
+        for sub in self._subscribers.values():
+            sub.wake()
         if self._publisher is not None:
             self._publisher.stop()
         if self._publisher_task is not None:
@@ -230,25 +262,62 @@ class EngineActor:
 
     # -- requests -----------------------------------------------------------------------
 
-    async def generate(self, request: GenerateRequest) -> AsyncIterator[StreamChunk]:
-        """Stream `request`'s chunks; the last has `finish_reason`."""
-        if self._draining:
-            raise NoCapacityError(f"engine {self.engine_id} is draining")
+    async def submit(self, request: GenerateRequest, subscriber: str) -> None:
+        """Admit `request`; its chunks go to `outputs(subscriber)`, the last with `finish_reason`.
+
+        Raises when the request is refused (nothing ran): `NoCapacityError` while draining, the
+        engine's own error for an invalid request.
+        """
+        self._requests_total += 1
+        try:
+            if self._draining:
+                raise NoCapacityError(f"engine {self.engine_id} is draining")
+            chunks = self.llm.generate(request.prompt_token_ids, request.params, request_id=request.request_id,
+                                       priority=request.priority, deadline=self._deadline(request))
+        except Exception:
+            self._finished["rejected"] += 1
+            raise
+        sub = self._subscribers.setdefault(subscriber, Subscriber())
+        sub.requests.add(request.request_id)
         self._in_flight += 1
         self._in_flight_ids.add(request.request_id)
-        self._requests_total += 1
-        self.arrivals.add(len(request.prompt_token_ids))
         self._idle.clear()
+        self.arrivals.add(len(request.prompt_token_ids))
+        self._tasks.add(asyncio.get_running_loop().create_task(self._forward(request, chunks, sub)))
+
+    async def outputs(self, subscriber: str) -> AsyncIterator[list[StreamChunk]]:
+        """Batches of the chunks of `subscriber`'s requests until the actor shuts down.
+
+        Open it before submitting (chunks that come first wait for it). Closing it aborts the
+        subscriber's unfinished requests.
+        """
+        sub = self._subscribers.setdefault(subscriber, Subscriber())
+        try:
+            while not self._closed:
+                batch = await sub.take()
+                if batch:
+                    yield batch
+        finally:
+            if self._subscribers.get(subscriber) is sub:
+                del self._subscribers[subscriber]
+            for rid in list(sub.requests):
+                self.llm.abort(rid)
+
+    @staticmethod
+    def _deadline(request: GenerateRequest) -> float | None:
+        """A per-request TTFT target as a first-token deadline (for deadline-aware prefill order)."""
+        return time.monotonic() + request.ttft_slo_ms / 1000 if request.ttft_slo_ms else None
+
+    async def _forward(self, request: GenerateRequest, chunks: AsyncGenerator[StreamChunk, None],
+                       sub: Subscriber) -> None:
+        """Move one admitted request's chunks to its subscriber; keep the engine's books on it."""
+        rid = request.request_id
         start = time.monotonic()
         first: float | None = None
         last: float | None = None
         finish: str | None = None
         num_tokens = 0
-        # a per-request TTFT target becomes the first-token deadline (used by deadline-aware prefill order)
-        deadline = start + request.ttft_slo_ms / 1000 if request.ttft_slo_ms else None
         try:
-            chunks = self.llm.generate(request.prompt_token_ids, request.params, request_id=request.request_id,
-                                       priority=request.priority, deadline=deadline)
             async for chunk in coalesced(chunks, self.stream_interval):
                 if chunk.token_ids:
                     last = time.monotonic()
@@ -257,19 +326,23 @@ class EngineActor:
                         self._prefilled_tokens += max(0, len(request.prompt_token_ids) - chunk.num_cached_tokens)
                 num_tokens = chunk.num_output_tokens
                 finish = chunk.finish_reason
-                yield chunk
-        except Exception:  # invalid request, admission refused: nothing ran
-            finish = finish or "rejected"
-            raise
+                sub.put(chunk)
+        except Exception as e:  # the engine failed this request: the subscriber still gets its end
+            log.exception("%s: request %s failed", self.engine_id, rid)
+            finish = "error"
+            sub.put(StreamChunk(rid, "", (), finish_reason="error", num_prompt_tokens=len(request.prompt_token_ids),
+                                num_output_tokens=num_tokens, error=f"{type(e).__name__}: {e}"))
         finally:
+            sub.requests.discard(rid)
             self._in_flight -= 1
-            self._in_flight_ids.discard(request.request_id)
+            self._in_flight_ids.discard(rid)
             if self._in_flight == 0:
                 self._idle.set()
             self._finished[finish or "abort"] += 1
             if first is not None and last is not None and finish in ("stop", "length"):
                 tpot = (last - first) / (num_tokens - 1) * 1000 if num_tokens > 1 else None
                 self.window.add(LatencySample(time.time(), (first - start) * 1000, tpot))
+            self._tasks.discard(asyncio.current_task())  # type: ignore[arg-type]
 
     async def abort(self, request_id: str) -> bool:
         return self.llm.abort(request_id)

@@ -17,6 +17,11 @@ spreads out before any report comes back; reports are refreshed every
 actor is picked by rendezvous hashing among the eligible ones (stable while the set
 of actors is stable).
 
+Streaming: each actor sends this router one batched output stream per event loop
+(`EngineActor.outputs`, opened on first use, one Ray item per engine step), and the
+router hands the chunks to the requests waiting for them; a request itself is one
+short `submit` call.
+
 Failures: an actor that dies (Ray actor errors) is marked dead and skipped. A request
 that had not received a token yet is retried on another actor (up to `max_retries`);
 one that had gets a final chunk with `finish_reason="error"` and a message naming the
@@ -32,10 +37,11 @@ import hashlib
 import logging
 import re
 import time
+import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TypeVar
 
 from actors.engine.frontend import StreamChunk
 from cluster.engine_client import EngineLoad, GenerateRequest, ModelInfo, NoCapacityError
@@ -44,6 +50,7 @@ log = logging.getLogger(__name__)
 
 NAMESPACE = "semipd"
 ACTOR_PREFIX = "semipd-engine"
+T = TypeVar("T")
 
 
 class EngineDiedError(NoCapacityError):
@@ -264,6 +271,7 @@ class Router:
         self._last_refresh = 0.0
         self._refreshing: asyncio.Task[None] | None = None
         self._refresh_loop: asyncio.AbstractEventLoop | None = None
+        self._pumps: dict[tuple[str, asyncio.AbstractEventLoop], _OutputPump] = {}
         self.draining = False
 
     # -- construction -------------------------------------------------------------
@@ -368,21 +376,18 @@ class Router:
         """One attempt on one actor; raises _EngineLost if the actor is gone."""
         actor = self.state.actors[engine_id]
         self.state.dispatch(engine_id, request.request_id, len(request.prompt_token_ids), time.monotonic())
-        finished = False
-        gen = None
+        finished = submitted = False
+        pump = self._pump(actor)
+        chunks = pump.open(request.request_id)
         try:
-            gen = actor.handle.generate.options(num_returns="streaming").remote(request)
-            while True:
-                ref = await self._next_ref(engine_id, gen)
-                if ref is None:
-                    break
-                chunk: StreamChunk = await ref
+            await self._watched(engine_id, actor.handle.submit.remote(request, pump.subscriber))
+            submitted = True
+            while not finished:
+                chunk = await self._next_chunk(engine_id, chunks)
                 if chunk.token_ids:
                     self.state.ack(engine_id, request.request_id)
                 finished = chunk.finished
                 yield chunk
-                if finished:
-                    break
         except _EngineLost:
             raise
         except _actor_errors() as e:
@@ -391,27 +396,46 @@ class Router:
         except Exception as e:
             raise _unwrap(e) from None
         finally:
+            pump.close(request.request_id)
             self.state.done(engine_id, request.request_id)
-            if not finished and actor.alive and gen is not None:
+            if submitted and not finished and actor.alive:
                 self._abort_quietly(actor, request.request_id)
 
-    async def _next_ref(self, engine_id: str, gen: Any) -> Any:
-        """The next ObjectRef of a streaming call, None at its end; pings the actor on stalls."""
-        step = asyncio.ensure_future(gen.__anext__())
+    def _pump(self, actor: _Actor) -> _OutputPump:
+        """The output stream of `actor` on this event loop; a new one if the last ended or the actor changed."""
+        for closed in [k for k in self._pumps if k[1].is_closed()]:
+            del self._pumps[closed]
+        key = (actor.engine_id, asyncio.get_running_loop())
+        pump = self._pumps.get(key)
+        if pump is None or pump.failure is not None or pump.handle is not actor.handle:
+            if pump is not None:
+                pump.stop()
+            pump = self._pumps[key] = _OutputPump(actor.handle)
+        return pump
+
+    async def _next_chunk(self, engine_id: str, chunks: asyncio.Queue[StreamChunk | _EngineLost]) -> StreamChunk:
+        item = await self._watched(engine_id, chunks.get())
+        if isinstance(item, _EngineLost):
+            if item.actor_died:
+                self.state.mark_dead(engine_id, item.reason)
+            raise item
+        return item
+
+    async def _watched(self, engine_id: str, waited: Awaitable[T]) -> T:
+        """The result of `waited`; each time it takes `stall_timeout_s` more, the actor is pinged,
+        and one that does not answer is marked dead (`_EngineLost`)."""
+        future = asyncio.ensure_future(waited)
         try:
             while True:
-                done, _ = await asyncio.wait({step}, timeout=self.policy.stall_timeout_s)
+                done, _ = await asyncio.wait({future}, timeout=self.policy.stall_timeout_s)
                 if done:
-                    try:
-                        return step.result()
-                    except StopAsyncIteration:
-                        return None
+                    return future.result()
                 if not await self._alive(engine_id):
-                    self.state.mark_dead(engine_id, "did not answer a ping while a stream stalled")
+                    self.state.mark_dead(engine_id, "did not answer a ping while a request stalled")
                     raise _EngineLost(f"no output for {self.policy.stall_timeout_s:.0f} s and no answer to a ping")
         finally:
-            if not step.done():
-                step.cancel()
+            if not future.done():
+                future.cancel()
 
     async def _alive(self, engine_id: str) -> bool:
         try:
@@ -523,9 +547,72 @@ class Router:
 
 
 class _EngineLost(Exception):
-    def __init__(self, reason: str) -> None:
+    """The actor serving a request went away (`actor_died`) or its output stream was closed here."""
+
+    def __init__(self, reason: str, actor_died: bool = True) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.actor_died = actor_died
+
+
+class _OutputPump:
+    """One actor's batched output stream to this router on the running event loop: each chunk
+    goes to the queue of its request. When the stream breaks, every open queue gets `_EngineLost`."""
+
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle
+        self.subscriber = f"router-{uuid.uuid4().hex[:12]}"
+        self.failure: _EngineLost | None = None
+        self._queues: dict[str, asyncio.Queue[StreamChunk | _EngineLost]] = {}
+        self._stream = handle.outputs.options(num_returns="streaming").remote(self.subscriber)
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    def open(self, request_id: str) -> asyncio.Queue[StreamChunk | _EngineLost]:
+        """The queue `request_id`'s chunks will arrive in (open it before submitting)."""
+        q: asyncio.Queue[StreamChunk | _EngineLost] = asyncio.Queue()
+        if self.failure is not None:
+            q.put_nowait(self.failure)
+        self._queues[request_id] = q
+        return q
+
+    def close(self, request_id: str) -> None:
+        self._queues.pop(request_id, None)
+
+    def stop(self) -> None:
+        """Close the stream (the actor aborts this subscriber's unfinished requests)."""
+        self._task.cancel()
+
+    async def _run(self) -> None:
+        try:
+            async for ref in self._stream:
+                for chunk in await ref:
+                    q = self._queues.get(chunk.request_id)
+                    if q is not None:
+                        q.put_nowait(chunk)
+            self._fail("its output stream ended")
+        except asyncio.CancelledError:
+            self._fail("the router closed the output stream", actor_died=False)
+            _cancel_quietly(self._stream)
+            raise
+        except _actor_errors() as e:
+            self._fail(f"{type(e).__name__}: {_first_line(e)}")
+        except Exception as e:
+            log.exception("output stream of an engine failed")
+            self._fail(f"output stream failed: {_first_line(e)}")
+
+    def _fail(self, reason: str, actor_died: bool = True) -> None:
+        self.failure = _EngineLost(reason, actor_died)
+        for q in self._queues.values():
+            q.put_nowait(self.failure)
+
+
+def _cancel_quietly(stream: Any) -> None:
+    try:
+        import ray
+
+        ray.cancel(stream)
+    except Exception as e:  # the actor or the Ray connection may be gone
+        log.debug("cancel of an output stream failed: %s", e)
 
 
 def _first_line(e: BaseException) -> str:

@@ -14,14 +14,14 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from actors.config import CacheConfig
-from actors.engine.frontend import LLM
+from actors.engine.frontend import LLM, StreamChunk
 from actors.request import SamplingParams
 from actors.slo.types import SLOTargets
 from cluster.bootstrap import ClusterConfig, EngineOptions, ensure_cluster, teardown_cluster
@@ -49,6 +49,21 @@ async def collect(router: Router, req: GenerateRequest) -> tuple[list[int], str 
 
 
 # -- EngineActor as a plain class (no Ray) ---------------------------------------------------
+
+
+async def actor_stream(actor: Any, request: GenerateRequest) -> AsyncIterator[StreamChunk]:
+    """One request's chunks from an in-process EngineActor, through its own subscriber's batches."""
+    subscriber = f"test-{request.request_id}"
+    outputs = actor.outputs(subscriber)
+    await actor.submit(request, subscriber)
+    try:
+        async for batch in outputs:
+            for chunk in batch:
+                yield chunk
+                if chunk.finished:
+                    return
+    finally:
+        await outputs.aclose()
 
 
 def test_rate_window_counts_only_its_span() -> None:
@@ -108,7 +123,7 @@ def test_engine_actor_streams_chunks_of_stream_interval_tokens(tiny_llama: Path)
 
     async def main() -> None:
         await actor.ready()
-        chunks = [c async for c in actor.generate(GenerateRequest("a", [256, 1, 2, 3], params))]
+        chunks = [c async for c in actor_stream(actor, GenerateRequest("a", [256, 1, 2, 3], params))]
         sizes = [len(c.token_ids) for c in chunks]
         assert sum(sizes) == 10 and sizes[0] == 1 and all(s >= 4 for s in sizes[1:-1])
         assert chunks[-1].finish_reason == "length" and len(chunks) <= 4
@@ -132,7 +147,7 @@ def test_engine_actor_in_process(tiny_llama: Path) -> None:
     async def main() -> None:
         info = await actor.ready()
         assert info["engine_id"] == "local-0" and info["mode"] == "semi-pd"
-        chunks = [c async for c in actor.generate(GenerateRequest("a", [256, 1, 2, 3], params))]
+        chunks = [c async for c in actor_stream(actor, GenerateRequest("a", [256, 1, 2, 3], params))]
         assert chunks[-1].finish_reason == "length" and sum(len(c.token_ids) for c in chunks) == 6
         load = await actor.load()
         assert load.in_flight == 0 and load.healthy and not load.draining
@@ -146,17 +161,57 @@ def test_engine_actor_in_process(tiny_llama: Path) -> None:
         assert load.stats["prefill_sms"] == target and load.stats["metrics"]["semipd:prefill_sms"] == target
         assert load.stats["switches"][-1]["reason"] == "test"
         # drain: in-flight work finishes, new work is refused
-        slow = actor.generate(GenerateRequest("b", [256, 9, 9], SamplingParams(max_tokens=40, temperature=0,
+        slow = actor_stream(actor, GenerateRequest("b", [256, 9, 9], SamplingParams(max_tokens=40, temperature=0,
                                                                                ignore_eos=True)))
         assert (await slow.__anext__()).token_ids  # in flight now
         drained = asyncio.ensure_future(actor.drain(timeout_s=30))
         assert [c async for c in slow][-1].finish_reason == "length"
         assert await drained == 0
         with pytest.raises(NoCapacityError, match="draining"):
-            [c async for c in actor.generate(GenerateRequest("c", [256, 5], params))]
+            [c async for c in actor_stream(actor, GenerateRequest("c", [256, 5], params))]
         assert (await actor.load()).draining
         await actor.resume()
-        assert [c async for c in actor.generate(GenerateRequest("d", [256, 5], params))][-1].finished
+        assert [c async for c in actor_stream(actor, GenerateRequest("d", [256, 5], params))][-1].finished
+        await actor.shutdown()
+
+    asyncio.run(main())
+
+
+@pytest.mark.timeout(60)
+def test_engine_actor_batches_a_subscribers_requests(tiny_llama: Path) -> None:
+    """One subscriber's requests share batches; closing its outputs aborts what is unfinished."""
+    from actors.gpu_actor import EngineActor
+
+    actor = EngineActor("local-3", EngineOptions(num_pages=512).engine_config(str(tiny_llama), "semi-pd"))
+    short = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    long = SamplingParams(max_tokens=1500, temperature=0, ignore_eos=True)
+
+    async def main() -> None:
+        await actor.ready()
+        outputs = actor.outputs("sub")
+        for i, p in enumerate(prompts(8, seed=3)):
+            await actor.submit(GenerateRequest(f"s-{i}", p, short), "sub")
+        tokens: dict[str, list[int]] = {f"s-{i}": [] for i in range(8)}
+        batch_sizes = []
+        while sum(len(t) for t in tokens.values()) < 8 * 12:
+            batch = await outputs.__anext__()
+            batch_sizes.append(len(batch))
+            for c in batch:
+                tokens[c.request_id].extend(c.token_ids)
+        assert all(len(t) == 12 for t in tokens.values())
+        assert max(batch_sizes) > 1 and len(batch_sizes) < 8 * 12  # chunks of several requests per item
+        await actor.submit(GenerateRequest("long", [256, 4, 4], long), "sub")
+        assert any(c.request_id == "long" for c in await outputs.__anext__())
+        await outputs.aclose()  # the subscriber went away: its request is aborted
+
+        async def idle() -> bool:
+            return (await actor.load()).in_flight == 0
+
+        await async_wait_until(idle, 20, "the orphaned request to be aborted", interval=0.05)
+        assert (await actor.load()).stats["finish_reasons"].get("abort") == 1
+        with pytest.raises(ValueError, match="already in use"):  # refused at submit, before anything runs
+            await actor.submit(GenerateRequest("dup", [256, 1], short), "other")
+            await actor.submit(GenerateRequest("dup", [256, 1], short), "other")
         await actor.shutdown()
 
     asyncio.run(main())

@@ -15,7 +15,7 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncGenerator, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -371,14 +371,19 @@ class AsyncLLM(_Frontend):
         for loop, items in by_loop.items():
             loop.call_soon_threadsafe(_put_all, items)
 
-    async def generate(
+    def generate(
         self,
         prompt: Prompt,
         params: SamplingParams,
         request_id: str | None = None,
         priority: int = 0,
         deadline: float | None = None,
-    ) -> AsyncIterator[StreamChunk]:
+    ) -> AsyncGenerator[StreamChunk, None]:
+        """Admit the request now and return its chunks; call it on the event loop that reads them.
+
+        Raises here, before anything runs, when the request is refused (bad prompt or
+        parameters, prompt too long, request id in use). Closing the stream early aborts it.
+        """
         ids = self.prompt_ids(prompt)
         rid = request_id or self.new_request_id()
         stream = OutputStream(rid, ids, params, self.tokenizer)
@@ -389,6 +394,14 @@ class AsyncLLM(_Frontend):
             self._sinks[rid] = (asyncio.get_running_loop(), q)
         try:
             self.core.add_request(rid, ids, params, priority=priority, deadline=deadline)
+        except Exception:
+            self._drop_sink(rid)
+            raise
+        return self._chunks(stream, q)
+
+    async def _chunks(self, stream: OutputStream, q: asyncio.Queue[TokenDelta]) -> AsyncGenerator[StreamChunk, None]:
+        rid = stream.request_id
+        try:
             while not stream.done:
                 chunk, stopped = stream.process(await q.get())
                 while not (stream.done or q.empty()):  # tokens that came while the consumer was busy: one chunk
@@ -400,8 +413,11 @@ class AsyncLLM(_Frontend):
         finally:
             if not stream.done:
                 self.core.abort(rid)
-            with self._sinks_lock:
-                self._sinks.pop(rid, None)
+            self._drop_sink(rid)
+
+    def _drop_sink(self, request_id: str) -> None:
+        with self._sinks_lock:
+            self._sinks.pop(request_id, None)
 
     def abort(self, request_id: str) -> bool:
         return self.core.abort(request_id)
