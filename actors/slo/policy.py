@@ -46,6 +46,11 @@ class ModelPolicyConfig:
     """Knobs of `ModelPolicy`.
 
     margin: gain in normalized min slack a new split must bring (hysteresis band).
+    comfort_slack: a split predicted to keep at least this min slack, and observed to meet both targets
+        (given `min_observed` samples), is kept, however much better another looks: the policy moves
+        only when the current split is at risk, so it does not chase
+        the optimum of a moment (an empty queue would hand decode nearly every SM just before the
+        next burst arrives). 1 or more: always chase the best.
     dwell_s: minimum seconds between two switches of one engine, and so the horizon over which
         arrivals beyond a split's prefill capacity are predicted to build a backlog.
     observed_weight: 0 ignores observed latencies, 1 trusts their ratio to the model fully.
@@ -59,6 +64,7 @@ class ModelPolicyConfig:
     """
 
     margin: float = 0.1
+    comfort_slack: float = 0.3
     dwell_s: float = 10.0
     observed_weight: float = 0.5
     min_observed: int = 8
@@ -71,6 +77,8 @@ class ModelPolicyConfig:
     def __post_init__(self) -> None:
         if self.margin < 0 or self.dwell_s < 0:
             raise ValueError("margin and dwell_s must be >= 0")
+        if not 0.0 < self.comfort_slack:
+            raise ValueError(f"comfort_slack must be > 0, got {self.comfort_slack}")
         if not 0.0 <= self.observed_weight <= 1.0:
             raise ValueError(f"observed_weight must be in [0, 1], got {self.observed_weight}")
         if self.max_correction < 1.0:
@@ -235,6 +243,9 @@ class ModelPolicy:
         at = f"{_describe(cur, targets)} at {current}"
         if best.prefill_sms == current:
             return SplitDecision(current, f"hold: best split; {at}", predicted)
+        if cur.slack >= cfg.comfort_slack and not _observed_missing(view, targets, cfg):
+            return SplitDecision(current, f"hold: comfortable (slack {cur.slack:+.2f} >= {cfg.comfort_slack:.2f}); "
+                                          f"{at}", predicted)
         if gain <= cfg.margin:
             return SplitDecision(current, f"hold: within hysteresis band (gain {gain:+.2f} <= {cfg.margin:.2f} "
                                           f"for {best.prefill_sms}); {at}", predicted)
@@ -255,6 +266,13 @@ class ModelPolicy:
         step = self.config.max_step or len(splits)
         allowed = [p for j, p in enumerate(preds) if abs(j - i) <= step]
         return max(allowed, key=lambda p: (round(p.slack, 9), -abs(p.prefill_sms - current)))
+
+
+def _observed_missing(view: EngineView, targets: SLOTargets, cfg: ModelPolicyConfig) -> bool:
+    """Whether enough observed samples put TTFT or TPOT past its target (at the target percentile)."""
+    q = 100.0 * targets.attainment
+    return any(len(seen) >= cfg.min_observed and percentile(seen, q) > target
+               for seen, target in ((view.ttft_ms, targets.ttft_ms), (view.tpot_ms, targets.tpot_ms)))
 
 
 def _describe(p: SplitPrediction, targets: SLOTargets) -> str:
