@@ -227,6 +227,10 @@ def test_model_policy_keeps_a_comfortable_split_until_it_is_at_risk() -> None:
     # observed latencies past a target end the comfort, whatever the model predicts
     missing = replace(idle, tpot_ms=(60.0,) * 10)
     assert ModelPolicy(h100_llama8b(), ModelPolicyConfig(margin=0.0)).decide(missing, TARGETS).prefill_sms < 96
+    # ... and the move is to the side that relieves that target, though the model likes the other side
+    # better (the H200 run went 112 -> 24 while the TTFTs it had just seen were past target)
+    late = replace(idle, ttft_ms=(1500.0,) * 10)
+    assert ModelPolicy(h100_llama8b(), ModelPolicyConfig(margin=0.0)).decide(late, TARGETS).prefill_sms >= 96
     with pytest.raises(ValueError, match="comfort_slack"):
         ModelPolicyConfig(comfort_slack=0.0)
 

@@ -12,8 +12,11 @@ and the paper's `ReactivePolicy`, built by name with `make_policy`.
   (slowed by contention while prefill has work).
 Both are multiplied by a correction from observed latencies: (observed / predicted at
 the current split) ** `observed_weight`, clamped, when enough samples are in the view.
-Each split scores its normalized min slack, min(1 - TTFT / target, 1 - TPOT / target);
-the best split wins only if its score beats the current split's by more than
+Each split scores its normalized min slack, min(1 - TTFT / target, 1 - TPOT / target).
+The current split is kept while no target is at risk (`at_risk`: predicted slack under
+`comfort_slack`, or observed latency past its target); otherwise the best split on the
+side that relieves the target at risk (more prefill SMs for TTFT, fewer for TPOT) wins, if
+its score beats the current split's by more than
 `margin` (hysteresis) and at least `dwell_s` passed since this engine's split last
 changed (so at most 60 / dwell_s + 1 switches in any minute). The policy sees changes
 in the views: one it proposed counts from its proposal, any other from when it is
@@ -48,7 +51,8 @@ class ModelPolicyConfig:
     margin: gain in normalized min slack a new split must bring (hysteresis band).
     comfort_slack: a split predicted to keep at least this min slack, and observed to meet both targets
         (given `min_observed` samples), is kept, however much better another looks: the policy moves
-        only when the current split is at risk, so it does not chase
+        only when the current split is at risk (`at_risk`), toward the side that relieves the target
+        at risk, so it does not chase
         the optimum of a moment (an empty queue would hand decode nearly every SM just before the
         next burst arrives). 1 or more: always chase the best.
     dwell_s: minimum seconds between two switches of one engine, and so the horizon over which
@@ -231,7 +235,9 @@ class ModelPolicy:
         preds, info = self.predict(view, targets)
         by_sms = {p.prefill_sms: p for p in preds}
         cur = by_sms[current]
-        best = self._best(view.splits, current, preds)
+        needs = at_risk(cur, view, targets, cfg)
+        side = 1 if needs == {"ttft"} else -1 if needs == {"tpot"} else 0
+        best = self._best(view.splits, current, preds, side)
         gain = best.slack - cur.slack
         recent = sum(1 for t in state.change_times if now - t < 60.0)
         predicted = {
@@ -243,7 +249,7 @@ class ModelPolicy:
         at = f"{_describe(cur, targets)} at {current}"
         if best.prefill_sms == current:
             return SplitDecision(current, f"hold: best split; {at}", predicted)
-        if cur.slack >= cfg.comfort_slack and not _observed_missing(view, targets, cfg):
+        if not needs:
             return SplitDecision(current, f"hold: comfortable (slack {cur.slack:+.2f} >= {cfg.comfort_slack:.2f}); "
                                           f"{at}", predicted)
         if gain <= cfg.margin:
@@ -260,19 +266,26 @@ class ModelPolicy:
                f"{_describe(best, targets)} at {best.prefill_sms} (gain {gain:+.2f} > {cfg.margin:.2f})")
         return SplitDecision(best.prefill_sms, why, predicted)
 
-    def _best(self, splits: tuple[int, ...], current: int, preds: list[SplitPrediction]) -> SplitPrediction:
-        """Highest slack within `max_step` steps; ties go to the split nearest the current one."""
+    def _best(self, splits: tuple[int, ...], current: int, preds: list[SplitPrediction], side: int = 0
+              ) -> SplitPrediction:
+        """Highest slack within `max_step` steps, on the `side` of the current split (+1: more prefill SMs,
+        -1: fewer, 0: either; the current split is always a candidate); ties go to the nearest split."""
         i = splits.index(current)
         step = self.config.max_step or len(splits)
-        allowed = [p for j, p in enumerate(preds) if abs(j - i) <= step]
+        allowed = [p for j, p in enumerate(preds) if abs(j - i) <= step and (j - i) * side >= 0]
         return max(allowed, key=lambda p: (round(p.slack, 9), -abs(p.prefill_sms - current)))
 
 
-def _observed_missing(view: EngineView, targets: SLOTargets, cfg: ModelPolicyConfig) -> bool:
-    """Whether enough observed samples put TTFT or TPOT past its target (at the target percentile)."""
+def at_risk(cur: SplitPrediction, view: EngineView, targets: SLOTargets, cfg: ModelPolicyConfig) -> set[str]:
+    """The targets ("ttft", "tpot") at risk on the current split: observed past target (given
+    `min_observed` samples, at the target percentile), or the binding one of a prediction whose
+    slack is under `comfort_slack`. The policy moves only for these, and only to the side that helps."""
     q = 100.0 * targets.attainment
-    return any(len(seen) >= cfg.min_observed and percentile(seen, q) > target
-               for seen, target in ((view.ttft_ms, targets.ttft_ms), (view.tpot_ms, targets.tpot_ms)))
+    risky = {name for name, seen, target in (("ttft", view.ttft_ms, targets.ttft_ms), ("tpot", view.tpot_ms, targets.tpot_ms))
+             if len(seen) >= cfg.min_observed and percentile(seen, q) > target}
+    if cur.slack < cfg.comfort_slack:
+        risky.add("ttft" if cur.ttft_ms / targets.ttft_ms >= cur.tpot_ms / targets.tpot_ms else "tpot")
+    return risky
 
 
 def _describe(p: SplitPrediction, targets: SLOTargets) -> str:
