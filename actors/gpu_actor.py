@@ -166,8 +166,8 @@ class EngineActor:
                  window_samples: int = 512, window_s: float = 120.0, stall_after_s: float = 30.0,
                  model_source: ModelSource | None = None, stream_interval: int = 1) -> None:
         """`model_source`: get a latency model at start (and publish it, with a publisher).
-        `stream_interval`: tokens per streamed chunk (see `coalesced`); each chunk is one Ray item,
-        which costs the actor ~0.3 ms of interpreter time (`bench/ray_stream_probe.py`)."""
+        `stream_interval`: tokens per chunk after the first (see `coalesced`): fewer chunks to pickle
+        and to send as SSE events, and coarser streaming."""
         if stream_interval < 1:
             raise ValueError(f"stream_interval must be >= 1, got {stream_interval}")
         self.engine_id = engine_id

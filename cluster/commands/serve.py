@@ -45,8 +45,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-overlap-decode", dest="overlap_decode", action="store_false",
                    help="decode one step at a time (by default the next step is queued while the current one runs)")
     p.add_argument("--stream-interval", type=int, default=1, metavar="N",
-                   help="tokens per streamed chunk after the first (each chunk costs the engine actor ~0.3 ms of "
-                        "interpreter time; vLLM's --stream-interval)")
+                   help="tokens per streamed chunk after the first: fewer, larger SSE events "
+                        "(vLLM's --stream-interval)")
     p.add_argument("--switch-interval-ms", type=float, default=None, metavar="MS",
                    help="Python thread switch interval the engines set (default: Python's 5 ms); the engine "
                         "workers and the token streaming share one interpreter lock")
