@@ -128,6 +128,7 @@ def test_missing_model_directory(tmp_path: Path, capsys: pytest.CaptureFixture[s
     (["--policy", "nonsense"], "unknown split policy"),
     (["--switch-interval-ms", "0"], "switch_interval_ms must be in (0, 1000]"),
     (["--stream-interval", "0"], "stream_interval must be >= 1"),
+    (["--num-replicas", "0"], "num_replicas"),
 ])
 def test_serve_refuses_bad_controller_flags_before_starting(tiny_llama: Path, capsys: pytest.CaptureFixture[str],
                                                           flags: list[str], message: str) -> None:

@@ -220,6 +220,8 @@ def test_model_policy_flows_to_the_actors(tiny_llama: Path) -> None:
     args = parser.parse_args(["serve", "--model", str(tiny_llama), "--stream-interval", "4"])
     assert serve.cluster_config(args, None).stream_interval == 4
     assert app_cluster_config(ServeArgs(**serve.serve_app_args(args, None, None)), None).stream_interval == 4
+    args = parser.parse_args(["serve", "--model", str(tiny_llama), "--num-replicas", "3"])
+    assert ServeArgs(**serve.serve_app_args(args, None, None)).num_replicas == 3
 
 
 def test_view_from_published_dict() -> None:

@@ -58,6 +58,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="--policy model: profiling grid when an engine has no saved profile")
     p.add_argument("--router-policy", default="least-loaded", choices=["least-loaded", "prefix-affinity"])
     p.add_argument("--address", default=None, help="join this Ray cluster instead of starting one")
+    p.add_argument("--num-replicas", type=int, default=1,
+                   help="replicas of the HTTP/gRPC ingress (Ray Serve deployment); each relays the tokens of the "
+                        "requests it serves, so more replicas spread that CPU work")
     p.add_argument("--host", default="127.0.0.1", help="HTTP bind address")
     p.add_argument("--http-port", type=int, default=8000, help="OpenAI HTTP port (0: no HTTP front end)")
     p.add_argument("--grpc-port", type=int, default=50051, help="gRPC port (0: no gRPC front end)")
@@ -108,7 +111,7 @@ def serve_app_args(args: argparse.Namespace, redis_url: str | None, grpc_port: i
                 prefill_sm_min=args.prefill_sm_min or None,
                 prefill_sm_max=args.prefill_sm_max if args.prefill_sm_max < 1.0 else None,
                 controller_policy=args.policy, latency_profile=args.latency_profile, profile_grid=args.profile_grid,
-                cluster_name=args.cluster_name)
+                cluster_name=args.cluster_name, num_replicas=args.num_replicas)
 
 
 def _optional_module(name: str) -> ModuleType | None:
@@ -143,6 +146,9 @@ def run(args: argparse.Namespace) -> int:
     redis_url = args.redis or env_defaults().get("redis_url")
     args.api_key = args.api_key or env_defaults().get("api_key")
     cluster_config(args, None)  # flags are checked before anything starts
+    app_module = _optional_module("cluster.serve_app") if args.http_port else None
+    if app_module is not None:
+        app_module.ServeArgs(**serve_app_args(args, None, args.grpc_port))  # a pydantic ValidationError is a ValueError
     try:
         if redis_url is None:
             started.redis = RedisServerProcess().start()
@@ -160,7 +166,6 @@ def run(args: argparse.Namespace) -> int:
         started.cluster = ensure_cluster(cfg)
         for name, info in started.cluster.infos.items():
             started.endpoints[name] = f"node {info['node_id'][:12]}, {info['mode']}, {info['total_sms']} SMs"
-        app_module = _optional_module("cluster.serve_app") if args.http_port else None
         grpc_in_app = False
         if app_module is not None:
             from ray import serve
