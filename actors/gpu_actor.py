@@ -44,9 +44,10 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class LatencySample:
-    """One finished request: wall time it finished, TTFT and TPOT (None: one token only)."""
+    """One finished request: wall times it finished and arrived, TTFT and TPOT (None: one token only)."""
 
     time: float
+    arrival: float
     ttft_ms: float
     tpot_ms: float | None
 
@@ -63,14 +64,14 @@ class SampleWindow:
     def add(self, sample: LatencySample) -> None:
         self._samples.append(sample)
 
-    def samples(self, since: float = 0.0, now: float | None = None) -> list[LatencySample]:
-        """Samples that finished after `since` and are within the age limit, oldest first."""
-        oldest = max(since, (now if now is not None else time.time()) - self.max_age_s)
-        return [s for s in self._samples if s.time > oldest]
+    def samples(self, arrived_after: float = 0.0, now: float | None = None) -> list[LatencySample]:
+        """Samples of requests that arrived after `arrived_after`, within the age limit, oldest first."""
+        oldest = (now if now is not None else time.time()) - self.max_age_s
+        return [s for s in self._samples if s.time > oldest and s.arrival > arrived_after]
 
-    def series(self, since: float = 0.0) -> tuple[list[float], list[float]]:
-        """(TTFT ms, TPOT ms) lists of the samples after `since`."""
-        picked = self.samples(since)
+    def series(self, arrived_after: float = 0.0) -> tuple[list[float], list[float]]:
+        """(TTFT ms, TPOT ms) lists of the samples of requests that arrived after `arrived_after`."""
+        picked = self.samples(arrived_after)
         return [s.ttft_ms for s in picked], [s.tpot_ms for s in picked if s.tpot_ms is not None]
 
 
@@ -341,7 +342,9 @@ class EngineActor:
             self._finished[finish or "abort"] += 1
             if first is not None and last is not None and finish in ("stop", "length"):
                 tpot = (last - first) / (num_tokens - 1) * 1000 if num_tokens > 1 else None
-                self.window.add(LatencySample(time.time(), (first - start) * 1000, tpot))
+                now = time.time()
+                arrival = now - (time.monotonic() - start)
+                self.window.add(LatencySample(now, arrival, (first - start) * 1000, tpot))
             self._tasks.discard(asyncio.current_task())  # type: ignore[arg-type]
 
     async def abort(self, request_id: str) -> bool:
@@ -403,11 +406,12 @@ class EngineActor:
                           draining=self._draining, in_flight=self._in_flight, stats=stats)
 
     def view(self) -> dict[str, Any]:
-        """What the Redis publisher writes: the load plus the samples since the last switch."""
+        """What the Redis publisher writes: the load plus the samples of the requests that arrived after the
+        last switch (one that waited through the switch would blame the new split for the old one's queue)."""
         stats = self._stats()
         del stats["in_flight_ids"]  # for routers only
         switches = self.llm.core.partitioner.switches
-        ttft, tpot = self.window.series(since=switches[-1].time if switches else 0.0)
+        ttft, tpot = self.window.series(arrived_after=switches[-1].time if switches else 0.0)
         return dict(engine_id=self.engine_id, node_id=self.node_id, time=stats["time"],
                     healthy=self._healthy(stats), draining=self._draining, in_flight=self._in_flight,
                     stats=stats, ttft_ms=ttft, tpot_ms=tpot)

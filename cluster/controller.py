@@ -9,8 +9,8 @@ Loop (every `interval_s`):
    policy (`ModelPolicy`) decides with the latency model each engine published next to
    its view (`model:<engine_id>`); an engine without one (not yet published, or
    unreadable) gets the reactive rule, and the decision's reason says so;
-4. filter through `hold_reason` (warm-up: enough samples since the last switch; a
-   minimum dwell time per engine; the last decision applied first), and write the
+4. filter through `hold_reason` (warm-up: enough samples of requests that arrived after the
+   last switch; a minimum dwell time per engine; the last decision applied first), and write the
    changes to Redis, fenced by the lease, each with a decision record
    (time, engine, from, to, why, leader).
 
@@ -168,7 +168,8 @@ def hold_reason(view: EngineView, proposed: int, now: float, last_change: float 
     if last_change is not None and now - last_change < cfg.min_dwell_s:
         return f"dwell: last change {now - last_change:.1f} s ago (< {cfg.min_dwell_s:.1f} s)"
     if len(view.ttft_ms) < cfg.min_samples:
-        return f"warming up: {len(view.ttft_ms)} samples since the last switch (< {cfg.min_samples})"
+        return (f"warming up: {len(view.ttft_ms)} samples of requests that arrived after the last switch "
+                f"(< {cfg.min_samples})")
     return None
 
 

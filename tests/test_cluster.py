@@ -177,6 +177,40 @@ def test_engine_actor_in_process(tiny_llama: Path) -> None:
     asyncio.run(main())
 
 
+def test_sample_window_picks_by_arrival() -> None:
+    from actors.gpu_actor import LatencySample, SampleWindow
+
+    t = time.time()
+    w = SampleWindow(max_samples=8, max_age_s=60.0)
+    w.add(LatencySample(time=t - 2, arrival=t - 10, ttft_ms=900.0, tpot_ms=20.0))  # waited through a switch at t - 5
+    w.add(LatencySample(time=t - 1, arrival=t - 4, ttft_ms=100.0, tpot_ms=None))
+    assert w.series(arrived_after=t - 5) == ([100.0], [])
+    assert w.series() == ([900.0, 100.0], [20.0])
+    assert [s.arrival for s in w.samples(now=t + 58.5)] == [t - 4]  # the first one is past the age limit
+
+
+@pytest.mark.timeout(60)
+def test_engine_actor_publishes_only_requests_that_arrived_after_the_switch(tiny_llama: Path) -> None:
+    from actors.gpu_actor import EngineActor
+
+    actor = EngineActor("local-4", EngineOptions(num_pages=256).engine_config(str(tiny_llama), "semi-pd"))
+    params = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
+
+    async def main() -> None:
+        info = await actor.ready()
+        before = actor_stream(actor, GenerateRequest("before", [256, 1, 2], params))
+        assert (await before.__anext__()).token_ids  # running on the first split
+        target = next(s for s in info["splits"] if s != actor.llm.core.partitioner.current)
+        assert (await actor.apply_split(target, "test"))["changed"]
+        assert [c async for c in before][-1].finish_reason == "length"
+        assert actor.view()["ttft_ms"] == [] and len((await actor.load()).stats["ttft_ms"]) == 1
+        assert [c async for c in actor_stream(actor, GenerateRequest("after", [256, 3], params))][-1].finished
+        assert len(actor.view()["ttft_ms"]) == 1 and len(actor.view()["tpot_ms"]) == 1
+        await actor.shutdown()
+
+    asyncio.run(main())
+
+
 @pytest.mark.timeout(60)
 def test_engine_actor_batches_a_subscribers_requests(tiny_llama: Path) -> None:
     """One subscriber's requests share batches; closing its outputs aborts what is unfinished."""
