@@ -14,6 +14,7 @@
 # CONFIG_TIMEOUT (s per config: start-up plus sweeps), MODEL (default: the llama3-8b preset, random weights),
 # PINS ("64 96": after a semi-pd config's own sweeps, pin its split to each of these with `semipd pin` and sweep
 # again as semi-pd-pinnedN: fixed splits measured on the same server, without another start-up).
+# Each server first gets a short unrecorded warm-up of every sweep's workload.
 # Results: CONFIG-WORKLOAD-RATE.json (+ .log), server logs and split decisions, in $OUT/compare.tgz (one file,
 # rewritten after each config: the device tool brings back only a few files).
 # Without a GPU (a CPU check of this script) it runs on what is installed; pass e.g. SERVE_EXTRA="--device cpu".
@@ -68,6 +69,15 @@ bench() {  # config workload rate window
   echo "$name: $(grep -E "Request throughput|SLO attainment|P90 TTFT|P90 TPOT|Worker iterations" "$res/$name.log" | tr -s ' ' | paste -sd' ')"
 }
 
+warm_up() {  # config: 8 requests of each sweep's workload at 2 req/s, not recorded, so that no measured window
+  # pays a server's first-use costs (vLLM's arxiv figures right after start-up were not monotone in the rate)
+  for sweep in $SWEEPS; do
+    timeout 60 python3 -m cluster.cli bench serve --base-url http://127.0.0.1:8000 --model llama3-8b --tokenizer $model \
+      --workload "${sweep%%:*}" --request-rate 2 --num-prompts 8 --request-timeout 30 --disable-tqdm \
+      > "$res/$1-warmup-${sweep%%:*}.log" 2>&1 || echo "$1: warm-up on ${sweep%%:*} failed (see its log)"
+  done
+}
+
 sweeps() {  # label t0: every SWEEPS rate while CONFIG_TIMEOUT s since t0 allow, then the shifting run
   for sweep in $SWEEPS; do
     local workload=${sweep%%:*} rates=${sweep#*:}
@@ -103,6 +113,7 @@ run_config() {  # config
   done
   if [ $up = 0 ]; then echo "$1: server did not come up"; tail -20 "$log"; stop_server; return 1; fi
   echo "$1: up after $(( $(date +%s) - t0 )) s"
+  warm_up "$1"
   sweeps "$1" "$t0"
   [ "$1" != vllm ] && redis=$(grep -o 'semipd status --redis [^ ]*' "$log" | awk '{print $4}')
   if [ "${1#semi-pd}" != "$1" ]; then
