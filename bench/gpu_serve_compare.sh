@@ -66,7 +66,7 @@ bench() {  # config workload rate window
     --tokenizer $model --workload "$2" --request-rate "$3" --num-prompts "$n" --goodput ttft:$TTFT tpot:$TPOT \
     --label "$1" --request-timeout $REQUEST_TIMEOUT --result-dir $res --result-filename "$name.json" --disable-tqdm \
     > "$res/$name.log" 2>&1
-  echo "$name: $(grep -E "Request throughput|SLO attainment|P90 TTFT|P90 TPOT|Worker iterations" "$res/$name.log" | tr -s ' ' | paste -sd' ')"
+  echo "$name: $(grep -E "Request throughput|SLO attainment|P90 TTFT|P90 TPOT|Worker iterations|CUDA allocator" "$res/$name.log" | tr -s ' ' | paste -sd' ')"
 }
 
 warm_up() {  # config: 8 requests of each sweep's workload at 2 req/s, not recorded, so that no measured window

@@ -74,6 +74,17 @@ class EngineCollector:
         for l in loads:
             reparts.add_metric([*m, l.engine_id], _stat(l, "num_switches"))
         yield reparts
+        for name, key, doc in (
+            ("semipd:cuda_alloc_retries", "cuda_alloc_retries",
+             "cudaMalloc calls of the engine's process that failed and were retried after freeing torch's cache."),
+            ("semipd:cuda_frees", "cuda_frees",
+             "cudaFree calls of the engine's process; each synchronizes the whole device."),
+        ):
+            family = CounterMetricFamily(name, doc, labels=per_engine)
+            for l in loads:
+                if key in l.stats:
+                    family.add_metric([*m, l.engine_id], _stat(l, key))
+            yield family
         stalls = SummaryMetricFamily("semipd:sm_switch_stall_seconds",
                                      "Time from an SM split request to the workers adopting it.", labels=per_engine)
         for l in loads:

@@ -19,8 +19,9 @@ from cluster.bench.client import (
 )
 from cluster.bench.metrics import SLOs, MetricsError, compute_metrics, parse_metric_names, parse_percentiles
 from cluster.bench.report import (
-    BenchResult, format_failures, format_result_block, format_split_changes, format_worker_iterations, load_result,
-    plot_results, sustained_rates, worker_iteration_ms, write_result,
+    BenchResult, cuda_allocator_counts, format_cuda_allocator, format_failures, format_result_block,
+    format_split_changes, format_worker_iterations, load_result, plot_results, sustained_rates, worker_iteration_ms,
+    write_result,
 )
 from cluster.bench.serve_bench import ServeBenchConfig, result_path, run_rate, split_changes
 from cluster.bench.workloads import (
@@ -635,6 +636,19 @@ def test_worker_iterations_from_the_metric_deltas() -> None:
     assert format_worker_iterations(result).endswith("g0 decode: 400 x 20.00 ms")
     result.server_metrics = None  # vLLM
     assert worker_iteration_ms(result) == {} and format_worker_iterations(result) == ""
+
+
+def test_cuda_allocator_counts_from_the_metric_deltas() -> None:
+    result = _result(_ttft_records([100.0]))
+    result.server_metrics = {"delta": {
+        'semipd:cuda_alloc_retries_total{engine="g0",model_name="m"}': 3.0,
+        'semipd:cuda_frees_total{engine="g0",model_name="m"}': 41.0,
+        'semipd:sm_repartitions_total{engine="g0",model_name="m"}': 1.0,
+    }}
+    assert cuda_allocator_counts(result) == {"g0": (3.0, 41.0)}
+    assert format_cuda_allocator(result) == "CUDA allocator during the run: g0: 3 cudaMalloc retries, 41 cudaFree calls"
+    result.server_metrics = None  # vLLM
+    assert cuda_allocator_counts(result) == {} and format_cuda_allocator(result) == ""
 
 
 def test_split_changes_keep_the_run_window_and_count_omitted() -> None:

@@ -63,6 +63,11 @@ class EngineStats:
     num_switch_stalls: int = 0  # SM splits adopted by the workers (Worker.adopt_seconds) ...
     switch_stall_seconds: float = 0.0  # ... and the total time the adoptions took
     switches: tuple[SwitchRecord, ...] = ()  # the last RECENT_SWITCHES split changes, oldest first
+    # torch's CUDA caching allocator (0 off the GPU): cudaMalloc calls that failed and were retried after
+    # freeing the cache, and cudaFree calls; each free synchronizes the whole device, so every worker's
+    # stream waits for every other's queued work
+    cuda_alloc_retries: int = 0
+    cuda_frees: int = 0
 
 
 class EngineCore:
@@ -306,4 +311,12 @@ class EngineCore:
             num_switch_stalls=sum(len(w.adopt_seconds) for w in self.workers),
             switch_stall_seconds=sum(sum(w.adopt_seconds) for w in self.workers),
             switches=tuple(self.partitioner.switches[-RECENT_SWITCHES:]),
+            **self._allocator_counts(),
         )
+
+    def _allocator_counts(self) -> dict[str, int]:
+        if self.device.type != "cuda":
+            return {}
+        stats = torch.cuda.memory_stats(self.device)
+        return dict(cuda_alloc_retries=int(stats.get("num_alloc_retries", 0)),
+                    cuda_frees=int(stats.get("num_device_free", 0)))

@@ -258,6 +258,29 @@ def format_worker_iterations(result: BenchResult) -> str:
     return "Worker iterations during the run (mean wall time): " + "; ".join(parts)
 
 
+def cuda_allocator_counts(result: BenchResult) -> dict[str, tuple[float, float]]:
+    """engine -> (cudaMalloc retries, cudaFree calls) during the run, from the server's `semipd:cuda_*`
+    counters (empty for servers without them)."""
+    delta = (result.server_metrics or {}).get("delta") or {}
+    out: dict[str, tuple[float, float]] = {}
+    for series, retries in delta.items():
+        if series.startswith("semipd:cuda_alloc_retries_total{"):
+            engine = dict(re.findall(r'(\w+)="([^"]*)"', series)).get("engine", "?")
+            frees = delta.get(series.replace("semipd:cuda_alloc_retries_total{", "semipd:cuda_frees_total{", 1), 0.0)
+            out[engine] = (retries, frees)
+    return out
+
+
+def format_cuda_allocator(result: BenchResult) -> str:
+    """One line: each engine's CUDA allocator retries and frees during the run ('' when the server has none)."""
+    rows = cuda_allocator_counts(result)
+    if not rows:
+        return ""
+    parts = [f"{engine}: {retries:.0f} cudaMalloc retries, {frees:.0f} cudaFree calls"
+             for engine, (retries, frees) in sorted(rows.items())]
+    return "CUDA allocator during the run: " + "; ".join(parts)
+
+
 def format_failures(records: Sequence[RequestRecord], limit: int = 5) -> str:
     """The errors of failed requests, grouped by message with numbers ignored ('' when none)."""
     groups: dict[str, tuple[int, str]] = {}
@@ -400,6 +423,7 @@ def format_sustained_rates(rates: Sequence[SustainedRate]) -> str:
 
 __all__ = [
     "BenchResult", "SCHEMA", "SustainedRate", "format_failures", "format_preamble", "format_profile_breakdown",
-    "format_result_block", "format_split_changes", "format_sustained_rates", "format_worker_iterations", "load_result",
+    "format_result_block", "format_split_changes", "format_sustained_rates", "format_worker_iterations",
+    "cuda_allocator_counts", "format_cuda_allocator", "load_result",
     "plot_results", "profile_breakdown", "sustained_rates", "worker_iteration_ms", "write_result",
 ]
