@@ -284,7 +284,9 @@ class EngineActor:
         self._in_flight_ids.add(request.request_id)
         self._idle.clear()
         self.arrivals.add(len(request.prompt_token_ids))
-        self._tasks.add(asyncio.get_running_loop().create_task(self._forward(request, chunks, sub)))
+        task = asyncio.get_running_loop().create_task(self._forward(request, chunks, sub))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def outputs(self, subscriber: str) -> AsyncIterator[list[StreamChunk]]:
         """Batches of the chunks of `subscriber`'s requests until the actor shuts down.
@@ -313,7 +315,7 @@ class EngineActor:
                        sub: Subscriber) -> None:
         """Move one admitted request's chunks to its subscriber; keep the engine's books on it."""
         rid = request.request_id
-        start = time.monotonic()
+        start, arrival = time.monotonic(), time.time()
         first: float | None = None
         last: float | None = None
         finish: str | None = None
@@ -342,10 +344,7 @@ class EngineActor:
             self._finished[finish or "abort"] += 1
             if first is not None and last is not None and finish in ("stop", "length"):
                 tpot = (last - first) / (num_tokens - 1) * 1000 if num_tokens > 1 else None
-                now = time.time()
-                arrival = now - (time.monotonic() - start)
-                self.window.add(LatencySample(now, arrival, (first - start) * 1000, tpot))
-            self._tasks.discard(asyncio.current_task())  # type: ignore[arg-type]
+                self.window.add(LatencySample(time.time(), arrival, (first - start) * 1000, tpot))
 
     async def abort(self, request_id: str) -> bool:
         return self.llm.abort(request_id)

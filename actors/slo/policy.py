@@ -16,11 +16,11 @@ Each split scores its normalized min slack, min(1 - TTFT / target, 1 - TPOT / ta
 The current split is kept while no target is at risk (`at_risk`: predicted slack under
 `comfort_slack`, or observed latency past its target); otherwise the best split on the
 side that relieves the target at risk (more prefill SMs for TTFT, fewer for TPOT) wins, if
-its score beats the current split's by more than
-`margin` (hysteresis) and at least `dwell_s` passed since this engine's split last
-changed (so at most 60 / dwell_s + 1 switches in any minute). The policy sees changes
-in the views: one it proposed counts from its proposal, any other from when it is
-first seen; a proposal the caller does not apply is simply made again next time.
+its score beats the current split's by more than `margin` (hysteresis) and at least
+`dwell_s` passed since this engine's split last changed (so at most 60 / dwell_s + 1
+switches in any minute). The policy sees changes in the views: one it proposed counts
+from its proposal, any other from when it is first seen; a proposal the caller does not
+apply is simply made again next time.
 
 A policy instance may serve many engines (the controller calls it per GPU); its
 state is kept per `engine_id`. Time comes from `view.time` (seconds on any clock the
@@ -52,9 +52,8 @@ class ModelPolicyConfig:
     comfort_slack: a split predicted to keep at least this min slack, and observed to meet both targets
         (given `min_observed` samples), is kept, however much better another looks: the policy moves
         only when the current split is at risk (`at_risk`), toward the side that relieves the target
-        at risk, so it does not chase
-        the optimum of a moment (an empty queue would hand decode nearly every SM just before the
-        next burst arrives). 1 or more: always chase the best.
+        at risk, so it does not chase the optimum of a moment (an empty queue would hand decode
+        nearly every SM just before the next burst arrives). 1 or more: always chase the best.
     dwell_s: minimum seconds between two switches of one engine, and so the horizon over which
         arrivals beyond a split's prefill capacity are predicted to build a backlog.
     observed_weight: 0 ignores observed latencies, 1 trusts their ratio to the model fully.

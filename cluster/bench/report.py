@@ -235,6 +235,11 @@ def format_split_changes(result: BenchResult, limit: int = 20) -> str:
     return "\n".join(lines)
 
 
+def _series_labels(series: str) -> dict[str, str]:
+    """The labels of a Prometheus series key such as 'name{engine="g0",worker="decode"}'."""
+    return dict(re.findall(r'(\w+)="([^"]*)"', series))
+
+
 def worker_iteration_ms(result: BenchResult) -> dict[tuple[str, str], tuple[float, float]]:
     """(engine, worker) -> (iterations, mean wall ms per iteration) during the run, from the server's
     `semipd:worker_iteration_seconds` summary (empty for servers without it)."""
@@ -243,7 +248,7 @@ def worker_iteration_ms(result: BenchResult) -> dict[tuple[str, str], tuple[floa
     for series, count in delta.items():
         if not series.startswith("semipd:worker_iteration_seconds_count{") or count <= 0:
             continue
-        labels = dict(re.findall(r'(\w+)="([^"]*)"', series))
+        labels = _series_labels(series)
         total = delta.get(series.replace("_count{", "_sum{", 1), 0.0)
         out[(labels.get("engine", "?"), labels.get("worker", "?"))] = (count, 1e3 * total / count)
     return out
@@ -265,7 +270,7 @@ def cuda_allocator_counts(result: BenchResult) -> dict[str, tuple[float, float]]
     out: dict[str, tuple[float, float]] = {}
     for series, retries in delta.items():
         if series.startswith("semipd:cuda_alloc_retries_total{"):
-            engine = dict(re.findall(r'(\w+)="([^"]*)"', series)).get("engine", "?")
+            engine = _series_labels(series).get("engine", "?")
             frees = delta.get(series.replace("semipd:cuda_alloc_retries_total{", "semipd:cuda_frees_total{", 1), 0.0)
             out[engine] = (retries, frees)
     return out
