@@ -102,6 +102,16 @@ class EngineCollector:
                 iterations.add_metric([*m, l.engine_id, worker], count_value=float(count),
                                       sum_value=float(busy.get(worker, 0.0)))
         yield iterations
+        for name, key, doc in (
+            ("semipd:worker_tokens", "tokens", "Tokens each worker computed (prefill chunk tokens, one per decode)."),
+            ("semipd:worker_launch_seconds", "launch_seconds",
+             "Host time each worker spent queueing its iterations on the device (within its iteration time)."),
+        ):
+            family = CounterMetricFamily(name, doc, labels=[*per_engine, "worker"])
+            for l in loads:
+                for worker, value in (l.stats.get(key) or {}).items():
+                    family.add_metric([*m, l.engine_id, worker], float(value))
+            yield family
         depth = GaugeMetricFamily("semipd:queue_depth", "Requests queued for or in each phase.",
                                   labels=[*per_engine, "phase"])
         for l in loads:

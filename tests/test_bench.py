@@ -20,8 +20,8 @@ from cluster.bench.client import (
 from cluster.bench.metrics import SLOs, MetricsError, compute_metrics, parse_metric_names, parse_percentiles
 from cluster.bench.report import (
     BenchResult, cuda_allocator_counts, format_cuda_allocator, format_failures, format_result_block,
-    format_split_changes, format_worker_iterations, load_result, plot_results, sustained_rates, worker_iteration_ms,
-    write_result,
+    format_split_changes, format_worker_iterations, load_result, plot_results, sustained_rates, worker_iterations,
+    WorkerIterations, write_result,
 )
 from cluster.bench.serve_bench import ServeBenchConfig, result_path, run_rate, split_changes
 from cluster.bench.workloads import (
@@ -613,10 +613,12 @@ def test_end_to_end_against_real_server(live_server: _Server, tiny_llama: Path, 
     assert result.label == "e2e" and result.metadata == {"engine": "semi-pd"} and result.request_rate == 40.0
     assert result.server_metrics is not None
     assert any(k.startswith("semipd:sm_repartitions_total") for k in result.server_metrics["delta"])
-    iterations = worker_iteration_ms(result)
-    assert {w for _, w in iterations} == {"prefill", "decode"}
-    assert all(count >= 1 and ms > 0 for count, ms in iterations.values())
-    assert iterations[next(k for k in iterations if k[1] == "decode")][0] >= max(r.max_tokens for r in recs) - 1
+    iterations = {worker: w for (_, worker), w in worker_iterations(result).items()}
+    assert set(iterations) == {"prefill", "decode"}
+    assert all(w.count >= 1 and w.mean_ms >= w.launch_ms > 0 for w in iterations.values())
+    assert iterations["decode"].count >= max(r.max_tokens for r in recs) - 1
+    assert 1 <= iterations["decode"].tokens <= 20  # one token per running request
+    assert 0 < round(iterations["prefill"].count * iterations["prefill"].tokens) <= result.metrics.total_input  # less cached
     assert "Worker iterations during the run (mean wall time): " in printed
     assert result.split_changes == [] and "SM split changes during the run: 0" in printed  # none was asked for
     scheduled = [r.scheduled_s for r in recs]
@@ -625,17 +627,19 @@ def test_end_to_end_against_real_server(live_server: _Server, tiny_llama: Path, 
 
 def test_worker_iterations_from_the_metric_deltas() -> None:
     result = _result(_ttft_records([100.0]))
-    e = 'engine="g0",model_name="m"'
+    e = 'model_name="m",engine="g0"'
     result.server_metrics = {"delta": {
         f'semipd:worker_iteration_seconds_count{{{e},worker="decode"}}': 400.0,
         f'semipd:worker_iteration_seconds_sum{{{e},worker="decode"}}': 8.0,
+        f'semipd:worker_launch_seconds_total{{{e},worker="decode"}}': 0.4,
+        f'semipd:worker_tokens_total{{{e},worker="decode"}}': 12800.0,
         f'semipd:worker_iteration_seconds_count{{{e},worker="prefill"}}': 0.0,  # idle during the run: left out
         f'semipd:worker_iteration_seconds_sum{{{e},worker="prefill"}}': 0.0,
     }}
-    assert worker_iteration_ms(result) == {("g0", "decode"): (400.0, 20.0)}
-    assert format_worker_iterations(result).endswith("g0 decode: 400 x 20.00 ms")
+    assert worker_iterations(result) == {("g0", "decode"): WorkerIterations(400.0, 20.0, 1.0, 32.0)}
+    assert format_worker_iterations(result).endswith("g0 decode: 400 x 20.00 ms (host 1.00 ms, 32 tokens)")
     result.server_metrics = None  # vLLM
-    assert worker_iteration_ms(result) == {} and format_worker_iterations(result) == ""
+    assert worker_iterations(result) == {} and format_worker_iterations(result) == ""
 
 
 def test_cuda_allocator_counts_from_the_metric_deltas() -> None:

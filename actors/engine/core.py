@@ -13,7 +13,7 @@ import logging
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -60,6 +60,8 @@ class EngineStats:
     seconds_since_progress: float
     iterations: dict[str, int]
     busy_seconds: dict[str, float]
+    tokens: dict[str, int] = field(default_factory=dict)  # per worker: tokens computed ...
+    launch_seconds: dict[str, float] = field(default_factory=dict)  # ... and host time queueing its iterations
     num_switch_stalls: int = 0  # SM splits adopted by the workers (Worker.adopt_seconds) ...
     switch_stall_seconds: float = 0.0  # ... and the total time the adoptions took
     switches: tuple[SwitchRecord, ...] = ()  # the last RECENT_SWITCHES split changes, oldest first
@@ -308,6 +310,8 @@ class EngineCore:
             seconds_since_progress=max(now - w.last_progress for w in self.workers),  # any hung worker counts
             iterations={w.name: w.iterations for w in self.workers},
             busy_seconds={w.name: w.busy_seconds for w in self.workers},
+            tokens={w.name: w.tokens for w in self.workers},
+            launch_seconds={w.name: w.launch_seconds for w in self.workers},
             num_switch_stalls=sum(len(w.adopt_seconds) for w in self.workers),
             switch_stall_seconds=sum(sum(w.adopt_seconds) for w in self.workers),
             switches=tuple(self.partitioner.switches[-RECENT_SWITCHES:]),

@@ -93,6 +93,8 @@ class Worker:
         self.iterations = 0
         self.last_progress = time.monotonic()
         self.busy_seconds = 0.0
+        self.tokens = 0  # tokens computed (prefill chunk tokens plus one per decode)
+        self.launch_seconds = 0.0  # host time to queue iterations on the device (part of busy_seconds)
         self.adopt_seconds: list[float] = []  # time spent adopting each new SM split
         self.iteration_log: deque[tuple[float, float, int]] = deque(maxlen=4096)  # (start, seconds, split version)
         self._version = -1
@@ -154,7 +156,7 @@ class Worker:
              p_reqs: list[Request]) -> SampleResult | None:
         """Execute `plan`; if it fails, fail its requests (decode- and prefill-owned) and go on."""
         try:
-            return self.runner.execute(plan, sample_reqs)
+            return self._queue(plan, sample_reqs, None).result()
         except Exception as e:
             log.exception("forward pass failed; failing its %d requests", len(d_reqs) + len(p_reqs))
             self._fail(d_reqs, p_reqs, e)
@@ -217,8 +219,16 @@ class Worker:
             self.decode.kv.release(r)
         self._fail(live, [], error)
 
+    def _queue(self, plan: BatchPlan, sample_reqs: list[Request], carry: Carry | None) -> Drawn:
+        """`runner.launch`, counting its tokens and host time."""
+        t0 = time.perf_counter()
+        drawn = self.runner.launch(plan, sample_reqs, carry)
+        self.launch_seconds += time.perf_counter() - t0
+        self.tokens += plan.num_tokens
+        return drawn
+
     def _launch(self, chunks: list[SeqChunk], reqs: list[Request], carry: Carry | None) -> _Launched:
-        drawn = self.runner.launch(BatchPlan(decodes=tuple(chunks)), reqs, carry)
+        drawn = self._queue(BatchPlan(decodes=tuple(chunks)), reqs, carry)
         slots = []
         for r in reqs:
             self.decode.advance(r)

@@ -240,26 +240,42 @@ def _series_labels(series: str) -> dict[str, str]:
     return dict(re.findall(r'(\w+)="([^"]*)"', series))
 
 
-def worker_iteration_ms(result: BenchResult) -> dict[tuple[str, str], tuple[float, float]]:
-    """(engine, worker) -> (iterations, mean wall ms per iteration) during the run, from the server's
-    `semipd:worker_iteration_seconds` summary (empty for servers without it)."""
+@dataclass(frozen=True)
+class WorkerIterations:
+    """One engine worker's iterations during a run, from the server's counters."""
+
+    count: float
+    mean_ms: float  # wall time per iteration, host work included
+    launch_ms: float  # of which host time queueing the iteration on the device
+    tokens: float  # tokens computed per iteration
+
+
+def worker_iterations(result: BenchResult) -> dict[tuple[str, str], WorkerIterations]:
+    """(engine, worker) -> its iterations during the run, from the server's `semipd:worker_iteration_seconds`
+    summary and `semipd:worker_{tokens,launch_seconds}_total` counters (empty for servers without them)."""
     delta = (result.server_metrics or {}).get("delta") or {}
-    out: dict[tuple[str, str], tuple[float, float]] = {}
+    out: dict[tuple[str, str], WorkerIterations] = {}
     for series, count in delta.items():
         if not series.startswith("semipd:worker_iteration_seconds_count{") or count <= 0:
             continue
-        labels = _series_labels(series)
-        total = delta.get(series.replace("_count{", "_sum{", 1), 0.0)
-        out[(labels.get("engine", "?"), labels.get("worker", "?"))] = (count, 1e3 * total / count)
+        labels = series[series.index("{"):]
+        per_iteration = {name: delta.get(f"semipd:worker_{name}{labels}", 0.0) / count
+                         for name in ("iteration_seconds_sum", "launch_seconds_total", "tokens_total")}
+        key = _series_labels(labels)
+        out[(key.get("engine", "?"), key.get("worker", "?"))] = WorkerIterations(
+            count, 1e3 * per_iteration["iteration_seconds_sum"], 1e3 * per_iteration["launch_seconds_total"],
+            per_iteration["tokens_total"])
     return out
 
 
 def format_worker_iterations(result: BenchResult) -> str:
-    """One line per engine worker: its iterations during the run and their mean wall time ('' without any)."""
-    rows = worker_iteration_ms(result)
+    """One line per engine worker: its iterations during the run, their mean wall time, the host part of it
+    and the tokens per iteration ('' without any)."""
+    rows = worker_iterations(result)
     if not rows:
         return ""
-    parts = [f"{engine} {worker}: {count:.0f} x {ms:.2f} ms" for (engine, worker), (count, ms) in sorted(rows.items())]
+    parts = [f"{engine} {worker}: {w.count:.0f} x {w.mean_ms:.2f} ms (host {w.launch_ms:.2f} ms, "
+             f"{w.tokens:.0f} tokens)" for (engine, worker), w in sorted(rows.items())]
     return "Worker iterations during the run (mean wall time): " + "; ".join(parts)
 
 
@@ -430,5 +446,5 @@ __all__ = [
     "BenchResult", "SCHEMA", "SustainedRate", "format_failures", "format_preamble", "format_profile_breakdown",
     "format_result_block", "format_split_changes", "format_sustained_rates", "format_worker_iterations",
     "cuda_allocator_counts", "format_cuda_allocator", "load_result",
-    "plot_results", "profile_breakdown", "sustained_rates", "worker_iteration_ms", "write_result",
+    "plot_results", "profile_breakdown", "sustained_rates", "worker_iterations", "write_result",
 ]
