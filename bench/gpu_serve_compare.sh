@@ -60,10 +60,16 @@ stop_server() {
   return 0
 }
 
-bench() {  # config workload rate window
+prompt_seed() {  # workload rate pass: the same prompts for every server, new ones for each rate and each pass on a
+  # server (a rerun of prompts the server has seen would find them in its prefix cache and skip their prefill)
+  echo $(( $(printf '%s' "$1-$2-$3" | cksum | cut -d' ' -f1) % 1000000 ))
+}
+
+bench() {  # config workload rate window [pass]
   local n=$(python3 -c "print(max(16, round($3 * $4)))") name="$1-$2-$3"
   timeout $(( CONFIG_TIMEOUT / 2 )) python3 -m cluster.cli bench serve --base-url http://127.0.0.1:8000 --model llama3-8b \
     --tokenizer $model --workload "$2" --request-rate "$3" --num-prompts "$n" --goodput ttft:$TTFT tpot:$TPOT \
+    --seed "$(prompt_seed "$2" "$3" "${5:-0}")" \
     --label "$1" --request-timeout $REQUEST_TIMEOUT --result-dir $res --result-filename "$name.json" --disable-tqdm \
     > "$res/$name.log" 2>&1
   echo "$name: $(grep -E "Request throughput|SLO attainment|P90 TTFT|P90 TPOT|Worker iterations|CUDA allocator" "$res/$name.log" | tr -s ' ' | paste -sd' ')"
@@ -74,19 +80,20 @@ warm_up() {  # config: 8 requests of each sweep's workload at 2 req/s, not recor
   for sweep in $SWEEPS; do
     timeout 60 python3 -m cluster.cli bench serve --base-url http://127.0.0.1:8000 --model llama3-8b --tokenizer $model \
       --workload "${sweep%%:*}" --request-rate 2 --num-prompts 8 --request-timeout 30 --disable-tqdm \
+      --seed "$(prompt_seed "${sweep%%:*}" 2 warm-up)" \
       > "$res/$1-warmup-${sweep%%:*}.log" 2>&1 || echo "$1: warm-up on ${sweep%%:*} failed (see its log)"
   done
 }
 
-sweeps() {  # label t0: every SWEEPS rate while CONFIG_TIMEOUT s since t0 allow, then the shifting run
+sweeps() {  # label t0 [pass]: every SWEEPS rate while CONFIG_TIMEOUT s since t0 allow, then the shifting run
   for sweep in $SWEEPS; do
     local workload=${sweep%%:*} rates=${sweep#*:}
     for rate in ${rates//,/ }; do
       [ $(( $(date +%s) - $2 )) -lt $CONFIG_TIMEOUT ] || { echo "$1: out of time, skipping $workload $rate"; continue; }
-      bench "$1" "$workload" "$rate" "$WINDOW"
+      bench "$1" "$workload" "$rate" "$WINDOW" "${3:-0}"
     done
   done
-  [ -n "$SHIFT_RATE" ] && bench "$1" shifting "$SHIFT_RATE" "$SHIFT_WINDOW"
+  [ -n "$SHIFT_RATE" ] && bench "$1" shifting "$SHIFT_RATE" "$SHIFT_WINDOW" "${3:-0}"
   return 0
 }
 
@@ -118,7 +125,7 @@ run_config() {  # config
   [ "$1" != vllm ] && redis=$(grep -o 'semipd status --redis [^ ]*' "$log" | awk '{print $4}')
   if [ "${1#semi-pd}" != "$1" ]; then
     for n in $PINS; do  # the same server, split pinned: a fixed split without another start-up
-      pin_split "$redis" "$n" && sweeps "semi-pd-pinned$n" "$(date +%s)"
+      pin_split "$redis" "$n" && sweeps "semi-pd-pinned$n" "$(date +%s)" "pinned$n"
     done
     [ -n "$PINS" ] && python3 -m cluster.cli pin --redis "$redis" --clear >/dev/null
   fi

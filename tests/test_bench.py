@@ -75,6 +75,17 @@ def test_workloads_are_seeded() -> None:
     assert a == b and a != c
 
 
+def test_each_run_of_a_sweep_draws_its_own_prompts() -> None:
+    """A sweep's runs must not share prompts: the server would find the later runs' in its prefix cache."""
+    builder = RatioPromptBuilder(tokens_per_word=1.0)
+    first, again, second = (build_requests(WorkloadConfig(name="arxiv", num_prompts=30, seed=5, run=run), builder)
+                            for run in (0, 0, 1))
+    assert first == again
+    assert not {r.prompt for r in first} & {r.prompt for r in second}
+    with pytest.raises(WorkloadError):
+        WorkloadConfig(run=-1)
+
+
 def test_mixed_is_shuffled_with_exact_shares() -> None:
     _, _, profiles = _lengths("mixed", n=1000)
     assert profiles.count("sharegpt") == 600 and profiles.count("long-doc") == 400
@@ -529,7 +540,7 @@ def test_output_tokens_fall_back_to_chunk_count() -> None:
 @pytest.mark.parametrize("argv", [
     ["--request-rate", "0"], ["--request-rate", "1,x"], ["--goodput", "foo:1"], ["--range-ratio", "1.5"],
     ["--workload", "nope"], ["--num-prompts", "0"], ["--metric-percentiles", "101"], ["--burstiness", "-1"],
-    ["--percentile-metrics", "ttft,nope"], ["--endpoint", "/v1/embeddings"], ["--max-concurrency", "0"],
+    ["--percentile-metrics", "ttft,nope"], ["--endpoint", "/v1/embeddings"], ["--max-concurrency", "0"], ["--seed", "-1"],
 ])
 def test_bad_flags_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as e:

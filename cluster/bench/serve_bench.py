@@ -16,7 +16,7 @@ import math
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO
@@ -218,20 +218,25 @@ async def _run(config: ServeBenchConfig, out: TextIO) -> list[BenchResult]:
     async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
         model, max_model_len = await resolve_model(client, config)
         builder = await make_prompt_builder(client, config, model, out)
-        wl = config.workload
-        print(f"Building {wl.num_prompts} requests of workload {wl.name} (seed {wl.seed}, "
-              f"{'exact' if builder.exact else 'approximate'} prompt lengths)", file=out)
-        requests = build_requests(wl, builder)
-        if max_model_len:
-            too_long = sum(1 for r in requests if r.prompt_len + r.output_len > int(max_model_len))
-            if too_long:
-                print(f"warning: {too_long} requests exceed the server's max_model_len {max_model_len}", file=out)
         endpoint = EndpointConfig(config.base_url, model, config.endpoint, config.api_key, config.ignore_eos,
                                   config.temperature, config.request_timeout_s, dict(config.extra_body))
         results = []
-        for rate in config.request_rates:
+        for run, rate in enumerate(config.request_rates):
+            requests = _build_requests(replace(config.workload, run=run), builder, max_model_len, out)
             results.append(await _run_one_rate(client, config, endpoint, requests, rate, out))
         return results
+
+
+def _build_requests(wl: WorkloadConfig, builder: PromptBuilder, max_model_len: int | None,
+                    out: TextIO) -> list[BenchRequest]:
+    print(f"Building {wl.num_prompts} requests of workload {wl.name} (seed {wl.seed}, run {wl.run}, "
+          f"{'exact' if builder.exact else 'approximate'} prompt lengths)", file=out)
+    requests = build_requests(wl, builder)
+    if max_model_len:
+        too_long = sum(1 for r in requests if r.prompt_len + r.output_len > int(max_model_len))
+        if too_long:
+            print(f"warning: {too_long} requests exceed the server's max_model_len {max_model_len}", file=out)
+    return requests
 
 
 async def _run_one_rate(client: httpx.AsyncClient, config: ServeBenchConfig, endpoint: EndpointConfig,

@@ -180,6 +180,8 @@ def parse_phases(text: str) -> tuple[tuple[str, float], ...]:
 class WorkloadConfig:
     """Which workload, how many requests, and its seed.
 
+    `run` numbers the runs of a sweep: each draws its own lengths and prompts (from `seed`
+    and `run`), so that no run finds an earlier one's prompts in the server's prefix cache.
     `phases` is used by `shifting` (profile names from PROFILES or `random`, with
     weights); `input_len`, `output_len`, `range_ratio` by `random` (vLLM semantics).
     """
@@ -187,6 +189,7 @@ class WorkloadConfig:
     name: str = "sharegpt"
     num_prompts: int = 1000
     seed: int = 0
+    run: int = 0
     phases: tuple[tuple[str, float], ...] = DEFAULT_PHASES
     input_len: int = 1024
     output_len: int = 128
@@ -197,6 +200,8 @@ class WorkloadConfig:
             raise WorkloadError(f"workload must be one of {', '.join(WORKLOAD_NAMES)}, got {self.name!r}")
         if self.num_prompts < 1:
             raise WorkloadError(f"num_prompts must be at least 1, got {self.num_prompts}")
+        if self.seed < 0 or self.run < 0:
+            raise WorkloadError(f"seed and run must be >= 0, got {self.seed} and {self.run}")
         if self.input_len < 1 or self.output_len < 1:
             raise WorkloadError("input_len and output_len must be at least 1")
         if not (0.0 <= self.range_ratio < 1.0):
@@ -253,7 +258,7 @@ def split_counts(weights: Sequence[float], n: int) -> list[int]:
 
 def sample_lengths(config: WorkloadConfig) -> list[LengthSample]:
     """The workload's (input, output, profile) per request, in arrival order."""
-    rng = np.random.default_rng([config.seed, 0])
+    rng = np.random.default_rng([config.seed, config.run, 0])
     parts = config.parts()
     counts = split_counts([w for _, w in parts], config.num_prompts)
     samples: list[LengthSample] = []
@@ -368,7 +373,7 @@ class BenchRequest:
 
 def build_requests(config: WorkloadConfig, builder: PromptBuilder) -> list[BenchRequest]:
     """The workload's requests, in arrival order (seeded: same config, same prompts)."""
-    rng = np.random.default_rng([config.seed, 1])
+    rng = np.random.default_rng([config.seed, config.run, 1])
     return [
         BenchRequest(i, builder.build(s.input_len, rng), s.input_len, s.output_len, s.profile)
         for i, s in enumerate(sample_lengths(config))

@@ -61,6 +61,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError(f"must be >= 0, got {value}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     value = float(text)
     if not (math.isfinite(value) and value > 0):
@@ -153,7 +160,9 @@ def _register_serve(sub: argparse._SubParsersAction) -> None:
                    help="random workload: mean output tokens")
     g.add_argument("--range-ratio", "--random-range-ratio", dest="range_ratio", type=_type(_ratio), default=0.0,
                    help="random workload: lengths uniform in [len*(1-r), len*(1+r)]")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=_type(_non_negative_int), default=0,
+                   help="same seed, same requests; in a sweep each rate draws its own (seed, run) so that no run "
+                        "finds an earlier run's prompts in the server's prefix cache")
     g.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false",
                    help="let the model stop at EOS (default: ignore_eos so outputs have the drawn length)")
     g.add_argument("--temperature", type=float, default=0.0)
