@@ -259,13 +259,13 @@ def stepped_engine(model_dir: Path, mode: str, num_pages: int | None = None, **s
                           scheduler=SchedulerConfig(**sched))
     engine = SteppedEngine(EngineCore(config, emit=deltas.extend), deltas)
     for worker in engine.core.workers:
-        execute = worker.runner.execute
+        launch = worker.runner.launch
 
-        def recording(plan: BatchPlan, sample_reqs: list[Request], _execute=execute):  # type: ignore[no-untyped-def]
+        def recording(plan: BatchPlan, sample_reqs: list[Request], carry=None, _launch=launch):  # type: ignore[no-untyped-def]
             engine.plans.append(plan)
-            return _execute(plan, sample_reqs)
+            return _launch(plan, sample_reqs, carry)
 
-        worker.runner.execute = recording  # type: ignore[method-assign]
+        worker.runner.launch = recording  # type: ignore[method-assign]
     schedule = engine.core.decode.schedule
 
     def recording_schedule():  # type: ignore[no-untyped-def]
