@@ -42,8 +42,9 @@ def _gpu_ms(fn, stream: torch.cuda.Stream, reps: int = 30) -> float:
 def main(model_dir: str, batches: list[int], ctx: int = 512) -> None:
     core = make_core(model_dir, "unified")
     runner = core.workers[-1].runner
-    stream = core.partitioner.stream_for("decode")
-    runner.set_stream(stream)
+    part = core.partitioner.partition_for("decode")
+    runner.set_partition(part)
+    stream = part.stream
     graphs = runner.graphs
     rows = []
     for bs in batches:

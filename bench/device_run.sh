@@ -4,6 +4,7 @@
 #   bash bench/device_run.sh bench [PARTS]    engine benchmarks (decode,decode-loop,prefill,switch,offline) -> $OUT/engine.{md,json}
 #   bash bench/device_run.sh vllm             vLLM reference of the offline job (after staging .vllmA)
 #   bash bench/device_run.sh profile [BATCH..] where a decode step's time goes -> $OUT/decode-profile.log
+#   bash bench/device_run.sh gemm             one layer's GEMMs on each split, cuBLAS sized for the GPU vs the partition -> $OUT/gemm.json
 #   bash bench/device_run.sh startup          semi-PD engine start-up and latency-profile times -> $OUT/startup.log
 #   bash bench/device_run.sh stream-probe     chunks/s one Ray actor streams, and its CPU per chunk -> $OUT/stream-probe.log
 # Logs go to $OUT; the last lines printed are a short table. `.device`: see bench/device_env.sh.
@@ -30,6 +31,9 @@ case $what in
     ;;
   profile)
     python3 bench/decode_profile.py $model ${@:2} > "$OUT/decode-profile.log" 2>&1; tail -8 "$OUT/decode-profile.log"
+    ;;
+  gemm)
+    python3 bench/partition_gemm.py "$OUT/gemm.json" 2>&1 | tee "$OUT/gemm.log" | tail -16
     ;;
   startup)
     python3 bench/startup_probe.py $model 2>&1 | tee "$OUT/startup.log" | grep -E "captured|built|profile in"

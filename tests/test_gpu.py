@@ -102,7 +102,7 @@ def test_green_context_partitions_are_disjoint() -> None:
         assert got_prefill >= want and got_prefill % 8 == 0
         assert got_prefill + got_decode <= total
         assert got_decode >= 8
-    streams = {s.cuda_stream for s in part.all_streams("prefill") + part.all_streams("decode")}
+    streams = {p.stream.cuda_stream for p in part.all_partitions("prefill") + part.all_partitions("decode")}
     assert len(streams) == 2 * len(part.splits)
 
 
@@ -123,7 +123,7 @@ def test_kernels_stay_on_their_partition() -> None:
     seen = {}
     for phase in ("prefill", "decode"):
         out = torch.full((4096,), -1, dtype=torch.int32, device="cuda")
-        stream = part.stream_for(phase)
+        stream = part.partition_for(phase).stream
         with torch.cuda.stream(stream):
             smid_kernel[(4096,)](out)
         stream.synchronize()
@@ -131,6 +131,32 @@ def test_kernels_stay_on_their_partition() -> None:
     assert -1 not in seen["prefill"] | seen["decode"]
     assert not seen["prefill"] & seen["decode"], "a prefill kernel ran on a decode SM"
     assert len(seen["prefill"]) <= part.actual_sms[32][0]
+
+
+def test_cublas_sized_for_a_partition_per_thread() -> None:
+    """A thread's cuBLAS handle takes its partition's SM count; GEMMs stay right, other threads keep theirs."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from actors.engine.partitioner import GreenContextPartitioner
+    from actors.runner.cublas import set_sm_count_target, sm_count_target
+
+    part = GreenContextPartitioner(torch.device("cuda"), splits=(112,)).partition_for("prefill")
+    a = torch.randn(4096, 4096, dtype=torch.bfloat16, device="cuda")
+    b = torch.randn(4096, 4096, dtype=torch.bfloat16, device="cuda")
+    expected = (a.float() @ b.float()).to(torch.bfloat16)
+    torch.cuda.synchronize()
+    set_sm_count_target(part.sms)
+    try:
+        assert sm_count_target() == part.sms
+        with ThreadPoolExecutor(1) as pool:
+            assert pool.submit(sm_count_target).result() == 0
+        with torch.cuda.stream(part.stream):
+            got = a @ b
+        part.stream.synchronize()
+    finally:
+        set_sm_count_target(torch.cuda.get_device_properties(0).multi_processor_count)
+    assert sm_count_target() == 0
+    torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=0.5)
 
 
 def _hf_state_dict(model: torch.nn.Module, arch: object) -> dict[str, torch.Tensor]:

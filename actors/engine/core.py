@@ -25,7 +25,7 @@ from actors.kv.manager import KVManager, pages_for
 from actors.kv.pool import KVPool
 from actors.models.loader import build_model
 from actors.request import FinishReason, Request, SamplingParams, TokenDelta
-from actors.runner.cublas import release_workspaces
+from actors.runner.cublas import release_workspaces, set_sm_count_target
 from actors.runner.model_runner import ModelRunner
 from actors.runner.sampler import Sampler
 from actors.scheduler.decode import DecodeScheduler
@@ -139,8 +139,10 @@ class EngineCore:
             max_pages = pages_for(self.max_model_len, self.pool.page_size)
             graphs = DecodeGraphs(self.model, backend, self.pool, self.config.scheduler.max_decode_seqs, max_pages)
             t0 = time.perf_counter()
-            for stream in self.partitioner.all_streams("decode"):
-                graphs.capture_all(stream)
+            for part in self.partitioner.all_partitions("decode"):
+                set_sm_count_target(part.sms, self.device)
+                graphs.capture_all(part.stream)
+            set_sm_count_target(self.partitioner.total_sms, self.device)
             torch.cuda.synchronize(self.device)
             log.info("captured %d decode CUDA graphs in %.1f s", len(graphs.graphs), time.perf_counter() - t0)
         return ModelRunner(self.model, self.pool, backend, Sampler(self.device, self.config.seed), graphs=graphs)
@@ -168,7 +170,7 @@ class EngineCore:
                 continue
             blocks = self.allocator.allocate(2)
             assert blocks is not None, "a fresh pool has two free pages"
-            w.runner.set_stream(self.partitioner.stream_for(w.phase))
+            w.runner.set_partition(self.partitioner.partition_for(w.phase))
             plan = BatchPlan(prefills=(SeqChunk("warm-up", tokens, 0, tuple(blocks), True),))
             w.runner.execute(plan, [Request("warm-up", list(tokens), len(tokens), params)])
             self.allocator.free(blocks)

@@ -6,7 +6,7 @@ remainder for decode, each exposed as a torch stream whose kernels stay on its S
 `CpuPartitioner` has the same interface over a nominal SM count and no streams, so
 the controller and its tests run anywhere.
 
-`switch(n)` only records the wish; each worker calls `streams_for(phase)` at its
+`switch(n)` only records the wish; each worker calls `partition_for(phase)` at its
 next iteration boundary and runs on what it gets. `version` increments per switch.
 """
 
@@ -42,6 +42,14 @@ def restrict_splits(total_sms: int, wanted: tuple[int, ...] | None) -> tuple[int
     if not wanted or not allowed:
         return allowed
     return tuple(sorted({nearest_split(allowed, w) for w in wanted}))
+
+
+@dataclass(frozen=True)
+class Partition:
+    """Where one phase's kernels run: `stream` (None: the default stream) over `sms` SMs."""
+
+    stream: torch.cuda.Stream | None
+    sms: int
 
 
 @dataclass(frozen=True)
@@ -87,12 +95,12 @@ class Partitioner:
     def sms_for(self, phase: Phase) -> int:
         return self.current if phase == "prefill" else self.total_sms - self.current
 
-    def stream_for(self, phase: Phase) -> torch.cuda.Stream | None:
-        """The stream a worker of `phase` runs its next iteration on (None: default)."""
-        return None
+    def partition_for(self, phase: Phase) -> Partition:
+        """The partition a worker of `phase` runs its next iteration on."""
+        return Partition(None, self.sms_for(phase))
 
-    def all_streams(self, phase: Phase) -> list[torch.cuda.Stream]:
-        """Every stream `phase` may run on, over all splits (for CUDA-graph capture)."""
+    def all_partitions(self, phase: Phase) -> list[Partition]:
+        """Every partition `phase` may run on, over all splits (for CUDA-graph capture)."""
         return []
 
 
@@ -111,11 +119,11 @@ class WholeGpuPartitioner(Partitioner):
         super().__init__(total, (total,), total)
         self._stream = torch.cuda.Stream(device)
 
-    def stream_for(self, phase: Phase) -> torch.cuda.Stream | None:
-        return self._stream
+    def partition_for(self, phase: Phase) -> Partition:
+        return Partition(self._stream, self.total_sms)
 
-    def all_streams(self, phase: Phase) -> list[torch.cuda.Stream]:
-        return [self._stream]
+    def all_partitions(self, phase: Phase) -> list[Partition]:
+        return [Partition(self._stream, self.total_sms)]
 
 
 class GreenContextPartitioner(Partitioner):
@@ -152,12 +160,16 @@ class GreenContextPartitioner(Partitioner):
         self.actual_sms[prefill_sms] = (groups[0].sm.smCount, remainder.sm.smCount)
         return pair[0], pair[1]
 
-    def stream_for(self, phase: Phase) -> torch.cuda.Stream | None:
-        prefill, decode = self._streams[self.current]
-        return prefill if phase == "prefill" else decode
+    def partition_for(self, phase: Phase) -> Partition:
+        return self._partition(self.current, phase)
 
-    def all_streams(self, phase: Phase) -> list[torch.cuda.Stream]:
-        return [pair[0] if phase == "prefill" else pair[1] for pair in self._streams.values()]
+    def all_partitions(self, phase: Phase) -> list[Partition]:
+        return [self._partition(n, phase) for n in self.splits]
+
+    def _partition(self, split: int, phase: Phase) -> Partition:
+        prefill, decode = self._streams[split]
+        prefill_sms, decode_sms = self.actual_sms[split]
+        return Partition(prefill, prefill_sms) if phase == "prefill" else Partition(decode, decode_sms)
 
 
 def _probe_gemm(stream: torch.cuda.Stream) -> None:

@@ -143,7 +143,7 @@ class Worker:
             return
         t0 = time.perf_counter()
         self._version = self.partitioner.version
-        self.runner.set_stream(self.partitioner.stream_for(self.phase))
+        self.runner.set_partition(self.partitioner.partition_for(self.phase))
         self.adopt_seconds.append(time.perf_counter() - t0)
 
     def step(self) -> bool:

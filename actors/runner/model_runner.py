@@ -13,9 +13,11 @@ import numpy as np
 import torch
 
 from actors.attention.base import AttentionBackend, BatchLayout
+from actors.engine.partitioner import Partition
 from actors.kv.pool import KVPool
 from actors.models.llama import CausalLM
 from actors.request import Request
+from actors.runner.cublas import set_sm_count_target
 from actors.runner.sampler import Drawn, Sampler, SampleResult
 
 if TYPE_CHECKING:
@@ -59,20 +61,21 @@ class ModelRunner:
         pool: KVPool,
         attention: AttentionBackend,
         sampler: Sampler,
-        stream: torch.cuda.Stream | None = None,
         graphs: DecodeGraphs | None = None,
     ) -> None:
         self.model = model
         self.pool = pool
         self.attention = attention
         self.sampler = sampler
-        self.stream = stream
+        self.stream: torch.cuda.Stream | None = None
+        self.sms = 0  # the SMs of `stream`'s partition, which its GEMMs are sized for (0: all)
         self.graphs = graphs
         self.device = pool.kv.device
 
-    def set_stream(self, stream: torch.cuda.Stream | None) -> None:
-        """Run later iterations on `stream` (an SM partition's); called between iterations."""
-        self.stream = stream
+    def set_partition(self, partition: Partition) -> None:
+        """Run later iterations on `partition`'s stream, GEMMs sized for its SMs; called between iterations."""
+        self.stream = partition.stream
+        self.sms = partition.sms
 
     def release_graphs(self) -> None:
         """Destroy the decode CUDA graphs (their pool goes back to the allocator); later
@@ -93,6 +96,8 @@ class ModelRunner:
         """
         ctx = torch.cuda.stream(self.stream) if self.stream is not None else nullcontext()
         with ctx:
+            if self.stream is not None and self.sms:
+                set_sm_count_target(self.sms, self.device)
             if carry is not None:
                 carry.follow()
             if self._use_graph(plan):

@@ -3,7 +3,7 @@
 It drives the engine's own model runners with synthetic `BatchPlan`s whose pages come
 from the engine's allocator (taken for the measurement, given back after), so it sees
 the real kernels, attention backend and sampler. For each profiled split it switches
-the partitioner and runs each runner on its phase's stream (`partitioner.stream_for`).
+the partitioner and runs each runner on its phase's stream (`partitioner.partition_for`).
 Without SM partitions (CPU: the streams are None) the split changes nothing, so the
 same code measures the current split only and the fit comes out flat in SMs.
 Contention is measured by timing one phase while a background thread loops the other
@@ -141,7 +141,7 @@ class Profiler:
     @property
     def partitioned(self) -> bool:
         """Whether the phases run on SM partitions (a GPU in semi-pd mode); on CPU they do not."""
-        return self.partitioner.stream_for("prefill") is not None and self.decode_runner is not self.prefill_runner
+        return self.partitioner.partition_for("prefill").stream is not None and self.decode_runner is not self.prefill_runner
 
     @property
     def key(self) -> str:
@@ -219,9 +219,9 @@ class Profiler:
     def _use_split(self, prefill_sms: int) -> None:
         if self.partitioner.current != prefill_sms:
             self.partitioner.switch(prefill_sms, reason="profile")
-        self.prefill_runner.set_stream(self.partitioner.stream_for("prefill"))
+        self.prefill_runner.set_partition(self.partitioner.partition_for("prefill"))
         if self.decode_runner is not self.prefill_runner:
-            self.decode_runner.set_stream(self.partitioner.stream_for("decode"))
+            self.decode_runner.set_partition(self.partitioner.partition_for("decode"))
 
     def _measure_points(self, phase: str, points: list[tuple[int, int]], sms: int, concurrent: bool) -> None:
         """`warmup + repeats` round-robin passes over `points`; each keeps its best time.

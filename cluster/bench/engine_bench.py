@@ -116,7 +116,7 @@ def bench_decode(core: EngineCore, ceilings: Ceilings, batches: tuple[int, ...],
                  reps: int = 30) -> list[dict[str, Any]]:
     """Decode step time (graph replay + sampling + host sync) against the memory roofline."""
     runner = core.workers[-1].runner
-    runner.set_stream(core.partitioner.stream_for("decode"))
+    runner.set_partition(core.partitioner.partition_for("decode"))
     rows = []
     for ctx in contexts:
         for bs in batches:
@@ -135,7 +135,7 @@ def bench_prefill(core: EngineCore, ceilings: Ceilings, shapes: tuple[tuple[int,
                   ) -> list[dict[str, Any]]:
     """Prefill of `n` requests x `length` tokens in one batch, against the matmul peak."""
     runner = core.workers[0].runner
-    runner.set_stream(core.partitioner.stream_for("prefill"))
+    runner.set_partition(core.partitioner.partition_for("prefill"))
     a = core.arch
     params = sum(p.numel() for n, p in core.model.named_parameters() if n != "model.embed_tokens.weight")
     rows = []
