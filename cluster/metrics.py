@@ -9,7 +9,9 @@ autoscaling read us unchanged. Two kinds of series:
   `vllm:generation_tokens_total`, `vllm:request_success_total{finished_reason}`;
 - engine series, read at scrape time from the latest `EngineClient.loads()` snapshot
   by a custom collector: `vllm:num_requests_running`, `vllm:num_requests_waiting`,
-  `vllm:kv_cache_usage_perc`, and per engine `semipd:prefill_sm_fraction`,
+  `vllm:kv_cache_usage_perc`, per engine `vllm:prefix_cache_queries_total` and
+  `vllm:prefix_cache_hits_total` (prompt tokens at admission, and those served from the
+  prefix cache), and `semipd:prefill_sm_fraction`,
   `semipd:sm_repartitions_total`, `semipd:sm_switch_stall_seconds`,
   `semipd:queue_depth{phase}`, `semipd:engine_healthy`.
 
@@ -75,6 +77,9 @@ class EngineCollector:
             reparts.add_metric([*m, l.engine_id], _stat(l, "num_switches"))
         yield reparts
         for name, key, doc in (
+            ("vllm:prefix_cache_queries", "prefix_queried_tokens",
+             "Prefix cache queries, in prompt tokens of the requests admitted."),
+            ("vllm:prefix_cache_hits", "prefix_hit_tokens", "Prefix cache hits, in prompt tokens served from the cache."),
             ("semipd:cuda_alloc_retries", "cuda_alloc_retries",
              "cudaMalloc calls of the engine's process that failed and were retried after freeing torch's cache."),
             ("semipd:cuda_frees", "cuda_frees",

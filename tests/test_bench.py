@@ -19,9 +19,9 @@ from cluster.bench.client import (
 )
 from cluster.bench.metrics import SLOs, MetricsError, compute_metrics, parse_metric_names, parse_percentiles
 from cluster.bench.report import (
-    BenchResult, cuda_allocator_counts, format_cuda_allocator, format_failures, format_result_block,
-    format_split_changes, format_worker_iterations, load_result, plot_results, sustained_rates, worker_iterations,
-    WorkerIterations, write_result,
+    BenchResult, cuda_allocator_counts, format_cuda_allocator, format_failures, format_prefix_cache, format_result_block,
+    format_split_changes, format_worker_iterations, load_result, plot_results, prefix_cache_counts, sustained_rates,
+    worker_iterations, WorkerIterations, write_result,
 )
 from cluster.bench.serve_bench import ServeBenchConfig, result_path, run_rate, split_changes
 from cluster.bench.workloads import (
@@ -631,6 +631,10 @@ def test_end_to_end_against_real_server(live_server: _Server, tiny_llama: Path, 
     assert 1 <= iterations["decode"].tokens <= 20  # one token per running request
     assert 0 < round(iterations["prefill"].count * iterations["prefill"].tokens) <= result.metrics.total_input  # less cached
     assert "Worker iterations during the run (mean wall time): " in printed
+    queried, hit = prefix_cache_counts(result) or (0.0, 0.0)
+    assert queried == result.metrics.total_input and 0 <= hit < queried
+    assert round(iterations["prefill"].count * iterations["prefill"].tokens) >= queried - hit  # preemptions add
+    assert f"Prefix cache during the run: {hit:,.0f} of {queried:,.0f} prompt tokens hit" in printed
     assert result.split_changes == [] and "SM split changes during the run: 0" in printed  # none was asked for
     scheduled = [r.scheduled_s for r in recs]
     assert scheduled == sorted(scheduled) and scheduled[-1] > 0.1  # spread at 40 req/s, not all at once
@@ -720,3 +724,23 @@ def test_engine_decode_loop_bench_runs_both_ways_on_cpu(tiny_llama: Path) -> Non
     table = format_table(dict(model="m", device="cpu", date="d", commit="c", command="x",
                               ceilings=dict(copy_TBps=1.0, matmul_TFLOPs=1.0), decode_loop=rows))
     assert "| one step at a time ms | overlapped ms |" in table and table.count("\n| 3 | 24 |") == 1
+
+
+def test_prefix_cache_share_from_the_metric_deltas_of_semipd_and_vllm() -> None:
+    result = _result(_ttft_records([100.0]))
+    result.server_metrics = {"delta": {  # two semipd engines
+        'vllm:prefix_cache_queries_total{engine="g0",model_name="m"}': 30000.0,
+        'vllm:prefix_cache_hits_total{engine="g0",model_name="m"}': 6000.0,
+        'vllm:prefix_cache_queries_total{engine="g1",model_name="m"}': 10000.0,
+        'vllm:prefix_cache_hits_total{engine="g1",model_name="m"}': 0.0,
+    }}
+    assert prefix_cache_counts(result) == (40000.0, 6000.0)
+    assert format_prefix_cache(result) == "Prefix cache during the run: 6,000 of 40,000 prompt tokens hit (15.0%)"
+    result.server_metrics = {"delta": {  # vLLM: prometheus_client counters also export *_created
+        'vllm:prefix_cache_queries_total{engine="0",model_name="m"}': 512.0,
+        'vllm:prefix_cache_queries_created{engine="0",model_name="m"}': 0.0,
+        'vllm:prefix_cache_hits_total{engine="0",model_name="m"}': 512.0,
+    }}
+    assert format_prefix_cache(result) == "Prefix cache during the run: 512 of 512 prompt tokens hit (100.0%)"
+    result.server_metrics = {"delta": {'semipd:sm_repartitions_total{engine="g0",model_name="m"}': 1.0}}
+    assert prefix_cache_counts(result) is None and format_prefix_cache(result) == ""

@@ -153,6 +153,9 @@ def test_batched_chunked_prefix_cached_matches_hf(
     log = record_plans(llm)
     assert_same_tokens(generate_tokens(llm, reference.prompts), reference)
     assert llm.core.allocator.prefix_hits > 0
+    stats = llm.core.stats()
+    assert stats.prefix_queried_tokens == sum(len(p) for p in reference.prompts)
+    assert 0 < stats.prefix_hit_tokens < stats.prefix_queried_tokens and stats.prefix_hit_tokens % PAGE == 0
     assert len(log.chunked_requests()) >= sum(len(p) > CHUNK for p in reference.prompts)
     assert all(p.num_tokens <= CHUNK for p in log.plans)
     if mode == "unified":
@@ -175,6 +178,8 @@ def test_prefix_caching_off_matches_hf(reference: Reference, engine_factory: Cal
     llm = engine_factory(reference.model_dir, cache=CacheConfig(page_size=PAGE, enable_prefix_caching=False))
     assert_same_tokens(generate_tokens(llm, reference.prompts[:8]), reference, n=8)
     assert llm.core.allocator.prefix_hits == 0
+    stats = llm.core.stats()
+    assert stats.prefix_hit_tokens == 0 and stats.prefix_queried_tokens == sum(len(p) for p in reference.prompts[:8])
 
 
 @pytest.mark.parametrize("fused", [True, False])

@@ -53,7 +53,8 @@ class EngineStats:
     decode_context_tokens: int
     kv_usage: float
     num_pages: int
-    prefix_hit_rate: float
+    prefix_queried_tokens: int  # prompt tokens of admitted requests ...
+    prefix_hit_tokens: int  # ... and those of them the prefix cache served
     prefill_sms: int
     total_sms: int
     num_switches: int
@@ -295,17 +296,18 @@ class EngineCore:
             return sum(1 for r in self._requests.values() if not r.finished)
 
     def stats(self) -> EngineStats:
-        a = self.allocator
+        a, p = self.allocator, self.prefill
         now = time.monotonic()
         return EngineStats(
-            num_waiting=self.prefill.num_waiting,
-            num_prefilling=len(self.prefill.running),
+            num_waiting=p.num_waiting,
+            num_prefilling=len(p.running),
             num_decoding=self.decode.num_running,
-            waiting_prefill_tokens=self.prefill.waiting_tokens(),
+            waiting_prefill_tokens=p.waiting_tokens(),
             decode_context_tokens=self.decode.context_tokens(),
             kv_usage=a.usage,
             num_pages=a.num_blocks,
-            prefix_hit_rate=a.prefix_hits / a.prefix_queries if a.prefix_queries else 0.0,
+            prefix_queried_tokens=p.prompt_tokens_admitted,
+            prefix_hit_tokens=p.cached_tokens_admitted,
             prefill_sms=self.partitioner.current,
             total_sms=self.partitioner.total_sms,
             num_switches=len(self.partitioner.switches),

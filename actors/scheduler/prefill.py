@@ -23,6 +23,8 @@ class PrefillScheduler:
     `running` holds admitted requests with pages and a partial prefill; they go first,
     so a chunked prompt finishes before new ones start. `waiting` is admitted in
     `order` (FCFS by default; the SLO policy plugs in an earliest-deadline key).
+    `prompt_tokens_admitted` / `cached_tokens_admitted`: prompt tokens of the requests
+    admitted for the first time, and how many of them the prefix cache served.
     """
 
     def __init__(
@@ -40,6 +42,8 @@ class PrefillScheduler:
         self._waiting: list[Request] = []
         self.running: list[Request] = []
         self.num_preemptions = 0
+        self.prompt_tokens_admitted = 0
+        self.cached_tokens_admitted = 0
 
     def add(self, req: Request) -> None:
         """Queue a new or preempted request (thread-safe)."""
@@ -123,6 +127,8 @@ class PrefillScheduler:
             self._waiting.pop(0)
         if req.num_preemptions == 0:
             req.num_cached_tokens = req.num_computed_tokens
+            self.prompt_tokens_admitted += req.num_prompt_tokens
+            self.cached_tokens_admitted += req.num_cached_tokens
         self.running.append(req)
         return req
 

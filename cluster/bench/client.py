@@ -311,7 +311,7 @@ async def _get_optional(client: httpx.AsyncClient, url: str) -> httpx.Response |
 
 
 async def fetch_server_metrics(client: httpx.AsyncClient, base_url: str,
-                               prefixes: tuple[str, ...] = ("semipd:",)) -> dict[str, float] | None:
+                               prefixes: tuple[str, ...]) -> dict[str, float] | None:
     """The server's `/metrics` samples under `prefixes`, or None when it has no such page."""
     resp = await _get_optional(client, base_url.rstrip("/") + "/metrics")
     return None if resp is None else parse_prometheus(resp.text, prefixes)

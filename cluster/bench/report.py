@@ -302,6 +302,30 @@ def format_cuda_allocator(result: BenchResult) -> str:
     return "CUDA allocator during the run: " + "; ".join(parts)
 
 
+def prefix_cache_counts(result: BenchResult) -> tuple[float, float] | None:
+    """(prompt tokens queried, of which hit) in the server's prefix cache during the run, over all its engines,
+    from the `vllm:prefix_cache_{queries,hits}_total` counters that semipd and vLLM export (None without them)."""
+    delta = (result.server_metrics or {}).get("delta") or {}
+    sums: dict[str, float] = {}
+    for series, value in delta.items():
+        name = series.split("{", 1)[0]
+        if name in ("vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total"):
+            sums[name] = sums.get(name, 0.0) + value
+    if "vllm:prefix_cache_queries_total" not in sums:
+        return None
+    return sums["vllm:prefix_cache_queries_total"], sums.get("vllm:prefix_cache_hits_total", 0.0)
+
+
+def format_prefix_cache(result: BenchResult) -> str:
+    """One line: how much of the run's prompts the server's prefix cache served ('' when it does not say)."""
+    counts = prefix_cache_counts(result)
+    if counts is None:
+        return ""
+    queried, hit = counts
+    share = f" ({100 * hit / queried:.1f}%)" if queried else ""
+    return f"Prefix cache during the run: {hit:,.0f} of {queried:,.0f} prompt tokens hit{share}"
+
+
 def format_failures(records: Sequence[RequestRecord], limit: int = 5) -> str:
     """The errors of failed requests, grouped by message with numbers ignored ('' when none)."""
     groups: dict[str, tuple[int, str]] = {}
@@ -445,6 +469,6 @@ def format_sustained_rates(rates: Sequence[SustainedRate]) -> str:
 __all__ = [
     "BenchResult", "SCHEMA", "SustainedRate", "format_failures", "format_preamble", "format_profile_breakdown",
     "format_result_block", "format_split_changes", "format_sustained_rates", "format_worker_iterations",
-    "cuda_allocator_counts", "format_cuda_allocator", "load_result",
+    "cuda_allocator_counts", "format_cuda_allocator", "prefix_cache_counts", "format_prefix_cache", "load_result",
     "plot_results", "profile_breakdown", "sustained_rates", "worker_iterations", "write_result",
 ]

@@ -32,12 +32,17 @@ from cluster.bench.client import (
 from cluster.bench.metrics import METRICS, SLOs, compute_metrics
 from cluster.bench.report import (
     BenchResult, format_failures, format_preamble, format_profile_breakdown, format_result_block,
-    format_cuda_allocator, format_split_changes, format_worker_iterations, write_result,
+    format_cuda_allocator, format_prefix_cache, format_split_changes, format_worker_iterations, write_result,
 )
 from cluster.bench.workloads import (
     BenchRequest, PromptBuilder, RatioPromptBuilder, TokenizerPromptBuilder, WorkloadConfig, build_requests,
     random_words,
 )
+
+
+# the server series read before and after each rate: semipd's own, and the prefix cache counters that
+# semipd and vLLM both export (a run whose prompts hit the cache measures less prefill than it seems to)
+SERVER_METRIC_PREFIXES = ("semipd:", "vllm:prefix_cache_")
 
 
 @dataclass(frozen=True)
@@ -69,7 +74,7 @@ class ServeBenchConfig:
     save_result: bool = False
     result_dir: str | None = None
     result_filename: str | None = None
-    server_metric_prefixes: tuple[str, ...] = ("semipd:",)
+    server_metric_prefixes: tuple[str, ...] = SERVER_METRIC_PREFIXES
     disable_tqdm: bool = False
     metadata: dict[str, str] = field(default_factory=dict)
     extra_body: dict[str, Any] = field(default_factory=dict)
@@ -262,8 +267,8 @@ async def _run_one_rate(client: httpx.AsyncClient, config: ServeBenchConfig, end
         metadata=dict(config.metadata), split_changes=split_changes(splits_before, splits_after, started, ended),
     )
     print(format_result_block(result), file=out)
-    for extra in (format_profile_breakdown(result), format_split_changes(result), format_worker_iterations(result),
-                  format_cuda_allocator(result), format_failures(records)):
+    for extra in (format_profile_breakdown(result), format_split_changes(result), format_prefix_cache(result),
+                  format_worker_iterations(result), format_cuda_allocator(result), format_failures(records)):
         if extra:
             print(extra, file=out)
     if config.writes_results:

@@ -195,7 +195,7 @@ def _register_serve(sub: argparse._SubParsersAction) -> None:
 def serve_config(args: argparse.Namespace) -> ServeBenchConfig:
     """The ServeBenchConfig of parsed `bench serve` arguments."""
     from cluster.bench.metrics import SLOs
-    from cluster.bench.serve_bench import ServeBenchConfig
+    from cluster.bench.serve_bench import SERVER_METRIC_PREFIXES, ServeBenchConfig
     from cluster.bench.workloads import DEFAULT_PHASES, WorkloadConfig
 
     if args.phases is not None and args.workload != "shifting":
@@ -212,7 +212,7 @@ def serve_config(args: argparse.Namespace) -> ServeBenchConfig:
         ignore_eos=args.ignore_eos, temperature=args.temperature, request_timeout_s=args.request_timeout,
         label=args.label, save_result=args.save_result, result_dir=args.result_dir,
         result_filename=args.result_filename,
-        server_metric_prefixes=("semipd:",) if args.server_metrics else (),
+        server_metric_prefixes=SERVER_METRIC_PREFIXES if args.server_metrics else (),
         disable_tqdm=args.disable_tqdm, metadata=dict(args.metadata),
     )
 
