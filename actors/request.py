@@ -34,6 +34,9 @@ class SamplingParams:
 
     temperature 0 means greedy. top_k 0 (or -1) and top_p 1 disable those filters.
     `logprobs`: None for none, n >= 0 for the chosen token's logprob plus the top n.
+    `cache_salt` (vLLM's request field, carried here with the other per-request options):
+    the request's prompt pages are cached under this salt, so only requests with the same
+    salt share prefix-cache hits (tenants cannot probe each other's prompts by timing).
     """
 
     max_tokens: int = 16
@@ -53,6 +56,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     detokenize: bool = True  # False: token ids only (no text, no stop strings)
+    cache_salt: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -74,6 +78,8 @@ class SamplingParams:
         self._check(all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings")
         self._check(self.detokenize or not self.stop, "stop", "needs detokenize=True")
         self._check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids", "must be non-negative integers")
+        self._check(self.cache_salt is None or (isinstance(self.cache_salt, str) and self.cache_salt != ""),
+                    "cache_salt", "must be a non-empty string if given")
 
     @staticmethod
     def _check(ok: bool, name: str, rule: str) -> None:

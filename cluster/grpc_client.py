@@ -78,6 +78,8 @@ def params_to_proto(params: SamplingParams) -> Any:
         msg.seed = params.seed
     if params.logprobs is not None:
         msg.logprobs = params.logprobs
+    if params.cache_salt is not None:
+        msg.cache_salt = params.cache_salt
     return msg
 
 

@@ -35,7 +35,8 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = "semipd.v1.Generation"
 _PARAM_FIELDS = ("max_tokens", "min_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
-                 "presence_penalty", "frequency_penalty", "seed", "logprobs", "skip_special_tokens", "detokenize")
+                 "presence_penalty", "frequency_penalty", "seed", "logprobs", "skip_special_tokens", "detokenize",
+                 "cache_salt")
 
 
 class InvalidRequest(ValueError):

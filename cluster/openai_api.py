@@ -162,6 +162,7 @@ class _SamplingFields(_Schema):
     logit_bias: dict[str, float] | None = None
     priority: int = 0
     user: str | None = None
+    cache_salt: str | None = None
 
 
 class CompletionRequest(_SamplingFields):
@@ -206,10 +207,15 @@ class DetokenizeRequest(_Schema):
     tokens: list[int]
 
 
+class PromptTokensDetails(_Schema):
+    cached_tokens: int  # prompt tokens served by the prefix cache
+
+
 class Usage(_Schema):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
 
 
 class CompletionChoice(_Schema):
@@ -276,8 +282,10 @@ class _Choice:
     finish_reason: str | None = None
     error: str | None = None
     text_offset: int = 0  # completions logprobs: offset of the next token's text
+    num_cached_tokens: int = 0
 
     def add(self, chunk: StreamChunk) -> None:
+        self.num_cached_tokens = chunk.num_cached_tokens or self.num_cached_tokens
         self.text += chunk.text
         self.token_ids.extend(chunk.token_ids)
         self.logprobs.extend(chunk.logprobs)
@@ -296,15 +304,17 @@ class _Call:
     prompt_tokens: int  # each prompt counted once, whatever n
     include_usage: bool
     want_logprobs: bool
+    n: int = 1  # choices per prompt; `requests` holds each prompt's n in a row
     created: int = field(default_factory=lambda: int(time.time()))
 
     def __post_init__(self) -> None:
         self.choices = [_Choice() for _ in self.requests]
 
-    def usage(self) -> dict[str, int]:
+    def usage(self) -> dict[str, Any]:
         completion = sum(len(c.token_ids) for c in self.choices)
+        cached = sum(c.num_cached_tokens for c in self.choices[:: self.n])  # each prompt once, as prompt_tokens
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion,
-                "total_tokens": self.prompt_tokens + completion}
+                "total_tokens": self.prompt_tokens + completion, "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 # -- the app -----------------------------------------------------------------------
@@ -407,6 +417,7 @@ class OpenAIServer:
             max_tokens=max_tokens, min_tokens=body.min_tokens, seed=seed, stop=tuple(stop),
             stop_token_ids=tuple(body.stop_token_ids or ()), ignore_eos=body.ignore_eos, logprobs=logprobs,
             include_stop_str_in_output=body.include_stop_str_in_output, skip_special_tokens=body.skip_special_tokens,
+            cache_salt=body.cache_salt,
         )
         for name in ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
                      "repetition_penalty"):
@@ -666,7 +677,7 @@ class OpenAIServer:
         prompts = await self.completion_prompts(body.prompt)
         reqs = self.engine_requests(request, body, prompts, body.max_tokens, body.logprobs)
         call = _Call("completion", f"cmpl-{self.request_id(request)}", self.info.name, reqs,
-                     sum(len(p) for p in prompts), _include_usage(body), body.logprobs is not None)
+                     sum(len(p) for p in prompts), _include_usage(body), body.logprobs is not None, body.n)
         if body.stream:
             return await self.open_stream(request, call)
         await self.run_to_end(request, call)
@@ -690,7 +701,7 @@ class OpenAIServer:
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         reqs = self.engine_requests(request, body, [ids], max_tokens, logprobs)
         call = _Call("chat", f"chatcmpl-{self.request_id(request)}", self.info.name, reqs, len(ids),
-                     _include_usage(body), body.logprobs)
+                     _include_usage(body), body.logprobs, body.n)
         if body.stream:
             return await self.open_stream(request, call)
         await self.run_to_end(request, call)

@@ -7,7 +7,9 @@ threads, a barrier, a tiny GIL switch interval) and check the same from inside a
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
 import sys
 import threading
 from collections import Counter
@@ -459,3 +461,14 @@ def test_allocate_is_all_or_nothing() -> None:
     alloc.free(held)
     alloc.check_integrity()
     assert alloc.num_free == 5
+
+
+def test_a_salt_gives_a_chain_of_its_own_and_is_stable_across_processes() -> None:
+    tokens = document(3, 2 * PAGE)
+    plain, salted, other = page_hashes(tokens, PAGE), page_hashes(tokens, PAGE, salt="a"), page_hashes(tokens, PAGE, salt="b")
+    assert not set(plain) & set(salted) and not set(salted) & set(other)
+    assert page_hashes(tokens, PAGE, salted[:1], salt="a") == salted  # extends a known salted prefix
+    code = f"from actors.kv.allocator import page_hashes; print(page_hashes({tokens!r}, {PAGE}, salt='a'))"
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}  # str hashes differ between processes; the chain must not
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
+    assert out.strip() == str(salted)

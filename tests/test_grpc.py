@@ -183,7 +183,8 @@ PB2, _ = load_stubs()
      f"{MAX_MODEL_LEN + 8} tokens"),
     ([1, 2, 10**6], PB2.SamplingParams(max_tokens=2), "token ids must be in"),
     ("", PB2.SamplingParams(max_tokens=2), "the prompt is empty"),
-], ids=["temperature", "negative-max-tokens", "too-long", "bad-token-id", "empty"])
+    ("Hi", PB2.SamplingParams(cache_salt=""), "cache_salt must be a non-empty string"),
+], ids=["temperature", "negative-max-tokens", "too-long", "bad-token-id", "empty", "empty-cache-salt"])
 def test_invalid_argument(live: Live, prompt: Any, params: Any, message: str) -> None:
     with GenerationClient(live.addr, timeout=30) as c:
         with pytest.raises(GrpcInvalidArgument) as e:
@@ -280,6 +281,7 @@ def test_build_request_round_trip() -> None:
     assert req.WhichOneof("prompt") == "token_ids" and req.HasField("ttft_slo_ms") and not req.HasField("tpot_slo_ms")
     assert params_from_proto(load_stubs()[0].SamplingParams()) == SamplingParams()
     assert params_from_proto(build_request("x", SamplingParams(detokenize=False)).params).detokenize is False
+    assert params_from_proto(build_request("x", SamplingParams(cache_salt="t1")).params).cache_salt == "t1"
 
 
 def test_stubs_import_as_semipd_v1_next_to_proto_plus(tmp_path: Path) -> None:

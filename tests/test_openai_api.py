@@ -88,6 +88,22 @@ def test_completion_greedy_with_usage_and_request_id(live: Live) -> None:
     assert r.usage.total_tokens == len(prompt_ids) + 8
 
 
+def test_cache_salt_keeps_prefix_cache_hits_within_a_salt(live: Live) -> None:
+    """usage.prompt_tokens_details.cached_tokens: a repeated prompt hits the cache only under the same salt."""
+    prompt = [(37 * i + 11) % 251 for i in range(70)]  # four full pages of 16, seen by no other test
+
+    def cached(**salt: str) -> int:
+        r = live.oa.completions.create(model=MODEL, prompt=prompt, max_tokens=2, temperature=0, extra_body=salt)
+        assert r.usage is not None and r.usage.prompt_tokens == len(prompt)
+        return r.usage.prompt_tokens_details.cached_tokens  # type: ignore[union-attr]
+
+    assert cached(cache_salt="tenant-a") == 0
+    assert cached(cache_salt="tenant-a") == 64
+    assert cached(cache_salt="tenant-b") == 0
+    assert cached() == 0  # unsalted is a salt of its own
+    assert cached() == 64
+
+
 def test_request_id_generated_when_absent(live: Live) -> None:
     resp = live.http.get("/v1/models")
     assert len(resp.headers["x-request-id"]) >= 16
@@ -269,6 +285,8 @@ BAD_REQUESTS: list[tuple[str, str, bytes, int, str]] = [
     ("top-logprobs-without-logprobs", "/v1/chat/completions",
      json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "a"}], "top_logprobs": 2}).encode(),
      400, "`logprobs` must be set to true"),
+    ("empty-cache-salt", "/v1/completions", json.dumps({"model": MODEL, "prompt": "a", "cache_salt": ""}).encode(), 400,
+     "cache_salt must be a non-empty string"),
     ("invalid-utf8", "/v1/completions", b'{"model": "tiny", "prompt": "\xff\xfe\xfa"}', 400, "not valid UTF-8"),
     ("body-too-large", "/v1/completions", b'{"prompt": "' + b"a" * (10 * 1000 * 1000) + b'"}', 413,
      "larger than the limit"),

@@ -9,6 +9,7 @@ the decode worker may call it at the same time.
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Sequence
@@ -16,17 +17,26 @@ from collections.abc import Iterable, Sequence
 _ROOT_HASH = 0x5E1D
 
 
-def page_hashes(token_ids: Sequence[int], page_size: int, known: Sequence[int] = ()) -> list[int]:
-    """Hash chain over the full pages of `token_ids`: h[i] = hash(h[i-1], page i).
+def page_hashes(token_ids: Sequence[int], page_size: int, known: Sequence[int] = (), salt: str | None = None
+                ) -> list[int]:
+    """Hash chain over the full pages of `token_ids`: h[i] = hash(h[i-1], page i), from a root that
+    `salt` changes (chains of different salts share no page).
 
     `known` is a prefix of the chain already computed; it is extended, not recomputed.
     """
     hashes = list(known)
-    parent = hashes[-1] if hashes else _ROOT_HASH
+    parent = hashes[-1] if hashes else _root(salt)
     for start in range(len(hashes) * page_size, len(token_ids) - page_size + 1, page_size):
         parent = hash((parent, tuple(token_ids[start : start + page_size])))
         hashes.append(parent)
     return hashes
+
+
+def _root(salt: str | None) -> int:
+    """The chain's root; a salt's is stable across processes (unlike `hash` of a str)."""
+    if salt is None:
+        return _ROOT_HASH
+    return hash((_ROOT_HASH, int.from_bytes(hashlib.blake2b(salt.encode(), digest_size=8).digest(), "little")))
 
 
 class BlockAllocator:

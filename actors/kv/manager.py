@@ -34,7 +34,7 @@ class KVManager:
         assert not req.block_ids and req.num_computed_tokens == 0
         if not self.allocator.enable_prefix_caching:
             return
-        req.page_hashes = page_hashes(req.token_ids, self.page_size, req.page_hashes)
+        req.page_hashes = page_hashes(req.token_ids, self.page_size, req.page_hashes, req.params.cache_salt)
         max_pages = (req.num_tokens - 1) // self.page_size
         hit = self.allocator.match_prefix(req.page_hashes[:max_pages])
         req.block_ids = hit
@@ -64,7 +64,8 @@ class KVManager:
         full = req.num_computed_tokens // self.page_size
         if full <= req.num_published_pages:
             return
-        req.page_hashes = page_hashes(req.token_ids[: full * self.page_size], self.page_size, req.page_hashes[:full])
+        req.page_hashes = page_hashes(req.token_ids[: full * self.page_size], self.page_size, req.page_hashes[:full],
+                                      req.params.cache_salt)
         for i in range(req.num_published_pages, full):
             self.allocator.cache(req.block_ids[i], req.page_hashes[i])
         req.num_published_pages = full
