@@ -714,16 +714,18 @@ def test_end_to_end_chat_and_rejections(live_server: _Server, tiny_llama: Path, 
 
 def test_engine_decode_loop_bench_runs_both_ways_on_cpu(tiny_llama: Path) -> None:
     """The GPU engine benchmark's loop part, on the CPU engine and each way in its own process as
-    `run_engine_bench` runs it: one row per batch and way, steps measured."""
+    `run_engine_bench` runs it: one row per batch and way, each from `steps` steps of the whole batch."""
     from cluster.bench.engine_bench import bench_decode_loop, format_table, in_fresh_process
 
     rows = [row for overlap in (False, True)
             for row in in_fresh_process(bench_decode_loop, str(tiny_llama), overlap, (1, 3), ctx=24, steps=12)]
     assert [(r["batch"], r["overlap"]) for r in rows] == [(1, False), (3, False), (1, True), (3, True)]
-    assert all(r["iterations"] >= 10 and r["step_ms"] > 0 for r in rows)
+    assert all(r["iterations"] == 12 and r["step_ms"] > 0 and r["mean_context"] > 24 for r in rows)
+    assert all(r["decode_sms"] == 128 - 16 for r in rows)  # measured on the smallest prefill split
     table = format_table(dict(model="m", device="cpu", date="d", commit="c", command="x",
                               ceilings=dict(copy_TBps=1.0, matmul_TFLOPs=1.0), decode_loop=rows))
     assert "| one step at a time ms | overlapped ms |" in table and table.count("\n| 3 | 24 |") == 1
+    assert "| batch | context | mean context measured | decode SMs |" in table
 
 
 def test_prefix_cache_share_from_the_metric_deltas_of_semipd_and_vllm() -> None:

@@ -13,6 +13,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from actors.engine.partitioner import Partitioner, Phase
 from actors.request import PENDING_TOKEN, FinishReason, Request, TokenDelta
@@ -43,6 +44,15 @@ class Wakeup:
     def wait(self, timeout: float) -> None:
         self._event.wait(timeout)
         self._event.clear()
+
+
+class Iteration(NamedTuple):
+    """One worker iteration, as `Worker.iteration_log` keeps it."""
+
+    start: float  # time.monotonic()
+    seconds: float
+    split_version: int  # the partitioner's version it ran under
+    tokens: int  # tokens it queued: prefill chunk tokens plus one per decode (overlapped: the next step's)
 
 
 class Worker:
@@ -96,7 +106,7 @@ class Worker:
         self.tokens = 0  # tokens computed (prefill chunk tokens plus one per decode)
         self.launch_seconds = 0.0  # host time to queue iterations on the device (part of busy_seconds)
         self.adopt_seconds: list[float] = []  # time spent adopting each new SM split
-        self.iteration_log: deque[tuple[float, float, int]] = deque(maxlen=4096)  # (start, seconds, split version)
+        self.iteration_log: deque[Iteration] = deque(maxlen=4096)
         self._version = -1
 
     def start(self) -> None:
@@ -122,7 +132,7 @@ class Worker:
     def _loop(self) -> None:
         while not self.stop_event.is_set():
             self._adopt_split()
-            t0 = time.monotonic()
+            t0, tokens = time.monotonic(), self.tokens
             try:
                 worked = self.step()
             except Exception:  # keep serving: the failing batch was already failed in step()
@@ -133,7 +143,7 @@ class Worker:
             if worked:
                 self.iterations += 1
                 self.busy_seconds += now - t0
-                self.iteration_log.append((t0, now - t0, self._version))
+                self.iteration_log.append(Iteration(t0, now - t0, self._version, self.tokens - tokens))
             else:
                 self.wakeups[self.name].wait(0.05)
 

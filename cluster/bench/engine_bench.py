@@ -26,6 +26,7 @@ import torch
 
 from actors.config import CacheConfig, EngineConfig, SchedulerConfig
 from actors.engine.core import EngineCore
+from actors.engine.workers import Iteration
 from actors.kv.manager import pages_for
 from actors.request import Request, SamplingParams
 from actors.runner.model_runner import ModelRunner
@@ -192,12 +193,12 @@ def bench_switch_stall(core: EngineCore, switches: int = 20) -> dict[str, Any]:
     return out
 
 
-def _first_iteration_extra(log: list[tuple[float, float, int]]) -> float:
+def _first_iteration_extra(log: list[Iteration]) -> float:
     """Median over switches of (first iteration after a switch) - (median iteration)."""
     if len(log) < 3:
         return float("nan")
-    median = statistics.median(d for _, d, _ in log)
-    firsts = [d for (_, d, v), (_, _, pv) in zip(log[1:], log[:-1]) if v != pv]
+    median = statistics.median(it.seconds for it in log)
+    firsts = [it.seconds for it, prev in zip(log[1:], log[:-1]) if it.split_version != prev.split_version]
     return statistics.median(firsts) - median if firsts else float("nan")
 
 
@@ -205,31 +206,54 @@ def bench_decode_loop(model_dir: str, overlap: bool, batches: tuple[int, ...], c
                       ) -> list[dict[str, Any]]:
     """Decode step time in the engine's own loop, one step at a time (`overlap=False`) or overlapped.
 
-    semi-pd engine, prefill on the smallest split (decode on the rest of the GPU): `batch`
-    requests of `ctx` prompt tokens decode `steps` tokens; the figure is the median time of
-    the decode worker's iterations once every prefill is done (host work included, and
-    hidden behind the GPU when overlapped).
+    semi-pd engine: `batch` requests of `ctx` prompt tokens are prefilled on the largest prefill
+    split, then the split moves to the smallest (decode on the rest of the GPU) and the figure is
+    the median time of the decode worker's iterations that ran the whole batch after that (host
+    work included, and hidden behind the GPU when overlapped), over `steps` of them. Requests that
+    finished prefill first have decoded meanwhile: `mean_context` is the batch's mean context then.
     """
     from actors.engine.frontend import LLM
 
     rows = []
-    params = SamplingParams(max_tokens=steps, temperature=0.0, ignore_eos=True, detokenize=False)
-    llm = LLM(model_dir, mode="semi-pd", load_format="dummy", prefill_sms=1, splits=(1,), overlap_decode=overlap,
-              scheduler=SchedulerConfig(max_decode_seqs=max(batches)))
-    prefill_worker, decode_worker = llm.core.workers
-    vocab = llm.core.arch.vocab_size
-    for bs in batches:
-        prompts = [[(7 * i + j) % vocab for j in range(ctx)] for i in range(bs)]
-        llm.core.allocator.reset_prefix_cache()
-        prefill_worker.iteration_log.clear()
-        decode_worker.iteration_log.clear()
-        llm.generate(prompts, params)
-        ready = max(start + seconds for start, seconds, _ in prefill_worker.iteration_log)
-        step_s = [seconds for start, seconds, _ in decode_worker.iteration_log if start >= ready]
-        rows.append(dict(batch=bs, context=ctx, overlap=overlap, decode_sms=llm.core.partitioner.sms_for("decode"),
-                         step_ms=statistics.median(step_s) * 1e3, iterations=len(step_s)))
-    llm.shutdown()
+    with LLM(model_dir, mode="semi-pd", load_format="dummy", splits=(1, 1 << 10), overlap_decode=overlap,
+             scheduler=SchedulerConfig(max_decode_seqs=max(batches))) as llm:
+        core = llm.core
+        small, large = core.partitioner.splits[0], core.partitioner.splits[-1]
+        decode_worker = core.workers[-1]
+        vocab = core.arch.vocab_size
+        params = SamplingParams(max_tokens=core.max_model_len - ctx, temperature=0.0, ignore_eos=True,
+                                detokenize=False)
+        for bs in batches:
+            core.partitioner.switch(large, reason="decode-loop bench: prefill")
+            core.allocator.reset_prefix_cache()
+            rids = [f"loop-{bs}-{i}" for i in range(bs)]
+            for i, rid in enumerate(rids):
+                core.add_request(rid, [(7 * i + j) % vocab for j in range(ctx)], params)
+            _wait(lambda: core.decode.num_running == bs, 600, f"{bs} requests to reach decode")
+            core.partitioner.switch(small, reason="decode-loop bench: decode")
+            version, mean_context = core.partitioner.version, core.decode.context_tokens() / bs
+            _wait(lambda: len(_full_steps(decode_worker, version, bs)) >= steps, 600, f"{steps} decode steps of {bs}")
+            step_s = _full_steps(decode_worker, version, bs)[:steps]
+            for rid in rids:
+                core.abort(rid)
+            _wait(lambda: core.num_unfinished == 0, 60, "the aborted requests to end")
+            rows.append(dict(batch=bs, context=ctx, mean_context=mean_context, overlap=overlap,
+                             decode_sms=core.partitioner.sms_for("decode"), step_ms=statistics.median(step_s) * 1e3,
+                             iterations=len(step_s)))
     return rows
+
+
+def _full_steps(worker: Any, split_version: int, batch: int) -> list[float]:
+    """Seconds of `worker`'s iterations on split `split_version` that queued a step of `batch` decodes."""
+    return [it.seconds for it in list(worker.iteration_log) if it.split_version == split_version and it.tokens == batch]
+
+
+def _wait(done: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not done():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        time.sleep(0.01)
 
 
 def bench_offline(model_dir: str, mode: str, prefill_sms: list[int | None], **engine_kwargs: Any
@@ -353,12 +377,13 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append("")
     if "decode_loop" in result:
         lines += ["## Decode step in the engine loop (semi-pd decode worker, prefill on the smallest split)", "",
-                  "| batch | context | decode SMs | one step at a time ms | overlapped ms |", "|---|---|---|---|---|"]
+                  "| batch | context | mean context measured | decode SMs | one step at a time ms | overlapped ms |",
+                  "|---|---|---|---|---|---|"]
         overlapped = {r["batch"]: r["step_ms"] for r in result["decode_loop"] if r["overlap"]}
         for r in (r for r in result["decode_loop"] if not r["overlap"]):
             o = overlapped.get(r["batch"])
-            lines.append(f"| {r['batch']} | {r['context']} | {r['decode_sms']} | {r['step_ms']:.2f} | "
-                         f"{'-' if o is None else f'{o:.2f}'} |")
+            lines.append(f"| {r['batch']} | {r['context']} | {r.get('mean_context', r['context']):.0f} | "
+                         f"{r['decode_sms']} | {r['step_ms']:.2f} | {'-' if o is None else f'{o:.2f}'} |")
         lines.append("")
     if "prefill" in result:
         lines += ["## Prefill (whole GPU)", "", "| requests | length | ms | tok/s | TFLOP/s | % of matmul peak |",
