@@ -232,6 +232,7 @@ class Controller:
         self.ticks = 0
         self.decisions_written = 0
         self._last_change: dict[str, float] = {}
+        self._last_hold: dict[str, tuple[int, str]] = {}  # engine -> (split the policy wants, why it waits)
         # the model policy: the models it was built with (e.g. a "*" default) under the published ones
         self._base_models = dict(self.policy.models) if isinstance(self.policy, ModelPolicy) else {}
         self._fallback = make_policy("reactive")
@@ -268,7 +269,9 @@ class Controller:
             last = max(self._last_change.get(eid, 0.0), float(pending["time"]) if pending else 0.0) or None
             why_not = hold_reason(view, decision.prefill_sms, now, last, pending, self.cfg, eid in pinned)
             if why_not is not None:
+                self._log_hold(view, decision, why_not)
                 continue
+            self._last_hold.pop(eid, None)
             record = self._record(view, decision, now)
             split = dict(id=record["id"], prefill_sms=decision.prefill_sms, reason=decision.reason,
                          leader=self.id, time=now)
@@ -282,6 +285,22 @@ class Controller:
             log.info("controller %s: %s %d -> %d SMs (%s)", self.id, eid, view.prefill_sms,
                      decision.prefill_sms, decision.reason)
         return written
+
+    def _log_hold(self, view: EngineView, decision: SplitDecision, why_not: str) -> None:
+        """Log a decision held back, once per change of the split wanted or of the kind of wait."""
+        if decision.prefill_sms == view.prefill_sms:
+            key = (view.prefill_sms, decision.reason.split(":", 1)[0])
+        else:
+            key = (decision.prefill_sms, why_not.split(":", 1)[0])
+        if self._last_hold.get(view.engine_id) == key:
+            return
+        self._last_hold[view.engine_id] = key
+        if decision.prefill_sms == view.prefill_sms:
+            log.info("controller %s: %s stays at %d SMs (%s)", self.id, view.engine_id, view.prefill_sms,
+                     decision.reason)
+        else:
+            log.info("controller %s: %s stays at %d SMs, not yet %d: %s (%s)", self.id, view.engine_id,
+                     view.prefill_sms, decision.prefill_sms, why_not, decision.reason)
 
     async def _decide(self, views: list[EngineView]) -> dict[str, SplitDecision]:
         """The policy's decisions; the model policy first gets the models the engines published."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import Coroutine
 from pathlib import Path
@@ -303,8 +304,13 @@ def _published(engine_id: str, prefill: int, n: int) -> dict[str, Any]:
             "stats": {"prefill_sms": prefill, "total_sms": 128, "splits": list(SPLITS)}}
 
 
-def test_controller_tick_decides_records_and_respects_dwell(redis_server: Any) -> None:
+def test_controller_tick_decides_records_and_respects_dwell(redis_server: Any, caplog: pytest.LogCaptureFixture
+                                                            ) -> None:
     cfg = ControllerConfig(redis_server.url, "tick", min_dwell_s=30.0, min_samples=4, interval_s=0.1, lease_s=1.0)
+    caplog.set_level(logging.INFO, logger="cluster.controller")
+
+    def holds() -> list[str]:
+        return [r.getMessage().split(": ", 1)[1] for r in caplog.records if "stays at" in r.getMessage()]
 
     async def main() -> None:
         store = RedisStore(redis_server.url, "tick")
@@ -316,9 +322,12 @@ def test_controller_tick_decides_records_and_respects_dwell(redis_server: Any) -
         split = await store.get_split("e-0")
         assert split["prefill_sms"] == 72 and split["leader"] == "ctl-1" and split["id"] == written[0]["id"]
         assert await store.get_split("e-1") is None
-        # the engine applied it; dwell time holds the next change
+        assert holds() == ["e-1 stays at 64 SMs, not yet 72: warming up: 2 samples of requests that arrived after "
+                           "the last switch (< 4) (flip)"]
+        # the engine applied it; dwell time holds the next change, logged once while it lasts
         await store.publish_view("e-0", _published("e-0", 72, 10), 5000)
-        assert await ctl.tick() == []
+        assert await ctl.tick() == [] and await ctl.tick() == []
+        assert len(holds()) == 2 and holds()[1].startswith("e-0 stays at 72 SMs, not yet 80: dwell: last change")
         status = await store.controller_status()
         assert status["leader"] == "ctl-1" and status["policy"] == "reactive"
         # a second controller is a follower: it decides nothing
