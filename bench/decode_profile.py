@@ -50,7 +50,7 @@ def main(model_dir: str, batches: list[int], ctx: int = 512) -> None:
     for bs in batches:
         plan, held = _decode_plan(core, bs, ctx)
         reqs = _dummy_requests(bs)
-        step = _time_step(runner, plan, reqs, warmup=5, reps=30) * 1e3
+        step = _time_step(runner, plan, reqs, warmup=5, reps=30)[0] * 1e3
         bucket = graphs.bucket(bs)
         graph, out = graphs.graphs[(stream.cuda_stream, bucket)]
         with torch.cuda.stream(stream):

@@ -746,3 +746,20 @@ def test_prefix_cache_share_from_the_metric_deltas_of_semipd_and_vllm() -> None:
     assert format_prefix_cache(result) == "Prefix cache during the run: 512 of 512 prompt tokens hit (100.0%)"
     result.server_metrics = {"delta": {'semipd:sm_repartitions_total{engine="g0",model_name="m"}': 1.0}}
     assert prefix_cache_counts(result) is None and format_prefix_cache(result) == ""
+
+
+def test_engine_prefill_bench_splits_launch_from_step_on_cpu(tiny_llama: Path) -> None:
+    """The prefill part on the CPU engine: each row's host launch is part of its step."""
+    from cluster.bench.engine_bench import Ceilings, bench_prefill, format_table, make_core
+
+    core = make_core(str(tiny_llama), "unified")
+    try:
+        rows = bench_prefill(core, Ceilings(1e12, 1e12), ((1, 32), (2, 48)), reps=3)
+    finally:
+        core.shutdown()
+    assert [(r["requests"], r["length"], r["tokens"]) for r in rows] == [(1, 32, 32), (2, 48, 96)]
+    assert all(0 < r["launch_ms"] <= r["ms"] for r in rows)
+    assert core.allocator.num_free == core.allocator.num_blocks  # the bench gave its pages back
+    table = format_table(dict(model="m", device="cpu", date="d", commit="c", command="x",
+                              ceilings=dict(copy_TBps=1.0, matmul_TFLOPs=1.0), prefill=rows))
+    assert "| requests | length | ms | of which host launch ms |" in table and "\n| 2 | 48 | " in table

@@ -101,16 +101,21 @@ def _decode_plan(core: EngineCore, batch: int, ctx: int) -> tuple[BatchPlan, lis
     return BatchPlan(decodes=tuple(chunks)), held
 
 
-def _time_step(runner: ModelRunner, plan: BatchPlan, reqs: list[Request], warmup: int, reps: int) -> float:
-    """Median wall seconds of `runner.execute(plan)`: a whole step, sampling and host sync included."""
+def _time_step(runner: ModelRunner, plan: BatchPlan, reqs: list[Request], warmup: int, reps: int
+               ) -> tuple[float, float]:
+    """Median wall seconds of a whole step (`runner.launch(plan)` and waiting for its draw: sampling and
+    host sync included), and median seconds of the launch alone (host time queueing the step)."""
     for _ in range(warmup):
         runner.execute(plan, reqs)
-    times = []
+    times, launches = [], []
     for _ in range(reps):
         t0 = time.perf_counter()
-        runner.execute(plan, reqs)
+        drawn = runner.launch(plan, reqs)
+        t1 = time.perf_counter()
+        drawn.result()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        launches.append(t1 - t0)
+    return statistics.median(times), statistics.median(launches)
 
 
 def bench_decode(core: EngineCore, ceilings: Ceilings, batches: tuple[int, ...], contexts: tuple[int, ...],
@@ -122,7 +127,7 @@ def bench_decode(core: EngineCore, ceilings: Ceilings, batches: tuple[int, ...],
     for ctx in contexts:
         for bs in batches:
             plan, held = _decode_plan(core, bs, ctx)
-            step = _time_step(runner, plan, _dummy_requests(bs), warmup=3, reps=reps)
+            step, _ = _time_step(runner, plan, _dummy_requests(bs), warmup=3, reps=reps)
             for blocks in held:
                 core.allocator.free(blocks)
             nbytes = _weight_bytes_read(core) + bs * (ctx + 1) * _kv_bytes_per_token(core)
@@ -149,14 +154,14 @@ def bench_prefill(core: EngineCore, ceilings: Ceilings, shapes: tuple[tuple[int,
             held.append(blocks)
             tokens = tuple(random.randrange(a.vocab_size) for _ in range(length))
             chunks.append(SeqChunk(f"p{i}", tokens, 0, tuple(blocks), True))
-        t = _time_step(runner, BatchPlan(prefills=tuple(chunks)), _dummy_requests(n), warmup=1,
-                       reps=reps)
+        t, launch = _time_step(runner, BatchPlan(prefills=tuple(chunks)), _dummy_requests(n), warmup=1, reps=reps)
         for blocks in held:
             core.allocator.free(blocks)
         tokens = n * length
         attn_flops = n * 2 * a.num_layers * a.num_heads * a.head_dim * length * length  # causal QK^T + PV
         flops = 2 * params * tokens + attn_flops
-        rows.append(dict(requests=n, length=length, tokens=tokens, ms=t * 1e3, tokens_per_s=tokens / t,
+        rows.append(dict(requests=n, length=length, tokens=tokens, ms=t * 1e3, launch_ms=launch * 1e3,
+                         tokens_per_s=tokens / t,
                          tflops=flops / t / 1e12, pct_of_matmul_peak=100 * flops / t / ceilings.matmul_flops_per_s))
     return rows
 
@@ -386,10 +391,12 @@ def format_table(result: dict[str, Any]) -> str:
                          f"{r['decode_sms']} | {r['step_ms']:.2f} | {'-' if o is None else f'{o:.2f}'} |")
         lines.append("")
     if "prefill" in result:
-        lines += ["## Prefill (whole GPU)", "", "| requests | length | ms | tok/s | TFLOP/s | % of matmul peak |",
-                  "|---|---|---|---|---|---|"]
-        lines += [f"| {r['requests']} | {r['length']} | {r['ms']:.1f} | {r['tokens_per_s']:.0f} | {r['tflops']:.0f} | "
-                  f"{r['pct_of_matmul_peak']:.0f}% |" for r in result["prefill"]]
+        lines += ["## Prefill (whole GPU)", "",
+                  "| requests | length | ms | of which host launch ms | tok/s | TFLOP/s | % of matmul peak |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['requests']} | {r['length']} | {r['ms']:.1f} | {r.get('launch_ms', float('nan')):.1f} | "
+                  f"{r['tokens_per_s']:.0f} | {r['tflops']:.0f} | {r['pct_of_matmul_peak']:.0f}% |"
+                  for r in result["prefill"]]
         lines.append("")
     if "switch" in result:
         lines += ["## SM split switch stall (semi-pd, 64 decoding requests)", "",
