@@ -16,7 +16,9 @@
 # again as semi-pd-pinnedN: fixed splits measured on the same server, without another start-up).
 # Each server first gets a short unrecorded warm-up of every sweep's workload.
 # Results: CONFIG-WORKLOAD-RATE.json (+ .log), server logs and split decisions, in $OUT/compare.tgz (one file,
-# rewritten after each config: the device tool brings back only a few files).
+# rewritten after each config: the device tool brings back only a few files), with the dynamic server's latency
+# profile (semipd-profile.json). A profile committed as bench/profiles/semipd-profile.json is loaded instead of
+# profiling at start when its key (device, model, split set) matches; drop it when the engine's speed changes.
 # Without a GPU (a CPU check of this script) it runs on what is installed; pass e.g. SERVE_EXTRA="--device cpu".
 set -uo pipefail
 : "${SWEEPS:=sharegpt:15,30,45 arxiv:3,6,9}" "${WINDOW:=10}" "${TTFT:=1000}" "${TPOT:=50}" "${REQUEST_TIMEOUT:=40}"
@@ -27,6 +29,7 @@ model=${MODEL:-/tmp/models/llama3-8b}
 [ -f $model/config.json ] || python3 -m cluster.cli make-model --preset llama3-8b --out $model --no-weights >/dev/null
 res=/tmp/compare
 mkdir -p $res
+[ -f bench/profiles/semipd-profile.json ] && [ ! -f /tmp/semipd-profile.json ] && cp bench/profiles/semipd-profile.json /tmp/
 
 start_server() {  # config log -> sets $server
   local common=(--model $model --num-actors 1 --grpc-port 0 --http-port 8000 --served-model-name llama3-8b
@@ -72,7 +75,7 @@ bench() {  # config workload rate window [pass]
     --seed "$(prompt_seed "$2" "$3" "${5:-0}")" \
     --label "$1" --request-timeout $REQUEST_TIMEOUT --result-dir $res --result-filename "$name.json" --disable-tqdm \
     > "$res/$name.log" 2>&1
-  echo "$name: $(grep -E "Request throughput|SLO attainment|P90 TTFT|P90 TPOT|Worker iterations|CUDA allocator" "$res/$name.log" | tr -s ' ' | paste -sd' ')"
+  echo "$name: $(grep -E "Request throughput|SLO attainment|P90 TTFT|P90 TPOT|Prefix cache|Worker iterations|CUDA allocator" "$res/$name.log" | tr -s ' ' | paste -sd' ')"
 }
 
 warm_up() {  # config: 8 requests of each sweep's workload at 2 req/s, not recorded, so that no measured window
@@ -134,4 +137,8 @@ run_config() {  # config
   echo "$1: done after $(( $(date +%s) - t0 )) s"
 }
 
-for config in "$@"; do run_config "$config"; tar -czf "$OUT/compare.tgz" -C $res .; done
+for config in "$@"; do
+  run_config "$config"
+  [ -f /tmp/semipd-profile.json ] && cp /tmp/semipd-profile.json $res/
+  tar -czf "$OUT/compare.tgz" -C $res .
+done
