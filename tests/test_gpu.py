@@ -159,6 +159,46 @@ def test_cublas_sized_for_a_partition_per_thread() -> None:
     torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=0.5)
 
 
+def test_launches_queue_without_waiting_for_the_gpu(tiny_llama: Path) -> None:
+    """A prefill and a decode launch on their partitions make no synchronizing CUDA call from our code
+    (torch's sync debug mode); those inside libraries are printed, for the record, not failed."""
+    import warnings
+
+    from actors.scheduler.plan import BatchPlan, SeqChunk
+    from cluster.bench.engine_bench import _decode_plan, _dummy_requests, make_core
+
+    core = make_core(str(tiny_llama), "semi-pd", dtype="bfloat16", cache=CacheConfig(num_pages=512))
+    try:
+        prefill, decode = core.workers[0].runner, core.workers[-1].runner
+        prefill.set_partition(core.partitioner.partition_for("prefill"))
+        decode.set_partition(core.partitioner.partition_for("decode"))
+        blocks = [core.allocator.allocate(20) for _ in range(2)]
+        chunks = tuple(SeqChunk(f"p{i}", tuple(range(3, 303)), 0, tuple(b or ()), True) for i, b in enumerate(blocks))
+        plans = {"prefill": (prefill, BatchPlan(prefills=chunks), _dummy_requests(2)),
+                 "decode": (decode, _decode_plan(core, 8, 200)[0], _dummy_requests(8))}
+        for runner, plan, reqs in plans.values():
+            runner.execute(plan, reqs)  # first use: kernels loaded, workspaces allocated
+        torch.cuda.synchronize()
+        syncs: dict[str, list[str]] = {}
+        for phase, (runner, plan, reqs) in plans.items():
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+                try:
+                    drawn = runner.launch(plan, reqs)
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+            drawn.result()
+            syncs[phase] = [f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
+            ours = [f"{w.filename}:{w.lineno}" for w in caught
+                    if "synchroniz" in str(w.message) and f"{Path(__file__).resolve().parent.parent}/actors/" in
+                    str(Path(w.filename).resolve())]
+            assert not ours, f"{phase} launch synchronizes with the GPU at {ours}"
+        print("synchronizing calls inside one launch:", syncs)
+    finally:
+        core.shutdown()
+
+
 def _hf_state_dict(model: torch.nn.Module, arch: object) -> dict[str, torch.Tensor]:
     """Our fused weights as Hugging Face tensors (views, no copies)."""
     a = arch
