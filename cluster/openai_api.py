@@ -29,6 +29,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from importlib import metadata
 from typing import Any, Literal, TypeVar
 
 from fastapi import FastAPI, Request
@@ -739,6 +740,13 @@ class OpenAIServer:
         except Exception as e:
             raise APIError(503, f"the engines do not answer: {type(e).__name__}: {e}") from None
 
+    async def version(self) -> Response:
+        """The package version, as vLLM's `/version` gives its own."""
+        try:
+            return JSONResponse({"version": metadata.version("semipd")})
+        except metadata.PackageNotFoundError:
+            return JSONResponse({"version": "unknown"})
+
     async def health(self) -> Response:
         """200 while some engine is healthy, not draining and making progress; else 503."""
         if self.draining:
@@ -946,6 +954,7 @@ def create_app(
     for path, handler, methods in routes:
         app.add_api_route(path, handler, methods=methods)
     app.add_api_route("/health", server.health, methods=["GET"])
+    app.add_api_route("/version", server.version, methods=["GET"])
     app.add_api_route("/splits", server.splits, methods=["GET"])
     app.add_api_route("/metrics", server.prometheus, methods=["GET"], include_in_schema=False)
     return app

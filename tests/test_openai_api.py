@@ -232,6 +232,13 @@ def test_models_tokenize_detokenize(live: Live) -> None:
     assert bad.status_code == 400 and "token ids must be in" in bad.json()["error"]["message"]
 
 
+def test_version(live: Live) -> None:
+    from importlib.metadata import version
+
+    r = live.http.get("/version")
+    assert r.status_code == 200 and r.json() == {"version": version("semipd")}
+
+
 def test_health_ok(live: Live) -> None:
     assert live.http.get("/health").status_code == 200
 
