@@ -708,7 +708,8 @@ def test_dashboard_panels_cover_the_metrics() -> None:
     assert re.search(r"by \([^)]*worker\) \(rate\(semipd:worker_iteration_seconds_sum\{.*\) / "
                      r".*rate\(semipd:worker_iteration_seconds_count\{", text)
     assert re.search(r"by \([^)]*phase", text), "queue depth must be split by phase"
-    for counter in ("vllm:prompt_tokens_total", "vllm:generation_tokens_total", "semipd:sm_repartitions_total"):
+    for counter in ("vllm:prompt_tokens_total", "vllm:generation_tokens_total", "semipd:sm_repartitions_total",
+                    "vllm:prefix_cache_hits_total", "vllm:prefix_cache_queries_total"):
         assert re.search(rf"rate\({re.escape(counter)}\{{", text), counter
 
 
