@@ -1,11 +1,12 @@
 """torch's cuBLAS: the workspaces it caches, and the SM count its GEMMs are sized for.
 
-Workspaces: torch caches one for the whole process per (cuBLAS handle, stream). The first GEMM a thread runs on a stream allocates a workspace (32 MiB on Hopper) that
-torch keeps until `torch._C._cuda_clearCublasWorkspaces()`, even after the stream is
-gone. An engine runs on streams of its own (semi-PD: two per SM split, each probed with a
-GEMM), so without a release each engine would leave about a gigabyte behind. Freeing them
-is safe at any time for eager work (the next GEMM allocates a new one) and for graphs
-captured inside `graph_workspaces()`, which take theirs from the graph's own pool.
+Workspaces: torch caches one for the whole process per (cuBLAS handle, stream). The first
+GEMM a thread runs on a stream allocates one (32 MiB on Hopper) that torch keeps until
+`torch._C._cuda_clearCublasWorkspaces()`, even after the stream is gone. An engine runs on
+streams of its own (semi-PD: two per SM split, each probed with a GEMM), so without a
+release each engine would leave about a gigabyte behind. Freeing them is safe at any time
+for eager work (the next GEMM allocates a new one) and for graphs captured inside
+`graph_workspaces()`, which take theirs from the graph's own pool.
 
 SM count: cuBLAS sizes a GEMM's grid for every SM of the device, also on a green-context
 stream that has fewer. A persistent kernel of one block per SM then runs in two waves on a
