@@ -55,7 +55,8 @@ class FlashInferAttention(AttentionBackend):
 
     @staticmethod
     def _i32(values: list[int]) -> torch.Tensor:
-        """Host (pinned) int32: flashinfer plans from host copies, so device ones would cost a sync each."""
+        """Host (pinned) int32: flashinfer's planners read indptr and lengths on the host, so device ones
+        would cost a device-to-host copy and a sync each."""
         return torch.tensor(values, dtype=torch.int32).pin_memory()
 
     @contextmanager
@@ -73,13 +74,17 @@ class FlashInferAttention(AttentionBackend):
         self._plan_copied[id(wrapper)] = copied
 
     def _plan_decode(self, wrapper: object, layout: BatchLayout, lo: int, hi: int) -> None:
+        """indptr and last-page lengths go in on the host, where flashinfer's planner reads them; the page
+        indices on the device: a CUDA-graph wrapper copies host indices into its buffer with a blocking
+        copy, which would wait for the decode step still queued on the stream (overlapped decode)."""
         indptr, indices, last = _paged_indices(layout.block_tables[lo:hi], layout.context_lens[lo:hi],
                                                self.pool.page_size)
         a = self.arch
         with self._planning(wrapper):
             wrapper.plan(  # type: ignore[attr-defined]
-                self._i32(indptr), self._i32(indices), self._i32(last), a.num_heads, a.num_kv_heads, a.head_dim,
-                self.pool.page_size, q_data_type=self.dtype, kv_data_type=self.dtype,
+                self._i32(indptr), self._i32(indices).to(self.device, non_blocking=True), self._i32(last),
+                a.num_heads, a.num_kv_heads, a.head_dim, self.pool.page_size, q_data_type=self.dtype,
+                kv_data_type=self.dtype,
             )
 
     def _plan_prefill(self, layout: BatchLayout, lo: int) -> None:
