@@ -33,7 +33,7 @@ case $what in
     python3 bench/decode_profile.py $model ${@:2} > "$OUT/decode-profile.log" 2>&1; tail -8 "$OUT/decode-profile.log"
     ;;
   gemm)
-    python3 bench/partition_gemm.py "$OUT/gemm.json" 2>&1 | tee "$OUT/gemm.log" | tail -16
+    python3 bench/partition_gemm.py "$OUT/gemm.json" 2>&1 | tee "$OUT/gemm.log" | tail -17
     ;;
   startup)
     python3 bench/startup_probe.py $model 2>&1 | tee "$OUT/startup.log" | grep -E "captured|built|profile in"

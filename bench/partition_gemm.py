@@ -5,7 +5,8 @@ whole GPU (its default) and for the partition (`set_sm_count_target`).
 
 For each split, the prefill side runs M=4096 and M=1024 token GEMMs and the decode side M=64;
 `ideal` is the whole GPU's time scaled by total/partition SMs (linear scaling). Prints a table
-(last) and writes the rows as JSON.
+(last) and writes the rows as JSON. Last, it tries a 120/12 split (below the engine's
+MIN_PARTITION_SMS), which ran no GEMM on its 12-SM side with cuBLAS sized for the whole GPU.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from collections.abc import Callable
 
 import torch
 
-from actors.engine.partitioner import GreenContextPartitioner, Partition
+from actors.engine.partitioner import SM_GRANULE, GreenContextPartitioner, Partition
 from actors.runner.cublas import set_sm_count_target, sm_count_target
 
 HIDDEN, INTERMEDIATE, QKV = 4096, 14336, 6144  # llama3-8b: 32 q + 2 x 8 kv heads of 128
@@ -94,6 +95,18 @@ def main(out_json: str | None) -> None:
         print(f"| {r['split']} | {r['phase']} | {r['sms']} | {r['tokens']} | {r['whole_gpu_ms']:.3f} | "
               f"{r['default_ms']:.3f} | {r['sized_ms']:.3f} | {r['ideal_ms']:.3f} | "
               f"{r['default_ms'] / r['sized_ms']:.2f}x |")
+    print(probe_small_split(device))
+
+
+def probe_small_split(device: torch.device, prefill_sms: int = 120) -> str:
+    """Whether a split whose decode side is below MIN_PARTITION_SMS runs a decode-sized layer there."""
+    try:
+        parts = GreenContextPartitioner(device, splits=(prefill_sms,), min_sms=SM_GRANULE)
+        part = parts.partition_for("decode")
+        ms = _on(part, _layer(64, device), part.sms)
+        return f"{prefill_sms}/{part.sms} split: the {part.sms}-SM side runs the layer's GEMMs (M=64) in {ms:.3f} ms"
+    except Exception as e:  # the answer sought, not a failure of the benchmark
+        return f"{prefill_sms}/x split: fails ({type(e).__name__}: {e})"
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import torch
 
-from actors.runner.cublas import release_workspaces
+from actors.runner.cublas import release_workspaces, set_sm_count_target
 from actors.slo.types import nearest_split
 
 Phase = Literal["prefill", "decode"]
@@ -27,7 +27,8 @@ SM_GRANULE = 8  # Hopper partitions come in multiples of 8 SMs
 
 
 # Fewer SMs than this on either side and cuBLAS kernels fail to launch there (seen on an
-# H100: a 120/12 split ran no fp16/bf16 GEMM on its 12-SM side; 112/20 ran them all).
+# H100: a 120/12 split ran no fp16/bf16 GEMM on its 12-SM side; 112/20 ran them all). That was
+# with cuBLAS sized for the whole GPU; `bench/partition_gemm.py` checks 120/12 sized for 12.
 MIN_PARTITION_SMS = 16
 
 
@@ -36,9 +37,10 @@ def split_choices(total_sms: int, granule: int = SM_GRANULE, min_sms: int = MIN_
     return tuple(n for n in range(granule, total_sms, granule) if n >= min_sms and total_sms - n >= min_sms)
 
 
-def restrict_splits(total_sms: int, wanted: tuple[int, ...] | None) -> tuple[int, ...]:
+def restrict_splits(total_sms: int, wanted: tuple[int, ...] | None, min_sms: int = MIN_PARTITION_SMS
+                    ) -> tuple[int, ...]:
     """The splits to create: `split_choices(total_sms)`, or the ones nearest each of `wanted`."""
-    allowed = split_choices(total_sms)
+    allowed = split_choices(total_sms, min_sms=min_sms)
     if not wanted or not allowed:
         return allowed
     return tuple(sorted({nearest_split(allowed, w) for w in wanted}))
@@ -128,19 +130,22 @@ class WholeGpuPartitioner(Partitioner):
 
 class GreenContextPartitioner(Partitioner):
     """Green-context SM partitions for every split (or those nearest `splits`), created once at start
-    (3-5 ms each; the engine then captures decode CUDA graphs for each)."""
+    (3-5 ms each; the engine then captures decode CUDA graphs for each). `min_sms`: the fewest SMs
+    either side may get; each partition is probed with a GEMM sized for it."""
 
-    def __init__(self, device: torch.device, initial: int | None = None, splits: tuple[int, ...] | None = None) -> None:
+    def __init__(self, device: torch.device, initial: int | None = None, splits: tuple[int, ...] | None = None,
+                 min_sms: int = MIN_PARTITION_SMS) -> None:
         total = torch.cuda.get_device_properties(device).multi_processor_count
-        super().__init__(total, restrict_splits(total, splits), initial)
+        super().__init__(total, restrict_splits(total, splits, min_sms), initial)
         self._device_index = device.index if device.index is not None else torch.cuda.current_device()
         self._keepalive: list[Any] = []
         self._streams: dict[int, tuple[torch.cuda.ExternalStream, torch.cuda.ExternalStream]] = {}
         self.actual_sms: dict[int, tuple[int, int]] = {}
         for n in self.splits:
             self._streams[n] = self._make_split(n)
-            for stream in self._streams[n]:
-                _probe_gemm(stream)
+            for part in (self._partition(n, "prefill"), self._partition(n, "decode")):
+                _probe_gemm(part)
+        set_sm_count_target(total, device)
         release_workspaces()  # the probes' cuBLAS workspaces, one per stream
 
     def _make_split(self, prefill_sms: int) -> tuple[torch.cuda.ExternalStream, torch.cuda.ExternalStream]:
@@ -172,9 +177,12 @@ class GreenContextPartitioner(Partitioner):
         return Partition(prefill, prefill_sms) if phase == "prefill" else Partition(decode, decode_sms)
 
 
-def _probe_gemm(stream: torch.cuda.Stream) -> None:
-    """Fail at start, not mid-serving, if cuBLAS cannot run on a partition."""
+def _probe_gemm(part: Partition) -> None:
+    """Fail at start, not mid-serving, if cuBLAS cannot run on a partition (sized for it, as the runners do)."""
+    stream = part.stream
+    assert stream is not None
     a = torch.ones(64, 256, dtype=torch.bfloat16, device=torch.device("cuda", stream.device_index))
+    set_sm_count_target(part.sms, a.device)
     with torch.cuda.stream(stream):
         b = a @ a.T
     stream.synchronize()
