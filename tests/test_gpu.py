@@ -164,6 +164,7 @@ def test_launches_queue_without_waiting_for_the_gpu(tiny_llama: Path) -> None:
     (torch's sync debug mode); those inside libraries are printed, for the record, not failed."""
     import warnings
 
+    from actors.request import Request
     from actors.scheduler.plan import BatchPlan, SeqChunk
     from cluster.bench.engine_bench import _decode_plan, _dummy_requests, make_core
 
@@ -174,8 +175,11 @@ def test_launches_queue_without_waiting_for_the_gpu(tiny_llama: Path) -> None:
         decode.set_partition(core.partitioner.partition_for("decode"))
         blocks = [core.allocator.allocate(20) for _ in range(2)]
         chunks = tuple(SeqChunk(f"p{i}", tuple(range(3, 303)), 0, tuple(b or ()), True) for i, b in enumerate(blocks))
+        sampled = SamplingParams(max_tokens=64, temperature=0.8, top_p=0.9, top_k=50, min_p=0.05, min_tokens=4)
+        decode_plan = _decode_plan(core, 8, 200)[0]
         plans = {"prefill": (prefill, BatchPlan(prefills=chunks), _dummy_requests(2)),
-                 "decode": (decode, _decode_plan(core, 8, 200)[0], _dummy_requests(8))}
+                 "decode": (decode, decode_plan, _dummy_requests(8)),
+                 "decode, sampled": (decode, decode_plan, [Request(f"s{i}", [1], 1, sampled) for i in range(8)])}
         for runner, plan, reqs in plans.values():
             runner.execute(plan, reqs)  # first use: kernels loaded, workspaces allocated
         torch.cuda.synchronize()

@@ -19,6 +19,7 @@ from actors.models.llama import CausalLM
 from actors.request import Request
 from actors.runner.cublas import set_sm_count_target
 from actors.runner.sampler import Drawn, Sampler, SampleResult
+from actors.runner.transfer import to_device
 
 if TYPE_CHECKING:
     from actors.runner.cuda_graphs import DecodeGraphs
@@ -47,9 +48,7 @@ class Carry:
     def apply(self, input_ids: torch.Tensor) -> None:
         """Patch `input_ids` [>= len(src)] in place, on the current stream (after `follow`)."""
         n = len(self.src)
-        src = torch.tensor(self.src, dtype=torch.long)
-        if input_ids.device.type == "cuda":
-            src = src.pin_memory().to(input_ids.device, non_blocking=True)
+        src = to_device(self.src, torch.long, input_ids.device)
         taken = self.prev.token_ids[src.clamp(min=0)]
         input_ids[:n] = torch.where(src >= 0, taken, input_ids[:n])
 
@@ -133,14 +132,8 @@ class ModelRunner:
             query_lens=tuple(c.num_tokens for c in chunks),
             context_lens=tuple(c.context_len for c in chunks),
             block_tables=tuple(c.block_ids for c in chunks),
-            slot_mapping=_to_device(pages * ps + positions % ps, self.device),
+            slot_mapping=to_device(pages * ps + positions % ps, torch.long, self.device),
         )
         dev = self.device
-        return _to_device(ids, dev), _to_device(positions, dev), layout, _to_device(sample_rows, dev)
-
-
-def _to_device(values: np.ndarray, device: torch.device) -> torch.Tensor:
-    t = torch.from_numpy(np.ascontiguousarray(values, dtype=np.int64))
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t
+        return (to_device(ids, torch.long, dev), to_device(positions, torch.long, dev), layout,
+                to_device(sample_rows, torch.long, dev))

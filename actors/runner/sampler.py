@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from actors.request import Request
+from actors.runner.transfer import to_device
 
 
 @dataclass(frozen=True)
@@ -86,44 +87,65 @@ class Sampler:
         return Drawn(chosen, raw_logprobs, reqs)
 
     def _apply_penalties(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
-        vocab = logits.shape[1]
+        """Repetition penalty over prompt and output tokens, presence and frequency over output tokens;
+        the token indices go to the device in one queued copy each (no host wait)."""
+        vocab, dev, dtype = logits.shape[1], logits.device, logits.dtype
+        seen_rows: list[int] = []
+        seen_ids: list[int] = []
+        seen_penalty: list[float] = []
+        out_rows: list[int] = []
+        out_ids: list[int] = []
+        presence, frequency = [0.0] * len(reqs), [0.0] * len(reqs)
         for i, r in enumerate(reqs):
             p = r.params
-            if not p.needs_penalties:
-                continue
             if p.repetition_penalty != 1.0:
-                seen = torch.tensor(sorted(set(r.token_ids)), dtype=torch.long, device=logits.device)
-                seen = seen[seen < vocab]
-                row = logits[i, seen]
-                logits[i, seen] = torch.where(row > 0, row / p.repetition_penalty, row * p.repetition_penalty)
+                seen = [t for t in set(r.token_ids) if t < vocab]
+                seen_rows += [i] * len(seen)
+                seen_ids += seen
+                seen_penalty += [p.repetition_penalty] * len(seen)
             if p.presence_penalty or p.frequency_penalty:
-                out = torch.tensor(r.output_token_ids, dtype=torch.long, device=logits.device)
-                out = out[out < vocab]
-                counts = torch.bincount(out, minlength=vocab).to(logits.dtype)
-                logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
+                out = [t for t in r.output_token_ids if t < vocab]
+                out_rows += [i] * len(out)
+                out_ids += out
+                presence[i], frequency[i] = p.presence_penalty, p.frequency_penalty
+        if seen_rows:
+            rows, ids = to_device(seen_rows, torch.long, dev), to_device(seen_ids, torch.long, dev)
+            penalty = to_device(seen_penalty, dtype, dev)
+            row = logits[rows, ids]
+            logits[rows, ids] = torch.where(row > 0, row / penalty, row * penalty)
+        if out_rows:
+            counts = torch.zeros_like(logits)
+            counts.index_put_((to_device(out_rows, torch.long, dev), to_device(out_ids, torch.long, dev)),
+                              torch.ones(len(out_rows), dtype=dtype, device=dev), accumulate=True)
+            logits -= (to_device(frequency, dtype, dev)[:, None] * counts
+                       + to_device(presence, dtype, dev)[:, None] * (counts > 0).to(dtype))
         return logits
 
     @staticmethod
     def _mask_early_stops(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
-        rows = [(i, r) for i, r in enumerate(reqs) if r.num_output_tokens < r.params.min_tokens]
+        rows: list[int] = []
+        banned: list[int] = []
+        for i, r in enumerate(reqs):
+            if r.num_output_tokens < r.params.min_tokens:
+                stops = [t for t in (*r.eos_token_ids, *r.params.stop_token_ids) if t < logits.shape[1]]
+                rows += [i] * len(stops)
+                banned += stops
         if not rows:
             return logits
         logits = logits.clone()
-        for i, r in rows:
-            banned = [t for t in (*r.eos_token_ids, *r.params.stop_token_ids) if t < logits.shape[1]]
-            logits[i, banned] = float("-inf")
+        logits[to_device(rows, torch.long, logits.device), to_device(banned, torch.long, logits.device)] = float("-inf")
         return logits
 
     def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
         dev = logits.device
-        greedy = torch.tensor([r.params.greedy for r in reqs], device=dev)
-        temp = torch.tensor([r.params.temperature or 1.0 for r in reqs], device=dev, dtype=logits.dtype)
+        greedy = to_device([r.params.greedy for r in reqs], torch.bool, dev)
+        temp = to_device([r.params.temperature or 1.0 for r in reqs], logits.dtype, dev)
         argmax = logits.argmax(dim=-1)
         logits = logits / temp[:, None]
         logits = _top_k_top_p(logits, reqs)
         probs = torch.softmax(logits, dim=-1)
-        min_p = torch.tensor([r.params.min_p for r in reqs], device=dev, dtype=probs.dtype)
-        if bool((min_p > 0).any()):
+        if any(r.params.min_p > 0 for r in reqs):
+            min_p = to_device([r.params.min_p for r in reqs], probs.dtype, dev)
             probs = probs.masked_fill(probs < min_p[:, None] * probs.max(dim=-1, keepdim=True).values, 0.0)
         q = torch.empty_like(probs)
         for i, r in enumerate(reqs):
@@ -141,10 +163,10 @@ def _top_k_top_p(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
     dev = logits.device
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     ranks = torch.arange(vocab, device=dev)[None, :]
-    drop = ranks >= torch.tensor(top_k, device=dev)[:, None]
+    drop = ranks >= to_device(top_k, torch.long, dev)[:, None]
     probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs
-    drop |= mass_before >= torch.tensor(top_p, device=dev, dtype=probs.dtype)[:, None]
+    drop |= mass_before >= to_device(top_p, probs.dtype, dev)[:, None]
     drop[:, 0] = False
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     return torch.empty_like(logits).scatter_(1, order, sorted_logits)
