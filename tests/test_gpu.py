@@ -145,11 +145,12 @@ def test_cublas_sized_for_a_partition_per_thread() -> None:
     b = torch.randn(4096, 4096, dtype=torch.bfloat16, device="cuda")
     expected = (a.float() @ b.float()).to(torch.bfloat16)
     torch.cuda.synchronize()
-    set_sm_count_target(part.sms)
     try:
-        assert sm_count_target() == part.sms
-        with ThreadPoolExecutor(1) as pool:
-            assert pool.submit(sm_count_target).result() == 0
+        with ThreadPoolExecutor(1) as pool:  # torch keeps one cuBLAS handle per thread
+            assert pool.submit(lambda: (set_sm_count_target(64), sm_count_target())[1]).result() == 64
+            set_sm_count_target(part.sms)
+            assert sm_count_target() == part.sms
+            assert pool.submit(sm_count_target).result() == 64
         with torch.cuda.stream(part.stream):
             got = a @ b
         part.stream.synchronize()

@@ -130,6 +130,12 @@ class Worker:
         return True
 
     def _loop(self) -> None:
+        try:
+            self._iterate()
+        finally:
+            self.runner.leave_thread()
+
+    def _iterate(self) -> None:
         while not self.stop_event.is_set():
             self._adopt_split()
             t0, tokens = time.monotonic(), self.tokens

@@ -53,14 +53,14 @@ def graph_workspaces() -> Iterator[None]:
 
 
 def set_sm_count_target(sms: int, device: torch.device | None = None) -> None:
-    """Size the calling thread's cuBLAS GEMMs (on `device`) for `sms` SMs; the whole device's count
-    or more restores cuBLAS's default. Where cuBLAS cannot, this logs a warning (once per thread
+    """Size the calling thread's cuBLAS GEMMs (on `device`) for `sms` SMs; 0, or the whole device's
+    count or more, restores cuBLAS's default. Where cuBLAS cannot, this logs a warning (once per thread
     and value) and changes nothing: the GEMMs stay correct either way."""
     lib = _libcublas()
     if lib is None:
         return
     total = torch.cuda.get_device_properties(device).multi_processor_count
-    target = 0 if sms >= total else sms
+    target = 0 if sms <= 0 or sms >= total else sms
     handle = torch.cuda.current_blas_handle()
     targets = _applied.__dict__.setdefault("targets", {})
     if targets.get(handle) == target:

@@ -76,6 +76,12 @@ class ModelRunner:
         self.stream = partition.stream
         self.sms = partition.sms
 
+    def leave_thread(self) -> None:
+        """The calling thread runs no more iterations: its cuBLAS handle, which torch hands to a later
+        thread, goes back to GEMMs sized for the whole GPU."""
+        if self.device.type == "cuda" and self.sms:
+            set_sm_count_target(0, self.device)
+
     def release_graphs(self) -> None:
         """Destroy the decode CUDA graphs (their pool goes back to the allocator); later
         iterations run eagerly. Call once the device has finished every queued iteration."""
