@@ -117,6 +117,15 @@ class EngineCollector:
                 for worker, value in (l.stats.get(key) or {}).items():
                     family.add_metric([*m, l.engine_id, worker], float(value))
             yield family
+        parts = CounterMetricFamily(
+            "semipd:worker_launch_part_seconds",
+            "Host time queueing each worker's iterations, by part: prepare (inputs), plan (attention), "
+            "forward (kernel launches), graph (CUDA-graph decode steps), sample.", labels=[*per_engine, "worker", "part"])
+        for l in loads:
+            for worker, by_part in (l.stats.get("launch_parts") or {}).items():
+                for part, value in by_part.items():
+                    parts.add_metric([*m, l.engine_id, worker, part], float(value))
+        yield parts
         depth = GaugeMetricFamily("semipd:queue_depth", "Requests queued for or in each phase.",
                                   labels=[*per_engine, "phase"])
         for l in loads:

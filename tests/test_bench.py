@@ -627,6 +627,8 @@ def test_end_to_end_against_real_server(live_server: _Server, tiny_llama: Path, 
     iterations = {worker: w for (_, worker), w in worker_iterations(result).items()}
     assert set(iterations) == {"prefill", "decode"}
     assert all(w.count >= 1 and w.mean_ms >= w.launch_ms > 0 for w in iterations.values())
+    assert set(iterations["prefill"].launch_parts_ms) == {"prepare", "plan", "forward", "sample"}  # CPU: no graphs
+    assert all(sum(w.launch_parts_ms.values()) <= w.launch_ms * 1.01 for w in iterations.values())
     assert iterations["decode"].count >= max(r.max_tokens for r in recs) - 1
     assert 1 <= iterations["decode"].tokens <= 20  # one token per running request
     assert 0 < round(iterations["prefill"].count * iterations["prefill"].tokens) <= result.metrics.total_input  # less cached
@@ -648,11 +650,16 @@ def test_worker_iterations_from_the_metric_deltas() -> None:
         f'semipd:worker_iteration_seconds_sum{{{e},worker="decode"}}': 8.0,
         f'semipd:worker_launch_seconds_total{{{e},worker="decode"}}': 0.4,
         f'semipd:worker_tokens_total{{{e},worker="decode"}}': 12800.0,
+        f'semipd:worker_launch_part_seconds_total{{{e},worker="decode",part="graph"}}': 0.32,
+        f'semipd:worker_launch_part_seconds_total{{{e},worker="decode",part="sample"}}': 0.08,
+        f'semipd:worker_launch_part_seconds_total{{{e},worker="decode",part="forward"}}': 0.0,  # unused: left out
         f'semipd:worker_iteration_seconds_count{{{e},worker="prefill"}}': 0.0,  # idle during the run: left out
         f'semipd:worker_iteration_seconds_sum{{{e},worker="prefill"}}': 0.0,
     }}
-    assert worker_iterations(result) == {("g0", "decode"): WorkerIterations(400.0, 20.0, 1.0, 32.0)}
-    assert format_worker_iterations(result).endswith("g0 decode: 400 x 20.00 ms (host 1.00 ms, 32 tokens)")
+    assert worker_iterations(result) == {
+        ("g0", "decode"): WorkerIterations(400.0, 20.0, 1.0, 32.0, {"graph": 0.8, "sample": 0.2})}
+    assert format_worker_iterations(result).endswith(
+        "g0 decode: 400 x 20.00 ms (host 1.00 ms = graph 0.80 + sample 0.20, 32 tokens)")
     result.server_metrics = None  # vLLM
     assert worker_iterations(result) == {} and format_worker_iterations(result) == ""
 

@@ -127,7 +127,8 @@ def test_engine_collector_aggregates_engines() -> None:
         _load("g0", num_waiting=2, num_prefilling=1, num_decoding=5, kv_usage=0.5, num_pages=100, prefill_sms=64,
               total_sms=128, num_switches=3, num_switch_stalls=3, switch_stall_seconds=0.006,
               iterations={"prefill": 10, "decode": 400}, busy_seconds={"prefill": 1.5, "decode": 2.8},
-              cuda_alloc_retries=2, cuda_frees=7, prefix_queried_tokens=5000, prefix_hit_tokens=1200),
+              cuda_alloc_retries=2, cuda_frees=7, prefix_queried_tokens=5000, prefix_hit_tokens=1200,
+              launch_parts={"decode": {"graph": 1.25, "sample": 0.5}}),
         _load("g1", num_waiting=0, num_prefilling=0, num_decoding=1, kv_usage=0.1, num_pages=300, prefill_sms=32,
               total_sms=128, num_switches=0),
     ])
@@ -150,6 +151,7 @@ def test_engine_collector_aggregates_engines() -> None:
     assert not any(name.startswith("semipd:cuda_") and dict(labels).get("engine") == "g1" for name, labels in s)  # a CPU engine
     assert get(s, "vllm:prefix_cache_queries_total", model_name="m", engine="g0") == 5000
     assert get(s, "vllm:prefix_cache_hits_total", model_name="m", engine="g0") == 1200
+    assert get(s, "semipd:worker_launch_part_seconds_total", part="graph", **decode) == 1.25
     metrics.update_loads([])  # engines gone: per-engine series disappear, totals drop to 0
     s = parse(metrics.render()[0].decode())
     assert get(s, "vllm:num_requests_running", model_name="m") == 0

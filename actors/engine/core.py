@@ -63,6 +63,7 @@ class EngineStats:
     busy_seconds: dict[str, float]
     tokens: dict[str, int] = field(default_factory=dict)  # per worker: tokens computed ...
     launch_seconds: dict[str, float] = field(default_factory=dict)  # ... and host time queueing its iterations
+    launch_parts: dict[str, dict[str, float]] = field(default_factory=dict)  # ... by part (`ModelRunner.host_seconds`)
     num_switch_stalls: int = 0  # SM splits adopted by the workers (Worker.adopt_seconds) ...
     switch_stall_seconds: float = 0.0  # ... and the total time the adoptions took
     switches: tuple[SwitchRecord, ...] = ()  # the last RECENT_SWITCHES split changes, oldest first
@@ -316,6 +317,7 @@ class EngineCore:
             busy_seconds={w.name: w.busy_seconds for w in self.workers},
             tokens={w.name: w.tokens for w in self.workers},
             launch_seconds={w.name: w.launch_seconds for w in self.workers},
+            launch_parts={w.name: dict(w.runner.host_seconds) for w in self.workers},
             num_switch_stalls=sum(len(w.adopt_seconds) for w in self.workers),
             switch_stall_seconds=sum(sum(w.adopt_seconds) for w in self.workers),
             switches=tuple(self.partitioner.switches[-RECENT_SWITCHES:]),

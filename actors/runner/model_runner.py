@@ -6,6 +6,7 @@ backend (with its workspace) and the stream are the worker's own.
 
 from __future__ import annotations
 
+import time
 from contextlib import nullcontext
 from typing import TYPE_CHECKING
 
@@ -68,6 +69,9 @@ class ModelRunner:
         self.sampler = sampler
         self.stream: torch.cuda.Stream | None = None
         self.sms = 0  # the SMs of `stream`'s partition, which its GEMMs are sized for (0: all)
+        # host time of `launch` by part: prepare (inputs), plan (attention), forward (kernel launches),
+        # graph (a CUDA-graph decode step: inputs, plan and replay), sample
+        self.host_seconds = dict.fromkeys(("prepare", "plan", "forward", "graph", "sample"), 0.0)
         self.graphs = graphs
         self.device = pool.kv.device
 
@@ -99,6 +103,7 @@ class ModelRunner:
 
         `carry` fills decode input ids from the previous step's draw (overlapped decode).
         """
+        t = time.perf_counter()
         ctx = torch.cuda.stream(self.stream) if self.stream is not None else nullcontext()
         with ctx:
             if self.stream is not None and self.sms:
@@ -107,14 +112,27 @@ class ModelRunner:
                 carry.follow()
             if self._use_graph(plan):
                 hidden = self.graphs.run(plan.decodes, self.stream, carry)  # type: ignore[union-attr, arg-type]
+                t = self._spent("graph", t)
             else:
                 input_ids, positions, layout, logits_idx = self.prepare(plan)
                 if carry is not None:
                     carry.apply(input_ids)
-                hidden = self.model(input_ids, positions, self.attention.plan(layout))[logits_idx]
+                t = self._spent("prepare", t)
+                attn = self.attention.plan(layout)
+                t = self._spent("plan", t)
+                hidden = self.model(input_ids, positions, attn)[logits_idx]
+                t = self._spent("forward", t)
             if not sample_reqs:
                 return Drawn.nothing()
-            return self.sampler.draw(self.model.compute_logits(hidden), sample_reqs)
+            drawn = self.sampler.draw(self.model.compute_logits(hidden), sample_reqs)
+            self._spent("sample", t)
+            return drawn
+
+    def _spent(self, part: str, since: float) -> float:
+        """Add the host time since `since` to `part` of `host_seconds`; returns now."""
+        now = time.perf_counter()
+        self.host_seconds[part] += now - since
+        return now
 
     def _use_graph(self, plan: BatchPlan) -> bool:
         return (

@@ -248,12 +248,19 @@ class WorkerIterations:
     mean_ms: float  # wall time per iteration, host work included
     launch_ms: float  # of which host time queueing the iteration on the device
     tokens: float  # tokens computed per iteration
+    launch_parts_ms: dict[str, float] = field(default_factory=dict)  # host time by part, per iteration
 
 
 def worker_iterations(result: BenchResult) -> dict[tuple[str, str], WorkerIterations]:
     """(engine, worker) -> its iterations during the run, from the server's `semipd:worker_iteration_seconds`
-    summary and `semipd:worker_{tokens,launch_seconds}_total` counters (empty for servers without them)."""
+    summary and `semipd:worker_{tokens,launch_seconds,launch_part_seconds}_total` counters (empty for
+    servers without them)."""
     delta = (result.server_metrics or {}).get("delta") or {}
+    parts: dict[tuple[str, str], dict[str, float]] = {}
+    for series, seconds in delta.items():
+        if series.startswith("semipd:worker_launch_part_seconds_total{") and seconds > 0:
+            key = _series_labels(series)
+            parts.setdefault((key.get("engine", "?"), key.get("worker", "?")), {})[key.get("part", "?")] = seconds
     out: dict[tuple[str, str], WorkerIterations] = {}
     for series, count in delta.items():
         if not series.startswith("semipd:worker_iteration_seconds_count{") or count <= 0:
@@ -262,9 +269,11 @@ def worker_iterations(result: BenchResult) -> dict[tuple[str, str], WorkerIterat
         per_iteration = {name: delta.get(f"semipd:worker_{name}{labels}", 0.0) / count
                          for name in ("iteration_seconds_sum", "launch_seconds_total", "tokens_total")}
         key = _series_labels(labels)
-        out[(key.get("engine", "?"), key.get("worker", "?"))] = WorkerIterations(
+        worker = (key.get("engine", "?"), key.get("worker", "?"))
+        out[worker] = WorkerIterations(
             count, 1e3 * per_iteration["iteration_seconds_sum"], 1e3 * per_iteration["launch_seconds_total"],
-            per_iteration["tokens_total"])
+            per_iteration["tokens_total"],
+            {part: 1e3 * seconds / count for part, seconds in sorted(parts.get(worker, {}).items())})
     return out
 
 
@@ -274,8 +283,12 @@ def format_worker_iterations(result: BenchResult) -> str:
     rows = worker_iterations(result)
     if not rows:
         return ""
-    parts = [f"{engine} {worker}: {w.count:.0f} x {w.mean_ms:.2f} ms (host {w.launch_ms:.2f} ms, "
-             f"{w.tokens:.0f} tokens)" for (engine, worker), w in sorted(rows.items())]
+    def host(w: WorkerIterations) -> str:
+        split = " + ".join(f"{part} {ms:.2f}" for part, ms in w.launch_parts_ms.items())
+        return f"host {w.launch_ms:.2f} ms" + (f" = {split}" if split else "")
+
+    parts = [f"{engine} {worker}: {w.count:.0f} x {w.mean_ms:.2f} ms ({host(w)}, {w.tokens:.0f} tokens)"
+             for (engine, worker), w in sorted(rows.items())]
     return "Worker iterations during the run (mean wall time): " + "; ".join(parts)
 
 
