@@ -12,7 +12,6 @@ MIN_PARTITION_SMS), which ran no GEMM on its 12-SM side with cuBLAS sized for th
 from __future__ import annotations
 
 import json
-import statistics
 import sys
 from collections.abc import Callable
 
@@ -20,6 +19,7 @@ import torch
 
 from actors.engine.partitioner import SM_GRANULE, GreenContextPartitioner, Partition
 from actors.runner.cublas import set_sm_count_target, sm_count_target
+from cluster.bench.engine_bench import _cuda_time
 
 HIDDEN, INTERMEDIATE, QKV = 4096, 14336, 6144  # llama3-8b: 32 q + 2 x 8 kv heads of 128
 SPLITS = (64, 80, 96, 112)
@@ -42,19 +42,9 @@ def _layer(m: int, device: torch.device) -> Callable[[], None]:
     return run
 
 
-def _time_ms(fn: Callable[[], None], stream: torch.cuda.Stream, reps: int = 20) -> float:
+def _time_ms(fn: Callable[[], None], stream: torch.cuda.Stream) -> float:
     with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-        times = []
-        for _ in range(reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record(stream)
-            fn()
-            end.record(stream)
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-    return statistics.median(times)
+        return 1e3 * _cuda_time(fn, reps=20)
 
 
 def _on(part: Partition, layer: Callable[[], None], sms: int) -> float:
@@ -62,7 +52,7 @@ def _on(part: Partition, layer: Callable[[], None], sms: int) -> float:
     try:
         return _time_ms(layer, part.stream)  # type: ignore[arg-type]
     finally:
-        set_sm_count_target(torch.cuda.get_device_properties(0).multi_processor_count)
+        set_sm_count_target(0)
 
 
 def main(out_json: str | None) -> None:
