@@ -30,7 +30,7 @@ import torch
 
 log = logging.getLogger(__name__)
 _lock = threading.RLock()  # a release never lands inside another thread's capture
-_applied = threading.local()  # .targets: {cuBLAS handle: SM count last set on it}
+_applied = threading.local()  # .sms: {device index: SM count last set on this thread's cuBLAS handle there}
 
 
 def release_workspaces() -> None:
@@ -56,20 +56,22 @@ def set_sm_count_target(sms: int, device: torch.device | None = None) -> None:
     """Size the calling thread's cuBLAS GEMMs (on `device`) for `sms` SMs; 0, or the whole device's
     count or more, restores cuBLAS's default. Where cuBLAS cannot, this logs a warning (once per thread
     and value) and changes nothing: the GEMMs stay correct either way."""
+    index = device.index if device is not None and device.index is not None else torch.cuda.current_device()
+    asked = _applied.__dict__.setdefault("sms", {})
+    if asked.get(index) == sms:  # every launch asks: answer from the thread's own record
+        return
     lib = _libcublas()
     if lib is None:
         return
-    total = torch.cuda.get_device_properties(device).multi_processor_count
+    total = torch.cuda.get_device_properties(index).multi_processor_count
     target = 0 if sms <= 0 or sms >= total else sms
-    handle = torch.cuda.current_blas_handle()
-    targets = _applied.__dict__.setdefault("targets", {})
-    if targets.get(handle) == target:
-        return
+    with torch.cuda.device(index):
+        handle = torch.cuda.current_blas_handle()
     status = lib.cublasSetSmCountTarget(ctypes.c_void_p(handle), ctypes.c_int(target))
     if status != 0:  # a sizing hint: GEMMs still run right without it, so warn and leave it
         log.warning("cublasSetSmCountTarget(%d) failed with cuBLAS status %d; GEMMs stay sized as before",
                     target, status)
-    targets[handle] = target
+    asked[index] = sms
 
 
 def sm_count_target() -> int:
