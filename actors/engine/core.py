@@ -316,7 +316,7 @@ class EngineCore:
             iterations={w.name: w.iterations for w in self.workers},
             busy_seconds={w.name: w.busy_seconds for w in self.workers},
             tokens={w.name: w.tokens for w in self.workers},
-            launch_seconds={w.name: w.launch_seconds for w in self.workers},
+            launch_seconds={w.name: sum(w.runner.host_seconds.values()) for w in self.workers},
             launch_parts={w.name: dict(w.runner.host_seconds) for w in self.workers},
             num_switch_stalls=sum(len(w.adopt_seconds) for w in self.workers),
             switch_stall_seconds=sum(sum(w.adopt_seconds) for w in self.workers),

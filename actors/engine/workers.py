@@ -104,7 +104,6 @@ class Worker:
         self.last_progress = time.monotonic()
         self.busy_seconds = 0.0
         self.tokens = 0  # tokens computed (prefill chunk tokens plus one per decode)
-        self.launch_seconds = 0.0  # host time to queue iterations on the device (part of busy_seconds)
         self.adopt_seconds: list[float] = []  # time spent adopting each new SM split
         self.iteration_log: deque[Iteration] = deque(maxlen=4096)
         self._version = -1
@@ -236,10 +235,8 @@ class Worker:
         self._fail(live, [], error)
 
     def _queue(self, plan: BatchPlan, sample_reqs: list[Request], carry: Carry | None) -> Drawn:
-        """`runner.launch`, counting its tokens and host time."""
-        t0 = time.perf_counter()
+        """`runner.launch`, counting its tokens (the runner counts its host time)."""
         drawn = self.runner.launch(plan, sample_reqs, carry)
-        self.launch_seconds += time.perf_counter() - t0
         self.tokens += plan.num_tokens
         return drawn
 
