@@ -727,7 +727,7 @@ def test_engine_decode_loop_bench_runs_both_ways_on_cpu(tiny_llama: Path) -> Non
     rows = [row for overlap in (False, True)
             for row in in_fresh_process(bench_decode_loop, str(tiny_llama), overlap, (1, 3), ctx=24, steps=12)]
     assert [(r["batch"], r["overlap"]) for r in rows] == [(1, False), (3, False), (1, True), (3, True)]
-    assert all(r["iterations"] == 12 and r["step_ms"] > 0 and r["mean_context"] > 24 for r in rows)
+    assert all(r["iterations"] == 12 and r["step_ms"] > 0 and r["mean_context"] > 24 for r in rows), rows
     assert all(r["decode_sms"] == 128 - 16 for r in rows)  # measured on the smallest prefill split
     table = format_table(dict(model="m", device="cpu", date="d", commit="c", command="x",
                               ceilings=dict(copy_TBps=1.0, matmul_TFLOPs=1.0), decode_loop=rows))

@@ -171,6 +171,8 @@ def test_decode_batch_is_bounded_by_max_decode_seqs() -> None:
     reqs = [decoding_request(kv, f"r{i}", 5 + i, arrival=i) for i in range(7)]
     for r in reqs:
         sched.add(r)
+    # requests handed to decode count as decoding, admitted or not (load, metrics, the controller)
+    assert sched.num_running == 7 and sched.context_tokens() == sum(r.num_tokens for r in reqs)
     batches = []
     while sched.has_work():
         chunks, scheduled, preempted = sched.schedule()

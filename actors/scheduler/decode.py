@@ -40,7 +40,10 @@ class DecodeScheduler:
         return bool(self.running or self._inbox)
 
     def context_tokens(self) -> int:
-        return sum(r.num_tokens for r in self.running)
+        """Tokens of every decode-owned request, admitted or still in the inbox (as `num_running` counts them)."""
+        with self._inbox_lock:
+            reqs = [*self.running, *self._inbox]
+        return sum(r.num_tokens for r in reqs)
 
     def take_aborted(self) -> list[Request]:
         self._admit_inbox()
