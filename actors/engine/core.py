@@ -142,7 +142,7 @@ class EngineCore:
             graphs = DecodeGraphs(self.model, backend, self.pool, self.config.scheduler.max_decode_seqs, max_pages)
             t0 = time.perf_counter()
             for part in self.partitioner.all_partitions("decode"):
-                set_sm_count_target(part.sms, self.device)
+                set_sm_count_target(part.gemm_sms, self.device)
                 graphs.capture_all(part.stream)
             set_sm_count_target(self.partitioner.total_sms, self.device)
             torch.cuda.synchronize(self.device)

@@ -68,7 +68,7 @@ class ModelRunner:
         self.attention = attention
         self.sampler = sampler
         self.stream: torch.cuda.Stream | None = None
-        self.sms = 0  # the SMs of `stream`'s partition, which its GEMMs are sized for (0: all)
+        self.sms = 0  # the SMs cuBLAS sizes this runner's GEMMs for (0: the whole GPU)
         # host time of `launch` by part: prepare (inputs), plan (attention), forward (kernel launches),
         # graph (a CUDA-graph decode step: inputs, plan and replay), sample
         self.host_seconds = dict.fromkeys(("prepare", "plan", "forward", "graph", "sample"), 0.0)
@@ -78,7 +78,7 @@ class ModelRunner:
     def set_partition(self, partition: Partition) -> None:
         """Run later iterations on `partition`'s stream, GEMMs sized for its SMs; called between iterations."""
         self.stream = partition.stream
-        self.sms = partition.sms
+        self.sms = partition.gemm_sms
 
     def leave_thread(self) -> None:
         """The calling thread runs no more iterations: its cuBLAS handle, which torch hands to a later
@@ -106,7 +106,7 @@ class ModelRunner:
         t = time.perf_counter()
         ctx = torch.cuda.stream(self.stream) if self.stream is not None else nullcontext()
         with ctx:
-            if self.stream is not None and self.sms:
+            if self.stream is not None:
                 set_sm_count_target(self.sms, self.device)
             if carry is not None:
                 carry.follow()
