@@ -30,7 +30,8 @@ class EngineView:
     `ttft_ms` / `tpot_ms` are recent samples (a window the publisher chose), oldest first.
     `num_prefill_requests` counts requests waiting for or in prefill (0: unknown; the
     model policy then assumes prompts of a typical length). `arrival_tokens_per_s` is the
-    recent rate at which prompt tokens arrive (0: unknown or idle).
+    rate at which prompt tokens arrive, the highest over a short and a longer recent span (a GPU
+    actor's `RateWindow`), so a burst shows at once and a lull keeps the last burst's load (0: unknown or idle).
     """
 
     engine_id: str
