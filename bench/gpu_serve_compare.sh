@@ -11,18 +11,20 @@
 # Needs `.device` (see bench/device_env.sh). Environment: SWEEPS ("workload:rate,rate ..."), WINDOW (seconds of
 # arrivals per rate), TTFT/TPOT (ms), REQUEST_TIMEOUT (s; a request still running then counts as failed),
 # SHIFT_RATE (one shifting-workload run per config at this rate, SHIFT_WINDOW seconds of arrivals),
-# CONFIG_TIMEOUT (s per config: start-up plus sweeps), MODEL (default: the llama3-8b preset, random weights),
+# CONFIG_TIMEOUT (s per config: start-up plus sweeps), TOTAL_TIMEOUT (s for the whole script: no window starts
+# that could not end before it; set it below the device call's limit), MODEL (default: the llama3-8b preset, random weights),
 # PINS ("64 96": after a semi-pd config's own sweeps, pin its split to each of these with `semipd pin` and sweep
 # again as semi-pd-pinnedN: fixed splits measured on the same server, without another start-up).
 # Each server first gets a short unrecorded warm-up of every sweep's workload.
 # Results: CONFIG-WORKLOAD-RATE.json (+ .log), server logs and split decisions, in $OUT/compare.tgz (one file,
-# rewritten after each config: the device tool brings back only a few files), with the dynamic server's latency
+# rewritten after each window, so a run cut short still brings back what it measured), with the dynamic server's latency
 # profile (semipd-profile.json). A profile committed as bench/profiles/semipd-profile.json is loaded instead of
 # profiling at start when its key (device, model, split set) matches; drop it when the engine's speed changes.
 # Without a GPU (a CPU check of this script) it runs on what is installed; pass e.g. SERVE_EXTRA="--device cpu".
 set -uo pipefail
 : "${SWEEPS:=sharegpt:15,30,45 arxiv:3,6,9}" "${WINDOW:=10}" "${TTFT:=1000}" "${TPOT:=50}" "${REQUEST_TIMEOUT:=40}"
 : "${SHIFT_RATE:=}" "${SHIFT_WINDOW:=30}" "${CONFIG_TIMEOUT:=300}" "${SERVE_EXTRA:=}" "${PINS:=}"
+script_t0=$(date +%s)
 gpu=$(command -v nvidia-smi)
 if [ -n "$gpu" ]; then source bench/device_env.sh; else export PYTHONPATH="$PWD" TOKENIZERS_PARALLELISM=false; fi
 model=${MODEL:-/tmp/models/llama3-8b}
@@ -63,6 +65,15 @@ stop_server() {
   return 0
 }
 
+time_left() {  # seconds before TOTAL_TIMEOUT
+  echo $(( ${TOTAL_TIMEOUT:-1000000} - $(date +%s) + script_t0 ))
+}
+
+save_results() {
+  [ -f /tmp/semipd-profile.json ] && cp /tmp/semipd-profile.json $res/
+  tar -czf "$OUT/compare.tgz" -C $res .
+}
+
 prompt_seed() {  # workload rate pass: the same prompts for every server, new ones for each rate and each pass on a
   # server (a rerun of prompts the server has seen would find them in its prefix cache and skip their prefill)
   echo $(( $(printf '%s' "$1-$2-$3" | cksum | cut -d' ' -f1) % 1000000 ))
@@ -75,6 +86,7 @@ bench() {  # config workload rate window [pass]
     --seed "$(prompt_seed "$2" "$3" "${5:-0}")" \
     --label "$1" --request-timeout $REQUEST_TIMEOUT --result-dir $res --result-filename "$name.json" --disable-tqdm \
     > "$res/$name.log" 2>&1
+  save_results
   echo "$name: $(grep -E "Request throughput|SLO attainment|P90 TTFT|P90 TPOT|Prefix cache|Worker iterations|CUDA allocator" "$res/$name.log" | tr -s ' ' | paste -sd' ')"
 }
 
@@ -88,15 +100,17 @@ warm_up() {  # config: 8 requests of each sweep's workload at 2 req/s, not recor
   done
 }
 
-sweeps() {  # label t0 [pass]: every SWEEPS rate while CONFIG_TIMEOUT s since t0 allow, then the shifting run
+sweeps() {  # label t0 pass: every SWEEPS rate while CONFIG_TIMEOUT s since t0 and TOTAL_TIMEOUT allow,
+  # then the shifting run
   for sweep in $SWEEPS; do
     local workload=${sweep%%:*} rates=${sweep#*:}
     for rate in ${rates//,/ }; do
-      [ $(( $(date +%s) - $2 )) -lt $CONFIG_TIMEOUT ] || { echo "$1: out of time, skipping $workload $rate"; continue; }
-      bench "$1" "$workload" "$rate" "$WINDOW" "${3:-0}"
+      [ $(( $(date +%s) - $2 )) -lt $CONFIG_TIMEOUT ] && [ "$(time_left)" -gt $(( WINDOW + 25 )) ] \
+        || { echo "$1: out of time, skipping $workload $rate"; continue; }
+      bench "$1" "$workload" "$rate" "$WINDOW" "$3"
     done
   done
-  [ -n "$SHIFT_RATE" ] && bench "$1" shifting "$SHIFT_RATE" "$SHIFT_WINDOW" "${3:-0}"
+  [ -n "$SHIFT_RATE" ] && [ "$(time_left)" -gt $(( SHIFT_WINDOW + 25 )) ] && bench "$1" shifting "$SHIFT_RATE" "$SHIFT_WINDOW" "$3"
   return 0
 }
 
@@ -124,10 +138,11 @@ run_config() {  # config
   if [ $up = 0 ]; then echo "$1: server did not come up"; tail -20 "$log"; stop_server; return 1; fi
   echo "$1: up after $(( $(date +%s) - t0 )) s"
   warm_up "$1"
-  sweeps "$1" "$t0"
+  sweeps "$1" "$t0" 0
   [ "$1" != vllm ] && redis=$(grep -o 'semipd status --redis [^ ]*' "$log" | awk '{print $4}')
   if [ "${1#semi-pd}" != "$1" ]; then
     for n in $PINS; do  # the same server, split pinned: a fixed split without another start-up
+      [ "$(time_left)" -gt $(( WINDOW + 60 )) ] || { echo "out of time, not pinning $n"; continue; }
       pin_split "$redis" "$n" && sweeps "semi-pd-pinned$n" "$(date +%s)" "pinned$n"
     done
     [ -n "$PINS" ] && python3 -m cluster.cli pin --redis "$redis" --clear >/dev/null
@@ -139,6 +154,5 @@ run_config() {  # config
 
 for config in "$@"; do
   run_config "$config"
-  [ -f /tmp/semipd-profile.json ] && cp /tmp/semipd-profile.json $res/
-  tar -czf "$OUT/compare.tgz" -C $res .
+  save_results
 done
