@@ -87,6 +87,7 @@ class ControllerConfig:
     interval_s: float = 0.5
     lease_s: float = 3.0
     min_dwell_s: float = 5.0
+    urgent_dwell_s: float = 2.0  # the dwell (at most min_dwell_s) of a decision the policy marks urgent
     min_samples: int = 8
     apply_timeout_s: float = 10.0
     max_decisions: int = 500
@@ -103,6 +104,8 @@ class ControllerConfig:
             raise ValueError(f"lease_s ({self.lease_s}) must exceed two intervals ({2 * self.interval_s})")
         if self.min_dwell_s < 0 or self.min_samples < 0 or self.apply_timeout_s <= 0:
             raise ValueError("min_dwell_s and min_samples must be >= 0, apply_timeout_s > 0")
+        if self.urgent_dwell_s < 0:
+            raise ValueError(f"urgent_dwell_s must be >= 0, got {self.urgent_dwell_s}")
         if self.max_decisions < 1 or self.max_backoff_s < self.interval_s:
             raise ValueError("max_decisions must be >= 1 and max_backoff_s >= interval_s")
 
@@ -150,11 +153,13 @@ def pinned_decisions(views: list[EngineView], pins: Mapping[str, int]) -> dict[s
 
 
 def hold_reason(view: EngineView, proposed: int, now: float, last_change: float | None,
-                pending: Mapping[str, Any] | None, cfg: ControllerConfig, pinned: bool = False) -> str | None:
+                pending: Mapping[str, Any] | None, cfg: ControllerConfig, pinned: bool = False,
+                urgent: bool = False) -> str | None:
     """Why the controller should not switch `view`'s engine to `proposed` now (None: switch).
 
     `last_change`: when this engine's split was last decided; `pending`: the last desired
-    split written for it (None if none). A `pinned` engine skips the dwell and warm-up.
+    split written for it (None if none). A `pinned` engine skips the dwell and warm-up; an `urgent`
+    decision (see `SplitDecision`) skips the warm-up and waits `urgent_dwell_s` (at most `min_dwell_s`).
     """
     if proposed == view.prefill_sms:
         return "no change"
@@ -165,9 +170,10 @@ def hold_reason(view: EngineView, proposed: int, now: float, last_change: float 
         return "waiting for the engine to apply the last decision"
     if pinned:
         return None
-    if last_change is not None and now - last_change < cfg.min_dwell_s:
-        return f"dwell: last change {now - last_change:.1f} s ago (< {cfg.min_dwell_s:.1f} s)"
-    if len(view.ttft_ms) < cfg.min_samples:
+    dwell = min(cfg.urgent_dwell_s, cfg.min_dwell_s) if urgent else cfg.min_dwell_s
+    if last_change is not None and now - last_change < dwell:
+        return f"dwell: last change {now - last_change:.1f} s ago (< {dwell:.1f} s)"
+    if not urgent and len(view.ttft_ms) < cfg.min_samples:
         return (f"warming up: {len(view.ttft_ms)} samples of requests that arrived after the last switch "
                 f"(< {cfg.min_samples})")
     return None
@@ -267,7 +273,8 @@ class Controller:
             view = next(v for v in views if v.engine_id == eid)
             pending = await self.store.get_split(eid)
             last = max(self._last_change.get(eid, 0.0), float(pending["time"]) if pending else 0.0) or None
-            why_not = hold_reason(view, decision.prefill_sms, now, last, pending, self.cfg, eid in pinned)
+            why_not = hold_reason(view, decision.prefill_sms, now, last, pending, self.cfg, eid in pinned,
+                                  decision.urgent)
             if why_not is not None:
                 self._log_hold(view, decision, why_not)
                 continue

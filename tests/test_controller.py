@@ -165,6 +165,16 @@ def test_hold_reason_hysteresis() -> None:
     assert hold_reason(_view(), 80, now, None, stale, CFG) is None
 
 
+def test_hold_reason_urgent_decision_waits_the_short_dwell_and_no_warm_up() -> None:
+    now = 1000.0
+    assert CFG.urgent_dwell_s == 2.0
+    assert hold_reason(_view(n=0), 72, now, now - 2.5, None, CFG, urgent=True) is None
+    assert "dwell" in hold_reason(_view(n=0), 72, now, now - 1.0, None, CFG, urgent=True)
+    assert "dwell" in hold_reason(_view(n=0), 72, now, now - 2.5, None, CFG)  # not urgent: the full dwell
+    with pytest.raises(ValueError):
+        ControllerConfig("redis://127.0.0.1:1/0", urgent_dwell_s=-1.0)
+
+
 def test_policy_registry() -> None:
     assert isinstance(policy_by_name("reactive"), ReactivePolicy)
     assert isinstance(policy_by_name("actors.slo.types:ReactivePolicy"), ReactivePolicy)

@@ -10,6 +10,7 @@ from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -42,7 +43,7 @@ from actors.slo.latency_model import (
 from actors.slo.ordering import EDFOrder, edf_key, make_order
 from actors.slo.policy import ModelPolicy, ModelPolicyConfig, PrefillLoad, make_policy, prefill_load
 from actors.slo.profiler import ProfileConfig, Profiler, engine_profile_key
-from actors.slo.types import EngineView, ReactivePolicy, SLOTargets
+from actors.slo.types import EngineView, ReactivePolicy, SLOTargets, SplitDecision
 
 SPLITS = tuple(range(8, 128, 8))  # 8..120 prefill SMs of 132, fixed here (the partitioner may choose fewer)
 TARGETS = SLOTargets(ttft_ms=1000.0, tpot_ms=50.0)
@@ -318,11 +319,16 @@ def test_model_policy_stays_inside_hysteresis_band() -> None:
 def test_model_policy_bounds_switches_under_oscillating_load() -> None:
     """Load flips between prefill- and decode-heavy every 2 s for 10 minutes."""
 
-    def simulate(cfg: ModelPolicyConfig) -> list[float]:
+    def simulate(cfg: ModelPolicyConfig, seen: bool = False) -> list[float]:
+        """`seen`: the views also hold observed latencies far past the target the load strains."""
         policy, sms, switches = ModelPolicy(h100_llama8b(), cfg), 64, []
         for i in range(1200):  # a decision every 0.5 s
             t = 1000.0 + 0.5 * i
-            load = PREFILL_HEAVY if int(t / 2) % 2 == 0 else DECODE_HEAVY
+            load: dict[str, Any] = dict(PREFILL_HEAVY if int(t / 2) % 2 == 0 else DECODE_HEAVY)
+            if seen and load["queued"]:
+                load["ttft"] = (5000.0,) * 10
+            elif seen:
+                load["tpot"] = (200.0,) * 10
             d = policy.decide(view(sms, t=t, **load), TARGETS)
             if d.prefill_sms != sms:
                 switches.append(t)
@@ -337,6 +343,11 @@ def test_model_policy_bounds_switches_under_oscillating_load() -> None:
     worst = max(sum(1 for s in bounded if t <= s < t + 60) for t in bounded)
     assert worst <= 60 / dwell + 1
     assert all(b - a >= dwell for a, b in zip(bounded, bounded[1:]))
+    urgent = simulate(ModelPolicyConfig(dwell_s=dwell, urgent_dwell_s=2.0), seen=True)
+    assert len(urgent) > len(bounded)  # each flip leaves the last split far past a target, observed
+    worst = max(sum(1 for s in urgent if t <= s < t + 60) for t in urgent)
+    assert worst <= 60 / 2.0 + 1
+    assert all(b - a >= 2.0 for a, b in zip(urgent, urgent[1:]))
 
 
 def test_model_policy_state_is_per_engine() -> None:
@@ -347,6 +358,30 @@ def test_model_policy_state_is_per_engine() -> None:
     assert policy.decide(v, TARGETS).prefill_sms > 64  # gpu1 has its own dwell timer
     d = policy.decide(view(104, t=12.0, **DECODE_HEAVY), TARGETS)
     assert d.prefill_sms == 104 and "dwell" in d.reason
+
+
+def test_model_policy_leaves_a_split_far_past_its_target_after_the_urgent_dwell() -> None:
+    """A burst lands on a split with little prefill (as after a lull): urgent once predicted past the TTFT
+    target twice over, observed past it, and another split is predicted to meet both targets."""
+    burst = dict(queued=10_000, requests=20, decoding=32, context=32 * 1500)
+
+    def decide_after_a_change(seen_ttft: float, t: float, **load: int) -> SplitDecision:
+        policy = ModelPolicy(h100_llama8b(), ModelPolicyConfig(dwell_s=30.0, urgent_dwell_s=2.0))
+        policy.decide(view(64, t=10.0), TARGETS)
+        policy.decide(view(16, t=11.0), TARGETS)  # the split changed to 16 at t = 11
+        return policy.decide(view(16, ttft=(seen_ttft,) * 10, t=t, **load), TARGETS)
+
+    urgent = decide_after_a_change(2500.0, 14.0, **burst)
+    assert urgent.urgent and urgent.prefill_sms > 16 and urgent.reason.startswith("urgent switch 16->")
+    assert urgent.predicted["slack"] >= 0  # the new split's
+    too_soon = decide_after_a_change(2500.0, 12.5, **burst)
+    assert too_soon.prefill_sms == 16 and "dwell (0.5 s left)" in too_soon.reason
+    unconfirmed = decide_after_a_change(300.0, 14.0, **burst)  # observed TTFT within target: the full dwell
+    assert unconfirmed.prefill_sms == 16 and "dwell (27.0 s left)" in unconfirmed.reason
+    overload = decide_after_a_change(5000.0, 14.0, queued=200_000, requests=400, decoding=256, context=256 * 2000)
+    assert overload.prefill_sms == 16 and not overload.urgent  # no split meets both targets: no hurry
+    with pytest.raises(ValueError):
+        ModelPolicyConfig(urgent_slack=0.0)
 
 
 def test_model_policy_dwell_counts_applied_switches() -> None:

@@ -17,10 +17,14 @@ The current split is kept while no target is at risk (`at_risk`: predicted slack
 `comfort_slack`, or observed latency past its target); otherwise the best split on the
 side that relieves the target at risk (more prefill SMs for TTFT, fewer for TPOT) wins, if
 its score beats the current split's by more than `margin` (hysteresis) and at least
-`dwell_s` passed since this engine's split last changed (so at most 60 / dwell_s + 1
-switches in any minute). The policy sees changes in the views: one it proposed counts
-from its proposal, any other from when it is first seen; a proposal the caller does not
-apply is simply made again next time.
+`dwell_s` passed since this engine's split last changed. A switch is urgent when the current
+split is predicted far past a target (slack under `urgent_slack`), observed past it too, and the
+new split is predicted within both targets: then `urgent_dwell_s` is enough (a wrong split held
+for a whole dwell queued a burst's prompts for seconds on the H200). So at most
+60 / urgent_dwell_s + 1 switches in any minute, and 60 / dwell_s + 1 while no split can meet
+both targets (an overload cannot flap fast). The policy sees changes in the views: one it
+proposed counts from its proposal, any other from when it is first seen; a proposal the caller
+does not apply is simply made again next time.
 
 A policy instance may serve many engines (the controller calls it per GPU); its
 state is kept per `engine_id`. Time comes from `view.time` (seconds on any clock the
@@ -64,6 +68,10 @@ class ModelPolicyConfig:
         whose request count is unknown.
     typical_context_tokens: context per sequence assumed when nothing decodes.
     max_step: at most this many split steps per decision (0: jump to the best).
+    urgent_slack: a current split predicted under this slack (-1: a target missed twice over), and observed
+        past that target, may switch after `urgent_dwell_s` instead of `dwell_s`, to a split predicted to
+        meet both targets.
+    urgent_dwell_s: the dwell of an urgent switch (at most `dwell_s`).
     """
 
     margin: float = 0.1
@@ -76,6 +84,8 @@ class ModelPolicyConfig:
     typical_prompt_tokens: int = 512
     typical_context_tokens: int = 1024
     max_step: int = 0
+    urgent_slack: float = -1.0
+    urgent_dwell_s: float = 2.0
 
     def __post_init__(self) -> None:
         if self.margin < 0 or self.dwell_s < 0:
@@ -90,6 +100,9 @@ class ModelPolicyConfig:
             raise ValueError("chunk_tokens and the typical lengths must be >= 1")
         if self.min_observed < 1 or self.max_step < 0:
             raise ValueError("min_observed must be >= 1 and max_step >= 0")
+        if self.urgent_slack >= 0 or self.urgent_dwell_s < 0:
+            raise ValueError(f"urgent_slack must be < 0 and urgent_dwell_s >= 0, got "
+                             f"{self.urgent_slack} and {self.urgent_dwell_s}")
 
 
 @dataclass(frozen=True)
@@ -254,16 +267,18 @@ class ModelPolicy:
         if gain <= cfg.margin:
             return SplitDecision(current, f"hold: within hysteresis band (gain {gain:+.2f} <= {cfg.margin:.2f} "
                                           f"for {best.prefill_sms}); {at}", predicted)
+        urgent = cur.slack < cfg.urgent_slack and best.slack >= 0 and bool(observed_past(view, targets, cfg) & needs)
+        dwell = min(cfg.urgent_dwell_s, cfg.dwell_s) if urgent else cfg.dwell_s
         last = state.last_change
-        if last is not None and now - last < cfg.dwell_s:
-            wait = cfg.dwell_s - (now - last)
+        if last is not None and now - last < dwell:
+            wait = dwell - (now - last)
             return SplitDecision(current, f"hold: dwell ({wait:.1f} s left) before {best.prefill_sms}; {at}", predicted)
         state.proposed = (best.prefill_sms, now)
         predicted.update(ttft_ms=best.ttft_ms, tpot_ms=best.tpot_ms, slack=best.slack)
         side = "prefill" if best.prefill_sms > current else "decode"
-        why = (f"switch {current}->{best.prefill_sms} (more SMs to {side}): {at}; "
+        why = (f"{'urgent ' if urgent else ''}switch {current}->{best.prefill_sms} (more SMs to {side}): {at}; "
                f"{_describe(best, targets)} at {best.prefill_sms} (gain {gain:+.2f} > {cfg.margin:.2f})")
-        return SplitDecision(best.prefill_sms, why, predicted)
+        return SplitDecision(best.prefill_sms, why, predicted, urgent=urgent)
 
     def _best(self, splits: tuple[int, ...], current: int, preds: list[SplitPrediction], side: int = 0
               ) -> SplitPrediction:
@@ -275,13 +290,18 @@ class ModelPolicy:
         return max(allowed, key=lambda p: (round(p.slack, 9), -abs(p.prefill_sms - current)))
 
 
-def at_risk(cur: SplitPrediction, view: EngineView, targets: SLOTargets, cfg: ModelPolicyConfig) -> set[str]:
-    """The targets ("ttft", "tpot") at risk on the current split: observed past target (given
-    `min_observed` samples, at the target percentile), or the binding one of a prediction whose
-    slack is under `comfort_slack`. The policy moves only for these, and only to the side that helps."""
+def observed_past(view: EngineView, targets: SLOTargets, cfg: ModelPolicyConfig) -> set[str]:
+    """The targets ("ttft", "tpot") observed past target at the target percentile, given `min_observed` samples."""
     q = 100.0 * targets.attainment
-    risky = {name for name, seen, target in (("ttft", view.ttft_ms, targets.ttft_ms), ("tpot", view.tpot_ms, targets.tpot_ms))
-             if len(seen) >= cfg.min_observed and percentile(seen, q) > target}
+    return {name for name, seen, target in (("ttft", view.ttft_ms, targets.ttft_ms), ("tpot", view.tpot_ms, targets.tpot_ms))
+            if len(seen) >= cfg.min_observed and percentile(seen, q) > target}
+
+
+def at_risk(cur: SplitPrediction, view: EngineView, targets: SLOTargets, cfg: ModelPolicyConfig) -> set[str]:
+    """The targets ("ttft", "tpot") at risk on the current split: observed past target (`observed_past`),
+    or the binding one of a prediction whose slack is under `comfort_slack`. The policy moves only for
+    these, and only to the side that helps."""
+    risky = observed_past(view, targets, cfg)
     if cur.slack < cfg.comfort_slack:
         risky.add("ttft" if cur.ttft_ms / targets.ttft_ms >= cur.tpot_ms / targets.tpot_ms else "tpot")
     return risky

@@ -50,9 +50,13 @@ class EngineView:
 
 @dataclass(frozen=True)
 class SplitDecision:
+    """The split an engine should run next and why. `urgent`: the current split is predicted to miss a
+    target by far and the new one to meet both, so a caller may shorten its dwell and skip its warm-up."""
+
     prefill_sms: int
     reason: str
     predicted: dict[str, float] = field(default_factory=dict)
+    urgent: bool = False
 
 
 class SplitPolicy(Protocol):
