@@ -18,6 +18,7 @@ from actors.attention.base import AttentionBackend, BatchLayout, kv_rows, write_
 from actors.config import ModelArch
 from actors.kv.pool import KVPool
 from actors.models.llama import AttentionFn
+from actors.runner.transfer import to_device
 
 WORKSPACE_BYTES = 256 << 20
 
@@ -82,7 +83,7 @@ class FlashInferAttention(AttentionBackend):
         a = self.arch
         with self._planning(wrapper):
             wrapper.plan(  # type: ignore[attr-defined]
-                self._i32(indptr), self._i32(indices).to(self.device, non_blocking=True), self._i32(last),
+                self._i32(indptr), to_device(indices, torch.int32, self.device), self._i32(last),
                 a.num_heads, a.num_kv_heads, a.head_dim, self.pool.page_size, q_data_type=self.dtype,
                 kv_data_type=self.dtype,
             )

@@ -27,8 +27,8 @@ SM_GRANULE = 8  # Hopper partitions come in multiples of 8 SMs
 
 
 # Fewer SMs than this on either side and cuBLAS kernels fail to launch there (seen on an
-# H100: a 120/12 split ran no fp16/bf16 GEMM on its 12-SM side; 112/20 ran them all). That was
-# with cuBLAS sized for the whole GPU; `bench/partition_gemm.py` checks 120/12 sized for 12.
+# H100: a 120/12 split ran no fp16/bf16 GEMM on its 12-SM side; 112/20 ran them all). Sizing cuBLAS
+# for the 12 SMs does not help: CUBLAS_STATUS_EXECUTION_FAILED there (H200, 2026-12-03, bench/partition_gemm.py).
 MIN_PARTITION_SMS = 16
 
 
