@@ -96,15 +96,29 @@ class RateWindow:
 
     def rate(self, now: float | None = None) -> float:
         """Amount per second, the highest over the spans (an engine up for less counts as idle before)."""
+        total, _, span = self._busiest(now)
+        return total / span
+
+    def mean_amount(self, now: float | None = None) -> float:
+        """Mean amount per event (the prompt length of recent arrivals) in the span whose rate is highest,
+        so it describes the load `rate` reports; 0 when nothing arrived."""
+        total, count, _ = self._busiest(now)
+        return total / count if count else 0.0
+
+    def _busiest(self, now: float | None) -> tuple[int, int, float]:
+        """(total amount, events, span) of the span with the highest rate (the shortest on ties)."""
         now = time.monotonic() if now is None else now
         while self._events and self._events[0][0] <= now - self.spans_s[-1]:
             self._events.popleft()
         totals = [0] * len(self.spans_s)
+        counts = [0] * len(self.spans_s)
         for t, amount in self._events:
             for i, span in enumerate(self.spans_s):
                 if t > now - span:
                     totals[i] += amount
-        return max(total / span for total, span in zip(totals, self.spans_s))
+                    counts[i] += 1
+        best = max(range(len(self.spans_s)), key=lambda i: (totals[i] / self.spans_s[i], -i))
+        return totals[best], counts[best], self.spans_s[best]
 
 
 class Subscriber:
@@ -384,6 +398,7 @@ class EngineActor:
             splits=list(part.splits),
             prefill_tokens_per_s=self._prefilled_tokens / busy if busy > 0 and self._prefilled_tokens else 0.0,
             arrival_tokens_per_s=self.arrivals.rate(),
+            arrival_mean_prompt_tokens=self.arrivals.mean_amount(),
             requests_total=self._requests_total,
             finish_reasons=dict(self._finished),
             in_flight_ids=sorted(self._in_flight_ids),

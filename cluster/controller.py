@@ -122,6 +122,7 @@ def view_from_dict(d: Mapping[str, Any]) -> EngineView:
         time=float(d.get("time", 0.0)),
         num_prefill_requests=int(s.get("num_waiting", 0)) + int(s.get("num_prefilling", 0)),
         arrival_tokens_per_s=float(s.get("arrival_tokens_per_s", 0.0)),
+        mean_prompt_tokens=float(s.get("arrival_mean_prompt_tokens", 0.0)),
     )
 
 

@@ -96,6 +96,20 @@ def test_rate_window_sees_a_burst_start_and_remembers_it_through_a_lull() -> Non
     assert w.rate(now=200.0) == 0.0
 
 
+def test_rate_window_mean_describes_the_load_its_rate_reports() -> None:
+    from actors.gpu_actor import RateWindow
+
+    w = RateWindow(spans_s=(2.0, 30.0))
+    assert w.mean_amount(now=0.0) == 0.0
+    for i in range(16):  # 8 s of short prompts, 2 a second
+        w.add(500, now=1.0 + 0.5 * i)
+    for i in range(4):  # then a burst of long ones
+        w.add(6000, now=11.0 + 0.25 * i)
+    assert w.rate(now=12.0) == 4 * 6000 / 2.0 and w.mean_amount(now=12.0) == 6000.0  # the burst's span
+    assert w.rate(now=20.0) == (16 * 500 + 4 * 6000) / 30.0  # the burst left the 2 s span; 30 s holds it all
+    assert w.mean_amount(now=20.0) == (16 * 500 + 4 * 6000) / 20
+
+
 def test_coalesced_stream_keeps_first_and_last_chunks_prompt() -> None:
     from actors.engine.frontend import StreamChunk
     from actors.gpu_actor import coalesced
@@ -171,6 +185,7 @@ def test_engine_actor_in_process(tiny_llama: Path) -> None:
         assert load.stats["prefill_tokens_per_s"] > 0
         rate = load.stats["arrival_tokens_per_s"]  # one 4-token prompt, in the spans that still hold it
         assert 4 / max(actor.arrivals.spans_s) <= rate <= 4 / min(actor.arrivals.spans_s)
+        assert load.stats["arrival_mean_prompt_tokens"] == 4.0
         before = load.stats["prefill_sms"]
         target = next(s for s in info["splits"] if s != before)
         assert (await actor.apply_split(target, "test"))["changed"]

@@ -5,7 +5,8 @@ from __future__ import annotations
 import gc
 import json
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -162,9 +163,8 @@ def test_cublas_sized_for_a_partition_per_thread() -> None:
 
 def test_launches_queue_without_waiting_for_the_gpu(tiny_llama: Path) -> None:
     """A prefill and a decode launch on their partitions make no synchronizing CUDA call from our code
-    (torch's sync debug mode); those inside libraries are printed, for the record, not failed."""
-    import warnings
-
+    (torch's sync debug mode); those inside libraries are printed with the Python stack that reached
+    them, for the record, not failed."""
     from actors.request import Request
     from actors.scheduler.plan import BatchPlan, SeqChunk
     from cluster.bench.engine_bench import _decode_plan, _dummy_requests, make_core
@@ -184,24 +184,45 @@ def test_launches_queue_without_waiting_for_the_gpu(tiny_llama: Path) -> None:
         for runner, plan, reqs in plans.values():
             runner.execute(plan, reqs)  # first use: kernels loaded, workspaces allocated
         torch.cuda.synchronize()
-        syncs: dict[str, list[str]] = {}
+        ours_dir = str(Path(__file__).resolve().parent.parent / "actors")
+        syncs: dict[str, list[list[str]]] = {}
         for phase, (runner, plan, reqs) in plans.items():
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                torch.cuda.set_sync_debug_mode("warn")
-                try:
-                    drawn = runner.launch(plan, reqs)
-                finally:
-                    torch.cuda.set_sync_debug_mode("default")
+            with _sync_stacks() as stacks:
+                drawn = runner.launch(plan, reqs)
             drawn.result()
-            syncs[phase] = [f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
-            ours = [f"{w.filename}:{w.lineno}" for w in caught
-                    if "synchroniz" in str(w.message) and f"{Path(__file__).resolve().parent.parent}/actors/" in
-                    str(Path(w.filename).resolve())]
+            syncs[phase] = stacks
+            ours = [stack[-1] for stack in stacks if stack[-1].startswith(ours_dir)]
             assert not ours, f"{phase} launch synchronizes with the GPU at {ours}"
-        print("synchronizing calls inside one launch:", syncs)
+        for phase, stacks in syncs.items():
+            print(f"synchronizing calls inside one {phase} launch: {len(stacks)}")
+            for stack in stacks:
+                print("  " + "\n    <- ".join(reversed(stack)))
     finally:
         core.shutdown()
+
+
+@contextmanager
+def _sync_stacks() -> Iterator[list[list[str]]]:
+    """Torch's sync debug mode on; yields a list that collects, for each synchronizing call, the
+    innermost frames of the Python stack that made it ("path:line in function", outermost first)."""
+    import traceback
+    import warnings
+
+    stacks: list[list[str]] = []
+
+    def record(message: Warning | str, category: type[Warning], filename: str, lineno: int, *_: object) -> None:
+        if "synchroniz" in str(message):
+            frames = [f for f in traceback.extract_stack()[:-1] if not f.filename.endswith("warnings.py")]
+            stacks.append([f"{f.filename}:{f.lineno} in {f.name}" for f in frames[-8:]])
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield stacks
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
 
 
 def _hf_state_dict(model: torch.nn.Module, arch: object) -> dict[str, torch.Tensor]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -41,7 +42,9 @@ from actors.slo.latency_model import (
     save_models,
 )
 from actors.slo.ordering import EDFOrder, edf_key, make_order
-from actors.slo.policy import ModelPolicy, ModelPolicyConfig, PrefillLoad, make_policy, prefill_load
+from actors.slo.policy import (
+    ModelPolicy, ModelPolicyConfig, PrefillLoad, make_policy, predict_raw, prefill_load, typical_prompt_tokens,
+)
 from actors.slo.profiler import ProfileConfig, Profiler, engine_profile_key
 from actors.slo.types import EngineView, ReactivePolicy, SLOTargets, SplitDecision
 
@@ -245,12 +248,20 @@ class LoopResult:
 
 def run_closed_loop(see_arrivals: bool, comfort_slack: float = 1.0, tokens_per_s: float = 20_000.0,
                     prompt: int = 512, batch: int = 32, context: int = 600, seconds: float = 120.0,
-                    dt: float = 0.01) -> LoopResult:
-    """A simulated engine under `ModelPolicy`, deciding every 0.5 s: `prompt`-token requests arrive evenly at
-    `tokens_per_s`, prefill drains them FIFO at the latency model's rate for the current split, `batch`
-    sequences decode throughout. The model is the ground truth, so only the policy's choices matter."""
+                    dt: float = 0.01, see_lengths: bool = True, poisson_seed: int | None = None,
+                    targets: SLOTargets = TARGETS) -> LoopResult:
+    """A simulated engine under `ModelPolicy`, deciding every 0.5 s: `prompt`-token requests arrive at
+    `tokens_per_s`, evenly or (with `poisson_seed`) as a seeded Poisson process, prefill drains them FIFO at
+    the latency model's rate for the current split, `batch` sequences decode throughout. The model is the
+    ground truth, so only the policy's choices matter. `see_lengths`: the view reports the arrivals' mean
+    prompt length (else the policy assumes its default)."""
     m = h100_llama8b()
-    policy = ModelPolicy(m, ModelPolicyConfig(typical_prompt_tokens=prompt, comfort_slack=comfort_slack))
+    policy = ModelPolicy(m, ModelPolicyConfig(comfort_slack=comfort_slack))
+    rng = random.Random(poisson_seed)
+
+    def gap() -> float:
+        return rng.expovariate(tokens_per_s / prompt) if poisson_seed is not None else prompt / tokens_per_s
+
     sms, queue, next_arrival = 64, deque[list[float]](), 0.0
     ttft: list[float] = []
     tpot: list[float] = []
@@ -259,8 +270,8 @@ def run_closed_loop(see_arrivals: bool, comfort_slack: float = 1.0, tokens_per_s
         t = tick * dt
         while next_arrival <= t:
             queue.append([next_arrival, prompt])
-            next_arrival += prompt / tokens_per_s
-        budget = dt * 1000.0 * 4096 / m.prefill_queue_ms(4096, 4096 // prompt, sms, concurrent=True)
+            next_arrival += gap()
+        budget = dt * 1000.0 * 4096 / m.prefill_queue_ms(4096, max(1, 4096 // prompt), sms, concurrent=True)
         while queue and budget > 0:
             done = min(budget, queue[0][1])
             queue[0][1] -= done
@@ -272,12 +283,13 @@ def run_closed_loop(see_arrivals: bool, comfort_slack: float = 1.0, tokens_per_s
             v = EngineView("sim", sms, 132, SPLITS, waiting_prefill_tokens=round(sum(q[1] for q in queue)),
                            num_decoding=batch, decode_context_tokens=batch * context, ttft_ms=tuple(ttft[-64:]),
                            tpot_ms=tuple(tpot[-64:]), time=t + 1.0, num_prefill_requests=len(queue),
-                           arrival_tokens_per_s=tokens_per_s if see_arrivals else 0.0)
-            chosen = policy.decide(v, TARGETS).prefill_sms
+                           arrival_tokens_per_s=tokens_per_s if see_arrivals else 0.0,
+                           mean_prompt_tokens=prompt if see_lengths else 0.0)
+            chosen = policy.decide(v, targets).prefill_sms
             if chosen != sms:
                 splits.append(chosen)
             sms = chosen
-    return LoopResult(sum(x <= TARGETS.ttft_ms for x in ttft) / len(ttft), max(tpot), splits)
+    return LoopResult(sum(x <= targets.ttft_ms for x in ttft) / len(ttft), max(tpot), splits)
 
 
 def test_model_policy_holds_a_steady_load_in_closed_loop() -> None:
@@ -290,6 +302,30 @@ def test_model_policy_holds_a_steady_load_in_closed_loop() -> None:
                     run_closed_loop(see_arrivals=False, comfort_slack=ModelPolicyConfig().comfort_slack)):
         assert settled.ttft_attainment >= 0.99 and settled.max_tpot_ms < TARGETS.tpot_ms
         assert len(settled.splits) <= 2 and min(settled.splits, default=64) >= 64
+
+
+def test_model_policy_plans_for_the_prompt_lengths_it_sees() -> None:
+    """Poisson arrivals of 4,096-token prompts (arxiv-like) at TPOT <= 25 ms: a policy that assumes 512-token
+    prompts underrates the queueing wait behind long prompts, keeps too few prefill SMs and swings between
+    splits; told the arrivals' mean length, it keeps more prefill SMs, meets TTFT and settles."""
+    tight = SLOTargets(ttft_ms=1000.0, tpot_ms=25.0)
+    runs = {see: run_closed_loop(see_arrivals=True, comfort_slack=ModelPolicyConfig().comfort_slack,
+                                 tokens_per_s=15_000.0, prompt=4096, batch=12, context=4000, see_lengths=see,
+                                 poisson_seed=0, targets=tight) for see in (False, True)}
+    assert runs[False].ttft_attainment < 0.9 <= 0.95 <= runs[True].ttft_attainment
+    assert len(runs[True].splits) < len(runs[False].splits)
+
+
+def test_model_policy_uses_the_mean_prompt_length_of_the_view() -> None:
+    m, cfg = h100_llama8b(), ModelPolicyConfig()
+    short = EngineView("e", 64, 132, SPLITS, num_decoding=8, decode_context_tokens=8 * 1000,
+                       arrival_tokens_per_s=12_000.0)
+    long = replace(short, mean_prompt_tokens=4096.0)
+    assert typical_prompt_tokens(short, cfg) == cfg.typical_prompt_tokens and typical_prompt_tokens(long, cfg) == 4096
+    # the same token rate in long prompts: a longer own prefill and a longer wait behind each prompt
+    assert predict_raw(m, long, 64, cfg)[0] > predict_raw(m, short, 64, cfg)[0]
+    assert predict_raw(m, long, 64, cfg)[1] == predict_raw(m, short, 64, cfg)[1]
+    assert prefill_load(m, 12_000.0, 64, True, cfg, 4096).wait_ms > prefill_load(m, 12_000.0, 64, True, cfg).wait_ms
 
 
 def test_prefill_load_grows_with_rate_and_shrinks_with_sms() -> None:

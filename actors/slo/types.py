@@ -31,7 +31,8 @@ class EngineView:
     `num_prefill_requests` counts requests waiting for or in prefill (0: unknown; the
     model policy then assumes prompts of a typical length). `arrival_tokens_per_s` is the
     rate at which prompt tokens arrive, the highest over a short and a longer recent span (a GPU
-    actor's `RateWindow`), so a burst shows at once and a lull keeps the last burst's load (0: unknown or idle).
+    actor's `RateWindow`), so a burst shows at once and a lull keeps the last burst's load (0: unknown or idle);
+    `mean_prompt_tokens` the mean prompt length of the arrivals that rate counts (0: unknown).
     """
 
     engine_id: str
@@ -46,6 +47,7 @@ class EngineView:
     time: float = 0.0
     num_prefill_requests: int = 0
     arrival_tokens_per_s: float = 0.0
+    mean_prompt_tokens: float = 0.0
 
 
 @dataclass(frozen=True)
