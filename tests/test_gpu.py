@@ -184,7 +184,7 @@ def test_launches_queue_without_waiting_for_the_gpu(tiny_llama: Path) -> None:
         for runner, plan, reqs in plans.values():
             runner.execute(plan, reqs)  # first use: kernels loaded, workspaces allocated
         torch.cuda.synchronize()
-        ours_dir = str(Path(__file__).resolve().parent.parent / "actors")
+        ours_dir = f"{Path(__file__).resolve().parent.parent / 'actors'}/"
         syncs: dict[str, list[list[str]]] = {}
         for phase, (runner, plan, reqs) in plans.items():
             with _sync_stacks() as stacks:
@@ -204,7 +204,7 @@ def test_launches_queue_without_waiting_for_the_gpu(tiny_llama: Path) -> None:
 @contextmanager
 def _sync_stacks() -> Iterator[list[list[str]]]:
     """Torch's sync debug mode on; yields a list that collects, for each synchronizing call, the
-    innermost frames of the Python stack that made it ("path:line in function", outermost first)."""
+    innermost frames of the Python stack that made it ("resolved path:line in function", outermost first)."""
     import traceback
     import warnings
 
@@ -213,7 +213,7 @@ def _sync_stacks() -> Iterator[list[list[str]]]:
     def record(message: Warning | str, category: type[Warning], filename: str, lineno: int, *_: object) -> None:
         if "synchroniz" in str(message):
             frames = [f for f in traceback.extract_stack()[:-1] if not f.filename.endswith("warnings.py")]
-            stacks.append([f"{f.filename}:{f.lineno} in {f.name}" for f in frames[-8:]])
+            stacks.append([f"{Path(f.filename).resolve()}:{f.lineno} in {f.name}" for f in frames[-8:]])
 
     with warnings.catch_warnings():
         warnings.simplefilter("always")

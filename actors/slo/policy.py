@@ -197,7 +197,7 @@ def predict_raw(model: LatencyModel, view: EngineView, prefill_sms: int, cfg: Mo
 def typical_prompt_tokens(view: EngineView, cfg: ModelPolicyConfig) -> int:
     """The mean prompt length of `view`'s recent arrivals, else `cfg.typical_prompt_tokens`. A fixed 512 made
     arxiv-like prompts (about 4,000 tokens) look eight times cheaper to queue behind than they are."""
-    return max(1, round(view.mean_prompt_tokens)) if view.mean_prompt_tokens >= 1 else cfg.typical_prompt_tokens
+    return round(view.mean_prompt_tokens) if view.mean_prompt_tokens >= 1 else cfg.typical_prompt_tokens
 
 
 def observed_correction(observed: tuple[float, ...], predicted: float, q: float, cfg: ModelPolicyConfig) -> float:
