@@ -10,11 +10,13 @@
 #   vllm              vLLM's OpenAI server with its defaults (needs .vllmA staged and .vllmB carried)
 # Needs `.device` (see bench/device_env.sh). Environment: SWEEPS ("workload:rate,rate ..."), WINDOW (seconds of
 # arrivals per rate), TTFT/TPOT (ms), REQUEST_TIMEOUT (s; a request still running then counts as failed),
-# SHIFT_RATE (one shifting-workload run per config at this rate, SHIFT_WINDOW seconds of arrivals),
+# SHIFT_RATE (one shifting-workload run per config at this rate, SHIFT_WINDOW seconds of arrivals, phases
+# SHIFT_PHASES as `bench serve --phases` takes them, e.g. "sharegpt:0.5@10,long-doc:0.5"),
 # CONFIG_TIMEOUT (s per config: start-up plus sweeps), TOTAL_TIMEOUT (s for the whole script: no window starts
 # that could not end before it; set it below the device call's limit), MODEL (default: the llama3-8b preset, random weights),
 # PINS ("64 96": after a semi-pd config's own sweeps, pin its split to each of these with `semipd pin` and sweep
-# again as semi-pd-pinnedN: fixed splits measured on the same server, without another start-up).
+# again as semi-pd-pinnedN: fixed splits measured on the same server, without another start-up), PIN_SWEEPS
+# (the sweeps of a pinned split, default SWEEPS; "" runs only the shifting run).
 # Each server first gets a short unrecorded warm-up of every sweep's workload.
 # Results: CONFIG-WORKLOAD-RATE.json (+ .log), server logs and split decisions, in $OUT/compare.tgz (one file,
 # rewritten after each window, so a run cut short still brings back what it measured), with the dynamic server's latency
@@ -23,7 +25,8 @@
 # Without a GPU (a CPU check of this script) it runs on what is installed; pass e.g. SERVE_EXTRA="--device cpu".
 set -uo pipefail
 : "${SWEEPS:=sharegpt:15,30,45 arxiv:3,6,9}" "${WINDOW:=10}" "${TTFT:=1000}" "${TPOT:=50}" "${REQUEST_TIMEOUT:=40}"
-: "${SHIFT_RATE:=}" "${SHIFT_WINDOW:=30}" "${CONFIG_TIMEOUT:=300}" "${SERVE_EXTRA:=}" "${PINS:=}"
+: "${SHIFT_RATE:=}" "${SHIFT_WINDOW:=30}" "${SHIFT_PHASES:=sharegpt:0.5,long-doc:0.5}" "${CONFIG_TIMEOUT:=300}"
+: "${SERVE_EXTRA:=}" "${PINS:=}" "${PIN_SWEEPS=$SWEEPS}"
 script_t0=$(date +%s)
 gpu=$(command -v nvidia-smi)
 if [ -n "$gpu" ]; then source bench/device_env.sh; else export PYTHONPATH="$PWD" TOKENIZERS_PARALLELISM=false; fi
@@ -80,9 +83,18 @@ prompt_seed() {  # workload rate pass: the same prompts for every server, new on
 }
 
 bench() {  # config workload rate window [pass]
-  local n=$(python3 -c "print(max(16, round($3 * $4)))") name="$1-$2-$3"
+  local n name="$1-$2-$3" phases=()
+  if [ "$2" = shifting ]; then  # as many requests as the phases' rates bring in the window
+    phases=(--phases "$SHIFT_PHASES")
+    n=$(PYTHONPATH=$PWD python3 -c "
+from cluster.bench.workloads import parse_phases
+p = parse_phases('$SHIFT_PHASES'); t = sum(x.fraction for x in p)
+print(max(16, round($3 * $4 * sum(x.fraction / t * x.rate_scale for x in p))))")
+  else
+    n=$(python3 -c "print(max(16, round($3 * $4)))")
+  fi
   timeout $(( CONFIG_TIMEOUT / 2 )) python3 -m cluster.cli bench serve --base-url http://127.0.0.1:8000 --model llama3-8b \
-    --tokenizer $model --workload "$2" --request-rate "$3" --num-prompts "$n" --goodput ttft:$TTFT tpot:$TPOT \
+    --tokenizer $model --workload "$2" "${phases[@]}" --request-rate "$3" --num-prompts "$n" --goodput ttft:$TTFT tpot:$TPOT \
     --seed "$(prompt_seed "$2" "$3" "${5:-0}")" \
     --label "$1" --request-timeout $REQUEST_TIMEOUT --result-dir $res --result-filename "$name.json" --disable-tqdm \
     > "$res/$name.log" 2>&1
@@ -100,9 +112,9 @@ warm_up() {  # config: 8 requests of each sweep's workload at 2 req/s, not recor
   done
 }
 
-sweeps() {  # label t0 pass: every SWEEPS rate while CONFIG_TIMEOUT s since t0 and TOTAL_TIMEOUT allow,
-  # then the shifting run
-  for sweep in $SWEEPS; do
+sweeps() {  # label t0 pass [sweeps]: every rate of the sweeps (default SWEEPS) while CONFIG_TIMEOUT s since t0
+  # and TOTAL_TIMEOUT allow, then the shifting run
+  for sweep in ${4-$SWEEPS}; do
     local workload=${sweep%%:*} rates=${sweep#*:}
     for rate in ${rates//,/ }; do
       [ $(( $(date +%s) - $2 )) -lt $CONFIG_TIMEOUT ] && [ "$(time_left)" -gt $(( WINDOW + 25 )) ] \
@@ -143,7 +155,7 @@ run_config() {  # config
   if [ "${1#semi-pd}" != "$1" ]; then
     for n in $PINS; do  # the same server, split pinned: a fixed split without another start-up
       [ "$(time_left)" -gt $(( WINDOW + 60 )) ] || { echo "out of time, not pinning $n"; continue; }
-      pin_split "$redis" "$n" && sweeps "semi-pd-pinned$n" "$(date +%s)" "pinned$n"
+      pin_split "$redis" "$n" && sweeps "semi-pd-pinned$n" "$(date +%s)" "pinned$n" "$PIN_SWEEPS"
     done
     [ -n "$PINS" ] && python3 -m cluster.cli pin --redis "$redis" --clear >/dev/null
   fi

@@ -100,6 +100,21 @@ def test_shifting_changes_mix_mid_run() -> None:
     assert p2 == ["math"] * 30 + ["arxiv"] * 60
 
 
+def test_shifting_phases_arrive_at_their_own_rates() -> None:
+    """Chat at ten times the documents' rate for the first half of the time, documents for the second."""
+    wl = WorkloadConfig(name="shifting", num_prompts=1100, seed=3, phases=parse_phases("sharegpt:0.5@10,long-doc:0.5"))
+    _, _, profiles = _lengths("shifting", n=1100, seed=3, phases=wl.phases)
+    assert profiles == ["sharegpt"] * 1000 + ["long-doc"] * 100
+    scales = wl.rate_scales()
+    assert scales.tolist() == [10.0] * 1000 + [1.0] * 100
+    offsets = arrival_offsets(ArrivalConfig(4.0, 1.0, 3), 1100, scales)
+    chat_time, doc_time = offsets[999], offsets[-1] - offsets[999]
+    assert 1000 / chat_time == pytest.approx(40.0, rel=0.1) and 100 / doc_time == pytest.approx(4.0, rel=0.25)
+    assert chat_time == pytest.approx(doc_time, rel=0.25)  # each phase for half of the time
+    assert WorkloadConfig(name="sharegpt", num_prompts=5, phases=wl.phases).rate_scales().tolist() == [1.0] * 5
+    assert parse_phases("math,arxiv:2@0.5") == (("math", 1.0, 1.0), ("arxiv", 2.0, 0.5))
+
+
 def test_random_workload_like_vllm() -> None:
     ins, outs, _ = _lengths("random", n=2000, input_len=200, output_len=50, range_ratio=0.5)
     assert ins.min() >= 100 and ins.max() <= 300 and outs.min() >= 25 and outs.max() <= 75
@@ -117,6 +132,10 @@ def test_workload_validation() -> None:
         WorkloadConfig(name="shifting", phases=(("mixed", 1.0),))
     with pytest.raises(WorkloadError, match="fraction"):
         parse_phases("sharegpt:x")
+    with pytest.raises(WorkloadError, match="rate scale must be a number"):
+        parse_phases("sharegpt:1@fast")
+    with pytest.raises(WorkloadError, match="rate scale must be positive"):
+        WorkloadConfig(name="shifting", phases=parse_phases("sharegpt@0"))
     with pytest.raises(WorkloadError, match="not reachable"):
         LogNormalLengths(mean=990, sigma=0.1, low=1, high=1000)
     with pytest.raises(WorkloadError, match="inside"):
@@ -196,6 +215,9 @@ def test_arrivals_seeded_and_infinite_rate() -> None:
     assert np.array_equal(a, arrival_offsets(ArrivalConfig(3.0, 1.0, 7), 50))
     assert not np.array_equal(a, arrival_offsets(ArrivalConfig(3.0, 1.0, 8), 50))
     assert np.array_equal(arrival_offsets(ArrivalConfig(math.inf), 5), np.zeros(5))
+    assert np.allclose(arrival_offsets(ArrivalConfig(3.0, 1.0, 7), 50, np.full(50, 2.0)), a / 2)
+    with pytest.raises(ArrivalError, match="rate scales"):
+        arrival_offsets(ArrivalConfig(3.0, 1.0, 7), 50, np.zeros(50))
 
 
 def test_arrival_validation_and_rates() -> None:
@@ -717,6 +739,21 @@ def test_end_to_end_chat_and_rejections(live_server: _Server, tiny_llama: Path, 
     out = capsys.readouterr().out
     assert rc == 1
     assert "Failed requests:                         3" in out and "maximum context length" in out
+
+
+def test_end_to_end_shifting_phases_at_their_own_rates(live_server: _Server, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    rc = cli_main([
+        "bench", "serve", "--base-url", live_server.url, "--workload", "shifting", "--phases", "random:1@4,random:3",
+        "--input-len", "12", "--output-len", "3", "--num-prompts", "7", "--request-rate", "20", "--disable-tqdm",
+        "--result-dir", str(tmp_path), "--no-server-metrics",
+    ])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "Phase rates: random 80 req/s for 25% of the time, random 20 req/s for 75% of the time" in out
+    res = load_result(next(tmp_path.glob("*.json")))
+    assert res.metrics.completed == 7 and res.config["workload"]["phases"] == [["random", 1.0, 4.0],
+                                                                               ["random", 3.0, 1.0]]
 
 
 def test_engine_decode_loop_bench_runs_both_ways_on_cpu(tiny_llama: Path) -> None:

@@ -32,15 +32,23 @@ class ArrivalConfig:
             raise ArrivalError(f"burstiness must be a positive number, got {self.burstiness}")
 
 
-def arrival_offsets(config: ArrivalConfig, n: int) -> np.ndarray:
-    """Seconds after the start at which each of `n` requests is sent; the first at 0."""
+def arrival_offsets(config: ArrivalConfig, n: int, rate_scales: np.ndarray | None = None) -> np.ndarray:
+    """Seconds after the start at which each of `n` requests is sent; the first at 0.
+
+    `rate_scales` (shape [n], positive) multiplies the rate request by request: the gap before
+    request i is drawn at `config.rate * rate_scales[i]` (a workload whose phases arrive at
+    different rates). The same seed draws the same unit gaps whatever the scales.
+    """
     if n < 0:
         raise ArrivalError(f"number of requests must be non-negative, got {n}")
     if math.isinf(config.rate) or n == 0:
         return np.zeros(n)
+    scales = np.ones(n) if rate_scales is None else np.asarray(rate_scales, dtype=float)
+    if scales.shape != (n,) or not bool(np.all(scales > 0)):
+        raise ArrivalError(f"rate scales must be {n} positive numbers")
     rng = np.random.default_rng([config.seed, 2])
-    theta = 1.0 / (config.rate * config.burstiness)
-    gaps = rng.gamma(shape=config.burstiness, scale=theta, size=n - 1)
+    unit_gaps = rng.gamma(shape=config.burstiness, scale=1.0 / config.burstiness, size=n - 1)  # mean 1
+    gaps = unit_gaps / (config.rate * scales[1:])
     return np.concatenate([[0.0], np.cumsum(gaps)])
 
 

@@ -20,6 +20,7 @@ from typing import Any
 
 from cluster.bench.client import RequestRecord
 from cluster.bench.metrics import METRIC_LABELS, METRICS, BenchMetrics, SLOs, compute_metrics, percentile_key
+from cluster.bench.workloads import Phase
 
 SCHEMA = "semipd-bench-serve/1"
 WIDTH = 50
@@ -138,14 +139,21 @@ def _line(name: str, value: float | int | None, fmt: str = ".2f") -> str:
     return "{:<40} {:<10}".format(name, text)
 
 
-def format_preamble(request_rate: float, burstiness: float, max_concurrency: int | None) -> str:
-    """The lines vLLM prints before sending: rate, burstiness, concurrency."""
+def format_preamble(request_rate: float, burstiness: float, max_concurrency: int | None,
+                    phases: Sequence[Phase] = ()) -> str:
+    """The lines vLLM prints before sending: rate, burstiness, concurrency; and the rate of each phase of a
+    shifting workload whose phases arrive at different rates."""
     kind = "Poisson process" if burstiness == 1.0 else "Gamma distribution"
-    return "\n".join([
+    lines = [
         f"Traffic request rate: {request_rate}",
         f"Burstiness factor: {burstiness} ({kind})",
         f"Maximum request concurrency: {max_concurrency}",
-    ])
+    ]
+    if any(p.rate_scale != 1.0 for p in phases):
+        total = sum(p.fraction for p in phases)
+        lines.append("Phase rates: " + ", ".join(
+            f"{p.name} {request_rate * p.rate_scale:g} req/s for {p.fraction / total:.0%} of the time" for p in phases))
+    return "\n".join(lines)
 
 
 def format_result_block(result: BenchResult) -> str:

@@ -246,11 +246,13 @@ def _build_requests(wl: WorkloadConfig, builder: PromptBuilder, max_model_len: i
 
 async def _run_one_rate(client: httpx.AsyncClient, config: ServeBenchConfig, endpoint: EndpointConfig,
                         requests: Sequence[BenchRequest], rate: float, out: TextIO) -> BenchResult:
-    offsets = arrival_offsets(ArrivalConfig(rate, config.burstiness, config.workload.seed), len(requests))
+    offsets = arrival_offsets(ArrivalConfig(rate, config.burstiness, config.workload.seed), len(requests),
+                              config.workload.rate_scales())
     prefixes = config.server_metric_prefixes
     before = await fetch_server_metrics(client, config.base_url, prefixes) if prefixes else None
     splits_before = await fetch_splits(client, config.base_url) if prefixes else None
-    print(format_preamble(rate, config.burstiness, config.max_concurrency), file=out)
+    phases = config.workload.phases if config.workload.ordered else ()
+    print(format_preamble(rate, config.burstiness, config.max_concurrency, phases), file=out)
     date = datetime.now().strftime("%Y%m%d-%H%M%S")
     started = time.time()
     records, duration = await run_rate(client, endpoint, requests, offsets, config.max_concurrency,

@@ -11,7 +11,8 @@ token counts plus token-count-controlled filler text:
   (~110 in / ~2500 out; our assumption, no published mean was given).
 - `mixed`: 60% sharegpt + 40% long-doc, shuffled.
 - `shifting`: phases in sequence (default: first half sharegpt, second half long-doc),
-  so the prefill/decode balance changes mid-run.
+  so the prefill/decode balance changes mid-run; a phase may arrive faster or slower than
+  the run's rate (`sharegpt:0.5@10,long-doc:0.5`: chat at ten times the rate of documents).
 - `random`: vLLM's random dataset: uniform in [len*(1-r), len*(1+r)].
 
 Lengths are drawn from log-normals truncated to [low, high] whose *truncated* mean is
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from statistics import NormalDist
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
@@ -155,22 +156,40 @@ PROFILES: dict[str, LengthProfile] = {
     "math": LengthProfile("math", LogNormalLengths(110, 0.5, 16, 1024), LogNormalLengths(2500, 0.6, 128, 16384)),
 }
 MIXES: dict[str, tuple[tuple[str, float], ...]] = {"mixed": (("sharegpt", 0.6), ("long-doc", 0.4))}
-DEFAULT_PHASES: tuple[tuple[str, float], ...] = (("sharegpt", 0.5), ("long-doc", 0.5))
+
+
+class Phase(NamedTuple):
+    """One phase of `shifting`: a length profile for `fraction` of the run's time, its requests arriving at
+    `rate_scale` times the run's request rate (so it holds fraction * rate_scale of the requests)."""
+
+    name: str
+    fraction: float
+    rate_scale: float = 1.0
+
+
+DEFAULT_PHASES: tuple[Phase, ...] = (Phase("sharegpt", 0.5), Phase("long-doc", 0.5))
 WORKLOAD_NAMES: tuple[str, ...] = (*PROFILES, *MIXES, "shifting", "random")
 
 
-def parse_phases(text: str) -> tuple[tuple[str, float], ...]:
-    """'sharegpt:0.5,long-doc:0.5' (fractions optional: equal split) -> ((name, weight), ...)."""
-    phases: list[tuple[str, float]] = []
+def _phase_number(item: str, what: str, text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise WorkloadError(f"phase {item!r}: {what} must be a number") from None
+
+
+def parse_phases(text: str) -> tuple[Phase, ...]:
+    """'sharegpt:0.5@10,long-doc:0.5' -> phases; the time fraction defaults to an equal share, the rate
+    scale to 1."""
+    phases: list[Phase] = []
     for item in (s.strip() for s in text.split(",")):
         if not item:
             continue
-        name, _, frac = item.partition(":")
-        try:
-            weight = float(frac) if frac else 1.0
-        except ValueError:
-            raise WorkloadError(f"phase {item!r}: fraction must be a number") from None
-        phases.append((name.strip(), weight))
+        head, at, scale = item.partition("@")
+        name, _, frac = head.partition(":")
+        fraction = _phase_number(item, "fraction", frac) if frac else 1.0
+        rate_scale = _phase_number(item, "rate scale", scale) if at else 1.0
+        phases.append(Phase(name.strip(), fraction, rate_scale))
     if not phases:
         raise WorkloadError("phases must name at least one profile")
     return tuple(phases)
@@ -182,15 +201,15 @@ class WorkloadConfig:
 
     `run` numbers the runs of a sweep: each draws its own lengths and prompts (from `seed`
     and `run`), so that no run finds an earlier one's prompts in the server's prefix cache.
-    `phases` is used by `shifting` (profile names from PROFILES or `random`, with
-    weights); `input_len`, `output_len`, `range_ratio` by `random` (vLLM semantics).
+    `phases` is used by `shifting` (profile names from PROFILES or `random`, each with a
+    time fraction and a rate scale: `Phase`); `input_len`, `output_len`, `range_ratio` by `random` (vLLM semantics).
     """
 
     name: str = "sharegpt"
     num_prompts: int = 1000
     seed: int = 0
     run: int = 0
-    phases: tuple[tuple[str, float], ...] = DEFAULT_PHASES
+    phases: tuple[Phase, ...] = DEFAULT_PHASES
     input_len: int = 1024
     output_len: int = 128
     range_ratio: float = 0.0
@@ -206,12 +225,14 @@ class WorkloadConfig:
             raise WorkloadError("input_len and output_len must be at least 1")
         if not (0.0 <= self.range_ratio < 1.0):
             raise WorkloadError(f"range_ratio must be in [0, 1), got {self.range_ratio}")
-        object.__setattr__(self, "phases", tuple((str(n), float(w)) for n, w in self.phases))
-        for name, weight in self.phases:
+        object.__setattr__(self, "phases", tuple(Phase(str(p[0]), *map(float, p[1:])) for p in self.phases))
+        for name, fraction, rate_scale in self.phases:
             if name not in (*PROFILES, "random"):
                 raise WorkloadError(f"phase {name!r} must be one of {', '.join((*PROFILES, 'random'))}")
-            if not (math.isfinite(weight) and weight > 0):
-                raise WorkloadError(f"phase {name!r}: fraction must be positive, got {weight}")
+            if not (math.isfinite(fraction) and fraction > 0):
+                raise WorkloadError(f"phase {name!r}: fraction must be positive, got {fraction}")
+            if not (math.isfinite(rate_scale) and rate_scale > 0):
+                raise WorkloadError(f"phase {name!r}: rate scale must be positive, got {rate_scale}")
 
     def random_profile(self) -> LengthProfile:
         r = self.range_ratio
@@ -225,12 +246,19 @@ class WorkloadConfig:
         return self.random_profile() if name == "random" else PROFILES[name]
 
     def parts(self) -> tuple[tuple[LengthProfile, float], ...]:
-        """The profiles and weights this workload draws from."""
+        """The profiles this workload draws from, each with its share of the requests."""
         if self.name in PROFILES or self.name == "random":
             return ((self.profile(self.name), 1.0),)
         if self.name in MIXES:
             return tuple((self.profile(n), w) for n, w in MIXES[self.name])
-        return tuple((self.profile(n), w) for n, w in self.phases)
+        return tuple((self.profile(p.name), p.fraction * p.rate_scale) for p in self.phases)
+
+    def rate_scales(self) -> np.ndarray:
+        """Each request's arrival-rate multiplier, in arrival order: its phase's for `shifting`, else 1."""
+        if not self.ordered:
+            return np.ones(self.num_prompts)
+        counts = split_counts([w for _, w in self.parts()], self.num_prompts)
+        return np.repeat([p.rate_scale for p in self.phases], counts)
 
     @property
     def ordered(self) -> bool:
@@ -381,7 +409,7 @@ def build_requests(config: WorkloadConfig, builder: PromptBuilder) -> list[Bench
 
 
 __all__ = [
-    "BenchRequest", "LengthProfile", "LengthSample", "LogNormalLengths", "PROFILES", "PromptBuilder",
+    "BenchRequest", "LengthProfile", "LengthSample", "LogNormalLengths", "PROFILES", "Phase", "PromptBuilder",
     "RatioPromptBuilder", "TokenizerPromptBuilder", "UniformLengths", "WORKLOAD_NAMES", "WorkloadConfig",
     "WorkloadError", "build_requests", "parse_phases", "sample_lengths", "split_counts",
 ]

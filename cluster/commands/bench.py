@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 if TYPE_CHECKING:
     from cluster.bench.serve_bench import ServeBenchConfig
+    from cluster.bench.workloads import Phase
 
 T = TypeVar("T")
 
@@ -109,7 +110,7 @@ def _rates(text: str) -> tuple[float, ...]:
     return parse_rates(text)
 
 
-def _phases(text: str) -> tuple[tuple[str, float], ...]:
+def _phases(text: str) -> tuple[Phase, ...]:
     from cluster.bench.workloads import parse_phases
 
     return parse_phases(text)
@@ -152,8 +153,9 @@ def _register_serve(sub: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("workload")
     g.add_argument("--workload", "--dataset-name", dest="workload", default="sharegpt", choices=WORKLOAD_NAMES)
     g.add_argument("--num-prompts", type=_type(_positive_int), default=1000)
-    g.add_argument("--phases", type=_type(_phases), default=None, metavar="NAME[:FRAC],...",
-                   help="phases of --workload shifting, in order (default sharegpt:0.5,long-doc:0.5)")
+    g.add_argument("--phases", type=_type(_phases), default=None, metavar="NAME[:FRAC][@SCALE],...",
+                   help="phases of --workload shifting, in order, each for FRAC of the run's time at SCALE times "
+                        "--request-rate (default sharegpt:0.5,long-doc:0.5)")
     g.add_argument("--input-len", "--random-input-len", dest="input_len", type=_type(_positive_int), default=1024,
                    help="random workload: mean input tokens")
     g.add_argument("--output-len", "--random-output-len", dest="output_len", type=_type(_positive_int), default=128,
