@@ -76,8 +76,8 @@ class SampleWindow:
 
 
 class RateWindow:
-    """Amounts recorded over time (prompt tokens as requests arrive) and their rate, the highest of
-    their rates over the last `spans_s` seconds each (of `time.monotonic()`).
+    """Amounts recorded over time (prompt tokens as requests arrive): their rate, the highest of their rates
+    over the last `spans_s` seconds each (of `time.monotonic()`), and the mean amount of the latest events.
 
     The short span sees a burst within a second or two of its start; the long one remembers it for a
     while after it ends, so a lull inside a load does not read as idle. With one 10 s span, the split
@@ -85,10 +85,13 @@ class RateWindow:
     for its dwell while the next burst's prompts queued for seconds (2026-12-03).
     """
 
-    def __init__(self, spans_s: tuple[float, ...] = (2.0, 10.0, 30.0)) -> None:
+    def __init__(self, spans_s: tuple[float, ...] = (2.0, 10.0, 30.0), min_events: int = 4) -> None:
         if not spans_s or min(spans_s) <= 0:
             raise ValueError(f"spans_s must be positive, got {spans_s}")
+        if min_events < 1:
+            raise ValueError(f"min_events must be >= 1, got {min_events}")
         self.spans_s = tuple(sorted(spans_s))
+        self.min_events = min_events
         self._events: deque[tuple[float, int]] = deque()
 
     def add(self, amount: int, now: float | None = None) -> None:
@@ -96,17 +99,23 @@ class RateWindow:
 
     def rate(self, now: float | None = None) -> float:
         """Amount per second, the highest over the spans (an engine up for less counts as idle before)."""
-        total, _, span = self._busiest(now)
-        return total / span
+        totals, _ = self._spans(now)
+        return max(total / span for total, span in zip(totals, self.spans_s))
 
     def mean_amount(self, now: float | None = None) -> float:
-        """Mean amount per event (the prompt length of recent arrivals) in the span whose rate is highest,
-        so it describes the load `rate` reports; 0 when nothing arrived."""
-        total, count, _ = self._busiest(now)
-        return total / count if count else 0.0
+        """Mean amount per event (the prompt length of the latest arrivals) over the shortest span holding at
+        least `min_events` events (the longest span if none does); 0 when nothing arrived.
 
-    def _busiest(self, now: float | None) -> tuple[int, int, float]:
-        """(total amount, events, span) of the span with the highest rate (the shortest on ties)."""
+        The latest, not the busiest span's: when chat at 50 req/s gave way to documents at 4 req/s (the same
+        prompt tokens per second), the busiest span mixed the two and read the documents' 5,900-token prompts
+        as 730 tokens, so the policy kept too few prefill SMs for 12 s (H200, 2026-12-03).
+        """
+        totals, counts = self._spans(now)
+        i = next((i for i, n in enumerate(counts) if n >= self.min_events), len(counts) - 1)
+        return totals[i] / counts[i] if counts[i] else 0.0
+
+    def _spans(self, now: float | None) -> tuple[list[int], list[int]]:
+        """(total amount, events) of each span, shortest first."""
         now = time.monotonic() if now is None else now
         while self._events and self._events[0][0] <= now - self.spans_s[-1]:
             self._events.popleft()
@@ -117,8 +126,7 @@ class RateWindow:
                 if t > now - span:
                     totals[i] += amount
                     counts[i] += 1
-        best = max(range(len(self.spans_s)), key=lambda i: (totals[i] / self.spans_s[i], -i))
-        return totals[best], counts[best], self.spans_s[best]
+        return totals, counts
 
 
 class Subscriber:

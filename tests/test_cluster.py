@@ -96,18 +96,24 @@ def test_rate_window_sees_a_burst_start_and_remembers_it_through_a_lull() -> Non
     assert w.rate(now=200.0) == 0.0
 
 
-def test_rate_window_mean_describes_the_load_its_rate_reports() -> None:
+def test_rate_window_mean_reads_the_latest_arrivals() -> None:
     from actors.gpu_actor import RateWindow
 
-    w = RateWindow(spans_s=(2.0, 30.0))
+    w = RateWindow(spans_s=(2.0, 30.0), min_events=4)
     assert w.mean_amount(now=0.0) == 0.0
     for i in range(16):  # 8 s of short prompts, 2 a second
         w.add(500, now=1.0 + 0.5 * i)
-    for i in range(4):  # then a burst of long ones
-        w.add(6000, now=11.0 + 0.25 * i)
-    assert w.rate(now=12.0) == 4 * 6000 / 2.0 and w.mean_amount(now=12.0) == 6000.0  # the burst's span
-    assert w.rate(now=20.0) == (16 * 500 + 4 * 6000) / 30.0  # the burst left the 2 s span; 30 s holds it all
-    assert w.mean_amount(now=20.0) == (16 * 500 + 4 * 6000) / 20
+    assert w.mean_amount(now=9.0) == 500.0
+    for i in range(4):  # then long ones
+        w.add(6000, now=11.0 + 0.5 * i)
+    assert w.mean_amount(now=12.6) == 6000.0  # four events in the 2 s span: the latest arrivals
+    for i in range(4):  # then short ones again
+        w.add(500, now=13.0 + 0.5 * i)
+    assert w.rate(now=14.6) == (20 * 500 + 4 * 6000) / 30  # the busiest span, 30 s, mixes all of them
+    assert w.mean_amount(now=14.6) == 500.0  # the latest four
+    assert w.mean_amount(now=20.0) == (20 * 500 + 4 * 6000) / 24  # none in 2 s: the longest span
+    with pytest.raises(ValueError, match="min_events"):
+        RateWindow(min_events=0)
 
 
 def test_coalesced_stream_keeps_first_and_last_chunks_prompt() -> None:

@@ -209,9 +209,10 @@ def _sync_stacks() -> Iterator[list[list[str]]]:
     import warnings
 
     stacks: list[list[str]] = []
+    armed = False  # the H200 run of 2026-12-03 saw one warning raised inside set_sync_debug_mode itself
 
     def record(message: Warning | str, category: type[Warning], filename: str, lineno: int, *_: object) -> None:
-        if "synchroniz" in str(message):
+        if armed and "synchroniz" in str(message):
             frames = [f for f in traceback.extract_stack()[:-1] if not f.filename.endswith("warnings.py")]
             stacks.append([f"{Path(f.filename).resolve()}:{f.lineno} in {f.name}" for f in frames[-8:]])
 
@@ -219,6 +220,7 @@ def _sync_stacks() -> Iterator[list[list[str]]]:
         warnings.simplefilter("always")
         warnings.showwarning = record
         torch.cuda.set_sync_debug_mode("warn")
+        armed = True
         try:
             yield stacks
         finally:

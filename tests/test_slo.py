@@ -307,13 +307,14 @@ def test_model_policy_holds_a_steady_load_in_closed_loop() -> None:
 def test_model_policy_plans_for_the_prompt_lengths_it_sees() -> None:
     """Poisson arrivals of 4,096-token prompts (arxiv-like) at TPOT <= 25 ms: a policy that assumes 512-token
     prompts underrates the queueing wait behind long prompts, keeps too few prefill SMs and swings between
-    splits; told the arrivals' mean length, it keeps more prefill SMs, meets TTFT and settles."""
+    splits (urgent switches pull it back once TTFT is observed past target); told the arrivals' mean length,
+    it keeps more prefill SMs from the start, meets TTFT more often and settles."""
     tight = SLOTargets(ttft_ms=1000.0, tpot_ms=25.0)
     runs = {see: run_closed_loop(see_arrivals=True, comfort_slack=ModelPolicyConfig().comfort_slack,
                                  tokens_per_s=15_000.0, prompt=4096, batch=12, context=4000, see_lengths=see,
                                  poisson_seed=0, targets=tight) for see in (False, True)}
-    assert runs[False].ttft_attainment < 0.9 <= 0.95 <= runs[True].ttft_attainment
-    assert len(runs[True].splits) < len(runs[False].splits)
+    assert runs[True].ttft_attainment >= 0.98 > runs[False].ttft_attainment
+    assert len(runs[True].splits) <= 2 < len(runs[False].splits)
 
 
 def test_model_policy_uses_the_mean_prompt_length_of_the_view() -> None:
@@ -398,7 +399,7 @@ def test_model_policy_state_is_per_engine() -> None:
 
 def test_model_policy_leaves_a_split_far_past_its_target_after_the_urgent_dwell() -> None:
     """A burst lands on a split with little prefill (as after a lull): urgent once predicted past the TTFT
-    target twice over, observed past it, and another split is predicted to meet both targets."""
+    target by more than a quarter, observed past it, and another split is predicted to meet both targets."""
     burst = dict(queued=10_000, requests=20, decoding=32, context=32 * 1500)
 
     def decide_after_a_change(seen_ttft: float, t: float, **load: int) -> SplitDecision:

@@ -18,9 +18,10 @@ The current split is kept while no target is at risk (`at_risk`: predicted slack
 side that relieves the target at risk (more prefill SMs for TTFT, fewer for TPOT) wins, if
 its score beats the current split's by more than `margin` (hysteresis) and at least
 `dwell_s` passed since this engine's split last changed. A switch is urgent when the current
-split is predicted far past a target (slack under `urgent_slack`), observed past it too, and the
-new split is predicted within both targets: then `urgent_dwell_s` is enough (a wrong split held
-for a whole dwell queued a burst's prompts for seconds on the H200). So at most
+split is predicted past a target by more than a quarter of it (slack under `urgent_slack`),
+observed past it too, and the new split is predicted within both targets: then `urgent_dwell_s`
+is enough (on the H200 a wrong split held for a whole dwell queued a burst's prompts for seconds,
+and, with the threshold at twice the target, another kept TPOT past its target for 10 s). So at most
 60 / urgent_dwell_s + 1 switches in any minute, and 60 / dwell_s + 1 while no split can meet
 both targets (an overload cannot flap fast). The policy sees changes in the views: one it
 proposed counts from its proposal, any other from when it is first seen; a proposal the caller
@@ -68,7 +69,7 @@ class ModelPolicyConfig:
         is unknown, when the view does not report the mean prompt length of recent arrivals.
     typical_context_tokens: context per sequence assumed when nothing decodes.
     max_step: at most this many split steps per decision (0: jump to the best).
-    urgent_slack: a current split predicted under this slack (-1: a target missed twice over), and observed
+    urgent_slack: a current split predicted under this slack (-0.25: a target missed by a quarter), and observed
         past that target, may switch after `urgent_dwell_s` instead of `dwell_s`, to a split predicted to
         meet both targets.
     urgent_dwell_s: the dwell of an urgent switch (at most `dwell_s`).
@@ -84,7 +85,7 @@ class ModelPolicyConfig:
     typical_prompt_tokens: int = 512
     typical_context_tokens: int = 1024
     max_step: int = 0
-    urgent_slack: float = -1.0
+    urgent_slack: float = -0.25
     urgent_dwell_s: float = 2.0
 
     def __post_init__(self) -> None:
