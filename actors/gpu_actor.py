@@ -44,11 +44,16 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class LatencySample:
-    """One finished request: wall times it finished and arrived, TTFT and TPOT (None: one token only)."""
+    """One latency of one request, with the wall times it was taken and the request arrived: its TTFT, taken at
+    its first token, or its TPOT, taken when it finished with two tokens or more (the other one None).
+
+    TTFT at the first token, not at the finish: a split that queues prompts shows in the samples a request's
+    decoding time sooner (on the H200 a shift to 5,900-token prompts was observed past target too late
+    for an urgent switch, 2026-12-03)."""
 
     time: float
     arrival: float
-    ttft_ms: float
+    ttft_ms: float | None
     tpot_ms: float | None
 
 
@@ -72,7 +77,8 @@ class SampleWindow:
     def series(self, arrived_after: float = 0.0) -> tuple[list[float], list[float]]:
         """(TTFT ms, TPOT ms) lists of the samples of requests that arrived after `arrived_after`."""
         picked = self.samples(arrived_after)
-        return [s.ttft_ms for s in picked], [s.tpot_ms for s in picked if s.tpot_ms is not None]
+        return ([s.ttft_ms for s in picked if s.ttft_ms is not None],
+                [s.tpot_ms for s in picked if s.tpot_ms is not None])
 
 
 class RateWindow:
@@ -195,7 +201,7 @@ class EngineActor:
     """One engine behind Ray: streaming generation, load, SM split, drain."""
 
     def __init__(self, engine_id: str, config: EngineConfig, publisher: PublisherConfig | None = None,
-                 window_samples: int = 512, window_s: float = 120.0, stall_after_s: float = 30.0,
+                 window_samples: int = 1024, window_s: float = 120.0, stall_after_s: float = 30.0,
                  model_source: ModelSource | None = None, stream_interval: int = 1) -> None:
         """`model_source`: get a latency model at start (and publish it, with a publisher).
         `stream_interval`: tokens per chunk after the first (see `coalesced`): fewer chunks to pickle
@@ -358,6 +364,7 @@ class EngineActor:
                     if first is None:
                         first = last
                         self._prefilled_tokens += max(0, len(request.prompt_token_ids) - chunk.num_cached_tokens)
+                        self.window.add(LatencySample(time.time(), arrival, (first - start) * 1000, None))
                 num_tokens = chunk.num_output_tokens
                 finish = chunk.finish_reason
                 sub.put(chunk)
@@ -373,9 +380,9 @@ class EngineActor:
             if self._in_flight == 0:
                 self._idle.set()
             self._finished[finish or "abort"] += 1
-            if first is not None and last is not None and finish in ("stop", "length"):
-                tpot = (last - first) / (num_tokens - 1) * 1000 if num_tokens > 1 else None
-                self.window.add(LatencySample(time.time(), arrival, (first - start) * 1000, tpot))
+            if first is not None and last is not None and finish in ("stop", "length") and num_tokens > 1:
+                tpot = (last - first) / (num_tokens - 1) * 1000
+                self.window.add(LatencySample(time.time(), arrival, None, tpot))
 
     async def abort(self, request_id: str) -> bool:
         return self.llm.abort(request_id)

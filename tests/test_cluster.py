@@ -222,9 +222,10 @@ def test_sample_window_picks_by_arrival() -> None:
     w = SampleWindow(max_samples=8, max_age_s=60.0)
     w.add(LatencySample(time=t - 2, arrival=t - 10, ttft_ms=900.0, tpot_ms=20.0))  # waited through a switch at t - 5
     w.add(LatencySample(time=t - 1, arrival=t - 4, ttft_ms=100.0, tpot_ms=None))
+    w.add(LatencySample(time=t - 0.5, arrival=t - 3, ttft_ms=None, tpot_ms=None))  # neither: counted in neither
     assert w.series(arrived_after=t - 5) == ([100.0], [])
     assert w.series() == ([900.0, 100.0], [20.0])
-    assert [s.arrival for s in w.samples(now=t + 58.5)] == [t - 4]  # the first one is past the age limit
+    assert [s.arrival for s in w.samples(now=t + 58.5)] == [t - 4, t - 3]  # the first one is past the age limit
 
 
 @pytest.mark.timeout(60)
@@ -238,6 +239,8 @@ def test_engine_actor_publishes_only_requests_that_arrived_after_the_switch(tiny
         info = await actor.ready()
         before = actor_stream(actor, GenerateRequest("before", [256, 1, 2], params))
         assert (await before.__anext__()).token_ids  # running on the first split
+        stats = (await actor.load()).stats
+        assert len(stats["ttft_ms"]) == 1 and stats["tpot_ms"] == []  # its TTFT counts from its first token on
         target = next(s for s in info["splits"] if s != actor.llm.core.partitioner.current)
         assert (await actor.apply_split(target, "test"))["changed"]
         assert [c async for c in before][-1].finish_reason == "length"
