@@ -43,7 +43,8 @@ from actors.slo.latency_model import (
 )
 from actors.slo.ordering import EDFOrder, edf_key, make_order
 from actors.slo.policy import (
-    ModelPolicy, ModelPolicyConfig, PrefillLoad, make_policy, predict_raw, prefill_load, typical_prompt_tokens,
+    ModelPolicy, ModelPolicyConfig, PrefillLoad, make_policy, predict_raw, prefill_load, tpot_factors,
+    typical_prompt_tokens,
 )
 from actors.slo.profiler import ProfileConfig, Profiler, engine_profile_key
 from actors.slo.types import EngineView, ReactivePolicy, SLOTargets, SplitDecision
@@ -419,6 +420,31 @@ def test_model_policy_leaves_a_split_far_past_its_target_after_the_urgent_dwell(
     assert overload.prefill_sms == 16 and not overload.urgent  # no split meets both targets: no hurry
     with pytest.raises(ValueError):
         ModelPolicyConfig(urgent_slack=0.0)
+
+
+def test_model_policy_remembers_the_tpot_error_of_a_split_it_left() -> None:
+    """On the H200 the model's decode step was about half the observed one on the smallest decode partitions,
+    and each time TTFT pressed, a ratio measured on a wider one sent the policy back there. The ratio seen
+    on a split corrects that split (and those with fewer decode SMs) for `tpot_memory_s`."""
+    tight, m = SLOTargets(ttft_ms=1000.0, tpot_ms=25.0), h100_llama8b()
+    load = dict(decoding=64, context=64 * 600)
+
+    def after_visiting_104(memory_s: float, t: float) -> SplitDecision:
+        policy = ModelPolicy(m, ModelPolicyConfig(tpot_memory_s=memory_s))
+        slow = 2 * predict_raw(m, view(104, **load), 104, policy.config)[1]
+        policy.decide(view(104, t=100.0, tpot=(slow,) * 10, **load), tight)  # twice the model's TPOT at 104
+        policy.decide(view(80, t=130.0, **load), tight)  # the engine moved to 80
+        as_modelled = (predict_raw(m, view(80, **load), 80, policy.config)[1],) * 10
+        return policy.decide(view(80, t=t, queued=16_000, requests=32, tpot=as_modelled, **load), tight)
+
+    assert after_visiting_104(0.0, 141.0).prefill_sms == 104  # without memory: back to 104
+    remembered = after_visiting_104(300.0, 141.0)
+    assert remembered.prefill_sms == 96 and remembered.predicted["best_tpot_ms"] < tight.tpot_ms
+    assert after_visiting_104(300.0, 401.0).prefill_sms == 104  # the memory is gone after 300 s
+    factors = tpot_factors((64, 72, 80, 88, 96, 104, 112), 80, 1.0, {104: 1.4})
+    assert factors == {64: 1.0, 72: 1.0, 80: 1.0, 88: 1.0, 96: 1.0, 104: 1.4, 112: 1.4}
+    with pytest.raises(ValueError, match="tpot_memory_s"):
+        ModelPolicyConfig(tpot_memory_s=-1.0)
 
 
 def test_model_policy_dwell_counts_applied_switches() -> None:

@@ -11,7 +11,12 @@ and the paper's `ReactivePolicy`, built by name with `make_policy`.
 - TPOT: one decode step of the current batch and context on the remaining SMs
   (slowed by contention while prefill has work).
 Both are multiplied by a correction from observed latencies: (observed / predicted at
-the current split) ** `observed_weight`, clamped, when enough samples are in the view.
+the current split) ** `observed_weight`, clamped, when enough samples are in the view. A split's
+TPOT takes instead the ratio observed while that split itself last ran, if within
+`tpot_memory_s` (a split never seen, the largest of those seen on splits with as many decode SMs
+or more): the model's decode error is largest on the smallest decode partitions (on the H200 it
+predicted 17 ms at 28 decode SMs where about 36 ms was observed), and a ratio measured on a wider
+one hid that each time the policy went back.
 Each split scores its normalized min slack, min(1 - TTFT / target, 1 - TPOT / target).
 The current split is kept while no target is at risk (`at_risk`: predicted slack under
 `comfort_slack`, or observed latency past its target); otherwise the best split on the
@@ -73,6 +78,8 @@ class ModelPolicyConfig:
         past that target, may switch after `urgent_dwell_s` instead of `dwell_s`, to a split predicted to
         meet both targets.
     urgent_dwell_s: the dwell of an urgent switch (at most `dwell_s`).
+    tpot_memory_s: how long the TPOT ratio (observed / predicted) seen on a split corrects that split's
+        predictions after the engine left it (0: never; every split takes the current split's ratio).
     """
 
     margin: float = 0.1
@@ -87,6 +94,7 @@ class ModelPolicyConfig:
     max_step: int = 0
     urgent_slack: float = -0.25
     urgent_dwell_s: float = 2.0
+    tpot_memory_s: float = 300.0
 
     def __post_init__(self) -> None:
         if self.margin < 0 or self.dwell_s < 0:
@@ -101,6 +109,8 @@ class ModelPolicyConfig:
             raise ValueError("chunk_tokens and the typical lengths must be >= 1")
         if self.min_observed < 1 or self.max_step < 0:
             raise ValueError("min_observed must be >= 1 and max_step >= 0")
+        if self.tpot_memory_s < 0:
+            raise ValueError(f"tpot_memory_s must be >= 0, got {self.tpot_memory_s}")
         if self.urgent_slack >= 0 or self.urgent_dwell_s < 0:
             raise ValueError(f"urgent_slack must be < 0 and urgent_dwell_s >= 0, got "
                              f"{self.urgent_slack} and {self.urgent_dwell_s}")
@@ -125,6 +135,7 @@ class _EngineState:
     last_change: float | None = None
     proposed: tuple[int, float] | None = None  # (prefill SMs, time)
     change_times: deque[float] = field(default_factory=lambda: deque(maxlen=256))
+    tpot_ratios: dict[int, tuple[float, float]] = field(default_factory=dict)  # split -> (observed / predicted, time)
 
     def observe(self, sms: int, now: float) -> None:
         """Note the engine's current split; a change counts from when it was proposed
@@ -203,11 +214,27 @@ def typical_prompt_tokens(view: EngineView, cfg: ModelPolicyConfig) -> int:
 
 def observed_correction(observed: tuple[float, ...], predicted: float, q: float, cfg: ModelPolicyConfig) -> float:
     """(P_q of observed / predicted) ** weight, clamped; 1.0 with too few samples."""
-    if len(observed) < cfg.min_observed or predicted <= 0 or cfg.observed_weight == 0:
+    if len(observed) < cfg.min_observed or predicted <= 0:
         return 1.0
-    ratio = percentile(observed, q) / predicted
-    ratio = min(cfg.max_correction, max(1.0 / cfg.max_correction, ratio))
-    return ratio**cfg.observed_weight
+    return correction_factor(percentile(observed, q) / predicted, cfg)
+
+
+def tpot_factors(splits: tuple[int, ...], current: int, current_factor: float, remembered: Mapping[int, float]
+                 ) -> dict[int, float]:
+    """Each split's TPOT correction: the current split's and the remembered ones for themselves; any other
+    split takes the largest of those on splits with no more prefill SMs than it (the model's decode error
+    grows as the decode partition shrinks), or the current split's if there are none."""
+    known = {**remembered, current: current_factor}
+    factors = {}
+    for s in splits:
+        wider = [f for k, f in known.items() if k <= s]
+        factors[s] = known.get(s, max(wider, default=current_factor))
+    return factors
+
+
+def correction_factor(ratio: float, cfg: ModelPolicyConfig) -> float:
+    """An observed / predicted ratio as a factor on predictions: clamped to `max_correction`, ** `observed_weight`."""
+    return min(cfg.max_correction, max(1.0 / cfg.max_correction, ratio)) ** cfg.observed_weight
 
 
 class ModelPolicy:
@@ -229,14 +256,16 @@ class ModelPolicy:
         return m
 
     def predict(self, view: EngineView, targets: SLOTargets) -> tuple[list[SplitPrediction], dict[str, float]]:
-        """Corrected predictions for every split of `view`, and the correction details."""
+        """Corrected predictions for every split of `view`, and the correction details. Notes the TPOT ratio
+        observed on the current split, for `tpot_memory_s`."""
         cfg, model = self.config, self.model_for(view.engine_id)
         current = nearest_split(view.splits, view.prefill_sms)
         raw = {s: predict_raw(model, view, s, cfg) for s in view.splits}
         q = 100.0 * targets.attainment
         c_ttft = observed_correction(view.ttft_ms, raw[current][0], q, cfg)
         c_tpot = observed_correction(view.tpot_ms, raw[current][1], q, cfg)
-        preds = [SplitPrediction(s, t * c_ttft, p * c_tpot, min_slack(t * c_ttft, p * c_tpot, targets))
+        f_tpot = tpot_factors(view.splits, current, c_tpot, self._tpot_memory(view, current, raw[current][1], q))
+        preds = [SplitPrediction(s, t * c_ttft, p * f_tpot[s], min_slack(t * c_ttft, p * f_tpot[s], targets))
                  for s, (t, p) in raw.items()]
         info = {"ttft_correction": c_ttft, "tpot_correction": c_tpot, "arrival_tokens_per_s": view.arrival_tokens_per_s,
                 "typical_prompt_tokens": float(typical_prompt_tokens(view, cfg))}
@@ -245,6 +274,19 @@ class ModelPolicy:
         if view.tpot_ms:
             info["observed_tpot_ms"] = percentile(view.tpot_ms, q)
         return preds, info
+
+    def _tpot_memory(self, view: EngineView, current: int, raw_tpot: float, q: float) -> dict[int, float]:
+        """Record the current split's observed TPOT ratio; the corrections of the other splits seen within
+        `tpot_memory_s` (split -> factor, as `observed_correction` makes it)."""
+        cfg = self.config
+        if cfg.tpot_memory_s <= 0:
+            return {}
+        state = self._states.setdefault(view.engine_id, _EngineState())
+        now = view.time if view.time > 0 else time.monotonic()
+        if len(view.tpot_ms) >= cfg.min_observed and raw_tpot > 0:
+            state.tpot_ratios[current] = (percentile(view.tpot_ms, q) / raw_tpot, now)
+        return {s: correction_factor(ratio, cfg)
+                for s, (ratio, seen) in state.tpot_ratios.items() if s != current and now - seen <= cfg.tpot_memory_s}
 
     def decide(self, view: EngineView, targets: SLOTargets) -> SplitDecision:
         if not view.splits:
