@@ -14,9 +14,8 @@ Both are multiplied by a correction from observed latencies: (observed / predict
 the current split) ** `observed_weight`, clamped, when enough samples are in the view. A split's
 TPOT takes instead the ratio observed while that split itself last ran, if within
 `tpot_memory_s` (a split never seen, the largest of those seen on splits with as many decode SMs
-or more): the model's decode error is largest on the smallest decode partitions (on the H200 it
-predicted 17 ms at 28 decode SMs where about 36 ms was observed), and a ratio measured on a wider
-one hid that each time the policy went back.
+or more): a ratio measured on a wide decode partition says little about a narrow one, where the
+step is most sensitive to the model's errors.
 Each split scores its normalized min slack, min(1 - TTFT / target, 1 - TPOT / target).
 The current split is kept while no target is at risk (`at_risk`: predicted slack under
 `comfort_slack`, or observed latency past its target); otherwise the best split on the
@@ -329,7 +328,9 @@ class ModelPolicy:
         predicted.update(ttft_ms=best.ttft_ms, tpot_ms=best.tpot_ms, slack=best.slack)
         side = "prefill" if best.prefill_sms > current else "decode"
         why = (f"{'urgent ' if urgent else ''}switch {current}->{best.prefill_sms} (more SMs to {side}): {at}; "
-               f"{_describe(best, targets)} at {best.prefill_sms} (gain {gain:+.2f} > {cfg.margin:.2f})")
+               f"{_describe(best, targets)} at {best.prefill_sms} (gain {gain:+.2f} > {cfg.margin:.2f}); "
+               f"arrivals {info['arrival_tokens_per_s']:.0f} prompt tokens/s in {info['typical_prompt_tokens']:.0f}-token "
+               f"prompts")
         return SplitDecision(best.prefill_sms, why, predicted, urgent=urgent)
 
     def _best(self, splits: tuple[int, ...], current: int, preds: list[SplitPrediction], side: int = 0
