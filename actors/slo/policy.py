@@ -152,7 +152,7 @@ def min_slack(ttft_ms: float, tpot_ms: float, targets: SLOTargets) -> float:
     return min(1.0 - ttft_ms / targets.ttft_ms, 1.0 - tpot_ms / targets.tpot_ms)
 
 
-MAX_UTILIZATION = 0.95  # the queueing wait is evaluated at most at this prefill utilization
+MAX_UTILIZATION = 0.95  # queueing (a prefill wait, a settled decode batch) is evaluated at most at this utilization
 
 
 @dataclass(frozen=True)
@@ -201,8 +201,29 @@ def predict_raw(model: LatencyModel, view: EngineView, prefill_sms: int, cfg: Mo
                                   chunk_tokens=cfg.chunk_tokens) + load.wait_ms
     batch = max(1, view.num_decoding)
     context = view.decode_context_tokens if view.num_decoding > 0 else cfg.typical_context_tokens
-    tpot = model.decode_step_ms(batch, max(1, context), d_sms, concurrent=queued > 0 or load.utilization > 0)
+    current_d_sms = max(1, model.total_sms - round(view.prefill_sms * scale))
+    tpot = settled_step_ms(model, batch, max(1, context), current_d_sms, d_sms, queued > 0 or load.utilization > 0)
     return ttft, tpot
+
+
+def settled_step_ms(model: LatencyModel, batch: int, context: int, current_sms: int, sms: int, concurrent: bool) -> float:
+    """The decode step on `sms` decode SMs once the batch has settled there, for the decode demand the engine
+    serves now: `batch` sequences (holding `context` tokens) in steps of `current_sms` SMs.
+
+    Little's law: a sequence stays for as many steps as it has tokens to produce, so the batch is demand x step
+    (demand = batch / step now, sequences per ms of step). With the model's step alpha + beta * batch on `sms`,
+    it settles at alpha / (1 - demand * beta), evaluated at most at `MAX_UTILIZATION`. On the current split that
+    is the current batch's step; fewer decode SMs slow the step, requests stay longer and the batch grows (on the
+    H200 the step at 28 decode SMs went past TPOT 25 ms within 7 s of a switch chosen for 17 ms at the batch of
+    the moment). Prompts waiting for prefill are not counted in the demand.
+    """
+    def step(b: int, on: int) -> float:
+        return model.decode_step_ms(b, round(context * b / batch), on, concurrent)
+
+    demand = batch / step(batch, current_sms)
+    beta = (step(2 * batch, sms) - step(batch, sms)) / batch  # the step is linear in the batch
+    alpha = step(batch, sms) - beta * batch
+    return alpha / (1.0 - min(demand * beta, MAX_UTILIZATION))
 
 
 def typical_prompt_tokens(view: EngineView, cfg: ModelPolicyConfig) -> int:

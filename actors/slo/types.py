@@ -32,7 +32,7 @@ class EngineView:
     model policy then assumes prompts of a typical length). `arrival_tokens_per_s` is the
     rate at which prompt tokens arrive, the highest over a short and a longer recent span (a GPU
     actor's `RateWindow`), so a burst shows at once and a lull keeps the last burst's load (0: unknown or idle);
-    `mean_prompt_tokens` the mean prompt length of the arrivals that rate counts (0: unknown).
+    `mean_prompt_tokens` the mean prompt length of the latest arrivals (0: unknown).
     """
 
     engine_id: str
