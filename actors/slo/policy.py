@@ -276,47 +276,50 @@ class ModelPolicy:
         return m
 
     def predict(self, view: EngineView, targets: SLOTargets) -> tuple[list[SplitPrediction], dict[str, float]]:
-        """Corrected predictions for every split of `view`, and the correction details. Notes the TPOT ratio
-        observed on the current split, for `tpot_memory_s`."""
+        """Corrected predictions for every split of `view`, and the correction details."""
         cfg, model = self.config, self.model_for(view.engine_id)
         current = nearest_split(view.splits, view.prefill_sms)
         raw = {s: predict_raw(model, view, s, cfg) for s in view.splits}
         q = 100.0 * targets.attainment
         c_ttft = observed_correction(view.ttft_ms, raw[current][0], q, cfg)
         c_tpot = observed_correction(view.tpot_ms, raw[current][1], q, cfg)
-        f_tpot = tpot_factors(view.splits, current, c_tpot, self._tpot_memory(view, current, raw[current][1], q))
+        f_tpot = tpot_factors(view.splits, current, c_tpot, self._remembered_tpot(view, current))
         preds = [SplitPrediction(s, t * c_ttft, p * f_tpot[s], min_slack(t * c_ttft, p * f_tpot[s], targets))
                  for s, (t, p) in raw.items()]
         info = {"ttft_correction": c_ttft, "tpot_correction": c_tpot, "arrival_tokens_per_s": view.arrival_tokens_per_s,
-                "typical_prompt_tokens": float(typical_prompt_tokens(view, cfg))}
+                "typical_prompt_tokens": float(typical_prompt_tokens(view, cfg)), "model_tpot_ms": raw[current][1]}
         if view.ttft_ms:
             info["observed_ttft_ms"] = percentile(view.ttft_ms, q)
         if view.tpot_ms:
             info["observed_tpot_ms"] = percentile(view.tpot_ms, q)
         return preds, info
 
-    def _tpot_memory(self, view: EngineView, current: int, raw_tpot: float, q: float) -> dict[int, float]:
-        """Record the current split's observed TPOT ratio; the corrections of the other splits seen within
-        `tpot_memory_s` (split -> factor, as `observed_correction` makes it)."""
-        cfg = self.config
-        if cfg.tpot_memory_s <= 0:
+    def _remembered_tpot(self, view: EngineView, current: int) -> dict[int, float]:
+        """The TPOT corrections of the splits other than `current` seen within `tpot_memory_s` (split -> factor,
+        as `observed_correction` makes it)."""
+        state, cfg = self._states.get(view.engine_id), self.config
+        if state is None or cfg.tpot_memory_s <= 0:
             return {}
-        state = self._states.setdefault(view.engine_id, _EngineState())
-        now = view.time if view.time > 0 else time.monotonic()
-        if len(view.tpot_ms) >= cfg.min_observed and raw_tpot > 0:
-            state.tpot_ratios[current] = (percentile(view.tpot_ms, q) / raw_tpot, now)
+        now = _now(view)
         return {s: correction_factor(ratio, cfg)
                 for s, (ratio, seen) in state.tpot_ratios.items() if s != current and now - seen <= cfg.tpot_memory_s}
+
+    def _remember_tpot(self, state: _EngineState, view: EngineView, current: int, info: Mapping[str, float],
+                       now: float) -> None:
+        """Note the current split's observed / modelled TPOT, given `min_observed` samples in the view."""
+        if len(view.tpot_ms) >= self.config.min_observed and info["model_tpot_ms"] > 0:
+            state.tpot_ratios[current] = (info["observed_tpot_ms"] / info["model_tpot_ms"], now)
 
     def decide(self, view: EngineView, targets: SLOTargets) -> SplitDecision:
         if not view.splits:
             raise ValueError(f"engine {view.engine_id!r} reports no splits")
         cfg = self.config
-        now = view.time if view.time > 0 else time.monotonic()
+        now = _now(view)
         state = self._states.setdefault(view.engine_id, _EngineState())
         current = nearest_split(view.splits, view.prefill_sms)
         state.observe(current, now)
         preds, info = self.predict(view, targets)
+        self._remember_tpot(state, view, current, info, now)
         by_sms = {p.prefill_sms: p for p in preds}
         cur = by_sms[current]
         needs = at_risk(cur, view, targets, cfg)
@@ -362,6 +365,11 @@ class ModelPolicy:
         step = self.config.max_step or len(splits)
         allowed = [p for j, p in enumerate(preds) if abs(j - i) <= step and (j - i) * side >= 0]
         return max(allowed, key=lambda p: (round(p.slack, 9), -abs(p.prefill_sms - current)))
+
+
+def _now(view: EngineView) -> float:
+    """The view's time, or `time.monotonic()` where the caller keeps none."""
+    return view.time if view.time > 0 else time.monotonic()
 
 
 def observed_past(view: EngineView, targets: SLOTargets, cfg: ModelPolicyConfig) -> set[str]:
