@@ -45,7 +45,8 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class LatencySample:
     """One latency of one request, with the wall times it was taken and the request arrived: its TTFT, taken at
-    its first token, or its TPOT, taken when it finished with two tokens or more (the other one None).
+    its first token, or its TPOT and output tokens, taken when it finished with two tokens or more (the other
+    one None).
 
     TTFT at the first token, not at the finish: a split that queues prompts shows in the samples a request's
     decoding time sooner (on the H200 a shift to 5,900-token prompts was observed past target too late
@@ -55,6 +56,7 @@ class LatencySample:
     arrival: float
     ttft_ms: float | None
     tpot_ms: float | None
+    output_tokens: int = 0
 
 
 class SampleWindow:
@@ -79,6 +81,11 @@ class SampleWindow:
         picked = self.samples(arrived_after)
         return ([s.ttft_ms for s in picked if s.ttft_ms is not None],
                 [s.tpot_ms for s in picked if s.tpot_ms is not None])
+
+    def mean_output_tokens(self) -> float:
+        """Mean output length of the finished requests in the window (0: none)."""
+        lengths = [s.output_tokens for s in self.samples() if s.output_tokens > 0]
+        return sum(lengths) / len(lengths) if lengths else 0.0
 
 
 class RateWindow:
@@ -382,7 +389,7 @@ class EngineActor:
             self._finished[finish or "abort"] += 1
             if first is not None and last is not None and finish in ("stop", "length") and num_tokens > 1:
                 tpot = (last - first) / (num_tokens - 1) * 1000
-                self.window.add(LatencySample(time.time(), arrival, None, tpot))
+                self.window.add(LatencySample(time.time(), arrival, None, tpot, num_tokens))
 
     async def abort(self, request_id: str) -> bool:
         return self.llm.abort(request_id)
@@ -414,6 +421,7 @@ class EngineActor:
             prefill_tokens_per_s=self._prefilled_tokens / busy if busy > 0 and self._prefilled_tokens else 0.0,
             arrival_tokens_per_s=self.arrivals.rate(),
             arrival_mean_prompt_tokens=self.arrivals.mean_amount(),
+            mean_output_tokens=self.window.mean_output_tokens(),
             requests_total=self._requests_total,
             finish_reasons=dict(self._finished),
             in_flight_ids=sorted(self._in_flight_ids),

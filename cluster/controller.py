@@ -123,6 +123,7 @@ def view_from_dict(d: Mapping[str, Any]) -> EngineView:
         num_prefill_requests=int(s.get("num_waiting", 0)) + int(s.get("num_prefilling", 0)),
         arrival_tokens_per_s=float(s.get("arrival_tokens_per_s", 0.0)),
         mean_prompt_tokens=float(s.get("arrival_mean_prompt_tokens", 0.0)),
+        mean_output_tokens=float(s.get("mean_output_tokens", 0.0)),
     )
 
 

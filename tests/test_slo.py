@@ -43,8 +43,8 @@ from actors.slo.latency_model import (
 )
 from actors.slo.ordering import EDFOrder, edf_key, make_order
 from actors.slo.policy import (
-    ModelPolicy, ModelPolicyConfig, PrefillLoad, make_policy, predict_raw, prefill_load, settled_step_ms,
-    tpot_factors, typical_prompt_tokens,
+    ModelPolicy, ModelPolicyConfig, PrefillLoad, arrival_decode_demand, make_policy, predict_raw, prefill_load,
+    settled_step_ms, tpot_factors, typical_prompt_tokens,
 )
 from actors.slo.profiler import ProfileConfig, Profiler, engine_profile_key
 from actors.slo.types import EngineView, ReactivePolicy, SLOTargets, SplitDecision
@@ -310,7 +310,8 @@ def test_model_policy_holds_a_steady_load_in_closed_loop(monkeypatch: pytest.Mon
         assert run.ttft_attainment >= 0.99 and run.max_tpot_ms < TARGETS.tpot_ms
         assert len(run.splits) <= 2 and min(run.splits, default=64) >= 64
     monkeypatch.setattr(policy_module, "settled_step_ms",  # the policy's prediction only: the simulation keeps its own
-                        lambda m, batch, context, current, sms, concurrent: m.decode_step_ms(batch, context, sms, concurrent))
+                        lambda m, batch, context, current, sms, concurrent, demand: m.decode_step_ms(batch, context, sms,
+                                                                                                     concurrent))
     blind = run_closed_loop(see_arrivals=False)
     assert min(blind.splits) <= 24 and blind.ttft_attainment < 0.9 and blind.max_tpot_ms > TARGETS.tpot_ms
 
@@ -450,6 +451,14 @@ def test_settled_decode_step_follows_littles_law() -> None:
         settled_batch = demand * settled(sms)
         assert m.decode_step_ms(round(settled_batch), round(settled_batch * 600), sms, True) == pytest.approx(
             settled(sms), rel=0.01)
+    # a prefill-starved moment: the arrivals (chat at 50 req/s, 97 output tokens each) bring more than the batch
+    chat = EngineView("e", 68, 132, SPLITS, num_decoding=batch, decode_context_tokens=context,
+                      arrival_tokens_per_s=50 * 496.0, mean_prompt_tokens=496.0, mean_output_tokens=97.0)
+    assert arrival_decode_demand(chat) == pytest.approx(0.05 * 97) and arrival_decode_demand(
+        replace(chat, mean_output_tokens=0.0)) == 0.0
+    floor = arrival_decode_demand(chat)
+    assert floor > demand and settled_step_ms(m, batch, context, 68, 36, True, floor) > settled(36)
+    assert floor * settled_step_ms(m, batch, context, 68, 36, True, floor) > batch  # the batch will grow
 
 
 def test_model_policy_remembers_the_tpot_error_of_a_split_it_left() -> None:

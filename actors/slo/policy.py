@@ -202,25 +202,35 @@ def predict_raw(model: LatencyModel, view: EngineView, prefill_sms: int, cfg: Mo
     batch = max(1, view.num_decoding)
     context = view.decode_context_tokens if view.num_decoding > 0 else cfg.typical_context_tokens
     current_d_sms = max(1, model.total_sms - round(view.prefill_sms * scale))
-    tpot = settled_step_ms(model, batch, max(1, context), current_d_sms, d_sms, queued > 0 or load.utilization > 0)
+    tpot = settled_step_ms(model, batch, max(1, context), current_d_sms, d_sms, queued > 0 or load.utilization > 0,
+                           arrival_decode_demand(view))
     return ttft, tpot
 
 
-def settled_step_ms(model: LatencyModel, batch: int, context: int, current_sms: int, sms: int, concurrent: bool) -> float:
+def arrival_decode_demand(view: EngineView) -> float:
+    """The decode demand the arrivals bring, in sequences per ms of step (requests per ms x output tokens each;
+    0 when either is unknown): what the batch settles at once every queued prompt has been prefilled."""
+    if view.arrival_tokens_per_s <= 0 or view.mean_prompt_tokens < 1 or view.mean_output_tokens <= 0:
+        return 0.0
+    return view.arrival_tokens_per_s / view.mean_prompt_tokens / 1000.0 * view.mean_output_tokens
+
+
+def settled_step_ms(model: LatencyModel, batch: int, context: int, current_sms: int, sms: int, concurrent: bool,
+                    min_demand: float = 0.0) -> float:
     """The decode step on `sms` decode SMs once the batch has settled there, for the decode demand the engine
-    serves now: `batch` sequences (holding `context` tokens) in steps of `current_sms` SMs.
+    serves now: `batch` sequences (holding `context` tokens) in steps of `current_sms` SMs, or `min_demand`
+    (sequences per ms of step) if the arrivals bring more.
 
     Little's law: a sequence stays for as many steps as it has tokens to produce, so the batch is demand x step
-    (demand = batch / step now, sequences per ms of step). With the model's step alpha + beta * batch on `sms`,
-    it settles at alpha / (1 - demand * beta), evaluated at most at `MAX_UTILIZATION`. On the current split that
-    is the current batch's step; fewer decode SMs slow the step, requests stay longer and the batch grows (on the
-    H200 the step at 28 decode SMs went past TPOT 25 ms within 7 s of a switch chosen for 17 ms at the batch of
-    the moment). Prompts waiting for prefill are not counted in the demand.
+    (demand = batch / step now). With the model's step alpha + beta * batch on `sms`, it settles at
+    alpha / (1 - demand * beta), evaluated at most at `MAX_UTILIZATION`. Fewer decode SMs slow the step,
+    requests stay longer and the batch grows (on the H200 the step at 28 decode SMs went past TPOT 25 ms within
+    7 s of a switch chosen for 17 ms at the batch of the moment).
     """
     def step(b: int, on: int) -> float:
         return model.decode_step_ms(b, round(context * b / batch), on, concurrent)
 
-    demand = batch / step(batch, current_sms)
+    demand = max(batch / step(batch, current_sms), min_demand)
     beta = (step(2 * batch, sms) - step(batch, sms)) / batch  # the step is linear in the batch
     alpha = step(batch, sms) - beta * batch
     return alpha / (1.0 - min(demand * beta, MAX_UTILIZATION))

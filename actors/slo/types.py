@@ -32,7 +32,8 @@ class EngineView:
     model policy then assumes prompts of a typical length). `arrival_tokens_per_s` is the
     rate at which prompt tokens arrive, the highest over a short and a longer recent span (a GPU
     actor's `RateWindow`), so a burst shows at once and a lull keeps the last burst's load (0: unknown or idle);
-    `mean_prompt_tokens` the mean prompt length of the latest arrivals (0: unknown).
+    `mean_prompt_tokens` the mean prompt length of the latest arrivals (0: unknown), `mean_output_tokens` the
+    mean output length of recently finished requests (0: unknown).
     """
 
     engine_id: str
@@ -48,6 +49,7 @@ class EngineView:
     num_prefill_requests: int = 0
     arrival_tokens_per_s: float = 0.0
     mean_prompt_tokens: float = 0.0
+    mean_output_tokens: float = 0.0
 
 
 @dataclass(frozen=True)
