@@ -8,8 +8,9 @@ and the paper's `ReactivePolicy`, built by name with `make_policy`.
   contention while decode runs), plus the M/D/1 queueing wait at the split's prefill utilization
   (arrival rate / capacity). Without the arrival term an idle moment makes the smallest prefill split look
   best, and the next burst swings it back (seen on the H200: 16 <-> 112 every 10 s);
-- TPOT: one decode step of the current batch and context on the remaining SMs
-  (slowed by contention while prefill has work).
+- TPOT: one decode step on the remaining SMs (slowed by contention while prefill has work) of
+  the batch decode settles at there (`settled_step_ms`: Little's law, for the demand the engine
+  serves now or the arrivals bring, whichever is more).
 Both are multiplied by a correction from observed latencies: (observed / predicted at
 the current split) ** `observed_weight`, clamped, when enough samples are in the view. A split's
 TPOT takes instead the ratio observed while that split itself last ran, if within
@@ -224,8 +225,8 @@ def settled_step_ms(model: LatencyModel, batch: int, context: int, current_sms: 
     Little's law: a sequence stays for as many steps as it has tokens to produce, so the batch is demand x step
     (demand = batch / step now). With the model's step alpha + beta * batch on `sms`, it settles at
     alpha / (1 - demand * beta), evaluated at most at `MAX_UTILIZATION`. Fewer decode SMs slow the step,
-    requests stay longer and the batch grows (on the H200 the step at 28 decode SMs went past TPOT 25 ms within
-    7 s of a switch chosen for 17 ms at the batch of the moment).
+    requests stay longer and the batch grows (on the H200, TPOT at 28 decode SMs went past 25 ms within 7 s of
+    a switch chosen for a step of 17 ms predicted at the batch of the moment).
     """
     def step(b: int, on: int) -> float:
         return model.decode_step_ms(b, round(context * b / batch), on, concurrent)
@@ -252,8 +253,8 @@ def observed_correction(observed: tuple[float, ...], predicted: float, q: float,
 def tpot_factors(splits: tuple[int, ...], current: int, current_factor: float, remembered: Mapping[int, float]
                  ) -> dict[int, float]:
     """Each split's TPOT correction: the current split's and the remembered ones for themselves; any other
-    split takes the largest of those on splits with no more prefill SMs than it (the model's decode error
-    grows as the decode partition shrinks), or the current split's if there are none."""
+    split takes the largest of those on splits with no more prefill SMs than it (the model's decode error is
+    taken to grow as the decode partition shrinks), or the current split's if there are none."""
     known = {**remembered, current: current_factor}
     factors = {}
     for s in splits:
