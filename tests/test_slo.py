@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import time
-from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -240,92 +238,36 @@ def test_model_policy_keeps_a_comfortable_split_until_it_is_at_risk() -> None:
         ModelPolicyConfig(comfort_slack=0.0)
 
 
-@dataclass
-class LoopResult:
-    ttft_attainment: float
-    max_tpot_ms: float
-    splits: list[int]  # the split after each switch
+def test_model_policy_holds_a_steady_load() -> None:
+    """Chasing the best split and blind to the arrival rate, the simulated engine reproduces the H200 swing
+    (to few prefill SMs whenever the queue is empty, back when it has grown) and misses TTFT. Seeing the rate,
+    or keeping a comfortable split (the default), the policy settles and meets both targets."""
+    from engine_sim import Phase, simulate
 
+    m, steady = h100_llama8b(), [Phase(120.0, 20_000 / 512, 512, 80)]
 
-def run_closed_loop(see_arrivals: bool, comfort_slack: float = 1.0, tokens_per_s: float = 20_000.0,
-                    prompt: int = 512, batch: int = 32, context: int = 600, seconds: float = 120.0,
-                    dt: float = 0.01, see_lengths: bool = True, poisson_seed: int | None = None,
-                    targets: SLOTargets = TARGETS) -> LoopResult:
-    """A simulated engine under `ModelPolicy`, deciding every 0.5 s: `prompt`-token requests arrive at
-    `tokens_per_s`, evenly or (with `poisson_seed`) as a seeded Poisson process, prefill drains them FIFO at
-    the latency model's rate for the current split, and sequences decode throughout: `batch` of them on the
-    64-SM split, and on any other split the batch that decode demand settles at there (Little's law, as
-    `settled_step_ms`). The model is the ground truth, so only the policy's choices matter. `see_lengths`: the
-    view reports the arrivals' mean prompt length (else the policy assumes its default)."""
-    m = h100_llama8b()
-    start_d_sms = m.total_sms - 64
-    demand = batch / m.decode_step_ms(batch, batch * context, start_d_sms, concurrent=True)  # sequences per step-ms
-    policy = ModelPolicy(m, ModelPolicyConfig(comfort_slack=comfort_slack))
-    rng = random.Random(poisson_seed)
+    def run(cfg: ModelPolicyConfig, hide: frozenset[str] = frozenset()) -> Any:
+        return simulate(m, steady, TARGETS, 64, ModelPolicy(m, cfg), dt=0.01, hide=hide)
 
-    def gap() -> float:
-        return rng.expovariate(tokens_per_s / prompt) if poisson_seed is not None else prompt / tokens_per_s
-
-    sms, queue, next_arrival = 64, deque[list[float]](), 0.0
-    ttft: list[float] = []
-    tpot: list[float] = []
-    splits: list[int] = []
-    for tick in range(round(seconds / dt)):
-        t = tick * dt
-        while next_arrival <= t:
-            queue.append([next_arrival, prompt])
-            next_arrival += gap()
-        budget = dt * 1000.0 * 4096 / m.prefill_queue_ms(4096, max(1, 4096 // prompt), sms, concurrent=True)
-        while queue and budget > 0:
-            done = min(budget, queue[0][1])
-            queue[0][1] -= done
-            budget -= done
-            if queue[0][1] <= 0:
-                ttft.append((t + dt - queue.popleft()[0]) * 1000.0)
-        tpot.append(settled_step_ms(m, batch, batch * context, start_d_sms, m.total_sms - sms, concurrent=True))
-        if tick % 50 == 0:
-            decoding = max(1, round(demand * tpot[-1]))
-            v = EngineView("sim", sms, 132, SPLITS, waiting_prefill_tokens=round(sum(q[1] for q in queue)),
-                           num_decoding=decoding, decode_context_tokens=decoding * context, ttft_ms=tuple(ttft[-64:]),
-                           tpot_ms=tuple(tpot[-64:]), time=t + 1.0, num_prefill_requests=len(queue),
-                           arrival_tokens_per_s=tokens_per_s if see_arrivals else 0.0,
-                           mean_prompt_tokens=prompt if see_lengths else 0.0)
-            chosen = policy.decide(v, targets).prefill_sms
-            if chosen != sms:
-                splits.append(chosen)
-            sms = chosen
-    return LoopResult(sum(x <= targets.ttft_ms for x in ttft) / len(ttft), max(tpot), splits)
-
-
-def test_model_policy_holds_a_steady_load_in_closed_loop(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Chasing the best split, blind to the arrival rate and predicting TPOT for the decode batch of the
-    moment, the loop reproduces the H200 swing (to 16 prefill SMs whenever the queue is empty, back when it
-    has grown) and misses both targets. Predicting the batch decode settles at on each split, seeing the
-    arrival rate, or keeping a comfortable split (the default), the policy settles and meets both."""
-    import actors.slo.policy as policy_module
-
-    settled = [run_closed_loop(see_arrivals=False), run_closed_loop(see_arrivals=True),
-               run_closed_loop(see_arrivals=False, comfort_slack=ModelPolicyConfig().comfort_slack)]
-    for run in settled:
-        assert run.ttft_attainment >= 0.99 and run.max_tpot_ms < TARGETS.tpot_ms
-        assert len(run.splits) <= 2 and min(run.splits, default=64) >= 64
-    monkeypatch.setattr(policy_module, "settled_step_ms",  # the policy's prediction only: the simulation keeps its own
-                        lambda m, batch, context, current, sms, concurrent, demand: m.decode_step_ms(batch, context, sms,
-                                                                                                     concurrent))
-    blind = run_closed_loop(see_arrivals=False)
-    assert min(blind.splits) <= 24 and blind.ttft_attainment < 0.9 and blind.max_tpot_ms > TARGETS.tpot_ms
+    blind = run(ModelPolicyConfig(comfort_slack=1.0), frozenset({"arrivals"}))
+    assert len(blind.switches) >= 8 and min(to for _, _, to in blind.switches) <= 64 and blind.attainment < 0.9
+    for settled in (run(ModelPolicyConfig(comfort_slack=1.0)), run(ModelPolicyConfig(), frozenset({"arrivals"}))):
+        assert settled.attainment >= 0.99 and len(settled.switches) <= 3
 
 
 def test_model_policy_plans_for_the_prompt_lengths_it_sees() -> None:
     """Poisson arrivals of 4,096-token prompts (arxiv-like) at TPOT <= 25 ms: a policy that assumes 512-token
-    prompts underrates the queueing wait behind long prompts, keeps too few prefill SMs and swings between
-    splits; told the arrivals' mean length, it keeps more prefill SMs, meets TTFT and settles."""
-    tight = SLOTargets(ttft_ms=1000.0, tpot_ms=25.0)
-    runs = {see: run_closed_loop(see_arrivals=True, comfort_slack=ModelPolicyConfig().comfort_slack,
-                                 tokens_per_s=15_000.0, prompt=4096, batch=12, context=4000, see_lengths=see,
-                                 poisson_seed=0, targets=tight) for see in (False, True)}
-    assert runs[False].ttft_attainment < 0.9 <= 0.95 <= runs[True].ttft_attainment
-    assert len(runs[True].splits) < len(runs[False].splits)
+    prompts underrates the queueing wait behind long prompts and keeps too few prefill SMs; told the
+    arrivals' mean length, it keeps more, meets both targets for more requests and needs no urgent switch."""
+    from engine_sim import Phase, simulate
+
+    m, tight = h100_llama8b(), SLOTargets(ttft_ms=1000.0, tpot_ms=25.0)
+    arxiv = [Phase(120.0, 15_000 / 4096, 4096, 200)]
+    runs = {see: simulate(m, arxiv, tight, 64, ModelPolicy(m), dt=0.01,
+                          hide=frozenset() if see else frozenset({"lengths"})) for see in (False, True)}
+    assert runs[False].attainment < 0.95 <= 0.98 <= runs[True].attainment
+    times = [t for t, _, _ in runs[True].switches]
+    assert all(b - a >= ModelPolicyConfig().dwell_s for a, b in zip(times, times[1:]))
 
 
 def test_model_policy_uses_the_mean_prompt_length_of_the_view() -> None:
@@ -761,3 +703,21 @@ def test_profile_grid_too_big_for_the_model_is_a_clear_error(cpu_engine: EngineC
     """The full grid's prefill points mostly exceed the tiny model's 2048-token context: say so before measuring."""
     with pytest.raises(ValueError, match=r"grid points fit this engine .* --profile-grid quick"):
         Profiler.for_engine(cpu_engine, ProfileConfig()).run()
+
+
+def test_model_policy_follows_a_shift_better_than_any_fixed_split() -> None:
+    """Run 7's shifting load (chat at 50.4 req/s for 20 s, then documents at 4.2 req/s) on a simulated engine
+    whose latencies are the committed H200 profile: chat wants decode SMs, documents prefill SMs, and the
+    policy, starting on chat's split, keeps more requests within both targets than any fixed split, in a
+    few switches. (On the H200 itself the profile was optimistic for both halves: pinned 96 kept 45.6%, not
+    the simulation's 98.8%; see docs/perf/serve-h200.md, run 7.)"""
+    from engine_sim import Phase, simulate
+
+    (h200,) = load_models(Path(__file__).parent.parent / "bench/profiles/semipd-profile.json").values()
+    tight = SLOTargets(ttft_ms=1000.0, tpot_ms=25.0)
+    shift = [Phase(20.0, 50.4, 496, 97), Phase(20.0, 4.2, 5905, 180)]
+    fixed = {sms: simulate(h200, shift, tight, sms).attainment for sms in range(72, 113, 8)}
+    dynamic = simulate(h200, shift, tight, 88, ModelPolicy(h200))
+    assert dynamic.attainment > max(fixed.values()), (dynamic, fixed)
+    assert fixed[112] < 0.5 and fixed[72] < 0.9  # neither extreme serves both halves
+    assert len(dynamic.switches) <= 4 and any(to == 112 for _, _, to in dynamic.switches)  # prefill for documents

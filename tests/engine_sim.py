@@ -1,0 +1,148 @@
+"""An open-loop simulation of one semi-PD engine whose latencies are a `LatencyModel`, for testing split
+policies across load changes without a GPU.
+
+Requests arrive as a seeded Poisson process in phases (each its own rate and lengths). Prefill drains them
+first come, first served at the model's prefill speed on the current split; a prefilled request joins the
+decode batch, which advances one token per modelled step on the remaining SMs until its output is done.
+A policy, if given, decides every `decide_every_s` from the view a GPU actor would publish: queue, batch,
+the TTFT and TPOT samples of requests that arrived after the last switch, and the arrival rate and lengths
+(through the actor's own `RateWindow`). Switches take effect at once. Plain functions (no fixtures).
+"""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+from dataclasses import dataclass
+
+from actors.gpu_actor import RateWindow
+from actors.slo.latency_model import LatencyModel
+from actors.slo.types import EngineView, SLOTargets, SplitPolicy
+
+CHUNK_TOKENS = 4096  # the engine's prefill tokens per iteration
+
+
+@dataclass(frozen=True)
+class Phase:
+    """`seconds` of arrivals at `rate` requests/s, each `prompt` tokens in and `output` tokens out."""
+
+    seconds: float
+    rate: float
+    prompt: int
+    output: int
+
+
+@dataclass
+class SimRequest:
+    arrival: float
+    prompt: int
+    output: int
+    prefill_left: float
+    first_token: float = -1.0
+    decoded: float = 0.0
+    finish: float = -1.0
+
+    @property
+    def ttft_ms(self) -> float:
+        return (self.first_token - self.arrival) * 1000.0
+
+    @property
+    def tpot_ms(self) -> float:
+        return (self.finish - self.first_token) * 1000.0 / max(1, self.output - 1)
+
+
+@dataclass(frozen=True)
+class SimResult:
+    attainment: float  # share of requests within both targets
+    switches: tuple[tuple[float, int, int], ...]  # (time s, from, to)
+
+
+def arrivals(phases: list[Phase], seed: int) -> list[SimRequest]:
+    rng, out, start = random.Random(seed), [], 0.0
+    for p in phases:
+        t = start + rng.expovariate(p.rate)
+        while t < start + p.seconds:
+            out.append(SimRequest(t, p.prompt, p.output, float(p.prompt)))
+            t += rng.expovariate(p.rate)
+        start += p.seconds
+    return out
+
+
+def simulate(model: LatencyModel, phases: list[Phase], targets: SLOTargets, start_sms: int,
+             policy: SplitPolicy | None = None, seed: int = 0, dt: float = 0.005,
+             decide_every_s: float = 0.5, hide: frozenset[str] = frozenset()) -> SimResult:
+    """Run `phases` to the last request's end on `start_sms` prefill SMs, moved by `policy` if given. `hide`
+    leaves out of the view "arrivals" (their rate) and/or "lengths" (mean prompt and output lengths)."""
+    todo = deque(arrivals(phases, seed))
+    total = len(todo)
+    queue: deque[SimRequest] = deque()
+    decoding: list[SimRequest] = []
+    done: list[SimRequest] = []
+    window = RateWindow()
+    sms, last_switch, switches = start_sms, 0.0, []
+    decide_ticks = round(decide_every_s / dt)
+    tick = 0
+    while todo or queue or decoding:
+        now = tick * dt
+        while todo and todo[0].arrival <= now:
+            queue.append(todo.popleft())
+            window.add(queue[-1].prompt, now=now)
+        _prefill(model, queue, decoding, sms, now, dt)
+        _decode(model, decoding, done, sms, bool(queue), now, dt)
+        if policy is not None and tick % decide_ticks == 0:
+            view = _view(model, sms, queue, decoding, done, window, last_switch, now, hide)
+            chosen = policy.decide(view, targets).prefill_sms
+            if chosen != sms:
+                switches.append((round(now, 2), sms, chosen))
+                sms, last_switch = chosen, now
+        tick += 1
+    ok = sum(1 for r in done if r.ttft_ms <= targets.ttft_ms and r.tpot_ms <= targets.tpot_ms)
+    return SimResult(ok / total, tuple(switches))
+
+
+def _prefill(model: LatencyModel, queue: deque[SimRequest], decoding: list[SimRequest], sms: int, now: float,
+             dt: float) -> None:
+    if not queue:
+        return
+    per_chunk = max(1, CHUNK_TOKENS // queue[0].prompt)
+    budget = dt * 1000.0 * CHUNK_TOKENS / model.prefill_queue_ms(CHUNK_TOKENS, per_chunk, sms, bool(decoding))
+    while queue and budget > 0:
+        r = queue[0]
+        used = min(budget, r.prefill_left)
+        r.prefill_left -= used
+        budget -= used
+        if r.prefill_left <= 0:
+            r.first_token = now + dt
+            decoding.append(queue.popleft())
+
+
+def _decode(model: LatencyModel, decoding: list[SimRequest], done: list[SimRequest], sms: int, prefilling: bool,
+            now: float, dt: float) -> None:
+    if not decoding:
+        return
+    context = round(sum(r.prompt + r.decoded for r in decoding))
+    steps = dt * 1000.0 / model.decode_step_ms(len(decoding), context, model.total_sms - sms, prefilling)
+    for r in list(decoding):
+        r.decoded += steps
+        if r.decoded >= r.output - 1:
+            r.finish = now + dt
+            decoding.remove(r)
+            done.append(r)
+
+
+def _view(model: LatencyModel, sms: int, queue: deque[SimRequest], decoding: list[SimRequest],
+          done: list[SimRequest], window: RateWindow, last_switch: float, now: float, hide: frozenset[str]
+          ) -> EngineView:
+    started = [r for r in (*done, *decoding) if r.arrival > last_switch]
+    finished = [r for r in done if r.arrival > last_switch]
+    outputs = [r.output for r in done[-256:]]
+    lengths = "lengths" not in hide
+    return EngineView(
+        "sim", sms, model.total_sms, model.splits, waiting_prefill_tokens=round(sum(r.prefill_left for r in queue)),
+        num_decoding=len(decoding), decode_context_tokens=round(sum(r.prompt + r.decoded for r in decoding)),
+        ttft_ms=tuple(r.ttft_ms for r in started[-512:]), tpot_ms=tuple(r.tpot_ms for r in finished[-512:]),
+        time=now + 1.0, num_prefill_requests=len(queue),
+        arrival_tokens_per_s=window.rate(now=now) if "arrivals" not in hide else 0.0,
+        mean_prompt_tokens=window.mean_amount(now=now) if lengths else 0.0,
+        mean_output_tokens=sum(outputs) / len(outputs) if outputs and lengths else 0.0,
+    )
