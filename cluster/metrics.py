@@ -20,15 +20,19 @@ Every `ServingMetrics` has its own `CollectorRegistry`: nothing touches the glob
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, SummaryMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric, SummaryMetricFamily,
+)
 
 from actors.engine.frontend import StreamChunk
+from actors.engine.workers import ITERATION_BUCKETS_S
 from cluster.engine_client import EngineLoad
 
 # vLLM's buckets (vllm/v1/metrics/loggers.py), so that dashboards' quantiles line up.
@@ -97,14 +101,16 @@ class EngineCollector:
                 stalls.add_metric([*m, l.engine_id], count_value=_stat(l, "num_switch_stalls"),
                                   sum_value=_stat(l, "switch_stall_seconds"))
         yield stalls
-        iterations = SummaryMetricFamily(
+        iterations = HistogramMetricFamily(
             "semipd:worker_iteration_seconds",
             "Wall time of each worker's iterations (prefill, decode or unified), host work included.",
             labels=[*per_engine, "worker"])
         for l in loads:
             busy = l.stats.get("busy_seconds") or {}
-            for worker, count in (l.stats.get("iterations") or {}).items():
-                iterations.add_metric([*m, l.engine_id, worker], count_value=float(count),
+            for worker, counts in (l.stats.get("iteration_counts") or {}).items():
+                cumulative = list(itertools.accumulate(counts))
+                bounds = [*(repr(b) for b in ITERATION_BUCKETS_S), "+Inf"]
+                iterations.add_metric([*m, l.engine_id, worker], buckets=list(zip(bounds, map(float, cumulative))),
                                       sum_value=float(busy.get(worker, 0.0)))
         yield iterations
         for name, key, doc in (

@@ -21,7 +21,7 @@ from cluster.bench.metrics import SLOs, MetricsError, compute_metrics, parse_met
 from cluster.bench.report import (
     BenchResult, cuda_allocator_counts, format_cuda_allocator, format_failures, format_prefix_cache, format_result_block,
     format_split_changes, format_worker_iterations, load_result, plot_results, prefix_cache_counts, sustained_rates,
-    worker_iterations, WorkerIterations, write_result,
+    iteration_quantiles, worker_iterations, WorkerIterations, write_result,
 )
 from cluster.bench.serve_bench import ServeBenchConfig, result_path, run_rate, split_changes
 from cluster.bench.workloads import (
@@ -652,6 +652,7 @@ def test_end_to_end_against_real_server(live_server: _Server, tiny_llama: Path, 
     assert set(iterations["prefill"].launch_parts_ms) == {"prepare", "plan", "forward", "sample"}  # CPU: no graphs
     assert all(sum(w.launch_parts_ms.values()) <= w.launch_ms * 1.01 for w in iterations.values())
     assert iterations["decode"].count >= max(r.max_tokens for r in recs) - 1
+    assert set(iterations["decode"].quantiles_ms) == {50, 90}  # from the engine's iteration-time histogram
     assert 1 <= iterations["decode"].tokens <= 20  # one token per running request
     assert 0 < round(iterations["prefill"].count * iterations["prefill"].tokens) <= result.metrics.total_input  # less cached
     assert "Worker iterations during the run (mean wall time): " in printed
@@ -682,6 +683,12 @@ def test_worker_iterations_from_the_metric_deltas() -> None:
         ("g0", "decode"): WorkerIterations(400.0, 20.0, 1.0, 32.0, {"graph": 0.8, "sample": 0.2})}
     assert format_worker_iterations(result).endswith(
         "g0 decode: 400 x 20.00 ms (host 1.00 ms = graph 0.80 + sample 0.20, 32 tokens)")
+    cumulative = {"0.01": 40.0, "0.02": 200.0, "0.03": 359.0, "0.05": 400.0, "+Inf": 400.0}  # the histogram's deltas
+    result.server_metrics["delta"].update(
+        {f'semipd:worker_iteration_seconds_bucket{{{e},worker="decode",le="{le}"}}': n for le, n in cumulative.items()})
+    assert worker_iterations(result)[("g0", "decode")].quantiles_ms == {50: 20.0, 90: 50.0}
+    assert format_worker_iterations(result).endswith("32 tokens, P50 <= 20 ms, P90 <= 50 ms)")
+    assert iteration_quantiles({0.01: 0.0, math.inf: 0.0}) == {} and iteration_quantiles({}) == {}
     result.server_metrics = None  # vLLM
     assert worker_iterations(result) == {} and format_worker_iterations(result) == ""
 

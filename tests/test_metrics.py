@@ -127,6 +127,8 @@ def test_engine_collector_aggregates_engines() -> None:
         _load("g0", num_waiting=2, num_prefilling=1, num_decoding=5, kv_usage=0.5, num_pages=100, prefill_sms=64,
               total_sms=128, num_switches=3, num_switch_stalls=3, switch_stall_seconds=0.006,
               iterations={"prefill": 10, "decode": 400}, busy_seconds={"prefill": 1.5, "decode": 2.8},
+              iteration_counts={"prefill": [0] * 10 + [10] + [0] * 6,
+                                "decode": [0, 100, 250, 40, 10] + [0] * 12},
               cuda_alloc_retries=2, cuda_frees=7, prefix_queried_tokens=5000, prefix_hit_tokens=1200,
               launch_parts={"decode": {"graph": 1.25, "sample": 0.5}}),
         _load("g1", num_waiting=0, num_prefilling=0, num_decoding=1, kv_usage=0.1, num_pages=300, prefill_sms=32,
@@ -145,6 +147,9 @@ def test_engine_collector_aggregates_engines() -> None:
     decode = {"model_name": "m", "engine": "g0", "worker": "decode"}
     assert get(s, "semipd:worker_iteration_seconds_count", **decode) == 400
     assert get(s, "semipd:worker_iteration_seconds_sum", **decode) == pytest.approx(2.8)
+    assert get(s, "semipd:worker_iteration_seconds_bucket", le="0.015", **decode) == 350  # cumulative
+    assert get(s, "semipd:worker_iteration_seconds_bucket", le="+Inf", **decode) == 400
+    assert get(s, "semipd:worker_iteration_seconds_bucket", le="0.1", worker="prefill", model_name="m", engine="g0") == 0
     assert not any(name.startswith("semipd:worker_iteration") and dict(labels).get("engine") == "g1" for name, labels in s)
     assert get(s, "semipd:cuda_alloc_retries_total", model_name="m", engine="g0") == 2
     assert get(s, "semipd:cuda_frees_total", model_name="m", engine="g0") == 7

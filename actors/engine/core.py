@@ -61,6 +61,7 @@ class EngineStats:
     seconds_since_progress: float
     iterations: dict[str, int]
     busy_seconds: dict[str, float]
+    iteration_counts: dict[str, list[int]] = field(default_factory=dict)  # per worker: iterations per bucket of ITERATION_BUCKETS_S
     tokens: dict[str, int] = field(default_factory=dict)  # per worker: tokens computed ...
     launch_seconds: dict[str, float] = field(default_factory=dict)  # ... and host time queueing its iterations
     launch_parts: dict[str, dict[str, float]] = field(default_factory=dict)  # ... by part (`ModelRunner.host_seconds`)
@@ -315,6 +316,7 @@ class EngineCore:
             seconds_since_progress=max(now - w.last_progress for w in self.workers),  # any hung worker counts
             iterations={w.name: w.iterations for w in self.workers},
             busy_seconds={w.name: w.busy_seconds for w in self.workers},
+            iteration_counts={w.name: list(w.iteration_counts) for w in self.workers},
             tokens={w.name: w.tokens for w in self.workers},
             launch_seconds={w.name: sum(w.runner.host_seconds.values()) for w in self.workers},
             launch_parts={w.name: dict(w.runner.host_seconds) for w in self.workers},

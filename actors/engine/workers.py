@@ -7,6 +7,7 @@ batch (decodes piggybacked on a chunked prefill) on the whole device.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import threading
 import time
@@ -24,6 +25,10 @@ from actors.scheduler.plan import BatchPlan, SeqChunk
 from actors.scheduler.prefill import PrefillScheduler
 
 log = logging.getLogger(__name__)
+# upper bounds (s) of the iteration-time histogram: decode steps of 5-50 ms against TPOT targets of 25-50 ms,
+# prefill iterations up to seconds
+ITERATION_BUCKETS_S: tuple[float, ...] = (0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15,
+                                          0.2, 0.3, 0.5, 1.0, 2.0)
 Emit = Callable[[list[TokenDelta]], None]
 Handoff = Callable[[Request], None]  # takes over a request (prefill -> decode, or a preempted one back)
 
@@ -103,6 +108,7 @@ class Worker:
         self.iterations = 0
         self.last_progress = time.monotonic()
         self.busy_seconds = 0.0
+        self.iteration_counts = [0] * (len(ITERATION_BUCKETS_S) + 1)  # per bucket (the last: longer), not cumulative
         self.tokens = 0  # tokens computed (prefill chunk tokens plus one per decode)
         self.adopt_seconds: list[float] = []  # time spent adopting each new SM split
         self.iteration_log: deque[Iteration] = deque(maxlen=4096)
@@ -148,6 +154,7 @@ class Worker:
             if worked:
                 self.iterations += 1
                 self.busy_seconds += now - t0
+                self.iteration_counts[bisect.bisect_left(ITERATION_BUCKETS_S, now - t0)] += 1
                 self.iteration_log.append(Iteration(t0, now - t0, self._version, self.tokens - tokens))
             else:
                 self.wakeups[self.name].wait(0.05)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -257,18 +257,33 @@ class WorkerIterations:
     launch_ms: float  # of which host time queueing the iteration on the device
     tokens: float  # tokens computed per iteration
     launch_parts_ms: dict[str, float] = field(default_factory=dict)  # host time by part, per iteration
+    quantiles_ms: dict[int, float] = field(default_factory=dict)  # P50, P90: the histogram bucket bound at or above
+
+
+def iteration_quantiles(buckets: Mapping[float, float], qs: Sequence[int] = (50, 90)) -> dict[int, float]:
+    """From cumulative histogram counts (upper bound in s -> count), the bound (ms) that each percentile of
+    `qs` falls at or under (inf: past the last finite bound); {} without counts."""
+    bounds = sorted(buckets)
+    total = buckets[bounds[-1]] if bounds else 0.0
+    if total <= 0:
+        return {}
+    return {q: 1e3 * next(b for b in bounds if buckets[b] >= total * q / 100) for q in qs}
 
 
 def worker_iterations(result: BenchResult) -> dict[tuple[str, str], WorkerIterations]:
     """(engine, worker) -> its iterations during the run, from the server's `semipd:worker_iteration_seconds`
-    summary and `semipd:worker_{tokens,launch_seconds,launch_part_seconds}_total` counters (empty for
-    servers without them)."""
+    histogram (or summary) and `semipd:worker_{tokens,launch_seconds,launch_part_seconds}_total` counters
+    (empty for servers without them)."""
     delta = (result.server_metrics or {}).get("delta") or {}
     parts: dict[tuple[str, str], dict[str, float]] = {}
-    for series, seconds in delta.items():
-        if series.startswith("semipd:worker_launch_part_seconds_total{") and seconds > 0:
-            key = _series_labels(series)
-            parts.setdefault((key.get("engine", "?"), key.get("worker", "?")), {})[key.get("part", "?")] = seconds
+    buckets: dict[tuple[str, str], dict[float, float]] = {}
+    for series, value in delta.items():
+        key = _series_labels(series)
+        worker = (key.get("engine", "?"), key.get("worker", "?"))
+        if series.startswith("semipd:worker_launch_part_seconds_total{") and value > 0:
+            parts.setdefault(worker, {})[key.get("part", "?")] = value
+        elif series.startswith("semipd:worker_iteration_seconds_bucket{"):
+            buckets.setdefault(worker, {})[float(key["le"])] = value
     out: dict[tuple[str, str], WorkerIterations] = {}
     for series, count in delta.items():
         if not series.startswith("semipd:worker_iteration_seconds_count{") or count <= 0:
@@ -281,7 +296,8 @@ def worker_iterations(result: BenchResult) -> dict[tuple[str, str], WorkerIterat
         out[worker] = WorkerIterations(
             count, 1e3 * per_iteration["iteration_seconds_sum"], 1e3 * per_iteration["launch_seconds_total"],
             per_iteration["tokens_total"],
-            {part: 1e3 * seconds / count for part, seconds in sorted(parts.get(worker, {}).items())})
+            {part: 1e3 * seconds / count for part, seconds in sorted(parts.get(worker, {}).items())},
+            iteration_quantiles(buckets.get(worker, {})))
     return out
 
 
@@ -295,7 +311,10 @@ def format_worker_iterations(result: BenchResult) -> str:
         split = " + ".join(f"{part} {ms:.2f}" for part, ms in w.launch_parts_ms.items())
         return f"host {w.launch_ms:.2f} ms" + (f" = {split}" if split else "")
 
-    parts = [f"{engine} {worker}: {w.count:.0f} x {w.mean_ms:.2f} ms ({host(w)}, {w.tokens:.0f} tokens)"
+    def quantiles(w: WorkerIterations) -> str:
+        return "".join(f", P{q} <= {ms:g} ms" for q, ms in w.quantiles_ms.items())
+
+    parts = [f"{engine} {worker}: {w.count:.0f} x {w.mean_ms:.2f} ms ({host(w)}, {w.tokens:.0f} tokens{quantiles(w)})"
              for (engine, worker), w in sorted(rows.items())]
     return "Worker iterations during the run (mean wall time): " + "; ".join(parts)
 
@@ -489,7 +508,7 @@ def format_sustained_rates(rates: Sequence[SustainedRate]) -> str:
 
 __all__ = [
     "BenchResult", "SCHEMA", "SustainedRate", "format_failures", "format_preamble", "format_profile_breakdown",
-    "format_result_block", "format_split_changes", "format_sustained_rates", "format_worker_iterations",
+    "format_result_block", "format_split_changes", "format_sustained_rates", "format_worker_iterations", "iteration_quantiles",
     "cuda_allocator_counts", "format_cuda_allocator", "prefix_cache_counts", "format_prefix_cache", "load_result",
     "plot_results", "profile_breakdown", "sustained_rates", "worker_iterations", "write_result",
 ]
