@@ -258,7 +258,9 @@ def test_model_policy_holds_a_steady_load() -> None:
 def test_model_policy_plans_for_the_prompt_lengths_it_sees() -> None:
     """Poisson arrivals of 4,096-token prompts (arxiv-like) at TPOT <= 25 ms: a policy that assumes 512-token
     prompts underrates the queueing wait behind long prompts and keeps too few prefill SMs; told the
-    arrivals' mean length, it keeps more, meets both targets for more requests and needs no urgent switch."""
+    arrivals' mean length, it keeps more, meets both targets for more requests and needs no urgent switch.
+    The thresholds are this draw's (seed 0: 93.9% blind, 98.6% told); seeds 1-3 keep the order (80.1 < 90.7,
+    95.2 < 96.5, 98.4 < 98.9%) but not the thresholds."""
     from engine_sim import Phase, simulate
 
     m, tight = h100_llama8b(), SLOTargets(ttft_ms=1000.0, tpot_ms=25.0)
@@ -709,8 +711,10 @@ def test_model_policy_follows_a_shift_better_than_any_fixed_split() -> None:
     """Run 7's shifting load (chat at 50.4 req/s for 20 s, then documents at 4.2 req/s) on a simulated engine
     whose latencies are the committed H200 profile: chat wants decode SMs, documents prefill SMs, and the
     policy, starting on chat's split, keeps more requests within both targets than any fixed split, in a
-    few switches. (On the H200 itself the profile was optimistic for both halves: pinned 96 kept 45.6%, not
-    the simulation's 98.8%; see docs/perf/serve-h200.md, run 7.)"""
+    few switches. This holds for this draw (seed 0: 99.4% against 98.8% for 96), not in general: with seeds
+    1-3 the policy kept 94.4, 96.4 and 96.2% against the best fixed split's 94.2, 98.0 and 98.5%, so this is
+    a regression check of one draw. (On the H200 itself the profile was optimistic for both halves: pinned
+    96 kept 45.6%, not the simulation's 98.8%; see docs/perf/serve-h200.md, run 7.)"""
     from engine_sim import Phase, simulate
 
     (h200,) = load_models(Path(__file__).parent.parent / "bench/profiles/semipd-profile.json").values()

@@ -54,8 +54,9 @@ class EngineView:
 
 @dataclass(frozen=True)
 class SplitDecision:
-    """The split an engine should run next and why. `urgent`: the current split is predicted to miss a
-    target by far and the new one to meet both, so a caller may shorten its dwell and skip its warm-up."""
+    """The split an engine should run next and why. `urgent`: the current split is predicted and observed to
+    miss a target (by more than the policy's `urgent_slack`) and the new one is predicted to meet both, so a
+    caller may shorten its dwell and skip its warm-up."""
 
     prefill_sms: int
     reason: str
