@@ -87,9 +87,8 @@ bench() {  # config workload rate window [pass]
   if [ "$2" = shifting ]; then  # as many requests as the phases' rates bring in the window
     phases=(--phases "$SHIFT_PHASES")
     n=$(PYTHONPATH=$PWD python3 -c "
-from cluster.bench.workloads import parse_phases
-p = parse_phases('$SHIFT_PHASES'); t = sum(x.fraction for x in p)
-print(max(16, round($3 * $4 * sum(x.fraction / t * x.rate_scale for x in p))))")
+from cluster.bench.workloads import mean_rate_scale, parse_phases
+print(max(16, round($3 * $4 * mean_rate_scale(parse_phases('$SHIFT_PHASES')))))")
   else
     n=$(python3 -c "print(max(16, round($3 * $4)))")
   fi

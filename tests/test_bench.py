@@ -26,7 +26,7 @@ from cluster.bench.report import (
 from cluster.bench.serve_bench import ServeBenchConfig, result_path, run_rate, split_changes
 from cluster.bench.workloads import (
     PROFILES, BenchRequest, LogNormalLengths, RatioPromptBuilder, TokenizerPromptBuilder, WorkloadConfig,
-    WorkloadError, build_requests, parse_phases, sample_lengths, split_counts,
+    WorkloadError, build_requests, mean_rate_scale, parse_phases, sample_lengths, split_counts, time_shares,
 )
 from cluster.cli import main as cli_main
 
@@ -113,6 +113,8 @@ def test_shifting_phases_arrive_at_their_own_rates() -> None:
     assert chat_time == pytest.approx(doc_time, rel=0.25)  # each phase for half of the time
     assert WorkloadConfig(name="sharegpt", num_prompts=5, phases=wl.phases).rate_scales().tolist() == [1.0] * 5
     assert parse_phases("math,arxiv:2@0.5") == (("math", 1.0, 1.0), ("arxiv", 2.0, 0.5))
+    assert time_shares(parse_phases("math,arxiv:3")) == (0.25, 0.75)
+    assert mean_rate_scale(wl.phases) * 4.0 * chat_time * 2 == pytest.approx(1100, rel=0.15)  # the requests it brings
 
 
 def test_random_workload_like_vllm() -> None:

@@ -20,7 +20,7 @@ from typing import Any
 
 from cluster.bench.client import RequestRecord
 from cluster.bench.metrics import METRIC_LABELS, METRICS, BenchMetrics, SLOs, compute_metrics, percentile_key
-from cluster.bench.workloads import Phase
+from cluster.bench.workloads import Phase, time_shares
 
 SCHEMA = "semipd-bench-serve/1"
 WIDTH = 50
@@ -150,9 +150,9 @@ def format_preamble(request_rate: float, burstiness: float, max_concurrency: int
         f"Maximum request concurrency: {max_concurrency}",
     ]
     if any(p.rate_scale != 1.0 for p in phases):
-        total = sum(p.fraction for p in phases)
         lines.append("Phase rates: " + ", ".join(
-            f"{p.name} {request_rate * p.rate_scale:g} req/s for {p.fraction / total:.0%} of the time" for p in phases))
+            f"{p.name} {request_rate * p.rate_scale:g} req/s for {share:.0%} of the time"
+            for share, p in zip(time_shares(phases), phases)))
     return "\n".join(lines)
 
 

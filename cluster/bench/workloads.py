@@ -167,6 +167,18 @@ class Phase(NamedTuple):
     rate_scale: float = 1.0
 
 
+def time_shares(phases: Sequence[Phase]) -> tuple[float, ...]:
+    """Each phase's share of the run's time: the fractions, normalized to sum to 1."""
+    total = sum(p.fraction for p in phases)
+    return tuple(p.fraction / total for p in phases)
+
+
+def mean_rate_scale(phases: Sequence[Phase]) -> float:
+    """The run's mean arrival rate over its request rate: a window of T seconds at rate R holds
+    about R * T * mean_rate_scale(phases) requests."""
+    return sum(share * p.rate_scale for share, p in zip(time_shares(phases), phases))
+
+
 DEFAULT_PHASES: tuple[Phase, ...] = (Phase("sharegpt", 0.5), Phase("long-doc", 0.5))
 WORKLOAD_NAMES: tuple[str, ...] = (*PROFILES, *MIXES, "shifting", "random")
 
