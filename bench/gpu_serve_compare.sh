@@ -21,7 +21,8 @@
 # Results: CONFIG-WORKLOAD-RATE.json (+ .log), server logs and split decisions, in $OUT/compare.tgz (one file,
 # rewritten after each window, so a run cut short still brings back what it measured), with the dynamic server's latency
 # profile (semipd-profile.json). A profile committed as bench/profiles/semipd-profile.json is loaded instead of
-# profiling at start when its key (device, model, split set) matches; drop it when the engine's speed changes.
+# profiling at start when its key (device, model, split set) matches, unless FRESH_PROFILE=1 (after a change
+# to the engine's speed or to the profiler: commit the new one from the results).
 # Without a GPU (a CPU check of this script) it runs on what is installed; pass e.g. SERVE_EXTRA="--device cpu".
 set -uo pipefail
 : "${SWEEPS:=sharegpt:15,30,45 arxiv:3,6,9}" "${WINDOW:=10}" "${TTFT:=1000}" "${TPOT:=50}" "${REQUEST_TIMEOUT:=40}"
@@ -34,7 +35,8 @@ model=${MODEL:-/tmp/models/llama3-8b}
 [ -f $model/config.json ] || python3 -m cluster.cli make-model --preset llama3-8b --out $model --no-weights >/dev/null
 res=/tmp/compare
 mkdir -p $res
-[ -f bench/profiles/semipd-profile.json ] && [ ! -f /tmp/semipd-profile.json ] && cp bench/profiles/semipd-profile.json /tmp/
+[ "${FRESH_PROFILE:-0}" != 1 ] && [ -f bench/profiles/semipd-profile.json ] && [ ! -f /tmp/semipd-profile.json ] \
+  && cp bench/profiles/semipd-profile.json /tmp/
 
 start_server() {  # config log -> sets $server
   local common=(--model $model --num-actors 1 --grpc-port 0 --http-port 8000 --served-model-name llama3-8b

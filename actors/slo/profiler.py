@@ -44,7 +44,9 @@ class ProfileConfig:
     """What to measure. Grid points that do not fit the KV pool or the context are skipped.
 
     `splits`: prefill SM counts to profile (None: `max_splits` spread over the
-    partitioner's). `decode_context` is per sequence. `background_*` is the load of the
+    partitioner's; 7 of the H200's 13 is every other one, so that decode partitions of 20-52 SMs, where
+    chat loads put the policy, are measured rather than interpolated: with 4 (decode on 20, 52, 84, 116), run 7's chat TPOT at 28-44
+    decode SMs was 1.1-1.5x the fit's prediction). `decode_context` is per sequence. `background_*` is the load of the
     other phase while contention is measured.
     """
 
@@ -53,7 +55,7 @@ class ProfileConfig:
     decode_batches: tuple[int, ...] = (1, 16, 64, 128)
     decode_context: tuple[int, ...] = (256, 2048)
     splits: tuple[int, ...] | None = None
-    max_splits: int = 4
+    max_splits: int = 7
     repeats: int = 3
     warmup: int = 1
     contention: bool = True
