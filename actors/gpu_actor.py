@@ -116,16 +116,21 @@ class RateWindow:
         return max(total / span for total, span in zip(totals, self.spans_s))
 
     def mean_amount(self, now: float | None = None) -> float:
-        """Mean amount per event (the prompt length of the latest arrivals) over the shortest span holding at
-        least `min_events` events (the longest span if none does); 0 when nothing arrived.
+        """Mean amount per event (the prompt length of the latest arrivals): over the shortest span if it holds
+        at least `min_events` events, else over the latest `min_events` events within the longest span; 0 when
+        nothing arrived.
 
         The latest, not the busiest span's: when chat at 50 req/s gave way to documents at 4 req/s (the same
         prompt tokens per second), the busiest span mixed the two and read the documents' 5,900-token prompts
-        as 730 tokens, so the policy kept too few prefill SMs for 12 s (H200, 2026-12-03).
+        as 730 tokens, so the policy kept too few prefill SMs for 12 s (H200, 2026-12-03). And not a longer
+        span's when the shortest holds too few: at 4 documents a second, a 2 s span with three of them sent
+        the reading back to the 10 s span's mix of both loads (in simulation).
         """
         totals, counts = self._spans(now)
-        i = next((i for i, n in enumerate(counts) if n >= self.min_events), len(counts) - 1)
-        return totals[i] / counts[i] if counts[i] else 0.0
+        if counts[0] >= self.min_events:
+            return totals[0] / counts[0]
+        latest = list(self._events)[-self.min_events:]
+        return sum(amount for _, amount in latest) / len(latest) if latest else 0.0
 
     def _spans(self, now: float | None) -> tuple[list[int], list[int]]:
         """(total amount, events) of each span, shortest first."""

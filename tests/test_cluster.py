@@ -111,7 +111,10 @@ def test_rate_window_mean_reads_the_latest_arrivals() -> None:
         w.add(500, now=13.0 + 0.5 * i)
     assert w.rate(now=14.6) == (20 * 500 + 4 * 6000) / 30  # the busiest span, 30 s, mixes all of them
     assert w.mean_amount(now=14.6) == 500.0  # the latest four
-    assert w.mean_amount(now=20.0) == (20 * 500 + 4 * 6000) / 24  # none in 2 s: the longest span
+    assert w.mean_amount(now=20.0) == 500.0  # none in 2 s: still the latest four
+    w.add(6000, now=20.5)
+    assert w.mean_amount(now=21.0) == (3 * 500 + 6000) / 4  # one in 2 s: it and the three before
+    assert w.mean_amount(now=60.0) == 0.0  # all older than the longest span
     with pytest.raises(ValueError, match="min_events"):
         RateWindow(min_events=0)
 

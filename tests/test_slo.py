@@ -41,7 +41,7 @@ from actors.slo.latency_model import (
 )
 from actors.slo.ordering import EDFOrder, edf_key, make_order
 from actors.slo.policy import (
-    ModelPolicy, ModelPolicyConfig, PrefillLoad, arrival_decode_demand, make_policy, predict_raw, prefill_load,
+    ModelPolicy, ModelPolicyConfig, ArrivalDecode, Load, PrefillLoad, arrival_decode, load_changed, make_policy, predict_raw, prefill_load,
     settled_step_ms, tpot_factors, typical_prompt_tokens,
 )
 from actors.slo.profiler import ProfileConfig, Profiler, engine_profile_key
@@ -241,7 +241,8 @@ def test_model_policy_keeps_a_comfortable_split_until_it_is_at_risk() -> None:
 def test_model_policy_holds_a_steady_load() -> None:
     """Chasing the best split and blind to the arrival rate, the simulated engine reproduces the H200 swing
     (to few prefill SMs whenever the queue is empty, back when it has grown) and misses TTFT. Seeing the rate,
-    or keeping a comfortable split (the default), the policy settles and meets both targets."""
+    or keeping a comfortable split (the default), the policy settles and meets both targets (blind to the rate,
+    98.2%: the nearest split the first queue makes look comfortable is too few, and an urgent switch follows)."""
     from engine_sim import Phase, simulate
 
     m, steady = h100_llama8b(), [Phase(120.0, 20_000 / 512, 512, 80)]
@@ -252,7 +253,7 @@ def test_model_policy_holds_a_steady_load() -> None:
     blind = run(ModelPolicyConfig(comfort_slack=1.0), frozenset({"arrivals"}))
     assert len(blind.switches) >= 8 and min(to for _, _, to in blind.switches) <= 64 and blind.attainment < 0.9
     for settled in (run(ModelPolicyConfig(comfort_slack=1.0)), run(ModelPolicyConfig(), frozenset({"arrivals"}))):
-        assert settled.attainment >= 0.99 and len(settled.switches) <= 3
+        assert settled.attainment >= 0.98 and len(settled.switches) <= 3
 
 
 def test_model_policy_plans_for_the_prompt_lengths_it_sees() -> None:
@@ -398,11 +399,15 @@ def test_settled_decode_step_follows_littles_law() -> None:
     # a prefill-starved moment: the arrivals (chat at 50 req/s, 97 output tokens each) bring more than the batch
     chat = EngineView("e", 68, 132, SPLITS, num_decoding=batch, decode_context_tokens=context,
                       arrival_tokens_per_s=50 * 496.0, mean_prompt_tokens=496.0, mean_output_tokens=97.0)
-    assert arrival_decode_demand(chat) == pytest.approx(0.05 * 97) and arrival_decode_demand(
-        replace(chat, mean_output_tokens=0.0)) == 0.0
-    floor = arrival_decode_demand(chat)
-    assert floor > demand and settled_step_ms(m, batch, context, 68, 36, True, floor) > settled(36)
-    assert floor * settled_step_ms(m, batch, context, 68, 36, True, floor) > batch  # the batch will grow
+    floor = arrival_decode(chat)
+    assert floor == pytest.approx((0.05 * 97, 496 + 97 / 2))
+    assert arrival_decode(replace(chat, mean_output_tokens=0.0)) == (0.0, 0.0)
+    assert floor.demand > demand and settled_step_ms(m, batch, context, 68, 36, True, floor) > settled(36)
+    assert floor.demand * settled_step_ms(m, batch, context, 68, 36, True, floor) > batch  # the batch will grow
+    # the arrivals' demand comes with their lengths, not the batch of the moment's (two documents of 6,000)
+    docs_now = settled_step_ms(m, 2, 12_000, 68, 36, True, floor)
+    assert docs_now == pytest.approx(settled_step_ms(m, 2, 2 * 545, 68, 36, True, floor), rel=0.01)
+    assert docs_now < settled_step_ms(m, 2, 12_000, 68, 36, True, ArrivalDecode(floor.demand, 6000.0))
 
 
 def test_model_policy_remembers_the_tpot_error_of_a_split_it_left() -> None:
@@ -428,6 +433,45 @@ def test_model_policy_remembers_the_tpot_error_of_a_split_it_left() -> None:
     assert factors == {64: 1.0, 72: 1.0, 80: 1.0, 88: 1.0, 96: 1.0, 104: 1.4, 112: 1.4}
     with pytest.raises(ValueError, match="tpot_memory_s"):
         ModelPolicyConfig(tpot_memory_s=-1.0)
+
+
+def test_model_policy_switches_at_once_when_the_prompts_change() -> None:
+    """Within the dwell of its last switch, a split predicted far past TTFT is left after `urgent_dwell_s`
+    only on evidence: TTFTs observed past target, or arrivals unlike those the split was chosen for (chat
+    giving way to 5,900-token documents at the same prompt tokens per second). Without either it waits."""
+    chat = dict(decoding=64, context=64 * 600)
+    arrivals = dict(arrival_tokens_per_s=10_000.0, mean_output_tokens=97.0)
+
+    def after_a_switch(prompt: float) -> SplitDecision:
+        policy = ModelPolicy(h100_llama8b(), ModelPolicyConfig(dwell_s=10.0, urgent_dwell_s=2.0))
+        moved = policy.decide(replace(view(24, t=100.0, **chat, queued=8_000, requests=16), mean_prompt_tokens=496.0,
+                                      **arrivals), TARGETS)
+        assert moved.prefill_sms > 24
+        backlog = dict(queued=17_700, requests=round(17_700 / prompt))  # three documents' worth of prompt tokens
+        return policy.decide(replace(view(moved.prefill_sms, t=103.0, **chat, **backlog), mean_prompt_tokens=prompt,
+                                     **arrivals), TARGETS)
+
+    documents, more_chat = after_a_switch(5900.0), after_a_switch(620.0)
+    assert documents.urgent and documents.reason.startswith("urgent switch")
+    assert "at the last switch: 10000 in 496-token" in documents.reason
+    assert not more_chat.urgent and more_chat.reason.startswith("hold: dwell")
+    assert more_chat.predicted["slack"] < -0.25 <= more_chat.predicted["best_slack"]  # as urgent, but for evidence
+    assert load_changed(Load(25_000.0, 496.0), Load(25_000.0, 5900.0), 2.0)
+    assert not load_changed(Load(25_000.0, 496.0), Load(14_000.0, 900.0), 2.0)
+    assert load_changed(Load(0.0, 512.0), Load(1_000.0, 512.0), 2.0)  # arrivals starting
+    with pytest.raises(ValueError, match="load_change_ratio"):
+        ModelPolicyConfig(load_change_ratio=1.0)
+
+
+def test_model_policy_moves_to_the_nearest_comfortable_split() -> None:
+    """With a target at risk, the policy takes the nearest split on the helpful side predicted comfortable,
+    not the far end a snapshot makes look best."""
+    policy = ModelPolicy(h100_llama8b())
+    heavy = view(24, queued=10_000, requests=20, decoding=32, context=32 * 1500)
+    preds, _ = policy.predict(heavy, TARGETS)
+    chosen = policy.decide(heavy, TARGETS).prefill_sms
+    comfortable = [p.prefill_sms for p in preds if p.slack >= ModelPolicyConfig().comfort_slack and p.prefill_sms > 24]
+    assert chosen == min(comfortable) < max(preds, key=lambda p: p.slack).prefill_sms
 
 
 def test_model_policy_dwell_counts_applied_switches() -> None:

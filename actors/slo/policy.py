@@ -19,13 +19,15 @@ or more): a ratio measured on a wide decode partition says little about a narrow
 step is most sensitive to the model's errors.
 Each split scores its normalized min slack, min(1 - TTFT / target, 1 - TPOT / target).
 The current split is kept while no target is at risk (`at_risk`: predicted slack under
-`comfort_slack`, or observed latency past its target); otherwise the best split on the
-side that relieves the target at risk (more prefill SMs for TTFT, fewer for TPOT) wins, if
-its score beats the current split's by more than `margin` (hysteresis) and at least
+`comfort_slack`, or observed latency past its target); otherwise, on the side that relieves
+the target at risk (more prefill SMs for TTFT, fewer for TPOT), the nearest split predicted
+comfortable (else the best) wins, if its score beats the current split's by more than `margin`
+(hysteresis) and at least
 `dwell_s` passed since this engine's split last changed. A switch is urgent when the current
 split is predicted past a target by more than a quarter of it (slack under `urgent_slack`),
-observed past it too, and the new split is predicted within both targets: then `urgent_dwell_s`
-is enough (on the H200 a wrong split held for a whole dwell queued a burst's prompts for seconds,
+observed past it too (for TTFT: or the arrivals changed since the split was last chosen or held as fine,
+`load_changed`: their prompt length or prompt-token rate moved by `load_change_ratio` or more), and
+the new split is predicted within both targets: then `urgent_dwell_s` is enough (on the H200 a wrong split held for a whole dwell queued a burst's prompts for seconds,
 and, with the threshold at twice the target, another kept TPOT past its target for 10 s). So at most
 60 / urgent_dwell_s + 1 switches in any minute, and 60 / dwell_s + 1 while no split can meet
 both targets (an overload cannot flap fast). The policy sees changes in the views: one it
@@ -44,7 +46,7 @@ import time
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from actors.slo.latency_model import LatencyModel
 from actors.slo.types import (
@@ -78,6 +80,13 @@ class ModelPolicyConfig:
         past that target, may switch after `urgent_dwell_s` instead of `dwell_s`, to a split predicted to
         meet both targets.
     urgent_dwell_s: the dwell of an urgent switch (at most `dwell_s`).
+    load_change_ratio: arrivals whose mean prompt length or prompt-token rate is this many times (or this
+        fraction of) what they were when the current split was chosen, or last held as comfortable or best,
+        count as a new load: a TTFT predicted past target under it is evidence enough for an urgent switch,
+        before any is observed (on the H200, chat giving way to 5,900-token documents waited out a 10 s
+        dwell, 2026-12-03). Prompts queue at once; not so TPOT, whose batch builds over seconds from
+        lengths a load change mixes (in simulation, a 2-request batch of documents' 6,000-token contexts
+        at the chat's request rate predicted 54 ms), so TPOT still needs an observation.
     tpot_memory_s: how long the TPOT ratio (observed / predicted) seen on a split corrects that split's
         predictions after the engine left it (0: never; every split takes the current split's ratio).
     """
@@ -94,6 +103,7 @@ class ModelPolicyConfig:
     max_step: int = 0
     urgent_slack: float = -0.25
     urgent_dwell_s: float = 2.0
+    load_change_ratio: float = 2.0
     tpot_memory_s: float = 300.0
 
     def __post_init__(self) -> None:
@@ -111,6 +121,8 @@ class ModelPolicyConfig:
             raise ValueError("min_observed must be >= 1 and max_step >= 0")
         if self.tpot_memory_s < 0:
             raise ValueError(f"tpot_memory_s must be >= 0, got {self.tpot_memory_s}")
+        if not self.load_change_ratio > 1.0:
+            raise ValueError(f"load_change_ratio must be > 1, got {self.load_change_ratio}")
         if self.urgent_slack >= 0 or self.urgent_dwell_s < 0:
             raise ValueError(f"urgent_slack must be < 0 and urgent_dwell_s >= 0, got "
                              f"{self.urgent_slack} and {self.urgent_dwell_s}")
@@ -133,19 +145,43 @@ class _EngineState:
 
     seen_sms: int | None = None
     last_change: float | None = None
-    proposed: tuple[int, float] | None = None  # (prefill SMs, time)
+    proposed: tuple[int, float, Load] | None = None  # (prefill SMs, time, the arrivals it was chosen for)
     change_times: deque[float] = field(default_factory=lambda: deque(maxlen=256))
     tpot_ratios: dict[int, tuple[float, float]] = field(default_factory=dict)  # split -> (observed / predicted, time)
+    load: Load | None = None  # the arrivals when the current split was last chosen or held as fine
 
-    def observe(self, sms: int, now: float) -> None:
-        """Note the engine's current split; a change counts from when it was proposed
+    def observe(self, sms: int, now: float, load: Load) -> None:
+        """Note the engine's current split and arrivals; a change counts from when it was proposed
         (if this policy proposed it) or from now (the caller switched on its own)."""
         if self.seen_sms is not None and sms != self.seen_sms:
-            when = self.proposed[1] if self.proposed is not None and self.proposed[0] == sms else now
+            mine = self.proposed is not None and self.proposed[0] == sms
+            when, self.load = (self.proposed[1], self.proposed[2]) if mine else (now, load)  # type: ignore[index]
             self.last_change = when
             self.change_times.append(when)
             self.proposed = None
         self.seen_sms = sms
+
+
+class Load(NamedTuple):
+    """The arrivals a split was chosen for: prompt tokens per second and the mean prompt length."""
+
+    tokens_per_s: float
+    prompt_tokens: float
+
+    @classmethod
+    def of(cls, view: EngineView, cfg: ModelPolicyConfig) -> Load:
+        return cls(view.arrival_tokens_per_s, float(typical_prompt_tokens(view, cfg)))
+
+
+def load_changed(before: Load, now: Load, ratio: float) -> bool:
+    """Whether the prompt-token rate or the mean prompt length moved by a factor of `ratio` or more (arrivals
+    starting or stopping count as a change)."""
+    def moved(a: float, b: float) -> bool:
+        if a <= 0 or b <= 0:
+            return (a > 0) != (b > 0)
+        return max(a / b, b / a) >= ratio
+
+    return moved(before.tokens_per_s, now.tokens_per_s) or moved(before.prompt_tokens, now.prompt_tokens)
 
 
 def min_slack(ttft_ms: float, tpot_ms: float, targets: SLOTargets) -> float:
@@ -204,34 +240,48 @@ def predict_raw(model: LatencyModel, view: EngineView, prefill_sms: int, cfg: Mo
     context = view.decode_context_tokens if view.num_decoding > 0 else cfg.typical_context_tokens
     current_d_sms = max(1, model.total_sms - round(view.prefill_sms * scale))
     tpot = settled_step_ms(model, batch, max(1, context), current_d_sms, d_sms, queued > 0 or load.utilization > 0,
-                           arrival_decode_demand(view))
+                           arrival_decode(view))
     return ttft, tpot
 
 
-def arrival_decode_demand(view: EngineView) -> float:
-    """The decode demand the arrivals bring, in sequences per ms of step (requests per ms x output tokens each;
-    0 when either is unknown): what the batch settles at once every queued prompt has been prefilled."""
+class ArrivalDecode(NamedTuple):
+    """The decode demand the arrivals bring (`arrival_decode`)."""
+
+    demand: float  # sequences per ms of step: requests per ms x output tokens each
+    context: float  # tokens per sequence while it decodes: its prompt and half its output
+
+
+def arrival_decode(view: EngineView) -> ArrivalDecode:
+    """What the decode batch settles at once every queued prompt has been prefilled, from the arrivals' rate
+    and lengths (zeros when either is unknown)."""
     if view.arrival_tokens_per_s <= 0 or view.mean_prompt_tokens < 1 or view.mean_output_tokens <= 0:
-        return 0.0
-    return view.arrival_tokens_per_s / view.mean_prompt_tokens / 1000.0 * view.mean_output_tokens
+        return ArrivalDecode(0.0, 0.0)
+    demand = view.arrival_tokens_per_s / view.mean_prompt_tokens / 1000.0 * view.mean_output_tokens
+    return ArrivalDecode(demand, view.mean_prompt_tokens + view.mean_output_tokens / 2)
 
 
 def settled_step_ms(model: LatencyModel, batch: int, context: int, current_sms: int, sms: int, concurrent: bool,
-                    min_demand: float = 0.0) -> float:
+                    arrivals: ArrivalDecode = ArrivalDecode(0.0, 0.0)) -> float:
     """The decode step on `sms` decode SMs once the batch has settled there, for the decode demand the engine
-    serves now: `batch` sequences (holding `context` tokens) in steps of `current_sms` SMs, or `min_demand`
-    (sequences per ms of step) if the arrivals bring more.
+    serves now: `batch` sequences (holding `context` tokens) in steps of `current_sms` SMs, or the `arrivals`'
+    (with their own context per sequence) if they bring more.
 
     Little's law: a sequence stays for as many steps as it has tokens to produce, so the batch is demand x step
     (demand = batch / step now). With the model's step alpha + beta * batch on `sms`, it settles at
-    alpha / (1 - demand * beta), evaluated at most at `MAX_UTILIZATION`. Fewer decode SMs slow the step,
-    requests stay longer and the batch grows (on the H200, TPOT at 28 decode SMs went past 25 ms within 7 s of
-    a switch chosen for a step of 17 ms predicted at the batch of the moment).
+    alpha / (1 - demand * beta), evaluated at most at `MAX_UTILIZATION`. Fewer decode SMs make each request stay
+    longer and the batch grow (on the H200, TPOT at 28 decode SMs went past 25 ms within 7 s of a switch chosen
+    for a step of 17 ms predicted at the batch of the moment). The arrivals' demand comes with their own lengths:
+    as chat gave way to documents, two documents (6,000 tokens of context each) decoding at the chat's request
+    rate predicted 54 ms at a split that served both loads (in simulation).
     """
-    def step(b: int, on: int) -> float:
-        return model.decode_step_ms(b, round(context * b / batch), on, concurrent)
+    per_seq = context / batch
 
-    demand = max(batch / step(batch, current_sms), min_demand)
+    def step(b: float, on: int) -> float:
+        return model.decode_step_ms(round(b), round(per_seq * b), on, concurrent)
+
+    demand = batch / step(batch, current_sms)
+    if arrivals.demand > demand:
+        demand, per_seq = arrivals.demand, arrivals.context
     beta = (step(2 * batch, sms) - step(batch, sms)) / batch  # the step is linear in the batch
     alpha = step(batch, sms) - beta * batch
     return alpha / (1.0 - min(demand * beta, MAX_UTILIZATION))
@@ -328,7 +378,8 @@ class ModelPolicy:
         now = _now(view)
         state = self._states.setdefault(view.engine_id, _EngineState())
         current = nearest_split(view.splits, view.prefill_sms)
-        state.observe(current, now)
+        load = Load.of(view, cfg)
+        state.observe(current, now, load)
         preds, info = self.predict(view, targets)
         self._remember_tpot(state, view, current, info, now)
         by_sms = {p.prefill_sms: p for p in preds}
@@ -345,36 +396,51 @@ class ModelPolicy:
             "best_slack": best.slack, "gain": gain, "switches_last_minute": float(recent),
         }
         at = f"{_describe(cur, targets)} at {current}"
-        if best.prefill_sms == current:
-            return SplitDecision(current, f"hold: best split; {at}", predicted)
-        if not needs:
+        if best.prefill_sms == current or not needs:
+            state.load = load
+            if best.prefill_sms == current:
+                return SplitDecision(current, f"hold: best split; {at}", predicted)
             return SplitDecision(current, f"hold: comfortable (slack {cur.slack:+.2f} >= {cfg.comfort_slack:.2f}); "
                                           f"{at}", predicted)
         if gain <= cfg.margin:
             return SplitDecision(current, f"hold: within hysteresis band (gain {gain:+.2f} <= {cfg.margin:.2f} "
                                           f"for {best.prefill_sms}); {at}", predicted)
-        urgent = cur.slack < cfg.urgent_slack and best.slack >= 0 and bool(observed_past(view, targets, cfg) & needs)
+        new_load = "ttft" in needs and state.load is not None and load_changed(state.load, load, cfg.load_change_ratio)
+        evidence = new_load or bool(observed_past(view, targets, cfg) & needs)
+        urgent = cur.slack < cfg.urgent_slack and best.slack >= cfg.urgent_slack and evidence
         dwell = min(cfg.urgent_dwell_s, cfg.dwell_s) if urgent else cfg.dwell_s
         last = state.last_change
         if last is not None and now - last < dwell:
             wait = dwell - (now - last)
             return SplitDecision(current, f"hold: dwell ({wait:.1f} s left) before {best.prefill_sms}; {at}", predicted)
-        state.proposed = (best.prefill_sms, now)
+        state.proposed = (best.prefill_sms, now, load)
         predicted.update(ttft_ms=best.ttft_ms, tpot_ms=best.tpot_ms, slack=best.slack)
         side = "prefill" if best.prefill_sms > current else "decode"
         why = (f"{'urgent ' if urgent else ''}switch {current}->{best.prefill_sms} (more SMs to {side}): {at}; "
                f"{_describe(best, targets)} at {best.prefill_sms} (gain {gain:+.2f} > {cfg.margin:.2f}); "
-               f"arrivals {info['arrival_tokens_per_s']:.0f} prompt tokens/s in {info['typical_prompt_tokens']:.0f}-token "
-               f"prompts")
+               f"arrivals {load.tokens_per_s:.0f} prompt tokens/s in {load.prompt_tokens:.0f}-token prompts")
+        if new_load and state.load is not None:
+            why += f" (at the last switch: {state.load.tokens_per_s:.0f} in {state.load.prompt_tokens:.0f}-token)"
         return SplitDecision(best.prefill_sms, why, predicted, urgent=urgent)
 
     def _best(self, splits: tuple[int, ...], current: int, preds: list[SplitPrediction], side: int = 0
               ) -> SplitPrediction:
-        """Highest slack within `max_step` steps, on the `side` of the current split (+1: more prefill SMs,
-        -1: fewer, 0: either; the current split is always a candidate); ties go to the nearest split."""
+        """Within `max_step` steps, on the `side` of the current split (+1: more prefill SMs, -1: fewer, 0:
+        either; the current split is always a candidate): on a side, the nearest split predicted comfortable
+        (slack >= `comfort_slack`) by more than `margin` over the current one, else the highest slack (ties
+        to the nearest split).
+
+        The nearest comfortable one, not the most slack: a snapshot that makes one target look easy makes the
+        far end of the side look best (in simulation, TPOT at risk one second into chat after documents sent
+        104 prefill SMs to 64, on an arrival rate still read from the documents; the chat's prompts then
+        queued for the whole dwell)."""
         i = splits.index(current)
         step = self.config.max_step or len(splits)
         allowed = [p for j, p in enumerate(preds) if abs(j - i) <= step and (j - i) * side >= 0]
+        enough = max(self.config.comfort_slack, preds[i].slack + self.config.margin)
+        comfortable = [p for p in allowed if p.slack >= enough and p.prefill_sms != current]
+        if side and comfortable:
+            return min(comfortable, key=lambda p: abs(p.prefill_sms - current))
         return max(allowed, key=lambda p: (round(p.slack, 9), -abs(p.prefill_sms - current)))
 
 
