@@ -5,21 +5,22 @@ Requests arrive as a seeded Poisson process in phases (each its own rate and len
 first come, first served at the model's prefill speed on the current split; a prefilled request joins the
 decode batch, which advances one token per modelled step on the remaining SMs until its output is done.
 A policy, if given, decides every `decide_every_s` from the view a GPU actor would publish: queue, batch,
-the TTFT and TPOT samples of requests that arrived after the last switch, and the arrival rate and lengths
-(through the actor's own `RateWindow`). Switches take effect at once. Plain functions (no fixtures).
+the TTFT and TPOT samples of requests that arrived after the last switch, the mean decode step of the last
+2 s, and the arrival rate and lengths (through the actor's own `RateWindow`). Switches take effect at once. Plain functions (no fixtures).
 """
 
 from __future__ import annotations
 
 import random
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from actors.gpu_actor import RateWindow
 from actors.slo.latency_model import LatencyModel
 from actors.slo.types import EngineView, SLOTargets, SplitPolicy
 
 CHUNK_TOKENS = 4096  # the engine's prefill tokens per iteration
+STEP_SPAN_S = 2.0  # the view's decode step is the mean over this span, as an engine publishes it
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,7 @@ def simulate(model: LatencyModel, phases: list[Phase], targets: SLOTargets, star
     done: list[SimRequest] = []
     window = RateWindow()
     sms, last_switch, switches = start_sms, 0.0, []
+    steps: deque[tuple[float, float]] = deque()  # (time, decode step ms) of the last STEP_SPAN_S
     decide_ticks = round(decide_every_s / dt)
     tick = 0
     while todo or queue or decoding:
@@ -88,9 +90,14 @@ def simulate(model: LatencyModel, phases: list[Phase], targets: SLOTargets, star
             queue.append(todo.popleft())
             window.add(queue[-1].prompt, now=now)
         _prefill(model, queue, decoding, sms, now, dt)
-        _decode(model, decoding, done, sms, bool(queue), now, dt)
+        step_ms = _decode(model, decoding, done, sms, bool(queue), now, dt)
+        if step_ms:
+            steps.append((now, step_ms))
+        while steps and steps[0][0] <= now - STEP_SPAN_S:
+            steps.popleft()
         if policy is not None and tick % decide_ticks == 0:
             view = _view(model, sms, queue, decoding, done, window, last_switch, now, hide)
+            view = replace(view, decode_step_ms=sum(ms for _, ms in steps) / len(steps) if steps else 0.0)
             chosen = policy.decide(view, targets).prefill_sms
             if chosen != sms:
                 switches.append((round(now, 2), sms, chosen))
@@ -117,17 +124,20 @@ def _prefill(model: LatencyModel, queue: deque[SimRequest], decoding: list[SimRe
 
 
 def _decode(model: LatencyModel, decoding: list[SimRequest], done: list[SimRequest], sms: int, prefilling: bool,
-            now: float, dt: float) -> None:
+            now: float, dt: float) -> float:
+    """Advance the batch by `dt`; the step time (ms) it ran at (0: nothing to decode)."""
     if not decoding:
-        return
+        return 0.0
     context = round(sum(r.prompt + r.decoded for r in decoding))
-    steps = dt * 1000.0 / model.decode_step_ms(len(decoding), context, model.total_sms - sms, prefilling)
+    step_ms = model.decode_step_ms(len(decoding), context, model.total_sms - sms, prefilling)
+    steps = dt * 1000.0 / step_ms
     for r in list(decoding):
         r.decoded += steps
         if r.decoded >= r.output - 1:
             r.finish = now + dt
             decoding.remove(r)
             done.append(r)
+    return step_ms
 
 
 def _view(model: LatencyModel, sms: int, queue: deque[SimRequest], decoding: list[SimRequest],

@@ -7,6 +7,7 @@ by hand, so every schedule is deterministic.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ from hypothesis import strategies as st
 
 from actors.config import CacheConfig, EngineConfig, SchedulerConfig
 from actors.engine.core import EngineCore
+from actors.engine.workers import Iteration, Worker
 from actors.kv.allocator import BlockAllocator
 from actors.kv.manager import KVManager
 from actors.request import FinishReason, Request, SamplingParams, TokenDelta
@@ -377,3 +379,13 @@ def test_aborts_at_random_steps_leave_the_pool_whole(
     engine.run_to_completion(rids)
     assert all(len(engine.tokens(rid)) <= MAX_TOKENS for rid in rids)
     engine.assert_pool_full()
+
+
+def test_worker_recent_iteration_time() -> None:
+    """The mean of the iterations that started within the span (what an engine publishes as its recent
+    decode step)."""
+    worker = Worker.__new__(Worker)  # only the iteration log is read
+    worker.iteration_log = deque([Iteration(1.0, 0.010, 0, 8), Iteration(9.0, 0.020, 0, 8), Iteration(9.5, 0.040, 0, 8)])
+    assert worker.recent_iteration_ms(span_s=2.0, now=10.0) == pytest.approx(30.0)
+    assert worker.recent_iteration_ms(span_s=10.0, now=10.0) == pytest.approx(70.0 / 3)
+    assert worker.recent_iteration_ms(span_s=2.0, now=20.0) == 0.0

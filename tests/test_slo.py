@@ -355,7 +355,9 @@ def test_model_policy_state_is_per_engine() -> None:
 
 def test_model_policy_leaves_a_split_far_past_its_target_after_the_urgent_dwell() -> None:
     """A burst lands on a split with little prefill (as after a lull): urgent once predicted past the TTFT
-    target by more than a quarter, observed past it, and another split is predicted to meet both targets."""
+    target by more than a quarter, observed past it, and another split is predicted within a quarter of both
+    targets. TPOT counts as observed past target when the engine's recent decode step is, before any request
+    has finished to give a TPOT sample."""
     burst = dict(queued=10_000, requests=20, decoding=32, context=32 * 1500)
 
     def decide_after_a_change(seen_ttft: float, t: float, **load: int) -> SplitDecision:
@@ -373,6 +375,18 @@ def test_model_policy_leaves_a_split_far_past_its_target_after_the_urgent_dwell(
     assert unconfirmed.prefill_sms == 16 and "dwell (27.0 s left)" in unconfirmed.reason
     overload = decide_after_a_change(5000.0, 14.0, queued=200_000, requests=400, decoding=256, context=256 * 2000)
     assert overload.prefill_sms == 16 and not overload.urgent  # no split meets both targets: no hurry
+
+    def decode_heavy_after_a_change(step_ms: float) -> SplitDecision:
+        policy = ModelPolicy(h100_llama8b(), ModelPolicyConfig(dwell_s=30.0, urgent_dwell_s=2.0))
+        policy.decide(view(64, t=10.0), TARGETS)
+        policy.decide(view(112, t=11.0), TARGETS)
+        return policy.decide(replace(view(112, t=14.0, decoding=320, context=320 * 2000), decode_step_ms=step_ms),
+                             TARGETS)
+
+    stepping_slowly = decode_heavy_after_a_change(80.0)
+    assert stepping_slowly.urgent and stepping_slowly.prefill_sms < 112
+    assert stepping_slowly.reason.startswith("urgent switch 112->")
+    assert not decode_heavy_after_a_change(30.0).urgent  # steps within target: the full dwell
     with pytest.raises(ValueError):
         ModelPolicyConfig(urgent_slack=0.0)
 

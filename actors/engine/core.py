@@ -73,6 +73,7 @@ class EngineStats:
     # stream waits for every other's queued work
     cuda_alloc_retries: int = 0
     cuda_frees: int = 0
+    recent_decode_step_ms: float = 0.0  # the decode worker's mean iteration over the last 2 s (0: none, or unified)
 
 
 class EngineCore:
@@ -323,6 +324,7 @@ class EngineCore:
             num_switch_stalls=sum(len(w.adopt_seconds) for w in self.workers),
             switch_stall_seconds=sum(sum(w.adopt_seconds) for w in self.workers),
             switches=tuple(self.partitioner.switches[-RECENT_SWITCHES:]),
+            recent_decode_step_ms=next((w.recent_iteration_ms(now=now) for w in self.workers if w.name == "decode"), 0.0),
             **self._allocator_counts(),
         )
 

@@ -159,6 +159,16 @@ class Worker:
             else:
                 self.wakeups[self.name].wait(0.05)
 
+    def recent_iteration_ms(self, span_s: float = 2.0, now: float | None = None) -> float:
+        """Mean time (ms) of the iterations that started within the last `span_s` seconds (0: none)."""
+        since = (time.monotonic() if now is None else now) - span_s
+        total, count = 0.0, 0
+        for it in reversed(list(self.iteration_log)):  # a copy: the worker's thread appends to the log
+            if it.start <= since:
+                break
+            total, count = total + it.seconds, count + 1
+        return 1000.0 * total / count if count else 0.0
+
     def _adopt_split(self) -> None:
         """At an iteration boundary: move to the stream of the current split."""
         if self.partitioner.version == self._version:

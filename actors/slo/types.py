@@ -33,7 +33,9 @@ class EngineView:
     rate at which prompt tokens arrive, the highest over a short and a longer recent span (a GPU
     actor's `RateWindow`), so a burst shows at once and a lull keeps the last burst's load (0: unknown or idle);
     `mean_prompt_tokens` the mean prompt length of the latest arrivals (0: unknown), `mean_output_tokens` the
-    mean output length of recently finished requests (0: unknown).
+    mean output length of recently finished requests (0: unknown). `decode_step_ms` is the mean decode step of
+    the last seconds as the engine measured it (0: unknown or idle): the TPOT the requests decoding now see,
+    before any of them finishes and becomes a TPOT sample.
     """
 
     engine_id: str
@@ -50,6 +52,7 @@ class EngineView:
     arrival_tokens_per_s: float = 0.0
     mean_prompt_tokens: float = 0.0
     mean_output_tokens: float = 0.0
+    decode_step_ms: float = 0.0
 
 
 @dataclass(frozen=True)
