@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import time
 from collections import Counter, deque
@@ -279,7 +280,7 @@ class EngineActor:
             architecture=core.arch.architecture, max_model_len=core.max_model_len,
             vocab_size=core.arch.vocab_size, mode=self.config.mode,
             total_sms=core.partitioner.total_sms, splits=list(core.partitioner.splits),
-            latency_model=self.latency_model.key if self.latency_model else None,
+            latency_model=self.latency_model.key if self.latency_model else None, pid=os.getpid(),
         )
 
     async def ping(self) -> str:

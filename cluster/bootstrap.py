@@ -119,6 +119,9 @@ class ClusterConfig:
     actors' nodes) or profiled on `profile_grid` (`quick` or `full`) and saved there.
     `prefill_sm_fraction` bounds the prefill share of each engine's SMs the controller may set.
     `stream_interval`: tokens per chunk an engine actor streams (after the first; vLLM's `--stream-interval`).
+    `engine_restarts`: how many times Ray starts an engine actor again when its process dies (-1: always).
+    A CUDA error that poisons the process's context ends it (on the H200 an engine died so, and with no
+    restart every later request got 503, 2026-12-03); routers pick the restarted actor up by name.
     """
 
     model: str
@@ -139,6 +142,7 @@ class ClusterConfig:
     cluster_name: str = "default"
     served_model_name: str | None = None
     stream_interval: int = 1
+    engine_restarts: int = 3
     publish_interval_s: float = 0.5
     controller_interval_s: float = 0.5
     lease_s: float = 3.0
@@ -163,6 +167,8 @@ class ClusterConfig:
             raise ConfigError("num_cpus_per_actor must be >= 0")
         if self.stream_interval < 1:
             raise ConfigError(f"stream_interval must be >= 1, got {self.stream_interval}")
+        if self.engine_restarts < -1:
+            raise ConfigError(f"engine_restarts must be >= -1, got {self.engine_restarts}")
         if not self.namespace or not self.actor_prefix or not self.cluster_name:
             raise ConfigError("namespace, actor_prefix and cluster_name must not be empty")
         if self.check_model:
@@ -297,7 +303,7 @@ def ensure_cluster(cfg: ClusterConfig) -> ClusterHandles:
             continue
         cls = engine_actor_cls(num_gpus=gpus, num_cpus=cfg.num_cpus_per_actor, resources=cfg.resources_for(i))
         actors[name] = cls.options(name=name, namespace=cfg.namespace, lifetime="detached", get_if_exists=True,
-                                   max_restarts=0, runtime_env={"env_vars": kernel_env()},
+                                   max_restarts=cfg.engine_restarts, runtime_env={"env_vars": kernel_env()},
                                    ).remote(name, cfg.engine_config(), cfg.publisher_config(),
                                             model_source=cfg.model_source(), stream_interval=cfg.stream_interval)
         created.append(name)

@@ -181,6 +181,44 @@ async def _at_least(items: Any, n: int) -> bool:
 
 
 @pytest.mark.timeout(150)
+def test_engine_whose_process_dies_is_started_again(cluster: ClusterConfig) -> None:
+    """An engine's process that dies (as of a CUDA error, which poisons its context) is started again by Ray
+    (`engine_restarts`), and a router serves with it once it answers, with no operator."""
+    import ray
+
+    victim = cluster.actor_name(0)
+
+    async def main() -> None:
+        router = Router.connect(names=cluster.actor_names, namespace=cluster.namespace,
+                                policy=RouterPolicy(stall_timeout_s=5.0, ping_timeout_s=2.0))
+        handle = router.state.actors[victim].handle
+        before = (await handle.ready.remote())["pid"]
+        ray.kill(handle, no_restart=False)
+
+        async def restarted() -> bool:
+            try:
+                return (await asyncio.wait_for(handle.ready.remote(), timeout=5.0))["pid"] != before
+            except Exception:  # still down, or starting
+                return False
+
+        await async_wait_until(restarted, timeout=90.0, interval=0.5, what="the engine actor to start again")
+        await apoll(lambda: _alive_after_refresh(router, victim), what="the router to take the engine back")
+        params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+        before_counts = dict(router.dispatch_counts)
+        done = await asyncio.wait_for(asyncio.gather(*(collect(router, GenerateRequest(f"again-{i}", p, params))
+                                                       for i, p in enumerate(prompts(8, seed=6)))), timeout=60)
+        assert all(f == "length" and len(ids) == 3 for ids, f, _ in done)
+        assert router.dispatch_counts[victim] > before_counts.get(victim, 0)  # the restarted engine serves
+
+    asyncio.run(main())
+
+
+async def _alive_after_refresh(router: Router, engine_id: str) -> bool:
+    await router.refresh()
+    return router.state.actors[engine_id].alive
+
+
+@pytest.mark.timeout(150)
 def test_actor_killed_mid_run(cluster: ClusterConfig) -> None:
     import ray
 

@@ -47,6 +47,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stream-interval", type=int, default=1, metavar="N",
                    help="tokens per streamed chunk after the first: fewer, larger SSE events "
                         "(vLLM's --stream-interval)")
+    p.add_argument("--engine-restarts", type=int, default=3, metavar="N",
+                   help="times an engine actor is started again when its process dies, e.g. of a CUDA error "
+                        "(-1: always; default 3)")
     p.add_argument("--switch-interval-ms", type=float, default=None, metavar="MS",
                    help="Python thread switch interval the engines set (default: Python's 5 ms); the engine "
                         "workers and the token streaming share one interpreter lock")
@@ -94,6 +97,7 @@ def cluster_config(args: argparse.Namespace, redis_url: str | None) -> Any:
                              load_format=args.load_format, prefill_sms=args.prefill_sms,
                              overlap_decode=args.overlap_decode, switch_interval_ms=args.switch_interval_ms),
         cluster_name=args.cluster_name, served_model_name=args.served_model_name, stream_interval=args.stream_interval,
+        engine_restarts=args.engine_restarts,
     )
 
 
