@@ -41,8 +41,8 @@ from actors.slo.latency_model import (
 )
 from actors.slo.ordering import EDFOrder, edf_key, make_order
 from actors.slo.policy import (
-    ModelPolicy, ModelPolicyConfig, ArrivalDecode, Load, PrefillLoad, arrival_decode, load_changed, make_policy, predict_raw, prefill_load,
-    settled_step_ms, tpot_factors, typical_prompt_tokens,
+    ArrivalDecode, Load, ModelPolicy, ModelPolicyConfig, PrefillLoad, SplitPrediction, arrival_decode, load_changed,
+    make_policy, predict_raw, prefill_load, settled_step_ms, tpot_factors, typical_prompt_tokens,
 )
 from actors.slo.profiler import ProfileConfig, Profiler, engine_profile_key
 from actors.slo.types import EngineView, ReactivePolicy, SLOTargets, SplitDecision
@@ -241,8 +241,7 @@ def test_model_policy_keeps_a_comfortable_split_until_it_is_at_risk() -> None:
 def test_model_policy_holds_a_steady_load() -> None:
     """Chasing the best split and blind to the arrival rate, the simulated engine reproduces the H200 swing
     (to few prefill SMs whenever the queue is empty, back when it has grown) and misses TTFT. Seeing the rate,
-    or keeping a comfortable split (the default), the policy settles and meets both targets (blind to the rate,
-    98.2%: the nearest split the first queue makes look comfortable is too few, and an urgent switch follows)."""
+    or keeping a comfortable split (the default), the policy settles and meets both targets."""
     from engine_sim import Phase, simulate
 
     m, steady = h100_llama8b(), [Phase(120.0, 20_000 / 512, 512, 80)]
@@ -253,7 +252,7 @@ def test_model_policy_holds_a_steady_load() -> None:
     blind = run(ModelPolicyConfig(comfort_slack=1.0), frozenset({"arrivals"}))
     assert len(blind.switches) >= 8 and min(to for _, _, to in blind.switches) <= 64 and blind.attainment < 0.9
     for settled in (run(ModelPolicyConfig(comfort_slack=1.0)), run(ModelPolicyConfig(), frozenset({"arrivals"}))):
-        assert settled.attainment >= 0.98 and len(settled.switches) <= 3
+        assert settled.attainment >= 0.99 and len(settled.switches) <= 3
 
 
 def test_model_policy_plans_for_the_prompt_lengths_it_sees() -> None:
@@ -455,15 +454,16 @@ def test_model_policy_switches_at_once_when_the_prompts_change() -> None:
     giving way to 5,900-token documents at the same prompt tokens per second). Without either it waits."""
     chat = dict(decoding=64, context=64 * 600)
     arrivals = dict(arrival_tokens_per_s=10_000.0, mean_output_tokens=97.0)
+    SPLIT = 48
 
     def after_a_switch(prompt: float) -> SplitDecision:
         policy = ModelPolicy(h100_llama8b(), ModelPolicyConfig(dwell_s=10.0, urgent_dwell_s=2.0))
-        moved = policy.decide(replace(view(24, t=100.0, **chat, queued=8_000, requests=16), mean_prompt_tokens=496.0,
-                                      **arrivals), TARGETS)
-        assert moved.prefill_sms > 24
+        chat_now = replace(view(64, t=100.0, **chat), mean_prompt_tokens=496.0, **arrivals)
+        policy.decide(chat_now, TARGETS)
+        policy.decide(replace(chat_now, prefill_sms=SPLIT, time=101.0), TARGETS)  # the split changed at t = 101
         backlog = dict(queued=17_700, requests=round(17_700 / prompt))  # three documents' worth of prompt tokens
-        return policy.decide(replace(view(moved.prefill_sms, t=103.0, **chat, **backlog), mean_prompt_tokens=prompt,
-                                     **arrivals), TARGETS)
+        return policy.decide(replace(view(SPLIT, t=104.0, **chat, **backlog), mean_prompt_tokens=prompt, **arrivals),
+                             TARGETS)
 
     documents, more_chat = after_a_switch(5900.0), after_a_switch(620.0)
     assert documents.urgent and documents.reason.startswith("urgent switch")
@@ -477,15 +477,21 @@ def test_model_policy_switches_at_once_when_the_prompts_change() -> None:
         ModelPolicyConfig(load_change_ratio=1.0)
 
 
-def test_model_policy_moves_to_the_nearest_comfortable_split() -> None:
-    """With a target at risk, the policy takes the nearest split on the helpful side predicted comfortable,
-    not the far end a snapshot makes look best."""
-    policy = ModelPolicy(h100_llama8b())
-    heavy = view(24, queued=10_000, requests=20, decoding=32, context=32 * 1500)
-    preds, _ = policy.predict(heavy, TARGETS)
-    chosen = policy.decide(heavy, TARGETS).prefill_sms
-    comfortable = [p.prefill_sms for p in preds if p.slack >= ModelPolicyConfig().comfort_slack and p.prefill_sms > 24]
-    assert chosen == min(comfortable) < max(preds, key=lambda p: p.slack).prefill_sms
+def test_model_policy_gives_decode_the_nearest_comfortable_split_and_prefill_the_best() -> None:
+    """TPOT at risk: the nearest split with fewer prefill SMs predicted comfortable, not the far end that a
+    snapshot of an empty queue makes look best (the next prompts would queue behind it for a whole dwell).
+    TTFT at risk: the best split, since a queue left to build under a timid move has to be drained after."""
+    def chosen(v: EngineView) -> tuple[int, list[SplitPrediction]]:
+        policy = ModelPolicy(h100_llama8b())
+        return policy.decide(v, TARGETS).prefill_sms, policy.predict(v, TARGETS)[0]
+
+    comfort = ModelPolicyConfig().comfort_slack
+    to_decode, preds = chosen(view(112, decoding=320, context=320 * 2000))
+    nearest = max(p.prefill_sms for p in preds if p.slack >= comfort and p.prefill_sms < 112)
+    assert to_decode == nearest > max(preds, key=lambda p: p.slack).prefill_sms
+    to_prefill, preds = chosen(view(24, queued=10_000, requests=20, decoding=32, context=32 * 1500))
+    assert to_prefill == max(preds, key=lambda p: p.slack).prefill_sms
+    assert to_prefill > min(p.prefill_sms for p in preds if p.slack >= comfort and p.prefill_sms > 24)
 
 
 def test_model_policy_dwell_counts_applied_switches() -> None:

@@ -20,8 +20,8 @@ step is most sensitive to the model's errors.
 Each split scores its normalized min slack, min(1 - TTFT / target, 1 - TPOT / target).
 The current split is kept while no target is at risk (`at_risk`: predicted slack under
 `comfort_slack`, or observed latency past its target); otherwise, on the side that relieves
-the target at risk (more prefill SMs for TTFT, fewer for TPOT), the nearest split predicted
-comfortable (else the best) wins, if its score beats the current split's by more than `margin`
+the target at risk (more prefill SMs for TTFT, fewer for TPOT), the best split wins (toward
+decode: the nearest one predicted comfortable, if any), if its score beats the current split's by more than `margin`
 (hysteresis) and at least
 `dwell_s` passed since this engine's split last changed. A switch is urgent when the current
 split is predicted past a target by more than a quarter of it (slack under `urgent_slack`),
@@ -426,20 +426,22 @@ class ModelPolicy:
     def _best(self, splits: tuple[int, ...], current: int, preds: list[SplitPrediction], side: int = 0
               ) -> SplitPrediction:
         """Within `max_step` steps, on the `side` of the current split (+1: more prefill SMs, -1: fewer, 0:
-        either; the current split is always a candidate): on a side, the nearest split predicted comfortable
-        (slack >= `comfort_slack`) by more than `margin` over the current one, else the highest slack (ties
-        to the nearest split).
+        either; the current split is always a candidate): toward decode, the nearest split predicted
+        comfortable (slack >= `comfort_slack`) by more than `margin` over the current one; otherwise the
+        highest slack (ties to the nearest split).
 
-        The nearest comfortable one, not the most slack: a snapshot that makes one target look easy makes the
-        far end of the side look best (in simulation, TPOT at risk one second into chat after documents sent
-        104 prefill SMs to 64, on an arrival rate still read from the documents; the chat's prompts then
-        queued for the whole dwell)."""
+        Toward decode the nearest comfortable one, not the most slack: a snapshot with an empty queue makes
+        the far end look best (in simulation, TPOT at risk one second into chat after documents sent 104
+        prefill SMs to 64, on an arrival rate still read from the documents; the chat's prompts then queued
+        for the whole dwell). Toward prefill the most slack: a queue left to build under a timid move has to
+        be drained afterwards (on the H200 an arxiv burst moved 64 -> 88 -> 104 in two urgent steps and kept
+        P90 TTFT past target, 2026-12-03)."""
         i = splits.index(current)
         step = self.config.max_step or len(splits)
         allowed = [p for j, p in enumerate(preds) if abs(j - i) <= step and (j - i) * side >= 0]
         enough = max(self.config.comfort_slack, preds[i].slack + self.config.margin)
         comfortable = [p for p in allowed if p.slack >= enough and p.prefill_sms != current]
-        if side and comfortable:
+        if side < 0 and comfortable:
             return min(comfortable, key=lambda p: abs(p.prefill_sms - current))
         return max(allowed, key=lambda p: (round(p.slack, 9), -abs(p.prefill_sms - current)))
 
