@@ -8,7 +8,7 @@
 #   semi-pd-fixedN    semi-PD, split held at N prefill SMs (e.g. semi-pd-fixed64)
 #   unified           our engine, chunked prefill with piggybacked decodes on the whole GPU
 #   vllm              vLLM's OpenAI server with its defaults (needs .vllmA staged and .vllmB carried)
-# Needs `.device` (see bench/device_env.sh). Environment: SWEEPS ("workload:rate,rate ..."), WINDOW (seconds of
+# Needs `.device` (see bench/device_env.sh). Environment: SWEEPS ("workload:rate,rate ..."; "" none, and no warm-up), WINDOW (seconds of
 # arrivals per rate), TTFT/TPOT (ms), REQUEST_TIMEOUT (s; a request still running then counts as failed),
 # SHIFT_RATE (one shifting-workload run per config at this rate, SHIFT_WINDOW seconds of arrivals, phases
 # SHIFT_PHASES as `bench serve --phases` takes them, e.g. "sharegpt:0.5@10,long-doc:0.5"),
@@ -25,7 +25,7 @@
 # to the engine's speed or to the profiler: commit the new one from the results).
 # Without a GPU (a CPU check of this script) it runs on what is installed; pass e.g. SERVE_EXTRA="--device cpu".
 set -uo pipefail
-: "${SWEEPS:=sharegpt:15,30,45 arxiv:3,6,9}" "${WINDOW:=10}" "${TTFT:=1000}" "${TPOT:=50}" "${REQUEST_TIMEOUT:=40}"
+: "${SWEEPS=sharegpt:15,30,45 arxiv:3,6,9}" "${WINDOW:=10}" "${TTFT:=1000}" "${TPOT:=50}" "${REQUEST_TIMEOUT:=40}"
 : "${SHIFT_RATE:=}" "${SHIFT_WINDOW:=30}" "${SHIFT_PHASES:=sharegpt:0.5,long-doc:0.5}" "${CONFIG_TIMEOUT:=300}"
 : "${SERVE_EXTRA:=}" "${PINS:=}" "${PIN_SWEEPS=$SWEEPS}"
 script_t0=$(date +%s)
