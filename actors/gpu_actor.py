@@ -25,6 +25,7 @@ publishes it with its view.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import socket
@@ -130,8 +131,8 @@ class RateWindow:
         totals, counts = self._spans(now)
         if counts[0] >= self.min_events:
             return totals[0] / counts[0]
-        latest = list(self._events)[-self.min_events:]
-        return sum(amount for _, amount in latest) / len(latest) if latest else 0.0
+        latest = [amount for _, amount in itertools.islice(reversed(self._events), self.min_events)]
+        return sum(latest) / len(latest) if latest else 0.0
 
     def _spans(self, now: float | None) -> tuple[list[int], list[int]]:
         """(total amount, events) of each span, shortest first."""

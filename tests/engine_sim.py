@@ -6,14 +6,15 @@ first come, first served at the model's prefill speed on the current split; a pr
 decode batch, which advances one token per modelled step on the remaining SMs until its output is done.
 A policy, if given, decides every `decide_every_s` from the view a GPU actor would publish: queue, batch,
 the TTFT and TPOT samples of requests that arrived after the last switch, the mean decode step of the last
-2 s, and the arrival rate and lengths (through the actor's own `RateWindow`). Switches take effect at once. Plain functions (no fixtures).
+2 s, and the arrival rate and lengths (through the actor's own `RateWindow`). Switches take effect at once.
+Plain functions (no fixtures).
 """
 
 from __future__ import annotations
 
 import random
 from collections import deque
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from actors.gpu_actor import RateWindow
 from actors.slo.latency_model import LatencyModel
@@ -96,8 +97,8 @@ def simulate(model: LatencyModel, phases: list[Phase], targets: SLOTargets, star
         while steps and steps[0][0] <= now - STEP_SPAN_S:
             steps.popleft()
         if policy is not None and tick % decide_ticks == 0:
-            view = _view(model, sms, queue, decoding, done, window, last_switch, now, hide)
-            view = replace(view, decode_step_ms=sum(ms for _, ms in steps) / len(steps) if steps else 0.0)
+            step_mean = sum(ms for _, ms in steps) / len(steps) if steps else 0.0
+            view = _view(model, sms, queue, decoding, done, window, last_switch, now, hide, step_mean)
             chosen = policy.decide(view, targets).prefill_sms
             if chosen != sms:
                 switches.append((round(now, 2), sms, chosen))
@@ -141,8 +142,8 @@ def _decode(model: LatencyModel, decoding: list[SimRequest], done: list[SimReque
 
 
 def _view(model: LatencyModel, sms: int, queue: deque[SimRequest], decoding: list[SimRequest],
-          done: list[SimRequest], window: RateWindow, last_switch: float, now: float, hide: frozenset[str]
-          ) -> EngineView:
+          done: list[SimRequest], window: RateWindow, last_switch: float, now: float, hide: frozenset[str],
+          decode_step_ms: float) -> EngineView:
     started = [r for r in (*done, *decoding) if r.arrival > last_switch]
     finished = [r for r in done if r.arrival > last_switch]
     outputs = [r.output for r in done[-256:]]
@@ -155,4 +156,5 @@ def _view(model: LatencyModel, sms: int, queue: deque[SimRequest], decoding: lis
         arrival_tokens_per_s=window.rate(now=now) if "arrivals" not in hide else 0.0,
         mean_prompt_tokens=window.mean_amount(now=now) if lengths else 0.0,
         mean_output_tokens=sum(outputs) / len(outputs) if outputs and lengths else 0.0,
+        decode_step_ms=decode_step_ms,
     )

@@ -21,16 +21,17 @@ Each split scores its normalized min slack, min(1 - TTFT / target, 1 - TPOT / ta
 The current split is kept while no target is at risk (`at_risk`: predicted slack under
 `comfort_slack`, or observed latency past its target); otherwise, on the side that relieves
 the target at risk (more prefill SMs for TTFT, fewer for TPOT), the best split wins (toward
-decode: the nearest one predicted comfortable, if any), if its score beats the current split's by more than `margin`
-(hysteresis) and at least
-`dwell_s` passed since this engine's split last changed. A switch is urgent when the current
-split is predicted past a target by more than a quarter of it (slack under `urgent_slack`),
-observed past it too (for TTFT: or the arrivals changed since the split was last chosen or held as fine,
-`load_changed`: their prompt length or prompt-token rate moved by `load_change_ratio` or more), and
-the new split is predicted within both targets: then `urgent_dwell_s` is enough (on the H200 a wrong split held for a whole dwell queued a burst's prompts for seconds,
-and, with the threshold at twice the target, another kept TPOT past its target for 10 s). So at most
-60 / urgent_dwell_s + 1 switches in any minute, and 60 / dwell_s + 1 while no split can meet
-both targets (an overload cannot flap fast). The policy sees changes in the views: one it
+decode: the nearest one predicted comfortable, if any), if its score beats the current
+split's by more than `margin` (hysteresis) and at least `dwell_s` passed since this engine's
+split last changed. A switch is urgent when the current split is predicted past a target by
+more than a quarter of it (slack under `urgent_slack`), observed past it too (for TTFT: or
+the arrivals changed since the split was last chosen or held as fine, `load_changed`: their
+prompt length or prompt-token rate moved by `load_change_ratio` or more), and the new split
+is predicted within a quarter of both targets: then `urgent_dwell_s` is enough (on the H200
+a wrong split held for a whole dwell queued a burst's prompts for seconds, and, with the
+threshold at twice the target, another kept TPOT past its target for 10 s). So at most
+60 / urgent_dwell_s + 1 switches in any minute, and 60 / dwell_s + 1 while no split is
+predicted within a quarter of both targets (an overload cannot flap fast). The policy sees changes in the views: one it
 proposed counts from its proposal, any other from when it is first seen; a proposal the caller
 does not apply is simply made again next time.
 
@@ -77,8 +78,8 @@ class ModelPolicyConfig:
     typical_context_tokens: context per sequence assumed when nothing decodes.
     max_step: at most this many split steps per decision (0: jump to the best).
     urgent_slack: a current split predicted under this slack (-0.25: a target missed by a quarter), and observed
-        past that target, may switch after `urgent_dwell_s` instead of `dwell_s`, to a split predicted to
-        meet both targets.
+        past that target, may switch after `urgent_dwell_s` instead of `dwell_s`, to a split predicted at
+        this slack or above.
     urgent_dwell_s: the dwell of an urgent switch (at most `dwell_s`).
     load_change_ratio: arrivals whose mean prompt length or prompt-token rate is this many times (or this
         fraction of) what they were when the current split was chosen, or last held as comfortable or best,
@@ -439,10 +440,11 @@ class ModelPolicy:
         i = splits.index(current)
         step = self.config.max_step or len(splits)
         allowed = [p for j, p in enumerate(preds) if abs(j - i) <= step and (j - i) * side >= 0]
-        enough = max(self.config.comfort_slack, preds[i].slack + self.config.margin)
-        comfortable = [p for p in allowed if p.slack >= enough and p.prefill_sms != current]
-        if side < 0 and comfortable:
-            return min(comfortable, key=lambda p: abs(p.prefill_sms - current))
+        if side < 0:
+            enough = max(self.config.comfort_slack, preds[i].slack + self.config.margin)
+            comfortable = [p for p in allowed if p.slack >= enough and p.prefill_sms != current]
+            if comfortable:
+                return min(comfortable, key=lambda p: abs(p.prefill_sms - current))
         return max(allowed, key=lambda p: (round(p.slack, 9), -abs(p.prefill_sms - current)))
 
 

@@ -58,8 +58,9 @@ class EngineView:
 @dataclass(frozen=True)
 class SplitDecision:
     """The split an engine should run next and why. `urgent`: the current split is predicted and observed to
-    miss a target (by more than the policy's `urgent_slack`) and the new one is predicted to meet both, so a
-    caller may shorten its dwell and skip its warm-up."""
+    miss a target (by more than the policy's `urgent_slack`; for TTFT, the arrivals having changed may stand in
+    for the observation) and the new one is predicted within that slack of both, so a caller may shorten its
+    dwell and skip its warm-up."""
 
     prefill_sms: int
     reason: str
