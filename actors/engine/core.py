@@ -324,7 +324,8 @@ class EngineCore:
             num_switch_stalls=sum(len(w.adopt_seconds) for w in self.workers),
             switch_stall_seconds=sum(sum(w.adopt_seconds) for w in self.workers),
             switches=tuple(self.partitioner.switches[-RECENT_SWITCHES:]),
-            recent_decode_step_ms=next((w.recent_iteration_ms(now=now) for w in self.workers if w.name == "decode"), 0.0),
+            recent_decode_step_ms=next(
+                (w.recent_iteration_ms(now=now) for w in self.workers if w.name == "decode"), 0.0),
             **self._allocator_counts(),
         )
 
