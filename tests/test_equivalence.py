@@ -211,6 +211,18 @@ def test_kv_write_puts_k_and_v_in_their_slots(fused: bool) -> None:
     assert written == 2 * len(slots) and not pool.layer(0).any()
 
 
+def test_page_table_for_flashinfer_is_checked_before_it_reaches_the_device() -> None:
+    """A page table that would send the kernels outside a sequence's pages raises on the host instead."""
+    from actors.attention.flashinfer_backend import _paged_indices
+
+    indptr, indices, last = _paged_indices(((3, 1), (4,), (6,)), (5, 4, 1), page_size=4)
+    assert (indptr, indices, last) == ([0, 2, 3, 4], [3, 1, 4, 6], [1, 4, 1])
+    with pytest.raises(ValueError, match="sequence 1 of the batch has 1 pages for a context of 5"):
+        _paged_indices(((3, 1), (4,)), (5, 5), page_size=4)
+    with pytest.raises(ValueError, match="context of 0"):
+        _paged_indices(((3,),), (0,), page_size=4)
+
+
 def test_overlapped_decode_matches_one_step_at_a_time(model_factory: Callable[[str], Path],
                                                       engine_factory: Callable[..., LLM]) -> None:
     """Queuing each decode step (semi-pd decode worker, unified decode-only steps) before the previous

@@ -25,10 +25,20 @@ WORKSPACE_BYTES = 256 << 20
 
 def _paged_indices(block_tables: tuple[tuple[int, ...], ...], context_lens: tuple[int, ...], page_size: int
                    ) -> tuple[list[int], list[int], list[int]]:
-    """CSR page table (indptr, indices) and last-page fill per sequence."""
+    """CSR page table (indptr, indices) and last-page fill per sequence.
+
+    flashinfer's kernels take a sequence's length from its page count and last-page fill
+    unchecked: a sequence without context, or with fewer pages than its context needs, would
+    read outside the pool, a sticky CUDA error that ends the process with every request in it.
+    Such a table raises `ValueError` here instead, which fails only the batch. (Page ids come
+    from the allocator, which hands out none outside the pool.)
+    """
     indptr, indices, last = [0], [], []
-    for table, ctx in zip(block_tables, context_lens):
+    for i, (table, ctx) in enumerate(zip(block_tables, context_lens)):
         n = -(-ctx // page_size)
+        if ctx < 1 or len(table) < n:
+            raise ValueError(f"sequence {i} of the batch has {len(table)} pages for a context of {ctx} tokens "
+                             f"(page size {page_size})")
         indices.extend(table[:n])
         indptr.append(len(indices))
         last.append(ctx - (n - 1) * page_size)
