@@ -22,7 +22,8 @@
 # rewritten after each window, so a run cut short still brings back what it measured), with the dynamic server's latency
 # profile (semipd-profile.json). A profile committed as bench/profiles/semipd-profile.json is loaded instead of
 # profiling at start when its key (device, model, split set) matches, unless FRESH_PROFILE=1 (after a change
-# to the engine's speed or to the profiler: commit the new one from the results).
+# to the engine's speed or to the profiler: commit the new one from the results; later calls load the
+# committed one again, not one a previous call left in /tmp).
 # Without a GPU (a CPU check of this script) it runs on what is installed; pass e.g. SERVE_EXTRA="--device cpu".
 set -uo pipefail
 : "${SWEEPS=sharegpt:15,30,45 arxiv:3,6,9}" "${WINDOW:=10}" "${TTFT:=1000}" "${TPOT:=50}" "${REQUEST_TIMEOUT:=40}"
@@ -33,10 +34,10 @@ gpu=$(command -v nvidia-smi)
 if [ -n "$gpu" ]; then source bench/device_env.sh; else export PYTHONPATH="$PWD" TOKENIZERS_PARALLELISM=false; fi
 model=${MODEL:-/tmp/models/llama3-8b}
 [ -f $model/config.json ] || python3 -m cluster.cli make-model --preset llama3-8b --out $model --no-weights >/dev/null
-res=/tmp/compare
-mkdir -p $res
-[ "${FRESH_PROFILE:-0}" != 1 ] && [ -f bench/profiles/semipd-profile.json ] && [ ! -f /tmp/semipd-profile.json ] \
-  && cp bench/profiles/semipd-profile.json /tmp/
+res=/tmp/compare  # this call's results only: a lent machine's /tmp can keep an earlier session's
+rm -rf $res && mkdir -p $res
+if [ "${FRESH_PROFILE:-0}" = 1 ]; then rm -f /tmp/semipd-profile.json
+elif [ -f bench/profiles/semipd-profile.json ]; then cp bench/profiles/semipd-profile.json /tmp/; fi
 
 start_server() {  # config log -> sets $server
   local common=(--model $model --num-actors 1 --grpc-port 0 --http-port 8000 --served-model-name llama3-8b
