@@ -20,7 +20,8 @@ from cluster.bench.client import (
 from cluster.bench.metrics import SLOs, MetricsError, compute_metrics, parse_metric_names, parse_percentiles
 from cluster.bench.report import (
     BenchResult, cuda_allocator_counts, format_cuda_allocator, format_failures, format_prefix_cache, format_result_block,
-    format_split_changes, format_worker_iterations, load_result, plot_results, prefix_cache_counts, sustained_rates,
+    format_split_changes, format_worker_iterations, load_result, metrics_under, plot_results, prefix_cache_counts,
+    results_figure, sustained_rates,
     iteration_quantiles, worker_iterations, WorkerIterations, write_result,
 )
 from cluster.bench.serve_bench import ServeBenchConfig, result_path, run_rate, split_changes
@@ -383,6 +384,23 @@ def test_plot_creates_png(tmp_path: Path, records: list[RequestRecord]) -> None:
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
     direct = plot_results([load_result(paths[0])], tmp_path / "one.png")
     assert direct.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_one_window_of_several_configs_plots_bars_per_config(records: list[RequestRecord]) -> None:
+    """Configurations measured once at the same rate (a shifting window): bars per label, goodput beside
+    attainment, instead of a line chart whose lines are single points; a sweep still draws lines."""
+    slos = SLOs(ttft_ms=250)
+    window = [_result(records, rate=4.2, label=label, slos=slos) for label in ("dynamic", "pinned88", "vllm")]
+    fig = results_figure(window)
+    assert [ax.get_title().split(" at ")[0] for ax in fig.axes] == [
+        "SLO attainment (%)", "goodput (req/s)", "P90 TTFT (ms)", "P90 TPOT (ms)"]
+    goodput = fig.axes[1]
+    assert [t.get_text() for t in goodput.get_xticklabels()] == ["dynamic", "pinned88", "vllm"]
+    expected = metrics_under(window[0], None).request_goodput
+    assert expected is not None and expected > 0
+    assert [bar.get_height() for bar in goodput.patches] == pytest.approx([expected] * 3)
+    sweep = window + [_result(records, rate=8.0, label="dynamic", slos=slos)]
+    assert len(results_figure(sweep).axes) == 3 and not results_figure(sweep).axes[0].patches
 
 
 def _ttft_records(ttfts_ms: list[float]) -> list[RequestRecord]:

@@ -5,7 +5,7 @@ top level (completed, request_throughput, mean_ttft_ms, p99_ttft_ms, ...) so exi
 scripts read it, plus the config, the goodput SLOs, the per-request records, server-side
 metrics and a label; `BenchResult.from_json` rebuilds it (aggregates recomputed from the
 records). `plot_results` draws SLO attainment and P90 TTFT/TPOT against request rate,
-one line per label.
+one line per label (bars per label for one window of several configurations).
 """
 
 from __future__ import annotations
@@ -16,11 +16,14 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from cluster.bench.client import RequestRecord
 from cluster.bench.metrics import METRIC_LABELS, METRICS, BenchMetrics, SLOs, compute_metrics, percentile_key
 from cluster.bench.workloads import Phase, time_shares
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 SCHEMA = "semipd-bench-serve/1"
 WIDTH = 50
@@ -401,54 +404,96 @@ def metrics_under(result: BenchResult, slos: SLOs | None, percentiles: Sequence[
                      f"only its own SLOs ({result.slos.as_dict() or 'none'}) and percentiles {sorted(stored)} apply")
 
 
+class _Point(NamedTuple):
+    rate: float
+    attainment_pct: float | None
+    goodput: float | None
+    ttft_ms: float
+    tpot_ms: float
+
+
 def plot_results(results: Sequence[BenchResult], out: str | Path, slos: SLOs | None = None,
                  percentile: float = 90.0) -> Path:
-    """One PNG: SLO attainment (%), P90 TTFT and P90 TPOT (ms) against request rate.
+    """One PNG of `results_figure`."""
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    results_figure(results, slos, percentile).savefig(path, format="png", dpi=100)
+    return path
 
-    One line per label (runs with the same label form a sweep). `slos` overrides the
-    targets stored in the results (attainment is recomputed from the records).
-    """
-    from matplotlib.figure import Figure  # no pyplot: no global state, Agg canvas
 
+def results_figure(results: Sequence[BenchResult], slos: SLOs | None = None, percentile: float = 90.0) -> Figure:
+    """SLO attainment (%), P90 TTFT and P90 TPOT (ms) against request rate, one line per label
+    (runs with the same label form a sweep). When every label ran once at one and the same rate
+    (one window of several configurations, such as a shifting load), bars per label instead, with
+    goodput beside attainment. `slos` overrides the targets stored in the results (attainment is
+    recomputed from the records)."""
     if not results:
         raise ValueError("no results to plot")
-    series: dict[str, list[tuple[float, float | None, float, float]]] = {}
+    series: dict[str, list[_Point]] = {}
     for r in results:
         m = metrics_under(r, slos, (percentile,))
-        point = (_x_of(r), m.slo_attainment_pct, m.distributions["ttft"].percentile(percentile),
-                 m.distributions["tpot"].percentile(percentile))
-        series.setdefault(r.label or "run", []).append(point)
+        series.setdefault(r.label or "run", []).append(_Point(
+            _x_of(r), m.slo_attainment_pct, m.request_goodput, m.distributions["ttft"].percentile(percentile),
+            m.distributions["tpot"].percentile(percentile)))
+    rates = {p.rate for points in series.values() for p in points}
+    one_window = len(series) > 1 and len(rates) == 1 and all(len(points) == 1 for points in series.values())
+    fig = _bar_figure(series, percentile) if one_window else _line_figure(series, percentile)
+    if slos is not None and slos.active:
+        fig.suptitle("SLOs: " + ", ".join(f"{k} {v:g} ms" for k, v in slos.as_dict().items()))
+    return fig
+
+
+def _line_figure(series: dict[str, list[_Point]], percentile: float) -> Figure:
+    from matplotlib.figure import Figure  # no pyplot: no global state, Agg canvas
+
     fig = Figure(figsize=(15, 4.5), layout="constrained")
     axes = fig.subplots(1, 3)
     p = percentile_key(percentile)
-    titles = ("SLO attainment (%)", f"P{p} TTFT (ms)", f"P{p} TPOT (ms)")
-    for ax, title in zip(axes, titles):
+    for ax, title in zip(axes, ("SLO attainment (%)", f"P{p} TTFT (ms)", f"P{p} TPOT (ms)")):
         ax.set_title(title)
         ax.set_xlabel("request rate (req/s)")
         ax.grid(True, alpha=0.3)
     any_slo = False
     for label, points in series.items():
-        points.sort(key=lambda t: t[0])
-        xs = [t[0] for t in points]
-        att = [t[1] for t in points]
+        points.sort(key=lambda t: t.rate)
+        xs = [t.rate for t in points]
+        att = [t.attainment_pct for t in points]
         if all(a is not None for a in att):
             any_slo = True
             axes[0].plot(xs, att, marker="o", label=label)
-        axes[1].plot(xs, [t[2] for t in points], marker="o", label=label)
-        axes[2].plot(xs, [t[3] for t in points], marker="o", label=label)
+        axes[1].plot(xs, [t.ttft_ms for t in points], marker="o", label=label)
+        axes[2].plot(xs, [t.tpot_ms for t in points], marker="o", label=label)
     if any_slo:
         axes[0].set_ylim(0, 105)
-        if slos is not None and slos.active:
-            fig.suptitle("SLOs: " + ", ".join(f"{k} {v:g} ms" for k, v in slos.as_dict().items()))
     else:
         axes[0].text(0.5, 0.5, "no SLO given\n(--goodput)", ha="center", va="center", transform=axes[0].transAxes)
     for ax in axes:
         if ax.get_legend_handles_labels()[0]:
             ax.legend()
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png", dpi=100)
-    return path
+    return fig
+
+
+def _bar_figure(series: dict[str, list[_Point]], percentile: float) -> Figure:
+    from matplotlib.figure import Figure
+
+    labels = list(series)
+    points = [series[label][0] for label in labels]
+    fig = Figure(figsize=(max(12.0, 1.1 * len(labels) * 2), 5.0), layout="constrained")
+    axes = fig.subplots(1, 4)
+    p = percentile_key(percentile)
+    panels = (("SLO attainment (%)", [t.attainment_pct for t in points]),
+              ("goodput (req/s)", [t.goodput for t in points]),
+              (f"P{p} TTFT (ms)", [t.ttft_ms for t in points]),
+              (f"P{p} TPOT (ms)", [t.tpot_ms for t in points]))
+    for ax, (title, values) in zip(axes, panels):
+        ax.set_title(f"{title} at {points[0].rate:g} req/s")
+        ax.grid(True, axis="y", alpha=0.3)
+        if any(v is None for v in values):
+            ax.text(0.5, 0.5, "no SLO given\n(--goodput)", ha="center", va="center", transform=ax.transAxes)
+            continue
+        ax.bar(range(len(labels)), values, color=[f"C{i}" for i in range(len(labels))])
+        ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right")
+    return fig
 
 
 @dataclass(frozen=True)
@@ -510,5 +555,5 @@ __all__ = [
     "BenchResult", "SCHEMA", "SustainedRate", "format_failures", "format_preamble", "format_profile_breakdown",
     "format_result_block", "format_split_changes", "format_sustained_rates", "format_worker_iterations", "iteration_quantiles",
     "cuda_allocator_counts", "format_cuda_allocator", "prefix_cache_counts", "format_prefix_cache", "load_result",
-    "plot_results", "profile_breakdown", "sustained_rates", "worker_iterations", "write_result",
+    "plot_results", "profile_breakdown", "results_figure", "sustained_rates", "worker_iterations", "write_result",
 ]
