@@ -1,5 +1,5 @@
 """`semipd bench ...`: benchmarks. `bench serve` (load against an OpenAI-compatible server),
-`bench plot` (SLO attainment and P90 TTFT/TPOT against rate for several runs).
+`bench plot` (SLO attainment and P90 TTFT/TPOT against rate for several runs; bars for one window of several).
 
 Further `bench` subcommands live in their own modules listed in BENCH_MODULES (for
 example `bench engine` in cluster/commands/bench_engine.py); each defines
@@ -237,7 +237,8 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def _register_plot(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("plot", help="plot SLO attainment and P90 TTFT/TPOT against request rate")
+    p = sub.add_parser("plot", help="plot SLO attainment and P90 TTFT/TPOT against request rate "
+                                   "(bars per run when every run is one window at the same rate)")
     p.add_argument("results", nargs="+", metavar="RESULT.json", help="result files of `bench serve` (any labels)")
     p.add_argument("--out", required=True, metavar="FILE.png")
     p.add_argument("--goodput", nargs="+", type=_type(_slo_item), default=None, metavar="KEY:MS",
