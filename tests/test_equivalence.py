@@ -223,6 +223,26 @@ def test_page_table_for_flashinfer_is_checked_before_it_reaches_the_device() -> 
         _paged_indices(((3,),), (0,), page_size=4)
 
 
+def test_runner_on_a_new_split_orders_its_stream_after_the_old_one(tiny_llama: Path,
+                                                                  engine_factory: Callable[..., LLM]) -> None:
+    """The contract `set_partition` keeps with the streams (on the GPU: tests/test_gpu.py): moving to
+    another split's stream makes that stream wait for the old one; staying, or having none, waits for nothing."""
+    from actors.engine.partitioner import Partition
+
+    class Stream:
+        def __init__(self) -> None:
+            self.waited_for: list[Stream] = []
+
+        def wait_stream(self, other: Stream) -> None:
+            self.waited_for.append(other)
+
+    runner = engine_factory(tiny_llama, mode="semi-pd").core._make_runner(decodes=False)  # no worker moves it
+    a, b = Stream(), Stream()
+    for stream in (a, a, b, None):
+        runner.set_partition(Partition(stream, 64))  # type: ignore[arg-type]
+    assert a.waited_for == [] and b.waited_for == [a] and runner.stream is None
+
+
 def test_overlapped_decode_matches_one_step_at_a_time(model_factory: Callable[[str], Path],
                                                       engine_factory: Callable[..., LLM]) -> None:
     """Queuing each decode step (semi-pd decode worker, unified decode-only steps) before the previous

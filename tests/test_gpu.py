@@ -161,6 +161,29 @@ def test_cublas_sized_for_a_partition_per_thread() -> None:
     torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=0.5)
 
 
+def test_runner_moved_to_another_split_waits_for_its_work_on_the_old_one(tiny_llama: Path) -> None:
+    """A prompt chunk that samples nothing is queued, not waited for; when the split changes before
+    it ran, the runner's next iteration on the new split's stream must still come after it."""
+    from cluster.bench.engine_bench import make_core
+
+    core = make_core(str(tiny_llama), "semi-pd", dtype="bfloat16", cache=CacheConfig(num_pages=64))
+    try:
+        runner = core.workers[0].runner
+        old, new = core.partitioner.all_partitions("prefill")[:2]
+        assert old.stream is not None and new.stream is not None and old.stream != new.stream
+        written = torch.zeros(1, device="cuda")
+        runner.set_partition(old)
+        with torch.cuda.stream(old.stream):
+            torch.cuda._sleep(300_000_000)  # ~0.2 s of the old split's stream still busy
+            written.fill_(1.0)
+        runner.set_partition(new)
+        with torch.cuda.stream(new.stream):
+            seen = written.clone()
+        assert float(seen) == 1.0
+    finally:
+        core.shutdown()
+
+
 def test_launches_queue_without_waiting_for_the_gpu(tiny_llama: Path) -> None:
     """A prefill and a decode launch on their partitions make no synchronizing CUDA call from our code
     (torch's sync debug mode); those inside libraries are printed with the Python stack that reached

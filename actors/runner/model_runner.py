@@ -76,7 +76,16 @@ class ModelRunner:
         self.device = pool.kv.device
 
     def set_partition(self, partition: Partition) -> None:
-        """Run later iterations on `partition`'s stream, GEMMs sized for its SMs; called between iterations."""
+        """Run later iterations on `partition`'s stream, GEMMs sized for its SMs; called between iterations.
+
+        The new stream first waits for all this runner queued on the old one: an iteration that
+        samples nothing (a prompt chunk that is not the last) returns before the device ran it, and
+        the next one, on another split's stream, would otherwise rewrite the attention plan, the
+        inputs and the KV pages that one still reads.
+        """
+        old = self.stream
+        if old is not None and partition.stream is not None and partition.stream != old:
+            partition.stream.wait_stream(old)
         self.stream = partition.stream
         self.sms = partition.gemm_sms
 
