@@ -745,6 +745,25 @@ def test_split_changes_keep_the_run_window_and_count_omitted() -> None:
     assert "t=   4.50s e0: 56 -> 64 prefill SMs (r14.5)" in block
 
 
+def test_split_changes_say_when_an_engine_lost_its_switch_log() -> None:
+    """An engine that died during the run (gone from `/splits`) or was started again (its count fell)
+    recorded switches that nobody can list: the result says so instead of showing none."""
+    def engine(eid: str, n: int, times: list[float]) -> dict[str, Any]:
+        return {"engine_id": eid, "prefill_sms": 88, "total_sms": 132, "num_switches": n,
+                "switches": [{"time": t, "from_sms": 80, "to_sms": 88, "reason": "r"} for t in times]}
+
+    before = {"data": [engine("dead", 3, [1.0]), engine("restarted", 5, [2.0]), engine("fine", 1, [3.0])]}
+    after = {"data": [engine("restarted", 1, [12.0]), engine("fine", 2, [3.0, 13.0])]}
+    got = split_changes(before, after, start=10.0, end=15.0)
+    assert [(c["engine_id"], c.get("log_lost"), c.get("time_s")) for c in got] == [
+        ("dead", True, None), ("restarted", True, None), ("restarted", None, 2.0), ("fine", None, 3.0)]
+    result = _result(_ttft_records([100.0]))
+    result.split_changes = got
+    block = format_split_changes(result)
+    assert block.splitlines()[0] == "SM split changes during the run: 2 and those of 2 engine(s) whose log was lost"
+    assert "  dead: switch log lost (the engine was gone or had started again after the run)" in block
+
+
 def test_end_to_end_chat_and_rejections(live_server: _Server, tiny_llama: Path, tmp_path: Path,
                                         capsys: pytest.CaptureFixture[str]) -> None:
     rc = cli_main([

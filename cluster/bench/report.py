@@ -234,9 +234,14 @@ def format_split_changes(result: BenchResult, limit: int = 20) -> str:
     changes = result.split_changes
     if changes is None:
         return ""
-    lines = [f"SM split changes during the run: {sum(c.get('omitted', 1) for c in changes)}"]
+    lost = [c["engine_id"] for c in changes if c.get("log_lost")]
+    counted = sum(c.get("omitted", 1) for c in changes if not c.get("log_lost"))
+    lines = [f"SM split changes during the run: {counted}" + (f" and those of {len(lost)} engine(s) whose log was lost"
+                                                              if lost else "")]
     for c in changes[:limit]:
-        if "omitted" in c:
+        if c.get("log_lost"):
+            lines.append(f"  {c['engine_id']}: switch log lost (the engine was gone or had started again after the run)")
+        elif "omitted" in c:
             lines.append(f"  {c['engine_id']}: {c['omitted']} more not listed by the server")
         else:
             lines.append(f"  t={c['time_s']:7.2f}s {c['engine_id']}: {c['from_sms']} -> {c['to_sms']} prefill SMs"

@@ -284,7 +284,9 @@ def split_changes(before: dict[str, Any] | None, after: dict[str, Any] | None, s
                   ) -> list[dict[str, Any]] | None:
     """The SM split changes a semipd server reported (`GET /splits`) between wall-clock `start` and
     `end` (the client's clock: run the benchmark where the cluster runs), oldest first; an entry
-    `{"engine_id", "omitted": n}` says n more changes fell out of the server's recent list.
+    `{"engine_id", "omitted": n}` says n more changes fell out of the server's recent list, and
+    `{"engine_id", "log_lost": True}` that an engine listed before the run was gone after it or had
+    started again (fewer switches than before): its changes during the run are unknown, not none.
     None when the server has no `/splits` (vLLM and other OpenAI servers).
     """
     if after is None:
@@ -293,12 +295,15 @@ def split_changes(before: dict[str, Any] | None, after: dict[str, Any] | None, s
                                                                  default=-math.inf))
              for e in (before or {}).get("data", [])}
     changes: list[dict[str, Any]] = []
+    counts_after = {e["engine_id"]: int(e.get("num_switches", 0)) for e in after["data"]}
+    changes.extend({"engine_id": eid, "log_lost": True} for eid, (count, _) in known.items()
+                   if counts_after.get(eid, -1) < count)
     for engine in after["data"]:
         eid, switches = engine["engine_id"], engine.get("switches", [])
         changes.extend({"engine_id": eid, "time_s": round(sw["time"] - start, 3), "from_sms": sw["from_sms"],
                         "to_sms": sw["to_sms"], "reason": sw["reason"]}
                        for sw in switches if start <= sw["time"] <= end)
-        if eid in known:
+        if eid in known and counts_after[eid] >= known[eid][0]:
             count, last_seen = known[eid]
             missing = int(engine.get("num_switches", 0)) - count - sum(1 for sw in switches if sw["time"] > last_seen)
             if missing > 0:
