@@ -355,6 +355,46 @@ def test_abort_frees_every_page(tiny_llama: Path, mode: str, state: str) -> None
     engine.assert_pool_full()
 
 
+class _WaitSpy:
+    """Stands in for a queued iteration's draw and counts the waits on it."""
+
+    def __init__(self) -> None:
+        self.waits = 0
+
+    def result(self) -> object:
+        self.waits += 1
+        return None
+
+
+def test_prefill_waits_for_a_queued_chunk_before_giving_its_pages_back(tiny_llama: Path) -> None:
+    """A prompt chunk that is not the prompt's last samples nothing and is queued, not waited for. Before the
+    semi-PD prefill worker gives back pages such a chunk may still write (on a GPU the decode worker, on its
+    own stream, could take them at once), it waits for it: after an abort, or when free pages run short of
+    an iteration's budget; otherwise the next chunk follows without a wait."""
+    engine = stepped_engine(tiny_llama, "semi-pd", max_prefill_tokens=8)
+    engine.add("long", list(range(1, 30)), max_tokens=4)
+    prefill = engine.core.workers[0]
+    prefill.step()
+    assert prefill.unwaited is not None and request_state(engine, "long") == "prefilling"
+    spy = _WaitSpy()
+    prefill.unwaited = spy  # type: ignore[assignment]
+    prefill.step()
+    assert spy.waits == 0 and prefill.unwaited is not spy
+    spy = _WaitSpy()
+    prefill.unwaited = spy  # type: ignore[assignment]
+    assert engine.core.abort("long")
+    prefill.step()
+    assert spy.waits == 1 and prefill.unwaited is None and engine.finished()["long"] == FinishReason.ABORT
+    engine.assert_pool_full()
+
+    scheduler = engine.core.prefill
+    engine.add("short", list(range(1, 4)), max_tokens=2)
+    assert not scheduler.may_release_pages()
+    held = engine.core.allocator.allocate(engine.core.allocator.num_free - 8 // PAGE + 1)
+    assert held is not None and scheduler.may_release_pages()  # fewer free pages than one 8-token iteration
+    engine.core.allocator.free(held)
+
+
 @pytest.fixture(scope="module")
 def shared_engine(tiny_llama: Path) -> Iterator[SteppedEngine]:
     yield stepped_engine(tiny_llama, "unified", num_pages=24, max_prefill_tokens=16, max_decode_seqs=3)

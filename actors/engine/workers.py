@@ -77,6 +77,7 @@ class Worker:
     overlap = False
     steps_queued_ahead = 0  # decode steps queued while the previous one was still running
     _inflight: _Launched | None = None
+    unwaited: Drawn | None = None  # the last iteration, if it sampled nothing and was not waited for
 
     def __init__(
         self,
@@ -186,9 +187,20 @@ class Worker:
 
     def _run(self, plan: BatchPlan, sample_reqs: list[Request], d_reqs: list[Request],
              p_reqs: list[Request]) -> SampleResult | None:
-        """Execute `plan`; if it fails, fail its requests (decode- and prefill-owned) and go on."""
+        """Execute `plan`; if it fails, fail its requests (decode- and prefill-owned) and go on.
+
+        A plan that samples nothing (prompt chunks that are not a prompt's last) is queued, not
+        waited for, so the next one is prepared while it runs; its draw stays in `unwaited` until
+        an iteration that samples has been waited for (which comes after it on the stream).
+        """
         try:
-            return self._queue(plan, sample_reqs, None).result()
+            drawn = self._queue(plan, sample_reqs, None)
+            if not sample_reqs:
+                self.unwaited = drawn
+                return SampleResult([], [])
+            result = drawn.result()
+            self.unwaited = None
+            return result
         except Exception as e:
             log.exception("forward pass failed; failing its %d requests", len(d_reqs) + len(p_reqs))
             self._fail(d_reqs, p_reqs, e)
@@ -363,6 +375,9 @@ class PrefillWorker(Worker):
     name = "prefill"
 
     def step(self) -> bool:
+        if self.unwaited is not None and self.prefill.may_release_pages():
+            self.unwaited.result()  # the queued chunk may still write pages this step gives back (to decode)
+            self.unwaited = None
         self._emit_aborted(self.prefill.take_aborted())
         chunks, reqs = self.prefill.schedule()
         if not chunks:

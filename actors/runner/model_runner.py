@@ -132,7 +132,7 @@ class ModelRunner:
                 hidden = self.model(input_ids, positions, attn)[logits_idx]
                 t = self._spent("forward", t)
             if not sample_reqs:
-                return Drawn.nothing()
+                return Drawn.nothing(self.device)
             drawn = self.sampler.draw(self.model.compute_logits(hidden), sample_reqs)
             self._spent("sample", t)
             return drawn

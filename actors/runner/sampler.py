@@ -52,9 +52,10 @@ class Drawn:
             self.done.record()
 
     @classmethod
-    def nothing(cls) -> Drawn:
-        """The draw of an iteration that samples no token."""
-        return cls(torch.empty(0, dtype=torch.long), None, [])
+    def nothing(cls, device: torch.device) -> Drawn:
+        """The draw of an iteration that samples no token; on a GPU, `result()` still waits for the
+        iteration (and all queued before it on the stream)."""
+        return cls(torch.empty(0, dtype=torch.long, device=device), None, [])
 
     def result(self) -> SampleResult:
         if self.done is not None:

@@ -63,6 +63,12 @@ class PrefillScheduler:
     def has_work(self) -> bool:
         return bool(self._waiting or self.running)
 
+    def may_release_pages(self) -> bool:
+        """Whether `take_aborted` or `schedule` may now give back pages of a running prefill: one was
+        aborted, or free pages are short of one iteration's budget (scheduling may preempt)."""
+        return (any(r.abort_requested for r in self.running)
+                or self.kv.num_free_pages * self.kv.page_size < self.max_tokens)
+
     def take_aborted(self) -> list[Request]:
         """Remove requests whose abort was asked; pages of running ones are released."""
         with self._lock:
