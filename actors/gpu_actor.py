@@ -287,6 +287,10 @@ class EngineActor:
     async def ping(self) -> str:
         return self.engine_id
 
+    async def reset_prefix_cache(self) -> int:
+        """Forget the cached pages no request holds (a benchmark's windows then start alike); returns how many."""
+        return self.llm.core.allocator.reset_prefix_cache()
+
     async def drain(self, timeout_s: float = 30.0) -> int:
         """Stop accepting requests, wait up to `timeout_s` for in-flight ones; returns how many remain."""
         self._draining = True

@@ -15,8 +15,9 @@
 # CONFIG_TIMEOUT (s per config: start-up plus sweeps), TOTAL_TIMEOUT (s for the whole script: no window starts
 # that could not end before it; set it below the device call's limit), MODEL (default: the llama3-8b preset, random weights),
 # PINS ("64 96": after a semi-pd config's own sweeps, pin its split to each of these with `semipd pin` and sweep
-# again as semi-pd-pinnedN: fixed splits measured on the same server, without another start-up), PIN_SWEEPS
-# (the sweeps of a pinned split, default SWEEPS; "" runs only the shifting run).
+# again as semi-pd-pinnedN: fixed splits measured on the same server, without another start-up, on the same
+# prompts and arrival times as every other server's window at that rate, the prefix cache reset before each
+# window), PIN_SWEEPS (the sweeps of a pinned split, default SWEEPS; "" runs only the shifting run).
 # Each server first gets a short unrecorded warm-up of every sweep's workload.
 # Results: CONFIG-WORKLOAD-RATE.json (+ .log), server logs and split decisions, in $OUT/compare.tgz (one file,
 # rewritten after each window, so a run cut short still brings back what it measured), with the dynamic server's latency
@@ -80,12 +81,16 @@ save_results() {
   tar -czf "$OUT/compare.tgz" -C $res .
 }
 
-prompt_seed() {  # workload rate pass: the same prompts for every server, new ones for each rate and each pass on a
-  # server (a rerun of prompts the server has seen would find them in its prefix cache and skip their prefill)
+prompt_seed() {  # workload rate pass: the same prompts for every server and pass, new ones for each rate
   echo $(( $(printf '%s' "$1-$2-$3" | cksum | cut -d' ' -f1) % 1000000 ))
 }
 
-bench() {  # config workload rate window [pass]
+reset_prefix_cache() {  # a semipd server forgets its cached pages, so that a window repeating an earlier one's
+  # prompts (a pinned split after the dynamic one) computes them again; vLLM serves each window once
+  curl -sf -X POST http://127.0.0.1:8000/reset_prefix_cache >/dev/null || echo "$1: prefix cache reset failed"
+}
+
+bench() {  # config workload rate window
   local n name="$1-$2-$3" phases=()
   if [ "$2" = shifting ]; then  # as many requests as the phases' rates bring in the window
     phases=(--phases "$SHIFT_PHASES")
@@ -95,9 +100,10 @@ print(max(16, round($3 * $4 * mean_rate_scale(parse_phases('$SHIFT_PHASES')))))"
   else
     n=$(python3 -c "print(max(16, round($3 * $4)))")
   fi
+  [ "$1" != vllm ] && reset_prefix_cache "$1"
   timeout $(( CONFIG_TIMEOUT / 2 )) python3 -m cluster.cli bench serve --base-url http://127.0.0.1:8000 --model llama3-8b \
     --tokenizer $model --workload "$2" "${phases[@]}" --request-rate "$3" --num-prompts "$n" --goodput ttft:$TTFT tpot:$TPOT \
-    --seed "$(prompt_seed "$2" "$3" "${5:-0}")" \
+    --seed "$(prompt_seed "$2" "$3" 0)" \
     --label "$1" --request-timeout $REQUEST_TIMEOUT --result-dir $res --result-filename "$name.json" --disable-tqdm \
     > "$res/$name.log" 2>&1
   save_results
@@ -114,17 +120,17 @@ warm_up() {  # config: 8 requests of each sweep's workload at 2 req/s, not recor
   done
 }
 
-sweeps() {  # label t0 pass [sweeps]: every rate of the sweeps (default SWEEPS) while CONFIG_TIMEOUT s since t0
+sweeps() {  # label t0 [sweeps]: every rate of the sweeps (default SWEEPS) while CONFIG_TIMEOUT s since t0
   # and TOTAL_TIMEOUT allow, then the shifting run
-  for sweep in ${4-$SWEEPS}; do
+  for sweep in ${3-$SWEEPS}; do
     local workload=${sweep%%:*} rates=${sweep#*:}
     for rate in ${rates//,/ }; do
       [ $(( $(date +%s) - $2 )) -lt $CONFIG_TIMEOUT ] && [ "$(time_left)" -gt $(( WINDOW + 25 )) ] \
         || { echo "$1: out of time, skipping $workload $rate"; continue; }
-      bench "$1" "$workload" "$rate" "$WINDOW" "$3"
+      bench "$1" "$workload" "$rate" "$WINDOW"
     done
   done
-  [ -n "$SHIFT_RATE" ] && [ "$(time_left)" -gt $(( SHIFT_WINDOW + 25 )) ] && bench "$1" shifting "$SHIFT_RATE" "$SHIFT_WINDOW" "$3"
+  [ -n "$SHIFT_RATE" ] && [ "$(time_left)" -gt $(( SHIFT_WINDOW + 25 )) ] && bench "$1" shifting "$SHIFT_RATE" "$SHIFT_WINDOW"
   return 0
 }
 
@@ -152,12 +158,12 @@ run_config() {  # config
   if [ $up = 0 ]; then echo "$1: server did not come up"; tail -20 "$log"; stop_server; return 1; fi
   echo "$1: up after $(( $(date +%s) - t0 )) s"
   warm_up "$1"
-  sweeps "$1" "$t0" 0
+  sweeps "$1" "$t0"
   [ "$1" != vllm ] && redis=$(grep -o 'semipd status --redis [^ ]*' "$log" | awk '{print $4}')
   if [ "${1#semi-pd}" != "$1" ]; then
     for n in $PINS; do  # the same server, split pinned: a fixed split without another start-up
       [ "$(time_left)" -gt $(( WINDOW + 60 )) ] || { echo "out of time, not pinning $n"; continue; }
-      pin_split "$redis" "$n" && sweeps "semi-pd-pinned$n" "$(date +%s)" "pinned$n" "$PIN_SWEEPS"
+      pin_split "$redis" "$n" && sweeps "semi-pd-pinned$n" "$(date +%s)" "$PIN_SWEEPS"
     done
     [ -n "$PINS" ] && python3 -m cluster.cli pin --redis "$redis" --clear >/dev/null
   fi

@@ -69,6 +69,10 @@ class EngineClient(Protocol):
 
     async def loads(self) -> list[EngineLoad]: ...
 
+    async def reset_prefix_cache(self) -> dict[str, int]:
+        """Each engine that answered: the cached pages it forgot (none held by a request)."""
+        ...
+
 
 class LocalEngineClient:
     """An `EngineClient` over one in-process engine."""
@@ -105,6 +109,9 @@ class LocalEngineClient:
         stats = self.llm.core.stats()
         return [EngineLoad("local", healthy=stats.seconds_since_progress < 30, draining=self.draining,
                            in_flight=self.llm.core.num_unfinished, stats=asdict(stats))]
+
+    async def reset_prefix_cache(self) -> dict[str, int]:
+        return {"local": self.llm.core.allocator.reset_prefix_cache()}
 
     def shutdown(self) -> None:
         self.llm.shutdown()

@@ -777,6 +777,17 @@ class OpenAIServer:
                          "num_switches": s.get("num_switches", 0), "switches": list(s.get("switches", ()))})
         return JSONResponse({"object": "list", "time": time.time(), "data": data})
 
+    async def reset_prefix_cache(self, request: Request) -> Response:
+        """`POST /reset_prefix_cache` (as vLLM's): every engine forgets its cached pages that no request
+        holds, so that prompts sent again are computed again (a benchmark's windows start alike).
+        Returns the pages each engine forgot; 503 when no engine answered."""
+        self.check_auth(request)
+        forgotten = await self.client.reset_prefix_cache()
+        if not forgotten:
+            raise APIError(503, "no engine answered the prefix cache reset")
+        return JSONResponse({"object": "list", "data": [{"engine_id": eid, "pages_freed": n}
+                                                        for eid, n in sorted(forgotten.items())]})
+
     async def prometheus(self) -> Response:
         try:
             self.metrics.update_loads(await asyncio.wait_for(self.client.loads(), LOADS_TIMEOUT_SECONDS))
@@ -956,6 +967,7 @@ def create_app(
     app.add_api_route("/health", server.health, methods=["GET"])
     app.add_api_route("/version", server.version, methods=["GET"])
     app.add_api_route("/splits", server.splits, methods=["GET"])
+    app.add_api_route("/reset_prefix_cache", server.reset_prefix_cache, methods=["POST"])
     app.add_api_route("/metrics", server.prometheus, methods=["GET"], include_in_schema=False)
     return app
 

@@ -460,6 +460,18 @@ class Router:
             log.warning("abort of %s on %s failed: %s", request_id, engine_id, e)
             return False
 
+    async def reset_prefix_cache(self) -> dict[str, int]:
+        """Every live engine forgets its cached pages no request holds: engine id -> pages (those that answered)."""
+        live = [a for a in self.state.actors.values() if a.alive]
+        answers = await asyncio.gather(*(a.handle.reset_prefix_cache.remote() for a in live), return_exceptions=True)
+        out = {}
+        for a, answer in zip(live, answers):
+            if isinstance(answer, BaseException):
+                log.warning("prefix cache reset on %s failed: %s", a.engine_id, _first_line(answer))
+            else:
+                out[a.engine_id] = int(answer)
+        return out
+
     async def loads(self) -> list[EngineLoad]:
         """Fresh loads of every engine (dead ones reported unhealthy)."""
         await self.refresh()

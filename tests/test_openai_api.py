@@ -104,6 +104,24 @@ def test_cache_salt_keeps_prefix_cache_hits_within_a_salt(live: Live) -> None:
     assert cached() == 64
 
 
+def test_reset_prefix_cache_makes_a_repeated_prompt_computed_again(live: Live) -> None:
+    """`POST /reset_prefix_cache` (vLLM's route): the pages cached for a prompt are forgotten, so the prompt
+    sent again hits nothing, and the next repeat hits again."""
+    prompt = [(53 * i + 5) % 251 for i in range(70)]  # four full pages of 16, seen by no other test
+
+    def cached() -> int:
+        r = live.oa.completions.create(model=MODEL, prompt=prompt, max_tokens=2, temperature=0)
+        return r.usage.prompt_tokens_details.cached_tokens  # type: ignore[union-attr]
+
+    assert cached() == 0 and cached() == 64
+    wait_until(live.idle)
+    reset = live.http.post("/reset_prefix_cache")
+    assert reset.status_code == 200
+    (engine,) = reset.json()["data"]
+    assert engine["engine_id"] == "local" and engine["pages_freed"] >= 4
+    assert cached() == 0 and cached() == 64
+
+
 def test_request_id_generated_when_absent(live: Live) -> None:
     resp = live.http.get("/v1/models")
     assert len(resp.headers["x-request-id"]) >= 16

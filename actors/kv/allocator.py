@@ -139,13 +139,16 @@ class BlockAllocator:
             self._hash_to_block[h] = block
             self._block_to_hash[block] = h
 
-    def reset_prefix_cache(self) -> None:
-        """Forget every cached page nobody holds (they become plain free pages)."""
+    def reset_prefix_cache(self) -> int:
+        """Forget every cached page nobody holds (they become plain free pages); returns how many.
+        Pages held by requests keep their hashes (their holders may still publish them)."""
         with self._lock:
+            forgotten = len(self._evictable)
             for b in self._evictable:
                 del self._hash_to_block[self._block_to_hash.pop(b)]
                 self._free.append(b)
             self._evictable.clear()
+            return forgotten
 
     def refcount(self, block: int) -> int:
         return self._refcount[block]
