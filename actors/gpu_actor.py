@@ -29,6 +29,7 @@ import itertools
 import logging
 import os
 import socket
+import threading
 import time
 from collections import Counter, deque
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -42,6 +43,8 @@ from cluster.engine_client import EngineLoad, GenerateRequest, NoCapacityError
 from cluster.redis_store import EnginePublisher, PublisherConfig
 
 log = logging.getLogger(__name__)
+EXIT_DELAY_S = 2.0  # after a lost GPU: time for the failed requests' errors to reach the routers
+EXIT_CODE_DEVICE_LOST = 70
 
 
 @dataclass(frozen=True)
@@ -249,6 +252,7 @@ class EngineActor:
             if publisher else None
         )
         self._publisher_task: asyncio.Task[None] | None = None
+        self.llm.core.on_device_lost = self._exit_for_restart
         if _has_running_loop():  # inside the Ray actor, __init__ runs on its event loop: publish from now on
             self._start_background()  # (in-process use: ready() starts it)
 
@@ -266,6 +270,20 @@ class EngineActor:
     def _start_background(self) -> None:
         if self._publisher is not None and self._publisher_task is None:
             self._publisher_task = asyncio.get_running_loop().create_task(self._publisher.run())
+
+    def _exit_for_restart(self, error: BaseException) -> None:
+        """The GPU is lost for this process (the engine failed its requests and stopped). In a Ray actor,
+        end the process once those errors had time to reach the routers: Ray starts the actor again
+        (`serve --engine-restarts`) with a fresh CUDA context, and routers take it back by name.
+        Elsewhere (in-process use) the engine stays down and reports itself unhealthy."""
+        import ray
+
+        if not (ray.is_initialized() and ray.get_runtime_context().get_actor_id()):
+            return
+        log.critical("%s: exiting in %.0f s to be started again: %s", self.engine_id, EXIT_DELAY_S, error)
+        timer = threading.Timer(EXIT_DELAY_S, os._exit, args=(EXIT_CODE_DEVICE_LOST,))
+        timer.daemon = True
+        timer.start()
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -328,6 +346,8 @@ class EngineActor:
         try:
             if self._draining:
                 raise NoCapacityError(f"engine {self.engine_id} is draining")
+            if self.llm.core.device_error is not None:
+                raise NoCapacityError(f"engine {self.engine_id} lost its GPU ({self.llm.core.device_error})")
             chunks = self.llm.generate(request.prompt_token_ids, request.params, request_id=request.request_id,
                                        priority=request.priority, deadline=self._deadline(request))
         except Exception:
@@ -454,7 +474,8 @@ class EngineActor:
         return stats
 
     def _healthy(self, stats: dict[str, Any]) -> bool:
-        return not self._closed and stats["seconds_since_progress"] < self.stall_after_s
+        return (not self._closed and self.llm.core.device_error is None
+                and stats["seconds_since_progress"] < self.stall_after_s)
 
     async def load(self) -> EngineLoad:
         """Stats, in-flight count and the latency window, for the router and `semipd status`."""

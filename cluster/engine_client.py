@@ -97,6 +97,8 @@ class LocalEngineClient:
     async def generate(self, request: GenerateRequest) -> AsyncIterator[StreamChunk]:
         if self.draining:
             raise NoCapacityError("the server is draining")
+        if self.llm.core.device_error is not None:
+            raise NoCapacityError(f"the engine's GPU failed ({self.llm.core.device_error})")
         async for chunk in self.llm.generate(
             request.prompt_token_ids, request.params, request_id=request.request_id, priority=request.priority
         ):
@@ -107,7 +109,8 @@ class LocalEngineClient:
 
     async def loads(self) -> list[EngineLoad]:
         stats = self.llm.core.stats()
-        return [EngineLoad("local", healthy=stats.seconds_since_progress < 30, draining=self.draining,
+        healthy = stats.seconds_since_progress < 30 and self.llm.core.device_error is None
+        return [EngineLoad("local", healthy=healthy, draining=self.draining,
                            in_flight=self.llm.core.num_unfinished, stats=asdict(stats))]
 
     async def reset_prefix_cache(self) -> dict[str, int]:

@@ -395,6 +395,47 @@ def test_prefill_waits_for_a_queued_chunk_before_giving_its_pages_back(tiny_llam
     engine.core.allocator.free(held)
 
 
+def test_a_lost_gpu_ends_every_request_and_refuses_new_ones(tiny_llama: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failed batch that leaves the device usable fails only that batch. One that leaves it unusable (a
+    sticky CUDA error: every later call fails too) ends every unfinished request with an error, stops the
+    workers, refuses new requests and tells the engine's owner once, who can only start a new process.
+    (On CPU the device check is told the answer; tests/test_gpu.py makes a real sticky error.)"""
+    import actors.engine.workers as workers
+    from actors.engine.core import EngineDeadError
+
+    engine = stepped_engine(tiny_llama, "semi-pd", max_prefill_tokens=8)
+    prefill, decode = engine.core.workers
+    decode.overlap = False  # a failed launch of an overlapped step is retried one step at a time first
+    told: list[BaseException] = []
+    engine.core.on_device_lost = told.append
+    batch = prompts(4, lambda i: 10)
+    for rid, p in batch.items():
+        engine.add(rid, p, max_tokens=6)
+    engine.run_until(lambda: len(engine.core.decode.running) >= 2)
+
+    def failing(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(workers, "device_lost", lambda error, device: False)
+    decode.runner.launch = failing  # type: ignore[method-assign]
+    failed = [r.request_id for r in engine.core.decode.running]
+    decode.step()
+    assert all(engine.finished().get(rid) == FinishReason.ERROR for rid in failed) and not told
+    assert len(engine.finished()) < len(batch)  # the others go on
+
+    monkeypatch.setattr(workers, "device_lost", lambda error, device: True)
+    prefill.runner.launch = failing  # type: ignore[method-assign]
+    engine.add("later", list(range(1, 12)))
+    prefill.step()
+    assert set(engine.finished()) == set(batch) | {"later"} and set(engine.finished().values()) == {FinishReason.ERROR}
+    assert [str(e) for e in told] == ["CUDA error: an illegal memory access was encountered"]
+    assert all(w.stop_event.is_set() for w in engine.core.workers)
+    errors = {d.request_id: d.error for d in engine.deltas if d.finish_reason == FinishReason.ERROR}
+    assert all("engine error" in (errors[rid] or "") for rid in batch)
+    with pytest.raises(EngineDeadError, match="GPU failed"):
+        engine.add("refused", [1, 2, 3])
+
+
 @pytest.fixture(scope="module")
 def shared_engine(tiny_llama: Path) -> Iterator[SteppedEngine]:
     yield stepped_engine(tiny_llama, "unified", num_pages=24, max_prefill_tokens=16, max_decode_seqs=3)

@@ -13,6 +13,7 @@ import logging
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -36,6 +37,11 @@ from actors.slo.ordering import make_order
 
 log = logging.getLogger(__name__)
 RECENT_SWITCHES = 64  # split changes a stats snapshot carries (the controller changes at most one per dwell)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine's GPU failed for good (a sticky CUDA error): it takes no requests, and only a new
+    process can serve again."""
 
 
 class PromptTooLongError(ValueError):
@@ -106,6 +112,10 @@ class EngineCore:
         self._warm_up()
         self._requests: dict[str, Request] = {}
         self._lock = threading.Lock()
+        self.device_error: BaseException | None = None  # set once, when the GPU is lost
+        self.on_device_lost: Callable[[BaseException], None] = discard  # the owner's hook (a Ray actor exits)
+        for w in self.workers:
+            w.on_device_lost = self._device_lost
         self._started = False
         self.admission = EngineAdmission.for_engine(self) if config.slo.admission else None  # profiles if needed
 
@@ -242,7 +252,10 @@ class EngineCore:
         deadline: float | None = None,
     ) -> None:
         """Queue a request; raises ValueError (and queues nothing) if it is invalid,
-        AdmissionRejected (a ValueError) if admission control refuses it."""
+        AdmissionRejected (a ValueError) if admission control refuses it, EngineDeadError once the
+        GPU is lost."""
+        if self.device_error is not None:
+            raise EngineDeadError(f"the engine's GPU failed ({self.device_error}); it takes no more requests")
         self.validate(len(prompt_token_ids), params)
         if any(t < 0 or t >= self.arch.vocab_size for t in prompt_token_ids):
             raise ValueError(f"prompt token ids must be in [0, {self.arch.vocab_size})")
@@ -280,6 +293,24 @@ class EngineCore:
         for w in self.workers:
             w.wakeups[w.name].set()
         return True
+
+    def _device_lost(self, error: BaseException) -> None:
+        """A worker found the GPU unusable (`device_lost`): stop every worker, end every unfinished
+        request with an error (nothing will run it here), refuse new ones, and tell the owner, who
+        can only start another process. Called from a worker's thread; the first call counts."""
+        with self._lock:
+            if self.device_error is not None:
+                return
+            self.device_error = error
+            lost = [r for r in self._requests.values() if not r.finished]
+        log.critical("the GPU failed for good (%s): failing %d requests, stopping the engine", error, len(lost))
+        for w in self.workers:
+            w.stop_event.set()
+        for r in lost:
+            r.finish_reason = FinishReason.ERROR
+        self._emit_and_forget([TokenDelta(r.request_id, (), FinishReason.ERROR,
+                                          error=f"engine error: the GPU failed ({error})") for r in lost])
+        self.on_device_lost(error)
 
     def _emit_and_forget(self, deltas: list[TokenDelta]) -> None:
         with self._lock:

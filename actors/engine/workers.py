@@ -18,6 +18,7 @@ from typing import NamedTuple
 
 from actors.engine.partitioner import Partitioner, Phase
 from actors.request import PENDING_TOKEN, FinishReason, Request, TokenDelta
+from actors.runner.device_errors import device_lost
 from actors.runner.model_runner import Carry, ModelRunner
 from actors.runner.sampler import Drawn, SampleResult, TokenLogprobs
 from actors.scheduler.decode import DecodeScheduler
@@ -78,6 +79,7 @@ class Worker:
     steps_queued_ahead = 0  # decode steps queued while the previous one was still running
     _inflight: _Launched | None = None
     unwaited: Drawn | None = None  # the last iteration, if it sampled nothing and was not waited for
+    on_device_lost: Callable[[BaseException], None] | None = None  # the engine's, told when the GPU is gone
 
     def __init__(
         self,
@@ -216,6 +218,8 @@ class Worker:
         for r in failed:
             r.finish_reason = FinishReason.ERROR
         self.emit([TokenDelta(r.request_id, (), FinishReason.ERROR, error=f"engine error: {error}") for r in failed])
+        if self.on_device_lost is not None and device_lost(error, self.runner.device):
+            self.on_device_lost(error)
 
     def _emit_aborted(self, reqs: list[Request]) -> None:
         for r in reqs:

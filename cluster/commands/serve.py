@@ -48,7 +48,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="tokens per streamed chunk after the first: fewer, larger SSE events "
                         "(vLLM's --stream-interval)")
     p.add_argument("--engine-restarts", type=int, default=3, metavar="N",
-                   help="times an engine actor is started again when its process dies, e.g. of a CUDA error "
+                   help="times an engine actor is started again when its process dies (an engine whose GPU "
+                        "fails with a sticky CUDA error ends its requests with an error and exits for this) "
                         "(-1: always; default 3)")
     p.add_argument("--switch-interval-ms", type=float, default=None, metavar="MS",
                    help="Python thread switch interval the engines set (default: Python's 5 ms); the engine "
