@@ -213,6 +213,44 @@ def test_engine_whose_process_dies_is_started_again(cluster: ClusterConfig) -> N
     asyncio.run(main())
 
 
+@pytest.mark.timeout(150)
+def test_engine_that_loses_its_gpu_ends_its_requests_and_is_started_again(cluster: ClusterConfig) -> None:
+    """An engine whose GPU fails for good (a sticky CUDA error; injected here into the actor, since a CPU
+    has none) ends its requests with an error at once instead of leaving them hanging, then its process
+    exits and Ray starts it again, and it serves."""
+    victim = cluster.actor_name(1)
+
+    def lose_the_gpu(actor: Any) -> None:
+        actor.llm.core._device_lost(RuntimeError("CUDA error: an illegal memory access was encountered"))
+
+    async def main() -> None:
+        router = Router.connect(names=[victim], namespace=cluster.namespace,
+                                policy=RouterPolicy(stall_timeout_s=5.0, ping_timeout_s=2.0))
+        handle = router.state.actors[victim].handle
+        before = (await handle.ready.remote())["pid"]
+        progress: dict[str, int] = {}
+        params = SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)
+        doomed = asyncio.ensure_future(collect(router, GenerateRequest("doomed", [1, 2, 3, 4], params), progress))
+        await apoll(lambda: progress.get("doomed", 0) > 0, what="the request to stream")
+        await handle.__ray_call__.remote(lose_the_gpu)
+        ids, finish, error = await asyncio.wait_for(doomed, timeout=20)
+        assert finish == "error" and "the GPU failed" in (error or "") and 0 < len(ids) < 400
+
+        async def restarted() -> bool:
+            try:
+                return (await asyncio.wait_for(handle.ready.remote(), timeout=5.0))["pid"] != before
+            except Exception:  # exiting, or starting
+                return False
+
+        await async_wait_until(restarted, timeout=90.0, interval=0.5, what="the engine actor to start again")
+        await apoll(lambda: _alive_after_refresh(router, victim), what="the router to take the engine back")
+        again = await asyncio.wait_for(collect(router, GenerateRequest("again", [1, 2, 3], SamplingParams(
+            max_tokens=3, temperature=0, ignore_eos=True))), timeout=60)
+        assert again[1] == "length" and len(again[0]) == 3
+
+    asyncio.run(main())
+
+
 async def _alive_after_refresh(router: Router, engine_id: str) -> bool:
     await router.refresh()
     return router.state.actors[engine_id].alive
