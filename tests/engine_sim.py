@@ -12,6 +12,7 @@ Plain functions (no fixtures).
 
 from __future__ import annotations
 
+import math
 import random
 from collections import deque
 from dataclasses import dataclass
@@ -26,12 +27,16 @@ STEP_SPAN_S = 2.0  # the view's decode step is the mean over this span, as an en
 
 @dataclass(frozen=True)
 class Phase:
-    """`seconds` of arrivals at `rate` requests/s, each `prompt` tokens in and `output` tokens out."""
+    """`seconds` of arrivals at `rate` requests/s, `output` tokens out each and `prompt` tokens in: all
+    alike, or with `prompt_cv` > 0 lognormal of that mean and coefficient of variation (real prompts
+    vary, and the queueing wait grows with their variance: in 15 s of arxiv's 7 req/s a fixed 104 kept
+    98-100% with alike prompts, where the H200 kept 89.5%; see tests/test_slo.py)."""
 
     seconds: float
     rate: float
     prompt: int
     output: int
+    prompt_cv: float = 0.0
 
 
 @dataclass
@@ -62,9 +67,11 @@ class SimResult:
 def arrivals(phases: list[Phase], seed: int) -> list[SimRequest]:
     rng, out, start = random.Random(seed), [], 0.0
     for p in phases:
+        sigma = math.sqrt(math.log1p(p.prompt_cv**2))
         t = start + rng.expovariate(p.rate)
         while t < start + p.seconds:
-            out.append(SimRequest(t, p.prompt, p.output, float(p.prompt)))
+            prompt = max(1, round(p.prompt * math.exp(rng.gauss(-sigma * sigma / 2, sigma)))) if sigma else p.prompt
+            out.append(SimRequest(t, prompt, p.output, float(prompt)))
             t += rng.expovariate(p.rate)
         start += p.seconds
     return out

@@ -272,6 +272,23 @@ def test_model_policy_plans_for_the_prompt_lengths_it_sees() -> None:
     assert all(b - a >= ModelPolicyConfig().dwell_s for a, b in zip(times, times[1:]))
 
 
+def test_prompts_that_vary_in_length_wait_longer_than_alike_ones() -> None:
+    """The simulation's prompts can vary (lognormal, `prompt_cv`) as real ones do: in 15 s of arxiv's 7 req/s on
+    the committed H200 profile, a fixed 104 keeps 98.1-100% of the requests with alike prompts (seeds 0-3) and
+    85.4% on average (65.7-97.2%) when their lengths vary by 0.8 of their mean, because a long prompt holds up
+    the ones behind it (the H200 kept 89.5% there, run 9); the mean prompt stays the same."""
+    from engine_sim import Phase, arrivals, simulate
+
+    (h200,) = load_models(Path(__file__).parent.parent / "bench/profiles/semipd-profile.json").values()
+    tight = SLOTargets(ttft_ms=1000.0, tpot_ms=25.0)
+    alike, varied = ([Phase(15.0, 7.0, 3400, 200, prompt_cv=cv)] for cv in (0.0, 0.8))
+    lengths = [r.prompt for seed in range(4) for r in arrivals(varied, seed)]
+    assert 0.9 < sum(lengths) / len(lengths) / 3400 < 1.1 and len(set(lengths)) > len(lengths) // 2
+    kept = {name: [simulate(h200, phases, tight, 104, seed=seed).attainment for seed in range(4)]
+            for name, phases in (("alike", alike), ("varied", varied))}
+    assert min(kept["alike"]) >= 0.95 and sum(kept["varied"]) / 4 < sum(kept["alike"]) / 4 - 0.1, kept
+
+
 def test_model_policy_uses_the_mean_prompt_length_of_the_view() -> None:
     m, cfg = h100_llama8b(), ModelPolicyConfig()
     short = EngineView("e", 64, 132, SPLITS, num_decoding=8, decode_context_tokens=8 * 1000,
