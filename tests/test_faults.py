@@ -194,15 +194,7 @@ def test_engine_whose_process_dies_is_started_again(cluster: ClusterConfig) -> N
         handle = router.state.actors[victim].handle
         before = (await handle.ready.remote())["pid"]
         ray.kill(handle, no_restart=False)
-
-        async def restarted() -> bool:
-            try:
-                return (await asyncio.wait_for(handle.ready.remote(), timeout=5.0))["pid"] != before
-            except Exception:  # still down, or starting
-                return False
-
-        await async_wait_until(restarted, timeout=90.0, interval=0.5, what="the engine actor to start again")
-        await apoll(lambda: _alive_after_refresh(router, victim), what="the router to take the engine back")
+        await _started_again(router, victim, before)
         params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
         before_counts = dict(router.dispatch_counts)
         done = await asyncio.wait_for(asyncio.gather(*(collect(router, GenerateRequest(f"again-{i}", p, params))
@@ -235,20 +227,26 @@ def test_engine_that_loses_its_gpu_ends_its_requests_and_is_started_again(cluste
         await handle.__ray_call__.remote(lose_the_gpu)
         ids, finish, error = await asyncio.wait_for(doomed, timeout=20)
         assert finish == "error" and "the GPU failed" in (error or "") and 0 < len(ids) < 400
-
-        async def restarted() -> bool:
-            try:
-                return (await asyncio.wait_for(handle.ready.remote(), timeout=5.0))["pid"] != before
-            except Exception:  # exiting, or starting
-                return False
-
-        await async_wait_until(restarted, timeout=90.0, interval=0.5, what="the engine actor to start again")
-        await apoll(lambda: _alive_after_refresh(router, victim), what="the router to take the engine back")
+        await _started_again(router, victim, before)
         again = await asyncio.wait_for(collect(router, GenerateRequest("again", [1, 2, 3], SamplingParams(
             max_tokens=3, temperature=0, ignore_eos=True))), timeout=60)
         assert again[1] == "length" and len(again[0]) == 3
 
     asyncio.run(main())
+
+
+async def _started_again(router: Router, engine_id: str, old_pid: int) -> None:
+    """Wait until Ray has started the engine's actor again (another process) and `router` took it back."""
+    handle = router.state.actors[engine_id].handle
+
+    async def restarted() -> bool:
+        try:
+            return (await asyncio.wait_for(handle.ready.remote(), timeout=5.0))["pid"] != old_pid
+        except Exception:  # still down, exiting, or starting
+            return False
+
+    await async_wait_until(restarted, timeout=90.0, interval=0.5, what="the engine actor to start again")
+    await apoll(lambda: _alive_after_refresh(router, engine_id), what="the router to take the engine back")
 
 
 async def _alive_after_refresh(router: Router, engine_id: str) -> bool:

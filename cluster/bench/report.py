@@ -409,6 +409,9 @@ def metrics_under(result: BenchResult, slos: SLOs | None, percentiles: Sequence[
                      f"only its own SLOs ({result.slos.as_dict() or 'none'}) and percentiles {sorted(stored)} apply")
 
 
+NO_SLO_TEXT = "no SLO given\n(--goodput)"
+
+
 class _Point(NamedTuple):
     rate: float
     attainment_pct: float | None
@@ -471,7 +474,7 @@ def _line_figure(series: dict[str, list[_Point]], percentile: float) -> Figure:
     if any_slo:
         axes[0].set_ylim(0, 105)
     else:
-        axes[0].text(0.5, 0.5, "no SLO given\n(--goodput)", ha="center", va="center", transform=axes[0].transAxes)
+        axes[0].text(0.5, 0.5, NO_SLO_TEXT, ha="center", va="center", transform=axes[0].transAxes)
     for ax in axes:
         if ax.get_legend_handles_labels()[0]:
             ax.legend()
@@ -483,7 +486,7 @@ def _bar_figure(series: dict[str, list[_Point]], percentile: float) -> Figure:
 
     labels = list(series)
     points = [series[label][0] for label in labels]
-    fig = Figure(figsize=(max(12.0, 1.1 * len(labels) * 2), 5.0), layout="constrained")
+    fig = Figure(figsize=(max(12.0, 2.2 * len(labels)), 5.0), layout="constrained")
     axes = fig.subplots(1, 4)
     p = percentile_key(percentile)
     panels = (("SLO attainment (%)", [t.attainment_pct for t in points]),
@@ -494,7 +497,7 @@ def _bar_figure(series: dict[str, list[_Point]], percentile: float) -> Figure:
         ax.set_title(f"{title} at {points[0].rate:g} req/s")
         ax.grid(True, axis="y", alpha=0.3)
         if any(v is None for v in values):
-            ax.text(0.5, 0.5, "no SLO given\n(--goodput)", ha="center", va="center", transform=ax.transAxes)
+            ax.text(0.5, 0.5, NO_SLO_TEXT, ha="center", va="center", transform=ax.transAxes)
             continue
         ax.bar(range(len(labels)), values, color=[f"C{i}" for i in range(len(labels))])
         ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right")
