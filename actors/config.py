@@ -222,7 +222,9 @@ class EngineConfig:
     `splits`: the prefill SM counts a semi-pd engine creates partitions (and decode CUDA
     graphs) for, each rounded to the nearest one the GPU allows (None: all of them).
     `overlap_decode`: the decode worker queues its next step before the current one's
-    tokens reach the host (see `actors.engine.workers.DecodeWorker`).
+    tokens reach the host (see `actors.engine.workers.DecodeWorker`); `overlap_prefill`: the
+    semi-pd prefill worker queues its next iteration before the current one's first tokens
+    reach the host (`actors.engine.workers.PrefillWorker`).
     `switch_interval_ms`: Python's thread switch interval (`sys.setswitchinterval`) the engine
     sets for its whole process when it starts. Its workers and the thread that streams tokens
     share one interpreter lock, and a thread back from a GPU wait may wait this long for it
@@ -241,6 +243,7 @@ class EngineConfig:
     splits: tuple[int, ...] | None = None
     cuda_graphs: bool = True
     overlap_decode: bool = True
+    overlap_prefill: bool = True
     switch_interval_ms: float | None = None
     load_format: str = "auto"  # "dummy": random weights drawn on the device, no checkpoint read
     slo: SLOConfig = field(default_factory=SLOConfig)

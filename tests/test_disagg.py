@@ -110,7 +110,9 @@ class Collected:
 
 @pytest.fixture
 def stepped_pair(tiny_llama: Path) -> Iterator[tuple[DisaggPair, Collected]]:
-    base = EngineConfig(model=str(tiny_llama), device="cpu", scheduler=SchedulerConfig(max_prefill_tokens=CHUNK))
+    # one iteration per step, its prompts exported by that step (the tests check each step's effect)
+    base = EngineConfig(model=str(tiny_llama), device="cpu", scheduler=SchedulerConfig(max_prefill_tokens=CHUNK),
+                        overlap_prefill=False)
     out = Collected()
     pair = DisaggPair(EngineConfig(**{**base.__dict__, "cache": CacheConfig(page_size=PAGE, num_pages=P_PAGES)}),
                       EngineConfig(**{**base.__dict__, "cache": CacheConfig(page_size=PAGE, num_pages=D_PAGES)}),

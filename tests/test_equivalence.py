@@ -280,3 +280,31 @@ def test_overlapped_decode_matches_one_step_at_a_time(model_factory: Callable[[s
         wait_until(lambda: alloc.num_free == alloc.num_blocks, what="every page back (a dropped step frees its pages)")
         alloc.check_integrity()
         assert llm.core.decode.num_running == 0
+
+
+def test_overlapped_prefill_matches_one_iteration_at_a_time(model_factory: Callable[[str], Path],
+                                                            engine_factory: Callable[..., LLM]) -> None:
+    """The semi-PD prefill worker queues each iteration before taking the previous one's first tokens; that
+    changes no token and no finish reason and leaks no page, with chunked and prefix-shared prompts, requests
+    that end at their first token (their pages given back while the next iteration is queued) and seeded
+    sampling. One iteration at a time queues nothing ahead."""
+    model = model_factory("tiny-llama")
+    prompts = make_prompts(seed=5)
+
+    def params(i: int) -> SamplingParams:
+        if i % 5 == 0:
+            return SamplingParams(max_tokens=1, temperature=0.0)
+        if i % 4 == 1:
+            return SamplingParams(max_tokens=6, temperature=0.8, top_p=0.9, seed=200 + i, ignore_eos=True)
+        return SamplingParams(max_tokens=4 + i % 7, temperature=0.0, ignore_eos=True)
+
+    batch = [params(i) for i in range(len(prompts))]
+    runs = {}
+    for overlap in (False, True):
+        llm = engine_factory(model, mode="semi-pd", overlap_prefill=overlap)
+        runs[overlap] = [(o.token_ids, o.finish_reason) for o in llm.generate(prompts, batch)]
+        prefill = llm.core.workers[0]
+        assert prefill.overlap == overlap and (prefill.steps_queued_ahead > 0) == overlap
+        assert_pool_drained(llm)
+    assert runs[True] == runs[False]
+    assert sum(len(t) == 1 for t, _ in runs[True]) >= len(prompts) // 5

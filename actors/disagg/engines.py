@@ -84,7 +84,7 @@ class PrefillOnlyEngine(_MarksAborts):
         wakeups = {"prefill": Wakeup(), "decode": Wakeup()}  # "decode" is set on handoffs; nobody waits on it
         runner = self._make_runner(False)
         return [PrefillWorker(self.prefill, self.decode, runner, self.partitioner, self._emit_and_forget, wakeups,
-                              handoff=self._export)]
+                              handoff=self._export, overlap=self.config.overlap_prefill)]
 
     def _export(self, req: Request) -> None:
         """On the prefill worker: send `req`'s state and the KV of its computed tokens, free its pages."""

@@ -171,7 +171,8 @@ class EngineCore:
         wakeups = {"prefill": Wakeup(), "decode": Wakeup()}
         decode = DecodeWorker(self.prefill, self.decode, self._make_runner(True), parts, emit, wakeups,
                               overlap=self.config.overlap_decode)
-        return [PrefillWorker(self.prefill, self.decode, self._make_runner(False), parts, emit, wakeups), decode]
+        return [PrefillWorker(self.prefill, self.decode, self._make_runner(False), parts, emit, wakeups,
+                              overlap=self.config.overlap_prefill), decode]
 
     def _warm_up(self) -> None:
         """One small prefill through each prefill-running worker, so that kernels are loaded

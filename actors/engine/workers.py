@@ -76,7 +76,7 @@ class Worker:
     phase: Phase
     name: str
     overlap = False
-    steps_queued_ahead = 0  # decode steps queued while the previous one was still running
+    steps_queued_ahead = 0  # iterations queued while the previous one's tokens were still on their way
     _inflight: _Launched | None = None
     unwaited: Drawn | None = None  # the last iteration, if it sampled nothing and was not waited for
     on_device_lost: Callable[[BaseException], None] | None = None  # the engine's, told when the GPU is gone
@@ -140,6 +140,7 @@ class Worker:
     def _loop(self) -> None:
         try:
             self._iterate()
+            self.finish()
         finally:
             self.runner.leave_thread()
 
@@ -184,6 +185,9 @@ class Worker:
     def step(self) -> bool:
         """Run one iteration; False when there was nothing to do."""
         raise NotImplementedError
+
+    def finish(self) -> None:
+        """Settle what the last iteration left queued, when the loop ends (default: nothing)."""
 
     # -- shared accounting -------------------------------------------------------
 
@@ -256,10 +260,7 @@ class Worker:
         """A queued step failed on the device: end every request of the queued steps."""
         log.exception("decode step failed; failing its requests")
         for step in steps[1:]:
-            try:
-                step.drawn.result()
-            except Exception:
-                pass
+            _wait_quietly(step.drawn)
         self._inflight = None
         retired = {r for step in steps for r in step.retired}
         live = list(dict.fromkeys(r for step in steps for r in step.reqs if r not in retired))
@@ -375,8 +376,20 @@ class _Launched:
 
 
 class PrefillWorker(Worker):
+    """Prefills prompt chunks, oldest partial prompts first, then new ones.
+
+    Overlapped (`overlap`): each iteration is planned and queued before the previous one's first tokens
+    are taken, so the host's planning and kernel launches (12-15 ms for an iteration of a few thousand
+    tokens on the H200) run while the GPU computes instead of leaving the partition idle between
+    iterations. The previous iteration's first tokens reach their requests as soon as it ends on the
+    GPU, unless launching the next one takes longer than it runs. One iteration at most waits for its
+    tokens (`_queued`); one that samples nothing is left in `unwaited`.
+    """
+
     phase: Phase = "prefill"
     name = "prefill"
+    overlap = True
+    _queued: _QueuedPrefill | None = None  # the last iteration that samples, its first tokens not yet taken
 
     def step(self) -> bool:
         if self.unwaited is not None and self.prefill.may_release_pages():
@@ -384,16 +397,70 @@ class PrefillWorker(Worker):
             self.unwaited = None
         self._emit_aborted(self.prefill.take_aborted())
         chunks, reqs = self.prefill.schedule()
-        if not chunks:
-            return False
+        previous, self._queued = self._queued, None
+        if chunks:
+            self._queued = self._start(chunks, reqs)
+            if previous is not None and self._queued is not None:
+                self.steps_queued_ahead += 1
+        if previous is not None:
+            self._take_first_tokens(previous)
+        if not self.overlap:
+            self.finish()
+        return bool(chunks) or previous is not None
+
+    def finish(self) -> None:
+        """Take the first tokens of the iteration still queued (the loop's end calls this too)."""
+        queued, self._queued = self._queued, None
+        if queued is not None:
+            self._take_first_tokens(queued)
+
+    def _start(self, chunks: list[SeqChunk], reqs: list[Request]) -> _QueuedPrefill | None:
+        """Queue one iteration and account for its chunks at once (the next `schedule` plans from where they
+        end). None when it samples nothing (it stays in `unwaited`) or could not be queued (its requests end
+        with an engine error)."""
         sample_reqs = _sampled(chunks, reqs)
-        result = self._run(BatchPlan(prefills=tuple(chunks)), sample_reqs, [], reqs)
-        if result is None:
-            return True
+        try:
+            drawn = self._queue(BatchPlan(prefills=tuple(chunks)), sample_reqs, None)
+        except Exception as e:
+            log.exception("forward pass failed; failing its %d requests", len(reqs))
+            if self.unwaited is not None:  # failing gives back pages that queued chunks may still write
+                _wait_quietly(self.unwaited)
+                self.unwaited = None
+            self._fail([], reqs, e)
+            return None
+        self.unwaited = drawn
         for c, r in zip(chunks, reqs):
             self.prefill.finish_chunk(r, c.num_tokens)
-        self._accept_tokens(sample_reqs, result, [True] * len(sample_reqs))
-        return True
+        return _QueuedPrefill(drawn, sample_reqs, reqs) if sample_reqs else None
+
+    def _take_first_tokens(self, queued: _QueuedPrefill) -> None:
+        """Wait for `queued`'s draw; hand its prompts' first tokens over (or fail its requests)."""
+        try:
+            result = queued.drawn.result()
+        except Exception as e:
+            log.exception("forward pass failed; failing its %d requests", len(queued.reqs))
+            self._fail([], [r for r in queued.reqs if not r.finished], e)
+            return
+        if self.unwaited is queued.drawn:
+            self.unwaited = None
+        self._accept_tokens(queued.sample_reqs, result, [True] * len(queued.sample_reqs))
+
+
+def _wait_quietly(drawn: Drawn) -> None:
+    """Wait for a queued draw whose failure is reported elsewhere."""
+    try:
+        drawn.result()
+    except Exception:
+        pass
+
+
+@dataclass
+class _QueuedPrefill:
+    """A prefill iteration queued on the device whose first tokens have not reached the host yet."""
+
+    drawn: Drawn
+    sample_reqs: list[Request]  # the requests whose prompt it ends, in draw order
+    reqs: list[Request]  # every request it has a chunk of
 
 
 class DecodeWorker(Worker):

@@ -44,6 +44,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="highest share of an engine's SMs the controller may give prefill (0..1)")
     p.add_argument("--no-overlap-decode", dest="overlap_decode", action="store_false",
                    help="decode one step at a time (by default the next step is queued while the current one runs)")
+    p.add_argument("--no-overlap-prefill", dest="overlap_prefill", action="store_false",
+                   help="semi-pd: take each prefill iteration's first tokens before planning the next (by default "
+                        "the next iteration is queued while the current one runs)")
     p.add_argument("--stream-interval", type=int, default=1, metavar="N",
                    help="tokens per streamed chunk after the first: fewer, larger SSE events "
                         "(vLLM's --stream-interval)")
@@ -96,7 +99,8 @@ def cluster_config(args: argparse.Namespace, redis_url: str | None) -> Any:
         router=RouterPolicy(session_affinity=args.router_policy == "prefix-affinity"),
         engine=EngineOptions(device=args.device, num_pages=args.num_pages, max_prefill_tokens=args.max_prefill_tokens,
                              load_format=args.load_format, prefill_sms=args.prefill_sms,
-                             overlap_decode=args.overlap_decode, switch_interval_ms=args.switch_interval_ms),
+                             overlap_decode=args.overlap_decode, overlap_prefill=args.overlap_prefill,
+                             switch_interval_ms=args.switch_interval_ms),
         cluster_name=args.cluster_name, served_model_name=args.served_model_name, stream_interval=args.stream_interval,
         engine_restarts=args.engine_restarts,
     )
@@ -111,7 +115,7 @@ def serve_app_args(args: argparse.Namespace, redis_url: str | None, grpc_port: i
                 tpot_slo_ms=args.tpot_slo_ms, mode=args.mode, router_policy=args.router_policy,
                 num_actors=args.num_actors, redis_url=redis_url, grpc_port=grpc_port or None,
                 max_prefill_tokens=args.max_prefill_tokens, device=args.device, load_format=args.load_format,
-                prefill_sms=args.prefill_sms, overlap_decode=args.overlap_decode,
+                prefill_sms=args.prefill_sms, overlap_decode=args.overlap_decode, overlap_prefill=args.overlap_prefill,
                 switch_interval_ms=args.switch_interval_ms, stream_interval=args.stream_interval,
                 prefill_sm_min=args.prefill_sm_min or None,
                 prefill_sm_max=args.prefill_sm_max if args.prefill_sm_max < 1.0 else None,
