@@ -215,16 +215,19 @@ def test_model_policy_flows_to_the_actors(tiny_llama: Path) -> None:
     assert cfg.policy == "model" and cfg.model_source() == ModelSource(None, "full")
     app_args = serve.serve_app_args(args, "redis://h:1/0", None)
     assert (app_args["controller_policy"], app_args["profile_grid"]) == ("model", "full")
-    assert cfg.engine_config().overlap_decode and cfg.prefill_sm_fraction == (0.0, 1.0)
+    assert cfg.engine_config().overlap_decode and cfg.engine_config().overlap_prefill
+    assert cfg.prefill_sm_fraction == (0.0, 1.0)
     assert cfg.engine_config().switch_interval_ms is None  # Python's own unless asked
     args = parser.parse_args(["serve", "--model", str(tiny_llama), "--policy", "fixed", "--prefill-sms", "48",
-                              "--no-overlap-decode", "--prefill-sm-max", "0.75", "--switch-interval-ms", "0.5"])
+                              "--no-overlap-decode", "--no-overlap-prefill", "--prefill-sm-max", "0.75", "--switch-interval-ms", "0.5"])
     cfg = serve.cluster_config(args, "redis://h:1/0")
     assert (cfg.policy, cfg.engine_config().prefill_sms, cfg.engine_config().overlap_decode) == ("fixed", 48, False)
+    assert not cfg.engine_config().overlap_prefill
     assert cfg.engine_config().splits == (48,)  # a fixed split: the engine creates only that one
     assert cfg.controller_config().prefill_sm_fraction == (0.0, 0.75)
     app_cfg = app_cluster_config(ServeArgs(**serve.serve_app_args(args, "redis://h:1/0", None)), "redis://h:1/0")
     assert (app_cfg.policy, app_cfg.engine.prefill_sms, app_cfg.engine.overlap_decode) == ("fixed", 48, False)
+    assert not app_cfg.engine.overlap_prefill
     assert app_cfg.prefill_sm_fraction == (0.0, 0.75)
     assert cfg.engine_config().switch_interval_ms == app_cfg.engine.switch_interval_ms == 0.5
     assert cfg.stream_interval == app_cfg.stream_interval == 1
