@@ -186,8 +186,15 @@ def test_runner_moved_to_another_split_waits_for_its_work_on_the_old_one(tiny_ll
 
 def _lose_the_gpu(model_dir: str) -> dict[str, object]:
     """In a process of its own (the CUDA context this poisons goes with it): prompt ids past the vocabulary
-    reach the embedding kernel, whose device-side assert is a sticky CUDA error."""
+    reach the embedding kernel, whose device-side assert is a sticky CUDA error. The assert prints a line per
+    failing GPU thread (megabytes): this process's output goes to /dev/null."""
+    import os
+
     from actors.engine.core import EngineDeadError
+
+    quiet = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(quiet, 1)
+    os.dup2(quiet, 2)
 
     llm = LLM(model_dir, mode="semi-pd", dtype="bfloat16", cache=CacheConfig(num_pages=256))
     told: list[BaseException] = []
