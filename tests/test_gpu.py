@@ -172,6 +172,7 @@ def test_runner_moved_to_another_split_waits_for_its_work_on_the_old_one(tiny_ll
         old, new = core.partitioner.all_partitions("prefill")[:2]
         assert old.stream is not None and new.stream is not None and old.stream != new.stream
         written = torch.zeros(1, device="cuda")
+        torch.cuda.synchronize()
         runner.set_partition(old)
         with torch.cuda.stream(old.stream):
             torch.cuda._sleep(300_000_000)  # ~0.2 s of the old split's stream still busy
@@ -179,6 +180,7 @@ def test_runner_moved_to_another_split_waits_for_its_work_on_the_old_one(tiny_ll
         runner.set_partition(new)
         with torch.cuda.stream(new.stream):
             seen = written.clone()
+        new.stream.synchronize()  # green-context streams do not synchronize with the default one
         assert float(seen) == 1.0
     finally:
         core.shutdown()
@@ -196,7 +198,7 @@ def _lose_the_gpu(model_dir: str) -> dict[str, object]:
     os.dup2(quiet, 1)
     os.dup2(quiet, 2)
 
-    llm = LLM(model_dir, mode="semi-pd", dtype="bfloat16", cache=CacheConfig(num_pages=256))
+    llm = LLM(model_dir, mode="semi-pd", dtype="bfloat16", cache=CacheConfig(num_pages=256), splits=(64,))
     told: list[BaseException] = []
     llm.core.on_device_lost = told.append
     runner = llm.core.workers[0].runner
@@ -222,7 +224,7 @@ def test_a_sticky_cuda_error_ends_every_request_and_the_engine(tiny_llama: Path)
     so, the engine tells its owner once (a Ray actor then exits to be started again) and refuses new requests."""
     from cluster.bench.engine_bench import in_fresh_process
 
-    got = in_fresh_process(_lose_the_gpu, str(tiny_llama))
+    got = in_fresh_process(_lose_the_gpu, str(tiny_llama), timeout=180)
     assert got["finish"] == ["error"] * 3 and all("CUDA error" in e for e in got["errors"]), got  # type: ignore[union-attr]
     assert len(got["told"]) == 1 and "CUDA error" in got["told"][0], got  # type: ignore[arg-type, index]
     assert "GPU failed" in got["refused"], got  # type: ignore[operator]

@@ -17,7 +17,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -303,14 +302,16 @@ def make_core(model_dir: str, mode: str, **kwargs: Any) -> EngineCore:
     return EngineCore(config, emit=lambda deltas: None)
 
 
-def in_fresh_process(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """`fn(*args, **kwargs)` in a new (spawned) process; its engine and GPU memory end with it.
+def in_fresh_process(fn: Callable[..., Any], *args: Any, timeout: float | None = None, **kwargs: Any) -> Any:
+    """`fn(*args, **kwargs)` in a new (spawned) process; its engine and GPU memory end with it. `timeout`
+    (seconds): raise `multiprocessing.TimeoutError` if it has not returned by then. The process is killed
+    once the call is over (one whose CUDA context failed may not exit on its own).
 
     One process building engine after engine kept the first one's KV pool on the GPU
     (H200, 2026-12-02: the next engine found -16 GiB for its cache), so every part runs apart.
     """
-    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(fn, *args, **kwargs).result()
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply_async(fn, args, kwargs).get(timeout)
 
 
 def measure_device() -> tuple[str, Ceilings]:
