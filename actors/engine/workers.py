@@ -379,9 +379,8 @@ class PrefillWorker(Worker):
     """Prefills prompt chunks, oldest partial prompts first, then new ones.
 
     Overlapped (`overlap`): each iteration is planned and queued before the previous one's first tokens
-    are taken, so the host's planning and kernel launches (12-15 ms for an iteration of a few thousand
-    tokens on the H200) run while the GPU computes instead of leaving the partition idle between
-    iterations. The previous iteration's first tokens reach their requests as soon as it ends on the
+    are taken, so the host's work between two iterations (waiting for the interpreter lock after the GPU
+    wait, emitting, scheduling, planning: the partition sat idle through it) runs while the GPU computes. The previous iteration's first tokens reach their requests as soon as it ends on the
     GPU, unless launching the next one takes longer than it runs. One iteration at most waits for its
     tokens (`_queued`); one that samples nothing is left in `unwaited`.
     """
