@@ -88,7 +88,8 @@ class EngineOptions:
         return EngineConfig(
             model=model, dtype=self.dtype, device=self.device, mode=mode, attention_backend=self.attention_backend,
             seed=self.seed, prefill_sms=self.prefill_sms, cuda_graphs=self.cuda_graphs, load_format=self.load_format,
-            overlap_decode=self.overlap_decode, overlap_prefill=self.overlap_prefill, switch_interval_ms=self.switch_interval_ms,
+            overlap_decode=self.overlap_decode, overlap_prefill=self.overlap_prefill,
+            switch_interval_ms=self.switch_interval_ms,
             cache=CacheConfig(self.page_size, self.num_pages, self.memory_fraction, self.cpu_kv_bytes,
                               self.enable_prefix_caching),
             scheduler=SchedulerConfig(self.max_prefill_tokens, self.max_decode_seqs, self.max_model_len),

@@ -380,9 +380,10 @@ class PrefillWorker(Worker):
 
     Overlapped (`overlap`): each iteration is planned and queued before the previous one's first tokens
     are taken, so the host's work between two iterations (waiting for the interpreter lock after the GPU
-    wait, emitting, scheduling, planning: the partition sat idle through it) runs while the GPU computes. The previous iteration's first tokens reach their requests as soon as it ends on the
-    GPU, unless launching the next one takes longer than it runs. One iteration at most waits for its
-    tokens (`_queued`); one that samples nothing is left in `unwaited`.
+    wait, emitting, scheduling, planning: the partition sat idle through it) runs while the GPU computes.
+    The previous iteration's first tokens reach their requests as soon as it ends on the GPU, unless
+    launching the next one takes longer than it runs. One iteration at most waits for its tokens
+    (`_queued`); one that samples nothing is left in `unwaited`.
     """
 
     phase: Phase = "prefill"
@@ -421,11 +422,7 @@ class PrefillWorker(Worker):
         try:
             drawn = self._queue(BatchPlan(prefills=tuple(chunks)), sample_reqs, None)
         except Exception as e:
-            log.exception("forward pass failed; failing its %d requests", len(reqs))
-            if self.unwaited is not None:  # failing gives back pages that queued chunks may still write
-                _wait_quietly(self.unwaited)
-                self.unwaited = None
-            self._fail([], reqs, e)
+            self._fail_prefills(reqs, e)
             return None
         self.unwaited = drawn
         for c, r in zip(chunks, reqs):
@@ -437,12 +434,19 @@ class PrefillWorker(Worker):
         try:
             result = queued.drawn.result()
         except Exception as e:
-            log.exception("forward pass failed; failing its %d requests", len(queued.reqs))
-            self._fail([], [r for r in queued.reqs if not r.finished], e)
+            self._fail_prefills([r for r in queued.reqs if not r.finished], e)
             return
         if self.unwaited is queued.drawn:
             self.unwaited = None
         self._accept_tokens(queued.sample_reqs, result, [True] * len(queued.sample_reqs))
+
+    def _fail_prefills(self, reqs: list[Request], error: Exception) -> None:
+        """End `reqs` with an engine error once the queued iterations, which may still write their pages, ran."""
+        log.exception("forward pass failed; failing its %d requests", len(reqs))
+        if self.unwaited is not None:
+            _wait_quietly(self.unwaited)
+            self.unwaited = None
+        self._fail([], reqs, error)
 
 
 def _wait_quietly(drawn: Drawn) -> None:

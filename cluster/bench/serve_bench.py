@@ -305,7 +305,7 @@ def split_changes(before: dict[str, Any] | None, after: dict[str, Any] | None, s
                        for sw in switches if start <= sw["time"] <= end)
         if eid in known and counts_after[eid] >= known[eid][0]:
             count, last_seen = known[eid]
-            missing = int(engine.get("num_switches", 0)) - count - sum(1 for sw in switches if sw["time"] > last_seen)
+            missing = counts_after[eid] - count - sum(1 for sw in switches if sw["time"] > last_seen)
             if missing > 0:
                 changes.append({"engine_id": eid, "omitted": missing})
     return sorted(changes, key=lambda c: c.get("time_s", -1.0))
