@@ -818,6 +818,24 @@ def test_engine_decode_loop_bench_runs_both_ways_on_cpu(tiny_llama: Path) -> Non
     assert "| batch | context | mean context measured | decode SMs |" in table
 
 
+def test_fresh_process_returns_raises_and_gives_up_after_its_timeout() -> None:
+    """`in_fresh_process` runs in another process, brings back a result or the exception raised there, and stops
+    waiting for (and kills) a call that overruns its timeout."""
+    import multiprocessing
+    import os
+    import time
+
+    from cluster.bench.engine_bench import in_fresh_process
+
+    assert in_fresh_process(os.getpid) != os.getpid()
+    with pytest.raises(ValueError, match="invalid literal"):
+        in_fresh_process(int, "not a number")
+    t0 = time.monotonic()
+    with pytest.raises(multiprocessing.TimeoutError, match="sleep did not return within 1 s"):
+        in_fresh_process(time.sleep, 600, timeout=1)
+    assert time.monotonic() - t0 < 60
+
+
 def test_prefix_cache_share_from_the_metric_deltas_of_semipd_and_vllm() -> None:
     result = _result(_ttft_records([100.0]))
     result.server_metrics = {"delta": {  # two semipd engines

@@ -186,50 +186,6 @@ def test_runner_moved_to_another_split_waits_for_its_work_on_the_old_one(tiny_ll
         core.shutdown()
 
 
-def _lose_the_gpu(model_dir: str) -> dict[str, object]:
-    """In a process of its own (the CUDA context this poisons goes with it): prompt ids past the vocabulary
-    reach the embedding kernel, whose device-side assert is a sticky CUDA error. The assert prints a line per
-    failing GPU thread (megabytes): this process's output goes to /dev/null."""
-    import os
-
-    from actors.engine.core import EngineDeadError
-
-    quiet = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(quiet, 1)
-    os.dup2(quiet, 2)
-
-    llm = LLM(model_dir, mode="semi-pd", dtype="bfloat16", cache=CacheConfig(num_pages=256), splits=(64,))
-    told: list[BaseException] = []
-    llm.core.on_device_lost = told.append
-    runner = llm.core.workers[0].runner
-    prepare = runner.prepare
-
-    def poisoned(plan: object) -> tuple[object, ...]:
-        input_ids, *rest = prepare(plan)  # type: ignore[arg-type]
-        return (input_ids + llm.core.arch.vocab_size, *rest)
-
-    runner.prepare = poisoned  # type: ignore[method-assign, assignment]
-    outs = llm.generate([[1, 2, 3, 4]] * 3, SamplingParams(max_tokens=4, temperature=0.0))
-    try:
-        llm.generate([[5, 6]], SamplingParams(max_tokens=2))
-        refused = ""
-    except EngineDeadError as e:
-        refused = str(e)
-    return {"finish": [o.finish_reason for o in outs], "errors": [o.error or "" for o in outs],
-            "told": [str(e) for e in told], "refused": refused}  # no shutdown: the device cannot sync any more
-
-
-def test_a_sticky_cuda_error_ends_every_request_and_the_engine(tiny_llama: Path) -> None:
-    """A real sticky CUDA error (a device-side assert): the failed batch's requests end with an error that says
-    so, the engine tells its owner once (a Ray actor then exits to be started again) and refuses new requests."""
-    from cluster.bench.engine_bench import in_fresh_process
-
-    got = in_fresh_process(_lose_the_gpu, str(tiny_llama), timeout=180)
-    assert got["finish"] == ["error"] * 3 and all("CUDA error" in e for e in got["errors"]), got  # type: ignore[union-attr]
-    assert len(got["told"]) == 1 and "CUDA error" in got["told"][0], got  # type: ignore[arg-type, index]
-    assert "GPU failed" in got["refused"], got  # type: ignore[operator]
-
-
 def test_launches_queue_without_waiting_for_the_gpu(tiny_llama: Path) -> None:
     """A prefill and a decode launch on their partitions make no synchronizing CUDA call from our code
     (torch's sync debug mode); those inside libraries are printed with the Python stack that reached
@@ -351,3 +307,71 @@ def test_llama3_8b_top1_agrees_with_transformers(tmp_path: Path) -> None:
     # bf16 logits over a 128K vocab of random weights are flat: top-2 gaps of a few bf16 ulps are common
     assert all(gap <= 0.5 for gap in near), f"our token is not a near-tie of transformers' top-1: {report}"
     assert exact >= 0.8 * total, report
+
+
+STICKY_HANG_S = 120  # the sticky-error process dumps its threads' stacks to its log and exits after this
+
+
+def _lose_the_gpu(model_dir: str, log_path: str) -> dict[str, object]:
+    """In a process of its own (the CUDA context this poisons goes with it): prompt ids past the vocabulary
+    reach the embedding kernel, whose device-side assert is a sticky CUDA error. The assert prints a line per
+    failing GPU thread (megabytes), so this process's output goes to `log_path`, where a hang leaves the stacks
+    of its threads."""
+    import faulthandler
+    import os
+
+    from actors.engine.core import EngineDeadError
+
+    log = open(log_path, "w")  # noqa: SIM115 - open until the process ends
+    os.dup2(log.fileno(), 1)
+    os.dup2(log.fileno(), 2)
+    faulthandler.dump_traceback_later(STICKY_HANG_S, exit=True, file=log)
+
+    llm = LLM(model_dir, mode="semi-pd", dtype="bfloat16", cache=CacheConfig(num_pages=256), splits=(64,))
+    told: list[BaseException] = []
+    llm.core.on_device_lost = told.append
+    runner = llm.core.workers[0].runner
+    prepare = runner.prepare
+
+    def poisoned(plan: object) -> tuple[object, ...]:
+        input_ids, *rest = prepare(plan)  # type: ignore[arg-type]
+        return (input_ids + llm.core.arch.vocab_size, *rest)
+
+    runner.prepare = poisoned  # type: ignore[method-assign, assignment]
+    outs = llm.generate([[1, 2, 3, 4]] * 3, SamplingParams(max_tokens=4, temperature=0.0))
+    try:
+        llm.generate([[5, 6]], SamplingParams(max_tokens=2))
+        refused = ""
+    except EngineDeadError as e:
+        refused = str(e)
+    return {"finish": [o.finish_reason for o in outs], "errors": [o.error or "" for o in outs],
+            "told": [str(e) for e in told], "refused": refused}  # no shutdown: the device cannot sync any more
+
+
+def test_a_sticky_cuda_error_ends_every_request_and_the_engine(tiny_llama: Path, tmp_path: Path) -> None:
+    """A real sticky CUDA error (a device-side assert): the failed batch's requests end with an error that says
+    so, the engine tells its owner once (a Ray actor then exits to be started again) and refuses new requests.
+    Last in this file: its process may hang, and then takes STICKY_HANG_S."""
+    import multiprocessing
+
+    from cluster.bench.engine_bench import in_fresh_process
+
+    log = tmp_path / "sticky.log"
+    try:
+        got = in_fresh_process(_lose_the_gpu, str(tiny_llama), str(log), timeout=STICKY_HANG_S + 30)
+    except (RuntimeError, multiprocessing.TimeoutError) as e:
+        pytest.fail(f"{e}; its log, without the device-side assert's lines:\n{_without_asserts(log)}")
+    assert got["finish"] == ["error"] * 3 and all("CUDA error" in e for e in got["errors"]), got  # type: ignore[union-attr]
+    assert len(got["told"]) == 1 and "CUDA error" in got["told"][0], got  # type: ignore[arg-type, index]
+    assert "GPU failed" in got["refused"], got  # type: ignore[operator]
+
+
+
+
+def _without_asserts(log: Path, keep: int = 80) -> str:
+    """The last `keep` lines of `log` that are not a GPU thread's assert message."""
+    if not log.exists():
+        return "(no log)"
+    with log.open(errors="replace") as f:
+        lines = [line.rstrip() for line in f if "Assertion" not in line]
+    return "\n".join(lines[-keep:])

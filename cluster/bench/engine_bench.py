@@ -304,14 +304,45 @@ def make_core(model_dir: str, mode: str, **kwargs: Any) -> EngineCore:
 
 def in_fresh_process(fn: Callable[..., Any], *args: Any, timeout: float | None = None, **kwargs: Any) -> Any:
     """`fn(*args, **kwargs)` in a new (spawned) process; its engine and GPU memory end with it. `timeout`
-    (seconds): raise `multiprocessing.TimeoutError` if it has not returned by then. The process is killed
-    once the call is over (one whose CUDA context failed may not exit on its own).
+    (seconds): raise `multiprocessing.TimeoutError` if it has not returned by then. An exception it raises is
+    raised here again. The process is killed once the call is over: one whose CUDA context failed may not
+    exit on its own, and may not even act on SIGTERM while it is inside the driver.
 
     One process building engine after engine kept the first one's KV pool on the GPU
     (H200, 2026-12-02: the next engine found -16 GiB for its cache), so every part runs apart.
     """
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply_async(fn, args, kwargs).get(timeout)
+    ctx = multiprocessing.get_context("spawn")
+    receive, send = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_call_and_send, args=(send, fn, args, kwargs), daemon=True)
+    child.start()
+    send.close()
+    try:
+        if not receive.poll(timeout):
+            raise multiprocessing.TimeoutError(f"{fn.__name__} did not return within {timeout} s")
+        try:
+            ok, value = receive.recv()
+        except EOFError:
+            raise RuntimeError(f"{fn.__name__}'s process ended without a result (exit code {child.exitcode})") from None
+    finally:
+        child.kill()
+        child.join(30)
+        receive.close()
+    if not ok:
+        raise value
+    return value
+
+
+def _call_and_send(send: Any, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """In the fresh process: send (True, result) or (False, the exception) back."""
+    try:
+        reply: tuple[bool, Any] = (True, fn(*args, **kwargs))
+    except BaseException as e:  # noqa: BLE001 - the caller raises it again
+        reply = (False, e)
+    try:
+        send.send(reply)
+    except Exception as e:  # noqa: BLE001 - a result or exception that does not pickle
+        send.send((False, RuntimeError(f"{fn.__name__}: {reply[1]!r} could not be sent back: {e}")))
+    send.close()
 
 
 def measure_device() -> tuple[str, Ceilings]:
