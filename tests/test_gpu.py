@@ -309,7 +309,7 @@ def test_llama3_8b_top1_agrees_with_transformers(tmp_path: Path) -> None:
     assert exact >= 0.8 * total, report
 
 
-STICKY_HANG_S = 120  # the sticky-error process dumps its threads' stacks to its log and exits after this
+STICKY_HANG_S = 90  # the sticky-error process dumps its threads' stacks to its log and exits after this
 
 
 def _lose_the_gpu(model_dir: str, log_path: str) -> dict[str, object]:
