@@ -225,6 +225,9 @@ class EngineConfig:
     tokens reach the host (see `actors.engine.workers.DecodeWorker`); `overlap_prefill`: the
     semi-pd prefill worker queues its next iteration before the current one's first tokens
     reach the host (`actors.engine.workers.PrefillWorker`).
+    `decode_pace_ms`: semi-pd: while prefill has work, the decode worker starts at most one step per
+    this many ms (`actors.engine.workers.StepPacer`), leaving prefill the bandwidth that back-to-back steps
+    would take; set it under the TPOT target. None: steps run back to back.
     `switch_interval_ms`: Python's thread switch interval (`sys.setswitchinterval`) the engine
     sets for its whole process when it starts. Its workers and the thread that streams tokens
     share one interpreter lock, and a thread back from a GPU wait may wait this long for it
@@ -244,6 +247,7 @@ class EngineConfig:
     cuda_graphs: bool = True
     overlap_decode: bool = True
     overlap_prefill: bool = True
+    decode_pace_ms: float | None = None
     switch_interval_ms: float | None = None
     load_format: str = "auto"  # "dummy": random weights drawn on the device, no checkpoint read
     slo: SLOConfig = field(default_factory=SLOConfig)
@@ -261,6 +265,8 @@ class EngineConfig:
             raise ConfigError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
         if self.switch_interval_ms is not None and not 0 < self.switch_interval_ms <= 1000:
             raise ConfigError(f"switch_interval_ms must be in (0, 1000], got {self.switch_interval_ms}")
+        if self.decode_pace_ms is not None and not 0 < self.decode_pace_ms <= 1000:
+            raise ConfigError(f"decode_pace_ms must be in (0, 1000], got {self.decode_pace_ms}")
         if self.splits is not None and (not self.splits or min(self.splits) < 1):
             raise ConfigError(f"splits must be positive SM counts, got {self.splits}")
         if not Path(self.model).is_dir():

@@ -76,6 +76,7 @@ class EngineOptions:
     cuda_graphs: bool = True
     overlap_decode: bool = True
     overlap_prefill: bool = True
+    decode_pace_ms: float | None = None
     switch_interval_ms: float | None = None
     load_format: str = "auto"  # "dummy": random weights, no checkpoint read (speed runs)
 
@@ -89,7 +90,7 @@ class EngineOptions:
             model=model, dtype=self.dtype, device=self.device, mode=mode, attention_backend=self.attention_backend,
             seed=self.seed, prefill_sms=self.prefill_sms, cuda_graphs=self.cuda_graphs, load_format=self.load_format,
             overlap_decode=self.overlap_decode, overlap_prefill=self.overlap_prefill,
-            switch_interval_ms=self.switch_interval_ms,
+            decode_pace_ms=self.decode_pace_ms, switch_interval_ms=self.switch_interval_ms,
             cache=CacheConfig(self.page_size, self.num_pages, self.memory_fraction, self.cpu_kv_bytes,
                               self.enable_prefix_caching),
             scheduler=SchedulerConfig(self.max_prefill_tokens, self.max_decode_seqs, self.max_model_len),

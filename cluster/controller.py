@@ -125,6 +125,7 @@ def view_from_dict(d: Mapping[str, Any]) -> EngineView:
         mean_prompt_tokens=float(s.get("arrival_mean_prompt_tokens", 0.0)),
         mean_output_tokens=float(s.get("mean_output_tokens", 0.0)),
         decode_step_ms=float(s.get("recent_decode_step_ms", 0.0)),
+        decode_pace_ms=float(s.get("decode_pace_ms", 0.0)),
     )
 
 

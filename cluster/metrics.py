@@ -117,6 +117,8 @@ class EngineCollector:
             ("semipd:worker_tokens", "tokens", "Tokens each worker computed (prefill chunk tokens, one per decode)."),
             ("semipd:worker_launch_seconds", "launch_seconds",
              "Host time each worker spent queueing its iterations on the device (within its iteration time)."),
+            ("semipd:worker_paced_seconds", "paced_seconds",
+             "Time a paced worker (semi-PD decode with --decode-pace-ms) waited for its pace (within its iteration time)."),
         ):
             family = CounterMetricFamily(name, doc, labels=[*per_engine, "worker"])
             for l in loads:

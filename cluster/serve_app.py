@@ -15,7 +15,7 @@ Entry point `cluster.serve_app:build_app` (for `serve run`, `serve deploy`, Kube
     api_key_env           name of the environment variable holding the API key (none: no key)
     grpc_port             serve semipd.v1.Generation on this port from each replica (0/none: off)
     page_size, max_prefill_tokens, num_pages, device, prefill_sms, overlap_decode,
-      overlap_prefill, switch_interval_ms  engine settings
+      overlap_prefill, decode_pace_ms, switch_interval_ms  engine settings
     controller_policy, cluster_name   SLO controller policy (reactive, model, fixed) and Redis key namespace
     latency_profile, profile_grid     controller_policy "model": the engines' profile file and grid
     local                 true: one in-process engine in the replica, no actors, no router
@@ -80,6 +80,7 @@ class ServeArgs(BaseModel):
     prefill_sms: int | None = Field(None, ge=1)
     overlap_decode: bool | None = None
     overlap_prefill: bool | None = None
+    decode_pace_ms: float | None = Field(None, gt=0, le=1000)
     switch_interval_ms: float | None = Field(None, gt=0, le=1000)
     load_format: Literal["auto", "dummy"] | None = None
     controller_policy: str | None = None
@@ -138,7 +139,7 @@ def cluster_config(args: ServeArgs, redis_url: str | None) -> ClusterConfig:
                                 ("device", args.device), ("num_pages", args.num_pages),
                                 ("load_format", args.load_format), ("prefill_sms", args.prefill_sms),
                                 ("overlap_decode", args.overlap_decode), ("overlap_prefill", args.overlap_prefill),
-                                ("switch_interval_ms", args.switch_interval_ms))
+                                ("decode_pace_ms", args.decode_pace_ms), ("switch_interval_ms", args.switch_interval_ms))
               if v is not None}
     extra = {k: v for k, v in (("policy", args.controller_policy), ("cluster_name", args.cluster_name),
                                ("latency_profile", args.latency_profile), ("profile_grid", args.profile_grid))

@@ -709,6 +709,9 @@ def test_worker_iterations_from_the_metric_deltas() -> None:
     assert worker_iterations(result)[("g0", "decode")].quantiles_ms == {50: 20.0, 90: 50.0}
     assert format_worker_iterations(result).endswith("32 tokens, P50 <= 20 ms, P90 <= 50 ms)")
     assert iteration_quantiles({0.01: 0.0, math.inf: 0.0}) == {} and iteration_quantiles({}) == {}
+    result.server_metrics["delta"][f'semipd:worker_paced_seconds_total{{{e},worker="decode"}}'] = 2.0  # --decode-pace-ms
+    assert worker_iterations(result)[("g0", "decode")].paced_ms == 5.0
+    assert "(host 1.00 ms = graph 0.80 + sample 0.20, paced 5.00 ms, 32 tokens, P50" in format_worker_iterations(result)
     result.server_metrics = None  # vLLM
     assert worker_iterations(result) == {} and format_worker_iterations(result) == ""
 

@@ -127,6 +127,7 @@ def test_missing_model_directory(tmp_path: Path, capsys: pytest.CaptureFixture[s
     (["--prefill-sm-max", "1.5"], "0 <= min <= max <= 1"),
     (["--policy", "nonsense"], "unknown split policy"),
     (["--switch-interval-ms", "0"], "switch_interval_ms must be in (0, 1000]"),
+    (["--decode-pace-ms", "-5"], "decode_pace_ms must be in (0, 1000]"),
     (["--stream-interval", "0"], "stream_interval must be >= 1"),
     (["--num-replicas", "0"], "num_replicas"),
 ])

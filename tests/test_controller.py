@@ -218,8 +218,10 @@ def test_model_policy_flows_to_the_actors(tiny_llama: Path) -> None:
     assert cfg.engine_config().overlap_decode and cfg.engine_config().overlap_prefill
     assert cfg.prefill_sm_fraction == (0.0, 1.0)
     assert cfg.engine_config().switch_interval_ms is None  # Python's own unless asked
+    assert cfg.engine_config().decode_pace_ms is None  # decode steps back to back unless asked
     args = parser.parse_args(["serve", "--model", str(tiny_llama), "--policy", "fixed", "--prefill-sms", "48",
-                              "--no-overlap-decode", "--no-overlap-prefill", "--prefill-sm-max", "0.75", "--switch-interval-ms", "0.5"])
+                              "--no-overlap-decode", "--no-overlap-prefill", "--prefill-sm-max", "0.75", "--switch-interval-ms", "0.5",
+                              "--decode-pace-ms", "18"])
     cfg = serve.cluster_config(args, "redis://h:1/0")
     assert (cfg.policy, cfg.engine_config().prefill_sms, cfg.engine_config().overlap_decode) == ("fixed", 48, False)
     assert not cfg.engine_config().overlap_prefill
@@ -230,6 +232,7 @@ def test_model_policy_flows_to_the_actors(tiny_llama: Path) -> None:
     assert not app_cfg.engine.overlap_prefill
     assert app_cfg.prefill_sm_fraction == (0.0, 0.75)
     assert cfg.engine_config().switch_interval_ms == app_cfg.engine.switch_interval_ms == 0.5
+    assert cfg.engine_config().decode_pace_ms == app_cfg.engine.decode_pace_ms == 18
     assert cfg.stream_interval == app_cfg.stream_interval == 1
     args = parser.parse_args(["serve", "--model", str(tiny_llama), "--stream-interval", "4"])
     assert serve.cluster_config(args, None).stream_interval == 4
@@ -242,12 +245,14 @@ def test_view_from_published_dict() -> None:
     d = {"engine_id": "e-1", "time": 5.0, "ttft_ms": [1, 2], "tpot_ms": [3],
          "stats": {"prefill_sms": 64, "total_sms": 128, "splits": [8, 64, 120], "waiting_prefill_tokens": 7,
                    "num_decoding": 2, "decode_context_tokens": 100, "arrival_tokens_per_s": 250.0,
-                   "arrival_mean_prompt_tokens": 125.0, "mean_output_tokens": 30.0, "recent_decode_step_ms": 12.5}}
+                   "arrival_mean_prompt_tokens": 125.0, "mean_output_tokens": 30.0, "recent_decode_step_ms": 12.5,
+                   "decode_pace_ms": 18.0}}
     v = view_from_dict(d)
     assert (v.engine_id, v.prefill_sms, v.splits, v.ttft_ms, v.waiting_prefill_tokens) == ("e-1", 64, (8, 64, 120),
                                                                                            (1.0, 2.0), 7)
     assert v.arrival_tokens_per_s == 250.0 and v.mean_prompt_tokens == 125.0 and v.mean_output_tokens == 30.0
-    assert v.decode_step_ms == 12.5
+    assert v.decode_step_ms == 12.5 and v.decode_pace_ms == 18.0
+    assert view_from_dict({**d, "stats": {"prefill_sms": 64, "total_sms": 128}}).decode_pace_ms == 0.0  # an older engine
 
 
 def test_configs_validate(tiny_llama: Path) -> None:

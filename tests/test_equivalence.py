@@ -282,6 +282,54 @@ def test_overlapped_decode_matches_one_step_at_a_time(model_factory: Callable[[s
         assert llm.core.decode.num_running == 0
 
 
+def test_step_pacer_spaces_steps_only_while_asked() -> None:
+    from actors.engine.workers import StepPacer
+
+    now, slept, busy = [0.0], [], [True]
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        now[0] += seconds
+
+    pacer = StepPacer(0.02, lambda: busy[0], sleep, clock=lambda: now[0])
+    pacer.wait()  # the first step: nothing to space it from
+    now[0] += 0.005
+    pacer.wait()  # 5 ms after the last one started: waits the other 15
+    assert slept == [pytest.approx(0.015)]
+    now[0] += 0.03
+    pacer.wait()  # the last step took longer than the pace: no wait
+    busy[0] = False
+    now[0] += 0.001
+    pacer.wait()  # nothing asks for pacing (prefill idle): no wait
+    assert len(slept) == 1 and pacer.waited_s == pytest.approx(0.015)
+    with pytest.raises(ValueError, match="interval_s must be positive"):
+        StepPacer(0.0, lambda: True, sleep)
+
+
+def test_paced_decode_changes_no_token(model_factory: Callable[[str], Path],
+                                       engine_factory: Callable[..., LLM]) -> None:
+    """A semi-PD engine with `decode_pace_ms` gives its decode worker a pacer, which it asks before every step.
+    Here the pacer is told that prefill always has work and its clock stands still, so every step but the first
+    waits one whole pace (recorded, not slept): the tokens are those of back-to-back steps, and the engine's
+    stats report the pace and the time waited."""
+    model = model_factory("tiny-llama")
+    prompts = make_prompts(seed=7)[:6]
+    params = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
+    plain = engine_factory(model, mode="semi-pd")
+    expected = [o.token_ids for o in plain.generate(prompts, params)]
+    assert plain.core.workers[-1].pacer is None and plain.core.stats().paced_seconds == {}
+
+    paced = engine_factory(model, mode="semi-pd", decode_pace_ms=20)
+    pacer = paced.core.workers[-1].pacer
+    assert pacer is not None and pacer.interval_s == pytest.approx(0.02)
+    slept: list[float] = []
+    pacer.when, pacer.clock, pacer.sleep = (lambda: True), (lambda: 100.0), slept.append
+    assert [o.token_ids for o in paced.generate(prompts, params)] == expected
+    assert len(slept) >= 3 and slept == [pytest.approx(0.02)] * len(slept)
+    stats = paced.core.stats()
+    assert stats.decode_pace_ms == 20 and stats.paced_seconds == {"decode": pytest.approx(0.02 * len(slept))}
+
+
 def test_overlapped_prefill_matches_one_iteration_at_a_time(model_factory: Callable[[str], Path],
                                                             engine_factory: Callable[..., LLM]) -> None:
     """The semi-PD prefill worker queues each iteration before taking the previous one's first tokens; that

@@ -130,7 +130,7 @@ def test_engine_collector_aggregates_engines() -> None:
               iteration_counts={"prefill": [0] * 10 + [10] + [0] * 6,
                                 "decode": [0, 100, 250, 40, 10] + [0] * 12},
               cuda_alloc_retries=2, cuda_frees=7, prefix_queried_tokens=5000, prefix_hit_tokens=1200,
-              launch_parts={"decode": {"graph": 1.25, "sample": 0.5}}),
+              launch_parts={"decode": {"graph": 1.25, "sample": 0.5}}, paced_seconds={"decode": 0.75}),
         _load("g1", num_waiting=0, num_prefilling=0, num_decoding=1, kv_usage=0.1, num_pages=300, prefill_sms=32,
               total_sms=128, num_switches=0),
     ])
@@ -157,6 +157,8 @@ def test_engine_collector_aggregates_engines() -> None:
     assert get(s, "vllm:prefix_cache_queries_total", model_name="m", engine="g0") == 5000
     assert get(s, "vllm:prefix_cache_hits_total", model_name="m", engine="g0") == 1200
     assert get(s, "semipd:worker_launch_part_seconds_total", part="graph", **decode) == 1.25
+    assert get(s, "semipd:worker_paced_seconds_total", **decode) == 0.75  # --decode-pace-ms
+    assert not any(name.startswith("semipd:worker_paced") and dict(labels).get("engine") == "g1" for name, labels in s)
     metrics.update_loads([])  # engines gone: per-engine series disappear, totals drop to 0
     s = parse(metrics.render()[0].decode())
     assert get(s, "vllm:num_requests_running", model_name="m") == 0

@@ -42,7 +42,7 @@ from actors.slo.latency_model import (
 from actors.slo.ordering import EDFOrder, edf_key, make_order
 from actors.slo.policy import (
     ArrivalDecode, Load, ModelPolicy, ModelPolicyConfig, PrefillLoad, SplitPrediction, arrival_decode, load_changed,
-    make_policy, predict_raw, prefill_load, settled_step_ms, tpot_factors, typical_prompt_tokens,
+    make_policy, paced_tpot_ms, predict_raw, prefill_load, settled_step_ms, tpot_factors, typical_prompt_tokens,
 )
 from actors.slo.profiler import ProfileConfig, Profiler, engine_profile_key
 from actors.slo.types import EngineView, ReactivePolicy, SLOTargets, SplitDecision
@@ -537,6 +537,23 @@ def test_model_policy_corrects_with_observed_latency() -> None:
     assert d.prefill_sms > 48
     few = ModelPolicy(h100_llama8b()).decide(view(48, ttft=slow[:3], **small), TARGETS)
     assert few.predicted["ttft_correction"] == 1.0  # warm-up filter: too few samples
+
+
+def test_model_policy_reads_a_paced_decode_as_paced_not_slow() -> None:
+    """An engine whose decode is paced at 30 ms shows TPOTs of about 30 ms while prompts come in. Against a model
+    step of ~12 ms that would read as a slow decode and move SMs to it; with the pace in the view the TPOT
+    correction stays at 1 and the split stays. Without prompts coming in there is no pace to expect."""
+    load = dict(queued=2_000, requests=4, decoding=32, context=32 * 1500)
+    paced_tpots = tuple([30.0] * 20)
+    policy, cfg = ModelPolicy(h100_llama8b()), ModelPolicyConfig()
+    unaware = policy.decide(view(64, tpot=paced_tpots, **load), TARGETS)
+    assert unaware.predicted["model_tpot_ms"] < 20 and unaware.predicted["tpot_correction"] > 1.2
+    aware = ModelPolicy(h100_llama8b()).decide(replace(view(64, tpot=paced_tpots, **load), decode_pace_ms=30.0), TARGETS)
+    assert aware.predicted["model_tpot_ms"] == 30.0 and aware.predicted["tpot_correction"] == pytest.approx(1.0)
+    assert aware.predicted["tpot_ms"] == pytest.approx(unaware.predicted["tpot_ms"] / unaware.predicted["tpot_correction"])
+    idle = replace(view(64, tpot=paced_tpots, decoding=32, context=32 * 1500), decode_pace_ms=30.0)
+    assert paced_tpot_ms(idle) == 0.0 and paced_tpot_ms(replace(idle, arrival_tokens_per_s=5_000.0)) == 30.0
+    assert cfg.comfort_slack < 1 - 30.0 / TARGETS.tpot_ms  # the pace itself puts no target at risk here
 
 
 def test_model_policy_with_cpu_profile_stays_put() -> None:

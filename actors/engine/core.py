@@ -20,7 +20,7 @@ import torch
 
 from actors.config import ConfigError, EngineConfig, ModelArch
 from actors.engine.partitioner import Partitioner, SwitchRecord, make_partitioner
-from actors.engine.workers import DecodeWorker, Emit, PrefillWorker, UnifiedWorker, Wakeup, Worker, discard
+from actors.engine.workers import DecodeWorker, Emit, PrefillWorker, StepPacer, UnifiedWorker, Wakeup, Worker, discard
 from actors.kv.allocator import BlockAllocator
 from actors.kv.manager import KVManager, pages_for
 from actors.kv.pool import KVPool
@@ -80,6 +80,8 @@ class EngineStats:
     cuda_alloc_retries: int = 0
     cuda_frees: int = 0
     recent_decode_step_ms: float = 0.0  # the decode worker's mean iteration over the last 2 s (0: none, or unified)
+    decode_pace_ms: float = 0.0  # the decode worker's pace while prefill has work (0: none; `StepPacer`) ...
+    paced_seconds: dict[str, float] = field(default_factory=dict)  # ... and per paced worker the time it waited
 
 
 class EngineCore:
@@ -171,6 +173,8 @@ class EngineCore:
         wakeups = {"prefill": Wakeup(), "decode": Wakeup()}
         decode = DecodeWorker(self.prefill, self.decode, self._make_runner(True), parts, emit, wakeups,
                               overlap=self.config.overlap_decode)
+        if self.config.decode_pace_ms is not None:
+            decode.pacer = StepPacer(self.config.decode_pace_ms / 1000, self.prefill.has_work, decode.stop_event.wait)
         return [PrefillWorker(self.prefill, self.decode, self._make_runner(False), parts, emit, wakeups,
                               overlap=self.config.overlap_prefill), decode]
 
@@ -358,6 +362,8 @@ class EngineCore:
             switches=tuple(self.partitioner.switches[-RECENT_SWITCHES:]),
             recent_decode_step_ms=next(
                 (w.recent_iteration_ms(now=now) for w in self.workers if w.name == "decode"), 0.0),
+            decode_pace_ms=self.config.decode_pace_ms or 0.0,
+            paced_seconds={w.name: w.pacer.waited_s for w in self.workers if isinstance(w, DecodeWorker) and w.pacer},
             **self._allocator_counts(),
         )
 

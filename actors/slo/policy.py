@@ -12,7 +12,11 @@ and the paper's `ReactivePolicy`, built by name with `make_policy`.
   the batch decode settles at there (`settled_step_ms`: Little's law, for the demand the engine
   serves now or the arrivals bring, whichever is more).
 Both are multiplied by a correction from observed latencies: (observed / predicted at
-the current split) ** `observed_weight`, clamped, when enough samples are in the view. A split's
+the current split) ** `observed_weight`, clamped, when enough samples are in the view. An engine
+whose decode is paced (`EngineView.decode_pace_ms`) is expected to show TPOT no lower than its pace
+while prompts arrive: observed TPOT is compared with the larger of the two, so that the pace does not
+read as a slow model; the splits' slack is that of their unpaced steps (the pace is the same on every
+split and no target at risk). A split's
 TPOT takes instead the ratio observed while that split itself last ran, if within
 `tpot_memory_s` (a split never seen, the largest of those seen on splits with as many decode SMs
 or more): a ratio measured on a wide decode partition says little about a narrow one, where the
@@ -294,6 +298,12 @@ def typical_prompt_tokens(view: EngineView, cfg: ModelPolicyConfig) -> int:
     return round(view.mean_prompt_tokens) if view.mean_prompt_tokens >= 1 else cfg.typical_prompt_tokens
 
 
+def paced_tpot_ms(view: EngineView) -> float:
+    """The TPOT an engine's decode pace holds its requests to while prompts arrive or wait (0: none)."""
+    busy = view.waiting_prefill_tokens > 0 or view.arrival_tokens_per_s > 0
+    return view.decode_pace_ms if busy else 0.0
+
+
 def observed_correction(observed: tuple[float, ...], predicted: float, q: float, cfg: ModelPolicyConfig) -> float:
     """(P_q of observed / predicted) ** weight, clamped; 1.0 with too few samples."""
     if len(observed) < cfg.min_observed or predicted <= 0:
@@ -343,13 +353,14 @@ class ModelPolicy:
         current = nearest_split(view.splits, view.prefill_sms)
         raw = {s: predict_raw(model, view, s, cfg) for s in view.splits}
         q = 100.0 * targets.attainment
+        expected_tpot = max(raw[current][1], paced_tpot_ms(view))
         c_ttft = observed_correction(view.ttft_ms, raw[current][0], q, cfg)
-        c_tpot = observed_correction(view.tpot_ms, raw[current][1], q, cfg)
+        c_tpot = observed_correction(view.tpot_ms, expected_tpot, q, cfg)
         f_tpot = tpot_factors(view.splits, current, c_tpot, self._remembered_tpot(view, current))
         preds = [SplitPrediction(s, t * c_ttft, p * f_tpot[s], min_slack(t * c_ttft, p * f_tpot[s], targets))
                  for s, (t, p) in raw.items()]
         info = {"ttft_correction": c_ttft, "tpot_correction": c_tpot, "arrival_tokens_per_s": view.arrival_tokens_per_s,
-                "typical_prompt_tokens": float(typical_prompt_tokens(view, cfg)), "model_tpot_ms": raw[current][1]}
+                "typical_prompt_tokens": float(typical_prompt_tokens(view, cfg)), "model_tpot_ms": expected_tpot}
         if view.ttft_ms:
             info["observed_ttft_ms"] = percentile(view.ttft_ms, q)
         if view.tpot_ms:

@@ -35,7 +35,8 @@ class EngineView:
     `mean_prompt_tokens` the mean prompt length of the latest arrivals (0: unknown), `mean_output_tokens` the
     mean output length of recently finished requests (0: unknown). `decode_step_ms` is the mean decode step of
     the last seconds as the engine measured it (0: unknown or idle): the TPOT the requests decoding now see,
-    before any of them finishes and becomes a TPOT sample.
+    before any of them finishes and becomes a TPOT sample. `decode_pace_ms` is the engine's decode pace while
+    prefill has work (0: none): its steps take at least that long then, whatever the split.
     """
 
     engine_id: str
@@ -53,6 +54,7 @@ class EngineView:
     mean_prompt_tokens: float = 0.0
     mean_output_tokens: float = 0.0
     decode_step_ms: float = 0.0
+    decode_pace_ms: float = 0.0
 
 
 @dataclass(frozen=True)

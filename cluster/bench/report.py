@@ -266,6 +266,7 @@ class WorkerIterations:
     tokens: float  # tokens computed per iteration
     launch_parts_ms: dict[str, float] = field(default_factory=dict)  # host time by part, per iteration
     quantiles_ms: dict[int, float] = field(default_factory=dict)  # P50, P90: the histogram bucket bound at or above
+    paced_ms: float = 0.0  # time waiting for the worker's pace, per iteration
 
 
 def iteration_quantiles(buckets: Mapping[float, float], qs: Sequence[int] = (50, 90)) -> dict[int, float]:
@@ -280,7 +281,7 @@ def iteration_quantiles(buckets: Mapping[float, float], qs: Sequence[int] = (50,
 
 def worker_iterations(result: BenchResult) -> dict[tuple[str, str], WorkerIterations]:
     """(engine, worker) -> its iterations during the run, from the server's `semipd:worker_iteration_seconds`
-    histogram (or summary) and `semipd:worker_{tokens,launch_seconds,launch_part_seconds}_total` counters
+    histogram (or summary) and `semipd:worker_{tokens,launch_seconds,launch_part_seconds,paced_seconds}_total` counters
     (empty for servers without them)."""
     delta = (result.server_metrics or {}).get("delta") or {}
     parts: dict[tuple[str, str], dict[str, float]] = {}
@@ -298,20 +299,21 @@ def worker_iterations(result: BenchResult) -> dict[tuple[str, str], WorkerIterat
             continue
         labels = series[series.index("{"):]
         per_iteration = {name: delta.get(f"semipd:worker_{name}{labels}", 0.0) / count
-                         for name in ("iteration_seconds_sum", "launch_seconds_total", "tokens_total")}
+                         for name in ("iteration_seconds_sum", "launch_seconds_total", "tokens_total",
+                                      "paced_seconds_total")}
         key = _series_labels(labels)
         worker = (key.get("engine", "?"), key.get("worker", "?"))
         out[worker] = WorkerIterations(
             count, 1e3 * per_iteration["iteration_seconds_sum"], 1e3 * per_iteration["launch_seconds_total"],
             per_iteration["tokens_total"],
             {part: 1e3 * seconds / count for part, seconds in sorted(parts.get(worker, {}).items())},
-            iteration_quantiles(buckets.get(worker, {})))
+            iteration_quantiles(buckets.get(worker, {})), 1e3 * per_iteration["paced_seconds_total"])
     return out
 
 
 def format_worker_iterations(result: BenchResult) -> str:
-    """One line per engine worker: its iterations during the run, their mean wall time, the host part of it
-    and the tokens per iteration ('' without any)."""
+    """One line per engine worker: its iterations during the run, their mean wall time, the host part of it,
+    the time it waited for its pace (if paced) and the tokens per iteration ('' without any)."""
     rows = worker_iterations(result)
     if not rows:
         return ""
@@ -322,7 +324,11 @@ def format_worker_iterations(result: BenchResult) -> str:
     def quantiles(w: WorkerIterations) -> str:
         return "".join(f", P{q} <= {ms:g} ms" for q, ms in w.quantiles_ms.items())
 
-    parts = [f"{engine} {worker}: {w.count:.0f} x {w.mean_ms:.2f} ms ({host(w)}, {w.tokens:.0f} tokens{quantiles(w)})"
+    def paced(w: WorkerIterations) -> str:
+        return f", paced {w.paced_ms:.2f} ms" if w.paced_ms > 0 else ""
+
+    parts = [f"{engine} {worker}: {w.count:.0f} x {w.mean_ms:.2f} ms ({host(w)}{paced(w)}, {w.tokens:.0f} tokens"
+             f"{quantiles(w)})"
              for (engine, worker), w in sorted(rows.items())]
     return "Worker iterations during the run (mean wall time): " + "; ".join(parts)
 

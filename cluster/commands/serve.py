@@ -47,6 +47,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-overlap-prefill", dest="overlap_prefill", action="store_false",
                    help="semi-pd: take each prefill iteration's first tokens before planning the next (by default "
                         "the next iteration is queued while the current one runs)")
+    p.add_argument("--decode-pace-ms", type=float, default=None, metavar="MS",
+                   help="semi-pd: while prefill has work, start at most one decode step per MS (under the TPOT "
+                        "target), leaving prefill the memory bandwidth of back-to-back steps (default: back to back)")
     p.add_argument("--stream-interval", type=int, default=1, metavar="N",
                    help="tokens per streamed chunk after the first: fewer, larger SSE events "
                         "(vLLM's --stream-interval)")
@@ -100,7 +103,7 @@ def cluster_config(args: argparse.Namespace, redis_url: str | None) -> Any:
         engine=EngineOptions(device=args.device, num_pages=args.num_pages, max_prefill_tokens=args.max_prefill_tokens,
                              load_format=args.load_format, prefill_sms=args.prefill_sms,
                              overlap_decode=args.overlap_decode, overlap_prefill=args.overlap_prefill,
-                             switch_interval_ms=args.switch_interval_ms),
+                             decode_pace_ms=args.decode_pace_ms, switch_interval_ms=args.switch_interval_ms),
         cluster_name=args.cluster_name, served_model_name=args.served_model_name, stream_interval=args.stream_interval,
         engine_restarts=args.engine_restarts,
     )
@@ -116,7 +119,8 @@ def serve_app_args(args: argparse.Namespace, redis_url: str | None, grpc_port: i
                 num_actors=args.num_actors, redis_url=redis_url, grpc_port=grpc_port or None,
                 max_prefill_tokens=args.max_prefill_tokens, device=args.device, load_format=args.load_format,
                 prefill_sms=args.prefill_sms, overlap_decode=args.overlap_decode, overlap_prefill=args.overlap_prefill,
-                switch_interval_ms=args.switch_interval_ms, stream_interval=args.stream_interval,
+                decode_pace_ms=args.decode_pace_ms, switch_interval_ms=args.switch_interval_ms,
+                stream_interval=args.stream_interval,
                 prefill_sm_min=args.prefill_sm_min or None,
                 prefill_sm_max=args.prefill_sm_max if args.prefill_sm_max < 1.0 else None,
                 controller_policy=args.policy, latency_profile=args.latency_profile, profile_grid=args.profile_grid,
