@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the GPU machine (device tool), from the repo root, `.device` carried:
 #   bash bench/device_run.sh tests [K]        GPU tests (pytest -k K); SAVE_CACHE=1: flashinfer kernels -> $OUT/fi-cache.txz
-#   bash bench/device_run.sh bench [PARTS]    engine benchmarks (decode,decode-loop,prefill,switch,offline) -> $OUT/engine.{md,json}
+#   bash bench/device_run.sh bench [PARTS]    engine benchmarks (decode,decode-loop,prefill,switch,offline; also contention) -> $OUT/engine.{md,json}
 #   bash bench/device_run.sh vllm             vLLM reference of the offline job (after staging .vllmA)
 #   bash bench/device_run.sh profile [BATCH..] where a decode step's time goes -> $OUT/decode-profile.log
 #   bash bench/device_run.sh gemm             one layer's GEMMs on each split, cuBLAS sized for the GPU vs the partition -> $OUT/gemm.json

@@ -19,7 +19,7 @@
 # prompts and arrival times as every other server's window at that rate, the prefix cache reset before each
 # window), PIN_SWEEPS (the sweeps of a pinned split, default SWEEPS; "" runs only the shifting run).
 # Each server first gets a short unrecorded warm-up of every sweep's workload.
-# Results: CONFIG-WORKLOAD-RATE.json (+ .log, + .gpu.csv: SM clock MHz, power W, temperature C every 250 ms), server logs and split decisions, in $OUT/compare.tgz (one file,
+# Results: CONFIG-WORKLOAD-RATE.json (+ .log, + .gpu.csv: SM clock MHz and power W every 250 ms), server logs and split decisions, in $OUT/compare.tgz (one file,
 # rewritten after each window, so a run cut short still brings back what it measured), with the dynamic server's latency
 # profile (semipd-profile.json). A profile committed as bench/profiles/semipd-profile.json is loaded instead of
 # profiling at start when its key (device, model, split set) matches, unless FRESH_PROFILE=1 (after a change
@@ -90,19 +90,12 @@ reset_prefix_cache() {  # a semipd server forgets its cached pages, so that a wi
   curl -sf -X POST http://127.0.0.1:8000/reset_prefix_cache >/dev/null || echo "$1: prefix cache reset failed"
 }
 
-gpu_telemetry() {  # file: sample the GPU's SM clock, power and temperature every 250 ms into file, in the
-  # background ($sampler), so that a window's figures can be read against the clocks it ran at (power capping)
+gpu_telemetry() {  # file: sample the GPU's SM clock and power every 250 ms into file, in the background
+  # ($sampler), so that a window's figures can be read against the clocks it ran at (power capping)
   sampler=""
   [ -n "$gpu" ] || return 0
-  nvidia-smi --query-gpu=clocks.sm,power.draw,temperature.gpu --format=csv,noheader,nounits -lms 250 > "$1" 2>&1 &
+  nvidia-smi --query-gpu=clocks.sm,power.draw --format=csv,noheader,nounits -lms 250 > "$1" 2>&1 &
   sampler=$!
-}
-
-telemetry_summary() {  # file (of gpu_telemetry) -> one line, nothing without samples
-  [ -f "$1" ] || return 0
-  awk -F', *' 'NF == 3 && $1 + 0 > 0 { n++; c += $1; if (!lo || $1 < lo) lo = $1; p += $2; if ($2 > pmax) pmax = $2
-                                       if ($3 > t) t = $3 }
-    END { if (n) printf "GPU during the run: SM clock %.0f MHz mean, %d min; power %.0f W mean, %.0f max; %d C max", c / n, lo, p / n, pmax, t }' "$1"
 }
 
 bench() {  # config workload rate window
@@ -124,7 +117,7 @@ print(max(16, round($3 * $4 * mean_rate_scale(parse_phases('$SHIFT_PHASES')))))"
     > "$res/$name.log" 2>&1
   [ -n "$sampler" ] && kill $sampler 2>/dev/null
   save_results
-  echo "$name: $(grep -E "Request throughput|SLO attainment|P90 TTFT|P90 TPOT|Prefix cache|Worker iterations|CUDA allocator" "$res/$name.log" | tr -s ' ' | paste -sd' ') $(telemetry_summary "$res/$name.gpu.csv")"
+  echo "$name: $(grep -E "Request throughput|SLO attainment|P90 TTFT|P90 TPOT|Prefix cache|Worker iterations|CUDA allocator" "$res/$name.log" | tr -s ' ' | paste -sd' ') $(python3 -m cluster.bench.telemetry "$res/$name.gpu.csv")"
 }
 
 warm_up() {  # config: 8 requests of each sweep's workload at 2 req/s, not recorded, so that no measured window

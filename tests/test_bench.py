@@ -821,6 +821,35 @@ def test_engine_decode_loop_bench_runs_both_ways_on_cpu(tiny_llama: Path) -> Non
     assert "| batch | context | mean context measured | decode SMs |" in table
 
 
+def test_engine_contention_bench_runs_on_cpu(tiny_llama: Path) -> None:
+    """The GPU engine benchmark's contention part on the CPU engine: one row per decode condition (idle, back to
+    back, each pace), every one timing the same prompts; no telemetry off a GPU."""
+    from cluster.bench.engine_bench import bench_contention, format_table
+
+    rows = bench_contention(str(tiny_llama), 64, 2, (5.0,), prompts=3, prompt_len=48, ctx=16)
+    assert [(r["decode"], r["decode_batch"], r["pace_ms"]) for r in rows] == [
+        ("idle", 0, None), ("back to back", 2, None), ("paced 5 ms", 2, 5.0)]
+    assert all(r["prefill_tokens_per_s"] > 0 and r["prompts"] * r["prompt_len"] == 144 for r in rows)
+    assert rows[0]["decode_step_ms"] is None and rows[0]["paced_s"] == rows[1]["paced_s"] == 0.0
+    assert "sm_clock_mhz" not in rows[0]
+    table = format_table(dict(model="m", device="cpu", date="d", commit="c", command="x",
+                              ceilings=dict(copy_TBps=1.0, matmul_TFLOPs=1.0), contention=rows))
+    assert "| idle | 0 | " in table and "| 1.00x | - | - | - |" in table and "| paced 5 ms | 2 | " in table
+
+
+def test_gpu_telemetry_summary_from_nvidia_smi_lines(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from cluster.bench.telemetry import main, parse_telemetry, summarize
+
+    samples = parse_telemetry("1980, 650.5\n[N/A], 10\nFailed to initialize NVML\n1755, 699.5\n")
+    assert samples == [(1980.0, 650.5), (1755.0, 699.5)]
+    assert summarize(samples) == dict(sm_clock_mhz=1867.5, sm_clock_min_mhz=1755.0, power_w=675.0, power_max_w=699.5)
+    log = tmp_path / "w.gpu.csv"
+    log.write_text("1980, 650.5\n1755, 699.5\n")
+    assert main([str(log)]) == 0 and main([str(tmp_path / "none.csv")]) == 0
+    assert capsys.readouterr().out == ("GPU during the run: SM clock 1868 MHz mean, 1755 min; power 675 W mean, 700 max\n"
+                                       "\n")
+
+
 def test_fresh_process_returns_raises_and_gives_up_after_its_timeout() -> None:
     """`in_fresh_process` runs in another process, brings back a result or the exception raised there, and stops
     waiting for (and kills) a call that overruns its timeout."""

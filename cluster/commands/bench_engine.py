@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-PARTS = ("decode", "decode-loop", "prefill", "switch", "offline")
+PARTS = ("decode", "decode-loop", "prefill", "switch", "contention", "offline")
 
 
 def register_engine(bench_sub: argparse._SubParsersAction) -> None:

@@ -1,0 +1,82 @@
+"""GPU clock and power while a benchmark runs, sampled by `nvidia-smi` (no NVML binding needed).
+
+`GpuTelemetry` samples in the background around a block of Python; `bench/gpu_serve_compare.sh` runs the
+same `nvidia-smi` query (`QUERY`) around each serving window and summarizes its file with
+`python3 -m cluster.bench.telemetry FILE`.
+"""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+QUERY = ("--query-gpu=clocks.sm,power.draw", "--format=csv,noheader,nounits")
+
+
+class GpuTelemetry:
+    """SM clock (MHz) and power (W) every `interval_ms` while the `with` block runs; `summary()` after it
+    ({} without nvidia-smi, e.g. off a GPU)."""
+
+    def __init__(self, interval_ms: int = 100) -> None:
+        self.interval_ms = interval_ms
+        self.samples: list[tuple[float, float]] = []
+        self._proc: subprocess.Popen[str] | None = None
+
+    def __enter__(self) -> GpuTelemetry:
+        if shutil.which("nvidia-smi"):
+            self._proc = subprocess.Popen(["nvidia-smi", *QUERY, "-lms", str(self.interval_ms)],
+                                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._proc is None:
+            return
+        self._proc.terminate()
+        out, _ = self._proc.communicate(timeout=10)
+        self.samples = parse_telemetry(out)
+
+    def summary(self) -> dict[str, float]:
+        return summarize(self.samples)
+
+
+def parse_telemetry(text: str) -> list[tuple[float, float]]:
+    """(SM clock MHz, power W) from the lines `nvidia-smi` prints for `QUERY`; other lines are skipped."""
+    samples = []
+    for line in text.splitlines():
+        try:
+            clock, watts = (float(f) for f in line.split(","))
+        except ValueError:
+            continue
+        samples.append((clock, watts))
+    return samples
+
+
+def summarize(samples: list[tuple[float, float]]) -> dict[str, float]:
+    """Mean and lowest SM clock, mean and highest power ({} without samples)."""
+    if not samples:
+        return {}
+    clocks, watts = zip(*samples)
+    return dict(sm_clock_mhz=statistics.fmean(clocks), sm_clock_min_mhz=min(clocks),
+                power_w=statistics.fmean(watts), power_max_w=max(watts))
+
+
+def format_summary(summary: dict[str, float]) -> str:
+    """One line ('' without samples)."""
+    if not summary:
+        return ""
+    return (f"GPU during the run: SM clock {summary['sm_clock_mhz']:.0f} MHz mean, {summary['sm_clock_min_mhz']:.0f} "
+            f"min; power {summary['power_w']:.0f} W mean, {summary['power_max_w']:.0f} max")
+
+
+def main(argv: list[str]) -> int:
+    """`python3 -m cluster.bench.telemetry FILE`: the summary line of a file of `nvidia-smi` samples."""
+    path = Path(argv[0])
+    print(format_summary(summarize(parse_telemetry(path.read_text() if path.is_file() else ""))))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
