@@ -676,6 +676,7 @@ def test_end_to_end_against_real_server(live_server: _Server, tiny_llama: Path, 
     assert 1 <= iterations["decode"].tokens <= 20  # one token per running request
     assert 0 < round(iterations["prefill"].count * iterations["prefill"].tokens) <= result.metrics.total_input  # less cached
     assert "Worker iterations during the run (mean wall time): " in printed
+    assert f"Offered load while requests arrived ({scheduled_span(recs):.1f} s): " in printed
     queried, hit = prefix_cache_counts(result) or (0.0, 0.0)
     assert queried == result.metrics.total_input and 0 <= hit < queried
     assert round(iterations["prefill"].count * iterations["prefill"].tokens) >= queried - hit  # preemptions add
@@ -702,18 +703,34 @@ def test_worker_iterations_from_the_metric_deltas() -> None:
     assert worker_iterations(result) == {
         ("g0", "decode"): WorkerIterations(400.0, 20.0, 1.0, 32.0, {"graph": 0.8, "sample": 0.2})}
     assert format_worker_iterations(result).endswith(
-        "g0 decode: 400 x 20.00 ms (host 1.00 ms = graph 0.80 + sample 0.20, 32 tokens)")
+        "g0 decode: 400 x 20.00 ms (host 1.00 ms = graph 0.80 + sample 0.20, 32 tokens = 1,600 tok/s)")
     cumulative = {"0.01": 40.0, "0.02": 200.0, "0.03": 359.0, "0.05": 400.0, "+Inf": 400.0}  # the histogram's deltas
     result.server_metrics["delta"].update(
         {f'semipd:worker_iteration_seconds_bucket{{{e},worker="decode",le="{le}"}}': n for le, n in cumulative.items()})
     assert worker_iterations(result)[("g0", "decode")].quantiles_ms == {50: 20.0, 90: 50.0}
-    assert format_worker_iterations(result).endswith("32 tokens, P50 <= 20 ms, P90 <= 50 ms)")
+    assert format_worker_iterations(result).endswith("32 tokens = 1,600 tok/s, P50 <= 20 ms, P90 <= 50 ms)")
     assert iteration_quantiles({0.01: 0.0, math.inf: 0.0}) == {} and iteration_quantiles({}) == {}
     result.server_metrics["delta"][f'semipd:worker_paced_seconds_total{{{e},worker="decode"}}'] = 2.0  # --decode-pace-ms
     assert worker_iterations(result)[("g0", "decode")].paced_ms == 5.0
-    assert "(host 1.00 ms = graph 0.80 + sample 0.20, paced 5.00 ms, 32 tokens, P50" in format_worker_iterations(result)
+    assert "(host 1.00 ms = graph 0.80 + sample 0.20, paced 5.00 ms, 32 tokens = 1,600 tok/s, P50" in (
+        format_worker_iterations(result))
     result.server_metrics = None  # vLLM
     assert worker_iterations(result) == {} and format_worker_iterations(result) == ""
+
+
+def scheduled_span(recs: list[RequestRecord]) -> float:
+    return max(r.scheduled_s for r in recs) - min(r.scheduled_s for r in recs)
+
+
+def test_offered_load_over_the_span_of_arrivals() -> None:
+    """Requests 0.5 s apart carrying 100 and 300 prompt tokens in turn: 2 req/s and 400 prompt tokens/s offered."""
+    from cluster.bench.report import format_offered_load, offered_load
+
+    recs = [RequestRecord(i, "random", 100 if i % 2 == 0 else 300, 8, scheduled_s=0.5 * i) for i in range(9)]
+    rate, tokens, span = offered_load(recs) or (0.0, 0.0, 0.0)
+    assert (rate, span) == (2.0, 4.0) and tokens == pytest.approx(2.0 * sum(r.prompt_len for r in recs) / 9)
+    assert format_offered_load(recs) == f"Offered load while requests arrived (4.0 s): 2.00 req/s, {tokens:,.0f} prompt tokens/s"
+    assert offered_load(recs[:1]) is None and format_offered_load([recs[0], recs[0]]) == ""  # no span: all at once
 
 
 def test_cuda_allocator_counts_from_the_metric_deltas() -> None:

@@ -327,8 +327,11 @@ def format_worker_iterations(result: BenchResult) -> str:
     def paced(w: WorkerIterations) -> str:
         return f", paced {w.paced_ms:.2f} ms" if w.paced_ms > 0 else ""
 
+    def rate(w: WorkerIterations) -> str:
+        return f" = {1e3 * w.tokens / w.mean_ms:,.0f} tok/s" if w.mean_ms > 0 else ""
+
     parts = [f"{engine} {worker}: {w.count:.0f} x {w.mean_ms:.2f} ms ({host(w)}{paced(w)}, {w.tokens:.0f} tokens"
-             f"{quantiles(w)})"
+             f"{rate(w)}{quantiles(w)})"
              for (engine, worker), w in sorted(rows.items())]
     return "Worker iterations during the run (mean wall time): " + "; ".join(parts)
 
@@ -368,6 +371,30 @@ def prefix_cache_counts(result: BenchResult) -> tuple[float, float] | None:
     if "vllm:prefix_cache_queries_total" not in sums:
         return None
     return sums["vllm:prefix_cache_queries_total"], sums.get("vllm:prefix_cache_hits_total", 0.0)
+
+
+def offered_load(records: Sequence[RequestRecord]) -> tuple[float, float, float] | None:
+    """(requests/s, prompt tokens/s, seconds) the load generator sent over the span of its arrivals (from the
+    first request's send to the last one's); None with fewer than two requests or a single instant."""
+    if len(records) < 2:
+        return None
+    times = [r.scheduled_s for r in records]
+    span = max(times) - min(times)
+    if span <= 0:
+        return None
+    n = len(records) - 1  # arrivals after the first, within the span
+    return n / span, sum(r.prompt_len for r in records) * n / len(records) / span, span
+
+
+def format_offered_load(records: Sequence[RequestRecord]) -> str:
+    """One line: the load offered while requests arrived ('' when it cannot say). A server sustains a rate only
+    if it computes prompts faster than they arrive: compare the prompt tokens/s here with the prefill worker's
+    tokens/s in the worker line."""
+    load = offered_load(records)
+    if load is None:
+        return ""
+    rate, tokens, span = load
+    return f"Offered load while requests arrived ({span:.1f} s): {rate:.2f} req/s, {tokens:,.0f} prompt tokens/s"
 
 
 def format_prefix_cache(result: BenchResult) -> str:
@@ -569,5 +596,6 @@ __all__ = [
     "BenchResult", "SCHEMA", "SustainedRate", "format_failures", "format_preamble", "format_profile_breakdown",
     "format_result_block", "format_split_changes", "format_sustained_rates", "format_worker_iterations", "iteration_quantiles",
     "cuda_allocator_counts", "format_cuda_allocator", "prefix_cache_counts", "format_prefix_cache", "load_result",
+    "offered_load", "format_offered_load",
     "plot_results", "profile_breakdown", "results_figure", "sustained_rates", "worker_iterations", "write_result",
 ]

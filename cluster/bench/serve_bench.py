@@ -32,7 +32,8 @@ from cluster.bench.client import (
 from cluster.bench.metrics import METRICS, SLOs, compute_metrics
 from cluster.bench.report import (
     BenchResult, format_failures, format_preamble, format_profile_breakdown, format_result_block,
-    format_cuda_allocator, format_prefix_cache, format_split_changes, format_worker_iterations, write_result,
+    format_cuda_allocator, format_offered_load, format_prefix_cache, format_split_changes, format_worker_iterations,
+    write_result,
 )
 from cluster.bench.workloads import (
     BenchRequest, PromptBuilder, RatioPromptBuilder, TokenizerPromptBuilder, WorkloadConfig, build_requests,
@@ -269,8 +270,9 @@ async def _run_one_rate(client: httpx.AsyncClient, config: ServeBenchConfig, end
         metadata=dict(config.metadata), split_changes=split_changes(splits_before, splits_after, started, ended),
     )
     print(format_result_block(result), file=out)
-    for extra in (format_profile_breakdown(result), format_split_changes(result), format_prefix_cache(result),
-                  format_worker_iterations(result), format_cuda_allocator(result), format_failures(records)):
+    for extra in (format_offered_load(records), format_profile_breakdown(result), format_split_changes(result),
+                  format_prefix_cache(result), format_worker_iterations(result), format_cuda_allocator(result),
+                  format_failures(records)):
         if extra:
             print(extra, file=out)
     if config.writes_results:
