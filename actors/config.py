@@ -226,7 +226,7 @@ class EngineConfig:
     semi-pd prefill worker queues its next iteration before the current one's first tokens
     reach the host (`actors.engine.workers.PrefillWorker`).
     `decode_pace_ms`: semi-pd: while prefill has work, the decode worker starts at most one step per
-    this many ms (`actors.engine.workers.StepPacer`), leaving prefill the bandwidth that back-to-back steps
+    this many ms (`actors.engine.pacing.StepPacer`), leaving prefill the bandwidth that back-to-back steps
     would take; set it under the TPOT target. None: steps run back to back.
     `switch_interval_ms`: Python's thread switch interval (`sys.setswitchinterval`) the engine
     sets for its whole process when it starts. Its workers and the thread that streams tokens

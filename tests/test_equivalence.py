@@ -283,7 +283,7 @@ def test_overlapped_decode_matches_one_step_at_a_time(model_factory: Callable[[s
 
 
 def test_step_pacer_spaces_steps_only_while_asked() -> None:
-    from actors.engine.workers import StepPacer
+    from actors.engine.pacing import StepPacer
 
     now, slept, busy = [0.0], [], [True]
 

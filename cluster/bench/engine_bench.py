@@ -257,7 +257,8 @@ def bench_contention(model_dir: str, prefill_sms: int, decode_batch: int, paces_
     decode worker's median iteration in that span, and the GPU's SM clock and power meanwhile (`GpuTelemetry`;
     none off a GPU)."""
     from actors.engine.frontend import LLM
-    from actors.engine.workers import DecodeWorker, StepPacer
+    from actors.engine.pacing import StepPacer
+    from actors.engine.workers import DecodeWorker
 
     rows = []
     with LLM(model_dir, mode="semi-pd", load_format="dummy", splits=(prefill_sms,),
