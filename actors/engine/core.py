@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 import torch
 
 from actors.config import ConfigError, EngineConfig, ModelArch
-from actors.engine.partitioner import Partitioner, SwitchRecord, make_partitioner
 from actors.engine.pacing import StepPacer
+from actors.engine.partitioner import Partitioner, SwitchRecord, make_partitioner
 from actors.engine.workers import DecodeWorker, Emit, PrefillWorker, UnifiedWorker, Wakeup, Worker, discard
 from actors.kv.allocator import BlockAllocator
 from actors.kv.manager import KVManager, pages_for
