@@ -328,6 +328,8 @@ def test_paced_decode_changes_no_token(model_factory: Callable[[str], Path],
     assert len(slept) >= 3 and slept == [pytest.approx(0.02)] * len(slept)
     stats = paced.core.stats()
     assert stats.decode_pace_ms == 20 and stats.paced_seconds == {"decode": pytest.approx(0.02 * len(slept))}
+    unified = engine_factory(model, mode="unified", decode_pace_ms=20)  # one loop, nothing to pace against
+    assert unified.core.stats().decode_pace_ms == 0.0 and unified.core.stats().paced_seconds == {}
 
 
 def test_overlapped_prefill_matches_one_iteration_at_a_time(model_factory: Callable[[str], Path],

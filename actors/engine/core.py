@@ -338,6 +338,7 @@ class EngineCore:
     def stats(self) -> EngineStats:
         a, p = self.allocator, self.prefill
         now = time.monotonic()
+        pacers = {w.name: w.pacer for w in self.workers if isinstance(w, DecodeWorker) and w.pacer is not None}
         return EngineStats(
             num_waiting=p.num_waiting,
             num_prefilling=len(p.running),
@@ -363,8 +364,8 @@ class EngineCore:
             switches=tuple(self.partitioner.switches[-RECENT_SWITCHES:]),
             recent_decode_step_ms=next(
                 (w.recent_iteration_ms(now=now) for w in self.workers if w.name == "decode"), 0.0),
-            decode_pace_ms=self.config.decode_pace_ms or 0.0,
-            paced_seconds={w.name: w.pacer.waited_s for w in self.workers if isinstance(w, DecodeWorker) and w.pacer},
+            decode_pace_ms=next((1e3 * p.interval_s for p in pacers.values()), 0.0),
+            paced_seconds={name: p.waited_s for name, p in pacers.items()},
             **self._allocator_counts(),
         )
 
