@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 import torch
 
 from actors.config import ConfigError, EngineConfig, ModelArch
-from actors.engine.pacing import StepPacer
 from actors.engine.partitioner import Partitioner, SwitchRecord, make_partitioner
 from actors.engine.workers import DecodeWorker, Emit, PrefillWorker, UnifiedWorker, Wakeup, Worker, discard
 from actors.kv.allocator import BlockAllocator
@@ -174,8 +173,7 @@ class EngineCore:
         wakeups = {"prefill": Wakeup(), "decode": Wakeup()}
         decode = DecodeWorker(self.prefill, self.decode, self._make_runner(True), parts, emit, wakeups,
                               overlap=self.config.overlap_decode)
-        if self.config.decode_pace_ms is not None:
-            decode.pacer = StepPacer(self.config.decode_pace_ms / 1000, self.prefill.has_work, decode.stop_event.wait)
+        decode.pace(self.config.decode_pace_ms)
         return [PrefillWorker(self.prefill, self.decode, self._make_runner(False), parts, emit, wakeups,
                               overlap=self.config.overlap_prefill), decode]
 

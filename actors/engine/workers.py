@@ -476,6 +476,11 @@ class DecodeWorker(Worker):
     overlap = True
     pacer: StepPacer | None = None
 
+    def pace(self, ms: float | None) -> None:
+        """Start at most one step per `ms` while prefill has work (None: steps back to back). Between iterations
+        or before the loop starts."""
+        self.pacer = StepPacer(ms / 1000, self.prefill.has_work, self.stop_event.wait) if ms else None
+
     def step(self) -> bool:
         if self.pacer is not None and (self._inflight is not None or self.decode.num_running):
             self.pacer.wait()

@@ -252,12 +252,11 @@ def bench_contention(model_dir: str, prefill_sms: int, decode_batch: int, paces_
                      prompts: int = 8, prompt_len: int = 4096, ctx: int = 512) -> list[dict[str, Any]]:
     """Prefill speed beside decode, on one split of `prefill_sms` prefill SMs: `prompts` prompts of `prompt_len`
     tokens (one output token each) are prefilled with decode idle, then beside `decode_batch` requests (`ctx`
-    prompt tokens) decoding back to back, then paced at each of `paces_ms` (`StepPacer`, as `decode_pace_ms`
-    sets it). Per row: prefill tokens/s from the first prefill iteration's start to the last one's end, the
+    prompt tokens) decoding back to back, then paced at each of `paces_ms` (`DecodeWorker.pace`, as
+    `decode_pace_ms` sets it). Per row: prefill tokens/s from the first prefill iteration's start to the last one's end, the
     decode worker's median iteration in that span, and the GPU's SM clock and power meanwhile (`GpuTelemetry`;
     none off a GPU)."""
     from actors.engine.frontend import LLM
-    from actors.engine.pacing import StepPacer
     from actors.engine.workers import DecodeWorker
 
     rows = []
@@ -277,8 +276,7 @@ def bench_contention(model_dir: str, prefill_sms: int, decode_batch: int, paces_
             for i in range(batch):
                 core.add_request(f"c{n}-d{i}", [(11 * i + j) % vocab for j in range(ctx)], decoding)
             _wait(lambda: core.decode.num_running == batch, 600, f"{batch} requests to reach decode")
-            decode_worker.pacer = (StepPacer(pace / 1000, core.prefill.has_work, decode_worker.stop_event.wait)
-                                   if pace else None)
+            decode_worker.pace(pace)
             core.allocator.reset_prefix_cache()
             t0 = time.monotonic()
             with GpuTelemetry() as telemetry:
@@ -298,7 +296,7 @@ def bench_contention(model_dir: str, prefill_sms: int, decode_batch: int, paces_
                              decode_step_ms=statistics.median(steps) * 1e3 if steps else None,
                              paced_s=decode_worker.pacer.waited_s if decode_worker.pacer else 0.0,
                              **telemetry.summary()))
-            decode_worker.pacer = None
+            decode_worker.pace(None)
     return rows
 
 
