@@ -94,7 +94,7 @@ gpu_telemetry() {  # file: sample the GPU's SM clock and power every 250 ms into
   # ($sampler), so that a window's figures can be read against the clocks it ran at (power capping)
   sampler=""
   [ -n "$gpu" ] || return 0
-  nvidia-smi --query-gpu=clocks.sm,power.draw --format=csv,noheader,nounits -lms 250 > "$1" 2>&1 &
+  python3 -m cluster.bench.telemetry sample "$1" 2>/dev/null &
   sampler=$!
 }
 
@@ -117,7 +117,7 @@ print(max(16, round($3 * $4 * mean_rate_scale(parse_phases('$SHIFT_PHASES')))))"
     > "$res/$name.log" 2>&1
   [ -n "$sampler" ] && kill $sampler 2>/dev/null
   save_results
-  echo "$name: $(grep -E "Request throughput|SLO attainment|P90 TTFT|P90 TPOT|Offered load|Prefix cache|Worker iterations|CUDA allocator" "$res/$name.log" | tr -s ' ' | paste -sd' ') $(python3 -m cluster.bench.telemetry "$res/$name.gpu.csv")"
+  echo "$name: $(grep -E "Request throughput|SLO attainment|P90 TTFT|P90 TPOT|Offered load|Prefix cache|Worker iterations|CUDA allocator" "$res/$name.log" | tr -s ' ' | paste -sd' ') $(python3 -m cluster.bench.telemetry summary "$res/$name.gpu.csv")"
 }
 
 warm_up() {  # config: 8 requests of each sweep's workload at 2 req/s, not recorded, so that no measured window

@@ -862,9 +862,10 @@ def test_gpu_telemetry_summary_from_nvidia_smi_lines(tmp_path: Path, capsys: pyt
     assert summarize(samples) == dict(sm_clock_mhz=1867.5, sm_clock_min_mhz=1755.0, power_w=675.0, power_max_w=699.5)
     log = tmp_path / "w.gpu.csv"
     log.write_text("1980, 650.5\n1755, 699.5\n")
-    assert main([str(log)]) == 0 and main([str(tmp_path / "none.csv")]) == 0
+    assert main(["summary", str(log)]) == 0 and main(["summary", str(tmp_path / "none.csv")]) == 0
     assert capsys.readouterr().out == ("GPU during the run: SM clock 1868 MHz mean, 1755 min; power 675 W mean, 700 max\n"
                                        "\n")
+    assert main([str(log)]) == 2 and "usage:" in capsys.readouterr().err
 
 
 def test_fresh_process_returns_raises_and_gives_up_after_its_timeout() -> None:

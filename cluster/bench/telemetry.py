@@ -1,12 +1,13 @@
 """GPU clock and power while a benchmark runs, sampled by `nvidia-smi` (no NVML binding needed).
 
-`GpuTelemetry` samples in the background around a block of Python; `bench/gpu_serve_compare.sh` runs the
-same `nvidia-smi` query (`QUERY`) around each serving window and summarizes its file with
-`python3 -m cluster.bench.telemetry FILE`.
+`GpuTelemetry` samples in the background around a block of Python; `bench/gpu_serve_compare.sh` samples
+each serving window into a file with `python3 -m cluster.bench.telemetry sample FILE` (killed afterwards) and
+prints its summary with `python3 -m cluster.bench.telemetry summary FILE`.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import statistics
 import subprocess
@@ -14,6 +15,11 @@ import sys
 from pathlib import Path
 
 QUERY = ("--query-gpu=clocks.sm,power.draw", "--format=csv,noheader,nounits")
+
+
+def sampler_command(interval_ms: int) -> list[str]:
+    """The `nvidia-smi` command line that prints one `QUERY` line every `interval_ms`."""
+    return ["nvidia-smi", *QUERY, "-lms", str(interval_ms)]
 
 
 class GpuTelemetry:
@@ -27,8 +33,8 @@ class GpuTelemetry:
 
     def __enter__(self) -> GpuTelemetry:
         if shutil.which("nvidia-smi"):
-            self._proc = subprocess.Popen(["nvidia-smi", *QUERY, "-lms", str(self.interval_ms)],
-                                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            self._proc = subprocess.Popen(sampler_command(self.interval_ms), stdout=subprocess.PIPE,
+                                          stderr=subprocess.DEVNULL, text=True)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -72,9 +78,21 @@ def format_summary(summary: dict[str, float]) -> str:
 
 
 def main(argv: list[str]) -> int:
-    """`python3 -m cluster.bench.telemetry FILE`: the summary line of a file of `nvidia-smi` samples."""
-    path = Path(argv[0])
-    print(format_summary(summarize(parse_telemetry(path.read_text() if path.is_file() else ""))))
+    """`sample FILE [INTERVAL_MS]`: become `nvidia-smi` printing samples into FILE (every 250 ms) until killed
+    (nothing without nvidia-smi); `summary FILE`: the summary line of such a file ('' without samples)."""
+    usage = "usage: python3 -m cluster.bench.telemetry {sample FILE [INTERVAL_MS] | summary FILE}"
+    if len(argv) < 2 or argv[0] not in ("sample", "summary"):
+        print(usage, file=sys.stderr)
+        return 2
+    path = Path(argv[1])
+    if argv[0] == "summary":
+        print(format_summary(summarize(parse_telemetry(path.read_text() if path.is_file() else ""))))
+        return 0
+    if shutil.which("nvidia-smi"):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(fd, 1)
+        command = sampler_command(int(argv[2]) if len(argv) > 2 else 250)
+        os.execvp(command[0], command)
     return 0
 
 
