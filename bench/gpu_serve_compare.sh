@@ -4,6 +4,7 @@
 #   bash bench/gpu_serve_compare.sh CONFIG...
 # CONFIG is one of:
 #   semi-pd-dynamic   semi-PD, model-based split policy (profiles at start, or loads /tmp/semipd-profile.json)
+#   semi-pd-pacedMS   semi-PD dynamic, decode paced to one step per MS ms while prefill has work (e.g. semi-pd-paced18)
 #   semi-pd-reactive  semi-PD, the paper's reactive P90 rule
 #   semi-pd-fixedN    semi-PD, split held at N prefill SMs (e.g. semi-pd-fixed64)
 #   unified           our engine, chunked prefill with piggybacked decodes on the whole GPU
@@ -46,6 +47,8 @@ start_server() {  # config log -> sets $server
   [ -n "$gpu" ] && common+=(--load-format dummy)
   case $1 in
     semi-pd-dynamic) flags=(--policy model --profile-grid full --latency-profile /tmp/semipd-profile.json) ;;
+    semi-pd-paced*) flags=(--policy model --profile-grid full --latency-profile /tmp/semipd-profile.json
+                           --decode-pace-ms "${1#semi-pd-paced}") ;;
     semi-pd-reactive) flags=(--policy reactive) ;;
     semi-pd-fixed*) flags=(--policy fixed --prefill-sms "${1#semi-pd-fixed}") ;;
     unified) flags=(--mode unified) ;;
