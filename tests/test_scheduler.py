@@ -395,6 +395,48 @@ def test_prefill_waits_for_a_queued_chunk_before_giving_its_pages_back(tiny_llam
     engine.core.allocator.free(held)
 
 
+class _FailedDraw:
+    """Stands in for a queued iteration that failed on the device: a GPU reports a kernel's fault at the next
+    wait, after the launch went through."""
+
+    def result(self) -> object:
+        raise RuntimeError("CUDA error: device-side assert triggered")
+
+
+@pytest.mark.parametrize("lost", [False, True])
+def test_a_queued_chunk_that_fails_on_the_device_ends_its_requests(
+    tiny_llama: Path, monkeypatch: pytest.MonkeyPatch, lost: bool
+) -> None:
+    """The prefill worker's wait for a queued chunk (before it gives pages back) finds the chunk failed: the
+    chunk's requests end with an engine error, once, and the worker goes on with the others; when the error
+    left the GPU unusable, the engine ends every request and stops (tests/test_gpu.py makes the real error)."""
+    import actors.engine.workers as workers
+
+    monkeypatch.setattr(workers, "device_lost", lambda error, device: lost)
+    engine = stepped_engine(tiny_llama, "semi-pd", max_prefill_tokens=8)
+    told: list[BaseException] = []
+    engine.core.on_device_lost = told.append
+    engine.add("long", list(range(1, 30)), max_tokens=4)
+    engine.add("queued", list(range(1, 12)), max_tokens=4)
+    prefill = engine.core.workers[0]
+    prefill.step()
+    assert prefill.unwaited is not None and request_state(engine, "long") == "prefilling"
+    prefill.unwaited = _FailedDraw()  # type: ignore[assignment]
+    held = engine.core.allocator.allocate(engine.core.allocator.num_free - 8 // PAGE + 1)
+    assert held is not None and engine.core.prefill.may_release_pages()
+    assert prefill.step()
+    engine.core.allocator.free(held)
+    assert engine.finished()["long"] == FinishReason.ERROR and prefill.unwaited is None
+    assert len(told) == int(lost)
+    if lost:
+        assert engine.finished()["queued"] == FinishReason.ERROR
+        return
+    engine.run_to_completion(["queued"])
+    assert engine.finished()["queued"] == FinishReason.LENGTH
+    assert [d.request_id for d in engine.deltas if d.finish_reason == FinishReason.ERROR] == ["long"]
+    engine.assert_pool_full()
+
+
 def test_a_lost_gpu_ends_every_request_and_refuses_new_ones(tiny_llama: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A failed batch that leaves the device usable fails only that batch. One that leaves it unusable (a
     sticky CUDA error: every later call fails too) ends every unfinished request with an error, stops the

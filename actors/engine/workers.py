@@ -392,10 +392,11 @@ class PrefillWorker(Worker):
     overlap = True
     _queued: _QueuedPrefill | None = None  # the last iteration that samples, its first tokens not yet taken
 
+    _unwaited_reqs: list[Request] = []  # the requests with a chunk in `unwaited`
+
     def step(self) -> bool:
-        if self.unwaited is not None and self.prefill.may_release_pages():
-            self.unwaited.result()  # the queued chunk may still write pages this step gives back (to decode)
-            self.unwaited = None
+        if self.unwaited is not None and self.prefill.may_release_pages() and not self._wait_unwaited():
+            return True
         self._emit_aborted(self.prefill.take_aborted())
         chunks, reqs = self.prefill.schedule()
         previous, self._queued = self._queued, None
@@ -425,10 +426,25 @@ class PrefillWorker(Worker):
         except Exception as e:
             self._fail_prefills(reqs, e)
             return None
-        self.unwaited = drawn
+        self.unwaited, self._unwaited_reqs = drawn, reqs
         for c, r in zip(chunks, reqs):
             self.prefill.finish_chunk(r, c.num_tokens)
         return _QueuedPrefill(drawn, sample_reqs, reqs) if sample_reqs else None
+
+    def _wait_unwaited(self) -> bool:
+        """Wait for the last queued iteration: its chunks may still write pages that this step gives back (to
+        decode). False if it failed on the device; its requests, and those of the iteration whose first tokens
+        are still to be taken, then end with an engine error."""
+        drawn, self.unwaited = self.unwaited, None
+        assert drawn is not None
+        try:
+            drawn.result()
+        except Exception as e:
+            queued, self._queued = self._queued, None
+            reqs = self._unwaited_reqs + (queued.reqs if queued is not None else [])
+            self._fail_prefills([r for r in dict.fromkeys(reqs) if not r.finished], e)
+            return False
+        return True
 
     def _take_first_tokens(self, queued: _QueuedPrefill) -> None:
         """Wait for `queued`'s draw; hand its prompts' first tokens over (or fail its requests)."""
