@@ -859,12 +859,15 @@ def test_gpu_telemetry_summary_from_nvidia_smi_lines(tmp_path: Path, capsys: pyt
 
     samples = parse_telemetry("1980, 650.5\n[N/A], 10\nFailed to initialize NVML\n1755, 699.5\n")
     assert samples == [(1980.0, 650.5), (1755.0, 699.5)]
-    assert summarize(samples) == dict(sm_clock_mhz=1867.5, sm_clock_min_mhz=1755.0, power_w=675.0, power_max_w=699.5)
+    assert summarize(samples) == dict(sm_clock_mhz=1867.5, sm_clock_min_mhz=1755.0, power_w=675.0, power_max_w=699.5,
+                                      peak_samples=1.0, peak_power_threshold_w=689.7, peak_sm_clock_mhz=1755.0,
+                                      peak_power_w=699.5)
     log = tmp_path / "w.gpu.csv"
-    log.write_text("1980, 650.5\n1755, 699.5\n")
+    log.write_text("1980, 123.5\n1980, 122.5\n1500, 690\n1520, 700\n1980, 450\n")  # idle, load, the drain
     assert main(["summary", str(log)]) == 0 and main(["summary", str(tmp_path / "none.csv")]) == 0
-    assert capsys.readouterr().out == ("GPU during the run: SM clock 1868 MHz mean, 1755 min; power 675 W mean, 700 max\n"
-                                       "\n")
+    assert capsys.readouterr().out == (
+        "GPU during the run: SM clock 1792 MHz mean, 1500 min; power 417 W mean, 700 max; "
+        "near peak power (2 samples at 584 W or more): SM clock 1510 MHz, power 695 W\n\n")
     assert main([str(log)]) == 2 and "usage:" in capsys.readouterr().err
 
 

@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+PEAK_SHARE = 0.2  # near peak power: the samples within this share of the power range from the top
 QUERY = ("--query-gpu=clocks.sm,power.draw", "--format=csv,noheader,nounits")
 
 
@@ -61,12 +62,23 @@ def parse_telemetry(text: str) -> list[tuple[float, float]]:
 
 
 def summarize(samples: list[tuple[float, float]]) -> dict[str, float]:
-    """Mean and lowest SM clock, mean and highest power ({} without samples)."""
+    """Mean and lowest SM clock, mean and highest power ({} without samples), and the mean clock and power of
+    the samples near peak power: within the top `PEAK_SHARE` of the span from the lowest power to the highest.
+
+    A serving window's samples start before its first request and end after its last, so their means mix idle
+    and the drain with the load (H200, 2026-12-03: 435 W mean in a window that ran at the 700 W cap while its
+    requests arrived); the samples near peak are the time at full load, and their clock what it ran at.
+    """
     if not samples:
         return {}
     clocks, watts = zip(*samples)
+    threshold = max(watts) - PEAK_SHARE * (max(watts) - min(watts))
+    loaded = [(c, w) for c, w in samples if w >= threshold]
     return dict(sm_clock_mhz=statistics.fmean(clocks), sm_clock_min_mhz=min(clocks),
-                power_w=statistics.fmean(watts), power_max_w=max(watts))
+                power_w=statistics.fmean(watts), power_max_w=max(watts),
+                peak_samples=float(len(loaded)), peak_power_threshold_w=threshold,
+                peak_sm_clock_mhz=statistics.fmean(c for c, _ in loaded),
+                peak_power_w=statistics.fmean(w for _, w in loaded))
 
 
 def format_summary(summary: dict[str, float]) -> str:
@@ -74,7 +86,9 @@ def format_summary(summary: dict[str, float]) -> str:
     if not summary:
         return ""
     return (f"GPU during the run: SM clock {summary['sm_clock_mhz']:.0f} MHz mean, {summary['sm_clock_min_mhz']:.0f} "
-            f"min; power {summary['power_w']:.0f} W mean, {summary['power_max_w']:.0f} max")
+            f"min; power {summary['power_w']:.0f} W mean, {summary['power_max_w']:.0f} max; near peak power "
+            f"({summary['peak_samples']:.0f} samples at {summary['peak_power_threshold_w']:.0f} W or more): "
+            f"SM clock {summary['peak_sm_clock_mhz']:.0f} MHz, power {summary['peak_power_w']:.0f} W")
 
 
 def main(argv: list[str]) -> int:
