@@ -25,6 +25,7 @@ from actors.request import FinishReason, Request, SamplingParams, TokenDelta
 from actors.scheduler.decode import DecodeScheduler
 from actors.scheduler.plan import BatchPlan, SeqChunk
 from actors.scheduler.prefill import PrefillScheduler
+from support import wait_until
 
 PAGE = 4
 MAX_TOKENS = 10
@@ -476,6 +477,32 @@ def test_a_lost_gpu_ends_every_request_and_refuses_new_ones(tiny_llama: Path, mo
     assert all("engine error" in (errors[rid] or "") for rid in batch)
     with pytest.raises(EngineDeadError, match="GPU failed"):
         engine.add("refused", [1, 2, 3])
+
+
+def test_an_error_that_escapes_an_iteration_and_lost_the_gpu_ends_the_engine(
+    tiny_llama: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An exception out of a worker's iteration (no batch handler caught it) that left the GPU unusable ends the
+    engine, as a failed batch's does: otherwise the worker meets the same failure in every iteration after, and
+    its requests wait forever (the H200's sticky-error test hung that way, 2026-12-03)."""
+    import actors.engine.workers as workers
+    from actors.engine.core import EngineDeadError
+    from actors.engine.frontend import LLM
+
+    monkeypatch.setattr(workers, "device_lost", lambda error, device: "CUDA error" in str(error))
+
+    def broken() -> bool:
+        raise RuntimeError("CUDA error: device-side assert triggered")
+
+    with LLM(str(tiny_llama), mode="semi-pd") as llm:
+        told: list[BaseException] = []
+        llm.core.on_device_lost = told.append
+        llm.core.workers[0].step = broken  # type: ignore[method-assign]
+        wait_until(lambda: told, timeout=10.0, what="the engine to hear that its GPU is gone")
+        assert [str(e) for e in told] == ["CUDA error: device-side assert triggered"]
+        assert all(w.stop_event.is_set() for w in llm.core.workers)
+        with pytest.raises(EngineDeadError):
+            llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2))
 
 
 @pytest.fixture(scope="module")

@@ -151,8 +151,9 @@ class Worker:
             t0, tokens = time.monotonic(), self.tokens
             try:
                 worked = self.step()
-            except Exception:  # keep serving: the failing batch was already failed in step()
+            except Exception as e:  # keep serving: the failing batch was already failed in step()
                 log.exception("%s iteration failed", self.name)
+                self._check_device(e)
                 worked = True
             now = time.monotonic()
             self.last_progress = now
@@ -223,6 +224,11 @@ class Worker:
         for r in failed:
             r.finish_reason = FinishReason.ERROR
         self.emit([TokenDelta(r.request_id, (), FinishReason.ERROR, error=f"engine error: {error}") for r in failed])
+        self._check_device(error)
+
+    def _check_device(self, error: Exception) -> None:
+        """Tell the engine if `error` left the GPU unusable (it then ends every request and stops): also when
+        the error escaped an iteration, which would otherwise fail the same way every iteration after."""
         if self.on_device_lost is not None and device_lost(error, self.runner.device):
             self.on_device_lost(error)
 
