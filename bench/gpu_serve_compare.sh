@@ -10,7 +10,8 @@
 #   unified           our engine, chunked prefill with piggybacked decodes on the whole GPU
 #   vllm              vLLM's OpenAI server with its defaults (needs .vllmA staged and .vllmB carried)
 # Needs `.device` (see bench/device_env.sh). Environment: SWEEPS ("workload:rate,rate ..."; "" none, and no warm-up), WINDOW (seconds of
-# arrivals per rate), TTFT/TPOT (ms), REQUEST_TIMEOUT (s; a request still running then counts as failed),
+# arrivals per rate), REPEAT (windows per rate, one after the other, each with its own prompts: the first one
+# after another load shows how the server takes the change, the next ones its steady state), TTFT/TPOT (ms), REQUEST_TIMEOUT (s; a request still running then counts as failed),
 # SHIFT_RATE (one shifting-workload run per config at this rate, SHIFT_WINDOW seconds of arrivals, phases
 # SHIFT_PHASES as `bench serve --phases` takes them, e.g. "sharegpt:0.5@10,long-doc:0.5"),
 # CONFIG_TIMEOUT (s per config: start-up plus sweeps), TOTAL_TIMEOUT (s for the whole script: no window starts
@@ -30,7 +31,7 @@
 set -uo pipefail
 : "${SWEEPS=sharegpt:15,30,45 arxiv:3,6,9}" "${WINDOW:=10}" "${TTFT:=1000}" "${TPOT:=50}" "${REQUEST_TIMEOUT:=40}"
 : "${SHIFT_RATE:=}" "${SHIFT_WINDOW:=30}" "${SHIFT_PHASES:=sharegpt:0.5,long-doc:0.5}" "${CONFIG_TIMEOUT:=300}"
-: "${SERVE_EXTRA:=}" "${PINS:=}" "${PIN_SWEEPS=$SWEEPS}"
+: "${SERVE_EXTRA:=}" "${PINS:=}" "${PIN_SWEEPS=$SWEEPS}" "${REPEAT:=1}"
 script_t0=$(date +%s)
 gpu=$(command -v nvidia-smi)
 if [ -n "$gpu" ]; then source bench/device_env.sh; else export PYTHONPATH="$PWD" TOKENIZERS_PARALLELISM=false; fi
@@ -84,7 +85,7 @@ save_results() {
   tar -czf "$OUT/compare.tgz" -C $res .
 }
 
-prompt_seed() {  # workload rate pass: the same prompts for every server and pass, new ones for each rate
+prompt_seed() {  # workload rate pass: the same prompts for every server, new ones for each rate and pass
   echo $(( $(printf '%s' "$1-$2-$3" | cksum | cut -d' ' -f1) % 1000000 ))
 }
 
@@ -101,8 +102,8 @@ gpu_telemetry() {  # file: sample the GPU's SM clock and power every 250 ms into
   sampler=$!
 }
 
-bench() {  # config workload rate window
-  local n name="$1-$2-$3" phases=()
+bench() {  # config workload rate window [pass]: pass 0 is CONFIG-WORKLOAD-RATE, pass i > 0 CONFIG-WORKLOAD-RATE-passI
+  local n name="$1-$2-$3${5:+-pass$5}" phases=()
   if [ "$2" = shifting ]; then  # as many requests as the phases' rates bring in the window
     phases=(--phases "$SHIFT_PHASES")
     n=$(PYTHONPATH=$PWD python3 -c "
@@ -115,7 +116,7 @@ print(max(16, round($3 * $4 * mean_rate_scale(parse_phases('$SHIFT_PHASES')))))"
   gpu_telemetry "$res/$name.gpu.csv"
   timeout $(( CONFIG_TIMEOUT / 2 )) python3 -m cluster.cli bench serve --base-url http://127.0.0.1:8000 --model llama3-8b \
     --tokenizer $model --workload "$2" "${phases[@]}" --request-rate "$3" --num-prompts "$n" --goodput ttft:$TTFT tpot:$TPOT \
-    --seed "$(prompt_seed "$2" "$3" 0)" \
+    --seed "$(prompt_seed "$2" "$3" "${5:-0}")" \
     --label "$1" --request-timeout $REQUEST_TIMEOUT --result-dir $res --result-filename "$name.json" --disable-tqdm \
     > "$res/$name.log" 2>&1
   [ -n "$sampler" ] && kill $sampler 2>/dev/null
@@ -138,9 +139,11 @@ sweeps() {  # label t0 [sweeps]: every rate of the sweeps (default SWEEPS) while
   for sweep in ${3-$SWEEPS}; do
     local workload=${sweep%%:*} rates=${sweep#*:}
     for rate in ${rates//,/ }; do
-      [ $(( $(date +%s) - $2 )) -lt $CONFIG_TIMEOUT ] && [ "$(time_left)" -gt $(( WINDOW + 25 )) ] \
-        || { echo "$1: out of time, skipping $workload $rate"; continue; }
-      bench "$1" "$workload" "$rate" "$WINDOW"
+      for pass in $(seq 0 $(( REPEAT - 1 ))); do
+        [ $(( $(date +%s) - $2 )) -lt $CONFIG_TIMEOUT ] && [ "$(time_left)" -gt $(( WINDOW + 25 )) ] \
+          || { echo "$1: out of time, skipping $workload $rate"; continue; }
+        bench "$1" "$workload" "$rate" "$WINDOW" "${pass#0}"
+      done
     done
   done
   [ -n "$SHIFT_RATE" ] && [ "$(time_left)" -gt $(( SHIFT_WINDOW + 25 )) ] && bench "$1" shifting "$SHIFT_RATE" "$SHIFT_WINDOW"
