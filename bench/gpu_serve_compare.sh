@@ -8,6 +8,8 @@
 #   semi-pd-reactive  semi-PD, the paper's reactive P90 rule
 #   semi-pd-fixedN    semi-PD, split held at N prefill SMs (e.g. semi-pd-fixed64)
 #   unified           our engine, chunked prefill with piggybacked decodes on the whole GPU
+#   unified-tokensN   unified with at most N tokens per iteration (`--max-prefill-tokens N`, e.g. unified-tokens1024:
+#                     smaller iterations keep decode steps shorter, Sarathi-Serve's lever against TPOT)
 #   vllm              vLLM's OpenAI server with its defaults (needs .vllmA staged and .vllmB carried)
 # Needs `.device` (see bench/device_env.sh). Environment: SWEEPS ("workload:rate,rate ..."; "" none, and no warm-up), WINDOW (seconds of
 # arrivals per rate), REPEAT (windows per rate, one after the other, each with its own prompts: the first one
@@ -53,6 +55,7 @@ start_server() {  # config log -> sets $server
     semi-pd-reactive) flags=(--policy reactive) ;;
     semi-pd-fixed*) flags=(--policy fixed --prefill-sms "${1#semi-pd-fixed}") ;;
     unified) flags=(--mode unified) ;;
+    unified-tokens*) flags=(--mode unified --max-prefill-tokens "${1#unified-tokens}") ;;
     vllm)
       source .vllmB/setup-vllm.sh
       # pack-vllm.sh leaves out prometheus_fastapi_instrumentator, which `vllm serve` imports: put its wheel in
