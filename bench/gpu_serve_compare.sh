@@ -48,10 +48,10 @@ start_server() {  # config log -> sets $server
   local common=(--model $model --num-actors 1 --grpc-port 0 --http-port 8000 --served-model-name llama3-8b
                 --ttft-slo-ms "$TTFT" --tpot-slo-ms "$TPOT" $SERVE_EXTRA)
   [ -n "$gpu" ] && common+=(--load-format dummy)
+  local dynamic=(--policy model --profile-grid full --latency-profile /tmp/semipd-profile.json)
   case $1 in
-    semi-pd-dynamic) flags=(--policy model --profile-grid full --latency-profile /tmp/semipd-profile.json) ;;
-    semi-pd-paced*) flags=(--policy model --profile-grid full --latency-profile /tmp/semipd-profile.json
-                           --decode-pace-ms "${1#semi-pd-paced}") ;;
+    semi-pd-dynamic) flags=("${dynamic[@]}") ;;
+    semi-pd-paced*) flags=("${dynamic[@]}" --decode-pace-ms "${1#semi-pd-paced}") ;;
     semi-pd-reactive) flags=(--policy reactive) ;;
     semi-pd-fixed*) flags=(--policy fixed --prefill-sms "${1#semi-pd-fixed}") ;;
     unified) flags=(--mode unified) ;;

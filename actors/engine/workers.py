@@ -397,8 +397,7 @@ class PrefillWorker(Worker):
     name = "prefill"
     overlap = True
     _queued: _QueuedPrefill | None = None  # the last iteration that samples, its first tokens not yet taken
-
-    _unwaited_reqs: list[Request] = []  # the requests with a chunk in `unwaited`
+    _unwaited_reqs: tuple[Request, ...] = ()  # the requests with a chunk in `unwaited`
 
     def step(self) -> bool:
         if self.unwaited is not None and self.prefill.may_release_pages() and not self._wait_unwaited():
@@ -432,7 +431,7 @@ class PrefillWorker(Worker):
         except Exception as e:
             self._fail_prefills(reqs, e)
             return None
-        self.unwaited, self._unwaited_reqs = drawn, reqs
+        self.unwaited, self._unwaited_reqs = drawn, tuple(reqs)
         for c, r in zip(chunks, reqs):
             self.prefill.finish_chunk(r, c.num_tokens)
         return _QueuedPrefill(drawn, sample_reqs, reqs) if sample_reqs else None
@@ -447,7 +446,7 @@ class PrefillWorker(Worker):
             drawn.result()
         except Exception as e:
             queued, self._queued = self._queued, None
-            reqs = self._unwaited_reqs + (queued.reqs if queued is not None else [])
+            reqs = [*self._unwaited_reqs, *(queued.reqs if queued is not None else [])]
             self._fail_prefills([r for r in dict.fromkeys(reqs) if not r.finished], e)
             return False
         return True

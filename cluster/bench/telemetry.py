@@ -72,13 +72,14 @@ def summarize(samples: list[tuple[float, float]]) -> dict[str, float]:
     if not samples:
         return {}
     clocks, watts = zip(*samples)
-    threshold = max(watts) - PEAK_SHARE * (max(watts) - min(watts))
-    loaded = [(c, w) for c, w in samples if w >= threshold]
+    highest = max(watts)
+    threshold = highest - PEAK_SHARE * (highest - min(watts))
+    peak = [(c, w) for c, w in samples if w >= threshold]
     return dict(sm_clock_mhz=statistics.fmean(clocks), sm_clock_min_mhz=min(clocks),
-                power_w=statistics.fmean(watts), power_max_w=max(watts),
-                peak_samples=float(len(loaded)), peak_power_threshold_w=threshold,
-                peak_sm_clock_mhz=statistics.fmean(c for c, _ in loaded),
-                peak_power_w=statistics.fmean(w for _, w in loaded))
+                power_w=statistics.fmean(watts), power_max_w=highest,
+                peak_samples=float(len(peak)), peak_power_threshold_w=threshold,
+                peak_sm_clock_mhz=statistics.fmean(c for c, _ in peak),
+                peak_power_w=statistics.fmean(w for _, w in peak))
 
 
 def format_summary(summary: dict[str, float]) -> str:
