@@ -22,6 +22,7 @@ SUPPORTED_ARCHITECTURES = (
 EngineMode = Literal["unified", "semi-pd"]
 ENGINE_MODES: tuple[str, ...] = ("unified", "semi-pd")
 ATTENTION_BACKENDS: tuple[str, ...] = ("torch", "flashinfer")
+DECODE_ATTENTION: tuple[str, ...] = ("fa2", "fa3", "cuda-cores")  # flashinfer's decode kernels
 PREFILL_ORDERS: tuple[str, ...] = ("fcfs", "edf")
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -219,6 +220,7 @@ class EngineConfig:
     `semi-pd` runs a prefill worker and a decode worker concurrently, each on its own
     SM partition (on CPU: its own thread), over one KV pool.
     `prefill_sms`: SMs given to prefill at start in semi-pd mode (None: about half).
+    `decode_attention`: flashinfer's kernel for decode attention: `fa2` or `fa3` (tensor cores), `cuda-cores`.
     `splits`: the prefill SM counts a semi-pd engine creates partitions (and decode CUDA
     graphs) for, each rounded to the nearest one the GPU allows (None: all of them).
     `overlap_decode`: the decode worker queues its next step before the current one's
@@ -239,6 +241,7 @@ class EngineConfig:
     device: str = "auto"
     mode: str = "unified"
     attention_backend: str = "auto"
+    decode_attention: str = "fa2"
     seed: int = 0
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
@@ -259,6 +262,8 @@ class EngineConfig:
             raise ConfigError(
                 f"attention_backend must be one of {('auto', *ATTENTION_BACKENDS)}, got {self.attention_backend!r}"
             )
+        if self.decode_attention not in DECODE_ATTENTION:
+            raise ConfigError(f"decode_attention must be one of {DECODE_ATTENTION}, got {self.decode_attention!r}")
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.load_format not in ("auto", "dummy"):

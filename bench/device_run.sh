@@ -2,6 +2,8 @@
 # On the GPU machine (device tool), from the repo root, `.device` carried:
 #   bash bench/device_run.sh tests [K]        GPU tests (pytest -k K); SAVE_CACHE=1: flashinfer kernels -> $OUT/fi-cache.txz
 #   bash bench/device_run.sh bench [PARTS]    engine benchmarks (decode,decode-loop,prefill,switch,offline; also contention) -> $OUT/engine.{md,json}
+#                                             DECODE_ATTENTION=fa2,fa3: the decode table and the unified offline job per kernel
+#   bash bench/device_run.sh attention        flashinfer's decode-attention kernels side by side -> $OUT/attention.json
 #   bash bench/device_run.sh vllm             vLLM reference of the offline job (after staging .vllmA)
 #   bash bench/device_run.sh profile [BATCH..] where a decode step's time goes -> $OUT/decode-profile.log
 #   bash bench/device_run.sh gemm             one layer's GEMMs on each split, cuBLAS sized for the GPU vs the partition -> $OUT/gemm.json
@@ -26,11 +28,14 @@ case $what in
     ;;
   bench)
     python3 -m cluster.cli bench engine --model $model --parts "${2:-decode,decode-loop,prefill,switch,offline}" \
-      ${VLLM_JSON:+--vllm-json $VLLM_JSON} --out "$OUT/engine.md" 2>&1 | tee "$OUT/bench.log" | tail -60
+      ${VLLM_JSON:+--vllm-json $VLLM_JSON} ${DECODE_ATTENTION:+--decode-attention $DECODE_ATTENTION} --out "$OUT/engine.md" 2>&1 | tee "$OUT/bench.log" | tail -60
     save_cache
     ;;
   profile)
     python3 bench/decode_profile.py $model ${@:2} > "$OUT/decode-profile.log" 2>&1; tail -8 "$OUT/decode-profile.log"
+    ;;
+  attention)
+    python3 bench/attention_decode.py "$OUT/attention.json" 2>&1 | tee "$OUT/attention.log" | tail -20
     ;;
   gemm)
     python3 bench/partition_gemm.py "$OUT/gemm.json" 2>&1 | tee "$OUT/gemm.log" | tail -17

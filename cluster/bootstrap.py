@@ -63,6 +63,7 @@ class EngineOptions:
     dtype: str = "auto"
     device: str = "auto"
     attention_backend: str = "auto"
+    decode_attention: str = "fa2"
     seed: int = 0
     page_size: int = 16
     num_pages: int | None = None
@@ -88,7 +89,7 @@ class EngineOptions:
     def engine_config(self, model: str, mode: str) -> EngineConfig:
         return EngineConfig(
             model=model, dtype=self.dtype, device=self.device, mode=mode, attention_backend=self.attention_backend,
-            seed=self.seed, prefill_sms=self.prefill_sms, cuda_graphs=self.cuda_graphs, load_format=self.load_format,
+            decode_attention=self.decode_attention, seed=self.seed, prefill_sms=self.prefill_sms, cuda_graphs=self.cuda_graphs, load_format=self.load_format,
             overlap_decode=self.overlap_decode, overlap_prefill=self.overlap_prefill,
             decode_pace_ms=self.decode_pace_ms, switch_interval_ms=self.switch_interval_ms,
             cache=CacheConfig(self.page_size, self.num_pages, self.memory_fraction, self.cpu_kv_bytes,

@@ -838,6 +838,29 @@ def test_engine_decode_loop_bench_runs_both_ways_on_cpu(tiny_llama: Path) -> Non
     assert "| batch | context | mean context measured | decode SMs |" in table
 
 
+def test_engine_offline_bench_says_where_the_job_went_on_cpu(tiny_llama: Path) -> None:
+    """The offline job on the CPU engine, in unified mode: its prompts take several iterations with prefill chunks
+    (the token budget), and the last prompt's request then needs a decode-only step for each token after its
+    first."""
+    from actors.config import SchedulerConfig
+    from cluster.bench.engine_bench import bench_offline, format_table
+    from cluster.bench.offline_job import OfflineJob, offline_prompts
+
+    job = OfflineJob(num_requests=6, min_prompt=20, max_prompt=40, output_tokens=6)
+    vocab = json.loads((tiny_llama / "config.json").read_text())["vocab_size"]
+    prompt_tokens = sum(map(len, offline_prompts(vocab, job)))
+    [row] = bench_offline(str(tiny_llama), "unified", [None], job,
+                          scheduler=SchedulerConfig(max_prefill_tokens=64, max_decode_seqs=8))
+    assert row["output_tokens"] == 36 and row["seconds"] > 0
+    [(name, phases)] = row["phases"].items()
+    assert name == "unified"
+    assert phases["prefill_iterations"] >= -(-prompt_tokens // 64) and phases["decode_steps"] >= job.output_tokens - 1
+    assert 0 < phases["prefill_s"] + phases["decode_s"] <= row["seconds"]
+    table = format_table(dict(model="m", device="cpu", date="d", commit="c", command="x",
+                              ceilings=dict(copy_TBps=1.0, matmul_TFLOPs=1.0), offline=[row]))
+    assert f"| unified | fa2 | {row['prefill_sms']} | unified | {phases['prefill_iterations']} | " in table
+
+
 def test_engine_contention_bench_runs_on_cpu(tiny_llama: Path) -> None:
     """The GPU engine benchmark's contention part on the CPU engine: one row per decode condition (idle, back to
     back, each pace), every one timing the same prompts; no telemetry off a GPU."""

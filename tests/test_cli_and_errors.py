@@ -150,6 +150,11 @@ def test_engine_sets_the_thread_switch_interval_it_is_given(tiny_llama: Path) ->
         LLM(tiny_llama, device="cpu", switch_interval_ms=-1.0)
 
 
+def test_engine_refuses_an_unknown_decode_attention_kernel(tiny_llama: Path) -> None:
+    with pytest.raises(ConfigError, match=r"decode_attention must be one of \('fa2', 'fa3', 'cuda-cores'\)"):
+        LLM(tiny_llama, device="cpu", decode_attention="fa4")
+
+
 def test_prompt_longer_than_the_context(tiny_llama: Path, llm: LLM, capsys: pytest.CaptureFixture[str]) -> None:
     long_prompt = "a" * 2100
     assert main(["generate", "--model", str(tiny_llama), "--prompt", long_prompt, "--max-tokens", "4"]) == 2

@@ -68,6 +68,18 @@ def test_flashinfer_matches_torch_backend_in_both_modes(model_factory: Callable[
         assert len(ties) <= 2, f"{preset} {mode}: {len(ties)} of 20 prompts left the reference at ties: {ties}"
 
 
+@pytest.mark.parametrize("kernel", ["fa3", "cuda-cores"])
+def test_other_decode_kernels_match_torch_backend(model_factory: Callable[[str], Path], kernel: str) -> None:
+    """The decode kernels other than the default (fa2, above) give the torch backend's greedy tokens too, in
+    the CUDA-graph decode path and in mixed batches (unified mode)."""
+    model = model_factory("tiny-llama")
+    prompts = _prompts(20, 512)
+    reference = _run(model, prompts, mode="unified", attention_backend="torch", cuda_graphs=False)
+    got = _run(model, prompts, mode="unified", attention_backend="flashinfer", decode_attention=kernel)
+    ties = _divergences(reference, got)
+    assert len(ties) <= 2, f"{kernel}: {len(ties)} of 20 prompts left the reference at ties: {ties}"
+
+
 @pytest.mark.parametrize("mode", ["unified", "semi-pd"])
 def test_shut_down_engine_gives_back_its_gpu_memory(model_factory: Callable[[str], Path], mode: str) -> None:
     """After `shutdown()` and the last reference, the KV pool, weights and graphs leave the GPU, so a

@@ -9,7 +9,8 @@ from actors.kv.pool import KVPool
 __all__ = ["AttentionBackend", "BatchLayout", "make_backend"]
 
 
-def make_backend(name: str, pool: KVPool, arch: ModelArch) -> AttentionBackend:
+def make_backend(name: str, pool: KVPool, arch: ModelArch, decode_kernel: str = "fa2") -> AttentionBackend:
+    """`decode_kernel`: flashinfer's decode kernel (`EngineConfig.decode_attention`); the torch backend has one."""
     if name == "torch":
         from actors.attention.torch_backend import TorchAttention
 
@@ -17,5 +18,5 @@ def make_backend(name: str, pool: KVPool, arch: ModelArch) -> AttentionBackend:
     if name == "flashinfer":
         from actors.attention.flashinfer_backend import FlashInferAttention
 
-        return FlashInferAttention(pool, arch)
+        return FlashInferAttention(pool, arch, decode_kernel)
     raise ConfigError(f"unknown attention backend {name!r} (choose torch or flashinfer)")

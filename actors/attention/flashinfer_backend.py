@@ -21,6 +21,14 @@ from actors.models.llama import AttentionFn
 from actors.runner.transfer import to_device
 
 WORKSPACE_BYTES = 256 << 20
+# `EngineConfig.decode_attention` -> flashinfer decode-wrapper options. Tensor-core fa2 was measured faster than
+# the CUDA-core kernel on an H100 for Llama-3-8B (group 4) at long contexts (batch 128 x 2048: 22.0 ms vs 23.9 ms
+# per step) and equal at short ones.
+DECODE_WRAPPER_OPTIONS: dict[str, dict[str, object]] = {
+    "fa2": dict(use_tensor_cores=True, backend="fa2"),
+    "fa3": dict(use_tensor_cores=True, backend="fa3"),
+    "cuda-cores": dict(use_tensor_cores=False),
+}
 
 
 def _paged_indices(block_tables: tuple[tuple[int, ...], ...], context_lens: tuple[int, ...], page_size: int
@@ -48,7 +56,8 @@ def _paged_indices(block_tables: tuple[tuple[int, ...], ...], context_lens: tupl
 class FlashInferAttention(AttentionBackend):
     name = "flashinfer"
 
-    def __init__(self, pool: KVPool, arch: ModelArch) -> None:
+    def __init__(self, pool: KVPool, arch: ModelArch, decode_kernel: str = "fa2") -> None:
+        """`decode_kernel`: a key of `DECODE_WRAPPER_OPTIONS` (validated by `EngineConfig`)."""
         super().__init__(pool)
         import flashinfer
 
@@ -56,11 +65,8 @@ class FlashInferAttention(AttentionBackend):
         self.device = pool.kv.device
         self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
         self._prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD")
-        # tensor-core decode: measured faster on an H100 for Llama-3-8B (group 4) at long contexts
-        # (batch 128 x 2048: 22.0 ms vs 23.9 ms per step), equal at short ones
-        self.decode_tensor_cores = True
-        self._decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-            self.workspace, "NHD", use_tensor_cores=self.decode_tensor_cores)
+        self.decode_options = DECODE_WRAPPER_OPTIONS[decode_kernel]
+        self._decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self.workspace, "NHD", **self.decode_options)
         self.dtype = pool.kv.dtype
         self._plan_copied: dict[int, torch.cuda.Event] = {}  # wrapper id -> its last plan's copy to the device
 
@@ -153,7 +159,7 @@ class GraphDecodeAttention:
         self.batch_size = batch_size
         self.rows = rows
         self._wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-            backend.workspace, "NHD", use_cuda_graph=True, use_tensor_cores=backend.decode_tensor_cores,
+            backend.workspace, "NHD", use_cuda_graph=True, **backend.decode_options,
             paged_kv_indptr_buffer=torch.zeros(batch_size + 1, dtype=torch.int32, device=dev),
             paged_kv_indices_buffer=torch.zeros(batch_size * max_pages_per_seq, dtype=torch.int32, device=dev),
             paged_kv_last_page_len_buffer=torch.zeros(batch_size, dtype=torch.int32, device=dev),

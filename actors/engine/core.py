@@ -147,7 +147,7 @@ class EngineCore:
         """A runner with its own attention workspace; with CUDA graphs if it runs decodes on a GPU."""
         from actors.attention import make_backend
 
-        backend = make_backend(self.config.resolved_backend, self.pool, self.arch)
+        backend = make_backend(self.config.resolved_backend, self.pool, self.arch, self.config.decode_attention)
         graphs = None
         if decodes and self.config.cuda_graphs and backend.name == "flashinfer":
             from actors.runner.cuda_graphs import DecodeGraphs

@@ -25,13 +25,13 @@ import torch
 
 from actors.config import CacheConfig, EngineConfig, SchedulerConfig
 from actors.engine.core import EngineCore
-from actors.engine.workers import Iteration
+from actors.engine.workers import Iteration, Worker
 from actors.kv.manager import pages_for
 from actors.request import Request, SamplingParams
 from actors.runner.model_runner import ModelRunner
 from actors.scheduler.plan import BatchPlan, SeqChunk
 from actors.slo.profiler import device_name
-from cluster.bench.offline_job import JOB, offline_prompts
+from cluster.bench.offline_job import JOB, OfflineJob, offline_prompts
 from cluster.bench.telemetry import GpuTelemetry
 
 
@@ -313,30 +313,43 @@ def _wait(done: Callable[[], bool], timeout_s: float, what: str) -> None:
         time.sleep(0.01)
 
 
-def bench_offline(model_dir: str, mode: str, prefill_sms: list[int | None], **engine_kwargs: Any
-                  ) -> list[dict[str, Any]]:
-    """The offline job (`JOB`): greedy, ignore_eos, all requests submitted at once."""
+def bench_offline(model_dir: str, mode: str, prefill_sms: list[int | None], job: OfflineJob = JOB,
+                  **engine_kwargs: Any) -> list[dict[str, Any]]:
+    """The offline job: greedy, ignore_eos, all requests submitted at once; a row per prefill split."""
     from actors.engine.frontend import LLM
 
     llm = LLM(model_dir, mode=mode, load_format="dummy", **engine_kwargs)
-    prompts = offline_prompts(llm.core.arch.vocab_size)
-    params = SamplingParams(max_tokens=JOB.output_tokens, temperature=0.0, ignore_eos=True, detokenize=False)
+    prompts = offline_prompts(llm.core.arch.vocab_size, job)
+    params = SamplingParams(max_tokens=job.output_tokens, temperature=0.0, ignore_eos=True, detokenize=False)
     llm.generate(prompts[:8], params)  # warm-up
     rows = []
     for sms in prefill_sms:
         if sms is not None:
             llm.core.partitioner.switch(sms, reason="offline bench")
         llm.core.allocator.reset_prefix_cache()
-        t0 = time.perf_counter()
+        t0, t_mono = time.perf_counter(), time.monotonic()
         outs = llm.generate(prompts, params)
         dt = time.perf_counter() - t0
         generated = sum(len(o.token_ids) for o in outs)
-        rows.append(dict(mode=mode, prefill_sms=llm.core.partitioner.current, seconds=dt,
+        rows.append(dict(mode=mode, decode_attention=llm.config.decode_attention,
+                         prefill_sms=llm.core.partitioner.current, seconds=dt,
                          max_prefill_tokens=llm.config.scheduler.max_prefill_tokens,
                          output_tokens=generated, output_tokens_per_s=generated / dt,
-                         total_tokens_per_s=(generated + sum(map(len, prompts))) / dt))
+                         total_tokens_per_s=(generated + sum(map(len, prompts))) / dt,
+                         phases={w.name: _job_phases(w, t_mono, len(prompts)) for w in llm.core.workers}))
     llm.shutdown()
     return rows
+
+
+def _job_phases(worker: Worker, since: float, num_requests: int) -> dict[str, float]:
+    """Where a worker's time in the offline job went: iterations with prefill chunks (more tokens than the job
+    has requests: a decode step has at most one per request) and decode-only steps (for an overlapped step,
+    the loop's time per step, which the GPU step sets once the host work hides behind it)."""
+    log = [it for it in list(worker.iteration_log) if it.start >= since]
+    mixed = [it.seconds for it in log if it.tokens > num_requests]
+    steps = [it.seconds for it in log if 0 < it.tokens <= num_requests]
+    return dict(prefill_iterations=len(mixed), prefill_s=sum(mixed), decode_steps=len(steps), decode_s=sum(steps),
+                decode_step_ms=1e3 * statistics.median(steps) if steps else 0.0)
 
 
 def git_commit() -> str:
@@ -403,12 +416,15 @@ def measure_device() -> tuple[str, Ceilings]:
     return device_name(device), measure_ceilings(device)
 
 
-def kernel_parts(model_dir: str, parts: frozenset[str], ceil: Ceilings) -> dict[str, Any]:
+def kernel_parts(model_dir: str, parts: frozenset[str], ceil: Ceilings, decode_attention: str = "fa2"
+                 ) -> dict[str, Any]:
     """Decode roofline and prefill tables, on one unified (whole-GPU) engine."""
-    core = make_core(model_dir, "unified", scheduler=SchedulerConfig(max_prefill_tokens=65536, max_decode_seqs=128))
+    core = make_core(model_dir, "unified", decode_attention=decode_attention,
+                     scheduler=SchedulerConfig(max_prefill_tokens=65536, max_decode_seqs=128))
     result: dict[str, Any] = {}
     if "decode" in parts:
-        result["decode"] = bench_decode(core, ceil, (1, 8, 32, 64, 128), (512, 2048))
+        result["decode"] = [dict(r, decode_attention=decode_attention)
+                            for r in bench_decode(core, ceil, (1, 8, 32, 64, 128), (512, 2048))]
     if "prefill" in parts:
         shapes = ((1, 512), (1, 2048), (1, 4096), (1, 8192), (4, 2048), (4, 4096), (8, 4096), (8, 8192))
         result["prefill"] = bench_prefill(core, ceil, shapes)
@@ -424,15 +440,22 @@ def switch_part(model_dir: str) -> dict[str, Any]:
 
 
 def run_engine_bench(model_dir: str, parts: set[str], vllm_json: str | None = None,
-                     checkpoint: Callable[[dict[str, Any]], None] = lambda r: None) -> dict[str, Any]:
-    """Run the chosen parts, each in its own process; `checkpoint(result)` after each keeps what is done."""
+                     checkpoint: Callable[[dict[str, Any]], None] = lambda r: None,
+                     decode_attention: tuple[str, ...] = ("fa2",)) -> dict[str, Any]:
+    """Run the chosen parts, each in its own process; `checkpoint(result)` after each keeps what is done.
+
+    The decode table and the unified offline job run once per `decode_attention` kernel; the other parts with
+    the first."""
     device, ceil = in_fresh_process(measure_device)
     result: dict[str, Any] = dict(device=device, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                                   commit=git_commit(), command=" ".join(["semipd", *sys.argv[1:]]),
                                   model=json.loads((Path(model_dir) / "config.json").read_text())["architectures"][0])
     result["ceilings"] = dict(copy_TBps=ceil.copy_bytes_per_s / 1e12, matmul_TFLOPs=ceil.matmul_flops_per_s / 1e12)
     if parts & {"decode", "prefill"}:
-        result.update(in_fresh_process(kernel_parts, model_dir, frozenset(parts), ceil))
+        result.update(in_fresh_process(kernel_parts, model_dir, frozenset(parts), ceil, decode_attention[0]))
+        checkpoint(result)
+    for kernel in decode_attention[1:] if "decode" in parts else ():
+        result["decode"] += in_fresh_process(kernel_parts, model_dir, frozenset({"decode"}), ceil, kernel)["decode"]
         checkpoint(result)
     if "decode-loop" in parts:
         result["decode_loop"] = []
@@ -446,10 +469,13 @@ def run_engine_bench(model_dir: str, parts: set[str], vllm_json: str | None = No
         result["contention"] = in_fresh_process(bench_contention, model_dir, 96, 32, (15.0, 20.0), prompts=16)
         checkpoint(result)
     if "offline" in parts:
-        result["offline"] = in_fresh_process(bench_offline, model_dir, "unified", [None],
-                                             scheduler=SchedulerConfig(max_prefill_tokens=16384))
-        checkpoint(result)
+        result["offline"] = []
+        for kernel in decode_attention:
+            result["offline"] += in_fresh_process(bench_offline, model_dir, "unified", [None], decode_attention=kernel,
+                                                  scheduler=SchedulerConfig(max_prefill_tokens=16384))
+            checkpoint(result)
         result["offline"] += in_fresh_process(bench_offline, model_dir, "semi-pd", [80, 64], splits=(64, 80),
+                                              decode_attention=decode_attention[0],
                                               scheduler=SchedulerConfig(max_prefill_tokens=8192))
     if vllm_json and Path(vllm_json).is_file():
         result["vllm"] = json.loads(Path(vllm_json).read_text())
@@ -464,9 +490,10 @@ def format_table(result: dict[str, Any]) -> str:
              f"bf16 matmul {result['ceilings']['matmul_TFLOPs']:.0f} TFLOP/s", ""]
     if "decode" in result:
         lines += ["## Decode step (whole GPU, CUDA graphs, incl. sampling and host sync)", "",
-                  "| batch | context | step ms | roofline ms | ratio | tok/s |", "|---|---|---|---|---|---|"]
-        lines += [f"| {r['batch']} | {r['context']} | {r['step_ms']:.2f} | {r['roofline_ms']:.2f} | "
-                  f"{r['ratio']:.2f}x | {r['tokens_per_s']:.0f} |" for r in result["decode"]]
+                  "| decode attention | batch | context | step ms | roofline ms | ratio | tok/s |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r.get('decode_attention', 'fa2')} | {r['batch']} | {r['context']} | {r['step_ms']:.2f} | "
+                  f"{r['roofline_ms']:.2f} | {r['ratio']:.2f}x | {r['tokens_per_s']:.0f} |" for r in result["decode"]]
         lines.append("")
     if "decode_loop" in result:
         lines += ["## Decode step in the engine loop (semi-pd decode worker, prefill on the smallest split)", "",
@@ -508,15 +535,24 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append("")
     if "offline" in result or "vllm" in result:
         lines += ["## Offline job (256 requests, 128-1024 prompt tokens, 128 output tokens, ignore_eos)", "",
-                  "| engine | mode | prefill SMs | token budget | seconds | output tok/s | total tok/s |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| engine | mode | decode attention | prefill SMs | token budget | seconds | output tok/s | "
+                  "total tok/s |", "|---|---|---|---|---|---|---|---|"]
         for r in result.get("offline", []):
-            lines.append(f"| semipd | {r['mode']} | {r['prefill_sms']} | {r.get('max_prefill_tokens', '')} | "
-                         f"{r['seconds']:.2f} | "
+            lines.append(f"| semipd | {r['mode']} | {r.get('decode_attention', 'fa2')} | {r['prefill_sms']} | "
+                         f"{r.get('max_prefill_tokens', '')} | {r['seconds']:.2f} | "
                          f"{r['output_tokens_per_s']:.0f} | {r['total_tokens_per_s']:.0f} |")
         v = result.get("vllm")
         if v:
-            lines.append(f"| vLLM {v.get('version', '')} | default | - | default | {v['seconds']:.2f} | "
+            lines.append(f"| vLLM {v.get('version', '')} | default | FA3 | - | default | {v['seconds']:.2f} | "
                          f"{v['output_tokens_per_s']:.0f} | {v['total_tokens_per_s']:.0f} |")
         lines.append("")
+        phased = [r for r in result.get("offline", []) if "phases" in r]
+        if phased:
+            lines += ["Where each worker's time went (iterations with prefill chunks; decode-only steps):", "",
+                      "| mode | decode attention | prefill SMs | worker | prefill iterations | their s | decode steps | "
+                      "their s | median step ms |", "|---|---|---|---|---|---|---|---|---|"]
+            lines += [f"| {r['mode']} | {r['decode_attention']} | {r['prefill_sms']} | {name} | {p['prefill_iterations']} | {p['prefill_s']:.2f} | "
+                      f"{p['decode_steps']} | {p['decode_s']:.2f} | {p['decode_step_ms']:.2f} |"
+                      for r in phased for name, p in r["phases"].items()]
+            lines.append("")
     return "\n".join(lines)

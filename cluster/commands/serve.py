@@ -78,6 +78,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on the HTTP API (default: $SEMIPD_API_KEY; unset: open)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--decode-attention", default="fa2", choices=["fa2", "fa3", "cuda-cores"],
+                   help="flashinfer's decode-attention kernel (GPU)")
     p.add_argument("--num-pages", type=int, default=None, help="KV pages per engine (default: from memory)")
     p.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
                    help="dummy: random weights drawn on the device (speed runs without a checkpoint)")
@@ -100,8 +102,8 @@ def cluster_config(args: argparse.Namespace, redis_url: str | None) -> Any:
         prefill_sm_fraction=(args.prefill_sm_min, args.prefill_sm_max),
         latency_profile=args.latency_profile, profile_grid=args.profile_grid,
         router=RouterPolicy(session_affinity=args.router_policy == "prefix-affinity"),
-        engine=EngineOptions(device=args.device, num_pages=args.num_pages, max_prefill_tokens=args.max_prefill_tokens,
-                             load_format=args.load_format, prefill_sms=args.prefill_sms,
+        engine=EngineOptions(device=args.device, decode_attention=args.decode_attention, num_pages=args.num_pages,
+                             max_prefill_tokens=args.max_prefill_tokens, load_format=args.load_format, prefill_sms=args.prefill_sms,
                              overlap_decode=args.overlap_decode, overlap_prefill=args.overlap_prefill,
                              decode_pace_ms=args.decode_pace_ms, switch_interval_ms=args.switch_interval_ms),
         cluster_name=args.cluster_name, served_model_name=args.served_model_name, stream_interval=args.stream_interval,
