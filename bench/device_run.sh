@@ -6,6 +6,7 @@
 #   bash bench/device_run.sh attention        flashinfer's decode-attention kernels side by side -> $OUT/attention.json
 #   bash bench/device_run.sh vllm             vLLM reference of the offline job (after staging .vllmA)
 #   bash bench/device_run.sh profile [BATCH..] where a decode step's time goes -> $OUT/decode-profile.log
+#   bash bench/device_run.sh offline-profile  the offline job's GPU time by kernel kind -> $OUT/offline-profile.log
 #   bash bench/device_run.sh gemm             one layer's GEMMs on each split, cuBLAS sized for the GPU vs the partition -> $OUT/gemm.json
 #   bash bench/device_run.sh startup          semi-PD engine start-up and latency-profile times -> $OUT/startup.log
 #   bash bench/device_run.sh stream-probe     chunks/s one Ray actor streams, and its CPU per chunk -> $OUT/stream-probe.log
@@ -33,6 +34,9 @@ case $what in
     ;;
   profile)
     python3 bench/decode_profile.py $model ${@:2} > "$OUT/decode-profile.log" 2>&1; tail -8 "$OUT/decode-profile.log"
+    ;;
+  offline-profile)
+    python3 bench/offline_profile.py $model > "$OUT/offline-profile.log" 2>&1; tail -48 "$OUT/offline-profile.log"
     ;;
   attention)
     python3 bench/attention_decode.py "$OUT/attention.json" 2>&1 | tee "$OUT/attention.log" | tail -20

@@ -68,16 +68,17 @@ def test_flashinfer_matches_torch_backend_in_both_modes(model_factory: Callable[
         assert len(ties) <= 2, f"{preset} {mode}: {len(ties)} of 20 prompts left the reference at ties: {ties}"
 
 
-@pytest.mark.parametrize("kernel", ["fa3", "cuda-cores"])
-def test_other_decode_kernels_match_torch_backend(model_factory: Callable[[str], Path], kernel: str) -> None:
-    """The decode kernels other than the default (fa2, above) give the torch backend's greedy tokens too, in
-    the CUDA-graph decode path and in mixed batches (unified mode)."""
+@pytest.mark.parametrize("kernel", ["fa2", "fa3", "cuda-cores"])
+def test_each_decode_kernel_matches_torch_backend_in_large_batches(model_factory: Callable[[str], Path],
+                                                                  kernel: str) -> None:
+    """Every decode kernel gives the torch backend's greedy tokens, in the CUDA-graph decode path (batches of
+    40 down to 1, so graphs with and without split KV) and in mixed batches (unified mode)."""
     model = model_factory("tiny-llama")
-    prompts = _prompts(20, 512)
+    prompts = _prompts(40, 512)
     reference = _run(model, prompts, mode="unified", attention_backend="torch", cuda_graphs=False)
     got = _run(model, prompts, mode="unified", attention_backend="flashinfer", decode_attention=kernel)
     ties = _divergences(reference, got)
-    assert len(ties) <= 2, f"{kernel}: {len(ties)} of 20 prompts left the reference at ties: {ties}"
+    assert len(ties) <= 4, f"{kernel}: {len(ties)} of 40 prompts left the reference at ties: {ties}"
 
 
 @pytest.mark.parametrize("mode", ["unified", "semi-pd"])

@@ -469,7 +469,17 @@ def test_a_lost_gpu_ends_every_request_and_refuses_new_ones(tiny_llama: Path, mo
     monkeypatch.setattr(workers, "device_lost", lambda error, device: True)
     prefill.runner.launch = failing  # type: ignore[method-assign]
     engine.add("later", list(range(1, 12)))
+    refusing_at_each_error: list[bool] = []
+    emit = engine.core._emit
+
+    def noting_emit(deltas: list[TokenDelta]) -> None:
+        refusing_at_each_error.extend(engine.core.device_error is not None for d in deltas
+                                      if d.finish_reason == FinishReason.ERROR)
+        emit(deltas)
+
+    engine.core._emit = noting_emit  # type: ignore[method-assign]
     prefill.step()
+    assert refusing_at_each_error and all(refusing_at_each_error)  # a caller that sees its error cannot get in
     assert set(engine.finished()) == set(batch) | {"later"} and set(engine.finished().values()) == {FinishReason.ERROR}
     assert [str(e) for e in told] == ["CUDA error: an illegal memory access was encountered"]
     assert all(w.stop_event.is_set() for w in engine.core.workers)

@@ -90,10 +90,11 @@ class FlashInferAttention(AttentionBackend):
         copied.record()
         self._plan_copied[id(wrapper)] = copied
 
-    def _plan_decode(self, wrapper: object, layout: BatchLayout, lo: int, hi: int) -> None:
+    def _plan_decode(self, wrapper: object, layout: BatchLayout, lo: int, hi: int, split_kv: bool = True) -> None:
         """indptr and last-page lengths go in on the host, where flashinfer's planner reads them; the page
         indices on the device: a CUDA-graph wrapper copies host indices into its buffer with a blocking
-        copy, which would wait for the decode step still queued on the stream (overlapped decode)."""
+        copy, which would wait for the decode step still queued on the stream (overlapped decode).
+        `split_kv` False: one CTA per sequence and kv head, no merge (see `GraphDecodeAttention`)."""
         indptr, indices, last = _paged_indices(layout.block_tables[lo:hi], layout.context_lens[lo:hi],
                                                self.pool.page_size)
         a = self.arch
@@ -101,7 +102,7 @@ class FlashInferAttention(AttentionBackend):
             wrapper.plan(  # type: ignore[attr-defined]
                 self._i32(indptr), to_device(indices, torch.int32, self.device), self._i32(last),
                 a.num_heads, a.num_kv_heads, a.head_dim, self.pool.page_size, q_data_type=self.dtype,
-                kv_data_type=self.dtype,
+                kv_data_type=self.dtype, disable_split_kv=not split_kv,
             )
 
     def _plan_prefill(self, layout: BatchLayout, lo: int) -> None:
@@ -148,7 +149,15 @@ class GraphDecodeAttention:
     `plan(layout)` refreshes flashinfer's buffers in place (before each replay); the caller
     owns `rows` [batch_size, 2] (the cache rows this step's k/v go to, see `kv_rows`) and fills them
     before replay. The captured graph calls the instance as the model's `attn`.
+
+    Under a CUDA graph, flashinfer's split-KV decode always runs its merge kernel over a grid padded for the
+    worst case. From `NO_SPLIT_MIN_BATCH` sequences on, one CTA per sequence and kv head keeps the SMs busy
+    on its own, and the unsplit kernel was faster at every context measured (H200, 2026-12-03,
+    `bench/attention_decode.py`: batch 32 / 128 / 256 at context 512, 24.2 / 77.3 / 140.7 us per layer
+    against 26.9 / 82.6 / 148.7 split; batch 1 unsplit took 12.1 against 9.5).
     """
+
+    NO_SPLIT_MIN_BATCH = 32
 
     def __init__(self, backend: FlashInferAttention, batch_size: int, max_pages_per_seq: int,
                  rows: torch.Tensor) -> None:
@@ -167,7 +176,8 @@ class GraphDecodeAttention:
 
     def plan(self, layout: BatchLayout) -> None:
         assert layout.num_seqs == self.batch_size == layout.num_decodes
-        self.backend._plan_decode(self._wrapper, layout, 0, self.batch_size)
+        self.backend._plan_decode(self._wrapper, layout, 0, self.batch_size,
+                                  split_kv=self.batch_size < self.NO_SPLIT_MIN_BATCH)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int) -> torch.Tensor:
         pool = self.backend.pool

@@ -215,16 +215,20 @@ class Worker:
             return None
 
     def _fail(self, d_reqs: list[Request], p_reqs: list[Request], error: Exception) -> None:
-        """End decode- and prefill-owned requests with an engine error (their pages freed)."""
+        """End decode- and prefill-owned requests with an engine error (their pages freed).
+
+        The device is checked first: when the error lost the GPU, the engine ends these requests with every
+        other one and refuses new requests before any caller sees an error (a caller that retried at once
+        would otherwise be admitted into an engine about to end)."""
         for r in d_reqs:
             self.decode.remove(r)
         for r in p_reqs:
             self.prefill.drop(r)
-        failed = d_reqs + p_reqs
+        self._check_device(error)
+        failed = [r for r in d_reqs + p_reqs if not r.finished]
         for r in failed:
             r.finish_reason = FinishReason.ERROR
         self.emit([TokenDelta(r.request_id, (), FinishReason.ERROR, error=f"engine error: {error}") for r in failed])
-        self._check_device(error)
 
     def _check_device(self, error: Exception) -> None:
         """Tell the engine if `error` left the GPU unusable (it then ends every request and stops): also when
