@@ -36,7 +36,7 @@ case $what in
     python3 bench/decode_profile.py $model ${@:2} > "$OUT/decode-profile.log" 2>&1; tail -8 "$OUT/decode-profile.log"
     ;;
   offline-profile)
-    python3 bench/offline_profile.py $model > "$OUT/offline-profile.log" 2>&1; tail -48 "$OUT/offline-profile.log"
+    python3 bench/offline_profile.py $model > "$OUT/offline-profile.log" 2>&1; tail -64 "$OUT/offline-profile.log"
     ;;
   attention)
     python3 bench/attention_decode.py "$OUT/attention.json" 2>&1 | tee "$OUT/attention.log" | tail -20
