@@ -282,6 +282,43 @@ def test_overlapped_decode_matches_one_step_at_a_time(model_factory: Callable[[s
         assert llm.core.decode.num_running == 0
 
 
+def test_unified_mixed_batches_queued_ahead_change_no_token(model_factory: Callable[[str], Path],
+                                                           engine_factory: Callable[..., LLM]) -> None:
+    """Unified mode queues mixed batches (decodes that take their input from the running batch's draw, plus prompt
+    chunks) before the running one's tokens are known. That changes no token and no finish reason and leaks no
+    page, with chunked and prefix-shared prompts, prompts that end at their first token while the next batch is
+    queued, stop tokens and seeded sampling."""
+    model = model_factory("tiny-llama")
+    prompts = make_prompts(seed=7)
+
+    def params(i: int) -> SamplingParams:
+        if i % 5 == 0:
+            return SamplingParams(max_tokens=1, temperature=0.0)
+        if i % 4 == 1:
+            return SamplingParams(max_tokens=9, temperature=0.8, top_p=0.9, seed=300 + i, ignore_eos=True)
+        return SamplingParams(max_tokens=4 + i % 11, temperature=0.0, ignore_eos=True)
+
+    batch = [params(i) for i in range(len(prompts))]
+    runs = {}
+    for overlap in (False, True):
+        llm = engine_factory(model, mode="unified", overlap_decode=overlap)
+        worker = llm.core.workers[0]
+        launch, mixed_ahead = worker.runner.launch, []
+
+        def noting_launch(plan, sample_reqs, carry=None, _launch=launch, _mixed=mixed_ahead):  # type: ignore[no-untyped-def]
+            _mixed.append(bool(plan.prefills and plan.decodes and carry is not None))
+            return _launch(plan, sample_reqs, carry)
+
+        worker.runner.launch = noting_launch  # type: ignore[method-assign]
+        runs[overlap] = [(o.token_ids, o.finish_reason) for o in llm.generate(prompts, batch)]
+        assert any(mixed_ahead) == overlap and (worker.steps_queued_ahead > 0) == overlap
+        wait_until(lambda llm=llm: llm.core.allocator.num_free == llm.core.allocator.num_blocks,
+                   what="every page back")
+        assert_pool_drained(llm)
+    assert runs[True] == runs[False]
+    assert sum(len(t) == 1 for t, _ in runs[True]) >= len(prompts) // 5
+
+
 def test_step_pacer_spaces_steps_only_while_asked() -> None:
     from actors.engine.pacing import StepPacer
 

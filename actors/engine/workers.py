@@ -275,9 +275,10 @@ class Worker:
         self._inflight = None
         retired = {r for step in steps for r in step.retired}
         live = list(dict.fromkeys(r for step in steps for r in step.reqs if r not in retired))
+        prefilling = list(dict.fromkeys(r for step in steps for r in step.prefill_reqs if not r.finished))
         for r in retired:
             self.decode.kv.release(r)
-        self._fail(live, [], error)
+        self._fail(live, prefilling, error)
 
     def _queue(self, plan: BatchPlan, sample_reqs: list[Request], carry: Carry | None) -> Drawn:
         """`runner.launch`, counting its tokens (the runner counts its host time)."""
@@ -285,24 +286,33 @@ class Worker:
         self.tokens += plan.num_tokens
         return drawn
 
-    def _launch(self, chunks: list[SeqChunk], reqs: list[Request], carry: Carry | None) -> _Launched:
-        drawn = self._queue(BatchPlan(decodes=tuple(chunks)), reqs, carry)
+    def _launch(self, chunks: list[SeqChunk], reqs: list[Request], carry: Carry | None,
+                p_chunks: list[SeqChunk] | None = None, p_reqs: list[Request] | None = None) -> _Launched:
+        """Queue a step of decodes (and prompt chunks, `p_chunks` of `p_reqs`) and account for it at once: the
+        next step is planned from where this one ends."""
+        p_chunks, p_reqs = p_chunks or [], p_reqs or []
+        p_sample = _sampled(p_chunks, p_reqs)
+        drawn = self._queue(BatchPlan(decodes=tuple(chunks), prefills=tuple(p_chunks)), reqs + p_sample, carry)
         slots = []
         for r in reqs:
             self.decode.advance(r)
             slots.append(r.append_pending())
-        return _Launched(reqs, slots, drawn)
+        for c, r in zip(p_chunks, p_reqs):
+            self.prefill.finish_chunk(r, c.num_tokens)
+        return _Launched(reqs, slots, drawn, prefill_reqs=p_reqs, prefill_sample=p_sample)
 
-    def _start_decodes(self, chunks: list[SeqChunk], reqs: list[Request]) -> None:
-        """Queue a decode-only step (nothing running) as the one in flight."""
+    def _start(self, chunks: list[SeqChunk], reqs: list[Request],
+               p_chunks: list[SeqChunk] | None = None, p_reqs: list[Request] | None = None) -> None:
+        """Queue a step (nothing running) as the one in flight."""
         try:
-            self._inflight = self._launch(chunks, reqs, None)
+            self._inflight = self._launch(chunks, reqs, None, p_chunks, p_reqs)
         except Exception as e:
-            log.exception("forward pass failed; failing its %d requests", len(reqs))
-            self._fail(reqs, [], e)
+            log.exception("forward pass failed; failing its %d requests", len(reqs) + len(p_reqs or []))
+            self._fail(reqs, p_reqs or [], e)
 
-    def _step_ahead(self, queue_next: bool = True) -> bool:
-        """A step is running: queue the next one (unless not `queue_next`), then take the running one's tokens."""
+    def _step_ahead(self, queue_next: bool = True, with_prefill: bool = False) -> bool:
+        """A step is running: queue the next one (unless not `queue_next`; with prompt chunks in the budget its
+        decodes leave if `with_prefill`), then take the running one's tokens."""
         running = self._inflight
         assert running is not None
         self._inflight = None
@@ -311,16 +321,20 @@ class Worker:
             return True
         ends = {r for r, slot in zip(running.reqs, running.slots) if r.ends_by_length_at(slot + 1) or r.abort_requested}
         ahead = self.decode.schedule_ahead(ends)
-        if ahead is not None and ahead[0] and _overlappable(ahead[1]):
+        if ahead is not None and _overlappable(ahead[1]):
             chunks, reqs = ahead
-            row = {r: i for i, r in enumerate(running.reqs)}
-            src = [row[r] if c.token_ids[0] == PENDING_TOKEN else -1 for c, r in zip(chunks, reqs)]
-            try:
-                self._inflight = self._launch(chunks, reqs, Carry(running.drawn, src))
-                self.steps_queued_ahead += 1
-            except Exception:  # take the running step's tokens first; its requests retry one step at a time
-                self._collect(running)
-                raise
+            p_chunks, p_reqs = (self.prefill.schedule(self.prefill.max_tokens - len(chunks), preempt=False)
+                                if with_prefill else ([], []))
+            if (chunks or p_chunks) and _overlappable(p_reqs):
+                row = {r: i for i, r in enumerate(running.reqs)}
+                src = [row[r] if c.token_ids[0] == PENDING_TOKEN else -1 for c, r in zip(chunks, reqs)]
+                carry = Carry(running.drawn, src) if any(i >= 0 for i in src) else None  # None: nothing to take
+                try:
+                    self._inflight = self._launch(chunks, reqs, carry, p_chunks, p_reqs)
+                    self.steps_queued_ahead += 1
+                except Exception:  # take the running step's tokens first; its requests retry one step at a time
+                    self._collect(running)
+                    raise
         self._collect(running)
         return True
 
@@ -353,6 +367,10 @@ class Worker:
                     self.decode.remove(req)
             deltas.append(_token_delta(req, tok, lp, reason))
         self.emit(deltas)
+        if launched.prefill_sample:
+            n = len(launched.reqs)
+            first = SampleResult(result.token_ids[n:], result.logprobs[n:])
+            self._accept_tokens(launched.prefill_sample, first, [True] * len(launched.prefill_sample))
 
     def _requeue(self, preempted: list[Request]) -> None:
         for r in preempted:
@@ -378,12 +396,15 @@ def _overlappable(reqs: list[Request]) -> bool:
 
 @dataclass
 class _Launched:
-    """A decode step queued on the device whose tokens have not reached the host yet."""
+    """A step queued on the device whose tokens have not reached the host yet: decodes, and in unified mode
+    prompt chunks; the draw has the decodes' tokens, then the first tokens of the prompts it ends."""
 
-    reqs: list[Request]
-    slots: list[int]  # index of each request's pending token in its token_ids
+    reqs: list[Request]  # the decodes
+    slots: list[int]  # index of each decode's pending token in its token_ids
     drawn: Drawn
     retired: set[Request] = field(default_factory=set)  # finished before this step ends: results dropped
+    prefill_reqs: list[Request] = field(default_factory=list)  # every request it has a prompt chunk of
+    prefill_sample: list[Request] = field(default_factory=list)  # those whose prompt it ends, in draw order
 
 
 class PrefillWorker(Worker):
@@ -517,7 +538,7 @@ class DecodeWorker(Worker):
         if not chunks:
             return bool(preempted)
         if self.overlap and _overlappable(reqs):
-            self._start_decodes(chunks, reqs)
+            self._start(chunks, reqs)
             return True
         result = self._run(BatchPlan(decodes=tuple(chunks)), reqs, reqs, [])
         if result is None:
@@ -529,23 +550,33 @@ class DecodeWorker(Worker):
 
 
 class UnifiedWorker(Worker):
-    """One batch per iteration: every running decode plus prefill chunks in the leftover budget."""
+    """One batch per iteration: every running decode plus prefill chunks in the leftover budget.
+
+    Overlapped (`overlap`), mixed batches too: the next batch is queued while the current one runs (see `Worker`);
+    a prompt that the current batch ends joins the decodes in the batch after the next. A step that may give pages
+    back (an aborted prefill, or too few free pages: scheduling could preempt) waits for the running one first.
+    All steps run on one stream, in order.
+    """
 
     phase: Phase = "prefill"
     name = "unified"
     overlap = True
 
     def step(self) -> bool:
-        if self._inflight is not None:  # decode-only steps overlap until prefill work arrives
-            return self._step_ahead(queue_next=not self.prefill.has_work())
+        if self._inflight is not None:
+            if self.prefill.may_release_pages():
+                return self._step_ahead(queue_next=False)
+            # only waiting requests can be aborted here (a running one would release pages): none has pages
+            self._emit_aborted(self.prefill.take_aborted())
+            return self._step_ahead(with_prefill=True)
         self._emit_aborted(self.prefill.take_aborted() + self.decode.take_aborted())
         d_chunks, d_reqs, preempted = self.decode.schedule()
         self._requeue(preempted)
         p_chunks, p_reqs = self.prefill.schedule(self.prefill.max_tokens - len(d_chunks))
         if not d_chunks and not p_chunks:
             return bool(preempted)
-        if not p_chunks and self.overlap and _overlappable(d_reqs):
-            self._start_decodes(d_chunks, d_reqs)
+        if self.overlap and _overlappable(d_reqs + p_reqs):
+            self._start(d_chunks, d_reqs, p_chunks, p_reqs)
             return True
         p_sample = _sampled(p_chunks, p_reqs)
         plan = BatchPlan(decodes=tuple(d_chunks), prefills=tuple(p_chunks))

@@ -80,13 +80,14 @@ class PrefillScheduler:
             gone.append(r)
         return gone
 
-    def schedule(self, budget: int | None = None) -> tuple[list[SeqChunk], list[Request]]:
-        """Plan this iteration's prefill chunks; `budget` tokens at most (default: max_tokens)."""
+    def schedule(self, budget: int | None = None, preempt: bool = True) -> tuple[list[SeqChunk], list[Request]]:
+        """Plan this iteration's prefill chunks; `budget` tokens at most (default: max_tokens). Not `preempt`:
+        no partial prefill gives its pages back (a queued iteration may still write them)."""
         budget = self.max_tokens if budget is None else budget
         if budget <= 0:
             return [], []
         chunks, reqs, budget = self._continue_running(budget)
-        while not chunks and len(self.running) > 1:
+        while preempt and not chunks and len(self.running) > 1:
             self._preempt_youngest_running()
             chunks, reqs, budget = self._continue_running(budget)
         while budget > 0:
