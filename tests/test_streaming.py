@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import queue
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -66,6 +67,24 @@ def test_leaving_a_stream_early_aborts_the_request(llm: LLM) -> None:
     wait_until(lambda: llm.core.num_unfinished == 0, timeout=5.0, what="the core to finish every request")
     alloc = llm.core.allocator
     wait_until(lambda: alloc.num_free == alloc.num_blocks, timeout=5.0, what="every KV block to be free")
+
+
+def test_generate_takes_each_engine_iteration_in_one_batch(llm: LLM, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The requests of one `generate` share a sink: an engine iteration's tokens for them arrive in one put, so
+    the reading thread (which shares the interpreter lock with the engine's workers) wakes once per iteration,
+    not once per token."""
+    puts: list[int] = []
+    put = queue.Queue.put
+
+    def counting_put(self: queue.Queue, item: object, *args: object, **kwargs: object) -> None:
+        puts.append(len(item) if isinstance(item, list) else 0)
+        put(self, item, *args, **kwargs)
+
+    monkeypatch.setattr(queue.Queue, "put", counting_put)
+    outs = llm.generate([f"{PROMPT} {i}" for i in range(6)],
+                        SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
+    assert [len(o.token_ids) for o in outs] == [8] * 6 and all(o.finish_reason == "length" for o in outs)
+    assert sum(puts) >= 6 * 8 and max(puts) == 6 and len(puts) <= sum(puts) / 2, puts
 
 
 def test_async_stream_coalesces_tokens_a_slow_consumer_has_not_read(llm: LLM, tiny_llama: Path) -> None:

@@ -255,24 +255,32 @@ class LLM(_Frontend):
     """
 
     def __init__(self, model: str | Path, **kwargs: Any) -> None:
-        self._sinks: dict[str, queue.Queue[TokenDelta]] = {}
+        self._sinks: dict[str, queue.Queue[list[TokenDelta]]] = {}  # request id -> where its deltas go
         self._sinks_lock = threading.Lock()
         super().__init__(EngineConfig(model=str(model), **kwargs))
         self.start()
 
     def _route(self, deltas: list[TokenDelta]) -> None:
+        """One put per sink and engine iteration: a `generate` call's requests share a sink, so the thread that
+        reads them wakes once per iteration, not once per token (it shares the interpreter lock with the engine's
+        workers)."""
+        batches: dict[int, tuple[queue.Queue[list[TokenDelta]], list[TokenDelta]]] = {}
         with self._sinks_lock:
             for d in deltas:
                 sink = self._sinks.get(d.request_id)
                 if sink is not None:
-                    sink.put(d)
+                    batches.setdefault(id(sink), (sink, []))[1].append(d)
+        for sink, batch in batches.values():
+            sink.put(batch)
 
-    def _submit(self, prompt: Prompt, params: SamplingParams) -> OutputStream:
+    def _submit(self, prompt: Prompt, params: SamplingParams,
+                sink: queue.Queue[list[TokenDelta]] | None = None) -> OutputStream:
+        """Queue one request; its deltas go to `sink` (default: a queue of its own)."""
         ids = self.prompt_ids(prompt)
         rid = self.new_request_id()
         stream = OutputStream(rid, ids, params, self.tokenizer)
         with self._sinks_lock:
-            self._sinks[rid] = queue.Queue()
+            self._sinks[rid] = queue.Queue() if sink is None else sink
         try:
             self.core.add_request(rid, ids, params)
         except Exception:
@@ -281,24 +289,30 @@ class LLM(_Frontend):
             raise
         return stream
 
-    def _cancel(self, stream: OutputStream) -> None:
-        self.core.abort(stream.request_id)
-        with self._sinks_lock:
-            self._sinks.pop(stream.request_id, None)
-
     def _chunks(self, stream: OutputStream) -> Iterator[StreamChunk]:
         sink = self._sinks[stream.request_id]
         try:
             while not stream.done:
-                chunk, stopped = stream.process(sink.get())
-                if stopped:
-                    self.core.abort(stream.request_id, FinishReason.STOP)
-                yield chunk
+                for delta in sink.get():
+                    if not stream.done:
+                        yield self._process(stream, delta)
         finally:
-            if not stream.done:
-                self.core.abort(stream.request_id)
-            with self._sinks_lock:
-                self._sinks.pop(stream.request_id, None)
+            self._forget([stream])
+
+    def _process(self, stream: OutputStream, delta: TokenDelta) -> StreamChunk:
+        chunk, stopped = stream.process(delta)
+        if stopped:
+            self.core.abort(stream.request_id, FinishReason.STOP)
+        return chunk
+
+    def _forget(self, streams: Sequence[OutputStream]) -> None:
+        """Stop routing deltas to `streams`; abort those not finished (their reader went away)."""
+        for s in streams:
+            if not s.done:
+                self.core.abort(s.request_id)
+        with self._sinks_lock:
+            for s in streams:
+                self._sinks.pop(s.request_id, None)
 
     def generate(
         self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams] | None = None
@@ -307,21 +321,26 @@ class LLM(_Frontend):
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
         params_list = _broadcast(params, len(prompts))
+        sink: queue.Queue[list[TokenDelta]] = queue.Queue()
         streams: list[OutputStream] = []
         try:
             for p, sp in zip(prompts, params_list):
-                streams.append(self._submit(p, sp))
+                streams.append(self._submit(p, sp, sink))
         except Exception:  # one invalid prompt: none of the batch runs
-            for s in streams:
-                self._cancel(s)
+            self._forget(streams)
             raise
-        outputs = []
-        for s in streams:
-            out = CompletionOutput(s.request_id, s.prompt_ids)
-            for chunk in self._chunks(s):
-                out.add(chunk)
-            outputs.append(out)
-        return outputs
+        outputs = {s.request_id: (s, CompletionOutput(s.request_id, s.prompt_ids)) for s in streams}
+        unfinished = len(streams)
+        try:
+            while unfinished:
+                for delta in sink.get():
+                    stream, out = outputs[delta.request_id]
+                    if not stream.done:
+                        out.add(self._process(stream, delta))
+                        unfinished -= stream.done
+        finally:
+            self._forget(streams)
+        return [out for _, out in outputs.values()]
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[StreamChunk]:
         """Yield text deltas of one request as they come."""
