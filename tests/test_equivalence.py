@@ -139,6 +139,16 @@ def assert_same_tokens(got: list[list[int]], ref: Reference, n: int | None = Non
     assert not mismatched, f"{len(mismatched)} of {len(pairs)} prompts differ from transformers: {mismatched[:3]}"
 
 
+def varied_params(i: int, seed: int, sampled_tokens: int, greedy_spread: int) -> SamplingParams:
+    """Request i's parameters: every fifth ends at its first token, every fourth (from 1) samples with its own
+    seed for `sampled_tokens`, the rest are greedy for 4 to 3 + `greedy_spread` tokens."""
+    if i % 5 == 0:
+        return SamplingParams(max_tokens=1, temperature=0.0)
+    if i % 4 == 1:
+        return SamplingParams(max_tokens=sampled_tokens, temperature=0.8, top_p=0.9, seed=seed + i, ignore_eos=True)
+    return SamplingParams(max_tokens=4 + i % greedy_spread, temperature=0.0, ignore_eos=True)
+
+
 def assert_pool_drained(llm: LLM) -> None:
     alloc = llm.core.allocator
     assert alloc.num_free == alloc.num_blocks
@@ -290,15 +300,7 @@ def test_unified_mixed_batches_queued_ahead_change_no_token(model_factory: Calla
     queued, stop tokens and seeded sampling."""
     model = model_factory("tiny-llama")
     prompts = make_prompts(seed=7)
-
-    def params(i: int) -> SamplingParams:
-        if i % 5 == 0:
-            return SamplingParams(max_tokens=1, temperature=0.0)
-        if i % 4 == 1:
-            return SamplingParams(max_tokens=9, temperature=0.8, top_p=0.9, seed=300 + i, ignore_eos=True)
-        return SamplingParams(max_tokens=4 + i % 11, temperature=0.0, ignore_eos=True)
-
-    batch = [params(i) for i in range(len(prompts))]
+    batch = [varied_params(i, seed=300, sampled_tokens=9, greedy_spread=11) for i in range(len(prompts))]
     runs = {}
     for overlap in (False, True):
         llm = engine_factory(model, mode="unified", overlap_decode=overlap)
@@ -377,15 +379,7 @@ def test_overlapped_prefill_matches_one_iteration_at_a_time(model_factory: Calla
     sampling. One iteration at a time queues nothing ahead."""
     model = model_factory("tiny-llama")
     prompts = make_prompts(seed=5)
-
-    def params(i: int) -> SamplingParams:
-        if i % 5 == 0:
-            return SamplingParams(max_tokens=1, temperature=0.0)
-        if i % 4 == 1:
-            return SamplingParams(max_tokens=6, temperature=0.8, top_p=0.9, seed=200 + i, ignore_eos=True)
-        return SamplingParams(max_tokens=4 + i % 7, temperature=0.0, ignore_eos=True)
-
-    batch = [params(i) for i in range(len(prompts))]
+    batch = [varied_params(i, seed=200, sampled_tokens=6, greedy_spread=7) for i in range(len(prompts))]
     runs = {}
     for overlap in (False, True):
         llm = engine_factory(model, mode="semi-pd", overlap_prefill=overlap)
