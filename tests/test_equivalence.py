@@ -297,7 +297,7 @@ def test_unified_mixed_batches_queued_ahead_change_no_token(model_factory: Calla
     """Unified mode queues mixed batches (decodes that take their input from the running batch's draw, plus prompt
     chunks) before the running one's tokens are known. That changes no token and no finish reason and leaks no
     page, with chunked and prefix-shared prompts, prompts that end at their first token while the next batch is
-    queued, stop tokens and seeded sampling."""
+    queued, and seeded sampling."""
     model = model_factory("tiny-llama")
     prompts = make_prompts(seed=7)
     batch = [varied_params(i, seed=300, sampled_tokens=9, greedy_spread=11) for i in range(len(prompts))]
