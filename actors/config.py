@@ -224,7 +224,8 @@ class EngineConfig:
     `splits`: the prefill SM counts a semi-pd engine creates partitions (and decode CUDA
     graphs) for, each rounded to the nearest one the GPU allows (None: all of them).
     `overlap_decode`: the decode worker queues its next step before the current one's
-    tokens reach the host (see `actors.engine.workers.DecodeWorker`); `overlap_prefill`: the
+    tokens reach the host (see `actors.engine.workers.DecodeWorker`; in unified mode every
+    batch, mixed ones too, `UnifiedWorker`); `overlap_prefill`: the
     semi-pd prefill worker queues its next iteration before the current one's first tokens
     reach the host (`actors.engine.workers.PrefillWorker`).
     `decode_pace_ms`: semi-pd: while prefill has work, the decode worker starts at most one step per
