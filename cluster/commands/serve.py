@@ -43,7 +43,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prefill-sm-max", type=float, default=1.0, metavar="FRACTION",
                    help="highest share of an engine's SMs the controller may give prefill (0..1)")
     p.add_argument("--no-overlap-decode", dest="overlap_decode", action="store_false",
-                   help="decode one step at a time (by default the next step is queued while the current one runs)")
+                   help="decode (unified: every batch) one step at a time (by default the next step is queued "
+                        "while the current one runs)")
     p.add_argument("--no-overlap-prefill", dest="overlap_prefill", action="store_false",
                    help="semi-pd: take each prefill iteration's first tokens before planning the next (by default "
                         "the next iteration is queued while the current one runs)")
