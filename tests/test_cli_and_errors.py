@@ -150,6 +150,24 @@ def test_engine_sets_the_thread_switch_interval_it_is_given(tiny_llama: Path) ->
         LLM(tiny_llama, device="cpu", switch_interval_ms=-1.0)
 
 
+def test_engine_keeps_what_it_built_out_of_the_collectors_way_until_shutdown(tiny_llama: Path) -> None:
+    """A started engine freezes the objects that exist by then (the cyclic collector skips them while it serves);
+    shutdown thaws them, so the engine, dropped, goes like any other object."""
+    import gc
+    import weakref
+
+    gc.unfreeze()
+    llm = LLM(tiny_llama, device="cpu")
+    assert gc.get_freeze_count() > 0
+    pool = weakref.ref(llm.core.pool)
+    assert llm.generate(["hi"], SamplingParams(max_tokens=2))[0].token_ids
+    llm.shutdown()
+    assert gc.get_freeze_count() == 0
+    del llm
+    gc.collect()
+    assert pool() is None
+
+
 def test_engine_refuses_an_unknown_decode_attention_kernel(tiny_llama: Path) -> None:
     with pytest.raises(ConfigError, match=r"decode_attention must be one of \('fa2', 'fa3', 'cuda-cores'\)"):
         LLM(tiny_llama, device="cpu", decode_attention="fa4")

@@ -129,7 +129,8 @@ class EngineCore:
             return cache.num_pages
         per_page = KVPool.bytes_per_page(self.arch, cache.page_size, self.dtype)
         if self.device.type == "cuda":
-            gc.collect()  # an engine dropped without shutdown() sits in reference cycles until collected
+            gc.unfreeze()  # an engine dropped without shutdown() sits in reference cycles, frozen (`start`),
+            gc.collect()  # until collected
             torch.cuda.empty_cache()
             free, total = torch.cuda.mem_get_info(self.device)
             a = self.arch
@@ -198,10 +199,16 @@ class EngineCore:
     # -- lifecycle ---------------------------------------------------------------
 
     def start(self) -> None:
+        """Start the workers. What exists by then (the weights' modules, graphs, tokenizer) lives as long as the
+        engine, so it is moved out of the cyclic collector's way (`gc.freeze`): a full collection during serving
+        then scans only what serving made (on CPU, one took 213 ms over the 334K objects of a tiny-model engine's
+        process, holding the interpreter lock that the workers need to launch)."""
         if not self._started:
             self._started = True
             if self.config.switch_interval_ms is not None:
                 sys.setswitchinterval(self.config.switch_interval_ms / 1000)
+            gc.collect()
+            gc.freeze()
             for w in self.workers:
                 w.start()
 
@@ -216,6 +223,7 @@ class EngineCore:
         """
         stopped = [w.stop() for w in self.workers]
         self._started = False
+        gc.unfreeze()  # the engine's objects can be collected again
         if not all(stopped):
             log.error("a worker did not stop; the engine's CUDA graphs and cuBLAS workspaces stay allocated")
             return
