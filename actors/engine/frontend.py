@@ -264,13 +264,13 @@ class LLM(_Frontend):
         """One put per sink and engine iteration: a `generate` call's requests share a sink, so the thread that
         reads them wakes once per iteration, not once per token (it shares the interpreter lock with the engine's
         workers)."""
-        batches: dict[int, tuple[queue.Queue[list[TokenDelta]], list[TokenDelta]]] = {}
+        batches: dict[queue.Queue[list[TokenDelta]], list[TokenDelta]] = {}  # queues hash by identity
         with self._sinks_lock:
             for d in deltas:
                 sink = self._sinks.get(d.request_id)
                 if sink is not None:
-                    batches.setdefault(id(sink), (sink, []))[1].append(d)
-        for sink, batch in batches.values():
+                    batches.setdefault(sink, []).append(d)
+        for sink, batch in batches.items():
             sink.put(batch)
 
     def _submit(self, prompt: Prompt, params: SamplingParams,
@@ -337,7 +337,8 @@ class LLM(_Frontend):
                     stream, out = outputs[delta.request_id]
                     if not stream.done:
                         out.add(self._process(stream, delta))
-                        unfinished -= stream.done
+                        if stream.done:
+                            unfinished -= 1
         finally:
             self._forget(streams)
         return [out for _, out in outputs.values()]

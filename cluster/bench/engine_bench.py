@@ -551,7 +551,8 @@ def format_table(result: dict[str, Any]) -> str:
             lines += ["Where each worker's time went (iterations with prefill chunks; decode-only steps):", "",
                       "| mode | decode attention | prefill SMs | worker | prefill iterations | their s | decode steps | "
                       "their s | median step ms |", "|---|---|---|---|---|---|---|---|---|"]
-            lines += [f"| {r['mode']} | {r['decode_attention']} | {r['prefill_sms']} | {name} | {p['prefill_iterations']} | {p['prefill_s']:.2f} | "
+            lines += [f"| {r['mode']} | {r['decode_attention']} | {r['prefill_sms']} | {name} | "
+                      f"{p['prefill_iterations']} | {p['prefill_s']:.2f} | "
                       f"{p['decode_steps']} | {p['decode_s']:.2f} | {p['decode_step_ms']:.2f} |"
                       for r in phased for name, p in r["phases"].items()]
             lines.append("")
