@@ -11,10 +11,8 @@ host, in idle gaps split at the job's last prefill-attention kernel. Prints the 
 
 from __future__ import annotations
 
-import re
 import sys
 import time
-from collections import defaultdict
 
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
@@ -22,49 +20,8 @@ from torch.profiler import ProfilerActivity, profile
 from actors.config import SchedulerConfig
 from actors.engine.frontend import LLM
 from actors.request import SamplingParams
+from cluster.bench.kernel_time import Kernel, report
 from cluster.bench.offline_job import JOB, offline_prompts
-
-KINDS: tuple[tuple[str, str], ...] = (  # (kind, kernel-name pattern), first match wins
-    ("attention", r"flashinfer::(Batch|Persistent|Merge|Variable)|PrefillWithKVCache|DecodeWithPagedKV"),
-    ("gemm", r"nvjet|gemm|cutlass|splitKreduce|sm90_xmma"),
-    ("norm", r"RMSNorm"),
-    ("activation", r"act_and_mul|silu"),
-    ("rope", r"Rotary|rope"),
-    ("kv write", r"index_put|index_elementwise|scatter"),
-    ("sampling", r"argmax|reduce_kernel|softmax|topk|sort"),
-    ("copy", r"Memcpy|Memset|copy"),
-)
-
-
-def kind_of(name: str) -> str:
-    return next((kind for kind, pattern in KINDS if re.search(pattern, name)), "other")
-
-
-def idle_gaps(kernels: list[tuple[float, float, str]], min_us: float = 20.0) -> list[tuple[float, float, str, str]]:
-    """(start us, length us, kernel before, kernel after) of each stretch of at least `min_us` in which no kernel
-    ran, from kernels as (start us, end us, name)."""
-    gaps = []
-    kernels = sorted(kernels)
-    busy_until, last = kernels[0][1], kernels[0][2]
-    for start, end, name in kernels[1:]:
-        if start - busy_until >= min_us:
-            gaps.append((busy_until, start - busy_until, last, name))
-        if end > busy_until:
-            busy_until, last = end, name
-    return gaps
-
-
-def print_gaps(kernels: list[tuple[float, float, str]]) -> None:
-    """Idle time before and after the job's last prefill-attention kernel (mixed iterations; decode-only steps)."""
-    prefill_ends = [end for _, end, name in kernels if "PrefillWithKVCacheKernel" in name]
-    split = max(prefill_ends, default=kernels[-1][1])
-    gaps = idle_gaps(kernels)
-    for phase, inside in (("with prefill", lambda g: g[0] < split), ("decode-only", lambda g: g[0] >= split)):
-        mine = [g for g in gaps if inside(g)]
-        print(f"GPU idle {phase}: {sum(g[1] for g in mine) / 1e6:.3f} s in {len(mine)} gaps of >= 20 us")
-    print("\n| longest idle gaps us | last kernel before | first kernel after |\n|---|---|---|")
-    for _, us, before, after in sorted(gaps, key=lambda g: -g[1])[:12]:
-        print(f"| {us:.0f} | {before[:60]} | {after[:60]} |")
 
 
 def main(model_dir: str, max_prefill_tokens: int) -> None:
@@ -89,26 +46,9 @@ def main(model_dir: str, max_prefill_tokens: int) -> None:
     sys.setswitchinterval(default_interval)
     llm.shutdown()
     print("\n" + "; ".join(f"unprofiled, thread switch interval {ms:g} ms: {s:.2f} s" for ms, s in unprofiled.items()))
-    kernels = [(e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+    kernels = [Kernel(e.time_range.start, e.time_range.end, e.name) for e in prof.events()
                if e.device_type == DeviceType.CUDA and e.time_range.end > e.time_range.start]
-    by_kind: dict[str, float] = defaultdict(float)
-    by_name: dict[str, tuple[float, int]] = {}
-    for e in prof.key_averages():
-        us = e.self_device_time_total
-        if us <= 0:
-            continue
-        by_kind[kind_of(e.key)] += us
-        by_name[e.key] = (us, e.count)
-    busy = sum(by_kind.values()) / 1e6
-    print(f"\nwall {wall:.2f} s, GPU busy {busy:.2f} s ({busy / wall:.0%}), waiting for the host {wall - busy:.2f} s")
-    print("\n| kind | s | share of wall |\n|---|---|---|")
-    for kind, us in sorted(by_kind.items(), key=lambda kv: -kv[1]):
-        print(f"| {kind} | {us / 1e6:.3f} | {us / 1e6 / wall:.1%} |")
-    print("\n| kernel | kind | calls | s | us per call |\n|---|---|---|---|---|")
-    for name, (us, n) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:25]:
-        print(f"| {name[:90]} | {kind_of(name)} | {n} | {us / 1e6:.3f} | {us / n:.1f} |")
-    if kernels:
-        print_gaps(kernels)
+    print("\n" + report(kernels, wall, split_after="PrefillWithKVCacheKernel"))
 
 
 if __name__ == "__main__":

@@ -947,3 +947,38 @@ def test_engine_prefill_bench_splits_launch_from_step_on_cpu(tiny_llama: Path) -
     table = format_table(dict(model="m", device="cpu", date="d", commit="c", command="x",
                               ceilings=dict(copy_TBps=1.0, matmul_TFLOPs=1.0), prefill=rows))
     assert "| requests | length | ms | of which host launch ms |" in table and "\n| 2 | 48 | " in table
+
+
+def test_kernel_time_reads_a_trace_and_splits_idle_time_at_the_last_prefill(tmp_path: Path) -> None:
+    """The tables `bench/offline_profile.py` and `bench/vllm_offline.py --profile` print, from a Chrome trace as
+    torch's profiler writes it (gzipped; CPU events and zero-length ones ignored)."""
+    import gzip
+
+    from cluster.bench.kernel_time import chrome_trace_kernels, kind_of, report
+
+    def event(cat: str, name: str, ts: float, dur: float) -> dict[str, Any]:
+        return dict(ph="X", cat=cat, name=name, ts=ts, dur=dur, pid=0, tid=7)
+
+    events = [
+        event("cpu_op", "aten::mm", 0, 5000),
+        event("kernel", "nvjet_sm90_tst_192x192_gemm", 0, 1000),
+        event("kernel", "flashinfer::PrefillWithKVCacheKernel<...>", 1000, 500),
+        event("kernel", "void vllm::rms_norm_kernel<c10::BFloat16>", 1500, 0),
+        event("gpu_memcpy", "Memcpy DtoH (Device -> Pinned)", 1500, 10),
+        event("kernel", "void vllm::reshape_and_cache_flash_kernel<...>", 1600, 100),  # 90 us after the copy
+        event("kernel", "nvjet_sm90_tst_128x64_gemm", 2700, 300),  # 1,000 us after
+    ]
+    path = tmp_path / "worker.pt.trace.json.gz"
+    with gzip.open(path, "wt") as f:
+        json.dump(dict(traceEvents=events), f)
+
+    kernels = chrome_trace_kernels(path)
+    assert [k.name[:12] for k in kernels] == ["nvjet_sm90_t", "flashinfer::", "Memcpy DtoH ", "void vllm::r", "nvjet_sm90_t"]
+    assert [kind_of(k.name) for k in kernels] == ["gemm", "attention", "copy", "kv write", "gemm"]
+    text = report(kernels, wall_s=0.003, split_after="PrefillWithKVCacheKernel")
+    assert "GPU busy 0.00 s (64%)" in text  # 1,910 us of 3,000
+    assert "| gemm | 0.001 | 43.3% |" in text
+    assert "GPU idle with prefill: 0.000 s in 0 gaps" in text  # nothing idle before the prefill kernel ended
+    assert "GPU idle decode-only: 0.001 s in 2 gaps" in text  # 90 + 1,000 us after it
+    assert "| 1000 | void vllm::reshape_and_cache_flash_kernel<...> | nvjet_sm90_tst_128x64_gemm |" in text
+    assert "GPU idle in all: 0.001 s in 2 gaps" in report(kernels, wall_s=0.003)
