@@ -5,7 +5,7 @@
 #                                             DECODE_ATTENTION=fa2,fa3: the decode table and the unified offline job per kernel
 #   bash bench/device_run.sh attention        flashinfer's decode-attention kernels side by side -> $OUT/attention.json
 #   bash bench/device_run.sh vllm             vLLM reference of the offline job (after staging .vllmA)
-#                                             VLLM_PROFILE=1: and its kernel tables, as offline-profile's
+#                                             PROFILE_VLLM=1: and its kernel tables, as offline-profile's
 #   bash bench/device_run.sh profile [BATCH..] where a decode step's time goes -> $OUT/decode-profile.log
 #   bash bench/device_run.sh offline-profile  the offline job's GPU time by kernel kind -> $OUT/offline-profile.log
 #   bash bench/device_run.sh gemm             one layer's GEMMs on each split, cuBLAS sized for the GPU vs the partition -> $OUT/gemm.json
@@ -53,8 +53,8 @@ case $what in
     ;;
   vllm)
     source .vllmB/setup-vllm.sh
-    vllm-python bench/vllm_offline.py $model "$OUT/vllm.json" ${VLLM_PROFILE:+/tmp/vllm-trace} > "$OUT/vllm.log" 2>&1
-    lines=3; [ -n "${VLLM_PROFILE:-}" ] && lines=70
+    vllm-python bench/vllm_offline.py $model "$OUT/vllm.json" ${PROFILE_VLLM:+/tmp/vllm-trace} > "$OUT/vllm.log" 2>&1
+    lines=3; [ -n "${PROFILE_VLLM:-}" ] && lines=70
     tail -$lines "$OUT/vllm.log"
     ;;
 esac

@@ -133,9 +133,11 @@ class FlashInferAttention(AttentionBackend):
             cache = pool.layer(layer_id)
             if nd == n:
                 return decode.run(q, cache)
-            if nd == 0:
-                return prefill.run(q, cache)
-            return torch.cat((decode.run(q[:nd], cache), prefill.run(q[nd:], cache)))
+            out = torch.empty_like(q)  # given, so the prefill wrapper does not zero-fill one, nor do the parts need a cat
+            if nd:
+                decode.run(q[:nd], cache, out=out[:nd])
+            prefill.run(q[nd:], cache, out=out[nd:])
+            return out
 
         return attn
 

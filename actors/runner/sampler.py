@@ -70,13 +70,18 @@ class Sampler:
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
     def __call__(self, logits: torch.Tensor, reqs: list[Request]) -> SampleResult:
-        """logits [N, V] fp32, one row per request -> one token per request."""
+        """logits [N, V], one row per request -> one token per request."""
         return self.draw(logits, reqs).result()
 
     def draw(self, logits: torch.Tensor, reqs: list[Request]) -> Drawn:
-        """Queue the sampling of `logits` [N, V] fp32 (one row per request) on the current stream."""
+        """Queue the sampling of `logits` [N, V] (one row per request, any float dtype) on the current stream.
+
+        Penalties, logprobs and random draws compute in fp32. A batch that only takes argmaxes keeps the logits'
+        own dtype: widening changes no value, and argmax picks the first of equal maxima either way."""
         n = len(reqs)
         assert logits.shape[0] == n
+        if not all(r.params.greedy and r.params.logprobs is None and not r.params.needs_penalties for r in reqs):
+            logits = logits.float()
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(r.params.logprobs is not None for r in reqs) else None
         if any(r.params.needs_penalties for r in reqs):
             logits = self._apply_penalties(logits.clone(), reqs)
