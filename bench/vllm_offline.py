@@ -29,8 +29,8 @@ def main(model_dir: str, out_path: str, profile_dir: str | None = None) -> None:
 
     vocab = json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"]
     prompts = [TokensPrompt(prompt_token_ids=p) for p in offline_prompts(vocab)]
-    profiler = None if profile_dir is None else dict(profiler="torch", torch_profiler_dir=str(Path(profile_dir).resolve()),
-                                                     torch_profiler_with_stack=False)
+    profiler = None if profile_dir is None else dict(
+        profiler="torch", torch_profiler_dir=str(Path(profile_dir).resolve()), torch_profiler_with_stack=False)
     llm = LLM(model=model_dir, load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
               max_model_len=4096, gpu_memory_utilization=0.85, profiler_config=profiler)
     params = SamplingParams(max_tokens=JOB.output_tokens, temperature=0.0, ignore_eos=True, detokenize=False)

@@ -973,7 +973,7 @@ def test_kernel_time_reads_a_trace_and_splits_idle_time_at_the_last_prefill(tmp_
         json.dump(dict(traceEvents=events), f)
 
     kernels = chrome_trace_kernels(path)
-    assert [k.name[:12] for k in kernels] == ["nvjet_sm90_t", "flashinfer::", "Memcpy DtoH ", "void vllm::r", "nvjet_sm90_t"]
+    assert [k.name[:6] for k in kernels] == ["nvjet_", "flashi", "Memcpy", "void v", "nvjet_"]
     assert [kind_of(k.name) for k in kernels] == ["gemm", "attention", "copy", "kv write", "gemm"]
     text = report(kernels, wall_s=0.003, split_after="PrefillWithKVCacheKernel")
     assert "GPU busy 0.00 s (64%)" in text  # 1,910 us of 3,000

@@ -106,22 +106,30 @@ def test_shut_down_engine_gives_back_its_gpu_memory(model_factory: Callable[[str
     assert torch.cuda.memory_allocated() - before < pool_bytes // 8
 
 
-def test_engine_start_warms_up_a_whole_token_budget_and_argmax_batches_keep_their_tokens(tiny_llama: Path) -> None:
-    """After start-up, an iteration of the whole prefill budget finds the device memory it needs already held by
-    the caching allocator (the warm-up ran one that large); and batches that only take argmaxes, which sample from
-    bf16 logits, draw the tokens that batches asking for logprobs (fp32 logits) draw."""
+def test_engine_start_warms_up_a_whole_token_budget_and_argmax_batches_keep_their_tokens(
+        tiny_llama: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Start-up runs one iteration of the whole prefill budget (the engine's largest), in prompts no longer than the
+    model allows; and batches that only take argmaxes, which sample from bf16 logits, draw the tokens that batches
+    asking for logprobs (fp32 logits) draw."""
+    from actors.runner.model_runner import ModelRunner
+
+    iterations: list[tuple[int, ...]] = []
+    execute = ModelRunner.execute
+
+    def recorded(self: ModelRunner, plan: object, reqs: object) -> object:
+        iterations.append(tuple(c.num_tokens for c in plan.chunks))  # type: ignore[attr-defined]
+        return execute(self, plan, reqs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ModelRunner, "execute", recorded)
     budget = 1024
-    with LLM(tiny_llama, mode="unified", dtype="bfloat16", scheduler=SchedulerConfig(max_prefill_tokens=budget)) as llm:
-        held = torch.cuda.memory_reserved()
-        prompts = _prompts(4, llm.core.arch.vocab_size)
-        prompts = [p * (budget // 4 // len(p) + 1) for p in prompts]
-        prompts = [p[: budget // 4] for p in prompts]  # one iteration of exactly the budget
+    with LLM(tiny_llama, mode="unified", dtype="bfloat16", cache=CacheConfig(num_pages=512),
+             scheduler=SchedulerConfig(max_prefill_tokens=budget, max_model_len=300)) as llm:
+        assert iterations[0] == (299, 299, 299, 127)
+        prompts = [p[:64] for p in _prompts(8, llm.core.arch.vocab_size)]
         plain = llm.generate(prompts, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
-        grown = torch.cuda.memory_reserved() - held
         llm.core.allocator.reset_prefix_cache()  # the same prompts again, computed again
         with_logprobs = llm.generate(prompts, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True,
                                                              logprobs=1))
-    assert grown < 8 << 20, f"the first full-budget iteration grew the allocator by {grown / 2**20:.1f} MiB"
     assert [o.token_ids for o in plain] == [o.token_ids for o in with_logprobs]
 
 

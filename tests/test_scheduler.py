@@ -549,3 +549,20 @@ def test_worker_recent_iteration_time() -> None:
     assert worker.recent_iteration_ms(span_s=2.0, now=10.0) == pytest.approx(30.0)
     assert worker.recent_iteration_ms(span_s=10.0, now=10.0) == pytest.approx(70.0 / 3)
     assert worker.recent_iteration_ms(span_s=2.0, now=20.0) == 0.0
+
+
+@pytest.mark.parametrize(("tokens", "max_len", "max_pages", "expected"), [
+    (16384, 8191, 100_000, [8191, 8191, 2]),  # llama3-8b on a GPU: the budget, in prompts the model allows
+    (17, 8191, 100_000, [17]),  # on CPU: a page and a token
+    (4096, 8191, 63, [1008]),  # a small pool: 63 pages of 16
+    (1024, 299, 256, [299, 299, 299, 127]),
+    (100, 50, 3, [48]),  # three pages hold 48 tokens
+])
+def test_warm_up_lengths_fit_the_model_and_the_pool(tokens: int, max_len: int, max_pages: int,
+                                                    expected: list[int]) -> None:
+    from actors.engine.core import warm_up_lengths
+    from actors.kv.manager import pages_for
+
+    lens = warm_up_lengths(tokens, max_len, max_pages, 16)
+    assert lens == expected
+    assert sum(pages_for(n, 16) for n in lens) <= max_pages and all(n <= max_len for n in lens)

@@ -133,7 +133,7 @@ class FlashInferAttention(AttentionBackend):
             cache = pool.layer(layer_id)
             if nd == n:
                 return decode.run(q, cache)
-            out = torch.empty_like(q)  # given, so the prefill wrapper does not zero-fill one, nor do the parts need a cat
+            out = torch.empty_like(q)  # given: the prefill wrapper zero-fills one it makes, and no cat of the parts
             if nd:
                 decode.run(q[:nd], cache, out=out[:nd])
             prefill.run(q[nd:], cache, out=out[nd:])

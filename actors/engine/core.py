@@ -181,32 +181,27 @@ class EngineCore:
     def _warm_up(self) -> None:
         """A prefill through each prefill-running worker before the engine reports ready, so that the first
         requests do not pay for what the first iteration does once: load (or, with a cold cache, compile)
-        kernels. On a GPU it is as large as the token budget allows, like the engine's largest iteration, so the
-        caching allocator also grows to its working size and cuBLAS meets the large shapes (H200, 2026-12-03, before
-        this: the offline job took 5.08 s after a warm-up of 8 of its prompts, 4.94 s after one of the whole job)."""
+        kernels. On a GPU it is as large as the token budget (and half the pool) allows, like the engine's largest
+        iteration, so the caching allocator also grows to its working size and cuBLAS meets the large shapes (H200,
+        2026-12-03, before this: the offline job took 5.08 s after a warm-up of 8 of its prompts, 4.94 s after one
+        of the whole job)."""
         ps = self.pool.page_size
         tokens = self.config.scheduler.max_prefill_tokens if self.device.type == "cuda" else ps + 1
-        seq_len = min(tokens, self.max_model_len - 1)
-        lens = [seq_len] * (tokens // seq_len) + ([tokens % seq_len] if tokens % seq_len else [])
+        lens = warm_up_lengths(tokens, self.max_model_len - 1, max(1, self.allocator.num_free // 2), ps)
         params = SamplingParams(max_tokens=1, temperature=0.0)
         vocab = self.arch.vocab_size
         for w in self.workers:
             if w.phase != "prefill":
                 continue
-            chunks, pages = [], []
-            for i, n in enumerate(lens):
-                blocks = self.allocator.allocate(pages_for(n, ps))
-                if blocks is None:  # a pool smaller than one budget's prompts: warm up with what fits
-                    break
-                pages.append(blocks)
-                chunks.append(SeqChunk(f"warm-up-{i}", tuple(1 + t % (vocab - 1) for t in range(n)), 0,
-                                       tuple(blocks), True))
-            assert chunks, "a fresh pool holds one page-and-a-token prompt"
+            pages = [self.allocator.allocate(pages_for(n, ps)) for n in lens]
+            assert all(p is not None for p in pages), "a fresh pool holds the warm-up's prompts"
+            chunks = [SeqChunk(f"warm-up-{i}", tuple(1 + t % (vocab - 1) for t in range(n)), 0, tuple(p or ()), True)
+                      for i, (n, p) in enumerate(zip(lens, pages))]
             w.runner.set_partition(self.partitioner.partition_for(w.phase))
             reqs = [Request(c.request_id, list(c.token_ids), c.num_tokens, params) for c in chunks]
             w.runner.execute(BatchPlan(prefills=tuple(chunks)), reqs)
             for blocks in pages:
-                self.allocator.free(blocks)
+                self.allocator.free(blocks or ())
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
@@ -395,3 +390,15 @@ class EngineCore:
         stats = torch.cuda.memory_stats(self.device)
         return dict(cuda_alloc_retries=int(stats.get("num_alloc_retries", 0)),
                     cuda_frees=int(stats.get("num_device_free", 0)))
+
+
+def warm_up_lengths(tokens: int, max_len: int, max_pages: int, page_size: int) -> list[int]:
+    """Prompt lengths for a warm-up iteration of `tokens` tokens: each at most `max_len`, together in at most
+    `max_pages` pages (fewer tokens where they do not fit)."""
+    lens: list[int] = []
+    while tokens > 0 and max_pages > 0:
+        n = min(tokens, max_len, max_pages * page_size)
+        lens.append(n)
+        tokens -= n
+        max_pages -= pages_for(n, page_size)
+    return lens
