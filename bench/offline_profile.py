@@ -25,6 +25,7 @@ from actors.engine.frontend import LLM
 from actors.request import SamplingParams
 from cluster.bench.kernel_time import Kernel, report
 from cluster.bench.offline_job import JOB, offline_prompts
+from cluster.bench.telemetry import GpuTelemetry, format_summary
 
 
 class _Allocs(NamedTuple):
@@ -47,9 +48,10 @@ def main(model_dir: str, max_prefill_tokens: int) -> None:
     prompts = offline_prompts(llm.core.arch.vocab_size)
     params = SamplingParams(max_tokens=JOB.output_tokens, temperature=0.0, ignore_eos=True, detokenize=False)
     before = _allocations()
-    t0 = time.perf_counter()
-    llm.generate(prompts, params)
-    first = time.perf_counter() - t0
+    with GpuTelemetry() as first_gpu:
+        t0 = time.perf_counter()
+        llm.generate(prompts, params)
+        first = time.perf_counter() - t0
     first_allocs = _allocations() - before
     llm.core.allocator.reset_prefix_cache()
     before = _allocations()
@@ -58,20 +60,26 @@ def main(model_dir: str, max_prefill_tokens: int) -> None:
         llm.generate(prompts, params)
         wall = time.perf_counter() - t0
     profiled_allocs = _allocations() - before
-    unprofiled = {}
+    unprofiled: dict[float, float] = {}
+    clocks: dict[float, dict[str, float]] = {}
     default_interval = sys.getswitchinterval()
     for interval_ms in (default_interval * 1e3, 1.0):
         sys.setswitchinterval(interval_ms / 1e3)
         llm.core.allocator.reset_prefix_cache()
-        t0 = time.perf_counter()
-        llm.generate(prompts, params)
-        unprofiled[interval_ms] = time.perf_counter() - t0
+        with GpuTelemetry() as gpu:
+            t0 = time.perf_counter()
+            llm.generate(prompts, params)
+            unprofiled[interval_ms] = time.perf_counter() - t0
+        clocks[interval_ms] = gpu.summary()
     sys.setswitchinterval(default_interval)
     llm.shutdown()
     print(f"\ndevice and pinned host allocations (cudaMalloc, cudaHostAlloc): first run {first_allocs}, "
           f"profiled run {profiled_allocs}")
     print(f"first run after start-up: {first:.2f} s; "
           + "; ".join(f"unprofiled, thread switch interval {ms:g} ms: {s:.2f} s" for ms, s in unprofiled.items()))
+    print(f"first run: {format_summary(first_gpu.summary())}")
+    for ms, summary in clocks.items():
+        print(f"switch interval {ms:g} ms: {format_summary(summary)}")
     kernels = [Kernel(e.time_range.start, e.time_range.end, e.name) for e in prof.events()
                if e.device_type == DeviceType.CUDA and e.time_range.end > e.time_range.start]
     print("\n" + report(kernels, wall, split_after="PrefillWithKVCacheKernel"))

@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cluster.bench.kernel_time import chrome_trace_kernels, report  # noqa: E402
 from cluster.bench.offline_job import JOB, offline_prompts  # noqa: E402
+from cluster.bench.telemetry import GpuTelemetry  # noqa: E402
 
 TRACE_WAIT_S = 120.0
 
@@ -36,13 +37,15 @@ def main(model_dir: str, out_path: str, profile_dir: str | None = None) -> None:
     params = SamplingParams(max_tokens=JOB.output_tokens, temperature=0.0, ignore_eos=True, detokenize=False)
     llm.generate(prompts[:8], params, use_tqdm=False)
     llm.reset_prefix_cache()
-    t0 = time.perf_counter()
-    outs = llm.generate(prompts, params, use_tqdm=False)
-    dt = time.perf_counter() - t0
+    with GpuTelemetry() as telemetry:
+        t0 = time.perf_counter()
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        dt = time.perf_counter() - t0
     generated = sum(len(o.outputs[0].token_ids) for o in outs)
     prompt_tokens = sum(len(p["prompt_token_ids"]) for p in prompts)
     result = dict(version=vllm.__version__, seconds=dt, output_tokens=generated, output_tokens_per_s=generated / dt,
-                  total_tokens_per_s=(generated + prompt_tokens) / dt, prefix_cache_reset=True)
+                  total_tokens_per_s=(generated + prompt_tokens) / dt, prefix_cache_reset=True,
+                  gpu=telemetry.summary())
     Path(out_path).write_text(json.dumps(result, indent=2))
     print(json.dumps(result))
     if profile_dir is not None:

@@ -859,6 +859,8 @@ def test_engine_offline_bench_says_where_the_job_went_on_cpu(tiny_llama: Path) -
     table = format_table(dict(model="m", device="cpu", date="d", commit="c", command="x",
                               ceilings=dict(copy_TBps=1.0, matmul_TFLOPs=1.0), offline=[row]))
     assert f"| unified | fa2 | {row['prefill_sms']} | unified | {phases['prefill_iterations']} | " in table
+    assert row["gpu"] == {}  # no clock samples off a GPU
+    assert f"| {row['output_tokens_per_s']:.0f} | {row['total_tokens_per_s']:.0f} | - |" in table
 
 
 def test_engine_contention_bench_runs_on_cpu(tiny_llama: Path) -> None:

@@ -327,18 +327,26 @@ def bench_offline(model_dir: str, mode: str, prefill_sms: list[int | None], job:
         if sms is not None:
             llm.core.partitioner.switch(sms, reason="offline bench")
         llm.core.allocator.reset_prefix_cache()
-        t0, t_mono = time.perf_counter(), time.monotonic()
-        outs = llm.generate(prompts, params)
-        dt = time.perf_counter() - t0
+        with GpuTelemetry() as telemetry:
+            t0, t_mono = time.perf_counter(), time.monotonic()
+            outs = llm.generate(prompts, params)
+            dt = time.perf_counter() - t0
         generated = sum(len(o.token_ids) for o in outs)
         rows.append(dict(mode=mode, decode_attention=llm.config.decode_attention,
                          prefill_sms=llm.core.partitioner.current, seconds=dt,
                          max_prefill_tokens=llm.config.scheduler.max_prefill_tokens,
                          output_tokens=generated, output_tokens_per_s=generated / dt,
                          total_tokens_per_s=(generated + sum(map(len, prompts))) / dt,
-                         phases={w.name: _job_phases(w, t_mono, len(prompts)) for w in llm.core.workers}))
+                         phases={w.name: _job_phases(w, t_mono, len(prompts)) for w in llm.core.workers},
+                         gpu=telemetry.summary()))
     llm.shutdown()
     return rows
+
+
+def _peak_clock(row: dict[str, Any]) -> str:
+    """The mean SM clock near peak power during an offline run ('-' where it was not sampled)."""
+    gpu = row.get("gpu") or {}
+    return f"{gpu['peak_sm_clock_mhz']:.0f}" if "peak_sm_clock_mhz" in gpu else "-"
 
 
 def _job_phases(worker: Worker, since: float, num_requests: int) -> dict[str, float]:
@@ -536,15 +544,15 @@ def format_table(result: dict[str, Any]) -> str:
     if "offline" in result or "vllm" in result:
         lines += ["## Offline job (256 requests, 128-1024 prompt tokens, 128 output tokens, ignore_eos)", "",
                   "| engine | mode | decode attention | prefill SMs | token budget | seconds | output tok/s | "
-                  "total tok/s |", "|---|---|---|---|---|---|---|---|"]
+                  "total tok/s | SM clock near peak power, MHz |", "|---|---|---|---|---|---|---|---|---|"]
         for r in result.get("offline", []):
             lines.append(f"| semipd | {r['mode']} | {r.get('decode_attention', 'fa2')} | {r['prefill_sms']} | "
                          f"{r.get('max_prefill_tokens', '')} | {r['seconds']:.2f} | "
-                         f"{r['output_tokens_per_s']:.0f} | {r['total_tokens_per_s']:.0f} |")
+                         f"{r['output_tokens_per_s']:.0f} | {r['total_tokens_per_s']:.0f} | {_peak_clock(r)} |")
         v = result.get("vllm")
         if v:
             lines.append(f"| vLLM {v.get('version', '')} | default | FA3 | - | default | {v['seconds']:.2f} | "
-                         f"{v['output_tokens_per_s']:.0f} | {v['total_tokens_per_s']:.0f} |")
+                         f"{v['output_tokens_per_s']:.0f} | {v['total_tokens_per_s']:.0f} | {_peak_clock(v)} |")
         lines.append("")
         phased = [r for r in result.get("offline", []) if "phases" in r]
         if phased:
