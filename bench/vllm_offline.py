@@ -14,6 +14,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -52,14 +53,15 @@ def main(model_dir: str, out_path: str, profile_dir: str | None = None) -> None:
         print("\n" + profile_job(llm, prompts, params, Path(profile_dir)))
 
 
-def profile_job(llm: object, prompts: list, params: object, trace_dir: Path) -> str:
-    """The job once more under vLLM's profiler; its kernel tables."""
-    llm.reset_prefix_cache()  # type: ignore[attr-defined]
-    llm.start_profile()  # type: ignore[attr-defined]
+def profile_job(llm: Any, prompts: list[Any], params: Any, trace_dir: Path) -> str:
+    """The job once more under vLLM's profiler (`llm`: a `vllm.LLM` made with a torch profiler config); its kernel
+    tables."""
+    llm.reset_prefix_cache()
+    llm.start_profile()
     t0 = time.perf_counter()
-    llm.generate(prompts, params, use_tqdm=False)  # type: ignore[attr-defined]
+    llm.generate(prompts, params, use_tqdm=False)
     wall = time.perf_counter() - t0
-    llm.stop_profile()  # type: ignore[attr-defined]
+    llm.stop_profile()
     trace = _written_trace(trace_dir)
     return f"profiled job: {wall:.2f} s; trace {trace.name}\n\n" + report(chrome_trace_kernels(trace), wall)
 
