@@ -952,8 +952,8 @@ def test_engine_prefill_bench_splits_launch_from_step_on_cpu(tiny_llama: Path) -
 
 
 def test_kernel_time_reads_a_trace_and_splits_idle_time_at_the_last_prefill(tmp_path: Path) -> None:
-    """The tables `bench/offline_profile.py` and `bench/vllm_offline.py --profile` print, from a Chrome trace as
-    torch's profiler writes it (gzipped; CPU events and zero-length ones ignored)."""
+    """The tables `bench/offline_profile.py` and `bench/vllm_offline.py` (with a profile directory) print, from a
+    Chrome trace as torch's profiler writes it (gzipped; CPU events and zero-length ones ignored)."""
     import gzip
 
     from cluster.bench.kernel_time import chrome_trace_kernels, kind_of, report

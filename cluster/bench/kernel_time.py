@@ -2,7 +2,7 @@
 the stretches in which the GPU waited for the host.
 
 Plain Python (no torch), so the vLLM environment reads its own traces with the same tables as ours
-(`bench/offline_profile.py` for our engine, `bench/vllm_offline.py --profile` for vLLM's).
+(`bench/offline_profile.py` for our engine, `bench/vllm_offline.py MODEL OUT PROFILE_DIR` for vLLM's).
 """
 
 from __future__ import annotations
