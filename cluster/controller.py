@@ -126,6 +126,8 @@ def view_from_dict(d: Mapping[str, Any]) -> EngineView:
         mean_output_tokens=float(s.get("mean_output_tokens", 0.0)),
         decode_step_ms=float(s.get("recent_decode_step_ms", 0.0)),
         decode_pace_ms=float(s.get("decode_pace_ms", 0.0)),
+        prefill_iteration_ms=float(s.get("recent_prefill_ms", 0.0)),
+        prefill_iteration_tokens=float(s.get("recent_prefill_tokens", 0.0)),
     )
 
 

@@ -6,8 +6,10 @@ first come, first served at the model's prefill speed on the current split; a pr
 decode batch, which advances one token per modelled step on the remaining SMs until its output is done.
 A policy, if given, decides every `decide_every_s` from the view a GPU actor would publish: queue, batch,
 the TTFT and TPOT samples of requests that arrived after the last switch, the mean decode step of the last
-2 s, and the arrival rate and lengths (through the actor's own `RateWindow`). Switches take effect at once.
-Plain functions (no fixtures).
+2 s, the prefill iteration (a full chunk at the model's speed) once prefill has been busy on the current split
+for `PREFILL_SPEED_AFTER_S`, and the arrival rate and lengths (through the actor's own `RateWindow`).
+Switches take effect at once. The policy may hold another model than the one that times the engine
+(`with_prefill_factor`: a profile that misjudges prefill). Plain functions (no fixtures).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 import math
 import random
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from actors.gpu_actor import RateWindow
 from actors.slo.latency_model import LatencyModel
@@ -23,6 +25,12 @@ from actors.slo.types import EngineView, SLOTargets, SplitPolicy
 
 CHUNK_TOKENS = 4096  # the engine's prefill tokens per iteration
 STEP_SPAN_S = 2.0  # the view's decode step is the mean over this span, as an engine publishes it
+PREFILL_SPEED_AFTER_S = 1.0  # busy prefill on one split this long shows its iteration in the view
+
+
+def with_prefill_factor(model: LatencyModel, factor: float) -> LatencyModel:
+    """`model` with every prefill time multiplied by `factor`."""
+    return replace(model, prefill=replace(model.prefill, coef=tuple(factor * c for c in model.prefill.coef)))
 
 
 @dataclass(frozen=True)
@@ -81,7 +89,8 @@ def simulate(model: LatencyModel, phases: list[Phase], targets: SLOTargets, star
              policy: SplitPolicy | None = None, seed: int = 0, dt: float = 0.005,
              decide_every_s: float = 0.5, hide: frozenset[str] = frozenset()) -> SimResult:
     """Run `phases` to the last request's end on `start_sms` prefill SMs, moved by `policy` if given. `hide`
-    leaves out of the view "arrivals" (their rate) and/or "lengths" (mean prompt and output lengths)."""
+    leaves out of the view "arrivals" (their rate), "lengths" (mean prompt and output lengths) and/or "speed"
+    (the prefill iteration)."""
     todo = deque(arrivals(phases, seed))
     total = len(todo)
     queue: deque[SimRequest] = deque()
@@ -89,6 +98,7 @@ def simulate(model: LatencyModel, phases: list[Phase], targets: SLOTargets, star
     done: list[SimRequest] = []
     window = RateWindow()
     sms, last_switch, switches = start_sms, 0.0, []
+    busy_since: float | None = None  # since when prefill has had work on the current split
     steps: deque[tuple[float, float]] = deque()  # (time, decode step ms) of the last STEP_SPAN_S
     decide_ticks = round(decide_every_s / dt)
     tick = 0
@@ -97,6 +107,7 @@ def simulate(model: LatencyModel, phases: list[Phase], targets: SLOTargets, star
         while todo and todo[0].arrival <= now:
             queue.append(todo.popleft())
             window.add(queue[-1].prompt, now=now)
+        busy_since = (max(busy_since, last_switch) if busy_since is not None else now) if queue else None
         _prefill(model, queue, decoding, sms, now, dt)
         step_ms = _decode(model, decoding, done, sms, bool(queue), now, dt)
         if step_ms:
@@ -106,6 +117,10 @@ def simulate(model: LatencyModel, phases: list[Phase], targets: SLOTargets, star
         if policy is not None and tick % decide_ticks == 0:
             step_mean = sum(ms for _, ms in steps) / len(steps) if steps else 0.0
             view = _view(model, sms, queue, decoding, done, window, last_switch, now, hide, step_mean)
+            if "speed" not in hide and queue and busy_since is not None and now - busy_since >= PREFILL_SPEED_AFTER_S:
+                chunk_ms = model.prefill_queue_ms(CHUNK_TOKENS, max(1, CHUNK_TOKENS // queue[0].prompt), sms,
+                                                  bool(decoding))
+                view = replace(view, prefill_iteration_ms=chunk_ms, prefill_iteration_tokens=float(CHUNK_TOKENS))
             chosen = policy.decide(view, targets).prefill_sms
             if chosen != sms:
                 switches.append((round(now, 2), sms, chosen))

@@ -170,6 +170,11 @@ def test_batched_chunked_prefix_cached_matches_hf(
     assert all(p.num_tokens <= CHUNK for p in log.plans)
     if mode == "unified":
         assert log.mixed, "no iteration mixed decodes with prefill chunks"
+    else:  # the prefill iterations the engine publishes (as a speed, for the split policy) count every chunk
+        (prefill,) = [w for w in llm.core.workers if w.name == "prefill"]
+        recent = prefill.recent_iterations(span_s=float("inf"), this_split=True)
+        computed = stats.prefix_queried_tokens - stats.prefix_hit_tokens
+        assert recent.count >= len(log.chunked_requests()) and recent.count * recent.mean_tokens == pytest.approx(computed)
     assert_pool_drained(llm)
 
 

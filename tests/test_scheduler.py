@@ -11,6 +11,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from hypothesis import given, settings
@@ -541,14 +542,17 @@ def test_aborts_at_random_steps_leave_the_pool_whole(
     engine.assert_pool_full()
 
 
-def test_worker_recent_iteration_time() -> None:
-    """The mean of the iterations that started within the span (what an engine publishes as its recent
-    decode step)."""
-    worker = Worker.__new__(Worker)  # only the iteration log is read
-    worker.iteration_log = deque([Iteration(1.0, 0.010, 0, 8), Iteration(9.0, 0.020, 0, 8), Iteration(9.5, 0.040, 0, 8)])
-    assert worker.recent_iteration_ms(span_s=2.0, now=10.0) == pytest.approx(30.0)
-    assert worker.recent_iteration_ms(span_s=10.0, now=10.0) == pytest.approx(70.0 / 3)
-    assert worker.recent_iteration_ms(span_s=2.0, now=20.0) == 0.0
+def test_worker_recent_iterations() -> None:
+    """The iterations that started within the span (what an engine publishes as its recent decode step and
+    prefill speed), optionally only those of the current split."""
+    worker = Worker.__new__(Worker)  # only the iteration log and the partitioner's version are read
+    worker.partitioner = SimpleNamespace(version=1)
+    worker.iteration_log = deque([Iteration(1.0, 0.010, 0, 8), Iteration(9.0, 0.020, 0, 100),
+                                  Iteration(9.5, 0.040, 1, 300)])
+    assert worker.recent_iterations(span_s=2.0, now=10.0) == pytest.approx((2, 30.0, 200.0))
+    assert worker.recent_iterations(span_s=10.0, now=10.0) == pytest.approx((3, 70.0 / 3, 136.0))
+    assert worker.recent_iterations(span_s=2.0, now=10.0, this_split=True) == pytest.approx((1, 40.0, 300.0))
+    assert worker.recent_iterations(span_s=2.0, now=20.0) == (0, 0.0, 0.0)
 
 
 @pytest.mark.parametrize(("tokens", "max_len", "max_pages", "expected"), [

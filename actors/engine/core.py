@@ -20,7 +20,9 @@ import torch
 
 from actors.config import ConfigError, EngineConfig, ModelArch
 from actors.engine.partitioner import Partitioner, SwitchRecord, make_partitioner
-from actors.engine.workers import DecodeWorker, Emit, PrefillWorker, UnifiedWorker, Wakeup, Worker, discard
+from actors.engine.workers import (
+    DecodeWorker, Emit, PrefillWorker, RecentIterations, UnifiedWorker, Wakeup, Worker, discard,
+)
 from actors.kv.allocator import BlockAllocator
 from actors.kv.manager import KVManager, pages_for
 from actors.kv.pool import KVPool
@@ -36,6 +38,8 @@ from actors.slo.admission import EngineAdmission
 from actors.slo.ordering import make_order
 
 log = logging.getLogger(__name__)
+PREFILL_SPEED_SPAN_S = 5.0  # the prefill iterations an engine's stats average (`EngineStats.recent_prefill_ms`) ...
+PREFILL_SPEED_MIN_ITERATIONS = 3  # ... given at least this many on the current split
 RECENT_SWITCHES = 64  # split changes a stats snapshot carries (the controller changes at most one per dwell)
 
 
@@ -80,6 +84,11 @@ class EngineStats:
     cuda_alloc_retries: int = 0
     cuda_frees: int = 0
     recent_decode_step_ms: float = 0.0  # the decode worker's mean iteration over the last 2 s (0: none, or unified)
+    # the prefill worker's mean iteration over the last PREFILL_SPEED_SPAN_S on the current split, and its mean
+    # tokens (0: fewer than PREFILL_SPEED_MIN_ITERATIONS there, or unified): the speed the split policy compares
+    # with its model's
+    recent_prefill_ms: float = 0.0
+    recent_prefill_tokens: float = 0.0
     decode_pace_ms: float = 0.0  # the decode worker's pace while prefill has work (0: none; `StepPacer`) ...
     paced_seconds: dict[str, float] = field(default_factory=dict)  # ... and per paced worker the time it waited
 
@@ -353,6 +362,7 @@ class EngineCore:
     def stats(self) -> EngineStats:
         a, p = self.allocator, self.prefill
         now = time.monotonic()
+        prefill = self._recent_prefill(now)
         pacers = {w.name: w.pacer for w in self.workers if isinstance(w, DecodeWorker) and w.pacer is not None}
         return EngineStats(
             num_waiting=p.num_waiting,
@@ -378,11 +388,23 @@ class EngineCore:
             switch_stall_seconds=sum(sum(w.adopt_seconds) for w in self.workers),
             switches=tuple(self.partitioner.switches[-RECENT_SWITCHES:]),
             recent_decode_step_ms=next(
-                (w.recent_iteration_ms(now=now) for w in self.workers if w.name == "decode"), 0.0),
+                (w.recent_iterations(now=now).mean_ms for w in self.workers if w.name == "decode"), 0.0),
+            recent_prefill_ms=prefill.mean_ms,
+            recent_prefill_tokens=prefill.mean_tokens,
             decode_pace_ms=next((1e3 * p.interval_s for p in pacers.values()), 0.0),
             paced_seconds={name: p.waited_s for name, p in pacers.items()},
             **self._allocator_counts(),
         )
+
+    def _recent_prefill(self, now: float) -> RecentIterations:
+        """The prefill worker's iterations of the last PREFILL_SPEED_SPAN_S on the current split (zeros when
+        there are fewer than PREFILL_SPEED_MIN_ITERATIONS, or no prefill worker)."""
+        for w in self.workers:
+            if w.name == "prefill":
+                recent = w.recent_iterations(PREFILL_SPEED_SPAN_S, now=now, this_split=True)
+                if recent.count >= PREFILL_SPEED_MIN_ITERATIONS:
+                    return recent
+        return RecentIterations(0, 0.0, 0.0)
 
     def _allocator_counts(self) -> dict[str, int]:
         if self.device.type != "cuda":

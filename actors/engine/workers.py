@@ -53,6 +53,14 @@ class Wakeup:
         self._event.clear()
 
 
+class RecentIterations(NamedTuple):
+    """A worker's recent iterations (`Worker.recent_iterations`)."""
+
+    count: int
+    mean_ms: float
+    mean_tokens: float
+
+
 class Iteration(NamedTuple):
     """One worker iteration, as `Worker.iteration_log` keeps it."""
 
@@ -165,15 +173,22 @@ class Worker:
             else:
                 self.wakeups[self.name].wait(0.05)
 
-    def recent_iteration_ms(self, span_s: float = 2.0, now: float | None = None) -> float:
-        """Mean time (ms) of the iterations that started within the last `span_s` seconds (0: none)."""
+    def recent_iterations(self, span_s: float = 2.0, now: float | None = None,
+                          this_split: bool = False) -> RecentIterations:
+        """The iterations that started within the last `span_s` seconds (with `this_split`, only those run on
+        the current SM split): how many, their mean time and mean tokens (zeros: none)."""
         since = (time.monotonic() if now is None else now) - span_s
-        total, count = 0.0, 0
+        version = self.partitioner.version if this_split else None
+        seconds, tokens, count = 0.0, 0, 0
         for it in reversed(list(self.iteration_log)):  # a copy: the worker's thread appends to the log
             if it.start <= since:
                 break
-            total, count = total + it.seconds, count + 1
-        return 1000.0 * total / count if count else 0.0
+            if version is not None and it.split_version != version:
+                continue
+            seconds, tokens, count = seconds + it.seconds, tokens + it.tokens, count + 1
+        if not count:
+            return RecentIterations(0, 0.0, 0.0)
+        return RecentIterations(count, 1000.0 * seconds / count, tokens / count)
 
     def _adopt_split(self) -> None:
         """At an iteration boundary: move to the stream of the current split."""

@@ -11,7 +11,10 @@ and the paper's `ReactivePolicy`, built by name with `make_policy`.
 - TPOT: one decode step on the remaining SMs (slowed by contention while prefill has work) of
   the batch decode settles at there (`settled_step_ms`: Little's law, for the demand the engine
   serves now or the arrivals bring, whichever is more).
-Both are multiplied by a correction from observed latencies: (observed / predicted at
+Every prefill time takes the ratio of the engine's observed prefill iteration to the model's on the current
+split (`prefill_speed_factor`), so that each split's capacity, and with it the backlog and the queueing wait,
+is that of the speed the engine actually runs at. Both are then multiplied by a correction from observed
+latencies: (observed / predicted at
 the current split) ** `observed_weight`, clamped, when enough samples are in the view. An engine
 whose decode is paced (`EngineView.decode_pace_ms`) is expected to show TPOT no lower than its pace
 while prompts arrive: observed TPOT is compared with the larger of the two, so that the pace does not
@@ -215,9 +218,10 @@ class PrefillLoad:
 
 
 def prefill_load(model: LatencyModel, arrival_tokens_per_s: float, p_sms: int, concurrent: bool,
-                 cfg: ModelPolicyConfig, typical: int | None = None) -> PrefillLoad:
+                 cfg: ModelPolicyConfig, typical: int | None = None, speed: float = 1.0) -> PrefillLoad:
     """Prompt tokens arriving at `arrival_tokens_per_s` in prompts of `typical` tokens (default
-    `cfg.typical_prompt_tokens`) on `p_sms` prefill SMs (model SMs).
+    `cfg.typical_prompt_tokens`) on `p_sms` prefill SMs (model SMs), the model's prefill times multiplied by
+    `speed` (`prefill_speed_factor`).
 
     Capacity is full `chunk_tokens` iterations of typical prompts. Over the horizon `dwell_s`
     (a new split is held at least that long) the backlog grows by what exceeds capacity; the
@@ -227,16 +231,18 @@ def prefill_load(model: LatencyModel, arrival_tokens_per_s: float, p_sms: int, c
     if arrival_tokens_per_s <= 0:
         return PrefillLoad(0.0, 0.0, 0.0)
     chunk, typical = cfg.chunk_tokens, typical or cfg.typical_prompt_tokens
-    chunk_ms = model.prefill_queue_ms(chunk, max(1, round(chunk / typical)), p_sms, concurrent, chunk)
+    chunk_ms = speed * model.prefill_queue_ms(chunk, max(1, round(chunk / typical)), p_sms, concurrent, chunk)
     capacity = 1000.0 * chunk / chunk_ms  # tokens/s
     rho = arrival_tokens_per_s / capacity
-    service_ms = model.prefill_queue_ms(typical, 1, p_sms, concurrent, chunk)
+    service_ms = speed * model.prefill_queue_ms(typical, 1, p_sms, concurrent, chunk)
     r = min(rho, MAX_UTILIZATION)
     return PrefillLoad(rho, max(0.0, arrival_tokens_per_s - capacity) * cfg.dwell_s, service_ms * r / (2 * (1 - r)))
 
 
-def predict_raw(model: LatencyModel, view: EngineView, prefill_sms: int, cfg: ModelPolicyConfig) -> tuple[float, float]:
-    """Uncorrected (TTFT ms, TPOT ms) of `view`'s load under `prefill_sms` prefill SMs."""
+def predict_raw(model: LatencyModel, view: EngineView, prefill_sms: int, cfg: ModelPolicyConfig,
+                speed: float = 1.0) -> tuple[float, float]:
+    """(TTFT ms, TPOT ms) of `view`'s load under `prefill_sms` prefill SMs, before the corrections from observed
+    latencies; the model's prefill times multiplied by `speed` (`prefill_speed_factor`)."""
     scale = model.total_sms / max(1, view.total_sms)  # a view of another SM count maps onto the model's
     p_sms = max(1, round(prefill_sms * scale))
     d_sms = max(1, model.total_sms - p_sms)
@@ -244,17 +250,42 @@ def predict_raw(model: LatencyModel, view: EngineView, prefill_sms: int, cfg: Mo
     typical = typical_prompt_tokens(view, cfg)
     n_queued = view.num_prefill_requests or math.ceil(queued / typical)
     busy = view.num_decoding > 0
-    load = prefill_load(model, view.arrival_tokens_per_s, p_sms, busy, cfg, typical)
+    load = prefill_load(model, view.arrival_tokens_per_s, p_sms, busy, cfg, typical, speed)
     n_backlog = math.ceil(load.backlog_tokens / typical)
-    ttft = model.prefill_queue_ms(round(queued + load.backlog_tokens) + typical,
-                                  n_queued + n_backlog + 1, p_sms, concurrent=busy,
-                                  chunk_tokens=cfg.chunk_tokens) + load.wait_ms
+    ttft = speed * model.prefill_queue_ms(round(queued + load.backlog_tokens) + typical,
+                                          n_queued + n_backlog + 1, p_sms, concurrent=busy,
+                                          chunk_tokens=cfg.chunk_tokens) + load.wait_ms
     batch = max(1, view.num_decoding)
     context = view.decode_context_tokens if view.num_decoding > 0 else cfg.typical_context_tokens
     current_d_sms = max(1, model.total_sms - round(view.prefill_sms * scale))
     tpot = settled_step_ms(model, batch, max(1, context), current_d_sms, d_sms, queued > 0 or load.utilization > 0,
                            arrival_decode(view))
     return ttft, tpot
+
+
+def prefill_speed_factor(model: LatencyModel, view: EngineView, cfg: ModelPolicyConfig) -> float:
+    """How much longer than the model says the engine's prefill iterations take on its current split (observed /
+    predicted mean iteration, clamped to `max_correction`), from iterations of at least a quarter of
+    `chunk_tokens` on average (1.0 otherwise: small iterations are mostly fixed costs, which say little about
+    a full queue's pace).
+
+    This is a speed, so it scales every split's prefill times, and with them each split's capacity and so the
+    backlog and queueing terms, where an error counts most near saturation. On the H200 (2026-12-03, run 13)
+    the committed profile put prefill at 27-29K tokens/s on 80-88 SMs beside decode, where the serving
+    engine ran at 25K at the power cap: 26.7K prompt tokens/s of chat looked within 80 SMs' capacity, the
+    policy gave decode SMs back, and the prompts queued for seconds. A TTFT correction alone cannot tell
+    this apart, since it scales each split's TTFT by the same factor."""
+    tokens = view.prefill_iteration_tokens
+    if view.prefill_iteration_ms <= 0 or tokens < cfg.chunk_tokens / 4:
+        return 1.0
+    scale = model.total_sms / max(1, view.total_sms)
+    p_sms = max(1, round(view.prefill_sms * scale))
+    typical = typical_prompt_tokens(view, cfg)
+    predicted = model.prefill_queue_ms(round(tokens), max(1, round(tokens / typical)), p_sms,
+                                       concurrent=view.num_decoding > 0, chunk_tokens=cfg.chunk_tokens)
+    if predicted <= 0:
+        return 1.0
+    return min(cfg.max_correction, max(1.0 / cfg.max_correction, view.prefill_iteration_ms / predicted))
 
 
 class ArrivalDecode(NamedTuple):
@@ -359,7 +390,8 @@ class ModelPolicy:
         """Corrected predictions for every split of `view`, and the correction details."""
         cfg, model = self.config, self.model_for(view.engine_id)
         current = nearest_split(view.splits, view.prefill_sms)
-        raw = {s: predict_raw(model, view, s, cfg) for s in view.splits}
+        speed = prefill_speed_factor(model, view, cfg)
+        raw = {s: predict_raw(model, view, s, cfg, speed) for s in view.splits}
         q = 100.0 * targets.attainment
         expected_tpot = max(raw[current][1], paced_tpot_ms(view))
         c_ttft = observed_correction(view.ttft_ms, raw[current][0], q, cfg)
@@ -367,7 +399,8 @@ class ModelPolicy:
         f_tpot = tpot_factors(view.splits, current, c_tpot, self._remembered_tpot(view, current))
         preds = [SplitPrediction(s, t * c_ttft, p * f_tpot[s], min_slack(t * c_ttft, p * f_tpot[s], targets))
                  for s, (t, p) in raw.items()]
-        info = {"ttft_correction": c_ttft, "tpot_correction": c_tpot, "arrival_tokens_per_s": view.arrival_tokens_per_s,
+        info = {"ttft_correction": c_ttft, "tpot_correction": c_tpot, "prefill_speed_correction": speed,
+                "arrival_tokens_per_s": view.arrival_tokens_per_s,
                 "typical_prompt_tokens": float(typical_prompt_tokens(view, cfg)), "model_tpot_ms": expected_tpot}
         if view.ttft_ms:
             info["observed_ttft_ms"] = percentile(view.ttft_ms, q)
@@ -442,6 +475,8 @@ class ModelPolicy:
                f"arrivals {load.tokens_per_s:.0f} prompt tokens/s in {load.prompt_tokens:.0f}-token prompts")
         if new_load and state.load is not None:
             why += f" (at the last switch: {state.load.tokens_per_s:.0f} in {state.load.prompt_tokens:.0f}-token)"
+        if info["prefill_speed_correction"] != 1.0:
+            why += f"; prefill observed at {info['prefill_speed_correction']:.2f}x the model's time"
         return SplitDecision(best.prefill_sms, why, predicted, urgent=urgent)
 
     def _best(self, splits: tuple[int, ...], current: int, preds: list[SplitPrediction], side: int = 0

@@ -37,6 +37,9 @@ class EngineView:
     the last seconds as the engine measured it (0: unknown or idle): the TPOT the requests decoding now see,
     before any of them finishes and becomes a TPOT sample. `decode_pace_ms` is the engine's decode pace while
     prefill has work (0: none): its steps take at least that long then, whatever the split.
+    `prefill_iteration_ms` and `prefill_iteration_tokens` are the mean prefill iteration of the last seconds on
+    the current split and its mean tokens, as the engine measured them (0: too few iterations there): the
+    prefill speed the split actually runs at, against which the model's is checked.
     """
 
     engine_id: str
@@ -55,6 +58,8 @@ class EngineView:
     mean_output_tokens: float = 0.0
     decode_step_ms: float = 0.0
     decode_pace_ms: float = 0.0
+    prefill_iteration_ms: float = 0.0
+    prefill_iteration_tokens: float = 0.0
 
 
 @dataclass(frozen=True)
