@@ -429,6 +429,23 @@ def test_sustained_rate_is_last_passing_rate_and_interpolated_crossing(capsys: p
     assert e.value.code == 2
 
 
+def test_plot_labels_by_folder_keep_runs_measured_apart_apart(capsys: pytest.CaptureFixture[str],
+                                                              tmp_path: Path) -> None:
+    """The same configuration swept on two machines (one folder each): one sweep per folder with
+    `--label-by-dir`, one merged sweep without."""
+    slos, paths = SLOs(ttft_ms=500), []
+    for machine, ttfts in (("a", [100.0] * 10), ("b", [900.0] * 10)):
+        for rate in (1.0, 2.0):
+            (tmp_path / machine).mkdir(exist_ok=True)
+            res = _result(_ttft_records(ttfts), rate=rate, label="dyn", slos=slos)
+            paths.append(str(write_result(res, tmp_path / machine / f"dyn-{rate}.json")))
+    assert cli_main(["bench", "plot", *paths, "--out", str(tmp_path / "p.png"), "--label-by-dir"]) == 0
+    table = capsys.readouterr().out
+    assert "| dyn (a) | 2.00 | 2.00 |" in table and "| dyn (b) | - | - |" in table
+    assert cli_main(["bench", "plot", *paths, "--out", str(tmp_path / "p.png")]) == 0
+    assert "| dyn | - | - | 1: 0, 1: 100, 2: 0, 2: 100 |" in capsys.readouterr().out  # one sweep of both
+
+
 def test_results_without_their_records_plot_under_their_own_slos(tmp_path: Path) -> None:
     """A result JSON with "requests" removed (as kept in docs/perf) loads from its aggregates: it plots and
     gives its sustained rate under its own SLOs, and says why when asked for other ones."""

@@ -16,6 +16,8 @@ import math
 import os
 import sys
 from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 if TYPE_CHECKING:
@@ -246,6 +248,9 @@ def _register_plot(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--percentile", type=_type(_percentiles), default=(90.0,), help="latency percentile (default 90)")
     p.add_argument("--attainment", type=_type(_attainment), default=90.0, metavar="PCT",
                    help="print each run's highest request rate with at least PCT%% of requests within the SLOs")
+    p.add_argument("--label-by-dir", action="store_true",
+                   help="append each result's folder to its label, e.g. 'vllm (call3)': the same configuration "
+                        "measured apart (another machine or session) stays a line of its own")
     p.set_defaults(func=run_plot)
 
 
@@ -254,6 +259,9 @@ def run_plot(args: argparse.Namespace) -> int:
     from cluster.bench.report import format_sustained_rates, load_result, plot_results, sustained_rates
 
     results = [load_result(path) for path in args.results]
+    if args.label_by_dir:
+        results = [replace(r, label=f"{r.label} ({Path(path).resolve().parent.name})")
+                   for r, path in zip(results, args.results)]
     slos = SLOs.parse(args.goodput) if args.goodput else None
     path = plot_results(results, args.out, slos, percentile=args.percentile[0])
     print(f"wrote {path}")
