@@ -144,12 +144,14 @@ class ModelPolicyConfig:
 
 @dataclass(frozen=True)
 class SplitPrediction:
-    """Predicted latencies of one split (corrections applied) and its normalized slack."""
+    """Predicted latencies of one split (corrections applied), its normalized slack, and the factor its TPOT
+    took from observations (`tpot_factors`)."""
 
     prefill_sms: int
     ttft_ms: float
     tpot_ms: float
     slack: float
+    tpot_correction: float = 1.0
 
 
 @dataclass
@@ -397,7 +399,7 @@ class ModelPolicy:
         c_ttft = observed_correction(view.ttft_ms, raw[current][0], q, cfg)
         c_tpot = observed_correction(view.tpot_ms, expected_tpot, q, cfg)
         f_tpot = tpot_factors(view.splits, current, c_tpot, self._remembered_tpot(view, current))
-        preds = [SplitPrediction(s, t * c_ttft, p * f_tpot[s], min_slack(t * c_ttft, p * f_tpot[s], targets))
+        preds = [SplitPrediction(s, t * c_ttft, p * f_tpot[s], min_slack(t * c_ttft, p * f_tpot[s], targets), f_tpot[s])
                  for s, (t, p) in raw.items()]
         info = {"ttft_correction": c_ttft, "tpot_correction": c_tpot, "prefill_speed_correction": speed,
                 "arrival_tokens_per_s": view.arrival_tokens_per_s,
@@ -475,8 +477,8 @@ class ModelPolicy:
                f"arrivals {load.tokens_per_s:.0f} prompt tokens/s in {load.prompt_tokens:.0f}-token prompts")
         if new_load and state.load is not None:
             why += f" (at the last switch: {state.load.tokens_per_s:.0f} in {state.load.prompt_tokens:.0f}-token)"
-        if info["prefill_speed_correction"] != 1.0:
-            why += f"; prefill observed at {info['prefill_speed_correction']:.2f}x the model's time"
+        why += (f"; corrections: TTFT x{info['ttft_correction']:.2f}, TPOT x{cur.tpot_correction:.2f} "
+                f"(at {best.prefill_sms}: x{best.tpot_correction:.2f}), prefill time x{info['prefill_speed_correction']:.2f}")
         return SplitDecision(best.prefill_sms, why, predicted, urgent=urgent)
 
     def _best(self, splits: tuple[int, ...], current: int, preds: list[SplitPrediction], side: int = 0
