@@ -233,7 +233,8 @@ class EngineActor:
         self.latency_model = self._latency_model(model_source)
         self.llm.start()
         self.window = SampleWindow(window_samples, window_s)
-        self.arrivals = RateWindow()  # prompt tokens, for the split policy's view of offered load
+        self.arrivals = RateWindow()  # prompt tokens, for the split policy's view of offered load ...
+        self.arrival_budgets = RateWindow()  # ... and the output tokens those requests may make (max_tokens)
         self.node_id = _node_id()
         self._in_flight = 0
         self._in_flight_ids: set[str] = set()  # routers use it to tell which of their requests a load includes
@@ -359,6 +360,7 @@ class EngineActor:
         self._in_flight_ids.add(request.request_id)
         self._idle.clear()
         self.arrivals.add(len(request.prompt_token_ids))
+        self.arrival_budgets.add(request.params.max_tokens)
         task = asyncio.get_running_loop().create_task(self._forward(request, chunks, sub))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -453,6 +455,7 @@ class EngineActor:
             arrival_tokens_per_s=self.arrivals.rate(),
             arrival_mean_prompt_tokens=self.arrivals.mean_amount(),
             mean_output_tokens=self.window.mean_output_tokens(),
+            arrival_mean_max_tokens=self.arrival_budgets.mean_amount(),
             requests_total=self._requests_total,
             finish_reasons=dict(self._finished),
             in_flight_ids=sorted(self._in_flight_ids),

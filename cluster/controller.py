@@ -124,6 +124,7 @@ def view_from_dict(d: Mapping[str, Any]) -> EngineView:
         arrival_tokens_per_s=float(s.get("arrival_tokens_per_s", 0.0)),
         mean_prompt_tokens=float(s.get("arrival_mean_prompt_tokens", 0.0)),
         mean_output_tokens=float(s.get("mean_output_tokens", 0.0)),
+        mean_max_tokens=float(s.get("arrival_mean_max_tokens", 0.0)),
         decode_step_ms=float(s.get("recent_decode_step_ms", 0.0)),
         decode_pace_ms=float(s.get("decode_pace_ms", 0.0)),
         prefill_iteration_ms=float(s.get("recent_prefill_ms", 0.0)),

@@ -89,14 +89,14 @@ def simulate(model: LatencyModel, phases: list[Phase], targets: SLOTargets, star
              policy: SplitPolicy | None = None, seed: int = 0, dt: float = 0.005,
              decide_every_s: float = 0.5, hide: frozenset[str] = frozenset()) -> SimResult:
     """Run `phases` to the last request's end on `start_sms` prefill SMs, moved by `policy` if given. `hide`
-    leaves out of the view "arrivals" (their rate), "lengths" (mean prompt and output lengths) and/or "speed"
-    (the prefill iteration)."""
+    leaves out of the view "arrivals" (their rate), "lengths" (mean prompt and output lengths), "budgets" (the
+    arrivals' max_tokens) and/or "speed" (the prefill iteration)."""
     todo = deque(arrivals(phases, seed))
     total = len(todo)
     queue: deque[SimRequest] = deque()
     decoding: list[SimRequest] = []
     done: list[SimRequest] = []
-    window = RateWindow()
+    window, budgets = RateWindow(), RateWindow()  # the arrivals' prompt tokens and their output (max_tokens)
     sms, last_switch, switches = start_sms, 0.0, []
     busy_since: float | None = None  # since when prefill has had work on the current split
     steps: deque[tuple[float, float]] = deque()  # (time, decode step ms) of the last STEP_SPAN_S
@@ -107,6 +107,7 @@ def simulate(model: LatencyModel, phases: list[Phase], targets: SLOTargets, star
         while todo and todo[0].arrival <= now:
             queue.append(todo.popleft())
             window.add(queue[-1].prompt, now=now)
+            budgets.add(queue[-1].output, now=now)
         busy_since = (max(busy_since, last_switch) if busy_since is not None else now) if queue else None
         _prefill(model, queue, decoding, sms, now, dt)
         step_ms = _decode(model, decoding, done, sms, bool(queue), now, dt)
@@ -116,7 +117,7 @@ def simulate(model: LatencyModel, phases: list[Phase], targets: SLOTargets, star
             steps.popleft()
         if policy is not None and tick % decide_ticks == 0:
             step_mean = sum(ms for _, ms in steps) / len(steps) if steps else 0.0
-            view = _view(model, sms, queue, decoding, done, window, last_switch, now, hide, step_mean)
+            view = _view(model, sms, queue, decoding, done, window, budgets, last_switch, now, hide, step_mean)
             if "speed" not in hide and queue and busy_since is not None and now - busy_since >= PREFILL_SPEED_AFTER_S:
                 chunk_ms = model.prefill_queue_ms(CHUNK_TOKENS, max(1, CHUNK_TOKENS // queue[0].prompt), sms,
                                                   bool(decoding))
@@ -164,8 +165,8 @@ def _decode(model: LatencyModel, decoding: list[SimRequest], done: list[SimReque
 
 
 def _view(model: LatencyModel, sms: int, queue: deque[SimRequest], decoding: list[SimRequest],
-          done: list[SimRequest], window: RateWindow, last_switch: float, now: float, hide: frozenset[str],
-          decode_step_ms: float) -> EngineView:
+          done: list[SimRequest], window: RateWindow, budgets: RateWindow, last_switch: float, now: float,
+          hide: frozenset[str], decode_step_ms: float) -> EngineView:
     started = [r for r in (*done, *decoding) if r.arrival > last_switch]
     finished = [r for r in done if r.arrival > last_switch]
     outputs = [r.output for r in done[-256:]]
@@ -178,5 +179,6 @@ def _view(model: LatencyModel, sms: int, queue: deque[SimRequest], decoding: lis
         arrival_tokens_per_s=window.rate(now=now) if "arrivals" not in hide else 0.0,
         mean_prompt_tokens=window.mean_amount(now=now) if lengths else 0.0,
         mean_output_tokens=sum(outputs) / len(outputs) if outputs and lengths else 0.0,
+        mean_max_tokens=budgets.mean_amount(now=now) if lengths and "budgets" not in hide else 0.0,
         decode_step_ms=decode_step_ms,
     )

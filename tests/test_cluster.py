@@ -195,6 +195,7 @@ def test_engine_actor_in_process(tiny_llama: Path) -> None:
         rate = load.stats["arrival_tokens_per_s"]  # one 4-token prompt, in the spans that still hold it
         assert 4 / max(actor.arrivals.spans_s) <= rate <= 4 / min(actor.arrivals.spans_s)
         assert load.stats["arrival_mean_prompt_tokens"] == 4.0 and load.stats["mean_output_tokens"] == 6.0
+        assert load.stats["arrival_mean_max_tokens"] == 6.0
         before = load.stats["prefill_sms"]
         target = next(s for s in info["splits"] if s != before)
         assert (await actor.apply_split(target, "test"))["changed"]

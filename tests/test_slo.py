@@ -353,6 +353,28 @@ def test_a_profile_that_overrates_prefill_is_corrected_by_the_observed_iteration
     assert seeing >= 0.97 and seeing > blind + 0.02, (blind, seeing)
 
 
+def test_a_chat_after_documents_is_planned_with_the_chats_output_budget() -> None:
+    """Documents (3,700-token prompts, 200 output tokens) at 7.5 req/s, a pause, then chat at 50 req/s (92 output
+    tokens), on an engine whose prefill runs 15% slower than the profile says. For a while the finished requests
+    are the documents': with their output lengths on the chat's arrival rate, the settled decode batch looks too
+    slow and the policy gives decode SMs the chat's prompts need. The arrivals' max_tokens bound the output
+    (seeds 0-5: 81.8% on average without them, 87.7% with them; the H200 showed the same move, run 13)."""
+    from engine_sim import Phase, simulate, with_prefill_factor
+
+    (h200,) = load_models(Path(__file__).parent.parent / "bench/profiles/semipd-profile.json").values()
+    tight, engine = SLOTargets(ttft_ms=1000.0, tpot_ms=25.0), with_prefill_factor(h200, 1.15)
+    shift = [Phase(15.0, 7.5, 3700, 200, prompt_cv=0.8), Phase(10.0, 0.01, 500, 92),
+             Phase(15.0, 50.0, 500, 92, prompt_cv=1.0)]
+
+    def mean_attainment(hide: frozenset[str]) -> float:
+        runs = [simulate(engine, shift, tight, 96, ModelPolicy(h200), seed=seed, dt=0.01, hide=hide)
+                for seed in range(6)]
+        return sum(r.attainment for r in runs) / len(runs)
+
+    without, bounded = mean_attainment(frozenset({"budgets"})), mean_attainment(frozenset())
+    assert bounded > without + 0.04, (without, bounded)
+
+
 def test_model_policy_uses_the_mean_prompt_length_of_the_view() -> None:
     m, cfg = h100_llama8b(), ModelPolicyConfig()
     short = EngineView("e", 64, 132, SPLITS, num_decoding=8, decode_context_tokens=8 * 1000,
@@ -496,6 +518,9 @@ def test_settled_decode_step_follows_littles_law() -> None:
     floor = arrival_decode(chat)
     assert floor == pytest.approx((0.05 * 97, 496 + 97 / 2))
     assert arrival_decode(replace(chat, mean_output_tokens=0.0)) == (0.0, 0.0)
+    # the arrivals' max_tokens bound the output when less (finished requests are an earlier load's for a while)
+    assert arrival_decode(replace(chat, mean_output_tokens=204.0, mean_max_tokens=97.0)) == floor
+    assert arrival_decode(replace(chat, mean_max_tokens=4096.0)) == floor  # a generous default bounds nothing
     assert floor.demand > demand and settled_step_ms(m, batch, context, 68, 36, True, floor) > settled(36)
     assert floor.demand * settled_step_ms(m, batch, context, 68, 36, True, floor) > batch  # the batch will grow
     # the arrivals' demand comes with their lengths, not the batch of the moment's (two documents of 6,000)

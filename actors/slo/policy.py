@@ -299,11 +299,19 @@ class ArrivalDecode(NamedTuple):
 
 def arrival_decode(view: EngineView) -> ArrivalDecode:
     """What the decode batch settles at once every queued prompt has been prefilled, from the arrivals' rate
-    and lengths (zeros when either is unknown)."""
+    and lengths (zeros when either is unknown).
+
+    A request's output is taken as the mean of recently finished ones, or the latest arrivals' mean `max_tokens`
+    if less: finished requests are the previous load's for a while after the load changes. On the H200 a chat
+    window after a documents window (run 13) began with the documents' 204-token outputs applied to the chat's
+    arrival rate (92-token outputs), the settled batch looked too slow on the current split, and the policy gave
+    decode SMs the prompts then needed (the same in simulation)."""
+    outputs = [n for n in (view.mean_output_tokens, view.mean_max_tokens) if n > 0]
     if view.arrival_tokens_per_s <= 0 or view.mean_prompt_tokens < 1 or view.mean_output_tokens <= 0:
         return ArrivalDecode(0.0, 0.0)
-    demand = view.arrival_tokens_per_s / view.mean_prompt_tokens / 1000.0 * view.mean_output_tokens
-    return ArrivalDecode(demand, view.mean_prompt_tokens + view.mean_output_tokens / 2)
+    output = min(outputs)
+    demand = view.arrival_tokens_per_s / view.mean_prompt_tokens / 1000.0 * output
+    return ArrivalDecode(demand, view.mean_prompt_tokens + output / 2)
 
 
 def settled_step_ms(model: LatencyModel, batch: int, context: int, current_sms: int, sms: int, concurrent: bool,
@@ -478,7 +486,8 @@ class ModelPolicy:
         if new_load and state.load is not None:
             why += f" (at the last switch: {state.load.tokens_per_s:.0f} in {state.load.prompt_tokens:.0f}-token)"
         why += (f"; corrections: TTFT x{info['ttft_correction']:.2f}, TPOT x{cur.tpot_correction:.2f} "
-                f"(at {best.prefill_sms}: x{best.tpot_correction:.2f}), prefill time x{info['prefill_speed_correction']:.2f}")
+                f"(at {best.prefill_sms}: x{best.tpot_correction:.2f}), "
+                f"prefill time x{info['prefill_speed_correction']:.2f}")
         return SplitDecision(best.prefill_sms, why, predicted, urgent=urgent)
 
     def _best(self, splits: tuple[int, ...], current: int, preds: list[SplitPrediction], side: int = 0

@@ -33,7 +33,8 @@ class EngineView:
     rate at which prompt tokens arrive, the highest over a short and a longer recent span (a GPU
     actor's `RateWindow`), so a burst shows at once and a lull keeps the last burst's load (0: unknown or idle);
     `mean_prompt_tokens` the mean prompt length of the latest arrivals (0: unknown), `mean_output_tokens` the
-    mean output length of recently finished requests (0: unknown). `decode_step_ms` is the mean decode step of
+    mean output length of recently finished requests (0: unknown), `mean_max_tokens` the mean `max_tokens` of the
+    latest arrivals (0: unknown), a bound on what they will make. `decode_step_ms` is the mean decode step of
     the last seconds as the engine measured it (0: unknown or idle): the TPOT the requests decoding now see,
     before any of them finishes and becomes a TPOT sample. `decode_pace_ms` is the engine's decode pace while
     prefill has work (0: none): its steps take at least that long then, whatever the split.
@@ -56,6 +57,7 @@ class EngineView:
     arrival_tokens_per_s: float = 0.0
     mean_prompt_tokens: float = 0.0
     mean_output_tokens: float = 0.0
+    mean_max_tokens: float = 0.0
     decode_step_ms: float = 0.0
     decode_pace_ms: float = 0.0
     prefill_iteration_ms: float = 0.0
