@@ -164,7 +164,9 @@ def test_engine_actor_streams_chunks_of_stream_interval_tokens(tiny_llama: Path)
         await actor.ready()
         chunks = [c async for c in actor_stream(actor, GenerateRequest("a", [256, 1, 2, 3], params))]
         sizes = [len(c.token_ids) for c in chunks]
-        assert sum(sizes) == 10 and sizes[0] == 1 and all(s >= 4 for s in sizes[1:-1])
+        # the first chunk goes as soon as it has a token; how many it has depends on how far the engine got
+        # before the actor read its stream (2 on a busy CI machine), so its size is `coalesced`'s test's to check
+        assert sum(sizes) == 10 and sizes[0] >= 1 and all(s >= 4 for s in sizes[1:-1])
         assert chunks[-1].finish_reason == "length" and len(chunks) <= 4
         load = await actor.load()
         assert load.in_flight == 0 and len(load.stats["tpot_ms"]) == 1
