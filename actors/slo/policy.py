@@ -246,7 +246,7 @@ def predict_raw(model: LatencyModel, view: EngineView, prefill_sms: int, cfg: Mo
     """(TTFT ms, TPOT ms) of `view`'s load under `prefill_sms` prefill SMs, before the corrections from observed
     latencies; the model's prefill times multiplied by `speed` (`prefill_speed_factor`)."""
     scale = model.total_sms / max(1, view.total_sms)  # a view of another SM count maps onto the model's
-    p_sms = max(1, round(prefill_sms * scale))
+    p_sms = model_sms(model, view, prefill_sms)
     d_sms = max(1, model.total_sms - p_sms)
     queued = max(0, view.waiting_prefill_tokens)
     typical = typical_prompt_tokens(view, cfg)
@@ -280,14 +280,15 @@ def prefill_speed_factor(model: LatencyModel, view: EngineView, cfg: ModelPolicy
     tokens = view.prefill_iteration_tokens
     if view.prefill_iteration_ms <= 0 or tokens < cfg.chunk_tokens / 4:
         return 1.0
-    scale = model.total_sms / max(1, view.total_sms)
-    p_sms = max(1, round(view.prefill_sms * scale))
     typical = typical_prompt_tokens(view, cfg)
-    predicted = model.prefill_queue_ms(round(tokens), max(1, round(tokens / typical)), p_sms,
+    predicted = model.prefill_queue_ms(round(tokens), max(1, round(tokens / typical)), model_sms(model, view),
                                        concurrent=view.num_decoding > 0, chunk_tokens=cfg.chunk_tokens)
-    if predicted <= 0:
-        return 1.0
-    return min(cfg.max_correction, max(1.0 / cfg.max_correction, view.prefill_iteration_ms / predicted))
+    return clamped_ratio(view.prefill_iteration_ms / predicted, cfg) if predicted > 0 else 1.0
+
+
+def model_sms(model: LatencyModel, view: EngineView, sms: int | None = None) -> int:
+    """`sms` of `view`'s engine (default: its prefill SMs) as SMs of `model`'s device, which may have another count."""
+    return max(1, round((view.prefill_sms if sms is None else sms) * model.total_sms / max(1, view.total_sms)))
 
 
 class ArrivalDecode(NamedTuple):
@@ -306,10 +307,9 @@ def arrival_decode(view: EngineView) -> ArrivalDecode:
     window after a documents window (run 13) began with the documents' 204-token outputs applied to the chat's
     arrival rate (92-token outputs), the settled batch looked too slow on the current split, and the policy gave
     decode SMs the prompts then needed (the same in simulation)."""
-    outputs = [n for n in (view.mean_output_tokens, view.mean_max_tokens) if n > 0]
     if view.arrival_tokens_per_s <= 0 or view.mean_prompt_tokens < 1 or view.mean_output_tokens <= 0:
         return ArrivalDecode(0.0, 0.0)
-    output = min(outputs)
+    output = min(view.mean_output_tokens, view.mean_max_tokens) if view.mean_max_tokens > 0 else view.mean_output_tokens
     demand = view.arrival_tokens_per_s / view.mean_prompt_tokens / 1000.0 * output
     return ArrivalDecode(demand, view.mean_prompt_tokens + output / 2)
 
@@ -375,7 +375,12 @@ def tpot_factors(splits: tuple[int, ...], current: int, current_factor: float, r
 
 def correction_factor(ratio: float, cfg: ModelPolicyConfig) -> float:
     """An observed / predicted ratio as a factor on predictions: clamped to `max_correction`, ** `observed_weight`."""
-    return min(cfg.max_correction, max(1.0 / cfg.max_correction, ratio)) ** cfg.observed_weight
+    return clamped_ratio(ratio, cfg) ** cfg.observed_weight
+
+
+def clamped_ratio(ratio: float, cfg: ModelPolicyConfig) -> float:
+    """`ratio` within [1 / `max_correction`, `max_correction`]."""
+    return min(cfg.max_correction, max(1.0 / cfg.max_correction, ratio))
 
 
 class ModelPolicy:
