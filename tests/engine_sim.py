@@ -119,9 +119,8 @@ def simulate(model: LatencyModel, phases: list[Phase], targets: SLOTargets, star
             step_mean = sum(ms for _, ms in steps) / len(steps) if steps else 0.0
             view = _view(model, sms, queue, decoding, done, window, budgets, last_switch, now, hide, step_mean)
             if "speed" not in hide and queue and busy_since is not None and now - busy_since >= PREFILL_SPEED_AFTER_S:
-                chunk_ms = model.prefill_queue_ms(CHUNK_TOKENS, max(1, CHUNK_TOKENS // queue[0].prompt), sms,
-                                                  bool(decoding))
-                view = replace(view, prefill_iteration_ms=chunk_ms, prefill_iteration_tokens=float(CHUNK_TOKENS))
+                view = replace(view, prefill_iteration_ms=_chunk_ms(model, queue, decoding, sms),
+                               prefill_iteration_tokens=float(CHUNK_TOKENS))
             chosen = policy.decide(view, targets).prefill_sms
             if chosen != sms:
                 switches.append((round(now, 2), sms, chosen))
@@ -135,8 +134,7 @@ def _prefill(model: LatencyModel, queue: deque[SimRequest], decoding: list[SimRe
              dt: float) -> None:
     if not queue:
         return
-    per_chunk = max(1, CHUNK_TOKENS // queue[0].prompt)
-    budget = dt * 1000.0 * CHUNK_TOKENS / model.prefill_queue_ms(CHUNK_TOKENS, per_chunk, sms, bool(decoding))
+    budget = dt * 1000.0 * CHUNK_TOKENS / _chunk_ms(model, queue, decoding, sms)
     while queue and budget > 0:
         r = queue[0]
         used = min(budget, r.prefill_left)
@@ -145,6 +143,11 @@ def _prefill(model: LatencyModel, queue: deque[SimRequest], decoding: list[SimRe
         if r.prefill_left <= 0:
             r.first_token = now + dt
             decoding.append(queue.popleft())
+
+
+def _chunk_ms(model: LatencyModel, queue: deque[SimRequest], decoding: list[SimRequest], sms: int) -> float:
+    """One full prefill iteration of prompts like the queue's first, on `sms` prefill SMs."""
+    return model.prefill_queue_ms(CHUNK_TOKENS, max(1, CHUNK_TOKENS // queue[0].prompt), sms, bool(decoding))
 
 
 def _decode(model: LatencyModel, decoding: list[SimRequest], done: list[SimRequest], sms: int, prefilling: bool,
