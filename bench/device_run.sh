@@ -4,7 +4,7 @@
 #   bash bench/device_run.sh bench [PARTS]    engine benchmarks (decode,decode-loop,prefill,switch,offline; also contention) -> $OUT/engine.{md,json}
 #                                             DECODE_ATTENTION=fa2,fa3: the decode table and the unified offline job per kernel
 #   bash bench/device_run.sh attention        flashinfer's decode-attention kernels side by side -> $OUT/attention.json
-#   bash bench/device_run.sh vllm             vLLM reference of the offline job (after staging .vllmA)
+#   bash bench/device_run.sh vllm             vLLM reference of the offline job and the decode step (after staging .vllmA)
 #                                             PROFILE_VLLM=1: and its kernel tables, as offline-profile's
 #   bash bench/device_run.sh profile [BATCH..] where a decode step's time goes -> $OUT/decode-profile.log
 #   bash bench/device_run.sh offline-profile  the offline job's GPU time by kernel kind -> $OUT/offline-profile.log

@@ -968,6 +968,24 @@ def test_engine_prefill_bench_splits_launch_from_step_on_cpu(tiny_llama: Path) -
     assert "| requests | length | ms | of which host launch ms |" in table and "\n| 2 | 48 | " in table
 
 
+def test_engine_decode_table_sets_vllms_step_beside_ours_at_the_same_batch_and_context() -> None:
+    """`bench/vllm_offline.py` writes vLLM's decode steps into its JSON (`decode`); the decode table puts each beside
+    our row of the same batch and context, as a ratio to our roofline, and leaves rows vLLM did not run blank."""
+    from cluster.bench.engine_bench import format_table
+
+    ours = [dict(batch=b, context=512, step_ms=5.0 + b / 8, roofline_ms=4.0, ratio=(5.0 + b / 8) / 4.0,
+                 tokens_per_s=b / (5.0 + b / 8) * 1e3) for b in (1, 8, 32)]
+    vllm = dict(version="0.26.0", seconds=5.0, output_tokens_per_s=1.0, total_tokens_per_s=2.0,
+                decode=[dict(batch=1, context=512, step_ms=4.8), dict(batch=8, context=512, step_ms=6.0),
+                        dict(batch=1, context=2048, step_ms=5.5)])
+    table = format_table(dict(model="m", device="cpu", date="d", commit="c", command="x",
+                              ceilings=dict(copy_TBps=1.0, matmul_TFLOPs=1.0), decode=ours, vllm=vllm))
+    assert "| vLLM step ms (its loop) | vLLM ratio |" in table
+    assert "| fa2 | 1 | 512 | 5.12 | 4.00 | 1.28x | 195 | 4.80 | 1.20x |" in table
+    assert "| fa2 | 8 | 512 | 6.00 | 4.00 | 1.50x | 1333 | 6.00 | 1.50x |" in table
+    assert "| fa2 | 32 | 512 | 9.00 | 4.00 | 2.25x | 3556 | - | - |" in table
+
+
 def test_kernel_time_reads_a_trace_and_splits_idle_time_at_the_last_prefill(tmp_path: Path) -> None:
     """The tables `bench/offline_profile.py` and `bench/vllm_offline.py` (with a profile directory) print, from a
     Chrome trace as torch's profiler writes it (gzipped; CPU events and zero-length ones ignored)."""

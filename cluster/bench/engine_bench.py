@@ -497,11 +497,15 @@ def format_table(result: dict[str, Any]) -> str:
              f"- measured ceilings: copy {result['ceilings']['copy_TBps']:.2f} TB/s (read+write), "
              f"bf16 matmul {result['ceilings']['matmul_TFLOPs']:.0f} TFLOP/s", ""]
     if "decode" in result:
+        vllm_steps = {(r["batch"], r["context"]): r["step_ms"] for r in result.get("vllm", {}).get("decode", [])}
         lines += ["## Decode step (whole GPU, CUDA graphs, incl. sampling and host sync)", "",
-                  "| decode attention | batch | context | step ms | roofline ms | ratio | tok/s |",
-                  "|---|---|---|---|---|---|---|"]
-        lines += [f"| {r.get('decode_attention', 'fa2')} | {r['batch']} | {r['context']} | {r['step_ms']:.2f} | "
-                  f"{r['roofline_ms']:.2f} | {r['ratio']:.2f}x | {r['tokens_per_s']:.0f} |" for r in result["decode"]]
+                  "| decode attention | batch | context | step ms | roofline ms | ratio | tok/s | vLLM step ms "
+                  "(its loop) | vLLM ratio |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in result["decode"]:
+            v = vllm_steps.get((r["batch"], r["context"]))
+            theirs = "- | -" if v is None else f"{v:.2f} | {v / r['roofline_ms']:.2f}x"
+            lines.append(f"| {r.get('decode_attention', 'fa2')} | {r['batch']} | {r['context']} | {r['step_ms']:.2f} | "
+                         f"{r['roofline_ms']:.2f} | {r['ratio']:.2f}x | {r['tokens_per_s']:.0f} | {theirs} |")
         lines.append("")
     if "decode_loop" in result:
         lines += ["## Decode step in the engine loop (semi-pd decode worker, prefill on the smallest split)", "",
