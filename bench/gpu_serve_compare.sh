@@ -61,6 +61,8 @@ start_server() {  # config log -> sets $server
       # pack-vllm.sh leaves out prometheus_fastapi_instrumentator, which `vllm serve` imports: put its wheel in
       # .vllmB/extra/ (`pip download --no-deps prometheus-fastapi-instrumentator -d .vllmB/extra`)
       for whl in .vllmB/extra/*.whl; do [ -f "$whl" ] && python3 -m zipfile -e "$whl" /tmp/vsite; done
+      vllm-python -c "import prometheus_fastapi_instrumentator" 2>/dev/null \
+        || { echo "vllm: prometheus_fastapi_instrumentator missing: its wheel goes in the carried .vllmB/extra/"; return 1; }
       vllm-python -m vllm.entrypoints.cli.main serve $model --load-format dummy --port 8000 --served-model-name llama3-8b \
         --dtype bfloat16 --max-model-len 8192 --gpu-memory-utilization 0.85 > "$2" 2>&1 &
       server=$!; return ;;
