@@ -21,12 +21,10 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cluster.bench.kernel_time import chrome_trace_kernels, report  # noqa: E402
-from cluster.bench.offline_job import JOB, offline_prompts  # noqa: E402
+from cluster.bench.offline_job import DECODE_BATCHES, DECODE_CONTEXTS, JOB, offline_prompts  # noqa: E402
 from cluster.bench.telemetry import GpuTelemetry  # noqa: E402
 
 TRACE_WAIT_S = 120.0
-DECODE_BATCHES = (1, 8, 32, 64, 128)  # as `cluster.bench.engine_bench.kernel_parts`
-DECODE_CONTEXTS = (512, 2048)
 DECODE_STEPS = 64
 
 
@@ -39,8 +37,7 @@ def main(model_dir: str, out_path: str, profile_dir: str | None = None) -> None:
     profiler = None if profile_dir is None else dict(
         profiler="torch", torch_profiler_dir=str(Path(profile_dir).resolve()), torch_profiler_with_stack=False)
     llm = LLM(model=model_dir, load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
-              max_model_len=4096, gpu_memory_utilization=0.85,
-              profiler_config=profiler)
+              max_model_len=4096, gpu_memory_utilization=0.85, profiler_config=profiler)
     params = SamplingParams(max_tokens=JOB.output_tokens, temperature=0.0, ignore_eos=True, detokenize=False)
     llm.generate(prompts[:8], params, use_tqdm=False)
     llm.reset_prefix_cache()

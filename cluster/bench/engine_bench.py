@@ -31,7 +31,7 @@ from actors.request import Request, SamplingParams
 from actors.runner.model_runner import ModelRunner
 from actors.scheduler.plan import BatchPlan, SeqChunk
 from actors.slo.profiler import device_name
-from cluster.bench.offline_job import JOB, OfflineJob, offline_prompts
+from cluster.bench.offline_job import DECODE_BATCHES, DECODE_CONTEXTS, JOB, OfflineJob, offline_prompts
 from cluster.bench.telemetry import GpuTelemetry
 
 
@@ -432,7 +432,7 @@ def kernel_parts(model_dir: str, parts: frozenset[str], ceil: Ceilings, decode_a
     result: dict[str, Any] = {}
     if "decode" in parts:
         result["decode"] = [dict(r, decode_attention=decode_attention)
-                            for r in bench_decode(core, ceil, (1, 8, 32, 64, 128), (512, 2048))]
+                            for r in bench_decode(core, ceil, DECODE_BATCHES, DECODE_CONTEXTS)]
     if "prefill" in parts:
         shapes = ((1, 512), (1, 2048), (1, 4096), (1, 8192), (4, 2048), (4, 4096), (8, 4096), (8, 8192))
         result["prefill"] = bench_prefill(core, ceil, shapes)

@@ -1,4 +1,5 @@
-"""The offline throughput job of the engine benchmark, shared with the vLLM reference script.
+"""The offline throughput job and the decode table's shapes of the engine benchmark, shared with the vLLM
+reference script.
 
 Plain Python only (no torch), so the vLLM environment can import it too.
 """
@@ -19,6 +20,8 @@ class OfflineJob:
 
 
 JOB = OfflineJob()
+DECODE_BATCHES = (1, 8, 32, 64, 128)  # the decode table's batches and contexts (ours and vLLM's)
+DECODE_CONTEXTS = (512, 2048)
 
 
 def offline_prompts(vocab_size: int, job: OfflineJob = JOB) -> list[list[int]]:
