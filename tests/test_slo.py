@@ -399,16 +399,36 @@ def test_prefill_load_grows_with_rate_and_shrinks_with_sms() -> None:
 def test_model_policy_stays_inside_hysteresis_band() -> None:
     v0 = view(64, **PREFILL_HEAVY)
     preds, _ = ModelPolicy(h100_llama8b()).predict(v0, TARGETS)
-    by = {p.prefill_sms: p for p in preds}
     best = max(preds, key=lambda p: p.slack).prefill_sms
     neighbour = best - 8
+    # TTFT observed just past its target: the move is asked for, not only predicted
+    v = replace(view(neighbour, **PREFILL_HEAVY), ttft_ms=(TARGETS.ttft_ms + 1,) * 10)
+    by = {p.prefill_sms: p for p in ModelPolicy(h100_llama8b()).predict(v, TARGETS)[0]}
     gain = by[best].slack - by[neighbour].slack
-    assert 0 < gain < 0.2
-    v = view(neighbour, **PREFILL_HEAVY)
+    assert 0 < gain < 0.2 and max(by.values(), key=lambda p: p.slack).prefill_sms == best
     held = ModelPolicy(h100_llama8b(), ModelPolicyConfig(margin=gain + 0.01)).decide(v, TARGETS)
     assert held.prefill_sms == neighbour and "hysteresis" in held.reason
     moved = ModelPolicy(h100_llama8b(), ModelPolicyConfig(margin=gain / 2)).decide(v, TARGETS)
     assert moved.prefill_sms == best
+
+
+def test_model_policy_moves_on_a_prediction_alone_only_to_a_comfortable_split() -> None:
+    """H200 run 17: from a split predicted just short of TTFT, with TTFT observed well within it, the policy
+    moved to one predicted uncomfortable on TPOT, and decode ran past its target there. On the prediction alone
+    it now holds; an observed miss, or a prediction past target by more than the margin, still moves it."""
+    cfg = ModelPolicyConfig(margin=0.01)
+    preds, _ = ModelPolicy(h100_llama8b()).predict(view(64, **PREFILL_HEAVY), TARGETS)
+    best = max(preds, key=lambda p: p.slack)
+    v = view(best.prefill_sms - 8, **PREFILL_HEAVY)
+    by = {p.prefill_sms: p for p in ModelPolicy(h100_llama8b(), cfg).predict(v, TARGETS)[0]}
+    cur = by[v.prefill_sms]
+    assert -cfg.margin <= cur.slack < best.slack < cfg.comfort_slack and best.slack - cur.slack > cfg.margin
+    held = ModelPolicy(h100_llama8b(), cfg).decide(v, TARGETS)
+    assert held.prefill_sms == v.prefill_sms and held.reason.startswith("hold: nothing observed asks for")
+    seen = replace(v, ttft_ms=(TARGETS.ttft_ms + 1,) * 10)
+    assert ModelPolicy(h100_llama8b(), cfg).decide(seen, TARGETS).prefill_sms == best.prefill_sms
+    far = ModelPolicy(h100_llama8b(), cfg).decide(view(64, **PREFILL_HEAVY), TARGETS)
+    assert far.prefill_sms == best.prefill_sms and best.slack < cfg.comfort_slack
 
 
 def test_model_policy_bounds_switches_under_oscillating_load() -> None:

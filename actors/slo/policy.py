@@ -30,8 +30,14 @@ The current split is kept while no target is at risk (`at_risk`: predicted slack
 the target at risk (more prefill SMs for TTFT, fewer for TPOT), the best split wins (toward
 decode: the nearest one predicted comfortable, if any), if its score beats the current
 split's by more than `margin` (hysteresis) and at least `dwell_s` passed since this engine's
-split last changed. A switch is urgent when the current split is predicted past a target by
-more than a quarter of it (slack under `urgent_slack`), observed past it too (for TTFT: or
+split last changed. A move that only the prediction asks for (no target observed past, no new
+load), from a split predicted within `margin` of its targets, must also lead to a split predicted
+comfortable (unless `comfort_slack` is 1 or more, which chases the best): between two splits near
+their limits the model's errors decide, and the move costs the other phase (H200, 2026-12-04, run 17:
+chat at 40 req/s met both targets on 64 prefill SMs, TTFT observed far under the 1,010 ms predicted;
+a move to 72, predicted at TPOT 12.2 ms, ran at 19 ms until the urgent move back 2.5 s later, and 85
+of that window's 106 misses arrived in those seconds). A switch is urgent when the current split
+is predicted past a target by more than a quarter of it (slack under `urgent_slack`), observed past it too (for TTFT: or
 the arrivals changed since the split was last chosen or held as fine, `load_changed`: their
 prompt length or prompt-token rate moved by `load_change_ratio` or more), and the new split
 is predicted within a quarter of both targets: then `urgent_dwell_s` is enough (on the H200
@@ -475,6 +481,11 @@ class ModelPolicy:
                                           f"for {best.prefill_sms}); {at}", predicted)
         new_load = "ttft" in needs and state.load is not None and load_changed(state.load, load, cfg.load_change_ratio)
         evidence = new_load or bool(observed_past(view, targets, cfg) & needs)
+        unasked = not evidence and cur.slack >= -cfg.margin and cfg.comfort_slack < 1.0
+        if unasked and best.slack < cfg.comfort_slack:
+            unasked_why = (f"nothing observed asks for {best.prefill_sms}, predicted uncomfortable too "
+                           f"(slack {best.slack:+.2f} < {cfg.comfort_slack:.2f})")
+            return SplitDecision(current, f"hold: {unasked_why}; {at}", predicted)
         urgent = cur.slack < cfg.urgent_slack and best.slack >= cfg.urgent_slack and evidence
         onward = best.prefill_sms > current and state.last_side > 0 and cur.slack < 0 <= best.slack
         dwell = min(cfg.urgent_dwell_s, cfg.dwell_s) if urgent or onward else cfg.dwell_s
