@@ -10,6 +10,7 @@
 #   bash bench/device_run.sh offline-profile  the offline job's GPU time by kernel kind -> $OUT/offline-profile.log
 #   bash bench/device_run.sh gemm             one layer's GEMMs on each split, cuBLAS sized for the GPU vs the partition -> $OUT/gemm.json
 #   bash bench/device_run.sh startup          semi-PD engine start-up and latency-profile times -> $OUT/startup.log
+#   bash bench/device_run.sh jit-build        flashinfer's kernels built side by side, as an engine starts -> $OUT/jit-build.log
 #   bash bench/device_run.sh stream-probe     chunks/s one Ray actor streams, and its CPU per chunk -> $OUT/stream-probe.log
 # Logs go to $OUT; the last lines printed are a short table. `.device`: see bench/device_env.sh.
 set -uo pipefail
@@ -47,6 +48,9 @@ case $what in
     ;;
   startup)
     python3 bench/startup_probe.py $model 2>&1 | tee "$OUT/startup.log" | grep -E "captured|built|profile in"
+    ;;
+  jit-build)
+    python3 bench/jit_build_probe.py $model 2>&1 | tee "$OUT/jit-build.log" | grep -E "^\||Building"
     ;;
   stream-probe)
     python3 bench/ray_stream_probe.py 2>&1 | tee "$OUT/stream-probe.log" | grep "^|"

@@ -133,6 +133,35 @@ def test_engine_start_warms_up_a_whole_token_budget_and_argmax_batches_keep_thei
     assert [o.token_ids for o in plain] == [o.token_ids for o in with_logprobs]
 
 
+def test_flashinfer_first_uses_run_each_kernel_from_a_thread_of_their_own(tiny_llama: Path) -> None:
+    """What an engine's start runs to build its kernels side by side: each first use returns the kernel's
+    output, as the model's torch ops give it for the elementwise ones."""
+    from actors.config import ModelArch
+    from actors.models.ops import TorchOps
+    from actors.runner.jit_warmup import flashinfer_first_uses, run_in_parallel
+
+    arch, dev = ModelArch.from_dir(tiny_llama), torch.device("cuda")
+    tasks = flashinfer_first_uses(arch, torch.float16, dev, "fa2")
+    assert len(run_in_parallel(tasks)) == len(tasks) == 5
+    norm, silu, rope, decode, prefill = (t() for t in tasks)
+    for out in (decode, prefill):
+        assert out.shape == (1, arch.num_heads, arch.head_dim) and bool(out.isfinite().all())
+
+    def ones(*shape: int) -> torch.Tensor:
+        return torch.ones(*shape, dtype=torch.float16, device=dev)
+
+    h, d, ref = arch.hidden_size, arch.head_dim, TorchOps()
+    cos_sin = torch.ones(2, d, dtype=torch.float32, device=dev)
+    expected = (
+        ref.add_rms_norm(ones(2, h), ones(2, h), ones(h), 1e-6),
+        (ref.silu_and_mul(ones(2, 2 * arch.intermediate_size)),),
+        ref.rotary(torch.arange(2, device=dev), ones(2, arch.num_heads, d), ones(2, arch.num_kv_heads, d), cos_sin),
+    )
+    for got, want in zip((norm, (silu,), rope), expected):
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, atol=1e-2, rtol=1e-2)
+
+
 def test_green_context_partitions_are_disjoint() -> None:
     from actors.engine.partitioner import GreenContextPartitioner
 

@@ -9,7 +9,7 @@ buffers for one CUDA-graph batch size.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -185,3 +185,21 @@ class GraphDecodeAttention:
         pool = self.backend.pool
         write_kv(pool, layer_id, self.rows, k, v)
         return self._wrapper.run(q, pool.layer(layer_id))
+
+
+def attention_first_uses(arch: ModelArch, dtype: torch.dtype, device: torch.device, decode_kernel: str
+                         ) -> list[Callable[[], object]]:
+    """A decode and a prefill of one token, each through a backend of its own over a one-page pool, for
+    `actors.runner.jit_warmup`: the two build different kernel modules (the decode's as `decode_kernel` makes it,
+    the prefill's as flashinfer picks it for the device: fa3 on Hopper)."""
+    def attend(num_decodes: int) -> Callable[[], object]:
+        def run() -> object:
+            pool = KVPool(arch, 1, 16, dtype, device)
+            layout = BatchLayout(num_decodes, (1,), (1,), ((0,),), torch.zeros(1, dtype=torch.int64, device=device))
+            q = torch.zeros(1, arch.num_heads, arch.head_dim, dtype=dtype, device=device)
+            kv = torch.zeros(1, arch.num_kv_heads, arch.head_dim, dtype=dtype, device=device)
+            return FlashInferAttention(pool, arch, decode_kernel).plan(layout)(q, kv, kv, 0)
+
+        return run
+
+    return [attend(1), attend(0)]

@@ -106,6 +106,8 @@ class EngineCore:
                 f"{self.arch.max_position_embeddings}"
             )
         self._emit = emit
+        if self.device.type == "cuda" and config.resolved_backend == "flashinfer":
+            self._build_kernels()
         weights_dir = None if config.load_format == "dummy" else config.model
         self.model = build_model(self.arch, self.dtype, self.device, self.max_model_len, weights_dir, config.seed,
                                  ops=config.resolved_backend)
@@ -131,6 +133,15 @@ class EngineCore:
         self.admission = EngineAdmission.for_engine(self) if config.slo.admission else None  # profiles if needed
 
     # -- construction ------------------------------------------------------------
+
+    def _build_kernels(self) -> None:
+        """flashinfer's kernels, built side by side (`actors.runner.jit_warmup`), or loaded where built before."""
+        from actors.runner.jit_warmup import flashinfer_first_uses, run_in_parallel
+
+        t0 = time.perf_counter()
+        each = run_in_parallel(flashinfer_first_uses(self.arch, self.dtype, self.device, self.config.decode_attention))
+        log.info("flashinfer kernels ready in %.1f s (each: %s s)", time.perf_counter() - t0,
+                 ", ".join(f"{s:.1f}" for s in each))
 
     def _num_pages(self) -> int:
         cache = self.config.cache

@@ -9,8 +9,14 @@ batch. Both take and return the same shapes.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from actors.config import ModelArch
 
 
 class TorchOps:
@@ -74,6 +80,21 @@ class FlashInferOps(TorchOps):
                ) -> tuple[torch.Tensor, torch.Tensor]:
         self._fi.rope.apply_rope_with_cos_sin_cache_inplace(positions, q, k, q.shape[-1], cos_sin, is_neox=True)
         return q, k
+
+    def first_uses(self, arch: ModelArch, dtype: torch.dtype, device: torch.device) -> list[Callable[[], object]]:
+        """One call of each kernel module on two tokens of `arch`'s shapes (`actors.runner.jit_warmup`): RMSNorm
+        (one module with and without the residual add), SiLU-and-mul, RoPE."""
+        def ones(*shape: int) -> torch.Tensor:
+            return torch.ones(*shape, dtype=dtype, device=device)
+
+        h, d = arch.hidden_size, arch.head_dim
+        positions = torch.arange(2, device=device)
+        cos_sin = torch.ones(2, d, dtype=torch.float32, device=device)
+        return [
+            lambda: self.add_rms_norm(ones(2, h), ones(2, h), ones(h), 1e-6),
+            lambda: self.silu_and_mul(ones(2, 2 * arch.intermediate_size)),
+            lambda: self.rotary(positions, ones(2, arch.num_heads, d), ones(2, arch.num_kv_heads, d), cos_sin),
+        ]
 
 
 def make_ops(name: str) -> TorchOps:
