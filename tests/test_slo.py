@@ -259,19 +259,19 @@ def test_model_policy_holds_a_steady_load() -> None:
 
 
 def test_model_policy_plans_for_the_prompt_lengths_it_sees() -> None:
-    """Poisson arrivals of 4,096-token prompts (arxiv-like) at TPOT <= 25 ms: a policy that assumes 512-token
-    prompts underrates the queueing wait behind long prompts and keeps too few prefill SMs; told the
-    arrivals' mean length, it keeps more, meets both targets for more requests and needs no urgent switch.
-    The thresholds are this draw's (seed 0: 93.9% blind, 98.6% told); seeds 1-3 keep the order (80.1 < 90.7,
-    95.2 < 96.5, 98.4 < 98.9%) but not the thresholds."""
+    """Poisson arrivals of 4,096-token prompts (arxiv-like) at TPOT <= 25 ms: told the arrivals' mean length, the
+    policy meets both targets for 98% of them (seed 0: 98.6%) and never switches within a dwell. Assuming
+    512-token prompts it underrated the queueing wait behind long prompts and kept too few prefill SMs (seed 0:
+    93.9%) until moves that only the prediction asks for went one step at a time; since then the blind policy
+    keeps 98.8% in this draw (seeds 1-3: 89.6 / 95.2 / 98.9% blind, 89.1 / 97.0 / 98.9% told), so the lengths'
+    use is checked on the predictions (`test_model_policy_uses_the_mean_prompt_length_of_the_view`)."""
     from engine_sim import Phase, simulate
 
     m, tight = h100_llama8b(), SLOTargets(ttft_ms=1000.0, tpot_ms=25.0)
     arxiv = [Phase(120.0, 15_000 / 4096, 4096, 200)]
-    runs = {see: simulate(m, arxiv, tight, 64, ModelPolicy(m), dt=0.01,  # the prefill speed seen would tell some of it
-                          hide=frozenset({"speed"}) if see else frozenset({"lengths", "speed"})) for see in (False, True)}
-    assert runs[False].attainment < 0.95 <= 0.98 <= runs[True].attainment
-    times = [t for t, _, _ in runs[True].switches]
+    told = simulate(m, arxiv, tight, 64, ModelPolicy(m), dt=0.01, hide=frozenset({"speed"}))
+    assert told.attainment >= 0.98
+    times = [t for t, _, _ in told.switches]
     assert all(b - a >= ModelPolicyConfig().dwell_s for a, b in zip(times, times[1:]))
 
 
@@ -358,7 +358,8 @@ def test_a_chat_after_documents_is_planned_with_the_chats_output_budget() -> Non
     tokens), on an engine whose prefill runs 15% slower than the profile says. For a while the finished requests
     are the documents': with their output lengths on the chat's arrival rate, the settled decode batch looks too
     slow and the policy gives decode SMs the chat's prompts need. The arrivals' max_tokens bound the output
-    (seeds 0-5: 81.8% on average without them, 87.7% with them; the H200 showed the same move, run 13)."""
+    (seeds 0-5: 85.3% on average without them, 87.7% with them, seed 3 74.7 against 88.5%; 81.8% without them
+    before moves that only the prediction asks for went one step at a time; the H200 showed the move, run 13)."""
     from engine_sim import Phase, simulate, with_prefill_factor
 
     (h200,) = load_models(Path(__file__).parent.parent / "bench/profiles/semipd-profile.json").values()
@@ -372,7 +373,7 @@ def test_a_chat_after_documents_is_planned_with_the_chats_output_budget() -> Non
         return sum(r.attainment for r in runs) / len(runs)
 
     without, bounded = mean_attainment(frozenset({"budgets"})), mean_attainment(frozenset())
-    assert bounded > without + 0.04, (without, bounded)
+    assert bounded > without + 0.02, (without, bounded)
 
 
 def test_model_policy_uses_the_mean_prompt_length_of_the_view() -> None:
@@ -399,36 +400,31 @@ def test_prefill_load_grows_with_rate_and_shrinks_with_sms() -> None:
 def test_model_policy_stays_inside_hysteresis_band() -> None:
     v0 = view(64, **PREFILL_HEAVY)
     preds, _ = ModelPolicy(h100_llama8b()).predict(v0, TARGETS)
+    by = {p.prefill_sms: p for p in preds}
     best = max(preds, key=lambda p: p.slack).prefill_sms
     neighbour = best - 8
-    # TTFT observed just past its target: the move is asked for, not only predicted
-    v = replace(view(neighbour, **PREFILL_HEAVY), ttft_ms=(TARGETS.ttft_ms + 1,) * 10)
-    by = {p.prefill_sms: p for p in ModelPolicy(h100_llama8b()).predict(v, TARGETS)[0]}
     gain = by[best].slack - by[neighbour].slack
-    assert 0 < gain < 0.2 and max(by.values(), key=lambda p: p.slack).prefill_sms == best
+    assert 0 < gain < 0.2
+    v = view(neighbour, **PREFILL_HEAVY)
     held = ModelPolicy(h100_llama8b(), ModelPolicyConfig(margin=gain + 0.01)).decide(v, TARGETS)
     assert held.prefill_sms == neighbour and "hysteresis" in held.reason
     moved = ModelPolicy(h100_llama8b(), ModelPolicyConfig(margin=gain / 2)).decide(v, TARGETS)
     assert moved.prefill_sms == best
 
 
-def test_model_policy_moves_on_a_prediction_alone_only_to_a_comfortable_split() -> None:
-    """H200 run 17: from a split predicted just short of TTFT, with TTFT observed well within it, the policy
-    moved to one predicted uncomfortable on TPOT, and decode ran past its target there. On the prediction alone
-    it now holds; an observed miss, or a prediction past target by more than the margin, still moves it."""
-    cfg = ModelPolicyConfig(margin=0.01)
-    preds, _ = ModelPolicy(h100_llama8b()).predict(view(64, **PREFILL_HEAVY), TARGETS)
-    best = max(preds, key=lambda p: p.slack)
-    v = view(best.prefill_sms - 8, **PREFILL_HEAVY)
-    by = {p.prefill_sms: p for p in ModelPolicy(h100_llama8b(), cfg).predict(v, TARGETS)[0]}
-    cur = by[v.prefill_sms]
-    assert -cfg.margin <= cur.slack < best.slack < cfg.comfort_slack and best.slack - cur.slack > cfg.margin
-    held = ModelPolicy(h100_llama8b(), cfg).decide(v, TARGETS)
-    assert held.prefill_sms == v.prefill_sms and held.reason.startswith("hold: nothing observed asks for")
-    seen = replace(v, ttft_ms=(TARGETS.ttft_ms + 1,) * 10)
-    assert ModelPolicy(h100_llama8b(), cfg).decide(seen, TARGETS).prefill_sms == best.prefill_sms
-    far = ModelPolicy(h100_llama8b(), cfg).decide(view(64, **PREFILL_HEAVY), TARGETS)
-    assert far.prefill_sms == best.prefill_sms and best.slack < cfg.comfort_slack
+def test_a_move_only_the_prediction_asks_for_goes_one_step_at_a_time() -> None:
+    """Chat at 40 req/s and TPOT <= 12 ms, from 64 prefill SMs, on the committed H200 profile. Two seconds in, the
+    arrival rate read from the first arrivals (8.9K of ~20K prompt tokens/s) made 24 prefill SMs look best while
+    TPOT was only predicted short of comfortable, nothing observed past target: the policy jumped there, the
+    prompts queued for seconds, and 47% of the requests met both targets (every fixed split from 56 to 80: 100%).
+    One step at a time, it holds 64 and keeps them all (seeds 0-3)."""
+    from engine_sim import Phase, simulate
+
+    (h200,) = load_models(Path(__file__).parent.parent / "bench/profiles/semipd-profile.json").values()
+    chat = [Phase(15.0, 40.0, 495, 92, prompt_cv=1.0)]
+    for seed in (0, 1):
+        run = simulate(h200, chat, SLOTargets(ttft_ms=1000.0, tpot_ms=12.0), 64, ModelPolicy(h200), seed=seed, dt=0.01)
+        assert run.attainment >= 0.99 and all(to >= 56 for _, _, to in run.switches), run
 
 
 def test_model_policy_bounds_switches_under_oscillating_load() -> None:

@@ -31,14 +31,14 @@ the target at risk (more prefill SMs for TTFT, fewer for TPOT), the best split w
 decode: the nearest one predicted comfortable, if any), if its score beats the current
 split's by more than `margin` (hysteresis) and at least `dwell_s` passed since this engine's
 split last changed. A move that only the prediction asks for (no target observed past, no new
-load), from a split predicted within `margin` of its targets, must also lead to a split predicted
-comfortable (unless `comfort_slack` is 1 or more, which chases the best): between two splits near
-their limits the model's errors decide, and the move costs the other phase (H200, 2026-12-04, run 17:
-chat at 40 req/s met both targets on 64 prefill SMs, TTFT observed far under the 1,010 ms predicted;
-a move to 72, predicted at TPOT 12.2 ms, ran at 19 ms until the urgent move back 2.5 s later, and 85
-of that window's 106 misses arrived in those seconds). A switch is urgent when the current split
-is predicted past a target by more than a quarter of it (slack under `urgent_slack`), observed past it too (for TTFT: or
-the arrivals changed since the split was last chosen or held as fine, `load_changed`: their
+load), from a split predicted within `margin` of its targets or better, goes one split step at a time
+(unless `comfort_slack` is 1 or more, which chases the best): far from the current split the model's
+errors grow, and a snapshot early in a load's ramp reads its arrival rate low (in simulation, chat at
+40 req/s and TPOT <= 12 ms: two seconds in, TPOT predicted at 9.0 of 12 ms on 64 prefill SMs sent the
+split to 24 with the rate read at 8.9K of ~20K prompt tokens/s, and 47% of the requests met both targets;
+every fixed split from 56 to 80 kept 100%). A switch is urgent when the current split is
+predicted past a target by more than a quarter of it (slack under `urgent_slack`), observed past
+it too (for TTFT: or the arrivals changed since the split was last chosen or held as fine, `load_changed`: their
 prompt length or prompt-token rate moved by `load_change_ratio` or more), and the new split
 is predicted within a quarter of both targets: then `urgent_dwell_s` is enough (on the H200
 a wrong split held for a whole dwell queued a burst's prompts for seconds, and, with the
@@ -460,7 +460,10 @@ class ModelPolicy:
         cur = by_sms[current]
         needs = at_risk(cur, view, targets, cfg)
         side = 1 if needs == {"ttft"} else -1 if needs == {"tpot"} else 0
-        best = self._best(view.splits, current, preds, side)
+        new_load = "ttft" in needs and state.load is not None and load_changed(state.load, load, cfg.load_change_ratio)
+        evidence = new_load or bool(observed_past(view, targets, cfg) & needs)
+        unasked = not evidence and cur.slack >= -cfg.margin and cfg.comfort_slack < 1.0
+        best = self._best(view.splits, current, preds, side, max_step=1 if unasked else cfg.max_step)
         gain = best.slack - cur.slack
         recent = sum(1 for t in state.change_times if now - t < 60.0)
         predicted = {
@@ -479,13 +482,6 @@ class ModelPolicy:
         if gain <= cfg.margin:
             return SplitDecision(current, f"hold: within hysteresis band (gain {gain:+.2f} <= {cfg.margin:.2f} "
                                           f"for {best.prefill_sms}); {at}", predicted)
-        new_load = "ttft" in needs and state.load is not None and load_changed(state.load, load, cfg.load_change_ratio)
-        evidence = new_load or bool(observed_past(view, targets, cfg) & needs)
-        unasked = not evidence and cur.slack >= -cfg.margin and cfg.comfort_slack < 1.0
-        if unasked and best.slack < cfg.comfort_slack:
-            unasked_why = (f"nothing observed asks for {best.prefill_sms}, predicted uncomfortable too "
-                           f"(slack {best.slack:+.2f} < {cfg.comfort_slack:.2f})")
-            return SplitDecision(current, f"hold: {unasked_why}; {at}", predicted)
         urgent = cur.slack < cfg.urgent_slack and best.slack >= cfg.urgent_slack and evidence
         onward = best.prefill_sms > current and state.last_side > 0 and cur.slack < 0 <= best.slack
         dwell = min(cfg.urgent_dwell_s, cfg.dwell_s) if urgent or onward else cfg.dwell_s
@@ -506,9 +502,9 @@ class ModelPolicy:
                 f"prefill time x{info['prefill_speed_correction']:.2f}")
         return SplitDecision(best.prefill_sms, why, predicted, urgent=urgent)
 
-    def _best(self, splits: tuple[int, ...], current: int, preds: list[SplitPrediction], side: int = 0
-              ) -> SplitPrediction:
-        """Within `max_step` steps, on the `side` of the current split (+1: more prefill SMs, -1: fewer, 0:
+    def _best(self, splits: tuple[int, ...], current: int, preds: list[SplitPrediction], side: int = 0,
+              max_step: int = 0) -> SplitPrediction:
+        """Within `max_step` steps (0: any), on the `side` of the current split (+1: more prefill SMs, -1: fewer, 0:
         either; the current split is always a candidate): toward decode, the nearest split predicted
         comfortable (slack >= `comfort_slack`) by more than `margin` over the current one; otherwise the
         highest slack (ties to the nearest split).
@@ -520,7 +516,7 @@ class ModelPolicy:
         be drained afterwards (on the H200 an arxiv burst moved 64 -> 88 -> 104 in two urgent steps and kept
         P90 TTFT past target, 2026-12-03)."""
         i = splits.index(current)
-        step = self.config.max_step or len(splits)
+        step = max_step or len(splits)
         allowed = [p for j, p in enumerate(preds) if abs(j - i) <= step and (j - i) * side >= 0]
         if side < 0:
             enough = max(self.config.comfort_slack, preds[i].slack + self.config.margin)
