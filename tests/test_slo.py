@@ -427,6 +427,21 @@ def test_a_move_only_the_prediction_asks_for_goes_one_step_at_a_time() -> None:
         assert run.attainment >= 0.99 and all(to >= 56 for _, _, to in run.switches), run
 
 
+def test_a_move_toward_prefill_keeps_tpot_within_target_when_no_split_meets_both() -> None:
+    """Chat at 45 req/s and TPOT <= 12 ms on an engine whose prefill runs 15% slower than the committed H200
+    profile says: prompts queue past TTFT's target and no split is predicted within both. The split of the most
+    slack (seed 0: 88 prefill SMs, TTFT 1,152 ms and TPOT 13.5 ms predicted) put decode past its target for every
+    request; the policy now stops at the best split predicted within TPOT's target (seed 0: 80, 40.3% of the
+    requests within both targets against 27.2%; seed 2: 100% against 82.6%)."""
+    from engine_sim import Phase, simulate, with_prefill_factor
+
+    (h200,) = load_models(Path(__file__).parent.parent / "bench/profiles/semipd-profile.json").values()
+    chat, engine = [Phase(15.0, 45.0, 495, 92, prompt_cv=1.0)], with_prefill_factor(h200, 1.15)
+    for seed, least in ((0, 0.4), (2, 0.99)):
+        run = simulate(engine, chat, SLOTargets(ttft_ms=1000.0, tpot_ms=12.0), 64, ModelPolicy(h200), seed=seed, dt=0.01)
+        assert run.attainment >= least and run.switches[0][2] <= 80, run
+
+
 def test_model_policy_bounds_switches_under_oscillating_load() -> None:
     """Load flips between prefill- and decode-heavy every 2 s for 10 minutes."""
 
@@ -914,10 +929,12 @@ def test_model_policy_follows_a_shift_better_than_any_fixed_split() -> None:
     """Run 7's shifting load (chat at 50.4 req/s for 20 s, then documents at 4.2 req/s) on a simulated engine
     whose latencies are the committed H200 profile: chat wants decode SMs, documents prefill SMs, and the
     policy, starting on chat's split, keeps more requests within both targets than any fixed split, in a
-    few switches. This holds for this draw (seed 0: 99.6% against 99.1% for 96), not in general: with seeds
-    1-3 the policy kept 93.0, 95.9 and 99.1% against the best fixed split's 94.7, 98.8 and 99.0% (in hindsight:
-    each draw's best), so this is a regression check of one draw. (Profile of 2026-12-03 10:03 UTC, 7 splits.) (On the H200 itself the profile was optimistic for both halves: pinned
-    96 kept 45.6%, not the simulation's 98.8%; see docs/perf/serve-h200.md, run 7.)"""
+    few switches. This holds for this draw (seed 0: 99.5% against 99.1% for 96), not in general: with seeds
+    1-3 the policy kept 94.7, 98.8 and 97.3% against the best fixed split's 94.7, 98.8 and 99.0% (in hindsight:
+    each draw's best; 93.0, 95.9 and 99.1% before a move toward prefill kept TPOT within target when no split
+    met both), so this is a regression check of one draw. (Profile of 2026-12-03 10:03 UTC, 7 splits.) (On the
+    H200 itself the profile was optimistic for both halves: pinned 96 kept 45.6%, not the simulation's 98.8%;
+    see docs/perf/serve-h200.md, run 7.)"""
     from engine_sim import Phase, simulate
 
     (h200,) = load_models(Path(__file__).parent.parent / "bench/profiles/semipd-profile.json").values()
@@ -927,4 +944,4 @@ def test_model_policy_follows_a_shift_better_than_any_fixed_split() -> None:
     dynamic = simulate(h200, shift, tight, 88, ModelPolicy(h200))
     assert dynamic.attainment > max(fixed.values()), (dynamic, fixed)
     assert fixed[112] < 0.5 and fixed[104] < 0.9  # prefill-heavy splits starve the chat's decode
-    assert len(dynamic.switches) <= 4 and any(to == 112 for _, _, to in dynamic.switches)  # prefill for documents
+    assert len(dynamic.switches) <= 4 and any(to >= 104 for _, _, to in dynamic.switches)  # prefill for documents
