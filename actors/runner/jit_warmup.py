@@ -26,7 +26,15 @@ def flashinfer_first_uses(arch: ModelArch, dtype: torch.dtype, device: torch.dev
     from actors.attention.flashinfer_backend import attention_first_uses
     from actors.models.ops import FlashInferOps
 
-    return FlashInferOps().first_uses(arch, dtype, device) + attention_first_uses(arch, dtype, device, decode_kernel)
+    def on_device(use: Callable[[], object]) -> Callable[[], object]:  # a new thread's current device is the first
+        def run() -> object:
+            with torch.cuda.device(device):
+                return use()
+
+        return run
+
+    uses = FlashInferOps().first_uses(arch, dtype, device) + attention_first_uses(arch, dtype, device, decode_kernel)
+    return [on_device(u) for u in uses]
 
 
 def run_in_parallel(tasks: Sequence[Callable[[], object]]) -> list[float]:
