@@ -184,6 +184,9 @@ def test_model_policy_moves_to_prefill_when_queue_grows() -> None:
     d = ModelPolicy(h100_llama8b()).decide(view(64, **PREFILL_HEAVY), TARGETS)
     assert d.prefill_sms > 64
     assert "more SMs to prefill" in d.reason and "switch 64->" in d.reason
+    assert "; queued 20000 prompt tokens;" in d.reason  # what the queue was, beside what the model made of it
+    seen = ModelPolicy(h100_llama8b()).decide(replace(view(64, **PREFILL_HEAVY), ttft_ms=(1500.0,) * 10), TARGETS)
+    assert "; queued 20000 prompt tokens, P90 TTFT observed 1500 ms;" in seen.reason
     # nothing observed yet: the model as it is, and the reason says so (the benchmark's JSON keeps it)
     assert d.reason.endswith(f"corrections: TTFT x1.00, TPOT x1.00 (at {d.prefill_sms}: x1.00), prefill time x1.00")
     p = d.predicted

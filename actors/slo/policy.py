@@ -497,6 +497,9 @@ class ModelPolicy:
                f"arrivals {load.tokens_per_s:.0f} prompt tokens/s in {load.prompt_tokens:.0f}-token prompts")
         if new_load and state.load is not None:
             why += f" (at the last switch: {state.load.tokens_per_s:.0f} in {state.load.prompt_tokens:.0f}-token)"
+        why += f"; queued {view.waiting_prefill_tokens} prompt tokens"
+        if "observed_ttft_ms" in info:
+            why += f", P{100 * targets.attainment:.0f} TTFT observed {info['observed_ttft_ms']:.0f} ms"
         why += (f"; corrections: TTFT x{info['ttft_correction']:.2f}, TPOT x{cur.tpot_correction:.2f} "
                 f"(at {best.prefill_sms}: x{best.tpot_correction:.2f}), "
                 f"prefill time x{info['prefill_speed_correction']:.2f}")
