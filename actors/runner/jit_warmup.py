@@ -2,10 +2,11 @@
 
 flashinfer compiles each of its kernels (JIT: ninja and nvcc) the first time it is called, and an engine
 starting on a machine without a kernel cache called them one after another: on a fresh H200 (2026-12-04,
-serving run 17) a semi-PD engine started in 343 s, most of it in five builds of 15 to over 100 s each,
-while nvcc used one or two of the 16 cores. A build runs in a subprocess, so the first use of each kernel
-called from a thread of its own builds them side by side; the engine then finds them built (flashinfer keeps
-them in its cache directory, and the loaded modules in memory). With a warm cache each first use only loads.
+serving run 17) a semi-PD engine started in 343 s, and its log shows five builds begun one after the other
+over 2 min 46 s, the last one 2 min 19 s before it served. A build runs in a subprocess, so the first use
+of each kernel called from a thread of its own builds them side by side; the engine then finds them built
+(flashinfer keeps them in its cache directory, and the loaded modules in memory). With a warm cache each
+first use only loads.
 """
 
 from __future__ import annotations
