@@ -5,8 +5,9 @@ starting on a machine without a kernel cache called them one after another: on a
 serving run 17) a semi-PD engine started in 343 s, and its log shows five builds begun one after the other
 over 2 min 46 s, the last one 2 min 19 s before it served. A build runs in a subprocess, so the first use
 of each kernel called from a thread of its own builds them side by side; the engine then finds them built
-(flashinfer keeps them in its cache directory, and the loaded modules in memory). With a warm cache each
-first use only loads.
+(flashinfer keeps them in its cache directory, and the loaded modules in memory): on a fresh H200 (2026-12-04,
+run 18, `bench/jit_build_probe.py`) all five were built 118 s after they began, the slowest (the sm90 prefill)
+alone taking 115 s. With a warm cache each first use only loads.
 """
 
 from __future__ import annotations

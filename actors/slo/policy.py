@@ -21,9 +21,12 @@ while prompts arrive: observed TPOT is compared with the larger of the two, so t
 read as a slow model; the splits' slack is that of their unpaced steps (the pace is the same on every
 split and no target at risk). A split's
 TPOT takes instead the ratio observed while that split itself last ran, if within
-`tpot_memory_s` (a split never seen, the largest of those seen on splits with as many decode SMs
-or more): a ratio measured on a wide decode partition says little about a narrow one, where the
-step is most sensitive to the model's errors.
+`tpot_memory_s` and under the arrivals of now (a split never seen, the largest of those seen on splits with
+as many decode SMs or more): a ratio measured on a wide decode partition says little about a narrow one, where
+the step is most sensitive to the model's errors, and one measured under another load (`load_changed`) says
+little about this one (on the H200, 2026-12-04, run 18: 72 prefill SMs read 2.25 times the modelled TPOT in a
+burst of chat, and a minute later documents waited on 64 for whole windows (P90 TTFT 1.5-2.5 s), every
+split with more prefill SMs predicted past TPOT's target by that ratio).
 Each split scores its normalized min slack, min(1 - TTFT / target, 1 - TPOT / target).
 The current split is kept while no target is at risk (`at_risk`: predicted slack under
 `comfort_slack`, or observed latency past its target); otherwise, on the side that relieves
@@ -108,7 +111,8 @@ class ModelPolicyConfig:
         lengths a load change mixes (in simulation, a 2-request batch of documents' 6,000-token contexts
         at the chat's request rate predicted 54 ms), so TPOT still needs an observation.
     tpot_memory_s: how long the TPOT ratio (observed / predicted) seen on a split corrects that split's
-        predictions after the engine left it (0: never; every split takes the current split's ratio).
+        predictions after the engine left it, while the arrivals stay what they were then (`load_changed`)
+        (0: never; every split takes the current split's ratio).
     """
 
     margin: float = 0.1
@@ -170,7 +174,7 @@ class _EngineState:
     last_side: int = 0  # +1: the last change gave prefill SMs, -1: decode, 0: none yet
     proposed: tuple[int, float, Load] | None = None  # (prefill SMs, time, the arrivals it was chosen for)
     change_times: deque[float] = field(default_factory=lambda: deque(maxlen=256))
-    tpot_ratios: dict[int, tuple[float, float]] = field(default_factory=dict)  # split -> (observed / predicted, time)
+    tpot_ratios: dict[int, TpotRatio] = field(default_factory=dict)  # split -> its last observed TPOT ratio
     load: Load | None = None  # the arrivals when the current split was last chosen or held as fine
 
     def observe(self, sms: int, now: float, load: Load) -> None:
@@ -195,6 +199,14 @@ class Load(NamedTuple):
     @classmethod
     def of(cls, view: EngineView, cfg: ModelPolicyConfig) -> Load:
         return cls(view.arrival_tokens_per_s, float(typical_prompt_tokens(view, cfg)))
+
+
+class TpotRatio(NamedTuple):
+    """Observed / modelled TPOT on one split, when, and under which arrivals."""
+
+    ratio: float
+    time: float
+    load: Load
 
 
 def load_changed(before: Load, now: Load, ratio: float) -> bool:
@@ -430,20 +442,21 @@ class ModelPolicy:
         return preds, info
 
     def _remembered_tpot(self, view: EngineView, current: int) -> dict[int, float]:
-        """The TPOT corrections of the splits other than `current` seen within `tpot_memory_s` (split -> factor,
-        as `observed_correction` makes it)."""
+        """The TPOT corrections of the splits other than `current` seen within `tpot_memory_s` under the arrivals
+        of now (split -> factor, as `observed_correction` makes it)."""
         state, cfg = self._states.get(view.engine_id), self.config
         if state is None or cfg.tpot_memory_s <= 0:
             return {}
-        now = _now(view)
-        return {s: correction_factor(ratio, cfg)
-                for s, (ratio, seen) in state.tpot_ratios.items() if s != current and now - seen <= cfg.tpot_memory_s}
+        now, load = _now(view), Load.of(view, cfg)
+        return {s: correction_factor(r.ratio, cfg) for s, r in state.tpot_ratios.items()
+                if s != current and now - r.time <= cfg.tpot_memory_s
+                and not load_changed(r.load, load, cfg.load_change_ratio)}
 
     def _remember_tpot(self, state: _EngineState, view: EngineView, current: int, info: Mapping[str, float],
-                       now: float) -> None:
-        """Note the current split's observed / modelled TPOT, given `min_observed` samples in the view."""
+                       now: float, load: Load) -> None:
+        """Note the current split's observed / modelled TPOT under `load`, given `min_observed` samples in the view."""
         if len(view.tpot_ms) >= self.config.min_observed and info["model_tpot_ms"] > 0:
-            state.tpot_ratios[current] = (info["observed_tpot_ms"] / info["model_tpot_ms"], now)
+            state.tpot_ratios[current] = TpotRatio(info["observed_tpot_ms"] / info["model_tpot_ms"], now, load)
 
     def decide(self, view: EngineView, targets: SLOTargets) -> SplitDecision:
         if not view.splits:
@@ -455,7 +468,7 @@ class ModelPolicy:
         load = Load.of(view, cfg)
         state.observe(current, now, load)
         preds, info = self.predict(view, targets)
-        self._remember_tpot(state, view, current, info, now)
+        self._remember_tpot(state, view, current, info, now, load)
         by_sms = {p.prefill_sms: p for p in preds}
         cur = by_sms[current]
         needs = at_risk(cur, view, targets, cfg)
