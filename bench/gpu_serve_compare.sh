@@ -68,7 +68,7 @@ start_server() {  # config log -> sets $server
       server=$!; return ;;
     *) echo "unknown config $1"; return 1 ;;
   esac
-  python3 -m cluster.cli serve "${common[@]}" "${flags[@]}" > "$2" 2>&1 &
+  python3 -m cluster.cli --log-level INFO serve "${common[@]}" "${flags[@]}" > "$2" 2>&1 &
   server=$!
 }
 

@@ -42,10 +42,11 @@ def kernel_env() -> dict[str, str]:
 
 
 API_KEY_ENV = "SEMIPD_API_KEY"
+LOG_LEVEL_ENV = "SEMIPD_LOG_LEVEL"  # a `semipd serve` job's --log-level, for its Ray workers
 
 
 def env_defaults() -> dict[str, str]:
-    """Defaults taken from the environment: SEMIPD_REDIS_URL, RAY_ADDRESS, SEMIPD_API_KEY."""
+    """Defaults taken from the environment: SEMIPD_REDIS_URL, RAY_ADDRESS, SEMIPD_API_KEY, SEMIPD_LOG_LEVEL."""
     out = {}
     if os.environ.get(API_KEY_ENV):
         out["api_key"] = os.environ[API_KEY_ENV]
@@ -53,6 +54,8 @@ def env_defaults() -> dict[str, str]:
         out["redis_url"] = os.environ["SEMIPD_REDIS_URL"]
     if os.environ.get("RAY_ADDRESS"):
         out["ray_address"] = os.environ["RAY_ADDRESS"]
+    if os.environ.get(LOG_LEVEL_ENV):
+        out["log_level"] = os.environ[LOG_LEVEL_ENV]
     return out
 
 

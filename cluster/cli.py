@@ -22,6 +22,26 @@ COMMAND_MODULES = (
 )
 
 
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def configure_logging(level: str) -> None:
+    """Python logging at `level` (a name such as "INFO") to stderr, for this process."""
+    logging.basicConfig(level=level.upper(), format=LOG_FORMAT)
+
+
+def configure_worker_logging() -> None:
+    """Ray's `worker_process_setup_hook` for the processes of a `semipd serve` job (engine actors, the SLO
+    controller, Serve replicas): the job's `--log-level` (`SEMIPD_LOG_LEVEL`), so that what they log at it
+    reaches the job's output as the driver's own lines do. Without it a Ray worker keeps Python's default
+    (WARNING): the controller's split decisions and holds, logged at INFO, never showed."""
+    from cluster.bootstrap import env_defaults
+
+    level = env_defaults().get("log_level")
+    if level:
+        configure_logging(level)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="semipd", description=__doc__.splitlines()[0])
     parser.add_argument("--log-level", default="WARNING", help="Python logging level (default WARNING)")
@@ -34,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level)
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError) as e:  # ConfigError, SamplingParamsError, PromptTooLongError

@@ -138,6 +138,24 @@ def test_serve_refuses_bad_controller_flags_before_starting(tiny_llama: Path, ca
     assert err.startswith("semipd serve: error:") and message in err
 
 
+@pytest.mark.parametrize("level, shown", [("INFO", True), ("WARNING", False), (None, False)])
+def test_a_serve_jobs_workers_log_at_its_level(level: str | None, shown: bool) -> None:
+    """Ray runs `configure_worker_logging` in every worker of a `semipd serve` job, with the job's --log-level in
+    the environment: the controller's split decisions (INFO) then reach the job's output. A fresh interpreter
+    stands in for the worker (Python's default, WARNING, is what a Ray worker has without it)."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "SEMIPD_LOG_LEVEL"}
+    if level:
+        env["SEMIPD_LOG_LEVEL"] = level
+    code = ("import logging; from cluster.cli import configure_worker_logging; configure_worker_logging(); "
+            "logging.getLogger('cluster.controller').info('engine-0 stays at 64 SMs')")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60,
+                         cwd=Path(__file__).parent.parent)
+    assert out.returncode == 0, out.stderr
+    assert ("INFO cluster.controller: engine-0 stays at 64 SMs" in out.stderr) == shown, out.stderr
+
+
 def test_engine_sets_the_thread_switch_interval_it_is_given(tiny_llama: Path) -> None:
     default = sys.getswitchinterval()
     try:

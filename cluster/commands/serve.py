@@ -155,7 +155,9 @@ class Started:
 def run(args: argparse.Namespace) -> int:
     import ray
 
-    from cluster.bootstrap import API_KEY_ENV, drain_cluster, ensure_cluster, env_defaults, teardown_cluster
+    from cluster.bootstrap import (
+        API_KEY_ENV, LOG_LEVEL_ENV, drain_cluster, ensure_cluster, env_defaults, teardown_cluster,
+    )
     from cluster.redis_server import RedisServerProcess
 
     started = Started()
@@ -172,8 +174,10 @@ def run(args: argparse.Namespace) -> int:
         cfg = cluster_config(args, redis_url)
         started.endpoints["redis"] = redis_url
         # "local": a new instance even if another one runs on this machine (ray.init() would join it)
-        # the Serve replicas read the API key from their environment (the job's runtime env)
-        runtime_env = {"env_vars": {API_KEY_ENV: args.api_key}} if args.api_key else None
+        # the Serve replicas read the API key from their environment (the job's runtime env); every worker of
+        # the job logs at the job's --log-level
+        env_vars = {LOG_LEVEL_ENV: args.log_level.upper(), **({API_KEY_ENV: args.api_key} if args.api_key else {})}
+        runtime_env = {"env_vars": env_vars, "worker_process_setup_hook": "cluster.cli.configure_worker_logging"}
         ray.init(address=args.address or "local", namespace=cfg.namespace, runtime_env=runtime_env,
                  include_dashboard=False if not args.address else None)
         started.ray_started = args.address is None
