@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 import time
 
@@ -14,12 +13,13 @@ import torch
 
 from actors.config import ModelArch
 from actors.runner.jit_warmup import flashinfer_first_uses, run_in_parallel
+from cluster.cli import configure_logging
 
 KERNELS = ("RMSNorm", "SiLU-and-mul", "RoPE", "decode attention", "prefill attention")  # flashinfer_first_uses' order
 
 
 def main(model_dir: str) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    configure_logging("INFO")
     arch = ModelArch.from_dir(model_dir)
     rows = []
     for label in ("cold", "built"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -143,8 +144,6 @@ def test_a_serve_jobs_workers_log_at_its_level(level: str | None, shown: bool) -
     """Ray runs `configure_worker_logging` in every worker of a `semipd serve` job, with the job's --log-level in
     the environment: the controller's split decisions (INFO) then reach the job's output. A fresh interpreter
     stands in for the worker (Python's default, WARNING, is what a Ray worker has without it)."""
-    import os
-
     env = {k: v for k, v in os.environ.items() if k != "SEMIPD_LOG_LEVEL"}
     if level:
         env["SEMIPD_LOG_LEVEL"] = level
