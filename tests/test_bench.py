@@ -6,6 +6,7 @@ import asyncio
 import json
 import math
 from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from cluster.bench.metrics import SLOs, MetricsError, compute_metrics, parse_met
 from cluster.bench.report import (
     BenchResult, cuda_allocator_counts, format_cuda_allocator, format_failures, format_prefix_cache, format_result_block,
     format_split_changes, format_worker_iterations, load_result, metrics_under, plot_results, prefix_cache_counts,
-    results_figure, sustained_rates,
+    rate_of, results_figure, sustained_rates,
     iteration_quantiles, worker_iterations, WorkerIterations, write_result,
 )
 from cluster.bench.serve_bench import ServeBenchConfig, result_path, run_rate, split_changes
@@ -427,6 +428,33 @@ def test_sustained_rate_is_last_passing_rate_and_interpolated_crossing(capsys: p
     with pytest.raises(SystemExit) as e:
         cli_main(["bench", "plot", *paths, "--out", str(tmp_path / "p.png"), "--attainment", "120"])
     assert e.value.code == 2
+
+
+def test_sustained_rate_on_the_offered_axis_orders_windows_by_the_rate_they_were_sent_at(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """Configured 35 req/s sent at 31 (a short Poisson window) sits below configured 30 sent at 32 on the
+    offered axis: there the 31 window's pass and the 32 window's miss read as a sustained 31, where the
+    configured axis reads 30 failed and nothing sustained."""
+    slos = SLOs(ttft_ms=500)
+
+    def window(configured: float, offered: float, ttft_ms: float) -> BenchResult:
+        recs = [replace(r, scheduled_s=i / offered) for i, r in enumerate(_ttft_records([ttft_ms] * 11))]
+        return _result(recs, rate=configured, label="dyn", slos=slos)
+
+    runs = [window(30.0, 32.0, 900.0), window(35.0, 31.0, 100.0)]
+    assert [rate_of(r, "offered") for r in runs] == pytest.approx([32.0, 31.0])
+    (configured,) = sustained_rates(runs)
+    assert configured.last_passing is None
+    (offered,) = sustained_rates(runs, rate_axis="offered")
+    assert offered.last_passing == pytest.approx(31.0)
+    paths = [str(write_result(r, tmp_path / f"{i}.json")) for i, r in enumerate(runs)]
+    assert cli_main(["bench", "plot", *paths, "--out", str(tmp_path / "p.png"), "--rate-axis", "offered"]) == 0
+    assert "| dyn | 31.00 |" in capsys.readouterr().out
+    one = replace(runs[0], records=runs[0].records[:1])
+    write_result(one, tmp_path / "one.json")
+    assert cli_main(["bench", "plot", str(tmp_path / "one.json"), "--out", str(tmp_path / "p.png"),
+                     "--rate-axis", "offered"]) == 2
+    assert "its offered rate is unknown" in capsys.readouterr().err
 
 
 def test_plot_labels_by_folder_keep_runs_measured_apart_apart(capsys: pytest.CaptureFixture[str],

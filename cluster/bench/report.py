@@ -425,9 +425,24 @@ def format_failures(records: Sequence[RequestRecord], limit: int = 5) -> str:
 # ---------------------------------------------------------------- plot
 
 
-def _x_of(result: BenchResult) -> float:
-    """The configured rate; for an infinite rate, the achieved request throughput."""
-    return result.metrics.request_throughput if math.isinf(result.request_rate) else result.request_rate
+RATE_AXES = ("configured", "offered")
+
+
+def rate_of(result: BenchResult, axis: str = "configured") -> float:
+    """Where `result` sits on a request-rate axis. `configured`: the rate asked for (for an infinite one, the
+    achieved request throughput); `offered`: the rate its requests were sent at over the span of their
+    arrivals (`offered_load`). A short Poisson window can land far from its configured rate (H200 run 19,
+    15 s windows: configured 35 req/s offered 31.4, below configured 30's 30.9), and every server measured on
+    the same seeds saw the same offered rate, so comparisons across rates read right on the offered axis."""
+    if axis not in RATE_AXES:
+        raise ValueError(f"unknown rate axis {axis!r}; choose from {', '.join(RATE_AXES)}")
+    if axis == "configured":
+        return result.metrics.request_throughput if math.isinf(result.request_rate) else result.request_rate
+    load = offered_load(result.records)
+    if load is None:
+        raise ValueError(f"{result.label or 'run'} at {result.request_rate:g} req/s has fewer than two request "
+                         f"records with distinct send times: its offered rate is unknown")
+    return load[0]
 
 
 def metrics_under(result: BenchResult, slos: SLOs | None, percentiles: Sequence[float] = (90.0,)) -> BenchMetrics:
@@ -438,7 +453,7 @@ def metrics_under(result: BenchResult, slos: SLOs | None, percentiles: Sequence[
     stored = {p for p, _ in result.metrics.distributions["ttft"].percentiles}
     if (slos is None or slos == result.slos) and set(percentiles) <= stored:
         return result.metrics
-    raise ValueError(f"{result.label or 'run'} at {_x_of(result):g} req/s was saved without its per-request records: "
+    raise ValueError(f"{result.label or 'run'} at {rate_of(result):g} req/s was saved without its per-request records: "
                      f"only its own SLOs ({result.slos.as_dict() or 'none'}) and percentiles {sorted(stored)} apply")
 
 
@@ -454,16 +469,17 @@ class _Point(NamedTuple):
 
 
 def plot_results(results: Sequence[BenchResult], out: str | Path, slos: SLOs | None = None,
-                 percentile: float = 90.0) -> Path:
+                 percentile: float = 90.0, rate_axis: str = "configured") -> Path:
     """One PNG of `results_figure`."""
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    results_figure(results, slos, percentile).savefig(path, format="png", dpi=100)
+    results_figure(results, slos, percentile, rate_axis).savefig(path, format="png", dpi=100)
     return path
 
 
-def results_figure(results: Sequence[BenchResult], slos: SLOs | None = None, percentile: float = 90.0) -> Figure:
-    """SLO attainment (%), P90 TTFT and P90 TPOT (ms) against request rate, one line per label
+def results_figure(results: Sequence[BenchResult], slos: SLOs | None = None, percentile: float = 90.0,
+                   rate_axis: str = "configured") -> Figure:
+    """SLO attainment (%), P90 TTFT and P90 TPOT (ms) against request rate (`rate_of` on `rate_axis`), one line per label
     (runs with the same label form a sweep). When every label ran once at one and the same rate
     (one window of several configurations, such as a shifting load), bars per label instead, with
     goodput beside attainment. `slos` overrides the targets stored in the results (attainment is
@@ -474,17 +490,17 @@ def results_figure(results: Sequence[BenchResult], slos: SLOs | None = None, per
     for r in results:
         m = metrics_under(r, slos, (percentile,))
         series.setdefault(r.label or "run", []).append(_Point(
-            _x_of(r), m.slo_attainment_pct, m.request_goodput, m.distributions["ttft"].percentile(percentile),
+            rate_of(r, rate_axis), m.slo_attainment_pct, m.request_goodput, m.distributions["ttft"].percentile(percentile),
             m.distributions["tpot"].percentile(percentile)))
     rates = {p.rate for points in series.values() for p in points}
     one_window = len(series) > 1 and len(rates) == 1 and all(len(points) == 1 for points in series.values())
-    fig = _bar_figure(series, percentile) if one_window else _line_figure(series, percentile)
+    fig = _bar_figure(series, percentile) if one_window else _line_figure(series, percentile, rate_axis)
     if slos is not None and slos.active:
         fig.suptitle("SLOs: " + ", ".join(f"{k} {v:g} ms" for k, v in slos.as_dict().items()))
     return fig
 
 
-def _line_figure(series: dict[str, list[_Point]], percentile: float) -> Figure:
+def _line_figure(series: dict[str, list[_Point]], percentile: float, rate_axis: str) -> Figure:
     from matplotlib.figure import Figure  # no pyplot: no global state, Agg canvas
 
     fig = Figure(figsize=(15, 4.5), layout="constrained")
@@ -492,7 +508,7 @@ def _line_figure(series: dict[str, list[_Point]], percentile: float) -> Figure:
     p = percentile_key(percentile)
     for ax, title in zip(axes, ("SLO attainment (%)", f"P{p} TTFT (ms)", f"P{p} TPOT (ms)")):
         ax.set_title(title)
-        ax.set_xlabel("request rate (req/s)")
+        ax.set_xlabel(f"{rate_axis} request rate (req/s)")
         ax.grid(True, alpha=0.3)
     any_slo = False
     for label, points in series.items():
@@ -553,16 +569,17 @@ class SustainedRate:
     points: tuple[tuple[float, float], ...]  # (rate, attainment %) in rate order
 
 
-def sustained_rates(results: Sequence[BenchResult], slos: SLOs | None = None, attainment_pct: float = 90.0
-                    ) -> list[SustainedRate]:
-    """Per label, the sustained rate at `attainment_pct` (see `SustainedRate`), in first-seen label order."""
+def sustained_rates(results: Sequence[BenchResult], slos: SLOs | None = None, attainment_pct: float = 90.0,
+                    rate_axis: str = "configured") -> list[SustainedRate]:
+    """Per label, the sustained rate at `attainment_pct` (see `SustainedRate`) on `rate_axis` (`rate_of`), in
+    first-seen label order."""
     series: dict[str, list[tuple[float, float]]] = {}
     for r in results:
         targets = slos if slos is not None else r.slos
         if not targets.active:
-            raise ValueError(f"result {r.label or 'run'!r} at rate {_x_of(r):g} has no SLOs; pass --goodput")
+            raise ValueError(f"result {r.label or 'run'!r} at rate {rate_of(r):g} has no SLOs; pass --goodput")
         m = metrics_under(r, slos)
-        series.setdefault(r.label or "run", []).append((_x_of(r), float(m.slo_attainment_pct or 0.0)))
+        series.setdefault(r.label or "run", []).append((rate_of(r, rate_axis), float(m.slo_attainment_pct or 0.0)))
     out = []
     for label, points in series.items():
         points.sort()
@@ -587,7 +604,7 @@ def format_sustained_rates(rates: Sequence[SustainedRate]) -> str:
     lines = [f"| run | highest passing rate (req/s) | rate at {pct}% (interpolated) | attainment % by rate |",
              "|---|---|---|---|"]
     for s in rates:
-        by_rate = ", ".join(f"{rate:g}: {att:.0f}" for rate, att in s.points)
+        by_rate = ", ".join(f"{rate:.4g}: {att:.0f}" for rate, att in s.points)
         lines.append(f"| {s.label} | {num(s.last_passing)} | {num(s.crossing)} | {by_rate} |")
     return "\n".join(lines)
 
@@ -596,6 +613,6 @@ __all__ = [
     "BenchResult", "SCHEMA", "SustainedRate", "format_failures", "format_preamble", "format_profile_breakdown",
     "format_result_block", "format_split_changes", "format_sustained_rates", "format_worker_iterations", "iteration_quantiles",
     "cuda_allocator_counts", "format_cuda_allocator", "prefix_cache_counts", "format_prefix_cache", "load_result",
-    "offered_load", "format_offered_load",
+    "offered_load", "format_offered_load", "RATE_AXES", "rate_of",
     "plot_results", "profile_breakdown", "results_figure", "sustained_rates", "worker_iterations", "write_result",
 ]

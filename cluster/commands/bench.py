@@ -248,6 +248,9 @@ def _register_plot(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--percentile", type=_type(_percentiles), default=(90.0,), help="latency percentile (default 90)")
     p.add_argument("--attainment", type=_type(_attainment), default=90.0, metavar="PCT",
                    help="print each run's highest request rate with at least PCT%% of requests within the SLOs")
+    p.add_argument("--rate-axis", choices=("configured", "offered"), default="configured",
+                   help="x axis and sustained rates: the configured request rate, or the rate each run's requests "
+                        "were actually sent at (a short Poisson window can be 10%% off its configured rate)")
     p.add_argument("--label-by-dir", action="store_true",
                    help="append each result's folder to its label, e.g. 'vllm (call3)': the same configuration "
                         "measured apart (another machine or session) stays a line of its own")
@@ -263,8 +266,14 @@ def run_plot(args: argparse.Namespace) -> int:
         results = [replace(r, label=f"{r.label} ({Path(path).resolve().parent.name})")
                    for r, path in zip(results, args.results)]
     slos = SLOs.parse(args.goodput) if args.goodput else None
-    path = plot_results(results, args.out, slos, percentile=args.percentile[0])
+    try:
+        path = plot_results(results, args.out, slos, percentile=args.percentile[0], rate_axis=args.rate_axis)
+        rates = (sustained_rates(results, slos, args.attainment, args.rate_axis)
+                 if slos is not None or all(r.slos.active for r in results) else None)
+    except ValueError as e:
+        print(f"semipd bench plot: {e}", file=sys.stderr)
+        return 2
     print(f"wrote {path}")
-    if slos is not None or all(r.slos.active for r in results):
-        print(format_sustained_rates(sustained_rates(results, slos, args.attainment)))
+    if rates is not None:
+        print(format_sustained_rates(rates))
     return 0
