@@ -35,7 +35,8 @@ decode: the nearest one predicted comfortable, if any), if its score beats the c
 split's by more than `margin` (hysteresis) and at least `dwell_s` passed since this engine's
 split last changed. A move that only the prediction asks for (no target observed past, no new
 load), from a split predicted within `margin` of its targets or better, goes one split step at a time
-(unless `comfort_slack` is 1 or more, which chases the best): far from the current split the model's
+(unless `comfort_slack` is 1 or more, which chases the best), and so does one toward decode that only TTFT's
+evidence backs, or toward prefill that only TPOT's does (`_max_steps`): far from the current split the model's
 errors grow, and a snapshot early in a load's ramp reads its arrival rate low (in simulation, chat at
 40 req/s and TPOT <= 12 ms: two seconds in, TPOT predicted at 9.0 of 12 ms on 64 prefill SMs sent the
 split to 24 with the rate read at 8.9K of ~20K prompt tokens/s, and 47% of the requests met both targets;
@@ -474,9 +475,9 @@ class ModelPolicy:
         needs = at_risk(cur, view, targets, cfg)
         side = 1 if needs == {"ttft"} else -1 if needs == {"tpot"} else 0
         new_load = "ttft" in needs and state.load is not None and load_changed(state.load, load, cfg.load_change_ratio)
-        evidence = new_load or bool(observed_past(view, targets, cfg) & needs)
-        unasked = not evidence and cur.slack >= -cfg.margin and cfg.comfort_slack < 1.0
-        best = self._best(view.splits, current, preds, targets, side, max_step=1 if unasked else cfg.max_step)
+        evident = (observed_past(view, targets, cfg) & needs) | ({"ttft"} if new_load else set())
+        evidence = bool(evident)
+        best = self._best(view.splits, current, preds, targets, side, self._max_steps(cur, evident, targets))
         gain = best.slack - cur.slack
         recent = sum(1 for t in state.change_times if now - t < 60.0)
         predicted = {
@@ -518,10 +519,26 @@ class ModelPolicy:
                 f"prefill time x{info['prefill_speed_correction']:.2f}")
         return SplitDecision(best.prefill_sms, why, predicted, urgent=urgent)
 
+    def _max_steps(self, cur: SplitPrediction, evident: set[str], targets: SLOTargets) -> tuple[int, int]:
+        """(toward decode, toward prefill): the split steps one decision may take each way (0: any). One, unless
+        that side's target is observed past or under a new load (`evident`: TTFT moves toward prefill, TPOT
+        toward decode), or the current split is predicted past its binding target by more than `margin`, or
+        `comfort_slack` >= 1 (chase the best). Evidence for one target frees only the moves that relieve it: a
+        burst's queued prompts still in the view (P90 TTFT 1.8 s observed) sent 64 prefill SMs to 16, the far
+        decode end, once the queue had drained and TPOT sat just under `comfort_slack`; the next burst found
+        16 (H200, 2026-12-04, run 19)."""
+        cfg = self.config
+        if cfg.comfort_slack >= 1.0:
+            return cfg.max_step, cfg.max_step
+        free = set(evident)
+        if cur.slack < -cfg.margin:
+            free.add("ttft" if cur.ttft_ms / targets.ttft_ms >= cur.tpot_ms / targets.tpot_ms else "tpot")
+        return (cfg.max_step if "tpot" in free else 1), (cfg.max_step if "ttft" in free else 1)
+
     def _best(self, splits: tuple[int, ...], current: int, preds: list[SplitPrediction], targets: SLOTargets,
-              side: int = 0, max_step: int = 0) -> SplitPrediction:
-        """Within `max_step` steps (0: any), on the `side` of the current split (+1: more prefill SMs, -1: fewer, 0:
-        either; the current split is always a candidate): toward decode, the nearest split predicted
+              side: int = 0, max_steps: tuple[int, int] = (0, 0)) -> SplitPrediction:
+        """Within `max_steps` (toward decode, toward prefill; 0: any), on the `side` of the current split (+1: more
+        prefill SMs, -1: fewer, 0: either; the current split is always a candidate): toward decode, the nearest split predicted
         comfortable (slack >= `comfort_slack`) by more than `margin` over the current one; toward prefill, when
         the split of the highest slack is predicted past its targets and past TPOT's, the highest slack of those
         predicted within TPOT's, if any; otherwise the highest slack (ties to the nearest split).
@@ -542,8 +559,8 @@ class ModelPolicy:
             return max(candidates, key=lambda p: (round(p.slack, 9), -abs(p.prefill_sms - current)))
 
         i = splits.index(current)
-        step = max_step or len(splits)
-        allowed = [p for j, p in enumerate(preds) if abs(j - i) <= step and (j - i) * side >= 0]
+        toward_decode, toward_prefill = (n or len(splits) for n in max_steps)
+        allowed = [p for j, p in enumerate(preds) if -toward_decode <= j - i <= toward_prefill and (j - i) * side >= 0]
         if side < 0:
             enough = max(self.config.comfort_slack, preds[i].slack + self.config.margin)
             comfortable = [p for p in allowed if p.slack >= enough and p.prefill_sms != current]
