@@ -52,7 +52,12 @@ goes on toward prefill after a move toward prefill, from a split still predicted
 queueing (H200, 2026-12-03, run 12: a step from 2 to 53 req/s of chat found a server on 64
 prefill SMs; it moved to 72 and held that for the 10 s dwell, and 44% of the window's requests
 met both targets; in simulation, 90.6% on average without this rule, 97.1% with it). Such
-moves only add prefill SMs, up to the largest split, so they cannot flap. Otherwise at most
+moves only add prefill SMs, up to the largest split, so they cannot flap. So is a move toward decode from a
+split whose TPOT is observed past its target and predicted past it by any amount: a decode step past the target
+fails nearly every request decoding (in simulation, documents at 4 req/s moved 64 -> 96, where TPOT stayed past
+12 ms, short of urgent, for the whole 10 s dwell: 48% of the window's requests met both targets, 58% with this
+rule); for `dwell_s` after such a move, no urgent move goes back to that split or beyond
+(`tpot_ceiling`), so the two do not alternate. Otherwise at most
 60 / urgent_dwell_s + 1 switches in any minute, and 60 / dwell_s + 1 while no split is
 predicted within a quarter of both targets (an overload cannot flap fast). The policy sees changes in the views: one it
 proposed counts from its proposal, any other from when it is first seen; a proposal the caller
@@ -177,6 +182,7 @@ class _EngineState:
     change_times: deque[float] = field(default_factory=lambda: deque(maxlen=256))
     tpot_ratios: dict[int, TpotRatio] = field(default_factory=dict)  # split -> its last observed TPOT ratio
     load: Load | None = None  # the arrivals when the current split was last chosen or held as fine
+    tpot_ceiling: tuple[int, float] | None = None  # (split, time) the engine last left urgently for TPOT
 
     def observe(self, sms: int, now: float, load: Load) -> None:
         """Note the engine's current split and arrivals; a change counts from when it was proposed
@@ -496,7 +502,12 @@ class ModelPolicy:
         if gain <= cfg.margin:
             return SplitDecision(current, f"hold: within hysteresis band (gain {gain:+.2f} <= {cfg.margin:.2f} "
                                           f"for {best.prefill_sms}); {at}", predicted)
-        urgent = cur.slack < cfg.urgent_slack and best.slack >= cfg.urgent_slack and evidence
+        tpot_missed = "tpot" in evident and cur.tpot_ms > targets.tpot_ms and best.prefill_sms < current
+        ceiling = state.tpot_ceiling
+        back_up = (ceiling is not None and best.prefill_sms >= ceiling[0] > current
+                   and now - ceiling[1] < cfg.dwell_s)
+        urgent = ((cur.slack < cfg.urgent_slack or tpot_missed) and best.slack >= cfg.urgent_slack and evidence
+                  and not back_up)
         onward = best.prefill_sms > current and state.last_side > 0 and cur.slack < 0 <= best.slack
         dwell = min(cfg.urgent_dwell_s, cfg.dwell_s) if urgent or onward else cfg.dwell_s
         last = state.last_change
@@ -504,6 +515,8 @@ class ModelPolicy:
             wait = dwell - (now - last)
             return SplitDecision(current, f"hold: dwell ({wait:.1f} s left) before {best.prefill_sms}; {at}", predicted)
         state.proposed = (best.prefill_sms, now, load)
+        if urgent and tpot_missed:
+            state.tpot_ceiling = (current, now)
         predicted.update(ttft_ms=best.ttft_ms, tpot_ms=best.tpot_ms, slack=best.slack)
         side = "prefill" if best.prefill_sms > current else "decode"
         why = (f"{'urgent ' if urgent else ''}switch {current}->{best.prefill_sms} (more SMs to {side}): {at}; "
