@@ -22,7 +22,10 @@
 # again as semi-pd-pinnedN: fixed splits measured on the same server, without another start-up, on the same
 # prompts and arrival times as every other server's window at that rate, the prefix cache reset before each
 # window), PIN_SWEEPS (the sweeps of a pinned split, default SWEEPS; "" runs only the shifting run).
-# Each server first gets a short unrecorded warm-up of every sweep's workload.
+# Each server first gets an unrecorded warm-up of every sweep's workload: WARMUP_PROMPTS requests at WARMUP_RATE req/s
+# (default 32 at 8; after 8 at 2, run 19's first measured windows on fresh semi-PD servers kept 15% of chat 45, where
+# run 18's later window kept 98%, and 82% of chat 40 on 64 SMs, where a later window on the same split kept 93.5%;
+# the cause is not measured).
 # Results: CONFIG-WORKLOAD-RATE.json (+ .log, + .gpu.csv: SM clock MHz and power W every 250 ms), server logs and split decisions, in $OUT/compare.tgz (one file,
 # rewritten after each window, so a run cut short still brings back what it measured), with the dynamic server's latency
 # profile (semipd-profile.json). A profile committed as bench/profiles/semipd-profile.json is loaded instead of
@@ -33,7 +36,7 @@
 set -uo pipefail
 : "${SWEEPS=sharegpt:15,30,45 arxiv:3,6,9}" "${WINDOW:=10}" "${TTFT:=1000}" "${TPOT:=50}" "${REQUEST_TIMEOUT:=40}"
 : "${SHIFT_RATE:=}" "${SHIFT_WINDOW:=30}" "${SHIFT_PHASES:=sharegpt:0.5,long-doc:0.5}" "${CONFIG_TIMEOUT:=300}"
-: "${SERVE_EXTRA:=}" "${PINS:=}" "${PIN_SWEEPS=$SWEEPS}" "${REPEAT:=1}"
+: "${SERVE_EXTRA:=}" "${PINS:=}" "${PIN_SWEEPS=$SWEEPS}" "${REPEAT:=1}" "${WARMUP_RATE:=8}" "${WARMUP_PROMPTS:=32}"
 script_t0=$(date +%s)
 gpu=$(command -v nvidia-smi)
 if [ -n "$gpu" ]; then source bench/device_env.sh; else export PYTHONPATH="$PWD" TOKENIZERS_PARALLELISM=false; fi
@@ -129,11 +132,11 @@ print(max(16, round($3 * $4 * mean_rate_scale(parse_phases('$SHIFT_PHASES')))))"
   echo "$name: $(grep -E "Request throughput|SLO attainment|P90 TTFT|P90 TPOT|Offered load|Prefix cache|Worker iterations|CUDA allocator" "$res/$name.log" | tr -s ' ' | paste -sd' ') $(python3 -m cluster.bench.telemetry summary "$res/$name.gpu.csv")"
 }
 
-warm_up() {  # config: 8 requests of each sweep's workload at 2 req/s, not recorded, so that no measured window
-  # pays a server's first-use costs (vLLM's arxiv figures right after start-up were not monotone in the rate)
+warm_up() {  # config: WARMUP_PROMPTS requests of each sweep's workload at WARMUP_RATE req/s, not recorded, so that no
+  # measured window pays a server's first-use costs (vLLM's arxiv figures right after start-up were not monotone in the rate)
   for sweep in $SWEEPS; do
     timeout 60 python3 -m cluster.cli bench serve --base-url http://127.0.0.1:8000 --model llama3-8b --tokenizer $model \
-      --workload "${sweep%%:*}" --request-rate 2 --num-prompts 8 --request-timeout 30 --disable-tqdm \
+      --workload "${sweep%%:*}" --request-rate "$WARMUP_RATE" --num-prompts "$WARMUP_PROMPTS" --request-timeout 30 --disable-tqdm \
       --seed "$(prompt_seed "${sweep%%:*}" 2 warm-up)" \
       > "$res/$1-warmup-${sweep%%:*}.log" 2>&1 || echo "$1: warm-up on ${sweep%%:*} failed (see its log)"
   done
