@@ -560,7 +560,10 @@ class ModelPolicy:
         decoding, a prefill short of its queue those that wait in it (in simulation, chat at 45 req/s and TPOT
         <= 12 ms on an engine whose prefill ran 15% slower than the profile: the most slack, 88 prefill SMs,
         predicted TTFT 1,152 ms and TPOT 13.5 ms, and 27% of the requests met both targets; the policy now stops
-        at 80 and keeps 40%; 72 held throughout kept 91%).
+        at 80 and keeps 40%; 72 held throughout kept 91%). When no split toward prefill keeps TPOT's target, one
+        is taken only if it brings TTFT within its own, else the current split stays: TPOT given up for a TTFT
+        still missed fails both (in simulation, documents at 5 req/s, TTFT <= 1.5 s, TPOT <= 15 ms: a burst sent
+        96 -> 112, TPOT 30 ms predicted there; 85.3% -> 90.4% of the requests within both with the hold).
 
         Toward decode the nearest comfortable one, not the most slack: a snapshot with an empty queue makes
         the far end look best (in simulation, TPOT at risk one second into chat after documents sent 104
@@ -580,9 +583,11 @@ class ModelPolicy:
             if comfortable:
                 return min(comfortable, key=lambda p: abs(p.prefill_sms - current))
         best = most_slack(allowed)
-        if side > 0 and best.slack < 0 and best.tpot_ms > targets.tpot_ms:
-            decode_within = [p for p in allowed if p.tpot_ms <= targets.tpot_ms]
-            return most_slack(decode_within) if decode_within else best
+        if best.prefill_sms > current and best.slack < 0 and best.tpot_ms > targets.tpot_ms:
+            decode_within = [p for p in allowed if p.tpot_ms <= targets.tpot_ms and p.prefill_sms >= current]
+            if decode_within:
+                return most_slack(decode_within)
+            return best if best.ttft_ms <= targets.ttft_ms else preds[i]
         return best
 
 
