@@ -56,7 +56,8 @@ moves only add prefill SMs, up to the largest split, so they cannot flap. So is 
 split whose TPOT is observed past its target and predicted past it by any amount: a decode step past the target
 fails nearly every request decoding (in simulation, documents at 4 req/s moved 64 -> 96, where TPOT stayed past
 12 ms, short of urgent, for the whole 10 s dwell: 48% of the window's requests met both targets, 58% with this
-rule); for `dwell_s` after such a move, no urgent move goes back to that split or beyond
+rule), to the nearest split predicted within TPOT's target and by `margin` above the current split's slack
+(`nearest_tpot_relief`), not the split of the most slack far toward decode; for `dwell_s` after such a move, no urgent move goes back to that split or beyond
 (`tpot_ceiling`), so the two do not alternate. Otherwise at most
 60 / urgent_dwell_s + 1 switches in any minute, and 60 / dwell_s + 1 while no split is
 predicted within a quarter of both targets (an overload cannot flap fast). The policy sees changes in the views: one it
@@ -484,6 +485,9 @@ class ModelPolicy:
         evident = (observed_past(view, targets, cfg) & needs) | ({"ttft"} if new_load else set())
         evidence = bool(evident)
         best = self._best(view.splits, current, preds, targets, side, self._max_steps(cur, evident, targets))
+        small_tpot_miss = "tpot" in evident and targets.tpot_ms < cur.tpot_ms and cur.slack >= cfg.urgent_slack
+        if small_tpot_miss and best.prefill_sms < current:
+            best = nearest_tpot_relief(preds, current, targets, cur.slack + cfg.margin) or best
         gain = best.slack - cur.slack
         recent = sum(1 for t in state.change_times if now - t < 60.0)
         predicted = {
@@ -502,7 +506,7 @@ class ModelPolicy:
         if gain <= cfg.margin:
             return SplitDecision(current, f"hold: within hysteresis band (gain {gain:+.2f} <= {cfg.margin:.2f} "
                                           f"for {best.prefill_sms}); {at}", predicted)
-        tpot_missed = "tpot" in evident and cur.tpot_ms > targets.tpot_ms and best.prefill_sms < current
+        tpot_missed = small_tpot_miss and best.prefill_sms < current
         ceiling = state.tpot_ceiling
         back_up = (ceiling is not None and best.prefill_sms >= ceiling[0] > current
                    and now - ceiling[1] < cfg.dwell_s)
@@ -589,6 +593,14 @@ class ModelPolicy:
                 return most_slack(decode_within)
             return best if best.ttft_ms <= targets.ttft_ms else preds[i]
         return best
+
+
+def nearest_tpot_relief(preds: list[SplitPrediction], current: int, targets: SLOTargets, min_slack: float
+                        ) -> SplitPrediction | None:
+    """The split with the most prefill SMs below `current` predicted within TPOT's target at a slack above
+    `min_slack` (None: none)."""
+    relief = [p for p in preds if p.prefill_sms < current and p.tpot_ms <= targets.tpot_ms and p.slack > min_slack]
+    return max(relief, key=lambda p: p.prefill_sms, default=None)
 
 
 def _now(view: EngineView) -> float:

@@ -1,0 +1,82 @@
+"""The split policy in simulation over a fixed set of loads: the mean share of requests within both targets.
+
+    .venv/bin/python bench/policy_suite.py PROFILE.json [--seeds N]
+
+Each case is a load (chat 35-50 req/s, documents 3-5, documents then chat after a pause, a 4 s lull between
+two bursts of chat or of documents) under TTFT <= 1 s and TPOT <= 12 or 15 ms, plus documents at 4-6 req/s
+under TTFT <= 1.5 s and TPOT <= 15 ms; each runs on an engine whose prefill is as fast as the profile says and
+15% slower (the policy always holds the profile), starting on 64 prefill SMs, `--seeds` times. Prints one line
+per case and prefill speed, the mean of each kind of load, and the mean of all. CPU only, about a minute.
+The figures quoted in docs/perf/serve-h200.md (run 19) are this script's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from engine_sim import Phase, simulate, with_prefill_factor  # noqa: E402
+
+from actors.slo.latency_model import load_models  # noqa: E402
+from actors.slo.policy import ModelPolicy  # noqa: E402
+from actors.slo.types import SLOTargets  # noqa: E402
+
+PREFILL_FACTORS = (1.0, 1.15)
+
+
+def chat(rate: float, seconds: float = 15.0) -> Phase:
+    return Phase(seconds, rate, 495, 92, prompt_cv=1.0)
+
+
+def documents(rate: float, seconds: float = 15.0) -> Phase:
+    return Phase(seconds, rate, 4236, 180, prompt_cv=0.8)
+
+
+def pause(seconds: float) -> Phase:
+    return Phase(seconds, 0.01, 500, 92)
+
+
+def cases() -> list[tuple[str, str, list[Phase], SLOTargets]]:
+    """(kind, name, phases, targets) of every case."""
+    out = []
+    for tpot in (12.0, 15.0):
+        targets, t = SLOTargets(ttft_ms=1000.0, tpot_ms=tpot), f"{tpot:g}"
+        out += [("chat", f"chat {r} / {t}", [chat(r)], targets) for r in (35, 40, 45, 50)]
+        out += [("documents", f"documents {r} / {t}", [documents(r)], targets) for r in (3, 4, 5)]
+        out.append(("shift", f"documents 7.5, pause, chat 50 / {t}",
+                    [Phase(15.0, 7.5, 3700, 200, prompt_cv=0.8), pause(10.0), Phase(15.0, 50.0, 500, 92, prompt_cv=1.0)],
+                    targets))
+        out.append(("lull", f"chat 45, lull, chat 40 / {t}", [chat(45), pause(4.0), chat(40)], targets))
+        out.append(("lull", f"documents 4, lull, documents 4 / {t}", [documents(4), pause(4.0), documents(4)], targets))
+    doc_targets = SLOTargets(ttft_ms=1500.0, tpot_ms=15.0)
+    out += [("documents at 1.5 s / 15 ms", f"documents {r} / 1500+15", [documents(r)], doc_targets) for r in (4, 5, 6)]
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("profile", type=Path, help="a saved latency profile (one device)")
+    parser.add_argument("--seeds", type=int, default=6, help="arrival seeds per case (default 6)")
+    args = parser.parse_args(argv)
+    (model,) = load_models(args.profile).values()
+    by_kind: dict[str, list[float]] = {}
+    for kind, name, phases, targets in cases():
+        for factor in PREFILL_FACTORS:
+            engine = with_prefill_factor(model, factor)
+            runs = [simulate(engine, phases, targets, 64, ModelPolicy(model), seed=s, dt=0.01).attainment
+                    for s in range(args.seeds)]
+            pct = 100.0 * sum(runs) / len(runs)
+            by_kind.setdefault(kind, []).append(pct)
+            print(f"{name:40s} prefill x{factor:.2f}: {pct:5.1f}%")
+    for kind, values in by_kind.items():
+        print(f"mean, {kind}: {sum(values) / len(values):.1f}%")
+    every = [v for values in by_kind.values() for v in values]
+    print(f"mean of {len(every)} cases x {args.seeds} seeds: {sum(every) / len(every):.2f}%")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
