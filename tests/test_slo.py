@@ -1064,3 +1064,16 @@ def test_model_policy_follows_a_shift_better_than_any_fixed_split() -> None:
     assert dynamic.attainment > max(fixed.values()), (dynamic, fixed)
     assert fixed[112] < 0.5 and fixed[104] < 0.9  # prefill-heavy splits starve the chat's decode
     assert len(dynamic.switches) <= 4 and any(to >= 104 for _, _, to in dynamic.switches)  # prefill for documents
+
+
+def test_the_policy_suite_prints_every_case_and_the_mean(capsys: pytest.CaptureFixture[str]) -> None:
+    """`bench/policy_suite.py` (the simulation figures of docs/perf/serve-h200.md, run 19) runs on a saved profile:
+    one line per case and prefill speed, then the means."""
+    import runpy
+
+    suite = runpy.run_path(str(Path(__file__).resolve().parents[1] / "bench" / "policy_suite.py"))
+    assert suite["main"]([str(H200_PROFILE), "--seeds", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len([line for line in lines if "prefill x" in line]) == 2 * len(suite["cases"]())
+    mean = float(lines[-1].rsplit(" ", 1)[1].rstrip("%"))
+    assert 0.0 < mean <= 100.0 and lines[-1].startswith(f"mean of {2 * len(suite['cases']())} cases x 1 seeds")
