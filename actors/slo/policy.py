@@ -57,8 +57,8 @@ split whose TPOT is observed past its target and predicted past it by any amount
 fails nearly every request decoding (in simulation, documents at 4 req/s moved 64 -> 96, where TPOT stayed past
 12 ms, short of urgent, for the whole 10 s dwell: 48% of the window's requests met both targets, 58% with this
 rule), to the nearest split predicted within TPOT's target and by `margin` above the current split's slack
-(`nearest_tpot_relief`), not the split of the most slack far toward decode; for `dwell_s` after such a move, no urgent move goes back to that split or beyond
-(`tpot_ceiling`), so the two do not alternate. Otherwise at most
+(`nearest_tpot_relief`), not the split of the most slack far toward decode; for `dwell_s` after such a move,
+no urgent move goes back to that split or beyond (`tpot_ceiling`), so the two do not alternate. Otherwise at most
 60 / urgent_dwell_s + 1 switches in any minute, and 60 / dwell_s + 1 while no split is
 predicted within a quarter of both targets (an overload cannot flap fast). The policy sees changes in the views: one it
 proposed counts from its proposal, any other from when it is first seen; a proposal the caller
@@ -554,11 +554,12 @@ class ModelPolicy:
 
     def _best(self, splits: tuple[int, ...], current: int, preds: list[SplitPrediction], targets: SLOTargets,
               side: int = 0, max_steps: tuple[int, int] = (0, 0)) -> SplitPrediction:
-        """Within `max_steps` (toward decode, toward prefill; 0: any), on the `side` of the current split (+1: more
-        prefill SMs, -1: fewer, 0: either; the current split is always a candidate): toward decode, the nearest split predicted
-        comfortable (slack >= `comfort_slack`) by more than `margin` over the current one; toward prefill, when
-        the split of the highest slack is predicted past its targets and past TPOT's, the highest slack of those
-        predicted within TPOT's, if any; otherwise the highest slack (ties to the nearest split).
+        """Within `max_steps` (toward decode, toward prefill; 0: any), on the `side` of the current split (+1:
+        more prefill SMs, -1: fewer, 0: either; the current split is always a candidate): toward decode, the
+        nearest split predicted comfortable (slack >= `comfort_slack`) by more than `margin` over the current
+        one; toward prefill, when the split of the highest slack is predicted past its targets and past TPOT's,
+        the highest slack of those predicted within TPOT's, if any; otherwise the highest slack (ties to the
+        nearest split).
 
         Within TPOT's target first when no split meets both: a decode step past the target fails every request
         decoding, a prefill short of its queue those that wait in it (in simulation, chat at 45 req/s and TPOT
