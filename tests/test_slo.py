@@ -64,6 +64,12 @@ def h100_llama8b() -> LatencyModel:
 # The H200 latency profile (llama3-8b preset, 13 splits) the simulated scenarios below were worked out on: the one
 # served with from 2026-12-03 to 2026-12-04 (its figures in their docstrings are this profile's, not a newer one's).
 H200_PROFILE = Path(__file__).parent / "data/h200-profile-2026-12-03.json"
+H200_SPLITS = tuple(range(16, 120, 8))  # every split of the H200's 132 SMs in steps of 8
+
+
+def h200_view(prefill_sms: int, **fields: Any) -> EngineView:
+    """A view of one H200 engine on `prefill_sms` (time 100 s unless given)."""
+    return EngineView("gpu0", prefill_sms, 132, H200_SPLITS, **{"time": 100.0, **fields})
 
 
 def view(prefill_sms: int = 64, queued: int = 0, requests: int = 0, decoding: int = 0, context: int = 0,
@@ -601,10 +607,9 @@ def test_a_tpot_error_remembered_under_one_load_does_not_correct_another() -> No
     4,000-token documents it was never seen with. The remembered ratio still holds the chat off 72."""
     (h200,) = load_models(H200_PROFILE).values()
     targets, policy = SLOTargets(ttft_ms=1000.0, tpot_ms=12.0), ModelPolicy(h200)
-    splits = tuple(range(16, 120, 8))
 
     def at(sms: int, t: float, **load: Any) -> EngineView:
-        return EngineView("gpu0", sms, 132, splits, time=t, **load)
+        return h200_view(sms, time=t, **load)
 
     chat = dict(arrival_tokens_per_s=21_000.0, mean_prompt_tokens=500.0, mean_output_tokens=96.0, num_decoding=30,
                 decode_context_tokens=30 * 550)
@@ -627,13 +632,12 @@ def test_a_drained_bursts_ttft_does_not_send_the_split_to_the_decode_end() -> No
     only moves toward prefill: toward decode one step at a time unless TPOT is observed past its target."""
     (h200,) = load_models(H200_PROFILE).values()
     targets = SLOTargets(ttft_ms=1000.0, tpot_ms=12.0)
-    splits = tuple(range(16, 120, 8))
 
     def drained(tpot_ms: float) -> SplitDecision:
-        return ModelPolicy(h200).decide(EngineView(
-            "gpu0", 64, 132, splits, num_decoding=30, decode_context_tokens=30 * 700, time=100.0,
-            ttft_ms=(1_800.0,) * 10, tpot_ms=(tpot_ms,) * 10, arrival_tokens_per_s=8_000.0, mean_prompt_tokens=650.0,
-            mean_output_tokens=92.0, decode_step_ms=8.5), targets)
+        return ModelPolicy(h200).decide(h200_view(
+            64, num_decoding=30, decode_context_tokens=30 * 700, ttft_ms=(1_800.0,) * 10, tpot_ms=(tpot_ms,) * 10,
+            arrival_tokens_per_s=8_000.0, mean_prompt_tokens=650.0, mean_output_tokens=92.0, decode_step_ms=8.5),
+            targets)
 
     within = drained(tpot_ms=9.0)
     assert within.prefill_sms >= 56 and within.predicted["slack"] > 0, within
@@ -650,20 +654,18 @@ def test_a_tpot_missed_after_a_move_to_prefill_is_undone_at_once_and_not_redone_
     slower, 3 seeds each) the undo raised the mean attainment from 86.6% to 88.4%."""
     (h200,) = load_models(H200_PROFILE).values()
     targets, policy = SLOTargets(ttft_ms=1000.0, tpot_ms=12.0), ModelPolicy(h200)
-    splits = tuple(range(16, 120, 8))
     documents = dict(arrival_tokens_per_s=17_000.0, mean_prompt_tokens=4_200.0, mean_output_tokens=180.0)
 
     def view(sms: int, t: float, decoding: int, queued: int, ttft_ms: float, tpot_ms: float) -> EngineView:
-        return EngineView("gpu0", sms, 132, splits, time=t, num_decoding=decoding,
-                          decode_context_tokens=decoding * 4_300, waiting_prefill_tokens=queued,
-                          num_prefill_requests=queued // 4_200, ttft_ms=(ttft_ms,) * 10, tpot_ms=(tpot_ms,) * 10,
-                          decode_step_ms=tpot_ms, **documents)
+        return h200_view(sms, time=t, num_decoding=decoding, decode_context_tokens=decoding * 4_300,
+                         waiting_prefill_tokens=queued, num_prefill_requests=queued // 4_200,
+                         ttft_ms=(ttft_ms,) * 10, tpot_ms=(tpot_ms,) * 10, decode_step_ms=tpot_ms, **documents)
 
     up = policy.decide(view(64, 100.0, 6, 12_000, 1_500.0, 8.0), targets)
     assert up.prefill_sms == 88
     undo = policy.decide(view(88, 103.0, 12, 0, 600.0, 13.0), targets)
     assert undo.urgent and undo.prefill_sms < 88 and -0.25 < policy.predict(
-        view(88, 103.0, 12, 0, 600.0, 13.0), targets)[0][splits.index(88)].slack < 0, undo
+        view(88, 103.0, 12, 0, 600.0, 13.0), targets)[0][H200_SPLITS.index(88)].slack < 0, undo
     again = policy.decide(view(undo.prefill_sms, 105.5, 6, 14_000, 1_500.0, 8.0), targets)
     assert again.prefill_sms < 88, again
 
@@ -676,10 +678,9 @@ def test_a_small_tpot_miss_moves_to_the_nearest_split_that_relieves_it() -> None
     `bench/policy_suite.py` 82.31% -> 82.35%)."""
     (h200,) = load_models(H200_PROFILE).values()
     targets = SLOTargets(ttft_ms=1000.0, tpot_ms=12.0)
-    chat = EngineView("gpu0", 80, 132, tuple(range(16, 120, 8)), time=100.0, num_decoding=66,
-                      decode_context_tokens=66 * 500, waiting_prefill_tokens=2_964, num_prefill_requests=7,
-                      ttft_ms=(500.0,) * 10, tpot_ms=(12.6,) * 10, decode_step_ms=12.4,
-                      arrival_tokens_per_s=19_500.0, mean_prompt_tokens=420.0, mean_output_tokens=92.0)
+    chat = h200_view(80, num_decoding=66, decode_context_tokens=66 * 500, waiting_prefill_tokens=2_964,
+                     num_prefill_requests=7, ttft_ms=(500.0,) * 10, tpot_ms=(12.6,) * 10, decode_step_ms=12.4,
+                     arrival_tokens_per_s=19_500.0, mean_prompt_tokens=420.0, mean_output_tokens=92.0)
     preds = {p.prefill_sms: p for p in ModelPolicy(h200).predict(chat, targets)[0]}
     assert max(preds.values(), key=lambda p: p.slack).prefill_sms < 64
     moved = ModelPolicy(h200).decide(chat, targets)
@@ -694,10 +695,9 @@ def test_a_split_past_both_targets_does_not_give_up_tpot_for_a_ttft_it_cannot_re
     best fixed split 92.2%)."""
     (h200,) = load_models(H200_PROFILE).values()
     targets = SLOTargets(ttft_ms=1500.0, tpot_ms=15.0)
-    burst = EngineView("gpu0", 96, 132, tuple(range(16, 120, 8)), time=100.0, num_decoding=16,
-                       decode_context_tokens=16 * 4_500, waiting_prefill_tokens=60_000, num_prefill_requests=12,
-                       ttft_ms=(5_000.0,) * 10, tpot_ms=(15.5,) * 10, decode_step_ms=15.5,
-                       arrival_tokens_per_s=22_000.0, mean_prompt_tokens=5_000.0, mean_output_tokens=180.0)
+    burst = h200_view(96, num_decoding=16, decode_context_tokens=16 * 4_500, waiting_prefill_tokens=60_000,
+                      num_prefill_requests=12, ttft_ms=(5_000.0,) * 10, tpot_ms=(15.5,) * 10, decode_step_ms=15.5,
+                      arrival_tokens_per_s=22_000.0, mean_prompt_tokens=5_000.0, mean_output_tokens=180.0)
     preds = {p.prefill_sms: p for p in ModelPolicy(h200).predict(burst, targets)[0]}
     assert all(p.ttft_ms > targets.ttft_ms and p.tpot_ms > targets.tpot_ms for s, p in preds.items() if s > 96)
     assert preds[112].slack > preds[96].slack  # the most slack alone would move
