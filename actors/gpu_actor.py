@@ -301,6 +301,8 @@ class EngineActor:
             vocab_size=core.arch.vocab_size, mode=self.config.mode,
             total_sms=core.partitioner.total_sms, splits=list(core.partitioner.splits),
             latency_model=self.latency_model.key if self.latency_model else None, pid=os.getpid(),
+            prefill_order=self.config.slo.order,
+            admission=self.config.slo.admission_action if self.config.slo.admission else "off",
         )
 
     async def ping(self) -> str:
@@ -350,7 +352,7 @@ class EngineActor:
             if self.llm.core.device_error is not None:
                 raise NoCapacityError(f"engine {self.engine_id} lost its GPU ({self.llm.core.device_error})")
             chunks = self.llm.generate(request.prompt_token_ids, request.params, request_id=request.request_id,
-                                       priority=request.priority, deadline=self._deadline(request))
+                                       priority=request.priority, deadline=request.deadline())
         except Exception:
             self._finished["rejected"] += 1
             raise
@@ -382,11 +384,6 @@ class EngineActor:
                 del self._subscribers[subscriber]
             for rid in list(sub.requests):
                 self.llm.abort(rid)
-
-    @staticmethod
-    def _deadline(request: GenerateRequest) -> float | None:
-        """A per-request TTFT target as a first-token deadline (for deadline-aware prefill order)."""
-        return time.monotonic() + request.ttft_slo_ms / 1000 if request.ttft_slo_ms else None
 
     async def _forward(self, request: GenerateRequest, chunks: AsyncGenerator[StreamChunk, None],
                        sub: Subscriber) -> None:

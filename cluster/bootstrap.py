@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from actors.config import ENGINE_MODES, CacheConfig, ConfigError, EngineConfig, SchedulerConfig
+from actors.config import ENGINE_MODES, CacheConfig, ConfigError, EngineConfig, SchedulerConfig, SLOConfig
 from actors.slo.latency_model import ModelSource
 from actors.slo.types import SLOTargets
 from cluster.controller import ControllerConfig, check_prefill_sm_fraction, policy_by_name, policy_needs_models
@@ -59,9 +59,17 @@ def env_defaults() -> dict[str, str]:
     return out
 
 
+ADMISSION_MODES: tuple[str, ...] = ("off", "reject", "queue")
+
+
 @dataclass(frozen=True)
 class EngineOptions:
-    """Per-engine settings (everything of `EngineConfig` but the model and the mode)."""
+    """Per-engine settings (everything of `EngineConfig` but the model, the mode and the SLO targets).
+
+    `prefill_order`: `fcfs` or `edf` (earliest TTFT deadline first, with aging; `actors.slo.ordering`).
+    `admission`: `off`, `reject` (a request predicted past `admission_slack` x its TTFT target is refused: HTTP
+    429, gRPC RESOURCE_EXHAUSTED) or `queue` (it is served after those that can still meet theirs).
+    """
 
     dtype: str = "auto"
     device: str = "auto"
@@ -83,13 +91,28 @@ class EngineOptions:
     decode_pace_ms: float | None = None
     switch_interval_ms: float | None = None
     load_format: str = "auto"  # "dummy": random weights, no checkpoint read (speed runs)
+    prefill_order: str = "fcfs"
+    admission: str = "off"
+    admission_slack: float = 1.0
 
     def __post_init__(self) -> None:
+        if self.admission not in ADMISSION_MODES:
+            raise ConfigError(f"admission must be one of {ADMISSION_MODES}, got {self.admission!r}")
         # the nested configs validate the values
         CacheConfig(self.page_size, self.num_pages, self.memory_fraction, self.cpu_kv_bytes, self.enable_prefix_caching)
         SchedulerConfig(self.max_prefill_tokens, self.max_decode_seqs, self.max_model_len)
+        self.slo_config(SLOTargets())
 
-    def engine_config(self, model: str, mode: str) -> EngineConfig:
+    def slo_config(self, targets: SLOTargets, latency_profile: str | None = None) -> SLOConfig:
+        """The engine's SLO settings: the deployment's `targets`, this prefill order and admission control
+        (which loads its latency model from `latency_profile`, or profiles the engine at start)."""
+        admit = self.admission != "off"
+        return SLOConfig(ttft_ms=targets.ttft_ms, tpot_ms=targets.tpot_ms, order=self.prefill_order, admission=admit,
+                         admission_slack=self.admission_slack, admission_action=self.admission if admit else "reject",
+                         latency_profile=latency_profile)
+
+    def engine_config(self, model: str, mode: str, targets: SLOTargets | None = None,
+                      latency_profile: str | None = None) -> EngineConfig:
         return EngineConfig(
             model=model, dtype=self.dtype, device=self.device, mode=mode, attention_backend=self.attention_backend,
             decode_attention=self.decode_attention, seed=self.seed, prefill_sms=self.prefill_sms, cuda_graphs=self.cuda_graphs, load_format=self.load_format,
@@ -98,6 +121,7 @@ class EngineOptions:
             cache=CacheConfig(self.page_size, self.num_pages, self.memory_fraction, self.cpu_kv_bytes,
                               self.enable_prefix_caching),
             scheduler=SchedulerConfig(self.max_prefill_tokens, self.max_decode_seqs, self.max_model_len),
+            slo=self.slo_config(targets or SLOTargets(), latency_profile),
         )
 
 
@@ -209,7 +233,7 @@ class ClusterConfig:
         return dict(self.actor_resources[i]) if self.actor_resources else {}
 
     def engine_config(self) -> EngineConfig:
-        cfg = self.engine.engine_config(self.model, self.mode)
+        cfg = self.engine.engine_config(self.model, self.mode, self.slo, self.latency_profile)
         if self.policy == "fixed" and cfg.prefill_sms is not None and cfg.splits is None:
             cfg = dataclasses.replace(cfg, splits=(cfg.prefill_sms,))  # the split never moves: create only it
         return cfg

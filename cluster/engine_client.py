@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
@@ -31,6 +32,11 @@ class GenerateRequest:
     ttft_slo_ms: float | None = None
     tpot_slo_ms: float | None = None
     session_id: str | None = None
+
+    def deadline(self) -> float | None:
+        """The request's own TTFT target as a first-token deadline from now (`time.monotonic()` seconds), for
+        deadline-aware prefill order and admission; None without one (the deployment's target applies)."""
+        return time.monotonic() + self.ttft_slo_ms / 1000 if self.ttft_slo_ms else None
 
 
 @dataclass(frozen=True)
@@ -100,7 +106,8 @@ class LocalEngineClient:
         if self.llm.core.device_error is not None:
             raise NoCapacityError(f"the engine's GPU failed ({self.llm.core.device_error})")
         async for chunk in self.llm.generate(
-            request.prompt_token_ids, request.params, request_id=request.request_id, priority=request.priority
+            request.prompt_token_ids, request.params, request_id=request.request_id, priority=request.priority,
+            deadline=request.deadline(),
         ):
             yield chunk
 

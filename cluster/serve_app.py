@@ -16,6 +16,8 @@ Entry point `cluster.serve_app:build_app` (for `serve run`, `serve deploy`, Kube
     grpc_port             serve semipd.v1.Generation on this port from each replica (0/none: off)
     page_size, max_prefill_tokens, num_pages, device, prefill_sms, overlap_decode,
       overlap_prefill, decode_pace_ms, switch_interval_ms  engine settings
+    prefill_order         fcfs | edf (earliest TTFT deadline first)
+    admission, admission_slack   off | reject | queue: a request predicted past slack x its TTFT target
     controller_policy, cluster_name   SLO controller policy (reactive, model, fixed) and Redis key namespace
     latency_profile, profile_grid     controller_policy "model": the engines' profile file and grid
     local                 true: one in-process engine in the replica, no actors, no router
@@ -83,6 +85,9 @@ class ServeArgs(BaseModel):
     decode_pace_ms: float | None = Field(None, gt=0, le=1000)
     switch_interval_ms: float | None = Field(None, gt=0, le=1000)
     load_format: Literal["auto", "dummy"] | None = None
+    prefill_order: Literal["fcfs", "edf"] | None = None
+    admission: Literal["off", "reject", "queue"] | None = None
+    admission_slack: float | None = Field(None, gt=0)
     controller_policy: str | None = None
     latency_profile: str | None = None
     profile_grid: Literal["quick", "full"] | None = None
@@ -139,7 +144,9 @@ def cluster_config(args: ServeArgs, redis_url: str | None) -> ClusterConfig:
                                 ("device", args.device), ("num_pages", args.num_pages),
                                 ("load_format", args.load_format), ("prefill_sms", args.prefill_sms),
                                 ("overlap_decode", args.overlap_decode), ("overlap_prefill", args.overlap_prefill),
-                                ("decode_pace_ms", args.decode_pace_ms), ("switch_interval_ms", args.switch_interval_ms))
+                                ("decode_pace_ms", args.decode_pace_ms), ("switch_interval_ms", args.switch_interval_ms),
+                                ("prefill_order", args.prefill_order), ("admission", args.admission),
+                                ("admission_slack", args.admission_slack))
               if v is not None}
     extra = {k: v for k, v in (("policy", args.controller_policy), ("cluster_name", args.cluster_name),
                                ("latency_profile", args.latency_profile), ("profile_grid", args.profile_grid))
@@ -153,13 +160,10 @@ def cluster_config(args: ServeArgs, redis_url: str | None) -> ClusterConfig:
 
 
 def local_client(args: ServeArgs) -> EngineClient:
-    from actors.config import CacheConfig, EngineConfig, SchedulerConfig
+    """One in-process engine with the engine settings, SLO targets, prefill order and admission of `args`."""
     from cluster.engine_client import LocalEngineClient
 
-    cache = CacheConfig(page_size=args.page_size or CacheConfig.page_size, num_pages=args.num_pages)
-    sched = SchedulerConfig(max_prefill_tokens=args.max_prefill_tokens) if args.max_prefill_tokens else SchedulerConfig()
-    cfg = EngineConfig(model=args.model, mode=args.mode, device=args.device, cache=cache, scheduler=sched)
-    return LocalEngineClient(cfg, served_name=args.served_model_name)
+    return LocalEngineClient(cluster_config(args, None).engine_config(), served_name=args.served_model_name)
 
 
 def cluster_client(cfg: ClusterConfig) -> EngineClient:

@@ -241,6 +241,34 @@ def test_model_policy_flows_to_the_actors(tiny_llama: Path) -> None:
     assert ServeArgs(**serve.serve_app_args(args, None, None)).num_replicas == 3
 
 
+def test_serve_gives_every_engine_the_deployments_targets_prefill_order_and_admission(tiny_llama: Path) -> None:
+    """`semipd serve --prefill-order/--admission/--admission-slack` and the Serve app's arguments reach each
+    engine's `SLOConfig`, with the deployment's TTFT and TPOT targets; off and FCFS unless asked."""
+    import argparse
+
+    from actors.config import ConfigError, SLOConfig
+    from cluster.commands import serve
+
+    parser = argparse.ArgumentParser()
+    serve.register(parser.add_subparsers())
+    args = parser.parse_args(["serve", "--model", str(tiny_llama), "--ttft-slo-ms", "800", "--tpot-slo-ms", "20"])
+    assert serve.cluster_config(args, None).engine_config().slo == SLOConfig(ttft_ms=800, tpot_ms=20)
+    args = parser.parse_args(["serve", "--model", str(tiny_llama), "--ttft-slo-ms", "800", "--prefill-order", "edf",
+                              "--admission", "queue", "--admission-slack", "1.5", "--latency-profile", "p.json"])
+    expected = SLOConfig(ttft_ms=800, tpot_ms=50, order="edf", admission=True, admission_slack=1.5,
+                         admission_action="queue", latency_profile="p.json")
+    assert serve.cluster_config(args, None).engine_config().slo == expected
+    app_args = ServeArgs(**serve.serve_app_args(args, None, None))
+    assert app_cluster_config(app_args, None).engine_config().slo == expected
+    with pytest.raises(SystemExit) as e:
+        parser.parse_args(["serve", "--model", str(tiny_llama), "--admission", "maybe"])
+    assert e.value.code == 2
+    with pytest.raises(ConfigError, match="admission"):
+        ServeArgs.parse({"model": str(tiny_llama), "admission": "maybe"})
+    with pytest.raises(ConfigError, match="admission_slack"):
+        EngineOptions(admission="reject", admission_slack=0.0)
+
+
 def test_view_from_published_dict() -> None:
     d = {"engine_id": "e-1", "time": 5.0, "ttft_ms": [1, 2], "tpot_ms": [3],
          "stats": {"prefill_sms": 64, "total_sms": 128, "splits": [8, 64, 120], "waiting_prefill_tokens": 7,

@@ -29,7 +29,8 @@ DASHBOARD = REPO / "deploy" / "grafana" / "semipd-dashboard.json"
 CRD_PATH = Path(__file__).resolve().parents[2] / "shared" / "k8s" / "ray.io_rayservices.yaml"
 
 ARG_KEYS = {  # build_app(args) of cluster/serve_app.py
-    "model", "served_model_name", "ttft_slo_ms", "tpot_slo_ms", "mode", "prefill_sm_min", "prefill_sm_max",
+    "model", "served_model_name", "ttft_slo_ms", "tpot_slo_ms", "prefill_order", "admission", "admission_slack",
+    "mode", "prefill_sm_min", "prefill_sm_max",
     "router_policy", "num_actors", "redis_url", "api_key_env", "grpc_port", "page_size", "max_prefill_tokens",
     "stream_interval",
 }
@@ -200,6 +201,9 @@ def expected_args(values: dict[str, Any], fullname: str) -> dict[str, Any]:
         "served_model_name": values["model"]["servedName"],
         "ttft_slo_ms": values["slo"]["ttftMs"],
         "tpot_slo_ms": values["slo"]["tpotMs"],
+        "prefill_order": values["slo"]["prefillOrder"],
+        "admission": values["slo"]["admission"],
+        "admission_slack": values["slo"]["admissionSlack"],
         "mode": values["semipd"]["mode"],
         "prefill_sm_min": values["semipd"]["prefillSmMin"],
         "prefill_sm_max": values["semipd"]["prefillSmMax"],
@@ -336,6 +340,8 @@ BAD_VALUES = [
     ("mode-not-in-enum", {"semipd": {"mode": "disaggregated"}}, "semipd/mode"),
     ("negative-ttft", {"slo": {"ttftMs": -5}}, "slo/ttftMs"),
     ("zero-tpot", {"slo": {"tpotMs": 0}}, "slo/tpotMs"),
+    ("admission-not-in-enum", {"slo": {"admission": "maybe"}}, "slo/admission"),
+    ("zero-admission-slack", {"slo": {"admissionSlack": 0}}, "slo/admissionSlack"),
     ("prefill-min-above-1", {"semipd": {"prefillSmMin": 1.5}}, "semipd/prefillSmMin"),
     ("prefill-max-is-whole-gpu", {"semipd": {"prefillSmMax": 1.0}}, "semipd/prefillSmMax"),
     ("missing-image-repository", {"image": {"repository": None}}, "image"),

@@ -453,6 +453,31 @@ def test_capacity_errors(tiny_llama: Path, error: Exception, status: int, stream
     assert str(error) in r.json()["error"]["message"]
 
 
+def test_admission_set_in_the_app_arguments_refuses_a_request_past_its_own_ttft_target(tiny_llama: Path) -> None:
+    """A real CPU engine built from the Serve app's arguments (`admission: reject`, EDF): a request with a
+    generous target is served, one whose own TTFT target (`x-slo-ttft-ms`) the latency model says cannot be met
+    gets 429 with the OpenAI error body and the engine goes on serving."""
+    from cluster.serve_app import ServeArgs, local_client
+
+    args = ServeArgs(model=str(tiny_llama), served_model_name=MODEL, local=True, num_pages=256, ttft_slo_ms=60_000,
+                     prefill_order="edf", admission="reject")
+    client = local_client(args)
+    try:
+        slo = client.llm.core.config.slo
+        assert (slo.order, slo.admission, slo.admission_action, slo.ttft_ms) == ("edf", True, "reject", 60_000)
+        body = {"model": MODEL, "prompt": "hello there", "max_tokens": 3}
+        with LiveServer(create_app(client, Tokenizer(tiny_llama))) as server:
+            assert httpx.post(f"{server.url}/v1/completions", json=body, timeout=60).status_code == 200
+            refused = httpx.post(f"{server.url}/v1/completions", json=body, headers={"x-slo-ttft-ms": "0.001"},
+                                 timeout=60)
+            assert refused.status_code == 429, refused.text
+            error = refused.json()["error"]
+            assert "admission control" in error["message"] and error["type"] and error["code"] == 429
+            assert httpx.post(f"{server.url}/v1/completions", json=body, timeout=60).status_code == 200
+    finally:
+        client.shutdown()
+
+
 def test_priority_slo_headers_and_session_reach_the_engine(tiny_llama: Path) -> None:
     client = StubClient()
     headers = {"x-slo-ttft-ms": "250", "x-slo-tpot-ms": "20.5", "x-session-id": "user-42", "x-request-id": "rq-9"}

@@ -67,6 +67,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="--policy model: JSON latency profiles on the engines' nodes (loaded, or profiled and saved)")
     p.add_argument("--profile-grid", default="quick", choices=["quick", "full"],
                    help="--policy model: profiling grid when an engine has no saved profile")
+    p.add_argument("--prefill-order", default="fcfs", choices=["fcfs", "edf"],
+                   help="order of waiting prompts: first come first served, or earliest TTFT deadline first (a "
+                        "request's own ttft target, else --ttft-slo-ms; one waiting twice its target goes first)")
+    p.add_argument("--admission", default="off", choices=["off", "reject", "queue"],
+                   help="admission control: a request predicted to miss --admission-slack x its TTFT target is "
+                        "refused (reject: HTTP 429, gRPC RESOURCE_EXHAUSTED) or served after the others (queue)")
+    p.add_argument("--admission-slack", type=float, default=1.0, metavar="X",
+                   help="admit while the predicted TTFT is at most X times the target (default 1)")
     p.add_argument("--router-policy", default="least-loaded", choices=["least-loaded", "prefix-affinity"])
     p.add_argument("--address", default=None, help="join this Ray cluster instead of starting one")
     p.add_argument("--num-replicas", type=int, default=1,
@@ -106,7 +114,9 @@ def cluster_config(args: argparse.Namespace, redis_url: str | None) -> Any:
         engine=EngineOptions(device=args.device, decode_attention=args.decode_attention, num_pages=args.num_pages,
                              max_prefill_tokens=args.max_prefill_tokens, load_format=args.load_format, prefill_sms=args.prefill_sms,
                              overlap_decode=args.overlap_decode, overlap_prefill=args.overlap_prefill,
-                             decode_pace_ms=args.decode_pace_ms, switch_interval_ms=args.switch_interval_ms),
+                             decode_pace_ms=args.decode_pace_ms, switch_interval_ms=args.switch_interval_ms,
+                             prefill_order=args.prefill_order, admission=args.admission,
+                             admission_slack=args.admission_slack),
         cluster_name=args.cluster_name, served_model_name=args.served_model_name, stream_interval=args.stream_interval,
         engine_restarts=args.engine_restarts,
     )
@@ -123,7 +133,8 @@ def serve_app_args(args: argparse.Namespace, redis_url: str | None, grpc_port: i
                 max_prefill_tokens=args.max_prefill_tokens, device=args.device, load_format=args.load_format,
                 prefill_sms=args.prefill_sms, overlap_decode=args.overlap_decode, overlap_prefill=args.overlap_prefill,
                 decode_pace_ms=args.decode_pace_ms, switch_interval_ms=args.switch_interval_ms,
-                stream_interval=args.stream_interval,
+                stream_interval=args.stream_interval, prefill_order=args.prefill_order, admission=args.admission,
+                admission_slack=args.admission_slack,
                 prefill_sm_min=args.prefill_sm_min or None,
                 prefill_sm_max=args.prefill_sm_max if args.prefill_sm_max < 1.0 else None,
                 controller_policy=args.policy, latency_profile=args.latency_profile, profile_grid=args.profile_grid,

@@ -85,6 +85,9 @@ applications:
       served_model_name: {{ .Values.model.servedName | toJson }}
       ttft_slo_ms: {{ .Values.slo.ttftMs | toJson }}
       tpot_slo_ms: {{ .Values.slo.tpotMs | toJson }}
+      prefill_order: {{ .Values.slo.prefillOrder | toJson }}
+      admission: {{ .Values.slo.admission | toJson }}
+      admission_slack: {{ .Values.slo.admissionSlack | toJson }}
       mode: {{ .Values.semipd.mode | toJson }}
       prefill_sm_min: {{ .Values.semipd.prefillSmMin | toJson }}
       prefill_sm_max: {{ .Values.semipd.prefillSmMax | toJson }}
