@@ -6,7 +6,7 @@ Each case is a load (chat 35-50 req/s, documents 3-5, documents then chat after 
 two bursts of chat or of documents) under TTFT <= 1 s and TPOT <= 12 or 15 ms, plus documents at 4-6 req/s
 under TTFT <= 1.5 s and TPOT <= 15 ms; each runs on an engine whose prefill is as fast as the profile says and
 15% slower (the policy always holds the profile), starting on 64 prefill SMs, `--seeds` times. Prints one line
-per case and prefill speed, the mean of each kind of load, and the mean of all. CPU only, about a minute.
+per case and prefill speed, the mean of each kind of load, and the mean of all. CPU only, about 20 s.
 The figures quoted in docs/perf/serve-h200.md (run 19) are this script's.
 """
 
