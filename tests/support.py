@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import random
 import socket
 import threading
 import time
@@ -20,11 +21,33 @@ T = TypeVar("T")
 POLL_INTERVAL_S = 0.01
 
 
+# Below the kernel's ephemeral ports (32768 and up on Linux), from which every bind to port 0 draws, Ray's
+# processes' included, and above Ray's worker ports (10002-19999): a port chosen here for a server that binds
+# it seconds later, after Ray started, is not taken meanwhile (a CI run lost the gRPC port of `semipd serve`
+# to a process of the Ray instance it had just started, 2026-12-04).
+FREE_PORT_RANGE = (20000, 32767)
+_given_ports: set[int] = set()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port on `host` that was free a moment ago (bound to port 0, then released)."""
+    """A TCP port in `FREE_PORT_RANGE` that was free on `host` and on all interfaces a moment ago, and that
+    this process has not been given before."""
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randint(*FREE_PORT_RANGE)
+        if port not in _given_ports and all(_bindable(h, port) for h in {host, "0.0.0.0"}):
+            _given_ports.add(port)
+            return port
+    raise RuntimeError(f"no free port in {FREE_PORT_RANGE} after 200 tries")
+
+
+def _bindable(host: str, port: int) -> bool:
     with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 def _timeout_message(timeout: float, what: str) -> str:
