@@ -23,8 +23,8 @@ POLL_INTERVAL_S = 0.01
 
 # Below the kernel's ephemeral ports (32768 and up on Linux), from which every bind to port 0 draws, Ray's
 # processes' included, and above Ray's worker ports (10002-19999): a port chosen here for a server that binds
-# it seconds later, after Ray started, is not taken meanwhile (a CI run lost the gRPC port of `semipd serve`
-# to a process of the Ray instance it had just started, 2026-12-04).
+# it seconds later, after Ray started, is not taken meanwhile (a CI run, 2026-12-04, found the ephemeral port
+# drawn for `semipd serve`'s gRPC server taken by the time it bound it, after starting a Ray instance).
 FREE_PORT_RANGE = (20000, 32767)
 _given_ports: set[int] = set()
 
