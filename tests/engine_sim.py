@@ -20,6 +20,7 @@ from collections import deque
 from dataclasses import dataclass, replace
 
 from actors.gpu_actor import RateWindow
+from actors.slo.admission import AdmissionController, AdmissionRejected, QueueSnapshot
 from actors.slo.latency_model import LatencyModel
 from actors.slo.types import EngineView, SLOTargets, SplitPolicy
 
@@ -87,10 +88,12 @@ def arrivals(phases: list[Phase], seed: int) -> list[SimRequest]:
 
 def simulate(model: LatencyModel, phases: list[Phase], targets: SLOTargets, start_sms: int,
              policy: SplitPolicy | None = None, seed: int = 0, dt: float = 0.005,
-             decide_every_s: float = 0.5, hide: frozenset[str] = frozenset()) -> SimResult:
+             decide_every_s: float = 0.5, hide: frozenset[str] = frozenset(),
+             admission: AdmissionController | None = None) -> SimResult:
     """Run `phases` to the last request's end on `start_sms` prefill SMs, moved by `policy` if given. `hide`
     leaves out of the view "arrivals" (their rate), "lengths" (mean prompt and output lengths), "budgets" (the
-    arrivals' max_tokens) and/or "speed" (the prefill iteration)."""
+    arrivals' max_tokens) and/or "speed" (the prefill iteration). `admission` (its `reject` action) refuses an
+    arriving request as the engine would; a refused request counts as one that missed its targets."""
     todo = deque(arrivals(phases, seed))
     total = len(todo)
     queue: deque[SimRequest] = deque()
@@ -105,9 +108,11 @@ def simulate(model: LatencyModel, phases: list[Phase], targets: SLOTargets, star
     while todo or queue or decoding:
         now = tick * dt
         while todo and todo[0].arrival <= now:
-            queue.append(todo.popleft())
-            window.add(queue[-1].prompt, now=now)
-            budgets.add(queue[-1].output, now=now)
+            arrived = todo.popleft()
+            window.add(arrived.prompt, now=now)
+            budgets.add(arrived.output, now=now)
+            if admission is None or _admitted(admission, arrived, queue, decoding, sms):
+                queue.append(arrived)
         busy_since = (max(busy_since, last_switch) if busy_since is not None else now) if queue else None
         _prefill(model, queue, decoding, sms, now, dt)
         step_ms = _decode(model, decoding, done, sms, bool(queue), now, dt)
@@ -128,6 +133,17 @@ def simulate(model: LatencyModel, phases: list[Phase], targets: SLOTargets, star
         tick += 1
     ok = sum(1 for r in done if r.ttft_ms <= targets.ttft_ms and r.tpot_ms <= targets.tpot_ms)
     return SimResult(ok / total, tuple(switches))
+
+
+def _admitted(admission: AdmissionController, req: SimRequest, queue: deque[SimRequest],
+              decoding: list[SimRequest], sms: int) -> bool:
+    """Whether `admission` admits `req` into the engine as it stands (the deployment's TTFT target)."""
+    snapshot = QueueSnapshot(round(sum(r.prefill_left for r in queue)), len(queue), len(decoding), sms)
+    try:
+        admission.admit(req.prompt, snapshot)
+    except AdmissionRejected:
+        return False
+    return True
 
 
 def _prefill(model: LatencyModel, queue: deque[SimRequest], decoding: list[SimRequest], sms: int, now: float,
