@@ -111,7 +111,7 @@ def simulate(model: LatencyModel, phases: list[Phase], targets: SLOTargets, star
             arrived = todo.popleft()
             window.add(arrived.prompt, now=now)
             budgets.add(arrived.output, now=now)
-            if admission is None or _admitted(admission, arrived, queue, decoding, sms):
+            if admission is None or _admitted(admission, model, arrived, queue, decoding, sms):
                 queue.append(arrived)
         busy_since = (max(busy_since, last_switch) if busy_since is not None else now) if queue else None
         _prefill(model, queue, decoding, sms, now, dt)
@@ -135,10 +135,13 @@ def simulate(model: LatencyModel, phases: list[Phase], targets: SLOTargets, star
     return SimResult(ok / total, tuple(switches))
 
 
-def _admitted(admission: AdmissionController, req: SimRequest, queue: deque[SimRequest],
+def _admitted(admission: AdmissionController, model: LatencyModel, req: SimRequest, queue: deque[SimRequest],
               decoding: list[SimRequest], sms: int) -> bool:
-    """Whether `admission` admits `req` into the engine as it stands (the deployment's TTFT target)."""
-    snapshot = QueueSnapshot(round(sum(r.prefill_left for r in queue)), len(queue), len(decoding), sms)
+    """Whether `admission` admits `req` into the engine as it stands (the deployment's TTFT target); while
+    prompts wait, the engine reports its prefill iterations (full chunks at `model`'s speed)."""
+    iteration_ms = _chunk_ms(model, queue, decoding, sms) if queue else 0.0
+    snapshot = QueueSnapshot(round(sum(r.prefill_left for r in queue)), len(queue), len(decoding), sms,
+                             iteration_ms, float(CHUNK_TOKENS) if queue else 0.0)
     try:
         admission.admit(req.prompt, snapshot)
     except AdmissionRejected:

@@ -1070,22 +1070,42 @@ def test_admission_keeps_an_overload_within_its_targets_and_refuses_nothing_belo
     """Chat at 65 req/s (past what any split serves at TPOT <= 12 ms) and documents at 6 req/s, with the dynamic
     policy: refusing the requests predicted past their TTFT target (HTTP 429 in the engine; counted here as
     misses) keeps far more of all requests within both targets than queueing them all (this profile: 16.9% ->
-    55.7% and 43.1% -> 85.4%); at 40 req/s of chat it refuses none."""
-    from engine_sim import Phase, simulate
+    47.8%, 43.1% -> 85.0%), on an engine whose prefill runs 15% slower than the profile too, by the speed its
+    iterations show (chat: 11.5% -> 65.7%; by the profile's speed 16.4%); at 40 req/s of chat it refuses none."""
+    from engine_sim import Phase, simulate, with_prefill_factor
 
     (h200,) = load_models(H200_PROFILE).values()
     targets = SLOTargets(ttft_ms=1000.0, tpot_ms=12.0)
     refuse = AdmissionController(h200, AdmissionConfig(ttft_ms=targets.ttft_ms, action="reject"))
 
-    def attainment(phase: Phase, admission: AdmissionController | None) -> float:
-        runs = [simulate(h200, [phase], targets, 64, ModelPolicy(h200), seed=s, dt=0.01, admission=admission)
+    def attainment(phase: Phase, admission: AdmissionController | None, prefill_factor: float = 1.0) -> float:
+        engine = with_prefill_factor(h200, prefill_factor)
+        runs = [simulate(engine, [phase], targets, 64, ModelPolicy(h200), seed=s, dt=0.01, admission=admission)
                 for s in range(3)]
         return sum(r.attainment for r in runs) / len(runs)
 
-    for overload in (Phase(15.0, 65.0, 495, 92, prompt_cv=1.0), Phase(15.0, 6.0, 4236, 180, prompt_cv=0.8)):
+    chat = Phase(15.0, 65.0, 495, 92, prompt_cv=1.0)
+    for overload in (chat, Phase(15.0, 6.0, 4236, 180, prompt_cv=0.8)):
         assert attainment(overload, refuse) > attainment(overload, None) + 0.3
+    assert attainment(chat, refuse, 1.15) > attainment(chat, None, 1.15) + 0.3
     within = Phase(15.0, 40.0, 495, 92, prompt_cv=1.0)
     assert attainment(within, refuse) == attainment(within, None) == 1.0
+
+
+def test_admission_predicts_at_the_prefill_speed_the_engine_shows() -> None:
+    """Iterations 1.5x as long as the model's make every predicted TTFT 1.5x as long (within the clamp); small
+    iterations (under a quarter of a chunk) or none leave the model's speed."""
+    m = h100_llama8b()
+    ac = AdmissionController(m, AdmissionConfig(ttft_ms=1000.0, chunk_tokens=4096))
+    queue = QueueSnapshot(8_000, 16, 32, 64)
+    modelled = ac.predict_ttft_ms(500, queue)
+    iteration = m.prefill_queue_ms(4096, 8, 64, concurrent=True, chunk_tokens=4096)
+    slow = replace(queue, prefill_iteration_ms=1.5 * iteration, prefill_iteration_tokens=4096.0)
+    assert ac.predict_ttft_ms(500, slow) == pytest.approx(1.5 * modelled, rel=0.02)
+    tiny = replace(queue, prefill_iteration_ms=10 * iteration, prefill_iteration_tokens=512.0)
+    assert ac.predict_ttft_ms(500, tiny) == modelled
+    far = replace(queue, prefill_iteration_ms=100 * iteration, prefill_iteration_tokens=4096.0)
+    assert ac.predict_ttft_ms(500, far) == pytest.approx(4.0 * modelled, rel=0.02)
 
 
 def test_the_policy_suite_prints_every_case_and_the_mean(capsys: pytest.CaptureFixture[str]) -> None:

@@ -373,7 +373,7 @@ class EngineCore:
     def stats(self) -> EngineStats:
         a, p = self.allocator, self.prefill
         now = time.monotonic()
-        prefill = self._recent_prefill(now)
+        prefill = self.recent_prefill(now)
         pacers = {w.name: w.pacer for w in self.workers if isinstance(w, DecodeWorker) and w.pacer is not None}
         return EngineStats(
             num_waiting=p.num_waiting,
@@ -407,9 +407,10 @@ class EngineCore:
             **self._allocator_counts(),
         )
 
-    def _recent_prefill(self, now: float) -> RecentIterations:
+    def recent_prefill(self, now: float | None = None) -> RecentIterations:
         """The prefill worker's iterations of the last PREFILL_SPEED_SPAN_S on the current split (zeros when
         there are fewer than PREFILL_SPEED_MIN_ITERATIONS, or no prefill worker)."""
+        now = time.monotonic() if now is None else now
         for w in self.workers:
             if w.name == "prefill":
                 recent = w.recent_iterations(PREFILL_SPEED_SPAN_S, now=now, this_split=True)

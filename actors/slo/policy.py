@@ -303,13 +303,9 @@ def prefill_speed_factor(model: LatencyModel, view: EngineView, cfg: ModelPolicy
     engine ran at 25K at the power cap: 26.7K prompt tokens/s of chat looked within 80 SMs' capacity, the
     policy gave decode SMs back, and the prompts queued for seconds. A TTFT correction alone cannot tell
     this apart, since it scales each split's TTFT by the same factor."""
-    tokens = view.prefill_iteration_tokens
-    if view.prefill_iteration_ms <= 0 or tokens < cfg.chunk_tokens / 4:
-        return 1.0
-    typical = typical_prompt_tokens(view, cfg)
-    predicted = model.prefill_queue_ms(round(tokens), max(1, round(tokens / typical)), model_sms(model, view),
-                                       concurrent=view.num_decoding > 0, chunk_tokens=cfg.chunk_tokens)
-    return clamped_ratio(view.prefill_iteration_ms / predicted, cfg) if predicted > 0 else 1.0
+    return clamped_ratio(model.observed_prefill_speed(
+        view.prefill_iteration_ms, view.prefill_iteration_tokens, typical_prompt_tokens(view, cfg),
+        model_sms(model, view), view.num_decoding > 0, cfg.chunk_tokens), cfg)
 
 
 def model_sms(model: LatencyModel, view: EngineView, sms: int | None = None) -> int:
