@@ -96,11 +96,9 @@ class AdmissionController:
         A profile that overrates the engine's prefill admits what then misses: in simulation (the H200 profile of
         2026-12-03, prefill 15% slower than it says, chat at 65 req/s, TPOT <= 12 ms), refusing by the profile's
         speed kept 16.4% of the requests within both targets, by the observed speed 65.7% (none refused: 11.5%)."""
-        ratio = self.model.observed_prefill_speed(queue.prefill_iteration_ms, queue.prefill_iteration_tokens,
-                                                  prompt_tokens, queue.prefill_sms, queue.num_decoding > 0,
-                                                  self.config.chunk_tokens)
-        c = self.config.max_speed_correction
-        return min(c, max(1.0 / c, ratio))
+        return self.model.observed_prefill_speed(queue.prefill_iteration_ms, queue.prefill_iteration_tokens,
+                                                 prompt_tokens, queue.prefill_sms, queue.num_decoding > 0,
+                                                 self.config.chunk_tokens, self.config.max_speed_correction)
 
     def target_ms(self, deadline: float | None, now: float) -> float:
         """Milliseconds left: to the request's deadline (monotonic s), else the deployment's target."""

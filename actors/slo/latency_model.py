@@ -185,16 +185,17 @@ class LatencyModel:
         return self.prefill.predict(tokens, attn, self._sms(sms), self.total_sms, concurrent)
 
     def observed_prefill_speed(self, iteration_ms: float, iteration_tokens: float, prompt_tokens: float,
-                               sms: int | None = None, concurrent: bool = False, chunk_tokens: int = 4096) -> float:
+                               sms: int | None = None, concurrent: bool = False, chunk_tokens: int = 4096,
+                               max_ratio: float = 4.0) -> float:
         """Observed / modelled time of an engine's mean prefill iteration of `iteration_tokens` tokens (prompts of
-        about `prompt_tokens`) on `sms`: above 1, the engine prefills slower than this model says. 1.0 when nothing
-        was observed, or when its iterations average under a quarter of `chunk_tokens` (mostly fixed costs, which
-        say little about a full queue's pace)."""
+        about `prompt_tokens`) on `sms`, within [1 / `max_ratio`, `max_ratio`]: above 1, the engine prefills
+        slower than this model says. 1.0 when nothing was observed, or when its iterations average under a
+        quarter of `chunk_tokens` (mostly fixed costs, which say little about a full queue's pace)."""
         if iteration_ms <= 0 or iteration_tokens < chunk_tokens / 4:
             return 1.0
         requests = max(1, round(iteration_tokens / max(1.0, prompt_tokens)))
         predicted = self.prefill_queue_ms(round(iteration_tokens), requests, sms, concurrent, chunk_tokens)
-        return iteration_ms / predicted if predicted > 0 else 1.0
+        return min(max_ratio, max(1.0 / max_ratio, iteration_ms / predicted)) if predicted > 0 else 1.0
 
     def prefill_queue_ms(
         self,

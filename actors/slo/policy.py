@@ -303,9 +303,9 @@ def prefill_speed_factor(model: LatencyModel, view: EngineView, cfg: ModelPolicy
     engine ran at 25K at the power cap: 26.7K prompt tokens/s of chat looked within 80 SMs' capacity, the
     policy gave decode SMs back, and the prompts queued for seconds. A TTFT correction alone cannot tell
     this apart, since it scales each split's TTFT by the same factor."""
-    return clamped_ratio(model.observed_prefill_speed(
-        view.prefill_iteration_ms, view.prefill_iteration_tokens, typical_prompt_tokens(view, cfg),
-        model_sms(model, view), view.num_decoding > 0, cfg.chunk_tokens), cfg)
+    return model.observed_prefill_speed(view.prefill_iteration_ms, view.prefill_iteration_tokens,
+                                        typical_prompt_tokens(view, cfg), model_sms(model, view),
+                                        view.num_decoding > 0, cfg.chunk_tokens, cfg.max_correction)
 
 
 def model_sms(model: LatencyModel, view: EngineView, sms: int | None = None) -> int:
@@ -479,10 +479,10 @@ class ModelPolicy:
         side = 1 if needs == {"ttft"} else -1 if needs == {"tpot"} else 0
         new_load = "ttft" in needs and state.load is not None and load_changed(state.load, load, cfg.load_change_ratio)
         evident = (observed_past(view, targets, cfg) & needs) | ({"ttft"} if new_load else set())
-        evidence = bool(evident)
         best = self._best(view.splits, current, preds, targets, side, self._max_steps(cur, evident, targets))
-        small_tpot_miss = "tpot" in evident and targets.tpot_ms < cur.tpot_ms and cur.slack >= cfg.urgent_slack
-        if small_tpot_miss and best.prefill_sms < current:
+        tpot_missed = ("tpot" in evident and targets.tpot_ms < cur.tpot_ms and cur.slack >= cfg.urgent_slack
+                       and best.prefill_sms < current)  # a small miss: relieved by the nearest split that does
+        if tpot_missed:
             best = nearest_tpot_relief(preds, current, targets, cur.slack + cfg.margin) or best
         gain = best.slack - cur.slack
         recent = sum(1 for t in state.change_times if now - t < 60.0)
@@ -502,11 +502,10 @@ class ModelPolicy:
         if gain <= cfg.margin:
             return SplitDecision(current, f"hold: within hysteresis band (gain {gain:+.2f} <= {cfg.margin:.2f} "
                                           f"for {best.prefill_sms}); {at}", predicted)
-        tpot_missed = small_tpot_miss and best.prefill_sms < current
         ceiling = state.tpot_ceiling
         back_up = (ceiling is not None and best.prefill_sms >= ceiling[0] > current
                    and now - ceiling[1] < cfg.dwell_s)
-        urgent = ((cur.slack < cfg.urgent_slack or tpot_missed) and best.slack >= cfg.urgent_slack and evidence
+        urgent = ((cur.slack < cfg.urgent_slack or tpot_missed) and best.slack >= cfg.urgent_slack and bool(evident)
                   and not back_up)
         onward = best.prefill_sms > current and state.last_side > 0 and cur.slack < 0 <= best.slack
         dwell = min(cfg.urgent_dwell_s, cfg.dwell_s) if urgent or onward else cfg.dwell_s
