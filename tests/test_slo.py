@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -906,6 +907,16 @@ def test_admission_rejects_impossible_and_accepts_feasible() -> None:
     e = err.value
     assert isinstance(e, ValueError) and e.predicted_ttft_ms > e.target_ms == 1000.0
     assert "admission control" in str(e) and "100000 prompt tokens queued" in str(e)
+
+
+def test_admission_rejection_survives_pickling_as_ray_sends_it_to_the_caller() -> None:
+    """Ray pickles an actor's exception to raise it in the front end; an exception class whose constructor
+    takes more than the message must say how to rebuild itself, or the caller gets an
+    UnserializableException (HTTP 500) instead of the refusal (HTTP 429)."""
+    sent = AdmissionRejected("request rejected by admission control", 1234.5, 1000.0)
+    got = pickle.loads(pickle.dumps(sent))
+    assert type(got) is AdmissionRejected
+    assert (str(got), got.predicted_ttft_ms, got.target_ms) == (str(sent), 1234.5, 1000.0)
 
 
 def test_admission_uses_deadline_and_slack() -> None:

@@ -39,6 +39,11 @@ class AdmissionRejected(ValueError):
         self.predicted_ttft_ms = predicted_ttft_ms
         self.target_ms = target_ms
 
+    def __reduce__(self) -> tuple[type[AdmissionRejected], tuple[str, float, float]]:
+        """Rebuilt with all three arguments: Ray pickles an actor's exception to raise it in the caller (without
+        this, every refusal reached the HTTP front end as a 500 "UnserializableException": H200, 2026-12-04)."""
+        return type(self), (str(self), self.predicted_ttft_ms, self.target_ms)
+
 
 @dataclass(frozen=True)
 class AdmissionConfig:
