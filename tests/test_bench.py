@@ -22,7 +22,7 @@ from cluster.bench.metrics import SLOs, MetricsError, compute_metrics, parse_met
 from cluster.bench.report import (
     BenchResult, cuda_allocator_counts, format_cuda_allocator, format_failures, format_prefix_cache, format_result_block,
     format_split_changes, format_worker_iterations, load_result, metrics_under, plot_results, prefix_cache_counts,
-    rate_of, results_figure, sustained_rates,
+    rate_of, results_figure, streaming_around, sustained_rates,
     iteration_quantiles, worker_iterations, WorkerIterations, write_result,
 )
 from cluster.bench.serve_bench import ServeBenchConfig, result_path, run_rate, split_changes
@@ -807,7 +807,26 @@ def test_split_changes_keep_the_run_window_and_count_omitted() -> None:
     result.split_changes = got
     block = format_split_changes(result)
     assert block.splitlines()[0] == "SM split changes during the run: 6"
-    assert "t=   4.50s e0: 56 -> 64 prefill SMs (r14.5)" in block
+    assert "t=   4.50s e0: 56 -> 64 prefill SMs (streamed 0 tokens/s in the second before, 0 in the slowest" in block
+    assert block.endswith("; r14.5)")
+
+
+def test_streaming_around_a_switch_shows_a_stall_after_it() -> None:
+    """Two requests stream a token every 10 ms from 0.1 s to 4 s, except for a 400 ms gap from 2.0 s (a stalled
+    decode): 200 tokens/s in the second before the switch at 2.0 s, and the slowest half second after it holds
+    only the 10 tokens each streamed from 2.4 s, 40 tokens/s. A record that failed adds nothing."""
+    def streaming(index: int) -> RequestRecord:
+        gaps = [0.01] * 190 + [0.41] + [0.01] * 159
+        return RequestRecord(index, "chat", 8, 351, start_s=0.0, end_s=4.0, success=True, output_tokens=351,
+                             num_chunks=351, ttft_s=0.1, itl_s=gaps)
+
+    failed = RequestRecord(2, "chat", 8, 10, success=False, ttft_s=0.1, itl_s=[0.01] * 500)
+    records = [streaming(0), streaming(1), failed]
+    before, after = streaming_around(records, 2.0)
+    assert before == pytest.approx(200.0, abs=2.1)  # a chunk at an edge of the second may fall either side
+    assert after == pytest.approx(40.0, abs=4.1)
+    assert streaming_around(records[:2], 2.0) == (before, after)
+    assert streaming_around(records, 1.0, span_s=0.5)[1] == pytest.approx(200.0, abs=4.1)  # no stall there
 
 
 def test_split_changes_say_when_an_engine_lost_its_switch_log() -> None:

@@ -199,31 +199,56 @@ class EngineCore:
                               overlap=self.config.overlap_prefill), decode]
 
     def _warm_up(self) -> None:
-        """A prefill through each prefill-running worker before the engine reports ready, so that the first
+        """Prefills through each prefill-running worker before the engine reports ready, so that the first
         requests do not pay for what the first iteration does once: load (or, with a cold cache, compile)
-        kernels. On a GPU it is as large as the token budget (and half the pool) allows, like the engine's largest
-        iteration, so the caching allocator also grows to its working size and cuBLAS meets the large shapes (H200,
-        2026-12-03, before this: the offline job took 5.08 s after a warm-up of 8 of its prompts, 4.94 s after one
-        of the whole job)."""
+        kernels. On a GPU the largest is as large as the token budget (and half the pool) allows, like the engine's
+        largest iteration, so the caching allocator also grows to its working size and cuBLAS meets the large shapes
+        (H200, 2026-12-03, before this: the offline job took 5.08 s after a warm-up of 8 of its prompts, 4.94 s
+        after one of the whole job).
+
+        On a GPU they run on every partition the worker may move to, at sizes down to a few tokens
+        (`warm_up_sizes`; up to `OTHER_SPLITS_WARM_UP_TOKENS` on splits other than the starting one): cuBLAS picks its kernels by shape and by the SMs a partition's GEMMs are sized for, and
+        CUDA loads a kernel at its first launch, which may wait for the whole device. A split first used
+        mid-serving stalled the other worker: on the H200 (2026-12-04, run 20) a move from 64 to 72 prefill SMs
+        under chat at 40 req/s halved the tokens decode emitted for a second (mean ITL 20 ms in its second half
+        second), where 72 held throughout ran at 10-11 ms."""
         ps = self.pool.page_size
-        tokens = self.config.scheduler.max_prefill_tokens if self.device.type == "cuda" else ps + 1
-        lens = warm_up_lengths(tokens, self.max_model_len - 1, max(1, self.allocator.num_free // 2), ps)
-        params = SamplingParams(max_tokens=1, temperature=0.0)
-        vocab = self.arch.vocab_size
+        on_gpu = self.device.type == "cuda"
+        largest = self.config.scheduler.max_prefill_tokens if on_gpu else ps + 1
+        max_pages = max(1, self.allocator.num_free // 2)
+        t0, tokens_run, partitions = time.perf_counter(), 0, 0
         for w in self.workers:
             if w.phase != "prefill":
                 continue
-            pages = [self.allocator.allocate(pages_for(n, ps)) for n in lens]
-            assert all(p is not None for p in pages), "a fresh pool holds the warm-up's prompts"
-            chunks = [SeqChunk(f"warm-up-{i}", tuple(1 + t % (vocab - 1) for t in range(n)), 0, tuple(p or ()), True)
-                      for i, (n, p) in enumerate(zip(lens, pages))]
-            w.runner.set_partition(self.partitioner.partition_for(w.phase))
-            reqs = [Request(c.request_id, list(c.token_ids), c.num_tokens, params) for c in chunks]
-            w.runner.execute(BatchPlan(prefills=tuple(chunks)), reqs)
-            for blocks in pages:
-                self.allocator.free(blocks or ())
-        if self.device.type == "cuda":
+            current = self.partitioner.partition_for(w.phase)
+            others = [p for p in self.partitioner.all_partitions(w.phase) if p != current] if on_gpu else []
+            for part, sizes in [(current, warm_up_sizes(largest) if on_gpu else (largest,))] + [
+                    (p, warm_up_sizes(min(largest, OTHER_SPLITS_WARM_UP_TOKENS))) for p in others]:
+                w.runner.set_partition(part)
+                partitions += 1
+                for tokens in sizes:
+                    lens = warm_up_lengths(tokens, self.max_model_len - 1, max_pages, ps)
+                    self._warm_up_prefill(w.runner, lens)
+                    tokens_run += sum(lens)
+            w.runner.set_partition(current)
+        if on_gpu:
             torch.cuda.synchronize(self.device)
+            log.info("warm-up: %d prefill tokens over %d partitions in %.1f s", tokens_run, partitions,
+                     time.perf_counter() - t0)
+
+    def _warm_up_prefill(self, runner: ModelRunner, lens: list[int]) -> None:
+        """One prefill iteration of prompts of `lens` tokens, on pages freed afterwards."""
+        ps = self.pool.page_size
+        vocab = self.arch.vocab_size
+        pages = [self.allocator.allocate(pages_for(n, ps)) for n in lens]
+        assert all(p is not None for p in pages), "a fresh pool holds the warm-up's prompts"
+        chunks = [SeqChunk(f"warm-up-{i}", tuple(1 + t % (vocab - 1) for t in range(n)), 0, tuple(p or ()), True)
+                  for i, (n, p) in enumerate(zip(lens, pages))]
+        reqs = [Request(c.request_id, list(c.token_ids), c.num_tokens, SamplingParams(max_tokens=1, temperature=0.0))
+                for c in chunks]
+        runner.execute(BatchPlan(prefills=tuple(chunks)), reqs)
+        for blocks in pages:
+            self.allocator.free(blocks or ())
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -424,6 +449,18 @@ class EngineCore:
         stats = torch.cuda.memory_stats(self.device)
         return dict(cuda_alloc_retries=int(stats.get("num_alloc_retries", 0)),
                     cuda_frees=int(stats.get("num_device_free", 0)))
+
+
+OTHER_SPLITS_WARM_UP_TOKENS = 4096  # the largest warm-up iteration on a split other than the starting one
+
+
+def warm_up_sizes(largest: int, smallest: int = 32) -> tuple[int, ...]:
+    """Token counts of the warm-up's iterations on one partition: `largest`, then a quarter of the previous, down
+    to `smallest` (cuBLAS's kernels change with the GEMMs' row count)."""
+    sizes = [largest]
+    while sizes[-1] // 4 >= smallest:
+        sizes.append(sizes[-1] // 4)
+    return tuple(sizes)
 
 
 def warm_up_lengths(tokens: int, max_len: int, max_pages: int, page_size: int) -> list[int]:

@@ -8,13 +8,16 @@ commit and command.
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import multiprocessing
 import os
 import random
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -166,45 +169,86 @@ def bench_prefill(core: EngineCore, ceilings: Ceilings, shapes: tuple[tuple[int,
     return rows
 
 
-def bench_switch_stall(core: EngineCore, switches: int = 20) -> dict[str, Any]:
-    """Run a decode-heavy load in semi-pd mode and switch splits; report what each worker lost.
+def bench_switch_stall(core: EngineCore, dwell_s: float = 0.3) -> dict[str, Any]:
+    """Decode 64 requests while 2048-token prompts keep prefill busy, and switch splits: every split once (its
+    first use since the engine's warm-up), then every split again. Report what each worker lost.
 
-    `adopt_us`: time a worker spends adopting a new split at its iteration boundary;
-    `first_iter_extra_ms`: how much longer its first iteration on the new split took than
-    its median iteration.
+    `adopt_us`: time a worker spends adopting a new split at its iteration boundary; `first_iter_extra_ms`: how
+    much longer its first iteration on the new split took than its median iteration, on first visits and on
+    revisits; `slowest_after_ms`: its slowest iteration that started within `dwell_s` of a switch (a first launch
+    of a kernel on a split can wait for the whole device, stalling the other worker too).
     """
     splits = [s for s in core.partitioner.splits if 32 <= s <= core.partitioner.total_sms - 32] or list(core.partitioner.splits)
-    params = SamplingParams(max_tokens=4000, temperature=0.0, ignore_eos=True)
+    decode_params = SamplingParams(max_tokens=min(4000, core.max_model_len - 512), temperature=0.0, ignore_eos=True)
     for i in range(64):
-        core.add_request(f"sw-{i}", [random.randrange(1000) for _ in range(512)], params)
+        core.add_request(f"sw-{i}", [random.randrange(core.arch.vocab_size) for _ in range(512)], decode_params)
     core.start()
-    deadline = time.monotonic() + 60
-    while core.decode.num_running < 64 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    for i in range(switches):
-        time.sleep(0.1)
-        core.partitioner.switch(splits[i % len(splits)], reason="bench")
-    time.sleep(0.2)
+    _wait(lambda: core.decode.num_running == 64, 60, "64 requests to reach decode")
+    stop = threading.Event()
+    feeder = threading.Thread(target=_keep_prefill_busy, args=(core, stop), daemon=True)
+    feeder.start()
+    versions: list[tuple[int, bool]] = []  # (split version, first visit)
+    for rnd in range(2):
+        for sms in splits:
+            if core.partitioner.switch(sms, reason="bench"):
+                versions.append((core.partitioner.version, rnd == 0))
+            time.sleep(dwell_s)
+    stop.set()
+    feeder.join()
     for i in range(64):
         core.abort(f"sw-{i}")
+    switches = core.partitioner.switches  # one per version since the start, in order
+    switch_times = {core.partitioner.version - len(switches) + 1 + i: sw.time for i, sw in enumerate(switches)}
     out = {}
     for w in core.workers:
+        log = list(w.iteration_log)
+        extra = _first_iteration_extras(log)
         out[w.name] = dict(
             adoptions=len(w.adopt_seconds),
             adopt_us_median=1e6 * statistics.median(w.adopt_seconds) if w.adopt_seconds else None,
             adopt_us_max=1e6 * max(w.adopt_seconds) if w.adopt_seconds else None,
-            first_iter_extra_ms=_first_iteration_extra(list(w.iteration_log)) * 1e3,
+            first_iter_extra_ms=_median_ms([extra[v] for v, first in versions if first and v in extra]),
+            revisit_first_iter_extra_ms=_median_ms([extra[v] for v, first in versions if not first and v in extra]),
+            slowest_after_ms=_median_ms([_slowest_after(log, switch_times, v, dwell_s) for v, f in versions if f]),
+            revisit_slowest_after_ms=_median_ms([_slowest_after(log, switch_times, v, dwell_s)
+                                                 for v, f in versions if not f]),
         )
     return out
 
 
-def _first_iteration_extra(log: list[Iteration]) -> float:
-    """Median over switches of (first iteration after a switch) - (median iteration)."""
+def _keep_prefill_busy(core: EngineCore, stop: threading.Event) -> None:
+    """Add a 2048-token prompt (one output token) whenever fewer than two wait, until `stop`."""
+    params = SamplingParams(max_tokens=1, temperature=0.0)
+    length = min(2048, core.max_model_len - 1)
+    for n in itertools.count():
+        if stop.wait(0.005):
+            return
+        if core.prefill.num_waiting < 2:
+            core.add_request(f"sw-prefill-{n}", [random.randrange(core.arch.vocab_size) for _ in range(length)], params)
+
+
+def _first_iteration_extras(log: list[Iteration]) -> dict[int, float]:
+    """Per split version: (its first iteration) - (the median iteration), in seconds."""
     if len(log) < 3:
-        return float("nan")
+        return {}
     median = statistics.median(it.seconds for it in log)
-    firsts = [it.seconds for it, prev in zip(log[1:], log[:-1]) if it.split_version != prev.split_version]
-    return statistics.median(firsts) - median if firsts else float("nan")
+    return {it.split_version: it.seconds - median for it, prev in zip(log[1:], log[:-1])
+            if it.split_version != prev.split_version}
+
+
+def _slowest_after(log: list[Iteration], switch_times: dict[int, float], version: int, span_s: float) -> float:
+    """The slowest iteration that started within `span_s` after switch `version` (NaN if none)."""
+    t = switch_times.get(version)
+    if t is None:
+        return float("nan")
+    t_mono = t - time.time() + time.monotonic()  # SwitchRecord times are wall-clock, iterations monotonic
+    its = [it.seconds for it in log if t_mono <= it.start < t_mono + span_s]
+    return max(its) if its else float("nan")
+
+
+def _median_ms(seconds: list[float]) -> float:
+    finite = [x for x in seconds if math.isfinite(x)]
+    return 1e3 * statistics.median(finite) if finite else float("nan")
 
 
 def bench_decode_loop(model_dir: str, overlap: bool, batches: tuple[int, ...], ctx: int, steps: int = 64
@@ -526,12 +570,16 @@ def format_table(result: dict[str, Any]) -> str:
                   for r in result["prefill"]]
         lines.append("")
     if "switch" in result:
-        lines += ["## SM split switch stall (semi-pd, 64 decoding requests)", "",
-                  "| worker | switches adopted | adopt median us | adopt max us | first iteration extra ms |",
-                  "|---|---|---|---|---|"]
+        lines += ["## SM split switch stall (semi-pd, 64 decoding requests, 2048-token prompts queued)", "",
+                  "First visit: the split's first use since the engine's warm-up; revisit: its second. Extra: the first "
+                  "iteration on the new split minus the worker's median iteration; slowest: the worker's slowest "
+                  "iteration begun within 0.3 s of the switch (medians over switches).", "",
+                  "| worker | switches adopted | adopt median us | adopt max us | extra ms, first visit | extra ms, "
+                  "revisit | slowest ms, first visit | slowest ms, revisit |", "|---|---|---|---|---|---|---|---|"]
         for name, r in result["switch"].items():
             lines.append(f"| {name} | {r['adoptions']} | {r['adopt_us_median'] or 0:.1f} | {r['adopt_us_max'] or 0:.1f} | "
-                         f"{r['first_iter_extra_ms']:.3f} |")
+                         f"{r['first_iter_extra_ms']:.3f} | {r.get('revisit_first_iter_extra_ms', math.nan):.3f} | "
+                         f"{r.get('slowest_after_ms', math.nan):.1f} | {r.get('revisit_slowest_after_ms', math.nan):.1f} |")
         lines.append("")
     if "contention" in result:
         lines += ["## Prefill beside decode (semi-pd, one split; decode idle, back to back, or paced)", "",

@@ -229,6 +229,32 @@ def format_profile_breakdown(result: BenchResult) -> str:
     return "\n".join(lines)
 
 
+def token_times(records: list[RequestRecord]) -> list[tuple[float, float]]:
+    """(time from the run's start, tokens) of every streamed chunk after each request's first: a chunk's share of
+    the request's output tokens after the first."""
+    out = []
+    for r in records:
+        if not r.success or r.ttft_s is None or not r.itl_s:
+            continue
+        t, per_chunk = r.start_s + r.ttft_s, max(r.output_tokens - 1, 0) / len(r.itl_s)
+        for gap in r.itl_s:
+            t += gap
+            out.append((t, per_chunk))
+    return out
+
+
+def streaming_around(records: list[RequestRecord], at_s: float, span_s: float = 1.0, bin_s: float = 0.5
+                     ) -> tuple[float, float]:
+    """Tokens per second streamed to all clients in the `span_s` before `at_s`, and in the slowest `bin_s` of
+    the `span_s` after it: what a split switch cost decode (a stall shows as a slow half second; H200,
+    2026-12-04, run 20: 64 -> 72 prefill SMs, ~3,800 tokens/s before, ~2,000 in the half second after)."""
+    times = token_times(records)
+    before = sum(n for t, n in times if at_s - span_s <= t < at_s) / span_s
+    bins = [sum(n for t, n in times if at_s + k * bin_s <= t < at_s + (k + 1) * bin_s) / bin_s
+            for k in range(max(1, round(span_s / bin_s)))]
+    return before, min(bins)
+
+
 def format_split_changes(result: BenchResult, limit: int = 20) -> str:
     """The run's SM split changes, one line each (empty for servers without them)."""
     changes = result.split_changes
@@ -244,8 +270,10 @@ def format_split_changes(result: BenchResult, limit: int = 20) -> str:
         elif "omitted" in c:
             lines.append(f"  {c['engine_id']}: {c['omitted']} more not listed by the server")
         else:
+            before, after = streaming_around(result.records, c["time_s"])
             lines.append(f"  t={c['time_s']:7.2f}s {c['engine_id']}: {c['from_sms']} -> {c['to_sms']} prefill SMs"
-                         f" ({c['reason']})")
+                         f" (streamed {before:,.0f} tokens/s in the second before, {after:,.0f} in the slowest half"
+                         f" second of the one after; {c['reason']})")
     if len(changes) > limit:
         lines.append(f"  ... {len(changes) - limit} more in the result JSON")
     return "\n".join(lines)
@@ -612,6 +640,7 @@ def format_sustained_rates(rates: Sequence[SustainedRate]) -> str:
 __all__ = [
     "BenchResult", "SCHEMA", "SustainedRate", "format_failures", "format_preamble", "format_profile_breakdown",
     "format_result_block", "format_split_changes", "format_sustained_rates", "format_worker_iterations", "iteration_quantiles",
+    "streaming_around", "token_times",
     "cuda_allocator_counts", "format_cuda_allocator", "prefix_cache_counts", "format_prefix_cache", "load_result",
     "offered_load", "format_offered_load", "RATE_AXES", "rate_of",
     "plot_results", "profile_breakdown", "results_figure", "sustained_rates", "worker_iterations", "write_result",
