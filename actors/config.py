@@ -19,8 +19,8 @@ SUPPORTED_ARCHITECTURES = (
     "Qwen2ForCausalLM",
     "Qwen3ForCausalLM",
 )
-EngineMode = Literal["unified", "semi-pd"]
-ENGINE_MODES: tuple[str, ...] = ("unified", "semi-pd")
+EngineMode = Literal["unified", "semi-pd", "disagg"]
+ENGINE_MODES: tuple[str, ...] = ("unified", "semi-pd", "disagg")
 ATTENTION_BACKENDS: tuple[str, ...] = ("torch", "flashinfer")
 DECODE_ATTENTION: tuple[str, ...] = ("fa2", "fa3", "cuda-cores")  # flashinfer's decode kernels
 PREFILL_ORDERS: tuple[str, ...] = ("fcfs", "edf")
@@ -218,7 +218,10 @@ class EngineConfig:
 
     `mode`: `unified` runs one loop that piggybacks decodes on chunked prefill;
     `semi-pd` runs a prefill worker and a decode worker concurrently, each on its own
-    SM partition (on CPU: its own thread), over one KV pool.
+    SM partition (on CPU: its own thread), over one KV pool; `disagg` (the DistServe-style
+    baseline, `actors.disagg`) runs a prefill-only engine on the first GPU and a decode-only
+    engine on the second (on CPU: both on the CPU), each with its own KV pool, the KV of each
+    finished prefill copied across.
     `prefill_sms`: SMs given to prefill at start in semi-pd mode (None: about half).
     `decode_attention`: flashinfer's kernel for decode attention: `fa2` or `fa3` (tensor cores), `cuda-cores`.
     `splits`: the prefill SM counts a semi-pd engine creates partitions (and decode CUDA

@@ -14,6 +14,9 @@ Methods (all async on the actor's event loop):
 - `abort(request_id)`, `load() -> EngineLoad`, `apply_split(prefill_sms, reason)`,
   `drain(timeout_s)`, `resume()`, `ready()` / `info()`, `ping()`, `shutdown()`.
 
+In `disagg` mode the engine is a `DisaggPair` (a prefill-only and a decode-only engine, one
+device each): one engine to the router, no SM split, and its stats carry `kv_transfer_bytes`.
+
 The actor keeps a window of recent TTFT / TPOT samples (measured here, from the call
 to the last token) and, when given a `PublisherConfig`, publishes its view to Redis
 and applies the desired splits the SLO controller writes there. Given a `ModelSource`
@@ -427,11 +430,16 @@ class EngineActor:
     # -- split ----------------------------------------------------------------------------
 
     async def apply_split(self, prefill_sms: int, reason: str = "manual") -> dict[str, Any]:
-        """Switch to the split nearest `prefill_sms` (adopted at the next iteration boundary)."""
+        """Switch to the split nearest `prefill_sms` (adopted at the next iteration boundary); ValueError
+        in disagg mode (prefill and decode have a device each: there is no split)."""
+        if self.config.mode == "disagg":
+            raise ValueError(f"engine {self.engine_id} runs in disagg mode: it has no SM split to change")
         changed = self.llm.core.partitioner.switch(prefill_sms, reason)
         return dict(changed=changed, prefill_sms=self.llm.core.partitioner.current)
 
     def _apply_from_controller(self, prefill_sms: int, reason: str) -> bool:
+        if self.config.mode == "disagg":
+            return False
         changed = self.llm.core.partitioner.switch(prefill_sms, reason)
         if changed:
             log.info("%s: split -> %d prefill SMs (%s)", self.engine_id, prefill_sms, reason)
@@ -471,6 +479,8 @@ class EngineActor:
             },
             time=time.time(),
         )
+        if self.config.mode == "disagg":
+            stats["kv_transfer_bytes"] = core.transport.bytes_moved
         return stats
 
     def _healthy(self, stats: dict[str, Any]) -> bool:

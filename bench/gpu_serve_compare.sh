@@ -10,6 +10,7 @@
 #   unified           our engine, chunked prefill with piggybacked decodes on the whole GPU
 #   unified-tokensN   unified with at most N tokens per iteration (`--max-prefill-tokens N`, e.g. unified-tokens1024:
 #                     smaller iterations keep decode steps shorter, Sarathi-Serve's lever against TPOT)
+#   disagg            DistServe-style baseline: one actor, prefill on one GPU and decode on another (needs two GPUs)
 #   vllm              vLLM's OpenAI server with its defaults (needs .vllmA staged and .vllmB carried)
 # Needs `.device` (see bench/device_env.sh). Environment: SWEEPS ("workload:rate,rate ..."; "" none, and no warm-up), WINDOW (seconds of
 # arrivals per rate), REPEAT (windows per rate, one after the other, each with its own prompts: the first one
@@ -59,6 +60,7 @@ start_server() {  # config log -> sets $server
     semi-pd-fixed*) flags=(--policy fixed --prefill-sms "${1#semi-pd-fixed}") ;;
     unified) flags=(--mode unified) ;;
     unified-tokens*) flags=(--mode unified --max-prefill-tokens "${1#unified-tokens}") ;;
+    disagg) flags=(--mode disagg) ;;
     vllm)
       source .vllmB/setup-vllm.sh
       # pack-vllm.sh leaves out prometheus_fastapi_instrumentator, which `vllm serve` imports: put its wheel in

@@ -145,6 +145,8 @@ class ClusterConfig:
 
     `actor_resources[i]`: extra Ray custom resources engine i needs (pin actors to nodes);
     empty means none. `num_gpus_per_actor` None: 1 when the Ray cluster has GPUs, else 0.
+    `mode` "disagg": each actor is a prefill+decode pair with 2 GPUs (N GPUs: N/2 actors), or none on
+    CPU; it has no SM split, so no controller is started and no latency model is made for it.
     With the "model" split policy (and Redis) each engine actor gets its latency model at
     start and publishes it: loaded from `latency_profile` (a JSON profile file on the
     actors' nodes) or profiled on `profile_grid` (`quick` or `full`) and saved there.
@@ -194,6 +196,8 @@ class ClusterConfig:
             raise ConfigError(f"actor_resources has {len(self.actor_resources)} entries for {self.num_actors} actors")
         if self.num_gpus_per_actor is not None and self.num_gpus_per_actor < 0:
             raise ConfigError("num_gpus_per_actor must be >= 0")
+        if self.mode == "disagg":
+            self._check_disagg()
         if self.num_cpus_per_actor < 0:
             raise ConfigError("num_cpus_per_actor must be >= 0")
         if self.stream_interval < 1:
@@ -215,6 +219,13 @@ class ClusterConfig:
                 self.publisher_config()
         except (ValueError, ImportError, AttributeError) as e:
             raise ConfigError(str(e)) from e
+
+    def _check_disagg(self) -> None:
+        if self.num_gpus_per_actor not in (None, 0, 2):
+            raise ConfigError(f"disagg mode: an engine actor takes 2 GPUs (prefill on one, decode on the other) "
+                              f"or none (CPU), got num_gpus_per_actor={self.num_gpus_per_actor:g}")
+        if self.engine.admission != "off":
+            raise ConfigError("disagg mode has no admission control (it needs an engine's latency model)")
 
     # -- derived ---------------------------------------------------------------------
 
@@ -247,7 +258,7 @@ class ClusterConfig:
     def model_source(self) -> ModelSource | None:
         """What the engine actors need to get and publish a latency model (None: they need none,
         the policy does not use one or there is no Redis to publish it to)."""
-        if self.redis_url is None or not policy_needs_models(self.policy):
+        if self.redis_url is None or not policy_needs_models(self.policy) or self.mode == "disagg":
             return None
         return ModelSource(self.latency_profile, self.profile_grid)
 
@@ -298,12 +309,25 @@ class ClusterHandles:
     infos: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
+def gpus_per_actor(cfg: ClusterConfig, cluster_gpus: float) -> float:
+    """GPUs an engine actor asks Ray for: `num_gpus_per_actor`, else none on a cluster without GPUs, else 1
+    (disagg: 2, its prefill and decode GPUs; ConfigError when the cluster has fewer than 2 per actor)."""
+    if cfg.num_gpus_per_actor is not None:
+        return cfg.num_gpus_per_actor
+    if cluster_gpus < 1:
+        return 0.0
+    if cfg.mode != "disagg":
+        return 1.0
+    if cluster_gpus < 2 * cfg.num_actors:
+        raise ConfigError(f"disagg mode: {cfg.num_actors} engine actor(s) need {2 * cfg.num_actors} GPUs (a prefill "
+                          f"and a decode GPU each); the Ray cluster has {cluster_gpus:g}")
+    return 2.0
+
+
 def _num_gpus(cfg: ClusterConfig) -> float:
     import ray
 
-    if cfg.num_gpus_per_actor is not None:
-        return cfg.num_gpus_per_actor
-    return 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+    return gpus_per_actor(cfg, ray.cluster_resources().get("GPU", 0))
 
 
 def _get_actor(name: str, namespace: str) -> Any | None:
@@ -347,7 +371,7 @@ def ensure_cluster(cfg: ClusterConfig) -> ClusterHandles:
                         n, info["model_dir"], info["mode"], cfg.model, cfg.mode)
     log.info("engine actors ready: %s (started %d)", ", ".join(names), len(created))
     handles = ClusterHandles(actors, created, infos=by_name)
-    if cfg.redis_url is not None and cfg.start_controller:
+    if cfg.redis_url is not None and cfg.start_controller and cfg.mode != "disagg":  # disagg: no split to control
         existing = _get_actor(cfg.controller_name, cfg.namespace)
         if existing is None:
             existing = controller_actor_cls().options(

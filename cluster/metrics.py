@@ -13,7 +13,8 @@ autoscaling read us unchanged. Two kinds of series:
   `vllm:prefix_cache_hits_total` (prompt tokens at admission, and those served from the
   prefix cache), and `semipd:prefill_sm_fraction`,
   `semipd:sm_repartitions_total`, `semipd:sm_switch_stall_seconds`,
-  `semipd:queue_depth{phase}`, `semipd:engine_healthy`.
+  `semipd:queue_depth{phase}`, `semipd:engine_healthy`, and per disagg engine
+  `semipd:kv_transfer_bytes_total` (KV moved from its prefill to its decode engine).
 
 Every `ServingMetrics` has its own `CollectorRegistry`: nothing touches the global one.
 """
@@ -88,6 +89,8 @@ class EngineCollector:
              "cudaMalloc calls of the engine's process that failed and were retried after freeing torch's cache."),
             ("semipd:cuda_frees", "cuda_frees",
              "cudaFree calls of the engine's process; each synchronizes the whole device."),
+            ("semipd:kv_transfer_bytes", "kv_transfer_bytes",
+             "KV bytes a disagg engine moved from its prefill engine to its decode engine."),
         ):
             family = CounterMetricFamily(name, doc, labels=per_engine)
             for l in loads:

@@ -7,7 +7,7 @@ Entry point `cluster.serve_app:build_app` (for `serve run`, `serve deploy`, Kube
     served_model_name     the name clients send (default: the directory's name)
     stream_interval       tokens per streamed chunk after the first, from the engine actors (default 1)
     ttft_slo_ms, tpot_slo_ms    SLO targets of the controller
-    mode                  semi-pd | unified
+    mode                  semi-pd | unified | disagg (a prefill GPU and a decode GPU per actor)
     prefill_sm_min, prefill_sm_max   bounds of the prefill SM fraction (0..1)
     router_policy         least-loaded | prefix-affinity, or a dict of RouterPolicy fields
     num_actors            GPU engine actors
@@ -66,7 +66,7 @@ class ServeArgs(BaseModel):
     stream_interval: int = Field(1, ge=1)
     ttft_slo_ms: float | None = Field(None, gt=0)
     tpot_slo_ms: float | None = Field(None, gt=0)
-    mode: Literal["semi-pd", "unified"] = "semi-pd"
+    mode: Literal["semi-pd", "unified", "disagg"] = "semi-pd"
     prefill_sm_min: float | None = Field(None, gt=0, lt=1)
     prefill_sm_max: float | None = Field(None, gt=0, lt=1)
     router_policy: str | dict[str, Any] = "least-loaded"

@@ -1,24 +1,34 @@
 """Disaggregated baseline: a prefill-only and a decode-only engine over separate KV pools.
 
 Greedy tokens equal the unified engine's, the transport moves exactly the KV of each
-prompt's pages, and every page comes back on both sides, aborts included.
+prompt's pages, and every page comes back on both sides, aborts included. Then the `disagg`
+serving mode: an engine actor whose core is a pair (in-process and on a local Ray cluster),
+and its configuration errors.
 """
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import random
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
 
-from actors.config import CacheConfig, EngineConfig, ModelArch, SchedulerConfig
+from actors.config import CacheConfig, ConfigError, EngineConfig, ModelArch, SchedulerConfig
 from actors.disagg.frontend import DisaggLLM
-from actors.disagg.pair import DisaggPair
-from actors.disagg.transport import CpuTransport
+from actors.disagg.pair import DisaggPair, pair_devices
+from actors.disagg.transport import CpuTransport, DeviceTransport
+from actors.engine.core import PromptTooLongError
 from actors.engine.frontend import LLM
 from actors.kv.manager import pages_for
 from actors.request import FinishReason, SamplingParams, TokenDelta
+from cluster.bootstrap import ClusterConfig, EngineOptions, ensure_cluster, gpus_per_actor, teardown_cluster
+from cluster.engine_client import GenerateRequest
+from cluster.serve_app import ServeArgs
 
 from support import wait_until
 
@@ -162,3 +172,176 @@ def test_abort_in_transit_and_on_decode(stepped_pair: tuple[DisaggPair, Collecte
     assert len(tokens) == 4  # the first from prefill, three from decode
     assert pair.num_unfinished == 0
     assert_all_pages_back(pair)
+
+
+# -- DeviceTransport on the CPU ----------------------------------------------------------------
+
+
+def test_device_transport_on_cpu_gives_cpu_transports_tokens_and_bytes(tiny_llama: Path,
+                                                                      disagg_llm: DisaggLLM) -> None:
+    prompts = make_prompts(4)
+    reference = disagg_llm.generate(prompts, GREEDY)
+    transport = DeviceTransport(torch.device("cpu"))
+    with DisaggLLM(tiny_llama, transport=transport, device="cpu", scheduler=SchedulerConfig(max_prefill_tokens=CHUNK),
+                   prefill_cache=CacheConfig(page_size=PAGE, num_pages=P_PAGES),
+                   decode_cache=CacheConfig(page_size=PAGE, num_pages=D_PAGES)) as llm:
+        outs = llm.generate(prompts, GREEDY)
+        assert_all_pages_back(llm.pair)
+    assert [o.token_ids for o in outs] == [o.token_ids for o in reference]
+    assert transport.num_sent == len(prompts)
+    assert transport.bytes_moved == disagg_llm.transport.bytes_moved > 0
+
+
+# -- the `disagg` serving mode: an engine actor whose core is a DisaggPair -----------------------
+
+
+def served_prompts() -> list[list[int]]:
+    return make_prompts(5)[:6]  # 3 to 64 tokens
+
+
+def expected_kv_bytes(model_dir: Path, prompts: list[list[int]]) -> int:
+    return sum(pages_for(len(p), PAGE) for p in prompts) * kv_bytes_per_page(model_dir)
+
+
+async def actor_tokens(actor: Any, request: GenerateRequest) -> list[int]:
+    subscriber = f"test-{request.request_id}"
+    outputs = actor.outputs(subscriber)
+    await actor.submit(request, subscriber)
+    ids: list[int] = []
+    try:
+        async for batch in outputs:
+            for chunk in batch:
+                ids.extend(chunk.token_ids)
+                if chunk.finished:
+                    assert chunk.finish_reason == "length", chunk
+                    return ids
+    finally:
+        await outputs.aclose()
+    raise AssertionError("the stream ended without a finished chunk")
+
+
+@pytest.fixture
+def unified_reference(tiny_llama: Path) -> list[object]:
+    with LLM(tiny_llama, device="cpu", cache=CacheConfig(page_size=PAGE, num_pages=D_PAGES)) as llm:
+        return llm.generate(served_prompts(), GREEDY)
+
+
+def test_engine_actor_in_disagg_mode(tiny_llama: Path, unified_reference: list[object],
+                                     check_greedy: Callable[..., None]) -> None:
+    from actors.gpu_actor import EngineActor
+    from cluster.metrics import ServingMetrics
+
+    cfg = EngineOptions(device="cpu", num_pages=D_PAGES).engine_config(str(tiny_llama), "disagg")
+    actor = EngineActor("disagg-0", cfg)
+    assert isinstance(actor.llm.core, DisaggPair) and isinstance(actor.llm.core.transport, DeviceTransport)
+    prompts = served_prompts()
+
+    async def main() -> None:
+        info = await actor.ready()
+        assert info["mode"] == "disagg" and info["splits"] == [info["total_sms"]]
+        got = await asyncio.gather(*(actor_tokens(actor, GenerateRequest(f"r{i}", p, GREEDY))
+                                     for i, p in enumerate(prompts)))
+        check_greedy(list(got), unified_reference)
+        load = await actor.load()
+        assert load.healthy and load.in_flight == 0 and load.stats["finish_reasons"] == {"length": len(prompts)}
+        assert load.stats["kv_transfer_bytes"] == expected_kv_bytes(tiny_llama, prompts)
+        assert load.stats["iterations"]["prefill"] > 0 and load.stats["iterations"]["decode"] > 0
+        metrics = ServingMetrics("tiny")
+        metrics.update_loads([load])
+        text = metrics.render()[0].decode()
+        assert (f'semipd:kv_transfer_bytes_total{{engine="disagg-0",model_name="tiny"}} '
+                f'{float(load.stats["kv_transfer_bytes"])}') in text
+        with pytest.raises(ValueError, match="disagg mode: it has no SM split"):
+            await actor.apply_split(1, "test")
+        with pytest.raises(PromptTooLongError, match="^This model's maximum context length"):
+            await actor_tokens(actor, GenerateRequest("too-long", [1] * 100, SamplingParams(max_tokens=100_000)))
+        again = await actor_tokens(actor, GenerateRequest("after", prompts[0], GREEDY))
+        assert again == got[0]
+        await actor.shutdown()
+
+    asyncio.run(main())
+
+
+@pytest.fixture(scope="module")
+def disagg_cluster(ray_multinode: Any, tiny_llama: Path) -> Iterator[ClusterConfig]:
+    cfg = ClusterConfig(model=str(tiny_llama), num_actors=2, mode="disagg", actor_prefix="disagg",
+                        engine=EngineOptions(device="cpu", num_pages=D_PAGES), ready_timeout_s=120)
+    handles = ensure_cluster(cfg)
+    assert sorted(handles.created) == cfg.actor_names and handles.controller is None
+    try:
+        yield cfg
+    finally:
+        teardown_cluster(cfg)
+
+
+async def router_tokens(router: Any, request: GenerateRequest) -> list[int]:
+    ids: list[int] = []
+    async for chunk in router.generate(request):
+        ids.extend(chunk.token_ids)
+        if chunk.finished:
+            assert chunk.finish_reason == "length", chunk
+    return ids
+
+
+@pytest.mark.timeout(180)
+def test_served_disagg_mode_through_the_router(disagg_cluster: ClusterConfig, tiny_llama: Path,
+                                               unified_reference: list[object],
+                                               check_greedy: Callable[..., None]) -> None:
+    from actors.slo.types import SLOTargets
+    from cluster.commands.status import engine_row
+    from cluster.router import Router
+
+    router = Router.connect(namespace=disagg_cluster.namespace, prefix=disagg_cluster.actor_prefix)
+    assert router.model_info().mode == "disagg"
+    prompts = served_prompts()
+
+    async def main() -> list[Any]:
+        got = await asyncio.gather(*(router_tokens(router, GenerateRequest(f"s{i}", p, GREEDY))
+                                     for i, p in enumerate(prompts)))
+        check_greedy(list(got), unified_reference)
+        with pytest.raises(PromptTooLongError, match="^This model's maximum context length"):
+            await router_tokens(router, GenerateRequest("too-long", [1] * 100, SamplingParams(max_tokens=100_000)))
+        assert await router_tokens(router, GenerateRequest("after", prompts[1], GREEDY)) == got[1]
+        return await router.loads()
+
+    loads = asyncio.run(main())
+    assert sorted(l.engine_id for l in loads) == disagg_cluster.actor_names and all(l.healthy for l in loads)
+    moved = [engine_row(l.to_dict(), SLOTargets())["kv_transfer_bytes"] for l in loads]
+    assert sum(moved) == expected_kv_bytes(tiny_llama, [*prompts, prompts[1]])
+
+
+# -- configuration errors ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(num_gpus_per_actor=1), "takes 2 GPUs"),
+    (dict(num_gpus_per_actor=3), "takes 2 GPUs"),
+    (dict(engine=EngineOptions(admission="reject")), "no admission control"),
+])
+def test_disagg_cluster_config_errors(tiny_llama: Path, kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        ClusterConfig(model=str(tiny_llama), mode="disagg", **kwargs)
+
+
+def test_disagg_actors_take_two_gpus_each(tiny_llama: Path) -> None:
+    cfg = ClusterConfig(model=str(tiny_llama), num_actors=2, mode="disagg")
+    assert gpus_per_actor(cfg, 0) == 0.0 and gpus_per_actor(cfg, 4) == 2.0 and gpus_per_actor(cfg, 5) == 2.0
+    with pytest.raises(ConfigError, match="2 engine actor\\(s\\) need 4 GPUs"):
+        gpus_per_actor(cfg, 3)
+    assert gpus_per_actor(dataclasses.replace(cfg, mode="semi-pd"), 3) == 1.0
+    assert ServeArgs.parse({"model": str(tiny_llama), "mode": "disagg"}).mode == "disagg"
+
+
+@pytest.mark.skipif(torch.cuda.device_count() >= 2, reason="this machine has two GPUs for a pair")
+def test_a_gpu_pair_needs_two_gpus() -> None:
+    with pytest.raises(ConfigError, match="two GPUs per engine"):
+        pair_devices(torch.device("cuda"))
+    assert pair_devices(torch.device("cpu")) == (torch.device("cpu"), torch.device("cpu"))
+
+
+def test_serve_disagg_refuses_admission_before_starting(tiny_llama: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from cluster.cli import main
+
+    assert main(["serve", "--model", str(tiny_llama), "--device", "cpu", "--mode", "disagg",
+                 "--admission", "reject"]) == 2
+    assert "disagg mode has no admission control" in capsys.readouterr().err

@@ -19,6 +19,7 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import replace
 
 import torch
@@ -33,6 +34,11 @@ from actors.request import FinishReason, Request, TokenDelta
 from actors.scheduler.prefill import OrderKey
 
 log = logging.getLogger(__name__)
+
+
+def whole_device(config: EngineConfig) -> EngineConfig:
+    """`config` for a one-worker engine: its worker gets the whole device (no SM split)."""
+    return replace(config, mode="unified")
 
 
 class _MarksAborts(EngineCore):
@@ -78,7 +84,7 @@ class PrefillOnlyEngine(_MarksAborts):
     def __init__(self, config: EngineConfig, emit: Emit, transport: KVTransport, order: OrderKey | None = None) -> None:
         self.transport = transport
         self._marks = {}
-        super().__init__(replace(config, mode="semi-pd"), emit, order)
+        super().__init__(whole_device(config), emit, order)
 
     def _make_workers(self) -> list[Worker]:
         wakeups = {"prefill": Wakeup(), "decode": Wakeup()}  # "decode" is set on handoffs; nobody waits on it
@@ -90,10 +96,11 @@ class PrefillOnlyEngine(_MarksAborts):
         """On the prefill worker: send `req`'s state and the KV of its computed tokens, free its pages."""
         self._forget(req.request_id)  # from here on an abort is the decode side's (or a mark)
         n = pages_for(req.num_computed_tokens, self.pool.page_size)
-        ids = torch.tensor(req.block_ids[:n], dtype=torch.long, device=self.pool.kv.device)
-        kv = self.pool.kv[:, ids]  # [L, n, 2, page_size, Hkv, D], a copy
-        state = state_of(req)
-        self.transport.send(KVPayload(state, kv))
+        stream = self.workers[0].runner.stream
+        with torch.cuda.stream(stream) if stream is not None else nullcontext():  # before the pages' next writes
+            ids = torch.tensor(req.block_ids[:n], dtype=torch.long, device=self.pool.kv.device)
+            kv = self.pool.kv[:, ids]  # [L, n, 2, page_size, Hkv, D], a copy
+            self.transport.send(KVPayload(state_of(req), kv))
         self.prefill.kv.release(req)
 
     def readmit(self, state: RequestState) -> None:
@@ -119,7 +126,7 @@ class DecodeOnlyEngine(_MarksAborts):
         self._stop_import = threading.Event()
         self._importer: threading.Thread | None = None
         self.num_imported = 0
-        super().__init__(replace(config, mode="semi-pd"), emit)
+        super().__init__(whole_device(config), emit)
 
     def _make_workers(self) -> list[Worker]:
         wakeups = {"prefill": Wakeup(), "decode": Wakeup()}
@@ -206,6 +213,8 @@ class DecodeOnlyEngine(_MarksAborts):
             return False
         ids = torch.tensor(blocks, dtype=torch.long, device=self.pool.kv.device)
         self.pool.kv[:, ids] = payload.kv.to(self.pool.kv.device, self.pool.kv.dtype)  # [L, n, 2, ps, Hkv, D]
+        if self.device.type == "cuda":  # the pages are written before the decode worker's stream reads them
+            torch.cuda.current_stream(self.device).synchronize()
         req = request_from(state, self.device)
         req.block_ids = blocks
         reason = self._admit(req)

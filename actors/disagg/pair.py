@@ -3,12 +3,30 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
+from dataclasses import replace
 
-from actors.config import ConfigError, EngineConfig
+import torch
+
+from actors.config import ConfigError, EngineConfig, ModelArch
 from actors.disagg.engines import DecodeOnlyEngine, PrefillOnlyEngine
-from actors.disagg.transport import CpuTransport, KVTransport
+from actors.disagg.transport import CpuTransport, DeviceTransport, KVTransport
+from actors.engine.core import EngineStats
+from actors.engine.partitioner import Partitioner
 from actors.engine.workers import Emit, discard
+from actors.kv.allocator import BlockAllocator
 from actors.request import FinishReason, SamplingParams, TokenDelta
+
+
+def pair_devices(device: torch.device) -> tuple[torch.device, torch.device]:
+    """(prefill, decode) devices of a serving pair: the first two GPUs this process sees (Ray gives a
+    `disagg` engine actor two), or the CPU twice."""
+    if device.type != "cuda":
+        return device, device
+    if torch.cuda.device_count() < 2:
+        raise ConfigError(f"disagg mode needs two GPUs per engine (prefill on one, decode on the other); "
+                          f"this process sees {torch.cuda.device_count()}")
+    return torch.device("cuda", 0), torch.device("cuda", 1)
 
 
 class DisaggPair:
@@ -31,6 +49,17 @@ class DisaggPair:
         self.decode = DecodeOnlyEngine(decode_config, self._on_deltas, self.transport, requeue=self.prefill.readmit)
         if self.prefill.dtype != self.decode.dtype:
             raise ConfigError("the prefill and decode engines must use the same dtype")
+        # no SM split to change: each engine has its whole device (what the actor and the controller read)
+        total = self.prefill.partitioner.total_sms
+        self.partitioner = Partitioner(total, (total,), total)
+
+    @classmethod
+    def serving(cls, config: EngineConfig, emit: Emit) -> DisaggPair:
+        """The pair of a `disagg` engine: both engines with `config`, on `pair_devices`, KV moved by a
+        `DeviceTransport` to the decode device."""
+        prefill_device, decode_device = pair_devices(config.resolved_device)
+        return cls(replace(config, device=str(prefill_device)), replace(config, device=str(decode_device)), emit,
+                   DeviceTransport(decode_device))
 
     # -- EngineCore's request API (what the front ends call) ----------------------
 
@@ -76,6 +105,51 @@ class DisaggPair:
     def num_unfinished(self) -> int:
         with self._lock:
             return len(self._live)
+
+    # -- what an engine actor reads of its core (`actors.gpu_actor.EngineActor`) ------------
+
+    @property
+    def arch(self) -> ModelArch:
+        return self.prefill.arch
+
+    @property
+    def max_model_len(self) -> int:
+        return min(self.prefill.max_model_len, self.decode.max_model_len)
+
+    @property
+    def allocator(self) -> BlockAllocator:
+        """The prefill pool's allocator (the prompts' prefix cache is there)."""
+        return self.prefill.allocator
+
+    @property
+    def device_error(self) -> BaseException | None:
+        return self.prefill.device_error or self.decode.device_error
+
+    @property
+    def on_device_lost(self) -> Callable[[BaseException], None]:
+        return self.prefill.on_device_lost
+
+    @on_device_lost.setter
+    def on_device_lost(self, hook: Callable[[BaseException], None]) -> None:
+        self.prefill.on_device_lost = self.decode.on_device_lost = hook
+
+    def stats(self) -> EngineStats:
+        """One engine's stats: prefill's queue and prefill worker, decode's batch and decode worker (payloads
+        waiting for decode pages count as waiting), KV usage of the fuller pool, pages of both."""
+        p, d = self.prefill.stats(), self.decode.stats()
+        return replace(
+            p, num_waiting=p.num_waiting + self.decode.num_backlogged, num_decoding=d.num_decoding,
+            decode_context_tokens=d.decode_context_tokens, kv_usage=max(p.kv_usage, d.kv_usage),
+            num_pages=p.num_pages + d.num_pages, prefill_sms=self.partitioner.current,
+            total_sms=self.partitioner.total_sms, num_switches=0, switches=(),
+            seconds_since_progress=max(p.seconds_since_progress, d.seconds_since_progress),
+            iterations={**p.iterations, **d.iterations}, busy_seconds={**p.busy_seconds, **d.busy_seconds},
+            iteration_counts={**p.iteration_counts, **d.iteration_counts}, tokens={**p.tokens, **d.tokens},
+            launch_seconds={**p.launch_seconds, **d.launch_seconds}, launch_parts={**p.launch_parts, **d.launch_parts},
+            recent_decode_step_ms=d.recent_decode_step_ms, decode_pace_ms=d.decode_pace_ms,
+            paced_seconds=d.paced_seconds, cuda_alloc_retries=p.cuda_alloc_retries + d.cuda_alloc_retries,
+            cuda_frees=p.cuda_frees + d.cuda_frees,
+        )
 
     def _on_deltas(self, deltas: list[TokenDelta]) -> None:
         done = [d.request_id for d in deltas if d.finished]

@@ -2,8 +2,9 @@
 
 A `KVPayload` is one request's state plus the KV of its computed tokens, whole pages:
 `kv` is [L, n_pages, 2, page_size, Hkv, D] (the pool's layout with the page axis second).
-`CpuTransport` is an in-process queue of CPU copies; a GPU implementation (NCCL / NVLink
-send/recv of the same tensor) would sit behind the same interface.
+`CpuTransport` is an in-process queue of CPU copies; `DeviceTransport` copies the KV to the
+decode engine's device (a peer copy on a stream of its own when both engines are GPUs of one
+process, as in the `disagg` serving mode; a plain copy on the CPU).
 """
 
 from __future__ import annotations
@@ -101,3 +102,62 @@ class CpuTransport(KVTransport):
 
     def __repr__(self) -> str:
         return f"CpuTransport(sent={self.num_sent}, bytes={self.bytes_moved})"
+
+
+class DeviceTransport(KVTransport):
+    """In-process queue; `send` copies the KV to the decode engine's `device`.
+
+    On a GPU the copy runs on a stream of its own (on the source GPU: a copy between two GPUs runs
+    on the source's current stream), after the work queued so far on the sender's current stream
+    (the gather of the pages), so the sender is not held up; the source stays referenced until
+    the copy is done, and `receive` waits for it (on the receiving thread) before it returns the
+    payload. To the CPU the copy is a plain one.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = torch.device(device)
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}  # the copy stream on each source GPU
+        self._queue: queue.Queue[tuple[KVPayload, torch.cuda.Event | None, torch.Tensor | None]] = queue.Queue()
+        self._lock = threading.Lock()
+        self._bytes = 0
+        self.num_sent = 0
+
+    def send(self, payload: KVPayload) -> None:
+        kv, done = (None, None) if payload.kv is None else self._copy(payload.kv)
+        with self._lock:
+            self._bytes += payload.nbytes
+            self.num_sent += 1
+        self._queue.put((KVPayload(payload.state, kv), done, payload.kv if done is not None else None))
+
+    def _copy(self, kv: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        """`kv` on this device, and the event that marks the copy done (None: done already)."""
+        if self.device.type != "cuda":
+            return kv.to(self.device, copy=True), None
+        side = kv.device if kv.is_cuda else self.device
+        stream = self._streams.get(side)
+        if stream is None:
+            stream = self._streams[side] = torch.cuda.Stream(side)
+        if kv.is_cuda:
+            stream.wait_stream(torch.cuda.current_stream(side))  # the gather queued before this send
+        with torch.cuda.stream(stream):
+            out = kv.to(self.device, copy=True, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(stream)
+        return out, done
+
+    def receive(self, timeout: float) -> KVPayload | None:
+        try:
+            payload, done, _source = self._queue.get(timeout=timeout)
+        except queue.Empty:
+            return None
+        if done is not None:
+            done.synchronize()  # the copy is complete: any stream may read it, and the source may go
+        return payload
+
+    @property
+    def bytes_moved(self) -> int:
+        with self._lock:
+            return self._bytes
+
+    def __repr__(self) -> str:
+        return f"DeviceTransport({self.device}, sent={self.num_sent}, bytes={self.bytes_moved})"

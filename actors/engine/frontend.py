@@ -22,6 +22,7 @@ from typing import Any
 
 from actors.config import ConfigError, EngineConfig
 from actors.engine.core import EngineCore
+from actors.engine.workers import Emit
 from actors.request import FinishReason, SamplingParams, TokenDelta
 from actors.runner.sampler import TokenLogprobs
 
@@ -218,13 +219,22 @@ class RequestTimes:
         return (self.token_times[-1] - self.token_times[0]) / (len(self.token_times) - 1)
 
 
+def make_core(config: EngineConfig, emit: Emit) -> EngineCore:
+    """The engine of `config.mode`: an `EngineCore`, or for `disagg` a `DisaggPair` (the same request API)."""
+    if config.mode == "disagg":
+        from actors.disagg.pair import DisaggPair  # built on this package: imported when used
+
+        return DisaggPair.serving(config, emit)  # type: ignore[return-value]
+    return EngineCore(config, emit=emit)
+
+
 class _Frontend:
     """Shared set-up: engine core, tokenizer, request ids, prompt handling."""
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.tokenizer = Tokenizer(config.model)
-        self.core = EngineCore(config, emit=self._route)
+        self.core = make_core(config, self._route)
         self._counter = itertools.count()
 
     def _route(self, deltas: list[TokenDelta]) -> None:

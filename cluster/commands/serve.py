@@ -29,10 +29,12 @@ log = logging.getLogger(__name__)
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="start a local semipd cluster with its HTTP and gRPC front ends")
     p.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
-    p.add_argument("--num-actors", type=int, default=1, help="engine actors (one GPU each when GPUs exist)")
+    p.add_argument("--num-actors", type=int, default=1,
+                   help="engine actors (one GPU each when GPUs exist; --mode disagg: two, prefill and decode)")
     p.add_argument("--redis", metavar="URL", default=None,
                    help="Redis for the SLO controller (default: $SEMIPD_REDIS_URL, else a private redis-server)")
-    p.add_argument("--mode", default="semi-pd", choices=["semi-pd", "unified"])
+    p.add_argument("--mode", default="semi-pd", choices=["semi-pd", "unified", "disagg"],
+                   help="disagg: the DistServe-style baseline, a prefill GPU and a decode GPU per actor")
     p.add_argument("--ttft-slo-ms", type=float, default=1000.0)
     p.add_argument("--tpot-slo-ms", type=float, default=50.0)
     p.add_argument("--policy", default="reactive",

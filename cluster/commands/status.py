@@ -55,6 +55,7 @@ def engine_row(view: Mapping[str, Any], targets: SLOTargets) -> dict[str, Any]:
         tpot_attainment=attainment(s.get("tpot_ms", ()), targets.tpot_ms),
         num_samples=len(s.get("ttft_ms", ())), num_switches=s.get("num_switches", 0),
         redis_ok=redis.get("redis_ok"), switches=s.get("switches", []),
+        kv_transfer_bytes=s.get("kv_transfer_bytes"),  # disagg engines only
     )
 
 
@@ -112,6 +113,10 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.0f}%"
 
 
+def _mib(n: int | None) -> str:
+    return "-" if n is None else f"{n / (1 << 20):.1f} MiB"
+
+
 def render(report: Mapping[str, Any], rows: list[dict[str, Any]], targets: SLOTargets) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -119,14 +124,14 @@ def render(report: Mapping[str, Any], rows: list[dict[str, Any]], targets: SLOTa
     console = Console(width=None if sys.stdout.isatty() else 160)
     table = Table(title=f"semipd engines ({report['source']})")
     for col in ("engine", "node", "state", "split P/T", "waiting (tok)", "prefill", "decode", "in-flight", "KV",
-                f"TTFT<={targets.ttft_ms:g}ms", f"TPOT<={targets.tpot_ms:g}ms", "switches", "redis"):
+                f"TTFT<={targets.ttft_ms:g}ms", f"TPOT<={targets.tpot_ms:g}ms", "switches", "KV moved", "redis"):
         table.add_column(col)
     for r in rows:
         table.add_row(
             r["engine_id"], r["node_id"][:12], r["state"], f"{r['prefill_sms']}/{r['total_sms']}",
             f"{r['num_waiting']} ({r['waiting_prefill_tokens']})", str(r["num_prefilling"]), str(r["num_decoding"]),
             str(r["in_flight"]), f"{100 * r['kv_usage']:.1f}%", _pct(r["ttft_attainment"]),
-            _pct(r["tpot_attainment"]), str(r["num_switches"]),
+            _pct(r["tpot_attainment"]), str(r["num_switches"]), _mib(r["kv_transfer_bytes"]),
             "-" if r["redis_ok"] is None else ("ok" if r["redis_ok"] else "down"),
         )
     console.print(table)
