@@ -174,24 +174,6 @@ def test_abort_in_transit_and_on_decode(stepped_pair: tuple[DisaggPair, Collecte
     assert_all_pages_back(pair)
 
 
-# -- DeviceTransport on the CPU ----------------------------------------------------------------
-
-
-def test_device_transport_on_cpu_gives_cpu_transports_tokens_and_bytes(tiny_llama: Path,
-                                                                      disagg_llm: DisaggLLM) -> None:
-    prompts = make_prompts(4)
-    reference = disagg_llm.generate(prompts, GREEDY)
-    transport = DeviceTransport(torch.device("cpu"))
-    with DisaggLLM(tiny_llama, transport=transport, device="cpu", scheduler=SchedulerConfig(max_prefill_tokens=CHUNK),
-                   prefill_cache=CacheConfig(page_size=PAGE, num_pages=P_PAGES),
-                   decode_cache=CacheConfig(page_size=PAGE, num_pages=D_PAGES)) as llm:
-        outs = llm.generate(prompts, GREEDY)
-        assert_all_pages_back(llm.pair)
-    assert [o.token_ids for o in outs] == [o.token_ids for o in reference]
-    assert transport.num_sent == len(prompts)
-    assert transport.bytes_moved == disagg_llm.transport.bytes_moved > 0
-
-
 # -- the `disagg` serving mode: an engine actor whose core is a DisaggPair -----------------------
 
 

@@ -2,9 +2,9 @@
 
 A `KVPayload` is one request's state plus the KV of its computed tokens, whole pages:
 `kv` is [L, n_pages, 2, page_size, Hkv, D] (the pool's layout with the page axis second).
-`CpuTransport` is an in-process queue of CPU copies; `DeviceTransport` copies the KV to the
-decode engine's device (a peer copy on a stream of its own when both engines are GPUs of one
-process, as in the `disagg` serving mode; a plain copy on the CPU).
+`DeviceTransport` is an in-process queue that copies the KV to the decode engine's device (a peer
+copy on a stream of its own when both engines are GPUs of one process, as in the `disagg` serving
+mode; a plain copy to the CPU, `CpuTransport`).
 """
 
 from __future__ import annotations
@@ -73,37 +73,6 @@ class KVTransport(ABC):
         """KV bytes sent so far."""
 
 
-class CpuTransport(KVTransport):
-    """In-process queue; `send` copies the KV to CPU memory (so the source pages can go)."""
-
-    def __init__(self) -> None:
-        self._queue: queue.Queue[KVPayload] = queue.Queue()
-        self._lock = threading.Lock()
-        self._bytes = 0
-        self.num_sent = 0
-
-    def send(self, payload: KVPayload) -> None:
-        kv = None if payload.kv is None else payload.kv.to("cpu", copy=True)
-        with self._lock:
-            self._bytes += payload.nbytes
-            self.num_sent += 1
-        self._queue.put(KVPayload(payload.state, kv))
-
-    def receive(self, timeout: float) -> KVPayload | None:
-        try:
-            return self._queue.get(timeout=timeout)
-        except queue.Empty:
-            return None
-
-    @property
-    def bytes_moved(self) -> int:
-        with self._lock:
-            return self._bytes
-
-    def __repr__(self) -> str:
-        return f"CpuTransport(sent={self.num_sent}, bytes={self.bytes_moved})"
-
-
 class DeviceTransport(KVTransport):
     """In-process queue; `send` copies the KV to the decode engine's `device`.
 
@@ -161,3 +130,10 @@ class DeviceTransport(KVTransport):
 
     def __repr__(self) -> str:
         return f"DeviceTransport({self.device}, sent={self.num_sent}, bytes={self.bytes_moved})"
+
+
+class CpuTransport(DeviceTransport):
+    """`DeviceTransport` to CPU memory: the KV is staged there (so the source pages can go)."""
+
+    def __init__(self) -> None:
+        super().__init__(torch.device("cpu"))
