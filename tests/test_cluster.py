@@ -506,6 +506,35 @@ def test_errors_and_aborts_pass_through(cluster: ClusterConfig) -> None:
     asyncio.run(main())
 
 
+@pytest.mark.timeout(180)
+def test_admission_refusal_reaches_the_router_whole(ray_multinode: Any, tiny_llama: Path) -> None:
+    """An engine actor with admission control refuses a request whose own TTFT target it cannot meet: Ray pickles
+    the actor's AdmissionRejected to the caller, and the router must raise it whole (the front ends answer it with
+    HTTP 429 / RESOURCE_EXHAUSTED; on the H200, run 20, every refusal became an HTTP 500 instead). The engine
+    serves the requests before and after it."""
+    from actors.slo.admission import AdmissionRejected
+
+    cfg = ClusterConfig(model=str(tiny_llama), num_actors=1, mode="semi-pd", namespace="semipd-admission-test",
+                        slo=SLOTargets(ttft_ms=60_000, tpot_ms=10_000), ready_timeout_s=120,
+                        engine=EngineOptions(num_pages=256, admission="reject", prefill_order="edf"))
+    ensure_cluster(cfg)
+    params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+
+    async def main() -> None:
+        router = Router.connect(namespace=cfg.namespace)
+        assert (await collect(router, GenerateRequest("served", [256, 7, 7], params)))[1] == "length"
+        with pytest.raises(AdmissionRejected) as refused:
+            await collect(router, GenerateRequest("refused", [256, 7, 7], params, ttft_slo_ms=0.001))
+        assert refused.value.predicted_ttft_ms > refused.value.target_ms < 1  # its own target (what is left of it)
+        assert "admission control" in str(refused.value)
+        assert (await collect(router, GenerateRequest("after", [256, 8, 8], params)))[1] == "length"
+
+    try:
+        asyncio.run(main())
+    finally:
+        teardown_cluster(cfg)
+
+
 @pytest.mark.timeout(120)
 def test_busy_engine_gets_fewer_requests(cluster: ClusterConfig) -> None:
     """Load another router put on engine 0 shows up in the reports; new requests go mostly elsewhere."""
