@@ -261,3 +261,39 @@ def test_a_failed_batch_runs_none_of_its_prompts(llm: LLM) -> None:
     alloc = llm.core.allocator
     wait_until(lambda: alloc.num_free == alloc.num_blocks, timeout=5.0, what="every KV block to be free")
     assert llm.generate(["fine"], SamplingParams(temperature=0.0, max_tokens=3))[0].finish_reason in ("stop", "length")
+
+
+def engine_exception_classes() -> list[type[BaseException]]:
+    """Every exception class defined in the `actors` package (what an engine actor may raise to its caller)."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    import actors
+
+    found: dict[str, type[BaseException]] = {}
+    for info in pkgutil.walk_packages(actors.__path__, "actors."):
+        module = importlib.import_module(info.name)
+        for name, obj in inspect.getmembers(module, inspect.isclass):
+            if issubclass(obj, BaseException) and obj.__module__ == module.__name__:
+                found[f"{obj.__module__}.{name}"] = obj
+    return [found[k] for k in sorted(found)]
+
+
+def test_every_engine_exception_survives_pickling() -> None:
+    """Ray pickles an actor's exception to raise it in the caller: a class built from its message alone comes back
+    equal; one whose constructor needs more must say how to rebuild itself (`__reduce__`), or the caller gets an
+    UnserializableException (AdmissionRejected did not, H200 run 20: every refusal an HTTP 500)."""
+    import pickle
+
+    classes = engine_exception_classes()
+    assert {c.__name__ for c in classes} >= {"AdmissionRejected", "ConfigError", "PromptTooLongError",
+                                             "SamplingParamsError", "EngineDeadError"}
+    for cls in classes:
+        try:
+            sent = cls("a message")
+        except TypeError:
+            assert cls.__reduce__ is not BaseException.__reduce__, f"{cls.__name__} cannot be rebuilt from its args"
+            continue
+        got = pickle.loads(pickle.dumps(sent))
+        assert type(got) is cls and str(got) == "a message"
