@@ -85,6 +85,8 @@ class EngineCollector:
             ("vllm:prefix_cache_queries", "prefix_queried_tokens",
              "Prefix cache queries, in prompt tokens of the requests admitted."),
             ("vllm:prefix_cache_hits", "prefix_hit_tokens", "Prefix cache hits, in prompt tokens served from the cache."),
+            ("semipd:cuda_mallocs", "cuda_mallocs",
+             "cudaMalloc calls of the engine's process (torch's cache growing, per stream)."),
             ("semipd:cuda_alloc_retries", "cuda_alloc_retries",
              "cudaMalloc calls of the engine's process that failed and were retried after freeing torch's cache."),
             ("semipd:cuda_frees", "cuda_frees",

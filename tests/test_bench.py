@@ -781,12 +781,14 @@ def test_offered_load_over_the_span_of_arrivals() -> None:
 def test_cuda_allocator_counts_from_the_metric_deltas() -> None:
     result = _result(_ttft_records([100.0]))
     result.server_metrics = {"delta": {
+        'semipd:cuda_mallocs_total{engine="g0",model_name="m"}': 12.0,
         'semipd:cuda_alloc_retries_total{engine="g0",model_name="m"}': 3.0,
         'semipd:cuda_frees_total{engine="g0",model_name="m"}': 41.0,
         'semipd:sm_repartitions_total{engine="g0",model_name="m"}': 1.0,
     }}
-    assert cuda_allocator_counts(result) == {"g0": (3.0, 41.0)}
-    assert format_cuda_allocator(result) == "CUDA allocator during the run: g0: 3 cudaMalloc retries, 41 cudaFree calls"
+    assert cuda_allocator_counts(result) == {"g0": (12.0, 3.0, 41.0)}
+    assert format_cuda_allocator(result) == ("CUDA allocator during the run: g0: 12 cudaMalloc calls, 3 cudaMalloc "
+                                             "retries, 41 cudaFree calls")
     result.server_metrics = None  # vLLM
     assert cuda_allocator_counts(result) == {} and format_cuda_allocator(result) == ""
 

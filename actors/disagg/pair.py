@@ -147,7 +147,8 @@ class DisaggPair:
             iteration_counts={**p.iteration_counts, **d.iteration_counts}, tokens={**p.tokens, **d.tokens},
             launch_seconds={**p.launch_seconds, **d.launch_seconds}, launch_parts={**p.launch_parts, **d.launch_parts},
             recent_decode_step_ms=d.recent_decode_step_ms, decode_pace_ms=d.decode_pace_ms,
-            paced_seconds=d.paced_seconds, cuda_alloc_retries=p.cuda_alloc_retries + d.cuda_alloc_retries,
+            paced_seconds=d.paced_seconds, cuda_mallocs=p.cuda_mallocs + d.cuda_mallocs,
+            cuda_alloc_retries=p.cuda_alloc_retries + d.cuda_alloc_retries,
             cuda_frees=p.cuda_frees + d.cuda_frees,
         )
 

@@ -78,9 +78,11 @@ class EngineStats:
     num_switch_stalls: int = 0  # SM splits adopted by the workers (Worker.adopt_seconds) ...
     switch_stall_seconds: float = 0.0  # ... and the total time the adoptions took
     switches: tuple[SwitchRecord, ...] = ()  # the last RECENT_SWITCHES split changes, oldest first
-    # torch's CUDA caching allocator (0 off the GPU): cudaMalloc calls that failed and were retried after
-    # freeing the cache, and cudaFree calls; each free synchronizes the whole device, so every worker's
-    # stream waits for every other's queued work
+    # torch's CUDA caching allocator (0 off the GPU): cudaMalloc calls (the cache growing: each stream has a pool
+    # of its own, so a split's first iterations allocate), those that failed and were retried after freeing the
+    # cache, and cudaFree calls; each free synchronizes the whole device, so every worker's stream waits for
+    # every other's queued work
+    cuda_mallocs: int = 0
     cuda_alloc_retries: int = 0
     cuda_frees: int = 0
     recent_decode_step_ms: float = 0.0  # the decode worker's mean iteration over the last 2 s (0: none, or unified)
@@ -447,7 +449,8 @@ class EngineCore:
         if self.device.type != "cuda":
             return {}
         stats = torch.cuda.memory_stats(self.device)
-        return dict(cuda_alloc_retries=int(stats.get("num_alloc_retries", 0)),
+        return dict(cuda_mallocs=int(stats.get("num_device_alloc", 0)),
+                    cuda_alloc_retries=int(stats.get("num_alloc_retries", 0)),
                     cuda_frees=int(stats.get("num_device_free", 0)))
 
 

@@ -364,16 +364,17 @@ def format_worker_iterations(result: BenchResult) -> str:
     return "Worker iterations during the run (mean wall time): " + "; ".join(parts)
 
 
-def cuda_allocator_counts(result: BenchResult) -> dict[str, tuple[float, float]]:
-    """engine -> (cudaMalloc retries, cudaFree calls) during the run, from the server's `semipd:cuda_*`
-    counters (empty for servers without them)."""
+def cuda_allocator_counts(result: BenchResult) -> dict[str, tuple[float, float, float]]:
+    """engine -> (cudaMalloc calls, of them retried, cudaFree calls) during the run, from the server's
+    `semipd:cuda_*` counters (empty for servers without them)."""
     delta = (result.server_metrics or {}).get("delta") or {}
-    out: dict[str, tuple[float, float]] = {}
+    out: dict[str, tuple[float, float, float]] = {}
     for series, retries in delta.items():
         if series.startswith("semipd:cuda_alloc_retries_total{"):
             engine = _series_labels(series).get("engine", "?")
-            frees = delta.get(series.replace("semipd:cuda_alloc_retries_total{", "semipd:cuda_frees_total{", 1), 0.0)
-            out[engine] = (retries, frees)
+            mallocs, frees = (delta.get(series.replace("semipd:cuda_alloc_retries_total{", f"semipd:{name}_total{{", 1),
+                                        0.0) for name in ("cuda_mallocs", "cuda_frees"))
+            out[engine] = (mallocs, retries, frees)
     return out
 
 
@@ -382,8 +383,8 @@ def format_cuda_allocator(result: BenchResult) -> str:
     rows = cuda_allocator_counts(result)
     if not rows:
         return ""
-    parts = [f"{engine}: {retries:.0f} cudaMalloc retries, {frees:.0f} cudaFree calls"
-             for engine, (retries, frees) in sorted(rows.items())]
+    parts = [f"{engine}: {mallocs:.0f} cudaMalloc calls, {retries:.0f} cudaMalloc retries, {frees:.0f} cudaFree calls"
+             for engine, (mallocs, retries, frees) in sorted(rows.items())]
     return "CUDA allocator during the run: " + "; ".join(parts)
 
 
