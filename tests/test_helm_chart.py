@@ -362,6 +362,7 @@ BAD_VALUES = [
     ("port-out-of-range", {"grpc": {"port": 70000}}, "grpc/port"),
     ("zero-actors", {"semipd": {"numActors": 0}}, "semipd/numActors"),
     ("bad-upgrade-strategy", {"upgradeStrategy": "Rolling"}, "upgradeStrategy"),
+    ("disagg-on-one-gpu-pods", {"semipd": {"mode": "disagg"}}, "worker/resources/limits/nvidia.com/gpu"),
 ]
 
 
@@ -372,6 +373,14 @@ def test_schema_rejects_bad_values(chart: Chart, values_schema: dict[str, Any], 
     paths = ["/".join(map(str, e.absolute_path)) for e in errors]
     assert errors, f"schema accepted {override}"
     assert any(p.startswith(where) for p in paths), f"errors at {paths}, expected under {where!r}"
+
+
+def test_schema_takes_disagg_on_pods_of_an_even_gpu_count(chart: Chart, values_schema: dict[str, Any]) -> None:
+    for gpus in (2, "4"):
+        gpu = {"nvidia.com/gpu": gpus}
+        values = merge_values(chart.values, {"semipd": {"mode": "disagg", "numActors": 1},
+                                             "worker": {"resources": {"limits": gpu, "requests": gpu}}})
+        assert not list(jsonschema.Draft7Validator(values_schema).iter_errors(values)), gpus
 
 
 def test_examples_keep_one_actor_per_gpu(chart: Chart) -> None:
