@@ -267,8 +267,10 @@ class EngineActor:
         from actors.slo.profiler import engine_latency_model
 
         model = engine_latency_model(self.llm.core, source)
-        log.info("%s: latency model %s (%d samples, %s)", self.engine_id, model.key, model.num_samples,
-                 source.path or "not saved")
+        log.info("%s: latency model %s (%d samples, %s; contention beside the other phase at an even split, and "
+                 "its slope over the other's share of the SMs: prefill %.3f %+.3f, decode %.3f %+.3f)", self.engine_id,
+                 model.key, model.num_samples, source.path or "not saved", model.prefill.contention,
+                 model.prefill.contention_slope, model.decode.contention, model.decode.contention_slope)
         return model
 
     def _start_background(self) -> None:

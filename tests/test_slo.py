@@ -118,6 +118,24 @@ def test_fit_recovers_known_parameters() -> None:
     assert got.prefill.slowdown(66, 132) == pytest.approx(2.0, rel=1e-3)
 
 
+def test_fit_recovers_contention_that_grows_with_the_other_phases_share() -> None:
+    base = h100_llama8b()
+    truth = replace(base, decode=replace(base.decode, contention=0.2, contention_slope=0.6))
+    got = fit(synthetic_samples(truth), truth.device, truth.model, 132, SPLITS)
+    assert (got.decode.contention, got.decode.contention_slope) == pytest.approx((0.2, 0.6), rel=1e-3)
+    assert got.prefill.contention_slope == pytest.approx(0.0, abs=1e-6)
+    # beside a wider prefill, decode slows by more than its fewer SMs say
+    def ratio(concurrent: bool) -> float:
+        return got.decode_step_ms(32, 32 * 700, 60, concurrent) / got.decode_step_ms(32, 32 * 700, 68, concurrent)
+
+    wider = (1 + truth.decode.contention_at(60, 132)) / (1 + truth.decode.contention_at(68, 132))  # 72 vs 64 beside
+    assert ratio(True) == pytest.approx(ratio(False) * wider, rel=1e-3) and wider > 1.02
+    assert LatencyModel.from_dict(got.to_dict()) == got
+    old = got.to_dict()
+    del old["decode"]["contention_slope"]  # a profile saved before the slope existed
+    assert LatencyModel.from_dict(old).decode.contention_slope == 0.0
+
+
 def test_fit_with_noise_stays_close() -> None:
     truth = h100_llama8b()
     got = fit(synthetic_samples(truth, noise=0.03, seed=1), truth.device, truth.model, 132, SPLITS)
