@@ -147,6 +147,7 @@ class Worker:
         return True
 
     def _loop(self) -> None:
+        self.runner.enter_thread()
         try:
             self._iterate()
             self.finish()

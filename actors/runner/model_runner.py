@@ -89,6 +89,12 @@ class ModelRunner:
         self.stream = partition.stream
         self.sms = partition.gemm_sms
 
+    def enter_thread(self) -> None:
+        """The calling thread runs this runner's iterations from now on: its current device becomes the runner's
+        (a new thread starts on the first GPU; disagg's decode engine runs on the second)."""
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+
     def leave_thread(self) -> None:
         """The calling thread runs no more iterations: its cuBLAS handle, which torch hands to a later
         thread, goes back to GEMMs sized for the whole GPU."""
