@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import replace
 
 import torch
@@ -29,6 +30,12 @@ def pair_devices(device: torch.device) -> tuple[torch.device, torch.device]:
     return torch.device("cuda", 0), torch.device("cuda", 1)
 
 
+def on_device(config: EngineConfig) -> AbstractContextManager[object]:
+    """The engine's GPU as the current device while it is built (nothing on the CPU)."""
+    device = config.resolved_device
+    return torch.cuda.device(device) if device.type == "cuda" else nullcontext()
+
+
 class DisaggPair:
     """Requests enter the prefill engine, move to the decode engine through `transport`
     with their KV, and (if preempted there) come back. Deltas of both engines go to `emit`
@@ -45,8 +52,11 @@ class DisaggPair:
         self._emit = emit
         self._lock = threading.Lock()
         self._live: set[str] = set()
-        self.prefill = PrefillOnlyEngine(prefill_config, self._on_deltas, self.transport)
-        self.decode = DecodeOnlyEngine(decode_config, self._on_deltas, self.transport, requeue=self.prefill.readmit)
+        with on_device(prefill_config):
+            self.prefill = PrefillOnlyEngine(prefill_config, self._on_deltas, self.transport)
+        with on_device(decode_config):  # its graphs, kernels and cuBLAS handles made on its own GPU
+            self.decode = DecodeOnlyEngine(decode_config, self._on_deltas, self.transport,
+                                           requeue=self.prefill.readmit)
         if self.prefill.dtype != self.decode.dtype:
             raise ConfigError("the prefill and decode engines must use the same dtype")
         # no SM split to change: each engine has its whole device (what the actor and the controller read)
