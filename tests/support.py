@@ -13,8 +13,13 @@ import random
 import socket
 import threading
 import time
-from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from actors.engine.frontend import StreamChunk
+    from cluster.engine_client import GenerateRequest
+    from cluster.router import Router
 
 T = TypeVar("T")
 
@@ -149,3 +154,28 @@ class LiveServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+async def collect(router: Router, req: GenerateRequest) -> tuple[list[int], str | None, str | None]:
+    """A request's token ids through `router`, with its finish reason and error (the last chunk's)."""
+    ids: list[int] = []
+    finish = error = None
+    async for chunk in router.generate(req):
+        ids.extend(chunk.token_ids)
+        finish, error = chunk.finish_reason or finish, chunk.error or error
+    return ids, finish, error
+
+
+async def actor_stream(actor: Any, request: GenerateRequest) -> AsyncIterator[StreamChunk]:
+    """One request's chunks from an in-process EngineActor, through its own subscriber's batches."""
+    subscriber = f"test-{request.request_id}"
+    outputs = actor.outputs(subscriber)
+    await actor.submit(request, subscriber)
+    try:
+        async for batch in outputs:
+            for chunk in batch:
+                yield chunk
+                if chunk.finished:
+                    return
+    finally:
+        await outputs.aclose()

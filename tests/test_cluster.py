@@ -29,7 +29,7 @@ from cluster.engine_client import GenerateRequest, NoCapacityError
 from cluster.redis_store import RedisStore
 from cluster.router import Router
 
-from support import async_wait_until, free_port, wait_until
+from support import actor_stream, async_wait_until, collect, free_port, wait_until
 
 NODES = ("semipd_node_a", "semipd_node_b")
 
@@ -39,31 +39,7 @@ def prompts(n: int, seed: int) -> list[list[int]]:
     return [[256] + [rng.randrange(0, 256) for _ in range(rng.randrange(2, 40))] for _ in range(n)]
 
 
-async def collect(router: Router, req: GenerateRequest) -> tuple[list[int], str | None, str | None]:
-    ids: list[int] = []
-    finish = error = None
-    async for chunk in router.generate(req):
-        ids.extend(chunk.token_ids)
-        finish, error = chunk.finish_reason or finish, chunk.error or error
-    return ids, finish, error
-
-
 # -- EngineActor as a plain class (no Ray) ---------------------------------------------------
-
-
-async def actor_stream(actor: Any, request: GenerateRequest) -> AsyncIterator[StreamChunk]:
-    """One request's chunks from an in-process EngineActor, through its own subscriber's batches."""
-    subscriber = f"test-{request.request_id}"
-    outputs = actor.outputs(subscriber)
-    await actor.submit(request, subscriber)
-    try:
-        async for batch in outputs:
-            for chunk in batch:
-                yield chunk
-                if chunk.finished:
-                    return
-    finally:
-        await outputs.aclose()
 
 
 def test_rate_window_counts_only_its_span() -> None:

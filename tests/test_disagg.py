@@ -30,7 +30,7 @@ from cluster.bootstrap import ClusterConfig, EngineOptions, ensure_cluster, gpus
 from cluster.engine_client import GenerateRequest
 from cluster.serve_app import ServeArgs
 
-from support import wait_until
+from support import actor_stream, collect, wait_until
 
 CHUNK = 64  # prefill token budget: prompts above it take several iterations
 PAGE = 16
@@ -186,20 +186,9 @@ def expected_kv_bytes(model_dir: Path, prompts: list[list[int]]) -> int:
 
 
 async def actor_tokens(actor: Any, request: GenerateRequest) -> list[int]:
-    subscriber = f"test-{request.request_id}"
-    outputs = actor.outputs(subscriber)
-    await actor.submit(request, subscriber)
-    ids: list[int] = []
-    try:
-        async for batch in outputs:
-            for chunk in batch:
-                ids.extend(chunk.token_ids)
-                if chunk.finished:
-                    assert chunk.finish_reason == "length", chunk
-                    return ids
-    finally:
-        await outputs.aclose()
-    raise AssertionError("the stream ended without a finished chunk")
+    chunks = [c async for c in actor_stream(actor, request)]
+    assert chunks[-1].finish_reason == "length", chunks[-1]
+    return [t for c in chunks for t in c.token_ids]
 
 
 @pytest.fixture
@@ -257,11 +246,8 @@ def disagg_cluster(ray_multinode: Any, tiny_llama: Path) -> Iterator[ClusterConf
 
 
 async def router_tokens(router: Any, request: GenerateRequest) -> list[int]:
-    ids: list[int] = []
-    async for chunk in router.generate(request):
-        ids.extend(chunk.token_ids)
-        if chunk.finished:
-            assert chunk.finish_reason == "length", chunk
+    ids, finish, _ = await collect(router, request)
+    assert finish == "length", finish
     return ids
 
 
