@@ -22,7 +22,7 @@ from cluster.bench.metrics import SLOs, MetricsError, compute_metrics, parse_met
 from cluster.bench.report import (
     BenchResult, cuda_allocator_counts, format_cuda_allocator, format_failures, format_prefix_cache, format_result_block,
     format_split_changes, format_worker_iterations, load_result, metrics_under, plot_results, prefix_cache_counts,
-    rate_of, results_figure, streaming_around, sustained_rates,
+    rate_of, results_figure, streaming_around, sustained_rates, token_times,
     iteration_quantiles, worker_iterations, WorkerIterations, write_result,
 )
 from cluster.bench.serve_bench import ServeBenchConfig, result_path, run_rate, split_changes
@@ -823,12 +823,12 @@ def test_streaming_around_a_switch_shows_a_stall_after_it() -> None:
                              num_chunks=351, ttft_s=0.1, itl_s=gaps)
 
     failed = RequestRecord(2, "chat", 8, 10, success=False, ttft_s=0.1, itl_s=[0.01] * 500)
-    records = [streaming(0), streaming(1), failed]
-    before, after = streaming_around(records, 2.0)
+    times = token_times([streaming(0), streaming(1), failed])
+    before, after = streaming_around(times, 2.0)
     assert before == pytest.approx(200.0, abs=2.1)  # a chunk at an edge of the second may fall either side
     assert after == pytest.approx(40.0, abs=4.1)
-    assert streaming_around(records[:2], 2.0) == (before, after)
-    assert streaming_around(records, 1.0, span_s=0.5)[1] == pytest.approx(200.0, abs=4.1)  # no stall there
+    assert streaming_around(token_times([streaming(0), streaming(1)]), 2.0) == (before, after)
+    assert streaming_around(times, 1.0, span_s=0.5)[1] == pytest.approx(200.0, abs=4.1)  # no stall there
 
 
 def test_split_changes_say_when_an_engine_lost_its_switch_log() -> None:

@@ -243,12 +243,11 @@ def token_times(records: list[RequestRecord]) -> list[tuple[float, float]]:
     return out
 
 
-def streaming_around(records: list[RequestRecord], at_s: float, span_s: float = 1.0, bin_s: float = 0.5
+def streaming_around(times: list[tuple[float, float]], at_s: float, span_s: float = 1.0, bin_s: float = 0.5
                      ) -> tuple[float, float]:
-    """Tokens per second streamed to all clients in the `span_s` before `at_s`, and in the slowest `bin_s` of
-    the `span_s` after it: what a split switch cost decode (a stall shows as a slow half second; H200,
+    """Tokens per second streamed to all clients (`token_times`) in the `span_s` before `at_s`, and in the slowest
+    `bin_s` of the `span_s` after it: what a split switch cost decode (a stall shows as a slow half second; H200,
     2026-12-04, run 20: 64 -> 72 prefill SMs, ~3,800 tokens/s before, ~2,000 in the half second after)."""
-    times = token_times(records)
     before = sum(n for t, n in times if at_s - span_s <= t < at_s) / span_s
     bins = [sum(n for t, n in times if at_s + k * bin_s <= t < at_s + (k + 1) * bin_s) / bin_s
             for k in range(max(1, round(span_s / bin_s)))]
@@ -262,6 +261,7 @@ def format_split_changes(result: BenchResult, limit: int = 20) -> str:
         return ""
     lost = [c["engine_id"] for c in changes if c.get("log_lost")]
     counted = sum(c.get("omitted", 1) for c in changes if not c.get("log_lost"))
+    times = token_times(result.records)
     lines = [f"SM split changes during the run: {counted}" + (f" and those of {len(lost)} engine(s) whose log was lost"
                                                               if lost else "")]
     for c in changes[:limit]:
@@ -270,7 +270,7 @@ def format_split_changes(result: BenchResult, limit: int = 20) -> str:
         elif "omitted" in c:
             lines.append(f"  {c['engine_id']}: {c['omitted']} more not listed by the server")
         else:
-            before, after = streaming_around(result.records, c["time_s"])
+            before, after = streaming_around(times, c["time_s"])
             lines.append(f"  t={c['time_s']:7.2f}s {c['engine_id']}: {c['from_sms']} -> {c['to_sms']} prefill SMs"
                          f" (streamed {before:,.0f} tokens/s in the second before, {after:,.0f} in the slowest half"
                          f" second of the one after; {c['reason']})")
