@@ -144,11 +144,16 @@ class PhaseModel:
         more power: on the H200 (2026-12-04, run 20, chat at 40.6 req/s) decode's steps on 60 SMs beside prefill
         on 72 took 1.20x those on 68 beside 64, where the model with one contention for every split (the fewer
         SMs and the larger batch, 30 against 25) said 1.09x."""
-        return max(0.0, self.contention + self.contention_slope * (1.0 - sms / total_sms - 0.5))
+        return max(0.0, self.contention + self.contention_slope * other_share_past_even(sms, total_sms))
 
     def predict(self, x0: float, x1: float, sms: float, total_sms: int, concurrent: bool = False) -> float:
         t = self.base_ms(x0, x1) * self.slowdown(sms, total_sms)
         return t * (1.0 + self.contention_at(sms, total_sms)) if concurrent else t
+
+
+def other_share_past_even(sms: float, total_sms: int) -> float:
+    """The other phase's share of the SMs, minus 1/2, when this one runs on `sms` (what contention grows with)."""
+    return 0.5 - sms / total_sms
 
 
 def _slowdown(kind: str, scale: float, sms: np.ndarray, total: int) -> np.ndarray:
@@ -367,7 +372,7 @@ def _fit_contention(base: PhaseModel, samples: Sequence[Sample], total_sms: int)
         return 0.0, 0.0
     pred = np.array([base.predict(s.x[0], s.x[1], s.sms, total_sms) for s in conc])
     excess = np.array([s.ms for s in conc]) / np.clip(pred, 1e-12, None) - 1.0
-    other = np.array([0.5 - s.sms / total_sms for s in conc])
+    other = np.array([other_share_past_even(s.sms, total_sms) for s in conc])
     i, j = np.triu_indices(len(conc), k=1)
     apart = np.abs(other[j] - other[i]) > 1e-9
     if not apart.any():
