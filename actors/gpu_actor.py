@@ -440,8 +440,6 @@ class EngineActor:
         return dict(changed=changed, prefill_sms=self.llm.core.partitioner.current)
 
     def _apply_from_controller(self, prefill_sms: int, reason: str) -> bool:
-        if self.config.mode == "disagg":
-            return False
         changed = self.llm.core.partitioner.switch(prefill_sms, reason)
         if changed:
             log.info("%s: split -> %d prefill SMs (%s)", self.engine_id, prefill_sms, reason)
