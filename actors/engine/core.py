@@ -209,11 +209,12 @@ class EngineCore:
         after one of the whole job).
 
         On a GPU they run on every partition the worker may move to, at sizes down to a few tokens
-        (`warm_up_sizes`; up to `OTHER_SPLITS_WARM_UP_TOKENS` on splits other than the starting one): cuBLAS picks its kernels by shape and by the SMs a partition's GEMMs are sized for, and
-        CUDA loads a kernel at its first launch, which may wait for the whole device. A split first used
-        mid-serving stalled the other worker: on the H200 (2026-12-04, run 20) a move from 64 to 72 prefill SMs
-        under chat at 40 req/s halved the tokens decode emitted for a second (mean ITL 20 ms in its second half
-        second), where 72 held throughout ran at 10-11 ms."""
+        (`warm_up_sizes`; up to `OTHER_SPLITS_WARM_UP_TOKENS` on splits other than the starting one): cuBLAS picks
+        its kernels by shape and by the SMs a partition's GEMMs are sized for, CUDA loads a kernel at its first
+        launch, which may wait for the whole device, and torch's allocator keeps a pool per stream. On the H200
+        (2026-12-04, run 20) a move from 64 to 72 prefill SMs, a split not used before, under chat at 40 req/s
+        was followed by a second in which decode streamed half its tokens (mean ITL 20 ms in its second half
+        second), where 72 held throughout ran at 10-11 ms; not proven to be the first use."""
         ps = self.pool.page_size
         on_gpu = self.device.type == "cuda"
         largest = self.config.scheduler.max_prefill_tokens if on_gpu else ps + 1
