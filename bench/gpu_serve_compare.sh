@@ -161,16 +161,7 @@ sweeps() {  # label t0 [sweeps]: every rate of the sweeps (default SWEEPS) while
 }
 
 pin_split() {  # redis prefill_sms: pin every engine and wait (30 s at most) until the engine runs the pinned split
-  python3 -m cluster.cli pin --redis "$1" --prefill-sms "$2" >/dev/null || return 1
-  for _ in $(seq 60); do
-    python3 -m cluster.cli status --redis "$1" --json | python3 -c "
-import json, sys
-s = json.load(sys.stdin); d = s['decisions'][0] if s['decisions'] else {}
-sys.exit(0 if d.get('reason', '').startswith('pinned to $2 ') and s['engines'][0]['prefill_sms'] == d['to'] else 1)" \
-      && return 0
-    sleep 0.5
-  done
-  echo "pin to $2 SMs not applied within 30 s"; return 1
+  python3 -m cluster.cli pin --redis "$1" --prefill-sms "$2" --wait 30 >/dev/null
 }
 
 run_config() {  # config

@@ -463,6 +463,43 @@ def test_operator_pin_overrides_the_policy_and_its_dwell(redis_server: Any, caps
     assert "--prefill-sms must be a positive SM count" in capsys.readouterr().err
 
 
+def test_pin_wait_returns_once_every_pinned_engine_runs_its_split(redis_server: Any,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """`semipd pin --wait S`: exit 0 once a controller tick has read the pin and the engine runs the split
+    nearest it, a pin to the split it already runs included (no decision is written for that); exit 1, naming
+    why, with no controller ticking or with the engine still on another split after S seconds."""
+    from cluster.cli import main as cli_main
+
+    cfg = ControllerConfig(redis_server.url, "pinwait", min_dwell_s=60.0, min_samples=4, interval_s=0.05,
+                           lease_s=5.0)
+    pin = ["pin", "--redis", redis_server.url, "--cluster-name", "pinwait"]
+
+    async def pin_and_wait(prefill_sms: int, wait_s: float) -> int:
+        return await asyncio.to_thread(cli_main, [*pin, "--prefill-sms", str(prefill_sms), "--wait", str(wait_s)])
+
+    async def main() -> None:
+        store = RedisStore(redis_server.url, "pinwait")
+        await store.publish_view("e-0", _published("e-0", 64, 10), 60_000)
+        assert await pin_and_wait(64, 0.5) == 1
+        assert "no controller tick within 0.5 s" in capsys.readouterr().err
+
+        ctl = Controller(cfg, _Flip(), leader_id="ctl-w")
+        await ctl.start()
+        assert await pin_and_wait(64, 10) == 0  # already there
+        assert await store.decisions() == []
+        assert await pin_and_wait(80, 1) == 1  # decided, but the engine has not taken it
+        assert "not on their pinned split after 1 s: e-0" in capsys.readouterr().err
+        assert (await store.get_split("e-0") or {}).get("prefill_sms") == 80
+        await store.publish_view("e-0", _published("e-0", 80, 10), 60_000)
+        assert await pin_and_wait(80, 10) == 0
+        await ctl.stop()
+        await store.aclose()
+
+    run(main())
+    assert cli_main([*pin, "--prefill-sms", "64", "--wait", "-1"]) == 2
+    assert "--wait must be >= 0 seconds" in capsys.readouterr().err
+
+
 def test_controller_survives_redis_outage(redis_server: Any) -> None:
     cfg = ControllerConfig(redis_server.url, "outage", min_dwell_s=0.0, min_samples=1, interval_s=0.1, lease_s=1.0,
                            max_backoff_s=0.3)

@@ -2,12 +2,24 @@
 
 The controller applies a pin at its next tick (no dwell, no warm-up) and keeps it until
 `--clear`; each engine takes the available split nearest the pinned prefill SM count.
+`--wait S` returns only once every pinned engine runs its split (exit 1 after S seconds).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
+import time
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from actors.slo.types import nearest_split
+
+if TYPE_CHECKING:
+    from cluster.redis_store import RedisStore
+
+POLL_S = 0.2
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -18,16 +30,61 @@ def register(sub: argparse._SubParsersAction) -> None:
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--prefill-sms", type=int, help="SMs for prefill; the nearest available split is used")
     what.add_argument("--clear", action="store_true", help="remove the pin; the split policy decides again")
+    p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                   help="wait until every pinned engine runs its pinned split; exit 1 if not within SECONDS")
     p.set_defaults(func=run)
 
 
-async def _set_pin(url: str, cluster: str, target: str, prefill_sms: int | None) -> dict[str, int]:
+def _tick_mark(status: Mapping[str, Any] | None) -> tuple[Any, Any] | None:
+    """What changes with every controller tick: its leader and the tick's time (None: no controller)."""
+    return None if status is None else (status.get("leader"), status.get("time"))
+
+
+def engines_off_pin(views: Mapping[str, Mapping[str, Any]], pins: Mapping[str, int],
+                    pending: Mapping[str, Mapping[str, Any] | None]) -> list[str]:
+    """Pinned engines not yet settled on the split nearest their pin: either running another split, or with
+    a last decision (`pending`) for another one still to take."""
+    from cluster.controller import view_from_dict
+
+    off = []
+    for eid, published in sorted(views.items()):
+        pin = pins.get(eid, pins.get("*"))
+        if pin is None or published.get("draining"):
+            continue
+        view = view_from_dict(published)
+        target = nearest_split(view.splits, pin)
+        last = pending.get(eid)
+        if view.prefill_sms != target or (last is not None and int(last["prefill_sms"]) != target):
+            off.append(eid)
+    return off
+
+
+async def _wait_applied(store: RedisStore, before: tuple[Any, Any] | None, timeout_s: float) -> str | None:
+    """None once the controller has ticked since the pin and every pinned engine runs its split; else why not."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        ticked = _tick_mark(await store.controller_status()) not in (None, before)
+        views = await store.read_views()
+        off = engines_off_pin(views, await store.pins(), {eid: await store.get_split(eid) for eid in views})
+        if ticked and not off:
+            return None
+        if time.monotonic() >= deadline:
+            return (f"not on their pinned split after {timeout_s:g} s: {', '.join(off)}" if ticked
+                    else f"no controller tick within {timeout_s:g} s (is the SLO controller running?)")
+        await asyncio.sleep(POLL_S)
+
+
+async def _set_pin(url: str, cluster: str, target: str, prefill_sms: int | None,
+                   wait_s: float) -> tuple[dict[str, int], str | None]:
+    """The pins after the change, and (with `wait_s` > 0) why they were not applied in time (None: applied)."""
     from cluster.redis_store import RedisStore
 
     store = RedisStore(url, cluster, timeout_s=3.0)
     try:
+        before = _tick_mark(await store.controller_status())
         await store.set_pin(target, prefill_sms)
-        return await store.pins()
+        pins = await store.pins()
+        return pins, (await _wait_applied(store, before, wait_s) if wait_s > 0 else None)
     finally:
         await store.aclose()
 
@@ -37,9 +94,15 @@ def run(args: argparse.Namespace) -> int:
 
     if args.prefill_sms is not None and args.prefill_sms < 1:
         raise ValueError(f"--prefill-sms must be a positive SM count, got {args.prefill_sms}")
+    if args.wait < 0:
+        raise ValueError(f"--wait must be >= 0 seconds, got {args.wait}")
     url = args.redis or env_defaults().get("redis_url")
     if not url:
         raise ValueError("give --redis URL (or set SEMIPD_REDIS_URL)")
-    pins = asyncio.run(_set_pin(url, args.cluster_name, args.engine, None if args.clear else args.prefill_sms))
+    pins, not_applied = asyncio.run(_set_pin(url, args.cluster_name, args.engine,
+                                             None if args.clear else args.prefill_sms, args.wait))
     print("pins: " + (", ".join(f"{k}={v}" for k, v in sorted(pins.items())) or "none"))
+    if not_applied is not None:
+        print(f"semipd pin: {not_applied}", file=sys.stderr)
+        return 1
     return 0
