@@ -831,6 +831,41 @@ def test_streaming_around_a_switch_shows_a_stall_after_it() -> None:
     assert streaming_around(times, 1.0, span_s=0.5)[1] == pytest.approx(200.0, abs=4.1)  # no stall there
 
 
+def test_timeline_places_misses_streaming_and_switches_in_their_second(tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """Misses count in the second a request arrived, streamed tokens and their gaps in the second they reached
+    the client, split changes in the second they happened; a wider bin sums them."""
+    from cluster.bench.timeline import timeline
+
+    records = [
+        _rec(0, 0.1, 1.1, 3, [0.5, 0.5], start=0.2),  # chunks at 0.8 s and 1.3 s; TPOT 500 ms
+        _rec(1, None, None, 0, ok=False, start=1.5),
+        _rec(2, 2.0, 2.0, 1, [], start=1.7, prompt=30),  # TTFT 2 s, one token: no TPOT
+    ]
+    result = _result(records, slos=SLOs(ttft_ms=1000, tpot_ms=100))
+    result.split_changes = [{"engine_id": "e0", "time_s": 1.2, "from_sms": 64, "to_sms": 72, "reason": "r"},
+                            {"engine_id": "e1", "omitted": 2}]
+    first, second = timeline(result)
+    assert (first.arrived, first.prompt_tokens, first.streamed_tokens, first.itl_s) == (1, 10, 1.0, 0.5)
+    assert (first.ttft_missed, first.tpot_missed, first.failed, first.split_changes) == (0, 1, 0, ())
+    assert (second.arrived, second.prompt_tokens, second.streamed_tokens) == (2, 40, 1.0)
+    assert (second.ttft_missed, second.tpot_missed, second.failed, second.split_changes) == (1, 0, 1, ("e0 64->72",))
+    (whole,) = timeline(result, bin_s=2.0)
+    assert (whole.arrived, whole.streamed_tokens, whole.ttft_missed, whole.tpot_missed) == (3, 2.0, 1, 1)
+    assert timeline(result, SLOs(ttft_ms=3000))[1].ttft_missed == 0
+    with pytest.raises(ValueError, match="bin_s must be > 0"):
+        timeline(result, bin_s=0.0)
+
+    path = write_result(result, tmp_path / "run.json")
+    assert cli_main(["bench", "timeline", str(path), "--goodput", "ttft:1000", "tpot:100"]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert rows[0].startswith("a at 4 req/s configured, 3 requests")
+    assert "TTFT>1000ms" in rows[1] and "TPOT>100ms" in rows[1]
+    assert rows[4].split() == ["1.0-2.0", "2.0", "40", "1", "500.0", "1", "0", "1", "e0", "64->72"]
+    assert cli_main(["bench", "timeline", str(tmp_path / "missing.json")]) == 2
+    assert "result file not found" in capsys.readouterr().err
+
+
 def test_split_changes_say_when_an_engine_lost_its_switch_log() -> None:
     """An engine that died during the run (gone from `/splits`) or was started again (its count fell)
     recorded switches that nobody can list: the result says so instead of showing none."""

@@ -34,6 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     bench_sub = p.add_subparsers(dest="bench_command", required=True)
     _register_serve(bench_sub)
     _register_plot(bench_sub)
+    _register_timeline(bench_sub)
     for name in BENCH_MODULES:
         if importlib.util.find_spec(name) is not None:
             module = importlib.import_module(name)
@@ -276,4 +277,25 @@ def run_plot(args: argparse.Namespace) -> int:
     print(f"wrote {path}")
     if rates is not None:
         print(format_sustained_rates(rates))
+    return 0
+
+
+def _register_timeline(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("timeline", help="one run second by second: arrivals, streaming, misses, split changes")
+    p.add_argument("result", metavar="RESULT.json", help="a result file of `bench serve`")
+    p.add_argument("--bin-s", type=_type(_positive_float), default=1.0, metavar="S", help="bin width (default 1 s)")
+    p.add_argument("--goodput", nargs="+", type=_type(_slo_item), default=None, metavar="KEY:MS",
+                   help="targets for the miss columns (default: those stored in the result)")
+    p.set_defaults(func=run_timeline)
+
+
+def run_timeline(args: argparse.Namespace) -> int:
+    from cluster.bench.metrics import SLOs
+    from cluster.bench.report import load_result
+    from cluster.bench.timeline import format_timeline, timeline
+
+    result = load_result(args.result)
+    slos = SLOs.parse(args.goodput) if args.goodput else result.slos
+    print(f"{result.label} at {result.request_rate:g} req/s configured, {len(result.records)} requests")
+    print(format_timeline(timeline(result, slos, args.bin_s), args.bin_s, slos))
     return 0

@@ -1,0 +1,108 @@
+"""A serving run second by second: what arrived, what streamed, which requests missed their targets, and the
+SM split changes, so a window's misses can be placed in time (`semipd bench timeline RESULT.json`).
+
+Misses are counted by the bin a request arrived in; streaming (tokens per second, mean inter-token latency)
+by the bin its chunks reached the client in. Times are seconds from the run's start, as in the result JSON.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from cluster.bench.client import RequestRecord
+from cluster.bench.metrics import SLOs
+from cluster.bench.report import BenchResult
+
+
+@dataclass(frozen=True)
+class TimelineBin:
+    """One bin of `bin_s` seconds from `start_s`."""
+
+    start_s: float
+    arrived: int
+    prompt_tokens: int  # of the requests that arrived in the bin
+    streamed_tokens: float  # after each request's first, by when its chunk arrived
+    itl_s: float | None  # streamed gaps / streamed tokens (None: nothing streamed)
+    ttft_missed: int  # of the requests that arrived in the bin
+    tpot_missed: int
+    failed: int
+    split_changes: tuple[str, ...]  # "engine from->to"
+
+
+@dataclass
+class _Tally:
+    arrived: int = 0
+    prompt_tokens: int = 0
+    streamed_tokens: float = 0.0
+    gaps_s: float = 0.0
+    ttft_missed: int = 0
+    tpot_missed: int = 0
+    failed: int = 0
+
+
+def _misses(r: RequestRecord, slos: SLOs) -> tuple[bool, bool]:
+    """(TTFT missed, TPOT missed) of a successful request; a target not set is never missed."""
+    ttft_missed = slos.ttft_ms is not None and r.ttft_s is not None and 1000.0 * r.ttft_s > slos.ttft_ms
+    tpot = r.tpot_s
+    tpot_missed = slos.tpot_ms is not None and tpot is not None and 1000.0 * tpot > slos.tpot_ms
+    return ttft_missed, tpot_missed
+
+
+def timeline(result: BenchResult, slos: SLOs | None = None, bin_s: float = 1.0) -> list[TimelineBin]:
+    """`result` in bins of `bin_s` seconds, from 0 to the last chunk; `slos` default to the result's own."""
+    if not bin_s > 0:
+        raise ValueError(f"bin_s must be > 0, got {bin_s}")
+    slos = result.slos if slos is None else slos
+    tallies: dict[int, _Tally] = {}
+
+    def at(t: float) -> _Tally:
+        return tallies.setdefault(max(0, math.floor(t / bin_s)), _Tally())
+
+    for r in result.records:
+        arrival = at(r.start_s)
+        arrival.arrived += 1
+        arrival.prompt_tokens += r.input_tokens
+        if not r.success:
+            arrival.failed += 1
+            continue
+        ttft_missed, tpot_missed = _misses(r, slos)
+        arrival.ttft_missed += ttft_missed
+        arrival.tpot_missed += tpot_missed
+        if r.ttft_s is None or not r.itl_s:
+            continue
+        t, per_chunk = r.start_s + r.ttft_s, max(r.output_tokens - 1, 0) / len(r.itl_s)
+        for gap in r.itl_s:
+            t += gap
+            chunk = at(t)
+            chunk.streamed_tokens += per_chunk
+            chunk.gaps_s += gap
+    changes: dict[int, list[str]] = {}
+    for c in result.split_changes or ():
+        if "time_s" in c:
+            changes.setdefault(max(0, math.floor(c["time_s"] / bin_s)), []).append(
+                f"{c['engine_id']} {c['from_sms']}->{c['to_sms']}")
+    last = max([*tallies, *changes], default=-1)
+    return [_bin(k * bin_s, tallies.get(k, _Tally()), tuple(changes.get(k, ()))) for k in range(last + 1)]
+
+
+def _bin(start_s: float, t: _Tally, split_changes: tuple[str, ...]) -> TimelineBin:
+    itl = t.gaps_s / t.streamed_tokens if t.streamed_tokens > 0 else None
+    return TimelineBin(start_s, t.arrived, t.prompt_tokens, t.streamed_tokens, itl, t.ttft_missed, t.tpot_missed,
+                       t.failed, split_changes)
+
+
+def format_timeline(bins: Sequence[TimelineBin], bin_s: float, slos: SLOs) -> str:
+    """A text table of `bins`, rates per second."""
+    ttft = f"TTFT>{slos.ttft_ms:g}ms" if slos.ttft_ms is not None else "TTFT (no target)"
+    tpot = f"TPOT>{slos.tpot_ms:g}ms" if slos.tpot_ms is not None else "TPOT (no target)"
+    header = (f"{'t (s)':>11} {'arrived/s':>9} {'prompt tok/s':>12} {'streamed tok/s':>14} {'ITL ms':>7} "
+              f"{ttft:>13} {tpot:>13} {'failed':>6}  split changes")
+    lines = [header, "-" * len(header)]
+    for b in bins:
+        itl = "-" if b.itl_s is None else f"{1000.0 * b.itl_s:.1f}"
+        lines.append(f"{b.start_s:5.1f}-{b.start_s + bin_s:<5.1f} {b.arrived / bin_s:9.1f} "
+                     f"{b.prompt_tokens / bin_s:12,.0f} {b.streamed_tokens / bin_s:14,.0f} {itl:>7} "
+                     f"{b.ttft_missed:13d} {b.tpot_missed:13d} {b.failed:6d}  {', '.join(b.split_changes)}")
+    return "\n".join(lines)
