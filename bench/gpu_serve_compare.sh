@@ -130,6 +130,7 @@ print(max(16, round($3 * $4 * mean_rate_scale(parse_phases('$SHIFT_PHASES')))))"
     --label "$1" --request-timeout $REQUEST_TIMEOUT --result-dir $res --result-filename "$name.json" --disable-tqdm \
     > "$res/$name.log" 2>&1
   [ -n "$sampler" ] && kill $sampler 2>/dev/null
+  python3 -m cluster.cli bench timeline "$res/$name.json" > "$res/$name.timeline.txt" 2>&1
   save_results
   echo "$name: $(grep -E "Request throughput|SLO attainment|P90 TTFT|P90 TPOT|Offered load|Prefix cache|Worker iterations|CUDA allocator" "$res/$name.log" | tr -s ' ' | paste -sd' ') $(python3 -m cluster.bench.telemetry summary "$res/$name.gpu.csv")"
 }
