@@ -229,9 +229,14 @@ def format_profile_breakdown(result: BenchResult) -> str:
     return "\n".join(lines)
 
 
-def token_times(records: list[RequestRecord]) -> list[tuple[float, float]]:
-    """(time from the run's start, tokens) of every streamed chunk after each request's first: a chunk's share of
-    the request's output tokens after the first."""
+class StreamedChunk(NamedTuple):
+    time_s: float  # from the run's start, when the chunk reached the client
+    tokens: float  # the chunk's share of its request's output tokens after the first
+    gap_s: float  # since the request's previous chunk
+
+
+def token_times(records: Sequence[RequestRecord]) -> list[StreamedChunk]:
+    """Every streamed chunk after each successful request's first."""
     out = []
     for r in records:
         if not r.success or r.ttft_s is None or not r.itl_s:
@@ -239,17 +244,17 @@ def token_times(records: list[RequestRecord]) -> list[tuple[float, float]]:
         t, per_chunk = r.start_s + r.ttft_s, max(r.output_tokens - 1, 0) / len(r.itl_s)
         for gap in r.itl_s:
             t += gap
-            out.append((t, per_chunk))
+            out.append(StreamedChunk(t, per_chunk, gap))
     return out
 
 
-def streaming_around(times: list[tuple[float, float]], at_s: float, span_s: float = 1.0, bin_s: float = 0.5
+def streaming_around(chunks: Sequence[StreamedChunk], at_s: float, span_s: float = 1.0, bin_s: float = 0.5
                      ) -> tuple[float, float]:
     """Tokens per second streamed to all clients (`token_times`) in the `span_s` before `at_s`, and in the slowest
     `bin_s` of the `span_s` after it: what a split switch cost decode (a stall shows as a slow half second; H200,
     2026-12-04, run 20: 64 -> 72 prefill SMs, ~3,800 tokens/s before, ~2,000 in the half second after)."""
-    before = sum(n for t, n in times if at_s - span_s <= t < at_s) / span_s
-    bins = [sum(n for t, n in times if at_s + k * bin_s <= t < at_s + (k + 1) * bin_s) / bin_s
+    before = sum(c.tokens for c in chunks if at_s - span_s <= c.time_s < at_s) / span_s
+    bins = [sum(c.tokens for c in chunks if at_s + k * bin_s <= c.time_s < at_s + (k + 1) * bin_s) / bin_s
             for k in range(max(1, round(span_s / bin_s)))]
     return before, min(bins)
 
@@ -641,7 +646,7 @@ def format_sustained_rates(rates: Sequence[SustainedRate]) -> str:
 __all__ = [
     "BenchResult", "SCHEMA", "SustainedRate", "format_failures", "format_preamble", "format_profile_breakdown",
     "format_result_block", "format_split_changes", "format_sustained_rates", "format_worker_iterations", "iteration_quantiles",
-    "streaming_around", "token_times",
+    "streaming_around", "StreamedChunk", "token_times",
     "cuda_allocator_counts", "format_cuda_allocator", "prefix_cache_counts", "format_prefix_cache", "load_result",
     "offered_load", "format_offered_load", "RATE_AXES", "rate_of",
     "plot_results", "profile_breakdown", "results_figure", "sustained_rates", "worker_iterations", "write_result",

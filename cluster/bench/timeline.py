@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from cluster.bench.client import RequestRecord
 from cluster.bench.metrics import SLOs
-from cluster.bench.report import BenchResult
+from cluster.bench.report import BenchResult, token_times
 
 
 @dataclass(frozen=True)
@@ -70,14 +70,10 @@ def timeline(result: BenchResult, slos: SLOs | None = None, bin_s: float = 1.0) 
         ttft_missed, tpot_missed = _misses(r, slos)
         arrival.ttft_missed += ttft_missed
         arrival.tpot_missed += tpot_missed
-        if r.ttft_s is None or not r.itl_s:
-            continue
-        t, per_chunk = r.start_s + r.ttft_s, max(r.output_tokens - 1, 0) / len(r.itl_s)
-        for gap in r.itl_s:
-            t += gap
-            chunk = at(t)
-            chunk.streamed_tokens += per_chunk
-            chunk.gaps_s += gap
+    for chunk in token_times(result.records):
+        tally = at(chunk.time_s)
+        tally.streamed_tokens += chunk.tokens
+        tally.gaps_s += chunk.gap_s
     changes: dict[int, list[str]] = {}
     for c in result.split_changes or ():
         if "time_s" in c:
