@@ -31,6 +31,7 @@ from actors.engine.core import EngineCore
 from actors.engine.workers import DecodeWorker, Emit, PrefillWorker, Wakeup, Worker
 from actors.kv.manager import pages_for
 from actors.request import FinishReason, Request, TokenDelta
+from actors.runner.transfer import to_device
 from actors.scheduler.prefill import OrderKey
 
 log = logging.getLogger(__name__)
@@ -98,7 +99,7 @@ class PrefillOnlyEngine(_MarksAborts):
         n = pages_for(req.num_computed_tokens, self.pool.page_size)
         stream = self.workers[0].runner.stream
         with torch.cuda.stream(stream) if stream is not None else nullcontext():  # before the pages' next writes
-            ids = torch.tensor(req.block_ids[:n], dtype=torch.long, device=self.pool.kv.device)
+            ids = to_device(req.block_ids[:n], torch.long, self.pool.kv.device)  # no host wait for the queued iteration
             kv = self.pool.kv[:, ids]  # [L, n, 2, page_size, Hkv, D], a copy
             self.transport.send(KVPayload(state_of(req), kv))
         self.prefill.kv.release(req)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import queue
 import threading
 from abc import ABC, abstractmethod
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -86,6 +87,7 @@ class DeviceTransport(KVTransport):
     def __init__(self, device: torch.device) -> None:
         self.device = torch.device(device)
         self._streams: dict[torch.device, torch.cuda.Stream] = {}  # the copy stream on each source GPU
+        self._landing: dict[torch.device, torch.cuda.Stream] = {}  # the destination's, for copies from another GPU
         self._queue: queue.Queue[tuple[KVPayload, torch.cuda.Event | None, torch.Tensor | None]] = queue.Queue()
         self._lock = threading.Lock()
         self._bytes = 0
@@ -103,16 +105,27 @@ class DeviceTransport(KVTransport):
         if self.device.type != "cuda":
             return kv.to(self.device, copy=True), None
         side = kv.device if kv.is_cuda else self.device
-        stream = self._streams.get(side)
-        if stream is None:
-            stream = self._streams[side] = torch.cuda.Stream(side)
+        stream = self._stream(self._streams, side)
         if kv.is_cuda:
             stream.wait_stream(torch.cuda.current_stream(side))  # the gather queued before this send
-        with torch.cuda.stream(stream):
+        # Between two GPUs torch's copy also syncs with this thread's current stream on the destination, both ways
+        # (that stream waits for the copy). Unset, it is the legacy default stream, which the decode engine's
+        # threads share (the importer, the logprob gathers): they would wait for every copy queued so far, each
+        # queued behind the prefill work before its send. A landing stream of the transport's own takes the barrier.
+        peer = kv.is_cuda and self.device.index is not None and side != self.device
+        landing = torch.cuda.stream(self._stream(self._landing, self.device)) if peer else nullcontext()
+        with landing, torch.cuda.stream(stream):
             out = kv.to(self.device, copy=True, non_blocking=True)
             done = torch.cuda.Event()
             done.record(stream)
         return out, done
+
+    @staticmethod
+    def _stream(streams: dict[torch.device, torch.cuda.Stream], device: torch.device) -> torch.cuda.Stream:
+        stream = streams.get(device)
+        if stream is None:
+            stream = streams[device] = torch.cuda.Stream(device)
+        return stream
 
     def receive(self, timeout: float) -> KVPayload | None:
         try:
