@@ -91,6 +91,8 @@ class EngineCollector:
              "cudaMalloc calls of the engine's process that failed and were retried after freeing torch's cache."),
             ("semipd:cuda_frees", "cuda_frees",
              "cudaFree calls of the engine's process; each synchronizes the whole device."),
+            ("semipd:cuda_host_allocs", "cuda_host_allocs",
+             "cudaHostAlloc calls of the engine's process (torch's pinned host allocator growing)."),
             ("semipd:kv_transfer_bytes", "kv_transfer_bytes",
              "KV bytes a disagg engine moved from its prefill engine to its decode engine."),
         ):

@@ -786,9 +786,12 @@ def test_cuda_allocator_counts_from_the_metric_deltas() -> None:
         'semipd:cuda_frees_total{engine="g0",model_name="m"}': 41.0,
         'semipd:sm_repartitions_total{engine="g0",model_name="m"}': 1.0,
     }}
-    assert cuda_allocator_counts(result) == {"g0": (12.0, 3.0, 41.0)}
+    assert cuda_allocator_counts(result) == {"g0": (12.0, 3.0, 41.0, None)}  # a server from before cudaHostAlloc
     assert format_cuda_allocator(result) == ("CUDA allocator during the run: g0: 12 cudaMalloc calls, 3 cudaMalloc "
                                              "retries, 41 cudaFree calls")
+    result.server_metrics["delta"]['semipd:cuda_host_allocs_total{engine="g0",model_name="m"}'] = 5.0
+    assert cuda_allocator_counts(result)["g0"].host_allocs == 5.0
+    assert format_cuda_allocator(result).endswith("41 cudaFree calls, 5 cudaHostAlloc calls")
     result.server_metrics = None  # vLLM
     assert cuda_allocator_counts(result) == {} and format_cuda_allocator(result) == ""
 

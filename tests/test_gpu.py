@@ -136,6 +136,25 @@ def test_engine_start_warms_up_a_whole_token_budget_and_argmax_batches_keep_thei
     assert [o.token_ids for o in plain] == [o.token_ids for o in with_logprobs]
 
 
+def test_serving_after_start_calls_no_cuda_host_alloc(tiny_llama: Path) -> None:
+    """A semi-PD engine's start leaves torch's pinned host allocator grown (`grow_pinned_pool`), so that batches of
+    1 to 128 sequences and prompts up to the prefill budget draw their pinned buffers from it: the CUDA
+    programming guide counts a page-locked host allocation among the operations that keep two streams'
+    commands from running concurrently, which would hold decode behind the prefill iteration in flight."""
+    from actors.runner.transfer import pinned_host_allocs
+
+    gen = torch.Generator().manual_seed(1)
+    with LLM(tiny_llama, mode="semi-pd", cache=CacheConfig(num_pages=8192),
+             scheduler=SchedulerConfig(max_prefill_tokens=4096, max_decode_seqs=128)) as llm:
+        grown = pinned_host_allocs()
+        assert grown > 0, "torch counts no cudaHostAlloc calls here (torch.cuda.host_memory_stats)"
+        vocab = llm.core.arch.vocab_size
+        for n, length in ((1, 4000), (16, 300), (128, 60), (128, 250)):
+            prompts = [torch.randint(0, vocab, (length,), generator=gen).tolist() for _ in range(n)]
+            llm.generate(prompts, SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True))
+        assert pinned_host_allocs() == grown, f"{pinned_host_allocs() - grown} cudaHostAlloc calls while serving"
+
+
 def test_flashinfer_first_uses_run_each_kernel_from_a_thread_of_their_own(tiny_llama: Path) -> None:
     """What an engine's start runs to build its kernels side by side: each first use returns the kernel's
     output, as the model's torch ops give it for the elementwise ones."""

@@ -129,7 +129,8 @@ def test_engine_collector_aggregates_engines() -> None:
               iterations={"prefill": 10, "decode": 400}, busy_seconds={"prefill": 1.5, "decode": 2.8},
               iteration_counts={"prefill": [0] * 10 + [10] + [0] * 6,
                                 "decode": [0, 100, 250, 40, 10] + [0] * 12},
-              cuda_mallocs=30, cuda_alloc_retries=2, cuda_frees=7, prefix_queried_tokens=5000, prefix_hit_tokens=1200,
+              cuda_mallocs=30, cuda_alloc_retries=2, cuda_frees=7, cuda_host_allocs=9, prefix_queried_tokens=5000,
+              prefix_hit_tokens=1200,
               launch_parts={"decode": {"graph": 1.25, "sample": 0.5}}, paced_seconds={"decode": 0.75}),
         _load("g1", num_waiting=0, num_prefilling=0, num_decoding=1, kv_usage=0.1, num_pages=300, prefill_sms=32,
               total_sms=128, num_switches=0),
@@ -154,6 +155,7 @@ def test_engine_collector_aggregates_engines() -> None:
     assert get(s, "semipd:cuda_alloc_retries_total", model_name="m", engine="g0") == 2
     assert get(s, "semipd:cuda_frees_total", model_name="m", engine="g0") == 7
     assert get(s, "semipd:cuda_mallocs_total", model_name="m", engine="g0") == 30
+    assert get(s, "semipd:cuda_host_allocs_total", model_name="m", engine="g0") == 9
     assert not any(name.startswith("semipd:cuda_") and dict(labels).get("engine") == "g1" for name, labels in s)  # a CPU engine
     assert get(s, "vllm:prefix_cache_queries_total", model_name="m", engine="g0") == 5000
     assert get(s, "vllm:prefix_cache_hits_total", model_name="m", engine="g0") == 1200

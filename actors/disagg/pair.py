@@ -160,6 +160,7 @@ class DisaggPair:
             paced_seconds=d.paced_seconds, cuda_mallocs=p.cuda_mallocs + d.cuda_mallocs,
             cuda_alloc_retries=p.cuda_alloc_retries + d.cuda_alloc_retries,
             cuda_frees=p.cuda_frees + d.cuda_frees,
+            cuda_host_allocs=max(p.cuda_host_allocs, d.cuda_host_allocs),  # one process, one pinned allocator
         )
 
     def _on_deltas(self, deltas: list[TokenDelta]) -> None:

@@ -31,6 +31,7 @@ from actors.request import FinishReason, Request, SamplingParams, TokenDelta
 from actors.runner.cublas import release_workspaces, set_sm_count_target
 from actors.runner.model_runner import ModelRunner
 from actors.runner.sampler import Sampler
+from actors.runner.transfer import grow_pinned_pool, pinned_host_allocs
 from actors.scheduler.decode import DecodeScheduler
 from actors.scheduler.plan import BatchPlan, SeqChunk
 from actors.scheduler.prefill import OrderKey, PrefillScheduler
@@ -85,6 +86,7 @@ class EngineStats:
     cuda_mallocs: int = 0
     cuda_alloc_retries: int = 0
     cuda_frees: int = 0
+    cuda_host_allocs: int = 0  # cudaHostAlloc calls of torch's pinned allocator (process-wide; `grow_pinned_pool`)
     recent_decode_step_ms: float = 0.0  # the decode worker's mean iteration over the last 2 s (0: none, or unified)
     # the prefill worker's mean iteration over the last PREFILL_SPEED_SPAN_S on the current split, and its mean
     # tokens (0: fewer than PREFILL_SPEED_MIN_ITERATIONS there, or unified): the speed the split policy compares
@@ -214,7 +216,11 @@ class EngineCore:
         launch, which may wait for the whole device, and torch's allocator keeps a pool per stream. On the H200
         (2026-12-04, run 20) a move from 64 to 72 prefill SMs, a split not used before, under chat at 40 req/s
         was followed by a second in which decode streamed half its tokens (mean ITL 20 ms in its second half
-        second), where 72 held throughout ran at 10-11 ms; not proven to be the first use."""
+        second), where 72 held throughout ran at 10-11 ms; with every split warmed (run 21) a split's first use
+        cost decode under 1 ms, so that drop was the move itself.
+
+        Last, torch's pinned host allocator is grown (`grow_pinned_pool`): a fresh server's first second of chat
+        at 40 req/s streamed at a mean ITL of 14-16 ms, one that had served for minutes at 8-10 ms (runs 20-21)."""
         ps = self.pool.page_size
         on_gpu = self.device.type == "cuda"
         largest = self.config.scheduler.max_prefill_tokens if on_gpu else ps + 1
@@ -236,8 +242,9 @@ class EngineCore:
             w.runner.set_partition(current)
         if on_gpu:
             torch.cuda.synchronize(self.device)
-            log.info("warm-up: %d prefill tokens over %d partitions in %.1f s", tokens_run, partitions,
-                     time.perf_counter() - t0)
+            log.info("warm-up: %d prefill tokens over %d partitions in %.1f s; pinned host pool grown by %d "
+                     "cudaHostAlloc calls (%d in all)", tokens_run, partitions, time.perf_counter() - t0,
+                     grow_pinned_pool(), pinned_host_allocs())
 
     def _warm_up_prefill(self, runner: ModelRunner, lens: list[int]) -> None:
         """One prefill iteration of prompts of `lens` tokens, on pages freed afterwards."""
@@ -452,7 +459,7 @@ class EngineCore:
         stats = torch.cuda.memory_stats(self.device)
         return dict(cuda_mallocs=int(stats.get("num_device_alloc", 0)),
                     cuda_alloc_retries=int(stats.get("num_alloc_retries", 0)),
-                    cuda_frees=int(stats.get("num_device_free", 0)))
+                    cuda_frees=int(stats.get("num_device_free", 0)), cuda_host_allocs=pinned_host_allocs())
 
 
 OTHER_SPLITS_WARM_UP_TOKENS = 4096  # the largest warm-up iteration on a split other than the starting one

@@ -369,27 +369,38 @@ def format_worker_iterations(result: BenchResult) -> str:
     return "Worker iterations during the run (mean wall time): " + "; ".join(parts)
 
 
-def cuda_allocator_counts(result: BenchResult) -> dict[str, tuple[float, float, float]]:
-    """engine -> (cudaMalloc calls, of them retried, cudaFree calls) during the run, from the server's
-    `semipd:cuda_*` counters (empty for servers without them)."""
+class AllocatorCounts(NamedTuple):
+    """CUDA allocator calls of one engine's process during a run."""
+
+    mallocs: float
+    retries: float  # of the mallocs, those retried after freeing torch's cache
+    frees: float
+    host_allocs: float | None  # cudaHostAlloc (None: a server from before this counter)
+
+
+def cuda_allocator_counts(result: BenchResult) -> dict[str, AllocatorCounts]:
+    """engine -> its allocator calls during the run, from the server's `semipd:cuda_*` counters (empty for servers
+    without them)."""
     delta = (result.server_metrics or {}).get("delta") or {}
-    out: dict[str, tuple[float, float, float]] = {}
+    out: dict[str, AllocatorCounts] = {}
     for series, retries in delta.items():
         if series.startswith("semipd:cuda_alloc_retries_total{"):
             engine = _series_labels(series).get("engine", "?")
-            mallocs, frees = (delta.get(series.replace("semipd:cuda_alloc_retries_total{", f"semipd:{name}_total{{", 1),
-                                        0.0) for name in ("cuda_mallocs", "cuda_frees"))
-            out[engine] = (mallocs, retries, frees)
+            mallocs, frees, host = (delta.get(series.replace("semipd:cuda_alloc_retries_total{",
+                                                             f"semipd:{name}_total{{", 1))
+                                    for name in ("cuda_mallocs", "cuda_frees", "cuda_host_allocs"))
+            out[engine] = AllocatorCounts(mallocs or 0.0, retries, frees or 0.0, host)
     return out
 
 
 def format_cuda_allocator(result: BenchResult) -> str:
-    """One line: each engine's CUDA allocator retries and frees during the run ('' when the server has none)."""
+    """One line: each engine's CUDA allocator calls during the run ('' when the server has none)."""
     rows = cuda_allocator_counts(result)
     if not rows:
         return ""
-    parts = [f"{engine}: {mallocs:.0f} cudaMalloc calls, {retries:.0f} cudaMalloc retries, {frees:.0f} cudaFree calls"
-             for engine, (mallocs, retries, frees) in sorted(rows.items())]
+    parts = [f"{engine}: {c.mallocs:.0f} cudaMalloc calls, {c.retries:.0f} cudaMalloc retries, {c.frees:.0f} cudaFree "
+             f"calls" + ("" if c.host_allocs is None else f", {c.host_allocs:.0f} cudaHostAlloc calls")
+             for engine, c in sorted(rows.items())]
     return "CUDA allocator during the run: " + "; ".join(parts)
 
 
@@ -647,7 +658,8 @@ __all__ = [
     "BenchResult", "SCHEMA", "SustainedRate", "format_failures", "format_preamble", "format_profile_breakdown",
     "format_result_block", "format_split_changes", "format_sustained_rates", "format_worker_iterations", "iteration_quantiles",
     "streaming_around", "StreamedChunk", "token_times",
-    "cuda_allocator_counts", "format_cuda_allocator", "prefix_cache_counts", "format_prefix_cache", "load_result",
+    "AllocatorCounts", "cuda_allocator_counts", "format_cuda_allocator", "prefix_cache_counts", "format_prefix_cache",
+    "load_result",
     "offered_load", "format_offered_load", "RATE_AXES", "rate_of",
     "plot_results", "profile_breakdown", "results_figure", "sustained_rates", "worker_iterations", "write_result",
 ]
