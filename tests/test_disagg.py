@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import random
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,11 +22,12 @@ import torch
 from actors.config import CacheConfig, ConfigError, EngineConfig, ModelArch, SchedulerConfig
 from actors.disagg.frontend import DisaggLLM
 from actors.disagg.pair import DisaggPair, pair_devices
-from actors.disagg.transport import CpuTransport, DeviceTransport
+from actors.disagg.state import state_of
+from actors.disagg.transport import CpuTransport, DeviceTransport, KVPayload
 from actors.engine.core import PromptTooLongError
 from actors.engine.frontend import LLM
 from actors.kv.manager import pages_for
-from actors.request import FinishReason, SamplingParams, TokenDelta
+from actors.request import FinishReason, Request, SamplingParams, TokenDelta
 from cluster.bootstrap import ClusterConfig, EngineOptions, ensure_cluster, gpus_per_actor, teardown_cluster
 from cluster.engine_client import GenerateRequest
 from cluster.serve_app import ServeArgs
@@ -102,7 +104,42 @@ def test_decode_pool_smaller_than_the_load_queues_imports(tiny_llama: Path,
         outs = llm.generate(prompts, params)
         check_greedy([o.token_ids for o in outs], reference)
         assert llm.transport.bytes_moved >= sum(pages_for(len(p), PAGE) for p in prompts) * kv_bytes_per_page(tiny_llama)
+        pool = llm.pair.decode.pool.kv
+        assert llm.transport.max_in_flight_bytes == int(0.25 * pool.numel() * pool.element_size())
+        assert llm.transport.num_waits > 0  # prefill held back while decode had no room
+        assert llm.transport.in_flight_bytes == 0
         assert_all_pages_back(llm.pair)
+
+
+def _payload(rid: str, pages: int) -> KVPayload:
+    req = Request(rid, [1, 2, 3], 3, SamplingParams())
+    return KVPayload(state_of(req), torch.zeros(2, pages, 2, PAGE, 1, 4))  # 1 KiB per page
+
+
+def test_transport_holds_a_send_until_the_receiver_releases_room() -> None:
+    """KV sent and not released stays within `max_in_flight_bytes`: a send past it waits for a release
+    (or `close`); one payload always goes when nothing is in flight, however large."""
+    transport = CpuTransport()
+    transport.max_in_flight_bytes = 3 * 1024
+    transport.send(_payload("big", 5))  # alone: goes
+    assert transport.in_flight_bytes == 5 * 1024
+    blocked = threading.Thread(target=transport.send, args=(_payload("next", 1),))
+    blocked.start()
+    wait_until(lambda: transport.num_waits == 1, 10, "the second send waiting")
+    assert transport.num_sent == 1
+    transport.release(transport.receive(1.0))
+    blocked.join(10)
+    assert not blocked.is_alive() and transport.num_sent == 2 and transport.in_flight_bytes == 1024
+
+    transport.send(_payload("fits", 2))  # 1 + 2 KiB <= 3 KiB
+    waiting = threading.Thread(target=transport.send, args=(_payload("over", 1),))
+    waiting.start()
+    wait_until(lambda: transport.num_waits == 2, 10, "the fourth send waiting")
+    transport.close()  # shutdown: nobody will release
+    waiting.join(10)
+    assert not waiting.is_alive() and transport.num_sent == 4
+    with pytest.raises(ValueError, match="max_in_flight_bytes must be >= 1"):
+        DeviceTransport(torch.device("cpu"), max_in_flight_bytes=0)
 
 
 # -- aborts, stepped by hand (no worker threads) so each lands where the test says ------------

@@ -178,14 +178,14 @@ class DecodeOnlyEngine(_MarksAborts):
             try:
                 done = self._try_import(payload)
             except Exception as e:
-                self._backlog.popleft()
+                self.transport.release(self._backlog.popleft())
                 self._emit_and_forget([TokenDelta(payload.state.request_id, (), FinishReason.ERROR,
                                                   error=f"KV import failed: {e}")])
                 raise
             if not done:
                 self._drop_aborted_in_backlog()
                 return
-            self._backlog.popleft()
+            self.transport.release(self._backlog.popleft())
 
     def _drop_aborted_in_backlog(self) -> None:
         keep: deque[KVPayload] = deque()
@@ -195,6 +195,7 @@ class DecodeOnlyEngine(_MarksAborts):
             if reason is None:
                 keep.append(p)
             else:
+                self.transport.release(p)
                 self._emit_dropped(p.state, reason)
         self._backlog = keep
 

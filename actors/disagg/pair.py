@@ -30,6 +30,9 @@ def pair_devices(device: torch.device) -> tuple[torch.device, torch.device]:
     return torch.device("cuda", 0), torch.device("cuda", 1)
 
 
+IN_FLIGHT_SHARE_OF_DECODE_POOL = 0.25  # KV sent and not yet in the decode pool, at most this share of its size
+
+
 def on_device(config: EngineConfig) -> AbstractContextManager[object]:
     """The engine's GPU as the current device while it is built (nothing on the CPU)."""
     device = config.resolved_device
@@ -40,6 +43,9 @@ class DisaggPair:
     """Requests enter the prefill engine, move to the decode engine through `transport`
     with their KV, and (if preempted there) come back. Deltas of both engines go to `emit`
     in order per request: each side emits a request's tokens before handing it on.
+
+    KV waiting for pages on the decode side lives outside its pool, so a `DeviceTransport` without a bound of
+    its own gets one: `IN_FLIGHT_SHARE_OF_DECODE_POOL` of the decode pool's bytes (past it, prefill waits).
     """
 
     def __init__(self, prefill_config: EngineConfig, decode_config: EngineConfig, emit: Emit,
@@ -59,6 +65,10 @@ class DisaggPair:
                                            requeue=self.prefill.readmit)
         if self.prefill.dtype != self.decode.dtype:
             raise ConfigError("the prefill and decode engines must use the same dtype")
+        if isinstance(self.transport, DeviceTransport) and self.transport.max_in_flight_bytes is None:
+            pool = self.decode.pool.kv
+            self.transport.max_in_flight_bytes = max(1, int(IN_FLIGHT_SHARE_OF_DECODE_POOL * pool.numel()
+                                                             * pool.element_size()))
         # no SM split to change: each engine has its whole device (what the actor and the controller read)
         total = self.prefill.partitioner.total_sms
         self.partitioner = Partitioner(total, (total,), total)
@@ -79,6 +89,7 @@ class DisaggPair:
 
     def shutdown(self) -> None:
         """Shut both engines down; nothing is emitted afterwards (see `EngineCore.shutdown`)."""
+        self.transport.close()  # a prefill worker waiting to send would hold up its shutdown
         self.prefill.shutdown()
         self.decode.shutdown()
         self._emit = discard

@@ -73,6 +73,12 @@ class KVTransport(ABC):
     def bytes_moved(self) -> int:
         """KV bytes sent so far."""
 
+    def release(self, payload: KVPayload) -> None:
+        """The receiver is done with `payload`'s KV (imported into its pool, or dropped)."""
+
+    def close(self) -> None:
+        """Let every `send` through from now on (shutdown: nobody will release)."""
+
 
 class DeviceTransport(KVTransport):
     """In-process queue; `send` copies the KV to the decode engine's `device`.
@@ -82,18 +88,31 @@ class DeviceTransport(KVTransport):
     (the gather of the pages), so the sender is not held up; the source stays referenced until
     the copy is done, and `receive` waits for it (on the receiving thread) before it returns the
     payload. To the CPU the copy is a plain one.
+
+    `max_in_flight_bytes` bounds the KV sent and not yet released by the receiver (KV waiting for free
+    pages on the decode side lives outside its pool): a `send` past it waits, so the prefill engine stalls
+    when decode cannot take its KV, as DistServe's does. A payload always goes when nothing is in flight.
+    None: no bound.
     """
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, max_in_flight_bytes: int | None = None) -> None:
+        if max_in_flight_bytes is not None and max_in_flight_bytes < 1:
+            raise ValueError(f"max_in_flight_bytes must be >= 1, got {max_in_flight_bytes}")
         self.device = torch.device(device)
+        self.max_in_flight_bytes = max_in_flight_bytes
         self._streams: dict[torch.device, torch.cuda.Stream] = {}  # the copy stream on each source GPU
         self._landing: dict[torch.device, torch.cuda.Stream] = {}  # the destination's, for copies from another GPU
         self._queue: queue.Queue[tuple[KVPayload, torch.cuda.Event | None, torch.Tensor | None]] = queue.Queue()
         self._lock = threading.Lock()
+        self._room = threading.Condition(self._lock)
         self._bytes = 0
+        self._in_flight = 0
+        self._closed = False
         self.num_sent = 0
+        self.num_waits = 0  # sends that waited for room
 
     def send(self, payload: KVPayload) -> None:
+        self._take_room(payload.nbytes)
         kv, done = (None, None) if payload.kv is None else self._copy(payload.kv)
         with self._lock:
             self._bytes += payload.nbytes
@@ -135,6 +154,34 @@ class DeviceTransport(KVTransport):
         if done is not None:
             done.synchronize()  # the copy is complete: any stream may read it, and the source may go
         return payload
+
+    def _take_room(self, nbytes: int) -> None:
+        with self._room:
+            if not self._fits(nbytes):
+                self.num_waits += 1
+                self._room.wait_for(lambda: self._fits(nbytes))
+            self._in_flight += nbytes
+
+    def _fits(self, nbytes: int) -> bool:
+        limit = self.max_in_flight_bytes
+        return self._closed or limit is None or self._in_flight == 0 or self._in_flight + nbytes <= limit
+
+    def release(self, payload: KVPayload) -> None:
+        with self._room:
+            self._in_flight -= payload.nbytes
+            assert self._in_flight >= 0, "released more KV than was sent"
+            self._room.notify_all()
+
+    def close(self) -> None:
+        with self._room:
+            self._closed = True
+            self._room.notify_all()
+
+    @property
+    def in_flight_bytes(self) -> int:
+        """KV sent and not yet released."""
+        with self._lock:
+            return self._in_flight
 
     @property
     def bytes_moved(self) -> int:
