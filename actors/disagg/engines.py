@@ -18,8 +18,8 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 
 import torch
@@ -85,6 +85,7 @@ class PrefillOnlyEngine(_MarksAborts):
     def __init__(self, config: EngineConfig, emit: Emit, transport: KVTransport, order: OrderKey | None = None) -> None:
         self.transport = transport
         self._marks = {}
+        self._export_stream: torch.cuda.Stream | None = None
         super().__init__(whole_device(config), emit, order)
 
     def _make_workers(self) -> list[Worker]:
@@ -97,12 +98,27 @@ class PrefillOnlyEngine(_MarksAborts):
         """On the prefill worker: send `req`'s state and the KV of its computed tokens, free its pages."""
         self._forget(req.request_id)  # from here on an abort is the decode side's (or a mark)
         n = pages_for(req.num_computed_tokens, self.pool.page_size)
-        stream = self.workers[0].runner.stream
-        with torch.cuda.stream(stream) if stream is not None else nullcontext():  # before the pages' next writes
+        with self._exporting():
             ids = to_device(req.block_ids[:n], torch.long, self.pool.kv.device)  # no host wait for the queued iteration
             kv = self.pool.kv[:, ids]  # [L, n, 2, page_size, Hkv, D], a copy
             self.transport.send(KVPayload(state_of(req), kv))
         self.prefill.kv.release(req)
+
+    @contextmanager
+    def _exporting(self) -> Iterator[None]:
+        """On a GPU, a stream of the export's own for the gather and the send: the prefill stream already holds
+        the next iteration, queued before this prompt's first token was read (which means the pages are
+        written), and decode should not wait for it. The prefill stream then waits for the gather before any
+        later iteration can write the freed pages."""
+        runner_stream = self.workers[0].runner.stream
+        if runner_stream is None:
+            yield
+            return
+        if self._export_stream is None:
+            self._export_stream = torch.cuda.Stream(self.device)
+        with torch.cuda.stream(self._export_stream):
+            yield
+        runner_stream.wait_stream(self._export_stream)
 
     def readmit(self, state: RequestState) -> None:
         """Take back a request the decode side preempted (no KV): recompute it, then export again."""
