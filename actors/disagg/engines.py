@@ -171,6 +171,8 @@ class DecodeOnlyEngine(_MarksAborts):
         return len(self._backlog)
 
     def _import_loop(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # a new thread starts on the first GPU
         while not self._stop_import.is_set():
             try:
                 self.poll_imports(timeout=0.01 if self._backlog else 0.05)
