@@ -56,18 +56,32 @@ def cases() -> list[tuple[str, str, list[Phase], SLOTargets]]:
     return out
 
 
+def _transient(text: str) -> tuple[float, float]:
+    seconds, sep, factor = text.partition(":")
+    try:
+        value = (float(seconds), float(factor))
+    except ValueError:
+        value = (-1.0, 0.0)
+    if not sep or value[0] < 0 or value[1] < 1:
+        raise argparse.ArgumentTypeError(f"expected S:FACTOR with S >= 0 and FACTOR >= 1, got {text!r}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("profile", type=Path, help="a saved latency profile (one device)")
     parser.add_argument("--seeds", type=int, default=6, help="arrival seeds per case (default 6)")
+    parser.add_argument("--switch-transient", type=_transient, default=(0.0, 1.0), metavar="S:FACTOR",
+                        help="decode's steps FACTOR times slower for S seconds after each switch toward prefill "
+                             "(default none; 0.5:2 is what runs 20-21 on the H200 streamed)")
     args = parser.parse_args(argv)
     (model,) = load_models(args.profile).values()
     by_kind: dict[str, list[float]] = {}
     for kind, name, phases, targets in cases():
         for factor in PREFILL_FACTORS:
             engine = with_prefill_factor(model, factor)
-            runs = [simulate(engine, phases, targets, 64, ModelPolicy(model), seed=s, dt=0.01).attainment
-                    for s in range(args.seeds)]
+            runs = [simulate(engine, phases, targets, 64, ModelPolicy(model), seed=s, dt=0.01,
+                             switch_transient=args.switch_transient).attainment for s in range(args.seeds)]
             pct = 100.0 * sum(runs) / len(runs)
             by_kind.setdefault(kind, []).append(pct)
             print(f"{name:40s} prefill x{factor:.2f}: {pct:5.1f}%")

@@ -8,7 +8,9 @@ A policy, if given, decides every `decide_every_s` from the view a GPU actor wou
 the TTFT and TPOT samples of requests that arrived after the last switch, the mean decode step of the last
 2 s, the prefill iteration (a full chunk at the model's speed) once prefill has been busy on the current split
 for `PREFILL_SPEED_AFTER_S`, and the arrival rate and lengths (through the actor's own `RateWindow`).
-Switches take effect at once. The policy may hold another model than the one that times the engine
+Switches take effect at once; `switch_transient` (seconds, factor) slows decode's steps by the factor for
+that long after a switch that gives prefill more SMs (on the H200 decode streamed half its tokens in the
+half second after such moves, runs 20-21, where the split held throughout ran at its settled pace). The policy may hold another model than the one that times the engine
 (`with_prefill_factor`: a profile that misjudges prefill). Plain functions (no fixtures).
 """
 
@@ -89,7 +91,8 @@ def arrivals(phases: list[Phase], seed: int) -> list[SimRequest]:
 def simulate(model: LatencyModel, phases: list[Phase], targets: SLOTargets, start_sms: int,
              policy: SplitPolicy | None = None, seed: int = 0, dt: float = 0.005,
              decide_every_s: float = 0.5, hide: frozenset[str] = frozenset(),
-             admission: AdmissionController | None = None) -> SimResult:
+             admission: AdmissionController | None = None,
+             switch_transient: tuple[float, float] = (0.0, 1.0)) -> SimResult:
     """Run `phases` to the last request's end on `start_sms` prefill SMs, moved by `policy` if given. `hide`
     leaves out of the view "arrivals" (their rate), "lengths" (mean prompt and output lengths), "budgets" (the
     arrivals' max_tokens) and/or "speed" (the prefill iteration). `admission` (its `reject` action) refuses an
@@ -101,6 +104,7 @@ def simulate(model: LatencyModel, phases: list[Phase], targets: SLOTargets, star
     done: list[SimRequest] = []
     window, budgets = RateWindow(), RateWindow()  # the arrivals' prompt tokens and their output (max_tokens)
     sms, last_switch, switches = start_sms, 0.0, []
+    slowed_until = 0.0  # decode's transient after a switch toward prefill
     busy_since: float | None = None  # since when prefill has had work on the current split
     steps: deque[tuple[float, float]] = deque()  # (time, decode step ms) of the last STEP_SPAN_S
     decide_ticks = round(decide_every_s / dt)
@@ -115,7 +119,8 @@ def simulate(model: LatencyModel, phases: list[Phase], targets: SLOTargets, star
                 queue.append(arrived)
         busy_since = (max(busy_since, last_switch) if busy_since is not None else now) if queue else None
         _prefill(model, queue, decoding, sms, now, dt)
-        step_ms = _decode(model, decoding, done, sms, bool(queue), now, dt)
+        slow = switch_transient[1] if now < slowed_until else 1.0
+        step_ms = _decode(model, decoding, done, sms, bool(queue), now, dt, slow)
         if step_ms:
             steps.append((now, step_ms))
         while steps and steps[0][0] <= now - STEP_SPAN_S:
@@ -129,6 +134,8 @@ def simulate(model: LatencyModel, phases: list[Phase], targets: SLOTargets, star
             chosen = policy.decide(view, targets).prefill_sms
             if chosen != sms:
                 switches.append((round(now, 2), sms, chosen))
+                if chosen > sms:
+                    slowed_until = now + switch_transient[0]
                 sms, last_switch = chosen, now
         tick += 1
     ok = sum(1 for r in done if r.ttft_ms <= targets.ttft_ms and r.tpot_ms <= targets.tpot_ms)
@@ -170,12 +177,13 @@ def _chunk_ms(model: LatencyModel, queue: deque[SimRequest], decoding: list[SimR
 
 
 def _decode(model: LatencyModel, decoding: list[SimRequest], done: list[SimRequest], sms: int, prefilling: bool,
-            now: float, dt: float) -> float:
-    """Advance the batch by `dt`; the step time (ms) it ran at (0: nothing to decode)."""
+            now: float, dt: float, slow: float = 1.0) -> float:
+    """Advance the batch by `dt` at the model's step time times `slow`; the step time (ms) it ran at (0: nothing
+    to decode)."""
     if not decoding:
         return 0.0
     context = round(sum(r.prompt + r.decoded for r in decoding))
-    step_ms = model.decode_step_ms(len(decoding), context, model.total_sms - sms, prefilling)
+    step_ms = slow * model.decode_step_ms(len(decoding), context, model.total_sms - sms, prefilling)
     steps = dt * 1000.0 / step_ms
     for r in list(decoding):
         r.decoded += steps

@@ -325,6 +325,26 @@ def test_prompts_that_vary_in_length_wait_longer_than_alike_ones() -> None:
     assert min(kept["alike"]) >= 0.95 and sum(kept["varied"]) / 4 < sum(kept["alike"]) / 4 - 0.1, kept
 
 
+def test_the_simulated_switch_transient_costs_the_requests_decoding_through_it() -> None:
+    """`switch_transient`: decode's steps twice slower for 0.5 s after a move toward prefill, as the H200
+    streamed after such moves (runs 20-21). Chat at 45 req/s, TPOT <= 12 ms: the policy's one move 64 -> 72
+    costs nothing without it and several points of attainment with it, where a split that never moves loses
+    nothing; so a move must gain more than it costs (on the H200 a fixed 64 beat the dynamic policy at chat
+    40.6, run 20)."""
+    from engine_sim import Phase, simulate
+
+    (m,) = load_models(Path(__file__).parents[1] / "bench/profiles/semipd-profile.json").values()
+    targets = SLOTargets(ttft_ms=1000.0, tpot_ms=12.0)
+    chat = [Phase(15.0, 45.0, 495, 92, prompt_cv=1.0)]
+    for seed in (0, 1):
+        smooth = simulate(m, chat, targets, 64, ModelPolicy(m), seed=seed, dt=0.01)
+        slowed = simulate(m, chat, targets, 64, ModelPolicy(m), seed=seed, dt=0.01, switch_transient=(0.5, 2.0))
+        fixed = simulate(m, chat, targets, 64, seed=seed, dt=0.01, switch_transient=(0.5, 2.0))
+        assert any(b > a for _, a, b in slowed.switches), slowed.switches
+        assert smooth.attainment == fixed.attainment == 1.0
+        assert slowed.attainment < fixed.attainment - 0.03, (slowed.attainment, slowed.switches)
+
+
 def test_a_first_move_toward_prefill_that_falls_short_is_followed_without_a_full_dwell() -> None:
     """A step from light load (2 req/s) to 53 req/s of chat finds the engine on 64 prefill SMs, too few (as the
     warm-ups left the H200 servers, run 12). The first move comes while the arrival rate still reads low and
