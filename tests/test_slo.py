@@ -288,7 +288,7 @@ def test_model_policy_holds_a_steady_load() -> None:
     blind = run(ModelPolicyConfig(comfort_slack=1.0), frozenset({"arrivals"}))
     assert len(blind.switches) >= 8 and min(to for _, _, to in blind.switches) <= 64 and blind.attainment < 0.9
     for settled in (run(ModelPolicyConfig(comfort_slack=1.0)), run(ModelPolicyConfig(), frozenset({"arrivals"}))):
-        assert settled.attainment >= 0.99 and len(settled.switches) <= 3
+        assert settled.attainment >= 0.98 and len(settled.switches) <= 3  # the first move waits for TTFT observed
 
 
 def test_model_policy_plans_for_the_prompt_lengths_it_sees() -> None:
@@ -462,8 +462,25 @@ def test_model_policy_stays_inside_hysteresis_band() -> None:
     v = view(neighbour, **PREFILL_HEAVY)
     held = ModelPolicy(h100_llama8b(), ModelPolicyConfig(margin=gain + 0.01)).decide(v, TARGETS)
     assert held.prefill_sms == neighbour and "hysteresis" in held.reason
-    moved = ModelPolicy(h100_llama8b(), ModelPolicyConfig(margin=gain / 2)).decide(v, TARGETS)
+    chase = ModelPolicyConfig(margin=gain / 2, comfort_slack=1.0)  # a move on the prediction alone (see below)
+    moved = ModelPolicy(h100_llama8b(), chase).decide(v, TARGETS)
     assert moved.prefill_sms == best
+
+
+def test_a_move_toward_prefill_waits_for_evidence_unless_the_prediction_is_dire() -> None:
+    """TTFT predicted short of comfortable but within its target, nothing observed: the split stays (a move toward
+    prefill costs decode a transient; H200 run 20: 64 -> 72 on a predicted TTFT risk, back 3 s later, 78.5% of
+    the window's requests within both targets where a fixed 64 kept 95.0%). Observed past its target, it moves;
+    predicted past it by more than a quarter (`urgent_slack`), it moves without waiting."""
+    cfg = ModelPolicyConfig(margin=0.01)
+    m = h100_llama8b()
+    waiting = ModelPolicy(m, cfg).decide(view(88, **PREFILL_HEAVY), TARGETS)
+    assert waiting.prefill_sms == 88 and "TTFT past target by prediction only" in waiting.reason
+    observed = ModelPolicy(m, cfg).decide(view(88, ttft=(1200.0,) * 10, **PREFILL_HEAVY), TARGETS)
+    assert observed.prefill_sms > 88, observed.reason
+    preds, _ = ModelPolicy(m, cfg).predict(view(64, **PREFILL_HEAVY), TARGETS)
+    assert next(p.slack for p in preds if p.prefill_sms == 64) < cfg.urgent_slack
+    assert ModelPolicy(m, cfg).decide(view(64, **PREFILL_HEAVY), TARGETS).prefill_sms > 64
 
 
 def test_a_move_only_the_prediction_asks_for_goes_one_step_at_a_time() -> None:
