@@ -57,12 +57,13 @@ def cases() -> list[tuple[str, str, list[Phase], SLOTargets]]:
 
 
 def _transient(text: str) -> tuple[float, float]:
+    """--switch-transient S:FACTOR -> (S, FACTOR), as `simulate`'s `switch_transient` takes it."""
     seconds, sep, factor = text.partition(":")
     try:
         value = (float(seconds), float(factor))
     except ValueError:
         value = (-1.0, 0.0)
-    if not sep or value[0] < 0 or value[1] < 1:
+    if not sep or not value[0] >= 0 or not value[1] >= 1:  # NaN too
         raise argparse.ArgumentTypeError(f"expected S:FACTOR with S >= 0 and FACTOR >= 1, got {text!r}")
     return value
 
@@ -75,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="decode's steps FACTOR times slower for S seconds after each switch toward prefill "
                              "(default none; 0.5:2 is what runs 20-21 on the H200 streamed)")
     args = parser.parse_args(argv)
+    if args.seeds < 1:
+        parser.error(f"--seeds must be >= 1, got {args.seeds}")
     (model,) = load_models(args.profile).values()
     by_kind: dict[str, list[float]] = {}
     for kind, name, phases, targets in cases():

@@ -338,7 +338,8 @@ class Controller:
 
     def _status_record(self, now: float) -> dict[str, Any]:
         return dict(leader=self.id, time=now, policy=self.cfg.policy, targets=asdict(self.cfg.targets),
-                    min_dwell_s=self.cfg.min_dwell_s, interval_s=self.cfg.interval_s)
+                    min_dwell_s=self.cfg.min_dwell_s, interval_s=self.cfg.interval_s,
+                    prefill_sm_fraction=list(self.cfg.prefill_sm_fraction))
 
     async def run(self) -> None:
         """Tick until stop(); Redis errors are logged and retried with backoff."""

@@ -500,6 +500,20 @@ def test_pin_wait_returns_once_every_pinned_engine_runs_its_split(redis_server: 
     assert "--wait must be >= 0 seconds" in capsys.readouterr().err
 
 
+def test_engines_off_pin_judges_the_split_the_controller_may_set() -> None:
+    """The split a pin waits for is the nearest one within the controller's `prefill_sm_fraction` (as
+    `bounded_view` gives it); a draining engine, which the controller leaves alone, is not waited for; a
+    last decision for another split still to take counts as off."""
+    from cluster.commands.pin import engines_off_pin
+
+    views = {"e-0": _published("e-0", 64, 0), "e-1": {**_published("e-1", 32, 0), "draining": True}}
+    assert engines_off_pin(views, {"*": 120}, {}, (0.0, 0.5)) == []  # 64: the nearest 120 of the splits <= 64
+    assert engines_off_pin(views, {"*": 120}, {}) == ["e-0"]  # unbounded: 120
+    assert engines_off_pin(views, {"*": 64}, {}) == []
+    assert engines_off_pin(views, {"*": 64}, {"e-0": {"prefill_sms": 72}}) == ["e-0"]
+    assert engines_off_pin(views, {"e-1": 64}, {}) == []
+
+
 def test_controller_survives_redis_outage(redis_server: Any) -> None:
     cfg = ControllerConfig(redis_server.url, "outage", min_dwell_s=0.0, min_samples=1, interval_s=0.1, lease_s=1.0,
                            max_backoff_s=0.3)

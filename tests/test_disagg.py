@@ -140,6 +140,13 @@ def test_transport_holds_a_send_until_the_receiver_releases_room() -> None:
     assert not waiting.is_alive() and transport.num_sent == 4
     with pytest.raises(ValueError, match="max_in_flight_bytes must be >= 1"):
         DeviceTransport(torch.device("cpu"), max_in_flight_bytes=0)
+    once = CpuTransport()
+    payload = _payload("once", 1)
+    once.send(payload)
+    once.release(payload)
+    with pytest.raises(RuntimeError, match="released twice"):
+        once.release(payload)
+    assert once.in_flight_bytes == 0
 
 
 # -- aborts, stepped by hand (no worker threads) so each lands where the test says ------------

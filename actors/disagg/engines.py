@@ -207,15 +207,18 @@ class DecodeOnlyEngine(_MarksAborts):
 
     def _drop_aborted_in_backlog(self) -> None:
         keep: deque[KVPayload] = deque()
+        dropped: list[tuple[KVPayload, FinishReason]] = []
         for p in self._backlog:
             with self._lock:
                 reason = self._marks.pop(p.state.request_id, None) or p.state.abort_reason
             if reason is None:
                 keep.append(p)
             else:
-                self.transport.release(p)
-                self._emit_dropped(p.state, reason)
-        self._backlog = keep
+                dropped.append((p, reason))
+        self._backlog = keep  # before releasing: an emit that raises must not leave a released payload queued
+        for p, reason in dropped:
+            self.transport.release(p)
+            self._emit_dropped(p.state, reason)
 
     def _try_import(self, payload: KVPayload) -> bool:
         """Import one payload; False (and nothing changed) when its pages are not free yet."""

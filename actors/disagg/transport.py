@@ -113,7 +113,11 @@ class DeviceTransport(KVTransport):
 
     def send(self, payload: KVPayload) -> None:
         self._take_room(payload.nbytes)
-        kv, done = (None, None) if payload.kv is None else self._copy(payload.kv)
+        try:
+            kv, done = (None, None) if payload.kv is None else self._copy(payload.kv)
+        except BaseException:
+            self._give_back_room(payload.nbytes)  # never queued: nobody will release it
+            raise
         with self._lock:
             self._bytes += payload.nbytes
             self.num_sent += 1
@@ -167,9 +171,14 @@ class DeviceTransport(KVTransport):
         return self._closed or limit is None or self._in_flight == 0 or self._in_flight + nbytes <= limit
 
     def release(self, payload: KVPayload) -> None:
+        self._give_back_room(payload.nbytes)
+
+    def _give_back_room(self, nbytes: int) -> None:
         with self._room:
-            self._in_flight -= payload.nbytes
-            assert self._in_flight >= 0, "released more KV than was sent"
+            if nbytes > self._in_flight:
+                raise RuntimeError(f"released {nbytes} bytes of KV with {self._in_flight} in flight "
+                                   f"(a payload released twice?)")
+            self._in_flight -= nbytes
             self._room.notify_all()
 
     def close(self) -> None:

@@ -242,9 +242,10 @@ class EngineCore:
             w.runner.set_partition(current)
         if on_gpu:
             torch.cuda.synchronize(self.device)
+            elapsed = time.perf_counter() - t0
+            grown = grow_pinned_pool()
             log.info("warm-up: %d prefill tokens over %d partitions in %.1f s; pinned host pool grown by %d "
-                     "cudaHostAlloc calls (%d in all)", tokens_run, partitions, time.perf_counter() - t0,
-                     grow_pinned_pool(), pinned_host_allocs())
+                     "cudaHostAlloc calls (%d in all)", tokens_run, partitions, elapsed, grown, pinned_host_allocs())
 
     def _warm_up_prefill(self, runner: ModelRunner, lens: list[int]) -> None:
         """One prefill iteration of prompts of `lens` tokens, on pages freed afterwards."""

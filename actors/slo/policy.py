@@ -511,8 +511,8 @@ class ModelPolicy:
                                           f"for {best.prefill_sms}); {at}", predicted)
         if (best.prefill_sms > current and "ttft" not in evident and cur.slack >= cfg.urgent_slack
                 and cfg.comfort_slack < 1.0):
-            return SplitDecision(current, f"hold: TTFT past target by prediction only (slack {cur.slack:+.2f} >= "
-                                          f"{cfg.urgent_slack:.2f}); {at}", predicted)
+            return SplitDecision(current, f"hold: a TTFT risk predicted only, not observed nor a new load (slack "
+                                          f"{cur.slack:+.2f} >= {cfg.urgent_slack:.2f}); {at}", predicted)
         ceiling = state.tpot_ceiling
         back_up = (ceiling is not None and best.prefill_sms >= ceiling[0] > current
                    and now - ceiling[1] < cfg.dwell_s)

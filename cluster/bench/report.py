@@ -230,6 +230,8 @@ def format_profile_breakdown(result: BenchResult) -> str:
 
 
 class StreamedChunk(NamedTuple):
+    """One streamed chunk of a request after its first (`token_times`)."""
+
     time_s: float  # from the run's start, when the chunk reached the client
     tokens: float  # the chunk's share of its request's output tokens after the first
     gap_s: float  # since the request's previous chunk

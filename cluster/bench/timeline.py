@@ -89,6 +89,15 @@ def _bin(start_s: float, t: _Tally, split_changes: tuple[str, ...]) -> TimelineB
                        t.failed, split_changes)
 
 
+def format_unplaced_changes(result: BenchResult) -> str:
+    """One line on the split changes `timeline` cannot place: those the server did not list and the engines
+    whose switch log was lost ('' when none)."""
+    parts = [f"{c['engine_id']} ({c['omitted']} not listed by the server)" if "omitted" in c
+             else f"{c['engine_id']} (switch log lost)"
+             for c in result.split_changes or () if "time_s" not in c]
+    return "Split changes not in the table: " + ", ".join(parts) if parts else ""
+
+
 def format_timeline(bins: Sequence[TimelineBin], bin_s: float, slos: SLOs) -> str:
     """A text table of `bins`, rates per second."""
     ttft = f"TTFT>{slos.ttft_ms:g}ms" if slos.ttft_ms is not None else "TTFT (no target)"

@@ -292,10 +292,13 @@ def _register_timeline(sub: argparse._SubParsersAction) -> None:
 def run_timeline(args: argparse.Namespace) -> int:
     from cluster.bench.metrics import SLOs
     from cluster.bench.report import load_result
-    from cluster.bench.timeline import format_timeline, timeline
+    from cluster.bench.timeline import format_timeline, format_unplaced_changes, timeline
 
     result = load_result(args.result)
     slos = SLOs.parse(args.goodput) if args.goodput else result.slos
     print(f"{result.label} at {result.request_rate:g} req/s configured, {len(result.records)} requests")
     print(format_timeline(timeline(result, slos, args.bin_s), args.bin_s, slos))
+    unplaced = format_unplaced_changes(result)
+    if unplaced:
+        print(unplaced)
     return 0

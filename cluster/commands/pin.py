@@ -41,17 +41,19 @@ def _tick_mark(status: Mapping[str, Any] | None) -> tuple[Any, Any] | None:
 
 
 def engines_off_pin(views: Mapping[str, Mapping[str, Any]], pins: Mapping[str, int],
-                    pending: Mapping[str, Mapping[str, Any] | None]) -> list[str]:
-    """Pinned engines not yet settled on the split nearest their pin: either running another split, or with
-    a last decision (`pending`) for another one still to take."""
-    from cluster.controller import view_from_dict
+                    pending: Mapping[str, Mapping[str, Any] | None],
+                    prefill_sm_fraction: tuple[float, float] = (0.0, 1.0)) -> list[str]:
+    """Pinned engines not yet settled on the split nearest their pin among those the controller may set
+    (`prefill_sm_fraction`, as it bounds them): either running another split, or with a last decision
+    (`pending`) for another one still to take. Draining engines are left out, as the controller leaves them."""
+    from cluster.controller import bounded_view, view_from_dict
 
     off = []
     for eid, published in sorted(views.items()):
         pin = pins.get(eid, pins.get("*"))
         if pin is None or published.get("draining"):
             continue
-        view = view_from_dict(published)
+        view = bounded_view(view_from_dict(published), prefill_sm_fraction)
         target = nearest_split(view.splits, pin)
         last = pending.get(eid)
         if view.prefill_sms != target or (last is not None and int(last["prefill_sms"]) != target):
@@ -59,13 +61,20 @@ def engines_off_pin(views: Mapping[str, Mapping[str, Any]], pins: Mapping[str, i
     return off
 
 
-async def _wait_applied(store: RedisStore, before: tuple[Any, Any] | None, timeout_s: float) -> str | None:
-    """None once the controller has ticked since the pin and every pinned engine runs its split; else why not."""
+async def _wait_applied(store: RedisStore, named: str | None, before: tuple[Any, Any] | None,
+                        timeout_s: float) -> str | None:
+    """None once the controller has ticked since `before` (read after the pin was set, so that tick read the
+    pin) and every pinned engine runs its split, the `named` engine (if any) among them; else why not."""
     deadline = time.monotonic() + timeout_s
     while True:
-        ticked = _tick_mark(await store.controller_status()) not in (None, before)
+        status = await store.controller_status()
+        ticked = _tick_mark(status) not in (None, before)
+        lo, hi = (status or {}).get("prefill_sm_fraction", (0.0, 1.0))  # a controller from before it: unbounded
         views = await store.read_views()
-        off = engines_off_pin(views, await store.pins(), {eid: await store.get_split(eid) for eid in views})
+        off = engines_off_pin(views, await store.pins(), {eid: await store.get_split(eid) for eid in views},
+                              (float(lo), float(hi)))
+        if named is not None and (named not in views or views[named].get("draining")):
+            off.append(f"{named} (draining, or no view published)")
         if ticked and not off:
             return None
         if time.monotonic() >= deadline:
@@ -81,10 +90,13 @@ async def _set_pin(url: str, cluster: str, target: str, prefill_sms: int | None,
 
     store = RedisStore(url, cluster, timeout_s=3.0)
     try:
-        before = _tick_mark(await store.controller_status())
         await store.set_pin(target, prefill_sms)
+        before = _tick_mark(await store.controller_status())  # a tick that wrote this may have read the old pins
         pins = await store.pins()
-        return pins, (await _wait_applied(store, before, wait_s) if wait_s > 0 else None)
+        if wait_s <= 0:
+            return pins, None
+        named = target if prefill_sms is not None and target != "*" else None
+        return pins, await _wait_applied(store, named, before, wait_s)
     finally:
         await store.aclose()
 
@@ -94,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.prefill_sms is not None and args.prefill_sms < 1:
         raise ValueError(f"--prefill-sms must be a positive SM count, got {args.prefill_sms}")
-    if args.wait < 0:
+    if not args.wait >= 0:  # NaN too
         raise ValueError(f"--wait must be >= 0 seconds, got {args.wait}")
     url = args.redis or env_defaults().get("redis_url")
     if not url:
