@@ -864,7 +864,7 @@ def test_timeline_places_misses_streaming_and_switches_in_their_second(tmp_path:
     rows = capsys.readouterr().out.splitlines()
     assert rows[0].startswith("a at 4 req/s configured, 3 requests")
     assert "TTFT>1000ms" in rows[1] and "TPOT>100ms" in rows[1]
-    assert rows[4].split() == ["1.0-2.0", "2.0", "40", "1", "500.0", "1", "0", "1", "e0", "64->72"]
+    assert rows[4].split() == ["1-2", "2.0", "40", "1", "500.0", "1", "0", "1", "e0", "64->72"]
     assert rows[5] == "Split changes not in the table: e1 (2 not listed by the server)"
     empty = _result([])
     assert empty.split_changes is None and timeline(empty) == []

@@ -107,7 +107,8 @@ def format_timeline(bins: Sequence[TimelineBin], bin_s: float, slos: SLOs) -> st
     lines = [header, "-" * len(header)]
     for b in bins:
         itl = "-" if b.itl_s is None else f"{1000.0 * b.itl_s:.1f}"
-        lines.append(f"{b.start_s:5.1f}-{b.start_s + bin_s:<5.1f} {b.arrived / bin_s:9.1f} "
+        span = f"{b.start_s:g}-{b.start_s + bin_s:g}"
+        lines.append(f"{span:>11} {b.arrived / bin_s:9.1f} "
                      f"{b.prompt_tokens / bin_s:12,.0f} {b.streamed_tokens / bin_s:14,.0f} {itl:>7} "
                      f"{b.ttft_missed:13d} {b.tpot_missed:13d} {b.failed:6d}  {', '.join(b.split_changes)}")
     return "\n".join(lines)
