@@ -80,10 +80,13 @@ class SLOs:
 
     def met(self, record: RequestRecord) -> bool:
         """Whether a request succeeded and met every target that is set."""
-        if not record.success:
-            return False
+        return record.success and not self.missed(record)
+
+    def missed(self, record: RequestRecord) -> set[str]:
+        """The targets that are set and that `record` missed ("ttft", "tpot", "e2el"); a latency the record
+        lacks (one token: no TPOT) misses none."""
         observed = {"ttft": record.ttft_s or 0.0, "tpot": record.tpot_s or 0.0, "e2el": record.e2el_s or 0.0}
-        return all(observed[k] * 1000.0 <= slo for k, slo in self.as_dict().items())
+        return {k for k, slo in self.as_dict().items() if observed[k] * 1000.0 > slo}
 
 
 def parse_percentiles(text: str) -> tuple[float, ...]:

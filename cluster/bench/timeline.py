@@ -11,7 +11,6 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from cluster.bench.client import RequestRecord
 from cluster.bench.metrics import SLOs
 from cluster.bench.report import BenchResult, token_times
 
@@ -42,14 +41,6 @@ class _Tally:
     failed: int = 0
 
 
-def _misses(r: RequestRecord, slos: SLOs) -> tuple[bool, bool]:
-    """(TTFT missed, TPOT missed) of a successful request; a target not set is never missed."""
-    ttft_missed = slos.ttft_ms is not None and r.ttft_s is not None and 1000.0 * r.ttft_s > slos.ttft_ms
-    tpot = r.tpot_s
-    tpot_missed = slos.tpot_ms is not None and tpot is not None and 1000.0 * tpot > slos.tpot_ms
-    return ttft_missed, tpot_missed
-
-
 def timeline(result: BenchResult, slos: SLOs | None = None, bin_s: float = 1.0) -> list[TimelineBin]:
     """`result` in bins of `bin_s` seconds, from 0 to the last chunk; `slos` default to the result's own."""
     if not bin_s > 0:
@@ -57,8 +48,11 @@ def timeline(result: BenchResult, slos: SLOs | None = None, bin_s: float = 1.0) 
     slos = result.slos if slos is None else slos
     tallies: dict[int, _Tally] = {}
 
+    def index(t: float) -> int:
+        return max(0, math.floor(t / bin_s))
+
     def at(t: float) -> _Tally:
-        return tallies.setdefault(max(0, math.floor(t / bin_s)), _Tally())
+        return tallies.setdefault(index(t), _Tally())
 
     for r in result.records:
         arrival = at(r.start_s)
@@ -67,9 +61,9 @@ def timeline(result: BenchResult, slos: SLOs | None = None, bin_s: float = 1.0) 
         if not r.success:
             arrival.failed += 1
             continue
-        ttft_missed, tpot_missed = _misses(r, slos)
-        arrival.ttft_missed += ttft_missed
-        arrival.tpot_missed += tpot_missed
+        missed = slos.missed(r)
+        arrival.ttft_missed += "ttft" in missed
+        arrival.tpot_missed += "tpot" in missed
     for chunk in token_times(result.records):
         tally = at(chunk.time_s)
         tally.streamed_tokens += chunk.tokens
@@ -77,7 +71,7 @@ def timeline(result: BenchResult, slos: SLOs | None = None, bin_s: float = 1.0) 
     changes: dict[int, list[str]] = {}
     for c in result.split_changes or ():
         if "time_s" in c:
-            changes.setdefault(max(0, math.floor(c["time_s"] / bin_s)), []).append(
+            changes.setdefault(index(c["time_s"]), []).append(
                 f"{c['engine_id']} {c['from_sms']}->{c['to_sms']}")
     last = max([*tallies, *changes], default=-1)
     return [_bin(k * bin_s, tallies.get(k, _Tally()), tuple(changes.get(k, ()))) for k in range(last + 1)]
