@@ -137,10 +137,12 @@ def test_engine_start_warms_up_a_whole_token_budget_and_argmax_batches_keep_thei
 
 
 def test_serving_after_start_calls_no_cuda_host_alloc(tiny_llama: Path) -> None:
-    """A semi-PD engine's start leaves torch's pinned host allocator grown (`grow_pinned_pool`), so that batches of
-    1 to 128 sequences and prompts up to the prefill budget draw their pinned buffers from it: the CUDA
-    programming guide counts a page-locked host allocation among the operations that keep two streams'
-    commands from running concurrently, which would hold decode behind the prefill iteration in flight."""
+    """Every thread that stages copies has its pinned staging ring by the time a semi-PD engine has started (the
+    warm-up's thread, and each worker's as `Worker.start` returns: `staging_ring`), and batches of 1 to 128
+    sequences and prompts up to the prefill budget take their host buffers (inputs, attention plans, sampled
+    tokens) from those rings: the CUDA programming guide counts a page-locked host allocation among the
+    operations that keep two streams' commands from running concurrently, which would hold decode behind the
+    prefill iteration in flight."""
     from actors.runner.transfer import pinned_host_allocs
 
     gen = torch.Generator().manual_seed(1)

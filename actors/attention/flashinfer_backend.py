@@ -18,7 +18,7 @@ from actors.attention.base import AttentionBackend, BatchLayout, kv_rows, write_
 from actors.config import ModelArch
 from actors.kv.pool import KVPool
 from actors.models.llama import AttentionFn
-from actors.runner.transfer import to_device
+from actors.runner.transfer import staging_ring, to_device
 
 WORKSPACE_BYTES = 256 << 20
 # `EngineConfig.decode_attention` -> flashinfer decode-wrapper options. Tensor-core fa2 was measured faster than
@@ -72,23 +72,28 @@ class FlashInferAttention(AttentionBackend):
 
     @staticmethod
     def _i32(values: list[int]) -> torch.Tensor:
-        """Host (pinned) int32: flashinfer's planners read indptr and lengths on the host, so device ones
-        would cost a device-to-host copy and a sync each."""
-        return torch.tensor(values, dtype=torch.int32).pin_memory()
+        """Host int32 in the thread's pinned staging ring: flashinfer's planners read indptr and lengths on the
+        host, so device ones would cost a device-to-host copy and a sync each; `plan()` queues their copies to
+        the device. Take them inside `_planning`, whose mark covers them, with no other mark in between (no
+        `to_device`)."""
+        host = staging_ring().take((len(values),), torch.int32)
+        host.copy_(torch.tensor(values, dtype=torch.int32))
+        return host
 
     @contextmanager
     def _planning(self, wrapper: object) -> Iterator[None]:
         """Around one `wrapper.plan()`: flashinfer writes a plan into one pinned host buffer per
         wrapper and queues its copy to the device; the next plan must not overwrite that buffer
         before the copy ran. With overlapped decode the next plan comes while the step that uses
-        the previous one is still queued, so wait (on the host) for that copy, which is quick."""
+        the previous one is still queued, so wait (on the host) for that copy, which is quick.
+        The staging ring's mark after `plan()` is that event, and covers the plan's `_i32` inputs."""
         previous = self._plan_copied.get(id(wrapper))
         if previous is not None:
             previous.synchronize()
-        yield
-        copied = torch.cuda.Event()
-        copied.record()
-        self._plan_copied[id(wrapper)] = copied
+        try:
+            yield
+        finally:
+            self._plan_copied[id(wrapper)] = staging_ring().mark(torch.cuda.current_stream(self.device))
 
     def _plan_decode(self, wrapper: object, layout: BatchLayout, lo: int, hi: int, split_kv: bool = True) -> None:
         """indptr and last-page lengths go in on the host, where flashinfer's planner reads them; the page
@@ -97,10 +102,11 @@ class FlashInferAttention(AttentionBackend):
         `split_kv` False: one CTA per sequence and kv head, no merge (see `GraphDecodeAttention`)."""
         indptr, indices, last = _paged_indices(layout.block_tables[lo:hi], layout.context_lens[lo:hi],
                                                self.pool.page_size)
+        indices_on_device = to_device(indices, torch.int32, self.device)  # it marks: not inside `_planning`
         a = self.arch
         with self._planning(wrapper):
             wrapper.plan(  # type: ignore[attr-defined]
-                self._i32(indptr), to_device(indices, torch.int32, self.device), self._i32(last),
+                self._i32(indptr), indices_on_device, self._i32(last),
                 a.num_heads, a.num_kv_heads, a.head_dim, self.pool.page_size, q_data_type=self.dtype,
                 kv_data_type=self.dtype, disable_split_kv=not split_kv,
             )

@@ -31,7 +31,7 @@ from actors.request import FinishReason, Request, SamplingParams, TokenDelta
 from actors.runner.cublas import release_workspaces, set_sm_count_target
 from actors.runner.model_runner import ModelRunner
 from actors.runner.sampler import Sampler
-from actors.runner.transfer import grow_pinned_pool, pinned_host_allocs
+from actors.runner.transfer import pinned_host_allocs
 from actors.scheduler.decode import DecodeScheduler
 from actors.scheduler.plan import BatchPlan, SeqChunk
 from actors.scheduler.prefill import OrderKey, PrefillScheduler
@@ -86,7 +86,7 @@ class EngineStats:
     cuda_mallocs: int = 0
     cuda_alloc_retries: int = 0
     cuda_frees: int = 0
-    cuda_host_allocs: int = 0  # cudaHostAlloc calls of torch's pinned allocator (process-wide; `grow_pinned_pool`)
+    cuda_host_allocs: int = 0  # cudaHostAlloc calls of torch's pinned allocator (process-wide; serving makes none)
     recent_decode_step_ms: float = 0.0  # the decode worker's mean iteration over the last 2 s (0: none, or unified)
     # the prefill worker's mean iteration over the last PREFILL_SPEED_SPAN_S on the current split, and its mean
     # tokens (0: fewer than PREFILL_SPEED_MIN_ITERATIONS there, or unified): the speed the split policy compares
@@ -219,8 +219,9 @@ class EngineCore:
         second), where 72 held throughout ran at 10-11 ms; with every split warmed (run 21) a split's first use
         cost decode under 1 ms, so that drop was the move itself.
 
-        Last, torch's pinned host allocator is grown (`grow_pinned_pool`): a fresh server's first second of chat
-        at 40 req/s streamed at a mean ITL of 14-16 ms, one that had served for minutes at 8-10 ms (runs 20-21)."""
+        Pinned host memory is not allocated while serving (a page-locked allocation keeps two streams' commands
+        from running concurrently): host values travel through each thread's staging ring (`staging_ring`): this
+        thread's is made by the warm-up (or the graph captures), each worker's as its thread starts (`Worker.start`)."""
         ps = self.pool.page_size
         on_gpu = self.device.type == "cuda"
         largest = self.config.scheduler.max_prefill_tokens if on_gpu else ps + 1
@@ -243,9 +244,8 @@ class EngineCore:
         if on_gpu:
             torch.cuda.synchronize(self.device)
             elapsed = time.perf_counter() - t0
-            grown = grow_pinned_pool()
-            log.info("warm-up: %d prefill tokens over %d partitions in %.1f s; pinned host pool grown by %d "
-                     "cudaHostAlloc calls (%d in all)", tokens_run, partitions, elapsed, grown, pinned_host_allocs())
+            log.info("warm-up: %d prefill tokens over %d partitions in %.1f s; %d cudaHostAlloc calls so far",
+                     tokens_run, partitions, elapsed, pinned_host_allocs())
 
     def _warm_up_prefill(self, runner: ModelRunner, lens: list[int]) -> None:
         """One prefill iteration of prompts of `lens` tokens, on pages freed afterwards."""

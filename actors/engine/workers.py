@@ -127,8 +127,12 @@ class Worker:
         self._version = -1
 
     def start(self) -> None:
-        self.thread = threading.Thread(target=self._loop, name=f"semipd-{self.name}", daemon=True)
+        """Start the loop's thread; returns once the thread has entered the runner (`ModelRunner.enter_thread`),
+        so that what that makes (a pinned staging ring) is made before serving."""
+        entered = threading.Event()
+        self.thread = threading.Thread(target=self._loop, args=(entered,), name=f"semipd-{self.name}", daemon=True)
         self.thread.start()
+        entered.wait()
 
     def stop(self, timeout: float = 30.0) -> bool:
         """End the loop after its current iteration; False if the thread is still running after `timeout` s.
@@ -146,8 +150,11 @@ class Worker:
         self.emit = self.handoff = self.requeue = discard
         return True
 
-    def _loop(self) -> None:
-        self.runner.enter_thread()
+    def _loop(self, entered: threading.Event) -> None:
+        try:
+            self.runner.enter_thread()
+        finally:
+            entered.set()
         try:
             self._iterate()
             self.finish()

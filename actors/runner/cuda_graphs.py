@@ -18,6 +18,7 @@ from actors.attention.flashinfer_backend import FlashInferAttention, GraphDecode
 from actors.kv.pool import KVPool
 from actors.models.llama import CausalLM
 from actors.runner.cublas import graph_workspaces
+from actors.runner.transfer import copy_to_device
 from actors.scheduler.plan import SeqChunk
 
 if TYPE_CHECKING:
@@ -57,7 +58,7 @@ class DecodeGraphs:
         pages[:n] = [c.block_ids[c.start // ps] for c in chunks]
         host[2] = pages * ps + host[1] % ps
         host[3:5] = kv_rows(torch.from_numpy(host[2]), ps).T.numpy()
-        self.inputs[:, :bs].copy_(torch.from_numpy(host).pin_memory(), non_blocking=True)
+        copy_to_device(self.inputs[:, :bs], torch.from_numpy(host))
 
     def _prepare(self, chunks: tuple[SeqChunk, ...], bs: int) -> GraphDecodeAttention:
         self._stage_inputs(chunks, bs)

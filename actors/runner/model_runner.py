@@ -20,7 +20,7 @@ from actors.models.llama import CausalLM
 from actors.request import Request
 from actors.runner.cublas import set_sm_count_target
 from actors.runner.sampler import Drawn, Sampler, SampleResult
-from actors.runner.transfer import to_device
+from actors.runner.transfer import staging_ring, to_device
 
 if TYPE_CHECKING:
     from actors.runner.cuda_graphs import DecodeGraphs
@@ -91,9 +91,11 @@ class ModelRunner:
 
     def enter_thread(self) -> None:
         """The calling thread runs this runner's iterations from now on: its current device becomes the runner's
-        (a new thread starts on the first GPU; disagg's decode engine runs on the second)."""
+        (a new thread starts on the first GPU; disagg's decode engine runs on the second), and it makes its
+        pinned staging ring (`staging_ring`) now rather than in its first iteration."""
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+            staging_ring()
 
     def leave_thread(self) -> None:
         """The calling thread runs no more iterations: its cuBLAS handle, which torch hands to a later

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from actors.request import Request
-from actors.runner.transfer import to_device
+from actors.runner.transfer import StagingRing, staging_ring, to_device
 
 
 @dataclass(frozen=True)
@@ -35,8 +35,9 @@ class Drawn:
     """Tokens drawn on the device, on their way to the host.
 
     `token_ids` [N] stays on the device (a next decode step can take its inputs from it);
-    on a GPU a copy to pinned host memory is queued behind the draw, so `result()` waits
-    for this step only, not for work queued on the stream after it.
+    on a GPU a copy into a region of the thread's staging ring is queued behind the draw, and
+    `done` is the ring's mark after it, so `result()` waits for this step only, not for work
+    queued on the stream after it. Call `result()` before the ring comes round (thousands of steps).
     """
 
     def __init__(self, token_ids: torch.Tensor, raw_logprobs: torch.Tensor | None, reqs: list[Request]) -> None:
@@ -45,11 +46,14 @@ class Drawn:
         self.reqs = reqs
         self.done: torch.cuda.Event | None = None
         self._host = token_ids
+        self._ring: StagingRing[torch.cuda.Event] | None = None
+        self._position: int | None = None
         if token_ids.device.type == "cuda":
-            self._host = torch.empty(token_ids.shape, dtype=token_ids.dtype, pin_memory=True)
+            self._ring = staging_ring()
+            self._host = self._ring.take(token_ids.shape, token_ids.dtype)
+            self._position = self._ring.last_position
             self._host.copy_(token_ids, non_blocking=True)
-            self.done = torch.cuda.Event()
-            self.done.record()
+            self.done = self._ring.mark(torch.cuda.current_stream(token_ids.device))
 
     @classmethod
     def nothing(cls, device: torch.device) -> Drawn:
@@ -60,6 +64,7 @@ class Drawn:
     def result(self) -> SampleResult:
         if self.done is not None:
             self.done.synchronize()
+        assert self._ring is None or self._ring.intact(self._position), "sampled tokens overwritten before read"
         ids = self._host.tolist()
         return SampleResult(ids, _gather_logprobs(self.raw_logprobs, ids, self.reqs))
 
