@@ -82,6 +82,9 @@ def view(prefill_sms: int = 64, queued: int = 0, requests: int = 0, decoding: in
 
 PREFILL_HEAVY = dict(queued=20_000, requests=40, decoding=32, context=32 * 1500)
 DECODE_HEAVY = dict(queued=0, requests=0, decoding=256, context=256 * 2000)
+# TPOT observed past its target (evidence for a move toward decode), predicted short of comfortable, not past it:
+# a move that is not urgent
+DECODE_AT_RISK = dict(queued=0, requests=0, decoding=128, context=128 * 2000, tpot=(55.0,) * 10)
 
 
 # -- latency model ------------------------------------------------------------------------
@@ -226,9 +229,27 @@ def test_model_policy_moves_to_prefill_when_queue_grows() -> None:
 
 
 def test_model_policy_moves_to_decode_when_tpot_at_risk() -> None:
-    d = ModelPolicy(h100_llama8b()).decide(view(104, **DECODE_HEAVY), TARGETS)
+    d = ModelPolicy(h100_llama8b()).decide(view(104, **DECODE_AT_RISK), TARGETS)
     assert d.prefill_sms < 104 and "more SMs to decode" in d.reason
     assert d.predicted["tpot_ms"] < TARGETS.tpot_ms
+
+
+def test_a_move_toward_decode_waits_for_evidence_unless_the_prediction_is_dire() -> None:
+    """TPOT predicted short of comfortable, nothing observed past its target, TTFT observed past its own: the split
+    stays (H200 run 22, documents at TTFT <= 1.5 s: 88 -> 80 with TTFT predicted at 345 ms on 88, its correction at
+    the clamp, and observed at 1,869 ms). TPOT observed past its target, it moves; predicted past it by more than a
+    quarter (`urgent_slack`), it moves without waiting."""
+    m = h100_llama8b()
+    seen_ttft = (1200.0,) * 10
+    waiting = ModelPolicy(m).decide(view(104, ttft=seen_ttft, **DECODE_HEAVY), TARGETS)
+    assert waiting.prefill_sms == 104 and "TPOT risk predicted only" in waiting.reason
+    assert ModelPolicyConfig().urgent_slack <= waiting.predicted["slack"] < ModelPolicyConfig().comfort_slack
+    observed = ModelPolicy(m).decide(view(104, **dict(DECODE_AT_RISK, ttft=seen_ttft)), TARGETS)
+    assert observed.prefill_sms < 104, observed.reason
+    dire = dict(DECODE_HEAVY, decoding=384, context=384 * 2000)
+    preds, _ = ModelPolicy(m).predict(view(104, **dire), TARGETS)
+    assert next(p.slack for p in preds if p.prefill_sms == 104) < ModelPolicyConfig().urgent_slack
+    assert ModelPolicy(m).decide(view(104, **dire), TARGETS).prefill_sms < 104
 
 
 def test_model_policy_balances_slack() -> None:
@@ -522,7 +543,7 @@ def test_model_policy_bounds_switches_under_oscillating_load() -> None:
         policy, sms, switches = ModelPolicy(h100_llama8b(), cfg), 64, []
         for i in range(1200):  # a decision every 0.5 s
             t = 1000.0 + 0.5 * i
-            load: dict[str, Any] = dict(PREFILL_HEAVY if int(t / 2) % 2 == 0 else DECODE_HEAVY)
+            load: dict[str, Any] = dict(PREFILL_HEAVY if int(t / 2) % 2 == 0 else DECODE_AT_RISK)
             if seen and load["queued"]:
                 load["ttft"] = (5000.0,) * 10
             elif seen:
@@ -554,7 +575,7 @@ def test_model_policy_state_is_per_engine() -> None:
     v = EngineView("gpu1", 64, 132, SPLITS, waiting_prefill_tokens=20_000, num_decoding=32,
                    decode_context_tokens=48_000, time=11.0, num_prefill_requests=40)
     assert policy.decide(v, TARGETS).prefill_sms > 64  # gpu1 has its own dwell timer
-    d = policy.decide(view(104, t=12.0, **DECODE_HEAVY), TARGETS)
+    d = policy.decide(view(104, t=12.0, **DECODE_AT_RISK), TARGETS)
     assert d.prefill_sms == 104 and "dwell" in d.reason
 
 
@@ -813,11 +834,11 @@ def test_model_policy_dwell_counts_applied_switches() -> None:
     assert first.prefill_sms > 64
     again = policy.decide(view(64, t=11.0, **PREFILL_HEAVY), TARGETS)  # the caller did not apply it
     assert again.prefill_sms == first.prefill_sms and again.reason.startswith("switch")
-    applied = view(first.prefill_sms, t=12.0, **DECODE_HEAVY)  # applied; now decode is at risk
+    applied = view(first.prefill_sms, t=12.0, **DECODE_AT_RISK)  # applied; now decode is at risk
     held = policy.decide(applied, TARGETS)
     assert held.prefill_sms == first.prefill_sms and "dwell (29.0 s left)" in held.reason  # counted from the proposal at t=11
     assert held.predicted["switches_last_minute"] == 1.0
-    later = policy.decide(view(first.prefill_sms, t=41.5, **DECODE_HEAVY), TARGETS)
+    later = policy.decide(view(first.prefill_sms, t=41.5, **DECODE_AT_RISK), TARGETS)
     assert later.prefill_sms < first.prefill_sms and "more SMs to decode" in later.reason
 
 

@@ -47,7 +47,13 @@ for a moment (on the H200, runs 20-21, decode streamed about half its tokens in 
 moves), and a TTFT risk that is only predicted often passes (run 20: 64 -> 72 under chat at 40.6 req/s, TTFT
 predicted at 1,174 ms on 64 and observed at 496; the move back came 3 s later, and a fixed 64 kept 95.0% of the
 window's requests where the policy kept 78.5%; in simulation with that transient, 6 seeds, 79.92% -> 80.36%
-over the suite, 82.35% -> 82.57% without it). A switch is urgent when the current split is
+over the suite, 82.35% -> 82.57% without it). So does a move toward decode (TPOT observed past its target, or
+the decode step past it): the TTFT a snapshot predicts, with an empty queue, can sit far under the one observed
+(H200, run 22, documents at 4.4-6.7 req/s, TTFT <= 1.5 s, TPOT <= 15 ms: 88 -> 80 five times with TTFT
+predicted at 345-828 ms on 88, its correction at or near the clamp, observed at 1,132-1,869 ms, and TPOT observed
+within its target; 80 -> 72 with P90 TTFT observed at 1,194 ms, and 72 -> 88 urgently 5 s later; a fixed 88 kept
+100% at 4.4 and 5.5 req/s, the policy 83.3-100%). In simulation, 6 seeds: 82.57% -> 82.70% over the suite, 80.36% -> 80.72% with the
+switch transient, 85.05% on the fresh profile either way. A switch is urgent when the current split is
 predicted past a target by more than a quarter of it (slack under `urgent_slack`), observed past
 it too (for TTFT: or the arrivals changed since the split was last chosen or held as fine, `load_changed`: their
 prompt length or prompt-token rate moved by `load_change_ratio` or more), and the new split
@@ -509,9 +515,10 @@ class ModelPolicy:
         if gain <= cfg.margin:
             return SplitDecision(current, f"hold: within hysteresis band (gain {gain:+.2f} <= {cfg.margin:.2f} "
                                           f"for {best.prefill_sms}); {at}", predicted)
-        if (best.prefill_sms > current and "ttft" not in evident and cur.slack >= cfg.urgent_slack
-                and cfg.comfort_slack < 1.0):
-            return SplitDecision(current, f"hold: a TTFT risk predicted only, not observed nor a new load (slack "
+        relieved = "ttft" if best.prefill_sms > current else "tpot"
+        if relieved not in evident and cur.slack >= cfg.urgent_slack and cfg.comfort_slack < 1.0:
+            unseen = "not observed nor a new load" if relieved == "ttft" else "not observed"
+            return SplitDecision(current, f"hold: a {relieved.upper()} risk predicted only, {unseen} (slack "
                                           f"{cur.slack:+.2f} >= {cfg.urgent_slack:.2f}); {at}", predicted)
         ceiling = state.tpot_ceiling
         back_up = (ceiling is not None and best.prefill_sms >= ceiling[0] > current
