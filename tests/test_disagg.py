@@ -92,7 +92,9 @@ def test_greedy_tokens_equal_unified_and_bytes_are_exact(
 def test_decode_pool_smaller_than_the_load_queues_imports(tiny_llama: Path,
                                                           check_greedy: Callable[..., None]) -> None:
     """A decode pool that holds about two requests: imports wait for pages, decodes preempt and
-    go back to prefill for recomputation, and the tokens are still the unified engine's."""
+    go back to prefill for recomputation, and the tokens are still the unified engine's. Whether prefill also
+    waits for room in flight here depends on thread timing (the importer may keep up): the wait itself is
+    `test_transport_holds_a_send_until_the_receiver_releases_room`'s."""
     prompts = make_prompts(1)[4:]  # 40..230 tokens
     params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, logprobs=2)
     with LLM(tiny_llama, device="cpu", scheduler=SchedulerConfig(max_prefill_tokens=CHUNK),
@@ -106,7 +108,6 @@ def test_decode_pool_smaller_than_the_load_queues_imports(tiny_llama: Path,
         assert llm.transport.bytes_moved >= sum(pages_for(len(p), PAGE) for p in prompts) * kv_bytes_per_page(tiny_llama)
         pool = llm.pair.decode.pool.kv
         assert llm.transport.max_in_flight_bytes == int(0.25 * pool.numel() * pool.element_size())
-        assert llm.transport.num_waits > 0  # prefill held back while decode had no room
         assert llm.transport.in_flight_bytes == 0
         assert_all_pages_back(llm.pair)
 
