@@ -28,15 +28,17 @@ def flashinfer_first_uses(arch: ModelArch, dtype: torch.dtype, device: torch.dev
     from actors.attention.flashinfer_backend import attention_first_uses
     from actors.models.ops import FlashInferOps
 
-    def on_device(use: Callable[[], object]) -> Callable[[], object]:  # a new thread's current device is the first
-        def run() -> object:
-            with torch.cuda.device(device):
-                return use()
-
-        return run
-
     uses = FlashInferOps().first_uses(arch, dtype, device) + attention_first_uses(arch, dtype, device, decode_kernel)
-    return [on_device(u) for u in uses]
+    return [on_device(device, u) for u in uses]
+
+
+def on_device(device: torch.device, use: Callable[[], object]) -> Callable[[], object]:
+    """`use` run with `device` current: a new thread's current device is the first GPU."""
+    def run() -> object:
+        with torch.cuda.device(device):
+            return use()
+
+    return run
 
 
 def run_in_parallel(tasks: Sequence[Callable[[], object]]) -> list[float]:
