@@ -157,6 +157,43 @@ def test_serving_after_start_calls_no_cuda_host_alloc(tiny_llama: Path) -> None:
         assert pinned_host_allocs() == grown, f"{pinned_host_allocs() - grown} cudaHostAlloc calls while serving"
 
 
+def test_staging_ring_copies_land_intact_behind_a_busy_stream_across_laps() -> None:
+    """Copies through a small pinned staging ring, queued behind long matmuls on one stream and read back on
+    another, for several laps of the ring: every value lands as staged (a region reused before its copy ran
+    would land another copy's values), both ways."""
+    from actors.runner.transfer import StagingRing
+
+    ring = StagingRing(torch.empty(64 << 10, dtype=torch.uint8, pin_memory=True), torch.cuda.Event)
+    busy, side = torch.cuda.Stream(), torch.cuda.Stream()
+    a = torch.randn(4096, 4096, device="cuda")
+    gen = torch.Generator().manual_seed(0)
+    sent, landed, back = [], [], []
+    with torch.cuda.stream(busy):
+        for i in range(400):  # two takes of up to 8 KiB each: dozens of laps of 64 KiB
+            if i % 50 == 0:
+                a = a @ a / 64.0  # keeps the stream busy while the next copies queue
+            host = torch.randint(0, 1 << 30, (int(torch.randint(1, 1024, (1,), generator=gen)),), generator=gen)
+            staged = ring.take(host.shape, host.dtype)
+            staged.copy_(host)
+            dev = staged.to("cuda", non_blocking=True)
+            ring.mark()
+            returned = ring.take(host.shape, host.dtype)
+            returned.copy_(dev, non_blocking=True)
+            back.append((returned, ring.last_position, ring.mark()))
+            sent.append(host)
+            landed.append(dev)
+            if len(back) > 4:  # read the device-to-host copies a few iterations late, as overlapped steps do
+                returned, position, done = back.pop(0)
+                done.synchronize()
+                assert ring.intact(position)
+                assert torch.equal(returned, sent[len(sent) - 5])
+    side.wait_stream(busy)
+    with torch.cuda.stream(side):
+        for host, dev in zip(sent, landed):
+            assert torch.equal(dev.cpu(), host)
+    assert ring.oversized == 0
+
+
 def test_flashinfer_first_uses_run_each_kernel_from_a_thread_of_their_own(tiny_llama: Path) -> None:
     """What an engine's start runs to build its kernels side by side: each first use returns the kernel's
     output, as the model's torch ops give it for the elementwise ones."""
