@@ -185,6 +185,25 @@ def test_engine_keeps_what_it_built_out_of_the_collectors_way_until_shutdown(tin
     assert pool() is None
 
 
+def test_an_engine_whose_worker_cannot_start_raises_and_leaves_no_worker_running(
+        tiny_llama: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker thread that fails to enter its runner (on a GPU: making its pinned staging ring) fails the engine's
+    start, instead of an engine that counts as started while one of its loops never runs."""
+    import threading
+
+    from actors.runner.model_runner import ModelRunner
+
+    def enter_thread(runner: ModelRunner) -> None:
+        if threading.current_thread().name == "semipd-decode":
+            raise MemoryError("no pinned memory")
+
+    monkeypatch.setattr(ModelRunner, "enter_thread", enter_thread)
+    with pytest.raises(RuntimeError, match="decode worker could not start") as failed:
+        LLM(tiny_llama, device="cpu", mode="semi-pd")
+    assert isinstance(failed.value.__cause__, MemoryError)
+    assert not [t for t in threading.enumerate() if t.name.startswith("semipd-") and t.is_alive()]
+
+
 def test_engine_refuses_an_unknown_decode_attention_kernel(tiny_llama: Path) -> None:
     with pytest.raises(ConfigError, match=r"decode_attention must be one of \('fa2', 'fa3', 'cuda-cores'\)"):
         LLM(tiny_llama, device="cpu", decode_attention="fa4")

@@ -157,40 +157,37 @@ def test_serving_after_start_calls_no_cuda_host_alloc(tiny_llama: Path) -> None:
         assert pinned_host_allocs() == grown, f"{pinned_host_allocs() - grown} cudaHostAlloc calls while serving"
 
 
-def test_staging_ring_copies_land_intact_behind_a_busy_stream_across_laps() -> None:
-    """Copies through a small pinned staging ring, queued behind long matmuls on one stream and read back on
-    another, for several laps of the ring: every value lands as staged (a region reused before its copy ran
-    would land another copy's values), both ways."""
+def test_staging_ring_reuses_a_region_only_after_its_copy_ran() -> None:
+    """Host-to-device copies through a small pinned staging ring, queued behind a long sleep kernel so that none
+    has run when the ring comes round, for several laps with no host wait of the test's own: every value lands
+    as staged, so the ring waited for each region's copy before handing it out again (a region reused early
+    lands a later copy's values). Then device-to-host copies read a few takes late, within one lap: intact."""
     from actors.runner.transfer import StagingRing
 
-    ring = StagingRing(torch.empty(64 << 10, dtype=torch.uint8, pin_memory=True), torch.cuda.Event)
-    busy, side = torch.cuda.Stream(), torch.cuda.Stream()
-    a = torch.randn(4096, 4096, device="cuda")
-    gen = torch.Generator().manual_seed(0)
-    sent, landed, back = [], [], []
-    with torch.cuda.stream(busy):
-        for i in range(400):  # two takes of up to 8 KiB each: dozens of laps of 64 KiB
-            if i % 50 == 0:
-                a = a @ a / 64.0  # keeps the stream busy while the next copies queue
-            host = torch.randint(0, 1 << 30, (int(torch.randint(1, 1024, (1,), generator=gen)),), generator=gen)
+    capacity = 64 << 10
+    ring = StagingRing(torch.empty(capacity, dtype=torch.uint8, pin_memory=True), torch.cuda.Event)
+    stream, gen = torch.cuda.Stream(), torch.Generator().manual_seed(0)
+    sent, landed = [], []
+    with torch.cuda.stream(stream):
+        torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU clock cycles ahead of every copy below
+        for _ in range(4 * capacity // 4096):  # 4 KiB each: four laps
+            host = torch.randint(0, 1 << 30, (512,), generator=gen)
             staged = ring.take(host.shape, host.dtype)
             staged.copy_(host)
-            dev = staged.to("cuda", non_blocking=True)
+            landed.append(staged.to("cuda", non_blocking=True))
             ring.mark()
-            returned = ring.take(host.shape, host.dtype)
-            returned.copy_(dev, non_blocking=True)
-            back.append((returned, ring.last_position, ring.mark()))
             sent.append(host)
-            landed.append(dev)
-            if len(back) > 4:  # read the device-to-host copies a few iterations late, as overlapped steps do
-                returned, position, done = back.pop(0)
+        back = []
+        for i, dev in enumerate(landed):
+            returned = ring.take(dev.shape, dev.dtype)
+            returned.copy_(dev, non_blocking=True)
+            back.append((i, returned, ring.last_position, ring.mark()))
+            if len(back) > 4:  # 5 x 4 KiB in flight, well within a 64 KiB lap
+                j, out, position, done = back.pop(0)
                 done.synchronize()
-                assert ring.intact(position)
-                assert torch.equal(returned, sent[len(sent) - 5])
-    side.wait_stream(busy)
-    with torch.cuda.stream(side):
-        for host, dev in zip(sent, landed):
-            assert torch.equal(dev.cpu(), host)
+                assert ring.intact(position) and torch.equal(out, sent[j])
+    torch.cuda.synchronize()
+    assert all(torch.equal(dev.cpu(), host) for host, dev in zip(sent, landed))
     assert ring.oversized == 0
 
 

@@ -241,6 +241,8 @@ def test_a_move_toward_decode_waits_for_evidence_unless_the_prediction_is_dire()
     quarter (`urgent_slack`), it moves without waiting."""
     m = h100_llama8b()
     seen_ttft = (1200.0,) * 10
+    unseen = ModelPolicy(m).decide(view(104, **DECODE_HEAVY), TARGETS)  # nothing observed at all
+    assert unseen.prefill_sms == 104 and "TPOT risk predicted only" in unseen.reason
     waiting = ModelPolicy(m).decide(view(104, ttft=seen_ttft, **DECODE_HEAVY), TARGETS)
     assert waiting.prefill_sms == 104 and "TPOT risk predicted only" in waiting.reason
     assert ModelPolicyConfig().urgent_slack <= waiting.predicted["slack"] < ModelPolicyConfig().comfort_slack
@@ -539,7 +541,8 @@ def test_model_policy_bounds_switches_under_oscillating_load() -> None:
     """Load flips between prefill- and decode-heavy every 2 s for 10 minutes."""
 
     def simulate(cfg: ModelPolicyConfig, seen: bool = False) -> list[float]:
-        """`seen`: the views also hold observed latencies far past the target the load strains."""
+        """`seen`: the views also hold observed latencies far past the target the load strains (without it the
+        decode-heavy half still holds TPOT samples just past its target: the evidence a move toward decode needs)."""
         policy, sms, switches = ModelPolicy(h100_llama8b(), cfg), 64, []
         for i in range(1200):  # a decision every 0.5 s
             t = 1000.0 + 0.5 * i

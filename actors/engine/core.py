@@ -274,8 +274,12 @@ class EngineCore:
                 sys.setswitchinterval(self.config.switch_interval_ms / 1000)
             gc.collect()
             gc.freeze()
-            for w in self.workers:
-                w.start()
+            try:
+                for w in self.workers:
+                    w.start()
+            except BaseException:
+                self.shutdown()  # a worker that could not start leaves none running
+                raise
 
     def shutdown(self) -> None:
         """Stop the workers, then give back what the engine holds on the device beyond its own

@@ -128,11 +128,18 @@ class Worker:
 
     def start(self) -> None:
         """Start the loop's thread; returns once the thread has entered the runner (`ModelRunner.enter_thread`),
-        so that what that makes (a pinned staging ring) is made before serving."""
+        so that what that makes (a pinned staging ring) is made before serving. Raises what entering raised
+        (the thread has then ended): a worker that cannot run must not count as started."""
         entered = threading.Event()
-        self.thread = threading.Thread(target=self._loop, args=(entered,), name=f"semipd-{self.name}", daemon=True)
+        failed: list[BaseException] = []
+        self.thread = threading.Thread(target=self._loop, args=(entered, failed), name=f"semipd-{self.name}",
+                                       daemon=True)
         self.thread.start()
         entered.wait()
+        if failed:
+            self.thread.join()
+            self.thread = None
+            raise RuntimeError(f"{self.name} worker could not start") from failed[0]
 
     def stop(self, timeout: float = 30.0) -> bool:
         """End the loop after its current iteration; False if the thread is still running after `timeout` s.
@@ -150,9 +157,12 @@ class Worker:
         self.emit = self.handoff = self.requeue = discard
         return True
 
-    def _loop(self, entered: threading.Event) -> None:
+    def _loop(self, entered: threading.Event, failed: list[BaseException]) -> None:
         try:
             self.runner.enter_thread()
+        except BaseException as e:
+            failed.append(e)
+            return
         finally:
             entered.set()
         try:
