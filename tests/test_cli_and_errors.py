@@ -197,11 +197,15 @@ def test_an_engine_whose_worker_cannot_start_raises_and_leaves_no_worker_running
         if threading.current_thread().name == "semipd-decode":
             raise MemoryError("no pinned memory")
 
+    def workers() -> set[threading.Thread]:
+        return {t for t in threading.enumerate() if t.name.startswith("semipd-") and t.is_alive()}
+
+    before = workers()  # other tests' engines
     monkeypatch.setattr(ModelRunner, "enter_thread", enter_thread)
     with pytest.raises(RuntimeError, match="decode worker could not start") as failed:
         LLM(tiny_llama, device="cpu", mode="semi-pd")
     assert isinstance(failed.value.__cause__, MemoryError)
-    assert not [t for t in threading.enumerate() if t.name.startswith("semipd-") and t.is_alive()]
+    assert workers() <= before
 
 
 def test_engine_refuses_an_unknown_decode_attention_kernel(tiny_llama: Path) -> None:
