@@ -74,6 +74,16 @@ def test_regions_are_aligned_views_that_do_not_overlap_within_a_lap() -> None:
     assert h.waited == []
 
 
+def test_stage_puts_a_copy_of_the_host_tensor_in_a_region_of_the_ring() -> None:
+    h = Harness()
+    values = torch.arange(7, dtype=torch.int32)
+    staged = h.ring.stage(values)
+    assert torch.equal(staged, values) and staged.dtype == torch.int32
+    assert 0 <= h.offset(staged) < CAPACITY and h.ring.last_position is not None
+    values[0] = 99  # a copy: the region keeps what was staged
+    assert int(staged[0]) == 0
+
+
 def test_wrapping_waits_for_exactly_the_marks_whose_bytes_it_hands_out_again() -> None:
     h = Harness()
     marks = [h.take_marked(1024)[1] for _ in range(3)]  # [0, 3072)

@@ -76,9 +76,7 @@ class FlashInferAttention(AttentionBackend):
         host, so device ones would cost a device-to-host copy and a sync each; `plan()` queues their copies to
         the device. Take them inside `_planning`, whose mark covers them, with no other mark in between (no
         `to_device`)."""
-        host = staging_ring().take((len(values),), torch.int32)
-        host.copy_(torch.tensor(values, dtype=torch.int32))
-        return host
+        return staging_ring().stage(torch.tensor(values, dtype=torch.int32))
 
     @contextmanager
     def _planning(self, wrapper: object) -> Iterator[None]:

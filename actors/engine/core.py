@@ -243,9 +243,8 @@ class EngineCore:
             w.runner.set_partition(current)
         if on_gpu:
             torch.cuda.synchronize(self.device)
-            elapsed = time.perf_counter() - t0
             log.info("warm-up: %d prefill tokens over %d partitions in %.1f s; %d cudaHostAlloc calls so far",
-                     tokens_run, partitions, elapsed, pinned_host_allocs())
+                     tokens_run, partitions, time.perf_counter() - t0, pinned_host_allocs())
 
     def _warm_up_prefill(self, runner: ModelRunner, lens: list[int]) -> None:
         """One prefill iteration of prompts of `lens` tokens, on pages freed afterwards."""

@@ -116,6 +116,12 @@ class StagingRing(Generic[E]):
         offset = start % self.capacity
         return self.buffer[offset:offset + nbytes].view(dtype).view(tuple(shape))
 
+    def stage(self, host: torch.Tensor) -> torch.Tensor:
+        """A region (`take`) holding a copy of the host tensor `host`."""
+        staged = self.take(host.shape, host.dtype)
+        staged.copy_(host)
+        return staged
+
     def mark(self, stream: Any = None) -> E:
         """Record an event on `stream` (None: the current stream) covering the regions taken since the last mark;
         returns it (callers may wait for it, or make another stream wait for it)."""
@@ -167,9 +173,7 @@ def copy_to_device(dst: torch.Tensor, host: torch.Tensor) -> None:
     """Queue copying `host` into `dst` (a CUDA tensor of its shape) on `dst`'s device's current stream, through the
     calling thread's staging ring; returns without waiting."""
     ring = staging_ring()
-    staged = ring.take(host.shape, host.dtype)
-    staged.copy_(host)
-    dst.copy_(staged, non_blocking=True)
+    dst.copy_(ring.stage(host), non_blocking=True)
     ring.mark(torch.cuda.current_stream(dst.device))
 
 
