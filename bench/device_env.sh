@@ -10,4 +10,11 @@ if [ ! -f /tmp/fiws/.restored ]; then
   [ -f .device/fi-cache.txz ] && tar -xJf .device/fi-cache.txz -C /tmp/fiws
   touch /tmp/fiws/.restored
 fi
+# flashinfer builds each JIT module with ninja at its default parallelism (cores + 2) unless MAX_JOBS is set.
+# `jit-build` builds seven modules at once, four of them prefill attention (bf16 and fp16, sm90 and fa2) of ~10
+# heavy sources each: ~40 nvcc processes at once where run 22 ran ~20 (bf16 only), on a 16-core machine whose
+# RAM grows as it is used. On 2026-12-04 (21:40 UTC) the first call building the seven ran to its limit and the
+# machine stopped answering (cause not known). 5 jobs a module keeps run 22's peak; the CPU work, and so the
+# build time on 16 cores, is the same either way.
+export MAX_JOBS=${MAX_JOBS:-5}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" TOKENIZERS_PARALLELISM=false
