@@ -49,8 +49,12 @@ case $what in
   startup)
     python3 bench/startup_probe.py $model 2>&1 | tee "$OUT/startup.log" | grep -E "captured|built|profile in"
     ;;
-  jit-build)
+  jit-build)  # the machine's memory in use is sampled every 2 s while it builds: its peak is the last line
+    (while sleep 2; do free -m | awk '/^Mem:/ {print $3}'; done) > "$OUT/jit-build-mem.log" &
+    sampler=$!
     python3 bench/jit_build_probe.py $model 2>&1 | tee "$OUT/jit-build.log" | grep -E "^\||Building"
+    kill $sampler
+    echo "machine memory in use while building, peak: $(sort -n "$OUT/jit-build-mem.log" | tail -1) MiB (MAX_JOBS=$MAX_JOBS)"
     ;;
   stream-probe)
     python3 bench/ray_stream_probe.py 2>&1 | tee "$OUT/stream-probe.log" | grep "^|"
