@@ -6,10 +6,12 @@ Each case is a load (chat 35-50 req/s, documents 3-5, documents then chat after 
 two bursts of chat or of documents) under TTFT <= 1 s and TPOT <= 12 or 15 ms, plus documents at 4-6 req/s
 under TTFT <= 1.5 s and TPOT <= 15 ms; each runs on an engine whose prefill is as fast as the profile says and
 15% slower (the policy always holds the profile), starting on 64 prefill SMs, `--seeds` times. Prints one line
-per case and prefill speed, the mean of each kind of load, and the mean of all. CPU only, about 20 s.
+per case and prefill speed, the mean of each kind of load, the policy's switches per minute, and the mean of all.
+CPU only, about 20 s.
 `--fixed` also holds every split of the profile through each case and prints the best one beside the policy
 (issue 4 asks the policy to sustain at least what the best fixed split does), and the best single split held
-through every case, about 13 times as long.
+through every case, about 13 times as long. `--policy reactive` runs the semi-PD paper's rule instead (P90 TTFT
+or TPOT over its target moves one split step, `ReactivePolicy`), at the same decision interval.
 The figures quoted in docs/perf/serve-h200.md (run 19) are this script's.
 """
 
@@ -21,10 +23,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from engine_sim import Phase, simulate, with_prefill_factor  # noqa: E402
+from engine_sim import Phase, SimResult, simulate, with_prefill_factor  # noqa: E402
 
 from actors.slo.latency_model import LatencyModel, load_models  # noqa: E402
-from actors.slo.policy import ModelPolicy  # noqa: E402
+from actors.slo.policy import make_policy  # noqa: E402
 from actors.slo.types import SLOTargets  # noqa: E402
 
 PREFILL_FACTORS = (1.0, 1.15)
@@ -78,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--switch-transient", type=_transient, default=(0.0, 1.0), metavar="S:FACTOR",
                         help="decode's steps FACTOR times slower for S seconds after each switch toward prefill "
                              "(default none; 0.5:2 is what runs 20-21 on the H200 streamed)")
+    parser.add_argument("--policy", choices=("model", "reactive"), default="model",
+                        help="the split policy to run: ours (default) or the semi-PD paper's reactive rule")
     parser.add_argument("--fixed", action="store_true",
                         help="also hold each split of the profile fixed, and print each case's best beside the policy")
     args = parser.parse_args(argv)
@@ -89,21 +93,27 @@ def main(argv: list[str] | None = None) -> int:
     by_split: dict[int, list[float]] = {}  # each split held through every case (what an operator who cannot know
     # the load ahead would pick from)
 
-    def attainment_pct(engine: LatencyModel, phases: list[Phase], targets: SLOTargets, start_sms: int,
-                       dynamic: bool) -> float:
-        """Mean over the seeds; `dynamic`: a fresh policy for each seed (it keeps state per engine), else fixed."""
-        runs = [simulate(engine, phases, targets, start_sms, ModelPolicy(model) if dynamic else None, seed=s,
-                         dt=0.01, switch_transient=args.switch_transient).attainment for s in range(args.seeds)]
-        return 100.0 * sum(runs) / len(runs)
+    def runs(engine: LatencyModel, phases: list[Phase], targets: SLOTargets, start_sms: int,
+             dynamic: bool) -> list[SimResult]:
+        """One per seed; `dynamic`: a fresh policy for each seed (it keeps state per engine), else fixed."""
+        return [simulate(engine, phases, targets, start_sms, make_policy(args.policy, model) if dynamic else None,
+                         seed=s, dt=0.01, switch_transient=args.switch_transient) for s in range(args.seeds)]
 
+    def attainment_pct(results: list[SimResult]) -> float:
+        return 100.0 * sum(r.attainment for r in results) / len(results)
+
+    switches: list[float] = []  # switches per minute of arrivals, each dynamic run
     for kind, name, phases, targets in cases():
+        minutes = sum(p.seconds for p in phases) / 60.0
         for factor in PREFILL_FACTORS:
             engine = with_prefill_factor(model, factor)
-            pct = attainment_pct(engine, phases, targets, 64, dynamic=True)
+            dynamic = runs(engine, phases, targets, 64, dynamic=True)
+            pct = attainment_pct(dynamic)
+            switches += [len(r.switches) / minutes for r in dynamic]
             by_kind.setdefault(kind, []).append(pct)
             line = f"{name:40s} prefill x{factor:.2f}: {pct:5.1f}%"
             if args.fixed:
-                fixed = {s: attainment_pct(engine, phases, targets, s, dynamic=False) for s in model.splits}
+                fixed = {s: attainment_pct(runs(engine, phases, targets, s, dynamic=False)) for s in model.splits}
                 best = max(fixed, key=lambda s: (fixed[s], -abs(s - 64)))
                 for split, pct_fixed in fixed.items():
                     by_split.setdefault(split, []).append(pct_fixed)
@@ -115,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.fixed:
             fixed_note = f" (best fixed split per case: {sum(best_fixed_by_kind[kind]) / len(values):.1f}%)"
         print(f"mean, {kind}: {sum(values) / len(values):.1f}%{fixed_note}")
+    print(f"switches per minute of arrivals: mean {sum(switches) / len(switches):.1f}, most {max(switches):.1f}")
     every = [v for values in by_kind.values() for v in values]
     print(f"mean of {len(every)} cases x {args.seeds} seeds: {sum(every) / len(every):.2f}%")
     if args.fixed:

@@ -1199,13 +1199,14 @@ def test_admission_predicts_at_the_prefill_speed_the_engine_shows() -> None:
     assert ac.predict_ttft_ms(500, far) == pytest.approx(4.0 * modelled, rel=0.02)
 
 
-def test_the_policy_suite_prints_every_case_and_the_mean(capsys: pytest.CaptureFixture[str]) -> None:
-    """`bench/policy_suite.py` (the simulation figures of docs/perf/serve-h200.md, run 19) runs on a saved profile:
-    one line per case and prefill speed, then the means."""
+@pytest.mark.parametrize("policy", ["model", "reactive"])
+def test_the_policy_suite_prints_every_case_and_the_mean(policy: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """`bench/policy_suite.py` (the simulation figures of docs/perf/serve-h200.md, run 19) runs on a saved profile,
+    with our policy or the paper's reactive rule: one line per case and prefill speed, then the means."""
     import runpy
 
     suite = runpy.run_path(str(Path(__file__).resolve().parents[1] / "bench" / "policy_suite.py"))
-    assert suite["main"]([str(H200_PROFILE), "--seeds", "1"]) == 0
+    assert suite["main"]([str(H200_PROFILE), "--seeds", "1", "--policy", policy]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len([line for line in lines if "prefill x" in line]) == 2 * len(suite["cases"]())
     mean = float(lines[-1].rsplit(" ", 1)[1].rstrip("%"))
