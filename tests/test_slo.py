@@ -1157,6 +1157,37 @@ def test_model_policy_follows_a_shift_better_than_any_fixed_split() -> None:
     assert len(dynamic.switches) <= 4 and any(to >= 104 for _, _, to in dynamic.switches)  # prefill for documents
 
 
+@pytest.mark.parametrize("prefill_factor", [1.0, 1.15])
+def test_model_policy_beats_every_fixed_split_when_documents_give_way_to_reasoning(prefill_factor: float) -> None:
+    """Long documents (5,905 prompt tokens, 180 out, 3 req/s for 20 s), then reasoning (110 in, 2,500 out, 4.5 req/s
+    for 20 s) at TTFT <= 1 s and TPOT <= 12 ms: the documents want prefill SMs, the reasoning's long decodes want
+    decode SMs, and no split held throughout serves both (a small prefill split queues the documents, and the
+    reasoning behind them; a large one slows the decode of a 100-sequence batch past TPOT's target). Over three
+    draws the policy, starting on 64, keeps 78.1% of the requests within both targets against the best fixed
+    split's 42.5% (56); on an engine whose prefill runs 15% slower than the profile, 61.9% against 31.4% (72).
+    It moves toward prefill for the documents and to 32 or fewer prefill SMs for the reasoning. The shifting load
+    for issue 4's claim on a GPU (docs/perf/serve-h200.md, 2026-12-04 evening)."""
+    from engine_sim import Phase, simulate, with_prefill_factor
+
+    (h200,) = load_models(H200_PROFILE).values()
+    engine = with_prefill_factor(h200, prefill_factor)
+    targets = SLOTargets(ttft_ms=1000.0, tpot_ms=12.0)
+    shift = [Phase(20.0, 3.0, 5905, 180, prompt_cv=0.35), Phase(20.0, 4.5, 110, 2500, prompt_cv=0.5)]
+    seeds = range(3)
+
+    def mean_attainment(sms: int, dynamic: bool) -> float:
+        runs = [simulate(engine, shift, targets, sms, ModelPolicy(h200) if dynamic else None, seed=s, dt=0.02)
+                for s in seeds]
+        return sum(r.attainment for r in runs) / len(runs)
+
+    fixed = {sms: mean_attainment(sms, dynamic=False) for sms in h200.splits}
+    assert mean_attainment(64, dynamic=True) > 1.5 * max(fixed.values()), fixed
+    switches = simulate(engine, shift, targets, 64, ModelPolicy(h200), seed=0, dt=0.02).switches
+    assert any(to > 64 for t, _, to in switches if t < 20.0)  # prefill SMs for the documents
+    assert any(to <= 32 for t, _, to in switches if t >= 20.0)  # decode SMs for the reasoning
+    assert len(switches) <= 6
+
+
 def test_admission_keeps_an_overload_within_its_targets_and_refuses_nothing_below_it() -> None:
     """Chat at 65 req/s (past what any split serves at TPOT <= 12 ms) and documents at 6 req/s, with the dynamic
     policy: refusing the requests predicted past their TTFT target (HTTP 429 in the engine; counted here as

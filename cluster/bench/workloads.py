@@ -8,7 +8,7 @@ token counts plus token-count-controlled filler text:
 - `arxiv`: arXiv summarization, ~3832 in / ~200 out; in + out <= 8192 (an 8K-context model).
 - `long-doc`: long-document QA (LDC), ~5905 in / ~180 out; in + out <= 8192.
 - `math`: MATH-500-like reasoning: short problems, long chains of thought
-  (~110 in / ~2500 out; our assumption, no published mean was given).
+  (~110 in / ~2500 out; our assumption, no published mean was given); in + out <= 8192.
 - `mixed`: 60% sharegpt + 40% long-doc, shuffled.
 - `shifting`: phases in sequence (default: first half sharegpt, second half long-doc),
   so the prefill/decode balance changes mid-run; a phase may arrive faster or slower than
@@ -153,7 +153,10 @@ PROFILES: dict[str, LengthProfile] = {
     "long-doc": LengthProfile(
         "long-doc", LogNormalLengths(5905, 0.35, 1024, 7680), LogNormalLengths(180, 0.4, 16, 512), max_total=8192
     ),
-    "math": LengthProfile("math", LogNormalLengths(110, 0.5, 16, 1024), LogNormalLengths(2500, 0.6, 128, 16384)),
+    # outputs capped so that every request fits an 8K-context model too: up to 1024 in + 7168 out
+    "math": LengthProfile(
+        "math", LogNormalLengths(110, 0.5, 16, 1024), LogNormalLengths(2500, 0.6, 128, 7168), max_total=8192
+    ),
 }
 MIXES: dict[str, tuple[tuple[str, float], ...]] = {"mixed": (("sharegpt", 0.6), ("long-doc", 0.4))}
 
