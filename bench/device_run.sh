@@ -26,7 +26,7 @@ save_cache() {  # SAVE_CACHE=1: flashinfer's compiled kernels -> $OUT/fi-cache.t
 }
 case $what in
   tests)
-    python3 -m pytest -q -s -m gpu tests/test_gpu.py -p no:cacheprovider ${2:+-k "$2"} 2>&1 | tee "$OUT/gpu-tests.log" | tail -40
+    python3 -m pytest -q -s -m gpu tests/test_gpu.py -p no:cacheprovider --durations=8 ${2:+-k "$2"} 2>&1 | tee "$OUT/gpu-tests.log" | tail -40
     save_cache
     ;;
   bench)
