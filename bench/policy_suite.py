@@ -4,7 +4,8 @@
 
 Each case is a load (chat 35-50 req/s, documents 3-5, documents then chat after a pause, a 4 s lull between
 two bursts of chat or of documents) under TTFT <= 1 s and TPOT <= 12 or 15 ms, plus documents at 4-6 req/s
-under TTFT <= 1.5 s and TPOT <= 15 ms; each runs on an engine whose prefill is as fast as the profile says and
+under TTFT <= 1.5 s and TPOT <= 15 ms, and long documents giving way to reasoning (long outputs: a load no split
+held throughout serves, since 2026-12-04 evening; the 46 cases before it are the first 46); each runs on an engine whose prefill is as fast as the profile says and
 15% slower (the policy always holds the profile), starting on 64 prefill SMs, `--seeds` times. Prints one line
 per case and prefill speed, the mean of each kind of load, the policy's switches per minute, and the mean of all.
 CPU only, about 20 s.
@@ -40,6 +41,10 @@ def documents(rate: float, seconds: float = 15.0) -> Phase:
     return Phase(seconds, rate, 4236, 180, prompt_cv=0.8)
 
 
+def reasoning(rate: float, seconds: float = 20.0) -> Phase:
+    return Phase(seconds, rate, 110, 2500, prompt_cv=0.5)
+
+
 def pause(seconds: float) -> Phase:
     return Phase(seconds, 0.01, 500, 92)
 
@@ -58,6 +63,10 @@ def cases() -> list[tuple[str, str, list[Phase], SLOTargets]]:
         out.append(("lull", f"documents 4, lull, documents 4 / {t}", [documents(4), pause(4.0), documents(4)], targets))
     doc_targets = SLOTargets(ttft_ms=1500.0, tpot_ms=15.0)
     out += [("documents at 1.5 s / 15 ms", f"documents {r} / 1500+15", [documents(r)], doc_targets) for r in (4, 5, 6)]
+    long_documents = Phase(20.0, 3.0, 5905, 180, prompt_cv=0.35)
+    out += [("documents then reasoning", f"long documents 3, reasoning {r} / {t.ttft_ms:g}+{t.tpot_ms:g}",
+             [long_documents, reasoning(r)], t)
+            for r, t in ((4.5, SLOTargets(ttft_ms=1000.0, tpot_ms=12.0)), (6.0, doc_targets))]
     return out
 
 
