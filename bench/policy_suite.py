@@ -4,16 +4,16 @@
 
 Each case is a load (chat 35-50 req/s, documents 3-5, documents then chat after a pause, a 4 s lull between
 two bursts of chat or of documents) under TTFT <= 1 s and TPOT <= 12 or 15 ms, plus documents at 4-6 req/s
-under TTFT <= 1.5 s and TPOT <= 15 ms, and long documents giving way to reasoning (long outputs: a load no split
-held throughout serves, since 2026-12-04 evening; the 46 cases before it are the first 46); each runs on an engine whose prefill is as fast as the profile says and
-15% slower (the policy always holds the profile), starting on 64 prefill SMs, `--seeds` times. Prints one line
-per case and prefill speed, the mean of each kind of load, the policy's switches per minute, and the mean of all.
-CPU only, about 20 s.
+under TTFT <= 1.5 s and TPOT <= 15 ms, and long documents giving way to reasoning (long outputs), a load that no
+split held throughout serves (since 2026-12-04 evening: 50 cases, of which the first 46 are the earlier suite's).
+Each runs on an engine whose prefill is as fast as the profile says and 15% slower (the policy always holds the
+profile), starting on 64 prefill SMs, `--seeds` times. Prints one line per case and prefill speed, the mean of
+each kind of load, the policy's switches per minute, and the mean of all. CPU only, about 25 s.
 `--fixed` also holds every split of the profile through each case and prints the best one beside the policy
 (issue 4 asks the policy to sustain at least what the best fixed split does), and the best single split held
 through every case, about 13 times as long. `--policy reactive` runs the semi-PD paper's rule instead (P90 TTFT
 or TPOT over its target moves one split step, `ReactivePolicy`), at the same decision interval.
-The figures quoted in docs/perf/serve-h200.md (run 19) are this script's.
+The figures quoted in docs/perf/serve-h200.md (run 19 on) are this script's.
 """
 
 from __future__ import annotations
