@@ -116,9 +116,9 @@ def main(argv: list[str] | None = None) -> int:
         minutes = sum(p.seconds for p in phases) / 60.0
         for factor in PREFILL_FACTORS:
             engine = with_prefill_factor(model, factor)
-            dynamic = runs(engine, phases, targets, 64, dynamic=True)
-            pct = attainment_pct(dynamic)
-            switches += [len(r.switches) / minutes for r in dynamic]
+            policy_runs = runs(engine, phases, targets, 64, dynamic=True)
+            pct = attainment_pct(policy_runs)
+            switches += [len(r.switches) / minutes for r in policy_runs]
             by_kind.setdefault(kind, []).append(pct)
             line = f"{name:40s} prefill x{factor:.2f}: {pct:5.1f}%"
             if args.fixed:
