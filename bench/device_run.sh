@@ -51,9 +51,8 @@ case $what in
     ;;
   jit-build)  # the machine's memory in use is sampled every 2 s while it builds: its peak is the last line
     (while sleep 2; do free -m | awk '/^Mem:/ {print $3}'; done) > "$OUT/jit-build-mem.log" &
-    sampler=$!
+    trap "kill $! 2>/dev/null" EXIT  # also when a timeout ends this script mid-build
     python3 bench/jit_build_probe.py $model 2>&1 | tee "$OUT/jit-build.log" | grep -E "^\||Building"
-    kill $sampler
     echo "machine memory in use while building, peak: $(sort -n "$OUT/jit-build-mem.log" | tail -1) MiB (MAX_JOBS=$MAX_JOBS)"
     ;;
   stream-probe)
