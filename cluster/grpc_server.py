@@ -24,12 +24,12 @@ import grpc
 from google.protobuf import struct_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from actors.engine.core import check_context_length
 from actors.engine.frontend import StreamChunk, Tokenizer
 from actors.request import SamplingParams
 from actors.slo.admission import AdmissionRejected
 from cluster.engine_client import EngineClient, GenerateRequest, NoCapacityError
 from cluster.grpc_client import load_stubs
-from cluster.openai_api import check_context_length
 
 log = logging.getLogger(__name__)
 

@@ -677,7 +677,7 @@ class _Server:
 
 @pytest.fixture(scope="module")
 def live_server(tiny_llama: Path) -> Iterator[_Server]:
-    pytest.importorskip("cluster.openai_api", reason="cluster/openai_api.py (the HTTP front end) is not there yet")
+    pytest.importorskip("cluster.openai_api", reason="cluster/openai_api (the HTTP front end) is not there yet")
     server = _Server(tiny_llama)
     yield server
     server.stop()

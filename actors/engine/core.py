@@ -53,6 +53,24 @@ class PromptTooLongError(ValueError):
     """The prompt (plus max_tokens) exceeds the context; message in vLLM's wording."""
 
 
+def check_context_length(num_prompt_tokens: int, max_tokens: int | None, max_model_len: int) -> None:
+    """Raise PromptTooLongError (vLLM's wording, which clients match) if the request cannot fit the context.
+
+    `max_tokens` None means "as many as fit": then only the prompt itself is checked.
+    """
+    if max_tokens is not None and num_prompt_tokens + max_tokens > max_model_len:
+        raise PromptTooLongError(
+            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+            f"{num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the messages, {max_tokens} in the "
+            "completion). Please reduce the length of the messages or completion."
+        )
+    if num_prompt_tokens >= max_model_len:
+        raise PromptTooLongError(
+            f"This model's maximum context length is {max_model_len} tokens. However, your request has "
+            f"{num_prompt_tokens} input tokens. Please reduce the length of the input messages."
+        )
+
+
 @dataclass(frozen=True)
 class EngineStats:
     """A snapshot for load balancing, metrics and the SLO controller."""
@@ -309,12 +327,7 @@ class EngineCore:
         """Raise PromptTooLongError / ValueError if the request cannot be served."""
         if num_prompt_tokens == 0:
             raise ValueError("the prompt is empty")
-        if num_prompt_tokens + params.max_tokens > self.max_model_len:
-            raise PromptTooLongError(
-                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
-                f"{num_prompt_tokens + params.max_tokens} tokens ({num_prompt_tokens} in the messages, "
-                f"{params.max_tokens} in the completion). Please reduce the length of the messages or completion."
-            )
+        check_context_length(num_prompt_tokens, params.max_tokens, self.max_model_len)
         kv_tokens = num_prompt_tokens + params.max_tokens - 1  # the last token is sampled, never cached
         if pages_for(kv_tokens, self.pool.page_size) > self.pool.num_pages:
             raise PromptTooLongError(

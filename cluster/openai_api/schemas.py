@@ -1,0 +1,165 @@
+"""Request and response bodies of the OpenAI API (OpenAI's fields plus vLLM's extensions), as pydantic models.
+
+Unknown fields are ignored, as OpenAI's and vLLM's servers do; a body that does not validate is a 400
+(`parse_body`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from cluster.openai_api.errors import APIError
+
+MAX_N = 128
+T = TypeVar("T")
+
+
+class _Schema(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class StreamOptions(_Schema):
+    include_usage: bool = False
+
+
+class SamplingFields(_Schema):
+    """Fields common to completions and chat (OpenAI's plus vLLM's extensions)."""
+
+    model: str | None = None
+    n: int = Field(1, ge=1, le=MAX_N)
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    seed: int | None = Field(None, ge=-(1 << 63), lt=1 << 63)
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    logit_bias: dict[str, float] | None = None
+    priority: int = 0
+    user: str | None = None
+    cache_salt: str | None = None
+
+    def check_stream_options(self) -> None:
+        if self.stream_options is not None and not self.stream:
+            raise APIError(400, "Stream options can only be defined when `stream=True`.", param="stream_options")
+
+    @property
+    def include_usage(self) -> bool:
+        """A stream ends with a chunk of token counts (`stream_options.include_usage`)."""
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+
+class CompletionRequest(SamplingFields):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = 16
+    logprobs: int | None = None
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+
+class ContentPart(_Schema):
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(_Schema):
+    role: str
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessage]
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    tools: list[dict[str, Any]] | None = None
+    response_format: dict[str, Any] | None = None
+
+
+class TokenizeRequest(_Schema):
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+
+
+class DetokenizeRequest(_Schema):
+    model: str | None = None
+    tokens: list[int]
+
+
+class PromptTokensDetails(_Schema):
+    cached_tokens: int  # prompt tokens served by the prefix cache
+
+
+class Usage(_Schema):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
+
+
+class CompletionChoice(_Schema):
+    index: int
+    text: str
+    logprobs: dict[str, Any] | None = None
+    finish_reason: str | None = None
+
+
+class CompletionResponse(_Schema):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class ChatResponseMessage(_Schema):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(_Schema):
+    index: int
+    message: ChatResponseMessage
+    logprobs: dict[str, Any] | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionResponse(_Schema):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+def _validation_error(e: ValidationError) -> APIError:
+    errors = e.errors()
+    parts = [f"{'.'.join(str(x) for x in err['loc']) or 'body'}: {err['msg']}" for err in errors[:5]]
+    param = ".".join(str(x) for x in errors[0]["loc"]) if errors and errors[0]["loc"] else None
+    return APIError(400, "invalid request: " + "; ".join(parts), param=param)
+
+
+def parse_body(schema: type[T], data: Any) -> T:
+    """`data` (parsed JSON) as `schema`; APIError 400 naming the first fields at fault."""
+    try:
+        return schema.model_validate(data)  # type: ignore[attr-defined, no-any-return]
+    except ValidationError as e:
+        raise _validation_error(e) from None

@@ -1,0 +1,448 @@
+"""The request handling behind the app: checks, tokenization, engine requests, streaming and the routes."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from importlib import metadata
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from actors.engine.core import PromptTooLongError, check_context_length
+from actors.engine.frontend import StreamChunk, Tokenizer
+from actors.request import SamplingParams, SamplingParamsError
+from cluster.engine_client import EngineClient, EngineLoad, GenerateRequest
+from cluster.metrics import ServingMetrics
+from cluster.openai_api.errors import APIError, ClientDisconnected, engine_error, error_body
+from cluster.openai_api.render import Call, Renderer, sse_event
+from cluster.openai_api.schemas import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    DetokenizeRequest,
+    SamplingFields,
+    TokenizeRequest,
+    parse_body,
+)
+from cluster.openai_api.streams import merge_streams, until_disconnect
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 8 << 20  # larger bodies get 413
+DRAIN_CAP_BYTES = 64 << 20  # past this much of an oversized body, stop reading it
+HEALTH_STALL_SECONDS = 30.0  # an engine with work that made no progress for this long is unhealthy
+LOADS_TIMEOUT_SECONDS = 5.0
+INLINE_TOKENIZE_CHARS = 16384  # longer texts are tokenized in a worker thread
+
+
+class OpenAIServer:
+    """The request handling behind `create_app`; `draining` turns new requests away (503)."""
+
+    def __init__(
+        self,
+        client: EngineClient,
+        tokenizer: Tokenizer,
+        api_key: str | None = None,
+        max_body_bytes: int = MAX_BODY_BYTES,
+        health_stall_s: float = HEALTH_STALL_SECONDS,
+    ) -> None:
+        self.client = client
+        self.tokenizer = tokenizer
+        self.api_key = api_key or None
+        self.max_body_bytes = max_body_bytes
+        self.health_stall_s = health_stall_s
+        self.info = client.model_info()
+        self.metrics = ServingMetrics(self.info.name)
+        self.draining = False
+        self.render = Renderer(tokenizer)
+
+    # -- request plumbing ----------------------------------------------------------
+
+    def check_auth(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
+            raise APIError(401, "invalid or missing API key (expected 'Authorization: Bearer <key>')")
+
+    def check_accepting(self) -> None:
+        if self.draining:
+            raise APIError(503, "the server is draining and takes no new requests", retry_after=1)
+
+    def check_model(self, model: str | None) -> None:
+        if model and model not in (self.info.name, self.info.model_dir):
+            raise APIError(404, f"The model `{model}` does not exist.", param="model")
+
+    async def read_json(self, request: Request) -> Any:
+        """The body as JSON: 413 over the size limit, 400 if not UTF-8 or not JSON."""
+        limit = self.max_body_bytes
+        declared = request.headers.get("content-length", "")
+        too_big = declared.isdigit() and int(declared) > limit
+        body = bytearray()
+        seen = 0
+        async for part in request.stream():
+            seen += len(part)
+            if seen > limit:
+                too_big = True
+            if not too_big:
+                body += part
+            elif seen > DRAIN_CAP_BYTES:
+                break
+        if too_big:
+            raise APIError(413, f"the request body is larger than the limit of {limit} bytes")
+        try:
+            text = bytes(body).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise APIError(400, f"the request body is not valid UTF-8: {e}") from None
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as e:
+            raise APIError(400, f"malformed JSON in the request body: {e}") from None
+
+    @staticmethod
+    def request_id(request: Request) -> str:
+        return getattr(request.state, "request_id", None) or uuid.uuid4().hex
+
+    @staticmethod
+    def slo_headers(request: Request) -> tuple[float | None, float | None, str | None]:
+        values: list[float | None] = []
+        for name in ("x-slo-ttft-ms", "x-slo-tpot-ms"):
+            raw = request.headers.get(name)
+            if raw is None:
+                values.append(None)
+                continue
+            try:
+                v = float(raw)
+            except ValueError:
+                v = float("nan")
+            if not (v > 0 and v < float("inf")):
+                raise APIError(400, f"header {name} must be a positive number of milliseconds, got {raw!r}",
+                               param=name)
+            values.append(v)
+        return values[0], values[1], request.headers.get("x-session-id") or None
+
+    # -- building requests ---------------------------------------------------------
+
+    def sampling_params(self, body: SamplingFields, max_tokens: int, logprobs: int | None, index: int) -> SamplingParams:
+        if body.logit_bias:
+            raise APIError(400, "logit_bias is not supported", param="logit_bias")
+        stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
+        seed = None if body.seed is None else body.seed + index
+        kwargs: dict[str, Any] = dict(
+            max_tokens=max_tokens, min_tokens=body.min_tokens, seed=seed, stop=tuple(stop),
+            stop_token_ids=tuple(body.stop_token_ids or ()), ignore_eos=body.ignore_eos, logprobs=logprobs,
+            include_stop_str_in_output=body.include_stop_str_in_output, skip_special_tokens=body.skip_special_tokens,
+            cache_salt=body.cache_salt,
+        )
+        for name in ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
+                     "repetition_penalty"):
+            value = getattr(body, name)
+            if value is not None:
+                kwargs[name] = value
+        try:
+            return SamplingParams(**kwargs)
+        except SamplingParamsError as e:
+            raise engine_error(e) from None
+
+    def resolve_max_tokens(self, num_prompt_tokens: int, max_tokens: int | None) -> int:
+        if num_prompt_tokens == 0:
+            raise APIError(400, "the prompt is empty", param="prompt")
+        if max_tokens is not None and max_tokens < 1:
+            raise APIError(400, f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens")
+        try:
+            check_context_length(num_prompt_tokens, max_tokens, self.info.max_model_len)
+        except PromptTooLongError as e:
+            raise APIError(400, str(e)) from None
+        return self.info.max_model_len - num_prompt_tokens if max_tokens is None else max_tokens
+
+    def check_token_ids(self, ids: Sequence[int], param: str) -> None:
+        bad = [t for t in ids if not 0 <= t < self.info.vocab_size]
+        if bad:
+            raise APIError(400, f"token ids must be in [0, {self.info.vocab_size}), got {bad[0]}", param=param)
+
+    async def encode(self, text: str) -> list[int]:
+        """Tokenize; long texts off the event loop, so that streams in flight keep flowing."""
+        if len(text) < INLINE_TOKENIZE_CHARS:
+            return self.tokenizer.encode(text)
+        return await asyncio.to_thread(self.tokenizer.encode, text)
+
+    async def completion_prompts(self, prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
+        if isinstance(prompt, str):
+            return [await self.encode(prompt)]
+        if not prompt:
+            raise APIError(400, "the prompt is empty", param="prompt")
+        if all(isinstance(p, int) for p in prompt):
+            ids = [list(prompt)]  # type: ignore[arg-type]
+        elif all(isinstance(p, str) for p in prompt):
+            ids = [await self.encode(p) for p in prompt]  # type: ignore[arg-type]
+        else:
+            ids = [list(p) for p in prompt]  # type: ignore[arg-type]
+        for p in ids:
+            self.check_token_ids(p, "prompt")
+        return ids
+
+    async def chat_prompt_ids(self, messages: list[ChatMessage]) -> list[int]:
+        if not messages:
+            raise APIError(400, "messages must not be empty", param="messages")
+        plain: list[dict[str, Any]] = []
+        for i, m in enumerate(messages):
+            if isinstance(m.content, list):
+                if any(p.type != "text" for p in m.content):
+                    raise APIError(400, "only text content parts are supported", param=f"messages.{i}.content")
+                content = "".join(p.text or "" for p in m.content)
+            else:
+                content = m.content or ""
+            entry: dict[str, Any] = {"role": m.role, "content": content}
+            if m.name:
+                entry["name"] = m.name
+            plain.append(entry)
+        try:
+            text = self.tokenizer.chat_prompt(plain)
+        except Exception as e:  # a template error is the request's fault
+            raise APIError(400, f"cannot apply the chat template: {e}", param="messages") from None
+        return await self.encode(text)
+
+    def engine_requests(self, request: Request, body: SamplingFields, prompts: list[list[int]],
+                        max_tokens: int | None, logprobs: int | None) -> list[GenerateRequest]:
+        rid = self.request_id(request)
+        ttft, tpot, session = self.slo_headers(request)
+        out: list[GenerateRequest] = []
+        total = len(prompts) * body.n
+        for ids in prompts:
+            limit = self.resolve_max_tokens(len(ids), max_tokens)
+            for j in range(body.n):
+                params = self.sampling_params(body, limit, logprobs, j)
+                sub_id = rid if total == 1 else f"{rid}-{len(out)}"
+                out.append(GenerateRequest(sub_id, ids, params, priority=body.priority, ttft_slo_ms=ttft,
+                                           tpot_slo_ms=tpot, session_id=session))
+        return out
+
+    # -- running requests ----------------------------------------------------------
+
+    async def stream_call(self, call: Call) -> AsyncIterator[tuple[int, StreamChunk]]:
+        """All engine requests of `call`, merged; closing it aborts the unfinished ones."""
+        arrival = time.monotonic()
+        trackers = [self.metrics.track(arrival) for _ in call.requests]
+        gens = [self.client.generate(r) for r in call.requests]
+        failed = False
+        try:
+            async for i, chunk in merge_streams(gens):
+                trackers[i].on_chunk(chunk)
+                call.choices[i].add(chunk)
+                yield i, chunk
+        except BaseException as e:
+            failed = not isinstance(e, (asyncio.CancelledError, GeneratorExit))
+            raise
+        finally:
+            if not failed:
+                for t in trackers:
+                    t.finish("abort")  # no-op for the finished ones
+
+    async def run_to_end(self, request: Request, call: Call) -> None:
+        async def consume() -> None:
+            stream = self.stream_call(call)
+            try:
+                async for _ in stream:
+                    pass
+            finally:
+                await stream.aclose()
+
+        try:
+            await until_disconnect(request, consume())
+        except ClientDisconnected:
+            raise
+        except Exception as e:
+            raise engine_error(e) from None
+        errors = [c.error for c in call.choices if c.error or c.finish_reason == "error"]
+        if errors:
+            raise APIError(500, f"the engine failed the request: {errors[0] or 'unknown error'}")
+
+    async def open_stream(self, request: Request, call: Call) -> StreamingResponse:
+        """Start the engine requests; errors before the first chunk become HTTP errors."""
+        stream = self.stream_call(call)
+
+        async def first() -> tuple[int, StreamChunk]:
+            return await stream.__anext__()
+
+        try:
+            head = await until_disconnect(request, first())
+        except ClientDisconnected:
+            await stream.aclose()
+            raise
+        except StopAsyncIteration:
+            await stream.aclose()
+            raise APIError(500, "the engine closed the stream without output") from None
+        except Exception as e:
+            await stream.aclose()
+            raise engine_error(e) from None
+        return StreamingResponse(self.sse(call, head, stream), media_type="text/event-stream",
+                                 headers={"cache-control": "no-cache"})
+
+    async def sse(self, call: Call, head: tuple[int, StreamChunk],
+                  stream: AsyncIterator[tuple[int, StreamChunk]]) -> AsyncIterator[bytes]:
+        try:
+            if call.kind == "chat":
+                for i in range(len(call.requests)):
+                    yield sse_event(self.render.chat_delta(call, i, {"role": "assistant", "content": ""}, None, None))
+            item: tuple[int, StreamChunk] | None = head
+            while item is not None:
+                payload = self.render.chunk(call, *item)
+                if payload is not None:
+                    yield sse_event(payload)
+                if item[1].error:
+                    yield sse_event(error_body(500, f"the engine failed the request: {item[1].error}"))
+                item = await anext(stream, None)  # type: ignore[arg-type]
+            if call.include_usage:
+                yield sse_event(self.render.usage_chunk(call))
+            yield b"data: [DONE]\n\n"
+        except (asyncio.CancelledError, GeneratorExit):
+            raise
+        except Exception as e:
+            yield sse_event(engine_error(e).body())
+            yield b"data: [DONE]\n\n"
+        finally:
+            await stream.aclose()  # type: ignore[attr-defined]
+
+
+    # -- routes --------------------------------------------------------------------
+
+    async def completions(self, request: Request) -> Response:
+        self.check_auth(request)
+        self.check_accepting()
+        body = parse_body(CompletionRequest, await self.read_json(request))
+        self.check_model(body.model)
+        if body.echo:
+            raise APIError(400, "echo is not supported", param="echo")
+        if body.suffix:
+            raise APIError(400, "suffix is not supported", param="suffix")
+        if body.best_of is not None and body.best_of != body.n:
+            raise APIError(400, "best_of other than n is not supported", param="best_of")
+        body.check_stream_options()
+        prompts = await self.completion_prompts(body.prompt)
+        reqs = self.engine_requests(request, body, prompts, body.max_tokens, body.logprobs)
+        call = Call("completion", f"cmpl-{self.request_id(request)}", self.info.name, reqs,
+                     sum(len(p) for p in prompts), body.include_usage, body.logprobs is not None, body.n)
+        if body.stream:
+            return await self.open_stream(request, call)
+        await self.run_to_end(request, call)
+        return JSONResponse(self.render.response(call))
+
+    async def chat_completions(self, request: Request) -> Response:
+        self.check_auth(request)
+        self.check_accepting()
+        body = parse_body(ChatCompletionRequest, await self.read_json(request))
+        self.check_model(body.model)
+        if body.tools:
+            raise APIError(400, "tools are not supported", param="tools")
+        if body.response_format and body.response_format.get("type", "text") != "text":
+            raise APIError(400, "only response_format type 'text' is supported", param="response_format")
+        if body.top_logprobs is not None and not body.logprobs:
+            raise APIError(400, "when using `top_logprobs`, `logprobs` must be set to true.", param="top_logprobs")
+        body.check_stream_options()
+        ids = await self.chat_prompt_ids(body.messages)
+        self.check_token_ids(ids, "messages")
+        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        reqs = self.engine_requests(request, body, [ids], max_tokens, logprobs)
+        call = Call("chat", f"chatcmpl-{self.request_id(request)}", self.info.name, reqs, len(ids),
+                     body.include_usage, body.logprobs, body.n)
+        if body.stream:
+            return await self.open_stream(request, call)
+        await self.run_to_end(request, call)
+        return JSONResponse(self.render.response(call))
+
+    async def models(self, request: Request) -> Response:
+        self.check_auth(request)
+        info = self.info
+        return JSONResponse({"object": "list", "data": [
+            {"id": info.name, "object": "model", "created": int(time.time()), "owned_by": "semipd",
+             "root": info.model_dir, "parent": None, "max_model_len": info.max_model_len}]})
+
+    async def tokenize(self, request: Request) -> Response:
+        body = parse_body(TokenizeRequest, await self.read_json(request))
+        self.check_model(body.model)
+        if body.messages is not None:
+            ids = await self.chat_prompt_ids(body.messages)
+        elif body.prompt is not None:
+            ids = (await self.encode(body.prompt) if body.add_special_tokens
+                   else list(self.tokenizer.hf.encode(body.prompt, add_special_tokens=False)))
+        else:
+            raise APIError(400, "give `prompt` or `messages`", param="prompt")
+        return JSONResponse({"count": len(ids), "max_model_len": self.info.max_model_len, "tokens": ids})
+
+    async def detokenize(self, request: Request) -> Response:
+        body = parse_body(DetokenizeRequest, await self.read_json(request))
+        self.check_model(body.model)
+        self.check_token_ids(body.tokens, "tokens")
+        return JSONResponse({"prompt": self.tokenizer.decode(body.tokens)})
+
+    async def engine_loads(self) -> list[EngineLoad]:
+        """The engines' loads; 503 when they do not answer within LOADS_TIMEOUT_SECONDS."""
+        try:
+            return await asyncio.wait_for(self.client.loads(), LOADS_TIMEOUT_SECONDS)
+        except Exception as e:
+            raise APIError(503, f"the engines do not answer: {type(e).__name__}: {e}") from None
+
+    async def version(self) -> Response:
+        """The package version, as vLLM's `/version` gives its own."""
+        try:
+            return JSONResponse({"version": metadata.version("semipd")})
+        except metadata.PackageNotFoundError:
+            return JSONResponse({"version": "unknown"})
+
+    async def health(self) -> Response:
+        """200 while some engine is healthy, not draining and making progress; else 503."""
+        if self.draining:
+            raise APIError(503, "the server is draining")
+        problems = []
+        loads = await self.engine_loads()
+        for load in loads:
+            stalled = float(load.stats.get("seconds_since_progress", 0.0))
+            if not load.healthy:
+                problems.append(f"{load.engine_id}: unhealthy")
+            elif load.draining:
+                problems.append(f"{load.engine_id}: draining")
+            elif stalled > self.health_stall_s:
+                problems.append(f"{load.engine_id}: no progress for {stalled:.0f}s")
+            else:
+                return Response(status_code=200)
+        raise APIError(503, "no engine is serving: " + ("; ".join(problems) or "no engines"))
+
+    async def splits(self, request: Request) -> Response:
+        """Each engine's SM split and its recent changes (time, from, to, why): `GET /splits`."""
+        self.check_auth(request)
+        data = []
+        for load in await self.engine_loads():
+            s = load.stats
+            if "prefill_sms" not in s:  # an engine that did not report
+                continue
+            data.append({"engine_id": load.engine_id, "prefill_sms": s["prefill_sms"], "total_sms": s["total_sms"],
+                         "num_switches": s.get("num_switches", 0), "switches": list(s.get("switches", ()))})
+        return JSONResponse({"object": "list", "time": time.time(), "data": data})
+
+    async def reset_prefix_cache(self, request: Request) -> Response:
+        """`POST /reset_prefix_cache` (as vLLM's): every engine forgets its cached pages that no request
+        holds, so that prompts sent again are computed again (a benchmark's windows start alike).
+        Returns the pages each engine forgot; 503 when no engine answered."""
+        self.check_auth(request)
+        forgotten = await self.client.reset_prefix_cache()
+        if not forgotten:
+            raise APIError(503, "no engine answered the prefix cache reset")
+        return JSONResponse({"object": "list", "data": [{"engine_id": eid, "pages_freed": n}
+                                                        for eid, n in sorted(forgotten.items())]})
+
+    async def prometheus(self) -> Response:
+        try:
+            self.metrics.update_loads(await asyncio.wait_for(self.client.loads(), LOADS_TIMEOUT_SECONDS))
+        except Exception as e:  # serve the request series anyway
+            log.warning("metrics: loads() failed: %s", e)
+            self.metrics.update_loads([])
+        content, content_type = self.metrics.render()
+        return Response(content, media_type=content_type)
