@@ -13,6 +13,7 @@ import enum
 import math
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +38,8 @@ class SamplingParams:
     `cache_salt` (vLLM's request field, carried here with the other per-request options):
     the request's prompt pages are cached under this salt, so only requests with the same
     salt share prefix-cache hits (tenants cannot probe each other's prompts by timing).
+    `logit_bias` (OpenAI's): (token id, bias in [-100, 100]) pairs added to the logits before
+    any token is picked, greedy included; a mapping is accepted and kept as sorted pairs.
     """
 
     max_tokens: int = 16
@@ -57,12 +60,15 @@ class SamplingParams:
     skip_special_tokens: bool = True
     detokenize: bool = True  # False: token ids only (no text, no stop strings)
     cache_salt: str | None = None
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        bias = self.logit_bias.items() if isinstance(self.logit_bias, Mapping) else self.logit_bias
+        object.__setattr__(self, "logit_bias", tuple((t, b) for t, b in bias))
         if self.top_k == -1:
             object.__setattr__(self, "top_k", 0)
         self._check(self.max_tokens >= 1, "max_tokens", "must be at least 1")
@@ -80,6 +86,13 @@ class SamplingParams:
         self._check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids", "must be non-negative integers")
         self._check(self.cache_salt is None or (isinstance(self.cache_salt, str) and self.cache_salt != ""),
                     "cache_salt", "must be a non-empty string if given")
+        self._check(all(isinstance(t, int) and t >= 0 for t, _ in self.logit_bias), "logit_bias",
+                    "keys must be token ids (non-negative integers)")
+        self._check(all(_finite(b) and -100.0 <= b <= 100.0 for _, b in self.logit_bias), "logit_bias",
+                    "values must be in [-100, 100]")
+        self._check(len({t for t, _ in self.logit_bias}) == len(self.logit_bias), "logit_bias",
+                    "names a token id twice")
+        object.__setattr__(self, "logit_bias", tuple(sorted(self.logit_bias)))
 
     @staticmethod
     def _check(ok: bool, name: str, rule: str) -> None:
@@ -89,6 +102,12 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """Raise SamplingParamsError if a token id the parameters name is outside the vocabulary."""
+        bad = next((t for t, _ in self.logit_bias if t >= vocab_size), None)
+        if bad is not None:
+            raise SamplingParamsError(f"logit_bias token ids must be in [0, {vocab_size}), got {bad}")
 
     @property
     def needs_penalties(self) -> bool:

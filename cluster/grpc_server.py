@@ -47,7 +47,7 @@ def params_from_proto(msg: Any) -> SamplingParams:
     """SamplingParams from the proto message; unset optional fields keep the defaults."""
     kwargs: dict[str, Any] = {name: getattr(msg, name) for name in _PARAM_FIELDS if msg.HasField(name)}
     kwargs.update(stop=tuple(msg.stop), stop_token_ids=tuple(msg.stop_token_ids), ignore_eos=msg.ignore_eos,
-                  include_stop_str_in_output=msg.include_stop_str_in_output)
+                  include_stop_str_in_output=msg.include_stop_str_in_output, logit_bias=dict(msg.logit_bias))
     return SamplingParams(**kwargs)
 
 
@@ -63,6 +63,7 @@ class _Generation:
         o = self.owner
         info = o.client.model_info()
         params = params_from_proto(request.params)
+        params.check_vocab(info.vocab_size)
         kind = request.WhichOneof("prompt")
         if kind == "text":
             ids = o.tokenizer.encode(request.text)

@@ -134,6 +134,13 @@ def test_generate_token_ids_prompt_logprobs_and_async_client(live: Live) -> None
     assert [i for i, _, _ in lps] == [t for c in chunks for t in c.token_ids]
 
 
+def test_logit_bias_reaches_the_sampler(live: Live) -> None:
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, logit_bias={7: 100.0})
+    with GenerationClient(live.addr, timeout=60) as c:
+        ids = [t for ch in c.generate("Hello", params) for t in ch.token_ids]
+    assert ids == [7] * 4
+
+
 def test_generate_once_and_cli(live: Live, capsys: pytest.CaptureFixture[str]) -> None:
     result = generate_once(live.addr, "Hello", greedy(6), timeout=60)
     assert result["finish_reason"] == "length" and len(result["token_ids"]) == 6
@@ -184,7 +191,10 @@ PB2, _ = load_stubs()
     ([1, 2, 10**6], PB2.SamplingParams(max_tokens=2), "token ids must be in"),
     ("", PB2.SamplingParams(max_tokens=2), "the prompt is empty"),
     ("Hi", PB2.SamplingParams(cache_salt=""), "cache_salt must be a non-empty string"),
-], ids=["temperature", "negative-max-tokens", "too-long", "bad-token-id", "empty", "empty-cache-salt"])
+    ("Hi", PB2.SamplingParams(logit_bias={10**6: 1.0}), "logit_bias token ids must be in"),
+    ("Hi", PB2.SamplingParams(logit_bias={5: -101.0}), "logit_bias values must be in [-100, 100]"),
+], ids=["temperature", "negative-max-tokens", "too-long", "bad-token-id", "empty", "empty-cache-salt",
+        "logit-bias-token", "logit-bias-value"])
 def test_invalid_argument(live: Live, prompt: Any, params: Any, message: str) -> None:
     with GenerationClient(live.addr, timeout=30) as c:
         with pytest.raises(GrpcInvalidArgument) as e:
@@ -282,6 +292,8 @@ def test_build_request_round_trip() -> None:
     assert params_from_proto(load_stubs()[0].SamplingParams()) == SamplingParams()
     assert params_from_proto(build_request("x", SamplingParams(detokenize=False)).params).detokenize is False
     assert params_from_proto(build_request("x", SamplingParams(cache_salt="t1")).params).cache_salt == "t1"
+    biased = SamplingParams(logit_bias={3: -2.5, 1: 4.0})
+    assert params_from_proto(build_request("x", biased).params).logit_bias == ((1, 4.0), (3, -2.5))
 
 
 def test_stubs_import_as_semipd_v1_next_to_proto_plus(tmp_path: Path) -> None:

@@ -216,6 +216,19 @@ def test_stop_string_and_stop_token(live: Live) -> None:
     assert r.usage is not None and r.usage.completion_tokens == 1
 
 
+def test_logit_bias_reaches_the_sampler(live: Live) -> None:
+    kw: dict[str, Any] = dict(model=MODEL, prompt="Hello", max_tokens=4, temperature=0, extra_body={"ignore_eos": True})
+    forced = live.oa.completions.create(logit_bias={"7": 100}, logprobs=0, **kw).choices[0]
+    seven = live.http.post("/detokenize", json={"tokens": [7]}).json()["prompt"]
+    assert forced.logprobs is not None and forced.logprobs.tokens == [seven] * 4
+    both = live.oa.completions.create(logit_bias={"7": -100, "9": 100}, logprobs=0, **kw).choices[0]
+    assert both.logprobs is not None and both.logprobs.tokens == [live.http.post("/detokenize", json={
+        "tokens": [9]}).json()["prompt"]] * 4
+    chat = live.oa.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+                                           temperature=0, logit_bias={"7": 100}, extra_body={"ignore_eos": True})
+    assert chat.choices[0].message.content == seven * 3
+
+
 def test_logprobs(live: Live) -> None:
     r = live.oa.completions.create(model=MODEL, prompt="Hello", max_tokens=6, temperature=0, logprobs=3,
                                    extra_body={"ignore_eos": True})
@@ -310,6 +323,10 @@ BAD_REQUESTS: list[tuple[str, str, bytes, int, str]] = [
     ("top-logprobs-without-logprobs", "/v1/chat/completions",
      json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "a"}], "top_logprobs": 2}).encode(),
      400, "`logprobs` must be set to true"),
+    ("logit-bias-key", "/v1/completions", _body(logit_bias={"x": 1}), 400, "logit_bias keys must be token ids"),
+    ("logit-bias-token", "/v1/completions", _body(logit_bias={"99999": 1}), 400, "logit_bias token ids must be in"),
+    ("logit-bias-value", "/v1/completions", _body(logit_bias={"5": 150}), 400,
+     "logit_bias values must be in [-100, 100]"),
     ("empty-cache-salt", "/v1/completions", json.dumps({"model": MODEL, "prompt": "a", "cache_salt": ""}).encode(), 400,
      "cache_salt must be a non-empty string"),
     ("invalid-utf8", "/v1/completions", b'{"model": "tiny", "prompt": "\xff\xfe\xfa"}', 400, "not valid UTF-8"),

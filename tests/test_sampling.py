@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import replace
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -125,6 +126,31 @@ def test_penalties_steer_the_greedy_choice() -> None:
     assert sample(raw, [request(SamplingParams(presence_penalty=1.0, **greedy), prompt=[0], output=[1])]) == [2]
     assert sample(raw, [request(SamplingParams(frequency_penalty=0.3, **greedy), prompt=[0], output=[1])]) == [1]
     assert sample(raw, [request(SamplingParams(frequency_penalty=0.3, **greedy), prompt=[0], output=[1, 1])]) == [2]
+
+
+def test_logit_bias_is_added_before_greedy_and_random_picks() -> None:
+    raw = torch.tensor([[0.0, 2.0, 1.5, 0.0], [3.0, 0.0, 0.0, 0.0]])
+    plain, banned = SamplingParams(temperature=0.0), SamplingParams(temperature=0.0, logit_bias={1: -100.0})
+    assert sample(raw, [request(banned), request(plain)]) == [2, 0]
+    assert sample(raw, [request(SamplingParams(temperature=0.0, logit_bias={3: 1.9, 1: -0.2}))] * 2) == [3, 0]
+    assert draws([0.0, 0.0, 0.0, 0.0], SamplingParams(temperature=1.0, logit_bias={0: -100, 2: -100})) == {1, 3}
+    bf16 = raw.to(torch.bfloat16)
+    assert sample(bf16, [request(banned), request(SamplingParams(temperature=0.0, logit_bias={2: 100}))]) == [2, 2]
+
+
+@pytest.mark.parametrize("bias,message", [
+    ({-1: 1.0}, "logit_bias keys must be token ids"),
+    ({"7": 1.0}, "logit_bias keys must be token ids"),
+    ({7: 100.5}, "logit_bias values must be in [-100, 100]"),
+    ({7: math.nan}, "logit_bias values must be in [-100, 100]"),
+    (((7, 1.0), (7, 2.0)), "logit_bias names a token id twice"),
+])
+def test_logit_bias_is_validated(bias: object, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        SamplingParams(logit_bias=bias)  # type: ignore[arg-type]
+    assert SamplingParams(logit_bias={9: 1.0, 2: -1}).logit_bias == ((2, -1), (9, 1.0))
+    with pytest.raises(ValueError, match=re.escape("logit_bias token ids must be in [0, 9), got 9")):
+        SamplingParams(logit_bias={9: 1.0}).check_vocab(9)
 
 
 def test_min_tokens_masks_eos_and_stop_tokens_until_reached() -> None:
@@ -266,6 +292,18 @@ def test_engine_top_k_1_and_tiny_top_p_equal_greedy(llm: LLM, reference: Complet
     for params in (SamplingParams(top_k=1, seed=5), SamplingParams(top_p=1e-6, seed=6)):
         out = run(llm, PROMPT, replace(params, max_tokens=24, ignore_eos=True))
         assert out.token_ids == reference.token_ids
+
+
+def test_engine_logit_bias_steers_every_step_and_out_of_vocab_ids_are_refused(
+        llm: LLM, reference: CompletionOutput) -> None:
+    first = reference.token_ids[0]
+    banned = run(llm, PROMPT, greedy(max_tokens=6, ignore_eos=True, logit_bias={first: -100.0}))
+    assert banned.token_ids[0] != first and first not in banned.token_ids
+    forced = run(llm, PROMPT, greedy(max_tokens=6, ignore_eos=True, logit_bias={7: 100.0}))
+    assert forced.token_ids == [7] * 6
+    with pytest.raises(ValueError, match="logit_bias token ids must be in"):
+        run(llm, PROMPT, greedy(logit_bias={10**6: 1.0}))
+    assert run(llm, PROMPT, greedy(max_tokens=24, ignore_eos=True)).token_ids == reference.token_ids
 
 
 def test_max_tokens_finishes_with_length(llm: LLM, reference: CompletionOutput) -> None:

@@ -352,6 +352,7 @@ class EngineCore:
         self.validate(len(prompt_token_ids), params)
         if any(t < 0 or t >= self.arch.vocab_size for t in prompt_token_ids):
             raise ValueError(f"prompt token ids must be in [0, {self.arch.vocab_size})")
+        params.check_vocab(self.arch.vocab_size)
         if self.admission is not None:
             priority = self.admission.admit(len(prompt_token_ids), priority, deadline)
         gen = None

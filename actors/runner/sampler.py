@@ -1,6 +1,6 @@
 """Token sampling for a batch of requests with mixed parameters, on the logits' device.
 
-Order (as vLLM): logprobs of the raw distribution; penalties; min_tokens masking;
+Order (as vLLM): logprobs of the raw distribution; penalties; logit bias; min_tokens masking;
 then greedy rows take the argmax, the others temperature, top-k, top-p and min-p,
 and draw with an exponential race (argmax p/q, q ~ Exp(1)), from the request's own
 generator when it has a seed, so a seeded request's tokens do not depend on its batch.
@@ -85,11 +85,14 @@ class Sampler:
         own dtype: widening changes no value, and argmax picks the first of equal maxima either way."""
         n = len(reqs)
         assert logits.shape[0] == n
-        if not all(r.params.greedy and r.params.logprobs is None and not r.params.needs_penalties for r in reqs):
+        if not all(r.params.greedy and r.params.logprobs is None and not r.params.needs_penalties
+                   and not r.params.logit_bias for r in reqs):
             logits = logits.float()
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(r.params.logprobs is not None for r in reqs) else None
         if any(r.params.needs_penalties for r in reqs):
             logits = self._apply_penalties(logits.clone(), reqs)
+        if any(r.params.logit_bias for r in reqs):
+            logits = self._add_logit_bias(logits, reqs)
         logits = self._mask_early_stops(logits, reqs)
         if all(r.params.greedy for r in reqs):
             chosen = logits.argmax(dim=-1)
@@ -130,6 +133,20 @@ class Sampler:
                               torch.ones(len(out_rows), dtype=dtype, device=dev), accumulate=True)
             logits -= (to_device(frequency, dtype, dev)[:, None] * counts
                        + to_device(presence, dtype, dev)[:, None] * (counts > 0).to(dtype))
+        return logits
+
+    @staticmethod
+    def _add_logit_bias(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
+        """Each request's (token id, bias) pairs added to its row; ids past the logits' width are skipped."""
+        vocab = logits.shape[1]
+        pairs = [(i, t, b) for i, r in enumerate(reqs) for t, b in r.params.logit_bias if t < vocab]
+        if not pairs:
+            return logits
+        rows, ids, bias = zip(*pairs)
+        dev = logits.device
+        logits = logits.clone()
+        logits.index_put_((to_device(rows, torch.long, dev), to_device(ids, torch.long, dev)),
+                          to_device(bias, logits.dtype, dev), accumulate=True)
         return logits
 
     @staticmethod

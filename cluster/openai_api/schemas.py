@@ -54,6 +54,16 @@ class SamplingFields(_Schema):
         if self.stream_options is not None and not self.stream:
             raise APIError(400, "Stream options can only be defined when `stream=True`.", param="stream_options")
 
+    def logit_bias_by_id(self) -> dict[int, float]:
+        """`logit_bias` (token ids as JSON object keys) keyed by int; 400 for a key that is not an integer."""
+        out: dict[int, float] = {}
+        for key, bias in (self.logit_bias or {}).items():
+            try:
+                out[int(key)] = bias
+            except ValueError:
+                raise APIError(400, f"logit_bias keys must be token ids, got {key!r}", param="logit_bias") from None
+        return out
+
     @property
     def include_usage(self) -> bool:
         """A stream ends with a chunk of token counts (`stream_options.include_usage`)."""

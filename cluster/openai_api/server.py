@@ -131,15 +131,13 @@ class OpenAIServer:
     # -- building requests ---------------------------------------------------------
 
     def sampling_params(self, body: SamplingFields, max_tokens: int, logprobs: int | None, index: int) -> SamplingParams:
-        if body.logit_bias:
-            raise APIError(400, "logit_bias is not supported", param="logit_bias")
         stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
         seed = None if body.seed is None else body.seed + index
         kwargs: dict[str, Any] = dict(
             max_tokens=max_tokens, min_tokens=body.min_tokens, seed=seed, stop=tuple(stop),
             stop_token_ids=tuple(body.stop_token_ids or ()), ignore_eos=body.ignore_eos, logprobs=logprobs,
             include_stop_str_in_output=body.include_stop_str_in_output, skip_special_tokens=body.skip_special_tokens,
-            cache_salt=body.cache_salt,
+            cache_salt=body.cache_salt, logit_bias=body.logit_bias_by_id(),
         )
         for name in ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
                      "repetition_penalty"):
@@ -147,9 +145,11 @@ class OpenAIServer:
             if value is not None:
                 kwargs[name] = value
         try:
-            return SamplingParams(**kwargs)
+            params = SamplingParams(**kwargs)
+            params.check_vocab(self.info.vocab_size)
         except SamplingParamsError as e:
             raise engine_error(e) from None
+        return params
 
     def resolve_max_tokens(self, num_prompt_tokens: int, max_tokens: int | None) -> int:
         if num_prompt_tokens == 0:
@@ -446,3 +446,4 @@ class OpenAIServer:
             self.metrics.update_loads([])
         content, content_type = self.metrics.render()
         return Response(content, media_type=content_type)
+

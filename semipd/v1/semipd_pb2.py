@@ -25,45 +25,49 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16semipd/v1/semipd.proto\x12\tsemipd.v1\x1a\x1cgoogle/protobuf/struct.proto\"\xae\x05\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x03H\x00\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x02 \x01(\x03H\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x01H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\x05 \x01(\x05H\x04\x88\x01\x01\x12\x12\n\x05min_p\x18\x06 \x01(\x01H\x05\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x07 \x01(\x01H\x06\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x08 \x01(\x01H\x07\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\t \x01(\x01H\x08\x88\x01\x01\x12\x11\n\x04seed\x18\n \x01(\x03H\t\x88\x01\x01\x12\x0c\n\x04stop\x18\x0b \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0c \x03(\x03\x12\x12\n\nignore_eos\x18\r \x01(\x08\x12\x15\n\x08logprobs\x18\x0e \x01(\x05H\n\x88\x01\x01\x12\"\n\x1ainclude_stop_str_in_output\x18\x0f \x01(\x08\x12 \n\x13skip_special_tokens\x18\x10 \x01(\x08H\x0b\x88\x01\x01\x12\x17\n\ndetokenize\x18\x11 \x01(\x08H\x0c\x88\x01\x01\x12\x17\n\ncache_salt\x18\x12 \x01(\tH\r\x88\x01\x01\x42\r\n\x0b_max_tokensB\r\n\x0b_min_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x07\n\x05_seedB\x0b\n\t_logprobsB\x16\n\x14_skip_special_tokensB\r\n\x0b_detokenizeB\r\n\x0b_cache_salt\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x03\"\x8e\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12(\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x13.semipd.v1.TokenIdsH\x00\x12)\n\x06params\x18\x04 \x01(\x0b\x32\x19.semipd.v1.SamplingParams\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\x18\n\x0bttft_slo_ms\x18\x06 \x01(\x01H\x01\x88\x01\x01\x12\x18\n\x0btpot_slo_ms\x18\x07 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\nsession_id\x18\x08 \x01(\tB\x08\n\x06promptB\x0e\n\x0c_ttft_slo_msB\x0e\n\x0c_tpot_slo_ms\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x03\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\"U\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x03\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12\"\n\x03top\x18\x03 \x03(\x0b\x32\x15.semipd.v1.TopLogprob\"X\n\nTokenChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x03\x12)\n\x08logprobs\x18\x03 \x03(\x0b\x32\x17.semipd.v1.TokenLogprob\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x03\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x03\x12\x15\n\rcached_tokens\x18\x03 \x01(\x03\"S\n\nCompletion\x12\x15\n\rfinish_reason\x18\x01 \x01(\t\x12\x1f\n\x05usage\x18\x02 \x01(\x0b\x32\x10.semipd.v1.Usage\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"\x81\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12&\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x15.semipd.v1.TokenChunkH\x00\x12)\n\x08\x63omplete\x18\x03 \x01(\x0b\x32\x15.semipd.v1.CompletionH\x00\x42\x06\n\x04kind\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x11\n\x0fGetLoadsRequest\"\x8e\x01\n\nEngineLoad\x12\x11\n\tengine_id\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x0f\n\x07healthy\x18\x03 \x01(\x08\x12\x10\n\x08\x64raining\x18\x04 \x01(\x08\x12\x11\n\tin_flight\x18\x05 \x01(\x03\x12&\n\x05stats\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\"8\n\x10GetLoadsResponse\x12$\n\x05loads\x18\x01 \x03(\x0b\x32\x15.semipd.v1.EngineLoad\"\x15\n\x13GetModelInfoRequest\"{\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tmodel_dir\x18\x02 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x03 \x01(\t\x12\x15\n\rmax_model_len\x18\x04 \x01(\x03\x12\x12\n\nvocab_size\x18\x05 \x01(\x03\x12\x0c\n\x04mode\x18\x06 \x01(\t2\x9a\x02\n\nGeneration\x12\x45\n\x08Generate\x12\x1a.semipd.v1.GenerateRequest\x1a\x1b.semipd.v1.GenerateResponse0\x01\x12:\n\x05\x41\x62ort\x12\x17.semipd.v1.AbortRequest\x1a\x18.semipd.v1.AbortResponse\x12\x43\n\x08GetLoads\x12\x1a.semipd.v1.GetLoadsRequest\x1a\x1b.semipd.v1.GetLoadsResponse\x12\x44\n\x0cGetModelInfo\x12\x1e.semipd.v1.GetModelInfoRequest\x1a\x14.semipd.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16semipd/v1/semipd.proto\x12\tsemipd.v1\x1a\x1cgoogle/protobuf/struct.proto\"\x9e\x06\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x03H\x00\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x02 \x01(\x03H\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x01H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\x05 \x01(\x05H\x04\x88\x01\x01\x12\x12\n\x05min_p\x18\x06 \x01(\x01H\x05\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x07 \x01(\x01H\x06\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x08 \x01(\x01H\x07\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\t \x01(\x01H\x08\x88\x01\x01\x12\x11\n\x04seed\x18\n \x01(\x03H\t\x88\x01\x01\x12\x0c\n\x04stop\x18\x0b \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0c \x03(\x03\x12\x12\n\nignore_eos\x18\r \x01(\x08\x12\x15\n\x08logprobs\x18\x0e \x01(\x05H\n\x88\x01\x01\x12\"\n\x1ainclude_stop_str_in_output\x18\x0f \x01(\x08\x12 \n\x13skip_special_tokens\x18\x10 \x01(\x08H\x0b\x88\x01\x01\x12\x17\n\ndetokenize\x18\x11 \x01(\x08H\x0c\x88\x01\x01\x12\x17\n\ncache_salt\x18\x12 \x01(\tH\r\x88\x01\x01\x12<\n\nlogit_bias\x18\x13 \x03(\x0b\x32(.semipd.v1.SamplingParams.LogitBiasEntry\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x03\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\r\n\x0b_max_tokensB\r\n\x0b_min_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x07\n\x05_seedB\x0b\n\t_logprobsB\x16\n\x14_skip_special_tokensB\r\n\x0b_detokenizeB\r\n\x0b_cache_salt\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x03\"\x8e\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12(\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x13.semipd.v1.TokenIdsH\x00\x12)\n\x06params\x18\x04 \x01(\x0b\x32\x19.semipd.v1.SamplingParams\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\x18\n\x0bttft_slo_ms\x18\x06 \x01(\x01H\x01\x88\x01\x01\x12\x18\n\x0btpot_slo_ms\x18\x07 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\nsession_id\x18\x08 \x01(\tB\x08\n\x06promptB\x0e\n\x0c_ttft_slo_msB\x0e\n\x0c_tpot_slo_ms\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x03\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\"U\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x03\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12\"\n\x03top\x18\x03 \x03(\x0b\x32\x15.semipd.v1.TopLogprob\"X\n\nTokenChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x03\x12)\n\x08logprobs\x18\x03 \x03(\x0b\x32\x17.semipd.v1.TokenLogprob\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x03\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x03\x12\x15\n\rcached_tokens\x18\x03 \x01(\x03\"S\n\nCompletion\x12\x15\n\rfinish_reason\x18\x01 \x01(\t\x12\x1f\n\x05usage\x18\x02 \x01(\x0b\x32\x10.semipd.v1.Usage\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"\x81\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12&\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x15.semipd.v1.TokenChunkH\x00\x12)\n\x08\x63omplete\x18\x03 \x01(\x0b\x32\x15.semipd.v1.CompletionH\x00\x42\x06\n\x04kind\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x11\n\x0fGetLoadsRequest\"\x8e\x01\n\nEngineLoad\x12\x11\n\tengine_id\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x0f\n\x07healthy\x18\x03 \x01(\x08\x12\x10\n\x08\x64raining\x18\x04 \x01(\x08\x12\x11\n\tin_flight\x18\x05 \x01(\x03\x12&\n\x05stats\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\"8\n\x10GetLoadsResponse\x12$\n\x05loads\x18\x01 \x03(\x0b\x32\x15.semipd.v1.EngineLoad\"\x15\n\x13GetModelInfoRequest\"{\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tmodel_dir\x18\x02 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x03 \x01(\t\x12\x15\n\rmax_model_len\x18\x04 \x01(\x03\x12\x12\n\nvocab_size\x18\x05 \x01(\x03\x12\x0c\n\x04mode\x18\x06 \x01(\t2\x9a\x02\n\nGeneration\x12\x45\n\x08Generate\x12\x1a.semipd.v1.GenerateRequest\x1a\x1b.semipd.v1.GenerateResponse0\x01\x12:\n\x05\x41\x62ort\x12\x17.semipd.v1.AbortRequest\x1a\x18.semipd.v1.AbortResponse\x12\x43\n\x08GetLoads\x12\x1a.semipd.v1.GetLoadsRequest\x1a\x1b.semipd.v1.GetLoadsResponse\x12\x44\n\x0cGetModelInfo\x12\x1e.semipd.v1.GetModelInfoRequest\x1a\x14.semipd.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'semipd.v1.semipd_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
   _globals['_SAMPLINGPARAMS']._serialized_start=68
-  _globals['_SAMPLINGPARAMS']._serialized_end=754
-  _globals['_TOKENIDS']._serialized_start=756
-  _globals['_TOKENIDS']._serialized_end=779
-  _globals['_GENERATEREQUEST']._serialized_start=782
-  _globals['_GENERATEREQUEST']._serialized_end=1052
-  _globals['_TOPLOGPROB']._serialized_start=1054
-  _globals['_TOPLOGPROB']._serialized_end=1101
-  _globals['_TOKENLOGPROB']._serialized_start=1103
-  _globals['_TOKENLOGPROB']._serialized_end=1188
-  _globals['_TOKENCHUNK']._serialized_start=1190
-  _globals['_TOKENCHUNK']._serialized_end=1278
-  _globals['_USAGE']._serialized_start=1280
-  _globals['_USAGE']._serialized_end=1360
-  _globals['_COMPLETION']._serialized_start=1362
-  _globals['_COMPLETION']._serialized_end=1445
-  _globals['_GENERATERESPONSE']._serialized_start=1448
-  _globals['_GENERATERESPONSE']._serialized_end=1577
-  _globals['_ABORTREQUEST']._serialized_start=1579
-  _globals['_ABORTREQUEST']._serialized_end=1613
-  _globals['_ABORTRESPONSE']._serialized_start=1615
-  _globals['_ABORTRESPONSE']._serialized_end=1645
-  _globals['_GETLOADSREQUEST']._serialized_start=1647
-  _globals['_GETLOADSREQUEST']._serialized_end=1664
-  _globals['_ENGINELOAD']._serialized_start=1667
-  _globals['_ENGINELOAD']._serialized_end=1809
-  _globals['_GETLOADSRESPONSE']._serialized_start=1811
-  _globals['_GETLOADSRESPONSE']._serialized_end=1867
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1869
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1890
-  _globals['_MODELINFO']._serialized_start=1892
-  _globals['_MODELINFO']._serialized_end=2015
-  _globals['_GENERATION']._serialized_start=2018
-  _globals['_GENERATION']._serialized_end=2300
+  _globals['_SAMPLINGPARAMS']._serialized_end=866
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=600
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=648
+  _globals['_TOKENIDS']._serialized_start=868
+  _globals['_TOKENIDS']._serialized_end=891
+  _globals['_GENERATEREQUEST']._serialized_start=894
+  _globals['_GENERATEREQUEST']._serialized_end=1164
+  _globals['_TOPLOGPROB']._serialized_start=1166
+  _globals['_TOPLOGPROB']._serialized_end=1213
+  _globals['_TOKENLOGPROB']._serialized_start=1215
+  _globals['_TOKENLOGPROB']._serialized_end=1300
+  _globals['_TOKENCHUNK']._serialized_start=1302
+  _globals['_TOKENCHUNK']._serialized_end=1390
+  _globals['_USAGE']._serialized_start=1392
+  _globals['_USAGE']._serialized_end=1472
+  _globals['_COMPLETION']._serialized_start=1474
+  _globals['_COMPLETION']._serialized_end=1557
+  _globals['_GENERATERESPONSE']._serialized_start=1560
+  _globals['_GENERATERESPONSE']._serialized_end=1689
+  _globals['_ABORTREQUEST']._serialized_start=1691
+  _globals['_ABORTREQUEST']._serialized_end=1725
+  _globals['_ABORTRESPONSE']._serialized_start=1727
+  _globals['_ABORTRESPONSE']._serialized_end=1757
+  _globals['_GETLOADSREQUEST']._serialized_start=1759
+  _globals['_GETLOADSREQUEST']._serialized_end=1776
+  _globals['_ENGINELOAD']._serialized_start=1779
+  _globals['_ENGINELOAD']._serialized_end=1921
+  _globals['_GETLOADSRESPONSE']._serialized_start=1923
+  _globals['_GETLOADSRESPONSE']._serialized_end=1979
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1981
+  _globals['_GETMODELINFOREQUEST']._serialized_end=2002
+  _globals['_MODELINFO']._serialized_start=2004
+  _globals['_MODELINFO']._serialized_end=2127
+  _globals['_GENERATION']._serialized_start=2130
+  _globals['_GENERATION']._serialized_end=2412
 # @@protoc_insertion_point(module_scope)
