@@ -41,10 +41,10 @@ from actors.slo.latency_model import (
     save_models,
 )
 from actors.slo.ordering import EDFOrder, edf_key, make_order
-from actors.slo.policy import (
-    ArrivalDecode, Load, ModelPolicy, ModelPolicyConfig, PrefillLoad, SplitPrediction, arrival_decode, load_changed,
-    make_policy, paced_tpot_ms, predict_raw, prefill_load, prefill_speed_factor, settled_step_ms, tpot_factors,
-    typical_prompt_tokens,
+from actors.slo.policy import Load, ModelPolicy, ModelPolicyConfig, SplitPrediction, load_changed, make_policy, tpot_factors
+from actors.slo.prediction import (
+    ArrivalDecode, PrefillLoad, arrival_decode, paced_tpot_ms, predict_raw, prefill_load, prefill_speed_factor,
+    settled_step_ms, typical_prompt_tokens,
 )
 from actors.slo.profiler import ProfileConfig, Profiler, engine_profile_key
 from actors.slo.types import EngineView, ReactivePolicy, SLOTargets, SplitDecision

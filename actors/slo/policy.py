@@ -1,97 +1,44 @@
 """Split policies: `ModelPolicy` (latency model + observed correction + hysteresis + dwell)
 and the paper's `ReactivePolicy`, built by name with `make_policy`.
 
-`ModelPolicy.decide` predicts, for every available split of an engine:
-- TTFT of a request arriving within the next `dwell_s`: the time to drain the queued prefill
-  tokens, the backlog that arrivals beyond the split's prefill capacity add over `dwell_s`,
-  and one typical prompt (the mean of recent arrivals), at that split's prefill speed (slowed by
-  contention while decode runs), plus the M/D/1 queueing wait at the split's prefill utilization
-  (arrival rate / capacity). Without the arrival term an idle moment makes the smallest prefill split look
-  best, and the next burst swings it back (seen on the H200: 16 <-> 112 every 10 s);
-- TPOT: one decode step on the remaining SMs (slowed by contention while prefill has work) of
-  the batch decode settles at there (`settled_step_ms`: Little's law, for the demand the engine
-  serves now or the arrivals bring, whichever is more).
-Every prefill time takes the ratio of the engine's observed prefill iteration to the model's on the current
-split (`prefill_speed_factor`), so that each split's capacity, and with it the backlog and the queueing wait,
-is that of the speed the engine actually runs at. Both are then multiplied by a correction from observed
-latencies: (observed / predicted at
-the current split) ** `observed_weight`, clamped, when enough samples are in the view. An engine
-whose decode is paced (`EngineView.decode_pace_ms`) is expected to show TPOT no lower than its pace
-while prompts arrive: observed TPOT is compared with the larger of the two, so that the pace does not
-read as a slow model; the splits' slack is that of their unpaced steps (the pace is the same on every
-split and no target at risk). A split's
-TPOT takes instead the ratio observed while that split itself last ran, if within
-`tpot_memory_s` and under the arrivals of now (a split never seen, the largest of those seen on splits with
-as many decode SMs or more): a ratio measured on a wide decode partition says little about a narrow one, where
-the step is most sensitive to the model's errors, and one measured under another load (`load_changed`) says
-little about this one (on the H200, 2026-12-04, run 18: 72 prefill SMs read 2.25 times the modelled TPOT in a
-burst of chat, and a minute later documents waited on 64 for whole windows (P90 TTFT 1.5-2.5 s), every
-split with more prefill SMs predicted past TPOT's target by that ratio).
-Each split scores its normalized min slack, min(1 - TTFT / target, 1 - TPOT / target).
-The current split is kept while no target is at risk (`at_risk`: predicted slack under
-`comfort_slack`, or observed latency past its target); otherwise, on the side that relieves
-the target at risk (more prefill SMs for TTFT, fewer for TPOT), the best split wins (toward
-decode: the nearest one predicted comfortable, if any), if its score beats the current
-split's by more than `margin` (hysteresis) and at least `dwell_s` passed since this engine's
-split last changed. A move that only the prediction asks for (no target observed past, no new
-load), from a split predicted within `margin` of its targets or better, goes one split step at a time
-(unless `comfort_slack` is 1 or more, which chases the best), and so does one toward decode that only TTFT's
-evidence backs, or toward prefill that only TPOT's does (`_max_steps`): far from the current split the model's
-errors grow, and a snapshot early in a load's ramp reads its arrival rate low (in simulation, chat at
-40 req/s and TPOT <= 12 ms: two seconds in, TPOT predicted at 9.0 of 12 ms on 64 prefill SMs sent the
-split to 24 with the rate read at 8.9K of ~20K prompt tokens/s, and 47% of the requests met both targets;
-every fixed split from 56 to 80 kept 100%). A move toward prefill waits for evidence (TTFT observed past its
-target, or a new load) unless the current split is predicted past a target by more than a quarter
-(`urgent_slack`), or `comfort_slack` is 1 or more: a move toward prefill slows decode beyond its settled pace
-for a moment (on the H200, runs 20-21, decode streamed about half its tokens in the half second after such
-moves), and a TTFT risk that is only predicted often passes (run 20: 64 -> 72 under chat at 40.6 req/s, TTFT
-predicted at 1,174 ms on 64 and observed at 496; the move back came 3 s later, and a fixed 64 kept 95.0% of the
-window's requests where the policy kept 78.5%; in simulation with that transient, 6 seeds, 79.92% -> 80.36%
-over the suite, 82.35% -> 82.57% without it). So does a move toward decode (TPOT observed past its target, or
-the decode step past it): the TTFT a snapshot predicts, with an empty queue, can sit far under the one observed
-(H200, run 22, documents at 4.4-6.7 req/s, TTFT <= 1.5 s, TPOT <= 15 ms: 88 -> 80 five times with TTFT
-predicted at 345-828 ms on 88, its correction at or near the clamp, observed at 1,132-1,869 ms, and TPOT observed
-within its target; 80 -> 72 with P90 TTFT observed at 1,194 ms, and 72 -> 88 urgently 5 s later; a fixed 88 kept
-100% at 4.4 and 5.5 req/s, the policy 83.3-100%). In simulation, 6 seeds: 82.57% -> 82.70% over the suite, 80.36% -> 80.72% with the
-switch transient, 85.05% on the fresh profile either way. A switch is urgent when the current split is
-predicted past a target by more than a quarter of it (slack under `urgent_slack`), observed past
-it too (for TTFT: or the arrivals changed since the split was last chosen or held as fine, `load_changed`: their
-prompt length or prompt-token rate moved by `load_change_ratio` or more), and the new split
-is predicted within a quarter of both targets: then `urgent_dwell_s` is enough (on the H200
-a wrong split held for a whole dwell queued a burst's prompts for seconds, and, with the
-threshold at twice the target, another kept TPOT past its target for 10 s). So is a move that
-goes on toward prefill after a move toward prefill, from a split still predicted past a target
-(slack under 0) to one predicted within both: a first move that fell short leaves the prompts
-queueing (H200, 2026-12-03, run 12: a step from 2 to 53 req/s of chat found a server on 64
-prefill SMs; it moved to 72 and held that for the 10 s dwell, and 44% of the window's requests
-met both targets; in simulation, 90.6% on average without this rule, 97.1% with it). Such
-moves only add prefill SMs, up to the largest split, so they cannot flap. So is a move toward decode from a
-split whose TPOT is observed past its target and predicted past it by any amount: a decode step past the target
-fails nearly every request decoding (in simulation, documents at 4 req/s moved 64 -> 96, where TPOT stayed past
-12 ms, short of urgent, for the whole 10 s dwell: 48% of the window's requests met both targets, 58% with this
-rule), to the nearest split predicted within TPOT's target and by `margin` above the current split's slack
-(`nearest_tpot_relief`), not the split of the most slack far toward decode; for `dwell_s` after such a move,
-no urgent move goes back to that split or beyond (`tpot_ceiling`), so the two do not alternate. Otherwise at most
-60 / urgent_dwell_s + 1 switches in any minute, and 60 / dwell_s + 1 while no split is
-predicted within a quarter of both targets (an overload cannot flap fast). The policy sees changes in the views: one it
-proposed counts from its proposal, any other from when it is first seen; a proposal the caller
-does not apply is simply made again next time.
+`ModelPolicy.decide(view, targets)`, once per engine per controller tick:
+1. Predict, for every split of the engine, the TTFT of a request arriving within the next `dwell_s` (queued
+   prompts, the backlog of arrivals beyond the split's prefill capacity, M/D/1 wait) and the TPOT of the
+   decode batch once it settles on that split (Little's law): `actors.slo.prediction`.
+2. Correct the predictions by what the engine shows: prefill times by its observed prefill speed
+   (`prefill_speed_factor`); TTFT and TPOT by (observed / predicted) ** `observed_weight`, clamped; a split's
+   TPOT by the ratio last observed on that split under the same arrivals (`tpot_factors`).
+3. Score each split by its normalized min slack, min(1 - TTFT / target, 1 - TPOT / target).
+4. Hold the current split unless a target is at risk (`at_risk`: observed past target, or predicted slack
+   under `comfort_slack`); then look only on the side that relieves it (`_best`: toward decode the nearest
+   comfortable split, toward prefill the most slack, within TPOT's target first).
+5. Move only if the gain beats `margin`, if the relieved target is observed past (or, for TTFT, the load is
+   new) unless the current split is predicted past a target by a quarter (`urgent_slack`), one split step at
+   a time without such evidence (`_max_steps`), and once `dwell_s` has passed since the last change.
+   Urgent moves wait only `urgent_dwell_s`: a target predicted and observed past by a quarter, a move on
+   toward prefill after one that fell short, a TPOT observed past its target (to the nearest split that keeps
+   it, `nearest_tpot_relief`; no urgent move back there for `dwell_s`, `tpot_ceiling`).
+So an engine switches at most 60 / urgent_dwell_s + 1 times a minute, and 60 / dwell_s + 1 while no split is
+predicted within a quarter of both targets. Why each rule is there, with the runs and simulations that asked
+for it: `docs/split-policy.md`.
 
 A policy instance may serve many engines (the controller calls it per GPU); its
 state is kept per `engine_id`. Time comes from `view.time` (seconds on any clock the
-caller keeps consistent; when 0, the policy reads `time.monotonic()`).
+caller keeps consistent; when 0, the policy reads `time.monotonic()`). A change of split the
+policy proposed counts from its proposal, any other from when it is first seen; a proposal the
+caller does not apply is simply made again next time.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 from actors.slo.latency_model import LatencyModel
+from actors.slo.prediction import paced_tpot_ms, predict_raw, prefill_speed_factor, typical_prompt_tokens
 from actors.slo.types import (
     EngineView, FixedPolicy, ReactivePolicy, SLOTargets, SplitDecision, SplitPolicy, nearest_split, percentile,
 )
@@ -244,148 +191,6 @@ def load_changed(before: Load, now: Load, ratio: float) -> bool:
 def min_slack(ttft_ms: float, tpot_ms: float, targets: SLOTargets) -> float:
     """min(1 - TTFT / target, 1 - TPOT / target): 1 is idle, 0 on target, < 0 missing."""
     return min(1.0 - ttft_ms / targets.ttft_ms, 1.0 - tpot_ms / targets.tpot_ms)
-
-
-MAX_UTILIZATION = 0.95  # queueing (a prefill wait, a settled decode batch) is evaluated at most at this utilization
-
-
-@dataclass(frozen=True)
-class PrefillLoad:
-    """Prompt arrivals against one split's prefill capacity (see `prefill_load`)."""
-
-    utilization: float  # arrival rate / capacity; > 1: the queue grows
-    backlog_tokens: float  # tokens the queue grows by over the horizon
-    wait_ms: float  # mean queueing wait of a typical prompt
-
-
-def prefill_load(model: LatencyModel, arrival_tokens_per_s: float, p_sms: int, concurrent: bool,
-                 cfg: ModelPolicyConfig, typical: int | None = None, speed: float = 1.0) -> PrefillLoad:
-    """Prompt tokens arriving at `arrival_tokens_per_s` in prompts of `typical` tokens (default
-    `cfg.typical_prompt_tokens`) on `p_sms` prefill SMs (model SMs), the model's prefill times multiplied by
-    `speed` (`prefill_speed_factor`).
-
-    Capacity is full `chunk_tokens` iterations of typical prompts. Over the horizon `dwell_s`
-    (a new split is held at least that long) the backlog grows by what exceeds capacity; the
-    wait is M/D/1's rho S / (2 (1 - rho)), S one typical prompt's prefill, rho capped at
-    `MAX_UTILIZATION`.
-    """
-    if arrival_tokens_per_s <= 0:
-        return PrefillLoad(0.0, 0.0, 0.0)
-    chunk, typical = cfg.chunk_tokens, typical or cfg.typical_prompt_tokens
-    chunk_ms = speed * model.prefill_queue_ms(chunk, max(1, round(chunk / typical)), p_sms, concurrent, chunk)
-    capacity = 1000.0 * chunk / chunk_ms  # tokens/s
-    rho = arrival_tokens_per_s / capacity
-    service_ms = speed * model.prefill_queue_ms(typical, 1, p_sms, concurrent, chunk)
-    r = min(rho, MAX_UTILIZATION)
-    return PrefillLoad(rho, max(0.0, arrival_tokens_per_s - capacity) * cfg.dwell_s, service_ms * r / (2 * (1 - r)))
-
-
-def predict_raw(model: LatencyModel, view: EngineView, prefill_sms: int, cfg: ModelPolicyConfig,
-                speed: float = 1.0) -> tuple[float, float]:
-    """(TTFT ms, TPOT ms) of `view`'s load under `prefill_sms` prefill SMs, before the corrections from observed
-    latencies; the model's prefill times multiplied by `speed` (`prefill_speed_factor`)."""
-    scale = model.total_sms / max(1, view.total_sms)  # a view of another SM count maps onto the model's
-    p_sms = model_sms(model, view, prefill_sms)
-    d_sms = max(1, model.total_sms - p_sms)
-    queued = max(0, view.waiting_prefill_tokens)
-    typical = typical_prompt_tokens(view, cfg)
-    n_queued = view.num_prefill_requests or math.ceil(queued / typical)
-    busy = view.num_decoding > 0
-    load = prefill_load(model, view.arrival_tokens_per_s, p_sms, busy, cfg, typical, speed)
-    n_backlog = math.ceil(load.backlog_tokens / typical)
-    ttft = speed * model.prefill_queue_ms(round(queued + load.backlog_tokens) + typical,
-                                          n_queued + n_backlog + 1, p_sms, concurrent=busy,
-                                          chunk_tokens=cfg.chunk_tokens) + load.wait_ms
-    batch = max(1, view.num_decoding)
-    context = view.decode_context_tokens if view.num_decoding > 0 else cfg.typical_context_tokens
-    current_d_sms = max(1, model.total_sms - round(view.prefill_sms * scale))
-    tpot = settled_step_ms(model, batch, max(1, context), current_d_sms, d_sms, queued > 0 or load.utilization > 0,
-                           arrival_decode(view))
-    return ttft, tpot
-
-
-def prefill_speed_factor(model: LatencyModel, view: EngineView, cfg: ModelPolicyConfig) -> float:
-    """How much longer than the model says the engine's prefill iterations take on its current split (observed /
-    predicted mean iteration, clamped to `max_correction`), from iterations of at least a quarter of
-    `chunk_tokens` on average (1.0 otherwise: small iterations are mostly fixed costs, which say little about
-    a full queue's pace).
-
-    This is a speed, so it scales every split's prefill times, and with them each split's capacity and so the
-    backlog and queueing terms, where an error counts most near saturation. On the H200 (2026-12-03, run 13)
-    the committed profile put prefill at 27-29K tokens/s on 80-88 SMs beside decode, where the serving
-    engine ran at 25K at the power cap: 26.7K prompt tokens/s of chat looked within 80 SMs' capacity, the
-    policy gave decode SMs back, and the prompts queued for seconds. A TTFT correction alone cannot tell
-    this apart, since it scales each split's TTFT by the same factor."""
-    return model.observed_prefill_speed(view.prefill_iteration_ms, view.prefill_iteration_tokens,
-                                        typical_prompt_tokens(view, cfg), model_sms(model, view),
-                                        view.num_decoding > 0, cfg.chunk_tokens, cfg.max_correction)
-
-
-def model_sms(model: LatencyModel, view: EngineView, sms: int | None = None) -> int:
-    """`sms` of `view`'s engine (default: its prefill SMs) as SMs of `model`'s device, which may have another count."""
-    return max(1, round((view.prefill_sms if sms is None else sms) * model.total_sms / max(1, view.total_sms)))
-
-
-class ArrivalDecode(NamedTuple):
-    """The decode demand the arrivals bring (`arrival_decode`)."""
-
-    demand: float  # sequences per ms of step: requests per ms x output tokens each
-    context: float  # tokens per sequence while it decodes: its prompt and half its output
-
-
-def arrival_decode(view: EngineView) -> ArrivalDecode:
-    """What the decode batch settles at once every queued prompt has been prefilled, from the arrivals' rate
-    and lengths (zeros when either is unknown).
-
-    A request's output is taken as the mean of recently finished ones, or the latest arrivals' mean `max_tokens`
-    if less: finished requests are the previous load's for a while after the load changes. On the H200 a chat
-    window after a documents window (run 13) began with the documents' 204-token outputs applied to the chat's
-    arrival rate (92-token outputs), the settled batch looked too slow on the current split, and the policy gave
-    decode SMs the prompts then needed (the same in simulation)."""
-    if view.arrival_tokens_per_s <= 0 or view.mean_prompt_tokens < 1 or view.mean_output_tokens <= 0:
-        return ArrivalDecode(0.0, 0.0)
-    output = min(view.mean_output_tokens, view.mean_max_tokens) if view.mean_max_tokens > 0 else view.mean_output_tokens
-    demand = view.arrival_tokens_per_s / view.mean_prompt_tokens / 1000.0 * output
-    return ArrivalDecode(demand, view.mean_prompt_tokens + output / 2)
-
-
-def settled_step_ms(model: LatencyModel, batch: int, context: int, current_sms: int, sms: int, concurrent: bool,
-                    arrivals: ArrivalDecode = ArrivalDecode(0.0, 0.0)) -> float:
-    """The decode step on `sms` decode SMs once the batch has settled there, for the decode demand the engine
-    serves now: `batch` sequences (holding `context` tokens) in steps of `current_sms` SMs, or the `arrivals`'
-    (with their own context per sequence) if they bring more.
-
-    Little's law: a sequence stays for as many steps as it has tokens to produce, so the batch is demand x step
-    (demand = batch / step now). With the model's step alpha + beta * batch on `sms`, it settles at
-    alpha / (1 - demand * beta), evaluated at most at `MAX_UTILIZATION`. Fewer decode SMs make each request stay
-    longer and the batch grow (on the H200, TPOT at 28 decode SMs went past 25 ms within 7 s of a switch chosen
-    for a step of 17 ms predicted at the batch of the moment). The arrivals' demand comes with their own lengths:
-    as chat gave way to documents, two documents (6,000 tokens of context each) decoding at the chat's request
-    rate predicted 54 ms at a split that served both loads (in simulation).
-    """
-    per_seq = context / batch
-
-    def step(b: float, on: int) -> float:
-        return model.decode_step_ms(round(b), round(per_seq * b), on, concurrent)
-
-    demand = batch / step(batch, current_sms)
-    if arrivals.demand > demand:
-        demand, per_seq = arrivals.demand, arrivals.context
-    beta = (step(2 * batch, sms) - step(batch, sms)) / batch  # the step is linear in the batch
-    alpha = step(batch, sms) - beta * batch
-    return alpha / (1.0 - min(demand * beta, MAX_UTILIZATION))
-
-
-def typical_prompt_tokens(view: EngineView, cfg: ModelPolicyConfig) -> int:
-    """The mean prompt length of `view`'s recent arrivals, else `cfg.typical_prompt_tokens`. A fixed 512 made
-    arxiv-like prompts (about 4,000 tokens) look eight times cheaper to queue behind than they are."""
-    return round(view.mean_prompt_tokens) if view.mean_prompt_tokens >= 1 else cfg.typical_prompt_tokens
-
-
-def paced_tpot_ms(view: EngineView) -> float:
-    """The TPOT an engine's decode pace holds its requests to while prompts arrive or wait (0: none)."""
-    busy = view.waiting_prefill_tokens > 0 or view.arrival_tokens_per_s > 0
-    return view.decode_pace_ms if busy else 0.0
 
 
 def observed_correction(observed: tuple[float, ...], predicted: float, q: float, cfg: ModelPolicyConfig) -> float:
