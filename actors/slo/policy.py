@@ -358,10 +358,7 @@ class ModelPolicy:
         """(toward decode, toward prefill): the split steps one decision may take each way (0: any). One, unless
         that side's target is observed past or under a new load (`evident`: TTFT moves toward prefill, TPOT
         toward decode), or the current split is predicted past its binding target by more than `margin`, or
-        `comfort_slack` >= 1 (chase the best). Evidence for one target frees only the moves that relieve it: a
-        burst's queued prompts still in the view (P90 TTFT 1.8 s observed) sent 64 prefill SMs to 16, the far
-        decode end, once the queue had drained and TPOT sat just under `comfort_slack`; the next burst found
-        16 (H200, 2026-12-04, run 19)."""
+        `comfort_slack` >= 1 (chase the best). Evidence for one target frees only the moves that relieve it."""
         cfg = self.config
         if cfg.comfort_slack >= 1.0:
             return cfg.max_step, cfg.max_step
@@ -376,24 +373,9 @@ class ModelPolicy:
         more prefill SMs, -1: fewer, 0: either; the current split is always a candidate): toward decode, the
         nearest split predicted comfortable (slack >= `comfort_slack`) by more than `margin` over the current
         one; toward prefill, when the split of the highest slack is predicted past its targets and past TPOT's,
-        the highest slack of those predicted within TPOT's, if any; otherwise the highest slack (ties to the
-        nearest split).
-
-        Within TPOT's target first when no split meets both: a decode step past the target fails every request
-        decoding, a prefill short of its queue those that wait in it (in simulation, chat at 45 req/s and TPOT
-        <= 12 ms on an engine whose prefill ran 15% slower than the profile: the most slack, 88 prefill SMs,
-        predicted TTFT 1,152 ms and TPOT 13.5 ms, and 27% of the requests met both targets; the policy now stops
-        at 80 and keeps 40%; 72 held throughout kept 91%). When no split toward prefill keeps TPOT's target, one
-        is taken only if it brings TTFT within its own, else the current split stays: TPOT given up for a TTFT
-        still missed fails both (in simulation, documents at 5 req/s, TTFT <= 1.5 s, TPOT <= 15 ms: a burst sent
-        96 -> 112, TPOT 30 ms predicted there; 85.3% -> 90.4% of the requests within both with the hold).
-
-        Toward decode the nearest comfortable one, not the most slack: a snapshot with an empty queue makes
-        the far end look best (in simulation, TPOT at risk one second into chat after documents sent 104
-        prefill SMs to 64, on an arrival rate still read from the documents; the chat's prompts then queued
-        for the whole dwell). Toward prefill the most slack: a queue left to build under a timid move has to
-        be drained afterwards (on the H200 an arxiv burst moved 64 -> 88 -> 104 in two urgent steps and kept
-        P90 TTFT past target, 2026-12-03)."""
+        the highest slack of those predicted within TPOT's, if any, else that split only if it brings TTFT
+        within its target (otherwise the current split); otherwise the highest slack (ties to the nearest
+        split). Why each choice: `docs/split-policy.md`, "Which split on each side"."""
         def most_slack(candidates: list[SplitPrediction]) -> SplitPrediction:
             return max(candidates, key=lambda p: (round(p.slack, 9), -abs(p.prefill_sms - current)))
 
