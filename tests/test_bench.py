@@ -19,13 +19,18 @@ from cluster.bench.client import (
     DONE, EndpointConfig, RequestRecord, StreamTimer, build_payload, parse_prometheus, parse_sse_line, send_request,
 )
 from cluster.bench.metrics import SLOs, MetricsError, compute_metrics, parse_metric_names, parse_percentiles
+from cluster.bench.plot import plot_results, results_figure
 from cluster.bench.report import (
-    BenchResult, cuda_allocator_counts, format_cuda_allocator, format_failures, format_prefix_cache, format_result_block,
-    format_split_changes, format_worker_iterations, load_result, metrics_under, plot_results, prefix_cache_counts,
-    rate_of, results_figure, streaming_around, sustained_rates, token_times,
-    iteration_quantiles, worker_iterations, WorkerIterations, write_result,
+    format_cuda_allocator, format_failures, format_prefix_cache, format_result_block, format_split_changes,
+    format_worker_iterations,
 )
+from cluster.bench.result import BenchResult, load_result, write_result
 from cluster.bench.serve_bench import ServeBenchConfig, result_path, run_rate, split_changes
+from cluster.bench.server_metrics import (
+    WorkerIterations, cuda_allocator_counts, iteration_quantiles, prefix_cache_counts, worker_iterations,
+)
+from cluster.bench.sweep import metrics_under, rate_of, sustained_rates
+from cluster.bench.traffic import streaming_around, token_times
 from cluster.bench.workloads import (
     PROFILES, BenchRequest, LogNormalLengths, RatioPromptBuilder, TokenizerPromptBuilder, WorkloadConfig,
     WorkloadError, build_requests, mean_rate_scale, parse_phases, sample_lengths, split_counts, time_shares,
@@ -342,7 +347,8 @@ def test_printed_block_has_vllm_lines(records: list[RequestRecord]) -> None:
 
 
 def test_per_profile_breakdown(records: list[RequestRecord], tmp_path: Path) -> None:
-    from cluster.bench.report import format_profile_breakdown, profile_breakdown
+    from cluster.bench.report import format_profile_breakdown
+    from cluster.bench.result import profile_breakdown
 
     assert profile_breakdown(_result(records)) == {}  # one profile: nothing extra
     for r in records[:2]:
@@ -769,7 +775,8 @@ def scheduled_span(recs: list[RequestRecord]) -> float:
 
 def test_offered_load_over_the_span_of_arrivals() -> None:
     """Requests 0.5 s apart carrying 100 and 300 prompt tokens in turn: 2 req/s and 400 prompt tokens/s offered."""
-    from cluster.bench.report import format_offered_load, offered_load
+    from cluster.bench.report import format_offered_load
+    from cluster.bench.traffic import offered_load
 
     recs = [RequestRecord(i, "random", 100 if i % 2 == 0 else 300, 8, scheduled_s=0.5 * i) for i in range(9)]
     rate, tokens, span = offered_load(recs) or (0.0, 0.0, 0.0)

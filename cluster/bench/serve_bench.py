@@ -31,10 +31,10 @@ from cluster.bench.client import (
 )
 from cluster.bench.metrics import METRICS, SLOs, compute_metrics
 from cluster.bench.report import (
-    BenchResult, format_failures, format_preamble, format_profile_breakdown, format_result_block,
-    format_cuda_allocator, format_offered_load, format_prefix_cache, format_split_changes, format_worker_iterations,
-    write_result,
+    format_cuda_allocator, format_failures, format_offered_load, format_preamble, format_prefix_cache,
+    format_profile_breakdown, format_result_block, format_split_changes, format_worker_iterations,
 )
+from cluster.bench.result import BenchResult, write_result
 from cluster.bench.workloads import (
     BenchRequest, PromptBuilder, RatioPromptBuilder, TokenizerPromptBuilder, WorkloadConfig, build_requests,
     random_words,

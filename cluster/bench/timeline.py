@@ -12,7 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cluster.bench.metrics import SLOs
-from cluster.bench.report import BenchResult, token_times
+from cluster.bench.result import BenchResult
+from cluster.bench.traffic import token_times
 
 
 @dataclass(frozen=True)

@@ -260,7 +260,9 @@ def _register_plot(sub: argparse._SubParsersAction) -> None:
 
 def run_plot(args: argparse.Namespace) -> int:
     from cluster.bench.metrics import SLOs
-    from cluster.bench.report import format_sustained_rates, load_result, plot_results, sustained_rates
+    from cluster.bench.plot import plot_results
+    from cluster.bench.result import load_result
+    from cluster.bench.sweep import format_sustained_rates, sustained_rates
 
     results = [load_result(path) for path in args.results]
     if args.label_by_dir:
@@ -291,7 +293,7 @@ def _register_timeline(sub: argparse._SubParsersAction) -> None:
 
 def run_timeline(args: argparse.Namespace) -> int:
     from cluster.bench.metrics import SLOs
-    from cluster.bench.report import load_result
+    from cluster.bench.result import load_result
     from cluster.bench.timeline import format_timeline, format_unplaced_changes, timeline
 
     result = load_result(args.result)
