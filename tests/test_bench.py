@@ -18,6 +18,7 @@ from cluster.bench.arrivals import ArrivalConfig, ArrivalError, arrival_offsets,
 from cluster.bench.client import (
     DONE, EndpointConfig, RequestRecord, StreamTimer, build_payload, parse_prometheus, parse_sse_line, send_request,
 )
+from cluster.bench.datasets import dataset_requests
 from cluster.bench.metrics import SLOs, MetricsError, compute_metrics, parse_metric_names, parse_percentiles
 from cluster.bench.plot import plot_results, results_figure
 from cluster.bench.report import (
@@ -150,6 +151,65 @@ def test_workload_validation() -> None:
     with pytest.raises(WorkloadError, match="inside"):
         LogNormalLengths(mean=5000, sigma=1.0, low=1, high=1000)
     assert split_counts([0.6, 0.4], 7) == [4, 3] and sum(split_counts([1, 1, 1], 100)) == 100
+
+
+def _words(n: int, word: str = "w") -> str:
+    return " ".join([word] * n)
+
+
+def test_sharegpt_file_is_read_and_filtered_as_vllm_does(tmp_path: Path) -> None:
+    """One token per word (RatioPromptBuilder(1.0)): kept are conversations of two turns or more whose prompt and
+    output have at least 4 tokens, a prompt of at most 1,024 and a request of at most 2,048."""
+    usable = [(10 + i, 5 + i) for i in range(12)]
+    conversations = [{"conversations": [{"from": "human", "value": _words(p, f"p{i}")},
+                                        {"from": "gpt", "value": _words(o)}, {"from": "human", "value": "more"}]}
+                     for i, (p, o) in enumerate(usable)]
+    conversations += [
+        {"conversations": [{"from": "human", "value": _words(20)}]},  # one turn
+        {"conversations": [{"from": "human", "value": _words(3)}, {"from": "gpt", "value": _words(9)}]},
+        {"conversations": [{"from": "human", "value": _words(9)}, {"from": "gpt", "value": _words(3)}]},
+        {"conversations": [{"from": "human", "value": _words(1025)}, {"from": "gpt", "value": _words(9)}]},
+        {"conversations": [{"from": "human", "value": _words(1000)}, {"from": "gpt", "value": _words(1049)}]},
+        {"id": "no conversations"},
+    ]
+    path = tmp_path / "sharegpt.json"
+    path.write_text(json.dumps(conversations))
+    builder = RatioPromptBuilder(1.0, 0)
+    config = WorkloadConfig(name="sharegpt", num_prompts=12, dataset_path=str(path))
+    got = dataset_requests(config, builder)
+    assert sorted((r.prompt_len, r.output_len) for r in got) == usable
+    assert all(r.prompt.split()[0].startswith("p") and r.profile == "sharegpt" for r in got)
+    assert [r.index for r in got] == list(range(12))
+    assert dataset_requests(config, builder) == got
+    assert [r.prompt for r in dataset_requests(replace(config, run=1), builder)] != [r.prompt for r in got]
+    with pytest.raises(WorkloadError, match="holds 12 usable requests, fewer than --num-prompts 13"):
+        dataset_requests(replace(config, num_prompts=13), builder)
+    path.write_text("{not json")
+    with pytest.raises(WorkloadError, match="cannot read dataset"):
+        dataset_requests(config, builder)
+
+
+def test_custom_jsonl_takes_its_output_lengths_or_the_default(tmp_path: Path) -> None:
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"prompt": "one two three", "output_tokens": 7}\n\n{"prompt": "four five"}\n')
+    config = WorkloadConfig(name="custom", num_prompts=2, output_len=3, dataset_path=str(path))
+    got = dataset_requests(config, RatioPromptBuilder(1.0, 1))
+    assert sorted((r.prompt, r.prompt_len, r.output_len) for r in got) == [
+        ("four five", 3, 3), ("one two three", 4, 7)]
+    path.write_text('{"prompt": "ok"}\n{"text": "no prompt"}\n')
+    with pytest.raises(WorkloadError, match="prompts.jsonl:2: expected"):
+        dataset_requests(config, RatioPromptBuilder(1.0, 0))
+
+
+def test_dataset_path_validation(tmp_path: Path) -> None:
+    with pytest.raises(WorkloadError, match="custom workload reads its requests from a dataset path"):
+        WorkloadConfig(name="custom")
+    with pytest.raises(WorkloadError, match="applies to the sharegpt and custom workloads only"):
+        WorkloadConfig(name="random", dataset_path=str(tmp_path))
+    with pytest.raises(WorkloadError, match="dataset file not found"):
+        WorkloadConfig(name="sharegpt", dataset_path=str(tmp_path / "missing.json"))
+    with pytest.raises(WorkloadError, match="come from its file"):
+        sample_lengths(WorkloadConfig(name="sharegpt", dataset_path=__file__))
 
 
 def _bpe_tokenizer() -> Any:
@@ -921,6 +981,27 @@ def test_end_to_end_chat_and_rejections(live_server: _Server, tiny_llama: Path, 
     out = capsys.readouterr().out
     assert rc == 1
     assert "Failed requests:                         3" in out and "maximum context length" in out
+
+
+def test_end_to_end_from_a_dataset_file(live_server: _Server, tiny_llama: Path, tmp_path: Path,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"question {i}: " + _words(5 + i, "why"), "output_tokens": 2 + i})
+                            + "\n" for i in range(5)))
+    out_dir = tmp_path / "results"
+    rc = cli_main(["bench", "serve", "--base-url", live_server.url, "--workload", "custom", "--dataset-path",
+                   str(data), "--num-prompts", "4", "--request-rate", "inf", "--disable-tqdm", "--tokenizer",
+                   str(tiny_llama), "--result-dir", str(out_dir), "--no-server-metrics"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert f"requests of workload custom from {data}" in out
+    res = load_result(next(out_dir.glob("*.json")))
+    assert res.metrics.completed == 4
+    assert len({r.max_tokens for r in res.records}) == 4 and {r.max_tokens for r in res.records} <= {2, 3, 4, 5, 6}
+    assert all(r.output_tokens == r.max_tokens and r.prompt_tokens == r.prompt_len for r in res.records)
+    rc = cli_main(["bench", "serve", "--base-url", live_server.url, "--workload", "custom", "--dataset-path",
+                   str(tmp_path / "missing.jsonl"), "--disable-tqdm"])
+    assert rc == 2 and "dataset file not found" in capsys.readouterr().err
 
 
 def test_end_to_end_shifting_phases_at_their_own_rates(live_server: _Server, tmp_path: Path,

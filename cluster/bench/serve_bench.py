@@ -29,6 +29,7 @@ from cluster.bench.client import (
     EndpointConfig, RequestRecord, ServerError, count_tokens, fetch_models, fetch_server_metrics, fetch_splits,
     send_request,
 )
+from cluster.bench.datasets import dataset_requests
 from cluster.bench.metrics import METRICS, SLOs, compute_metrics
 from cluster.bench.report import (
     format_cuda_allocator, format_failures, format_offered_load, format_preamble, format_prefix_cache,
@@ -235,9 +236,10 @@ async def _run(config: ServeBenchConfig, out: TextIO) -> list[BenchResult]:
 
 def _build_requests(wl: WorkloadConfig, builder: PromptBuilder, max_model_len: int | None,
                     out: TextIO) -> list[BenchRequest]:
-    print(f"Building {wl.num_prompts} requests of workload {wl.name} (seed {wl.seed}, run {wl.run}, "
+    source = f" from {wl.dataset_path}" if wl.dataset_path is not None else ""
+    print(f"Building {wl.num_prompts} requests of workload {wl.name}{source} (seed {wl.seed}, run {wl.run}, "
           f"{'exact' if builder.exact else 'approximate'} prompt lengths)", file=out)
-    requests = build_requests(wl, builder)
+    requests = dataset_requests(wl, builder) if wl.dataset_path is not None else build_requests(wl, builder)
     if max_model_len:
         too_long = sum(1 for r in requests if r.prompt_len + r.output_len > int(max_model_len))
         if too_long:

@@ -15,6 +15,9 @@ token counts plus token-count-controlled filler text:
   the run's rate (`sharegpt:0.5@10,long-doc:0.5`: chat at ten times the rate of documents).
 - `random`: vLLM's random dataset: uniform in [len*(1-r), len*(1+r)].
 
+With a dataset file (`dataset_path`; `sharegpt`'s JSON or `custom` JSON Lines) the requests come from it
+instead (`cluster.bench.datasets`).
+
 Lengths are drawn from log-normals truncated to [low, high] whose *truncated* mean is
 the published mean (mu solved numerically), so means hold and caps are respected.
 Everything is seeded: the same config gives the same requests.
@@ -183,7 +186,8 @@ def mean_rate_scale(phases: Sequence[Phase]) -> float:
 
 
 DEFAULT_PHASES: tuple[Phase, ...] = (Phase("sharegpt", 0.5), Phase("long-doc", 0.5))
-WORKLOAD_NAMES: tuple[str, ...] = (*PROFILES, *MIXES, "shifting", "random")
+WORKLOAD_NAMES: tuple[str, ...] = (*PROFILES, *MIXES, "shifting", "random", "custom")
+DATASET_WORKLOADS: tuple[str, ...] = ("sharegpt", "custom")  # those that read `dataset_path`
 
 
 def _phase_number(item: str, what: str, text: str) -> float:
@@ -218,6 +222,8 @@ class WorkloadConfig:
     and `run`), so that no run finds an earlier one's prompts in the server's prefix cache.
     `phases` is used by `shifting` (profile names from PROFILES or `random`, each with a
     time fraction and a rate scale: `Phase`); `input_len`, `output_len`, `range_ratio` by `random` (vLLM semantics).
+    `dataset_path`: a file to take the requests from (`sharegpt`, and `custom`, which needs one; `output_len`
+    is then the output of a line that names none).
     """
 
     name: str = "sharegpt"
@@ -228,10 +234,17 @@ class WorkloadConfig:
     input_len: int = 1024
     output_len: int = 128
     range_ratio: float = 0.0
+    dataset_path: str | None = None
 
     def __post_init__(self) -> None:
         if self.name not in WORKLOAD_NAMES:
             raise WorkloadError(f"workload must be one of {', '.join(WORKLOAD_NAMES)}, got {self.name!r}")
+        if self.dataset_path is not None and self.name not in DATASET_WORKLOADS:
+            raise WorkloadError(f"a dataset path applies to the {' and '.join(DATASET_WORKLOADS)} workloads only")
+        if self.name == "custom" and self.dataset_path is None:
+            raise WorkloadError("the custom workload reads its requests from a dataset path")
+        if self.dataset_path is not None and not Path(self.dataset_path).is_file():
+            raise WorkloadError(f"dataset file not found: {self.dataset_path}")
         if self.num_prompts < 1:
             raise WorkloadError(f"num_prompts must be at least 1, got {self.num_prompts}")
         if self.seed < 0 or self.run < 0:
@@ -262,6 +275,8 @@ class WorkloadConfig:
 
     def parts(self) -> tuple[tuple[LengthProfile, float], ...]:
         """The profiles this workload draws from, each with its share of the requests."""
+        if self.dataset_path is not None:
+            raise WorkloadError("a dataset workload's requests come from its file (cluster.bench.datasets)")
         if self.name in PROFILES or self.name == "random":
             return ((self.profile(self.name), 1.0),)
         if self.name in MIXES:
@@ -334,6 +349,10 @@ class PromptBuilder(Protocol):
 
     def build(self, num_tokens: int, rng: np.random.Generator) -> str: ...
 
+    def count(self, text: str) -> int:
+        """Tokens of `text` as a prompt (specials included)."""
+        ...
+
 
 def random_words(rng: np.random.Generator, n: int) -> str:
     idx = rng.integers(0, len(WORDS), size=max(n, 1))
@@ -355,6 +374,9 @@ class RatioPromptBuilder:
     def build(self, num_tokens: int, rng: np.random.Generator) -> str:
         words = max(1, round((num_tokens - self.special_tokens) / self.tokens_per_word))
         return random_words(rng, words)
+
+    def count(self, text: str) -> int:
+        return round(len(text.split()) * self.tokens_per_word) + self.special_tokens
 
 
 class TokenizerPromptBuilder:

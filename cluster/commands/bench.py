@@ -155,6 +155,9 @@ def _register_serve(sub: argparse._SubParsersAction) -> None:
 
     g = p.add_argument_group("workload")
     g.add_argument("--workload", "--dataset-name", dest="workload", default="sharegpt", choices=WORKLOAD_NAMES)
+    g.add_argument("--dataset-path", metavar="FILE",
+                   help="take the requests from a file: ShareGPT's JSON (sharegpt) or JSON Lines of "
+                        '{"prompt": ..., "output_tokens": N} (custom)')
     g.add_argument("--num-prompts", type=_type(_positive_int), default=1000)
     g.add_argument("--phases", type=_type(_phases), default=None, metavar="NAME[:FRAC][@SCALE],...",
                    help="phases of --workload shifting, in order, each for FRAC of the run's time at SCALE times "
@@ -162,7 +165,7 @@ def _register_serve(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--input-len", "--random-input-len", dest="input_len", type=_type(_positive_int), default=1024,
                    help="random workload: mean input tokens")
     g.add_argument("--output-len", "--random-output-len", dest="output_len", type=_type(_positive_int), default=128,
-                   help="random workload: mean output tokens")
+                   help="random workload: mean output tokens; custom: the output of a line that names none")
     g.add_argument("--range-ratio", "--random-range-ratio", dest="range_ratio", type=_type(_ratio), default=0.0,
                    help="random workload: lengths uniform in [len*(1-r), len*(1+r)]")
     g.add_argument("--seed", type=_type(_non_negative_int), default=0,
@@ -208,6 +211,7 @@ def serve_config(args: argparse.Namespace) -> ServeBenchConfig:
     workload = WorkloadConfig(
         name=args.workload, num_prompts=args.num_prompts, seed=args.seed, phases=args.phases or DEFAULT_PHASES,
         input_len=args.input_len, output_len=args.output_len, range_ratio=args.range_ratio,
+        dataset_path=args.dataset_path,
     )
     return ServeBenchConfig(
         base_url=args.base_url, model=args.model, endpoint=args.endpoint, api_key=args.api_key,
