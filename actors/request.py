@@ -40,6 +40,9 @@ class SamplingParams:
     salt share prefix-cache hits (tenants cannot probe each other's prompts by timing).
     `logit_bias` (OpenAI's): (token id, bias in [-100, 100]) pairs added to the logits before
     any token is picked, greedy included; a mapping is accepted and kept as sorted pairs.
+    `prompt_logprobs` (vLLM's): None for none, n >= 0 for the logprob of every prompt token after the
+    first, given those before it, plus the top n; such a request's prompt is computed whole (no
+    prefix-cache hits), as in vLLM.
     """
 
     max_tokens: int = 16
@@ -61,6 +64,7 @@ class SamplingParams:
     detokenize: bool = True  # False: token ids only (no text, no stop strings)
     cache_salt: str | None = None
     logit_bias: tuple[tuple[int, float], ...] = ()
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -81,6 +85,8 @@ class SamplingParams:
         self._check(_finite(self.presence_penalty) and -2.0 <= self.presence_penalty <= 2.0, "presence_penalty", "must be in [-2, 2]")
         self._check(_finite(self.frequency_penalty) and -2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty", "must be in [-2, 2]")
         self._check(self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs", "must be in [0, 20]")
+        self._check(self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20, "prompt_logprobs",
+                    "must be in [0, 20]")
         self._check(all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings")
         self._check(self.detokenize or not self.stop, "stop", "needs detokenize=True")
         self._check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids", "must be non-negative integers")
@@ -147,6 +153,7 @@ class Request:
     first_token_time: float | None = None
     finish_reason: FinishReason | None = None
     generator: Any = None  # torch.Generator for seeded sampling
+    prompt_logprobs: list[Any] = field(default_factory=list)  # `TokenLogprobs` of prompt tokens 1.. so far
     _abort_reason: FinishReason | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -173,6 +180,11 @@ class Request:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    @property
+    def scores_prompt(self) -> bool:
+        """Whether prompt logprobs are asked for and not all computed yet."""
+        return self.params.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt_tokens - 1
 
     def abort(self, reason: FinishReason = FinishReason.ABORT) -> None:
         """Ask the owning worker to stop this request at its next iteration boundary."""
@@ -232,6 +244,7 @@ class TokenDelta:
     new_token_ids: tuple[int, ...]
     finish_reason: FinishReason | None = None
     logprobs: tuple[Any, ...] = ()  # one `TokenLogprobs` per new token when asked
+    prompt_logprobs: tuple[Any, ...] = ()  # with the first token, when asked: `TokenLogprobs` of prompt tokens 1..
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     error: str | None = None

@@ -57,6 +57,7 @@ class GenerationChunk:
     text: str = ""
     token_ids: tuple[int, ...] = ()
     logprobs: tuple[tuple[int, float, tuple[tuple[int, float], ...]], ...] = ()  # (id, logprob, top)
+    prompt_logprobs: tuple[tuple[int, float, tuple[tuple[int, float], ...], int], ...] = ()  # (id, logprob, top, rank)
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -81,6 +82,8 @@ def params_to_proto(params: SamplingParams) -> Any:
         msg.logprobs = params.logprobs
     if params.cache_salt is not None:
         msg.cache_salt = params.cache_salt
+    if params.prompt_logprobs is not None:
+        msg.prompt_logprobs = params.prompt_logprobs
     return msg
 
 
@@ -119,7 +122,10 @@ def chunk_from_proto(msg: Any) -> GenerationChunk:
                                error=c.error or None)
     ch = msg.chunk
     lps = tuple((lp.token_id, lp.logprob, tuple((t.token_id, t.logprob) for t in lp.top)) for lp in ch.logprobs)
-    return GenerationChunk(msg.request_id, text=ch.text, token_ids=tuple(ch.token_ids), logprobs=lps)
+    prompt = tuple((lp.token_id, lp.logprob, tuple((t.token_id, t.logprob) for t in lp.top), lp.rank)
+                   for lp in ch.prompt_logprobs)
+    return GenerationChunk(msg.request_id, text=ch.text, token_ids=tuple(ch.token_ids), logprobs=lps,
+                           prompt_logprobs=prompt)
 
 
 def _load_dict(load: Any) -> dict[str, Any]:

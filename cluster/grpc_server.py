@@ -27,6 +27,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from actors.engine.core import check_context_length
 from actors.engine.frontend import StreamChunk, Tokenizer
 from actors.request import SamplingParams
+from actors.runner.sampler import TokenLogprobs
 from actors.slo.admission import AdmissionRejected
 from cluster.engine_client import EngineClient, GenerateRequest, NoCapacityError
 from cluster.grpc_client import load_stubs
@@ -36,7 +37,7 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = "semipd.v1.Generation"
 _PARAM_FIELDS = ("max_tokens", "min_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
                  "presence_penalty", "frequency_penalty", "seed", "logprobs", "skip_special_tokens", "detokenize",
-                 "cache_salt")
+                 "cache_salt", "prompt_logprobs")
 
 
 class InvalidRequest(ValueError):
@@ -88,15 +89,20 @@ class _Generation:
             session_id=request.session_id or None,
         )
 
+    def logprob(self, lp: TokenLogprobs) -> Any:
+        msg = self.pb2.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob,
+                                    top=[self.pb2.TopLogprob(token_id=t, logprob=v) for t, v in lp.top])
+        if lp.rank is not None:
+            msg.rank = lp.rank
+        return msg
+
     def responses(self, rid: str, chunk: StreamChunk) -> list[Any]:
         pb2 = self.pb2
         out = []
-        if chunk.text or chunk.token_ids or chunk.logprobs:
-            lps = [pb2.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob,
-                                    top=[pb2.TopLogprob(token_id=t, logprob=v) for t, v in lp.top])
-                   for lp in chunk.logprobs]
+        if chunk.text or chunk.token_ids or chunk.logprobs or chunk.prompt_logprobs:
             out.append(pb2.GenerateResponse(request_id=rid, chunk=pb2.TokenChunk(
-                text=chunk.text, token_ids=list(chunk.token_ids), logprobs=lps)))
+                text=chunk.text, token_ids=list(chunk.token_ids), logprobs=[self.logprob(lp) for lp in chunk.logprobs],
+                prompt_logprobs=[self.logprob(lp) for lp in chunk.prompt_logprobs])))
         if chunk.finish_reason is not None:
             usage = pb2.Usage(prompt_tokens=chunk.num_prompt_tokens, completion_tokens=chunk.num_output_tokens,
                               cached_tokens=chunk.num_cached_tokens)

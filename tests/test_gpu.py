@@ -178,6 +178,28 @@ def test_logit_bias_steers_graph_decodes_without_touching_their_batch_mates(tiny
     assert len(_divergences(alone[:6], mixed[6:])) <= 1
 
 
+def test_prompt_logprobs_on_the_gpu_match_the_torch_backend_across_chunks(model_factory: Callable[[str], Path]
+                                                                          ) -> None:
+    """Prompt logprobs scored on flashinfer's prefill in 64-token chunks, in both modes, equal the torch backend's
+    within fp16 rounding."""
+    model = model_factory("tiny-llama")
+    prompts = [p for p in _prompts(12, 512) if len(p) > 70][:4]
+    params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True, prompt_logprobs=2)
+
+    def scored(**kwargs: object) -> list[list[float]]:
+        with LLM(model, dtype="float16", cache=CacheConfig(num_pages=512),
+                 scheduler=SchedulerConfig(max_prefill_tokens=64), **kwargs) as llm:
+            outs = llm.generate(prompts, params)
+        assert [[lp.token_id for lp in o.prompt_logprobs] for o in outs] == [p[1:] for p in prompts]
+        return [[lp.logprob for lp in o.prompt_logprobs] for o in outs]
+
+    reference = scored(mode="unified", attention_backend="torch", cuda_graphs=False)
+    for mode in ("unified", "semi-pd"):
+        got = scored(mode=mode, attention_backend="flashinfer")
+        worst = max(abs(a - b) for r, g in zip(reference, got) for a, b in zip(r, g))
+        assert worst < 0.05, f"{mode}: prompt logprobs differ by up to {worst:.4f}"
+
+
 def test_staging_ring_reuses_a_region_only_after_its_copy_ran() -> None:
     """Host-to-device copies through a small pinned staging ring, queued behind a long sleep kernel so that none
     has run when the ring comes round, for several laps with no host wait of the test's own: every value lands

@@ -141,6 +141,15 @@ def test_logit_bias_reaches_the_sampler(live: Live) -> None:
     assert ids == [7] * 4
 
 
+def test_prompt_logprobs_come_with_the_first_token(live: Live) -> None:
+    params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True, prompt_logprobs=2)
+    with GenerationClient(live.addr, timeout=60) as c:
+        chunks = list(c.generate([5, 6, 7, 8, 9], params))
+    scored = [lp for ch in chunks for lp in ch.prompt_logprobs]
+    assert [t for t, _, _, _ in scored] == [6, 7, 8, 9] and chunks[0].prompt_logprobs
+    assert all(lp <= 0 and len(top) == 2 and rank >= 1 for _, lp, top, rank in scored)
+
+
 def test_generate_once_and_cli(live: Live, capsys: pytest.CaptureFixture[str]) -> None:
     result = generate_once(live.addr, "Hello", greedy(6), timeout=60)
     assert result["finish_reason"] == "length" and len(result["token_ids"]) == 6
@@ -292,6 +301,7 @@ def test_build_request_round_trip() -> None:
     assert params_from_proto(load_stubs()[0].SamplingParams()) == SamplingParams()
     assert params_from_proto(build_request("x", SamplingParams(detokenize=False)).params).detokenize is False
     assert params_from_proto(build_request("x", SamplingParams(cache_salt="t1")).params).cache_salt == "t1"
+    assert params_from_proto(build_request("x", SamplingParams(prompt_logprobs=0)).params).prompt_logprobs == 0
     biased = SamplingParams(logit_bias={3: -2.5, 1: 4.0})
     assert params_from_proto(build_request("x", biased).params).logit_bias == ((1, 4.0), (3, -2.5))
 

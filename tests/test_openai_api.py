@@ -229,6 +229,51 @@ def test_logit_bias_reaches_the_sampler(live: Live) -> None:
     assert chat.choices[0].message.content == seven * 3
 
 
+def test_echo_with_logprobs_scores_the_prompt_as_lm_eval_asks(live: Live) -> None:
+    """lm-eval-harness's loglikelihood request: token-id prompts, echo, logprobs=1, max_tokens=1. The echoed
+    logprobs are the prompt's (the first null) then the output's, equal to vLLM's `prompt_logprobs` field of the
+    same request; streamed, the prompt comes in the first chunk."""
+    prompts = [[72, 101, 108, 108, 111, 32, 119], [84, 104, 101, 32, 113]]
+    kw: dict[str, Any] = dict(model=MODEL, prompt=prompts, max_tokens=1, temperature=0, logprobs=1, echo=True)
+    r = live.oa.completions.create(**kw)
+    scored = live.oa.completions.create(model=MODEL, prompt=prompts, max_tokens=1, temperature=0,
+                                        extra_body={"prompt_logprobs": 1})
+    for ids, choice, plain in zip(prompts, r.choices, scored.choices):
+        lp = choice.logprobs
+        assert lp is not None and lp.token_logprobs is not None and lp.top_logprobs is not None
+        assert len(lp.token_logprobs) == len(ids) + 1 and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        prompt_field = plain.model_extra["prompt_logprobs"]  # type: ignore[index]
+        assert prompt_field[0] is None and len(prompt_field) == len(ids)
+        for t, got, entry in zip(ids[1:], lp.token_logprobs[1:len(ids)], prompt_field[1:]):
+            assert got == pytest.approx(entry[str(t)]["logprob"], abs=1e-4) and entry[str(t)]["rank"] >= 1
+        assert all(v <= 0 for v in lp.token_logprobs[1:])
+        prompt_text = live.http.post("/detokenize", json={"tokens": ids}).json()["prompt"]
+        assert choice.text == prompt_text + plain.text
+        assert "".join(lp.tokens or []) == choice.text and lp.text_offset == sorted(lp.text_offset or [])
+    streamed = live.oa.completions.create(stream=True, **kw)
+    texts, tokens = ["", ""], [[], []]  # type: ignore[var-annotated]
+    for c in streamed:
+        for ch in c.choices:
+            texts[ch.index] += ch.text
+            tokens[ch.index] += ch.logprobs.token_logprobs if ch.logprobs else []
+    assert texts == [c.text for c in r.choices]
+    assert [t[0] for t in tokens] == [None, None] and [len(t) for t in tokens] == [8, 6]
+    plain_echo = live.oa.completions.create(model=MODEL, prompt="Hello there", max_tokens=3, temperature=0, echo=True,
+                                            extra_body={"ignore_eos": True})
+    assert plain_echo.choices[0].text.startswith("Hello there") and plain_echo.choices[0].logprobs is None
+
+
+def test_chat_prompt_logprobs(live: Live) -> None:
+    chat = live.oa.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+                                           temperature=0, extra_body={"prompt_logprobs": 0})
+    scored = chat.model_extra["prompt_logprobs"]  # type: ignore[index]
+    assert chat.usage is not None and len(scored) == chat.usage.prompt_tokens and scored[0] is None
+    assert all(len(entry) == 1 and next(iter(entry.values()))["logprob"] <= 0 for entry in scored[1:])
+    plain = live.oa.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+                                            temperature=0)
+    assert plain.model_extra.get("prompt_logprobs") is None  # type: ignore[union-attr]
+
+
 def test_logprobs(live: Live) -> None:
     r = live.oa.completions.create(model=MODEL, prompt="Hello", max_tokens=6, temperature=0, logprobs=3,
                                    extra_body={"ignore_eos": True})
@@ -327,6 +372,7 @@ BAD_REQUESTS: list[tuple[str, str, bytes, int, str]] = [
     ("logit-bias-token", "/v1/completions", _body(logit_bias={"99999": 1}), 400, "logit_bias token ids must be in"),
     ("logit-bias-value", "/v1/completions", _body(logit_bias={"5": 150}), 400,
      "logit_bias values must be in [-100, 100]"),
+    ("prompt-logprobs-range", "/v1/completions", _body(prompt_logprobs=21), 400, "prompt_logprobs must be in [0, 20]"),
     ("empty-cache-salt", "/v1/completions", json.dumps({"model": MODEL, "prompt": "a", "cache_salt": ""}).encode(), 400,
      "cache_salt must be a non-empty string"),
     ("invalid-utf8", "/v1/completions", b'{"model": "tiny", "prompt": "\xff\xfe\xfa"}', 400, "not valid UTF-8"),

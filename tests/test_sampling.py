@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from actors.config import SchedulerConfig
 from actors.engine.frontend import LLM, CompletionOutput, OutputStream, StreamChunk, Tokenizer
 from actors.request import FinishReason, Request, SamplingParams, TokenDelta
 from actors.runner.sampler import Sampler
@@ -304,6 +305,31 @@ def test_engine_logit_bias_steers_every_step_and_out_of_vocab_ids_are_refused(
     with pytest.raises(ValueError, match="logit_bias token ids must be in"):
         run(llm, PROMPT, greedy(logit_bias={10**6: 1.0}))
     assert run(llm, PROMPT, greedy(max_tokens=24, ignore_eos=True)).token_ids == reference.token_ids
+
+
+@pytest.mark.parametrize("mode", ["semi-pd", "unified"])
+def test_prompt_logprobs_equal_each_prefix_s_next_token_logprob_across_chunks_and_the_prefix_cache(
+        tiny_llama: Path, mode: str) -> None:
+    """Prompt token k's logprob is the one the model gives it after tokens 0..k-1: the logprob of token k forced
+    (logit_bias; logprobs are of the raw distribution) as the first output after that prefix. Chunked prefill
+    (16-token chunks) scores across chunk boundaries; a prompt sent again is computed again, not served from
+    the prefix cache, and scores the same."""
+    prompt = list(range(40, 77))
+    with LLM(tiny_llama, mode=mode, scheduler=SchedulerConfig(max_prefill_tokens=16)) as engine:
+        scored = engine.generate([prompt], greedy(max_tokens=2, ignore_eos=True, prompt_logprobs=3))[0]
+        again = engine.generate([prompt], greedy(max_tokens=2, ignore_eos=True, prompt_logprobs=3))[0]
+        forced = engine.generate([prompt[:k] for k in range(1, len(prompt))],
+                                 [greedy(max_tokens=1, ignore_eos=True, logprobs=3, logit_bias={t: 100.0})
+                                  for t in prompt[1:]])
+        plain = engine.generate([prompt], greedy(max_tokens=2, ignore_eos=True))[0]
+    assert [lp.token_id for lp in scored.prompt_logprobs] == prompt[1:]
+    for got, want in zip(scored.prompt_logprobs, (f.logprobs[0] for f in forced)):
+        assert got.logprob == pytest.approx(want.logprob, abs=1e-4)
+        assert [t for t, _ in got.top] == [t for t, _ in want.top]
+        assert got.rank == 1 + sum(1 for _, v in want.top if v > want.logprob + 1e-4) or got.rank > 3
+    assert again.num_cached_tokens == 0 and again.prompt_logprobs == scored.prompt_logprobs
+    assert scored.token_ids == again.token_ids == plain.token_ids and plain.prompt_logprobs == []
+    assert plain.num_cached_tokens > 0  # the cache held the prompt: the scoring requests did not use it
 
 
 def test_max_tokens_finishes_with_length(llm: LLM, reference: CompletionOutput) -> None:

@@ -24,7 +24,7 @@ from actors.kv.allocator import BlockAllocator
 from actors.kv.manager import KVManager
 from actors.request import FinishReason, Request, SamplingParams, TokenDelta
 from actors.scheduler.decode import DecodeScheduler
-from actors.scheduler.plan import BatchPlan, SeqChunk
+from actors.scheduler.plan import BatchPlan, PromptScoring, SeqChunk, prompt_scoring
 from actors.scheduler.prefill import PrefillScheduler
 from support import wait_until
 
@@ -570,3 +570,17 @@ def test_warm_up_lengths_fit_the_model_and_the_pool(tokens: int, max_len: int, m
     lens = warm_up_lengths(tokens, max_len, max_pages, 16)
     assert lens == expected
     assert sum(pages_for(n, 16) for n in lens) <= max_pages and all(n <= max_len for n in lens)
+
+
+def test_prompt_scoring_covers_each_prompt_position_once_across_chunks_and_recomputation() -> None:
+    """Position p scores token p + 1; the prompt's last position samples instead; positions already scored (a
+    prompt computed again after its pages went back) are not scored twice."""
+    ids = list(range(100, 110))  # a 10-token prompt
+    assert prompt_scoring(ids, 10, 0, 0, 4, 2) == PromptScoring(0, (101, 102, 103, 104), 2)
+    assert prompt_scoring(ids, 10, 4, 4, 6, 2) == PromptScoring(0, (105, 106, 107, 108, 109), 2)
+    assert prompt_scoring(ids, 10, 9, 0, 6, 2) is None  # all scored: a recomputation scores nothing
+    assert prompt_scoring(ids, 10, 3, 0, 6, 2) == PromptScoring(3, (104, 105, 106), 2)
+    assert prompt_scoring(ids + [7, 8], 10, 9, 10, 2, 0) is None  # generated tokens computed again
+    with pytest.raises(AssertionError):
+        prompt_scoring(ids, 10, 2, 4, 4, 2)  # positions 2 and 3 would go unscored
+

@@ -71,6 +71,7 @@ class StreamChunk:
     num_output_tokens: int = 0
     num_cached_tokens: int = 0
     error: str | None = None
+    prompt_logprobs: tuple[TokenLogprobs, ...] = ()  # with the first token, when asked: prompt tokens 1..
 
     @property
     def finished(self) -> bool:
@@ -80,6 +81,7 @@ class StreamChunk:
         """This chunk and the `later` one of the same request as one chunk."""
         return replace(later, text=self.text + later.text, token_ids=self.token_ids + later.token_ids,
                        logprobs=self.logprobs + later.logprobs,
+                       prompt_logprobs=self.prompt_logprobs + later.prompt_logprobs,
                        num_cached_tokens=later.num_cached_tokens or self.num_cached_tokens,
                        error=later.error or self.error)
 
@@ -96,11 +98,13 @@ class CompletionOutput:
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     num_cached_tokens: int = 0
     error: str | None = None
+    prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)  # prompt tokens 1.. (`prompt_logprobs`)
 
     def add(self, chunk: StreamChunk) -> None:
         self.token_ids.extend(chunk.token_ids)
         self.text += chunk.text
         self.logprobs.extend(chunk.logprobs)
+        self.prompt_logprobs.extend(chunk.prompt_logprobs)
         self.finish_reason = chunk.finish_reason or self.finish_reason
         self.num_cached_tokens = chunk.num_cached_tokens or self.num_cached_tokens
         self.error = chunk.error or self.error
@@ -178,6 +182,7 @@ class OutputStream:
             token_ids=tuple(delta.new_token_ids),
             finish_reason=finish,
             logprobs=tuple(delta.logprobs),
+            prompt_logprobs=tuple(delta.prompt_logprobs),
             num_prompt_tokens=self.num_prompt_tokens,
             num_output_tokens=self.num_output_tokens,
             num_cached_tokens=delta.num_cached_tokens,

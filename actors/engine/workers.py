@@ -235,7 +235,7 @@ class Worker:
         an iteration that samples has been waited for (which comes after it on the stream).
         """
         try:
-            drawn = self._queue(plan, sample_reqs, None)
+            drawn = self._queue(plan, sample_reqs, None, p_reqs)
             if not sample_reqs:
                 self.unwaited = drawn
                 return SampleResult([], [])
@@ -313,10 +313,14 @@ class Worker:
             self.decode.kv.release(r)
         self._fail(live, prefilling, error)
 
-    def _queue(self, plan: BatchPlan, sample_reqs: list[Request], carry: Carry | None) -> Drawn:
-        """`runner.launch`, counting its tokens (the runner counts its host time)."""
+    def _queue(self, plan: BatchPlan, sample_reqs: list[Request], carry: Carry | None,
+               prefill_reqs: list[Request]) -> Drawn:
+        """`runner.launch`, counting its tokens (the runner counts its host time); the prompt logprobs it computed
+        go to their requests (`prefill_reqs`, one per prefill chunk of `plan`) at once."""
         drawn = self.runner.launch(plan, sample_reqs, carry)
         self.tokens += plan.num_tokens
+        for req, scores in zip(prefill_reqs, drawn.prompt_logprobs):
+            req.prompt_logprobs.extend(scores)
         return drawn
 
     def _launch(self, chunks: list[SeqChunk], reqs: list[Request], carry: Carry | None,
@@ -325,7 +329,8 @@ class Worker:
         next step is planned from where this one ends."""
         p_chunks, p_reqs = p_chunks or [], p_reqs or []
         p_sample = _sampled(p_chunks, p_reqs)
-        drawn = self._queue(BatchPlan(decodes=tuple(chunks), prefills=tuple(p_chunks)), reqs + p_sample, carry)
+        drawn = self._queue(BatchPlan(decodes=tuple(chunks), prefills=tuple(p_chunks)), reqs + p_sample, carry,
+                            p_reqs)
         slots = []
         for r in reqs:
             self.decode.advance(r)
@@ -417,7 +422,10 @@ def _sampled(chunks: list[SeqChunk], reqs: list[Request]) -> list[Request]:
 
 
 def _token_delta(req: Request, tok: int, lp: TokenLogprobs | None, reason: FinishReason | None) -> TokenDelta:
+    """The delta of one new token; the first of a request carries its prompt logprobs, when asked."""
+    first = req.num_output_tokens == 1 and req.params.prompt_logprobs is not None
     return TokenDelta(req.request_id, (tok,), reason, (lp,) if lp is not None else (),
+                      prompt_logprobs=tuple(req.prompt_logprobs) if first else (),
                       num_prompt_tokens=req.num_prompt_tokens, num_cached_tokens=req.num_cached_tokens)
 
 
@@ -485,7 +493,7 @@ class PrefillWorker(Worker):
         with an engine error)."""
         sample_reqs = _sampled(chunks, reqs)
         try:
-            drawn = self._queue(BatchPlan(prefills=tuple(chunks)), sample_reqs, None)
+            drawn = self._queue(BatchPlan(prefills=tuple(chunks)), sample_reqs, None, reqs)
         except Exception as e:
             self._fail_prefills(reqs, e)
             return None

@@ -29,10 +29,10 @@ class KVManager:
         """On admission: reuse cached pages of the request's prefix, advancing its counter.
 
         At least one token is always left to compute, so the last prompt position
-        produces logits.
+        produces logits. A request still scoring its prompt computes it whole.
         """
         assert not req.block_ids and req.num_computed_tokens == 0
-        if not self.allocator.enable_prefix_caching:
+        if not self.allocator.enable_prefix_caching or req.scores_prompt:
             return
         req.page_hashes = page_hashes(req.token_ids, self.page_size, req.page_hashes, req.params.cache_salt)
         max_pages = (req.num_tokens - 1) // self.page_size

@@ -19,7 +19,7 @@ from actors.kv.pool import KVPool
 from actors.models.llama import CausalLM
 from actors.request import Request
 from actors.runner.cublas import set_sm_count_target
-from actors.runner.sampler import Drawn, Sampler, SampleResult
+from actors.runner.sampler import Drawn, Sampler, SampleResult, TokenLogprobs, score_tokens
 from actors.runner.transfer import staging_ring, to_device
 
 if TYPE_CHECKING:
@@ -127,6 +127,7 @@ class ModelRunner:
                 set_sm_count_target(self.sms, self.device)
             if carry is not None:
                 carry.follow()
+            scores: list[list[TokenLogprobs]] = []
             if self._use_graph(plan):
                 hidden = self.graphs.run(plan.decodes, self.stream, carry)  # type: ignore[union-attr, arg-type]
                 t = self._spent("graph", t)
@@ -137,13 +138,32 @@ class ModelRunner:
                 t = self._spent("prepare", t)
                 attn = self.attention.plan(layout)
                 t = self._spent("plan", t)
-                hidden = self.model(input_ids, positions, attn)[logits_idx]
+                every = self.model(input_ids, positions, attn)  # [T, H]
+                hidden = every[logits_idx]
+                if any(c.scoring is not None for c in plan.prefills):
+                    scores = self._score_prompts(plan, every)
                 t = self._spent("forward", t)
-            if not sample_reqs:
-                return Drawn.nothing(self.device)
-            drawn = self.sampler.draw(self.model.compute_logits(hidden), sample_reqs)
-            self._spent("sample", t)
+            drawn = (self.sampler.draw(self.model.compute_logits(hidden), sample_reqs) if sample_reqs
+                     else Drawn.nothing(self.device))
+            drawn.prompt_logprobs = scores
+            if sample_reqs:
+                self._spent("sample", t)
             return drawn
+
+    def _score_prompts(self, plan: BatchPlan, hidden: torch.Tensor) -> list[list[TokenLogprobs]]:
+        """The prompt logprobs of each prefill chunk of `plan` (`SeqChunk.scoring`; [] where none), from the hidden
+        states of every token of the batch [T, H]; waits for the device."""
+        out = []
+        row = sum(c.num_tokens for c in plan.decodes)
+        for c in plan.prefills:
+            s = c.scoring
+            if s is None:
+                out.append([])
+            else:
+                rows = hidden[row + s.offset : row + s.offset + len(s.targets)]
+                out.append(score_tokens(self.model.compute_logits, rows, s.targets, s.top))
+            row += c.num_tokens
+        return out
 
     def _spent(self, part: str, since: float) -> float:
         """Add the host time since `since` to `part` of `host_seconds`; returns now."""

@@ -8,6 +8,7 @@ generator when it has a seed, so a seeded request's tokens do not depend on its 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -18,17 +19,38 @@ from actors.runner.transfer import StagingRing, staging_ring, to_device
 
 @dataclass(frozen=True)
 class TokenLogprobs:
-    """Logprob of the chosen token and the `top` most likely ones (id, logprob)."""
+    """Logprob of the chosen (or, for a prompt, the given) token and the `top` most likely ones (id, logprob);
+    `rank`: 1 + how many tokens were more likely (prompt tokens only)."""
 
     token_id: int
     logprob: float
     top: tuple[tuple[int, float], ...]
+    rank: int | None = None
 
 
 @dataclass(frozen=True)
 class SampleResult:
     token_ids: list[int]
     logprobs: list[TokenLogprobs | None]
+
+
+def score_tokens(logits_of: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, targets: Sequence[int],
+                 top: int, rows_per_block: int = 512) -> list[TokenLogprobs]:
+    """The logprob and rank of `targets[i]` after `hidden[i]` [R, H], with the `top` most likely tokens, from the
+    raw distribution (`logits_of` maps hidden rows to logits). Blocks of `rows_per_block` rows bound the fp32
+    logits held at once; the results come back to the host (a device sync)."""
+    out: list[TokenLogprobs] = []
+    for b in range(0, len(targets), rows_per_block):
+        rows = hidden[b : b + rows_per_block]
+        logprobs = torch.log_softmax(logits_of(rows).float(), dim=-1)  # [r, V]
+        ids = to_device(targets[b : b + rows_per_block], torch.long, logprobs.device)
+        chosen = logprobs.gather(1, ids[:, None])  # [r, 1]
+        ranks = (logprobs > chosen).sum(dim=-1) + 1
+        top_vals, top_ids = logprobs.topk(top, dim=-1) if top else (logprobs[:, :0], ids[:, None][:, :0])
+        for t, lp, rank, tv, ti in zip(targets[b : b + rows_per_block], chosen[:, 0].tolist(), ranks.tolist(),
+                                       top_vals.tolist(), top_ids.tolist()):
+            out.append(TokenLogprobs(t, lp, tuple(zip(ti, tv)), rank))
+    return out
 
 
 class Drawn:
@@ -44,6 +66,7 @@ class Drawn:
         self.token_ids = token_ids
         self.raw_logprobs = raw_logprobs
         self.reqs = reqs
+        self.prompt_logprobs: list[list[TokenLogprobs]] = []  # per prefill chunk of the plan (`ModelRunner.launch`)
         self.done: torch.cuda.Event | None = None
         self._host = token_ids
         self._ring: StagingRing[torch.cuda.Event] | None = None

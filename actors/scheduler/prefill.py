@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 from actors.kv.manager import KVManager, pages_for
 from actors.request import Request
-from actors.scheduler.plan import SeqChunk, chunk_of
+from actors.scheduler.plan import SeqChunk, chunk_of, prompt_scoring
 
 OrderKey = Callable[[Request], object]
 
@@ -97,7 +97,7 @@ class PrefillScheduler:
             n = self.kv.grow(req, min(budget, req.num_uncomputed))
             if n == 0:  # the decode worker took the page admission counted on; retry next iteration
                 break
-            chunks.append(chunk_of(req.request_id, req.token_ids, req.num_computed_tokens, n, req.block_ids))
+            chunks.append(_chunk(req, n))
             reqs.append(req)
             budget -= n
         return chunks, reqs
@@ -112,7 +112,7 @@ class PrefillScheduler:
             n = self.kv.grow(req, min(budget, req.num_uncomputed))
             if n == 0:
                 continue
-            chunks.append(chunk_of(req.request_id, req.token_ids, req.num_computed_tokens, n, req.block_ids))
+            chunks.append(_chunk(req, n))
             reqs.append(req)
             budget -= n
         return chunks, reqs, budget
@@ -164,3 +164,13 @@ class PrefillScheduler:
         self.kv.publish(req)
         if req.num_uncomputed == 0 and req in self.running:
             self.running.remove(req)
+
+
+def _chunk(req: Request, n: int) -> SeqChunk:
+    """The request's next `n` uncomputed tokens as a chunk, scoring its prompt where asked."""
+    start = req.num_computed_tokens
+    scoring = None
+    if req.scores_prompt:
+        scoring = prompt_scoring(req.token_ids, req.num_prompt_tokens, len(req.prompt_logprobs), start, n,
+                                 req.params.prompt_logprobs or 0)
+    return chunk_of(req.request_id, req.token_ids, start, n, req.block_ids, scoring)

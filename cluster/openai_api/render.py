@@ -32,12 +32,15 @@ class Choice:
     error: str | None = None
     text_offset: int = 0  # completions logprobs: offset of the next token's text
     num_cached_tokens: int = 0
+    prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)  # prompt tokens 1.., when asked
+    echoed: bool = False  # a stream with `echo`: the prompt went out in a chunk
 
     def add(self, chunk: StreamChunk) -> None:
         self.num_cached_tokens = chunk.num_cached_tokens or self.num_cached_tokens
         self.text += chunk.text
         self.token_ids.extend(chunk.token_ids)
         self.logprobs.extend(chunk.logprobs)
+        self.prompt_logprobs.extend(chunk.prompt_logprobs)
         self.finish_reason = chunk.finish_reason or self.finish_reason
         self.error = chunk.error or self.error
 
@@ -54,6 +57,7 @@ class Call:
     include_usage: bool
     want_logprobs: bool
     n: int = 1  # choices per prompt; `requests` holds each prompt's n in a row
+    echo_prompts: list[str] | None = None  # completions with `echo`: each request's prompt text, shown first
     created: int = field(default_factory=lambda: int(time.time()))
 
     def __post_init__(self) -> None:
@@ -119,13 +123,41 @@ class Renderer:
         return {"content": [{**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]}
                             for lp in lps]}
 
+    def echo_logprobs(self, prompt_ids: Sequence[int], scored: Sequence[TokenLogprobs], choice: Choice
+                      ) -> dict[str, Any]:
+        """Completions logprobs of an echoed prompt: its first token has none (null), the others `scored`."""
+        s = self.token_str(prompt_ids[0])
+        first = {"tokens": [s], "token_logprobs": [None], "top_logprobs": [None], "text_offset": [choice.text_offset]}
+        choice.text_offset += len(s)
+        return _joined(first, self.completion_logprobs(scored, choice))
+
+    def prompt_logprobs(self, prompt_ids: Sequence[int], scored: Sequence[TokenLogprobs]
+                        ) -> list[dict[str, Any] | None]:
+        """vLLM's `prompt_logprobs`: null for the first token, then each token's and the top ones', by token id."""
+        def entry(token_id: int, logprob: float, rank: int | None) -> dict[str, Any]:
+            return {"logprob": logprob, "rank": rank, "decoded_token": self.token_str(token_id)}
+
+        out: list[dict[str, Any] | None] = [None] if prompt_ids else []
+        for lp in scored:
+            top = {str(t): entry(t, v, r) for r, (t, v) in enumerate(lp.top, 1)}
+            top[str(lp.token_id)] = entry(lp.token_id, lp.logprob, lp.rank)
+            out.append(top)
+        return out
+
     def completion_chunk(self, call: Call, i: int, chunk: StreamChunk) -> dict[str, Any] | None:
-        wants_lp = call.want_logprobs and bool(chunk.logprobs)
-        if not (chunk.text or chunk.finish_reason or wants_lp):
+        choice = call.choices[i]
+        text, lp = chunk.text, None
+        if call.echo_prompts is not None and not choice.echoed:
+            choice.echoed = True
+            text = call.echo_prompts[i] + text
+            if call.want_logprobs:
+                lp = self.echo_logprobs(call.requests[i].prompt_token_ids, chunk.prompt_logprobs, choice)
+        if call.want_logprobs and chunk.logprobs:
+            lp = _joined(lp, self.completion_logprobs(chunk.logprobs, choice))
+        if not (text or chunk.finish_reason or lp):
             return None
-        lp = self.completion_logprobs(chunk.logprobs, call.choices[i]) if wants_lp else None
         return {"id": call.response_id, "object": "text_completion", "created": call.created, "model": call.model,
-                "choices": [{"index": i, "text": chunk.text, "logprobs": lp, "finish_reason": chunk.finish_reason}]}
+                "choices": [{"index": i, "text": text, "logprobs": lp, "finish_reason": chunk.finish_reason}]}
 
     def chat_chunk(self, call: Call, i: int, chunk: StreamChunk) -> dict[str, Any] | None:
         wants_lp = call.want_logprobs and bool(chunk.logprobs)
@@ -143,20 +175,33 @@ class Renderer:
                 "choices": [{"index": i, "delta": delta, "logprobs": lp, "finish_reason": finish}]}
 
     def completion_response(self, call: Call) -> dict[str, Any]:
-        choices = [CompletionChoice(index=i, text=c.text, finish_reason=c.finish_reason,
-                                    logprobs=self.completion_logprobs(c.logprobs, Choice()) if call.want_logprobs
-                                    else None)
-                   for i, c in enumerate(call.choices)]
+        choices = [self._completion_choice(call, i) for i in range(len(call.choices))]
         resp = CompletionResponse(id=call.response_id, created=call.created, model=call.model, choices=choices,
                                   usage=Usage(**call.usage()))
         return resp.model_dump()
+
+    def _completion_choice(self, call: Call, i: int) -> CompletionChoice:
+        c, prompt_ids = call.choices[i], call.requests[i].prompt_token_ids
+        text, lp, offsets = c.text, None, Choice()
+        if call.echo_prompts is not None:
+            text = call.echo_prompts[i] + text
+            if call.want_logprobs:
+                lp = self.echo_logprobs(prompt_ids, c.prompt_logprobs, offsets)
+        if call.want_logprobs:
+            lp = _joined(lp, self.completion_logprobs(c.logprobs, offsets))
+        scored = call.requests[i].params.prompt_logprobs is not None
+        return CompletionChoice(index=i, text=text, finish_reason=c.finish_reason, logprobs=lp,
+                                prompt_logprobs=self.prompt_logprobs(prompt_ids, c.prompt_logprobs) if scored else None)
 
     def chat_response(self, call: Call) -> dict[str, Any]:
         choices = [ChatChoice(index=i, message=ChatResponseMessage(content=c.text), finish_reason=c.finish_reason,
                               logprobs=self.chat_logprobs(c.logprobs) if call.want_logprobs else None)
                    for i, c in enumerate(call.choices)]
+        first = call.requests[0]
+        scored = (self.prompt_logprobs(first.prompt_token_ids, call.choices[0].prompt_logprobs)
+                  if first.params.prompt_logprobs is not None else None)
         resp = ChatCompletionResponse(id=call.response_id, created=call.created, model=call.model, choices=choices,
-                                      usage=Usage(**call.usage()))
+                                      usage=Usage(**call.usage()), prompt_logprobs=scored)
         return resp.model_dump()
 
     @staticmethod
@@ -164,3 +209,9 @@ class Renderer:
         """The last chunk of a stream that asked for usage."""
         return {"id": call.response_id, "object": call.chunk_object, "created": call.created, "model": call.model,
                 "choices": [], "usage": call.usage()}
+
+
+def _joined(a: dict[str, list[Any]] | None, b: dict[str, list[Any]]) -> dict[str, list[Any]]:
+    """Two completions logprobs objects as one (`a` first; None: `b` alone)."""
+    return b if a is None else {k: a[k] + b[k] for k in a}
+

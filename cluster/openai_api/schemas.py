@@ -49,6 +49,7 @@ class SamplingFields(_Schema):
     priority: int = 0
     user: str | None = None
     cache_salt: str | None = None
+    prompt_logprobs: int | None = None
 
     def check_stream_options(self) -> None:
         if self.stream_options is not None and not self.stream:
@@ -128,6 +129,7 @@ class CompletionChoice(_Schema):
     text: str
     logprobs: dict[str, Any] | None = None
     finish_reason: str | None = None
+    prompt_logprobs: list[dict[str, Any] | None] | None = None
 
 
 class CompletionResponse(_Schema):
@@ -158,6 +160,7 @@ class ChatCompletionResponse(_Schema):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    prompt_logprobs: list[dict[str, Any] | None] | None = None
 
 
 def _validation_error(e: ValidationError) -> APIError:

@@ -130,14 +130,15 @@ class OpenAIServer:
 
     # -- building requests ---------------------------------------------------------
 
-    def sampling_params(self, body: SamplingFields, max_tokens: int, logprobs: int | None, index: int) -> SamplingParams:
+    def sampling_params(self, body: SamplingFields, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None,
+                        index: int) -> SamplingParams:
         stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
         seed = None if body.seed is None else body.seed + index
         kwargs: dict[str, Any] = dict(
             max_tokens=max_tokens, min_tokens=body.min_tokens, seed=seed, stop=tuple(stop),
             stop_token_ids=tuple(body.stop_token_ids or ()), ignore_eos=body.ignore_eos, logprobs=logprobs,
             include_stop_str_in_output=body.include_stop_str_in_output, skip_special_tokens=body.skip_special_tokens,
-            cache_salt=body.cache_salt, logit_bias=body.logit_bias_by_id(),
+            cache_salt=body.cache_salt, logit_bias=body.logit_bias_by_id(), prompt_logprobs=prompt_logprobs,
         )
         for name in ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
                      "repetition_penalty"):
@@ -188,6 +189,17 @@ class OpenAIServer:
             self.check_token_ids(p, "prompt")
         return ids
 
+    def echo_texts(self, prompt: str | list[str] | list[int] | list[list[int]], ids: list[list[int]], n: int
+                   ) -> list[str]:
+        """Each engine request's prompt as `echo` shows it: the text sent, or the token ids decoded."""
+        if isinstance(prompt, str):
+            texts = [prompt]
+        elif all(isinstance(p, str) for p in prompt):
+            texts = list(prompt)  # type: ignore[arg-type]
+        else:
+            texts = [self.tokenizer.decode(p, skip_special_tokens=False) for p in ids]
+        return [t for t in texts for _ in range(n)]
+
     async def chat_prompt_ids(self, messages: list[ChatMessage]) -> list[int]:
         if not messages:
             raise APIError(400, "messages must not be empty", param="messages")
@@ -210,7 +222,8 @@ class OpenAIServer:
         return await self.encode(text)
 
     def engine_requests(self, request: Request, body: SamplingFields, prompts: list[list[int]],
-                        max_tokens: int | None, logprobs: int | None) -> list[GenerateRequest]:
+                        max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None
+                        ) -> list[GenerateRequest]:
         rid = self.request_id(request)
         ttft, tpot, session = self.slo_headers(request)
         out: list[GenerateRequest] = []
@@ -218,7 +231,7 @@ class OpenAIServer:
         for ids in prompts:
             limit = self.resolve_max_tokens(len(ids), max_tokens)
             for j in range(body.n):
-                params = self.sampling_params(body, limit, logprobs, j)
+                params = self.sampling_params(body, limit, logprobs, prompt_logprobs, j)
                 sub_id = rid if total == 1 else f"{rid}-{len(out)}"
                 out.append(GenerateRequest(sub_id, ids, params, priority=body.priority, ttft_slo_ms=ttft,
                                            tpot_slo_ms=tpot, session_id=session))
@@ -318,17 +331,19 @@ class OpenAIServer:
         self.check_accepting()
         body = parse_body(CompletionRequest, await self.read_json(request))
         self.check_model(body.model)
-        if body.echo:
-            raise APIError(400, "echo is not supported", param="echo")
         if body.suffix:
             raise APIError(400, "suffix is not supported", param="suffix")
         if body.best_of is not None and body.best_of != body.n:
             raise APIError(400, "best_of other than n is not supported", param="best_of")
         body.check_stream_options()
         prompts = await self.completion_prompts(body.prompt)
-        reqs = self.engine_requests(request, body, prompts, body.max_tokens, body.logprobs)
+        prompt_logprobs = body.prompt_logprobs
+        if body.echo and body.logprobs is not None:  # an echoed prompt's logprobs come with it, as in vLLM
+            prompt_logprobs = max(prompt_logprobs or 0, body.logprobs)
+        reqs = self.engine_requests(request, body, prompts, body.max_tokens, body.logprobs, prompt_logprobs)
         call = Call("completion", f"cmpl-{self.request_id(request)}", self.info.name, reqs,
-                     sum(len(p) for p in prompts), body.include_usage, body.logprobs is not None, body.n)
+                    sum(len(p) for p in prompts), body.include_usage, body.logprobs is not None, body.n,
+                    echo_prompts=self.echo_texts(body.prompt, prompts, body.n) if body.echo else None)
         if body.stream:
             return await self.open_stream(request, call)
         await self.run_to_end(request, call)
@@ -350,7 +365,7 @@ class OpenAIServer:
         self.check_token_ids(ids, "messages")
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        reqs = self.engine_requests(request, body, [ids], max_tokens, logprobs)
+        reqs = self.engine_requests(request, body, [ids], max_tokens, logprobs, body.prompt_logprobs)
         call = Call("chat", f"chatcmpl-{self.request_id(request)}", self.info.name, reqs, len(ids),
                      body.include_usage, body.logprobs, body.n)
         if body.stream:
