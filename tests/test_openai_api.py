@@ -244,8 +244,9 @@ def test_echo_with_logprobs_scores_the_prompt_as_lm_eval_asks(live: Live) -> Non
         assert len(lp.token_logprobs) == len(ids) + 1 and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
         prompt_field = plain.model_extra["prompt_logprobs"]  # type: ignore[index]
         assert prompt_field[0] is None and len(prompt_field) == len(ids)
-        for t, got, entry in zip(ids[1:], lp.token_logprobs[1:len(ids)], prompt_field[1:]):
+        for t, got, top, entry in zip(ids[1:], lp.token_logprobs[1:len(ids)], lp.top_logprobs[1:], prompt_field[1:]):
             assert got == pytest.approx(entry[str(t)]["logprob"], abs=1e-4) and entry[str(t)]["rank"] >= 1
+            assert (got == max(top.values())) == (entry[str(t)]["rank"] == 1)  # lm-eval's is_greedy test
         assert all(v <= 0 for v in lp.token_logprobs[1:])
         prompt_text = live.http.post("/detokenize", json={"tokens": ids}).json()["prompt"]
         assert choice.text == prompt_text + plain.text
