@@ -35,7 +35,7 @@ class SampleResult:
 
 
 def score_tokens(logits_of: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, targets: Sequence[int],
-                 top: int, rows_per_block: int = 512) -> list[TokenLogprobs]:
+                 top: int, rows_per_block: int = 256) -> list[TokenLogprobs]:
     """The logprob and rank of `targets[i]` after `hidden[i]` [R, H], with the `top` most likely tokens, from the
     raw distribution (`logits_of` maps hidden rows to logits). Blocks of `rows_per_block` rows bound the fp32
     logits held at once; the results come back to the host (a device sync)."""
