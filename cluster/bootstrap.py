@@ -25,7 +25,8 @@ from actors.slo.latency_model import ModelSource
 from actors.slo.types import SLOTargets
 from cluster.controller import ControllerConfig, check_prefill_sm_fraction, policy_by_name, policy_needs_models
 from cluster.redis_store import PublisherConfig
-from cluster.router import ACTOR_PREFIX, NAMESPACE, RouterPolicy
+from cluster.router import ACTOR_PREFIX, NAMESPACE
+from cluster.routing import RouterPolicy
 
 log = logging.getLogger(__name__)
 

@@ -47,7 +47,7 @@ if TYPE_CHECKING:
     from cluster.bootstrap import ClusterConfig
     from cluster.engine_client import EngineClient
     from cluster.grpc_server import GrpcServer
-    from cluster.router import RouterPolicy
+    from cluster.routing import RouterPolicy
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ def read_env(args: ServeArgs) -> dict[str, str | None]:
 
 
 def router_policy(value: str | dict[str, Any]) -> RouterPolicy:
-    from cluster.router import RouterPolicy
+    from cluster.routing import RouterPolicy
 
     if isinstance(value, dict):
         return RouterPolicy(**value)

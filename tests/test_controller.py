@@ -22,7 +22,7 @@ from cluster.engine_client import EngineLoad, NoCapacityError
 from cluster.redis_store import Backoff, RedisStore
 from cluster.serve_app import ServeArgs
 from cluster.serve_app import cluster_config as app_cluster_config
-from cluster.router import ActorView, RouterPolicy, RouterState, choose, predicted_ttft_s, rendezvous
+from cluster.routing import ActorView, RouterPolicy, RouterState, choose, predicted_ttft_s, rendezvous
 
 from support import async_wait_until
 

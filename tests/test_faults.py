@@ -24,7 +24,8 @@ from cluster.bootstrap import ClusterConfig, EngineOptions, ensure_cluster, tear
 from cluster.controller import Controller
 from cluster.engine_client import GenerateRequest
 from cluster.redis_store import RedisStore
-from cluster.router import Router, RouterPolicy
+from cluster.router import Router
+from cluster.routing import RouterPolicy
 
 from support import async_wait_until
 

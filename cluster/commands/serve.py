@@ -105,7 +105,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cluster_config(args: argparse.Namespace, redis_url: str | None) -> Any:
     from actors.slo.types import SLOTargets
     from cluster.bootstrap import ClusterConfig, EngineOptions
-    from cluster.router import RouterPolicy
+    from cluster.routing import RouterPolicy
 
     return ClusterConfig(
         model=args.model, num_actors=args.num_actors, mode=args.mode, redis_url=redis_url,
