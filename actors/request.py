@@ -183,8 +183,10 @@ class Request:
 
     @property
     def scores_prompt(self) -> bool:
-        """Whether prompt logprobs are asked for and not all computed yet."""
-        return self.params.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt_tokens - 1
+        """Whether prompt logprobs are asked for and still to compute: they go out with the first token, so a
+        prompt computed again later (a preemption, the decode engine of a disaggregated pair) scores nothing."""
+        return (self.params.prompt_logprobs is not None and self.num_output_tokens == 0
+                and len(self.prompt_logprobs) < self.num_prompt_tokens - 1)
 
     def abort(self, reason: FinishReason = FinishReason.ABORT) -> None:
         """Ask the owning worker to stop this request at its next iteration boundary."""

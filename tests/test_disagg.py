@@ -89,6 +89,20 @@ def test_greedy_tokens_equal_unified_and_bytes_are_exact(
     assert_all_pages_back(pair)
 
 
+def test_prompt_logprobs_come_from_the_prefill_engine_as_in_unified_mode(tiny_llama: Path,
+                                                                         disagg_llm: DisaggLLM) -> None:
+    prompts = make_prompts()[:4]
+    params = dataclasses.replace(GREEDY, prompt_logprobs=1)
+    with LLM(tiny_llama, device="cpu", scheduler=SchedulerConfig(max_prefill_tokens=CHUNK),
+             cache=CacheConfig(page_size=PAGE, num_pages=D_PAGES)) as unified:
+        reference = unified.generate(prompts, params)
+    outs = disagg_llm.generate(prompts, params)
+    for p, got, want in zip(prompts, outs, reference):
+        assert [lp.token_id for lp in got.prompt_logprobs] == p[1:]
+        assert [lp.logprob for lp in got.prompt_logprobs] == pytest.approx([lp.logprob for lp in want.prompt_logprobs],
+                                                                           abs=1e-4)
+
+
 def test_decode_pool_smaller_than_the_load_queues_imports(tiny_llama: Path,
                                                           check_greedy: Callable[..., None]) -> None:
     """A decode pool that holds about two requests: imports wait for pages, decodes preempt and
