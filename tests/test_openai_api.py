@@ -492,6 +492,49 @@ def _stub_call(tiny_llama: Path, client: StubClient, method: str, path: str, api
     return asyncio.run(go())
 
 
+@pytest.fixture(scope="module")
+def llama3_like_tokenizer(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model's tokenizer made like Llama 3's: encoding adds a BOS, and the chat template writes one too
+    (with an optional `hint` from the template's kwargs)."""
+    from tokenizers import processors
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_llama))
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{tok.bos_token} $A", special_tokens=[(tok.bos_token, tok.bos_token_id)])
+    tok.chat_template = "{{ bos_token }}{% if hint %}[{{ hint }}]{% endif %}" + tok.chat_template
+    out = tmp_path_factory.mktemp("llama3-like-tokenizer")
+    tok.save_pretrained(str(out))
+    return out
+
+
+def test_chat_prompts_get_the_template_s_bos_only_and_vllm_s_template_options(llama3_like_tokenizer: Path) -> None:
+    tok = Tokenizer(llama3_like_tokenizer)
+    bos = tok.hf.bos_token_id
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hel"}]
+    assert tok.encode("hi")[0] == bos and tok.chat_ids(msgs[:1])[:2].count(bos) == 1
+
+    def tokenize(**body: Any) -> list[int]:
+        r = _stub_call(llama3_like_tokenizer, StubClient(), "POST", "/tokenize", json=body)
+        assert r.status_code == 200, r.text
+        return r.json()["tokens"]
+
+    assert tokenize(messages=msgs[:1])[:2] == [bos, tok.chat_ids(msgs[:1])[1]]
+    assert tokenize(messages=msgs[:1], add_special_tokens=True)[:2] == [bos, bos]
+    assert tokenize(prompt="hi")[0] == bos and tokenize(prompt="hi", add_special_tokens=False)[0] != bos
+    hinted = tok.decode(tokenize(messages=msgs[:1], chat_template_kwargs={"hint": "brief"}), skip_special_tokens=False)
+    assert hinted.startswith(f"{tok.hf.bos_token}[brief]")
+    continued = tok.decode(tokenize(messages=msgs, add_generation_prompt=False, continue_final_message=True),
+                           skip_special_tokens=False)
+    assert continued.endswith("assistant\nHel")
+    client = StubClient()
+    r = _stub_call(llama3_like_tokenizer, client, "POST", "/v1/chat/completions", json={"model": MODEL, "messages": msgs[:1]})
+    assert r.status_code == 200 and client.requests[0].prompt_token_ids == tok.chat_ids(msgs[:1])
+    r = _stub_call(llama3_like_tokenizer, StubClient(), "POST", "/v1/chat/completions",
+                   json={"model": MODEL, "messages": msgs, "continue_final_message": True})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "continue_final_message"
+
+
 def test_health_fails_when_the_engine_makes_no_progress(tiny_llama: Path) -> None:
     stalled = StubClient([EngineLoad("e0", stats={"seconds_since_progress": 120.0})])
     r = _stub_call(tiny_llama, stalled, "GET", "/health")

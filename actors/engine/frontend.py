@@ -40,18 +40,27 @@ class Tokenizer:
             raise ConfigError(f"{model_dir}: no tokenizer.json or tokenizer_config.json")
         self.hf = AutoTokenizer.from_pretrained(str(d))
 
-    def encode(self, text: str) -> list[int]:
-        return list(self.hf.encode(text, add_special_tokens=True))
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def chat_prompt(self, messages: list[dict[str, Any]]) -> str:
+    def chat_prompt(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                    continue_final_message: bool = False, template_kwargs: dict[str, Any] | None = None) -> str:
+        """The chat template applied to `messages`, as text. The template writes its own special tokens (a BOS
+        among them), so the text is encoded without adding any (`chat_ids`)."""
         if not messages:
             raise ValueError("messages must not be empty")
         if not getattr(self.hf, "chat_template", None):
             raise ValueError("this model has no chat template")
-        return self.hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self.hf.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                           continue_final_message=continue_final_message, tokenize=False,
+                                           **(template_kwargs or {}))
+
+    def chat_ids(self, messages: list[dict[str, Any]]) -> list[int]:
+        """The token ids of `messages` through the chat template, with no special token added to the template's."""
+        return self.encode(self.chat_prompt(messages), add_special_tokens=False)
 
     @property
     def vocab_size(self) -> int:
@@ -363,7 +372,7 @@ class LLM(_Frontend):
         return self._chunks(self._submit(prompt, params or SamplingParams()))
 
     def chat(self, messages: list[dict[str, Any]], params: SamplingParams | None = None) -> CompletionOutput:
-        return self.generate([self.tokenizer.chat_prompt(messages)], params)[0]
+        return self.generate([self.tokenizer.chat_ids(messages)], params)[0]
 
     def __enter__(self) -> LLM:
         return self

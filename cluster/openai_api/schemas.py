@@ -91,7 +91,22 @@ class ChatMessage(_Schema):
     name: str | None = None
 
 
-class ChatCompletionRequest(SamplingFields):
+class ChatTemplateFields(_Schema):
+    """How messages go through the chat template (vLLM's fields). The template writes its own special tokens,
+    so none are added on top unless `add_special_tokens`."""
+
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    add_special_tokens: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    def check_template_options(self) -> None:
+        if self.add_generation_prompt and self.continue_final_message:
+            raise APIError(400, "Cannot set both `continue_final_message` and `add_generation_prompt` to True.",
+                           param="continue_final_message")
+
+
+class ChatCompletionRequest(SamplingFields, ChatTemplateFields):
     messages: list[ChatMessage]
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
@@ -101,11 +116,14 @@ class ChatCompletionRequest(SamplingFields):
     response_format: dict[str, Any] | None = None
 
 
-class TokenizeRequest(_Schema):
+class TokenizeRequest(ChatTemplateFields):
+    """A `prompt` (special tokens added unless `add_special_tokens` is false) or `messages` (through the chat
+    template, none added unless it is true), as vLLM's `/tokenize`."""
+
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
-    add_special_tokens: bool = True
+    add_special_tokens: bool | None = None  # type: ignore[assignment]
 
 
 class DetokenizeRequest(_Schema):

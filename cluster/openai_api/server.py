@@ -25,6 +25,7 @@ from cluster.openai_api.render import Call, Renderer, sse_event
 from cluster.openai_api.schemas import (
     ChatCompletionRequest,
     ChatMessage,
+    ChatTemplateFields,
     CompletionRequest,
     DetokenizeRequest,
     SamplingFields,
@@ -168,11 +169,11 @@ class OpenAIServer:
         if bad:
             raise APIError(400, f"token ids must be in [0, {self.info.vocab_size}), got {bad[0]}", param=param)
 
-    async def encode(self, text: str) -> list[int]:
+    async def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Tokenize; long texts off the event loop, so that streams in flight keep flowing."""
         if len(text) < INLINE_TOKENIZE_CHARS:
-            return self.tokenizer.encode(text)
-        return await asyncio.to_thread(self.tokenizer.encode, text)
+            return self.tokenizer.encode(text, add_special_tokens)
+        return await asyncio.to_thread(self.tokenizer.encode, text, add_special_tokens)
 
     async def completion_prompts(self, prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
         if isinstance(prompt, str):
@@ -200,7 +201,10 @@ class OpenAIServer:
             texts = [self.tokenizer.decode(p, skip_special_tokens=False) for p in ids]
         return [t for t in texts for _ in range(n)]
 
-    async def chat_prompt_ids(self, messages: list[ChatMessage]) -> list[int]:
+    async def chat_prompt_ids(self, messages: list[ChatMessage], options: ChatTemplateFields,
+                              add_special_tokens: bool = False) -> list[int]:
+        """`messages` through the chat template (`options`), tokenized; 400 for what the template refuses."""
+        options.check_template_options()
         if not messages:
             raise APIError(400, "messages must not be empty", param="messages")
         plain: list[dict[str, Any]] = []
@@ -216,10 +220,11 @@ class OpenAIServer:
                 entry["name"] = m.name
             plain.append(entry)
         try:
-            text = self.tokenizer.chat_prompt(plain)
+            text = self.tokenizer.chat_prompt(plain, options.add_generation_prompt, options.continue_final_message,
+                                              options.chat_template_kwargs)
         except Exception as e:  # a template error is the request's fault
             raise APIError(400, f"cannot apply the chat template: {e}", param="messages") from None
-        return await self.encode(text)
+        return await self.encode(text, add_special_tokens)
 
     def engine_requests(self, request: Request, body: SamplingFields, prompts: list[list[int]],
                         max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None
@@ -361,7 +366,7 @@ class OpenAIServer:
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "when using `top_logprobs`, `logprobs` must be set to true.", param="top_logprobs")
         body.check_stream_options()
-        ids = await self.chat_prompt_ids(body.messages)
+        ids = await self.chat_prompt_ids(body.messages, body, body.add_special_tokens)
         self.check_token_ids(ids, "messages")
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
@@ -384,10 +389,9 @@ class OpenAIServer:
         body = parse_body(TokenizeRequest, await self.read_json(request))
         self.check_model(body.model)
         if body.messages is not None:
-            ids = await self.chat_prompt_ids(body.messages)
+            ids = await self.chat_prompt_ids(body.messages, body, bool(body.add_special_tokens))
         elif body.prompt is not None:
-            ids = (await self.encode(body.prompt) if body.add_special_tokens
-                   else list(self.tokenizer.hf.encode(body.prompt, add_special_tokens=False)))
+            ids = await self.encode(body.prompt, body.add_special_tokens is not False)
         else:
             raise APIError(400, "give `prompt` or `messages`", param="prompt")
         return JSONResponse({"count": len(ids), "max_model_len": self.info.max_model_len, "tokens": ids})
