@@ -7,7 +7,7 @@ the user (CLI flags, the Ray actor's options, or code).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -120,6 +120,8 @@ class ModelArch:
 
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> ModelArch:
+        """The checkpoint's config.json; generation_config.json's EOS ids join config.json's, as vLLM stops on
+        both (Llama 3.x and Qwen2.5 instruct models name more there)."""
         path = Path(model_dir) / "config.json"
         if not path.is_file():
             raise ConfigError(f"{model_dir}: no config.json (expected a Hugging Face checkpoint directory)")
@@ -128,9 +130,39 @@ class ModelArch:
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path}: not valid JSON ({e})") from e
         try:
-            return cls.from_hf_config(cfg)
+            arch = cls.from_hf_config(cfg)
         except KeyError as e:
             raise ConfigError(f"{path}: missing field {e.args[0]!r}") from e
+        eos = _token_ids(generation_config(model_dir).get("eos_token_id"))
+        return replace(arch, eos_token_ids=tuple(dict.fromkeys(arch.eos_token_ids + eos)))
+
+
+GENERATION_DEFAULT_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+def generation_config(model_dir: str | Path) -> dict[str, Any]:
+    """The checkpoint's generation_config.json ({} when there is none or it is not a JSON object)."""
+    path = Path(model_dir) / "generation_config.json"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def generation_defaults(model_dir: str | Path) -> dict[str, float | int]:
+    """The sampling parameters the checkpoint recommends (generation_config.json's temperature, top_p, top_k,
+    min_p, repetition_penalty): what a request that sets none of them gets, as with vLLM's default
+    `--generation-config auto`."""
+    cfg = generation_config(model_dir)
+    return {k: cfg[k] for k in GENERATION_DEFAULT_FIELDS if isinstance(cfg.get(k), (int, float))
+            and not isinstance(cfg.get(k), bool)}
+
+
+def _token_ids(value: Any) -> tuple[int, ...]:
+    if isinstance(value, int):
+        return (value,)
+    return tuple(v for v in value if isinstance(v, int)) if isinstance(value, list) else ()
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ import grpc
 from google.protobuf import struct_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from actors.config import generation_defaults
 from actors.engine.core import check_context_length
 from actors.engine.frontend import StreamChunk, Tokenizer
 from actors.request import SamplingParams
@@ -44,9 +45,11 @@ class InvalidRequest(ValueError):
     """The request cannot be served as given (INVALID_ARGUMENT)."""
 
 
-def params_from_proto(msg: Any) -> SamplingParams:
-    """SamplingParams from the proto message; unset optional fields keep the defaults."""
-    kwargs: dict[str, Any] = {name: getattr(msg, name) for name in _PARAM_FIELDS if msg.HasField(name)}
+def params_from_proto(msg: Any, defaults: dict[str, float | int] | None = None) -> SamplingParams:
+    """SamplingParams from the proto message; unset optional fields take `defaults` (the checkpoint's
+    `generation_defaults`), else SamplingParams' own."""
+    kwargs: dict[str, Any] = dict(defaults or {})
+    kwargs.update({name: getattr(msg, name) for name in _PARAM_FIELDS if msg.HasField(name)})
     kwargs.update(stop=tuple(msg.stop), stop_token_ids=tuple(msg.stop_token_ids), ignore_eos=msg.ignore_eos,
                   include_stop_str_in_output=msg.include_stop_str_in_output, logit_bias=dict(msg.logit_bias))
     return SamplingParams(**kwargs)
@@ -58,12 +61,13 @@ class _Generation:
     def __init__(self, owner: GrpcServer) -> None:
         self.owner = owner
         self.pb2, _ = load_stubs()
+        self.generation_defaults = generation_defaults(owner.client.model_info().model_dir)
 
     def build(self, request: Any) -> GenerateRequest:
         """Validate and tokenize; raises InvalidRequest / SamplingParamsError."""
         o = self.owner
         info = o.client.model_info()
-        params = params_from_proto(request.params)
+        params = params_from_proto(request.params, self.generation_defaults)
         params.check_vocab(info.vocab_size)
         kind = request.WhichOneof("prompt")
         if kind == "text":

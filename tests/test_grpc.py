@@ -302,6 +302,9 @@ def test_build_request_round_trip() -> None:
     assert params_from_proto(build_request("x", SamplingParams(detokenize=False)).params).detokenize is False
     assert params_from_proto(build_request("x", SamplingParams(cache_salt="t1")).params).cache_salt == "t1"
     assert params_from_proto(build_request("x", SamplingParams(prompt_logprobs=0)).params).prompt_logprobs == 0
+    defaults = {"temperature": 0.0, "top_p": 0.5}
+    assert params_from_proto(build_request("x", SamplingParams(top_p=0.9)).params, defaults).top_p == 0.9
+    assert params_from_proto(load_stubs()[0].SamplingParams(), defaults) == SamplingParams(temperature=0.0, top_p=0.5)
     biased = SamplingParams(logit_bias={3: -2.5, 1: 4.0})
     assert params_from_proto(build_request("x", biased).params).logit_bias == ((1, 4.0), (3, -2.5))
 

@@ -535,6 +535,19 @@ def test_chat_prompts_get_the_template_s_bos_only_and_vllm_s_template_options(ll
     assert r.status_code == 400 and r.json()["error"]["param"] == "continue_final_message"
 
 
+def test_sampling_fields_a_request_leaves_out_come_from_the_generation_config(tmp_path: Path, tiny_llama: Path
+                                                                               ) -> None:
+    (tmp_path / "generation_config.json").write_text(json.dumps({"temperature": 0.0, "top_k": 5}))
+    client = StubClient()
+    client.model_info = lambda: ModelInfo(MODEL, str(tmp_path), "LlamaForCausalLM", MAX_MODEL_LEN, 512,  # type: ignore
+                                          "semi-pd")
+    for body, temperature, top_k in (({}, 0.0, 5), ({"temperature": 0.7, "top_k": 2}, 0.7, 2)):
+        r = _stub_call(tiny_llama, client, "POST", "/v1/completions", json={"model": MODEL, "prompt": "hi", **body})
+        assert r.status_code == 200
+        params = client.requests[-1].params
+        assert (params.temperature, params.top_k, params.top_p) == (temperature, top_k, 1.0)
+
+
 def test_health_fails_when_the_engine_makes_no_progress(tiny_llama: Path) -> None:
     stalled = StubClient([EngineLoad("e0", stats={"seconds_since_progress": 120.0})])
     r = _stub_call(tiny_llama, stalled, "GET", "/health")

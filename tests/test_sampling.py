@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from actors.config import SchedulerConfig
+from actors.config import ModelArch, SchedulerConfig, generation_defaults
 from actors.engine.frontend import LLM, CompletionOutput, OutputStream, StreamChunk, Tokenizer
 from actors.request import FinishReason, Request, SamplingParams, TokenDelta
 from actors.runner.sampler import Sampler
@@ -364,6 +364,23 @@ def test_eos_stops_unless_ignored_or_before_min_tokens(eos_first_llm: LLM, refer
     assert len(held.token_ids) >= 4
     assert eos not in held.token_ids[:4]
     assert held.finish_reason == ("stop" if eos in held.token_ids else "length")
+
+
+def test_generation_config_eos_ids_stop_too(tiny_llama: Path, reference: CompletionOutput, tmp_path: Path) -> None:
+    """generation_config.json's EOS ids join config.json's (as vLLM stops on both); its recommended sampling
+    parameters are read for the front ends (`generation_defaults`)."""
+    for f in tiny_llama.iterdir():
+        (tmp_path / f.name).symlink_to(f)
+    eos = reference.token_ids[0]
+    (tmp_path / "generation_config.json").unlink()
+    (tmp_path / "generation_config.json").write_text(json.dumps(
+        {"eos_token_id": [EOS[0], eos], "temperature": 0.6, "top_p": 0.9, "do_sample": True, "top_k": "x"}))
+    assert ModelArch.from_dir(tmp_path).eos_token_ids == tuple(dict.fromkeys((*ModelArch.from_dir(tiny_llama)
+                                                                               .eos_token_ids, EOS[0], eos)))
+    assert generation_defaults(tmp_path) == {"temperature": 0.6, "top_p": 0.9}
+    with LLM(tmp_path) as engine:
+        out = run(engine, PROMPT, greedy())
+    assert (out.token_ids, out.finish_reason) == ([eos], "stop")
 
 
 def test_stop_token_ids_end_generation_without_their_text(llm: LLM, reference: CompletionOutput) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from actors.config import generation_defaults
 from actors.engine.core import PromptTooLongError, check_context_length
 from actors.engine.frontend import StreamChunk, Tokenizer
 from actors.request import SamplingParams, SamplingParamsError
@@ -60,6 +61,7 @@ class OpenAIServer:
         self.max_body_bytes = max_body_bytes
         self.health_stall_s = health_stall_s
         self.info = client.model_info()
+        self.generation_defaults = generation_defaults(self.info.model_dir)  # for the fields a request leaves out
         self.metrics = ServingMetrics(self.info.name)
         self.draining = False
         self.render = Renderer(tokenizer)
@@ -144,6 +146,8 @@ class OpenAIServer:
         for name in ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
                      "repetition_penalty"):
             value = getattr(body, name)
+            if value is None:
+                value = self.generation_defaults.get(name)
             if value is not None:
                 kwargs[name] = value
         try:
