@@ -43,6 +43,7 @@ class SamplingParams:
     `prompt_logprobs` (vLLM's): None for none, n >= 0 for the logprob of every prompt token after the
     first, given those before it, plus the top n; such a request's prompt is computed whole (no
     prefix-cache hits), as in vLLM.
+    `allowed_token_ids` (vLLM's): only these tokens may be picked (None: any).
     """
 
     max_tokens: int = 16
@@ -65,12 +66,15 @@ class SamplingParams:
     cache_salt: str | None = None
     logit_bias: tuple[tuple[int, float], ...] = ()
     prompt_logprobs: int | None = None
+    allowed_token_ids: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        if self.allowed_token_ids is not None:
+            object.__setattr__(self, "allowed_token_ids", tuple(self.allowed_token_ids))
         bias = self.logit_bias.items() if isinstance(self.logit_bias, Mapping) else self.logit_bias
         object.__setattr__(self, "logit_bias", tuple((t, b) for t, b in bias))
         if self.top_k == -1:
@@ -99,6 +103,9 @@ class SamplingParams:
         self._check(len({t for t, _ in self.logit_bias}) == len(self.logit_bias), "logit_bias",
                     "names a token id twice")
         object.__setattr__(self, "logit_bias", tuple(sorted(self.logit_bias)))
+        allowed = self.allowed_token_ids
+        self._check(allowed is None or (bool(allowed) and all(isinstance(t, int) and t >= 0 for t in allowed)),
+                    "allowed_token_ids", "must be a non-empty list of token ids (non-negative integers)")
 
     @staticmethod
     def _check(ok: bool, name: str, rule: str) -> None:
@@ -111,9 +118,11 @@ class SamplingParams:
 
     def check_vocab(self, vocab_size: int) -> None:
         """Raise SamplingParamsError if a token id the parameters name is outside the vocabulary."""
-        bad = next((t for t, _ in self.logit_bias if t >= vocab_size), None)
-        if bad is not None:
-            raise SamplingParamsError(f"logit_bias token ids must be in [0, {vocab_size}), got {bad}")
+        for name, ids in (("logit_bias", [t for t, _ in self.logit_bias]), ("allowed_token_ids",
+                                                                          self.allowed_token_ids or ())):
+            bad = next((t for t in ids if t >= vocab_size), None)
+            if bad is not None:
+                raise SamplingParamsError(f"{name} token ids must be in [0, {vocab_size}), got {bad}")
 
     @property
     def needs_penalties(self) -> bool:

@@ -74,7 +74,7 @@ def params_to_proto(params: SamplingParams) -> Any:
         stop=list(params.stop), stop_token_ids=list(params.stop_token_ids), ignore_eos=params.ignore_eos,
         include_stop_str_in_output=params.include_stop_str_in_output,
         skip_special_tokens=params.skip_special_tokens, detokenize=params.detokenize,
-        logit_bias=dict(params.logit_bias),
+        logit_bias=dict(params.logit_bias), allowed_token_ids=list(params.allowed_token_ids or ()),
     )
     if params.seed is not None:
         msg.seed = params.seed

@@ -51,7 +51,8 @@ def params_from_proto(msg: Any, defaults: dict[str, float | int] | None = None) 
     kwargs: dict[str, Any] = dict(defaults or {})
     kwargs.update({name: getattr(msg, name) for name in _PARAM_FIELDS if msg.HasField(name)})
     kwargs.update(stop=tuple(msg.stop), stop_token_ids=tuple(msg.stop_token_ids), ignore_eos=msg.ignore_eos,
-                  include_stop_str_in_output=msg.include_stop_str_in_output, logit_bias=dict(msg.logit_bias))
+                  include_stop_str_in_output=msg.include_stop_str_in_output, logit_bias=dict(msg.logit_bias),
+                  allowed_token_ids=tuple(msg.allowed_token_ids) or None)
     return SamplingParams(**kwargs)
 
 

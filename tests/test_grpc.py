@@ -305,6 +305,9 @@ def test_build_request_round_trip() -> None:
     defaults = {"temperature": 0.0, "top_p": 0.5}
     assert params_from_proto(build_request("x", SamplingParams(top_p=0.9)).params, defaults).top_p == 0.9
     assert params_from_proto(load_stubs()[0].SamplingParams(), defaults) == SamplingParams(temperature=0.0, top_p=0.5)
+    assert params_from_proto(build_request("x", SamplingParams(allowed_token_ids=[4, 2])).params).allowed_token_ids == (
+        4, 2)
+    assert params_from_proto(build_request("x", SamplingParams()).params).allowed_token_ids is None
     biased = SamplingParams(logit_bias={3: -2.5, 1: 4.0})
     assert params_from_proto(build_request("x", biased).params).logit_bias == ((1, 4.0), (3, -2.5))
 

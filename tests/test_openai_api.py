@@ -264,6 +264,20 @@ def test_echo_with_logprobs_scores_the_prompt_as_lm_eval_asks(live: Live) -> Non
     assert plain_echo.choices[0].text.startswith("Hello there") and plain_echo.choices[0].logprobs is None
 
 
+def test_allowed_token_ids_and_prompt_truncation(live: Live) -> None:
+    kw: dict[str, Any] = dict(model=MODEL, max_tokens=6, temperature=1.0, seed=3, extra_body={"ignore_eos": True})
+    r = live.oa.completions.create(prompt=[1, 2, 3], logprobs=0, **{**kw, "extra_body": {
+        "ignore_eos": True, "allowed_token_ids": [7, 9]}})
+    nine, seven = (live.http.post("/detokenize", json={"tokens": [t]}).json()["prompt"] for t in (9, 7))
+    assert set(r.choices[0].logprobs.tokens) <= {seven, nine}  # type: ignore[union-attr, arg-type]
+    full = live.oa.completions.create(prompt=list(range(10, 40)), **kw)
+    cut = live.oa.completions.create(prompt=list(range(10, 40)), **{**kw, "extra_body": {
+        "ignore_eos": True, "truncate_prompt_tokens": 5}})
+    last5 = live.oa.completions.create(prompt=list(range(35, 40)), **kw)
+    assert cut.usage.prompt_tokens == 5 and cut.choices[0].text == last5.choices[0].text  # type: ignore[union-attr]
+    assert full.usage.prompt_tokens == 30  # type: ignore[union-attr]
+
+
 def test_chat_prompt_logprobs(live: Live) -> None:
     chat = live.oa.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2,
                                            temperature=0, extra_body={"prompt_logprobs": 0})
@@ -373,6 +387,9 @@ BAD_REQUESTS: list[tuple[str, str, bytes, int, str]] = [
     ("logit-bias-token", "/v1/completions", _body(logit_bias={"99999": 1}), 400, "logit_bias token ids must be in"),
     ("logit-bias-value", "/v1/completions", _body(logit_bias={"5": 150}), 400,
      "logit_bias values must be in [-100, 100]"),
+    ("allowed-token-ids-range", "/v1/completions", _body(allowed_token_ids=[99999]), 400,
+     "allowed_token_ids token ids must be in"),
+    ("truncate-prompt-tokens-zero", "/v1/completions", _body(truncate_prompt_tokens=0), 400, "truncate_prompt_tokens"),
     ("prompt-logprobs-range", "/v1/completions", _body(prompt_logprobs=21), 400, "prompt_logprobs must be in [0, 20]"),
     ("empty-cache-salt", "/v1/completions", json.dumps({"model": MODEL, "prompt": "a", "cache_salt": ""}).encode(), 400,
      "cache_salt must be a non-empty string"),

@@ -139,6 +139,17 @@ def test_logit_bias_is_added_before_greedy_and_random_picks() -> None:
     assert sample(bf16, [request(banned), request(SamplingParams(temperature=0.0, logit_bias={2: 100}))]) == [2, 2]
 
 
+def test_allowed_token_ids_restrict_only_their_own_rows() -> None:
+    raw = torch.tensor([[0.0, 2.0, 1.5, 0.5], [0.0, 2.0, 1.5, 0.5]])
+    only = SamplingParams(temperature=0.0, allowed_token_ids=[0, 3])
+    assert sample(raw, [request(only), request(SamplingParams(temperature=0.0))]) == [3, 1]
+    assert draws([0.0, 5.0, 5.0, 0.0], SamplingParams(temperature=1.0, allowed_token_ids=(0, 2))) == {0, 2}
+    with pytest.raises(ValueError, match="allowed_token_ids must be a non-empty list"):
+        SamplingParams(allowed_token_ids=[])
+    with pytest.raises(ValueError, match=re.escape("allowed_token_ids token ids must be in [0, 4), got 4")):
+        SamplingParams(allowed_token_ids=[1, 4]).check_vocab(4)
+
+
 @pytest.mark.parametrize("bias,message", [
     ({-1: 1.0}, "logit_bias keys must be token ids"),
     ({"7": 1.0}, "logit_bias keys must be token ids"),

@@ -1,6 +1,6 @@
 """Token sampling for a batch of requests with mixed parameters, on the logits' device.
 
-Order (as vLLM): logprobs of the raw distribution; penalties; logit bias; min_tokens masking;
+Order (as vLLM): logprobs of the raw distribution; penalties; logit bias; allowed tokens; min_tokens masking;
 then greedy rows take the argmax, the others temperature, top-k, top-p and min-p,
 and draw with an exponential race (argmax p/q, q ~ Exp(1)), from the request's own
 generator when it has a seed, so a seeded request's tokens do not depend on its batch.
@@ -109,13 +109,15 @@ class Sampler:
         n = len(reqs)
         assert logits.shape[0] == n
         if not all(r.params.greedy and r.params.logprobs is None and not r.params.needs_penalties
-                   and not r.params.logit_bias for r in reqs):
+                   and not r.params.logit_bias and r.params.allowed_token_ids is None for r in reqs):
             logits = logits.float()
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(r.params.logprobs is not None for r in reqs) else None
         if any(r.params.needs_penalties for r in reqs):
             logits = self._apply_penalties(logits.clone(), reqs)
         if any(r.params.logit_bias for r in reqs):
             logits = self._add_logit_bias(logits, reqs)
+        if any(r.params.allowed_token_ids is not None for r in reqs):
+            logits = self._mask_disallowed(logits, reqs)
         logits = self._mask_early_stops(logits, reqs)
         if all(r.params.greedy for r in reqs):
             chosen = logits.argmax(dim=-1)
@@ -171,6 +173,19 @@ class Sampler:
         logits.index_put_((to_device(rows, torch.long, dev), to_device(ids, torch.long, dev)),
                           to_device(bias, logits.dtype, dev), accumulate=True)
         return logits
+
+    @staticmethod
+    def _mask_disallowed(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
+        """Rows of requests with `allowed_token_ids` keep only those tokens' logits (others -inf)."""
+        vocab, dev = logits.shape[1], logits.device
+        pairs = [(i, t) for i, r in enumerate(reqs) for t in (r.params.allowed_token_ids or ()) if t < vocab]
+        free = [i for i, r in enumerate(reqs) if r.params.allowed_token_ids is None]
+        keep = torch.zeros_like(logits, dtype=torch.bool)
+        keep[to_device(free, torch.long, dev)] = True
+        if pairs:
+            rows, ids = zip(*pairs)
+            keep[to_device(rows, torch.long, dev), to_device(ids, torch.long, dev)] = True
+        return logits.masked_fill(~keep, float("-inf"))
 
     @staticmethod
     def _mask_early_stops(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:

@@ -50,6 +50,12 @@ class SamplingFields(_Schema):
     user: str | None = None
     cache_salt: str | None = None
     prompt_logprobs: int | None = None
+    allowed_token_ids: list[int] | None = None
+    truncate_prompt_tokens: int | None = Field(None, ge=1)
+
+    def truncated(self, ids: list[int]) -> list[int]:
+        """`ids` cut to their last `truncate_prompt_tokens` (vLLM's), if set."""
+        return ids[-self.truncate_prompt_tokens:] if self.truncate_prompt_tokens else ids
 
     def check_stream_options(self) -> None:
         if self.stream_options is not None and not self.stream:

@@ -142,6 +142,7 @@ class OpenAIServer:
             stop_token_ids=tuple(body.stop_token_ids or ()), ignore_eos=body.ignore_eos, logprobs=logprobs,
             include_stop_str_in_output=body.include_stop_str_in_output, skip_special_tokens=body.skip_special_tokens,
             cache_salt=body.cache_salt, logit_bias=body.logit_bias_by_id(), prompt_logprobs=prompt_logprobs,
+            allowed_token_ids=body.allowed_token_ids,
         )
         for name in ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
                      "repetition_penalty"):
@@ -345,7 +346,7 @@ class OpenAIServer:
         if body.best_of is not None and body.best_of != body.n:
             raise APIError(400, "best_of other than n is not supported", param="best_of")
         body.check_stream_options()
-        prompts = await self.completion_prompts(body.prompt)
+        prompts = [body.truncated(p) for p in await self.completion_prompts(body.prompt)]
         prompt_logprobs = body.prompt_logprobs
         if body.echo and body.logprobs is not None:  # an echoed prompt's logprobs come with it, as in vLLM
             prompt_logprobs = max(prompt_logprobs or 0, body.logprobs)
@@ -370,7 +371,7 @@ class OpenAIServer:
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "when using `top_logprobs`, `logprobs` must be set to true.", param="top_logprobs")
         body.check_stream_options()
-        ids = await self.chat_prompt_ids(body.messages, body, body.add_special_tokens)
+        ids = body.truncated(await self.chat_prompt_ids(body.messages, body, body.add_special_tokens))
         self.check_token_ids(ids, "messages")
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
