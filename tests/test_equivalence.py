@@ -189,6 +189,25 @@ def test_preempted_requests_match_hf(reference: Reference, engine_factory: Calla
     assert_pool_drained(llm)
 
 
+def test_prompt_logprobs_survive_preemption_and_chunking(reference: Reference, engine_factory: Callable[..., LLM]
+                                                        ) -> None:
+    """A pool far too small for the load (prompts preempted and computed again) and 64-token chunks: every prompt's
+    logprobs arrive once, complete and in order, equal to those of a pool with room for all."""
+    params = replace(GREEDY, prompt_logprobs=0)
+    longest = max(len(p) for p in reference.prompts) + MAX_TOKENS
+    tight = engine_factory(reference.model_dir, mode="unified",
+                           cache=CacheConfig(page_size=PAGE, num_pages=-(-longest // PAGE) + 4))
+    roomy = engine_factory(reference.model_dir, mode="unified", cache=CacheConfig(page_size=PAGE))
+    got, want = tight.generate(reference.prompts, params), roomy.generate(reference.prompts, params)
+    assert tight.core.num_preemptions > 0
+    for p, g, w in zip(reference.prompts, got, want):
+        assert [lp.token_id for lp in g.prompt_logprobs] == p[1:]
+        assert [lp.logprob for lp in g.prompt_logprobs] == pytest.approx([lp.logprob for lp in w.prompt_logprobs],
+                                                                          abs=1e-4)
+    assert [o.token_ids for o in got] == reference.expected
+    assert_pool_drained(tight)
+
+
 def test_prefix_caching_off_matches_hf(reference: Reference, engine_factory: Callable[..., LLM]) -> None:
     llm = engine_factory(reference.model_dir, cache=CacheConfig(page_size=PAGE, enable_prefix_caching=False))
     assert_same_tokens(generate_tokens(llm, reference.prompts[:8]), reference, n=8)
