@@ -1024,15 +1024,20 @@ def test_engine_decode_loop_bench_runs_both_ways_on_cpu(tiny_llama: Path) -> Non
     `run_engine_bench` runs it: one row per batch and way, each from `steps` steps of the whole batch."""
     from cluster.bench.engine_bench import bench_decode_loop, format_table, in_fresh_process
 
-    rows = [row for overlap in (False, True)
-            for row in in_fresh_process(bench_decode_loop, str(tiny_llama), overlap, (1, 3), ctx=24, steps=12)]
-    assert [(r["batch"], r["overlap"]) for r in rows] == [(1, False), (3, False), (1, True), (3, True)]
+    rows = [row for mode in ("unified", "semi-pd") for overlap in (False, True)
+            for row in in_fresh_process(bench_decode_loop, str(tiny_llama), overlap, (1, 3), ctx=24, steps=12,
+                                        mode=mode)]
+    assert [(r["mode"], r["batch"], r["overlap"]) for r in rows] == [
+        (m, b, o) for m in ("unified", "semi-pd") for o in (False, True) for b in (1, 3)]
     assert all(r["iterations"] == 12 and r["step_ms"] > 0 and r["mean_context"] > 24 for r in rows), rows
-    assert all(r["decode_sms"] == 128 - 16 for r in rows)  # measured on the smallest prefill split
+    assert [r["decode_sms"] for r in rows] == [128] * 4 + [128 - 16] * 4  # semi-pd: on the smallest prefill split
+    vllm = dict(seconds=5.0, output_tokens_per_s=6000.0, total_tokens_per_s=9000.0,
+                decode=[dict(batch=3, context=24, step_ms=9.87)])
     table = format_table(dict(model="m", device="cpu", date="d", commit="c", command="x",
-                              ceilings=dict(copy_TBps=1.0, matmul_TFLOPs=1.0), decode_loop=rows))
-    assert "| one step at a time ms | overlapped ms |" in table and table.count("\n| 3 | 24 |") == 1
-    assert "| batch | context | mean context measured | decode SMs |" in table
+                              ceilings=dict(copy_TBps=1.0, matmul_TFLOPs=1.0), decode_loop=rows, vllm=vllm))
+    assert "| one step at a time ms | overlapped ms | vLLM step ms (its loop) |" in table
+    assert table.count("\n| unified | 3 | 24 |") == 1 and table.count("\n| semi-pd | 3 | 24 |") == 1
+    assert [line.endswith("| 9.87 |") for line in table.splitlines() if "| 3 | 24 |" in line] == [True, True]
 
 
 def test_engine_offline_bench_says_where_the_job_went_on_cpu(tiny_llama: Path) -> None:

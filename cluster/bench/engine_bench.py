@@ -251,44 +251,48 @@ def _median_ms(seconds: list[float]) -> float:
     return 1e3 * statistics.median(finite) if finite else float("nan")
 
 
-def bench_decode_loop(model_dir: str, overlap: bool, batches: tuple[int, ...], ctx: int, steps: int = 64
-                      ) -> list[dict[str, Any]]:
+def bench_decode_loop(model_dir: str, overlap: bool, batches: tuple[int, ...], ctx: int, steps: int = 64,
+                      mode: str = "semi-pd") -> list[dict[str, Any]]:
     """Decode step time in the engine's own loop, one step at a time (`overlap=False`) or overlapped.
 
-    semi-pd engine: `batch` requests of `ctx` prompt tokens are prefilled on the largest prefill
-    split, then the split moves to the smallest (decode on the rest of the GPU) and the figure is
-    the median time of the decode worker's iterations that ran the whole batch after that (host
-    work included, and hidden behind the GPU when overlapped), over `steps` of them. Requests that
-    finished prefill first have decoded meanwhile: `mean_context` is the batch's mean context then.
+    `batch` requests of `ctx` prompt tokens are prefilled, and the figure is the median time of the iterations
+    that ran the whole batch after every request reached decode (host work included, and hidden behind the GPU
+    when overlapped), over `steps` of them: the TPOT a request sees. `semi-pd`: prefill on the largest prefill
+    split, then decode on the rest of the GPU once the split moves to the smallest; `unified`: the whole GPU, as
+    vLLM's loop runs. Requests that finished prefill first have decoded meanwhile: `mean_context` is the batch's
+    mean context then.
     """
     from actors.engine.frontend import LLM
 
     rows = []
-    with LLM(model_dir, mode="semi-pd", load_format="dummy", splits=(1, 1 << 10), overlap_decode=overlap,
-             scheduler=SchedulerConfig(max_decode_seqs=max(batches))) as llm:
+    splits = dict(splits=(1, 1 << 10)) if mode == "semi-pd" else {}
+    with LLM(model_dir, mode=mode, load_format="dummy", overlap_decode=overlap,
+             scheduler=SchedulerConfig(max_decode_seqs=max(batches)), **splits) as llm:
         core = llm.core
-        small, large = core.partitioner.splits[0], core.partitioner.splits[-1]
         decode_worker = core.workers[-1]
         vocab = core.arch.vocab_size
         params = SamplingParams(max_tokens=core.max_model_len - ctx, temperature=0.0, ignore_eos=True,
                                 detokenize=False)
         for bs in batches:
-            core.partitioner.switch(large, reason="decode-loop bench: prefill")
+            if mode == "semi-pd":
+                core.partitioner.switch(core.partitioner.splits[-1], reason="decode-loop bench: prefill")
             core.allocator.reset_prefix_cache()
             rids = [f"loop-{bs}-{i}" for i in range(bs)]
             for i, rid in enumerate(rids):
                 core.add_request(rid, [(7 * i + j) % vocab for j in range(ctx)], params)
             _wait(lambda: core.decode.num_running == bs, 600, f"{bs} requests to reach decode")
-            core.partitioner.switch(small, reason="decode-loop bench: decode")
-            version, mean_context = core.partitioner.version, core.decode.context_tokens() / bs
-            _wait(lambda: len(_full_steps(decode_worker, version, bs)) >= steps, 600, f"{steps} decode steps of {bs}")
-            step_s = _full_steps(decode_worker, version, bs)[:steps]
+            if mode == "semi-pd":
+                core.partitioner.switch(core.partitioner.splits[0], reason="decode-loop bench: decode")
+            since, version, mean_context = time.monotonic(), core.partitioner.version, core.decode.context_tokens() / bs
+            _wait(lambda: len(_full_steps(decode_worker, version, bs, since)) >= steps, 600,
+                  f"{steps} decode steps of {bs}")
+            step_s = _full_steps(decode_worker, version, bs, since)[:steps]
             for rid in rids:
                 core.abort(rid)
             _wait(lambda: core.num_unfinished == 0, 60, "the aborted requests to end")
-            rows.append(dict(batch=bs, context=ctx, mean_context=mean_context, overlap=overlap,
-                             decode_sms=core.partitioner.sms_for("decode"), step_ms=statistics.median(step_s) * 1e3,
-                             iterations=len(step_s)))
+            decode_sms = core.partitioner.sms_for("decode") if mode == "semi-pd" else core.partitioner.total_sms
+            rows.append(dict(mode=mode, batch=bs, context=ctx, mean_context=mean_context, overlap=overlap,
+                             decode_sms=decode_sms, step_ms=statistics.median(step_s) * 1e3, iterations=len(step_s)))
     return rows
 
 
@@ -344,9 +348,11 @@ def bench_contention(model_dir: str, prefill_sms: int, decode_batch: int, paces_
     return rows
 
 
-def _full_steps(worker: Any, split_version: int, batch: int) -> list[float]:
-    """Seconds of `worker`'s iterations on split `split_version` that queued a step of `batch` decodes."""
-    return [it.seconds for it in list(worker.iteration_log) if it.split_version == split_version and it.tokens == batch]
+def _full_steps(worker: Any, split_version: int, batch: int, since: float = 0.0) -> list[float]:
+    """Seconds of `worker`'s iterations on split `split_version`, begun at `since` or later, that queued a step
+    of `batch` decodes."""
+    return [it.seconds for it in list(worker.iteration_log)
+            if it.split_version == split_version and it.tokens == batch and it.start >= since]
 
 
 def _wait(done: Callable[[], bool], timeout_s: float, what: str) -> None:
@@ -511,9 +517,11 @@ def run_engine_bench(model_dir: str, parts: set[str], vllm_json: str | None = No
         checkpoint(result)
     if "decode-loop" in parts:
         result["decode_loop"] = []
-        for overlap in (False, True):
-            result["decode_loop"] += in_fresh_process(bench_decode_loop, model_dir, overlap, (1, 8, 32, 64, 128), 512)
-            checkpoint(result)
+        for mode in ("unified", "semi-pd"):
+            for overlap in (False, True):
+                result["decode_loop"] += in_fresh_process(bench_decode_loop, model_dir, overlap, (1, 8, 32, 64, 128),
+                                                          512, mode=mode)
+                checkpoint(result)
     if "switch" in parts:
         result["switch"] = in_fresh_process(switch_part, model_dir)
         checkpoint(result)
@@ -552,14 +560,18 @@ def format_table(result: dict[str, Any]) -> str:
                          f"{r['roofline_ms']:.2f} | {r['ratio']:.2f}x | {r['tokens_per_s']:.0f} | {theirs} |")
         lines.append("")
     if "decode_loop" in result:
-        lines += ["## Decode step in the engine loop (semi-pd decode worker, prefill on the smallest split)", "",
-                  "| batch | context | mean context measured | decode SMs | one step at a time ms | overlapped ms |",
-                  "|---|---|---|---|---|---|"]
-        overlapped = {r["batch"]: r["step_ms"] for r in result["decode_loop"] if r["overlap"]}
+        vllm_steps = {(r["batch"], r["context"]): r["step_ms"] for r in result.get("vllm", {}).get("decode", [])}
+        lines += ["## Decode step in the engine loop (unified: whole GPU; semi-pd: the decode worker, prefill on the "
+                  "smallest split)", "",
+                  "| mode | batch | context | mean context measured | decode SMs | one step at a time ms | overlapped ms "
+                  "| vLLM step ms (its loop) |", "|---|---|---|---|---|---|---|---|"]
+        overlapped = {(r.get("mode", "semi-pd"), r["batch"]): r["step_ms"] for r in result["decode_loop"] if r["overlap"]}
         for r in (r for r in result["decode_loop"] if not r["overlap"]):
-            o = overlapped.get(r["batch"])
-            lines.append(f"| {r['batch']} | {r['context']} | {r.get('mean_context', r['context']):.0f} | "
-                         f"{r['decode_sms']} | {r['step_ms']:.2f} | {'-' if o is None else f'{o:.2f}'} |")
+            mode = r.get("mode", "semi-pd")
+            o, v = overlapped.get((mode, r["batch"])), vllm_steps.get((r["batch"], r["context"]))
+            lines.append(f"| {mode} | {r['batch']} | {r['context']} | {r.get('mean_context', r['context']):.0f} | "
+                         f"{r['decode_sms']} | {r['step_ms']:.2f} | {'-' if o is None else f'{o:.2f}'} | "
+                         f"{'-' if v is None else f'{v:.2f}'} |")
         lines.append("")
     if "prefill" in result:
         lines += ["## Prefill (whole GPU)", "",
