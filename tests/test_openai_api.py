@@ -140,6 +140,11 @@ def test_completion_stream_equals_non_stream(live: Live) -> None:
     assert chunks[-1].usage.completion_tokens == 12
     assert chunks[-1].usage.prompt_tokens == full.usage.prompt_tokens  # type: ignore[union-attr]
     assert all(c.usage is None for c in chunks[:-1])
+    running = list(live.oa.completions.create(
+        stream=True, stream_options={"include_usage": True, "continuous_usage_stats": True}, **kw))  # type: ignore
+    counts = [c.usage.completion_tokens for c in running[:-1]]  # type: ignore[union-attr]
+    assert counts == sorted(counts) and counts[-1] == 12 and running[-1].usage.completion_tokens == 12  # type: ignore
+    assert all(c.usage.prompt_tokens == full.usage.prompt_tokens for c in running)  # type: ignore[union-attr]
 
 
 def test_chat_stream_equals_non_stream(live: Live) -> None:

@@ -58,6 +58,7 @@ class Call:
     want_logprobs: bool
     n: int = 1  # choices per prompt; `requests` holds each prompt's n in a row
     echo_prompts: list[str] | None = None  # completions with `echo`: each request's prompt text, shown first
+    continuous_usage: bool = False  # every chunk carries its choice's usage so far
     created: int = field(default_factory=lambda: int(time.time()))
 
     def __post_init__(self) -> None:
@@ -68,6 +69,11 @@ class Call:
         cached = sum(c.num_cached_tokens for c in self.choices[:: self.n])  # each prompt once, as prompt_tokens
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion,
                 "total_tokens": self.prompt_tokens + completion, "prompt_tokens_details": {"cached_tokens": cached}}
+
+    def choice_usage(self, i: int) -> dict[str, int]:
+        """Request `i`'s token counts so far."""
+        prompt, completion = len(self.requests[i].prompt_token_ids), len(self.choices[i].token_ids)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
     @property
     def chunk_object(self) -> str:
@@ -89,7 +95,11 @@ class Renderer:
 
     def chunk(self, call: Call, i: int, chunk: StreamChunk) -> dict[str, Any] | None:
         """The stream chunk for request `i`'s `chunk`; None when it carries nothing to show."""
-        return self.completion_chunk(call, i, chunk) if call.kind == "completion" else self.chat_chunk(call, i, chunk)
+        payload = (self.completion_chunk(call, i, chunk) if call.kind == "completion"
+                   else self.chat_chunk(call, i, chunk))
+        if payload is not None and call.continuous_usage:
+            payload["usage"] = call.choice_usage(i)
+        return payload
 
     def response(self, call: Call) -> dict[str, Any]:
         """The whole (non-streamed) response of a finished call."""

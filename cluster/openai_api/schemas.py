@@ -22,6 +22,7 @@ class _Schema(BaseModel):
 
 class StreamOptions(_Schema):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's: every chunk carries its choice's token counts so far
 
 
 class SamplingFields(_Schema):
@@ -75,6 +76,11 @@ class SamplingFields(_Schema):
     def include_usage(self) -> bool:
         """A stream ends with a chunk of token counts (`stream_options.include_usage`)."""
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def continuous_usage(self) -> bool:
+        """Every chunk carries its choice's token counts so far (vLLM's `continuous_usage_stats`, with usage)."""
+        return self.include_usage and bool(self.stream_options and self.stream_options.continuous_usage_stats)
 
 
 class CompletionRequest(SamplingFields):

@@ -353,7 +353,8 @@ class OpenAIServer:
         reqs = self.engine_requests(request, body, prompts, body.max_tokens, body.logprobs, prompt_logprobs)
         call = Call("completion", f"cmpl-{self.request_id(request)}", self.info.name, reqs,
                     sum(len(p) for p in prompts), body.include_usage, body.logprobs is not None, body.n,
-                    echo_prompts=self.echo_texts(body.prompt, prompts, body.n) if body.echo else None)
+                    echo_prompts=self.echo_texts(body.prompt, prompts, body.n) if body.echo else None,
+                    continuous_usage=body.continuous_usage)
         if body.stream:
             return await self.open_stream(request, call)
         await self.run_to_end(request, call)
@@ -377,7 +378,7 @@ class OpenAIServer:
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         reqs = self.engine_requests(request, body, [ids], max_tokens, logprobs, body.prompt_logprobs)
         call = Call("chat", f"chatcmpl-{self.request_id(request)}", self.info.name, reqs, len(ids),
-                     body.include_usage, body.logprobs, body.n)
+                     body.include_usage, body.logprobs, body.n, continuous_usage=body.continuous_usage)
         if body.stream:
             return await self.open_stream(request, call)
         await self.run_to_end(request, call)
