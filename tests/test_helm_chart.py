@@ -32,7 +32,7 @@ ARG_KEYS = {  # build_app(args) of cluster/serve_app.py
     "model", "served_model_name", "ttft_slo_ms", "tpot_slo_ms", "prefill_order", "admission", "admission_slack",
     "mode", "prefill_sm_min", "prefill_sm_max",
     "router_policy", "num_actors", "redis_url", "api_key_env", "grpc_port", "page_size", "max_prefill_tokens",
-    "stream_interval",
+    "stream_interval", "tool_call_parser",
 }
 
 
@@ -199,6 +199,7 @@ def expected_args(values: dict[str, Any], fullname: str) -> dict[str, Any]:
     return {
         "model": values["model"]["path"],
         "served_model_name": values["model"]["servedName"],
+        "tool_call_parser": values["model"]["toolCallParser"],
         "ttft_slo_ms": values["slo"]["ttftMs"],
         "tpot_slo_ms": values["slo"]["tpotMs"],
         "prefill_order": values["slo"]["prefillOrder"],

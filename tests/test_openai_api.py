@@ -570,6 +570,120 @@ def test_sampling_fields_a_request_leaves_out_come_from_the_generation_config(tm
         assert (params.temperature, params.top_k, params.top_p) == (temperature, top_k, 1.0)
 
 
+class ScriptedClient(StubClient):
+    """Answers every request with `text`, a few characters per chunk, as if the model had written it."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[StreamChunk]:
+        self.requests.append(request)
+        pieces = [self.text[i:i + 5] for i in range(0, len(self.text), 5)]
+        for k, piece in enumerate(pieces):
+            last = k == len(pieces) - 1
+            yield StreamChunk(request.request_id, piece, (1,), "stop" if last else None,
+                              num_prompt_tokens=len(request.prompt_token_ids), num_output_tokens=k + 1)
+
+
+WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
+                                                  "parameters": {"type": "object",
+                                                                 "properties": {"city": {"type": "string"}}}}}
+
+
+@pytest.fixture(scope="module")
+def tool_template_tokenizer(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny tokenizer with a template that writes the tools' names and an assistant's earlier call."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_llama))
+    tok.chat_template = (
+        "{% if tools %}[tools: {{ tools | map(attribute='function.name') | join(',') }}]{% endif %}"
+        "{% for m in messages %}<{{ m.role }}>{{ m.content }}"
+        "{% for c in m.tool_calls or [] %}(call {{ c.function.name }} city={{ c.function.arguments.city }}){% endfor %}"
+        "{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")
+    out = tmp_path_factory.mktemp("tool-template")
+    tok.save_pretrained(str(out))
+    return out
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_tool_calls_in_the_hermes_format_come_back_as_openai_tool_calls(tool_template_tokenizer: Path,
+                                                                       stream: bool) -> None:
+    """The openai client sends tools and an earlier call's answer; the template sees them (the earlier call's
+    arguments as an object); the model's `<tool_call>` block comes back as a tool call, streamed or not."""
+    said = 'Let me look.<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
+    client = ScriptedClient(said)
+    app = create_app(client, Tokenizer(tool_template_tokenizer))  # type: ignore[arg-type]
+    messages = [{"role": "user", "content": "Weather in Oslo?"},
+                {"role": "assistant", "content": "", "tool_calls": [
+                    {"id": "call_1", "type": "function",
+                     "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "rain"},
+                {"role": "user", "content": "And Paris?"}]
+
+    async def ask() -> tuple[str | None, list[Any], str | None]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://stub") as http:
+            oa = openai.AsyncOpenAI(base_url="http://stub/v1", api_key="x", http_client=http, max_retries=0)
+            if not stream:
+                r = await oa.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER_TOOL])  # type: ignore
+                return r.choices[0].message.content, list(r.choices[0].message.tool_calls or []), \
+                    r.choices[0].finish_reason
+            content, calls, finish = "", {}, None
+            async for c in await oa.chat.completions.create(model=MODEL, messages=messages,  # type: ignore
+                                                            tools=[WEATHER_TOOL], stream=True):
+                d = c.choices[0].delta
+                content += d.content or ""
+                for t in d.tool_calls or []:
+                    calls[t.index] = t
+                finish = c.choices[0].finish_reason or finish
+            return content, [calls[k] for k in sorted(calls)], finish
+
+    content, calls, finish = asyncio.run(ask())
+    assert (content, finish) == ("Let me look.", "tool_calls")
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [("get_weather", {"city": "Paris"})]
+    assert calls[0].id.startswith("call_") and calls[0].type == "function"
+    prompt = Tokenizer(tool_template_tokenizer).decode(client.requests[0].prompt_token_ids, skip_special_tokens=False)
+    assert prompt.startswith("[tools: get_weather]") and "(call get_weather city=Oslo)" in prompt
+    assert "<tool>rain" in prompt and prompt.endswith("<assistant>")
+
+
+def test_tool_call_parsers_read_their_formats_and_leave_anything_else_as_content() -> None:
+    from cluster.openai_api.tools import parser_named
+
+    hermes, llama = parser_named("hermes"), parser_named("llama3_json")
+    two = ('<tool_call>{"name": "a", "arguments": {"x": 1}}</tool_call>\n'
+           '<tool_call>{"name": "b", "arguments": "{\\"y\\": 2}"}</tool_call>')
+    content, calls = hermes.parse(two)
+    assert content is None and [(c.name, json.loads(c.arguments)) for c in calls] == [("a", {"x": 1}), ("b", {"y": 2})]
+    assert len({c.id for c in calls}) == 2
+    assert hermes.parse('<tool_call>{"name": "a", "argu') == ('<tool_call>{"name": "a", "argu', [])
+    assert hermes.parse("no calls here") == ("no calls here", [])
+    content, calls = llama.parse('<|python_tag|>{"name": "a", "parameters": {"x": 1}}; {"name": "b", "parameters": {}}')
+    assert content is None and [(c.name, json.loads(c.arguments)) for c in calls] == [("a", {"x": 1}), ("b", {})]
+    assert llama.parse("{not json}") == ("{not json}", []) and llama.parse("plain") == ("plain", [])
+    with pytest.raises(ValueError, match="choose from hermes, llama3_json"):
+        parser_named("mistral")
+
+
+def test_tool_choice_and_plain_text_with_tools(tool_template_tokenizer: Path) -> None:
+    def chat(client: StubClient, **body: Any) -> httpx.Response:
+        return _stub_call(tool_template_tokenizer, client, "POST", "/v1/chat/completions",
+                          json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}], **body})
+
+    plain = chat(ScriptedClient("Just text, no call."), tools=[WEATHER_TOOL]).json()["choices"][0]
+    assert plain["message"] == {"role": "assistant", "content": "Just text, no call.", "tool_calls": []}
+    assert plain["finish_reason"] == "stop"
+    ignored = chat(ScriptedClient('<tool_call>{"name": "x", "arguments": {}}</tool_call>'), tools=[WEATHER_TOOL],
+                   tool_choice="none").json()["choices"][0]
+    assert ignored["message"]["tool_calls"] == [] and ignored["message"]["content"].startswith("<tool_call>")
+    for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
+        r = chat(StubClient(), tools=[WEATHER_TOOL], tool_choice=choice)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice"
+    bad = chat(StubClient(), tools=[{"type": "function", "function": {"description": "no name"}}])
+    assert bad.status_code == 400 and "tools.0.function.name" in bad.json()["error"]["message"]
+
+
 def test_health_fails_when_the_engine_makes_no_progress(tiny_llama: Path) -> None:
     stalled = StubClient([EngineLoad("e0", stats={"seconds_since_progress": 120.0})])
     r = _stub_call(tiny_llama, stalled, "GET", "/health")

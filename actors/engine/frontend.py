@@ -47,14 +47,16 @@ class Tokenizer:
         return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def chat_prompt(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
-                    continue_final_message: bool = False, template_kwargs: dict[str, Any] | None = None) -> str:
-        """The chat template applied to `messages`, as text. The template writes its own special tokens (a BOS
-        among them), so the text is encoded without adding any (`chat_ids`)."""
+                    continue_final_message: bool = False, template_kwargs: dict[str, Any] | None = None,
+                    tools: list[dict[str, Any]] | None = None) -> str:
+        """The chat template applied to `messages` (and `tools`, which the template describes to the model), as
+        text. The template writes its own special tokens (a BOS among them), so the text is encoded without
+        adding any (`chat_ids`)."""
         if not messages:
             raise ValueError("messages must not be empty")
         if not getattr(self.hf, "chat_template", None):
             raise ValueError("this model has no chat template")
-        return self.hf.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+        return self.hf.apply_chat_template(messages, tools=tools, add_generation_prompt=add_generation_prompt,
                                            continue_final_message=continue_final_message, tokenize=False,
                                            **(template_kwargs or {}))
 

@@ -18,8 +18,8 @@ Headers: `x-request-id` (used as the request id and echoed back), `x-slo-ttft-ms
 `x-slo-tpot-ms` (per-request SLO targets for the router), `x-session-id`.
 
 Modules: `schemas` (the bodies), `errors` (OpenAI's error body and the status of each failure), `render`
-(a call's state and its JSON), `streams` (merged engine streams, disconnects), `server` (the handling),
-`app` (`create_app`).
+(a call's state and its JSON), `streams` (merged engine streams, disconnects), `tools` (tool calls read back
+from the model's text), `server` (the handling), `app` (`create_app`).
 """
 
 from cluster.openai_api.app import create_app

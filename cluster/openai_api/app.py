@@ -55,14 +55,16 @@ def create_app(
     max_body_bytes: int = MAX_BODY_BYTES,
     health_stall_s: float = HEALTH_STALL_SECONDS,
     echo_request_id: bool = True,
+    tool_call_parser: str = "hermes",
 ) -> FastAPI:
     """The OpenAI-compatible app over `client`; `app.state.openai` is its `OpenAIServer`.
 
     `api_key`: when set, /v1/* requests need `Authorization: Bearer <api_key>` (as vLLM).
     `health_stall_s`: /health fails when no engine made progress for this long.
     `echo_request_id`: False behind a proxy that already echoes `x-request-id` (Ray Serve).
+    `tool_call_parser`: how chat outputs are read for tool calls (`cluster.openai_api.tools`).
     """
-    server = OpenAIServer(client, tokenizer, api_key, max_body_bytes, health_stall_s)
+    server = OpenAIServer(client, tokenizer, api_key, max_body_bytes, health_stall_s, tool_call_parser)
     app = FastAPI(title="semipd OpenAI-compatible API", docs_url=None, redoc_url=None)
     app.state.openai = server
     app.add_middleware(RequestIdMiddleware, echo=echo_request_id)

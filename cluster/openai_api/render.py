@@ -19,6 +19,7 @@ from cluster.openai_api.schemas import (
     CompletionResponse,
     Usage,
 )
+from cluster.openai_api.tools import ToolCallParser
 
 
 @dataclass
@@ -34,6 +35,7 @@ class Choice:
     num_cached_tokens: int = 0
     prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)  # prompt tokens 1.., when asked
     echoed: bool = False  # a stream with `echo`: the prompt went out in a chunk
+    content_sent: int = 0  # a stream read for tool calls: characters of `text` sent as content
 
     def add(self, chunk: StreamChunk) -> None:
         self.num_cached_tokens = chunk.num_cached_tokens or self.num_cached_tokens
@@ -59,6 +61,7 @@ class Call:
     n: int = 1  # choices per prompt; `requests` holds each prompt's n in a row
     echo_prompts: list[str] | None = None  # completions with `echo`: each request's prompt text, shown first
     continuous_usage: bool = False  # every chunk carries its choice's usage so far
+    tool_parser: ToolCallParser | None = None  # chat with tools: the output is read for tool calls
     created: int = field(default_factory=lambda: int(time.time()))
 
     def __post_init__(self) -> None:
@@ -171,11 +174,14 @@ class Renderer:
 
     def chat_chunk(self, call: Call, i: int, chunk: StreamChunk) -> dict[str, Any] | None:
         wants_lp = call.want_logprobs and bool(chunk.logprobs)
-        if not (chunk.text or chunk.finish_reason or wants_lp):
-            return None
-        delta = {"content": chunk.text} if chunk.text else {}
         lp = self.chat_logprobs(chunk.logprobs) if wants_lp else None
-        return self.chat_delta(call, i, delta, lp, chunk.finish_reason)
+        if call.tool_parser is not None:
+            delta, finish = _tool_aware_delta(call.tool_parser, call.choices[i], chunk.finish_reason)
+        else:
+            delta, finish = ({"content": chunk.text} if chunk.text else {}), chunk.finish_reason
+        if not (delta or finish or wants_lp):
+            return None
+        return self.chat_delta(call, i, delta, lp, finish)
 
     @staticmethod
     def chat_delta(call: Call, i: int, delta: dict[str, Any], lp: dict[str, Any] | None,
@@ -204,15 +210,20 @@ class Renderer:
                                 prompt_logprobs=self.prompt_logprobs(prompt_ids, c.prompt_logprobs) if scored else None)
 
     def chat_response(self, call: Call) -> dict[str, Any]:
-        choices = [ChatChoice(index=i, message=ChatResponseMessage(content=c.text), finish_reason=c.finish_reason,
-                              logprobs=self.chat_logprobs(c.logprobs) if call.want_logprobs else None)
-                   for i, c in enumerate(call.choices)]
+        choices = [self._chat_choice(call, i) for i in range(len(call.choices))]
         first = call.requests[0]
         scored = (self.prompt_logprobs(first.prompt_token_ids, call.choices[0].prompt_logprobs)
                   if first.params.prompt_logprobs is not None else None)
         resp = ChatCompletionResponse(id=call.response_id, created=call.created, model=call.model, choices=choices,
                                       usage=Usage(**call.usage()), prompt_logprobs=scored)
         return resp.model_dump()
+
+    def _chat_choice(self, call: Call, i: int) -> ChatChoice:
+        c = call.choices[i]
+        content, calls = (c.text, []) if call.tool_parser is None else call.tool_parser.parse(c.text)
+        return ChatChoice(index=i, finish_reason="tool_calls" if calls else c.finish_reason,
+                          message=ChatResponseMessage(content=content, tool_calls=[t.as_dict() for t in calls]),
+                          logprobs=self.chat_logprobs(c.logprobs) if call.want_logprobs else None)
 
     @staticmethod
     def usage_chunk(call: Call) -> dict[str, Any]:
@@ -224,4 +235,25 @@ class Renderer:
 def _joined(a: dict[str, list[Any]] | None, b: dict[str, list[Any]]) -> dict[str, list[Any]]:
     """Two completions logprobs objects as one (`a` first; None: `b` alone)."""
     return b if a is None else {k: a[k] + b[k] for k in a}
+
+
+def _tool_aware_delta(parser: ToolCallParser, choice: Choice, finish: str | None) -> tuple[dict[str, Any], str | None]:
+    """The next delta of a stream read for tool calls, from the choice's text so far: content up to where a call
+    may begin (a partial opening held back), then, once the output ends, its calls (finish reason
+    `tool_calls`) or the content held back."""
+    text = choice.text
+    start = text.find(parser.start)
+    if finish is None:
+        end = start if start != -1 else len(text) - len(parser.start) + 1
+        content, choice.content_sent = text[choice.content_sent:end], max(choice.content_sent, end)
+        return ({"content": content} if content else {}), None
+    _, calls = parser.parse(text)
+    delta: dict[str, Any] = {}
+    rest = text[choice.content_sent:start if calls else len(text)]
+    if rest.strip() or (rest and not calls):
+        delta["content"] = rest
+    if calls:
+        delta["tool_calls"] = [t.as_dict(k) for k, t in enumerate(calls)]
+    choice.content_sent = len(text)
+    return delta, "tool_calls" if calls else finish
 

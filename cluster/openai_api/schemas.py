@@ -101,6 +101,19 @@ class ChatMessage(_Schema):
     role: str
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool's answer: the call it answers
+
+
+class ToolFunction(_Schema):
+    name: str = Field(min_length=1)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class Tool(_Schema):
+    type: Literal["function"] = "function"
+    function: ToolFunction
 
 
 class ChatTemplateFields(_Schema):
@@ -124,8 +137,22 @@ class ChatCompletionRequest(SamplingFields, ChatTemplateFields):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
-    tools: list[dict[str, Any]] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
+
+    def reads_tool_calls(self) -> bool:
+        """Whether the output is read for tool calls: tools given and `tool_choice` auto (its default then);
+        400 for a choice that needs structured outputs (`required`, a named function)."""
+        choice = self.tool_choice if self.tool_choice is not None else ("auto" if self.tools else "none")
+        if choice == "none":
+            return False
+        if choice != "auto":
+            raise APIError(400, "tool_choice 'required' or a named function needs structured outputs, which this "
+                                "server does not offer; use 'auto' or 'none'", param="tool_choice")
+        if not self.tools:
+            raise APIError(400, "tool_choice 'auto' needs tools", param="tool_choice")
+        return True
 
 
 class TokenizeRequest(ChatTemplateFields):
@@ -173,7 +200,8 @@ class CompletionResponse(_Schema):
 
 class ChatResponseMessage(_Schema):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[dict[str, Any]] = Field(default_factory=list)
 
 
 class ChatChoice(_Schema):

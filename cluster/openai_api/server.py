@@ -31,9 +31,11 @@ from cluster.openai_api.schemas import (
     DetokenizeRequest,
     SamplingFields,
     TokenizeRequest,
+    Tool,
     parse_body,
 )
 from cluster.openai_api.streams import merge_streams, until_disconnect
+from cluster.openai_api.tools import parser_named, template_messages
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,7 @@ class OpenAIServer:
         api_key: str | None = None,
         max_body_bytes: int = MAX_BODY_BYTES,
         health_stall_s: float = HEALTH_STALL_SECONDS,
+        tool_call_parser: str = "hermes",
     ) -> None:
         self.client = client
         self.tokenizer = tokenizer
@@ -65,6 +68,7 @@ class OpenAIServer:
         self.metrics = ServingMetrics(self.info.name)
         self.draining = False
         self.render = Renderer(tokenizer)
+        self.tool_parser = parser_named(tool_call_parser)
 
     # -- request plumbing ----------------------------------------------------------
 
@@ -207,8 +211,9 @@ class OpenAIServer:
         return [t for t in texts for _ in range(n)]
 
     async def chat_prompt_ids(self, messages: list[ChatMessage], options: ChatTemplateFields,
-                              add_special_tokens: bool = False) -> list[int]:
-        """`messages` through the chat template (`options`), tokenized; 400 for what the template refuses."""
+                              add_special_tokens: bool = False, tools: list[Tool] | None = None) -> list[int]:
+        """`messages` (and `tools`) through the chat template (`options`), tokenized; 400 for what the template
+        refuses."""
         options.check_template_options()
         if not messages:
             raise APIError(400, "messages must not be empty", param="messages")
@@ -221,12 +226,14 @@ class OpenAIServer:
             else:
                 content = m.content or ""
             entry: dict[str, Any] = {"role": m.role, "content": content}
-            if m.name:
-                entry["name"] = m.name
+            for name in ("name", "tool_calls", "tool_call_id"):
+                if getattr(m, name):
+                    entry[name] = getattr(m, name)
             plain.append(entry)
         try:
-            text = self.tokenizer.chat_prompt(plain, options.add_generation_prompt, options.continue_final_message,
-                                              options.chat_template_kwargs)
+            text = self.tokenizer.chat_prompt(template_messages(plain), options.add_generation_prompt,
+                                              options.continue_final_message, options.chat_template_kwargs,
+                                              [t.model_dump(exclude_none=True) for t in tools] if tools else None)
         except Exception as e:  # a template error is the request's fault
             raise APIError(400, f"cannot apply the chat template: {e}", param="messages") from None
         return await self.encode(text, add_special_tokens)
@@ -365,20 +372,20 @@ class OpenAIServer:
         self.check_accepting()
         body = parse_body(ChatCompletionRequest, await self.read_json(request))
         self.check_model(body.model)
-        if body.tools:
-            raise APIError(400, "tools are not supported", param="tools")
+        reads_calls = body.reads_tool_calls()
         if body.response_format and body.response_format.get("type", "text") != "text":
             raise APIError(400, "only response_format type 'text' is supported", param="response_format")
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "when using `top_logprobs`, `logprobs` must be set to true.", param="top_logprobs")
         body.check_stream_options()
-        ids = body.truncated(await self.chat_prompt_ids(body.messages, body, body.add_special_tokens))
+        ids = body.truncated(await self.chat_prompt_ids(body.messages, body, body.add_special_tokens, body.tools))
         self.check_token_ids(ids, "messages")
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         reqs = self.engine_requests(request, body, [ids], max_tokens, logprobs, body.prompt_logprobs)
         call = Call("chat", f"chatcmpl-{self.request_id(request)}", self.info.name, reqs, len(ids),
-                     body.include_usage, body.logprobs, body.n, continuous_usage=body.continuous_usage)
+                    body.include_usage, body.logprobs, body.n, continuous_usage=body.continuous_usage,
+                    tool_parser=self.tool_parser if reads_calls else None)
         if body.stream:
             return await self.open_stream(request, call)
         await self.run_to_end(request, call)

@@ -83,6 +83,7 @@ applications:
     args:
       model: {{ .Values.model.path | toJson }}
       served_model_name: {{ .Values.model.servedName | toJson }}
+      tool_call_parser: {{ .Values.model.toolCallParser | toJson }}
       ttft_slo_ms: {{ .Values.slo.ttftMs | toJson }}
       tpot_slo_ms: {{ .Values.slo.tpotMs | toJson }}
       prefill_order: {{ .Values.slo.prefillOrder | toJson }}

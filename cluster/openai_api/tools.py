@@ -1,0 +1,128 @@
+"""Tool calls in chat completions, read back from the model's text in the format it was trained to write.
+
+The request's `tools` go to the chat template, which tells the model how to call them; a parser then finds
+the calls in the output (vLLM's `--tool-call-parser`):
+
+- `hermes` (Qwen2.5, Qwen3, Hermes, ...): `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` blocks,
+  with any text before them as the message's content;
+- `llama3_json` (Llama 3.1+): the whole output is `{"name": ..., "parameters": {...}}` (several joined by `;`),
+  optionally after `<|python_tag|>`.
+
+Text that does not parse stays the message's content, as vLLM leaves it.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """One call: the function's name and its arguments as a JSON string (OpenAI's shape)."""
+
+    name: str
+    arguments: str
+    id: str = ""
+
+    def as_dict(self, index: int | None = None) -> dict[str, Any]:
+        """OpenAI's `tool_calls` entry (with `index` in a stream's delta)."""
+        out: dict[str, Any] = {"id": self.id, "type": "function",
+                               "function": {"name": self.name, "arguments": self.arguments}}
+        return out if index is None else {"index": index, **out}
+
+
+class ToolCallParser(Protocol):
+    start: str  # text that opens a call: a stream holds its content back from here
+
+    def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
+        """(content, calls) of a whole output; no calls: the text is all content."""
+        ...
+
+
+def _call(obj: Any, arguments_key: str) -> ToolCall | None:
+    """A call from a decoded JSON object with `name` and `arguments_key`, else None."""
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+        return None
+    args = obj.get(arguments_key, {})
+    return ToolCall(obj["name"], args if isinstance(args, str) else json.dumps(args, ensure_ascii=False),
+                    f"call_{uuid.uuid4().hex[:24]}")
+
+
+class HermesParser:
+    start = "<tool_call>"
+    end = "</tool_call>"
+
+    def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
+        calls: list[ToolCall] = []
+        first = text.find(self.start)
+        pos = first
+        while pos != -1:
+            close = text.find(self.end, pos)
+            body = text[pos + len(self.start): close if close != -1 else len(text)]
+            try:
+                call = _call(json.loads(body), "arguments")
+            except json.JSONDecodeError:
+                call = None
+            if call is None:
+                return text, []
+            calls.append(call)
+            pos = text.find(self.start, close) if close != -1 else -1
+        if not calls:
+            return text, []
+        return text[:first].strip() or None, calls
+
+
+class Llama3JsonParser:
+    start = "{"
+    tag = "<|python_tag|>"
+
+    def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
+        body = text.strip().removeprefix(self.tag).strip()
+        if not body.startswith("{"):
+            return text, []
+        calls = []
+        for part in body.split(";"):
+            try:
+                call = _call(json.loads(part), "parameters")
+            except json.JSONDecodeError:
+                call = None
+            if call is None:
+                return text, []
+            calls.append(call)
+        return None, calls
+
+
+TOOL_CALL_PARSERS: dict[str, ToolCallParser] = {"hermes": HermesParser(), "llama3_json": Llama3JsonParser()}
+
+
+def parser_named(name: str) -> ToolCallParser:
+    """The parser named `name` (ValueError naming the choices otherwise)."""
+    try:
+        return TOOL_CALL_PARSERS[name]
+    except KeyError:
+        raise ValueError(f"unknown tool call parser {name!r}; choose from {', '.join(TOOL_CALL_PARSERS)}") from None
+
+
+def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Messages for a chat template: an assistant's earlier calls get their arguments as objects, as
+    templates index them (vLLM does the same)."""
+    out = []
+    for m in messages:
+        calls = m.get("tool_calls")
+        if calls:
+            m = {**m, "tool_calls": [_with_object_arguments(c) for c in calls]}
+        out.append(m)
+    return out
+
+
+def _with_object_arguments(call: dict[str, Any]) -> dict[str, Any]:
+    fn = call.get("function")
+    if not isinstance(fn, dict) or not isinstance(fn.get("arguments"), str):
+        return call
+    try:
+        return {**call, "function": {**fn, "arguments": json.loads(fn["arguments"])}}
+    except json.JSONDecodeError:
+        return call
