@@ -294,6 +294,13 @@ class OpenAIServer:
         if errors:
             raise APIError(500, f"the engine failed the request: {errors[0] or 'unknown error'}")
 
+    async def answer(self, request: Request, call: Call, stream: bool) -> Response:
+        """Run `call`: a stream of its chunks, or its whole response once it has ended."""
+        if stream:
+            return await self.open_stream(request, call)
+        await self.run_to_end(request, call)
+        return JSONResponse(self.render.response(call))
+
     async def open_stream(self, request: Request, call: Call) -> StreamingResponse:
         """Start the engine requests; errors before the first chunk become HTTP errors."""
         stream = self.stream_call(call)
@@ -362,10 +369,7 @@ class OpenAIServer:
                     sum(len(p) for p in prompts), body.include_usage, body.logprobs is not None, body.n,
                     echo_prompts=self.echo_texts(body.prompt, prompts, body.n) if body.echo else None,
                     continuous_usage=body.continuous_usage)
-        if body.stream:
-            return await self.open_stream(request, call)
-        await self.run_to_end(request, call)
-        return JSONResponse(self.render.response(call))
+        return await self.answer(request, call, body.stream)
 
     async def chat_completions(self, request: Request) -> Response:
         self.check_auth(request)
@@ -386,10 +390,7 @@ class OpenAIServer:
         call = Call("chat", f"chatcmpl-{self.request_id(request)}", self.info.name, reqs, len(ids),
                     body.include_usage, body.logprobs, body.n, continuous_usage=body.continuous_usage,
                     tool_parser=self.tool_parser if reads_calls else None)
-        if body.stream:
-            return await self.open_stream(request, call)
-        await self.run_to_end(request, call)
-        return JSONResponse(self.render.response(call))
+        return await self.answer(request, call, body.stream)
 
     async def models(self, request: Request) -> Response:
         self.check_auth(request)

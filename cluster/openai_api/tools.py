@@ -42,8 +42,12 @@ class ToolCallParser(Protocol):
         ...
 
 
-def _call(obj: Any, arguments_key: str) -> ToolCall | None:
-    """A call from a decoded JSON object with `name` and `arguments_key`, else None."""
+def _call(text: str, arguments_key: str) -> ToolCall | None:
+    """A call from JSON text of an object with `name` and `arguments_key`, else None."""
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError:
+        return None
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
         return None
     args = obj.get(arguments_key, {})
@@ -61,11 +65,7 @@ class HermesParser:
         pos = first
         while pos != -1:
             close = text.find(self.end, pos)
-            body = text[pos + len(self.start): close if close != -1 else len(text)]
-            try:
-                call = _call(json.loads(body), "arguments")
-            except json.JSONDecodeError:
-                call = None
+            call = _call(text[pos + len(self.start): close if close != -1 else len(text)], "arguments")
             if call is None:
                 return text, []
             calls.append(call)
@@ -85,10 +85,7 @@ class Llama3JsonParser:
             return text, []
         calls = []
         for part in body.split(";"):
-            try:
-                call = _call(json.loads(part), "parameters")
-            except json.JSONDecodeError:
-                call = None
+            call = _call(part, "parameters")
             if call is None:
                 return text, []
             calls.append(call)
