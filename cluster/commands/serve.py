@@ -221,6 +221,10 @@ def run(args: argparse.Namespace) -> int:
 async def _serve(args: argparse.Namespace, cfg: Any, started: Started, run_grpc: bool) -> int:
     from cluster.router import Router
 
+    stop = asyncio.Event()  # Ctrl-C / SIGTERM from here on drains: the HTTP app is up already
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
     router = await asyncio.to_thread(Router.connect, cfg.actor_names, cfg.namespace, cfg.router, cfg.actor_prefix,
                                      cfg.served_model_name)
     refresher = asyncio.create_task(router.run_refresh_loop())
@@ -240,11 +244,7 @@ async def _serve(args: argparse.Namespace, cfg: Any, started: Started, run_grpc:
     rc = 0
     if args.self_test:
         rc = await _self_test(args, router, started)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    if not args.exit_after_self_test:
+    if not args.exit_after_self_test and not stop.is_set():
         print("serving; Ctrl-C to stop", flush=True)
         await stop.wait()
     print(f"draining (up to {args.drain_timeout:.0f} s) ...", flush=True)
