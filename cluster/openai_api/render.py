@@ -167,10 +167,15 @@ class Renderer:
                 lp = self.echo_logprobs(call.requests[i].prompt_token_ids, chunk.prompt_logprobs, choice)
         if call.want_logprobs and chunk.logprobs:
             lp = _joined(lp, self.completion_logprobs(chunk.logprobs, choice))
-        if not (text or chunk.finish_reason or lp):
+        first = bool(chunk.token_ids) and len(choice.token_ids) == len(chunk.token_ids)  # its prompt's logprobs came
+        scored = first and call.requests[i].params.prompt_logprobs is not None
+        if not (text or chunk.finish_reason or lp or scored):
             return None
+        out: dict[str, Any] = {"index": i, "text": text, "logprobs": lp, "finish_reason": chunk.finish_reason}
+        if scored:
+            out["prompt_logprobs"] = self.prompt_logprobs(call.requests[i].prompt_token_ids, chunk.prompt_logprobs)
         return {"id": call.response_id, "object": "text_completion", "created": call.created, "model": call.model,
-                "choices": [{"index": i, "text": text, "logprobs": lp, "finish_reason": chunk.finish_reason}]}
+                "choices": [out]}
 
     def chat_chunk(self, call: Call, i: int, chunk: StreamChunk) -> dict[str, Any] | None:
         wants_lp = call.want_logprobs and bool(chunk.logprobs)

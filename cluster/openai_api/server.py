@@ -199,12 +199,13 @@ class OpenAIServer:
             self.check_token_ids(p, "prompt")
         return ids
 
-    def echo_texts(self, prompt: str | list[str] | list[int] | list[list[int]], ids: list[list[int]], n: int
-                   ) -> list[str]:
-        """Each engine request's prompt as `echo` shows it: the text sent, or the token ids decoded."""
-        if isinstance(prompt, str):
+    def echo_texts(self, prompt: str | list[str] | list[int] | list[list[int]], ids: list[list[int]], n: int,
+                   truncated: bool = False) -> list[str]:
+        """Each engine request's prompt as `echo` shows it: the text sent, or the token ids decoded (also when
+        the prompt was `truncated`)."""
+        if isinstance(prompt, str) and not truncated:
             texts = [prompt]
-        elif all(isinstance(p, str) for p in prompt):
+        elif all(isinstance(p, str) for p in prompt) and not truncated:
             texts = list(prompt)  # type: ignore[arg-type]
         else:
             texts = [self.tokenizer.decode(p, skip_special_tokens=False) for p in ids]
@@ -367,7 +368,8 @@ class OpenAIServer:
         reqs = self.engine_requests(request, body, prompts, body.max_tokens, body.logprobs, prompt_logprobs)
         call = Call("completion", f"cmpl-{self.request_id(request)}", self.info.name, reqs,
                     sum(len(p) for p in prompts), body.include_usage, body.logprobs is not None, body.n,
-                    echo_prompts=self.echo_texts(body.prompt, prompts, body.n) if body.echo else None,
+                    echo_prompts=(self.echo_texts(body.prompt, prompts, body.n, bool(body.truncate_prompt_tokens))
+                                  if body.echo else None),
                     continuous_usage=body.continuous_usage)
         return await self.answer(request, call, body.stream)
 
