@@ -139,6 +139,8 @@ class OpenAIServer:
 
     def sampling_params(self, body: SamplingFields, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None,
                         index: int) -> SamplingParams:
+        """The engine's parameters for choice `index` of `body` (the seed offset by the index; sampling fields left
+        out take the checkpoint's generation defaults); 400 for an invalid one."""
         stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
         seed = None if body.seed is None else body.seed + index
         kwargs: dict[str, Any] = dict(
