@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from actors.config import CacheConfig, EngineConfig, SchedulerConfig
+from actors.config import EngineConfig, SchedulerConfig
 from actors.engine.core import EngineCore
 from actors.engine.workers import Iteration, Worker
 from actors.kv.manager import pages_for
