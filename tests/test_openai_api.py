@@ -341,6 +341,20 @@ def test_models_tokenize_detokenize(live: Live) -> None:
     assert bad.status_code == 400 and "token ids must be in" in bad.json()["error"]["message"]
 
 
+def test_sagemaker_invocations_and_ping(live: Live) -> None:
+    kw = {"model": MODEL, "max_tokens": 4, "temperature": 0, "ignore_eos": True}
+    chat = live.http.post("/invocations", json={"messages": [{"role": "user", "content": "hi"}], **kw}).json()
+    direct = live.http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], **kw}).json()
+    assert chat["object"] == "chat.completion" and chat["choices"][0]["message"] == direct["choices"][0]["message"]
+    completion = live.http.post("/invocations", json={"prompt": "Hello", **kw}).json()
+    assert completion["object"] == "text_completion"
+    assert completion["choices"][0]["text"] == live.oa.completions.create(prompt="Hello", extra_body={
+        "ignore_eos": True}, **{k: v for k, v in kw.items() if k != "ignore_eos"}).choices[0].text
+    bad = live.http.post("/invocations", json={"input": "?"})
+    assert bad.status_code == 400 and "messages" in bad.json()["error"]["message"]
+    assert live.http.get("/ping").status_code == 200 and live.http.post("/ping").status_code == 200
+
+
 def test_version(live: Live) -> None:
     from importlib.metadata import version
 

@@ -4,8 +4,9 @@
 `POST /v1/completions`, `POST /v1/chat/completions` (streaming as SSE `data: {...}`
 chunks ending with `data: [DONE]`, or not), `GET /v1/models`, `POST /tokenize`,
 `POST /detokenize`, `GET /health` (503 when no engine makes progress),
-`GET /metrics` (Prometheus, see `cluster.metrics`) and `GET /splits` (each engine's
-SM split and its recent changes: time, from, to, reason).
+`GET /metrics` (Prometheus, see `cluster.metrics`), `GET /splits` (each engine's
+SM split and its recent changes: time, from, to, reason), `GET /version`, `POST /reset_prefix_cache`,
+and SageMaker's `POST /invocations` (a chat or a completions body) and `/ping`.
 
 Requests are tokenized and checked here (parameters, model name, context length)
 before anything is dispatched. Errors have OpenAI's body,

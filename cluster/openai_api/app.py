@@ -98,7 +98,9 @@ def create_app(
     ]
     for path, handler, methods in routes:
         app.add_api_route(path, handler, methods=methods)
+    app.add_api_route("/invocations", server.invocations, methods=["POST"])
     app.add_api_route("/health", server.health, methods=["GET"])
+    app.add_api_route("/ping", server.health, methods=["GET", "POST"])  # SageMaker's health check, as vLLM's
     app.add_api_route("/version", server.version, methods=["GET"])
     app.add_api_route("/splits", server.splits, methods=["GET"])
     app.add_api_route("/reset_prefix_cache", server.reset_prefix_cache, methods=["POST"])

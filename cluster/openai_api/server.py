@@ -354,9 +354,30 @@ class OpenAIServer:
     # -- routes --------------------------------------------------------------------
 
     async def completions(self, request: Request) -> Response:
+        return await self.complete(request, await self.admitted_json(request))
+
+    async def chat_completions(self, request: Request) -> Response:
+        return await self.chat(request, await self.admitted_json(request))
+
+    async def invocations(self, request: Request) -> Response:
+        """`POST /invocations` (SageMaker's, as vLLM serves it): a chat body (with `messages`) or a completions
+        body (with `prompt`)."""
+        data = await self.admitted_json(request)
+        if isinstance(data, dict) and "messages" in data:
+            return await self.chat(request, data)
+        if isinstance(data, dict) and "prompt" in data:
+            return await self.complete(request, data)
+        raise APIError(400, "an invocation is a chat body (messages) or a completions body (prompt)")
+
+    async def admitted_json(self, request: Request) -> Any:
+        """The body of a generation call, once the caller's key and the server's state let it in."""
         self.check_auth(request)
         self.check_accepting()
-        body = parse_body(CompletionRequest, await self.read_json(request))
+        return await self.read_json(request)
+
+    async def complete(self, request: Request, data: Any) -> Response:
+        """A completions call, from its parsed JSON body."""
+        body = parse_body(CompletionRequest, data)
         self.check_model(body.model)
         if body.suffix:
             raise APIError(400, "suffix is not supported", param="suffix")
@@ -375,10 +396,9 @@ class OpenAIServer:
                     continuous_usage=body.continuous_usage)
         return await self.answer(request, call, body.stream)
 
-    async def chat_completions(self, request: Request) -> Response:
-        self.check_auth(request)
-        self.check_accepting()
-        body = parse_body(ChatCompletionRequest, await self.read_json(request))
+    async def chat(self, request: Request, data: Any) -> Response:
+        """A chat completions call, from its parsed JSON body."""
+        body = parse_body(ChatCompletionRequest, data)
         self.check_model(body.model)
         reads_calls = body.reads_tool_calls()
         if body.response_format and body.response_format.get("type", "text") != "text":
