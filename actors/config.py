@@ -152,11 +152,15 @@ def generation_config(model_dir: str | Path) -> dict[str, Any]:
 
 def generation_defaults(model_dir: str | Path) -> dict[str, float | int]:
     """The sampling parameters the checkpoint recommends (generation_config.json's temperature, top_p, top_k,
-    min_p, repetition_penalty): what a request that sets none of them gets, as with vLLM's default
-    `--generation-config auto`."""
+    min_p, repetition_penalty, and max_new_tokens as `max_tokens`): what a request that sets none of them gets,
+    as with vLLM's default `--generation-config auto`."""
     cfg = generation_config(model_dir)
-    return {k: cfg[k] for k in GENERATION_DEFAULT_FIELDS if isinstance(cfg.get(k), (int, float))
-            and not isinstance(cfg.get(k), bool)}
+    out = {k: cfg[k] for k in GENERATION_DEFAULT_FIELDS if isinstance(cfg.get(k), (int, float))
+           and not isinstance(cfg.get(k), bool)}
+    cap = cfg.get("max_new_tokens")
+    if isinstance(cap, int) and not isinstance(cap, bool) and cap >= 1:
+        out["max_tokens"] = cap
+    return out
 
 
 def _token_ids(value: Any) -> tuple[int, ...]:

@@ -586,7 +586,7 @@ def test_chat_prompts_get_the_template_s_bos_only_and_vllm_s_template_options(ll
 
 def test_sampling_fields_a_request_leaves_out_come_from_the_generation_config(tmp_path: Path, tiny_llama: Path
                                                                                ) -> None:
-    (tmp_path / "generation_config.json").write_text(json.dumps({"temperature": 0.0, "top_k": 5}))
+    (tmp_path / "generation_config.json").write_text(json.dumps({"temperature": 0.0, "top_k": 5, "max_new_tokens": 7}))
     client = StubClient()
     client.model_info = lambda: ModelInfo(MODEL, str(tmp_path), "LlamaForCausalLM", MAX_MODEL_LEN, 512,  # type: ignore
                                           "semi-pd")
@@ -595,6 +595,10 @@ def test_sampling_fields_a_request_leaves_out_come_from_the_generation_config(tm
         assert r.status_code == 200
         params = client.requests[-1].params
         assert (params.temperature, params.top_k, params.top_p) == (temperature, top_k, 1.0)
+    r = _stub_call(tiny_llama, client, "POST", "/v1/chat/completions",
+                   json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 200 and client.requests[-1].params.max_tokens == 7  # a chat's max_tokens left out
+    assert client.requests[-2].params.max_tokens == 16  # completions' own default stays
 
 
 class ScriptedClient(StubClient):

@@ -173,7 +173,10 @@ class OpenAIServer:
             check_context_length(num_prompt_tokens, max_tokens, self.info.max_model_len)
         except PromptTooLongError as e:
             raise APIError(400, str(e)) from None
-        return self.info.max_model_len - num_prompt_tokens if max_tokens is None else max_tokens
+        if max_tokens is not None:
+            return max_tokens
+        room = self.info.max_model_len - num_prompt_tokens
+        return min(room, int(self.generation_defaults.get("max_tokens", room)))
 
     def check_token_ids(self, ids: Sequence[int], param: str) -> None:
         bad = [t for t in ids if not 0 <= t < self.info.vocab_size]
