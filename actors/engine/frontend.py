@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from actors.config import ConfigError, EngineConfig
+from actors.config import ConfigError, EngineConfig, generation_defaults
 from actors.engine.core import EngineCore
 from actors.engine.workers import Emit
 from actors.request import FinishReason, SamplingParams, TokenDelta
@@ -346,7 +346,7 @@ class LLM(_Frontend):
         """Run all prompts together; returns one output per prompt, in order."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
-        params_list = _broadcast(params, len(prompts))
+        params_list = _broadcast(params, len(prompts), self.default_params())
         sink: queue.Queue[list[TokenDelta]] = queue.Queue()
         streams: list[OutputStream] = []
         try:
@@ -371,7 +371,7 @@ class LLM(_Frontend):
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[StreamChunk]:
         """Yield text deltas of one request as they come."""
-        return self._chunks(self._submit(prompt, params or SamplingParams()))
+        return self._chunks(self._submit(prompt, params or self.default_params()))
 
     def chat(self, messages: list[dict[str, Any]], params: SamplingParams | None = None) -> CompletionOutput:
         return self.generate([self.tokenizer.chat_ids(messages)], params)[0]
@@ -382,10 +382,16 @@ class LLM(_Frontend):
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
 
+    def default_params(self) -> SamplingParams:
+        """What a call without parameters samples with: the checkpoint's generation_config.json defaults (vLLM's
+        `get_default_sampling_params`), else SamplingParams' own."""
+        return SamplingParams(**generation_defaults(self.config.model))
 
-def _broadcast(params: SamplingParams | Sequence[SamplingParams] | None, n: int) -> list[SamplingParams]:
+
+def _broadcast(params: SamplingParams | Sequence[SamplingParams] | None, n: int, default: SamplingParams
+               ) -> list[SamplingParams]:
     if params is None:
-        return [SamplingParams()] * n
+        return [default] * n
     if isinstance(params, SamplingParams):
         return [params] * n
     if len(params) != n:
