@@ -12,7 +12,7 @@ iterator cancels the call, which aborts the request on the server and frees its 
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -20,6 +20,8 @@ from typing import Any
 import grpc
 
 from actors.request import SamplingParams
+
+Prompt = str | Sequence[int] | Sequence[Mapping[str, str]]  # text, token ids, or chat messages (role, content)
 
 
 def load_stubs() -> tuple[ModuleType, ModuleType]:
@@ -88,7 +90,7 @@ def params_to_proto(params: SamplingParams) -> Any:
 
 
 def build_request(
-    prompt: str | Sequence[int],
+    prompt: Prompt,
     params: SamplingParams | Any | None = None,
     request_id: str | None = None,
     priority: int = 0,
@@ -96,7 +98,8 @@ def build_request(
     tpot_slo_ms: float | None = None,
     session_id: str | None = None,
 ) -> Any:
-    """A GenerateRequest message; `params` is a SamplingParams or a proto SamplingParams."""
+    """A GenerateRequest message: `prompt` is text, token ids, or chat messages ({"role", "content"} each, put
+    through the server's chat template); `params` is a SamplingParams or a proto SamplingParams."""
     pb2, _ = load_stubs()
     if params is None:
         params = SamplingParams()
@@ -105,8 +108,10 @@ def build_request(
                               session_id=session_id or "")
     if isinstance(prompt, str):
         req.text = prompt
+    elif prompt and all(isinstance(m, Mapping) for m in prompt):
+        req.chat.messages.extend(pb2.ChatMessage(role=m["role"], content=m["content"]) for m in prompt)  # type: ignore
     else:
-        req.token_ids.ids.extend(int(t) for t in prompt)
+        req.token_ids.ids.extend(int(t) for t in prompt)  # type: ignore[arg-type]
     if ttft_slo_ms is not None:
         req.ttft_slo_ms = ttft_slo_ms
     if tpot_slo_ms is not None:
@@ -150,7 +155,7 @@ class GenerationClient:
         self.channel = grpc.insecure_channel(addr)
         self.stub = pb2_grpc.GenerationStub(self.channel)
 
-    def generate(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
+    def generate(self, prompt: Prompt, params: SamplingParams | None = None,
                  **kwargs: Any) -> Iterator[GenerationChunk]:
         """Stream the chunks of one request; closing the iterator cancels (aborts) it."""
         call = self.stub.Generate(build_request(prompt, params, **kwargs), timeout=self.timeout)
@@ -204,7 +209,7 @@ class AsyncGenerationClient:
         self.channel = grpc.aio.insecure_channel(addr)
         self.stub = pb2_grpc.GenerationStub(self.channel)
 
-    async def generate(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
+    async def generate(self, prompt: Prompt, params: SamplingParams | None = None,
                        **kwargs: Any) -> AsyncIterator[GenerationChunk]:
         call = self.stub.Generate(build_request(prompt, params, **kwargs), timeout=self.timeout)
         try:
@@ -242,7 +247,7 @@ class AsyncGenerationClient:
         await self.channel.close()
 
 
-def generate_once(addr: str, prompt: str | Sequence[int], params: SamplingParams | None = None,
+def generate_once(addr: str, prompt: Prompt, params: SamplingParams | None = None,
                   timeout: float | None = None) -> dict[str, Any]:
     """Run one request to the end: {text, token_ids, finish_reason, num_prompt_tokens, ...}.
 

@@ -78,8 +78,10 @@ class _Generation:
             bad = [t for t in ids if not 0 <= t < info.vocab_size]
             if bad:
                 raise InvalidRequest(f"token ids must be in [0, {info.vocab_size}), got {bad[0]}")
+        elif kind == "chat":
+            ids = self.chat_ids(request.chat)
         else:
-            raise InvalidRequest("the request has no prompt (set text or token_ids)")
+            raise InvalidRequest("the request has no prompt (set text, token_ids or chat)")
         if not ids:
             raise InvalidRequest("the prompt is empty")
         check_context_length(len(ids), params.max_tokens, info.max_model_len)
@@ -93,6 +95,16 @@ class _Generation:
             tpot_slo_ms=request.tpot_slo_ms if request.HasField("tpot_slo_ms") else None,
             session_id=request.session_id or None,
         )
+
+    def chat_ids(self, chat: Any) -> list[int]:
+        """A `Chat` through the model's chat template; InvalidRequest for what the template refuses."""
+        messages = [{"role": m.role, "content": m.content} for m in chat.messages]
+        if not messages:
+            raise InvalidRequest("the chat has no messages")
+        try:
+            return self.owner.tokenizer.chat_ids(messages)
+        except Exception as e:  # a template error is the request's fault
+            raise InvalidRequest(f"cannot apply the chat template: {e}") from None
 
     def logprob(self, lp: TokenLogprobs) -> Any:
         msg = self.pb2.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob,

@@ -134,6 +134,22 @@ def test_generate_token_ids_prompt_logprobs_and_async_client(live: Live) -> None
     assert [i for i, _, _ in lps] == [t for c in chunks for t in c.token_ids]
 
 
+def test_chat_messages_go_through_the_chat_template_as_over_http(live: Live) -> None:
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
+    with GenerationClient(live.addr, timeout=60) as c:
+        chunks = list(c.generate(messages, greedy(6)))
+    http = live.oa.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=0,  # type: ignore
+                                           extra_body={"ignore_eos": True})
+    assert "".join(ch.text for ch in chunks) == http.choices[0].message.content
+    assert http.usage is not None and chunks[-1].prompt_tokens == http.usage.prompt_tokens
+    empty = build_request([{"role": "user", "content": "x"}], greedy(2))
+    del empty.chat.messages[:]
+    with GenerationClient(live.addr, timeout=30) as c:
+        with pytest.raises(grpc.RpcError) as e:
+            list(c.stub.Generate(empty, timeout=30))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "the chat has no messages" in e.value.details()
+
+
 def test_logit_bias_reaches_the_sampler(live: Live) -> None:
     params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, logit_bias={7: 100.0})
     with GenerationClient(live.addr, timeout=60) as c:

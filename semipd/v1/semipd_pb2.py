@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16semipd/v1/semipd.proto\x12\tsemipd.v1\x1a\x1cgoogle/protobuf/struct.proto\"\xeb\x06\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x03H\x00\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x02 \x01(\x03H\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x01H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\x05 \x01(\x05H\x04\x88\x01\x01\x12\x12\n\x05min_p\x18\x06 \x01(\x01H\x05\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x07 \x01(\x01H\x06\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x08 \x01(\x01H\x07\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\t \x01(\x01H\x08\x88\x01\x01\x12\x11\n\x04seed\x18\n \x01(\x03H\t\x88\x01\x01\x12\x0c\n\x04stop\x18\x0b \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0c \x03(\x03\x12\x12\n\nignore_eos\x18\r \x01(\x08\x12\x15\n\x08logprobs\x18\x0e \x01(\x05H\n\x88\x01\x01\x12\"\n\x1ainclude_stop_str_in_output\x18\x0f \x01(\x08\x12 \n\x13skip_special_tokens\x18\x10 \x01(\x08H\x0b\x88\x01\x01\x12\x17\n\ndetokenize\x18\x11 \x01(\x08H\x0c\x88\x01\x01\x12\x17\n\ncache_salt\x18\x12 \x01(\tH\r\x88\x01\x01\x12<\n\nlogit_bias\x18\x13 \x03(\x0b\x32(.semipd.v1.SamplingParams.LogitBiasEntry\x12\x1c\n\x0fprompt_logprobs\x18\x14 \x01(\x05H\x0e\x88\x01\x01\x12\x19\n\x11\x61llowed_token_ids\x18\x15 \x03(\x03\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x03\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\r\n\x0b_max_tokensB\r\n\x0b_min_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x07\n\x05_seedB\x0b\n\t_logprobsB\x16\n\x14_skip_special_tokensB\r\n\x0b_detokenizeB\r\n\x0b_cache_saltB\x12\n\x10_prompt_logprobs\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x03\"\x8e\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12(\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x13.semipd.v1.TokenIdsH\x00\x12)\n\x06params\x18\x04 \x01(\x0b\x32\x19.semipd.v1.SamplingParams\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\x18\n\x0bttft_slo_ms\x18\x06 \x01(\x01H\x01\x88\x01\x01\x12\x18\n\x0btpot_slo_ms\x18\x07 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\nsession_id\x18\x08 \x01(\tB\x08\n\x06promptB\x0e\n\x0c_ttft_slo_msB\x0e\n\x0c_tpot_slo_ms\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x03\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\"q\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x03\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12\"\n\x03top\x18\x03 \x03(\x0b\x32\x15.semipd.v1.TopLogprob\x12\x11\n\x04rank\x18\x04 \x01(\x05H\x00\x88\x01\x01\x42\x07\n\x05_rank\"\x8a\x01\n\nTokenChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x03\x12)\n\x08logprobs\x18\x03 \x03(\x0b\x32\x17.semipd.v1.TokenLogprob\x12\x30\n\x0fprompt_logprobs\x18\x04 \x03(\x0b\x32\x17.semipd.v1.TokenLogprob\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x03\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x03\x12\x15\n\rcached_tokens\x18\x03 \x01(\x03\"S\n\nCompletion\x12\x15\n\rfinish_reason\x18\x01 \x01(\t\x12\x1f\n\x05usage\x18\x02 \x01(\x0b\x32\x10.semipd.v1.Usage\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"\x81\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12&\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x15.semipd.v1.TokenChunkH\x00\x12)\n\x08\x63omplete\x18\x03 \x01(\x0b\x32\x15.semipd.v1.CompletionH\x00\x42\x06\n\x04kind\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x11\n\x0fGetLoadsRequest\"\x8e\x01\n\nEngineLoad\x12\x11\n\tengine_id\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x0f\n\x07healthy\x18\x03 \x01(\x08\x12\x10\n\x08\x64raining\x18\x04 \x01(\x08\x12\x11\n\tin_flight\x18\x05 \x01(\x03\x12&\n\x05stats\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\"8\n\x10GetLoadsResponse\x12$\n\x05loads\x18\x01 \x03(\x0b\x32\x15.semipd.v1.EngineLoad\"\x15\n\x13GetModelInfoRequest\"{\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tmodel_dir\x18\x02 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x03 \x01(\t\x12\x15\n\rmax_model_len\x18\x04 \x01(\x03\x12\x12\n\nvocab_size\x18\x05 \x01(\x03\x12\x0c\n\x04mode\x18\x06 \x01(\t2\x9a\x02\n\nGeneration\x12\x45\n\x08Generate\x12\x1a.semipd.v1.GenerateRequest\x1a\x1b.semipd.v1.GenerateResponse0\x01\x12:\n\x05\x41\x62ort\x12\x17.semipd.v1.AbortRequest\x1a\x18.semipd.v1.AbortResponse\x12\x43\n\x08GetLoads\x12\x1a.semipd.v1.GetLoadsRequest\x1a\x1b.semipd.v1.GetLoadsResponse\x12\x44\n\x0cGetModelInfo\x12\x1e.semipd.v1.GetModelInfoRequest\x1a\x14.semipd.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16semipd/v1/semipd.proto\x12\tsemipd.v1\x1a\x1cgoogle/protobuf/struct.proto\"\xeb\x06\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x03H\x00\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x02 \x01(\x03H\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x01H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\x05 \x01(\x05H\x04\x88\x01\x01\x12\x12\n\x05min_p\x18\x06 \x01(\x01H\x05\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x07 \x01(\x01H\x06\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x08 \x01(\x01H\x07\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\t \x01(\x01H\x08\x88\x01\x01\x12\x11\n\x04seed\x18\n \x01(\x03H\t\x88\x01\x01\x12\x0c\n\x04stop\x18\x0b \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0c \x03(\x03\x12\x12\n\nignore_eos\x18\r \x01(\x08\x12\x15\n\x08logprobs\x18\x0e \x01(\x05H\n\x88\x01\x01\x12\"\n\x1ainclude_stop_str_in_output\x18\x0f \x01(\x08\x12 \n\x13skip_special_tokens\x18\x10 \x01(\x08H\x0b\x88\x01\x01\x12\x17\n\ndetokenize\x18\x11 \x01(\x08H\x0c\x88\x01\x01\x12\x17\n\ncache_salt\x18\x12 \x01(\tH\r\x88\x01\x01\x12<\n\nlogit_bias\x18\x13 \x03(\x0b\x32(.semipd.v1.SamplingParams.LogitBiasEntry\x12\x1c\n\x0fprompt_logprobs\x18\x14 \x01(\x05H\x0e\x88\x01\x01\x12\x19\n\x11\x61llowed_token_ids\x18\x15 \x03(\x03\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x03\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\r\n\x0b_max_tokensB\r\n\x0b_min_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x07\n\x05_seedB\x0b\n\t_logprobsB\x16\n\x14_skip_special_tokensB\r\n\x0b_detokenizeB\r\n\x0b_cache_saltB\x12\n\x10_prompt_logprobs\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x03\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"0\n\x04\x43hat\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.semipd.v1.ChatMessage\"\xaf\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12(\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x13.semipd.v1.TokenIdsH\x00\x12\x1f\n\x04\x63hat\x18\t \x01(\x0b\x32\x0f.semipd.v1.ChatH\x00\x12)\n\x06params\x18\x04 \x01(\x0b\x32\x19.semipd.v1.SamplingParams\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\x18\n\x0bttft_slo_ms\x18\x06 \x01(\x01H\x01\x88\x01\x01\x12\x18\n\x0btpot_slo_ms\x18\x07 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\nsession_id\x18\x08 \x01(\tB\x08\n\x06promptB\x0e\n\x0c_ttft_slo_msB\x0e\n\x0c_tpot_slo_ms\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x03\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\"q\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x03\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12\"\n\x03top\x18\x03 \x03(\x0b\x32\x15.semipd.v1.TopLogprob\x12\x11\n\x04rank\x18\x04 \x01(\x05H\x00\x88\x01\x01\x42\x07\n\x05_rank\"\x8a\x01\n\nTokenChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x03\x12)\n\x08logprobs\x18\x03 \x03(\x0b\x32\x17.semipd.v1.TokenLogprob\x12\x30\n\x0fprompt_logprobs\x18\x04 \x03(\x0b\x32\x17.semipd.v1.TokenLogprob\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x03\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x03\x12\x15\n\rcached_tokens\x18\x03 \x01(\x03\"S\n\nCompletion\x12\x15\n\rfinish_reason\x18\x01 \x01(\t\x12\x1f\n\x05usage\x18\x02 \x01(\x0b\x32\x10.semipd.v1.Usage\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"\x81\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12&\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x15.semipd.v1.TokenChunkH\x00\x12)\n\x08\x63omplete\x18\x03 \x01(\x0b\x32\x15.semipd.v1.CompletionH\x00\x42\x06\n\x04kind\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x11\n\x0fGetLoadsRequest\"\x8e\x01\n\nEngineLoad\x12\x11\n\tengine_id\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x0f\n\x07healthy\x18\x03 \x01(\x08\x12\x10\n\x08\x64raining\x18\x04 \x01(\x08\x12\x11\n\tin_flight\x18\x05 \x01(\x03\x12&\n\x05stats\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\"8\n\x10GetLoadsResponse\x12$\n\x05loads\x18\x01 \x03(\x0b\x32\x15.semipd.v1.EngineLoad\"\x15\n\x13GetModelInfoRequest\"{\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tmodel_dir\x18\x02 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x03 \x01(\t\x12\x15\n\rmax_model_len\x18\x04 \x01(\x03\x12\x12\n\nvocab_size\x18\x05 \x01(\x03\x12\x0c\n\x04mode\x18\x06 \x01(\t2\x9a\x02\n\nGeneration\x12\x45\n\x08Generate\x12\x1a.semipd.v1.GenerateRequest\x1a\x1b.semipd.v1.GenerateResponse0\x01\x12:\n\x05\x41\x62ort\x12\x17.semipd.v1.AbortRequest\x1a\x18.semipd.v1.AbortResponse\x12\x43\n\x08GetLoads\x12\x1a.semipd.v1.GetLoadsRequest\x1a\x1b.semipd.v1.GetLoadsResponse\x12\x44\n\x0cGetModelInfo\x12\x1e.semipd.v1.GetModelInfoRequest\x1a\x14.semipd.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,34 +40,38 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=705
   _globals['_TOKENIDS']._serialized_start=945
   _globals['_TOKENIDS']._serialized_end=968
-  _globals['_GENERATEREQUEST']._serialized_start=971
-  _globals['_GENERATEREQUEST']._serialized_end=1241
-  _globals['_TOPLOGPROB']._serialized_start=1243
-  _globals['_TOPLOGPROB']._serialized_end=1290
-  _globals['_TOKENLOGPROB']._serialized_start=1292
-  _globals['_TOKENLOGPROB']._serialized_end=1405
-  _globals['_TOKENCHUNK']._serialized_start=1408
-  _globals['_TOKENCHUNK']._serialized_end=1546
-  _globals['_USAGE']._serialized_start=1548
-  _globals['_USAGE']._serialized_end=1628
-  _globals['_COMPLETION']._serialized_start=1630
-  _globals['_COMPLETION']._serialized_end=1713
-  _globals['_GENERATERESPONSE']._serialized_start=1716
-  _globals['_GENERATERESPONSE']._serialized_end=1845
-  _globals['_ABORTREQUEST']._serialized_start=1847
-  _globals['_ABORTREQUEST']._serialized_end=1881
-  _globals['_ABORTRESPONSE']._serialized_start=1883
-  _globals['_ABORTRESPONSE']._serialized_end=1913
-  _globals['_GETLOADSREQUEST']._serialized_start=1915
-  _globals['_GETLOADSREQUEST']._serialized_end=1932
-  _globals['_ENGINELOAD']._serialized_start=1935
-  _globals['_ENGINELOAD']._serialized_end=2077
-  _globals['_GETLOADSRESPONSE']._serialized_start=2079
-  _globals['_GETLOADSRESPONSE']._serialized_end=2135
-  _globals['_GETMODELINFOREQUEST']._serialized_start=2137
-  _globals['_GETMODELINFOREQUEST']._serialized_end=2158
-  _globals['_MODELINFO']._serialized_start=2160
-  _globals['_MODELINFO']._serialized_end=2283
-  _globals['_GENERATION']._serialized_start=2286
-  _globals['_GENERATION']._serialized_end=2568
+  _globals['_CHATMESSAGE']._serialized_start=970
+  _globals['_CHATMESSAGE']._serialized_end=1014
+  _globals['_CHAT']._serialized_start=1016
+  _globals['_CHAT']._serialized_end=1064
+  _globals['_GENERATEREQUEST']._serialized_start=1067
+  _globals['_GENERATEREQUEST']._serialized_end=1370
+  _globals['_TOPLOGPROB']._serialized_start=1372
+  _globals['_TOPLOGPROB']._serialized_end=1419
+  _globals['_TOKENLOGPROB']._serialized_start=1421
+  _globals['_TOKENLOGPROB']._serialized_end=1534
+  _globals['_TOKENCHUNK']._serialized_start=1537
+  _globals['_TOKENCHUNK']._serialized_end=1675
+  _globals['_USAGE']._serialized_start=1677
+  _globals['_USAGE']._serialized_end=1757
+  _globals['_COMPLETION']._serialized_start=1759
+  _globals['_COMPLETION']._serialized_end=1842
+  _globals['_GENERATERESPONSE']._serialized_start=1845
+  _globals['_GENERATERESPONSE']._serialized_end=1974
+  _globals['_ABORTREQUEST']._serialized_start=1976
+  _globals['_ABORTREQUEST']._serialized_end=2010
+  _globals['_ABORTRESPONSE']._serialized_start=2012
+  _globals['_ABORTRESPONSE']._serialized_end=2042
+  _globals['_GETLOADSREQUEST']._serialized_start=2044
+  _globals['_GETLOADSREQUEST']._serialized_end=2061
+  _globals['_ENGINELOAD']._serialized_start=2064
+  _globals['_ENGINELOAD']._serialized_end=2206
+  _globals['_GETLOADSRESPONSE']._serialized_start=2208
+  _globals['_GETLOADSRESPONSE']._serialized_end=2264
+  _globals['_GETMODELINFOREQUEST']._serialized_start=2266
+  _globals['_GETMODELINFOREQUEST']._serialized_end=2287
+  _globals['_MODELINFO']._serialized_start=2289
+  _globals['_MODELINFO']._serialized_end=2412
+  _globals['_GENERATION']._serialized_start=2415
+  _globals['_GENERATION']._serialized_end=2697
 # @@protoc_insertion_point(module_scope)
