@@ -391,7 +391,7 @@ def test_generation_config_eos_ids_stop_too(tiny_llama: Path, reference: Complet
     assert generation_defaults(tmp_path) == {"temperature": 0.6, "top_p": 0.9}  # bools and strings left out
     with LLM(tmp_path) as engine:
         out = run(engine, PROMPT, greedy())
-        assert engine.default_params() == SamplingParams(temperature=0.6, top_p=0.9)  # a call without parameters
+        assert engine.default_params == SamplingParams(temperature=0.6, top_p=0.9)  # a call without parameters
     assert (out.token_ids, out.finish_reason) == ([eos], "stop")
 
 

@@ -17,6 +17,7 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -346,7 +347,7 @@ class LLM(_Frontend):
         """Run all prompts together; returns one output per prompt, in order."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
-        params_list = _broadcast(params, len(prompts), self.default_params())
+        params_list = _broadcast(params, len(prompts), self.default_params)
         sink: queue.Queue[list[TokenDelta]] = queue.Queue()
         streams: list[OutputStream] = []
         try:
@@ -371,7 +372,7 @@ class LLM(_Frontend):
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[StreamChunk]:
         """Yield text deltas of one request as they come."""
-        return self._chunks(self._submit(prompt, params or self.default_params()))
+        return self._chunks(self._submit(prompt, params or self.default_params))
 
     def chat(self, messages: list[dict[str, Any]], params: SamplingParams | None = None) -> CompletionOutput:
         return self.generate([self.tokenizer.chat_ids(messages)], params)[0]
@@ -382,9 +383,10 @@ class LLM(_Frontend):
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
 
+    @cached_property
     def default_params(self) -> SamplingParams:
         """What a call without parameters samples with: the checkpoint's generation_config.json defaults (vLLM's
-        `get_default_sampling_params`), else SamplingParams' own."""
+        `get_default_sampling_params`), else SamplingParams' own; read once."""
         return SamplingParams(**generation_defaults(self.config.model))
 
 

@@ -12,6 +12,7 @@ Token counts come from the run's `PromptBuilder` (exact with a tokenizer, approx
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -76,26 +77,31 @@ def _in_seeded_order(items: list[Any], config: WorkloadConfig) -> Iterator[Any]:
         yield items[i]
 
 
+def _sharegpt_usable(path: Path, config: WorkloadConfig, builder: PromptBuilder
+                     ) -> Iterator[tuple[str, int, int, str]]:
+    """(prompt, prompt tokens, output tokens, profile) of the conversations vLLM's filter keeps, in seeded order."""
+    for prompt, completion in _in_seeded_order(sharegpt_pairs(path), config):
+        prompt_len, output_len = builder.count(prompt), builder.count(completion)
+        if (min(prompt_len, output_len) >= SHAREGPT_MIN_TOKENS and prompt_len <= SHAREGPT_MAX_PROMPT_TOKENS
+                and prompt_len + output_len <= SHAREGPT_MAX_TOTAL_TOKENS):
+            yield prompt, prompt_len, output_len, "sharegpt"
+
+
+def _custom_usable(path: Path, config: WorkloadConfig, builder: PromptBuilder) -> Iterator[tuple[str, int, int, str]]:
+    """(prompt, prompt tokens, output tokens, profile) of every line, in seeded order."""
+    for prompt, output_len in _in_seeded_order(custom_rows(path, config.output_len), config):
+        yield prompt, builder.count(prompt), output_len, "custom"
+
+
 def dataset_requests(config: WorkloadConfig, builder: PromptBuilder) -> list[BenchRequest]:
     """`config.num_prompts` requests from `config.dataset_path`; WorkloadError if the file holds fewer usable ones."""
     path = Path(str(config.dataset_path))
-    requests: list[BenchRequest] = []
-    if config.name == "sharegpt":
-        for prompt, completion in _in_seeded_order(sharegpt_pairs(path), config):
-            prompt_len, output_len = builder.count(prompt), builder.count(completion)
-            if (min(prompt_len, output_len) < SHAREGPT_MIN_TOKENS or prompt_len > SHAREGPT_MAX_PROMPT_TOKENS
-                    or prompt_len + output_len > SHAREGPT_MAX_TOTAL_TOKENS):
-                continue
-            requests.append(BenchRequest(len(requests), prompt, prompt_len, output_len, "sharegpt"))
-            if len(requests) == config.num_prompts:
-                return requests
-    else:
-        for prompt, output_len in _in_seeded_order(custom_rows(path, config.output_len), config):
-            requests.append(BenchRequest(len(requests), prompt, builder.count(prompt), output_len, "custom"))
-            if len(requests) == config.num_prompts:
-                return requests
-    raise WorkloadError(f"{path} holds {len(requests)} usable requests, fewer than --num-prompts "
-                        f"{config.num_prompts}")
+    usable = (_sharegpt_usable if config.name == "sharegpt" else _custom_usable)(path, config, builder)
+    requests = [BenchRequest(i, *row) for i, row in enumerate(itertools.islice(usable, config.num_prompts))]
+    if len(requests) < config.num_prompts:
+        raise WorkloadError(f"{path} holds {len(requests)} usable requests, fewer than --num-prompts "
+                            f"{config.num_prompts}")
+    return requests
 
 
 __all__ = ["dataset_requests", "custom_rows", "sharegpt_pairs"]

@@ -353,7 +353,6 @@ class OpenAIServer:
         finally:
             await stream.aclose()  # type: ignore[attr-defined]
 
-
     # -- routes --------------------------------------------------------------------
 
     async def completions(self, request: Request) -> Response:
