@@ -10,12 +10,16 @@ request is recomputed by prefill, generated tokens included.
 from __future__ import annotations
 
 import enum
+import json
 import math
 import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from actors.structured import Grammar
 
 
 class SamplingParamsError(ValueError):
@@ -27,6 +31,47 @@ class FinishReason(str, enum.Enum):
     LENGTH = "length"  # max_tokens or the context length
     ABORT = "abort"  # the client went away or asked to stop
     ERROR = "error"  # the engine failed this request
+
+
+@dataclass(frozen=True)
+class StructuredOutputsParams:
+    """What the output must match (vLLM's `structured_outputs`): exactly one of a JSON schema (`json`, a dict is
+    accepted and kept serialized), a regular expression, a list of `choice`s, a `grammar` (Lark or GBNF), or
+    `json_object` (any JSON object). `disable_any_whitespace`: JSON without whitespace between its tokens
+    (default: the model may place whitespace where JSON allows it).
+    A grammar's mistakes are found when the engine compiles it (`actors.structured`), also a
+    SamplingParamsError."""
+
+    json: str | None = None
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
+    grammar: str | None = None
+    json_object: bool = False
+    disable_any_whitespace: bool = False
+
+    def __post_init__(self) -> None:
+        if self.json is not None and not isinstance(self.json, str):
+            object.__setattr__(self, "json", json.dumps(self.json, sort_keys=True))
+        if self.choice is not None:
+            object.__setattr__(self, "choice", tuple(self.choice))
+        given = [k for k in ("json", "regex", "choice", "grammar") if getattr(self, k) is not None]
+        given += ["json_object"] if self.json_object else []
+        if len(given) != 1:
+            raise SamplingParamsError("structured_outputs needs exactly one of json, regex, choice, grammar and "
+                                      f"json_object, got {', '.join(given) or 'none'}")
+        if self.json is not None:
+            try:
+                schema = json.loads(self.json)
+            except json.JSONDecodeError as e:
+                raise SamplingParamsError(f"structured_outputs json is not valid JSON: {e}") from None
+            if not isinstance(schema, (dict, bool)):
+                raise SamplingParamsError("structured_outputs json must be a JSON schema (an object)")
+        if self.choice is not None and not (self.choice and all(isinstance(c, str) and c for c in self.choice)):
+            raise SamplingParamsError("structured_outputs choice must be a non-empty list of non-empty strings")
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, str) and value):
+                raise SamplingParamsError(f"structured_outputs {name} must be a non-empty string")
 
 
 @dataclass(frozen=True)
@@ -44,6 +89,8 @@ class SamplingParams:
     first, given those before it, plus the top n; such a request's prompt is computed whole (no
     prefix-cache hits), as in vLLM.
     `allowed_token_ids` (vLLM's): only these tokens may be picked (None: any).
+    `structured_outputs` (vLLM's): the output matches a JSON schema, regex, choice or grammar; it ends (finish
+    reason stop) once the grammar is complete, whatever `min_tokens` and `ignore_eos` say.
     """
 
     max_tokens: int = 16
@@ -67,6 +114,7 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()
     prompt_logprobs: int | None = None
     allowed_token_ids: tuple[int, ...] | None = None
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -75,6 +123,11 @@ class SamplingParams:
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         if self.allowed_token_ids is not None:
             object.__setattr__(self, "allowed_token_ids", tuple(self.allowed_token_ids))
+        if isinstance(self.structured_outputs, Mapping):
+            fields = set(StructuredOutputsParams.__dataclass_fields__)
+            self._check(set(self.structured_outputs) <= fields, "structured_outputs",
+                        f"takes only {', '.join(sorted(fields))}")
+            object.__setattr__(self, "structured_outputs", StructuredOutputsParams(**self.structured_outputs))
         bias = self.logit_bias.items() if isinstance(self.logit_bias, Mapping) else self.logit_bias
         object.__setattr__(self, "logit_bias", tuple((t, b) for t, b in bias))
         if self.top_k == -1:
@@ -162,6 +215,7 @@ class Request:
     first_token_time: float | None = None
     finish_reason: FinishReason | None = None
     generator: Any = None  # torch.Generator for seeded sampling
+    grammar: Grammar | None = None  # what the output must match, at the tokens so far (`structured_outputs`)
     prompt_logprobs: list[Any] = field(default_factory=list)  # `TokenLogprobs` of prompt tokens 1.. so far
     _abort_reason: FinishReason | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -228,6 +282,10 @@ class Request:
         while self.token_ids and self.token_ids[-1] == PENDING_TOKEN:
             self.token_ids.pop()
 
+    def is_stop_token(self, token_id: int) -> bool:
+        """Whether `token_id` is an EOS or stop token: when it ends the request, its text is not part of the output."""
+        return token_id in self.eos_token_ids or token_id in self.params.stop_token_ids
+
     def ends_by_length_at(self, num_tokens: int) -> bool:
         """Whether the request stops for length once it holds `num_tokens` tokens (known before sampling)."""
         return num_tokens - self.num_prompt_tokens >= self.params.max_tokens or num_tokens >= self.max_model_len
@@ -237,6 +295,8 @@ class Request:
         n_out = index + 1 - self.num_prompt_tokens
         if n_out == 1:
             self.first_token_time = time.monotonic()
+        if self.grammar is not None and self.grammar.accept(token_id):
+            return FinishReason.STOP
         if n_out >= self.params.min_tokens:
             if not self.params.ignore_eos and token_id in self.eos_token_ids:
                 return FinishReason.STOP
@@ -259,6 +319,7 @@ class TokenDelta:
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     error: str | None = None
+    ends_with_stop_token: bool = False  # the last new token is the EOS or stop token that ended the request
 
     @property
     def finished(self) -> bool:

@@ -202,11 +202,13 @@ def byte_ids(text: str) -> list[int]:
 
 def stream_text(tokenizer: Tokenizer, ids: list[int], params: SamplingParams,
                 end: FinishReason = FinishReason.LENGTH) -> tuple[list[StreamChunk], bool]:
-    """Feed ids one delta each (the last one finishing with `end`) until the stream is done."""
+    """Feed ids one delta each (the last one finishing with `end`, as a stop token if that is STOP) until the stream
+    is done."""
     stream = OutputStream("r", [1], params, tokenizer)
     chunks, stopped = [], False
     for i, t in enumerate(ids):
-        chunk, stopped = stream.process(TokenDelta("r", (t,), end if i == len(ids) - 1 else None))
+        reason = end if i == len(ids) - 1 else None
+        chunk, stopped = stream.process(TokenDelta("r", (t,), reason, ends_with_stop_token=reason == FinishReason.STOP))
         chunks.append(chunk)
         if stream.done:
             break

@@ -64,7 +64,11 @@ class _MarksAborts(EngineCore):
             self._marks.pop(request_id, None)
 
     def _admit(self, req: Request) -> FinishReason | None:
-        """Register an arriving request, unless an abort for it is pending (then return why)."""
+        """Register an arriving request, unless an abort for it is pending (then return why). A structured output's
+        grammar is compiled again here and advanced past the output so far (it is host state that does not travel)."""
+        if req.params.structured_outputs is not None:
+            req.grammar = self.grammars.compile(req.params.structured_outputs)
+            req.grammar.accept_all(req.output_token_ids)
         with self._lock:
             reason = self._marks.pop(req.request_id, None) or req.abort_requested
             if reason is None:

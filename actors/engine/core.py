@@ -37,6 +37,7 @@ from actors.scheduler.plan import BatchPlan, SeqChunk
 from actors.scheduler.prefill import OrderKey, PrefillScheduler
 from actors.slo.admission import EngineAdmission
 from actors.slo.ordering import make_order
+from actors.structured import GrammarCompiler
 
 log = logging.getLogger(__name__)
 PREFILL_SPEED_SPAN_S = 5.0  # the prefill iterations an engine's stats average (`EngineStats.recent_prefill_ms`) ...
@@ -143,6 +144,7 @@ class EngineCore:
         self.prefill = PrefillScheduler(kv, sched.max_prefill_tokens, sched.decode_reserve_pages, order)
         self.decode = DecodeScheduler(kv, sched.max_decode_seqs)
         self.partitioner: Partitioner = make_partitioner(self.device, config.mode, config.prefill_sms, config.splits)
+        self.grammars = GrammarCompiler(config.model, self.arch.vocab_size, self.arch.eos_token_ids)
         self.workers = self._make_workers()
         self._warm_up()
         self._requests: dict[str, Request] = {}
@@ -353,6 +355,7 @@ class EngineCore:
         if any(t < 0 or t >= self.arch.vocab_size for t in prompt_token_ids):
             raise ValueError(f"prompt token ids must be in [0, {self.arch.vocab_size})")
         params.check_vocab(self.arch.vocab_size)
+        grammar = self.grammars.compile(params.structured_outputs) if params.structured_outputs else None
         if self.admission is not None:
             priority = self.admission.admit(len(prompt_token_ids), priority, deadline)
         gen = None
@@ -368,6 +371,7 @@ class EngineCore:
             priority=priority,
             deadline=deadline,
             generator=gen,
+            grammar=grammar,
         )
         with self._lock:
             if request_id in self._requests:

@@ -165,8 +165,8 @@ class OutputStream:
         if new_ids:
             self.metrics.token_times.append(now)
         self.num_output_tokens += len(new_ids)
-        if delta.finish_reason == FinishReason.STOP and new_ids and not self.params.include_stop_str_in_output:
-            new_ids = new_ids[:-1]  # the EOS or stop token that ended the request: its text is not shown
+        if delta.ends_with_stop_token and not self.params.include_stop_str_in_output:
+            new_ids = new_ids[:-1]  # its text is not shown
         self.ids.extend(new_ids)
         new_text = ""
         if self.params.detokenize:

@@ -78,7 +78,7 @@ class Worker:
     from the current step's draw on the device, so the host work of a step (planning,
     attention plan, emitting tokens) hides behind the GPU. A request that ends at step n
     was already queued in step n + 1: that result is dropped, and its pages are freed
-    only once step n + 1 has finished. Batches that need penalties or logprobs, and
+    only once step n + 1 has finished. Batches that need penalties, logprobs or a grammar, and
     steps that would need a preemption, run one at a time.
     """
 
@@ -426,13 +426,14 @@ def _token_delta(req: Request, tok: int, lp: TokenLogprobs | None, reason: Finis
     first = req.num_output_tokens == 1 and req.params.prompt_logprobs is not None
     return TokenDelta(req.request_id, (tok,), reason, (lp,) if lp is not None else (),
                       prompt_logprobs=tuple(req.prompt_logprobs) if first else (),
-                      num_prompt_tokens=req.num_prompt_tokens, num_cached_tokens=req.num_cached_tokens)
+                      num_prompt_tokens=req.num_prompt_tokens, num_cached_tokens=req.num_cached_tokens,
+                      ends_with_stop_token=reason == FinishReason.STOP and req.is_stop_token(tok))
 
 
 def _overlappable(reqs: list[Request]) -> bool:
     """Whether a decode batch can be sampled before its previous step's tokens reach the host
-    (penalties need those tokens; logprobs are gathered on the host)."""
-    return all(not r.params.needs_penalties and r.params.logprobs is None for r in reqs)
+    (penalties and a grammar's mask need those tokens; logprobs are gathered on the host)."""
+    return all(not r.params.needs_penalties and r.params.logprobs is None and r.grammar is None for r in reqs)
 
 
 @dataclass

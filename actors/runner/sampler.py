@@ -1,6 +1,7 @@
 """Token sampling for a batch of requests with mixed parameters, on the logits' device.
 
-Order (as vLLM): logprobs of the raw distribution; penalties; logit bias; allowed tokens; min_tokens masking;
+Order (as vLLM): logprobs of the raw distribution; penalties; logit bias; allowed tokens; the grammar's mask
+(structured outputs); min_tokens masking;
 then greedy rows take the argmax, the others temperature, top-k, top-p and min-p,
 and draw with an exponential race (argmax p/q, q ~ Exp(1)), from the request's own
 generator when it has a seed, so a seeded request's tokens do not depend on its batch.
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from actors.request import Request
+from actors.structured import mask_logits
 from actors.runner.transfer import StagingRing, staging_ring, to_device
 
 
@@ -118,6 +120,8 @@ class Sampler:
             logits = self._add_logit_bias(logits, reqs)
         if any(r.params.allowed_token_ids is not None for r in reqs):
             logits = self._mask_disallowed(logits, reqs)
+        if any(r.grammar is not None for r in reqs):
+            logits = self._mask_by_grammar(logits, reqs)
         logits = self._mask_early_stops(logits, reqs)
         if all(r.params.greedy for r in reqs):
             chosen = logits.argmax(dim=-1)
@@ -188,11 +192,24 @@ class Sampler:
         return logits.masked_fill(~keep, float("-inf"))
 
     @staticmethod
+    def _mask_by_grammar(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
+        """Rows of requests with a grammar keep only the tokens it allows next (filled on the host, one queued copy
+        to the device)."""
+        grammars = [(i, r.grammar) for i, r in enumerate(reqs) if r.grammar is not None]
+        bitmask = torch.empty((len(grammars), grammars[0][1].bitmask_words), dtype=torch.int32)
+        for k, (_, grammar) in enumerate(grammars):
+            grammar.fill_bitmask(bitmask, k)
+        rows = [i for i, _ in grammars]
+        dev = logits.device
+        return mask_logits(logits, to_device(rows, torch.long, dev), to_device(bitmask.numpy(), torch.int32, dev))
+
+    @staticmethod
     def _mask_early_stops(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
+        """Rows of requests short of `min_tokens` cannot pick a stop token, unless a grammar decides the end."""
         rows: list[int] = []
         banned: list[int] = []
         for i, r in enumerate(reqs):
-            if r.num_output_tokens < r.params.min_tokens:
+            if r.num_output_tokens < r.params.min_tokens and r.grammar is None:
                 stops = [t for t in (*r.eos_token_ids, *r.params.stop_token_ids) if t < logits.shape[1]]
                 rows += [i] * len(stops)
                 banned += stops

@@ -1,0 +1,126 @@
+"""Grammars of structured outputs, on llguidance (vLLM's `guidance` backend; no dependency beyond its wheel).
+
+`GrammarCompiler` (one per engine) turns a request's `StructuredOutputsParams` into a `Grammar`: the request's
+matcher, advanced by each token it takes (`accept`). Before a draw the sampler asks each such request for the
+bitmask of the tokens that may come next (`fill_bitmask`, on the host) and masks the logits with it on their
+device (`mask_logits`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from actors.request import SamplingParamsError, StructuredOutputsParams
+
+log = logging.getLogger(__name__)
+
+
+def grammar_source(spec: StructuredOutputsParams) -> str:
+    """llguidance's grammar for `spec` (checked when a matcher is built on it, `GrammarCompiler.compile`)."""
+    import llguidance
+
+    options = {"whitespace_flexible": not spec.disable_any_whitespace}
+    if spec.json is not None:
+        return llguidance.LLMatcher.grammar_from_json_schema(spec.json, defaults=options)
+    if spec.json_object:
+        return llguidance.LLMatcher.grammar_from_json_schema('{"type": "object"}', defaults=options)
+    if spec.regex is not None:
+        return llguidance.grammar_from("regex", spec.regex)
+    if spec.choice is not None:
+        return llguidance.grammar_from("choice", json.dumps(list(spec.choice)))
+    assert spec.grammar is not None
+    return llguidance.grammar_from("grammar", spec.grammar)  # Lark, or GBNF (converted)
+
+
+class Grammar:
+    """One request's matcher: the tokens allowed next, and the tokens taken so far. Used by the worker that owns
+    the request only."""
+
+    def __init__(self, matcher: Any, vocab_size: int, eos_token_ids: Sequence[int]) -> None:
+        self._matcher = matcher
+        self.bitmask_words = (vocab_size + 31) // 32  # the width of a bitmask row
+        self._eos = frozenset(eos_token_ids)
+
+    def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
+        """Write the tokens that may come next into row `row` of `bitmask` [R, bitmask_words] (int32, on the host;
+        bit t % 32 of word t // 32 set: token t allowed). Once the grammar is complete only EOS is allowed."""
+        assert bitmask.dtype == torch.int32 and bitmask.device.type == "cpu" and bitmask.is_contiguous()
+        words = bitmask[row]
+        self._matcher.unsafe_compute_mask_ptr(words.data_ptr(), words.numel() * words.element_size())
+
+    def accept(self, token_id: int) -> bool:
+        """Advance past `token_id`; True when the output ends with it: the grammar is complete (nothing but EOS may
+        follow), or the token broke it (only if the mask was not applied: logged)."""
+        if self._matcher.is_stopped():  # complete before this token: it can only be EOS
+            return True
+        if not self._matcher.consume_token(token_id):
+            log.warning("a token the grammar does not allow was drawn (%d): %s", token_id, self._matcher.get_error())
+            return True
+        return self._matcher.is_stopped() or token_id in self._eos
+
+    def accept_all(self, token_ids: Sequence[int]) -> None:
+        """Advance past tokens already generated (a request arriving with output, from another engine)."""
+        for t in token_ids:
+            if self.accept(t):
+                break
+
+
+class GrammarCompiler:
+    """Builds `Grammar`s for one model's tokenizer. Wrapping the tokenizer (~1 s for a 128K vocabulary) waits for
+    the first structured request; thread-safe."""
+
+    def __init__(self, model_dir: str | Path, vocab_size: int, eos_token_ids: Sequence[int]) -> None:
+        self.model_dir = Path(model_dir)
+        self.vocab_size = vocab_size
+        self.eos_token_ids = tuple(eos_token_ids)
+        self._tokenizer: Any = None
+        self._lock = threading.Lock()
+
+    def compile(self, spec: StructuredOutputsParams) -> Grammar:
+        """A fresh matcher for `spec`; SamplingParamsError (naming the mistake) if the grammar is invalid."""
+        try:
+            import llguidance
+        except ImportError:
+            raise SamplingParamsError("structured_outputs need the llguidance package, which this server lacks") \
+                from None
+        try:
+            source = grammar_source(spec)
+        except ValueError as e:
+            raise SamplingParamsError(f"invalid structured_outputs: {e}") from None
+        tokenizer = self._llg_tokenizer()
+        matcher = llguidance.LLMatcher(tokenizer, source, log_level=0)
+        if matcher.is_error():
+            raise SamplingParamsError(f"invalid structured_outputs: {_first_lines(matcher.get_error())}")
+        return Grammar(matcher, tokenizer.vocab_size, self.eos_token_ids)
+
+    def _llg_tokenizer(self) -> Any:
+        with self._lock:
+            if self._tokenizer is None:
+                import llguidance.hf
+                from transformers import AutoTokenizer
+
+                hf = AutoTokenizer.from_pretrained(str(self.model_dir))
+                n_vocab = max(self.vocab_size, len(hf))
+                self._tokenizer = llguidance.hf.from_tokenizer(hf, n_vocab=n_vocab, eos_token=list(self.eos_token_ids))
+            return self._tokenizer
+
+
+def _first_lines(message: str, n: int = 4) -> str:
+    return "\n".join(message.strip().splitlines()[:n])
+
+
+def mask_logits(logits: torch.Tensor, rows: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    """`logits` [N, V] with each token that `bitmask[r]` [R, W] (int32, on the logits' device, W * 32 >= V) does not
+    allow set to -inf in row `rows[r]`; the other rows unchanged."""
+    shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
+    allowed = ((bitmask[:, :, None] >> shifts) & 1).bool().flatten(1)[:, : logits.shape[1]]  # [R, V]
+    out = logits.clone()
+    out[rows] = logits[rows].masked_fill(~allowed, float("-inf"))
+    return out
