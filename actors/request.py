@@ -51,7 +51,7 @@ class StructuredOutputsParams:
 
     def __post_init__(self) -> None:
         if self.json is not None and not isinstance(self.json, str):
-            object.__setattr__(self, "json", json.dumps(self.json, sort_keys=True))
+            object.__setattr__(self, "json", json.dumps(self.json))  # key order kept: properties come in it
         if self.choice is not None:
             object.__setattr__(self, "choice", tuple(self.choice))
         given = [k for k in ("json", "regex", "choice", "grammar") if getattr(self, k) is not None]

@@ -19,7 +19,7 @@ from typing import Any
 
 import grpc
 
-from actors.request import SamplingParams
+from actors.request import SamplingParams, StructuredOutputsParams
 
 Prompt = str | Sequence[int] | Sequence[Mapping[str, str]]  # text, token ids, or chat messages (role, content)
 
@@ -86,6 +86,23 @@ def params_to_proto(params: SamplingParams) -> Any:
         msg.cache_salt = params.cache_salt
     if params.prompt_logprobs is not None:
         msg.prompt_logprobs = params.prompt_logprobs
+    if params.structured_outputs is not None:
+        msg.structured_outputs.CopyFrom(structured_to_proto(params.structured_outputs))
+    return msg
+
+
+def structured_to_proto(spec: StructuredOutputsParams) -> Any:
+    """A `StructuredOutputs` message (its one kind set) from StructuredOutputsParams."""
+    pb2, _ = load_stubs()
+    msg = pb2.StructuredOutputs(disable_any_whitespace=spec.disable_any_whitespace)
+    if spec.choice is not None:
+        msg.choice.choices.extend(spec.choice)
+    elif spec.json_object:
+        msg.json_object = True
+    else:
+        for kind in ("json", "regex", "grammar"):
+            if getattr(spec, kind) is not None:
+                setattr(msg, kind, getattr(spec, kind))
     return msg
 
 

@@ -27,7 +27,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from actors.config import generation_defaults
 from actors.engine.core import check_context_length
 from actors.engine.frontend import StreamChunk, Tokenizer
-from actors.request import SamplingParams
+from actors.request import SamplingParams, StructuredOutputsParams
 from actors.runner.sampler import TokenLogprobs
 from actors.slo.admission import AdmissionRejected
 from cluster.engine_client import EngineClient, GenerateRequest, NoCapacityError
@@ -53,7 +53,21 @@ def params_from_proto(msg: Any, defaults: dict[str, float | int] | None = None) 
     kwargs.update(stop=tuple(msg.stop), stop_token_ids=tuple(msg.stop_token_ids), ignore_eos=msg.ignore_eos,
                   include_stop_str_in_output=msg.include_stop_str_in_output, logit_bias=dict(msg.logit_bias),
                   allowed_token_ids=tuple(msg.allowed_token_ids) or None)
+    if msg.HasField("structured_outputs"):
+        kwargs["structured_outputs"] = structured_from_proto(msg.structured_outputs)
     return SamplingParams(**kwargs)
+
+
+def structured_from_proto(msg: Any) -> StructuredOutputsParams:
+    """StructuredOutputsParams from a `StructuredOutputs` message; SamplingParamsError (INVALID_ARGUMENT) when its
+    kind is unset or malformed (a grammar that does not compile is found by the engine, also a SamplingParamsError)."""
+    kind = msg.WhichOneof("kind")
+    kwargs: dict[str, Any] = {"disable_any_whitespace": msg.disable_any_whitespace}
+    if kind == "choice":
+        kwargs["choice"] = tuple(msg.choice.choices)
+    elif kind is not None:
+        kwargs[kind] = getattr(msg, kind)
+    return StructuredOutputsParams(**kwargs)
 
 
 class _Generation:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -16,13 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import jsonschema
 import openai
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from actors.config import EngineConfig, SchedulerConfig
 from actors.engine.frontend import StreamChunk, Tokenizer
-from actors.request import SamplingParams
+from actors.request import SamplingParams, SamplingParamsError, StructuredOutputsParams
 from actors.slo.admission import AdmissionRejected
 from cluster.engine_client import GenerateRequest, LocalEngineClient, NoCapacityError
 from cluster.grpc_client import (
@@ -33,8 +35,9 @@ from cluster.grpc_client import (
     build_request,
     generate_once,
     load_stubs,
+    params_to_proto,
 )
-from cluster.grpc_server import SERVICE_NAME, GrpcServer
+from cluster.grpc_server import SERVICE_NAME, GrpcServer, params_from_proto
 from cluster.openai_api import create_app
 
 from support import LiveServer, LoopThread, wait_until
@@ -218,14 +221,98 @@ PB2, _ = load_stubs()
     ("Hi", PB2.SamplingParams(cache_salt=""), "cache_salt must be a non-empty string"),
     ("Hi", PB2.SamplingParams(logit_bias={10**6: 1.0}), "logit_bias token ids must be in"),
     ("Hi", PB2.SamplingParams(logit_bias={5: -101.0}), "logit_bias values must be in [-100, 100]"),
+    ("Hi", PB2.SamplingParams(structured_outputs=PB2.StructuredOutputs()),
+     "structured_outputs needs exactly one of json, regex, choice, grammar and json_object, got none"),
+    ("Hi", PB2.SamplingParams(structured_outputs=PB2.StructuredOutputs(json="{not json")),
+     "structured_outputs json is not valid JSON"),
+    ("Hi", PB2.SamplingParams(structured_outputs=PB2.StructuredOutputs(choice=PB2.ChoiceList())),
+     "structured_outputs choice must be a non-empty list of non-empty strings"),
+    ("Hi", PB2.SamplingParams(structured_outputs=PB2.StructuredOutputs(json_object=False)),
+     "got none"),
+    ("Hi", PB2.SamplingParams(structured_outputs=PB2.StructuredOutputs(grammar="start: foo")),
+     'unknown name: "foo"'),  # compiled (and refused) by the engine
 ], ids=["temperature", "negative-max-tokens", "too-long", "bad-token-id", "empty", "empty-cache-salt",
-        "logit-bias-token", "logit-bias-value"])
+        "logit-bias-token", "logit-bias-value", "structured-no-kind", "structured-bad-json", "structured-no-choices",
+        "structured-json-object-false", "structured-bad-grammar"])
 def test_invalid_argument(live: Live, prompt: Any, params: Any, message: str) -> None:
     with GenerationClient(live.addr, timeout=30) as c:
         with pytest.raises(GrpcInvalidArgument) as e:
             list(c.generate(prompt, params))
     assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
     assert message in e.value.details
+
+
+def structured(max_tokens: int = 48, **spec: Any) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, structured_outputs=StructuredOutputsParams(**spec))
+
+
+def run_to_end(live: Live, prompt: Any, params: SamplingParams) -> tuple[str, str | None]:
+    with GenerationClient(live.addr, timeout=60) as c:
+        chunks = list(c.generate(prompt, params))
+    return "".join(ch.text for ch in chunks), chunks[-1].finish_reason
+
+
+def test_structured_outputs_choice_regex_and_json_schema(live: Live) -> None:
+    text, reason = run_to_end(live, "Answer:", structured(choice=["yes", "no way"]))
+    assert text in ("yes", "no way") and reason == "stop"
+    text, reason = run_to_end(live, "Letters:", structured(regex=r"[a-c]{2,5}x"))
+    assert re.fullmatch(r"[a-c]{2,5}x", text) and reason == "stop"
+    schema = {"type": "object", "additionalProperties": False, "required": ["color", "ok"],
+              "properties": {"color": {"enum": ["red", "green", "blue"]}, "ok": {"type": "boolean"}}}
+    text, reason = run_to_end(live, "JSON:", structured(json=schema, disable_any_whitespace=True))
+    assert reason == "stop"
+    jsonschema.validate(json.loads(text), schema)
+    assert not re.search(r"\s", text)
+
+
+def test_invalid_structured_outputs_do_not_hurt_other_requests(live: Live) -> None:
+    """A regex the dataclass accepts but the engine cannot compile: INVALID_ARGUMENT, nothing left queued, and the
+    next request (structured or not), as well as one running meanwhile, finish as usual."""
+    wait_until(live.idle, what="the engine to go idle")
+    with GenerationClient(live.addr, timeout=60) as c, GenerationClient(live.addr, timeout=60) as other:
+        running = c.generate("Keep going", greedy(30))
+        assert next(running).token_ids
+        with pytest.raises(GrpcInvalidArgument) as e:
+            list(other.generate("Hi", structured(regex="[a-"), request_id="grpc-bad-regex"))
+        assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert "structured_outputs" in e.value.details and 'invalid regex "[a-"' in e.value.details
+        assert list(running)[-1].finish_reason == "length"
+        # the id was never taken: it can be used again, with a valid regex
+        chunks = list(other.generate("Hi", structured(regex="[a-c]{2,5}x"), request_id="grpc-bad-regex"))
+    assert re.fullmatch(r"[a-c]{2,5}x", "".join(ch.text for ch in chunks)) and chunks[-1].finish_reason == "stop"
+    wait_until(live.idle, what="the engine to go idle")
+
+
+@pytest.mark.parametrize("spec", [
+    {"json": {"type": "object", "properties": {"a": {"type": "integer"}}}},
+    {"json": '{"type": "array"}', "disable_any_whitespace": True},
+    {"regex": "[a-c]{2,5}x"},
+    {"choice": ["yes", "no way"]},
+    {"grammar": 'start: "a"+'},
+    {"json_object": True},
+    {"json_object": True, "disable_any_whitespace": True},
+], ids=["json-dict", "json-str", "regex", "choice", "grammar", "json-object", "json-object-compact"])
+def test_structured_outputs_round_trip(spec: dict[str, Any]) -> None:
+    params = SamplingParams(max_tokens=7, structured_outputs=StructuredOutputsParams(**spec))
+    msg = params_to_proto(params)
+    so = msg.structured_outputs
+    kind = next(k for k in ("json", "regex", "choice", "grammar", "json_object") if k in spec)
+    assert so.WhichOneof("kind") == kind and so.disable_any_whitespace == spec.get("disable_any_whitespace", False)
+    wire = PB2.SamplingParams.FromString(msg.SerializeToString())
+    assert params_from_proto(wire) == params
+    assert params_from_proto(params_to_proto(SamplingParams())).structured_outputs is None
+    assert not params_to_proto(SamplingParams()).HasField("structured_outputs")
+
+
+def test_structured_outputs_oneof_keeps_one_kind() -> None:
+    """The proto's oneof cannot carry two kinds (the last one set wins); the dataclass refuses two."""
+    so = PB2.StructuredOutputs(regex="a+")
+    so.choice.choices.append("x")
+    assert so.WhichOneof("kind") == "choice" and not so.HasField("regex")
+    assert params_from_proto(PB2.SamplingParams(structured_outputs=so)).structured_outputs == \
+        StructuredOutputsParams(choice=("x",))
+    with pytest.raises(SamplingParamsError, match="got regex, choice"):
+        StructuredOutputsParams(regex="a+", choice=["x"])
 
 
 class RefusingClient:

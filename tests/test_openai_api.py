@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import socket
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -296,6 +297,85 @@ def test_allowed_token_ids_and_prompt_truncation(live: Live) -> None:
     assert full.usage.prompt_tokens == 30  # type: ignore[union-attr]
 
 
+NO_WHITESPACE = {str(ord(c)): -100 for c in " \t\r\n"}  # the tiny tokenizer's ids are its bytes
+COLOR_SCHEMA = {"type": "object", "properties": {"color": {"enum": ["red", "green"]}, "ok": {"type": "boolean"}},
+                "required": ["color", "ok"], "additionalProperties": False}
+
+
+def test_response_format_json_schema_and_json_object(live: Live) -> None:
+    """OpenAI's response_format through the official client: the content validates against the schema (logit_bias
+    keeps the random model off JSON's optional whitespace, and the grammar's mask comes after it)."""
+    import jsonschema
+
+    msgs = [{"role": "user", "content": "Pick a color"}]
+    r = live.oa.chat.completions.create(
+        model=MODEL, messages=msgs, max_tokens=64, temperature=0, logit_bias=NO_WHITESPACE,  # type: ignore[arg-type]
+        response_format={"type": "json_schema", "json_schema": {"name": "pick", "schema": COLOR_SCHEMA}})
+    assert r.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(r.choices[0].message.content or ""), COLOR_SCHEMA)
+    r = live.oa.chat.completions.create(model=MODEL, messages=msgs, max_tokens=64, temperature=0,  # type: ignore
+                                        response_format={"type": "json_object"}, logit_bias={"125": 100})  # "}"
+    assert (r.choices[0].message.content, r.choices[0].finish_reason) == ("{}", "stop")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_structured_outputs_on_completions(live: Live, stream: bool) -> None:
+    """vLLM's `structured_outputs` in the body (the openai client's extra_body), streamed or not, n > 1."""
+    regex = r"[0-9]{3}-[a-z]{2,4}"
+    kw: dict[str, Any] = dict(model=MODEL, prompt="Code:", max_tokens=32, temperature=1.0, seed=5, n=3,
+                              extra_body={"structured_outputs": {"regex": regex}})
+    if stream:
+        texts = ["", "", ""]
+        for c in live.oa.completions.create(stream=True, **kw):
+            for choice in c.choices:
+                texts[choice.index] += choice.text
+    else:
+        texts = [c.text for c in live.oa.completions.create(**kw).choices]
+    assert all(re.fullmatch(regex, t) for t in texts), texts
+    choices = ["alpha", "beta gamma"]
+    r = live.oa.completions.create(model=MODEL, prompt="Pick:", max_tokens=32, temperature=0,
+                                   extra_body={"structured_outputs": {"choice": choices}})
+    assert r.choices[0].text in choices and r.choices[0].finish_reason == "stop"
+
+
+UNIT_TOOL = {"type": "function", "function": {"name": "get_temperature", "parameters": {
+    "type": "object", "properties": {"unit": {"enum": ["celsius", "fahrenheit"]}}, "required": ["unit"],
+    "additionalProperties": False}}}
+FLAG_TOOL = {"type": "function", "function": {"name": "set_flag", "parameters": {
+    "type": "object", "properties": {"on": {"type": "boolean"}}, "required": ["on"], "additionalProperties": False}}}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "set_flag"}}])
+def test_a_required_or_named_tool_choice_forces_valid_calls(live: Live, tool_choice: Any, stream: bool) -> None:
+    """The grammar built from the tools' parameter schemas makes the random model call them: every call names a
+    given tool (the named one when named) and its arguments validate against that tool's schema."""
+    import jsonschema
+
+    kw: dict[str, Any] = dict(model=MODEL, messages=[{"role": "user", "content": "Do it"}], max_tokens=120,
+                              temperature=0, tools=[UNIT_TOOL, FLAG_TOOL], tool_choice=tool_choice)
+    if stream:
+        calls: dict[int, list[str]] = {}
+        finish = None
+        for c in live.oa.chat.completions.create(stream=True, **kw):
+            for t in c.choices[0].delta.tool_calls or []:
+                entry = calls.setdefault(t.index, ["", ""])
+                entry[0] += (t.function.name or "") if t.function else ""
+                entry[1] += (t.function.arguments or "") if t.function else ""
+            finish = c.choices[0].finish_reason or finish
+        got = [(name, args) for name, args in (calls[k] for k in sorted(calls))]
+    else:
+        r = live.oa.chat.completions.create(**kw)
+        finish = r.choices[0].finish_reason
+        assert not r.choices[0].message.content
+        got = [(t.function.name, t.function.arguments) for t in r.choices[0].message.tool_calls or []]
+    assert finish == "tool_calls" and got
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in (UNIT_TOOL, FLAG_TOOL)}
+    for name, args in got:
+        assert name in schemas and (tool_choice == "required" or name == "set_flag")
+        jsonschema.validate(json.loads(args), schemas[name])
+
+
 def test_chat_prompt_logprobs(live: Live) -> None:
     chat = live.oa.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2,
                                            temperature=0, extra_body={"prompt_logprobs": 0})
@@ -425,6 +505,16 @@ BAD_REQUESTS: list[tuple[str, str, bytes, int, str]] = [
     ("prompt-logprobs-range", "/v1/completions", _body(prompt_logprobs=21), 400, "prompt_logprobs must be in [0, 20]"),
     ("empty-cache-salt", "/v1/completions", json.dumps({"model": MODEL, "prompt": "a", "cache_salt": ""}).encode(), 400,
      "cache_salt must be a non-empty string"),
+    ("structured-regex", "/v1/completions", _body(structured_outputs={"regex": "[a-"}), 400,
+     "structured_outputs is invalid"),
+    ("structured-two-kinds", "/v1/completions", _body(structured_outputs={"regex": "a", "choice": ["b"]}), 400,
+     "exactly one of"),
+    ("structured-and-format", "/v1/completions",
+     _body(structured_outputs={"regex": "a"}, response_format={"type": "json_object"}), 400, "not both"),
+    ("response-format-type", "/v1/completions", _body(response_format={"type": "xml"}), 400,
+     "response_format type must be"),
+    ("response-format-no-schema", "/v1/completions", _body(response_format={"type": "json_schema"}), 400,
+     "json_schema.schema"),
     ("invalid-utf8", "/v1/completions", b'{"model": "tiny", "prompt": "\xff\xfe\xfa"}', 400, "not valid UTF-8"),
     ("body-too-large", "/v1/completions", b'{"prompt": "' + b"a" * (10 * 1000 * 1000) + b'"}', 413,
      "larger than the limit"),
@@ -708,8 +798,10 @@ def test_tool_choice_and_plain_text_with_tools(tool_template_tokenizer: Path) ->
     ignored = chat(ScriptedClient('<tool_call>{"name": "x", "arguments": {}}</tool_call>'), tools=[WEATHER_TOOL],
                    tool_choice="none").json()["choices"][0]
     assert ignored["message"]["tool_calls"] == [] and ignored["message"]["content"].startswith("<tool_call>")
-    for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
-        r = chat(StubClient(), tools=[WEATHER_TOOL], tool_choice=choice)
+    for body in ({"tool_choice": {"type": "function", "function": {"name": "not_a_tool"}}, "tools": [WEATHER_TOOL]},
+                 {"tool_choice": "required"},
+                 {"tool_choice": "required", "tools": [WEATHER_TOOL], "response_format": {"type": "json_object"}}):
+        r = chat(StubClient(), **body)
         assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice"
     bad = chat(StubClient(), tools=[{"type": "function", "function": {"description": "no name"}}])
     assert bad.status_code == 400 and "tools.0.function.name" in bad.json()["error"]["message"]

@@ -299,6 +299,7 @@ class EngineCore:
             except BaseException:
                 self.shutdown()  # a worker that could not start leaves none running
                 raise
+            self.grammars.prepare_in_background()
 
     def shutdown(self) -> None:
         """Stop the workers, then give back what the engine holds on the device beyond its own

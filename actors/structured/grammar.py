@@ -73,8 +73,9 @@ class Grammar:
 
 
 class GrammarCompiler:
-    """Builds `Grammar`s for one model's tokenizer. Wrapping the tokenizer (~1 s for a 128K vocabulary) waits for
-    the first structured request; thread-safe."""
+    """Builds `Grammar`s for one model's tokenizer; thread-safe. Wrapping the tokenizer takes ~1 s for a 128K
+    vocabulary: `prepare_in_background` does it before the first structured request needs it (the request is
+    compiled where it is added, in a server's event loop)."""
 
     def __init__(self, model_dir: str | Path, vocab_size: int, eos_token_ids: Sequence[int]) -> None:
         self.model_dir = Path(model_dir)
@@ -88,17 +89,31 @@ class GrammarCompiler:
         try:
             import llguidance
         except ImportError:
-            raise SamplingParamsError("structured_outputs need the llguidance package, which this server lacks") \
+            raise SamplingParamsError("structured_outputs needs the llguidance package, which this server lacks") \
                 from None
         try:
             source = grammar_source(spec)
         except ValueError as e:
-            raise SamplingParamsError(f"invalid structured_outputs: {e}") from None
-        tokenizer = self._llg_tokenizer()
+            raise SamplingParamsError(f"structured_outputs is invalid: {e}") from None
+        try:
+            tokenizer = self._llg_tokenizer()
+        except OSError as e:
+            raise SamplingParamsError(f"structured_outputs needs the model's tokenizer: {e}") from None
         matcher = llguidance.LLMatcher(tokenizer, source, log_level=0)
         if matcher.is_error():
-            raise SamplingParamsError(f"invalid structured_outputs: {_first_lines(matcher.get_error())}")
+            raise SamplingParamsError(f"structured_outputs is invalid: {_first_lines(matcher.get_error())}")
         return Grammar(matcher, tokenizer.vocab_size, self.eos_token_ids)
+
+    def prepare_in_background(self) -> None:
+        """Wrap the tokenizer on a thread of its own; a failure (no llguidance, no tokenizer) is left for the first
+        structured request to report."""
+        def prepare() -> None:
+            try:
+                self._llg_tokenizer()
+            except Exception as e:
+                log.info("structured outputs not prepared: %s", e)
+
+        threading.Thread(target=prepare, name="grammar-tokenizer", daemon=True).start()
 
     def _llg_tokenizer(self) -> Any:
         with self._lock:

@@ -10,6 +10,7 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from actors.request import SamplingParamsError, StructuredOutputsParams
 from cluster.openai_api.errors import APIError
 
 MAX_N = 128
@@ -23,6 +24,18 @@ class _Schema(BaseModel):
 class StreamOptions(_Schema):
     include_usage: bool = False
     continuous_usage_stats: bool = False  # vLLM's: every chunk carries its choice's token counts so far
+
+
+class StructuredOutputsFields(_Schema):
+    """vLLM's `structured_outputs`: exactly one of a JSON schema, a regex, choices, a grammar (Lark or GBNF) or
+    any JSON object."""
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    disable_any_whitespace: bool = False
 
 
 class SamplingFields(_Schema):
@@ -53,6 +66,41 @@ class SamplingFields(_Schema):
     prompt_logprobs: int | None = None
     allowed_token_ids: list[int] | None = None
     truncate_prompt_tokens: int | None = Field(None, ge=1)
+    structured_outputs: StructuredOutputsFields | None = None
+    response_format: dict[str, Any] | None = None
+
+    def structured_outputs_params(self) -> StructuredOutputsParams | None:
+        """What the output must match: vLLM's `structured_outputs` or OpenAI's `response_format` (`json_object`,
+        or `json_schema` with its `schema`); 400 for both at once, or for one that is malformed."""
+        fmt = self.response_format_params()
+        if self.structured_outputs is None:
+            return fmt
+        if fmt is not None:
+            raise APIError(400, "give structured_outputs or a response_format other than text, not both",
+                           param="structured_outputs")
+        so = self.structured_outputs
+        try:
+            return StructuredOutputsParams(json=so.json_, regex=so.regex, choice=so.choice, grammar=so.grammar,
+                                           json_object=bool(so.json_object),
+                                           disable_any_whitespace=so.disable_any_whitespace)
+        except SamplingParamsError as e:
+            raise APIError(400, str(e), param="structured_outputs") from None
+
+    def response_format_params(self) -> StructuredOutputsParams | None:
+        fmt = self.response_format
+        if fmt is None or fmt.get("type", "text") == "text":
+            return None
+        if fmt.get("type") == "json_object":
+            return StructuredOutputsParams(json_object=True)
+        if fmt.get("type") == "json_schema":
+            spec = fmt.get("json_schema")
+            schema = spec.get("schema") if isinstance(spec, dict) else None
+            if not isinstance(schema, dict):
+                raise APIError(400, "response_format json_schema needs json_schema.schema, a JSON schema object",
+                               param="response_format")
+            return StructuredOutputsParams(json=schema)
+        raise APIError(400, f"response_format type must be text, json_object or json_schema, got {fmt.get('type')!r}",
+                       param="response_format")
 
     def truncated(self, ids: list[int]) -> list[int]:
         """`ids` cut to their last `truncate_prompt_tokens` (vLLM's), if set."""
@@ -139,20 +187,28 @@ class ChatCompletionRequest(SamplingFields, ChatTemplateFields):
     top_logprobs: int | None = None
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
-    response_format: dict[str, Any] | None = None
 
-    def reads_tool_calls(self) -> bool:
-        """Whether the output is read for tool calls: tools given and `tool_choice` auto (its default then);
-        400 for a choice that needs structured outputs (`required`, a named function)."""
+    def tool_choice_mode(self) -> str | None:
+        """How the output is read for tool calls: None (not), "auto" (the parser finds calls, if any),
+        "required" (one or more calls, forced by a grammar), or a function's name (that function, forced);
+        400 for a choice that names no given tool, or that comes with a format of its own."""
         choice = self.tool_choice if self.tool_choice is not None else ("auto" if self.tools else "none")
         if choice == "none":
-            return False
-        if choice != "auto":
-            raise APIError(400, "tool_choice 'required' or a named function needs structured outputs, which this "
-                                "server does not offer; use 'auto' or 'none'", param="tool_choice")
+            return None
         if not self.tools:
-            raise APIError(400, "tool_choice 'auto' needs tools", param="tool_choice")
-        return True
+            raise APIError(400, f"tool_choice {choice!r} needs tools", param="tool_choice")
+        if choice == "auto":
+            return "auto"
+        if self.structured_outputs is not None or self.response_format_params() is not None:
+            raise APIError(400, "a required or named tool_choice cannot be combined with structured_outputs or "
+                                "response_format", param="tool_choice")
+        if choice == "required":
+            return "required"
+        name = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
+        if choice.get("type", "function") != "function" or name not in {t.function.name for t in self.tools}:
+            raise APIError(400, f"tool_choice must be none, auto, required or {{'type': 'function', 'function': "
+                                f"{{'name': <one of the tools>}}}}, got {choice!r}", param="tool_choice")
+        return name
 
 
 class TokenizeRequest(ChatTemplateFields):

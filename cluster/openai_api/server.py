@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from actors.config import generation_defaults
 from actors.engine.core import PromptTooLongError, check_context_length
 from actors.engine.frontend import StreamChunk, Tokenizer
-from actors.request import SamplingParams, SamplingParamsError
+from actors.request import SamplingParams, SamplingParamsError, StructuredOutputsParams
 from cluster.engine_client import EngineClient, EngineLoad, GenerateRequest
 from cluster.metrics import ServingMetrics
 from cluster.openai_api.errors import APIError, ClientDisconnected, engine_error, error_body
@@ -35,7 +35,9 @@ from cluster.openai_api.schemas import (
     parse_body,
 )
 from cluster.openai_api.streams import merge_streams, until_disconnect
-from cluster.openai_api.tools import parser_named, template_messages
+from cluster.openai_api.tools import (
+    ForcedCalls, ToolCallParser, forced_calls_schema, parser_named, template_messages,
+)
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +140,7 @@ class OpenAIServer:
     # -- building requests ---------------------------------------------------------
 
     def sampling_params(self, body: SamplingFields, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None,
-                        index: int) -> SamplingParams:
+                        index: int, structured: StructuredOutputsParams | None = None) -> SamplingParams:
         """The engine's parameters for choice `index` of `body` (the seed offset by the index; sampling fields left
         out take the checkpoint's generation defaults); 400 for an invalid one."""
         stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
@@ -148,7 +150,7 @@ class OpenAIServer:
             stop_token_ids=tuple(body.stop_token_ids or ()), ignore_eos=body.ignore_eos, logprobs=logprobs,
             include_stop_str_in_output=body.include_stop_str_in_output, skip_special_tokens=body.skip_special_tokens,
             cache_salt=body.cache_salt, logit_bias=body.logit_bias_by_id(), prompt_logprobs=prompt_logprobs,
-            allowed_token_ids=body.allowed_token_ids,
+            allowed_token_ids=body.allowed_token_ids, structured_outputs=structured,
         )
         for name in ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
                      "repetition_penalty"):
@@ -245,8 +247,8 @@ class OpenAIServer:
         return await self.encode(text, add_special_tokens)
 
     def engine_requests(self, request: Request, body: SamplingFields, prompts: list[list[int]],
-                        max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None
-                        ) -> list[GenerateRequest]:
+                        max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None,
+                        structured: StructuredOutputsParams | None = None) -> list[GenerateRequest]:
         rid = self.request_id(request)
         ttft, tpot, session = self.slo_headers(request)
         out: list[GenerateRequest] = []
@@ -254,7 +256,7 @@ class OpenAIServer:
         for ids in prompts:
             limit = self.resolve_max_tokens(len(ids), max_tokens)
             for j in range(body.n):
-                params = self.sampling_params(body, limit, logprobs, prompt_logprobs, j)
+                params = self.sampling_params(body, limit, logprobs, prompt_logprobs, j, structured)
                 sub_id = rid if total == 1 else f"{rid}-{len(out)}"
                 out.append(GenerateRequest(sub_id, ids, params, priority=body.priority, ttft_slo_ms=ttft,
                                            tpot_slo_ms=tpot, session_id=session))
@@ -390,7 +392,8 @@ class OpenAIServer:
         prompt_logprobs = body.prompt_logprobs
         if body.echo and body.logprobs is not None:  # an echoed prompt's logprobs come with it, as in vLLM
             prompt_logprobs = max(prompt_logprobs or 0, body.logprobs)
-        reqs = self.engine_requests(request, body, prompts, body.max_tokens, body.logprobs, prompt_logprobs)
+        reqs = self.engine_requests(request, body, prompts, body.max_tokens, body.logprobs, prompt_logprobs,
+                                    body.structured_outputs_params())
         call = Call("completion", f"cmpl-{self.request_id(request)}", self.info.name, reqs,
                     sum(len(p) for p in prompts), body.include_usage, body.logprobs is not None, body.n,
                     echo_prompts=(self.echo_texts(body.prompt, prompts, body.n, bool(body.truncate_prompt_tokens))
@@ -402,9 +405,7 @@ class OpenAIServer:
         """A chat completions call, from its parsed JSON body."""
         body = parse_body(ChatCompletionRequest, data)
         self.check_model(body.model)
-        reads_calls = body.reads_tool_calls()
-        if body.response_format and body.response_format.get("type", "text") != "text":
-            raise APIError(400, "only response_format type 'text' is supported", param="response_format")
+        parser, structured = self.tool_call_reading(body)
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "when using `top_logprobs`, `logprobs` must be set to true.", param="top_logprobs")
         body.check_stream_options()
@@ -412,11 +413,23 @@ class OpenAIServer:
         self.check_token_ids(ids, "messages")
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        reqs = self.engine_requests(request, body, [ids], max_tokens, logprobs, body.prompt_logprobs)
+        reqs = self.engine_requests(request, body, [ids], max_tokens, logprobs, body.prompt_logprobs, structured)
         call = Call("chat", f"chatcmpl-{self.request_id(request)}", self.info.name, reqs, len(ids),
                     body.include_usage, body.logprobs, body.n, continuous_usage=body.continuous_usage,
-                    tool_parser=self.tool_parser if reads_calls else None)
+                    tool_parser=parser)
         return await self.answer(request, call, body.stream)
+
+    def tool_call_reading(self, body: ChatCompletionRequest) -> tuple[ToolCallParser | None,
+                                                                       StructuredOutputsParams | None]:
+        """How a chat's output is read for tool calls, and what it must match: with `tool_choice` auto the
+        server's parser and the request's own format; required or named, a grammar that forces the calls."""
+        mode = body.tool_choice_mode()
+        if mode is None or mode == "auto":
+            return (self.tool_parser if mode else None), body.structured_outputs_params()
+        function = None if mode == "required" else mode
+        tools = [t.model_dump(exclude_none=True) for t in body.tools or ()]
+        schema = forced_calls_schema(tools, function)  # compact: the calls are re-read, not shown
+        return ForcedCalls(function), StructuredOutputsParams(json=schema, disable_any_whitespace=True)
 
     async def models(self, request: Request) -> Response:
         self.check_auth(request)

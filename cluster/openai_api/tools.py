@@ -9,6 +9,10 @@ the calls in the output (vLLM's `--tool-call-parser`):
   optionally after `<|python_tag|>`.
 
 Text that does not parse stays the message's content, as vLLM leaves it.
+
+`tool_choice` "required" or a named function is forced instead (as vLLM does): a grammar from the tools' parameter
+schemas makes the output a JSON list of `{"name", "parameters"}` objects, or the named function's arguments, and
+`ForcedCalls` reads it.
 """
 
 from __future__ import annotations
@@ -51,8 +55,11 @@ def _call(text: str, arguments_key: str) -> ToolCall | None:
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
         return None
     args = obj.get(arguments_key, {})
-    return ToolCall(obj["name"], args if isinstance(args, str) else json.dumps(args, ensure_ascii=False),
-                    f"call_{uuid.uuid4().hex[:24]}")
+    return ToolCall(obj["name"], args if isinstance(args, str) else json.dumps(args, ensure_ascii=False), _call_id())
+
+
+def _call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
 
 
 class HermesParser:
@@ -90,6 +97,40 @@ class Llama3JsonParser:
                 return text, []
             calls.append(call)
         return None, calls
+
+
+class ForcedCalls:
+    """The output of a forced tool choice: a JSON list of calls (`function` None, "required"), or the arguments of
+    `function`. Output that does not parse (cut by max_tokens) stays content."""
+
+    start = ""  # all of it is held back while it streams
+
+    def __init__(self, function: str | None = None) -> None:
+        self.function = function
+
+    def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            return text, []
+        if self.function is not None:
+            return None, [ToolCall(self.function, text, _call_id())]
+        if not isinstance(value, list):
+            return text, []
+        calls = [_call(json.dumps(v, ensure_ascii=False), "parameters") for v in value]
+        return (None, calls) if all(c is not None for c in calls) else (text, [])  # type: ignore[misc]
+
+
+def forced_calls_schema(tools: list[dict[str, Any]], function: str | None) -> dict[str, Any]:
+    """The JSON schema of the output that `ForcedCalls(function)` reads, from OpenAI `tools` entries."""
+    params = {t["function"]["name"]: t["function"].get("parameters") or {"type": "object", "properties": {}}
+              for t in tools}
+    if function is not None:
+        return params[function]
+    return {"type": "array", "minItems": 1, "items": {"anyOf": [
+        {"type": "object", "properties": {"name": {"type": "string", "enum": [name]}, "parameters": schema},
+         "required": ["name", "parameters"], "additionalProperties": False}
+        for name, schema in params.items()]}}
 
 
 TOOL_CALL_PARSERS: dict[str, ToolCallParser] = {"hermes": HermesParser(), "llama3_json": Llama3JsonParser()}
