@@ -18,3 +18,8 @@ fi
 # build time on 16 cores, is the same either way.
 export MAX_JOBS=${MAX_JOBS:-5}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" TOKENIZERS_PARALLELISM=false
+# llguidance (structured outputs) is not in .device, which has no room for it under the carry limit; the staged vLLM
+# brings it (.vllmB), so after a vLLM staging it is importable by our runs too.
+if [ -d /tmp/vsite/llguidance ] && [ ! -e /tmp/site/llguidance ]; then
+  cp -r /tmp/vsite/llguidance /tmp/vsite/llguidance-*.dist-info /tmp/site/
+fi

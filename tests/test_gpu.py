@@ -178,6 +178,35 @@ def test_logit_bias_steers_graph_decodes_without_touching_their_batch_mates(tiny
     assert len(_divergences(alone[:6], mixed[6:])) <= 1
 
 
+def test_structured_outputs_in_graph_decodes_beside_plain_requests(tiny_llama: Path) -> None:
+    """Requests held to a regex, a choice and a JSON schema (the grammar's bitmask applied to the logits on the GPU)
+    decode one step at a time in CUDA-graph batches with plain greedy requests that would overlap their steps: the
+    held ones match their grammar in both modes, the plain ones keep the tokens they get alone (but at a tie).
+    llguidance comes with the staged vLLM on the GPU machine (`bench/device_env.sh`)."""
+    pytest.importorskip("llguidance", reason="stage vLLM first: .vllmB carries llguidance (bench/device_env.sh)")
+    import re
+
+    from actors.request import StructuredOutputsParams as Structured
+
+    schema = {"type": "object", "properties": {"color": {"enum": ["red", "green"]}, "ok": {"type": "boolean"}},
+              "required": ["color", "ok"], "additionalProperties": False}
+    held = [(Structured(regex=r"[a-c]{2,5}-[0-9]{2}"), lambda t: re.fullmatch(r"[a-c]{2,5}-[0-9]{2}", t)),
+            (Structured(choice=["yes", "no way"]), lambda t: t in ("yes", "no way")),
+            (Structured(json=schema, disable_any_whitespace=True),
+             lambda t: set(json.loads(t)) == {"color", "ok"} and json.loads(t)["color"] in ("red", "green"))]
+    prompts = _prompts(12, 512)
+    plain = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
+    for mode in ("semi-pd", "unified"):
+        with LLM(tiny_llama, mode=mode, cache=CacheConfig(num_pages=512)) as llm:
+            alone = llm.generate(prompts[:6], replace(plain, logprobs=2))
+            params = [plain] * 6 + [SamplingParams(max_tokens=48, temperature=t, seed=i, structured_outputs=spec)
+                                    for i, (spec, _) in enumerate(held) for t in (0.0, 1.0)]
+            mixed = llm.generate(prompts, params)
+        for out, (_, matches) in zip(mixed[6:], [h for h in held for _ in range(2)]):
+            assert out.finish_reason == "stop" and matches(out.text), (mode, out.text)
+        assert len(_divergences(alone, mixed[:6])) <= 1, mode
+
+
 def test_prompt_logprobs_on_the_gpu_match_the_torch_backend_across_chunks(model_factory: Callable[[str], Path]
                                                                           ) -> None:
     """Prompt logprobs scored on flashinfer's prefill in 64-token chunks, in both modes, equal the torch backend's
