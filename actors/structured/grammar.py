@@ -134,8 +134,9 @@ def _first_lines(message: str, n: int = 4) -> str:
 def mask_logits(logits: torch.Tensor, rows: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
     """`logits` [N, V] with each token that `bitmask[r]` [R, W] (int32, on the logits' device, W * 32 >= V) does not
     allow set to -inf in row `rows[r]`; the other rows unchanged."""
-    shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
-    allowed = ((bitmask[:, :, None] >> shifts) & 1).bool().flatten(1)[:, : logits.shape[1]]  # [R, V]
+    shifts = torch.arange(8, dtype=torch.uint8, device=logits.device)
+    words = bitmask.view(torch.uint8)  # [R, 4W], little-endian: byte k of word w holds tokens 32w + 8k ..
+    allowed = ((words[:, :, None] >> shifts) & 1).bool().flatten(1)[:, : logits.shape[1]]  # [R, V]
     out = logits.clone()
     out[rows] = logits[rows].masked_fill(~allowed, float("-inf"))
     return out

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
-from actors.request import SamplingParams
+from actors.request import SamplingParams, StructuredOutputsParams
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -22,13 +23,73 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--mode", default="unified", choices=["unified", "semi-pd"])
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the text")
+    so = p.add_argument_group("structured output (at most one of the first five)")
+    kind = so.add_mutually_exclusive_group()
+    kind.add_argument("--json-schema", metavar="FILE_OR_JSON",
+                      help="the output matches this JSON schema: a .json file, or inline JSON starting with '{'")
+    kind.add_argument("--regex", metavar="PATTERN", help="the output matches this regular expression")
+    kind.add_argument("--choice", action="append", metavar="TEXT",
+                      help="the output is exactly one of these (repeat: --choice A --choice B)")
+    kind.add_argument("--grammar", metavar="FILE_OR_TEXT",
+                      help="the output matches this grammar (Lark or GBNF): a file if one exists there, else the text")
+    kind.add_argument("--json-object", action="store_true", help="the output is any JSON object")
+    so.add_argument("--no-whitespace", action="store_true",
+                    help="JSON without whitespace between its tokens (with --json-schema / --json-object)")
     p.set_defaults(func=run)
+
+
+def read_json_schema(value: str) -> str:
+    """The schema's text: `value` itself when it is inline JSON (starts with '{'), else the file it names.
+    A missing file or one that is not JSON is a ValueError naming it (the CLI exits 2)."""
+    if value.lstrip().startswith("{"):
+        text, source = value, "inline --json-schema"
+    else:
+        path = Path(value)
+        try:
+            text = path.read_text()
+        except OSError as e:
+            raise ValueError(f"--json-schema: cannot read schema file {str(path)!r}: {e.strerror or e}") from None
+        source = f"schema file {str(path)!r}"
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--json-schema: {source} is not valid JSON: {e}") from None
+    return text
+
+
+def read_grammar(value: str) -> str:
+    """The grammar's text: the file `value` names if there is one, else `value` itself."""
+    path = Path(value)
+    try:
+        if path.is_file():
+            return path.read_text()
+    except OSError:  # a name too long for a path, say: grammar text
+        pass
+    return value
+
+
+def structured_outputs(args: argparse.Namespace) -> StructuredOutputsParams | None:
+    """StructuredOutputsParams from the structured-output flags, None if none was given."""
+    ws = args.no_whitespace
+    if args.json_schema is not None:
+        return StructuredOutputsParams(json=read_json_schema(args.json_schema), disable_any_whitespace=ws)
+    if args.regex is not None:
+        return StructuredOutputsParams(regex=args.regex, disable_any_whitespace=ws)
+    if args.choice is not None:
+        return StructuredOutputsParams(choice=tuple(args.choice), disable_any_whitespace=ws)
+    if args.grammar is not None:
+        return StructuredOutputsParams(grammar=read_grammar(args.grammar), disable_any_whitespace=ws)
+    if args.json_object:
+        return StructuredOutputsParams(json_object=True, disable_any_whitespace=ws)
+    if ws:
+        raise ValueError("--no-whitespace needs a structured output (--json-schema, --json-object, ...)")
+    return None
 
 
 def run(args: argparse.Namespace) -> int:
     params = SamplingParams(
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-        ignore_eos=args.ignore_eos,
+        ignore_eos=args.ignore_eos, structured_outputs=structured_outputs(args),
     )
     if args.grpc:
         from cluster.grpc_client import generate_once
