@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from actors.request import Request
-from actors.structured import mask_logits
+from actors.structured import fill_bitmasks, mask_logits
 from actors.runner.transfer import StagingRing, staging_ring, to_device
 
 
@@ -195,11 +195,8 @@ class Sampler:
     def _mask_by_grammar(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
         """Rows of requests with a grammar keep only the tokens it allows next (filled on the host, one queued copy
         to the device)."""
-        grammars = [(i, r.grammar) for i, r in enumerate(reqs) if r.grammar is not None]
-        bitmask = torch.empty((len(grammars), grammars[0][1].bitmask_words), dtype=torch.int32)
-        for k, (_, grammar) in enumerate(grammars):
-            grammar.fill_bitmask(bitmask, k)
-        rows = [i for i, _ in grammars]
+        rows = [i for i, r in enumerate(reqs) if r.grammar is not None]
+        bitmask = fill_bitmasks([reqs[i].grammar for i in rows])  # type: ignore[misc]
         dev = logits.device
         return mask_logits(logits, to_device(rows, torch.long, dev), to_device(bitmask.numpy(), torch.int32, dev))
 

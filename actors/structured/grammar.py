@@ -1,9 +1,9 @@
 """Grammars of structured outputs, on llguidance (vLLM's `guidance` backend; no dependency beyond its wheel).
 
 `GrammarCompiler` (one per engine) turns a request's `StructuredOutputsParams` into a `Grammar`: the request's
-matcher, advanced by each token it takes (`accept`). Before a draw the sampler asks each such request for the
-bitmask of the tokens that may come next (`fill_bitmask`, on the host) and masks the logits with it on their
-device (`mask_logits`).
+matcher, advanced by each token it takes (`accept`). Before a draw the sampler gets the bitmasks of the tokens
+that may come next for the batch's grammars (`fill_bitmasks`, on the host) and masks the logits with them on
+their device (`mask_logits`).
 """
 
 from __future__ import annotations
@@ -44,32 +44,47 @@ class Grammar:
     the request only."""
 
     def __init__(self, matcher: Any, vocab_size: int, eos_token_ids: Sequence[int]) -> None:
-        self._matcher = matcher
+        self.matcher = matcher
         self.bitmask_words = (vocab_size + 31) // 32  # the width of a bitmask row
         self._eos = frozenset(eos_token_ids)
-
-    def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
-        """Write the tokens that may come next into row `row` of `bitmask` [R, bitmask_words] (int32, on the host;
-        bit t % 32 of word t // 32 set: token t allowed). Once the grammar is complete only EOS is allowed."""
-        assert bitmask.dtype == torch.int32 and bitmask.device.type == "cpu" and bitmask.is_contiguous()
-        words = bitmask[row]
-        self._matcher.unsafe_compute_mask_ptr(words.data_ptr(), words.numel() * words.element_size())
 
     def accept(self, token_id: int) -> bool:
         """Advance past `token_id`; True when the output ends with it: the grammar is complete (nothing but EOS may
         follow), or the token broke it (only if the mask was not applied: logged)."""
-        if self._matcher.is_stopped():  # complete before this token: it can only be EOS
+        if self.matcher.is_stopped():  # complete before this token: it can only be EOS
             return True
-        if not self._matcher.consume_token(token_id):
-            log.warning("a token the grammar does not allow was drawn (%d): %s", token_id, self._matcher.get_error())
+        if not self.matcher.consume_token(token_id):
+            log.warning("a token the grammar does not allow was drawn (%d): %s", token_id, self.matcher.get_error())
             return True
-        return self._matcher.is_stopped() or token_id in self._eos
+        return self.matcher.is_stopped() or token_id in self._eos
 
     def accept_all(self, token_ids: Sequence[int]) -> None:
         """Advance past tokens already generated (a request arriving with output, from another engine)."""
         for t in token_ids:
             if self.accept(t):
                 break
+
+
+_EXECUTOR: Any = None
+_EXECUTOR_LOCK = threading.Lock()
+
+
+def fill_bitmasks(grammars: Sequence[Grammar]) -> torch.Tensor:
+    """The tokens each grammar allows next: row k of the result [R, bitmask_words] (int32, on the host; bit t % 32 of
+    word t // 32 set: token t allowed) is `grammars[k]`'s. Once a grammar is complete only EOS is allowed. The rows
+    are filled in parallel on llguidance's threads (one process-wide pool), without the interpreter lock."""
+    global _EXECUTOR
+    import llguidance
+
+    with _EXECUTOR_LOCK:
+        if _EXECUTOR is None:
+            _EXECUTOR = llguidance.LLExecutor()
+    words = grammars[0].bitmask_words
+    assert all(g.bitmask_words == words for g in grammars), "one model's grammars share a vocabulary"
+    bitmask = torch.empty((len(grammars), words), dtype=torch.int32)
+    _EXECUTOR.unsafe_compute_mask_ptr([(g.matcher, k) for k, g in enumerate(grammars)], bitmask.data_ptr(),
+                                      words * 4, len(grammars))
+    return bitmask
 
 
 class GrammarCompiler:
