@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import jsonschema
 import pytest
 
 from actors.config import CacheConfig, ConfigError
@@ -320,3 +322,56 @@ def test_every_engine_exception_survives_pickling() -> None:
             continue
         got = pickle.loads(pickle.dumps(sent))
         assert type(got) is cls and str(got) == "a message"
+
+
+# -- structured outputs from the command line (the tiny model is random: check conformance, never the text) ----------
+
+COLOR_SCHEMA = {"type": "object", "properties": {"color": {"enum": ["red", "green"]}}, "required": ["color"],
+                "additionalProperties": False}
+
+
+def generate_json(capsys: pytest.CaptureFixture[str], model: Path, *flags: str) -> dict[str, object]:
+    assert main(["generate", "--model", str(model), "--prompt", "hi", "--max-tokens", "32", "--json", *flags]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_generate_with_a_regex(tiny_llama: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    result = generate_json(capsys, tiny_llama, "--regex", "[a-c]{2,5}-[0-9]{2}")
+    assert re.fullmatch("[a-c]{2,5}-[0-9]{2}", str(result["text"])) and result["finish_reason"] == "stop"
+
+
+def test_generate_with_choices(tiny_llama: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert generate_json(capsys, tiny_llama, "--choice", "yes", "--choice", "no way")["text"] in ("yes", "no way")
+
+
+def test_generate_with_a_json_schema_file(tiny_llama: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    schema_file = tmp_path / "schema.json"
+    schema_file.write_text(json.dumps(COLOR_SCHEMA))
+    text = str(generate_json(capsys, tiny_llama, "--json-schema", str(schema_file), "--no-whitespace")["text"])
+    jsonschema.validate(json.loads(text), COLOR_SCHEMA)
+    assert " " not in text
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--regex", "a+", "--choice", "a"], "argument --choice: not allowed with argument --regex"),
+    (["--json-schema", "no-such-schema.json"], "cannot read schema file 'no-such-schema.json'"),
+    (["--regex", "[a-"], 'invalid regex "[a-"'),
+])
+def test_bad_structured_output_flags_exit_2(tiny_llama: Path, capsys: pytest.CaptureFixture[str],
+                                            flags: list[str], message: str) -> None:
+    argv = ["generate", "--model", str(tiny_llama), "--prompt", "hi", *flags]
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse's own usage errors
+        code = e.code
+    assert code == 2
+    captured = capsys.readouterr()
+    assert message in captured.err and captured.out == ""
+
+
+def test_a_schema_file_that_is_not_json_exits_2(tiny_llama: Path, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    assert main(["generate", "--model", str(tiny_llama), "--prompt", "hi", "--json-schema", str(bad)]) == 2
+    assert f"schema file '{bad}' is not valid JSON" in capsys.readouterr().err
