@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import math
+import re
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -19,7 +21,9 @@ from cluster.bench.client import (
     DONE, EndpointConfig, RequestRecord, StreamTimer, build_payload, parse_prometheus, parse_sse_line, send_request,
 )
 from cluster.bench.datasets import dataset_requests
-from cluster.bench.metrics import SLOs, MetricsError, compute_metrics, parse_metric_names, parse_percentiles
+from cluster.bench.metrics import (
+    Conformance, SLOs, MetricsError, compute_metrics, parse_metric_names, parse_percentiles,
+)
 from cluster.bench.plot import plot_results, results_figure
 from cluster.bench.report import (
     format_cuda_allocator, format_failures, format_prefix_cache, format_result_block, format_split_changes,
@@ -27,6 +31,9 @@ from cluster.bench.report import (
 )
 from cluster.bench.result import BenchResult, load_result, write_result
 from cluster.bench.serve_bench import ServeBenchConfig, result_path, run_rate, split_changes
+from cluster.bench.structured import (
+    BUILTIN_CHOICES, BUILTIN_REGEX, BUILTIN_SCHEMA, StructuredOutput, StructuredOutputError, parse_spec,
+)
 from cluster.bench.server_metrics import (
     WorkerIterations, cuda_allocator_counts, iteration_quantiles, prefix_cache_counts, worker_iterations,
 )
@@ -36,7 +43,7 @@ from cluster.bench.workloads import (
     PROFILES, BenchRequest, LogNormalLengths, RatioPromptBuilder, TokenizerPromptBuilder, WorkloadConfig,
     WorkloadError, build_requests, mean_rate_scale, parse_phases, sample_lengths, split_counts, time_shares,
 )
-from cluster.cli import main as cli_main
+from cluster.cli import build_parser, main as cli_main
 
 from support import LiveServer, free_port
 
@@ -687,6 +694,158 @@ def test_output_tokens_fall_back_to_chunk_count() -> None:
     assert rec.success and rec.output_tokens == 3 and rec.prompt_tokens is None and rec.input_tokens == 3
 
 
+# ---------------------------------------------------------------- structured outputs
+
+
+@pytest.mark.parametrize("kind, field", [
+    ("json", {"json": BUILTIN_SCHEMA}), ("json-object", {"json_object": True}), ("regex", {"regex": BUILTIN_REGEX}),
+    ("choice", {"choice": list(BUILTIN_CHOICES)}),
+])
+@pytest.mark.parametrize("endpoint", ["/v1/completions", "/v1/chat/completions"])
+def test_structured_payload_per_kind(kind: str, field: dict[str, Any], endpoint: str) -> None:
+    request = BenchRequest(0, "hi", 2, 7, "t")
+    plain = build_payload(EndpointConfig("http://h:1", "m", endpoint), request)
+    assert "structured_outputs" not in plain  # without the option the body is as before
+    body = build_payload(EndpointConfig("http://h:1", "m", endpoint, structured_output=StructuredOutput(kind)), request)
+    assert body == {**plain, "structured_outputs": field}
+    tight = StructuredOutput(kind, no_whitespace=True)
+    body = build_payload(EndpointConfig("http://h:1", "m", endpoint, structured_output=tight), request)
+    assert body["structured_outputs"] == {**field, "disable_any_whitespace": True}
+    override = EndpointConfig("http://h:1", "m", endpoint, extra_body={"structured_outputs": {"regex": "x"}},
+                              structured_output=tight)
+    assert build_payload(override, request)["structured_outputs"] == {"regex": "x"}  # extra_body has the last word
+
+
+def _serve_args(*argv: str) -> argparse.Namespace:
+    return build_parser().parse_args(["bench", "serve", *argv])
+
+
+def test_structured_spec_from_a_file_or_inline(tmp_path: Path) -> None:
+    from cluster.commands.bench import serve_config
+
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "maximum": 5}}, "required": ["n"]}
+    (tmp_path / "schema.json").write_text(json.dumps(schema))
+    (tmp_path / "choices.json").write_text('["yes", "no"]\n')
+    (tmp_path / "pattern.txt").write_text("[0-9]+\n")
+    assert parse_spec("json", str(tmp_path / "schema.json")) == schema
+    assert parse_spec("json", json.dumps(schema)) == schema
+    assert parse_spec("choice", str(tmp_path / "choices.json")) == ["yes", "no"] == parse_spec("choice", '["yes","no"]')
+    assert parse_spec("regex", str(tmp_path / "pattern.txt")) == "[0-9]+"  # the file's newline dropped
+    assert parse_spec("regex", "[0-9]+ ") == "[0-9]+ "  # inline: the text as given
+    (tmp_path / "bad.json").write_text("[yes]")
+    with pytest.raises(StructuredOutputError, match="--structured-spec file .*bad.json is not valid JSON"):
+        parse_spec("choice", str(tmp_path / "bad.json"))
+
+    cfg = serve_config(_serve_args("--structured-output", "json", "--structured-spec", str(tmp_path / "schema.json"),
+                                   "--no-whitespace"))
+    assert cfg.structured_output == StructuredOutput("json", schema, no_whitespace=True)
+    assert cfg.to_dict()["structured_output"] == {"kind": "json", "spec": schema, "disable_any_whitespace": True}
+    cfg = serve_config(_serve_args("--structured-output", "choice", "--structured-spec", '["a", "b"]'))
+    assert cfg.structured_output is not None and cfg.structured_output.spec == ("a", "b")
+    assert serve_config(_serve_args("--structured-output", "regex")).structured_output == StructuredOutput(
+        "regex", BUILTIN_REGEX)
+    assert serve_config(_serve_args()).structured_output is None
+    with pytest.raises(StructuredOutputError, match="json-object takes no spec"):
+        StructuredOutput("json-object", {})
+    with pytest.raises(StructuredOutputError, match="not a valid JSON schema"):
+        StructuredOutput("json", {"type": 3})
+
+
+@pytest.mark.parametrize("kind, good, bad", [
+    ("json", ['{"status": "ok", "urgent": true, "count": 0, "note": ""}',
+              '{"note":"twelve chars","count":999,"urgent":false,"status":"down"}',
+              '{"status":"ok","urgent":true,"count":7.0,"note":"x"}'],
+     ['{"status": "ok", "urgent": true, "count": 0}', '{"status": "fine", "urgent": true, "count": 0, "note": ""}',
+      '{"status": "ok", "urgent": 1, "count": 0, "note": ""}',
+      '{"status": "ok", "urgent": true, "count": 1000, "note": ""}',
+      '{"status": "ok", "urgent": true, "count": 1.5, "note": ""}',
+      '{"status": "ok", "urgent": true, "count": 0, "note": "thirteen chrs"}',
+      '{"status": "ok", "urgent": true, "count": 0, "note": "", "x": 1}', '{"status": "ok"', '[]', '']),
+    ("json-object", ['{}', ' {"a": [1, {"b": null}]}\n'], ['[]', '"x"', '{"a": 1', '{}{}']),
+    ("regex", ["abc-12", "abcdefgh-1234"], ["ab-12", "abc-1", "abc-12345", "ABC-12", " abc-12", "abc-12\n"]),
+    ("choice", list(BUILTIN_CHOICES), ["Positive", " positive", "positive.", ""]),
+])
+def test_conformance_check_per_kind(kind: str, good: list[str], bad: list[str]) -> None:
+    so = StructuredOutput(kind)
+    assert [t for t in good if not so.conforms(t, "stop")] == []
+    assert [t for t in bad if so.conforms(t, "stop")] == []
+    assert not any(so.conforms(t, "length") for t in good)  # cut at max_tokens: never conforming
+    assert not so.conforms(good[0], None)
+
+
+def test_stream_keeps_the_text_and_checks_it() -> None:
+    sent: list[dict[str, Any]] = []
+
+    def behaviour(body: dict[str, Any]) -> httpx.Response:
+        sent.append(body)
+        stop = {"choices": [{"text": "", "index": 0, "finish_reason": "stop"}]}
+        if "messages" in body:
+            chat = [{"choices": [{"delta": {"role": "assistant", "content": ""}}]},
+                    {"choices": [{"delta": {"content": "mix"}}]}, {"choices": [{"delta": {"content": "ed"}}]},
+                    {"choices": [{"delta": {}, "finish_reason": "stop"}]}]
+            return httpx.Response(200, content=_chunks(_sse(*chat)))
+        if body["prompt"] == "cut":
+            return httpx.Response(200, content=_chunks(_sse(_tok("posi"), {"choices": [
+                {"text": "tive", "index": 0, "finish_reason": "length"}]})))
+        return httpx.Response(200, content=_chunks(_sse(_tok("neg"), _tok("ative"), stop)))
+
+    so = StructuredOutput("choice")
+
+    async def go(endpoint: str, prompt: str) -> RequestRecord:
+        async with _mock_client(behaviour) as client:
+            config = EndpointConfig("http://test", "m", endpoint, structured_output=so)
+            return await send_request(client, config, BenchRequest(0, prompt, 3, 3, "t"), 0.0)
+
+    ok, cut, chat = (asyncio.run(go(e, p)) for e, p in (("/v1/completions", "p"), ("/v1/completions", "cut"),
+                                                         ("/v1/chat/completions", "p")))
+    assert (ok.output_text, ok.conforms, ok.finish_reason) == ("negative", True, "stop")
+    assert (cut.output_text, cut.conforms, cut.finish_reason) == ("positive", False, "length")
+    assert (chat.output_text, chat.conforms, chat.finish_reason) == ("mixed", True, "stop")
+    assert all(b["structured_outputs"] == {"choice": list(BUILTIN_CHOICES)} for b in sent) and len(sent) == 3
+
+
+def _structured_records() -> list[RequestRecord]:
+    def rec(i: int, finish: str | None, conforms: bool | None, ok: bool = True) -> RequestRecord:
+        r = _rec(i, 0.1, 0.5, 4, [0.1] * 3, ok=ok, start=0.1 * i)
+        r.finish_reason, r.conforms, r.output_text = finish, conforms, None if conforms is None else f"t{i}"
+        return r
+
+    return [rec(0, "stop", True), rec(1, "stop", True), rec(2, "stop", True), rec(3, "stop", False),
+            rec(4, "length", False), rec(5, "length", False), rec(6, None, None, ok=False), rec(7, "abort", False)]
+
+
+def test_conformance_counts_and_correct_rate_in_the_result(tmp_path: Path) -> None:
+    records = _structured_records()
+    c = Conformance.of(records)
+    assert (c.completed, c.conforming, c.invalid, c.length_cut) == (7, 3, 2, 2)  # the failed request is not completed
+    assert c.correct_rate == pytest.approx(100 * 3 / 7)
+    assert Conformance.of([]).correct_rate == 0.0
+    with pytest.raises(MetricsError):
+        Conformance(2, 2, 1)
+
+    plain = _result(records)
+    assert "Correct rate" not in format_result_block(plain) and "correct_rate" not in plain.to_json()
+    result = _result(records)
+    result.structured_output, result.conformance = StructuredOutput("regex").to_dict(), c
+    block = format_result_block(result)
+    assert "Correct rate (%):                        42.86" in block
+    assert "Outputs cut at max_tokens:               2" in block
+    raw = json.loads(write_result(result, tmp_path / "r.json").read_text())
+    assert raw["correct_rate"] == pytest.approx(100 * 3 / 7)
+    assert raw["conformance"] == {"conforming": 3, "invalid": 2, "length_cut": 2}
+    assert raw["structured_output"] == {"kind": "regex", "spec": BUILTIN_REGEX, "disable_any_whitespace": False}
+    assert [r.get("conforms") for r in raw["requests"]] == [True] * 3 + [False] * 3 + [None, False]
+    assert "conforms" not in raw["requests"][6] and "output_text" not in raw["requests"][6]  # not checked: left out
+    back = load_result(tmp_path / "r.json")
+    assert back.records == records and back.conformance == c and back.to_json() == result.to_json()
+    del raw["requests"]  # a file kept small: the saved counts are used
+    (tmp_path / "small.json").write_text(json.dumps(raw))
+    assert load_result(tmp_path / "small.json").conformance == c
+    old = records[0].to_dict()
+    del old["conforms"], old["output_text"]  # a file from before structured outputs
+    assert RequestRecord.from_dict(old) == replace(records[0], conforms=None, output_text=None)
+
+
 # ---------------------------------------------------------------- CLI
 
 
@@ -694,6 +853,7 @@ def test_output_tokens_fall_back_to_chunk_count() -> None:
     ["--request-rate", "0"], ["--request-rate", "1,x"], ["--goodput", "foo:1"], ["--range-ratio", "1.5"],
     ["--workload", "nope"], ["--num-prompts", "0"], ["--metric-percentiles", "101"], ["--burstiness", "-1"],
     ["--percentile-metrics", "ttft,nope"], ["--endpoint", "/v1/embeddings"], ["--max-concurrency", "0"], ["--seed", "-1"],
+    ["--structured-output", "yaml"],
 ])
 def test_bad_flags_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as e:
@@ -707,6 +867,14 @@ def test_bad_flags_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -
     (["--workload", "shifting", "--phases", "nope:1"], "phase 'nope'"),
     (["--base-url", "localhost:8000"], "base URL"),
     (["--tokenizer", "/nonexistent/tok"], "tokenizer directory not found"),
+    (["--structured-output", "json", "--structured-spec", '{"type": "object",'],
+     "--structured-spec text is not valid JSON"),
+    (["--structured-output", "choice", "--structured-spec", '{"a": 1}'], "for choice must be a JSON list"),
+    (["--structured-output", "choice", "--structured-spec", "[]"], "non-empty list of strings"),
+    (["--structured-output", "regex", "--structured-spec", "[a-"], "does not compile"),
+    (["--structured-output", "json-object", "--structured-spec", "{}"], "applies to json, regex and choice"),
+    (["--structured-spec", '["a"]'], "need --structured-output"),
+    (["--no-whitespace"], "need --structured-output"),
 ])
 def test_invalid_values_exit_2(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli_main(["bench", "serve", *argv]) == 2
@@ -1017,6 +1185,34 @@ def test_end_to_end_shifting_phases_at_their_own_rates(live_server: _Server, tmp
     res = load_result(next(tmp_path.glob("*.json")))
     assert res.metrics.completed == 7 and res.config["workload"]["phases"] == [["random", 1.0, 4.0],
                                                                                ["random", 3.0, 1.0]]
+
+
+def test_end_to_end_structured_outputs_all_conform(live_server: _Server, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """The tiny model's outputs under a regex (completions) and the built-in JSON schema without whitespace (chat)
+    end when the grammar is complete, well before max_tokens, and all of them conform."""
+    for kind, endpoint, extra in (("regex", "/v1/completions", []),
+                                  ("json", "/v1/chat/completions", ["--no-whitespace"])):
+        out_dir = tmp_path / kind
+        rc = cli_main(["bench", "serve", "--base-url", live_server.url, "--endpoint", endpoint, "--workload", "random",
+                       "--input-len", "16", "--output-len", "160", "--num-prompts", "6", "--disable-tqdm",
+                       "--result-dir", str(out_dir), "--no-server-metrics", "--structured-output", kind, *extra])
+        printed = capsys.readouterr().out
+        assert rc == 0, printed
+        assert "Correct rate (%):                        100.00" in printed
+        assert "Outputs cut at max_tokens:               0" in printed
+        result = load_result(next(out_dir.glob("*.json")))
+        assert result.metrics.completed == 6 and result.conformance is not None
+        assert result.conformance.correct_rate == 100.0
+        assert all(r.finish_reason == "stop" and r.conforms and r.output_tokens < r.max_tokens for r in result.records)
+        assert result.structured_output is not None and result.structured_output["kind"] == kind
+        assert result.config["structured_output"] == result.structured_output
+    regex_run = load_result(next((tmp_path / "regex").glob("*.json")))
+    assert all(re.fullmatch(BUILTIN_REGEX, r.output_text or "") for r in regex_run.records)
+    json_run = load_result(next((tmp_path / "json").glob("*.json")))
+    statuses = BUILTIN_SCHEMA["properties"]["status"]["enum"]
+    assert all((r.output_text or "").startswith('{"status":"') and json.loads(r.output_text or "")["status"]
+               in statuses for r in json_run.records)  # no whitespace, and the schema's order
 
 
 def test_engine_decode_loop_bench_runs_both_ways_on_cpu(tiny_llama: Path) -> None:

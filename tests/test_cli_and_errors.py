@@ -354,7 +354,7 @@ def test_generate_with_a_json_schema_file(tiny_llama: Path, tmp_path: Path, caps
 
 @pytest.mark.parametrize("flags, message", [
     (["--regex", "a+", "--choice", "a"], "argument --choice: not allowed with argument --regex"),
-    (["--json-schema", "no-such-schema.json"], "cannot read schema file 'no-such-schema.json'"),
+    (["--json-schema", "no-such-schema.json"], "'no-such-schema.json' (neither a readable file nor inline JSON)"),
     (["--regex", "[a-"], 'invalid regex "[a-"'),
 ])
 def test_bad_structured_output_flags_exit_2(tiny_llama: Path, capsys: pytest.CaptureFixture[str],

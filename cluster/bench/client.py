@@ -5,7 +5,8 @@
 inter-chunk gap (ITL) and the end-to-end latency with `time.perf_counter`. The output
 token count comes from the usage of the last chunk, else the number of chunks. Every
 failure (HTTP status, bad stream, disconnect, per-request timeout) ends in a record with
-`success=False` and an `error`; nothing raises and nothing hangs.
+`success=False` and an `error`; nothing raises and nothing hangs. With a structured output
+(`structured_outputs` in every body) a finished request also keeps its text and whether it conforms.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 
 import httpx
 
+from cluster.bench.structured import StructuredOutput
 from cluster.bench.workloads import BenchRequest
 
 ENDPOINTS = ("/v1/completions", "/v1/chat/completions")
@@ -33,7 +35,8 @@ class EndpointConfig:
     """Where and how to send requests.
 
     `base_url` is the server root (no /v1). `timeout_s` bounds each whole request.
-    `extra_body` is merged into every request body (e.g. {"top_k": 1}).
+    `extra_body` is merged into every request body (e.g. {"top_k": 1}). `structured_output`: what
+    every output must match (the body's `structured_outputs`), checked when each request finishes.
     """
 
     base_url: str
@@ -44,6 +47,7 @@ class EndpointConfig:
     temperature: float = 0.0
     timeout_s: float = 600.0
     extra_body: dict[str, Any] = field(default_factory=dict)
+    structured_output: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
         if not self.base_url.startswith(("http://", "https://")):
@@ -84,6 +88,8 @@ def build_payload(config: EndpointConfig, request: BenchRequest) -> dict[str, An
         body["messages"] = [{"role": "user", "content": request.prompt}]
     else:
         body["prompt"] = request.prompt
+    if config.structured_output is not None:
+        body["structured_outputs"] = config.structured_output.body()
     body.update(config.extra_body)
     return body
 
@@ -109,6 +115,8 @@ class RequestRecord:
     itl_s: list[float] = field(default_factory=list)
     e2el_s: float | None = None
     finish_reason: str | None = None
+    output_text: str | None = None  # structured-output runs only: the generated text
+    conforms: bool | None = None  # structured-output runs: ended with "stop" and matches; None when not checked
 
     @property
     def input_tokens(self) -> int:
@@ -123,13 +131,20 @@ class RequestRecord:
         return (self.e2el_s - self.ttft_s) / (self.output_tokens - 1)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """asdict, less the structured-output fields of a request that has none (old files read the same)."""
+        data = asdict(self)
+        for name in OPTIONAL_FIELDS:
+            if data[name] is None:
+                del data[name]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RequestRecord:
         names = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in data.items() if k in names})
 
+
+OPTIONAL_FIELDS = ("output_text", "conforms")  # left out of a record's dict when None
 
 DONE = object()
 
@@ -148,7 +163,7 @@ def parse_sse_line(line: str) -> Any:
 
 
 class StreamTimer:
-    """Feeds on decoded events with their arrival time; keeps TTFT, ITL, usage, finish."""
+    """Feeds on decoded events with their arrival time; keeps TTFT, ITL, usage, finish and the text."""
 
     def __init__(self, record: RequestRecord, start: float, is_chat: bool) -> None:
         self.record = record
@@ -156,6 +171,12 @@ class StreamTimer:
         self.is_chat = is_chat
         self.last: float | None = None
         self.done = False
+        self.parts: list[str] = []
+
+    @property
+    def text(self) -> str:
+        """The generated text so far (a chat's content, without reasoning)."""
+        return "".join(self.parts)
 
     def _is_output(self, choice: dict[str, Any]) -> bool:
         if not self.is_chat:
@@ -179,6 +200,9 @@ class StreamTimer:
         if not choices:
             return
         choice = choices[0]
+        text = (choice.get("delta") or {}).get("content") if self.is_chat else choice.get("text")
+        if isinstance(text, str):
+            self.parts.append(text)
         if choice.get("finish_reason"):
             self.record.finish_reason = choice["finish_reason"]
         if not self._is_output(choice):
@@ -227,6 +251,9 @@ async def _stream(client: httpx.AsyncClient, config: EndpointConfig, request: Be
         record.output_tokens = record.num_chunks
     record.e2el_s = end - start
     record.success = True
+    if config.structured_output is not None:
+        record.output_text = timer.text
+        record.conforms = config.structured_output.conforms(timer.text, record.finish_reason)
 
 
 async def send_request(client: httpx.AsyncClient, config: EndpointConfig, request: BenchRequest,
@@ -325,6 +352,7 @@ async def fetch_splits(client: httpx.AsyncClient, base_url: str) -> dict[str, An
 
 
 __all__ = [
-    "DONE", "ENDPOINTS", "EndpointConfig", "RequestRecord", "ServerError", "StreamTimer", "build_payload",
-    "count_tokens", "fetch_models", "fetch_server_metrics", "fetch_splits", "parse_prometheus", "parse_sse_line", "send_request",
+    "DONE", "ENDPOINTS", "OPTIONAL_FIELDS", "EndpointConfig", "RequestRecord", "ServerError", "StreamTimer",
+    "build_payload", "count_tokens", "fetch_models", "fetch_server_metrics", "fetch_splits", "parse_prometheus",
+    "parse_sse_line", "send_request",
 ]

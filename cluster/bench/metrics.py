@@ -7,6 +7,8 @@
   e2el:MS`, TPOT counts as 0 for one-token outputs), per second of the run.
 - SLO attainment: the percentage of *all* sent requests meeting every SLO (failed
   requests count as misses).
+- Correct rate (structured outputs, vLLM's correct_rate): the percentage of completed requests whose
+  output ended with "stop" and matches what was asked; outputs cut at max_tokens are counted apart.
 Percentiles are numpy's (linear interpolation); a metric without samples reads 0.
 """
 
@@ -210,6 +212,43 @@ class BenchMetrics:
         )
 
 
+@dataclass(frozen=True)
+class Conformance:
+    """The completed outputs of a structured-output run: conforming (ended with "stop" and match), cut at
+    max_tokens (finish "length": never conforming), and invalid (the rest)."""
+
+    completed: int
+    conforming: int
+    length_cut: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.conforming + self.length_cut <= self.completed:
+            raise MetricsError(f"conforming {self.conforming} + length-cut {self.length_cut} outputs exceed the "
+                               f"{self.completed} completed")
+
+    @property
+    def invalid(self) -> int:
+        return self.completed - self.conforming - self.length_cut
+
+    @property
+    def correct_rate(self) -> float:
+        """Conforming / completed, in percent (0 when none completed)."""
+        return 100.0 * self.conforming / self.completed if self.completed else 0.0
+
+    @classmethod
+    def of(cls, records: Sequence[RequestRecord]) -> Conformance:
+        ok = [r for r in records if r.success]
+        return cls(completed=len(ok), conforming=sum(1 for r in ok if r.conforms),
+                   length_cut=sum(1 for r in ok if not r.conforms and r.finish_reason == "length"))
+
+    def to_dict(self) -> dict[str, int]:
+        return {"conforming": self.conforming, "invalid": self.invalid, "length_cut": self.length_cut}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, int], completed: int) -> Conformance:
+        return cls(completed, int(data["conforming"]), int(data["length_cut"]))
+
+
 def _peak_output_rate(records: Sequence[RequestRecord]) -> float:
     """Most output chunks in any one-second bucket of the run (vLLM's peak throughput)."""
     times: list[float] = []
@@ -266,6 +305,6 @@ def compute_metrics(records: Sequence[RequestRecord], duration_s: float, slos: S
 
 
 __all__ = [
-    "BenchMetrics", "Distribution", "METRICS", "METRIC_LABELS", "MetricsError", "SLOs", "compute_metrics",
-    "parse_metric_names", "parse_percentiles", "percentile_key",
+    "BenchMetrics", "Conformance", "Distribution", "METRICS", "METRIC_LABELS", "MetricsError", "SLOs",
+    "compute_metrics", "parse_metric_names", "parse_percentiles", "percentile_key",
 ]

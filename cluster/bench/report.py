@@ -12,7 +12,7 @@ import re
 from collections.abc import Sequence
 
 from cluster.bench.client import RequestRecord
-from cluster.bench.metrics import METRIC_LABELS, METRICS, percentile_key
+from cluster.bench.metrics import METRIC_LABELS, METRICS, Conformance, percentile_key
 from cluster.bench.result import BenchResult, profile_breakdown
 from cluster.bench.server_metrics import WorkerIterations, cuda_allocator_counts, prefix_cache_counts, worker_iterations
 from cluster.bench.traffic import offered_load, streaming_around, token_times
@@ -44,7 +44,8 @@ def format_preamble(request_rate: float, burstiness: float, max_concurrency: int
 
 
 def format_result_block(result: BenchResult) -> str:
-    """The `vllm bench serve` result block, line for line, plus SLO attainment."""
+    """The `vllm bench serve` result block, line for line, plus SLO attainment, and for a structured-output run
+    the correct rate (vLLM's benchmark_serving_structured_output) and the outputs cut at max_tokens."""
     m = result.metrics
     lines = ["{s:{c}^{n}}".format(s=" Serving Benchmark Result ", n=WIDTH, c="=")]
     lines.append(_line("Successful requests:", m.completed, "d"))
@@ -64,6 +65,10 @@ def format_result_block(result: BenchResult) -> str:
     lines.append(_line("Peak output token throughput (tok/s):", m.peak_output_throughput))
     lines.append(_line("Peak concurrent requests:", m.peak_concurrency, "d"))
     lines.append(_line("Total Token throughput (tok/s):", m.total_token_throughput))
+    if result.structured_output is not None:
+        conformance = result.conformance or Conformance.of(result.records)
+        lines.append(_line("Correct rate (%):", conformance.correct_rate))
+        lines.append(_line("Outputs cut at max_tokens:", conformance.length_cut, "d"))
     for name in METRICS:
         if name not in result.percentile_metrics:
             continue

@@ -1,7 +1,8 @@
 """The result record of `semipd bench serve` and its JSON file. `BenchResult` is one run at one request rate.
 Its JSON carries vLLM's flat keys at the top level (completed, request_throughput, mean_ttft_ms, p99_ttft_ms,
 ...) so existing scripts read it, plus the config, the goodput SLOs, the per-request records, server-side
-metrics, the per-workload-profile breakdown (`profile_breakdown`) and a label; `BenchResult.from_json` rebuilds
+metrics, the per-workload-profile breakdown (`profile_breakdown`) and a label (and, for a structured-output
+run, `structured_output`, `correct_rate` in percent and the `conformance` counts); `BenchResult.from_json` rebuilds
 it (aggregates recomputed from the records), and `write_result` / `load_result` put it in a file and read it back.
 """
 
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster.bench.client import RequestRecord
-from cluster.bench.metrics import BenchMetrics, SLOs, compute_metrics
+from cluster.bench.metrics import BenchMetrics, Conformance, SLOs, compute_metrics
 
 SCHEMA = "semipd-bench-serve/1"
 
@@ -37,6 +38,8 @@ class BenchResult:
     server_metrics: dict[str, Any] | None = None
     metadata: dict[str, str] = field(default_factory=dict)
     split_changes: list[dict[str, Any]] | None = None  # semipd servers: SM split changes during the run
+    structured_output: dict[str, Any] | None = None  # StructuredOutput.to_dict() of a structured-output run
+    conformance: Conformance | None = None  # of a structured-output run: how many outputs conformed
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {
@@ -57,6 +60,10 @@ class BenchResult:
             "split_changes": self.split_changes,
             "requests": [r.to_dict() for r in self.records],
         }
+        if self.structured_output is not None:
+            conformance = self.conformance or Conformance.of(self.records)
+            data.update(structured_output=_jsonable(self.structured_output), correct_rate=conformance.correct_rate,
+                        conformance=conformance.to_dict())
         return data
 
     @classmethod
@@ -70,6 +77,10 @@ class BenchResult:
         percentiles = tuple(float(p) for p in data["metric_percentiles"])
         metrics = (compute_metrics(records, float(data["duration"]), slos, percentiles) if "requests" in data
                    else BenchMetrics.from_flat(data, percentiles))
+        structured = data.get("structured_output")
+        conformance = None if structured is None else (
+            Conformance.of(records) if "requests" in data else Conformance.from_dict(data["conformance"],
+                                                                                     metrics.completed))
         return cls(
             label=data.get("label", ""),
             date=data.get("date", ""),
@@ -85,6 +96,8 @@ class BenchResult:
             server_metrics=data.get("server_metrics"),
             metadata=data.get("metadata", {}),
             split_changes=data.get("split_changes"),
+            structured_output=structured,
+            conformance=conformance,
         )
 
 

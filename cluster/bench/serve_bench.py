@@ -6,12 +6,14 @@ calibrated through the server's `/tokenize`, else about one token per word), the
 each request rate of the sweep: reads the server's `/metrics`, sends every request at
 its arrival time (Poisson or gamma; a semaphore for `max_concurrency`), waits for all
 of them (each bounded by the request timeout), reads `/metrics` again, prints vLLM's
-result block and writes the JSON. Every rate replays the same requests.
+result block and writes the JSON. Every rate replays the same requests. With a `structured_output`
+every request asks for it and the result adds the share of outputs that conform (vLLM's correct rate).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import sys
 import time
@@ -30,12 +32,13 @@ from cluster.bench.client import (
     send_request,
 )
 from cluster.bench.datasets import dataset_requests
-from cluster.bench.metrics import METRICS, SLOs, compute_metrics
+from cluster.bench.metrics import METRICS, Conformance, SLOs, compute_metrics
 from cluster.bench.report import (
     format_cuda_allocator, format_failures, format_offered_load, format_preamble, format_prefix_cache,
     format_profile_breakdown, format_result_block, format_split_changes, format_worker_iterations,
 )
 from cluster.bench.result import BenchResult, write_result
+from cluster.bench.structured import StructuredOutput
 from cluster.bench.workloads import (
     BenchRequest, PromptBuilder, RatioPromptBuilder, TokenizerPromptBuilder, WorkloadConfig, build_requests,
     random_words,
@@ -54,7 +57,8 @@ class ServeBenchConfig:
     `model` None: the first model the server lists. `tokenizer`: a local HF tokenizer
     directory for exact prompt lengths. `request_rates`: a sweep, run in order (math.inf:
     all requests at once). Results are written when `save_result`, `result_dir` or
-    `result_filename` is set; `result_filename` may hold `{rate}`.
+    `result_filename` is set; `result_filename` may hold `{rate}`. `structured_output`: what every output
+    must match (None: plain requests).
     """
 
     base_url: str = "http://127.0.0.1:8000"
@@ -80,6 +84,7 @@ class ServeBenchConfig:
     disable_tqdm: bool = False
     metadata: dict[str, str] = field(default_factory=dict)
     extra_body: dict[str, Any] = field(default_factory=dict)
+    structured_output: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "request_rates", tuple(float(r) for r in self.request_rates))
@@ -109,6 +114,7 @@ class ServeBenchConfig:
         data = asdict(self)
         data["api_key"] = "***" if self.api_key else None
         data["slos"] = self.slos.as_dict()
+        data["structured_output"] = self.structured_output.to_dict() if self.structured_output else None
         return data
 
 
@@ -226,7 +232,10 @@ async def _run(config: ServeBenchConfig, out: TextIO) -> list[BenchResult]:
         model, max_model_len = await resolve_model(client, config)
         builder = await make_prompt_builder(client, config, model, out)
         endpoint = EndpointConfig(config.base_url, model, config.endpoint, config.api_key, config.ignore_eos,
-                                  config.temperature, config.request_timeout_s, dict(config.extra_body))
+                                  config.temperature, config.request_timeout_s, dict(config.extra_body),
+                                  config.structured_output)
+        if config.structured_output is not None:
+            print(f"Structured outputs: {json.dumps(config.structured_output.body())}", file=out)
         results = []
         for run, rate in enumerate(config.request_rates):
             requests = _build_requests(replace(config.workload, run=run), builder, max_model_len, out)
@@ -270,6 +279,8 @@ async def _run_one_rate(client: httpx.AsyncClient, config: ServeBenchConfig, end
         metric_percentiles=config.metric_percentiles, records=records, metrics=metrics,
         config={**config.to_dict(), "model": endpoint.model}, server_metrics=_delta(before, after),
         metadata=dict(config.metadata), split_changes=split_changes(splits_before, splits_after, started, ended),
+        structured_output=config.structured_output.to_dict() if config.structured_output else None,
+        conformance=Conformance.of(records) if config.structured_output else None,
     )
     print(format_result_block(result), file=out)
     for extra in (format_offered_load(records), format_profile_breakdown(result), format_split_changes(result),

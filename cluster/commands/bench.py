@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 if TYPE_CHECKING:
     from cluster.bench.serve_bench import ServeBenchConfig
+    from cluster.bench.structured import StructuredOutput
     from cluster.bench.workloads import Phase
 
 T = TypeVar("T")
@@ -136,6 +137,7 @@ def _metric_names(text: str) -> tuple[str, ...]:
 
 def _register_serve(sub: argparse._SubParsersAction) -> None:
     from cluster.bench.client import ENDPOINTS
+    from cluster.bench.structured import BUILTIN_CHOICES, BUILTIN_REGEX, KINDS
     from cluster.bench.workloads import WORKLOAD_NAMES
 
     p = sub.add_parser(
@@ -182,6 +184,19 @@ def _register_serve(sub: argparse._SubParsersAction) -> None:
                    help="gamma shape of inter-arrival times: 1 Poisson, <1 burstier, >1 more regular")
     g.add_argument("--max-concurrency", type=_type(_positive_int), default=None)
 
+    g = p.add_argument_group("structured outputs (vLLM's benchmark_serving_structured_output)")
+    g.add_argument("--structured-output", default=None, choices=KINDS, metavar="KIND",
+                   help=f"one of {', '.join(KINDS)}: every request's output must match it (the body's "
+                        "structured_outputs) and the result adds the correct rate, the share of completed outputs "
+                        "that ended with 'stop' and match. Built in: json a small schema (enum, boolean, bounded "
+                        f"integer, short string), regex {BUILTIN_REGEX.replace('%', '%%')}, choice "
+                        f"{', '.join(BUILTIN_CHOICES)}")
+    g.add_argument("--structured-spec", default=None, metavar="FILE_OR_TEXT",
+                   help="replaces the built-in spec: a JSON schema (json), a pattern (regex) or a JSON list of "
+                        "strings (choice), in a file or given as text")
+    g.add_argument("--no-whitespace", action="store_true",
+                   help='send "disable_any_whitespace": true (JSON without whitespace between its tokens)')
+
     g = p.add_argument_group("metrics and results")
     g.add_argument("--goodput", nargs="+", type=_type(_slo_item), default=None, metavar="KEY:MS",
                    help="SLOs for goodput, any of ttft:MS tpot:MS e2el:MS")
@@ -208,6 +223,7 @@ def serve_config(args: argparse.Namespace) -> ServeBenchConfig:
 
     if args.phases is not None and args.workload != "shifting":
         raise ValueError("--phases applies to --workload shifting only")
+    structured = structured_output(args)
     workload = WorkloadConfig(
         name=args.workload, num_prompts=args.num_prompts, seed=args.seed, phases=args.phases or DEFAULT_PHASES,
         input_len=args.input_len, output_len=args.output_len, range_ratio=args.range_ratio,
@@ -222,8 +238,21 @@ def serve_config(args: argparse.Namespace) -> ServeBenchConfig:
         label=args.label, save_result=args.save_result, result_dir=args.result_dir,
         result_filename=args.result_filename,
         server_metric_prefixes=SERVER_METRIC_PREFIXES if args.server_metrics else (),
-        disable_tqdm=args.disable_tqdm, metadata=dict(args.metadata),
+        disable_tqdm=args.disable_tqdm, metadata=dict(args.metadata), structured_output=structured,
     )
+
+
+def structured_output(args: argparse.Namespace) -> StructuredOutput | None:
+    """The StructuredOutput of `--structured-output`, `--structured-spec` and `--no-whitespace` (ValueError when
+    the spec is bad or given without a kind)."""
+    from cluster.bench.structured import StructuredOutput, parse_spec
+
+    if args.structured_output is None:
+        if args.structured_spec is not None or args.no_whitespace:
+            raise ValueError("--structured-spec and --no-whitespace need --structured-output")
+        return None
+    spec = None if args.structured_spec is None else parse_spec(args.structured_output, args.structured_spec)
+    return StructuredOutput(args.structured_output, spec, args.no_whitespace)
 
 
 def run_serve(args: argparse.Namespace) -> int:

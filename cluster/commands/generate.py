@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from actors.request import SamplingParams, StructuredOutputsParams
+from cluster.commands.files import text_or_file
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -39,33 +39,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def read_json_schema(value: str) -> str:
-    """The schema's text: `value` itself when it is inline JSON (starts with '{'), else the file it names.
-    A missing file or one that is not JSON is a ValueError naming it (the CLI exits 2)."""
-    if value.lstrip().startswith("{"):
-        text, source = value, "inline --json-schema"
-    else:
-        path = Path(value)
-        try:
-            text = path.read_text()
-        except OSError as e:
-            raise ValueError(f"--json-schema: cannot read schema file {str(path)!r}: {e.strerror or e}") from None
-        source = f"schema file {str(path)!r}"
+    """The schema's text: the file `value` names, or `value` itself (inline JSON); a ValueError naming it when that
+    is not JSON (the CLI exits 2)."""
+    text, is_file = text_or_file(value)
+    source = f"schema file {value!r}" if is_file else f"{value!r} (neither a readable file nor inline JSON)"
     try:
         json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"--json-schema: {source} is not valid JSON: {e}") from None
     return text
-
-
-def read_grammar(value: str) -> str:
-    """The grammar's text: the file `value` names if there is one, else `value` itself."""
-    path = Path(value)
-    try:
-        if path.is_file():
-            return path.read_text()
-    except OSError:  # a name too long for a path, say: grammar text
-        pass
-    return value
 
 
 def structured_outputs(args: argparse.Namespace) -> StructuredOutputsParams | None:
@@ -78,7 +60,7 @@ def structured_outputs(args: argparse.Namespace) -> StructuredOutputsParams | No
     if args.choice is not None:
         return StructuredOutputsParams(choice=tuple(args.choice), disable_any_whitespace=ws)
     if args.grammar is not None:
-        return StructuredOutputsParams(grammar=read_grammar(args.grammar), disable_any_whitespace=ws)
+        return StructuredOutputsParams(grammar=text_or_file(args.grammar)[0], disable_any_whitespace=ws)
     if args.json_object:
         return StructuredOutputsParams(json_object=True, disable_any_whitespace=ws)
     if ws:
