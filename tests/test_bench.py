@@ -593,6 +593,12 @@ def test_sse_and_stream_timer() -> None:
     timer.feed({"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 4}}, 10.7)
     assert rec.ttft_s == pytest.approx(0.2) and rec.itl_s == pytest.approx([0.1, 0.3])
     assert (rec.num_chunks, rec.output_tokens, rec.prompt_tokens, rec.finish_reason) == (3, 4, 5, "length")
+    for field in ("reasoning", "reasoning_content"):  # a reasoning model's first tokens, in vLLM's new and old field
+        rec = RequestRecord(0, "t", 5, 4)
+        timer = StreamTimer(rec, start=10.0, is_chat=True)
+        timer.feed({"choices": [{"delta": {"role": "assistant", "content": ""}}]}, 10.05)
+        timer.feed({"choices": [{"delta": {field: "hmm"}}]}, 10.1)
+        assert rec.ttft_s == pytest.approx(0.1), field
 
 
 def test_payload() -> None:

@@ -182,7 +182,7 @@ class StreamTimer:
         if not self.is_chat:
             return True
         delta = choice.get("delta") or {}
-        has_text = bool(delta.get("content") or delta.get("reasoning_content"))
+        has_text = any(delta.get(k) for k in ("content", "reasoning", "reasoning_content"))  # vLLM's, new and old
         # the role preamble some servers send before any token is not output
         return has_text or not ("role" in delta and not choice.get("finish_reason"))
 
