@@ -14,6 +14,8 @@ Entry point `cluster.serve_app:build_app` (for `serve run`, `serve deploy`, Kube
     redis_url             SLO controller state (default: $SEMIPD_REDIS_URL; none: no controller)
     api_key_env           name of the environment variable holding the API key (none: no key)
     tool_call_parser      hermes | llama3_json: how chat outputs are read for tool calls (cluster.openai_api.tools)
+    reasoning_parser      deepseek_r1 | qwen3 | none: how chat outputs are read for reasoning
+                          (cluster.openai_api.reasoning; none: all content)
     grpc_port             serve semipd.v1.Generation on this port from each replica (0/none: off)
     page_size, max_prefill_tokens, num_pages, device, prefill_sms, overlap_decode,
       overlap_prefill, decode_pace_ms, switch_interval_ms  engine settings
@@ -75,6 +77,7 @@ class ServeArgs(BaseModel):
     redis_url: str | None = None
     api_key_env: str | None = None
     tool_call_parser: Literal["hermes", "llama3_json"] = "hermes"
+    reasoning_parser: Literal["deepseek_r1", "qwen3"] | None = None
     grpc_port: int | None = Field(None, ge=0, le=65535)
     page_size: int | None = None
     max_prefill_tokens: int | None = Field(None, ge=1)
@@ -210,7 +213,8 @@ class OpenAIIngress:
 
         self.openai_app = create_app(self.client, self.tokenizer, api_key=self.api_key,
                                      echo_request_id=False,  # Serve's proxy echoes it
-                                     tool_call_parser=self.args.tool_call_parser)
+                                     tool_call_parser=self.args.tool_call_parser,
+                                     reasoning_parser=self.args.reasoning_parser)
         return self.openai_app
 
     async def check_health(self) -> None:

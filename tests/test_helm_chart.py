@@ -32,7 +32,7 @@ ARG_KEYS = {  # build_app(args) of cluster/serve_app.py
     "model", "served_model_name", "ttft_slo_ms", "tpot_slo_ms", "prefill_order", "admission", "admission_slack",
     "mode", "prefill_sm_min", "prefill_sm_max",
     "router_policy", "num_actors", "redis_url", "api_key_env", "grpc_port", "page_size", "max_prefill_tokens",
-    "stream_interval", "tool_call_parser",
+    "stream_interval", "tool_call_parser", "reasoning_parser",
 }
 
 
@@ -110,7 +110,8 @@ MANY_OPTIONS = {
                "initContainers": [{"name": "fetch-model", "image": "busybox:1.36", "command": ["sh", "-c", "true"],
                                    "volumeMounts": [{"name": "model", "mountPath": "/models"}]}],
                "volumes": [{"name": "cache", "emptyDir": {}}], "volumeMounts": [{"name": "cache", "mountPath": "/cache"}]},
-    "model": {"source": {"type": "emptyDir", "emptyDir": {"sizeLimit": "40Gi"}}},
+    "model": {"source": {"type": "emptyDir", "emptyDir": {"sizeLimit": "40Gi"}},
+              "reasoningParser": "qwen3"},
     "semipd": {"mode": "unified", "maxPrefillTokens": 1048576},
 }
 
@@ -200,6 +201,7 @@ def expected_args(values: dict[str, Any], fullname: str) -> dict[str, Any]:
         "model": values["model"]["path"],
         "served_model_name": values["model"]["servedName"],
         "tool_call_parser": values["model"]["toolCallParser"],
+        "reasoning_parser": values["model"]["reasoningParser"] or None,
         "ttft_slo_ms": values["slo"]["ttftMs"],
         "tpot_slo_ms": values["slo"]["tpotMs"],
         "prefill_order": values["slo"]["prefillOrder"],
@@ -358,6 +360,7 @@ BAD_VALUES = [
     ("typo-in-block", {"semipd": {"pagesize": 32}}, "semipd"),
     ("ray-param-owned-by-chart", {"head": {"rayStartParams": {"dashboard-port": "9000"}}}, "head/rayStartParams"),
     ("unknown-model-source", {"model": {"source": {"type": "s3"}}}, "model/source/type"),
+    ("unknown-reasoning-parser", {"model": {"reasoningParser": "granite"}}, "model/reasoningParser"),
     ("pvc-without-claim", {"model": {"source": {"type": "pvc", "pvc": {"claimName": ""}}}}, "model/source/pvc/claimName"),
     ("relative-model-path", {"model": {"path": "models/llama"}}, "model/path"),
     ("port-out-of-range", {"grpc": {"port": 70000}}, "grpc/port"),

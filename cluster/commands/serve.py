@@ -88,6 +88,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--served-model-name", default=None)
     p.add_argument("--tool-call-parser", default="hermes", choices=["hermes", "llama3_json"],
                    help="how chat outputs are read for tool calls when a request gives tools (vLLM's names)")
+    p.add_argument("--reasoning-parser", default=None, choices=["deepseek_r1", "qwen3"],
+                   help="read a reasoning model's <think>...</think> as the chat message's `reasoning`, the rest as "
+                        "its content (vLLM's names; default: none, all of the output is content)")
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on the HTTP API (default: $SEMIPD_API_KEY; unset: open)")
     p.add_argument("--device", default="auto")
@@ -132,6 +135,7 @@ def serve_app_args(args: argparse.Namespace, redis_url: str | None, grpc_port: i
 
     return dict(model=args.model, served_model_name=args.served_model_name, ttft_slo_ms=args.ttft_slo_ms,
                 api_key_env=API_KEY_ENV if args.api_key else None, tool_call_parser=args.tool_call_parser,
+                reasoning_parser=args.reasoning_parser,
                 tpot_slo_ms=args.tpot_slo_ms, mode=args.mode, router_policy=args.router_policy,
                 num_actors=args.num_actors, redis_url=redis_url, grpc_port=grpc_port or None,
                 max_prefill_tokens=args.max_prefill_tokens, device=args.device, load_format=args.load_format,

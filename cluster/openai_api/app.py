@@ -56,6 +56,7 @@ def create_app(
     health_stall_s: float = HEALTH_STALL_SECONDS,
     echo_request_id: bool = True,
     tool_call_parser: str = "hermes",
+    reasoning_parser: str | None = None,
 ) -> FastAPI:
     """The OpenAI-compatible app over `client`; `app.state.openai` is its `OpenAIServer`.
 
@@ -63,8 +64,11 @@ def create_app(
     `health_stall_s`: /health fails when no engine made progress for this long.
     `echo_request_id`: False behind a proxy that already echoes `x-request-id` (Ray Serve).
     `tool_call_parser`: how chat outputs are read for tool calls (`cluster.openai_api.tools`).
+    `reasoning_parser`: how chat outputs are read for reasoning (`cluster.openai_api.reasoning`); None: not, the
+    output is all content.
     """
-    server = OpenAIServer(client, tokenizer, api_key, max_body_bytes, health_stall_s, tool_call_parser)
+    server = OpenAIServer(client, tokenizer, api_key, max_body_bytes, health_stall_s, tool_call_parser,
+                          reasoning_parser)
     app = FastAPI(title="semipd OpenAI-compatible API", docs_url=None, redoc_url=None)
     app.state.openai = server
     app.add_middleware(RequestIdMiddleware, echo=echo_request_id)

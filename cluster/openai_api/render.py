@@ -11,6 +11,7 @@ from typing import Any, Literal
 from actors.engine.frontend import StreamChunk, Tokenizer
 from actors.runner.sampler import TokenLogprobs
 from cluster.engine_client import GenerateRequest
+from cluster.openai_api.reasoning import ReasoningParser, split
 from cluster.openai_api.schemas import (
     ChatChoice,
     ChatCompletionResponse,
@@ -35,7 +36,8 @@ class Choice:
     num_cached_tokens: int = 0
     prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)  # prompt tokens 1.., when asked
     echoed: bool = False  # a stream with `echo`: the prompt went out in a chunk
-    content_sent: int = 0  # a stream read for tool calls: characters of `text` sent as content
+    content_sent: int = 0  # a chat stream: characters of its content (`text` past any reasoning) sent
+    reasoning_sent: int = 0  # a chat stream read for reasoning: characters of the reasoning sent
 
     def add(self, chunk: StreamChunk) -> None:
         self.num_cached_tokens = chunk.num_cached_tokens or self.num_cached_tokens
@@ -62,6 +64,8 @@ class Call:
     echo_prompts: list[str] | None = None  # completions with `echo`: each request's prompt text, shown first
     continuous_usage: bool = False  # every chunk carries its choice's usage so far
     tool_parser: ToolCallParser | None = None  # chat with tools: the output is read for tool calls
+    reasoning_parser: ReasoningParser | None = None  # a server reading reasoning: the message has `reasoning`
+    thinks: bool = False  # ... and the output opens with reasoning (else it is all content)
     created: int = field(default_factory=lambda: int(time.time()))
 
     def __post_init__(self) -> None:
@@ -180,10 +184,15 @@ class Renderer:
     def chat_chunk(self, call: Call, i: int, chunk: StreamChunk) -> dict[str, Any] | None:
         wants_lp = call.want_logprobs and bool(chunk.logprobs)
         lp = self.chat_logprobs(chunk.logprobs) if wants_lp else None
+        choice, finish = call.choices[i], chunk.finish_reason
+        reasoning, text = _split(call, choice.text, final=finish is not None)
+        new_reasoning, choice.reasoning_sent = reasoning[choice.reasoning_sent:], len(reasoning)
+        delta: dict[str, Any] = {"reasoning": new_reasoning} if new_reasoning else {}
         if call.tool_parser is not None:
-            delta, finish = _tool_aware_delta(call.tool_parser, call.choices[i], chunk.finish_reason)
+            content, finish = _tool_aware_delta(call.tool_parser, text, choice, finish)
         else:
-            delta, finish = ({"content": chunk.text} if chunk.text else {}), chunk.finish_reason
+            content = _content_delta(text, choice)
+        delta.update(content)
         if not (delta or finish or wants_lp):
             return None
         return self.chat_delta(call, i, delta, lp, finish)
@@ -225,9 +234,14 @@ class Renderer:
 
     def _chat_choice(self, call: Call, i: int) -> ChatChoice:
         c = call.choices[i]
-        content, calls = (c.text, []) if call.tool_parser is None else call.tool_parser.parse(c.text)
-        return ChatChoice(index=i, finish_reason="tool_calls" if calls else c.finish_reason,
-                          message=ChatResponseMessage(content=content, tool_calls=[t.as_dict() for t in calls]),
+        reasoning, text = _split(call, c.text, final=True)
+        content, calls = (text, []) if call.tool_parser is None else call.tool_parser.parse(text)
+        tool_calls = [t.as_dict() for t in calls]
+        if call.reasoning_parser is None:
+            message = ChatResponseMessage(content=content, tool_calls=tool_calls)
+        else:  # as vLLM's: an empty part is null
+            message = ChatResponseMessage(content=content or None, reasoning=reasoning or None, tool_calls=tool_calls)
+        return ChatChoice(index=i, finish_reason="tool_calls" if calls else c.finish_reason, message=message,
                           logprobs=self.chat_logprobs(c.logprobs) if call.want_logprobs else None)
 
     @staticmethod
@@ -242,14 +256,28 @@ def _joined(a: dict[str, list[Any]] | None, b: dict[str, list[Any]]) -> dict[str
     return b if a is None else {k: a[k] + b[k] for k in a}
 
 
-def _tool_aware_delta(parser: ToolCallParser, choice: Choice, finish: str | None) -> tuple[dict[str, Any], str | None]:
-    """The next delta of a stream read for tool calls, from the choice's text so far: content up to where a call
-    may begin (a partial opening held back), then, once the output ends, its calls (finish reason
+def _split(call: Call, text: str, final: bool) -> tuple[str, str]:
+    """(reasoning, content) of a chat choice's `text` so far (`final`: all of it): the one parse behind a stream's
+    deltas and the whole response. No reasoning unless the call's output opens with it."""
+    if call.reasoning_parser is None or not call.thinks:
+        return "", text
+    return split(call.reasoning_parser, text, final)
+
+
+def _content_delta(text: str, choice: Choice) -> dict[str, Any]:
+    """The part of the content so far, `text`, that the stream has not sent yet."""
+    new, choice.content_sent = text[choice.content_sent:], len(text)
+    return {"content": new} if new else {}
+
+
+def _tool_aware_delta(parser: ToolCallParser, text: str, choice: Choice, finish: str | None
+                      ) -> tuple[dict[str, Any], str | None]:
+    """The next delta of a stream read for tool calls, from the choice's content so far, `text`: content up to
+    where a call may begin (a partial opening held back), then, once the output ends, its calls (finish reason
     `tool_calls`) or the content held back."""
-    text = choice.text
     start = text.find(parser.start)
     if finish is None:
-        end = start if start != -1 else len(text) - len(parser.start) + 1
+        end = start if start != -1 else max(len(text) - len(parser.start) + 1, 0)
         content, choice.content_sent = text[choice.content_sent:end], max(choice.content_sent, end)
         return ({"content": content} if content else {}), None
     _, calls = parser.parse(text)

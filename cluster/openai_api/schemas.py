@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, ValidationError, model_serializer
 
 from actors.request import SamplingParamsError, StructuredOutputsParams
 from cluster.openai_api.errors import APIError
@@ -258,6 +258,14 @@ class ChatResponseMessage(_Schema):
     role: Literal["assistant"] = "assistant"
     content: str | None
     tool_calls: list[dict[str, Any]] = Field(default_factory=list)
+    reasoning: str | None = None  # vLLM's field, there (null or not) when the server reads reasoning, else left out
+
+    @model_serializer(mode="wrap")
+    def _reasoning_when_set(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        out: dict[str, Any] = handler(self)
+        if "reasoning" not in self.model_fields_set:
+            out.pop("reasoning", None)
+        return out
 
 
 class ChatChoice(_Schema):

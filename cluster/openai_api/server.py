@@ -22,6 +22,7 @@ from actors.request import SamplingParams, SamplingParamsError, StructuredOutput
 from cluster.engine_client import EngineClient, EngineLoad, GenerateRequest
 from cluster.metrics import ServingMetrics
 from cluster.openai_api.errors import APIError, ClientDisconnected, engine_error, error_body
+from cluster.openai_api.reasoning import ReasoningParser, reasoning_parser_named
 from cluster.openai_api.render import Call, Renderer, sse_event
 from cluster.openai_api.schemas import (
     ChatCompletionRequest,
@@ -59,6 +60,7 @@ class OpenAIServer:
         max_body_bytes: int = MAX_BODY_BYTES,
         health_stall_s: float = HEALTH_STALL_SECONDS,
         tool_call_parser: str = "hermes",
+        reasoning_parser: str | None = None,
     ) -> None:
         self.client = client
         self.tokenizer = tokenizer
@@ -71,6 +73,8 @@ class OpenAIServer:
         self.draining = False
         self.render = Renderer(tokenizer)
         self.tool_parser = parser_named(tool_call_parser)
+        self.reasoning_parser: ReasoningParser | None = (
+            None if reasoning_parser is None else reasoning_parser_named(reasoning_parser))
 
     # -- request plumbing ----------------------------------------------------------
 
@@ -222,6 +226,11 @@ class OpenAIServer:
                               add_special_tokens: bool = False, tools: list[Tool] | None = None) -> list[int]:
         """`messages` (and `tools`) through the chat template (`options`), tokenized; 400 for what the template
         refuses."""
+        return await self.encode(self.chat_prompt(messages, options, tools), add_special_tokens)
+
+    def chat_prompt(self, messages: list[ChatMessage], options: ChatTemplateFields,
+                    tools: list[Tool] | None = None) -> str:
+        """`messages` (and `tools`) through the chat template (`options`); 400 for what the template refuses."""
         options.check_template_options()
         if not messages:
             raise APIError(400, "messages must not be empty", param="messages")
@@ -244,7 +253,7 @@ class OpenAIServer:
                                               [t.model_dump(exclude_none=True) for t in tools] if tools else None)
         except Exception as e:  # a template error is the request's fault
             raise APIError(400, f"cannot apply the chat template: {e}", param="messages") from None
-        return await self.encode(text, add_special_tokens)
+        return text
 
     def engine_requests(self, request: Request, body: SamplingFields, prompts: list[list[int]],
                         max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None,
@@ -409,15 +418,25 @@ class OpenAIServer:
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "when using `top_logprobs`, `logprobs` must be set to true.", param="top_logprobs")
         body.check_stream_options()
-        ids = body.truncated(await self.chat_prompt_ids(body.messages, body, body.add_special_tokens, body.tools))
+        prompt = self.chat_prompt(body.messages, body, body.tools)
+        ids = body.truncated(await self.encode(prompt, body.add_special_tokens))
         self.check_token_ids(ids, "messages")
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         reqs = self.engine_requests(request, body, [ids], max_tokens, logprobs, body.prompt_logprobs, structured)
         call = Call("chat", f"chatcmpl-{self.request_id(request)}", self.info.name, reqs, len(ids),
                     body.include_usage, body.logprobs, body.n, continuous_usage=body.continuous_usage,
-                    tool_parser=parser)
+                    tool_parser=parser, reasoning_parser=self.reasoning_parser,
+                    thinks=self.thinks(prompt, body, structured))
         return await self.answer(request, call, body.stream)
+
+    def thinks(self, prompt: str, body: ChatCompletionRequest, structured: StructuredOutputsParams | None) -> bool:
+        """Whether the output to this chat's `prompt` opens with reasoning, for the server's reasoning parser.
+        Not when a grammar shapes it: here one holds from the first token (vLLM's waits for the reasoning's end),
+        so the output is the format's alone."""
+        if self.reasoning_parser is None or structured is not None:
+            return False
+        return self.reasoning_parser.thinks(prompt, body.chat_template_kwargs or {})
 
     def tool_call_reading(self, body: ChatCompletionRequest) -> tuple[ToolCallParser | None,
                                                                        StructuredOutputsParams | None]:

@@ -84,6 +84,7 @@ applications:
       model: {{ .Values.model.path | toJson }}
       served_model_name: {{ .Values.model.servedName | toJson }}
       tool_call_parser: {{ .Values.model.toolCallParser | toJson }}
+      reasoning_parser: {{ if .Values.model.reasoningParser }}{{ .Values.model.reasoningParser | toJson }}{{ else }}null{{ end }}
       ttft_slo_ms: {{ .Values.slo.ttftMs | toJson }}
       tpot_slo_ms: {{ .Values.slo.tpotMs | toJson }}
       prefill_order: {{ .Values.slo.prefillOrder | toJson }}
