@@ -12,6 +12,7 @@
 #   bash bench/device_run.sh startup          semi-PD engine start-up and latency-profile times -> $OUT/startup.log
 #   bash bench/device_run.sh jit-build        flashinfer's kernels built side by side, as an engine starts -> $OUT/jit-build.log
 #   bash bench/device_run.sh stream-probe     chunks/s one Ray actor streams, and its CPU per chunk -> $OUT/stream-probe.log
+#   bash bench/device_run.sh structured       structured outputs' host and device cost per decode step -> $OUT/structured-cost.md
 # Logs go to $OUT; the last lines printed are a short table. `.device`: see bench/device_env.sh.
 set -uo pipefail
 what=${1:-tests}
@@ -57,6 +58,9 @@ case $what in
     ;;
   stream-probe)
     python3 bench/ray_stream_probe.py 2>&1 | tee "$OUT/stream-probe.log" | grep "^|"
+    ;;
+  structured)  # needs llguidance: after a vLLM staging (bench/device_env.sh)
+    python3 bench/structured_cost.py $model --out "$OUT/structured-cost.md" 2>&1 | tail -16
     ;;
   vllm)
     source .vllmB/setup-vllm.sh
