@@ -145,7 +145,7 @@ def main() -> None:
         probe = compiler.compile(spec)
         token = allowed_tokens(probe)[0]
         accept_s = timed(lambda: probe.matcher.try_consume_tokens([token]) and probe.matcher.rollback(1), 50)
-        lines.append(f"| {name} | {1e3 * compile_s:.2f} | " + " | ".join(f"{1e3 * s:.2f}" for s in fills)
+        lines.append(f"| {name} | {1e3 * compile_s:.2f} | " + " | ".join(f"{1e3 * s:.3f}" for s in fills)
                      + f" | {1e6 * accept_s:.1f} |")
     lines += ["", "| device | mask_logits ms, batch " + " | ".join(map(str, BATCHES)) + " |",
               "|---|" + "---|" * len(BATCHES)]
