@@ -2,7 +2,8 @@
 
 `create_app(client, tokenizer)` returns a FastAPI app with
 `POST /v1/completions`, `POST /v1/chat/completions` (streaming as SSE `data: {...}`
-chunks ending with `data: [DONE]`, or not), `GET /v1/models`, `POST /tokenize`,
+chunks ending with `data: [DONE]`, or not), `POST /v1/responses` (OpenAI's Responses API over the same chat
+handling; nothing is stored, so `GET /v1/responses/{id}` is a 404), `GET /v1/models`, `POST /tokenize`,
 `POST /detokenize`, `GET /health` (503 when no engine makes progress),
 `GET /metrics` (Prometheus, see `cluster.metrics`), `GET /splits` (each engine's
 SM split and its recent changes: time, from, to, reason), `GET /version`, `POST /reset_prefix_cache`,
@@ -20,7 +21,9 @@ Headers: `x-request-id` (used as the request id and echoed back), `x-slo-ttft-ms
 
 Modules: `schemas` (the bodies), `errors` (OpenAI's error body and the status of each failure), `render`
 (a call's state and its JSON), `streams` (merged engine streams, disconnects), `tools` (tool calls read back
-from the model's text), `reasoning` (a reasoning model's thinking read back as the message's `reasoning`), `server` (the handling), `app` (`create_app`).
+from the model's text), `reasoning` (a reasoning model's thinking read back as the message's `reasoning`), `server` (the handling),
+`responses_schemas` and `responses` (the Responses API: its body as a chat body, its output items and events),
+`app` (`create_app`).
 """
 
 from cluster.openai_api.app import create_app

@@ -16,6 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from actors.engine.frontend import Tokenizer
 from cluster.engine_client import EngineClient
 from cluster.openai_api.errors import APIError, ClientDisconnected, engine_error, error_body
+from cluster.openai_api.responses import ResponsesAPI
 from cluster.openai_api.server import HEALTH_STALL_SECONDS, MAX_BODY_BYTES, OpenAIServer
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
@@ -71,6 +72,7 @@ def create_app(
                           reasoning_parser)
     app = FastAPI(title="semipd OpenAI-compatible API", docs_url=None, redoc_url=None)
     app.state.openai = server
+    responses = ResponsesAPI(server)
     app.add_middleware(RequestIdMiddleware, echo=echo_request_id)
 
     @app.exception_handler(APIError)
@@ -96,6 +98,9 @@ def create_app(
     routes: list[tuple[str, Callable[..., Awaitable[Response]], list[str]]] = [
         ("/v1/completions", server.completions, ["POST"]),
         ("/v1/chat/completions", server.chat_completions, ["POST"]),
+        ("/v1/responses", responses.create, ["POST"]),
+        ("/v1/responses/{response_id}", responses.retrieve, ["GET", "DELETE"]),
+        ("/v1/responses/{response_id}/cancel", responses.retrieve, ["POST"]),
         ("/v1/models", server.models, ["GET"]),
         ("/tokenize", server.tokenize, ["POST"]),
         ("/detokenize", server.detokenize, ["POST"]),

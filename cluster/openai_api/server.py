@@ -8,7 +8,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from importlib import metadata
 from typing import Any
 
@@ -47,6 +47,9 @@ DRAIN_CAP_BYTES = 64 << 20  # past this much of an oversized body, stop reading 
 HEALTH_STALL_SECONDS = 30.0  # an engine with work that made no progress for this long is unhealthy
 LOADS_TIMEOUT_SECONDS = 5.0
 INLINE_TOKENIZE_CHARS = 16384  # longer texts are tokenized in a worker thread
+
+# writes a stream's body: (the call, its first (request index, chunk), the rest of its chunks) -> SSE bytes
+SSEWriter = Callable[[Call, tuple[int, StreamChunk], AsyncIterator[tuple[int, StreamChunk]]], AsyncIterator[bytes]]
 
 
 class OpenAIServer:
@@ -318,8 +321,9 @@ class OpenAIServer:
         await self.run_to_end(request, call)
         return JSONResponse(self.render.response(call))
 
-    async def open_stream(self, request: Request, call: Call) -> StreamingResponse:
-        """Start the engine requests; errors before the first chunk become HTTP errors."""
+    async def open_stream(self, request: Request, call: Call, events: SSEWriter | None = None) -> StreamingResponse:
+        """Start the engine requests; errors before the first chunk become HTTP errors. `events` writes the
+        stream's body from the call, its first chunk and the rest (default: completions and chat chunks)."""
         stream = self.stream_call(call)
 
         async def first() -> tuple[int, StreamChunk]:
@@ -336,7 +340,7 @@ class OpenAIServer:
         except Exception as e:
             await stream.aclose()
             raise engine_error(e) from None
-        return StreamingResponse(self.sse(call, head, stream), media_type="text/event-stream",
+        return StreamingResponse((events or self.sse)(call, head, stream), media_type="text/event-stream",
                                  headers={"cache-control": "no-cache"})
 
     async def sse(self, call: Call, head: tuple[int, StreamChunk],
@@ -413,6 +417,10 @@ class OpenAIServer:
     async def chat(self, request: Request, data: Any) -> Response:
         """A chat completions call, from its parsed JSON body."""
         body = parse_body(ChatCompletionRequest, data)
+        return await self.answer(request, await self.chat_call(request, body), body.stream)
+
+    async def chat_call(self, request: Request, body: ChatCompletionRequest) -> Call:
+        """The call (checked, tokenized, its engine requests built, not started) of a chat completions `body`."""
         self.check_model(body.model)
         parser, structured = self.tool_call_reading(body)
         if body.top_logprobs is not None and not body.logprobs:
@@ -428,7 +436,7 @@ class OpenAIServer:
                     body.include_usage, body.logprobs, body.n, continuous_usage=body.continuous_usage,
                     tool_parser=parser, reasoning_parser=self.reasoning_parser,
                     thinks=self.thinks(prompt, body, structured))
-        return await self.answer(request, call, body.stream)
+        return call
 
     def thinks(self, prompt: str, body: ChatCompletionRequest, structured: StructuredOutputsParams | None) -> bool:
         """Whether the output to this chat's `prompt` opens with reasoning, for the server's reasoning parser.
