@@ -38,7 +38,9 @@ class StructuredOutputsParams:
     """What the output must match (vLLM's `structured_outputs`): exactly one of a JSON schema (`json`, a dict is
     accepted and kept serialized), a regular expression, a list of `choice`s, a `grammar` (Lark or GBNF), or
     `json_object` (any JSON object). `disable_any_whitespace`: JSON without whitespace between its tokens
-    (default: the model may place whitespace where JSON allows it).
+    (default: the model may place whitespace where JSON allows it). `start_after` (semipd's): the grammar holds only
+    once the output has had these tokens, unconstrained until then; a server with a reasoning parser sets it to a
+    reasoning model's end of thinking (`</think>`), as vLLM applies the grammar after the reasoning.
     A grammar's mistakes are found when the engine compiles it (`actors.structured`), also a
     SamplingParamsError."""
 
@@ -48,8 +50,12 @@ class StructuredOutputsParams:
     grammar: str | None = None
     json_object: bool = False
     disable_any_whitespace: bool = False
+    start_after: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "start_after", tuple(self.start_after))
+        if not all(isinstance(t, int) and t >= 0 for t in self.start_after):
+            raise SamplingParamsError("structured_outputs start_after must be token ids")
         if self.json is not None and not isinstance(self.json, str):
             object.__setattr__(self, "json", json.dumps(self.json))  # key order kept: properties come in it
         if self.choice is not None:

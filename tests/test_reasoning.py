@@ -185,11 +185,29 @@ def test_tool_calls_are_read_from_the_content_only(think_template_tokenizer: Pat
     assert thought.finish == "stop"
 
 
-def test_a_grammar_shaped_output_is_all_content(think_template_tokenizer: Path) -> None:
-    """Here a format's grammar holds from the first token, so the output has no reasoning to read."""
-    a = both(think_template_tokenizer, '{"answer": 4}', "deepseek_r1", response_format={"type": "json_object"},
-             extra_body={"chat_template_kwargs": {"r1": True}})
-    assert (a.reasoning, a.content) == (None, '{"answer": 4}')
+def test_a_format_holds_from_the_end_of_the_reasoning(think_template_tokenizer: Path) -> None:
+    """With a reasoning parser, a format's grammar is asked to hold only after `</think>` (the engine request's
+    `start_after`: the tag's token ids), so the model reasons first and the content is the format's; with the think
+    block closed in the prompt, or no parser, it holds from the first token."""
+    said = '<think>Four.</think>{"answer": 4}'
+    tok = Tokenizer(think_template_tokenizer)
+    for parser, kwargs, expected in [("qwen3", {}, tuple(tok.encode("</think>", add_special_tokens=False))),
+                                     ("qwen3", {"enable_thinking": False}, ()), (None, {}, ())]:
+        client = ChunkedClient(said, 4)
+        app = create_app(client, tok, reasoning_parser=parser)  # type: ignore[arg-type]
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "2+2?"}], "chat_template_kwargs": kwargs,
+                "response_format": {"type": "json_object"}}
+
+        async def go() -> dict[str, Any]:
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://stub") as http:
+                return (await http.post("/v1/chat/completions", json=body)).json()["choices"][0]["message"]
+
+        message = asyncio.run(go())
+        assert client.requests[-1].params.structured_outputs.start_after == expected, parser
+        if parser is not None and not kwargs:
+            assert (message["reasoning"], message["content"]) == ("Four.", '{"answer": 4}')
+    a = both(think_template_tokenizer, said, "deepseek_r1", response_format={"type": "json_object"})
+    assert (a.reasoning, a.content) == ("Four.", '{"answer": 4}')
 
 
 def test_without_a_reasoning_parser_the_text_is_all_content(think_template_tokenizer: Path) -> None:

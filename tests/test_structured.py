@@ -95,6 +95,20 @@ def test_the_grammar_ends_the_output_whatever_min_tokens_and_ignore_eos_say(llm:
     assert out.finish_reason == "stop" and out.text in ("yes", "no") and len(out.token_ids) < 40
 
 
+def test_a_grammar_with_start_after_holds_only_once_the_output_had_those_tokens(llm: LLM) -> None:
+    """The output runs free until it has had `start_after` (here the two tokens greedy decoding writes first, as a
+    reasoning model writes `</think>`), then matches the grammar; a request beside it that never writes them stays
+    free to its length."""
+    free = llm.generate(["Tell me"], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))[0].token_ids
+    trigger = tuple(free[:2])
+    gated = [SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True,
+                            structured_outputs=Structured(regex=REGEX, start_after=after)) for after in (trigger, (9999,))]
+    shaped, never = llm.generate(["Tell me", "Tell me"], gated)
+    assert shaped.token_ids[:2] == list(trigger) and shaped.finish_reason == "stop"
+    assert re.fullmatch(REGEX, llm.tokenizer.decode(shaped.token_ids[2:]))
+    assert never.token_ids[:8] == free and never.finish_reason == "length"
+
+
 def test_an_invalid_spec_is_refused_and_the_engine_serves_on(llm: LLM) -> None:
     for spec, message in [(Structured(regex="[a-"), "unclosed character class"),
                           (Structured(json={"type": "objectx"}), "objectx"),

@@ -120,7 +120,7 @@ class Sampler:
             logits = self._add_logit_bias(logits, reqs)
         if any(r.params.allowed_token_ids is not None for r in reqs):
             logits = self._mask_disallowed(logits, reqs)
-        if any(r.grammar is not None for r in reqs):
+        if any(r.grammar is not None and r.grammar.active for r in reqs):
             logits = self._mask_by_grammar(logits, reqs)
         logits = self._mask_early_stops(logits, reqs)
         if all(r.params.greedy for r in reqs):
@@ -195,7 +195,7 @@ class Sampler:
     def _mask_by_grammar(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
         """Rows of requests with a grammar keep only the tokens it allows next (filled on the host, one queued copy
         to the device)."""
-        rows = [i for i, r in enumerate(reqs) if r.grammar is not None]
+        rows = [i for i, r in enumerate(reqs) if r.grammar is not None and r.grammar.active]
         bitmask = fill_bitmasks([reqs[i].grammar for i in rows])  # type: ignore[misc]
         dev = logits.device
         return mask_logits(logits, to_device(rows, torch.long, dev), to_device(bitmask.numpy(), torch.int32, dev))
@@ -206,7 +206,7 @@ class Sampler:
         rows: list[int] = []
         banned: list[int] = []
         for i, r in enumerate(reqs):
-            if r.num_output_tokens < r.params.min_tokens and r.grammar is None:
+            if r.num_output_tokens < r.params.min_tokens and not (r.grammar is not None and r.grammar.active):
                 stops = [t for t in (*r.eos_token_ids, *r.params.stop_token_ids) if t < logits.shape[1]]
                 rows += [i] * len(stops)
                 banned += stops

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -41,16 +42,25 @@ def grammar_source(spec: StructuredOutputsParams) -> str:
 
 class Grammar:
     """One request's matcher: the tokens allowed next, and the tokens taken so far. Used by the worker that owns
-    the request only."""
+    the request only. With `start_after` it holds (`active`) only once the output has had those tokens."""
 
-    def __init__(self, matcher: Any, vocab_size: int, eos_token_ids: Sequence[int]) -> None:
+    def __init__(self, matcher: Any, vocab_size: int, eos_token_ids: Sequence[int],
+                 start_after: Sequence[int] = ()) -> None:
         self.matcher = matcher
         self.bitmask_words = (vocab_size + 31) // 32  # the width of a bitmask row
         self._eos = frozenset(eos_token_ids)
+        self._trigger = tuple(start_after)
+        self._recent: deque[int] = deque(maxlen=len(self._trigger))
+        self.active = not self._trigger
 
     def accept(self, token_id: int) -> bool:
         """Advance past `token_id`; True when the output ends with it: the grammar is complete (nothing but EOS may
-        follow), or the token broke it (only if the mask was not applied: logged)."""
+        follow), or the token broke it (only if the mask was not applied: logged). Before the grammar holds, a token
+        only moves it toward `start_after`."""
+        if not self.active:
+            self._recent.append(token_id)
+            self.active = tuple(self._recent) == self._trigger
+            return False
         if self.matcher.is_stopped():  # complete before this token: it can only be EOS
             return True
         if not self.matcher.consume_token(token_id):
@@ -117,7 +127,7 @@ class GrammarCompiler:
         matcher = llguidance.LLMatcher(tokenizer, source, log_level=0)
         if matcher.is_error():
             raise SamplingParamsError(f"structured_outputs is invalid: {_first_lines(matcher.get_error())}")
-        return Grammar(matcher, tokenizer.vocab_size, self.eos_token_ids)
+        return Grammar(matcher, tokenizer.vocab_size, self.eos_token_ids, spec.start_after)
 
     def prepare_in_background(self) -> None:
         """Wrap the tokenizer on a thread of its own; a failure (no llguidance, no tokenizer) is left for the first

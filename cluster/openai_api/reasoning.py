@@ -11,8 +11,9 @@ dropped where it comes, and an output that never writes `</think>` is all reason
   content.
 
 With either, a prompt that already closed its think block (`<think></think>` written by the template, thinking
-off) has an output that is all content, as vLLM's server decides from the prompt's tokens; so has an output that
-a grammar shapes (structured outputs, a forced tool call), since here the grammar holds from the first token.
+off) has an output that is all content, as vLLM's server decides from the prompt's tokens. A format (structured
+outputs, a forced tool call) holds from the end of the reasoning, as in vLLM: the server asks the engine to apply its
+grammar only after `</think>` (`StructuredOutputsParams.start_after`).
 """
 
 from __future__ import annotations

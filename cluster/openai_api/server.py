@@ -9,6 +9,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import replace
 from importlib import metadata
 from typing import Any
 
@@ -431,18 +432,19 @@ class OpenAIServer:
         self.check_token_ids(ids, "messages")
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        thinks = self.thinks(prompt, body)
+        if thinks and structured is not None:  # the format holds from the reasoning's end, as in vLLM
+            end = await self.encode(self.reasoning_parser.end, False)  # type: ignore[union-attr]
+            structured = replace(structured, start_after=tuple(end))
         reqs = self.engine_requests(request, body, [ids], max_tokens, logprobs, body.prompt_logprobs, structured)
         call = Call("chat", f"chatcmpl-{self.request_id(request)}", self.info.name, reqs, len(ids),
                     body.include_usage, body.logprobs, body.n, continuous_usage=body.continuous_usage,
-                    tool_parser=parser, reasoning_parser=self.reasoning_parser,
-                    thinks=self.thinks(prompt, body, structured))
+                    tool_parser=parser, reasoning_parser=self.reasoning_parser, thinks=thinks)
         return call
 
-    def thinks(self, prompt: str, body: ChatCompletionRequest, structured: StructuredOutputsParams | None) -> bool:
-        """Whether the output to this chat's `prompt` opens with reasoning, for the server's reasoning parser.
-        Not when a grammar shapes it: here one holds from the first token (vLLM's waits for the reasoning's end),
-        so the output is the format's alone."""
-        if self.reasoning_parser is None or structured is not None:
+    def thinks(self, prompt: str, body: ChatCompletionRequest) -> bool:
+        """Whether the output to this chat's `prompt` opens with reasoning, for the server's reasoning parser."""
+        if self.reasoning_parser is None:
             return False
         return self.reasoning_parser.thinks(prompt, body.chat_template_kwargs or {})
 
