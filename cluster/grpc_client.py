@@ -94,7 +94,7 @@ def params_to_proto(params: SamplingParams) -> Any:
 def structured_to_proto(spec: StructuredOutputsParams) -> Any:
     """A `StructuredOutputs` message (its one kind set) from StructuredOutputsParams."""
     pb2, _ = load_stubs()
-    msg = pb2.StructuredOutputs(disable_any_whitespace=spec.disable_any_whitespace)
+    msg = pb2.StructuredOutputs(disable_any_whitespace=spec.disable_any_whitespace, start_after=spec.start_after)
     if spec.choice is not None:
         msg.choice.choices.extend(spec.choice)
     elif spec.json_object:

@@ -62,7 +62,8 @@ def structured_from_proto(msg: Any) -> StructuredOutputsParams:
     """StructuredOutputsParams from a `StructuredOutputs` message; SamplingParamsError (INVALID_ARGUMENT) when its
     kind is unset or malformed (a grammar that does not compile is found by the engine, also a SamplingParamsError)."""
     kind = msg.WhichOneof("kind")
-    kwargs: dict[str, Any] = {"disable_any_whitespace": msg.disable_any_whitespace}
+    kwargs: dict[str, Any] = {"disable_any_whitespace": msg.disable_any_whitespace,
+                              "start_after": tuple(msg.start_after)}
     if kind == "choice":
         kwargs["choice"] = tuple(msg.choice.choices)
     elif kind is not None:

@@ -291,7 +291,8 @@ def test_invalid_structured_outputs_do_not_hurt_other_requests(live: Live) -> No
     {"grammar": 'start: "a"+'},
     {"json_object": True},
     {"json_object": True, "disable_any_whitespace": True},
-], ids=["json-dict", "json-str", "regex", "choice", "grammar", "json-object", "json-object-compact"])
+    {"regex": "[0-9]+", "start_after": [7, 8]},
+], ids=["json-dict", "json-str", "regex", "choice", "grammar", "json-object", "json-object-compact", "start-after"])
 def test_structured_outputs_round_trip(spec: dict[str, Any]) -> None:
     params = SamplingParams(max_tokens=7, structured_outputs=StructuredOutputsParams(**spec))
     msg = params_to_proto(params)
