@@ -21,9 +21,9 @@ Headers: `x-request-id` (used as the request id and echoed back), `x-slo-ttft-ms
 
 Modules: `schemas` (the bodies), `errors` (OpenAI's error body and the status of each failure), `render`
 (a call's state and its JSON), `streams` (merged engine streams, disconnects), `tools` (tool calls read back
-from the model's text), `reasoning` (a reasoning model's thinking read back as the message's `reasoning`), `server` (the handling),
-`responses_schemas` and `responses` (the Responses API: its body as a chat body, its output items and events),
-`app` (`create_app`).
+from the model's text, or forced by a grammar), `reasoning` (a reasoning model's thinking read back as the
+message's `reasoning`), `server` (the handling), `responses_schemas` and `responses` (the Responses API: its body
+as a chat body, its output items and events), `app` (`create_app`).
 """
 
 from cluster.openai_api.app import create_app
