@@ -568,17 +568,14 @@ def _raw_post(port: int, path: str, body: dict[str, Any]) -> socket.socket:
     return sock
 
 
-@pytest.mark.parametrize("stream", [True, False], ids=["streaming", "non-streaming"])
-def test_client_disconnect_aborts_and_frees_pages(live: Live, stream: bool) -> None:
-    wait_until(live.idle, what="the engine to go idle")
-    aborted = live.counter("vllm:request_success_total", finished_reason="abort")
-    finished = live.counter("vllm:request_success_total", finished_reason="length")
-    body = {"model": MODEL, "prompt": "Leave early", "max_tokens": LONG, "ignore_eos": True, "stream": stream}
-    sock = _raw_post(live.server.port, "/v1/completions", body)
+def leave_while_running(live: Live, path: str, body: dict[str, Any], first_bytes: bytes | None) -> None:
+    """Post `body`, read the stream until `first_bytes` (None: nothing) while the request runs, hang up, and wait
+    for the engine to free the request's pages."""
+    sock = _raw_post(live.server.port, path, body)
     try:
-        if stream:
+        if first_bytes is not None:
             received = b""
-            while b"data: " not in received:
+            while first_bytes not in received:
                 part = sock.recv(65536)
                 assert part, f"the server closed the connection: {received!r}"
                 received += part
@@ -587,6 +584,15 @@ def test_client_disconnect_aborts_and_frees_pages(live: Live, stream: bool) -> N
     finally:
         sock.close()
     wait_until(live.idle, what="the aborted request's pages to be freed")
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["streaming", "non-streaming"])
+def test_client_disconnect_aborts_and_frees_pages(live: Live, stream: bool) -> None:
+    wait_until(live.idle, what="the engine to go idle")
+    aborted = live.counter("vllm:request_success_total", finished_reason="abort")
+    finished = live.counter("vllm:request_success_total", finished_reason="length")
+    body = {"model": MODEL, "prompt": "Leave early", "max_tokens": LONG, "ignore_eos": True, "stream": stream}
+    leave_while_running(live, "/v1/completions", body, b"data: " if stream else None)
     wait_until(lambda: live.counter("vllm:request_success_total", finished_reason="abort") == aborted + 1,
                what="the abort to be counted")
     assert live.counter("vllm:request_success_total", finished_reason="length") == finished

@@ -26,7 +26,7 @@ from cluster.openai_api import create_app
 from support import wait_until
 from test_openai_api import (  # noqa: F401  (live, tool_template_tokenizer: fixtures used here)
     COLOR_SCHEMA, FLAG_TOOL, LONG, MAX_MODEL_LEN, MODEL, NO_WHITESPACE, UNIT_TOOL, WEATHER_TOOL, Live, ScriptedClient,
-    StubClient, _raw_post, _stub_call, live, tool_template_tokenizer,
+    StubClient, _stub_call, leave_while_running, live, tool_template_tokenizer,
 )
 from test_reasoning import THOUGHT, ChunkedClient
 
@@ -320,19 +320,7 @@ def test_bad_requests_do_not_disturb_a_response_stream_in_flight(live: Live) -> 
 def test_a_client_that_leaves_aborts_its_response(live: Live, stream: bool) -> None:
     wait_until(live.idle, what="the engine to go idle")
     body = {"model": MODEL, "input": "Leave early", "max_output_tokens": LONG, "ignore_eos": True, "stream": stream}
-    sock = _raw_post(live.server.port, "/v1/responses", body)
-    try:
-        if stream:
-            received = b""
-            while b"response.output_text.delta" not in received:
-                part = sock.recv(65536)
-                assert part, f"the server closed the connection: {received!r}"
-                received += part
-            assert received.startswith(b"HTTP/1.1 200"), received
-        wait_until(lambda: live.core.num_unfinished == 1 and live.core.allocator.usage > 0, what="the request to run")
-    finally:
-        sock.close()
-    wait_until(live.idle, what="the aborted request's pages to be freed")
+    leave_while_running(live, "/v1/responses", body, b"response.output_text.delta" if stream else None)
 
 
 # -- scripted engines: calls, earlier turns, reasoning ----------------------------------
