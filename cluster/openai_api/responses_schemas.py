@@ -24,17 +24,12 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from cluster.openai_api.errors import APIError
-from cluster.openai_api.schemas import _Schema
+from cluster.openai_api.schemas import ContentPart, _Schema
 
 # vLLM's sampling extensions a Responses body may carry, under their chat names (chat's schema checks them)
 PASSED_THROUGH = ("top_k", "min_p", "seed", "stop", "stop_token_ids", "logit_bias", "presence_penalty",
                   "frequency_penalty", "repetition_penalty", "ignore_eos", "min_tokens", "include_stop_str_in_output",
                   "skip_special_tokens", "priority", "cache_salt", "chat_template_kwargs")
-
-
-class ContentPart(_Schema):
-    type: str
-    text: str | None = None
 
 
 class InputMessage(_Schema):
