@@ -210,6 +210,12 @@ def test_a_format_holds_from_the_end_of_the_reasoning(think_template_tokenizer: 
     assert (a.reasoning, a.content) == ("Four.", '{"answer": 4}')
 
 
+def test_include_reasoning_false_drops_the_reasoning_but_not_its_reading(think_template_tokenizer: Path) -> None:
+    """vLLM's `include_reasoning`: the thinking is still read apart from the content, then left out."""
+    a = both(think_template_tokenizer, THOUGHT, "qwen3", extra_body={"include_reasoning": False})
+    assert (a.reasoning, a.content, a.finish) == (None, "\n\nIt is 4.", "stop")
+
+
 def test_without_a_reasoning_parser_the_text_is_all_content(think_template_tokenizer: Path) -> None:
     for stream in (False, True):
         a = ask(think_template_tokenizer, THOUGHT, stream, None)

@@ -66,6 +66,7 @@ class Call:
     tool_parser: ToolCallParser | None = None  # chat with tools: the output is read for tool calls
     reasoning_parser: ReasoningParser | None = None  # a server reading reasoning: the message has `reasoning`
     thinks: bool = False  # ... and the output opens with reasoning (else it is all content)
+    include_reasoning: bool = True  # ... shown (false: read, so apart from the content, and dropped)
     created: int = field(default_factory=lambda: int(time.time()))
 
     def __post_init__(self) -> None:
@@ -187,7 +188,7 @@ class Renderer:
         choice, finish = call.choices[i], chunk.finish_reason
         reasoning, text = _split(call, choice.text, final=finish is not None)
         new_reasoning, choice.reasoning_sent = reasoning[choice.reasoning_sent:], len(reasoning)
-        delta: dict[str, Any] = {"reasoning": new_reasoning} if new_reasoning else {}
+        delta: dict[str, Any] = {"reasoning": new_reasoning} if new_reasoning and call.include_reasoning else {}
         if call.tool_parser is not None:
             content, finish = _tool_aware_delta(call.tool_parser, text, choice, finish)
         else:
@@ -240,7 +241,8 @@ class Renderer:
         if call.reasoning_parser is None:
             message = ChatResponseMessage(content=content, tool_calls=tool_calls)
         else:  # as vLLM's: an empty part is null
-            message = ChatResponseMessage(content=content or None, reasoning=reasoning or None, tool_calls=tool_calls)
+            shown = reasoning if call.include_reasoning else ""
+            message = ChatResponseMessage(content=content or None, reasoning=shown or None, tool_calls=tool_calls)
         return ChatChoice(index=i, finish_reason="tool_calls" if calls else c.finish_reason, message=message,
                           logprobs=self.chat_logprobs(c.logprobs) if call.want_logprobs else None)
 

@@ -187,6 +187,7 @@ class ChatCompletionRequest(SamplingFields, ChatTemplateFields):
     top_logprobs: int | None = None
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    include_reasoning: bool = True  # vLLM's: false drops the reasoning a reasoning parser reads
 
     def tool_choice_mode(self) -> str | None:
         """How the output is read for tool calls: None (not), "auto" (the parser finds calls, if any),

@@ -439,7 +439,8 @@ class OpenAIServer:
         reqs = self.engine_requests(request, body, [ids], max_tokens, logprobs, body.prompt_logprobs, structured)
         call = Call("chat", f"chatcmpl-{self.request_id(request)}", self.info.name, reqs, len(ids),
                     body.include_usage, body.logprobs, body.n, continuous_usage=body.continuous_usage,
-                    tool_parser=parser, reasoning_parser=self.reasoning_parser, thinks=thinks)
+                    tool_parser=parser, reasoning_parser=self.reasoning_parser, thinks=thinks,
+                    include_reasoning=body.include_reasoning)
         return call
 
     def thinks(self, prompt: str, body: ChatCompletionRequest) -> bool:
