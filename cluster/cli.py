@@ -15,6 +15,7 @@ import sys
 COMMAND_MODULES = (
     "cluster.commands.make_model",
     "cluster.commands.generate",
+    "cluster.commands.run_batch",
     "cluster.commands.bench",
     "cluster.commands.serve",
     "cluster.commands.status",
