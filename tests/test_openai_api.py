@@ -515,6 +515,10 @@ BAD_REQUESTS: list[tuple[str, str, bytes, int, str]] = [
      "response_format type must be"),
     ("response-format-no-schema", "/v1/completions", _body(response_format={"type": "json_schema"}), 400,
      "json_schema.schema"),
+    ("tool-choice-shape", "/v1/chat/completions",  # once an AttributeError (500)
+     json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "a"}],
+                 "tools": [{"type": "function", "function": {"name": "f"}}],
+                 "tool_choice": {"type": "function", "function": "f"}}).encode(), 400, "tool_choice"),
     ("invalid-utf8", "/v1/completions", b'{"model": "tiny", "prompt": "\xff\xfe\xfa"}', 400, "not valid UTF-8"),
     ("body-too-large", "/v1/completions", b'{"prompt": "' + b"a" * (10 * 1000 * 1000) + b'"}', 413,
      "larger than the limit"),

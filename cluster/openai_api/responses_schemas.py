@@ -69,6 +69,13 @@ class FunctionTool(_Schema):
     strict: bool | None = None
 
 
+class NamedFunction(_Schema):
+    """A `tool_choice` that names the function to call (Responses' flat shape)."""
+
+    type: Literal["function"]
+    name: str
+
+
 class TextFormat(_Schema):
     type: Literal["text", "json_object", "json_schema"]
     name: str | None = None
@@ -91,7 +98,7 @@ class ResponsesRequest(_Schema):
     top_p: float | None = None
     stream: bool = False
     tools: list[FunctionTool] = Field(default_factory=list)
-    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] = "auto"
+    tool_choice: Literal["none", "auto", "required"] | NamedFunction = "auto"
     parallel_tool_calls: bool = True
     text: TextConfig | None = None
     store: bool = True  # accepted; nothing is stored
@@ -126,11 +133,9 @@ class ResponsesRequest(_Schema):
             raise APIError(400, "text.format json_schema needs a name and a schema (a JSON schema object)",
                            param="text.format")
         choice = self.tool_choice
-        if isinstance(choice, dict):
-            if choice.get("type") != "function" or choice.get("name") not in {t.name for t in self.tools}:
-                raise APIError(400, "tool_choice must be none, auto, required or {'type': 'function', 'name': <one of "
-                                    f"the tools>}}, got {choice!r}", param="tool_choice")
-        if (choice == "required" or isinstance(choice, dict)) and fmt is not None and fmt.type != "text":
+        if isinstance(choice, NamedFunction) and choice.name not in {t.name for t in self.tools}:
+            raise APIError(400, f"tool_choice names {choice.name!r}, which is not one of the tools", param="tool_choice")
+        if (choice == "required" or isinstance(choice, NamedFunction)) and fmt is not None and fmt.type != "text":
             raise APIError(400, "a required or named tool_choice cannot be combined with a text.format other than "
                                 "text", param="tool_choice")
 
@@ -148,8 +153,8 @@ class ResponsesRequest(_Schema):
                                                                            exclude_none=True)} for t in self.tools]
         if self.tools or self.tool_choice not in ("auto", "none"):
             choice = self.tool_choice
-            body["tool_choice"] = ({"type": "function", "function": {"name": choice["name"]}}
-                                   if isinstance(choice, dict) else choice)
+            body["tool_choice"] = ({"type": "function", "function": {"name": choice.name}}
+                                   if isinstance(choice, NamedFunction) else choice)
         fmt = self.format
         if fmt is not None and fmt.type == "json_object":
             body["response_format"] = {"type": "json_object"}
@@ -190,7 +195,8 @@ class ResponsesRequest(_Schema):
                 "reasoning": self.reasoning, "service_tier": self.service_tier, "store": False,
                 "text": (self.text.model_dump(by_alias=True, exclude_none=True) if self.text is not None and
                          self.text.format is not None else {"format": {"type": "text"}}),
-                "tool_choice": self.tool_choice, "tools": [t.model_dump() for t in self.tools],
+                "tool_choice": (self.tool_choice.model_dump() if isinstance(self.tool_choice, NamedFunction)
+                                else self.tool_choice), "tools": [t.model_dump() for t in self.tools],
                 "truncation": self.truncation, "user": self.user, "background": False, "max_tool_calls": None}
 
 

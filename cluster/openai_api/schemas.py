@@ -179,6 +179,17 @@ class ChatTemplateFields(_Schema):
                            param="continue_final_message")
 
 
+class FunctionName(_Schema):
+    name: str
+
+
+class NamedToolChoice(_Schema):
+    """A `tool_choice` that names the function to call: `{"type": "function", "function": {"name": ...}}`."""
+
+    type: Literal["function"] = "function"
+    function: FunctionName
+
+
 class ChatCompletionRequest(SamplingFields, ChatTemplateFields):
     messages: list[ChatMessage]
     max_tokens: int | None = None
@@ -186,7 +197,7 @@ class ChatCompletionRequest(SamplingFields, ChatTemplateFields):
     logprobs: bool = False
     top_logprobs: int | None = None
     tools: list[Tool] | None = None
-    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     include_reasoning: bool = True  # vLLM's: false drops the reasoning a reasoning parser reads
 
     def tool_choice_mode(self) -> str | None:
@@ -205,11 +216,11 @@ class ChatCompletionRequest(SamplingFields, ChatTemplateFields):
                                 "response_format", param="tool_choice")
         if choice == "required":
             return "required"
-        name = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
-        if choice.get("type", "function") != "function" or name not in {t.function.name for t in self.tools}:
-            raise APIError(400, f"tool_choice must be none, auto, required or {{'type': 'function', 'function': "
-                                f"{{'name': <one of the tools>}}}}, got {choice!r}", param="tool_choice")
-        return name
+        assert isinstance(choice, NamedToolChoice)
+        if choice.function.name not in {t.function.name for t in self.tools}:
+            raise APIError(400, f"tool_choice names {choice.function.name!r}, which is not one of the tools",
+                           param="tool_choice")
+        return choice.function.name
 
 
 class TokenizeRequest(ChatTemplateFields):
