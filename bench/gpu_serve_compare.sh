@@ -34,10 +34,11 @@
 # to the engine's speed or to the profiler: commit the new one from the results; later calls load the
 # committed one again, not one a previous call left in /tmp).
 # Without a GPU (a CPU check of this script) it runs on what is installed; pass e.g. SERVE_EXTRA="--device cpu".
+# BENCH_EXTRA: more options for every measured `bench serve`, e.g. "--structured-output json --no-whitespace".
 set -uo pipefail
 : "${SWEEPS=sharegpt:15,30,45 arxiv:3,6,9}" "${WINDOW:=10}" "${TTFT:=1000}" "${TPOT:=50}" "${REQUEST_TIMEOUT:=40}"
 : "${SHIFT_RATE:=}" "${SHIFT_WINDOW:=30}" "${SHIFT_PHASES:=sharegpt:0.5,long-doc:0.5}" "${CONFIG_TIMEOUT:=300}"
-: "${SERVE_EXTRA:=}" "${PINS:=}" "${PIN_SWEEPS=$SWEEPS}" "${REPEAT:=1}" "${WARMUP_RATE:=8}" "${WARMUP_PROMPTS:=32}"
+: "${BENCH_EXTRA:=}" "${SERVE_EXTRA:=}" "${PINS:=}" "${PIN_SWEEPS=$SWEEPS}" "${REPEAT:=1}" "${WARMUP_RATE:=8}" "${WARMUP_PROMPTS:=32}"
 script_t0=$(date +%s)
 gpu=$(command -v nvidia-smi)
 if [ -n "$gpu" ]; then source bench/device_env.sh; else export PYTHONPATH="$PWD" TOKENIZERS_PARALLELISM=false; fi
@@ -128,11 +129,11 @@ print(max(16, round($3 * $4 * mean_rate_scale(parse_phases('$SHIFT_PHASES')))))"
     --tokenizer $model --workload "$2" "${phases[@]}" --request-rate "$3" --num-prompts "$n" --goodput ttft:$TTFT tpot:$TPOT \
     --seed "$(prompt_seed "$2" "$3" "${5:-0}")" \
     --label "$1" --request-timeout $REQUEST_TIMEOUT --result-dir $res --result-filename "$name.json" --disable-tqdm \
-    > "$res/$name.log" 2>&1
+    $BENCH_EXTRA > "$res/$name.log" 2>&1
   [ -n "$sampler" ] && kill $sampler 2>/dev/null
   python3 -m cluster.cli bench timeline "$res/$name.json" > "$res/$name.timeline.txt" 2>&1
   save_results
-  echo "$name: $(grep -E "Request throughput|SLO attainment|P90 TTFT|P90 TPOT|Offered load|Prefix cache|Worker iterations|CUDA allocator" "$res/$name.log" | tr -s ' ' | paste -sd' ') $(python3 -m cluster.bench.telemetry summary "$res/$name.gpu.csv")"
+  echo "$name: $(grep -E "Request throughput|SLO attainment|P90 TTFT|P90 TPOT|Offered load|Prefix cache|Worker iterations|CUDA allocator|Correct rate" "$res/$name.log" | tr -s ' ' | paste -sd' ') $(python3 -m cluster.bench.telemetry summary "$res/$name.gpu.csv")"
 }
 
 warm_up() {  # config: WARMUP_PROMPTS requests of each sweep's workload at WARMUP_RATE req/s, not recorded, so that no
