@@ -180,8 +180,9 @@ def test_logit_bias_steers_graph_decodes_without_touching_their_batch_mates(tiny
 
 def test_structured_outputs_in_graph_decodes_beside_plain_requests(tiny_llama: Path) -> None:
     """Requests held to a regex, a choice and a JSON schema (the grammar's bitmask applied to the logits on the GPU)
-    decode one step at a time in CUDA-graph batches with plain greedy requests that would overlap their steps: the
-    held ones match their grammar in both modes, the plain ones keep the tokens they get alone (but at a tie).
+    share CUDA-graph decode steps with plain greedy requests, queued ahead with their draws deferred until the step
+    before has its tokens (the graph's output read after the next step was planned): the held ones match their
+    grammar in both modes, the plain ones keep the tokens they get alone (but at a tie).
     llguidance comes with the staged vLLM on the GPU machine (`bench/device_env.sh`)."""
     pytest.importorskip("llguidance", reason="stage vLLM first: .vllmB carries llguidance (bench/device_env.sh)")
     import re

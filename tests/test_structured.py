@@ -88,6 +88,30 @@ def test_constrained_requests_do_not_change_their_neighbours_tokens(llm: LLM) ->
     assert all(re.fullmatch(REGEX, o.text) for o in mixed[len(PROMPTS):])
 
 
+@pytest.mark.parametrize("mode", ["semi-pd", "unified"])
+def test_constrained_batches_keep_overlapped_decode(tiny_llama: Path, mode: str) -> None:
+    """Decode steps that hold grammars are still queued ahead, their draws waiting for the step before's tokens
+    (the masks need them): the tokens equal those of one step at a time, sampled ones included."""
+    specs = spec_checks()
+    params = [SamplingParams(max_tokens=40, temperature=t, seed=i, structured_outputs=specs[i % len(specs)][0])
+              for i, t in enumerate([0.0, 1.0] * 6)] + [SamplingParams(max_tokens=40, temperature=0.0)] * 3
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(len(params))]
+    runs = {}
+    for overlap in (False, True):
+        engine = LLM(tiny_llama, mode=mode, device="cpu", overlap_decode=overlap)
+        try:
+            outs = engine.generate(prompts, params)
+            ahead = sum(w.steps_queued_ahead for w in engine.core.workers if w.name != "prefill")
+        finally:
+            engine.shutdown()
+        assert (ahead > 0) == overlap, ahead
+        runs[overlap] = [(o.token_ids, o.finish_reason) for o in outs]
+        for out, p in zip(outs, params):
+            if p.structured_outputs is not None:
+                check_output(out, dict(specs)[p.structured_outputs], 40)
+    assert runs[True] == runs[False]
+
+
 def test_the_grammar_ends_the_output_whatever_min_tokens_and_ignore_eos_say(llm: LLM) -> None:
     params = SamplingParams(max_tokens=64, min_tokens=40, ignore_eos=True, temperature=0.0,
                             structured_outputs=Structured(choice=["yes", "no"]))

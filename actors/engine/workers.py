@@ -20,7 +20,7 @@ from actors.engine.pacing import StepPacer
 from actors.engine.partitioner import Partitioner, Phase
 from actors.request import PENDING_TOKEN, FinishReason, Request, TokenDelta
 from actors.runner.device_errors import device_lost
-from actors.runner.model_runner import Carry, ModelRunner
+from actors.runner.model_runner import Carry, Forwarded, ModelRunner
 from actors.runner.sampler import Drawn, SampleResult, TokenLogprobs
 from actors.scheduler.decode import DecodeScheduler
 from actors.scheduler.plan import BatchPlan, SeqChunk
@@ -78,8 +78,9 @@ class Worker:
     from the current step's draw on the device, so the host work of a step (planning,
     attention plan, emitting tokens) hides behind the GPU. A request that ends at step n
     was already queued in step n + 1: that result is dropped, and its pages are freed
-    only once step n + 1 has finished. Batches that need penalties, logprobs or a grammar, and
-    steps that would need a preemption, run one at a time.
+    only once step n + 1 has finished. A step with a grammar (structured outputs) is queued ahead too, but its
+    draw waits for step n's tokens, which the grammar's mask needs (the GPU meanwhile runs its forward pass).
+    Batches that need penalties or logprobs, and steps that would need a preemption, run one at a time.
     """
 
     phase: Phase
@@ -304,7 +305,10 @@ class Worker:
         """A queued step failed on the device: end every request of the queued steps."""
         log.exception("decode step failed; failing its requests")
         for step in steps[1:]:
-            _wait_quietly(step.drawn)
+            if step.drawn is None:  # its forward pass only
+                self.runner.wait_for_stream()
+            else:
+                _wait_quietly(step.drawn)
         self._inflight = None
         retired = {r for step in steps for r in step.retired}
         live = list(dict.fromkeys(r for step in steps for r in step.reqs if r not in retired))
@@ -315,29 +319,59 @@ class Worker:
 
     def _queue(self, plan: BatchPlan, sample_reqs: list[Request], carry: Carry | None,
                prefill_reqs: list[Request]) -> Drawn:
-        """`runner.launch`, counting its tokens (the runner counts its host time); the prompt logprobs it computed
-        go to their requests (`prefill_reqs`, one per prefill chunk of `plan`) at once."""
+        """`runner.launch`, counted (`_count`)."""
         drawn = self.runner.launch(plan, sample_reqs, carry)
-        self.tokens += plan.num_tokens
-        for req, scores in zip(prefill_reqs, drawn.prompt_logprobs):
-            req.prompt_logprobs.extend(scores)
+        self._count(plan, prefill_reqs, drawn.prompt_logprobs)
         return drawn
 
+    def _forward(self, plan: BatchPlan, carry: Carry | None, prefill_reqs: list[Request]) -> Forwarded:
+        """`runner.forward` (the draw deferred), counted (`_count`)."""
+        forwarded = self.runner.forward(plan, carry)
+        self._count(plan, prefill_reqs, forwarded.prompt_logprobs)
+        return forwarded
+
+    def _count(self, plan: BatchPlan, prefill_reqs: list[Request], scores: list[list[TokenLogprobs]]) -> None:
+        """Count a queued iteration's tokens (the runner counts its host time); the prompt logprobs it computed go to
+        their requests (`prefill_reqs`, one per prefill chunk of `plan`) at once."""
+        self.tokens += plan.num_tokens
+        for req, scored in zip(prefill_reqs, scores):
+            req.prompt_logprobs.extend(scored)
+
     def _launch(self, chunks: list[SeqChunk], reqs: list[Request], carry: Carry | None,
-                p_chunks: list[SeqChunk] | None = None, p_reqs: list[Request] | None = None) -> _Launched:
+                p_chunks: list[SeqChunk] | None = None, p_reqs: list[Request] | None = None,
+                defer_draw: bool = False) -> _Launched:
         """Queue a step of decodes (and prompt chunks, `p_chunks` of `p_reqs`) and account for it at once: the
-        next step is planned from where this one ends."""
+        next step is planned from where this one ends. `defer_draw`: queue its forward pass only; `_draw_deferred`
+        queues the draw once the step before it has its tokens (a grammar's mask needs them)."""
         p_chunks, p_reqs = p_chunks or [], p_reqs or []
         p_sample = _sampled(p_chunks, p_reqs)
-        drawn = self._queue(BatchPlan(decodes=tuple(chunks), prefills=tuple(p_chunks)), reqs + p_sample, carry,
-                            p_reqs)
+        plan = BatchPlan(decodes=tuple(chunks), prefills=tuple(p_chunks))
+        forwarded, drawn = None, None
+        if defer_draw:
+            forwarded = self._forward(plan, carry, p_reqs)
+        else:
+            drawn = self._queue(plan, reqs + p_sample, carry, p_reqs)
         slots = []
         for r in reqs:
             self.decode.advance(r)
             slots.append(r.append_pending())
         for c, r in zip(p_chunks, p_reqs):
             self.prefill.finish_chunk(r, c.num_tokens)
-        return _Launched(reqs, slots, drawn, prefill_reqs=p_reqs, prefill_sample=p_sample)
+        return _Launched(reqs, slots, drawn, prefill_reqs=p_reqs, prefill_sample=p_sample, forwarded=forwarded)
+
+    def _draw_deferred(self) -> None:
+        """Queue the draw of the step in flight if it was deferred (its forward pass queued ahead of it); a failure
+        ends its requests once the device has finished the forward pass (its pages may be reused at once)."""
+        step = self._inflight
+        if step is None or step.forwarded is None:
+            return
+        try:
+            step.drawn = self.runner.draw(step.forwarded, step.reqs + step.prefill_sample)
+        except Exception as e:
+            self.runner.wait_for_stream()
+            self._fail_in_flight([step], e)
+        else:
+            step.forwarded = None
 
     def _start(self, chunks: list[SeqChunk], reqs: list[Request],
                p_chunks: list[SeqChunk] | None = None, p_reqs: list[Request] | None = None) -> None:
@@ -367,19 +401,24 @@ class Worker:
                 row = {r: i for i, r in enumerate(running.reqs)}
                 src = [row[r] if c.token_ids[0] == PENDING_TOKEN else -1 for c, r in zip(chunks, reqs)]
                 carry = Carry(running.drawn, src) if any(i >= 0 for i in src) else None  # None: nothing to take
-                try:
-                    self._inflight = self._launch(chunks, reqs, carry, p_chunks, p_reqs)
+                try:  # a grammar's mask needs the running step's tokens: its draw waits for them
+                    self._inflight = self._launch(chunks, reqs, carry, p_chunks, p_reqs,
+                                                  defer_draw=any(r.grammar is not None for r in reqs))
                     self.steps_queued_ahead += 1
                 except Exception:  # take the running step's tokens first; its requests retry one step at a time
                     self._collect(running)
                     raise
-        self._collect(running)
+        try:
+            self._collect(running)
+        finally:
+            self._draw_deferred()
         return True
 
     def _collect(self, launched: _Launched) -> None:
         """Wait for `launched`, put its tokens in place and emit them; free what has ended."""
         following = self._inflight
         try:
+            assert launched.drawn is not None, "a step is collected after its draw was queued"
             result = launched.drawn.result()
         except Exception as e:
             self._fail_in_flight([launched] + ([following] if following is not None else []), e)
@@ -431,9 +470,10 @@ def _token_delta(req: Request, tok: int, lp: TokenLogprobs | None, reason: Finis
 
 
 def _overlappable(reqs: list[Request]) -> bool:
-    """Whether a decode batch can be sampled before its previous step's tokens reach the host
-    (penalties and a grammar's mask need those tokens; logprobs are gathered on the host)."""
-    return all(not r.params.needs_penalties and r.params.logprobs is None and r.grammar is None for r in reqs)
+    """Whether a decode batch can be queued before its previous step's tokens reach the host (penalties need those
+    tokens; logprobs are gathered on the host). A grammar's mask needs them too, but only for the draw, which then
+    waits for them (`Worker._launch`'s `defer_draw`)."""
+    return all(not r.params.needs_penalties and r.params.logprobs is None for r in reqs)
 
 
 @dataclass
@@ -443,10 +483,11 @@ class _Launched:
 
     reqs: list[Request]  # the decodes
     slots: list[int]  # index of each decode's pending token in its token_ids
-    drawn: Drawn
+    drawn: Drawn | None  # None while its draw is deferred (`forwarded` holds the forward pass)
     retired: set[Request] = field(default_factory=set)  # finished before this step ends: results dropped
     prefill_reqs: list[Request] = field(default_factory=list)  # every request it has a prompt chunk of
     prefill_sample: list[Request] = field(default_factory=list)  # those whose prompt it ends, in draw order
+    forwarded: Forwarded | None = None
 
 
 class PrefillWorker(Worker):

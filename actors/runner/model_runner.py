@@ -7,7 +7,9 @@ backend (with its workspace) and the stream are the worker's own.
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -52,6 +54,15 @@ class Carry:
         src = to_device(self.src, torch.long, input_ids.device)
         taken = self.prev.token_ids[src.clamp(min=0)]
         input_ids[:n] = torch.where(src >= 0, taken, input_ids[:n])
+
+
+@dataclass(frozen=True)
+class Forwarded:
+    """A queued forward pass: the hidden states of the rows that sample [N, H] (a CUDA graph's output buffer, valid
+    until the runner's next iteration), and the prompt logprobs it scored (one list per prefill chunk)."""
+
+    hidden: torch.Tensor
+    prompt_logprobs: list[list[TokenLogprobs]]
 
 
 class ModelRunner:
@@ -114,23 +125,25 @@ class ModelRunner:
         """Run one iteration; `sample_reqs` are the requests of the plan's `sample` chunks, in order."""
         return self.launch(plan, sample_reqs).result()
 
-    @torch.inference_mode()
     def launch(self, plan: BatchPlan, sample_reqs: list[Request], carry: Carry | None = None) -> Drawn:
         """Queue one iteration on the worker's stream and return its draw without waiting for it.
 
         `carry` fills decode input ids from the previous step's draw (overlapped decode).
         """
+        return self.draw(self.forward(plan, carry), sample_reqs)
+
+    @torch.inference_mode()
+    def forward(self, plan: BatchPlan, carry: Carry | None = None) -> Forwarded:
+        """Queue one iteration's forward pass on the worker's stream (`launch` without the draw: `draw` queues it,
+        later if need be, before any later iteration of this runner)."""
         t = time.perf_counter()
-        ctx = torch.cuda.stream(self.stream) if self.stream is not None else nullcontext()
-        with ctx:
-            if self.stream is not None:
-                set_sm_count_target(self.sms, self.device)
+        with self._on_stream():
             if carry is not None:
                 carry.follow()
             scores: list[list[TokenLogprobs]] = []
             if self._use_graph(plan):
                 hidden = self.graphs.run(plan.decodes, self.stream, carry)  # type: ignore[union-attr, arg-type]
-                t = self._spent("graph", t)
+                self._spent("graph", t)
             else:
                 input_ids, positions, layout, logits_idx = self.prepare(plan)
                 if carry is not None:
@@ -142,13 +155,41 @@ class ModelRunner:
                 hidden = every[logits_idx]
                 if any(c.scoring is not None for c in plan.prefills):
                     scores = self._score_prompts(plan, every)
-                t = self._spent("forward", t)
-            drawn = (self.sampler.draw(self.model.compute_logits(hidden), sample_reqs) if sample_reqs
+                self._spent("forward", t)
+            return Forwarded(hidden, scores)
+
+    @torch.inference_mode()
+    def draw(self, forwarded: Forwarded, sample_reqs: list[Request]) -> Drawn:
+        """Queue the draw of a queued forward pass's sampled rows (`sample_reqs`, in order) on the worker's
+        stream."""
+        t = time.perf_counter()
+        with self._on_stream():
+            drawn = (self.sampler.draw(self.model.compute_logits(forwarded.hidden), sample_reqs) if sample_reqs
                      else Drawn.nothing(self.device))
-            drawn.prompt_logprobs = scores
+            drawn.prompt_logprobs = forwarded.prompt_logprobs
             if sample_reqs:
                 self._spent("sample", t)
             return drawn
+
+    def wait_for_stream(self) -> None:
+        """Wait for everything queued on the worker's stream (nothing to wait for off the GPU). A failure there is
+        not raised: whoever waits for the iteration that failed reports it."""
+        if self.stream is None:
+            return
+        try:
+            self.stream.synchronize()
+        except Exception:
+            pass
+
+    @contextmanager
+    def _on_stream(self) -> Iterator[None]:
+        """The worker's stream as the current one, with cuBLAS sized for its partition (nothing off the GPU)."""
+        if self.stream is None:
+            yield
+            return
+        with torch.cuda.stream(self.stream):
+            set_sm_count_target(self.sms, self.device)
+            yield
 
     def _score_prompts(self, plan: BatchPlan, hidden: torch.Tensor) -> list[list[TokenLogprobs]]:
         """The prompt logprobs of each prefill chunk of `plan` (`SeqChunk.scoring`; [] where none), from the hidden
