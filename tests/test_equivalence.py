@@ -281,8 +281,8 @@ def test_overlapped_decode_matches_one_step_at_a_time(model_factory: Callable[[s
                                                       engine_factory: Callable[..., LLM]) -> None:
     """Queuing each decode step (semi-pd decode worker, unified decode-only steps) before the previous
     one's tokens are known changes no token, no finish reason and leaks no page: requests stop early
-    (stop tokens), at varied max_tokens, seeded sampling keeps its draws, and batches with penalties
-    or logprobs fall back to one step at a time."""
+    (stop tokens), at varied max_tokens, seeded sampling keeps its draws, batches with penalties and
+    min_tokens draw once the step before has its tokens, and batches with logprobs fall back to one step at a time."""
     from actors.request import PENDING_TOKEN
 
     model = model_factory("tiny-llama")
@@ -300,8 +300,12 @@ def test_overlapped_decode_matches_one_step_at_a_time(model_factory: Callable[[s
 
     plain = [params(i) for i in range(len(prompts))]
     with_logprobs = [replace(p, logprobs=1) if i == 5 else p for i, p in enumerate(plain)]
+    # penalties (and min_tokens) need the step before's tokens: those steps' draws wait for them, still queued ahead
+    penalised = [replace(p, repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.4,
+                         min_tokens=min(3, p.max_tokens)) if i % 2 else p for i, p in enumerate(plain)]
     unified_probe = engine_factory(model, mode="unified", overlap_decode=False)
-    for mode, batch_params in (("semi-pd", plain), ("semi-pd", with_logprobs), ("unified", plain)):
+    for mode, batch_params in (("semi-pd", plain), ("semi-pd", with_logprobs), ("unified", plain),
+                               ("semi-pd", penalised), ("unified", penalised)):
         ref = (probe if mode == "semi-pd" else unified_probe).generate(prompts, batch_params)
         llm = engine_factory(model, mode=mode)
         got = llm.generate(prompts, batch_params)

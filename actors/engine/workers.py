@@ -79,8 +79,9 @@ class Worker:
     attention plan, emitting tokens) hides behind the GPU. A request that ends at step n
     was already queued in step n + 1: that result is dropped, and its pages are freed
     only once step n + 1 has finished. A step with a grammar (structured outputs) is queued ahead too, but its
-    draw waits for step n's tokens, which the grammar's mask needs (the GPU meanwhile runs its forward pass).
-    Batches that need penalties or logprobs, and steps that would need a preemption, run one at a time.
+    draw waits for step n's tokens, which the grammar's mask needs (the GPU meanwhile runs its forward pass); so is
+    one with penalties, which need them too. Batches that need logprobs, and steps that would need a preemption,
+    run one at a time.
     """
 
     phase: Phase
@@ -354,7 +355,8 @@ class Worker:
         slots = []
         for r in reqs:
             self.decode.advance(r)
-            slots.append(r.append_pending())
+            if drawn is not None:  # a deferred draw's places come after it: it sees the tokens as a step alone would
+                slots.append(r.append_pending())
         for c, r in zip(p_chunks, p_reqs):
             self.prefill.finish_chunk(r, c.num_tokens)
         return _Launched(reqs, slots, drawn, prefill_reqs=p_reqs, prefill_sample=p_sample, forwarded=forwarded)
@@ -370,8 +372,9 @@ class Worker:
         except Exception as e:
             self.runner.wait_for_stream()
             self._fail_in_flight([step], e)
-        else:
-            step.forwarded = None
+            return
+        step.forwarded = None
+        step.slots = [r.append_pending() for r in step.reqs]
 
     def _start(self, chunks: list[SeqChunk], reqs: list[Request],
                p_chunks: list[SeqChunk] | None = None, p_reqs: list[Request] | None = None) -> None:
@@ -401,9 +404,9 @@ class Worker:
                 row = {r: i for i, r in enumerate(running.reqs)}
                 src = [row[r] if c.token_ids[0] == PENDING_TOKEN else -1 for c, r in zip(chunks, reqs)]
                 carry = Carry(running.drawn, src) if any(i >= 0 for i in src) else None  # None: nothing to take
-                try:  # a grammar's mask needs the running step's tokens: its draw waits for them
-                    self._inflight = self._launch(chunks, reqs, carry, p_chunks, p_reqs,
-                                                  defer_draw=any(r.grammar is not None for r in reqs))
+                try:  # a grammar's mask and penalties need the running step's tokens: the draw waits for them
+                    self._inflight = self._launch(chunks, reqs, carry, p_chunks, p_reqs, defer_draw=any(
+                        r.grammar is not None or r.params.needs_penalties for r in reqs))
                     self.steps_queued_ahead += 1
                 except Exception:  # take the running step's tokens first; its requests retry one step at a time
                     self._collect(running)
@@ -470,10 +473,10 @@ def _token_delta(req: Request, tok: int, lp: TokenLogprobs | None, reason: Finis
 
 
 def _overlappable(reqs: list[Request]) -> bool:
-    """Whether a decode batch can be queued before its previous step's tokens reach the host (penalties need those
-    tokens; logprobs are gathered on the host). A grammar's mask needs them too, but only for the draw, which then
-    waits for them (`Worker._launch`'s `defer_draw`)."""
-    return all(not r.params.needs_penalties and r.params.logprobs is None for r in reqs)
+    """Whether a decode batch can be queued before its previous step's tokens reach the host (logprobs are gathered
+    on the host). Penalties and a grammar's mask need those tokens, but only for the draw, which then waits for them
+    (`Worker._launch`'s `defer_draw`)."""
+    return all(r.params.logprobs is None for r in reqs)
 
 
 @dataclass
@@ -482,7 +485,7 @@ class _Launched:
     prompt chunks; the draw has the decodes' tokens, then the first tokens of the prompts it ends."""
 
     reqs: list[Request]  # the decodes
-    slots: list[int]  # index of each decode's pending token in its token_ids
+    slots: list[int]  # index of each decode's pending token in its token_ids (placed once its draw is queued)
     drawn: Drawn | None  # None while its draw is deferred (`forwarded` holds the forward pass)
     retired: set[Request] = field(default_factory=set)  # finished before this step ends: results dropped
     prefill_reqs: list[Request] = field(default_factory=list)  # every request it has a prompt chunk of
