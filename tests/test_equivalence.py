@@ -282,7 +282,8 @@ def test_overlapped_decode_matches_one_step_at_a_time(model_factory: Callable[[s
     """Queuing each decode step (semi-pd decode worker, unified decode-only steps) before the previous
     one's tokens are known changes no token, no finish reason and leaks no page: requests stop early
     (stop tokens), at varied max_tokens, seeded sampling keeps its draws, batches with penalties and
-    min_tokens draw once the step before has its tokens, and batches with logprobs fall back to one step at a time."""
+    min_tokens draw once the step before has its tokens, and logprobs (reduced on the device with the draw) are
+    those of one step at a time."""
     from actors.request import PENDING_TOKEN
 
     model = model_factory("tiny-llama")
@@ -310,6 +311,9 @@ def test_overlapped_decode_matches_one_step_at_a_time(model_factory: Callable[[s
         llm = engine_factory(model, mode=mode)
         got = llm.generate(prompts, batch_params)
         assert [(o.token_ids, o.finish_reason) for o in got] == [(o.token_ids, o.finish_reason) for o in ref]
+        for o, r in zip(got, ref):  # the batches differ, so the logprobs within rounding
+            assert [[t for t, _ in lp.top] for lp in o.logprobs] == [[t for t, _ in lp.top] for lp in r.logprobs]
+            assert all(abs(a.logprob - b.logprob) < 1e-4 for a, b in zip(o.logprobs, r.logprobs))
         assert sum(o.finish_reason == "stop" for o in got) >= len(prompts) // 3
         assert not any(PENDING_TOKEN in o.token_ids for o in got)
         decode = llm.core.workers[-1]

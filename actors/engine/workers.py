@@ -80,8 +80,8 @@ class Worker:
     was already queued in step n + 1: that result is dropped, and its pages are freed
     only once step n + 1 has finished. A step with a grammar (structured outputs) is queued ahead too, but its
     draw waits for step n's tokens, which the grammar's mask needs (the GPU meanwhile runs its forward pass); so is
-    one with penalties, which need them too. Batches that need logprobs, and steps that would need a preemption,
-    run one at a time.
+    one with penalties, which need them too. Logprobs are reduced on the device with the draw. Steps that would
+    need a preemption run one at a time.
     """
 
     phase: Phase
@@ -396,11 +396,11 @@ class Worker:
             return True
         ends = {r for r, slot in zip(running.reqs, running.slots) if r.ends_by_length_at(slot + 1) or r.abort_requested}
         ahead = self.decode.schedule_ahead(ends)
-        if ahead is not None and _overlappable(ahead[1]):
+        if ahead is not None:
             chunks, reqs = ahead
             p_chunks, p_reqs = (self.prefill.schedule(self.prefill.max_tokens - len(chunks), preempt=False)
                                 if with_prefill else ([], []))
-            if (chunks or p_chunks) and _overlappable(p_reqs):
+            if chunks or p_chunks:
                 row = {r: i for i, r in enumerate(running.reqs)}
                 src = [row[r] if c.token_ids[0] == PENDING_TOKEN else -1 for c, r in zip(chunks, reqs)]
                 carry = Carry(running.drawn, src) if any(i >= 0 for i in src) else None  # None: nothing to take
@@ -470,13 +470,6 @@ def _token_delta(req: Request, tok: int, lp: TokenLogprobs | None, reason: Finis
                       prompt_logprobs=tuple(req.prompt_logprobs) if first else (),
                       num_prompt_tokens=req.num_prompt_tokens, num_cached_tokens=req.num_cached_tokens,
                       ends_with_stop_token=reason == FinishReason.STOP and req.is_stop_token(tok))
-
-
-def _overlappable(reqs: list[Request]) -> bool:
-    """Whether a decode batch can be queued before its previous step's tokens reach the host (logprobs are gathered
-    on the host). Penalties and a grammar's mask need those tokens, but only for the draw, which then waits for them
-    (`Worker._launch`'s `defer_draw`)."""
-    return all(r.params.logprobs is None for r in reqs)
 
 
 @dataclass
@@ -623,7 +616,7 @@ class DecodeWorker(Worker):
         self._requeue(preempted)
         if not chunks:
             return bool(preempted)
-        if self.overlap and _overlappable(reqs):
+        if self.overlap:
             self._start(chunks, reqs)
             return True
         result = self._run(BatchPlan(decodes=tuple(chunks)), reqs, reqs, [])
@@ -661,7 +654,7 @@ class UnifiedWorker(Worker):
         p_chunks, p_reqs = self.prefill.schedule(self.prefill.max_tokens - len(d_chunks))
         if not d_chunks and not p_chunks:
             return bool(preempted)
-        if self.overlap and _overlappable(d_reqs + p_reqs):
+        if self.overlap:
             self._start(d_chunks, d_reqs, p_chunks, p_reqs)
             return True
         p_sample = _sampled(p_chunks, p_reqs)

@@ -56,28 +56,34 @@ def score_tokens(logits_of: Callable[[torch.Tensor], torch.Tensor], hidden: torc
 
 
 class Drawn:
-    """Tokens drawn on the device, on their way to the host.
+    """Tokens drawn on the device, on their way to the host, with their logprobs where asked.
 
-    `token_ids` [N] stays on the device (a next decode step can take its inputs from it);
-    on a GPU a copy into a region of the thread's staging ring is queued behind the draw, and
-    `done` is the ring's mark after it, so `result()` waits for this step only, not for work
-    queued on the stream after it. Call `result()` before the ring comes round (thousands of steps).
+    `token_ids` [N] stays on the device (a next decode step can take its inputs from it). The logprobs asked for
+    are reduced on the device at once (the chosen token's, and the top k); on a GPU their copies and the tokens'
+    go into regions of the thread's staging ring, queued behind the draw, and `done` is the ring's mark after
+    them, so `result()` waits for this step only, not for work queued on the stream after it. Call `result()`
+    before the ring comes round (thousands of steps).
     """
 
     def __init__(self, token_ids: torch.Tensor, raw_logprobs: torch.Tensor | None, reqs: list[Request]) -> None:
         self.token_ids = token_ids
-        self.raw_logprobs = raw_logprobs
         self.reqs = reqs
         self.prompt_logprobs: list[list[TokenLogprobs]] = []  # per prefill chunk of the plan (`ModelRunner.launch`)
         self.done: torch.cuda.Event | None = None
-        self._host = token_ids
+        self._want = [r.params.logprobs for r in reqs]
+        parts = [token_ids] + (_logprob_parts(raw_logprobs, token_ids, self._want) if raw_logprobs is not None
+                               else [])
+        self._host = parts
         self._ring: StagingRing[torch.cuda.Event] | None = None
-        self._position: int | None = None
+        self._positions: list[int | None] = []
         if token_ids.device.type == "cuda":
             self._ring = staging_ring()
-            self._host = self._ring.take(token_ids.shape, token_ids.dtype)
-            self._position = self._ring.last_position
-            self._host.copy_(token_ids, non_blocking=True)
+            self._host = []
+            for part in parts:
+                host = self._ring.take(part.shape, part.dtype)
+                self._positions.append(self._ring.last_position)
+                host.copy_(part, non_blocking=True)
+                self._host.append(host)
             self.done = self._ring.mark(torch.cuda.current_stream(token_ids.device))
 
     @classmethod
@@ -89,9 +95,24 @@ class Drawn:
     def result(self) -> SampleResult:
         if self.done is not None:
             self.done.synchronize()
-        assert self._ring is None or self._ring.intact(self._position), "sampled tokens overwritten before read"
-        ids = self._host.tolist()
-        return SampleResult(ids, _gather_logprobs(self.raw_logprobs, ids, self.reqs))
+        assert self._ring is None or all(self._ring.intact(p) for p in self._positions), \
+            "sampled tokens overwritten before read"
+        ids = self._host[0].tolist()
+        if len(self._host) == 1:
+            return SampleResult(ids, [None] * len(ids))
+        chosen, top_vals, top_ids = (t.tolist() for t in self._host[1:])
+        return SampleResult(ids, [None if w is None else TokenLogprobs(ids[i], chosen[i],
+                                                                       tuple(zip(top_ids[i][:w], top_vals[i][:w])))
+                                  for i, w in enumerate(self._want)])
+
+
+def _logprob_parts(raw: torch.Tensor, token_ids: torch.Tensor, want: list[int | None]) -> list[torch.Tensor]:
+    """On the device: the chosen tokens' logprobs [N] and the top k [N, k] (values, ids) of `raw` [N, V], k the
+    most any request asks for."""
+    k = max(w for w in want if w is not None)
+    chosen = raw.gather(1, token_ids[:, None]).squeeze(1)
+    top_vals, top_ids = raw.topk(k, dim=-1) if k else (raw[:, :0], raw[:, :0].long())
+    return [chosen, top_vals, top_ids]
 
 
 class Sampler:
@@ -250,20 +271,3 @@ def _top_k_top_p(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
     drop[:, 0] = False
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     return torch.empty_like(logits).scatter_(1, order, sorted_logits)
-
-
-def _gather_logprobs(raw: torch.Tensor | None, ids: list[int], reqs: list[Request]) -> list[TokenLogprobs | None]:
-    if raw is None:
-        return [None] * len(reqs)
-    want = [r.params.logprobs for r in reqs]
-    k = max(w for w in want if w is not None)
-    top_vals, top_ids = raw.topk(k, dim=-1) if k else (raw[:, :0], raw[:, :0].long())
-    chosen = raw.gather(1, torch.tensor(ids, device=raw.device)[:, None]).squeeze(1).tolist()
-    top_vals, top_ids = top_vals.tolist(), top_ids.tolist()
-    out: list[TokenLogprobs | None] = []
-    for i, w in enumerate(want):
-        if w is None:
-            out.append(None)
-        else:
-            out.append(TokenLogprobs(ids[i], chosen[i], tuple(zip(top_ids[i][:w], top_vals[i][:w]))))
-    return out
