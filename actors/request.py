@@ -288,6 +288,11 @@ class Request:
         while self.token_ids and self.token_ids[-1] == PENDING_TOKEN:
             self.token_ids.pop()
 
+    @property
+    def grammar_holds(self) -> bool:
+        """Whether a grammar decides the next token (structured outputs, past any `start_after`)."""
+        return self.grammar is not None and self.grammar.active
+
     def is_stop_token(self, token_id: int) -> bool:
         """Whether `token_id` is an EOS or stop token: when it ends the request, its text is not part of the output."""
         return token_id in self.eos_token_ids or token_id in self.params.stop_token_ids

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 
 from actors.request import Request
-from actors.structured import fill_bitmasks, mask_logits
 from actors.runner.transfer import StagingRing, staging_ring, to_device
+from actors.structured import fill_bitmasks, mask_logits
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,6 @@ class Drawn:
 
     def __init__(self, token_ids: torch.Tensor, raw_logprobs: torch.Tensor | None, reqs: list[Request]) -> None:
         self.token_ids = token_ids
-        self.reqs = reqs
         self.prompt_logprobs: list[list[TokenLogprobs]] = []  # per prefill chunk of the plan (`ModelRunner.launch`)
         self.done: torch.cuda.Event | None = None
         self._want = [r.params.logprobs for r in reqs]
@@ -141,7 +140,7 @@ class Sampler:
             logits = self._add_logit_bias(logits, reqs)
         if any(r.params.allowed_token_ids is not None for r in reqs):
             logits = self._mask_disallowed(logits, reqs)
-        if any(r.grammar is not None and r.grammar.active for r in reqs):
+        if any(r.grammar_holds for r in reqs):
             logits = self._mask_by_grammar(logits, reqs)
         logits = self._mask_early_stops(logits, reqs)
         if all(r.params.greedy for r in reqs):
@@ -216,7 +215,7 @@ class Sampler:
     def _mask_by_grammar(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
         """Rows of requests with a grammar keep only the tokens it allows next (filled on the host, one queued copy
         to the device)."""
-        rows = [i for i, r in enumerate(reqs) if r.grammar is not None and r.grammar.active]
+        rows = [i for i, r in enumerate(reqs) if r.grammar_holds]
         bitmask = fill_bitmasks([reqs[i].grammar for i in rows])  # type: ignore[misc]
         dev = logits.device
         return mask_logits(logits, to_device(rows, torch.long, dev), to_device(bitmask.numpy(), torch.int32, dev))
@@ -227,7 +226,7 @@ class Sampler:
         rows: list[int] = []
         banned: list[int] = []
         for i, r in enumerate(reqs):
-            if r.num_output_tokens < r.params.min_tokens and not (r.grammar is not None and r.grammar.active):
+            if r.num_output_tokens < r.params.min_tokens and not r.grammar_holds:
                 stops = [t for t in (*r.eos_token_ids, *r.params.stop_token_ids) if t < logits.shape[1]]
                 rows += [i] * len(stops)
                 banned += stops

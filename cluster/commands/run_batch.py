@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from cluster.commands.serve import add_output_parser_flags
+
 log = logging.getLogger(__name__)
 
 SUPPORTED_URLS = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
@@ -61,10 +63,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="engine seed (requests may give their own `seed`)")
     p.add_argument("--max-concurrency", type=int, default=None, metavar="N",
                    help="requests in flight at once (default: 2 x --max-num-seqs, as vLLM)")
-    p.add_argument("--tool-call-parser", default="hermes", choices=["hermes", "llama3_json"],
-                   help="how chat outputs are read for tool calls when a request gives tools (vLLM's names)")
-    p.add_argument("--reasoning-parser", default=None, choices=["deepseek_r1", "qwen3"],
-                   help="read a reasoning model's <think>...</think> as the message's `reasoning` (vLLM's names)")
+    add_output_parser_flags(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.set_defaults(func=run)
 
@@ -200,14 +199,11 @@ def _check_paths(args: argparse.Namespace) -> None:
 
 
 def engine_config(args: argparse.Namespace) -> Any:
-    from actors.config import CacheConfig, EngineConfig, SchedulerConfig
+    from cluster.bootstrap import EngineOptions
 
-    return EngineConfig(
-        model=args.model, mode=args.mode, device=args.device, dtype=args.dtype, seed=args.seed,
-        cache=CacheConfig(num_pages=args.num_pages),
-        scheduler=SchedulerConfig(max_prefill_tokens=args.max_prefill_tokens, max_decode_seqs=args.max_num_seqs,
-                                  max_model_len=args.max_model_len),
-    )
+    return EngineOptions(device=args.device, dtype=args.dtype, seed=args.seed, num_pages=args.num_pages,
+                         max_prefill_tokens=args.max_prefill_tokens, max_decode_seqs=args.max_num_seqs,
+                         max_model_len=args.max_model_len).engine_config(args.model, args.mode)
 
 
 # -- the run ----------------------------------------------------------------------------

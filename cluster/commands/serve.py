@@ -86,11 +86,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--http-port", type=int, default=8000, help="OpenAI HTTP port (0: no HTTP front end)")
     p.add_argument("--grpc-port", type=int, default=50051, help="gRPC port (0: no gRPC front end)")
     p.add_argument("--served-model-name", default=None)
-    p.add_argument("--tool-call-parser", default="hermes", choices=["hermes", "llama3_json"],
-                   help="how chat outputs are read for tool calls when a request gives tools (vLLM's names)")
-    p.add_argument("--reasoning-parser", default=None, choices=["deepseek_r1", "qwen3"],
-                   help="read a reasoning model's <think>...</think> as the chat message's `reasoning`, the rest as "
-                        "its content (vLLM's names; default: none, all of the output is content)")
+    add_output_parser_flags(p)
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on the HTTP API (default: $SEMIPD_API_KEY; unset: open)")
     p.add_argument("--device", default="auto")
@@ -105,6 +101,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--self-test", action="store_true", help="send one request once up and print the answer")
     p.add_argument("--exit-after-self-test", action="store_true", help="shut down after --self-test")
     p.set_defaults(func=run)
+
+
+def add_output_parser_flags(p: argparse.ArgumentParser) -> None:
+    """How chat outputs are read (`--tool-call-parser`, `--reasoning-parser`): `serve` and `run-batch` take both."""
+    p.add_argument("--tool-call-parser", default="hermes", choices=["hermes", "llama3_json"],
+                   help="how chat outputs are read for tool calls when a request gives tools (vLLM's names)")
+    p.add_argument("--reasoning-parser", default=None, choices=["deepseek_r1", "qwen3"],
+                   help="read a reasoning model's <think>...</think> as the chat message's `reasoning`, the rest as "
+                        "its content (vLLM's names; default: none, all of the output is content)")
 
 
 def cluster_config(args: argparse.Namespace, redis_url: str | None) -> Any:
