@@ -126,6 +126,34 @@ def test_decode_pool_smaller_than_the_load_queues_imports(tiny_llama: Path,
         assert_all_pages_back(llm.pair)
 
 
+class _FailsOnce(CpuTransport):
+    """Its first send raises, as a copy that fails on the device would."""
+
+    failed = False
+
+    def send(self, payload: KVPayload) -> None:
+        if not self.failed:
+            self.failed = True
+            raise RuntimeError("copy failed")
+        super().send(payload)
+
+
+def test_a_failed_export_ends_its_request_and_the_rest_are_served(tiny_llama: Path) -> None:
+    """A prompt whose KV cannot be sent ends with an error naming why, its prefill pages come back, and the other
+    requests finish as usual (none is lost between the engines)."""
+    prompts = make_prompts(6)[:4]
+    with DisaggLLM(tiny_llama, transport=_FailsOnce(), device="cpu", scheduler=SchedulerConfig(max_prefill_tokens=CHUNK),
+                   prefill_cache=CacheConfig(page_size=PAGE, num_pages=P_PAGES),
+                   decode_cache=CacheConfig(page_size=PAGE, num_pages=D_PAGES)) as llm:
+        outs = llm.generate(prompts, GREEDY)
+        reasons = sorted(o.finish_reason for o in outs)
+        assert reasons == ["error", "length", "length", "length"], reasons
+        failed = next(o for o in outs if o.finish_reason == "error")
+        assert "KV export failed: copy failed" in (failed.error or "")
+        assert llm.pair.num_unfinished == 0 and llm.pair.decode.num_imported == 3
+        assert_all_pages_back(llm.pair)
+
+
 def _payload(rid: str, pages: int) -> KVPayload:
     req = Request(rid, [1, 2, 3], 3, SamplingParams())
     return KVPayload(state_of(req), torch.zeros(2, pages, 2, PAGE, 1, 4))  # 1 KiB per page

@@ -99,14 +99,22 @@ class PrefillOnlyEngine(_MarksAborts):
                               handoff=self._export, overlap=self.config.overlap_prefill)]
 
     def _export(self, req: Request) -> None:
-        """On the prefill worker: send `req`'s state and the KV of its computed tokens, free its pages."""
+        """On the prefill worker: send `req`'s state and the KV of its computed tokens, free its pages. A request
+        whose export fails ends with an error (nobody else holds it any more)."""
         self._forget(req.request_id)  # from here on an abort is the decode side's (or a mark)
         n = pages_for(req.num_computed_tokens, self.pool.page_size)
-        with self._exporting():
-            ids = to_device(req.block_ids[:n], torch.long, self.pool.kv.device)  # no host wait for the queued iteration
-            kv = self.pool.kv[:, ids]  # [L, n, 2, page_size, Hkv, D], a copy
-            self.transport.send(KVPayload(state_of(req), kv))
-        self.prefill.kv.release(req)
+        try:
+            with self._exporting():
+                ids = to_device(req.block_ids[:n], torch.long, self.pool.kv.device)  # no host wait for the queued iteration
+                kv = self.pool.kv[:, ids]  # [L, n, 2, page_size, Hkv, D], a copy
+                self.transport.send(KVPayload(state_of(req), kv))
+        except Exception as e:
+            log.exception("KV export of %s failed", req.request_id)
+            req.finish_reason = FinishReason.ERROR
+            self._emit_and_forget([TokenDelta(req.request_id, (), FinishReason.ERROR, error=f"KV export failed: {e}",
+                                              num_prompt_tokens=req.num_prompt_tokens)])
+        finally:
+            self.prefill.kv.release(req)
 
     @contextmanager
     def _exporting(self) -> Iterator[None]:
@@ -120,9 +128,11 @@ class PrefillOnlyEngine(_MarksAborts):
             return
         if self._export_stream is None:
             self._export_stream = torch.cuda.Stream(self.device)
-        with torch.cuda.stream(self._export_stream):
-            yield
-        runner_stream.wait_stream(self._export_stream)
+        try:
+            with torch.cuda.stream(self._export_stream):
+                yield
+        finally:
+            runner_stream.wait_stream(self._export_stream)
 
     def readmit(self, state: RequestState) -> None:
         """Take back a request the decode side preempted (no KV): recompute it, then export again."""
