@@ -23,7 +23,7 @@
 # again as semi-pd-pinnedN: fixed splits measured on the same server, without another start-up, on the same
 # prompts and arrival times as every other server's window at that rate, the prefix cache reset before each
 # window), PIN_SWEEPS (the sweeps of a pinned split, default SWEEPS; "" runs only the shifting run).
-# Each server first gets an unrecorded warm-up of every sweep's workload: WARMUP_PROMPTS requests at WARMUP_RATE req/s
+# Each server first gets an unrecorded warm-up of every sweep's workload (and, with SHIFT_RATE, every phase's): WARMUP_PROMPTS requests at WARMUP_RATE req/s
 # (default 32 at 8; after 8 at 2, run 19's first measured windows on fresh semi-PD servers kept 15% of chat 45, where
 # run 18's later window kept 98%, and 82% of chat 40 on 64 SMs, where a later window on the same split kept 93.5%;
 # the cause is not measured).
@@ -136,13 +136,19 @@ print(max(16, round($3 * $4 * mean_rate_scale(parse_phases('$SHIFT_PHASES')))))"
   echo "$name: $(grep -E "Request throughput|SLO attainment|P90 TTFT|P90 TPOT|Offered load|Prefix cache|Worker iterations|CUDA allocator|Correct rate" "$res/$name.log" | tr -s ' ' | paste -sd' ') $(python3 -m cluster.bench.telemetry summary "$res/$name.gpu.csv")"
 }
 
-warm_up() {  # config: WARMUP_PROMPTS requests of each sweep's workload at WARMUP_RATE req/s, not recorded, so that no
+warmup_workloads() {  # each sweep's workload, and with SHIFT_RATE each phase's, once
+  local phases=""
+  [ -n "$SHIFT_RATE" ] && phases=${SHIFT_PHASES//,/ }
+  for item in $SWEEPS $phases; do echo "${item%%:*}"; done | awk '!seen[$0]++'
+}
+
+warm_up() {  # config: WARMUP_PROMPTS requests of each warm-up workload at WARMUP_RATE req/s, not recorded, so that no
   # measured window pays a server's first-use costs (vLLM's arxiv figures right after start-up were not monotone in the rate)
-  for sweep in $SWEEPS; do
+  for workload in $(warmup_workloads); do
     timeout 60 python3 -m cluster.cli bench serve --base-url http://127.0.0.1:8000 --model llama3-8b --tokenizer $model \
-      --workload "${sweep%%:*}" --request-rate "$WARMUP_RATE" --num-prompts "$WARMUP_PROMPTS" --request-timeout 30 --disable-tqdm \
-      --seed "$(prompt_seed "${sweep%%:*}" 2 warm-up)" \
-      > "$res/$1-warmup-${sweep%%:*}.log" 2>&1 || echo "$1: warm-up on ${sweep%%:*} failed (see its log)"
+      --workload "$workload" --request-rate "$WARMUP_RATE" --num-prompts "$WARMUP_PROMPTS" --request-timeout 30 --disable-tqdm \
+      --seed "$(prompt_seed "$workload" 2 warm-up)" \
+      > "$res/$1-warmup-$workload.log" 2>&1 || echo "$1: warm-up on $workload failed (see its log)"
   done
 }
 
