@@ -186,7 +186,7 @@ class DecodeOnlyEngine(_MarksAborts):
 
     def _import_loop(self) -> None:
         if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)  # a new thread starts on the first GPU
+            torch.cuda.set_device(self.pool.kv.device)  # a new thread starts on the first GPU; "cuda" has no index
         while not self._stop_import.is_set():
             try:
                 self.poll_imports(timeout=0.01 if self._backlog else 0.05)
