@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from actors.config import CacheConfig, ConfigError, EngineConfig, ModelArch, SchedulerConfig
+from actors.disagg.engines import DecodeOnlyEngine, PrefillOnlyEngine
 from actors.disagg.frontend import DisaggLLM
 from actors.disagg.pair import DisaggPair, pair_devices
 from actors.disagg.state import state_of
@@ -152,6 +153,35 @@ def test_a_failed_export_ends_its_request_and_the_rest_are_served(tiny_llama: Pa
         assert "KV export failed: copy failed" in (failed.error or "")
         assert llm.pair.num_unfinished == 0 and llm.pair.decode.num_imported == 3
         assert_all_pages_back(llm.pair)
+
+
+def test_an_importer_that_cannot_start_fails_the_start(tiny_llama: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The importer thread's set-up failing (on a GPU: making the pool's device current) fails the engine's start
+    with the cause, instead of an engine whose requests all wait for an import that never comes."""
+    def refuse(self: DecodeOnlyEngine) -> None:
+        raise ValueError("no such device")
+
+    monkeypatch.setattr(DecodeOnlyEngine, "_enter_import_thread", refuse)
+    with pytest.raises(RuntimeError, match="KV importer could not start") as failure:
+        DisaggLLM(tiny_llama, device="cpu", prefill_cache=CacheConfig(page_size=PAGE, num_pages=P_PAGES),
+                  decode_cache=CacheConfig(page_size=PAGE, num_pages=D_PAGES))
+    assert isinstance(failure.value.__cause__, ValueError)
+    assert not any(t.name == "semipd-kv-import" and t.is_alive() for t in threading.enumerate())
+
+
+def test_a_prefill_engine_that_cannot_start_stops_the_decode_engine(tiny_llama: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pair starts both engines or neither: the decode engine (started first) stops when prefill cannot start."""
+    def refuse(self: PrefillOnlyEngine) -> None:
+        raise RuntimeError("prefill worker could not start")
+
+    monkeypatch.setattr(PrefillOnlyEngine, "start", refuse)
+    before = {t.ident for t in threading.enumerate()}
+    with pytest.raises(RuntimeError, match="prefill worker could not start"):
+        DisaggLLM(tiny_llama, device="cpu", prefill_cache=CacheConfig(page_size=PAGE, num_pages=P_PAGES),
+                  decode_cache=CacheConfig(page_size=PAGE, num_pages=D_PAGES))
+    left = [t.name for t in threading.enumerate() if t.ident not in before and t.name.startswith("semipd-")]
+    assert not left, f"the decode engine's threads still run: {left}"
 
 
 def _payload(rid: str, pages: int) -> KVPayload:

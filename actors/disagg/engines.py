@@ -166,10 +166,20 @@ class DecodeOnlyEngine(_MarksAborts):
                              requeue=self._send_back, overlap=self.config.overlap_decode)]
 
     def start(self) -> None:
+        """Start the importer thread, then the decode worker. Raises what the importer's set-up raised (the thread
+        has then ended): an engine that cannot import must not count as started, or every request would wait for
+        its KV."""
         if self._importer is None:
             self._stop_import.clear()
-            self._importer = threading.Thread(target=self._import_loop, name="semipd-kv-import", daemon=True)
+            entered, failed = threading.Event(), []
+            self._importer = threading.Thread(target=self._import_loop, args=(entered, failed),
+                                              name="semipd-kv-import", daemon=True)
             self._importer.start()
+            entered.wait()
+            if failed:
+                self._importer.join()
+                self._importer = None
+                raise RuntimeError("the KV importer could not start") from failed[0]
         super().start()
 
     def shutdown(self) -> None:
@@ -184,9 +194,20 @@ class DecodeOnlyEngine(_MarksAborts):
         """Received payloads still waiting for pages."""
         return len(self._backlog)
 
-    def _import_loop(self) -> None:
+    def _enter_import_thread(self) -> None:
+        """The importer thread's set-up: its current device becomes the decode pool's (a new thread starts on the
+        first GPU; the engine's own device may be plain "cuda", which `set_device` refuses)."""
         if self.device.type == "cuda":
-            torch.cuda.set_device(self.pool.kv.device)  # a new thread starts on the first GPU; "cuda" has no index
+            torch.cuda.set_device(self.pool.kv.device)
+
+    def _import_loop(self, entered: threading.Event, failed: list[BaseException]) -> None:
+        try:
+            self._enter_import_thread()
+        except BaseException as e:
+            failed.append(e)
+            return
+        finally:
+            entered.set()
         while not self._stop_import.is_set():
             try:
                 self.poll_imports(timeout=0.01 if self._backlog else 0.05)

@@ -84,8 +84,13 @@ class DisaggPair:
     # -- EngineCore's request API (what the front ends call) ----------------------
 
     def start(self) -> None:
+        """Start the decode engine, then the prefill one; if either cannot start, neither runs."""
         self.decode.start()
-        self.prefill.start()
+        try:
+            self.prefill.start()
+        except BaseException:
+            self.decode.shutdown()
+            raise
 
     def shutdown(self) -> None:
         """Shut both engines down; nothing is emitted afterwards (see `EngineCore.shutdown`)."""
