@@ -25,7 +25,7 @@ from actors.disagg.frontend import DisaggLLM
 from actors.disagg.pair import DisaggPair, pair_devices
 from actors.disagg.state import state_of
 from actors.disagg.transport import CpuTransport, DeviceTransport, KVPayload
-from actors.engine.core import PromptTooLongError
+from actors.engine.core import EngineCore, PromptTooLongError
 from actors.engine.frontend import LLM
 from actors.kv.manager import pages_for
 from actors.request import FinishReason, Request, SamplingParams, TokenDelta
@@ -169,19 +169,21 @@ def test_an_importer_that_cannot_start_fails_the_start(tiny_llama: Path, monkeyp
     assert not any(t.name == "semipd-kv-import" and t.is_alive() for t in threading.enumerate())
 
 
-def test_a_prefill_engine_that_cannot_start_stops_the_decode_engine(tiny_llama: Path,
-                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    """A pair starts both engines or neither: the decode engine (started first) stops when prefill cannot start."""
-    def refuse(self: PrefillOnlyEngine) -> None:
-        raise RuntimeError("prefill worker could not start")
+@pytest.mark.parametrize("failing", [PrefillOnlyEngine, EngineCore], ids=["prefill engine", "decode worker"])
+def test_a_pair_that_cannot_start_leaves_no_thread_running(tiny_llama: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           failing: type) -> None:
+    """A pair starts both engines or neither: when the prefill engine (started second) or the decode engine's worker
+    (after its importer) cannot start, what did start stops again."""
+    def refuse(self: EngineCore) -> None:
+        raise RuntimeError("worker could not start")
 
-    monkeypatch.setattr(PrefillOnlyEngine, "start", refuse)
+    monkeypatch.setattr(failing, "start", refuse)
     before = {t.ident for t in threading.enumerate()}
-    with pytest.raises(RuntimeError, match="prefill worker could not start"):
+    with pytest.raises(RuntimeError, match="worker could not start"):
         DisaggLLM(tiny_llama, device="cpu", prefill_cache=CacheConfig(page_size=PAGE, num_pages=P_PAGES),
                   decode_cache=CacheConfig(page_size=PAGE, num_pages=D_PAGES))
     left = [t.name for t in threading.enumerate() if t.ident not in before and t.name.startswith("semipd-")]
-    assert not left, f"the decode engine's threads still run: {left}"
+    assert not left, f"threads still running: {left}"
 
 
 def _payload(rid: str, pages: int) -> KVPayload:

@@ -168,7 +168,7 @@ class DecodeOnlyEngine(_MarksAborts):
     def start(self) -> None:
         """Start the importer thread, then the decode worker. Raises what the importer's set-up raised (the thread
         has then ended): an engine that cannot import must not count as started, or every request would wait for
-        its KV."""
+        its KV. If the worker cannot start, the importer stops again."""
         if self._importer is None:
             self._stop_import.clear()
             entered, failed = threading.Event(), []
@@ -180,14 +180,21 @@ class DecodeOnlyEngine(_MarksAborts):
                 self._importer.join()
                 self._importer = None
                 raise RuntimeError("the KV importer could not start") from failed[0]
-        super().start()
+        try:
+            super().start()
+        except BaseException:
+            self._stop_importer()
+            raise
 
     def shutdown(self) -> None:
+        self._stop_importer()
+        super().shutdown()
+
+    def _stop_importer(self) -> None:
         self._stop_import.set()
         if self._importer is not None:
             self._importer.join(timeout=30)
             self._importer = None
-        super().shutdown()
 
     @property
     def num_backlogged(self) -> int:
