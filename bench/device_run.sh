@@ -27,7 +27,9 @@ save_cache() {  # SAVE_CACHE=1: flashinfer's compiled kernels -> $OUT/fi-cache.t
 }
 case $what in
   tests)
-    python3 -m pytest -q -s -m gpu tests/test_gpu.py -p no:cacheprovider --durations=8 ${2:+-k "$2"} 2>&1 | tee "$OUT/gpu-tests.log" | tail -40
+    # a test still running after 120 s dumps every thread's stack into the log (how the disagg test's hang was found)
+    python3 -m pytest -q -s -m gpu tests/test_gpu.py -p no:cacheprovider --durations=8 -o faulthandler_timeout=120 \
+      ${2:+-k "$2"} 2>&1 | tee "$OUT/gpu-tests.log" | tail -40
     save_cache
     ;;
   bench)
