@@ -28,7 +28,7 @@ from actors.config import EngineConfig
 from actors.disagg.state import request_from, state_of
 from actors.disagg.transport import KVPayload, KVTransport, RequestState
 from actors.engine.core import EngineCore
-from actors.engine.workers import DecodeWorker, Emit, PrefillWorker, Wakeup, Worker
+from actors.engine.workers import DecodeWorker, Emit, PrefillWorker, Wakeup, Worker, start_entered_thread
 from actors.kv.manager import pages_for
 from actors.request import FinishReason, Request, TokenDelta
 from actors.runner.transfer import to_device
@@ -105,7 +105,8 @@ class PrefillOnlyEngine(_MarksAborts):
         n = pages_for(req.num_computed_tokens, self.pool.page_size)
         try:
             with self._exporting():
-                ids = to_device(req.block_ids[:n], torch.long, self.pool.kv.device)  # no host wait for the queued iteration
+                # through the staging ring: no host wait for the prefill iteration already queued
+                ids = to_device(req.block_ids[:n], torch.long, self.pool.kv.device)
                 kv = self.pool.kv[:, ids]  # [L, n, 2, page_size, Hkv, D], a copy
                 self.transport.send(KVPayload(state_of(req), kv))
         except Exception as e:
@@ -171,15 +172,8 @@ class DecodeOnlyEngine(_MarksAborts):
         its KV. If the worker cannot start, the importer stops again."""
         if self._importer is None:
             self._stop_import.clear()
-            entered, failed = threading.Event(), []
-            self._importer = threading.Thread(target=self._import_loop, args=(entered, failed),
-                                              name="semipd-kv-import", daemon=True)
-            self._importer.start()
-            entered.wait()
-            if failed:
-                self._importer.join()
-                self._importer = None
-                raise RuntimeError("the KV importer could not start") from failed[0]
+            self._importer = start_entered_thread("semipd-kv-import", self._enter_import_thread, self._import_loop,
+                                                  "the KV importer")
         try:
             super().start()
         except BaseException:
@@ -207,14 +201,7 @@ class DecodeOnlyEngine(_MarksAborts):
         if self.device.type == "cuda":
             torch.cuda.set_device(self.pool.kv.device)
 
-    def _import_loop(self, entered: threading.Event, failed: list[BaseException]) -> None:
-        try:
-            self._enter_import_thread()
-        except BaseException as e:
-            failed.append(e)
-            return
-        finally:
-            entered.set()
+    def _import_loop(self) -> None:
         while not self._stop_import.is_set():
             try:
                 self.poll_imports(timeout=0.01 if self._backlog else 0.05)

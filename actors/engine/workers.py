@@ -70,6 +70,32 @@ class Iteration(NamedTuple):
     tokens: int  # tokens it queued: prefill chunk tokens plus one per decode (overlapped: the next step's)
 
 
+def start_entered_thread(name: str, enter: Callable[[], None], run: Callable[[], None], what: str) -> threading.Thread:
+    """Start a daemon thread `name` that calls `enter()` (its set-up: the current device, its staging ring), then
+    `run()`; return it once `enter` has returned. If `enter` raised, the thread has ended and this raises
+    RuntimeError("`what` could not start") from it: a thread that cannot run must not count as started."""
+    entered = threading.Event()
+    failed: list[BaseException] = []
+
+    def main() -> None:
+        try:
+            enter()
+        except BaseException as e:
+            failed.append(e)
+            return
+        finally:
+            entered.set()
+        run()
+
+    thread = threading.Thread(target=main, name=name, daemon=True)
+    thread.start()
+    entered.wait()
+    if failed:
+        thread.join()
+        raise RuntimeError(f"{what} could not start") from failed[0]
+    return thread
+
+
 class Worker:
     """Shared loop and accounting; subclasses plan and run one iteration in `step`.
 
@@ -132,16 +158,8 @@ class Worker:
         """Start the loop's thread; returns once the thread has entered the runner (`ModelRunner.enter_thread`),
         so that what that makes (a pinned staging ring) is made before serving. Raises what entering raised
         (the thread has then ended): a worker that cannot run must not count as started."""
-        entered = threading.Event()
-        failed: list[BaseException] = []
-        self.thread = threading.Thread(target=self._loop, args=(entered, failed), name=f"semipd-{self.name}",
-                                       daemon=True)
-        self.thread.start()
-        entered.wait()
-        if failed:
-            self.thread.join()
-            self.thread = None
-            raise RuntimeError(f"{self.name} worker could not start") from failed[0]
+        self.thread = start_entered_thread(f"semipd-{self.name}", self.runner.enter_thread, self._loop,
+                                           f"{self.name} worker")
 
     def stop(self, timeout: float = 30.0) -> bool:
         """End the loop after its current iteration; False if the thread is still running after `timeout` s.
@@ -159,14 +177,7 @@ class Worker:
         self.emit = self.handoff = self.requeue = discard
         return True
 
-    def _loop(self, entered: threading.Event, failed: list[BaseException]) -> None:
-        try:
-            self.runner.enter_thread()
-        except BaseException as e:
-            failed.append(e)
-            return
-        finally:
-            entered.set()
+    def _loop(self) -> None:
         try:
             self._iterate()
             self.finish()
