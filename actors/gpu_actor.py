@@ -15,7 +15,8 @@ Methods (all async on the actor's event loop):
   `drain(timeout_s)`, `resume()`, `ready()` / `info()`, `ping()`, `shutdown()`.
 
 In `disagg` mode the engine is a `DisaggPair` (a prefill-only and a decode-only engine, one
-device each): one engine to the router, no SM split, and its stats carry `kv_transfer_bytes`.
+device each): one engine to the router, no SM split, and its stats carry what moving requests between the two
+cost (`DisaggPair.transfer_stats`: KV bytes, transfer and handoff times).
 
 The actor keeps a window of recent TTFT / TPOT samples (measured here, from the call
 to the last token) and, when given a `PublisherConfig`, publishes its view to Redis
@@ -480,7 +481,7 @@ class EngineActor:
             time=time.time(),
         )
         if self.config.mode == "disagg":
-            stats["kv_transfer_bytes"] = core.transport.bytes_moved
+            stats.update(core.transfer_stats())
         return stats
 
     def _healthy(self, stats: dict[str, Any]) -> bool:

@@ -14,7 +14,8 @@ autoscaling read us unchanged. Two kinds of series:
   prefix cache), and `semipd:prefill_sm_fraction`,
   `semipd:sm_repartitions_total`, `semipd:sm_switch_stall_seconds`,
   `semipd:queue_depth{phase}`, `semipd:engine_healthy`, and per disagg engine
-  `semipd:kv_transfer_bytes_total` (KV moved from its prefill to its decode engine).
+  `semipd:kv_transfer_bytes_total` (KV moved from its prefill to its decode engine),
+  `semipd:kv_transfer_seconds` and `semipd:kv_handoff_seconds` (how long each request took to get there).
 
 Every `ServingMetrics` has its own `CollectorRegistry`: nothing touches the global one.
 """
@@ -32,6 +33,7 @@ from prometheus_client.core import (
     CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric, SummaryMetricFamily,
 )
 
+from actors.disagg.engines import HANDOFF_BUCKETS_S
 from actors.engine.frontend import StreamChunk
 from actors.engine.workers import ITERATION_BUCKETS_S
 from cluster.engine_client import EngineLoad
@@ -115,11 +117,23 @@ class EngineCollector:
         for l in loads:
             busy = l.stats.get("busy_seconds") or {}
             for worker, counts in (l.stats.get("iteration_counts") or {}).items():
-                cumulative = list(itertools.accumulate(counts))
-                bounds = [*(repr(b) for b in ITERATION_BUCKETS_S), "+Inf"]
-                iterations.add_metric([*m, l.engine_id, worker], buckets=list(zip(bounds, map(float, cumulative))),
+                iterations.add_metric([*m, l.engine_id, worker], buckets=_buckets(counts, ITERATION_BUCKETS_S),
                                       sum_value=float(busy.get(worker, 0.0)))
         yield iterations
+        for name, key, doc in (
+            ("semipd:kv_transfer_seconds", "kv_transfer_seconds",
+             "Disagg engines: time from a prefill's first token until its KV reached the decode engine's device."),
+            ("semipd:kv_handoff_seconds", "kv_handoff_seconds",
+             "Disagg engines: time from a prefill's first token until the request joined the decode batch "
+             "(transfer, waiting for decode pages, copy into them)."),
+        ):
+            handoffs = HistogramMetricFamily(name, doc, labels=per_engine)
+            for l in loads:
+                times = l.stats.get(key)
+                if times:
+                    handoffs.add_metric([*m, l.engine_id], buckets=_buckets(times["counts"], HANDOFF_BUCKETS_S),
+                                        sum_value=float(times["sum"]))
+            yield handoffs
         for name, key, doc in (
             ("semipd:worker_tokens", "tokens", "Tokens each worker computed (prefill chunk tokens, one per decode)."),
             ("semipd:worker_launch_seconds", "launch_seconds",
@@ -154,6 +168,12 @@ def _gauge(name: str, doc: str, labels: list[str], samples: Iterable[tuple[list[
     for values, v in samples:
         g.add_metric(values, v)
     return g
+
+
+def _buckets(counts: Sequence[int], bounds_s: Sequence[float]) -> list[tuple[str, float]]:
+    """A histogram's (le, cumulative count) pairs from counts per bucket of `bounds_s` plus one for longer."""
+    assert len(counts) == len(bounds_s) + 1, "one count per bucket, and one for longer"
+    return list(zip([*(repr(b) for b in bounds_s), "+Inf"], map(float, itertools.accumulate(counts))))
 
 
 def _stat(load: EngineLoad, key: str) -> float:

@@ -26,8 +26,8 @@ from cluster.bench.metrics import (
 )
 from cluster.bench.plot import plot_results, results_figure
 from cluster.bench.report import (
-    format_cuda_allocator, format_failures, format_prefix_cache, format_result_block, format_split_changes,
-    format_worker_iterations,
+    format_cuda_allocator, format_failures, format_kv_handoffs, format_prefix_cache, format_result_block,
+    format_split_changes, format_worker_iterations,
 )
 from cluster.bench.result import BenchResult, load_result, write_result
 from cluster.bench.serve_bench import ServeBenchConfig, result_path, run_rate, split_changes
@@ -35,7 +35,7 @@ from cluster.bench.structured import (
     BUILTIN_CHOICES, BUILTIN_REGEX, BUILTIN_SCHEMA, StructuredOutput, StructuredOutputError, parse_spec,
 )
 from cluster.bench.server_metrics import (
-    WorkerIterations, cuda_allocator_counts, iteration_quantiles, prefix_cache_counts, worker_iterations,
+    WorkerIterations, cuda_allocator_counts, iteration_quantiles, kv_handoffs, prefix_cache_counts, worker_iterations,
 )
 from cluster.bench.sweep import metrics_under, rate_of, sustained_rates
 from cluster.bench.traffic import streaming_around, token_times
@@ -1035,6 +1035,30 @@ def test_cuda_allocator_counts_from_the_metric_deltas() -> None:
     assert format_cuda_allocator(result).endswith("41 cudaFree calls, 5 cudaHostAlloc calls")
     result.server_metrics = None  # vLLM
     assert cuda_allocator_counts(result) == {} and format_cuda_allocator(result) == ""
+
+
+def test_kv_handoffs_from_the_metric_deltas() -> None:
+    """A disagg server's handoffs during the run: 4 requests, 8 MiB of KV; two reached the decode GPU within 5 ms
+    and all four within 10 ms, and joined the decode batch within 10 ms and 25 ms."""
+    result = _result(_ttft_records([100.0]))
+    d0 = 'engine="d0",model_name="m"'
+    delta = {f"semipd:kv_transfer_bytes_total{{{d0}}}": 8 * 2**20,
+             f"semipd:kv_transfer_seconds_count{{{d0}}}": 4.0, f"semipd:kv_transfer_seconds_sum{{{d0}}}": 0.024,
+             f"semipd:kv_handoff_seconds_count{{{d0}}}": 4.0, f"semipd:kv_handoff_seconds_sum{{{d0}}}": 0.05}
+    for le, transfer, handoff in (("0.005", 2, 0), ("0.01", 4, 2), ("0.025", 4, 4), ("+Inf", 4, 4)):
+        delta[f'semipd:kv_transfer_seconds_bucket{{engine="d0",le="{le}",model_name="m"}}'] = transfer
+        delta[f'semipd:kv_handoff_seconds_bucket{{engine="d0",le="{le}",model_name="m"}}'] = handoff
+    result.server_metrics = {"delta": delta}
+    h = kv_handoffs(result)["d0"]
+    assert (h.count, h.kv_bytes, h.transfer_ms, h.handoff_ms) == (4.0, 8 * 2**20, 6.0, 12.5)
+    assert h.transfer_quantiles_ms == {50: 5.0, 90: 10.0} and h.handoff_quantiles_ms == {50: 10.0, 90: 25.0}
+    assert format_kv_handoffs(result) == (
+        "KV handoffs during the run (mean, from the first token): d0: 4 requests, 8.0 MiB of KV (2.00 MiB each), "
+        "on the decode GPU after 6.00 ms (P90 <= 10 ms), decoding after 12.50 ms (P90 <= 25 ms)")
+    delta[f"semipd:kv_handoff_seconds_count{{{d0}}}"] = 0.0  # no handoff during the run
+    assert kv_handoffs(result) == {} and format_kv_handoffs(result) == ""
+    result.server_metrics = None  # vLLM
+    assert kv_handoffs(result) == {} and format_kv_handoffs(result) == ""
 
 
 def test_split_changes_keep_the_run_window_and_count_omitted() -> None:

@@ -293,6 +293,29 @@ def test_abort_in_transit_and_on_decode(stepped_pair: tuple[DisaggPair, Collecte
     assert_all_pages_back(pair)
 
 
+def test_a_handoff_that_waits_for_decode_pages_counts_the_wait(stepped_pair: tuple[DisaggPair, Collected]) -> None:
+    """The transfer time ends when the decode engine has the KV; the handoff time when the request is in its
+    decode batch, after it waited for pages."""
+    pair, out = stepped_pair
+    pair.add_request("a", make_prompts(3)[-1][:30], LONG)
+    assert pair.prefill.workers[0].step()  # prefilled and exported
+    held = pair.decode.allocator.allocate(pair.decode.allocator.num_free)
+    assert held is not None
+    pair.decode.poll_imports(timeout=1.0)
+    transfer, handoff = pair.decode.transfer_times, pair.decode.handoff_times
+    assert (transfer.count, handoff.count, pair.decode.num_backlogged) == (1, 0, 1)  # here, waiting for pages
+    pair.decode.allocator.free(held)
+    pair.decode.poll_imports(timeout=0.0)
+    assert (transfer.count, handoff.count, pair.decode.num_imported) == (1, 1, 1)
+    assert handoff.sum_s >= transfer.sum_s > 0
+    assert pair.transfer_stats() == {"kv_transfer_bytes": pair.transport.bytes_moved,
+                                     "kv_transfer_seconds": transfer.to_dict(), "kv_handoff_seconds": handoff.to_dict()}
+    assert pair.abort("a")
+    pair.decode.workers[0].step()
+    assert out.finish_of("a") == FinishReason.ABORT
+    assert_all_pages_back(pair)
+
+
 # -- the `disagg` serving mode: an engine actor whose core is a DisaggPair -----------------------
 
 
@@ -336,11 +359,15 @@ def test_engine_actor_in_disagg_mode(tiny_llama: Path, unified_reference: list[o
         assert load.healthy and load.in_flight == 0 and load.stats["finish_reasons"] == {"length": len(prompts)}
         assert load.stats["kv_transfer_bytes"] == expected_kv_bytes(tiny_llama, prompts)
         assert load.stats["iterations"]["prefill"] > 0 and load.stats["iterations"]["decode"] > 0
+        transfer, handoff = load.stats["kv_transfer_seconds"], load.stats["kv_handoff_seconds"]
+        assert sum(transfer["counts"]) == sum(handoff["counts"]) == len(prompts)  # each request once
+        assert 0 < transfer["sum"] <= handoff["sum"]  # received, then in the decode batch
         metrics = ServingMetrics("tiny")
         metrics.update_loads([load])
         text = metrics.render()[0].decode()
         assert (f'semipd:kv_transfer_bytes_total{{engine="disagg-0",model_name="tiny"}} '
                 f'{float(load.stats["kv_transfer_bytes"])}') in text
+        assert f'semipd:kv_handoff_seconds_count{{engine="disagg-0",model_name="tiny"}} {float(len(prompts))}' in text
         with pytest.raises(ValueError, match="disagg mode: it has no SM split"):
             await actor.apply_split(1, "test")
         with pytest.raises(PromptTooLongError, match="^This model's maximum context length"):
@@ -393,8 +420,9 @@ def test_served_disagg_mode_through_the_router(disagg_cluster: ClusterConfig, ti
 
     loads = asyncio.run(main())
     assert sorted(l.engine_id for l in loads) == disagg_cluster.actor_names and all(l.healthy for l in loads)
-    moved = [engine_row(l.to_dict(), SLOTargets())["kv_transfer_bytes"] for l in loads]
-    assert sum(moved) == expected_kv_bytes(tiny_llama, [*prompts, prompts[1]])
+    rows = [engine_row(l.to_dict(), SLOTargets()) for l in loads]
+    assert sum(r["kv_transfer_bytes"] for r in rows) == expected_kv_bytes(tiny_llama, [*prompts, prompts[1]])
+    assert all((r["kv_handoff_ms"] or 0) > 0 for r in rows if r["kv_transfer_bytes"])  # `semipd status` shows it
 
 
 # -- configuration errors ------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from actors.config import EngineConfig, SchedulerConfig
+from actors.engine.durations import Durations
 from actors.engine.frontend import StreamChunk, Tokenizer
 from cluster.engine_client import EngineLoad, LocalEngineClient
 from cluster.metrics import ServingMetrics
@@ -166,6 +167,38 @@ def test_engine_collector_aggregates_engines() -> None:
     s = parse(metrics.render()[0].decode())
     assert get(s, "vllm:num_requests_running", model_name="m") == 0
     assert not any(name.startswith("semipd:queue_depth") for name, _ in s)
+
+
+def test_durations_count_each_duration_in_the_bucket_at_or_above_it() -> None:
+    times = Durations((0.01, 0.1))
+    for seconds in (0.004, 0.01, 0.05, 0.1, 3.0):
+        times.observe(seconds)
+    assert times.counts == [2, 2, 1] and times.count == 5 and times.sum_s == pytest.approx(3.164)
+    assert times.to_dict() == {"counts": [2, 2, 1], "sum": times.sum_s}
+    times.observe(0.0)
+    assert times.to_dict()["counts"] == [3, 2, 1]  # a snapshot, not the live list
+
+
+def test_a_disagg_engines_handoff_histograms() -> None:
+    from actors.disagg.engines import HANDOFF_BUCKETS_S
+
+    transfer, handoff = Durations(HANDOFF_BUCKETS_S), Durations(HANDOFF_BUCKETS_S)
+    for seconds in (0.0008, 0.003, 0.02):
+        transfer.observe(seconds)
+        handoff.observe(seconds + 1.5)  # waited for decode pages
+    metrics = ServingMetrics("m")
+    metrics.update_loads([_load("d0", kv_transfer_bytes=3 << 20, kv_transfer_seconds=transfer.to_dict(),
+                                kv_handoff_seconds=handoff.to_dict()), _load("g1")])
+    s = parse(metrics.render()[0].decode())
+    d0 = {"model_name": "m", "engine": "d0"}
+    assert get(s, "semipd:kv_transfer_bytes_total", **d0) == 3 << 20
+    assert get(s, "semipd:kv_transfer_seconds_count", **d0) == 3
+    assert get(s, "semipd:kv_transfer_seconds_sum", **d0) == pytest.approx(0.0238)
+    assert get(s, "semipd:kv_transfer_seconds_bucket", le="0.001", **d0) == 1
+    assert get(s, "semipd:kv_transfer_seconds_bucket", le="0.005", **d0) == 2
+    assert get(s, "semipd:kv_handoff_seconds_bucket", le="1.0", **d0) == 0
+    assert get(s, "semipd:kv_handoff_seconds_bucket", le="2.5", **d0) == 3
+    assert not any(name.startswith("semipd:kv_") and dict(labels).get("engine") == "g1" for name, labels in s)
 
 
 def test_each_app_has_its_own_registry() -> None:

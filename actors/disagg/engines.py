@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -28,6 +29,7 @@ from actors.config import EngineConfig
 from actors.disagg.state import request_from, state_of
 from actors.disagg.transport import KVPayload, KVTransport, RequestState
 from actors.engine.core import EngineCore
+from actors.engine.durations import Durations
 from actors.engine.workers import DecodeWorker, Emit, PrefillWorker, Wakeup, Worker, start_entered_thread
 from actors.kv.manager import pages_for
 from actors.request import FinishReason, Request, TokenDelta
@@ -35,6 +37,9 @@ from actors.runner.transfer import to_device
 from actors.scheduler.prefill import OrderKey
 
 log = logging.getLogger(__name__)
+# upper bounds (s) of the handoff histograms: a peer copy of a long prompt's KV takes milliseconds, one through the
+# host tens of them; waiting for decode pages can take seconds
+HANDOFF_BUCKETS_S: tuple[float, ...] = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 def whole_device(config: EngineConfig) -> EngineConfig:
@@ -147,7 +152,13 @@ class PrefillOnlyEngine(_MarksAborts):
 
 
 class DecodeOnlyEngine(_MarksAborts):
-    """Runs decodes only, of requests imported from `transport` into its own pool."""
+    """Runs decodes only, of requests imported from `transport` into its own pool.
+
+    How long each handoff took, from the payload's `sent_at` (the prefill side let it go, after its first token):
+    `transfer_times` until it was received here with its KV on this device, `handoff_times` until the request
+    joined the decode batch (it may wait for free pages, then its KV is copied into them). The request's second
+    token comes after its handoff, so the handoff is part of its first inter-token latency, not of its TTFT.
+    """
 
     def __init__(self, config: EngineConfig, emit: Emit, transport: KVTransport,
                  requeue: Callable[[RequestState], None]) -> None:
@@ -158,6 +169,8 @@ class DecodeOnlyEngine(_MarksAborts):
         self._stop_import = threading.Event()
         self._importer: threading.Thread | None = None
         self.num_imported = 0
+        self.transfer_times = Durations(HANDOFF_BUCKETS_S)
+        self.handoff_times = Durations(HANDOFF_BUCKETS_S)
         super().__init__(whole_device(config), emit)
 
     def _make_workers(self) -> list[Worker]:
@@ -215,6 +228,7 @@ class DecodeOnlyEngine(_MarksAborts):
         """
         payload = self.transport.receive(timeout)
         if payload is not None:
+            self.transfer_times.observe(time.monotonic() - payload.sent_at)
             self._backlog.append(payload)
         self._drain_backlog()
 
@@ -276,6 +290,7 @@ class DecodeOnlyEngine(_MarksAborts):
             return True
         self.num_imported += 1
         self.decode.add(req)
+        self.handoff_times.observe(time.monotonic() - payload.sent_at)
         self.workers[0].wakeups["decode"].set()
         return True
 

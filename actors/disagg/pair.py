@@ -6,6 +6,7 @@ import threading
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import replace
+from typing import Any
 
 import torch
 
@@ -178,6 +179,13 @@ class DisaggPair:
             cuda_frees=p.cuda_frees + d.cuda_frees,
             cuda_host_allocs=max(p.cuda_host_allocs, d.cuda_host_allocs),  # one process, one pinned allocator
         )
+
+    def transfer_stats(self) -> dict[str, Any]:
+        """What moving requests between the engines cost: KV bytes sent, and the handoff times
+        (`DecodeOnlyEngine`: {"counts" per bucket of HANDOFF_BUCKETS_S, "sum"} each)."""
+        return dict(kv_transfer_bytes=self.transport.bytes_moved,
+                    kv_transfer_seconds=self.decode.transfer_times.to_dict(),
+                    kv_handoff_seconds=self.decode.handoff_times.to_dict())
 
     def _on_deltas(self, deltas: list[TokenDelta]) -> None:
         done = [d.request_id for d in deltas if d.finished]

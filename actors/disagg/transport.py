@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from abc import ABC, abstractmethod
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -47,6 +48,7 @@ class KVPayload:
 
     state: RequestState
     kv: torch.Tensor | None  # [L, n_pages, 2, page_size, Hkv, D]
+    sent_at: float = field(default_factory=time.monotonic)  # made: its first token is out, its KV gathered
 
     @property
     def num_pages(self) -> int:
@@ -121,7 +123,7 @@ class DeviceTransport(KVTransport):
         with self._lock:
             self._bytes += payload.nbytes
             self.num_sent += 1
-        self._queue.put((KVPayload(payload.state, kv), done, payload.kv if done is not None else None))
+        self._queue.put((replace(payload, kv=kv), done, payload.kv if done is not None else None))
 
     def _copy(self, kv: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
         """`kv` on this device, and the event that marks the copy done (None: done already)."""

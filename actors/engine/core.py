@@ -448,8 +448,8 @@ class EngineCore:
             num_switches=len(self.partitioner.switches),
             seconds_since_progress=max(now - w.last_progress for w in self.workers),  # any hung worker counts
             iterations={w.name: w.iterations for w in self.workers},
-            busy_seconds={w.name: w.busy_seconds for w in self.workers},
-            iteration_counts={w.name: list(w.iteration_counts) for w in self.workers},
+            busy_seconds={w.name: w.iteration_times.sum_s for w in self.workers},
+            iteration_counts={w.name: list(w.iteration_times.counts) for w in self.workers},
             tokens={w.name: w.tokens for w in self.workers},
             launch_seconds={w.name: sum(w.runner.host_seconds.values()) for w in self.workers},
             launch_parts={w.name: dict(w.runner.host_seconds) for w in self.workers},

@@ -7,7 +7,6 @@ batch (decodes piggybacked on a chunked prefill) on the whole device.
 
 from __future__ import annotations
 
-import bisect
 import logging
 import threading
 import time
@@ -16,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from actors.engine.durations import Durations
 from actors.engine.pacing import StepPacer
 from actors.engine.partitioner import Partitioner, Phase
 from actors.request import PENDING_TOKEN, FinishReason, Request, TokenDelta
@@ -147,8 +147,7 @@ class Worker:
         self.thread: threading.Thread | None = None
         self.iterations = 0
         self.last_progress = time.monotonic()
-        self.busy_seconds = 0.0
-        self.iteration_counts = [0] * (len(ITERATION_BUCKETS_S) + 1)  # per bucket (the last: longer), not cumulative
+        self.iteration_times = Durations(ITERATION_BUCKETS_S)  # wall time of the iterations that worked
         self.tokens = 0  # tokens computed (prefill chunk tokens plus one per decode)
         self.adopt_seconds: list[float] = []  # time spent adopting each new SM split
         self.iteration_log: deque[Iteration] = deque(maxlen=4096)
@@ -198,8 +197,7 @@ class Worker:
             self.last_progress = now
             if worked:
                 self.iterations += 1
-                self.busy_seconds += now - t0
-                self.iteration_counts[bisect.bisect_left(ITERATION_BUCKETS_S, now - t0)] += 1
+                self.iteration_times.observe(now - t0)
                 self.iteration_log.append(Iteration(t0, now - t0, self._version, self.tokens - tokens))
             else:
                 self.wakeups[self.name].wait(0.05)

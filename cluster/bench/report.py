@@ -1,8 +1,8 @@
 """The text printed around a `semipd bench serve` run: vLLM's lines before it (`format_preamble`) and its
 result block after it (`format_result_block`), then what semipd adds, one block or line each, '' when there
 is nothing to say: the per-workload-profile breakdown, the SM split changes with the streaming around each,
-the engine workers' iterations, the CUDA allocator calls, the offered load, the prefix cache hits, and the
-errors of failed requests.
+the engine workers' iterations, the CUDA allocator calls, a disagg server's KV handoffs, the offered load, the
+prefix cache hits, and the errors of failed requests.
 """
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ from collections.abc import Sequence
 from cluster.bench.client import RequestRecord
 from cluster.bench.metrics import METRIC_LABELS, METRICS, Conformance, percentile_key
 from cluster.bench.result import BenchResult, profile_breakdown
-from cluster.bench.server_metrics import WorkerIterations, cuda_allocator_counts, prefix_cache_counts, worker_iterations
+from cluster.bench.server_metrics import (
+    WorkerIterations, cuda_allocator_counts, kv_handoffs, prefix_cache_counts, worker_iterations,
+)
 from cluster.bench.traffic import offered_load, streaming_around, token_times
 from cluster.bench.workloads import Phase, time_shares
 
@@ -160,6 +162,22 @@ def format_cuda_allocator(result: BenchResult) -> str:
              f"calls" + ("" if c.host_allocs is None else f", {c.host_allocs:.0f} cudaHostAlloc calls")
              for engine, c in sorted(rows.items())]
     return "CUDA allocator during the run: " + "; ".join(parts)
+
+
+def format_kv_handoffs(result: BenchResult) -> str:
+    """One line: each disagg engine's handoffs during the run, KV moved and how long they took ('' without any)."""
+    rows = kv_handoffs(result)
+    if not rows:
+        return ""
+
+    def p90(quantiles: dict[int, float]) -> str:
+        return f" (P90 <= {quantiles[90]:g} ms)" if 90 in quantiles else ""
+
+    parts = [f"{engine}: {h.count:.0f} requests, {h.kv_bytes / 2**20:,.1f} MiB of KV "
+             f"({h.kv_bytes / h.count / 2**20:,.2f} MiB each), on the decode GPU after {h.transfer_ms:.2f} ms"
+             f"{p90(h.transfer_quantiles_ms)}, decoding after {h.handoff_ms:.2f} ms{p90(h.handoff_quantiles_ms)}"
+             for engine, h in sorted(rows.items())]
+    return "KV handoffs during the run (mean, from the first token): " + "; ".join(parts)
 
 
 def format_offered_load(records: Sequence[RequestRecord]) -> str:

@@ -1,6 +1,7 @@
 """What the server's own metrics say about a run: the change of its Prometheus series over the run
 (`BenchResult.server_metrics["delta"]`) summed up per engine worker (`worker_iterations`: iterations, their wall
-and host time, tokens), per engine (`cuda_allocator_counts`: CUDA allocator calls) and over the server
+and host time, tokens), per engine (`cuda_allocator_counts`: CUDA allocator calls; `kv_handoffs`: a disagg
+engine's requests moved from prefill to decode, their KV bytes and times) and over the server
 (`prefix_cache_counts`: prompt tokens queried and hit in the prefix cache). Each is empty or None for a
 server that does not export the series.
 """
@@ -99,6 +100,43 @@ def cuda_allocator_counts(result: BenchResult) -> dict[str, AllocatorCounts]:
     return out
 
 
+@dataclass(frozen=True)
+class KVHandoffs:
+    """One disagg engine's handoffs (prefill -> decode) during a run, from the server's histograms."""
+
+    count: float  # requests handed over
+    kv_bytes: float  # KV bytes moved
+    transfer_ms: float  # mean time from the first token until the KV was on the decode device
+    handoff_ms: float  # mean time from the first token until the request joined the decode batch
+    transfer_quantiles_ms: dict[int, float] = field(default_factory=dict)  # P50, P90: bucket bound at or above
+    handoff_quantiles_ms: dict[int, float] = field(default_factory=dict)
+
+
+def kv_handoffs(result: BenchResult) -> dict[str, KVHandoffs]:
+    """engine -> its handoffs during the run, from `semipd:kv_{transfer,handoff}_seconds` and
+    `semipd:kv_transfer_bytes_total` (empty for servers without them: semi-PD, unified, vLLM)."""
+    delta = (result.server_metrics or {}).get("delta") or {}
+    buckets: dict[tuple[str, str], dict[float, float]] = {}
+    for series, value in delta.items():
+        name = series.split("{", 1)[0]
+        if name in ("semipd:kv_transfer_seconds_bucket", "semipd:kv_handoff_seconds_bucket"):
+            key = _series_labels(series)
+            buckets.setdefault((key.get("engine", "?"), name.removesuffix("_bucket")), {})[float(key["le"])] = value
+    out: dict[str, KVHandoffs] = {}
+    for series, count in delta.items():
+        if not series.startswith("semipd:kv_handoff_seconds_count{") or count <= 0:
+            continue
+        labels = series[series.index("{"):]
+        engine = _series_labels(labels).get("engine", "?")
+        out[engine] = KVHandoffs(
+            count, delta.get(f"semipd:kv_transfer_bytes_total{labels}", 0.0),
+            1e3 * delta.get(f"semipd:kv_transfer_seconds_sum{labels}", 0.0) / count,
+            1e3 * delta.get(f"semipd:kv_handoff_seconds_sum{labels}", 0.0) / count,
+            iteration_quantiles(buckets.get((engine, "semipd:kv_transfer_seconds"), {})),
+            iteration_quantiles(buckets.get((engine, "semipd:kv_handoff_seconds"), {})))
+    return out
+
+
 def prefix_cache_counts(result: BenchResult) -> tuple[float, float] | None:
     """(prompt tokens queried, of which hit) in the server's prefix cache during the run, over all its engines,
     from the `vllm:prefix_cache_{queries,hits}_total` counters that semipd and vLLM export (None without them)."""
@@ -114,6 +152,6 @@ def prefix_cache_counts(result: BenchResult) -> tuple[float, float] | None:
 
 
 __all__ = [
-    "AllocatorCounts", "WorkerIterations", "cuda_allocator_counts", "iteration_quantiles", "prefix_cache_counts",
-    "worker_iterations",
+    "AllocatorCounts", "KVHandoffs", "WorkerIterations", "cuda_allocator_counts", "iteration_quantiles", "kv_handoffs",
+    "prefix_cache_counts", "worker_iterations",
 ]

@@ -55,8 +55,15 @@ def engine_row(view: Mapping[str, Any], targets: SLOTargets) -> dict[str, Any]:
         tpot_attainment=attainment(s.get("tpot_ms", ()), targets.tpot_ms),
         num_samples=len(s.get("ttft_ms", ())), num_switches=s.get("num_switches", 0),
         redis_ok=redis.get("redis_ok"), switches=s.get("switches", []),
-        kv_transfer_bytes=s.get("kv_transfer_bytes"),  # disagg engines only
+        kv_transfer_bytes=s.get("kv_transfer_bytes"),  # disagg engines only ...
+        kv_handoff_ms=_mean_ms(s.get("kv_handoff_seconds")),  # ... prefill's first token to the decode batch
     )
+
+
+def _mean_ms(durations: Mapping[str, Any] | None) -> float | None:
+    """The mean of an engine's `Durations` snapshot, in ms; None without any."""
+    count = sum(durations["counts"]) if durations else 0
+    return 1e3 * durations["sum"] / count if durations and count else None
 
 
 def _targets(args: argparse.Namespace, controller: Mapping[str, Any] | None) -> SLOTargets:
@@ -113,8 +120,10 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.0f}%"
 
 
-def _mib(n: int | None) -> str:
-    return "-" if n is None else f"{n / (1 << 20):.1f} MiB"
+def _kv_moved(n: int | None, handoff_ms: float | None) -> str:
+    if n is None:
+        return "-"
+    return f"{n / (1 << 20):.1f} MiB" + ("" if handoff_ms is None else f", {handoff_ms:.1f} ms each")
 
 
 def render(report: Mapping[str, Any], rows: list[dict[str, Any]], targets: SLOTargets) -> None:
@@ -131,7 +140,7 @@ def render(report: Mapping[str, Any], rows: list[dict[str, Any]], targets: SLOTa
             r["engine_id"], r["node_id"][:12], r["state"], f"{r['prefill_sms']}/{r['total_sms']}",
             f"{r['num_waiting']} ({r['waiting_prefill_tokens']})", str(r["num_prefilling"]), str(r["num_decoding"]),
             str(r["in_flight"]), f"{100 * r['kv_usage']:.1f}%", _pct(r["ttft_attainment"]),
-            _pct(r["tpot_attainment"]), str(r["num_switches"]), _mib(r["kv_transfer_bytes"]),
+            _pct(r["tpot_attainment"]), str(r["num_switches"]), _kv_moved(r["kv_transfer_bytes"], r["kv_handoff_ms"]),
             "-" if r["redis_ok"] is None else ("ok" if r["redis_ok"] else "down"),
         )
     console.print(table)
