@@ -10,8 +10,11 @@
 #   unified           our engine, chunked prefill with piggybacked decodes on the whole GPU
 #   unified-tokensN   unified with at most N tokens per iteration (`--max-prefill-tokens N`, e.g. unified-tokens1024:
 #                     smaller iterations keep decode steps shorter, Sarathi-Serve's lever against TPOT)
-#   disagg            DistServe-style baseline: one actor, prefill on one GPU and decode on another (needs two GPUs)
+#   disagg            DistServe-style baseline: prefill on one GPU and decode on another, KV moved between them
 #   vllm              vLLM's OpenAI server with its defaults (needs .vllmA staged and .vllmB carried)
+# GPUS (default 1): the GPUs each server gets, for a host with several (issue 7, docs/perf/disagg-recipe.md): GPUS
+# semi-PD or unified engine actors behind the router, GPUS/2 disagg pairs (GPUS even), vLLM with
+# --data-parallel-size GPUS.
 # Needs `.device` (see bench/device_env.sh). Environment: SWEEPS ("workload:rate,rate ..."; "" none, and no warm-up), WINDOW (seconds of
 # arrivals per rate), REPEAT (windows per rate, one after the other, each with its own prompts: the first one
 # after another load shows how the server takes the change, the next ones its steady state), TTFT/TPOT (ms), REQUEST_TIMEOUT (s; a request still running then counts as failed),
@@ -39,6 +42,8 @@ set -uo pipefail
 : "${SWEEPS=sharegpt:15,30,45 arxiv:3,6,9}" "${WINDOW:=10}" "${TTFT:=1000}" "${TPOT:=50}" "${REQUEST_TIMEOUT:=40}"
 : "${SHIFT_RATE:=}" "${SHIFT_WINDOW:=30}" "${SHIFT_PHASES:=sharegpt:0.5,long-doc:0.5}" "${CONFIG_TIMEOUT:=300}"
 : "${BENCH_EXTRA:=}" "${SERVE_EXTRA:=}" "${PINS:=}" "${PIN_SWEEPS=$SWEEPS}" "${REPEAT:=1}" "${WARMUP_RATE:=8}" "${WARMUP_PROMPTS:=32}"
+: "${GPUS:=1}"
+if [ "$GPUS" -lt 1 ]; then echo "GPUS must be >= 1, got $GPUS"; exit 2; fi
 script_t0=$(date +%s)
 gpu=$(command -v nvidia-smi)
 if [ -n "$gpu" ]; then source bench/device_env.sh; else export PYTHONPATH="$PWD" TOKENIZERS_PARALLELISM=false; fi
@@ -50,7 +55,12 @@ if [ "${FRESH_PROFILE:-0}" = 1 ]; then rm -f /tmp/semipd-profile.json
 elif [ -f bench/profiles/semipd-profile.json ]; then cp bench/profiles/semipd-profile.json /tmp/; fi
 
 start_server() {  # config log -> sets $server
-  local common=(--model $model --num-actors 1 --grpc-port 0 --http-port 8000 --served-model-name llama3-8b
+  local actors=$GPUS
+  if [ "$1" = disagg ]; then  # a pair takes two GPUs (on the CPU check: one pair for GPUS=1)
+    [ -z "$gpu" ] || [ $(( GPUS % 2 )) = 0 ] || { echo "disagg: GPUS=$GPUS is not even (a pair takes two GPUs)"; return 1; }
+    actors=$(( GPUS > 1 ? GPUS / 2 : 1 ))
+  fi
+  local common=(--model $model --num-actors $actors --grpc-port 0 --http-port 8000 --served-model-name llama3-8b
                 --ttft-slo-ms "$TTFT" --tpot-slo-ms "$TPOT" $SERVE_EXTRA)
   [ -n "$gpu" ] && common+=(--load-format dummy)
   local dynamic=(--policy model --profile-grid full --latency-profile /tmp/semipd-profile.json)
@@ -70,7 +80,7 @@ start_server() {  # config log -> sets $server
       vllm-python -c "import prometheus_fastapi_instrumentator" 2>/dev/null \
         || { echo "vllm: prometheus_fastapi_instrumentator missing: its wheel goes in the carried .vllmB/extra/"; return 1; }
       vllm-python -m vllm.entrypoints.cli.main serve $model --load-format dummy --port 8000 --served-model-name llama3-8b \
-        --dtype bfloat16 --max-model-len 8192 --gpu-memory-utilization 0.85 > "$2" 2>&1 &
+        --dtype bfloat16 --max-model-len 8192 --gpu-memory-utilization 0.85 --data-parallel-size $GPUS > "$2" 2>&1 &
       server=$!; return ;;
     *) echo "unknown config $1"; return 1 ;;
   esac
@@ -133,7 +143,7 @@ print(max(16, round($3 * $4 * mean_rate_scale(parse_phases('$SHIFT_PHASES')))))"
   [ -n "$sampler" ] && kill $sampler 2>/dev/null
   python3 -m cluster.cli bench timeline "$res/$name.json" > "$res/$name.timeline.txt" 2>&1
   save_results
-  echo "$name: $(grep -E "Request throughput|SLO attainment|P90 TTFT|P90 TPOT|Offered load|Prefix cache|Worker iterations|CUDA allocator|Correct rate" "$res/$name.log" | tr -s ' ' | paste -sd' ') $(python3 -m cluster.bench.telemetry summary "$res/$name.gpu.csv")"
+  echo "$name: $(grep -E "Request throughput|SLO attainment|P90 TTFT|P90 TPOT|Offered load|Prefix cache|Worker iterations|CUDA allocator|KV handoffs|Correct rate" "$res/$name.log" | tr -s ' ' | paste -sd' ') $(python3 -m cluster.bench.telemetry summary "$res/$name.gpu.csv")"
 }
 
 warmup_workloads() {  # each sweep's workload, and with SHIFT_RATE each phase's, once

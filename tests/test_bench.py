@@ -1054,7 +1054,7 @@ def test_kv_handoffs_from_the_metric_deltas() -> None:
     assert h.transfer_quantiles_ms == {50: 5.0, 90: 10.0} and h.handoff_quantiles_ms == {50: 10.0, 90: 25.0}
     assert format_kv_handoffs(result) == (
         "KV handoffs during the run (mean, from the first token): d0: 4 requests, 8.0 MiB of KV (2.00 MiB each), "
-        "on the decode GPU after 6.00 ms (P90 <= 10 ms), decoding after 12.50 ms (P90 <= 25 ms)")
+        "on the decode device after 6.00 ms (P90 <= 10 ms), decoding after 12.50 ms (P90 <= 25 ms)")
     delta[f"semipd:kv_handoff_seconds_count{{{d0}}}"] = 0.0  # no handoff during the run
     assert kv_handoffs(result) == {} and format_kv_handoffs(result) == ""
     result.server_metrics = None  # vLLM

@@ -174,7 +174,7 @@ def format_kv_handoffs(result: BenchResult) -> str:
         return f" (P90 <= {quantiles[90]:g} ms)" if 90 in quantiles else ""
 
     parts = [f"{engine}: {h.count:.0f} requests, {h.kv_bytes / 2**20:,.1f} MiB of KV "
-             f"({h.kv_bytes / h.count / 2**20:,.2f} MiB each), on the decode GPU after {h.transfer_ms:.2f} ms"
+             f"({h.kv_bytes / h.count / 2**20:,.2f} MiB each), on the decode device after {h.transfer_ms:.2f} ms"
              f"{p90(h.transfer_quantiles_ms)}, decoding after {h.handoff_ms:.2f} ms{p90(h.handoff_quantiles_ms)}"
              for engine, h in sorted(rows.items())]
     return "KV handoffs during the run (mean, from the first token): " + "; ".join(parts)
