@@ -609,6 +609,38 @@ def test_controller_model_policy_reads_published_models(redis_server: Any) -> No
     run(main())
 
 
+def _decoding(engine_id: str, prefill: int, n: int = 10) -> dict[str, Any]:
+    """A published view with no prefill queue and a large decode batch, TPOT over a 50 ms target."""
+    d = _published(engine_id, prefill, n)
+    d["tpot_ms"] = [120.0] * n
+    d["stats"].update(waiting_prefill_tokens=0, num_waiting=0, num_decoding=256, decode_context_tokens=256 * 2000)
+    return d
+
+
+def test_controller_sets_different_splits_on_engines_that_see_different_loads(redis_server: Any) -> None:
+    """Two GPUs of one model, one behind on prompts and one on decodes: one tick moves SMs to prefill on the first
+    and to decode on the second, each through its own split key."""
+    cfg = ControllerConfig(redis_server.url, "mixed", SLOTargets(ttft_ms=100.0, tpot_ms=50.0), policy="model",
+                           min_dwell_s=0.0, min_samples=4, interval_s=0.1, lease_s=1.0)
+
+    async def main() -> None:
+        store = RedisStore(redis_server.url, "mixed")
+        model = _latency_model().to_dict()
+        await store.publish_view_and_model("prompts", _loaded("prompts", 64), model, 5000)
+        await store.publish_view_and_model("decodes", _decoding("decodes", 64), model, 5000)
+        ctl = Controller(cfg, leader_id="ctl-d")
+        written = {d["engine_id"]: d for d in await ctl.tick()}
+        assert written["prompts"]["to"] > 64 > written["decodes"]["to"]
+        assert "more SMs to prefill" in written["prompts"]["reason"]
+        assert "more SMs to decode" in written["decodes"]["reason"]
+        for engine, decision in written.items():
+            assert (await store.get_split(engine))["prefill_sms"] == decision["to"]
+        await ctl.stop()
+        await store.aclose()
+
+    run(main())
+
+
 @pytest.mark.timeout(90)
 def test_engine_actor_publishes_its_latency_model(redis_server: Any, tiny_llama: Path, tmp_path: Path) -> None:
     """An actor of a "model" cluster profiles itself at start (the quick CPU profile), saves the profile,
