@@ -24,7 +24,7 @@ from actors.disagg.engines import DecodeOnlyEngine, PrefillOnlyEngine
 from actors.disagg.frontend import DisaggLLM
 from actors.disagg.pair import DisaggPair, pair_devices
 from actors.disagg.state import state_of
-from actors.disagg.transport import CpuTransport, DeviceTransport, KVPayload
+from actors.disagg.transport import CpuTransport, DeviceTransport, KVPayload, RequestState
 from actors.engine.core import EngineCore, PromptTooLongError
 from actors.engine.frontend import LLM
 from actors.kv.manager import pages_for
@@ -290,6 +290,41 @@ def test_abort_in_transit_and_on_decode(stepped_pair: tuple[DisaggPair, Collecte
     tokens = [t for d in out.deltas if d.request_id == "decoding" for t in d.new_token_ids]
     assert len(tokens) == 4  # the first from prefill, three from decode
     assert pair.num_unfinished == 0
+    assert_all_pages_back(pair)
+
+
+def test_a_failed_import_ends_its_request_gives_its_pages_back_and_the_next_imports(
+        stepped_pair: tuple[DisaggPair, Collected], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A payload that fails to import after its decode pages were taken (here: rebuilding its request) ends with an
+    error naming why, those pages come back, and the payload behind it is imported as usual."""
+    import actors.disagg.engines as engines
+
+    pair, out = stepped_pair
+    prompt = make_prompts(3)[-1][:30]
+    pair.add_request("fails", prompt, LONG)
+    pair.add_request("next", prompt[::-1], LONG)
+    assert pair.prefill.workers[0].step()  # both prefilled and exported
+    rebuild = engines.request_from
+    calls = []
+
+    def fail_first(state: RequestState, device: torch.device) -> Request:
+        calls.append(state.request_id)
+        if len(calls) == 1:
+            raise RuntimeError("out of memory")
+        return rebuild(state, device)
+
+    monkeypatch.setattr(engines, "request_from", fail_first)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        pair.decode.poll_imports(timeout=1.0)
+    ended = next(d for d in out.deltas if d.request_id == "fails" and d.finished)
+    assert ended.finish_reason == FinishReason.ERROR and ended.error == "KV import failed: out of memory"
+    assert pair.decode.allocator.num_free == pair.decode.allocator.num_blocks  # its pages are back
+    pair.decode.poll_imports(timeout=1.0)
+    assert calls == ["fails", "next"] and pair.decode.num_imported == 1
+    assert pair.transport.in_flight_bytes == 0  # type: ignore[attr-defined]
+    assert pair.abort("next")
+    pair.decode.workers[0].step()
+    assert out.finish_of("next") == FinishReason.ABORT and pair.num_unfinished == 0
     assert_all_pages_back(pair)
 
 

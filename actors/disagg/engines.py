@@ -80,8 +80,10 @@ class _MarksAborts(EngineCore):
                 self._requests[req.request_id] = req
         return reason
 
-    def _emit_dropped(self, state: RequestState, reason: FinishReason) -> None:
-        self._emit_and_forget([TokenDelta(state.request_id, (), reason, num_prompt_tokens=state.num_prompt_tokens)])
+    def _emit_end(self, request_id: str, num_prompt_tokens: int, reason: FinishReason, error: str | None = None
+                  ) -> None:
+        """End a request that no worker holds (dropped in transit, or its KV could not move)."""
+        self._emit_and_forget([TokenDelta(request_id, (), reason, error=error, num_prompt_tokens=num_prompt_tokens)])
 
     def _forget(self, request_id: str) -> None:
         with self._lock:
@@ -117,8 +119,7 @@ class PrefillOnlyEngine(_MarksAborts):
         except Exception as e:
             log.exception("KV export of %s failed", req.request_id)
             req.finish_reason = FinishReason.ERROR
-            self._emit_and_forget([TokenDelta(req.request_id, (), FinishReason.ERROR, error=f"KV export failed: {e}",
-                                              num_prompt_tokens=req.num_prompt_tokens)])
+            self._emit_end(req.request_id, req.num_prompt_tokens, FinishReason.ERROR, f"KV export failed: {e}")
         finally:
             self.prefill.kv.release(req)
 
@@ -145,7 +146,7 @@ class PrefillOnlyEngine(_MarksAborts):
         req = request_from(state, self.device)
         reason = self._admit(req)
         if reason is not None:
-            self._emit_dropped(state, reason)
+            self._emit_end(state.request_id, state.num_prompt_tokens, reason)
             return
         self.prefill.add(req)
         self.workers[0].wakeups["prefill"].set()
@@ -240,8 +241,8 @@ class DecodeOnlyEngine(_MarksAborts):
                 done = self._try_import(payload)
             except Exception as e:
                 self.transport.release(self._backlog.popleft())
-                self._emit_and_forget([TokenDelta(payload.state.request_id, (), FinishReason.ERROR,
-                                                  error=f"KV import failed: {e}")])
+                state = payload.state
+                self._emit_end(state.request_id, state.num_prompt_tokens, FinishReason.ERROR, f"KV import failed: {e}")
                 raise
             if not done:
                 self._drop_aborted_in_backlog()
@@ -261,7 +262,7 @@ class DecodeOnlyEngine(_MarksAborts):
         self._backlog = keep  # before releasing: an emit that raises must not leave a released payload queued
         for p, reason in dropped:
             self.transport.release(p)
-            self._emit_dropped(p.state, reason)
+            self._emit_end(p.state.request_id, p.state.num_prompt_tokens, reason)
 
     def _try_import(self, payload: KVPayload) -> bool:
         """Import one payload; False (and nothing changed) when its pages are not free yet."""
@@ -272,27 +273,37 @@ class DecodeOnlyEngine(_MarksAborts):
         with self._lock:
             reason = self._marks.pop(state.request_id, None) or state.abort_reason
         if reason is not None:
-            self._emit_dropped(state, reason)
+            self._emit_end(state.request_id, state.num_prompt_tokens, reason)
             return True
         blocks = self.allocator.allocate(payload.num_pages)
         if blocks is None:
             return False
-        ids = torch.tensor(blocks, dtype=torch.long, device=self.pool.kv.device)
-        self.pool.kv[:, ids] = payload.kv.to(self.pool.kv.device, self.pool.kv.dtype)  # [L, n, 2, ps, Hkv, D]
-        if self.device.type == "cuda":  # the pages are written before the decode worker's stream reads them
-            torch.cuda.current_stream(self.device).synchronize()
-        req = request_from(state, self.device)
-        req.block_ids = blocks
-        reason = self._admit(req)
+        try:
+            req = self._rebuild(payload, blocks)
+            reason = self._admit(req)
+        except BaseException:  # nothing holds the pages yet
+            self.allocator.free(blocks)
+            raise
         if reason is not None:
             self.allocator.free(blocks)
-            self._emit_dropped(state, reason)
+            self._emit_end(state.request_id, state.num_prompt_tokens, reason)
             return True
         self.num_imported += 1
         self.decode.add(req)
         self.handoff_times.observe(time.monotonic() - payload.sent_at)
         self.workers[0].wakeups["decode"].set()
         return True
+
+    def _rebuild(self, payload: KVPayload, blocks: list[int]) -> Request:
+        """Copy `payload`'s KV into the pool pages `blocks`; its request, holding them."""
+        assert payload.kv is not None
+        ids = torch.tensor(blocks, dtype=torch.long, device=self.pool.kv.device)
+        self.pool.kv[:, ids] = payload.kv.to(self.pool.kv.device, self.pool.kv.dtype)  # [L, n, 2, ps, Hkv, D]
+        if self.device.type == "cuda":  # the pages are written before the decode worker's stream reads them
+            torch.cuda.current_stream(self.device).synchronize()
+        req = request_from(payload.state, self.device)
+        req.block_ids = blocks
+        return req
 
     def _send_back(self, req: Request) -> None:
         """On the decode worker: a preempted request (pages already released) goes back to prefill."""
