@@ -350,8 +350,7 @@ class EngineCore:
         """Queue a request; raises ValueError (and queues nothing) if it is invalid,
         AdmissionRejected (a ValueError) if admission control refuses it, EngineDeadError once the
         GPU is lost."""
-        if self.device_error is not None:
-            raise EngineDeadError(f"the engine's GPU failed ({self.device_error}); it takes no more requests")
+        self._refuse_if_dead()
         self.validate(len(prompt_token_ids), params)
         if any(t < 0 or t >= self.arch.vocab_size for t in prompt_token_ids):
             raise ValueError(f"prompt token ids must be in [0, {self.arch.vocab_size})")
@@ -374,13 +373,18 @@ class EngineCore:
             generator=gen,
             grammar=grammar,
         )
-        with self._lock:
+        with self._lock:  # again: a worker may have lost the GPU (`_device_lost`) and ended every request since
+            self._refuse_if_dead()
             if request_id in self._requests:
                 raise ValueError(f"request id {request_id!r} is already in use")
             self._requests[request_id] = req
         self.prefill.add(req)
         for w in self.workers:
             w.wakeups["prefill"].set()
+
+    def _refuse_if_dead(self) -> None:
+        if self.device_error is not None:
+            raise EngineDeadError(f"the engine's GPU failed ({self.device_error}); it takes no more requests")
 
     def abort(self, request_id: str, reason: FinishReason = FinishReason.ABORT) -> bool:
         """Stop a request at its owner's next iteration boundary; its pages are freed then."""

@@ -414,7 +414,10 @@ class AsyncLLM(_Frontend):
         super().__init__(config)
 
     def _route(self, deltas: list[TokenDelta]) -> None:
-        """Hand a step's deltas to their requests' queues: one wake-up per event loop, not per delta."""
+        """Hand a step's deltas to their requests' queues: one wake-up per event loop, not per delta.
+
+        Runs on the engine's workers, so it must not raise: the requests of an event loop that closed before
+        reading their streams have no reader left, and are aborted instead."""
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[TokenDelta], TokenDelta]]] = {}
         with self._sinks_lock:
             for d in deltas:
@@ -423,7 +426,13 @@ class AsyncLLM(_Frontend):
                     loop, q = entry
                     by_loop.setdefault(loop, []).append((q, d))
         for loop, items in by_loop.items():
-            loop.call_soon_threadsafe(_put_all, items)
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # the loop is closed
+                for _, d in items:
+                    self._drop_sink(d.request_id)
+                    if not d.finished:
+                        self.core.abort(d.request_id)
 
     def generate(
         self,

@@ -185,7 +185,12 @@ class Worker:
 
     def _iterate(self) -> None:
         while not self.stop_event.is_set():
-            self._adopt_split()
+            try:
+                self._adopt_split()
+            except Exception as e:  # stay on the current partition until the next split (or end: GPU lost)
+                log.exception("%s could not move to the new SM split", self.name)
+                self._check_device(e)
+                continue
             t0, tokens = time.monotonic(), self.tokens
             try:
                 worked = self.step()
@@ -220,7 +225,8 @@ class Worker:
         return RecentIterations(count, 1000.0 * seconds / count, tokens / count)
 
     def _adopt_split(self) -> None:
-        """At an iteration boundary: move to the stream of the current split."""
+        """At an iteration boundary: move to the stream of the current split. A move that raised is not tried
+        again: the runner stays on its partition until the next split."""
         if self.partitioner.version == self._version:
             return
         t0 = time.perf_counter()
@@ -291,10 +297,18 @@ class Worker:
 
         Deltas are emitted before the handoff: once decode owns a request it may emit the
         next token at once, and a request's tokens must reach the front end in order.
+        A request that already ended (an engine error failed it while this iteration was queued:
+        `_fail_prefills`) takes no token; what it holds is freed.
         """
         deltas = []
         handoffs = []
         for req, tok, lp, fresh in zip(reqs, result.token_ids, result.logprobs, from_prefill):
+            if req.finished:
+                if fresh:
+                    self.prefill.drop(req)
+                elif req in self.decode.running:
+                    self.decode.remove(req)
+                continue
             reason = req.append_token(tok) or req.abort_requested
             if reason is not None:
                 if fresh:
@@ -515,8 +529,10 @@ class PrefillWorker(Worker):
     def step(self) -> bool:
         if self.unwaited is not None and self.prefill.may_release_pages() and not self._wait_unwaited():
             return True
-        self._emit_aborted(self.prefill.take_aborted())
-        chunks, reqs = self.prefill.schedule()
+        settled = self.unwaited is None  # nothing queued writes pages: this step may give them back (an abort or
+        # a page shortage that came after the check waits for the next step)
+        self._emit_aborted(self.prefill.take_aborted(running=settled))
+        chunks, reqs = self.prefill.schedule(preempt=settled)
         previous, self._queued = self._queued, None
         if chunks:
             self._queued = self._start(chunks, reqs)
@@ -654,8 +670,8 @@ class UnifiedWorker(Worker):
         if self._inflight is not None:
             if self.prefill.may_release_pages():
                 return self._step_ahead(queue_next=False)
-            # only waiting requests can be aborted here (a running one would release pages): none has pages
-            self._emit_aborted(self.prefill.take_aborted())
+            # only waiting requests are taken here (none has pages): a running one aborted since the check waits
+            self._emit_aborted(self.prefill.take_aborted(running=False))
             return self._step_ahead(with_prefill=True)
         self._emit_aborted(self.prefill.take_aborted() + self.decode.take_aborted())
         d_chunks, d_reqs, preempted = self.decode.schedule()

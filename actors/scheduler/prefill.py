@@ -69,12 +69,13 @@ class PrefillScheduler:
         return (any(r.abort_requested for r in self.running)
                 or self.kv.num_free_pages * self.kv.page_size < self.max_tokens)
 
-    def take_aborted(self) -> list[Request]:
-        """Remove requests whose abort was asked; pages of running ones are released."""
+    def take_aborted(self, running: bool = True) -> list[Request]:
+        """Remove requests whose abort was asked; pages of running ones are released. Not `running`: only waiting
+        ones (no pages), while a queued iteration may still write the running ones' pages."""
         with self._lock:
             gone = [r for r in self._waiting if r.abort_requested]
             self._waiting = [r for r in self._waiting if not r.abort_requested]
-        for r in [r for r in self.running if r.abort_requested]:
+        for r in [r for r in self.running if r.abort_requested and running]:
             self.running.remove(r)
             self.kv.release(r)
             gone.append(r)
