@@ -80,6 +80,7 @@ class Router:
         self._refreshing: asyncio.Task[None] | None = None
         self._refresh_loop: asyncio.AbstractEventLoop | None = None
         self._pumps: dict[tuple[str, asyncio.AbstractEventLoop], _OutputPump] = {}
+        self._background: set[asyncio.Task[None]] = set()  # aborts waiting for a submit's reply (kept referenced)
         self.draining = False
 
     # -- construction -------------------------------------------------------------
@@ -181,14 +182,20 @@ class Router:
                 log.warning("retrying %s on another engine: %s failed (%s)", request.request_id, engine_id, e.reason)
 
     async def _stream(self, engine_id: str, request: GenerateRequest) -> AsyncIterator[StreamChunk]:
-        """One attempt on one actor; raises _EngineLost if the actor is gone."""
+        """One attempt on one actor; raises _EngineLost if the actor is gone, ValueError (before anything is sent)
+        if the request's id is in flight on it already."""
         actor = self.state.actors[engine_id]
-        self.state.dispatch(engine_id, request.request_id, len(request.prompt_token_ids), time.monotonic())
-        finished = submitted = False
         pump = self._pump(actor)
         chunks = pump.open(request.request_id)
+        self.state.dispatch(engine_id, request.request_id, len(request.prompt_token_ids), time.monotonic())
+        finished = submitted = False
         try:
-            await self._watched(engine_id, actor.handle.submit.remote(request, pump.subscriber))
+            submit = actor.handle.submit.remote(request, pump.subscriber)
+            try:
+                await self._watched(engine_id, submit)
+            except asyncio.CancelledError:  # the engine may have admitted it: abort it once it has
+                self._abort_once_admitted(actor, submit, request.request_id)
+                raise
             submitted = True
             while not finished:
                 chunk = await self._next_chunk(engine_id, chunks)
@@ -204,7 +211,7 @@ class Router:
         except Exception as e:
             raise _unwrap(e) from None
         finally:
-            pump.close(request.request_id)
+            pump.close(request.request_id, admitted=submitted)
             self.state.done(engine_id, request.request_id)
             if submitted and not finished and actor.alive:
                 self._abort_quietly(actor, request.request_id)
@@ -251,6 +258,21 @@ class Router:
             return True
         except Exception:
             return False
+
+    def _abort_once_admitted(self, actor: TrackedActor, submit: Awaitable[Any], request_id: str) -> None:
+        """Abort `request_id` once its `submit` call, whose reply its caller did not wait for, has admitted it
+        (an abort sent at once could reach the actor first)."""
+        async def abort() -> None:
+            try:
+                await submit
+            except Exception:  # refused, or the actor is gone: nothing runs
+                return
+            if actor.alive:
+                self._abort_quietly(actor, request_id)
+
+        task = asyncio.get_running_loop().create_task(abort())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _abort_quietly(self, actor: TrackedActor, request_id: str) -> None:
         try:
@@ -384,19 +406,29 @@ class _OutputPump:
         self.subscriber = f"router-{uuid.uuid4().hex[:12]}"
         self.failure: _EngineLost | None = None
         self._queues: dict[str, asyncio.Queue[StreamChunk | _EngineLost]] = {}
+        self._ended: set[str] = set()  # open requests whose last chunk came
+        self._ending: set[str] = set()  # closed before their last chunk came: what comes of them until it is dropped
         self._stream = handle.outputs.options(num_returns="streaming").remote(self.subscriber)
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     def open(self, request_id: str) -> asyncio.Queue[StreamChunk | _EngineLost]:
-        """The queue `request_id`'s chunks will arrive in (open it before submitting)."""
+        """The queue `request_id`'s chunks will arrive in (open it before submitting); ValueError if that id is
+        in flight here already (the engine refuses it too, and its chunks are the other request's)."""
+        if request_id in self._queues:
+            raise ValueError(f"request id {request_id!r} is already in use")
         q: asyncio.Queue[StreamChunk | _EngineLost] = asyncio.Queue()
         if self.failure is not None:
             q.put_nowait(self.failure)
         self._queues[request_id] = q
         return q
 
-    def close(self, request_id: str) -> None:
+    def close(self, request_id: str, admitted: bool = False) -> None:
+        """Stop taking `request_id`'s chunks. `admitted`: the engine took the request, so its last chunk comes
+        through here; until it has, what comes of it is dropped, not given to a request that takes its id next."""
         self._queues.pop(request_id, None)
+        if admitted and request_id not in self._ended:
+            self._ending.add(request_id)
+        self._ended.discard(request_id)
 
     def stop(self) -> None:
         """Close the stream (the actor aborts this subscriber's unfinished requests)."""
@@ -406,9 +438,16 @@ class _OutputPump:
         try:
             async for ref in self._stream:
                 for chunk in await ref:
-                    q = self._queues.get(chunk.request_id)
+                    rid = chunk.request_id
+                    if rid in self._ending:
+                        if chunk.finished:
+                            self._ending.discard(rid)
+                        continue
+                    q = self._queues.get(rid)
                     if q is not None:
                         q.put_nowait(chunk)
+                        if chunk.finished:
+                            self._ended.add(rid)
             self._fail("its output stream ended")
         except asyncio.CancelledError:
             self._fail("the router closed the output stream", actor_died=False)

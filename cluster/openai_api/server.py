@@ -9,12 +9,14 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import aclosing
 from dataclasses import replace
 from importlib import metadata
 from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from actors.config import generation_defaults
 from actors.engine.core import PromptTooLongError, check_context_length
@@ -51,6 +53,25 @@ INLINE_TOKENIZE_CHARS = 16384  # longer texts are tokenized in a worker thread
 
 # writes a stream's body: (the call, its first (request index, chunk), the rest of its chunks) -> SSE bytes
 SSEWriter = Callable[[Call, tuple[int, StreamChunk], AsyncIterator[tuple[int, StreamChunk]]], AsyncIterator[bytes]]
+
+
+class EngineStreamResponse(StreamingResponse):
+    """A server-sent events response that closes its engine `stream` (aborting what is unfinished) once it is over,
+    however the server stopped sending it. A cancel that lands in a blocked write (a client that stopped reading,
+    then left) leaves `body` suspended where it last yielded, in a reference cycle: without this, the engine went
+    on computing until the garbage collector found it."""
+
+    def __init__(self, body: AsyncIterator[bytes], stream: AsyncIterator[Any]) -> None:
+        super().__init__(body, media_type="text/event-stream", headers={"cache-control": "no-cache"})
+        self._body = body
+        self._stream = stream
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._body.aclose()  # type: ignore[attr-defined]
+            await self._stream.aclose()  # type: ignore[attr-defined]  # a body that never started did not close it
 
 
 class OpenAIServer:
@@ -284,10 +305,11 @@ class OpenAIServer:
         gens = [self.client.generate(r) for r in call.requests]
         failed = False
         try:
-            async for i, chunk in merge_streams(gens):
-                trackers[i].on_chunk(chunk)
-                call.choices[i].add(chunk)
-                yield i, chunk
+            async with aclosing(merge_streams(gens)) as merged:
+                async for i, chunk in merged:
+                    trackers[i].on_chunk(chunk)
+                    call.choices[i].add(chunk)
+                    yield i, chunk
         except BaseException as e:
             failed = not isinstance(e, (asyncio.CancelledError, GeneratorExit))
             raise
@@ -297,11 +319,14 @@ class OpenAIServer:
                     t.finish("abort")  # no-op for the finished ones
 
     async def run_to_end(self, request: Request, call: Call) -> None:
+        """Run `call`'s engine requests to their end, or until one fails (the answer is then an error: the others
+        are aborted)."""
         async def consume() -> None:
             stream = self.stream_call(call)
             try:
-                async for _ in stream:
-                    pass
+                async for _, chunk in stream:
+                    if chunk.error or chunk.finish_reason == "error":
+                        break
             finally:
                 await stream.aclose()
 
@@ -322,7 +347,7 @@ class OpenAIServer:
         await self.run_to_end(request, call)
         return JSONResponse(self.render.response(call))
 
-    async def open_stream(self, request: Request, call: Call, events: SSEWriter | None = None) -> StreamingResponse:
+    async def open_stream(self, request: Request, call: Call, events: SSEWriter | None = None) -> EngineStreamResponse:
         """Start the engine requests; errors before the first chunk become HTTP errors. `events` writes the
         stream's body from the call, its first chunk and the rest (default: completions and chat chunks)."""
         stream = self.stream_call(call)
@@ -341,8 +366,7 @@ class OpenAIServer:
         except Exception as e:
             await stream.aclose()
             raise engine_error(e) from None
-        return StreamingResponse((events or self.sse)(call, head, stream), media_type="text/event-stream",
-                                 headers={"cache-control": "no-cache"})
+        return EngineStreamResponse((events or self.sse)(call, head, stream), stream)
 
     async def sse(self, call: Call, head: tuple[int, StreamChunk],
                   stream: AsyncIterator[tuple[int, StreamChunk]]) -> AsyncIterator[bytes]:
