@@ -27,7 +27,7 @@ import torch
 
 from actors.config import EngineConfig
 from actors.disagg.state import request_from, state_of
-from actors.disagg.transport import KVPayload, KVTransport, RequestState
+from actors.disagg.transport import KVPayload, KVTransferError, KVTransport, RequestState
 from actors.engine.core import EngineCore
 from actors.engine.durations import Durations
 from actors.engine.workers import DecodeWorker, Emit, PrefillWorker, Wakeup, Worker, start_entered_thread
@@ -70,11 +70,13 @@ class _MarksAborts(EngineCore):
 
     def _admit(self, req: Request) -> FinishReason | None:
         """Register an arriving request, unless an abort for it is pending (then return why). A structured output's
-        grammar is compiled again here and advanced past the output so far (it is host state that does not travel)."""
+        grammar is compiled again here and advanced past the output so far (it is host state that does not travel).
+        Raises EngineDeadError once the engine lost its GPU (its workers stopped: nothing would run the request)."""
         if req.params.structured_outputs is not None:
             req.grammar = self.grammars.compile(req.params.structured_outputs)
             req.grammar.accept_all(req.output_token_ids)
-        with self._lock:
+        with self._lock:  # `_device_lost` ends the requests registered by then
+            self._refuse_if_dead()
             reason = self._marks.pop(req.request_id, None) or req.abort_requested
             if reason is None:
                 self._requests[req.request_id] = req
@@ -107,19 +109,23 @@ class PrefillOnlyEngine(_MarksAborts):
 
     def _export(self, req: Request) -> None:
         """On the prefill worker: send `req`'s state and the KV of its computed tokens, free its pages. A request
-        whose export fails ends with an error (nobody else holds it any more)."""
+        whose export fails before it is sent ends with an error (nobody else holds it any more); once sent it is the
+        decode side's, whatever fails after."""
         self._forget(req.request_id)  # from here on an abort is the decode side's (or a mark)
         n = pages_for(req.num_computed_tokens, self.pool.page_size)
+        sent = False
         try:
             with self._exporting():
                 # through the staging ring: no host wait for the prefill iteration already queued
                 ids = to_device(req.block_ids[:n], torch.long, self.pool.kv.device)
                 kv = self.pool.kv[:, ids]  # [L, n, 2, page_size, Hkv, D], a copy
                 self.transport.send(KVPayload(state_of(req), kv))
+                sent = True
         except Exception as e:
             log.exception("KV export of %s failed", req.request_id)
-            req.finish_reason = FinishReason.ERROR
-            self._emit_end(req.request_id, req.num_prompt_tokens, FinishReason.ERROR, f"KV export failed: {e}")
+            if not sent:
+                req.finish_reason = FinishReason.ERROR
+                self._emit_end(req.request_id, req.num_prompt_tokens, FinishReason.ERROR, f"KV export failed: {e}")
         finally:
             self.prefill.kv.release(req)
 
@@ -142,9 +148,16 @@ class PrefillOnlyEngine(_MarksAborts):
             runner_stream.wait_stream(self._export_stream)
 
     def readmit(self, state: RequestState) -> None:
-        """Take back a request the decode side preempted (no KV): recompute it, then export again."""
-        req = request_from(state, self.device)
-        reason = self._admit(req)
+        """Take back a request the decode side preempted (no KV): recompute it, then export again. One that cannot be
+        taken back (its grammar does not compile again, the engine lost its GPU) ends with an error: the decode side
+        has let it go, so nobody else would end it."""
+        try:
+            req = request_from(state, self.device)
+            reason = self._admit(req)
+        except Exception as e:
+            log.exception("readmitting %s failed", state.request_id)
+            self._emit_end(state.request_id, state.num_prompt_tokens, FinishReason.ERROR, f"readmit failed: {e}")
+            return
         if reason is not None:
             self._emit_end(state.request_id, state.num_prompt_tokens, reason)
             return
@@ -227,7 +240,12 @@ class DecodeOnlyEngine(_MarksAborts):
 
         The importer thread calls this in a loop; tests call it directly on an unstarted engine.
         """
-        payload = self.transport.receive(timeout)
+        try:
+            payload = self.transport.receive(timeout)
+        except KVTransferError as e:
+            self._emit_end(e.state.request_id, e.state.num_prompt_tokens, FinishReason.ERROR,
+                           f"KV transfer failed: {e.__cause__}")
+            raise
         if payload is not None:
             self.transfer_times.observe(time.monotonic() - payload.sent_at)
             self._backlog.append(payload)
@@ -265,7 +283,8 @@ class DecodeOnlyEngine(_MarksAborts):
             self._emit_end(p.state.request_id, p.state.num_prompt_tokens, reason)
 
     def _try_import(self, payload: KVPayload) -> bool:
-        """Import one payload; False (and nothing changed) when its pages are not free yet."""
+        """Import one payload; False (and nothing changed) when its pages are not free yet. Raises EngineDeadError
+        once the engine lost its GPU."""
         state = payload.state
         assert payload.kv is not None, "a payload for decode carries KV"
         ps = self.pool.page_size
@@ -275,6 +294,7 @@ class DecodeOnlyEngine(_MarksAborts):
         if reason is not None:
             self._emit_end(state.request_id, state.num_prompt_tokens, reason)
             return True
+        self._refuse_if_dead()  # else a payload waiting for pages would wait for good: nothing frees them
         blocks = self.allocator.allocate(payload.num_pages)
         if blocks is None:
             return False

@@ -59,6 +59,15 @@ class KVPayload:
         return 0 if self.kv is None else self.kv.numel() * self.kv.element_size()
 
 
+class KVTransferError(RuntimeError):
+    """A payload's KV did not arrive (its copy failed on the device). The transport has given its room back; the
+    receiver ends `state`'s request (nobody else holds it)."""
+
+    def __init__(self, state: RequestState, cause: BaseException) -> None:
+        super().__init__(f"the KV of {state.request_id} did not arrive: {cause}")
+        self.state = state
+
+
 class KVTransport(ABC):
     """A one-way channel of `KVPayload`s from the prefill engine to the decode engine."""
 
@@ -68,7 +77,8 @@ class KVTransport(ABC):
 
     @abstractmethod
     def receive(self, timeout: float) -> KVPayload | None:
-        """The next payload, or None if none arrived within `timeout` seconds."""
+        """The next payload, or None if none arrived within `timeout` seconds. Raises KVTransferError for one
+        whose KV did not arrive."""
 
     @property
     @abstractmethod
@@ -158,7 +168,11 @@ class DeviceTransport(KVTransport):
         except queue.Empty:
             return None
         if done is not None:
-            done.synchronize()  # the copy is complete: any stream may read it, and the source may go
+            try:
+                done.synchronize()  # the copy is complete: any stream may read it, and the source may go
+            except Exception as e:
+                self._give_back_room(payload.nbytes)  # the receiver never gets it, so never releases it
+                raise KVTransferError(payload.state, e) from e
         return payload
 
     def _take_room(self, nbytes: int) -> None:
