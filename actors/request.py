@@ -70,6 +70,8 @@ class StructuredOutputsParams:
                 schema = json.loads(self.json)
             except json.JSONDecodeError as e:
                 raise SamplingParamsError(f"structured_outputs json is not valid JSON: {e}") from None
+            except RecursionError:
+                raise SamplingParamsError("structured_outputs json is nested too deeply") from None
             if not isinstance(schema, (dict, bool)):
                 raise SamplingParamsError("structured_outputs json must be a JSON schema (an object)")
         if self.choice is not None and not (self.choice and all(isinstance(c, str) and c for c in self.choice)):

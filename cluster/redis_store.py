@@ -25,7 +25,8 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +36,15 @@ from redis.exceptions import RedisError
 log = logging.getLogger(__name__)
 
 REDIS_ERRORS: tuple[type[BaseException], ...] = (RedisError, OSError, asyncio.TimeoutError)
+
+
+@contextmanager
+def redis_reachable() -> Iterator[None]:
+    """For the CLI: a Redis it cannot reach is a usage error (ValueError, exit 2) naming where the URL came from."""
+    try:
+        yield
+    except REDIS_ERRORS as e:  # a wrong --redis / SEMIPD_REDIS_URL, or Redis is down
+        raise ValueError(f"cannot reach Redis ({type(e).__name__}: {e}); check --redis or SEMIPD_REDIS_URL") from None
 
 _RENEW = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -108,6 +118,13 @@ class RedisStore:
         self.timeout_s = timeout_s
         self._client: aioredis.Redis | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._warned: dict[str, str] = {}  # Redis key -> the last problem logged for it
+
+    def _warn_once(self, key: str, problem: str) -> None:
+        """Log `problem` with `key` unless it is what was logged for that key last (callers poll every tick)."""
+        if self._warned.get(key) != problem:
+            self._warned[key] = problem
+            log.warning("%s: %s; skipped", key, problem)
 
     @property
     def client(self) -> aioredis.Redis:
@@ -134,16 +151,23 @@ class RedisStore:
         await self.client.set(self.keys.view(engine_id), json.dumps(view), px=ttl_ms)
 
     async def read_views(self) -> dict[str, dict[str, Any]]:
-        """All live engine views, by engine id."""
+        """All live engine views, by engine id. A value that is not a JSON object with a string `engine_id` is
+        skipped (and logged), so that one bad key cannot hide every other engine."""
         names = sorted([k async for k in self.client.scan_iter(match=self.keys.view_pattern, count=200)])
         if not names:
             return {}
         values = await self.client.mget(names)
         out = {}
-        for v in values:
-            if v is not None:
-                d = json.loads(v)
-                out[d["engine_id"]] = d
+        for name, v in zip(names, values):
+            if v is None:
+                continue
+            d, problem = _json_object(v)
+            if d is not None and not isinstance(d.get("engine_id"), str):
+                d, problem = None, "no engine_id"
+            if d is None:
+                self._warn_once(name, f"not an engine view ({problem})")
+                continue
+            out[d["engine_id"]] = d
         return out
 
     async def publish_view_and_model(self, engine_id: str, view: dict[str, Any], model: dict[str, Any] | None,
@@ -157,12 +181,24 @@ class RedisStore:
             pipe.set(self.keys.model(engine_id), json.dumps(model), px=ttl_ms)
             await pipe.execute()
 
-    async def read_models(self, engine_ids: list[str]) -> dict[str, dict[str, Any]]:
-        """The latency models (JSON dicts) published by `engine_ids`; engines without one are absent."""
+    async def read_models(self, engine_ids: list[str], unreadable: dict[str, str] | None = None
+                          ) -> dict[str, dict[str, Any]]:
+        """The latency models (JSON dicts) published by `engine_ids`; engines without one are absent, and so are
+        those whose value is not a JSON object (the reason goes into `unreadable`, by engine id, when given)."""
         if not engine_ids:
             return {}
         values = await self.client.mget([self.keys.model(e) for e in engine_ids])
-        return {e: json.loads(v) for e, v in zip(engine_ids, values) if v is not None}
+        out = {}
+        for e, v in zip(engine_ids, values):
+            if v is None:
+                continue
+            d, problem = _json_object(v)
+            if d is None:
+                if unreadable is not None:
+                    unreadable[e] = problem
+                continue
+            out[e] = d
+        return out
 
     # -- desired splits and decisions ------------------------------------------------
 
@@ -185,8 +221,15 @@ class RedisStore:
     # -- operator pins ---------------------------------------------------------------
 
     async def pins(self) -> dict[str, int]:
-        """Prefill SM counts pinned by the operator, by engine id ("*": every engine)."""
-        return {k: int(v) for k, v in (await self.client.hgetall(self.keys.pins)).items()}
+        """Prefill SM counts pinned by the operator, by engine id ("*": every engine); a value that is not an
+        integer (written by hand) is skipped and logged."""
+        out = {}
+        for k, v in (await self.client.hgetall(self.keys.pins)).items():
+            try:
+                out[k] = int(v)
+            except ValueError:
+                self._warn_once(f"{self.keys.pins}[{k}]", f"pin {v!r} is not an SM count")
+        return out
 
     async def set_pin(self, target: str, prefill_sms: int | None) -> None:
         """Pin `target` (an engine id or "*") to `prefill_sms`; None removes the pin."""
@@ -219,6 +262,17 @@ class RedisStore:
     async def controller_status(self) -> dict[str, Any] | None:
         v = await self.client.get(self.keys.controller)
         return json.loads(v) if v else None
+
+
+def _json_object(text: str) -> tuple[dict[str, Any] | None, str]:
+    """(`text` parsed as a JSON object, "") or (None, why it is not one)."""
+    try:
+        d = json.loads(text)
+    except ValueError as e:
+        return None, f"invalid JSON: {e}"
+    if not isinstance(d, dict):
+        return None, f"JSON {type(d).__name__}, not an object"
+    return d, ""
 
 
 class Backoff:

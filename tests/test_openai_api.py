@@ -520,6 +520,8 @@ BAD_REQUESTS: list[tuple[str, str, bytes, int, str]] = [
                  "tools": [{"type": "function", "function": {"name": "f"}}],
                  "tool_choice": {"type": "function", "function": "f"}}).encode(), 400, "tool_choice"),
     ("invalid-utf8", "/v1/completions", b'{"model": "tiny", "prompt": "\xff\xfe\xfa"}', 400, "not valid UTF-8"),
+    ("nested-too-deeply", "/v1/completions", b'{"model": "tiny", "prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+     400, "nested too deeply"),  # once a RecursionError (500)
     ("body-too-large", "/v1/completions", b'{"prompt": "' + b"a" * (10 * 1000 * 1000) + b'"}', 413,
      "larger than the limit"),
 ]

@@ -244,7 +244,7 @@ class DecodeOnlyEngine(_MarksAborts):
             payload = self.transport.receive(timeout)
         except KVTransferError as e:
             self._emit_end(e.state.request_id, e.state.num_prompt_tokens, FinishReason.ERROR,
-                           f"KV transfer failed: {e.__cause__}")
+                           f"KV transfer failed: {e.cause}")
             raise
         if payload is not None:
             self.transfer_times.observe(time.monotonic() - payload.sent_at)

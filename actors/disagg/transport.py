@@ -66,6 +66,10 @@ class KVTransferError(RuntimeError):
     def __init__(self, state: RequestState, cause: BaseException) -> None:
         super().__init__(f"the KV of {state.request_id} did not arrive: {cause}")
         self.state = state
+        self.cause = cause
+
+    def __reduce__(self) -> tuple[type[KVTransferError], tuple[RequestState, BaseException]]:
+        return type(self), (self.state, self.cause)
 
 
 class KVTransport(ABC):

@@ -74,9 +74,19 @@ def run(args: argparse.Namespace) -> int:
         ignore_eos=args.ignore_eos, structured_outputs=structured_outputs(args),
     )
     if args.grpc:
-        from cluster.grpc_client import generate_once
+        import grpc
 
-        result = generate_once(args.grpc, args.prompt, params)
+        from cluster.grpc_client import GrpcCallError, generate_once
+
+        try:
+            result = generate_once(args.grpc, args.prompt, params)
+        except GrpcCallError as e:
+            if isinstance(e, ValueError):  # INVALID_ARGUMENT: the CLI's usual exit 2
+                raise
+            if e.code == grpc.StatusCode.UNAVAILABLE:  # a wrong --grpc address, or a server going down
+                raise ValueError(f"the gRPC server at {args.grpc} is unavailable: {e}") from None
+            print(f"semipd generate: error: the gRPC server at {args.grpc} failed the request: {e}", file=sys.stderr)
+            return 1
     else:
         from actors.engine.frontend import LLM
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from actors.models.make_model import PRESETS, make_model
+from cluster.commands.files import check_device
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -20,7 +21,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    out = make_model(args.preset, args.out, seed=args.seed, device=args.device, dtype=args.dtype,
-                     weights=not args.no_weights)
+    check_device(args.device)
+    try:
+        out = make_model(args.preset, args.out, seed=args.seed, device=args.device, dtype=args.dtype,
+                         weights=not args.no_weights)
+    except OSError as e:  # --out is a file, not writable, on a full disk, ...
+        raise ValueError(f"cannot write the checkpoint to {args.out}: {e}") from None
     print(f"wrote {args.preset} checkpoint to {out}")
     return 0

@@ -45,7 +45,8 @@ def engines_off_pin(views: Mapping[str, Mapping[str, Any]], pins: Mapping[str, i
                     prefill_sm_fraction: tuple[float, float] = (0.0, 1.0)) -> list[str]:
     """Pinned engines not yet settled on the split nearest their pin among those the controller may set
     (`prefill_sm_fraction`, as it bounds them): either running another split, or with a last decision
-    (`pending`) for another one still to take. Draining engines are left out, as the controller leaves them."""
+    (`pending`) for another one still to take. Draining engines are left out, as the controller leaves them; one
+    whose view is malformed is off (the controller skips it: it never settles)."""
     from cluster.controller import bounded_view, view_from_dict
 
     off = []
@@ -53,7 +54,11 @@ def engines_off_pin(views: Mapping[str, Mapping[str, Any]], pins: Mapping[str, i
         pin = pins.get(eid, pins.get("*"))
         if pin is None or published.get("draining"):
             continue
-        view = bounded_view(view_from_dict(published), prefill_sm_fraction)
+        try:
+            view = bounded_view(view_from_dict(published), prefill_sm_fraction)
+        except ValueError:
+            off.append(eid)
+            continue
         target = nearest_split(view.splits, pin)
         last = pending.get(eid)
         if view.prefill_sms != target or (last is not None and int(last["prefill_sms"]) != target):
@@ -111,8 +116,11 @@ def run(args: argparse.Namespace) -> int:
     url = args.redis or env_defaults().get("redis_url")
     if not url:
         raise ValueError("give --redis URL (or set SEMIPD_REDIS_URL)")
-    pins, not_applied = asyncio.run(_set_pin(url, args.cluster_name, args.engine,
-                                             None if args.clear else args.prefill_sms, args.wait))
+    from cluster.redis_store import redis_reachable
+
+    with redis_reachable():
+        pins, not_applied = asyncio.run(_set_pin(url, args.cluster_name, args.engine,
+                                                 None if args.clear else args.prefill_sms, args.wait))
     print("pins: " + (", ".join(f"{k}={v}" for k, v in sorted(pins.items())) or "none"))
     if not_applied is not None:
         print(f"semipd pin: {not_applied}", file=sys.stderr)

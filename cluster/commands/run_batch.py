@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from cluster.commands.files import check_device
 from cluster.commands.serve import add_output_parser_flags
 
 log = logging.getLogger(__name__)
@@ -196,6 +197,7 @@ def _check_paths(args: argparse.Namespace) -> None:
             raise ValueError("the output file is the input file")
     if args.max_concurrency is not None and args.max_concurrency < 1:
         raise ValueError(f"--max-concurrency must be >= 1, got {args.max_concurrency}")
+    check_device(args.device)
 
 
 def engine_config(args: argparse.Namespace) -> Any:

@@ -134,6 +134,15 @@ def cluster_config(args: argparse.Namespace, redis_url: str | None) -> Any:
     )
 
 
+def check_ports(args: argparse.Namespace) -> None:
+    """ValueError (exit 2) for ports that could only fail to bind once Ray and the engines are up."""
+    for flag, port in (("--http-port", args.http_port), ("--grpc-port", args.grpc_port)):
+        if not 0 <= port <= 65535:
+            raise ValueError(f"{flag} must be in [0, 65535] (0: off), got {port}")
+    if args.http_port and args.http_port == args.grpc_port:
+        raise ValueError(f"--http-port and --grpc-port must differ, both are {args.http_port}")
+
+
 def serve_app_args(args: argparse.Namespace, redis_url: str | None, grpc_port: int | None) -> dict[str, Any]:
     """Application arguments for `cluster.serve_app.build_app` (its ServeArgs)."""
     from cluster.bootstrap import API_KEY_ENV
@@ -188,6 +197,7 @@ def run(args: argparse.Namespace) -> int:
     redis_url = args.redis or env_defaults().get("redis_url")
     args.api_key = args.api_key or env_defaults().get("api_key")
     cluster_config(args, None)  # flags are checked before anything starts
+    check_ports(args)
     app_module = _optional_module("cluster.serve_app") if args.http_port else None
     if app_module is not None:
         app_module.ServeArgs(**serve_app_args(args, None, args.grpc_port))  # a pydantic ValidationError is a ValueError

@@ -162,7 +162,10 @@ def run(args: argparse.Namespace) -> int:
     env = env_defaults()
     redis_url = args.redis or (None if args.address else env.get("redis_url"))
     if redis_url:
-        report = asyncio.run(_from_redis(redis_url, args.cluster_name, args.decisions))
+        from cluster.redis_store import redis_reachable
+
+        with redis_reachable():
+            report = asyncio.run(_from_redis(redis_url, args.cluster_name, args.decisions))
     else:
         args.address = args.address or env.get("ray_address")
         if not args.address:

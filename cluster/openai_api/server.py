@@ -143,6 +143,8 @@ class OpenAIServer:
             return json.loads(text)
         except json.JSONDecodeError as e:
             raise APIError(400, f"malformed JSON in the request body: {e}") from None
+        except RecursionError:
+            raise APIError(400, "the request body's JSON is nested too deeply") from None
 
     @staticmethod
     def request_id(request: Request) -> str:
