@@ -3,7 +3,9 @@
 Loop (every `interval_s`):
 1. take or renew the Redis lease (`RedisStore.acquire_or_renew`); a follower waits and
    takes over only when the lease expires;
-2. read all live engine views (engines publish them with an expiry);
+2. read all live engine views (engines publish them with an expiry; a malformed one is skipped and logged),
+   timed by this controller's own monotonic clock for the policy (an engine's clock may be skewed, or step
+   back when it restarts elsewhere);
 3. ask the split policy for each engine (a `SplitPolicy` picked by name; a policy
    with `decide_all(views, targets)` sees the whole cluster at once). The "model"
    policy (`ModelPolicy`) decides with the latency model each engine published next to
@@ -27,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
+import math
 import os
 import socket
 import time
@@ -111,25 +114,48 @@ class ControllerConfig:
 
 
 def view_from_dict(d: Mapping[str, Any]) -> EngineView:
-    """The policy's view of an engine from what the engine published."""
-    s = d.get("stats", {})
-    return EngineView(
-        engine_id=d["engine_id"], prefill_sms=int(s["prefill_sms"]), total_sms=int(s["total_sms"]),
-        splits=tuple(int(x) for x in s.get("splits", ())) or (int(s["prefill_sms"]),),
-        waiting_prefill_tokens=int(s.get("waiting_prefill_tokens", 0)), num_decoding=int(s.get("num_decoding", 0)),
-        decode_context_tokens=int(s.get("decode_context_tokens", 0)),
-        ttft_ms=tuple(float(x) for x in d.get("ttft_ms", ())), tpot_ms=tuple(float(x) for x in d.get("tpot_ms", ())),
-        time=float(d.get("time", 0.0)),
-        num_prefill_requests=int(s.get("num_waiting", 0)) + int(s.get("num_prefilling", 0)),
-        arrival_tokens_per_s=float(s.get("arrival_tokens_per_s", 0.0)),
-        mean_prompt_tokens=float(s.get("arrival_mean_prompt_tokens", 0.0)),
-        mean_output_tokens=float(s.get("mean_output_tokens", 0.0)),
-        mean_max_tokens=float(s.get("arrival_mean_max_tokens", 0.0)),
-        decode_step_ms=float(s.get("recent_decode_step_ms", 0.0)),
-        decode_pace_ms=float(s.get("decode_pace_ms", 0.0)),
-        prefill_iteration_ms=float(s.get("recent_prefill_ms", 0.0)),
-        prefill_iteration_tokens=float(s.get("recent_prefill_tokens", 0.0)),
-    )
+    """The policy's view of an engine from what the engine published.
+
+    Non-finite latency samples are dropped and a non-finite (or null) optional number reads as 0, its "unknown",
+    so that no NaN reaches a policy as a signal. ValueError when the view is malformed (no engine id, split or
+    SM count, or one that is not a finite number)."""
+    try:
+        s = d.get("stats") or {}
+        prefill_sms, total_sms = int(s["prefill_sms"]), int(s["total_sms"])
+        return EngineView(
+            engine_id=str(d["engine_id"]), prefill_sms=prefill_sms, total_sms=total_sms,
+            splits=tuple(int(x) for x in s.get("splits") or ()) or (prefill_sms,),
+            waiting_prefill_tokens=_count(s, "waiting_prefill_tokens"), num_decoding=_count(s, "num_decoding"),
+            decode_context_tokens=_count(s, "decode_context_tokens"),
+            ttft_ms=_samples(d.get("ttft_ms")), tpot_ms=_samples(d.get("tpot_ms")),
+            time=_number(d, "time"),
+            num_prefill_requests=_count(s, "num_waiting") + _count(s, "num_prefilling"),
+            arrival_tokens_per_s=_number(s, "arrival_tokens_per_s"),
+            mean_prompt_tokens=_number(s, "arrival_mean_prompt_tokens"),
+            mean_output_tokens=_number(s, "mean_output_tokens"),
+            mean_max_tokens=_number(s, "arrival_mean_max_tokens"),
+            decode_step_ms=_number(s, "recent_decode_step_ms"),
+            decode_pace_ms=_number(s, "decode_pace_ms"),
+            prefill_iteration_ms=_number(s, "recent_prefill_ms"),
+            prefill_iteration_tokens=_number(s, "recent_prefill_tokens"),
+        )
+    except (KeyError, TypeError, AttributeError, ArithmeticError) as e:
+        raise ValueError(f"malformed view: {type(e).__name__}: {e}") from e
+
+
+def _number(d: Mapping[str, Any], key: str) -> float:
+    """`d[key]` as a float; 0.0 (unknown) when absent, null or not finite."""
+    x = float(d.get(key) or 0.0)
+    return x if math.isfinite(x) else 0.0
+
+
+def _count(d: Mapping[str, Any], key: str) -> int:
+    return int(_number(d, key))
+
+
+def _samples(xs: Any) -> tuple[float, ...]:
+    """Latency samples as floats, without the non-finite ones."""
+    return tuple(x for x in (float(v) for v in xs or ()) if math.isfinite(x))
 
 
 def check_prefill_sm_fraction(fraction: tuple[float, float]) -> None:
@@ -187,11 +213,18 @@ def hold_reason(view: EngineView, proposed: int, now: float, last_change: float 
 
 
 def decide_all(policy: SplitPolicy, views: list[EngineView], targets: SLOTargets) -> dict[str, SplitDecision]:
-    """Each engine's decision: the policy's `decide_all` if it has one, else `decide` per engine."""
+    """Each engine's decision: the policy's `decide_all` if it has one, else `decide` per engine; an engine
+    whose `decide` raises keeps its split (the reason says why), so it cannot stop the others' decisions."""
     whole = getattr(policy, "decide_all", None)
     if callable(whole):
         return dict(whole(views, targets))
-    return {v.engine_id: policy.decide(v, targets) for v in views}
+    out = {}
+    for v in views:
+        try:
+            out[v.engine_id] = policy.decide(v, targets)
+        except Exception as e:  # a policy bug or bad data for one engine
+            out[v.engine_id] = SplitDecision(v.prefill_sms, f"policy failed ({type(e).__name__}: {e})")
+    return out
 
 
 def models_from_published(published: Mapping[str, Mapping[str, Any]]) -> tuple[dict[str, LatencyModel], dict[str, str]]:
@@ -201,7 +234,7 @@ def models_from_published(published: Mapping[str, Mapping[str, Any]]) -> tuple[d
     for eid, d in published.items():
         try:
             models[eid] = LatencyModel.from_dict(dict(d))
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, ArithmeticError) as e:  # ArithmeticError: int(Infinity)
             bad[eid] = f"{type(e).__name__}: {e}"
     return models, bad
 
@@ -209,15 +242,20 @@ def models_from_published(published: Mapping[str, Mapping[str, Any]]) -> tuple[d
 def decide_with_models(policy: ModelPolicy, fallback: SplitPolicy, views: list[EngineView], targets: SLOTargets,
                        unreadable: Mapping[str, str] | None = None) -> dict[str, SplitDecision]:
     """Each engine's decision: `policy` where it has a model for the engine (its own or a "*"
-    default), else `fallback` with the reason saying why (`unreadable`: engine -> error)."""
+    default), else `fallback` with the reason saying why (`unreadable`: engine -> error); `fallback` too
+    where `policy` raises for the engine (a model it cannot evaluate must not stop the other engines)."""
     out: dict[str, SplitDecision] = {}
     for v in views:
+        failed = None
         if v.engine_id in policy.models or "*" in policy.models:
-            out[v.engine_id] = policy.decide(v, targets)
-            continue
+            try:
+                out[v.engine_id] = policy.decide(v, targets)
+                continue
+            except Exception as e:
+                failed = f"model policy failed ({type(e).__name__}: {e})"
         d = fallback.decide(v, targets)
-        why = f"latency model unreadable ({unreadable[v.engine_id]})" if unreadable and v.engine_id in unreadable \
-            else NO_MODEL
+        why = failed or (f"latency model unreadable ({unreadable[v.engine_id]})"
+                         if unreadable and v.engine_id in unreadable else NO_MODEL)
         out[v.engine_id] = SplitDecision(d.prefill_sms, f"reactive fallback, {why}: {d.reason}",
                                          {**d.predicted, "model_fallback": 1.0})
     return out
@@ -246,6 +284,8 @@ class Controller:
         self.decisions_written = 0
         self._last_change: dict[str, float] = {}
         self._last_hold: dict[str, tuple[int, str]] = {}  # engine -> (split the policy wants, why it waits)
+        self._pending_seen: dict[str, tuple[str, float]] = {}  # engine -> (its split record's id, first read at)
+        self._bad_views: dict[str, str] = {}  # engine -> why its view was last skipped
         # the model policy: the models it was built with (e.g. a "*" default) under the published ones
         self._base_models = dict(self.policy.models) if isinstance(self.policy, ModelPolicy) else {}
         self._fallback = make_policy("reactive")
@@ -270,15 +310,13 @@ class Controller:
             return []
         now = time.time()
         await self.store.set_controller_status(self._status_record(now), int(self.cfg.lease_s * 1000))
-        raw = await self.store.read_views()
-        views = [bounded_view(view_from_dict(d), self.cfg.prefill_sm_fraction)
-                 for d in raw.values() if not d.get("draining")]
+        views = self._views(await self.store.read_views(), time.monotonic())
         pinned = pinned_decisions(views, await self.store.pins())
         decisions = {**(await self._decide([v for v in views if v.engine_id not in pinned])), **pinned}
         written = []
         for eid, decision in sorted(decisions.items()):
             view = next(v for v in views if v.engine_id == eid)
-            pending = await self.store.get_split(eid)
+            pending = self._trusted_time(eid, await self.store.get_split(eid), now)
             last = max(self._last_change.get(eid, 0.0), float(pending["time"]) if pending else 0.0) or None
             why_not = hold_reason(view, decision.prefill_sms, now, last, pending, self.cfg, eid in pinned,
                                   decision.urgent)
@@ -299,6 +337,36 @@ class Controller:
             log.info("controller %s: %s %d -> %d SMs (%s)", self.id, eid, view.prefill_sms,
                      decision.prefill_sms, decision.reason)
         return written
+
+    def _views(self, raw: Mapping[str, Mapping[str, Any]], clock: float) -> list[EngineView]:
+        """The views of the engines not draining, within the prefill bounds, timed at `clock` (this controller's
+        monotonic time: the policy's state about an engine spans its views, which another clock may have stamped);
+        a malformed one is skipped, and logged once per problem."""
+        views = []
+        for eid, d in raw.items():
+            if d.get("draining"):
+                continue
+            try:
+                view = view_from_dict(d)
+            except ValueError as e:
+                if self._bad_views.get(eid) != str(e):
+                    log.warning("controller %s: view of %s skipped: %s", self.id, eid, e)
+                self._bad_views[eid] = str(e)
+                continue
+            self._bad_views.pop(eid, None)
+            views.append(replace(bounded_view(view, self.cfg.prefill_sm_fraction), time=clock))
+        return views
+
+    def _trusted_time(self, eid: str, pending: dict[str, Any] | None, now: float) -> dict[str, Any] | None:
+        """`pending` (`eid`'s split record) dated no later than when this controller first read it: a former
+        leader whose clock ran ahead would otherwise hold the engine (dwell, apply timeout) for the skew."""
+        if pending is None:
+            return None
+        rid = str(pending.get("id"))
+        seen = self._pending_seen.get(eid)
+        if seen is None or seen[0] != rid:
+            seen = self._pending_seen[eid] = (rid, now)
+        return {**pending, "time": min(float(pending.get("time", 0.0)), seen[1])}
 
     def _log_hold(self, view: EngineView, decision: SplitDecision, why_not: str) -> None:
         """Log a decision held back, once per change of the split wanted or of the kind of wait."""
@@ -322,8 +390,10 @@ class Controller:
             return {}
         if not isinstance(self.policy, ModelPolicy):
             return decide_all(self.policy, views, self.cfg.targets)
-        published = await self.store.read_models([v.engine_id for v in views])
+        unreadable: dict[str, str] = {}
+        published = await self.store.read_models([v.engine_id for v in views], unreadable)
         models, bad = models_from_published(published)
+        bad.update(unreadable)
         for eid, err in bad.items():
             log.warning("controller %s: latency model of %s unreadable (%s); reactive rule for it", self.id, eid, err)
         self.policy.models = {**self._base_models, **models}

@@ -123,10 +123,10 @@ class PhaseModel:
             raise ValueError(f"coef must be 3 non-negative finite numbers, got {self.coef}")
         if self.kind == "compute" and not 0.0 <= self.scale <= 1.0:
             raise ValueError(f"compute scale (Amdahl r) must be in [0, 1], got {self.scale}")
-        if self.kind == "bandwidth" and self.scale < 0:
-            raise ValueError(f"bandwidth scale s0 must be >= 0, got {self.scale}")
-        if self.contention < 0:
-            raise ValueError(f"contention must be >= 0, got {self.contention}")
+        if self.kind == "bandwidth" and not (0 <= self.scale < math.inf):
+            raise ValueError(f"bandwidth scale s0 must be finite and >= 0, got {self.scale}")
+        if not 0 <= self.contention < math.inf:
+            raise ValueError(f"contention must be finite and >= 0, got {self.contention}")
         if not math.isfinite(self.contention_slope):
             raise ValueError(f"contention_slope must be finite, got {self.contention_slope}")
 

@@ -119,7 +119,7 @@ class ReactivePolicy:
         tpot = percentile(view.tpot_ms, 90)
         ttft_ratio = ttft / targets.ttft_ms if ttft == ttft else 0.0
         tpot_ratio = tpot / targets.tpot_ms if tpot == tpot else 0.0
-        i = view.splits.index(view.prefill_sms) if view.prefill_sms in view.splits else len(view.splits) // 2
+        i = view.splits.index(nearest_split(view.splits, view.prefill_sms))  # off the set (bounds): from the nearest
         if ttft_ratio > 1.0 and ttft_ratio >= tpot_ratio:
             i, why = min(len(view.splits) - 1, i + self.step), f"P90 TTFT {ttft:.0f} ms over {targets.ttft_ms:.0f}"
         elif tpot_ratio > 1.0:
