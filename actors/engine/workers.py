@@ -459,7 +459,7 @@ class Worker:
                 continue
             reason = req.resolve_pending(slot, tok) or req.abort_requested
             if reason is None:
-                self.decode.kv.publish(req)
+                self.decode.kv.publish(req, slot)  # the KV this step wrote; the step queued after it still writes
             else:
                 req.finish_reason = reason
                 if req in still_queued:

@@ -7,7 +7,7 @@ computed full pages to the prefix cache, and to take everything back.
 from __future__ import annotations
 
 from actors.kv.allocator import BlockAllocator, page_hashes
-from actors.request import Request
+from actors.request import PENDING_TOKEN, Request
 
 
 def pages_for(num_tokens: int, page_size: int) -> int:
@@ -57,13 +57,26 @@ class KVManager:
         req.block_ids.extend(new)
         return min(have + take * self.page_size, num_tokens)
 
-    def publish(self, req: Request) -> None:
-        """Offer the request's computed full pages to the prefix cache."""
+    def publish(self, req: Request, num_tokens: int | None = None) -> None:
+        """Offer the full pages among the request's first `num_tokens` computed tokens (default: all) to the
+        prefix cache.
+
+        A published page may be matched at once, and read by the other worker's stream: only pages whose KV is
+        written, or will be before any iteration that can match them runs, may be offered. A prefill iteration
+        publishes at launch (matches are read by later iterations of the same stream); an overlapped decode step
+        once it finished, up to the tokens it wrote, not up to `num_computed_tokens`, which counts the step
+        queued after it.
+        """
         if not self.allocator.enable_prefix_caching:
             return
-        full = req.num_computed_tokens // self.page_size
+        if num_tokens is None:
+            num_tokens = req.num_computed_tokens
+        assert 0 <= num_tokens <= req.num_computed_tokens, f"publish {num_tokens} of {req.num_computed_tokens} tokens"
+        full = num_tokens // self.page_size
         if full <= req.num_published_pages:
             return
+        assert PENDING_TOKEN not in req.token_ids[req.num_published_pages * self.page_size : full * self.page_size], \
+            "publish of a page whose tokens are not all known"
         req.page_hashes = page_hashes(req.token_ids[: full * self.page_size], self.page_size, req.page_hashes[:full],
                                       req.params.cache_salt)
         for i in range(req.num_published_pages, full):

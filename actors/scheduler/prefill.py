@@ -71,10 +71,16 @@ class PrefillScheduler:
 
     def take_aborted(self, running: bool = True) -> list[Request]:
         """Remove requests whose abort was asked; pages of running ones are released. Not `running`: only waiting
-        ones (no pages), while a queued iteration may still write the running ones' pages."""
+        ones (no pages), while a queued iteration may still write the running ones' pages.
+
+        Each request's flag is read once: another thread may abort it at any moment, and a request taken out of
+        `waiting` but not returned would never be finished."""
+        gone: list[Request] = []
         with self._lock:
-            gone = [r for r in self._waiting if r.abort_requested]
-            self._waiting = [r for r in self._waiting if not r.abort_requested]
+            keep: list[Request] = []
+            for r in self._waiting:
+                (gone if r.abort_requested else keep).append(r)
+            self._waiting = keep
         for r in [r for r in self.running if r.abort_requested and running]:
             self.running.remove(r)
             self.kv.release(r)
@@ -119,19 +125,22 @@ class PrefillScheduler:
         return chunks, reqs, budget
 
     def _admit_next(self) -> Request | None:
-        """Move the first waiting request (in `order`) to running if a page is free for it."""
+        """Move the first waiting request (in `order`) to running if a page is free for it.
+
+        Its first fresh page must leave `decode_reserve_pages` free. Its prefix-cache hits do not count: they are
+        pages it would otherwise recompute into fresh ones, so counting them would refuse a request because its
+        prefix is cached (for good on an engine where nothing else frees pages).
+        """
         with self._lock:
             if not self._waiting:
                 return None
             self._waiting.sort(key=self.order)
             req = self._waiting[0]
-            if req.abort_requested:
+            if req.abort_requested or self.kv.num_free_pages - 1 < self.decode_reserve_pages:
                 return None
             self.kv.match_prefix(req)
-            need = pages_for(req.num_computed_tokens + 1, self.kv.page_size) - len(req.block_ids)
-            if self.kv.num_free_pages - need < self.decode_reserve_pages:
-                self.kv.release(req)
-                return None
+            assert pages_for(req.num_computed_tokens + 1, self.kv.page_size) == len(req.block_ids) + 1, \
+                "prefix hits leave the first uncomputed token's page to allocate"
             self._waiting.pop(0)
         if req.num_preemptions == 0:
             req.num_cached_tokens = req.num_computed_tokens
