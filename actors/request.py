@@ -22,6 +22,9 @@ if TYPE_CHECKING:
     from actors.structured import Grammar
 
 
+MIN_TEMPERATURE = 1e-2  # a smaller positive temperature is raised to this (vLLM's _MAX_TEMP): logits / 1e-40 overflow
+
+
 class SamplingParamsError(ValueError):
     """An invalid sampling parameter; the message names it (HTTP 400, CLI exit 2)."""
 
@@ -86,7 +89,8 @@ class StructuredOutputsParams:
 class SamplingParams:
     """How to pick each next token and when to stop (vLLM/OpenAI semantics).
 
-    temperature 0 means greedy. top_k 0 (or -1) and top_p 1 disable those filters.
+    temperature 0 means greedy; one in (0, 0.01) is raised to 0.01, as vLLM does. top_k 0 (or -1) and top_p 1
+    disable those filters. seed -1 means no seed (vLLM's).
     `logprobs`: None for none, n >= 0 for the chosen token's logprob plus the top n.
     `cache_salt` (vLLM's request field, carried here with the other per-request options):
     the request's prompt pages are cached under this salt, so only requests with the same
@@ -140,6 +144,10 @@ class SamplingParams:
         object.__setattr__(self, "logit_bias", tuple((t, b) for t, b in bias))
         if self.top_k == -1:
             object.__setattr__(self, "top_k", 0)
+        if self.seed == -1:  # vLLM's "no seed"
+            object.__setattr__(self, "seed", None)
+        if _finite(self.temperature) and 0.0 < self.temperature < MIN_TEMPERATURE:
+            object.__setattr__(self, "temperature", MIN_TEMPERATURE)
         self._check(self.max_tokens >= 1, "max_tokens", "must be at least 1")
         self._check(0 <= self.min_tokens <= self.max_tokens, "min_tokens", "must be in [0, max_tokens]")
         self._check(_finite(self.temperature) and 0.0 <= self.temperature <= 2.0, "temperature", "must be in [0, 2]")

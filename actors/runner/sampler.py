@@ -1,14 +1,15 @@
 """Token sampling for a batch of requests with mixed parameters, on the logits' device.
 
-Order (as vLLM): logprobs of the raw distribution; penalties; logit bias; allowed tokens; the grammar's mask
-(structured outputs); min_tokens masking;
-then greedy rows take the argmax, the others temperature, top-k, top-p and min-p,
+Order (as vLLM): logprobs of the raw distribution; logit bias; allowed tokens; the grammar's mask
+(structured outputs); min_tokens masking; penalties (on the biased logits);
+then greedy rows take the argmax, the others temperature, min-p, then top-k and top-p,
 and draw with an exponential race (argmax p/q, q ~ Exp(1)), from the request's own
 generator when it has a seed, so a seeded request's tokens do not depend on its batch.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -22,7 +23,7 @@ from actors.structured import fill_bitmasks, mask_logits
 @dataclass(frozen=True)
 class TokenLogprobs:
     """Logprob of the chosen (or, for a prompt, the given) token and the `top` most likely ones (id, logprob);
-    `rank`: 1 + how many tokens were more likely (prompt tokens only)."""
+    `rank`: 1 + how many tokens were more likely (tokens tied with it do not count)."""
 
     token_id: int
     logprob: float
@@ -99,19 +100,21 @@ class Drawn:
         ids = self._host[0].tolist()
         if len(self._host) == 1:
             return SampleResult(ids, [None] * len(ids))
-        chosen, top_vals, top_ids = (t.tolist() for t in self._host[1:])
+        chosen, ranks, top_vals, top_ids = (t.tolist() for t in self._host[1:])
         return SampleResult(ids, [None if w is None else TokenLogprobs(ids[i], chosen[i],
-                                                                       tuple(zip(top_ids[i][:w], top_vals[i][:w])))
+                                                                       tuple(zip(top_ids[i][:w], top_vals[i][:w])),
+                                                                       ranks[i])
                                   for i, w in enumerate(self._want)])
 
 
 def _logprob_parts(raw: torch.Tensor, token_ids: torch.Tensor, want: list[int | None]) -> list[torch.Tensor]:
-    """On the device: the chosen tokens' logprobs [N] and the top k [N, k] (values, ids) of `raw` [N, V], k the
-    most any request asks for."""
+    """On the device: the chosen tokens' logprobs [N] and ranks [N] (as `score_tokens`'), and the top k [N, k]
+    (values, ids) of `raw` [N, V], k the most any request asks for."""
     k = max(w for w in want if w is not None)
-    chosen = raw.gather(1, token_ids[:, None]).squeeze(1)
+    chosen = raw.gather(1, token_ids[:, None])  # [N, 1]
+    ranks = (raw > chosen).sum(dim=-1) + 1  # [N]
     top_vals, top_ids = raw.topk(k, dim=-1) if k else (raw[:, :0], raw[:, :0].long())
-    return [chosen, top_vals, top_ids]
+    return [chosen.squeeze(1), ranks, top_vals, top_ids]
 
 
 class Sampler:
@@ -134,8 +137,6 @@ class Sampler:
                    and not r.params.logit_bias and r.params.allowed_token_ids is None for r in reqs):
             logits = logits.float()
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(r.params.logprobs is not None for r in reqs) else None
-        if any(r.params.needs_penalties for r in reqs):
-            logits = self._apply_penalties(logits.clone(), reqs)
         if any(r.params.logit_bias for r in reqs):
             logits = self._add_logit_bias(logits, reqs)
         if any(r.params.allowed_token_ids is not None for r in reqs):
@@ -143,6 +144,8 @@ class Sampler:
         if any(r.grammar_holds for r in reqs):
             logits = self._mask_by_grammar(logits, reqs)
         logits = self._mask_early_stops(logits, reqs)
+        if any(r.params.needs_penalties for r in reqs):  # after the bias, as vLLM (masked -inf logits stay -inf)
+            logits = self._apply_penalties(logits.clone(), reqs)
         if all(r.params.greedy for r in reqs):
             chosen = logits.argmax(dim=-1)
         else:
@@ -242,11 +245,12 @@ class Sampler:
         temp = to_device([r.params.temperature or 1.0 for r in reqs], logits.dtype, dev)
         argmax = logits.argmax(dim=-1)
         logits = logits / temp[:, None]
+        if any(r.params.min_p > 0 for r in reqs):  # before top-k and top-p (whose top-p mass is then of the rest)
+            probs = torch.softmax(logits, dim=-1)  # [N, V]
+            min_p = to_device([r.params.min_p for r in reqs], probs.dtype, dev)
+            logits = logits.masked_fill(probs < min_p[:, None] * probs.max(dim=-1, keepdim=True).values, float("-inf"))
         logits = _top_k_top_p(logits, reqs)
         probs = torch.softmax(logits, dim=-1)
-        if any(r.params.min_p > 0 for r in reqs):
-            min_p = to_device([r.params.min_p for r in reqs], probs.dtype, dev)
-            probs = probs.masked_fill(probs < min_p[:, None] * probs.max(dim=-1, keepdim=True).values, 0.0)
         q = torch.empty_like(probs)
         for i, r in enumerate(reqs):
             q[i].exponential_(generator=r.generator if r.generator is not None else self.generator)
@@ -255,10 +259,12 @@ class Sampler:
 
 
 def _top_k_top_p(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
+    """`logits` [N, V] with the tokens past each row's top-k, then past its top-p mass, at -inf (the first always
+    kept). A row with top_p 1 keeps its tail whatever the batch: the fp32 cumulative mass may round to 1 before it."""
     vocab = logits.shape[1]
     top_k = [r.params.top_k if 0 < r.params.top_k < vocab else vocab for r in reqs]
-    top_p = [r.params.top_p for r in reqs]
-    if all(k == vocab for k in top_k) and all(p >= 1.0 for p in top_p):
+    top_p = [r.params.top_p if r.params.top_p < 1.0 else math.inf for r in reqs]
+    if all(k == vocab for k in top_k) and all(p == math.inf for p in top_p):
         return logits
     dev = logits.device
     sorted_logits, order = logits.sort(dim=-1, descending=True)

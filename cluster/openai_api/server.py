@@ -175,7 +175,7 @@ class OpenAIServer:
         """The engine's parameters for choice `index` of `body` (the seed offset by the index; sampling fields left
         out take the checkpoint's generation defaults); 400 for an invalid one."""
         stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
-        seed = None if body.seed is None else body.seed + index
+        seed = None if body.seed in (None, -1) else body.seed + index  # -1: no seed (vLLM's)
         kwargs: dict[str, Any] = dict(
             max_tokens=max_tokens, min_tokens=body.min_tokens, seed=seed, stop=tuple(stop),
             stop_token_ids=tuple(body.stop_token_ids or ()), ignore_eos=body.ignore_eos, logprobs=logprobs,
