@@ -69,6 +69,10 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return len(self.hf)
 
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.hf.eos_token_id
+
 
 @dataclass(frozen=True)
 class StreamChunk:
@@ -84,6 +88,9 @@ class StreamChunk:
     num_cached_tokens: int = 0
     error: str | None = None
     prompt_logprobs: tuple[TokenLogprobs, ...] = ()  # with the first token, when asked: prompt tokens 1..
+    # vLLM's `stop_reason`, with the finish reason "stop": the stop string matched, or the stop token id that ended
+    # the request (None for the tokenizer's EOS, as in vLLM, where other EOS ids of the checkpoint are stop tokens)
+    stop_reason: str | int | None = None
 
     @property
     def finished(self) -> bool:
@@ -111,6 +118,7 @@ class CompletionOutput:
     num_cached_tokens: int = 0
     error: str | None = None
     prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)  # prompt tokens 1.. (`prompt_logprobs`)
+    stop_reason: str | int | None = None  # as StreamChunk's
 
     def add(self, chunk: StreamChunk) -> None:
         self.token_ids.extend(chunk.token_ids)
@@ -120,6 +128,11 @@ class CompletionOutput:
         self.finish_reason = chunk.finish_reason or self.finish_reason
         self.num_cached_tokens = chunk.num_cached_tokens or self.num_cached_tokens
         self.error = chunk.error or self.error
+        if chunk.stop_reason is not None:
+            self.stop_reason = chunk.stop_reason
+
+
+PROMPT_CONTEXT_TOKENS = 5  # prompt tokens the output is decoded after (vLLM's initial detokenization offset)
 
 
 class OutputStream:
@@ -131,15 +144,28 @@ class OutputStream:
         self.tokenizer = tokenizer
         self.prompt_ids = list(prompt_ids)
         self.num_prompt_tokens = len(prompt_ids)
-        self.ids: list[int] = []  # the output tokens whose text is shown
+        # the last prompt tokens, as the context the output is decoded in (a tokenizer that drops a word's leading
+        # space at the start of a text, as SentencePiece's, keeps the first output word's), then the output tokens
+        # whose text is shown; the context is taken with the first delta (the engine has checked the prompt then)
+        self.ids: list[int] = []
+        self._has_context = not params.detokenize
         self.num_output_tokens = 0
         self._prefix_offset = 0
         self._read_offset = 0
         self.text = ""  # decoded so far (stop string cut applied)
         self._emitted = 0  # chars of `text` already sent
         self._holdback = max((len(s) for s in params.stop), default=1) - 1
+        self._stop_floor = 0  # the text of the first `min_tokens` tokens: no stop string may end within it
+        self.stop_reason: str | int | None = None
         self.done = False
         self.metrics = RequestTimes(arrival=time.monotonic())
+
+    def _prompt_context(self) -> list[int]:
+        """The last PROMPT_CONTEXT_TOKENS prompt tokens, less a tail that decodes to an incomplete character."""
+        context = self.prompt_ids[-PROMPT_CONTEXT_TOKENS:]
+        while context and self.tokenizer.decode(context, self.params.skip_special_tokens).endswith("\ufffd"):
+            context.pop()
+        return context
 
     def _decode_new(self) -> str:
         skip = self.params.skip_special_tokens
@@ -164,24 +190,40 @@ class OutputStream:
         new_ids = delta.new_token_ids
         if new_ids:
             self.metrics.token_times.append(now)
+        if not self._has_context:
+            self.ids = self._prompt_context()
+            self._read_offset = len(self.ids)
+            self._has_context = True
+        count = self.num_output_tokens
         self.num_output_tokens += len(new_ids)
+        shown = new_ids
         if delta.ends_with_stop_token and not self.params.include_stop_str_in_output:
-            new_ids = new_ids[:-1]  # its text is not shown
-        self.ids.extend(new_ids)
+            shown = new_ids[:-1]  # its text is not shown
+        start = len(self.text)  # stop strings must end past here (earlier text was searched)
         new_text = ""
-        if self.params.detokenize:
-            new_text = self._decode_new()
-            if delta.finished:
-                new_text += self._flush_partial()
-        start = max(0, len(self.text) - self._holdback)
+        for t in shown:  # one token at a time: where the text of the first min_tokens tokens ends is known
+            self.ids.append(t)
+            count += 1
+            if self.params.detokenize:
+                new_text += self._decode_new()
+                if count <= self.params.min_tokens:
+                    self._stop_floor = start + len(new_text)
+        if self.params.detokenize and delta.finished:
+            new_text += self._flush_partial()
         self.text += new_text
         finish = delta.finish_reason.value if delta.finish_reason else None
         stopped = False
         if self.params.stop and new_text and self.num_output_tokens > self.params.min_tokens:
-            cut = _find_stop(self.text, self.params.stop, start, self.params.include_stop_str_in_output)
-            if cut is not None:
+            hit = _find_stop(self.text, self.params.stop, max(start, self._stop_floor),
+                             self.params.include_stop_str_in_output)
+            if hit is not None:
+                cut, self.stop_reason = hit
                 self.text = self.text[:cut]
                 finish, stopped = FinishReason.STOP.value, True
+        if finish == FinishReason.STOP.value and not stopped and delta.ends_with_stop_token and new_ids:
+            token = new_ids[-1]  # vLLM's: a stop token's id; None for the EOS (unless ignore_eos made it one)
+            if self.params.ignore_eos or token != self.tokenizer.eos_token_id:
+                self.stop_reason = token
         end = len(self.text) if finish else max(self._emitted, len(self.text) - self._holdback)
         out_text = self.text[self._emitted : end]
         self._emitted = end
@@ -199,6 +241,7 @@ class OutputStream:
             num_output_tokens=self.num_output_tokens,
             num_cached_tokens=delta.num_cached_tokens,
             error=delta.error,
+            stop_reason=self.stop_reason if self.done else None,
         )
         return chunk, stopped
 
@@ -208,13 +251,13 @@ def _put_all(items: list[tuple[asyncio.Queue[TokenDelta], TokenDelta]]) -> None:
         q.put_nowait(d)
 
 
-def _find_stop(text: str, stops: Sequence[str], start: int, include: bool) -> int | None:
-    """Where to cut `text` for the earliest stop string found at or after `start`."""
-    hits = [(i, len(s)) for s in stops if (i := text.find(s, start)) != -1]
+def _find_stop(text: str, stops: Sequence[str], after: int, include: bool) -> tuple[int, str] | None:
+    """Where to cut `text` for the earliest stop string that ends past offset `after`, and that string."""
+    hits = [(i, len(s), s) for s in stops if (i := text.find(s, max(0, after - len(s) + 1))) != -1]
     if not hits:
         return None
-    i, n = min(hits)
-    return i + n if include else i
+    i, n, s = min(hits)
+    return (i + n if include else i), s
 
 
 @dataclass

@@ -38,6 +38,7 @@ class Choice:
     echoed: bool = False  # a stream with `echo`: the prompt went out in a chunk
     content_sent: int = 0  # a chat stream: characters of its content (`text` past any reasoning) sent
     reasoning_sent: int = 0  # a chat stream read for reasoning: characters of the reasoning sent
+    stop_reason: str | int | None = None  # vLLM's: the stop string or stop token id that ended it
 
     def add(self, chunk: StreamChunk) -> None:
         self.num_cached_tokens = chunk.num_cached_tokens or self.num_cached_tokens
@@ -47,6 +48,8 @@ class Choice:
         self.prompt_logprobs.extend(chunk.prompt_logprobs)
         self.finish_reason = chunk.finish_reason or self.finish_reason
         self.error = chunk.error or self.error
+        if chunk.stop_reason is not None:
+            self.stop_reason = chunk.stop_reason
 
 
 @dataclass
@@ -176,7 +179,8 @@ class Renderer:
         scored = first and call.requests[i].params.prompt_logprobs is not None
         if not (text or chunk.finish_reason or lp or scored):
             return None
-        out: dict[str, Any] = {"index": i, "text": text, "logprobs": lp, "finish_reason": chunk.finish_reason}
+        out: dict[str, Any] = {"index": i, "text": text, "logprobs": lp, "finish_reason": chunk.finish_reason,
+                               "stop_reason": chunk.stop_reason}
         if scored:
             out["prompt_logprobs"] = self.prompt_logprobs(call.requests[i].prompt_token_ids, chunk.prompt_logprobs)
         return {"id": call.response_id, "object": "text_completion", "created": call.created, "model": call.model,
@@ -196,14 +200,16 @@ class Renderer:
         delta.update(content)
         if not (delta or finish or wants_lp):
             return None
-        return self.chat_delta(call, i, delta, lp, finish)
+        return self.chat_delta(call, i, delta, lp, finish, chunk.stop_reason)
 
     @staticmethod
     def chat_delta(call: Call, i: int, delta: dict[str, Any], lp: dict[str, Any] | None,
-                   finish: str | None) -> dict[str, Any]:
+                   finish: str | None, stop_reason: str | int | None = None) -> dict[str, Any]:
+        choice: dict[str, Any] = {"index": i, "delta": delta, "logprobs": lp, "finish_reason": finish}
+        if finish is not None:  # as vLLM's last chunk of a choice
+            choice["stop_reason"] = stop_reason
         return {"id": call.response_id, "object": "chat.completion.chunk", "created": call.created,
-                "model": call.model,
-                "choices": [{"index": i, "delta": delta, "logprobs": lp, "finish_reason": finish}]}
+                "model": call.model, "choices": [choice]}
 
     def completion_response(self, call: Call) -> dict[str, Any]:
         choices = [self._completion_choice(call, i) for i in range(len(call.choices))]
@@ -221,8 +227,8 @@ class Renderer:
         if call.want_logprobs:
             lp = _joined(lp, self.completion_logprobs(c.logprobs, offsets))
         scored = call.requests[i].params.prompt_logprobs is not None
-        return CompletionChoice(index=i, text=text, finish_reason=c.finish_reason, logprobs=lp,
-                                prompt_logprobs=self.prompt_logprobs(prompt_ids, c.prompt_logprobs) if scored else None)
+        return CompletionChoice(index=i, text=text, finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+                                logprobs=lp, prompt_logprobs=self.prompt_logprobs(prompt_ids, c.prompt_logprobs) if scored else None)
 
     def chat_response(self, call: Call) -> dict[str, Any]:
         choices = [self._chat_choice(call, i) for i in range(len(call.choices))]
@@ -244,6 +250,7 @@ class Renderer:
             shown = reasoning if call.include_reasoning else ""
             message = ChatResponseMessage(content=content or None, reasoning=shown or None, tool_calls=tool_calls)
         return ChatChoice(index=i, finish_reason="tool_calls" if calls else c.finish_reason, message=message,
+                          stop_reason=c.stop_reason,
                           logprobs=self.chat_logprobs(c.logprobs) if call.want_logprobs else None)
 
     @staticmethod

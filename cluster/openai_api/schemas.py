@@ -254,6 +254,7 @@ class CompletionChoice(_Schema):
     text: str
     logprobs: dict[str, Any] | None = None
     finish_reason: str | None = None
+    stop_reason: str | int | None = None  # vLLM's: the stop string or stop token id that ended it
     prompt_logprobs: list[dict[str, Any] | None] | None = None
 
 
@@ -285,6 +286,7 @@ class ChatChoice(_Schema):
     message: ChatResponseMessage
     logprobs: dict[str, Any] | None = None
     finish_reason: str | None = None
+    stop_reason: str | int | None = None  # vLLM's: the stop string or stop token id that ended it
 
 
 class ChatCompletionResponse(_Schema):
