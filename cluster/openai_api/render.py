@@ -228,7 +228,8 @@ class Renderer:
             lp = _joined(lp, self.completion_logprobs(c.logprobs, offsets))
         scored = call.requests[i].params.prompt_logprobs is not None
         return CompletionChoice(index=i, text=text, finish_reason=c.finish_reason, stop_reason=c.stop_reason,
-                                logprobs=lp, prompt_logprobs=self.prompt_logprobs(prompt_ids, c.prompt_logprobs) if scored else None)
+                                logprobs=lp,
+                                prompt_logprobs=self.prompt_logprobs(prompt_ids, c.prompt_logprobs) if scored else None)
 
     def chat_response(self, call: Call) -> dict[str, Any]:
         choices = [self._chat_choice(call, i) for i in range(len(call.choices))]
