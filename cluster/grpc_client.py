@@ -65,6 +65,7 @@ class GenerationChunk:
     completion_tokens: int = 0
     cached_tokens: int = 0
     error: str | None = None
+    stop_reason: str | int | None = None  # vLLM's: the stop string or stop token id that ended the request
 
 
 def params_to_proto(params: SamplingParams) -> Any:
@@ -139,9 +140,10 @@ def build_request(
 def chunk_from_proto(msg: Any) -> GenerationChunk:
     if msg.WhichOneof("kind") == "complete":
         c = msg.complete
+        kind = c.WhichOneof("stop_reason")
         return GenerationChunk(msg.request_id, finish_reason=c.finish_reason, prompt_tokens=c.usage.prompt_tokens,
                                completion_tokens=c.usage.completion_tokens, cached_tokens=c.usage.cached_tokens,
-                               error=c.error or None)
+                               error=c.error or None, stop_reason=getattr(c, kind) if kind else None)
     ch = msg.chunk
     lps = tuple((lp.token_id, lp.logprob, tuple((t.token_id, t.logprob) for t in lp.top)) for lp in ch.logprobs)
     prompt = tuple((lp.token_id, lp.logprob, tuple((t.token_id, t.logprob) for t in lp.top), lp.rank)
@@ -281,4 +283,4 @@ def generate_once(addr: str, prompt: Prompt, params: SamplingParams | None = Non
         raise GrpcCallError(grpc.StatusCode.INTERNAL, "the stream ended without a completion message")
     return {"text": "".join(text), "token_ids": ids, "finish_reason": last.finish_reason,
             "num_prompt_tokens": last.prompt_tokens, "num_output_tokens": last.completion_tokens,
-            "request_id": last.request_id, "error": last.error}
+            "request_id": last.request_id, "error": last.error, "stop_reason": last.stop_reason}

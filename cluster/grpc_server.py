@@ -138,8 +138,12 @@ class _Generation:
         if chunk.finish_reason is not None:
             usage = pb2.Usage(prompt_tokens=chunk.num_prompt_tokens, completion_tokens=chunk.num_output_tokens,
                               cached_tokens=chunk.num_cached_tokens)
-            out.append(pb2.GenerateResponse(request_id=rid, complete=pb2.Completion(
-                finish_reason=chunk.finish_reason, usage=usage, error=chunk.error or "")))
+            complete = pb2.Completion(finish_reason=chunk.finish_reason, usage=usage, error=chunk.error or "")
+            if isinstance(chunk.stop_reason, str):
+                complete.stop_string = chunk.stop_reason
+            elif chunk.stop_reason is not None:
+                complete.stop_token_id = chunk.stop_reason
+            out.append(pb2.GenerateResponse(request_id=rid, complete=complete))
         return out
 
     async def Generate(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:

@@ -13,6 +13,7 @@ import re
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -433,3 +434,17 @@ def test_stubs_import_as_semipd_v1_next_to_proto_plus(tmp_path: Path) -> None:
                          timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["True", "semipd.v1.semipd_pb2", "True", "x", "True"]
+
+
+def test_completion_carries_the_stop_reason(live: Live) -> None:
+    """vLLM's stop_reason: the stop string that ended the request, or its stop token id; none for a length end."""
+    with GenerationClient(live.addr, timeout=60) as c:
+        chunks = list(c.generate("The quick brown fox", greedy(12)))
+        ids, text = [t for ch in chunks for t in ch.token_ids], "".join(ch.text for ch in chunks)
+        assert chunks[-1].finish_reason == "length" and chunks[-1].stop_reason is None
+        stop = text[len(text) // 2:][:2]
+        assert stop
+        by_string = list(c.generate("The quick brown fox", replace(greedy(12), stop=(stop,))))[-1]
+        by_token = list(c.generate("The quick brown fox", replace(greedy(12), stop_token_ids=(ids[5],))))[-1]
+    assert (by_string.finish_reason, by_string.stop_reason) == ("stop", stop)
+    assert (by_token.finish_reason, by_token.stop_reason) == ("stop", ids[5])
