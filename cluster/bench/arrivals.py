@@ -2,7 +2,10 @@
 
 Inter-arrival gaps are gamma(shape=burstiness, scale=1/(rate*burstiness)): mean 1/rate,
 coefficient of variation 1/sqrt(burstiness). burstiness 1 is a Poisson process; below 1
-is burstier, above 1 more regular. An infinite rate sends everything at time 0.
+is burstier, above 1 more regular. As vLLM's get_request does, one gap is drawn per request
+and their running sum is rescaled to N/rate, so that N requests take N/rate seconds whatever
+the seed; unlike vLLM the first request is sent at 0 (its first gap is not waited for). An
+infinite rate sends everything at time 0.
 """
 
 from __future__ import annotations
@@ -37,7 +40,9 @@ def arrival_offsets(config: ArrivalConfig, n: int, rate_scales: np.ndarray | Non
 
     `rate_scales` (shape [n], positive) multiplies the rate request by request: the gap before
     request i is drawn at `config.rate * rate_scales[i]` (a workload whose phases arrive at
-    different rates). The same seed draws the same unit gaps whatever the scales.
+    different rates). The same seed draws the same unit gaps whatever the scales. The schedule is
+    rescaled so that its gaps sum to the sum of their means (vLLM's rescaling to N/rate), then shifted
+    so that the first request is sent at 0.
     """
     if n < 0:
         raise ArrivalError(f"number of requests must be non-negative, got {n}")
@@ -47,9 +52,11 @@ def arrival_offsets(config: ArrivalConfig, n: int, rate_scales: np.ndarray | Non
     if scales.shape != (n,) or not bool(np.all(scales > 0)):
         raise ArrivalError(f"rate scales must be {n} positive numbers")
     rng = np.random.default_rng([config.seed, 2])
-    unit_gaps = rng.gamma(shape=config.burstiness, scale=1.0 / config.burstiness, size=n - 1)  # mean 1
-    gaps = unit_gaps / (config.rate * scales[1:])
-    return np.concatenate([[0.0], np.cumsum(gaps)])
+    unit_gaps = rng.gamma(shape=config.burstiness, scale=1.0 / config.burstiness, size=n)  # mean 1
+    delays = np.cumsum(unit_gaps / (config.rate * scales))
+    if delays[-1] > 0:  # vLLM's rescaling: the last arrival at the time the rates give (n / rate at one rate)
+        delays *= float(np.sum(1.0 / (config.rate * scales))) / delays[-1]
+    return delays - delays[0]
 
 
 def parse_rates(text: str) -> tuple[float, ...]:

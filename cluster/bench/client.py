@@ -2,7 +2,8 @@
 
 `send_request` posts one streaming `/v1/completions` or `/v1/chat/completions` request
 (`stream_options.include_usage`, `ignore_eos`, `max_tokens`) and records TTFT, every
-inter-chunk gap (ITL) and the end-to-end latency with `time.perf_counter`. The output
+inter-chunk gap (ITL) and the end-to-end latency with `time.perf_counter`; as in vLLM, the latency ends at the
+last output chunk (not at the usage chunk or `[DONE]` after it; `end_s` keeps the stream's end). The output
 token count comes from the usage of the last chunk, else the number of chunks. Every
 failure (HTTP status, bad stream, disconnect, per-request timeout) ends in a record with
 `success=False` and an `error`; nothing raises and nothing hangs. With a structured output
@@ -245,11 +246,11 @@ async def _stream(client: httpx.AsyncClient, config: EndpointConfig, request: Be
     record.end_s = end - t0
     if not timer.done and record.finish_reason is None:
         raise ServerError("the stream ended before [DONE]")
-    if record.num_chunks == 0:
+    if timer.last is None:  # not one output chunk
         raise ServerError("the server returned no output")
     if record.output_tokens == 0:
         record.output_tokens = record.num_chunks
-    record.e2el_s = end - start
+    record.e2el_s = timer.last - start  # vLLM's latency: to the last token chunk
     record.success = True
     if config.structured_output is not None:
         record.output_text = timer.text

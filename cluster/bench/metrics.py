@@ -1,8 +1,11 @@
 """Aggregates of a benchmark run, as `vllm bench serve` computes them, plus SLO attainment.
 
-- TTFT: first output chunk after the request was sent; E2EL: send to last byte.
+- TTFT: first output chunk after the request was sent; E2EL: send to the last output chunk (vLLM's
+  latency: the usage chunk and [DONE] after it do not count).
 - TPOT per request: (E2EL - TTFT) / (output_tokens - 1), only for outputs of 2+ tokens.
 - ITL: every gap between consecutive output chunks, pooled over requests.
+- Peaks (vLLM's): output chunks per whole second counted from the first completed request's send, and the
+  most completed requests in flight at once over their [send, last output chunk) intervals.
 - Goodput: successful requests meeting every given SLO (`--goodput ttft:MS tpot:MS
   e2el:MS`, TPOT counts as 0 for one-token outputs), per second of the run.
 - SLO attainment: the percentage of *all* sent requests meeting every SLO (failed
@@ -249,21 +252,26 @@ class Conformance:
         return cls(completed, int(data["conforming"]), int(data["length_cut"]))
 
 
-def _peak_output_rate(records: Sequence[RequestRecord]) -> float:
-    """Most output chunks in any one-second bucket of the run (vLLM's peak throughput)."""
+def _peak_output_rate(ok: Sequence[RequestRecord]) -> float:
+    """Most output chunks of the completed requests `ok` in any whole second counted from the first one's send
+    (vLLM's peak output throughput)."""
     times: list[float] = []
-    for r in records:
-        if r.success and r.ttft_s is not None:
+    for r in ok:
+        if r.ttft_s is not None:
             first = r.start_s + r.ttft_s
             times.append(first)
             times.extend((first + np.cumsum(r.itl_s)).tolist())
     if not times:
         return 0.0
-    return float(np.bincount(np.floor(np.asarray(times)).astype(np.int64)).max())
+    origin = min(r.start_s for r in ok)
+    return float(np.bincount(np.floor(np.asarray(times) - origin).astype(np.int64)).max())
 
 
-def _peak_concurrency(records: Sequence[RequestRecord]) -> int:
-    events = sorted([(r.start_s, 1) for r in records] + [(r.end_s, -1) for r in records], key=lambda e: (e[0], e[1]))
+def _peak_concurrency(ok: Sequence[RequestRecord]) -> int:
+    """Most of the completed requests `ok` in flight at once over [send, last output chunk), a departure before
+    an arrival at the same instant (vLLM's peak concurrent requests)."""
+    spans = [(r.start_s, r.start_s + r.e2el_s) for r in ok if r.e2el_s is not None]
+    events = sorted([(start, 1) for start, _ in spans] + [(end, -1) for _, end in spans])
     peak = level = 0
     for _, step in events:
         level += step
@@ -297,7 +305,7 @@ def compute_metrics(records: Sequence[RequestRecord], duration_s: float, slos: S
         output_throughput=total_output / duration_s,
         total_token_throughput=(total_input + total_output) / duration_s,
         peak_output_throughput=_peak_output_rate(ok),
-        peak_concurrency=_peak_concurrency(records),
+        peak_concurrency=_peak_concurrency(ok),
         request_goodput=None if good is None else good / duration_s,
         slo_attainment_pct=None if good is None else 100.0 * good / max(len(records), 1),
         distributions={name: Distribution.of(samples[name], percentiles) for name in METRICS},

@@ -65,7 +65,7 @@ def format_result_block(result: BenchResult) -> str:
         lines.append(_line("SLO attainment (%):", m.slo_attainment_pct))
     lines.append(_line("Output token throughput (tok/s):", m.output_throughput))
     lines.append(_line("Peak output token throughput (tok/s):", m.peak_output_throughput))
-    lines.append(_line("Peak concurrent requests:", m.peak_concurrency, "d"))
+    lines.append(_line("Peak concurrent requests:", m.peak_concurrency))  # vLLM prints it as .2f too
     lines.append(_line("Total Token throughput (tok/s):", m.total_token_throughput))
     if result.structured_output is not None:
         conformance = result.conformance or Conformance.of(result.records)
