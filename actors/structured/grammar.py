@@ -23,13 +23,30 @@ from actors.request import SamplingParamsError, StructuredOutputsParams
 log = logging.getLogger(__name__)
 
 
+def grammar_error(spec: StructuredOutputsParams) -> str | None:
+    """What is wrong with `spec`'s grammar, found without a tokenizer (an unknown keyword, an unsatisfiable schema),
+    or None; None also where llguidance is missing (the engine says so)."""
+    try:
+        import llguidance
+    except ImportError:
+        return None
+    try:
+        source = grammar_source(spec)
+    except ValueError as e:
+        return str(e)
+    return _first_lines(llguidance.LLMatcher.validate_grammar(source)) or None
+
+
 def grammar_source(spec: StructuredOutputsParams) -> str:
     """llguidance's grammar for `spec` (checked when a matcher is built on it, `GrammarCompiler.compile`)."""
     import llguidance
 
     options = {"whitespace_flexible": not spec.disable_any_whitespace}
     if spec.json is not None:
-        return llguidance.LLMatcher.grammar_from_json_schema(spec.json, defaults=options)
+        schema = spec.json.strip()
+        if schema == "false":  # JSON Schema's schema no value matches (and `true`, any value: `{}`)
+            raise ValueError("the JSON schema false admits no output")
+        return llguidance.LLMatcher.grammar_from_json_schema("{}" if schema == "true" else schema, defaults=options)
     if spec.json_object:
         return llguidance.LLMatcher.grammar_from_json_schema('{"type": "object"}', defaults=options)
     if spec.regex is not None:
@@ -127,6 +144,9 @@ class GrammarCompiler:
         matcher = llguidance.LLMatcher(tokenizer, source, log_level=0)
         if matcher.is_error():
             raise SamplingParamsError(f"structured_outputs is invalid: {_first_lines(matcher.get_error())}")
+        matcher.compute_bitmask()  # the first draw's mask (kept for it): a grammar no text matches fails here
+        if matcher.is_error():  # else the output would end at once, empty, saying nothing
+            raise SamplingParamsError("structured_outputs admits no output: no text matches its grammar")
         return Grammar(matcher, tokenizer.vocab_size, self.eos_token_ids, spec.start_after)
 
     def prepare_in_background(self) -> None:

@@ -293,7 +293,7 @@ def _tool_aware_delta(parser: ToolCallParser, text: str, choice: Choice, finish:
     _, calls = parser.parse(text)
     delta: dict[str, Any] = {}
     rest = text[choice.content_sent:start if calls else len(text)]
-    if rest.strip() or (rest and not calls):
+    if rest:  # text before a call too, whitespace included, as the whole response keeps it
         delta["content"] = rest
     if calls:
         delta["tool_calls"] = [t.as_dict(k) for k, t in enumerate(calls)]

@@ -4,11 +4,12 @@ The request's `tools` go to the chat template, which tells the model how to call
 the calls in the output (vLLM's `--tool-call-parser`):
 
 - `hermes` (Qwen2.5, Qwen3, Hermes, ...): `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` blocks,
-  with any text before them as the message's content;
+  with any text before them, untrimmed (as it streams, and as vLLM leaves it), as the message's content;
 - `llama3_json` (Llama 3.1+): the whole output is `{"name": ..., "parameters": {...}}` (several joined by `;`),
   optionally after `<|python_tag|>`.
 
-Text that does not parse stays the message's content, as vLLM leaves it.
+Either takes the arguments under `arguments` or `parameters`, as vLLM's llama3_json does. Text that does not parse
+(JSON nested past what Python's parser takes included) stays the message's content, as vLLM leaves it.
 
 `tool_choice` "required" or a named function is forced instead (as vLLM does): a grammar from the tools' parameter
 schemas makes the output a JSON list of `{"name", "parameters"}` objects, or the named function's arguments, and
@@ -21,6 +22,10 @@ import json
 import uuid
 from dataclasses import dataclass
 from typing import Any, Protocol
+
+from actors.request import StructuredOutputsParams
+from actors.structured.grammar import grammar_error
+from cluster.openai_api.errors import APIError
 
 
 @dataclass(frozen=True)
@@ -46,16 +51,34 @@ class ToolCallParser(Protocol):
         ...
 
 
-def _call(text: str, arguments_key: str) -> ToolCall | None:
-    """A call from JSON text of an object with `name` and `arguments_key`, else None."""
+def _json(text: str) -> Any:
+    """`text` as JSON; ValueError if it is not (also when nested past what the parser recurses into: a model stuck
+    opening arrays must not fail the request)."""
     try:
-        obj = json.loads(text)
-    except json.JSONDecodeError:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+
+
+def _call(text: str) -> ToolCall | None:
+    """A call from JSON text of an object with `name` and its arguments, else None."""
+    try:
+        return _call_from(_json(text))
+    except ValueError:
         return None
+
+
+def _call_from(obj: Any) -> ToolCall | None:
+    """A call from a JSON object with `name` and `arguments` or `parameters` (models write either; vLLM's parsers
+    take both), else None."""
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
         return None
-    args = obj.get(arguments_key, {})
-    return ToolCall(obj["name"], args if isinstance(args, str) else json.dumps(args, ensure_ascii=False), _call_id())
+    args = obj["arguments"] if "arguments" in obj else obj.get("parameters", {})
+    try:
+        arguments = args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
+    except RecursionError:
+        return None
+    return ToolCall(obj["name"], arguments, _call_id())
 
 
 def _call_id() -> str:
@@ -72,14 +95,14 @@ class HermesParser:
         pos = first
         while pos != -1:
             close = text.find(self.end, pos)
-            call = _call(text[pos + len(self.start): close if close != -1 else len(text)], "arguments")
+            call = _call(text[pos + len(self.start): close if close != -1 else len(text)])
             if call is None:
                 return text, []
             calls.append(call)
             pos = text.find(self.start, close) if close != -1 else -1
         if not calls:
             return text, []
-        return text[:first].strip() or None, calls
+        return text[:first] or None, calls  # as it streamed (vLLM's too): untrimmed
 
 
 class Llama3JsonParser:
@@ -90,12 +113,19 @@ class Llama3JsonParser:
         body = text.strip().removeprefix(self.tag).strip()
         if not body.startswith("{"):
             return text, []
-        calls = []
-        for part in body.split(";"):
-            call = _call(part, "parameters")
-            if call is None:
+        calls: list[ToolCall] = []
+        pos, decoder = 0, json.JSONDecoder()
+        while pos < len(body):  # each object read whole, so that a `;` inside its strings does not split it
+            try:
+                obj, end = decoder.raw_decode(body, pos)
+            except (ValueError, RecursionError):
+                return text, []
+            call = _call_from(obj)
+            rest = body[end:].lstrip()
+            if call is None or not (rest == "" or rest.startswith(";")):
                 return text, []
             calls.append(call)
+            pos = len(body) - len(rest.removeprefix(";").lstrip())
         return None, calls
 
 
@@ -110,21 +140,30 @@ class ForcedCalls:
 
     def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
         try:
-            value = json.loads(text)
-        except json.JSONDecodeError:
+            value = _json(text)
+        except ValueError:
             return text, []
         if self.function is not None:
             return None, [ToolCall(self.function, text, _call_id())]
         if not isinstance(value, list):
             return text, []
-        calls = [_call(json.dumps(v, ensure_ascii=False), "parameters") for v in value]
+        calls = [_call_from(v) for v in value]
         return (None, calls) if all(c is not None for c in calls) else (text, [])  # type: ignore[misc]
 
 
 def forced_calls_schema(tools: list[dict[str, Any]], function: str | None) -> dict[str, Any]:
-    """The JSON schema of the output that `ForcedCalls(function)` reads, from OpenAI `tools` entries."""
+    """The JSON schema of the output that `ForcedCalls(function)` reads, from OpenAI `tools` entries; 400 naming
+    the tool whose parameters (that the grammar is made of) are not a schema it can be (rather than the engine's
+    error about a `structured_outputs` the request never sent)."""
     params = {t["function"]["name"]: t["function"].get("parameters") or {"type": "object", "properties": {}}
               for t in tools}
+    for k, t in enumerate(tools):
+        name = t["function"]["name"]
+        if function in (None, name):
+            problem = grammar_error(StructuredOutputsParams(json=params[name]))
+            if problem:
+                raise APIError(400, f"tools.{k}.function.parameters of {name!r} cannot be forced by tool_choice: "
+                                    f"{problem}", param="tools")
     if function is not None:
         return params[function]
     return {"type": "array", "minItems": 1, "items": {"anyOf": [
