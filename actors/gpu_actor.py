@@ -353,6 +353,8 @@ class EngineActor:
         """
         self._requests_total += 1
         try:
+            if self._closed:  # `resume` after `shutdown` too: its stopped engine would never answer the request
+                raise NoCapacityError(f"engine {self.engine_id} is shut down")
             if self._draining:
                 raise NoCapacityError(f"engine {self.engine_id} is draining")
             if self.llm.core.device_error is not None:

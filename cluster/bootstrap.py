@@ -340,8 +340,12 @@ def _get_actor(name: str, namespace: str) -> Any | None:
         return None
 
 
-def ensure_cluster(cfg: ClusterConfig) -> ClusterHandles:
-    """Get or start the engine actors (and the controller when Redis is set); wait until ready."""
+def ensure_cluster(cfg: ClusterConfig, created: list[str] | None = None) -> ClusterHandles:
+    """Get or start the engine actors (and the controller when Redis is set); wait until ready.
+
+    `created`: the name of each actor this call starts (the controller's too) is added to it as it starts, so
+    that a caller interrupted before this returns knows what to stop (the actors are detached: they outlive it).
+    """
     import ray
 
     from actors.gpu_actor import engine_actor_cls
@@ -351,7 +355,8 @@ def ensure_cluster(cfg: ClusterConfig) -> ClusterHandles:
         raise RuntimeError("ensure_cluster needs ray.init(...) first")
     gpus = _num_gpus(cfg)
     actors: dict[str, Any] = {}
-    created: list[str] = []
+    started: list[str] = []
+    created = created if created is not None else []
     for i, name in enumerate(cfg.actor_names):
         existing = _get_actor(name, cfg.namespace)
         if existing is not None:
@@ -362,6 +367,7 @@ def ensure_cluster(cfg: ClusterConfig) -> ClusterHandles:
                                    max_restarts=cfg.engine_restarts, runtime_env={"env_vars": kernel_env()},
                                    ).remote(name, cfg.engine_config(), cfg.publisher_config(),
                                             model_source=cfg.model_source(), stream_interval=cfg.stream_interval)
+        started.append(name)
         created.append(name)
     names = list(actors)
     infos = ray.get([actors[n].ready.remote() for n in names], timeout=cfg.ready_timeout_s)
@@ -370,8 +376,8 @@ def ensure_cluster(cfg: ClusterConfig) -> ClusterHandles:
         if Path(info["model_dir"]).resolve() != Path(cfg.model).resolve() or info["mode"] != cfg.mode:
             log.warning("actor %s serves %s (%s), not %s (%s): it was started with another config",
                         n, info["model_dir"], info["mode"], cfg.model, cfg.mode)
-    log.info("engine actors ready: %s (started %d)", ", ".join(names), len(created))
-    handles = ClusterHandles(actors, created, infos=by_name)
+    log.info("engine actors ready: %s (started %d)", ", ".join(names), len(started))
+    handles = ClusterHandles(actors, started, infos=by_name)
     if cfg.redis_url is not None and cfg.start_controller and cfg.mode != "disagg":  # disagg: no split to control
         existing = _get_actor(cfg.controller_name, cfg.namespace)
         if existing is None:
@@ -380,6 +386,7 @@ def ensure_cluster(cfg: ClusterConfig) -> ClusterHandles:
                 max_restarts=-1,
             ).remote(cfg.controller_config(), autostart=True)
             handles.controller_created = True
+            created.append(cfg.controller_name)
         ray.get(existing.start.remote(), timeout=cfg.ready_timeout_s)
         handles.controller = existing
     return handles
@@ -400,24 +407,40 @@ def drain_cluster(cfg: ClusterConfig, timeout_s: float = 30.0) -> int:
     return remaining
 
 
-def teardown_cluster(cfg: ClusterConfig, names: Sequence[str] | None = None, controller: bool = True) -> None:
-    """Stop and kill the engine actors `names` (default: all of `cfg`) and the controller."""
+def resume_cluster(cfg: ClusterConfig, names: Sequence[str]) -> None:
+    """Let the engine actors `names` of `cfg` accept requests again after a drain (those that exist)."""
+    import ray
+
+    refs = {n: h.resume.remote() for n in names if (h := _get_actor(n, cfg.namespace)) is not None}
+    for name, ref in refs.items():
+        try:
+            ray.get(ref, timeout=30)
+        except Exception as e:
+            log.warning("resume of %s failed: %s", name, e)
+
+
+def teardown_cluster(cfg: ClusterConfig, names: Sequence[str] | None = None, controller: bool = True,
+                     graceful: bool = True) -> None:
+    """Stop and kill the engine actors `names` (default: all of `cfg`) and the controller. `graceful` False:
+    kill them at once (actors that may not be ready: a stop call waits for their start first)."""
     import ray
 
     for name in list(names if names is not None else cfg.actor_names):
         h = _get_actor(name, cfg.namespace)
         if h is None:
             continue
-        try:
-            ray.get(h.shutdown.remote(), timeout=30)
-        except Exception as e:
-            log.warning("shutdown of %s failed: %s", name, e)
+        if graceful:
+            try:
+                ray.get(h.shutdown.remote(), timeout=30)
+            except Exception as e:
+                log.warning("shutdown of %s failed: %s", name, e)
         ray.kill(h, no_restart=True)
     if controller:
         h = _get_actor(cfg.controller_name, cfg.namespace)
         if h is not None:
-            try:
-                ray.get(h.stop.remote(), timeout=10)
-            except Exception as e:
-                log.warning("controller stop failed: %s", e)
+            if graceful:
+                try:
+                    ray.get(h.stop.remote(), timeout=10)
+                except Exception as e:
+                    log.warning("controller stop failed: %s", e)
             ray.kill(h, no_restart=True)

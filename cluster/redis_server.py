@@ -64,7 +64,8 @@ class RedisServerProcess:
         return self.proc is not None and self.proc.poll() is None
 
     def start(self, timeout_s: float = 10.0) -> RedisServerProcess:
-        """Start the server and wait until it answers PING; returns self."""
+        """Start the server and wait until it answers PING; returns self. A server that does not come up (or a
+        Ctrl-C while it starts) is stopped before this raises."""
         if self.running:
             return self
         self.proc = subprocess.Popen(
@@ -73,16 +74,20 @@ class RedisServerProcess:
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True,  # a terminal's Ctrl-C reaches the owner, which drains before stopping it
         )
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RedisServerError(f"redis-server exited with code {self.proc.returncode} (port {self.port} taken?)")
-            if ping(self.host, self.port):
-                log.info("redis-server listening on %s", self.url)
-                return self
-            time.sleep(0.05)
-        self.stop()
-        raise RedisServerError(f"redis-server did not answer on port {self.port} within {timeout_s:.0f} s")
+        try:
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise RedisServerError(
+                        f"redis-server exited with code {self.proc.returncode} (port {self.port} taken?)")
+                if ping(self.host, self.port):
+                    log.info("redis-server listening on %s", self.url)
+                    return self
+                time.sleep(0.05)
+            raise RedisServerError(f"redis-server did not answer on port {self.port} within {timeout_s:.0f} s")
+        except BaseException:
+            self.stop()  # in its own session, it outlived its owner otherwise
+            raise
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Terminate the server (kill it if it does not exit within `timeout_s`)."""
@@ -103,7 +108,11 @@ class RedisServerProcess:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
     def __enter__(self) -> RedisServerProcess:
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:
+            self.cleanup()  # __exit__ is not called when this raises
+            raise
 
     def __exit__(self, *exc: object) -> None:
         self.cleanup()

@@ -16,7 +16,9 @@ import asyncio
 import importlib
 import logging
 import signal
+import socket
 import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -141,6 +143,24 @@ def check_ports(args: argparse.Namespace) -> None:
             raise ValueError(f"{flag} must be in [0, 65535] (0: off), got {port}")
     if args.http_port and args.http_port == args.grpc_port:
         raise ValueError(f"--http-port and --grpc-port must differ, both are {args.http_port}")
+    for flag, port in (("--http-port", args.http_port), ("--grpc-port", args.grpc_port)):
+        if port and (error := _bind_error(args.host, port)) is not None:
+            raise ValueError(f"{flag} {port} cannot be bound on {args.host} ({error}): is another server using it?")
+
+
+def _bind_error(host: str, port: int) -> str | None:
+    """Why a server could not listen on host:port now (None: it could). SO_REUSEADDR as the HTTP server sets it:
+    a port another server listens on is refused, one left in TIME_WAIT is not. No SO_REUSEPORT, which gRPC sets:
+    another gRPC server on the port would share it with this one silently."""
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                          flags=socket.AI_PASSIVE)[0]
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(addr)
+    except OSError as e:  # socket.gaierror included
+        return e.strerror or str(e)
+    return None
 
 
 def serve_app_args(args: argparse.Namespace, redis_url: str | None, grpc_port: int | None) -> dict[str, Any]:
@@ -182,7 +202,25 @@ class Started:
     ray_started: bool = False
     cluster: Any = None
     serve: bool = False
+    drained: bool = False  # the serving loop drained (or a second signal cut its drain short)
+    created: list[str] = field(default_factory=list)  # actors started here, as they start (ensure_cluster)
     endpoints: dict[str, str] = field(default_factory=dict)
+
+
+EXIT_ON_SIGNAL = 128  # + the signal's number, as a shell reports a process a signal ended (SIGINT: 130)
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(EXIT_ON_SIGNAL + signum)
+
+
+def _catch_sigterm() -> None:
+    """SIGTERM outside the serving loop (start-up, shutdown) ends the command as Ctrl-C does: an exception, so
+    that `run` stops what it started, and exit code 143. Its default action ended the process at once, leaving
+    the private redis-server (in its own session) running and its directory behind; Ray's handler, which
+    `ray.init` installs, exits with code 15, and the serving loop's end restores the default action."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -201,9 +239,12 @@ def run(args: argparse.Namespace) -> int:
     app_module = _optional_module("cluster.serve_app") if args.http_port else None
     if app_module is not None:
         app_module.ServeArgs(**serve_app_args(args, None, args.grpc_port))  # a pydantic ValidationError is a ValueError
+    sigterm = signal.getsignal(signal.SIGTERM)
+    _catch_sigterm()
     try:
         if redis_url is None:
-            started.redis = RedisServerProcess().start()
+            started.redis = RedisServerProcess()  # kept before it starts: a signal while it starts stops it too
+            started.redis.start()
             redis_url = started.redis.url
         cfg = cluster_config(args, redis_url)
         started.endpoints["redis"] = redis_url
@@ -212,12 +253,13 @@ def run(args: argparse.Namespace) -> int:
         # the job logs at the job's --log-level
         env_vars = {LOG_LEVEL_ENV: args.log_level.upper(), **({API_KEY_ENV: args.api_key} if args.api_key else {})}
         runtime_env = {"env_vars": env_vars, "worker_process_setup_hook": "cluster.cli.configure_worker_logging"}
+        started.ray_started = args.address is None  # before: a local instance interrupted while starting is stopped
         ray.init(address=args.address or "local", namespace=cfg.namespace, runtime_env=runtime_env,
                  include_dashboard=False if not args.address else None)
-        started.ray_started = args.address is None
+        _catch_sigterm()  # ray.init installed its own handler
         started.endpoints["ray"] = ray.get_runtime_context().gcs_address
         print(f"starting {cfg.num_actors} engine actor(s) for {cfg.model} ({cfg.mode}) ...", flush=True)
-        started.cluster = ensure_cluster(cfg)
+        started.cluster = ensure_cluster(cfg, created=started.created)
         for name, info in started.cluster.infos.items():
             started.endpoints[name] = f"node {info['node_id'][:12]}, {info['mode']}, {info['total_sms']} SMs"
         grpc_in_app = False
@@ -234,16 +276,39 @@ def run(args: argparse.Namespace) -> int:
                 started.endpoints["grpc"] = f"{args.host}:{args.grpc_port} (in the Serve replica)"
         return asyncio.run(_serve(args, cfg, started, run_grpc=bool(args.grpc_port) and not grpc_in_app))
     finally:
-        _shutdown(args, started, drain_cluster, teardown_cluster)
+        try:
+            _shutdown(args, started, drain_cluster, teardown_cluster)
+        finally:
+            if threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGTERM, sigterm)
 
 
 async def _serve(args: argparse.Namespace, cfg: Any, started: Started, run_grpc: bool) -> int:
-    from cluster.router import Router
-
     stop = asyncio.Event()  # Ctrl-C / SIGTERM from here on drains: the HTTP app is up already
+    hurry = asyncio.Event()  # a second one: stop without waiting for the requests in flight
+    signals: list[int] = []
+
+    def on_signal(sig: int) -> None:
+        signals.append(sig)
+        if stop.is_set():
+            hurry.set()
+        stop.set()
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal, sig)
+    try:
+        return await _serve_until_stopped(args, cfg, started, run_grpc, stop, hurry, signals)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C raises again; SIGTERM too (not its default action)
+            loop.remove_signal_handler(sig)
+        _catch_sigterm()
+
+
+async def _serve_until_stopped(args: argparse.Namespace, cfg: Any, started: Started, run_grpc: bool,
+                               stop: asyncio.Event, hurry: asyncio.Event, signals: list[int]) -> int:
+    from cluster.router import Router
+
     router = await asyncio.to_thread(Router.connect, cfg.actor_names, cfg.namespace, cfg.router, cfg.actor_prefix,
                                      cfg.served_model_name)
     refresher = asyncio.create_task(router.run_refresh_loop())
@@ -266,14 +331,24 @@ async def _serve(args: argparse.Namespace, cfg: Any, started: Started, run_grpc:
     if not args.exit_after_self_test and not stop.is_set():
         print("serving; Ctrl-C to stop", flush=True)
         await stop.wait()
-    print(f"draining (up to {args.drain_timeout:.0f} s) ...", flush=True)
+    print(f"draining (up to {args.drain_timeout:.0f} s; Ctrl-C again to stop without waiting) ...", flush=True)
+    # the front end and the engines at once, to one deadline (one after the other, each took its own)
+    drains = asyncio.gather(router.drain(args.drain_timeout),
+                            *([grpc.drain(args.drain_timeout)] if grpc is not None else []))
+    cut = asyncio.ensure_future(hurry.wait())
+    await asyncio.wait({drains, cut}, return_when=asyncio.FIRST_COMPLETED)
+    cut.cancel()
+    started.drained = True  # the shutdown ends what is still in flight instead of waiting for it again
+    if drains.done():
+        remaining = drains.result()[0]
+        if remaining:
+            print(f"{remaining} request(s) still in flight at the drain deadline", flush=True)
+    else:
+        drains.cancel()
+        print("stopping without waiting for the requests in flight", flush=True)
+        rc = EXIT_ON_SIGNAL + signals[-1]
     if grpc is not None:
-        await grpc.drain(args.drain_timeout)
-    remaining = await router.drain(args.drain_timeout)
-    if remaining:
-        print(f"{remaining} request(s) still in flight at the drain deadline", flush=True)
-    if grpc is not None:
-        await grpc.stop()
+        await grpc.stop(grace=None if hurry.is_set() else 5.0)
     refresher.cancel()
     return rc
 
@@ -316,27 +391,50 @@ async def _self_test(args: argparse.Namespace, router: Any, started: Started) ->
 
 
 def _shutdown(args: argparse.Namespace, started: Started, drain: Any, teardown: Any) -> None:
-    """Stop what this command started: Serve, the engine actors it created, Ray, Redis."""
+    """Stop what this command started: the engine actors it created, Serve, Ray, Redis.
+
+    Every step is tried: a Ctrl-C or SIGTERM cuts the step it comes in short (a second Ctrl-C during the drain
+    stops waiting for the requests in flight) and is raised once all are done; a step that fails is logged.
+    The engines go before the HTTP front end: requests still running past the drain deadline end with an
+    error through it (Serve's shutdown first cut their connections mid-stream).
+    """
     import ray
 
-    if ray.is_initialized() and started.cluster is not None:
-        cfg = cluster_config(args, started.endpoints.get("redis"))
-        # actors still serving (e.g. after an error before the drain) finish in-flight work first
-        drain(cfg, args.drain_timeout)
-    if started.serve:
-        try:
-            from ray import serve
+    _catch_sigterm()
+    interrupted: BaseException | None = None
 
-            serve.shutdown()
+    def step(what: str, fn: Any, *fn_args: Any, **kwargs: Any) -> None:
+        nonlocal interrupted
+        try:
+            fn(*fn_args, **kwargs)
+        except (KeyboardInterrupt, SystemExit) as e:
+            print(f"{what}: interrupted", file=sys.stderr, flush=True)
+            interrupted = interrupted or e
         except Exception as e:
-            log.warning("serve shutdown failed: %s", e)
-    if ray.is_initialized() and started.cluster is not None:
-        names = started.cluster.created if not started.ray_started else None
-        teardown(cluster_config(args, started.endpoints.get("redis")), names=names,
-                 controller=started.cluster.controller_created or started.ray_started)
-    if ray.is_initialized():
-        ray.shutdown()
+            log.warning("%s failed: %s", what, e)
+
+    if ray.is_initialized() and (started.cluster is not None or started.created):
+        from cluster.bootstrap import resume_cluster
+
+        cfg = cluster_config(args, started.endpoints.get("redis"))
+        ready = started.cluster is not None  # else the start-up was cut short: nothing served yet
+        if ready and not started.drained:  # actors still serving (an error before the drain) finish in-flight work
+            step("drain", drain, cfg, args.drain_timeout)
+        if started.ray_started:  # everything in this Ray instance is this command's
+            step("engine shutdown", teardown, cfg, names=None, controller=True, graceful=ready)
+        else:  # joined a cluster: stop the actors this command started, and let the others serve again
+            step("engine shutdown", teardown, cfg, names=[n for n in cfg.actor_names if n in started.created],
+                 controller=cfg.controller_name in started.created, graceful=ready)
+            step("resume", resume_cluster, cfg, [n for n in cfg.actor_names if n not in started.created])
+    if started.serve:
+        from ray import serve
+
+        step("serve shutdown", serve.shutdown)
+    if started.ray_started or ray.is_initialized():
+        step("ray shutdown", ray.shutdown)
     if started.redis is not None:
-        started.redis.cleanup()
+        step("redis-server shutdown", started.redis.cleanup)
     print("semipd stopped", file=sys.stderr, flush=True)
+    if interrupted is not None:
+        raise interrupted
 

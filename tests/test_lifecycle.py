@@ -1,0 +1,443 @@
+"""Lifecycle of `semipd serve` and its parts: start-up interrupted by a signal, ports in use, the drain and its
+deadline, a second Ctrl-C, a signal during the shutdown, the private redis-server's process and directory, an
+engine actor shut down. Nothing the command started may outlive it, and no client may be left hanging or cut off.
+
+Most run in-process or in a small Python process with no Ray; `test_serve_ends_requests_past_the_drain` runs the
+whole command (Ray, Serve, an engine actor), and the `joined` tests run it with `--address` against the module's
+multi-node Ray cluster, whose engine other front ends share.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cluster.cli import main
+
+from support import free_port, wait_until
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def redis_answers(port: int) -> bool:
+    from cluster.redis_server import ping
+
+    return ping("127.0.0.1", port)
+
+
+def stop_stray_redis(port: int) -> None:
+    """End a redis-server a failed test left behind (its owner is gone)."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+            s.sendall(b"SHUTDOWN NOSAVE\r\n")
+    except OSError:
+        pass
+
+
+@pytest.fixture
+def listening() -> Iterator[int]:
+    """A port another server listens on (loopback)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        yield int(s.getsockname()[1])
+
+
+# -- a port in use -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flag", ["--http-port", "--grpc-port"])
+def test_serve_refuses_a_port_in_use_before_starting_anything(tiny_llama: Path, listening: int, flag: str,
+                                                              monkeypatch: pytest.MonkeyPatch,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """A port another server holds: a message and exit 2 before Redis, Ray or an engine starts (it was a
+    traceback and exit 1 once all of them had started, from Serve's proxy or the gRPC server)."""
+    import ray
+
+    def must_not_start(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("serve started with a port it cannot bind")
+
+    monkeypatch.delenv("SEMIPD_REDIS_URL", raising=False)
+    monkeypatch.setattr("cluster.redis_server.RedisServerProcess", must_not_start)
+    monkeypatch.setattr(ray, "init", must_not_start)
+    other = "--grpc-port" if flag == "--http-port" else "--http-port"
+    argv = ["serve", "--model", str(tiny_llama), "--device", "cpu", flag, str(listening), other, "0"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("semipd serve: error:") and f"{flag} {listening}" in err and "in use" in err
+
+
+# -- the private redis-server ----------------------------------------------------------------------
+
+
+def test_ctrl_c_while_the_private_redis_server_starts_stops_it_and_removes_its_directory(
+        tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C while `semipd serve` waits for its redis-server: exit 130, the server stopped, its directory gone
+    (the server, in its own session, kept running: its object was not kept until it had answered)."""
+    import cluster.redis_server as rs
+
+    procs: list[subprocess.Popen[bytes]] = []
+    real_popen = subprocess.Popen
+
+    def popen(*args: Any, **kwargs: Any) -> subprocess.Popen[bytes]:
+        procs.append(real_popen(*args, **kwargs))
+        return procs[-1]
+
+    def ping(host: str, port: int, timeout: float = 0.2) -> bool:
+        raise KeyboardInterrupt
+
+    monkeypatch.delenv("SEMIPD_REDIS_URL", raising=False)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(rs.subprocess, "Popen", popen)
+    monkeypatch.setattr(rs, "ping", ping)
+    try:
+        assert main(["serve", "--model", str(tiny_llama), "--device", "cpu", "--http-port", "0",
+                     "--grpc-port", "0"]) == 130
+        assert len(procs) == 1 and procs[0].poll() is not None, "the redis-server still runs"
+        assert not list(tmp_path.glob("semipd-redis-*")), "its directory is left"
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def test_a_redis_server_that_cannot_start_leaves_no_directory(tmp_path: Path, listening: int,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from cluster.redis_server import RedisServerError, RedisServerProcess
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with pytest.raises(RedisServerError, match="taken"):
+        with RedisServerProcess(port=listening):
+            pass
+    assert not list(tmp_path.glob("semipd-redis-*"))
+
+
+# -- signals before and after serving (a small process: no Ray) -----------------------------------
+
+START_UP = """
+    import os, signal, sys
+    import cluster.redis_server as rs
+    from cluster.cli import main
+
+    real_ping = rs.ping
+
+    def ping(host, port, timeout=0.2):  # the redis-server runs: a signal now, while serve waits for it
+        print("REDIS", port, flush=True)
+        rs.ping = real_ping
+        os.kill(os.getpid(), signal.SIG)
+        return real_ping(host, port, timeout)
+
+    rs.ping = ping
+    sys.exit(main(["serve", "--model", sys.argv[1], "--device", "cpu", "--http-port", "0", "--grpc-port", "0"]))
+"""
+
+SHUTDOWN = """
+    import os, signal, sys, types
+    import ray
+    from cluster.cli import build_parser
+    from cluster.commands.serve import Started, _shutdown
+    from cluster.redis_server import RedisServerProcess
+
+    # SIGTERM at its default action, as the serving loop's end leaves it; the rest stands for a cluster
+    args = build_parser().parse_args(["serve", "--model", sys.argv[1], "--device", "cpu"])
+    redis = RedisServerProcess().start()
+    print("REDIS", redis.port, flush=True)
+    ray.is_initialized = lambda: True
+    ray.shutdown = lambda: print("RAY SHUTDOWN", flush=True)
+    started = Started(redis=redis, ray_started=True, cluster=types.SimpleNamespace(created=[]))
+    started.endpoints["redis"] = redis.url
+
+    def drain(cfg, timeout):  # a signal while the shutdown waits for the requests in flight
+        os.kill(os.getpid(), signal.SIG)
+
+    def teardown(cfg, names=None, controller=True, graceful=True):
+        print("TEARDOWN", flush=True)
+
+    try:
+        _shutdown(args, started, drain, teardown)
+    except KeyboardInterrupt:
+        sys.exit(130)
+"""
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("when,sig,code", [("start-up", signal.SIGTERM, 143), ("shutdown", signal.SIGTERM, 143),
+                                           ("shutdown", signal.SIGINT, 130)],
+                         ids=["sigterm-while-redis-starts", "sigterm-during-the-shutdown-drain",
+                              "ctrl-c-during-the-shutdown-drain"])
+def test_a_signal_before_or_after_serving_stops_everything_started(tiny_llama: Path, tmp_path: Path, when: str,
+                                                                   sig: signal.Signals, code: int) -> None:
+    """A signal while `semipd serve` starts or shuts down ends it with 128 + the signal's number, and everything
+    it started is stopped first. SIGTERM's default action (before `ray.init`, and again once the serving loop
+    ended) killed the process at once, and a Ctrl-C during the shutdown's drain skipped the rest of it: the
+    redis-server, in its own session, kept running, and its directory was left."""
+    script = textwrap.dedent(START_UP if when == "start-up" else SHUTDOWN).replace("signal.SIG)", f"signal.{sig.name})")
+    proc = subprocess.run([sys.executable, "-c", script, str(tiny_llama)], capture_output=True, text=True, cwd=ROOT,
+                          env={**_env(), "TMPDIR": str(tmp_path)}, timeout=100)
+    found = re.search(r"^REDIS (\d+)$", proc.stdout, re.M)
+    assert found, proc.stdout + proc.stderr
+    port = int(found.group(1))
+    try:
+        assert proc.returncode == code, proc.stdout + proc.stderr[-3000:]
+        assert not redis_answers(port), "the redis-server still runs"
+        assert not list(tmp_path.glob("semipd-redis-*")), "its directory is left"
+        if when == "shutdown":  # the interrupted step only: the engines and Ray are still stopped
+            assert "TEARDOWN" in proc.stdout and "RAY SHUTDOWN" in proc.stdout
+    finally:
+        stop_stray_redis(port)
+
+
+def _env() -> dict[str, str]:
+    import os
+
+    return {k: v for k, v in os.environ.items() if k != "SEMIPD_REDIS_URL"}
+
+
+# -- an engine actor shut down ---------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_an_engine_actor_shut_down_refuses_requests_even_after_resume(tiny_llama: Path) -> None:
+    """`resume` after `shutdown` does not reopen the actor: a request it took would never get an answer from
+    its stopped engine (and the actor answers pings, so a router would wait on it for good)."""
+    from actors.gpu_actor import EngineActor
+    from actors.request import SamplingParams
+    from cluster.bootstrap import EngineOptions
+    from cluster.engine_client import GenerateRequest, NoCapacityError
+
+    actor = EngineActor("e-closed", EngineOptions(num_pages=64).engine_config(str(tiny_llama), "semi-pd"))
+
+    async def main_() -> None:
+        await actor.ready()
+        await actor.shutdown()
+        await actor.resume()
+        with pytest.raises(NoCapacityError, match="shut down"):
+            await actor.submit(GenerateRequest("late", [256, 1, 2], SamplingParams(max_tokens=4)), "sub")
+        assert (await actor.load()).in_flight == 0
+
+    asyncio.run(main_())
+
+
+# -- `semipd serve` end to end: the drain deadline and a second Ctrl-C ---------------------------------
+
+
+class ServeProcess:
+    """`semipd serve` in a process of its own, its output lines collected as they come."""
+
+    def __init__(self, model: Path, http: int, drain_timeout: float) -> None:
+        cmd = [sys.executable, "-m", "cluster.cli", "serve", "--model", str(model), "--device", "cpu",
+               "--http-port", str(http), "--grpc-port", "0", "--num-pages", "1024",
+               "--drain-timeout", str(drain_timeout)]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                                     env=_env())
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.seen: list[str] = []
+        threading.Thread(target=lambda: [self.lines.put(x) for x in self.proc.stdout or ()], daemon=True).start()
+
+    def read_until(self, text: str, timeout_s: float) -> str:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            hit = next((x for x in self.seen if text in x), None)
+            if hit is not None:
+                return hit
+            if time.monotonic() > deadline or self.proc.poll() is not None and self.lines.empty():
+                pytest.fail(f"no {text!r} from semipd serve; output:\n" + "".join(self.seen[-60:]))
+            try:
+                self.seen.append(self.lines.get(timeout=0.5))
+            except queue.Empty:
+                pass
+
+    def stop(self) -> None:
+        """End it if a failed test left it running: SIGTERM (its shutdown stops what it started), then SIGKILL, and
+        the redis-server it started, which a SIGKILL leaves behind."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        found = re.search(r"redis://127\.0\.0\.1:(\d+)/0", "".join(self.seen))
+        if found:
+            stop_stray_redis(int(found.group(1)))
+
+
+def stream_completion(url: str, model: str, prompt: list[int], out: dict[str, Any]) -> None:
+    """One long streamed completion; `out`: `tokens` so far, then `end` (`error-event`, `done` or the exception)
+    and `ended` (its time.monotonic())."""
+    import httpx
+
+    out["tokens"] = 0
+    body = dict(model=model, prompt=prompt, max_tokens=2000, temperature=0, ignore_eos=True, stream=True)
+    try:
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=300) as r:
+            if r.status_code != 200:
+                out["end"] = f"status {r.status_code}"
+                return
+            for line in r.iter_lines():
+                if line.startswith('data: {"error"'):
+                    out["end"] = "error-event"
+                elif line == "data: [DONE]":
+                    out["end"] = out.get("end", "done")
+                elif line.startswith("data: "):
+                    out["tokens"] += 1
+    except Exception as e:
+        out["end"] = f"{type(e).__name__}: {e}"
+    finally:
+        out["ended"] = time.monotonic()
+
+
+def tcp_open(address: str) -> bool:
+    host, port = address.rsplit(":", 1)
+    try:
+        with socket.create_connection((host, int(port)), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("case", ["drain-deadline", "second-ctrl-c"])
+def test_serve_ends_requests_past_the_drain(tiny_llama: Path, case: str) -> None:
+    """Requests still running when the drain ends, at its deadline or at a second Ctrl-C, end with an error event
+    through the HTTP API, within the drain timeout, and everything the command started stops. Serve's shutdown
+    came first and cut their connections mid-stream (after a second drain as long as the first), and a second
+    Ctrl-C was ignored until the drain deadline."""
+    http = free_port()
+    drain_s = 3.0 if case == "drain-deadline" else 600.0
+    server = ServeProcess(tiny_llama, http, drain_s)
+    clients: list[dict[str, Any]] = [{} for _ in range(4)]
+    try:
+        server.read_until("serving; Ctrl-C to stop", 180)
+        out = "".join(server.seen)
+        redis_port = int(re.search(r"redis://127\.0\.0\.1:(\d+)/0", out).group(1))  # type: ignore[union-attr]
+        gcs = re.search(r"^\s+ray\s+(\S+)$", out, re.M).group(1)  # type: ignore[union-attr]
+        url = f"http://127.0.0.1:{http}"
+        threads = [threading.Thread(target=stream_completion, args=(url, tiny_llama.name, [256, 7, i], c), daemon=True)
+                   for i, c in enumerate(clients)]
+        for t in threads:
+            t.start()
+        wait_until(lambda: all(c.get("tokens", 0) > 0 or "end" in c for c in clients), 60, "every stream to start")
+        assert not any("end" in c for c in clients), clients
+        if case == "drain-deadline":
+            server.proc.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            server.read_until("still in flight at the drain deadline", 30)
+        else:
+            server.proc.send_signal(signal.SIGINT)
+            server.read_until("draining", 30)
+            server.proc.send_signal(signal.SIGINT)
+            signalled = time.monotonic()
+        for t in threads:
+            t.join(timeout=60)
+        ends = [(c.get("end"), round(c.get("ended", float("inf")) - signalled, 1)) for c in clients]
+        assert all(end == "error-event" for end, _ in ends), ends
+        assert all(after < (drain_s if case == "drain-deadline" else 0) + 20 for _, after in ends), ends
+        server.read_until("semipd stopped", 90)
+        assert server.proc.wait(timeout=30) == (0 if case == "drain-deadline" else 130)
+        assert not redis_answers(redis_port), "the redis-server still runs"
+        wait_until(lambda: not tcp_open(gcs), 20, "Ray's GCS to stop")
+    finally:
+        server.stop()
+
+
+# -- `semipd serve --address`: joined to a cluster whose engines other front ends share -------------
+
+
+@pytest.fixture(scope="module")
+def shared_engine(ray_multinode: Any, tiny_llama: Path) -> Iterator[Any]:
+    """`semipd-engine-0`, started here as another front end (another `semipd serve`, the Serve app) would."""
+    from cluster.bootstrap import ClusterConfig, EngineOptions, ensure_cluster, teardown_cluster
+
+    cfg = ClusterConfig(model=str(tiny_llama), num_actors=1, engine=EngineOptions(num_pages=256), ready_timeout_s=120)
+    ensure_cluster(cfg)
+    try:
+        yield cfg
+    finally:
+        teardown_cluster(cfg)
+
+
+def named_actors() -> set[str]:
+    import ray
+
+    return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == "semipd"}
+
+
+def serves(cfg: Any) -> tuple[str | None, str | None]:
+    """(finish reason, error) of one request to the engines of `cfg` through a Router of this process."""
+    from actors.request import SamplingParams
+    from cluster.engine_client import GenerateRequest
+    from cluster.router import Router
+
+    from support import collect
+
+    async def one() -> tuple[str | None, str | None]:
+        router = Router.connect(names=cfg.actor_names, namespace=cfg.namespace)
+        _, finish, error = await collect(router, GenerateRequest(f"probe-{time.monotonic_ns()}", [256, 1, 2],
+                                                                 SamplingParams(max_tokens=3, ignore_eos=True)))
+        return finish, error
+
+    return asyncio.run(one())
+
+
+def joined_serve(ray_multinode: Any, model: Path, *flags: str) -> list[str]:
+    return [sys.executable, "-m", "cluster.cli", "serve", "--address", ray_multinode.address, "--model", str(model),
+            "--device", "cpu", "--num-pages", "256", "--http-port", "0", "--grpc-port", "0", *flags]
+
+
+@pytest.mark.timeout(300)
+def test_serve_joined_to_a_cluster_leaves_the_engines_it_found_serving(ray_multinode: Any, shared_engine: Any,
+                                                                       tiny_llama: Path) -> None:
+    """`semipd serve --address` drains the engines when it stops, and stops only those it started: the engines it
+    found serve the other front ends again (they were left draining, refusing every request, for good)."""
+    proc = subprocess.run(joined_serve(ray_multinode, tiny_llama, "--self-test", "--exit-after-self-test"),
+                          capture_output=True, text=True, cwd=ROOT, env=_env(), timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert "self-test via the Router" in proc.stdout
+    assert named_actors() >= {"semipd-engine-0"}
+    wait_until(lambda: "semipd-engine-controller" not in named_actors(), 30, "the controller it started to stop")
+    assert serves(shared_engine) == ("length", None)
+
+
+@pytest.mark.timeout(300)
+def test_serve_joined_to_a_cluster_interrupted_while_its_engine_starts_stops_it(ray_multinode: Any,
+                                                                                shared_engine: Any,
+                                                                                tiny_llama: Path) -> None:
+    """Ctrl-C while `semipd serve --address` waits for an engine actor it started: exit 130, and that actor
+    (detached, in a cluster that outlives the command) is stopped; it ran on with nothing to stop it."""
+    import ray
+
+    proc = subprocess.Popen(joined_serve(ray_multinode, tiny_llama, "--num-actors", "2"), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=_env())
+    try:
+        wait_until(lambda: "semipd-engine-1" in named_actors() or proc.poll() is not None, 120,
+                   "the engine actor it starts", interval=0.1)
+        assert proc.poll() is None, proc.communicate()[0]
+        proc.send_signal(signal.SIGINT)
+        out = proc.communicate(timeout=120)[0]
+        assert proc.returncode == 130, out
+        wait_until(lambda: "semipd-engine-1" not in named_actors(), 30, "the engine it started to stop")
+        assert serves(shared_engine) == ("length", None)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        try:
+            ray.kill(ray.get_actor("semipd-engine-1", namespace="semipd"), no_restart=True)
+        except ValueError:
+            pass
