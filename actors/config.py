@@ -7,11 +7,14 @@ the user (CLI flags, the Ray actor's options, or code).
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
+
+log = logging.getLogger(__name__)
 
 SUPPORTED_ARCHITECTURES = (
     "LlamaForCausalLM",
@@ -39,6 +42,23 @@ class ConfigError(ValueError):
     """A configuration or checkpoint problem the user must fix (CLI exit code 2)."""
 
 
+# transformers' defaults for config.json fields a checkpoint may leave out (its *Config classes), where they differ
+# by architecture: a missing field means what it means to transformers
+_ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
+    "LlamaForCausalLM": dict(num_key_value_heads=None, head_dim=None, max_position_embeddings=2048),
+    "MistralForCausalLM": dict(num_key_value_heads=8, head_dim=None, max_position_embeddings=4096 * 32,
+                               sliding_window=4096),
+    "Qwen2ForCausalLM": dict(num_key_value_heads=32, head_dim=None, max_position_embeddings=32768,
+                             sliding_window=4096, max_window_layers=28),
+    "Qwen3ForCausalLM": dict(num_key_value_heads=32, head_dim=128, max_position_embeddings=32768,
+                             sliding_window=4096, max_window_layers=28),
+}
+ACTIVATIONS = ("silu", "swish")  # transformers' ACT2FN maps both to SiLU
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
+_ROPE_REQUIRED = {"linear": ("factor",), "dynamic": ("factor",),
+                  "llama3": ("factor", "low_freq_factor", "high_freq_factor"), "yarn": ("factor",)}
+
+
 @dataclass(frozen=True)
 class ModelArch:
     """The shape of a decoder-only transformer, as its checkpoint describes it."""
@@ -55,12 +75,18 @@ class ModelArch:
     rope_theta: float
     max_position_embeddings: int
     tie_word_embeddings: bool
-    attention_bias: bool  # q/k/v projections carry a bias (Qwen2)
+    attention_bias: bool  # q/k/v projections carry a bias (Qwen2; Llama and Qwen3 with `attention_bias`)
     qk_norm: bool  # RMSNorm on q and k per head (Qwen3)
-    rope_scaling: dict[str, Any] | None = None
+    rope_scaling: dict[str, Any] | None = None  # normalized: has `rope_type` (not "default"), as transformers reads it
     eos_token_ids: tuple[int, ...] = ()
     bos_token_id: int | None = None
     checkpoint_dtype: str = "float32"
+    o_proj_bias: bool = False  # o_proj carries a bias (Llama and Qwen3 with `attention_bias`)
+    mlp_bias: bool = False  # gate/up/down projections carry a bias (Llama's `mlp_bias`)
+    # the attention window of the sliding-window layers (Mistral's `sliding_window`; Qwen2/3's with
+    # `use_sliding_window`), None when every layer attends to the whole context. The model computes full attention,
+    # which equals the window's for contexts of up to `sliding_window` tokens: EngineConfig caps max_model_len there.
+    sliding_window: int | None = None
 
     def __post_init__(self) -> None:
         if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -84,19 +110,42 @@ class ModelArch:
 
     @classmethod
     def from_hf_config(cls, cfg: dict[str, Any]) -> ModelArch:
+        """Read config.json as transformers' modeling code for the architecture does. A field that changes the math
+        in a way this engine does not compute (another activation, a quantized checkpoint, a RoPE type it lacks)
+        raises ConfigError naming it, rather than serving the checkpoint wrong."""
         archs = cfg.get("architectures") or []
         if not archs:
             raise ConfigError("config.json has no 'architectures' entry")
         arch = archs[0]
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise ConfigError(f"unknown architecture {arch!r}; supported: " + ", ".join(SUPPORTED_ARCHITECTURES))
+        defaults = _ARCH_DEFAULTS[arch]
+
+        def get(key: str, default: Any = None) -> Any:
+            return cfg[key] if key in cfg else defaults.get(key, default)
+
+        for key in ("quantization_config", "compression_config"):
+            if cfg.get(key):
+                method = cfg[key].get("quant_method", "?") if isinstance(cfg[key], dict) else "?"
+                raise ConfigError(f"config.json has a {key} (quant_method {method!r}): quantized checkpoints are "
+                                  "not supported; use an unquantized (fp32/fp16/bf16) checkpoint")
+        act = cfg.get("hidden_act") or "silu"
+        if act not in ACTIVATIONS:
+            raise ConfigError(f"hidden_act {act!r} is not supported (only silu): {arch}'s MLP would compute "
+                              "another function")
         heads = cfg["num_attention_heads"]
+        head_dim = get("head_dim") or cfg["hidden_size"] // heads
+        max_pos = get("max_position_embeddings")
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
-        rope_scaling = cfg.get("rope_scaling") or None
-        rope_theta = cfg.get("rope_theta")
-        if rope_theta is None and isinstance(cfg.get("rope_parameters"), dict):
-            rope_theta = cfg["rope_parameters"].get("rope_theta")
-            if cfg["rope_parameters"].get("rope_type", "default") != "default":
-                rope_scaling = rope_scaling or dict(cfg["rope_parameters"])
+        rope_theta, rope_scaling = _rope(cfg, max_pos)
+        bias = bool(cfg.get("attention_bias", False))
+        qkv_bias, o_bias, mlp_bias = {  # as each architecture's modeling code builds its Linear layers
+            "LlamaForCausalLM": (bias, bias, bool(cfg.get("mlp_bias", False))),
+            "MistralForCausalLM": (False, False, False),
+            "Qwen2ForCausalLM": (True, False, False),
+            "Qwen3ForCausalLM": (bias, bias, False),
+        }[arch]
         return cls(
             architecture=arch,
             vocab_size=cfg["vocab_size"],
@@ -104,18 +153,21 @@ class ModelArch:
             intermediate_size=cfg["intermediate_size"],
             num_layers=cfg["num_hidden_layers"],
             num_heads=heads,
-            num_kv_heads=cfg.get("num_key_value_heads") or heads,
-            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
-            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-            rope_theta=float(rope_theta if rope_theta is not None else 10000.0),
-            max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+            num_kv_heads=get("num_key_value_heads") or heads,
+            head_dim=head_dim,
+            rms_norm_eps=cfg.get("rms_norm_eps") or 1e-6,
+            rope_theta=rope_theta,
+            max_position_embeddings=max_pos,
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            attention_bias=arch == "Qwen2ForCausalLM" or bool(cfg.get("attention_bias", False)),
+            attention_bias=qkv_bias,
             qk_norm=arch == "Qwen3ForCausalLM",
             rope_scaling=rope_scaling,
             eos_token_ids=eos_ids,
             bos_token_id=cfg.get("bos_token_id"),
             checkpoint_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32"),
+            o_proj_bias=o_bias,
+            mlp_bias=mlp_bias,
+            sliding_window=_sliding_window(arch, cfg, get),
         )
 
     @classmethod
@@ -135,6 +187,69 @@ class ModelArch:
             raise ConfigError(f"{path}: missing field {e.args[0]!r}") from e
         eos = _token_ids(generation_config(model_dir).get("eos_token_id"))
         return replace(arch, eos_token_ids=tuple(dict.fromkeys(arch.eos_token_ids + eos)))
+
+
+def _rope(cfg: dict[str, Any], max_pos: int) -> tuple[float, dict[str, Any] | None]:
+    """(rope_theta, the RoPE scaling dict or None), read as transformers' RotaryEmbeddingConfigMixin does: the legacy
+    `rope_scaling` takes precedence over `rope_parameters`; `rope_theta` inside that dict over the top-level field;
+    llama3/yarn take `original_max_position_embeddings` from the top level, else the dict, else
+    max_position_embeddings."""
+    rope = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
+    if not isinstance(rope, dict):
+        raise ConfigError(f"rope_scaling/rope_parameters must be a JSON object, got {rope!r}")
+    if any(isinstance(v, dict) for v in rope.values()):
+        raise ConfigError("per-layer-type rope_parameters are not supported")
+    rope = dict(rope)
+    kind = rope.get("rope_type") or rope.get("type") or "default"
+    theta = rope.get("rope_theta")
+    if theta is None:
+        theta = cfg.get("rope_theta")
+    theta = float(theta if theta is not None else 10000.0)
+    if kind not in ROPE_TYPES:
+        raise ConfigError(f"unsupported rope_scaling type {kind!r} (supported: {', '.join(ROPE_TYPES)})")
+    if kind == "default":
+        return theta, None  # transformers' default RoPE reads nothing else (partial_rotary_factor neither)
+    factor = rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor"))
+    if factor is not None and factor != 1:
+        raise ConfigError(f"partial_rotary_factor {factor} with rope_scaling type {kind!r} is not supported "
+                          "(transformers cannot run it for these architectures either)")
+    missing = [k for k in _ROPE_REQUIRED[kind] if k not in rope]
+    if missing:
+        raise ConfigError(f"rope_scaling type {kind!r} lacks {', '.join(missing)}")
+    if kind in ("llama3", "yarn"):
+        if cfg.get("original_max_position_embeddings") is not None:
+            rope["original_max_position_embeddings"] = cfg["original_max_position_embeddings"]
+        rope.setdefault("original_max_position_embeddings", max_pos)
+    rope["rope_type"] = kind
+    rope.pop("type", None)
+    return theta, rope
+
+
+def _sliding_window(arch: str, cfg: dict[str, Any], get: Any) -> int | None:
+    """The window of the model's sliding-window layers, None when it has none, as transformers decides: Mistral
+    slides every layer by `sliding_window` (4096 when the field is absent, none when it is null); Qwen2/3 only with
+    `use_sliding_window`, in the layers `layer_types` names (by default those from `max_window_layers` on)."""
+    if arch == "LlamaForCausalLM":
+        return None  # LlamaModel has no sliding window: it ignores these fields
+    window = get("sliding_window")
+    if arch == "MistralForCausalLM":
+        return int(window) if window else None
+    if not cfg.get("use_sliding_window", False):
+        window = None
+    layer_types = cfg.get("layer_types")
+    if layer_types is None:
+        first = get("max_window_layers")
+        layer_types = ["sliding_attention" if window is not None and i >= first else "full_attention"
+                       for i in range(cfg["num_hidden_layers"])]
+    unknown = set(layer_types) - {"full_attention", "sliding_attention"}
+    if unknown:
+        raise ConfigError(f"layer_types {sorted(unknown)} are not supported")
+    if "sliding_attention" not in layer_types:
+        return None
+    if not window:
+        raise ConfigError("layer_types names sliding_attention layers but use_sliding_window/sliding_window set no "
+                          "window")
+    return int(window)
 
 
 GENERATION_DEFAULT_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
@@ -338,4 +453,20 @@ class EngineConfig:
         return DTYPES.get(arch.checkpoint_dtype, torch.float32)
 
     def max_model_len(self, arch: ModelArch) -> int:
-        return self.scheduler.max_model_len or arch.max_position_embeddings
+        """The user's max_model_len, else max_position_embeddings. A model with sliding-window layers runs with full
+        attention, so its context is capped at the window (as vLLM does with its sliding window disabled): there
+        the two attend to the same tokens."""
+        window = arch.sliding_window
+        if window is None or window >= arch.max_position_embeddings:
+            return self.scheduler.max_model_len or arch.max_position_embeddings
+        if self.scheduler.max_model_len is not None:
+            if self.scheduler.max_model_len > window:
+                raise ConfigError(
+                    f"max_model_len {self.scheduler.max_model_len} exceeds the model's sliding_window {window}: "
+                    "sliding-window attention is not implemented, so the context is limited to the window"
+                )
+            return self.scheduler.max_model_len
+        log.warning("%s uses sliding-window attention (sliding_window=%d), which this engine does not implement: "
+                    "max_model_len capped from %d to %d", arch.architecture, window, arch.max_position_embeddings,
+                    window)
+        return window

@@ -74,10 +74,11 @@ def measure_ceilings(device: torch.device) -> Ceilings:
 
 
 def _weight_bytes_read(core: EngineCore) -> int:
-    """Bytes of weights one decode step must read (the embedding table only by row)."""
+    """Bytes of weights one decode step must read (the embedding table only by row, unless it is the lm_head too)."""
     total = 0
+    names = {name for name, _ in core.model.named_parameters()}
     for name, p in core.model.named_parameters():
-        if name == "model.embed_tokens.weight" and not core.arch.tie_word_embeddings:
+        if name == "model.embed_tokens.weight" and "lm_head.weight" in names:
             continue
         total += p.numel() * p.element_size()
     return total
