@@ -6,7 +6,15 @@ autoscaling read us unchanged. Two kinds of series:
 - request series (histograms and counters) that the API observes as it streams:
   `vllm:time_to_first_token_seconds`, `vllm:inter_token_latency_seconds`,
   `vllm:e2e_request_latency_seconds`, `vllm:prompt_tokens_total`,
-  `vllm:generation_tokens_total`, `vllm:request_success_total{finished_reason}`;
+  `vllm:generation_tokens_total`, `vllm:request_success_total{finished_reason}`, and per finished engine
+  request, as vLLM's `IterationStats.update_from_finished_request`: `vllm:request_decode_time_seconds` (first
+  token to last), `vllm:request_time_per_output_token_seconds` (that over the tokens after the first),
+  `vllm:request_prompt_tokens`, `vllm:request_generation_tokens`, `vllm:request_params_max_tokens`; per
+  prompt once its `n` requests finished (vLLM's parent request): `vllm:request_params_n`,
+  `vllm:request_max_num_generation_tokens`. The token histograms' buckets are vLLM's 1-2-5 series up to
+  max_model_len, so they exist once that is known (`ServingMetrics(max_model_len=)` or the first `track_call`).
+  Not exported, for the API cannot see when an engine first scheduled a request:
+  `vllm:request_queue_time_seconds`, `vllm:request_prefill_time_seconds`, `vllm:request_inference_time_seconds`;
 - engine series, read at scrape time from the latest `EngineClient.loads()` snapshot
   by a custom collector: `vllm:num_requests_running`, `vllm:num_requests_waiting`,
   `vllm:kv_cache_usage_perc`, per engine `vllm:prefix_cache_queries_total` and
@@ -36,7 +44,7 @@ from prometheus_client.core import (
 from actors.disagg.engines import HANDOFF_BUCKETS_S
 from actors.engine.frontend import StreamChunk
 from actors.engine.workers import ITERATION_BUCKETS_S
-from cluster.engine_client import EngineLoad
+from cluster.engine_client import EngineLoad, GenerateRequest
 
 # vLLM's buckets (vllm/v1/metrics/loggers.py), so that dashboards' quantiles line up.
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
@@ -46,25 +54,41 @@ ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.
 E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
                480.0, 960.0, 1920.0, 7680.0)
 FINISHED_REASONS = ("stop", "length", "abort", "error")
+N_BUCKETS = (1, 2, 5, 10, 20)  # vllm:request_params_n
+
+
+def build_1_2_5_buckets(max_value: int) -> tuple[int, ...]:
+    """vLLM's buckets of token counts: 1, 2, 5, 10, 20, 50, ... while at most `max_value`."""
+    buckets: list[int] = []
+    for exponent in itertools.count():
+        for mantissa in (1, 2, 5):
+            value = mantissa * 10**exponent
+            if value > max_value:
+                return tuple(buckets)
+            buckets.append(value)
+    raise AssertionError("unreachable")
 
 
 class EngineCollector:
-    """Engine gauges from the last `loads()` snapshot (refreshed by the scrape handler)."""
+    """Engine gauges from the last `loads()` snapshot (refreshed by the scrape handler). None: the engines could not
+    be read, so no engine series is exported (an autoscaler must not read "nothing waiting" from a failed read)."""
 
     def __init__(self, model_name: str) -> None:
         self.model_name = model_name
-        self._loads: list[EngineLoad] = []
+        self._loads: list[EngineLoad] | None = []
         self._lock = threading.Lock()
 
-    def update(self, loads: Sequence[EngineLoad]) -> None:
+    def update(self, loads: Sequence[EngineLoad] | None) -> None:
         with self._lock:
-            self._loads = list(loads)
+            self._loads = None if loads is None else list(loads)
 
     def describe(self) -> list[Metric]:
         return []  # the families depend on the snapshot; collected only at scrape time
 
     def collect(self) -> Iterator[Metric]:
         with self._lock:
+            if self._loads is None:
+                return
             loads = list(self._loads)
         m = [self.model_name]
         yield _gauge("vllm:num_requests_running", "Requests in model execution batches (prefill or decode).",
@@ -97,6 +121,8 @@ class EngineCollector:
              "cudaHostAlloc calls of the engine's process (torch's pinned host allocator growing)."),
             ("semipd:kv_transfer_bytes", "kv_transfer_bytes",
              "KV bytes a disagg engine moved from its prefill engine to its decode engine."),
+            ("vllm:num_preemptions", "num_preemptions",
+             "Requests preempted (their KV pages released, to be recomputed) since the engine started."),
         ):
             family = CounterMetricFamily(name, doc, labels=per_engine)
             for l in loads:
@@ -196,7 +222,7 @@ def _sm_fraction(load: EngineLoad) -> float:
 class ServingMetrics:
     """All metrics of one API server, in a registry of its own; `render()` for /metrics."""
 
-    def __init__(self, model_name: str) -> None:
+    def __init__(self, model_name: str, max_model_len: int | None = None) -> None:
         self.model_name = model_name
         self.registry = CollectorRegistry(auto_describe=True)
         labels = ["model_name"]
@@ -207,6 +233,15 @@ class ServingMetrics:
                              labels, buckets=ITL_BUCKETS, registry=reg).labels(model_name)
         self.e2e = Histogram("vllm:e2e_request_latency_seconds", "Request latency from arrival to its last token.",
                              labels, buckets=E2E_BUCKETS, registry=reg).labels(model_name)
+        self.decode_time = Histogram(
+            "vllm:request_decode_time_seconds", "Time from a request's first output token to its last.",
+            labels, buckets=E2E_BUCKETS, registry=reg).labels(model_name)
+        self.request_tpot = Histogram(
+            "vllm:request_time_per_output_token_seconds",
+            "Per request: its decode time over its output tokens after the first (0 with fewer than 2).",
+            labels, buckets=ITL_BUCKETS, registry=reg).labels(model_name)
+        self.params_n = Histogram("vllm:request_params_n", "The n request parameter, once per prompt.",
+                                  labels, buckets=N_BUCKETS, registry=reg).labels(model_name)
         self.prompt_tokens = Counter("vllm:prompt_tokens", "Prompt tokens processed.", labels,
                                      registry=reg).labels(model_name)
         self.generation_tokens = Counter("vllm:generation_tokens", "Tokens generated.", labels,
@@ -214,28 +249,94 @@ class ServingMetrics:
         success = Counter("vllm:request_success", "Finished requests by finish reason.",
                           ["model_name", "finished_reason"], registry=reg)
         self.success = {r: success.labels(model_name, r) for r in FINISHED_REASONS}
+        self.tokens: TokenHistograms | None = None  # buckets up to max_model_len: made once that is known
+        self._tokens_lock = threading.Lock()
+        if max_model_len:
+            self.token_histograms(max_model_len)
         self.engines = EngineCollector(model_name)
         reg.register(self.engines)
 
-    def update_loads(self, loads: Sequence[EngineLoad]) -> None:
+    def token_histograms(self, max_model_len: int) -> TokenHistograms:
+        """The token-count histograms, with vLLM's 1-2-5 buckets up to `max_model_len` (the first one given)."""
+        with self._tokens_lock:
+            if self.tokens is None:
+                self.tokens = TokenHistograms(self.registry, self.model_name, build_1_2_5_buckets(max_model_len))
+            return self.tokens
+
+    def update_loads(self, loads: Sequence[EngineLoad] | None) -> None:
+        """The engines' latest loads; None when they could not be read (their series are then left out)."""
         self.engines.update(loads)
 
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
-    def track(self, arrival: float | None = None) -> RequestTracker:
-        """A tracker for one engine request that arrived at `arrival` (time.monotonic())."""
-        return RequestTracker(self, time.monotonic() if arrival is None else arrival)
+    def track(self, arrival: float | None = None, request: GenerateRequest | None = None) -> RequestTracker:
+        """A tracker for one engine request that arrived at `arrival` (time.monotonic()), a prompt of its own
+        (n = 1)."""
+        return RequestTracker(self, time.monotonic() if arrival is None else arrival, request, _Prompt(self, 1))
+
+    def track_call(self, arrival: float, requests: Sequence[GenerateRequest], n: int = 1,
+                   max_model_len: int | None = None) -> list[RequestTracker]:
+        """Trackers for the engine requests of one API call that arrived at `arrival`: each prompt's `n` requests
+        in a row (as `Call.requests`). `max_model_len` sizes the token histograms' buckets."""
+        if max_model_len:
+            self.token_histograms(max_model_len)
+        n = max(1, n)
+        trackers: list[RequestTracker] = []
+        for start in range(0, len(requests), n):
+            children = requests[start:start + n]
+            prompt = _Prompt(self, len(children))
+            trackers.extend(RequestTracker(self, arrival, r, prompt) for r in children)
+        return trackers
+
+
+class TokenHistograms:
+    """vLLM's histograms of token counts, bucketed 1-2-5 up to max_model_len."""
+
+    def __init__(self, registry: CollectorRegistry, model_name: str, buckets: Sequence[int]) -> None:
+        def histogram(name: str, doc: str) -> Any:
+            return Histogram(name, doc, ["model_name"], buckets=buckets, registry=registry).labels(model_name)
+
+        self.prompt = histogram("vllm:request_prompt_tokens", "Prompt tokens of each finished request.")
+        self.generation = histogram("vllm:request_generation_tokens", "Tokens generated by each finished request.")
+        self.max_tokens = histogram("vllm:request_params_max_tokens", "The max_tokens of each finished request.")
+        self.max_generation = histogram(
+            "vllm:request_max_num_generation_tokens",
+            "Per prompt: the most tokens any of its n requests generated, once all finished.")
+
+
+class _Prompt:
+    """One prompt's n engine requests (vLLM's parent request): observed once the last finishes."""
+
+    def __init__(self, metrics: ServingMetrics, n: int) -> None:
+        self.metrics = metrics
+        self.n = n
+        self.unfinished = n
+        self.max_generation_tokens = 0
+
+    def finished(self, generation_tokens: int) -> None:
+        self.max_generation_tokens = max(self.max_generation_tokens, generation_tokens)
+        self.unfinished -= 1
+        if self.unfinished == 0:
+            self.metrics.params_n.observe(self.n)
+            if self.metrics.tokens is not None:
+                self.metrics.tokens.max_generation.observe(self.max_generation_tokens)
 
 
 class RequestTracker:
     """Observes one request's chunks: TTFT, inter-token latency, tokens, finish."""
 
-    def __init__(self, metrics: ServingMetrics, arrival: float) -> None:
+    def __init__(self, metrics: ServingMetrics, arrival: float, request: GenerateRequest | None = None,
+                 prompt: _Prompt | None = None) -> None:
         self.metrics = metrics
         self.arrival = arrival
+        self.request = request
+        self.prompt = prompt or _Prompt(metrics, 1)
+        self.first_token_time: float | None = None
         self.last_token_time: float | None = None
+        self.num_prompt_tokens: int | None = None
+        self.num_generation_tokens = 0
         self.prompt_counted = False
         self.finished = False
 
@@ -246,16 +347,19 @@ class RequestTracker:
         m = self.metrics
         if not self.prompt_counted and chunk.num_prompt_tokens:
             m.prompt_tokens.inc(chunk.num_prompt_tokens)
+            self.num_prompt_tokens = chunk.num_prompt_tokens
             self.prompt_counted = True
         n = len(chunk.token_ids)
         if n:
             if self.last_token_time is None:
                 m.ttft.observe(now - self.arrival)
+                self.first_token_time = now
             else:
                 gap = (now - self.last_token_time) / n
                 for _ in range(n):
                     m.itl.observe(gap)
             self.last_token_time = now
+            self.num_generation_tokens += n
             m.generation_tokens.inc(n)
         if chunk.finish_reason is not None:
             self.finish(chunk.finish_reason, now)
@@ -266,7 +370,26 @@ class RequestTracker:
             return
         self.finished = True
         now = time.monotonic() if now is None else now
-        self.metrics.e2e.observe(now - self.arrival)
-        counter = self.metrics.success.get(reason)
+        m = self.metrics
+        m.e2e.observe(now - self.arrival)
+        counter = m.success.get(reason)
         if counter is not None:
             counter.inc()
+        # as vLLM: decode from the first token to the last (0 without a second), and its mean over the tokens after
+        # the first (0 without a second)
+        decode = (self.last_token_time - self.first_token_time
+                  if self.first_token_time is not None and self.last_token_time is not None else 0.0)
+        m.decode_time.observe(decode)
+        gen = self.num_generation_tokens
+        m.request_tpot.observe(decode / (gen - 1) if gen > 1 else 0.0)
+        tokens = m.tokens
+        if tokens is not None:
+            prompt = self.num_prompt_tokens
+            if prompt is None and self.request is not None:  # finished before its first chunk
+                prompt = len(self.request.prompt_token_ids)
+            if prompt is not None:
+                tokens.prompt.observe(prompt)
+            tokens.generation.observe(gen)
+            if self.request is not None:
+                tokens.max_tokens.observe(self.request.params.max_tokens)
+        self.prompt.finished(gen)

@@ -182,6 +182,7 @@ class DisaggPair:
             cuda_alloc_retries=p.cuda_alloc_retries + d.cuda_alloc_retries,
             cuda_frees=p.cuda_frees + d.cuda_frees,
             cuda_host_allocs=max(p.cuda_host_allocs, d.cuda_host_allocs),  # one process, one pinned allocator
+            num_preemptions=p.num_preemptions + d.num_preemptions,
         )
 
     def transfer_stats(self) -> dict[str, Any]:

@@ -98,6 +98,7 @@ class EngineStats:
     num_switch_stalls: int = 0  # SM splits adopted by the workers (Worker.adopt_seconds) ...
     switch_stall_seconds: float = 0.0  # ... and the total time the adoptions took
     switches: tuple[SwitchRecord, ...] = ()  # the last RECENT_SWITCHES split changes, oldest first
+    num_preemptions: int = 0  # requests preempted so far (pages released for recomputation), both phases
     # torch's CUDA caching allocator (0 off the GPU): cudaMalloc calls (the cache growing: each stream has a pool
     # of its own, so a split's first iterations allocate), those that failed and were retried after freeing the
     # cache, and cudaFree calls; each free synchronizes the whole device, so every worker's stream waits for
@@ -460,6 +461,7 @@ class EngineCore:
             num_switch_stalls=sum(len(w.adopt_seconds) for w in self.workers),
             switch_stall_seconds=sum(sum(w.adopt_seconds) for w in self.workers),
             switches=tuple(self.partitioner.switches[-RECENT_SWITCHES:]),
+            num_preemptions=self.num_preemptions,
             recent_decode_step_ms=next(
                 (w.recent_iterations(now=now).mean_ms for w in self.workers if w.name == "decode"), 0.0),
             recent_prefill_ms=prefill.mean_ms,

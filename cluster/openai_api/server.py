@@ -94,7 +94,7 @@ class OpenAIServer:
         self.health_stall_s = health_stall_s
         self.info = client.model_info()
         self.generation_defaults = generation_defaults(self.info.model_dir)  # for the fields a request leaves out
-        self.metrics = ServingMetrics(self.info.name)
+        self.metrics = ServingMetrics(self.info.name, self.info.max_model_len)
         self.draining = False
         self.render = Renderer(tokenizer)
         self.tool_parser = parser_named(tool_call_parser)
@@ -303,7 +303,7 @@ class OpenAIServer:
     async def stream_call(self, call: Call) -> AsyncIterator[tuple[int, StreamChunk]]:
         """All engine requests of `call`, merged; closing it aborts the unfinished ones."""
         arrival = time.monotonic()
-        trackers = [self.metrics.track(arrival) for _ in call.requests]
+        trackers = self.metrics.track_call(arrival, call.requests, call.n, self.info.max_model_len)
         gens = [self.client.generate(r) for r in call.requests]
         failed = False
         try:
@@ -569,9 +569,9 @@ class OpenAIServer:
     async def prometheus(self) -> Response:
         try:
             self.metrics.update_loads(await asyncio.wait_for(self.client.loads(), LOADS_TIMEOUT_SECONDS))
-        except Exception as e:  # serve the request series anyway
+        except Exception as e:  # serve the request series anyway; the engine series are unknown, not zero
             log.warning("metrics: loads() failed: %s", e)
-            self.metrics.update_loads([])
+            self.metrics.update_loads(None)
         content, content_type = self.metrics.render()
         return Response(content, media_type=content_type)
 
