@@ -143,14 +143,16 @@ async def send(http: Any, req: BatchRequest) -> dict[str, Any]:
 
 
 async def read_lines(f: IO[str]) -> AsyncIterator[str]:
-    """The file's non-blank lines, stripped, read a chunk at a time off the event loop (stdin may block)."""
+    """The file's non-blank lines, stripped (a UTF-8 byte order mark too, which Windows editors write first), read
+    a chunk at a time off the event loop (stdin may block)."""
     while True:
         chunk = await asyncio.to_thread(lambda: list(itertools.islice(f, _READ_CHUNK)))
         if not chunk:
             return
         for line in chunk:
-            if line.strip():
-                yield line.strip()
+            line = line.strip().removeprefix("\ufeff")
+            if line:
+                yield line
 
 
 class OrderedWriter:

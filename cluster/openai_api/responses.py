@@ -121,7 +121,8 @@ class Answer:
         if output is not None:
             u = call.usage()
             usage = {"input_tokens": u["prompt_tokens"], "input_tokens_details": u["prompt_tokens_details"],
-                     "output_tokens": u["completion_tokens"], "output_tokens_details": {"reasoning_tokens": 0},
+                     "output_tokens": u["completion_tokens"],
+                     "output_tokens_details": {"reasoning_tokens": self.reasoning_tokens(output)},
                      "total_tokens": u["total_tokens"]}
         return {"id": call.response_id, "object": "response", "created_at": call.created, "status": status,
                 "error": None if error is None else {"code": "server_error", "message": error},
@@ -129,6 +130,19 @@ class Answer:
                 "model": call.model, "output": [] if output is None else self.items(output, status),
                 "max_output_tokens": params.max_tokens, "temperature": params.temperature, "top_p": params.top_p,
                 "usage": usage, **self.body.echo()}
+
+    def reasoning_tokens(self, output: Output) -> int:
+        """OpenAI's `reasoning_tokens`: the output's tokens up to the one that ends its reasoning (all of them when
+        it never ended), none without a reasoning item."""
+        parser = self.call.reasoning_parser
+        if not output.reasoning or parser is None:
+            return 0
+        ids, tail = self.call.choices[0].token_ids, ""
+        for k, token in enumerate(ids):
+            tail = tail[-len(parser.end):] + self.render.token_str(token)
+            if parser.end in tail:
+                return k + 1
+        return len(ids)
 
     def items(self, output: Output, status: str) -> list[dict[str, Any]]:
         """The output items, in order; the last, unless it is a call (whole, so complete), is incomplete when the
