@@ -12,6 +12,8 @@ import importlib
 import logging
 import sys
 
+from cluster.redis_server import RedisServerError
+
 COMMAND_MODULES = (
     "cluster.commands.make_model",
     "cluster.commands.generate",
@@ -61,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:  # ConfigError, SamplingParamsError, PromptTooLongError
         print(f"semipd {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except RedisServerError as e:  # not installed, or it did not come up: the machine's problem, not the flags'
+        print(f"semipd {args.command}: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

@@ -441,3 +441,18 @@ def test_serve_joined_to_a_cluster_interrupted_while_its_engine_starts_stops_it(
             ray.kill(ray.get_actor("semipd-engine-1", namespace="semipd"), no_restart=True)
         except ValueError:
             pass
+
+
+def test_serve_without_a_working_redis_server_is_a_message_not_a_traceback(
+        tiny_llama: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """redis-server missing (or not coming up) ends `semipd serve` with its reason and exit 1, before Ray starts."""
+    from cluster.cli import main
+    from cluster.redis_server import RedisServerError, RedisServerProcess
+
+    def missing(self: RedisServerProcess, timeout_s: float = 10.0) -> RedisServerProcess:
+        raise RedisServerError("redis-server is not installed (Debian: apt-get install redis-server)")
+
+    monkeypatch.setattr(RedisServerProcess, "start", missing)
+    assert main(["serve", "--model", str(tiny_llama), "--device", "cpu", "--http-port", "0", "--grpc-port", "0"]) == 1
+    err = capsys.readouterr().err
+    assert "semipd serve: error: redis-server is not installed" in err and "Traceback" not in err
