@@ -12,7 +12,7 @@ autoscaling read us unchanged. Two kinds of series:
   `vllm:request_prompt_tokens`, `vllm:request_generation_tokens`, `vllm:request_params_max_tokens`; per
   prompt once its `n` requests finished (vLLM's parent request): `vllm:request_params_n`,
   `vllm:request_max_num_generation_tokens`. The token histograms' buckets are vLLM's 1-2-5 series up to
-  max_model_len, so they exist once that is known (`ServingMetrics(max_model_len=)` or the first `track_call`).
+  max_model_len, so they exist when the metrics are made with it (`ServingMetrics(max_model_len=)`).
   Not exported, for the API cannot see when an engine first scheduled a request:
   `vllm:request_queue_time_seconds`, `vllm:request_prefill_time_seconds`, `vllm:request_inference_time_seconds`;
 - engine series, read at scrape time from the latest `EngineClient.loads()` snapshot
@@ -249,19 +249,10 @@ class ServingMetrics:
         success = Counter("vllm:request_success", "Finished requests by finish reason.",
                           ["model_name", "finished_reason"], registry=reg)
         self.success = {r: success.labels(model_name, r) for r in FINISHED_REASONS}
-        self.tokens: TokenHistograms | None = None  # buckets up to max_model_len: made once that is known
-        self._tokens_lock = threading.Lock()
-        if max_model_len:
-            self.token_histograms(max_model_len)
+        # buckets up to max_model_len: without it (a metrics object not bound to a model), no token histograms
+        self.tokens = TokenHistograms(reg, model_name, build_1_2_5_buckets(max_model_len)) if max_model_len else None
         self.engines = EngineCollector(model_name)
         reg.register(self.engines)
-
-    def token_histograms(self, max_model_len: int) -> TokenHistograms:
-        """The token-count histograms, with vLLM's 1-2-5 buckets up to `max_model_len` (the first one given)."""
-        with self._tokens_lock:
-            if self.tokens is None:
-                self.tokens = TokenHistograms(self.registry, self.model_name, build_1_2_5_buckets(max_model_len))
-            return self.tokens
 
     def update_loads(self, loads: Sequence[EngineLoad] | None) -> None:
         """The engines' latest loads; None when they could not be read (their series are then left out)."""
@@ -276,12 +267,9 @@ class ServingMetrics:
         (n = 1)."""
         return RequestTracker(self, time.monotonic() if arrival is None else arrival, request, _Prompt(self, 1))
 
-    def track_call(self, arrival: float, requests: Sequence[GenerateRequest], n: int = 1,
-                   max_model_len: int | None = None) -> list[RequestTracker]:
+    def track_call(self, arrival: float, requests: Sequence[GenerateRequest], n: int = 1) -> list[RequestTracker]:
         """Trackers for the engine requests of one API call that arrived at `arrival`: each prompt's `n` requests
-        in a row (as `Call.requests`). `max_model_len` sizes the token histograms' buckets."""
-        if max_model_len:
-            self.token_histograms(max_model_len)
+        in a row (as `Call.requests`)."""
         n = max(1, n)
         trackers: list[RequestTracker] = []
         for start in range(0, len(requests), n):

@@ -91,11 +91,11 @@ def test_request_latency_buckets_are_vllms() -> None:
 def test_per_request_histograms_as_vllm_observes_them(monkeypatch: pytest.MonkeyPatch) -> None:
     clock = Clock()
     monkeypatch.setattr(metrics_module.time, "monotonic", clock)
-    metrics = ServingMetrics("m")
+    metrics = ServingMetrics("m", max_model_len=100)
     arrival = clock.now
     # one prompt with n=2 (children a0, a1), then another prompt of the same call with n=2 (b0, b1)
     reqs = [_request("a0", 4, 8), _request("a1", 4, 8), _request("b0", 30, 50), _request("b1", 30, 50)]
-    a0, a1, b0, b1 = metrics.track_call(arrival, reqs, n=2, max_model_len=100)
+    a0, a1, b0, b1 = metrics.track_call(arrival, reqs, n=2)
 
     def at(t: float, tracker, chunk: StreamChunk) -> None:  # type: ignore[no-untyped-def]
         clock.now = arrival + t

@@ -303,7 +303,7 @@ class OpenAIServer:
     async def stream_call(self, call: Call) -> AsyncIterator[tuple[int, StreamChunk]]:
         """All engine requests of `call`, merged; closing it aborts the unfinished ones."""
         arrival = time.monotonic()
-        trackers = self.metrics.track_call(arrival, call.requests, call.n, self.info.max_model_len)
+        trackers = self.metrics.track_call(arrival, call.requests, call.n)
         gens = [self.client.generate(r) for r in call.requests]
         failed = False
         try:
