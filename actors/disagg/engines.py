@@ -76,7 +76,7 @@ class _MarksAborts(EngineCore):
             req.grammar = self.grammars.compile(req.params.structured_outputs)
             req.grammar.accept_all(req.output_token_ids)
         with self._lock:  # `_device_lost` ends the requests registered by then
-            self._refuse_if_dead()
+            self.refuse_if_dead()
             reason = self._marks.pop(req.request_id, None) or req.abort_requested
             if reason is None:
                 self._requests[req.request_id] = req
@@ -294,7 +294,7 @@ class DecodeOnlyEngine(_MarksAborts):
         if reason is not None:
             self._emit_end(state.request_id, state.num_prompt_tokens, reason)
             return True
-        self._refuse_if_dead()  # else a payload waiting for pages would wait for good: nothing frees them
+        self.refuse_if_dead()  # else a payload waiting for pages would wait for good: nothing frees them
         blocks = self.allocator.allocate(payload.num_pages)
         if blocks is None:
             return False

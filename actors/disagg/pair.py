@@ -13,7 +13,7 @@ import torch
 from actors.config import ConfigError, EngineConfig, ModelArch
 from actors.disagg.engines import DecodeOnlyEngine, PrefillOnlyEngine
 from actors.disagg.transport import CpuTransport, DeviceTransport, KVTransport
-from actors.engine.core import EngineDeadError, EngineStats
+from actors.engine.core import EngineStats
 from actors.engine.partitioner import Partitioner
 from actors.engine.workers import Emit, discard
 from actors.kv.allocator import BlockAllocator
@@ -108,9 +108,7 @@ class DisaggPair:
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     priority: int = 0, deadline: float | None = None) -> None:
         """`EngineCore.add_request`; EngineDeadError once either engine lost its GPU (prefill refuses for its own)."""
-        if self.decode.device_error is not None:
-            raise EngineDeadError(f"the decode engine's GPU failed ({self.decode.device_error}); "
-                                  "it takes no more requests")
+        self.decode.refuse_if_dead()
         self.decode.validate(len(prompt_token_ids), params)
         with self._lock:
             if request_id in self._live:

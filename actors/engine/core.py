@@ -351,7 +351,7 @@ class EngineCore:
         """Queue a request; raises ValueError (and queues nothing) if it is invalid,
         AdmissionRejected (a ValueError) if admission control refuses it, EngineDeadError once the
         GPU is lost."""
-        self._refuse_if_dead()
+        self.refuse_if_dead()
         self.validate(len(prompt_token_ids), params)
         if any(t < 0 or t >= self.arch.vocab_size for t in prompt_token_ids):
             raise ValueError(f"prompt token ids must be in [0, {self.arch.vocab_size})")
@@ -375,7 +375,7 @@ class EngineCore:
             grammar=grammar,
         )
         with self._lock:  # again: a worker may have lost the GPU (`_device_lost`) and ended every request since
-            self._refuse_if_dead()
+            self.refuse_if_dead()
             if request_id in self._requests:
                 raise ValueError(f"request id {request_id!r} is already in use")
             self._requests[request_id] = req
@@ -383,7 +383,8 @@ class EngineCore:
         for w in self.workers:
             w.wakeups["prefill"].set()
 
-    def _refuse_if_dead(self) -> None:
+    def refuse_if_dead(self) -> None:
+        """EngineDeadError once the GPU is lost (`_device_lost`): nothing would run a new request."""
         if self.device_error is not None:
             raise EngineDeadError(f"the engine's GPU failed ({self.device_error}); it takes no more requests")
 
