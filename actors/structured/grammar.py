@@ -50,11 +50,20 @@ def grammar_source(spec: StructuredOutputsParams) -> str:
     if spec.json_object:
         return llguidance.LLMatcher.grammar_from_json_schema('{"type": "object"}', defaults=options)
     if spec.regex is not None:
+        _check_regex(spec.regex)
         return llguidance.grammar_from("regex", spec.regex)
     if spec.choice is not None:
         return llguidance.grammar_from("choice", json.dumps(list(spec.choice)))
     assert spec.grammar is not None
     return llguidance.grammar_from("grammar", spec.grammar)  # Lark, or GBNF (converted)
+
+
+def _check_regex(regex: str) -> None:
+    """ValueError for a regex that ends in an unfinished escape (a lone `\\`), invalid in every dialect:
+    llguidance's `grammar_from` drops it unseen (`a\\` would match `a`, `\\` the empty text)."""
+    trailing = len(regex) - len(regex.rstrip("\\"))
+    if trailing % 2:
+        raise ValueError(f"regex {regex!r} ends with an unfinished escape (a lone backslash)")
 
 
 class Grammar:
