@@ -220,8 +220,9 @@ class Request:
     eos_token_ids: tuple[int, ...] = ()
     max_model_len: int = 1 << 30
     arrival_time: float = field(default_factory=time.monotonic)
-    priority: int = 0
+    priority: int = 0  # scheduling class, lower first: `requested_priority`, or lower while admission holds it back
     deadline: float | None = None  # time.monotonic() by which the first token is due
+    requested_priority: int = 0  # the caller's (vLLM's `priority`)
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache at admission
     block_ids: list[int] = field(default_factory=list)

@@ -209,6 +209,52 @@ def test_decode_preempts_the_youngest_and_releases_its_pages() -> None:
     kv.allocator.check_integrity()
 
 
+def test_decode_preempts_the_request_of_the_lowest_priority_first() -> None:
+    """As vLLM's priority scheduling: the victim is the running request with the largest priority value (then the
+    youngest), not the last one handed over; the others keep their pages."""
+    kv = make_kv(num_pages=6)
+    sched = DecodeScheduler(kv, max_seqs=8)
+    reqs = [decoding_request(kv, f"r{i}", 2 * PAGE + 1, arrival=i) for i in range(3)]
+    reqs[0].priority = reqs[0].requested_priority = 5
+    for r in reqs:
+        sched.add(r)
+    chunks, scheduled, preempted = sched.schedule()
+    assert preempted == [reqs[0]] and scheduled == reqs[1:]
+    assert reqs[0].block_ids == [] and all(len(r.block_ids) == 3 for r in reqs[1:])
+    kv.allocator.check_integrity()
+
+
+def test_decode_preempts_a_younger_request_already_planned_before_an_older_one() -> None:
+    """The older request, handed over last, needs a page that none is free for: the younger one planned before it
+    in the same step gives its pages back (its new page too; nothing was launched), not the older one."""
+    kv = make_kv(num_pages=5)
+    sched = DecodeScheduler(kv, max_seqs=8)
+    young = decoding_request(kv, "young", 2 * PAGE, arrival=1.0)  # room left in its last page
+    old = decoding_request(kv, "old", 2 * PAGE + 1, arrival=0.0)  # needs a third page
+    kv.allocator.allocate(kv.num_free_pages)  # held elsewhere: no free page
+    for r in (young, old):
+        sched.add(r)
+    chunks, scheduled, preempted = sched.schedule()
+    assert (scheduled, preempted) == ([old], [young])
+    assert young.block_ids == [] and young.num_computed_tokens == 0 and len(old.block_ids) == 3
+    assert [c.request_id for c in chunks] == ["old"]
+    kv.allocator.check_integrity()
+
+
+def test_a_request_admission_held_back_decodes_at_its_own_priority() -> None:
+    """`--admission queue` puts a request predicted late behind the others until its first token; once decode
+    owns it, it is at the priority it asked for: a preemption must not send a started stream behind every
+    request that is still on time."""
+    from actors.slo.admission import QUEUE_PRIORITY
+
+    kv = make_kv(num_pages=8)
+    sched = DecodeScheduler(kv, max_seqs=8)
+    req = decoding_request(kv, "held", PAGE + 1)
+    req.priority, req.requested_priority = QUEUE_PRIORITY, 3
+    sched.add(req)
+    assert req.priority == 3
+
+
 def test_lone_decode_without_a_page_preempts_itself() -> None:
     kv = make_kv(num_pages=2)
     sched = DecodeScheduler(kv, max_seqs=8)

@@ -40,7 +40,7 @@ from actors.slo.latency_model import (
     load_or_profile,
     save_models,
 )
-from actors.slo.ordering import EDFOrder, edf_key, make_order
+from actors.slo.ordering import EDFOrder, make_order
 from actors.slo.policy import Load, ModelPolicy, ModelPolicyConfig, SplitPrediction, load_changed, make_policy, tpot_factors
 from actors.slo.prediction import (
     ArrivalDecode, PrefillLoad, arrival_decode, paced_tpot_ms, predict_raw, prefill_load, prefill_speed_factor,
@@ -940,13 +940,6 @@ def test_edf_order_with_priorities_and_aging() -> None:
     assert ids([r3, r4, r2, r1]) == ["r1", "r4", "r2", "r3"]
     now[0] = 2.5  # all aged: first come, first served
     assert ids([r4, r3, r2, r1]) == ["r1", "r2", "r3", "r4"]
-
-
-def test_edf_demotes_missed_deadlines() -> None:
-    r1, r2, r3 = req("r1", 0.0), req("r2", 0.1, deadline=0.3), req("r3", 0.2)
-    keys = lambda demote: [r.request_id for r in sorted([r1, r2, r3], key=lambda r: edf_key(r, 0.5, 1.0, 10.0, demote))]  # noqa: E731
-    assert keys(False) == ["r2", "r1", "r3"]
-    assert keys(True) == ["r1", "r3", "r2"]  # r2 missed: the others can still make theirs
 
 
 def test_edf_order_drives_the_prefill_scheduler() -> None:

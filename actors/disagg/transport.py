@@ -33,6 +33,7 @@ class RequestState:
     max_model_len: int
     arrival_time: float
     priority: int
+    requested_priority: int
     deadline: float | None
     num_computed_tokens: int
     num_cached_tokens: int

@@ -357,8 +357,6 @@ class EngineCore:
             raise ValueError(f"prompt token ids must be in [0, {self.arch.vocab_size})")
         params.check_vocab(self.arch.vocab_size)
         grammar = self.grammars.compile(params.structured_outputs) if params.structured_outputs else None
-        if self.admission is not None:
-            priority = self.admission.admit(len(prompt_token_ids), priority, deadline)
         gen = None
         if params.seed is not None:
             gen = torch.Generator(device=self.device).manual_seed(params.seed)
@@ -371,9 +369,12 @@ class EngineCore:
             max_model_len=self.max_model_len,
             priority=priority,
             deadline=deadline,
+            requested_priority=priority,
             generator=gen,
             grammar=grammar,
         )
+        if self.admission is not None:
+            req.priority = self.admission.admit(req)
         with self._lock:  # again: a worker may have lost the GPU (`_device_lost`) and ended every request since
             self.refuse_if_dead()
             if request_id in self._requests:

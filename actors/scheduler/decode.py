@@ -15,8 +15,9 @@ class DecodeScheduler:
 
     Prefill hands requests over through `add` (thread-safe; the page table moves with
     the request, no KV is copied). When a step needs a page and none is free, the
-    youngest running request is preempted: its pages are released and it is returned
-    to the caller, who gives it back to prefill for recomputation.
+    running request of the lowest priority (the largest value), the youngest among those,
+    is preempted, as vLLM's priority scheduling does: its pages are released and it is
+    returned to the caller, who gives it back to prefill for recomputation.
     """
 
     def __init__(self, kv: KVManager, max_seqs: int) -> None:
@@ -28,7 +29,10 @@ class DecodeScheduler:
         self.num_preemptions = 0
 
     def add(self, req: Request) -> None:
+        """Take over a request whose prompt is in KV. Its first token is out: admission no longer holds it back
+        (`Request.requested_priority`), so a preemption does not send it behind every request that is on time."""
         assert not req.in_prefill and req.num_uncomputed == 1
+        req.priority = req.requested_priority
         with self._inbox_lock:
             self._inbox.append(req)
 
@@ -67,11 +71,12 @@ class DecodeScheduler:
         while queue:
             req = queue.pop(0)
             while self.kv.grow(req, 1) == 0:
-                victim = queue.pop() if queue else req
-                self._preempt(victim)
+                victim = max([req, *queue, *scheduled], key=preemption_order)
+                self._preempt(victim)  # a scheduled victim's new page goes back too: nothing was launched yet
                 preempted.append(victim)
                 if victim is req:
                     break
+                (queue if victim in queue else scheduled).remove(victim)
             else:
                 scheduled.append(req)
         chunks = [chunk_of(r.request_id, r.token_ids, r.num_computed_tokens, 1, r.block_ids) for r in scheduled]
@@ -113,3 +118,8 @@ class DecodeScheduler:
         """Drop a finished request and release its pages."""
         self.running.remove(req)
         self.kv.release(req)
+
+
+def preemption_order(req: Request) -> tuple[int, float]:
+    """The request preempted first has the largest key: the lowest priority, then the latest arrival."""
+    return req.priority, req.arrival_time

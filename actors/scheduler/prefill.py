@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from typing import Any
 
 from actors.kv.manager import KVManager, pages_for
 from actors.request import Request
 from actors.scheduler.plan import SeqChunk, chunk_of, prompt_scoring
 
-OrderKey = Callable[[Request], object]
+OrderKey = Callable[[Request], Any]  # a sort key: keys of two requests compare
 
 
 def fcfs(req: Request) -> object:
@@ -60,6 +61,16 @@ class PrefillScheduler:
             reqs = self._waiting + self.running
         return sum(r.num_uncomputed for r in reqs)
 
+    def queued_ahead_of(self, req: Request) -> tuple[int, int]:
+        """Uncomputed tokens, and number, of the requests a new `req` would wait for: every partial prefill, and
+        each waiting request of its priority or a more urgent one, or one that `order` puts first (an aged one).
+        A waiting request of a lower priority class (a larger value) that `order` puts after it does not count."""
+        key = self.order(req)
+        with self._lock:
+            waiting = list(self._waiting)
+        ahead = [r for r in waiting if r.priority <= req.priority or not key < self.order(r)] + list(self.running)
+        return sum(r.num_uncomputed for r in ahead), len(ahead)
+
     def has_work(self) -> bool:
         return bool(self._waiting or self.running)
 
@@ -95,7 +106,7 @@ class PrefillScheduler:
             return [], []
         chunks, reqs, budget = self._continue_running(budget)
         while preempt and not chunks and len(self.running) > 1:
-            self._preempt_youngest_running()
+            self._preempt_last_running()
             chunks, reqs, budget = self._continue_running(budget)
         while budget > 0:
             req = self._admit_next()
@@ -149,9 +160,10 @@ class PrefillScheduler:
         self.running.append(req)
         return req
 
-    def _preempt_youngest_running(self) -> None:
-        """Break a standoff between partial prefills that all wait for pages (the older ones then go on)."""
-        victim = max(self.running, key=lambda r: r.arrival_time)
+    def _preempt_last_running(self) -> None:
+        """Break a standoff between partial prefills that all wait for pages: the one last in `order` (of the
+        lowest priority, the youngest, the latest deadline) gives its pages back, and those before it go on."""
+        victim = max(self.running, key=self.order)
         self.running.remove(victim)
         self.kv.release(victim)
         victim.num_preemptions += 1

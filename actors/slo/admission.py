@@ -11,8 +11,12 @@ target (its deadline, or the deployment's TTFT target), the request is
 - `queue`: accepted at the lowest priority class (`QUEUE_PRIORITY`), served after the
   requests that can still meet their targets.
 
-Off by default (`SLOConfig.admission`). The prediction is conservative: it counts every
-queued token as ahead of the new request and no prefix-cache hit for it.
+Off by default (`SLOConfig.admission`). The prediction is conservative: it counts as ahead of
+the new request every partial prefill and every waiting request of its priority class or a more
+urgent one (whatever their deadlines), and no prefix-cache hit for it. Waiting requests that go
+after it (a lower priority class, such as those `queue` put at `QUEUE_PRIORITY`) do not count:
+counting them refused a high-priority request behind a low-priority backlog, and in `queue` mode
+put every new request behind the others once one was.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from actors.slo.latency_model import LatencyModel
 
 if TYPE_CHECKING:
     from actors.engine.core import EngineCore
+    from actors.request import Request
 
 AdmissionAction = Literal["reject", "queue"]
 ADMISSION_ACTIONS: tuple[str, ...] = ("reject", "queue")
@@ -157,18 +162,24 @@ class EngineAdmission:
                               chunk_tokens=core.config.scheduler.max_prefill_tokens)
         return cls(core, AdmissionController(model, cfg))
 
-    def snapshot(self) -> QueueSnapshot:
+    def snapshot(self, req: Request | None = None) -> QueueSnapshot:
+        """The engine's load: all its queued prefill work, or with `req` what that request would wait for
+        (`PrefillScheduler.queued_ahead_of`)."""
         core = self.core
+        if req is None:
+            tokens, requests = core.prefill.waiting_tokens(), core.prefill.num_waiting + len(core.prefill.running)
+        else:
+            tokens, requests = core.prefill.queued_ahead_of(req)
         recent = core.recent_prefill()
         return QueueSnapshot(
-            waiting_prefill_tokens=core.prefill.waiting_tokens(),
-            num_prefill_requests=core.prefill.num_waiting + len(core.prefill.running),
+            waiting_prefill_tokens=tokens,
+            num_prefill_requests=requests,
             num_decoding=core.decode.num_running,
             prefill_sms=core.partitioner.current,
             prefill_iteration_ms=recent.mean_ms,
             prefill_iteration_tokens=recent.mean_tokens,
         )
 
-    def admit(self, prompt_tokens: int, priority: int = 0, deadline: float | None = None) -> int:
-        """The priority to queue with; raises `AdmissionRejected` when rejecting."""
-        return self.controller.admit(prompt_tokens, self.snapshot(), priority, deadline)
+    def admit(self, req: Request) -> int:
+        """The priority to queue the new `req` with; raises `AdmissionRejected` when rejecting."""
+        return self.controller.admit(req.num_prompt_tokens, self.snapshot(req), req.priority, req.deadline)

@@ -5,9 +5,6 @@
 Within that, `priority` classes come first (lower value first, as in `fcfs`).
 Starvation protection by aging: a request that has waited `aging_s` or more is
 promoted above every younger one, and promoted requests go first come, first served.
-With `demote_missed`, a request whose deadline already passed goes after those that
-can still make theirs (until aging promotes it): under overload this keeps one late
-request from making the next ones late too (EDF's domino effect).
 """
 
 from __future__ import annotations
@@ -22,14 +19,12 @@ from actors.scheduler.prefill import OrderKey, fcfs
 ORDERS: tuple[str, ...] = ("fcfs", "edf")
 
 
-def edf_key(req: Request, now: float, ttft_s: float, aging_s: float, demote_missed: bool = False) -> tuple:
-    """Sort key at time `now` (smaller first): (class, ...) with class 0 promoted by age,
-    1 within deadline, 2 past its deadline (only with `demote_missed`)."""
+def edf_key(req: Request, now: float, ttft_s: float, aging_s: float) -> tuple:
+    """Sort key at time `now` (smaller first): (class, ...) with class 0 promoted by age, 1 the others."""
     if now - req.arrival_time >= aging_s:
         return (0, req.arrival_time, 0.0)
     deadline = req.deadline if req.deadline is not None else req.arrival_time + ttft_s
-    late = demote_missed and now > deadline
-    return (2 if late else 1, req.priority, deadline)
+    return (1, req.priority, deadline)
 
 
 @dataclass(frozen=True)
@@ -43,7 +38,6 @@ class EDFOrder:
 
     ttft_ms: float = 1000.0
     aging_s: float | None = None
-    demote_missed: bool = False
     clock: Callable[[], float] = field(default=time.monotonic, compare=False)
 
     def __post_init__(self) -> None:
@@ -57,14 +51,13 @@ class EDFOrder:
         return self.aging_s if self.aging_s is not None else 2.0 * self.ttft_ms / 1000.0
 
     def __call__(self, req: Request) -> tuple:
-        return edf_key(req, self.clock(), self.ttft_ms / 1000.0, self.effective_aging_s, self.demote_missed)
+        return edf_key(req, self.clock(), self.ttft_ms / 1000.0, self.effective_aging_s)
 
 
-def make_order(name: str, ttft_ms: float = 1000.0, aging_s: float | None = None,
-               demote_missed: bool = False) -> OrderKey:
+def make_order(name: str, ttft_ms: float = 1000.0, aging_s: float | None = None) -> OrderKey:
     """`fcfs` (priority, arrival) or `edf` (`EDFOrder`)."""
     if name == "fcfs":
         return fcfs
     if name == "edf":
-        return EDFOrder(ttft_ms, aging_s, demote_missed)
+        return EDFOrder(ttft_ms, aging_s)
     raise ValueError(f"unknown prefill order {name!r}; choose from {', '.join(ORDERS)}")
