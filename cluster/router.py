@@ -10,7 +10,9 @@ short `submit` call.
 Failures: an actor that dies (Ray actor errors) is marked dead and skipped. A request
 that had not received a token yet is retried on another actor (up to `max_retries`);
 one that had gets a final chunk with `finish_reason="error"` and a message naming the
-engine. A stream that stalls longer than `stall_timeout_s` is checked with a ping: an
+engine. A request that an engine's admission control refuses (predicted to miss its TTFT target there) is
+offered to the next engine, up to `max_retries`; when every engine it was offered refuses it, the first
+refusal is raised. A stream that stalls longer than `stall_timeout_s` is checked with a ping: an
 actor that does not answer within `ping_timeout_s` is treated as dead. No request
 waits forever on a dead actor.
 """
@@ -27,6 +29,7 @@ from dataclasses import replace
 from typing import Any, TypeVar
 
 from actors.engine.frontend import StreamChunk
+from actors.slo.admission import AdmissionRejected
 from cluster.engine_client import EngineLoad, GenerateRequest, ModelInfo, NoCapacityError
 from cluster.routing import RouterPolicy, RouterState, TrackedActor, choose
 
@@ -153,9 +156,15 @@ class Router:
             raise NoCapacityError("the router is draining")
         self._maybe_refresh()
         tried: list[str] = []
+        refused: AdmissionRejected | None = None
         while True:
-            engine_id = choose(self.state.views(), len(request.prompt_token_ids), self.policy,
-                               request.session_id, exclude=tried)
+            try:
+                engine_id = choose(self.state.views(), len(request.prompt_token_ids), self.policy,
+                                   request.session_id, exclude=tried)
+            except NoCapacityError:
+                if refused is not None:  # no other engine to offer it to
+                    raise refused from None
+                raise
             tried.append(engine_id)
             sent = 0
             try:
@@ -170,6 +179,11 @@ class Router:
                 log.info("engine %s refused %s: %s", engine_id, request.request_id, e)
                 if len(tried) > self.policy.max_retries:
                     raise
+            except AdmissionRejected as e:  # nothing was sent: another engine may meet its target
+                log.info("engine %s refused %s: %s", engine_id, request.request_id, e)
+                refused = refused or e
+                if len(tried) > self.policy.max_retries:
+                    raise refused from None
             except _EngineLost as e:
                 if sent:
                     yield StreamChunk(request.request_id, "", (), finish_reason="error",

@@ -328,3 +328,63 @@ def test_a_whole_response_whose_choice_failed_stops_its_other_choices(tiny_llama
     assert r.status_code == 500 and "failed after 1 tokens" in r.json()["error"]["message"]
     assert r.json()["error"]["type"] == "InternalServerError"
     assert client.endings == {"two-0": "error", "two-1": "closed-early"}
+
+
+def _two_engine_router(tiny_llama: Path, admissions: tuple[str, str]) -> tuple[Router, list[Any]]:
+    """A router over two in-process engine actors, "a" and "b", with the given admission modes."""
+    from actors.gpu_actor import EngineActor
+
+    actors = [EngineActor(name, EngineOptions(num_pages=256, admission=admission).engine_config(str(tiny_llama),
+                                                                                               "semi-pd"))
+              for name, admission in zip("ab", admissions)]
+    info = actors[0].info()
+    model = ModelInfo(name="tiny", model_dir=info["model_dir"], architecture=info["architecture"],
+                      max_model_len=info["max_model_len"], vocab_size=info["vocab_size"], mode=info["mode"])
+    return Router({a.engine_id: InProcessHandle(a) for a in actors}, model, RouterPolicy()), actors
+
+
+def _session_on(engine_id: str, engine_ids: list[str]) -> str:
+    """A session id that the router's affinity sends to `engine_id` first."""
+    from cluster.routing import rendezvous
+
+    return next(s for s in (f"s{i}" for i in range(1000)) if rendezvous(s, engine_ids) == engine_id)
+
+
+@pytest.mark.timeout(120)
+def test_a_request_one_engine_refuses_is_served_by_another(tiny_llama: Path, monkeypatch: pytest.MonkeyPatch
+                                                          ) -> None:
+    """Admission control refuses a request on the engine it was routed to (a session pinned there, its TTFT target
+    out of reach): the router offers it to the other engine, which serves it, instead of answering the client with
+    a 429 while that engine had room. When every engine refuses, the first refusal reaches the caller whole."""
+    from actors.slo.admission import AdmissionRejected
+
+    monkeypatch.setattr("cluster.router._cancel_quietly", lambda stream: None)
+    router, actors = _two_engine_router(tiny_llama, ("reject", "off"))
+    strict, both_strict = None, None
+    try:
+        async def main() -> None:
+            for a in actors:
+                await a.ready()
+            urgent = GenerateRequest("urgent", [256, 7, 7], _greedy(3), session_id=_session_on("a", ["a", "b"]),
+                                     ttft_slo_ms=0.001)
+            ids, finish, _ = await collect(router, urgent)
+            assert finish == "length" and len(ids) == 3
+            assert router.dispatch_counts == {"a": 1, "b": 1}
+            assert (await actors[1].load()).stats["finish_reasons"] == {"length": 1}
+
+        asyncio.run(main())
+        strict, strict_actors = _two_engine_router(tiny_llama, ("reject", "reject"))
+        both_strict = strict_actors
+
+        async def refused_everywhere() -> None:
+            for a in strict_actors:
+                await a.ready()
+            with pytest.raises(AdmissionRejected, match="admission control"):
+                await collect(strict, GenerateRequest("late", [256, 7, 7], _greedy(3), ttft_slo_ms=0.001))
+            assert strict.dispatch_counts == {"a": 1, "b": 1}
+            assert (await collect(strict, GenerateRequest("fine", [256, 8, 8], _greedy(3))))[1] == "length"
+
+        asyncio.run(refused_everywhere())
+    finally:
+        for a in actors + (both_strict or []):
+            a.llm.shutdown()
