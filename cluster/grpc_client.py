@@ -115,15 +115,17 @@ def build_request(
     ttft_slo_ms: float | None = None,
     tpot_slo_ms: float | None = None,
     session_id: str | None = None,
+    model: str | None = None,
 ) -> Any:
     """A GenerateRequest message: `prompt` is text, token ids, or chat messages ({"role", "content"} each, put
-    through the server's chat template); `params` is a SamplingParams or a proto SamplingParams."""
+    through the server's chat template); `params` is a SamplingParams or a proto SamplingParams; `model` (the
+    OpenAI API's) None for the served one."""
     pb2, _ = load_stubs()
     if params is None:
         params = SamplingParams()
     proto_params = params_to_proto(params) if isinstance(params, SamplingParams) else params
     req = pb2.GenerateRequest(request_id=request_id or uuid.uuid4().hex, params=proto_params, priority=priority,
-                              session_id=session_id or "")
+                              session_id=session_id or "", model=model or "")
     if isinstance(prompt, str):
         req.text = prompt
     elif prompt and all(isinstance(m, Mapping) for m in prompt):
