@@ -10,33 +10,48 @@ the decode worker may call it at the same time.
 from __future__ import annotations
 
 import hashlib
+import sys
 import threading
+from array import array
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Sequence
 
-_ROOT_HASH = 0x5E1D
+_DIGEST_BYTES = 32
+_ROOT = hashlib.sha256(b"semipd/kv-page-chain/v1").digest()
+_PAGE_TAG, _SALT_TAG = b"P", b"S"  # distinct first bytes: a salted root is never a page's key
 
 
 def page_hashes(token_ids: Sequence[int], page_size: int, known: Sequence[int] = (), salt: str | None = None
                 ) -> list[int]:
-    """Hash chain over the full pages of `token_ids`: h[i] = hash(h[i-1], page i), from a root that
+    """Hash chain over the full pages of `token_ids`: h[i] = sha256(h[i-1], page i), from a root that
     `salt` changes (chains of different salts share no page).
 
+    A key is a SHA-256 digest (as an int), like vLLM's: a prompt cannot be crafted to collide with another's
+    pages and be served their KV (Python's 64-bit `hash` is public and not collision resistant).
     `known` is a prefix of the chain already computed; it is extended, not recomputed.
     """
     hashes = list(known)
-    parent = hashes[-1] if hashes else _root(salt)
+    parent = hashes[-1].to_bytes(_DIGEST_BYTES, "big") if hashes else _root(salt)
     for start in range(len(hashes) * page_size, len(token_ids) - page_size + 1, page_size):
-        parent = hash((parent, tuple(token_ids[start : start + page_size])))
-        hashes.append(parent)
+        parent = hashlib.sha256(_PAGE_TAG + parent + _token_bytes(token_ids[start : start + page_size])).digest()
+        hashes.append(int.from_bytes(parent, "big"))
     return hashes
 
 
-def _root(salt: str | None) -> int:
-    """The chain's root; a salt's is stable across processes (unlike `hash` of a str)."""
+def _token_bytes(tokens: Sequence[int]) -> bytes:
+    """The tokens as 8-byte little-endian ints (the same bytes on every host)."""
+    packed = array("q", tokens)
+    if sys.byteorder != "little":
+        packed.byteswap()
+    return packed.tobytes()
+
+
+def _root(salt: str | None) -> bytes:
+    """The chain's root digest; stable across processes. Any str is a salt, lone surrogates included (a strict
+    encode would raise in the scheduler, at every iteration)."""
     if salt is None:
-        return _ROOT_HASH
-    return hash((_ROOT_HASH, int.from_bytes(hashlib.blake2b(salt.encode(), digest_size=8).digest(), "little")))
+        return _ROOT
+    return hashlib.sha256(_SALT_TAG + _ROOT + salt.encode("utf-8", "surrogatepass")).digest()
 
 
 class BlockAllocator:
