@@ -369,7 +369,7 @@ def test_a_required_or_named_tool_choice_forces_valid_calls(live: Live, tool_cho
         finish = r.choices[0].finish_reason
         assert not r.choices[0].message.content
         got = [(t.function.name, t.function.arguments) for t in r.choices[0].message.tool_calls or []]
-    assert finish == "tool_calls" and got
+    assert got and finish == ("tool_calls" if tool_choice == "required" else "stop")  # OpenAI's: a named call stops
     schemas = {t["function"]["name"]: t["function"]["parameters"] for t in (UNIT_TOOL, FLAG_TOOL)}
     for name, args in got:
         assert name in schemas and (tool_choice == "required" or name == "set_flag")

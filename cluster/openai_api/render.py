@@ -20,7 +20,7 @@ from cluster.openai_api.schemas import (
     CompletionResponse,
     Usage,
 )
-from cluster.openai_api.tools import ToolCallParser
+from cluster.openai_api.tools import ToolCallParser, finish_with_calls
 
 
 @dataclass
@@ -250,7 +250,8 @@ class Renderer:
         else:  # as vLLM's: an empty part is null
             shown = reasoning if call.include_reasoning else ""
             message = ChatResponseMessage(content=content or None, reasoning=shown or None, tool_calls=tool_calls)
-        return ChatChoice(index=i, finish_reason="tool_calls" if calls else c.finish_reason, message=message,
+        finish = finish_with_calls(call.tool_parser) if call.tool_parser is not None and calls else c.finish_reason
+        return ChatChoice(index=i, finish_reason=finish, message=message,
                           stop_reason=c.stop_reason,
                           logprobs=self.chat_logprobs(c.logprobs) if call.want_logprobs else None)
 
@@ -298,5 +299,5 @@ def _tool_aware_delta(parser: ToolCallParser, text: str, choice: Choice, finish:
     if calls:
         delta["tool_calls"] = [t.as_dict(k) for k, t in enumerate(calls)]
     choice.content_sent = len(text)
-    return delta, "tool_calls" if calls else finish
+    return delta, finish_with_calls(parser) if calls else finish
 

@@ -151,6 +151,12 @@ class ForcedCalls:
         return (None, calls) if all(c is not None for c in calls) else (text, [])  # type: ignore[misc]
 
 
+def finish_with_calls(parser: ToolCallParser) -> str:
+    """The finish reason of an output read as tool calls, as OpenAI's and vLLM's: `tool_calls` for auto and
+    `required`, `stop` for a function named by `tool_choice`."""
+    return "stop" if isinstance(parser, ForcedCalls) and parser.function is not None else "tool_calls"
+
+
 def forced_calls_schema(tools: list[dict[str, Any]], function: str | None) -> dict[str, Any]:
     """The JSON schema of the output that `ForcedCalls(function)` reads, from OpenAI `tools` entries; 400 naming
     the tool whose parameters (that the grammar is made of) are not a schema it can be (rather than the engine's
