@@ -1,6 +1,6 @@
 """The split policy in simulation over a fixed set of loads: the mean share of requests within both targets.
 
-    .venv/bin/python bench/policy_suite.py PROFILE.json [--seeds N]
+    .venv/bin/python bench/policy_suite.py PROFILE.json [--seeds N] [--device "NVIDIA H100 80GB HBM3"]
 
 Each case is a load (chat 35-50 req/s, documents 3-5, documents then chat after a pause, a 4 s lull between
 two bursts of chat or of documents) under TTFT <= 1 s and TPOT <= 12 or 15 ms, plus documents at 4-6 req/s
@@ -84,7 +84,9 @@ def _transient(text: str) -> tuple[float, float]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("profile", type=Path, help="a saved latency profile (one device)")
+    parser.add_argument("profile", type=Path, help="a saved latency profile")
+    parser.add_argument("--device", default="NVIDIA H200",
+                        help="the device whose profile to simulate, when the file holds several (default NVIDIA H200)")
     parser.add_argument("--seeds", type=int, default=6, help="arrival seeds per case (default 6)")
     parser.add_argument("--switch-transient", type=_transient, default=(0.0, 1.0), metavar="S:FACTOR",
                         help="decode's steps FACTOR times slower for S seconds after each switch toward prefill "
@@ -96,7 +98,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.seeds < 1:
         parser.error(f"--seeds must be >= 1, got {args.seeds}")
-    (model,) = load_models(args.profile).values()
+    models = list(load_models(args.profile).values())
+    chosen = [m for m in models if m.device == args.device] if len(models) > 1 else models
+    if len(chosen) != 1:
+        parser.error(f"{args.profile} holds {len(chosen)} profiles of {args.device!r} "
+                     f"(devices: {', '.join(sorted(m.device for m in models)) or 'none'})")
+    (model,) = chosen
     by_kind: dict[str, list[float]] = {}
     best_fixed_by_kind: dict[str, list[float]] = {}
     by_split: dict[int, list[float]] = {}  # each split held through every case (what an operator who cannot know

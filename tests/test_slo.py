@@ -356,7 +356,8 @@ def test_the_simulated_switch_transient_costs_the_requests_decoding_through_it()
     40.6, run 20)."""
     from engine_sim import Phase, simulate
 
-    (m,) = load_models(Path(__file__).parents[1] / "bench/profiles/semipd-profile.json").values()
+    (m,) = (m for m in load_models(Path(__file__).parents[1] / "bench/profiles/semipd-profile.json").values()
+            if m.device == "NVIDIA H200")
     targets = SLOTargets(ttft_ms=1000.0, tpot_ms=12.0)
     chat = [Phase(15.0, 45.0, 495, 92, prompt_cv=1.0)]
     for seed in (0, 1):
@@ -434,8 +435,9 @@ def test_a_chat_after_documents_is_planned_with_the_chats_output_budget() -> Non
     tokens), on an engine whose prefill runs 15% slower than the profile says. For a while the finished requests
     are the documents': with their output lengths on the chat's arrival rate, the settled decode batch looks too
     slow and the policy gives decode SMs the chat's prompts need. The arrivals' max_tokens bound the output
-    (TPOT <= 20 ms, seeds 0-5: 76.2% on average without them, 83.8% with them, seed 5 51.9 against 90.3%; the
-    H200 showed the move, run 13). At 25 ms the one-step limit on moves toward decode that no TPOT evidence backs
+    (TPOT <= 20 ms, seeds 0-5: 86.7% on average without them, 88.5% with them; 85.6% without them before a queue
+    that cannot drain within the TTFT target counted as TTFT evidence, which brings the chat's SMs back sooner;
+    the H200 showed the move, run 13). At 25 ms the one-step limit on moves toward decode that no TPOT evidence backs
     (run 19) already keeps the chat's SMs: 87.4% without them, 87.6% with them."""
     from engine_sim import Phase, simulate, with_prefill_factor
 
@@ -450,7 +452,7 @@ def test_a_chat_after_documents_is_planned_with_the_chats_output_budget() -> Non
         return sum(r.attainment for r in runs) / len(runs)
 
     without, bounded = mean_attainment(frozenset({"budgets"})), mean_attainment(frozenset())
-    assert bounded > without + 0.02, (without, bounded)
+    assert bounded > without + 0.01, (without, bounded)
 
 
 def test_model_policy_uses_the_mean_prompt_length_of_the_view() -> None:
@@ -618,6 +620,27 @@ def test_model_policy_leaves_a_split_far_past_its_target_after_the_urgent_dwell(
     assert not decode_heavy_after_a_change(30.0).urgent  # steps within target: the full dwell
     with pytest.raises(ValueError):
         ModelPolicyConfig(urgent_slack=0.0)
+
+
+def test_a_queue_the_engine_cannot_drain_within_the_ttft_target_is_evidence_before_any_first_token() -> None:
+    """A TTFT sample comes only with a first token, seconds after a burst queued up: on the H100 (run 26) a queue
+    of 56,000 prompt tokens, 4.5 s of work at the measured prefill speed, waited 10 s (the whole dwell) for 8 of
+    them. The queued tokens at the speed the engine measured on its split are observed, not predicted: a request
+    arriving now waits that long, so a queue that cannot drain within the target makes the move urgent."""
+    burst = dict(queued=10_000, requests=20, decoding=32, context=32 * 1500)
+
+    def decide_with_prefill_speed(tokens_per_ms: float) -> SplitDecision:
+        policy = ModelPolicy(h100_llama8b(), ModelPolicyConfig(dwell_s=30.0, urgent_dwell_s=2.0))
+        policy.decide(view(64, t=10.0), TARGETS)
+        policy.decide(view(16, t=11.0), TARGETS)  # the split changed to 16 at t = 11
+        measured = replace(view(16, t=14.0, **burst), prefill_iteration_ms=1000.0,
+                           prefill_iteration_tokens=1000.0 * tokens_per_ms)
+        return policy.decide(measured, TARGETS)
+
+    backlog = decide_with_prefill_speed(2.0)  # 10,000 tokens: 5 s of work
+    assert backlog.urgent and backlog.prefill_sms > 16 and backlog.reason.startswith("urgent switch 16->")
+    draining = decide_with_prefill_speed(40.0)  # 0.25 s of work: a risk predicted, none observed yet
+    assert draining.prefill_sms == 16 and not draining.urgent and "not observed" in draining.reason
 
 
 def test_settled_decode_step_follows_littles_law() -> None:
