@@ -24,6 +24,9 @@ autoscaling read us unchanged. Two kinds of series:
   `semipd:queue_depth{phase}`, `semipd:engine_healthy`, and per disagg engine
   `semipd:kv_transfer_bytes_total` (KV moved from its prefill to its decode engine),
   `semipd:kv_transfer_seconds` and `semipd:kv_handoff_seconds` (how long each request took to get there).
+  An engine that could not be read (dead, not answering) shows only in `semipd:engine_healthy` (0): its counters
+  are left out, not exported as zeros, which would read as a reset and as an idle engine. An engine that starts
+  again counts from 0, a reset that Prometheus' `rate()` and `increase()` take in their stride.
 
 Every `ServingMetrics` has its own `CollectorRegistry`: nothing touches the global one.
 """
@@ -89,7 +92,9 @@ class EngineCollector:
         with self._lock:
             if self._loads is None:
                 return
-            loads = list(self._loads)
+            everyone = list(self._loads)
+        loads = [l for l in everyone if "error" not in l.stats]  # an engine that could not be read reports nothing:
+        # zeros would read as a counter reset, and as an idle engine
         m = [self.model_name]
         yield _gauge("vllm:num_requests_running", "Requests in model execution batches (prefill or decode).",
                      ["model_name"], [(m, sum(_stat(l, "num_prefilling") + _stat(l, "num_decoding") for l in loads))])
@@ -101,7 +106,7 @@ class EngineCollector:
         yield _gauge("semipd:prefill_sm_fraction", "Fraction of the GPU's SMs given to prefill.", per_engine,
                      [([*m, l.engine_id], _sm_fraction(l)) for l in loads])
         yield _gauge("semipd:engine_healthy", "1 when the engine is healthy and not draining.", per_engine,
-                     [([*m, l.engine_id], float(l.healthy and not l.draining)) for l in loads])
+                     [([*m, l.engine_id], float(l.healthy and not l.draining)) for l in everyone])
         reparts = CounterMetricFamily("semipd:sm_repartitions", "SM split changes since the engine started.",
                                       labels=per_engine)
         for l in loads:
@@ -342,10 +347,11 @@ class RequestTracker:
             if self.last_token_time is None:
                 m.ttft.observe(now - self.arrival)
                 self.first_token_time = now
+                gaps = [0.0] * (n - 1)  # the tokens that came with the first one, at once
             else:
-                gap = (now - self.last_token_time) / n
-                for _ in range(n):
-                    m.itl.observe(gap)
+                gaps = [(now - self.last_token_time) / n] * n
+            for gap in gaps:
+                m.itl.observe(gap)
             self.last_token_time = now
             self.num_generation_tokens += n
             m.generation_tokens.inc(n)
