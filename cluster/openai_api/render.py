@@ -123,13 +123,16 @@ class Renderer:
             self._token_strs[token_id] = s
         return s
 
-    def completion_logprobs(self, lps: Sequence[TokenLogprobs], choice: Choice) -> dict[str, Any]:
+    def completion_logprobs(self, lps: Sequence[TokenLogprobs], choice: Choice, top_n: int | None = None
+                            ) -> dict[str, Any]:
+        """Completions logprobs of `lps`: each token's, and its `top_n` (None: all scored) most likely tokens
+        plus itself, by text; offsets go on from the choice's."""
         tokens, token_lps, tops, offsets = [], [], [], []
         for lp in lps:
             s = self.token_str(lp.token_id)
             tokens.append(s)
             token_lps.append(lp.logprob)
-            top = {self.token_str(t): v for t, v in lp.top}
+            top = {self.token_str(t): v for t, v in lp.top[:top_n]}
             top.setdefault(s, lp.logprob)
             tops.append(top)
             offsets.append(choice.text_offset)
@@ -144,13 +147,15 @@ class Renderer:
         return {"content": [{**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]}
                             for lp in lps]}
 
-    def echo_logprobs(self, prompt_ids: Sequence[int], scored: Sequence[TokenLogprobs], choice: Choice
-                      ) -> dict[str, Any]:
-        """Completions logprobs of an echoed prompt: its first token has none (null), the others `scored`."""
+    def echo_logprobs(self, prompt_ids: Sequence[int], scored: Sequence[TokenLogprobs], choice: Choice,
+                      top_n: int | None) -> dict[str, Any]:
+        """Completions logprobs of an echoed prompt: its first token has none (null), the others `scored`, with
+        the `top_n` most likely tokens the request's `logprobs` asks (the prompt may be scored wider, for
+        `prompt_logprobs`)."""
         s = self.token_str(prompt_ids[0])
         first = {"tokens": [s], "token_logprobs": [None], "top_logprobs": [None], "text_offset": [choice.text_offset]}
         choice.text_offset += len(s)
-        return _joined(first, self.completion_logprobs(scored, choice))
+        return _joined(first, self.completion_logprobs(scored, choice, top_n))
 
     def prompt_logprobs(self, prompt_ids: Sequence[int], scored: Sequence[TokenLogprobs]
                         ) -> list[dict[str, Any] | None]:
@@ -172,7 +177,8 @@ class Renderer:
             choice.echoed = True
             text = call.echo_prompts[i] + text
             if call.want_logprobs:
-                lp = self.echo_logprobs(call.requests[i].prompt_token_ids, chunk.prompt_logprobs, choice)
+                lp = self.echo_logprobs(call.requests[i].prompt_token_ids, chunk.prompt_logprobs, choice,
+                                        call.requests[i].params.logprobs)
         if call.want_logprobs and chunk.logprobs:
             lp = _joined(lp, self.completion_logprobs(chunk.logprobs, choice))
         first = bool(chunk.token_ids) and len(choice.token_ids) == len(chunk.token_ids)  # its prompt's logprobs came
@@ -223,7 +229,7 @@ class Renderer:
         if call.echo_prompts is not None:
             text = call.echo_prompts[i] + text
             if call.want_logprobs:
-                lp = self.echo_logprobs(prompt_ids, c.prompt_logprobs, offsets)
+                lp = self.echo_logprobs(prompt_ids, c.prompt_logprobs, offsets, call.requests[i].params.logprobs)
         if call.want_logprobs:
             lp = _joined(lp, self.completion_logprobs(c.logprobs, offsets))
         scored = call.requests[i].params.prompt_logprobs is not None
