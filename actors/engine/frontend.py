@@ -154,7 +154,8 @@ class OutputStream:
         self._read_offset = 0
         self.text = ""  # decoded so far (stop string cut applied)
         self._emitted = 0  # chars of `text` already sent
-        self._holdback = max((len(s) for s in params.stop), default=1) - 1
+        # chars that may start a stop string to cut off are held back; one to include takes nothing back (vLLM's)
+        self._holdback = 0 if params.include_stop_str_in_output else max((len(s) for s in params.stop), default=1) - 1
         self._stop_floor = 0  # the text of the first `min_tokens` tokens: no stop string may end within it
         self.stop_reason: str | int | None = None
         self.done = False
