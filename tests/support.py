@@ -22,6 +22,20 @@ if TYPE_CHECKING:
     from cluster.router import Router
 
 T = TypeVar("T")
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]  # Prometheus samples: (name, sorted labels) -> value
+
+
+def parse_metrics(text: str) -> Samples:
+    """Every sample of a Prometheus text exposition."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {(s.name, tuple(sorted(s.labels.items()))): float(s.value)
+            for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+def metric(samples: Samples, name: str, **labels: str) -> float:
+    """The value of sample `name` with exactly `labels`."""
+    return samples[(name, tuple(sorted(labels.items())))]
 
 POLL_INTERVAL_S = 0.01
 

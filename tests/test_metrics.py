@@ -10,7 +10,6 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from actors.config import EngineConfig, SchedulerConfig
 from actors.engine.durations import Durations
@@ -19,21 +18,9 @@ from cluster.engine_client import EngineLoad, LocalEngineClient
 from cluster.metrics import ServingMetrics
 from cluster.openai_api import create_app
 
-from support import LiveServer, wait_until
+from support import LiveServer, Samples, metric, parse_metrics, wait_until
 
 MODEL = "tiny"
-Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
-
-def parse(text: str) -> Samples:
-    return {(s.name, tuple(sorted(s.labels.items()))): float(s.value)
-            for fam in text_string_to_metric_families(text) for s in fam.samples}
-
-
-def get(samples: Samples, name: str, **labels: str) -> float:
-    return samples[(name, tuple(sorted(labels.items())))]
-
-
 class Live:
     def __init__(self, client: LocalEngineClient, url: str) -> None:
         self.client = client
@@ -43,7 +30,7 @@ class Live:
     def scrape(self) -> Samples:
         r = self.http.get("/metrics")
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
-        return parse(r.text)
+        return parse_metrics(r.text)
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +60,7 @@ def test_request_counters_and_histograms(live: Live) -> None:
     after = live.scrape()
 
     def delta(name: str, **labels: str) -> float:
-        return get(after, name, **m, **labels) - get(before, name, **m, **labels)
+        return metric(after, name, **m, **labels) - metric(before, name, **m, **labels)
 
     assert a.usage and b_usage and c.usage and stopped.usage
     engine_requests = 1 + 1 + 2 + 1
@@ -88,7 +75,7 @@ def test_request_counters_and_histograms(live: Live) -> None:
     assert delta("vllm:e2e_request_latency_seconds_count") == engine_requests
     assert delta("vllm:inter_token_latency_seconds_count") == (5 - 1) + (7 - 1) + 2 * (3 - 1) + 0
     assert delta("vllm:e2e_request_latency_seconds_sum") >= delta("vllm:time_to_first_token_seconds_sum") > 0
-    assert get(after, "vllm:time_to_first_token_seconds_bucket", le="+Inf", **m) == get(
+    assert metric(after, "vllm:time_to_first_token_seconds_bucket", le="+Inf", **m) == metric(
         after, "vllm:time_to_first_token_seconds_count", **m)
 
 
@@ -99,21 +86,21 @@ def test_engine_gauges_follow_the_engine(live: Live) -> None:
     running = live.scrape()
     stream.close()  # type: ignore[attr-defined]
     m = {"model_name": MODEL}
-    assert get(running, "vllm:num_requests_running", **m) == 1
-    assert get(running, "vllm:num_requests_waiting", **m) == 0
-    assert 0 < get(running, "vllm:kv_cache_usage_perc", **m) <= 1
+    assert metric(running, "vllm:num_requests_running", **m) == 1
+    assert metric(running, "vllm:num_requests_waiting", **m) == 0
+    assert 0 < metric(running, "vllm:kv_cache_usage_perc", **m) <= 1
     engine = {"model_name": MODEL, "engine": "local"}
-    assert get(running, "semipd:queue_depth", phase="decode", **engine) + get(
+    assert metric(running, "semipd:queue_depth", phase="decode", **engine) + metric(
         running, "semipd:queue_depth", phase="prefill", **engine) == 1
-    assert 0 <= get(running, "semipd:prefill_sm_fraction", **engine) <= 1
-    assert get(running, "semipd:sm_repartitions_total", **engine) >= 0
-    assert get(running, "semipd:engine_healthy", **engine) == 1
-    assert get(running, "semipd:sm_switch_stall_seconds_count", **engine) >= 0
-    assert get(running, "semipd:worker_iteration_seconds_count", worker="decode", **engine) >= 1  # it is decoding
+    assert 0 <= metric(running, "semipd:prefill_sm_fraction", **engine) <= 1
+    assert metric(running, "semipd:sm_repartitions_total", **engine) >= 0
+    assert metric(running, "semipd:engine_healthy", **engine) == 1
+    assert metric(running, "semipd:sm_switch_stall_seconds_count", **engine) >= 0
+    assert metric(running, "semipd:worker_iteration_seconds_count", worker="decode", **engine) >= 1  # it is decoding
 
     def idle() -> bool:
         s = live.scrape()
-        return get(s, "vllm:num_requests_running", **m) == 0 and get(s, "vllm:kv_cache_usage_perc", **m) == 0
+        return metric(s, "vllm:num_requests_running", **m) == 0 and metric(s, "vllm:kv_cache_usage_perc", **m) == 0
 
     wait_until(idle, what="the gauges to show the aborted request gone")
 
@@ -136,36 +123,36 @@ def test_engine_collector_aggregates_engines() -> None:
         _load("g1", num_waiting=0, num_prefilling=0, num_decoding=1, kv_usage=0.1, num_pages=300, prefill_sms=32,
               total_sms=128, num_switches=0),
     ])
-    s = parse(metrics.render()[0].decode())
-    assert get(s, "vllm:num_requests_running", model_name="m") == 7
-    assert get(s, "vllm:num_requests_waiting", model_name="m") == 2
-    assert get(s, "vllm:kv_cache_usage_perc", model_name="m") == pytest.approx((50 + 30) / 400)
-    assert get(s, "semipd:prefill_sm_fraction", model_name="m", engine="g1") == 0.25
-    assert get(s, "semipd:sm_repartitions_total", model_name="m", engine="g0") == 3
-    assert get(s, "semipd:sm_switch_stall_seconds_count", model_name="m", engine="g0") == 3
-    assert get(s, "semipd:sm_switch_stall_seconds_sum", model_name="m", engine="g0") == pytest.approx(0.006)
-    assert get(s, "semipd:queue_depth", model_name="m", engine="g0", phase="prefill") == 3
-    assert get(s, "semipd:queue_depth", model_name="m", engine="g0", phase="decode") == 5
+    s = parse_metrics(metrics.render()[0].decode())
+    assert metric(s, "vllm:num_requests_running", model_name="m") == 7
+    assert metric(s, "vllm:num_requests_waiting", model_name="m") == 2
+    assert metric(s, "vllm:kv_cache_usage_perc", model_name="m") == pytest.approx((50 + 30) / 400)
+    assert metric(s, "semipd:prefill_sm_fraction", model_name="m", engine="g1") == 0.25
+    assert metric(s, "semipd:sm_repartitions_total", model_name="m", engine="g0") == 3
+    assert metric(s, "semipd:sm_switch_stall_seconds_count", model_name="m", engine="g0") == 3
+    assert metric(s, "semipd:sm_switch_stall_seconds_sum", model_name="m", engine="g0") == pytest.approx(0.006)
+    assert metric(s, "semipd:queue_depth", model_name="m", engine="g0", phase="prefill") == 3
+    assert metric(s, "semipd:queue_depth", model_name="m", engine="g0", phase="decode") == 5
     decode = {"model_name": "m", "engine": "g0", "worker": "decode"}
-    assert get(s, "semipd:worker_iteration_seconds_count", **decode) == 400
-    assert get(s, "semipd:worker_iteration_seconds_sum", **decode) == pytest.approx(2.8)
-    assert get(s, "semipd:worker_iteration_seconds_bucket", le="0.015", **decode) == 350  # cumulative
-    assert get(s, "semipd:worker_iteration_seconds_bucket", le="+Inf", **decode) == 400
-    assert get(s, "semipd:worker_iteration_seconds_bucket", le="0.1", worker="prefill", model_name="m", engine="g0") == 0
+    assert metric(s, "semipd:worker_iteration_seconds_count", **decode) == 400
+    assert metric(s, "semipd:worker_iteration_seconds_sum", **decode) == pytest.approx(2.8)
+    assert metric(s, "semipd:worker_iteration_seconds_bucket", le="0.015", **decode) == 350  # cumulative
+    assert metric(s, "semipd:worker_iteration_seconds_bucket", le="+Inf", **decode) == 400
+    assert metric(s, "semipd:worker_iteration_seconds_bucket", le="0.1", worker="prefill", model_name="m", engine="g0") == 0
     assert not any(name.startswith("semipd:worker_iteration") and dict(labels).get("engine") == "g1" for name, labels in s)
-    assert get(s, "semipd:cuda_alloc_retries_total", model_name="m", engine="g0") == 2
-    assert get(s, "semipd:cuda_frees_total", model_name="m", engine="g0") == 7
-    assert get(s, "semipd:cuda_mallocs_total", model_name="m", engine="g0") == 30
-    assert get(s, "semipd:cuda_host_allocs_total", model_name="m", engine="g0") == 9
+    assert metric(s, "semipd:cuda_alloc_retries_total", model_name="m", engine="g0") == 2
+    assert metric(s, "semipd:cuda_frees_total", model_name="m", engine="g0") == 7
+    assert metric(s, "semipd:cuda_mallocs_total", model_name="m", engine="g0") == 30
+    assert metric(s, "semipd:cuda_host_allocs_total", model_name="m", engine="g0") == 9
     assert not any(name.startswith("semipd:cuda_") and dict(labels).get("engine") == "g1" for name, labels in s)  # a CPU engine
-    assert get(s, "vllm:prefix_cache_queries_total", model_name="m", engine="g0") == 5000
-    assert get(s, "vllm:prefix_cache_hits_total", model_name="m", engine="g0") == 1200
-    assert get(s, "semipd:worker_launch_part_seconds_total", part="graph", **decode) == 1.25
-    assert get(s, "semipd:worker_paced_seconds_total", **decode) == 0.75  # --decode-pace-ms
+    assert metric(s, "vllm:prefix_cache_queries_total", model_name="m", engine="g0") == 5000
+    assert metric(s, "vllm:prefix_cache_hits_total", model_name="m", engine="g0") == 1200
+    assert metric(s, "semipd:worker_launch_part_seconds_total", part="graph", **decode) == 1.25
+    assert metric(s, "semipd:worker_paced_seconds_total", **decode) == 0.75  # --decode-pace-ms
     assert not any(name.startswith("semipd:worker_paced") and dict(labels).get("engine") == "g1" for name, labels in s)
     metrics.update_loads([])  # engines gone: per-engine series disappear, totals drop to 0
-    s = parse(metrics.render()[0].decode())
-    assert get(s, "vllm:num_requests_running", model_name="m") == 0
+    s = parse_metrics(metrics.render()[0].decode())
+    assert metric(s, "vllm:num_requests_running", model_name="m") == 0
     assert not any(name.startswith("semipd:queue_depth") for name, _ in s)
 
 
@@ -189,15 +176,15 @@ def test_a_disagg_engines_handoff_histograms() -> None:
     metrics = ServingMetrics("m")
     metrics.update_loads([_load("d0", kv_transfer_bytes=3 << 20, kv_transfer_seconds=transfer.to_dict(),
                                 kv_handoff_seconds=handoff.to_dict()), _load("g1")])
-    s = parse(metrics.render()[0].decode())
+    s = parse_metrics(metrics.render()[0].decode())
     d0 = {"model_name": "m", "engine": "d0"}
-    assert get(s, "semipd:kv_transfer_bytes_total", **d0) == 3 << 20
-    assert get(s, "semipd:kv_transfer_seconds_count", **d0) == 3
-    assert get(s, "semipd:kv_transfer_seconds_sum", **d0) == pytest.approx(0.0238)
-    assert get(s, "semipd:kv_transfer_seconds_bucket", le="0.001", **d0) == 1
-    assert get(s, "semipd:kv_transfer_seconds_bucket", le="0.005", **d0) == 2
-    assert get(s, "semipd:kv_handoff_seconds_bucket", le="1.0", **d0) == 0
-    assert get(s, "semipd:kv_handoff_seconds_bucket", le="2.5", **d0) == 3
+    assert metric(s, "semipd:kv_transfer_bytes_total", **d0) == 3 << 20
+    assert metric(s, "semipd:kv_transfer_seconds_count", **d0) == 3
+    assert metric(s, "semipd:kv_transfer_seconds_sum", **d0) == pytest.approx(0.0238)
+    assert metric(s, "semipd:kv_transfer_seconds_bucket", le="0.001", **d0) == 1
+    assert metric(s, "semipd:kv_transfer_seconds_bucket", le="0.005", **d0) == 2
+    assert metric(s, "semipd:kv_handoff_seconds_bucket", le="1.0", **d0) == 0
+    assert metric(s, "semipd:kv_handoff_seconds_bucket", le="2.5", **d0) == 3
     assert not any(name.startswith("semipd:kv_") and dict(labels).get("engine") == "g1" for name, labels in s)
 
 
@@ -207,11 +194,11 @@ def test_each_app_has_its_own_registry() -> None:
     tracker.on_chunk(StreamChunk("r", "x", (1,), num_prompt_tokens=3))
     tracker.on_chunk(StreamChunk("r", "y", (2, 3), finish_reason="stop"))
     tracker.finish("abort")  # already finished: not counted again
-    sa, sb = parse(a.render()[0].decode()), parse(b.render()[0].decode())
-    assert get(sa, "vllm:generation_tokens_total", model_name="a") == 3
-    assert get(sa, "vllm:prompt_tokens_total", model_name="a") == 3
-    assert get(sa, "vllm:inter_token_latency_seconds_count", model_name="a") == 2
-    assert get(sa, "vllm:request_success_total", model_name="a", finished_reason="stop") == 1
-    assert get(sa, "vllm:request_success_total", model_name="a", finished_reason="abort") == 0
-    assert get(sa, "vllm:time_to_first_token_seconds_sum", model_name="a") >= 0.5
-    assert get(sb, "vllm:generation_tokens_total", model_name="b") == 0
+    sa, sb = parse_metrics(a.render()[0].decode()), parse_metrics(b.render()[0].decode())
+    assert metric(sa, "vllm:generation_tokens_total", model_name="a") == 3
+    assert metric(sa, "vllm:prompt_tokens_total", model_name="a") == 3
+    assert metric(sa, "vllm:inter_token_latency_seconds_count", model_name="a") == 2
+    assert metric(sa, "vllm:request_success_total", model_name="a", finished_reason="stop") == 1
+    assert metric(sa, "vllm:request_success_total", model_name="a", finished_reason="abort") == 0
+    assert metric(sa, "vllm:time_to_first_token_seconds_sum", model_name="a") >= 0.5
+    assert metric(sb, "vllm:generation_tokens_total", model_name="b") == 0

@@ -25,12 +25,10 @@ from cluster.engine_client import EngineLoad, GenerateRequest, LocalEngineClient
 from cluster.metrics import E2E_BUCKETS, ITL_BUCKETS, TTFT_BUCKETS, ServingMetrics
 from cluster.openai_api import create_app
 
-from support import LiveServer
+from support import LiveServer, Samples, metric, parse_metrics
 
 MODEL = "tiny"
 MAX_MODEL_LEN = 512
-Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
 # vLLM's buckets, as vllm/v1/metrics/loggers.py writes them
 VLLM_TTFT = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
              80.0, 160.0, 640.0, 2560.0]
@@ -49,15 +47,6 @@ def vllm_1_2_5(max_value: int) -> list[int]:
                 return out
             out.append(m * 10**exponent)
     raise AssertionError
-
-
-def parse(text: str) -> Samples:
-    return {(s.name, tuple(sorted(s.labels.items()))): float(s.value)
-            for fam in text_string_to_metric_families(text) for s in fam.samples}
-
-
-def get(samples: Samples, name: str, **labels: str) -> float:
-    return samples[(name, tuple(sorted(labels.items())))]
 
 
 def types(text: str) -> dict[str, str]:
@@ -105,38 +94,38 @@ def test_per_request_histograms_as_vllm_observes_them(monkeypatch: pytest.Monkey
     at(1.5, a0, StreamChunk("a0", "y", (2,)))
     at(2.0, a0, StreamChunk("a0", "z", (3,), finish_reason="length"))  # 3 tokens: decode 1.0 s, 0.5 s per token
     at(1.2, a1, StreamChunk("a1", "x", (1,), num_prompt_tokens=4, finish_reason="stop"))  # 1 token: decode 0
-    s = parse(metrics.render()[0].decode())
+    s = parse_metrics(metrics.render()[0].decode())
     m = {"model_name": "m"}
-    assert get(s, "vllm:request_params_n_count", **m) == 1  # prompt a's both children finished
-    assert get(s, "vllm:request_params_n_sum", **m) == 2
-    assert get(s, "vllm:request_max_num_generation_tokens_sum", **m) == 3  # max over the children
+    assert metric(s, "vllm:request_params_n_count", **m) == 1  # prompt a's both children finished
+    assert metric(s, "vllm:request_params_n_sum", **m) == 2
+    assert metric(s, "vllm:request_max_num_generation_tokens_sum", **m) == 3  # max over the children
     at(3.0, b0, StreamChunk("b0", "x", (1, 2), num_prompt_tokens=30))
     b0.finish("abort", arrival + 4.0)  # the client left
     b1.finish("abort", arrival + 4.0)  # ... before b1's first token
     text = metrics.render()[0].decode()
-    s = parse(text)
+    s = parse_metrics(text)
 
     for name in ("vllm:request_prompt_tokens", "vllm:request_generation_tokens", "vllm:request_params_max_tokens",
                  "vllm:request_max_num_generation_tokens", "vllm:request_params_n", "vllm:request_decode_time_seconds",
                  "vllm:request_time_per_output_token_seconds"):
         assert types(text)[name] == "histogram", name
-        assert get(s, f"{name}_bucket", le="+Inf", **m) == get(s, f"{name}_count", **m), name
-    assert get(s, "vllm:request_prompt_tokens_count", **m) == 4  # every finished request, aborted ones too
-    assert get(s, "vllm:request_prompt_tokens_sum", **m) == 4 + 4 + 30 + 30
-    assert get(s, "vllm:request_prompt_tokens_bucket", le="5.0", **m) == 2
-    assert get(s, "vllm:request_generation_tokens_sum", **m) == 3 + 1 + 2 + 0
-    assert get(s, "vllm:request_params_max_tokens_sum", **m) == 8 + 8 + 50 + 50
-    assert get(s, "vllm:request_max_num_generation_tokens_count", **m) == 2  # one per prompt (parent request)
-    assert get(s, "vllm:request_max_num_generation_tokens_sum", **m) == 3 + 2
-    assert get(s, "vllm:request_params_n_count", **m) == 2
-    assert get(s, "vllm:request_params_n_sum", **m) == 4
+        assert metric(s, f"{name}_bucket", le="+Inf", **m) == metric(s, f"{name}_count", **m), name
+    assert metric(s, "vllm:request_prompt_tokens_count", **m) == 4  # every finished request, aborted ones too
+    assert metric(s, "vllm:request_prompt_tokens_sum", **m) == 4 + 4 + 30 + 30
+    assert metric(s, "vllm:request_prompt_tokens_bucket", le="5.0", **m) == 2
+    assert metric(s, "vllm:request_generation_tokens_sum", **m) == 3 + 1 + 2 + 0
+    assert metric(s, "vllm:request_params_max_tokens_sum", **m) == 8 + 8 + 50 + 50
+    assert metric(s, "vllm:request_max_num_generation_tokens_count", **m) == 2  # one per prompt (parent request)
+    assert metric(s, "vllm:request_max_num_generation_tokens_sum", **m) == 3 + 2
+    assert metric(s, "vllm:request_params_n_count", **m) == 2
+    assert metric(s, "vllm:request_params_n_sum", **m) == 4
     # decode: first token to last token (0 with one token or none); per output token: decode / (tokens - 1), else 0
-    assert get(s, "vllm:request_decode_time_seconds_count", **m) == 4
-    assert get(s, "vllm:request_decode_time_seconds_sum", **m) == pytest.approx(1.0)
-    assert get(s, "vllm:request_time_per_output_token_seconds_count", **m) == 4
-    assert get(s, "vllm:request_time_per_output_token_seconds_sum", **m) == pytest.approx(0.5)
-    assert get(s, "vllm:request_time_per_output_token_seconds_bucket", le="0.5", **m) == 4
-    assert get(s, "vllm:request_time_per_output_token_seconds_bucket", le="0.4", **m) == 3
+    assert metric(s, "vllm:request_decode_time_seconds_count", **m) == 4
+    assert metric(s, "vllm:request_decode_time_seconds_sum", **m) == pytest.approx(1.0)
+    assert metric(s, "vllm:request_time_per_output_token_seconds_count", **m) == 4
+    assert metric(s, "vllm:request_time_per_output_token_seconds_sum", **m) == pytest.approx(0.5)
+    assert metric(s, "vllm:request_time_per_output_token_seconds_bucket", le="0.5", **m) == 4
+    assert metric(s, "vllm:request_time_per_output_token_seconds_bucket", le="0.4", **m) == 3
 
     for name in ("vllm:request_prompt_tokens", "vllm:request_generation_tokens", "vllm:request_params_max_tokens",
                  "vllm:request_max_num_generation_tokens"):
@@ -144,7 +133,7 @@ def test_per_request_histograms_as_vllm_observes_them(monkeypatch: pytest.Monkey
     assert les(s, "vllm:request_params_n") == VLLM_N
     assert les(s, "vllm:request_decode_time_seconds") == VLLM_REQUEST_LATENCY
     assert les(s, "vllm:request_time_per_output_token_seconds") == VLLM_ITL
-    assert get(s, "vllm:request_success_total", finished_reason="abort", **m) == 2
+    assert metric(s, "vllm:request_success_total", finished_reason="abort", **m) == 2
 
 
 def test_a_plain_tracker_observes_what_it_knows(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -156,15 +145,15 @@ def test_a_plain_tracker_observes_what_it_knows(monkeypatch: pytest.MonkeyPatch)
     tracker.on_chunk(StreamChunk("r", "x", (1,), num_prompt_tokens=3))
     clock.now += 0.3
     tracker.on_chunk(StreamChunk("r", "y", (2, 3), finish_reason="stop"))
-    s = parse(metrics.render()[0].decode())
+    s = parse_metrics(metrics.render()[0].decode())
     m = {"model_name": "m"}
-    assert get(s, "vllm:request_decode_time_seconds_sum", **m) == pytest.approx(0.3)
-    assert get(s, "vllm:request_time_per_output_token_seconds_sum", **m) == pytest.approx(0.15)
-    assert get(s, "vllm:request_params_n_sum", **m) == 1
-    assert get(s, "vllm:request_prompt_tokens_sum", **m) == 3
-    assert get(s, "vllm:request_generation_tokens_sum", **m) == 3
-    assert get(s, "vllm:request_max_num_generation_tokens_sum", **m) == 3
-    assert get(s, "vllm:request_params_max_tokens_count", **m) == 0  # unknown without the request
+    assert metric(s, "vllm:request_decode_time_seconds_sum", **m) == pytest.approx(0.3)
+    assert metric(s, "vllm:request_time_per_output_token_seconds_sum", **m) == pytest.approx(0.15)
+    assert metric(s, "vllm:request_params_n_sum", **m) == 1
+    assert metric(s, "vllm:request_prompt_tokens_sum", **m) == 3
+    assert metric(s, "vllm:request_generation_tokens_sum", **m) == 3
+    assert metric(s, "vllm:request_max_num_generation_tokens_sum", **m) == 3
+    assert metric(s, "vllm:request_params_max_tokens_count", **m) == 0  # unknown without the request
     assert les(s, "vllm:request_prompt_tokens") == vllm_1_2_5(1000)
 
 
@@ -176,7 +165,7 @@ class Live:
     def scrape(self) -> tuple[Samples, str]:
         r = self.http.get("/metrics")
         assert r.status_code == 200
-        return parse(r.text), r.text
+        return parse_metrics(r.text), r.text
 
 
 @pytest.fixture(scope="module")
@@ -200,7 +189,7 @@ def test_the_server_feeds_the_per_request_histograms(live: Live) -> None:
     after, text = live.scrape()
 
     def delta(name: str) -> float:  # the token histograms appear with the first request (max_model_len known)
-        return get(after, name, **m) - before.get((name, tuple(sorted(m.items()))), 0.0)
+        return metric(after, name, **m) - before.get((name, tuple(sorted(m.items()))), 0.0)
 
     assert a.usage and c.usage
     assert delta("vllm:request_params_n_count") == 2  # two parent requests: the completion (n=2) and the chat

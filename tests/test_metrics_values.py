@@ -11,7 +11,6 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from actors.config import CacheConfig, EngineConfig, SchedulerConfig
 from actors.engine.frontend import StreamChunk, Tokenizer
@@ -19,24 +18,12 @@ from cluster.engine_client import EngineLoad, LocalEngineClient
 from cluster.metrics import ServingMetrics
 from cluster.openai_api import create_app
 
-from support import LiveServer, wait_until
+from support import LiveServer, Samples, metric, parse_metrics, wait_until
 
 MODEL = "tiny"
 M = {"model_name": MODEL}
-Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
-
-def parse(text: str) -> Samples:
-    return {(s.name, tuple(sorted(s.labels.items()))): float(s.value)
-            for fam in text_string_to_metric_families(text) for s in fam.samples}
-
-
-def get(samples: Samples, name: str, **labels: str) -> float:
-    return samples[(name, tuple(sorted(labels.items())))]
-
-
 def rendered(metrics: ServingMetrics) -> Samples:
-    return parse(metrics.render()[0].decode())
+    return parse_metrics(metrics.render()[0].decode())
 
 
 def _load(engine_id: str, **stats: Any) -> EngineLoad:
@@ -54,11 +41,11 @@ def test_itl_covers_every_token_after_the_first_when_the_first_chunk_brings_seve
     tracker.on_chunk(StreamChunk("r", "e", (5,), finish_reason="length"))
     s = rendered(metrics)
     m = {"model_name": "m"}
-    assert get(s, "vllm:generation_tokens_total", **m) == 5
-    assert get(s, "vllm:time_to_first_token_seconds_count", **m) == 1
-    assert get(s, "vllm:inter_token_latency_seconds_count", **m) == 5 - 1
-    assert get(s, "vllm:inter_token_latency_seconds_sum", **m) == pytest.approx(
-        get(s, "vllm:request_decode_time_seconds_sum", **m))
+    assert metric(s, "vllm:generation_tokens_total", **m) == 5
+    assert metric(s, "vllm:time_to_first_token_seconds_count", **m) == 1
+    assert metric(s, "vllm:inter_token_latency_seconds_count", **m) == 5 - 1
+    assert metric(s, "vllm:inter_token_latency_seconds_sum", **m) == pytest.approx(
+        metric(s, "vllm:request_decode_time_seconds_sum", **m))
 
 
 class Live:
@@ -67,7 +54,7 @@ class Live:
         self.oa = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
 
     def scrape(self) -> Samples:
-        return parse(self.http.get("/metrics").text)
+        return parse_metrics(self.http.get("/metrics").text)
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +74,7 @@ def _idle(live: Live) -> Samples:
     def idle() -> Samples | None:
         s = live.scrape()
         gauges = ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc")
-        return s if all(get(s, g, **M) == 0 for g in gauges) else None
+        return s if all(metric(s, g, **M) == 0 for g in gauges) else None
 
     return wait_until(idle, what="the engine gauges back at 0")
 
@@ -114,7 +101,7 @@ def test_a_workload_is_counted_as_it_happened(live: Live) -> None:
     after = _idle(live)
 
     def delta(name: str, **labels: str) -> float:
-        return get(after, name, **labels) - get(before, name, **labels)
+        return metric(after, name, **labels) - metric(before, name, **labels)
 
     usages = [echo.usage, one.usage, *(c.usage for c in cached), *(c.usage for c in crowd)]
     assert all(u is not None for u in usages)
@@ -168,14 +155,14 @@ def test_an_engine_that_could_not_be_read_exports_no_counters_rather_than_zeros(
     counts = [2] * 17
     metrics.update_loads([_load("g0", **_counting(switches=3, queried=80, decode_counts=counts, busy=1.0)),
                           _load("g1", **_counting(switches=2, queried=20, decode_counts=counts, busy=1.0))])
-    assert get(rendered(metrics), "semipd:sm_repartitions_total", **g0) == 3
+    assert metric(rendered(metrics), "semipd:sm_repartitions_total", **g0) == 3
     metrics.update_loads([EngineLoad("g0", healthy=False, stats={"error": "ActorDiedError"}),
                           _load("g1", **_counting(switches=2, queried=30, decode_counts=counts, busy=1.0)),
                           EngineLoad("g2", healthy=False, stats={"error": "no report"})])
     s = rendered(metrics)
     assert not any(dict(labels).get("engine") in ("g0", "g2") and name != "semipd:engine_healthy"
                    for name, labels in s)
-    assert get(s, "semipd:engine_healthy", **g0) == 0 and get(s, "semipd:engine_healthy", model_name="m",
+    assert metric(s, "semipd:engine_healthy", **g0) == 0 and metric(s, "semipd:engine_healthy", model_name="m",
                                                                 engine="g2") == 0
-    assert get(s, "vllm:prefix_cache_queries_total", **g1) == 30
-    assert get(s, "semipd:sm_repartitions_total", **g1) == 2
+    assert metric(s, "vllm:prefix_cache_queries_total", **g1) == 30
+    assert metric(s, "semipd:sm_repartitions_total", **g1) == 2
