@@ -188,6 +188,13 @@ class ModelArch:
         eos = _token_ids(generation_config(model_dir).get("eos_token_id"))
         return replace(arch, eos_token_ids=tuple(dict.fromkeys(arch.eos_token_ids + eos)))
 
+    def with_eos_token_id(self, token_id: int | None) -> ModelArch:
+        """This arch with `token_id` (the tokenizer's EOS, vLLM's primary one) among its EOS ids; unchanged for
+        None or an id outside the vocabulary."""
+        if token_id is None or not 0 <= token_id < self.vocab_size or token_id in self.eos_token_ids:
+            return self
+        return replace(self, eos_token_ids=(*self.eos_token_ids, token_id))
+
 
 def _rope(cfg: dict[str, Any], max_pos: int) -> tuple[float, dict[str, Any] | None]:
     """(rope_theta, the RoPE scaling dict or None), read as transformers' RotaryEmbeddingConfigMixin does: the legacy
@@ -389,6 +396,9 @@ class EngineConfig:
     sets for its whole process when it starts. Its workers and the thread that streams tokens
     share one interpreter lock, and a thread back from a GPU wait may wait this long for it
     (Python's default: 5 ms). None leaves the interpreter's setting.
+    `tokenizer_eos_token_id`: the tokenizer's `eos_token_id`, which ends every request (unless `ignore_eos`) besides
+    the EOS ids of config.json and generation_config.json, as in vLLM. The front ends, which load the tokenizer, set
+    it; an engine alone (None) stops on the checkpoint's ids only, as vLLM does without a tokenizer.
     """
 
     model: str
@@ -409,6 +419,7 @@ class EngineConfig:
     switch_interval_ms: float | None = None
     load_format: str = "auto"  # "dummy": random weights drawn on the device, no checkpoint read
     slo: SLOConfig = field(default_factory=SLOConfig)
+    tokenizer_eos_token_id: int | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in ENGINE_MODES:

@@ -27,8 +27,8 @@ class DisaggLLM(LLM):
                  **kwargs: Any) -> None:
         self._sinks = {}
         self._sinks_lock = threading.Lock()
-        self.config = EngineConfig(model=str(model), **kwargs)
-        self.tokenizer = Tokenizer(self.config.model)
+        self.tokenizer = Tokenizer(str(model))
+        self.config = EngineConfig(model=str(model), tokenizer_eos_token_id=self.tokenizer.eos_token_id, **kwargs)
         p_cfg = replace(self.config, cache=prefill_cache) if prefill_cache else self.config
         d_cfg = replace(self.config, cache=decode_cache) if decode_cache else self.config
         self.pair = DisaggPair(p_cfg, d_cfg, self._route, transport)

@@ -120,7 +120,7 @@ class EngineStats:
 class EngineCore:
     def __init__(self, config: EngineConfig, emit: Emit, order: OrderKey | None = None) -> None:
         self.config = config
-        self.arch = ModelArch.from_dir(config.model)
+        self.arch = ModelArch.from_dir(config.model).with_eos_token_id(config.tokenizer_eos_token_id)
         self.device = config.resolved_device
         self.dtype = config.torch_dtype(self.arch)
         self.max_model_len = config.max_model_len(self.arch)

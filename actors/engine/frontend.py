@@ -293,9 +293,9 @@ class _Frontend:
     """Shared set-up: engine core, tokenizer, request ids, prompt handling."""
 
     def __init__(self, config: EngineConfig) -> None:
-        self.config = config
         self.tokenizer = Tokenizer(config.model)
-        self.core = make_core(config, self._route)
+        self.config = replace(config, tokenizer_eos_token_id=self.tokenizer.eos_token_id)
+        self.core = make_core(self.config, self._route)
         self._counter = itertools.count()
 
     def _route(self, deltas: list[TokenDelta]) -> None:
