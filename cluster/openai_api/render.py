@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from actors.engine.frontend import StreamChunk, Tokenizer
@@ -36,6 +36,7 @@ class Choice:
     num_cached_tokens: int = 0
     prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)  # prompt tokens 1.., when asked
     echoed: bool = False  # a stream with `echo`: the prompt went out in a chunk
+    prompt_scored_sent: bool = False  # a completions stream: the `prompt_logprobs` went out in a chunk
     content_sent: int = 0  # a chat stream: characters of its content (`text` past any reasoning) sent
     reasoning_sent: int = 0  # a chat stream read for reasoning: characters of the reasoning sent
     stop_reason: str | int | None = None  # vLLM's: the stop string or stop token id that ended it
@@ -65,6 +66,8 @@ class Call:
     want_logprobs: bool
     n: int = 1  # choices per prompt; `requests` holds each prompt's n in a row
     echo_prompts: list[str] | None = None  # completions with `echo`: each request's prompt text, shown first
+    echo_only: bool = False  # completions with `echo` and `max_tokens` 0: the prompt alone (see `shown`)
+    prompt_top: int | None = None  # alternatives the `prompt_logprobs` field shows (None: all scored)
     continuous_usage: bool = False  # every chunk carries its choice's usage so far
     tool_parser: ToolCallParser | None = None  # chat with tools: the output is read for tool calls
     reasoning_parser: ReasoningParser | None = None  # a server reading reasoning: the message has `reasoning`
@@ -74,6 +77,14 @@ class Call:
 
     def __post_init__(self) -> None:
         self.choices = [Choice() for _ in self.requests]
+
+    def shown(self, chunk: StreamChunk) -> StreamChunk:
+        """`chunk` as this call shows it: an echo-only call drops the token the engine had to make (its output is
+        the prompt alone, cut by `max_tokens` 0, as vLLM's)."""
+        if not self.echo_only:
+            return chunk
+        finish = "length" if chunk.finish_reason in ("stop", "length") else chunk.finish_reason
+        return replace(chunk, text="", token_ids=(), logprobs=(), finish_reason=finish, stop_reason=None)
 
     def usage(self) -> dict[str, Any]:
         completion = sum(len(c.token_ids) for c in self.choices)
@@ -157,15 +168,16 @@ class Renderer:
         choice.text_offset += len(s)
         return _joined(first, self.completion_logprobs(scored, choice, top_n))
 
-    def prompt_logprobs(self, prompt_ids: Sequence[int], scored: Sequence[TokenLogprobs]
+    def prompt_logprobs(self, prompt_ids: Sequence[int], scored: Sequence[TokenLogprobs], top_n: int | None = None
                         ) -> list[dict[str, Any] | None]:
-        """vLLM's `prompt_logprobs`: null for the first token, then each token's and the top ones', by token id."""
+        """vLLM's `prompt_logprobs`: null for the first token, then each token's and its `top_n` (None: all scored)
+        most likely ones', by token id."""
         def entry(token_id: int, logprob: float, rank: int | None) -> dict[str, Any]:
             return {"logprob": logprob, "rank": rank, "decoded_token": self.token_str(token_id)}
 
         out: list[dict[str, Any] | None] = [None] if prompt_ids else []
         for lp in scored:
-            top = {str(t): entry(t, v, r) for r, (t, v) in enumerate(lp.top, 1)}
+            top = {str(t): entry(t, v, r) for r, (t, v) in enumerate(lp.top[:top_n], 1)}
             top[str(lp.token_id)] = entry(lp.token_id, lp.logprob, lp.rank)
             out.append(top)
         return out
@@ -181,14 +193,16 @@ class Renderer:
                                         call.requests[i].params.logprobs)
         if call.want_logprobs and chunk.logprobs:
             lp = _joined(lp, self.completion_logprobs(chunk.logprobs, choice))
-        first = bool(chunk.token_ids) and len(choice.token_ids) == len(chunk.token_ids)  # its prompt's logprobs came
+        first = not choice.prompt_scored_sent and bool(chunk.token_ids or (call.echo_only and chunk.finish_reason))
         scored = first and call.requests[i].params.prompt_logprobs is not None
         if not (text or chunk.finish_reason or lp or scored):
             return None
         out: dict[str, Any] = {"index": i, "text": text, "logprobs": lp, "finish_reason": chunk.finish_reason,
                                "stop_reason": chunk.stop_reason}
         if scored:
-            out["prompt_logprobs"] = self.prompt_logprobs(call.requests[i].prompt_token_ids, chunk.prompt_logprobs)
+            choice.prompt_scored_sent = True
+            out["prompt_logprobs"] = self.prompt_logprobs(call.requests[i].prompt_token_ids, chunk.prompt_logprobs,
+                                                          call.prompt_top)
         return {"id": call.response_id, "object": "text_completion", "created": call.created, "model": call.model,
                 "choices": [out]}
 
@@ -206,6 +220,8 @@ class Renderer:
         delta.update(content)
         if not (delta or finish or wants_lp):
             return None
+        if call.tool_parser is None and call.reasoning_parser is None:  # as vLLM's: content, if only ""
+            delta.setdefault("content", "")
         return self.chat_delta(call, i, delta, lp, finish, chunk.stop_reason)
 
     @staticmethod
@@ -233,9 +249,9 @@ class Renderer:
         if call.want_logprobs:
             lp = _joined(lp, self.completion_logprobs(c.logprobs, offsets))
         scored = call.requests[i].params.prompt_logprobs is not None
+        shown = self.prompt_logprobs(prompt_ids, c.prompt_logprobs, call.prompt_top) if scored else None
         return CompletionChoice(index=i, text=text, finish_reason=c.finish_reason, stop_reason=c.stop_reason,
-                                logprobs=lp,
-                                prompt_logprobs=self.prompt_logprobs(prompt_ids, c.prompt_logprobs) if scored else None)
+                                logprobs=lp, prompt_logprobs=shown)
 
     def chat_response(self, call: Call) -> dict[str, Any]:
         choices = [self._chat_choice(call, i) for i in range(len(call.choices))]

@@ -78,6 +78,7 @@ class Output:
     reasoning: str = ""
     content: str = ""
     calls: list[dict[str, Any]] = field(default_factory=list)
+    logprobs: list[dict[str, Any]] = field(default_factory=list)  # chat's entries, when asked
     reasoning_id: str = field(default_factory=lambda: _item_id("rs"))
     message_id: str = field(default_factory=lambda: _item_id("msg"))
     call_ids: list[str] = field(default_factory=list)  # the function_call items' ids
@@ -119,6 +120,7 @@ class Answer:
         status = status or ("in_progress" if output is None else self.status)
         usage = None
         if output is not None:
+            output.logprobs = self.logprobs()
             u = call.usage()
             usage = {"input_tokens": u["prompt_tokens"], "input_tokens_details": u["prompt_tokens_details"],
                      "output_tokens": u["completion_tokens"],
@@ -129,7 +131,14 @@ class Answer:
                 "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
                 "model": call.model, "output": [] if output is None else self.items(output, status),
                 "max_output_tokens": params.max_tokens, "temperature": params.temperature, "top_p": params.top_p,
-                "usage": usage, **self.body.echo()}
+                "top_logprobs": params.logprobs, "usage": usage, **self.body.echo()}
+
+    def logprobs(self) -> list[dict[str, Any]]:
+        """The output tokens' logprobs, as chat's entries, when the request includes them (all the tokens, as
+        vLLM's); else none."""
+        if not self.call.want_logprobs:
+            return []
+        return self.render.chat_logprobs(self.call.choices[0].logprobs)["content"]  # type: ignore[no-any-return]
 
     def reasoning_tokens(self, output: Output) -> int:
         """OpenAI's `reasoning_tokens`: the output's tokens up to the one that ends its reasoning (all of them when
@@ -166,7 +175,7 @@ class Answer:
     @staticmethod
     def message_item(output: Output, status: str) -> dict[str, Any]:
         return {"type": "message", "id": output.message_id, "status": status, "role": "assistant",
-                "content": [_text_part(output.content)] if status != "in_progress" else []}
+                "content": [_text_part(output.content, output.logprobs)] if status != "in_progress" else []}
 
     @staticmethod
     def call_item(output: Output, k: int, status: str) -> dict[str, Any]:
@@ -194,9 +203,9 @@ class Answer:
                 chunk = item[1]
                 payload = self.render.chunk(call, *item)  # chat's delta: the one parse of reasoning and calls
                 if payload is not None:
-                    delta = payload["choices"][0]["delta"]
+                    delta, lp = payload["choices"][0]["delta"], payload["choices"][0]["logprobs"]
                     for ev in writer.delta(delta.get("reasoning") or "", delta.get("content") or "",
-                                           delta.get("tool_calls") or []):
+                                           delta.get("tool_calls") or [], lp["content"] if lp else []):
                         yield ev
                 if chunk.error:
                     yield self.failed(out, f"the engine failed the request: {chunk.error}")
@@ -226,7 +235,8 @@ class _ItemWriter:
         self.open: str | None = None  # "reasoning" or "message": the item taking deltas
         self.index = -1  # output_index of the last item added
 
-    def delta(self, reasoning: str, content: str, calls: list[dict[str, Any]]) -> list[bytes]:
+    def delta(self, reasoning: str, content: str, calls: list[dict[str, Any]],
+              logprobs: list[dict[str, Any]]) -> list[bytes]:
         events: list[bytes] = []
         ev = self.answer.event
         out = self.out
@@ -243,8 +253,9 @@ class _ItemWriter:
                 events += self.close_open("completed")
                 events += self.add(Answer.message_item(out, "in_progress"), out.message_id, _text_part(""), "message")
             out.content += content
+            out.logprobs += logprobs
             events.append(ev("response.output_text.delta", item_id=out.message_id, output_index=self.index,
-                             content_index=0, delta=content, logprobs=[]))
+                             content_index=0, delta=content, logprobs=logprobs))
         if calls:
             events += self.close_open("completed")
             first = len(out.calls)
@@ -284,13 +295,13 @@ class _ItemWriter:
                        item=Answer.reasoning_item(out, status))]
         if kind == "message":
             return [ev("response.output_text.done", item_id=out.message_id, output_index=self.index,
-                       content_index=0, text=out.content, logprobs=[]),
+                       content_index=0, text=out.content, logprobs=out.logprobs),
                     ev("response.content_part.done", item_id=out.message_id, output_index=self.index,
-                       content_index=0, part=_text_part(out.content)),
+                       content_index=0, part=_text_part(out.content, out.logprobs)),
                     ev("response.output_item.done", output_index=self.index, item=Answer.message_item(out, status))]
         return []
 
 
-def _text_part(text: str) -> dict[str, Any]:
-    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+def _text_part(text: str, logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs or []}
 

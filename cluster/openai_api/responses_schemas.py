@@ -110,6 +110,8 @@ class ResponsesRequest(_Schema):
     reasoning: dict[str, Any] | None = None  # accepted, not used: the model reasons as its template has it
     truncation: Literal["auto", "disabled"] = "disabled"
     service_tier: str = "auto"
+    include: list[str] | None = None
+    top_logprobs: int = 0  # with `include` "message.output_text.logprobs": the most likely tokens of each
 
     @model_validator(mode="before")
     @classmethod
@@ -140,6 +142,11 @@ class ResponsesRequest(_Schema):
                                 "text", param="tool_choice")
 
     @property
+    def output_logprobs(self) -> bool:
+        """Whether the output text carries its tokens' logprobs (`include` "message.output_text.logprobs")."""
+        return "message.output_text.logprobs" in (self.include or ())
+
+    @property
     def format(self) -> TextFormat | None:
         return self.text.format if self.text is not None else None
 
@@ -148,6 +155,8 @@ class ResponsesRequest(_Schema):
         body: dict[str, Any] = {k: data[k] for k in PASSED_THROUGH if data.get(k) is not None}
         body.update(model=self.model, messages=self.messages(), max_tokens=self.max_output_tokens,
                     temperature=self.temperature, top_p=self.top_p, user=self.user)
+        if self.output_logprobs:
+            body.update(logprobs=True, top_logprobs=self.top_logprobs)
         if self.tools and self.tool_choice != "none":  # as vLLM: tool_choice none keeps the tools from the template
             body["tools"] = [{"type": "function", "function": t.model_dump(exclude={"type", "strict"},
                                                                            exclude_none=True)} for t in self.tools]

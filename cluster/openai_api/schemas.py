@@ -110,6 +110,12 @@ class SamplingFields(_Schema):
         if self.stream_options is not None and not self.stream:
             raise APIError(400, "Stream options can only be defined when `stream=True`.", param="stream_options")
 
+    def check_prompt_logprobs(self) -> None:
+        """400 for `prompt_logprobs` asked of a stream, as vLLM (0, the prompt tokens' own alone, is let through)."""
+        if self.stream and self.prompt_logprobs is not None and (self.prompt_logprobs > 0 or
+                                                                 self.prompt_logprobs == -1):
+            raise APIError(400, "`prompt_logprobs` are not available when `stream=True`.", param="prompt_logprobs")
+
     def logit_bias_by_id(self) -> dict[int, float]:
         """`logit_bias` (token ids as JSON object keys) keyed by int; 400 for a key that is not an integer."""
         out: dict[int, float] = {}

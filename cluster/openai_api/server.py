@@ -310,6 +310,7 @@ class OpenAIServer:
             async with aclosing(merge_streams(gens)) as merged:
                 async for i, chunk in merged:
                     trackers[i].on_chunk(chunk)
+                    chunk = call.shown(chunk)
                     call.choices[i].add(chunk)
                     yield i, chunk
         except BaseException as e:
@@ -428,17 +429,20 @@ class OpenAIServer:
         if body.best_of is not None and body.best_of != body.n:
             raise APIError(400, "best_of other than n is not supported", param="best_of")
         body.check_stream_options()
+        body.check_prompt_logprobs()
         prompts = [body.truncated(p) for p in await self.completion_prompts(body.prompt)]
-        prompt_logprobs = body.prompt_logprobs
-        if body.echo and body.logprobs is not None:  # an echoed prompt's logprobs come with it, as in vLLM
-            prompt_logprobs = max(prompt_logprobs or 0, body.logprobs)
-        reqs = self.engine_requests(request, body, prompts, body.max_tokens, body.logprobs, prompt_logprobs,
-                                    body.structured_outputs_params())
+        asked = body.prompt_logprobs if body.prompt_logprobs is not None or not body.echo else body.logprobs
+        scored = asked
+        if body.echo and body.logprobs is not None:  # the echoed prompt's logprobs come from its scores
+            scored = max(asked or 0, body.logprobs)
+        echo_only = body.echo and body.max_tokens == 0  # the engine makes one token, not shown (as vLLM)
+        reqs = self.engine_requests(request, body, prompts, 1 if echo_only else body.max_tokens, body.logprobs,
+                                    scored, body.structured_outputs_params())
         call = Call("completion", f"cmpl-{self.request_id(request)}", self.info.name, reqs,
                     sum(len(p) for p in prompts), body.include_usage, body.logprobs is not None, body.n,
                     echo_prompts=(self.echo_texts(body.prompt, prompts, body.n, bool(body.truncate_prompt_tokens))
                                   if body.echo else None),
-                    continuous_usage=body.continuous_usage)
+                    echo_only=echo_only, prompt_top=asked, continuous_usage=body.continuous_usage)
         return await self.answer(request, call, body.stream)
 
     async def chat(self, request: Request, data: Any) -> Response:
@@ -453,6 +457,7 @@ class OpenAIServer:
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "when using `top_logprobs`, `logprobs` must be set to true.", param="top_logprobs")
         body.check_stream_options()
+        body.check_prompt_logprobs()
         prompt = self.chat_prompt(body.messages, body, body.tools)
         ids = body.truncated(await self.encode(prompt, body.add_special_tokens))
         self.check_token_ids(ids, "messages")
@@ -462,7 +467,10 @@ class OpenAIServer:
         if thinks and structured is not None:  # the format holds from the reasoning's end, as in vLLM
             end = await self.encode(self.reasoning_parser.end, False)  # type: ignore[union-attr]
             structured = replace(structured, start_after=tuple(end))
-        reqs = self.engine_requests(request, body, [ids], max_tokens, logprobs, body.prompt_logprobs, structured)
+        try:
+            reqs = self.engine_requests(request, body, [ids], max_tokens, logprobs, body.prompt_logprobs, structured)
+        except APIError as e:
+            raise _as_top_logprobs(e) from None
         call = Call("chat", f"chatcmpl-{self.request_id(request)}", self.info.name, reqs, len(ids),
                     body.include_usage, body.logprobs, body.n, continuous_usage=body.continuous_usage,
                     tool_parser=parser, reasoning_parser=self.reasoning_parser, thinks=thinks,
@@ -575,3 +583,10 @@ class OpenAIServer:
         content, content_type = self.metrics.render()
         return Response(content, media_type=content_type)
 
+
+def _as_top_logprobs(e: APIError) -> APIError:
+    """A chat's error `e` with the engine's `logprobs` (the number of top tokens) named as chat names it:
+    `top_logprobs` (chat's `logprobs` is a flag)."""
+    if e.param != "logprobs":
+        return e
+    return APIError(e.status, "top_" + e.message, param="top_logprobs")
