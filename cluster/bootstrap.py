@@ -392,11 +392,60 @@ def ensure_cluster(cfg: ClusterConfig, created: list[str] | None = None) -> Clus
     return handles
 
 
-def drain_cluster(cfg: ClusterConfig, timeout_s: float = 30.0) -> int:
-    """Drain every engine actor of `cfg` (stop accepting, wait for in-flight); returns what remains."""
+OWNER_KV_NAMESPACE = "semipd-owners"
+
+
+def _owner_key(cfg: ClusterConfig, name: str) -> bytes:
+    return f"{cfg.namespace}/{name}".encode()
+
+
+def record_owner(cfg: ClusterConfig, names: Sequence[str], owner: str) -> None:
+    """Record in Ray's KV store that `owner` started the actors `names` of `cfg` (the engines and the controller):
+    the record outlives the process that started them, so whoever stops `owner` later knows what to stop."""
+    import json
+
+    from ray.experimental import internal_kv
+
+    for name in names:
+        handle = _get_actor(name, cfg.namespace)
+        if handle is not None:
+            record = json.dumps({"owner": owner, "actor_id": handle._actor_id.hex()})
+            internal_kv._internal_kv_put(_owner_key(cfg, name), record, overwrite=True, namespace=OWNER_KV_NAMESPACE)
+
+
+def owned_actors(cfg: ClusterConfig, owner: str) -> list[str]:
+    """The actors of `cfg` (engines, controller) running now that `record_owner` recorded as started by `owner`."""
+    import json
+
+    from ray.experimental import internal_kv
+
+    out = []
+    for name in [*cfg.actor_names, cfg.controller_name]:
+        raw = internal_kv._internal_kv_get(_owner_key(cfg, name), namespace=OWNER_KV_NAMESPACE)
+        handle = _get_actor(name, cfg.namespace)
+        if raw is None or handle is None:
+            continue
+        record = json.loads(raw)
+        if record.get("owner") == owner and record.get("actor_id") == handle._actor_id.hex():
+            out.append(name)
+    return out
+
+
+def forget_owner(cfg: ClusterConfig, names: Sequence[str]) -> None:
+    """Drop the ownership records of the actors `names` of `cfg`."""
+    from ray.experimental import internal_kv
+
+    for name in names:
+        internal_kv._internal_kv_del(_owner_key(cfg, name), namespace=OWNER_KV_NAMESPACE)
+
+
+def drain_cluster(cfg: ClusterConfig, timeout_s: float = 30.0, names: Sequence[str] | None = None) -> int:
+    """Drain the engine actors `names` (default: all of `cfg`): stop accepting, wait for in-flight; returns
+    what remains."""
     import ray
 
-    handles = [h for n in cfg.actor_names if (h := _get_actor(n, cfg.namespace)) is not None]
+    handles = [h for n in (names if names is not None else cfg.actor_names)
+               if (h := _get_actor(n, cfg.namespace)) is not None]
     refs = [h.drain.remote(timeout_s) for h in handles]
     remaining = 0
     for ref in refs:

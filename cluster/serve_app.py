@@ -29,7 +29,9 @@ Entry point `cluster.serve_app:build_app` (for `serve run`, `serve deploy`, Kube
 
 Each replica builds its `EngineClient` at start: `Router.connect(...)` over the engine
 actors that `ensure_cluster(cfg)` gets or starts (they are detached and shared by all
-replicas), or a `LocalEngineClient` when `local` is set.
+replicas), or a `LocalEngineClient` when `local` is set. The actors a replica starts are recorded as the app's
+(`cluster.bootstrap.record_owner`); deleting the app (`serve.delete`, `serve shutdown`) drains and stops them,
+while a replica's restart, a scale-down or a redeploy of the app leaves them running.
 """
 
 from __future__ import annotations
@@ -57,6 +59,8 @@ log = logging.getLogger(__name__)
 DEPLOYMENT_NAME = "semipd-openai"
 ROUTER_POLICIES = ("least-loaded", "prefix-affinity")
 DRAIN_TIMEOUT_S = 30.0
+# a replica's own drain, then (the app deleted) the engines' drain and their shutdown
+SHUTDOWN_TIMEOUT_S = 2 * DRAIN_TIMEOUT_S + 30
 
 
 class ServeArgs(BaseModel):
@@ -120,14 +124,19 @@ class ServeArgs(BaseModel):
             raise ConfigError(f"invalid semipd application arguments: {e}") from None
 
 
-def read_env(args: ServeArgs) -> dict[str, str | None]:
-    """The environment this app reads (only here): the API key and the Redis URL default."""
+def redis_url_of(args: ServeArgs) -> str | None:
+    """The controller's Redis: the `redis_url` arg, else $SEMIPD_REDIS_URL (None: no controller)."""
     from cluster.bootstrap import env_defaults
 
+    return args.redis_url or env_defaults().get("redis_url")
+
+
+def read_env(args: ServeArgs) -> dict[str, str | None]:
+    """The environment this app reads (only here): the API key and the Redis URL default."""
     api_key = os.environ.get(args.api_key_env) if args.api_key_env else None
     if args.api_key_env and not api_key:
         raise ConfigError(f"api_key_env is {args.api_key_env!r} but that variable is empty or unset")
-    return {"api_key": api_key, "redis_url": args.redis_url or env_defaults().get("redis_url")}
+    return {"api_key": api_key, "redis_url": redis_url_of(args)}
 
 
 def router_policy(value: str | dict[str, Any]) -> RouterPolicy:
@@ -140,7 +149,8 @@ def router_policy(value: str | dict[str, Any]) -> RouterPolicy:
 
 
 def cluster_config(args: ServeArgs, redis_url: str | None) -> ClusterConfig:
-    """The ClusterConfig the replicas agree on (with `semipd serve`, via cluster.bootstrap)."""
+    """The ClusterConfig the replicas agree on (with `semipd serve`, via cluster.bootstrap); raises ConfigError
+    for settings the engines, the controller or the model directory refuse."""
     from actors.slo.types import SLOTargets
     from cluster.bootstrap import ClusterConfig, EngineOptions
 
@@ -171,12 +181,22 @@ def local_client(args: ServeArgs) -> EngineClient:
     return LocalEngineClient(cluster_config(args, None).engine_config(), served_name=args.served_model_name)
 
 
-def cluster_client(cfg: ClusterConfig) -> EngineClient:
-    """Get or start the engine actors, then a Router over them (blocking; run it in a thread)."""
-    from cluster.bootstrap import ensure_cluster
+def app_owner(app_name: str) -> str:
+    """The owner recorded for the actors the replicas of Serve application `app_name` start."""
+    return f"serve-app:{app_name}"
+
+
+def cluster_client(cfg: ClusterConfig, owner: str) -> EngineClient:
+    """Get or start the engine actors (those started are recorded as `owner`'s), then a Router over them
+    (blocking; run it in a thread)."""
+    from cluster.bootstrap import ensure_cluster, record_owner
     from cluster.router import Router
 
-    ensure_cluster(cfg)
+    created: list[str] = []
+    try:
+        ensure_cluster(cfg, created=created)
+    finally:
+        record_owner(cfg, created, owner)
     return Router.connect(names=cfg.actor_names, namespace=cfg.namespace, policy=cfg.router,
                           prefix=cfg.actor_prefix, served_name=cfg.served_model_name, timeout_s=cfg.ready_timeout_s)
 
@@ -189,16 +209,20 @@ class OpenAIIngress:
     """
 
     async def __init__(self, args: dict[str, Any]) -> None:
+        from ray import serve
+
         from actors.engine.frontend import Tokenizer
 
         self.args = ServeArgs.parse(args)
         env = read_env(self.args)
         self.api_key = env["api_key"]
+        self.app_name = serve.get_replica_context().app_name
+        self.cluster: ClusterConfig | None = None
         if self.args.local:
             self.client = await asyncio.to_thread(local_client, self.args)
         else:
-            cfg = cluster_config(self.args, env["redis_url"])
-            self.client = await asyncio.to_thread(cluster_client, cfg)
+            self.cluster = cluster_config(self.args, env["redis_url"])
+            self.client = await asyncio.to_thread(cluster_client, self.cluster, app_owner(self.app_name))
         self.tokenizer = Tokenizer(self.args.model)
         self.openai_app: FastAPI | None = None  # not `app`: Serve's wrapper owns that name
         self.grpc: GrpcServer | None = None
@@ -226,7 +250,8 @@ class OpenAIIngress:
             raise RuntimeError("the local engine makes no progress")
 
     async def __del__(self) -> None:
-        """Replica shutdown (Serve already drained HTTP): drain gRPC, stop a local engine."""
+        """Replica shutdown (Serve already drained HTTP): drain gRPC, stop a local engine; when Serve deletes the
+        app, stop the engine actors and the controller its replicas started (not those they found running)."""
         app: FastAPI | None = getattr(self, "openai_app", None)  # None if __init__ failed early
         if app is not None:
             app.state.openai.draining = True
@@ -237,18 +262,55 @@ class OpenAIIngress:
         shutdown = getattr(getattr(self, "client", None), "shutdown", None)
         if getattr(self, "args", None) is not None and self.args.local and shutdown is not None:
             await asyncio.to_thread(shutdown)
+        cluster: ClusterConfig | None = getattr(self, "cluster", None)
+        if cluster is not None and await asyncio.to_thread(app_deleting, self.app_name):
+            await asyncio.to_thread(stop_owned_actors, cluster, app_owner(self.app_name))
+
+
+def app_deleting(app_name: str) -> bool:
+    """Whether Serve is deleting application `app_name` (`serve.delete`, `serve shutdown`, a `serve deploy`
+    without it), rather than stopping one replica of it (a restart, a scale-down, a rolling update)."""
+    from ray import serve
+
+    try:
+        app = serve.status().applications.get(app_name)
+    except Exception as e:  # the Serve controller is gone already
+        log.warning("could not read the status of Serve app %s: %s", app_name, e)
+        return False
+    return app is None or app.status == "DELETING"
+
+
+def stop_owned_actors(cfg: ClusterConfig, owner: str) -> None:
+    """Drain, then stop the engine actors and the controller of `cfg` that `owner` started (not those it found
+    running); the replicas of a deleted app all call it, so the engines finish the others' streams first."""
+    from cluster.bootstrap import drain_cluster, forget_owner, owned_actors, teardown_cluster
+
+    owned = owned_actors(cfg, owner)
+    if not owned:
+        return
+    engines = [n for n in cfg.actor_names if n in owned]
+    if engines:
+        drain_cluster(cfg, DRAIN_TIMEOUT_S, names=engines)
+    log.info("app deleted: stopping the actors it started: %s", ", ".join(owned))
+    teardown_cluster(cfg, names=engines, controller=cfg.controller_name in owned)
+    forget_owner(cfg, owned)
 
 
 def build_app(args: dict[str, Any]) -> Application:
-    """The Serve application (import path `cluster.serve_app:build_app`)."""
+    """The Serve application (import path `cluster.serve_app:build_app`).
+
+    Bad arguments fail here, before any replica starts: their types and ranges, and what the engines, the
+    controller and the model directory (`model`, as seen where the app is built) accept.
+    """
     from ray import serve
 
-    parsed = ServeArgs.parse(args)  # bad arguments fail here, before any replica starts
+    parsed = ServeArgs.parse(args)
+    cluster_config(parsed, None if parsed.local else redis_url_of(parsed))
     deployment = serve.deployment(
         name=DEPLOYMENT_NAME,
         num_replicas=parsed.num_replicas,
         max_ongoing_requests=parsed.max_ongoing_requests,
         ray_actor_options={"num_cpus": parsed.replica_num_cpus, "num_gpus": parsed.replica_num_gpus},
-        graceful_shutdown_timeout_s=DRAIN_TIMEOUT_S + 10,
+        graceful_shutdown_timeout_s=SHUTDOWN_TIMEOUT_S,
     )(serve.ingress()(OpenAIIngress))
     return deployment.bind(parsed.model_dump())
