@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import logging
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -40,8 +42,18 @@ def ping(host: str, port: int, timeout: float = 0.2) -> bool:
         return False
 
 
+def _stop_with_owner() -> None:
+    """In the child, before exec (Linux): SIGTERM once the thread that started it ends, however its process
+    ends. Ray's core worker ends a process at once when the Ray GCS is gone (a signal to the whole process group
+    stops it too): no `finally` runs, and the server, in a session of its own, outlived `semipd serve`."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+
+
 class RedisServerProcess:
-    """One redis-server child process on `host:port` (no persistence)."""
+    """One redis-server child process on `host:port` (no persistence). On Linux it stops when the thread that
+    started it ends: start it from one that lives as long as the server should (the main thread)."""
 
     def __init__(self, port: int | None = None, host: str = "127.0.0.1", workdir: str | Path | None = None,
                  executable: str | None = None) -> None:
@@ -73,6 +85,7 @@ class RedisServerProcess:
              "--dir", str(self.workdir)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True,  # a terminal's Ctrl-C reaches the owner, which drains before stopping it
+            preexec_fn=_stop_with_owner if sys.platform == "linux" else None,
         )
         try:
             deadline = time.monotonic() + timeout_s

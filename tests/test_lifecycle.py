@@ -175,6 +175,45 @@ SHUTDOWN = """
 """
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="the server stops with its owner through Linux's prctl")
+def test_the_private_redis_server_ends_with_a_process_that_ends_at_once(tmp_path: Path) -> None:
+    """A process that ends without running its `finally` blocks (killed, or ended at once by Ray's core worker
+    when the Ray GCS is gone, as a SIGTERM to `make run`'s process group did) must not leave its private
+    redis-server running: it is in a session of its own, so no signal to the owner's group reaches it."""
+    import os
+
+    owner = subprocess.Popen(
+        [sys.executable, "-c", "import time\nfrom cluster.redis_server import RedisServerProcess\n"
+         "r = RedisServerProcess().start()\nprint(r.port, r.proc.pid, flush=True)\ntime.sleep(120)"],
+        stdout=subprocess.PIPE, text=True, cwd=str(Path(__file__).resolve().parents[1]))
+    assert owner.stdout is not None
+    port, pid = (int(x) for x in owner.stdout.readline().split())
+    try:
+        assert ping_redis(port)
+        owner.kill()
+        owner.wait(timeout=10)
+        wait_until(lambda: not _alive(pid), 10, "the owner's redis-server to end")
+        assert not ping_redis(port)
+    finally:
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` runs (a zombie, reaped by init soon, counts as ended)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+def ping_redis(port: int) -> bool:
+    from cluster.redis_server import ping
+
+    return ping("127.0.0.1", port)
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("when,sig,code", [("start-up", signal.SIGTERM, 143), ("shutdown", signal.SIGTERM, 143),
                                            ("shutdown", signal.SIGINT, 130)],
