@@ -13,12 +13,14 @@ import random
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
+    from actors.config import EngineConfig
     from actors.engine.frontend import StreamChunk
-    from cluster.engine_client import GenerateRequest
+    from cluster.engine_client import GenerateRequest, LocalEngineClient
     from cluster.router import Router
 
 T = TypeVar("T")
@@ -168,6 +170,29 @@ class LiveServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+@contextmanager
+def openai_server(config: EngineConfig, served_name: str) -> Iterator[tuple[LocalEngineClient, str]]:
+    """Our OpenAI HTTP app over an in-process engine of `config` (the model's own tokenizer), served by a
+    `LiveServer`: (the engine client, the server's URL); the engine is shut down on exit."""
+    from actors.engine.frontend import Tokenizer
+    from cluster.engine_client import LocalEngineClient
+    from cluster.openai_api import create_app
+
+    client = LocalEngineClient(config, served_name=served_name)
+    try:
+        with LiveServer(create_app(client, Tokenizer(config.model))) as server:
+            yield client, server.url
+    finally:
+        client.shutdown()
+
+
+def sse_events(text: str) -> list[Any]:
+    """The JSON events of a streamed (server-sent events) response body, in order; `[DONE]` is left out."""
+    from cluster.bench.client import DONE, parse_sse_line
+
+    return [e for e in map(parse_sse_line, text.splitlines()) if e is not None and e is not DONE]
 
 
 async def collect(router: Router, req: GenerateRequest) -> tuple[list[int], str | None, str | None]:

@@ -23,6 +23,8 @@ from actors.structured import GrammarCompiler, fill_bitmasks
 from cluster.openai_api import create_app
 from cluster.openai_api.tools import ForcedCalls, parser_named
 
+from support import sse_events
+
 from test_openai_api import (  # noqa: F401  (tool_template_tokenizer: a fixture used here)
     MODEL, WEATHER_TOOL, ScriptedClient, StubClient, _stub_call, tool_template_tokenizer,
 )
@@ -63,8 +65,7 @@ def test_several_hermes_calls_stream_as_indexed_calls_with_the_whole_arguments(t
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://stub") as http:
             whole = (await http.post("/v1/chat/completions", json=body)).json()["choices"][0]
             r = await http.post("/v1/chat/completions", json={**body, "stream": True})
-            return whole, [json.loads(line[6:])["choices"][0] for line in r.text.splitlines()
-                           if line.startswith("data: {")]
+            return whole, [e["choices"][0] for e in sse_events(r.text)]
 
     whole, chunks = asyncio.run(go())
     calls: dict[int, dict[str, str]] = {}
@@ -118,7 +119,7 @@ def test_deeply_nested_tool_json_from_the_model_is_content_not_a_500(tool_templa
     if not stream:
         assert r.json()["choices"][0]["message"]["content"] == said
         return
-    chunks = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+    chunks = sse_events(r.text)
     assert not any("error" in c for c in chunks), r.text[-300:]
     assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks) == said
 

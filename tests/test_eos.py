@@ -22,7 +22,7 @@ from cluster.grpc_client import GenerationClient
 from cluster.grpc_server import GrpcServer
 from cluster.openai_api import create_app
 
-from support import LoopThread
+from support import LoopThread, sse_events
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -100,8 +100,7 @@ def test_the_http_api_stops_on_the_tokenizer_s_eos(model: Path) -> None:
                     out.append((choice["finish_reason"], choice.get("stop_reason", "missing"),
                                 body["usage"]["completion_tokens"]))
                 r = await http.post("/v1/completions", json={**base, "stream": True})
-                events = [json.loads(x[6:]) for x in r.text.split("\n")
-                          if x.startswith("data: ") and x != "data: [DONE]"]
+                events = sse_events(r.text)
                 last = [c["choices"][0] for c in events if c["choices"] and c["choices"][0]["finish_reason"]][-1]
                 out.append((last["finish_reason"], last.get("stop_reason", "missing"), -1))
             return out

@@ -21,10 +21,8 @@ import torch
 from actors.config import EngineConfig, SchedulerConfig
 from actors.engine.frontend import LLM, Tokenizer
 from actors.request import SamplingParams
-from cluster.engine_client import LocalEngineClient
-from cluster.openai_api import create_app
 
-from support import LiveServer
+from support import openai_server, sse_events
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -48,9 +46,9 @@ def strict_rank(row: torch.Tensor, token: int) -> int:
 
 
 class Live:
-    def __init__(self, server: LiveServer, tokenizer: Tokenizer) -> None:
-        self.oa = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=60)
-        self.http = httpx.Client(base_url=server.url, timeout=60)
+    def __init__(self, url: str, tokenizer: Tokenizer) -> None:
+        self.oa = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+        self.http = httpx.Client(base_url=url, timeout=60)
         self.tokenizer = tokenizer
 
     def post(self, path: str, **body: Any) -> dict[str, Any]:
@@ -62,20 +60,14 @@ class Live:
         """The JSON chunks of a streamed call, in order."""
         r = self.http.post(path, json={"model": MODEL, "stream": True, **body})
         assert r.status_code == 200, r.text
-        return [json.loads(line[6:]) for line in r.text.splitlines()
-                if line.startswith("data: ") and line != "data: [DONE]"]
+        return sse_events(r.text)
 
 
 @pytest.fixture(scope="module")
 def live(tiny_llama: Path) -> Iterator[Live]:
     cfg = EngineConfig(model=str(tiny_llama), mode="semi-pd", scheduler=SchedulerConfig(max_model_len=512))
-    client = LocalEngineClient(cfg, served_name=MODEL)
-    tokenizer = Tokenizer(tiny_llama)
-    try:
-        with LiveServer(create_app(client, tokenizer)) as server:
-            yield Live(server, tokenizer)
-    finally:
-        client.shutdown()
+    with openai_server(cfg, MODEL) as (_, url):
+        yield Live(url, Tokenizer(tiny_llama))
 
 
 def joined_completion_logprobs(chunks: list[dict[str, Any]], n: int) -> list[dict[str, list[Any]]]:

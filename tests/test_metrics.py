@@ -13,12 +13,11 @@ import pytest
 
 from actors.config import EngineConfig, SchedulerConfig
 from actors.engine.durations import Durations
-from actors.engine.frontend import StreamChunk, Tokenizer
+from actors.engine.frontend import StreamChunk
 from cluster.engine_client import EngineLoad, LocalEngineClient
 from cluster.metrics import ServingMetrics
-from cluster.openai_api import create_app
 
-from support import LiveServer, Samples, metric, parse_metrics, wait_until
+from support import Samples, metric, openai_server, parse_metrics, wait_until
 
 MODEL = "tiny"
 class Live:
@@ -36,12 +35,8 @@ class Live:
 @pytest.fixture(scope="module")
 def live(tiny_llama: Path) -> Iterator[Live]:
     cfg = EngineConfig(model=str(tiny_llama), mode="semi-pd", scheduler=SchedulerConfig(max_model_len=512))
-    client = LocalEngineClient(cfg, served_name=MODEL)
-    try:
-        with LiveServer(create_app(client, Tokenizer(tiny_llama))) as server:
-            yield Live(client, server.url)
-    finally:
-        client.shutdown()
+    with openai_server(cfg, MODEL) as (client, url):
+        yield Live(client, url)
 
 
 def test_request_counters_and_histograms(live: Live) -> None:

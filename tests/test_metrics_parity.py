@@ -18,14 +18,13 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from actors.config import EngineConfig, SchedulerConfig
-from actors.engine.frontend import StreamChunk, Tokenizer
+from actors.engine.frontend import StreamChunk
 from actors.request import SamplingParams
 from cluster import metrics as metrics_module
-from cluster.engine_client import EngineLoad, GenerateRequest, LocalEngineClient
+from cluster.engine_client import EngineLoad, GenerateRequest
 from cluster.metrics import E2E_BUCKETS, ITL_BUCKETS, TTFT_BUCKETS, ServingMetrics
-from cluster.openai_api import create_app
 
-from support import LiveServer, Samples, metric, parse_metrics
+from support import Samples, metric, openai_server, parse_metrics
 
 MODEL = "tiny"
 MAX_MODEL_LEN = 512
@@ -171,12 +170,8 @@ class Live:
 @pytest.fixture(scope="module")
 def live(tiny_llama: Path) -> Iterator[Live]:
     cfg = EngineConfig(model=str(tiny_llama), mode="semi-pd", scheduler=SchedulerConfig(max_model_len=MAX_MODEL_LEN))
-    client = LocalEngineClient(cfg, served_name=MODEL)
-    try:
-        with LiveServer(create_app(client, Tokenizer(tiny_llama))) as server:
-            yield Live(server.url)
-    finally:
-        client.shutdown()
+    with openai_server(cfg, MODEL) as (_, url):
+        yield Live(url)
 
 
 def test_the_server_feeds_the_per_request_histograms(live: Live) -> None:

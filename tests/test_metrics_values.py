@@ -13,12 +13,11 @@ import openai
 import pytest
 
 from actors.config import CacheConfig, EngineConfig, SchedulerConfig
-from actors.engine.frontend import StreamChunk, Tokenizer
-from cluster.engine_client import EngineLoad, LocalEngineClient
+from actors.engine.frontend import StreamChunk
+from cluster.engine_client import EngineLoad
 from cluster.metrics import ServingMetrics
-from cluster.openai_api import create_app
 
-from support import LiveServer, Samples, metric, parse_metrics, wait_until
+from support import Samples, metric, openai_server, parse_metrics, wait_until
 
 MODEL = "tiny"
 M = {"model_name": MODEL}
@@ -62,12 +61,8 @@ def live(tiny_llama: Path) -> Iterator[Live]:
     # few pages: the concurrent requests below preempt each other (recomputed, not generated again)
     cfg = EngineConfig(model=str(tiny_llama), mode="semi-pd", scheduler=SchedulerConfig(max_model_len=512),
                        cache=CacheConfig(num_pages=40))
-    client = LocalEngineClient(cfg, served_name=MODEL)
-    try:
-        with LiveServer(create_app(client, Tokenizer(tiny_llama))) as server:
-            yield Live(server.url)
-    finally:
-        client.shutdown()
+    with openai_server(cfg, MODEL) as (_, url):
+        yield Live(url)
 
 
 def _idle(live: Live) -> Samples:

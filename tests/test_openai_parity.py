@@ -16,11 +16,8 @@ import openai
 import pytest
 
 from actors.config import EngineConfig, SchedulerConfig
-from actors.engine.frontend import LLM, Tokenizer
-from cluster.engine_client import LocalEngineClient
-from cluster.openai_api import create_app
 
-from support import LiveServer
+from support import openai_server, sse_events
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -30,27 +27,22 @@ BEGIN_OF_TEXT = 256  # a special token: no text once special tokens are skipped,
 
 
 class Live:
-    def __init__(self, server: LiveServer) -> None:
-        self.oa = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=60)
-        self.http = httpx.Client(base_url=server.url, timeout=60)
+    def __init__(self, url: str) -> None:
+        self.oa = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+        self.http = httpx.Client(base_url=url, timeout=60)
 
     def stream(self, path: str, **body: Any) -> list[dict[str, Any]]:
         """The JSON chunks of a streamed call, in order."""
         r = self.http.post(path, json={"model": MODEL, "stream": True, **body})
         assert r.status_code == 200, r.text
-        return [json.loads(line[6:]) for line in r.text.splitlines()
-                if line.startswith("data: ") and line != "data: [DONE]"]
+        return sse_events(r.text)
 
 
 @pytest.fixture(scope="module")
 def live(tiny_llama: Path) -> Iterator[Live]:
     cfg = EngineConfig(model=str(tiny_llama), mode="semi-pd", scheduler=SchedulerConfig(max_model_len=512))
-    client = LocalEngineClient(cfg, served_name=MODEL)
-    try:
-        with LiveServer(create_app(client, Tokenizer(tiny_llama))) as server:
-            yield Live(server)
-    finally:
-        client.shutdown()
+    with openai_server(cfg, MODEL) as (_, url):
+        yield Live(url)
 
 
 def test_echo_with_max_tokens_zero_is_the_prompt_alone(live: Live) -> None:

@@ -23,6 +23,8 @@ from cluster.engine_client import GenerateRequest
 from cluster.openai_api import create_app
 from cluster.openai_api.reasoning import DeepSeekR1Parser, Qwen3Parser, reasoning_parser_named, split
 
+from support import sse_events
+
 from test_openai_api import MODEL, WEATHER_TOOL, ScriptedClient, StubClient
 
 THOUGHT = "<think>\nThe user asks 2+2. That is 4.\n</think>\n\nIt is 4."
@@ -155,8 +157,7 @@ def test_streamed_reasoning_comes_first_then_content(think_template_tokenizer: P
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://stub") as http:
             r = await http.post("/v1/chat/completions", json={
                 "model": MODEL, "stream": True, "messages": [{"role": "user", "content": "2+2?"}]})
-            return [json.loads(line[6:])["choices"][0]["delta"] for line in r.text.splitlines()
-                    if line.startswith("data: {")]
+            return [e["choices"][0]["delta"] for e in sse_events(r.text)]
 
     deltas = asyncio.run(go())
     assert deltas[0] == {"role": "assistant", "content": ""}

@@ -23,7 +23,7 @@ from actors.structured.grammar import grammar_error
 from cluster.engine_client import LocalEngineClient
 from cluster.openai_api import create_app
 
-from support import wait_until
+from support import sse_events, wait_until
 from test_structured import PROMPTS, REGEX, check_output, spec_checks
 
 pytestmark = pytest.mark.timeout(180)
@@ -172,8 +172,7 @@ def test_n_constrained_choices_stream_over_http_as_their_whole_texts(tiny_llama:
             assert whole.status_code == 200, whole.text
             streamed = await http.post("/v1/completions", json={**body, "stream": True})
             assert streamed.status_code == 200, streamed.text
-            return whole.json(), [json.loads(line[6:]) for line in streamed.text.splitlines()
-                                  if line.startswith("data: {")]
+            return whole.json(), sse_events(streamed.text)
 
     try:
         whole, chunks = asyncio.run(go())

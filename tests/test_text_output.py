@@ -15,10 +15,8 @@ import pytest
 from actors.config import EngineConfig, SchedulerConfig
 from actors.engine.frontend import OutputStream, StreamChunk, Tokenizer
 from actors.request import FinishReason, SamplingParams, TokenDelta
-from cluster.engine_client import LocalEngineClient
-from cluster.openai_api import create_app
 
-from support import LiveServer
+from support import openai_server
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -189,13 +187,8 @@ def test_special_tokens_are_skipped_unless_asked(tok: Tokenizer, skip: bool, wan
 @pytest.fixture(scope="module")
 def api(tiny_llama: Path) -> Iterator[httpx.Client]:
     cfg = EngineConfig(model=str(tiny_llama), mode="unified", scheduler=SchedulerConfig(max_model_len=256))
-    client = LocalEngineClient(cfg, served_name="tiny")
-    try:
-        with LiveServer(create_app(client, Tokenizer(tiny_llama))) as server:
-            with httpx.Client(base_url=server.url, timeout=120) as http:
-                yield http
-    finally:
-        client.shutdown()
+    with openai_server(cfg, "tiny") as (_, url), httpx.Client(base_url=url, timeout=120) as http:
+        yield http
 
 
 def post(http: httpx.Client, path: str, body: dict[str, Any]) -> dict[str, Any] | list[dict[str, Any]]:
