@@ -29,7 +29,7 @@ from google.protobuf import struct_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from actors.config import generation_defaults
-from actors.engine.core import check_context_length
+from actors.engine.core import check_context_length, default_max_tokens
 from actors.engine.frontend import StreamChunk, Tokenizer
 from actors.request import SamplingParams, StructuredOutputsParams
 from actors.runner.sampler import TokenLogprobs
@@ -117,7 +117,7 @@ class _Generation:
             raise InvalidRequest("the prompt is empty")
         msg = request.params
         check_context_length(len(ids), msg.max_tokens if msg.HasField("max_tokens") else None, info.max_model_len)
-        params = params_from_proto(msg, self.defaults(info.max_model_len - len(ids)))
+        params = params_from_proto(msg, self.defaults(len(ids), info.max_model_len))
         params.check_vocab(info.vocab_size)
         for name in ("ttft_slo_ms", "tpot_slo_ms"):
             if request.HasField(name) and not (getattr(request, name) > 0 and math.isfinite(getattr(request, name))):
@@ -130,11 +130,12 @@ class _Generation:
             session_id=request.session_id or None,
         )
 
-    def defaults(self, room: int) -> dict[str, float | int]:
-        """The checkpoint's defaults for the fields a request leaves unset, max_tokens (its max_new_tokens, else
-        DEFAULT_MAX_TOKENS) capped by the `room` the prompt leaves in the context, as vLLM does."""
-        cap = self.generation_defaults.get("max_tokens", DEFAULT_MAX_TOKENS)
-        return {**self.generation_defaults, "max_tokens": max(1, min(room, int(cap)))}
+    def defaults(self, num_prompt_tokens: int, max_model_len: int) -> dict[str, float | int]:
+        """The checkpoint's defaults for the fields a request leaves unset; max_tokens its max_new_tokens, else
+        DEFAULT_MAX_TOKENS, capped by the room the prompt leaves in the context (`default_max_tokens`; the
+        prompt fits: `check_context_length` came first)."""
+        default = self.generation_defaults.get("max_tokens", DEFAULT_MAX_TOKENS)
+        return {**self.generation_defaults, "max_tokens": default_max_tokens(num_prompt_tokens, max_model_len, default)}
 
     async def prompt_ids(self, request: Any, vocab_size: int) -> list[int]:
         """The prompt's token ids; InvalidRequest for no prompt or an id outside the vocabulary."""

@@ -72,6 +72,13 @@ def check_context_length(num_prompt_tokens: int, max_tokens: int | None, max_mod
         )
 
 
+def default_max_tokens(num_prompt_tokens: int, max_model_len: int, default: float | None) -> int:
+    """The max_tokens of a request that left it unset, as vLLM has it: `default` (the checkpoint's max_new_tokens,
+    or the interface's own) capped by the room the prompt leaves in the context; the whole room without one."""
+    room = max_model_len - num_prompt_tokens
+    return room if default is None else min(room, int(default))
+
+
 @dataclass(frozen=True)
 class EngineStats:
     """A snapshot for load balancing, metrics and the SLO controller."""

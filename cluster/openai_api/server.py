@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from actors.config import generation_defaults
-from actors.engine.core import PromptTooLongError, check_context_length
+from actors.engine.core import PromptTooLongError, check_context_length, default_max_tokens
 from actors.engine.frontend import StreamChunk, Tokenizer
 from actors.request import SamplingParams, SamplingParamsError, StructuredOutputsParams
 from cluster.engine_client import EngineClient, EngineLoad, GenerateRequest
@@ -208,8 +208,8 @@ class OpenAIServer:
             raise APIError(400, str(e)) from None
         if max_tokens is not None:
             return max_tokens
-        room = self.info.max_model_len - num_prompt_tokens
-        return min(room, int(self.generation_defaults.get("max_tokens", room)))
+        default = self.generation_defaults.get("max_tokens")
+        return default_max_tokens(num_prompt_tokens, self.info.max_model_len, default)
 
     def check_token_ids(self, ids: Sequence[int], param: str) -> None:
         bad = [t for t in ids if not 0 <= t < self.info.vocab_size]
