@@ -7,18 +7,33 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from actors.config import EngineConfig
 from actors.engine.frontend import AsyncLLM, StreamChunk
 from actors.request import SamplingParams
 
 
+T = TypeVar("T")
+HEALTH_STALL_SECONDS = 30.0  # an engine with work that made no progress for this long is not serving
+LOADS_TIMEOUT_SECONDS = 5.0  # the front ends' wait for the engines' loads
+INLINE_TOKENIZE_CHARS = 16384  # the front ends tokenize longer texts in a worker thread
+
+
 class NoCapacityError(RuntimeError):
     """No engine can take the request now (all draining, dead, or admission refused)."""
+
+
+async def off_the_loop_if_long(chars: int, fn: Callable[..., T], *args: Any) -> T:
+    """`fn(*args)` (a tokenization of `chars` characters) here, or in a worker thread when the text is long: a
+    front end's event loop also carries every stream in flight."""
+    if chars < INLINE_TOKENIZE_CHARS:
+        return fn(*args)
+    return await asyncio.to_thread(fn, *args)
 
 
 @dataclass(frozen=True)
@@ -51,7 +66,7 @@ class ModelInfo:
 
 @dataclass(frozen=True)
 class EngineLoad:
-    """One engine's load as the router and the controller see it."""
+    """One engine's load as the router, the controller and the front ends' health checks see it."""
 
     engine_id: str
     node_id: str = ""
@@ -62,6 +77,18 @@ class EngineLoad:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def serving_problem(self, stall_s: float = HEALTH_STALL_SECONDS) -> str | None:
+        """Why this engine is not serving (unhealthy, draining, no progress for more than `stall_s` seconds),
+        None if it is: the rule of HTTP's `/health` and of gRPC's health service."""
+        stalled = float(self.stats.get("seconds_since_progress", 0.0))
+        if not self.healthy:
+            return "unhealthy"
+        if self.draining:
+            return "draining"
+        if stalled > stall_s:
+            return f"no progress for {stalled:.0f}s"
+        return None
 
 
 class EngineClient(Protocol):

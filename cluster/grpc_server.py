@@ -34,7 +34,9 @@ from actors.engine.frontend import StreamChunk, Tokenizer
 from actors.request import SamplingParams, StructuredOutputsParams
 from actors.runner.sampler import TokenLogprobs
 from actors.slo.admission import AdmissionRejected
-from cluster.engine_client import EngineClient, EngineLoad, GenerateRequest, NoCapacityError
+from cluster.engine_client import (
+    HEALTH_STALL_SECONDS, LOADS_TIMEOUT_SECONDS, EngineClient, GenerateRequest, NoCapacityError, off_the_loop_if_long,
+)
 from cluster.grpc_client import load_stubs
 
 log = logging.getLogger(__name__)
@@ -44,11 +46,8 @@ _PARAM_FIELDS = ("max_tokens", "min_tokens", "temperature", "top_p", "top_k", "m
                  "presence_penalty", "frequency_penalty", "seed", "logprobs", "skip_special_tokens", "detokenize",
                  "cache_salt", "prompt_logprobs")
 DEFAULT_MAX_TOKENS = 16  # an unset max_tokens without a checkpoint default (the proto's), capped by the context
-INLINE_TOKENIZE_CHARS = 16384  # longer texts are tokenized in a worker thread, as over HTTP
 MAX_LOGPROBS_PER_MESSAGE = 4096  # ~1.5 MB at 20 top logprobs: a message stays under gRPC's default 4 MiB limit
 HEALTH_INTERVAL_S = 5.0
-HEALTH_STALL_SECONDS = 30.0  # an engine with work that made no progress for this long is unhealthy (HTTP's)
-LOADS_TIMEOUT_SECONDS = 5.0
 
 
 class InvalidRequest(ValueError):
@@ -154,20 +153,16 @@ class _Generation:
 
     async def encode(self, text: str) -> list[int]:
         """Tokenize; long texts off the event loop, so that streams in flight keep flowing."""
-        if len(text) < INLINE_TOKENIZE_CHARS:
-            return self.owner.tokenizer.encode(text)
-        return await asyncio.to_thread(self.owner.tokenizer.encode, text)
+        return await off_the_loop_if_long(len(text), self.owner.tokenizer.encode, text)
 
     async def chat_ids(self, chat: Any) -> list[int]:
         """A `Chat` through the model's chat template; InvalidRequest for what the template refuses."""
         messages = [{"role": m.role, "content": m.content} for m in chat.messages]
         if not messages:
             raise InvalidRequest("the chat has no messages")
-        chat_ids = self.owner.tokenizer.chat_ids
+        chars = sum(len(m["content"]) for m in messages)
         try:
-            if sum(len(m["content"]) for m in messages) < INLINE_TOKENIZE_CHARS:
-                return chat_ids(messages)
-            return await asyncio.to_thread(chat_ids, messages)
+            return await off_the_loop_if_long(chars, self.owner.tokenizer.chat_ids, messages)
         except Exception as e:  # a template error is the request's fault
             raise InvalidRequest(f"cannot apply the chat template: {e}") from None
 
@@ -339,11 +334,7 @@ class GrpcServer:
         except Exception as e:
             log.warning("gRPC health: the engines do not answer: %s: %s", type(e).__name__, e)
             return False
-        return any(self.serves(load) for load in loads)
-
-    def serves(self, load: EngineLoad) -> bool:
-        stalled = float(load.stats.get("seconds_since_progress", 0.0))
-        return load.healthy and not load.draining and stalled <= self.health_stall_s
+        return any(load.serving_problem(self.health_stall_s) is None for load in loads)
 
     async def drain(self, timeout: float = 30.0) -> bool:
         """NOT_SERVING, refuse new calls, wait for in-flight ones; True if they all finished."""

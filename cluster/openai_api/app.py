@@ -14,10 +14,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from actors.engine.frontend import Tokenizer
-from cluster.engine_client import EngineClient
+from cluster.engine_client import HEALTH_STALL_SECONDS, EngineClient
 from cluster.openai_api.errors import APIError, ClientDisconnected, engine_error, error_body
 from cluster.openai_api.responses import ResponsesAPI
-from cluster.openai_api.server import HEALTH_STALL_SECONDS, MAX_BODY_BYTES, OpenAIServer
+from cluster.openai_api.server import MAX_BODY_BYTES, OpenAIServer
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 

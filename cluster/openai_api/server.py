@@ -22,7 +22,9 @@ from actors.config import generation_defaults
 from actors.engine.core import PromptTooLongError, check_context_length, default_max_tokens
 from actors.engine.frontend import StreamChunk, Tokenizer
 from actors.request import SamplingParams, SamplingParamsError, StructuredOutputsParams
-from cluster.engine_client import EngineClient, EngineLoad, GenerateRequest
+from cluster.engine_client import (
+    HEALTH_STALL_SECONDS, LOADS_TIMEOUT_SECONDS, EngineClient, EngineLoad, GenerateRequest, off_the_loop_if_long,
+)
 from cluster.metrics import ServingMetrics
 from cluster.openai_api.errors import APIError, ClientDisconnected, engine_error, error_body
 from cluster.openai_api.reasoning import ReasoningParser, reasoning_parser_named
@@ -47,9 +49,6 @@ log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 8 << 20  # larger bodies get 413
 DRAIN_CAP_BYTES = 64 << 20  # past this much of an oversized body, stop reading it
-HEALTH_STALL_SECONDS = 30.0  # an engine with work that made no progress for this long is unhealthy
-LOADS_TIMEOUT_SECONDS = 5.0
-INLINE_TOKENIZE_CHARS = 16384  # longer texts are tokenized in a worker thread
 
 # writes a stream's body: (the call, its first (request index, chunk), the rest of its chunks) -> SSE bytes
 SSEWriter = Callable[[Call, tuple[int, StreamChunk], AsyncIterator[tuple[int, StreamChunk]]], AsyncIterator[bytes]]
@@ -218,9 +217,7 @@ class OpenAIServer:
 
     async def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Tokenize; long texts off the event loop, so that streams in flight keep flowing."""
-        if len(text) < INLINE_TOKENIZE_CHARS:
-            return self.tokenizer.encode(text, add_special_tokens)
-        return await asyncio.to_thread(self.tokenizer.encode, text, add_special_tokens)
+        return await off_the_loop_if_long(len(text), self.tokenizer.encode, text, add_special_tokens)
 
     async def completion_prompts(self, prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
         if isinstance(prompt, str):
@@ -540,15 +537,10 @@ class OpenAIServer:
         problems = []
         loads = await self.engine_loads()
         for load in loads:
-            stalled = float(load.stats.get("seconds_since_progress", 0.0))
-            if not load.healthy:
-                problems.append(f"{load.engine_id}: unhealthy")
-            elif load.draining:
-                problems.append(f"{load.engine_id}: draining")
-            elif stalled > self.health_stall_s:
-                problems.append(f"{load.engine_id}: no progress for {stalled:.0f}s")
-            else:
+            problem = load.serving_problem(self.health_stall_s)
+            if problem is None:
                 return Response(status_code=200)
+            problems.append(f"{load.engine_id}: {problem}")
         raise APIError(503, "no engine is serving: " + ("; ".join(problems) or "no engines"))
 
     async def splits(self, request: Request) -> Response:
