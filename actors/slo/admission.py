@@ -162,14 +162,11 @@ class EngineAdmission:
                               chunk_tokens=core.config.scheduler.max_prefill_tokens)
         return cls(core, AdmissionController(model, cfg))
 
-    def snapshot(self, req: Request | None = None) -> QueueSnapshot:
-        """The engine's load: all its queued prefill work, or with `req` what that request would wait for
-        (`PrefillScheduler.queued_ahead_of`)."""
+    def snapshot(self, req: Request) -> QueueSnapshot:
+        """The engine's load as a new `req` would meet it: the prefill work it would wait for
+        (`PrefillScheduler.queued_ahead_of`), the decode batch, the split and the recent prefill speed."""
         core = self.core
-        if req is None:
-            tokens, requests = core.prefill.waiting_tokens(), core.prefill.num_waiting + len(core.prefill.running)
-        else:
-            tokens, requests = core.prefill.queued_ahead_of(req)
+        tokens, requests = core.prefill.queued_ahead_of(req)
         recent = core.recent_prefill()
         return QueueSnapshot(
             waiting_prefill_tokens=tokens,
