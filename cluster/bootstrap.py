@@ -13,6 +13,7 @@ Environment variables are read here only (`env_defaults()`).
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -402,8 +403,6 @@ def _owner_key(cfg: ClusterConfig, name: str) -> bytes:
 def record_owner(cfg: ClusterConfig, names: Sequence[str], owner: str) -> None:
     """Record in Ray's KV store that `owner` started the actors `names` of `cfg` (the engines and the controller):
     the record outlives the process that started them, so whoever stops `owner` later knows what to stop."""
-    import json
-
     from ray.experimental import internal_kv
 
     for name in names:
@@ -415,8 +414,6 @@ def record_owner(cfg: ClusterConfig, names: Sequence[str], owner: str) -> None:
 
 def owned_actors(cfg: ClusterConfig, owner: str) -> list[str]:
     """The actors of `cfg` (engines, controller) running now that `record_owner` recorded as started by `owner`."""
-    import json
-
     from ray.experimental import internal_kv
 
     out = []
