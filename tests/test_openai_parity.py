@@ -7,42 +7,17 @@ HTTP to read stream chunks as sent.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
-import httpx
 import openai
 import pytest
 
-from actors.config import EngineConfig, SchedulerConfig
-
-from support import openai_server, sse_events
+from test_logprobs_parity import MODEL, Live, live  # noqa: F401  (live: a fixture used here)
 
 pytestmark = pytest.mark.timeout(300)
 
-MODEL = "tiny"
 PROMPT = [72, 101, 108, 108, 111, 32, 119, 111, 114, 108, 100]  # "Hello world", byte-level
 BEGIN_OF_TEXT = 256  # a special token: no text once special tokens are skipped, and not an end of text
-
-
-class Live:
-    def __init__(self, url: str) -> None:
-        self.oa = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
-        self.http = httpx.Client(base_url=url, timeout=60)
-
-    def stream(self, path: str, **body: Any) -> list[dict[str, Any]]:
-        """The JSON chunks of a streamed call, in order."""
-        r = self.http.post(path, json={"model": MODEL, "stream": True, **body})
-        assert r.status_code == 200, r.text
-        return sse_events(r.text)
-
-
-@pytest.fixture(scope="module")
-def live(tiny_llama: Path) -> Iterator[Live]:
-    cfg = EngineConfig(model=str(tiny_llama), mode="semi-pd", scheduler=SchedulerConfig(max_model_len=512))
-    with openai_server(cfg, MODEL) as (_, url):
-        yield Live(url)
 
 
 def test_echo_with_max_tokens_zero_is_the_prompt_alone(live: Live) -> None:
