@@ -24,7 +24,7 @@ from actors.disagg.engines import DecodeOnlyEngine, PrefillOnlyEngine
 from actors.disagg.frontend import DisaggLLM
 from actors.disagg.pair import DisaggPair, pair_devices
 from actors.disagg.state import state_of
-from actors.disagg.transport import CpuTransport, DeviceTransport, KVPayload, RequestState
+from actors.disagg.transport import CpuTransport, DeviceTransport, KVPayload, KVTransport, RequestState
 from actors.engine.core import EngineCore, PromptTooLongError
 from actors.engine.frontend import LLM
 from actors.kv.manager import pages_for
@@ -237,16 +237,20 @@ class Collected:
         return next((d.finish_reason for d in self.deltas if d.request_id == rid and d.finished), None)
 
 
-@pytest.fixture
-def stepped_pair(tiny_llama: Path) -> Iterator[tuple[DisaggPair, Collected]]:
-    # one iteration per step, its prompts exported by that step (the tests check each step's effect)
-    base = EngineConfig(model=str(tiny_llama), device="cpu", scheduler=SchedulerConfig(max_prefill_tokens=CHUNK),
+def stepped_pair_over(model: Path, transport: KVTransport) -> tuple[DisaggPair, Collected]:
+    """A CPU pair (P_PAGES and D_PAGES pages) over `transport` and what it emits, not started: its tests step the
+    workers themselves, one iteration per step, its prompts exported by that step."""
+    base = EngineConfig(model=str(model), device="cpu", scheduler=SchedulerConfig(max_prefill_tokens=CHUNK),
                         overlap_prefill=False)
     out = Collected()
-    pair = DisaggPair(EngineConfig(**{**base.__dict__, "cache": CacheConfig(page_size=PAGE, num_pages=P_PAGES)}),
-                      EngineConfig(**{**base.__dict__, "cache": CacheConfig(page_size=PAGE, num_pages=D_PAGES)}),
-                      out, CpuTransport())
-    yield pair, out  # never started: the tests step the workers themselves
+    pair = DisaggPair(dataclasses.replace(base, cache=CacheConfig(page_size=PAGE, num_pages=P_PAGES)),
+                      dataclasses.replace(base, cache=CacheConfig(page_size=PAGE, num_pages=D_PAGES)), out, transport)
+    return pair, out
+
+
+@pytest.fixture
+def stepped_pair(tiny_llama: Path) -> Iterator[tuple[DisaggPair, Collected]]:
+    yield stepped_pair_over(tiny_llama, CpuTransport())
 
 
 LONG = SamplingParams(max_tokens=100, temperature=0.0, ignore_eos=True)

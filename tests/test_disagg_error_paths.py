@@ -16,14 +16,13 @@ import pytest
 import torch
 
 import actors.disagg.engines as engines
-from actors.config import CacheConfig, EngineConfig, SchedulerConfig
 from actors.disagg.engines import PrefillOnlyEngine
 from actors.disagg.pair import DisaggPair
 from actors.disagg.transport import CpuTransport, RequestState
 from actors.engine.core import EngineDeadError
 from actors.request import FinishReason, Request, SamplingParams
 
-from test_disagg import CHUNK, D_PAGES, LONG, P_PAGES, PAGE, Collected, assert_all_pages_back, make_prompts
+from test_disagg import LONG, Collected, assert_all_pages_back, make_prompts, stepped_pair_over
 from test_disagg import stepped_pair  # noqa: F401  (a fixture)
 
 pytestmark = pytest.mark.timeout(120)
@@ -106,13 +105,7 @@ class _AsyncCopyFails(CpuTransport):
 
 @pytest.fixture
 def failing_copy_pair(tiny_llama: Path) -> Iterator[tuple[DisaggPair, Collected]]:
-    base = EngineConfig(model=str(tiny_llama), device="cpu", scheduler=SchedulerConfig(max_prefill_tokens=CHUNK),
-                        overlap_prefill=False)
-    out = Collected()
-    pair = DisaggPair(EngineConfig(**{**base.__dict__, "cache": CacheConfig(page_size=PAGE, num_pages=P_PAGES)}),
-                      EngineConfig(**{**base.__dict__, "cache": CacheConfig(page_size=PAGE, num_pages=D_PAGES)}),
-                      out, _AsyncCopyFails())
-    yield pair, out
+    yield stepped_pair_over(tiny_llama, _AsyncCopyFails())
 
 
 def test_a_transfer_that_fails_on_receipt_ends_its_request_and_frees_its_room(
