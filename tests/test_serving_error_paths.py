@@ -388,3 +388,40 @@ def test_a_request_one_engine_refuses_is_served_by_another(tiny_llama: Path, mon
     finally:
         for a in actors + (both_strict or []):
             a.llm.shutdown()
+
+
+class RaisingClient(EndlessClient):
+    """An EngineClient whose requests raise, before any chunk or after `chunks_first` of them."""
+
+    def __init__(self, chunks_first: int) -> None:
+        super().__init__()
+        self.chunks_first = chunks_first
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[StreamChunk]:
+        for n in range(1, self.chunks_first + 1):
+            yield StreamChunk(request.request_id, "x", (1,), num_prompt_tokens=3, num_output_tokens=n)
+        raise RuntimeError("the engine actor died")
+
+
+@pytest.mark.parametrize("chunks_first", [0, 2], ids=["before-any-chunk", "mid-stream"])
+def test_a_request_whose_engine_raises_is_counted_as_an_error(tiny_llama: Path, chunks_first: int) -> None:
+    """`vllm:request_success_total{finished_reason="error"}` counts a request whose engine raised, as it counts one
+    that ended with an error chunk: it was neither left out nor counted as aborted by its client."""
+    import httpx
+
+    from support import metric, parse_metrics
+
+    app = create_app(RaisingClient(chunks_first), Tokenizer(tiny_llama))  # type: ignore[arg-type]
+
+    async def main() -> tuple[httpx.Response, str]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://stub") as http:
+            r = await http.post("/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 8})
+            return r, (await http.get("/metrics")).text
+
+    r, text = asyncio.run(main())
+    assert r.status_code == 500 and "the engine actor died" in r.json()["error"]["message"]
+    samples = parse_metrics(text)
+    reasons = {reason: metric(samples, "vllm:request_success_total", model_name="tiny", finished_reason=reason)
+               for reason in ("error", "abort")}
+    assert reasons == {"error": 1, "abort": 0}
+    assert metric(samples, "vllm:e2e_request_latency_seconds_count", model_name="tiny") == 1

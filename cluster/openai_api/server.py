@@ -302,7 +302,7 @@ class OpenAIServer:
         arrival = time.monotonic()
         trackers = self.metrics.track_call(arrival, call.requests, call.n)
         gens = [self.client.generate(r) for r in call.requests]
-        failed = False
+        ending = "abort"  # the client left, or the call ended early (a choice failed)
         try:
             async with aclosing(merge_streams(gens)) as merged:
                 async for i, chunk in merged:
@@ -311,12 +311,12 @@ class OpenAIServer:
                     call.choices[i].add(chunk)
                     yield i, chunk
         except BaseException as e:
-            failed = not isinstance(e, (asyncio.CancelledError, GeneratorExit))
+            if not isinstance(e, (asyncio.CancelledError, GeneratorExit)):
+                ending = "error"  # the engine raised
             raise
         finally:
-            if not failed:
-                for t in trackers:
-                    t.finish("abort")  # no-op for the finished ones
+            for t in trackers:
+                t.finish(ending)  # no-op for the finished ones
 
     async def run_to_end(self, request: Request, call: Call) -> None:
         """Run `call`'s engine requests to their end, or until one fails (the answer is then an error: the others
