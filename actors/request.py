@@ -14,7 +14,7 @@ import json
 import math
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -100,7 +100,8 @@ class SamplingParams:
     `prompt_logprobs` (vLLM's): None for none, n >= 0 for the logprob of every prompt token after the
     first, given those before it, plus the top n; such a request's prompt is computed whole (no
     prefix-cache hits), as in vLLM.
-    `allowed_token_ids` (vLLM's): only these tokens may be picked (None: any).
+    `allowed_token_ids` (vLLM's): only these tokens may be picked (None: any). A step at which it and the other masks
+    (the structured output's, min_tokens') leave no token ends the request with finish reason error, naming them.
     `structured_outputs` (vLLM's): the output matches a JSON schema, regex, choice or grammar; it ends (finish
     reason stop) once the grammar is complete, whatever `min_tokens` and `ignore_eos` say.
     """
@@ -192,6 +193,16 @@ class SamplingParams:
             bad = next((t for t in ids if t >= vocab_size), None)
             if bad is not None:
                 raise SamplingParamsError(f"{name} token ids must be in [0, {vocab_size}), got {bad}")
+
+    def check_first_token(self, eos_token_ids: Sequence[int]) -> None:
+        """Raise SamplingParamsError if no first token can satisfy these parameters: every allowed token is an EOS
+        or stop token, which `min_tokens` bars while no structured output holds (the sampler's masks)."""
+        grammar_decides = self.structured_outputs is not None and not self.structured_outputs.start_after
+        if self.min_tokens == 0 or grammar_decides or self.allowed_token_ids is None:
+            return
+        if set(self.allowed_token_ids) <= {*eos_token_ids, *self.stop_token_ids}:
+            raise SamplingParamsError("allowed_token_ids holds only EOS and stop tokens, which min_tokens bars from "
+                                      "the first token: no token satisfies both")
 
     @property
     def needs_penalties(self) -> bool:

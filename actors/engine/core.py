@@ -339,6 +339,7 @@ class EngineCore:
         if num_prompt_tokens == 0:
             raise ValueError("the prompt is empty")
         check_context_length(num_prompt_tokens, params.max_tokens, self.max_model_len)
+        params.check_first_token(self.arch.eos_token_ids)
         kv_tokens = num_prompt_tokens + params.max_tokens - 1  # the last token is sampled, never cached
         if pages_for(kv_tokens, self.pool.page_size) > self.pool.num_pages:
             raise PromptTooLongError(

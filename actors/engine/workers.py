@@ -298,18 +298,20 @@ class Worker:
         Deltas are emitted before the handoff: once decode owns a request it may emit the
         next token at once, and a request's tokens must reach the front end in order.
         A request that already ended (an engine error failed it while this iteration was queued:
-        `_fail_prefills`) takes no token; what it holds is freed.
+        `_fail_prefills`) takes no token; what it holds is freed. One whose constraints left no token to draw
+        (`SampleResult.conflicts`) ends with an error, its void token not taken.
         """
         deltas = []
         handoffs = []
-        for req, tok, lp, fresh in zip(reqs, result.token_ids, result.logprobs, from_prefill):
+        for req, tok, lp, conflict, fresh in zip(reqs, result.token_ids, result.logprobs, result.conflicts,
+                                                 from_prefill):
             if req.finished:
                 if fresh:
                     self.prefill.drop(req)
                 elif req in self.decode.running:
                     self.decode.remove(req)
                 continue
-            reason = req.append_token(tok) or req.abort_requested
+            reason = FinishReason.ERROR if conflict is not None else req.append_token(tok) or req.abort_requested
             if reason is not None:
                 if fresh:
                     self.prefill.drop(req)
@@ -318,7 +320,7 @@ class Worker:
                 req.finish_reason = reason
             elif fresh:
                 handoffs.append(req)
-            deltas.append(_token_delta(req, tok, lp, reason))
+            deltas.append(_token_delta(req, tok, lp, reason) if conflict is None else _conflict_delta(req, conflict))
         self.emit(deltas)
         for req in handoffs:
             self.handoff(req)
@@ -454,10 +456,13 @@ class Worker:
             self.decode.kv.release(r)
         still_queued = set(following.reqs) if following is not None else set()
         deltas = []
-        for req, slot, tok, lp in zip(launched.reqs, launched.slots, result.token_ids, result.logprobs):
+        for req, slot, tok, lp, conflict in zip(launched.reqs, launched.slots, result.token_ids, result.logprobs,
+                                                result.conflicts):
             if req in launched.retired:
                 continue
-            reason = req.resolve_pending(slot, tok) or req.abort_requested
+            # a void token (`SampleResult.conflicts`) leaves its place pending, dropped with the request's pages
+            reason = (FinishReason.ERROR if conflict is not None
+                      else req.resolve_pending(slot, tok) or req.abort_requested)
             if reason is None:
                 self.decode.kv.publish(req, slot)  # the KV this step wrote; the step queued after it still writes
             else:
@@ -468,11 +473,10 @@ class Worker:
                 else:
                     req.drop_pending()
                     self.decode.remove(req)
-            deltas.append(_token_delta(req, tok, lp, reason))
+            deltas.append(_token_delta(req, tok, lp, reason) if conflict is None else _conflict_delta(req, conflict))
         self.emit(deltas)
         if launched.prefill_sample:
-            n = len(launched.reqs)
-            first = SampleResult(result.token_ids[n:], result.logprobs[n:])
+            first = result.tail(len(launched.reqs))
             self._accept_tokens(launched.prefill_sample, first, [True] * len(launched.prefill_sample))
 
     def _requeue(self, preempted: list[Request]) -> None:
@@ -493,6 +497,12 @@ def _token_delta(req: Request, tok: int, lp: TokenLogprobs | None, reason: Finis
                       prompt_logprobs=tuple(req.prompt_logprobs) if first else (),
                       num_prompt_tokens=req.num_prompt_tokens, num_cached_tokens=req.num_cached_tokens,
                       ends_with_stop_token=reason == FinishReason.STOP and req.is_stop_token(tok))
+
+
+def _conflict_delta(req: Request, conflict: str) -> TokenDelta:
+    """The end of a request whose constraints left no token to draw: an error, no token."""
+    return TokenDelta(req.request_id, (), FinishReason.ERROR, error=conflict, num_prompt_tokens=req.num_prompt_tokens,
+                      num_cached_tokens=req.num_cached_tokens)
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """Token sampling for a batch of requests with mixed parameters, on the logits' device.
 
 Order (as vLLM): logprobs of the raw distribution; logit bias; allowed tokens; the grammar's mask
-(structured outputs); min_tokens masking; penalties (on the biased logits);
+(structured outputs); min_tokens masking (a row these masks leave without a token is reported with the tokens:
+`SampleResult.conflicts`); penalties (on the biased logits);
 then greedy rows take the argmax, the others temperature, min-p, then top-k and top-p,
 and draw with an exponential race (argmax p/q, q ~ Exp(1)), from the request's own
 generator when it has a seed, so a seeded request's tokens do not depend on its batch.
@@ -33,8 +34,43 @@ class TokenLogprobs:
 
 @dataclass(frozen=True)
 class SampleResult:
+    """One token per row, with its logprobs where asked. `conflicts[i]`, when not None, says why row i had no token
+    to draw (its constraints together allowed none: `conflict_message`); its token is then void."""
+
     token_ids: list[int]
     logprobs: list[TokenLogprobs | None]
+    conflicts: Sequence[str | None] = ()  # () for none
+
+    def __post_init__(self) -> None:
+        if not self.conflicts:
+            object.__setattr__(self, "conflicts", (None,) * len(self.token_ids))
+        assert len(self.token_ids) == len(self.logprobs) == len(self.conflicts)
+
+    def tail(self, start: int) -> SampleResult:
+        """The rows from `start` on."""
+        return SampleResult(self.token_ids[start:], self.logprobs[start:], self.conflicts[start:])
+
+
+STRUCTURED, ALLOWED, MIN_TOKENS = "the structured output", "allowed_token_ids", "min_tokens (no stop token yet)"
+
+
+def masking_constraints(req: Request) -> tuple[str, ...]:
+    """The constraints that mask `req`'s next token to -inf (`Sampler.draw`), as `conflict_message` names them."""
+    names = []
+    if req.grammar_holds:
+        names.append(STRUCTURED)
+    if req.params.allowed_token_ids is not None:
+        names.append(ALLOWED)
+    if req.num_output_tokens < req.params.min_tokens and not req.grammar_holds:  # as `Sampler._mask_early_stops`
+        names.append(MIN_TOKENS)
+    return tuple(names)
+
+
+def conflict_message(constraints: Sequence[str], output_index: int) -> str:
+    """Why no token could be drawn at output token `output_index` (from 0) under `constraints` together."""
+    *rest, last = constraints
+    listed = last if not rest else f"{'both ' if len(rest) == 1 else 'all of '}{', '.join(rest)} and {last}"
+    return f"no token satisfies {listed} at output token {output_index + 1}: the request's constraints conflict"
 
 
 def score_tokens(logits_of: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, targets: Sequence[int],
@@ -66,13 +102,18 @@ class Drawn:
     before the ring comes round (thousands of steps).
     """
 
-    def __init__(self, token_ids: torch.Tensor, raw_logprobs: torch.Tensor | None, reqs: list[Request]) -> None:
+    def __init__(self, token_ids: torch.Tensor, raw_logprobs: torch.Tensor | None, reqs: list[Request],
+                 blocked: torch.Tensor | None = None) -> None:
+        """`blocked` [N] (bool, on the device), where given: the rows whose masks left no token (`SampleResult`'s
+        `conflicts`)."""
         self.token_ids = token_ids
         self.prompt_logprobs: list[list[TokenLogprobs]] = []  # per prefill chunk of the plan (`ModelRunner.launch`)
         self.done: torch.cuda.Event | None = None
         self._want = [r.params.logprobs for r in reqs]
-        parts = [token_ids] + (_logprob_parts(raw_logprobs, token_ids, self._want) if raw_logprobs is not None
-                               else [])
+        self._constraints = ([(masking_constraints(r), r.num_output_tokens) for r in reqs] if blocked is not None
+                             else None)
+        parts = [token_ids] + ([blocked] if blocked is not None else [])
+        parts += _logprob_parts(raw_logprobs, token_ids, self._want) if raw_logprobs is not None else []
         self._host = parts
         self._ring: StagingRing[torch.cuda.Event] | None = None
         self._positions: list[int | None] = []
@@ -97,14 +138,18 @@ class Drawn:
             self.done.synchronize()
         assert self._ring is None or all(self._ring.intact(p) for p in self._positions), \
             "sampled tokens overwritten before read"
-        ids = self._host[0].tolist()
-        if len(self._host) == 1:
-            return SampleResult(ids, [None] * len(ids))
-        chosen, ranks, top_vals, top_ids = (t.tolist() for t in self._host[1:])
+        host = [t.tolist() for t in self._host]
+        ids = host.pop(0)
+        conflicts = () if self._constraints is None else [
+            conflict_message(names, at) if blocked and names else None
+            for blocked, (names, at) in zip(host.pop(0), self._constraints)]
+        if not host:
+            return SampleResult(ids, [None] * len(ids), conflicts)
+        chosen, ranks, top_vals, top_ids = host
         return SampleResult(ids, [None if w is None else TokenLogprobs(ids[i], chosen[i],
                                                                        tuple(zip(top_ids[i][:w], top_vals[i][:w])),
                                                                        ranks[i])
-                                  for i, w in enumerate(self._want)])
+                                  for i, w in enumerate(self._want)], conflicts)
 
 
 def _logprob_parts(raw: torch.Tensor, token_ids: torch.Tensor, want: list[int | None]) -> list[torch.Tensor]:
@@ -144,13 +189,16 @@ class Sampler:
         if any(r.grammar_holds for r in reqs):
             logits = self._mask_by_grammar(logits, reqs)
         logits = self._mask_early_stops(logits, reqs)
+        # a row these masks left all -inf has no token to draw (its constraints conflict): said with the tokens
+        blocked = (logits.isneginf().all(dim=-1)
+                   if any(r.params.allowed_token_ids is not None or r.grammar_holds for r in reqs) else None)
         if any(r.params.needs_penalties for r in reqs):  # after the bias, as vLLM (masked -inf logits stay -inf)
             logits = self._apply_penalties(logits.clone(), reqs)
         if all(r.params.greedy for r in reqs):
             chosen = logits.argmax(dim=-1)
         else:
             chosen = self._sample(logits, reqs)
-        return Drawn(chosen, raw_logprobs, reqs)
+        return Drawn(chosen, raw_logprobs, reqs, blocked)
 
     def _apply_penalties(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
         """Repetition penalty over prompt and output tokens, presence and frequency over output tokens;
@@ -165,7 +213,7 @@ class Sampler:
         for i, r in enumerate(reqs):
             p = r.params
             if p.repetition_penalty != 1.0:
-                seen = [t for t in set(r.token_ids) if t < vocab]
+                seen = [t for t in set(r.token_ids) if 0 <= t < vocab]  # a step's void token stays PENDING_TOKEN
                 seen_rows += [i] * len(seen)
                 seen_ids += seen
                 seen_penalty += [p.repetition_penalty] * len(seen)
