@@ -6,7 +6,8 @@
 
 `AsyncGenerationClient` is the asyncio twin. Closing (or breaking out of) a generate
 iterator cancels the call, which aborts the request on the server and frees its pages.
-`generate_once(addr, prompt, params)` is what `semipd generate --grpc ADDR` uses.
+`generate_once(addr, prompt, params)` is what `semipd generate --grpc ADDR` uses, with only the fields its flags set
+(`given_params_to_proto`): the server's defaults apply to the others.
 """
 
 from __future__ import annotations
@@ -89,6 +90,18 @@ def params_to_proto(params: SamplingParams) -> Any:
         msg.prompt_logprobs = params.prompt_logprobs
     if params.structured_outputs is not None:
         msg.structured_outputs.CopyFrom(structured_to_proto(params.structured_outputs))
+    return msg
+
+
+def given_params_to_proto(given: Mapping[str, Any]) -> Any:
+    """A proto SamplingParams setting only the fields of `given` (SamplingParams field names and values); the server
+    gives the others its defaults (the checkpoint's generation_config.json, else its own)."""
+    pb2, _ = load_stubs()
+    fields = dict(given)
+    spec = fields.pop("structured_outputs", None)
+    msg = pb2.SamplingParams(**fields)
+    if spec is not None:
+        msg.structured_outputs.CopyFrom(structured_to_proto(spec))
     return msg
 
 
@@ -268,9 +281,10 @@ class AsyncGenerationClient:
         await self.channel.close()
 
 
-def generate_once(addr: str, prompt: Prompt, params: SamplingParams | None = None,
+def generate_once(addr: str, prompt: Prompt, params: SamplingParams | Any | None = None,
                   timeout: float | None = None) -> dict[str, Any]:
-    """Run one request to the end: {text, token_ids, finish_reason, num_prompt_tokens, ...}.
+    """Run one request to the end: {text, token_ids, finish_reason, num_prompt_tokens, ...}; `params` as
+    `build_request`'s.
 
     Raises GrpcInvalidArgument (a ValueError) for rejected parameters, GrpcCallError else.
     """

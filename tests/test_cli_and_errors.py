@@ -80,7 +80,7 @@ def test_make_model_then_generate_json(tmp_path: Path, llm: LLM) -> None:
     assert made.returncode == 0, made.stderr
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {f.name for f in (tmp_path / "m").iterdir()}
     gen = semipd("generate", "--model", str(tmp_path / "m"), "--prompt", "Hello there", "--max-tokens", "7",
-                 "--ignore-eos", "--json")
+                 "--temperature", "0", "--ignore-eos", "--json")
     assert gen.returncode == 0, gen.stderr
     result = json.loads(gen.stdout)
     assert result["finish_reason"] == "length"

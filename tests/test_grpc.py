@@ -176,8 +176,8 @@ def test_generate_once_and_cli(live: Live, capsys: pytest.CaptureFixture[str]) -
     assert result["num_prompt_tokens"] > 0
     from cluster.cli import main
 
-    assert main(["generate", "--grpc", live.addr, "--prompt", "Hello", "--max-tokens", "6", "--ignore-eos",
-                 "--json"]) == 0
+    assert main(["generate", "--grpc", live.addr, "--prompt", "Hello", "--max-tokens", "6", "--temperature", "0",
+                 "--ignore-eos", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["token_ids"] == result["token_ids"] and out["text"] == result["text"]
     assert main(["generate", "--grpc", live.addr, "--prompt", "Hello", "--temperature", "7"]) == 2

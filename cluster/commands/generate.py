@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
+from typing import Any
 
 from actors.request import SamplingParams, StructuredOutputsParams
 from cluster.commands.files import text_or_file
@@ -16,11 +18,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--model", help="local HF checkpoint directory (runs the engine in-process)")
     src.add_argument("--grpc", metavar="ADDR", help="address of a semipd gRPC server (host:port)")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--ignore-eos", action="store_true")
+    sampling = p.add_argument_group(
+        "sampling", "a flag left out takes the model's default, as over the APIs: its generation_config.json (the "
+        "server's model with --grpc), else the engine's")
+    sampling.add_argument("--max-tokens", type=int,
+                          help="most tokens to generate (default: generation_config.json's max_new_tokens, else "
+                               f"{SamplingParams.max_tokens}; with --grpc capped by the room the prompt leaves)")
+    sampling.add_argument("--temperature", type=float,
+                          help=f"0 is greedy (default: generation_config.json's, else {SamplingParams.temperature})")
+    sampling.add_argument("--top-p", type=float,
+                          help="draw from the most likely tokens that make up this probability mass (default: "
+                               f"generation_config.json's, else {SamplingParams.top_p})")
+    sampling.add_argument("--seed", type=int, help="seeds this request's draws (default: none)")
+    sampling.add_argument("--ignore-eos", action="store_true", help="generate past EOS, up to --max-tokens")
     p.add_argument("--mode", default="unified", choices=["unified", "semi-pd"])
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the text")
     so = p.add_argument_group("structured output (at most one of the first five)")
@@ -68,18 +78,29 @@ def structured_outputs(args: argparse.Namespace) -> StructuredOutputsParams | No
     return None
 
 
+def given_params(args: argparse.Namespace) -> dict[str, Any]:
+    """The sampling parameters the command line sets (SamplingParams field names), checked (SamplingParamsError):
+    only the flags given, so that the model's defaults apply to the rest."""
+    given: dict[str, Any] = {name: getattr(args, name) for name in ("max_tokens", "temperature", "top_p", "seed")
+                             if getattr(args, name) is not None}
+    if args.ignore_eos:
+        given["ignore_eos"] = True
+    spec = structured_outputs(args)
+    if spec is not None:
+        given["structured_outputs"] = spec
+    SamplingParams(**given)
+    return given
+
+
 def run(args: argparse.Namespace) -> int:
-    params = SamplingParams(
-        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-        ignore_eos=args.ignore_eos, structured_outputs=structured_outputs(args),
-    )
+    given = given_params(args)
     if args.grpc:
         import grpc
 
-        from cluster.grpc_client import GrpcCallError, generate_once
+        from cluster.grpc_client import GrpcCallError, generate_once, given_params_to_proto
 
         try:
-            result = generate_once(args.grpc, args.prompt, params)
+            result = generate_once(args.grpc, args.prompt, given_params_to_proto(given))
         except GrpcCallError as e:
             if isinstance(e, ValueError):  # INVALID_ARGUMENT: the CLI's usual exit 2
                 raise
@@ -91,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
         from actors.engine.frontend import LLM
 
         with LLM(args.model, mode=args.mode) as llm:
-            out = llm.generate([args.prompt], params)[0]
+            out = llm.generate([args.prompt], replace(llm.default_params, **given))[0]
         result = {"text": out.text, "token_ids": out.token_ids, "finish_reason": out.finish_reason,
                   "num_prompt_tokens": len(out.prompt_token_ids)}
     if args.json:
