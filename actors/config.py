@@ -344,7 +344,8 @@ class SLOConfig:
     request's own deadline, else arrival + `ttft_ms`; waiting `aging_s` or more, default
     2 x `ttft_ms`, promotes it). `admission`: predict each new request's TTFT and,
     past `admission_slack` x its target, `reject` it (AdmissionRejected, HTTP 429) or
-    `queue` it at the lowest priority. `latency_profile`: JSON file of latency models,
+    `queue` it at the lowest priority, for `aging_s` at most under either order
+    (`actors.slo.ordering`). `latency_profile`: JSON file of latency models,
     loaded (or profiled at start and saved) when admission is on.
     """
 

@@ -232,6 +232,7 @@ class Request:
     max_model_len: int = 1 << 30
     arrival_time: float = field(default_factory=time.monotonic)
     priority: int = 0  # scheduling class, lower first: `requested_priority`, or lower while admission holds it back
+    # (`actors.slo.ordering.ordered_priority`: at most the aging bound after `arrival_time`)
     deadline: float | None = None  # time.monotonic() by which the first token is due
     requested_priority: int = 0  # the caller's (vLLM's `priority`)
     num_computed_tokens: int = 0

@@ -70,7 +70,8 @@ class EngineOptions:
 
     `prefill_order`: `fcfs` or `edf` (earliest TTFT deadline first, with aging; `actors.slo.ordering`).
     `admission`: `off`, `reject` (a request predicted past `admission_slack` x its TTFT target is refused: HTTP
-    429, gRPC RESOURCE_EXHAUSTED) or `queue` (it is served after those that can still meet theirs).
+    429, gRPC RESOURCE_EXHAUSTED) or `queue` (it is served after those that can still meet theirs, until it has
+    waited twice the TTFT target: `actors.slo.ordering`).
     """
 
     dtype: str = "auto"

@@ -104,7 +104,7 @@ def test_queued_ahead_of_counts_aged_requests_of_a_lower_priority_under_edf() ->
 
 def req(rid: str, arrival: float, n: int, priority: int = 0, deadline: float | None = None) -> Request:
     return Request(rid, prompt(n), n, SamplingParams(max_tokens=4), arrival_time=arrival, priority=priority,
-                   deadline=deadline)
+                   requested_priority=priority, deadline=deadline)
 
 
 def partial_prefill(sched: PrefillScheduler, r: Request, tokens: int) -> None:

@@ -22,7 +22,7 @@ from actors.engine.partitioner import split_choices
 from actors.kv.allocator import BlockAllocator
 from actors.kv.manager import KVManager
 from actors.request import Request, SamplingParams
-from actors.scheduler.prefill import PrefillScheduler, fcfs
+from actors.scheduler.prefill import PrefillScheduler
 from actors.slo.admission import (
     QUEUE_PRIORITY,
     AdmissionConfig,
@@ -40,7 +40,7 @@ from actors.slo.latency_model import (
     load_or_profile,
     save_models,
 )
-from actors.slo.ordering import EDFOrder, make_order
+from actors.slo.ordering import EDFOrder, FCFSOrder, make_order
 from actors.slo.policy import Load, ModelPolicy, ModelPolicyConfig, SplitPrediction, load_changed, make_policy, tpot_factors
 from actors.slo.prediction import (
     ArrivalDecode, PrefillLoad, arrival_decode, paced_tpot_ms, predict_raw, prefill_load, prefill_speed_factor,
@@ -980,7 +980,7 @@ def test_edf_order_drives_the_prefill_scheduler() -> None:
 
 
 def test_make_order() -> None:
-    assert make_order("fcfs") is fcfs
+    assert make_order("fcfs") == FCFSOrder(ttft_ms=1000.0)
     o = make_order("edf", ttft_ms=500.0)
     assert isinstance(o, EDFOrder) and o.effective_aging_s == 1.0
     with pytest.raises(ValueError, match="unknown prefill order"):
@@ -1109,7 +1109,7 @@ def test_engine_wire_in_order_and_admission(tiny_llama: Path, tmp_path: Path, mo
     assert again.admission.controller.model == load_models(profile)[engine_profile_key(core)]
     # default config: FCFS, no admission
     plain = EngineCore(EngineConfig(model=str(tiny_llama), cache=CacheConfig(num_pages=64)), emit=lambda deltas: None)
-    assert plain.prefill.order is fcfs and plain.admission is None
+    assert plain.prefill.order == FCFSOrder(ttft_ms=1000.0) and plain.admission is None
 
 
 def test_slo_config_validation(tiny_llama: Path) -> None:

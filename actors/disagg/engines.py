@@ -34,7 +34,7 @@ from actors.engine.workers import DecodeWorker, Emit, PrefillWorker, Wakeup, Wor
 from actors.kv.manager import pages_for
 from actors.request import FinishReason, Request, TokenDelta
 from actors.runner.transfer import to_device
-from actors.scheduler.prefill import OrderKey
+from actors.slo.ordering import OrderKey
 
 log = logging.getLogger(__name__)
 # upper bounds (s) of the handoff histograms: a peer copy of a long prompt's KV takes milliseconds, one through the

@@ -34,9 +34,9 @@ from actors.runner.sampler import Sampler
 from actors.runner.transfer import pinned_host_allocs
 from actors.scheduler.decode import DecodeScheduler
 from actors.scheduler.plan import BatchPlan, SeqChunk
-from actors.scheduler.prefill import OrderKey, PrefillScheduler
+from actors.scheduler.prefill import PrefillScheduler
 from actors.slo.admission import EngineAdmission
-from actors.slo.ordering import make_order
+from actors.slo.ordering import OrderKey, make_order
 from actors.structured import GrammarCompiler
 
 log = logging.getLogger(__name__)

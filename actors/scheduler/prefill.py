@@ -3,19 +3,11 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
-from typing import Any
 
 from actors.kv.manager import KVManager, pages_for
 from actors.request import Request
 from actors.scheduler.plan import SeqChunk, chunk_of, prompt_scoring
-
-OrderKey = Callable[[Request], Any]  # a sort key: keys of two requests compare
-
-
-def fcfs(req: Request) -> object:
-    """First come, first served (with priority: lower value first)."""
-    return (req.priority, req.arrival_time)
+from actors.slo.ordering import FCFSOrder, OrderKey
 
 
 class PrefillScheduler:
@@ -23,7 +15,8 @@ class PrefillScheduler:
 
     `running` holds admitted requests with pages and a partial prefill; they go first,
     so a chunked prompt finishes before new ones start. `waiting` is admitted in
-    `order` (FCFS by default; the SLO policy plugs in an earliest-deadline key).
+    `order` (`actors.slo.ordering`: FCFS by default, or earliest deadline first; both end
+    admission's hold-back of a request once it has waited their aging bound).
     `prompt_tokens_admitted` / `cached_tokens_admitted`: prompt tokens of the requests
     admitted for the first time, and how many of them the prefix cache served.
     """
@@ -33,12 +26,12 @@ class PrefillScheduler:
         kv: KVManager,
         max_tokens: int,
         decode_reserve_pages: int = 0,
-        order: OrderKey = fcfs,
+        order: OrderKey | None = None,
     ) -> None:
         self.kv = kv
         self.max_tokens = max_tokens
         self.decode_reserve_pages = decode_reserve_pages
-        self.order = order
+        self.order = FCFSOrder() if order is None else order
         self._lock = threading.Lock()
         self._waiting: list[Request] = []
         self.running: list[Request] = []

@@ -9,7 +9,10 @@ target (its deadline, or the deployment's TTFT target), the request is
   gRPC to RESOURCE_EXHAUSTED), so the client can retry elsewhere or later, instead
   of every queued request missing its target;
 - `queue`: accepted at the lowest priority class (`QUEUE_PRIORITY`), served after the
-  requests that can still meet their targets.
+  requests that can still meet their targets, until it has waited the prefill order's aging
+  bound (`actors.slo.ordering`: `SLOConfig.aging_s`, default twice the TTFT target); from then
+  on it is ordered at the priority it asked for, so on-time work cannot hold it back for ever.
+  Its first token out, it decodes at that priority too (`DecodeScheduler.add`).
 
 Off by default (`SLOConfig.admission`). The prediction is conservative: it counts as ahead of
 the new request every partial prefill and every waiting request of its priority class or a more

@@ -76,7 +76,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "request's own ttft target, else --ttft-slo-ms; one waiting twice its target goes first)")
     p.add_argument("--admission", default="off", choices=["off", "reject", "queue"],
                    help="admission control: a request predicted to miss --admission-slack x its TTFT target is "
-                        "refused (reject: HTTP 429, gRPC RESOURCE_EXHAUSTED) or served after the others (queue)")
+                        "refused (reject: HTTP 429, gRPC RESOURCE_EXHAUSTED) or served after the others (queue; "
+                        "for at most twice --ttft-slo-ms, then in its turn)")
     p.add_argument("--admission-slack", type=float, default=1.0, metavar="X",
                    help="admit while the predicted TTFT is at most X times the target (default 1)")
     p.add_argument("--router-policy", default="least-loaded", choices=["least-loaded", "prefix-affinity"])
