@@ -7,16 +7,23 @@ application arguments. `ensure_cluster(cfg)` gets or starts every engine actor
 the controller actor; any process can then build a `Router.connect(...)` over them.
 Needs `ray.init(...)` done by the caller.
 
+A Serve app records the actors it starts, with their settings, in Ray's KV store (`record_owner`), so that it
+stops them when it is deleted and replaces or stops them when a redeploy changes them (`outdated_actors`,
+`retire_actors`); its replicas do that one at a time (`start_lock`).
+
 Environment variables are read here only (`env_defaults()`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import logging
 import os
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -243,6 +250,11 @@ class ClusterConfig:
     def controller_name(self) -> str:
         return f"{self.actor_prefix}-{CONTROLLER_SUFFIX}"
 
+    @property
+    def wants_controller(self) -> bool:
+        """Whether `ensure_cluster` starts an SLO controller (it needs Redis; disagg has no split to control)."""
+        return self.redis_url is not None and self.start_controller and self.mode != "disagg"
+
     def resources_for(self, i: int) -> dict[str, float]:
         return dict(self.actor_resources[i]) if self.actor_resources else {}
 
@@ -380,7 +392,7 @@ def ensure_cluster(cfg: ClusterConfig, created: list[str] | None = None) -> Clus
                         n, info["model_dir"], info["mode"], cfg.model, cfg.mode)
     log.info("engine actors ready: %s (started %d)", ", ".join(names), len(started))
     handles = ClusterHandles(actors, started, infos=by_name)
-    if cfg.redis_url is not None and cfg.start_controller and cfg.mode != "disagg":  # disagg: no split to control
+    if cfg.wants_controller:
         existing = _get_actor(cfg.controller_name, cfg.namespace)
         if existing is None:
             existing = controller_actor_cls().options(
@@ -401,31 +413,102 @@ def _owner_key(cfg: ClusterConfig, name: str) -> bytes:
     return f"{cfg.namespace}/{name}".encode()
 
 
+def _json(value: Any) -> Any:
+    """`value` (dataclasses, tuples) as the JSON values a record holds, so that it compares equal to a record's."""
+    return json.loads(json.dumps(dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value))
+
+
+def actor_settings(cfg: ClusterConfig, name: str) -> dict[str, Any] | None:
+    """What actor `name` of `cfg` starts with (JSON values): an engine's config, Redis publisher, latency-model
+    source, stream interval and Ray options, or the controller's config. None: `cfg` has no such actor (an engine
+    beyond `num_actors`, a controller it does not start, another name)."""
+    if name in cfg.actor_names:
+        i = cfg.actor_names.index(name)
+        publisher, source = cfg.publisher_config(), cfg.model_source()
+        return _json({"engine": _json(cfg.engine_config()), "publisher": publisher and _json(publisher),
+                      "model_source": source and _json(source), "stream_interval": cfg.stream_interval,
+                      "num_gpus": cfg.num_gpus_per_actor, "num_cpus": cfg.num_cpus_per_actor,
+                      "resources": cfg.resources_for(i), "max_restarts": cfg.engine_restarts})
+    if name == cfg.controller_name and cfg.wants_controller:
+        return _json(cfg.controller_config())
+    return None
+
+
+def _flat(settings: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in settings.items():
+        if isinstance(v, Mapping) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def settings_differences(recorded: Mapping[str, Any] | None, wanted: Mapping[str, Any]) -> list[str]:
+    """The dotted names of the settings in which `recorded` and `wanted` differ (`recorded` None: a record
+    without settings, from before they were recorded: all of them)."""
+    if recorded is None:
+        return ["(settings not recorded)"]
+    old, new = _flat(recorded), _flat(wanted)
+    return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+
+
 def record_owner(cfg: ClusterConfig, names: Sequence[str], owner: str) -> None:
-    """Record in Ray's KV store that `owner` started the actors `names` of `cfg` (the engines and the controller):
-    the record outlives the process that started them, so whoever stops `owner` later knows what to stop."""
+    """Record in Ray's KV store that `owner` started the actors `names` of `cfg` (the engines and the controller),
+    with the settings it started them with (`actor_settings`): the record outlives the process that started them,
+    so whoever stops `owner` later knows what to stop, and a redeploy of `owner` knows what to replace."""
     from ray.experimental import internal_kv
 
     for name in names:
         handle = _get_actor(name, cfg.namespace)
         if handle is not None:
-            record = json.dumps({"owner": owner, "actor_id": handle._actor_id.hex()})
+            record = json.dumps({"owner": owner, "actor_id": handle._actor_id.hex(),
+                                 "settings": actor_settings(cfg, name)})
             internal_kv._internal_kv_put(_owner_key(cfg, name), record, overwrite=True, namespace=OWNER_KV_NAMESPACE)
 
 
-def owned_actors(cfg: ClusterConfig, owner: str) -> list[str]:
-    """The actors of `cfg` (engines, controller) running now that `record_owner` recorded as started by `owner`."""
+def _recorded_names(cfg: ClusterConfig) -> list[str]:
+    """The names of `cfg`'s engines (any index) and controller that have an ownership record."""
     from ray.experimental import internal_kv
 
-    out = []
-    for name in [*cfg.actor_names, cfg.controller_name]:
-        raw = internal_kv._internal_kv_get(_owner_key(cfg, name), namespace=OWNER_KV_NAMESPACE)
-        handle = _get_actor(name, cfg.namespace)
-        if raw is None or handle is None:
+    keys = internal_kv._internal_kv_list(_owner_key(cfg, f"{cfg.actor_prefix}-"), namespace=OWNER_KV_NAMESPACE)
+    names = [k.decode().removeprefix(f"{cfg.namespace}/") for k in keys]
+    suffixes = {n: n.removeprefix(f"{cfg.actor_prefix}-") for n in names}
+    return sorted(n for n, suffix in suffixes.items() if suffix.isdigit() or n == cfg.controller_name)
+
+
+def _owned_record(cfg: ClusterConfig, name: str, owner: str) -> dict[str, Any] | None:
+    """The record of actor `name` if `owner` started the actor running under that name now."""
+    from ray.experimental import internal_kv
+
+    raw = internal_kv._internal_kv_get(_owner_key(cfg, name), namespace=OWNER_KV_NAMESPACE)
+    handle = _get_actor(name, cfg.namespace)
+    if raw is None or handle is None:
+        return None
+    record: dict[str, Any] = json.loads(raw)
+    return record if record.get("owner") == owner and record.get("actor_id") == handle._actor_id.hex() else None
+
+
+def owned_actors(cfg: ClusterConfig, owner: str) -> list[str]:
+    """The actors of `cfg`'s prefix (engines of any index, controller) running now that `record_owner` recorded
+    as started by `owner`."""
+    return [name for name in _recorded_names(cfg) if _owned_record(cfg, name, owner) is not None]
+
+
+def outdated_actors(cfg: ClusterConfig, owner: str) -> dict[str, str]:
+    """The actors `owner` started that do not run as `cfg` asks: name -> why. An engine beyond `num_actors`, a
+    controller `cfg` starts none of, an engine or controller whose recorded settings differ from `cfg`'s.
+    Actors `owner` did not start are never in it."""
+    out = {}
+    for name in _recorded_names(cfg):
+        record = _owned_record(cfg, name, owner)
+        if record is None:
             continue
-        record = json.loads(raw)
-        if record.get("owner") == owner and record.get("actor_id") == handle._actor_id.hex():
-            out.append(name)
+        wanted = actor_settings(cfg, name)
+        if wanted is None:
+            out[name] = f"the config has no such actor (num_actors={cfg.num_actors})"
+        elif differences := settings_differences(record.get("settings"), wanted):
+            out[name] = f"its settings differ from the config's in {', '.join(differences)}"
     return out
 
 
@@ -435,6 +518,73 @@ def forget_owner(cfg: ClusterConfig, names: Sequence[str]) -> None:
 
     for name in names:
         internal_kv._internal_kv_del(_owner_key(cfg, name), namespace=OWNER_KV_NAMESPACE)
+
+
+NAME_FREE_TIMEOUT_S = 30.0
+_NAME_POLL_S = 0.05
+
+
+def retire_actors(cfg: ClusterConfig, reasons: Mapping[str, str], drain_timeout_s: float) -> None:
+    """Drain (engines), stop and forget the actors of `cfg` named in `reasons` (name -> why, logged), and return
+    once their names are free for new actors: Ray frees a killed actor's name a moment after `ray.kill`, and
+    `ensure_cluster` would take the dying actor for a running one."""
+    if not reasons:
+        return
+    for name, why in reasons.items():
+        log.info("stopping %s: %s", name, why)
+    ids = {n: h._actor_id for n in reasons if (h := _get_actor(n, cfg.namespace)) is not None}
+    engines = [n for n in reasons if n != cfg.controller_name]
+    if engines:
+        drain_cluster(cfg, drain_timeout_s, names=engines)
+    teardown_cluster(cfg, names=engines, controller=cfg.controller_name in reasons)
+    deadline = time.monotonic() + NAME_FREE_TIMEOUT_S
+    while taken := [n for n, actor_id in ids.items()
+                    if (h := _get_actor(n, cfg.namespace)) is not None and h._actor_id == actor_id]:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"actors {', '.join(taken)} still hold their names {NAME_FREE_TIMEOUT_S:g} s after "
+                               "they were killed")
+        time.sleep(_NAME_POLL_S)
+    forget_owner(cfg, list(reasons))
+
+
+class StartLock:
+    """A mutex among processes of one Ray cluster, as a named actor: whoever creates it holds the lock, killing it
+    releases it, and so does its owner's death (it is not detached). Others wait in `held`, which ends only with
+    the actor."""
+
+    async def held(self) -> None:
+        await asyncio.Event().wait()
+
+
+@contextmanager
+def start_lock(cfg: ClusterConfig, timeout_s: float) -> Iterator[None]:
+    """Hold `cfg`'s start lock (`<actor_prefix>.start-lock` in its namespace) inside the block: the processes
+    that start, replace or stop `cfg`'s actors (the replicas of a Serve app) do it one at a time.
+    TimeoutError when another process holds it for longer than `timeout_s`."""
+    import ray
+
+    name = f"{cfg.actor_prefix}.start-lock"
+    cls = ray.remote(num_cpus=0)(StartLock)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            lock = cls.options(name=name, namespace=cfg.namespace).remote()
+            break
+        except ValueError:  # the name is taken: held
+            pass
+        holder = _get_actor(name, cfg.namespace)
+        if holder is None:
+            continue  # released meanwhile
+        try:
+            ray.get(holder.held.remote(), timeout=max(0.0, deadline - time.monotonic()))
+        except ray.exceptions.RayActorError:
+            continue  # released (killed, or its owner died)
+        except ray.exceptions.GetTimeoutError:
+            raise TimeoutError(f"{name} is still held by another process after {timeout_s:g} s") from None
+    try:
+        yield
+    finally:
+        ray.kill(lock, no_restart=True)
 
 
 def drain_cluster(cfg: ClusterConfig, timeout_s: float = 30.0, names: Sequence[str] | None = None) -> int:

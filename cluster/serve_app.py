@@ -29,9 +29,11 @@ Entry point `cluster.serve_app:build_app` (for `serve run`, `serve deploy`, Kube
 
 Each replica builds its `EngineClient` at start: `Router.connect(...)` over the engine
 actors that `ensure_cluster(cfg)` gets or starts (they are detached and shared by all
-replicas), or a `LocalEngineClient` when `local` is set. The actors a replica starts are recorded as the app's
-(`cluster.bootstrap.record_owner`); deleting the app (`serve.delete`, `serve shutdown`) drains and stops them,
-while a replica's restart, a scale-down or a redeploy of the app leaves them running.
+replicas), or a `LocalEngineClient` when `local` is set. The actors a replica starts are recorded as the app's,
+with their settings (`cluster.bootstrap.record_owner`); deleting the app (`serve.delete`, `serve shutdown`) drains
+and stops them, and a redeploy's replicas drain and replace those whose settings it changes and stop the engines
+beyond its `num_actors`. Actors the app found running are used as they are, never stopped; a replica's restart or
+a scale-down leaves all running.
 """
 
 from __future__ import annotations
@@ -187,16 +189,20 @@ def app_owner(app_name: str) -> str:
 
 
 def cluster_client(cfg: ClusterConfig, owner: str) -> EngineClient:
-    """Get or start the engine actors (those started are recorded as `owner`'s), then a Router over them
-    (blocking; run it in a thread)."""
-    from cluster.bootstrap import ensure_cluster, record_owner
+    """Replace or stop the actors `owner` started that do not run as `cfg` asks (a redeploy's changed settings or
+    lower `num_actors`: drained first), get or start the engine actors (those started are recorded as `owner`'s),
+    then a Router over them (blocking; run it in a thread). The replicas of an app do the first two steps one at
+    a time (`start_lock`), so one of them replaces the engines and the others attach to the new ones."""
+    from cluster.bootstrap import ensure_cluster, outdated_actors, record_owner, retire_actors, start_lock
     from cluster.router import Router
 
     created: list[str] = []
-    try:
-        ensure_cluster(cfg, created=created)
-    finally:
-        record_owner(cfg, created, owner)
+    with start_lock(cfg, timeout_s=SHUTDOWN_TIMEOUT_S + 2 * cfg.ready_timeout_s):  # another replica's whole start
+        retire_actors(cfg, outdated_actors(cfg, owner), DRAIN_TIMEOUT_S)
+        try:
+            ensure_cluster(cfg, created=created)
+        finally:
+            record_owner(cfg, created, owner)
     return Router.connect(names=cfg.actor_names, namespace=cfg.namespace, policy=cfg.router,
                           prefix=cfg.actor_prefix, served_name=cfg.served_model_name, timeout_s=cfg.ready_timeout_s)
 
@@ -283,17 +289,9 @@ def app_deleting(app_name: str) -> bool:
 def stop_owned_actors(cfg: ClusterConfig, owner: str) -> None:
     """Drain, then stop the engine actors and the controller of `cfg` that `owner` started (not those it found
     running); the replicas of a deleted app all call it, so the engines finish the others' streams first."""
-    from cluster.bootstrap import drain_cluster, forget_owner, owned_actors, teardown_cluster
+    from cluster.bootstrap import owned_actors, retire_actors
 
-    owned = owned_actors(cfg, owner)
-    if not owned:
-        return
-    engines = [n for n in cfg.actor_names if n in owned]
-    if engines:
-        drain_cluster(cfg, DRAIN_TIMEOUT_S, names=engines)
-    log.info("app deleted: stopping the actors it started: %s", ", ".join(owned))
-    teardown_cluster(cfg, names=engines, controller=cfg.controller_name in owned)
-    forget_owner(cfg, owned)
+    retire_actors(cfg, dict.fromkeys(owned_actors(cfg, owner), "its app is deleted"), DRAIN_TIMEOUT_S)
 
 
 def build_app(args: dict[str, Any]) -> Application:

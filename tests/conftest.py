@@ -113,6 +113,26 @@ def ray_multinode() -> Iterator[object]:
 
 
 @pytest.fixture(scope="module")
+def ray_serve() -> Iterator[str]:
+    """A one-node Ray instance (2 CPUs) with Ray Serve's HTTP proxy on a free loopback port, for a whole test
+    module; yields the proxy's URL. Serve and Ray are shut down at the end of the module."""
+    ray = pytest.importorskip("ray")
+    from ray import serve
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
+             object_store_memory=100 << 20)
+    port = free_port()
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
 def redis_module(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     """A redis-server for a whole test module (`cluster.redis_server.RedisServerProcess`)."""
     from cluster.redis_server import RedisServerProcess

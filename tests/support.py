@@ -1,5 +1,6 @@
 """Helpers shared by the test modules: polling with a deadline, free ports, an asyncio loop
-in a thread, and a FastAPI app served by uvicorn in a background thread.
+in a thread, a FastAPI app served by uvicorn in a background thread, and what a Ray Serve
+deployment of semipd runs (its engine actors, its replicas).
 
 Plain functions and classes (no fixtures; shared fixtures live in conftest.py). Test modules
 import them as `from support import ...` (pytest puts tests/ on sys.path).
@@ -15,6 +16,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
@@ -186,6 +188,45 @@ def openai_server(config: EngineConfig, served_name: str) -> Iterator[tuple[Loca
             yield client, server.url
     finally:
         client.shutdown()
+
+
+ENGINE_NAMESPACE = "semipd"  # where the Serve app's engine actors run (cluster.router.NAMESPACE, ACTOR_PREFIX)
+ENGINE_PREFIX = "semipd-engine-"
+
+
+def engine_names() -> list[str]:
+    """The names of the live engine actors (`semipd-engine-<i>`, namespace `semipd`), sorted."""
+    import ray
+
+    return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                  if a["namespace"] == ENGINE_NAMESPACE and a["name"].removeprefix(ENGINE_PREFIX).isdigit())
+
+
+def engine_actor_id(name: str = f"{ENGINE_PREFIX}0") -> str | None:
+    """The Ray actor id (hex) of the live engine actor `name`; None when there is none."""
+    import ray
+
+    try:
+        return str(ray.get_actor(name, namespace=ENGINE_NAMESPACE)._actor_id.hex())
+    except ValueError:
+        return None
+
+
+def running_replicas(app_name: str) -> int:
+    """How many replicas of Serve application `app_name` run (0 unless the app is RUNNING)."""
+    from ray import serve
+
+    app = serve.status().applications.get(app_name)
+    if app is None or app.status != "RUNNING":
+        return 0
+    return sum(d.replica_states.get("RUNNING", 0) for d in app.deployments.values())
+
+
+def cpu_app_args(model: Path, **kw: Any) -> dict[str, Any]:
+    """`build_app` arguments of a small CPU deployment of `model`: one unified engine actor, one replica, and
+    `kw` on top."""
+    return {"model": str(model), "mode": "unified", "device": "cpu", "num_pages": 256, "num_actors": 1,
+            "replica_num_cpus": 0.25, **kw}
 
 
 def sse_events(text: str) -> list[Any]:
