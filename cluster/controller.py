@@ -138,6 +138,7 @@ def view_from_dict(d: Mapping[str, Any]) -> EngineView:
             decode_pace_ms=_number(s, "decode_pace_ms"),
             prefill_iteration_ms=_number(s, "recent_prefill_ms"),
             prefill_iteration_tokens=_number(s, "recent_prefill_tokens"),
+            live_tpot_ms=_samples(d.get("live_tpot_ms")),
         )
     except (KeyError, TypeError, AttributeError, ArithmeticError) as e:
         raise ValueError(f"malformed view: {type(e).__name__}: {e}") from e

@@ -5,7 +5,8 @@ Requests arrive as a seeded Poisson process in phases (each its own rate and len
 first come, first served at the model's prefill speed on the current split; a prefilled request joins the
 decode batch, which advances one token per modelled step on the remaining SMs until its output is done.
 A policy, if given, decides every `decide_every_s` from the view a GPU actor would publish: queue, batch,
-the TTFT and TPOT samples of requests that arrived after the last switch, the mean decode step of the last
+the TTFT and TPOT samples of requests that arrived after the last switch, the TPOT so far of those decoding
+that had their first token after it (`LIVE_TPOT_MIN_TOKENS` or more made), the mean decode step of the last
 2 s, the prefill iteration (a full chunk at the model's speed) once prefill has been busy on the current split
 for `PREFILL_SPEED_AFTER_S`, and the arrival rate and lengths (through the actor's own `RateWindow`).
 Switches take effect at once; `switch_transient` (seconds, factor) slows decode's steps by the factor for
@@ -21,7 +22,7 @@ import random
 from collections import deque
 from dataclasses import dataclass, replace
 
-from actors.gpu_actor import RateWindow
+from actors.gpu_actor import LIVE_TPOT_MIN_TOKENS, RateWindow
 from actors.slo.admission import AdmissionController, AdmissionRejected, QueueSnapshot
 from actors.slo.latency_model import LatencyModel
 from actors.slo.types import EngineView, SLOTargets, SplitPolicy
@@ -198,6 +199,7 @@ def _view(model: LatencyModel, sms: int, queue: deque[SimRequest], decoding: lis
           done: list[SimRequest], window: RateWindow, budgets: RateWindow, last_switch: float, now: float,
           hide: frozenset[str], decode_step_ms: float) -> EngineView:
     started = [r for r in (*done, *decoding) if r.arrival > last_switch]
+    live = [r for r in decoding if r.first_token > last_switch and r.decoded >= LIVE_TPOT_MIN_TOKENS]
     finished = [r for r in done if r.arrival > last_switch]
     outputs = [r.output for r in done[-256:]]
     lengths = "lengths" not in hide
@@ -210,5 +212,5 @@ def _view(model: LatencyModel, sms: int, queue: deque[SimRequest], decoding: lis
         mean_prompt_tokens=window.mean_amount(now=now) if lengths else 0.0,
         mean_output_tokens=sum(outputs) / len(outputs) if outputs and lengths else 0.0,
         mean_max_tokens=budgets.mean_amount(now=now) if lengths and "budgets" not in hide else 0.0,
-        decode_step_ms=decode_step_ms,
+        decode_step_ms=decode_step_ms, live_tpot_ms=tuple((now - r.first_token) * 1000.0 / r.decoded for r in live),
     )

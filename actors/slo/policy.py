@@ -7,7 +7,9 @@ and the paper's `ReactivePolicy`, built by name with `make_policy`.
    decode batch once it settles on that split (Little's law): `actors.slo.prediction`.
 2. Correct the predictions by what the engine shows: prefill times by its observed prefill speed
    (`prefill_speed_factor`); TTFT and TPOT by (observed / predicted) ** `observed_weight`, clamped; a split's
-   TPOT by the ratio last observed on that split under the same arrivals (`tpot_factors`).
+   TPOT by the ratio last observed on that split under the same arrivals (`tpot_factors`); the current split's
+   TPOT, and that of every split with fewer decode SMs, no lower than the TPOT so far of the requests decoding
+   now (`live_tpot_ms`).
 3. Score each split by its normalized min slack, min(1 - TTFT / target, 1 - TPOT / target).
 4. Hold the current split unless a target is at risk (`at_risk`: observed past target, or predicted slack
    under `comfort_slack`); then look only on the side that relieves it (`_best`: toward decode the nearest
@@ -252,7 +254,14 @@ class ModelPolicy:
         c_ttft = observed_correction(view.ttft_ms, raw[current][0], q, cfg)
         c_tpot = observed_correction(view.tpot_ms, expected_tpot, q, cfg)
         f_tpot = tpot_factors(view.splits, current, c_tpot, self._remembered_tpot(view, current))
-        preds = [SplitPrediction(s, t * c_ttft, p * f_tpot[s], min_slack(t * c_ttft, p * f_tpot[s], targets), f_tpot[s])
+        live = live_tpot_ms(view, targets, cfg)
+
+        def tpot_at(split: int, modelled: float) -> float:
+            """No split with as few decode SMs as the current one decodes faster than its requests do now."""
+            corrected = modelled * f_tpot[split]
+            return max(corrected, live) if split >= current else corrected
+
+        preds = [SplitPrediction(s, t * c_ttft, tpot_at(s, p), min_slack(t * c_ttft, tpot_at(s, p), targets), f_tpot[s])
                  for s, (t, p) in raw.items()]
         info = {"ttft_correction": c_ttft, "tpot_correction": c_tpot, "prefill_speed_correction": speed,
                 "arrival_tokens_per_s": view.arrival_tokens_per_s,
@@ -261,6 +270,8 @@ class ModelPolicy:
             info["observed_ttft_ms"] = percentile(view.ttft_ms, q)
         if view.tpot_ms:
             info["observed_tpot_ms"] = percentile(view.tpot_ms, q)
+        if live:
+            info["live_tpot_ms"] = live
         return preds, info
 
     def _remembered_tpot(self, view: EngineView, current: int) -> dict[int, float]:
@@ -349,6 +360,9 @@ class ModelPolicy:
         why += f"; queued {view.waiting_prefill_tokens} prompt tokens"
         if "observed_ttft_ms" in info:
             why += f", P{100 * targets.attainment:.0f} TTFT observed {info['observed_ttft_ms']:.0f} ms"
+        if "live_tpot_ms" in info:
+            why += (f"; P{100 * targets.attainment:.0f} TPOT so far of the {len(view.live_tpot_ms)} requests "
+                    f"decoding {info['live_tpot_ms']:.1f} ms")
         why += (f"; corrections: TTFT x{info['ttft_correction']:.2f}, TPOT x{cur.tpot_correction:.2f} "
                 f"(at {best.prefill_sms}: x{best.tpot_correction:.2f}), "
                 f"prefill time x{info['prefill_speed_correction']:.2f}")
@@ -412,18 +426,29 @@ def _now(view: EngineView) -> float:
 def observed_past(view: EngineView, targets: SLOTargets, cfg: ModelPolicyConfig) -> set[str]:
     """The targets ("ttft", "tpot") observed past target at the target percentile, given `min_observed` samples;
     TPOT also when the engine's recent decode step is past it (a TPOT sample comes only when a request ends:
-    in simulation, chat's batch after documents pushed the step past 40 ms seconds before the first one); TTFT
-    also when the queued prompt tokens take longer than its target at the prefill speed the engine measured on
-    its split (`queue_drain_ms`: a request arriving now waits that long; a TTFT sample comes only with a first
-    token, and on the H100 a queue of 56,000 tokens, 4.5 s of work, waited 10 s for 8 of them, run 26)."""
+    in simulation, chat's batch after documents pushed the step past 40 ms seconds before the first one), or the
+    TPOT so far of the requests decoding now (`live_tpot_ms`: on the H200, run 27, documents streamed at 13.3-16.5
+    ms a token against 15 for 7 s before their TPOT samples showed it, and the split moved only once the arrivals
+    had ended); TTFT also when the queued prompt tokens take longer than its target at the prefill speed the
+    engine measured on its split (`queue_drain_ms`: a request arriving now waits that long; a TTFT sample comes
+    only with a first token, and on the H100 a queue of 56,000 tokens, 4.5 s of work, waited 10 s for 8 of
+    them, run 26)."""
     q = 100.0 * targets.attainment
     past = {name for name, seen, target in (("ttft", view.ttft_ms, targets.ttft_ms), ("tpot", view.tpot_ms, targets.tpot_ms))
             if len(seen) >= cfg.min_observed and percentile(seen, q) > target}
-    if view.decode_step_ms > targets.tpot_ms:
+    if max(view.decode_step_ms, live_tpot_ms(view, targets, cfg)) > targets.tpot_ms:
         past.add("tpot")
     if queue_drain_ms(view) > targets.ttft_ms:
         past.add("ttft")
     return past
+
+
+def live_tpot_ms(view: EngineView, targets: SLOTargets, cfg: ModelPolicyConfig) -> float:
+    """The TPOT so far of the requests decoding now at the target percentile, given `min_observed` of them (0:
+    fewer): the TPOT samples they will give when they end, if decode goes on as it did."""
+    if len(view.live_tpot_ms) < cfg.min_observed:
+        return 0.0
+    return percentile(view.live_tpot_ms, 100.0 * targets.attainment)
 
 
 def queue_drain_ms(view: EngineView) -> float:

@@ -41,6 +41,9 @@ class EngineView:
     `prefill_iteration_ms` and `prefill_iteration_tokens` are the mean prefill iteration of the last seconds on
     the current split and its mean tokens, as the engine measured them (0: too few iterations there): the
     prefill speed the split actually runs at, against which the model's is checked.
+    `live_tpot_ms` is the TPOT so far of each request decoding now that had its first token on the current split
+    (after the last switch) and has made a few tokens since (the publisher's choice): what its TPOT sample
+    would be if it ended now, seconds before it does.
     """
 
     engine_id: str
@@ -62,6 +65,7 @@ class EngineView:
     decode_pace_ms: float = 0.0
     prefill_iteration_ms: float = 0.0
     prefill_iteration_tokens: float = 0.0
+    live_tpot_ms: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
