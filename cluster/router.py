@@ -14,7 +14,14 @@ engine. A request that an engine's admission control refuses (predicted to miss 
 offered to the next engine, up to `max_retries`; when every engine it was offered refuses it, the first
 refusal is raised. A stream that stalls longer than `stall_timeout_s` is checked with a ping: an
 actor that does not answer within `ping_timeout_s` is treated as dead. No request
-waits forever on a dead actor.
+waits forever on a dead actor. An actor that does not answer `load()` within `load_timeout_s` is
+reported unhealthy and gets no requests until it answers; no call of a caller's (`loads`, `abort`,
+`drain`) waits on it for longer.
+
+Request ids: one in flight here is refused to another request (ValueError). A request that ends (its client
+left, its actor stalled) before its engine answered its submit keeps its id in use on that actor until the
+answer comes, and is aborted there if it was admitted; so is any request left unfinished, also on an actor
+taken for dead (it may only be slow, or restarted).
 """
 
 from __future__ import annotations
@@ -152,8 +159,12 @@ class Router:
         return None
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[StreamChunk]:
+        """The request's chunks; ValueError (before anything runs) if its id is in flight on any engine here
+        (`abort` finds a request by its id)."""
         if self.draining:
             raise NoCapacityError("the router is draining")
+        if self.engine_of(request.request_id) is not None:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
         self._maybe_refresh()
         tried: list[str] = []
         refused: AdmissionRejected | None = None
@@ -198,17 +209,17 @@ class Router:
     async def _stream(self, engine_id: str, request: GenerateRequest) -> AsyncIterator[StreamChunk]:
         """One attempt on one actor; raises _EngineLost if the actor is gone, ValueError (before anything is sent)
         if the request's id is in flight on it already."""
-        actor = self.state.actors[engine_id]
-        pump = self._pump(actor)
+        pump = self._pump(self.state.actors[engine_id])
         chunks = pump.open(request.request_id)
         self.state.dispatch(engine_id, request.request_id, len(request.prompt_token_ids), time.monotonic())
         finished = submitted = False
+        unanswered: Awaitable[Any] | None = None  # a submit left unanswered (cancelled, stalled): it may still admit
         try:
-            submit = actor.handle.submit.remote(request, pump.subscriber)
+            submit = pump.handle.submit.remote(request, pump.subscriber)
             try:
                 await self._watched(engine_id, submit)
-            except asyncio.CancelledError:  # the engine may have admitted it: abort it once it has
-                self._abort_once_admitted(actor, submit, request.request_id)
+            except (asyncio.CancelledError, _EngineLost):
+                unanswered = submit
                 raise
             submitted = True
             while not finished:
@@ -225,10 +236,13 @@ class Router:
         except Exception as e:
             raise _unwrap(e) from None
         finally:
-            pump.close(request.request_id, admitted=submitted)
             self.state.done(engine_id, request.request_id)
-            if submitted and not finished and actor.alive:
-                self._abort_quietly(actor, request.request_id)
+            if unanswered is not None:
+                self._close_once_answered(pump, unanswered, request.request_id)
+            else:
+                pump.close(request.request_id, admitted=submitted)
+                if submitted and not finished:  # also on an actor taken for dead: it may be slow, or restarted
+                    self._abort_quietly(pump.handle, request.request_id)
 
     def _pump(self, actor: TrackedActor) -> _OutputPump:
         """The output stream of `actor` on this event loop; a new one if the last ended or the actor changed."""
@@ -273,33 +287,39 @@ class Router:
         except Exception:
             return False
 
-    def _abort_once_admitted(self, actor: TrackedActor, submit: Awaitable[Any], request_id: str) -> None:
-        """Abort `request_id` once its `submit` call, whose reply its caller did not wait for, has admitted it
-        (an abort sent at once could reach the actor first)."""
-        async def abort() -> None:
+    def _close_once_answered(self, pump: _OutputPump, submit: Awaitable[Any], request_id: str) -> None:
+        """Close `request_id` on `pump` once its `submit` call, whose reply its caller did not wait for, is
+        answered, and abort it if the engine admitted it (an abort sent at once could reach the actor first).
+        Until then the id stays in use on `pump`: a request that took it would get this one's chunks."""
+        async def close() -> None:
             try:
                 await submit
             except Exception:  # refused, or the actor is gone: nothing runs
+                pump.close(request_id)
                 return
-            if actor.alive:
-                self._abort_quietly(actor, request_id)
+            pump.close(request_id, admitted=True)
+            self._abort_quietly(pump.handle, request_id)
 
-        task = asyncio.get_running_loop().create_task(abort())
+        task = asyncio.get_running_loop().create_task(close())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    def _abort_quietly(self, actor: TrackedActor, request_id: str) -> None:
+    @staticmethod
+    def _abort_quietly(handle: Any, request_id: str) -> None:
         try:
-            actor.handle.abort.remote(request_id)
+            handle.abort.remote(request_id)
         except Exception as e:  # the actor may be gone; nothing to abort then
-            log.debug("abort of %s on %s failed: %s", request_id, actor.engine_id, e)
+            log.debug("abort of %s failed: %s", request_id, e)
 
     async def abort(self, request_id: str) -> bool:
+        """Whether the engine running `request_id` aborted it; False also when it does not answer within
+        `ping_timeout_s`."""
         engine_id = self.engine_of(request_id)
         if engine_id is None:
             return False
-        try:
-            return bool(await self.state.actors[engine_id].handle.abort.remote(request_id))
+        try:  # an actor that does not answer (hung) must not hold the caller
+            return bool(await asyncio.wait_for(self.state.actors[engine_id].handle.abort.remote(request_id),
+                                               self.policy.ping_timeout_s))
         except Exception as e:
             log.warning("abort of %s on %s failed: %s", request_id, engine_id, e)
             return False
@@ -337,18 +357,26 @@ class Router:
         self._last_refresh = time.monotonic()
 
     async def _refresh_one(self, engine_id: str) -> None:
+        """One actor's load, within `load_timeout_s` (one call: `loads()` must answer within the front ends' wait
+        while an actor hangs). A dead one that answers again (after ActorUnavailableError, a restart) is alive."""
         a = self.state.actors[engine_id]
-        if not a.alive and not self._relookup(a) and not await self._revive(a):
+        if not a.alive:
+            self._relookup(a)
+        if a.handle is None:
             return
         try:
             load = await asyncio.wait_for(a.handle.load.remote(), self.policy.load_timeout_s)
         except _actor_errors() as e:
             self.state.mark_dead(engine_id, type(e).__name__)
             return
-        except (asyncio.TimeoutError, Exception) as e:
-            log.warning("load of %s failed: %s", engine_id, _first_line(e))
-            a.healthy = False
+        except Exception as e:  # TimeoutError too
+            if a.alive:
+                log.warning("load of %s failed: %s", engine_id, _first_line(e))
+                a.healthy = False
             return
+        if not a.alive:
+            log.info("engine %s answers again", engine_id)
+            a.alive, a.dead_reason = True, ""
         self.state.report(load)
 
     def _relookup(self, a: TrackedActor) -> bool:
@@ -365,14 +393,6 @@ class Router:
             return False
         log.info("engine %s is back (new actor)", a.engine_id)
         a.handle, a.alive, a.healthy, a.draining, a.dead_reason, a.load = handle, True, True, False, "", None
-        return True
-
-    async def _revive(self, a: TrackedActor) -> bool:
-        """An actor marked dead after a transient error (ActorUnavailableError) that answers again."""
-        if a.handle is None or not await self._alive(a.engine_id):
-            return False
-        log.info("engine %s answers again", a.engine_id)
-        a.alive, a.healthy, a.dead_reason = True, True, ""
         return True
 
     def _maybe_refresh(self) -> None:
@@ -395,11 +415,17 @@ class Router:
     # -- shutdown --------------------------------------------------------------------
 
     async def drain(self, timeout_s: float = 30.0) -> int:
-        """Stop accepting here and on every actor; wait for in-flight work. Returns what remains."""
+        """Stop accepting here and on every actor; wait up to `timeout_s` for in-flight work. Returns what remains
+        (of an actor that does not answer in time: this router's requests on it)."""
         self.draining = True
         live = [a for a in self.state.actors.values() if a.alive]
-        results = await asyncio.gather(*(a.handle.drain.remote(timeout_s) for a in live), return_exceptions=True)
-        return sum(r for r in results if isinstance(r, int))
+        results = await asyncio.gather(*(asyncio.wait_for(a.handle.drain.remote(timeout_s),
+                                                          timeout_s + self.policy.ping_timeout_s) for a in live),
+                                       return_exceptions=True)
+        for a, r in zip(live, results):
+            if not isinstance(r, int):
+                log.warning("drain of %s failed: %s", a.engine_id, _first_line(r))
+        return sum(r if isinstance(r, int) else len(a.dispatches) for a, r in zip(live, results))
 
 
 class _EngineLost(Exception):

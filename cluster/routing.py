@@ -25,7 +25,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from cluster.engine_client import EngineLoad, NoCapacityError
+from cluster.engine_client import LOADS_TIMEOUT_SECONDS, EngineLoad, NoCapacityError
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ class RouterPolicy:
     kv_penalty_s: float = 10.0
     session_affinity: bool = True
     refresh_interval_s: float = 0.5
-    load_timeout_s: float = 5.0
+    load_timeout_s: float = 2.0  # < LOADS_TIMEOUT_SECONDS: a hung actor shows unhealthy within the front ends' wait
     stall_timeout_s: float = 60.0
     ping_timeout_s: float = 5.0
     max_retries: int = 2
@@ -55,6 +55,8 @@ class RouterPolicy:
         for name in ("refresh_interval_s", "load_timeout_s", "stall_timeout_s", "ping_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
+        if self.load_timeout_s >= LOADS_TIMEOUT_SECONDS:
+            raise ValueError(f"load_timeout_s must be below the front ends' wait for loads ({LOADS_TIMEOUT_SECONDS} s)")
         if self.max_retries < 0:
             raise ValueError("max_retries must be >= 0")
 
