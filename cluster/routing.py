@@ -40,7 +40,7 @@ class RouterPolicy:
     kv_penalty_s: float = 10.0
     session_affinity: bool = True
     refresh_interval_s: float = 0.5
-    load_timeout_s: float = 2.0  # < LOADS_TIMEOUT_SECONDS: a hung actor shows unhealthy within the front ends' wait
+    load_timeout_s: float = 4.0  # < LOADS_TIMEOUT_SECONDS: a hung actor shows unhealthy within the front ends' wait
     stall_timeout_s: float = 60.0
     ping_timeout_s: float = 5.0
     max_retries: int = 2
