@@ -123,6 +123,14 @@ class Renderer:
             payload["usage"] = call.choice_usage(i)
         return payload
 
+    def chunks(self, call: Call, i: int, chunk: StreamChunk) -> list[dict[str, Any]]:
+        """The stream chunks for request `i`'s `chunk`: `chunk`'s payload, if any, but a chat choice that ends with
+        tool calls ends in two, the calls and then the finish, as OpenAI's."""
+        payload = self.chunk(call, i, chunk)
+        if payload is None:
+            return []
+        return _finish_apart(payload) if call.kind == "chat" else [payload]
+
     def response(self, call: Call) -> dict[str, Any]:
         """The whole (non-streamed) response of a finished call."""
         return self.completion_response(call) if call.kind == "completion" else self.chat_response(call)
@@ -287,6 +295,19 @@ class Renderer:
 def _joined(a: dict[str, list[Any]] | None, b: dict[str, list[Any]]) -> dict[str, list[Any]]:
     """Two completions logprobs objects as one (`a` first; None: `b` alone)."""
     return b if a is None else {k: a[k] + b[k] for k in a}
+
+
+def _finish_apart(payload: dict[str, Any]) -> list[dict[str, Any]]:
+    """A chat chunk whose delta carries tool calls and finishes its choice, as two: the delta, then the finish and
+    stop reasons with an empty delta (OpenAI's last chunk). The openai client's stream helper reports a call's
+    arguments done once a later chunk comes, so it never did for a call sent with the finish. Others as they are."""
+    choice = payload["choices"][0]
+    if choice["finish_reason"] is None or "tool_calls" not in choice["delta"]:
+        return [payload]
+    calls = {k: v for k, v in choice.items() if k != "stop_reason"}
+    finish = {"index": choice["index"], "delta": {}, "logprobs": None, "finish_reason": choice["finish_reason"],
+              "stop_reason": choice.get("stop_reason")}
+    return [{**payload, "choices": [{**calls, "finish_reason": None}]}, {**payload, "choices": [finish]}]
 
 
 def _split(call: Call, text: str, final: bool) -> tuple[str, str]:

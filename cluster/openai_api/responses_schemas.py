@@ -3,9 +3,9 @@ equivalent.
 
 A Responses call is a chat completion in another shape: `instructions` become a system message first, `input` (a
 string, or a list of items) the messages, the flat function `tools` and `tool_choice` chat's nested ones,
-`text.format` chat's `response_format`, `max_output_tokens` chat's `max_tokens`; vLLM's extra sampling fields
-(`top_k`, `min_p`, `seed`, `stop`, `logit_bias`, ...) pass through with their chat names, so that chat's schema checks
-them. Input items:
+`text.format` chat's `response_format`, `max_output_tokens` chat's `max_tokens`, `parallel_tool_calls` chat's own;
+vLLM's extra sampling fields (`top_k`, `min_p`, `seed`, `stop`, `logit_bias`, ...) pass through with their chat names,
+so that chat's schema checks them. Input items:
 
 - messages `{role, content}` (`type` "message" or left out), the content a string or a list of `input_text` /
   `output_text` parts;
@@ -154,7 +154,8 @@ class ResponsesRequest(_Schema):
         """The chat completions body of this request (`data`, its JSON, gives the fields passed through)."""
         body: dict[str, Any] = {k: data[k] for k in PASSED_THROUGH if data.get(k) is not None}
         body.update(model=self.model, messages=self.messages(), max_tokens=self.max_output_tokens,
-                    temperature=self.temperature, top_p=self.top_p, user=self.user)
+                    temperature=self.temperature, top_p=self.top_p, user=self.user,
+                    parallel_tool_calls=self.parallel_tool_calls)
         if self.output_logprobs:
             body.update(logprobs=True, top_logprobs=self.top_logprobs)
         if self.tools and self.tool_choice != "none":  # as vLLM: tool_choice none keeps the tools from the template

@@ -204,6 +204,7 @@ class ChatCompletionRequest(SamplingFields, ChatTemplateFields):
     top_logprobs: int | None = None
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None  # false: the first call only (vLLM's, OpenAI's); None: true
     include_reasoning: bool = True  # vLLM's: false drops the reasoning a reasoning parser reads
 
     def tool_choice_mode(self) -> str | None:

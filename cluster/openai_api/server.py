@@ -42,7 +42,7 @@ from cluster.openai_api.schemas import (
 )
 from cluster.openai_api.streams import merge_streams, until_disconnect
 from cluster.openai_api.tools import (
-    ForcedCalls, ToolCallParser, forced_calls_schema, parser_named, template_messages,
+    FirstCallOnly, ForcedCalls, ToolCallParser, forced_calls_schema, parser_named, template_messages,
 )
 
 log = logging.getLogger(__name__)
@@ -376,8 +376,7 @@ class OpenAIServer:
                     yield sse_event(self.render.chat_delta(call, i, {"role": "assistant", "content": ""}, None, None))
             item: tuple[int, StreamChunk] | None = head
             while item is not None:
-                payload = self.render.chunk(call, *item)
-                if payload is not None:
+                for payload in self.render.chunks(call, *item):
                     yield sse_event(payload)
                 if item[1].error:
                     yield sse_event(error_body(500, f"the engine failed the request: {item[1].error}"))
@@ -483,14 +482,24 @@ class OpenAIServer:
     def tool_call_reading(self, body: ChatCompletionRequest) -> tuple[ToolCallParser | None,
                                                                        StructuredOutputsParams | None]:
         """How a chat's output is read for tool calls, and what it must match: with `tool_choice` auto the
-        server's parser and the request's own format; required or named, a grammar that forces the calls."""
+        server's parser and the request's own format; required or named, a grammar that forces the calls. With
+        `parallel_tool_calls` false, the first call only."""
         mode = body.tool_choice_mode()
-        if mode is None or mode == "auto":
-            return (self.tool_parser if mode else None), body.structured_outputs_params()
+        if mode is None:
+            return None, body.structured_outputs_params()
+        if mode == "auto":
+            return self.calls_read_by(self.tool_parser, body), body.structured_outputs_params()
         function = None if mode == "required" else mode
         tools = [t.model_dump(exclude_none=True) for t in body.tools or ()]
         schema = forced_calls_schema(tools, function)  # compact: the calls are re-read, not shown
-        return ForcedCalls(function), StructuredOutputsParams(json=schema, disable_any_whitespace=True)
+        forced = ForcedCalls(function)
+        return (forced if function else self.calls_read_by(forced, body),  # a named function: one call
+                StructuredOutputsParams(json=schema, disable_any_whitespace=True))
+
+    @staticmethod
+    def calls_read_by(parser: ToolCallParser, body: ChatCompletionRequest) -> ToolCallParser:
+        """`parser`, keeping the first call only when the request's `parallel_tool_calls` is false."""
+        return FirstCallOnly(parser) if body.parallel_tool_calls is False else parser
 
     async def models(self, request: Request) -> Response:
         self.check_auth(request)

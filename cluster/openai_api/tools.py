@@ -14,6 +14,8 @@ Either takes the arguments under `arguments` or `parameters`, as vLLM's llama3_j
 `tool_choice` "required" or a named function is forced instead (as vLLM does): a grammar from the tools' parameter
 schemas makes the output a JSON list of `{"name", "parameters"}` objects, or the named function's arguments, and
 `ForcedCalls` reads it.
+
+`parallel_tool_calls` false keeps the first call read (`FirstCallOnly`), as vLLM does.
 """
 
 from __future__ import annotations
@@ -149,6 +151,19 @@ class ForcedCalls:
             return text, []
         calls = [_call_from(v) for v in value]
         return (None, calls) if all(c is not None for c in calls) else (text, [])  # type: ignore[misc]
+
+
+class FirstCallOnly:
+    """`parser` keeping the first of the calls it reads (`parallel_tool_calls` false): the others are dropped, as
+    vLLM does, and their text is not content."""
+
+    def __init__(self, parser: ToolCallParser) -> None:
+        self.parser = parser
+        self.start = parser.start
+
+    def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
+        content, calls = self.parser.parse(text)
+        return content, calls[:1]
 
 
 def finish_with_calls(parser: ToolCallParser) -> str:
