@@ -151,8 +151,8 @@ def test_a_timed_out_request_counts_as_failed_in_every_metric() -> None:
 
 def test_arrivals_keep_the_configured_rate_as_vllm_rescales_them() -> None:
     """vLLM's get_request draws one gamma(burstiness, 1 / (rate * burstiness)) gap per request, accumulates them and
-    rescales the sum to N / rate, so a window of N requests is sent over N / rate seconds whatever the seed (less
-    the first gap: we send the first request at 0). Without it a 100-request window drifts by ~10% (1/sqrt(N))."""
+    rescales the sum to N / rate, so a window of N requests is sent over N / rate seconds whatever the seed (the
+    first request after its own gap). Without it a 100-request window drifts by ~10% (1/sqrt(N))."""
     n, rate = 100, 10.0
     spans = np.array([arrival_offsets(ArrivalConfig(rate, 1.0, seed), n)[-1] for seed in range(20)])
     assert np.all(spans <= n / rate + 1e-9) and np.all(spans >= 0.9 * n / rate)

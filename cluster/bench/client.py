@@ -1,10 +1,11 @@
 """Streaming OpenAI requests timed per chunk, plus the server's side channels.
 
 `send_request` posts one streaming `/v1/completions` or `/v1/chat/completions` request
-(`stream_options.include_usage`, `ignore_eos`, `max_tokens`) and records TTFT, every
-inter-chunk gap (ITL) and the end-to-end latency with `time.perf_counter`; as in vLLM, the latency ends at the
+(`stream_options.include_usage`, `max_tokens`, and `ignore_eos` only when set, as vLLM sends it) and records TTFT,
+every inter-chunk gap (ITL) and the end-to-end latency with `time.perf_counter`; as in vLLM, the latency ends at the
 last output chunk (not at the usage chunk or `[DONE]` after it; `end_s` keeps the stream's end). The output
-token count comes from the usage of the last chunk, else the number of chunks. Every
+token count comes from the usage (its `completion_tokens`), else, as vLLM counts it, from the generated text
+through the endpoint's tokenizer when it has one, else it is the number of chunks. Every
 failure (HTTP status, bad stream, disconnect, per-request timeout) ends in a record with
 `success=False` and an `error`; nothing raises and nothing hangs. With a structured output
 (`structured_outputs` in every body) a finished request also keeps its text and whether it conforms.
@@ -16,6 +17,7 @@ import asyncio
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -38,6 +40,7 @@ class EndpointConfig:
     `base_url` is the server root (no /v1). `timeout_s` bounds each whole request.
     `extra_body` is merged into every request body (e.g. {"top_k": 1}). `structured_output`: what
     every output must match (the body's `structured_outputs`), checked when each request finishes.
+    `count_tokens`: the tokens of a generated text (the benchmark's tokenizer), for streams without usage.
     """
 
     base_url: str
@@ -49,6 +52,7 @@ class EndpointConfig:
     timeout_s: float = 600.0
     extra_body: dict[str, Any] = field(default_factory=dict)
     structured_output: StructuredOutput | None = None
+    count_tokens: Callable[[str], int] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if not self.base_url.startswith(("http://", "https://")):
@@ -83,8 +87,9 @@ def build_payload(config: EndpointConfig, request: BenchRequest) -> dict[str, An
         "temperature": config.temperature,
         "stream": True,
         "stream_options": {"include_usage": True},
-        "ignore_eos": config.ignore_eos,
     }
+    if config.ignore_eos:  # a field OpenAI's own API refuses: sent only when asked for
+        body["ignore_eos"] = True
     if config.is_chat:
         body["messages"] = [{"role": "user", "content": request.prompt}]
     else:
@@ -249,7 +254,7 @@ async def _stream(client: httpx.AsyncClient, config: EndpointConfig, request: Be
     if timer.last is None:  # not one output chunk
         raise ServerError("the server returned no output")
     if record.output_tokens == 0:
-        record.output_tokens = record.num_chunks
+        record.output_tokens = record.num_chunks if config.count_tokens is None else config.count_tokens(timer.text)
     record.e2el_s = timer.last - start  # vLLM's latency: to the last token chunk
     record.success = True
     if config.structured_output is not None:

@@ -11,6 +11,7 @@ import math
 import re
 from collections.abc import Sequence
 
+from cluster.bench.arrivals import RampUp
 from cluster.bench.client import RequestRecord
 from cluster.bench.metrics import METRIC_LABELS, METRICS, Conformance, percentile_key
 from cluster.bench.result import BenchResult, profile_breakdown
@@ -29,12 +30,15 @@ def _line(name: str, value: float | int | None, fmt: str = ".2f") -> str:
 
 
 def format_preamble(request_rate: float, burstiness: float, max_concurrency: int | None,
-                    phases: Sequence[Phase] = ()) -> str:
-    """The lines vLLM prints before sending: rate, burstiness, concurrency; and the rate of each phase of a
-    shifting workload whose phases arrive at different rates."""
+                    phases: Sequence[Phase] = (), ramp: RampUp | None = None) -> str:
+    """The lines vLLM prints before sending: rate (or ramp), burstiness, concurrency; and the rate of each phase of
+    a shifting workload whose phases arrive at different rates."""
     kind = "Poisson process" if burstiness == 1.0 else "Gamma distribution"
+    traffic = [f"Traffic request rate: {request_rate}"] if ramp is None else [
+        f"Traffic ramp-up strategy: {ramp.strategy}.",
+        f"Will increase RPS from {ramp.start_rps:g} to {ramp.end_rps:g} RPS over the duration of the benchmark."]
     lines = [
-        f"Traffic request rate: {request_rate}",
+        *traffic,
         f"Burstiness factor: {burstiness} ({kind})",
         f"Maximum request concurrency: {max_concurrency}",
     ]
@@ -66,7 +70,7 @@ def format_result_block(result: BenchResult) -> str:
     lines.append(_line("Output token throughput (tok/s):", m.output_throughput))
     lines.append(_line("Peak output token throughput (tok/s):", m.peak_output_throughput))
     lines.append(_line("Peak concurrent requests:", m.peak_concurrency))  # vLLM prints it as .2f too
-    lines.append(_line("Total Token throughput (tok/s):", m.total_token_throughput))
+    lines.append(_line("Total token throughput (tok/s):", m.total_token_throughput))
     if result.structured_output is not None:
         conformance = result.conformance or Conformance.of(result.records)
         lines.append(_line("Correct rate (%):", conformance.correct_rate))

@@ -1,9 +1,12 @@
 """The result record of `semipd bench serve` and its JSON file. `BenchResult` is one run at one request rate.
-Its JSON carries vLLM's flat keys at the top level (completed, request_throughput, mean_ttft_ms, p99_ttft_ms,
-...) so existing scripts read it, plus the config, the goodput SLOs, the per-request records, server-side
-metrics, the per-workload-profile breakdown (`profile_breakdown`) and a label (and, for a structured-output
-run, `structured_output`, `correct_rate` in percent and the `conformance` counts); `BenchResult.from_json` rebuilds
-it (aggregates recomputed from the records), and `write_result` / `load_result` put it in a file and read it back.
+Its JSON carries vLLM's keys at the top level, so existing scripts read it: the setup (model_id, tokenizer_id,
+num_prompts, backend, the `--metadata` pairs, request_rate, burstiness, max_concurrency, a ramp-up's
+ramp_up_strategy, ramp_up_start_rps, ramp_up_end_rps and rps_change_events) and the flat metrics (completed,
+request_throughput, mean_ttft_ms, p99_ttft_ms, ...); plus the config, the goodput SLOs, the per-request records,
+server-side metrics, the per-workload-profile breakdown (`profile_breakdown`) and a label (and, for a
+structured-output run, `structured_output`, `correct_rate` in percent and the `conformance` counts);
+`BenchResult.from_json` rebuilds it (aggregates recomputed from the records), and `write_result` / `load_result`
+put it in a file and read it back.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cluster.bench.arrivals import RampUp
 from cluster.bench.client import RequestRecord
 from cluster.bench.metrics import BenchMetrics, Conformance, SLOs, compute_metrics
 
@@ -40,15 +44,22 @@ class BenchResult:
     split_changes: list[dict[str, Any]] | None = None  # semipd servers: SM split changes during the run
     structured_output: dict[str, Any] | None = None  # StructuredOutput.to_dict() of a structured-output run
     conformance: Conformance | None = None  # of a structured-output run: how many outputs conformed
+    ramp_up: RampUp | None = None  # the rate ramp of a run without a request rate (request_rate inf)
+    rps_change_events: list[dict[str, Any]] | None = None  # of a ramp-up run: when each whole RPS was reached
 
     def to_json(self) -> dict[str, Any]:
+        """The result's JSON; `--metadata` pairs also at the top level, as vLLM writes them, unless they collide
+        with a key of the result."""
         data: dict[str, Any] = {
             "schema": SCHEMA,
             "label": self.label,
             "date": self.date,
+            **vllm_setup(self.config),
             "request_rate": _num(self.request_rate),
-            "burstiness": self.burstiness,
+            "burstiness": _num(self.burstiness),
             "max_concurrency": self.max_concurrency,
+            **(self.ramp_up.to_dict() if self.ramp_up else {}),
+            **({"rps_change_events": self.rps_change_events} if self.rps_change_events is not None else {}),
             "goodput": self.slos.as_dict(),
             "percentile_metrics": list(self.percentile_metrics),
             "metric_percentiles": list(self.metric_percentiles),
@@ -64,7 +75,7 @@ class BenchResult:
             conformance = self.conformance or Conformance.of(self.records)
             data.update(structured_output=_jsonable(self.structured_output), correct_rate=conformance.correct_rate,
                         conformance=conformance.to_dict())
-        return data
+        return {**self.metadata, **data}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> BenchResult:
@@ -85,7 +96,7 @@ class BenchResult:
             label=data.get("label", ""),
             date=data.get("date", ""),
             request_rate=float(data["request_rate"]),
-            burstiness=float(data.get("burstiness", 1.0)),
+            burstiness=float(data.get("burstiness", 1.0)),  # "inf" too
             max_concurrency=data.get("max_concurrency"),
             slos=slos,
             percentile_metrics=tuple(data["percentile_metrics"]),
@@ -98,7 +109,18 @@ class BenchResult:
             split_changes=data.get("split_changes"),
             structured_output=structured,
             conformance=conformance,
+            ramp_up=RampUp.from_dict(data),
+            rps_change_events=data.get("rps_change_events"),
         )
+
+
+def vllm_setup(config: dict[str, Any]) -> dict[str, Any]:
+    """vLLM's setup keys of a run's config (`ServeBenchConfig.to_dict()` with the model sent and the tokenizer
+    used): model_id, tokenizer_id, num_prompts, and backend (also as endpoint_type): openai or openai-chat."""
+    backend = "openai-chat" if config.get("endpoint") == "/v1/chat/completions" else "openai"
+    return {"endpoint_type": backend, "backend": backend, "model_id": config.get("model"),
+            "tokenizer_id": config.get("tokenizer_id"),
+            "num_prompts": (config.get("workload") or {}).get("num_prompts")}
 
 
 def _num(x: float) -> float | str:
@@ -154,4 +176,4 @@ def profile_breakdown(result: BenchResult) -> dict[str, dict[str, Any]]:
     return out
 
 
-__all__ = ["BenchResult", "SCHEMA", "load_result", "profile_breakdown", "write_result"]
+__all__ = ["BenchResult", "SCHEMA", "load_result", "profile_breakdown", "vllm_setup", "write_result"]

@@ -1,9 +1,10 @@
 """`semipd bench serve`: open-loop load against an OpenAI-compatible server.
 
 `run_serve_bench(config)` resolves the model (first of `/v1/models` when not given),
-builds the workload's requests once (exact prompt lengths with `tokenizer`, else
-calibrated through the server's `/tokenize`, else about one token per word), then for
-each request rate of the sweep: reads the server's `/metrics`, sends every request at
+builds the workload's requests once (exact prompt lengths with a tokenizer: `tokenizer`, else the model's
+directory, else, as vLLM takes it, the `root` directory `/v1/models` gives for the model; without one calibrated
+through the server's `/tokenize`, else about one token per word), then for
+each request rate of the sweep (or the one ramp of rates): reads the server's `/metrics`, sends every request at
 its arrival time (Poisson or gamma; a semaphore for `max_concurrency`), waits for all
 of them (each bounded by the request timeout), reads `/metrics` again, prints vLLM's
 result block and writes the JSON. Every rate replays the same requests. With a `structured_output`
@@ -17,7 +18,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
@@ -26,7 +27,7 @@ from typing import Any, TextIO
 import httpx
 import numpy as np
 
-from cluster.bench.arrivals import ArrivalConfig, arrival_offsets
+from cluster.bench.arrivals import ArrivalConfig, RampUp, arrival_offsets, rps_change_events
 from cluster.bench.client import (
     EndpointConfig, RequestRecord, ServerError, count_tokens, fetch_models, fetch_server_metrics, fetch_splits,
     send_request,
@@ -56,7 +57,8 @@ class ServeBenchConfig:
 
     `model` None: the first model the server lists. `tokenizer`: a local HF tokenizer
     directory for exact prompt lengths. `request_rates`: a sweep, run in order (math.inf:
-    all requests at once). Results are written when `save_result`, `result_dir` or
+    all requests at once). `ramp_up`: vLLM's ramp of rates instead (request_rates then (math.inf,)).
+    Results are written when `save_result`, `result_dir` or
     `result_filename` is set; `result_filename` may hold `{rate}`. `structured_output`: what every output
     must match (None: plain requests).
     """
@@ -85,13 +87,20 @@ class ServeBenchConfig:
     metadata: dict[str, str] = field(default_factory=dict)
     extra_body: dict[str, Any] = field(default_factory=dict)
     structured_output: StructuredOutput | None = None
+    ramp_up: RampUp | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "request_rates", tuple(float(r) for r in self.request_rates))
         if not self.request_rates:
             raise ValueError("give at least one request rate")
+        if self.model is not None and not self.model:
+            raise ValueError("model name must not be empty")
         for rate in self.request_rates:
-            ArrivalConfig(rate, self.burstiness, self.workload.seed)  # validates
+            ArrivalConfig(rate, self.burstiness, self.workload.seed, self.ramp_up)  # validates
+        if self.ramp_up is not None and len(self.request_rates) > 1:
+            raise ValueError("a ramp-up sets the request rate: do not give --request-rate with it")
+        if self.ramp_up is not None and not bool(np.all(self.workload.rate_scales() == 1.0)):
+            raise ValueError("a ramp-up cannot be combined with phases at their own rates (--phases NAME@SCALE)")
         if self.max_concurrency is not None and self.max_concurrency < 1:
             raise ValueError(f"max concurrency must be at least 1, got {self.max_concurrency}")
         bad = [m for m in self.percentile_metrics if m not in METRICS]
@@ -121,19 +130,23 @@ class ServeBenchConfig:
 # ---------------------------------------------------------------- set-up
 
 
-def _tokenizer_dir(config: ServeBenchConfig, model: str) -> str | None:
+def _has_tokenizer(path: str) -> bool:
+    d = Path(path)
+    return d.is_dir() and ((d / "tokenizer.json").is_file() or (d / "tokenizer_config.json").is_file())
+
+
+def tokenizer_dir(config: ServeBenchConfig, model: str, card: dict[str, Any]) -> str | None:
+    """The local tokenizer directory: `--tokenizer`, else the model name, else (vLLM's tokenizer of a model it
+    did not name) the `root` of the model's `/v1/models` card, where either is a local tokenizer directory."""
     if config.tokenizer:
         return config.tokenizer
-    d = Path(model)
-    if d.is_dir() and ((d / "tokenizer.json").is_file() or (d / "tokenizer_config.json").is_file()):
-        return str(d)
-    return None
+    root = card.get("root")
+    return next((d for d in (model, root) if isinstance(d, str) and _has_tokenizer(d)), None)
 
 
-async def make_prompt_builder(client: httpx.AsyncClient, config: ServeBenchConfig, model: str,
+async def make_prompt_builder(client: httpx.AsyncClient, config: ServeBenchConfig, model: str, tok_dir: str | None,
                               out: TextIO) -> PromptBuilder:
-    """Exact with a local tokenizer; else calibrated by the server's /tokenize; else 1 token/word."""
-    tok_dir = _tokenizer_dir(config, model)
+    """Exact with the local tokenizer `tok_dir`; else calibrated by the server's /tokenize; else 1 token/word."""
     if tok_dir is not None:
         return TokenizerPromptBuilder.from_dir(tok_dir)
     headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
@@ -148,23 +161,26 @@ async def make_prompt_builder(client: httpx.AsyncClient, config: ServeBenchConfi
     return RatioPromptBuilder((full - empty) / words, empty)
 
 
-async def resolve_model(client: httpx.AsyncClient, config: ServeBenchConfig) -> tuple[str, int | None]:
-    """The model name to send, and the server's max_model_len when it says."""
+async def resolve_model(client: httpx.AsyncClient, config: ServeBenchConfig) -> tuple[str, dict[str, Any]]:
+    """The model name to send, and its `/v1/models` card ({} when the server lists none by that name)."""
     headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
     if config.model is not None:
         try:
             cards = await fetch_models(client, config.base_url, headers)
         except ServerError:  # /v1/models is optional when the model is given
-            return config.model, None
-        card = next((c for c in cards if c.get("id") == config.model), {})
-        return config.model, card.get("max_model_len")
+            return config.model, {}
+        return config.model, next((c for c in cards if c.get("id") == config.model), {})
     cards = await fetch_models(client, config.base_url, headers)
-    return str(cards[0]["id"]), cards[0].get("max_model_len")
+    return str(cards[0]["id"]), cards[0]
 
 
 def result_path(config: ServeBenchConfig, model: str, rate: float, date: str) -> Path:
-    """Where a run's JSON goes (vLLM-like default name; `{rate}` or a suffix in a sweep)."""
+    """Where a run's JSON goes (vLLM-like default name, a ramp's as vLLM names it; `{rate}` or a suffix in a
+    sweep)."""
     rate_text = "inf" if math.isinf(rate) else f"{rate:g}"
+    ramp = config.ramp_up
+    if ramp is not None:
+        rate_text = f"ramp-up-{ramp.strategy}-{ramp.start_rps:g}qps-{ramp.end_rps:g}"
     if config.result_filename:
         name = config.result_filename
         if "{rate}" in name:
@@ -229,18 +245,28 @@ async def _run(config: ServeBenchConfig, out: TextIO) -> list[BenchResult]:
     limits = httpx.Limits(max_connections=config.max_concurrency, max_keepalive_connections=config.max_concurrency)
     timeout = httpx.Timeout(config.request_timeout_s, connect=min(30.0, config.request_timeout_s), pool=None)
     async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
-        model, max_model_len = await resolve_model(client, config)
-        builder = await make_prompt_builder(client, config, model, out)
+        model, card = await resolve_model(client, config)
+        tok_dir = tokenizer_dir(config, model, card)
+        builder = await make_prompt_builder(client, config, model, tok_dir, out)
         endpoint = EndpointConfig(config.base_url, model, config.endpoint, config.api_key, config.ignore_eos,
                                   config.temperature, config.request_timeout_s, dict(config.extra_body),
-                                  config.structured_output)
+                                  config.structured_output, _output_token_counter(builder))
         if config.structured_output is not None:
             print(f"Structured outputs: {json.dumps(config.structured_output.body())}", file=out)
         results = []
         for run, rate in enumerate(config.request_rates):
-            requests = _build_requests(replace(config.workload, run=run), builder, max_model_len, out)
-            results.append(await _run_one_rate(client, config, endpoint, requests, rate, out))
+            requests = _build_requests(replace(config.workload, run=run), builder, card.get("max_model_len"), out)
+            results.append(await _run_one_rate(client, config, endpoint, tok_dir, requests, rate, out))
         return results
+
+
+def _output_token_counter(builder: PromptBuilder) -> Callable[[str], int] | None:
+    """The tokens of a generated text by the benchmark's tokenizer, as vLLM counts a stream's output without usage
+    (None without a tokenizer: the chunks are counted)."""
+    if not isinstance(builder, TokenizerPromptBuilder):
+        return None
+    tokenizer = builder.tokenizer
+    return lambda text: len(tokenizer(text, add_special_tokens=False).input_ids)
 
 
 def _build_requests(wl: WorkloadConfig, builder: PromptBuilder, max_model_len: int | None,
@@ -257,14 +283,15 @@ def _build_requests(wl: WorkloadConfig, builder: PromptBuilder, max_model_len: i
 
 
 async def _run_one_rate(client: httpx.AsyncClient, config: ServeBenchConfig, endpoint: EndpointConfig,
-                        requests: Sequence[BenchRequest], rate: float, out: TextIO) -> BenchResult:
-    offsets = arrival_offsets(ArrivalConfig(rate, config.burstiness, config.workload.seed), len(requests),
-                              config.workload.rate_scales())
+                        tok_dir: str | None, requests: Sequence[BenchRequest], rate: float,
+                        out: TextIO) -> BenchResult:
+    offsets = arrival_offsets(ArrivalConfig(rate, config.burstiness, config.workload.seed, config.ramp_up),
+                              len(requests), config.workload.rate_scales())
     prefixes = config.server_metric_prefixes
     before = await fetch_server_metrics(client, config.base_url, prefixes) if prefixes else None
     splits_before = await fetch_splits(client, config.base_url) if prefixes else None
     phases = config.workload.phases if config.workload.ordered else ()
-    print(format_preamble(rate, config.burstiness, config.max_concurrency, phases), file=out)
+    print(format_preamble(rate, config.burstiness, config.max_concurrency, phases, config.ramp_up), file=out)
     date = datetime.now().strftime("%Y%m%d-%H%M%S")
     started = time.time()
     records, duration = await run_rate(client, endpoint, requests, offsets, config.max_concurrency,
@@ -277,10 +304,13 @@ async def _run_one_rate(client: httpx.AsyncClient, config: ServeBenchConfig, end
         label=config.label or endpoint.model, date=date, request_rate=rate, burstiness=config.burstiness,
         max_concurrency=config.max_concurrency, slos=config.slos, percentile_metrics=config.percentile_metrics,
         metric_percentiles=config.metric_percentiles, records=records, metrics=metrics,
-        config={**config.to_dict(), "model": endpoint.model}, server_metrics=_delta(before, after),
+        config={**config.to_dict(), "model": endpoint.model, "tokenizer_id": tok_dir},
+        server_metrics=_delta(before, after),
         metadata=dict(config.metadata), split_changes=split_changes(splits_before, splits_after, started, ended),
         structured_output=config.structured_output.to_dict() if config.structured_output else None,
         conformance=Conformance.of(records) if config.structured_output else None,
+        ramp_up=config.ramp_up,
+        rps_change_events=None if config.ramp_up is None else rps_change_events(config.ramp_up, offsets, started),
     )
     print(format_result_block(result), file=out)
     for extra in (format_offered_load(records), format_profile_breakdown(result), format_split_changes(result),
@@ -331,4 +361,5 @@ def run_serve_bench(config: ServeBenchConfig, out: TextIO | None = None) -> list
     return asyncio.run(_run(config, out or sys.stdout))
 
 
-__all__ = ["ServeBenchConfig", "make_prompt_builder", "result_path", "run_rate", "run_serve_bench", "split_changes"]
+__all__ = ["ServeBenchConfig", "make_prompt_builder", "result_path", "run_rate", "run_serve_bench", "split_changes",
+           "tokenizer_dir"]

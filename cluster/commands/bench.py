@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 if TYPE_CHECKING:
+    from cluster.bench.arrivals import RampUp
     from cluster.bench.serve_bench import ServeBenchConfig
     from cluster.bench.structured import StructuredOutput
     from cluster.bench.workloads import Phase
@@ -80,6 +81,13 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _burstiness(text: str) -> float:
+    value = float(text)
+    if math.isnan(value) or value <= 0:
+        raise ValueError(f"must be a positive number or inf, got {text}")
+    return value
+
+
 def _ratio(text: str) -> float:
     value = float(text)
     if not (0.0 <= value < 1.0):
@@ -136,6 +144,7 @@ def _metric_names(text: str) -> tuple[str, ...]:
 
 
 def _register_serve(sub: argparse._SubParsersAction) -> None:
+    from cluster.bench.arrivals import RAMP_STRATEGIES
     from cluster.bench.client import ENDPOINTS
     from cluster.bench.structured import BUILTIN_CHOICES, BUILTIN_REGEX, KINDS
     from cluster.bench.workloads import WORKLOAD_NAMES
@@ -180,8 +189,13 @@ def _register_serve(sub: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("traffic")
     g.add_argument("--request-rate", type=_type(_rates), default=(math.inf,), metavar="RATE[,RATE...]",
                    help="requests/s (inf: all at once); a comma list runs a sweep, one result per rate")
-    g.add_argument("--burstiness", type=_type(_positive_float), default=1.0,
-                   help="gamma shape of inter-arrival times: 1 Poisson, <1 burstier, >1 more regular")
+    g.add_argument("--burstiness", type=_type(_burstiness), default=1.0,
+                   help="gamma shape of inter-arrival times: 1 Poisson, <1 burstier, >1 more regular, inf constant")
+    g.add_argument("--ramp-up-strategy", choices=RAMP_STRATEGIES, default=None,
+                   help="instead of --request-rate, raise the rate from --ramp-up-start-rps to --ramp-up-end-rps "
+                        "over the run's requests, linearly or exponentially in their index (vLLM's ramp-up)")
+    g.add_argument("--ramp-up-start-rps", type=_type(_positive_float), default=None, metavar="RPS")
+    g.add_argument("--ramp-up-end-rps", type=_type(_positive_float), default=None, metavar="RPS")
     g.add_argument("--max-concurrency", type=_type(_positive_int), default=None)
 
     g = p.add_argument_group("structured outputs (vLLM's benchmark_serving_structured_output)")
@@ -224,6 +238,7 @@ def serve_config(args: argparse.Namespace) -> ServeBenchConfig:
     if args.phases is not None and args.workload != "shifting":
         raise ValueError("--phases applies to --workload shifting only")
     structured = structured_output(args)
+    ramp = ramp_up(args)
     workload = WorkloadConfig(
         name=args.workload, num_prompts=args.num_prompts, seed=args.seed, phases=args.phases or DEFAULT_PHASES,
         input_len=args.input_len, output_len=args.output_len, range_ratio=args.range_ratio,
@@ -238,8 +253,25 @@ def serve_config(args: argparse.Namespace) -> ServeBenchConfig:
         label=args.label, save_result=args.save_result, result_dir=args.result_dir,
         result_filename=args.result_filename,
         server_metric_prefixes=SERVER_METRIC_PREFIXES if args.server_metrics else (),
-        disable_tqdm=args.disable_tqdm, metadata=dict(args.metadata), structured_output=structured,
+        disable_tqdm=args.disable_tqdm, metadata=dict(args.metadata), structured_output=structured, ramp_up=ramp,
     )
+
+
+def ramp_up(args: argparse.Namespace) -> RampUp | None:
+    """The RampUp of `--ramp-up-strategy`, `--ramp-up-start-rps` and `--ramp-up-end-rps` (ValueError when one is
+    given without the others, or with `--request-rate`)."""
+    from cluster.bench.arrivals import RampUp
+
+    rps = (args.ramp_up_start_rps, args.ramp_up_end_rps)
+    if args.ramp_up_strategy is None:
+        if rps != (None, None):
+            raise ValueError("--ramp-up-start-rps and --ramp-up-end-rps need --ramp-up-strategy")
+        return None
+    if None in rps:
+        raise ValueError("--ramp-up-strategy needs --ramp-up-start-rps and --ramp-up-end-rps")
+    if args.request_rate != (math.inf,):
+        raise ValueError("--ramp-up-strategy sets the request rate: do not give --request-rate with it")
+    return RampUp(args.ramp_up_strategy, args.ramp_up_start_rps, args.ramp_up_end_rps)
 
 
 def structured_output(args: argparse.Namespace) -> StructuredOutput | None:
