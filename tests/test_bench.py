@@ -605,7 +605,7 @@ def test_payload() -> None:
     cfg = EndpointConfig("http://h:1/", "m", "/v1/chat/completions", api_key="k", extra_body={"top_k": 1})
     body = build_payload(cfg, BenchRequest(0, "hi", 2, 7, "t"))
     assert cfg.url == "http://h:1/v1/chat/completions" and cfg.headers() == {"Authorization": "Bearer k"}
-    assert body["messages"] == [{"role": "user", "content": "hi"}] and body["max_tokens"] == 7
+    assert body["messages"] == [{"role": "user", "content": "hi"}] and body["max_completion_tokens"] == 7
     assert body["ignore_eos"] is True and body["stream_options"] == {"include_usage": True} and body["top_k"] == 1
     with pytest.raises(ValueError):
         EndpointConfig("h:1", "m")

@@ -83,7 +83,7 @@ class OtherServer:
         return app
 
     def _events(self, kind: str, body: dict[str, Any]) -> list[bytes]:
-        n = int(body["max_tokens"])
+        n = int(body["max_completion_tokens"] if "max_completion_tokens" in body else body["max_tokens"])
         chunks = math.ceil(n / TOKENS_PER_CHUNK)
         events: list[dict[str, Any]] = []
         if kind == "chat":
@@ -249,6 +249,17 @@ def test_no_ignore_eos_sends_no_ignore_eos_field(tmp_path: Path, endpoint: str,
         chunks = math.ceil(r.max_tokens / TOKENS_PER_CHUNK)
         assert r.output_tokens == r.max_tokens and r.prompt_tokens == 7 and len(r.itl_s) == chunks - 1
         assert r.tpot_s == pytest.approx(sum(r.itl_s) / (r.max_tokens - 1))
+
+
+def test_chat_asks_for_max_completion_tokens(other: OtherServer, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """vLLM's chat request sets `max_completion_tokens` (OpenAI's field; its reasoning models refuse `max_tokens`),
+    the completions request `max_tokens`."""
+    for endpoint in ("/v1/chat/completions", "/v1/completions"):
+        assert cli_main(_bench(other.http.url, tmp_path, "--endpoint", endpoint)) == 0, capsys.readouterr().out
+    chat, completions = other.bodies[:4], other.bodies[4:]
+    assert all("max_tokens" not in b and b["max_completion_tokens"] == 5 for b in chat)
+    assert all("max_completion_tokens" not in b and b["max_tokens"] == 5 for b in completions)
 
 
 def test_output_tokens_without_usage_are_counted_by_the_tokenizer(tiny_llama: Path, tmp_path: Path,

@@ -1,12 +1,12 @@
 """Streaming OpenAI requests timed per chunk, plus the server's side channels.
 
 `send_request` posts one streaming `/v1/completions` or `/v1/chat/completions` request
-(`stream_options.include_usage`, `max_tokens`, and `ignore_eos` only when set, as vLLM sends it) and records TTFT,
-every inter-chunk gap (ITL) and the end-to-end latency with `time.perf_counter`; as in vLLM, the latency ends at the
-last output chunk (not at the usage chunk or `[DONE]` after it; `end_s` keeps the stream's end). The output
-token count comes from the usage (its `completion_tokens`), else, as vLLM counts it, from the generated text
-through the endpoint's tokenizer when it has one, else it is the number of chunks. Every
-failure (HTTP status, bad stream, disconnect, per-request timeout) ends in a record with
+(`stream_options.include_usage`, `max_tokens` or for chat `max_completion_tokens`, and `ignore_eos` only when set,
+as vLLM sends them) and records TTFT, every inter-chunk gap (ITL) and the end-to-end latency with
+`time.perf_counter`; as in vLLM, the latency ends at the last output chunk (not at the usage chunk or `[DONE]`
+after it; `end_s` keeps the stream's end). The output token count comes from the usage (its `completion_tokens`),
+else, as vLLM counts it, from the generated text through the endpoint's tokenizer when it has one, else it is the
+number of chunks. Every failure (HTTP status, bad stream, disconnect, per-request timeout) ends in a record with
 `success=False` and an `error`; nothing raises and nothing hangs. With a structured output
 (`structured_outputs` in every body) a finished request also keeps its text and whether it conforms.
 """
@@ -83,7 +83,7 @@ def build_payload(config: EndpointConfig, request: BenchRequest) -> dict[str, An
     """The JSON body of one streaming request."""
     body: dict[str, Any] = {
         "model": config.model,
-        "max_tokens": request.output_len,
+        "max_completion_tokens" if config.is_chat else "max_tokens": request.output_len,  # vLLM's fields
         "temperature": config.temperature,
         "stream": True,
         "stream_options": {"include_usage": True},
