@@ -29,6 +29,7 @@ DECODE_ATTENTION: tuple[str, ...] = ("fa2", "fa3", "cuda-cores")  # flashinfer's
 PREFILL_ORDERS: tuple[str, ...] = ("fcfs", "edf")
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
+    "float": torch.float32,
     "fp32": torch.float32,
     "float16": torch.float16,
     "fp16": torch.float16,
@@ -433,6 +434,9 @@ class EngineConfig:
             raise ConfigError(f"decode_attention must be one of {DECODE_ATTENTION}, got {self.decode_attention!r}")
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.dtype != "auto" and DTYPES[self.dtype] == torch.float32 and self.resolved_backend == "flashinfer":
+            raise ConfigError(f"dtype {self.dtype} is not supported on the GPU (flashinfer's attention runs float16 "
+                              "and bfloat16 only): use auto (bfloat16), bfloat16 or float16")
         if self.load_format not in ("auto", "dummy"):
             raise ConfigError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
         if self.switch_interval_ms is not None and not 0 < self.switch_interval_ms <= 1000:
@@ -467,7 +471,11 @@ class EngineConfig:
     def max_model_len(self, arch: ModelArch) -> int:
         """The user's max_model_len, else max_position_embeddings. A model with sliding-window layers runs with full
         attention, so its context is capped at the window (as vLLM does with its sliding window disabled): there
-        the two attend to the same tokens."""
+        the two attend to the same tokens. ConfigError for a max_model_len past either (vLLM's refusal too)."""
+        wanted = self.scheduler.max_model_len
+        if wanted is not None and wanted > arch.max_position_embeddings:
+            raise ConfigError(f"max_model_len {wanted} exceeds the model's max_position_embeddings "
+                              f"{arch.max_position_embeddings}")
         window = arch.sliding_window
         if window is None or window >= arch.max_position_embeddings:
             return self.scheduler.max_model_len or arch.max_position_embeddings

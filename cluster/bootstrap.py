@@ -28,7 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from actors.config import ENGINE_MODES, CacheConfig, ConfigError, EngineConfig, SchedulerConfig, SLOConfig
+from actors.config import (
+    ENGINE_MODES, CacheConfig, ConfigError, EngineConfig, ModelArch, SchedulerConfig, SLOConfig,
+)
 from actors.slo.latency_model import ModelSource
 from actors.slo.types import SLOTargets
 from cluster.controller import ControllerConfig, check_prefill_sm_fraction, policy_by_name, policy_needs_models
@@ -219,7 +221,9 @@ class ClusterConfig:
         if self.check_model:
             if not (Path(self.model) / "config.json").is_file():
                 raise ConfigError(f"{self.model}: no config.json (expected a Hugging Face checkpoint directory)")
-            self.engine_config()  # the engines' own checks, before any actor starts
+            engine = self.engine_config()  # the engines' own checks, before any actor starts
+            if engine.scheduler.max_model_len is not None:
+                engine.max_model_len(ModelArch.from_dir(self.model))  # a context past what the model has
         try:
             check_prefill_sm_fraction(self.prefill_sm_fraction)
             policy_by_name(self.policy)

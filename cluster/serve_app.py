@@ -19,6 +19,9 @@ Entry point `cluster.serve_app:build_app` (for `serve run`, `serve deploy`, Kube
     grpc_port             serve semipd.v1.Generation on this port from each replica (0/none: off)
     page_size, max_prefill_tokens, num_pages, device, prefill_sms, overlap_decode,
       overlap_prefill, decode_pace_ms, switch_interval_ms  engine settings
+    max_model_len, max_decode_seqs, memory_fraction, enable_prefix_caching, dtype, seed
+                          engine settings too (vLLM's max_model_len, max_num_seqs, gpu_memory_utilization,
+                          enable_prefix_caching, dtype, seed)
     prefill_order         fcfs | edf (earliest TTFT deadline first)
     admission, admission_slack   off | reject | queue: a request predicted past slack x its TTFT target
     controller_policy, cluster_name   SLO controller policy (reactive, model, fixed) and Redis key namespace
@@ -87,6 +90,12 @@ class ServeArgs(BaseModel):
     grpc_port: int | None = Field(None, ge=0, le=65535)
     page_size: int | None = None
     max_prefill_tokens: int | None = Field(None, ge=1)
+    max_model_len: int | None = Field(None, ge=2)
+    max_decode_seqs: int | None = Field(None, ge=1)
+    memory_fraction: float | None = Field(None, gt=0, le=0.98)
+    enable_prefix_caching: bool | None = None
+    dtype: str | None = None
+    seed: int | None = None
     local: bool = False
     device: str = "auto"
     num_pages: int | None = Field(None, ge=2)
@@ -163,7 +172,10 @@ def cluster_config(args: ServeArgs, redis_url: str | None) -> ClusterConfig:
                                 ("overlap_decode", args.overlap_decode), ("overlap_prefill", args.overlap_prefill),
                                 ("decode_pace_ms", args.decode_pace_ms), ("switch_interval_ms", args.switch_interval_ms),
                                 ("prefill_order", args.prefill_order), ("admission", args.admission),
-                                ("admission_slack", args.admission_slack))
+                                ("admission_slack", args.admission_slack), ("max_model_len", args.max_model_len),
+                                ("max_decode_seqs", args.max_decode_seqs), ("memory_fraction", args.memory_fraction),
+                                ("enable_prefix_caching", args.enable_prefix_caching), ("dtype", args.dtype),
+                                ("seed", args.seed))
               if v is not None}
     extra = {k: v for k, v in (("policy", args.controller_policy), ("cluster_name", args.cluster_name),
                                ("latency_profile", args.latency_profile), ("profile_grid", args.profile_grid))

@@ -2,6 +2,8 @@
 in a thread, a FastAPI app served by uvicorn in a background thread, and what a Ray Serve
 deployment of semipd runs (its engine actors, its replicas).
 
+`semipd serve` in a process of its own (`ServeProcess`).
+
 Plain functions and classes (no fixtures; shared fixtures live in conftest.py). Test modules
 import them as `from support import ...` (pytest puts tests/ on sys.path).
 """
@@ -10,14 +12,21 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import os
+import queue
 import random
+import re
 import socket
+import subprocess
+import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
+
+import pytest
 
 if TYPE_CHECKING:
     from actors.config import EngineConfig
@@ -108,6 +117,68 @@ async def async_wait_until(cond: Callable[[], T | Awaitable[T]], timeout: float 
         if time.monotonic() > deadline:
             raise AssertionError(_timeout_message(timeout, what))
         await asyncio.sleep(interval)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def env_without_redis_url() -> dict[str, str]:
+    """This environment less SEMIPD_REDIS_URL: a `semipd serve` started in it starts its own redis-server."""
+    return {k: v for k, v in os.environ.items() if k != "SEMIPD_REDIS_URL"}
+
+
+def stop_stray_redis(port: int) -> None:
+    """End a redis-server a failed test left behind (its owner is gone)."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+            s.sendall(b"SHUTDOWN NOSAVE\r\n")
+    except OSError:
+        pass
+
+
+class ServeProcess:
+    """`semipd serve ARGS` in a process of its own (its own redis-server), its output lines collected as they
+    come."""
+
+    def __init__(self, args: Sequence[str]) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "serve", *args], stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env_without_redis_url())
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.seen: list[str] = []
+        threading.Thread(target=lambda: [self.lines.put(x) for x in self.proc.stdout or ()], daemon=True).start()
+
+    def read_until(self, text: str, timeout_s: float) -> str:
+        """The first output line holding `text`, waiting up to `timeout_s` for it (the test fails without)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            hit = next((x for x in self.seen if text in x), None)
+            if hit is not None:
+                return hit
+            if time.monotonic() > deadline or self.proc.poll() is not None and self.lines.empty():
+                pytest.fail(f"no {text!r} from semipd serve; output:\n" + "".join(self.seen[-60:]))
+            try:
+                self.seen.append(self.lines.get(timeout=0.5))
+            except queue.Empty:
+                pass
+
+    @property
+    def redis_port(self) -> int | None:
+        """The port of the redis-server it started, once it printed it."""
+        found = re.search(r"redis://127\.0\.0\.1:(\d+)/0", "".join(self.seen))
+        return int(found.group(1)) if found else None
+
+    def stop(self) -> None:
+        """End it if a failed test left it running: SIGTERM (its shutdown stops what it started), then SIGKILL, and
+        the redis-server it started, which a SIGKILL leaves behind."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.redis_port is not None:
+            stop_stray_redis(self.redis_port)
 
 
 class LoopThread:

@@ -10,7 +10,6 @@ multi-node Ray cluster, whose engine other front ends share.
 from __future__ import annotations
 
 import asyncio
-import queue
 import re
 import signal
 import socket
@@ -28,24 +27,13 @@ import pytest
 
 from cluster.cli import main
 
-from support import free_port, wait_until
-
-ROOT = Path(__file__).resolve().parents[1]
+from support import ROOT, ServeProcess, env_without_redis_url, free_port, stop_stray_redis, wait_until
 
 
 def redis_answers(port: int) -> bool:
     from cluster.redis_server import ping
 
     return ping("127.0.0.1", port)
-
-
-def stop_stray_redis(port: int) -> None:
-    """End a redis-server a failed test left behind (its owner is gone)."""
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
-            s.sendall(b"SHUTDOWN NOSAVE\r\n")
-    except OSError:
-        pass
 
 
 @pytest.fixture
@@ -227,7 +215,7 @@ def test_a_signal_before_or_after_serving_stops_everything_started(tiny_llama: P
     redis-server, in its own session, kept running, and its directory was left."""
     script = textwrap.dedent(START_UP if when == "start-up" else SHUTDOWN).replace("signal.SIG)", f"signal.{sig.name})")
     proc = subprocess.run([sys.executable, "-c", script, str(tiny_llama)], capture_output=True, text=True, cwd=ROOT,
-                          env={**_env(), "TMPDIR": str(tmp_path)}, timeout=100)
+                          env={**env_without_redis_url(), "TMPDIR": str(tmp_path)}, timeout=100)
     found = re.search(r"^REDIS (\d+)$", proc.stdout, re.M)
     assert found, proc.stdout + proc.stderr
     port = int(found.group(1))
@@ -239,12 +227,6 @@ def test_a_signal_before_or_after_serving_stops_everything_started(tiny_llama: P
             assert "TEARDOWN" in proc.stdout and "RAY SHUTDOWN" in proc.stdout
     finally:
         stop_stray_redis(port)
-
-
-def _env() -> dict[str, str]:
-    import os
-
-    return {k: v for k, v in os.environ.items() if k != "SEMIPD_REDIS_URL"}
 
 
 # -- an engine actor shut down ---------------------------------------------------------------------
@@ -275,45 +257,9 @@ def test_an_engine_actor_shut_down_refuses_requests_even_after_resume(tiny_llama
 # -- `semipd serve` end to end: the drain deadline and a second Ctrl-C ---------------------------------
 
 
-class ServeProcess:
-    """`semipd serve` in a process of its own, its output lines collected as they come."""
-
-    def __init__(self, model: Path, http: int, drain_timeout: float) -> None:
-        cmd = [sys.executable, "-m", "cluster.cli", "serve", "--model", str(model), "--device", "cpu",
-               "--http-port", str(http), "--grpc-port", "0", "--num-pages", "1024",
-               "--drain-timeout", str(drain_timeout)]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
-                                     env=_env())
-        self.lines: queue.Queue[str] = queue.Queue()
-        self.seen: list[str] = []
-        threading.Thread(target=lambda: [self.lines.put(x) for x in self.proc.stdout or ()], daemon=True).start()
-
-    def read_until(self, text: str, timeout_s: float) -> str:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            hit = next((x for x in self.seen if text in x), None)
-            if hit is not None:
-                return hit
-            if time.monotonic() > deadline or self.proc.poll() is not None and self.lines.empty():
-                pytest.fail(f"no {text!r} from semipd serve; output:\n" + "".join(self.seen[-60:]))
-            try:
-                self.seen.append(self.lines.get(timeout=0.5))
-            except queue.Empty:
-                pass
-
-    def stop(self) -> None:
-        """End it if a failed test left it running: SIGTERM (its shutdown stops what it started), then SIGKILL, and
-        the redis-server it started, which a SIGKILL leaves behind."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        found = re.search(r"redis://127\.0\.0\.1:(\d+)/0", "".join(self.seen))
-        if found:
-            stop_stray_redis(int(found.group(1)))
+def serve_process(model: Path, http: int, drain_timeout: float) -> ServeProcess:
+    return ServeProcess(["--model", str(model), "--device", "cpu", "--http-port", str(http), "--grpc-port", "0",
+                         "--num-pages", "1024", "--drain-timeout", str(drain_timeout)])
 
 
 def stream_completion(url: str, model: str, prompt: list[int], out: dict[str, Any]) -> None:
@@ -359,7 +305,7 @@ def test_serve_ends_requests_past_the_drain(tiny_llama: Path, case: str) -> None
     Ctrl-C was ignored until the drain deadline."""
     http = free_port()
     drain_s = 3.0 if case == "drain-deadline" else 600.0
-    server = ServeProcess(tiny_llama, http, drain_s)
+    server = serve_process(tiny_llama, http, drain_s)
     clients: list[dict[str, Any]] = [{} for _ in range(4)]
     try:
         server.read_until("serving; Ctrl-C to stop", 180)
@@ -445,7 +391,7 @@ def test_serve_joined_to_a_cluster_leaves_the_engines_it_found_serving(ray_multi
     """`semipd serve --address` drains the engines when it stops, and stops only those it started: the engines it
     found serve the other front ends again (they were left draining, refusing every request, for good)."""
     proc = subprocess.run(joined_serve(ray_multinode, tiny_llama, "--self-test", "--exit-after-self-test"),
-                          capture_output=True, text=True, cwd=ROOT, env=_env(), timeout=240)
+                          capture_output=True, text=True, cwd=ROOT, env=env_without_redis_url(), timeout=240)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     assert "self-test via the Router" in proc.stdout
     assert named_actors() >= {"semipd-engine-0"}
@@ -462,7 +408,7 @@ def test_serve_joined_to_a_cluster_interrupted_while_its_engine_starts_stops_it(
     import ray
 
     proc = subprocess.Popen(joined_serve(ray_multinode, tiny_llama, "--num-actors", "2"), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=_env())
+                            stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env_without_redis_url())
     try:
         wait_until(lambda: "semipd-engine-1" in named_actors() or proc.poll() is not None, 120,
                    "the engine actor it starts", interval=0.1)

@@ -7,6 +7,10 @@ service in its replica; without the Serve app, the gRPC server runs here over a 
 `--self-test` sends one request through the HTTP API (or the Router) and prints the
 answer. Ctrl-C / SIGTERM drains (new requests refused, in-flight ones finish within
 --drain-timeout) and shuts everything down that this command started.
+
+It takes the `vllm serve` flags users know (README.md, 'From vllm serve'): the model as a positional argument,
+vLLM's names for the engine settings semipd has, vLLM's flags for settings semipd has one value of (that value
+only: any other is a usage error, exit 2) and flags that change nothing here (accepted, ignored).
 """
 
 from __future__ import annotations
@@ -15,13 +19,16 @@ import argparse
 import asyncio
 import importlib
 import logging
+import re
 import signal
 import socket
 import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from fractions import Fraction
 from types import ModuleType
 from typing import Any
 
@@ -29,8 +36,40 @@ log = logging.getLogger(__name__)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve", help="start a local semipd cluster with its HTTP and gRPC front ends")
-    p.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
+    p = sub.add_parser("serve", help="start a local semipd cluster with its HTTP and gRPC front ends",
+                       usage="%(prog)s [-h] (MODEL | --model MODEL) [options]",
+                       description="Start a local semipd cluster with its HTTP and gRPC front ends. vLLM's common "
+                                   "`vllm serve` flags are taken too (README.md: 'From vllm serve').")
+    _add_model(p)
+    _add_cluster_flags(p)
+    _add_engine_flags(p.add_argument_group("engine", "settings of every engine actor"))
+    _add_frontend_flags(p.add_argument_group("front ends", "the OpenAI HTTP API and the gRPC service"))
+    _add_vllm_fixed_flags(p.add_argument_group(
+        "vLLM flags with a single setting in semipd", "the value shown is the only one accepted, how semipd always "
+        "runs; (none): semipd has no such setting, and any value is refused"))
+    _add_vllm_ignored_flags(p.add_argument_group(
+        "vLLM flags semipd accepts and ignores", "they change nothing semipd does"))
+    p.set_defaults(func=run)
+
+
+class _PositionalModel(argparse.Action):
+    """`semipd serve MODEL` (vLLM's form) sets what `--model MODEL` does."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        if values is not None:
+            namespace.model = values
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    """The checkpoint, as `semipd serve MODEL` or `--model MODEL` (one of them, required)."""
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("model_tag", nargs="?", metavar="MODEL", action=_PositionalModel,
+                       help="Hugging Face checkpoint directory (as `vllm serve MODEL`)")
+    which.add_argument("--model", help="Hugging Face checkpoint directory (instead of MODEL)")
+
+
+def _add_cluster_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-actors", type=int, default=1,
                    help="engine actors (one GPU each when GPUs exist; --mode disagg: two, prefill and decode)")
     p.add_argument("--redis", metavar="URL", default=None,
@@ -46,34 +85,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="lowest share of an engine's SMs the controller may give prefill (0..1)")
     p.add_argument("--prefill-sm-max", type=float, default=1.0, metavar="FRACTION",
                    help="highest share of an engine's SMs the controller may give prefill (0..1)")
-    p.add_argument("--no-overlap-decode", dest="overlap_decode", action="store_false",
-                   help="decode (unified: every batch) one step at a time (by default the next step is queued "
-                        "while the current one runs)")
-    p.add_argument("--no-overlap-prefill", dest="overlap_prefill", action="store_false",
-                   help="semi-pd: take each prefill iteration's first tokens before planning the next (by default "
-                        "the next iteration is queued while the current one runs)")
-    p.add_argument("--decode-pace-ms", type=float, default=None, metavar="MS",
-                   help="semi-pd: while prefill has work, start at most one decode step per MS (under the TPOT "
-                        "target), leaving prefill the memory bandwidth of back-to-back steps (default: back to back)")
-    p.add_argument("--stream-interval", type=int, default=1, metavar="N",
-                   help="tokens per streamed chunk after the first: fewer, larger SSE events "
-                        "(vLLM's --stream-interval)")
     p.add_argument("--engine-restarts", type=int, default=3, metavar="N",
                    help="times an engine actor is started again when its process dies (an engine whose GPU "
                         "fails with a sticky CUDA error ends its requests with an error and exits for this) "
                         "(-1: always; default 3)")
-    p.add_argument("--switch-interval-ms", type=float, default=None, metavar="MS",
-                   help="Python thread switch interval the engines set (default: Python's 5 ms); the engine "
-                        "workers and the token streaming share one interpreter lock")
-    p.add_argument("--prefill-sms", type=int, default=None,
-                   help="semi-pd: SMs given to prefill at start (default: about half; the nearest split is used)")
     p.add_argument("--latency-profile", metavar="PATH", default=None,
                    help="--policy model: JSON latency profiles on the engines' nodes (loaded, or profiled and saved)")
     p.add_argument("--profile-grid", default="quick", choices=["quick", "full"],
                    help="--policy model: profiling grid when an engine has no saved profile")
-    p.add_argument("--prefill-order", default="fcfs", choices=["fcfs", "edf"],
-                   help="order of waiting prompts: first come first served, or earliest TTFT deadline first (a "
-                        "request's own ttft target, else --ttft-slo-ms; one waiting twice its target goes first)")
     p.add_argument("--admission", default="off", choices=["off", "reject", "queue"],
                    help="admission control: a request predicted to miss --admission-slack x its TTFT target is "
                         "refused (reject: HTTP 429, gRPC RESOURCE_EXHAUSTED) or served after the others (queue; "
@@ -82,31 +101,187 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="admit while the predicted TTFT is at most X times the target (default 1)")
     p.add_argument("--router-policy", default="least-loaded", choices=["least-loaded", "prefix-affinity"])
     p.add_argument("--address", default=None, help="join this Ray cluster instead of starting one")
-    p.add_argument("--num-replicas", type=int, default=1,
-                   help="replicas of the HTTP/gRPC ingress (Ray Serve deployment); each relays the tokens of the "
-                        "requests it serves, so more replicas spread that CPU work")
-    p.add_argument("--host", default="127.0.0.1", help="HTTP bind address")
-    p.add_argument("--http-port", type=int, default=8000, help="OpenAI HTTP port (0: no HTTP front end)")
-    p.add_argument("--grpc-port", type=int, default=50051, help="gRPC port (0: no gRPC front end)")
-    p.add_argument("--served-model-name", default=None)
-    add_output_parser_flags(p)
-    p.add_argument("--api-key", default=None,
-                   help="require 'Authorization: Bearer KEY' on the HTTP API (default: $SEMIPD_API_KEY; unset: open)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--decode-attention", default="fa2", choices=["fa2", "fa3", "cuda-cores"],
-                   help="flashinfer's decode-attention kernel (GPU)")
-    p.add_argument("--num-pages", type=int, default=None, help="KV pages per engine (default: from memory)")
-    p.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
-                   help="dummy: random weights drawn on the device (speed runs without a checkpoint)")
-    p.add_argument("--max-prefill-tokens", type=int, default=4096)
     p.add_argument("--cluster-name", default="default", help="Redis key namespace")
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds in-flight requests get on shutdown")
     p.add_argument("--self-test", action="store_true", help="send one request once up and print the answer")
     p.add_argument("--exit-after-self-test", action="store_true", help="shut down after --self-test")
-    p.set_defaults(func=run)
 
 
-def add_output_parser_flags(p: argparse.ArgumentParser) -> None:
+VLLM_DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")  # vLLM's --dtype choices
+SUFFIXES = {"k": 1000, "K": 1 << 10, "m": 1000**2, "M": 1 << 20, "g": 1000**3, "G": 1 << 30}
+_HUMAN_INT = re.compile(r"(\d+)([kKmMgG]?)|(\d+\.\d+)([kmg])")
+
+
+def human_int(text: str) -> int:
+    """An integer as vLLM's `--max-model-len` reads one: `2048`, `32k` (32000), `32K` (32768), `1.5k` (a decimal
+    number only with a decimal suffix, k, m or g, and a whole result)."""
+    found = _HUMAN_INT.fullmatch(text)
+    if found is not None:
+        number, suffix = found.group(1, 2) if found[1] is not None else found.group(3, 4)
+        value = Fraction(number) * SUFFIXES.get(suffix, 1)
+        if value.denominator == 1:
+            return int(value)
+    raise argparse.ArgumentTypeError(f"expected a whole number such as 2048, 32k or 32K, got {text!r}")
+
+
+def _checked(convert: Callable[[str], Any], check: Callable[[Any], object]) -> Callable[[str], Any]:
+    """An argparse type: `convert` the text, then `check` it with the engine's own validation (a config whose
+    ConfigError becomes a usage error, exit 2, under the flag's name)."""
+    from actors.config import ConfigError
+
+    def parse(text: str) -> Any:
+        value = convert(text)
+        try:
+            check(value)
+        except ConfigError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        return value
+
+    parse.__name__ = convert.__name__
+    return parse
+
+
+def _add_engine_flags(g: argparse._ArgumentGroup) -> None:
+    from actors.config import CacheConfig, SchedulerConfig
+
+    g.add_argument("--device", default="auto")
+    g.add_argument("--dtype", default="auto", choices=VLLM_DTYPES,
+                   help="weights and KV dtype (auto: bfloat16 on GPU, the checkpoint's on CPU; float32 on CPU "
+                        "only)")
+    g.add_argument("--max-model-len", type=_checked(human_int, lambda v: SchedulerConfig(max_model_len=v)),
+                   default=None, metavar="N",
+                   help="longest prompt plus output in tokens, as vLLM's (2048, 32k, 32K; default: the model's "
+                        "max_position_embeddings)")
+    g.add_argument("--max-prefill-tokens", "--max-num-batched-tokens", dest="max_prefill_tokens", default=4096,
+                   type=_checked(int, lambda v: SchedulerConfig(max_prefill_tokens=v)), metavar="N",
+                   help="tokens of one prefill iteration, the chunk size of chunked prefill (vLLM's "
+                        "--max-num-batched-tokens)")
+    g.add_argument("--max-num-seqs", type=_checked(int, lambda v: SchedulerConfig(max_decode_seqs=v)), default=256,
+                   metavar="N", help="most requests in a decode batch")
+    g.add_argument("--gpu-memory-utilization", type=_checked(float, lambda v: CacheConfig(memory_fraction=v)),
+                   default=0.85, metavar="FRACTION",
+                   help="share of the GPU's memory an engine may fill, weights and KV cache (at most 0.98); sizes "
+                        "the KV cache unless --num-pages")
+    g.add_argument("--num-pages", type=_checked(int, lambda v: CacheConfig(num_pages=v)), default=None,
+                   help="KV pages per engine (default: from memory)")
+    g.add_argument("--block-size", type=_checked(int, lambda v: CacheConfig(page_size=v)), default=16, metavar="N",
+                   help="tokens per KV page (a power of two)")
+    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse the KV pages of a prompt's cached prefix")
+    g.add_argument("--seed", type=int, default=0, help="seed of the engines' sampling (and of --load-format dummy)")
+    g.add_argument("--decode-attention", default="fa2", choices=["fa2", "fa3", "cuda-cores"],
+                   help="flashinfer's decode-attention kernel (GPU)")
+    g.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
+                   help="dummy: random weights drawn on the device (speed runs without a checkpoint)")
+    g.add_argument("--prefill-sms", type=int, default=None,
+                   help="semi-pd: SMs given to prefill at start (default: about half; the nearest split is used)")
+    g.add_argument("--no-overlap-decode", dest="overlap_decode", action="store_false",
+                   help="decode (unified: every batch) one step at a time (by default the next step is queued "
+                        "while the current one runs)")
+    g.add_argument("--no-overlap-prefill", dest="overlap_prefill", action="store_false",
+                   help="semi-pd: take each prefill iteration's first tokens before planning the next (by default "
+                        "the next iteration is queued while the current one runs)")
+    g.add_argument("--decode-pace-ms", type=float, default=None, metavar="MS",
+                   help="semi-pd: while prefill has work, start at most one decode step per MS (under the TPOT "
+                        "target), leaving prefill the memory bandwidth of back-to-back steps (default: back to back)")
+    g.add_argument("--switch-interval-ms", type=float, default=None, metavar="MS",
+                   help="Python thread switch interval the engines set (default: Python's 5 ms); the engine "
+                        "workers and the token streaming share one interpreter lock")
+    g.add_argument("--prefill-order", default="fcfs", choices=["fcfs", "edf"],
+                   help="order of waiting prompts: first come first served, or earliest TTFT deadline first (a "
+                        "request's own ttft target, else --ttft-slo-ms; one waiting twice its target goes first)")
+
+
+def _add_frontend_flags(g: argparse._ArgumentGroup) -> None:
+    g.add_argument("--host", default="127.0.0.1", help="HTTP bind address (vLLM's default: all interfaces)")
+    g.add_argument("--http-port", "--port", dest="http_port", type=int, default=8000,
+                   help="OpenAI HTTP port (0: no HTTP front end)")
+    g.add_argument("--grpc-port", type=int, default=50051, help="gRPC port (0: no gRPC front end)")
+    g.add_argument("--served-model-name", default=None, help="the model's name in the API (default: MODEL's "
+                                                                 "directory name)")
+    g.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on the HTTP API (default: $SEMIPD_API_KEY; unset: open)")
+    add_output_parser_flags(g)
+    g.add_argument("--stream-interval", type=int, default=1, metavar="N",
+                   help="tokens per streamed chunk after the first: fewer, larger SSE events "
+                        "(vLLM's --stream-interval)")
+    g.add_argument("--num-replicas", type=int, default=1,
+                   help="replicas of the HTTP/gRPC ingress (Ray Serve deployment); each relays the tokens of the "
+                        "requests it serves, so more replicas spread that CPU work")
+
+
+def only(value: str, why: str, convert: Callable[[str], Any] = str) -> Callable[[str], Any]:
+    """An argparse type for a vLLM flag semipd takes only at `value` (compared after `convert`): any other value
+    is a usage error (exit 2) saying `why`."""
+
+    def parse(text: str) -> Any:
+        try:
+            ok = convert(text) == convert(value)
+        except ValueError:
+            ok = False
+        if not ok:
+            raise argparse.ArgumentTypeError(f"semipd supports only {value} ({why}), got {text!r}")
+        return convert(text)
+
+    return parse
+
+
+def refused(why: str) -> Callable[[str], Any]:
+    """An argparse type for a vLLM flag semipd takes no value of: any is a usage error (exit 2) saying `why`."""
+
+    def parse(text: str) -> Any:
+        raise argparse.ArgumentTypeError(f"not supported by semipd: {why}")
+
+    return parse
+
+
+def _add_vllm_fixed_flags(g: argparse._ArgumentGroup) -> None:
+    g.add_argument("--tensor-parallel-size", "-tp", type=only("1", "an engine runs on one GPU; --num-actors "
+                                                                   "starts more engines", int),
+                   default=1, metavar="1")
+    g.add_argument("--pipeline-parallel-size", "-pp", type=only("1", "an engine runs on one GPU; --num-actors "
+                                                                     "starts more engines", int),
+                   default=1, metavar="1")
+    g.add_argument("--kv-cache-dtype", type=only("auto", "the KV cache has the model's --dtype"),
+                   default="auto", metavar="auto")
+    g.add_argument("--quantization", "-q", type=refused("semipd serves unquantized checkpoints (float16, bfloat16, "
+                                                        "float32) only"),
+                   default=None, metavar="(none)", help="no value is accepted: unquantized checkpoints only")
+    g.add_argument("--max-logprobs", type=only("20", "logprobs and top_logprobs go up to 20", int), default=20,
+                   metavar="20")
+    g.add_argument("--response-role", type=only("assistant", "a chat reply's role is assistant"),
+                   default="assistant", metavar="assistant")
+    g.add_argument("--generation-config", type=only("auto", "the sampling defaults come from MODEL's "
+                                                            "generation_config.json"),
+                   default="auto", metavar="auto")
+    g.add_argument("--chat-template", type=refused("the chat template is the checkpoint's own (its "
+                                                   "tokenizer_config.json or chat_template.jinja)"),
+                   default=None, metavar="(none)", help="no value is accepted: the checkpoint's template is used")
+    g.add_argument("--middleware", type=refused("the HTTP app takes no extra middleware"), default=None,
+                   metavar="(none)", help="no value is accepted")
+    g.add_argument("--allowed-origins", type=refused("the HTTP API sends no CORS headers; put a proxy that adds "
+                                                     "them in front of it"),
+                   default=None, metavar="(none)", help="no value is accepted (no CORS)")
+
+
+def _add_vllm_ignored_flags(g: argparse._ArgumentGroup) -> None:
+    g.add_argument("--disable-log-requests", action="store_true", help="semipd logs no line per request")
+    g.add_argument("--enable-log-requests", action=argparse.BooleanOptionalAction, default=False,
+                   help="semipd logs no line per request")
+    g.add_argument("--disable-log-stats", action="store_true", help="semipd logs no periodic stats (see "
+                                                                     "/metrics and `semipd status`)")
+    g.add_argument("--uvicorn-log-level", choices=["critical", "error", "warning", "info", "debug", "trace"],
+                   default="info", help="the HTTP server is Ray Serve's proxy, which logs as Ray's settings say")
+    g.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help="always on: tool calls are read (--tool-call-parser) whenever a request gives tools")
+    g.add_argument("--trust-remote-code", action="store_true",
+                   help="semipd runs its own code for the architectures it supports, never a checkpoint's")
+    g.add_argument("--root-path", default=None, metavar="PATH",
+                   help="the API is served at /, with no pages or redirects that name their own URL (a proxy in "
+                        "front strips its prefix)")
+
+
+def add_output_parser_flags(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     """How chat outputs are read (`--tool-call-parser`, `--reasoning-parser`): `serve` and `run-batch` take both."""
     p.add_argument("--tool-call-parser", default="hermes", choices=["hermes", "llama3_json"],
                    help="how chat outputs are read for tool calls when a request gives tools (vLLM's names)")
@@ -126,8 +301,8 @@ def cluster_config(args: argparse.Namespace, redis_url: str | None) -> Any:
         prefill_sm_fraction=(args.prefill_sm_min, args.prefill_sm_max),
         latency_profile=args.latency_profile, profile_grid=args.profile_grid,
         router=RouterPolicy(session_affinity=args.router_policy == "prefix-affinity"),
-        engine=EngineOptions(device=args.device, decode_attention=args.decode_attention, num_pages=args.num_pages,
-                             max_prefill_tokens=args.max_prefill_tokens, load_format=args.load_format, prefill_sms=args.prefill_sms,
+        engine=EngineOptions(**engine_settings(args), decode_attention=args.decode_attention,
+                             num_pages=args.num_pages, load_format=args.load_format, prefill_sms=args.prefill_sms,
                              overlap_decode=args.overlap_decode, overlap_prefill=args.overlap_prefill,
                              decode_pace_ms=args.decode_pace_ms, switch_interval_ms=args.switch_interval_ms,
                              prefill_order=args.prefill_order, admission=args.admission,
@@ -135,6 +310,15 @@ def cluster_config(args: argparse.Namespace, redis_url: str | None) -> Any:
         cluster_name=args.cluster_name, served_model_name=args.served_model_name, stream_interval=args.stream_interval,
         engine_restarts=args.engine_restarts,
     )
+
+
+def engine_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The engine settings of the vLLM-named flags, as `EngineOptions` (and the Serve app's `ServeArgs`) name
+    them; the same for both."""
+    return dict(device=args.device, dtype=args.dtype, seed=args.seed, page_size=args.block_size,
+                memory_fraction=args.gpu_memory_utilization, enable_prefix_caching=args.enable_prefix_caching,
+                max_prefill_tokens=args.max_prefill_tokens, max_decode_seqs=args.max_num_seqs,
+                max_model_len=args.max_model_len)
 
 
 def check_ports(args: argparse.Namespace) -> None:
@@ -173,7 +357,7 @@ def serve_app_args(args: argparse.Namespace, redis_url: str | None, grpc_port: i
                 reasoning_parser=args.reasoning_parser,
                 tpot_slo_ms=args.tpot_slo_ms, mode=args.mode, router_policy=args.router_policy,
                 num_actors=args.num_actors, redis_url=redis_url, grpc_port=grpc_port or None,
-                max_prefill_tokens=args.max_prefill_tokens, device=args.device, load_format=args.load_format,
+                **engine_settings(args), load_format=args.load_format,
                 prefill_sms=args.prefill_sms, overlap_decode=args.overlap_decode, overlap_prefill=args.overlap_prefill,
                 decode_pace_ms=args.decode_pace_ms, switch_interval_ms=args.switch_interval_ms,
                 stream_interval=args.stream_interval, prefill_order=args.prefill_order, admission=args.admission,
