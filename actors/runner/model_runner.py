@@ -183,13 +183,21 @@ class ModelRunner:
 
     @contextmanager
     def _on_stream(self) -> Iterator[None]:
-        """The worker's stream as the current one, with cuBLAS sized for its partition (nothing off the GPU)."""
-        if self.stream is None:
-            yield
-            return
-        with torch.cuda.stream(self.stream):
-            set_sm_count_target(self.sms, self.device)
-            yield
+        """The worker's stream as the current one, with cuBLAS sized for its partition (nothing off the GPU).
+
+        If the body raises, what it had queued (a forward pass's KV writes, when its draw or a later layer failed) is
+        waited for before the error goes on: its caller ends the iteration's requests and gives their pages back,
+        which the other worker's stream may take at once."""
+        try:
+            if self.stream is None:
+                yield
+            else:
+                with torch.cuda.stream(self.stream):
+                    set_sm_count_target(self.sms, self.device)
+                    yield
+        except BaseException:
+            self.wait_for_stream()
+            raise
 
     def _score_prompts(self, plan: BatchPlan, hidden: torch.Tensor) -> list[list[TokenLogprobs]]:
         """The prompt logprobs of each prefill chunk of `plan` (`SeqChunk.scoring`; [] where none), from the hidden
