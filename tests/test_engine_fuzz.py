@@ -724,7 +724,7 @@ def run_workload(model: Path, reference: Reference, workload: Workload) -> Harne
     return harness
 
 
-@settings(max_examples=150, deadline=None, derandomize=True)
+@settings(max_examples=40, deadline=None, derandomize=True)
 @given(workload=workloads())
 def test_random_workloads_end_whole_and_match_each_request_alone(
     tiny_llama: Path, reference: Reference, workload: Workload
