@@ -54,6 +54,12 @@ class SampleResult:
 STRUCTURED, ALLOWED, MIN_TOKENS = "the structured output", "allowed_token_ids", "min_tokens (no stop token yet)"
 
 
+def stops_barred(req: Request) -> bool:
+    """Whether `req`'s next token may not be a stop token: it is short of `min_tokens` and no grammar decides its
+    end (`Sampler._mask_early_stops`)."""
+    return req.num_output_tokens < req.params.min_tokens and not req.grammar_holds
+
+
 def masking_constraints(req: Request) -> tuple[str, ...]:
     """The constraints that mask `req`'s next token to -inf (`Sampler.draw`), as `conflict_message` names them."""
     names = []
@@ -61,7 +67,7 @@ def masking_constraints(req: Request) -> tuple[str, ...]:
         names.append(STRUCTURED)
     if req.params.allowed_token_ids is not None:
         names.append(ALLOWED)
-    if req.num_output_tokens < req.params.min_tokens and not req.grammar_holds:  # as `Sampler._mask_early_stops`
+    if stops_barred(req):
         names.append(MIN_TOKENS)
     return tuple(names)
 
@@ -277,7 +283,7 @@ class Sampler:
         rows: list[int] = []
         banned: list[int] = []
         for i, r in enumerate(reqs):
-            if r.num_output_tokens < r.params.min_tokens and not r.grammar_holds:
+            if stops_barred(r):
                 stops = [t for t in (*r.eos_token_ids, *r.params.stop_token_ids) if t < logits.shape[1]]
                 rows += [i] * len(stops)
                 banned += stops
