@@ -570,21 +570,24 @@ def start_lock(cfg: ClusterConfig, timeout_s: float) -> Iterator[None]:
     name = f"{cfg.actor_prefix}.start-lock"
     cls = ray.remote(num_cpus=0)(StartLock)
     deadline = time.monotonic() + timeout_s
+    held = TimeoutError(f"{name} is still held by another process after {timeout_s:g} s")
     while True:
         try:
             lock = cls.options(name=name, namespace=cfg.namespace).remote()
             break
-        except ValueError:  # the name is taken: held
+        except ValueError:  # the name is taken: held, or released a moment ago (Ray frees it after the kill)
             pass
         holder = _get_actor(name, cfg.namespace)
-        if holder is None:
-            continue  # released meanwhile
-        try:
-            ray.get(holder.held.remote(), timeout=max(0.0, deadline - time.monotonic()))
-        except ray.exceptions.RayActorError:
-            continue  # released (killed, or its owner died)
-        except ray.exceptions.GetTimeoutError:
-            raise TimeoutError(f"{name} is still held by another process after {timeout_s:g} s") from None
+        if holder is not None:
+            try:
+                ray.get(holder.held.remote(), timeout=max(0.0, deadline - time.monotonic()))
+            except ray.exceptions.RayActorError:
+                pass  # released (killed, or its owner died)
+            except ray.exceptions.GetTimeoutError:
+                raise held from None
+        if time.monotonic() > deadline:
+            raise held
+        time.sleep(_NAME_POLL_S)  # until Ray frees the released lock's name
     try:
         yield
     finally:
