@@ -197,22 +197,6 @@ BAD_TOOLS: list[tuple[str, dict[str, Any], str, str]] = [  # id, body fields, me
 ]
 
 
-@pytest.mark.parametrize("fields,message,param", [c[1:] for c in BAD_TOOLS], ids=[c[0] for c in BAD_TOOLS])
-def test_bad_tools_are_a_400_the_client_raises_with_param(tiny_llama: Path, fields: dict[str, Any], message: str,
-                                                          param: str) -> None:
-    client = StubClient()
-    app = create_app(client, Tokenizer(tiny_llama))  # type: ignore[arg-type]
-
-    async def use(oa: openai.AsyncOpenAI) -> openai.BadRequestError:
-        with pytest.raises(openai.BadRequestError) as e:
-            await oa.chat.completions.create(model=MODEL, messages=USER, extra_body=fields)  # type: ignore[arg-type]
-        return e.value
-
-    err = through_client(app, use)
-    assert err.status_code == 400 and message in err.message and client.requests == []
-    assert isinstance(err.body, dict) and err.body["param"] == param and err.body["code"] == 400
-
-
 # -- the Responses API through the client's helpers ---------------------------------------------------
 
 
@@ -381,18 +365,31 @@ RESPONSES_BAD_TOOLS: list[tuple[str, dict[str, Any], str, str]] = [
 ]
 
 
-@pytest.mark.parametrize("fields,message,param", [c[1:] for c in RESPONSES_BAD_TOOLS],
-                         ids=[c[0] for c in RESPONSES_BAD_TOOLS])
-def test_bad_responses_tools_are_a_400_with_param(tiny_llama: Path, fields: dict[str, Any], message: str,
-                                                  param: str) -> None:
+async def _chat_with(oa: openai.AsyncOpenAI, fields: dict[str, Any]) -> Any:
+    return await oa.chat.completions.create(model=MODEL, messages=USER, extra_body=fields)  # type: ignore[arg-type]
+
+
+async def _response_with(oa: openai.AsyncOpenAI, fields: dict[str, Any]) -> Any:
+    return await oa.responses.create(model=MODEL, input="hi", extra_body=fields)
+
+
+BAD_TOOL_CALLS = ([(f"chat-{c[0]}", _chat_with, *c[1:]) for c in BAD_TOOLS]
+                  + [(f"responses-{c[0]}", _response_with, *c[1:]) for c in RESPONSES_BAD_TOOLS])
+
+
+@pytest.mark.parametrize("create,fields,message,param", [c[1:] for c in BAD_TOOL_CALLS],
+                         ids=[c[0] for c in BAD_TOOL_CALLS])
+def test_bad_tools_are_a_400_the_client_raises_with_param(tiny_llama: Path, create: Any, fields: dict[str, Any],
+                                                          message: str, param: str) -> None:
+    """Chat and Responses alike: OpenAI's error body, `param` naming the field, nothing sent to an engine."""
     client = StubClient()
     app = create_app(client, Tokenizer(tiny_llama))  # type: ignore[arg-type]
 
     async def use(oa: openai.AsyncOpenAI) -> openai.BadRequestError:
         with pytest.raises(openai.BadRequestError) as e:
-            await oa.responses.create(model=MODEL, input="hi", extra_body=fields)
+            await create(oa, fields)
         return e.value
 
     err = through_client(app, use)
-    assert message in err.message and client.requests == []
-    assert isinstance(err.body, dict) and err.body["param"] == param
+    assert err.status_code == 400 and message in err.message and client.requests == []
+    assert isinstance(err.body, dict) and err.body["param"] == param and err.body["code"] == 400
