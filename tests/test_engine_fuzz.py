@@ -1,16 +1,21 @@
 """Randomized workloads through a real engine (the tiny model on CPU), stepped by hand.
 
 Hypothesis draws an engine (unified or semi-PD, overlapped decode and prefill on or off, a small KV pool so that
-requests are preempted, a small token budget so that prompts are chunked) and a handful of requests: prompts that
-share prefixes (prefix-cache hits) or carry a `cache_salt`, varied `max_tokens`, `n` > 1, priorities, greedy and
-seeded sampling, stop token ids and stop strings (the front end's `OutputStream` finds those and aborts, as `LLM`
-does), arrivals and aborts at random steps. The workers' `step` is called by hand from this thread, in a drawn
-order, so every run is deterministic (no threads, no sleeps).
+requests are preempted, a small token budget so that prompts are chunked, now and then steps that fail) and a
+handful of requests: prompts that share prefixes or continue an earlier request's output (prefix-cache hits), some
+with a `cache_salt`, varied `max_tokens`, `n` > 1, priorities, greedy and seeded sampling, penalties, logprobs,
+prompt logprobs, logit bias, allowed tokens and structured outputs, stop token ids and stop strings (the front end's
+`OutputStream` finds those and aborts, as `LLM` does), arrivals, aborts and prefix-cache resets at random steps.
 
-After every step: the allocator's integrity holds, each page's refcount is the number of requests that hold it,
-and no step touches a page that another worker's step, queued and not yet waited for, writes (on a GPU the
-workers run on their own streams: `StreamModel`). At the end every request has ended once with a valid reason,
-every page is free (or cached and evictable), and each request's output is what it is alone on a roomy engine.
+The workers' `step` is called by hand from this thread, in a drawn order, so every run is deterministic (no threads,
+no sleeps). What other threads do lands between steps or at `Harness.hook` points inside them (allocator calls,
+reads of a request's abort flag, emits): an abort, a reset, or, in semi-PD, the other worker's whole step.
+
+After every step: the allocator's integrity holds, each page's refcount is the number of requests that hold it, and
+no step touches a page that another worker's queued step still writes (on a GPU the workers run on streams of their
+own: `StreamModel`). At the end every request has ended once with a valid reason, every page is free (or cached and
+evictable), and each request's output is what it is alone on a roomy engine (cut short where it was aborted or a
+step of it failed).
 """
 
 from __future__ import annotations
@@ -79,7 +84,7 @@ class EngineSpec:
     mode: str
     overlap_decode: bool
     overlap_prefill: bool
-    extra_pages: int  # pages beyond what the largest request needs alone
+    pool_share: float  # the pool holds this share of the pages all requests need at once (at least the largest's)
     max_prefill_tokens: int
     max_decode_seqs: int
     decode_reserve_pages: int = 0
@@ -94,9 +99,13 @@ class Workload:
     interleaving: tuple[str, ...]  # semi-PD: which workers step at each tick ("P", "D", "PD", "DP"), cycled
     eager_frontend: bool  # stop strings found (and their aborts sent) inside the step that emitted the token
     resets: tuple[tuple[int, int | None], ...] = ()  # (tick, hook call or None) of `reset_prefix_cache` calls
+    # semi-PD: (tick, hook call) at which the other worker runs a whole step inside the one being stepped (its thread
+    # took the interpreter lock there), where no scheduler lock is held
+    nested: tuple[tuple[int, int], ...] = ()
 
 
 REGEXES = ("[a-z]{1,6}", "(yes|no)", "[0-9a-f ]+")
+FAULTS = ("launch", "forward", "sample", "draw")  # `StreamModel`
 
 
 def tokens(max_size: int, min_size: int = 0) -> st.SearchStrategy[tuple[int, ...]]:
@@ -110,13 +119,13 @@ def token_set(max_size: int) -> st.SearchStrategy[tuple[int, ...]]:
 @st.composite
 def request_specs(draw: Any, prefixes: tuple[tuple[int, ...], ...]) -> RequestSpec:
     prefix = draw(st.sampled_from(prefixes))
-    prompt = prefix[: draw(st.integers(0, len(prefix)))] + draw(tokens(16, min_size=1))
+    prompt = prefix[: draw(st.integers(0, len(prefix)))] + draw(tokens(draw(st.sampled_from((8, 16, 40))), min_size=1))
     seeded = draw(st.booleans())
     stops = draw(st.lists(st.integers(0, MAX_TOKENS - 1), max_size=2).map(tuple))
     extras = draw(st.sampled_from((False, False, True)))  # the sampler's other options, now and then
     return RequestSpec(
         prompt=prompt,
-        max_tokens=draw(st.integers(1, MAX_TOKENS)),
+        max_tokens=draw(st.sampled_from((1, 3, 6, MAX_TOKENS, MAX_TOKENS))),
         n=draw(st.sampled_from((1, 1, 2, 3))),
         priority=draw(st.integers(0, 2)),
         temperature=0.8 if seeded else 0.0,
@@ -142,20 +151,20 @@ def request_specs(draw: Any, prefixes: tuple[tuple[int, ...], ...]) -> RequestSp
 @st.composite
 def workloads(draw: Any) -> Workload:
     prefixes = tuple(draw(st.lists(tokens(12, min_size=4), min_size=1, max_size=2)))
-    mode = draw(st.sampled_from(("unified", "semi-pd")))
+    mode = draw(st.sampled_from(("semi-pd", "unified")))
     engine = EngineSpec(
         mode=mode,
         overlap_decode=draw(st.booleans()),
         overlap_prefill=draw(st.booleans()),
-        extra_pages=draw(st.sampled_from((0, 0, 1, 2, 3, 6, 12))),
+        pool_share=draw(st.sampled_from((0.0, 0.3, 0.3, 0.5, 0.7, 1.0, 2.0))),
         max_prefill_tokens=draw(st.sampled_from((2, 3, 5, 8, 13, 24))),
         max_decode_seqs=draw(st.integers(1, 4)),
         decode_reserve_pages=draw(st.sampled_from((0, 0, 1))),
         prefix_caching=draw(st.sampled_from((True, True, True, False))),
         faults=draw(st.one_of(st.just(()), st.just(()), st.lists(
-            st.tuples(st.integers(1, 30), st.sampled_from(("launch", "forward", "sample", "draw"))), min_size=1, max_size=2).map(tuple))),
+            st.tuples(st.integers(1, 30), st.sampled_from(FAULTS)), min_size=1, max_size=2).map(tuple))),
     )
-    requests = draw(st.lists(request_specs(prefixes), min_size=1, max_size=6))
+    requests = draw(st.lists(request_specs(prefixes), min_size=2, max_size=6))
     for i in range(1, len(requests)):  # a follow-up turn: hits on the pages its predecessor's decode published
         if draw(st.booleans()):
             first, k = draw(st.integers(0, i - 1)), draw(st.integers(1, MAX_TOKENS))
@@ -168,10 +177,12 @@ def workloads(draw: Any) -> Workload:
             lambda order: {"P", "D"} <= set("".join(order))))) if mode == "semi-pd" else ("U",),
         eager_frontend=draw(st.booleans()),
         resets=tuple(draw(st.lists(st.tuples(st.integers(0, 30), st.none() | st.integers(0, 40)), max_size=2))),
+        nested=tuple(draw(st.lists(st.tuples(st.integers(0, 40), st.integers(0, 30)), max_size=8)))
+        if mode == "semi-pd" else (),
     )
 
 
-# -- the reference: each request alone on a roomy engine --------------------------------------------------------------
+# -- the reference: each request alone on a roomy engine -------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -275,15 +286,14 @@ class Reference:
         return replace(base, stop_token_ids=stop_ids, stop=stop)
 
 
-# -- a model of the workers' streams ----------------------------------------------------------------------------------
+# -- a model of the workers' streams ---------------------------------------------------------------------------------
 
 
 @dataclass
 class QueuedStep:
-    seq: int
-    reads: set[int]
+    seq: int  # launch number
+    reads: set[int]  # pages
     writes: set[int]
-    plan: BatchPlan
 
 
 class InjectedFault(RuntimeError):
@@ -400,7 +410,7 @@ class StreamModel:
                         f"runner {index} launched a step on pages {sorted((reads | writes) & s.writes)} written and "
                         f"{sorted(writes & s.reads)} read by runner {other}'s queued step")
         self.seq += 1
-        step = QueuedStep(self.seq, reads, writes, plan)
+        step = QueuedStep(self.seq, reads, writes)
         self.queued[index].append(step)
         return step
 
@@ -412,7 +422,7 @@ class StreamModel:
         return not any(self.queued.values())
 
 
-# -- driving an engine ------------------------------------------------------------------------------------------------
+# -- driving an engine -----------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -445,11 +455,11 @@ class Harness:
                 params = reference.params_of(r, j)
                 self.children[rid] = Child(rid, r, params, OutputStream(rid, r.prompt, params, reference.tokenizer),
                                            CompletionOutput(rid, list(r.prompt)))
-        needed = max(pages_for(len(r.prompt) + r.max_tokens - 1, PAGE) for r in self.requests)
+        needs = [pages_for(len(r.prompt) + r.max_tokens - 1, PAGE) for r in self.requests for _ in range(r.n)]
         config = EngineConfig(
             model=str(model), mode=spec.mode, overlap_decode=spec.overlap_decode,
             overlap_prefill=spec.overlap_prefill, tokenizer_eos_token_id=reference.tokenizer.eos_token_id,
-            cache=CacheConfig(page_size=PAGE, num_pages=max(2, needed + spec.extra_pages),
+            cache=CacheConfig(page_size=PAGE, num_pages=max(2, *needs, int(spec.pool_share * sum(needs))),
                               enable_prefix_caching=spec.prefix_caching),
             scheduler=SchedulerConfig(max_prefill_tokens=spec.max_prefill_tokens,
                                       max_decode_seqs=spec.max_decode_seqs,
@@ -458,8 +468,11 @@ class Harness:
         self.core = EngineCore(config, emit=self._emit)
         self.streams = StreamModel(self.core, spec.faults)
         self.tick = 0
-        self._due: list[tuple[int, Callable[[], None]]] = []  # (hook call, action) of the tick being stepped
+        # (hook call, action) of the tick being stepped; an action that cannot run yet returns False
+        self._due: list[tuple[int, Callable[[], bool | None]]] = []
         self._calls = 0
+        self._stepping_worker: Worker | None = None
+        self.nested_steps = 0
         self._stepping = False
         self._hook_allocator()
 
@@ -509,10 +522,10 @@ class Harness:
     def _abort(self, child: Child) -> None:
         child.aborted = self.core.abort(child.rid) or child.aborted
 
-    def _events(self) -> list[tuple[int | None, Callable[[], None]]]:
-        """This tick's aborts and prefix-cache resets: (the hook call inside its steps at which each lands, or None
-        for before them, action)."""
-        events: list[tuple[int | None, Callable[[], None]]] = []
+    def _events(self) -> list[tuple[int | None, Callable[[], bool | None]]]:
+        """This tick's aborts, prefix-cache resets and nested steps: (the hook call inside its steps at which each
+        lands, or None for before them, action)."""
+        events: list[tuple[int | None, Callable[[], bool | None]]] = []
         for child in self.children.values():
             spec = child.spec
             if spec.abort_after is not None and child.arrived_at is not None and \
@@ -520,18 +533,35 @@ class Harness:
                 events.append((spec.abort_within, lambda child=child: self._abort(child)))
         reset = self.core.allocator.reset_prefix_cache
         events += [(within, reset) for tick, within in self.workload.resets if tick == self.tick]
+        events += [(within, self._nested_step) for tick, within in self.workload.nested if tick == self.tick]
         return events
 
+    def _nested_step(self) -> bool:
+        """The other worker's step, inside the one being stepped; False (not now) while a scheduler lock is held (the
+        other thread would wait for it) or outside a worker's step."""
+        current, core = self._stepping_worker, self.core
+        if current is None or core.prefill._lock.locked() or core.decode._inbox_lock.locked():
+            return False
+        (other,) = [w for w in core.workers if w is not current]
+        self._stepping_worker = None  # no step inside this one
+        self.nested_steps += 1
+        try:
+            self._step_worker(other)
+        finally:
+            self._stepping_worker = current
+        return True
+
     def hook(self) -> None:
-        """A point inside a step where another thread (the front end's, a server's) may act: the events due by then
-        land here."""
+        """A point inside a step where another thread (the front end's, a server's, the other worker's) may act: the
+        events due by then land here."""
         if not self._due:
             return
         self._calls += 1
-        due = [action for at, action in self._due if at < self._calls]
+        due = [(at, action) for at, action in self._due if at < self._calls]
         self._due = [(at, action) for at, action in self._due if at >= self._calls]
-        for action in due:
-            action()
+        for at, action in due:
+            if action() is False:
+                self._due.append((at, action))
 
     def _hook_allocator(self) -> None:
         alloc = self.core.allocator
@@ -540,7 +570,10 @@ class Harness:
 
             def hooked(*args: Any, _method: Callable[..., Any] = method) -> Any:
                 self.hook()
-                return _method(*args)
+                try:
+                    return _method(*args)
+                finally:
+                    self.hook()
 
             setattr(alloc, name, hooked)
 
@@ -555,17 +588,22 @@ class Harness:
         workers: dict[str, Worker] = {w.name[0].upper(): w for w in self.core.workers}
         self._stepping = True
         for name in order:
-            try:
-                workers[name].step()
-            except InjectedFault as e:  # what escapes an iteration: the worker's loop logs it and goes on
-                workers[name]._check_device(e)
+            self._stepping_worker = workers[name]
+            self._step_worker(workers[name])
+            self._stepping_worker = None
             self._deliver()
             self.check()
         self._stepping = False
         due, self._due = self._due, []
-        for _, action in due:  # fewer hook calls than asked for: after the steps
+        for _, action in due:  # fewer hook calls than asked for: after the steps (a nested step then does not run)
             action()
         self.tick += 1
+
+    def _step_worker(self, worker: Worker) -> None:
+        try:
+            worker.step()
+        except InjectedFault as e:  # what escapes an iteration: the worker's loop logs it and goes on
+            worker._check_device(e)
 
     def run(self) -> None:
         with abort_flags_hooked(self.hook):
@@ -608,6 +646,7 @@ class Harness:
 
     def check_end(self) -> None:
         core, alloc = self.core, self.core.allocator
+        # one stream runs its steps in order: a chunk of an aborted prompt may stay queued there, unwaited for
         assert self.streams.idle or len(self.streams.runners) == 1, "a queued step was never waited for"
         assert core.num_unfinished == 0 and not core.prefill.has_work() and not core.decode.has_work()
         alloc.check_integrity()
@@ -652,7 +691,7 @@ class Harness:
     def _check_cached(self, child: Child) -> None:
         """Prefix-cache hits are whole pages of prompt (never its last token), only with caching on, and only of
         tokens that a request of the same salt had."""
-        cached = child.deltas[-1].num_cached_tokens or max((d.num_cached_tokens for d in child.deltas), default=0)
+        cached = max(d.num_cached_tokens for d in child.deltas)
         prompt = child.spec.prompt
         assert cached % PAGE == 0 and cached < len(prompt)
         if not self.workload.engine.prefix_caching:
@@ -704,7 +743,7 @@ def common_prefix(a: tuple[int, ...] | list[int], b: list[int]) -> int:
     return n
 
 
-# -- tests --------------------------------------------------------------------------------------------------------------
+# -- tests -----------------------------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -732,12 +771,12 @@ def test_random_workloads_end_whole_and_match_each_request_alone(
     run_workload(tiny_llama, reference, workload)
 
 
-# -- what the property found, as plain cases ------------------------------------------------------------------------
+# -- what the property found, as plain cases -------------------------------------------------------------------------
 
 
 def one_request(overlap: bool, fault: tuple[int, str]) -> Workload:
     """A semi-PD engine serving one request, whose `fault` (launch 1: its prefill, 2: its first decode step) fails."""
-    engine = EngineSpec("semi-pd", overlap_decode=overlap, overlap_prefill=overlap, extra_pages=4,
+    engine = EngineSpec("semi-pd", overlap_decode=overlap, overlap_prefill=overlap, pool_share=2.0,
                         max_prefill_tokens=16, max_decode_seqs=4, faults=(fault,))
     return Workload(engine, (RequestSpec((1, 2, 3, 4, 5, 6), max_tokens=6),), interleaving=("PD",),
                     eager_frontend=False)
