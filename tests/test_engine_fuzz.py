@@ -105,7 +105,7 @@ class Workload:
 
 
 REGEXES = ("[a-z]{1,6}", "(yes|no)", "[0-9a-f ]+")
-FAULTS = ("launch", "forward", "sample", "draw")  # `StreamModel`
+FAULTS = ("sample", "forward", "draw", "launch")  # `StreamModel`
 
 
 def tokens(max_size: int, min_size: int = 0) -> st.SearchStrategy[tuple[int, ...]]:
@@ -161,8 +161,8 @@ def workloads(draw: Any) -> Workload:
         max_decode_seqs=draw(st.integers(1, 4)),
         decode_reserve_pages=draw(st.sampled_from((0, 0, 1))),
         prefix_caching=draw(st.sampled_from((True, True, True, False))),
-        faults=draw(st.one_of(st.just(()), st.just(()), st.lists(
-            st.tuples(st.integers(1, 30), st.sampled_from(FAULTS)), min_size=1, max_size=2).map(tuple))),
+        faults=draw(st.one_of(st.just(()), st.lists(
+            st.tuples(st.integers(1, 20), st.sampled_from(FAULTS)), min_size=1, max_size=3).map(tuple))),
     )
     requests = draw(st.lists(request_specs(prefixes), min_size=2, max_size=6))
     for i in range(1, len(requests)):  # a follow-up turn: hits on the pages its predecessor's decode published
