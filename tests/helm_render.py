@@ -11,7 +11,7 @@ semantics of Go's text/template and of Helm/Sprig's functions. The subset:
   string, number, `true` / `false` / `nil` literals; variable declaration `$x :=`;
 - pipelines `a | b arg` (the piped value is the last argument);
 - functions: default, quote, toYaml, toJson, nindent, indent, b64enc, required,
-  include, eq, ne, and, or, not.
+  include, hasKey, eq, ne, and, or, not.
 
 Anything else (an unknown function, `template`, `block`, `break`, a char constant...)
 raises TemplateError when the template is *parsed*, so a branch that the tests never
@@ -681,6 +681,13 @@ def fn_not(where: str, value: Any) -> bool:
     return not go_truth(value)
 
 
+def fn_has_key(where: str, mapping: Any, key: Any) -> bool:
+    """Sprig's hasKey: whether a values map holds `key` (a nil map holds none); any other value is an error."""
+    if mapping is not None and (not isinstance(mapping, dict) or isinstance(mapping, BuiltinObject)):
+        raise TemplateError(f"{where}: hasKey: wrong type for value; expected map[string]interface {{}}; got {go_kind(mapping)}")
+    return mapping is not None and _want_str("hasKey", key, where) in mapping
+
+
 # name -> (implementation, minimum number of args, maximum or None)
 FUNCTIONS: dict[str, tuple[Callable[..., Any], int, int | None]] = {
     "default": (fn_default, 1, 2),
@@ -694,6 +701,7 @@ FUNCTIONS: dict[str, tuple[Callable[..., Any], int, int | None]] = {
     "eq": (fn_eq, 2, None),
     "ne": (fn_ne, 2, 2),
     "not": (fn_not, 1, 1),
+    "hasKey": (fn_has_key, 2, 2),
 }
 LAZY_FUNCTIONS = {"and", "or"}  # evaluate their arguments left to right, stop early
 FUNCTION_NAMES = set(FUNCTIONS) | LAZY_FUNCTIONS | {"include"}

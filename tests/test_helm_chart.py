@@ -34,6 +34,11 @@ ARG_KEYS = {  # build_app(args) of cluster/serve_app.py
     "router_policy", "num_actors", "redis_url", "api_key_env", "grpc_port", "page_size", "max_prefill_tokens",
     "stream_interval", "tool_call_parser", "reasoning_parser",
 }
+ENGINE_ARGS = {  # semipd.<key> -> build_app arg, rendered only when the key is set (else the app's default)
+    "maxModelLen": "max_model_len", "maxDecodeSeqs": "max_decode_seqs", "memoryFraction": "memory_fraction",
+    "numPages": "num_pages", "enablePrefixCaching": "enable_prefix_caching", "dtype": "dtype", "seed": "seed",
+    "loadFormat": "load_format",
+}
 
 
 # --------------------------------------------------------------------------- helpers
@@ -114,12 +119,18 @@ MANY_OPTIONS = {
               "reasoningParser": "qwen3"},
     "semipd": {"mode": "unified", "maxPrefillTokens": 1048576},
 }
+# vLLM's engine flags, falsy ones (seed 0, prefix caching off) included: set is not the same as truthy
+ENGINE_SETTINGS = {
+    "semipd": {"maxModelLen": 2048, "maxDecodeSeqs": 64, "memoryFraction": 0.9, "numPages": 4096,
+               "enablePrefixCaching": False, "dtype": "float16", "seed": 0, "loadFormat": "dummy", "pageSize": 32},
+}
 
 SCENARIOS = [
     Scenario("default"),
     Scenario("values-small", (small_values(),)),
     Scenario("external-redis", (EXTERNAL_REDIS,), release="prod", fullname="prod-semipd"),
     Scenario("many-options", (MANY_OPTIONS,), release="staging", fullname="staging-semipd"),
+    Scenario("engine-settings", (ENGINE_SETTINGS,)),
 ]
 
 
@@ -218,6 +229,7 @@ def expected_args(values: dict[str, Any], fullname: str) -> dict[str, Any]:
         "page_size": values["semipd"]["pageSize"],
         "max_prefill_tokens": values["semipd"]["maxPrefillTokens"],
         "stream_interval": values["semipd"]["streamInterval"],
+        **{arg: values["semipd"][key] for key, arg in ENGINE_ARGS.items() if key in values["semipd"]},
     }
 
 
@@ -367,7 +379,23 @@ BAD_VALUES = [
     ("zero-actors", {"semipd": {"numActors": 0}}, "semipd/numActors"),
     ("bad-upgrade-strategy", {"upgradeStrategy": "Rolling"}, "upgradeStrategy"),
     ("disagg-on-one-gpu-pods", {"semipd": {"mode": "disagg"}}, "worker/resources/limits/nvidia.com/gpu"),
+    ("page-size-not-a-power-of-two", {"semipd": {"pageSize": 24}}, "semipd/pageSize"),
+    ("max-model-len-1", {"semipd": {"maxModelLen": 1}}, "semipd/maxModelLen"),
+    ("max-model-len-in-vllm-k-form", {"semipd": {"maxModelLen": "32k"}}, "semipd/maxModelLen"),
+    ("zero-decode-seqs", {"semipd": {"maxDecodeSeqs": 0}}, "semipd/maxDecodeSeqs"),
+    ("memory-fraction-above-0.98", {"semipd": {"memoryFraction": 0.99}}, "semipd/memoryFraction"),
+    ("zero-memory-fraction", {"semipd": {"memoryFraction": 0}}, "semipd/memoryFraction"),
+    ("one-page", {"semipd": {"numPages": 1}}, "semipd/numPages"),
+    ("prefix-caching-as-text", {"semipd": {"enablePrefixCaching": "yes"}}, "semipd/enablePrefixCaching"),
+    ("float32-on-gpu-workers", {"semipd": {"dtype": "float32"}}, "semipd/dtype"),
+    ("unknown-dtype", {"semipd": {"dtype": "int8"}}, "semipd/dtype"),
+    ("fractional-seed", {"semipd": {"seed": 1.5}}, "semipd/seed"),
+    ("unknown-load-format", {"semipd": {"loadFormat": "pt"}}, "semipd/loadFormat"),
 ]
+# Refused by the app's own checks too (ServeArgs, the engine configs), not only by the schema
+APP_REFUSES_TOO = ["page-size-not-a-power-of-two", "max-model-len-1", "max-model-len-in-vllm-k-form", "zero-decode-seqs",
+                   "memory-fraction-above-0.98", "zero-memory-fraction", "one-page", "unknown-dtype", "fractional-seed",
+                   "unknown-load-format"]
 
 
 @pytest.mark.parametrize(("override", "where"), [(o, w) for _, o, w in BAD_VALUES], ids=[n for n, _, _ in BAD_VALUES])
@@ -417,6 +445,9 @@ def test_notes_name_the_services(rendered: Rendered) -> None:
     assert f"svc/{rendered.scenario.fullname}-serve-svc" in notes
     assert f"svc/{rendered.scenario.fullname}-head-svc" in notes
     assert expected_redis_url(rendered.values, rendered.scenario.fullname) in notes
+    max_model_len = rendered.values["semipd"].get("maxModelLen")
+    assert ("Longest request" in notes) == (max_model_len is not None)
+    assert max_model_len is None or f": {max_model_len} tokens." in notes
 
 
 def test_rayservice_matches_kuberay_crd(rendered: Rendered, crd_validator: Any) -> None:
@@ -454,7 +485,7 @@ def test_serve_config_names_app_and_args(rendered: Rendered) -> None:
     (app,) = config["applications"]
     assert app["import_path"] == "cluster.serve_app:build_app"
     assert app["route_prefix"] == "/"
-    assert set(app["args"]) == ARG_KEYS
+    assert ARG_KEYS <= set(app["args"]) <= ARG_KEYS | set(ENGINE_ARGS.values())
     assert app["args"] == expected_args(rendered.values, rendered.scenario.fullname)
     assert config["http_options"]["port"] == rendered.values["service"]["ports"]["serve"]
 
@@ -466,8 +497,20 @@ def test_serve_args_are_accepted_by_the_app(rendered: Rendered, tiny_llama: Path
     parsed = serve_app.ServeArgs.parse(args)
     assert parsed.model == rendered.values["model"]["path"] and parsed.num_actors == rendered.values["semipd"]["numActors"]
     semipd = rendered.values["semipd"]
-    bounds = serve_app.cluster_config(parsed.model_copy(update={"model": str(tiny_llama)}), None).prefill_sm_fraction
-    assert bounds == (semipd.get("prefillSmMin") or 0.0, semipd.get("prefillSmMax") or 1.0)  # the controller's bounds
+    cfg = serve_app.cluster_config(parsed.model_copy(update={"model": str(tiny_llama)}), None)
+    assert cfg.prefill_sm_fraction == (semipd.get("prefillSmMin") or 0.0, semipd.get("prefillSmMax") or 1.0)
+    defaults = pytest.importorskip("cluster.bootstrap").EngineOptions()
+    for key, option in {"pageSize": "page_size", "maxPrefillTokens": "max_prefill_tokens", **ENGINE_ARGS}.items():
+        assert getattr(cfg.engine, option) == semipd.get(key, getattr(defaults, option)), key
+
+
+@pytest.mark.parametrize("override", [pytest.param(o, id=n) for n, o, _ in BAD_VALUES if n in APP_REFUSES_TOO])
+def test_app_refuses_the_engine_values_the_schema_refuses(chart: Chart, tiny_llama: Path, override: dict[str, Any]) -> None:
+    """The schema refuses what the app would: rendered anyway, these engine values fail build_app's own checks."""
+    serve_app = pytest.importorskip("cluster.serve_app", reason="cluster/serve_app.py is not in this checkout")
+    args = serve_config(render(chart, Scenario("bad", (override,))).one("RayService"))["applications"][0]["args"]
+    with pytest.raises(serve_app.ConfigError):
+        serve_app.cluster_config(serve_app.ServeArgs.parse({**args, "model": str(tiny_llama)}), None)
 
 
 def test_serve_config_is_valid_for_ray_serve(rendered: Rendered) -> None:
@@ -676,6 +719,8 @@ def test_renderer_semantics() -> None:
     assert _render_text('{{ with .Values.e }}x{{ else }}{{ .Values.s | default "d" }}{{ end }}', {"e": [], "s": ""}) == "d"
     assert _render_text('{{ .Values.s | b64enc }} {{ eq .Values.s "k" "v" }}', {"s": "v"}) == "dg== true"
     assert _render_text("{{ .Values.missing }}", strict=False) == ""
+    has = '{{ if hasKey .Values.m "k" }}k{{ end }}{{ if hasKey .Values.m "z" }}z{{ end }}{{ hasKey .Values.n "k" }}'
+    assert _render_text(has, {"m": {"k": 0}, "n": None}) == "kfalse"
 
 
 @pytest.mark.parametrize(
@@ -683,7 +728,8 @@ def test_renderer_semantics() -> None:
     [("{{ .Values.nope }}", {}, "no entry"), ("{{ .Values.m }}", {"m": {"a": 1}}, "toYaml"),
      ("{{ eq .Values.n 1 }}", {"n": 1}, "incompatible"), ('{{ required "need x" .Values.x }}', {"x": ""}, "need x"),
      ("{{ .Values.a.b }}", {"a": None}, "nil pointer"), ('{{ include "nope" . }}', {}, "no template"),
-     ("{{ nindent 2 .Values.m }}", {"m": {"a": 1}}, "expected string")],
+     ("{{ nindent 2 .Values.m }}", {"m": {"a": 1}}, "expected string"),
+     ('{{ hasKey .Values.s "a" }}', {"s": "a"}, "expected map"), ('{{ hasKey .Release "Name" }}', {}, "expected map")],
 )
 def test_renderer_errors(src: str, values: dict[str, Any], message: str) -> None:
     with pytest.raises(TemplateError, match=message):

@@ -70,7 +70,9 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{/* The Ray Serve config (serveConfigV2, and deploy/examples/serve_config.yaml outside
 Kubernetes): one application built by cluster.serve_app:build_app(args). With a Redis
 password, redis_url is null and the app reads the URL from SEMIPD_REDIS_URL instead, so
-that no secret lands in the RayService. */}}
+that no secret lands in the RayService. The engine settings that values.yaml leaves out
+(semipd.maxModelLen ... semipd.loadFormat) are args only when set: unset, the app's own
+defaults apply. */}}
 {{- define "semipd.serveConfig" -}}
 proxy_location: EveryNode
 http_options:
@@ -101,6 +103,30 @@ applications:
       page_size: {{ .Values.semipd.pageSize | toJson }}
       max_prefill_tokens: {{ .Values.semipd.maxPrefillTokens | toJson }}
       stream_interval: {{ .Values.semipd.streamInterval | toJson }}
+      {{- if hasKey .Values.semipd "maxModelLen" }}
+      max_model_len: {{ .Values.semipd.maxModelLen | toJson }}
+      {{- end }}
+      {{- if hasKey .Values.semipd "maxDecodeSeqs" }}
+      max_decode_seqs: {{ .Values.semipd.maxDecodeSeqs | toJson }}
+      {{- end }}
+      {{- if hasKey .Values.semipd "memoryFraction" }}
+      memory_fraction: {{ .Values.semipd.memoryFraction | toJson }}
+      {{- end }}
+      {{- if hasKey .Values.semipd "numPages" }}
+      num_pages: {{ .Values.semipd.numPages | toJson }}
+      {{- end }}
+      {{- if hasKey .Values.semipd "enablePrefixCaching" }}
+      enable_prefix_caching: {{ .Values.semipd.enablePrefixCaching | toJson }}
+      {{- end }}
+      {{- if hasKey .Values.semipd "dtype" }}
+      dtype: {{ .Values.semipd.dtype | toJson }}
+      {{- end }}
+      {{- if hasKey .Values.semipd "seed" }}
+      seed: {{ .Values.semipd.seed | toJson }}
+      {{- end }}
+      {{- if hasKey .Values.semipd "loadFormat" }}
+      load_format: {{ .Values.semipd.loadFormat | toJson }}
+      {{- end }}
 {{- end -}}
 
 {{/* Environment of every Ray container: secrets by reference, then common.containerEnv.
