@@ -3,6 +3,7 @@ makes of them (stop strings and `stop_reason`, `min_tokens`, streamed vs whole, 
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
@@ -13,7 +14,7 @@ import httpx
 import pytest
 
 from actors.config import EngineConfig, SchedulerConfig
-from actors.engine.frontend import OutputStream, StreamChunk, Tokenizer
+from actors.engine.frontend import AsyncLLM, OutputStream, StreamChunk, Tokenizer
 from actors.request import FinishReason, SamplingParams, TokenDelta
 
 from support import openai_server
@@ -172,6 +173,57 @@ def test_any_chunking_gives_the_text_cut_before_the_first_stop_string(
             assert want.startswith(sent), (sizes, sent)  # nothing past the cut, ever
         assert sent == want, sizes
         assert chunks[-1].finish_reason == ("length" if cut is None else "stop")
+
+
+# -- a request that ends on an incomplete character (vLLM matches stop strings against decoded text only) -------
+
+PARTIAL = byte_ids("é")[:1]  # the first byte of a two-byte character: decodes to U+FFFD until the second comes
+
+
+@pytest.mark.parametrize("end", [FinishReason.ABORT, FinishReason.LENGTH])
+@pytest.mark.parametrize("stop", ["\ufffd", "b\ufffd"])
+def test_a_stop_string_does_not_match_the_incomplete_character_a_request_ends_on(
+        tok: Tokenizer, end: FinishReason, stop: str) -> None:
+    """The U+FFFD that stands for the bytes of a character still incomplete when the request ends is no text a
+    stop string can match: the request keeps its own finish reason (an abort reports "abort", not "stop"), with
+    the incomplete character shown as U+FFFD, as the decode of its tokens has it."""
+    for groups in ([[t] for t in byte_ids("ab") + PARTIAL], [byte_ids("ab") + PARTIAL]):
+        chunks = feed(tok, groups, SamplingParams(max_tokens=8, stop=(stop,)), end=end)
+        assert text_of(chunks) == "ab\ufffd"
+        assert (chunks[-1].finish_reason, chunks[-1].stop_reason) == (end.value, None)
+
+
+def test_a_stop_string_in_the_text_held_back_before_an_incomplete_character_still_matches(tok: Tokenizer) -> None:
+    """Text held back only because an incomplete character followed it is decoded text: at the end a stop string
+    in it cuts the output there and ends the request with "stop"."""
+    ids = byte_ids("a") + [IM_START] + PARTIAL
+    chunks = feed(tok, [[t] for t in ids], SamplingParams(stop=("<|im_start|>",), skip_special_tokens=False),
+                  end=FinishReason.ABORT)
+    assert text_of(chunks) == "a"
+    assert (chunks[-1].finish_reason, chunks[-1].stop_reason) == ("stop", "<|im_start|>")
+
+
+def test_an_aborted_stream_ending_on_an_incomplete_character_reports_abort(tiny_llama: Path) -> None:
+    """Through the engine: a request that has only drawn the first byte of a character is aborted by its client;
+    its stop string "\ufffd" must not turn the abort into a "stop"."""
+    engine = AsyncLLM(EngineConfig(model=str(tiny_llama), mode="unified"))
+    engine.start()
+    params = SamplingParams(max_tokens=1500, ignore_eos=True, allowed_token_ids=tuple(PARTIAL), stop=("\ufffd",))
+
+    async def abort_after_first_chunk() -> list[StreamChunk]:
+        stream = engine.generate("Hi", params, request_id="partial")
+        first = await anext(stream)
+        assert engine.abort("partial")
+        return [first] + [c async for c in stream]
+
+    try:
+        chunks = asyncio.run(abort_after_first_chunk())
+    finally:
+        engine.shutdown()
+    last = chunks[-1]
+    assert last.num_output_tokens < params.max_tokens  # the abort, not the length, ended it
+    assert (last.finish_reason, last.stop_reason) == ("abort", None)
+    assert text_of(chunks) == "\ufffd" * last.num_output_tokens
 
 
 @pytest.mark.parametrize(("skip", "want"), [(True, "hix"), (False, "hi<|im_start|>x")])

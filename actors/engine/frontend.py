@@ -168,21 +168,30 @@ class OutputStream:
             context.pop()
         return context
 
+    def _decode_window(self, end: int) -> str:
+        """The text of the tokens from the prefix offset up to `end`."""
+        return self.tokenizer.decode(self.ids[self._prefix_offset : end], self.params.skip_special_tokens)
+
     def _decode_new(self) -> str:
-        skip = self.params.skip_special_tokens
-        before = self.tokenizer.decode(self.ids[self._prefix_offset : self._read_offset], skip)
-        after = self.tokenizer.decode(self.ids[self._prefix_offset :], skip)
+        before = self._decode_window(self._read_offset)
+        after = self._decode_window(len(self.ids))
         if len(after) > len(before) and not after.endswith("\ufffd"):
             self._prefix_offset, self._read_offset = self._read_offset, len(self.ids)
             return after[len(before) :]
         return ""
 
-    def _flush_partial(self) -> str:
-        skip = self.params.skip_special_tokens
-        before = self.tokenizer.decode(self.ids[self._prefix_offset : self._read_offset], skip)
-        after = self.tokenizer.decode(self.ids[self._prefix_offset :], skip)
+    def _flush_partial(self) -> tuple[str, str]:
+        """At the end, the text of the tokens still held back, in two parts: what they decode to up to the last of
+        them after which the text does not end in U+FFFD (decoded text), and the rest: the incomplete character(s)
+        the output ends on, as U+FFFD, which later tokens would have completed (no text a stop string may match)."""
+        before = self._decode_window(self._read_offset)
+        complete = len(self.ids)
+        while complete > self._read_offset and self._decode_window(complete).endswith("\ufffd"):
+            complete -= 1
+        whole = self._decode_window(complete)
+        after = self._decode_window(len(self.ids))
         self._prefix_offset = self._read_offset = len(self.ids)
-        return after[len(before) :]
+        return whole[len(before) :], after[len(whole) :]
 
     def process(self, delta: TokenDelta) -> tuple[StreamChunk, bool]:
         """Returns the chunk to send and whether a stop string ended the request here."""
@@ -209,8 +218,10 @@ class OutputStream:
                 new_text += self._decode_new()
                 if count <= self.params.min_tokens:
                     self._stop_floor = start + len(new_text)
+        incomplete = ""
         if self.params.detokenize and delta.finished:
-            new_text += self._flush_partial()
+            flushed, incomplete = self._flush_partial()
+            new_text += flushed
         self.text += new_text
         finish = delta.finish_reason.value if delta.finish_reason else None
         stopped = False
@@ -221,6 +232,8 @@ class OutputStream:
                 cut, self.stop_reason = hit
                 self.text = self.text[:cut]
                 finish, stopped = FinishReason.STOP.value, True
+        if not stopped:
+            self.text += incomplete
         if finish == FinishReason.STOP.value and not stopped and delta.ends_with_stop_token and new_ids:
             token = new_ids[-1]  # vLLM's: a stop token's id; None for the EOS (unless ignore_eos made it one)
             if self.params.ignore_eos or token != self.tokenizer.eos_token_id:
