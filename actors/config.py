@@ -320,13 +320,15 @@ class SchedulerConfig:
     """Batch limits of the prefill and decode schedulers.
 
     `max_prefill_tokens` is the token budget of one prefill iteration (the chunk size
-    of chunked prefill); `max_decode_seqs` bounds the decode batch.
+    of chunked prefill); `max_decode_seqs` bounds the decode batch. `decode_reserve_pages`: the KV pages prefill
+    admission leaves free for decode growth (a new request's first page must leave that many free); the engine
+    refuses to start when its pool has no more pages than that (`check_decode_reserve`).
     """
 
     max_prefill_tokens: int = 4096
     max_decode_seqs: int = 256
     max_model_len: int | None = None
-    decode_reserve_pages: int = 0  # pages prefill admission leaves free for decode growth
+    decode_reserve_pages: int = 0
 
     def __post_init__(self) -> None:
         if self.max_prefill_tokens < 1:
@@ -335,6 +337,16 @@ class SchedulerConfig:
             raise ConfigError(f"max_decode_seqs must be >= 1, got {self.max_decode_seqs}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ConfigError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        if self.decode_reserve_pages < 0:
+            raise ConfigError(f"decode_reserve_pages must be >= 0, got {self.decode_reserve_pages}")
+
+
+def check_decode_reserve(decode_reserve_pages: int, num_pages: int) -> None:
+    """ConfigError unless prefill admission, which leaves `decode_reserve_pages` of the KV pool's `num_pages` free
+    and then needs a page for the request, can ever admit one."""
+    if decode_reserve_pages >= num_pages:
+        raise ConfigError(f"decode_reserve_pages ({decode_reserve_pages}) must be less than the KV cache's "
+                          f"{num_pages} pages: prefill admission leaves that many free, so no request could start")
 
 
 @dataclass(frozen=True)

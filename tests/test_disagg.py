@@ -155,6 +155,21 @@ def test_a_failed_export_ends_its_request_and_the_rest_are_served(tiny_llama: Pa
         assert_all_pages_back(llm.pair)
 
 
+def test_the_decode_reserve_is_checked_against_the_prefill_pool_only(tiny_llama: Path) -> None:
+    """`decode_reserve_pages` holds back pages of the pool that prefill admission draws from: a reserve of the whole
+    decode pool (smaller here) does not stop the pair, which serves; one of the whole prefill pool does."""
+    sched = SchedulerConfig(max_prefill_tokens=CHUNK, decode_reserve_pages=17)
+    with DisaggLLM(tiny_llama, device="cpu", scheduler=sched, prefill_cache=CacheConfig(page_size=PAGE, num_pages=P_PAGES),
+                   decode_cache=CacheConfig(page_size=PAGE, num_pages=17)) as llm:
+        outs = llm.generate(make_prompts(6)[:2], GREEDY)
+        assert [o.finish_reason for o in outs] == ["length", "length"]
+    with pytest.raises(ConfigError, match=rf"decode_reserve_pages \({P_PAGES}\) must be less than the KV cache's "
+                                          rf"{P_PAGES} pages"):
+        DisaggLLM(tiny_llama, device="cpu", scheduler=dataclasses.replace(sched, decode_reserve_pages=P_PAGES),
+                  prefill_cache=CacheConfig(page_size=PAGE, num_pages=P_PAGES),
+                  decode_cache=CacheConfig(page_size=PAGE, num_pages=D_PAGES))
+
+
 def test_an_importer_that_cannot_start_fails_the_start(tiny_llama: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The importer thread's set-up failing (on a GPU: making the pool's device current) fails the engine's start
     with the cause, instead of an engine whose requests all wait for an import that never comes."""

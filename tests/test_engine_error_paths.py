@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from actors.config import CacheConfig, EngineConfig, SchedulerConfig
+from actors.config import CacheConfig, ConfigError, EngineConfig, ModelArch, SchedulerConfig
 from actors.engine.core import EngineCore, EngineDeadError
 from actors.engine.frontend import AsyncLLM, StreamChunk
+from actors.kv.pool import KVPool
 from actors.request import FinishReason, SamplingParams, TokenDelta
 from support import wait_until
 
@@ -221,3 +222,43 @@ def test_an_abort_just_after_the_page_check_frees_no_page_a_queued_iteration_wri
         for w in core.workers:
             w.step()
     assert_pool_full(core)
+
+
+def serve_one(model_dir: Path, cache: CacheConfig, decode_reserve_pages: int, max_tokens: int) -> list[FinishReason]:
+    """Start an engine, run one 3-token prompt to its end and stop the engine: the request's final reasons. The
+    wait is bounded, so an engine that never admits the request fails the test instead of hanging it."""
+    deltas: list[TokenDelta] = []
+    config = EngineConfig(model=str(model_dir), device="cpu", mode="unified", cache=cache,
+                          scheduler=SchedulerConfig(decode_reserve_pages=decode_reserve_pages))
+    core = EngineCore(config, emit=deltas.extend)
+    core.start()
+    try:
+        core.add_request("r", [1, 2, 3], greedy(max_tokens))
+        return wait_until(lambda: finished(deltas).get("r"), timeout=30, what="the request to finish")
+    finally:
+        core.shutdown()
+
+
+@pytest.mark.parametrize("sized_by", ["num_pages", "cpu_kv_bytes"])
+def test_an_engine_whose_decode_reserve_takes_the_whole_pool_refuses_to_start(tiny_llama: Path, sized_by: str) -> None:
+    """Prefill admission leaves `decode_reserve_pages` free and takes a page more for a new request: with a
+    reserve of the whole pool (its size given, or what the KV memory holds) nothing was ever admitted and every
+    request waited forever. The engine refuses to start instead, naming both numbers. A reserve one page smaller
+    serves a request that needs every page of the pool (the reserve holds back only a request's first page)."""
+    pages = 8
+    if sized_by == "num_pages":
+        cache = CacheConfig(page_size=PAGE, num_pages=pages)
+    else:
+        arch = ModelArch.from_dir(tiny_llama)
+        dtype = EngineConfig(model=str(tiny_llama), device="cpu").torch_dtype(arch)
+        cache = CacheConfig(page_size=PAGE, cpu_kv_bytes=(pages + 1) * KVPool.bytes_per_page(arch, PAGE, dtype))
+    with pytest.raises(ConfigError, match=rf"decode_reserve_pages \({pages}\) must be less than the KV cache's "
+                                          rf"{pages} pages"):
+        serve_one(tiny_llama, cache, pages, max_tokens=2)
+    fills_the_pool = pages * PAGE - 3 + 1  # KV of the 3 prompt tokens and of every output token but the last
+    assert serve_one(tiny_llama, cache, pages - 1, max_tokens=fills_the_pool) == [FinishReason.LENGTH]
+
+
+def test_a_negative_decode_reserve_is_refused() -> None:
+    with pytest.raises(ConfigError, match="decode_reserve_pages must be >= 0, got -1"):
+        SchedulerConfig(decode_reserve_pages=-1)

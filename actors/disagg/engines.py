@@ -174,6 +174,8 @@ class DecodeOnlyEngine(_MarksAborts):
     token comes after its handoff, so the handoff is part of its first inter-token latency, not of its TTFT.
     """
 
+    admits_prefills = False  # imported requests come with their KV; preempted ones go back to the prefill engine
+
     def __init__(self, config: EngineConfig, emit: Emit, transport: KVTransport,
                  requeue: Callable[[RequestState], None]) -> None:
         self.transport = transport

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from actors.config import ConfigError, EngineConfig, ModelArch
+from actors.config import ConfigError, EngineConfig, ModelArch, check_decode_reserve
 from actors.engine.partitioner import Partitioner, SwitchRecord, make_partitioner
 from actors.engine.workers import (
     DecodeWorker, Emit, PrefillWorker, RecentIterations, UnifiedWorker, Wakeup, Worker, discard,
@@ -125,6 +125,8 @@ class EngineStats:
 
 
 class EngineCore:
+    admits_prefills = True  # its prefill scheduler admits requests (their first pages come from this pool)
+
     def __init__(self, config: EngineConfig, emit: Emit, order: OrderKey | None = None) -> None:
         self.config = config
         self.arch = ModelArch.from_dir(config.model).with_eos_token_id(config.tokenizer_eos_token_id)
@@ -143,7 +145,10 @@ class EngineCore:
         self.model = build_model(self.arch, self.dtype, self.device, self.max_model_len, weights_dir, config.seed,
                                  ops=config.resolved_backend)
         page_size = config.cache.page_size
-        self.pool = KVPool(self.arch, self._num_pages(), page_size, self.dtype, self.device)
+        num_pages = self._num_pages()
+        if self.admits_prefills:
+            check_decode_reserve(config.scheduler.decode_reserve_pages, num_pages)
+        self.pool = KVPool(self.arch, num_pages, page_size, self.dtype, self.device)
         self.allocator = BlockAllocator(self.pool.num_pages, config.cache.enable_prefix_caching)
         kv = KVManager(self.allocator, page_size)
         sched = config.scheduler
