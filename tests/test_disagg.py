@@ -159,7 +159,8 @@ def test_the_decode_reserve_is_checked_against_the_prefill_pool_only(tiny_llama:
     """`decode_reserve_pages` holds back pages of the pool that prefill admission draws from: a reserve of the whole
     decode pool (smaller here) does not stop the pair, which serves; one of the whole prefill pool does."""
     sched = SchedulerConfig(max_prefill_tokens=CHUNK, decode_reserve_pages=17)
-    with DisaggLLM(tiny_llama, device="cpu", scheduler=sched, prefill_cache=CacheConfig(page_size=PAGE, num_pages=P_PAGES),
+    with DisaggLLM(tiny_llama, device="cpu", scheduler=sched,
+                   prefill_cache=CacheConfig(page_size=PAGE, num_pages=P_PAGES),
                    decode_cache=CacheConfig(page_size=PAGE, num_pages=17)) as llm:
         outs = llm.generate(make_prompts(6)[:2], GREEDY)
         assert [o.finish_reason for o in outs] == ["length", "length"]
