@@ -382,11 +382,11 @@ class StreamModel:
                                            "writes them")
             free(blocks)
 
-        def checked_cache(block: int, h: int) -> None:
+        def checked_cache(block: int, h: int, pending: bool = False) -> None:
             if block in self.written(but=matching):
                 self.violations.append(f"page {block} offered to the prefix cache while another stream's queued step "
                                        "writes it")
-            cache(block, h)
+            cache(block, h, pending)
 
         alloc.free = checked_free  # type: ignore[method-assign]
         alloc.cache = checked_cache  # type: ignore[method-assign]
@@ -565,7 +565,7 @@ class Harness:
 
     def _hook_allocator(self) -> None:
         alloc = self.core.allocator
-        for name in ("allocate", "free", "share", "match_prefix", "cache"):
+        for name in ("allocate", "free", "share", "match_prefix", "cache", "settle", "withdraw"):
             method = getattr(alloc, name)
 
             def hooked(*args: Any, _method: Callable[..., Any] = method) -> Any:

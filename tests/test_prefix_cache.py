@@ -1,7 +1,8 @@
-"""Automatic prefix caching as vLLM's: page keys, salts, reported cached tokens, reset, LRU eviction.
+"""Automatic prefix caching as vLLM's: page keys, salts, reported cached tokens, reset, LRU eviction, and hits on
+the pages that an earlier request of the same iteration computes (n > 1, a burst sharing a system prompt).
 
-Unit tests drive the allocator and `KVManager` directly; engine tests run a tiny model on CPU and check what a
-user sees (`num_cached_tokens`, tokens, logprobs) against an engine with the cache cold or off.
+Unit tests drive the allocator, `KVManager` and the prefill scheduler directly; engine tests run a tiny model on
+CPU and check what a user sees (`num_cached_tokens`, tokens, logprobs) against an engine with the cache cold or off.
 """
 
 from __future__ import annotations
@@ -14,11 +15,14 @@ from pathlib import Path
 import pytest
 
 import actors.kv.allocator as allocator_module
-from actors.config import CacheConfig, SchedulerConfig
+from actors.config import CacheConfig, EngineConfig, SchedulerConfig
+from actors.engine.core import EngineCore
 from actors.engine.frontend import LLM, CompletionOutput
 from actors.kv.allocator import BlockAllocator, page_hashes
 from actors.kv.manager import KVManager
-from actors.request import Request, SamplingParams
+from actors.request import FinishReason, Request, SamplingParams, TokenDelta
+from actors.scheduler.plan import BatchPlan
+from actors.scheduler.prefill import PrefillScheduler
 
 PAGE = 4
 ENGINE_PAGE = 16
@@ -143,6 +147,109 @@ def test_check_integrity_catches_a_hashed_free_page_and_a_held_evictable_one() -
         alloc.check_integrity()
 
 
+def test_check_integrity_catches_a_pending_page_cached_unheld() -> None:
+    """A page published ahead of the iteration that writes it must not outlive its holders in the cache: nobody
+    would write it, and a later request would read it."""
+    alloc = BlockAllocator(2)
+    blocks = alloc.allocate(1)
+    assert blocks is not None
+    alloc.cache(blocks[0], 1, pending=True)
+    alloc.check_integrity()
+    alloc.free(blocks)
+    with pytest.raises(AssertionError, match="pending"):
+        alloc.check_integrity()
+
+
+# -- hits within one prefill iteration: the scheduler --------------------------------------------------------------
+
+
+def planned(sched: PrefillScheduler) -> tuple[list[tuple[str, int, int]], list[Request]]:
+    """One `schedule`: (request id, start, tokens) of each chunk, and the requests."""
+    chunks, reqs = sched.schedule()
+    return [(c.request_id, c.start, c.num_tokens) for c in chunks], reqs
+
+
+def finish(sched: PrefillScheduler, reqs: list[Request], tokens: list[int]) -> None:
+    for r, n in zip(reqs, tokens):
+        sched.finish_chunk(r, n)
+    sched.kv.allocator.check_integrity()
+
+
+def test_a_request_admitted_after_another_into_one_iteration_hits_the_pages_that_one_computes() -> None:
+    """n > 1: siblings of one prompt arrive together. The first computes the prompt; the others, admitted into the
+    same iteration, hit its full pages (written in that forward pass before attention reads them) and compute only
+    the rest."""
+    kv = KVManager(BlockAllocator(16), PAGE)
+    sched = PrefillScheduler(kv, max_tokens=64)
+    prompt = document(20, 3 * PAGE + 1)
+    siblings = [request(f"s{i}", prompt) for i in range(3)]
+    for r in siblings:
+        sched.add(r)
+    chunks, reqs = planned(sched)
+    assert reqs == siblings
+    assert chunks == [("s0", 0, 3 * PAGE + 1), ("s1", 3 * PAGE, 1), ("s2", 3 * PAGE, 1)]
+    assert siblings[1].block_ids[:3] == siblings[2].block_ids[:3] == siblings[0].block_ids[:3]
+    assert [r.num_cached_tokens for r in siblings] == [0, 3 * PAGE, 3 * PAGE]
+    assert (sched.prompt_tokens_admitted, sched.cached_tokens_admitted) == (3 * len(prompt), 6 * PAGE)
+    finish(sched, reqs, [c[2] for c in chunks])
+    for r in siblings:
+        sched.drop(r)
+    assert_kv_whole(kv)
+    again = request("again", prompt)  # the pages stayed cached, written
+    kv.match_prefix(again)
+    assert again.num_computed_tokens == 3 * PAGE
+    kv.release(again)
+
+
+def test_a_hit_within_an_iteration_takes_only_the_full_pages_of_the_chunks_planned_before_it() -> None:
+    """Chunked prefill: a request admitted next to a prompt's middle chunk hits the pages that chunk fills, besides
+    those earlier chunks filled, but not the page the chunk leaves partial."""
+    kv = KVManager(BlockAllocator(32), PAGE)
+    sched = PrefillScheduler(kv, max_tokens=3 * PAGE)
+    doc = document(21, 5 * PAGE + 1)
+    first, second = request("first", doc), request("second", doc + document(22, 7))
+    sched.add(first)
+    chunks, reqs = planned(sched)
+    assert chunks == [("first", 0, 3 * PAGE)]
+    finish(sched, reqs, [3 * PAGE])
+    sched.add(second)
+    chunks, reqs = planned(sched)  # the rest of `first` (pages 3 and 4 full, page 5 holds 1 token), then `second`
+    assert chunks == [("first", 3 * PAGE, 2 * PAGE + 1), ("second", 5 * PAGE, PAGE - 1)]
+    assert second.block_ids[:5] == first.block_ids[:5] and second.block_ids[5] != first.block_ids[5]
+    assert second.num_cached_tokens == 5 * PAGE
+    finish(sched, reqs, [2 * PAGE + 1, PAGE - 1])
+    for r in (first, second):
+        sched.drop(r)
+    assert_kv_whole(kv)
+
+
+@pytest.mark.parametrize("publisher_first", [True, False])
+def test_an_iteration_that_is_never_queued_takes_its_pages_out_of_the_cache(publisher_first: bool) -> None:
+    """The pages published ahead for an iteration that could not be queued are never written: once its requests
+    are dropped (those that hit them too, in either order), no later request may hit them."""
+    kv = KVManager(BlockAllocator(16), PAGE)
+    sched = PrefillScheduler(kv, max_tokens=64)
+    prompt = document(23, 3 * PAGE + 1)
+    publisher, hitter = request("publisher", prompt), request("hitter", prompt)
+    sched.add(publisher)
+    sched.add(hitter)
+    chunks, reqs = planned(sched)
+    assert reqs == [publisher, hitter] and hitter.num_computed_tokens == 3 * PAGE
+    kv.allocator.check_integrity()
+    for r in (reqs if publisher_first else reversed(reqs)):
+        sched.drop(r)
+        kv.allocator.check_integrity()
+    later = request("later", prompt)
+    kv.match_prefix(later)
+    assert later.num_computed_tokens == 0 and not later.block_ids, "a page that was never written was served"
+    assert_kv_whole(kv)
+
+
+def assert_kv_whole(kv: KVManager) -> None:
+    kv.allocator.check_integrity()
+    assert kv.num_free_pages == kv.allocator.num_blocks
+
+
 # -- the engine --------------------------------------------------------------------------------------
 
 
@@ -234,3 +341,172 @@ def test_reset_prefix_cache_makes_the_next_prompt_computed_again(llm: LLM) -> No
     assert one(llm, prompt).num_cached_tokens == 0
     assert one(llm, prompt).num_cached_tokens == 2 * ENGINE_PAGE
     assert_pool_whole(llm)
+
+
+# -- the engine: hits within one prefill iteration ---------------------------------------------------------------------
+
+SYSTEM = document(30, 3 * ENGINE_PAGE + 5)  # a long shared system prompt: 3 full pages and 5 tokens of a fourth
+BURSTS = {
+    "n": [SYSTEM + document(31, 6)] * 3,  # the siblings of one prompt (n = 3)
+    "system prompt": [SYSTEM + document(32 + i, 6 + i) for i in range(3)],  # chats sharing their system prompt
+}
+
+
+class InjectedFault(RuntimeError):
+    """A step's failure made by the test (the device stays usable)."""
+
+
+def by_hand(model_dir: Path, mode: str, deltas: list[TokenDelta], overlap: bool = True,
+            prefix_caching: bool = True) -> EngineCore:
+    """An engine whose workers this thread steps (nothing runs on its own), one iteration large enough for a burst."""
+    config = EngineConfig(model=str(model_dir), mode=mode, overlap_decode=overlap, overlap_prefill=overlap,
+                          cache=CacheConfig(page_size=ENGINE_PAGE, enable_prefix_caching=prefix_caching),
+                          scheduler=SchedulerConfig(max_prefill_tokens=256))
+    return EngineCore(config, emit=deltas.extend)
+
+
+def record_prefills(core: EngineCore) -> list[list[tuple[str, int, int]]]:
+    """Each forward pass's prompt chunks, (request id, start, tokens), as its runner is asked to queue it."""
+    log: list[list[tuple[str, int, int]]] = []
+    for w in core.workers:
+        forward = w.runner.forward
+
+        def recording(plan: BatchPlan, carry: object = None, _forward=forward):  # type: ignore[no-untyped-def]
+            if plan.prefills:
+                log.append([(c.request_id, c.start, c.num_tokens) for c in plan.prefills])
+            return _forward(plan, carry)
+
+        w.runner.forward = recording  # type: ignore[method-assign]
+    return log
+
+
+def step_until_done(core: EngineCore, rids: list[str], deltas: list[TokenDelta]) -> None:
+    for _ in range(200):
+        if all(rid in ended(deltas) for rid in rids):
+            break
+        for w in core.workers:
+            w.step()
+    assert all(rid in ended(deltas) for rid in rids), f"not ended: {set(rids) - set(ended(deltas))}"
+
+
+def ended(deltas: list[TokenDelta]) -> dict[str, FinishReason]:
+    return {d.request_id: d.finish_reason for d in deltas if d.finish_reason is not None}
+
+
+def output(deltas: list[TokenDelta], rid: str) -> list[int]:
+    return [t for d in deltas if d.request_id == rid for t in d.new_token_ids]
+
+
+def cached(deltas: list[TokenDelta], rid: str) -> int:
+    return max(d.num_cached_tokens for d in deltas if d.request_id == rid)
+
+
+def alone(model_dir: Path, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
+    """Each prompt's tokens run alone on an engine without prefix caching."""
+    deltas: list[TokenDelta] = []
+    core = by_hand(model_dir, "unified", deltas, overlap=False, prefix_caching=False)
+    outs = []
+    for i, prompt in enumerate(prompts):
+        core.add_request(f"alone-{i}", prompt, params)
+        step_until_done(core, [f"alone-{i}"], deltas)
+        outs.append(output(deltas, f"alone-{i}"))
+    return outs
+
+
+def whole(core: EngineCore) -> None:
+    core.allocator.check_integrity()
+    assert core.allocator.num_free == core.allocator.num_blocks and core.num_unfinished == 0
+
+
+BURST_PARAMS = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
+
+
+@pytest.mark.parametrize("burst", sorted(BURSTS))
+@pytest.mark.parametrize("mode", ["unified", "semi-pd"])
+def test_requests_arriving_together_compute_their_shared_prefix_once(model_dir: Path, mode: str, burst: str) -> None:
+    """Requests sharing a prefix, admitted into one prefill iteration, compute its full pages once: the first
+    request computes them, the others hit them in that same iteration (the prefix-cache hit counters, vLLM's
+    `prefix_cache_hits`, count them; the iteration computes only the rest of their prompts), and each generates
+    what it generates alone."""
+    prompts = BURSTS[burst]
+    deltas: list[TokenDelta] = []
+    core = by_hand(model_dir, mode, deltas)
+    prefills = record_prefills(core)
+    rids = [f"r{i}" for i in range(len(prompts))]
+    for rid, prompt in zip(rids, prompts):
+        core.add_request(rid, prompt, BURST_PARAMS)
+    step_until_done(core, rids, deltas)
+    shared = 3 * ENGINE_PAGE
+    assert prefills[0] == [("r0", 0, len(prompts[0]))] + [(rid, shared, len(p) - shared)
+                                                         for rid, p in zip(rids[1:], prompts[1:])]
+    assert len(prefills) == 1, "the burst took more than one prefill iteration"
+    assert [cached(deltas, rid) for rid in rids] == [0] + [shared] * (len(prompts) - 1)
+    stats = core.stats()
+    assert (stats.prefix_queried_tokens, stats.prefix_hit_tokens) == (sum(map(len, prompts)), 2 * shared)
+    assert set(ended(deltas).values()) == {FinishReason.LENGTH}
+    assert [output(deltas, rid) for rid in rids] == alone(model_dir, prompts, BURST_PARAMS)
+    whole(core)
+
+
+def fail_the_burst(core: EngineCore, rids: set[str]) -> list[int]:
+    """Make the forward pass with prompt chunks of all of `rids` raise, before it queues anything (once); the list
+    counts the failures."""
+    failures: list[int] = []
+    for w in core.workers:
+        forward = w.runner.forward
+
+        def failing(plan: BatchPlan, carry: object = None, _forward=forward):  # type: ignore[no-untyped-def]
+            if not failures and rids <= {c.request_id for c in plan.prefills}:
+                failures.append(1)
+                raise InjectedFault("injected failure")
+            return _forward(plan, carry)
+
+        w.runner.forward = failing  # type: ignore[method-assign]
+    return failures
+
+
+PATHS = {  # mode, overlap, a decode running when the burst arrives (the step is queued behind it)
+    "semi-pd prefill iteration": ("semi-pd", True, False),
+    "unified step": ("unified", True, False),
+    "unified step, one at a time": ("unified", False, False),
+    "unified step queued behind a decode step": ("unified", True, True),
+}
+
+
+@pytest.mark.parametrize("path", sorted(PATHS))
+def test_pages_published_for_an_iteration_that_failed_are_not_served_later(model_dir: Path, path: str) -> None:
+    """When the iteration in which one request hit pages that another computes cannot be queued, those pages are
+    never written: both requests end with an engine error, and a later request with the same prompt computes it
+    (no hit) and generates what it generates alone."""
+    mode, overlap, behind_decode = PATHS[path]
+    prompt = BURSTS["n"][0]
+    deltas: list[TokenDelta] = []
+    core = by_hand(model_dir, mode, deltas, overlap=overlap)
+    worker = core.workers[0]
+    if behind_decode:
+        core.add_request("decoding", document(40, 5), SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))
+        while len(output(deltas, "decoding")) < 2:
+            worker.step()
+        assert worker._inflight is not None
+    failures = fail_the_burst(core, {"a", "b"})
+    core.add_request("a", prompt, BURST_PARAMS)
+    core.add_request("b", prompt, BURST_PARAMS)
+    escaped = []
+    for _ in range(3):
+        try:
+            worker.step()
+        except InjectedFault as e:  # a step queued behind a decode step lets it escape (the worker's loop logs it)
+            escaped.append(e)
+        core.allocator.check_integrity()
+    assert failures == [1] and len(escaped) == int(behind_decode)
+    assert {rid: ended(deltas).get(rid) for rid in ("a", "b")} == {"a": FinishReason.ERROR, "b": FinishReason.ERROR}
+    core.add_request("c", prompt, BURST_PARAMS)
+    step_until_done(core, ["c", "decoding"] if behind_decode else ["c"], deltas)
+    assert cached(deltas, "c") == 0, "a page that was never written was served from the prefix cache"
+    (expected,) = alone(model_dir, [prompt], BURST_PARAMS)
+    assert ended(deltas)["c"] == FinishReason.LENGTH and output(deltas, "c") == expected
+    if behind_decode:  # its step was queued again, alone
+        (expected,) = alone(model_dir, [document(40, 5)], SamplingParams(max_tokens=12, temperature=0.0,
+                                                                          ignore_eos=True))
+        assert ended(deltas)["decoding"] == FinishReason.LENGTH and output(deltas, "decoding") == expected
+    whole(core)

@@ -433,8 +433,11 @@ class Worker:
                     self._inflight = self._launch(chunks, reqs, carry, p_chunks, p_reqs, defer_draw=any(
                         r.grammar is not None or r.params.needs_penalties for r in reqs))
                     self.steps_queued_ahead += 1
-                except Exception:  # take the running step's tokens first; its requests retry one step at a time
-                    self._collect(running)
+                except Exception as e:  # take the running step's tokens first; its decodes retry one step at a
+                    try:  # time, and its prompt chunks' requests end (`PrefillScheduler.schedule`)
+                        self._collect(running)
+                    finally:
+                        self._fail([], p_reqs, e)
                     raise
         try:
             self._collect(running)

@@ -5,6 +5,11 @@ pages are keyed by a hash chain (`page_hashes`) so a later request with the same
 prefix reuses them. A page whose last holder freed it stays cached ("evictable")
 until its space is needed. Every public method takes one lock, so the prefill and
 the decode worker may call it at the same time.
+
+A page may be published "pending": before the iteration that writes its KV is queued, so that a request planned
+later into the same iteration hits it (in every layer, a forward pass writes the new K/V of the whole batch into
+the pool before attention reads it). A pending page is held; it is `settle`d once that iteration is queued, or
+`withdraw`n if it never will be, and so never sits in the cache unheld.
 """
 
 from __future__ import annotations
@@ -68,6 +73,7 @@ class BlockAllocator:
         self._evictable: OrderedDict[int, None] = OrderedDict()  # refcount 0, hashed, LRU first
         self._hash_to_block: dict[int, int] = {}
         self._block_to_hash: dict[int, int] = {}
+        self._pending: set[int] = set()  # published, held, their KV's iteration not queued yet
         self.prefix_queries = 0
         self.prefix_hits = 0
 
@@ -139,8 +145,9 @@ class BlockAllocator:
             self.prefix_hits += len(hit)
             return hit
 
-    def cache(self, block: int, h: int) -> None:
-        """Publish a held, fully written page under hash `h` for later prefix hits.
+    def cache(self, block: int, h: int, pending: bool = False) -> None:
+        """Publish a held page under hash `h` for later prefix hits: fully written, or (`pending`) to be written by
+        the iteration being planned, which every request that hits it before `settle` joins.
 
         If another page already carries `h` (two requests computed the same prefix at
         once), this one stays private.
@@ -153,6 +160,22 @@ class BlockAllocator:
                 return
             self._hash_to_block[h] = block
             self._block_to_hash[block] = h
+            if pending:
+                self._pending.add(block)
+
+    def settle(self, blocks: Iterable[int]) -> None:
+        """The iteration that writes `blocks` is queued: those of them published pending are plain cached pages."""
+        with self._lock:
+            self._pending.difference_update(blocks)
+
+    def withdraw(self, blocks: Iterable[int]) -> None:
+        """The iteration that was to write `blocks` will not run: those of them published pending leave the prefix
+        cache (the others are untouched). Their holders keep them; a request that hit one must not run either."""
+        with self._lock:
+            for b in blocks:
+                if b in self._pending:
+                    self._pending.remove(b)
+                    del self._hash_to_block[self._block_to_hash.pop(b)]
 
     def reset_prefix_cache(self) -> int:
         """Forget every cached page nobody holds (they become plain free pages); returns how many.
@@ -184,5 +207,8 @@ class BlockAllocator:
                 if b in free:
                     assert b not in self._block_to_hash, f"free block {b} still carries a hash"
             assert len(self._hash_to_block) == len(self._block_to_hash)
+            for b in self._pending:
+                assert b in self._block_to_hash, f"pending block {b} carries no hash"
+                assert self._refcount[b] > 0, f"pending block {b} (KV never written) is cached unheld"
             for h, b in self._hash_to_block.items():
                 assert self._block_to_hash[b] == h, f"hash maps of block {b} disagree"

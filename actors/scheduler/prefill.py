@@ -93,7 +93,11 @@ class PrefillScheduler:
 
     def schedule(self, budget: int | None = None, preempt: bool = True) -> tuple[list[SeqChunk], list[Request]]:
         """Plan this iteration's prefill chunks; `budget` tokens at most (default: max_tokens). Not `preempt`:
-        no partial prefill gives its pages back (a queued iteration may still write them)."""
+        no partial prefill gives its pages back (a queued iteration may still write them).
+
+        A request admitted into the iteration may hit the pages that chunks planned before it compute (see `_plan`).
+        The caller queues the iteration and calls `finish_chunk` for every chunk, or, if it cannot be queued, `drop`s
+        every one of its requests (those hits would read pages that are never written)."""
         budget = self.max_tokens if budget is None else budget
         if budget <= 0:
             return [], []
@@ -108,7 +112,7 @@ class PrefillScheduler:
             n = self.kv.grow(req, min(budget, req.num_uncomputed))
             if n == 0:  # the decode worker took the page admission counted on; retry next iteration
                 break
-            chunks.append(_chunk(req, n))
+            chunks.append(self._plan(req, n))
             reqs.append(req)
             budget -= n
         return chunks, reqs
@@ -123,10 +127,17 @@ class PrefillScheduler:
             n = self.kv.grow(req, min(budget, req.num_uncomputed))
             if n == 0:
                 continue
-            chunks.append(_chunk(req, n))
+            chunks.append(self._plan(req, n))
             reqs.append(req)
             budget -= n
         return chunks, reqs, budget
+
+    def _plan(self, req: Request, n: int) -> SeqChunk:
+        """The request's next `n` tokens as this iteration's chunk; its full pages among them are published ahead
+        (`KVManager.publish_ahead`), so that a request admitted after it into this iteration hits them."""
+        chunk = _chunk(req, n)
+        self.kv.publish_ahead(req, chunk.context_len)
+        return chunk
 
     def _admit_next(self) -> Request | None:
         """Move the first waiting request (in `order`) to running if a page is free for it.
@@ -170,13 +181,12 @@ class PrefillScheduler:
         self.kv.release(req)
 
     def finish_chunk(self, req: Request, num_tokens: int) -> None:
-        """Account for a computed chunk; a request whose tokens are all computed leaves `running`.
+        """Account for a computed chunk (queued at least); a request whose tokens are all computed leaves `running`.
 
         A chunk that stops one token short of the end sampled nothing: the request stays,
         and its last token is computed (and sampled from) in a later chunk.
         """
-        req.num_computed_tokens += num_tokens
-        self.kv.publish(req)
+        self.kv.commit(req, num_tokens)
         if req.num_uncomputed == 0 and req in self.running:
             self.running.remove(req)
 
