@@ -597,3 +597,63 @@ def test_disagg_with_device_transport_matches_unified_flashinfer(tiny_llama: Pat
     a = ModelArch.from_dir(tiny_llama)
     per_page = a.num_layers * 2 * page * a.num_kv_heads * a.head_dim * 2  # fp16
     assert transport.bytes_moved == sum(pages_for(len(p), page) for p in prompts) * per_page
+
+
+@pytest.mark.parametrize("mode", ["unified", "semi-pd"])
+def test_requests_arriving_together_read_the_prefix_pages_one_of_them_writes_in_the_same_pass(
+        tiny_llama: Path, mode: str) -> None:
+    """flashinfer: requests admitted into one prefill iteration after one that computes their shared prefix (n > 1,
+    chats sharing a system prompt) hit its pages and read their KV in that same forward pass, which writes every
+    layer's new K/V into the pool before that layer's attention runs. Their tokens are those of the same burst with
+    prefix caching off (but at ties)."""
+    from types import SimpleNamespace
+
+    from actors.config import EngineConfig
+    from actors.engine.core import EngineCore
+    from actors.request import TokenDelta
+    from actors.scheduler.plan import BatchPlan
+
+    gen = torch.Generator().manual_seed(2)
+    system = torch.randint(0, 512, (100,), generator=gen).tolist()  # 6 full pages of 16 and 4 tokens
+    tails = [torch.randint(0, 512, (20 + i,), generator=gen).tolist() for i in range(4)]
+    prompts = [system + tails[0]] * 3 + [system + t for t in tails[1:]]
+
+    def burst(prefix_caching: bool) -> tuple[list[tuple[int, int]], list[SimpleNamespace]]:
+        """The first prefill iteration's chunks (start, tokens), and each request's tokens and logprobs."""
+        deltas: list[TokenDelta] = []
+        core = EngineCore(EngineConfig(model=str(tiny_llama), mode=mode, cache=CacheConfig(
+            num_pages=512, enable_prefix_caching=prefix_caching), scheduler=SchedulerConfig(max_prefill_tokens=1024)),
+            emit=deltas.extend)
+        plans: list[list[tuple[int, int]]] = []
+        for w in core.workers:
+            w._adopt_split()  # what each worker's loop does first: its partition's stream
+            forward = w.runner.forward
+
+            def recording(plan: BatchPlan, carry: object = None, _forward=forward):  # type: ignore[no-untyped-def]
+                if plan.prefills:
+                    plans.append([(c.start, c.num_tokens) for c in plan.prefills])
+                return _forward(plan, carry)
+
+            w.runner.forward = recording  # type: ignore[method-assign]
+        for i, p in enumerate(prompts):
+            core.add_request(f"r{i}", p, GREEDY)
+        for _ in range(200):
+            if core.num_unfinished == 0:
+                break
+            for w in core.workers:
+                w.step()
+        assert core.num_unfinished == 0
+        core.allocator.check_integrity()
+        core.shutdown()
+        outs = [SimpleNamespace(token_ids=[t for d in deltas if d.request_id == f"r{i}" for t in d.new_token_ids],
+                                logprobs=[lp for d in deltas if d.request_id == f"r{i}" for lp in d.logprobs])
+                for i in range(len(prompts))]
+        return plans[0], outs
+
+    shared, cold = burst(True), burst(False)
+    siblings_hit = (len(prompts[0]) - 1) // 16 * 16
+    assert shared[0] == [(0, len(prompts[0]))] + [(siblings_hit, len(prompts[0]) - siblings_hit)] * 2 + [
+        (96, len(p) - 96) for p in prompts[3:]]
+    assert cold[0] == [(0, len(p)) for p in prompts]
+    assert all(len(o.token_ids) == GREEDY.max_tokens for o in shared[1])
+    assert len(_divergences(cold[1], shared[1])) <= 1
