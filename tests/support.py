@@ -138,11 +138,13 @@ def stop_stray_redis(port: int) -> None:
 
 class ServeProcess:
     """`semipd serve ARGS` in a process of its own (its own redis-server), its output lines collected as they
-    come."""
+    come. `new_session`: in a session and process group of its own (as a container's or a service's main
+    process), which the local Ray instance it starts joins: its pid is both groups' id."""
 
-    def __init__(self, args: Sequence[str]) -> None:
+    def __init__(self, args: Sequence[str], new_session: bool = False) -> None:
         self.proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "serve", *args], stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env_without_redis_url())
+                                     stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env_without_redis_url(),
+                                     start_new_session=new_session)
         self.lines: queue.Queue[str] = queue.Queue()
         self.seen: list[str] = []
         threading.Thread(target=lambda: [self.lines.put(x) for x in self.proc.stdout or ()], daemon=True).start()

@@ -1,15 +1,18 @@
 """Lifecycle of `semipd serve` and its parts: start-up interrupted by a signal, ports in use, the drain and its
-deadline, a second Ctrl-C, a signal during the shutdown, the private redis-server's process and directory, an
-engine actor shut down. Nothing the command started may outlive it, and no client may be left hanging or cut off.
+deadline, a second Ctrl-C, a signal during the shutdown, a SIGTERM to the whole process group (which stops the
+local Ray instance too), the private redis-server's process and directory, an engine actor shut down. Nothing the
+command started may outlive it, and no client may be left hanging or cut off.
 
-Most run in-process or in a small Python process with no Ray; `test_serve_ends_requests_past_the_drain` runs the
-whole command (Ray, Serve, an engine actor), and the `joined` tests run it with `--address` against the module's
-multi-node Ray cluster, whose engine other front ends share.
+Most run in-process or in a small Python process with no Ray; `test_serve_ends_requests_past_the_drain` and
+`test_sigterm_to_the_process_group_stops_everything_promptly` run the whole command (Ray, Serve, an engine actor),
+and the `joined` tests run it with `--address` against the module's multi-node Ray cluster, whose engine other
+front ends share.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import signal
 import socket
@@ -138,7 +141,7 @@ SHUTDOWN = """
     import os, signal, sys, types
     import ray
     from cluster.cli import build_parser
-    from cluster.commands.serve import Started, _shutdown
+    from cluster.commands.serve import RayCalls, Started, _shutdown
     from cluster.redis_server import RedisServerProcess
 
     # SIGTERM at its default action, as the serving loop's end leaves it; the rest stands for a cluster
@@ -157,9 +160,34 @@ SHUTDOWN = """
         print("TEARDOWN", flush=True)
 
     try:
-        _shutdown(args, started, drain, teardown)
+        _shutdown(args, started, drain, teardown, RayCalls(answers=lambda: True))
     except KeyboardInterrupt:
         sys.exit(130)
+"""
+
+GCS_LOST = """
+    import sys, threading, types
+    import ray
+    from cluster.cli import build_parser
+    from cluster.commands.serve import RayCalls, Started, _shutdown
+    from cluster.redis_server import RedisServerProcess
+
+    # a cluster whose GCS stops answering while the engines' shutdown waits for it
+    args = build_parser().parse_args(["serve", "--model", sys.argv[1], "--device", "cpu"])
+    redis = RedisServerProcess().start()
+    print("REDIS", redis.port, flush=True)
+    ray.is_initialized = lambda: True
+    ray.shutdown = lambda: print("RAY SHUTDOWN", flush=True)
+    gone = threading.Event()
+
+    def teardown(cfg, names=None, controller=True, graceful=True):
+        gone.set()
+        threading.Event().wait()  # as a call to a GCS that is gone: no answer, and no signal reaches it
+
+    started = Started(redis=redis, ray_started=True, cluster=types.SimpleNamespace(created=[]), drained=True, rc=0)
+    started.endpoints["redis"] = redis.url
+    _shutdown(args, started, None, teardown, RayCalls(answers=lambda: not gone.is_set()))
+    print("RETURNED", flush=True)
 """
 
 
@@ -227,6 +255,45 @@ def test_a_signal_before_or_after_serving_stops_everything_started(tiny_llama: P
             assert "TEARDOWN" in proc.stdout and "RAY SHUTDOWN" in proc.stdout
     finally:
         stop_stray_redis(port)
+
+
+@pytest.mark.timeout(120)
+def test_a_shutdown_step_blocked_on_a_gcs_that_is_gone_is_left_behind(tiny_llama: Path, tmp_path: Path) -> None:
+    """A step whose Ray call waits for a GCS that stops answering meanwhile (a signal to the process group
+    stopped it) is left behind: the steps after it that need Ray are skipped, the rest run, and the process ends
+    with the serving loop's status, past Ray's exit handler, which would wait for the GCS too."""
+    began = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(GCS_LOST), str(tiny_llama)], capture_output=True,
+                          text=True, cwd=ROOT, env={**env_without_redis_url(), "TMPDIR": str(tmp_path)}, timeout=100)
+    took = time.monotonic() - began
+    found = re.search(r"^REDIS (\d+)$", proc.stdout, re.M)
+    assert found, proc.stdout + proc.stderr
+    port = int(found.group(1))
+    try:
+        assert proc.returncode == 0 and took < 30, (took, proc.stdout + proc.stderr[-3000:])
+        assert "engine shutdown: left blocked in Ray" in proc.stderr and "semipd stopped" in proc.stderr
+        assert "RAY SHUTDOWN" not in proc.stdout and "RETURNED" not in proc.stdout
+        assert not redis_answers(port), "the redis-server still runs"
+        assert not list(tmp_path.glob("semipd-redis-*")), "its directory is left"
+    finally:
+        stop_stray_redis(port)
+
+
+def test_ray_calls_raise_what_a_call_raised_and_skip_calls_once_the_gcs_is_lost() -> None:
+    from cluster.commands.serve import RayCalls
+
+    answers = [True, False]
+    calls = RayCalls(answers=lambda: answers.pop(0))
+    ran: list[str] = []
+
+    def fail() -> None:
+        ran.append("fail")
+        raise RuntimeError("no such actor")
+
+    with pytest.raises(RuntimeError, match="no such actor"):
+        calls.call("first", fail)
+    calls.call("second", ran.append, "second")
+    assert ran == ["fail"] and calls.lost and not calls.blocked
 
 
 # -- an engine actor shut down ---------------------------------------------------------------------
@@ -338,6 +405,63 @@ def test_serve_ends_requests_past_the_drain(tiny_llama: Path, case: str) -> None
         assert not redis_answers(redis_port), "the redis-server still runs"
         wait_until(lambda: not tcp_open(gcs), 20, "Ray's GCS to stop")
     finally:
+        server.stop()
+
+
+def session_processes(sid: int) -> dict[int, str]:
+    """The processes of session `sid` that have not ended (zombies have): pid -> name."""
+    out = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        name, fields = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:].split()
+        if int(fields[3]) == sid and fields[0] != "Z":  # fields: state, ppid, process group, session
+            out[int(pid)] = name
+    return out
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads processes' sessions from /proc")
+@pytest.mark.timeout(240)
+def test_sigterm_to_the_process_group_stops_everything_promptly(tiny_llama: Path) -> None:
+    """SIGTERM to the whole process group (docker stop, systemd, Kubernetes, `kill -TERM -PGID`) reaches the Ray
+    instance `semipd serve` started (its GCS and raylet are in the group) as well: the request in flight ends
+    (drained until the deadline, or cut short by the end of Ray's processes), the shutdown skips what needs the
+    GCS, and the command exits 0 within seconds with nothing it started left running. Its shutdown waited in a
+    call to the stopped GCS until Ray's core worker ended the process a minute later, with exit 1 and no
+    "semipd stopped"."""
+    http = free_port()
+    server = ServeProcess(["--model", str(tiny_llama), "--device", "cpu", "--http-port", str(http), "--grpc-port",
+                           "0", "--num-pages", "1024", "--drain-timeout", "3"], new_session=True)
+    sid = server.proc.pid
+    client: dict[str, Any] = {}
+    try:
+        server.read_until("serving; Ctrl-C to stop", 180)
+        redis_port = server.redis_port
+        assert redis_port is not None
+        names = session_processes(sid).values()
+        assert {"gcs_server", "raylet"} <= set(names) and any(n.startswith("ray::") for n in names), names
+        stream = threading.Thread(target=stream_completion, args=(f"http://127.0.0.1:{http}", tiny_llama.name,
+                                                                  [256, 7, 1], client), daemon=True)
+        stream.start()
+        wait_until(lambda: client.get("tokens", 0) > 0 or "end" in client, 60, "the stream to start")
+        assert "end" not in client, client
+        os.killpg(sid, signal.SIGTERM)
+        signalled = time.monotonic()
+        server.read_until("semipd stopped", 25)
+        assert server.proc.wait(timeout=max(0.1, signalled + 25 - time.monotonic())) == 0
+        exited = time.monotonic() - signalled
+        out = "".join(server.seen)
+        assert "Ray's GCS does not answer" in out, out[-3000:]
+        assert session_processes(sid) == {}, f"left running {exited:.1f} s after the signal"
+        assert not redis_answers(redis_port), "the redis-server still runs"
+        stream.join(timeout=10)
+        assert client.get("ended", float("inf")) - signalled < 25, client
+    finally:
+        for pid in session_processes(sid):
+            os.kill(pid, signal.SIGKILL)
         server.stop()
 
 

@@ -6,7 +6,9 @@ OpenAI HTTP API (the Ray Serve app, `cluster.serve_app.build_app`) with the gRPC
 service in its replica; without the Serve app, the gRPC server runs here over a Router.
 `--self-test` sends one request through the HTTP API (or the Router) and prints the
 answer. Ctrl-C / SIGTERM drains (new requests refused, in-flight ones finish within
---drain-timeout) and shuts everything down that this command started.
+--drain-timeout) and shuts everything down that this command started. A SIGTERM to the whole process group
+(docker stop, systemd, Kubernetes) also ends the local Ray instance's GCS and raylet, which `ray.init` started
+in it: the shutdown then skips what needs the GCS and ends the rest without it (`RayCalls`), within seconds.
 
 It takes the `vllm serve` flags users know (README.md, 'From vllm serve'): the model as a positional argument,
 vLLM's names for the engine settings semipd has, vLLM's flags for settings semipd has one value of (that value
@@ -19,12 +21,14 @@ import argparse
 import asyncio
 import importlib
 import logging
+import os
 import re
 import signal
 import socket
 import sys
 import threading
 import time
+import traceback
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -388,6 +392,7 @@ class Started:
     cluster: Any = None
     serve: bool = False
     drained: bool = False  # the serving loop drained (or a second signal cut its drain short)
+    rc: int | None = None  # the serving loop's exit status, once it returned
     created: list[str] = field(default_factory=list)  # actors started here, as they start (ensure_cluster)
     endpoints: dict[str, str] = field(default_factory=dict)
 
@@ -459,7 +464,8 @@ def run(args: argparse.Namespace) -> int:
             started.endpoints["http"] = f"http://{args.host}:{args.http_port}/v1"
             if grpc_in_app:
                 started.endpoints["grpc"] = f"{args.host}:{args.grpc_port} (in the Serve replica)"
-        return asyncio.run(_serve(args, cfg, started, run_grpc=bool(args.grpc_port) and not grpc_in_app))
+        started.rc = asyncio.run(_serve(args, cfg, started, run_grpc=bool(args.grpc_port) and not grpc_in_app))
+        return started.rc
     finally:
         try:
             _shutdown(args, started, drain_cluster, teardown_cluster)
@@ -575,17 +581,22 @@ async def _self_test(args: argparse.Namespace, router: Any, started: Started) ->
     return 0
 
 
-def _shutdown(args: argparse.Namespace, started: Started, drain: Any, teardown: Any) -> None:
+def _shutdown(args: argparse.Namespace, started: Started, drain: Any, teardown: Any,
+              calls: RayCalls | None = None) -> None:
     """Stop what this command started: the engine actors it created, Serve, Ray, Redis.
 
     Every step is tried: a Ctrl-C or SIGTERM cuts the step it comes in short (a second Ctrl-C during the drain
     stops waiting for the requests in flight) and is raised once all are done; a step that fails is logged.
     The engines go before the HTTP front end: requests still running past the drain deadline end with an
     error through it (Serve's shutdown first cut their connections mid-stream).
+    The steps that talk to Ray go through `calls` (a `RayCalls`): once Ray's GCS stops answering (a signal to the
+    whole process group stopped the local Ray instance too) they are skipped, the local instance's processes
+    are ended without it, and the process ends here, past Ray's exit handler (`_exit_past_ray`).
     """
     import ray
 
     _catch_sigterm()
+    calls = calls if calls is not None else RayCalls()
     interrupted: BaseException | None = None
 
     def step(what: str, fn: Any, *fn_args: Any, **kwargs: Any) -> None:
@@ -598,28 +609,193 @@ def _shutdown(args: argparse.Namespace, started: Started, drain: Any, teardown: 
         except Exception as e:
             log.warning("%s failed: %s", what, e)
 
+    def ray_step(what: str, fn: Any, *fn_args: Any, **kwargs: Any) -> None:
+        step(what, calls.call, what, fn, *fn_args, **kwargs)
+
     if ray.is_initialized() and (started.cluster is not None or started.created):
         from cluster.bootstrap import resume_cluster
 
         cfg = cluster_config(args, started.endpoints.get("redis"))
         ready = started.cluster is not None  # else the start-up was cut short: nothing served yet
         if ready and not started.drained:  # actors still serving (an error before the drain) finish in-flight work
-            step("drain", drain, cfg, args.drain_timeout)
+            ray_step("drain", drain, cfg, args.drain_timeout)
         if started.ray_started:  # everything in this Ray instance is this command's
-            step("engine shutdown", teardown, cfg, names=None, controller=True, graceful=ready)
+            ray_step("engine shutdown", teardown, cfg, names=None, controller=True, graceful=ready)
         else:  # joined a cluster: stop the actors this command started, and let the others serve again
-            step("engine shutdown", teardown, cfg, names=[n for n in cfg.actor_names if n in started.created],
-                 controller=cfg.controller_name in started.created, graceful=ready)
-            step("resume", resume_cluster, cfg, [n for n in cfg.actor_names if n not in started.created])
+            ray_step("engine shutdown", teardown, cfg, names=[n for n in cfg.actor_names if n in started.created],
+                     controller=cfg.controller_name in started.created, graceful=ready)
+            ray_step("resume", resume_cluster, cfg, [n for n in cfg.actor_names if n not in started.created])
     if started.serve:
         from ray import serve
 
-        step("serve shutdown", serve.shutdown)
+        ray_step("serve shutdown", serve.shutdown)
     if started.ray_started or ray.is_initialized():
-        step("ray shutdown", ray.shutdown)
+        step("ray shutdown", _stop_ray, calls)
+    without_ray = calls.lost or calls.blocked  # Ray's exit handler would wait for its GCS or for the call
+    if without_ray and started.ray_started:
+        step("ray processes", _end_local_ray)
     if started.redis is not None:
         step("redis-server shutdown", started.redis.cleanup)
     print("semipd stopped", file=sys.stderr, flush=True)
+    if without_ray:
+        _exit_past_ray(interrupted, started.rc)
     if interrupted is not None:
         raise interrupted
 
+
+GCS_PROBE_TIMEOUT_S = 2.0  # a GCS that does not answer a KV read within this is taken for gone
+GCS_PROBE_INTERVAL_S = 1.0  # how often a shutdown step's GCS is asked while the step runs
+RAY_WORKER_EXIT_TIMEOUT_S = 5.0  # Ray's worker processes end themselves once their raylet is gone; else killed
+
+
+def gcs_answers(timeout_s: float = GCS_PROBE_TIMEOUT_S) -> bool:
+    """Whether this process's Ray GCS answers a KV read within `timeout_s` (False: not connected to Ray).
+
+    It asks the server: the GCS that a local `ray.init` started in this process's group ends with a signal to
+    the group, and until this process reaps it, Ray's process bookkeeping sees it alive."""
+    from ray._private import worker
+
+    try:
+        worker.global_worker.gcs_client.internal_kv_get(b"semipd-gcs-probe", namespace=b"semipd",
+                                                        timeout=timeout_s)
+    except Exception:
+        return False
+    return True
+
+
+class RayCalls:
+    """The shutdown's calls into Ray, each in a thread of its own, waited for only while Ray's GCS answers.
+
+    A call that needs a GCS which is gone (`ray.get_actor`, `ray.kill`, `serve.shutdown`) blocks inside Ray, where
+    no signal reaches it, until Ray's core worker ends the whole process a minute later (exit 1, nothing stopped).
+    Once a probe (`answers`) fails the GCS is `lost`: the call is left behind (`blocked`) and later ones are
+    skipped, each with a line saying so.
+    """
+
+    def __init__(self, answers: Callable[[], bool] = gcs_answers) -> None:
+        self.answers = answers
+        self.lost = False
+        self._threads: list[threading.Thread] = []
+
+    @property
+    def blocked(self) -> bool:
+        """Whether a call is still running in Ray (left behind when the GCS was lost, or by a signal)."""
+        return any(t.is_alive() for t in self._threads)
+
+    def call(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        """Run `fn(*args, **kwargs)`; return once it ends (raising what it raised) or the GCS is lost. A signal
+        while it runs is raised here, and `fn` goes on in its thread (`settle` waits for it)."""
+        if not self._check():
+            print(f"{what}: skipped", file=sys.stderr, flush=True)
+            return
+        failed: list[BaseException] = []
+
+        def target() -> None:
+            try:
+                fn(*args, **kwargs)
+            except BaseException as e:  # raised in the caller's thread
+                failed.append(e)
+
+        thread = threading.Thread(target=target, name=f"semipd {what}", daemon=True)
+        self._threads.append(thread)
+        thread.start()
+        self._wait()
+        if thread.is_alive():
+            print(f"{what}: left blocked in Ray", file=sys.stderr, flush=True)
+        elif failed:
+            raise failed[0]
+
+    def settle(self) -> None:
+        """Wait for the calls a signal left running, while the GCS answers."""
+        self._wait()
+
+    def _wait(self) -> None:
+        while self.blocked and not self.lost:
+            for t in self._threads:
+                t.join(GCS_PROBE_INTERVAL_S)
+            if self.blocked:
+                self._check()
+
+    def _check(self) -> bool:
+        """Whether the GCS still answers; the first time it does not, say so (`lost` from then on)."""
+        if not self.lost and not self.answers():
+            self.lost = True
+            print("Ray's GCS does not answer (did the signal stop Ray too?): the shutdown steps that need it are "
+                  "skipped", file=sys.stderr, flush=True)
+        return not self.lost
+
+
+def _stop_ray(calls: RayCalls) -> None:
+    """`ray.shutdown` (which ends the Ray instance this process started), once the calls a signal left running
+    ended; not once the GCS is lost: it would wait for it."""
+    import ray
+
+    calls.settle()
+    if not calls.lost:
+        ray.shutdown()
+
+
+def _end_local_ray() -> None:
+    """End the Ray instance this process started without its GCS: the processes `ray.init` started (GCS, raylet,
+    ...: killed, and reaped), then the worker processes of its raylet (actors, Serve's proxy and replicas; in
+    process groups of their own, they end once their raylet is gone, or are killed after
+    RAY_WORKER_EXIT_TIMEOUT_S)."""
+    from ray._private import worker
+
+    node = worker._global_node
+    if node is None:
+        return
+    raylets = [p.process.pid for p in node.all_processes.get("raylet", [])]
+    node.kill_all_processes(check_alive=False, allow_graceful=False)  # a GCS that does not answer
+    workers = [pid for raylet in raylets for pid in _workers_of(raylet)]
+    deadline = time.monotonic() + RAY_WORKER_EXIT_TIMEOUT_S
+    while (left := [pid for pid in workers if _running(pid)]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for pid in left:
+        log.warning("Ray worker process %d did not end with its raylet: killed", pid)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _workers_of(raylet_pid: int) -> list[int]:
+    """The processes a raylet started (Ray sets RAY_RAYLET_PID in their environment); none without /proc."""
+    marker = f"RAY_RAYLET_PID={raylet_pid}".encode()
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc") if os.path.isdir("/proc") else []):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if marker in f.read().split(b"\0"):
+                    found.append(int(pid))
+        except OSError:  # ended, or another user's
+            pass
+    return found
+
+
+def _running(pid: int) -> bool:
+    """Whether process `pid` exists and has not ended (a zombie has)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(") ", 1)[1][0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _exit_past_ray(interrupted: BaseException | None, rc: int | None) -> None:
+    """End the process now, without Ray's exit handler (`ray.shutdown`), which waits for a GCS that is gone (and for
+    a call blocked in Ray, then crashes), with the status the command would have had: that of the signal that
+    interrupted the shutdown or the command, else of an error that ended it, else the serving loop's `rc`."""
+    ended = interrupted or sys.exc_info()[1]  # called from `run`'s `finally`: what ends the command, if anything
+    if isinstance(ended, SystemExit):
+        status = ended.code if isinstance(ended.code, int) else 1
+    elif isinstance(ended, KeyboardInterrupt):
+        status = EXIT_ON_SIGNAL + signal.SIGINT
+    elif ended is not None:
+        traceback.print_exception(ended)
+        status = 1
+    else:
+        status = rc if rc is not None else 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
