@@ -141,7 +141,8 @@ SHUTDOWN = """
     import os, signal, sys, types
     import ray
     from cluster.cli import build_parser
-    from cluster.commands.serve import RayCalls, Started, _shutdown
+    from cluster.commands.serve import Started, _shutdown
+    from cluster.local_ray import RayCalls
     from cluster.redis_server import RedisServerProcess
 
     # SIGTERM at its default action, as the serving loop's end leaves it; the rest stands for a cluster
@@ -169,7 +170,8 @@ GCS_LOST = """
     import sys, threading, types
     import ray
     from cluster.cli import build_parser
-    from cluster.commands.serve import RayCalls, Started, _shutdown
+    from cluster.commands.serve import Started, _shutdown
+    from cluster.local_ray import RayCalls
     from cluster.redis_server import RedisServerProcess
 
     # a cluster whose GCS stops answering while the engines' shutdown waits for it
@@ -280,7 +282,7 @@ def test_a_shutdown_step_blocked_on_a_gcs_that_is_gone_is_left_behind(tiny_llama
 
 
 def test_ray_calls_raise_what_a_call_raised_and_skip_calls_once_the_gcs_is_lost() -> None:
-    from cluster.commands.serve import RayCalls
+    from cluster.local_ray import RayCalls
 
     answers = [True, False]
     calls = RayCalls(answers=lambda: answers.pop(0))
