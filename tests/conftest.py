@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import signal
 import socket
 import subprocess
 from collections.abc import Callable, Iterator
@@ -13,6 +14,14 @@ import pytest
 from actors.models.make_model import make_model
 
 from support import free_port, wait_until
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Ctrl-C reaches the servers the tests start and signal, also when the suite itself was started with SIGINT
+    ignored (`nohup`, a background job of a script): an ignored signal stays ignored in every child process, so the
+    tests of what `semipd serve` does on Ctrl-C would see it do nothing."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")
