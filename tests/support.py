@@ -30,6 +30,7 @@ import pytest
 
 if TYPE_CHECKING:
     from actors.config import EngineConfig
+    from actors.engine.core import EngineCore
     from actors.engine.frontend import StreamChunk
     from cluster.engine_client import GenerateRequest, LocalEngineClient
     from cluster.router import Router
@@ -332,3 +333,30 @@ async def actor_stream(actor: Any, request: GenerateRequest) -> AsyncIterator[St
                     return
     finally:
         await outputs.aclose()
+
+
+def record_prefills(core: EngineCore) -> list[list[tuple[str, int, int]]]:
+    """Each forward pass's prompt chunks, (request id, start, tokens), as the engine's runners are asked to queue
+    them; the list fills as the engine runs."""
+    log: list[list[tuple[str, int, int]]] = []
+    for w in core.workers:
+        forward = w.runner.forward
+
+        def recording(plan: Any, carry: object = None, _forward: Callable[..., Any] = forward) -> Any:
+            if plan.prefills:
+                log.append([(c.request_id, c.start, c.num_tokens) for c in plan.prefills])
+            return _forward(plan, carry)
+
+        w.runner.forward = recording  # type: ignore[method-assign]
+    return log
+
+
+def step_until(core: EngineCore, done: Callable[[], bool], what: str = "the requests' ends",
+               max_steps: int = 200) -> None:
+    """Step each worker of an engine that this thread drives (no worker loop running) until `done()`."""
+    for _ in range(max_steps):
+        if done():
+            return
+        for w in core.workers:
+            w.step()
+    assert done(), f"{what}: not within {max_steps} steps of each worker"

@@ -18,7 +18,7 @@ from actors.engine.core import EngineCore, EngineDeadError
 from actors.engine.frontend import AsyncLLM, StreamChunk
 from actors.kv.pool import KVPool
 from actors.request import FinishReason, SamplingParams, TokenDelta
-from support import wait_until
+from support import step_until, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -163,12 +163,7 @@ def test_a_request_whose_event_loop_closed_unread_does_not_hold_up_the_others(ti
     loop = asyncio.new_event_loop()
     try:
         stream = loop.run_until_complete(submit([4, 5, 6], greedy(8)))
-        for _ in range(200):
-            if core.num_unfinished == 0:
-                break
-            for w in core.workers:
-                w.step()
-        assert core.num_unfinished == 0
+        step_until(core, lambda: core.num_unfinished == 0)
         chunks = loop.run_until_complete(read(stream))
     finally:
         loop.close()

@@ -19,6 +19,7 @@ from actors.disagg.transport import DeviceTransport
 from actors.engine.frontend import LLM, CompletionOutput
 from actors.kv.manager import pages_for
 from actors.request import SamplingParams
+from support import record_prefills, step_until
 
 pytestmark = [
     pytest.mark.gpu,
@@ -611,7 +612,6 @@ def test_requests_arriving_together_read_the_prefix_pages_one_of_them_writes_in_
     from actors.config import EngineConfig
     from actors.engine.core import EngineCore
     from actors.request import TokenDelta
-    from actors.scheduler.plan import BatchPlan
 
     gen = torch.Generator().manual_seed(2)
     system = torch.randint(0, 512, (100,), generator=gen).tolist()  # 6 full pages of 16 and 4 tokens
@@ -624,31 +624,18 @@ def test_requests_arriving_together_read_the_prefix_pages_one_of_them_writes_in_
         core = EngineCore(EngineConfig(model=str(tiny_llama), mode=mode, cache=CacheConfig(
             num_pages=512, enable_prefix_caching=prefix_caching), scheduler=SchedulerConfig(max_prefill_tokens=1024)),
             emit=deltas.extend)
-        plans: list[list[tuple[int, int]]] = []
         for w in core.workers:
             w._adopt_split()  # what each worker's loop does first: its partition's stream
-            forward = w.runner.forward
-
-            def recording(plan: BatchPlan, carry: object = None, _forward=forward):  # type: ignore[no-untyped-def]
-                if plan.prefills:
-                    plans.append([(c.start, c.num_tokens) for c in plan.prefills])
-                return _forward(plan, carry)
-
-            w.runner.forward = recording  # type: ignore[method-assign]
+        plans = record_prefills(core)
         for i, p in enumerate(prompts):
             core.add_request(f"r{i}", p, GREEDY)
-        for _ in range(200):
-            if core.num_unfinished == 0:
-                break
-            for w in core.workers:
-                w.step()
-        assert core.num_unfinished == 0
+        step_until(core, lambda: core.num_unfinished == 0)
         core.allocator.check_integrity()
         core.shutdown()
         outs = [SimpleNamespace(token_ids=[t for d in deltas if d.request_id == f"r{i}" for t in d.new_token_ids],
                                 logprobs=[lp for d in deltas if d.request_id == f"r{i}" for lp in d.logprobs])
                 for i in range(len(prompts))]
-        return plans[0], outs
+        return [(start, n) for _, start, n in plans[0]], outs
 
     shared, cold = burst(True), burst(False)
     siblings_hit = (len(prompts[0]) - 1) // 16 * 16

@@ -23,6 +23,7 @@ from actors.kv.manager import KVManager
 from actors.request import FinishReason, Request, SamplingParams, TokenDelta
 from actors.scheduler.plan import BatchPlan
 from actors.scheduler.prefill import PrefillScheduler
+from support import record_prefills, step_until
 
 PAGE = 4
 ENGINE_PAGE = 16
@@ -365,28 +366,8 @@ def by_hand(model_dir: Path, mode: str, deltas: list[TokenDelta], overlap: bool 
     return EngineCore(config, emit=deltas.extend)
 
 
-def record_prefills(core: EngineCore) -> list[list[tuple[str, int, int]]]:
-    """Each forward pass's prompt chunks, (request id, start, tokens), as its runner is asked to queue it."""
-    log: list[list[tuple[str, int, int]]] = []
-    for w in core.workers:
-        forward = w.runner.forward
-
-        def recording(plan: BatchPlan, carry: object = None, _forward=forward):  # type: ignore[no-untyped-def]
-            if plan.prefills:
-                log.append([(c.request_id, c.start, c.num_tokens) for c in plan.prefills])
-            return _forward(plan, carry)
-
-        w.runner.forward = recording  # type: ignore[method-assign]
-    return log
-
-
 def step_until_done(core: EngineCore, rids: list[str], deltas: list[TokenDelta]) -> None:
-    for _ in range(200):
-        if all(rid in ended(deltas) for rid in rids):
-            break
-        for w in core.workers:
-            w.step()
-    assert all(rid in ended(deltas) for rid in rids), f"not ended: {set(rids) - set(ended(deltas))}"
+    step_until(core, lambda: all(rid in ended(deltas) for rid in rids), f"the ends of {rids}")
 
 
 def ended(deltas: list[TokenDelta]) -> dict[str, FinishReason]:
