@@ -137,20 +137,24 @@ START_UP = """
     sys.exit(main(["serve", "--model", sys.argv[1], "--device", "cpu", "--http-port", "0", "--grpc-port", "0"]))
 """
 
-SHUTDOWN = """
-    import os, signal, sys, types
+SHUTDOWN_PRELUDE = """
+    import os, signal, sys, threading, types
     import ray
     from cluster.cli import build_parser
     from cluster.commands.serve import Started, _shutdown
     from cluster.local_ray import RayCalls
     from cluster.redis_server import RedisServerProcess
 
-    # SIGTERM at its default action, as the serving loop's end leaves it; the rest stands for a cluster
+    # a private redis-server started, and a Ray that stands for a cluster
     args = build_parser().parse_args(["serve", "--model", sys.argv[1], "--device", "cpu"])
     redis = RedisServerProcess().start()
     print("REDIS", redis.port, flush=True)
     ray.is_initialized = lambda: True
     ray.shutdown = lambda: print("RAY SHUTDOWN", flush=True)
+"""
+
+SHUTDOWN = SHUTDOWN_PRELUDE + """
+    # SIGTERM at its default action, as the serving loop's end leaves it
     started = Started(redis=redis, ray_started=True, cluster=types.SimpleNamespace(created=[]))
     started.endpoints["redis"] = redis.url
 
@@ -166,20 +170,8 @@ SHUTDOWN = """
         sys.exit(130)
 """
 
-GCS_LOST = """
-    import sys, threading, types
-    import ray
-    from cluster.cli import build_parser
-    from cluster.commands.serve import Started, _shutdown
-    from cluster.local_ray import RayCalls
-    from cluster.redis_server import RedisServerProcess
-
+GCS_LOST = SHUTDOWN_PRELUDE + """
     # a cluster whose GCS stops answering while the engines' shutdown waits for it
-    args = build_parser().parse_args(["serve", "--model", sys.argv[1], "--device", "cpu"])
-    redis = RedisServerProcess().start()
-    print("REDIS", redis.port, flush=True)
-    ray.is_initialized = lambda: True
-    ray.shutdown = lambda: print("RAY SHUTDOWN", flush=True)
     gone = threading.Event()
 
     def teardown(cfg, names=None, controller=True, graceful=True):
