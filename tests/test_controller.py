@@ -566,7 +566,9 @@ def test_decide_with_models_falls_back_per_engine() -> None:
     assert got["e-1"].reason == f"reactive fallback, {NO_MODEL}: {reactive.reason}"
     assert got["e-2"].reason.startswith("reactive fallback, latency model unreadable (KeyError")
     assert "model_fallback" not in got["e-0"].predicted and got["e-0"].predicted["best_sms"] > 64
-    assert got["e-0"].reason.startswith("switch 64->") and got["e-0"].prefill_sms > 72  # jumps, not one step
+    assert got["e-0"].prefill_sms > 72  # jumps, not one step
+    # urgent: past its target by far, observed past it, and the new split far better (`urgent_gain`)
+    assert got["e-0"].urgent and got["e-0"].reason.startswith("urgent switch 64->")
     # a "*" default covers every engine
     star = decide_with_models(ModelPolicy(_latency_model()), ReactivePolicy(), views, targets)
     assert all(not d.reason.startswith("reactive") for d in star.values())
@@ -592,7 +594,7 @@ def test_controller_model_policy_reads_published_models(redis_server: Any) -> No
         written = {d["engine_id"]: d for d in await ctl.tick()}
         assert sorted(written) == ["e-0", "e-1"] and ctl.engines_with_model == ["e-0"]
         by_model, fallback = written["e-0"], written["e-1"]
-        assert by_model["policy"] == "model" and by_model["reason"].startswith("switch 64->")
+        assert by_model["policy"] == "model" and by_model["reason"].startswith("urgent switch 64->")
         assert by_model["to"] == by_model["predicted"]["best_sms"] > 72 and "slack" in by_model["predicted"]
         assert fallback["reason"].startswith(f"reactive fallback, {NO_MODEL}: P90 TTFT 400 ms over 100")
         assert fallback["to"] == 72 and fallback["predicted"]["model_fallback"] == 1.0
@@ -601,7 +603,7 @@ def test_controller_model_policy_reads_published_models(redis_server: Any) -> No
         await store.publish_view("e-0", _loaded("e-0", by_model["to"]), 5000)
         again = {d["engine_id"]: d for d in await ctl.tick()}
         assert ctl.engines_with_model == ["e-0", "e-1"]
-        assert again["e-1"]["reason"].startswith("switch 72->") and again["e-1"]["to"] == by_model["to"]
+        assert again["e-1"]["reason"].startswith("urgent switch 72->") and again["e-1"]["to"] == by_model["to"]
         assert (await ctl.status())["engines_with_model"] == ["e-0", "e-1"]
         await ctl.stop()
         await store.aclose()

@@ -94,7 +94,7 @@ def test_unreadable_published_models_fall_back_per_engine(redis_server: Any) -> 
         ctl = Controller(_cfg(redis_server.url, "badmodel", targets=TARGETS, policy="model"), leader_id="ctl-m")
         written = {d["engine_id"]: d for d in await ctl.tick()}
         assert sorted(written) == ["e-0", "e-1", "e-2"] and ctl.engines_with_model == ["e-0"]
-        assert written["e-0"]["reason"].startswith("switch 64->")
+        assert written["e-0"]["reason"].startswith("urgent switch 64->")
         assert written["e-1"]["reason"].startswith("reactive fallback, latency model unreadable (invalid JSON")
         assert written["e-2"]["reason"].startswith("reactive fallback, latency model unreadable (OverflowError")
         await ctl.stop()
@@ -141,7 +141,7 @@ def test_policy_failing_on_one_engine_does_not_stop_the_others(redis_server: Any
         await store.publish_view_and_model("e-0", _loaded("e-0", 64), _latency_model().to_dict(), 5000)
         ctl = Controller(_cfg(redis_server.url, "polfail", targets=TARGETS, policy="model"), leader_id="ctl-z")
         written = {d["engine_id"]: d for d in await ctl.tick()}
-        assert written["e-0"]["reason"].startswith("switch 64->")
+        assert written["e-0"]["reason"].startswith("urgent switch 64->")
         assert written["e-bad"]["reason"].startswith("reactive fallback, model policy failed (ZeroDivisionError")
         await ctl.stop()
 

@@ -17,12 +17,16 @@ and the paper's `ReactivePolicy`, built by name with `make_policy`.
 5. Move only if the gain beats `margin`, if the relieved target is observed past (or, for TTFT, the load is
    new) unless the current split is predicted past a target by a quarter (`urgent_slack`), one split step at
    a time without such evidence (`_max_steps`), and once `dwell_s` has passed since the last change.
-   Urgent moves wait only `urgent_dwell_s`: a target predicted and observed past by a quarter, a move on
-   toward prefill after one that fell short, a TPOT observed past its target (to the nearest split that keeps
-   it, `nearest_tpot_relief`; no urgent move back there for `dwell_s`, `tpot_ceiling`).
-So an engine switches at most 60 / urgent_dwell_s + 1 times a minute, and 60 / dwell_s + 1 while no split is
-predicted within a quarter of both targets. Why each rule is there, with the runs and simulations that asked
-for it: `docs/split-policy.md`.
+   Urgent moves wait only `urgent_dwell_s`: a target predicted and observed past by a quarter, to a split
+   predicted within a quarter of both targets, or, short of that, better by a quarter (`urgent_gain`); a move
+   on toward prefill after one that fell short; a TPOT observed past its target (to the nearest split that
+   keeps it, `nearest_tpot_relief`). For `dwell_s` after an urgent move, no move urgent only by its gain goes
+   back to the split it left or beyond, and after one for TPOT no urgent move at all does (`UrgentMove`).
+So an engine switches at most 60 / urgent_dwell_s + 1 times a minute. While no split is predicted within a
+quarter of both targets, every switch within `dwell_s` of the one before is urgent only by its gain, so of two
+successive switches back and forth between two splits one waited `dwell_s`: at most 120 / (dwell_s +
+urgent_dwell_s) + 2 such switches a minute (12 with the defaults). Why each rule is there, with the runs and
+simulations that asked for it: `docs/split-policy.md`.
 
 A policy instance may serve many engines (the controller calls it per GPU); its
 state is kept per `engine_id`. Time comes from `view.time` (seconds on any clock the
@@ -70,7 +74,14 @@ class ModelPolicyConfig:
     max_step: at most this many split steps per decision (0: jump to the best).
     urgent_slack: a current split predicted under this slack (-0.25: a target missed by a quarter), and observed
         past that target, may switch after `urgent_dwell_s` instead of `dwell_s`, to a split predicted at
-        this slack or above.
+        this slack or above, or `urgent_gain` above the current one.
+    urgent_gain: the gain in normalized slack that makes a move from a split past `urgent_slack` urgent when the
+        new split is itself predicted past `urgent_slack` (math.inf: never; at or under `margin`: every such
+        move): a queue built up so far that no split meets the target soon drains the sooner on the best split,
+        not after a dwell. The default, 0.25, takes a quarter of its target off the binding latency: as much as
+        the miss that makes a split urgent at `urgent_slack`'s default (H100, 2026-12-05, run 28: a burst of
+        documents on 64 prefill SMs, TTFT predicted at 8.0 s there and 80 better by 2.4 of the target but past it
+        itself, waited out a 10 s dwell while the queue grew to 56,000 prompt tokens).
     urgent_dwell_s: the dwell of an urgent switch (at most `dwell_s`).
     load_change_ratio: arrivals whose mean prompt length or prompt-token rate is this many times (or this
         fraction of) what they were when the current split was chosen, or last held as comfortable or best,
@@ -96,6 +107,7 @@ class ModelPolicyConfig:
     max_step: int = 0
     urgent_slack: float = -0.25
     urgent_dwell_s: float = 2.0
+    urgent_gain: float = 0.25
     load_change_ratio: float = 2.0
     tpot_memory_s: float = 300.0
 
@@ -119,6 +131,8 @@ class ModelPolicyConfig:
         if self.urgent_slack >= 0 or self.urgent_dwell_s < 0:
             raise ValueError(f"urgent_slack must be < 0 and urgent_dwell_s >= 0, got "
                              f"{self.urgent_slack} and {self.urgent_dwell_s}")
+        if not self.urgent_gain > 0:
+            raise ValueError(f"urgent_gain must be > 0, got {self.urgent_gain}")
 
 
 @dataclass(frozen=True)
@@ -145,7 +159,7 @@ class _EngineState:
     change_times: deque[float] = field(default_factory=lambda: deque(maxlen=256))
     tpot_ratios: dict[int, TpotRatio] = field(default_factory=dict)  # split -> its last observed TPOT ratio
     load: Load | None = None  # the arrivals when the current split was last chosen or held as fine
-    tpot_ceiling: tuple[int, float] | None = None  # (split, time) the engine last left urgently for TPOT
+    urgent_moves: list[UrgentMove] = field(default_factory=list)  # those of the last dwell_s (`barred`)
 
     def observe(self, sms: int, now: float, load: Load) -> None:
         """Note the engine's current split and arrivals; a change counts from when it was proposed
@@ -169,6 +183,20 @@ class Load(NamedTuple):
     @classmethod
     def of(cls, view: EngineView, cfg: ModelPolicyConfig) -> Load:
         return cls(view.arrival_tokens_per_s, float(typical_prompt_tokens(view, cfg)))
+
+
+class UrgentMove(NamedTuple):
+    """An urgent switch: the split it left, its side (+1: toward prefill, -1: toward decode), when it was proposed,
+    and whether it was made for a TPOT missed by less than `urgent_slack` (`nearest_tpot_relief`)."""
+
+    left: int
+    side: int
+    time: float
+    for_tpot: bool
+
+    def reversed_by(self, current: int, target: int) -> bool:
+        """Whether moving from `current` to `target` goes back to the split this move left, or beyond it."""
+        return (current - self.left) * self.side > 0 and (target - self.left) * self.side <= 0
 
 
 class TpotRatio(NamedTuple):
@@ -336,11 +364,10 @@ class ModelPolicy:
             unseen = "not observed nor a new load" if relieved == "ttft" else "not observed"
             return SplitDecision(current, f"hold: a {relieved.upper()} risk predicted only, {unseen} (slack "
                                           f"{cur.slack:+.2f} >= {cfg.urgent_slack:.2f}); {at}", predicted)
-        ceiling = state.tpot_ceiling
-        back_up = (ceiling is not None and best.prefill_sms >= ceiling[0] > current
-                   and now - ceiling[1] < cfg.dwell_s)
-        urgent = ((cur.slack < cfg.urgent_slack or tpot_missed) and best.slack >= cfg.urgent_slack and bool(evident)
-                  and not back_up)
+        state.urgent_moves = [m for m in state.urgent_moves if now - m.time < cfg.dwell_s]
+        gain_only = best.slack < cfg.urgent_slack
+        urgent = ((cur.slack < cfg.urgent_slack or tpot_missed) and (not gain_only or gain >= cfg.urgent_gain)
+                  and bool(evident) and not barred(state.urgent_moves, current, best.prefill_sms, gain_only))
         onward = best.prefill_sms > current and state.last_side > 0 and cur.slack < 0 <= best.slack
         dwell = min(cfg.urgent_dwell_s, cfg.dwell_s) if urgent or onward else cfg.dwell_s
         last = state.last_change
@@ -348,8 +375,8 @@ class ModelPolicy:
             wait = dwell - (now - last)
             return SplitDecision(current, f"hold: dwell ({wait:.1f} s left) before {best.prefill_sms}; {at}", predicted)
         state.proposed = (best.prefill_sms, now, load)
-        if urgent and tpot_missed:
-            state.tpot_ceiling = (current, now)
+        if urgent:
+            state.urgent_moves.append(UrgentMove(current, 1 if best.prefill_sms > current else -1, now, tpot_missed))
         predicted.update(ttft_ms=best.ttft_ms, tpot_ms=best.tpot_ms, slack=best.slack)
         side = "prefill" if best.prefill_sms > current else "decode"
         why = (f"{'urgent ' if urgent else ''}switch {current}->{best.prefill_sms} (more SMs to {side}): {at}; "
@@ -408,6 +435,16 @@ class ModelPolicy:
                 return most_slack(decode_within)
             return best if best.ttft_ms <= targets.ttft_ms else preds[i]
         return best
+
+
+def barred(recent: list[UrgentMove], current: int, target: int, gain_only: bool) -> bool:
+    """Whether a move from `current` to `target` may not be urgent for going back over one of the `recent` urgent
+    moves (the last `dwell_s`'): any move back over one made for a small TPOT miss (the two would alternate, TTFT
+    missed on one split and TPOT on the other), and a move urgent only by its gain (`gain_only`) back over any (in an
+    overload each split looks far better from the other). A move back to a split predicted within `urgent_slack`
+    stays urgent: a quick undo of a move that went wrong."""
+    back = [m for m in recent if m.reversed_by(current, target)]
+    return any(m.for_tpot for m in back) or (gain_only and bool(back))
 
 
 def nearest_tpot_relief(preds: list[SplitPrediction], current: int, targets: SLOTargets, min_slack: float

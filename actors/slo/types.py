@@ -72,8 +72,8 @@ class EngineView:
 class SplitDecision:
     """The split an engine should run next and why. `urgent`: the current split is predicted and observed to
     miss a target (by more than the policy's `urgent_slack`; for TTFT, the arrivals having changed may stand in
-    for the observation) and the new one is predicted within that slack of both, so a caller may shorten its
-    dwell and skip its warm-up."""
+    for the observation) and the new one is predicted within that slack of both or better by the policy's
+    `urgent_gain`, so a caller may shorten its dwell and skip its warm-up."""
 
     prefill_sms: int
     reason: str
