@@ -39,6 +39,9 @@ ENGINE_ARGS = {  # semipd.<key> -> build_app arg, rendered only when the key is 
     "numPages": "num_pages", "enablePrefixCaching": "enable_prefix_caching", "dtype": "dtype", "seed": "seed",
     "loadFormat": "load_format",
 }
+FRONTEND_ARGS = {  # frontend.<key> -> build_app arg, rendered only when the key is set (else the app's default)
+    "numReplicas": "num_replicas", "maxOngoingRequests": "max_ongoing_requests", "numCpus": "replica_num_cpus",
+}
 
 
 # --------------------------------------------------------------------------- helpers
@@ -125,12 +128,19 @@ ENGINE_SETTINGS = {
                "enablePrefixCaching": False, "dtype": "float16", "seed": 0, "loadFormat": "dummy", "pageSize": 32},
 }
 
+FIXED_FRONTEND = {"frontend": {"numReplicas": 3, "maxOngoingRequests": 512, "numCpus": 0.5}}
+AUTOSCALED_FRONTEND = {
+    "frontend": {"autoscaling": {"minReplicas": 1, "maxReplicas": 4, "targetOngoingRequests": 256}, "numCpus": 2},
+}
+
 SCENARIOS = [
     Scenario("default"),
     Scenario("values-small", (small_values(),)),
     Scenario("external-redis", (EXTERNAL_REDIS,), release="prod", fullname="prod-semipd"),
     Scenario("many-options", (MANY_OPTIONS,), release="staging", fullname="staging-semipd"),
     Scenario("engine-settings", (ENGINE_SETTINGS,)),
+    Scenario("fixed-frontend", (FIXED_FRONTEND,)),
+    Scenario("autoscaled-frontend", (AUTOSCALED_FRONTEND,)),
 ]
 
 
@@ -230,6 +240,7 @@ def expected_args(values: dict[str, Any], fullname: str) -> dict[str, Any]:
         "max_prefill_tokens": values["semipd"]["maxPrefillTokens"],
         "stream_interval": values["semipd"]["streamInterval"],
         **{arg: values["semipd"][key] for key, arg in ENGINE_ARGS.items() if key in values["semipd"]},
+        **{arg: values["frontend"][key] for key, arg in FRONTEND_ARGS.items() if key in values["frontend"]},
     }
 
 
@@ -391,11 +402,26 @@ BAD_VALUES = [
     ("unknown-dtype", {"semipd": {"dtype": "int8"}}, "semipd/dtype"),
     ("fractional-seed", {"semipd": {"seed": 1.5}}, "semipd/seed"),
     ("unknown-load-format", {"semipd": {"loadFormat": "pt"}}, "semipd/loadFormat"),
+    ("zero-replicas", {"frontend": {"numReplicas": 0}}, "frontend/numReplicas"),
+    ("replicas-as-text", {"frontend": {"numReplicas": "2"}}, "frontend/numReplicas"),
+    ("replicas-and-autoscaling", {"frontend": {"numReplicas": 2, **AUTOSCALED_FRONTEND["frontend"]}}, "frontend"),
+    ("autoscaling-to-zero", {"frontend": {"autoscaling": {"minReplicas": 0, "maxReplicas": 2,
+                                                          "targetOngoingRequests": 8}}}, "frontend/autoscaling/minReplicas"),
+    ("autoscaling-without-target", {"frontend": {"autoscaling": {"minReplicas": 1, "maxReplicas": 2}}},
+     "frontend/autoscaling"),
+    ("autoscaling-zero-target", {"frontend": {"autoscaling": {"minReplicas": 1, "maxReplicas": 2,
+                                                              "targetOngoingRequests": 0}}},
+     "frontend/autoscaling/targetOngoingRequests"),
+    ("autoscaling-typo", {"frontend": {"autoscaling": {"minReplicas": 1, "maxReplicas": 2, "targetOngoingRequests": 8,
+                                                       "upscaleDelayS": 5}}}, "frontend/autoscaling"),
+    ("zero-ongoing-requests", {"frontend": {"maxOngoingRequests": 0}}, "frontend/maxOngoingRequests"),
+    ("negative-cpus", {"frontend": {"numCpus": -1}}, "frontend/numCpus"),
+    ("ray-actor-options-as-is", {"frontend": {"rayActorOptions": {"num_cpus": 1}}}, "frontend"),
 ]
 # Refused by the app's own checks too (ServeArgs, the engine configs), not only by the schema
 APP_REFUSES_TOO = ["page-size-not-a-power-of-two", "max-model-len-1", "max-model-len-in-vllm-k-form", "zero-decode-seqs",
                    "memory-fraction-above-0.98", "zero-memory-fraction", "one-page", "unknown-dtype", "fractional-seed",
-                   "unknown-load-format"]
+                   "unknown-load-format", "zero-replicas", "zero-ongoing-requests", "negative-cpus"]
 
 
 @pytest.mark.parametrize(("override", "where"), [(o, w) for _, o, w in BAD_VALUES], ids=[n for n, _, _ in BAD_VALUES])
@@ -485,7 +511,7 @@ def test_serve_config_names_app_and_args(rendered: Rendered) -> None:
     (app,) = config["applications"]
     assert app["import_path"] == "cluster.serve_app:build_app"
     assert app["route_prefix"] == "/"
-    assert ARG_KEYS <= set(app["args"]) <= ARG_KEYS | set(ENGINE_ARGS.values())
+    assert ARG_KEYS <= set(app["args"]) <= ARG_KEYS | set(ENGINE_ARGS.values()) | set(FRONTEND_ARGS.values())
     assert app["args"] == expected_args(rendered.values, rendered.scenario.fullname)
     assert config["http_options"]["port"] == rendered.values["service"]["ports"]["serve"]
 
@@ -516,6 +542,48 @@ def test_app_refuses_the_engine_values_the_schema_refuses(chart: Chart, tiny_lla
 def test_serve_config_is_valid_for_ray_serve(rendered: Rendered) -> None:
     schema = pytest.importorskip("ray.serve.schema")
     schema.ServeDeploySchema.parse_obj(serve_config(rendered.one("RayService")))
+
+
+def built_deployments(app_config: dict[str, Any], model: Path) -> dict[str, Any]:
+    """The Serve deployments, by name, that build_app makes from a rendered application's args (on `model`),
+    each with the application's `deployments` entry for it applied the way Serve applies one over the code's
+    settings; an entry naming no deployment of the app fails, as it fails Serve's deploy."""
+    serve_app = pytest.importorskip("cluster.serve_app", reason="cluster/serve_app.py is not in this checkout")
+    from ray.serve._private.build_app import build_app as build_deployments
+
+    app = serve_app.build_app({**app_config["args"], "model": str(model)})
+    built = {d.name: d for d in build_deployments(app, name=app_config["name"]).deployments}
+    for entry in app_config.get("deployments", []):
+        options = {k: v for k, v in entry.items() if k != "name"}
+        assert entry["name"] in built, f"deployments entry {entry['name']!r}, the app builds {sorted(built)}"
+        built[entry["name"]] = built[entry["name"]].options(**options)
+    return built
+
+
+def test_frontend_settings_size_the_app_deployment(rendered: Rendered, tiny_llama: Path) -> None:
+    """frontend.* reach the one deployment the app builds: as its args, or autoscaling as its deployments entry."""
+    (app_config,) = serve_config(rendered.one("RayService"))["applications"]
+    (deployment,) = built_deployments(app_config, tiny_llama).values()
+    frontend = rendered.values["frontend"]
+    config = deployment._deployment_config
+    assert config.max_ongoing_requests == frontend.get("maxOngoingRequests", 4096)
+    assert deployment.ray_actor_options["num_cpus"] == frontend.get("numCpus", 1)
+    autoscaling = frontend.get("autoscaling")
+    if autoscaling is None:
+        assert config.autoscaling_config is None and config.num_replicas == frontend.get("numReplicas", 1)
+        return
+    got = config.autoscaling_config
+    assert (got.min_replicas, got.max_replicas, got.target_ongoing_requests) == (
+        autoscaling["minReplicas"], autoscaling["maxReplicas"], autoscaling["targetOngoingRequests"])
+
+
+def test_ray_refuses_autoscaling_min_above_max(chart: Chart, values_schema: dict[str, Any], tiny_llama: Path) -> None:
+    """The one frontend check the schema cannot make (draft 7 compares no two fields) is Ray Serve's own."""
+    override = {"frontend": {"autoscaling": {"minReplicas": 3, "maxReplicas": 2, "targetOngoingRequests": 8}}}
+    assert not list(jsonschema.Draft7Validator(values_schema).iter_errors(merge_values(chart.values, override)))
+    (app_config,) = serve_config(render(chart, Scenario("min-above-max", (override,))).one("RayService"))["applications"]
+    with pytest.raises(ValueError, match=r"max_replicas \(2\) must be greater than or equal to min_replicas \(3\)"):
+        built_deployments(app_config, tiny_llama)
 
 
 def test_example_serve_config_is_the_chart_application(chart: Chart) -> None:

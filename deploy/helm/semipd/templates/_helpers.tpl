@@ -72,7 +72,10 @@ Kubernetes): one application built by cluster.serve_app:build_app(args). With a 
 password, redis_url is null and the app reads the URL from SEMIPD_REDIS_URL instead, so
 that no secret lands in the RayService. The engine settings that values.yaml leaves out
 (semipd.maxModelLen ... semipd.loadFormat) are args only when set: unset, the app's own
-defaults apply. */}}
+defaults apply; so are the size of the app's deployment, semipd-openai (frontend.numReplicas,
+maxOngoingRequests, numCpus: the app's args for them), except frontend.autoscaling, which the app
+has no arg for: the autoscaling_config of that deployment's entry, applied by Serve over the
+code's num_replicas. */}}
 {{- define "semipd.serveConfig" -}}
 proxy_location: EveryNode
 http_options:
@@ -127,6 +130,23 @@ applications:
       {{- if hasKey .Values.semipd "loadFormat" }}
       load_format: {{ .Values.semipd.loadFormat | toJson }}
       {{- end }}
+      {{- if hasKey .Values.frontend "numReplicas" }}
+      num_replicas: {{ .Values.frontend.numReplicas | toJson }}
+      {{- end }}
+      {{- if hasKey .Values.frontend "maxOngoingRequests" }}
+      max_ongoing_requests: {{ .Values.frontend.maxOngoingRequests | toJson }}
+      {{- end }}
+      {{- if hasKey .Values.frontend "numCpus" }}
+      replica_num_cpus: {{ .Values.frontend.numCpus | toJson }}
+      {{- end }}
+    {{- if hasKey .Values.frontend "autoscaling" }}
+    deployments:
+      - name: semipd-openai
+        autoscaling_config:
+          min_replicas: {{ .Values.frontend.autoscaling.minReplicas | toJson }}
+          max_replicas: {{ .Values.frontend.autoscaling.maxReplicas | toJson }}
+          target_ongoing_requests: {{ .Values.frontend.autoscaling.targetOngoingRequests | toJson }}
+    {{- end }}
 {{- end -}}
 
 {{/* Environment of every Ray container: secrets by reference, then common.containerEnv.
