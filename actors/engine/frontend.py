@@ -186,10 +186,10 @@ class OutputStream:
         the output ends on, as U+FFFD, which later tokens would have completed (no text a stop string may match)."""
         before = self._decode_window(self._read_offset)
         complete = len(self.ids)
-        while complete > self._read_offset and self._decode_window(complete).endswith("\ufffd"):
+        after = whole = self._decode_window(complete)
+        while complete > self._read_offset and whole.endswith("\ufffd"):
             complete -= 1
-        whole = self._decode_window(complete)
-        after = self._decode_window(len(self.ids))
+            whole = self._decode_window(complete)
         self._prefix_offset = self._read_offset = len(self.ids)
         return whole[len(before) :], after[len(whole) :]
 
