@@ -44,6 +44,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from dataclasses import fields
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -166,17 +167,8 @@ def cluster_config(args: ServeArgs, redis_url: str | None) -> ClusterConfig:
     from cluster.bootstrap import ClusterConfig, EngineOptions
 
     slo = {k: v for k, v in (("ttft_ms", args.ttft_slo_ms), ("tpot_ms", args.tpot_slo_ms)) if v is not None}
-    engine = {k: v for k, v in (("page_size", args.page_size), ("max_prefill_tokens", args.max_prefill_tokens),
-                                ("device", args.device), ("num_pages", args.num_pages),
-                                ("load_format", args.load_format), ("prefill_sms", args.prefill_sms),
-                                ("overlap_decode", args.overlap_decode), ("overlap_prefill", args.overlap_prefill),
-                                ("decode_pace_ms", args.decode_pace_ms), ("switch_interval_ms", args.switch_interval_ms),
-                                ("prefill_order", args.prefill_order), ("admission", args.admission),
-                                ("admission_slack", args.admission_slack), ("max_model_len", args.max_model_len),
-                                ("max_decode_seqs", args.max_decode_seqs), ("memory_fraction", args.memory_fraction),
-                                ("enable_prefix_caching", args.enable_prefix_caching), ("dtype", args.dtype),
-                                ("seed", args.seed))
-              if v is not None}
+    engine = {f.name: v for f in fields(EngineOptions)  # the engine settings the app takes, those given
+              if f.name in ServeArgs.model_fields and (v := getattr(args, f.name)) is not None}
     extra = {k: v for k, v in (("policy", args.controller_policy), ("cluster_name", args.cluster_name),
                                ("latency_profile", args.latency_profile), ("profile_grid", args.profile_grid))
              if v is not None}

@@ -307,24 +307,22 @@ def cluster_config(args: argparse.Namespace, redis_url: str | None) -> Any:
         prefill_sm_fraction=(args.prefill_sm_min, args.prefill_sm_max),
         latency_profile=args.latency_profile, profile_grid=args.profile_grid,
         router=RouterPolicy(session_affinity=args.router_policy == "prefix-affinity"),
-        engine=EngineOptions(**engine_settings(args), decode_attention=args.decode_attention,
-                             num_pages=args.num_pages, load_format=args.load_format, prefill_sms=args.prefill_sms,
-                             overlap_decode=args.overlap_decode, overlap_prefill=args.overlap_prefill,
-                             decode_pace_ms=args.decode_pace_ms, switch_interval_ms=args.switch_interval_ms,
-                             prefill_order=args.prefill_order, admission=args.admission,
-                             admission_slack=args.admission_slack),
+        engine=EngineOptions(**engine_settings(args), decode_attention=args.decode_attention, num_pages=args.num_pages),
         cluster_name=args.cluster_name, served_model_name=args.served_model_name, stream_interval=args.stream_interval,
         engine_restarts=args.engine_restarts,
     )
 
 
 def engine_settings(args: argparse.Namespace) -> dict[str, Any]:
-    """The engine settings of the vLLM-named flags, as `EngineOptions` (and the Serve app's `ServeArgs`) name
-    them; the same for both."""
+    """The engine settings that `EngineOptions` and the Serve app's `ServeArgs` both take, under their names (the
+    vLLM-named flags renamed)."""
     return dict(device=args.device, dtype=args.dtype, seed=args.seed, page_size=args.block_size,
                 memory_fraction=args.gpu_memory_utilization, enable_prefix_caching=args.enable_prefix_caching,
                 max_prefill_tokens=args.max_prefill_tokens, max_decode_seqs=args.max_num_seqs,
-                max_model_len=args.max_model_len)
+                max_model_len=args.max_model_len, load_format=args.load_format, prefill_sms=args.prefill_sms,
+                overlap_decode=args.overlap_decode, overlap_prefill=args.overlap_prefill,
+                decode_pace_ms=args.decode_pace_ms, switch_interval_ms=args.switch_interval_ms,
+                prefill_order=args.prefill_order, admission=args.admission, admission_slack=args.admission_slack)
 
 
 def check_ports(args: argparse.Namespace) -> None:
@@ -363,11 +361,7 @@ def serve_app_args(args: argparse.Namespace, redis_url: str | None, grpc_port: i
                 reasoning_parser=args.reasoning_parser,
                 tpot_slo_ms=args.tpot_slo_ms, mode=args.mode, router_policy=args.router_policy,
                 num_actors=args.num_actors, redis_url=redis_url, grpc_port=grpc_port or None,
-                **engine_settings(args), load_format=args.load_format,
-                prefill_sms=args.prefill_sms, overlap_decode=args.overlap_decode, overlap_prefill=args.overlap_prefill,
-                decode_pace_ms=args.decode_pace_ms, switch_interval_ms=args.switch_interval_ms,
-                stream_interval=args.stream_interval, prefill_order=args.prefill_order, admission=args.admission,
-                admission_slack=args.admission_slack,
+                **engine_settings(args), stream_interval=args.stream_interval,
                 prefill_sm_min=args.prefill_sm_min or None,
                 prefill_sm_max=args.prefill_sm_max if args.prefill_sm_max < 1.0 else None,
                 controller_policy=args.policy, latency_profile=args.latency_profile, profile_grid=args.profile_grid,
