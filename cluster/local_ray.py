@@ -125,7 +125,7 @@ def end_local_ray() -> None:
     node.kill_all_processes(check_alive=False, allow_graceful=False)  # a GCS that does not answer
     workers = [pid for raylet in raylets for pid in _workers_of(raylet)]
     deadline = time.monotonic() + RAY_WORKER_EXIT_TIMEOUT_S
-    while (left := [pid for pid in workers if _running(pid)]) and time.monotonic() < deadline:
+    while (left := [pid for pid in workers if process_running(pid)]) and time.monotonic() < deadline:
         time.sleep(0.05)
     for pid in left:
         log.warning("Ray worker process %d did not end with its raylet: killed", pid)
@@ -149,7 +149,7 @@ def _workers_of(raylet_pid: int) -> list[int]:
     return found
 
 
-def _running(pid: int) -> bool:
+def process_running(pid: int) -> bool:
     """Whether process `pid` exists and has not ended (a zombie has)."""
     try:
         with open(f"/proc/{pid}/stat") as f:

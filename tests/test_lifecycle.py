@@ -29,6 +29,7 @@ from typing import Any
 import pytest
 
 from cluster.cli import main
+from cluster.local_ray import process_running
 
 from support import ROOT, ServeProcess, env_without_redis_url, free_port, stop_stray_redis, wait_until
 
@@ -202,20 +203,11 @@ def test_the_private_redis_server_ends_with_a_process_that_ends_at_once(tmp_path
         assert ping_redis(port)
         owner.kill()
         owner.wait(timeout=10)
-        wait_until(lambda: not _alive(pid), 10, "the owner's redis-server to end")
+        wait_until(lambda: not process_running(pid), 10, "the owner's redis-server to end")
         assert not ping_redis(port)
     finally:
-        if _alive(pid):
+        if process_running(pid):
             os.kill(pid, signal.SIGKILL)
-
-
-def _alive(pid: int) -> bool:
-    """Whether process `pid` runs (a zombie, reaped by init soon, counts as ended)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ", 1)[1][0] != "Z"
-    except (FileNotFoundError, IndexError):
-        return False
 
 
 def ping_redis(port: int) -> bool:
