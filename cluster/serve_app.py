@@ -100,6 +100,7 @@ class ServeArgs(BaseModel):
     local: bool = False
     device: str = "auto"
     num_pages: int | None = Field(None, ge=2)
+    decode_attention: Literal["fa2", "fa3", "cuda-cores"] | None = None
     prefill_sms: int | None = Field(None, ge=1)
     overlap_decode: bool | None = None
     overlap_prefill: bool | None = None

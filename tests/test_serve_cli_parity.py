@@ -60,6 +60,19 @@ def test_vllms_engine_flags_reach_every_engine_and_the_serve_app(tiny_llama: Pat
     assert app_cluster_config(parse(str(tiny_llama), "--device", "cpu", *VLLM_ENGINE_FLAGS)).engine_config() == engine
 
 
+SEMIPD_ENGINE_FLAGS = ("--num-pages", "96", "--decode-attention", "cuda-cores", "--prefill-sms", "40",
+                       "--no-overlap-decode", "--no-overlap-prefill", "--decode-pace-ms", "3", "--switch-interval-ms",
+                       "1", "--prefill-order", "edf", "--admission", "queue", "--admission-slack", "1.5",
+                       "--load-format", "dummy")
+
+
+def test_semipds_own_engine_flags_reach_the_serve_app_as_they_reach_the_engines(tiny_llama: Path) -> None:
+    args = parse(str(tiny_llama), "--device", "cpu", *SEMIPD_ENGINE_FLAGS)
+    engine = cluster_config(args).engine
+    assert (engine.num_pages, engine.decode_attention, engine.prefill_order) == (96, "cuda-cores", "edf")
+    assert app_cluster_config(args).engine == engine
+
+
 def test_the_defaults_are_the_engines(tiny_llama: Path) -> None:
     """Left out, the new flags give each engine the settings it has by default (the parser's defaults are written
     out for --help: they must not drift from EngineOptions')."""

@@ -307,7 +307,7 @@ def cluster_config(args: argparse.Namespace, redis_url: str | None) -> Any:
         prefill_sm_fraction=(args.prefill_sm_min, args.prefill_sm_max),
         latency_profile=args.latency_profile, profile_grid=args.profile_grid,
         router=RouterPolicy(session_affinity=args.router_policy == "prefix-affinity"),
-        engine=EngineOptions(**engine_settings(args), decode_attention=args.decode_attention, num_pages=args.num_pages),
+        engine=EngineOptions(**engine_settings(args)),
         cluster_name=args.cluster_name, served_model_name=args.served_model_name, stream_interval=args.stream_interval,
         engine_restarts=args.engine_restarts,
     )
@@ -317,6 +317,7 @@ def engine_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The engine settings that `EngineOptions` and the Serve app's `ServeArgs` both take, under their names (the
     vLLM-named flags renamed)."""
     return dict(device=args.device, dtype=args.dtype, seed=args.seed, page_size=args.block_size,
+                num_pages=args.num_pages, decode_attention=args.decode_attention,
                 memory_fraction=args.gpu_memory_utilization, enable_prefix_caching=args.enable_prefix_caching,
                 max_prefill_tokens=args.max_prefill_tokens, max_decode_seqs=args.max_num_seqs,
                 max_model_len=args.max_model_len, load_format=args.load_format, prefill_sms=args.prefill_sms,
