@@ -178,8 +178,9 @@ sweeps() {  # label t0 [sweeps]: every rate of the sweeps (default SWEEPS) while
   return 0
 }
 
-pin_split() {  # redis prefill_sms: pin every engine and wait (30 s at most) until the engine runs the pinned split
-  python3 -m cluster.cli pin --redis "$1" --prefill-sms "$2" --wait 30 >/dev/null
+pin_split() {  # redis prefill_sms: pin every engine to exactly that split and wait (30 s at most) until it runs it
+  # (--exact: a server without that split, e.g. semi-pd-fixedN, which has only its own, is not pinned)
+  python3 -m cluster.cli pin --redis "$1" --prefill-sms "$2" --exact --wait 30 >/dev/null
 }
 
 run_config() {  # config
@@ -198,7 +199,8 @@ run_config() {  # config
   if [ "${1#semi-pd}" != "$1" ]; then
     for n in $PINS; do  # the same server, split pinned: a fixed split without another start-up
       [ "$(time_left)" -gt $(( WINDOW + 60 )) ] || { echo "out of time, not pinning $n"; continue; }
-      pin_split "$redis" "$n" && sweeps "semi-pd-pinned$n" "$(date +%s)" "$PIN_SWEEPS"
+      if pin_split "$redis" "$n"; then sweeps "semi-pd-pinned$n" "$(date +%s)" "$PIN_SWEEPS"
+      else echo "semi-pd-pinned$n: not measured (the pin was not set or not applied)"; fi
     done
     [ -n "$PINS" ] && python3 -m cluster.cli pin --redis "$redis" --clear >/dev/null
   fi

@@ -500,6 +500,38 @@ def test_pin_wait_returns_once_every_pinned_engine_runs_its_split(redis_server: 
     assert "--wait must be >= 0 seconds" in capsys.readouterr().err
 
 
+def test_pin_names_engines_without_the_pinned_split_and_exact_sets_none(redis_server: Any,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """An engine with no split of the pinned count (a fixed-split deployment has only its own) is named with the
+    split it gets instead; `--exact` then sets no pin (exit 1), so nothing is measured as a split it is not."""
+    from cluster.cli import main as cli_main
+
+    pin = ["pin", "--redis", redis_server.url, "--cluster-name", "exact"]
+    fixed = {**_published("e-0", 56, 10), "stats": {"prefill_sms": 56, "total_sms": 132, "splits": [56]}}
+
+    async def main() -> None:
+        store = RedisStore(redis_server.url, "exact")
+        await store.publish_view("e-0", fixed, 60_000)
+        await store.publish_view("e-1", _published("e-1", 64, 10), 60_000)
+        capsys.readouterr()
+        assert await asyncio.to_thread(cli_main, [*pin, "--prefill-sms", "48", "--exact"]) == 1
+        err = capsys.readouterr().err
+        assert "e-0 has no split of 48 prefill SMs: it runs the nearest, 56" in err
+        assert "e-1" not in err and "--exact: pins left as they were" in err
+        assert await store.pins() == {}
+        assert await asyncio.to_thread(cli_main, [*pin, "--engine", "e-1", "--prefill-sms", "48", "--exact"]) == 0
+        assert capsys.readouterr().err == ""  # e-1 has a split of 48; e-0 is not pinned
+        assert await asyncio.to_thread(cli_main, [*pin, "--prefill-sms", "40"]) == 0  # the nearest, as before
+        out = capsys.readouterr()
+        assert "pins: *=40, e-1=48" in out.out
+        assert out.err == "semipd pin: e-0 has no split of 40 prefill SMs: it runs the nearest, 56\n"
+        await store.aclose()
+
+    run(main())
+    assert cli_main([*pin, "--clear", "--exact"]) == 2
+    assert "--exact goes with --prefill-sms" in capsys.readouterr().err
+
+
 def test_engines_off_pin_judges_the_split_the_controller_may_set() -> None:
     """The split a pin waits for is the nearest one within the controller's `prefill_sm_fraction` (as
     `bounded_view` gives it); a draining engine, which the controller leaves alone, is not waited for; a

@@ -1,7 +1,9 @@
 """`semipd pin`: hold engines at an SM split, overriding the SLO controller's policy, or let go.
 
 The controller applies a pin at its next tick (no dwell, no warm-up) and keeps it until
-`--clear`; each engine takes the available split nearest the pinned prefill SM count.
+`--clear`; each engine takes the available split nearest the pinned prefill SM count (an
+engine that will run another count than its pin is named on stderr). `--exact` sets no pin that
+some engine has no split of exactly (exit 1): a fixed-split deployment has only its own split.
 `--wait S` returns only once every pinned engine runs its split (exit 1 after S seconds).
 """
 
@@ -32,6 +34,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     what.add_argument("--clear", action="store_true", help="remove the pin; the split policy decides again")
     p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
                    help="wait until every pinned engine runs its pinned split; exit 1 if not within SECONDS")
+    p.add_argument("--exact", action="store_true",
+                   help="set the pin only if every engine it holds has a split of exactly --prefill-sms "
+                        "(else exit 1, pins unchanged), instead of taking the nearest")
     p.set_defaults(func=run)
 
 
@@ -40,16 +45,14 @@ def _tick_mark(status: Mapping[str, Any] | None) -> tuple[Any, Any] | None:
     return None if status is None else (status.get("leader"), status.get("time"))
 
 
-def engines_off_pin(views: Mapping[str, Mapping[str, Any]], pins: Mapping[str, int],
-                    pending: Mapping[str, Mapping[str, Any] | None],
-                    prefill_sm_fraction: tuple[float, float] = (0.0, 1.0)) -> list[str]:
-    """Pinned engines not yet settled on the split nearest their pin among those the controller may set
-    (`prefill_sm_fraction`, as it bounds them): either running another split, or with a last decision
-    (`pending`) for another one still to take. Draining engines are left out, as the controller leaves them; one
-    whose view is malformed is off (the controller skips it: it never settles)."""
+def pin_targets(views: Mapping[str, Mapping[str, Any]], pins: Mapping[str, int],
+                prefill_sm_fraction: tuple[float, float] = (0.0, 1.0)) -> dict[str, tuple[int, int] | None]:
+    """Each pinned engine's pin and the split it gets: the nearest among those the controller may set
+    (`prefill_sm_fraction`, as it bounds them). Draining engines are left out, as the controller leaves them; one
+    whose view is malformed maps to None (the controller skips it)."""
     from cluster.controller import bounded_view, view_from_dict
 
-    off = []
+    out: dict[str, tuple[int, int] | None] = {}
     for eid, published in sorted(views.items()):
         pin = pins.get(eid, pins.get("*"))
         if pin is None or published.get("draining"):
@@ -57,13 +60,32 @@ def engines_off_pin(views: Mapping[str, Mapping[str, Any]], pins: Mapping[str, i
         try:
             view = bounded_view(view_from_dict(published), prefill_sm_fraction)
         except ValueError:
-            off.append(eid)
+            out[eid] = None
             continue
-        target = nearest_split(view.splits, pin)
+        out[eid] = (pin, nearest_split(view.splits, pin))
+    return out
+
+
+def engines_off_pin(views: Mapping[str, Mapping[str, Any]], pins: Mapping[str, int],
+                    pending: Mapping[str, Mapping[str, Any] | None],
+                    prefill_sm_fraction: tuple[float, float] = (0.0, 1.0)) -> list[str]:
+    """Pinned engines not yet settled on their split (`pin_targets`): either running another split, or with a last
+    decision (`pending`) for another one still to take. One whose view is malformed is off: it never settles."""
+    off = []
+    for eid, target in pin_targets(views, pins, prefill_sm_fraction).items():
         last = pending.get(eid)
-        if view.prefill_sms != target or (last is not None and int(last["prefill_sms"]) != target):
+        if target is None or int(views[eid]["stats"]["prefill_sms"]) != target[1] \
+                or (last is not None and int(last["prefill_sms"]) != target[1]):
             off.append(eid)
     return off
+
+
+def pins_not_exact(views: Mapping[str, Mapping[str, Any]], pins: Mapping[str, int],
+                   prefill_sm_fraction: tuple[float, float] = (0.0, 1.0)) -> list[str]:
+    """One line for each pinned engine whose split will not be its pin: the split it gets instead."""
+    return [f"{eid} has no split of {pin} prefill SMs: it runs the nearest, {split}"
+            for eid, target in pin_targets(views, pins, prefill_sm_fraction).items()
+            if target is not None and (pin := target[0]) != (split := target[1])]
 
 
 async def _wait_applied(store: RedisStore, named: str | None, before: tuple[Any, Any] | None,
@@ -88,20 +110,32 @@ async def _wait_applied(store: RedisStore, named: str | None, before: tuple[Any,
         await asyncio.sleep(POLL_S)
 
 
-async def _set_pin(url: str, cluster: str, target: str, prefill_sms: int | None,
-                   wait_s: float) -> tuple[dict[str, int], str | None]:
-    """The pins after the change, and (with `wait_s` > 0) why they were not applied in time (None: applied)."""
+async def _set_pin(url: str, cluster: str, target: str, prefill_sms: int | None, wait_s: float,
+                   exact: bool = False) -> tuple[dict[str, int], list[str], str | None]:
+    """The pins after the change, the pinned engines that get another split than their pin (`pins_not_exact`),
+    and why the change failed (None: it did not): `exact` and such an engine (the pins are left as they were),
+    or, with `wait_s` > 0, the pins not applied in time."""
     from cluster.redis_store import RedisStore
 
     store = RedisStore(url, cluster, timeout_s=3.0)
     try:
+        status = await store.controller_status()
+        lo, hi = (status or {}).get("prefill_sm_fraction", (0.0, 1.0))  # a controller from before it: unbounded
+        pins = dict(await store.pins())
+        if prefill_sms is not None:
+            pins[target] = prefill_sms
+        else:
+            pins.pop(target, None)
+        not_exact = pins_not_exact(await store.read_views(), pins, (float(lo), float(hi)))
+        if exact and not_exact:
+            return await store.pins(), not_exact, "--exact: pins left as they were"
         await store.set_pin(target, prefill_sms)
         before = _tick_mark(await store.controller_status())  # a tick that wrote this may have read the old pins
         pins = await store.pins()
         if wait_s <= 0:
-            return pins, None
+            return pins, not_exact, None
         named = target if prefill_sms is not None and target != "*" else None
-        return pins, await _wait_applied(store, named, before, wait_s)
+        return pins, not_exact, await _wait_applied(store, named, before, wait_s)
     finally:
         await store.aclose()
 
@@ -113,16 +147,21 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--prefill-sms must be a positive SM count, got {args.prefill_sms}")
     if not args.wait >= 0:  # NaN too
         raise ValueError(f"--wait must be >= 0 seconds, got {args.wait}")
+    if args.exact and args.clear:
+        raise ValueError("--exact goes with --prefill-sms, not --clear")
     url = args.redis or env_defaults().get("redis_url")
     if not url:
         raise ValueError("give --redis URL (or set SEMIPD_REDIS_URL)")
     from cluster.redis_store import redis_reachable
 
     with redis_reachable():
-        pins, not_applied = asyncio.run(_set_pin(url, args.cluster_name, args.engine,
-                                                 None if args.clear else args.prefill_sms, args.wait))
+        pins, not_exact, failed = asyncio.run(_set_pin(url, args.cluster_name, args.engine,
+                                                       None if args.clear else args.prefill_sms, args.wait,
+                                                       args.exact))
     print("pins: " + (", ".join(f"{k}={v}" for k, v in sorted(pins.items())) or "none"))
-    if not_applied is not None:
-        print(f"semipd pin: {not_applied}", file=sys.stderr)
+    for line in not_exact:
+        print(f"semipd pin: {line}", file=sys.stderr)
+    if failed is not None:
+        print(f"semipd pin: {failed}", file=sys.stderr)
         return 1
     return 0
