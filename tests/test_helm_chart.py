@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import copy
+import dataclasses
 import json
 import re
 from collections.abc import Iterator
@@ -38,7 +39,14 @@ ENGINE_ARGS = {  # semipd.<key> -> build_app arg, rendered only when the key is 
     "maxModelLen": "max_model_len", "maxDecodeSeqs": "max_decode_seqs", "memoryFraction": "memory_fraction",
     "numPages": "num_pages", "enablePrefixCaching": "enable_prefix_caching", "dtype": "dtype", "seed": "seed",
     "loadFormat": "load_format",
+    # semipd's own engine settings (`semipd serve` flags vLLM lacks)
+    "prefillSms": "prefill_sms", "overlapDecode": "overlap_decode", "overlapPrefill": "overlap_prefill",
+    "decodePaceMs": "decode_pace_ms", "switchIntervalMs": "switch_interval_ms", "decodeAttention": "decode_attention",
 }
+CONTROLLER_ARGS = {  # semipd.<key> -> build_app arg of the SLO controller, rendered only when the key is set
+    "controllerPolicy": "controller_policy", "latencyProfile": "latency_profile", "profileGrid": "profile_grid",
+}
+CLUSTER_FIELDS = {"controller_policy": "policy"}  # build_app arg -> ClusterConfig field, where the names differ
 FRONTEND_ARGS = {  # frontend.<key> -> build_app arg, rendered only when the key is set (else the app's default)
     "numReplicas": "num_replicas", "maxOngoingRequests": "max_ongoing_requests", "numCpus": "replica_num_cpus",
 }
@@ -128,6 +136,14 @@ ENGINE_SETTINGS = {
                "enablePrefixCaching": False, "dtype": "float16", "seed": 0, "loadFormat": "dummy", "pageSize": 32},
 }
 
+# semipd's own settings, a value each unlike the app's default (overlaps off: false is set, not unset)
+SEMIPD_SETTINGS = {
+    "prefillSms": 66, "overlapDecode": False, "overlapPrefill": False, "decodePaceMs": 0.5, "switchIntervalMs": 1,
+    "decodeAttention": "cuda-cores", "controllerPolicy": "fixed", "latencyProfile": "/profiles/latency.json",
+    "profileGrid": "full",
+}
+assert set(SEMIPD_SETTINGS) == set(ENGINE_ARGS) - set(ENGINE_SETTINGS["semipd"]) | set(CONTROLLER_ARGS)
+
 FIXED_FRONTEND = {"frontend": {"numReplicas": 3, "maxOngoingRequests": 512, "numCpus": 0.5}}
 AUTOSCALED_FRONTEND = {
     "frontend": {"autoscaling": {"minReplicas": 1, "maxReplicas": 4, "targetOngoingRequests": 256}, "numCpus": 2},
@@ -139,6 +155,7 @@ SCENARIOS = [
     Scenario("external-redis", (EXTERNAL_REDIS,), release="prod", fullname="prod-semipd"),
     Scenario("many-options", (MANY_OPTIONS,), release="staging", fullname="staging-semipd"),
     Scenario("engine-settings", (ENGINE_SETTINGS,)),
+    Scenario("semipd-settings", ({"semipd": SEMIPD_SETTINGS},)),
     Scenario("fixed-frontend", (FIXED_FRONTEND,)),
     Scenario("autoscaled-frontend", (AUTOSCALED_FRONTEND,)),
 ]
@@ -239,7 +256,7 @@ def expected_args(values: dict[str, Any], fullname: str) -> dict[str, Any]:
         "page_size": values["semipd"]["pageSize"],
         "max_prefill_tokens": values["semipd"]["maxPrefillTokens"],
         "stream_interval": values["semipd"]["streamInterval"],
-        **{arg: values["semipd"][key] for key, arg in ENGINE_ARGS.items() if key in values["semipd"]},
+        **{arg: values["semipd"][key] for key, arg in {**ENGINE_ARGS, **CONTROLLER_ARGS}.items() if key in values["semipd"]},
         **{arg: values["frontend"][key] for key, arg in FRONTEND_ARGS.items() if key in values["frontend"]},
     }
 
@@ -402,6 +419,19 @@ BAD_VALUES = [
     ("unknown-dtype", {"semipd": {"dtype": "int8"}}, "semipd/dtype"),
     ("fractional-seed", {"semipd": {"seed": 1.5}}, "semipd/seed"),
     ("unknown-load-format", {"semipd": {"loadFormat": "pt"}}, "semipd/loadFormat"),
+    ("zero-prefill-sms", {"semipd": {"prefillSms": 0}}, "semipd/prefillSms"),
+    ("fractional-prefill-sms", {"semipd": {"prefillSms": 1.5}}, "semipd/prefillSms"),
+    ("overlap-decode-as-text", {"semipd": {"overlapDecode": "no"}}, "semipd/overlapDecode"),
+    ("overlap-prefill-as-text", {"semipd": {"overlapPrefill": "no"}}, "semipd/overlapPrefill"),
+    ("zero-decode-pace", {"semipd": {"decodePaceMs": 0}}, "semipd/decodePaceMs"),
+    ("decode-pace-above-1s", {"semipd": {"decodePaceMs": 1001}}, "semipd/decodePaceMs"),
+    ("negative-switch-interval", {"semipd": {"switchIntervalMs": -1}}, "semipd/switchIntervalMs"),
+    ("switch-interval-above-1s", {"semipd": {"switchIntervalMs": 1000.5}}, "semipd/switchIntervalMs"),
+    ("unknown-decode-attention", {"semipd": {"decodeAttention": "bogus"}}, "semipd/decodeAttention"),
+    ("unknown-controller-policy", {"semipd": {"controllerPolicy": "bogus"}}, "semipd/controllerPolicy"),
+    ("policy-class-without-module", {"semipd": {"controllerPolicy": ":ReactivePolicy"}}, "semipd/controllerPolicy"),
+    ("empty-latency-profile", {"semipd": {"latencyProfile": ""}}, "semipd/latencyProfile"),
+    ("unknown-profile-grid", {"semipd": {"profileGrid": "medium"}}, "semipd/profileGrid"),
     ("zero-replicas", {"frontend": {"numReplicas": 0}}, "frontend/numReplicas"),
     ("replicas-as-text", {"frontend": {"numReplicas": "2"}}, "frontend/numReplicas"),
     ("replicas-and-autoscaling", {"frontend": {"numReplicas": 2, **AUTOSCALED_FRONTEND["frontend"]}}, "frontend"),
@@ -421,7 +451,11 @@ BAD_VALUES = [
 # Refused by the app's own checks too (ServeArgs, the engine configs), not only by the schema
 APP_REFUSES_TOO = ["page-size-not-a-power-of-two", "max-model-len-1", "max-model-len-in-vllm-k-form", "zero-decode-seqs",
                    "memory-fraction-above-0.98", "zero-memory-fraction", "one-page", "unknown-dtype", "fractional-seed",
-                   "unknown-load-format", "zero-replicas", "zero-ongoing-requests", "negative-cpus"]
+                   "unknown-load-format", "zero-replicas", "zero-ongoing-requests", "negative-cpus",
+                   "zero-prefill-sms", "fractional-prefill-sms", "zero-decode-pace", "decode-pace-above-1s",
+                   "negative-switch-interval", "switch-interval-above-1s", "unknown-decode-attention",
+                   "unknown-controller-policy", "policy-class-without-module", "empty-latency-profile",
+                   "unknown-profile-grid"]
 
 
 @pytest.mark.parametrize(("override", "where"), [(o, w) for _, o, w in BAD_VALUES], ids=[n for n, _, _ in BAD_VALUES])
@@ -511,7 +545,8 @@ def test_serve_config_names_app_and_args(rendered: Rendered) -> None:
     (app,) = config["applications"]
     assert app["import_path"] == "cluster.serve_app:build_app"
     assert app["route_prefix"] == "/"
-    assert ARG_KEYS <= set(app["args"]) <= ARG_KEYS | set(ENGINE_ARGS.values()) | set(FRONTEND_ARGS.values())
+    optional = set(ENGINE_ARGS.values()) | set(CONTROLLER_ARGS.values()) | set(FRONTEND_ARGS.values())
+    assert ARG_KEYS <= set(app["args"]) <= ARG_KEYS | optional
     assert app["args"] == expected_args(rendered.values, rendered.scenario.fullname)
     assert config["http_options"]["port"] == rendered.values["service"]["ports"]["serve"]
 
@@ -528,6 +563,81 @@ def test_serve_args_are_accepted_by_the_app(rendered: Rendered, tiny_llama: Path
     defaults = pytest.importorskip("cluster.bootstrap").EngineOptions()
     for key, option in {"pageSize": "page_size", "maxPrefillTokens": "max_prefill_tokens", **ENGINE_ARGS}.items():
         assert getattr(cfg.engine, option) == semipd.get(key, getattr(defaults, option)), key
+    cluster_defaults = cluster_config_defaults()
+    for key, arg in CONTROLLER_ARGS.items():
+        field_name = CLUSTER_FIELDS.get(arg, arg)
+        assert getattr(cfg, field_name) == semipd.get(key, cluster_defaults[field_name]), key
+
+
+def cluster_config_defaults() -> dict[str, Any]:
+    """ClusterConfig's field defaults (those with a plain default)."""
+    bootstrap = pytest.importorskip("cluster.bootstrap")
+    return {f.name: f.default for f in dataclasses.fields(bootstrap.ClusterConfig)}
+
+
+def app_args(chart: Chart, overrides: tuple[dict[str, Any], ...] = ()) -> dict[str, Any]:
+    """The build_app args the chart renders with these values files."""
+    return serve_config(render(chart, Scenario("args", overrides)).one("RayService"))["applications"][0]["args"]
+
+
+def cluster_setting(cfg: Any, arg: str) -> Any:
+    """What the app's ClusterConfig made of build_app arg `arg`: an engine option, or one of its own fields."""
+    if arg in CONTROLLER_ARGS.values():
+        return getattr(cfg, CLUSTER_FIELDS.get(arg, arg))
+    return getattr(cfg.engine, arg)
+
+
+@pytest.mark.parametrize("key", sorted(SEMIPD_SETTINGS))
+def test_each_semipd_setting_becomes_its_arg(chart: Chart, tiny_llama: Path, key: str) -> None:
+    """semipd's own settings, set one at a time: each adds just its build_app arg, which the app takes into its
+    engines' options or its cluster's controller settings (the value is not the app's default, so it got there)."""
+    serve_app = pytest.importorskip("cluster.serve_app", reason="cluster/serve_app.py is not in this checkout")
+    arg, value = {**ENGINE_ARGS, **CONTROLLER_ARGS}[key], SEMIPD_SETTINGS[key]
+    default_args = app_args(chart)
+    args = app_args(chart, ({"semipd": {key: value}},))
+    assert args == {**default_args, arg: value}
+    local = {"model": str(tiny_llama)}
+    cfg = serve_app.cluster_config(serve_app.ServeArgs.parse({**args, **local}), None)
+    default_cfg = serve_app.cluster_config(serve_app.ServeArgs.parse({**default_args, **local}), None)
+    assert cluster_setting(cfg, arg) == value != cluster_setting(default_cfg, arg)
+
+
+def test_semipd_settings_left_out_are_not_args(chart: Chart, tiny_llama: Path) -> None:
+    """values.yaml leaves semipd's own settings out, so the app's defaults apply: no arg, ServeArgs' None, and the
+    EngineOptions / ClusterConfig defaults."""
+    serve_app = pytest.importorskip("cluster.serve_app", reason="cluster/serve_app.py is not in this checkout")
+    assert not set(SEMIPD_SETTINGS) & set(chart.values["semipd"])
+    args = app_args(chart)
+    new_args = {arg for key, arg in {**ENGINE_ARGS, **CONTROLLER_ARGS}.items() if key in SEMIPD_SETTINGS}
+    assert not new_args & set(args)
+    parsed = serve_app.ServeArgs.parse({**args, "model": str(tiny_llama)})
+    assert all(getattr(parsed, arg) is None for arg in new_args)
+    cfg = serve_app.cluster_config(parsed, None)
+    engine_defaults = pytest.importorskip("cluster.bootstrap").EngineOptions()
+    cluster_defaults = cluster_config_defaults()
+    for arg in new_args:
+        default = (cluster_defaults[CLUSTER_FIELDS.get(arg, arg)] if arg in CONTROLLER_ARGS.values()
+                   else getattr(engine_defaults, arg))
+        assert cluster_setting(cfg, arg) == default, arg
+
+
+def test_schema_controller_policies_are_the_controllers(values_schema: dict[str, Any]) -> None:
+    """The names semipd.controllerPolicy takes are those the controller registers (its other form: module:Class)."""
+    controller = pytest.importorskip("cluster.controller")
+    names, _import_path = values_schema["properties"]["semipd"]["properties"]["controllerPolicy"]["anyOf"]
+    assert set(names["enum"]) == set(controller.POLICIES)
+
+
+def test_policy_class_path_is_taken_by_schema_and_app(chart: Chart, values_schema: dict[str, Any],
+                                                      tiny_llama: Path) -> None:
+    """A policy given as module:Class (a class in the image) passes the schema and the app's controller check
+    (which imports it)."""
+    serve_app = pytest.importorskip("cluster.serve_app", reason="cluster/serve_app.py is not in this checkout")
+    override = {"semipd": {"controllerPolicy": "actors.slo.types:ReactivePolicy"}}
+    assert not list(jsonschema.Draft7Validator(values_schema).iter_errors(merge_values(chart.values, override)))
+    args = app_args(chart, (override,))
+    cfg = serve_app.cluster_config(serve_app.ServeArgs.parse({**args, "model": str(tiny_llama)}), None)
+    assert cfg.policy == "actors.slo.types:ReactivePolicy"
 
 
 @pytest.mark.parametrize("override", [pytest.param(o, id=n) for n, o, _ in BAD_VALUES if n in APP_REFUSES_TOO])

@@ -70,8 +70,8 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{/* The Ray Serve config (serveConfigV2, and deploy/examples/serve_config.yaml outside
 Kubernetes): one application built by cluster.serve_app:build_app(args). With a Redis
 password, redis_url is null and the app reads the URL from SEMIPD_REDIS_URL instead, so
-that no secret lands in the RayService. The engine settings that values.yaml leaves out
-(semipd.maxModelLen ... semipd.loadFormat) are args only when set: unset, the app's own
+that no secret lands in the RayService. The engine and controller settings that values.yaml leaves
+out (semipd.maxModelLen ... semipd.profileGrid) are args only when set: unset, the app's own
 defaults apply; so are the size of the app's deployment, semipd-openai (frontend.numReplicas,
 maxOngoingRequests, numCpus: the app's args for them), except frontend.autoscaling, which the app
 has no arg for: the autoscaling_config of that deployment's entry, applied by Serve over the
@@ -129,6 +129,33 @@ applications:
       {{- end }}
       {{- if hasKey .Values.semipd "loadFormat" }}
       load_format: {{ .Values.semipd.loadFormat | toJson }}
+      {{- end }}
+      {{- if hasKey .Values.semipd "prefillSms" }}
+      prefill_sms: {{ .Values.semipd.prefillSms | toJson }}
+      {{- end }}
+      {{- if hasKey .Values.semipd "overlapDecode" }}
+      overlap_decode: {{ .Values.semipd.overlapDecode | toJson }}
+      {{- end }}
+      {{- if hasKey .Values.semipd "overlapPrefill" }}
+      overlap_prefill: {{ .Values.semipd.overlapPrefill | toJson }}
+      {{- end }}
+      {{- if hasKey .Values.semipd "decodePaceMs" }}
+      decode_pace_ms: {{ .Values.semipd.decodePaceMs | toJson }}
+      {{- end }}
+      {{- if hasKey .Values.semipd "switchIntervalMs" }}
+      switch_interval_ms: {{ .Values.semipd.switchIntervalMs | toJson }}
+      {{- end }}
+      {{- if hasKey .Values.semipd "decodeAttention" }}
+      decode_attention: {{ .Values.semipd.decodeAttention | toJson }}
+      {{- end }}
+      {{- if hasKey .Values.semipd "controllerPolicy" }}
+      controller_policy: {{ .Values.semipd.controllerPolicy | toJson }}
+      {{- end }}
+      {{- if hasKey .Values.semipd "latencyProfile" }}
+      latency_profile: {{ .Values.semipd.latencyProfile | toJson }}
+      {{- end }}
+      {{- if hasKey .Values.semipd "profileGrid" }}
+      profile_grid: {{ .Values.semipd.profileGrid | toJson }}
       {{- end }}
       {{- if hasKey .Values.frontend "numReplicas" }}
       num_replicas: {{ .Values.frontend.numReplicas | toJson }}
