@@ -503,7 +503,8 @@ def test_pin_wait_returns_once_every_pinned_engine_runs_its_split(redis_server: 
 def test_pin_names_engines_without_the_pinned_split_and_exact_sets_none(redis_server: Any,
                                                                         capsys: pytest.CaptureFixture[str]) -> None:
     """An engine with no split of the pinned count (a fixed-split deployment has only its own) is named with the
-    split it gets instead; `--exact` then sets no pin (exit 1), so nothing is measured as a split it is not."""
+    split it gets instead; `--exact` then sets no pin (exit 1), so nothing is measured as a split it is not. A pin
+    for an engine that publishes no view (a mistyped id) is not set either."""
     from cluster.cli import main as cli_main
 
     pin = ["pin", "--redis", redis_server.url, "--cluster-name", "exact"]
@@ -525,6 +526,10 @@ def test_pin_names_engines_without_the_pinned_split_and_exact_sets_none(redis_se
         out = capsys.readouterr()
         assert "pins: *=40, e-1=48" in out.out
         assert out.err == "semipd pin: e-0 has no split of 40 prefill SMs: it runs the nearest, 56\n"
+        assert await asyncio.to_thread(cli_main, [*pin, "--engine", "e-9", "--prefill-sms", "48"]) == 1
+        assert "no engine 'e-9' publishes a view in cluster 'exact' (engines: e-0, e-1)" in capsys.readouterr().err
+        assert await store.pins() == {"*": 40, "e-1": 48}
+        assert await asyncio.to_thread(cli_main, [*pin, "--engine", "e-9", "--clear"]) == 0  # clearing goes ahead
         await store.aclose()
 
     run(main())

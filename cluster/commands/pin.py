@@ -4,6 +4,7 @@ The controller applies a pin at its next tick (no dwell, no warm-up) and keeps i
 `--clear`; each engine takes the available split nearest the pinned prefill SM count (an
 engine that will run another count than its pin is named on stderr). `--exact` sets no pin that
 some engine has no split of exactly (exit 1): a fixed-split deployment has only its own split.
+A pin for an engine id that publishes no view (a typo) is not set (exit 1).
 `--wait S` returns only once every pinned engine runs its split (exit 1 after S seconds).
 """
 
@@ -113,8 +114,9 @@ async def _wait_applied(store: RedisStore, named: str | None, before: tuple[Any,
 async def _set_pin(url: str, cluster: str, target: str, prefill_sms: int | None, wait_s: float,
                    exact: bool = False) -> tuple[dict[str, int], list[str], str | None]:
     """The pins after the change, the pinned engines that get another split than their pin (`pins_not_exact`),
-    and why the change failed (None: it did not): `exact` and such an engine (the pins are left as they were),
-    or, with `wait_s` > 0, the pins not applied in time."""
+    and why the change failed (None: it did not): a pin for an engine that publishes no view (a mistyped id), or
+    `exact` and such an engine (in both the pins are left as they were), or, with `wait_s` > 0, the pins not
+    applied in time. Clearing a pin always goes ahead."""
     from cluster.redis_store import RedisStore
 
     store = RedisStore(url, cluster, timeout_s=3.0)
@@ -126,7 +128,12 @@ async def _set_pin(url: str, cluster: str, target: str, prefill_sms: int | None,
             pins[target] = prefill_sms
         else:
             pins.pop(target, None)
-        not_exact = pins_not_exact(await store.read_views(), pins, (float(lo), float(hi)))
+        views = await store.read_views()
+        if prefill_sms is not None and target != "*" and target not in views:
+            engines = ", ".join(sorted(views)) or "none"
+            return await store.pins(), [], (f"no engine {target!r} publishes a view in cluster {cluster!r} "
+                                            f"(engines: {engines}); pins left as they were")
+        not_exact = pins_not_exact(views, pins, (float(lo), float(hi)))
         if exact and not_exact:
             return await store.pins(), not_exact, "--exact: pins left as they were"
         await store.set_pin(target, prefill_sms)
