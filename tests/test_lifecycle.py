@@ -538,6 +538,58 @@ def test_serve_joined_to_a_cluster_interrupted_while_its_engine_starts_stops_it(
             pass
 
 
+SERVE_BESIDE_ENGINES = """
+    import sys, time
+    import ray
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+    import cluster.bootstrap as bootstrap
+    from cluster.cli import main
+
+    start_engines = bootstrap.ensure_cluster
+
+    def serve_controller_up():
+        try:
+            return ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE) is not None
+        except ValueError:
+            return False
+
+    def ensure_cluster(cfg, created):  # the engines' start, waiting (30 s at most) for Serve's controller
+        deadline = time.monotonic() + 30
+        while not serve_controller_up() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        print("SERVE UP WHILE THE ENGINES START" if serve_controller_up() else "NO SERVE YET", flush=True)
+        if sys.argv[2] == "fail":
+            raise RuntimeError("the engines failed to start")
+        return start_engines(cfg, created=created)
+
+    bootstrap.ensure_cluster = ensure_cluster
+    sys.exit(main(["serve", "--model", sys.argv[1], "--device", "cpu", "--http-port", sys.argv[3], "--grpc-port",
+                   "0", "--self-test", "--exit-after-self-test"]))
+"""
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("engines", ["start", "fail"])
+def test_serve_starts_its_http_proxy_while_the_engines_start(tiny_llama: Path, engines: str) -> None:
+    """Ray Serve's controller and HTTP proxy come up while the engine actors load, not after them (on the H100
+    their 29 s followed the engines' 45 s); the self-test then answers through them. When the engines fail to
+    start, the command ends with the error (exit 1) and stops the Serve it started: its HTTP port is free."""
+    port = free_port()
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(SERVE_BESIDE_ENGINES), str(tiny_llama), engines,
+                           str(port)], capture_output=True, text=True, cwd=ROOT, env=env_without_redis_url(),
+                          timeout=220)
+    out = proc.stdout + proc.stderr[-3000:]
+    assert "SERVE UP WHILE THE ENGINES START" in proc.stdout, out
+    assert "semipd stopped" in proc.stderr, out
+    if engines == "start":
+        assert proc.returncode == 0, out
+        assert "self-test via HTTP /v1/completions" in proc.stdout and "self-test FAILED" not in proc.stdout, out
+    else:
+        assert proc.returncode == 1 and "the engines failed to start" in proc.stderr, out
+    with socket.socket() as s:  # Serve's proxy is gone with the command
+        s.bind(("127.0.0.1", port))
+
+
 def test_serve_without_a_working_redis_server_is_a_message_not_a_traceback(
         tiny_llama: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     """redis-server missing (or not coming up) ends `semipd serve` with its reason and exit 1, before Ray starts."""

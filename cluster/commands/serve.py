@@ -2,8 +2,8 @@
 
 Starts (or joins with --address) Ray, a private redis-server unless --redis is given,
 the engine actors and the SLO controller (`cluster.bootstrap.ensure_cluster`), then the
-OpenAI HTTP API (the Ray Serve app, `cluster.serve_app.build_app`) with the gRPC
-service in its replica; without the Serve app, the gRPC server runs here over a Router.
+OpenAI HTTP API (the Ray Serve app, `cluster.serve_app.build_app`; Serve's controller and
+HTTP proxy start while the engines load) with the gRPC service in its replica; without the Serve app, the gRPC server runs here over a Router.
 `--self-test` sends one request through the HTTP API (or the Router) and prints the
 answer. Ctrl-C / SIGTERM drains (new requests refused, in-flight ones finish within
 --drain-timeout) and shuts everything down that this command started. A SIGTERM to the whole process group
@@ -387,11 +387,37 @@ class Started:
     redis: Any = None
     ray_started: bool = False
     cluster: Any = None
-    serve: bool = False
+    serve_start: ServeStart | None = None  # Serve's controller and HTTP proxy, started beside the engines
     drained: bool = False  # the serving loop drained (or a second signal cut its drain short)
     rc: int | None = None  # the serving loop's exit status, once it returned
     created: list[str] = field(default_factory=list)  # actors started here, as they start (ensure_cluster)
     endpoints: dict[str, str] = field(default_factory=dict)
+
+
+class ServeStart:
+    """`serve.start` in a thread of its own, so that Serve's controller and HTTP proxy come up while the engines
+    load (on the H100, run 29: 29 s of `serve.start` after 45 s of engine start-up, one after the other)."""
+
+    def __init__(self, host: str, port: int) -> None:
+        from ray import serve
+
+        self._failed: list[BaseException] = []
+
+        def start() -> None:
+            try:
+                serve.start(http_options={"host": host, "port": port})
+            except BaseException as e:  # raised in `wait`
+                self._failed.append(e)
+
+        self.thread = threading.Thread(target=start, name="semipd serve start", daemon=True)
+        self.thread.start()
+
+    def wait(self) -> None:
+        """Return once Serve has started; raise what `serve.start` raised."""
+        while self.thread.is_alive():
+            self.thread.join(0.2)  # a signal's exception comes through between joins
+        if self._failed:
+            raise self._failed[0]
 
 
 EXIT_ON_SIGNAL = 128  # + the signal's number, as a shell reports a process a signal ended (SIGINT: 130)
@@ -446,18 +472,19 @@ def run(args: argparse.Namespace) -> int:
         _catch_sigterm()  # ray.init installed its own handler
         started.endpoints["ray"] = ray.get_runtime_context().gcs_address
         print(f"starting {cfg.num_actors} engine actor(s) for {cfg.model} ({cfg.mode}) ...", flush=True)
+        if app_module is not None:
+            started.serve_start = ServeStart(args.host, args.http_port)
         started.cluster = ensure_cluster(cfg, created=started.created)
         for name, info in started.cluster.infos.items():
             started.endpoints[name] = f"node {info['node_id'][:12]}, {info['mode']}, {info['total_sms']} SMs"
         grpc_in_app = False
-        if app_module is not None:
+        if app_module is not None and started.serve_start is not None:
             from ray import serve
 
-            serve.start(http_options={"host": args.host, "port": args.http_port})
+            started.serve_start.wait()
             grpc_in_app = bool(args.grpc_port)
             app = app_module.build_app(serve_app_args(args, redis_url, args.grpc_port if grpc_in_app else None))
             serve.run(app, name="semipd", route_prefix="/")
-            started.serve = True
             started.endpoints["http"] = f"http://{args.host}:{args.http_port}/v1"
             if grpc_in_app:
                 started.endpoints["grpc"] = f"{args.host}:{args.grpc_port} (in the Serve replica)"
@@ -622,9 +649,11 @@ def _shutdown(args: argparse.Namespace, started: Started, drain: Any, teardown: 
             ray_step("engine shutdown", teardown, cfg, names=[n for n in cfg.actor_names if n in started.created],
                      controller=cfg.controller_name in started.created, graceful=ready)
             ray_step("resume", resume_cluster, cfg, [n for n in cfg.actor_names if n not in started.created])
-    if started.serve:
+    if started.serve_start is not None:
         from ray import serve
 
+        if started.serve_start.thread.is_alive():  # interrupted while the engines started: let it finish first
+            ray_step("serve start", started.serve_start.thread.join)
         ray_step("serve shutdown", serve.shutdown)
     if started.ray_started or ray.is_initialized():
         step("ray shutdown", stop_ray, calls)
