@@ -22,7 +22,9 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+ROOT = Path(__file__).resolve().parents[1]
+# this checkout's code, also when another checkout of it is the one installed in the venv (comparing two commits)
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from engine_sim import Phase, SimResult, simulate, with_prefill_factor  # noqa: E402
 
