@@ -15,7 +15,7 @@ import asyncio
 import sys
 import time
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from actors.slo.types import nearest_split
 
@@ -46,14 +46,22 @@ def _tick_mark(status: Mapping[str, Any] | None) -> tuple[Any, Any] | None:
     return None if status is None else (status.get("leader"), status.get("time"))
 
 
+class PinTarget(NamedTuple):
+    """A pinned engine's pin, the split it gets (the nearest available), and the split it runs now."""
+
+    pin: int
+    split: int
+    running: int
+
+
 def pin_targets(views: Mapping[str, Mapping[str, Any]], pins: Mapping[str, int],
-                prefill_sm_fraction: tuple[float, float] = (0.0, 1.0)) -> dict[str, tuple[int, int] | None]:
-    """Each pinned engine's pin and the split it gets: the nearest among those the controller may set
-    (`prefill_sm_fraction`, as it bounds them). Draining engines are left out, as the controller leaves them; one
-    whose view is malformed maps to None (the controller skips it)."""
+                prefill_sm_fraction: tuple[float, float] = (0.0, 1.0)) -> dict[str, PinTarget | None]:
+    """Each pinned engine's `PinTarget`: the split it gets is the nearest its pin among those the controller may
+    set (`prefill_sm_fraction`, as it bounds them). Draining engines are left out, as the controller leaves them;
+    one whose view is malformed maps to None (the controller skips it)."""
     from cluster.controller import bounded_view, view_from_dict
 
-    out: dict[str, tuple[int, int] | None] = {}
+    out: dict[str, PinTarget | None] = {}
     for eid, published in sorted(views.items()):
         pin = pins.get(eid, pins.get("*"))
         if pin is None or published.get("draining"):
@@ -63,7 +71,7 @@ def pin_targets(views: Mapping[str, Mapping[str, Any]], pins: Mapping[str, int],
         except ValueError:
             out[eid] = None
             continue
-        out[eid] = (pin, nearest_split(view.splits, pin))
+        out[eid] = PinTarget(pin, nearest_split(view.splits, pin), view.prefill_sms)
     return out
 
 
@@ -75,8 +83,8 @@ def engines_off_pin(views: Mapping[str, Mapping[str, Any]], pins: Mapping[str, i
     off = []
     for eid, target in pin_targets(views, pins, prefill_sm_fraction).items():
         last = pending.get(eid)
-        if target is None or int(views[eid]["stats"]["prefill_sms"]) != target[1] \
-                or (last is not None and int(last["prefill_sms"]) != target[1]):
+        if target is None or target.running != target.split \
+                or (last is not None and int(last["prefill_sms"]) != target.split):
             off.append(eid)
     return off
 
@@ -84,9 +92,9 @@ def engines_off_pin(views: Mapping[str, Mapping[str, Any]], pins: Mapping[str, i
 def pins_not_exact(views: Mapping[str, Mapping[str, Any]], pins: Mapping[str, int],
                    prefill_sm_fraction: tuple[float, float] = (0.0, 1.0)) -> list[str]:
     """One line for each pinned engine whose split will not be its pin: the split it gets instead."""
-    return [f"{eid} has no split of {pin} prefill SMs: it runs the nearest, {split}"
-            for eid, target in pin_targets(views, pins, prefill_sm_fraction).items()
-            if target is not None and (pin := target[0]) != (split := target[1])]
+    return [f"{eid} has no split of {t.pin} prefill SMs: it runs the nearest, {t.split}"
+            for eid, t in pin_targets(views, pins, prefill_sm_fraction).items()
+            if t is not None and t.pin != t.split]
 
 
 async def _wait_applied(store: RedisStore, named: str | None, before: tuple[Any, Any] | None,

@@ -3,7 +3,8 @@
 Starts (or joins with --address) Ray, a private redis-server unless --redis is given,
 the engine actors and the SLO controller (`cluster.bootstrap.ensure_cluster`), then the
 OpenAI HTTP API (the Ray Serve app, `cluster.serve_app.build_app`; Serve's controller and
-HTTP proxy start while the engines load) with the gRPC service in its replica; without the Serve app, the gRPC server runs here over a Router.
+HTTP proxy start while the engines load) with the gRPC service in its replica; without the
+Serve app, the gRPC server runs here over a Router.
 `--self-test` sends one request through the HTTP API (or the Router) and prints the
 answer. Ctrl-C / SIGTERM drains (new requests refused, in-flight ones finish within
 --drain-timeout) and shuts everything down that this command started. A SIGTERM to the whole process group
