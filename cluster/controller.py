@@ -135,6 +135,7 @@ def view_from_dict(d: Mapping[str, Any]) -> EngineView:
             mean_output_tokens=_number(s, "mean_output_tokens"),
             mean_max_tokens=_number(s, "arrival_mean_max_tokens"),
             decode_step_ms=_number(s, "recent_decode_step_ms"),
+            decode_step_median_ms=_number(s, "recent_decode_step_median_ms"),
             decode_pace_ms=_number(s, "decode_pace_ms"),
             prefill_iteration_ms=_number(s, "recent_prefill_ms"),
             prefill_iteration_tokens=_number(s, "recent_prefill_tokens"),

@@ -212,5 +212,5 @@ def _view(model: LatencyModel, sms: int, queue: deque[SimRequest], decoding: lis
         mean_prompt_tokens=window.mean_amount(now=now) if lengths else 0.0,
         mean_output_tokens=sum(outputs) / len(outputs) if outputs and lengths else 0.0,
         mean_max_tokens=budgets.mean_amount(now=now) if lengths and "budgets" not in hide else 0.0,
-        decode_step_ms=decode_step_ms, live_tpot_ms=tuple((now - r.first_token) * 1000.0 / r.decoded for r in live),
+        decode_step_ms=decode_step_ms, decode_step_median_ms=decode_step_ms, live_tpot_ms=tuple((now - r.first_token) * 1000.0 / r.decoded for r in live),
     )

@@ -35,7 +35,8 @@ from cluster.bench.structured import (
     BUILTIN_CHOICES, BUILTIN_REGEX, BUILTIN_SCHEMA, StructuredOutput, StructuredOutputError, parse_spec,
 )
 from cluster.bench.server_metrics import (
-    WorkerIterations, cuda_allocator_counts, iteration_quantiles, kv_handoffs, prefix_cache_counts, worker_iterations,
+    WorkerIterations, cuda_allocator_counts, iteration_quantiles, iterations_over, kv_handoffs, prefix_cache_counts,
+    worker_iterations,
 )
 from cluster.bench.sweep import metrics_under, rate_of, sustained_rates
 from cluster.bench.traffic import streaming_around, token_times
@@ -994,6 +995,12 @@ def test_worker_iterations_from_the_metric_deltas() -> None:
         {f'semipd:worker_iteration_seconds_bucket{{{e},worker="decode",le="{le}"}}': n for le, n in cumulative.items()})
     assert worker_iterations(result)[("g0", "decode")].quantiles_ms == {50: 20.0, 90: 50.0}
     assert format_worker_iterations(result).endswith("32 tokens = 1,600 tok/s, P50 <= 20 ms, P90 <= 50 ms)")
+    stalled = {"0.01": 40.0, "0.02": 200.0, "0.05": 395.0, "0.1": 397.0, "0.2": 399.0, "+Inf": 400.0}
+    result.server_metrics["delta"].update(
+        {f'semipd:worker_iteration_seconds_bucket{{{e},worker="decode",le="{le}"}}': n for le, n in stalled.items()})
+    assert worker_iterations(result)[("g0", "decode")].over_100ms == 3.0
+    assert format_worker_iterations(result).endswith("P50 <= 20 ms, P90 <= 50 ms, 3 over 100 ms)")
+    assert iterations_over({0.05: 1.0, math.inf: 2.0}, 0.1) == 0.0
     assert iteration_quantiles({0.01: 0.0, math.inf: 0.0}) == {} and iteration_quantiles({}) == {}
     result.server_metrics["delta"][f'semipd:worker_paced_seconds_total{{{e},worker="decode"}}'] = 2.0  # --decode-pace-ms
     assert worker_iterations(result)[("g0", "decode")].paced_ms == 5.0

@@ -119,6 +119,7 @@ def test_engine_actor_publishes_the_tpot_so_far_of_requests_decoding_since_the_s
         await decoded_enough(before)
         (tpot,) = actor.view()["live_tpot_ms"]
         assert tpot > 0
+        assert actor.view()["stats"]["recent_decode_step_median_ms"] > 0  # what tells a stall from a slow step
         target = next(s for s in info["splits"] if s != actor.llm.core.partitioner.current)
         assert (await actor.apply_split(target, "test"))["changed"]
         assert actor.view()["live_tpot_ms"] == []  # its first token came on the split before
@@ -132,3 +133,58 @@ def test_engine_actor_publishes_the_tpot_so_far_of_requests_decoding_since_the_s
         await actor.shutdown()
 
     asyncio.run(main())
+
+
+RUN30_TARGETS = SLOTargets(ttft_ms=1000.0, tpot_ms=12.0)
+
+
+def h100() -> LatencyModel:
+    """The committed H100 profile, the one the servers of run 30 loaded."""
+    (model,) = (m for m in load_models(PROFILE).values() if m.device == "NVIDIA H100 80GB HBM3")
+    return model
+
+
+def chat_on_64(t: float, live_tpot_ms: tuple[float, ...], median_step_ms: float) -> dict[str, Any]:
+    """What the engine serving chat at 32 req/s on 64 prefill SMs published 2.5 s into run 30's window (H100):
+    29 requests past 16 tokens, most having decoded through two stalls of ~280 ms; the finished ones within
+    both targets; a decode step of 9 ms when none stalls."""
+    model = h100()
+    return {"engine_id": "gpu0", "time": t, "ttft_ms": [150.0] * 40, "tpot_ms": [9.5] * 40,
+            "live_tpot_ms": list(live_tpot_ms),
+            "stats": {"prefill_sms": 64, "total_sms": model.total_sms, "splits": list(model.splits),
+                      "waiting_prefill_tokens": 3_313, "num_waiting": 6, "num_decoding": 45,
+                      "decode_context_tokens": 45 * 600, "arrival_tokens_per_s": 20_692.0,
+                      "arrival_mean_prompt_tokens": 511.0, "mean_output_tokens": 200.0,
+                      "arrival_mean_max_tokens": 200.0, "recent_decode_step_ms": 11.8,
+                      "recent_decode_step_median_ms": median_step_ms,
+                      "recent_prefill_ms": 30.0, "recent_prefill_tokens": 500.0}}
+
+
+def decision_on_64(live_tpot_ms: tuple[float, ...], median_step_ms: float) -> SplitDecision:
+    """The policy's decision 60 s after the engine's last switch (to 64), given the view of `chat_on_64`."""
+    policy = ModelPolicy(h100())
+    policy.decide(view_from_dict(chat_on_64(40.0, (), 0.0)), RUN30_TARGETS)
+    return policy.decide(view_from_dict(chat_on_64(100.0, live_tpot_ms, median_step_ms)), RUN30_TARGETS)
+
+
+STALLED = (9.5,) * 2 + (29.7,) * 27  # P90 29.7 ms
+
+
+def test_decode_stalls_that_more_decode_sms_would_not_shorten_move_no_split() -> None:
+    """H100, run 30: chat at 32 req/s on 64 prefill SMs, where a pinned 64 kept 97.9% of the same requests. Two
+    stalls of ~280 ms put the P90 TPOT so far at 29.7 ms over a 9 ms median step; the policy moved to 56 urgently
+    for its predicted 10.3 ms, stalls went on there, it moved on to 48, and TTFT missed (74.8%), and 13.7% of the
+    next window at 37 req/s (64 pinned: 96.9%). The stall is in every split's prediction: none gains enough."""
+    unexplained = decision_on_64(STALLED, 0.0)  # no median step published: the live TPOT is the step's
+    assert unexplained.urgent and unexplained.prefill_sms < 64, unexplained
+    held = decision_on_64(STALLED, 9.0)
+    assert held.prefill_sms == 64, held
+    assert held.predicted["live_stall_ms"] == pytest.approx(29.7 - 9.0)
+
+
+def test_a_slow_decode_step_still_moves_the_split_toward_decode() -> None:
+    """When the median step itself is as slow as the requests decode, no stall explains it: more decode SMs do,
+    and the move is urgent as before."""
+    moved = decision_on_64((14.0,) * 29, 13.8)
+    assert moved.urgent and moved.prefill_sms < 64, moved
+    assert "(0.2 over the median step)" in moved.reason, moved.reason

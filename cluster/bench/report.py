@@ -143,7 +143,8 @@ def format_worker_iterations(result: BenchResult) -> str:
         return f"host {w.launch_ms:.2f} ms" + (f" = {split}" if split else "")
 
     def quantiles(w: WorkerIterations) -> str:
-        return "".join(f", P{q} <= {ms:g} ms" for q, ms in w.quantiles_ms.items())
+        over = f", {w.over_100ms:.0f} over 100 ms" if w.over_100ms > 0 else ""
+        return "".join(f", P{q} <= {ms:g} ms" for q, ms in w.quantiles_ms.items()) + over
 
     def paced(w: WorkerIterations) -> str:
         return f", paced {w.paced_ms:.2f} ms" if w.paced_ms > 0 else ""

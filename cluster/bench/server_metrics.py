@@ -32,6 +32,15 @@ class WorkerIterations:
     launch_parts_ms: dict[str, float] = field(default_factory=dict)  # host time by part, per iteration
     quantiles_ms: dict[int, float] = field(default_factory=dict)  # P50, P90: the histogram bucket bound at or above
     paced_ms: float = 0.0  # time waiting for the worker's pace, per iteration
+    over_100ms: float = 0.0  # iterations longer than 100 ms: for decode, stalls (run 30: up to 280 ms on the H100)
+
+
+def iterations_over(buckets: Mapping[float, float], bound_s: float) -> float:
+    """From cumulative histogram counts (upper bound in s -> count), how many are past `bound_s`, one of the
+    bounds (0: no counts, or no such bound)."""
+    if bound_s not in buckets:
+        return 0.0
+    return buckets[max(buckets)] - buckets[bound_s]
 
 
 def iteration_quantiles(buckets: Mapping[float, float], qs: Sequence[int] = (50, 90)) -> dict[int, float]:
@@ -72,7 +81,8 @@ def worker_iterations(result: BenchResult) -> dict[tuple[str, str], WorkerIterat
             count, 1e3 * per_iteration["iteration_seconds_sum"], 1e3 * per_iteration["launch_seconds_total"],
             per_iteration["tokens_total"],
             {part: 1e3 * seconds / count for part, seconds in sorted(parts.get(worker, {}).items())},
-            iteration_quantiles(buckets.get(worker, {})), 1e3 * per_iteration["paced_seconds_total"])
+            iteration_quantiles(buckets.get(worker, {})), 1e3 * per_iteration["paced_seconds_total"],
+            iterations_over(buckets.get(worker, {}), 0.1))
     return out
 
 
@@ -152,6 +162,6 @@ def prefix_cache_counts(result: BenchResult) -> tuple[float, float] | None:
 
 
 __all__ = [
-    "AllocatorCounts", "KVHandoffs", "WorkerIterations", "cuda_allocator_counts", "iteration_quantiles", "kv_handoffs",
-    "prefix_cache_counts", "worker_iterations",
+    "AllocatorCounts", "KVHandoffs", "WorkerIterations", "cuda_allocator_counts", "iteration_quantiles",
+    "iterations_over", "kv_handoffs", "prefix_cache_counts", "worker_iterations",
 ]
