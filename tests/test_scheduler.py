@@ -14,6 +14,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -619,6 +620,49 @@ def test_warm_up_lengths_fit_the_model_and_the_pool(tokens: int, max_len: int, m
     lens = warm_up_lengths(tokens, max_len, max_pages, 16)
     assert lens == expected
     assert sum(pages_for(n, 16) for n in lens) <= max_pages and all(n <= max_len for n in lens)
+
+
+def test_warm_up_rows_cover_every_count_a_batch_may_sample() -> None:
+    from actors.engine.core import warm_up_rows
+
+    assert warm_up_rows(256) == tuple(range(1, 33)) + tuple(range(40, 257, 8))
+    assert warm_up_rows(50) == tuple(range(1, 33)) + (40, 48, 50)
+    assert warm_up_rows(20) == tuple(range(1, 21)) and warm_up_rows(1) == (1,)
+
+
+def test_engine_warm_up_draws_through_every_worker_without_the_engines_generator(
+        tiny_llama: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decode's runner too (its LM head and sampler run outside the CUDA graphs, one row per sequence); the draws
+    take tokens with a generator of their own, so the engine's seeded sampling is where a fresh one's is."""
+    from actors.engine.frontend import LLM
+    from actors.models.llama import CausalLM
+    from actors.runner.model_runner import ModelRunner
+
+    calls: list[tuple[int, tuple[int, ...], tuple[int, ...]]] = []
+    draws: list[int] = []
+    warm, compute = ModelRunner.warm_up_draws, CausalLM.compute_logits
+
+    def spy(runner: ModelRunner, greedy: tuple[int, ...], sampled: tuple[int, ...]) -> None:
+        calls.append((id(runner), tuple(greedy), tuple(sampled)))
+        warm(runner, greedy, sampled)
+
+    def counted(model: CausalLM, hidden: torch.Tensor) -> torch.Tensor:
+        draws.append(hidden.shape[0])
+        return compute(model, hidden)
+
+    monkeypatch.setattr(ModelRunner, "warm_up_draws", spy)
+    monkeypatch.setattr(CausalLM, "compute_logits", counted)
+    llm = LLM(tiny_llama, mode="semi-pd", seed=7)
+    try:
+        runners = {id(w.runner) for w in llm.core.workers}
+        assert len(runners) == 2 and {c[0] for c in calls} == runners, calls
+        assert all(greedy and sampled for _, greedy, sampled in calls)
+        assert draws.count(1) >= 4  # each worker drew greedy and sampled rows
+        for w in llm.core.workers:
+            fresh = torch.Generator().manual_seed(7)
+            assert torch.equal(w.runner.sampler.generator.get_state(), fresh.get_state())
+    finally:
+        llm.shutdown()
 
 
 def test_prompt_scoring_covers_each_prompt_position_once_across_chunks_and_recomputation() -> None:

@@ -237,9 +237,9 @@ class EngineCore:
                               overlap=self.config.overlap_prefill), decode]
 
     def _warm_up(self) -> None:
-        """Prefills through each prefill-running worker before the engine reports ready, so that the first
-        requests do not pay for what the first iteration does once: load (or, with a cold cache, compile)
-        kernels. On a GPU the largest is as large as the token budget (and half the pool) allows, like the engine's
+        """Prefills through each prefill-running worker, and draws through every worker, before the engine reports
+        ready, so that the first requests do not pay for what the first iteration does once: load (or, with a cold
+        cache, compile) kernels. On a GPU the largest is as large as the token budget (and half the pool) allows, like the engine's
         largest iteration, so the caching allocator also grows to its working size and cuBLAS meets the large shapes
         (H200, 2026-12-03, before this: the offline job took 5.08 s after a warm-up of 8 of its prompts, 4.94 s
         after one of the whole job).
@@ -253,6 +253,11 @@ class EngineCore:
         second), where 72 held throughout ran at 10-11 ms; with every split warmed (run 21) a split's first use
         cost decode under 1 ms, so that drop was the move itself.
 
+        Every worker, decode's too, then draws on each of its partitions from as many rows as a batch may sample
+        (`warm_up_rows`, `ModelRunner.warm_up_draws`; sampled draws, not only greedy ones, on its current partition):
+        the LM head and the sampler run outside the CUDA graphs with one row per sequence that samples, where the
+        warm-up's prefills sample one or two.
+
         Pinned host memory is not allocated while serving (a page-locked allocation keeps two streams' commands
         from running concurrently): host values travel through each thread's staging ring (`staging_ring`): this
         thread's is made by the warm-up (or the graph captures), each worker's as its thread starts (`Worker.start`)."""
@@ -260,25 +265,31 @@ class EngineCore:
         on_gpu = self.device.type == "cuda"
         largest = self.config.scheduler.max_prefill_tokens if on_gpu else ps + 1
         max_pages = max(1, self.allocator.num_free // 2)
+        rows = warm_up_rows(self.config.scheduler.max_decode_seqs) if on_gpu else (1,)
+        # the sampler's own kernels (a sort, softmaxes) do not depend on the SMs cuBLAS sizes for: one partition, and
+        # row counts at powers of two (their kernels go by size class), so that its buffers of up to a GB for 256
+        # rows are cached on one stream's pool only
+        sampled_rows = tuple(n for n in rows if n & (n - 1) == 0)
         t0, tokens_run, partitions = time.perf_counter(), 0, 0
         for w in self.workers:
-            if w.phase != "prefill":
-                continue
             current = self.partitioner.partition_for(w.phase)
             others = [p for p in self.partitioner.all_partitions(w.phase) if p != current] if on_gpu else []
-            for part, sizes in [(current, warm_up_sizes(largest) if on_gpu else (largest,))] + [
-                    (p, warm_up_sizes(min(largest, OTHER_SPLITS_WARM_UP_TOKENS))) for p in others]:
+            for part in [current] + others:
                 w.runner.set_partition(part)
                 partitions += 1
-                for tokens in sizes:
-                    lens = warm_up_lengths(tokens, self.max_model_len - 1, max_pages, ps)
-                    self._warm_up_prefill(w.runner, lens)
-                    tokens_run += sum(lens)
+                if w.phase == "prefill":
+                    sizes = (warm_up_sizes(largest) if on_gpu else (largest,)) if part == current else (
+                        warm_up_sizes(min(largest, OTHER_SPLITS_WARM_UP_TOKENS)))
+                    for tokens in sizes:
+                        lens = warm_up_lengths(tokens, self.max_model_len - 1, max_pages, ps)
+                        self._warm_up_prefill(w.runner, lens)
+                        tokens_run += sum(lens)
+                w.runner.warm_up_draws(rows, sampled_rows if part == current else ())
             w.runner.set_partition(current)
         if on_gpu:
             torch.cuda.synchronize(self.device)
-            log.info("warm-up: %d prefill tokens over %d partitions in %.1f s; %d cudaHostAlloc calls so far",
-                     tokens_run, partitions, time.perf_counter() - t0, pinned_host_allocs())
+            log.info("warm-up: %d prefill tokens and draws of 1-%d rows over %d partitions in %.1f s; %d cudaHostAlloc "
+                     "calls so far", tokens_run, rows[-1], partitions, time.perf_counter() - t0, pinned_host_allocs())
 
     def _warm_up_prefill(self, runner: ModelRunner, lens: list[int]) -> None:
         """One prefill iteration of prompts of `lens` tokens, on pages freed afterwards."""
@@ -519,6 +530,13 @@ def warm_up_sizes(largest: int, smallest: int = 32) -> tuple[int, ...]:
     while sizes[-1] // 4 >= smallest:
         sizes.append(sizes[-1] // 4)
     return tuple(sizes)
+
+
+def warm_up_rows(most: int, every_one_to: int = 32, step: int = 8) -> tuple[int, ...]:
+    """Row counts of the warm-up's draws (`ModelRunner.warm_up_draws`): each up to `every_one_to`, then every
+    `step`, up to `most` (included)."""
+    rows = list(range(1, min(most, every_one_to) + 1)) + list(range(every_one_to + step, most, step))
+    return tuple(rows + [most] if rows[-1] != most else rows)
 
 
 def warm_up_lengths(tokens: int, max_len: int, max_pages: int, page_size: int) -> list[int]:

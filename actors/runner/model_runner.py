@@ -7,7 +7,7 @@ backend (with its workspace) and the stream are the worker's own.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -19,7 +19,7 @@ from actors.attention.base import AttentionBackend, BatchLayout
 from actors.engine.partitioner import Partition
 from actors.kv.pool import KVPool
 from actors.models.llama import CausalLM
-from actors.request import Request
+from actors.request import Request, SamplingParams
 from actors.runner.cublas import set_sm_count_target
 from actors.runner.sampler import Drawn, Sampler, SampleResult, TokenLogprobs, score_tokens
 from actors.runner.transfer import staging_ring, to_device
@@ -170,6 +170,27 @@ class ModelRunner:
             if sample_reqs:
                 self._spent("sample", t)
             return drawn
+
+    @torch.inference_mode()
+    def warm_up_draws(self, greedy_rows: Iterable[int], sampled_rows: Iterable[int]) -> None:
+        """Queue, on the runner's stream, a draw from `n` rows of hidden states for each `n` of `greedy_rows`
+        (argmax) and of `sampled_rows` (temperature, top-k and top-p: a sort, softmaxes, random draws).
+
+        The LM head's GEMM and the sampler run outside the decode CUDA graphs, with one row per sequence that
+        samples, and cuBLAS picks its kernels by that count; CUDA loads a kernel at its first launch, which may wait
+        for the whole device. On the H100 (run 30) a fresh server's first windows at a load not seen before had
+        prefill iterations spend a mean of 3 and 16 ms in their draws where later ones spent 0.2, and decode stood still
+        for 100-280 ms at those times; prefill's warm-up iterations sample one or two rows. The draws take a
+        generator of their own: the engine's seeded one is left where it was."""
+        dtype = next(self.model.parameters()).dtype
+        scratch = torch.Generator(device=self.device)
+        greedy = SamplingParams(max_tokens=1, temperature=0.0)
+        sampled = SamplingParams(max_tokens=1, temperature=1.0, top_k=50, top_p=0.9)
+        with self._on_stream():
+            for n, params in [(n, greedy) for n in greedy_rows] + [(n, sampled) for n in sampled_rows]:
+                reqs = [Request(f"warm-up-draw-{i}", [1], 1, params, generator=scratch) for i in range(n)]
+                hidden = torch.zeros(n, self.model.arch.hidden_size, dtype=dtype, device=self.device)  # [n, H]
+                self.sampler.draw(self.model.compute_logits(hidden), reqs)
 
     def wait_for_stream(self) -> None:
         """Wait for everything queued on the worker's stream (nothing to wait for off the GPU). A failure there is
