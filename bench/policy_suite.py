@@ -12,7 +12,9 @@ each kind of load, the policy's switches per minute, and the mean of all. CPU on
 `--fixed` also holds every split of the profile through each case and prints the best one beside the policy
 (issue 4 asks the policy to sustain at least what the best fixed split does), and the best single split held
 through every case, about 13 times as long. `--policy reactive` runs the semi-PD paper's rule instead (P90 TTFT
-or TPOT over its target moves one split step, `ReactivePolicy`), at the same decision interval.
+or TPOT over its target moves one split step, `ReactivePolicy`), at the same decision interval. `--stalls RATE:S`
+stops decode now and then while prompts wait (a fresh server's first windows on the H100, run 30), `--hide median`
+leaves the engine's median decode step out of the view (the policy then takes a stall for a slow step).
 The figures quoted in docs/perf/serve-h200.md (run 19 on) are this script's.
 """
 
@@ -84,6 +86,18 @@ def _transient(text: str) -> tuple[float, float]:
     return value
 
 
+def _stalls(text: str) -> tuple[float, float]:
+    """--stalls RATE:S -> (RATE, S), as `simulate`'s `stalls` takes it."""
+    rate, sep, seconds = text.partition(":")
+    try:
+        value = (float(rate), float(seconds))
+    except ValueError:
+        value = (-1.0, -1.0)
+    if not sep or not value[0] >= 0 or not value[1] >= 0:  # NaN too
+        raise argparse.ArgumentTypeError(f"expected RATE:S with RATE >= 0 and S >= 0, got {text!r}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("profile", type=Path, help="a saved latency profile")
@@ -93,6 +107,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--switch-transient", type=_transient, default=(0.0, 1.0), metavar="S:FACTOR",
                         help="decode's steps FACTOR times slower for S seconds after each switch toward prefill "
                              "(default none; 0.5:2 is what runs 20-21 on the H200 streamed)")
+    parser.add_argument("--stalls", type=_stalls, default=(0.0, 0.0), metavar="RATE:S",
+                        help="decode stands still for S seconds, RATE times a second while prompts wait (default "
+                             "none; about 0.7:0.2 is what a fresh server's first windows at a new load showed on the "
+                             "H100, run 30)")
+    parser.add_argument("--hide", nargs="*", default=[], choices=("arrivals", "lengths", "budgets", "speed", "median"),
+                        help="leave these out of the engine's view (as `simulate` takes them), e.g. median: the "
+                             "policy then reads a stall as a slow decode step")
     parser.add_argument("--policy", choices=("model", "reactive"), default="model",
                         help="the split policy to run: ours (default) or the semi-PD paper's reactive rule")
     parser.add_argument("--fixed", action="store_true",
@@ -115,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
              dynamic: bool) -> list[SimResult]:
         """One per seed; `dynamic`: a fresh policy for each seed (it keeps state per engine), else fixed."""
         return [simulate(engine, phases, targets, start_sms, make_policy(args.policy, model) if dynamic else None,
-                         seed=s, dt=0.01, switch_transient=args.switch_transient) for s in range(args.seeds)]
+                         seed=s, dt=0.01, hide=frozenset(args.hide), switch_transient=args.switch_transient,
+                         stalls=args.stalls) for s in range(args.seeds)]
 
     def attainment_pct(results: list[SimResult]) -> float:
         return 100.0 * sum(r.attainment for r in results) / len(results)

@@ -11,14 +11,19 @@ that had their first token after it (`LIVE_TPOT_MIN_TOKENS` or more made), the m
 for `PREFILL_SPEED_AFTER_S`, and the arrival rate and lengths (through the actor's own `RateWindow`).
 Switches take effect at once; `switch_transient` (seconds, factor) slows decode's steps by the factor for
 that long after a switch that gives prefill more SMs (on the H200 decode streamed half its tokens in the
-half second after such moves, runs 20-21, where the split held throughout ran at its settled pace). The policy may hold another model than the one that times the engine
-(`with_prefill_factor`: a profile that misjudges prefill). Plain functions (no fixtures).
+half second after such moves, runs 20-21, where the split held throughout ran at its settled pace). `stalls`
+(per second, seconds) stops decode for that long, at that seeded rate, while prompts wait (on the H100 a fresh
+server's first windows at a new load had decode stand still for 100-280 ms, about ten times in 15 s, run 30); a
+stall is one long step in the view's mean decode step, not in its median. The policy may hold another model than
+the one that times the engine (`with_prefill_factor`: a profile that misjudges prefill). Plain functions (no
+fixtures).
 """
 
 from __future__ import annotations
 
 import math
 import random
+import statistics
 from collections import deque
 from dataclasses import dataclass, replace
 
@@ -93,10 +98,11 @@ def simulate(model: LatencyModel, phases: list[Phase], targets: SLOTargets, star
              policy: SplitPolicy | None = None, seed: int = 0, dt: float = 0.005,
              decide_every_s: float = 0.5, hide: frozenset[str] = frozenset(),
              admission: AdmissionController | None = None,
-             switch_transient: tuple[float, float] = (0.0, 1.0)) -> SimResult:
+             switch_transient: tuple[float, float] = (0.0, 1.0),
+             stalls: tuple[float, float] = (0.0, 0.0)) -> SimResult:
     """Run `phases` to the last request's end on `start_sms` prefill SMs, moved by `policy` if given. `hide`
     leaves out of the view "arrivals" (their rate), "lengths" (mean prompt and output lengths), "budgets" (the
-    arrivals' max_tokens) and/or "speed" (the prefill iteration). `admission` (its `reject` action) refuses an
+    arrivals' max_tokens), "speed" (the prefill iteration) and/or "median" (the median decode step). `admission` (its `reject` action) refuses an
     arriving request as the engine would; a refused request counts as one that missed its targets."""
     todo = deque(arrivals(phases, seed))
     total = len(todo)
@@ -106,6 +112,7 @@ def simulate(model: LatencyModel, phases: list[Phase], targets: SLOTargets, star
     window, budgets = RateWindow(), RateWindow()  # the arrivals' prompt tokens and their output (max_tokens)
     sms, last_switch, switches = start_sms, 0.0, []
     slowed_until = 0.0  # decode's transient after a switch toward prefill
+    stalled_until, stall_draws = 0.0, random.Random(f"stalls {seed}")
     busy_since: float | None = None  # since when prefill has had work on the current split
     steps: deque[tuple[float, float]] = deque()  # (time, decode step ms) of the last STEP_SPAN_S
     decide_ticks = round(decide_every_s / dt)
@@ -121,14 +128,19 @@ def simulate(model: LatencyModel, phases: list[Phase], targets: SLOTargets, star
         busy_since = (max(busy_since, last_switch) if busy_since is not None else now) if queue else None
         _prefill(model, queue, decoding, sms, now, dt)
         slow = switch_transient[1] if now < slowed_until else 1.0
-        step_ms = _decode(model, decoding, done, sms, bool(queue), now, dt, slow)
+        if queue and decoding and now >= stalled_until and stall_draws.random() < stalls[0] * dt:
+            stalled_until = now + stalls[1]
+            steps.append((now, 1000.0 * stalls[1]))
+        step_ms = _decode(model, decoding, done, sms, bool(queue), now, dt, slow) if now >= stalled_until else 0.0
         if step_ms:
             steps.append((now, step_ms))
         while steps and steps[0][0] <= now - STEP_SPAN_S:
             steps.popleft()
         if policy is not None and tick % decide_ticks == 0:
             step_mean = sum(ms for _, ms in steps) / len(steps) if steps else 0.0
-            view = _view(model, sms, queue, decoding, done, window, budgets, last_switch, now, hide, step_mean)
+            step_median = statistics.median(ms for _, ms in steps) if steps and "median" not in hide else 0.0
+            view = _view(model, sms, queue, decoding, done, window, budgets, last_switch, now, hide, step_mean,
+                         step_median)
             if "speed" not in hide and queue and busy_since is not None and now - busy_since >= PREFILL_SPEED_AFTER_S:
                 view = replace(view, prefill_iteration_ms=_chunk_ms(model, queue, decoding, sms),
                                prefill_iteration_tokens=float(CHUNK_TOKENS))
@@ -197,7 +209,7 @@ def _decode(model: LatencyModel, decoding: list[SimRequest], done: list[SimReque
 
 def _view(model: LatencyModel, sms: int, queue: deque[SimRequest], decoding: list[SimRequest],
           done: list[SimRequest], window: RateWindow, budgets: RateWindow, last_switch: float, now: float,
-          hide: frozenset[str], decode_step_ms: float) -> EngineView:
+          hide: frozenset[str], decode_step_ms: float, decode_step_median_ms: float) -> EngineView:
     started = [r for r in (*done, *decoding) if r.arrival > last_switch]
     live = [r for r in decoding if r.first_token > last_switch and r.decoded >= LIVE_TPOT_MIN_TOKENS]
     finished = [r for r in done if r.arrival > last_switch]
@@ -212,5 +224,5 @@ def _view(model: LatencyModel, sms: int, queue: deque[SimRequest], decoding: lis
         mean_prompt_tokens=window.mean_amount(now=now) if lengths else 0.0,
         mean_output_tokens=sum(outputs) / len(outputs) if outputs and lengths else 0.0,
         mean_max_tokens=budgets.mean_amount(now=now) if lengths and "budgets" not in hide else 0.0,
-        decode_step_ms=decode_step_ms, decode_step_median_ms=decode_step_ms, live_tpot_ms=tuple((now - r.first_token) * 1000.0 / r.decoded for r in live),
+        decode_step_ms=decode_step_ms, decode_step_median_ms=decode_step_median_ms, live_tpot_ms=tuple((now - r.first_token) * 1000.0 / r.decoded for r in live),
     )

@@ -369,6 +369,27 @@ def test_the_simulated_switch_transient_costs_the_requests_decoding_through_it()
         assert slowed.attainment < fixed.attainment - 0.03, (slowed.attainment, slowed.switches)
 
 
+def test_simulated_decode_stalls_move_no_split_where_the_policy_reads_the_median_step() -> None:
+    """`stalls`: decode stands still for 200 ms, 0.3 times a second while prompts wait (the H100's first windows at
+    a new load, run 30). Chat at 15 req/s under TPOT <= 12 ms on the H100 profile: without stalls the policy holds
+    64 throughout and keeps every request; with them, a policy that cannot tell a stall from a slow step (no median
+    step in the view) moves toward decode, where the one that reads the median holds."""
+    from engine_sim import Phase, simulate
+
+    (m,) = (m for m in load_models(Path(__file__).parents[1] / "bench/profiles/semipd-profile.json").values()
+            if m.device == "NVIDIA H100 80GB HBM3")
+    targets = SLOTargets(ttft_ms=1000.0, tpot_ms=12.0)
+    chat = [Phase(15.0, 15.0, 495, 92, prompt_cv=1.0)]
+    for seed in (0, 1):
+        smooth = simulate(m, chat, targets, 64, ModelPolicy(m), seed=seed, dt=0.01)
+        stalled = simulate(m, chat, targets, 64, ModelPolicy(m), seed=seed, dt=0.01, stalls=(0.3, 0.2))
+        unread = simulate(m, chat, targets, 64, ModelPolicy(m), seed=seed, dt=0.01, stalls=(0.3, 0.2),
+                          hide=frozenset({"median"}))
+        assert smooth.switches == () and smooth.attainment == 1.0
+        assert stalled.switches == (), stalled.switches
+        assert unread.switches and all(b < a for _, a, b in unread.switches), unread.switches
+
+
 def test_a_first_move_toward_prefill_that_falls_short_is_followed_without_a_full_dwell() -> None:
     """A step from light load (2 req/s) to 53 req/s of chat finds the engine on 64 prefill SMs, too few (as the
     warm-ups left the H200 servers, run 12). The first move comes while the arrival rate still reads low and
