@@ -66,7 +66,8 @@ def main() -> None:
     args = parser.parse_args()
     rows = [in_fresh_process(run_arm, args.model_dir, draws, args.waves, args.gap_s, args.requests, timeout=600)
             for draws in (False, True)]
-    print("| warm-up draws | engine start (s) | decode steps | over 100 ms | longest (ms) | prefill draw host (ms/iter) |")
+    print("| warm-up draws | engine start (s) | decode steps | over 100 ms | longest (ms) "
+          "| prefill draw host (ms/iter) |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {'yes' if r['draws'] else 'no'} | {r['start_s']:.1f} | {r['decode_steps']} | {r['over_100ms']} | "

@@ -102,8 +102,9 @@ def simulate(model: LatencyModel, phases: list[Phase], targets: SLOTargets, star
              stalls: tuple[float, float] = (0.0, 0.0)) -> SimResult:
     """Run `phases` to the last request's end on `start_sms` prefill SMs, moved by `policy` if given. `hide`
     leaves out of the view "arrivals" (their rate), "lengths" (mean prompt and output lengths), "budgets" (the
-    arrivals' max_tokens), "speed" (the prefill iteration) and/or "median" (the median decode step). `admission` (its `reject` action) refuses an
-    arriving request as the engine would; a refused request counts as one that missed its targets."""
+    arrivals' max_tokens), "speed" (the prefill iteration) and/or "median" (the median decode step). `admission`
+    (its `reject` action) refuses an arriving request as the engine would; a refused request counts as one that
+    missed its targets."""
     todo = deque(arrivals(phases, seed))
     total = len(todo)
     queue: deque[SimRequest] = deque()
@@ -224,5 +225,6 @@ def _view(model: LatencyModel, sms: int, queue: deque[SimRequest], decoding: lis
         mean_prompt_tokens=window.mean_amount(now=now) if lengths else 0.0,
         mean_output_tokens=sum(outputs) / len(outputs) if outputs and lengths else 0.0,
         mean_max_tokens=budgets.mean_amount(now=now) if lengths and "budgets" not in hide else 0.0,
-        decode_step_ms=decode_step_ms, decode_step_median_ms=decode_step_median_ms, live_tpot_ms=tuple((now - r.first_token) * 1000.0 / r.decoded for r in live),
+        decode_step_ms=decode_step_ms, decode_step_median_ms=decode_step_median_ms,
+        live_tpot_ms=tuple((now - r.first_token) * 1000.0 / r.decoded for r in live),
     )

@@ -239,10 +239,10 @@ class EngineCore:
     def _warm_up(self) -> None:
         """Prefills through each prefill-running worker, and draws through every worker, before the engine reports
         ready, so that the first requests do not pay for what the first iteration does once: load (or, with a cold
-        cache, compile) kernels. On a GPU the largest is as large as the token budget (and half the pool) allows, like the engine's
-        largest iteration, so the caching allocator also grows to its working size and cuBLAS meets the large shapes
-        (H200, 2026-12-03, before this: the offline job took 5.08 s after a warm-up of 8 of its prompts, 4.94 s
-        after one of the whole job).
+        cache, compile) kernels. On a GPU the largest prefill is as large as the token budget (and half the pool)
+        allows, like the engine's largest iteration, so the caching allocator also grows to its working size and
+        cuBLAS meets the large shapes (H200, 2026-12-03, before this: the offline job took 5.08 s after a warm-up of
+        8 of its prompts, 4.94 s after one of the whole job).
 
         On a GPU they run on every partition the worker may move to, at sizes down to a few tokens
         (`warm_up_sizes`; up to `OTHER_SPLITS_WARM_UP_TOKENS` on splits other than the starting one): cuBLAS picks
