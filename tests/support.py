@@ -30,13 +30,25 @@ import pytest
 
 if TYPE_CHECKING:
     from actors.config import EngineConfig
+    from actors.slo.latency_model import LatencyModel
     from actors.engine.core import EngineCore
     from actors.engine.frontend import StreamChunk
     from cluster.engine_client import GenerateRequest, LocalEngineClient
     from cluster.router import Router
 
 T = TypeVar("T")
+COMMITTED_PROFILE = Path(__file__).parents[1] / "bench/profiles/semipd-profile.json"
+H100 = "NVIDIA H100 80GB HBM3"
+H200 = "NVIDIA H200"
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]  # Prometheus samples: (name, sorted labels) -> value
+
+
+def committed_model(device: str) -> LatencyModel:
+    """The latency profile of `device` committed in bench/profiles/, the one the GPU servers load."""
+    from actors.slo.latency_model import load_models
+
+    (model,) = (m for m in load_models(COMMITTED_PROFILE).values() if m.device == device)
+    return model
 
 
 def parse_metrics(text: str) -> Samples:

@@ -12,29 +12,21 @@ from typing import Any
 import pytest
 
 from actors.request import SamplingParams
-from actors.slo.latency_model import LatencyModel, load_models
 from actors.slo.policy import ModelPolicy
 from actors.slo.types import SLOTargets, SplitDecision
 from cluster.bootstrap import EngineOptions
 from cluster.controller import view_from_dict
 from cluster.engine_client import GenerateRequest
 
-from support import actor_stream
+from support import H100, H200, actor_stream, committed_model
 
-PROFILE = Path(__file__).parents[1] / "bench/profiles/semipd-profile.json"
 RUN27_TARGETS = SLOTargets(ttft_ms=1500.0, tpot_ms=15.0)
-
-
-def h200() -> LatencyModel:
-    """The committed H200 profile, the one the server of run 27 loaded."""
-    (model,) = (m for m in load_models(PROFILE).values() if m.device == "NVIDIA H200")
-    return model
 
 
 def documents_on(prefill_sms: int, t: float, live_tpot_ms: tuple[float, ...] = ()) -> dict[str, Any]:
     """What an engine serving arxiv documents at 5.5 req/s publishes (run 27): 18 requests decoding, the finished
     ones within both targets, the engine's mean decode step of the last 2 s under TPOT's target."""
-    model = h200()
+    model = committed_model(H200)
     return {"engine_id": "gpu0", "time": t, "ttft_ms": [600.0] * 20, "tpot_ms": [14.0] * 20,
             "live_tpot_ms": list(live_tpot_ms),
             "stats": {"prefill_sms": prefill_sms, "total_sms": model.total_sms, "splits": list(model.splits),
@@ -48,7 +40,7 @@ def documents_on(prefill_sms: int, t: float, live_tpot_ms: tuple[float, ...] = (
 def four_seconds_after_a_move_to_88(live_tpot_ms: tuple[float, ...]) -> SplitDecision:
     """The policy's decision on the view published 4 s after the engine moved 80 -> 88: past the urgent dwell
     (2 s), within the normal one (10 s)."""
-    policy = ModelPolicy(h200())
+    policy = ModelPolicy(committed_model(H200))
     policy.decide(view_from_dict(documents_on(80, 90.0)), RUN27_TARGETS)
     policy.decide(view_from_dict(documents_on(88, 100.0)), RUN27_TARGETS)
     return policy.decide(view_from_dict(documents_on(88, 104.0, live_tpot_ms)), RUN27_TARGETS)
@@ -138,17 +130,11 @@ def test_engine_actor_publishes_the_tpot_so_far_of_requests_decoding_since_the_s
 RUN30_TARGETS = SLOTargets(ttft_ms=1000.0, tpot_ms=12.0)
 
 
-def h100() -> LatencyModel:
-    """The committed H100 profile, the one the servers of run 30 loaded."""
-    (model,) = (m for m in load_models(PROFILE).values() if m.device == "NVIDIA H100 80GB HBM3")
-    return model
-
-
 def chat_on_64(t: float, live_tpot_ms: tuple[float, ...], median_step_ms: float) -> dict[str, Any]:
     """What the engine serving chat at 32 req/s on 64 prefill SMs published 2.5 s into run 30's window (H100):
     29 requests past 16 tokens, most having decoded through two stalls of ~280 ms; the finished ones within
     both targets; a decode step of 9 ms when none stalls."""
-    model = h100()
+    model = committed_model(H100)
     return {"engine_id": "gpu0", "time": t, "ttft_ms": [150.0] * 40, "tpot_ms": [9.5] * 40,
             "live_tpot_ms": list(live_tpot_ms),
             "stats": {"prefill_sms": 64, "total_sms": model.total_sms, "splits": list(model.splits),
@@ -162,7 +148,7 @@ def chat_on_64(t: float, live_tpot_ms: tuple[float, ...], median_step_ms: float)
 
 def decision_on_64(live_tpot_ms: tuple[float, ...], median_step_ms: float) -> SplitDecision:
     """The policy's decision 60 s after the engine's last switch (to 64), given the view of `chat_on_64`."""
-    policy = ModelPolicy(h100())
+    policy = ModelPolicy(committed_model(H100))
     policy.decide(view_from_dict(chat_on_64(40.0, (), 0.0)), RUN30_TARGETS)
     return policy.decide(view_from_dict(chat_on_64(100.0, live_tpot_ms, median_step_ms)), RUN30_TARGETS)
 

@@ -5,31 +5,23 @@ bound on switching they keep (`UrgentMove`: no urgent move goes back over a spli
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 
-from actors.slo.latency_model import LatencyModel, load_models
 from actors.slo.policy import ModelPolicy, ModelPolicyConfig
 from actors.slo.types import EngineView, SLOTargets, SplitDecision
 
+from support import H100, committed_model
 from test_slo import TARGETS, h100_llama8b, view
 
-PROFILE = Path(__file__).parents[1] / "bench/profiles/semipd-profile.json"
 RUN28_TARGETS = SLOTargets(ttft_ms=1000.0, tpot_ms=12.0)
-
-
-def h100() -> LatencyModel:
-    """The committed H100 profile, the one the server of run 28 loaded."""
-    (model,) = (m for m in load_models(PROFILE).values() if m.device == "NVIDIA H100 80GB HBM3")
-    return model
 
 
 def documents_on(prefill_sms: int, t: float, queued: int, ttft_ms: float, tokens_per_s: float,
                  prompt_tokens: float, tpot_ms: float = 10.0) -> EngineView:
     """An H100 engine serving ~6,000-token documents (run 28): 8 requests decoding, `queued` prompt tokens
     waiting, P90 TTFT observed at `ttft_ms`, TPOT at `tpot_ms`."""
-    model = h100()
+    model = committed_model(H100)
     return EngineView("gpu0", prefill_sms, model.total_sms, model.splits, waiting_prefill_tokens=queued,
                       num_decoding=8, decode_context_tokens=8 * 6_000, ttft_ms=(ttft_ms,) * 20, tpot_ms=(tpot_ms,) * 20,
                       time=t, num_prefill_requests=max(1, queued // 6_000), arrival_tokens_per_s=tokens_per_s,
@@ -41,7 +33,7 @@ def burst_after_a_move_to_64(t: float, config: ModelPolicyConfig | None = None) 
     """Run 28, 15:33:42.9: the engine moved 80 -> 64 prefill SMs (at 100.5 s here) with 3,835 prompt tokens queued;
     a burst of documents then queued 40,000 (56,135 ten seconds later) at 19,685 prompt tokens/s. The policy's
     decision on the view at `t`."""
-    policy = ModelPolicy(h100(), config)
+    policy = ModelPolicy(committed_model(H100), config)
     policy.decide(documents_on(80, 100.0, 3_835, 475.0, 15_614.0, 6_245.0, 8.0), RUN28_TARGETS)  # x0.76 there
     policy.decide(documents_on(64, 100.5, 3_835, 475.0, 15_614.0, 6_245.0), RUN28_TARGETS)
     return policy, policy.decide(documents_on(64, t, 40_000, 3_355.0, 19_685.0, 5_753.0), RUN28_TARGETS)

@@ -10,7 +10,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
@@ -48,6 +48,11 @@ from actors.slo.prediction import (
 )
 from actors.slo.profiler import ProfileConfig, Profiler, engine_profile_key
 from actors.slo.types import EngineView, ReactivePolicy, SLOTargets, SplitDecision
+
+from support import H100, H200, committed_model
+
+if TYPE_CHECKING:
+    from engine_sim import SimResult
 
 SPLITS = tuple(range(8, 128, 8))  # 8..120 prefill SMs of 132, fixed here (the partitioner may choose fewer)
 TARGETS = SLOTargets(ttft_ms=1000.0, tpot_ms=50.0)
@@ -348,22 +353,27 @@ def test_prompts_that_vary_in_length_wait_longer_than_alike_ones() -> None:
     assert min(kept["alike"]) >= 0.95 and sum(kept["varied"]) / 4 < sum(kept["alike"]) / 4 - 0.1, kept
 
 
+def chat_on_64(model: LatencyModel, rate: float, seed: int, dynamic: bool = True, **sim: Any) -> SimResult:
+    """15 s of simulated chat at `rate` req/s under TTFT <= 1 s, TPOT <= 12 ms, from 64 prefill SMs, moved by the
+    model policy if `dynamic`; `sim`: more of `simulate`'s options."""
+    from engine_sim import Phase, simulate
+
+    chat = [Phase(15.0, rate, 495, 92, prompt_cv=1.0)]
+    return simulate(model, chat, SLOTargets(ttft_ms=1000.0, tpot_ms=12.0), 64,
+                    ModelPolicy(model) if dynamic else None, seed=seed, dt=0.01, **sim)
+
+
 def test_the_simulated_switch_transient_costs_the_requests_decoding_through_it() -> None:
     """`switch_transient`: decode's steps twice slower for 0.5 s after a move toward prefill, as the H200
     streamed after such moves (runs 20-21). Chat at 45 req/s, TPOT <= 12 ms: the policy's one move 64 -> 72
     costs nothing without it and several points of attainment with it, where a split that never moves loses
     nothing; so a move must gain more than it costs (on the H200 a fixed 64 beat the dynamic policy at chat
     40.6, run 20)."""
-    from engine_sim import Phase, simulate
-
-    (m,) = (m for m in load_models(Path(__file__).parents[1] / "bench/profiles/semipd-profile.json").values()
-            if m.device == "NVIDIA H200")
-    targets = SLOTargets(ttft_ms=1000.0, tpot_ms=12.0)
-    chat = [Phase(15.0, 45.0, 495, 92, prompt_cv=1.0)]
+    m = committed_model(H200)
     for seed in (0, 1):
-        smooth = simulate(m, chat, targets, 64, ModelPolicy(m), seed=seed, dt=0.01)
-        slowed = simulate(m, chat, targets, 64, ModelPolicy(m), seed=seed, dt=0.01, switch_transient=(0.5, 2.0))
-        fixed = simulate(m, chat, targets, 64, seed=seed, dt=0.01, switch_transient=(0.5, 2.0))
+        smooth = chat_on_64(m, 45.0, seed)
+        slowed = chat_on_64(m, 45.0, seed, switch_transient=(0.5, 2.0))
+        fixed = chat_on_64(m, 45.0, seed, dynamic=False, switch_transient=(0.5, 2.0))
         assert any(b > a for _, a, b in slowed.switches), slowed.switches
         assert smooth.attainment == fixed.attainment == 1.0
         assert slowed.attainment < fixed.attainment - 0.03, (slowed.attainment, slowed.switches)
@@ -374,17 +384,11 @@ def test_simulated_decode_stalls_move_no_split_where_the_policy_reads_the_median
     a new load, run 30). Chat at 15 req/s under TPOT <= 12 ms on the H100 profile: without stalls the policy holds
     64 throughout and keeps every request; with them, a policy that cannot tell a stall from a slow step (no median
     step in the view) moves toward decode, where the one that reads the median holds."""
-    from engine_sim import Phase, simulate
-
-    (m,) = (m for m in load_models(Path(__file__).parents[1] / "bench/profiles/semipd-profile.json").values()
-            if m.device == "NVIDIA H100 80GB HBM3")
-    targets = SLOTargets(ttft_ms=1000.0, tpot_ms=12.0)
-    chat = [Phase(15.0, 15.0, 495, 92, prompt_cv=1.0)]
+    m = committed_model(H100)
     for seed in (0, 1):
-        smooth = simulate(m, chat, targets, 64, ModelPolicy(m), seed=seed, dt=0.01)
-        stalled = simulate(m, chat, targets, 64, ModelPolicy(m), seed=seed, dt=0.01, stalls=(0.3, 0.2))
-        unread = simulate(m, chat, targets, 64, ModelPolicy(m), seed=seed, dt=0.01, stalls=(0.3, 0.2),
-                          hide=frozenset({"median"}))
+        smooth = chat_on_64(m, 15.0, seed)
+        stalled = chat_on_64(m, 15.0, seed, stalls=(0.3, 0.2))
+        unread = chat_on_64(m, 15.0, seed, stalls=(0.3, 0.2), hide=frozenset({"median"}))
         assert smooth.switches == () and smooth.attainment == 1.0
         assert stalled.switches == (), stalled.switches
         assert unread.switches and all(b < a for _, a, b in unread.switches), unread.switches
