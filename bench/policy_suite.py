@@ -21,6 +21,7 @@ The figures quoted in docs/perf/serve-h200.md (run 19 on) are this script's.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -74,28 +75,27 @@ def cases() -> list[tuple[str, str, list[Phase], SLOTargets]]:
     return out
 
 
+def _pair(text: str, names: tuple[str, str], lows: tuple[float, float]) -> tuple[float, float]:
+    """A:B -> (A, B), each at least its `lows` bound (NaN refused), or argparse's error naming `names`."""
+    first, sep, second = text.partition(":")
+    try:
+        value = (float(first), float(second))
+    except ValueError:
+        value = (math.nan, math.nan)
+    if not sep or not (value[0] >= lows[0] and value[1] >= lows[1]):
+        raise argparse.ArgumentTypeError(f"expected {names[0]}:{names[1]} with {names[0]} >= {lows[0]:g} and "
+                                         f"{names[1]} >= {lows[1]:g}, got {text!r}")
+    return value
+
+
 def _transient(text: str) -> tuple[float, float]:
     """--switch-transient S:FACTOR -> (S, FACTOR), as `simulate`'s `switch_transient` takes it."""
-    seconds, sep, factor = text.partition(":")
-    try:
-        value = (float(seconds), float(factor))
-    except ValueError:
-        value = (-1.0, 0.0)
-    if not sep or not value[0] >= 0 or not value[1] >= 1:  # NaN too
-        raise argparse.ArgumentTypeError(f"expected S:FACTOR with S >= 0 and FACTOR >= 1, got {text!r}")
-    return value
+    return _pair(text, ("S", "FACTOR"), (0.0, 1.0))
 
 
 def _stalls(text: str) -> tuple[float, float]:
     """--stalls RATE:S -> (RATE, S), as `simulate`'s `stalls` takes it."""
-    rate, sep, seconds = text.partition(":")
-    try:
-        value = (float(rate), float(seconds))
-    except ValueError:
-        value = (-1.0, -1.0)
-    if not sep or not value[0] >= 0 or not value[1] >= 0:  # NaN too
-        raise argparse.ArgumentTypeError(f"expected RATE:S with RATE >= 0 and S >= 0, got {text!r}")
-    return value
+    return _pair(text, ("RATE", "S"), (0.0, 0.0))
 
 
 def main(argv: list[str] | None = None) -> int:

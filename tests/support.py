@@ -30,9 +30,9 @@ import pytest
 
 if TYPE_CHECKING:
     from actors.config import EngineConfig
-    from actors.slo.latency_model import LatencyModel
     from actors.engine.core import EngineCore
     from actors.engine.frontend import StreamChunk
+    from actors.slo.latency_model import LatencyModel
     from cluster.engine_client import GenerateRequest, LocalEngineClient
     from cluster.router import Router
 

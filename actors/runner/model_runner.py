@@ -179,8 +179,8 @@ class ModelRunner:
         The LM head's GEMM and the sampler run outside the decode CUDA graphs, with one row per sequence that
         samples, and cuBLAS picks its kernels by that count; CUDA loads a kernel at its first launch, which may wait
         for the whole device. On the H100 (run 30) a fresh server's first windows at a load not seen before had
-        prefill iterations spend a mean of 3 and 16 ms in their draws where later ones spent 0.2, and decode stood still
-        for 100-280 ms at those times; prefill's warm-up iterations sample one or two rows. The draws take a
+        prefill iterations spend a mean of 3 and 16 ms in their draws where later ones spent 0.2, and decode stood
+        still for 100-280 ms at those times; prefill's warm-up iterations sample one or two rows. The draws take a
         generator of their own: the engine's seeded one is left where it was."""
         dtype = next(self.model.parameters()).dtype
         scratch = torch.Generator(device=self.device)

@@ -37,10 +37,10 @@ class EngineView:
     latest arrivals (0: unknown), a bound on what they will make. `decode_step_ms` is the mean decode step of
     the last seconds as the engine measured it (0: unknown or idle): the TPOT the requests decoding now see,
     before any of them finishes and becomes a TPOT sample; `decode_step_median_ms` its median (0: unknown), the
-    step without the stalls of a few iterations (more decode SMs shorten the step, not a stall: on the H100, run 30,
-    decode stood still for
-    100-280 ms at times under chat at 32 and 37 req/s, on 48, 56 and 64 prefill SMs alike). `decode_pace_ms` is the engine's decode pace while
-    prefill has work (0: none): its steps take at least that long then, whatever the split.
+    step without the stalls of a few iterations (more decode SMs shorten the step, not a stall: on the H100, run
+    30, decode stood still for 100-280 ms at times under chat at 32 and 37 req/s, on 48, 56 and 64 prefill SMs
+    alike). `decode_pace_ms` is the engine's decode pace while prefill has work (0: none): its steps take at least
+    that long then, whatever the split.
     `prefill_iteration_ms` and `prefill_iteration_tokens` are the mean prefill iteration of the last seconds on
     the current split and its mean tokens, as the engine measured them (0: too few iterations there): the
     prefill speed the split actually runs at, against which the model's is checked.

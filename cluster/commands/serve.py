@@ -479,7 +479,7 @@ def run(args: argparse.Namespace) -> int:
         for name, info in started.cluster.infos.items():
             started.endpoints[name] = f"node {info['node_id'][:12]}, {info['mode']}, {info['total_sms']} SMs"
         grpc_in_app = False
-        if app_module is not None and started.serve_start is not None:
+        if started.serve_start is not None:  # started above exactly when there is a Serve app
             from ray import serve
 
             started.serve_start.wait()
