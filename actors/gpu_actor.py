@@ -38,7 +38,7 @@ import time
 from collections import Counter, deque
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from actors.config import EngineConfig
 from actors.engine.frontend import AsyncLLM, StreamChunk
@@ -98,29 +98,51 @@ class SampleWindow:
         return sum(lengths) / len(lengths) if lengths else 0.0
 
 
+class _Progress(NamedTuple):
+    """A decoding request's progress, as `LiveDecodes` keeps it."""
+
+    first_wall: float
+    first: float
+    last: float
+    tokens: int
+    stalled_at_first: float
+    stalled_at_last: float
+
+
 class LiveDecodes:
     """The requests decoding now: when each had its first token and its latest, and how many tokens it has made.
 
     A TPOT sample comes only when its request ends, 200 tokens of documents (2.5 s) after its first token: on the
     H200 (run 27) documents streamed at 13.3-16.5 ms a token against a 15 ms target for 7 s before their samples
-    told the split policy. The TPOT so far of those decoding is the same measure, seconds sooner."""
+    told the split policy. The TPOT so far of those decoding is the same measure, seconds sooner.
+
+    Each also keeps the engine's decode stall time (`EngineCore.decode_stalled_seconds`) at its first token and
+    at its latest, so that its TPOT so far can be told without the stalls it decoded through."""
 
     def __init__(self) -> None:
-        self._progress: dict[str, tuple[float, float, float, int]] = {}  # id -> (first wall, first, last, tokens)
+        self._progress: dict[str, _Progress] = {}
 
-    def update(self, request_id: str, first_wall: float, first: float, last: float, tokens: int) -> None:
+    def update(self, request_id: str, first_wall: float, first: float, last: float, tokens: int,
+               stalled_s: float = 0.0) -> None:
         """Note `request_id`'s progress: its first token at `first_wall` (`time.time()`) and `first`
-        (`time.monotonic()`), its latest at `last`, `tokens` made."""
-        self._progress[request_id] = (first_wall, first, last, tokens)
+        (`time.monotonic()`), its latest at `last`, `tokens` made; `stalled_s`: the engine's decode stall time
+        now (the first update's counts as at the first token)."""
+        seen = self._progress.get(request_id)
+        stalled_at_first = stalled_s if seen is None else seen.stalled_at_first
+        self._progress[request_id] = _Progress(first_wall, first, last, tokens, stalled_at_first, stalled_s)
 
     def end(self, request_id: str) -> None:
         self._progress.pop(request_id, None)
 
-    def tpot_ms(self, first_after: float = 0.0, min_tokens: int = LIVE_TPOT_MIN_TOKENS) -> list[float]:
+    def tpot_ms(self, first_after: float = 0.0, min_tokens: int = LIVE_TPOT_MIN_TOKENS,
+                without_stalls: bool = False) -> list[float]:
         """The TPOT so far (ms between their first token and their latest, per token since) of the requests
-        whose first token came after `first_after` (`time.time()`) and which made `min_tokens` or more since."""
-        return [(last - first) / (tokens - 1) * 1000 for first_wall, first, last, tokens in self._progress.values()
-                if first_wall > first_after and tokens - 1 >= max(1, min_tokens)]
+        whose first token came after `first_after` (`time.time()`) and which made `min_tokens` or more since;
+        `without_stalls`: less the engine's decode stall time in between (the same requests, in the same order)."""
+        return [(p.last - p.first - (p.stalled_at_last - p.stalled_at_first if without_stalls else 0.0))
+                / (p.tokens - 1) * 1000 for p in self._progress.values()
+                if p.first_wall > first_after and p.tokens - 1 >= max(1, min_tokens)]
+
 
 
 class RateWindow:
@@ -438,7 +460,8 @@ class EngineActor:
                         first, first_wall = last, time.time()
                         self._prefilled_tokens += max(0, len(request.prompt_token_ids) - chunk.num_cached_tokens)
                         self.window.add(LatencySample(first_wall, arrival, (first - start) * 1000, None))
-                    self.decoding.update(rid, first_wall, first, last, chunk.num_output_tokens)
+                    self.decoding.update(rid, first_wall, first, last, chunk.num_output_tokens,
+                                         self.llm.core.decode_stalled_seconds)
                 num_tokens = chunk.num_output_tokens
                 finish = chunk.finish_reason
                 sub.put(chunk)
@@ -529,7 +552,8 @@ class EngineActor:
     def view(self) -> dict[str, Any]:
         """What the Redis publisher writes: the load plus the samples of the requests that arrived after the
         last switch (one that waited through the switch would blame the new split for the old one's queue), and
-        the TPOT so far of those decoding that had their first token after it (`LiveDecodes`)."""
+        the TPOT so far of those decoding that had their first token after it, with and without the decode stalls
+        they went through (`LiveDecodes`)."""
         stats = self._stats()
         del stats["in_flight_ids"]  # for routers only
         switches = self.llm.core.partitioner.switches
@@ -537,7 +561,8 @@ class EngineActor:
         ttft, tpot = self.window.series(arrived_after=since)
         return dict(engine_id=self.engine_id, node_id=self.node_id, time=stats["time"],
                     healthy=self._healthy(stats), draining=self._draining, in_flight=self._in_flight,
-                    stats=stats, ttft_ms=ttft, tpot_ms=tpot, live_tpot_ms=self.decoding.tpot_ms(first_after=since))
+                    stats=stats, ttft_ms=ttft, tpot_ms=tpot, live_tpot_ms=self.decoding.tpot_ms(first_after=since),
+                    live_tpot_without_stalls_ms=self.decoding.tpot_ms(first_after=since, without_stalls=True))
 
 
 def engine_actor_cls(num_gpus: float = 0, num_cpus: float = 0, resources: dict[str, float] | None = None,

@@ -13,8 +13,8 @@ each kind of load, the policy's switches per minute, and the mean of all. CPU on
 (issue 4 asks the policy to sustain at least what the best fixed split does), and the best single split held
 through every case, about 13 times as long. `--policy reactive` runs the semi-PD paper's rule instead (P90 TTFT
 or TPOT over its target moves one split step, `ReactivePolicy`), at the same decision interval. `--stalls RATE:S`
-stops decode now and then while prompts wait (a fresh server's first windows on the H100, run 30), `--hide median`
-leaves the engine's median decode step out of the view (the policy then takes a stall for a slow step).
+stops decode now and then while prompts wait (a fresh server's first windows on the H100, run 30), `--hide stalls`
+leaves the TPOT so far without stalls out of the view (the policy then takes a stall for a slow step).
 The figures quoted in docs/perf/serve-h200.md (run 19 on) are this script's.
 """
 
@@ -111,9 +111,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="decode stands still for S seconds, RATE times a second while prompts wait (default "
                              "none; about 0.7:0.2 is what a fresh server's first windows at a new load showed on the "
                              "H100, run 30)")
-    parser.add_argument("--hide", nargs="*", default=[], choices=("arrivals", "lengths", "budgets", "speed", "median"),
-                        help="leave these out of the engine's view (as `simulate` takes them), e.g. median: the "
-                             "policy then reads a stall as a slow decode step")
+    parser.add_argument("--hide", nargs="*", default=[], choices=("arrivals", "lengths", "budgets", "speed", "stalls"),
+                        help="leave these out of the engine's view (as `simulate` takes them), e.g. stalls (the TPOT "
+                             "so far without stalls): the policy then reads a stall as a slow decode step")
     parser.add_argument("--policy", choices=("model", "reactive"), default="model",
                         help="the split policy to run: ours (default) or the semi-PD paper's reactive rule")
     parser.add_argument("--fixed", action="store_true",

@@ -53,6 +53,7 @@ POLICIES: dict[str, Callable[[], SplitPolicy]] = {
     "model": lambda: make_policy("model", model={}),
 }
 NO_MODEL = "no latency model published"
+HOLD_LOG_REPEAT_S = 2.0  # a hold on a split predicted past a target is logged again after this long
 
 
 def register_policy(name: str, factory: Callable[[], SplitPolicy]) -> None:
@@ -135,11 +136,11 @@ def view_from_dict(d: Mapping[str, Any]) -> EngineView:
             mean_output_tokens=_number(s, "mean_output_tokens"),
             mean_max_tokens=_number(s, "arrival_mean_max_tokens"),
             decode_step_ms=_number(s, "recent_decode_step_ms"),
-            decode_step_median_ms=_number(s, "recent_decode_step_median_ms"),
             decode_pace_ms=_number(s, "decode_pace_ms"),
             prefill_iteration_ms=_number(s, "recent_prefill_ms"),
             prefill_iteration_tokens=_number(s, "recent_prefill_tokens"),
             live_tpot_ms=_samples(d.get("live_tpot_ms")),
+            live_tpot_without_stalls_ms=_samples(d.get("live_tpot_without_stalls_ms")),
         )
     except (KeyError, TypeError, AttributeError, ArithmeticError) as e:
         raise ValueError(f"malformed view: {type(e).__name__}: {e}") from e
@@ -185,6 +186,12 @@ def pinned_decisions(views: list[EngineView], pins: Mapping[str, int]) -> dict[s
         if pin is not None:
             out[v.engine_id] = SplitDecision(nearest_split(v.splits, pin), f"pinned to {pin} prefill SMs by the operator")
     return out
+
+
+def hold_kind(reason: str) -> str:
+    """A hold's kind, its reason up to the details: "hold: within hysteresis band (gain ...); TTFT ..." ->
+    "hold: within hysteresis band"."""
+    return reason.split(";", 1)[0].split(" (", 1)[0]
 
 
 def hold_reason(view: EngineView, proposed: int, now: float, last_change: float | None,
@@ -285,7 +292,8 @@ class Controller:
         self.ticks = 0
         self.decisions_written = 0
         self._last_change: dict[str, float] = {}
-        self._last_hold: dict[str, tuple[int, str]] = {}  # engine -> (split the policy wants, why it waits)
+        # engine -> ((split the policy wants, why it waits), when that was last logged)
+        self._last_hold: dict[str, tuple[tuple[int, str], float]] = {}
         self._pending_seen: dict[str, tuple[str, float]] = {}  # engine -> (its split record's id, first read at)
         self._bad_views: dict[str, str] = {}  # engine -> why its view was last skipped
         # the model policy: the models it was built with (e.g. a "*" default) under the published ones
@@ -323,7 +331,7 @@ class Controller:
             why_not = hold_reason(view, decision.prefill_sms, now, last, pending, self.cfg, eid in pinned,
                                   decision.urgent)
             if why_not is not None:
-                self._log_hold(view, decision, why_not)
+                self._log_hold(view, decision, why_not, now)
                 continue
             self._last_hold.pop(eid, None)
             record = self._record(view, decision, now)
@@ -370,15 +378,19 @@ class Controller:
             seen = self._pending_seen[eid] = (rid, now)
         return {**pending, "time": min(float(pending.get("time", 0.0)), seen[1])}
 
-    def _log_hold(self, view: EngineView, decision: SplitDecision, why_not: str) -> None:
-        """Log a decision held back, once per change of the split wanted or of the kind of wait."""
+    def _log_hold(self, view: EngineView, decision: SplitDecision, why_not: str, now: float) -> None:
+        """Log a decision held back, once per change of the split wanted or of the kind of hold or wait, and
+        again every `HOLD_LOG_REPEAT_S` while the current split is predicted past a target (its numbers then
+        say why the policy did not move: in run 31 one line covered a whole window of TPOT misses)."""
         if decision.prefill_sms == view.prefill_sms:
-            key = (view.prefill_sms, decision.reason.split(":", 1)[0])
+            key = (view.prefill_sms, hold_kind(decision.reason))
         else:
             key = (decision.prefill_sms, why_not.split(":", 1)[0])
-        if self._last_hold.get(view.engine_id) == key:
+        last = self._last_hold.get(view.engine_id)
+        if last is not None and last[0] == key and not (
+                decision.predicted.get("slack", 0.0) < 0 and now - last[1] >= HOLD_LOG_REPEAT_S):
             return
-        self._last_hold[view.engine_id] = key
+        self._last_hold[view.engine_id] = (key, now)
         if decision.prefill_sms == view.prefill_sms:
             log.info("controller %s: %s stays at %d SMs (%s)", self.id, view.engine_id, view.prefill_sms,
                      decision.reason)

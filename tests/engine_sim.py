@@ -14,16 +14,15 @@ that long after a switch that gives prefill more SMs (on the H200 decode streame
 half second after such moves, runs 20-21, where the split held throughout ran at its settled pace). `stalls`
 (per second, seconds) stops decode for that long, at that seeded rate, while prompts wait (on the H100 a fresh
 server's first windows at a new load had decode stand still for 100-280 ms, about ten times in 15 s, run 30); a
-stall is one long step in the view's mean decode step, not in its median. The policy may hold another model than
-the one that times the engine (`with_prefill_factor`: a profile that misjudges prefill). Plain functions (no
-fixtures).
+stall is one long step in the view's mean decode step, and is left out of the TPOT so far without stalls. The
+policy may hold another model than the one that times the engine (`with_prefill_factor`: a profile that misjudges
+prefill). Plain functions (no fixtures).
 """
 
 from __future__ import annotations
 
 import math
 import random
-import statistics
 from collections import deque
 from dataclasses import dataclass, replace
 
@@ -63,6 +62,7 @@ class SimRequest:
     output: int
     prefill_left: float
     first_token: float = -1.0
+    stalled_at_first: float = 0.0  # the simulation's stall time so far at its first token
     decoded: float = 0.0
     finish: float = -1.0
 
@@ -102,7 +102,7 @@ def simulate(model: LatencyModel, phases: list[Phase], targets: SLOTargets, star
              stalls: tuple[float, float] = (0.0, 0.0)) -> SimResult:
     """Run `phases` to the last request's end on `start_sms` prefill SMs, moved by `policy` if given. `hide`
     leaves out of the view "arrivals" (their rate), "lengths" (mean prompt and output lengths), "budgets" (the
-    arrivals' max_tokens), "speed" (the prefill iteration) and/or "median" (the median decode step). `admission`
+    arrivals' max_tokens), "speed" (the prefill iteration) and/or "stalls" (the TPOT so far without stalls). `admission`
     (its `reject` action) refuses an arriving request as the engine would; a refused request counts as one that
     missed its targets."""
     todo = deque(arrivals(phases, seed))
@@ -114,6 +114,7 @@ def simulate(model: LatencyModel, phases: list[Phase], targets: SLOTargets, star
     sms, last_switch, switches = start_sms, 0.0, []
     slowed_until = 0.0  # decode's transient after a switch toward prefill
     stalled_until, stall_draws = 0.0, random.Random(f"stalls {seed}")
+    stalled_s = 0.0  # decode's stall time so far, the one under way counted whole
     busy_since: float | None = None  # since when prefill has had work on the current split
     steps: deque[tuple[float, float]] = deque()  # (time, decode step ms) of the last STEP_SPAN_S
     decide_ticks = round(decide_every_s / dt)
@@ -127,10 +128,11 @@ def simulate(model: LatencyModel, phases: list[Phase], targets: SLOTargets, star
             if admission is None or _admitted(admission, model, arrived, queue, decoding, sms):
                 queue.append(arrived)
         busy_since = (max(busy_since, last_switch) if busy_since is not None else now) if queue else None
-        _prefill(model, queue, decoding, sms, now, dt)
+        _prefill(model, queue, decoding, sms, now, dt, stalled_s - max(0.0, stalled_until - now))
         slow = switch_transient[1] if now < slowed_until else 1.0
         if queue and decoding and now >= stalled_until and stall_draws.random() < stalls[0] * dt:
             stalled_until = now + stalls[1]
+            stalled_s += stalls[1]
             steps.append((now, 1000.0 * stalls[1]))
         step_ms = _decode(model, decoding, done, sms, bool(queue), now, dt, slow) if now >= stalled_until else 0.0
         if step_ms:
@@ -139,9 +141,8 @@ def simulate(model: LatencyModel, phases: list[Phase], targets: SLOTargets, star
             steps.popleft()
         if policy is not None and tick % decide_ticks == 0:
             step_mean = sum(ms for _, ms in steps) / len(steps) if steps else 0.0
-            step_median = statistics.median(ms for _, ms in steps) if steps and "median" not in hide else 0.0
             view = _view(model, sms, queue, decoding, done, window, budgets, last_switch, now, hide, step_mean,
-                         step_median)
+                         stalled_s - max(0.0, stalled_until - now))
             if "speed" not in hide and queue and busy_since is not None and now - busy_since >= PREFILL_SPEED_AFTER_S:
                 view = replace(view, prefill_iteration_ms=_chunk_ms(model, queue, decoding, sms),
                                prefill_iteration_tokens=float(CHUNK_TOKENS))
@@ -171,7 +172,7 @@ def _admitted(admission: AdmissionController, model: LatencyModel, req: SimReque
 
 
 def _prefill(model: LatencyModel, queue: deque[SimRequest], decoding: list[SimRequest], sms: int, now: float,
-             dt: float) -> None:
+             dt: float, stalled_s: float) -> None:
     if not queue:
         return
     budget = dt * 1000.0 * CHUNK_TOKENS / _chunk_ms(model, queue, decoding, sms)
@@ -181,7 +182,7 @@ def _prefill(model: LatencyModel, queue: deque[SimRequest], decoding: list[SimRe
         r.prefill_left -= used
         budget -= used
         if r.prefill_left <= 0:
-            r.first_token = now + dt
+            r.first_token, r.stalled_at_first = now + dt, stalled_s
             decoding.append(queue.popleft())
 
 
@@ -210,7 +211,8 @@ def _decode(model: LatencyModel, decoding: list[SimRequest], done: list[SimReque
 
 def _view(model: LatencyModel, sms: int, queue: deque[SimRequest], decoding: list[SimRequest],
           done: list[SimRequest], window: RateWindow, budgets: RateWindow, last_switch: float, now: float,
-          hide: frozenset[str], decode_step_ms: float, decode_step_median_ms: float) -> EngineView:
+          hide: frozenset[str], decode_step_ms: float, stalled_s: float) -> EngineView:
+    """`stalled_s`: the time decode stood still so far (up to `now`)."""
     started = [r for r in (*done, *decoding) if r.arrival > last_switch]
     live = [r for r in decoding if r.first_token > last_switch and r.decoded >= LIVE_TPOT_MIN_TOKENS]
     finished = [r for r in done if r.arrival > last_switch]
@@ -225,6 +227,8 @@ def _view(model: LatencyModel, sms: int, queue: deque[SimRequest], decoding: lis
         mean_prompt_tokens=window.mean_amount(now=now) if lengths else 0.0,
         mean_output_tokens=sum(outputs) / len(outputs) if outputs and lengths else 0.0,
         mean_max_tokens=budgets.mean_amount(now=now) if lengths and "budgets" not in hide else 0.0,
-        decode_step_ms=decode_step_ms, decode_step_median_ms=decode_step_median_ms,
+        decode_step_ms=decode_step_ms,
         live_tpot_ms=tuple((now - r.first_token) * 1000.0 / r.decoded for r in live),
+        live_tpot_without_stalls_ms=() if "stalls" in hide else tuple(
+            (now - r.first_token - max(0.0, stalled_s - r.stalled_at_first)) * 1000.0 / r.decoded for r in live),
     )

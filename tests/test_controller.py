@@ -16,8 +16,9 @@ from actors.slo.latency_model import LatencyModel, ModelSource, PhaseModel
 from actors.slo.policy import ModelPolicy
 from actors.slo.types import EngineView, ReactivePolicy, SLOTargets, SplitDecision
 from cluster.bootstrap import ClusterConfig, EngineOptions
-from cluster.controller import (NO_MODEL, Controller, ControllerConfig, bounded_view, decide_with_models,
-                                hold_reason, models_from_published, policy_by_name, register_policy, view_from_dict)
+from cluster.controller import (HOLD_LOG_REPEAT_S, NO_MODEL, Controller, ControllerConfig, bounded_view,
+                                decide_with_models, hold_kind, hold_reason, models_from_published, policy_by_name,
+                                register_policy, view_from_dict)
 from cluster.engine_client import EngineLoad, NoCapacityError
 from cluster.redis_store import Backoff, RedisStore
 from cluster.serve_app import ServeArgs
@@ -389,6 +390,56 @@ def test_controller_tick_decides_records_and_respects_dwell(redis_server: Any, c
         await store.aclose()
 
     run(main())
+
+
+class _Holds:
+    """Test policy: holds the current split, with the reason and predicted slack it is given."""
+
+    def __init__(self) -> None:
+        self.reason, self.slack = "hold: best split; TTFT 900/1000 ms", -0.05
+
+    def decide(self, view: EngineView, targets: SLOTargets) -> SplitDecision:
+        return SplitDecision(view.prefill_sms, self.reason, {"slack": self.slack})
+
+
+def test_a_hold_is_logged_per_kind_and_again_while_its_split_is_predicted_past_a_target(
+        redis_server: Any, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = ControllerConfig(redis_server.url, "holds", interval_s=0.1, lease_s=5.0)
+    caplog.set_level(logging.INFO, logger="cluster.controller")
+    clock = [time.time()]
+    monkeypatch.setattr("cluster.controller.time.time", lambda: clock[0])
+    policy = _Holds()
+    ctl = Controller(cfg, policy, leader_id="ctl-1")
+
+    async def logged_at(*offsets: float) -> int:
+        """Tick once at each offset (s) of the controller's clock; how many hold lines they logged."""
+        before = sum("stays at" in r.getMessage() for r in caplog.records)
+        for offset in offsets:
+            clock[0] += offset
+            await ctl.tick()
+        return sum("stays at" in r.getMessage() for r in caplog.records) - before
+
+    async def main() -> None:
+        store = RedisStore(redis_server.url, "holds")
+        await store.publish_view("e-0", _published("e-0", 64, 10), 60000)
+        assert await logged_at(0.0, 0.5, 1.0) == 1  # past a target: once, then again only HOLD_LOG_REPEAT_S later
+        assert await logged_at(HOLD_LOG_REPEAT_S) == 1
+        policy.reason = "hold: within hysteresis band (gain +0.05 <= 0.10 for 56); TTFT 900/1000 ms"
+        assert await logged_at(0.1) == 1  # a new kind of hold on the same split
+        assert "stays at 64 SMs (hold: within hysteresis band (gain +0.05" in caplog.records[-1].getMessage()
+        policy.slack = 0.2
+        assert await logged_at(HOLD_LOG_REPEAT_S, HOLD_LOG_REPEAT_S) == 0  # within its targets: not again
+        await ctl.stop()
+        await store.aclose()
+
+    run(main())
+
+
+def test_hold_kind_is_the_reason_up_to_its_details() -> None:
+    assert hold_kind("hold: within hysteresis band (gain +0.00 <= 0.10 for 80); TTFT 148/1500 ms") == \
+        "hold: within hysteresis band"
+    assert hold_kind("hold: best split; TTFT 791/1500 ms") == "hold: best split"
+    assert hold_kind("flip") == "flip"
 
 
 def test_bounded_view_keeps_the_splits_inside_the_prefill_share() -> None:

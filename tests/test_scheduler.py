@@ -605,6 +605,25 @@ def test_worker_recent_iterations() -> None:
     assert recent.mean_ms == pytest.approx(110.0) and recent.median_ms == pytest.approx(40.0)
 
 
+def test_a_worker_counts_what_its_stalled_iterations_took_over_the_median() -> None:
+    """An iteration of `STALL_STEP_FACTOR` medians (of the last `STALL_MEDIAN_ITERATIONS`) or longer is a stall:
+    what it took over the median adds to `stalled_seconds`; a slower one short of that (a step under a long
+    prompt's prefill) does not, nor does anything before the median has its iterations."""
+    from actors.engine.workers import STALL_MEDIAN_ITERATIONS, STALL_STEP_FACTOR
+
+    worker = Worker.__new__(Worker)  # only the stall count and its recent iterations are used
+    worker.stalled_seconds = 0.0
+    worker._recent_seconds = deque(maxlen=STALL_MEDIAN_ITERATIONS)
+    worker._note_stall(0.500)  # no median yet
+    for _ in range(STALL_MEDIAN_ITERATIONS - 1):
+        worker._note_stall(0.010)
+    assert worker.stalled_seconds == 0.0
+    worker._note_stall(0.010 * STALL_STEP_FACTOR * 0.9)
+    assert worker.stalled_seconds == 0.0
+    worker._note_stall(0.280)
+    assert worker.stalled_seconds == pytest.approx(0.270)
+
+
 @pytest.mark.parametrize(("tokens", "max_len", "max_pages", "expected"), [
     (16384, 8191, 100_000, [8191, 8191, 2]),  # llama3-8b on a GPU: the budget, in prompts the model allows
     (17, 8191, 100_000, [17]),  # on CPU: a page and a token

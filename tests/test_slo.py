@@ -379,16 +379,16 @@ def test_the_simulated_switch_transient_costs_the_requests_decoding_through_it()
         assert slowed.attainment < fixed.attainment - 0.03, (slowed.attainment, slowed.switches)
 
 
-def test_simulated_decode_stalls_move_no_split_where_the_policy_reads_the_median_step() -> None:
+def test_simulated_decode_stalls_move_no_split_where_the_policy_reads_the_tpot_without_them() -> None:
     """`stalls`: decode stands still for 200 ms, 0.3 times a second while prompts wait (the H100's first windows at
     a new load, run 30). Chat at 15 req/s under TPOT <= 12 ms on the H100 profile: without stalls the policy holds
-    64 throughout and keeps every request; with them, a policy that cannot tell a stall from a slow step (no median
-    step in the view) moves toward decode, where the one that reads the median holds."""
+    64 throughout and keeps every request; with them, a policy that cannot tell a stall from a slow step (no TPOT so
+    far without stalls in the view) moves toward decode, where the one that reads it holds."""
     m = committed_model(H100)
     for seed in (0, 1):
         smooth = chat_on_64(m, 15.0, seed)
         stalled = chat_on_64(m, 15.0, seed, stalls=(0.3, 0.2))
-        unread = chat_on_64(m, 15.0, seed, stalls=(0.3, 0.2), hide=frozenset({"median"}))
+        unread = chat_on_64(m, 15.0, seed, stalls=(0.3, 0.2), hide=frozenset({"stalls"}))
         assert smooth.switches == () and smooth.attainment == 1.0
         assert stalled.switches == (), stalled.switches
         assert unread.switches and all(b < a for _, a, b in unread.switches), unread.switches

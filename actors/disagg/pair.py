@@ -151,6 +151,10 @@ class DisaggPair:
         return self.prefill.allocator
 
     @property
+    def decode_stalled_seconds(self) -> float:
+        return self.decode.decode_stalled_seconds
+
+    @property
     def device_error(self) -> BaseException | None:
         return self.prefill.device_error or self.decode.device_error
 

@@ -451,6 +451,12 @@ class EngineCore:
         self._emit(deltas)
 
     @property
+    def decode_stalled_seconds(self) -> float:
+        """What the decode worker's stalled iterations took over its median one, so far (`Worker._note_stall`;
+        0 without a decode worker)."""
+        return next((w.stalled_seconds for w in self.workers if w.name == "decode"), 0.0)
+
+    @property
     def num_preemptions(self) -> int:
         """Requests preempted so far (their pages released for recomputation), both phases."""
         return self.prefill.num_preemptions + self.decode.num_preemptions

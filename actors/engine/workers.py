@@ -32,6 +32,10 @@ log = logging.getLogger(__name__)
 # prefill iterations up to seconds
 ITERATION_BUCKETS_S: tuple[float, ...] = (0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15,
                                           0.2, 0.3, 0.5, 1.0, 2.0)
+# an iteration this many times the median of the last STALL_MEDIAN_ITERATIONS or longer is a stall
+# (`Worker._note_stall`)
+STALL_STEP_FACTOR = 4.0
+STALL_MEDIAN_ITERATIONS = 64
 Emit = Callable[[list[TokenDelta]], None]
 Handoff = Callable[[Request], None]  # takes over a request (prefill -> decode, or a preempted one back)
 
@@ -153,6 +157,8 @@ class Worker:
         self.tokens = 0  # tokens computed (prefill chunk tokens plus one per decode)
         self.adopt_seconds: list[float] = []  # time spent adopting each new SM split
         self.iteration_log: deque[Iteration] = deque(maxlen=4096)
+        self.stalled_seconds = 0.0  # what stalled iterations took over the median one, so far (`_note_stall`)
+        self._recent_seconds: deque[float] = deque(maxlen=STALL_MEDIAN_ITERATIONS)
         self._version = -1
 
     def start(self) -> None:
@@ -206,8 +212,21 @@ class Worker:
                 self.iterations += 1
                 self.iteration_times.observe(now - t0)
                 self.iteration_log.append(Iteration(t0, now - t0, self._version, self.tokens - tokens))
+                self._note_stall(now - t0)
             else:
                 self.wakeups[self.name].wait(0.05)
+
+    def _note_stall(self, seconds: float) -> None:
+        """Count an iteration of `STALL_STEP_FACTOR` times the median of the last `STALL_MEDIAN_ITERATIONS` or
+        longer as a stall: what it took over the median goes into `stalled_seconds`. A stall is time that more
+        SMs would not have shortened (on the H100, run 30, decode stood still for 100-280 ms at once in a fresh
+        server's first windows); a step slow throughout (under a long prompt's prefill) is not one."""
+        recent = self._recent_seconds
+        if len(recent) == recent.maxlen:
+            median = statistics.median(recent)
+            if seconds >= STALL_STEP_FACTOR * median:
+                self.stalled_seconds += seconds - median
+        recent.append(seconds)
 
     def recent_iterations(self, span_s: float = 2.0, now: float | None = None,
                           this_split: bool = False) -> RecentIterations:

@@ -9,8 +9,8 @@ and the paper's `ReactivePolicy`, built by name with `make_policy`.
    (`prefill_speed_factor`); TTFT and TPOT by (observed / predicted) ** `observed_weight`, clamped; a split's
    TPOT by the ratio last observed on that split under the same arrivals (`tpot_factors`); the current split's
    TPOT, and that of every split with fewer decode SMs, no lower than the TPOT so far of the requests decoding
-   now (`live_tpot_ms`); that of a split with more, higher by what of it the median decode step does not
-   explain (`live_stall_ms`).
+   now (`live_tpot_ms`); that of a split with more, higher by what of it the engine's decode stalls explain
+   (`live_stall_ms`).
 3. Score each split by its normalized min slack, min(1 - TTFT / target, 1 - TPOT / target).
 4. Hold the current split unless a target is at risk (`at_risk`: observed past target, or predicted slack
    under `comfort_slack`); then look only on the side that relieves it (`_best`: toward decode the nearest
@@ -284,7 +284,7 @@ class ModelPolicy:
         c_tpot = observed_correction(view.tpot_ms, expected_tpot, q, cfg)
         f_tpot = tpot_factors(view.splits, current, c_tpot, self._remembered_tpot(view, current))
         live = live_tpot_ms(view, targets, cfg)
-        stalled = live_stall_ms(view, live)
+        stalled = live_stall_ms(view, targets, live)
 
         def tpot_at(split: int, modelled: float) -> float:
             """No split with as few decode SMs as the current one decodes faster than its requests do now, and
@@ -361,14 +361,15 @@ class ModelPolicy:
                 return SplitDecision(current, f"hold: best split; {at}", predicted)
             return SplitDecision(current, f"hold: comfortable (slack {cur.slack:+.2f} >= {cfg.comfort_slack:.2f}); "
                                           f"{at}", predicted)
+        instead = f"{_describe(best, targets)} at {best.prefill_sms}{_evidence(view, info, targets)}"
         if gain <= cfg.margin:
             return SplitDecision(current, f"hold: within hysteresis band (gain {gain:+.2f} <= {cfg.margin:.2f} "
-                                          f"for {best.prefill_sms}); {at}", predicted)
+                                          f"for {best.prefill_sms}); {at}; {instead}", predicted)
         relieved = "ttft" if best.prefill_sms > current else "tpot"
         if relieved not in evident and cur.slack >= cfg.urgent_slack and cfg.comfort_slack < 1.0:
             unseen = "not observed nor a new load" if relieved == "ttft" else "not observed"
             return SplitDecision(current, f"hold: a {relieved.upper()} risk predicted only, {unseen} (slack "
-                                          f"{cur.slack:+.2f} >= {cfg.urgent_slack:.2f}); {at}", predicted)
+                                          f"{cur.slack:+.2f} >= {cfg.urgent_slack:.2f}); {at}; {instead}", predicted)
         state.urgent_moves = [m for m in state.urgent_moves if now - m.time < cfg.dwell_s]
         gain_only = best.slack < cfg.urgent_slack
         urgent = ((cur.slack < cfg.urgent_slack or tpot_missed) and (not gain_only or gain >= cfg.urgent_gain)
@@ -389,14 +390,7 @@ class ModelPolicy:
                f"arrivals {load.tokens_per_s:.0f} prompt tokens/s in {load.prompt_tokens:.0f}-token prompts")
         if new_load and state.load is not None:
             why += f" (at the last switch: {state.load.tokens_per_s:.0f} in {state.load.prompt_tokens:.0f}-token)"
-        why += f"; queued {view.waiting_prefill_tokens} prompt tokens"
-        if "observed_ttft_ms" in info:
-            why += f", P{100 * targets.attainment:.0f} TTFT observed {info['observed_ttft_ms']:.0f} ms"
-        if "live_tpot_ms" in info:
-            why += (f"; P{100 * targets.attainment:.0f} TPOT so far of the {len(view.live_tpot_ms)} requests "
-                    f"decoding {info['live_tpot_ms']:.1f} ms")
-        if "live_stall_ms" in info:
-            why += f" ({info['live_stall_ms']:.1f} over the median step)"
+        why += _evidence(view, info, targets)
         why += (f"; corrections: TTFT x{info['ttft_correction']:.2f}, TPOT x{cur.tpot_correction:.2f} "
                 f"(at {best.prefill_sms}: x{best.tpot_correction:.2f}), "
                 f"prefill time x{info['prefill_speed_correction']:.2f}")
@@ -495,14 +489,19 @@ def live_tpot_ms(view: EngineView, targets: SLOTargets, cfg: ModelPolicyConfig) 
     return percentile(view.live_tpot_ms, 100.0 * targets.attainment)
 
 
-def live_stall_ms(view: EngineView, live_ms: float) -> float:
-    """How much of the live TPOT (`live_tpot_ms`) the engine's median decode step does not explain (0: none, or
-    either unknown): decode standing still between steps, which more decode SMs do not shorten. On the H100 (run
-    30, chat at 32 req/s on 64 prefill SMs) two stalls of 280 ms put the P90 TPOT so far at 29.7 ms over a 9 ms
-    step; the policy moved to 56 urgently for its predicted 10.3 ms, then to 48, where TTFT missed."""
-    if live_ms <= 0 or view.decode_step_median_ms <= 0:
+def live_stall_ms(view: EngineView, targets: SLOTargets, live_ms: float) -> float:
+    """What of the live TPOT (`live_tpot_ms`) the engine's decode stalls explain: it less the same percentile of
+    the requests' TPOT so far without the stalls they decoded through (0: no live TPOT, or none without stalls
+    published). More decode SMs shorten a step, not a stall: on the H100 (run 30, chat at 32 req/s on 64 prefill
+    SMs) two stalls of 280 ms put the P90 TPOT so far at 29.7 ms over a 9 ms step; the policy moved to 56
+    urgently for its predicted 10.3 ms, then to 48, where TTFT missed. A step slow throughout (under a long
+    prompt's prefill) is no stall: with the median step in place of the TPOT without stalls, documents at 5.5
+    req/s on 88 SMs held 88 while the TPOT so far of the requests decoding passed 15 ms for 8 s (run 31; 80 pinned
+    kept 100%)."""
+    unstalled = view.live_tpot_without_stalls_ms
+    if live_ms <= 0 or len(unstalled) != len(view.live_tpot_ms):
         return 0.0
-    return max(0.0, live_ms - view.decode_step_median_ms)
+    return max(0.0, live_ms - percentile(unstalled, 100.0 * targets.attainment))
 
 
 def queue_drain_ms(view: EngineView) -> float:
@@ -521,6 +520,20 @@ def at_risk(cur: SplitPrediction, view: EngineView, targets: SLOTargets, cfg: Mo
     if cur.slack < cfg.comfort_slack:
         risky.add("ttft" if cur.ttft_ms / targets.ttft_ms >= cur.tpot_ms / targets.tpot_ms else "tpot")
     return risky
+
+
+def _evidence(view: EngineView, info: Mapping[str, float], targets: SLOTargets) -> str:
+    """What the engine shows now, as a decision's reason gives it: the queued prompt tokens, the observed TTFT,
+    the TPOT so far of the requests decoding and what of it the engine's decode stalls explain."""
+    q = f"P{100 * targets.attainment:.0f}"
+    seen = f"; queued {view.waiting_prefill_tokens} prompt tokens"
+    if "observed_ttft_ms" in info:
+        seen += f", {q} TTFT observed {info['observed_ttft_ms']:.0f} ms"
+    if "live_tpot_ms" in info:
+        seen += f"; {q} TPOT so far of the {len(view.live_tpot_ms)} requests decoding {info['live_tpot_ms']:.1f} ms"
+    if "live_stall_ms" in info:
+        seen += f" ({info['live_stall_ms']:.1f} of it stalls)"
+    return seen
 
 
 def _describe(p: SplitPrediction, targets: SLOTargets) -> str:

@@ -36,17 +36,17 @@ class EngineView:
     mean output length of recently finished requests (0: unknown), `mean_max_tokens` the mean `max_tokens` of the
     latest arrivals (0: unknown), a bound on what they will make. `decode_step_ms` is the mean decode step of
     the last seconds as the engine measured it (0: unknown or idle): the TPOT the requests decoding now see,
-    before any of them finishes and becomes a TPOT sample; `decode_step_median_ms` its median (0: unknown), the
-    step without the stalls of a few iterations (more decode SMs shorten the step, not a stall: on the H100, run
-    30, decode stood still for 100-280 ms at times under chat at 32 and 37 req/s, on 48, 56 and 64 prefill SMs
-    alike). `decode_pace_ms` is the engine's decode pace while prefill has work (0: none): its steps take at least
-    that long then, whatever the split.
+    before any of them finishes and becomes a TPOT sample. `decode_pace_ms` is the engine's decode pace while
+    prefill has work (0: none): its steps take at least that long then, whatever the split.
     `prefill_iteration_ms` and `prefill_iteration_tokens` are the mean prefill iteration of the last seconds on
     the current split and its mean tokens, as the engine measured them (0: too few iterations there): the
     prefill speed the split actually runs at, against which the model's is checked.
     `live_tpot_ms` is the TPOT so far of each request decoding now that had its first token on the current split
     (after the last switch) and has made a few tokens since (the publisher's choice): what its TPOT sample
-    would be if it ended now, seconds before it does.
+    would be if it ended now, seconds before it does. `live_tpot_without_stalls_ms` is the same for the same
+    requests, in the same order, less the time the engine's decode stalled while they decoded (empty: unknown):
+    more decode SMs shorten a step, not a stall (on the H100, run 30, decode stood still for 100-280 ms at times
+    under chat at 32 and 37 req/s, on 48, 56 and 64 prefill SMs alike).
     """
 
     engine_id: str
@@ -65,11 +65,11 @@ class EngineView:
     mean_output_tokens: float = 0.0
     mean_max_tokens: float = 0.0
     decode_step_ms: float = 0.0
-    decode_step_median_ms: float = 0.0
     decode_pace_ms: float = 0.0
     prefill_iteration_ms: float = 0.0
     prefill_iteration_tokens: float = 0.0
     live_tpot_ms: tuple[float, ...] = ()
+    live_tpot_without_stalls_ms: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
