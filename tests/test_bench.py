@@ -1108,8 +1108,9 @@ def test_streaming_around_a_switch_shows_a_stall_after_it() -> None:
 
 def test_timeline_places_misses_streaming_and_switches_in_their_second(tmp_path: Path,
                                                                         capsys: pytest.CaptureFixture[str]) -> None:
-    """Misses count in the second a request arrived, streamed tokens and their gaps in the second they reached
-    the client, split changes in the second they happened; a wider bin sums them."""
+    """Misses count in the second a request arrived, streamed tokens and their gaps (and the long ones, 50 ms or
+    more a token) in the second they reached the client, split changes in the second they happened; a wider bin
+    sums them."""
     from cluster.bench.timeline import timeline
 
     records = [
@@ -1121,12 +1122,16 @@ def test_timeline_places_misses_streaming_and_switches_in_their_second(tmp_path:
     result.split_changes = [{"engine_id": "e0", "time_s": 1.2, "from_sms": 64, "to_sms": 72, "reason": "r"},
                             {"engine_id": "e1", "omitted": 2}]
     first, second = timeline(result)
-    assert (first.arrived, first.prompt_tokens, first.streamed_tokens, first.itl_s) == (1, 10, 1.0, 0.5)
+    assert (first.arrived, first.prompt_tokens, first.streamed_tokens, first.itl_s, first.long_gaps) == \
+        (1, 10, 1.0, 0.5, 1)
     assert (first.ttft_missed, first.tpot_missed, first.failed, first.split_changes) == (0, 1, 0, ())
     assert (second.arrived, second.prompt_tokens, second.streamed_tokens) == (2, 40, 1.0)
     assert (second.ttft_missed, second.tpot_missed, second.failed, second.split_changes) == (1, 0, 1, ("e0 64->72",))
     (whole,) = timeline(result, bin_s=2.0)
     assert (whole.arrived, whole.streamed_tokens, whole.ttft_missed, whole.tpot_missed) == (3, 2.0, 1, 1)
+    assert whole.long_gaps == 2
+    coalesced = _result([_rec(0, 0.1, 0.4, 7, [0.12, 0.16])])  # chunks of 3 tokens: 40 and 53 ms a token
+    assert [b.long_gaps for b in timeline(coalesced)] == [1]
     assert timeline(result, SLOs(ttft_ms=3000))[1].ttft_missed == 0
     with pytest.raises(ValueError, match="bin_s must be > 0"):
         timeline(result, bin_s=0.0)
@@ -1135,8 +1140,8 @@ def test_timeline_places_misses_streaming_and_switches_in_their_second(tmp_path:
     assert cli_main(["bench", "timeline", str(path), "--goodput", "ttft:1000", "tpot:100"]) == 0
     rows = capsys.readouterr().out.splitlines()
     assert rows[0].startswith("a at 4 req/s configured, 3 requests")
-    assert "TTFT>1000ms" in rows[1] and "TPOT>100ms" in rows[1]
-    assert rows[4].split() == ["1-2", "2.0", "40", "1", "500.0", "1", "0", "1", "e0", "64->72"]
+    assert "TTFT>1000ms" in rows[1] and "TPOT>100ms" in rows[1] and "gaps>50ms" in rows[1]
+    assert rows[4].split() == ["1-2", "2.0", "40", "1", "500.0", "1", "1", "0", "1", "e0", "64->72"]
     assert rows[5] == "Split changes not in the table: e1 (2 not listed by the server)"
     empty = _result([])
     assert empty.split_changes is None and timeline(empty) == []

@@ -1,8 +1,10 @@
 """A serving run second by second: what arrived, what streamed, which requests missed their targets, and the
 SM split changes, so a window's misses can be placed in time (`semipd bench timeline RESULT.json`).
 
-Misses are counted by the bin a request arrived in; streaming (tokens per second, mean inter-token latency)
-by the bin its chunks reached the client in. Times are seconds from the run's start, as in the result JSON.
+Misses are counted by the bin a request arrived in; streaming (tokens per second, mean inter-token latency, and
+the chunks that came `LONG_GAP_S` or more a token after their request's previous one: decode standing still,
+which on the H100 in run 30 put 386 such gaps in one 15 s window) by the bin its chunks reached the client in.
+Times are seconds from the run's start, as in the result JSON.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from cluster.bench.metrics import SLOs
 from cluster.bench.result import BenchResult
 from cluster.bench.traffic import token_times
 
+LONG_GAP_S = 0.05
 
 @dataclass(frozen=True)
 class TimelineBin:
@@ -25,6 +28,7 @@ class TimelineBin:
     prompt_tokens: int  # of the requests that arrived in the bin
     streamed_tokens: float  # after each request's first, by when its chunk arrived
     itl_s: float | None  # streamed gaps / streamed tokens (None: nothing streamed)
+    long_gaps: int  # chunks LONG_GAP_S or more a token after their request's previous one
     ttft_missed: int  # of the requests that arrived in the bin
     tpot_missed: int
     failed: int
@@ -37,6 +41,7 @@ class _Tally:
     prompt_tokens: int = 0
     streamed_tokens: float = 0.0
     gaps_s: float = 0.0
+    long_gaps: int = 0
     ttft_missed: int = 0
     tpot_missed: int = 0
     failed: int = 0
@@ -69,6 +74,7 @@ def timeline(result: BenchResult, slos: SLOs | None = None, bin_s: float = 1.0) 
         tally = at(chunk.time_s)
         tally.streamed_tokens += chunk.tokens
         tally.gaps_s += chunk.gap_s
+        tally.long_gaps += chunk.gap_s >= LONG_GAP_S * max(chunk.tokens, 1.0)
     changes: dict[int, list[str]] = {}
     for c in result.split_changes or ():
         if "time_s" in c:
@@ -80,8 +86,8 @@ def timeline(result: BenchResult, slos: SLOs | None = None, bin_s: float = 1.0) 
 
 def _bin(start_s: float, t: _Tally, split_changes: tuple[str, ...]) -> TimelineBin:
     itl = t.gaps_s / t.streamed_tokens if t.streamed_tokens > 0 else None
-    return TimelineBin(start_s, t.arrived, t.prompt_tokens, t.streamed_tokens, itl, t.ttft_missed, t.tpot_missed,
-                       t.failed, split_changes)
+    return TimelineBin(start_s, t.arrived, t.prompt_tokens, t.streamed_tokens, itl, t.long_gaps, t.ttft_missed,
+                       t.tpot_missed, t.failed, split_changes)
 
 
 def format_unplaced_changes(result: BenchResult) -> str:
@@ -97,13 +103,14 @@ def format_timeline(bins: Sequence[TimelineBin], bin_s: float, slos: SLOs) -> st
     """A text table of `bins`, rates per second."""
     ttft = f"TTFT>{slos.ttft_ms:g}ms" if slos.ttft_ms is not None else "TTFT (no target)"
     tpot = f"TPOT>{slos.tpot_ms:g}ms" if slos.tpot_ms is not None else "TPOT (no target)"
-    header = (f"{'t (s)':>11} {'arrived/s':>9} {'prompt tok/s':>12} {'streamed tok/s':>14} {'ITL ms':>7} "
+    gaps = f"gaps>{1000 * LONG_GAP_S:g}ms"
+    header = (f"{'t (s)':>11} {'arrived/s':>9} {'prompt tok/s':>12} {'streamed tok/s':>14} {'ITL ms':>7} {gaps:>10} "
               f"{ttft:>13} {tpot:>13} {'failed':>6}  split changes")
     lines = [header, "-" * len(header)]
     for b in bins:
         itl = "-" if b.itl_s is None else f"{1000.0 * b.itl_s:.1f}"
         span = f"{b.start_s:g}-{b.start_s + bin_s:g}"
         lines.append(f"{span:>11} {b.arrived / bin_s:9.1f} "
-                     f"{b.prompt_tokens / bin_s:12,.0f} {b.streamed_tokens / bin_s:14,.0f} {itl:>7} "
+                     f"{b.prompt_tokens / bin_s:12,.0f} {b.streamed_tokens / bin_s:14,.0f} {itl:>7} {b.long_gaps:10d} "
                      f"{b.ttft_missed:13d} {b.tpot_missed:13d} {b.failed:6d}  {', '.join(b.split_changes)}")
     return "\n".join(lines)
