@@ -144,7 +144,6 @@ class LiveDecodes:
                 if p.first_wall > first_after and p.tokens - 1 >= max(1, min_tokens)]
 
 
-
 class RateWindow:
     """Amounts recorded over time (prompt tokens as requests arrive): their rate, the highest of their rates
     over the last `spans_s` seconds each (of `time.monotonic()`), and the mean amount of the latest events.

@@ -102,9 +102,9 @@ def simulate(model: LatencyModel, phases: list[Phase], targets: SLOTargets, star
              stalls: tuple[float, float] = (0.0, 0.0)) -> SimResult:
     """Run `phases` to the last request's end on `start_sms` prefill SMs, moved by `policy` if given. `hide`
     leaves out of the view "arrivals" (their rate), "lengths" (mean prompt and output lengths), "budgets" (the
-    arrivals' max_tokens), "speed" (the prefill iteration) and/or "stalls" (the TPOT so far without stalls). `admission`
-    (its `reject` action) refuses an arriving request as the engine would; a refused request counts as one that
-    missed its targets."""
+    arrivals' max_tokens), "speed" (the prefill iteration) and/or "stalls" (the TPOT so far without stalls).
+    `admission` (its `reject` action) refuses an arriving request as the engine would; a refused request counts as
+    one that missed its targets."""
     todo = deque(arrivals(phases, seed))
     total = len(todo)
     queue: deque[SimRequest] = deque()
@@ -173,6 +173,8 @@ def _admitted(admission: AdmissionController, model: LatencyModel, req: SimReque
 
 def _prefill(model: LatencyModel, queue: deque[SimRequest], decoding: list[SimRequest], sms: int, now: float,
              dt: float, stalled_s: float) -> None:
+    """Prefill the queue for `dt` at the model's speed; a prompt done joins the decode batch with its first token,
+    noting `stalled_s` (decode's stall time so far)."""
     if not queue:
         return
     budget = dt * 1000.0 * CHUNK_TOKENS / _chunk_ms(model, queue, decoding, sms)

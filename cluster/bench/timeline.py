@@ -19,6 +19,7 @@ from cluster.bench.traffic import token_times
 
 LONG_GAP_S = 0.05
 
+
 @dataclass(frozen=True)
 class TimelineBin:
     """One bin of `bin_s` seconds from `start_s`."""
