@@ -128,7 +128,8 @@ def simulate(model: LatencyModel, phases: list[Phase], targets: SLOTargets, star
             if admission is None or _admitted(admission, model, arrived, queue, decoding, sms):
                 queue.append(arrived)
         busy_since = (max(busy_since, last_switch) if busy_since is not None else now) if queue else None
-        _prefill(model, queue, decoding, sms, now, dt, stalled_s - max(0.0, stalled_until - now))
+        stalled_by_now = stalled_s - max(0.0, stalled_until - now)  # a stall starting now adds nothing by now
+        _prefill(model, queue, decoding, sms, now, dt, stalled_by_now)
         slow = switch_transient[1] if now < slowed_until else 1.0
         if queue and decoding and now >= stalled_until and stall_draws.random() < stalls[0] * dt:
             stalled_until = now + stalls[1]
@@ -142,7 +143,7 @@ def simulate(model: LatencyModel, phases: list[Phase], targets: SLOTargets, star
         if policy is not None and tick % decide_ticks == 0:
             step_mean = sum(ms for _, ms in steps) / len(steps) if steps else 0.0
             view = _view(model, sms, queue, decoding, done, window, budgets, last_switch, now, hide, step_mean,
-                         stalled_s - max(0.0, stalled_until - now))
+                         stalled_by_now)
             if "speed" not in hide and queue and busy_since is not None and now - busy_since >= PREFILL_SPEED_AFTER_S:
                 view = replace(view, prefill_iteration_ms=_chunk_ms(model, queue, decoding, sms),
                                prefill_iteration_tokens=float(CHUNK_TOKENS))

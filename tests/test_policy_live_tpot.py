@@ -23,23 +23,30 @@ from support import H100, H200, actor_stream, committed_model
 RUN27_TARGETS = SLOTargets(ttft_ms=1500.0, tpot_ms=15.0)
 
 
+def published(device: str, prefill_sms: int, t: float, finished: tuple[int, float, float],
+              live_tpot_ms: tuple[float, ...], without_stalls_ms: tuple[float, ...] | None, **stats: float
+              ) -> dict[str, Any]:
+    """A view as an engine actor on `device` publishes it, `t` s in: its finished requests (`finished`: how many,
+    their TTFT and TPOT in ms), the TPOT so far of the requests decoding (without stalls only if given), and the
+    `stats` beside its split's."""
+    model = committed_model(device)
+    without = {} if without_stalls_ms is None else {"live_tpot_without_stalls_ms": list(without_stalls_ms)}
+    n, ttft, tpot = finished
+    return {"engine_id": "gpu0", "time": t, "ttft_ms": [ttft] * n, "tpot_ms": [tpot] * n,
+            "live_tpot_ms": list(live_tpot_ms), **without,
+            "stats": {"prefill_sms": prefill_sms, "total_sms": model.total_sms, "splits": list(model.splits),
+                      **stats}}
+
+
 def documents_on(prefill_sms: int, t: float, live_tpot_ms: tuple[float, ...] = (),
                  without_stalls_ms: tuple[float, ...] | None = None) -> dict[str, Any]:
     """What an engine serving arxiv documents at 5.5 req/s publishes (run 27): 18 requests decoding, the finished
-    ones within both targets, the engine's mean decode step of the last 2 s under TPOT's target, its median step
-    under that (a step under a long prompt's prefill is slower than one without); the TPOT so far of the requests
-    decoding without stalls is published only if given."""
-    model = committed_model(H200)
-    without = {} if without_stalls_ms is None else {"live_tpot_without_stalls_ms": list(without_stalls_ms)}
-    return {"engine_id": "gpu0", "time": t, "ttft_ms": [600.0] * 20, "tpot_ms": [14.0] * 20,
-            "live_tpot_ms": list(live_tpot_ms), **without,
-            "stats": {"prefill_sms": prefill_sms, "total_sms": model.total_sms, "splits": list(model.splits),
-                      "waiting_prefill_tokens": 4_000, "num_waiting": 1, "num_decoding": 18,
-                      "decode_context_tokens": 18 * 4_000, "arrival_tokens_per_s": 21_000.0,
-                      "arrival_mean_prompt_tokens": 3_900.0, "mean_output_tokens": 210.0,
-                      "arrival_mean_max_tokens": 210.0, "recent_decode_step_ms": 14.2,
-                      "recent_decode_step_median_ms": 13.0,
-                      "recent_prefill_ms": 165.0, "recent_prefill_tokens": 4_096.0}}
+    ones within both targets, the engine's mean decode step of the last 2 s under TPOT's target."""
+    return published(H200, prefill_sms, t, (20, 600.0, 14.0), live_tpot_ms, without_stalls_ms,
+                     waiting_prefill_tokens=4_000, num_waiting=1, num_decoding=18, decode_context_tokens=18 * 4_000,
+                     arrival_tokens_per_s=21_000.0, arrival_mean_prompt_tokens=3_900.0, mean_output_tokens=210.0,
+                     arrival_mean_max_tokens=210.0, recent_decode_step_ms=14.2, recent_prefill_ms=165.0,
+                     recent_prefill_tokens=4_096.0)
 
 
 def four_seconds_after_a_move_to_88(live_tpot_ms: tuple[float, ...],
@@ -171,17 +178,11 @@ def chat_on_64(t: float, live_tpot_ms: tuple[float, ...], without_stalls_ms: tup
     """What the engine serving chat at 32 req/s on 64 prefill SMs published 2.5 s into run 30's window (H100):
     29 requests past 16 tokens, most having decoded through two stalls of ~280 ms; the finished ones within
     both targets; a decode step of 9 ms when none stalls (the TPOT so far without stalls published if given)."""
-    without = {} if without_stalls_ms is None else {"live_tpot_without_stalls_ms": list(without_stalls_ms)}
-    model = committed_model(H100)
-    return {"engine_id": "gpu0", "time": t, "ttft_ms": [150.0] * 40, "tpot_ms": [9.5] * 40,
-            "live_tpot_ms": list(live_tpot_ms), **without,
-            "stats": {"prefill_sms": 64, "total_sms": model.total_sms, "splits": list(model.splits),
-                      "waiting_prefill_tokens": 3_313, "num_waiting": 6, "num_decoding": 45,
-                      "decode_context_tokens": 45 * 600, "arrival_tokens_per_s": 20_692.0,
-                      "arrival_mean_prompt_tokens": 511.0, "mean_output_tokens": 200.0,
-                      "arrival_mean_max_tokens": 200.0, "recent_decode_step_ms": 11.8,
-                      "recent_decode_step_median_ms": 9.0,
-                      "recent_prefill_ms": 30.0, "recent_prefill_tokens": 500.0}}
+    return published(H100, 64, t, (40, 150.0, 9.5), live_tpot_ms, without_stalls_ms,
+                     waiting_prefill_tokens=3_313, num_waiting=6, num_decoding=45, decode_context_tokens=45 * 600,
+                     arrival_tokens_per_s=20_692.0, arrival_mean_prompt_tokens=511.0, mean_output_tokens=200.0,
+                     arrival_mean_max_tokens=200.0, recent_decode_step_ms=11.8, recent_prefill_ms=30.0,
+                     recent_prefill_tokens=500.0)
 
 
 def decision_on_64(live_tpot_ms: tuple[float, ...], without_stalls_ms: tuple[float, ...] | None) -> SplitDecision:

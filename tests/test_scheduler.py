@@ -596,13 +596,10 @@ def test_worker_recent_iterations() -> None:
     worker.partitioner = SimpleNamespace(version=1)
     worker.iteration_log = deque([Iteration(1.0, 0.010, 0, 8), Iteration(9.0, 0.020, 0, 100),
                                   Iteration(9.5, 0.040, 1, 300)])
-    assert worker.recent_iterations(span_s=2.0, now=10.0) == pytest.approx((2, 30.0, 200.0, 30.0))
-    assert worker.recent_iterations(span_s=10.0, now=10.0) == pytest.approx((3, 70.0 / 3, 136.0, 20.0))
-    assert worker.recent_iterations(span_s=2.0, now=10.0, this_split=True) == pytest.approx((1, 40.0, 300.0, 40.0))
-    assert worker.recent_iterations(span_s=2.0, now=20.0) == (0, 0.0, 0.0, 0.0)
-    worker.iteration_log.extend([Iteration(9.6, 0.010, 1, 1), Iteration(9.7, 0.280, 1, 1)])  # a stalled step
-    recent = worker.recent_iterations(span_s=1.0, now=10.0)
-    assert recent.mean_ms == pytest.approx(110.0) and recent.median_ms == pytest.approx(40.0)
+    assert worker.recent_iterations(span_s=2.0, now=10.0) == pytest.approx((2, 30.0, 200.0))
+    assert worker.recent_iterations(span_s=10.0, now=10.0) == pytest.approx((3, 70.0 / 3, 136.0))
+    assert worker.recent_iterations(span_s=2.0, now=10.0, this_split=True) == pytest.approx((1, 40.0, 300.0))
+    assert worker.recent_iterations(span_s=2.0, now=20.0) == (0, 0.0, 0.0)
 
 
 def test_a_worker_counts_what_its_stalled_iterations_took_over_the_median() -> None:

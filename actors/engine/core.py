@@ -115,7 +115,6 @@ class EngineStats:
     cuda_frees: int = 0
     cuda_host_allocs: int = 0  # cudaHostAlloc calls of torch's pinned allocator (process-wide; serving makes none)
     recent_decode_step_ms: float = 0.0  # the decode worker's mean iteration over the last 2 s (0: none, or unified)
-    recent_decode_step_median_ms: float = 0.0  # ... and its median: the mean less the stalls of a few iterations
     # the prefill worker's mean iteration over the last PREFILL_SPEED_SPAN_S on the current split, and its mean
     # tokens (0: fewer than PREFILL_SPEED_MIN_ITERATIONS there, or unified): the speed the split policy compares
     # with its model's
@@ -470,8 +469,6 @@ class EngineCore:
         a, p = self.allocator, self.prefill
         now = time.monotonic()
         prefill = self.recent_prefill(now)
-        decode = next((w.recent_iterations(now=now) for w in self.workers if w.name == "decode"),
-                      RecentIterations(0, 0.0, 0.0))
         pacers = {w.name: w.pacer for w in self.workers if isinstance(w, DecodeWorker) and w.pacer is not None}
         return EngineStats(
             num_waiting=p.num_waiting,
@@ -497,8 +494,8 @@ class EngineCore:
             switch_stall_seconds=sum(sum(w.adopt_seconds) for w in self.workers),
             switches=tuple(self.partitioner.switches[-RECENT_SWITCHES:]),
             num_preemptions=self.num_preemptions,
-            recent_decode_step_ms=decode.mean_ms,
-            recent_decode_step_median_ms=decode.median_ms,
+            recent_decode_step_ms=next(
+                (w.recent_iterations(now=now).mean_ms for w in self.workers if w.name == "decode"), 0.0),
             recent_prefill_ms=prefill.mean_ms,
             recent_prefill_tokens=prefill.mean_tokens,
             decode_pace_ms=next((1e3 * p.interval_s for p in pacers.values()), 0.0),

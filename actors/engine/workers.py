@@ -64,7 +64,6 @@ class RecentIterations(NamedTuple):
     count: int
     mean_ms: float
     mean_tokens: float
-    median_ms: float = 0.0  # the typical iteration: a few stalled ones raise the mean, not this
 
 
 class Iteration(NamedTuple):
@@ -231,22 +230,19 @@ class Worker:
     def recent_iterations(self, span_s: float = 2.0, now: float | None = None,
                           this_split: bool = False) -> RecentIterations:
         """The iterations that started within the last `span_s` seconds (with `this_split`, only those run on
-        the current SM split): how many, their mean time, mean tokens and median time (zeros: none)."""
+        the current SM split): how many, their mean time and mean tokens (zeros: none)."""
         since = (time.monotonic() if now is None else now) - span_s
         version = self.partitioner.version if this_split else None
-        durations, tokens = [], 0
+        seconds, tokens, count = 0.0, 0, 0
         for it in reversed(list(self.iteration_log)):  # a copy: the worker's thread appends to the log
             if it.start <= since:
                 break
             if version is not None and it.split_version != version:
                 continue
-            durations.append(it.seconds)
-            tokens += it.tokens
-        if not durations:
+            seconds, tokens, count = seconds + it.seconds, tokens + it.tokens, count + 1
+        if not count:
             return RecentIterations(0, 0.0, 0.0)
-        count = len(durations)
-        return RecentIterations(count, 1000.0 * sum(durations) / count, tokens / count,
-                                1000.0 * statistics.median(durations))
+        return RecentIterations(count, 1000.0 * seconds / count, tokens / count)
 
     def _adopt_split(self) -> None:
         """At an iteration boundary: move to the stream of the current split. A move that raised is not tried
