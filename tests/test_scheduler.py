@@ -7,6 +7,7 @@ by hand, so every schedule is deterministic.
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -602,23 +603,33 @@ def test_worker_recent_iterations() -> None:
     assert worker.recent_iterations(span_s=2.0, now=20.0) == (0, 0.0, 0.0)
 
 
-def test_a_worker_counts_what_its_stalled_iterations_took_over_the_median() -> None:
+def test_a_worker_counts_what_its_stalled_iterations_took_over_the_median(caplog: pytest.LogCaptureFixture) -> None:
     """An iteration of `STALL_STEP_FACTOR` medians (of the last `STALL_MEDIAN_ITERATIONS`) or longer is a stall:
     what it took over the median adds to `stalled_seconds`; a slower one short of that (a step under a long
-    prompt's prefill) does not, nor does anything before the median has its iterations."""
+    prompt's prefill) does not, nor does anything before the median has its iterations. A stall is logged with
+    the host time the iteration spent by part, and the rest (the wait for the device)."""
+    from types import SimpleNamespace
+
     from actors.engine.workers import STALL_MEDIAN_ITERATIONS, STALL_STEP_FACTOR
 
     worker = Worker.__new__(Worker)  # only the stall count and its recent iterations are used
     worker.stalled_seconds = 0.0
     worker._recent_seconds = deque(maxlen=STALL_MEDIAN_ITERATIONS)
-    worker._note_stall(0.500)  # no median yet
+    assert not worker._note_stall(0.500)  # no median yet
     for _ in range(STALL_MEDIAN_ITERATIONS - 1):
-        worker._note_stall(0.010)
+        assert not worker._note_stall(0.010)
     assert worker.stalled_seconds == 0.0
-    worker._note_stall(0.010 * STALL_STEP_FACTOR * 0.9)
+    assert not worker._note_stall(0.010 * STALL_STEP_FACTOR * 0.9)
     assert worker.stalled_seconds == 0.0
-    worker._note_stall(0.280)
+    assert worker._note_stall(0.280)
     assert worker.stalled_seconds == pytest.approx(0.270)
+
+    worker.name = "decode"
+    worker.runner = SimpleNamespace(host_seconds={"graph": 1.2, "sample": 0.5, "plan": 0.0})
+    with caplog.at_level(logging.INFO, logger="actors.engine.workers"):
+        worker._log_stall(0.280, {"graph": 1.0, "sample": 0.5, "plan": 0.0})
+    assert caplog.messages == ["decode stalled: an iteration of 280 ms (median 10.0 ms); host 200.0 ms (graph 200.0), "
+                               "the rest 80 ms"]
 
 
 @pytest.mark.parametrize(("tokens", "max_len", "max_pages", "expected"), [

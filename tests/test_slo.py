@@ -41,7 +41,8 @@ from actors.slo.latency_model import (
     save_models,
 )
 from actors.slo.ordering import EDFOrder, FCFSOrder, make_order
-from actors.slo.policy import Load, ModelPolicy, ModelPolicyConfig, SplitPrediction, load_changed, make_policy, tpot_factors
+from actors.slo.policy import (Load, ModelPolicy, ModelPolicyConfig, SplitPrediction, load_changed, new_prompt_load, make_policy,
+                               tpot_factors)
 from actors.slo.prediction import (
     ArrivalDecode, PrefillLoad, arrival_decode, paced_tpot_ms, predict_raw, prefill_load, prefill_speed_factor,
     settled_step_ms, typical_prompt_tokens,
@@ -536,6 +537,40 @@ def test_a_move_toward_prefill_waits_for_evidence_unless_the_prediction_is_dire(
     assert ModelPolicy(m, cfg).decide(view(64, **PREFILL_HEAVY), TARGETS).prefill_sms > 64
 
 
+def test_an_engine_with_no_prompt_queued_holds_a_move_toward_prefill_that_nothing_but_the_prediction_asks_for(
+) -> None:
+    """H100, run 31: 2 s after the last request of a documents window ended, the policy moved 72 -> 88 on an idle
+    engine. The arrival rate it read (kept from the window, a third of the one at the last switch) counted as a new
+    load, and the prefill speed of the window's last iterations (x3.30 the model's) put TTFT at 72 far past its
+    target; the P90 TTFT observed was 884 ms against 1,500. The next window began on 88, and its requests missed
+    TPOT for 9 s. With no prompt queued, a TTFT risk that is neither observed nor brought by a new load (prompts
+    arriving twice as fast, or of another length) holds the split, however far past target it is predicted;
+    arrivals growing past the rate the split was kept for still move it."""
+    m = committed_model(H100)
+    targets = SLOTargets(ttft_ms=1500.0, tpot_ms=15.0)
+    iteration_ms = 3.3 * m.prefill_queue_ms(2_500, 1, 72, True, ModelPolicyConfig().chunk_tokens)
+
+    def at_72(t: float, arrivals: float, decoding: int, ttft_ms: float, slow_prefill: bool = False) -> EngineView:
+        speed = dict(prefill_iteration_ms=iteration_ms, prefill_iteration_tokens=2_500.0) if slow_prefill else {}
+        return replace(view(72, decoding=decoding, context=decoding * 4_000, ttft=(ttft_ms,) * 10, t=t),
+                       arrival_tokens_per_s=arrivals, mean_prompt_tokens=3_800.0, mean_output_tokens=170.0,
+                       mean_max_tokens=170.0, **speed)
+
+    def after(before: EngineView) -> SplitDecision:
+        """The decision on the idle engine, its split last chosen (held as best or comfortable) under `before`."""
+        policy = ModelPolicy(m)
+        kept = policy.decide(before, targets)
+        assert kept.reason.startswith(("hold: best split", "hold: comfortable")), kept
+        return policy.decide(at_72(140.0, 8_514.0, 0, 884.0, slow_prefill=True), targets)
+
+    idle = after(at_72(100.0, 26_240.0, 10, 700.0))
+    assert idle.prefill_sms == 72 and "TTFT risk predicted only, with no prompt queued" in idle.reason, idle
+    cfg = ModelPolicyConfig()
+    assert idle.predicted["slack"] < cfg.urgent_slack and idle.predicted["gain"] > cfg.margin  # once a move
+    faster = after(at_72(100.0, 2_000.0, 2, 300.0))
+    assert faster.prefill_sms > 72 and faster.urgent, faster
+
+
 def test_a_move_only_the_prediction_asks_for_goes_one_step_at_a_time() -> None:
     """Chat at 40 req/s and TPOT <= 12 ms, from 64 prefill SMs, on the H200 profile of 2026-12-03. Two seconds in, the
     arrival rate read from the first arrivals (8.9K of ~20K prompt tokens/s) made 24 prefill SMs look best while
@@ -857,9 +892,13 @@ def test_model_policy_switches_at_once_when_the_prompts_change() -> None:
     assert "at the last switch: 10000 in 496-token" in documents.reason
     assert not more_chat.urgent and more_chat.reason.startswith("hold: dwell")
     assert more_chat.predicted["slack"] < -0.25 <= more_chat.predicted["best_slack"]  # as urgent, but for evidence
-    assert load_changed(Load(25_000.0, 496.0), Load(25_000.0, 5900.0), 2.0)
+    assert new_prompt_load(Load(25_000.0, 496.0), Load(25_000.0, 5900.0), 2.0)
+    assert not new_prompt_load(Load(25_000.0, 496.0), Load(14_000.0, 900.0), 2.0)
+    assert new_prompt_load(Load(0.0, 512.0), Load(1_000.0, 512.0), 2.0)  # arrivals starting
+    assert not new_prompt_load(Load(26_240.0, 3749.0), Load(8_514.0, 3838.0), 2.0)  # a load ending brings no prompts
+    assert new_prompt_load(Load(25_000.0, 5900.0), Load(25_000.0, 496.0), 2.0)  # another kind of prompt
+    assert load_changed(Load(26_240.0, 3749.0), Load(8_514.0, 3838.0), 2.0)  # TPOT ratios remembered under it lapse
     assert not load_changed(Load(25_000.0, 496.0), Load(14_000.0, 900.0), 2.0)
-    assert load_changed(Load(0.0, 512.0), Load(1_000.0, 512.0), 2.0)  # arrivals starting
     with pytest.raises(ValueError, match="load_change_ratio"):
         ModelPolicyConfig(load_change_ratio=1.0)
 

@@ -84,9 +84,10 @@ class ModelPolicyConfig:
         documents on 64 prefill SMs, TTFT predicted at 8.0 s there and 80 better by 2.4 of the target but past it
         itself, waited out a 10 s dwell while the queue grew to 56,000 prompt tokens).
     urgent_dwell_s: the dwell of an urgent switch (at most `dwell_s`).
-    load_change_ratio: arrivals whose mean prompt length or prompt-token rate is this many times (or this
-        fraction of) what they were when the current split was chosen, or last held as comfortable or best,
-        count as a new load: a TTFT predicted past target under it is evidence enough for an urgent switch,
+    load_change_ratio: arrivals whose prompt-token rate is this many times, or whose mean prompt length this
+        many times (or this fraction of), what they were when the current split was chosen, or last held as
+        comfortable or best, count as a new load (`new_prompt_load`; for the TPOT memory below, a rate this
+        fraction of it too): a TTFT predicted past target under it is evidence enough for an urgent switch,
         before any is observed (on the H200, chat giving way to 5,900-token documents waited out a 10 s
         dwell, 2026-12-03). Prompts queue at once; not so TPOT, whose batch builds over seconds from
         lengths a load change mixes (in simulation, a 2-request batch of documents' 6,000-token contexts
@@ -219,6 +220,20 @@ def load_changed(before: Load, now: Load, ratio: float) -> bool:
     return moved(before.tokens_per_s, now.tokens_per_s) or moved(before.prompt_tokens, now.prompt_tokens)
 
 
+def new_prompt_load(before: Load, now: Load, ratio: float) -> bool:
+    """Whether prompts arrive `ratio` times as fast as before or more (arrivals starting count), or with a mean
+    length `ratio` times (or that fraction of) what it was: a load whose prompts the split has not been seen to
+    serve. Fewer prompts of the same kind are not one: on the H100 (run 31) the arrival rate read 2 s after a
+    documents window's last request, a third of the window's, counted as a new load, and the policy moved
+    72 -> 88 on the idle engine; the next window began there and its requests missed TPOT for 9 s. Shorter
+    prompts are: chat at 50 req/s after documents moved toward prefill 2 s before its TTFT was observed past
+    target (in simulation, H200 profile, prefill 15% slower than the profile, seed 3: 58.2% within both targets,
+    against 43.9% when waiting for the observation)."""
+    rate_up = now.tokens_per_s > 0 and (before.tokens_per_s <= 0 or now.tokens_per_s / before.tokens_per_s >= ratio)
+    a, b = before.prompt_tokens, now.prompt_tokens
+    return rate_up or (a > 0 and b > 0 and max(a / b, b / a) >= ratio)
+
+
 def min_slack(ttft_ms: float, tpot_ms: float, targets: SLOTargets) -> float:
     """min(1 - TTFT / target, 1 - TPOT / target): 1 is idle, 0 on target, < 0 missing."""
     return min(1.0 - ttft_ms / targets.ttft_ms, 1.0 - tpot_ms / targets.tpot_ms)
@@ -339,7 +354,7 @@ class ModelPolicy:
         cur = by_sms[current]
         needs = at_risk(cur, view, targets, cfg)
         side = 1 if needs == {"ttft"} else -1 if needs == {"tpot"} else 0
-        new_load = "ttft" in needs and state.load is not None and load_changed(state.load, load, cfg.load_change_ratio)
+        new_load = "ttft" in needs and state.load is not None and new_prompt_load(state.load, load, cfg.load_change_ratio)
         evident = (observed_past(view, targets, cfg) & needs) | ({"ttft"} if new_load else set())
         best = self._best(view.splits, current, preds, targets, side, self._max_steps(cur, evident, targets))
         tpot_missed = ("tpot" in evident and targets.tpot_ms < cur.tpot_ms and cur.slack >= cfg.urgent_slack
@@ -366,10 +381,14 @@ class ModelPolicy:
             return SplitDecision(current, f"hold: within hysteresis band (gain {gain:+.2f} <= {cfg.margin:.2f} "
                                           f"for {best.prefill_sms}); {at}; {instead}", predicted)
         relieved = "ttft" if best.prefill_sms > current else "tpot"
-        if relieved not in evident and cur.slack >= cfg.urgent_slack and cfg.comfort_slack < 1.0:
-            unseen = "not observed nor a new load" if relieved == "ttft" else "not observed"
-            return SplitDecision(current, f"hold: a {relieved.upper()} risk predicted only, {unseen} (slack "
-                                          f"{cur.slack:+.2f} >= {cfg.urgent_slack:.2f}); {at}; {instead}", predicted)
+        if relieved not in evident and cfg.comfort_slack < 1.0:
+            if cur.slack >= cfg.urgent_slack:
+                unseen = "not observed nor a new load" if relieved == "ttft" else "not observed"
+                return SplitDecision(current, f"hold: a {relieved.upper()} risk predicted only, {unseen} (slack "
+                                              f"{cur.slack:+.2f} >= {cfg.urgent_slack:.2f}); {at}; {instead}", predicted)
+            if relieved == "ttft" and view.waiting_prefill_tokens == 0:
+                return SplitDecision(current, f"hold: a TTFT risk predicted only, with no prompt queued, not observed "
+                                              f"nor a new load; {at}; {instead}", predicted)
         state.urgent_moves = [m for m in state.urgent_moves if now - m.time < cfg.dwell_s]
         gain_only = best.slack < cfg.urgent_slack
         urgent = ((cur.slack < cfg.urgent_slack or tpot_missed) and (not gain_only or gain >= cfg.urgent_gain)
