@@ -41,8 +41,8 @@ from actors.slo.latency_model import (
     save_models,
 )
 from actors.slo.ordering import EDFOrder, FCFSOrder, make_order
-from actors.slo.policy import (Load, ModelPolicy, ModelPolicyConfig, SplitPrediction, load_changed, new_prompt_load, make_policy,
-                               tpot_factors)
+from actors.slo.policy import (Load, ModelPolicy, ModelPolicyConfig, SplitPrediction, load_changed, make_policy,
+                               new_prompt_load, tpot_factors)
 from actors.slo.prediction import (
     ArrivalDecode, PrefillLoad, arrival_decode, paced_tpot_ms, predict_raw, prefill_load, prefill_speed_factor,
     settled_step_ms, typical_prompt_tokens,

@@ -354,7 +354,8 @@ class ModelPolicy:
         cur = by_sms[current]
         needs = at_risk(cur, view, targets, cfg)
         side = 1 if needs == {"ttft"} else -1 if needs == {"tpot"} else 0
-        new_load = "ttft" in needs and state.load is not None and new_prompt_load(state.load, load, cfg.load_change_ratio)
+        new_load = ("ttft" in needs and state.load is not None
+                    and new_prompt_load(state.load, load, cfg.load_change_ratio))
         evident = (observed_past(view, targets, cfg) & needs) | ({"ttft"} if new_load else set())
         best = self._best(view.splits, current, preds, targets, side, self._max_steps(cur, evident, targets))
         tpot_missed = ("tpot" in evident and targets.tpot_ms < cur.tpot_ms and cur.slack >= cfg.urgent_slack
@@ -384,8 +385,9 @@ class ModelPolicy:
         if relieved not in evident and cfg.comfort_slack < 1.0:
             if cur.slack >= cfg.urgent_slack:
                 unseen = "not observed nor a new load" if relieved == "ttft" else "not observed"
-                return SplitDecision(current, f"hold: a {relieved.upper()} risk predicted only, {unseen} (slack "
-                                              f"{cur.slack:+.2f} >= {cfg.urgent_slack:.2f}); {at}; {instead}", predicted)
+                return SplitDecision(current, f"hold: a {relieved.upper()} risk predicted only, {unseen} "
+                                              f"(slack {cur.slack:+.2f} >= {cfg.urgent_slack:.2f}); {at}; {instead}",
+                                     predicted)
             if relieved == "ttft" and view.waiting_prefill_tokens == 0:
                 return SplitDecision(current, f"hold: a TTFT risk predicted only, with no prompt queued, not observed "
                                               f"nor a new load; {at}; {instead}", predicted)
