@@ -44,12 +44,13 @@ CONTROLLER_SUFFIX = "controller"
 
 
 def kernel_env() -> dict[str, str]:
-    """FLASHINFER_* settings of this process (compiled-kernel cache, arch list), for the engine actors.
+    """FLASHINFER_* settings of this process (compiled-kernel cache, arch list) and CUDA_MODULE_LOADING, for the
+    engine actors.
 
     Given explicitly to the actors' runtime env: on the GPU machine an engine actor that did not
     find the kernel cache compiled every kernel again (minutes) before its first token.
     """
-    return {k: v for k, v in os.environ.items() if k.startswith("FLASHINFER_")}
+    return {k: v for k, v in os.environ.items() if k.startswith("FLASHINFER_") or k == "CUDA_MODULE_LOADING"}
 
 
 API_KEY_ENV = "SEMIPD_API_KEY"

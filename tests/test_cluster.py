@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import os
 import queue
 import random
 import signal
@@ -543,3 +544,18 @@ def test_busy_engine_gets_fewer_requests(cluster: ClusterConfig) -> None:
     counts = asyncio.run(main())
     # engine 0 starts 20 requests ahead: engine 1 takes the first several alone, then they alternate
     assert sum(counts.values()) == 40 and counts.get(idle_id, 0) >= counts.get(busy_id, 0) + 6, counts
+
+
+def test_engine_actors_get_the_kernel_cache_and_module_loading_settings_of_the_process(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine actors' runtime env carries FLASHINFER_* (the compiled-kernel cache) and CUDA_MODULE_LOADING (an
+    operator's EAGER loads every kernel at start: a kernel's first launch under LAZY waits, holding the context's
+    lock, for the GPU's queued work, and stalls the other phase's launches with it), and nothing else."""
+    from cluster.bootstrap import kernel_env
+
+    for name in [k for k in os.environ if k.startswith("FLASHINFER_") or k == "CUDA_MODULE_LOADING"]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("FLASHINFER_WORKSPACE_BASE", "/cache")
+    monkeypatch.setenv("CUDA_MODULE_LOADING", "EAGER")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    assert kernel_env() == {"FLASHINFER_WORKSPACE_BASE": "/cache", "CUDA_MODULE_LOADING": "EAGER"}
