@@ -10,7 +10,8 @@
 #   bash bench/device_run.sh offline-profile  the offline job's GPU time by kernel kind -> $OUT/offline-profile.log
 #   bash bench/device_run.sh gemm             one layer's GEMMs on each split, cuBLAS sized for the GPU vs the partition -> $OUT/gemm.json
 #   bash bench/device_run.sh startup          semi-PD engine start-up and latency-profile times -> $OUT/startup.log
-#   bash bench/device_run.sh stalls           decode's stalls on a fresh engine's first load, warm-up draws or not -> $OUT/stalls.log
+#   bash bench/device_run.sh stalls [OPTIONS] decode's stalls on a fresh engine's first load (warm-up draws or not, lazy or
+#                                             eager module loading: bench/stall_probe.py's options) -> $OUT/stalls.log
 #   bash bench/device_run.sh jit-build        flashinfer's kernels built side by side, as an engine starts -> $OUT/jit-build.log
 #   bash bench/device_run.sh stream-probe     chunks/s one Ray actor streams, and its CPU per chunk -> $OUT/stream-probe.log
 #   bash bench/device_run.sh structured       structured outputs' host and device cost per decode step -> $OUT/structured-cost.md
@@ -54,7 +55,7 @@ case $what in
     python3 bench/startup_probe.py $model 2>&1 | tee "$OUT/startup.log" | grep -E "captured|built|profile in"
     ;;
   stalls)
-    python3 bench/stall_probe.py $model 2>&1 | tee "$OUT/stalls.log" | tail -4
+    python3 bench/stall_probe.py $model "${@:2}" 2>&1 | tee "$OUT/stalls.log" | tail -6
     ;;
   jit-build)  # the machine's memory in use is sampled every 2 s while it builds: its peak is the last line
     (while sleep 2; do free -m | awk '/^Mem:/ {print $3}'; done) > "$OUT/jit-build-mem.log" &

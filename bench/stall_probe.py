@@ -1,20 +1,28 @@
-"""Whether decode stands still on a fresh semi-PD engine's first load, with and without the warm-up's draws.
+"""Whether decode stands still on a fresh semi-PD engine's first load: with and without the warm-up's draws, and
+with CUDA's lazy or eager module loading.
 
-    python3 bench/stall_probe.py MODEL_DIR [--waves 8] [--gap-s 0.25] [--requests 256]
+    python3 bench/stall_probe.py MODEL_DIR [--loading lazy,eager] [--draws no,yes] [--prompts offline|documents]
+                                           [--waves 8] [--gap-s 0.25] [--requests N]
 
 On the H100 (serving's run 30) a fresh server's first windows at a new load had decode stand still for 100-280 ms
-at a time while prefill iterations spent 3-16 ms in their draws (0.2 once warm). The suspicion: kernels loaded at
-their first use (the LM head's GEMM and the sampler, run outside the CUDA graphs with one row per sequence that
-samples), which the engine's warm-up did not meet, as it sampled one or two rows; 6426c4e added draws of every row
-count to the warm-up. Each arm builds an engine in a fresh process (a process loads a kernel once), one arm with
-the warm-up's draws left out, and sends the offline job's prompts in waves so that prefill runs beside a growing
-decode batch; it prints the engine's start-up time, decode's iterations over 100 ms and its longest, and the host
-time of prefill's draws.
+at a time while prefill iterations spent 3-16 ms in their draws (0.2 once warm); 6426c4e added draws of every row
+count to the warm-up, which took the probe's stalls from 21 to 2 (run 31). Run 32 logged where the rest sit:
+documents' stalls of 132-188 ms were host time in CUDA calls of both workers at once, in the first windows and
+after switches to a split not used before. That is what a kernel's first launch under lazy module loading (CUDA's
+default) does: it loads the kernel holding the context's lock, after the GPU's queued work has drained, and every
+other thread's CUDA call waits. `CUDA_MODULE_LOADING=EAGER` loads every kernel at start instead.
+
+Each arm builds an engine in a fresh process (a process loads a kernel once; the loading mode is set in its
+environment), and sends the prompts in waves so that prefill runs beside a growing decode batch: the offline job's
+(128-1,024 tokens) or documents' (3,000-6,000 tokens, 180 out, chunks of the full prefill budget over long
+prefixes). It prints the engine's start-up time, its KV pages and the device memory left free, decode's iterations
+over 100 ms, its longest, the decode stall time the engine counted, and the host time of prefill's draws.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import threading
 import time
 from typing import Any
@@ -22,9 +30,15 @@ from typing import Any
 from cluster.bench.engine_bench import in_fresh_process
 from cluster.bench.offline_job import JOB, OfflineJob, offline_prompts
 
+LOADING_ENV = "CUDA_MODULE_LOADING"
+DOCUMENTS = OfflineJob(num_requests=48, min_prompt=3000, max_prompt=6000, output_tokens=180)
+WORKLOADS = {"offline": JOB, "documents": DOCUMENTS}
 
-def run_arm(model_dir: str, draws: bool, waves: int, gap_s: float, requests: int) -> dict[str, Any]:
-    """One fresh engine's first load; `draws` False leaves the warm-up's draws out."""
+
+def run_arm(model_dir: str, draws: bool, job: OfflineJob, waves: int, gap_s: float) -> dict[str, Any]:
+    """One fresh engine's first load of `job`'s prompts; `draws` False leaves the warm-up's draws out."""
+    import torch
+
     from actors.engine.frontend import LLM
     from actors.request import SamplingParams
     from actors.runner.model_runner import ModelRunner
@@ -34,44 +48,84 @@ def run_arm(model_dir: str, draws: bool, waves: int, gap_s: float, requests: int
     t0 = time.perf_counter()
     llm = LLM(model_dir, mode="semi-pd", load_format="dummy")
     start_s = time.perf_counter() - t0
-    prompts = offline_prompts(llm.core.arch.vocab_size, OfflineJob(num_requests=requests))
-    params = SamplingParams(max_tokens=JOB.output_tokens, temperature=0.0, ignore_eos=True, detokenize=False)
+    free_gib = torch.cuda.mem_get_info()[0] / 2**30 if torch.cuda.is_available() else 0.0
+    prompts = offline_prompts(llm.core.arch.vocab_size, job)
+    params = SamplingParams(max_tokens=job.output_tokens, temperature=0.0, ignore_eos=True, detokenize=False)
     size = -(-len(prompts) // waves)
-    senders = [threading.Thread(target=llm.generate, args=(prompts[i:i + size], params))
-               for i in range(0, len(prompts), size)]
+    failed: list[BaseException] = []
+
+    def send(wave: list[list[int]]) -> None:
+        try:
+            llm.generate(wave, params)
+        except BaseException as e:  # a refused wave (prompts past the model's length) fails the arm
+            failed.append(e)
+
+    senders = [threading.Thread(target=send, args=(prompts[i:i + size],)) for i in range(0, len(prompts), size)]
     prefill = next(w for w in llm.core.workers if w.name == "prefill")
+    decode_worker = next(w for w in llm.core.workers if w.name == "decode")
     since, drawn_s, iterations = time.monotonic(), prefill.runner.host_seconds["sample"], prefill.iterations
+    stalled_s = decode_worker.stalled_seconds
     for sender in senders:  # waves of arrivals: each wave's prompts prefill beside the earlier ones' decodes
         sender.start()
         time.sleep(gap_s)
     for sender in senders:
         sender.join()
-    decode_worker = next(w for w in llm.core.workers if w.name == "decode")
+    if failed:
+        llm.shutdown()
+        raise RuntimeError(f"{len(failed)} of {len(senders)} waves failed: {failed[0]}") from failed[0]
     decode = [it.seconds for it in list(decode_worker.iteration_log) if it.start >= since]
-    row = dict(draws=draws, start_s=start_s, decode_steps=len(decode),
+    row = dict(loading=os.environ.get(LOADING_ENV, "default"), draws=draws, start_s=start_s,
+               kv_pages=llm.core.pool.num_pages, free_gib=free_gib, decode_steps=len(decode),
                over_100ms=sum(1 for s in decode if s > 0.1), longest_ms=1e3 * max(decode, default=0.0),
+               stalled_s=decode_worker.stalled_seconds - stalled_s,
                prefill_draw_ms=1e3 * (prefill.runner.host_seconds["sample"] - drawn_s)
                / max(1, prefill.iterations - iterations))
     llm.shutdown()
     return row
 
 
-def main() -> None:
+def choices(allowed: tuple[str, ...]) -> Any:
+    """An argparse type: a comma-separated list of `allowed` values."""
+    def parse(text: str) -> list[str]:
+        values = [v.strip() for v in text.split(",") if v.strip()]
+        bad = [v for v in values if v not in allowed]
+        if bad or not values:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {', '.join(allowed)}, got {text!r}")
+        return values
+    return parse
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model_dir")
-    parser.add_argument("--waves", type=int, default=8, help="waves the offline job's prompts arrive in (default 8)")
+    parser.add_argument("--loading", type=choices(("lazy", "eager")), default=["lazy"],
+                        help="CUDA module loading of the arms' processes, e.g. lazy,eager (default lazy)")
+    parser.add_argument("--draws", type=choices(("no", "yes")), default=["no", "yes"],
+                        help="arms without and/or with the warm-up's draws (default no,yes)")
+    parser.add_argument("--prompts", choices=sorted(WORKLOADS), default="offline",
+                        help="the offline job's prompts or documents' (default offline)")
+    parser.add_argument("--waves", type=int, default=8, help="waves the prompts arrive in (default 8)")
     parser.add_argument("--gap-s", type=float, default=0.25, help="seconds between waves (default 0.25)")
-    parser.add_argument("--requests", type=int, default=JOB.num_requests,
-                        help=f"the offline job's first N prompts (default {JOB.num_requests}; fewer for a CPU check)")
-    args = parser.parse_args()
-    rows = [in_fresh_process(run_arm, args.model_dir, draws, args.waves, args.gap_s, args.requests, timeout=600)
-            for draws in (False, True)]
-    print("| warm-up draws | engine start (s) | decode steps | over 100 ms | longest (ms) "
-          "| prefill draw host (ms/iter) |")
-    print("|---|---|---|---|---|---|")
+    parser.add_argument("--requests", type=int, default=None,
+                        help="the workload's first N prompts (default all: 256 offline, 48 documents)")
+    args = parser.parse_args(argv)
+    job = WORKLOADS[args.prompts]
+    if args.requests is not None:
+        job = OfflineJob(args.requests, job.min_prompt, job.max_prompt, job.output_tokens, job.seed)
+    rows = []
+    for loading in args.loading:
+        os.environ[LOADING_ENV] = loading.upper()  # a spawned process starts with this environment
+        rows += [in_fresh_process(run_arm, args.model_dir, draws == "yes", job, args.waves, args.gap_s, timeout=600)
+                 for draws in args.draws]
+    print(f"{args.prompts}: {job.num_requests} prompts of {job.min_prompt}-{job.max_prompt} tokens, "
+          f"{job.output_tokens} out, in {args.waves} waves")
+    print("| module loading | warm-up draws | engine start (s) | KV pages | free GiB | decode steps | over 100 ms "
+          "| longest (ms) | decode stalled (s) | prefill draw host (ms/iter) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {'yes' if r['draws'] else 'no'} | {r['start_s']:.1f} | {r['decode_steps']} | {r['over_100ms']} | "
-              f"{r['longest_ms']:.0f} | {r['prefill_draw_ms']:.2f} |")
+        print(f"| {r['loading'].lower()} | {'yes' if r['draws'] else 'no'} | {r['start_s']:.1f} | {r['kv_pages']} | "
+              f"{r['free_gib']:.1f} | {r['decode_steps']} | {r['over_100ms']} | {r['longest_ms']:.0f} | "
+              f"{r['stalled_s']:.2f} | {r['prefill_draw_ms']:.2f} |")
 
 
 if __name__ == "__main__":

@@ -1442,3 +1442,29 @@ def test_kernel_time_reads_a_trace_and_splits_idle_time_at_the_last_prefill(tmp_
     assert "GPU idle decode-only: 0.001 s in 2 gaps" in text  # 90 + 1,000 us after it
     assert "| 1000 | void vllm::reshape_and_cache_flash_kernel<...> | nvjet_sm90_tst_128x64_gemm |" in text
     assert "GPU idle in all: 0.001 s in 2 gaps" in report(kernels, wall_s=0.003)
+
+
+@pytest.mark.timeout(180)
+def test_the_stall_probe_runs_each_arm_in_its_own_process_with_its_module_loading(tiny_llama: Path) -> None:
+    """`bench/stall_probe.py` (run 32's experiment: do decode's stalls go with CUDA_MODULE_LOADING=EAGER?) builds a
+    fresh engine per arm with the loading mode in that process's environment, and prints one row per arm; a wave
+    the engine refuses (documents past the tiny model's 2,048 positions) fails the probe instead of printing an
+    empty row."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_MODULE_LOADING"} | {"PYTHONPATH": str(root)}
+
+    def probe(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, str(root / "bench" / "stall_probe.py"), str(tiny_llama), *args],
+                              capture_output=True, text=True, env=env, timeout=150)
+
+    done = probe("--loading", "lazy,eager", "--draws", "yes", "--requests", "4", "--waves", "2", "--gap-s", "0.01")
+    assert done.returncode == 0, done.stderr
+    rows = [line for line in done.stdout.splitlines() if line.startswith(("| lazy", "| eager"))]
+    assert [r.split("|")[1:3] for r in rows] == [[" lazy ", " yes "], [" eager ", " yes "]]
+    assert all(int(r.split("|")[6]) >= 127 for r in rows)  # decode steps: 4 requests of 128 tokens, batched
+    refused = probe("--prompts", "documents", "--draws", "yes", "--requests", "1", "--waves", "1")
+    assert refused.returncode != 0 and "waves failed" in refused.stderr
