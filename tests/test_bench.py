@@ -1468,3 +1468,16 @@ def test_the_stall_probe_runs_each_arm_in_its_own_process_with_its_module_loadin
     assert all(int(r.split("|")[6]) >= 127 for r in rows)  # decode steps: 4 requests of 128 tokens, batched
     refused = probe("--prompts", "documents", "--draws", "yes", "--requests", "1", "--waves", "1")
     assert refused.returncode != 0 and "waves failed" in refused.stderr
+
+
+def test_the_lazy_load_probe_says_it_needs_a_gpu_where_there_is_none() -> None:
+    """`bench/lazy_load_probe.py` times a kernel's first launch beside queued GPU work (torch only); without a CUDA
+    device it stops with a message and a non-zero status instead of a traceback."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, str(root / "bench" / "lazy_load_probe.py")], capture_output=True, text=True,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, timeout=120)
+    assert done.returncode == 1 and done.stderr.strip() == "lazy_load_probe: needs a CUDA device"
