@@ -627,7 +627,7 @@ def test_a_worker_counts_what_its_stalled_iterations_took_over_the_median(caplog
     worker.name = "decode"
     worker.runner = SimpleNamespace(host_seconds={"graph": 1.2, "sample": 0.5, "plan": 0.0})
     with caplog.at_level(logging.INFO, logger="actors.engine.workers"):
-        worker._log_stall(0.280, {"graph": 1.0, "sample": 0.5, "plan": 0.0})
+        worker._log_stall(0.280, 0.010, {"graph": 1.0, "sample": 0.5, "plan": 0.0})
     assert caplog.messages == ["decode stalled: an iteration of 280 ms (median 10.0 ms); host 200.0 ms (graph 200.0), "
                                "the rest 80 ms"]
 

@@ -211,36 +211,37 @@ class Worker:
                 self.iterations += 1
                 self.iteration_times.observe(now - t0)
                 self.iteration_log.append(Iteration(t0, now - t0, self._version, self.tokens - tokens))
-                if self._note_stall(now - t0):
-                    self._log_stall(now - t0, host)
+                median = self._note_stall(now - t0)
+                if median is not None:
+                    self._log_stall(now - t0, median, host)
             else:
                 self.wakeups[self.name].wait(0.05)
 
-    def _note_stall(self, seconds: float) -> bool:
+    def _note_stall(self, seconds: float) -> float | None:
         """Count an iteration of `STALL_STEP_FACTOR` times the median of the last `STALL_MEDIAN_ITERATIONS` or
         longer as a stall: what it took over the median goes into `stalled_seconds`. A stall is time that more
         SMs would not have shortened (on the H100, run 30, decode stood still for 100-280 ms at once in a fresh
         server's first windows); a step slow throughout (under a long prompt's prefill) is not one. Returns
-        whether it was a stall."""
+        the median it was a stall against (None: no stall)."""
         recent = self._recent_seconds
-        stalled = False
+        stalled_against = None
         if len(recent) == recent.maxlen:
             median = statistics.median(recent)
-            stalled = seconds >= STALL_STEP_FACTOR * median
-            if stalled:
+            if seconds >= STALL_STEP_FACTOR * median:
                 self.stalled_seconds += seconds - median
+                stalled_against = median
         recent.append(seconds)
-        return stalled
+        return stalled_against
 
-    def _log_stall(self, seconds: float, host_before: dict[str, float]) -> None:
-        """Log a stalled iteration with its host time by part (the runner's `host_seconds` since `host_before`):
-        host time that fills the stall points at the interpreter (another thread holding it) or the launches; a
-        stall mostly outside them, at the wait for the device."""
+    def _log_stall(self, seconds: float, median: float, host_before: dict[str, float]) -> None:
+        """Log a stalled iteration (`median`: the one it stalled against) with its host time by part (the runner's
+        `host_seconds` since `host_before`): host time that fills the stall points at the interpreter (another
+        thread holding it) or the launches; a stall mostly outside them, at the wait for the device."""
         spent = {part: 1e3 * (t - host_before.get(part, 0.0)) for part, t in self.runner.host_seconds.items()}
         host_ms = sum(spent.values())
         parts = ", ".join(f"{part} {ms:.1f}" for part, ms in spent.items() if ms >= 0.05)
         log.info("%s stalled: an iteration of %.0f ms (median %.1f ms); host %.1f ms (%s), the rest %.0f ms",
-                 self.name, 1e3 * seconds, 1e3 * statistics.median(self._recent_seconds), host_ms, parts or "none",
+                 self.name, 1e3 * seconds, 1e3 * median, host_ms, parts or "none",
                  1e3 * seconds - host_ms)
 
     def recent_iterations(self, span_s: float = 2.0, now: float | None = None,

@@ -209,15 +209,19 @@ class TpotRatio(NamedTuple):
     load: Load
 
 
+def _moved(a: float, b: float, ratio: float) -> bool:
+    """Whether `b` is `ratio` times `a` or more, or that fraction of it or less (one of them 0 and not the other
+    counts)."""
+    if a <= 0 or b <= 0:
+        return (a > 0) != (b > 0)
+    return max(a / b, b / a) >= ratio
+
+
 def load_changed(before: Load, now: Load, ratio: float) -> bool:
     """Whether the prompt-token rate or the mean prompt length moved by a factor of `ratio` or more (arrivals
     starting or stopping count as a change)."""
-    def moved(a: float, b: float) -> bool:
-        if a <= 0 or b <= 0:
-            return (a > 0) != (b > 0)
-        return max(a / b, b / a) >= ratio
-
-    return moved(before.tokens_per_s, now.tokens_per_s) or moved(before.prompt_tokens, now.prompt_tokens)
+    return (_moved(before.tokens_per_s, now.tokens_per_s, ratio)
+            or _moved(before.prompt_tokens, now.prompt_tokens, ratio))
 
 
 def new_prompt_load(before: Load, now: Load, ratio: float) -> bool:
@@ -230,8 +234,7 @@ def new_prompt_load(before: Load, now: Load, ratio: float) -> bool:
     target (in simulation, H200 profile, prefill 15% slower than the profile, seed 3: 58.2% within both targets,
     against 43.9% when waiting for the observation)."""
     rate_up = now.tokens_per_s > 0 and (before.tokens_per_s <= 0 or now.tokens_per_s / before.tokens_per_s >= ratio)
-    a, b = before.prompt_tokens, now.prompt_tokens
-    return rate_up or (a > 0 and b > 0 and max(a / b, b / a) >= ratio)
+    return rate_up or _moved(before.prompt_tokens, now.prompt_tokens, ratio)
 
 
 def min_slack(ttft_ms: float, tpot_ms: float, targets: SLOTargets) -> float:
