@@ -31,6 +31,7 @@ from typing import Any
 from actors.config import (
     ENGINE_MODES, CacheConfig, ConfigError, EngineConfig, ModelArch, SchedulerConfig, SLOConfig,
 )
+from actors.engine.pauses import PAUSE_STACKS_ENV
 from actors.slo.latency_model import ModelSource
 from actors.slo.types import SLOTargets
 from cluster.controller import ControllerConfig, check_prefill_sm_fraction, policy_by_name, policy_needs_models
@@ -43,14 +44,17 @@ log = logging.getLogger(__name__)
 CONTROLLER_SUFFIX = "controller"
 
 
+ENGINE_ENV = ("CUDA_MODULE_LOADING", PAUSE_STACKS_ENV)  # passed on to the engine actors as they are
+
+
 def kernel_env() -> dict[str, str]:
-    """FLASHINFER_* settings of this process (compiled-kernel cache, arch list) and CUDA_MODULE_LOADING, for the
-    engine actors.
+    """FLASHINFER_* settings of this process (compiled-kernel cache, arch list), CUDA_MODULE_LOADING and
+    SEMIPD_PAUSE_STACKS (`actors.engine.pauses`), for the engine actors.
 
     Given explicitly to the actors' runtime env: on the GPU machine an engine actor that did not
     find the kernel cache compiled every kernel again (minutes) before its first token.
     """
-    return {k: v for k, v in os.environ.items() if k.startswith("FLASHINFER_") or k == "CUDA_MODULE_LOADING"}
+    return {k: v for k, v in os.environ.items() if k.startswith("FLASHINFER_") or k in ENGINE_ENV}
 
 
 API_KEY_ENV = "SEMIPD_API_KEY"

@@ -550,12 +550,15 @@ def test_engine_actors_get_the_kernel_cache_and_module_loading_settings_of_the_p
         monkeypatch: pytest.MonkeyPatch) -> None:
     """The engine actors' runtime env carries FLASHINFER_* (the compiled-kernel cache) and CUDA_MODULE_LOADING (an
     operator's EAGER loads every kernel at start: a kernel's first launch under LAZY waits, holding the context's
-    lock, for the GPU's queued work, and stalls the other phase's launches with it), and nothing else."""
-    from cluster.bootstrap import kernel_env
+    lock, for the GPU's queued work, and stalls the other phase's launches with it) and SEMIPD_PAUSE_STACKS (the
+    pause watch's stack dumps), and nothing else."""
+    from cluster.bootstrap import ENGINE_ENV, kernel_env
 
-    for name in [k for k in os.environ if k.startswith("FLASHINFER_") or k == "CUDA_MODULE_LOADING"]:
+    for name in [k for k in os.environ if k.startswith("FLASHINFER_") or k in ENGINE_ENV]:
         monkeypatch.delenv(name)
     monkeypatch.setenv("FLASHINFER_WORKSPACE_BASE", "/cache")
     monkeypatch.setenv("CUDA_MODULE_LOADING", "EAGER")
+    monkeypatch.setenv("SEMIPD_PAUSE_STACKS", "1")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
-    assert kernel_env() == {"FLASHINFER_WORKSPACE_BASE": "/cache", "CUDA_MODULE_LOADING": "EAGER"}
+    assert kernel_env() == {"FLASHINFER_WORKSPACE_BASE": "/cache", "CUDA_MODULE_LOADING": "EAGER",
+                            "SEMIPD_PAUSE_STACKS": "1"}

@@ -632,6 +632,34 @@ def test_a_worker_counts_what_its_stalled_iterations_took_over_the_median(caplog
                                "the rest 80 ms"]
 
 
+def test_the_pause_watch_tells_a_garbage_collection_and_a_held_interpreter_lock(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A collection of a large heap holds the interpreter lock throughout: the watch logs it as a collection, and
+    its heartbeat, kept waiting for the lock, as the process standing still; both add to the totals. Pure Python
+    code of the same length is no pause: it gives the lock up every switch interval."""
+    import gc
+
+    from actors.engine.pauses import PauseWatch
+
+    with pytest.raises(ValueError, match="heartbeat_ms < threshold_ms"):
+        PauseWatch(threshold_ms=5.0, heartbeat_ms=5.0)
+    heap = [[i] for i in range(400_000)]  # containers the collector walks: tens of ms a collection
+    watch = PauseWatch(threshold_ms=4.0, heartbeat_ms=1.0, stacks=False)
+    with caplog.at_level(logging.INFO, logger="actors.engine.pauses"):
+        watch.start()
+        for _ in range(50):  # until the heartbeat, started in its own thread, has been held up once
+            gc.collect()
+            if watch.held_pauses:
+                break
+        watch.stop()
+    assert watch.gc_pauses >= 1 and watch.gc_seconds >= watch.gc_pauses * 0.004
+    assert watch.held_pauses >= 1 and watch.held_seconds >= watch.held_pauses * 0.004
+    assert any(m.startswith("paused: a generation-2 garbage collection took") for m in caplog.messages)
+    assert any(m.startswith("paused: the process stood still") for m in caplog.messages)
+    assert watch._on_gc not in gc.callbacks
+    del heap
+
+
 @pytest.mark.parametrize(("tokens", "max_len", "max_pages", "expected"), [
     (16384, 8191, 100_000, [8191, 8191, 2]),  # llama3-8b on a GPU: the budget, in prompts the model allows
     (17, 8191, 100_000, [17]),  # on CPU: a page and a token

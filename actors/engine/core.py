@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from actors.config import ConfigError, EngineConfig, ModelArch, check_decode_reserve
+from actors.engine.pauses import PauseWatch
 from actors.engine.partitioner import Partitioner, SwitchRecord, make_partitioner
 from actors.engine.workers import (
     DecodeWorker, Emit, PrefillWorker, RecentIterations, UnifiedWorker, Wakeup, Worker, discard,
@@ -167,6 +168,7 @@ class EngineCore:
         for w in self.workers:
             w.on_device_lost = self._device_lost
         self._started = False
+        self.pauses = PauseWatch()  # runs while the workers do
         self.admission = EngineAdmission.for_engine(self) if config.slo.admission else None  # profiles if needed
 
     # -- construction ------------------------------------------------------------
@@ -317,6 +319,7 @@ class EngineCore:
                 sys.setswitchinterval(self.config.switch_interval_ms / 1000)
             gc.collect()
             gc.freeze()
+            self.pauses.start()
             try:
                 for w in self.workers:
                     w.start()
@@ -336,6 +339,7 @@ class EngineCore:
         """
         stopped = [w.stop() for w in self.workers]
         self._started = False
+        self.pauses.stop()
         gc.unfreeze()  # the engine's objects can be collected again
         if not all(stopped):
             log.error("a worker did not stop; the engine's CUDA graphs and cuBLAS workspaces stay allocated")
