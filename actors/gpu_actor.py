@@ -56,7 +56,8 @@ LIVE_TPOT_MIN_TOKENS = 16  # tokens after its first a request decoding has made 
 class LatencySample:
     """One latency of one request, with the wall times it was taken and the request arrived: its TTFT, taken at
     its first token, or its TPOT and output tokens, taken when it finished with two tokens or more (the other
-    one None).
+    one None). `tpot_without_stalls_ms`: the TPOT less the engine's decode stall time between the request's first
+    token and its last (`LiveDecodes`; None: not known, the TPOT then stands for it).
 
     TTFT at the first token, not at the finish: a split that queues prompts shows in the samples a request's
     decoding time sooner (on the H200 a shift to 5,900-token prompts was observed past target too late
@@ -67,6 +68,7 @@ class LatencySample:
     ttft_ms: float | None
     tpot_ms: float | None
     output_tokens: int = 0
+    tpot_without_stalls_ms: float | None = None
 
 
 class SampleWindow:
@@ -91,6 +93,11 @@ class SampleWindow:
         picked = self.samples(arrived_after)
         return ([s.ttft_ms for s in picked if s.ttft_ms is not None],
                 [s.tpot_ms for s in picked if s.tpot_ms is not None])
+
+    def tpot_without_stalls(self, arrived_after: float = 0.0) -> list[float]:
+        """The TPOT samples of `series` (the same requests, in the same order) less the decode stalls in them."""
+        return [s.tpot_ms if s.tpot_without_stalls_ms is None else s.tpot_without_stalls_ms
+                for s in self.samples(arrived_after) if s.tpot_ms is not None]
 
     def mean_output_tokens(self) -> float:
         """Mean output length of the finished requests in the window (0: none)."""
@@ -131,8 +138,11 @@ class LiveDecodes:
         stalled_at_first = stalled_s if seen is None else seen.stalled_at_first
         self._progress[request_id] = _Progress(first_wall, first, last, tokens, stalled_at_first, stalled_s)
 
-    def end(self, request_id: str) -> None:
-        self._progress.pop(request_id, None)
+    def end(self, request_id: str) -> float:
+        """Forget `request_id`; the engine's decode stall time between its first token and its latest (0: none
+        noted)."""
+        p = self._progress.pop(request_id, None)
+        return 0.0 if p is None else p.stalled_at_last - p.stalled_at_first
 
     def tpot_ms(self, first_after: float = 0.0, min_tokens: int = LIVE_TPOT_MIN_TOKENS,
                 without_stalls: bool = False) -> list[float]:
@@ -470,7 +480,7 @@ class EngineActor:
             sub.put(StreamChunk(rid, "", (), finish_reason="error", num_prompt_tokens=len(request.prompt_token_ids),
                                 num_output_tokens=num_tokens, error=f"{type(e).__name__}: {e}"))
         finally:
-            self.decoding.end(rid)
+            stalled_s = self.decoding.end(rid)
             sub.requests.discard(rid)
             self._in_flight -= 1
             self._in_flight_ids.discard(rid)
@@ -479,7 +489,8 @@ class EngineActor:
             self._finished[finish or "abort"] += 1
             if first is not None and last is not None and finish in ("stop", "length") and num_tokens > 1:
                 tpot = (last - first) / (num_tokens - 1) * 1000
-                self.window.add(LatencySample(time.time(), arrival, None, tpot, num_tokens))
+                unstalled = max(0.0, last - first - stalled_s) / (num_tokens - 1) * 1000
+                self.window.add(LatencySample(time.time(), arrival, None, tpot, num_tokens, unstalled))
 
     async def abort(self, request_id: str) -> bool:
         return self.llm.abort(request_id)
@@ -560,7 +571,9 @@ class EngineActor:
         ttft, tpot = self.window.series(arrived_after=since)
         return dict(engine_id=self.engine_id, node_id=self.node_id, time=stats["time"],
                     healthy=self._healthy(stats), draining=self._draining, in_flight=self._in_flight,
-                    stats=stats, ttft_ms=ttft, tpot_ms=tpot, live_tpot_ms=self.decoding.tpot_ms(first_after=since),
+                    stats=stats, ttft_ms=ttft, tpot_ms=tpot,
+                    tpot_without_stalls_ms=self.window.tpot_without_stalls(arrived_after=since),
+                    live_tpot_ms=self.decoding.tpot_ms(first_after=since),
                     live_tpot_without_stalls_ms=self.decoding.tpot_ms(first_after=since, without_stalls=True))
 
 

@@ -65,6 +65,7 @@ class SimRequest:
     stalled_at_first: float = 0.0  # the simulation's stall time so far at its first token
     decoded: float = 0.0
     finish: float = -1.0
+    stalled_at_finish: float = 0.0  # and at its last
 
     @property
     def ttft_ms(self) -> float:
@@ -73,6 +74,11 @@ class SimRequest:
     @property
     def tpot_ms(self) -> float:
         return (self.finish - self.first_token) * 1000.0 / max(1, self.output - 1)
+
+    @property
+    def tpot_without_stalls_ms(self) -> float:
+        stalled = self.stalled_at_finish - self.stalled_at_first
+        return (self.finish - self.first_token - stalled) * 1000.0 / max(1, self.output - 1)
 
 
 @dataclass(frozen=True)
@@ -102,7 +108,8 @@ def simulate(model: LatencyModel, phases: list[Phase], targets: SLOTargets, star
              stalls: tuple[float, float] = (0.0, 0.0)) -> SimResult:
     """Run `phases` to the last request's end on `start_sms` prefill SMs, moved by `policy` if given. `hide`
     leaves out of the view "arrivals" (their rate), "lengths" (mean prompt and output lengths), "budgets" (the
-    arrivals' max_tokens), "speed" (the prefill iteration) and/or "stalls" (the TPOT so far without stalls).
+    arrivals' max_tokens), "speed" (the prefill iteration) and/or "stalls" (the TPOT samples and the TPOT so far
+    without stalls).
     `admission` (its `reject` action) refuses an arriving request as the engine would; a refused request counts as
     one that missed its targets."""
     todo = deque(arrivals(phases, seed))
@@ -135,7 +142,8 @@ def simulate(model: LatencyModel, phases: list[Phase], targets: SLOTargets, star
             stalled_until = now + stalls[1]
             stalled_s += stalls[1]
             steps.append((now, 1000.0 * stalls[1]))
-        step_ms = _decode(model, decoding, done, sms, bool(queue), now, dt, slow) if now >= stalled_until else 0.0
+        step_ms = (_decode(model, decoding, done, sms, bool(queue), now, dt, slow, stalled_s)
+                   if now >= stalled_until else 0.0)
         if step_ms:
             steps.append((now, step_ms))
         while steps and steps[0][0] <= now - STEP_SPAN_S:
@@ -195,9 +203,9 @@ def _chunk_ms(model: LatencyModel, queue: deque[SimRequest], decoding: list[SimR
 
 
 def _decode(model: LatencyModel, decoding: list[SimRequest], done: list[SimRequest], sms: int, prefilling: bool,
-            now: float, dt: float, slow: float = 1.0) -> float:
+            now: float, dt: float, slow: float = 1.0, stalled_s: float = 0.0) -> float:
     """Advance the batch by `dt` at the model's step time times `slow`; the step time (ms) it ran at (0: nothing
-    to decode)."""
+    to decode). A request that ends notes `stalled_s`, decode's stall time so far."""
     if not decoding:
         return 0.0
     context = round(sum(r.prompt + r.decoded for r in decoding))
@@ -206,7 +214,7 @@ def _decode(model: LatencyModel, decoding: list[SimRequest], done: list[SimReque
     for r in list(decoding):
         r.decoded += steps
         if r.decoded >= r.output - 1:
-            r.finish = now + dt
+            r.finish, r.stalled_at_finish = now + dt, stalled_s
             decoding.remove(r)
             done.append(r)
     return step_ms
@@ -225,6 +233,7 @@ def _view(model: LatencyModel, sms: int, queue: deque[SimRequest], decoding: lis
         "sim", sms, model.total_sms, model.splits, waiting_prefill_tokens=round(sum(r.prefill_left for r in queue)),
         num_decoding=len(decoding), decode_context_tokens=round(sum(r.prompt + r.decoded for r in decoding)),
         ttft_ms=tuple(r.ttft_ms for r in started[-512:]), tpot_ms=tuple(r.tpot_ms for r in finished[-512:]),
+        tpot_without_stalls_ms=() if "stalls" in hide else tuple(r.tpot_without_stalls_ms for r in finished[-512:]),
         time=now + 1.0, num_prefill_requests=len(queue),
         arrival_tokens_per_s=window.rate(now=now) if "arrivals" not in hide else 0.0,
         mean_prompt_tokens=window.mean_amount(now=now) if lengths else 0.0,

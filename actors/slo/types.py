@@ -46,7 +46,8 @@ class EngineView:
     would be if it ended now, seconds before it does. `live_tpot_without_stalls_ms` is the same for the same
     requests, in the same order, less the time the engine's decode stalled while they decoded (empty: unknown):
     more decode SMs shorten a step, not a stall (on the H100, run 30, decode stood still for 100-280 ms at times
-    under chat at 32 and 37 req/s, on 48, 56 and 64 prefill SMs alike).
+    under chat at 32 and 37 req/s, on 48, 56 and 64 prefill SMs alike). `tpot_without_stalls_ms` is the same for
+    the TPOT samples (`tpot_ms`, in their order) of the requests that ended (empty: unknown).
     """
 
     engine_id: str
@@ -70,6 +71,7 @@ class EngineView:
     prefill_iteration_tokens: float = 0.0
     live_tpot_ms: tuple[float, ...] = ()
     live_tpot_without_stalls_ms: tuple[float, ...] = ()
+    tpot_without_stalls_ms: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
