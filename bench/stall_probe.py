@@ -2,7 +2,7 @@
 with CUDA's lazy or eager module loading.
 
     python3 bench/stall_probe.py MODEL_DIR [--loading lazy,eager] [--draws no,yes] [--prompts offline|documents]
-                                           [--waves 8] [--gap-s 0.25] [--requests N]
+                                           [--waves 8] [--gap-s 0.25] [--requests N] [--trace]
 
 On the H100 (serving's run 30) a fresh server's first windows at a new load had decode stand still for 100-280 ms
 at a time while prefill iterations spent 3-16 ms in their draws (0.2 once warm); 6426c4e added draws of every row
@@ -17,26 +17,60 @@ environment), and sends the prompts in waves so that prefill runs beside a growi
 (128-1,024 tokens) or documents' (3,000-6,000 tokens, 180 out, chunks of the full prefill budget over long
 prefixes). It prints the engine's start-up time, its KV pages and the device memory left free, decode's iterations
 over 100 ms, its longest, the decode stall time the engine counted, and the host time of prefill's draws.
+
+Run 33 (H100) took both suspects off the list: with EAGER the stalls stayed (offline prompts without the draws:
+26 over 100 ms; a serving window at 5.5 documents a second: as many as with LAZY), and no thread held the
+interpreter lock for 30 ms (`actors.engine.pauses`). They sit inside CUDA calls. `--trace` records each arm under
+torch's profiler (CUDA runtime and driver calls, kernels, torch ops) and prints the longest CUDA calls: which
+worker made each, the torch op it was in, what the other worker's calls were meanwhile, and the kernels then
+running.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 import threading
 import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 from cluster.bench.engine_bench import in_fresh_process
+from cluster.bench.kernel_time import LONG_CALL_MS, chrome_trace_events, long_calls
 from cluster.bench.offline_job import JOB, OfflineJob, offline_prompts
 
 LOADING_ENV = "CUDA_MODULE_LOADING"
 DOCUMENTS = OfflineJob(num_requests=48, min_prompt=3000, max_prompt=6000, output_tokens=180)
 WORKLOADS = {"offline": JOB, "documents": DOCUMENTS}
+@contextmanager
+def traced(enabled: bool, threads: Mapping[int, str], out: list[str]) -> Iterator[None]:
+    """Record the body under torch's profiler if `enabled` and put its longest CUDA calls (`long_calls`) in `out`."""
+    if not enabled:
+        yield
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if _has_cuda() else [])
+    with profile(activities=activities) as prof:
+        yield
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        out.extend(long_calls(chrome_trace_events(path), threads))
 
 
-def run_arm(model_dir: str, draws: bool, job: OfflineJob, waves: int, gap_s: float) -> dict[str, Any]:
-    """One fresh engine's first load of `job`'s prompts; `draws` False leaves the warm-up's draws out."""
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def run_arm(model_dir: str, draws: bool, job: OfflineJob, waves: int, gap_s: float, trace: bool = False
+            ) -> dict[str, Any]:
+    """One fresh engine's first load of `job`'s prompts; `draws` False leaves the warm-up's draws out; `trace`:
+    under torch's profiler, the longest CUDA calls in the row's "long_calls"."""
     import torch
 
     from actors.engine.frontend import LLM
@@ -65,11 +99,14 @@ def run_arm(model_dir: str, draws: bool, job: OfflineJob, waves: int, gap_s: flo
     decode_worker = next(w for w in llm.core.workers if w.name == "decode")
     since, drawn_s, iterations = time.monotonic(), prefill.runner.host_seconds["sample"], prefill.iterations
     stalled_s = decode_worker.stalled_seconds
-    for sender in senders:  # waves of arrivals: each wave's prompts prefill beside the earlier ones' decodes
-        sender.start()
-        time.sleep(gap_s)
-    for sender in senders:
-        sender.join()
+    threads = {w.thread.native_id: w.name for w in llm.core.workers if w.thread is not None and w.thread.native_id}
+    calls: list[str] = []
+    with traced(trace, threads, calls):
+        for sender in senders:  # waves of arrivals: each wave's prompts prefill beside the earlier ones' decodes
+            sender.start()
+            time.sleep(gap_s)
+        for sender in senders:
+            sender.join()
     if failed:
         llm.shutdown()
         raise RuntimeError(f"{len(failed)} of {len(senders)} waves failed: {failed[0]}") from failed[0]
@@ -79,7 +116,7 @@ def run_arm(model_dir: str, draws: bool, job: OfflineJob, waves: int, gap_s: flo
                over_100ms=sum(1 for s in decode if s > 0.1), longest_ms=1e3 * max(decode, default=0.0),
                stalled_s=decode_worker.stalled_seconds - stalled_s,
                prefill_draw_ms=1e3 * (prefill.runner.host_seconds["sample"] - drawn_s)
-               / max(1, prefill.iterations - iterations))
+               / max(1, prefill.iterations - iterations), long_calls=calls)
     llm.shutdown()
     return row
 
@@ -108,6 +145,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gap-s", type=float, default=0.25, help="seconds between waves (default 0.25)")
     parser.add_argument("--requests", type=int, default=None,
                         help="the workload's first N prompts (default all: 256 offline, 48 documents)")
+    parser.add_argument("--trace", action="store_true",
+                        help="record each arm under torch's profiler and print its CUDA calls of "
+                             f"{LONG_CALL_MS:.0f} ms or more")
     args = parser.parse_args(argv)
     job = WORKLOADS[args.prompts]
     if args.requests is not None:
@@ -115,8 +155,8 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for loading in args.loading:
         os.environ[LOADING_ENV] = loading.upper()  # a spawned process starts with this environment
-        rows += [in_fresh_process(run_arm, args.model_dir, draws == "yes", job, args.waves, args.gap_s, timeout=600)
-                 for draws in args.draws]
+        rows += [in_fresh_process(run_arm, args.model_dir, draws == "yes", job, args.waves, args.gap_s, args.trace,
+                                  timeout=600) for draws in args.draws]
     print(f"{args.prompts}: {job.num_requests} prompts of {job.min_prompt}-{job.max_prompt} tokens, "
           f"{job.output_tokens} out, in {args.waves} waves")
     print("| module loading | warm-up draws | engine start (s) | KV pages | free GiB | decode steps | over 100 ms "
@@ -126,6 +166,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| {r['loading'].lower()} | {'yes' if r['draws'] else 'no'} | {r['start_s']:.1f} | {r['kv_pages']} | "
               f"{r['free_gib']:.1f} | {r['decode_steps']} | {r['over_100ms']} | {r['longest_ms']:.0f} | "
               f"{r['stalled_s']:.2f} | {r['prefill_draw_ms']:.2f} |")
+    for r in rows:
+        if args.trace:
+            print(f"longest CUDA calls, {r['loading'].lower()} loading, draws {'yes' if r['draws'] else 'no'}:")
+            print("\n".join(f"  {line}" for line in r["long_calls"]))
 
 
 if __name__ == "__main__":

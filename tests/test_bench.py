@@ -1468,6 +1468,44 @@ def test_the_stall_probe_runs_each_arm_in_its_own_process_with_its_module_loadin
     assert all(int(r.split("|")[6]) >= 127 for r in rows)  # decode steps: 4 requests of 128 tokens, batched
     refused = probe("--prompts", "documents", "--draws", "yes", "--requests", "1", "--waves", "1")
     assert refused.returncode != 0 and "waves failed" in refused.stderr
+    traced = probe("--draws", "yes", "--requests", "2", "--waves", "1", "--trace")
+    assert traced.returncode == 0, traced.stderr
+    assert "longest CUDA calls, lazy loading, draws yes:\n  no CUDA calls in the trace" in traced.stdout
+
+
+def test_the_longest_cuda_calls_of_a_trace_come_with_what_ran_beside_them() -> None:
+    """`long_calls` (`bench/stall_probe.py --trace`) reads torch's chrome trace: a CUDA call of 50 ms or more,
+    longest first, with its thread, the innermost torch op of that thread around it, the other threads' calls by
+    their overlap, and the kernels then running by stream; shorter calls are not listed."""
+    from cluster.bench.kernel_time import long_calls
+
+    def x(cat: str, name: str, tid: int, ts: float, dur: float, **args: Any) -> dict[str, Any]:
+        return {"ph": "X", "cat": cat, "name": name, "tid": tid, "ts": ts, "dur": dur, "args": args}
+
+    events = [
+        {"ph": "M", "name": "thread_name", "tid": 1, "args": {"name": "python"}},
+        x("cpu_op", "replay", 1, 990.0, 160_000.0), x("cpu_op", "aten::outer", 1, 900.0, 200_000.0),
+        x("cuda_runtime", "cudaGraphLaunch", 1, 1_000.0, 150_000.0),
+        x("cuda_driver", "cuLaunchKernel", 2, 1_000.0, 20.0),
+        x("cuda_runtime", "cudaMemcpyAsync", 2, 2_000.0, 148_000.0),
+        x("cuda_runtime", "cudaLaunchKernel", 2, 152_000.0, 10.0),  # after both: beside neither
+        x("cuda_runtime", "cudaStreamSynchronize", 3, 400_000.0, 60_000.0),
+        x("cuda_runtime", "cudaEventRecord", 3, 600_000.0, 40_000.0),  # under 50 ms
+        x("kernel", "gemm_" + "x" * 80, 7, 0.0, 140_000.0, stream=7),
+        x("kernel", "flash_fwd", 9, 100_000.0, 10_000.0, stream=9),
+    ]
+    gemm = "gemm_" + "x" * 40 + "..."
+    assert long_calls(events, {1: "decode", 2: "prefill"}) == [
+        "decode cudaGraphLaunch 150.0 ms at +0.000 s in replay | other threads' calls meanwhile: prefill "
+        f"cudaMemcpyAsync 148.0 ms; prefill cuLaunchKernel 0.0 ms | kernels meanwhile (2): stream 7 {gemm} 139.0 ms; "
+        "stream 9 flash_fwd 10.0 ms",
+        "prefill cudaMemcpyAsync 148.0 ms at +0.001 s in no torch op | other threads' calls meanwhile: decode "
+        f"cudaGraphLaunch 150.0 ms | kernels meanwhile (2): stream 7 {gemm} 138.0 ms; stream 9 flash_fwd 10.0 ms",
+        "thread 3 cudaStreamSynchronize 60.0 ms at +0.399 s in no torch op | other threads' calls meanwhile: none | "
+        "kernels meanwhile (0): none",
+    ]
+    assert long_calls([x("kernel", "k", 7, 0.0, 1.0)], {}) == ["no CUDA calls in the trace"]
+    assert long_calls(events[:4], {}, min_ms=500.0) == ["no CUDA call of 500 ms or more"]
 
 
 def test_the_lazy_load_probe_says_it_needs_a_gpu_where_there_is_none() -> None:

@@ -1,5 +1,6 @@
 """Where a job's GPU time went, from the kernels a profiler recorded: time by kind, the costliest kernels, and
-the stretches in which the GPU waited for the host.
+the stretches in which the GPU waited for the host; and the longest CUDA calls, with what ran beside them
+(`long_calls`).
 
 Plain Python (no torch), so the vLLM environment reads its own traces with the same tables as ours
 (`bench/offline_profile.py` for our engine, `bench/vllm_offline.py MODEL OUT PROFILE_DIR` for vLLM's).
@@ -11,9 +12,9 @@ import gzip
 import json
 import re
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 KINDS: tuple[tuple[str, str], ...] = (  # (kind, kernel-name pattern), first match wins; ours and vLLM's kernels
     ("attention", r"flashinfer::(Batch|Persistent|Merge|Variable)|PrefillWithKVCache|DecodeWithPagedKV|flash_fwd"
@@ -53,12 +54,16 @@ def idle_gaps(kernels: list[Kernel], min_us: float = MIN_GAP_US) -> list[tuple[f
     return gaps
 
 
-def chrome_trace_kernels(path: str | Path) -> list[Kernel]:
-    """The kernels, copies and fills of a Chrome trace (torch profiler's export, gzipped or not)."""
+def chrome_trace_events(path: str | Path) -> list[dict[str, Any]]:
+    """The events of a Chrome trace (torch profiler's export, gzipped or not)."""
     opener = gzip.open if str(path).endswith(".gz") else open
     with opener(path, "rt") as f:
-        events = json.load(f)["traceEvents"]
-    return [Kernel(float(e["ts"]), float(e["ts"]) + float(e["dur"]), e["name"]) for e in events
+        return list(json.load(f)["traceEvents"])
+
+
+def chrome_trace_kernels(path: str | Path) -> list[Kernel]:
+    """The kernels, copies and fills of a Chrome trace."""
+    return [Kernel(float(e["ts"]), float(e["ts"]) + float(e["dur"]), e["name"]) for e in chrome_trace_events(path)
             if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and e.get("dur", 0) > 0]
 
 
@@ -103,3 +108,57 @@ def _gap_lines(kernels: list[Kernel], split_after: str | None) -> list[str]:
     lines += [f"| {us:.0f} | {before[:60]} | {after[:60]} |" for _, us, before, after in
               sorted(gaps, key=lambda g: -g[1])[:12]]
     return lines
+
+
+API_CATEGORIES = ("cuda_runtime", "cuda_driver")  # a chrome trace's categories of CUDA calls (torch's profiler)
+LONG_CALL_MS = 50.0
+LONG_CALLS_SHOWN = 12
+
+
+class Span(NamedTuple):
+    """One complete event of a chrome trace: who (a thread's name, or a stream), what, from when, for how long
+    (microseconds)."""
+
+    who: str
+    name: str
+    start_us: float
+    dur_us: float
+
+    @property
+    def end_us(self) -> float:
+        return self.start_us + self.dur_us
+
+    def overlap_us(self, other: Span) -> float:
+        return max(0.0, min(self.end_us, other.end_us) - max(self.start_us, other.start_us))
+
+
+def _short(name: str, width: int = 48) -> str:
+    return name if len(name) <= width else name[: width - 3] + "..."
+
+
+def long_calls(events: list[dict[str, Any]], threads: Mapping[int, str], min_ms: float = LONG_CALL_MS,
+               shown: int = LONG_CALLS_SHOWN) -> list[str]:
+    """The longest CUDA calls of a chrome trace's `events` (torch's profiler) that took `min_ms` or more, longest
+    first, each with the thread that made it (`threads`: native thread id -> name), the torch op of that thread it
+    was in, the other threads' CUDA calls overlapping it, and the kernels running meanwhile (by stream)."""
+    complete = [e for e in events if e.get("ph") == "X" and "dur" in e]
+    calls = [Span(threads.get(e["tid"], f"thread {e['tid']}"), e["name"], float(e["ts"]), float(e["dur"]))
+             for e in complete if e.get("cat") in API_CATEGORIES]
+    ops = [Span(threads.get(e["tid"], f"thread {e['tid']}"), e["name"], float(e["ts"]), float(e["dur"]))
+           for e in complete if e.get("cat") == "cpu_op"]
+    kernels = [Span(f"stream {e.get('args', {}).get('stream', e['tid'])}", e["name"], float(e["ts"]),
+                    float(e["dur"])) for e in complete if e.get("cat") == "kernel"]
+    if not calls:
+        return ["no CUDA calls in the trace"]
+    t0 = min(c.start_us for c in calls)
+    lines = []
+    for c in sorted((c for c in calls if c.dur_us >= min_ms * 1000), key=lambda c: -c.dur_us)[:shown]:
+        inside = [o for o in ops if o.who == c.who and o.start_us <= c.start_us and c.end_us <= o.end_us]
+        op = min(inside, key=lambda o: o.dur_us).name if inside else "no torch op"
+        others = sorted((o for o in calls if o.who != c.who and o.overlap_us(c) > 0), key=lambda o: -o.overlap_us(c))
+        running = sorted((k for k in kernels if k.overlap_us(c) > 0), key=lambda k: -k.overlap_us(c))
+        meanwhile = "; ".join(f"{o.who} {o.name} {o.dur_us / 1000:.1f} ms" for o in others[:3]) or "none"
+        on_gpu = "; ".join(f"{k.who} {_short(k.name)} {k.overlap_us(c) / 1000:.1f} ms" for k in running[:3]) or "none"
+        lines.append(f"{c.who} {c.name} {c.dur_us / 1000:.1f} ms at +{(c.start_us - t0) / 1e6:.3f} s in {_short(op)}"
+                     f" | other threads' calls meanwhile: {meanwhile} | kernels meanwhile ({len(running)}): {on_gpu}")
+    return lines or [f"no CUDA call of {min_ms:.0f} ms or more"]
