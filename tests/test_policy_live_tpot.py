@@ -248,3 +248,31 @@ def test_a_tpot_past_target_by_the_stalls_in_it_moves_no_split_toward_decode() -
     assert moved.urgent and moved.prefill_sms < 64, moved
     held = decide(11.0)
     assert held.prefill_sms == 64 and not held.urgent, held
+
+
+def warm_up_end_on_88(t: float) -> dict[str, Any]:
+    """What the engine published as run 33's documents warm-up ended on 88 prefill SMs (H100): its queue drained,
+    30 requests decoding 4,000-token contexts on 44 SMs at a TPOT of about 20 ms against 15, without stalls too."""
+    return published(H100, 88, t, (40, 900.0, 19.5), (19.8,) * 20, (19.6,) * 20, waiting_prefill_tokens=0,
+                     num_decoding=30, decode_context_tokens=30 * 4_000, arrival_tokens_per_s=12_000.0,
+                     arrival_mean_prompt_tokens=4_000.0, mean_output_tokens=180.0, arrival_mean_max_tokens=180.0,
+                     recent_decode_step_ms=19.0)
+
+
+def test_a_move_toward_decode_takes_at_most_max_decode_steps() -> None:
+    """Run 33: the warm-up's last seconds moved 88 -> 56 urgently on that TPOT (the nearest split predicted
+    comfortable), and the first window's prompts queued on 56. A move toward decode, urgent or not, now takes at
+    most `max_decode_steps` split steps (3: 24 SMs); the next decision may go on after the urgent dwell."""
+    from actors.slo.policy import ModelPolicyConfig
+
+    def decide(config: ModelPolicyConfig) -> SplitDecision:
+        policy = ModelPolicy(committed_model(H100), config)
+        policy.decide(view_from_dict(warm_up_end_on_88(40.0)), RUN27_TARGETS)
+        return policy.decide(view_from_dict(warm_up_end_on_88(100.0)), RUN27_TARGETS)
+
+    uncapped = decide(ModelPolicyConfig(max_decode_steps=0))
+    assert uncapped.urgent and uncapped.prefill_sms == 56, uncapped
+    capped = decide(ModelPolicyConfig())
+    assert capped.urgent and capped.prefill_sms == 88 - 3 * 8, capped
+    with pytest.raises(ValueError, match="max_decode_steps >= 0"):
+        ModelPolicyConfig(max_decode_steps=-1)

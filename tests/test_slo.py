@@ -275,7 +275,7 @@ def test_model_policy_balances_slack() -> None:
 def test_model_policy_keeps_prefill_capacity_for_the_arrival_rate() -> None:
     """An empty queue between bursts must not hand prefill's SMs to decode when prompts keep
     arriving faster than the smaller split could prefill them (the H200 run swung 16 <-> 112)."""
-    cfg = ModelPolicyConfig(margin=0.0, comfort_slack=1.0)  # chase the best split
+    cfg = ModelPolicyConfig(margin=0.0, comfort_slack=1.0, max_decode_steps=0)  # chase the best split, any distance
     idle = view(96, decoding=128, context=128 * 1000)
     assert ModelPolicy(h100_llama8b(), cfg).decide(idle, TARGETS).prefill_sms <= 16  # nothing says load comes
     for rate in (10_000.0, 20_000.0):
@@ -314,7 +314,7 @@ def test_model_policy_holds_a_steady_load() -> None:
     def run(cfg: ModelPolicyConfig, hide: frozenset[str] = frozenset()) -> Any:
         return simulate(m, steady, TARGETS, 64, ModelPolicy(m, cfg), dt=0.01, hide=hide)
 
-    blind = run(ModelPolicyConfig(comfort_slack=1.0), frozenset({"arrivals"}))
+    blind = run(ModelPolicyConfig(comfort_slack=1.0, max_decode_steps=0), frozenset({"arrivals"}))
     assert len(blind.switches) >= 8 and min(to for _, _, to in blind.switches) <= 64 and blind.attainment < 0.9
     for settled in (run(ModelPolicyConfig(comfort_slack=1.0)), run(ModelPolicyConfig(), frozenset({"arrivals"}))):
         assert settled.attainment >= 0.98 and len(settled.switches) <= 3  # the first move waits for TTFT observed
@@ -795,7 +795,8 @@ def test_a_drained_bursts_ttft_does_not_send_the_split_to_the_decode_end() -> No
     """H200, 2026-12-04, run 19 (TPOT <= 12 ms): after a chat burst the queue drained, but the view still held the
     burst's TTFTs (P90 1.8 s) and TPOT sat just under the comfort slack on 64 prefill SMs; that TTFT evidence let
     the policy jump 64 -> 16 toward decode, and the next burst found 16 (P90 TTFT 12 s). Evidence for TTFT frees
-    only moves toward prefill: toward decode one step at a time unless TPOT is observed past its target."""
+    only moves toward prefill: toward decode one step at a time unless TPOT is observed past its target (then up
+    to `max_decode_steps`; at 14 ms observed, 40 is within the margin of 64 and the split holds)."""
     (h200,) = load_models(H200_PROFILE).values()
     targets = SLOTargets(ttft_ms=1000.0, tpot_ms=12.0)
 
@@ -807,7 +808,7 @@ def test_a_drained_bursts_ttft_does_not_send_the_split_to_the_decode_end() -> No
 
     within = drained(tpot_ms=9.0)
     assert within.prefill_sms >= 56 and within.predicted["slack"] > 0, within
-    past = drained(tpot_ms=14.0)
+    past = drained(tpot_ms=14.5)
     assert past.prefill_sms < 56, past
 
 
