@@ -44,27 +44,24 @@ from cluster.bench.offline_job import JOB, OfflineJob, offline_prompts
 LOADING_ENV = "CUDA_MODULE_LOADING"
 DOCUMENTS = OfflineJob(num_requests=48, min_prompt=3000, max_prompt=6000, output_tokens=180)
 WORKLOADS = {"offline": JOB, "documents": DOCUMENTS}
+
+
 @contextmanager
 def traced(enabled: bool, threads: Mapping[int, str], out: list[str]) -> Iterator[None]:
     """Record the body under torch's profiler if `enabled` and put its longest CUDA calls (`long_calls`) in `out`."""
     if not enabled:
         yield
         return
+    import torch
     from torch.profiler import ProfilerActivity, profile
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if _has_cuda() else [])
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     with profile(activities=activities) as prof:
         yield
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "trace.json")
         prof.export_chrome_trace(path)
         out.extend(long_calls(chrome_trace_events(path), threads))
-
-
-def _has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def run_arm(model_dir: str, draws: bool, job: OfflineJob, waves: int, gap_s: float, trace: bool = False
@@ -166,8 +163,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| {r['loading'].lower()} | {'yes' if r['draws'] else 'no'} | {r['start_s']:.1f} | {r['kv_pages']} | "
               f"{r['free_gib']:.1f} | {r['decode_steps']} | {r['over_100ms']} | {r['longest_ms']:.0f} | "
               f"{r['stalled_s']:.2f} | {r['prefill_draw_ms']:.2f} |")
-    for r in rows:
-        if args.trace:
+    if args.trace:
+        for r in rows:
             print(f"longest CUDA calls, {r['loading'].lower()} loading, draws {'yes' if r['draws'] else 'no'}:")
             print("\n".join(f"  {line}" for line in r["long_calls"]))
 

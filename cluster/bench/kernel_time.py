@@ -141,13 +141,15 @@ def long_calls(events: list[dict[str, Any]], threads: Mapping[int, str], min_ms:
     """The longest CUDA calls of a chrome trace's `events` (torch's profiler) that took `min_ms` or more, longest
     first, each with the thread that made it (`threads`: native thread id -> name), the torch op of that thread it
     was in, the other threads' CUDA calls overlapping it, and the kernels running meanwhile (by stream)."""
+    def span(e: dict[str, Any], who: str) -> Span:
+        return Span(who, e["name"], float(e["ts"]), float(e["dur"]))
+
     complete = [e for e in events if e.get("ph") == "X" and "dur" in e]
-    calls = [Span(threads.get(e["tid"], f"thread {e['tid']}"), e["name"], float(e["ts"]), float(e["dur"]))
-             for e in complete if e.get("cat") in API_CATEGORIES]
-    ops = [Span(threads.get(e["tid"], f"thread {e['tid']}"), e["name"], float(e["ts"]), float(e["dur"]))
-           for e in complete if e.get("cat") == "cpu_op"]
-    kernels = [Span(f"stream {e.get('args', {}).get('stream', e['tid'])}", e["name"], float(e["ts"]),
-                    float(e["dur"])) for e in complete if e.get("cat") == "kernel"]
+    by_thread = [(e, threads.get(e["tid"], f"thread {e['tid']}")) for e in complete]
+    calls = [span(e, who) for e, who in by_thread if e.get("cat") in API_CATEGORIES]
+    ops = [span(e, who) for e, who in by_thread if e.get("cat") == "cpu_op"]
+    kernels = [span(e, f"stream {e.get('args', {}).get('stream', e['tid'])}") for e in complete
+               if e.get("cat") == "kernel"]
     if not calls:
         return ["no CUDA calls in the trace"]
     t0 = min(c.start_us for c in calls)
