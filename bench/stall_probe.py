@@ -34,12 +34,13 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 from cluster.bench.engine_bench import in_fresh_process
 from cluster.bench.kernel_time import LONG_CALL_MS, chrome_trace_events, long_calls
 from cluster.bench.offline_job import JOB, OfflineJob, offline_prompts
+from cluster.bench.stacks import StackSampler, stacks_in
 
 LOADING_ENV = "CUDA_MODULE_LOADING"
 DOCUMENTS = OfflineJob(num_requests=48, min_prompt=3000, max_prompt=6000, output_tokens=180)
@@ -64,10 +65,12 @@ def traced(enabled: bool, threads: Mapping[int, str], out: list[str]) -> Iterato
         out.extend(long_calls(chrome_trace_events(path), threads))
 
 
-def run_arm(model_dir: str, draws: bool, job: OfflineJob, waves: int, gap_s: float, trace: bool = False
-            ) -> dict[str, Any]:
-    """One fresh engine's first load of `job`'s prompts; `draws` False leaves the warm-up's draws out; `trace`:
-    under torch's profiler, the longest CUDA calls in the row's "long_calls"."""
+def run_arm(model_dir: str, draws: bool, job: OfflineJob, waves: int, gap_s: float, trace: bool = False,
+            stacks: bool = False, prefill_overlap: bool = True) -> dict[str, Any]:
+    """One fresh engine's first load of `job`'s prompts; `draws` False leaves the warm-up's draws out;
+    `prefill_overlap` False has prefill wait for each iteration before it queues the next; `trace`:
+    under torch's profiler, the longest CUDA calls in the row's "long_calls"; `stacks`: the workers' Python stacks
+    during decode's iterations over 100 ms in its "stall_stacks"."""
     import torch
 
     from actors.engine.frontend import LLM
@@ -77,7 +80,7 @@ def run_arm(model_dir: str, draws: bool, job: OfflineJob, waves: int, gap_s: flo
     if not draws:
         ModelRunner.warm_up_draws = lambda self, greedy_rows, sampled_rows: None  # type: ignore[method-assign]
     t0 = time.perf_counter()
-    llm = LLM(model_dir, mode="semi-pd", load_format="dummy")
+    llm = LLM(model_dir, mode="semi-pd", load_format="dummy", overlap_prefill=prefill_overlap)
     start_s = time.perf_counter() - t0
     free_gib = torch.cuda.mem_get_info()[0] / 2**30 if torch.cuda.is_available() else 0.0
     prompts = offline_prompts(llm.core.arch.vocab_size, job)
@@ -96,9 +99,12 @@ def run_arm(model_dir: str, draws: bool, job: OfflineJob, waves: int, gap_s: flo
     decode_worker = next(w for w in llm.core.workers if w.name == "decode")
     since, drawn_s, iterations = time.monotonic(), prefill.runner.host_seconds["sample"], prefill.iterations
     stalled_s = decode_worker.stalled_seconds
-    threads = {w.thread.native_id: w.name for w in llm.core.workers if w.thread is not None and w.thread.native_id}
+    workers = [w for w in llm.core.workers if w.thread is not None and w.thread.ident is not None]
+    # the profiler names a thread by its pthread id's low 32 bits
+    threads = {w.thread.ident & 0xFFFFFFFF: w.name for w in workers}  # type: ignore[union-attr]
     calls: list[str] = []
-    with traced(trace, threads, calls):
+    sampler = StackSampler({w.thread.ident: w.name for w in workers})  # type: ignore[misc]
+    with traced(trace, threads, calls), (sampler if stacks else nullcontext()):
         for sender in senders:  # waves of arrivals: each wave's prompts prefill beside the earlier ones' decodes
             sender.start()
             time.sleep(gap_s)
@@ -108,12 +114,15 @@ def run_arm(model_dir: str, draws: bool, job: OfflineJob, waves: int, gap_s: flo
         llm.shutdown()
         raise RuntimeError(f"{len(failed)} of {len(senders)} waves failed: {failed[0]}") from failed[0]
     decode = [it.seconds for it in list(decode_worker.iteration_log) if it.start >= since]
-    row = dict(loading=os.environ.get(LOADING_ENV, "default"), draws=draws, start_s=start_s,
+    stalls = [(it.start, it.start + it.seconds) for it in list(decode_worker.iteration_log)
+              if it.start >= since and it.seconds > 0.1]
+    row = dict(loading=os.environ.get(LOADING_ENV, "default"), draws=draws, overlap=prefill_overlap, start_s=start_s,
                kv_pages=llm.core.pool.num_pages, free_gib=free_gib, decode_steps=len(decode),
                over_100ms=sum(1 for s in decode if s > 0.1), longest_ms=1e3 * max(decode, default=0.0),
                stalled_s=decode_worker.stalled_seconds - stalled_s,
                prefill_draw_ms=1e3 * (prefill.runner.host_seconds["sample"] - drawn_s)
-               / max(1, prefill.iterations - iterations), long_calls=calls)
+               / max(1, prefill.iterations - iterations), long_calls=calls,
+               stall_stacks=stacks_in(sampler.samples, sampler.late, stalls) if stacks else [])
     llm.shutdown()
     return row
 
@@ -136,6 +145,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="CUDA module loading of the arms' processes, e.g. lazy,eager (default lazy)")
     parser.add_argument("--draws", type=choices(("no", "yes")), default=["no", "yes"],
                         help="arms without and/or with the warm-up's draws (default no,yes)")
+    parser.add_argument("--prefill-overlap", type=choices(("yes", "no")), default=["yes"],
+                        help="arms whose prefill queues its next iteration before the current one ends, and/or "
+                             "waits for each (default yes)")
     parser.add_argument("--prompts", choices=sorted(WORKLOADS), default="offline",
                         help="the offline job's prompts or documents' (default offline)")
     parser.add_argument("--waves", type=int, default=8, help="waves the prompts arrive in (default 8)")
@@ -145,6 +157,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--trace", action="store_true",
                         help="record each arm under torch's profiler and print its CUDA calls of "
                              f"{LONG_CALL_MS:.0f} ms or more")
+    parser.add_argument("--stacks", action="store_true",
+                        help="sample the workers' Python stacks every 5 ms and print the commonest during decode's "
+                             "iterations over 100 ms")
     args = parser.parse_args(argv)
     job = WORKLOADS[args.prompts]
     if args.requests is not None:
@@ -153,20 +168,27 @@ def main(argv: list[str] | None = None) -> None:
     for loading in args.loading:
         os.environ[LOADING_ENV] = loading.upper()  # a spawned process starts with this environment
         rows += [in_fresh_process(run_arm, args.model_dir, draws == "yes", job, args.waves, args.gap_s, args.trace,
-                                  timeout=600) for draws in args.draws]
+                                  args.stacks, overlap == "yes", timeout=600)
+                 for draws in args.draws for overlap in args.prefill_overlap]
     print(f"{args.prompts}: {job.num_requests} prompts of {job.min_prompt}-{job.max_prompt} tokens, "
           f"{job.output_tokens} out, in {args.waves} waves")
-    print("| module loading | warm-up draws | engine start (s) | KV pages | free GiB | decode steps | over 100 ms "
-          "| longest (ms) | decode stalled (s) | prefill draw host (ms/iter) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| module loading | warm-up draws | prefill overlap | engine start (s) | KV pages | free GiB | decode steps "
+          "| over 100 ms | longest (ms) | decode stalled (s) | prefill draw host (ms/iter) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['loading'].lower()} | {'yes' if r['draws'] else 'no'} | {r['start_s']:.1f} | {r['kv_pages']} | "
+        print(f"| {r['loading'].lower()} | {'yes' if r['draws'] else 'no'} | {'yes' if r['overlap'] else 'no'} "
+              f"| {r['start_s']:.1f} | {r['kv_pages']} | "
               f"{r['free_gib']:.1f} | {r['decode_steps']} | {r['over_100ms']} | {r['longest_ms']:.0f} | "
               f"{r['stalled_s']:.2f} | {r['prefill_draw_ms']:.2f} |")
-    if args.trace:
-        for r in rows:
-            print(f"longest CUDA calls, {r['loading'].lower()} loading, draws {'yes' if r['draws'] else 'no'}:")
+    for r in rows:
+        arm = (f"{r['loading'].lower()} loading, draws {'yes' if r['draws'] else 'no'}, "
+               f"prefill overlap {'yes' if r['overlap'] else 'no'}")
+        if args.trace:
+            print(f"longest CUDA calls, {arm}:")
             print("\n".join(f"  {line}" for line in r["long_calls"]))
+        if args.stacks:
+            print(f"the workers' stacks during decode's iterations over 100 ms, {arm}:")
+            print("\n".join(f"  {line}" for line in r["stall_stacks"]))
 
 
 if __name__ == "__main__":

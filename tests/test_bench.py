@@ -1465,12 +1465,18 @@ def test_the_stall_probe_runs_each_arm_in_its_own_process_with_its_module_loadin
     assert done.returncode == 0, done.stderr
     rows = [line for line in done.stdout.splitlines() if line.startswith(("| lazy", "| eager"))]
     assert [r.split("|")[1:3] for r in rows] == [[" lazy ", " yes "], [" eager ", " yes "]]
-    assert all(int(r.split("|")[6]) >= 127 for r in rows)  # decode steps: 4 requests of 128 tokens, batched
+    assert all(int(r.split("|")[7]) >= 127 for r in rows)  # decode steps: 4 requests of 128 tokens, batched
     refused = probe("--prompts", "documents", "--draws", "yes", "--requests", "1", "--waves", "1")
     assert refused.returncode != 0 and "waves failed" in refused.stderr
-    traced = probe("--draws", "yes", "--requests", "2", "--waves", "1", "--trace")
+    traced = probe("--draws", "yes", "--prefill-overlap", "yes,no", "--requests", "2", "--waves", "1", "--trace",
+                   "--stacks")
     assert traced.returncode == 0, traced.stderr
-    assert "longest CUDA calls, lazy loading, draws yes:\n  no CUDA calls in the trace" in traced.stdout
+    rows = [line for line in traced.stdout.splitlines() if line.startswith("| lazy")]
+    assert [r.split("|")[2:4] for r in rows] == [[" yes ", " yes "], [" yes ", " no "]]
+    for overlap in ("yes", "no"):
+        arm = f"lazy loading, draws yes, prefill overlap {overlap}"
+        assert f"longest CUDA calls, {arm}:\n  no CUDA calls in the trace" in traced.stdout
+        assert f"the workers' stacks during decode's iterations over 100 ms, {arm}:\n" in traced.stdout
 
 
 def test_the_longest_cuda_calls_of_a_trace_come_with_what_ran_beside_them() -> None:
@@ -1506,6 +1512,53 @@ def test_the_longest_cuda_calls_of_a_trace_come_with_what_ran_beside_them() -> N
     ]
     assert long_calls([x("kernel", "k", 7, 0.0, 1.0)], {}) == ["no CUDA calls in the trace"]
     assert long_calls(events[:4], {}, min_ms=500.0) == ["no CUDA call of 500 ms or more"]
+
+
+def test_stack_samples_are_counted_per_thread_inside_the_stall_windows_only() -> None:
+    """`stacks_in` (`bench/stall_probe.py --stacks`): per thread, the share of each stack among its samples inside
+    the windows, commonest first; samples outside are left out, and the sampler's late samples that began inside
+    are counted (the interpreter lock held)."""
+    from cluster.bench.stacks import StackSample, stacks_in
+
+    samples = [StackSample(1.00, "decode", "core.py:10 replay"), StackSample(1.01, "decode", "core.py:10 replay"),
+               StackSample(1.02, "decode", "lock.py:5 acquire"), StackSample(1.01, "prefill", "model.py:7 mm"),
+               StackSample(5.00, "decode", "elsewhere.py:1 idle")]
+    assert stacks_in(samples, [(1.05, 0.04), (3.0, 0.2)], [(0.99, 1.03), (4.0, 4.1)]) == [
+        "decode: 3 samples in 2 windows", "  67% core.py:10 replay", "  33% lock.py:5 acquire",
+        "prefill: 1 samples in 2 windows", "  100% model.py:7 mm",
+        "sampler late by 20 ms or more inside them: 0 times",
+    ]
+    assert stacks_in(samples, [(1.0, 0.05)], [(0.99, 1.03)])[-1] == (
+        "sampler late by 20 ms or more inside them: 1 times, longest 50 ms")
+    assert stacks_in(samples, [], []) == ["no windows"]
+
+
+def test_the_stack_sampler_sees_where_a_thread_waits() -> None:
+    """`StackSampler` samples each named thread's innermost frames while it is entered: a thread parked in
+    `Event.wait` shows that wait under its own function."""
+    import threading
+
+    from cluster.bench.stacks import StackSampler
+
+    release, parked = threading.Event(), threading.Event()
+
+    def park_here() -> None:
+        parked.set()
+        release.wait(10)
+
+    worker = threading.Thread(target=park_here)
+    worker.start()
+    parked.wait(10)
+    assert worker.ident is not None
+    with StackSampler({worker.ident: "parked"}, every_s=0.001, depth=3) as sampler:
+        while len(sampler.samples) < 3:
+            threading.Event().wait(0.001)
+    release.set()
+    worker.join()
+    assert {s.thread for s in sampler.samples} == {"parked"}
+    assert any("park_here" in s.stack and s.stack.startswith("threading.py:") for s in sampler.samples)
+    with pytest.raises(ValueError):
+        StackSampler({}, every_s=0)
 
 
 def test_the_lazy_load_probe_says_it_needs_a_gpu_where_there_is_none() -> None:
