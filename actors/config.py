@@ -401,8 +401,9 @@ class EngineConfig:
     `overlap_decode`: the decode worker queues its next step before the current one's
     tokens reach the host (see `actors.engine.workers.DecodeWorker`; in unified mode every
     batch, mixed ones too, `UnifiedWorker`); `overlap_prefill`: the
-    semi-pd prefill worker queues its next iteration before the current one's first tokens
-    reach the host (`actors.engine.workers.PrefillWorker`).
+    semi-pd prefill worker schedules its next iteration and makes its attention plan while the
+    current one runs, and queues its kernels once the current one has ended
+    (`actors.engine.workers.PrefillWorker`).
     `decode_pace_ms`: semi-pd: while prefill has work, the decode worker starts at most one step per
     this many ms (`actors.engine.pacing.StepPacer`), leaving prefill the bandwidth that back-to-back steps
     would take; set it under the TPOT target. None: steps run back to back.

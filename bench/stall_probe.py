@@ -23,7 +23,15 @@ Run 33 (H100) took both suspects off the list: with EAGER the stalls stayed (off
 interpreter lock for 30 ms (`actors.engine.pauses`). They sit inside CUDA calls. `--trace` records each arm under
 torch's profiler (CUDA runtime and driver calls, kernels, torch ops) and prints the longest CUDA calls: which
 worker made each, the torch op it was in, what the other worker's calls were meanwhile, and the kernels then
-running.
+running. `--stacks` samples both workers' Python stacks every 5 ms and prints the commonest inside decode's
+iterations over 100 ms.
+
+Run 34 (H200) found them: the long calls were cudaMemsetAsync and cudaMemcpyAsync (inside GEMMs: decode's LM head
+in its draw, prefill's linear layers) that waited 100-165 ms while the prefill stream's queued kernels ran, the
+other worker making no CUDA call meanwhile; `CUDA_SCALE_LAUNCH_QUEUES=4x` changed nothing; prefill one iteration
+at a time (`--prefill-overlap no`) took the offline arm from 14 decode steps over 100 ms to 1, the documents arm
+from 2 to 0. The overlapped prefill queued a whole iteration (hundreds of kernels) behind the running one and
+filled CUDA's launch queue; it now queues an iteration's kernels only once the one before has ended.
 """
 
 from __future__ import annotations

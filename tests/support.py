@@ -354,10 +354,11 @@ def record_prefills(core: EngineCore) -> list[list[tuple[str, int, int]]]:
     for w in core.workers:
         forward = w.runner.forward
 
-        def recording(plan: Any, carry: object = None, _forward: Callable[..., Any] = forward) -> Any:
+        def recording(plan: Any, carry: object = None, before_kernels: Callable[[], None] | None = None,
+                      _forward: Callable[..., Any] = forward) -> Any:
             if plan.prefills:
                 log.append([(c.request_id, c.start, c.num_tokens) for c in plan.prefills])
-            return _forward(plan, carry)
+            return _forward(plan, carry, before_kernels)
 
         w.runner.forward = recording  # type: ignore[method-assign]
     return log

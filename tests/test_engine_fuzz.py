@@ -304,10 +304,10 @@ class StreamModel:
     """What each runner has queued and not yet waited for, as on a GPU, where every runner has a stream of its own.
 
     On CPU a step runs at launch; on a GPU it runs later, in its stream's order, and is known to have run once a draw
-    queued at or after it is waited for (`Drawn.result`) or the stream is synchronized (`wait_for_stream`). Until
-    then no other stream may read or write a page it writes, nor write a page it reads (checked at each launch);
-    and with more than one stream, no page it writes may go back to the allocator (the other worker could take it
-    at once: checked at each free).
+    queued at or after it is waited for (`Drawn.result`, `Drawn.wait`) or the stream is synchronized
+    (`wait_for_stream`). Until then no other stream may read or write a page it writes, nor write a page it reads
+    (checked at each launch); and with more than one stream, no page it writes may go back to the allocator (the
+    other worker could take it at once: checked at each free).
 
     `faults` make steps fail, by launch number from 1: "launch" before anything is queued, "forward" inside its
     forward pass, "sample" inside its draw once the forward pass is queued (the sampler ran out of memory, say),
@@ -332,14 +332,14 @@ class StreamModel:
         forward, draw, wait = runner.forward, runner.draw, runner.wait_for_stream
         steps: dict[int, QueuedStep] = {}
 
-        def queued_forward(plan: BatchPlan, carry: Any = None) -> Any:
+        def queued_forward(plan: BatchPlan, carry: Any = None, before_kernels: Any = None) -> Any:
             if self.faults.get(self.seq + 1) == "launch":
                 self.seq += 1
                 self._fail(f"launch {self.seq}")
             step = self._queue(index, plan)
             with failing_inside(runner.attention, "plan", self.faults.get(step.seq) == "forward",
                                 lambda *_: self._fail(f"forward pass of step {step.seq}")):
-                forwarded = forward(plan, carry)
+                forwarded = forward(plan, carry, before_kernels)
             steps[id(forwarded)] = step
             return forwarded
 
@@ -348,7 +348,7 @@ class StreamModel:
             with failing_inside(runner.sampler, "draw", self.faults.get(step.seq) == "sample",
                                 lambda *_: self._fail(f"draw of step {step.seq}")):
                 drawn = draw(forwarded, sample_reqs)
-            result = drawn.result
+            result, end = drawn.result, drawn.wait
 
             def waited() -> Any:
                 self._ran(index, step.seq)
@@ -356,7 +356,11 @@ class StreamModel:
                     self._fail(f"step {step.seq} on the device")
                 return result()
 
-            drawn.result = waited
+            def ended() -> None:
+                self._ran(index, step.seq)
+                end()
+
+            drawn.result, drawn.wait = waited, ended
             return drawn
 
         def synchronized() -> None:

@@ -102,10 +102,11 @@ def record_plans(llm: LLM) -> PlanLog:
     for worker in llm.core.workers:
         launch = worker.runner.launch
 
-        def recording(plan: BatchPlan, sample_reqs: list, carry=None, _launch=launch):  # type: ignore[no-untyped-def]
+        def recording(plan: BatchPlan, sample_reqs: list, carry=None,  # type: ignore[no-untyped-def]
+                      before_kernels=None, _launch=launch):
             with log.lock:
                 log.plans.append(plan)
-            return _launch(plan, sample_reqs, carry)
+            return _launch(plan, sample_reqs, carry, before_kernels)
 
         worker.runner.launch = recording  # type: ignore[method-assign]
     return log
@@ -339,9 +340,10 @@ def test_unified_mixed_batches_queued_ahead_change_no_token(model_factory: Calla
         worker = llm.core.workers[0]
         launch, mixed_ahead = worker.runner.launch, []
 
-        def noting_launch(plan, sample_reqs, carry=None, _launch=launch, _mixed=mixed_ahead):  # type: ignore[no-untyped-def]
+        def noting_launch(plan, sample_reqs, carry=None, before_kernels=None,  # type: ignore[no-untyped-def]
+                          _launch=launch, _mixed=mixed_ahead):
             _mixed.append(bool(plan.prefills and plan.decodes and carry is not None))
-            return _launch(plan, sample_reqs, carry)
+            return _launch(plan, sample_reqs, carry, before_kernels)
 
         worker.runner.launch = noting_launch  # type: ignore[method-assign]
         runs[overlap] = [(o.token_ids, o.finish_reason) for o in llm.generate(prompts, batch)]

@@ -131,7 +131,10 @@ class FakeRunner:
     def __init__(self) -> None:
         self.gpu = FakeStream()
 
-    def launch(self, plan: BatchPlan, sample_reqs: list[Request], carry: object = None) -> FakeDrawn:
+    def launch(self, plan: BatchPlan, sample_reqs: list[Request], carry: object = None,
+               before_kernels: Callable[[], None] | None = None) -> FakeDrawn:
+        if before_kernels is not None:
+            before_kernels()
         return FakeDrawn(self.gpu, self.gpu.launch(plan), len(sample_reqs), 3)
 
 

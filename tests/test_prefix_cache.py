@@ -436,11 +436,12 @@ def fail_the_burst(core: EngineCore, rids: set[str]) -> list[int]:
     for w in core.workers:
         forward = w.runner.forward
 
-        def failing(plan: BatchPlan, carry: object = None, _forward=forward):  # type: ignore[no-untyped-def]
+        def failing(plan: BatchPlan, carry: object = None, before_kernels=None,  # type: ignore[no-untyped-def]
+                    _forward=forward):
             if not failures and rids <= {c.request_id for c in plan.prefills}:
                 failures.append(1)
                 raise InjectedFault("injected failure")
-            return _forward(plan, carry)
+            return _forward(plan, carry, before_kernels)
 
         w.runner.forward = failing  # type: ignore[method-assign]
     return failures

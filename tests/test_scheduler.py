@@ -315,9 +315,10 @@ def stepped_engine(model_dir: Path, mode: str, num_pages: int | None = None, **s
     for worker in engine.core.workers:
         launch = worker.runner.launch
 
-        def recording(plan: BatchPlan, sample_reqs: list[Request], carry=None, _launch=launch):  # type: ignore[no-untyped-def]
+        def recording(plan: BatchPlan, sample_reqs: list[Request], carry=None,  # type: ignore[no-untyped-def]
+                      before_kernels=None, _launch=launch):
             engine.plans.append(plan)
-            return _launch(plan, sample_reqs, carry)
+            return _launch(plan, sample_reqs, carry, before_kernels)
 
         worker.runner.launch = recording  # type: ignore[method-assign]
     schedule = engine.core.decode.schedule
@@ -406,10 +407,15 @@ def test_abort_frees_every_page(tiny_llama: Path, mode: str, state: str) -> None
 
 
 class _WaitSpy:
-    """Stands in for a queued iteration's draw and counts the waits on it."""
+    """Stands in for a queued iteration's draw and counts the waits for its result (`waits`) and for its end on
+    the device alone (`ends`)."""
 
     def __init__(self) -> None:
         self.waits = 0
+        self.ends = 0
+
+    def wait(self) -> None:
+        self.ends += 1
 
     def result(self) -> object:
         self.waits += 1
@@ -420,7 +426,8 @@ def test_prefill_waits_for_a_queued_chunk_before_giving_its_pages_back(tiny_llam
     """A prompt chunk that is not the prompt's last samples nothing and is queued, not waited for. Before the
     semi-PD prefill worker gives back pages such a chunk may still write (on a GPU the decode worker, on its
     own stream, could take them at once), it waits for it: after an abort, or when free pages run short of
-    an iteration's budget; otherwise the next chunk follows without a wait."""
+    an iteration's budget; otherwise the next chunk's kernels follow once it has ended on the device (at most
+    one iteration queued), its result not taken."""
     engine = stepped_engine(tiny_llama, "semi-pd", max_prefill_tokens=8)
     engine.add("long", list(range(1, 30)), max_tokens=4)
     prefill = engine.core.workers[0]
@@ -429,7 +436,7 @@ def test_prefill_waits_for_a_queued_chunk_before_giving_its_pages_back(tiny_llam
     spy = _WaitSpy()
     prefill.unwaited = spy  # type: ignore[assignment]
     prefill.step()
-    assert spy.waits == 0 and prefill.unwaited is not spy
+    assert (spy.waits, spy.ends) == (0, 1) and prefill.unwaited is not spy
     spy = _WaitSpy()
     prefill.unwaited = spy  # type: ignore[assignment]
     assert engine.core.abort("long")
@@ -443,6 +450,30 @@ def test_prefill_waits_for_a_queued_chunk_before_giving_its_pages_back(tiny_llam
     held = engine.core.allocator.allocate(engine.core.allocator.num_free - 8 // PAGE + 1)
     assert held is not None and scheduler.may_release_pages()  # fewer free pages than one 8-token iteration
     engine.core.allocator.free(held)
+
+
+def test_the_overlapped_prefill_queues_an_iterations_kernels_once_the_one_before_has_ended(
+        tiny_llama: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The semi-PD prefill worker schedules an iteration and makes its attention plan while the one before runs;
+    then it waits for that one to end and takes its first tokens, and only then queues the new one's kernels:
+    one iteration at most on the partition. (A whole iteration queued ahead filled CUDA's launch queue, and the
+    decode worker's launches waited with the prefill's: on the H200, 2026-12-06, 14 decode steps over 100 ms
+    in the stall probe's offline arm, 1 with iterations one at a time.)"""
+    engine = stepped_engine(tiny_llama, "semi-pd", max_prefill_tokens=8)
+    prefill = engine.core.workers[0]
+    engine.add("a", list(range(1, 6)), max_tokens=4)
+    prefill.step()
+    assert engine.tokens("a") == []  # queued: its first token not taken yet
+    seen: list[tuple[str, int]] = []
+    plan, model = prefill.runner.attention.plan, prefill.runner.model.forward
+    monkeypatch.setattr(prefill.runner.attention, "plan",
+                        lambda *a, **k: seen.append(("plan", len(engine.tokens("a")))) or plan(*a, **k))
+    monkeypatch.setattr(prefill.runner.model, "forward",
+                        lambda *a, **k: seen.append(("kernels", len(engine.tokens("a")))) or model(*a, **k))
+    engine.add("b", list(range(1, 6)), max_tokens=4)
+    prefill.step()
+    assert seen == [("plan", 0), ("kernels", 1)]
+    assert engine.tokens("b") == [] and prefill.steps_queued_ahead == 1
 
 
 class _FailedDraw:

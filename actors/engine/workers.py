@@ -381,9 +381,9 @@ class Worker:
         self._fail(live, prefilling, error)
 
     def _queue(self, plan: BatchPlan, sample_reqs: list[Request], carry: Carry | None,
-               prefill_reqs: list[Request]) -> Drawn:
+               prefill_reqs: list[Request], before_kernels: Callable[[], None] | None = None) -> Drawn:
         """`runner.launch`, counted (`_count`)."""
-        drawn = self.runner.launch(plan, sample_reqs, carry)
+        drawn = self.runner.launch(plan, sample_reqs, carry, before_kernels)
         self._count(plan, prefill_reqs, drawn.prompt_logprobs)
         return drawn
 
@@ -562,12 +562,14 @@ class _Launched:
 class PrefillWorker(Worker):
     """Prefills prompt chunks, oldest partial prompts first, then new ones.
 
-    Overlapped (`overlap`): each iteration is planned and queued before the previous one's first tokens
-    are taken, so the host's work between two iterations (waiting for the interpreter lock after the GPU
-    wait, emitting, scheduling, planning: the partition sat idle through it) runs while the GPU computes.
-    The previous iteration's first tokens reach their requests as soon as it ends on the GPU, unless
-    launching the next one takes longer than it runs. One iteration at most waits for its tokens
-    (`_queued`); one that samples nothing is left in `unwaited`.
+    Overlapped (`overlap`): each iteration is scheduled, and its inputs and attention plan made, while the
+    previous one runs, so the host's work between two iterations (scheduling, planning: the partition sat idle
+    through it) hides behind the GPU. Its kernels are queued only once the previous iteration has ended and
+    its first tokens are taken: at most one iteration is queued on the partition. Queueing a whole iteration
+    ahead (hundreds of kernels) filled CUDA's launch queue: a launch then waited, inside the driver, for the
+    GPU to drain, and the decode worker's launches waited with it (on the H200, 2026-12-06: 14 decode steps
+    over 100 ms in the stall probe's offline arm, 1 with iterations one at a time). One iteration at most
+    waits for its tokens (`_queued`); one that samples nothing is left in `unwaited`.
     """
 
     phase: Phase = "prefill"
@@ -585,10 +587,10 @@ class PrefillWorker(Worker):
         chunks, reqs = self.prefill.schedule(preempt=settled)
         previous, self._queued = self._queued, None
         if chunks:
-            self._queued = self._start(chunks, reqs)
+            self._queued = self._start(chunks, reqs, previous)
             if previous is not None and self._queued is not None:
                 self.steps_queued_ahead += 1
-        if previous is not None:
+        elif previous is not None:
             self._take_first_tokens(previous)
         if not self.overlap:
             self.finish()
@@ -600,20 +602,36 @@ class PrefillWorker(Worker):
         if queued is not None:
             self._take_first_tokens(queued)
 
-    def _start(self, chunks: list[SeqChunk], reqs: list[Request]) -> _QueuedPrefill | None:
+    def _start(self, chunks: list[SeqChunk], reqs: list[Request],
+               previous: _QueuedPrefill | None = None) -> _QueuedPrefill | None:
         """Queue one iteration and account for its chunks at once (the next `schedule` plans from where they
-        end). None when it samples nothing (it stays in `unwaited`) or could not be queued (its requests end
-        with an engine error)."""
+        end); `previous`'s first tokens are taken on the way, once its inputs are made and before its kernels
+        (`_settle`). None when it samples nothing (it stays in `unwaited`) or could not be queued (its requests
+        end with an engine error)."""
         sample_reqs = _sampled(chunks, reqs)
+        unsettled = [previous] if previous is not None else []
+
+        def settle() -> None:
+            self._settle(unsettled)
+
         try:
-            drawn = self._queue(BatchPlan(prefills=tuple(chunks)), sample_reqs, None, reqs)
+            drawn = self._queue(BatchPlan(prefills=tuple(chunks)), sample_reqs, None, reqs, settle)
         except Exception as e:
+            self._settle(unsettled)
             self._fail_prefills(reqs, e)
             return None
         self.unwaited, self._unwaited_reqs = drawn, tuple(reqs)
         for c, r in zip(chunks, reqs):
             self.prefill.finish_chunk(r, c.num_tokens)
         return _QueuedPrefill(drawn, sample_reqs, reqs) if sample_reqs else None
+
+    def _settle(self, unsettled: list[_QueuedPrefill]) -> None:
+        """Wait for the last queued iteration to end on the device (a failure there is raised to whoever takes
+        its result), then take the first tokens of the one in `unsettled`, if not yet taken."""
+        if self.unwaited is not None:
+            self.unwaited.wait()
+        while unsettled:
+            self._take_first_tokens(unsettled.pop())
 
     def _wait_unwaited(self) -> bool:
         """Wait for the last queued iteration: its chunks may still write pages that this step gives back (to

@@ -7,7 +7,7 @@ backend (with its workspace) and the stream are the worker's own.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -125,15 +125,20 @@ class ModelRunner:
         """Run one iteration; `sample_reqs` are the requests of the plan's `sample` chunks, in order."""
         return self.launch(plan, sample_reqs).result()
 
-    def launch(self, plan: BatchPlan, sample_reqs: list[Request], carry: Carry | None = None) -> Drawn:
+    def launch(self, plan: BatchPlan, sample_reqs: list[Request], carry: Carry | None = None,
+               before_kernels: Callable[[], None] | None = None) -> Drawn:
         """Queue one iteration on the worker's stream and return its draw without waiting for it.
 
-        `carry` fills decode input ids from the previous step's draw (overlapped decode).
+        `carry` fills decode input ids from the previous step's draw (overlapped decode). `before_kernels` is called
+        once the iteration's inputs and attention plan are made (a CUDA graph's: before its replay), before its
+        model's first kernel is queued: the overlapped prefill waits there for the iteration before it
+        (`PrefillWorker`).
         """
-        return self.draw(self.forward(plan, carry), sample_reqs)
+        return self.draw(self.forward(plan, carry, before_kernels), sample_reqs)
 
     @torch.inference_mode()
-    def forward(self, plan: BatchPlan, carry: Carry | None = None) -> Forwarded:
+    def forward(self, plan: BatchPlan, carry: Carry | None = None,
+                before_kernels: Callable[[], None] | None = None) -> Forwarded:
         """Queue one iteration's forward pass on the worker's stream (`launch` without the draw: `draw` queues it,
         later if need be, before any later iteration of this runner)."""
         t = time.perf_counter()
@@ -142,6 +147,9 @@ class ModelRunner:
                 carry.follow()
             scores: list[list[TokenLogprobs]] = []
             if self._use_graph(plan):
+                if before_kernels is not None:
+                    before_kernels()
+                    t = time.perf_counter()
                 hidden = self.graphs.run(plan.decodes, self.stream, carry)  # type: ignore[union-attr, arg-type]
                 self._spent("graph", t)
             else:
@@ -151,6 +159,9 @@ class ModelRunner:
                 t = self._spent("prepare", t)
                 attn = self.attention.plan(layout)
                 t = self._spent("plan", t)
+                if before_kernels is not None:
+                    before_kernels()
+                    t = time.perf_counter()  # its time is the caller's
                 every = self.model(input_ids, positions, attn)  # [T, H]
                 hidden = every[logits_idx]
                 if any(c.scoring is not None for c in plan.prefills):

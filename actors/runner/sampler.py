@@ -139,6 +139,16 @@ class Drawn:
         iteration (and all queued before it on the stream)."""
         return cls(torch.empty(0, dtype=torch.long, device=device), None, [])
 
+    def wait(self) -> None:
+        """Wait until the draw has ended on the device, its result not taken; a device error is left for `result()`
+        to raise."""
+        if self.done is None:
+            return
+        try:
+            self.done.synchronize()
+        except RuntimeError:
+            pass
+
     def result(self) -> SampleResult:
         if self.done is not None:
             self.done.synchronize()
