@@ -15,8 +15,9 @@ other thread's CUDA call waits. `CUDA_MODULE_LOADING=EAGER` loads every kernel a
 Each arm builds an engine in a fresh process (a process loads a kernel once; the loading mode is set in its
 environment), and sends the prompts in waves so that prefill runs beside a growing decode batch: the offline job's
 (128-1,024 tokens) or documents' (3,000-6,000 tokens, 180 out, chunks of the full prefill budget over long
-prefixes). It prints the engine's start-up time, its KV pages and the device memory left free, decode's iterations
-over 100 ms, its longest, the decode stall time the engine counted, and the host time of prefill's draws.
+prefixes). It prints the engine's start-up time, its KV pages and the device memory left free, the job's time from
+the first wave to the last request's end, prefill's tokens per second of its iterations, decode's iterations over
+100 ms, its longest, the decode stall time the engine counted, and the host time of prefill's draws.
 
 Run 33 (H100) took both suspects off the list: with EAGER the stalls stayed (offline prompts without the draws:
 26 over 100 ms; a serving window at 5.5 documents a second: as many as with LAZY), and no thread held the
@@ -118,14 +119,18 @@ def run_arm(model_dir: str, draws: bool, job: OfflineJob, waves: int, gap_s: flo
             time.sleep(gap_s)
         for sender in senders:
             sender.join()
+    job_s = time.monotonic() - since
     if failed:
         llm.shutdown()
         raise RuntimeError(f"{len(failed)} of {len(senders)} waves failed: {failed[0]}") from failed[0]
     decode = [it.seconds for it in list(decode_worker.iteration_log) if it.start >= since]
+    prefills = [it for it in list(prefill.iteration_log) if it.start >= since]
     stalls = [(it.start, it.start + it.seconds) for it in list(decode_worker.iteration_log)
               if it.start >= since and it.seconds > 0.1]
     row = dict(loading=os.environ.get(LOADING_ENV, "default"), draws=draws, overlap=prefill_overlap, start_s=start_s,
-               kv_pages=llm.core.pool.num_pages, free_gib=free_gib, decode_steps=len(decode),
+               kv_pages=llm.core.pool.num_pages, free_gib=free_gib, job_s=job_s,
+               prefill_tok_s=sum(it.tokens for it in prefills) / max(1e-9, sum(it.seconds for it in prefills)),
+               decode_steps=len(decode),
                over_100ms=sum(1 for s in decode if s > 0.1), longest_ms=1e3 * max(decode, default=0.0),
                stalled_s=decode_worker.stalled_seconds - stalled_s,
                prefill_draw_ms=1e3 * (prefill.runner.host_seconds["sample"] - drawn_s)
@@ -180,13 +185,14 @@ def main(argv: list[str] | None = None) -> None:
                  for draws in args.draws for overlap in args.prefill_overlap]
     print(f"{args.prompts}: {job.num_requests} prompts of {job.min_prompt}-{job.max_prompt} tokens, "
           f"{job.output_tokens} out, in {args.waves} waves")
-    print("| module loading | warm-up draws | prefill overlap | engine start (s) | KV pages | free GiB | decode steps "
-          "| over 100 ms | longest (ms) | decode stalled (s) | prefill draw host (ms/iter) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| module loading | warm-up draws | prefill overlap | engine start (s) | KV pages | free GiB | job (s) "
+          "| prefill tok/s | decode steps | over 100 ms | longest (ms) | decode stalled (s) "
+          "| prefill draw host (ms/iter) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['loading'].lower()} | {'yes' if r['draws'] else 'no'} | {'yes' if r['overlap'] else 'no'} "
-              f"| {r['start_s']:.1f} | {r['kv_pages']} | "
-              f"{r['free_gib']:.1f} | {r['decode_steps']} | {r['over_100ms']} | {r['longest_ms']:.0f} | "
+              f"| {r['start_s']:.1f} | {r['kv_pages']} | {r['free_gib']:.1f} | {r['job_s']:.2f} "
+              f"| {r['prefill_tok_s']:,.0f} | {r['decode_steps']} | {r['over_100ms']} | {r['longest_ms']:.0f} | "
               f"{r['stalled_s']:.2f} | {r['prefill_draw_ms']:.2f} |")
     for r in rows:
         arm = (f"{r['loading'].lower()} loading, draws {'yes' if r['draws'] else 'no'}, "

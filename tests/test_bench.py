@@ -1465,7 +1465,7 @@ def test_the_stall_probe_runs_each_arm_in_its_own_process_with_its_module_loadin
     assert done.returncode == 0, done.stderr
     rows = [line for line in done.stdout.splitlines() if line.startswith(("| lazy", "| eager"))]
     assert [r.split("|")[1:3] for r in rows] == [[" lazy ", " yes "], [" eager ", " yes "]]
-    assert all(int(r.split("|")[7]) >= 127 for r in rows)  # decode steps: 4 requests of 128 tokens, batched
+    assert all(int(r.split("|")[9]) >= 127 for r in rows)  # decode steps: 4 requests of 128 tokens, batched
     refused = probe("--prompts", "documents", "--draws", "yes", "--requests", "1", "--waves", "1")
     assert refused.returncode != 0 and "waves failed" in refused.stderr
     traced = probe("--draws", "yes", "--prefill-overlap", "yes,no", "--requests", "2", "--waves", "1", "--trace",
@@ -1473,6 +1473,7 @@ def test_the_stall_probe_runs_each_arm_in_its_own_process_with_its_module_loadin
     assert traced.returncode == 0, traced.stderr
     rows = [line for line in traced.stdout.splitlines() if line.startswith("| lazy")]
     assert [r.split("|")[2:4] for r in rows] == [[" yes ", " yes "], [" yes ", " no "]]
+    assert all(float(r.split("|")[7]) > 0 and float(r.split("|")[8].replace(",", "")) > 0 for r in rows)
     for overlap in ("yes", "no"):
         arm = f"lazy loading, draws yes, prefill overlap {overlap}"
         assert f"longest CUDA calls, {arm}:\n  no CUDA calls in the trace" in traced.stdout
