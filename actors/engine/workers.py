@@ -118,7 +118,7 @@ class Worker:
     phase: Phase
     name: str
     overlap = False
-    steps_queued_ahead = 0  # iterations queued while the previous one's tokens were still on their way
+    steps_queued_ahead = 0  # iterations queued (prefill: planned) while the previous one's tokens were on their way
     _inflight: _Launched | None = None
     unwaited: Drawn | None = None  # the last iteration, if it sampled nothing and was not waited for
     on_device_lost: Callable[[BaseException], None] | None = None  # the engine's, told when the GPU is gone
@@ -586,12 +586,13 @@ class PrefillWorker(Worker):
         self._emit_aborted(self.prefill.take_aborted(running=settled))
         chunks, reqs = self.prefill.schedule(preempt=settled)
         previous, self._queued = self._queued, None
+        untaken = [previous] if previous is not None else []
         if chunks:
-            self._queued = self._start(chunks, reqs, previous)
+            self._queued = self._start(chunks, reqs, untaken)
             if previous is not None and self._queued is not None:
                 self.steps_queued_ahead += 1
-        elif previous is not None:
-            self._take_first_tokens(previous)
+        for queued in untaken:  # not taken before new kernels: no chunks, it failed, or the launch failed first
+            self._take_first_tokens(queued)
         if not self.overlap:
             self.finish()
         return bool(chunks) or previous is not None
@@ -603,21 +604,16 @@ class PrefillWorker(Worker):
             self._take_first_tokens(queued)
 
     def _start(self, chunks: list[SeqChunk], reqs: list[Request],
-               previous: _QueuedPrefill | None = None) -> _QueuedPrefill | None:
+               untaken: list[_QueuedPrefill]) -> _QueuedPrefill | None:
         """Queue one iteration and account for its chunks at once (the next `schedule` plans from where they
-        end); `previous`'s first tokens are taken on the way, once its inputs are made and before its kernels
-        (`_settle`). None when it samples nothing (it stays in `unwaited`) or could not be queued (its requests
-        end with an engine error)."""
+        end); its kernels follow the end of the one before, whose first tokens (`untaken`) are taken then if it
+        succeeded (`_settle`). None when it samples nothing (it stays in `unwaited`) or could not be queued (its
+        requests end with an engine error)."""
         sample_reqs = _sampled(chunks, reqs)
-        unsettled = [previous] if previous is not None else []
-
-        def settle() -> None:
-            self._settle(unsettled)
-
         try:
-            drawn = self._queue(BatchPlan(prefills=tuple(chunks)), sample_reqs, None, reqs, settle)
+            drawn = self._queue(BatchPlan(prefills=tuple(chunks)), sample_reqs, None, reqs,
+                                lambda: self._settle(untaken))
         except Exception as e:
-            self._settle(unsettled)
             self._fail_prefills(reqs, e)
             return None
         self.unwaited, self._unwaited_reqs = drawn, tuple(reqs)
@@ -625,13 +621,19 @@ class PrefillWorker(Worker):
             self.prefill.finish_chunk(r, c.num_tokens)
         return _QueuedPrefill(drawn, sample_reqs, reqs) if sample_reqs else None
 
-    def _settle(self, unsettled: list[_QueuedPrefill]) -> None:
-        """Wait for the last queued iteration to end on the device (a failure there is raised to whoever takes
-        its result), then take the first tokens of the one in `unsettled`, if not yet taken."""
+    def _settle(self, untaken: list[_QueuedPrefill]) -> None:
+        """Before an iteration's kernels: wait for the last queued iteration to end on the device, then take the
+        first tokens of the one in `untaken` if it succeeded. A failed one stays in `untaken`: its requests end
+        once the new iteration, which may compute the rest of one of them, is queued and accounted for."""
         if self.unwaited is not None:
             self.unwaited.wait()
-        while unsettled:
-            self._take_first_tokens(unsettled.pop())
+        if not untaken:
+            return
+        try:
+            result = untaken[0].drawn.result()
+        except Exception:
+            return
+        self._accept_first_tokens(untaken.pop(), result)
 
     def _wait_unwaited(self) -> bool:
         """Wait for the last queued iteration: its chunks may still write pages that this step gives back (to
@@ -655,6 +657,9 @@ class PrefillWorker(Worker):
         except Exception as e:
             self._fail_prefills([r for r in queued.reqs if not r.finished], e)
             return
+        self._accept_first_tokens(queued, result)
+
+    def _accept_first_tokens(self, queued: _QueuedPrefill, result: SampleResult) -> None:
         if self.unwaited is queued.drawn:
             self.unwaited = None
         self._accept_tokens(queued.sample_reqs, result, [True] * len(queued.sample_reqs))
