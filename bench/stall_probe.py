@@ -77,7 +77,7 @@ def traced(enabled: bool, threads: Mapping[int, str], out: list[str]) -> Iterato
 def run_arm(model_dir: str, draws: bool, job: OfflineJob, waves: int, gap_s: float, trace: bool = False,
             stacks: bool = False, prefill_overlap: bool = True) -> dict[str, Any]:
     """One fresh engine's first load of `job`'s prompts; `draws` False leaves the warm-up's draws out;
-    `prefill_overlap` False has prefill wait for each iteration before it queues the next; `trace`:
+    `prefill_overlap` False has prefill take each iteration's first tokens before it plans the next; `trace`:
     under torch's profiler, the longest CUDA calls in the row's "long_calls"; `stacks`: the workers' Python stacks
     during decode's iterations over 100 ms in its "stall_stacks"."""
     import torch
@@ -159,8 +159,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--draws", type=choices(("no", "yes")), default=["no", "yes"],
                         help="arms without and/or with the warm-up's draws (default no,yes)")
     parser.add_argument("--prefill-overlap", type=choices(("yes", "no")), default=["yes"],
-                        help="arms whose prefill queues its next iteration before the current one ends, and/or "
-                             "waits for each (default yes)")
+                        help="arms whose prefill plans its next iteration while the current one runs (yes), "
+                             "and/or one iteration at a time (no) (default yes)")
     parser.add_argument("--prompts", choices=sorted(WORKLOADS), default="offline",
                         help="the offline job's prompts or documents' (default offline)")
     parser.add_argument("--waves", type=int, default=8, help="waves the prompts arrive in (default 8)")
