@@ -112,8 +112,8 @@ def run_arm(model_dir: str, draws: bool, job: OfflineJob, waves: int, gap_s: flo
     # the profiler names a thread by its pthread id's low 32 bits
     threads = {w.thread.ident & 0xFFFFFFFF: w.name for w in workers}  # type: ignore[union-attr]
     calls: list[str] = []
-    sampler = StackSampler({w.thread.ident: w.name for w in workers})  # type: ignore[misc]
-    with traced(trace, threads, calls), (sampler if stacks else nullcontext()):
+    sampler = StackSampler({w.thread.ident: w.name for w in workers}) if stacks else None  # type: ignore[misc]
+    with traced(trace, threads, calls), (sampler or nullcontext()):
         for sender in senders:  # waves of arrivals: each wave's prompts prefill beside the earlier ones' decodes
             sender.start()
             time.sleep(gap_s)
@@ -135,7 +135,7 @@ def run_arm(model_dir: str, draws: bool, job: OfflineJob, waves: int, gap_s: flo
                stalled_s=decode_worker.stalled_seconds - stalled_s,
                prefill_draw_ms=1e3 * (prefill.runner.host_seconds["sample"] - drawn_s)
                / max(1, prefill.iterations - iterations), long_calls=calls,
-               stall_stacks=stacks_in(sampler.samples, sampler.late, stalls) if stacks else [])
+               stall_stacks=stacks_in(sampler.samples, sampler.late, stalls) if sampler else [])
     llm.shutdown()
     return row
 

@@ -139,7 +139,7 @@ def _short(name: str, width: int = 48) -> str:
 def long_calls(events: list[dict[str, Any]], threads: Mapping[int, str], min_ms: float = LONG_CALL_MS,
                shown: int = LONG_CALLS_SHOWN) -> list[str]:
     """The longest CUDA calls of a chrome trace's `events` (torch's profiler) that took `min_ms` or more, longest
-    first, each with the thread that made it (`threads`: native thread id -> name), the torch op of that thread it
+    first, each with the thread that made it (`threads`: the trace's thread id -> name), the torch op of that thread it
     was in, the other threads' CUDA calls overlapping it, and the kernels running meanwhile (by stream)."""
     def span(e: dict[str, Any], who: str) -> Span:
         return Span(who, e["name"], float(e["ts"]), float(e["dur"]))
