@@ -32,7 +32,9 @@
 # the cause is not measured).
 # Results: CONFIG-WORKLOAD-RATE.json (+ .log, + .gpu.csv: SM clock MHz and power W every 250 ms), server logs and split decisions, in $OUT/compare.tgz (one file,
 # rewritten after each window, so a run cut short still brings back what it measured), with the dynamic server's latency
-# profile (semipd-profile.json). A profile committed as bench/profiles/semipd-profile.json is loaded instead of
+# profile (semipd-profile.json); `semipd bench keep $OUT/compare.tgz docs/perf/DATE-DEVICE/RUN` writes what the
+# repository keeps of them (no per-request records, each server's stall lines, no machine paths).
+# A profile committed as bench/profiles/semipd-profile.json is loaded instead of
 # profiling at start when its key (device, model, split set) matches, unless FRESH_PROFILE=1 (after a change
 # to the engine's speed or to the profiler: commit the new one from the results; later calls load the
 # committed one again, not one a previous call left in /tmp).

@@ -7,6 +7,7 @@ import asyncio
 import json
 import math
 import re
+import tarfile
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -1149,6 +1150,59 @@ def test_timeline_places_misses_streaming_and_switches_in_their_second(tmp_path:
     assert len(capsys.readouterr().out.splitlines()) == 3  # the title and the header
     assert cli_main(["bench", "timeline", str(tmp_path / "missing.json")]) == 2
     assert "result file not found" in capsys.readouterr().err
+
+
+def test_keep_writes_results_without_records_stall_lines_and_no_machine_paths(
+        records: list[RequestRecord], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`semipd bench keep` (what docs/perf keeps of a GPU call's compare.tgz): each result without its records,
+    still loading with the same aggregates; a server's stall and pause lines from their date on, instead of its
+    log; no file under the clock samples; every machine path cut to its last component."""
+    run = tmp_path / "run"
+    run.mkdir()
+    full = _result(records, slos=SLOs(ttft_ms=250))
+    raw = full.to_json()
+    raw["config"].update(tokenizer="/tmp/models/llama3-8b", result_dir="/tmp/compare")
+    (run / "dyn-arxiv-4.5.json").write_text(json.dumps(raw))
+    (run / "dyn-arxiv-4.5.gpu.csv").write_text("t,clock_mhz,power_w\n0.0,1980,120\n")
+    (run / "dyn-arxiv-4.5.log").write_text("Building 68 requests from /tmp/models/llama3-8b\n")
+    (run / "semipd-profile.json").write_text(json.dumps({"key": {"device": "NVIDIA H100 80GB HBM3"}}))
+    stall = "2026-12-06 02:03:42,607 INFO actors.engine.workers: decode stalled: an iteration of 167 ms (median 8.4 ms)"
+    pause = "2026-12-06 06:22:23,735 INFO actors.engine.pauses: paused: the process stood still 98 ms"
+    (run / "dyn-server.log").write_text("\n".join([
+        f"\x1b[36m(EngineActor pid=3915)\x1b[0m {stall}",
+        "\x1b[36m(ServeReplica:semipd pid=7219)\x1b[0m INFO 2026-12-06 06:22:10,016 POST /v1/completions 200",
+        f"\x1b[36m(EngineActor pid=3915)\x1b[0m {pause}",
+        "2026-12-06 06:22:24,000 INFO cluster.controller: model at /work/main/models/tiny-llama",
+    ]) + "\n")
+    archive = tmp_path / "compare.tgz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(run, arcname=".")
+
+    kept = tmp_path / "docs" / "run35a"
+    assert cli_main(["bench", "keep", str(archive), str(kept)]) == 0
+    assert "1 results without their records, 1 servers' stall lines" in capsys.readouterr().out
+    assert sorted(p.name for p in kept.iterdir()) == ["dyn-arxiv-4.5.json", "dyn-arxiv-4.5.log", "dyn-stalls.txt",
+                                                      "semipd-profile.json"]
+    saved = json.loads((kept / "dyn-arxiv-4.5.json").read_text())
+    assert "requests" not in saved and saved["config"]["tokenizer"] == "llama3-8b"
+    assert saved["config"]["result_dir"] == "compare"
+    back = load_result(kept / "dyn-arxiv-4.5.json")
+    assert back.records == [] and back.metrics == full.metrics
+    assert (kept / "dyn-stalls.txt").read_text() == f"{stall}\n{pause}\n"
+    assert (kept / "dyn-arxiv-4.5.log").read_text() == "Building 68 requests from llama3-8b\n"
+    assert not any(re.search(r"/(tmp|work|root)/", p.read_text()) for p in kept.iterdir())
+
+    assert cli_main(["bench", "keep", str(run), str(tmp_path / "from-folder")]) == 0  # a folder as it is
+    assert (tmp_path / "from-folder" / "dyn-stalls.txt").read_text() == f"{stall}\n{pause}\n"
+    capsys.readouterr()
+    outside = tmp_path / "outside.tgz"
+    with tarfile.open(outside, "w:gz") as tar:
+        tar.add(run / "dyn-arxiv-4.5.log", arcname="../escape.log")
+    assert cli_main(["bench", "keep", str(outside), str(tmp_path / "x")]) == 2
+    assert "points outside the results" in capsys.readouterr().err
+    (run / "broken.json").write_text("{")
+    assert cli_main(["bench", "keep", str(run), str(tmp_path / "y")]) == 2
+    assert "broken.json: not JSON" in capsys.readouterr().err
 
 
 def test_split_changes_say_when_an_engine_lost_its_switch_log() -> None:

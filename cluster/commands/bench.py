@@ -37,6 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _register_serve(bench_sub)
     _register_plot(bench_sub)
     _register_timeline(bench_sub)
+    _register_keep(bench_sub)
     for name in BENCH_MODULES:
         if importlib.util.find_spec(name) is not None:
             module = importlib.import_module(name)
@@ -368,4 +369,24 @@ def run_timeline(args: argparse.Namespace) -> int:
     unplaced = format_unplaced_changes(result)
     if unplaced:
         print(unplaced)
+    return 0
+
+
+def _register_keep(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("keep", help="what docs/perf keeps of a GPU call's results: no per-request records, "
+                                    "servers' stall lines instead of their logs, no machine paths")
+    p.add_argument("results", type=Path, metavar="RESULTS", help="a results folder, or a .tgz of one (compare.tgz)")
+    p.add_argument("dest", type=Path, metavar="DEST", help="the folder to write, e.g. docs/perf/DATE-DEVICE/RUN")
+    p.set_defaults(func=run_keep)
+
+
+def run_keep(args: argparse.Namespace) -> int:
+    from cluster.bench.keep import KeepError, keep_results
+
+    try:
+        kept = keep_results(args.results, args.dest)
+    except KeepError as e:
+        print(f"semipd bench keep: {e}", file=sys.stderr)
+        return 2
+    print(f"{args.dest}: {kept.summary()}")
     return 0
