@@ -1627,3 +1627,47 @@ def test_the_lazy_load_probe_says_it_needs_a_gpu_where_there_is_none() -> None:
     done = subprocess.run([sys.executable, str(root / "bench" / "lazy_load_probe.py")], capture_output=True, text=True,
                           env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, timeout=120)
     assert done.returncode == 1 and done.stderr.strip() == "lazy_load_probe: needs a CUDA device"
+
+
+def test_carry_room_moves_what_a_device_call_does_not_need_out_of_the_checkout_and_back(tmp_path: Path) -> None:
+    """`bench/carry_room.sh aside tests wheels` leaves the committed raw results, the tests and four wheels out of
+    what a device call carries (and says how much is left); `back` puts every one where it was."""
+    import shutil
+    import subprocess
+
+    repo = tmp_path / "main"
+    files = {"bench/carry_room.sh": (Path(__file__).parents[1] / "bench" / "carry_room.sh").read_text(),
+             "docs/perf/2026-12-06-h100/run.json": "{}" * 300_000, "docs/perf/chat.png": "png",
+             "docs/perf/README.md": "kept", "tests/test_x.py": "x = 1\n", "actors/a.py": "a = 1\n"}
+    for name, text in files.items():
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        (repo / name).write_text(text)
+    wheels = repo / ".device" / "wheels"
+    wheels.mkdir(parents=True)
+    for wheel in ("websockets-17.4-cp312.whl", "python_dotenv-1.2.4-py3.whl", "grpcio-1.85.4-cp312.whl"):
+        (wheels / wheel).write_text("w")
+    (repo / ".gitignore").write_text("/.device/\n")
+    git = shutil.which("git")
+    assert git is not None
+    subprocess.run([git, "init", "-q"], cwd=repo, check=True)
+    subprocess.run([git, "add", "-A"], cwd=repo, check=True)
+
+    def room(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["bash", "bench/carry_room.sh", *args], cwd=repo, capture_output=True, text=True)
+
+    before = room("size")
+    assert before.returncode == 0 and re.search(r"carry: 0\.6 MiB of 64 \(tree 0\.6, \.device 0\.0\)", before.stdout)
+    moved = room("aside", "tests", "wheels")
+    assert moved.returncode == 0, moved.stderr
+    assert re.search(r"carry: 0\.0 MiB of 64", moved.stdout)
+    left = sorted(p.relative_to(repo).as_posix() for p in repo.rglob("*") if p.is_file() and ".git/" not in p.as_posix())
+    assert left == [".device/wheels/grpcio-1.85.4-cp312.whl", ".gitignore", "actors/a.py", "bench/carry_room.sh",
+                    "docs/perf/README.md"]
+    assert (tmp_path / ".carry-aside" / "docs/perf/2026-12-06-h100/run.json").is_file()
+    assert room("aside", "docs").returncode == 2
+    assert room("back").returncode == 0
+    for name, text in files.items():
+        assert (repo / name).read_text() == text, name
+    assert sorted(p.name for p in wheels.iterdir()) == ["grpcio-1.85.4-cp312.whl", "python_dotenv-1.2.4-py3.whl",
+                                                        "websockets-17.4-cp312.whl"]
+    assert not (tmp_path / ".carry-aside").exists()
