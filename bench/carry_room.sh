@@ -32,7 +32,8 @@ case ${1:-size} in
     ;;
   back)
     [ -d "$aside" ] || exit 0
-    (cd "$aside" && find . -mindepth 1 \( -path ./tests -o -path './docs/perf/*' -o -path './.device/wheels/*' \) -prune -print) | while read -r p; do
+    (cd "$aside" && find . -mindepth 1 \( -path ./tests -o -path './docs/perf/*' -o -path './.device/wheels/*' \) \
+       -prune -print) | while read -r p; do
       [ -e "$p" ] && { echo "carry_room: $p is in the checkout and aside: left aside"; continue; }
       mv "$aside/$p" "$p"
     done

@@ -1660,7 +1660,8 @@ def test_carry_room_moves_what_a_device_call_does_not_need_out_of_the_checkout_a
     moved = room("aside", "tests", "wheels")
     assert moved.returncode == 0, moved.stderr
     assert re.search(r"carry: 0\.0 MiB of 64", moved.stdout)
-    left = sorted(p.relative_to(repo).as_posix() for p in repo.rglob("*") if p.is_file() and ".git/" not in p.as_posix())
+    left = sorted(p.relative_to(repo).as_posix() for p in repo.rglob("*")
+                  if p.is_file() and ".git/" not in p.as_posix())
     assert left == [".device/wheels/grpcio-1.85.4-cp312.whl", ".gitignore", "actors/a.py", "bench/carry_room.sh",
                     "docs/perf/README.md"]
     assert (tmp_path / ".carry-aside" / "docs/perf/2026-12-06-h100/run.json").is_file()
