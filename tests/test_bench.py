@@ -1180,7 +1180,8 @@ def test_keep_writes_results_without_records_stall_lines_and_no_machine_paths(
 
     kept = tmp_path / "docs" / "run35a"
     assert cli_main(["bench", "keep", str(archive), str(kept)]) == 0
-    assert "1 results without their records, 1 servers' stall lines" in capsys.readouterr().out
+    assert ("1 results without their records, 1 servers' stall lines (1 decode stalled, 0 prefill stalled, 1 paused)"
+            in capsys.readouterr().out)
     assert sorted(p.name for p in kept.iterdir()) == ["dyn-arxiv-4.5.json", "dyn-arxiv-4.5.log", "dyn-stalls.txt",
                                                       "semipd-profile.json"]
     saved = json.loads((kept / "dyn-arxiv-4.5.json").read_text())

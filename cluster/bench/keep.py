@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import tarfile
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,8 @@ from typing import Any
 RESULT_SCHEMA_PREFIX = "semipd-bench-serve/"
 # an absolute path on a lent machine (or a checkout's); kept as its last component, e.g. a model's folder name
 MACHINE_PATH = re.compile(r"/(?:tmp|opt|work|root|home|mnt|var)(?:/[\w.+-]+)+/?")
-STALL_LINE = re.compile(r" (?:decode|prefill) stalled: | paused: ")
+STALL_KINDS = ("decode stalled", "prefill stalled", "paused")
+STALL_LINE = re.compile(r" (decode stalled|prefill stalled|paused): ")
 # Ray's worker prefix (colour codes, "(EngineActor pid=...)") before a log record's date
 LOG_RECORD_START = re.compile(r"\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2},\d{3} ")
 LEFT_OUT_SUFFIXES = (".gpu.csv",)  # the clock and power samples: each result's log line summarises them
@@ -38,10 +40,12 @@ class Kept:
     stall_files: list[str] = field(default_factory=list)  # one per server log
     copied: list[str] = field(default_factory=list)  # the rest, paths made machine-free
     left_out: list[str] = field(default_factory=list)  # sources not kept
+    stall_counts: Counter[str] = field(default_factory=Counter)  # "decode stalled", "prefill stalled", "paused"
 
     def summary(self) -> str:
+        counts = ", ".join(f"{self.stall_counts[kind]} {kind}" for kind in STALL_KINDS)
         return (f"{len(self.results)} results without their records, {len(self.stall_files)} servers' stall "
-                f"lines, {len(self.copied)} other files; left out: {', '.join(self.left_out) or 'nothing'}")
+                f"lines ({counts}), {len(self.copied)} other files; left out: {', '.join(self.left_out) or 'nothing'}")
 
 
 def keep_results(source: Path, dest: Path) -> Kept:
@@ -54,7 +58,9 @@ def keep_results(source: Path, dest: Path) -> Kept:
             kept.left_out.append(name)
         elif name.endswith(SERVER_LOG_SUFFIX):
             stalls = target.with_name(target.name.removesuffix(SERVER_LOG_SUFFIX) + "-stalls.txt")
-            stalls.write_text("".join(line + "\n" for line in stall_lines(_text(name, data))))
+            lines = list(stall_lines(_text(name, data)))
+            stalls.write_text("".join(line + "\n" for _, line in lines))
+            kept.stall_counts.update(kind for kind, _ in lines)
             kept.stall_files.append(stalls.relative_to(dest).as_posix())
         elif name.endswith(".json"):
             try:
@@ -93,12 +99,14 @@ def _source_files(source: Path) -> Iterator[tuple[str, bytes]]:
         raise KeepError(f"{source}: not a readable tar archive ({e})") from None
 
 
-def stall_lines(log: str) -> Iterator[str]:
-    """The workers' stall lines and the pause watch's lines of a server log, from their date on."""
+def stall_lines(log: str) -> Iterator[tuple[str, str]]:
+    """(kind, line) of the workers' stall lines and the pause watch's lines of a server log, each line from its
+    date on; kind is one of `STALL_KINDS`."""
     for line in log.splitlines():
-        if STALL_LINE.search(line):
+        stall = STALL_LINE.search(line)
+        if stall:
             start = LOG_RECORD_START.search(line)
-            yield machine_free(line[start.start():] if start else line)
+            yield stall.group(1), machine_free(line[start.start():] if start else line)
 
 
 def machine_free(text: str) -> str:
