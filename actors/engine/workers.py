@@ -371,7 +371,7 @@ class Worker:
             if step.drawn is None:  # its forward pass only
                 self.runner.wait_for_stream()
             else:
-                _wait_quietly(step.drawn)
+                step.drawn.wait()
         self._inflight = None
         retired = {r for step in steps for r in step.retired}
         live = list(dict.fromkeys(r for step in steps for r in step.reqs if r not in retired))
@@ -668,17 +668,9 @@ class PrefillWorker(Worker):
         """End `reqs` with an engine error once the queued iterations, which may still write their pages, ran."""
         log.exception("forward pass failed; failing its %d requests", len(reqs))
         if self.unwaited is not None:
-            _wait_quietly(self.unwaited)
+            self.unwaited.wait()
             self.unwaited = None
         self._fail([], reqs, error)
-
-
-def _wait_quietly(drawn: Drawn) -> None:
-    """Wait for a queued draw whose failure is reported elsewhere."""
-    try:
-        drawn.result()
-    except Exception:
-        pass
 
 
 @dataclass
