@@ -123,15 +123,15 @@ def run_arm(model_dir: str, draws: bool, job: OfflineJob, waves: int, gap_s: flo
     if failed:
         llm.shutdown()
         raise RuntimeError(f"{len(failed)} of {len(senders)} waves failed: {failed[0]}") from failed[0]
-    decode = [it.seconds for it in list(decode_worker.iteration_log) if it.start >= since]
+    decode_its = [it for it in list(decode_worker.iteration_log) if it.start >= since]
+    decode = [it.seconds for it in decode_its]
     prefills = [it for it in list(prefill.iteration_log) if it.start >= since]
-    stalls = [(it.start, it.start + it.seconds) for it in list(decode_worker.iteration_log)
-              if it.start >= since and it.seconds > 0.1]
+    stalls = [(it.start, it.start + it.seconds) for it in decode_its if it.seconds > 0.1]
     row = dict(loading=os.environ.get(LOADING_ENV, "default"), draws=draws, overlap=prefill_overlap, start_s=start_s,
                kv_pages=llm.core.pool.num_pages, free_gib=free_gib, job_s=job_s,
                prefill_tok_s=sum(it.tokens for it in prefills) / max(1e-9, sum(it.seconds for it in prefills)),
                decode_steps=len(decode),
-               over_100ms=sum(1 for s in decode if s > 0.1), longest_ms=1e3 * max(decode, default=0.0),
+               over_100ms=len(stalls), longest_ms=1e3 * max(decode, default=0.0),
                stalled_s=decode_worker.stalled_seconds - stalled_s,
                prefill_draw_ms=1e3 * (prefill.runner.host_seconds["sample"] - drawn_s)
                / max(1, prefill.iterations - iterations), long_calls=calls,
