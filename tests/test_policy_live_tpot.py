@@ -220,34 +220,52 @@ def test_a_slow_decode_step_still_moves_the_split_toward_decode() -> None:
     assert "(0.2 of it stalls)" in moved.reason, moved.reason
 
 
-def draining_on_64(t: float, without_stalls_ms: float | None) -> dict[str, Any]:
+def draining_on_64(t: float, without_stalls_ms: float | None, num_decoding: int = 6,
+                   live_tpot_ms: tuple[float, ...] = ()) -> dict[str, Any]:
     """What the engine published at the end of chat's window at 37 req/s on 64 prefill SMs (H100, run 33): no
-    prompt queued, a few requests left decoding, the window's arrivals still in the rate (read at half of them),
-    and its finished requests at a P90 TPOT of 12.4 ms against 12 (decode stalled through the window), 11 ms
-    less the stalls if given."""
-    view = published(H100, 64, t, (60, 500.0, 12.4), (), None, waiting_prefill_tokens=0, num_decoding=6,
-                     decode_context_tokens=6 * 700, arrival_tokens_per_s=10_848.0, arrival_mean_prompt_tokens=407.0,
-                     mean_output_tokens=200.0, arrival_mean_max_tokens=200.0, recent_decode_step_ms=7.0)
+    prompt queued, `num_decoding` requests left decoding (a few), the window's arrivals still in the rate (read
+    at half of them), and its finished requests at a P90 TPOT of 12.4 ms against 12 (decode stalled through the
+    window), 11 ms less the stalls if given."""
+    view = published(H100, 64, t, (60, 500.0, 12.4), live_tpot_ms, None, waiting_prefill_tokens=0,
+                     num_decoding=num_decoding, decode_context_tokens=num_decoding * 700,
+                     arrival_tokens_per_s=10_848.0, arrival_mean_prompt_tokens=407.0, mean_output_tokens=200.0,
+                     arrival_mean_max_tokens=200.0, recent_decode_step_ms=7.0)
     if without_stalls_ms is not None:
         view["tpot_without_stalls_ms"] = [without_stalls_ms] * 60
     return view
 
 
+def decide_on_64(without_stalls_ms: float | None, num_decoding: int = 6,
+                 live_tpot_ms: tuple[float, ...] = ()) -> SplitDecision:
+    """The policy's decision on `draining_on_64`'s view 60 s after its first (past every dwell)."""
+    policy = ModelPolicy(committed_model(H100))
+    policy.decide(view_from_dict(draining_on_64(40.0, None, num_decoding, live_tpot_ms)), RUN30_TARGETS)
+    return policy.decide(view_from_dict(draining_on_64(100.0, without_stalls_ms, num_decoding, live_tpot_ms)),
+                         RUN30_TARGETS)
+
+
 def test_a_tpot_past_target_by_the_stalls_in_it_moves_no_split_toward_decode() -> None:
-    """Run 33 (H100, 2026-12-06): with the window's TPOT samples past target, the policy moved the draining engine
-    64 -> 40 (here, urgently, to 48); the next window at 42 req/s came 15 s later, its prompts queued on 40 SMs,
-    and it took four moves and 20 s to be back on 64 (8.4% within both targets).
+    """Run 33 (H100, 2026-12-06): with the window's TPOT samples past target, the policy moved the engine 64 -> 40
+    (here, with a batch still decoding, urgently, to 48); the next window at 42 req/s came 15 s later, its prompts
+    queued on 40 SMs, and it took four moves and 20 s to be back on 64 (8.4% within both targets).
     Less the decode stalls in them the samples are within target: more decode SMs would not shorten a stall, so
     no target is observed past and the split holds."""
-    def decide(without_stalls_ms: float | None) -> SplitDecision:
-        policy = ModelPolicy(committed_model(H100))
-        policy.decide(view_from_dict(draining_on_64(40.0, None)), RUN30_TARGETS)
-        return policy.decide(view_from_dict(draining_on_64(100.0, without_stalls_ms)), RUN30_TARGETS)
-
-    moved = decide(None)  # no TPOT samples without stalls published: all of the TPOT counts
+    moved = decide_on_64(None, num_decoding=20)  # no TPOT samples without stalls published: all of the TPOT counts
     assert moved.urgent and moved.prefill_sms < 64, moved
-    held = decide(11.0)
+    held = decide_on_64(11.0, num_decoding=20)
     assert held.prefill_sms == 64 and not held.urgent, held
+
+
+def test_tpot_samples_of_requests_that_ended_are_no_evidence_once_their_batch_is_gone() -> None:
+    """Run 36 (H100, 2026-12-06, no decode stall): chat's window at 34.5 req/s ended at a P90 TPOT of 12.8 ms
+    against 12; on its finished requests' samples the policy moved the draining engine 64 -> 40, and the next
+    window, at the same rate, began on 40 and kept 13.9% within both targets. A TPOT sample tells how the batch it
+    decoded in went: with fewer than `min_observed` requests decoding, or with the TPOT so far of those decoding
+    known (the batch of now), the finished requests' samples are no evidence, and the split holds."""
+    assert decide_on_64(None, num_decoding=6).prefill_sms == 64
+    assert decide_on_64(None, num_decoding=20, live_tpot_ms=(9.8,) * 12).prefill_sms == 64
+    moved = decide_on_64(None, num_decoding=20, live_tpot_ms=(12.9,) * 12)
+    assert moved.prefill_sms < 64 and "TPOT so far of the 12 requests decoding 12.9 ms" in moved.reason, moved
 
 
 def warm_up_end_on_88(t: float) -> dict[str, Any]:

@@ -513,17 +513,27 @@ def observed_past(view: EngineView, targets: SLOTargets, cfg: ModelPolicyConfig)
     engine tells them (`tpot_without_stalls`, `live_stall_ms`): more decode SMs shorten a step, not a stall, so a
     TPOT that stalls alone put past target is no evidence for a move toward decode (on the H100, run 33, chat's
     window at 37 req/s ended at P90 TPOT 12.2 ms against 12 with decode stalled 124 times in one second; the
-    policy then moved 64 -> 40 on the draining engine, and the next window's prompts queued for 20 s)."""
+    policy then moved 64 -> 40 on the draining engine, and the next window's prompts queued for 20 s). And the TPOT
+    samples count only while the batch they decoded in may still be there: `min_observed` requests decoding, none
+    of whose TPOT so far is known (run 36, H100, no stall: chat's window at 34.5 req/s ended at P90 TPOT 12.8 ms;
+    on those samples the policy moved the draining engine 64 -> 40, and the next window began there and kept
+    13.9% within both targets)."""
     q = 100.0 * targets.attainment
-    tpot = tpot_without_stalls(view)
-    past = {name for name, seen, target in (("ttft", view.ttft_ms, targets.ttft_ms), ("tpot", tpot, targets.tpot_ms))
-            if len(seen) >= cfg.min_observed and percentile(seen, q) > target}
+    past = {"ttft"} if _samples_past(view.ttft_ms, targets.ttft_ms, q, cfg) else set()
     live = live_tpot_ms(view, targets, cfg)
     if max(view.decode_step_ms, live - live_stall_ms(view, targets, live)) > targets.tpot_ms:
+        past.add("tpot")
+    elif not live and view.num_decoding >= cfg.min_observed and _samples_past(tpot_without_stalls(view),
+                                                                              targets.tpot_ms, q, cfg):
         past.add("tpot")
     if queue_drain_ms(view) > targets.ttft_ms:
         past.add("ttft")
     return past
+
+
+def _samples_past(samples: tuple[float, ...], target: float, q: float, cfg: ModelPolicyConfig) -> bool:
+    """Whether `min_observed` samples or more are past `target` at percentile `q`."""
+    return len(samples) >= cfg.min_observed and percentile(samples, q) > target
 
 
 def tpot_without_stalls(view: EngineView) -> tuple[float, ...]:
