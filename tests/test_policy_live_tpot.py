@@ -223,7 +223,7 @@ def test_a_slow_decode_step_still_moves_the_split_toward_decode() -> None:
 def draining_on_64(t: float, without_stalls_ms: float | None, num_decoding: int = 6,
                    live_tpot_ms: tuple[float, ...] = ()) -> dict[str, Any]:
     """What the engine published at the end of chat's window at 37 req/s on 64 prefill SMs (H100, run 33): no
-    prompt queued, `num_decoding` requests left decoding (a few), the window's arrivals still in the rate (read
+    prompt queued, `num_decoding` requests left decoding (run 33: a few), the window's arrivals still in the rate (read
     at half of them), and its finished requests at a P90 TPOT of 12.4 ms against 12 (decode stalled through the
     window), 11 ms less the stalls if given."""
     view = published(H100, 64, t, (60, 500.0, 12.4), live_tpot_ms, None, waiting_prefill_tokens=0,
