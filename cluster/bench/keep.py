@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-RESULT_SCHEMA_PREFIX = "semipd-bench-serve/"
+from cluster.bench.result import SCHEMA
+
+RESULT_SCHEMA_PREFIX = SCHEMA.rsplit("/", 1)[0] + "/"  # any version of `bench serve`'s result
 # an absolute path on a lent machine (or a checkout's); kept as its last component, e.g. a model's folder name
 MACHINE_PATH = re.compile(r"/(?:tmp|opt|work|root|home|mnt|var)(?:/[\w.+-]+)+/?")
 STALL_KINDS = ("decode stalled", "prefill stalled", "paused")
@@ -52,11 +54,12 @@ def keep_results(source: Path, dest: Path) -> Kept:
     """Write what the repository keeps of `source` (a results folder, or a .tgz of one) into `dest`."""
     kept = Kept()
     for name, data in _source_files(source):
-        target = dest / name
-        target.parent.mkdir(parents=True, exist_ok=True)
         if name.endswith(LEFT_OUT_SUFFIXES):
             kept.left_out.append(name)
-        elif name.endswith(SERVER_LOG_SUFFIX):
+            continue
+        target = dest / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if name.endswith(SERVER_LOG_SUFFIX):
             stalls = target.with_name(target.name.removesuffix(SERVER_LOG_SUFFIX) + "-stalls.txt")
             lines = list(stall_lines(_text(name, data)))
             stalls.write_text("".join(line + "\n" for _, line in lines))
