@@ -189,11 +189,16 @@ def chat_on_64(t: float, live_tpot_ms: tuple[float, ...], without_stalls_ms: tup
                      recent_prefill_tokens=500.0)
 
 
+def decision_after(first: dict[str, Any], then: dict[str, Any]) -> SplitDecision:
+    """A fresh policy's decision on the H100 view `then`, after it saw `first` (60 s before: past every dwell)."""
+    policy = ModelPolicy(committed_model(H100))
+    policy.decide(view_from_dict(first), RUN30_TARGETS)
+    return policy.decide(view_from_dict(then), RUN30_TARGETS)
+
+
 def decision_on_64(live_tpot_ms: tuple[float, ...], without_stalls_ms: tuple[float, ...] | None) -> SplitDecision:
     """The policy's decision 60 s after the engine's last switch (to 64), given the view of `chat_on_64`."""
-    policy = ModelPolicy(committed_model(H100))
-    policy.decide(view_from_dict(chat_on_64(40.0, (), None)), RUN30_TARGETS)
-    return policy.decide(view_from_dict(chat_on_64(100.0, live_tpot_ms, without_stalls_ms)), RUN30_TARGETS)
+    return decision_after(chat_on_64(40.0, (), None), chat_on_64(100.0, live_tpot_ms, without_stalls_ms))
 
 
 STALLED = (9.5,) * 2 + (29.7,) * 27  # P90 29.7 ms
@@ -238,10 +243,8 @@ def draining_on_64(t: float, without_stalls_ms: float | None, num_decoding: int 
 def decide_on_64(without_stalls_ms: float | None, num_decoding: int = 6,
                  live_tpot_ms: tuple[float, ...] = ()) -> SplitDecision:
     """The policy's decision on `draining_on_64`'s view 60 s after its first (past every dwell)."""
-    policy = ModelPolicy(committed_model(H100))
-    policy.decide(view_from_dict(draining_on_64(40.0, None, num_decoding, live_tpot_ms)), RUN30_TARGETS)
-    return policy.decide(view_from_dict(draining_on_64(100.0, without_stalls_ms, num_decoding, live_tpot_ms)),
-                         RUN30_TARGETS)
+    return decision_after(draining_on_64(40.0, None, num_decoding, live_tpot_ms),
+                          draining_on_64(100.0, without_stalls_ms, num_decoding, live_tpot_ms))
 
 
 def test_a_tpot_past_target_by_the_stalls_in_it_moves_no_split_toward_decode() -> None:
