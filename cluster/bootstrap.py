@@ -366,8 +366,9 @@ def _get_actor(name: str, namespace: str) -> Any | None:
 def ensure_cluster(cfg: ClusterConfig, created: list[str] | None = None) -> ClusterHandles:
     """Get or start the engine actors (and the controller when Redis is set); wait until ready.
 
-    `created`: the name of each actor this call starts (the controller's too) is added to it as it starts, so
-    that a caller interrupted before this returns knows what to stop (the actors are detached: they outlive it).
+    `created`: the name of each actor this call starts (the controller's too) is added to it just before it starts,
+    so that a caller interrupted before this returns knows what to stop (the actors are detached: they outlive it);
+    a name there may have no actor yet.
     """
     import ray
 
@@ -386,12 +387,12 @@ def ensure_cluster(cfg: ClusterConfig, created: list[str] | None = None) -> Clus
             actors[name] = existing
             continue
         cls = engine_actor_cls(num_gpus=gpus, num_cpus=cfg.num_cpus_per_actor, resources=cfg.resources_for(i))
+        started.append(name)
+        created.append(name)  # before `.remote()`, inside which the actor registers: a Ctrl-C there must stop it too
         actors[name] = cls.options(name=name, namespace=cfg.namespace, lifetime="detached", get_if_exists=True,
                                    max_restarts=cfg.engine_restarts, runtime_env={"env_vars": kernel_env()},
                                    ).remote(name, cfg.engine_config(), cfg.publisher_config(),
                                             model_source=cfg.model_source(), stream_interval=cfg.stream_interval)
-        started.append(name)
-        created.append(name)
     names = list(actors)
     infos = ray.get([actors[n].ready.remote() for n in names], timeout=cfg.ready_timeout_s)
     by_name = dict(zip(names, infos))
@@ -404,12 +405,12 @@ def ensure_cluster(cfg: ClusterConfig, created: list[str] | None = None) -> Clus
     if cfg.wants_controller:
         existing = _get_actor(cfg.controller_name, cfg.namespace)
         if existing is None:
+            handles.controller_created = True
+            created.append(cfg.controller_name)
             existing = controller_actor_cls().options(
                 name=cfg.controller_name, namespace=cfg.namespace, lifetime="detached", get_if_exists=True,
                 max_restarts=-1,
             ).remote(cfg.controller_config(), autostart=True)
-            handles.controller_created = True
-            created.append(cfg.controller_name)
         ray.get(existing.start.remote(), timeout=cfg.ready_timeout_s)
         handles.controller = existing
     return handles

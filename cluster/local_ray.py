@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 
 GCS_PROBE_TIMEOUT_S = 2.0  # a GCS that does not answer a KV read within this is taken for gone
 GCS_PROBE_INTERVAL_S = 1.0  # how often a shutdown step's GCS is asked while the step runs
+GCS_LOST_AFTER_MISSES = 3  # probes in a row unanswered before the GCS is taken for gone (a busy one misses one)
 RAY_WORKER_EXIT_TIMEOUT_S = 5.0  # Ray's worker processes end themselves once their raylet is gone; else killed
 
 
@@ -44,8 +45,8 @@ class RayCalls:
 
     A call that needs a GCS which is gone (`ray.get_actor`, `ray.kill`, `serve.shutdown`) blocks inside Ray, where
     no signal reaches it, until Ray's core worker ends the whole process a minute later (exit 1, nothing stopped).
-    Once a probe (`answers`) fails the GCS is `lost`: the call is left behind (`blocked`) and later ones are
-    skipped, each with a line saying so.
+    Once `GCS_LOST_AFTER_MISSES` probes (`answers`) in a row fail, the GCS is `lost`: the call is left behind
+    (`blocked`) and later ones are skipped, each with a line saying so.
     """
 
     def __init__(self, answers: Callable[[], bool] = gcs_answers) -> None:
@@ -93,8 +94,9 @@ class RayCalls:
                 self._check()
 
     def _check(self) -> bool:
-        """Whether the GCS still answers; the first time it does not, say so (`lost` from then on)."""
-        if not self.lost and not self.answers():
+        """Whether the GCS still answers, asked up to `GCS_LOST_AFTER_MISSES` times; the first time it does not,
+        say so (`lost` from then on)."""
+        if not self.lost and not any(self.answers() for _ in range(GCS_LOST_AFTER_MISSES)):
             self.lost = True
             print("Ray's GCS does not answer (did the signal stop Ray too?): the shutdown steps that need it are "
                   "skipped", file=sys.stderr, flush=True)
