@@ -19,7 +19,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-GCS_PROBE_TIMEOUT_S = 2.0  # a GCS that does not answer a KV read within this is taken for gone
+GCS_PROBE_TIMEOUT_S = 2.0  # a GCS that does not answer a KV read within this missed the probe
 GCS_PROBE_INTERVAL_S = 1.0  # how often a shutdown step's GCS is asked while the step runs
 GCS_LOST_AFTER_MISSES = 3  # probes in a row unanswered before the GCS is taken for gone (a busy one misses one)
 RAY_WORKER_EXIT_TIMEOUT_S = 5.0  # Ray's worker processes end themselves once their raylet is gone; else killed

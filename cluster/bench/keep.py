@@ -23,7 +23,7 @@ RESULT_SCHEMA_PREFIX = SCHEMA.rsplit("/", 1)[0] + "/"  # any version of `bench s
 # an absolute path on a lent machine (or a checkout's); kept as its last component, e.g. a model's folder name
 MACHINE_PATH = re.compile(r"/(?:tmp|opt|work|root|home|mnt|var)(?:/[\w.+-]+)+/?")
 STALL_KINDS = ("decode stalled", "prefill stalled", "paused")
-STALL_LINE = re.compile(r" (decode stalled|prefill stalled|paused): ")
+STALL_LINE = re.compile(f" ({'|'.join(STALL_KINDS)}): ")
 # Ray's worker prefix (colour codes, "(EngineActor pid=...)") before a log record's date
 LOG_RECORD_START = re.compile(r"\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2},\d{3} ")
 LEFT_OUT_SUFFIXES = (".gpu.csv",)  # the clock and power samples: each result's log line summarises them
