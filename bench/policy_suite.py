@@ -15,6 +15,7 @@ through every case, about 13 times as long. `--policy reactive` runs the semi-PD
 or TPOT over its target moves one split step, `ReactivePolicy`), at the same decision interval. `--stalls RATE:S`
 stops decode now and then while prompts wait (a fresh server's first windows on the H100, run 30), `--hide stalls`
 leaves the TPOT so far without stalls out of the view (the policy then takes a stall for a slow step).
+`--admission reject|queue` runs admission control (slack 1) in front of the engine, as `semipd serve --admission`.
 The figures quoted in docs/perf/serve-h200.md (run 19 on) are this script's.
 """
 
@@ -31,6 +32,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from engine_sim import Phase, SimResult, simulate, with_prefill_factor  # noqa: E402
 
+from actors.slo.admission import ADMISSION_ACTIONS, AdmissionConfig, AdmissionController  # noqa: E402
 from actors.slo.latency_model import LatencyModel, load_models  # noqa: E402
 from actors.slo.policy import make_policy  # noqa: E402
 from actors.slo.types import SLOTargets  # noqa: E402
@@ -116,11 +118,19 @@ def main(argv: list[str] | None = None) -> int:
                              "so far without stalls): the policy then reads a stall as a slow decode step")
     parser.add_argument("--policy", choices=("model", "reactive"), default="model",
                         help="the split policy to run: ours (default) or the semi-PD paper's reactive rule")
+    parser.add_argument("--admission", choices=("off", *ADMISSION_ACTIONS), default="off",
+                        help="admission control, as `semipd serve --admission` sets it (slack 1): `reject` refuses a "
+                             "request predicted past its TTFT target (a miss), `queue` serves it after the others")
+    parser.add_argument("--aging-s", type=float, default=None, metavar="S",
+                        help="with --admission queue: a request held back goes ahead of younger ones after S seconds "
+                             "(default twice the TTFT target, as `semipd serve --aging-s`)")
     parser.add_argument("--fixed", action="store_true",
                         help="also hold each split of the profile fixed, and print each case's best beside the policy")
     args = parser.parse_args(argv)
     if args.seeds < 1:
         parser.error(f"--seeds must be >= 1, got {args.seeds}")
+    if args.aging_s is not None and not args.aging_s > 0:
+        parser.error(f"--aging-s must be positive, got {args.aging_s}")
     models = list(load_models(args.profile).values())
     chosen = [m for m in models if m.device == args.device] if len(models) > 1 else models
     if len(chosen) != 1:
@@ -135,9 +145,12 @@ def main(argv: list[str] | None = None) -> int:
     def runs(engine: LatencyModel, phases: list[Phase], targets: SLOTargets, start_sms: int,
              dynamic: bool) -> list[SimResult]:
         """One per seed; `dynamic`: a fresh policy for each seed (it keeps state per engine), else fixed."""
+        admission = None
+        if args.admission != "off":  # the engine's controller holds the profile, as the policy does
+            admission = AdmissionController(model, AdmissionConfig(ttft_ms=targets.ttft_ms, action=args.admission))
         return [simulate(engine, phases, targets, start_sms, make_policy(args.policy, model) if dynamic else None,
                          seed=s, dt=0.01, hide=frozenset(args.hide), switch_transient=args.switch_transient,
-                         stalls=args.stalls) for s in range(args.seeds)]
+                         stalls=args.stalls, admission=admission, aging_s=args.aging_s) for s in range(args.seeds)]
 
     def attainment_pct(results: list[SimResult]) -> float:
         return 100.0 * sum(r.attainment for r in results) / len(results)

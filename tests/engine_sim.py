@@ -103,18 +103,22 @@ def arrivals(phases: list[Phase], seed: int) -> list[SimRequest]:
 def simulate(model: LatencyModel, phases: list[Phase], targets: SLOTargets, start_sms: int,
              policy: SplitPolicy | None = None, seed: int = 0, dt: float = 0.005,
              decide_every_s: float = 0.5, hide: frozenset[str] = frozenset(),
-             admission: AdmissionController | None = None,
+             admission: AdmissionController | None = None, aging_s: float | None = None,
              switch_transient: tuple[float, float] = (0.0, 1.0),
              stalls: tuple[float, float] = (0.0, 0.0)) -> SimResult:
     """Run `phases` to the last request's end on `start_sms` prefill SMs, moved by `policy` if given. `hide`
     leaves out of the view "arrivals" (their rate), "lengths" (mean prompt and output lengths), "budgets" (the
     arrivals' max_tokens), "speed" (the prefill iteration) and/or "stalls" (the TPOT samples and the TPOT so far
     without stalls).
-    `admission` (its `reject` action) refuses an arriving request as the engine would; a refused request counts as
-    one that missed its targets."""
+    `admission` admits an arriving request as the engine would: its `reject` action refuses one predicted past its
+    target (a refused request counts as one that missed its targets), its `queue` action puts it behind the others,
+    prefilled when no other waits or once it has waited `aging_s` (default twice the TTFT target, as
+    `actors.slo.ordering` ages it), then ahead of the younger ones."""
     todo = deque(arrivals(phases, seed))
     total = len(todo)
     queue: deque[SimRequest] = deque()
+    held_back: deque[SimRequest] = deque()  # queued by admission behind the others
+    aging = aging_s if aging_s is not None else 2.0 * targets.ttft_ms / 1000.0
     decoding: list[SimRequest] = []
     done: list[SimRequest] = []
     window, budgets = RateWindow(), RateWindow()  # the arrivals' prompt tokens and their output (max_tokens)
@@ -126,14 +130,16 @@ def simulate(model: LatencyModel, phases: list[Phase], targets: SLOTargets, star
     steps: deque[tuple[float, float]] = deque()  # (time, decode step ms) of the last STEP_SPAN_S
     decide_ticks = round(decide_every_s / dt)
     tick = 0
-    while todo or queue or decoding:
+    while todo or queue or held_back or decoding:
         now = tick * dt
         while todo and todo[0].arrival <= now:
             arrived = todo.popleft()
             window.add(arrived.prompt, now=now)
             budgets.add(arrived.output, now=now)
-            if admission is None or _admitted(admission, model, arrived, queue, decoding, sms):
-                queue.append(arrived)
+            verdict = "admit" if admission is None else _admitted(admission, model, arrived, queue, decoding, sms)
+            if verdict != "reject":
+                (queue if verdict == "admit" else held_back).append(arrived)
+        _release_held_back(queue, held_back, now, aging)
         busy_since = (max(busy_since, last_switch) if busy_since is not None else now) if queue else None
         stalled_by_now = stalled_s - max(0.0, stalled_until - now)  # a stall starting now adds nothing by now
         _prefill(model, queue, decoding, sms, now, dt, stalled_by_now)
@@ -150,7 +156,8 @@ def simulate(model: LatencyModel, phases: list[Phase], targets: SLOTargets, star
             steps.popleft()
         if policy is not None and tick % decide_ticks == 0:
             step_mean = sum(ms for _, ms in steps) / len(steps) if steps else 0.0
-            view = _view(model, sms, queue, decoding, done, window, budgets, last_switch, now, hide, step_mean,
+            waiting = deque((*queue, *held_back))
+            view = _view(model, sms, waiting, decoding, done, window, budgets, last_switch, now, hide, step_mean,
                          stalled_by_now)
             if "speed" not in hide and queue and busy_since is not None and now - busy_since >= PREFILL_SPEED_AFTER_S:
                 view = replace(view, prefill_iteration_ms=_chunk_ms(model, queue, decoding, sms),
@@ -167,17 +174,31 @@ def simulate(model: LatencyModel, phases: list[Phase], targets: SLOTargets, star
 
 
 def _admitted(admission: AdmissionController, model: LatencyModel, req: SimRequest, queue: deque[SimRequest],
-              decoding: list[SimRequest], sms: int) -> bool:
-    """Whether `admission` admits `req` into the engine as it stands (the deployment's TTFT target); while
-    prompts wait, the engine reports its prefill iterations (full chunks at `model`'s speed)."""
+              decoding: list[SimRequest], sms: int) -> str:
+    """What `admission` does with `req` in the engine as it stands (the deployment's TTFT target): "admit", "hold"
+    (queued behind the others) or "reject". The prediction counts the requests of `queue`, not those held back (they
+    go after it); while prompts wait, the engine reports its prefill iterations (full chunks at `model`'s speed)."""
     iteration_ms = _chunk_ms(model, queue, decoding, sms) if queue else 0.0
     snapshot = QueueSnapshot(round(sum(r.prefill_left for r in queue)), len(queue), len(decoding), sms,
                              iteration_ms, float(CHUNK_TOKENS) if queue else 0.0)
     try:
-        admission.admit(req.prompt, snapshot)
+        priority = admission.admit(req.prompt, snapshot)
     except AdmissionRejected:
-        return False
-    return True
+        return "reject"
+    return "admit" if priority == 0 else "hold"
+
+
+def _release_held_back(queue: deque[SimRequest], held_back: deque[SimRequest], now: float, aging_s: float) -> None:
+    """Move the held-back requests that have waited `aging_s` ahead of the younger ones in `queue` (after a prompt
+    partly prefilled), and the oldest one held back into an empty `queue`."""
+    aged = []
+    while held_back and now - held_back[0].arrival >= aging_s:
+        aged.append(held_back.popleft())
+    if not queue and not aged and held_back:
+        aged.append(held_back.popleft())
+    if aged:
+        head = [queue.popleft()] if queue and queue[0].prefill_left < queue[0].prompt else []
+        queue.extendleft(reversed(head + aged))
 
 
 def _prefill(model: LatencyModel, queue: deque[SimRequest], decoding: list[SimRequest], sms: int, now: float,
