@@ -9,6 +9,7 @@ import pytest
 
 from actors.config import CacheConfig, EngineConfig, SchedulerConfig
 from actors.engine.core import EngineCore
+from actors.engine.workers import PrefillWorker
 from actors.kv.allocator import BlockAllocator
 from actors.kv.manager import KVManager
 from actors.request import Request, SamplingParams
@@ -36,10 +37,10 @@ def per_token_model() -> LatencyModel:
     )
 
 
-def engine_with_admission(model_dir: Path, action: str, target_tokens: int) -> EngineCore:
+def engine_with_admission(model_dir: Path, action: str, target_tokens: int, mode: str = "unified") -> EngineCore:
     """A CPU engine, not started (requests wait in its queue), whose admission allows a predicted TTFT of the time
     `target_tokens` queued prompt tokens take."""
-    config = EngineConfig(model=str(model_dir), cache=CacheConfig(page_size=PAGE, num_pages=128),
+    config = EngineConfig(model=str(model_dir), mode=mode, cache=CacheConfig(page_size=PAGE, num_pages=128),
                           scheduler=SchedulerConfig(max_prefill_tokens=1024))
     core = EngineCore(config, emit=lambda deltas: None)
     model = per_token_model()
@@ -88,6 +89,30 @@ def test_queue_mode_serves_a_request_that_can_meet_its_target_before_the_late_on
     _, reqs = core.prefill.schedule()
     assert [(r.request_id, r.priority) for r in reqs] == [
         ("first", 0), ("short", 0), ("late1", QUEUE_PRIORITY), ("late2", QUEUE_PRIORITY)]
+
+
+class StillRunning:
+    """A draw whose iteration has not ended on the device (what a CPU engine's synchronous iterations never leave)."""
+
+    def finished(self) -> bool:
+        return False
+
+
+def test_a_prefill_iteration_still_on_the_device_counts_ahead(tiny_llama: Path) -> None:
+    """The scheduler accounts for an iteration's chunks when it is queued; until it ends on the device, its prompt
+    tokens still stand between a new request and its first token."""
+    core = engine_with_admission(tiny_llama, "reject", target_tokens=150, mode="semi-pd")
+    (worker,) = [w for w in core.workers if isinstance(w, PrefillWorker)]
+    core.add_request("first", prompt(120), PARAMS)
+    assert worker.step()  # its one iteration, ended within the step on the CPU
+    assert worker._on_device is not None and worker._on_device[1] == 120
+    assert core.prefill_tokens_on_device() == 0 and not core.prefill.has_work()
+    core.add_request("second", prompt(100, 1), PARAMS)
+    core.add_request("short", prompt(40, 2), PARAMS)  # 100 + 40 tokens: within the target
+    worker._on_device = (StillRunning(), 120)  # type: ignore[assignment]  # an iteration of 120 tokens on the device
+    assert core.prefill_tokens_on_device() == 120
+    with pytest.raises(AdmissionRejected, match="260 prompt tokens queued ahead"):
+        core.add_request("behind", prompt(20, 3), PARAMS)  # 100 + 40 + 120 ahead of it
 
 
 def test_queued_ahead_of_counts_aged_requests_of_a_lower_priority_under_edf() -> None:

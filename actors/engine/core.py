@@ -518,6 +518,11 @@ class EngineCore:
                     return recent
         return RecentIterations(0, 0.0, 0.0)
 
+    def prefill_tokens_on_device(self) -> int:
+        """Prompt tokens of the prefill worker's iteration still running on the device (0: none, or no prefill
+        worker): `PrefillWorker.tokens_on_device`."""
+        return sum(w.tokens_on_device() for w in self.workers if isinstance(w, PrefillWorker))
+
     def _allocator_counts(self) -> dict[str, int]:
         if self.device.type != "cuda":
             return {}

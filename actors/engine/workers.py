@@ -576,6 +576,7 @@ class PrefillWorker(Worker):
     name = "prefill"
     overlap = True
     _queued: _QueuedPrefill | None = None  # the last iteration that samples, its first tokens not yet taken
+    _on_device: tuple[Drawn, int] | None = None  # the last iteration queued, and its prompt tokens
     _unwaited_reqs: tuple[Request, ...] = ()  # the requests with a chunk in `unwaited`
 
     def step(self) -> bool:
@@ -597,6 +598,13 @@ class PrefillWorker(Worker):
             self.finish()
         return bool(chunks) or previous is not None
 
+    def tokens_on_device(self) -> int:
+        """Prompt tokens of the iteration queued on the device that has not ended there (0: none). The scheduler
+        accounts for an iteration's chunks when it is queued (`PrefillScheduler.finish_chunk`), so a new prompt
+        waits for these on top of what the scheduler counts ahead of it. Any thread may ask."""
+        on_device = self._on_device
+        return 0 if on_device is None or on_device[0].finished() else on_device[1]
+
     def finish(self) -> None:
         """Take the first tokens of the iteration still queued (the loop's end calls this too)."""
         queued, self._queued = self._queued, None
@@ -617,6 +625,7 @@ class PrefillWorker(Worker):
             self._fail_prefills(reqs, e)
             return None
         self.unwaited, self._unwaited_reqs = drawn, tuple(reqs)
+        self._on_device = (drawn, sum(c.num_tokens for c in chunks))
         for c, r in zip(chunks, reqs):
             self.prefill.finish_chunk(r, c.num_tokens)
         return _QueuedPrefill(drawn, sample_reqs, reqs) if sample_reqs else None

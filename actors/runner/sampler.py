@@ -149,6 +149,15 @@ class Drawn:
         except RuntimeError:
             pass
 
+    def finished(self) -> bool:
+        """Whether the draw has ended on the device (without waiting; a device error counts as ended)."""
+        if self.done is None:
+            return True
+        try:
+            return self.done.query()
+        except RuntimeError:
+            return True
+
     def result(self) -> SampleResult:
         if self.done is not None:
             self.done.synchronize()
