@@ -1359,15 +1359,18 @@ def test_engine_offline_bench_says_where_the_job_went_on_cpu(tiny_llama: Path) -
 
 
 def test_engine_contention_bench_runs_on_cpu(tiny_llama: Path) -> None:
-    """The GPU engine benchmark's contention part on the CPU engine: one row per decode condition (idle, back to
-    back, each pace), every one timing the same prompts; no telemetry off a GPU."""
+    """The GPU engine benchmark's contention part on the CPU engine: per split, in the order given, one row per
+    decode condition (idle, back to back, each pace), every one timing the same prompts, with the decode batch's
+    context at the start; no telemetry off a GPU."""
     from cluster.bench.engine_bench import bench_contention, format_table
 
-    rows = bench_contention(str(tiny_llama), 64, 2, (5.0,), prompts=3, prompt_len=48, ctx=16)
-    assert [(r["decode"], r["decode_batch"], r["pace_ms"]) for r in rows] == [
-        ("idle", 0, None), ("back to back", 2, None), ("paced 5 ms", 2, 5.0)]
+    rows = bench_contention(str(tiny_llama), (72, 64), 2, (5.0,), prompts=3, prompt_len=48, ctx=16)
+    assert [(r["prefill_sms"], r["decode"], r["decode_batch"], r["pace_ms"]) for r in rows] == [
+        (72, "idle", 0, None), (72, "back to back", 2, None), (72, "paced 5 ms", 2, 5.0),
+        (64, "idle", 0, None), (64, "back to back", 2, None), (64, "paced 5 ms", 2, 5.0)]
     assert all(r["prefill_tokens_per_s"] > 0 and r["prompts"] * r["prompt_len"] == 144 for r in rows)
     assert rows[0]["decode_step_ms"] is None and rows[0]["paced_s"] == rows[1]["paced_s"] == 0.0
+    assert rows[0]["decode_context_tokens"] == 0 and all(r["decode_context_tokens"] >= 2 * 16 for r in rows[1:3])
     assert "sm_clock_mhz" not in rows[0]
     table = format_table(dict(model="m", device="cpu", date="d", commit="c", command="x",
                               ceilings=dict(copy_TBps=1.0, matmul_TFLOPs=1.0), contention=rows))

@@ -297,56 +297,67 @@ def bench_decode_loop(model_dir: str, overlap: bool, batches: tuple[int, ...], c
     return rows
 
 
-def bench_contention(model_dir: str, prefill_sms: int, decode_batch: int, paces_ms: tuple[float, ...],
+def bench_contention(model_dir: str, splits: tuple[int, ...], decode_batch: int, paces_ms: tuple[float, ...],
                      prompts: int = 8, prompt_len: int = 4096, ctx: int = 512) -> list[dict[str, Any]]:
-    """Prefill speed beside decode, on one split of `prefill_sms` prefill SMs: `prompts` prompts of `prompt_len`
-    tokens (one output token each) are prefilled with decode idle, then beside `decode_batch` requests (`ctx`
-    prompt tokens) decoding back to back, then paced at each of `paces_ms` (`DecodeWorker.pace`, as
-    `decode_pace_ms` sets it). Per row: prefill tokens/s from the first prefill iteration's start to the last one's end, the
-    decode worker's median iteration in that span, and the GPU's SM clock and power meanwhile (`GpuTelemetry`;
-    none off a GPU)."""
+    """Prefill and decode beside each other on each of `splits` (prefill SMs), one engine switched between them:
+    `prompts` prompts of `prompt_len` tokens (one output token each) are prefilled with decode idle, then beside
+    `decode_batch` requests (`ctx` prompt tokens) decoding back to back, then paced at each of `paces_ms`
+    (`DecodeWorker.pace`, as `decode_pace_ms` sets it). Per row: prefill tokens/s from the first prefill
+    iteration's start to the last one's end, the decode worker's median iteration in that span and the decode
+    batch's context tokens at its start, and the GPU's SM clock and power meanwhile (`GpuTelemetry`; none off a
+    GPU)."""
     from actors.engine.frontend import LLM
-    from actors.engine.workers import DecodeWorker
 
     rows = []
-    with LLM(model_dir, mode="semi-pd", load_format="dummy", splits=(prefill_sms,),
+    with LLM(model_dir, mode="semi-pd", load_format="dummy", splits=tuple(sorted(splits)),
              scheduler=SchedulerConfig(max_decode_seqs=max(1, decode_batch))) as llm:
-        core = llm.core
-        prefill_worker, decode_worker = core.workers
-        assert isinstance(decode_worker, DecodeWorker)
-        vocab = core.arch.vocab_size
-        decoding = SamplingParams(max_tokens=core.max_model_len - ctx, temperature=0.0, ignore_eos=True,
-                                  detokenize=False)
-        first_token = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False)
         conditions: list[tuple[str, float | None]] = [("idle", None), ("back to back", None)]
         conditions += [(f"paced {pace:g} ms", pace) for pace in paces_ms]
-        for n, (label, pace) in enumerate(conditions):
-            batch = 0 if label == "idle" else decode_batch
-            for i in range(batch):
-                core.add_request(f"c{n}-d{i}", [(11 * i + j) % vocab for j in range(ctx)], decoding)
-            _wait(lambda: core.decode.num_running == batch, 600, f"{batch} requests to reach decode")
-            decode_worker.pace(pace)
-            core.allocator.reset_prefix_cache()
-            t0 = time.monotonic()
-            with GpuTelemetry() as telemetry:
-                for i in range(prompts):
-                    core.add_request(f"c{n}-p{i}", [(n + 13 * i + 7 * j) % vocab for j in range(prompt_len)],
-                                     first_token)
-                _wait(lambda: core.num_unfinished == batch, 600, f"{prompts} prompts to be prefilled")
-            span = [it for it in list(prefill_worker.iteration_log) if it.start >= t0 and it.tokens > 0]
-            start, end = span[0].start, max(it.start + it.seconds for it in span)
-            steps = [it.seconds for it in list(decode_worker.iteration_log) if start <= it.start <= end]
-            for i in range(batch):
-                core.abort(f"c{n}-d{i}")
-            _wait(lambda: core.num_unfinished == 0, 60, "the aborted requests to end")
-            rows.append(dict(decode=label, decode_batch=batch, pace_ms=pace, prefill_sms=core.partitioner.current,
-                             prompts=prompts, prompt_len=prompt_len,
-                             prefill_tokens_per_s=prompts * prompt_len / (end - start),
-                             decode_step_ms=statistics.median(steps) * 1e3 if steps else None,
-                             paced_s=decode_worker.pacer.waited_s if decode_worker.pacer else 0.0,
-                             **telemetry.summary()))
-            decode_worker.pace(None)
+        for prefill_sms in splits:
+            llm.core.partitioner.switch(prefill_sms, reason="bench")
+            for label, pace in conditions:
+                batch = 0 if label == "idle" else decode_batch
+                rows.append(_contention_row(llm.core, f"s{prefill_sms}-{len(rows)}", label, batch, pace, prompts,
+                                            prompt_len, ctx))
     return rows
+
+
+def _contention_row(core: EngineCore, tag: str, label: str, batch: int, pace: float | None, prompts: int,
+                    prompt_len: int, ctx: int) -> dict[str, Any]:
+    """One condition of `bench_contention` on the engine's current split."""
+    from actors.engine.workers import DecodeWorker
+
+    prefill_worker, decode_worker = core.workers
+    assert isinstance(decode_worker, DecodeWorker)
+    vocab = core.arch.vocab_size
+    decoding = SamplingParams(max_tokens=core.max_model_len - ctx, temperature=0.0, ignore_eos=True,
+                              detokenize=False)
+    first_token = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False)
+    for i in range(batch):
+        core.add_request(f"{tag}-d{i}", [(11 * i + j) % vocab for j in range(ctx)], decoding)
+    _wait(lambda: core.decode.num_running == batch, 600, f"{batch} requests to reach decode")
+    decode_worker.pace(pace)
+    core.allocator.reset_prefix_cache()
+    t0 = time.monotonic()
+    context = core.decode.context_tokens()
+    with GpuTelemetry() as telemetry:
+        for i in range(prompts):
+            core.add_request(f"{tag}-p{i}", [(len(tag) + 13 * i + 7 * j) % vocab for j in range(prompt_len)],
+                             first_token)
+        _wait(lambda: core.num_unfinished == batch, 600, f"{prompts} prompts to be prefilled")
+    span = [it for it in list(prefill_worker.iteration_log) if it.start >= t0 and it.tokens > 0]
+    start, end = span[0].start, max(it.start + it.seconds for it in span)
+    steps = [it.seconds for it in list(decode_worker.iteration_log) if start <= it.start <= end]
+    for i in range(batch):
+        core.abort(f"{tag}-d{i}")
+    _wait(lambda: core.num_unfinished == 0, 60, "the aborted requests to end")
+    row = dict(decode=label, decode_batch=batch, decode_context_tokens=context, pace_ms=pace,
+               prefill_sms=core.partitioner.current, prompts=prompts, prompt_len=prompt_len,
+               prefill_tokens_per_s=prompts * prompt_len / (end - start),
+               decode_step_ms=statistics.median(steps) * 1e3 if steps else None,
+               paced_s=decode_worker.pacer.waited_s if decode_worker.pacer else 0.0, **telemetry.summary())
+    decode_worker.pace(None)
+    return row
 
 
 def _full_steps(worker: Any, split_version: int, batch: int, since: float = 0.0) -> list[float]:
@@ -527,7 +538,7 @@ def run_engine_bench(model_dir: str, parts: set[str], vllm_json: str | None = No
         result["switch"] = in_fresh_process(switch_part, model_dir)
         checkpoint(result)
     if "contention" in parts:
-        result["contention"] = in_fresh_process(bench_contention, model_dir, 96, 32, (15.0, 20.0), prompts=16)
+        result["contention"] = in_fresh_process(bench_contention, model_dir, (96,), 32, (15.0, 20.0), prompts=16)
         checkpoint(result)
     if "offline" in parts:
         result["offline"] = []
@@ -595,16 +606,16 @@ def format_table(result: dict[str, Any]) -> str:
                          f"{r.get('slowest_after_ms', math.nan):.1f} | {r.get('revisit_slowest_after_ms', math.nan):.1f} |")
         lines.append("")
     if "contention" in result:
-        lines += ["## Prefill beside decode (semi-pd, one split; decode idle, back to back, or paced)", "",
+        lines += ["## Prefill beside decode (semi-pd; decode idle, back to back, or paced)", "",
                   "| decode | decode batch | prefill SMs | prefill tok/s | vs idle | decode step ms | SM clock MHz "
                   "(min) | power W |", "|---|---|---|---|---|---|---|---|"]
-        idle = result["contention"][0]["prefill_tokens_per_s"]
+        idle = {r["prefill_sms"]: r["prefill_tokens_per_s"] for r in result["contention"] if r["decode_batch"] == 0}
         for r in result["contention"]:
             step = "-" if r["decode_step_ms"] is None else f"{r['decode_step_ms']:.2f}"
             clock = f"{r['sm_clock_mhz']:.0f} ({r['sm_clock_min_mhz']:.0f})" if "sm_clock_mhz" in r else "-"
             power = f"{r['power_w']:.0f}" if "power_w" in r else "-"
             lines.append(f"| {r['decode']} | {r['decode_batch']} | {r['prefill_sms']} | {r['prefill_tokens_per_s']:.0f} | "
-                         f"{r['prefill_tokens_per_s'] / idle:.2f}x | {step} | {clock} | {power} |")
+                         f"{r['prefill_tokens_per_s'] / idle[r['prefill_sms']]:.2f}x | {step} | {clock} | {power} |")
         lines.append("")
     if "offline" in result or "vllm" in result:
         lines += ["## Offline job (256 requests, 128-1024 prompt tokens, 128 output tokens, ignore_eos)", "",
