@@ -527,6 +527,7 @@ class EngineActor:
             arrival_mean_prompt_tokens=self.arrivals.mean_amount(),
             mean_output_tokens=self.window.mean_output_tokens(),
             arrival_mean_max_tokens=self.arrival_budgets.mean_amount(),
+            refuses_late=self.config.slo.admission and self.config.slo.admission_action == "reject",
             requests_total=self._requests_total,
             finish_reasons=dict(self._finished),
             in_flight_ids=sorted(self._in_flight_ids),

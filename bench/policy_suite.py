@@ -15,7 +15,8 @@ through every case, about 13 times as long. `--policy reactive` runs the semi-PD
 or TPOT over its target moves one split step, `ReactivePolicy`), at the same decision interval. `--stalls RATE:S`
 stops decode now and then while prompts wait (a fresh server's first windows on the H100, run 30), `--hide stalls`
 leaves the TPOT so far without stalls out of the view (the policy then takes a stall for a slow step).
-`--admission reject|queue` runs admission control (slack 1) in front of the engine, as `semipd serve --admission`.
+`--admission reject|queue` runs admission control (slack 1) in front of the engine, as `semipd serve --admission`
+(with `reject` the engine's view says it refuses late prompts, as a GPU actor's does).
 The figures quoted in docs/perf/serve-h200.md (run 19 on) are this script's.
 """
 

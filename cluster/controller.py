@@ -142,6 +142,7 @@ def view_from_dict(d: Mapping[str, Any]) -> EngineView:
             live_tpot_ms=_samples(d.get("live_tpot_ms")),
             live_tpot_without_stalls_ms=_samples(d.get("live_tpot_without_stalls_ms")),
             tpot_without_stalls_ms=_samples(d.get("tpot_without_stalls_ms")),
+            refuses_late=s.get("refuses_late") is True,
         )
     except (KeyError, TypeError, AttributeError, ArithmeticError) as e:
         raise ValueError(f"malformed view: {type(e).__name__}: {e}") from e

@@ -111,7 +111,7 @@ def simulate(model: LatencyModel, phases: list[Phase], targets: SLOTargets, star
     arrivals' max_tokens), "speed" (the prefill iteration) and/or "stalls" (the TPOT samples and the TPOT so far
     without stalls).
     `admission` admits an arriving request as the engine would: its `reject` action refuses one predicted past its
-    target (a refused request counts as one that missed its targets), its `queue` action puts it behind the others,
+    target (a refused request counts as one that missed its targets; the view tells the policy, `refuses_late`), its `queue` action puts it behind the others,
     prefilled when no other waits or once it has waited `aging_s` (default twice the TTFT target, as
     `actors.slo.ordering` ages it), then ahead of the younger ones."""
     todo = deque(arrivals(phases, seed))
@@ -159,6 +159,8 @@ def simulate(model: LatencyModel, phases: list[Phase], targets: SLOTargets, star
             waiting = deque((*queue, *held_back))
             view = _view(model, sms, waiting, decoding, done, window, budgets, last_switch, now, hide, step_mean,
                          stalled_by_now)
+            if admission is not None and admission.config.action == "reject":
+                view = replace(view, refuses_late=True)
             if "speed" not in hide and queue and busy_since is not None and now - busy_since >= PREFILL_SPEED_AFTER_S:
                 view = replace(view, prefill_iteration_ms=_chunk_ms(model, queue, decoding, sms),
                                prefill_iteration_tokens=float(CHUNK_TOKENS))

@@ -230,6 +230,7 @@ def test_engine_actor_publishes_only_requests_that_arrived_after_the_switch(tiny
         assert actor.view()["ttft_ms"] == [] and len((await actor.load()).stats["ttft_ms"]) == 1
         assert [c async for c in actor_stream(actor, GenerateRequest("after", [256, 3], params))][-1].finished
         assert len(actor.view()["ttft_ms"]) == 1 and len(actor.view()["tpot_ms"]) == 1
+        assert actor.view()["stats"]["refuses_late"] is False  # no admission control: late prompts queue
         await actor.shutdown()
 
     asyncio.run(main())
@@ -511,6 +512,8 @@ def test_admission_refusal_reaches_the_router_whole(ray_multinode: Any, tiny_lla
         assert refused.value.predicted_ttft_ms > refused.value.target_ms < 1  # its own target (what is left of it)
         assert "admission control" in str(refused.value)
         assert (await collect(router, GenerateRequest("after", [256, 8, 8], params)))[1] == "length"
+        (actor,) = router.state.actors.values()
+        assert (await actor.handle.load.remote()).stats["refuses_late"] is True  # the split policy reads it
 
     try:
         asyncio.run(main())

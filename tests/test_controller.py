@@ -276,14 +276,17 @@ def test_view_from_published_dict() -> None:
                    "num_decoding": 2, "decode_context_tokens": 100, "arrival_tokens_per_s": 250.0,
                    "arrival_mean_prompt_tokens": 125.0, "mean_output_tokens": 30.0, "recent_decode_step_ms": 12.5,
                    "decode_pace_ms": 18.0, "recent_prefill_ms": 140.0, "recent_prefill_tokens": 3500.0,
-                   "arrival_mean_max_tokens": 64.0}}
+                   "arrival_mean_max_tokens": 64.0, "refuses_late": True}}
     v = view_from_dict(d)
     assert (v.engine_id, v.prefill_sms, v.splits, v.ttft_ms, v.waiting_prefill_tokens) == ("e-1", 64, (8, 64, 120),
                                                                                            (1.0, 2.0), 7)
     assert v.arrival_tokens_per_s == 250.0 and v.mean_prompt_tokens == 125.0 and v.mean_output_tokens == 30.0
     assert v.decode_step_ms == 12.5 and v.decode_pace_ms == 18.0
     assert v.prefill_iteration_ms == 140.0 and v.prefill_iteration_tokens == 3500.0 and v.mean_max_tokens == 64.0
-    assert view_from_dict({**d, "stats": {"prefill_sms": 64, "total_sms": 128}}).decode_pace_ms == 0.0  # an older engine
+    assert v.refuses_late
+    older = view_from_dict({**d, "stats": {"prefill_sms": 64, "total_sms": 128}})
+    assert older.decode_pace_ms == 0.0 and not older.refuses_late
+    assert not view_from_dict({**d, "stats": {**d["stats"], "refuses_late": "yes"}}).refuses_late  # only a JSON true
 
 
 def test_configs_validate(tiny_llama: Path) -> None:

@@ -601,6 +601,31 @@ def test_a_move_toward_prefill_keeps_tpot_within_target_when_no_split_meets_both
         assert run.attainment >= least and run.switches[0][2] <= 80, run
 
 
+H100_PROFILE = Path(__file__).parent / "data/h100-profile-2026-12-05.json"  # bench/profiles' H100 one since 12-05
+
+
+def test_an_engine_that_refuses_late_prompts_is_not_moved_past_tpot_for_ttft() -> None:
+    """Chat at 37 req/s on the H100, `--admission reject` (serving's run 39, the second prompt set): 9,645 prompt
+    tokens queued, 21.8k prompt tokens/s arriving in a burst. On 64 prefill SMs TTFT is predicted past target; on
+    72, TTFT within and TPOT past it (13.1 ms against 12), as no split with more prefill SMs keeps TPOT. An engine
+    that queues late prompts is moved to 72: else every prompt of the burst is late. One that refuses them holds
+    64: there the burst costs the share refused, where 72 costs the TPOT of every request decoding (run 39: the
+    dynamic server moved to 72 and kept 74.2%, 128 of its 540 admitted requests past TPOT; pinned 64 kept 82.3%).
+    In simulation (`bench/policy_suite.py --admission reject`, H100 profile, 6 seeds) 70.83% -> 77.26%."""
+    (h100,) = load_models(H100_PROFILE).values()
+    targets = SLOTargets(ttft_ms=1000.0, tpot_ms=12.0)
+    burst = EngineView("gpu0", 64, 132, h100.splits, waiting_prefill_tokens=9645, num_decoding=30,
+                       decode_context_tokens=30 * 620, ttft_ms=(1100.0,) * 10, time=100.0, num_prefill_requests=19,
+                       arrival_tokens_per_s=21_800.0, mean_prompt_tokens=525.0, mean_output_tokens=92.0)
+    queues = ModelPolicy(h100).decide(burst, targets)
+    assert queues.prefill_sms == 72 and "TPOT 13.1/12.0 ms, slack -0.09 at 72" in queues.reason
+    refuses = ModelPolicy(h100).decide(replace(burst, refuses_late=True), targets)
+    assert refuses.prefill_sms == 64 and refuses.reason.startswith("hold: best split")
+    # a split that keeps TPOT is still taken: the engine refuses what it must, not what another split serves
+    relaxed = ModelPolicy(h100).decide(replace(burst, refuses_late=True), SLOTargets(ttft_ms=1000.0, tpot_ms=15.0))
+    assert relaxed.prefill_sms > 64 and relaxed.predicted["best_tpot_ms"] <= 15.0
+
+
 def test_model_policy_bounds_switches_under_oscillating_load() -> None:
     """Load flips between prefill- and decode-heavy every 2 s for 10 minutes."""
 
@@ -1349,3 +1374,23 @@ def test_the_policy_suite_prints_every_case_and_the_mean(policy: str, capsys: py
     assert len([line for line in lines if "prefill x" in line]) == 2 * len(suite["cases"]())
     mean = float(lines[-1].rsplit(" ", 1)[1].rstrip("%"))
     assert 0.0 < mean <= 100.0 and lines[-1].startswith(f"mean of {2 * len(suite['cases']())} cases x 1 seeds")
+
+
+def test_the_split_probe_sets_each_decode_row_beside_the_profile() -> None:
+    """`bench/split_probe.py` (serving's run 39, H100): a row with decode steps gets the profile's step for its batch
+    and context on the SMs its split leaves decode, beside prefill, and measured / predicted; prefill-only rows stay
+    as they are; a device with no profile in the file is an error, not another device's profile."""
+    import runpy
+
+    probe = runpy.run_path(str(Path(__file__).resolve().parents[1] / "bench" / "split_probe.py"))
+    model = probe["device_profile"](str(H200_PROFILE), "NVIDIA H200")
+    row = dict(prefill_sms=72, decode="back to back", decode_batch=28, decode_context_tokens=17_698,
+               decode_step_ms=12.0)
+    got = probe["with_prediction"](row, model)
+    predicted = model.decode_step_ms(28, 17_698, model.total_sms - 72, concurrent=True)
+    assert got["predicted_ms"] == predicted > model.decode_step_ms(28, 17_698, model.total_sms - 64, concurrent=True)
+    assert got["ratio"] == pytest.approx(12.0 / predicted)
+    idle = dict(row, decode="idle", decode_batch=0, decode_context_tokens=0, decode_step_ms=None)
+    assert probe["with_prediction"](idle, model) == idle
+    with pytest.raises(SystemExit, match="no profile for"):
+        probe["device_profile"](str(H200_PROFILE), "NVIDIA B200")

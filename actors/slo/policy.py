@@ -14,7 +14,8 @@ and the paper's `ReactivePolicy`, built by name with `make_policy`.
 3. Score each split by its normalized min slack, min(1 - TTFT / target, 1 - TPOT / target).
 4. Hold the current split unless a target is at risk (`at_risk`: observed past target, or predicted slack
    under `comfort_slack`); then look only on the side that relieves it (`_best`: toward decode the nearest
-   comfortable split, toward prefill the most slack, within TPOT's target first).
+   comfortable split, toward prefill the most slack, within TPOT's target first; for an engine that refuses
+   late prompts, `EngineView.refuses_late`, only within it).
 5. Move only if the gain beats `margin`, if the relieved target is observed past (or, for TTFT, the load is
    new) unless the current split is predicted past a target by a quarter (`urgent_slack`), one split step at
    a time without such evidence (`_max_steps`; toward decode never more than `max_decode_steps`), and once
@@ -368,7 +369,8 @@ class ModelPolicy:
         new_load = ("ttft" in needs and state.load is not None
                     and new_prompt_load(state.load, load, cfg.load_change_ratio))
         evident = (observed_past(view, targets, cfg) & needs) | ({"ttft"} if new_load else set())
-        best = self._best(view.splits, current, preds, targets, side, self._max_steps(cur, evident, targets))
+        best = self._best(view.splits, current, preds, targets, side, self._max_steps(cur, evident, targets),
+                          view.refuses_late)
         tpot_missed = ("tpot" in evident and targets.tpot_ms < cur.tpot_ms and cur.slack >= cfg.urgent_slack
                        and best.prefill_sms < current)  # a small miss: relieved by the nearest split that does
         if tpot_missed:
@@ -449,14 +451,16 @@ class ModelPolicy:
         return steps if not cap or (steps and steps <= cap) else cap
 
     def _best(self, splits: tuple[int, ...], current: int, preds: list[SplitPrediction], targets: SLOTargets,
-              side: int = 0, max_steps: tuple[int, int] = (0, 0)) -> SplitPrediction:
+              side: int = 0, max_steps: tuple[int, int] = (0, 0), refuses_late: bool = False) -> SplitPrediction:
         """Within `max_steps` (toward decode, toward prefill; 0: any), on the `side` of the current split (+1:
         more prefill SMs, -1: fewer, 0: either; the current split is always a candidate): toward decode, the
         nearest split predicted comfortable (slack >= `comfort_slack`) by more than `margin` over the current
         one; toward prefill, when the split of the highest slack is predicted past its targets and past TPOT's,
         the highest slack of those predicted within TPOT's, if any, else that split only if it brings TTFT
-        within its target (otherwise the current split); otherwise the highest slack (ties to the nearest
-        split). Why each choice: `docs/split-policy.md`, "Which split on each side"."""
+        within its target and the engine does not refuse late prompts (`refuses_late`: it would trade the
+        refused share of the arrivals for a TPOT missed by every request decoding; otherwise the current split);
+        otherwise the highest slack (ties to the nearest split). Why each choice: `docs/split-policy.md`, "Which
+        split on each side"."""
         def most_slack(candidates: list[SplitPrediction]) -> SplitPrediction:
             return max(candidates, key=lambda p: (round(p.slack, 9), -abs(p.prefill_sms - current)))
 
@@ -473,7 +477,7 @@ class ModelPolicy:
             decode_within = [p for p in allowed if p.tpot_ms <= targets.tpot_ms and p.prefill_sms >= current]
             if decode_within:
                 return most_slack(decode_within)
-            return best if best.ttft_ms <= targets.ttft_ms else preds[i]
+            return best if best.ttft_ms <= targets.ttft_ms and not refuses_late else preds[i]
         return best
 
 

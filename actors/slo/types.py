@@ -48,6 +48,9 @@ class EngineView:
     more decode SMs shorten a step, not a stall (on the H100, run 30, decode stood still for 100-280 ms at times
     under chat at 32 and 37 req/s, on 48, 56 and 64 prefill SMs alike). `tpot_without_stalls_ms` is the same for
     the TPOT samples (`tpot_ms`, in their order) of the requests that ended (empty: unknown).
+    `refuses_late` is true when the engine's admission control refuses a request predicted past its TTFT target
+    (`--admission reject`): arrivals beyond a split's prefill capacity are then refused there, not queued, so a
+    TTFT predicted past target costs the refused share of the arrivals rather than every request's first token.
     """
 
     engine_id: str
@@ -72,6 +75,7 @@ class EngineView:
     live_tpot_ms: tuple[float, ...] = ()
     live_tpot_without_stalls_ms: tuple[float, ...] = ()
     tpot_without_stalls_ms: tuple[float, ...] = ()
+    refuses_late: bool = False
 
 
 @dataclass(frozen=True)
