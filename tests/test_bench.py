@@ -1143,13 +1143,36 @@ def test_timeline_places_misses_streaming_and_switches_in_their_second(tmp_path:
     assert rows[0].startswith("a at 4 req/s configured, 3 requests")
     assert "TTFT>1000ms" in rows[1] and "TPOT>100ms" in rows[1] and "gaps>50ms" in rows[1]
     assert rows[4].split() == ["1-2", "2.0", "40", "1", "500.0", "1", "1", "0", "1", "e0", "64->72"]
-    assert rows[5] == "Split changes not in the table: e1 (2 not listed by the server)"
+    assert rows[5] == ("TPOT misses: 1 (median output 3 tokens); 0 of them within the target with their gaps of "
+                       "30 ms or more a token cut to their median")  # both its gaps are its median
+    assert rows[6] == "Split changes not in the table: e1 (2 not listed by the server)"
     empty = _result([])
     assert empty.split_changes is None and timeline(empty) == []
     assert cli_main(["bench", "timeline", str(write_result(empty, tmp_path / "empty.json"))]) == 0
     assert len(capsys.readouterr().out.splitlines()) == 3  # the title and the header
     assert cli_main(["bench", "timeline", str(tmp_path / "missing.json")]) == 2
     assert "result file not found" in capsys.readouterr().err
+
+
+def test_tpot_misses_counts_those_their_long_gaps_put_past_the_target() -> None:
+    """A miss counts as its gaps' when its TPOT is within the target with each gap of `gap_s` or more a token (a
+    chunk of several tokens has as many times the room) cut to its median gap; a slow stream throughout is not;
+    failed requests and those within the target are not misses."""
+    from cluster.bench.timeline import tpot_misses
+
+    def stream(i: int, itl: list[float], out: int, ok: bool = True) -> RequestRecord:
+        return _rec(i, 0.1, 0.1 + sum(itl), out, itl, ok=ok)
+
+    records = [stream(0, [0.01] * 18 + [0.1] * 2, 21),  # 19 ms a token; 10 ms with the two 100 ms gaps cut
+               stream(1, [0.015] * 20, 21),  # 15 ms a token throughout
+               stream(2, [0.01] * 20, 21),  # within 12 ms
+               stream(3, [0.5] * 20, 21, ok=False),
+               stream(4, [0.12, 0.01, 0.01], 7)]  # 3 chunks of 2 tokens: a 60 ms a token gap, then 5 ms
+    result = _result(records, slos=SLOs(ttft_ms=1000, tpot_ms=12))
+    m = tpot_misses(result, result.slos, 0.03)
+    assert (m.missed, m.explained, m.median_output_tokens, m.gap_s) == (3, 2, 21, 0.03)
+    assert tpot_misses(result, result.slos, 0.2).explained == 0  # no gap that long
+    assert tpot_misses(result, SLOs(ttft_ms=1000), 0.03) is None
 
 
 def test_keep_writes_results_without_records_stall_lines_and_no_machine_paths(
