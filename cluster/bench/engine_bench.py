@@ -317,14 +317,13 @@ def bench_contention(model_dir: str, splits: tuple[int, ...], decode_batch: int,
             llm.core.partitioner.switch(prefill_sms, reason="bench")
             for label, pace in conditions:
                 batch = 0 if label == "idle" else decode_batch
-                rows.append(_contention_row(llm.core, f"s{prefill_sms}-{len(rows)}", label, batch, pace, prompts,
-                                            prompt_len, ctx))
+                rows.append(_contention_row(llm.core, len(rows), label, batch, pace, prompts, prompt_len, ctx))
     return rows
 
 
-def _contention_row(core: EngineCore, tag: str, label: str, batch: int, pace: float | None, prompts: int,
+def _contention_row(core: EngineCore, n: int, label: str, batch: int, pace: float | None, prompts: int,
                     prompt_len: int, ctx: int) -> dict[str, Any]:
-    """One condition of `bench_contention` on the engine's current split."""
+    """Condition `n` of `bench_contention` (its requests' ids and prompts its own), on the engine's current split."""
     from actors.engine.workers import DecodeWorker
 
     prefill_worker, decode_worker = core.workers
@@ -334,7 +333,7 @@ def _contention_row(core: EngineCore, tag: str, label: str, batch: int, pace: fl
                               detokenize=False)
     first_token = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False)
     for i in range(batch):
-        core.add_request(f"{tag}-d{i}", [(11 * i + j) % vocab for j in range(ctx)], decoding)
+        core.add_request(f"c{n}-d{i}", [(11 * i + j) % vocab for j in range(ctx)], decoding)
     _wait(lambda: core.decode.num_running == batch, 600, f"{batch} requests to reach decode")
     decode_worker.pace(pace)
     core.allocator.reset_prefix_cache()
@@ -342,14 +341,13 @@ def _contention_row(core: EngineCore, tag: str, label: str, batch: int, pace: fl
     context = core.decode.context_tokens()
     with GpuTelemetry() as telemetry:
         for i in range(prompts):
-            core.add_request(f"{tag}-p{i}", [(len(tag) + 13 * i + 7 * j) % vocab for j in range(prompt_len)],
-                             first_token)
+            core.add_request(f"c{n}-p{i}", [(n + 13 * i + 7 * j) % vocab for j in range(prompt_len)], first_token)
         _wait(lambda: core.num_unfinished == batch, 600, f"{prompts} prompts to be prefilled")
     span = [it for it in list(prefill_worker.iteration_log) if it.start >= t0 and it.tokens > 0]
     start, end = span[0].start, max(it.start + it.seconds for it in span)
     steps = [it.seconds for it in list(decode_worker.iteration_log) if start <= it.start <= end]
     for i in range(batch):
-        core.abort(f"{tag}-d{i}")
+        core.abort(f"c{n}-d{i}")
     _wait(lambda: core.num_unfinished == 0, 60, "the aborted requests to end")
     row = dict(decode=label, decode_batch=batch, decode_context_tokens=context, pace_ms=pace,
                prefill_sms=core.partitioner.current, prompts=prompts, prompt_len=prompt_len,
