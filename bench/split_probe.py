@@ -67,7 +67,8 @@ def main() -> None:
     print("| prefill SMs | decode | batch | context | step ms | predicted ms | ratio | prefill tok/s | SM MHz |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        step = f"{r['decode_step_ms']:.2f} | {r['predicted_ms']:.2f} | {r['ratio']:.3f}" if "ratio" in r else "- | - | -"
+        step = (f"{r['decode_step_ms']:.2f} | {r['predicted_ms']:.2f} | {r['ratio']:.3f}" if "ratio" in r
+                else "- | - | -")
         clock = f"{r['sm_clock_mhz']:.0f}" if "sm_clock_mhz" in r else "-"
         print(f"| {r['prefill_sms']} | {r['decode']} | {r['decode_batch']} | {r['decode_context_tokens']} | {step} | "
               f"{r['prefill_tokens_per_s']:.0f} | {clock} |")

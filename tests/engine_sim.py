@@ -111,9 +111,9 @@ def simulate(model: LatencyModel, phases: list[Phase], targets: SLOTargets, star
     arrivals' max_tokens), "speed" (the prefill iteration) and/or "stalls" (the TPOT samples and the TPOT so far
     without stalls).
     `admission` admits an arriving request as the engine would: its `reject` action refuses one predicted past its
-    target (a refused request counts as one that missed its targets; the view tells the policy, `refuses_late`), its `queue` action puts it behind the others,
-    prefilled when no other waits or once it has waited `aging_s` (default twice the TTFT target, as
-    `actors.slo.ordering` ages it), then ahead of the younger ones."""
+    target (a refused request counts as one that missed its targets; the view tells the policy, `refuses_late`),
+    its `queue` action puts it behind the others, prefilled when no other waits or once it has waited `aging_s`
+    (default twice the TTFT target, as `actors.slo.ordering` ages it), then ahead of the younger ones."""
     todo = deque(arrivals(phases, seed))
     total = len(todo)
     queue: deque[SimRequest] = deque()

@@ -601,9 +601,6 @@ def test_a_move_toward_prefill_keeps_tpot_within_target_when_no_split_meets_both
         assert run.attainment >= least and run.switches[0][2] <= 80, run
 
 
-H100_PROFILE = Path(__file__).parent / "data/h100-profile-2026-12-05.json"  # bench/profiles' H100 one since 12-05
-
-
 def test_an_engine_that_refuses_late_prompts_is_not_moved_past_tpot_for_ttft() -> None:
     """Chat at 37 req/s on the H100, `--admission reject` (serving's run 39, the second prompt set): 9,645 prompt
     tokens queued, 21.8k prompt tokens/s arriving in a burst. On 64 prefill SMs TTFT is predicted past target; on
@@ -612,7 +609,7 @@ def test_an_engine_that_refuses_late_prompts_is_not_moved_past_tpot_for_ttft() -
     64: there the burst costs the share refused, where 72 costs the TPOT of every request decoding (run 39: the
     dynamic server moved to 72 and kept 74.2%, 128 of its 540 admitted requests past TPOT; pinned 64 kept 82.3%).
     In simulation (`bench/policy_suite.py --admission reject`, H100 profile, 6 seeds) 70.83% -> 77.26%."""
-    (h100,) = load_models(H100_PROFILE).values()
+    h100 = committed_model(H100)
     targets = SLOTargets(ttft_ms=1000.0, tpot_ms=12.0)
     burst = EngineView("gpu0", 64, 132, h100.splits, waiting_prefill_tokens=9645, num_decoding=30,
                        decode_context_tokens=30 * 620, ttft_ms=(1100.0,) * 10, time=100.0, num_prefill_requests=19,
