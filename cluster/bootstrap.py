@@ -106,6 +106,7 @@ class EngineOptions:
     overlap_decode: bool = True
     overlap_prefill: bool = True
     decode_pace_ms: float | None = None
+    prefill_layers_ahead: int | None = None
     switch_interval_ms: float | None = None
     load_format: str = "auto"  # "dummy": random weights, no checkpoint read (speed runs)
     prefill_order: str = "fcfs"
@@ -134,7 +135,8 @@ class EngineOptions:
             model=model, dtype=self.dtype, device=self.device, mode=mode, attention_backend=self.attention_backend,
             decode_attention=self.decode_attention, seed=self.seed, prefill_sms=self.prefill_sms, cuda_graphs=self.cuda_graphs, load_format=self.load_format,
             overlap_decode=self.overlap_decode, overlap_prefill=self.overlap_prefill,
-            decode_pace_ms=self.decode_pace_ms, switch_interval_ms=self.switch_interval_ms,
+            decode_pace_ms=self.decode_pace_ms, prefill_layers_ahead=self.prefill_layers_ahead,
+            switch_interval_ms=self.switch_interval_ms,
             cache=CacheConfig(self.page_size, self.num_pages, self.memory_fraction, self.cpu_kv_bytes,
                               self.enable_prefix_caching),
             scheduler=SchedulerConfig(self.max_prefill_tokens, self.max_decode_seqs, self.max_model_len),

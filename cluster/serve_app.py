@@ -18,7 +18,7 @@ Entry point `cluster.serve_app:build_app` (for `serve run`, `serve deploy`, Kube
                           (cluster.openai_api.reasoning; none: all content)
     grpc_port             serve semipd.v1.Generation on this port from each replica (0/none: off)
     page_size, max_prefill_tokens, num_pages, device, prefill_sms, overlap_decode,
-      overlap_prefill, decode_pace_ms, switch_interval_ms  engine settings
+      overlap_prefill, decode_pace_ms, prefill_layers_ahead, switch_interval_ms   engine settings
     max_model_len, max_decode_seqs, memory_fraction, enable_prefix_caching, dtype, seed
                           engine settings too (vLLM's max_model_len, max_num_seqs, gpu_memory_utilization,
                           enable_prefix_caching, dtype, seed)
@@ -105,6 +105,7 @@ class ServeArgs(BaseModel):
     overlap_decode: bool | None = None
     overlap_prefill: bool | None = None
     decode_pace_ms: float | None = Field(None, gt=0, le=1000)
+    prefill_layers_ahead: int | None = Field(None, ge=1)
     switch_interval_ms: float | None = Field(None, gt=0, le=1000)
     load_format: Literal["auto", "dummy"] | None = None
     prefill_order: Literal["fcfs", "edf"] | None = None

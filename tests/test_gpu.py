@@ -73,6 +73,21 @@ def test_flashinfer_matches_torch_backend_in_both_modes(model_factory: Callable[
         assert len(ties) <= 2, f"{preset} {mode}: {len(ties)} of 20 prompts left the reference at ties: {ties}"
 
 
+def test_a_prefill_held_to_a_launch_window_keeps_its_tokens(tiny_llama: Path) -> None:
+    """With one decoder layer at most queued ahead of the prefill partition (`prefill_layers_ahead`), semi-PD's greedy
+    tokens are those of prefills queued whole, but for ties; the prefill worker waited for its window."""
+    prompts = _prompts(20, 512)
+    reference = _run(tiny_llama, prompts, mode="semi-pd")
+    with LLM(tiny_llama, dtype="float16", cache=CacheConfig(num_pages=512), mode="semi-pd", prefill_layers_ahead=1,
+             scheduler=SchedulerConfig(max_prefill_tokens=256, max_decode_seqs=64)) as llm:
+        got = llm.generate(prompts, GREEDY)
+        prefill = llm.core.workers[0].runner
+        assert prefill.window is not None and prefill.host_seconds["window"] > 0
+        assert llm.core.workers[-1].runner.window is None  # decode's CUDA graphs are one launch each
+    ties = _divergences(reference, got)
+    assert len(ties) <= 2, f"{len(ties)} of 20 prompts left the reference at ties: {ties}"
+
+
 @pytest.mark.parametrize("kernel", ["fa2", "fa3", "cuda-cores"])
 def test_each_decode_kernel_matches_torch_backend_in_large_batches(model_factory: Callable[[str], Path],
                                                                   kernel: str) -> None:

@@ -41,7 +41,8 @@ ENGINE_ARGS = {  # semipd.<key> -> build_app arg, rendered only when the key is 
     "loadFormat": "load_format",
     # semipd's own engine settings (`semipd serve` flags vLLM lacks)
     "prefillSms": "prefill_sms", "overlapDecode": "overlap_decode", "overlapPrefill": "overlap_prefill",
-    "decodePaceMs": "decode_pace_ms", "switchIntervalMs": "switch_interval_ms", "decodeAttention": "decode_attention",
+    "decodePaceMs": "decode_pace_ms", "prefillLayersAhead": "prefill_layers_ahead",
+    "switchIntervalMs": "switch_interval_ms", "decodeAttention": "decode_attention",
 }
 CONTROLLER_ARGS = {  # semipd.<key> -> build_app arg of the SLO controller, rendered only when the key is set
     "controllerPolicy": "controller_policy", "latencyProfile": "latency_profile", "profileGrid": "profile_grid",
@@ -138,9 +139,9 @@ ENGINE_SETTINGS = {
 
 # semipd's own settings, a value each unlike the app's default (overlaps off: false is set, not unset)
 SEMIPD_SETTINGS = {
-    "prefillSms": 66, "overlapDecode": False, "overlapPrefill": False, "decodePaceMs": 0.5, "switchIntervalMs": 1,
-    "decodeAttention": "cuda-cores", "controllerPolicy": "fixed", "latencyProfile": "/profiles/latency.json",
-    "profileGrid": "full",
+    "prefillSms": 66, "overlapDecode": False, "overlapPrefill": False, "decodePaceMs": 0.5, "prefillLayersAhead": 6,
+    "switchIntervalMs": 1, "decodeAttention": "cuda-cores", "controllerPolicy": "fixed",
+    "latencyProfile": "/profiles/latency.json", "profileGrid": "full",
 }
 assert set(SEMIPD_SETTINGS) == set(ENGINE_ARGS) - set(ENGINE_SETTINGS["semipd"]) | set(CONTROLLER_ARGS)
 
@@ -425,6 +426,8 @@ BAD_VALUES = [
     ("overlap-prefill-as-text", {"semipd": {"overlapPrefill": "no"}}, "semipd/overlapPrefill"),
     ("zero-decode-pace", {"semipd": {"decodePaceMs": 0}}, "semipd/decodePaceMs"),
     ("decode-pace-above-1s", {"semipd": {"decodePaceMs": 1001}}, "semipd/decodePaceMs"),
+    ("zero-prefill-layers-ahead", {"semipd": {"prefillLayersAhead": 0}}, "semipd/prefillLayersAhead"),
+    ("fractional-prefill-layers-ahead", {"semipd": {"prefillLayersAhead": 2.5}}, "semipd/prefillLayersAhead"),
     ("negative-switch-interval", {"semipd": {"switchIntervalMs": -1}}, "semipd/switchIntervalMs"),
     ("switch-interval-above-1s", {"semipd": {"switchIntervalMs": 1000.5}}, "semipd/switchIntervalMs"),
     ("unknown-decode-attention", {"semipd": {"decodeAttention": "bogus"}}, "semipd/decodeAttention"),

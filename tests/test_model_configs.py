@@ -328,3 +328,27 @@ def test_engine_serves_the_implemented_fields_as_transformers_generates(tmp_path
 def test_no_cap_without_a_sliding_window(tmp_path: Path) -> None:
     a = ModelArch.from_hf_config(config("MistralForCausalLM", sliding_window=None))
     assert EngineConfig(model=str(tmp_path)).max_model_len(a) == TINY["max_position_embeddings"]
+
+
+def test_after_layer_is_called_once_each_decoder_layer_is_queued_and_changes_nothing() -> None:
+    """`CausalLM.forward`'s `after_layer` (the prefill's launch window waits there) comes after each layer's work,
+    once per layer, and the hidden states are those of a pass without it."""
+    from actors.models.llama import CausalLM
+
+    arch = ModelArch.from_hf_config(config("LlamaForCausalLM"))
+    torch.manual_seed(0)
+    model = CausalLM(arch, 64).eval()
+    model.model.rotary.build(torch.device("cpu"))
+    attended: list[int] = []
+
+    def attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int) -> torch.Tensor:
+        attended.append(layer_id)
+        return q
+
+    ids, positions = torch.tensor([5, 7, 9]), torch.arange(3)
+    plain = model(ids, positions, attn)
+    attended.clear()
+    seen: list[list[int]] = []
+    held = model(ids, positions, attn, after_layer=lambda: seen.append(list(attended)))
+    assert seen == [list(range(i + 1)) for i in range(arch.num_layers)]
+    assert torch.equal(held, plain)

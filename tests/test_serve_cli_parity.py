@@ -61,9 +61,9 @@ def test_vllms_engine_flags_reach_every_engine_and_the_serve_app(tiny_llama: Pat
 
 
 SEMIPD_ENGINE_FLAGS = ("--num-pages", "96", "--decode-attention", "cuda-cores", "--prefill-sms", "40",
-                       "--no-overlap-decode", "--no-overlap-prefill", "--decode-pace-ms", "3", "--switch-interval-ms",
-                       "1", "--prefill-order", "edf", "--admission", "queue", "--admission-slack", "1.5",
-                       "--load-format", "dummy")
+                       "--no-overlap-decode", "--no-overlap-prefill", "--decode-pace-ms", "3",
+                       "--prefill-layers-ahead", "6", "--switch-interval-ms", "1", "--prefill-order", "edf",
+                       "--admission", "queue", "--admission-slack", "1.5", "--load-format", "dummy")
 
 
 def test_semipds_own_engine_flags_reach_the_serve_app_as_they_reach_the_engines(tiny_llama: Path) -> None:

@@ -204,7 +204,8 @@ class EngineCore:
         return pages
 
     def _make_runner(self, decodes: bool) -> ModelRunner:
-        """A runner with its own attention workspace; with CUDA graphs if it runs decodes on a GPU."""
+        """A runner with its own attention workspace; with CUDA graphs if it runs decodes on a GPU, and, if it runs
+        prefills only (semi-PD's prefill worker) on a GPU, held to `prefill_layers_ahead` layers queued."""
         from actors.attention import make_backend
 
         backend = make_backend(self.config.resolved_backend, self.pool, self.arch, self.config.decode_attention)
@@ -221,7 +222,13 @@ class EngineCore:
             set_sm_count_target(self.partitioner.total_sms, self.device)
             torch.cuda.synchronize(self.device)
             log.info("captured %d decode CUDA graphs in %.1f s", len(graphs.graphs), time.perf_counter() - t0)
-        return ModelRunner(self.model, self.pool, backend, Sampler(self.device, self.config.seed), graphs=graphs)
+        window = None
+        if not decodes and self.config.prefill_layers_ahead is not None and self.device.type == "cuda":
+            from actors.runner.launch_window import LaunchWindow
+
+            window = LaunchWindow(self.config.prefill_layers_ahead)
+        return ModelRunner(self.model, self.pool, backend, Sampler(self.device, self.config.seed), graphs=graphs,
+                           window=window)
 
     def _make_workers(self) -> list[Worker]:
         emit, parts = self._emit_and_forget, self.partitioner

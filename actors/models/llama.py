@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Protocol
 
 import torch
@@ -217,12 +217,16 @@ class CausalLM(nn.Module):
         if not arch.tie_word_embeddings:
             self.lm_head = nn.Linear(arch.hidden_size, arch.vocab_size, bias=False)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionFn) -> torch.Tensor:
-        """input_ids, positions [T] -> final hidden states [T, H]."""
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionFn,
+                after_layer: Callable[[], None] | None = None) -> torch.Tensor:
+        """input_ids, positions [T] -> final hidden states [T, H]. `after_layer` is called once each decoder layer's
+        work is queued."""
         x = self.model.embed_tokens(input_ids)
         residual = None
         for layer in self.model.layers:
             x, residual = layer(positions, x, residual, attn)
+            if after_layer is not None:
+                after_layer()
         return self.model.norm.add(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

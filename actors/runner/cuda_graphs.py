@@ -107,8 +107,10 @@ class DecodeGraphs:
             graph.reset()
         self.graphs.clear()
 
-    def run(self, chunks: tuple[SeqChunk, ...], stream: torch.cuda.Stream, carry: Carry | None = None) -> torch.Tensor:
-        """Hidden states [n, H] of the decode batch, by graph replay on `stream`."""
+    def stage(self, chunks: tuple[SeqChunk, ...], stream: torch.cuda.Stream, carry: Carry | None = None
+              ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """Put the decode batch's inputs and attention plan in the graph's buffers on `stream` (capturing the
+        bucket's graph first if `stream` has none); returns the graph to replay and its hidden states [n, H]."""
         bs = self.bucket(len(chunks))
         key = (stream.cuda_stream, bs)
         if key not in self.graphs:
@@ -117,5 +119,4 @@ class DecodeGraphs:
         if carry is not None:
             carry.apply(self.input_ids)
         graph, out = self.graphs[key]
-        graph.replay()
-        return out[: len(chunks)]
+        return graph, out[: len(chunks)]

@@ -18,9 +18,10 @@ import torch
 from actors.attention.base import AttentionBackend, BatchLayout
 from actors.engine.partitioner import Partition
 from actors.kv.pool import KVPool
-from actors.models.llama import CausalLM
+from actors.models.llama import AttentionFn, CausalLM
 from actors.request import Request, SamplingParams
 from actors.runner.cublas import set_sm_count_target
+from actors.runner.launch_window import LaunchWindow
 from actors.runner.sampler import Drawn, Sampler, SampleResult, TokenLogprobs, score_tokens
 from actors.runner.transfer import staging_ring, to_device
 
@@ -73,7 +74,10 @@ class ModelRunner:
         attention: AttentionBackend,
         sampler: Sampler,
         graphs: DecodeGraphs | None = None,
+        window: LaunchWindow | None = None,
     ) -> None:
+        """`window`: how far the forward passes not run as CUDA graphs may run ahead of the device (None: a whole
+        pass is queued at once)."""
         self.model = model
         self.pool = pool
         self.attention = attention
@@ -81,9 +85,11 @@ class ModelRunner:
         self.stream: torch.cuda.Stream | None = None
         self.sms = 0  # the SMs cuBLAS sizes this runner's GEMMs for (0: the whole GPU)
         # host time of `launch` by part: prepare (inputs), plan (attention), forward (kernel launches),
-        # graph (a CUDA-graph decode step: inputs, plan and replay), sample
-        self.host_seconds = dict.fromkeys(("prepare", "plan", "forward", "graph", "sample"), 0.0)
+        # graph (a CUDA-graph decode step's inputs and plan), replay (its launch), sample; window: forward's wait
+        # for the device (`LaunchWindow`)
+        self.host_seconds = dict.fromkeys(("prepare", "plan", "forward", "window", "graph", "replay", "sample"), 0.0)
         self.graphs = graphs
+        self.window = window
         self.device = pool.kv.device
 
     def set_partition(self, partition: Partition) -> None:
@@ -150,8 +156,12 @@ class ModelRunner:
                 if before_kernels is not None:
                     before_kernels()
                     t = time.perf_counter()
-                hidden = self.graphs.run(plan.decodes, self.stream, carry)  # type: ignore[union-attr, arg-type]
-                self._spent("graph", t)
+                graphs, stream = self.graphs, self.stream
+                assert graphs is not None and stream is not None
+                graph, hidden = graphs.stage(plan.decodes, stream, carry)
+                t = self._spent("graph", t)
+                graph.replay()
+                self._spent("replay", t)
             else:
                 input_ids, positions, layout, logits_idx = self.prepare(plan)
                 if carry is not None:
@@ -162,12 +172,26 @@ class ModelRunner:
                 if before_kernels is not None:
                     before_kernels()
                     t = time.perf_counter()  # its time is the caller's
-                every = self.model(input_ids, positions, attn)  # [T, H]
+                every = self._run_model(input_ids, positions, attn)  # [T, H]
                 hidden = every[logits_idx]
                 if any(c.scoring is not None for c in plan.prefills):
                     scores = self._score_prompts(plan, every)
                 self._spent("forward", t)
             return Forwarded(hidden, scores)
+
+    def _run_model(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionFn) -> torch.Tensor:
+        """The model's forward pass [T, H], held to the launch window if there is one (its waits count as the
+        "window" part of `host_seconds`, not as "forward")."""
+        window = self.window
+        if window is None or self.stream is None:
+            return self.model(input_ids, positions, attn)
+        window.start()
+        waited = window.waited_s
+        every = self.model(input_ids, positions, attn, window.after_layer)
+        spent = window.waited_s - waited
+        self.host_seconds["window"] += spent
+        self.host_seconds["forward"] -= spent
+        return every
 
     @torch.inference_mode()
     def draw(self, forwarded: Forwarded, sample_reqs: list[Request]) -> Drawn:

@@ -192,6 +192,10 @@ def _add_engine_flags(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--decode-pace-ms", type=float, default=None, metavar="MS",
                    help="semi-pd: while prefill has work, start at most one decode step per MS (under the TPOT "
                         "target), leaving prefill the memory bandwidth of back-to-back steps (default: back to back)")
+    g.add_argument("--prefill-layers-ahead", type=int, default=None, metavar="N",
+                   help="semi-pd on a GPU: queue at most N decoder layers of a prefill iteration ahead of its SMs, "
+                        "so that prefill's kernels do not fill CUDA's launch queue, which decode's launches share "
+                        "(default: an iteration at once)")
     g.add_argument("--switch-interval-ms", type=float, default=None, metavar="MS",
                    help="Python thread switch interval the engines set (default: Python's 5 ms); the engine "
                         "workers and the token streaming share one interpreter lock")
@@ -324,8 +328,9 @@ def engine_settings(args: argparse.Namespace) -> dict[str, Any]:
                 max_prefill_tokens=args.max_prefill_tokens, max_decode_seqs=args.max_num_seqs,
                 max_model_len=args.max_model_len, load_format=args.load_format, prefill_sms=args.prefill_sms,
                 overlap_decode=args.overlap_decode, overlap_prefill=args.overlap_prefill,
-                decode_pace_ms=args.decode_pace_ms, switch_interval_ms=args.switch_interval_ms,
-                prefill_order=args.prefill_order, admission=args.admission, admission_slack=args.admission_slack)
+                decode_pace_ms=args.decode_pace_ms, prefill_layers_ahead=args.prefill_layers_ahead,
+                switch_interval_ms=args.switch_interval_ms, prefill_order=args.prefill_order, admission=args.admission,
+                admission_slack=args.admission_slack)
 
 
 def check_ports(args: argparse.Namespace) -> None:

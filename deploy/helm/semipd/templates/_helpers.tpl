@@ -142,6 +142,9 @@ applications:
       {{- if hasKey .Values.semipd "decodePaceMs" }}
       decode_pace_ms: {{ .Values.semipd.decodePaceMs | toJson }}
       {{- end }}
+      {{- if hasKey .Values.semipd "prefillLayersAhead" }}
+      prefill_layers_ahead: {{ .Values.semipd.prefillLayersAhead | toJson }}
+      {{- end }}
       {{- if hasKey .Values.semipd "switchIntervalMs" }}
       switch_interval_ms: {{ .Values.semipd.switchIntervalMs | toJson }}
       {{- end }}
