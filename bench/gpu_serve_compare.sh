@@ -30,7 +30,8 @@
 # (default 32 at 8; after 8 at 2, run 19's first measured windows on fresh semi-PD servers kept 15% of chat 45, where
 # run 18's later window kept 98%, and 82% of chat 40 on 64 SMs, where a later window on the same split kept 93.5%;
 # the cause is not measured).
-# Results: CONFIG-WORKLOAD-RATE.json (+ .log, + .gpu.csv: SM clock MHz and power W every 250 ms), server logs and split decisions, in $OUT/compare.tgz (one file,
+# Results: CONFIG-WORKLOAD-RATE.json (+ .log, + .gpu.csv: SM clock MHz and power W every 250 ms, + .cpu.txt: each busy
+# process's CPU every second), server logs and split decisions, in $OUT/compare.tgz (one file,
 # rewritten after each window, so a run cut short still brings back what it measured), with the dynamic server's latency
 # profile (semipd-profile.json); `semipd bench keep $OUT/compare.tgz docs/perf/DATE-DEVICE/RUN` writes what the
 # repository keeps of them (no per-request records, each server's stall lines, no machine paths).
@@ -125,6 +126,12 @@ gpu_telemetry() {  # file: sample the GPU's SM clock and power every 250 ms into
   sampler=$!
 }
 
+cpu_sampler() {  # file: sample every process's CPU each second into file, in the background ($cpu_sampler): a
+  # server process near a whole core delays the streams it carries
+  python3 -m cluster.bench.process_cpu sample "$1" 2>/dev/null &
+  cpu_sampler=$!
+}
+
 bench() {  # config workload rate window [pass]: pass 0 is CONFIG-WORKLOAD-RATE, pass i > 0 CONFIG-WORKLOAD-RATE-passI
   local n name="$1-$2-$3${5:+-pass$5}" phases=()
   if [ "$2" = shifting ]; then  # as many requests as the phases' rates bring in the window
@@ -137,15 +144,18 @@ print(max(16, round($3 * $4 * mean_rate_scale(parse_phases('$SHIFT_PHASES')))))"
   fi
   [ "$1" != vllm ] && reset_prefix_cache "$1"
   gpu_telemetry "$res/$name.gpu.csv"
+  cpu_sampler "$res/$name.cpu.txt"
   timeout $(( CONFIG_TIMEOUT / 2 )) python3 -m cluster.cli bench serve --base-url http://127.0.0.1:8000 --model llama3-8b \
     --tokenizer $model --workload "$2" "${phases[@]}" --request-rate "$3" --num-prompts "$n" --goodput ttft:$TTFT tpot:$TPOT \
     --seed "$(prompt_seed "$2" "$3" "${5:-0}")" \
     --label "$1" --request-timeout $REQUEST_TIMEOUT --result-dir $res --result-filename "$name.json" --disable-tqdm \
     $BENCH_EXTRA > "$res/$name.log" 2>&1
   [ -n "$sampler" ] && kill $sampler 2>/dev/null
+  kill $cpu_sampler 2>/dev/null
+  python3 -m cluster.bench.process_cpu summary "$res/$name.cpu.txt" >> "$res/$name.log"
   python3 -m cluster.cli bench timeline "$res/$name.json" > "$res/$name.timeline.txt" 2>&1
   save_results
-  echo "$name: $(grep -E "Request throughput|SLO attainment|P90 TTFT|P90 TPOT|Offered load|Prefix cache|Worker iterations|CUDA allocator|KV handoffs|Correct rate" "$res/$name.log" | tr -s ' ' | paste -sd' ') $(python3 -m cluster.bench.telemetry summary "$res/$name.gpu.csv")"
+  echo "$name: $(grep -E "Request throughput|SLO attainment|P90 TTFT|P90 TPOT|Offered load|Prefix cache|Worker iterations|CUDA allocator|KV handoffs|Correct rate|CPU of the busiest" "$res/$name.log" | tr -s ' ' | paste -sd' ') $(python3 -m cluster.bench.telemetry summary "$res/$name.gpu.csv")"
 }
 
 warmup_workloads() {  # each sweep's workload, and with SHIFT_RATE each phase's, once

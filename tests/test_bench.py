@@ -1179,7 +1179,7 @@ def test_keep_writes_results_without_records_stall_lines_and_no_machine_paths(
         records: list[RequestRecord], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """`semipd bench keep` (what docs/perf keeps of a GPU call's compare.tgz): each result without its records,
     still loading with the same aggregates; a server's stall and pause lines from their date on, instead of its
-    log; no file under the clock samples; every machine path cut to its last component."""
+    log; neither the clock samples nor the CPU samples; every machine path cut to its last component."""
     run = tmp_path / "run"
     run.mkdir()
     full = _result(records, slos=SLOs(ttft_ms=250))
@@ -1187,6 +1187,7 @@ def test_keep_writes_results_without_records_stall_lines_and_no_machine_paths(
     raw["config"].update(tokenizer="/tmp/models/llama3-8b", result_dir="/tmp/compare")
     (run / "dyn-arxiv-4.5.json").write_text(json.dumps(raw))
     (run / "dyn-arxiv-4.5.gpu.csv").write_text("t,clock_mhz,power_w\n0.0,1980,120\n")
+    (run / "dyn-arxiv-4.5.cpu.txt").write_text("1.0 97.5 812 ray::ProxyActor\n")
     (run / "dyn-arxiv-4.5.log").write_text("Building 68 requests from /tmp/models/llama3-8b\n")
     (run / "semipd-profile.json").write_text(json.dumps({"key": {"device": "NVIDIA H100 80GB HBM3"}}))
     stall = "2026-12-06 02:03:42,607 INFO actors.engine.workers: decode stalled: an iteration of 167 ms (median 8.4 ms)"

@@ -26,7 +26,8 @@ STALL_KINDS = ("decode stalled", "prefill stalled", "paused")
 STALL_LINE = re.compile(f" ({'|'.join(STALL_KINDS)}): ")
 # Ray's worker prefix (colour codes, "(EngineActor pid=...)") before a log record's date
 LOG_RECORD_START = re.compile(r"\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2},\d{3} ")
-LEFT_OUT_SUFFIXES = (".gpu.csv",)  # the clock and power samples: each result's log line summarises them
+# the clock and power samples (each result's log line summarises them), the CPU samples (its .log file does)
+LEFT_OUT_SUFFIXES = (".gpu.csv", ".cpu.txt")
 SERVER_LOG_SUFFIX = "-server.log"
 
 
