@@ -5,7 +5,8 @@ Where each request goes: `cluster.routing` (a pure function of the engines' load
 Streaming: each actor sends this router one batched output stream per event loop
 (`EngineActor.outputs`, opened on first use, one Ray item per engine step), and the
 router hands the chunks to the requests waiting for them; a request itself is one
-short `submit` call.
+short `submit` call. Chunks of a request that wait for it (this event loop fell behind) go on as one
+(`_merge_waiting`).
 
 Failures: an actor that dies (Ray actor errors) is marked dead and skipped. A request
 that had not received a token yet is retried on another actor (up to `max_retries`);
@@ -33,7 +34,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import replace
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from actors.engine.frontend import StreamChunk
 from actors.slo.admission import AdmissionRejected
@@ -222,8 +223,11 @@ class Router:
                 unanswered = submit
                 raise
             submitted = True
+            held: _EngineLost | None = None  # taken from the queue behind the chunks merged into the last yield
             while not finished:
-                chunk = await self._next_chunk(engine_id, chunks)
+                if held is not None:
+                    self._lost(engine_id, held)
+                chunk, held = _merge_waiting(await self._next_chunk(engine_id, chunks), chunks)
                 if chunk.token_ids:
                     self.state.ack(engine_id, request.request_id)
                 finished = chunk.finished
@@ -259,10 +263,14 @@ class Router:
     async def _next_chunk(self, engine_id: str, chunks: asyncio.Queue[StreamChunk | _EngineLost]) -> StreamChunk:
         item = await self._watched(engine_id, chunks.get())
         if isinstance(item, _EngineLost):
-            if item.actor_died:
-                self.state.mark_dead(engine_id, item.reason)
-            raise item
+            self._lost(engine_id, item)
         return item
+
+    def _lost(self, engine_id: str, lost: _EngineLost) -> NoReturn:
+        """Raise `lost`, which a request's queue held, marking its actor dead if it died."""
+        if lost.actor_died:
+            self.state.mark_dead(engine_id, lost.reason)
+        raise lost
 
     async def _watched(self, engine_id: str, waited: Awaitable[T]) -> T:
         """The result of `waited`; each time it takes `stall_timeout_s` more, the actor is pinged,
@@ -503,6 +511,27 @@ class _OutputPump:
         self.failure = _EngineLost(reason, actor_died)
         for q in self._queues.values():
             q.put_nowait(self.failure)
+
+
+def _merge_waiting(first: StreamChunk,
+                   chunks: asyncio.Queue[StreamChunk | _EngineLost]) -> tuple[StreamChunk, _EngineLost | None]:
+    """`first` followed by every chunk of its request already waiting in `chunks`, as one chunk (up to and with a
+    finished one), and the failure taken from the queue behind them, if any (the caller handles it after yielding
+    the chunk, so that what came before it is delivered).
+
+    The chunks wait when this event loop fell behind the engine's (many streams): merged, they make one trip through
+    the front end and Serve's proxy instead of one per token (vLLM V1's RequestOutputCollector merges them alike).
+    Nothing is awaited: no token is held back for the ones after it, the first one included."""
+    merged = first
+    while not merged.finished:
+        try:
+            item = chunks.get_nowait()
+        except asyncio.QueueEmpty:
+            break
+        if not isinstance(item, StreamChunk):
+            return merged, item
+        merged = merged.followed_by(item)
+    return merged, None
 
 
 def _cancel_quietly(stream: Any) -> None:

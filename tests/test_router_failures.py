@@ -3,25 +3,26 @@ leaves or reuses a request id: no request is lost or left hanging, none gets ano
 on an engine that does not answer.
 
 The first tests run the router over in-process `EngineActor`s behind `InProcessHandle`s (test_serving_error_paths),
-where a method of an actor can be made to hang; the last ones over the engine actors of a real Ray cluster, which
-they kill or Ray restarts.
+where a method of an actor can be made to hang; then two over a scripted engine whose output batches the test sends
+(chunks that wait for a busy consumer, a failure behind them); the last ones over the engine actors of a real Ray
+cluster, which they kill or Ray restarts.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from actors.engine.frontend import Tokenizer
+from actors.engine.frontend import StreamChunk, Tokenizer
 from actors.request import SamplingParams
 from cluster.bootstrap import ClusterConfig, EngineOptions, ensure_cluster, teardown_cluster
-from cluster.engine_client import LOADS_TIMEOUT_SECONDS, GenerateRequest, ModelInfo, NoCapacityError
+from cluster.engine_client import LOADS_TIMEOUT_SECONDS, EngineLoad, GenerateRequest, ModelInfo, NoCapacityError
 from cluster.openai_api import create_app
 from cluster.router import Router
 from cluster.routing import RouterPolicy
@@ -269,6 +270,125 @@ def test_a_request_on_an_engine_taken_for_dead_is_aborted_there(engines: list[An
         assert await _finish_reasons(actor) == {"abort": 1}
         hang.release()
         await actor.shutdown()
+
+    asyncio.run(main())
+
+
+# -- a request whose chunks wait for the router ---------------------------------------------------------------------
+
+
+class ScriptedEngine:
+    """An engine actor (behind an `InProcessHandle`) whose output batches the test sends: `send` returns once the
+    router has put each chunk of the batch in its request's queue, so the test knows what waits for the consumer."""
+
+    engine_id = "s"
+
+    def __init__(self) -> None:
+        self.submitted = asyncio.Event()
+        self._batches: asyncio.Queue[list[StreamChunk] | None] = asyncio.Queue()
+        self._asking = asyncio.Event()  # the router asks for the next batch: it queued the last one's chunks
+        self._ended = asyncio.Event()
+
+    async def outputs(self, subscriber: str) -> AsyncIterator[list[StreamChunk]]:
+        while True:
+            self._asking.set()
+            batch = await self._batches.get()
+            self._asking.clear()
+            if batch is None:
+                self._ended.set()
+                return
+            yield batch
+
+    async def send(self, *chunks: StreamChunk) -> None:
+        self._asking.clear()
+        self._batches.put_nowait(list(chunks))
+        await self._asking.wait()
+
+    async def end(self) -> None:
+        """End the output stream; once this returns, the router has queued its failure for every open request (it
+        does so in the step that sees the stream end)."""
+        self._batches.put_nowait(None)
+        await self._ended.wait()
+
+    async def submit(self, request: GenerateRequest, subscriber: str) -> None:
+        self.submitted.set()
+
+    async def load(self) -> EngineLoad:
+        return EngineLoad(self.engine_id)
+
+    async def abort(self, request_id: str) -> bool:
+        return True
+
+    async def ping(self) -> None:
+        return None
+
+
+def _scripted_router(monkeypatch: pytest.MonkeyPatch) -> tuple[Router, ScriptedEngine]:
+    monkeypatch.setattr("cluster.router._cancel_quietly", lambda stream: None)
+    engine = ScriptedEngine()
+    model = ModelInfo(name="scripted", model_dir="", architecture="", max_model_len=64, vocab_size=300, mode="semi-pd")
+    return Router({engine.engine_id: InProcessHandle(engine)}, model, RouterPolicy()), engine
+
+
+def _token(request_id: str, n: int, finish_reason: str | None = None) -> StreamChunk:
+    """The chunk of `request_id`'s `n`-th output token (id `n`, text `<n>`)."""
+    return StreamChunk(request_id, f"<{n}>", (n,), finish_reason=finish_reason, num_prompt_tokens=3,
+                       num_output_tokens=n)
+
+
+def _seen(chunk: StreamChunk) -> tuple[str, tuple[int, ...], str | None, int]:
+    return chunk.text, chunk.token_ids, chunk.finish_reason, chunk.num_output_tokens
+
+
+@pytest.mark.timeout(30)
+def test_the_chunks_of_a_request_that_wait_for_the_router_go_on_as_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chunks of one request that came while its consumer was busy (the router's event loop fell behind) go on as
+    one, up to its last chunk: one trip through the front end and Serve's proxy for every token that waits, not one
+    each. A chunk the consumer waits for goes on at once, not held back for any that comes later."""
+    router, engine = _scripted_router(monkeypatch)
+
+    async def main() -> None:
+        stream = router.generate(GenerateRequest("r", [256, 1, 2], _greedy(7)))
+        waited = asyncio.ensure_future(stream.__anext__())
+        await engine.submitted.wait()
+        await engine.send(_token("r", 1))
+        seen = [_seen(await asyncio.wait_for(waited, timeout=5))]
+        await engine.send(_token("r", 2), _token("r", 3))
+        await engine.send(_token("r", 4))
+        seen.append(_seen(await stream.__anext__()))
+        waited = asyncio.ensure_future(stream.__anext__())
+        await engine.send(_token("r", 5))
+        seen.append(_seen(await asyncio.wait_for(waited, timeout=5)))
+        await engine.send(_token("r", 6), _token("r", 7, "length"), _token("r", 8))  # none comes after the last
+        seen += map(_seen, await asyncio.wait_for(_all(stream), timeout=5))
+        assert seen == [("<1>", (1,), None, 1), ("<2><3><4>", (2, 3, 4), None, 4), ("<5>", (5,), None, 5),
+                        ("<6><7>", (6, 7), "length", 7)]
+        assert router.state.actors["s"].dispatches == {} and router.state.actors["s"].alive
+
+    asyncio.run(main())
+
+
+@pytest.mark.timeout(30)
+def test_chunks_queued_ahead_of_their_engines_failure_are_delivered_before_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An engine whose output stream ends (it died) right after chunks of a request that wait for the router: they
+    go on (as one), and then the request ends as it did when they went one by one, with an error naming the engine
+    and the tokens sent, and the engine taken for dead."""
+    router, engine = _scripted_router(monkeypatch)
+
+    async def main() -> None:
+        stream = router.generate(GenerateRequest("r", [256, 1, 2], _greedy(10)))
+        waited = asyncio.ensure_future(stream.__anext__())
+        await engine.submitted.wait()
+        await engine.send(_token("r", 1))
+        seen = [_seen(await asyncio.wait_for(waited, timeout=5))]
+        await engine.send(_token("r", 2), _token("r", 3))
+        await engine.end()
+        seen.append(_seen(await stream.__anext__()))
+        rest = await asyncio.wait_for(_all(stream), timeout=5)
+        assert seen == [("<1>", (1,), None, 1), ("<2><3>", (2, 3), None, 3)]
+        assert [(c.token_ids, c.finish_reason, c.error) for c in rest] == [
+            ((), "error", "engine s failed after 3 tokens: its output stream ended")]
+        assert not router.state.actors["s"].alive and router.state.actors["s"].dispatches == {}
 
     asyncio.run(main())
 
