@@ -26,11 +26,12 @@ def test_ticks_are_user_plus_system_time_named_by_pid_and_command_line(tmp_path:
 
 
 def test_percents_of_a_core_between_two_reads() -> None:
-    before = {1: CpuTicks("1 proxy", 100), 2: CpuTicks("2 idle", 50), 3: CpuTicks("3 old", 900)}
-    after = {1: CpuTicks("1 proxy", 190), 2: CpuTicks("2 idle", 50), 3: CpuTicks("3 new", 40),
-             4: CpuTicks("4 started", 20)}
-    # 100 ticks a second over 2 s: 90 ticks are 45% of a core; pid 3 was reused, so the new process counts from 0
-    assert percents(before, after, 2.0, 100.0) == {"1 proxy": 45.0, "3 new": 20.0, "4 started": 10.0}
+    before = {1: CpuTicks("1 ray::ProxyActor", 100), 2: CpuTicks("2 idle", 50), 3: CpuTicks("3 old", 900)}
+    after = {1: CpuTicks("1 ray::ProxyActor.receive_asgi_messages", 190), 2: CpuTicks("2 idle", 50),
+             3: CpuTicks("3 new", 40), 4: CpuTicks("4 started", 20)}
+    # 100 ticks a second over 2 s: 90 ticks are 45% of a core, under the name the Ray worker had before its task
+    # renamed it; pid 3 was taken again, so its new process counts from 0
+    assert percents(before, after, 2.0, 100.0) == {"1 ray::ProxyActor": 45.0, "3 new": 20.0, "4 started": 10.0}
 
 
 def test_the_summary_ranks_processes_by_their_mean_over_every_sample() -> None:
@@ -39,5 +40,6 @@ def test_the_summary_ranks_processes_by_their_mean_over_every_sample() -> None:
     rows = summarize(text, shown=1)
     assert rows == [("7 ray::ServeReplica", 220.0 / 3, 100.0)]
     assert summarize(text)[1] == ("8 ray::ProxyActor", 40.0, 80.0)  # absent from a sample: under 1% then
-    assert format_summary(rows) == "CPU of the busiest processes (% of a core, mean / highest): 7 ray::ServeReplica 73 / 100"
+    assert format_summary(rows) == ("CPU of the busiest processes (% of a core, mean / highest): "
+                                    "7 ray::ServeReplica 73 / 100")
     assert summarize("") == [] and format_summary([]) == ""

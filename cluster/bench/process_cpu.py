@@ -49,14 +49,16 @@ def read_ticks(proc: Path = Path("/proc")) -> dict[int, CpuTicks]:
 def percents(before: dict[int, CpuTicks], after: dict[int, CpuTicks], seconds: float, ticks_per_s: float
              ) -> dict[str, float]:
     """CPU % of one core each process took between two `read_ticks` `seconds` apart (those at `MIN_PERCENT` or
-    more; a process that started in between counts from 0)."""
+    more), by its name in `before`: a Ray worker's title names the task it runs now. A process that started in
+    between (a pid new, or taken again: fewer ticks than before) counts from 0 under its own name."""
     out = {}
     for pid, now in after.items():
         then = before.get(pid)
-        used = now.ticks - (then.ticks if then is not None and then.name == now.name else 0)
-        percent = 100.0 * used / ticks_per_s / seconds
+        if then is None or now.ticks < then.ticks:  # a new process
+            then = CpuTicks(now.name, 0)
+        percent = 100.0 * (now.ticks - then.ticks) / ticks_per_s / seconds
         if percent >= MIN_PERCENT:
-            out[now.name] = percent
+            out[then.name] = percent
     return out
 
 
@@ -72,7 +74,12 @@ def sample(path: Path, interval_s: float = 1.0, proc: Path = Path("/proc")) -> N
             for name, percent in percents(last, now, now_t - last_t, ticks_per_s).items():
                 f.write(f"{now_t - start:.1f} {percent:.1f} {name}\n")
             f.flush()
-            last_t, last = now_t, now
+            last_t, last = now_t, {pid: _named_as_before(t, last.get(pid)) for pid, t in now.items()}
+
+
+def _named_as_before(now: CpuTicks, then: CpuTicks | None) -> CpuTicks:
+    """`now` under the name the same process had before (a Ray worker's title changes with its task)."""
+    return now if then is None or now.ticks < then.ticks else now._replace(name=then.name)
 
 
 def summarize(text: str, shown: int = SHOWN) -> list[tuple[str, float, float]]:
