@@ -1,5 +1,6 @@
 """Helpers shared by the test modules: polling with a deadline, free ports, an asyncio loop
-in a thread, a FastAPI app served by uvicorn in a background thread, and what a Ray Serve
+in a thread, a FastAPI app served by uvicorn in a background thread, a scripted aiohttp server with a session to it
+(`stub_http`, for the `bench serve` client), and what a Ray Serve
 deployment of semipd runs (its engine actors, its replicas).
 
 `semipd serve` in a process of its own (`ServeProcess`).
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
 import os
 import queue
 import random
@@ -21,12 +23,15 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import aiohttp
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 if TYPE_CHECKING:
     from actors.config import EngineConfig
@@ -258,6 +263,50 @@ class LiveServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+StubReply = web.StreamResponse | bytes | AsyncIterable[bytes]
+
+
+async def _stream_reply(request: web.Request, parts: AsyncIterable[bytes]) -> web.StreamResponse:
+    """`parts` as a 200 SSE body, each written as it comes; where `parts` raises, the connection is cut there."""
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await resp.prepare(request)
+    try:
+        async for part in parts:
+            await resp.write(part)
+    except Exception:
+        assert request.transport is not None
+        request.transport.close()  # a disconnect mid-stream: the chunked body never ends
+        return resp
+    await resp.write_eof()
+    return resp
+
+
+@asynccontextmanager
+async def stub_http(reply: Callable[[Any], StubReply]) -> AsyncIterator[tuple[aiohttp.ClientSession, str]]:
+    """A local aiohttp server on a free loopback port that answers every request with `reply(its JSON body, or None
+    without one)`, and a client session: (session, base URL). A reply is a response as is; bytes, or an async
+    iterable of bytes sent part by part as it yields them (cut where it raises, held open while it waits), are a
+    200 `text/event-stream` body. Both are closed on exit, the session first (which ends a handler left waiting)."""
+    async def handle(request: web.Request) -> web.StreamResponse:
+        raw = await request.read()
+        answer = reply(json.loads(raw) if raw else None)
+        if isinstance(answer, web.StreamResponse):
+            return answer
+        if isinstance(answer, bytes):
+            return web.Response(body=answer, content_type="text/event-stream")
+        return await _stream_reply(request, answer)
+
+    app = web.Application()
+    app.router.add_route("*", "/{path:.*}", handle)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        async with aiohttp.ClientSession() as session:
+            yield session, str(server.make_url("")).rstrip("/")
+    finally:
+        await server.close()
 
 
 @contextmanager

@@ -8,14 +8,14 @@ import json
 import math
 import re
 import tarfile
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 import pytest
+from aiohttp import web
 
 from cluster.bench.arrivals import ArrivalConfig, ArrivalError, arrival_offsets, parse_rates
 from cluster.bench.client import (
@@ -47,7 +47,7 @@ from cluster.bench.workloads import (
 )
 from cluster.cli import build_parser, main as cli_main
 
-from support import LiveServer, free_port
+from support import LiveServer, StubReply, free_port, stub_http
 
 # ---------------------------------------------------------------- workloads
 
@@ -639,44 +639,36 @@ async def _chunks(parts: list[bytes], fail: Exception | None = None, hang: bool 
         await asyncio.Event().wait()  # a server that never answers again
 
 
-def _mock_client(behaviour: Callable[[dict[str, Any]], httpx.Response]) -> httpx.AsyncClient:
-    async def handler(request: httpx.Request) -> httpx.Response:
-        return behaviour(json.loads(request.content))
-
-    return httpx.AsyncClient(transport=httpx.MockTransport(handler), base_url="http://test")
-
-
 def test_failures_are_counted_and_never_hang() -> None:
     usage = {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2}}
 
-    def behaviour(body: dict[str, Any]) -> httpx.Response:
+    def behaviour(body: dict[str, Any]) -> StubReply:
         kind = body["prompt"]
         if kind == "ok":
-            return httpx.Response(200, content=_chunks(_sse(_tok(), _tok(), usage)))
+            return _chunks(_sse(_tok(), _tok(), usage))
         if kind == "error":
-            return httpx.Response(500, json={"error": {"message": "engine exploded", "type": "x"}})
+            return web.json_response({"error": {"message": "engine exploded", "type": "x"}}, status=500)
         if kind == "disconnect":
-            return httpx.Response(200, content=_chunks(_sse(_tok(), done=False), fail=httpx.ReadError("reset")))
+            return _chunks(_sse(_tok(), done=False), fail=ConnectionResetError("reset"))
         if kind == "truncated":
-            return httpx.Response(200, content=_chunks(_sse(_tok(), done=False)))
+            return _chunks(_sse(_tok(), done=False))
         if kind == "stream-error":
-            return httpx.Response(200, content=_chunks(_sse({"error": {"message": "overloaded"}})))
-        return httpx.Response(200, content=_chunks(_sse(_tok(), done=False), hang=True))
+            return _chunks(_sse({"error": {"message": "overloaded"}}))
+        return _chunks(_sse(_tok(), done=False), hang=True)
 
     kinds = ["ok", "error", "disconnect", "truncated", "stream-error", "hang", "ok"]
     requests = [BenchRequest(i, k, 3, 2, "t") for i, k in enumerate(kinds)]
-    endpoint = EndpointConfig("http://test", "m", timeout_s=0.5)
 
     async def go() -> tuple[list[RequestRecord], float]:
-        async with _mock_client(behaviour) as client:
-            return await run_rate(client, endpoint, requests, [0.0] * len(requests), max_concurrency=3,
-                                  disable_tqdm=True)
+        async with stub_http(behaviour) as (client, url):
+            return await run_rate(client, EndpointConfig(url, "m", timeout_s=0.5), requests, [0.0] * len(requests),
+                                  max_concurrency=3, disable_tqdm=True)
 
     records, duration = asyncio.run(go())
     by_kind = dict(zip(kinds, records))
     assert [r.success for r in records] == [True, False, False, False, False, False, True]
     assert by_kind["error"].error == "HTTP 500: engine exploded" and by_kind["error"].http_status == 500
-    assert "ReadError" in (by_kind["disconnect"].error or "")
+    assert "ClientPayloadError" in (by_kind["disconnect"].error or "")  # the chunked body cut off
     assert by_kind["truncated"].error == "the stream ended before [DONE]"
     assert by_kind["stream-error"].error == "overloaded"
     assert by_kind["hang"].error == "timed out after 0.5 s"
@@ -691,15 +683,40 @@ def test_failures_are_counted_and_never_hang() -> None:
 
 
 def test_output_tokens_fall_back_to_chunk_count() -> None:
-    def behaviour(body: dict[str, Any]) -> httpx.Response:
-        return httpx.Response(200, content=_chunks(_sse(_tok(), _tok(""), _tok())))
+    def behaviour(body: dict[str, Any]) -> StubReply:
+        return _chunks(_sse(_tok(), _tok(""), _tok()))
 
     async def go() -> RequestRecord:
-        async with _mock_client(behaviour) as client:
-            return await send_request(client, EndpointConfig("http://test", "m"), BenchRequest(0, "p", 3, 3, "t"), 0.0)
+        async with stub_http(behaviour) as (client, url):
+            return await send_request(client, EndpointConfig(url, "m"), BenchRequest(0, "p", 3, 3, "t"), 0.0)
 
     rec = asyncio.run(go())
     assert rec.success and rec.output_tokens == 3 and rec.prompt_tokens is None and rec.input_tokens == 3
+
+
+def test_sse_lines_longer_than_the_readers_buffer_stream() -> None:
+    """aiohttp's line reader refuses a line over 128 KiB ("Chunk too big"); a 200,000-character text chunk and a
+    usage chunk as long, whole or written in pieces, are read like any other."""
+    text = "y" * 200_000
+    usage = {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 3, "note": "u" * 200_000}}
+    body = b"".join(_sse(_tok("a"), _tok(text), _tok("b"), usage))
+    assert max(len(line) for line in body.split(b"\n")) > 128 * 1024
+
+    def behaviour(request: dict[str, Any]) -> StubReply:
+        if request["prompt"] == "whole":
+            return _chunks([body])
+        return _chunks([body[i:i + 10_000] for i in range(0, len(body), 10_000)])
+
+    async def go(prompt: str) -> RequestRecord:
+        async with stub_http(behaviour) as (client, url):
+            config = EndpointConfig(url, "m", structured_output=StructuredOutput("regex", "a?y*b?"))
+            return await send_request(client, config, BenchRequest(0, prompt, 3, 3, "t"), 0.0)
+
+    for prompt in ("whole", "pieces"):
+        rec = asyncio.run(go(prompt))
+        assert rec.success and rec.error is None, rec.error
+        assert (rec.num_chunks, rec.output_tokens, rec.prompt_tokens) == (3, 3, 3)
+        assert rec.output_text == "a" + text + "b"
 
 
 # ---------------------------------------------------------------- structured outputs
@@ -784,24 +801,23 @@ def test_conformance_check_per_kind(kind: str, good: list[str], bad: list[str]) 
 def test_stream_keeps_the_text_and_checks_it() -> None:
     sent: list[dict[str, Any]] = []
 
-    def behaviour(body: dict[str, Any]) -> httpx.Response:
+    def behaviour(body: dict[str, Any]) -> StubReply:
         sent.append(body)
         stop = {"choices": [{"text": "", "index": 0, "finish_reason": "stop"}]}
         if "messages" in body:
             chat = [{"choices": [{"delta": {"role": "assistant", "content": ""}}]},
                     {"choices": [{"delta": {"content": "mix"}}]}, {"choices": [{"delta": {"content": "ed"}}]},
                     {"choices": [{"delta": {}, "finish_reason": "stop"}]}]
-            return httpx.Response(200, content=_chunks(_sse(*chat)))
+            return _chunks(_sse(*chat))
         if body["prompt"] == "cut":
-            return httpx.Response(200, content=_chunks(_sse(_tok("posi"), {"choices": [
-                {"text": "tive", "index": 0, "finish_reason": "length"}]})))
-        return httpx.Response(200, content=_chunks(_sse(_tok("neg"), _tok("ative"), stop)))
+            return _chunks(_sse(_tok("posi"), {"choices": [{"text": "tive", "index": 0, "finish_reason": "length"}]}))
+        return _chunks(_sse(_tok("neg"), _tok("ative"), stop))
 
     so = StructuredOutput("choice")
 
     async def go(endpoint: str, prompt: str) -> RequestRecord:
-        async with _mock_client(behaviour) as client:
-            config = EndpointConfig("http://test", "m", endpoint, structured_output=so)
+        async with stub_http(behaviour) as (client, url):
+            config = EndpointConfig(url, "m", endpoint, structured_output=so)
             return await send_request(client, config, BenchRequest(0, prompt, 3, 3, "t"), 0.0)
 
     ok, cut, chat = (asyncio.run(go(e, p)) for e, p in (("/v1/completions", "p"), ("/v1/completions", "cut"),

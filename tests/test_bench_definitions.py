@@ -9,7 +9,6 @@ import json
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-import httpx
 import numpy as np
 import pytest
 
@@ -20,6 +19,8 @@ from cluster.bench.report import format_result_block
 from cluster.bench.result import BenchResult, profile_breakdown
 from cluster.bench.serve_bench import run_rate
 from cluster.bench.workloads import BenchRequest
+
+from support import stub_http
 
 
 def _event(data: dict[str, Any] | str) -> bytes:
@@ -45,13 +46,6 @@ def _token(chat: bool, text: str = "x", finish: str | None = None) -> dict[str, 
 USAGE = {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2}}
 
 
-def _client(parts_for: Any) -> httpx.AsyncClient:
-    async def handler(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(200, content=parts_for(json.loads(request.content)))
-
-    return httpx.AsyncClient(transport=httpx.MockTransport(handler), base_url="http://test")
-
-
 def _rec(i: int, start: float, ttft: float, e2el: float, out: int = 2, ok: bool = True,
          end: float | None = None) -> RequestRecord:
     return RequestRecord(index=i, profile="t", prompt_len=10, max_tokens=out, start_s=start,
@@ -75,8 +69,8 @@ def test_e2el_ends_at_the_last_token_chunk_not_at_the_usage_chunk_or_done(endpoi
                        (0.4, _event(USAGE)), (0.0, _event("[DONE]"))])
 
     async def go() -> RequestRecord:
-        async with _client(parts) as client:
-            return await send_request(client, EndpointConfig("http://test", "m", endpoint),
+        async with stub_http(parts) as (client, url):
+            return await send_request(client, EndpointConfig(url, "m", endpoint),
                                       BenchRequest(0, "p", 3, 2, "t"), 0.0)
 
     rec = asyncio.run(go())
@@ -124,8 +118,8 @@ def test_a_timed_out_request_counts_as_failed_in_every_metric() -> None:
     requests = [BenchRequest(i, p, 3, 2, "t") for i, p in enumerate(("slow", "ok", "ok"))]
 
     async def go() -> tuple[list[RequestRecord], float]:
-        async with _client(parts) as client:
-            return await run_rate(client, EndpointConfig("http://test", "m", timeout_s=0.6), requests,
+        async with stub_http(parts) as (client, url):
+            return await run_rate(client, EndpointConfig(url, "m", timeout_s=0.6), requests,
                                   [0.0, 0.15, 0.3], None, disable_tqdm=True)
 
     records, duration = asyncio.run(go())

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import httpx
 import pytest
+from aiohttp import web
 
 from actors.engine.frontend import StreamChunk, Tokenizer
 from actors.slo.admission import AdmissionRejected
@@ -27,7 +27,7 @@ from cluster.engine_client import GenerateRequest, ModelInfo
 from cluster.grpc_client import GenerationClient, GrpcInvalidArgument, load_stubs
 from cluster.grpc_server import GrpcServer
 
-from support import LiveServer, LoopThread, free_port
+from support import LiveServer, LoopThread, StubReply, free_port, stub_http
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -203,18 +203,16 @@ def test_bench_odd_json_in_the_stream_fails_only_that_request() -> None:
                            "[DONE]"),
     }
 
-    def handler(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(200, content=bodies[json.loads(request.content)["prompt"]],
-                              headers={"content-type": "text/event-stream"})
+    def handler(body: dict[str, Any]) -> StubReply:
+        return bodies[body["prompt"]]
 
     kinds = list(bodies)
     requests = [BenchRequest(i, k, 3, 2, "t") for i, k in enumerate(kinds)]
-    endpoint = EndpointConfig("http://test", "m", timeout_s=10)
 
     async def go() -> list[Any]:
-        async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
-            records, _ = await run_rate(client, endpoint, requests, [0.0] * len(requests), max_concurrency=2,
-                                        disable_tqdm=True)
+        async with stub_http(handler) as (client, url):
+            records, _ = await run_rate(client, EndpointConfig(url, "m", timeout_s=10), requests,
+                                        [0.0] * len(requests), max_concurrency=2, disable_tqdm=True)
             return records
 
     by_kind = dict(zip(kinds, asyncio.run(go())))
@@ -264,12 +262,12 @@ def test_bench_malformed_model_list_is_a_server_error() -> None:
     """`/v1/models` whose entries are not model cards with an id: ServerError (exit 1 with its message), not a
     KeyError/AttributeError traceback."""
 
-    def handler(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(200, json={"data": ["fake"]})
+    def handler(body: Any) -> StubReply:
+        return web.json_response({"data": ["fake"]})
 
     async def go() -> None:
-        async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
-            await fetch_models(client, "http://test")
+        async with stub_http(handler) as (client, url):
+            await fetch_models(client, url)
 
     with pytest.raises(ServerError, match="model cards"):
         asyncio.run(go())

@@ -24,7 +24,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO
 
-import httpx
+import aiohttp
 import numpy as np
 
 from cluster.bench.arrivals import ArrivalConfig, RampUp, arrival_offsets, rps_change_events
@@ -144,7 +144,7 @@ def tokenizer_dir(config: ServeBenchConfig, model: str, card: dict[str, Any]) ->
     return next((d for d in (model, root) if isinstance(d, str) and _has_tokenizer(d)), None)
 
 
-async def make_prompt_builder(client: httpx.AsyncClient, config: ServeBenchConfig, model: str, tok_dir: str | None,
+async def make_prompt_builder(client: aiohttp.ClientSession, config: ServeBenchConfig, model: str, tok_dir: str | None,
                               out: TextIO) -> PromptBuilder:
     """Exact with the local tokenizer `tok_dir`; else calibrated by the server's /tokenize; else 1 token/word."""
     if tok_dir is not None:
@@ -161,7 +161,7 @@ async def make_prompt_builder(client: httpx.AsyncClient, config: ServeBenchConfi
     return RatioPromptBuilder((full - empty) / words, empty)
 
 
-async def resolve_model(client: httpx.AsyncClient, config: ServeBenchConfig) -> tuple[str, dict[str, Any]]:
+async def resolve_model(client: aiohttp.ClientSession, config: ServeBenchConfig) -> tuple[str, dict[str, Any]]:
     """The model name to send, and its `/v1/models` card ({} when the server lists none by that name)."""
     headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
     if config.model is not None:
@@ -199,7 +199,7 @@ def result_path(config: ServeBenchConfig, model: str, rate: float, date: str) ->
 # ---------------------------------------------------------------- running
 
 
-async def run_rate(client: httpx.AsyncClient, endpoint: EndpointConfig, requests: Sequence[BenchRequest],
+async def run_rate(client: aiohttp.ClientSession, endpoint: EndpointConfig, requests: Sequence[BenchRequest],
                    offsets: Sequence[float], max_concurrency: int | None, disable_tqdm: bool = False,
                    desc: str = "") -> tuple[list[RequestRecord], float]:
     """Send each request at its offset (open loop) and wait for all; (records, duration s)."""
@@ -241,10 +241,19 @@ def _delta(before: dict[str, float] | None, after: dict[str, float] | None) -> d
             "delta": {k: after[k] - before[k] for k in after if k in before}}
 
 
+def _session(config: ServeBenchConfig) -> aiohttp.ClientSession:
+    """The run's one HTTP session: at most `max_concurrency` connections (no limit without one), no wait limit for
+    a free connection, `min(30 s, request timeout)` to connect and the request timeout for each read (the whole
+    request is bounded by `send_request`). No proxy from the environment (httpx took one): the requests go straight
+    to the server, and no `~/.netrc` is read for each (aiohttp's `trust_env` does both)."""
+    connector = aiohttp.TCPConnector(limit=config.max_concurrency or 0)
+    timeout = aiohttp.ClientTimeout(total=None, connect=None, sock_connect=min(30.0, config.request_timeout_s),
+                                    sock_read=config.request_timeout_s)
+    return aiohttp.ClientSession(connector=connector, timeout=timeout)
+
+
 async def _run(config: ServeBenchConfig, out: TextIO) -> list[BenchResult]:
-    limits = httpx.Limits(max_connections=config.max_concurrency, max_keepalive_connections=config.max_concurrency)
-    timeout = httpx.Timeout(config.request_timeout_s, connect=min(30.0, config.request_timeout_s), pool=None)
-    async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
+    async with _session(config) as client:
         model, card = await resolve_model(client, config)
         tok_dir = tokenizer_dir(config, model, card)
         builder = await make_prompt_builder(client, config, model, tok_dir, out)
@@ -282,7 +291,7 @@ def _build_requests(wl: WorkloadConfig, builder: PromptBuilder, max_model_len: i
     return requests
 
 
-async def _run_one_rate(client: httpx.AsyncClient, config: ServeBenchConfig, endpoint: EndpointConfig,
+async def _run_one_rate(client: aiohttp.ClientSession, config: ServeBenchConfig, endpoint: EndpointConfig,
                         tok_dir: str | None, requests: Sequence[BenchRequest], rate: float,
                         out: TextIO) -> BenchResult:
     offsets = arrival_offsets(ArrivalConfig(rate, config.burstiness, config.workload.seed, config.ramp_up),
