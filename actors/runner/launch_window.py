@@ -1,10 +1,10 @@
 """How far a forward pass's kernel launches may run ahead of its GPU partition (`EngineConfig.prefill_layers_ahead`).
 
-CUDA's launch queue is the device's, not a stream's. A semi-PD prefill iteration queued whole is hundreds of kernels
-on a share of the SMs: a launch into a full queue waits inside the driver until the GPU has drained some of it, and
-a launch of the decode worker, on the other partition, waits with it (serving's run 34 on the H200 traced such
-waits of 96-165 ms; the H100's chat servers of runs 35-39 logged decode steps of 30-75 ms whose host time was all
-in the CUDA-graph step's launch). A window keeps the prefill's share of that queue to a few layers.
+CUDA's launch queue is shared by the device's streams. A semi-PD prefill iteration queued whole is hundreds of
+kernels on a share of the SMs: a launch into a full queue waits inside the driver until the GPU has drained some of
+it, and a launch of the decode worker, on the other partition, waits with it (serving's run 34 on the H200 traced
+such waits of 96-165 ms; an H100 chat server of run 39 logged 17 decode steps of 30-75 ms, nearly all host time in
+the CUDA-graph step). A window keeps the prefill's share of that queue to a few layers.
 """
 
 from __future__ import annotations
