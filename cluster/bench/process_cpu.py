@@ -54,7 +54,7 @@ def percents(before: dict[int, CpuTicks], after: dict[int, CpuTicks], seconds: f
     out = {}
     for pid, now in after.items():
         then = before.get(pid)
-        if then is None or now.ticks < then.ticks:  # a new process
+        if not _same_process(now, then):
             then = CpuTicks(now.name, 0)
         percent = 100.0 * (now.ticks - then.ticks) / ticks_per_s / seconds
         if percent >= MIN_PERCENT:
@@ -74,12 +74,15 @@ def sample(path: Path, interval_s: float = 1.0, proc: Path = Path("/proc")) -> N
             for name, percent in percents(last, now, now_t - last_t, ticks_per_s).items():
                 f.write(f"{now_t - start:.1f} {percent:.1f} {name}\n")
             f.flush()
-            last_t, last = now_t, {pid: _named_as_before(t, last.get(pid)) for pid, t in now.items()}
+            # a process keeps the name it had first (a Ray worker's title changes with its task)
+            last_t, last = now_t, {pid: t._replace(name=last[pid].name) if _same_process(t, last.get(pid)) else t
+                                   for pid, t in now.items()}
 
 
-def _named_as_before(now: CpuTicks, then: CpuTicks | None) -> CpuTicks:
-    """`now` under the name the same process had before (a Ray worker's title changes with its task)."""
-    return now if then is None or now.ticks < then.ticks else now._replace(name=then.name)
+def _same_process(now: CpuTicks, then: CpuTicks | None) -> bool:
+    """Whether `then`, an earlier read of `now`'s pid, was the same process: none if the pid is new, another if it
+    was taken again (fewer ticks than before)."""
+    return then is not None and now.ticks >= then.ticks
 
 
 def summarize(text: str, shown: int = SHOWN) -> list[tuple[str, float, float]]:

@@ -109,7 +109,8 @@ class TpotMisses:
 def tpot_misses(result: BenchResult, slos: SLOs, gap_s: float) -> TpotMisses | None:
     """How far `result`'s TPOT misses come from long gaps in their streams (None: no TPOT target). On the H100
     (serving's run 39, chat at 37 req/s, TPOT <= 12 ms, 64 prefill SMs) 43 of the 59 misses were requests of ~20
-    tokens that 30-100 ms gaps, shared by every request streaming then, put past the target."""
+    tokens that 30-100 ms gaps put past the target. Those gaps were not decode standing still: most other streams
+    got tokens meanwhile, and tokens reached the client in bunches (run 40)."""
     if slos.tpot_ms is None:
         return None
     missed = [r for r in result.records if r.success and "tpot" in slos.missed(r)]
