@@ -1161,7 +1161,10 @@ def test_timeline_places_misses_streaming_and_switches_in_their_second(tmp_path:
     assert rows[4].split() == ["1-2", "2.0", "40", "1", "500.0", "1", "1", "0", "1", "e0", "64->72"]
     assert rows[5] == ("TPOT misses: 1 (median output 3 tokens); 0 of them within the target with their gaps of "
                        "30 ms or more a token cut to their median")  # both its gaps are its median
-    assert rows[6] == "Split changes not in the table: e1 (2 not listed by the server)"
+    assert rows[6] == ("Gaps of 30 ms or more a token: 2; during 0 of them at least half the other streams in flight "
+                       "got a chunk (the stream's own path held it), during 0 none did (every stream stood still); "
+                       "0.00% of all chunks came under 1 ms after their request's previous one (bunched)")
+    assert rows[7] == "Split changes not in the table: e1 (2 not listed by the server)"
     empty = _result([])
     assert empty.split_changes is None and timeline(empty) == []
     assert cli_main(["bench", "timeline", str(write_result(empty, tmp_path / "empty.json"))]) == 0
@@ -1189,6 +1192,32 @@ def test_tpot_misses_counts_those_their_long_gaps_put_past_the_target() -> None:
     assert (m.missed, m.explained, m.median_output_tokens, m.gap_s) == (3, 2, 21, 0.03)
     assert tpot_misses(result, result.slos, 0.2).explained == 0  # no gap that long
     assert tpot_misses(result, SLOs(ttft_ms=1000), 0.03) is None
+
+
+def test_gap_sources_tells_a_stream_held_on_its_own_path_from_every_stream_standing_still() -> None:
+    """Streams of a token every 10 ms from 0.1 s. Stream 0 waits 60 ms at 0.3 s while streams 1 and 2 go on (its
+    own path held it), then gets the held tokens in a bunch, from then on 1 ms behind the others; at 0.4 s all
+    three wait 80 ms (the engine stood still): stream 0's chunks 1 ms after the others' at each end of their gap
+    do not count as streaming during it. A stream that ended before a gap is not in flight during it; a failed
+    request adds nothing; a chunk of several tokens has as many times the room."""
+    from cluster.bench.timeline import gap_sources
+
+    def stream(i: int, itl: list[float], start: float = 0.0, out: int | None = None) -> RequestRecord:
+        n = out if out is not None else len(itl) + 1
+        return _rec(i, 0.1 - start, 0.1 - start + sum(itl), n, itl, start=start)
+
+    held = [0.01] * 20 + [0.06] + [0.0002] * 5 + [0.01] * 4 + [0.08] + [0.01] * 10
+    steady = [0.01] * 30 + [0.08] + [0.01] * 10
+    records = [stream(0, held), stream(1, steady, start=0.0001), stream(2, steady, start=0.0002),
+               stream(3, [0.01, 0.09], start=0.0003),  # its 90 ms gap from 0.11 s: the others go on
+               stream(4, [0.04, 0.04], out=9),  # chunks of 4 tokens, 10 ms a token: not long
+               _rec(5, None, None, 0, ok=False)]
+    g = gap_sources(_result(records), 0.03)
+    assert (g.gaps, g.others_streamed, g.all_still, g.gap_s) == (5, 2, 3, 0.03)
+    assert g.bunched == pytest.approx(5 / (41 + 41 + 41 + 2 + 2))
+    alone = gap_sources(_result([stream(0, held)]), 0.03)
+    assert (alone.gaps, alone.others_streamed, alone.all_still) == (2, 0, 0)  # no other stream in flight
+    assert gap_sources(_result([]), 0.03).bunched == 0.0
 
 
 def test_keep_writes_results_without_records_stall_lines_and_no_machine_paths(

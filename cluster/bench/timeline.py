@@ -5,11 +5,12 @@ Misses are counted by the bin a request arrived in; streaming (tokens per second
 the chunks that came `LONG_GAP_S` or more a token after their request's previous one: decode standing still,
 which on the H100 in run 30 put 386 such gaps in one 15 s window) by the bin its chunks reached the client in.
 Times are seconds from the run's start, as in the result JSON. `tpot_misses` says how many of the requests past
-TPOT's target their long gaps put there.
+TPOT's target their long gaps put there, and `gap_sources` whether the other streams went on during those gaps.
 """
 
 from __future__ import annotations
 
+import bisect
 import math
 import statistics
 from collections.abc import Sequence
@@ -18,9 +19,10 @@ from dataclasses import dataclass
 from cluster.bench.client import RequestRecord
 from cluster.bench.metrics import SLOs
 from cluster.bench.result import BenchResult
-from cluster.bench.traffic import token_times
+from cluster.bench.traffic import chunk_times, token_times
 
 LONG_GAP_S = 0.05
+BUNCHED_S = 0.001  # a chunk this soon after its request's previous one came with it
 
 
 @dataclass(frozen=True)
@@ -109,8 +111,9 @@ class TpotMisses:
 def tpot_misses(result: BenchResult, slos: SLOs, gap_s: float) -> TpotMisses | None:
     """How far `result`'s TPOT misses come from long gaps in their streams (None: no TPOT target). On the H100
     (serving's run 39, chat at 37 req/s, TPOT <= 12 ms, 64 prefill SMs) 43 of the 59 misses were requests of ~20
-    tokens that 30-100 ms gaps put past the target. Those gaps were not decode standing still: most other streams
-    got tokens meanwhile, and tokens reached the client in bunches (run 40)."""
+    tokens that 30-100 ms gaps put past the target. Those gaps were not decode standing still: tokens reached the
+    client in bunches (run 40), and during 44-80% of such gaps at least half the other streams got tokens (run 41,
+    `gap_sources`)."""
     if slos.tpot_ms is None:
         return None
     missed = [r for r in result.records if r.success and "tpot" in slos.missed(r)]
@@ -132,6 +135,60 @@ def _within_without_gaps(r: RequestRecord, tpot_ms: float, gap_s: float) -> bool
 def format_tpot_misses(m: TpotMisses) -> str:
     return (f"TPOT misses: {m.missed} (median output {m.median_output_tokens:g} tokens); {m.explained} of them within "
             f"the target with their gaps of {1000 * m.gap_s:g} ms or more a token cut to their median")
+
+
+@dataclass(frozen=True)
+class GapSources:
+    """A run's gaps of `gap_s` or more a token (`gaps`), by what the other streams did meanwhile.
+
+    The other streams in flight (with chunks before the gap began and after it ended) either got chunks in its
+    middle half, so the engine went on and the stream's own path held its tokens (Serve's proxy, the ingress,
+    the client), or got none, so every stream stood still (the engine, or a process all of them pass: vLLM's
+    decode steps that carry a prefill chunk, all of its long gaps in serving's run 41). A gap with no other
+    stream in flight counts in neither. `bunched`: the share of all chunk gaps under `BUNCHED_S`, tokens that
+    reached the client together (vLLM 0.00-0.04% on the H100, runs 40 and 41)."""
+
+    gaps: int
+    others_streamed: int  # while at least half the other streams in flight got a chunk
+    all_still: int  # while none of them did
+    bunched: float
+    gap_s: float
+
+
+def gap_sources(result: BenchResult, gap_s: float) -> GapSources:
+    """`result`'s long gaps (`gap_s` or more a token) and what the other streams did during each."""
+    streams = [(r, chunk_times(r)) for r in result.records]
+    streams = [(r, times) for r, times in streams if times]
+    gaps = others_streamed = all_still = bunched = chunks = 0
+    for i, (r, times) in enumerate(streams):
+        per_chunk = max(r.output_tokens - 1, 0) / len(r.itl_s)
+        chunks += len(r.itl_s)
+        bunched += sum(g < BUNCHED_S for g in r.itl_s)
+        for begin, end, gap in zip(times, times[1:], r.itl_s):
+            if gap < gap_s * max(per_chunk, 1.0):
+                continue
+            gaps += 1
+            got = [_streamed_between(other, begin, end) for j, (_, other) in enumerate(streams)
+                   if j != i and other[0] < begin and other[-1] > end]
+            if got:
+                others_streamed += 2 * sum(got) >= len(got)
+                all_still += not any(got)
+    return GapSources(gaps, others_streamed, all_still, bunched / chunks if chunks else 0.0, gap_s)
+
+
+def _streamed_between(times: list[float], begin: float, end: float) -> bool:
+    """Whether a chunk in `times` came in the middle half of (`begin`, `end`): the chunks of one engine step reach
+    the clients over a few ms, so another stream's chunks of the steps that began and ended the gap do not count."""
+    quarter = (end - begin) / 4
+    k = bisect.bisect_right(times, begin + quarter)
+    return k < len(times) and times[k] < end - quarter
+
+
+def format_gap_sources(g: GapSources) -> str:
+    return (f"Gaps of {1000 * g.gap_s:g} ms or more a token: {g.gaps}; during {g.others_streamed} of them at least "
+            f"half the other streams in flight got a chunk (the stream's own path held it), during {g.all_still} "
+            f"none did (every stream stood still); {100 * g.bunched:.2f}% of all chunks came under "
+            f"{1000 * BUNCHED_S:g} ms after their request's previous one (bunched)")
 
 
 def format_unplaced_changes(result: BenchResult) -> str:

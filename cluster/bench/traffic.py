@@ -1,11 +1,13 @@
 """A run's traffic over time, from its per-request records: the load the generator offered while requests
-arrived (`offered_load`), and every chunk streamed back after each request's first (`token_times`), with the
-tokens per second streamed around a moment (`streaming_around`), e.g. an SM split change.
+arrived (`offered_load`), when each of a request's chunks reached the client (`chunk_times`), and every chunk
+streamed back after each request's first (`token_times`), with the tokens per second streamed around a moment
+(`streaming_around`), e.g. an SM split change.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import accumulate
 from typing import NamedTuple
 
 from cluster.bench.client import RequestRecord
@@ -19,16 +21,22 @@ class StreamedChunk(NamedTuple):
     gap_s: float  # since the request's previous chunk
 
 
+def chunk_times(r: RequestRecord) -> list[float]:
+    """When each chunk of `r` reached the client, its first included, from the run's start ([] for a request that
+    failed or streamed a single chunk)."""
+    if not r.success or r.ttft_s is None or not r.itl_s:
+        return []
+    return list(accumulate(r.itl_s, initial=r.start_s + r.ttft_s))
+
+
 def token_times(records: Sequence[RequestRecord]) -> list[StreamedChunk]:
     """Every streamed chunk after each successful request's first."""
     out = []
     for r in records:
-        if not r.success or r.ttft_s is None or not r.itl_s:
-            continue
-        t, per_chunk = r.start_s + r.ttft_s, max(r.output_tokens - 1, 0) / len(r.itl_s)
-        for gap in r.itl_s:
-            t += gap
-            out.append(StreamedChunk(t, per_chunk, gap))
+        times = chunk_times(r)
+        if times:
+            per_chunk = max(r.output_tokens - 1, 0) / len(r.itl_s)
+            out.extend(StreamedChunk(t, per_chunk, gap) for t, gap in zip(times[1:], r.itl_s))
     return out
 
 
@@ -56,4 +64,4 @@ def offered_load(records: Sequence[RequestRecord]) -> tuple[float, float, float]
     return n / span, sum(r.prompt_len for r in records) * n / len(records) / span, span
 
 
-__all__ = ["StreamedChunk", "offered_load", "streaming_around", "token_times"]
+__all__ = ["StreamedChunk", "chunk_times", "offered_load", "streaming_around", "token_times"]

@@ -355,16 +355,17 @@ def _register_timeline(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--goodput", nargs="+", type=_type(_slo_item), default=None, metavar="KEY:MS",
                    help="targets for the miss columns (default: those stored in the result)")
     p.add_argument("--gap-ms", type=_type(_positive_float), default=30.0, metavar="MS",
-                   help="a TPOT miss counts as the gaps' when it is within the target with its gaps of MS or more "
-                        "a token cut to its median (default 30)")
+                   help="a gap of MS or more a token is long: a TPOT miss counts as the gaps' when it is within "
+                        "the target with its long gaps cut to its median, and each long gap is told by whether the "
+                        "other streams got chunks meanwhile (default 30)")
     p.set_defaults(func=run_timeline)
 
 
 def run_timeline(args: argparse.Namespace) -> int:
     from cluster.bench.metrics import SLOs
     from cluster.bench.result import load_result
-    from cluster.bench.timeline import (format_timeline, format_tpot_misses, format_unplaced_changes, timeline,
-                                        tpot_misses)
+    from cluster.bench.timeline import (format_gap_sources, format_timeline, format_tpot_misses,
+                                        format_unplaced_changes, gap_sources, timeline, tpot_misses)
 
     result = load_result(args.result)
     slos = SLOs.parse(args.goodput) if args.goodput else result.slos
@@ -373,6 +374,8 @@ def run_timeline(args: argparse.Namespace) -> int:
     misses = tpot_misses(result, slos, args.gap_ms / 1000.0)
     if misses is not None:
         print(format_tpot_misses(misses))
+    if result.records:
+        print(format_gap_sources(gap_sources(result, args.gap_ms / 1000.0)))
     unplaced = format_unplaced_changes(result)
     if unplaced:
         print(unplaced)
