@@ -19,6 +19,8 @@ for n in $INTERVALS; do
       --stream-interval "$n" $SERVE_EXTRA > "$OUT/serve-$n.log" 2>&1 &
   server=$!
   for _ in $(seq 300); do curl -sf "http://127.0.0.1:$port/v1/models" >/dev/null && break; sleep 1; done
+  curl -sf "http://127.0.0.1:$port/v1/models" >/dev/null \
+    || { echo "stream_cost: the server did not come up (see $OUT/serve-$n.log)"; kill -INT "$server"; exit 1; }
   $PY -m cluster.bench.process_cpu sample "$OUT/cpu-$n.txt" &
   sampler=$!
   $PY -m cluster.cli bench serve --base-url "http://127.0.0.1:$port" --workload random --input-len 32 \

@@ -145,8 +145,9 @@ class GapSources:
     middle half, so the engine went on and the stream's own path held its tokens (Serve's proxy, the ingress,
     the client), or got none, so every stream stood still (the engine, or a process all of them pass: vLLM's
     decode steps that carry a prefill chunk, all of its long gaps in serving's run 41). A gap with no other
-    stream in flight counts in neither. `bunched`: the share of all chunk gaps under `BUNCHED_S`, tokens that
-    reached the client together (vLLM 0.00-0.04% on the H100, runs 40 and 41)."""
+    stream in flight counts in neither. With several engines behind the server, streams of another engine going
+    on say nothing of this one's. `bunched`: the share of all chunk gaps under `BUNCHED_S`, tokens that reached
+    the client together (vLLM 0.00-0.04% on the H100, runs 40 and 41)."""
 
     gaps: int
     others_streamed: int  # while at least half the other streams in flight got a chunk
