@@ -33,18 +33,15 @@ for n in $INTERVALS; do
 done
 $PY - "$OUT" $INTERVALS <<'EOF'
 import json, sys
-from collections import defaultdict
 from pathlib import Path
+
+from cluster.bench.process_cpu import cpu_seconds
 
 out = Path(sys.argv[1])
 for n in sys.argv[2:]:
     records = [r for r in json.loads((out / f"interval-{n}.json").read_text())["requests"] if r["success"]]
     tokens, chunks = sum(r["output_tokens"] for r in records), sum(r["num_chunks"] for r in records)
-    seconds: dict[str, float] = defaultdict(float)
-    for line in (out / f"cpu-{n}.txt").read_text().splitlines():
-        _, percent, _pid, name = line.split(" ", 3)
-        seconds[name[:32]] += float(percent) / 100  # one sample a second
-    busiest = sorted(seconds.items(), key=lambda kv: -kv[1])[:5]
+    busiest = sorted(cpu_seconds((out / f"cpu-{n}.txt").read_text()).items(), key=lambda kv: -kv[1])[:5]
     print(f"--stream-interval {n}: {tokens} tokens in {chunks} chunks ({tokens / max(chunks, 1):.2f} a chunk); "
-          "CPU s per 1,000 tokens: " + "; ".join(f"{name} {1000 * s / max(tokens, 1):.3f}" for name, s in busiest))
+          "CPU s per 1,000 tokens: " + "; ".join(f"{name[:32]} {1000 * s / max(tokens, 1):.3f}" for name, s in busiest))
 EOF

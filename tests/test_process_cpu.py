@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cluster.bench.process_cpu import CpuTicks, format_summary, percents, read_ticks, summarize
+from cluster.bench.process_cpu import CpuTicks, cpu_seconds, format_summary, percents, read_ticks, summarize
 
 
 def _process(proc: Path, pid: int, comm: str, cmdline: list[str], utime: int, stime: int) -> None:
@@ -43,3 +43,11 @@ def test_the_summary_ranks_processes_by_their_mean_over_every_sample() -> None:
     assert format_summary(rows) == ("CPU of the busiest processes (% of a core, mean / highest): "
                                     "7 ray::ServeReplica 73 / 100")
     assert summarize("") == [] and format_summary([]) == ""
+
+
+def test_cpu_seconds_sum_each_commands_samples_over_its_processes() -> None:
+    text = "1.0 90.0 7 ray::ServeReplica\n1.0 40.0 8 ray::ProxyActor\n2.0 100.0 7 ray::ServeReplica\n" \
+           "2.0 50.0 9 ray::ServeReplica\n"
+    assert cpu_seconds(text) == {"ray::ServeReplica": 2.4, "ray::ProxyActor": 0.4}
+    assert cpu_seconds(text, interval_s=0.5) == {"ray::ServeReplica": 1.2, "ray::ProxyActor": 0.2}
+    assert cpu_seconds("") == {}

@@ -85,9 +85,8 @@ def _same_process(now: CpuTicks, then: CpuTicks | None) -> bool:
     return then is not None and now.ticks >= then.ticks
 
 
-def summarize(text: str, shown: int = SHOWN) -> list[tuple[str, float, float]]:
-    """(name, mean %, highest %) of the `shown` processes with the highest mean over the samples of a `sample`
-    file; a process missing from a sample took under `MIN_PERCENT` then."""
+def _samples(text: str) -> tuple[set[float], dict[str, list[float]]]:
+    """The sample times of a `sample` file, and each process's percents in them by its name ("<pid> <command>")."""
     by_name: dict[str, list[float]] = defaultdict(list)
     times = set()
     for line in text.splitlines():
@@ -100,10 +99,26 @@ def summarize(text: str, shown: int = SHOWN) -> list[tuple[str, float, float]]:
             continue
         times.add(t)
         by_name[parts[2]].append(percent)
+    return times, by_name
+
+
+def summarize(text: str, shown: int = SHOWN) -> list[tuple[str, float, float]]:
+    """(name, mean %, highest %) of the `shown` processes with the highest mean over the samples of a `sample`
+    file; a process missing from a sample took under `MIN_PERCENT` then."""
+    times, by_name = _samples(text)
     if not times:
         return []
     rows = [(name, sum(p) / len(times), max(p)) for name, p in by_name.items()]
     return sorted(rows, key=lambda r: -r[1])[:shown]
+
+
+def cpu_seconds(text: str, interval_s: float = 1.0) -> dict[str, float]:
+    """The CPU seconds each command took over a `sample` file taken every `interval_s` (the processes of one
+    command, pid left out, summed)."""
+    out: dict[str, float] = defaultdict(float)
+    for name, percents_of_core in _samples(text)[1].items():
+        out[name.split(" ", 1)[-1]] += sum(percents_of_core) * interval_s / 100
+    return dict(out)
 
 
 def format_summary(rows: list[tuple[str, float, float]]) -> str:
