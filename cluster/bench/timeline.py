@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from cluster.bench.client import RequestRecord
 from cluster.bench.metrics import SLOs
 from cluster.bench.result import BenchResult
-from cluster.bench.traffic import chunk_times, token_times
+from cluster.bench.traffic import chunk_times, token_times, tokens_per_chunk
 
 LONG_GAP_S = 0.05
 BUNCHED_S = 0.001  # a chunk this soon after its request's previous one came with it
@@ -126,7 +126,7 @@ def _within_without_gaps(r: RequestRecord, tpot_ms: float, gap_s: float) -> bool
     """Whether `r`'s TPOT is within `tpot_ms` with each chunk gap of `gap_s` or more a token cut to its median."""
     if r.ttft_s is None or r.e2el_s is None or not r.itl_s or r.output_tokens < 2:
         return False
-    per_chunk = (r.output_tokens - 1) / len(r.itl_s)
+    per_chunk = tokens_per_chunk(r)
     median = statistics.median(r.itl_s)
     cut = sum(g - median for g in r.itl_s if g >= gap_s * per_chunk)
     return 1000.0 * (r.e2el_s - r.ttft_s - cut) / (r.output_tokens - 1) <= tpot_ms
@@ -162,7 +162,7 @@ def gap_sources(result: BenchResult, gap_s: float) -> GapSources:
     streams = [(r, times) for r, times in streams if times]
     gaps = others_streamed = all_still = bunched = chunks = 0
     for i, (r, times) in enumerate(streams):
-        per_chunk = max(r.output_tokens - 1, 0) / len(r.itl_s)
+        per_chunk = tokens_per_chunk(r)
         chunks += len(r.itl_s)
         bunched += sum(g < BUNCHED_S for g in r.itl_s)
         for begin, end, gap in zip(times, times[1:], r.itl_s):

@@ -29,13 +29,19 @@ def chunk_times(r: RequestRecord) -> list[float]:
     return list(accumulate(r.itl_s, initial=r.start_s + r.ttft_s))
 
 
+def tokens_per_chunk(r: RequestRecord) -> float:
+    """The output tokens after its first that each chunk of `r` after its first carried, on average (`r` must
+    have streamed more than one chunk)."""
+    return max(r.output_tokens - 1, 0) / len(r.itl_s)
+
+
 def token_times(records: Sequence[RequestRecord]) -> list[StreamedChunk]:
     """Every streamed chunk after each successful request's first."""
     out = []
     for r in records:
         times = chunk_times(r)
         if times:
-            per_chunk = max(r.output_tokens - 1, 0) / len(r.itl_s)
+            per_chunk = tokens_per_chunk(r)
             out.extend(StreamedChunk(t, per_chunk, gap) for t, gap in zip(times[1:], r.itl_s))
     return out
 
@@ -64,4 +70,4 @@ def offered_load(records: Sequence[RequestRecord]) -> tuple[float, float, float]
     return n / span, sum(r.prompt_len for r in records) * n / len(records) / span, span
 
 
-__all__ = ["StreamedChunk", "chunk_times", "offered_load", "streaming_around", "token_times"]
+__all__ = ["StreamedChunk", "chunk_times", "offered_load", "streaming_around", "token_times", "tokens_per_chunk"]
