@@ -274,6 +274,40 @@ def test_a_request_on_an_engine_taken_for_dead_is_aborted_there(engines: list[An
     asyncio.run(main())
 
 
+
+@pytest.mark.timeout(120)
+def test_a_stream_that_stalls_on_an_engine_that_answers_its_ping_goes_on_whole(engines: list[Any]) -> None:
+    """An engine that is only slow answers the ping a stall brings: its request is not ended, and every token it
+    computed meanwhile reaches the client once its output flows again, in order, none lost to the wait the stall
+    check cut short."""
+    actor = engines[0]
+    router, handles = _router([actor], FAST_CHECKS)
+    answer = handles["a"].ping
+
+    async def main() -> None:
+        await actor.ready()
+        pinged = asyncio.Event()
+
+        async def ping(*args: Any) -> Any:
+            pinged.set()
+            return await answer.remote(*args)
+
+        expected = [c async for c in router.generate(GenerateRequest("whole", [256, 1, 2], _greedy(40)))]
+        stream = router.generate(GenerateRequest("slow", [256, 1, 2], _greedy(40)))
+        chunks = [await stream.__anext__()]
+        handles["a"].outputs.flowing.clear()
+        handles["a"].ping = _Method(ping)
+        next_chunk = asyncio.ensure_future(stream.__anext__())
+        await pinged.wait()
+        handles["a"].outputs.flowing.set()
+        chunks.append(await next_chunk)
+        chunks += [c async for c in stream]
+        assert [t for c in chunks for t in c.token_ids] == [t for c in expected for t in c.token_ids]
+        assert chunks[-1].finish_reason == "length" and router.state.actors["a"].alive
+        await actor.shutdown()
+
+    asyncio.run(main())
+
 # -- a request whose chunks wait for the router ---------------------------------------------------------------------
 
 
