@@ -262,8 +262,8 @@ class Router:
 
     async def _next_chunk(self, engine_id: str, chunks: asyncio.Queue[StreamChunk | _EngineLost]) -> StreamChunk:
         """The request's next chunk, under `_watched`'s stall watch but without its task per wait: one chunk a token
-        goes through here (thousands a second at chat's rates), and a task with `asyncio.wait` took ~20 us where a
-        chunk already queued takes ~1 and a timed wait ~6."""
+        goes through here (thousands a second at chat's rates). A chunk already queued is taken at once (~0.2 us);
+        a timed wait costs about half of what a task with `asyncio.wait` did (~10 us against ~21, CPU machine)."""
         item = chunks.get_nowait() if not chunks.empty() else await self._wait_chunk(engine_id, chunks)
         if isinstance(item, _EngineLost):
             self._lost(engine_id, item)
