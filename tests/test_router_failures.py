@@ -292,8 +292,8 @@ def test_a_stream_that_stalls_on_an_engine_that_answers_its_ping_goes_on_whole(e
             pinged.set()
             return await answer.remote(*args)
 
-        expected = [c async for c in router.generate(GenerateRequest("whole", [256, 1, 2], _greedy(40)))]
-        stream = router.generate(GenerateRequest("slow", [256, 1, 2], _greedy(40)))
+        expected = [c async for c in router.generate(GenerateRequest("whole", [256, 1, 2], _greedy(200)))]
+        stream = router.generate(GenerateRequest("slow", [256, 1, 2], _greedy(200)))  # far from done at the stall
         chunks = [await stream.__anext__()]
         handles["a"].outputs.flowing.clear()
         handles["a"].ping = _Method(ping)
