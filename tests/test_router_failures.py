@@ -274,7 +274,6 @@ def test_a_request_on_an_engine_taken_for_dead_is_aborted_there(engines: list[An
     asyncio.run(main())
 
 
-
 @pytest.mark.timeout(120)
 def test_a_stream_that_stalls_on_an_engine_that_answers_its_ping_goes_on_whole(engines: list[Any]) -> None:
     """An engine that is only slow answers the ping a stall brings: its request is not ended, and every token it
@@ -307,6 +306,7 @@ def test_a_stream_that_stalls_on_an_engine_that_answers_its_ping_goes_on_whole(e
         await actor.shutdown()
 
     asyncio.run(main())
+
 
 # -- a request whose chunks wait for the router ---------------------------------------------------------------------
 
