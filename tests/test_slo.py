@@ -618,6 +618,7 @@ def test_an_engine_that_refuses_late_prompts_is_not_moved_past_tpot_for_ttft() -
     assert queues.prefill_sms == 72 and "TPOT 13.1/12.0 ms, slack -0.09 at 72" in queues.reason
     refuses = ModelPolicy(h100).decide(replace(burst, refuses_late=True), targets)
     assert refuses.prefill_sms == 64 and refuses.reason.startswith("hold: best split")
+    assert "; not 72: TTFT" in refuses.reason and "TPOT 13.1/12.0 ms" in refuses.reason  # why 72 was not taken
     # a split that keeps TPOT is still taken: the engine refuses what it must, not what another split serves
     relaxed = ModelPolicy(h100).decide(replace(burst, refuses_late=True), SLOTargets(ttft_ms=1000.0, tpot_ms=15.0))
     assert relaxed.prefill_sms > 64 and relaxed.predicted["best_tpot_ms"] <= 15.0

@@ -387,7 +387,8 @@ class ModelPolicy:
         if best.prefill_sms == current or not needs:
             state.load = load
             if best.prefill_sms == current:
-                return SplitDecision(current, f"hold: best split; {at}", predicted)
+                return SplitDecision(current, f"hold: best split; {at}{_neighbour(preds, current, side, targets)}",
+                                     predicted)
             return SplitDecision(current, f"hold: comfortable (slack {cur.slack:+.2f} >= {cfg.comfort_slack:.2f}); "
                                           f"{at}", predicted)
         instead = f"{_describe(best, targets)} at {best.prefill_sms}{_evidence(view, info, targets)}"
@@ -605,6 +606,16 @@ def _evidence(view: EngineView, info: Mapping[str, float], targets: SLOTargets) 
 def _describe(p: SplitPrediction, targets: SLOTargets) -> str:
     return (f"TTFT {p.ttft_ms:.0f}/{targets.ttft_ms:.0f} ms, TPOT {p.tpot_ms:.1f}/{targets.tpot_ms:.1f} ms, "
             f"slack {p.slack:+.2f}")
+
+
+def _neighbour(preds: list[SplitPrediction], current: int, side: int, targets: SLOTargets) -> str:
+    """"; not S: ..." for the split next to `current` on the `side` that would relieve a risk (+1: more prefill
+    SMs, -1: fewer; "" for 0 or at the end of the split set): what kept the policy from it."""
+    splits = [p.prefill_sms for p in preds]
+    j = splits.index(current) + side
+    if side == 0 or not 0 <= j < len(preds):
+        return ""
+    return f"; not {splits[j]}: {_describe(preds[j], targets)}"
 
 
 def make_policy(name: str, model: LatencyModel | Mapping[str, LatencyModel] | None = None,
