@@ -15,8 +15,10 @@ through every case, about 13 times as long. `--policy reactive` runs the semi-PD
 or TPOT over its target moves one split step, `ReactivePolicy`), at the same decision interval. `--stalls RATE:S`
 stops decode now and then while prompts wait (a fresh server's first windows on the H100, run 30), `--hide stalls`
 leaves the TPOT so far without stalls out of the view (the policy then takes a stall for a slow step).
-`--admission reject|queue` runs admission control (slack 1) in front of the engine, as `semipd serve --admission`
-(with `reject` the engine's view says it refuses late prompts, as a GPU actor's does).
+`--admission reject|queue` runs admission control (slack 1, or `--admission-slack`) in front of the engine, as
+`semipd serve --admission` (with `reject` the engine's view says it refuses late prompts, as a GPU actor's does).
+`--decode-factor F` times the engine's decode steps at F times the profile's (the policy still holds the
+profile): serving's documents on the H100 decoded at about 0.8 of it on 80 prefill SMs (run 42).
 The figures quoted in docs/perf/serve-h200.md (run 19 on) are this script's.
 """
 
@@ -31,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # this checkout's code, also when another checkout of it is the one installed in the venv (comparing two commits)
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from engine_sim import Phase, SimResult, simulate, with_prefill_factor  # noqa: E402
+from engine_sim import Phase, SimResult, simulate, with_decode_factor, with_prefill_factor  # noqa: E402
 
 from actors.slo.admission import ADMISSION_ACTIONS, AdmissionConfig, AdmissionController  # noqa: E402
 from actors.slo.latency_model import LatencyModel, load_models  # noqa: E402
@@ -122,6 +124,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--admission", choices=("off", *ADMISSION_ACTIONS), default="off",
                         help="admission control, as `semipd serve --admission` sets it (slack 1): `reject` refuses a "
                              "request predicted past its TTFT target (a miss), `queue` serves it after the others")
+    parser.add_argument("--admission-slack", type=float, default=1.0, metavar="S",
+                        help="admit while the predicted TTFT is at most S times its target (default 1, as "
+                             "`semipd serve --admission-slack`)")
+    parser.add_argument("--decode-factor", type=float, default=1.0, metavar="F",
+                        help="the engine's decode steps take F times what the profile says (default 1)")
     parser.add_argument("--aging-s", type=float, default=None, metavar="S",
                         help="with --admission queue: a request held back goes ahead of younger ones after S seconds "
                              "(default twice the TTFT target, as `semipd serve --aging-s`)")
@@ -130,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.seeds < 1:
         parser.error(f"--seeds must be >= 1, got {args.seeds}")
+    if not (args.admission_slack > 0 and args.decode_factor > 0):
+        parser.error(f"--admission-slack and --decode-factor must be positive, got {args.admission_slack} and "
+                     f"{args.decode_factor}")
     if args.aging_s is not None and not args.aging_s > 0:
         parser.error(f"--aging-s must be positive, got {args.aging_s}")
     models = list(load_models(args.profile).values())
@@ -148,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         """One per seed; `dynamic`: a fresh policy for each seed (it keeps state per engine), else fixed."""
         admission = None
         if args.admission != "off":  # the engine's controller holds the profile, as the policy does
-            admission = AdmissionController(model, AdmissionConfig(ttft_ms=targets.ttft_ms, action=args.admission))
+            config = AdmissionConfig(ttft_ms=targets.ttft_ms, slack=args.admission_slack, action=args.admission)
+            admission = AdmissionController(model, config)
         return [simulate(engine, phases, targets, start_sms, make_policy(args.policy, model) if dynamic else None,
                          seed=s, dt=0.01, hide=frozenset(args.hide), switch_transient=args.switch_transient,
                          stalls=args.stalls, admission=admission, aging_s=args.aging_s) for s in range(args.seeds)]
@@ -160,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     for kind, name, phases, targets in cases():
         minutes = sum(p.seconds for p in phases) / 60.0
         for factor in PREFILL_FACTORS:
-            engine = with_prefill_factor(model, factor)
+            engine = with_decode_factor(with_prefill_factor(model, factor), args.decode_factor)
             policy_runs = runs(engine, phases, targets, 64, dynamic=True)
             pct = attainment_pct(policy_runs)
             switches += [len(r.switches) / minutes for r in policy_runs]

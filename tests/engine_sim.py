@@ -15,8 +15,8 @@ half second after such moves, runs 20-21, where the split held throughout ran at
 (per second, seconds) stops decode for that long, at that seeded rate, while prompts wait (on the H100 a fresh
 server's first windows at a new load had decode stand still for 100-280 ms, about ten times in 15 s, run 30); a
 stall is one long step in the view's mean decode step, and is left out of the TPOT so far without stalls. The
-policy may hold another model than the one that times the engine (`with_prefill_factor`: a profile that misjudges
-prefill). Plain functions (no fixtures).
+policy may hold another model than the one that times the engine (`with_prefill_factor`, `with_decode_factor`: a
+profile that misjudges prefill or decode). Plain functions (no fixtures).
 """
 
 from __future__ import annotations
@@ -39,6 +39,11 @@ PREFILL_SPEED_AFTER_S = 1.0  # busy prefill on one split this long shows its ite
 def with_prefill_factor(model: LatencyModel, factor: float) -> LatencyModel:
     """`model` with every prefill time multiplied by `factor`."""
     return replace(model, prefill=replace(model.prefill, coef=tuple(factor * c for c in model.prefill.coef)))
+
+
+def with_decode_factor(model: LatencyModel, factor: float) -> LatencyModel:
+    """`model` with every decode step time multiplied by `factor`."""
+    return replace(model, decode=replace(model.decode, coef=tuple(factor * c for c in model.decode.coef)))
 
 
 @dataclass(frozen=True)

@@ -1374,6 +1374,25 @@ def test_the_policy_suite_prints_every_case_and_the_mean(policy: str, capsys: py
     assert 0.0 < mean <= 100.0 and lines[-1].startswith(f"mean of {2 * len(suite['cases']())} cases x 1 seeds")
 
 
+def test_the_policy_suite_times_the_engine_apart_from_the_profile_the_policy_holds() -> None:
+    """`bench/policy_suite.py --decode-factor F`: the simulated engine decodes at F times the profile's step while
+    the policy and admission hold the profile (serving's documents on the H100 decoded at about 0.8 of it, run 42).
+    Documents at 5.4 req/s on 88 prefill SMs miss TPOT at the profile's decode speed and keep it at 0.8 of it; a
+    factor that is not positive is refused."""
+    import runpy
+
+    from engine_sim import Phase, simulate, with_decode_factor
+
+    h100 = committed_model(H100)
+    targets, documents = SLOTargets(ttft_ms=1500.0, tpot_ms=15.0), [Phase(15.0, 5.4, 4236, 180, prompt_cv=0.8)]
+    kept = [simulate(engine, documents, targets, 88, seed=0, dt=0.01).attainment
+            for engine in (h100, with_decode_factor(h100, 0.8))]
+    assert kept[0] < 0.7 < 0.9 < kept[1], kept
+    suite = runpy.run_path(str(Path(__file__).resolve().parents[1] / "bench" / "policy_suite.py"))
+    with pytest.raises(SystemExit):
+        suite["main"]([str(H200_PROFILE), "--decode-factor", "0"])
+
+
 def test_the_split_probe_sets_each_decode_row_beside_the_profile() -> None:
     """`bench/split_probe.py` (serving's run 39, H100): a row with decode steps gets the profile's step for its batch
     and context on the SMs its split leaves decode, beside prefill, and measured / predicted; prefill-only rows stay
