@@ -609,8 +609,9 @@ def _describe(p: SplitPrediction, targets: SLOTargets) -> str:
 
 
 def _neighbour(preds: list[SplitPrediction], current: int, side: int, targets: SLOTargets) -> str:
-    """"; not S: ..." for the split next to `current` on the `side` that would relieve a risk (+1: more prefill
-    SMs, -1: fewer; "" for 0 or at the end of the split set): what kept the policy from it."""
+    """The prediction of the split next to `current` on the `side` that would relieve a risk (+1: more prefill
+    SMs, -1: fewer), as "; not S: ..." for a hold's reason: what kept the policy from it. "" for side 0 or at the
+    end of the split set."""
     splits = [p.prefill_sms for p in preds]
     j = splits.index(current) + side
     if side == 0 or not 0 <= j < len(preds):
