@@ -122,8 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--policy", choices=("model", "reactive"), default="model",
                         help="the split policy to run: ours (default) or the semi-PD paper's reactive rule")
     parser.add_argument("--admission", choices=("off", *ADMISSION_ACTIONS), default="off",
-                        help="admission control, as `semipd serve --admission` sets it (slack 1): `reject` refuses a "
-                             "request predicted past its TTFT target (a miss), `queue` serves it after the others")
+                        help="admission control, as `semipd serve --admission` sets it (slack: --admission-slack): "
+                             "`reject` refuses a request predicted past its TTFT target (a miss), `queue` serves it "
+                             "after the others")
     parser.add_argument("--admission-slack", type=float, default=1.0, metavar="S",
                         help="admit while the predicted TTFT is at most S times its target (default 1, as "
                              "`semipd serve --admission-slack`)")
