@@ -624,6 +624,26 @@ def test_an_engine_that_refuses_late_prompts_is_not_moved_past_tpot_for_ttft() -
     assert relaxed.prefill_sms > 64 and relaxed.predicted["best_tpot_ms"] <= 15.0
 
 
+def test_an_engine_that_refuses_late_prompts_gives_decode_sms_for_tpot_missed_by_more_than_it_would_refuse() -> None:
+    """Chat at 24k prompt tokens/s on the H100's 64 prefill SMs, TPOT observed past its 12 ms target, TTFT within
+    (the engine refuses what would be late). Every split within TPOT's target has less slack, its TTFT predicted
+    past target: an engine that queues late prompts is moved toward prefill, one that refuses them toward decode,
+    to the nearest split within TPOT's target where prefill turns away a smaller share of the arrivals than the
+    share of requests that missed TPOT, and stays while fewer missed it than that."""
+    h100 = committed_model(H100)
+    targets = SLOTargets(ttft_ms=1000.0, tpot_ms=12.0)
+    missing = EngineView("gpu0", 64, 132, h100.splits, waiting_prefill_tokens=5000, num_decoding=40,
+                         decode_context_tokens=40 * 620, ttft_ms=(700.0,) * 10, tpot_ms=(12.6,) * 10, time=100.0,
+                         num_prefill_requests=9, arrival_tokens_per_s=24_000.0, mean_prompt_tokens=525.0,
+                         mean_output_tokens=92.0)
+    assert ModelPolicy(h100).decide(missing, targets).prefill_sms == 72
+    refuses = ModelPolicy(h100).decide(replace(missing, refuses_late=True), targets)
+    assert refuses.prefill_sms == 56 and refuses.predicted["gain"] < -0.5
+    assert "TPOT missed by 100% of requests, 24% of arrivals refused there" in refuses.reason
+    some = replace(missing, refuses_late=True, tpot_ms=(11.0,) * 8 + (13.0,) * 2)  # P90 past, a fifth of them
+    assert ModelPolicy(h100).decide(some, targets).prefill_sms == 64
+
+
 def test_model_policy_bounds_switches_under_oscillating_load() -> None:
     """Load flips between prefill- and decode-heavy every 2 s for 10 minutes."""
 

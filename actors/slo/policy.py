@@ -15,8 +15,10 @@ and the paper's `ReactivePolicy`, built by name with `make_policy`.
 4. Hold the current split unless a target is at risk (`at_risk`: observed past target, or predicted slack
    under `comfort_slack`); then look only on the side that relieves it (`_best`: toward decode the nearest
    comfortable split, toward prefill the most slack, within TPOT's target first; for an engine that refuses
-   late prompts, `EngineView.refuses_late`, only within it).
-5. Move only if the gain beats `margin`, if the relieved target is observed past (or, for TTFT, the load is
+   late prompts, `EngineView.refuses_late`, only within it). Such an engine missing TPOT is moved toward
+   decode, whatever the slack, to the nearest split within TPOT's target that would refuse a smaller share of
+   the arrivals than the share of requests missing TPOT (`_refusing_tpot_relief`).
+5. Move only if the gain beats `margin` (but for that move), if the relieved target is observed past (or, for TTFT, the load is
    new) unless the current split is predicted past a target by a quarter (`urgent_slack`), one split step at
    a time without such evidence (`_max_steps`; toward decode never more than `max_decode_steps`), and once
    `dwell_s` has passed since the last change.
@@ -47,7 +49,9 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from actors.slo.latency_model import LatencyModel
-from actors.slo.prediction import paced_tpot_ms, predict_raw, prefill_speed_factor, typical_prompt_tokens
+from actors.slo.prediction import (
+    model_sms, paced_tpot_ms, predict_raw, prefill_load, prefill_speed_factor, typical_prompt_tokens,
+)
 from actors.slo.types import (
     EngineView, FixedPolicy, ReactivePolicy, SLOTargets, SplitDecision, SplitPolicy, nearest_split, percentile,
 )
@@ -375,6 +379,10 @@ class ModelPolicy:
                        and best.prefill_sms < current)  # a small miss: relieved by the nearest split that does
         if tpot_missed:
             best = nearest_tpot_relief(preds, current, targets, cur.slack + cfg.margin) or best
+        refusing_relief = None
+        if view.refuses_late and "tpot" in evident and targets.tpot_ms < min(cur.tpot_ms, best.tpot_ms):
+            refusing_relief = self._refusing_tpot_relief(view, preds, current, targets, info)
+            best = refusing_relief or best
         gain = best.slack - cur.slack
         recent = sum(1 for t in state.change_times if now - t < 60.0)
         predicted = {
@@ -392,7 +400,7 @@ class ModelPolicy:
             return SplitDecision(current, f"hold: comfortable (slack {cur.slack:+.2f} >= {cfg.comfort_slack:.2f}); "
                                           f"{at}", predicted)
         instead = f"{_describe(best, targets)} at {best.prefill_sms}{_evidence(view, info, targets)}"
-        if gain <= cfg.margin:
+        if gain <= cfg.margin and refusing_relief is None:
             return SplitDecision(current, f"hold: within hysteresis band (gain {gain:+.2f} <= {cfg.margin:.2f} "
                                           f"for {best.prefill_sms}); {at}; {instead}", predicted)
         relieved = "ttft" if best.prefill_sms > current else "tpot"
@@ -420,8 +428,11 @@ class ModelPolicy:
             state.urgent_moves.append(UrgentMove(current, 1 if best.prefill_sms > current else -1, now, tpot_missed))
         predicted.update(ttft_ms=best.ttft_ms, tpot_ms=best.tpot_ms, slack=best.slack)
         side = "prefill" if best.prefill_sms > current else "decode"
+        for_what = (f"TPOT missed by {info['tpot_miss_share']:.0%} of requests, {info['relief_refused_share']:.0%} "
+                    f"of arrivals refused there" if refusing_relief is not None
+                    else f"gain {gain:+.2f} > {cfg.margin:.2f}")
         why = (f"{'urgent ' if urgent else ''}switch {current}->{best.prefill_sms} (more SMs to {side}): {at}; "
-               f"{_describe(best, targets)} at {best.prefill_sms} (gain {gain:+.2f} > {cfg.margin:.2f}); "
+               f"{_describe(best, targets)} at {best.prefill_sms} ({for_what}); "
                f"arrivals {load.tokens_per_s:.0f} prompt tokens/s in {load.prompt_tokens:.0f}-token prompts")
         if new_load and state.load is not None:
             why += f" (at the last switch: {state.load.tokens_per_s:.0f} in {state.load.prompt_tokens:.0f}-token)"
@@ -430,6 +441,28 @@ class ModelPolicy:
                 f"(at {best.prefill_sms}: x{best.tpot_correction:.2f}), "
                 f"prefill time x{info['prefill_speed_correction']:.2f}")
         return SplitDecision(best.prefill_sms, why, predicted, urgent=urgent)
+
+    def _refusing_tpot_relief(self, view: EngineView, preds: list[SplitPrediction], current: int,
+                              targets: SLOTargets, info: dict[str, float]) -> SplitPrediction | None:
+        """For an engine that refuses late prompts and misses TPOT on `current`: the split with the most prefill
+        SMs below it (at most `max_decode_steps` away) predicted within TPOT's target whose prefill would turn
+        away a smaller share of the arrivals (`refused_share`) than the share of recent requests that missed
+        TPOT; None if none. Slack cannot weigh the two: a TTFT predicted past its target there costs the refused
+        share, a TPOT past its target costs every request decoding (H100 profile, chat at 45 req/s, TPOT <= 12
+        ms: 64 prefill SMs, TPOT predicted 12.0-12.6 ms, kept 42% in simulation; 56, TTFT predicted 1.3-2.1 s,
+        kept 90%). Notes the two shares in `info`."""
+        model, cfg = self.model_for(view.engine_id), self.config
+        missed = sum(1 for t in view.tpot_ms if t > targets.tpot_ms) / max(1, len(view.tpot_ms))
+        speed = info["prefill_speed_correction"]
+        i = view.splits.index(current)
+        for p in reversed(preds[max(0, i - (cfg.max_decode_steps or i)):i]):  # preds follow view.splits, ascending
+            if p.tpot_ms > targets.tpot_ms:
+                continue
+            refused = refused_share(model, view, p.prefill_sms, cfg, speed)
+            if refused < missed:
+                info.update(tpot_miss_share=missed, relief_refused_share=refused)
+                return p
+        return None
 
     def _max_steps(self, cur: SplitPrediction, evident: set[str], targets: SLOTargets) -> tuple[int, int]:
         """(toward decode, toward prefill): the split steps one decision may take each way (0: any). One, unless
@@ -498,6 +531,14 @@ def nearest_tpot_relief(preds: list[SplitPrediction], current: int, targets: SLO
     `min_slack` (None: none)."""
     relief = [p for p in preds if p.prefill_sms < current and p.tpot_ms <= targets.tpot_ms and p.slack > min_slack]
     return max(relief, key=lambda p: p.prefill_sms, default=None)
+
+
+def refused_share(model: LatencyModel, view: EngineView, sms: int, cfg: ModelPolicyConfig, speed: float) -> float:
+    """The share of `view`'s arrivals that prefill on `sms` SMs cannot keep up with, so that an engine refusing
+    late prompts turns them away: 1 - capacity / arrival rate, 0 within capacity."""
+    load = prefill_load(model, view.arrival_tokens_per_s, model_sms(model, view, sms), view.num_decoding > 0, cfg,
+                        typical_prompt_tokens(view, cfg), speed)
+    return max(0.0, 1.0 - 1.0 / load.utilization) if load.utilization > 0 else 0.0
 
 
 def _now(view: EngineView) -> float:
