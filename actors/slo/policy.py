@@ -18,10 +18,10 @@ and the paper's `ReactivePolicy`, built by name with `make_policy`.
    late prompts, `EngineView.refuses_late`, only within it). Such an engine missing TPOT is moved toward
    decode, whatever the slack, to the nearest split within TPOT's target that would refuse a share of the
    arrivals smaller, by `margin`, than the share of requests missing TPOT (`_refusing_tpot_relief`).
-5. Move only if the gain beats `margin` (but for that move), if the relieved target is observed past (or, for TTFT, the load is
-   new) unless the current split is predicted past a target by a quarter (`urgent_slack`), one split step at
-   a time without such evidence (`_max_steps`; toward decode never more than `max_decode_steps`), and once
-   `dwell_s` has passed since the last change.
+5. Move only if the gain beats `margin` (but for that move), if the relieved target is observed past (or, for
+   TTFT, the load is new) unless the current split is predicted past a target by a quarter (`urgent_slack`),
+   one split step at a time without such evidence (`_max_steps`; toward decode never more than
+   `max_decode_steps`), and once `dwell_s` has passed since the last change.
    Urgent moves wait only `urgent_dwell_s`: a target predicted and observed past by a quarter, to a split
    predicted within a quarter of both targets, or, short of that, better by a quarter (`urgent_gain`); a move
    on toward prefill after one that fell short; a TPOT observed past its target (to the nearest split that
@@ -447,10 +447,10 @@ class ModelPolicy:
         """For an engine that refuses late prompts and misses TPOT on `current`: the split with the most prefill
         SMs below it (at most `max_decode_steps` away) predicted within TPOT's target whose prefill would turn
         away a share of the arrivals (`refused_share`) smaller by more than `margin` than the share of recent
-        requests that missed TPOT; None if none. Slack cannot weigh the two: a TTFT predicted past its target there costs the refused
-        share, a TPOT past its target costs every request decoding (H100 profile, chat at 45 req/s, TPOT <= 12
-        ms: 64 prefill SMs, TPOT predicted 12.0-12.6 ms, kept 42% in simulation; 56, TTFT predicted 1.3-2.1 s,
-        kept 90%). Notes the two shares in `info`."""
+        requests that missed TPOT; None if none. Slack cannot weigh the two: a TTFT predicted past its target
+        there costs the refused share, a TPOT past its target costs every request decoding (H100 profile, chat at
+        45 req/s, TPOT <= 12 ms: 64 prefill SMs, TPOT predicted 12.0-12.6 ms, kept 42% in simulation; 56, TTFT
+        predicted 1.3-2.1 s, kept 90%). Notes the two shares in `info`."""
         model, cfg = self.model_for(view.engine_id), self.config
         missed = sum(1 for t in view.tpot_ms if t > targets.tpot_ms) / max(1, len(view.tpot_ms))
         speed = info["prefill_speed_correction"]
@@ -459,7 +459,7 @@ class ModelPolicy:
             if p.tpot_ms > targets.tpot_ms:
                 continue
             refused = refused_share(model, view, p.prefill_sms, cfg, speed)
-            if refused + self.config.margin < missed:
+            if refused + cfg.margin < missed:
                 info.update(tpot_miss_share=missed, relief_refused_share=refused)
                 return p
         return None
