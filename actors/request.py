@@ -242,6 +242,7 @@ class Request:
     num_published_pages: int = 0  # leading pages handed to the prefix cache
     num_preemptions: int = 0
     first_token_time: float | None = None
+    admission_ttft_ms: float | None = None  # the TTFT admission control predicted on admitting it at its own priority
     finish_reason: FinishReason | None = None
     generator: Any = None  # torch.Generator for seeded sampling
     grammar: Grammar | None = None  # what the output must match, at the tokens so far (`structured_outputs`)

@@ -23,7 +23,9 @@ autoscaling read us unchanged. Two kinds of series:
   `semipd:sm_repartitions_total`, `semipd:sm_switch_stall_seconds`,
   `semipd:queue_depth{phase}`, `semipd:engine_healthy`, and per disagg engine
   `semipd:kv_transfer_bytes_total` (KV moved from its prefill to its decode engine),
-  `semipd:kv_transfer_seconds` and `semipd:kv_handoff_seconds` (how long each request took to get there).
+  `semipd:kv_transfer_seconds` and `semipd:kv_handoff_seconds` (how long each request took to get there), and
+  per engine with admission control `semipd:admission_ttft_ratio` (each admitted request's TTFT over the TTFT
+  admission predicted for it: how much room `--admission-slack` needs).
   An engine that could not be read (dead, not answering) shows only in `semipd:engine_healthy` (0): its counters
   are left out, not exported as zeros, which would read as a reset and as an idle engine. An engine that starts
   again counts from 0, a reset that Prometheus' `rate()` and `increase()` take in their stride.
@@ -47,6 +49,7 @@ from prometheus_client.core import (
 from actors.disagg.engines import HANDOFF_BUCKETS_S
 from actors.engine.frontend import StreamChunk
 from actors.engine.workers import ITERATION_BUCKETS_S
+from actors.slo.admission import TTFT_RATIO_BOUNDS
 from cluster.engine_client import EngineLoad, GenerateRequest
 
 # vLLM's buckets (vllm/v1/metrics/loggers.py), so that dashboards' quantiles line up.
@@ -165,6 +168,17 @@ class EngineCollector:
                     handoffs.add_metric([*m, l.engine_id], buckets=_buckets(times["counts"], HANDOFF_BUCKETS_S),
                                         sum_value=float(times["sum"]))
             yield handoffs
+        ratios = HistogramMetricFamily(
+            "semipd:admission_ttft_ratio",
+            "Admission control: each request admitted at its own priority, its time to first token in the engine "
+            "over the one admission predicted for it (past 1 / --admission-slack: admitted, then late).",
+            labels=per_engine)
+        for l in loads:
+            ratio = l.stats.get("admission_ttft_ratio")
+            if ratio:
+                ratios.add_metric([*m, l.engine_id], buckets=_buckets(ratio["counts"], TTFT_RATIO_BOUNDS),
+                                  sum_value=float(ratio["sum"]))
+        yield ratios
         for name, key, doc in (
             ("semipd:worker_tokens", "tokens", "Tokens each worker computed (prefill chunk tokens, one per decode)."),
             ("semipd:worker_launch_seconds", "launch_seconds",

@@ -27,8 +27,8 @@ from cluster.bench.metrics import (
 )
 from cluster.bench.plot import plot_results, results_figure
 from cluster.bench.report import (
-    format_cuda_allocator, format_failures, format_kv_handoffs, format_prefix_cache, format_result_block,
-    format_split_changes, format_worker_iterations,
+    format_admission_ratios, format_cuda_allocator, format_failures, format_kv_handoffs, format_prefix_cache,
+    format_result_block, format_split_changes, format_worker_iterations,
 )
 from cluster.bench.result import BenchResult, load_result, write_result
 from cluster.bench.serve_bench import ServeBenchConfig, result_path, run_rate, split_changes
@@ -36,8 +36,8 @@ from cluster.bench.structured import (
     BUILTIN_CHOICES, BUILTIN_REGEX, BUILTIN_SCHEMA, StructuredOutput, StructuredOutputError, parse_spec,
 )
 from cluster.bench.server_metrics import (
-    WorkerIterations, cuda_allocator_counts, iteration_quantiles, iterations_over, kv_handoffs, prefix_cache_counts,
-    worker_iterations,
+    WorkerIterations, admission_ratios, cuda_allocator_counts, iteration_quantiles, iterations_over, kv_handoffs,
+    prefix_cache_counts, worker_iterations,
 )
 from cluster.bench.sweep import metrics_under, rate_of, sustained_rates
 from cluster.bench.traffic import streaming_around, token_times
@@ -1083,6 +1083,26 @@ def test_kv_handoffs_from_the_metric_deltas() -> None:
     assert kv_handoffs(result) == {} and format_kv_handoffs(result) == ""
     result.server_metrics = None  # vLLM
     assert kv_handoffs(result) == {} and format_kv_handoffs(result) == ""
+
+
+def test_admission_ratios_from_the_metric_deltas() -> None:
+    """A refusing server's admitted requests during the run: 10, their TTFT over admission's prediction summing to
+    9.5; 6 within 0.9 of it, 8 within 1.0 (so 20% later than predicted), all 10 within 1.25."""
+    result = _result(_ttft_records([100.0]))
+    g0 = 'engine="g0",model_name="m"'
+    delta = {f"semipd:admission_ttft_ratio_count{{{g0}}}": 10.0, f"semipd:admission_ttft_ratio_sum{{{g0}}}": 9.5}
+    for le, count in (("0.75", 2), ("0.9", 6), ("1.0", 8), ("1.1", 9), ("1.25", 10), ("+Inf", 10)):
+        delta[f'semipd:admission_ttft_ratio_bucket{{engine="g0",le="{le}",model_name="m"}}'] = count
+    result.server_metrics = {"delta": delta}
+    a = admission_ratios(result)["g0"]
+    assert (a.count, a.mean, a.over_one, a.quantiles) == (10.0, 0.95, pytest.approx(0.2), {50: 0.9, 90: 1.1})
+    assert format_admission_ratios(result) == (
+        "Admitted requests' TTFT over admission's prediction during the run: g0: 10 requests, mean x0.95, "
+        "P50 <= x0.9, P90 <= x1.1, 20.0% later than predicted")
+    delta[f"semipd:admission_ttft_ratio_count{{{g0}}}"] = 0.0  # nothing admitted during the run
+    assert admission_ratios(result) == {} and format_admission_ratios(result) == ""
+    result.server_metrics = None  # vLLM
+    assert format_admission_ratios(result) == ""
 
 
 def test_split_changes_keep_the_run_window_and_count_omitted() -> None:

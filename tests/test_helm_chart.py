@@ -949,7 +949,8 @@ def test_dashboard_panels_cover_the_metrics() -> None:
     for histogram, quantiles in (("vllm:time_to_first_token_seconds", ("0.5", "0.9", "0.99")),
                                  ("vllm:inter_token_latency_seconds", ("0.5", "0.9", "0.99")),
                                  ("vllm:e2e_request_latency_seconds", ("0.5", "0.9", "0.99")),
-                                 ("semipd:kv_transfer_seconds", ("0.9",)), ("semipd:kv_handoff_seconds", ("0.9",))):
+                                 ("semipd:kv_transfer_seconds", ("0.9",)), ("semipd:kv_handoff_seconds", ("0.9",)),
+                                 ("semipd:admission_ttft_ratio", ("0.5", "0.9"))):
         for q in quantiles:
             assert any(e.startswith(f"histogram_quantile({q}, sum by (le") and f"{histogram}_bucket{{" in e for e in exprs), (histogram, q)
     # cluster/metrics.py exports the switch stall as a summary: no buckets, a mean from _sum/_count.

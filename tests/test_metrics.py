@@ -183,6 +183,24 @@ def test_a_disagg_engines_handoff_histograms() -> None:
     assert not any(name.startswith("semipd:kv_") and dict(labels).get("engine") == "g1" for name, labels in s)
 
 
+def test_an_engines_admission_ratios_histogram() -> None:
+    from actors.slo.admission import TTFT_RATIO_BOUNDS
+
+    ratios = Durations(TTFT_RATIO_BOUNDS)
+    for ratio in (0.6, 0.95, 1.05, 1.3):
+        ratios.observe(ratio)
+    metrics = ServingMetrics("m")
+    metrics.update_loads([_load("g0", admission_ttft_ratio=ratios.to_dict()), _load("g1", admission_ttft_ratio={})])
+    s = parse_metrics(metrics.render()[0].decode())
+    g0 = {"model_name": "m", "engine": "g0"}
+    assert metric(s, "semipd:admission_ttft_ratio_count", **g0) == 4
+    assert metric(s, "semipd:admission_ttft_ratio_sum", **g0) == pytest.approx(3.9)
+    assert metric(s, "semipd:admission_ttft_ratio_bucket", le="0.75", **g0) == 1
+    assert metric(s, "semipd:admission_ttft_ratio_bucket", le="1.0", **g0) == 2
+    assert metric(s, "semipd:admission_ttft_ratio_bucket", le="1.5", **g0) == 4
+    assert not any(name.startswith("semipd:admission_") and dict(labels).get("engine") == "g1" for name, labels in s)
+
+
 def test_each_app_has_its_own_registry() -> None:
     a, b = ServingMetrics("a"), ServingMetrics("b")  # no "Duplicated timeseries" from a shared registry
     tracker = a.track(arrival=time.monotonic() - 0.5)

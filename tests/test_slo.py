@@ -25,6 +25,7 @@ from actors.request import Request, SamplingParams
 from actors.scheduler.prefill import PrefillScheduler
 from actors.slo.admission import (
     QUEUE_PRIORITY,
+    TTFT_RATIO_BOUNDS,
     AdmissionConfig,
     AdmissionController,
     AdmissionRejected,
@@ -50,7 +51,7 @@ from actors.slo.prediction import (
 from actors.slo.profiler import ProfileConfig, Profiler, engine_profile_key
 from actors.slo.types import EngineView, ReactivePolicy, SLOTargets, SplitDecision
 
-from support import H100, H200, committed_model
+from support import H100, H200, committed_model, step_until
 
 if TYPE_CHECKING:
     from engine_sim import SimResult
@@ -1140,6 +1141,13 @@ def test_admission_uses_deadline_and_slack() -> None:
     assert AdmissionController(m, AdmissionConfig(ttft_ms=600.0)).check(512, queue(8_000, 16, sms=120), 600.0) < 600.0
 
 
+def test_admission_decides_the_priority_and_keeps_the_prediction() -> None:
+    ac = AdmissionController(h100_llama8b(), AdmissionConfig(ttft_ms=1000.0, action="queue"))
+    assert ac.decide(512, queue(), priority=2, now=0.0) == (2, ac.check(512, queue(), 1000.0), False)
+    held = ac.decide(512, queue(100_000, 200), priority=2, now=0.0)
+    assert held.priority == QUEUE_PRIORITY and held.held_back and held.predicted_ttft_ms > 1000.0
+
+
 def test_admission_queue_mode_deprioritizes() -> None:
     ac = AdmissionController(h100_llama8b(), AdmissionConfig(ttft_ms=1000.0, action="queue"))
     assert ac.admit(512, queue(100_000, 200), priority=0, now=0.0) == QUEUE_PRIORITY
@@ -1220,6 +1228,31 @@ def test_engine_wire_in_order_and_admission(tiny_llama: Path, tmp_path: Path, mo
     # default config: FCFS, no admission
     plain = EngineCore(EngineConfig(model=str(tiny_llama), cache=CacheConfig(num_pages=64)), emit=lambda deltas: None)
     assert plain.prefill.order == FCFSOrder(ttft_ms=1000.0) and plain.admission is None
+
+
+def test_an_engine_counts_each_admitted_requests_ttft_over_its_prediction(tiny_llama: Path, tmp_path: Path,
+                                                                         one_thread: None) -> None:
+    """`EngineStats.admission_ttft_ratio`: each request admitted at its own priority counts once it ends, by its TTFT
+    in the engine (from `add_request` to its first token) over the TTFT admission predicted for it; one held back
+    (queue mode, predicted past its deadline) does not count, for it waits behind the others by design."""
+    slo = SLOConfig(order="edf", admission=True, admission_action="queue", ttft_ms=60_000.0,
+                    latency_profile=str(tmp_path / "latency.json"))
+    core = EngineCore(EngineConfig(model=str(tiny_llama), mode="semi-pd", cache=CacheConfig(num_pages=256), slo=slo),
+                      emit=lambda deltas: None)
+    assert core.stats().admission_ttft_ratio == {"counts": [0] * (len(TTFT_RATIO_BOUNDS) + 1), "sum": 0.0}
+    for i in range(3):
+        core.add_request(f"r{i}", list(range(1 + i, 65 + i)), SamplingParams(max_tokens=4))
+    core.add_request("held", list(range(1, 65)), SamplingParams(max_tokens=4), deadline=time.monotonic() + 1e-6)
+    reqs = dict(core._requests)
+    assert reqs["held"].priority == QUEUE_PRIORITY and reqs["held"].admission_ttft_ms is None
+    assert all(reqs[f"r{i}"].admission_ttft_ms > 0 for i in range(3))
+    step_until(core, lambda: core.num_unfinished == 0)
+    ratios = [1e3 * (r.first_token_time - r.arrival_time) / r.admission_ttft_ms for r in reqs.values()
+              if r.admission_ttft_ms is not None]
+    counted = core.stats().admission_ttft_ratio
+    assert sum(counted["counts"]) == 3 and counted["sum"] == pytest.approx(sum(ratios)) and counted["sum"] > 0
+    plain = EngineCore(EngineConfig(model=str(tiny_llama), cache=CacheConfig(num_pages=64)), emit=lambda deltas: None)
+    assert plain.stats().admission_ttft_ratio == {}
 
 
 def test_slo_config_validation(tiny_llama: Path) -> None:

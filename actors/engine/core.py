@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -123,6 +124,9 @@ class EngineStats:
     recent_prefill_tokens: float = 0.0
     decode_pace_ms: float = 0.0  # the decode worker's pace while prefill has work (0: none; `StepPacer`) ...
     paced_seconds: dict[str, float] = field(default_factory=dict)  # ... and per paced worker the time it waited
+    # admitted requests' TTFT over admission's prediction: {"counts" per bucket of TTFT_RATIO_BOUNDS, "sum"}
+    # (`EngineAdmission.ttft_over_predicted`; {}: no admission control)
+    admission_ttft_ratio: dict[str, Any] = field(default_factory=dict)
 
 
 class EngineCore:
@@ -457,7 +461,9 @@ class EngineCore:
         with self._lock:
             for d in deltas:
                 if d.finished:
-                    self._requests.pop(d.request_id, None)
+                    req = self._requests.pop(d.request_id, None)
+                    if req is not None and self.admission is not None:
+                        self.admission.note_finished(req)
         self._emit(deltas)
 
     @property
@@ -511,6 +517,7 @@ class EngineCore:
             recent_prefill_tokens=prefill.mean_tokens,
             decode_pace_ms=next((1e3 * p.interval_s for p in pacers.values()), 0.0),
             paced_seconds={name: p.waited_s for name, p in pacers.items()},
+            admission_ttft_ratio=self.admission.ttft_over_predicted.to_dict() if self.admission else {},
             **self._allocator_counts(),
         )
 

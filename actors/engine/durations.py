@@ -8,7 +8,8 @@ from typing import Any
 
 class Durations:
     """Counts of durations per bucket (upper bounds `bounds_s`, seconds; one more bucket for longer ones, not
-    cumulative) and their sum. One thread observes; others read a snapshot (`to_dict`)."""
+    cumulative) and their sum. One thread observes; others read a snapshot (`to_dict`). Other values (ratios)
+    count the same way, with bounds in their own unit."""
 
     def __init__(self, bounds_s: tuple[float, ...]) -> None:
         assert list(bounds_s) == sorted(bounds_s) and len(set(bounds_s)) == len(bounds_s), "bounds increase"

@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
+from actors.engine.durations import Durations
 from actors.slo.latency_model import LatencyModel
 
 if TYPE_CHECKING:
@@ -38,6 +39,8 @@ if TYPE_CHECKING:
 AdmissionAction = Literal["reject", "queue"]
 ADMISSION_ACTIONS: tuple[str, ...] = ("reject", "queue")
 QUEUE_PRIORITY = 1 << 20  # priority given to requests queued past their target (lower value goes first)
+# upper bounds of the buckets of an admitted request's TTFT over the TTFT predicted for it (`EngineAdmission`)
+TTFT_RATIO_BOUNDS: tuple[float, ...] = (0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 4.0)
 
 
 class AdmissionRejected(ValueError):
@@ -90,6 +93,15 @@ class QueueSnapshot:
     prefill_iteration_tokens: float = 0.0
 
 
+class AdmissionDecision(NamedTuple):
+    """What admission made of a request: the priority to queue it with, its predicted TTFT, and whether it was
+    held back (`queue` mode, predicted past its target)."""
+
+    priority: int
+    predicted_ttft_ms: float
+    held_back: bool
+
+
 class AdmissionController:
     """Predicts a new request's TTFT and admits, de-prioritizes or rejects it (pure)."""
 
@@ -131,25 +143,35 @@ class AdmissionController:
             )
         return predicted
 
-    def admit(self, prompt_tokens: int, queue: QueueSnapshot, priority: int = 0, deadline: float | None = None,
-              now: float | None = None) -> int:
-        """The priority to queue the request with; raises `AdmissionRejected` in reject mode."""
+    def decide(self, prompt_tokens: int, queue: QueueSnapshot, priority: int = 0, deadline: float | None = None,
+               now: float | None = None) -> AdmissionDecision:
+        """Admit, or hold back, the request; raises `AdmissionRejected` in reject mode."""
         target = self.target_ms(deadline, time.monotonic() if now is None else now)
         try:
-            self.check(prompt_tokens, queue, target)
-        except AdmissionRejected:
+            predicted = self.check(prompt_tokens, queue, target)
+        except AdmissionRejected as e:
             if self.config.action == "reject":
                 raise
-            return max(priority, QUEUE_PRIORITY)
-        return priority
+            return AdmissionDecision(max(priority, QUEUE_PRIORITY), e.predicted_ttft_ms, held_back=True)
+        return AdmissionDecision(priority, predicted, held_back=False)
+
+    def admit(self, prompt_tokens: int, queue: QueueSnapshot, priority: int = 0, deadline: float | None = None,
+              now: float | None = None) -> int:
+        """The priority to queue the request with (`decide`); raises `AdmissionRejected` in reject mode."""
+        return self.decide(prompt_tokens, queue, priority, deadline, now).priority
 
 
 class EngineAdmission:
-    """An `AdmissionController` bound to one engine's queues (what `EngineCore` calls)."""
+    """An `AdmissionController` bound to one engine's queues (what `EngineCore` calls), and how its predictions
+    turned out: `ttft_over_predicted` counts each request admitted at its own priority by its TTFT in the engine
+    (from `add_request` to its first token sampled) over the TTFT predicted for it, per bucket of
+    `TTFT_RATIO_BOUNDS` (`semipd:admission_ttft_ratio`). A ratio past 1 / slack is a request admitted that then
+    missed its target: what `--admission-slack` leaves room for."""
 
     def __init__(self, core: EngineCore, controller: AdmissionController) -> None:
         self.core = core
         self.controller = controller
+        self.ttft_over_predicted = Durations(TTFT_RATIO_BOUNDS)
 
     @classmethod
     def for_engine(cls, core: EngineCore) -> EngineAdmission:
@@ -184,5 +206,16 @@ class EngineAdmission:
         )
 
     def admit(self, req: Request) -> int:
-        """The priority to queue the new `req` with; raises `AdmissionRejected` when rejecting."""
-        return self.controller.admit(req.num_prompt_tokens, self.snapshot(req), req.priority, req.deadline)
+        """The priority to queue the new `req` with; raises `AdmissionRejected` when rejecting. Notes the TTFT
+        predicted for a request admitted at its own priority on it (`Request.admission_ttft_ms`)."""
+        decision = self.controller.decide(req.num_prompt_tokens, self.snapshot(req), req.priority, req.deadline)
+        if not decision.held_back:
+            req.admission_ttft_ms = decision.predicted_ttft_ms
+        return decision.priority
+
+    def note_finished(self, req: Request) -> None:
+        """Counts a finished request's TTFT over its prediction (those without a first token, or held back, not).
+        Called under the engine's lock: one thread at a time."""
+        if req.admission_ttft_ms and req.first_token_time is not None:
+            ttft_ms = 1e3 * (req.first_token_time - req.arrival_time)
+            self.ttft_over_predicted.observe(ttft_ms / req.admission_ttft_ms)

@@ -16,7 +16,7 @@ from cluster.bench.client import RequestRecord
 from cluster.bench.metrics import METRIC_LABELS, METRICS, Conformance, percentile_key
 from cluster.bench.result import BenchResult, profile_breakdown
 from cluster.bench.server_metrics import (
-    WorkerIterations, cuda_allocator_counts, kv_handoffs, prefix_cache_counts, worker_iterations,
+    WorkerIterations, admission_ratios, cuda_allocator_counts, kv_handoffs, prefix_cache_counts, worker_iterations,
 )
 from cluster.bench.traffic import offered_load, streaming_around, token_times
 from cluster.bench.workloads import Phase, time_shares
@@ -183,6 +183,18 @@ def format_kv_handoffs(result: BenchResult) -> str:
              f"{p90(h.transfer_quantiles_ms)}, decoding after {h.handoff_ms:.2f} ms{p90(h.handoff_quantiles_ms)}"
              for engine, h in sorted(rows.items())]
     return "KV handoffs during the run (mean, from the first token): " + "; ".join(parts)
+
+
+def format_admission_ratios(result: BenchResult) -> str:
+    """One line: how each engine's admission predictions turned out for the requests it admitted during the run
+    ('' without admission control)."""
+    rows = admission_ratios(result)
+    if not rows:
+        return ""
+    parts = [f"{engine}: {a.count:.0f} requests, mean x{a.mean:.2f}, "
+             + "".join(f"P{q} <= x{bound:g}, " for q, bound in sorted(a.quantiles.items()))
+             + f"{100 * a.over_one:.1f}% later than predicted" for engine, a in sorted(rows.items())]
+    return "Admitted requests' TTFT over admission's prediction during the run: " + "; ".join(parts)
 
 
 def format_offered_load(records: Sequence[RequestRecord]) -> str:

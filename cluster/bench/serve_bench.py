@@ -35,8 +35,9 @@ from cluster.bench.client import (
 from cluster.bench.datasets import dataset_requests
 from cluster.bench.metrics import METRICS, Conformance, SLOs, compute_metrics
 from cluster.bench.report import (
-    format_cuda_allocator, format_failures, format_kv_handoffs, format_offered_load, format_preamble,
-    format_prefix_cache, format_profile_breakdown, format_result_block, format_split_changes, format_worker_iterations,
+    format_admission_ratios, format_cuda_allocator, format_failures, format_kv_handoffs, format_offered_load,
+    format_preamble, format_prefix_cache, format_profile_breakdown, format_result_block, format_split_changes,
+    format_worker_iterations,
 )
 from cluster.bench.result import BenchResult, write_result
 from cluster.bench.structured import StructuredOutput
@@ -324,7 +325,7 @@ async def _run_one_rate(client: aiohttp.ClientSession, config: ServeBenchConfig,
     print(format_result_block(result), file=out)
     for extra in (format_offered_load(records), format_profile_breakdown(result), format_split_changes(result),
                   format_prefix_cache(result), format_worker_iterations(result), format_cuda_allocator(result),
-                  format_kv_handoffs(result), format_failures(records)):
+                  format_kv_handoffs(result), format_admission_ratios(result), format_failures(records)):
         if extra:
             print(extra, file=out)
     if config.writes_results:

@@ -43,14 +43,16 @@ def iterations_over(buckets: Mapping[float, float], bound_s: float) -> float:
     return buckets[max(buckets)] - buckets[bound_s]
 
 
-def iteration_quantiles(buckets: Mapping[float, float], qs: Sequence[int] = (50, 90)) -> dict[int, float]:
-    """From cumulative histogram counts (upper bound in s -> count), the bound (ms) that each percentile of
-    `qs` falls at or under (inf: past the last finite bound); {} without counts."""
+def iteration_quantiles(buckets: Mapping[float, float], qs: Sequence[int] = (50, 90),
+                        scale: float = 1e3) -> dict[int, float]:
+    """From cumulative histogram counts (upper bound in s -> count), the bound (ms; times `scale` for bounds in
+    another unit) that each percentile of `qs` falls at or under (inf: past the last finite bound); {} without
+    counts."""
     bounds = sorted(buckets)
     total = buckets[bounds[-1]] if bounds else 0.0
     if total <= 0:
         return {}
-    return {q: 1e3 * next(b for b in bounds if buckets[b] >= total * q / 100) for q in qs}
+    return {q: scale * next(b for b in bounds if buckets[b] >= total * q / 100) for q in qs}
 
 
 def worker_iterations(result: BenchResult) -> dict[tuple[str, str], WorkerIterations]:
@@ -147,6 +149,37 @@ def kv_handoffs(result: BenchResult) -> dict[str, KVHandoffs]:
     return out
 
 
+@dataclass(frozen=True)
+class AdmissionRatios:
+    """One engine's admitted requests during a run, by their TTFT over the TTFT admission predicted for them."""
+
+    count: float  # requests admitted at their own priority that had their first token
+    mean: float  # mean ratio
+    over_one: float  # share of them later than predicted (ratio past 1)
+    quantiles: dict[int, float] = field(default_factory=dict)  # P50, P90: bucket bound at or above
+
+
+def admission_ratios(result: BenchResult) -> dict[str, AdmissionRatios]:
+    """engine -> its admission predictions during the run, from `semipd:admission_ttft_ratio` (empty for
+    servers without admission control)."""
+    delta = (result.server_metrics or {}).get("delta") or {}
+    buckets: dict[str, dict[float, float]] = {}
+    for series, value in delta.items():
+        if series.startswith("semipd:admission_ttft_ratio_bucket{"):
+            key = _series_labels(series)
+            buckets.setdefault(key.get("engine", "?"), {})[float(key["le"])] = value
+    out: dict[str, AdmissionRatios] = {}
+    for series, count in delta.items():
+        if not series.startswith("semipd:admission_ttft_ratio_count{") or count <= 0:
+            continue
+        labels = series[series.index("{"):]
+        engine = _series_labels(labels).get("engine", "?")
+        within = buckets.get(engine, {}).get(1.0, 0.0)
+        out[engine] = AdmissionRatios(count, delta.get(f"semipd:admission_ttft_ratio_sum{labels}", 0.0) / count,
+                                      1 - within / count, iteration_quantiles(buckets.get(engine, {}), scale=1.0))
+    return out
+
+
 def prefix_cache_counts(result: BenchResult) -> tuple[float, float] | None:
     """(prompt tokens queried, of which hit) in the server's prefix cache during the run, over all its engines,
     from the `vllm:prefix_cache_{queries,hits}_total` counters that semipd and vLLM export (None without them)."""
@@ -162,6 +195,6 @@ def prefix_cache_counts(result: BenchResult) -> tuple[float, float] | None:
 
 
 __all__ = [
-    "AllocatorCounts", "KVHandoffs", "WorkerIterations", "cuda_allocator_counts", "iteration_quantiles",
-    "iterations_over", "kv_handoffs", "prefix_cache_counts", "worker_iterations",
+    "AdmissionRatios", "AllocatorCounts", "KVHandoffs", "WorkerIterations", "admission_ratios", "cuda_allocator_counts",
+    "iteration_quantiles", "iterations_over", "kv_handoffs", "prefix_cache_counts", "worker_iterations",
 ]

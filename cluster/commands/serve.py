@@ -106,7 +106,8 @@ def _add_cluster_flags(p: argparse.ArgumentParser) -> None:
                         "for at most twice --ttft-slo-ms, then in its turn)")
     p.add_argument("--admission-slack", type=float, default=1.0, metavar="X",
                    help="admit while the predicted TTFT is at most X times the target (default 1; a value under 1 "
-                        "allows for the prediction's error, as 0.8 did on documents in docs/perf/serve-h100.md)")
+                        "allows for the prediction's error, as 0.8 did on documents in docs/perf/serve-h100.md; "
+                        "/metrics' semipd:admission_ttft_ratio shows that error)")
     p.add_argument("--router-policy", default="least-loaded", choices=["least-loaded", "prefix-affinity"])
     p.add_argument("--address", default=None, help="join this Ray cluster instead of starting one")
     p.add_argument("--cluster-name", default="default", help="Redis key namespace")
