@@ -9,7 +9,7 @@ server that does not export the series.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -128,25 +128,14 @@ def kv_handoffs(result: BenchResult) -> dict[str, KVHandoffs]:
     """engine -> its handoffs during the run, from `semipd:kv_{transfer,handoff}_seconds` and
     `semipd:kv_transfer_bytes_total` (empty for servers without them: semi-PD, unified, vLLM)."""
     delta = (result.server_metrics or {}).get("delta") or {}
-    buckets: dict[tuple[str, str], dict[float, float]] = {}
-    for series, value in delta.items():
-        name = series.split("{", 1)[0]
-        if name in ("semipd:kv_transfer_seconds_bucket", "semipd:kv_handoff_seconds_bucket"):
-            key = _series_labels(series)
-            buckets.setdefault((key.get("engine", "?"), name.removesuffix("_bucket")), {})[float(key["le"])] = value
-    out: dict[str, KVHandoffs] = {}
-    for series, count in delta.items():
-        if not series.startswith("semipd:kv_handoff_seconds_count{") or count <= 0:
-            continue
-        labels = series[series.index("{"):]
-        engine = _series_labels(labels).get("engine", "?")
-        out[engine] = KVHandoffs(
-            count, delta.get(f"semipd:kv_transfer_bytes_total{labels}", 0.0),
-            1e3 * delta.get(f"semipd:kv_transfer_seconds_sum{labels}", 0.0) / count,
-            1e3 * delta.get(f"semipd:kv_handoff_seconds_sum{labels}", 0.0) / count,
-            iteration_quantiles(buckets.get((engine, "semipd:kv_transfer_seconds"), {})),
-            iteration_quantiles(buckets.get((engine, "semipd:kv_handoff_seconds"), {})))
-    return out
+    transfer = _buckets_by_engine(delta, "semipd:kv_transfer_seconds")
+    handoff = _buckets_by_engine(delta, "semipd:kv_handoff_seconds")
+    return {engine: KVHandoffs(count, delta.get(f"semipd:kv_transfer_bytes_total{labels}", 0.0),
+                               1e3 * delta.get(f"semipd:kv_transfer_seconds_sum{labels}", 0.0) / count,
+                               1e3 * delta.get(f"semipd:kv_handoff_seconds_sum{labels}", 0.0) / count,
+                               iteration_quantiles(transfer.get(engine, {})),
+                               iteration_quantiles(handoff.get(engine, {})))
+            for labels, engine, count in _observed(delta, "semipd:kv_handoff_seconds")}
 
 
 @dataclass(frozen=True)
@@ -163,20 +152,28 @@ def admission_ratios(result: BenchResult) -> dict[str, AdmissionRatios]:
     """engine -> its admission predictions during the run, from `semipd:admission_ttft_ratio` (empty for
     servers without admission control)."""
     delta = (result.server_metrics or {}).get("delta") or {}
-    buckets: dict[str, dict[float, float]] = {}
-    for series, value in delta.items():
-        if series.startswith("semipd:admission_ttft_ratio_bucket{"):
-            key = _series_labels(series)
-            buckets.setdefault(key.get("engine", "?"), {})[float(key["le"])] = value
-    out: dict[str, AdmissionRatios] = {}
+    buckets = _buckets_by_engine(delta, "semipd:admission_ttft_ratio")
+    return {engine: AdmissionRatios(count, delta.get(f"semipd:admission_ttft_ratio_sum{labels}", 0.0) / count,
+                                    1 - buckets.get(engine, {}).get(1.0, 0.0) / count,
+                                    iteration_quantiles(buckets.get(engine, {}), scale=1.0))
+            for labels, engine, count in _observed(delta, "semipd:admission_ttft_ratio")}
+
+
+def _observed(delta: Mapping[str, float], histogram: str) -> Iterator[tuple[str, str, float]]:
+    """(labels, engine, count) of each series of `histogram` with observations during the run."""
     for series, count in delta.items():
-        if not series.startswith("semipd:admission_ttft_ratio_count{") or count <= 0:
-            continue
-        labels = series[series.index("{"):]
-        engine = _series_labels(labels).get("engine", "?")
-        within = buckets.get(engine, {}).get(1.0, 0.0)
-        out[engine] = AdmissionRatios(count, delta.get(f"semipd:admission_ttft_ratio_sum{labels}", 0.0) / count,
-                                      1 - within / count, iteration_quantiles(buckets.get(engine, {}), scale=1.0))
+        if series.startswith(f"{histogram}_count{{") and count > 0:
+            labels = series[series.index("{"):]
+            yield labels, _series_labels(labels).get("engine", "?"), count
+
+
+def _buckets_by_engine(delta: Mapping[str, float], histogram: str) -> dict[str, dict[float, float]]:
+    """engine -> `histogram`'s cumulative counts during the run, by upper bound."""
+    out: dict[str, dict[float, float]] = {}
+    for series, value in delta.items():
+        if series.startswith(f"{histogram}_bucket{{"):
+            key = _series_labels(series)
+            out.setdefault(key.get("engine", "?"), {})[float(key["le"])] = value
     return out
 
 
