@@ -30,11 +30,12 @@
 # (default 32 at 8; after 8 at 2, run 19's first measured windows on fresh semi-PD servers kept 15% of chat 45, where
 # run 18's later window kept 98%, and 82% of chat 40 on 64 SMs, where a later window on the same split kept 93.5%;
 # the cause is not measured).
-# Results: CONFIG-WORKLOAD-RATE.json (+ .log, + .gpu.csv: SM clock MHz and power W every 250 ms, + .cpu.txt: each busy
-# process's CPU every second), server logs and split decisions, in $OUT/compare.tgz (one file,
-# rewritten after each window, so a run cut short still brings back what it measured), with the dynamic server's latency
-# profile (semipd-profile.json); `semipd bench keep $OUT/compare.tgz docs/perf/DATE-DEVICE/RUN` writes what the
-# repository keeps of them (no per-request records, each server's stall lines, no machine paths).
+# Results: CONFIG-WORKLOAD-RATE.json (naming its device, GPU count, commit and command; + .log, + .gpu.csv: SM clock
+# MHz and power W every 250 ms, + .cpu.txt: each busy process's CPU every second), server logs and split decisions,
+# in $OUT/compare.tgz (one file, rewritten after each window, so a run cut short still brings back what it
+# measured), with the dynamic server's latency profile (semipd-profile.json); `semipd bench keep $OUT/compare.tgz
+# docs/perf/DATE-DEVICE/RUN` writes what the repository keeps of them (no per-request records, each server's stall
+# lines, no machine paths).
 # A profile committed as bench/profiles/semipd-profile.json is loaded instead of
 # profiling at start when its key (device, model, split set) matches, unless FRESH_PROFILE=1 (after a change
 # to the engine's speed or to the profiler: commit the new one from the results; later calls load the
@@ -50,6 +51,7 @@ if [ "$GPUS" -lt 1 ]; then echo "GPUS must be >= 1, got $GPUS"; exit 2; fi
 script_t0=$(date +%s)
 gpu=$(command -v nvidia-smi)
 if [ -n "$gpu" ]; then source bench/device_env.sh; else export PYTHONPATH="$PWD" TOKENIZERS_PARALLELISM=false; fi
+device=$([ -n "$gpu" ] && nvidia-smi --query-gpu=name --format=csv,noheader | head -1 || echo cpu)  # in each result
 model=${MODEL:-/tmp/models/llama3-8b}
 [ -f $model/config.json ] || python3 -m cluster.cli make-model --preset llama3-8b --out $model --no-weights >/dev/null
 res=/tmp/compare  # this call's results only: a lent machine's /tmp can keep an earlier session's
@@ -149,7 +151,7 @@ print(max(16, round($3 * $4 * mean_rate_scale(parse_phases('$SHIFT_PHASES')))))"
     --tokenizer $model --workload "$2" "${phases[@]}" --request-rate "$3" --num-prompts "$n" --goodput ttft:$TTFT tpot:$TPOT \
     --seed "$(prompt_seed "$2" "$3" "${5:-0}")" \
     --label "$1" --request-timeout $REQUEST_TIMEOUT --result-dir $res --result-filename "$name.json" --disable-tqdm \
-    $BENCH_EXTRA > "$res/$name.log" 2>&1
+    --metadata "device=$device" "gpus=$GPUS" $BENCH_EXTRA > "$res/$name.log" 2>&1
   [ -n "$sampler" ] && kill $sampler 2>/dev/null
   kill $cpu_sampler 2>/dev/null
   python3 -m cluster.bench.process_cpu summary "$res/$name.cpu.txt" >> "$res/$name.log"

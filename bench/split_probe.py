@@ -27,7 +27,8 @@ from typing import Any
 import torch
 
 from actors.slo.latency_model import LatencyModel, load_models
-from cluster.bench.engine_bench import bench_contention, git_commit
+from cluster.bench.engine_bench import bench_contention
+from cluster.bench.provenance import git_commit
 
 
 def device_profile(path: str, device: str) -> LatencyModel:

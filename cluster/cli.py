@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import shlex
 import sys
 
 from cluster.redis_server import RedisServerError
@@ -51,12 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
+    parser.set_defaults(command_line="")  # the command as typed, which `main` sets and benchmarks record
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.command_line = shlex.join(["semipd", *(sys.argv[1:] if argv is None else argv)])
     configure_logging(args.log_level)
     try:
         return int(args.func(args) or 0)

@@ -292,6 +292,38 @@ def test_result_json_carries_vllms_setup_keys(other: OtherServer, tmp_path: Path
     assert (raw["tp"], raw["gpu"]) == ("1", "h200") and raw["metadata"] == {"tp": "1", "gpu": "h200"}
 
 
+def test_result_json_names_the_commit_and_the_command_that_made_it(other: OtherServer, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """Each result records where its figures came from: the commit ($SEMIPD_COMMIT where the tree travels without
+    .git, as on the GPU machine) and the command line as typed, quoted so that it runs again; the device comes in
+    `--metadata`, as bench/gpu_serve_compare.sh passes it."""
+    monkeypatch.setenv("SEMIPD_COMMIT", "abc1234")
+    args = _bench(other.http.url, tmp_path, "--label", "two words", "--metadata", "device=NVIDIA H100 80GB HBM3")
+    assert cli_main(args) == 0, capsys.readouterr().out
+    raw = json.loads((tmp_path / "run.json").read_text())
+    assert raw["commit"] == "abc1234" and raw["device"] == "NVIDIA H100 80GB HBM3"
+    assert raw["command"].startswith("semipd bench serve --base-url ") and "--label 'two words'" in raw["command"]
+    assert raw["metadata"] == {"device": "NVIDIA H100 80GB HBM3"}  # the user's pairs only
+
+
+def test_the_commit_is_that_of_this_checkout_wherever_the_benchmark_runs(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without $SEMIPD_COMMIT the commit is the HEAD of the checkout the package runs from, not of the directory
+    the command runs in (a benchmark against another server's checkout recorded that one's before)."""
+    import subprocess
+
+    from cluster.bench.provenance import REPO, git_commit
+
+    monkeypatch.delenv("SEMIPD_COMMIT", raising=False)
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    if head.returncode != 0:
+        pytest.skip("this tree is not a git checkout")
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    monkeypatch.chdir(tmp_path)  # a repository without a commit: git would fail here
+    assert git_commit() == head.stdout.strip()
+
+
 def test_a_model_served_under_another_name_gets_its_tokenizer_from_the_models_root(
         tiny_llama: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """vLLM takes the tokenizer of a model it did not name from the first model's `root` in `/v1/models`

@@ -12,10 +12,8 @@ import itertools
 import json
 import math
 import multiprocessing
-import os
 import random
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -35,6 +33,7 @@ from actors.runner.model_runner import ModelRunner
 from actors.scheduler.plan import BatchPlan, SeqChunk
 from actors.slo.profiler import device_name
 from cluster.bench.offline_job import DECODE_BATCHES, DECODE_CONTEXTS, JOB, OfflineJob, offline_prompts
+from cluster.bench.provenance import git_commit
 from cluster.bench.telemetry import GpuTelemetry
 
 
@@ -418,17 +417,6 @@ def _job_phases(worker: Worker, since: float, num_requests: int) -> dict[str, fl
     steps = [it.seconds for it in log if 0 < it.tokens <= num_requests]
     return dict(prefill_iterations=len(mixed), prefill_s=sum(mixed), decode_steps=len(steps), decode_s=sum(steps),
                 decode_step_ms=1e3 * statistics.median(steps) if steps else 0.0)
-
-
-def git_commit() -> str:
-    """The commit benchmarked: $SEMIPD_COMMIT (set where the tree travels without .git), else git's HEAD."""
-    if os.environ.get("SEMIPD_COMMIT"):
-        return os.environ["SEMIPD_COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def make_core(model_dir: str, mode: str, **kwargs: Any) -> EngineCore:

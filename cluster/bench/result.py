@@ -1,5 +1,6 @@
 """The result record of `semipd bench serve` and its JSON file. `BenchResult` is one run at one request rate.
-Its JSON carries vLLM's keys at the top level, so existing scripts read it: the setup (model_id, tokenizer_id,
+Its JSON carries the commit and the command line that made it (from its config; None when not known) and vLLM's
+keys at the top level, so existing scripts read it: the setup (model_id, tokenizer_id,
 num_prompts, backend, the `--metadata` pairs, request_rate, burstiness, max_concurrency, a ramp-up's
 ramp_up_strategy, ramp_up_start_rps, ramp_up_end_rps and rps_change_events) and the flat metrics (completed,
 request_throughput, mean_ttft_ms, p99_ttft_ms, ...); plus the config, the goodput SLOs, the per-request records,
@@ -54,6 +55,8 @@ class BenchResult:
             "schema": SCHEMA,
             "label": self.label,
             "date": self.date,
+            "commit": self.config.get("commit") or None,
+            "command": self.config.get("command") or None,
             **vllm_setup(self.config),
             "request_rate": _num(self.request_rate),
             "burstiness": _num(self.burstiness),

@@ -61,7 +61,8 @@ class ServeBenchConfig:
     all requests at once). `ramp_up`: vLLM's ramp of rates instead (request_rates then (math.inf,)).
     Results are written when `save_result`, `result_dir` or
     `result_filename` is set; `result_filename` may hold `{rate}`. `structured_output`: what every output
-    must match (None: plain requests).
+    must match (None: plain requests). `commit` and `command`: the commit and the command line that made the
+    run, written at the top of each result (the CLI fills them in; the device goes in `metadata`).
     """
 
     base_url: str = "http://127.0.0.1:8000"
@@ -89,6 +90,8 @@ class ServeBenchConfig:
     extra_body: dict[str, Any] = field(default_factory=dict)
     structured_output: StructuredOutput | None = None
     ramp_up: RampUp | None = None
+    commit: str = ""
+    command: str = ""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "request_rates", tuple(float(r) for r in self.request_rates))

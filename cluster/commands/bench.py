@@ -231,8 +231,10 @@ def _register_serve(sub: argparse._SubParsersAction) -> None:
 
 
 def serve_config(args: argparse.Namespace) -> ServeBenchConfig:
-    """The ServeBenchConfig of parsed `bench serve` arguments."""
+    """The ServeBenchConfig of parsed `bench serve` arguments (`cluster.cli.main` records the command line in
+    them), with the commit measured."""
     from cluster.bench.metrics import SLOs
+    from cluster.bench.provenance import git_commit
     from cluster.bench.serve_bench import SERVER_METRIC_PREFIXES, ServeBenchConfig
     from cluster.bench.workloads import DEFAULT_PHASES, WorkloadConfig
 
@@ -255,6 +257,7 @@ def serve_config(args: argparse.Namespace) -> ServeBenchConfig:
         result_filename=args.result_filename,
         server_metric_prefixes=SERVER_METRIC_PREFIXES if args.server_metrics else (),
         disable_tqdm=args.disable_tqdm, metadata=dict(args.metadata), structured_output=structured, ramp_up=ramp,
+        commit=git_commit(), command=args.command_line,
     )
 
 
