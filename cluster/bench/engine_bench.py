@@ -14,7 +14,6 @@ import math
 import multiprocessing
 import random
 import statistics
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -497,14 +496,15 @@ def switch_part(model_dir: str) -> dict[str, Any]:
 
 def run_engine_bench(model_dir: str, parts: set[str], vllm_json: str | None = None,
                      checkpoint: Callable[[dict[str, Any]], None] = lambda r: None,
-                     decode_attention: tuple[str, ...] = ("fa2",)) -> dict[str, Any]:
-    """Run the chosen parts, each in its own process; `checkpoint(result)` after each keeps what is done.
+                     decode_attention: tuple[str, ...] = ("fa2",), command: str = "") -> dict[str, Any]:
+    """Run the chosen parts, each in its own process; `checkpoint(result)` after each keeps what is done;
+    `command`: the command line recorded in the result.
 
     The decode table and the unified offline job run once per `decode_attention` kernel; the other parts with
     the first."""
     device, ceil = in_fresh_process(measure_device)
     result: dict[str, Any] = dict(device=device, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                                  commit=git_commit(), command=" ".join(["semipd", *sys.argv[1:]]),
+                                  commit=git_commit(), command=command,
                                   model=json.loads((Path(model_dir) / "config.json").read_text())["architectures"][0])
     result["ceilings"] = dict(copy_TBps=ceil.copy_bytes_per_s / 1e12, matmul_TFLOPs=ceil.matmul_flops_per_s / 1e12)
     if parts & {"decode", "prefill"}:

@@ -45,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
         out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
         out.write_text(format_table(result) + "\n")
 
-    result = run_engine_bench(args.model, parts, args.vllm_json, checkpoint=save, decode_attention=kernels)
+    result = run_engine_bench(args.model, parts, args.vllm_json, checkpoint=save, decode_attention=kernels,
+                              command=args.command_line)
     save(result)
     print(format_table(result))
     return 0
