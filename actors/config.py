@@ -409,7 +409,8 @@ class EngineConfig:
     would take; set it under the TPOT target. None: steps run back to back.
     `prefill_layers_ahead`: semi-pd on a GPU: the prefill worker queues at most this many decoder layers of an
     iteration ahead of its partition (`actors.runner.launch_window.LaunchWindow`), so that its kernels do not fill
-    CUDA's launch queue, which the decode worker's launches share. None: an iteration's kernels are queued at once.
+    CUDA's launch queue, which the decode worker's launches share. 0: an iteration's kernels are queued at once.
+    The default, 8, kept 1-3 points more of chat at 37-38.5 req/s than 0 on one H100 (serving's run 46).
     `switch_interval_ms`: Python's thread switch interval (`sys.setswitchinterval`) the engine
     sets for its whole process when it starts. Its workers and the thread that streams tokens
     share one interpreter lock, and a thread back from a GPU wait may wait this long for it
@@ -434,7 +435,7 @@ class EngineConfig:
     overlap_decode: bool = True
     overlap_prefill: bool = True
     decode_pace_ms: float | None = None
-    prefill_layers_ahead: int | None = None
+    prefill_layers_ahead: int = 8
     switch_interval_ms: float | None = None
     load_format: str = "auto"  # "dummy": random weights drawn on the device, no checkpoint read
     slo: SLOConfig = field(default_factory=SLOConfig)
@@ -460,8 +461,8 @@ class EngineConfig:
             raise ConfigError(f"switch_interval_ms must be in (0, 1000], got {self.switch_interval_ms}")
         if self.decode_pace_ms is not None and not 0 < self.decode_pace_ms <= 1000:
             raise ConfigError(f"decode_pace_ms must be in (0, 1000], got {self.decode_pace_ms}")
-        if self.prefill_layers_ahead is not None and self.prefill_layers_ahead < 1:
-            raise ConfigError(f"prefill_layers_ahead must be at least 1, got {self.prefill_layers_ahead}")
+        if self.prefill_layers_ahead < 0:
+            raise ConfigError(f"prefill_layers_ahead must be 0 (off) or more, got {self.prefill_layers_ahead}")
         if self.splits is not None and (not self.splits or min(self.splits) < 1):
             raise ConfigError(f"splits must be positive SM counts, got {self.splits}")
         if not Path(self.model).is_dir():

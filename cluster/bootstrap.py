@@ -106,7 +106,7 @@ class EngineOptions:
     overlap_decode: bool = True
     overlap_prefill: bool = True
     decode_pace_ms: float | None = None
-    prefill_layers_ahead: int | None = None
+    prefill_layers_ahead: int = 8
     switch_interval_ms: float | None = None
     load_format: str = "auto"  # "dummy": random weights, no checkpoint read (speed runs)
     prefill_order: str = "fcfs"

@@ -105,7 +105,7 @@ class ServeArgs(BaseModel):
     overlap_decode: bool | None = None
     overlap_prefill: bool | None = None
     decode_pace_ms: float | None = Field(None, gt=0, le=1000)
-    prefill_layers_ahead: int | None = Field(None, ge=1)
+    prefill_layers_ahead: int | None = Field(None, ge=0)
     switch_interval_ms: float | None = Field(None, gt=0, le=1000)
     load_format: Literal["auto", "dummy"] | None = None
     prefill_order: Literal["fcfs", "edf"] | None = None

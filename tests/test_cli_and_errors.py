@@ -131,7 +131,7 @@ def test_missing_model_directory(tmp_path: Path, capsys: pytest.CaptureFixture[s
     (["--policy", "nonsense"], "unknown split policy"),
     (["--switch-interval-ms", "0"], "switch_interval_ms must be in (0, 1000]"),
     (["--decode-pace-ms", "-5"], "decode_pace_ms must be in (0, 1000]"),
-    (["--prefill-layers-ahead", "0"], "prefill_layers_ahead must be at least 1"),
+    (["--prefill-layers-ahead", "-1"], "prefill_layers_ahead must be 0 (off) or more"),
     (["--stream-interval", "0"], "stream_interval must be >= 1"),
     (["--num-replicas", "0"], "num_replicas"),
 ])

@@ -220,10 +220,10 @@ def test_model_policy_flows_to_the_actors(tiny_llama: Path) -> None:
     assert cfg.prefill_sm_fraction == (0.0, 1.0)
     assert cfg.engine_config().switch_interval_ms is None  # Python's own unless asked
     assert cfg.engine_config().decode_pace_ms is None  # decode steps back to back unless asked
-    assert cfg.engine_config().prefill_layers_ahead is None  # a prefill iteration queued at once unless asked
+    assert cfg.engine_config().prefill_layers_ahead == 8  # prefill held to 8 layers queued unless asked
     args = parser.parse_args(["serve", "--model", str(tiny_llama), "--policy", "fixed", "--prefill-sms", "48",
                               "--no-overlap-decode", "--no-overlap-prefill", "--prefill-sm-max", "0.75", "--switch-interval-ms", "0.5",
-                              "--decode-pace-ms", "18", "--prefill-layers-ahead", "8"])
+                              "--decode-pace-ms", "18", "--prefill-layers-ahead", "0"])
     cfg = serve.cluster_config(args, "redis://h:1/0")
     assert (cfg.policy, cfg.engine_config().prefill_sms, cfg.engine_config().overlap_decode) == ("fixed", 48, False)
     assert not cfg.engine_config().overlap_prefill
@@ -235,7 +235,7 @@ def test_model_policy_flows_to_the_actors(tiny_llama: Path) -> None:
     assert app_cfg.prefill_sm_fraction == (0.0, 0.75)
     assert cfg.engine_config().switch_interval_ms == app_cfg.engine.switch_interval_ms == 0.5
     assert cfg.engine_config().decode_pace_ms == app_cfg.engine.decode_pace_ms == 18
-    assert cfg.engine_config().prefill_layers_ahead == app_cfg.engine.prefill_layers_ahead == 8
+    assert cfg.engine_config().prefill_layers_ahead == app_cfg.engine.prefill_layers_ahead == 0
     assert cfg.stream_interval == app_cfg.stream_interval == 1
     args = parser.parse_args(["serve", "--model", str(tiny_llama), "--stream-interval", "4"])
     assert serve.cluster_config(args, None).stream_interval == 4

@@ -426,7 +426,7 @@ BAD_VALUES = [
     ("overlap-prefill-as-text", {"semipd": {"overlapPrefill": "no"}}, "semipd/overlapPrefill"),
     ("zero-decode-pace", {"semipd": {"decodePaceMs": 0}}, "semipd/decodePaceMs"),
     ("decode-pace-above-1s", {"semipd": {"decodePaceMs": 1001}}, "semipd/decodePaceMs"),
-    ("zero-prefill-layers-ahead", {"semipd": {"prefillLayersAhead": 0}}, "semipd/prefillLayersAhead"),
+    ("negative-prefill-layers-ahead", {"semipd": {"prefillLayersAhead": -1}}, "semipd/prefillLayersAhead"),
     ("fractional-prefill-layers-ahead", {"semipd": {"prefillLayersAhead": 2.5}}, "semipd/prefillLayersAhead"),
     ("negative-switch-interval", {"semipd": {"switchIntervalMs": -1}}, "semipd/switchIntervalMs"),
     ("switch-interval-above-1s", {"semipd": {"switchIntervalMs": 1000.5}}, "semipd/switchIntervalMs"),

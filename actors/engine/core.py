@@ -227,7 +227,7 @@ class EngineCore:
             torch.cuda.synchronize(self.device)
             log.info("captured %d decode CUDA graphs in %.1f s", len(graphs.graphs), time.perf_counter() - t0)
         window = None
-        if not decodes and self.config.prefill_layers_ahead is not None and self.device.type == "cuda":
+        if not decodes and self.config.prefill_layers_ahead > 0 and self.device.type == "cuda":
             from actors.runner.launch_window import LaunchWindow
 
             window = LaunchWindow(self.config.prefill_layers_ahead)

@@ -193,10 +193,10 @@ def _add_engine_flags(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--decode-pace-ms", type=float, default=None, metavar="MS",
                    help="semi-pd: while prefill has work, start at most one decode step per MS (under the TPOT "
                         "target), leaving prefill the memory bandwidth of back-to-back steps (default: back to back)")
-    g.add_argument("--prefill-layers-ahead", type=int, default=None, metavar="N",
+    g.add_argument("--prefill-layers-ahead", type=int, default=8, metavar="N",
                    help="semi-pd on a GPU: queue at most N decoder layers of a prefill iteration ahead of its SMs, "
                         "so that prefill's kernels do not fill CUDA's launch queue, which decode's launches share "
-                        "(default: an iteration at once)")
+                        "(default: 8; 0: an iteration at once)")
     g.add_argument("--switch-interval-ms", type=float, default=None, metavar="MS",
                    help="Python thread switch interval the engines set (default: Python's 5 ms); the engine "
                         "workers and the token streaming share one interpreter lock")
